@@ -1,0 +1,56 @@
+"""Architectural layers, enforced: mapengine never imports cdp; protocol cores never do
+I/O; only cdp/journal touches segment files."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _imports(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text(), filename=str(path))
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+    return names
+
+
+def _py_files(*parts: str) -> list[Path]:
+    return sorted((ROOT.joinpath(*parts)).rglob("*.py"))
+
+
+def test_mapengine_never_imports_cdp() -> None:
+    files = _py_files("mapengine")
+    assert files, "mapengine package not found"
+    for f in files:
+        bad = {m for m in _imports(f) if m == "cdp" or m.startswith("cdp.")}
+        assert not bad, f"{f.relative_to(ROOT)} imports {sorted(bad)}"
+
+
+def test_protocol_cores_do_no_io() -> None:
+    cores = [
+        p
+        for p in _py_files("cdp", "targets")
+        if p.name in {"core.py", "proto.py"} or p.parent.name == "core"
+    ]
+    assert cores, "no protocol core found"
+    forbidden = {"asyncio", "socket", "selectors", "uvloop", "ssl"}
+    for f in cores:
+        bad = {m for m in _imports(f) if m.split(".")[0] in forbidden}
+        assert not bad, f"{f.relative_to(ROOT)} imports {sorted(bad)}"
+
+
+def test_only_journal_touches_segment_files() -> None:
+    journal = ROOT / "cdp" / "journal"
+    for f in _py_files("cdp") + _py_files("mapengine"):
+        if journal in f.parents:
+            continue
+        text = f.read_text()
+        assert ".seg\"" not in text and ".seg'" not in text, (
+            f"{f.relative_to(ROOT)} names segment files; only cdp/journal may"
+        )
