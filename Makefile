@@ -1,0 +1,42 @@
+# cdp — the two commands of the README, and a few more.
+#   make serve   set up and run the appliance on the embedded default (config/cdp.toml)
+#   make test    set up (venv + system tools) and run the whole test suite, lint and types
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+
+.PHONY: serve test check lint typecheck unit bench bench-quick sysdeps clean
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	@touch $@
+
+serve: $(STAMP)
+	$(BIN)/cdpd
+
+sysdeps:
+	tools/install-system-deps.sh
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+test: $(STAMP) sysdeps lint typecheck
+	$(BIN)/python -m pytest -q -ra
+
+unit: $(STAMP)
+	$(BIN)/python -m pytest -q tests/unit tests/property
+
+bench: $(STAMP) sysdeps
+	$(BIN)/python -m tools.bench
+
+bench-quick: $(STAMP) sysdeps
+	$(BIN)/python -m tools.bench --quick
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis bench-results

@@ -1,0 +1,250 @@
+"""Typed settings loaded from ``config/cdp.toml``.
+
+The defaults here and the documented file ``config/cdp.toml`` are the same (a test
+checks it). Unknown keys and bad values raise :class:`ConfigError` naming the key
+(``journal.sync: expected one of 'flush', 'always', got 'sometimes'``).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from cdp.errors import ConfigError, UsageError
+from cdp.units import parse_duration, parse_hostport, parse_size
+
+#: volume names are used in paths and NBD/iSCSI export names
+VOLUME_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
+
+REPO_CONFIG = Path(__file__).resolve().parent.parent / "config" / "cdp.toml"
+
+
+@dataclass(frozen=True)
+class JournalSettings:
+    segment_bytes: int = 256 << 20
+    sync: str = "flush"
+
+
+@dataclass(frozen=True)
+class MapSettings:
+    l0_max_writes: int = 8192
+    seal_interval: float = 5.0
+    fanout: int = 8
+    full_every: int = 64
+    cache_bytes: int = 256 << 20
+
+
+@dataclass(frozen=True)
+class ReadSettings:
+    payload_cache_bytes: int = 64 << 20
+
+
+@dataclass(frozen=True)
+class Listener:
+    enabled: bool
+    host: str
+    port: int
+
+    @property
+    def address(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class VolumeSpec:
+    name: str
+    size: int
+
+
+@dataclass(frozen=True)
+class Settings:
+    store: Path = Path("store")
+    journal: JournalSettings = field(default_factory=JournalSettings)
+    maps: MapSettings = field(default_factory=MapSettings)
+    read: ReadSettings = field(default_factory=ReadSettings)
+    nbd: Listener = field(default_factory=lambda: Listener(True, "127.0.0.1", 10809))
+    metrics: Listener = field(default_factory=lambda: Listener(True, "127.0.0.1", 9809))
+    volumes: tuple[VolumeSpec, ...] = (VolumeSpec("vol0", 10 << 30),)
+    source: str = "built-in defaults"
+
+    def with_overrides(
+        self,
+        *,
+        store: str | None = None,
+        nbd: str | None = None,
+        metrics: str | None = None,
+    ) -> Settings:
+        """Apply command-line / environment overrides (``--store``, ``--nbd``, ...)."""
+        s = self
+        if store:
+            s = replace(s, store=Path(store))
+        if nbd:
+            s = replace(s, nbd=_listener(nbd, "--nbd", 10809, True))
+        if metrics:
+            s = replace(s, metrics=_listener(metrics, "--metrics", 9809, True))
+        return s
+
+
+def _listener(value: str, what: str, default_port: int, enabled: bool) -> Listener:
+    try:
+        host, port = parse_hostport(value, what, default_port)
+    except UsageError as e:
+        raise ConfigError(str(e)) from None
+    return Listener(enabled, host, port)
+
+
+# ---------------------------------------------------------------------------------------
+# validation helpers: each takes (value, key) and returns the typed value or raises
+
+
+def _int(lo: int, hi: int) -> Callable[[Any, str], int]:
+    def check(v: Any, key: str) -> int:
+        if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+            raise ConfigError(f"{key}: expected an integer from {lo} to {hi}, got {v!r}")
+        return v
+
+    return check
+
+
+def _size(lo: int) -> Callable[[Any, str], int]:
+    def check(v: Any, key: str) -> int:
+        try:
+            n = parse_size(v, key)
+        except UsageError as e:
+            raise ConfigError(str(e)) from None
+        if n < lo:
+            raise ConfigError(f"{key}: must be at least {lo} bytes, got {v!r}")
+        return n
+
+    return check
+
+
+def _duration(v: Any, key: str) -> float:
+    try:
+        return parse_duration(v, key)
+    except UsageError as e:
+        raise ConfigError(str(e)) from None
+
+
+def _choice(*choices: str) -> Callable[[Any, str], str]:
+    def check(v: Any, key: str) -> str:
+        if v not in choices:
+            opts = ", ".join(repr(c) for c in choices)
+            raise ConfigError(f"{key}: expected one of {opts}, got {v!r}")
+        return str(v)
+
+    return check
+
+
+def _bool(v: Any, key: str) -> bool:
+    if not isinstance(v, bool):
+        raise ConfigError(f"{key}: expected true or false, got {v!r}")
+    return v
+
+
+def _str(v: Any, key: str) -> str:
+    if not isinstance(v, str) or not v:
+        raise ConfigError(f"{key}: expected a non-empty string, got {v!r}")
+    return v
+
+
+def _table(raw: dict[str, Any], name: str, schema: dict[str, Callable[[Any, str], Any]]) -> dict[str, Any]:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{name}: expected a table, got {raw!r}")
+    unknown = sorted(set(raw) - set(schema))
+    if unknown:
+        raise ConfigError(
+            f"{name}.{unknown[0]}: unknown key (known keys: {', '.join(sorted(schema))})"
+        )
+    return {k: schema[k](v, f"{name}.{k}") for k, v in raw.items()}
+
+
+_SECTIONS = {"store", "journal", "maps", "read", "nbd", "metrics", "volume"}
+
+
+def parse_config(data: dict[str, Any], source: str = "<config>") -> Settings:
+    """Validate a decoded TOML document and return :class:`Settings`."""
+    unknown = sorted(set(data) - _SECTIONS)
+    if unknown:
+        raise ConfigError(f"{unknown[0]}: unknown section (known: {', '.join(sorted(_SECTIONS))})")
+    d = Settings()
+    store = _table(data.get("store", {}), "store", {"path": _str})
+    j = _table(
+        data.get("journal", {}),
+        "journal",
+        {"segment_bytes": _size(1 << 20), "sync": _choice("flush", "always")},
+    )
+    m = _table(
+        data.get("maps", {}),
+        "maps",
+        {
+            "l0_max_writes": _int(16, 10_000_000),
+            "seal_interval": _duration,
+            "fanout": _int(2, 1024),
+            "full_every": _int(1, 1_000_000),
+            "cache_bytes": _size(1 << 20),
+        },
+    )
+    r = _table(data.get("read", {}), "read", {"payload_cache_bytes": _size(0)})
+    listeners = {}
+    for name, default in (("nbd", d.nbd), ("metrics", d.metrics)):
+        t = _table(data.get(name, {}), name, {"enabled": _bool, "listen": _str})
+        lst = default
+        if "listen" in t:
+            lst = _listener(t["listen"], f"{name}.listen", default.port, default.enabled)
+        if "enabled" in t:
+            lst = replace(lst, enabled=t["enabled"])
+        listeners[name] = lst
+    raw_vols = data.get("volume", [{"name": v.name, "size": v.size} for v in d.volumes])
+    if not isinstance(raw_vols, list):
+        raise ConfigError("volume: expected an array of tables ([[volume]])")
+    vols = []
+    seen = set()
+    for i, rv in enumerate(raw_vols):
+        t = _table(rv, f"volume[{i}]", {"name": _str, "size": _size(512)})
+        if "name" not in t or "size" not in t:
+            raise ConfigError(f"volume[{i}]: needs both name and size")
+        if not VOLUME_NAME.match(t["name"]):
+            raise ConfigError(
+                f"volume[{i}].name: {t['name']!r} is not a valid volume name "
+                "(lowercase letters, digits, '_', '.', '-'; at most 64)"
+            )
+        if t["name"] in seen:
+            raise ConfigError(f"volume[{i}].name: duplicate volume {t['name']!r}")
+        if t["size"] % 512:
+            raise ConfigError(f"volume[{i}].size: must be a multiple of 512, got {t['size']}")
+        seen.add(t["name"])
+        vols.append(VolumeSpec(t["name"], t["size"]))
+    return Settings(
+        store=Path(store.get("path", str(d.store))),
+        journal=replace(d.journal, **j),
+        maps=replace(d.maps, **m),
+        read=replace(d.read, **r),
+        nbd=listeners["nbd"],
+        metrics=listeners["metrics"],
+        volumes=tuple(vols),
+        source=source,
+    )
+
+
+def load_config(path: str | os.PathLike[str] | None = None) -> Settings:
+    """Load settings from *path*, ``$CDP_CONFIG``, the repository's ``config/cdp.toml``,
+    or the built-in defaults, in that order of preference."""
+    chosen = path or os.environ.get("CDP_CONFIG")
+    if chosen is None:
+        if not REPO_CONFIG.exists():
+            return Settings()
+        chosen = REPO_CONFIG
+    p = Path(chosen)
+    try:
+        data = tomllib.loads(p.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file {p} not found") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{p}: not valid TOML: {e}") from None
+    return parse_config(data, str(p))

@@ -1,0 +1,56 @@
+"""The documented config file, its defaults and its error messages."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from cdp.config import REPO_CONFIG, Settings, load_config, parse_config
+from cdp.errors import ConfigError
+
+
+def test_documented_file_equals_builtin_defaults() -> None:
+    s = load_config(REPO_CONFIG)
+    d = Settings()
+    assert (s.store, s.journal, s.maps, s.read, s.nbd, s.metrics, s.volumes) == (
+        d.store, d.journal, d.maps, d.read, d.nbd, d.metrics, d.volumes
+    )
+    assert s.volumes[0].name == "vol0" and s.volumes[0].size == 10 << 30
+    assert (s.nbd.host, s.nbd.port) == ("127.0.0.1", 10809)
+
+
+@pytest.mark.parametrize(
+    ("doc", "key"),
+    [
+        ({"journal": {"sync": "sometimes"}}, "journal.sync"),
+        ({"journal": {"segment_bytes": "lots"}}, "journal.segment_bytes"),
+        ({"journal": {"colour": 1}}, "journal.colour"),
+        ({"maps": {"fanout": 1}}, "maps.fanout"),
+        ({"maps": {"seal_interval": "5 parsecs"}}, "maps.seal_interval"),
+        ({"nbd": {"listen": "127.0.0.1:99999"}}, "nbd.listen"),
+        ({"nbd": {"enabled": "yes"}}, "nbd.enabled"),
+        ({"volume": [{"name": "Bad Name", "size": "1GiB"}]}, "volume[0].name"),
+        ({"volume": [{"name": "v", "size": "1000"}]}, "volume[0].size"),
+        ({"volume": [{"name": "v", "size": 512}, {"name": "v", "size": 512}]}, "volume[1].name"),
+        ({"bogus": {}}, "bogus"),
+    ],
+)
+def test_bad_values_name_the_key(doc: dict, key: str) -> None:
+    with pytest.raises(ConfigError) as ei:
+        parse_config(doc)
+    assert str(ei.value).startswith(key), str(ei.value)
+
+
+def test_missing_and_malformed_files(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[journal\n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(bad)
+
+
+def test_overrides() -> None:
+    s = Settings().with_overrides(store="/tmp/x", nbd="127.0.0.1:0")
+    assert s.store == Path("/tmp/x") and s.nbd.port == 0
