@@ -1,0 +1,389 @@
+"""asyncio NBD server: a thin pump around the sans-I/O core.
+
+Design notes
+------------
+- One :class:`asyncio.Protocol` per connection (no streams: ``data_received`` feeds the
+  core directly, replies leave with one ``transport.writelines`` per batch). Use uvloop
+  for speed (:func:`new_event_loop` picks it when installed).
+- Requests go to the :class:`~cdp.targets.blockdev.BlockDevice` the core opened. A method
+  that returns its result directly is answered at once without creating a task (the
+  fast path); one that returns an awaitable runs as a task and its reply goes out when
+  it completes, possibly out of order (NBD replies carry the request cookie).
+- Every exception from a device becomes a wire error through
+  :func:`cdp.targets.errors.nbd_errno`; the connection keeps going. Only a protocol
+  violation (bad magic, garbage handshake) ends a connection, after sending whatever
+  replies were already queued.
+- Back-pressure: reading pauses while ``max_inflight`` requests run as tasks or while the
+  transport's write buffer is above its high-water mark; already-buffered requests are
+  parsed when reading resumes.
+- ``close()`` drains: stop accepting, stop reading, answer requests that were received
+  but not started with ESHUTDOWN (as the spec suggests), let running ones finish, then
+  close each connection. ``wait_closed()`` returns when every connection is gone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from cdp.errors import ProtocolError
+from cdp.targets.blockdev import BlockDevice, ExportProvider
+from cdp.targets.errors import nbd_errno
+from cdp.targets.nbd.core import NEED_DATA, Closed, Ready, Request, ServerConnection
+from cdp.targets.nbd.proto import Cmd, CmdFlag, NbdErrno
+
+log = logging.getLogger("cdp.nbd")
+
+_READ = int(Cmd.READ)
+_WRITE = int(Cmd.WRITE)
+_FLUSH = int(Cmd.FLUSH)
+_TRIM = int(Cmd.TRIM)
+_CACHE = int(Cmd.CACHE)
+_WRITE_ZEROES = int(Cmd.WRITE_ZEROES)
+_BLOCK_STATUS = int(Cmd.BLOCK_STATUS)
+_FUA = int(CmdFlag.FUA)
+_NO_HOLE = int(CmdFlag.NO_HOLE)
+_FAST_ZERO = int(CmdFlag.FAST_ZERO)
+_BYTES = (bytes, bytearray, memoryview)
+
+
+def new_event_loop() -> asyncio.AbstractEventLoop:
+    """A uvloop event loop when uvloop is installed, else the default one."""
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
+
+
+class _NbdProtocol(asyncio.Protocol):
+    """One client connection."""
+
+    def __init__(self, server: NbdServer) -> None:
+        self.server = server
+        self.conn = ServerConnection(server.provider)
+        self.transport: asyncio.Transport | None = None
+        self.device: BlockDevice | None = None
+        self.contexts: list[tuple[int, str]] = []
+        self.peer: Any = None
+        self.inflight = 0
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.read_paused = False
+        self.write_paused = False
+        self.closing = False  # no more parsing: DISC, EOF, violation or drain
+        self.draining = False
+        self.lost = False
+
+    # --- asyncio callbacks -----------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # uvloop's is not a subclass
+        self.peer = transport.get_extra_info("peername")
+        transport.set_write_buffer_limits(high=self.server.write_high)
+        self.server._conns.add(self)
+        transport.write(self.conn.initial_bytes())
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self.conn.receive_data(data)
+        except ProtocolError as exc:
+            self._violation(exc)
+            return
+        if not self.read_paused:
+            self._pump()
+
+    def eof_received(self) -> bool:
+        try:
+            self.conn.receive_data(b"")
+        except ProtocolError as exc:
+            self._violation(exc)
+            return False
+        self._pump()
+        return True  # we close the transport ourselves once replies are out
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        self.closing = True
+        self.server._conns.discard(self)
+        if self.inflight == 0:
+            self._release()
+        self.server._connection_gone()
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+        self._pause_reading()
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        self._maybe_resume()
+
+    # --- the pump ----------------------------------------------------------------
+
+    def _pump(self) -> None:
+        """Turn buffered bytes into events and run them; send the replies."""
+        conn = self.conn
+        limit = self.server.max_inflight
+        try:
+            while not self.closing:
+                if self.inflight >= limit or self.write_paused:
+                    self._pause_reading()
+                    break
+                ev = conn.next_event()
+                if type(ev) is Request:
+                    if self.draining:
+                        conn.reply_error(ev, NbdErrno.ESHUTDOWN, "server is shutting down")
+                    else:
+                        self._dispatch(ev)
+                elif ev is NEED_DATA:
+                    break
+                elif type(ev) is Ready:
+                    self._ready(ev)
+                elif type(ev) is Closed:
+                    self._closed(ev)
+        except ProtocolError as exc:
+            self._violation(exc)
+            return
+        self._flush()
+        if self.closing and self.inflight == 0:
+            self._close_transport()
+
+    def _ready(self, ev: Ready) -> None:
+        self.device = ev.device
+        self.contexts = ev.contexts
+        log.info(
+            "%s: export %r size=%d flags=%#x structured=%s contexts=%s",
+            self.peer,
+            ev.name,
+            ev.device.size,
+            ev.flags,
+            ev.structured,
+            [name for _, name in ev.contexts],
+        )
+        if self.draining:
+            self.closing = True
+
+    def _closed(self, ev: Closed) -> None:
+        self.closing = True
+        if ev.reason == "refused":
+            log.warning("%s: export refused: %s", self.peer, ev.message)
+        elif ev.reason == "abort":
+            log.info("%s: client aborted the handshake", self.peer)
+
+    def _dispatch(self, req: Request) -> None:
+        """Run one request: reply now (fast path) or start a task."""
+        dev = self.device
+        assert dev is not None
+        cmd = req.cmd
+        res: Any
+        try:
+            if cmd == _READ:
+                res = dev.read(req.offset, req.length)
+                if type(res) is bytes or isinstance(res, _BYTES):
+                    self.conn.reply_read(req, res)
+                    return
+            elif cmd == _WRITE:
+                assert req.data is not None
+                res = dev.write(req.offset, req.data, bool(req.flags & _FUA))
+            elif cmd == _FLUSH:
+                res = dev.flush()
+            elif cmd == _TRIM:
+                res = dev.trim(req.offset, req.length, bool(req.flags & _FUA))
+            elif cmd == _WRITE_ZEROES:
+                f = req.flags
+                res = dev.write_zeroes(
+                    req.offset, req.length, bool(f & _FUA), not f & _NO_HOLE, bool(f & _FAST_ZERO)
+                )
+            elif cmd == _CACHE:
+                res = dev.cache(req.offset, req.length)
+            elif cmd == _BLOCK_STATUS:
+                res = self._block_status(dev, req)
+                if res is None:
+                    return
+            else:  # the core only emits the commands above
+                raise AssertionError(f"unexpected command {cmd}")
+        except Exception as exc:
+            self.conn.reply_error(req, nbd_errno(exc), str(exc))
+            return
+        if res is None:
+            self.conn.reply_ok(req)
+            return
+        self._start_task(req, res)
+
+    def _block_status(self, dev: BlockDevice, req: Request) -> Awaitable[Any] | None:
+        """Answer BLOCK_STATUS now when every context answers synchronously."""
+        results: list[tuple[int, Any]] = []
+        pending = False
+        for cid, name in self.contexts:
+            r = dev.block_status(name, req.offset, req.length)
+            pending = pending or not isinstance(r, list)
+            results.append((cid, r))
+        if not pending:
+            self.conn.reply_block_status(req, results)
+            return None
+        return self._gather_status(results)
+
+    @staticmethod
+    async def _gather_status(results: list[tuple[int, Any]]) -> list[tuple[int, Any]]:
+        out = []
+        for cid, r in results:
+            out.append((cid, r if isinstance(r, list) else await r))
+        return out
+
+    def _start_task(self, req: Request, aw: Awaitable[Any]) -> None:
+        self.inflight += 1
+        task = asyncio.get_running_loop().create_task(self._finish(req, aw))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def _finish(self, req: Request, aw: Awaitable[Any]) -> None:
+        conn = self.conn
+        try:
+            res = await aw
+        except Exception as exc:
+            conn.reply_error(req, nbd_errno(exc), str(exc))
+        else:
+            cmd = req.cmd
+            if cmd == _READ:
+                conn.reply_read(req, res)
+            elif cmd == _BLOCK_STATUS:
+                conn.reply_block_status(req, res)
+            else:
+                conn.reply_ok(req)
+        self.inflight -= 1
+        if self.lost:
+            conn.pieces_to_send()  # nobody to send to
+            if self.inflight == 0:
+                self._release()
+            return
+        self._flush()
+        if self.closing:
+            if self.inflight == 0:
+                self._close_transport()
+        elif self.read_paused:
+            self._maybe_resume()
+
+    # --- helpers -----------------------------------------------------------------
+
+    def _flush(self) -> None:
+        if self.conn.has_output and self.transport is not None and not self.lost:
+            self.transport.writelines(self.conn.pieces_to_send())
+
+    def _pause_reading(self) -> None:
+        if not self.read_paused and self.transport is not None and not self.lost:
+            self.read_paused = True
+            self.transport.pause_reading()
+
+    def _maybe_resume(self) -> None:
+        if (
+            self.read_paused
+            and not self.write_paused
+            and not self.draining
+            and self.inflight <= self.server.max_inflight // 2
+            and not self.lost
+        ):
+            self.read_paused = False
+            assert self.transport is not None
+            self.transport.resume_reading()
+            self._pump()  # requests already buffered in the core
+
+    def _violation(self, exc: ProtocolError) -> None:
+        log.warning("%s: protocol error, closing: %s", self.peer, exc)
+        self.closing = True
+        self._flush()
+        if self.transport is not None:
+            self.transport.close()
+
+    def _close_transport(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
+
+    def _release(self) -> None:
+        dev, self.device = self.device, None
+        if dev is not None:
+            try:
+                dev.close()
+            except Exception as exc:
+                log.error("%s: closing the export failed: %r", self.peer, exc)
+
+    def drain(self) -> None:
+        """Stop reading; answer buffered requests ESHUTDOWN; close when idle."""
+        if self.draining or self.lost:
+            return
+        self.draining = True
+        self._pause_reading()
+        if self.device is None:
+            self.closing = True
+        self._pump()
+        self.closing = True
+        if self.inflight == 0:
+            self._close_transport()
+
+
+class NbdServer:
+    """A listening NBD server; see :func:`serve_nbd`."""
+
+    def __init__(self, provider: ExportProvider, max_inflight: int, write_high: int) -> None:
+        self.provider = provider
+        self.max_inflight = max_inflight
+        self.write_high = write_high
+        self._server: asyncio.Server | None = None
+        self._conns: set[_NbdProtocol] = set()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._closed = False
+
+    @property
+    def port(self) -> int:
+        """The bound TCP port (useful with port 0)."""
+        assert self._server is not None
+        return int(self._server.sockets[0].getsockname()[1])
+
+    @property
+    def connections(self) -> int:
+        """Open client connections (for metrics)."""
+        return len(self._conns)
+
+    def _factory(self) -> _NbdProtocol:
+        self._idle.clear()
+        return _NbdProtocol(self)
+
+    def _connection_gone(self) -> None:
+        if not self._conns:
+            self._idle.set()
+
+    def close(self) -> None:
+        """Stop accepting and drain every connection (see the module notes)."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._server is not None:
+            self._server.close()
+        for c in list(self._conns):
+            c.drain()
+        if not self._conns:
+            self._idle.set()
+
+    async def wait_closed(self) -> None:
+        """Wait until the listener and every connection are closed."""
+        if self._server is not None:
+            await self._server.wait_closed()
+        await self._idle.wait()
+
+
+async def serve_nbd(
+    provider: ExportProvider,
+    host: str = "127.0.0.1",
+    port: int = 10809,
+    *,
+    max_inflight: int = 128,
+    write_high: int = 8 << 20,
+) -> NbdServer:
+    """Listen for NBD clients on ``host:port`` (0: any free port, see ``.port``)."""
+    server = NbdServer(provider, max_inflight, write_high)
+    factory: Callable[[], _NbdProtocol] = server._factory
+    loop = asyncio.get_running_loop()
+    server._server = await loop.create_server(factory, host, port, reuse_address=True)
+    log.info("NBD server listening on %s:%d", host, server.port)
+    return server
