@@ -26,7 +26,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, cast
 
 from cdp.errors import ProtocolError
 from cdp.targets.blockdev import BlockDevice, ExportProvider
@@ -79,11 +79,12 @@ class _NbdProtocol(asyncio.Protocol):
     # --- asyncio callbacks -----------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]  # uvloop's is not a subclass
-        self.peer = transport.get_extra_info("peername")
-        transport.set_write_buffer_limits(high=self.server.write_high)
+        t = cast(asyncio.Transport, transport)  # uvloop's is not a subclass of it
+        self.transport = t
+        self.peer = t.get_extra_info("peername")
+        t.set_write_buffer_limits(high=self.server.write_high)
         self.server._conns.add(self)
-        transport.write(self.conn.initial_bytes())
+        t.write(self.conn.initial_bytes())
 
     def data_received(self, data: bytes) -> None:
         try:
