@@ -1,0 +1,56 @@
+"""cdpctl: drive the cdp appliance.
+
+One module per command in this package; each registers its parser. Commands talk to the
+running cdpd through its admin socket; read-only ones (status, markers, image, verify,
+volume list) also work on a stopped store.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from cdp import __version__
+from cdp.cli import image, pause, rewind, snapshot, status, verify, volume
+from cdp.cli.common import Context
+from cdp.errors import EXIT_CODES, CdpError
+
+COMMANDS = (volume, status, snapshot, rewind, pause, image, verify)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    epilog = "points: markerN | marker label | @SEQ | ISO-8601 time (local when no offset) | -10m | now\n"
+    epilog += "exit status:\n" + "\n".join(f"  {k}  {v}" for k, v in EXIT_CODES.items())
+    p = argparse.ArgumentParser(
+        prog="cdpctl",
+        description="Control the cdp appliance: volumes, markers, rewind, point-in-time images.",
+        epilog=epilog,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--config", help="config file (default: $CDP_CONFIG or config/cdp.toml)")
+    p.add_argument("--store", help="store directory (default: $CDP_STORE or store.path)")
+    p.add_argument("--version", action="version", version=f"cdpctl {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for mod in COMMANDS:
+        mod.register(sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        ctx = Context(args)
+        return int(args.func(ctx, args))
+    except CdpError as e:
+        print(f"cdpctl: {e}", file=sys.stderr)
+        return e.exit_status
+    except KeyboardInterrupt:
+        print("cdpctl: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,36 @@
+"""cdpctl status: size, journal use, recoverable range, markers, activity."""
+
+from __future__ import annotations
+
+import argparse
+
+from cdp.cli.common import Context, add_common, emit_json, fmt_time, volumes_arg
+from cdp.units import format_size
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("status", help="show a volume's state")
+    add_common(p)
+    p.set_defaults(func=run)
+
+
+def run(ctx: Context, args: argparse.Namespace) -> int:
+    rows = ctx.call("status", {"volumes": volumes_arg(args)})
+    if ctx.json:
+        emit_json(rows if len(rows) != 1 else rows[0])
+        return 0
+    for i, s in enumerate(rows):
+        if i:
+            print()
+        nm = s.get("newest_marker")
+        ratio = s.get("compression_ratio")
+        print(f"volume:        {s['volume']}{'  (PAUSED)' if s['paused'] else ''}")
+        print(f"size:          {format_size(s['size'])}")
+        print(f"written:       {format_size(s['written_bytes'] or 0)} in {s['journal_records'] or 0} records")
+        print(f"journal:       {format_size(s['journal_bytes'] or 0)}" + (f" (compression {ratio:.2f}x)" if ratio else ""))
+        print(f"recoverable:   @{s['first_seq']} {fmt_time(s['first_time_ns'])}  ..  @{s['last_seq']} {fmt_time(s['last_time_ns'])}")
+        print(f"durable up to: @{s['durable_seq']}")
+        print(f"markers:       {s['markers']}" + (f" (newest {nm['name']} @{nm['seq']} {fmt_time(nm['time_ns'])})" if nm else ""))
+        print(f"connections:   {s['connections']}")
+        print(f"this session:  {s['session_writes']} writes, {format_size(s['session_bytes_written'])}")
+    return 0

@@ -1,0 +1,193 @@
+"""cdpd: the appliance service (foreground).
+
+    cdpd [--config FILE] [--store DIR] [--nbd HOST:PORT] [--metrics HOST:PORT]
+
+Opens (or creates) the store and its volumes, serves NBD, the admin API (a unix socket in
+the store, mode 0600) and Prometheus metrics. SIGTERM/SIGINT: stop accepting, drain
+in-flight requests, seal the maps, sync the journal, exit 0.
+
+Exit status: 0 after a clean stop; 2 bad configuration or arguments; 6 corruption that
+prevents opening; 7 the store is locked by another cdpd; 1 other errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import sys
+import time
+
+from cdp import __version__
+from cdp.admin import AdminServer
+from cdp.config import Settings, load_config
+from cdp.errors import CdpError
+from cdp.exports import StoreExports
+from cdp.metrics import MetricsServer
+from cdp.store import Store
+from cdp.volume import write_file_atomic
+
+#: written once the listeners are up, removed at a clean stop
+RUNFILE = "cdpd.json"
+
+log = logging.getLogger("cdp.daemon")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="cdpd",
+        description="cdp appliance service: journals every write of the protected volumes "
+        "and serves them (live and at any point in time) over NBD.",
+        epilog="exit status: 0 clean stop, 1 error, 2 bad configuration or arguments, "
+        "6 corruption prevents opening, 7 store locked by another cdpd",
+    )
+    p.add_argument("--config", help="config file (default: $CDP_CONFIG or config/cdp.toml)")
+    p.add_argument("--store", help="store directory (default: $CDP_STORE or store.path)")
+    p.add_argument("--nbd", metavar="HOST:PORT", help="NBD listener (default 127.0.0.1:10809)")
+    p.add_argument("--metrics", metavar="HOST:PORT", help="metrics listener (default 127.0.0.1:9809)")
+    p.add_argument("--no-metrics", action="store_true", help="do not serve metrics")
+    p.add_argument("--log-level", default=os.environ.get("CDP_LOG_LEVEL", "info"))
+    p.add_argument("--version", action="version", version=f"cdpd {__version__}")
+    return p
+
+
+class Daemon:
+    """The running service; :meth:`run` returns when stopped."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.store: Store | None = None
+        self._stop = asyncio.Event()
+        self.nbd_port: int | None = None
+        self.started = time.time()
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    async def run(self) -> None:
+        s = self.settings
+        store = Store.open(s)
+        self.store = store
+        for v in store.volumes.values():
+            log.info(
+                "volume %s: %d bytes, last seq %d, %d markers%s",
+                v.name, v.size, v.head_seq, len(v.markers),
+                f", replayed {v.replayed} records" if v.replayed else "",
+            )
+            rec = v.journal.recovery
+            if getattr(rec, "dropped_records", 0) or getattr(rec, "dropped_bytes", 0):
+                log.warning("volume %s: journal recovery: %s", v.name, rec)
+        admin = AdminServer(store)
+        nbd = None
+        metrics = None
+        try:
+            await admin.start()
+            if s.nbd.enabled:
+                from cdp.targets.nbd.server import serve_nbd
+
+                nbd = await serve_nbd(StoreExports(store), s.nbd.host, s.nbd.port)
+                self.nbd_port = nbd.port
+                log.info("NBD on %s:%d", s.nbd.host, nbd.port)
+            if s.metrics.enabled:
+                metrics = MetricsServer(store, s.metrics.host, s.metrics.port, self._extra_metrics(nbd))
+                await metrics.start()
+                log.info("metrics on http://%s:%d/metrics", s.metrics.host, metrics.port)
+            self._write_runfile(store, nbd, metrics)
+            log.info("cdpd %s ready: store %s, admin socket %s", __version__, store.path, admin.path)
+            ticker = asyncio.create_task(self._tick())
+            await self._stop.wait()
+            ticker.cancel()
+            log.info("stopping: draining connections")
+        finally:
+            if nbd is not None:
+                nbd.close()
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(nbd.wait_closed(), 30)
+            if metrics is not None:
+                await metrics.close()
+            await admin.close()
+            (store.path / RUNFILE).unlink(missing_ok=True)
+            store.close()
+            log.info("stopped cleanly: maps sealed, journal synced")
+
+    def _write_runfile(self, store: Store, nbd: object, metrics: MetricsServer | None) -> None:
+        """STORE/cdpd.json: pid and the bound addresses (useful with port 0)."""
+        s = self.settings
+        info = {
+            "pid": os.getpid(),
+            "version": __version__,
+            "nbd": f"{s.nbd.host}:{self.nbd_port}" if nbd is not None else None,
+            "metrics": f"{s.metrics.host}:{metrics.port}" if metrics is not None else None,
+            "admin_socket": str(store.socket_path),
+            "started": self.started,
+        }
+        write_file_atomic(store.path / RUNFILE, json.dumps(info, indent=2).encode() + b"\n")
+
+    def _extra_metrics(self, nbd: object) -> object:
+        def extra() -> dict[str, float]:
+            d = {"cdp_uptime_seconds": time.time() - self.started}
+            n = getattr(nbd, "connection_count", None)
+            if n is not None:
+                d["cdp_nbd_connections"] = float(n() if callable(n) else n)
+            return d
+
+        return extra
+
+    async def _tick(self) -> None:
+        assert self.store is not None
+        while True:
+            await asyncio.sleep(1.0)
+            for v in list(self.store.volumes.values()):
+                try:
+                    v.tick()
+                except Exception:
+                    log.exception("volume %s: periodic seal failed", v.name)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=getattr(logging, str(args.log_level).upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        settings = load_config(args.config).with_overrides(
+            store=args.store or os.environ.get("CDP_STORE"),
+            nbd=args.nbd,
+            metrics=args.metrics,
+        )
+        if args.no_metrics:
+            from dataclasses import replace
+
+            settings = replace(settings, metrics=replace(settings.metrics, enabled=False))
+    except CdpError as e:
+        print(f"cdpd: {e}", file=sys.stderr)
+        return e.exit_status
+    daemon = Daemon(settings)
+
+    async def runner() -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, daemon.request_stop)
+        await daemon.run()
+
+    try:
+        import uvloop
+
+        uvloop.run(runner())
+    except CdpError as e:
+        print(f"cdpd: {e}", file=sys.stderr)
+        return e.exit_status
+    except OSError as e:
+        print(f"cdpd: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

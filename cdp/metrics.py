@@ -1,0 +1,85 @@
+"""Prometheus metrics (text exposition format) on a small loopback HTTP listener."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+from cdp.store import Store
+
+
+def render(store: Store, extra: Callable[[], dict[str, float]] | None = None) -> str:
+    """The metrics page. Cost: O(volumes)."""
+    lines: list[str] = []
+
+    def metric(name: str, kind: str, help_: str, samples: list[tuple[dict[str, str], float]]) -> None:
+        lines.append(f"# HELP {name} {help_}")
+        lines.append(f"# TYPE {name} {kind}")
+        for labels, value in samples:
+            lab = ",".join(f'{k}="{v}"' for k, v in labels.items())
+            lines.append(f"{name}{{{lab}}} {value}" if lab else f"{name} {value}")
+
+    vols = sorted(store.volumes.values(), key=lambda v: v.name)
+
+    def per(fn: Callable[[Any], float]) -> list[tuple[dict[str, str], float]]:
+        return [({"volume": v.name}, float(fn(v))) for v in vols]
+
+    def stat(v: Any, key: str) -> float:
+        return float(v.journal.stats().get(key) or 0)
+
+    metric("cdp_writes_total", "counter", "Write and zero requests journalled since start.", per(lambda v: v.writes))
+    metric("cdp_written_bytes_total", "counter", "Bytes written by hosts since start.", per(lambda v: v.bytes_written))
+    metric("cdp_reads_total", "counter", "Read requests since start.", per(lambda v: v.reads))
+    metric("cdp_read_bytes_total", "counter", "Bytes read since start.", per(lambda v: v.bytes_read))
+    metric("cdp_flushes_total", "counter", "Durability waits (FLUSH/FUA) completed.", per(lambda v: v.flushes))
+    metric("cdp_flush_seconds_total", "counter", "Time spent waiting for durability.", per(lambda v: v.flush_seconds))
+    metric("cdp_journal_bytes", "gauge", "Bytes stored in the journal.", per(lambda v: stat(v, "stored_bytes")))
+    metric("cdp_live_bytes", "gauge", "Payload bytes written to the volume (uncompressed).", per(lambda v: stat(v, "raw_bytes")))
+    metric("cdp_journal_records", "gauge", "Records in the journal.", per(lambda v: stat(v, "records")))
+    metric("cdp_last_seq", "gauge", "Newest sequence number.", per(lambda v: v.head_seq))
+    metric("cdp_markers", "gauge", "Markers of the volume.", per(lambda v: len(v.markers)))
+    metric("cdp_connections", "gauge", "Open target connections to the volume.", per(lambda v: v.connections))
+    metric("cdp_paused", "gauge", "1 while the volume's writes are held.", per(lambda v: v.paused))
+    if extra:
+        for k, val in extra().items():
+            metric(k, "gauge", k.replace("_", " ") + ".", [({}, val)])
+    return "\n".join(lines) + "\n"
+
+
+class MetricsServer:
+    def __init__(self, store: Store, host: str, port: int, extra: Callable[[], dict[str, float]] | None = None) -> None:
+        self.store = store
+        self.host = host
+        self.port = port
+        self.extra = extra
+        self._server: asyncio.AbstractServer | None = None
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._handle, self.host, self.port)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+            first = head.split(b"\r\n", 1)[0].split()
+            if len(first) >= 2 and first[0] == b"GET" and first[1].split(b"?")[0] == b"/metrics":
+                body = render(self.store, self.extra).encode()
+                status, ctype = b"200 OK", b"text/plain; version=0.0.4"
+            else:
+                body, status, ctype = b"not found: try /metrics\n", b"404 Not Found", b"text/plain"
+            writer.write(
+                b"HTTP/1.1 " + status + b"\r\nContent-Type: " + ctype
+                + b"\r\nContent-Length: " + str(len(body)).encode()
+                + b"\r\nConnection: close\r\n\r\n" + body
+            )
+            await writer.drain()
+        except (asyncio.TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
+            pass
+        finally:
+            writer.close()

@@ -1,0 +1,317 @@
+"""The operations behind cdpctl, shared by the daemon's admin API and offline use.
+
+Each operation takes an open :class:`~cdp.store.Store`, plain JSON-able arguments and a
+progress callback, and returns a JSON-able result. The daemon runs them on its event
+loop (long ones yield between chunks so I/O keeps flowing); cdpctl runs the read-only
+ones directly on a stopped store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from cdp.errors import CdpError, NotFound, UsageError
+from cdp.journal import verify_journal
+from cdp.store import Store
+from cdp.units import parse_size
+from cdp.volume import Volume
+
+Progress = Callable[[int, int, str], None]
+
+
+def _no_progress(done: int, total: int, what: str) -> None:
+    return None
+
+
+# ---------------------------------------------------------------------------- volumes
+
+
+async def volume_list(store: Store, args: dict[str, Any], progress: Progress) -> Any:
+    return [
+        {
+            "volume": v.name,
+            "size": v.size,
+            "markers": len(v.markers),
+            "last_seq": v.head_seq,
+            "connections": v.connections,
+        }
+        for v in sorted(store.volumes.values(), key=lambda v: v.name)
+    ]
+
+
+async def volume_create(store: Store, args: dict[str, Any], progress: Progress) -> Any:
+    name = args["name"]
+    image = args.get("from_image")
+    size = args.get("size")
+    src_size = None
+    fmt = None
+    if image:
+        fmt, src_size = _image_info(image)
+    if size is None:
+        if src_size is None:
+            raise UsageError("volume create needs --size (or --from-image)")
+        size = src_size
+    size = parse_size(size, "--size")
+    if size % 512:
+        raise UsageError(f"--size must be a multiple of 512, got {size}")
+    if src_size is not None and src_size > size:
+        raise UsageError(f"--size {size} is smaller than the image ({src_size} bytes)")
+    vol = store.create_volume(name, size)
+    copied = 0
+    if image:
+        assert fmt is not None
+        copied = await _initial_copy(vol, image, fmt, progress)
+    return {"volume": vol.name, "size": vol.size, "initial_copy_bytes": copied}
+
+
+def _image_info(path: str) -> tuple[str, int]:
+    """(format, virtual size) of an image via ``qemu-img info``; raw files without it."""
+    if not os.path.exists(path):
+        raise NotFound(f"image {path} not found")
+    exe = shutil.which("qemu-img")
+    if exe is None:
+        return "raw", os.path.getsize(path)
+    r = subprocess.run(
+        [exe, "info", "--output=json", path], capture_output=True, text=True, check=False
+    )
+    if r.returncode != 0:
+        raise UsageError(f"qemu-img cannot read {path}: {r.stderr.strip()}")
+    info = json.loads(r.stdout)
+    return str(info["format"]), int(info["virtual-size"])
+
+
+async def _initial_copy(vol: Volume, image: str, fmt: str, progress: Progress) -> int:
+    """Copy *image* into the journal as INIT records (time zero); zero runs are skipped
+    (the volume is thin). Returns the bytes journalled."""
+    tmpdir = None
+    src = image
+    if fmt != "raw":
+        tmpdir = tempfile.mkdtemp(prefix="cdp-import-", dir=vol.path)
+        src = os.path.join(tmpdir, "image.raw")
+        proc = await asyncio.create_subprocess_exec(
+            "qemu-img", "convert", "-O", "raw", image, src,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        _out, err = await proc.communicate()
+        if proc.returncode != 0:
+            shutil.rmtree(tmpdir, ignore_errors=True)
+            raise UsageError(f"qemu-img convert of {image} failed: {err.decode().strip()}")
+    try:
+        total = os.path.getsize(src)
+        chunk = 1 << 20
+        zero = bytes(chunk)
+        copied = 0
+        with open(src, "rb") as f:
+            pos = 0
+            while True:
+                data = f.read(chunk)
+                if not data:
+                    break
+                if data != zero[: len(data)]:
+                    seq, loc = vol.journal.append_write(pos, data, init=True)
+                    vol.maps.add_write(seq, pos, pos + len(data), loc)
+                    vol._live_writes += 1
+                    if vol._live_writes >= vol._l0_max:
+                        vol.seal()
+                    copied += len(data)
+                pos += len(data)
+                if pos % (64 << 20) == 0:
+                    progress(pos, total, "initial copy")
+                    await asyncio.sleep(0)
+        await vol.flush()
+        vol.seal()
+        progress(total, total, "initial copy")
+        return copied
+    finally:
+        if tmpdir:
+            shutil.rmtree(tmpdir, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------- status
+
+
+async def status(store: Store, args: dict[str, Any], progress: Progress) -> Any:
+    names = args.get("volumes") or [None]
+    if names == [None] and len(store.volumes) > 1:
+        names = sorted(store.volumes)
+    return [store.volume(n).status() for n in names]
+
+
+async def markers(store: Store, args: dict[str, Any], progress: Progress) -> Any:
+    vol = store.volume(args.get("volume"))
+    return [dict(m.to_dict(), volume=vol.name) for m in vol.markers]
+
+
+# ---------------------------------------------------------------------------- markers
+
+
+async def snapshot(store: Store, args: dict[str, Any], progress: Progress) -> Any:
+    """Markers on one or several volumes; several are paused so the markers are one
+    consistent point."""
+    names = args.get("volumes") or [None]
+    vols = [store.volume(n) for n in names]
+    if len({v.name for v in vols}) != len(vols):
+        raise UsageError("a volume is named twice")
+    label = args.get("label") or ""
+    if len(vols) == 1 and not vols[0].paused:
+        return [dict((await vols[0].snapshot(label)).to_dict(), volume=vols[0].name)]
+    already = {v.name for v in vols if v.paused}
+    for v in vols:
+        v.pause()
+    try:
+        out = []
+        for v in vols:
+            m = await v.snapshot_paused(label)
+            out.append(dict(m.to_dict(), volume=v.name))
+        return out
+    finally:
+        for v in vols:
+            if v.name not in already:
+                v.resume()
+
+
+async def rewind(store: Store, args: dict[str, Any], progress: Progress) -> Any:
+    vol = store.volume(args.get("volume"))
+    target = vol.resolve_point(args["to"])
+    seq = await vol.rewind(target)
+    return {"volume": vol.name, "rewind_seq": seq, "target_seq": target, "to": args["to"]}
+
+
+async def pause(store: Store, args: dict[str, Any], progress: Progress) -> Any:
+    vols = [store.volume(n) for n in (args.get("volumes") or [None])]
+    for v in vols:
+        v.pause()
+    return [{"volume": v.name, "paused": True} for v in vols]
+
+
+async def resume(store: Store, args: dict[str, Any], progress: Progress) -> Any:
+    names = args.get("volumes") or ([None] if len(store.volumes) <= 1 else sorted(store.volumes))
+    vols = [store.volume(n) for n in names]
+    for v in vols:
+        v.resume()
+    return [{"volume": v.name, "paused": False} for v in vols]
+
+
+# ---------------------------------------------------------------------------- images
+
+
+async def image(store: Store, args: dict[str, Any], progress: Progress) -> Any:
+    """Write a sparse raw image of a volume at a point. Cost: O(changed extents) map
+    work + reading the data bytes once; zero runs become holes in the output."""
+    vol = store.volume(args.get("volume"))
+    point = args.get("at") or "now"
+    seq = vol.resolve_point(point)
+    out = Path(args["output"])
+    if str(out) == "-":
+        raise UsageError("image needs a file name (-o FILE)")
+    tmp = out.with_name(f".{out.name}.partial")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    data_bytes = 0
+    t0 = time.perf_counter()
+    try:
+        os.ftruncate(fd, vol.size)
+        done_since_yield = 0
+        for off, data, n in vol.iter_data(seq):
+            if data is not None:
+                os.pwrite(fd, data, off)
+                data_bytes += n
+                done_since_yield += n
+            if done_since_yield >= (32 << 20):
+                done_since_yield = 0
+                progress(off + n, vol.size, "image")
+                await asyncio.sleep(0)
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        tmp.unlink(missing_ok=True)
+        raise
+    os.close(fd)
+    os.replace(tmp, out)
+    progress(vol.size, vol.size, "image")
+    return {
+        "volume": vol.name,
+        "at": point,
+        "seq": seq,
+        "output": str(out),
+        "size": vol.size,
+        "data_bytes": data_bytes,
+        "seconds": round(time.perf_counter() - t0, 3),
+    }
+
+
+# ---------------------------------------------------------------------------- verify
+
+
+async def verify(store: Store, args: dict[str, Any], progress: Progress) -> Any:
+    """Check every record of every (or one) volume's journal, the maps against the
+    journal, and the markers. Result ``ok`` is False when anything is damaged."""
+    names = [args["volume"]] if args.get("volume") else sorted(store.volumes)
+    results = []
+    for i, name in enumerate(names):
+        vol = store.volume(name)
+        vol.journal.sync()
+        durable = vol.journal.durable_seq
+        loop = asyncio.get_running_loop()
+        rep = await loop.run_in_executor(None, verify_journal, vol.path / "journal")
+        problems = [dict(p) if isinstance(p, dict) else _as_dict(p) for p in rep.problems]
+        for m in vol.markers:
+            if m.seq > durable:
+                problems.append({"what": "marker", "reason": f"{m.name} at @{m.seq} is past the journal end @{durable}"})
+        results.append(
+            {
+                "volume": name,
+                "ok": rep.ok and not problems,
+                "records": rep.records,
+                "bytes": rep.bytes,
+                "markers": len(vol.markers),
+                "problems": problems,
+            }
+        )
+        progress(i + 1, len(names), "verify")
+    return {"ok": all(r["ok"] for r in results), "volumes": results}
+
+
+def _as_dict(p: Any) -> dict[str, Any]:
+    if hasattr(p, "to_dict"):
+        return dict(p.to_dict())
+    if hasattr(p, "__dataclass_fields__"):
+        from dataclasses import asdict
+
+        return asdict(p)
+    return {"reason": str(p)}
+
+
+OPS: dict[str, Callable[[Store, dict[str, Any], Progress], Awaitable[Any]]] = {
+    "volume_list": volume_list,
+    "volume_create": volume_create,
+    "status": status,
+    "markers": markers,
+    "snapshot": snapshot,
+    "rewind": rewind,
+    "pause": pause,
+    "resume": resume,
+    "image": image,
+    "verify": verify,
+}
+
+#: operations cdpctl may run on a stopped store (they only read)
+OFFLINE_OPS = {"volume_list", "status", "markers", "image", "verify"}
+
+
+async def run_op(store: Store, op: str, args: dict[str, Any], progress: Progress | None = None) -> Any:
+    fn = OPS.get(op)
+    if fn is None:
+        raise UsageError(f"unknown operation {op!r}")
+    return await fn(store, args, progress or _no_progress)
+
+
+__all__ = ["OFFLINE_OPS", "OPS", "CdpError", "run_op"]

@@ -1,0 +1,143 @@
+"""The store: a directory holding every protected volume, the lock and the admin socket.
+
+Layout (see docs/FORMATS.md, "Store layout")::
+
+    STORE/store.json          format, uuid, creation time
+    STORE/lock                flock()ed by the process that owns the store (cdpd)
+    STORE/cdpd.sock           admin API of the running daemon (mode 0600)
+    STORE/volumes/NAME/       one protected volume (volume.json, markers.json,
+                              journal/, maps/)
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from cdp.config import VOLUME_NAME, Settings
+from cdp.errors import Corruption, NotFound, StoreLocked, UsageError
+from cdp.volume import Volume, write_file_atomic
+
+STORE_FORMAT = 1  # store.json "format"
+SOCKET_NAME = "cdpd.sock"
+
+
+class Store:
+    """An opened store and its volumes. Holds the store lock until :meth:`close`."""
+
+    def __init__(self, path: Path, settings: Settings, lock_fd: int) -> None:
+        self.path = path
+        self.settings = settings
+        self._lock_fd = lock_fd
+        self.volumes: dict[str, Volume] = {}
+
+    @property
+    def socket_path(self) -> Path:
+        return self.path / SOCKET_NAME
+
+    @classmethod
+    def open(cls, settings: Settings, *, create: bool = True) -> Store:
+        """Open (or create) the store at ``settings.store``, take its lock, open every
+        volume (running journal recovery) and create configured volumes that are missing.
+
+        Raises StoreLocked if another process holds the store.
+        """
+        path = settings.store.resolve()
+        meta_path = path / "store.json"
+        if not meta_path.exists():
+            if not create:
+                raise NotFound(f"no cdp store at {path} (start cdpd to create one)")
+            path.mkdir(parents=True, exist_ok=True)
+            (path / "volumes").mkdir(exist_ok=True)
+            meta = {"format": STORE_FORMAT, "uuid": str(uuid.uuid4()), "created_ns": time.time_ns()}
+            write_file_atomic(meta_path, json.dumps(meta, indent=2).encode() + b"\n")
+        try:
+            meta = json.loads(meta_path.read_text())
+        except ValueError as e:
+            raise Corruption(f"{meta_path}: not valid JSON: {e}") from None
+        if meta.get("format") != STORE_FORMAT:
+            raise Corruption(f"{meta_path}: unsupported store format {meta.get('format')!r}")
+        lock_fd = _take_lock(path)
+        store = cls(path, settings, lock_fd)
+        try:
+            for vdir in sorted((path / "volumes").iterdir()):
+                if (vdir / "volume.json").exists():
+                    v = Volume.open(vdir, settings)
+                    store.volumes[v.name] = v
+            if create:
+                for spec in settings.volumes:
+                    if spec.name not in store.volumes:
+                        store.create_volume(spec.name, spec.size)
+        except BaseException:
+            store.close()
+            raise
+        return store
+
+    def create_volume(self, name: str, size: int) -> Volume:
+        """Create a new thin volume (all zeros) named *name*."""
+        if not VOLUME_NAME.match(name):
+            raise UsageError(
+                f"{name!r} is not a valid volume name (lowercase letters, digits, '_', '.', "
+                "'-'; at most 64; no '@')"
+            )
+        if name in self.volumes:
+            raise UsageError(f"volume {name!r} already exists")
+        v = Volume.create(self.path / "volumes" / name, name, size, self.settings)
+        self.volumes[name] = v
+        return v
+
+    def volume(self, name: str | None) -> Volume:
+        """The named volume; with None, the only volume (error if there are several)."""
+        if name is None:
+            if len(self.volumes) == 1:
+                return next(iter(self.volumes.values()))
+            if not self.volumes:
+                raise NotFound("the store has no volumes (cdpctl volume create NAME --size SIZE)")
+            raise UsageError(
+                "the store has several volumes; choose one with -V "
+                f"({', '.join(sorted(self.volumes))})"
+            )
+        try:
+            return self.volumes[name]
+        except KeyError:
+            known = ", ".join(sorted(self.volumes)) or "none"
+            raise NotFound(f"no volume {name!r} (volumes: {known})") from None
+
+    def info(self) -> dict[str, Any]:
+        return {"store": str(self.path), "volumes": sorted(self.volumes)}
+
+    def close(self) -> None:
+        """Close every volume (seal + sync) and release the lock."""
+        errors: list[BaseException] = []
+        for v in self.volumes.values():
+            try:
+                v.close()
+            except Exception as e:  # close the others anyway
+                errors.append(e)
+        self.volumes.clear()
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)
+            self._lock_fd = -1
+        if errors:
+            raise errors[0]
+
+
+def _take_lock(path: Path) -> int:
+    fd = os.open(path / "lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise StoreLocked(
+            f"store {path} is in use by another process (pid {holder}); "
+            "stop that cdpd first or use cdpctl, which talks to it"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd

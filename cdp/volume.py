@@ -1,0 +1,604 @@
+"""A protected volume: one journal + one map history + its markers.
+
+Design notes
+------------
+* The journal is the source of truth. Every write is appended (buffered, no sync) and
+  fed to the map engine's live window; FLUSH/FUA (or ``sync = "always"``) wait for the
+  journal's group commit. Map files are derived: after a crash the records with
+  ``seq > maps.sealed_seq`` are replayed from the journal into the map engine.
+* The live volume is "the state at the newest seq". A point-in-time view is the same
+  volume read at a fixed seq; it is read-only.
+* Markers cost no data movement: a MARKER record, a line in ``markers.json`` and a seal
+  of the live window (so the marker's state is a map boundary).
+* Rewind is metadata: a REWIND record ("state(R) = state(S)") fed to the map engine.
+  Nothing is copied; rewinding to a point before the rewind undoes it.
+  In-flight I/O during a rewind: writes appended before the REWIND record belong to the
+  old timeline (they are overwritten by the rewind and stay readable at their own seqs),
+  writes appended after it land on the rewound content. Reads see the new content as
+  soon as ``rewind()`` returns.
+* Pause holds new writes (they wait, none fail) so that markers can be taken on several
+  volumes at one consistent point.
+* Everything runs on the daemon's event loop thread; methods return plain values when
+  they can complete at once, and an awaitable only when they must wait (durability,
+  pause) — the NBD server then needs no task per request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from cdp.config import MapSettings, Settings
+from cdp.errors import CdpError, Corruption, NotFound, OutOfRange, PointError, UsageError
+from cdp.journal import Journal, RecordKind
+from cdp.points import PointKind, PointSpec, parse_point
+from mapengine import HOLE_LOC, ZERO_LOC, MapHistory, MergePolicy
+from mapengine.errors import MapError
+
+VOLUME_FORMAT = 1  # volume.json "format"; bump on an incompatible change
+MARKERS_FORMAT = 1  # markers.json "format"
+
+# NBD base:allocation flags, also used for our own block status answers
+STATE_HOLE = 1
+STATE_ZERO = 2
+
+
+@dataclass(frozen=True)
+class Marker:
+    id: int
+    seq: int
+    time_ns: int
+    label: str
+
+    @property
+    def name(self) -> str:
+        return f"marker{self.id}"
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["name"] = self.name
+        return d
+
+
+def write_file_atomic(path: Path, data: bytes) -> None:
+    """Write *path* via temp file + fsync + rename + directory fsync (all or nothing)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    dfd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+def map_policy(m: MapSettings) -> MergePolicy:
+    return MergePolicy(fanout=m.fanout, l0_max_writes=m.l0_max_writes, full_every=m.full_every)
+
+
+class _PayloadCache:
+    """LRU of decoded journal payloads, bounded in bytes. O(1) get/put."""
+
+    def __init__(self, budget: int) -> None:
+        self.budget = budget
+        self.used = 0
+        self._d: OrderedDict[int, bytes] = OrderedDict()
+
+    def get(self, seq: int) -> bytes | None:
+        p = self._d.get(seq)
+        if p is not None:
+            self._d.move_to_end(seq)
+        return p
+
+    def put(self, seq: int, payload: bytes) -> None:
+        n = len(payload)
+        if n > self.budget // 4:
+            return
+        self._d[seq] = payload
+        self.used += n
+        while self.used > self.budget:
+            _, old = self._d.popitem(last=False)
+            self.used -= len(old)
+
+
+class Volume:
+    """One protected volume in ``STORE/volumes/NAME``. Not thread-safe (event loop only)."""
+
+    def __init__(
+        self,
+        path: Path,
+        name: str,
+        size: int,
+        uuid_: str,
+        journal: Journal,
+        maps: MapHistory,
+        settings: Settings,
+        markers: list[Marker],
+        next_marker_id: int,
+    ) -> None:
+        self.path = path
+        self.name = name
+        self.size = size
+        self.uuid = uuid_
+        self.journal = journal
+        self.maps = maps
+        self.settings = settings
+        self._markers = markers
+        self._next_marker_id = next_marker_id
+        self._cache = _PayloadCache(settings.read.payload_cache_bytes)
+        self._live_writes = 0
+        self._last_seal = time.monotonic()
+        self._l0_max = settings.maps.l0_max_writes
+        self._sync_always = settings.journal.sync == "always"
+        self._gate: asyncio.Future[None] | None = None
+        self.connections = 0
+        # counters for status and metrics
+        self.writes = 0
+        self.bytes_written = 0
+        self.reads = 0
+        self.bytes_read = 0
+        self.flushes = 0
+        self.flush_seconds = 0.0
+        self.replayed = 0
+
+    # ------------------------------------------------------------------ lifecycle
+
+    @classmethod
+    def create(cls, path: Path, name: str, size: int, settings: Settings) -> Volume:
+        """Create an empty (all-zero, thin) volume directory and open it."""
+        if size <= 0 or size % 512:
+            raise UsageError(f"volume size must be a positive multiple of 512, got {size}")
+        if path.exists():
+            raise UsageError(f"volume {name!r} already exists in {path.parent}")
+        path.mkdir(parents=True)
+        meta = {
+            "format": VOLUME_FORMAT,
+            "name": name,
+            "size": size,
+            "uuid": str(uuid.uuid4()),
+            "created_ns": time.time_ns(),
+        }
+        write_file_atomic(path / "volume.json", json.dumps(meta, indent=2).encode() + b"\n")
+        return cls.open(path, settings)
+
+    @classmethod
+    def open(cls, path: Path, settings: Settings) -> Volume:
+        """Open a volume: journal recovery, map history, replay of unsealed records.
+
+        Cost: O(records after the last sealed map) for the replay.
+        """
+        try:
+            meta = json.loads((path / "volume.json").read_text())
+        except FileNotFoundError:
+            raise NotFound(f"no volume at {path}") from None
+        except ValueError as e:
+            raise Corruption(f"{path / 'volume.json'}: not valid JSON: {e}") from None
+        if meta.get("format") != VOLUME_FORMAT:
+            raise Corruption(f"{path / 'volume.json'}: unsupported format {meta.get('format')!r}")
+        markers, next_id = _load_markers(path / "markers.json")
+        journal = Journal.open(
+            path / "journal",
+            segment_bytes=settings.journal.segment_bytes,
+            sync=settings.journal.sync,
+        )
+        try:
+            maps = MapHistory.open(
+                path / "maps",
+                policy=map_policy(settings.maps),
+                cache_bytes=settings.maps.cache_bytes,
+            )
+        except MapError as e:
+            journal.close()
+            raise Corruption(f"volume {meta['name']}: map history: {e}") from e
+        vol = cls(
+            path, meta["name"], int(meta["size"]), meta["uuid"], journal, maps, settings,
+            markers, next_id,
+        )
+        vol._replay()
+        return vol
+
+    def _replay(self) -> None:
+        """Feed journal records newer than the sealed maps into the map engine."""
+        start = self.maps.sealed_seq + 1
+        known = {m.id for m in self._markers}
+        added = False
+        n = 0
+        for rec in self.journal.scan(start):
+            self._apply(rec.kind, rec.seq, rec.offset, rec.length, rec.loc, rec)
+            n += 1
+            if rec.kind == RecordKind.MARKER and rec.marker_id not in known:
+                self._markers.append(
+                    Marker(rec.marker_id, rec.seq, rec.timestamp_ns, rec.label or "")
+                )
+                self._next_marker_id = max(self._next_marker_id, rec.marker_id + 1)
+                known.add(rec.marker_id)
+                added = True
+        self.replayed = n
+        if added:
+            self._markers.sort(key=lambda m: m.seq)
+            self._save_markers()
+        if n:
+            self.seal()
+
+    def _apply(self, kind: int, seq: int, offset: int, length: int, loc: int, rec: Any) -> None:
+        if kind == RecordKind.WRITE or kind == RecordKind.INIT:
+            self.maps.add_write(seq, offset, offset + length, loc)
+            self._live_writes += 1
+        elif kind == RecordKind.ZERO:
+            self.maps.add_zero(seq, offset, offset + length)
+            self._live_writes += 1
+        elif kind == RecordKind.REWIND:
+            self.maps.add_rewind(seq, rec.target_seq)
+        else:
+            self.maps.note_seq(seq)
+        if self._live_writes >= self._l0_max:
+            self.seal()
+
+    def seal(self) -> None:
+        """Seal the live window into an L0 map (cost: sort + write of the window)."""
+        self.maps.seal()
+        self._live_writes = 0
+        self._last_seal = time.monotonic()
+
+    def tick(self) -> None:
+        """Called about once a second by the daemon: time-based seal."""
+        if self._live_writes and time.monotonic() - self._last_seal >= self.settings.maps.seal_interval:
+            self.seal()
+
+    def close(self) -> None:
+        """Seal, make the journal durable, close files."""
+        try:
+            if self._live_writes:
+                self.seal()
+            self.journal.sync()
+        finally:
+            self.maps.close()
+            self.journal.close()
+
+    # ------------------------------------------------------------------ points
+
+    @property
+    def head_seq(self) -> int:
+        return self.journal.last_seq
+
+    @property
+    def markers(self) -> list[Marker]:
+        return list(self._markers)
+
+    def marker(self, ident: int) -> Marker:
+        for m in self._markers:
+            if m.id == ident:
+                return m
+        raise NotFound(f"volume {self.name}: no marker{ident} ({self._marker_hint()})")
+
+    def _marker_hint(self) -> str:
+        if not self._markers:
+            return "it has no markers yet"
+        names = [m.name for m in self._markers[-5:]]
+        return "newest markers: " + ", ".join(names)
+
+    def resolve_point(self, point: str | PointSpec, *, now_ns: int | None = None) -> int:
+        """Turn a point (``marker3``, a label, ``@SEQ``, a time, ``-10m``) into a seq.
+
+        Raises NotFound for an unknown marker/label and PointError for a time before the
+        first write or after now. Cost: O(log n) (markers scan is O(markers)).
+        """
+        spec = parse_point(point) if isinstance(point, str) else point
+        head = self.journal.last_seq
+        k = spec.kind
+        if k is PointKind.SEQ:
+            seq = int(spec.value)
+            if seq > head:
+                raise PointError(
+                    f"volume {self.name}: @{seq} is after now (newest is @{head})"
+                )
+            if 0 < seq < self.journal.first_seq:
+                raise PointError(
+                    f"volume {self.name}: @{seq} is no longer in the journal "
+                    f"(oldest is @{self.journal.first_seq})"
+                )
+            return seq
+        if k is PointKind.MARKER:
+            return self.marker(int(spec.value)).seq
+        if k is PointKind.NOW:
+            return head
+        if k is PointKind.ORIGIN:
+            return 0
+        if k is PointKind.LABEL:
+            for m in reversed(self._markers):
+                if m.label == spec.value:
+                    return m.seq
+            raise NotFound(
+                f"volume {self.name}: no marker labelled {spec.value!r} ({self._marker_hint()})"
+            )
+        now = time.time_ns() if now_ns is None else now_ns
+        ns = now - int(float(spec.value) * 1e9) if k is PointKind.RELATIVE else int(spec.value)
+        if ns > now:
+            raise PointError(f"volume {self.name}: {spec.text} is in the future")
+        if head == 0:
+            raise PointError(f"volume {self.name}: {spec.text} is before the first write (none yet)")
+        first = self.journal.time_of_seq(self.journal.first_seq)
+        if ns < first:
+            raise PointError(
+                f"volume {self.name}: {spec.text} is before the first write "
+                f"(at {_fmt_ns(first)})"
+            )
+        return self.journal.seq_at_time(ns)
+
+    # ------------------------------------------------------------------ I/O
+
+    def _check_range(self, offset: int, length: int) -> None:
+        if offset < 0 or length < 0 or offset + length > self.size:
+            raise OutOfRange(
+                f"volume {self.name}: bytes [{offset}, {offset + length}) are outside "
+                f"the volume (size {self.size})"
+            )
+
+    def write(self, offset: int, data: bytes, fua: bool = False) -> Awaitable[None] | None:
+        """Journal *data* at *offset*. Returns an awaitable when the caller must wait
+        (FUA / sync=always: durability; paused volume), else None. O(1) amortised."""
+        self._check_range(offset, len(data))
+        if self._gate is not None:
+            return self._after_gate(self.write, offset, data, fua)
+        seq, loc = self.journal.append_write(offset, data)
+        self.maps.add_write(seq, offset, offset + len(data), loc)
+        self.writes += 1
+        self.bytes_written += len(data)
+        self._live_writes += 1
+        if self._live_writes >= self._l0_max:
+            self.seal()
+        if fua or self._sync_always:
+            return self.flush()
+        return None
+
+    def zero(self, offset: int, length: int, fua: bool = False) -> Awaitable[None] | None:
+        """Trim / write-zeroes: a ZERO record (no payload); reads return zeros."""
+        self._check_range(offset, length)
+        if length == 0:
+            return None
+        if self._gate is not None:
+            return self._after_gate(self.zero, offset, length, fua)
+        seq, _loc = self.journal.append_zero(offset, length)
+        self.maps.add_zero(seq, offset, offset + length)
+        self.writes += 1
+        self._live_writes += 1
+        if self._live_writes >= self._l0_max:
+            self.seal()
+        if fua or self._sync_always:
+            return self.flush()
+        return None
+
+    async def flush(self) -> None:
+        """Durable: every record appended before the call (group commit)."""
+        t0 = time.perf_counter()
+        await self.journal.commit()
+        self.flushes += 1
+        self.flush_seconds += time.perf_counter() - t0
+
+    async def _after_gate(self, fn: Callable[..., Awaitable[None] | None], *args: Any) -> None:
+        while self._gate is not None:
+            await asyncio.shield(self._gate)
+        r = fn(*args)
+        if r is not None:
+            await r
+
+    def read(self, offset: int, length: int, seq: int | None = None) -> bytes:
+        """Bytes [offset, offset+length) as of *seq* (default: now). Holes and zero
+        extents read as zeros. Cost: one map resolve + one journal pread per extent
+        (payloads cached). Raises Corruption (EIO) if a needed record is damaged."""
+        self._check_range(offset, length)
+        at = self.journal.last_seq if seq is None else seq
+        self.reads += 1
+        self.bytes_read += length
+        if at == 0 or length == 0:
+            return bytes(length)
+        exts = self._resolve(at, offset, offset + length)
+        if len(exts) == 1:
+            e = exts[0]
+            if e.loc < 0:
+                return bytes(length)
+            p = self._payload(e.seq, e.loc)
+            return bytes(p[e.poff : e.poff + length])
+        buf = bytearray(length)
+        for e in exts:
+            if e.loc < 0:
+                continue
+            p = self._payload(e.seq, e.loc)
+            n = e.end - e.start
+            buf[e.start - offset : e.end - offset] = p[e.poff : e.poff + n]
+        return bytes(buf)
+
+    def _resolve(self, seq: int, start: int, end: int) -> list[Any]:
+        try:
+            return self.maps.resolve(seq, start, end)
+        except MapError as e:
+            raise Corruption(f"volume {self.name}: map history: {e}") from e
+
+    def _payload(self, seq: int, loc: int) -> bytes:
+        p = self._cache.get(seq)
+        if p is None:
+            p = self.journal.read_payload(seq, loc)
+            self._cache.put(seq, p)
+        return p
+
+    def extents(self, start: int, end: int, seq: int | None = None) -> list[Any]:
+        """The resolved extents of [start, end) at *seq* (holes included)."""
+        self._check_range(start, end - start)
+        at = self.journal.last_seq if seq is None else seq
+        if at == 0:
+            return [_Hole(start, end)]
+        return self._resolve(at, start, end)
+
+    def block_status(self, offset: int, length: int, seq: int | None = None) -> list[tuple[int, int]]:
+        """``base:allocation`` runs (length, flags): holes and zeroed ranges report
+        HOLE|ZERO, data 0. Adjacent runs with equal flags are merged."""
+        out: list[tuple[int, int]] = []
+        for e in self.extents(offset, offset + length, seq):
+            flags = STATE_HOLE | STATE_ZERO if e.loc < 0 else 0
+            n = e.end - e.start
+            if out and out[-1][1] == flags:
+                out[-1] = (out[-1][0] + n, flags)
+            else:
+                out.append((n, flags))
+        return out
+
+    def iter_data(
+        self, seq: int, chunk: int = 64 << 20, start: int = 0, end: int | None = None
+    ) -> Iterator[tuple[int, bytes | None, int]]:
+        """Yield (offset, data or None for zeros, length) over [start, end) at *seq*,
+        in offset order; zero/hole runs are yielded as None so writers stay sparse."""
+        end = self.size if end is None else end
+        pos = start
+        while pos < end:
+            stop = min(end, pos + chunk)
+            for e in self.extents(pos, stop, seq):
+                n = e.end - e.start
+                if e.loc < 0:
+                    yield e.start, None, n
+                else:
+                    p = self._payload(e.seq, e.loc)
+                    yield e.start, bytes(p[e.poff : e.poff + n]), n
+            pos = stop
+
+    # ------------------------------------------------------------------ markers, rewind, pause
+
+    async def snapshot(self, label: str = "") -> Marker:
+        """Take a marker: a MARKER record made durable, listed, and a map seal."""
+        if self._gate is not None:
+            raise UsageError(f"volume {self.name} is paused; use snapshot_paused")
+        return await self.snapshot_paused(label)
+
+    async def snapshot_paused(self, label: str = "") -> Marker:
+        """Like :meth:`snapshot` but also while paused (the caller holds the pause)."""
+        if len(label) > 200:
+            raise UsageError("marker label too long (at most 200 characters)")
+        if label and (label.startswith("marker") and label[6:].isdigit()):
+            raise UsageError(f"label {label!r} looks like a marker id; choose another")
+        mid = self._next_marker_id
+        self._next_marker_id += 1
+        seq, _loc = self.journal.append_marker(mid, label)
+        self.maps.note_seq(seq)
+        await self.journal.commit()
+        m = Marker(mid, seq, self.journal.time_of_seq(seq), label)
+        self._markers.append(m)
+        self._save_markers()
+        self.seal()
+        return m
+
+    async def rewind(self, target_seq: int) -> int:
+        """Make the live volume what it was at *target_seq*; returns the REWIND seq."""
+        if not 0 <= target_seq <= self.journal.last_seq:
+            raise PointError(f"volume {self.name}: cannot rewind to @{target_seq}")
+        if self._gate is not None:
+            raise UsageError(f"volume {self.name} is paused; resume it first")
+        seq, _loc = self.journal.append_rewind(target_seq)
+        self.maps.add_rewind(seq, target_seq)
+        await self.journal.commit()
+        self.seal()
+        return seq
+
+    def pause(self) -> None:
+        """Hold new writes (they wait, none fail) until :meth:`resume`."""
+        if self._gate is None:
+            self._gate = asyncio.get_running_loop().create_future()
+
+    def resume(self) -> None:
+        if self._gate is not None:
+            gate, self._gate = self._gate, None
+            gate.set_result(None)
+
+    @property
+    def paused(self) -> bool:
+        return self._gate is not None
+
+    # ------------------------------------------------------------------ status
+
+    def status(self) -> dict[str, Any]:
+        j = self.journal
+        st = j.stats()
+        first = j.first_seq if j.last_seq else 0
+        d: dict[str, Any] = {
+            "volume": self.name,
+            "size": self.size,
+            "uuid": self.uuid,
+            "paused": self.paused,
+            "connections": self.connections,
+            "first_seq": first,
+            "last_seq": j.last_seq,
+            "durable_seq": j.durable_seq,
+            "first_time_ns": j.time_of_seq(first) if first else None,
+            "last_time_ns": j.time_of_seq(j.last_seq) if j.last_seq else None,
+            "journal_records": st.get("records"),
+            "written_bytes": st.get("raw_bytes"),
+            "journal_bytes": st.get("stored_bytes"),
+            "compression_ratio": (
+                round(st["raw_bytes"] / st["stored_bytes"], 3) if st.get("stored_bytes") else None
+            ),
+            "markers": len(self._markers),
+            "newest_marker": self._markers[-1].to_dict() if self._markers else None,
+            "session_writes": self.writes,
+            "session_bytes_written": self.bytes_written,
+            "maps": self.maps.stats(),
+        }
+        return d
+
+    # ------------------------------------------------------------------ persistence
+
+    def _save_markers(self) -> None:
+        doc = {
+            "format": MARKERS_FORMAT,
+            "next_id": self._next_marker_id,
+            "markers": [asdict(m) for m in self._markers],
+        }
+        write_file_atomic(self.path / "markers.json", json.dumps(doc, indent=1).encode() + b"\n")
+
+
+@dataclass(frozen=True)
+class _Hole:
+    start: int
+    end: int
+    seq: int = 0
+    loc: int = HOLE_LOC
+    poff: int = 0
+
+
+def _load_markers(path: Path) -> tuple[list[Marker], int]:
+    try:
+        doc = json.loads(path.read_text())
+    except FileNotFoundError:
+        return [], 1
+    except ValueError as e:
+        raise Corruption(f"{path}: not valid JSON: {e}") from None
+    try:
+        if doc["format"] != MARKERS_FORMAT:
+            raise Corruption(f"{path}: unsupported format {doc['format']!r}")
+        markers = [Marker(**m) for m in doc["markers"]]
+        return markers, int(doc["next_id"])
+    except (KeyError, TypeError) as e:
+        raise Corruption(f"{path}: malformed markers file: {e}") from None
+
+
+def _fmt_ns(ns: int) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(ns / 1e9))
+
+
+__all__ = [
+    "HOLE_LOC",
+    "ZERO_LOC",
+    "CdpError",
+    "Marker",
+    "Volume",
+]

@@ -1,0 +1,125 @@
+"""Run a real cdpd (a subprocess) on a scratch store, and cdpctl against it."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+TEST_CONFIG = """
+[store]
+path = "{store}"
+[journal]
+segment_bytes = "{segment_bytes}"
+sync = "{sync}"
+[maps]
+l0_max_writes = {l0_max_writes}
+seal_interval = "2s"
+fanout = 4
+full_every = 8
+[[volume]]
+name = "vol0"
+size = "{size}"
+"""
+
+
+class Cdpd:
+    """A cdpd process on ``store`` with NBD and metrics on ephemeral loopback ports."""
+
+    def __init__(
+        self,
+        tmp: Path,
+        *,
+        size: str = "256MiB",
+        sync: str = "flush",
+        segment_bytes: str = "8MiB",
+        l0_max_writes: int = 256,
+        extra_config: str = "",
+    ) -> None:
+        self.tmp = tmp
+        self.store = tmp / "store"
+        self.config = tmp / "cdp.toml"
+        self.config.write_text(
+            TEST_CONFIG.format(
+                store=self.store, size=size, sync=sync, segment_bytes=segment_bytes,
+                l0_max_writes=l0_max_writes,
+            )
+            + extra_config
+        )
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log = tmp / "cdpd.log"
+        self.nbd_port = 0
+        self.metrics_port = 0
+
+    def start(self, timeout: float = 30.0) -> Cdpd:
+        runfile = self.store / "cdpd.json"
+        runfile.unlink(missing_ok=True)
+        logf = open(self.log, "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "cdp.daemon", "--config", str(self.config),
+             "--nbd", "127.0.0.1:0", "--metrics", "127.0.0.1:0"],
+            stdout=logf, stderr=subprocess.STDOUT, cwd=self.tmp,
+        )
+        logf.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"cdpd exited with {self.proc.returncode}:\n{self.log.read_text()}")
+            try:
+                info = json.loads(runfile.read_text())
+                if info["pid"] == self.proc.pid:
+                    self.nbd_port = int(info["nbd"].rsplit(":", 1)[1])
+                    self.metrics_port = int(info["metrics"].rsplit(":", 1)[1])
+                    return self
+            except (FileNotFoundError, ValueError, KeyError):
+                pass
+            time.sleep(0.05)
+        raise RuntimeError(f"cdpd did not start in {timeout}s:\n{self.log.read_text()}")
+
+    def uri(self, export: str = "vol0") -> str:
+        return f"nbd://127.0.0.1:{self.nbd_port}/{export}"
+
+    def stop(self, timeout: float = 60.0) -> int:
+        """SIGTERM and wait; returns the exit status."""
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            self.proc.wait(timeout)
+        rc = self.proc.returncode
+        self.proc = None
+        return rc
+
+    def kill9(self) -> None:
+        assert self.proc is not None
+        os.kill(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(30)
+        self.proc = None
+
+    def cdpctl(self, *args: str, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+        r = subprocess.run(
+            [sys.executable, "-m", "cdp.cli.main", "--config", str(self.config), *args],
+            capture_output=True, text=True, cwd=self.tmp, timeout=timeout,
+        )
+        if check and r.returncode != 0:
+            raise AssertionError(f"cdpctl {' '.join(args)} failed ({r.returncode}):\n{r.stderr}{r.stdout}")
+        return r
+
+    def cdpctl_json(self, *args: str) -> Any:
+        return json.loads(self.cdpctl(*args, "--json").stdout)
+
+    def logs(self) -> str:
+        return self.log.read_text() if self.log.exists() else ""
+
+
+def run(*cmd: str, check: bool = True, timeout: float = 300, input: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
+    r = subprocess.run(list(cmd), capture_output=True, timeout=timeout, input=input)
+    if check and r.returncode != 0:
+        raise AssertionError(
+            f"{' '.join(cmd)} failed ({r.returncode}):\n{r.stderr.decode(errors='replace')}{r.stdout.decode(errors='replace')[-2000:]}"
+        )
+    return r
