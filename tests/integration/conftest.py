@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.cdpd import Cdpd
+from tools.harness import Cdpd
 
 
 @pytest.fixture
@@ -14,6 +14,5 @@ def cdpd(tmp_path: Path) -> Iterator[Cdpd]:
     try:
         yield d
     finally:
-        if d.proc is not None:
-            if d.proc.poll() is None:
-                d.stop()
+        if d.proc is not None and d.proc.poll() is None:
+            d.stop()

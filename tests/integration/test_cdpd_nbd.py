@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import require_tool
-from tests.integration.cdpd import Cdpd, run
+from tools.harness import Cdpd, run
 
 MiB = 1 << 20
 SIZE = 256 * MiB

@@ -1,4 +1,6 @@
-"""Run a real cdpd (a subprocess) on a scratch store, and cdpctl against it."""
+"""Run a real cdpd (a subprocess) on a scratch store, and cdpctl against it.
+
+Shared by the integration tests and the benchmarks."""
 
 from __future__ import annotations
 
@@ -59,13 +61,12 @@ class Cdpd:
     def start(self, timeout: float = 30.0) -> Cdpd:
         runfile = self.store / "cdpd.json"
         runfile.unlink(missing_ok=True)
-        logf = open(self.log, "ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "cdp.daemon", "--config", str(self.config),
-             "--nbd", "127.0.0.1:0", "--metrics", "127.0.0.1:0"],
-            stdout=logf, stderr=subprocess.STDOUT, cwd=self.tmp,
-        )
-        logf.close()
+        with open(self.log, "ab") as logf:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "cdp.daemon", "--config", str(self.config),
+                 "--nbd", "127.0.0.1:0", "--metrics", "127.0.0.1:0"],
+                stdout=logf, stderr=subprocess.STDOUT, cwd=self.tmp,
+            )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

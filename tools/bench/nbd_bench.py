@@ -1,0 +1,193 @@
+"""cdpd over NBD vs. its peers, in the same run: fio --ioengine=nbd against cdpd and
+`nbdkit file`, and `dd conv=fdatasync` for the disk's durable sequential bandwidth.
+
+    python -m tools.bench.nbd_bench [--quick] [--out DIR] [WORKLOAD ...]
+
+Workloads: disk, nbd-randwrite-4k, nbd-seqwrite-1m, nbd-randread-4k, nbd-flush, pit-read.
+Prints cdp, peer, ratio, goal, pass/short for each; ``run()`` returns the rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from tools.harness import Cdpd
+
+GiB = 1 << 30
+MiB = 1 << 20
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Nbdkit:
+    """`nbdkit file` on a preallocated file, on a loopback TCP port."""
+
+    def __init__(self, path: Path, size: int) -> None:
+        with open(path, "wb") as f:
+            f.truncate(size)
+        self.path = path
+        self.port = free_port()
+        self.proc = subprocess.Popen(
+            ["nbdkit", "-f", "--exit-with-parent", "-i", "127.0.0.1", "-p", str(self.port),
+             "file", str(path)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                return
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError("nbdkit did not start")
+
+    def uri(self) -> str:
+        return f"nbd://127.0.0.1:{self.port}/"
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
+
+
+def fio(uri: str, rw: str, bs: str, iodepth: int, jobs: int, runtime: float, size: int,
+        extra: tuple[str, ...] = ()) -> dict[str, float]:
+    """Run fio --ioengine=nbd; returns iops and MB/s (reads + writes)."""
+    args = [
+        "fio", "--name=b", "--ioengine=nbd", f"--uri={uri}", f"--rw={rw}", f"--bs={bs}",
+        f"--iodepth={iodepth}", f"--numjobs={jobs}", f"--size={size // jobs}",
+        f"--offset_increment={size // jobs}", "--group_reporting", "--output-format=json",
+        "--randrepeat=0", "--norandommap",
+    ]
+    if runtime:
+        args += ["--time_based", f"--runtime={runtime}"]
+    args += list(extra)
+    r = subprocess.run(args, capture_output=True, text=True, check=True)
+    j = json.loads(r.stdout[r.stdout.index("{"):])["jobs"][0]
+    iops = j["read"]["iops"] + j["write"]["iops"]
+    bw = (j["read"]["bw_bytes"] + j["write"]["bw_bytes"]) / 1e6
+    return {"iops": iops, "MBps": bw}
+
+
+def dd_bandwidth(directory: Path, count: int) -> float:
+    """MB/s of `dd if=/dev/zero bs=1M count=N conv=fdatasync` into *directory*."""
+    target = directory / "dd.bin"
+    t0 = time.perf_counter()
+    subprocess.run(
+        ["dd", "if=/dev/zero", f"of={target}", "bs=1M", f"count={count}", "conv=fdatasync"],
+        check=True, capture_output=True,
+    )
+    dt = time.perf_counter() - t0
+    target.unlink()
+    return count * MiB / dt / 1e6
+
+
+GOALS = {
+    "nbd-randwrite-4k": 0.60,
+    "nbd-seqwrite-1m": 0.90,
+    "nbd-randread-4k": 0.70,
+    "nbd-flush": 1.50,
+    "pit-read": 0.50,
+}
+
+
+def _row(workload: str, cdp: float, peer: float, peer_name: str, unit: str, goal: float | None) -> dict[str, Any]:
+    ratio = cdp / peer if peer else 0.0
+    return {
+        "workload": workload, "cdp": round(cdp, 1), "peer": round(peer, 1), "peer_name": peer_name,
+        "unit": unit, "ratio": round(ratio, 3), "goal": goal,
+        "verdict": "-" if goal is None else ("pass" if ratio >= goal else "short"),
+    }
+
+
+def run(quick: bool = False, workloads: list[str] | None = None, scratch: Path | None = None) -> list[dict[str, Any]]:
+    for tool in ("fio", "nbdkit", "dd"):
+        if shutil.which(tool) is None:
+            raise SystemExit(f"nbd_bench: requires {tool} (make sysdeps)")
+    want = set(workloads or ["disk", "nbd-randwrite-4k", "nbd-seqwrite-1m", "nbd-randread-4k", "nbd-flush", "pit-read"])
+    runtime = 3.0 if quick else 20.0
+    size = 256 * MiB if quick else 2 * GiB
+    base = Path(tempfile.mkdtemp(prefix="cdp-bench-", dir=scratch or Path.cwd()))
+    rows: list[dict[str, Any]] = []
+    dd_mbps = dd_bandwidth(base, 256 if quick else 2048)
+    if "disk" in want:
+        rows.append(_row("disk", dd_mbps, dd_mbps, "dd", "MB/s", None))
+    (base / "cdp").mkdir()
+    cdpd = Cdpd(base / "cdp", size=f"{size // MiB}MiB", segment_bytes="256MiB", l0_max_writes=8192)
+    kit = Nbdkit(base / "nbdkit.img", size)
+    try:
+        cdpd.start()
+        for conns in (1, 4):
+            if "nbd-randwrite-4k" in want:
+                c = fio(cdpd.uri(), "randwrite", "4k", 32, conns, runtime, size)["iops"]
+                p = fio(kit.uri(), "randwrite", "4k", 32, conns, runtime, size)["iops"]
+                rows.append(_row(f"nbd-randwrite-4k x{conns}", c, p, "nbdkit file", "IOPS", GOALS["nbd-randwrite-4k"]))
+        if "nbd-seqwrite-1m" in want:
+            c = fio(cdpd.uri(), "write", "1M", 8, 1, 0, size, ("--end_fsync=1",))["MBps"]
+            rows.append(_row("nbd-seqwrite-1m", c, dd_mbps, "dd conv=fdatasync", "MB/s", GOALS["nbd-seqwrite-1m"]))
+        if "nbd-randread-4k" in want:
+            # both exports fully written first, so reads hit data, not holes
+            fio(cdpd.uri(), "write", "1M", 8, 1, 0, size)
+            fio(kit.uri(), "write", "1M", 8, 1, 0, size)
+            for conns in (1, 4):
+                c = fio(cdpd.uri(), "randread", "4k", 32, conns, runtime, size)["iops"]
+                p = fio(kit.uri(), "randread", "4k", 32, conns, runtime, size)["iops"]
+                rows.append(_row(f"nbd-randread-4k x{conns}", c, p, "nbdkit file", "IOPS", GOALS["nbd-randread-4k"]))
+        if "nbd-flush" in want:
+            for every in (1, 32):
+                extra = (f"--fsync={every}",)
+                c = fio(cdpd.uri(), "randwrite", "4k", 32, 1, runtime, size, extra)["iops"]
+                p = fio(kit.uri(), "randwrite", "4k", 32, 1, runtime, size, extra)["iops"]
+                rows.append(_row(f"nbd-flush fsync={every}", c, p, "nbdkit file", "IOPS", GOALS["nbd-flush"]))
+        if "pit-read" in want:
+            n = 20_000 if quick else 1_000_000
+            half = n // 2 * 4096
+            fio(cdpd.uri(), "randwrite", "4k", 32, 1, 0, size, (f"--io_size={half}",))
+            cdpd.cdpctl("snapshot", "--label", "bench-mid")
+            fio(cdpd.uri(), "randwrite", "4k", 32, 1, 0, size, (f"--io_size={half}",))
+            c = fio(cdpd.uri("vol0@bench-mid"), "randread", "4k", 32, 1, runtime, size)["iops"]
+            p = fio(kit.uri(), "randread", "4k", 32, 1, runtime, size)["iops"]
+            rows.append(_row(f"pit-read ({n} writes)", c, p, "nbdkit file (live)", "IOPS", GOALS["pit-read"]))
+    finally:
+        kit.stop()
+        if cdpd.proc is not None:
+            cdpd.stop()
+        shutil.rmtree(base, ignore_errors=True)
+    return rows
+
+
+def print_table(rows: list[dict[str, Any]]) -> None:
+    hdr = f"{'workload':<28} {'cdp':>10} {'peer':>10} {'unit':>5}  {'ratio':>6} {'goal':>5}  verdict  peer"
+    print(hdr)
+    print("-" * len(hdr))
+    for r in rows:
+        goal = f"{r['goal']:.2f}" if r["goal"] is not None else "-"
+        print(f"{r['workload']:<28} {r['cdp']:>10} {r['peer']:>10} {r['unit']:>5}  {r['ratio']:>6.2f} {goal:>5}  {r['verdict']:<7}  {r['peer_name']}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="seconds per workload (harness check)")
+    ap.add_argument("--scratch", type=Path, help="directory for the stores (default: cwd)")
+    ap.add_argument("workloads", nargs="*")
+    a = ap.parse_args(argv)
+    rows = run(a.quick, a.workloads or None, a.scratch)
+    print_table(rows)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
