@@ -1,0 +1,28 @@
+"""The append-only write journal: segments, records, group commit, recovery, verify.
+
+Only this package opens segment files. Formats: docs/FORMATS.md ("Journal").
+"""
+
+from cdp.journal.format import Compression, Record, RecordKind
+from cdp.journal.fs import Clock, CrashSimFS, FileLayer, ManualClock, OsFileLayer
+from cdp.journal.segment import Problem
+from cdp.journal.verify import VerifyReport, verify_journal
+from cdp.journal.writer import Journal, JournalStats, RecoveryReport, SegmentInfo
+
+__all__ = [
+    "Clock",
+    "Compression",
+    "CrashSimFS",
+    "FileLayer",
+    "Journal",
+    "JournalStats",
+    "ManualClock",
+    "OsFileLayer",
+    "Problem",
+    "Record",
+    "RecordKind",
+    "RecoveryReport",
+    "SegmentInfo",
+    "VerifyReport",
+    "verify_journal",
+]

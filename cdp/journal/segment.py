@@ -1,0 +1,375 @@
+"""Segment scanning and the per-segment index sidecar.
+
+:func:`scan_segment` walks every record of one segment file, checking magic, structure
+and CRC, and tells a torn tail (nothing valid after the first bad byte) from damage in
+the middle (a valid record with a plausible seq follows). Recovery, index rebuilds and
+:func:`cdp.journal.verify.verify_journal` all use it. The index sidecar (``.idx``)
+stores the timestamp and offset of every record of a sealed segment so opening a journal
+reads one 64-byte header per sealed segment instead of the segment itself.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import sys
+from array import array
+from dataclasses import asdict, dataclass, field
+
+from crc32c import crc32c
+
+from cdp.errors import Corruption
+from cdp.journal.format import (
+    CRC_START,
+    DATA_KINDS,
+    INDEX_SUFFIX,
+    MAX_PAYLOAD,
+    RECORD_HEADER,
+    RECORD_HEADER_SIZE,
+    RECORD_MAGIC,
+    RECORD_MAGIC_BYTES,
+    SEGMENT_HEADER_SIZE,
+    check_segment_header,
+    decode_payload,
+    header_problem,
+    index_name,
+    segment_name,
+)
+from cdp.journal.fs import FileLayer
+
+#: bytes read per pread while scanning
+SCAN_CHUNK = 4 << 20
+
+#: on disk, never change: first 8 bytes of every index sidecar
+INDEX_MAGIC = b"CDPJIDX\x00"
+#: on disk, never change
+INDEX_VERSION = 1
+#: magic(8s) version(H) reserved(H) count(I) first_seq(Q) data_end(Q) first_ts(Q)
+#: last_ts(Q) raw_bytes(Q) entries_crc(I) header_crc(I)
+INDEX_HEADER = struct.Struct("<8sHHIQQQQQII")
+INDEX_HEADER_SIZE = INDEX_HEADER.size  # 64
+
+_BIG_ENDIAN = sys.byteorder == "big"
+
+
+@dataclass
+class Problem:
+    """One damaged place in a journal: segment file, byte offset, seq (if known), why."""
+
+    segment: str
+    offset: int
+    seq: int | None
+    reason: str
+
+    def to_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+    def __str__(self) -> str:
+        return f"segment {self.segment} offset {self.offset} seq {self.seq}: {self.reason}"
+
+
+@dataclass
+class SegmentScan:
+    """What a scan of one segment found. Seq ``first_seq + i`` is at ``offs[i]``.
+
+    Damaged seqs keep a slot (offset of the damage, timestamp of the record before) so
+    the seq arithmetic holds; they are listed in ``damaged`` and in ``problems``.
+    """
+
+    first_seq: int
+    name: str
+    size: int
+    header_error: str | None = None
+    count: int = 0
+    ts: array[int] = field(default_factory=lambda: array("q"))
+    offs: array[int] = field(default_factory=lambda: array("q"))
+    raw_bytes: int = 0
+    valid_end: int = SEGMENT_HEADER_SIZE
+    torn_at: int | None = None
+    torn_bytes: int = 0
+    torn_records: int = 0
+    problems: list[Problem] = field(default_factory=list)
+    damaged: list[int] = field(default_factory=list)
+    last_ts: int = 0
+
+
+class _Window:
+    """Sequential reads of one file through large preads."""
+
+    __slots__ = ("fd", "fs", "w", "ws")
+
+    def __init__(self, fs: FileLayer, fd: int) -> None:
+        self.fs = fs
+        self.fd = fd
+        self.w = b""
+        self.ws = 0
+
+    def get(self, off: int, n: int) -> bytes:
+        ws = self.ws
+        if off >= ws and off + n <= ws + len(self.w):
+            return self.w[off - ws : off - ws + n]
+        self.w = self.fs.pread(self.fd, max(n, SCAN_CHUNK), off)
+        self.ws = off
+        return self.w[:n]
+
+
+def _check_at(
+    win: _Window, pos: int, size: int, deep: bool, where: str
+) -> tuple[str | None, bool, int, int, int, int]:
+    """Validate the record at ``pos``: (reason, crc_ok, stored, seq, ts, raw).
+
+    ``reason`` None means valid. ``crc_ok`` True with a reason means the bytes are as
+    written but structurally wrong (a writer bug, not a torn write).
+    """
+    if size - pos < RECORD_HEADER_SIZE:
+        return "truncated record header", False, 0, 0, 0, 0
+    hdr = win.get(pos, RECORD_HEADER_SIZE)
+    magic, crc, ver, kind, comp, _flags, slen, seq, ts, _off, length = RECORD_HEADER.unpack(hdr)
+    if magic != RECORD_MAGIC:
+        return "bad record magic", False, 0, 0, 0, 0
+    if slen > MAX_PAYLOAD:
+        return "bad stored length", False, 0, 0, 0, 0
+    if pos + RECORD_HEADER_SIZE + slen > size:
+        return "truncated record", False, slen, seq, ts, 0
+    body = win.get(pos + CRC_START, RECORD_HEADER_SIZE - CRC_START + slen)
+    if crc32c(body) != crc:
+        return "bad checksum", False, slen, seq, ts, 0
+    bad = header_problem(ver, kind, comp, slen, length)
+    if bad is None and deep:
+        try:
+            decode_payload(kind, comp, length, body[RECORD_HEADER_SIZE - CRC_START :], where)
+        except Corruption as exc:
+            bad = str(exc).rsplit(": ", 1)[-1]
+    raw = length if kind in DATA_KINDS else slen
+    return bad, True, slen, seq, ts, raw
+
+
+def _resync(
+    fs: FileLayer, fd: int, win: _Window, bad_pos: int, size: int, expected: int
+) -> tuple[int, int] | None:
+    """First valid record after ``bad_pos`` whose seq fits, as (offset, seq), or None."""
+    p = bad_pos + 1
+    while p < size:
+        chunk = fs.pread(fd, SCAN_CHUNK + 3, p)
+        i = chunk.find(RECORD_MAGIC_BYTES)
+        while i >= 0:
+            q = p + i
+            reason, _ok, _slen, seq, _ts, _raw = _check_at(win, q, size, False, "")
+            if reason is None and expected <= seq <= expected + (q - bad_pos) // RECORD_HEADER_SIZE:
+                return q, seq
+            i = chunk.find(RECORD_MAGIC_BYTES, i + 1)
+        p += SCAN_CHUNK
+    return None
+
+
+def _count_torn(win: _Window, pos: int, size: int) -> int:
+    """How many (partial) records the bytes ``[pos, size)`` seem to hold."""
+    n = 0
+    while pos < size:
+        n += 1
+        if size - pos < RECORD_HEADER_SIZE:
+            break
+        magic, _crc, *_rest = RECORD_HEADER.unpack(win.get(pos, RECORD_HEADER_SIZE))
+        slen = _rest[4]
+        if magic != RECORD_MAGIC or slen > MAX_PAYLOAD:
+            break
+        pos += RECORD_HEADER_SIZE + slen
+    return n
+
+
+def scan_segment(
+    fs: FileLayer, directory: str, first_seq: int, deep: bool = False
+) -> SegmentScan:
+    """Check every record of segment ``first_seq``. Reads the whole file once.
+
+    ``deep`` also decompresses payloads and checks MARKER/REWIND/ERROR layouts.
+    Damage followed by a valid record is reported in ``problems``; damage with nothing
+    valid after it is a torn tail (``torn_at``/``torn_bytes``/``torn_records``).
+    Cost: O(segment bytes).
+    """
+    name = segment_name(first_seq)
+    path = os.path.join(directory, name)
+    size = fs.size(path)
+    scan = SegmentScan(first_seq, name, size)
+    fd = fs.open_read(path)
+    try:
+        win = _Window(fs, fd)
+        # a bad header is reported by the caller; the records after it are still scanned
+        scan.header_error = check_segment_header(win.get(0, SEGMENT_HEADER_SIZE), first_seq)
+        ts_a, offs_a, damaged = scan.ts, scan.offs, scan.damaged
+        pos = SEGMENT_HEADER_SIZE
+        expected = first_seq
+        last_ts = 0
+        raw_total = 0
+        while pos < size:
+            where = f"segment {name} offset {pos} seq {expected}"
+            reason, crc_ok, slen, seq, ts, raw = _check_at(win, pos, size, deep, where)
+            if reason is None and seq == expected:
+                ts_a.append(ts)
+                offs_a.append(pos)
+                if ts > last_ts:
+                    last_ts = ts
+                raw_total += raw
+                pos += RECORD_HEADER_SIZE + slen
+                expected += 1
+                continue
+            if reason is None and seq > expected:
+                # a valid record after missing seqs: keep slots for the missing ones
+                scan.problems.append(
+                    Problem(name, pos, expected, f"seq gap: seqs {expected}..{seq - 1} missing")
+                )
+                for s in range(expected, seq):
+                    ts_a.append(last_ts)
+                    offs_a.append(pos)
+                    damaged.append(s)
+                expected = seq
+                continue
+            if reason is None:
+                reason = f"record holds seq {seq}, expected {expected}"
+            elif crc_ok and seq == expected:
+                # intact bytes with a wrong structure (a writer bug): skip the record
+                scan.problems.append(Problem(name, pos, expected, reason))
+                ts_a.append(last_ts)
+                offs_a.append(pos)
+                damaged.append(expected)
+                pos += RECORD_HEADER_SIZE + slen
+                expected += 1
+                continue
+            nxt = _resync(fs, fd, win, pos, size, expected)
+            if nxt is None:
+                scan.torn_at = pos
+                scan.torn_bytes = size - pos
+                scan.torn_records = _count_torn(win, pos, size)
+                break
+            npos, nseq = nxt
+            scan.problems.append(Problem(name, pos, expected, reason))
+            for s in range(expected, nseq):
+                ts_a.append(last_ts)
+                offs_a.append(pos)
+                damaged.append(s)
+            pos, expected = npos, nseq
+        scan.count = len(offs_a)
+        scan.valid_end = pos if scan.torn_at is None else scan.torn_at
+        scan.raw_bytes = raw_total
+        scan.last_ts = last_ts
+        return scan
+    finally:
+        fs.close(fd)
+
+
+# ---------------------------------------------------------------------------------------
+# Index sidecar
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class IndexHeader:
+    """The fixed part of an index sidecar."""
+
+    first_seq: int
+    count: int
+    data_end: int
+    first_ts: int
+    last_ts: int
+    raw_bytes: int
+    entries_crc: int
+
+
+def _to_le(a: array[int]) -> bytes:
+    if _BIG_ENDIAN:
+        a = array("q", a)
+        a.byteswap()
+    return a.tobytes()
+
+
+def encode_index(
+    first_seq: int, ts: array[int], offs: array[int], data_end: int, raw_bytes: int
+) -> bytes:
+    """Bytes of the index sidecar for a segment (header + timestamps + offsets)."""
+    entries = _to_le(ts) + _to_le(offs)
+    first_ts = ts[0] if len(ts) else 0
+    last_ts = max(ts) if len(ts) else 0
+    head = INDEX_HEADER.pack(
+        INDEX_MAGIC, INDEX_VERSION, 0, len(ts), first_seq, data_end, first_ts, last_ts,
+        raw_bytes, crc32c(entries), 0,
+    )
+    head = head[:-4] + struct.pack("<I", crc32c(head[:-4]))
+    return head + entries
+
+
+def write_index(
+    fs: FileLayer, directory: str, first_seq: int, ts: array[int], offs: array[int],
+    data_end: int, raw_bytes: int,
+) -> None:
+    """Write the sidecar durably under a temp name and rename it into place.
+
+    The caller fsyncs the directory (the sidecar is derived data: losing it only costs a
+    rescan). Cost: one write + one fdatasync.
+    """
+    final = os.path.join(directory, index_name(first_seq))
+    tmp = final + ".tmp"
+    try:
+        fs.unlink(tmp)
+    except FileNotFoundError:
+        pass
+    fd = fs.open_append(tmp)
+    try:
+        fs.write(fd, encode_index(first_seq, ts, offs, data_end, raw_bytes))
+        fs.fdatasync(fd)
+    finally:
+        fs.close(fd)
+    fs.rename(tmp, final)
+
+
+def read_index_header(fs: FileLayer, directory: str, first_seq: int) -> IndexHeader | None:
+    """The sidecar header of segment ``first_seq`` if present and valid, else None."""
+    path = os.path.join(directory, index_name(first_seq))
+    try:
+        fd = fs.open_read(path)
+    except FileNotFoundError:
+        return None
+    try:
+        data = fs.pread(fd, INDEX_HEADER_SIZE, 0)
+    finally:
+        fs.close(fd)
+    if len(data) < INDEX_HEADER_SIZE:
+        return None
+    magic, ver, _r, count, fseq, data_end, first_ts, last_ts, raw, ecrc, hcrc = (
+        INDEX_HEADER.unpack(data)
+    )
+    if magic != INDEX_MAGIC or ver != INDEX_VERSION or fseq != first_seq:
+        return None
+    if hcrc != crc32c(data[:-4]):
+        return None
+    return IndexHeader(fseq, count, data_end, first_ts, last_ts, raw, ecrc)
+
+
+def load_index_entries(
+    fs: FileLayer, directory: str, hdr: IndexHeader
+) -> tuple[array[int], array[int]] | None:
+    """(timestamps, offsets) of every record, or None if the sidecar is damaged."""
+    path = os.path.join(directory, index_name(hdr.first_seq))
+    n = hdr.count
+    try:
+        fd = fs.open_read(path)
+    except FileNotFoundError:
+        return None
+    try:
+        data = fs.pread(fd, 16 * n, INDEX_HEADER_SIZE)
+    finally:
+        fs.close(fd)
+    if len(data) != 16 * n or crc32c(data) != hdr.entries_crc:
+        return None
+    ts = array("q")
+    ts.frombytes(data[: 8 * n])
+    offs = array("q")
+    offs.frombytes(data[8 * n :])
+    if _BIG_ENDIAN:
+        ts.byteswap()
+        offs.byteswap()
+    return ts, offs
+
+
+def is_index_file(name: str) -> bool:
+    """Whether ``name`` is an index sidecar (final name)."""
+    return name.endswith(INDEX_SUFFIX) and len(name) == 20 + len(INDEX_SUFFIX)

@@ -1,0 +1,856 @@
+"""The journal: append, group commit, read, time index, recovery on open.
+
+Design notes
+------------
+- **One writer, the event loop.** ``append_*`` packs a record (precompiled structs, one
+  incremental CRC32C over header tail + payload) into a ``bytearray`` and returns
+  ``(seq, loc)`` at once. The buffer goes to the OS in large ``write`` calls when it
+  passes ``buffer_bytes``; payloads of 256 KiB and more skip the copy and go out with
+  ``writev``. No append ever waits for a disk sync.
+- **Group commit.** ``await commit()`` flushes the buffer, then one ``fdatasync`` in the
+  journal's own worker thread makes everything appended so far durable. Callers that
+  arrive while a sync is in flight wait for it and then share the *next* one, so N
+  concurrent committers cost about two syncs, not N. Appends keep flowing meanwhile.
+- **Rollover.** When a record does not fit, the segment is *sealed*: its bytes go to the
+  OS and it is queued; the next sync fdatasyncs it, writes its index sidecar and fsyncs
+  the directory (the new segment's name) before it syncs the open segment. So no commit
+  returns before the earlier segment and the directory entry are durable.
+- **Reads** use ``loc`` = byte offset of the record in its segment; the segment comes
+  from bisecting first seqs, so a compaction that rewrites a segment with the same seq
+  range keeps seqs valid. Records still in the buffer are read from the buffer.
+- **Time index.** Timestamps never decrease (a clock stepping back repeats the last
+  value). Sealed segments keep (timestamp, offset) per record in a sidecar loaded on
+  demand (LRU); the open segment keeps them in memory. ``seq_at_time`` bisects the
+  segments' first timestamps, then the segment's timestamps: O(log n).
+- **Failure.** ENOSPC while writing truncates the file back to the last whole record and
+  raises StoreFull: a record is appended entirely or not at all. A failed fdatasync
+  leaves the kernel's dirty pages in an unknown state, so the journal refuses further
+  work (``fsyncgate``); reopening recovers from what is on disk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import concurrent.futures
+import errno
+import itertools
+import os
+import threading
+from array import array
+from collections import OrderedDict, deque
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+
+import lz4.block
+from crc32c import crc32c
+
+from cdp.errors import (
+    CdpError,
+    ConfigError,
+    Corruption,
+    NotFound,
+    PointError,
+    StoreFull,
+    UsageError,
+)
+from cdp.journal.format import (
+    CRC_START,
+    ERROR_PAYLOAD,
+    MARKER_PAYLOAD,
+    MAX_PAYLOAD,
+    MAX_TEXT,
+    RECORD_HEADER,
+    RECORD_HEADER_SIZE,
+    RECORD_MAGIC,
+    RECORD_PREFIX,
+    RECORD_TAIL,
+    RECORD_VERSION,
+    REWIND_PAYLOAD,
+    SEGMENT_HEADER_SIZE,
+    Record,
+    RecordKind,
+    decode_record,
+    index_name,
+    pack_segment_header,
+    parse_segment_name,
+    segment_name,
+)
+from cdp.journal.fs import Buffer, Clock, FileLayer, OsFileLayer
+from cdp.journal.segment import (
+    Problem,
+    SegmentScan,
+    _Window,
+    load_index_entries,
+    read_index_header,
+    scan_segment,
+    write_index,
+)
+
+#: payloads at least this large bypass the buffer (written with writev, no copy)
+DIRECT_WRITE = 256 << 10
+#: payloads smaller than this are never compressed
+LZ4_MIN = 256
+#: after a failed lz4 attempt skip up to this many records before trying again
+LZ4_MAX_SKIP = 64
+#: sealed segments whose index arrays stay in memory
+INDEX_CACHE = 16
+#: read handles kept open
+READ_FDS = 32
+
+_OPEN, _SEALING, _SEALED = 0, 1, 2
+_NO_TS = 1 << 63  # first_ts of an empty segment: after every real timestamp
+
+_W = int(RecordKind.WRITE)
+_I = int(RecordKind.INIT)
+_Z = int(RecordKind.ZERO)
+_M = int(RecordKind.MARKER)
+_R = int(RecordKind.REWIND)
+_E = int(RecordKind.ERROR)
+
+
+@dataclass
+class RecoveryReport:
+    """What :meth:`Journal.open` found and did.
+
+    ``dropped_bytes``/``dropped_records``: torn tail cut off (never durable data).
+    ``problems``: damage inside the durable part, left in place and reported.
+    """
+
+    dropped_bytes: int = 0
+    dropped_records: int = 0
+    last_seq: int = 0
+    truncated_segment: str | None = None
+    truncated_at: int | None = None
+    removed_segments: list[str] = field(default_factory=list)
+    rebuilt_indexes: list[str] = field(default_factory=list)
+    problems: list[Problem] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        """True when no damage was found (a torn tail is not damage)."""
+        return not self.problems
+
+    def to_dict(self) -> dict[str, object]:
+        d = asdict(self)
+        d["ok"] = self.ok
+        return d
+
+
+@dataclass
+class SegmentInfo:
+    """One segment as :meth:`Journal.segments` lists it."""
+
+    name: str
+    first_seq: int
+    last_seq: int
+    records: int
+    bytes: int
+    first_ts: int | None
+    sealed: bool
+
+
+@dataclass
+class JournalStats:
+    """Totals over all segments: ``raw_bytes`` before, ``stored_bytes`` after compression."""
+
+    records: int
+    raw_bytes: int
+    stored_bytes: int
+    file_bytes: int
+    segments: int
+
+
+class _Seg:
+    """In-memory state of one segment."""
+
+    __slots__ = ("count", "first_seq", "first_ts", "last_ts", "name", "offs", "raw_bytes",
+                 "size", "state", "ts")
+
+    def __init__(self, first_seq: int) -> None:
+        self.first_seq = first_seq
+        self.name = segment_name(first_seq)
+        self.count = 0
+        self.size = SEGMENT_HEADER_SIZE
+        self.first_ts = _NO_TS
+        self.last_ts = 0
+        self.raw_bytes = 0
+        self.ts: array[int] | None = None
+        self.offs: array[int] | None = None
+        self.state = _OPEN
+
+
+def _translate(exc: OSError, what: str) -> CdpError | OSError:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return StoreFull(f"journal: no space left while {what}")
+    return exc
+
+
+class Journal:
+    """An append-only, segmented, checksummed write journal. Create with :meth:`open`."""
+
+    # ----------------------------------------------------------------------- opening
+
+    def __init__(self, directory: str, segment_bytes: int, sync: str, fs: FileLayer,
+                 clock: Clock, buffer_bytes: int) -> None:
+        self._dir = directory
+        self._segment_bytes = segment_bytes
+        self._sync_mode = sync
+        self._fs = fs
+        self._clock = clock
+        self._time_ns = clock.time_ns
+        self._buffer_bytes = buffer_bytes
+        self._buf = bytearray()
+        self._segs: list[_Seg] = []
+        self._firsts: list[int] = []
+        self._first_ts: list[int] = []
+        self._cur = _Seg(1)
+        self._fd = -1
+        self._file_size = 0
+        self._last_seq = 0
+        self._last_ts = 0
+        self._durable_seq = 0
+        self._sealing: deque[tuple[_Seg, int]] = deque()
+        self._to_close: list[int] = []
+        self._dir_dirty = False
+        self._read_fds: OrderedDict[int, int] = OrderedDict()
+        self._loaded: OrderedDict[int, _Seg] = OrderedDict()
+        self._sync_lock = threading.Lock()
+        self._sync_task: asyncio.Task[None] | None = None
+        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+        self._failed: BaseException | None = None
+        self._closed = False
+        self._lz_skip = 0
+        self._lz_backoff = 0
+        self._cur_ts_append = array("q").append
+        self._cur_offs_append = array("q").append
+        self.recovery = RecoveryReport()
+        #: sidecars rebuilt after open (damaged or missing when first needed)
+        self.repairs: list[str] = []
+
+    @classmethod
+    def open(
+        cls,
+        directory: str | os.PathLike[str],
+        segment_bytes: int = 256 << 20,
+        sync: str = "flush",
+        fs: FileLayer | None = None,
+        clock: Clock | None = None,
+        *,
+        buffer_bytes: int = 1 << 20,
+    ) -> Journal:
+        """Open (creating if needed) the journal in ``directory`` and recover it.
+
+        Sealed segments cost one index-header read each; the last segment is scanned
+        (O(its bytes)), a torn tail truncated, damage reported in ``journal.recovery``.
+        ``sync`` is ``"flush"`` or ``"always"`` (see docs/ARCHITECTURE.md).
+        """
+        if sync not in ("flush", "always"):
+            raise ConfigError(f"journal sync must be 'flush' or 'always', not {sync!r}")
+        if segment_bytes < 4096:
+            raise ConfigError(f"journal segment_bytes must be at least 4096, not {segment_bytes}")
+        if buffer_bytes < 0:
+            raise ConfigError("journal buffer_bytes must not be negative")
+        j = cls(os.fspath(directory), segment_bytes, sync, fs or OsFileLayer(),
+                clock or Clock(), buffer_bytes)
+        j._recover()
+        return j
+
+    def _path(self, name: str) -> str:
+        return os.path.join(self._dir, name)
+
+    def _recover(self) -> None:
+        fs, rep = self._fs, self.recovery
+        fs.makedirs(self._dir)
+        names = fs.listdir(self._dir)
+        for n in names:
+            if n.endswith(".tmp"):
+                fs.unlink(self._path(n))
+        firsts = sorted(f for f in (parse_segment_name(n) for n in names) if f is not None)
+        if not firsts:
+            self._create_first_segment(1)
+            return
+        segs: list[_Seg] = []
+        scans: dict[int, SegmentScan] = {}
+        for f in firsts[:-1]:
+            segs.append(self._open_sealed(f, scans))
+        last = firsts[-1]
+        scan = scan_segment(fs, self._dir, last)
+        if segs and scan.count == 0 and not scan.problems:
+            prev = scans.get(segs[-1].first_seq)
+            if prev is not None and prev.torn_at is not None:
+                # the previous segment never became durable up to its end, so nothing in
+                # this one did either: drop this file, the torn one becomes the tail
+                fs.unlink(self._path(segment_name(last)))
+                fs.fsync_dir(self._dir)
+                rep.removed_segments.append(segment_name(last))
+                rep.dropped_bytes += scan.size
+                segs.pop()
+                scan = prev
+                last = prev.first_seq
+        for s in segs:
+            sc = scans.get(s.first_seq)
+            if sc is not None:
+                self._note_scan_problems(sc, tail=False)
+        # the tail segment
+        cur = _Seg(last)
+        fd = fs.open_append(self._path(cur.name))
+        if scan.header_error is not None and scan.count == 0:
+            fs.truncate(fd, 0)
+            fs.write(fd, pack_segment_header(last))
+            fs.fdatasync(fd)
+            rep.dropped_bytes += scan.size
+            rep.dropped_records += scan.torn_records
+            if scan.size:
+                rep.truncated_segment, rep.truncated_at = cur.name, 0
+            size = SEGMENT_HEADER_SIZE
+        else:
+            self._note_scan_problems(scan, tail=True)
+            size = scan.valid_end
+            if scan.torn_at is not None:
+                fs.truncate(fd, scan.torn_at)
+                fs.fdatasync(fd)
+                rep.dropped_bytes += scan.torn_bytes
+                rep.dropped_records += scan.torn_records
+                rep.truncated_segment, rep.truncated_at = cur.name, scan.torn_at
+        cur.ts, cur.offs = scan.ts, scan.offs
+        cur.count, cur.size, cur.raw_bytes = scan.count, size, scan.raw_bytes
+        if scan.count:
+            cur.first_ts, cur.last_ts = scan.ts[0], scan.last_ts
+        segs.append(cur)
+        for a, b in itertools.pairwise(segs):
+            if a.count and b.first_seq != a.first_seq + a.count:
+                rep.problems.append(Problem(b.name, 0, a.first_seq + a.count,
+                                            f"seq gap: segment starts at {b.first_seq}"))
+        self._segs = segs
+        self._firsts = [s.first_seq for s in segs]
+        self._first_ts = [s.first_ts if s.count else self._prev_first_ts(i, segs)
+                          for i, s in enumerate(segs)]
+        self._set_current(cur, fd, size)
+        self._last_seq = cur.first_seq + cur.count - 1
+        self._last_ts = max((s.last_ts for s in segs), default=0)
+        self._durable_seq = self._last_seq
+        rep.last_seq = self._last_seq
+
+    @staticmethod
+    def _prev_first_ts(i: int, segs: list[_Seg]) -> int:
+        if i == len(segs) - 1:
+            return _NO_TS
+        for s in reversed(segs[:i]):
+            if s.count:
+                return s.first_ts
+        return 0
+
+    def _note_scan_problems(self, scan: SegmentScan, tail: bool) -> None:
+        rep = self.recovery
+        if scan.header_error is not None:
+            rep.problems.append(Problem(scan.name, 0, scan.first_seq, scan.header_error))
+        rep.problems.extend(scan.problems)
+        if not tail and scan.torn_at is not None:
+            rep.problems.append(Problem(
+                scan.name, scan.torn_at, scan.first_seq + scan.count,
+                f"{scan.torn_bytes} damaged bytes at the end of a sealed segment"))
+
+    def _open_sealed(self, first: int, scans: dict[int, SegmentScan]) -> _Seg:
+        fs = self._fs
+        seg = _Seg(first)
+        seg.state = _SEALED
+        size = fs.size(self._path(seg.name))
+        hdr = read_index_header(fs, self._dir, first)
+        if hdr is not None and hdr.data_end == size:
+            seg.count, seg.size, seg.raw_bytes = hdr.count, size, hdr.raw_bytes
+            seg.first_ts, seg.last_ts = hdr.first_ts, hdr.last_ts
+            return seg
+        scan = scan_segment(fs, self._dir, first)
+        scans[first] = scan
+        self._fill_from_scan(seg, scan)
+        if scan.header_error is None and not scan.problems and scan.torn_at is None:
+            try:
+                write_index(fs, self._dir, first, scan.ts, scan.offs, size, scan.raw_bytes)
+                fs.fsync_dir(self._dir)
+                self.recovery.rebuilt_indexes.append(index_name(first))
+            except OSError:
+                pass  # derived data; rebuilt again next time
+        return seg
+
+    @staticmethod
+    def _fill_from_scan(seg: _Seg, scan: SegmentScan) -> None:
+        seg.count, seg.size, seg.raw_bytes = scan.count, scan.size, scan.raw_bytes
+        seg.ts, seg.offs = scan.ts, scan.offs
+        if scan.count:
+            seg.first_ts, seg.last_ts = scan.ts[0], scan.last_ts
+
+    def _create_first_segment(self, first: int) -> None:
+        fs = self._fs
+        seg = _Seg(first)
+        seg.ts, seg.offs = array("q"), array("q")
+        fd = fs.open_append(self._path(seg.name))
+        fs.truncate(fd, 0)
+        fs.write(fd, pack_segment_header(first))
+        fs.fdatasync(fd)
+        fs.fsync_dir(self._dir)
+        self._segs, self._firsts, self._first_ts = [seg], [first], [_NO_TS]
+        self._set_current(seg, fd, SEGMENT_HEADER_SIZE)
+        self._last_seq = self._durable_seq = first - 1
+        self.recovery.last_seq = self._last_seq
+
+    def _set_current(self, seg: _Seg, fd: int, size: int) -> None:
+        if seg.ts is None or seg.offs is None:
+            seg.ts, seg.offs = array("q"), array("q")
+        seg.state = _OPEN
+        self._cur = seg
+        self._fd = fd
+        self._file_size = size
+        self._cur_ts_append = seg.ts.append
+        self._cur_offs_append = seg.offs.append
+
+    # ----------------------------------------------------------------------- appending
+
+    def append_write(self, offset: int, data: Buffer, init: bool = False) -> tuple[int, int]:
+        """Append a WRITE (or INIT) record of ``data`` at volume ``offset``; (seq, loc).
+
+        Buffered, never syncs. The payload is lz4-compressed only when that makes it
+        smaller. Cost: O(len(data)) (CRC, maybe lz4, one copy below 256 KiB).
+        """
+        n = len(data)
+        if offset < 0 or n > MAX_PAYLOAD:
+            raise UsageError(f"journal write at {offset} of {n} bytes out of range")
+        if n >= LZ4_MIN:
+            if self._lz_skip:
+                self._lz_skip -= 1
+            else:
+                packed = lz4.block.compress(data, store_size=False)
+                if len(packed) < n:
+                    self._lz_backoff = 0
+                    return self._append(_I if init else _W, offset, n, packed, 1, n)
+                b = self._lz_backoff = min(LZ4_MAX_SKIP, self._lz_backoff * 2 or 1)
+                self._lz_skip = b
+        return self._append(_I if init else _W, offset, n, data, 0, n)
+
+    def append_zero(self, offset: int, length: int) -> tuple[int, int]:
+        """Append a ZERO record (trim / write-zeroes of ``length`` bytes); (seq, loc)."""
+        if offset < 0 or length < 0:
+            raise UsageError(f"journal zero at {offset} of {length} bytes out of range")
+        return self._append(_Z, offset, length, b"", 0, 0)
+
+    def append_marker(self, marker_id: int, label: str) -> tuple[int, int]:
+        """Append a MARKER record (snapshot ``marker_id`` named ``label``); (seq, loc)."""
+        raw = label.encode("utf-8")
+        if len(raw) > MAX_TEXT or not 0 <= marker_id < 1 << 64:
+            raise UsageError("marker id must be a u64 and label at most 65535 UTF-8 bytes")
+        p = MARKER_PAYLOAD.pack(marker_id, len(raw)) + raw
+        return self._append(_M, 0, 0, p, 0, len(p))
+
+    def append_rewind(self, target_seq: int) -> tuple[int, int]:
+        """Append a REWIND record ("from here on the volume is as at target_seq")."""
+        if not 0 <= target_seq <= self._last_seq:
+            raise UsageError(f"rewind target {target_seq} is not an existing point")
+        p = REWIND_PAYLOAD.pack(target_seq)
+        return self._append(_R, 0, 0, p, 0, len(p))
+
+    def append_error(self, code: int, offset: int, length: int, message: str) -> tuple[int, int]:
+        """Append an ERROR record: ``code`` failed on ``[offset, offset+length)``."""
+        if not 0 <= code < 1 << 32 or offset < 0 or length < 0:
+            raise UsageError("error code must be a u32 and the range non-negative")
+        raw = message.encode("utf-8")[:MAX_TEXT]
+        p = ERROR_PAYLOAD.pack(code, len(raw)) + raw
+        return self._append(_E, offset, length, p, 0, len(p))
+
+    def _append(self, kind: int, offset: int, length: int, payload: Buffer, comp: int,
+                raw: int) -> tuple[int, int]:
+        if self._failed is not None:
+            raise self._failed
+        stored = len(payload)
+        buf = self._buf
+        pos = self._file_size + len(buf)
+        if pos + RECORD_HEADER_SIZE + stored > self._segment_bytes and self._cur.count:
+            self._roll()
+            pos = self._file_size
+        elif len(buf) + stored > self._buffer_bytes and buf:
+            self._flush()
+            pos = self._file_size
+        seq = self._last_seq + 1
+        ts = self._time_ns()
+        if ts < self._last_ts:
+            ts = self._last_ts
+        tail = _TAIL_PACK(RECORD_VERSION, kind, comp, 0, stored, seq, ts, offset, length)
+        crc = _CRC(payload, _CRC(tail))
+        if stored >= DIRECT_WRITE:
+            head = _PREFIX_PACK(RECORD_MAGIC, crc) + tail
+            try:
+                self._fs.writev(self._fd, [buf, head, payload] if buf else [head, payload])
+            except OSError as exc:
+                raise self._undo_write(exc) from exc
+            self._file_size = pos + RECORD_HEADER_SIZE + stored
+            buf.clear()
+        else:
+            buf += _PREFIX_PACK(RECORD_MAGIC, crc)
+            buf += tail
+            buf += payload
+        cur = self._cur
+        if not cur.count:
+            cur.first_ts = ts
+            self._first_ts[-1] = ts
+        cur.count += 1
+        cur.raw_bytes += raw
+        cur.size = pos + RECORD_HEADER_SIZE + stored
+        cur.last_ts = ts
+        self._cur_ts_append(ts)
+        self._cur_offs_append(pos)
+        self._last_seq = seq
+        self._last_ts = ts
+        return seq, pos
+
+    def _undo_write(self, exc: OSError) -> BaseException:
+        """After a failed write: cut the file back to its last whole record."""
+        try:
+            self._fs.truncate(self._fd, self._file_size)
+        except OSError as exc2:
+            self._failed = exc2
+            return exc2
+        return _translate(exc, "appending to the journal")
+
+    def _flush(self) -> None:
+        """Hand the buffer to the OS (no sync). StoreFull leaves the buffer as it was."""
+        buf = self._buf
+        if not buf:
+            return
+        try:
+            self._fs.write(self._fd, buf)
+        except OSError as exc:
+            raise self._undo_write(exc) from exc
+        self._file_size += len(buf)
+        buf.clear()
+
+    def _roll(self) -> None:
+        """Seal the open segment and start the next one (durable at the next sync)."""
+        self._flush()
+        fs = self._fs
+        first = self._last_seq + 1
+        seg = _Seg(first)
+        path = self._path(seg.name)
+        try:
+            fd = fs.open_append(path)
+        except OSError as exc:
+            raise _translate(exc, "creating a segment") from exc
+        try:
+            fs.truncate(fd, 0)
+            fs.write(fd, pack_segment_header(first))
+        except OSError as exc:
+            fs.close(fd)
+            try:
+                fs.unlink(path)
+            except OSError:
+                pass
+            raise _translate(exc, "creating a segment") from exc
+        old = self._cur
+        old.state = _SEALING
+        self._sealing.append((old, self._fd))
+        self._loaded[old.first_seq] = old
+        self._segs.append(seg)
+        self._firsts.append(first)
+        self._first_ts.append(_NO_TS)
+        self._dir_dirty = True
+        self._set_current(seg, fd, SEGMENT_HEADER_SIZE)
+        self._evict()
+
+    # ----------------------------------------------------------------------- durability
+
+    @property
+    def sync_mode(self) -> str:
+        """``"flush"`` or ``"always"`` as opened."""
+        return self._sync_mode
+
+    def _do_sync(self, fd: int) -> None:
+        """Worker-thread part of a sync: seal queued segments, fdatasync, fsync dir."""
+        fs = self._fs
+        with self._sync_lock:
+            if self._closed:
+                raise CdpError("journal is closed")
+            try:
+                while self._sealing:
+                    seg, sfd = self._sealing[0]
+                    fs.fdatasync(sfd)
+                    if seg.ts is not None and seg.offs is not None:
+                        try:
+                            write_index(fs, self._dir, seg.first_seq, seg.ts, seg.offs,
+                                        seg.size, seg.raw_bytes)
+                        except OSError:
+                            pass  # derived data: rebuilt by a scan when missing
+                    self._sealing.popleft()
+                    seg.state = _SEALED
+                    self._to_close.append(sfd)
+                    self._dir_dirty = True
+                fs.fdatasync(fd)
+                if self._dir_dirty:
+                    self._dir_dirty = False
+                    fs.fsync_dir(self._dir)
+            except OSError as exc:
+                err = _translate(exc, "syncing the journal")
+                self._failed = err
+                raise err from exc
+
+    def _reap(self) -> None:
+        """Close handles of segments whose sealing finished (no sync may be in flight)."""
+        while self._to_close:
+            self._fs.close(self._to_close.pop())
+
+    def sync(self) -> None:
+        """Block until everything appended is durable. Cost: fdatasync(s) on this thread."""
+        if self._failed is not None:
+            raise self._failed
+        self._flush()
+        covered = self._last_seq
+        self._do_sync(self._fd)
+        if covered > self._durable_seq:
+            self._durable_seq = covered
+        if self._sync_task is None:
+            self._reap()
+
+    async def commit(self) -> None:
+        """Return once every record appended before the call is durable.
+
+        Concurrent callers share syncs: one fdatasync (in a worker thread) covers all
+        records appended before it started; later callers join the next one.
+        """
+        target = self._last_seq
+        while self._durable_seq < target:
+            if self._failed is not None:
+                raise self._failed
+            task = self._sync_task
+            if task is None:
+                task = self._sync_task = asyncio.get_running_loop().create_task(self._run_sync())
+            await asyncio.shield(task)
+
+    async def _run_sync(self) -> None:
+        try:
+            self._flush()
+            covered = self._last_seq
+            if self._executor is None:
+                self._executor = concurrent.futures.ThreadPoolExecutor(
+                    1, thread_name_prefix="journal-sync")
+            await asyncio.get_running_loop().run_in_executor(self._executor, self._do_sync,
+                                                             self._fd)
+            if covered > self._durable_seq:
+                self._durable_seq = covered
+        finally:
+            self._sync_task = None
+        self._reap()
+
+    def close(self) -> None:
+        """Make everything durable and release all handles. Idempotent."""
+        if self._closed:
+            return
+        try:
+            if self._failed is None:
+                self.sync()
+        finally:
+            with self._sync_lock:
+                self._closed = True
+            fs = self._fs
+            for _seg, fd in self._sealing:
+                fs.close(fd)
+            self._sealing.clear()
+            self._reap()
+            for fd in self._read_fds.values():
+                fs.close(fd)
+            self._read_fds.clear()
+            fs.close(self._fd)
+            if self._executor is not None:
+                self._executor.shutdown(wait=False)
+
+    def __enter__(self) -> Journal:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ----------------------------------------------------------------------- positions
+
+    @property
+    def last_seq(self) -> int:
+        """Seq of the newest record (0 when empty)."""
+        return self._last_seq
+
+    @property
+    def durable_seq(self) -> int:
+        """Every record with a seq up to this one survives a power loss."""
+        return self._durable_seq
+
+    @property
+    def first_seq(self) -> int:
+        """Seq of the oldest record kept (1 unless old segments were removed)."""
+        return self._firsts[0]
+
+    # ----------------------------------------------------------------------- reading
+
+    def _seg_for(self, seq: int) -> _Seg:
+        if not self._firsts[0] <= seq <= self._last_seq:
+            raise NotFound(f"seq {seq} is not in the journal "
+                           f"({self._firsts[0]}..{self._last_seq})")
+        seg = self._segs[bisect.bisect_right(self._firsts, seq) - 1]
+        if seq >= seg.first_seq + seg.count:
+            raise NotFound(f"seq {seq} is not in segment {seg.name}")
+        return seg
+
+    def _rfd(self, seg: _Seg) -> int:
+        fds = self._read_fds
+        fd = fds.get(seg.first_seq)
+        if fd is not None:
+            fds.move_to_end(seg.first_seq)
+            return fd
+        fd = self._fs.open_read(self._path(seg.name))
+        fds[seg.first_seq] = fd
+        if len(fds) > READ_FDS:
+            self._fs.close(fds.popitem(last=False)[1])
+        return fd
+
+    def _raw(self, seg: _Seg, seq: int, loc: int) -> tuple[bytes, bytes, str]:
+        where = f"segment {seg.name} offset {loc} seq {seq}"
+        if not SEGMENT_HEADER_SIZE <= loc < seg.size:
+            raise Corruption(f"{where}: location outside the segment")
+        if seg is self._cur and loc >= self._file_size:
+            b = self._buf
+            i = loc - self._file_size
+            head = bytes(b[i : i + RECORD_HEADER_SIZE])
+            slen = RECORD_HEADER.unpack_from(head)[6] if len(head) == RECORD_HEADER_SIZE else 0
+            j = i + RECORD_HEADER_SIZE
+            return head, bytes(b[j : j + min(slen, MAX_PAYLOAD)]), where
+        fd = self._rfd(seg)
+        data = self._fs.pread(fd, RECORD_HEADER_SIZE + 8192, loc)
+        if len(data) < RECORD_HEADER_SIZE:
+            return data, b"", where
+        slen = min(RECORD_HEADER.unpack_from(data)[6], MAX_PAYLOAD)
+        if RECORD_HEADER_SIZE + slen <= len(data):
+            return data[:RECORD_HEADER_SIZE], data[RECORD_HEADER_SIZE : RECORD_HEADER_SIZE + slen], where
+        return data[:RECORD_HEADER_SIZE], self._fs.pread(fd, slen, loc + RECORD_HEADER_SIZE), where
+
+    def read_record(self, seq: int, loc: int) -> Record:
+        """Record ``seq`` stored at ``loc``, CRC-checked and decoded.
+
+        Raises Corruption (segment, offset, seq in the message) if the bytes there are
+        damaged or hold another seq; NotFound for a seq outside the journal.
+        Cost: one or two preads (none for buffered records) + CRC + decompression.
+        """
+        head, stored, where = self._raw(self._seg_for(seq), seq, loc)
+        return decode_record(head, stored, loc, where, seq)
+
+    def read_payload(self, seq: int, loc: int) -> bytes:
+        """Decoded payload of record ``seq`` at ``loc`` (CRC checked, as read_record)."""
+        return self.read_record(seq, loc).payload
+
+    def scan(self, from_seq: int = 1) -> Iterator[Record]:
+        """Every record from ``from_seq`` up to ``last_seq`` as of the call, in seq order.
+
+        Raises Corruption at the first damaged record. Reads segments in large chunks.
+        """
+        last = self._last_seq
+        seq = max(from_seq, self._firsts[0])
+        fs = self._fs
+        while seq <= last:
+            seg = self._seg_for(seq)
+            _ts, offs = self._load(seg)
+            end = min(last, seg.first_seq + seg.count - 1)
+            fd = fs.open_read(self._path(seg.name))
+            try:
+                win = _Window(fs, fd)
+                for s in range(seq, end + 1):
+                    loc = offs[s - seg.first_seq]
+                    if seg is self._cur and loc >= self._file_size:
+                        yield self.read_record(s, loc)
+                        continue
+                    where = f"segment {seg.name} offset {loc} seq {s}"
+                    head = win.get(loc, RECORD_HEADER_SIZE)
+                    slen = 0
+                    if len(head) == RECORD_HEADER_SIZE:
+                        slen = min(RECORD_HEADER.unpack_from(head)[6], MAX_PAYLOAD)
+                    stored = win.get(loc + RECORD_HEADER_SIZE, slen)
+                    yield decode_record(head, stored, loc, where, s)
+            finally:
+                fs.close(fd)
+            seq = end + 1
+
+    # ----------------------------------------------------------------------- time index
+
+    def _load(self, seg: _Seg) -> tuple[array[int], array[int]]:
+        """(timestamps, offsets) of a segment, from memory, its sidecar, or a rescan."""
+        if seg.ts is not None and seg.offs is not None:
+            if seg.first_seq in self._loaded:
+                self._loaded.move_to_end(seg.first_seq)
+            return seg.ts, seg.offs
+        hdr = read_index_header(self._fs, self._dir, seg.first_seq)
+        got = None
+        if hdr is not None and hdr.data_end == seg.size and hdr.count == seg.count:
+            got = load_index_entries(self._fs, self._dir, hdr)
+        if got is None:
+            scan = scan_segment(self._fs, self._dir, seg.first_seq)
+            got = scan.ts, scan.offs
+            if not scan.problems and scan.torn_at is None and scan.header_error is None:
+                try:
+                    write_index(self._fs, self._dir, seg.first_seq, scan.ts, scan.offs,
+                                scan.size, scan.raw_bytes)
+                    self._fs.fsync_dir(self._dir)
+                    self.repairs.append(index_name(seg.first_seq))
+                except OSError:
+                    pass
+        seg.ts, seg.offs = got
+        self._loaded[seg.first_seq] = seg
+        self._evict()
+        return got
+
+    def _evict(self) -> None:
+        loaded = self._loaded
+        while len(loaded) > INDEX_CACHE:
+            for k, s in loaded.items():
+                if s.state == _SEALED:
+                    del loaded[k]
+                    s.ts = s.offs = None
+                    break
+            else:
+                return
+
+    def seq_at_time(self, ns: int) -> int:
+        """Last seq whose timestamp is <= ``ns``; 0 if none. O(log n)."""
+        i = bisect.bisect_right(self._first_ts, ns) - 1
+        segs = self._segs
+        while i >= 0 and segs[i].count == 0:
+            i -= 1
+        if i < 0:
+            return 0
+        seg = segs[i]
+        ts, _offs = self._load(seg)
+        j = bisect.bisect_right(ts, ns) - 1
+        return seg.first_seq + j if j >= 0 else 0
+
+    def time_of_seq(self, seq: int) -> int:
+        """Timestamp (ns) of record ``seq``; PointError if the journal lacks it. O(log n)."""
+        try:
+            seg = self._seg_for(seq)
+        except NotFound as exc:
+            raise PointError(str(exc)) from None
+        ts, _offs = self._load(seg)
+        return ts[seq - seg.first_seq]
+
+    # ----------------------------------------------------------------------- listing
+
+    def segments(self) -> list[SegmentInfo]:
+        """One entry per segment file, oldest first. O(segments)."""
+        return [
+            SegmentInfo(s.name, s.first_seq, s.first_seq + s.count - 1, s.count, s.size,
+                        s.first_ts if s.count else None, s.state != _OPEN)
+            for s in self._segs
+        ]
+
+    def stats(self) -> JournalStats:
+        """Record and byte totals. O(segments)."""
+        records = sum(s.count for s in self._segs)
+        file_bytes = sum(s.size for s in self._segs)
+        stored = file_bytes - SEGMENT_HEADER_SIZE * len(self._segs) - RECORD_HEADER_SIZE * records
+        return JournalStats(records, sum(s.raw_bytes for s in self._segs), stored, file_bytes,
+                            len(self._segs))
+
+
+_TAIL_PACK = RECORD_TAIL.pack
+_PREFIX_PACK = RECORD_PREFIX.pack
+_CRC = crc32c
+assert RECORD_PREFIX.size == CRC_START
