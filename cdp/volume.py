@@ -145,6 +145,9 @@ class Volume:
         self._sync_always = settings.journal.sync == "always"
         self._gate: asyncio.Future[None] | None = None
         self.connections = 0
+        #: called (synchronously, on the event loop) after each marker is durable and
+        #: sealed; listeners start background work themselves (the file catalog does)
+        self.marker_listeners: list[Callable[[Volume, Marker], None]] = []
         # counters for status and metrics
         self.writes = 0
         self.bytes_written = 0
@@ -473,6 +476,20 @@ class Volume:
                     yield e.start, bytes(p[e.poff : e.poff + n]), n
             pos = stop
 
+    def changed(self, seq_a: int, seq_b: int, start: int = 0, end: int | None = None) -> list[tuple[int, int]]:
+        """Byte ranges ``[start, end)`` whose content may differ between two points (either
+        order). Cost follows the changes between the points, not the volume size."""
+        head = self.journal.last_seq
+        for s in (seq_a, seq_b):
+            if not 0 <= s <= head:
+                raise PointError(f"volume {self.name}: @{s} is not a point of this volume")
+        if seq_a == seq_b:
+            return []
+        try:
+            return self.maps.changed(seq_a, seq_b, start, self.size if end is None else end)
+        except MapError as e:
+            raise Corruption(f"volume {self.name}: map history: {e}") from e
+
     # ------------------------------------------------------------------ markers, rewind, pause
 
     async def snapshot(self, label: str = "") -> Marker:
@@ -496,6 +513,8 @@ class Volume:
         self._markers.append(m)
         self._save_markers()
         self.seal()
+        for listener in list(self.marker_listeners):
+            listener(self, m)
         return m
 
     async def rewind(self, target_seq: int) -> int:
