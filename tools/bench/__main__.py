@@ -1,0 +1,123 @@
+"""One command for every performance goal, side by side with the peers.
+
+    python -m tools.bench [--quick] [--out DIR] [SUITE ...]
+
+Suites: journal, mapengine, nbd, nbd-proto, iscsi, mft (default: all that are present).
+Each suite measures cdp and its peer in the same run and returns rows with a ratio and
+a goal; this writes ``DIR/REPORT.md`` (tables), ``DIR/results.json`` and the plots the
+suites make. ``--quick`` (seconds per workload) proves the harness works; CI runs it and
+asserts no threshold.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import platform
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+SUITES = {
+    "journal": "tools.bench.journal_bench",
+    "mapengine": "tools.bench.mapengine_bench",
+    "nbd": "tools.bench.nbd_bench",
+    "nbd-proto": "tools.bench.nbd_proto_bench",
+    "iscsi": "tools.bench.iscsi_bench",
+    "mft": "tools.bench.mft_bench",
+}
+
+
+def _call(mod: Any, quick: bool, out: Path) -> list[dict[str, Any]]:
+    fn = mod.run
+    kwargs: dict[str, Any] = {"quick": quick}
+    code = fn.__code__
+    if "out" in code.co_varnames[: code.co_argcount + code.co_kwonlyargcount]:
+        kwargs["out"] = out
+    rows = fn(**kwargs)
+    return list(rows)
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:,.3f}" if abs(v) < 10 else f"{v:,.0f}"
+    return "-" if v is None else str(v)
+
+
+def report(results: dict[str, Any]) -> str:
+    lines = [
+        "# cdp benchmark report",
+        "",
+        f"- date: {results['date']}",
+        f"- machine: {results['machine']}",
+        f"- mode: {'quick' if results['quick'] else 'full'}",
+        "",
+    ]
+    for suite, rows in results["suites"].items():
+        lines.append(f"## {suite}")
+        lines.append("")
+        if isinstance(rows, dict) and "error" in rows:
+            lines.append(f"failed: `{rows['error']}`")
+            lines.append("")
+            continue
+        keys: list[str] = []
+        for r in rows:
+            for k in r:
+                if k not in keys:
+                    keys.append(k)
+        lines.append("| " + " | ".join(keys) + " |")
+        lines.append("|" + "---|" * len(keys))
+        for r in rows:
+            lines.append("| " + " | ".join(_fmt(r.get(k)) for k in keys) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m tools.bench", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="seconds per workload; no thresholds")
+    ap.add_argument("--out", type=Path, default=Path("bench-results"))
+    ap.add_argument("suites", nargs="*", metavar="SUITE", help=", ".join(SUITES))
+    a = ap.parse_args(argv)
+    unknown = [s for s in a.suites if s not in SUITES]
+    if unknown:
+        ap.error(f"unknown suite {unknown[0]!r} (choose from {', '.join(SUITES)})")
+    a.out.mkdir(parents=True, exist_ok=True)
+    chosen = a.suites or list(SUITES)
+    results: dict[str, Any] = {
+        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "machine": f"{platform.node()} {platform.machine()} python {platform.python_version()}",
+        "quick": a.quick,
+        "suites": {},
+    }
+    failed = False
+    for name in chosen:
+        try:
+            mod = importlib.import_module(SUITES[name])
+        except ModuleNotFoundError:
+            print(f"== {name}: not built yet, skipped", flush=True)
+            continue
+        print(f"== {name}", flush=True)
+        t0 = time.perf_counter()
+        try:
+            rows = _call(mod, a.quick, a.out)
+            results["suites"][name] = rows
+            for r in rows:
+                print("   " + ", ".join(f"{k}={_fmt(v)}" for k, v in r.items()), flush=True)
+        except Exception as e:  # report and go on with the other suites
+            failed = True
+            traceback.print_exc()
+            results["suites"][name] = {"error": f"{type(e).__name__}: {e}"}
+        print(f"   ({time.perf_counter() - t0:.1f} s)", flush=True)
+    (a.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    (a.out / "REPORT.md").write_text(report(results) + "\n")
+    print(f"wrote {a.out / 'REPORT.md'} and {a.out / 'results.json'}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
