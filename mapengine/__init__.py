@@ -1,4 +1,38 @@
 """Block-ordered delta maps over a time-ordered journal (pure data structures and files).
 
 Never imports :mod:`cdp`; the journal location of an extent is an opaque integer here.
+Single-threaded: the caller serialises every call on one :class:`MapHistory`.
 """
+
+from .core import (
+    HOLE_LOC,
+    ZERO_LOC,
+    Columns,
+    DeltaMap,
+    Extent,
+    MergeResult,
+    build_l0,
+    flatten,
+    merge,
+    overlay,
+)
+from .errors import MapCorruption, MapError, MapUsageError
+from .history import MapHistory, MergePolicy
+
+__all__ = [
+    "HOLE_LOC",
+    "ZERO_LOC",
+    "Columns",
+    "DeltaMap",
+    "Extent",
+    "MapCorruption",
+    "MapError",
+    "MapHistory",
+    "MapUsageError",
+    "MergePolicy",
+    "MergeResult",
+    "build_l0",
+    "flatten",
+    "merge",
+    "overlay",
+]

@@ -1,0 +1,921 @@
+"""The map history: L0 windows, merged levels, full maps, rewind epochs and the head.
+
+Design notes
+------------
+Three shapes were on the table (docs/ARCHITECTURE.md, DESIGN-NOTES "Map engine: the
+design space"):
+
+* a **time-partitioned hierarchy** of immutable delta maps (chosen);
+* a copy-on-write B+tree of extents with a root per checkpoint;
+* an MVCC LSM keyed by offset whose compaction keeps versions visible to snapshots.
+
+We chose the hierarchy because the three questions we must answer all fall out of it
+with plain sorted arrays and no in-place update of any file:
+
+* ``resolve(S)`` reads the nearest *full map* at or before ``S``, a Fenwick-style
+  decomposition of the windows after it into at most ``(f-1)·log_f(full_every)`` merged
+  maps, and the one L0 window holding ``S`` filtered by seq — newest first, stopping as
+  soon as the range is covered. Every one of those maps is a sorted column array, so a
+  lookup is a binary search in a block.
+* ``changed(A, B)`` is the union of the window maps between A and B, so its cost follows
+  the amount of change, not the size of the volume. An LSM answers this badly (versions
+  of unrelated keys are interleaved); a CoW tree answers it by a tree diff that needs
+  generation numbers in every node.
+* retention (later) drops or merges whole windows, and a merge reports exactly which
+  journal bytes stopped being referenced.
+
+Writes are append-only: an L0 file per window, a merged file per ``f`` maps of the level
+below, a full map every ``full_every`` windows, and an atomically replaced manifest — the
+file-level story of LevelDB, which makes crash safety a matter of "which files does the
+manifest name". The CoW tree would give a full map at *every* checkpoint for
+``O(changes · log n)`` space, but needs node allocation, reference counting and a free
+list on disk; the hierarchy bounds its space instead by building levels only below the
+full-map interval (``f**k < full_every``), so an entry is copied at most
+``log_f(full_every)`` times plus once per full map.
+
+Rewind is an *epoch boundary*: ``add_rewind(R, S)`` seals, then starts a new epoch whose
+maps hold only the writes after R. Maps never span epochs. Resolving ``x`` in an epoch
+overlays that epoch's maps and, for the bytes still uncovered, continues with ``S`` (the
+target) — iteratively, so chains of rewinds cost one walk per epoch on the chain and no
+data is ever copied. Full maps and the head are *epoch-relative* for the same reason.
+
+The **head** (state at the newest seq) is one flat map of the current epoch in memory as
+numpy columns, updated at every seal by a vectorised splice (only head entries that
+intersect the new window are re-overlaid), plus the live window in preallocated numpy
+columns scanned vectorised. A 4 KiB read at the head is two binary searches and a mask.
+
+Merges happen inside :meth:`MapHistory.seal` (synchronously): when the number of windows
+of the epoch becomes a multiple of ``f**k`` the level-``k`` map is built from the ``f``
+maps below it. Each entry takes part in at most ``log_f(full_every)`` merges, so the cost
+is amortised ``O(log)`` per write; the worst single seal does one merge per level.
+
+Thread safety: none. The caller serialises every call (the volume holds one lock).
+"""
+
+from __future__ import annotations
+
+import os
+from bisect import bisect_right
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+from .core import (
+    HOLE_LOC,
+    ZERO_LOC,
+    Columns,
+    DeltaMap,
+    Extent,
+    MergeResult,
+    build_l0,
+    flatten,
+    merge,
+    overlay,
+    shifted,
+    union_ranges,
+)
+from .errors import MapUsageError
+
+__all__ = ["MapHistory", "MergePolicy"]
+
+END_OF_VOLUME = 1 << 62  #: ``end=None`` in :meth:`MapHistory.changed` means this.
+_BIG = 64  # candidate·gap count above which painting switches to the vectorised path
+
+
+@dataclass(frozen=True)
+class MergePolicy:
+    """How windows are cut and merged.
+
+    * ``l0_max_writes``: ``add_*`` returns True once the live window holds this many
+      entries (the caller should then :meth:`~MapHistory.seal`).
+    * ``fanout``: ``f`` maps of level ``k-1`` merge into one map of level ``k``.
+    * ``full_every``: a full (cumulative, epoch-relative) map every this many L0 windows;
+      levels are only built while ``fanout**k < full_every``. 0 disables full maps (and
+      then levels grow without bound).
+    """
+
+    fanout: int = 8
+    l0_max_writes: int = 8192
+    full_every: int = 64
+
+    def __post_init__(self) -> None:
+        if self.fanout < 2:
+            raise MapUsageError("fanout must be >= 2")
+        if self.l0_max_writes < 1:
+            raise MapUsageError("l0_max_writes must be >= 1")
+        if self.full_every < 0:
+            raise MapUsageError("full_every must be >= 0")
+
+    def max_level(self) -> int:
+        """Highest merge level built."""
+        k = 0
+        while self.full_every == 0 or self.fanout ** (k + 1) < self.full_every:
+            k += 1
+            if self.full_every == 0 and k >= 40:
+                break
+        return k
+
+
+class MapRef(Protocol):
+    """A map the history holds: in memory (:class:`DeltaMap`) or in a file (lazy)."""
+
+    name: str
+    lo: int
+    hi: int
+    flat: bool
+
+    def __len__(self) -> int: ...
+
+    def query(self, start: int, end: int) -> Columns: ...
+
+    def load(self) -> DeltaMap: ...
+
+
+class Store(Protocol):
+    """Where maps and the manifest go (memory, or a directory of files)."""
+
+    def put(self, kind: str, level: int, m: DeltaMap) -> MapRef: ...
+
+    def commit(self, state: dict[str, Any]) -> None: ...
+
+    def disk_bytes(self) -> int: ...
+
+    def cache_bytes(self) -> int: ...
+
+    def close(self) -> None: ...
+
+
+class _MemRef:
+    """An in-memory map (the memory store's handle)."""
+
+    __slots__ = ("flat", "hi", "lo", "m", "name")
+
+    def __init__(self, name: str, m: DeltaMap) -> None:
+        self.name = name
+        self.m = m
+        self.lo = m.lo
+        self.hi = m.hi
+        self.flat = m.flat
+
+    def __len__(self) -> int:
+        return len(self.m)
+
+    def query(self, start: int, end: int) -> Columns:
+        return self.m.query(start, end)
+
+    def load(self) -> DeltaMap:
+        return self.m
+
+
+class MemoryStore:
+    """Keeps every map in memory; nothing persists. For tests and benchmarks."""
+
+    def __init__(self) -> None:
+        self.state: dict[str, Any] | None = None
+        self._bytes = 0
+
+    def put(self, kind: str, level: int, m: DeltaMap) -> MapRef:
+        self._bytes += m.nbytes
+        return _MemRef(map_name(kind, level, m.lo, m.hi), m)
+
+    def commit(self, state: dict[str, Any]) -> None:
+        self.state = state
+
+    def disk_bytes(self) -> int:
+        return 0
+
+    def cache_bytes(self) -> int:
+        return self._bytes
+
+    def close(self) -> None:
+        pass
+
+
+def map_name(kind: str, level: int, lo: int, hi: int) -> str:
+    """File name of a map: ``L<k>-<first:020d>-<last:020d>.map`` or ``F-<last:020d>.map``.
+
+    ``first = lo + 1`` and ``last = hi``: the seqs the window covers.
+    """
+    if kind == "F":
+        return f"F-{hi:020d}.map"
+    return f"L{level}-{lo + 1:020d}-{hi:020d}.map"
+
+
+@dataclass
+class _Epoch:
+    rewind_seq: int  # R: state(R) == state(target); 0 for the first epoch
+    target: int  # S; -1 for the first epoch (no base: holes)
+    windows: list[MapRef] = field(default_factory=list)
+    his: list[int] = field(default_factory=list)  # hi seq of each window
+    levels: dict[int, list[MapRef]] = field(default_factory=dict)  # level k>=1
+    fulls: dict[int, MapRef] = field(default_factory=dict)  # window boundary -> full map
+    full_keys: list[int] = field(default_factory=list)  # sorted boundaries
+
+    def lo_of(self, w: int) -> int:
+        return self.his[w - 1] if w else self.rewind_seq
+
+
+_Layer = tuple[Callable[[int, int], Columns], bool]  # (query, flat)
+
+
+class MapHistory:
+    """Block-ordered delta maps over time; resolves any point, diffs any two points.
+
+    Example::
+
+        >>> h = MapHistory.open(None)
+        >>> h.add_write(1, 0, 8192, loc=100)
+        False
+        >>> h.add_write(2, 4096, 6144, loc=200)
+        False
+        >>> h.seal()
+        >>> [tuple(e) for e in h.resolve(2, 0, 8192)]
+        [(0, 4096, 1, 100, 0), (4096, 6144, 2, 200, 0), (6144, 8192, 1, 100, 6144)]
+        >>> h.changed(1, 2)
+        [(4096, 6144)]
+    """
+
+    def __init__(self, store: Store, policy: MergePolicy, state: dict[str, Any] | None) -> None:
+        self.policy = policy
+        self._store = store
+        self._epochs: list[_Epoch] = [_Epoch(0, -1)]
+        self._rewinds: list[int] = [0]
+        self._last_seq = 0
+        self._sealed_seq = 0
+        self._broken = False
+        self.on_merge: Callable[[str, MergeResult], None] | None = None
+        self.dropped_bytes_total = 0
+        self._f = policy.fanout
+        self._maxk = policy.max_level()
+        cap = max(16, policy.l0_max_writes)
+        self._ls = np.empty(cap, np.int64)
+        self._le = np.empty(cap, np.int64)
+        self._lq = np.empty(cap, np.int64)
+        self._ll = np.empty(cap, np.int64)
+        self._ln = 0
+        self._head = Columns.empty()
+        if state is not None:
+            self._restore(state)
+
+    # ------------------------------------------------------------------ opening
+
+    @classmethod
+    def open(
+        cls,
+        directory: str | os.PathLike[str] | None,
+        policy: MergePolicy | None = None,
+        cache_bytes: int = 64 << 20,
+        fs: Any = None,
+    ) -> MapHistory:
+        """Open (or create) the history kept in ``directory``.
+
+        ``None`` keeps everything in memory. Map files the manifest does not name are
+        crash leftovers and are deleted. ``fs`` is the file-operation hook
+        (:class:`mapengine.storage.FileOps`) tests use to interrupt writes. The
+        manifest's ``fanout`` and ``full_every`` win over ``policy`` for an existing
+        history (they shape the files); ``l0_max_writes`` always comes from ``policy``.
+
+        Runtime complexity: O(M + H) for M map files and a head of H entries.
+        """
+        policy = policy or MergePolicy()
+        if directory is None:
+            return cls(MemoryStore(), policy, None)
+        from .storage import DirStore
+
+        store, state = DirStore.open(os.fspath(directory), cache_bytes=cache_bytes, fs=fs)
+        if state is not None:
+            policy = MergePolicy(
+                fanout=int(state["fanout"]),
+                l0_max_writes=policy.l0_max_writes,
+                full_every=int(state["full_every"]),
+            )
+        return cls(store, policy, state)
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        self._epochs = [_Epoch(int(r), int(t)) for r, t in state["epochs"]]
+        self._rewinds = [e.rewind_seq for e in self._epochs]
+        refs: dict[str, MapRef] = state["refs"]
+        for name, kind, level, ei, idx in state["maps"]:
+            ep = self._epochs[ei]
+            ref = refs[name]
+            if kind == "F":
+                ep.fulls[idx] = ref
+            elif level == 0:
+                assert idx == len(ep.windows), "manifest windows out of order"
+                ep.windows.append(ref)
+                ep.his.append(ref.hi)
+            else:
+                lst = ep.levels.setdefault(level, [])
+                assert idx == len(lst), "manifest levels out of order"
+                lst.append(ref)
+        for ep in self._epochs:
+            ep.full_keys = sorted(ep.fulls)
+        self._sealed_seq = self._last_seq = int(state["sealed_seq"])
+        self._head = self._epoch_all(self._epochs[-1], len(self._epochs[-1].windows))
+
+    def _state(self) -> dict[str, Any]:
+        maps: list[tuple[str, int, int, int, MapRef]] = []
+        for ei, ep in enumerate(self._epochs):
+            for w, r in enumerate(ep.windows):
+                maps.append(("L", 0, ei, w, r))
+            for k in sorted(ep.levels):
+                for j, r in enumerate(ep.levels[k]):
+                    maps.append(("L", k, ei, j, r))
+            for b in ep.full_keys:
+                maps.append(("F", 0, ei, b, ep.fulls[b]))
+        return {
+            "sealed_seq": self._sealed_seq,
+            "fanout": self.policy.fanout,
+            "full_every": self.policy.full_every,
+            "epochs": [(e.rewind_seq, e.target) for e in self._epochs],
+            "maps": [(r.name, kind, level, ei, idx) for kind, level, ei, idx, r in maps],
+        }
+
+    # ------------------------------------------------------------------ feeding
+
+    @property
+    def last_seq(self) -> int:
+        """The newest seq fed (0 when empty)."""
+        return self._last_seq
+
+    @property
+    def sealed_seq(self) -> int:
+        """Every seq at or below it is in map files; replay the journal after it."""
+        return self._sealed_seq
+
+    @property
+    def seal_due(self) -> bool:
+        """True once the live window holds ``policy.l0_max_writes`` entries."""
+        return self._ln >= self.policy.l0_max_writes
+
+    def _next(self, seq: int) -> None:
+        if self._broken:
+            raise MapUsageError("history is unusable after a failed write; reopen it")
+        if seq <= self._last_seq:
+            raise MapUsageError(f"seq {seq} not after last seq {self._last_seq}")
+
+    def _append(self, seq: int, start: int, end: int, loc: int) -> bool:
+        if start < 0 or end < start:
+            raise MapUsageError(f"bad range [{start}, {end})")
+        self._next(seq)
+        self._last_seq = seq
+        if start == end:
+            return self._ln >= self.policy.l0_max_writes
+        n = self._ln
+        if n == self._ls.shape[0]:
+            self._grow()
+        self._ls[n] = start
+        self._le[n] = end
+        self._lq[n] = seq
+        self._ll[n] = loc
+        self._ln = n + 1
+        return n + 1 >= self.policy.l0_max_writes
+
+    def _grow(self) -> None:
+        cap = self._ls.shape[0] * 2
+        for name in ("_ls", "_le", "_lq", "_ll"):
+            old = getattr(self, name)
+            new = np.empty(cap, np.int64)
+            new[: old.shape[0]] = old
+            setattr(self, name, new)
+
+    def add_write(self, seq: int, start: int, end: int, loc: int) -> bool:
+        """Record ``seq`` wrote volume bytes ``[start, end)``; payload at journal ``loc``.
+
+        Returns True when a seal is due (``policy.l0_max_writes`` reached).
+
+        Runtime complexity: O(1) amortised.
+        """
+        if loc < 0:
+            raise MapUsageError(f"bad loc {loc}")
+        return self._append(seq, start, end, loc)
+
+    def add_zero(self, seq: int, start: int, end: int) -> bool:
+        """Record ``seq`` zeroed (trim / write-zeroes) ``[start, end)``.
+
+        Runtime complexity: O(1) amortised.
+        """
+        return self._append(seq, start, end, ZERO_LOC)
+
+    def note_seq(self, seq: int) -> None:
+        """Record a seq that changes no data (marker, error).
+
+        Runtime complexity: O(1).
+        """
+        self._next(seq)
+        self._last_seq = seq
+
+    def add_rewind(self, seq: int, target_seq: int) -> None:
+        """Record a REWIND at ``seq``: ``state(seq) == state(target_seq)``.
+
+        Seals the live window, starts a new epoch and persists the manifest. Nothing is
+        copied: later resolution falls through to ``target_seq`` for uncovered bytes.
+
+        Runtime complexity: O(cost of seal) — metadata only.
+        """
+        self._next(seq)
+        if not 0 <= target_seq < seq or target_seq > self._last_seq:
+            raise MapUsageError(f"bad rewind target {target_seq} at seq {seq}")
+        self.seal()
+        self._epochs.append(_Epoch(seq, target_seq))
+        self._rewinds.append(seq)
+        self._last_seq = seq
+        self._head = Columns.empty()
+        self._sealed_seq = seq
+        self._commit()
+
+    # ------------------------------------------------------------------ sealing
+
+    def _live(self) -> Columns:
+        n = self._ln
+        return Columns(
+            self._ls[:n], self._le[:n], self._lq[:n], self._ll[:n], np.zeros(n, np.int64)
+        )
+
+    def _commit(self) -> None:
+        try:
+            self._store.commit(self._state())
+        except BaseException:
+            self._broken = True
+            raise
+
+    def seal(self) -> None:
+        """Turn the live window into an L0 map (+ due merges and full map); persist.
+
+        Runtime complexity: O(w log w + H) for a window of w entries and a head of H
+        entries (the head splice copies arrays); merges add amortised O(log) per entry.
+        """
+        if self._broken:
+            raise MapUsageError("history is unusable after a failed write; reopen it")
+        if self._ln == 0 and self._last_seq == self._sealed_seq:
+            return
+        try:
+            if self._ln:
+                self._seal_window()
+            self._ln = 0
+            self._sealed_seq = self._last_seq
+            self._store.commit(self._state())
+        except BaseException:
+            self._broken = True
+            raise
+
+    def _seal_window(self) -> None:
+        ep = self._epochs[-1]
+        lo = ep.his[-1] if ep.his else ep.rewind_seq
+        l0 = build_l0(lo, self._last_seq, Columns(*(a.copy() for a in self._live())))
+        ref = self._store.put("L", 0, l0)
+        ep.windows.append(ref)
+        ep.his.append(l0.hi)
+        flat, _ = flatten(l0.cols, want_dropped=False)
+        self._head = _splice(self._head, flat)
+        nw = len(ep.windows)
+        f = self._f
+        for k in range(1, self._maxk + 1):
+            size = f**k
+            if nw % size:
+                break
+            below = ep.windows if k == 1 else ep.levels[k - 1]
+            j = nw // size - 1
+            res = merge([r.load() for r in below[j * f : (j + 1) * f]])
+            self.dropped_bytes_total += res.dropped_bytes
+            lst = ep.levels.setdefault(k, [])
+            assert len(lst) == j
+            lst.append(self._store.put("L", k, res.map))
+            if self.on_merge is not None:
+                self.on_merge(f"L{k}", res)
+        fe = self.policy.full_every
+        if fe and nw % fe == 0:
+            full = DeltaMap(ep.rewind_seq, l0.hi, self._head, flat=True)
+            ep.fulls[nw] = self._store.put("F", 0, full)
+            ep.full_keys.append(nw)
+
+    # ------------------------------------------------------------------ resolving
+
+    def _check_point(self, seq: int) -> None:
+        if not 0 <= seq <= self._last_seq:
+            raise MapUsageError(f"seq {seq} outside [0, {self._last_seq}]")
+
+    @staticmethod
+    def _check_range(start: int, end: int) -> None:
+        if start < 0 or end < start:
+            raise MapUsageError(f"bad range [{start}, {end})")
+
+    def _epoch_of(self, seq: int) -> int:
+        return bisect_right(self._rewinds, seq) - 1
+
+    def _decompose_down(self, ep: _Epoch, wc: int) -> Iterator[MapRef]:
+        """Maps covering windows ``[0, wc)`` newest first: Fenwick blocks, then a full map."""
+        i = bisect_right(ep.full_keys, wc) - 1
+        base = ep.full_keys[i] if i >= 0 else 0
+        pos = wc
+        f = self._f
+        while pos > base:
+            for k in range(self._maxk, -1, -1):
+                size = f**k
+                if pos % size or pos - size < base:
+                    continue
+                if k == 0:
+                    yield ep.windows[pos - 1]
+                    break
+                lst = ep.levels.get(k)
+                j = pos // size - 1
+                if lst is not None and j < len(lst):
+                    yield lst[j]
+                    break
+            pos -= size
+        if base:
+            yield ep.fulls[base]
+
+    def _decompose_up(self, ep: _Epoch, a: int, b: int) -> Iterator[MapRef]:
+        """Maps covering windows ``[a, b)`` exactly (any order)."""
+        pos = a
+        f = self._f
+        while pos < b:
+            for k in range(self._maxk, -1, -1):
+                size = f**k
+                if pos % size or pos + size > b:
+                    continue
+                if k == 0:
+                    yield ep.windows[pos]
+                    break
+                lst = ep.levels.get(k)
+                j = pos // size
+                if lst is not None and j < len(lst):
+                    yield lst[j]
+                    break
+            pos += size
+
+    def _live_query(self, lo: int, hi: int) -> Callable[[int, int], Columns]:
+        def q(a: int, b: int) -> Columns:
+            n = self._ln
+            s, e, sq = self._ls[:n], self._le[:n], self._lq[:n]
+            m = (s < b) & (e > a)
+            if lo > 0:
+                m &= sq > lo
+            if hi < self._last_seq:
+                m &= sq <= hi
+            idx = np.flatnonzero(m)
+            return Columns(
+                s[idx], e[idx], sq[idx], self._ll[:n][idx], np.zeros(idx.shape[0], np.int64)
+            )
+
+        return q
+
+    @staticmethod
+    def _filtered(ref: MapRef, lo: int, hi: int) -> Callable[[int, int], Columns]:
+        def q(a: int, b: int) -> Columns:
+            c = ref.query(a, b)
+            if c.n:
+                c = c.take((c.seq > lo) & (c.seq <= hi))
+            return c
+
+        return q
+
+    def _layers(self, ei: int, x: int) -> Iterator[_Layer]:
+        """Layers (newest first) of epoch ``ei``'s deltas visible at ``x``."""
+        ep = self._epochs[ei]
+        sealed_hi = ep.his[-1] if ep.his else ep.rewind_seq
+        if ei == len(self._epochs) - 1 and x >= sealed_hi:
+            if self._ln and x > self._sealed_seq:
+                yield self._live_query(0, x), False
+            head = self._head
+            yield (lambda a, b: _flat_query(head, a, b)), True
+            return
+        wc = bisect_right(ep.his, x)
+        if wc < len(ep.his) and ep.lo_of(wc) < x:
+            yield self._filtered(ep.windows[wc], -1, x), False
+        for r in _decompose_down_list(self, ep, wc):
+            yield r.query, r.flat
+
+    def resolve(self, seq: int, start: int, end: int) -> list[Extent]:
+        """Extents covering ``[start, end)`` exactly at point ``seq``, in offset order.
+
+        Newest write at or before ``seq`` wins per byte; holes are ``(seq 0,
+        HOLE_LOC)``; contiguous pieces of the same source are coalesced.
+
+        Runtime complexity: O(f·log_f(full_every) · log n + k) map lookups for k
+        extents returned, plus one walk per rewind epoch on the chain to ``seq``.
+        """
+        self._check_point(seq)
+        self._check_range(start, end)
+        if start == end:
+            return []
+        gaps: list[tuple[int, int]] = [(start, end)]
+        out: list[Extent] = []
+        x = seq
+        while True:
+            ei = self._epoch_of(x)
+            for q, flat in self._layers(ei, x):
+                gaps = _paint(q(gaps[0][0], gaps[-1][1]), flat, gaps, out)
+                if not gaps:
+                    break
+            ep = self._epochs[ei]
+            if not gaps or ep.target < 0:
+                break
+            x = ep.target
+        out.extend(Extent(a, b, 0, HOLE_LOC, 0) for a, b in gaps)
+        out.sort()
+        return _coalesce_list(out)
+
+    def resolve_columns(self, seq: int, start: int, end: int) -> Columns:
+        """:meth:`resolve` as numpy columns (for large ranges). Runtime complexity: as resolve."""
+        ex = self.resolve(seq, start, end)
+        if not ex:
+            return Columns.empty()
+        return Columns.from_lists(*zip(*ex, strict=True))
+
+    # ------------------------------------------------------------------ diff
+
+    def changed(
+        self, seq_a: int, seq_b: int, start: int = 0, end: int | None = None
+    ) -> list[tuple[int, int]]:
+        """Sorted, merged ranges inside ``[start, end)`` whose content may differ between
+        points ``seq_a`` and ``seq_b`` (either order).
+
+        The union of the window maps between the points; across a rewind ``R -> S``:
+        ``changed(a, S) | writes in (R, b]``, recursively.
+
+        Runtime complexity: O(f·log n) map lookups + O(c log c) for c entries changed
+        between the points inside the range — independent of volume size.
+        """
+        self._check_point(seq_a)
+        self._check_point(seq_b)
+        if end is None:
+            end = END_OF_VOLUME
+        self._check_range(start, end)
+        lo, hi = sorted((seq_a, seq_b))
+        parts: list[Columns] = []
+        while lo < hi:
+            ei = self._epoch_of(hi)
+            ep = self._epochs[ei]
+            r = ep.rewind_seq
+            if r <= lo:
+                self._coverage(ei, lo, hi, start, end, parts)
+                break
+            self._coverage(ei, r, hi, start, end, parts)
+            lo, hi = sorted((lo, ep.target))
+        if not parts:
+            return []
+        c = Columns.concat(parts)
+        return union_ranges(np.maximum(c.start, start), np.minimum(c.end, end))
+
+    def _coverage(self, ei: int, lo: int, hi: int, a: int, b: int, parts: list[Columns]) -> None:
+        """Entries of epoch ``ei`` with seq in ``(lo, hi]`` intersecting ``[a, b)``."""
+        ep = self._epochs[ei]
+        nw = len(ep.windows)
+        if ei == len(self._epochs) - 1 and hi > self._sealed_seq and self._ln:
+            parts.append(self._live_query(lo, hi)(a, b))
+        wa = bisect_right(ep.his, lo)  # first window reaching past lo
+        wb = bisect_right(ep.his, hi)  # windows [0, wb) end at or before hi
+        first_full = wa
+        if wa < nw and ep.lo_of(wa) < lo:
+            parts.append(self._filtered(ep.windows[wa], lo, hi)(a, b))
+            first_full = wa + 1
+        if wb < nw and ep.lo_of(wb) < hi and wb >= first_full:
+            parts.append(self._filtered(ep.windows[wb], lo, hi)(a, b))
+        for r in self._decompose_up(ep, first_full, wb):
+            parts.append(r.query(a, b))
+
+    # ------------------------------------------------------------------ whole maps
+
+    def _epoch_all(self, ep: _Epoch, wc: int) -> Columns:
+        """Flat deltas of windows ``[0, wc)`` of an epoch (newest wins)."""
+        layers: list[Columns] = []
+        for r in _decompose_down_list(self, ep, wc):
+            m = r.load()
+            layers.append(m.cols if m.flat else flatten(m.cols, want_dropped=False)[0])
+        return overlay(layers, want_dropped=False)[0]
+
+    # ------------------------------------------------------------------ admin
+
+    def stats(self) -> dict[str, Any]:
+        """Map counts per level, entries, bytes on disk, cache bytes.
+
+        Runtime complexity: O(number of maps).
+        """
+        counts: dict[str, int] = {}
+        entries = 0
+        for ep in self._epochs:
+            counts["L0"] = counts.get("L0", 0) + len(ep.windows)
+            entries += sum(len(r) for r in ep.windows)
+            for k, lst in ep.levels.items():
+                counts[f"L{k}"] = counts.get(f"L{k}", 0) + len(lst)
+                entries += sum(len(r) for r in lst)
+            counts["F"] = counts.get("F", 0) + len(ep.fulls)
+            entries += sum(len(r) for r in ep.fulls.values())
+        return {
+            "maps": counts,
+            "entries": entries,
+            "epochs": len(self._epochs),
+            "head_entries": self._head.n,
+            "head_bytes": self._head.nbytes,
+            "live_entries": self._ln,
+            "disk_bytes": self._store.disk_bytes(),
+            "cache_bytes": self._store.cache_bytes(),
+            "last_seq": self._last_seq,
+            "sealed_seq": self._sealed_seq,
+        }
+
+    def close(self) -> None:
+        """Release files and caches. Unsealed writes are not persisted (replay them).
+
+        Runtime complexity: O(1).
+        """
+        self._store.close()
+
+    def __enter__(self) -> MapHistory:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _check(self, deep: bool = True) -> None:
+        """Assert every invariant (tests call it after mutations).
+
+        Runtime complexity: O(total entries) (+ a full resolve at the head when ``deep``).
+        """
+        assert self._sealed_seq <= self._last_seq
+        assert self._rewinds == [e.rewind_seq for e in self._epochs]
+        assert self._rewinds == sorted(set(self._rewinds))
+        assert 0 <= self._ln <= self._ls.shape[0]
+        if self._ln:
+            lq = self._lq[: self._ln]
+            assert (np.diff(lq) > 0).all()
+            assert lq[0] > self._sealed_seq and lq[-1] <= self._last_seq
+        f = self._f
+        for ei, ep in enumerate(self._epochs):
+            nxt = self._rewinds[ei + 1] if ei + 1 < len(self._epochs) else self._sealed_seq
+            assert ep.target < ep.rewind_seq
+            prev = ep.rewind_seq
+            for w, r in enumerate(ep.windows):
+                assert r.lo == prev and r.hi > r.lo and ep.his[w] == r.hi
+                prev = r.hi
+                if deep:
+                    m = r.load()
+                    m._check()
+                    assert not m.flat
+            assert prev <= nxt
+            for k, lst in ep.levels.items():
+                size = f**k
+                assert 1 <= k <= self._maxk
+                assert len(lst) == len(ep.windows) // size
+                for j, r in enumerate(lst):
+                    assert r.lo == ep.lo_of(j * size) and r.hi == ep.his[(j + 1) * size - 1]
+                    if deep:
+                        m = r.load()
+                        m._check()
+                        assert m.flat
+            assert ep.full_keys == sorted(ep.fulls)
+            for b, r in ep.fulls.items():
+                assert 0 < b <= len(ep.windows)
+                assert r.lo == ep.rewind_seq and r.hi == ep.his[b - 1]
+                if deep:
+                    r.load()._check()
+        hd = DeltaMap(
+            self._epochs[-1].rewind_seq,
+            max(self._sealed_seq, self._epochs[-1].rewind_seq),
+            self._head,
+            flat=True,
+        )
+        hd._check()
+        if deep:
+            ep = self._epochs[-1]
+            want = self._epoch_all(ep, len(ep.windows))
+            assert all(np.array_equal(x, y) for x, y in zip(want, self._head, strict=True)), (
+                "head differs from the epoch's maps"
+            )
+            if self._head.n:
+                a = int(self._head.start[0])
+                b = int(self._head.end[-1])
+                got = self.resolve(self._last_seq, a, b)
+                assert got[0].start == a and got[-1].end == b
+                for i in range(1, len(got)):
+                    assert got[i - 1].end == got[i].start
+
+
+def _decompose_down_list(h: MapHistory, ep: _Epoch, wc: int) -> Iterator[MapRef]:
+    return h._decompose_down(ep, wc)
+
+
+def _flat_query(c: Columns, a: int, b: int) -> Columns:
+    i0 = int(np.searchsorted(c.end, a, side="right"))
+    i1 = int(np.searchsorted(c.start, b, side="left"))
+    if i1 <= i0:
+        return Columns.empty()
+    return c.take(slice(i0, i1))
+
+
+def _splice(head: Columns, new: Columns) -> Columns:
+    """Overlay flat ``new`` onto flat ``head``; only intersecting head entries are touched.
+
+    Runtime complexity: O(k log H) + O(H) array copies for k new entries.
+    """
+    if head.n == 0:
+        return new
+    if new.n == 0:
+        return head
+    n = head.n
+    i0 = np.searchsorted(head.end, new.start, side="right")
+    i1 = np.searchsorted(head.start, new.end, side="left")
+    hit = i1 > i0
+    mark = np.zeros(n + 1, np.int64)
+    np.add.at(mark, i0[hit], 1)
+    np.add.at(mark, i1[hit], -1)
+    aff = np.cumsum(mark[:-1]) > 0
+    merged, _ = overlay([new, head.take(aff)], want_dropped=False)
+    keep = head.take(~aff)
+    pos = np.searchsorted(keep.start, merged.start)
+    return Columns(*(np.insert(k, pos, m) for k, m in zip(keep, merged, strict=True)))
+
+
+def _paint(
+    cand: Columns, flat: bool, gaps: list[tuple[int, int]], out: list[Extent]
+) -> list[tuple[int, int]]:
+    """Fill ``gaps`` from candidate entries (newest seq wins); return the gaps left."""
+    if cand.n == 0:
+        return gaps
+    if cand.n * len(gaps) > _BIG:
+        return _paint_vec(cand, flat, gaps, out)
+    if flat:
+        rows = zip(
+            cand.start.tolist(),
+            cand.end.tolist(),
+            cand.seq.tolist(),
+            cand.loc.tolist(),
+            cand.poff.tolist(),
+            strict=True,
+        )
+    else:
+        o = np.argsort(-cand.seq, kind="stable")
+        rows = zip(
+            cand.start[o].tolist(),
+            cand.end[o].tolist(),
+            cand.seq[o].tolist(),
+            cand.loc[o].tolist(),
+            cand.poff[o].tolist(),
+            strict=True,
+        )
+    for s, e, q, lc, p in rows:
+        ng: list[tuple[int, int]] = []
+        for ga, gb in gaps:
+            if gb <= s or ga >= e:
+                ng.append((ga, gb))
+                continue
+            a = ga if ga > s else s
+            b = gb if gb < e else e
+            out.append(Extent(a, b, q, lc, p + a - s))
+            if ga < a:
+                ng.append((ga, a))
+            if b < gb:
+                ng.append((b, gb))
+        gaps = ng
+        if not gaps:
+            break
+    return gaps
+
+
+def _paint_vec(
+    cand: Columns, flat: bool, gaps: list[tuple[int, int]], out: list[Extent]
+) -> list[tuple[int, int]]:
+    if not flat:
+        cand = flatten(cand, want_dropped=False)[0]
+    g = np.asarray(gaps, np.int64).reshape(-1, 2)
+    gs, ge = g[:, 0], g[:, 1]
+    pts = np.unique(np.concatenate([cand.start, cand.end, gs, ge]))
+    cut = pts[:-1]
+    nxt = pts[1:]
+    ig = np.searchsorted(gs, cut, side="right") - 1
+    ing = (ig >= 0) & (ge[np.maximum(ig, 0)] > cut)
+    i = np.searchsorted(cand.start, cut, side="right") - 1
+    ic = np.maximum(i, 0)
+    inc = (i >= 0) & (cand.end[ic] > cut)
+    take = ing & inc
+    ti = i[take]
+    ps = cut[take]
+    out.extend(
+        Columns(
+            ps, nxt[take], cand.seq[ti], cand.loc[ti], shifted(cand.poff[ti], cand.start[ti], ps)
+        ).extents()
+    )
+    rem = ing & ~inc
+    return union_ranges(cut[rem], nxt[rem])
+
+
+def _coalesce_list(ex: list[Extent]) -> list[Extent]:
+    if len(ex) < 2:
+        return ex
+    res = [ex[0]]
+    for x in ex[1:]:
+        p = res[-1]
+        if (
+            p.end == x.start
+            and p.seq == x.seq
+            and p.loc == x.loc
+            and (x.loc == HOLE_LOC or x.poff == p.poff + (p.end - p.start))
+        ):
+            res[-1] = Extent(p.start, x.end, p.seq, p.loc, p.poff)
+        else:
+            res.append(x)
+    return res
