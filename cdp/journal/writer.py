@@ -278,9 +278,10 @@ class Journal:
         scan = scan_segment(fs, self._dir, last)
         if segs and scan.count == 0 and not scan.problems:
             prev = scans.get(segs[-1].first_seq)
-            if prev is not None and prev.torn_at is not None:
-                # the previous segment never became durable up to its end, so nothing in
-                # this one did either: drop this file, the torn one becomes the tail
+            if prev is not None and prev.first_seq + prev.count != last:
+                # the previous segment never became durable up to its end (no sidecar,
+                # records missing), so nothing in this one did either: drop this file,
+                # the short one becomes the tail
                 fs.unlink(self._path(segment_name(last)))
                 fs.fsync_dir(self._dir)
                 rep.removed_segments.append(segment_name(last))
