@@ -129,6 +129,15 @@ def test_long_memory_histories(
     run_history(ops, policy, seed, None)
 
 
+@settings(max_examples=300, **COMMON)
+@given(ops=st.lists(op, max_size=60), policy=policies, seed=st.integers(0, 2**32))
+def test_persistent_histories(
+    ops: list[tuple[str, int, int]], policy: MergePolicy, seed: int
+) -> None:
+    with tempfile.TemporaryDirectory() as d:
+        run_history(ops, policy, seed, d)
+
+
 def test_rewind_chain_example() -> None:
     """Rewind, write, rewind to before the first rewind, rewind past an earlier rewind."""
     ops = [
@@ -146,5 +155,5 @@ def test_rewind_chain_example() -> None:
         ("C", 500, 900),
     ]
     with tempfile.TemporaryDirectory() as d:
-        for directory in (None,):  # directory mode lands with storage
+        for directory in (None, d):
             run_history(ops, MergePolicy(fanout=2, l0_max_writes=1, full_every=4), 7, directory)

@@ -1,0 +1,501 @@
+"""Map files and the manifest on disk (format: docs/FORMATS-mapengine.md).
+
+Design notes
+------------
+* A map file is written once: temp file, fsync, rename, directory fsync. Its entries are
+  cut into blocks of ``BLOCK_ENTRIES``; each block is msgpack of five little-endian
+  int64 columns (start delta-encoded, end stored as length) compressed with lz4. A small
+  uncompressed index at the end (first start, max end, offset, length, count, crc32 per
+  block) lets a lookup read one block, never the whole map.
+* Files are opened lazily: the manifest gives name, window and entry count; the header
+  and index are read (and checked) on first use; blocks go through an LRU cache bounded
+  by ``cache_bytes`` (decoded bytes).
+* The manifest names every live file. It is replaced atomically, so whatever a crash
+  interrupts, the previous manifest (and the files it names) stays valid; files it does
+  not name are leftovers and are deleted on open.
+* Every write goes through :class:`FileOps`; its :meth:`FileOps.hook` is called between
+  steps so tests can interrupt a write at any point.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import zlib
+from collections import OrderedDict
+from typing import Any
+
+import lz4.block
+import msgpack
+import numpy as np
+
+from .core import Columns, DeltaMap
+from .errors import MapCorruption
+
+__all__ = ["BLOCK_ENTRIES", "DirStore", "FileOps", "MapFile", "decode_map", "encode_map"]
+
+# On-disk constants: these must never change (a new format gets new values).
+MAP_MAGIC = b"CDPMAP\x00\x01"
+MAP_VERSION = 1
+MANIFEST_MAGIC = b"CDPMANIF"
+MANIFEST_VERSION = 1
+MANIFEST = "MANIFEST"
+KIND_L0 = 0  # overlapping: every write of the window, sorted by (start, seq)
+KIND_MERGED = 1  # flat: newest per byte of the window
+KIND_FULL = 2  # flat: newest per byte since the epoch began
+_HEADER = struct.Struct("<8sHBBIQQQIIQII")  # 64 bytes, see FORMATS-mapengine.md
+_MHEADER = struct.Struct("<8sIII")  # 20 bytes
+assert _HEADER.size == 64
+
+BLOCK_ENTRIES = 1024
+
+
+class FileOps:
+    """The single door for file writes and reads; override :meth:`hook` to inject faults.
+
+    ``hook(point, name)`` is called at ``"open"``, ``"write"`` (after half the bytes),
+    ``"fsync"``, ``"rename"``, ``"dirsync"`` and ``"done"``.
+    """
+
+    def hook(self, point: str, name: str) -> None:
+        """Called between the steps of a write. Default: nothing."""
+
+    def write_atomic(self, directory: str, name: str, data: bytes) -> None:
+        """Write ``directory/name`` once: temp + fsync + rename + directory fsync."""
+        tmp = os.path.join(directory, name + ".tmp")
+        self.hook("open", name)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            half = len(data) // 2
+            _write_all(fd, memoryview(data)[:half])
+            self.hook("write", name)
+            _write_all(fd, memoryview(data)[half:])
+            self.hook("fsync", name)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        self.hook("rename", name)
+        os.replace(tmp, os.path.join(directory, name))
+        self.hook("dirsync", name)
+        dfd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+        self.hook("done", name)
+
+    def read(self, path: str, offset: int = 0, length: int = -1) -> bytes:
+        with open(path, "rb") as f:
+            f.seek(offset)
+            return f.read(length) if length >= 0 else f.read()
+
+    def listdir(self, directory: str) -> list[str]:
+        return os.listdir(directory)
+
+    def remove(self, path: str) -> None:
+        os.remove(path)
+
+
+def _write_all(fd: int, data: memoryview) -> None:
+    while data:
+        n = os.write(fd, data)
+        data = data[n:]
+
+
+def _crc(b: bytes) -> int:
+    return zlib.crc32(b) & 0xFFFFFFFF
+
+
+def _kind_code(kind: str, flat: bool) -> int:
+    if kind == "F":
+        return KIND_FULL
+    return KIND_MERGED if flat else KIND_L0
+
+
+def _encode_block(c: Columns) -> bytes:
+    s = c.start
+    ds = np.empty_like(s)
+    if s.shape[0]:
+        ds[0] = s[0]
+        ds[1:] = s[1:] - s[:-1]
+    cols = [ds, c.end - c.start, c.seq, c.loc, c.poff]
+    body = msgpack.packb([int(s.shape[0])] + [a.astype("<i8").tobytes() for a in cols])
+    return bytes(lz4.block.compress(body, store_size=True))
+
+
+def _decode_block(raw: bytes, path: str) -> Columns:
+    try:
+        body = msgpack.unpackb(lz4.block.decompress(raw), raw=True)
+        n = int(body[0])
+        cols = [np.frombuffer(b, dtype="<i8").astype(np.int64) for b in body[1:6]]
+        if len(cols) != 5 or any(a.shape[0] != n for a in cols):
+            raise ValueError("column lengths")
+    except Exception as e:  # any decoding failure is corruption of this file
+        raise MapCorruption(path, f"bad block: {e}") from None
+    start = np.cumsum(cols[0])
+    return Columns(start, start + cols[1], cols[2], cols[3], cols[4])
+
+
+def encode_map(m: DeltaMap, kind: str, level: int, block_entries: int = BLOCK_ENTRIES) -> bytes:
+    """The bytes of a map file (see docs/FORMATS-mapengine.md).
+
+    Runtime complexity: O(n).
+    """
+    c = m.cols
+    n = c.n
+    blocks: list[bytes] = []
+    first: list[int] = []
+    maxend: list[int] = []
+    counts: list[int] = []
+    for i in range(0, n, block_entries):
+        part = c.take(slice(i, i + block_entries))
+        blocks.append(_encode_block(part))
+        first.append(int(part.start[0]))
+        maxend.append(int(part.end.max()))
+        counts.append(part.n)
+    offs: list[int] = []
+    pos = _HEADER.size
+    for b in blocks:
+        offs.append(pos)
+        pos += len(b)
+    index = msgpack.packb(
+        [
+            np.asarray(v, "<i8").tobytes()
+            for v in (
+                first,
+                maxend,
+                offs,
+                [len(b) for b in blocks],
+                counts,
+                [_crc(b) for b in blocks],
+            )
+        ]
+    )
+    head = _HEADER.pack(
+        MAP_MAGIC,
+        MAP_VERSION,
+        _kind_code(kind, m.flat),
+        level,
+        block_entries,
+        m.lo,
+        m.hi,
+        n,
+        len(blocks),
+        len(index),
+        pos,
+        0,
+        _crc(index),
+    )
+    crc = _crc(head[:56])
+    head = head[:56] + struct.pack("<I", crc) + head[60:]
+    return head + b"".join(blocks) + index
+
+
+def _parse_header(raw: bytes, path: str) -> tuple[int, ...]:
+    if len(raw) < _HEADER.size:
+        raise MapCorruption(path, "short header")
+    f = _HEADER.unpack(raw[: _HEADER.size])
+    if f[0] != MAP_MAGIC:
+        raise MapCorruption(path, "bad magic")
+    if _crc(raw[:56]) != f[11]:
+        raise MapCorruption(path, "header checksum mismatch")
+    if f[1] != MAP_VERSION:
+        raise MapCorruption(path, f"unknown map version {f[1]}")
+    return tuple(f[1:])
+
+
+class MapFile:
+    """A map in a file, read lazily block by block through the shared cache."""
+
+    __slots__ = (
+        "_blk_count",
+        "_blk_crc",
+        "_blk_first",
+        "_blk_len",
+        "_blk_maxend",
+        "_blk_off",
+        "_blk_pmax",
+        "_cache",
+        "_fs",
+        "flat",
+        "hi",
+        "kind",
+        "lo",
+        "n",
+        "name",
+        "path",
+        "size",
+    )
+
+    def __init__(
+        self,
+        path: str,
+        name: str,
+        kind: str,
+        lo: int,
+        hi: int,
+        n: int,
+        flat: bool,
+        size: int,
+        cache: BlockCache,
+        fs: FileOps,
+    ) -> None:
+        self.path = path
+        self.name = name
+        self.kind = kind
+        self.lo = lo
+        self.hi = hi
+        self.n = n
+        self.flat = flat
+        self.size = size
+        self._cache = cache
+        self._fs = fs
+        self._blk_first: np.ndarray[Any, np.dtype[np.int64]] | None = None
+
+    def __len__(self) -> int:
+        return self.n
+
+    def _index(self) -> None:
+        raw = self._fs.read(self.path, 0, _HEADER.size)
+        f = _parse_header(raw, self.path)
+        (_v, kind, _lvl, _be, lo, hi, n, nblocks, ilen, ioff, _hc, icrc) = f
+        if (lo, hi, n) != (self.lo, self.hi, self.n) or (kind != KIND_L0) != self.flat:
+            raise MapCorruption(self.path, "header disagrees with the manifest")
+        idx = self._fs.read(self.path, ioff, ilen)
+        if len(idx) != ilen or _crc(idx) != icrc:
+            raise MapCorruption(self.path, "index checksum mismatch")
+        try:
+            cols = [np.frombuffer(b, "<i8").astype(np.int64) for b in msgpack.unpackb(idx)]
+            if len(cols) != 6 or any(c.shape[0] != nblocks for c in cols):
+                raise ValueError("index shape")
+        except Exception as e:
+            raise MapCorruption(self.path, f"bad index: {e}") from None
+        if int(cols[4].sum()) != n:
+            raise MapCorruption(self.path, "index entry count mismatch")
+        self._blk_maxend = cols[1]
+        self._blk_pmax = np.maximum.accumulate(cols[1]) if nblocks else cols[1]
+        self._blk_off, self._blk_len, self._blk_count, self._blk_crc = cols[2:6]
+        self._blk_first = cols[0]
+
+    def _block(self, j: int) -> Columns:
+        key = (self.path, j)
+        c = self._cache.get(key)
+        if c is None:
+            raw = self._fs.read(self.path, int(self._blk_off[j]), int(self._blk_len[j]))
+            if len(raw) != int(self._blk_len[j]) or _crc(raw) != int(self._blk_crc[j]):
+                raise MapCorruption(self.path, f"block {j} checksum mismatch")
+            c = _decode_block(raw, self.path)
+            if c.n != int(self._blk_count[j]):
+                raise MapCorruption(self.path, f"block {j} entry count mismatch")
+            self._cache.put(key, c)
+        return c
+
+    def query(self, start: int, end: int) -> Columns:
+        """Entries intersecting ``[start, end)``. Runtime complexity: O(log n + block)."""
+        if self._blk_first is None:
+            self._index()
+        first = self._blk_first
+        assert first is not None
+        j0 = int(np.searchsorted(self._blk_pmax, start, side="right"))
+        j1 = int(np.searchsorted(first, end, side="left"))
+        parts: list[Columns] = []
+        for j in range(j0, j1):
+            if self._blk_maxend[j] <= start:
+                continue
+            c = self._block(j)
+            if self.flat:
+                i0 = int(np.searchsorted(c.end, start, side="right"))
+                i1 = int(np.searchsorted(c.start, end, side="left"))
+                if i1 > i0:
+                    parts.append(c.take(slice(i0, i1)))
+            else:
+                m = (c.start < end) & (c.end > start)
+                if m.any():
+                    parts.append(c.take(m))
+        if not parts:
+            return Columns.empty()
+        return parts[0] if len(parts) == 1 else Columns.concat(parts)
+
+    def load(self) -> DeltaMap:
+        """The whole map (not cached). Runtime complexity: O(n)."""
+        return decode_map(self._fs.read(self.path), self.path)
+
+
+def decode_map(raw: bytes, path: str) -> DeltaMap:
+    """Parse a whole map file, checking every checksum. Runtime complexity: O(n)."""
+    f = _parse_header(raw, path)
+    (_v, kind, _lvl, _be, lo, hi, n, nblocks, ilen, ioff, _hc, icrc) = f
+    idx = raw[ioff : ioff + ilen]
+    if len(idx) != ilen or _crc(idx) != icrc or ioff + ilen != len(raw):
+        raise MapCorruption(path, "index checksum mismatch")
+    try:
+        cols = [np.frombuffer(b, "<i8").astype(np.int64) for b in msgpack.unpackb(idx)]
+    except Exception as e:
+        raise MapCorruption(path, f"bad index: {e}") from None
+    parts = []
+    for j in range(nblocks):
+        o, ln = int(cols[2][j]), int(cols[3][j])
+        b = raw[o : o + ln]
+        if _crc(b) != int(cols[5][j]):
+            raise MapCorruption(path, f"block {j} checksum mismatch")
+        parts.append(_decode_block(b, path))
+    c = Columns.concat(parts)
+    if c.n != n:
+        raise MapCorruption(path, "entry count mismatch")
+    return DeltaMap(lo, hi, c, flat=kind != KIND_L0)
+
+
+class BlockCache:
+    """LRU of decoded blocks, bounded by decoded bytes."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.bytes = 0
+        self._d: OrderedDict[tuple[str, int], Columns] = OrderedDict()
+
+    def get(self, key: tuple[str, int]) -> Columns | None:
+        c = self._d.get(key)
+        if c is not None:
+            self._d.move_to_end(key)
+        return c
+
+    def put(self, key: tuple[str, int], c: Columns) -> None:
+        self._d[key] = c
+        self.bytes += c.nbytes
+        while self.bytes > self.limit and len(self._d) > 1:
+            _, old = self._d.popitem(last=False)
+            self.bytes -= old.nbytes
+
+    def clear(self) -> None:
+        self._d.clear()
+        self.bytes = 0
+
+
+def encode_manifest(body: dict[str, Any]) -> bytes:
+    """``MANIFEST`` bytes: fixed header (magic, version, length, crc32) + msgpack body."""
+    b = msgpack.packb(body)
+    return _MHEADER.pack(MANIFEST_MAGIC, MANIFEST_VERSION, len(b), _crc(b)) + b
+
+
+def decode_manifest(raw: bytes, path: str) -> dict[str, Any]:
+    if len(raw) < _MHEADER.size:
+        raise MapCorruption(path, "short manifest")
+    magic, ver, ln, crc = _MHEADER.unpack(raw[: _MHEADER.size])
+    if magic != MANIFEST_MAGIC:
+        raise MapCorruption(path, "bad manifest magic")
+    if ver != MANIFEST_VERSION:
+        raise MapCorruption(path, f"unknown manifest version {ver}")
+    body = raw[_MHEADER.size :]
+    if len(body) != ln or _crc(body) != crc:
+        raise MapCorruption(path, "manifest checksum mismatch")
+    try:
+        d = msgpack.unpackb(body)
+        if not isinstance(d, dict):
+            raise ValueError("not a map")
+        for key in ("gen", "sealed_seq", "fanout", "full_every", "epochs", "maps"):
+            if key not in d:
+                raise ValueError(f"missing {key}")
+    except Exception as e:
+        raise MapCorruption(path, f"bad manifest body: {e}") from None
+    return d
+
+
+class DirStore:
+    """Maps as files in one directory plus its ``MANIFEST``."""
+
+    def __init__(self, directory: str, cache_bytes: int, fs: FileOps) -> None:
+        self.dir = directory
+        self.fs = fs
+        self.cache = BlockCache(cache_bytes)
+        self.files: dict[str, MapFile] = {}
+        self.gen = 0
+
+    @classmethod
+    def open(
+        cls, directory: str, cache_bytes: int, fs: FileOps | None = None
+    ) -> tuple[DirStore, dict[str, Any] | None]:
+        """Read the manifest (if any) and delete files it does not name.
+
+        Runtime complexity: O(files in the directory).
+        """
+        os.makedirs(directory, exist_ok=True)
+        st = cls(directory, cache_bytes, fs or FileOps())
+        path = os.path.join(directory, MANIFEST)
+        state: dict[str, Any] | None = None
+        if os.path.exists(path):
+            body = decode_manifest(st.fs.read(path), path)
+            st.gen = int(body["gen"])
+            refs: dict[str, MapFile] = {}
+            maps = []
+            try:
+                for name, kind, level, ei, idx, lo, hi, n, size in body["maps"]:
+                    p = os.path.join(directory, name)
+                    if not os.path.exists(p):
+                        raise MapCorruption(p, "named by the manifest but missing")
+                    if os.path.getsize(p) != size:
+                        raise MapCorruption(p, f"size {os.path.getsize(p)} != manifest {size}")
+                    flat = kind == "F" or level > 0
+                    refs[name] = MapFile(p, name, kind, lo, hi, n, flat, size, st.cache, st.fs)
+                    maps.append((name, kind, level, ei, idx))
+                state = {
+                    "sealed_seq": int(body["sealed_seq"]),
+                    "fanout": int(body["fanout"]),
+                    "full_every": int(body["full_every"]),
+                    "epochs": [(int(r), int(t)) for r, t in body["epochs"]],
+                    "maps": maps,
+                    "refs": refs,
+                }
+            except (TypeError, ValueError) as e:
+                raise MapCorruption(path, f"bad manifest entry: {e}") from None
+            st.files = refs
+        for f in st.fs.listdir(directory):
+            if (f.endswith(".map") or f.endswith(".tmp")) and f not in st.files:
+                st.fs.remove(os.path.join(directory, f))
+        return st, state
+
+    def put(self, kind: str, level: int, m: DeltaMap) -> MapFile:
+        from .history import map_name
+
+        name = map_name(kind, level, m.lo, m.hi)
+        data = encode_map(m, kind, level)
+        self.fs.write_atomic(self.dir, name, data)
+        mf = MapFile(
+            os.path.join(self.dir, name),
+            name,
+            kind,
+            m.lo,
+            m.hi,
+            m.cols.n,
+            m.flat,
+            len(data),
+            self.cache,
+            self.fs,
+        )
+        self.files[name] = mf
+        return mf
+
+    def commit(self, state: dict[str, Any]) -> None:
+        """Replace the manifest atomically with one naming ``state["maps"]``."""
+        maps = []
+        for name, kind, level, ei, idx in state["maps"]:
+            f = self.files[name]
+            maps.append([name, kind, level, ei, idx, f.lo, f.hi, f.n, f.size])
+        body = {
+            "gen": self.gen + 1,
+            "sealed_seq": state["sealed_seq"],
+            "fanout": state["fanout"],
+            "full_every": state["full_every"],
+            "epochs": [list(e) for e in state["epochs"]],
+            "maps": maps,
+        }
+        self.fs.write_atomic(self.dir, MANIFEST, encode_manifest(body))
+        self.gen += 1
+
+    def disk_bytes(self) -> int:
+        return sum(f.size for f in self.files.values())
+
+    def cache_bytes(self) -> int:
+        return self.cache.bytes
+
+    def close(self) -> None:
+        self.cache.clear()
