@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import itertools
 import os
 import random
 from pathlib import Path
@@ -131,7 +132,7 @@ def test_rollover_naming_sidecars_and_sealed_segments_unchanged() -> None:
     j.sync()
     infos = j.segments()
     assert len(infos) > 5
-    for a, b in zip(infos, infos[1:], strict=False):
+    for a, b in itertools.pairwise(infos):
         assert b.first_seq == a.last_seq + 1 and a.sealed
         assert a.bytes <= 4096
         assert fs.exists(f"{D}/{index_name(a.first_seq)}")
@@ -412,7 +413,7 @@ def test_enospc_raises_storefull_and_keeps_journal_consistent() -> None:
 def test_enospc_on_large_direct_write_leaves_no_partial_record() -> None:
     fs = CrashSimFS(capacity=200_000)
     j = mk(fs)
-    s1, l1 = j.append_write(0, rnd(1, 1000))
+    _s1, l1 = j.append_write(0, rnd(1, 1000))
     with pytest.raises(StoreFull):
         j.append_write(0, os.urandom(300_000))
     assert j.last_seq == 1
