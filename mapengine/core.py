@@ -361,8 +361,8 @@ class DeltaMap:
         the reach of the longest entry).
         """
         ce: I64 = self._cummax_end  # type: ignore[attr-defined]
-        i0 = int(np.searchsorted(ce, start, side="right"))
-        i1 = int(np.searchsorted(self.cols.start, end, side="left"))
+        i0 = int(ce.searchsorted(start, "right"))
+        i1 = int(self.cols.start.searchsorted(end, "left"))
         if i1 <= i0:
             return Columns.empty()
         out = self.cols.take(slice(i0, i1))

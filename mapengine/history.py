@@ -255,7 +255,8 @@ class MapHistory:
         self._lq = np.empty(cap, np.int64)
         self._ll = np.empty(cap, np.int64)
         self._ln = 0
-        self._head = Columns.empty()
+        self._head = Columns.empty()  # flat deltas of the epoch, up to a multiple of f windows
+        self._recent = Columns.empty()  # flat deltas of the windows sealed since then
         if state is not None:
             self._restore(state)
 
@@ -423,6 +424,7 @@ class MapHistory:
         self._rewinds.append(seq)
         self._last_seq = seq
         self._head = Columns.empty()
+        self._recent = Columns.empty()
         self._sealed_seq = seq
         self._commit()
 
@@ -469,9 +471,14 @@ class MapHistory:
         ep.windows.append(ref)
         ep.his.append(l0.hi)
         flat, _ = flatten(l0.cols, want_dropped=False)
-        self._head = _splice(self._head, flat)
+        self._recent = _splice(self._recent, flat)
         nw = len(ep.windows)
         f = self._f
+        fe = self.policy.full_every
+        if nw % f == 0 or (fe and nw % fe == 0):
+            # two-tier head: the big splice (O(head)) happens once per f seals
+            self._head = _splice(self._head, self._recent)
+            self._recent = Columns.empty()
         for k in range(1, self._maxk + 1):
             size = f**k
             if nw % size:
@@ -485,7 +492,6 @@ class MapHistory:
             lst.append(self._store.put("L", k, res.map))
             if self.on_merge is not None:
                 self.on_merge(f"L{k}", res)
-        fe = self.policy.full_every
         if fe and nw % fe == 0:
             full = DeltaMap(ep.rewind_seq, l0.hi, self._head, flat=True)
             ep.fulls[nw] = self._store.put("F", 0, full)
@@ -580,7 +586,9 @@ class MapHistory:
         if ei == len(self._epochs) - 1 and x >= sealed_hi:
             if self._ln and x > self._sealed_seq:
                 yield self._live_query(0, x), False
-            head = self._head
+            recent, head = self._recent, self._head
+            if recent.n:
+                yield (lambda a, b: _flat_query(recent, a, b)), True
             yield (lambda a, b: _flat_query(head, a, b)), True
             return
         wc = bisect_right(ep.his, x)
@@ -709,8 +717,8 @@ class MapHistory:
             "maps": counts,
             "entries": entries,
             "epochs": len(self._epochs),
-            "head_entries": self._head.n,
-            "head_bytes": self._head.nbytes,
+            "head_entries": self._head.n + self._recent.n,
+            "head_bytes": self._head.nbytes + self._recent.nbytes,
             "live_entries": self._ln,
             "disk_bytes": self._store.disk_bytes(),
             "cache_bytes": self._store.cache_bytes(),
@@ -773,6 +781,12 @@ class MapHistory:
                 assert r.lo == ep.rewind_seq and r.hi == ep.his[b - 1]
                 if deep:
                     r.load()._check()
+        DeltaMap(
+            self._epochs[-1].rewind_seq,
+            max(self._sealed_seq, self._epochs[-1].rewind_seq),
+            self._recent,
+            flat=True,
+        )._check()
         hd = DeltaMap(
             self._epochs[-1].rewind_seq,
             max(self._sealed_seq, self._epochs[-1].rewind_seq),
@@ -783,7 +797,8 @@ class MapHistory:
         if deep:
             ep = self._epochs[-1]
             want = self._epoch_all(ep, len(ep.windows))
-            assert all(np.array_equal(x, y) for x, y in zip(want, self._head, strict=True)), (
+            have = overlay([self._recent, self._head], want_dropped=False)[0]
+            assert all(np.array_equal(x, y) for x, y in zip(want, have, strict=True)), (
                 "head differs from the epoch's maps"
             )
             if self._head.n:
@@ -799,11 +814,14 @@ def _decompose_down_list(h: MapHistory, ep: _Epoch, wc: int) -> Iterator[MapRef]
     return h._decompose_down(ep, wc)
 
 
+_EMPTY = Columns.empty()
+
+
 def _flat_query(c: Columns, a: int, b: int) -> Columns:
-    i0 = int(np.searchsorted(c.end, a, side="right"))
-    i1 = int(np.searchsorted(c.start, b, side="left"))
-    if i1 <= i0:
-        return Columns.empty()
+    i0 = int(c.end.searchsorted(a, "right"))
+    if i0 >= c.start.shape[0] or c.start[i0] >= b:
+        return _EMPTY
+    i1 = int(c.start.searchsorted(b, "left"))
     return c.take(slice(i0, i1))
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import struct
+from bisect import bisect_left, bisect_right
 import zlib
 from collections import OrderedDict
 from typing import Any
@@ -30,6 +31,8 @@ import msgpack
 import numpy as np
 
 from .core import Columns, DeltaMap
+
+EMPTY = Columns.empty()
 from .errors import MapCorruption
 
 __all__ = ["BLOCK_ENTRIES", "DirStore", "FileOps", "MapFile", "decode_map", "encode_map"]
@@ -250,7 +253,13 @@ class MapFile:
         self.size = size
         self._cache = cache
         self._fs = fs
-        self._blk_first: np.ndarray[Any, np.dtype[np.int64]] | None = None
+        self._blk_first: list[int] | None = None
+        self._blk_maxend: list[int] = []
+        self._blk_pmax: list[int] = []
+        self._blk_off: list[int] = []
+        self._blk_len: list[int] = []
+        self._blk_count: list[int] = []
+        self._blk_crc: list[int] = []
 
     def __len__(self) -> int:
         return self.n
@@ -272,10 +281,12 @@ class MapFile:
             raise MapCorruption(self.path, f"bad index: {e}") from None
         if int(cols[4].sum()) != n:
             raise MapCorruption(self.path, "index entry count mismatch")
-        self._blk_maxend = cols[1]
-        self._blk_pmax = np.maximum.accumulate(cols[1]) if nblocks else cols[1]
-        self._blk_off, self._blk_len, self._blk_count, self._blk_crc = cols[2:6]
-        self._blk_first = cols[0]
+        self._blk_maxend = cols[1].tolist()
+        self._blk_pmax = (np.maximum.accumulate(cols[1]) if nblocks else cols[1]).tolist()
+        self._blk_off, self._blk_len, self._blk_count, self._blk_crc = (
+            c.tolist() for c in cols[2:6]
+        )
+        self._blk_first = cols[0].tolist()
 
     def _block(self, j: int) -> Columns:
         key = (self.path, j)
@@ -294,26 +305,33 @@ class MapFile:
         """Entries intersecting ``[start, end)``. Runtime complexity: O(log n + block)."""
         if self._blk_first is None:
             self._index()
-        first = self._blk_first
-        assert first is not None
-        j0 = int(np.searchsorted(self._blk_pmax, start, side="right"))
-        j1 = int(np.searchsorted(first, end, side="left"))
+        first: list[int] = self._blk_first  # type: ignore[assignment]
+        maxend: list[int] = self._blk_maxend
+        j0 = bisect_right(self._blk_pmax, start)
+        j1 = bisect_left(first, end)
         parts: list[Columns] = []
         for j in range(j0, j1):
-            if self._blk_maxend[j] <= start:
+            if maxend[j] <= start:
                 continue
             c = self._block(j)
             if self.flat:
-                i0 = int(np.searchsorted(c.end, start, side="right"))
-                i1 = int(np.searchsorted(c.start, end, side="left"))
-                if i1 > i0:
-                    parts.append(c.take(slice(i0, i1)))
+                i0 = int(c.end.searchsorted(start, "right"))
+                if i0 >= c.start.shape[0] or c.start[i0] >= end:
+                    continue
+                i1 = int(c.start.searchsorted(end, "left"))
+                parts.append(c.take(slice(i0, i1)))
             else:
-                m = (c.start < end) & (c.end > start)
-                if m.any():
-                    parts.append(c.take(m))
+                cme = self._cache.get_aux((self.path, j))
+                if cme is None:
+                    cme = np.maximum.accumulate(c.end)
+                    self._cache.put_aux((self.path, j), cme)
+                i0 = int(cme.searchsorted(start, "right"))
+                i1 = int(c.start.searchsorted(end, "left"))
+                if i1 > i0:
+                    part = c.take(slice(i0, i1))
+                    parts.append(part.take(part.end > start))
         if not parts:
-            return Columns.empty()
+            return EMPTY
         return parts[0] if len(parts) == 1 else Columns.concat(parts)
 
     def load(self) -> DeltaMap:
@@ -352,6 +370,7 @@ class BlockCache:
         self.limit = limit
         self.bytes = 0
         self._d: OrderedDict[tuple[str, int], Columns] = OrderedDict()
+        self._aux: dict[tuple[str, int], np.ndarray[Any, np.dtype[np.int64]]] = {}
 
     def get(self, key: tuple[str, int]) -> Columns | None:
         c = self._d.get(key)
@@ -363,11 +382,24 @@ class BlockCache:
         self._d[key] = c
         self.bytes += c.nbytes
         while self.bytes > self.limit and len(self._d) > 1:
-            _, old = self._d.popitem(last=False)
+            k, old = self._d.popitem(last=False)
             self.bytes -= old.nbytes
+            aux = self._aux.pop(k, None)
+            if aux is not None:
+                self.bytes -= aux.nbytes
+
+    def get_aux(self, key: tuple[str, int]) -> np.ndarray[Any, np.dtype[np.int64]] | None:
+        return self._aux.get(key)
+
+    def put_aux(self, key: tuple[str, int], a: np.ndarray[Any, np.dtype[np.int64]]) -> None:
+        """Derived data of a cached block (dropped with it)."""
+        if key in self._d:
+            self._aux[key] = a
+            self.bytes += a.nbytes
 
     def clear(self) -> None:
         self._d.clear()
+        self._aux.clear()
         self.bytes = 0
 
 

@@ -1,0 +1,264 @@
+"""Map files and manifest: crash at every write step, corruption, golden bytes."""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import pytest
+
+from mapengine import Columns, DeltaMap, MapCorruption, MapHistory, MergePolicy
+from mapengine.storage import MANIFEST, FileOps, encode_manifest, encode_map
+from tests.property.test_mapengine_model import Model, check_changed, check_resolve, feed
+
+SIZE = 64
+POLICY = MergePolicy(fanout=2, l0_max_writes=3, full_every=4)
+
+
+class Crash(Exception):
+    pass
+
+
+class FaultFS(FileOps):
+    """Raises :class:`Crash` at the ``at``-th hook call (counting from 0)."""
+
+    def __init__(self, at: int) -> None:
+        self.at = at
+        self.calls = 0
+        self.points: list[tuple[str, str]] = []
+
+    def hook(self, point: str, name: str) -> None:
+        self.points.append((point, name))
+        self.calls += 1
+        if self.calls - 1 == self.at:
+            raise Crash(f"{point} {name}")
+
+
+def _script(seed: int) -> Model:
+    rnd = random.Random(seed)
+    m = Model(SIZE)
+    for i in range(40):
+        seq = i + 1
+        r = rnd.random()
+        if r < 0.7:
+            a = rnd.randrange(SIZE)
+            m.write(seq, a, min(SIZE, a + rnd.randint(1, 20)), 100 * seq)
+        elif r < 0.8:
+            a = rnd.randrange(SIZE)
+            m.zero(seq, a, min(SIZE, a + rnd.randint(1, 20)))
+        elif r < 0.9 and i > 5:
+            m.rewind(seq, rnd.randrange(m.last))
+        else:
+            m.note(seq)
+    return m
+
+
+def _drive(h: MapHistory, m: Model, rnd: random.Random) -> None:
+    for rec in m.records:
+        feed(h, rec)
+        if h.seal_due or rnd.random() < 0.1:
+            h.seal()
+    h.seal()
+
+
+def _verify_reopen(d: Path, m: Model) -> None:
+    h = MapHistory.open(d, policy=POLICY)
+    named = set(os.listdir(d))
+    assert not any(n.endswith(".tmp") for n in named)
+    for rec in m.records:
+        if rec[1] > h.sealed_seq:
+            feed(h, rec)
+    h._check()
+    for x in range(m.last + 1):
+        check_resolve(h, m, x, 0, SIZE)
+    check_changed(h, m, 0, m.last, 0, SIZE)
+    h.seal()
+    h.close()
+    # and once more, fully sealed
+    h = MapHistory.open(d, policy=POLICY)
+    assert h.sealed_seq == m.last
+    for x in range(0, m.last + 1, 3):
+        check_resolve(h, m, x, 0, SIZE)
+    h.close()
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_crash_at_every_write_step(tmp_path: Path, seed: int) -> None:
+    m = _script(seed)
+    total = FaultFS(-1)
+    h = MapHistory.open(tmp_path / "ref", policy=POLICY, fs=total)
+    _drive(h, m, random.Random(seed))
+    h.close()
+    n = total.calls
+    assert n > 50
+    kinds = {p for p, _ in total.points}
+    assert kinds == {"open", "write", "fsync", "rename", "dirsync", "done"}
+    for at in range(n):
+        d = tmp_path / f"c{at}"
+        fs = FaultFS(at)
+        h = MapHistory.open(d, policy=POLICY, fs=fs)
+        with pytest.raises(Crash):
+            _drive(h, m, random.Random(seed))
+        # the object is abandoned (the process "died"); reopen from disk and replay
+        _verify_reopen(d, m)
+
+
+def test_failed_write_makes_history_unusable(tmp_path: Path) -> None:
+    h = MapHistory.open(tmp_path, policy=POLICY, fs=FaultFS(0))
+    h.add_write(1, 0, 10, 5)
+    with pytest.raises(Crash):
+        h.seal()
+    with pytest.raises(ValueError, match="reopen"):
+        h.add_write(2, 0, 10, 5)
+
+
+def test_garbage_files_deleted_on_open(tmp_path: Path) -> None:
+    h = MapHistory.open(tmp_path, policy=POLICY)
+    for s in range(1, 8):
+        h.add_write(s, s, s + 3, s)
+    h.seal()
+    h.close()
+    (tmp_path / "L0-00000000000000000100-00000000000000000200.map").write_bytes(b"junk")
+    (tmp_path / "MANIFEST.tmp").write_bytes(b"junk")
+    (tmp_path / "notes.txt").write_text("not ours")
+    h = MapHistory.open(tmp_path, policy=POLICY)
+    names = sorted(os.listdir(tmp_path))
+    assert "notes.txt" in names
+    assert not any(n.endswith(".tmp") or "00000000000000000100" in n for n in names)
+    assert h.sealed_seq == 7
+    h.close()
+
+
+def _history(d: Path) -> list[str]:
+    h = MapHistory.open(d, policy=POLICY)
+    for s in range(1, 20):
+        h.add_write(s, (s * 7) % 50, (s * 7) % 50 + 9, 1000 + s)
+        if h.seal_due:
+            h.seal()
+    h.seal()
+    h.close()
+    return sorted(n for n in os.listdir(d) if n.endswith(".map"))
+
+
+def _flip(p: Path, off: int) -> None:
+    b = bytearray(p.read_bytes())
+    b[off] ^= 0x40
+    p.write_bytes(bytes(b))
+
+
+def _use(d: Path) -> None:
+    h = MapHistory.open(d, policy=POLICY)
+    for x in range(h.last_seq + 1):
+        h.resolve(x, 0, SIZE)
+        h.changed(0, x)
+    h._check()
+    h.close()
+
+
+@pytest.mark.parametrize("where", ["header", "block", "index", "truncate"])
+def test_map_file_corruption_names_file(tmp_path: Path, where: str) -> None:
+    maps = _history(tmp_path)
+    victim = tmp_path / maps[0]
+    size = victim.stat().st_size
+    if where == "header":
+        _flip(victim, 20)
+    elif where == "block":
+        _flip(victim, 70)
+    elif where == "index":
+        _flip(victim, size - 3)
+    else:
+        victim.write_bytes(victim.read_bytes()[:-5])
+    with pytest.raises(MapCorruption) as ei:
+        _use(tmp_path)
+    assert maps[0] in str(ei.value)
+    assert isinstance(ei.value, OSError)
+    assert ei.value.path.endswith(maps[0])
+
+
+@pytest.mark.parametrize("off", [0, 9, 14, 25, -1])
+def test_manifest_corruption_names_file(tmp_path: Path, off: int) -> None:
+    _history(tmp_path)
+    p = tmp_path / MANIFEST
+    _flip(p, off if off >= 0 else p.stat().st_size - 1)
+    with pytest.raises(MapCorruption, match="MANIFEST"):
+        MapHistory.open(tmp_path, policy=POLICY)
+
+
+def test_missing_map_file_is_corruption(tmp_path: Path) -> None:
+    maps = _history(tmp_path)
+    (tmp_path / maps[-1]).unlink()
+    with pytest.raises(MapCorruption, match=maps[-1]):
+        MapHistory.open(tmp_path, policy=POLICY)
+
+
+def test_corruption_with_fixed_up_checksum_is_still_caught(tmp_path: Path) -> None:
+    """A block whose crc32 was recomputed but whose payload is not msgpack+lz4."""
+    import struct
+    import zlib
+
+    import msgpack
+
+    maps = _history(tmp_path)
+    p = tmp_path / maps[0]
+    raw = bytearray(p.read_bytes())
+    ioff, ilen = struct.unpack_from("<QI", raw, 48)[0], struct.unpack_from("<I", raw, 44)[0]
+    idx = msgpack.unpackb(bytes(raw[ioff : ioff + ilen]))
+    boff = struct.unpack_from("<q", idx[2], 0)[0]
+    blen = struct.unpack_from("<q", idx[3], 0)[0]
+    raw[boff : boff + blen] = b"\x00" * blen
+    crcs = bytearray(idx[5])
+    struct.pack_into("<q", crcs, 0, zlib.crc32(b"\x00" * blen))
+    idx[5] = bytes(crcs)
+    newidx = msgpack.packb(idx)
+    assert len(newidx) == ilen
+    raw[ioff : ioff + ilen] = newidx
+    struct.pack_into("<I", raw, 60, zlib.crc32(newidx))
+    p.write_bytes(bytes(raw))
+    with pytest.raises(MapCorruption, match=maps[0]):
+        _use(tmp_path)
+
+
+# Golden bytes: these pin the file formats of docs/FORMATS-mapengine.md. If one changes,
+# the format changed: bump the version and keep reading the old one.
+
+
+def _golden_map() -> bytes:
+    cols = Columns.from_lists(
+        [0, 4096, 12288], [4096, 8192, 16384], [11, 12, 20], [7, -1, 9], [0, 0, 512]
+    )
+    return encode_map(DeltaMap(10, 20, cols, flat=True), "L", 1)
+
+
+def test_golden_map_file() -> None:
+    data = _golden_map()
+    assert data.hex() == GOLDEN_MAP_HEX
+
+
+def test_golden_manifest() -> None:
+    body = {
+        "gen": 3,
+        "sealed_seq": 20,
+        "fanout": 8,
+        "full_every": 64,
+        "epochs": [[0, -1]],
+        "maps": [
+            ["L1-00000000000000000011-00000000000000000020.map", "L", 1, 0, 0, 10, 20, 3, 170]
+        ],
+    }
+    assert encode_manifest(body).hex() == GOLDEN_MANIFEST_HEX
+
+
+GOLDEN_MAP_HEX = (
+    "4344504d4150000101000101000400000a0000000000000014000000000000000300000000000000"
+    "010000003d0000008700000000000000945486048f7faad384000000549603c41800010013100900"
+    "1220080025c41812000b080032c4180b230023000c08001314080033c418070a0013ff0100130910"
+    "00076800040200700200000000000096c4080000000000000000c4080040000000000000c4084000"
+    "000000000000c4084700000000000000c4080300000000000000c408d3d4fed400000000"
+)
+GOLDEN_MANIFEST_HEX = (
+    "4344504d414e494601000000740000005c571e1b86a367656e03aa7365616c65645f73657114a666"
+    "616e6f757408aa66756c6c5f657665727940a665706f636873919200ffa46d6170739199d9304c31"
+    "2d30303030303030303030303030303030303031312d303030303030303030303030303030303030"
+    "32302e6d6170a14c0100000a1403ccaa"
+)
