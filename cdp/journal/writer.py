@@ -36,7 +36,9 @@ import concurrent.futures
 import errno
 import itertools
 import os
+import struct
 import threading
+import time
 from array import array
 from collections import OrderedDict, deque
 from collections.abc import Iterator
@@ -198,9 +200,12 @@ class Journal:
         self._sync_mode = sync
         self._fs = fs
         self._clock = clock
-        self._time_ns = clock.time_ns
+        self._time_ns = time.time_ns if type(clock) is Clock else clock.time_ns
         self._buffer_bytes = buffer_bytes
-        self._buf = bytearray()
+        # fixed-size buffer: records are packed in place, never reallocated
+        self._buf = bytearray(buffer_bytes + DIRECT_WRITE + RECORD_HEADER_SIZE)
+        self._mv = memoryview(self._buf)
+        self._w = 0  # bytes of the buffer in use
         self._segs: list[_Seg] = []
         self._firsts: list[int] = []
         self._first_ts: list[int] = []
@@ -462,40 +467,44 @@ class Journal:
         if self._failed is not None:
             raise self._failed
         stored = len(payload)
-        buf = self._buf
-        pos = self._file_size + len(buf)
+        w = self._w
+        pos = self._file_size + w
+        end = w + RECORD_HEADER_SIZE + stored
         if pos + RECORD_HEADER_SIZE + stored > self._segment_bytes and self._cur.count:
             self._roll()
+            w = 0
             pos = self._file_size
-        elif len(buf) + stored > self._buffer_bytes and buf:
+        elif end > self._buffer_bytes and w:
             self._flush()
+            w = 0
             pos = self._file_size
         seq = self._last_seq + 1
         ts = self._time_ns()
         if ts < self._last_ts:
             ts = self._last_ts
-        tail = _TAIL_PACK(RECORD_VERSION, kind, comp, 0, stored, seq, ts, offset, length)
-        crc = _CRC(payload, _CRC(tail))
         if stored >= DIRECT_WRITE:
-            head = _PREFIX_PACK(RECORD_MAGIC, crc) + tail
+            tail = _TAIL_PACK(RECORD_VERSION, kind, comp, 0, stored, seq, ts, offset, length)
+            head = _PREFIX_PACK(RECORD_MAGIC, _CRC(payload, _CRC(tail))) + tail
             try:
-                self._fs.writev(self._fd, [buf, head, payload] if buf else [head, payload])
+                self._fs.writev(self._fd, [self._mv[:w], head, payload] if w else [head, payload])
             except OSError as exc:
                 raise self._undo_write(exc) from exc
             self._file_size = pos + RECORD_HEADER_SIZE + stored
-            buf.clear()
+            self._w = 0
         else:
-            buf += _PREFIX_PACK(RECORD_MAGIC, crc)
-            buf += tail
-            buf += payload
+            mv = self._mv
+            end = w + RECORD_HEADER_SIZE + stored
+            _HEADER_PACK_INTO(self._buf, w, RECORD_MAGIC, 0, RECORD_VERSION, kind, comp, 0,
+                              stored, seq, ts, offset, length)
+            mv[w + RECORD_HEADER_SIZE : end] = payload
+            _U32_PACK_INTO(self._buf, w + 4, _CRC(mv[w + CRC_START : end]))
+            self._w = end
         cur = self._cur
         if not cur.count:
             cur.first_ts = ts
             self._first_ts[-1] = ts
         cur.count += 1
         cur.raw_bytes += raw
-        cur.size = pos + RECORD_HEADER_SIZE + stored
-        cur.last_ts = ts
         self._cur_ts_append(ts)
         self._cur_offs_append(pos)
         self._last_seq = seq
@@ -513,21 +522,23 @@ class Journal:
 
     def _flush(self) -> None:
         """Hand the buffer to the OS (no sync). StoreFull leaves the buffer as it was."""
-        buf = self._buf
-        if not buf:
+        w = self._w
+        if not w:
             return
         try:
-            self._fs.write(self._fd, buf)
+            self._fs.write(self._fd, self._mv[:w])
         except OSError as exc:
             raise self._undo_write(exc) from exc
-        self._file_size += len(buf)
-        buf.clear()
+        self._file_size += w
+        self._w = 0
 
     def _roll(self) -> None:
         """Seal the open segment and start the next one (durable at the next sync)."""
         self._flush()
         fs = self._fs
         first = self._last_seq + 1
+        self._cur.size = self._file_size
+        self._cur.last_ts = self._last_ts
         seg = _Seg(first)
         path = self._path(seg.name)
         try:
@@ -708,10 +719,10 @@ class Journal:
 
     def _raw(self, seg: _Seg, seq: int, loc: int) -> tuple[bytes, bytes, str]:
         where = f"segment {seg.name} offset {loc} seq {seq}"
-        if not SEGMENT_HEADER_SIZE <= loc < seg.size:
+        if not SEGMENT_HEADER_SIZE <= loc < self._size(seg):
             raise Corruption(f"{where}: location outside the segment")
         if seg is self._cur and loc >= self._file_size:
-            b = self._buf
+            b = self._mv[: self._w]
             i = loc - self._file_size
             head = bytes(b[i : i + RECORD_HEADER_SIZE])
             slen = RECORD_HEADER.unpack_from(head)[6] if len(head) == RECORD_HEADER_SIZE else 0
@@ -834,10 +845,14 @@ class Journal:
 
     # ----------------------------------------------------------------------- listing
 
+    def _size(self, seg: _Seg) -> int:
+        """Bytes of a segment (the open one's size includes its buffered records)."""
+        return self._file_size + self._w if seg is self._cur else seg.size
+
     def segments(self) -> list[SegmentInfo]:
         """One entry per segment file, oldest first. O(segments)."""
         return [
-            SegmentInfo(s.name, s.first_seq, s.first_seq + s.count - 1, s.count, s.size,
+            SegmentInfo(s.name, s.first_seq, s.first_seq + s.count - 1, s.count, self._size(s),
                         s.first_ts if s.count else None, s.state != _OPEN)
             for s in self._segs
         ]
@@ -845,13 +860,15 @@ class Journal:
     def stats(self) -> JournalStats:
         """Record and byte totals. O(segments)."""
         records = sum(s.count for s in self._segs)
-        file_bytes = sum(s.size for s in self._segs)
+        file_bytes = sum(self._size(s) for s in self._segs)
         stored = file_bytes - SEGMENT_HEADER_SIZE * len(self._segs) - RECORD_HEADER_SIZE * records
         return JournalStats(records, sum(s.raw_bytes for s in self._segs), stored, file_bytes,
                             len(self._segs))
 
 
 _TAIL_PACK = RECORD_TAIL.pack
+_HEADER_PACK_INTO = RECORD_HEADER.pack_into
+_U32_PACK_INTO = struct.Struct("<I").pack_into
 _PREFIX_PACK = RECORD_PREFIX.pack
 _CRC = crc32c
 assert RECORD_PREFIX.size == CRC_START
