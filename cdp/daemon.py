@@ -21,6 +21,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 
 from cdp import __version__
 from cdp.admin import AdminServer
@@ -29,6 +30,7 @@ from cdp.errors import CdpError
 from cdp.exports import StoreExports
 from cdp.metrics import MetricsServer
 from cdp.store import Store
+from cdp.targets.nbd.server import NbdServer, serve_nbd
 from cdp.volume import write_file_atomic
 
 #: written once the listeners are up, removed at a clean stop
@@ -87,8 +89,6 @@ class Daemon:
         try:
             await admin.start()
             if s.nbd.enabled:
-                from cdp.targets.nbd.server import serve_nbd
-
                 nbd = await serve_nbd(StoreExports(store), s.nbd.host, s.nbd.port)
                 self.nbd_port = nbd.port
                 log.info("NBD on %s:%d", s.nbd.host, nbd.port)
@@ -114,7 +114,7 @@ class Daemon:
             store.close()
             log.info("stopped cleanly: maps sealed, journal synced")
 
-    def _write_runfile(self, store: Store, nbd: object, metrics: MetricsServer | None) -> None:
+    def _write_runfile(self, store: Store, nbd: NbdServer | None, metrics: MetricsServer | None) -> None:
         """STORE/cdpd.json: pid and the bound addresses (useful with port 0)."""
         s = self.settings
         info = {
@@ -127,12 +127,11 @@ class Daemon:
         }
         write_file_atomic(store.path / RUNFILE, json.dumps(info, indent=2).encode() + b"\n")
 
-    def _extra_metrics(self, nbd: object) -> object:
+    def _extra_metrics(self, nbd: NbdServer | None) -> Callable[[], dict[str, float]]:
         def extra() -> dict[str, float]:
             d = {"cdp_uptime_seconds": time.time() - self.started}
-            n = getattr(nbd, "connection_count", None)
-            if n is not None:
-                d["cdp_nbd_connections"] = float(n() if callable(n) else n)
+            if nbd is not None:
+                d["cdp_nbd_connections"] = float(nbd.connections)
             return d
 
         return extra

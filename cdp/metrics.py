@@ -26,7 +26,7 @@ def render(store: Store, extra: Callable[[], dict[str, float]] | None = None) ->
         return [({"volume": v.name}, float(fn(v))) for v in vols]
 
     def stat(v: Any, key: str) -> float:
-        return float(v.journal.stats().get(key) or 0)
+        return float(getattr(v.journal.stats(), key))
 
     metric("cdp_writes_total", "counter", "Write and zero requests journalled since start.", per(lambda v: v.writes))
     metric("cdp_written_bytes_total", "counter", "Bytes written by hosts since start.", per(lambda v: v.bytes_written))
@@ -34,7 +34,7 @@ def render(store: Store, extra: Callable[[], dict[str, float]] | None = None) ->
     metric("cdp_read_bytes_total", "counter", "Bytes read since start.", per(lambda v: v.bytes_read))
     metric("cdp_flushes_total", "counter", "Durability waits (FLUSH/FUA) completed.", per(lambda v: v.flushes))
     metric("cdp_flush_seconds_total", "counter", "Time spent waiting for durability.", per(lambda v: v.flush_seconds))
-    metric("cdp_journal_bytes", "gauge", "Bytes stored in the journal.", per(lambda v: stat(v, "stored_bytes")))
+    metric("cdp_journal_bytes", "gauge", "Bytes stored in the journal.", per(lambda v: stat(v, "file_bytes")))
     metric("cdp_live_bytes", "gauge", "Payload bytes written to the volume (uncompressed).", per(lambda v: stat(v, "raw_bytes")))
     metric("cdp_journal_records", "gauge", "Records in the journal.", per(lambda v: stat(v, "records")))
     metric("cdp_last_seq", "gauge", "Newest sequence number.", per(lambda v: v.head_seq))

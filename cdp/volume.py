@@ -560,12 +560,11 @@ class Volume:
             "durable_seq": j.durable_seq,
             "first_time_ns": j.time_of_seq(first) if first else None,
             "last_time_ns": j.time_of_seq(j.last_seq) if j.last_seq else None,
-            "journal_records": st.get("records"),
-            "written_bytes": st.get("raw_bytes"),
-            "journal_bytes": st.get("stored_bytes"),
-            "compression_ratio": (
-                round(st["raw_bytes"] / st["stored_bytes"], 3) if st.get("stored_bytes") else None
-            ),
+            "journal_records": st.records,
+            "written_bytes": st.raw_bytes,
+            "journal_bytes": st.file_bytes,
+            "compression_ratio": round(st.raw_bytes / st.stored_bytes, 3) if st.stored_bytes else None,
+            "journal_segments": st.segments,
             "markers": len(self._markers),
             "newest_marker": self._markers[-1].to_dict() if self._markers else None,
             "session_writes": self.writes,

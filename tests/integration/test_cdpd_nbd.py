@@ -23,7 +23,8 @@ SIZE = 256 * MiB
 
 
 def qemu_io(uri: str, *cmds: str, check: bool = True) -> subprocess.CompletedProcess[bytes]:
-    args = ["qemu-io", "-f", "raw"]
+    """Run qemu-io commands; point-in-time exports (``vol@POINT``) are opened read-only."""
+    args = ["qemu-io", "-f", "raw"] + (["-r"] if "@" in uri.rsplit("/", 1)[1] else [])
     for c in cmds:
         args += ["-c", c]
     return run(*args, uri, check=check)
@@ -70,8 +71,8 @@ def test_markers_images_and_pit_exports(cdpd: Cdpd, tmp_path: Path) -> None:
     assert [m["name"] for m in markers] == ["marker1", "marker2", "marker3", "marker4"]
     assert [m["label"] for m in markers] == ["step0", "step1", "step2", "step3"]
 
-    # point-in-time exports are read-only
-    r = qemu_io(cdpd.uri("vol0@marker1"), "write -P 1 0 512", check=False)
+    # point-in-time exports are read-only: qemu refuses to open them for writing
+    r = run("qemu-io", "-f", "raw", "-c", "write -P 1 0 512", cdpd.uri("vol0@marker1"), check=False)
     assert r.returncode != 0 or b"failed" in r.stdout + r.stderr
     assert b"ermission" in r.stdout + r.stderr or b"read-only" in (r.stdout + r.stderr).lower()
 
@@ -193,7 +194,7 @@ def _request(s: socket.socket, cmd: int, offset: int, length: int, flags: int = 
 
 def test_bad_input_gets_spec_errors_and_server_keeps_serving(cdpd: Cdpd) -> None:
     require_tool("qemu-io")
-    EINVAL, EPERM = 22, 1
+    EINVAL, EPERM, ENOSPC = 22, 1, 28
     # garbage handshake: that connection is dropped
     g = socket.create_connection(("127.0.0.1", cdpd.nbd_port), timeout=10)
     _recv(g, 18)
@@ -207,7 +208,7 @@ def test_bad_input_gets_spec_errors_and_server_keeps_serving(cdpd: Cdpd) -> None
     g.close()
     s = _nbd_handshake(cdpd.nbd_port, b"vol0")
     assert _request(s, 0, SIZE - 512, 4096) == EINVAL  # read past the end
-    assert _request(s, 1, SIZE, 512, data=b"x" * 512) == EINVAL  # write past the end
+    assert _request(s, 1, SIZE, 512, data=b"x" * 512) == ENOSPC  # write past the end (spec: SHOULD ENOSPC)
     assert _request(s, 0, 0, 512, flags=0x8000) == EINVAL  # unknown flag
     assert _request(s, 99, 0, 512) == EINVAL  # unknown command: the connection goes on
     assert _request(s, 0, 0, 512) == 0
