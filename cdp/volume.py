@@ -222,12 +222,11 @@ class Volume:
         for rec in self.journal.scan(start):
             self._apply(rec.kind, rec.seq, rec.offset, rec.length, rec.loc, rec)
             n += 1
-            if rec.kind == RecordKind.MARKER and rec.marker_id not in known:
-                self._markers.append(
-                    Marker(rec.marker_id, rec.seq, rec.timestamp_ns, rec.label or "")
-                )
-                self._next_marker_id = max(self._next_marker_id, rec.marker_id + 1)
-                known.add(rec.marker_id)
+            mid = rec.marker_id
+            if rec.kind == RecordKind.MARKER and mid is not None and mid not in known:
+                self._markers.append(Marker(mid, rec.seq, rec.timestamp_ns, rec.label or ""))
+                self._next_marker_id = max(self._next_marker_id, mid + 1)
+                known.add(mid)
                 added = True
         self.replayed = n
         if added:
