@@ -50,7 +50,7 @@ _HEADER = struct.Struct("<8sHBBIQQQIIQII")  # 64 bytes, see FORMATS-mapengine.md
 _MHEADER = struct.Struct("<8sIII")  # 20 bytes
 assert _HEADER.size == 64
 
-BLOCK_ENTRIES = 1024
+BLOCK_ENTRIES = 256
 
 
 class FileOps:
@@ -60,12 +60,46 @@ class FileOps:
     ``"fsync"``, ``"rename"``, ``"dirsync"`` and ``"done"``.
     """
 
+    max_open = 128  #: read descriptors kept open (LRU)
+
     def hook(self, point: str, name: str) -> None:
         """Called between the steps of a write. Default: nothing."""
+
+    def _fds(self) -> OrderedDict[str, int]:
+        d: OrderedDict[str, int] | None = self.__dict__.get("_fd_cache")
+        if d is None:
+            d = self.__dict__["_fd_cache"] = OrderedDict()
+        return d
+
+    def pread(self, path: str, offset: int, length: int) -> bytes:
+        """Read ``length`` bytes at ``offset`` through a small cache of open descriptors."""
+        fds = self._fds()
+        fd = fds.get(path)
+        if fd is None:
+            fd = os.open(path, os.O_RDONLY)
+            fds[path] = fd
+            while len(fds) > self.max_open:
+                os.close(fds.popitem(last=False)[1])
+        else:
+            fds.move_to_end(path)
+        return os.pread(fd, length, offset)
+
+    def forget(self, path: str) -> None:
+        """Close the cached descriptor of ``path``, if any."""
+        fd = self._fds().pop(path, None)
+        if fd is not None:
+            os.close(fd)
+
+    def close_all(self) -> None:
+        """Close every cached descriptor."""
+        fds = self._fds()
+        while fds:
+            os.close(fds.popitem()[1])
 
     def write_atomic(self, directory: str, name: str, data: bytes) -> None:
         """Write ``directory/name`` once: temp + fsync + rename + directory fsync."""
         tmp = os.path.join(directory, name + ".tmp")
+        self.forget(os.path.join(directory, name))
         self.hook("open", name)
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
@@ -96,6 +130,7 @@ class FileOps:
         return os.listdir(directory)
 
     def remove(self, path: str) -> None:
+        self.forget(path)
         os.remove(path)
 
 
@@ -265,12 +300,12 @@ class MapFile:
         return self.n
 
     def _index(self) -> None:
-        raw = self._fs.read(self.path, 0, _HEADER.size)
+        raw = self._fs.pread(self.path, 0, _HEADER.size)
         f = _parse_header(raw, self.path)
         (_v, kind, _lvl, _be, lo, hi, n, nblocks, ilen, ioff, _hc, icrc) = f
         if (lo, hi, n) != (self.lo, self.hi, self.n) or (kind != KIND_L0) != self.flat:
             raise MapCorruption(self.path, "header disagrees with the manifest")
-        idx = self._fs.read(self.path, ioff, ilen)
+        idx = self._fs.pread(self.path, ioff, ilen)
         if len(idx) != ilen or _crc(idx) != icrc:
             raise MapCorruption(self.path, "index checksum mismatch")
         try:
@@ -292,7 +327,7 @@ class MapFile:
         key = (self.path, j)
         c = self._cache.get(key)
         if c is None:
-            raw = self._fs.read(self.path, int(self._blk_off[j]), int(self._blk_len[j]))
+            raw = self._fs.pread(self.path, self._blk_off[j], self._blk_len[j])
             if len(raw) != int(self._blk_len[j]) or _crc(raw) != int(self._blk_crc[j]):
                 raise MapCorruption(self.path, f"block {j} checksum mismatch")
             c = _decode_block(raw, self.path)
@@ -531,3 +566,4 @@ class DirStore:
 
     def close(self) -> None:
         self.cache.clear()
+        self.fs.close_all()
