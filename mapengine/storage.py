@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import os
 import struct
-from bisect import bisect_left, bisect_right
 import zlib
+from bisect import bisect_left, bisect_right
 from collections import OrderedDict
 from typing import Any
 
@@ -31,9 +31,9 @@ import msgpack
 import numpy as np
 
 from .core import Columns, DeltaMap
+from .errors import MapCorruption
 
 EMPTY = Columns.empty()
-from .errors import MapCorruption
 
 __all__ = ["BLOCK_ENTRIES", "DirStore", "FileOps", "MapFile", "decode_map", "encode_map"]
 
