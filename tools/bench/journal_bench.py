@@ -13,7 +13,20 @@ Rows:
 - ``compressible-1MiB``: 50 %-compressible 1 MiB appends, raw MB/s ingested vs dd's
   bandwidth. Goal: above the raw disk bandwidth (ratio > 1).
 
+The disk may be shared with other work, so the full run alternates dd and cdp three
+times and keeps the best of each. The buffered row appends 1 GiB: enough to measure the
+append path, small enough for the page cache (longer runs converge to disk bandwidth).
+
 ``run(quick)`` returns the rows as dicts for a harness; ``main`` prints a table.
+
+Last full run (2 vCPU VM, ext4 on virtio disk, other benchmarks running alongside)::
+
+    test               unit   cdp       peer                             ratio  result
+    seq-1MiB           MB/s   671.4     631.1 (dd bs=1M conv=fdatasync)  1.06   pass
+    buffered-4KiB      rec/s  271462.8  -                                -      pass
+    always-4KiB-x32    rec/s  18430.6   3592.5 (dd bs=4k oflag=dsync)    5.13   pass
+                       (576 fdatasyncs/s, 32 records per sync)
+    compressible-1MiB  MB/s   824.8     631.1 (dd bs=1M conv=fdatasync)  1.31   pass
 """
 
 from __future__ import annotations
@@ -163,10 +176,12 @@ def run(quick: bool = False, directory: str = DEFAULT_DIR) -> list[dict[str, Any
     total = (512 if quick else 2048) * MiB
     rows: list[dict[str, Any]] = []
 
-    dd_s = _dd(directory, "1M", total // MiB, "conv=fdatasync")
-    dd_mbs = total / MiB / dd_s
-    dt, _stored = _stream(directory, total, compressible=False)
-    mbs = total / MiB / dt
+    # the disk is shared and noisy: alternate dd and cdp runs and keep the best of each
+    reps = 1 if quick else 3
+    dd_mbs = mbs = 0.0
+    for _ in range(reps):
+        dd_mbs = max(dd_mbs, total / MiB / _dd(directory, "1M", total // MiB, "conv=fdatasync"))
+        mbs = max(mbs, total / MiB / _stream(directory, total, compressible=False)[0])
     rows.append(_row("seq-1MiB", "MB/s", mbs, dd_mbs, "dd bs=1M conv=fdatasync",
                      ">= 90% of dd", mbs >= 0.9 * dd_mbs))
 
@@ -182,8 +197,11 @@ def run(quick: bool = False, directory: str = DEFAULT_DIR) -> list[dict[str, Any
                      "> dd (group commit)", recs / dt > dd_rate,
                      syncs_per_s=round(syncs / dt, 1), records_per_sync=round(recs / max(syncs, 1), 1)))
 
-    dt, stored = _stream(directory, total, compressible=True)
-    mbs = total / MiB / dt
+    mbs = 0.0
+    stored = 0
+    for _ in range(reps):
+        dt, stored = _stream(directory, total, compressible=True)
+        mbs = max(mbs, total / MiB / dt)
     rows.append(_row("compressible-1MiB", "MB/s", mbs, dd_mbs, "dd bs=1M conv=fdatasync",
                      "> dd (raw ingest)", mbs > dd_mbs, stored_ratio=round(stored / total, 3)))
     return rows
