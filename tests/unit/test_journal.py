@@ -449,3 +449,30 @@ def test_verify_names_gap_and_header_damage() -> None:
     assert not rep.ok and rep.problems[0].offset == 0 and rep.problems[0].seq == 1
     d = rep.to_dict()
     assert d["ok"] is False and d["records"] == 30
+
+
+class _SlowSyncFS(CrashSimFS):
+    """fdatasync takes 50 ms (in the worker thread)."""
+
+    def fdatasync(self, fd: int) -> None:
+        import time
+
+        time.sleep(0.05)
+        super().fdatasync(fd)
+
+
+async def test_sync_runs_off_the_event_loop_and_appends_keep_flowing() -> None:
+    fs = _SlowSyncFS()
+    j = mk(fs)
+    s1, _ = j.append_write(0, b"first")
+    task = asyncio.ensure_future(j.commit())
+    await asyncio.sleep(0.01)  # the loop runs while the sync is in flight
+    assert not task.done()
+    s2, l2 = j.append_write(0, b"during")  # appends do not wait for the sync
+    assert j.read_payload(s2, l2) == b"during"
+    late = asyncio.ensure_future(j.commit())  # joins the next sync
+    await task
+    assert j.durable_seq >= s1
+    await late
+    assert j.durable_seq >= s2
+    j.close()
