@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
+from cdp.errors import NotFound
 from cdp.journal.format import index_name, parse_segment_name
 from cdp.journal.fs import FileLayer, OsFileLayer
 from cdp.journal.segment import (
@@ -58,7 +59,11 @@ def verify_journal(directory: str | os.PathLike[str], fs: FileLayer | None = Non
     d = os.fspath(directory)
     fs = fs or OsFileLayer()
     rep = VerifyReport()
-    firsts = sorted(f for f in (parse_segment_name(n) for n in fs.listdir(d)) if f is not None)
+    try:
+        names = fs.listdir(d)
+    except FileNotFoundError:
+        raise NotFound(f"journal directory {d} does not exist") from None
+    firsts = sorted(f for f in (parse_segment_name(n) for n in names) if f is not None)
     rep.segments = len(firsts)
     expected: int | None = None
     for i, first in enumerate(firsts):

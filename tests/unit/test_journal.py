@@ -476,3 +476,8 @@ async def test_sync_runs_off_the_event_loop_and_appends_keep_flowing() -> None:
     await late
     assert j.durable_seq >= s2
     j.close()
+
+
+def test_verify_missing_directory_is_not_found(tmp_path: Path) -> None:
+    with pytest.raises(NotFound):
+        verify_journal(tmp_path / "nope")
