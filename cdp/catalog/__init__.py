@@ -1,0 +1,8 @@
+"""The file-version catalog: every marker updates a key/value catalog of the NTFS files
+on the volume from an MFT diff (see docs/FILES.md and docs/FORMATS-catalog.md).
+
+Modules: :mod:`~cdp.catalog.model` (entries), :mod:`~cdp.catalog.rules` (the version
+rules, pure), :mod:`~cdp.catalog.db` (SQLite), :mod:`~cdp.catalog.indexer` (full index,
+MFT diff, point-in-time views), :mod:`~cdp.catalog.service` (the marker hook) and
+:mod:`~cdp.catalog.ops` (the cdpctl operations).
+"""

@@ -1,0 +1,228 @@
+"""The catalog's version rules, as a pure planner (no I/O).
+
+Given the catalog entries visible at the base version for a set of MFT records, and the
+parsed records at the target point, :func:`make_plan` decides for every entry (claim of
+the catalog design, docs/FILES.md):
+
+* **modified** (a timestamp or the size differs): the old entry gets ``end`` = current
+  version and its reference flag ``ref`` = current version; a new entry starts at the
+  current version (``end`` 0 = still current);
+* **unchanged** but in a changed block: only ``ref`` moves to the current version;
+* **added**: a new entry;
+* **deleted** (not in use, or the record's sequence number changed): ``end`` =
+  current version, ``ref`` is *not* moved, no new entry;
+* **renamed / moved**: the entry at the old path is closed like a deletion and one at
+  the new path is opened; a moved directory re-keys its whole subtree.
+
+Damaged records (bad fixups, bad attributes, parent loops) change nothing and are
+reported.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+
+from cdp.catalog.model import Entry, ft, join
+from cdp.errors import Corruption
+from cdp.ntfs.defs import ROOT_DIRECTORY_RECORD
+from cdp.ntfs.record import FileRecord
+
+#: what the catalog knows of a directory record: (parent record, name, sequence)
+DirInfo = tuple[int, str, int]
+ORPHANS = "$OrphanFiles"
+
+
+class ParentLoop(Corruption):
+    """A chain of parent references that comes back to itself."""
+
+
+class Resolver:
+    """Directory paths at the target point: from the parsed records when the directory
+    is among them, else from the catalog at the base version (``old_dir``). Parents
+    that are missing, not directories, or reused (sequence mismatch) make orphans,
+    listed under ``$OrphanFiles``. Cost: O(depth) per new directory, memoised."""
+
+    def __init__(self, prefix: str, new: Mapping[int, FileRecord],
+                 old_dir: Callable[[int], DirInfo | None] | None = None) -> None:
+        self.root = prefix or "/"
+        self.orphans = join(self.root, ORPHANS)
+        self._new = new
+        self._old_dir = old_dir
+        self._memo: dict[int, tuple[str, int]] = {ROOT_DIRECTORY_RECORD: (self.root, 0)}
+
+    def _info(self, number: int) -> tuple[int, int, str, int] | None:
+        """(parent, parent sequence or 0, name, own sequence) of a directory record."""
+        rec = self._new.get(number)
+        if rec is not None:
+            if not rec.in_use or rec.damaged or not rec.is_dir:
+                return None
+            names = rec.preferred_names()
+            if not names:
+                return None
+            n = names[0]
+            return (n.parent, n.parent_sequence, n.name, rec.sequence)
+        if self._old_dir is None:
+            return None
+        d = self._old_dir(number)
+        if d is None:
+            return None
+        return (d[0], 0, d[1], d[2])
+
+    def dir_path(self, number: int, sequence: int = 0) -> str:
+        """The path of directory record *number* (expected *sequence*, 0 = any).
+        Raises ParentLoop."""
+        hit = self._memo.get(number)
+        if hit is None:
+            chain: list[tuple[int, tuple[int, int, str, int] | None]] = []
+            seen: set[int] = set()
+            cur = number
+            while cur not in self._memo:
+                if cur in seen:
+                    raise ParentLoop(f"parent references of record {number} loop through record {cur}")
+                seen.add(cur)
+                info = self._info(cur)
+                chain.append((cur, info))
+                if info is None:
+                    break
+                cur = info[0]
+            for num, info in reversed(chain):
+                if info is None:
+                    self._memo[num] = (self.orphans, -1)
+                    continue
+                parent, pseq, name, seq = info
+                ppath, pseq_actual = self._memo[parent]
+                if pseq_actual == -1 or (pseq and pseq_actual and pseq != pseq_actual):
+                    ppath = self.orphans
+                self._memo[num] = (join(ppath, name), seq)
+            hit = self._memo[number]
+        path, seq = hit
+        if seq == -1 or (sequence and seq and sequence != seq):
+            return self.orphans
+        return path
+
+
+def states_of(rec: FileRecord, part: str, resolver: Resolver, backup_ns: int) -> list[Entry]:
+    """The catalog entries (one per name) of an in-use record at the target point.
+    Raises Corruption (damaged record, parent loop)."""
+    if rec.damaged:
+        raise Corruption(rec.damaged)
+    if not rec.in_use or rec.number == ROOT_DIRECTORY_RECORD:
+        return []
+    names = rec.preferred_names()
+    if not names:
+        return []
+    t = rec.times or (0, 0, 0, 0)
+    d = rec.data
+    is_dir = 1 if rec.is_dir else 0
+    if d is not None:
+        size, alloc, resident, flags, loc = d.size, d.allocated, int(d.resident), d.flags, d.location()
+    else:
+        size, alloc, resident, flags, loc = 0, 0, 1, 0, b""
+    streams = json.dumps([{"name": s.name, "size": s.size} for s in rec.streams]) if rec.streams else ""
+    crt, mt, cht, at = ft(t[0]), ft(t[1]), ft(t[2]), ft(t[3])
+    out = []
+    for n in names:
+        dpath = resolver.dir_path(n.parent, n.parent_sequence)
+        out.append(Entry(part, dpath, n.name, 0, 0, 0, rec.number, rec.sequence, n.parent,
+                         is_dir, size, alloc, crt, mt, cht, at, rec.file_attributes, resident,
+                         flags, loc, streams, backup_ns))
+    return out
+
+
+@dataclass
+class Plan:
+    """What one version changes in one partition."""
+
+    part: str
+    modified: list[Entry] = field(default_factory=list)  # closed, ref moved (new entry added)
+    deleted: list[Entry] = field(default_factory=list)  # closed, ref not moved
+    touched: list[Entry] = field(default_factory=list)  # only ref moved
+    added: list[Entry] = field(default_factory=list)  # new entries (start = version)
+    damaged: list[tuple[int, str]] = field(default_factory=list)  # (record, reason)
+    records: int = 0  # records examined
+
+    def closed_ids(self) -> set[int]:
+        return {e.id for e in self.modified} | {e.id for e in self.deleted}
+
+    def counts(self) -> dict[str, int]:
+        return {"records": self.records, "added": len(self.added), "modified": len(self.modified),
+                "deleted": len(self.deleted), "touched": len(self.touched),
+                "damaged": len(self.damaged)}
+
+
+def make_plan(
+    part: str,
+    new: Mapping[int, FileRecord],
+    old: Mapping[int, list[Entry]],
+    resolver: Resolver,
+    backup_ns: int,
+    subtree: Callable[[str], Iterable[Entry]] | None = None,
+    *,
+    reset: bool = False,
+) -> Plan:
+    """Apply the version rules to records *new* (parsed at the target) against *old*
+    (entries visible at the base, by record). *subtree(dir)* lists base entries under a
+    directory path (for moved directories). *reset* (a reformatted file system): every
+    old entry is deleted, every new one added. Cost: O(records + entries touched)."""
+    plan = Plan(part, records=len(new))
+    keys: set[tuple[str, str]] = set()
+    moved_dirs: list[str] = []
+
+    def add(e: Entry) -> None:
+        if e.key in keys:
+            plan.damaged.append((e.record, f"a second record claims the name {e.path!r}"))
+            return
+        keys.add(e.key)
+        plan.added.append(e)
+
+    numbers = set(new) | (set(old) if reset else set())
+    for num in sorted(numbers):
+        rec = new.get(num)
+        olds = old.get(num, [])
+        try:
+            states = states_of(rec, part, resolver, backup_ns) if rec is not None else []
+        except Corruption as err:
+            plan.damaged.append((num, str(err)))
+            continue
+        if reset or (olds and states and olds[0].seq != states[0].seq):
+            plan.deleted.extend(olds)
+            for s in states:
+                add(s)
+            continue
+        by_key = {e.key: e for e in olds}
+        for s in states:
+            e = by_key.pop(s.key, None)
+            if e is None:
+                add(s)
+            elif e.same_state(s):
+                plan.touched.append(e)
+                keys.add(s.key)
+            else:
+                plan.modified.append(e)
+                add(s)
+        for e in by_key.values():
+            plan.deleted.append(e)
+            if e.is_dir and states and states[0].is_dir:
+                moved_dirs.append(e.path)
+    if subtree is not None and moved_dirs:
+        done = {e.id for e in plan.deleted}
+        for old_path in moved_dirs:
+            for e in subtree(old_path):
+                if e.record in new or e.id in done:
+                    continue
+                done.add(e.id)
+                try:
+                    ndir = resolver.dir_path(e.parent)
+                except Corruption as err:
+                    plan.damaged.append((e.record, str(err)))
+                    continue
+                if ndir == e.dir:
+                    continue
+                plan.deleted.append(e)
+                moved = Entry(*e.values())
+                moved.dir = ndir
+                moved.backup_ns = backup_ns
+                add(moved)
+    return plan
