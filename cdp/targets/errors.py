@@ -1,11 +1,13 @@
-"""Exceptions to wire error codes, in exactly one place (like nbdkit's ``nbd_errno()``)."""
+"""Exceptions to wire error codes, in exactly one place per protocol (like nbdkit's
+``nbd_errno()``): :func:`nbd_errno` for NBD, :func:`scsi_sense` for iSCSI."""
 
 from __future__ import annotations
 
 import errno
 import logging
 
-from cdp.errors import CdpError
+from cdp.errors import CdpError, Corruption, OutOfRange, ReadOnly, StoreFull
+from cdp.targets.iscsi.sense import Asc, Sense, SenseKey
 from cdp.targets.nbd.proto import NbdErrno
 
 log = logging.getLogger("cdp.nbd")
@@ -48,3 +50,34 @@ def nbd_errno(exc: BaseException) -> NbdErrno:
         return NbdErrno.ENOMEM
     log.error("unexpected error in a request: %r", exc, exc_info=exc)
     return NbdErrno.EIO
+
+
+def scsi_sense(exc: BaseException) -> Sense:
+    """The SCSI sense a failed command reports for ``exc`` (the iSCSI target's one map).
+
+    ReadOnly -> DATA PROTECT / WRITE PROTECTED; OutOfRange -> ILLEGAL REQUEST / LBA OUT OF
+    RANGE; Corruption -> MEDIUM ERROR / UNRECOVERED READ ERROR; StoreFull -> DATA PROTECT /
+    SPACE ALLOCATION FAILED WRITE PROTECT; other CdpErrors and OSErrors go by errno
+    (EPERM/EROFS like ReadOnly, ENOSPC like StoreFull, EINVAL like OutOfRange); anything
+    else -> HARDWARE ERROR / INTERNAL TARGET FAILURE (logged with its traceback when it is
+    not an OSError or CdpError).
+    """
+    if isinstance(exc, ReadOnly):
+        return Sense(SenseKey.DATA_PROTECT, Asc.WRITE_PROTECTED)
+    if isinstance(exc, OutOfRange):
+        return Sense(SenseKey.ILLEGAL_REQUEST, Asc.LBA_OUT_OF_RANGE)
+    if isinstance(exc, Corruption):
+        return Sense(SenseKey.MEDIUM_ERROR, Asc.UNRECOVERED_READ_ERROR)
+    if isinstance(exc, StoreFull):
+        return Sense(SenseKey.DATA_PROTECT, Asc.SPACE_ALLOCATION_FAILED_WRITE_PROTECT)
+    if isinstance(exc, (CdpError, OSError)):
+        code = exc.errno
+        if code in (errno.EPERM, errno.EACCES, errno.EROFS):
+            return Sense(SenseKey.DATA_PROTECT, Asc.WRITE_PROTECTED)
+        if code in (errno.ENOSPC, errno.EDQUOT):
+            return Sense(SenseKey.DATA_PROTECT, Asc.SPACE_ALLOCATION_FAILED_WRITE_PROTECT)
+        if code == errno.EINVAL and isinstance(exc, CdpError):
+            return Sense(SenseKey.ILLEGAL_REQUEST, Asc.LBA_OUT_OF_RANGE)
+        return Sense(SenseKey.HARDWARE_ERROR, Asc.INTERNAL_TARGET_FAILURE)
+    log.error("unexpected error in a SCSI command: %r", exc, exc_info=exc)
+    return Sense(SenseKey.HARDWARE_ERROR, Asc.INTERNAL_TARGET_FAILURE)
