@@ -6,7 +6,9 @@ Design notes
   incremental CRC32C over header tail + payload) into a ``bytearray`` and returns
   ``(seq, loc)`` at once. The buffer goes to the OS in large ``write`` calls when it
   passes ``buffer_bytes``; payloads of 256 KiB and more skip the copy and go out with
-  ``writev``. No append ever waits for a disk sync.
+  ``writev``. No append ever waits for a disk sync. Under an event loop a timer hands
+  the buffer to the OS within 50 ms, so only a power loss (not a process crash) can
+  lose records that were never committed.
 - **Group commit.** ``await commit()`` flushes the buffer, then one ``fdatasync`` in the
   journal's own worker thread makes everything appended so far durable. Callers that
   arrive while a sync is in flight wait for it and then share the *next* one, so N
@@ -99,6 +101,8 @@ LZ4_MAX_SKIP = 64
 INDEX_CACHE = 16
 #: read handles kept open
 READ_FDS = 32
+#: seconds after which buffered records are handed to the OS without a commit
+FLUSH_DELAY = 0.05
 
 _OPEN, _SEALING, _SEALED = 0, 1, 2
 _NO_TS = 1 << 63  # first_ts of an empty segment: after every real timestamp
@@ -227,6 +231,7 @@ class Journal:
         self._closed = False
         self._lz_skip = 0
         self._lz_backoff = 0
+        self._flush_timer: asyncio.TimerHandle | None = None
         self._cur_ts_append = array("q").append
         self._cur_offs_append = array("q").append
         self.recovery = RecoveryReport()
@@ -492,6 +497,8 @@ class Journal:
             self._file_size = pos + RECORD_HEADER_SIZE + stored
             self._w = 0
         else:
+            if not w:
+                self._arm_flush_timer()
             mv = self._mv
             end = w + RECORD_HEADER_SIZE + stored
             _HEADER_PACK_INTO(self._buf, w, RECORD_MAGIC, 0, RECORD_VERSION, kind, comp, 0,
@@ -510,6 +517,27 @@ class Journal:
         self._last_seq = seq
         self._last_ts = ts
         return seq, pos
+
+    def _arm_flush_timer(self) -> None:
+        """Hand buffered records to the OS within FLUSH_DELAY even if nobody commits,
+        so a crash of the process alone (not the machine) loses nothing appended."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return  # no event loop: the buffer goes out when full, on commit or close
+        t = self._flush_timer
+        if t is not None and not t.cancelled() and t.when() > loop.time() - 1.0:
+            return  # one is pending (a timer long overdue belongs to a finished loop)
+        self._flush_timer = loop.call_later(FLUSH_DELAY, self._timer_flush)
+
+    def _timer_flush(self) -> None:
+        self._flush_timer = None
+        if self._closed or self._failed is not None:
+            return
+        try:
+            self._flush()
+        except (CdpError, OSError):
+            pass  # the next append or commit raises it to a caller
 
     def _undo_write(self, exc: OSError) -> BaseException:
         """After a failed write: cut the file back to its last whole record."""
@@ -659,6 +687,9 @@ class Journal:
         finally:
             with self._sync_lock:
                 self._closed = True
+            if self._flush_timer is not None:
+                self._flush_timer.cancel()
+                self._flush_timer = None
             fs = self._fs
             for _seg, fd in self._sealing:
                 fs.close(fd)

@@ -481,3 +481,14 @@ async def test_sync_runs_off_the_event_loop_and_appends_keep_flowing() -> None:
 def test_verify_missing_directory_is_not_found(tmp_path: Path) -> None:
     with pytest.raises(NotFound):
         verify_journal(tmp_path / "nope")
+
+
+async def test_buffer_reaches_the_os_without_a_commit() -> None:
+    fs = CrashSimFS()
+    j = mk(fs)
+    _seq, loc = j.append_write(0, b"idle")
+    assert fs.size(seg_path(1)) == loc  # still in the user-space buffer
+    await asyncio.sleep(0.15)
+    assert fs.size(seg_path(1)) == loc + RECORD_HEADER_SIZE + 4
+    assert j.durable_seq == 0  # handed to the OS, not synced
+    j.close()
