@@ -315,3 +315,4 @@ async def run_op(store: Store, op: str, args: dict[str, Any], progress: Progress
 
 
 __all__ = ["OFFLINE_OPS", "OPS", "CdpError", "run_op"]
+from cdp.catalog.ops import OPS as _CATALOG_OPS; OPS.update(_CATALOG_OPS); OFFLINE_OPS.update(_CATALOG_OPS)  # noqa: E402, E702, I001 -- file catalog ops

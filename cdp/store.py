@@ -19,6 +19,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from cdp.catalog.service import attach_catalog
 from cdp.config import VOLUME_NAME, Settings
 from cdp.errors import Corruption, NotFound, StoreLocked, UsageError
 from cdp.volume import Volume, write_file_atomic
@@ -69,6 +70,7 @@ class Store:
                 if (vdir / "volume.json").exists():
                     v = Volume.open(vdir, settings)
                     store.volumes[v.name] = v
+                    attach_catalog(v)  # file catalog: background MFT diff at every marker
             if create:
                 for spec in settings.volumes:
                     if spec.name not in store.volumes:
@@ -89,6 +91,7 @@ class Store:
             raise UsageError(f"volume {name!r} already exists")
         v = Volume.create(self.path / "volumes" / name, name, size, self.settings)
         self.volumes[name] = v
+        attach_catalog(v)  # file catalog: background MFT diff at every marker
         return v
 
     def volume(self, name: str | None) -> Volume:

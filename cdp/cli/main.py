@@ -11,11 +11,24 @@ import argparse
 import sys
 
 from cdp import __version__
-from cdp.cli import image, pause, rewind, snapshot, status, verify, volume
+from cdp.cli import (
+    diff,
+    files,
+    find,
+    image,
+    pause,
+    restore,
+    rewind,
+    snapshot,
+    status,
+    verify,
+    versions,
+    volume,
+)
 from cdp.cli.common import Context
 from cdp.errors import EXIT_CODES, CdpError
 
-COMMANDS = (volume, status, snapshot, rewind, pause, image, verify)
+COMMANDS = (volume, status, snapshot, rewind, pause, image, verify, files, versions, find, restore, diff)
 
 
 def build_parser() -> argparse.ArgumentParser:
