@@ -115,13 +115,13 @@ COMMON: dict[str, Any] = dict(
 )
 
 
-@settings(max_examples=1200, **COMMON)
+@settings(max_examples=3000, **COMMON)
 @given(ops=st.lists(op, max_size=60), policy=policies, seed=st.integers(0, 2**32))
 def test_memory_histories(ops: list[tuple[str, int, int]], policy: MergePolicy, seed: int) -> None:
     run_history(ops, policy, seed, None)
 
 
-@settings(max_examples=150, **COMMON)
+@settings(max_examples=400, **COMMON)
 @given(ops=st.lists(op, min_size=30, max_size=120), policy=policies, seed=st.integers(0, 2**32))
 def test_long_memory_histories(
     ops: list[tuple[str, int, int]], policy: MergePolicy, seed: int
@@ -129,7 +129,7 @@ def test_long_memory_histories(
     run_history(ops, policy, seed, None)
 
 
-@settings(max_examples=300, **COMMON)
+@settings(max_examples=600, **COMMON)
 @given(ops=st.lists(op, max_size=60), policy=policies, seed=st.integers(0, 2**32))
 def test_persistent_histories(
     ops: list[tuple[str, int, int]], policy: MergePolicy, seed: int
