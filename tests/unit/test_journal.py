@@ -239,7 +239,7 @@ def test_torn_trailing_garbage_is_dropped() -> None:
     j.close()
 
 
-@pytest.mark.parametrize("where", [4, 10, 17, 30, 41, 48, 60, 147])
+@pytest.mark.parametrize("where", [0, 4, 8, 9, 10, 13, 17, 30, 41, 48, 60, 147])
 def test_bit_flip_in_durable_part_is_reported_not_truncated(where: int) -> None:
     fs, locs = _durable_journal(6)
     bad_seq, bad_loc = locs[2]
