@@ -165,7 +165,6 @@ def test_clock_backwards_and_time_index_across_rollover_and_reopen() -> None:
         seq, _ = j.append_write(i, rnd(i, rng.randint(1, 400)))
         times.append(j.time_of_seq(seq))
     assert times == sorted(times)
-    assert times[0] == T0 - 5000 or times[0] >= T0 - 5000
 
     def check(j: Journal) -> None:
         for s in range(1, len(times) + 1):
