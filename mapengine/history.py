@@ -338,17 +338,26 @@ class MapHistory:
 
     @property
     def last_seq(self) -> int:
-        """The newest seq fed (0 when empty)."""
+        """The newest seq fed (0 when empty).
+
+        Runtime complexity: O(1).
+        """
         return self._last_seq
 
     @property
     def sealed_seq(self) -> int:
-        """Every seq at or below it is in map files; replay the journal after it."""
+        """Every seq at or below it is in map files; replay the journal after it.
+
+        Runtime complexity: O(1).
+        """
         return self._sealed_seq
 
     @property
     def seal_due(self) -> bool:
-        """True once the live window holds ``policy.l0_max_writes`` entries."""
+        """True once the live window holds ``policy.l0_max_writes`` entries.
+
+        Runtime complexity: O(1).
+        """
         return self._ln >= self.policy.l0_max_writes
 
     def _next(self, seq: int) -> None:
