@@ -193,7 +193,11 @@ def _translate(exc: OSError, what: str) -> CdpError | OSError:
 
 
 class Journal:
-    """An append-only, segmented, checksummed write journal. Create with :meth:`open`."""
+    """An append-only, segmented, checksummed write journal. Create with :meth:`open`.
+
+    Not thread-safe: call it from one thread (the event loop's); only the sync work of
+    :meth:`commit` runs in the journal's own worker thread.
+    """
 
     # ----------------------------------------------------------------------- opening
 
