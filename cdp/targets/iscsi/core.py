@@ -18,16 +18,17 @@ Design notes
   bytes either parse or raise :class:`~cdp.targets.iscsi.pdu.IscsiProtocolError` (a
   :class:`cdp.errors.ProtocolError`; fuzz tested). Recoverable faults are answered in
   place with the RFC's Reject (data digest error, unsupported opcode, SNACK at
-  ErrorRecoveryLevel 0, a login PDU in full feature phase); framing faults (header
-  digest, oversized data segment after a Reject, bad DataSN) close the connection,
+  ErrorRecoveryLevel 0, a login PDU in full feature phase, bad Data-Out sequence);
+  framing faults (header digest, oversized data segment after a Reject) close it,
   as RFC 7143 allows at ErrorRecoveryLevel 0.
 - CmdSN: non-immediate commands outside [ExpCmdSN, MaxCmdSN] are silently ignored
   (§4.2.2.1); the window is :data:`QUEUE_DEPTH` commands. One connection per session
   (MaxConnections=1); a new login with the same initiator, ISID and target reinstates
   the session (the old connection is closed through ``Portal.on_kill``).
 - Writes: immediate data and unsolicited Data-Out up to FirstBurstLength, then R2Ts of
-  MaxBurstLength, MaxOutstandingR2T at a time. A wrong DataSN, offset or Target
-  Transfer Tag is a protocol error (ERL 0: the connection closes).
+  MaxBurstLength, MaxOutstandingR2T at a time. A Data-Out with a wrong DataSN,
+  offset or Target Transfer Tag is rejected and dropped; the command then waits for
+  the initiator's timeout and ABORT TASK (ERL 0 has no retransmission).
 - Hot path: one ``struct.unpack_from`` per command header, Data-In headers packed with
   one ``struct.pack``; a READ's data goes out in MaxRecvDataSegmentLength pieces with
   the status in the last one.
@@ -673,18 +674,19 @@ class Connection:
         data = pdu.data
         end = offset + len(data)
         if ttt == RESERVED_TAG:
-            if datasn != task.unsol_datasn or end > task.unsol_end or offset < 0:
-                raise IscsiProtocolError("bad unsolicited Data-Out", None, bytes(bhs))
+            if datasn != task.unsol_datasn or end > task.unsol_end:
+                raise IscsiProtocolError("bad unsolicited Data-Out",
+                                         RejectReason.PROTOCOL_ERROR, bytes(bhs))
             task.unsol_datasn += 1
         else:
             burst = task.bursts.get(ttt)
             if burst is None:
-                raise IscsiProtocolError("Data-Out for an unknown transfer tag", None,
-                                         bytes(bhs))
+                raise IscsiProtocolError("Data-Out for an unknown transfer tag",
+                                         RejectReason.INVALID_PDU_FIELD, bytes(bhs))
             b_off, b_len, b_sn, _ = burst
             if datasn != b_sn or offset < b_off or end > b_off + b_len:
-                raise IscsiProtocolError("Data-Out out of sequence (DataSN/offset)", None,
-                                         bytes(bhs))
+                raise IscsiProtocolError("Data-Out out of sequence (DataSN/offset)",
+                                         RejectReason.PROTOCOL_ERROR, bytes(bhs))
             burst[2] += 1
             burst[3] += len(data)
             if pdu.final:

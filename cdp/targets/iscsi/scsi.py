@@ -29,9 +29,10 @@ from cdp.targets.iscsi.sense import Asc, ScsiError, Sense, SenseKey, Status, ill
 
 BLOCK = 512
 LBPPBE = 3  # 2**3 logical blocks per physical block (4096)
-MAX_XFER_BLOCKS = 16384  # 8 MiB per command
+MAX_XFER_BLOCKS = 16384  # 8 MiB per command, as advertised in the Block Limits VPD page
+HARD_XFER_BLOCKS = 1 << 18  # what is actually refused (128 MiB)
 MAX_WS_BLOCKS = 1 << 22  # 2 GiB per WRITE SAME
-MAX_UNMAP_BLOCKS = 1 << 22
+MAX_UNMAP_BLOCKS = 1 << 20
 MAX_UNMAP_DESCS = 256
 MAX_CAW_BLOCKS = 128
 OPT_GRAN = 8
@@ -412,7 +413,7 @@ class LogicalUnit:
         self._range(lba, count)
         if count == 0:
             return GOOD
-        if count > MAX_XFER_BLOCKS:
+        if count > HARD_XFER_BLOCKS:
             raise illegal(field=7 if len(cdb) == 10 else 6)
         return _then(self.device.read(lba * BLOCK, count * BLOCK), _data_result)
 
@@ -423,17 +424,22 @@ class LogicalUnit:
         nbytes = count * BLOCK
         self._range(lba, count)
         self._writable()
+        fua = bool(cdb[1] & 0x08) and cdb[0] != WRITE6
         if req.edtl != nbytes or len(req.data) != nbytes:
-            res = check_condition(
-                Sense(SenseKey.ILLEGAL_REQUEST, Asc.INVALID_FIELD_IN_INFORMATION_UNIT),
-                self.state.d_sense,
-            )
-            res.spdtl = nbytes
-            return res
+            return self._write_truncated(lba, nbytes, req, fua)
         if count == 0:
             return GOOD
-        fua = bool(cdb[1] & 0x08) and cdb[0] != WRITE6
         return _then(self.device.write(lba * BLOCK, req.data, fua), _good)
+
+    def _write_truncated(self, lba: int, nbytes: int, req: ScsiRequest,
+                         fua: bool) -> ScsiResult | Awaitable[ScsiResult]:
+        """EDTL differs from the CDB's length: write the whole blocks both cover and
+        report the residual (FCP-4 / RFC 7143 §11.4.5: data past EDTL is not moved)."""
+        n = min(nbytes, req.edtl, len(req.data)) // BLOCK * BLOCK
+        res = ScsiResult(Status.GOOD, spdtl=nbytes)
+        if n == 0:
+            return res
+        return _then(self.device.write(lba * BLOCK, req.data[:n], fua), lambda _: res)
 
     def _write_verify(self, req: ScsiRequest) -> ScsiResult | Awaitable[ScsiResult]:
         cdb = req.cdb
@@ -443,12 +449,7 @@ class LogicalUnit:
         self._writable()
         nbytes = count * BLOCK
         if req.edtl != nbytes or len(req.data) != nbytes:
-            res = check_condition(
-                Sense(SenseKey.ILLEGAL_REQUEST, Asc.INVALID_FIELD_IN_INFORMATION_UNIT),
-                self.state.d_sense,
-            )
-            res.spdtl = nbytes
-            return res
+            return self._write_truncated(lba, nbytes, req, True)
         if count == 0:
             return GOOD
         # write-and-verify is durable before status: the verify reads stable media
@@ -506,6 +507,8 @@ class LogicalUnit:
         self._range(lba, count)
         self._writable()
         if count == 0:
+            if req.edtl:  # a length that wrapped (256 -> 0) with data attached
+                raise illegal(field=13)
             return GOOD
         self._xfer_check(req, 2 * count * BLOCK)
         n = count * BLOCK
@@ -545,7 +548,9 @@ class LogicalUnit:
             self._xfer_check(req, BLOCK)
         block = bytes(BLOCK) if ndob else req.data
         off, length = lba * BLOCK, count * BLOCK
-        if block.count(0) == BLOCK:
+        if unmap or block.count(0) == BLOCK:
+            # UNMAP: the blocks are deallocated (and read as zeroes, LBPRZ) whatever
+            # the data block holds, as initiators and the conformance suite expect
             return _then(self.device.write_zeroes(off, length, False, unmap, False), _good)
 
         async def run() -> ScsiResult:
