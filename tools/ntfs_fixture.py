@@ -70,9 +70,25 @@ def set_ads(path: Path, stream: str, data: bytes) -> None:
 _FLS_LINE = re.compile(r"^(?P<type>\S+)\s+(?P<del>\*\s+)?(?P<inode>[\d-]+)(?P<re>\(realloc\))?:\t(?P<path>.*)$")
 
 
+def ils_allocated(image: Path | str, offset_sectors: int = 0) -> dict[int, int]:
+    """``ils -a``: the allocated MFT records of *image* and their sizes."""
+    cmd = ["ils", "-a"] + (["-o", str(offset_sectors)] if offset_sectors else [])
+    out = subprocess.run([*cmd, str(image)], check=True, capture_output=True, text=True,
+                         timeout=600).stdout
+    sizes: dict[int, int] = {}
+    for line in out.splitlines():
+        f = line.split("|")
+        if len(f) == 11 and f[0].isdigit() and f[1] == "a":
+            sizes[int(f[0])] = int(f[10])
+    return sizes
+
+
 def fls_entries(image: Path | str, offset_sectors: int = 0) -> list[dict[str, object]]:
     """``fls -r -p`` on *image*: dicts with type ("r"/"d"), record, path, deleted,
-    stream (for ``file:stream`` entries). The $OrphanFiles tree is left out."""
+    stream (for ``file:stream`` entries). The $OrphanFiles tree is left out. Names
+    whose record ``ils -a`` says is free count as deleted (fls lists stale index keys
+    left in directory index nodes as allocated)."""
+    allocated = ils_allocated(image, offset_sectors)
     cmd = ["fls", "-r", "-p"]
     if offset_sectors:
         cmd += ["-o", str(offset_sectors)]
@@ -91,7 +107,7 @@ def fls_entries(image: Path | str, offset_sectors: int = 0) -> list[dict[str, ob
         rows.append({
             "type": typ, "record": int(inode[0]), "path": path, "stream": None,
             "attr": int(inode[1]) if len(inode) > 1 else 0,
-            "deleted": bool(m["del"]) or bool(m["re"]),
+            "deleted": bool(m["del"]) or bool(m["re"]) or int(inode[0]) not in allocated,
         })
     # "file:stream" lines of the same record as "file" are named streams, not names
     known = {(r["path"], r["record"]) for r in rows}
