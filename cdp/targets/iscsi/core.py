@@ -924,7 +924,7 @@ class Connection:
         if stage == SECURITY and transit and self._auth != "done":
             if self._auth == "start" and self._chap is None:
                 self._auth = "done"
-            elif self._auth in ("start", "chap_a"):
+            elif self._auth == "start":  # CHAP required, never offered
                 self._login_fail(pdu, LoginStatus.AUTH_FAILED)
                 return
         if stage == OPERATIONAL and self._chap is not None and self._auth != "done":

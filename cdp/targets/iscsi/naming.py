@@ -6,7 +6,7 @@ Scheme (``PREFIX = iqn.2026-11.io.cdp:``)::
     vol0@marker17        <->  iqn.2026-11.io.cdp:vol0.marker17     point-in-time, read-only
     vol0@before-upgrade  <->  iqn.2026-11.io.cdp:vol0.before-upgrade
     vol0@@123            <->  iqn.2026-11.io.cdp:vol0.seq-123      point = seq 123
-    Vol_A@Nightly        <->  iqn.2026-11.io.cdp::56ol:5fa.:4eightly
+    Vol_A@Nightly        <->  iqn.2026-11.io.cdp::56ol:5f:41.:4eightly
 
 An IQN may only hold ``a-z 0-9 - . :`` (RFC 3720 §3.2.6, after stringprep lowercasing).
 Each part keeps ``a-z``, ``0-9`` and ``-``; every other byte of its UTF-8 form becomes
