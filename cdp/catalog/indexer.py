@@ -36,7 +36,7 @@ Changed = Callable[[int, int, int], list[tuple[int, int]]]
 CHUNK_RECORDS = 1024
 
 
-@dataclass
+@dataclass(repr=False)
 class Computed:
     """The outcome of :func:`compute` for one point."""
 

@@ -53,16 +53,25 @@ class Entry:
 
     def __init__(self, *values: Any, id: int = 0) -> None:
         self.id = id
-        for k, v in zip(COLUMNS, values, strict=True):
-            setattr(self, k, v)
+        (self.part, self.dir, self.name, self.start, self.end, self.ref, self.record, self.seq,
+         self.parent, self.is_dir, self.size, self.alloc, self.crtime, self.mtime, self.ctime,
+         self.atime, self.attrs, self.resident, self.flags, self.location, self.streams,
+         self.backup_ns) = values
 
     @classmethod
     def from_row(cls, row: tuple[Any, ...]) -> Entry:
-        """From ``SELECT id, <COLUMNS>``."""
-        return cls(*row[1:], id=row[0])
+        """From ``SELECT id, <COLUMNS>``. Cost: one tuple unpack."""
+        e = cls.__new__(cls)
+        (e.id, e.part, e.dir, e.name, e.start, e.end, e.ref, e.record, e.seq, e.parent,
+         e.is_dir, e.size, e.alloc, e.crtime, e.mtime, e.ctime, e.atime, e.attrs, e.resident,
+         e.flags, e.location, e.streams, e.backup_ns) = row
+        return e
 
     def values(self) -> tuple[Any, ...]:
-        return tuple(getattr(self, k) for k in COLUMNS)
+        return (self.part, self.dir, self.name, self.start, self.end, self.ref, self.record,
+                self.seq, self.parent, self.is_dir, self.size, self.alloc, self.crtime,
+                self.mtime, self.ctime, self.atime, self.attrs, self.resident, self.flags,
+                self.location, self.streams, self.backup_ns)
 
     @property
     def path(self) -> str:

@@ -122,16 +122,14 @@ def states_of(rec: FileRecord, part: str, resolver: Resolver, backup_ns: int) ->
         size, alloc, resident, flags, loc = 0, 0, 1, 0, b""
     streams = json.dumps([{"name": s.name, "size": s.size} for s in rec.streams]) if rec.streams else ""
     crt, mt, cht, at = ft(t[0]), ft(t[1]), ft(t[2]), ft(t[3])
-    out = []
-    for n in names:
-        dpath = resolver.dir_path(n.parent, n.parent_sequence)
-        out.append(Entry(part, dpath, n.name, 0, 0, 0, rec.number, rec.sequence, n.parent,
-                         is_dir, size, alloc, crt, mt, cht, at, rec.file_attributes, resident,
-                         flags, loc, streams, backup_ns))
-    return out
+    dir_path = resolver.dir_path
+    return [Entry(part, dir_path(n.parent, n.parent_sequence), n.name, 0, 0, 0, rec.number,
+                  rec.sequence, n.parent, is_dir, size, alloc, crt, mt, cht, at,
+                  rec.file_attributes, resident, flags, loc, streams, backup_ns)
+            for n in names]
 
 
-@dataclass
+@dataclass(repr=False)
 class Plan:
     """What one version changes in one partition."""
 

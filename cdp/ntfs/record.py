@@ -225,8 +225,8 @@ def _parse_into(rec: FileRecord, buf: bytearray | bytes, off: int, size: int) ->
                     rec.times = (c, m, ch, a)
                     rec.file_attributes = fa
                 elif typ == DATA:
-                    s = DataStream(_attr_name(buf, pos, nlen, noff, length), True, vlen, vlen,
-                                   aflags, content=bytes(buf[v : v + vlen]))
+                    s = DataStream(_attr_name(buf, pos, nlen, noff, length) if nlen else "",
+                                   True, vlen, vlen, aflags, content=bytes(buf[v : v + vlen]))
                     if nlen:
                         rec.streams.append(s)
                     else:
@@ -305,6 +305,7 @@ def parse_chunk(
     used_l = used.tolist()
     bad_l = bad_fix.tolist()
     slow_l = slow.tolist()
+    data: bytes | bytearray = buf if slow.any() else bytes(buf)
     for i in rows:
         number = first_number + i
         rec = FileRecord(number)
@@ -322,7 +323,7 @@ def parse_chunk(
                 raise Corruption("fixup mismatch (torn or damaged record)")
             if slow_l[i]:
                 apply_fixups(buf, off, record_size, bytes_per_sector)
-            _parse_into(rec, buf, off, record_size)
+            _parse_into(rec, data, off, record_size)
         except Corruption as e:
             rec.damaged = str(e)
             rec.flags = FILE_RECORD_SEGMENT_IN_USE
