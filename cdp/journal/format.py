@@ -37,8 +37,11 @@ INDEX_SUFFIX = ".idx"
 #: on disk, never change: b"CDPR" read as a little-endian u32
 RECORD_MAGIC = 0x52504443
 RECORD_MAGIC_BYTES = b"CDPR"
-#: on disk, never change: record format version written by this code
-RECORD_VERSION = 1
+#: on disk, never change: record format version written by this code. Version 2 added
+#: chunked payloads (``Compression.CHUNKED``); version 1 records are still read.
+RECORD_VERSION = 2
+#: on disk, never change: record versions this code reads
+RECORD_VERSIONS = frozenset((1, 2))
 #: magic(I) crc(I) | version(B) kind(B) compression(B) flags(B) stored(I) seq(Q) ts(Q)
 #: offset(Q) length(Q).  The CRC covers byte 8 up to the end of the payload.
 RECORD_HEADER = struct.Struct("<IIBBBBIQQQQ")
@@ -51,6 +54,17 @@ CRC_START = 8
 #: largest stored payload a record may carry (bounded so a damaged length field is
 #: recognised as damage instead of causing a huge read)
 MAX_PAYLOAD = 1 << 30
+
+#: on disk, never change: raw bytes per chunk of a chunked (v2) data payload. WRITE and
+#: INIT payloads longer than this are stored as a chunk table plus independently
+#: checksummed and compressed chunks; shorter ones as one block.
+CHUNK_SIZE = 64 << 10
+#: chunk table entry: stored_length(I) compression(B) reserved(3x) crc(I)
+CHUNK_ENTRY = struct.Struct("<IB3xI")
+CHUNK_ENTRY_SIZE = CHUNK_ENTRY.size  # 12
+#: largest WRITE/INIT payload a record may carry: its chunked form (table included)
+#: must fit MAX_PAYLOAD even when no chunk compresses
+MAX_DATA = MAX_PAYLOAD - CHUNK_ENTRY_SIZE * (MAX_PAYLOAD // CHUNK_SIZE)
 
 
 class RecordKind(IntEnum):
@@ -69,6 +83,7 @@ class Compression(IntEnum):
 
     NONE = 0
     LZ4 = 1  # lz4 block format, no size prefix; raw size is the header's length
+    CHUNKED = 2  # (v2) chunk table + chunks, each with its own compression and CRC
 
 
 KIND_VALUES = frozenset(int(k) for k in RecordKind)
@@ -81,6 +96,8 @@ REWIND_PAYLOAD = struct.Struct("<Q")
 #: ERROR payload: code(I) message_len(H) message(utf-8)
 ERROR_PAYLOAD = struct.Struct("<IH")
 MAX_TEXT = 0xFFFF
+#: payloads (and chunks) shorter than this are never compressed
+LZ4_MIN = 256
 
 
 def segment_name(first_seq: int) -> str:
@@ -160,17 +177,135 @@ def encode_record(
     payload: bytes,
     compression: int = 0,
     flags: int = 0,
+    version: int = RECORD_VERSION,
 ) -> bytes:
     """Full record bytes (header + stored payload) exactly as the writer lays them out.
 
-    ``payload`` is the *stored* payload (already compressed when ``compression`` is LZ4).
-    Used by tests and tools; the writer inlines the same packing on its hot path.
+    ``payload`` is the *stored* payload (already compressed when ``compression`` is LZ4,
+    table + chunks when it is CHUNKED). Used by tests and tools; the writer inlines the
+    same packing on its hot path. For CHUNKED the CRC covers only the header and the
+    chunk table (each chunk carries its own CRC in the table).
     """
     tail = RECORD_TAIL.pack(
-        RECORD_VERSION, kind, compression, flags, len(payload), seq, timestamp_ns, offset, length
+        version, kind, compression, flags, len(payload), seq, timestamp_ns, offset, length
     )
-    crc = crc32c(payload, crc32c(tail))
+    covered = payload
+    if compression == Compression.CHUNKED:
+        covered = payload[: CHUNK_ENTRY_SIZE * chunk_count(length)]
+    crc = crc32c(covered, crc32c(tail))
     return RECORD_PREFIX.pack(RECORD_MAGIC, crc) + tail + payload
+
+
+def chunk_count(length: int) -> int:
+    """Number of chunks of a chunked payload of ``length`` raw bytes."""
+    return (length + CHUNK_SIZE - 1) // CHUNK_SIZE
+
+
+def chunk_payload(data: bytes | bytearray | memoryview) -> bytes:
+    """Stored form (chunk table + chunks) of a data payload, each chunk lz4-compressed
+    exactly when that makes it strictly smaller (no adaptive back-off)."""
+    mv = memoryview(data).cast("B")
+    n = len(mv)
+    count = chunk_count(n)
+    table = bytearray(CHUNK_ENTRY_SIZE * count)
+    parts: list[bytes | memoryview] = []
+    for i in range(count):
+        c: bytes | memoryview = mv[i * CHUNK_SIZE : (i + 1) * CHUNK_SIZE]
+        comp = 0
+        if len(c) >= LZ4_MIN:
+            packed = lz4.block.compress(c, store_size=False)
+            if len(packed) < len(c):
+                c, comp = packed, 1
+        CHUNK_ENTRY.pack_into(table, CHUNK_ENTRY_SIZE * i, len(c), comp, crc32c(c))
+        parts.append(c)
+    return bytes(table) + b"".join(parts)
+
+
+def encode_data_record(
+    kind: int, seq: int, timestamp_ns: int, offset: int, data: bytes, flags: int = 0
+) -> bytes:
+    """A WRITE/INIT record as a v2 writer without compression back-off lays it out:
+    chunked above CHUNK_SIZE, else one block (lz4 when it saves). For tests and tools."""
+    n = len(data)
+    if n > CHUNK_SIZE:
+        return encode_record(kind, seq, timestamp_ns, offset, n, chunk_payload(data),
+                             Compression.CHUNKED, flags)
+    if n >= LZ4_MIN:
+        packed = lz4.block.compress(data, store_size=False)
+        if len(packed) < n:
+            return encode_record(kind, seq, timestamp_ns, offset, n, packed, Compression.LZ4,
+                                 flags)
+    return encode_record(kind, seq, timestamp_ns, offset, n, data, 0, flags)
+
+
+class ChunkTable:
+    """A parsed, structurally checked chunk table of a record of ``length`` raw bytes.
+
+    Chunk ``i`` holds raw bytes ``[i*CHUNK_SIZE, min((i+1)*CHUNK_SIZE, length))`` and is
+    stored at ``starts[i] .. starts[i+1]`` counted from the end of the record header
+    (the table itself starts at 0). ``comps[i]``/``crcs[i]`` are its compression and CRC.
+    """
+
+    __slots__ = ("comps", "count", "crcs", "length", "starts")
+
+    def __init__(self, length: int, starts: list[int], comps: list[int], crcs: list[int]):
+        self.length = length
+        self.count = len(comps)
+        self.starts = starts
+        self.comps = comps
+        self.crcs = crcs
+
+    def raw_size(self, i: int) -> int:
+        """Raw (decoded) bytes of chunk ``i``."""
+        return min(CHUNK_SIZE, self.length - i * CHUNK_SIZE)
+
+
+def parse_chunk_table(table: bytes | memoryview, length: int, stored: int) -> ChunkTable | str:
+    """Check and parse the chunk table of a chunked record whose header says ``length``
+    raw and ``stored`` stored bytes; the reason as a string if it is inconsistent."""
+    count = chunk_count(length)
+    tsize = CHUNK_ENTRY_SIZE * count
+    if len(table) != tsize:
+        return "chunk table truncated"
+    pos = tsize
+    starts = [pos]
+    comps: list[int] = []
+    crcs: list[int] = []
+    last = count - 1
+    for i, (slen, comp, crc) in enumerate(CHUNK_ENTRY.iter_unpack(table)):
+        raw = CHUNK_SIZE if i < last else length - last * CHUNK_SIZE
+        if comp == Compression.NONE:
+            if slen != raw:
+                return f"chunk {i} stored length {slen} differs from raw {raw}"
+        elif comp == Compression.LZ4:
+            if slen >= raw:
+                return f"compressed chunk {i} not smaller than raw"
+        else:
+            return f"chunk {i} has unknown compression {comp}"
+        pos += slen
+        starts.append(pos)
+        comps.append(comp)
+        crcs.append(crc)
+    if pos != stored:
+        return f"chunks add up to {pos} bytes, header says {stored}"
+    return ChunkTable(length, starts, comps, crcs)
+
+
+def decode_chunk(
+    data: bytes | memoryview, comp: int, raw: int, crc: int, where: str, index: int
+) -> bytes:
+    """Check one chunk's CRC and decompress it; Corruption naming ``where`` and the chunk."""
+    if crc32c(data) != crc:
+        raise Corruption(f"{where}: bad checksum in chunk {index}")
+    if comp == Compression.LZ4:
+        try:
+            out: bytes = lz4.block.decompress(data, uncompressed_size=raw)
+        except Exception as exc:
+            raise Corruption(f"{where}: lz4 chunk {index} does not decode ({exc})") from None
+        if len(out) != raw:
+            raise Corruption(f"{where}: lz4 chunk {index} decodes to {len(out)} bytes, not {raw}")
+        return out
+    return bytes(data)
 
 
 def marker_payload(marker_id: int, label: str) -> bytes:
@@ -191,13 +326,23 @@ def header_problem(
     version: int, kind: int, comp: int, stored: int, length: int
 ) -> str | None:
     """Structural check of a header's fields (everything but CRC and seq)."""
-    if version != RECORD_VERSION:
+    if version not in RECORD_VERSIONS:
         return f"unsupported record version {version}"
     if kind not in KIND_VALUES:
         return f"unknown record kind {kind}"
     if stored > MAX_PAYLOAD:
         return f"stored length {stored} too large"
-    if comp == Compression.LZ4:
+    if comp == Compression.CHUNKED:
+        if version < 2:
+            return "chunked payload in a version 1 record"
+        if kind not in DATA_KINDS:
+            return "chunked payload on a non-data record"
+        if length <= CHUNK_SIZE:
+            return "chunked payload of one chunk or less"
+        tsize = CHUNK_ENTRY_SIZE * chunk_count(length)
+        if not tsize <= stored <= tsize + length:
+            return "chunked stored length does not fit the raw length"
+    elif comp == Compression.LZ4:
         if kind not in DATA_KINDS:
             return "compressed payload on a non-data record"
         if stored >= length:
@@ -206,9 +351,21 @@ def header_problem(
         return f"unknown compression {comp}"
     elif kind in DATA_KINDS and stored != length:
         return "data record length differs from stored length"
+    if version >= 2 and kind in DATA_KINDS and length > CHUNK_SIZE and comp != Compression.CHUNKED:
+        return "data payload over one chunk is not chunked"
     if kind == RecordKind.ZERO and stored:
         return "ZERO record with payload"
     return None
+
+
+def covered_size(comp: int, length: int, stored: int) -> int:
+    """Stored payload bytes the record CRC covers: all of them, or for CHUNKED records
+    only the chunk table. May exceed ``stored`` for a damaged header."""
+    if comp == Compression.CHUNKED:
+        if length > MAX_PAYLOAD:
+            return MAX_PAYLOAD + 1
+        return CHUNK_ENTRY_SIZE * chunk_count(length)
+    return stored
 
 
 def decode_payload(
@@ -258,7 +415,8 @@ def decode_record(header: bytes, stored: bytes, loc: int, where: str, seq: int |
     """Check and decode one record from its 48 header bytes and stored payload.
 
     Raises Corruption naming ``where`` (segment, offset, seq) on any mismatch: magic,
-    CRC, header structure, expected ``seq`` (when given) or payload structure.
+    CRC, header structure, expected ``seq`` (when given), a chunk's CRC (naming the
+    chunk) or payload structure.
     Cost: one CRC pass over the record plus decompression.
     """
     if len(header) < RECORD_HEADER_SIZE:
@@ -270,7 +428,11 @@ def decode_record(header: bytes, stored: bytes, loc: int, where: str, seq: int |
         raise Corruption(f"{where}: bad record magic")
     if len(stored) != slen:
         raise Corruption(f"{where}: record truncated")
-    if crc != crc32c(stored, crc32c(header[CRC_START:RECORD_HEADER_SIZE])):
+    cov = covered_size(comp, length, slen)
+    if cov > slen:
+        raise Corruption(f"{where}: bad checksum (chunk table larger than the record)")
+    covered = stored if cov == slen else memoryview(stored)[:cov]
+    if crc != crc32c(covered, crc32c(header[CRC_START:RECORD_HEADER_SIZE])):
         raise Corruption(f"{where}: bad checksum")
     bad = header_problem(version, kind, comp, slen, length)
     if bad:
@@ -278,5 +440,23 @@ def decode_record(header: bytes, stored: bytes, loc: int, where: str, seq: int |
     if seq is not None and rseq != seq:
         raise Corruption(f"{where}: record holds seq {rseq}, expected {seq}")
     rec = Record(RecordKind(kind), rseq, ts, off, length, flags, b"", loc, comp, slen)
-    rec.payload = decode_payload(kind, comp, length, stored, where, rec)
+    if comp == Compression.CHUNKED:
+        rec.payload = decode_chunks(stored, length, where)
+    else:
+        rec.payload = decode_payload(kind, comp, length, stored, where, rec)
     return rec
+
+
+def decode_chunks(stored: bytes | memoryview, length: int, where: str) -> bytes:
+    """Raw payload of a chunked record from its stored bytes (table + chunks), every
+    chunk CRC-checked; Corruption names the first bad chunk."""
+    mv = memoryview(stored)
+    table = parse_chunk_table(mv[: CHUNK_ENTRY_SIZE * chunk_count(length)], length, len(mv))
+    if isinstance(table, str):
+        raise Corruption(f"{where}: {table}")
+    st = table.starts
+    return b"".join(
+        decode_chunk(mv[st[i] : st[i + 1]], table.comps[i], table.raw_size(i), table.crcs[i],
+                     where, i)
+        for i in range(table.count)
+    )

@@ -21,6 +21,9 @@ from collections.abc import Sequence
 #: what write() accepts
 Buffer = bytes | bytearray | memoryview
 
+#: iovecs per writev call (POSIX guarantees at least 16; Linux allows 1024)
+_IOV_MAX = max(16, min(os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 16, 1024))
+
 
 class Clock:
     """Wall clock in nanoseconds since the epoch."""
@@ -138,6 +141,10 @@ class OsFileLayer(FileLayer):
             n = os.write(fd, mv)
 
     def writev(self, fd: int, parts: Sequence[Buffer]) -> None:
+        if len(parts) > _IOV_MAX:  # a large chunked record: several calls
+            for k in range(0, len(parts), _IOV_MAX):
+                self.writev(fd, parts[k : k + _IOV_MAX])
+            return
         total = sum(memoryview(p).nbytes for p in parts)
         n = os.writev(fd, parts)
         if n < total:  # finish the rest piece by piece

@@ -29,10 +29,14 @@ from cdp.journal.format import (
     RECORD_MAGIC,
     RECORD_MAGIC_BYTES,
     SEGMENT_HEADER_SIZE,
+    Compression,
     check_segment_header,
+    covered_size,
+    decode_chunks,
     decode_payload,
     header_problem,
     index_name,
+    parse_chunk_table,
     segment_name,
 )
 from cdp.journal.fs import FileLayer
@@ -119,7 +123,8 @@ def _check_at(
     """Validate the record at ``pos``: (reason, crc_ok, stored, seq, ts, raw).
 
     ``reason`` None means valid. ``crc_ok`` True with a reason means the bytes are as
-    written but structurally wrong (a writer bug, not a torn write).
+    written but structurally wrong (a writer bug, not a torn write). Every byte is
+    checked: the record CRC and, for a chunked record, every chunk's CRC.
     """
     if size - pos < RECORD_HEADER_SIZE:
         return "truncated record header", False, 0, 0, 0, 0
@@ -131,11 +136,30 @@ def _check_at(
         return "bad stored length", False, 0, 0, 0, 0
     if pos + RECORD_HEADER_SIZE + slen > size:
         return "truncated record", False, slen, seq, ts, 0
+    cov = covered_size(comp, length, slen)
+    if cov > slen:
+        return "bad checksum (chunk table larger than the record)", False, slen, seq, ts, 0
     body = win.get(pos + CRC_START, RECORD_HEADER_SIZE - CRC_START + slen)
-    if crc32c(body) != crc:
+    head_end = RECORD_HEADER_SIZE - CRC_START + cov
+    if crc32c(memoryview(body)[:head_end] if cov != slen else body) != crc:
         return "bad checksum", False, slen, seq, ts, 0
     bad = header_problem(ver, kind, comp, slen, length)
-    if bad is None and deep:
+    if bad is None and comp == Compression.CHUNKED:
+        stored = memoryview(body)[RECORD_HEADER_SIZE - CRC_START :]
+        table = parse_chunk_table(stored[:cov], length, slen)
+        if isinstance(table, str):
+            bad = table
+        else:
+            st, crcs = table.starts, table.crcs
+            for i in range(table.count):
+                if crc32c(stored[st[i] : st[i + 1]]) != crcs[i]:
+                    return f"bad checksum in chunk {i}", False, slen, seq, ts, 0
+            if deep:
+                try:
+                    decode_chunks(stored, length, where)
+                except Corruption as exc:
+                    bad = str(exc).rsplit(": ", 1)[-1]
+    elif bad is None and deep:
         try:
             decode_payload(kind, comp, length, body[RECORD_HEADER_SIZE - CRC_START :], where)
         except Corruption as exc:

@@ -45,6 +45,7 @@ from array import array
 from collections import OrderedDict, deque
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
+from typing import Protocol
 
 import lz4.block
 from crc32c import crc32c
@@ -59,9 +60,14 @@ from cdp.errors import (
     UsageError,
 )
 from cdp.journal.format import (
+    CHUNK_ENTRY,
+    CHUNK_ENTRY_SIZE,
+    CHUNK_SIZE,
     CRC_START,
     ERROR_PAYLOAD,
+    LZ4_MIN,
     MARKER_PAYLOAD,
+    MAX_DATA,
     MAX_PAYLOAD,
     MAX_TEXT,
     RECORD_HEADER,
@@ -72,11 +78,17 @@ from cdp.journal.format import (
     RECORD_VERSION,
     REWIND_PAYLOAD,
     SEGMENT_HEADER_SIZE,
+    ChunkTable,
+    Compression,
     Record,
     RecordKind,
+    covered_size,
+    decode_chunk,
     decode_record,
+    header_problem,
     index_name,
     pack_segment_header,
+    parse_chunk_table,
     parse_segment_name,
     segment_name,
 )
@@ -93,10 +105,11 @@ from cdp.journal.segment import (
 
 #: payloads at least this large bypass the buffer (written with writev, no copy)
 DIRECT_WRITE = 256 << 10
-#: payloads smaller than this are never compressed
-LZ4_MIN = 256
-#: after a failed lz4 attempt skip up to this many records before trying again
+#: after a failed lz4 attempt skip up to this many attempts (records or chunks) before
+#: trying again
 LZ4_MAX_SKIP = 64
+#: chunk tables of chunked records kept in memory for slice reads
+LAYOUT_CACHE = 4096
 #: sealed segments whose index arrays stay in memory
 INDEX_CACHE = 16
 #: read handles kept open
@@ -186,6 +199,18 @@ class _Seg:
         self.state = _OPEN
 
 
+class ChunkCache(Protocol):
+    """A cache of decoded payload chunks that :meth:`Journal.read_slice` consults.
+
+    Key ``(seq, i)`` holds raw payload bytes ``[i*CHUNK_SIZE, (i+1)*CHUNK_SIZE)`` of record
+    ``seq`` (fewer for its last chunk), whatever the record's stored layout.
+    """
+
+    def get(self, key: tuple[int, int]) -> bytes | None: ...
+
+    def put(self, key: tuple[int, int], data: bytes) -> None: ...
+
+
 def _translate(exc: OSError, what: str) -> CdpError | OSError:
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return StoreFull(f"journal: no space left while {what}")
@@ -238,6 +263,7 @@ class Journal:
         self._flush_timer: asyncio.TimerHandle | None = None
         self._cur_ts_append = array("q").append
         self._cur_offs_append = array("q").append
+        self._layouts: OrderedDict[int, tuple[int, ChunkTable]] = OrderedDict()
         self.recovery = RecoveryReport()
         #: sidecars rebuilt after open (damaged or missing when first needed)
         self.repairs: list[str] = []
@@ -424,12 +450,16 @@ class Journal:
     def append_write(self, offset: int, data: Buffer, init: bool = False) -> tuple[int, int]:
         """Append a WRITE (or INIT) record of ``data`` at volume ``offset``; (seq, loc).
 
-        Buffered, never syncs. The payload is lz4-compressed only when that makes it
-        smaller. Cost: O(len(data)) (CRC, maybe lz4, one copy below 256 KiB).
+        Buffered, never syncs. Payloads over CHUNK_SIZE are stored chunked (each chunk
+        with its own CRC, lz4-compressed only when that makes it smaller); smaller ones
+        as one block, compressed by the same rule. Cost: O(len(data)) (CRC, maybe lz4,
+        one copy below 256 KiB stored).
         """
         n = len(data)
-        if offset < 0 or n > MAX_PAYLOAD:
+        if offset < 0 or n > MAX_DATA:
             raise UsageError(f"journal write at {offset} of {n} bytes out of range")
+        if n > CHUNK_SIZE:
+            return self._append_chunked(_I if init else _W, offset, data)
         if n >= LZ4_MIN:
             if self._lz_skip:
                 self._lz_skip -= 1
@@ -516,6 +546,83 @@ class Journal:
             self._first_ts[-1] = ts
         cur.count += 1
         cur.raw_bytes += raw
+        self._cur_ts_append(ts)
+        self._cur_offs_append(pos)
+        self._last_seq = seq
+        self._last_ts = ts
+        return seq, pos
+
+    def _append_chunked(self, kind: int, offset: int, data: Buffer) -> tuple[int, int]:
+        """Append a data record of more than one chunk: chunk table + chunks."""
+        if self._failed is not None:
+            raise self._failed
+        mv = data if isinstance(data, memoryview) else memoryview(data)
+        if mv.itemsize != 1 or mv.ndim != 1:
+            mv = mv.cast("B")
+        n = len(mv)
+        count = (n + CHUNK_SIZE - 1) // CHUNK_SIZE
+        table = bytearray(CHUNK_ENTRY_SIZE * count)
+        parts: list[Buffer] = [table]
+        stored = CHUNK_ENTRY_SIZE * count
+        skip, backoff = self._lz_skip, self._lz_backoff
+        compress, pack_entry, crc = _LZ4, _ENTRY_PACK_INTO, _CRC
+        for i in range(count):
+            c: Buffer = mv[i * CHUNK_SIZE : (i + 1) * CHUNK_SIZE]
+            comp = 0
+            if len(c) >= LZ4_MIN:
+                if skip:
+                    skip -= 1
+                else:
+                    packed = compress(c, store_size=False)
+                    if len(packed) < len(c):
+                        c, comp, backoff = packed, 1, 0
+                    else:
+                        backoff = skip = min(LZ4_MAX_SKIP, backoff * 2 or 1)
+            pack_entry(table, CHUNK_ENTRY_SIZE * i, len(c), comp, crc(c))
+            parts.append(c)
+            stored += len(c)
+        self._lz_skip, self._lz_backoff = skip, backoff
+
+        w = self._w
+        pos = self._file_size + w
+        if pos + RECORD_HEADER_SIZE + stored > self._segment_bytes and self._cur.count:
+            self._roll()
+            w = 0
+            pos = self._file_size
+        elif w + RECORD_HEADER_SIZE + stored > self._buffer_bytes and w:
+            self._flush()
+            w = 0
+            pos = self._file_size
+        seq = self._last_seq + 1
+        ts = self._time_ns()
+        if ts < self._last_ts:
+            ts = self._last_ts
+        tail = _TAIL_PACK(RECORD_VERSION, kind, _CHUNKED, 0, stored, seq, ts, offset, n)
+        head = _PREFIX_PACK(RECORD_MAGIC, crc(table, crc(tail))) + tail
+        if stored >= DIRECT_WRITE:
+            try:
+                self._fs.writev(self._fd, [self._mv[:w], head, *parts] if w else [head, *parts])
+            except OSError as exc:
+                raise self._undo_write(exc) from exc
+            self._file_size = pos + RECORD_HEADER_SIZE + stored
+            self._w = 0
+        else:
+            if not w:
+                self._arm_flush_timer()
+            mv_buf = self._mv
+            mv_buf[w : w + RECORD_HEADER_SIZE] = head
+            p = w + RECORD_HEADER_SIZE
+            for c in parts:
+                k = len(c)
+                mv_buf[p : p + k] = c
+                p += k
+            self._w = p
+        cur = self._cur
+        if not cur.count:
+            cur.first_ts = ts
+            self._first_ts[-1] = ts
+        cur.count += 1
+        cur.raw_bytes += n
         self._cur_ts_append(ts)
         self._cur_offs_append(pos)
         self._last_seq = seq
@@ -786,6 +893,152 @@ class Journal:
         """Decoded payload of record ``seq`` at ``loc`` (CRC checked, as read_record)."""
         return self.read_record(seq, loc).payload
 
+    def read_slice(self, seq: int, loc: int, poff: int, length: int, *,
+                   cache: ChunkCache | None = None) -> bytes:
+        """Payload bytes ``[poff, poff+length)`` of record ``seq`` at ``loc``.
+
+        Of a chunked record only the chunks overlapping the slice are read, CRC-checked
+        and decompressed (the record header and chunk table are checked when first
+        read, then kept in a small LRU); a one-block record is read and checked whole.
+        ``cache`` (keys ``(seq, chunk index)``) is consulted first and filled with the
+        chunks decoded. Raises Corruption (segment, offset, seq, chunk) if a needed
+        chunk or the header is damaged: other chunks of the record stay readable;
+        NotFound for a seq outside the journal; UsageError for a slice outside the
+        payload. Cost: O(chunks touched), one pread per run of adjacent chunks.
+        """
+        if poff < 0 or length < 0:
+            raise UsageError(f"slice [{poff}, {poff + length}) of seq {seq} out of range")
+        if length == 0:
+            return b""
+        first = poff // CHUNK_SIZE
+        last = (poff + length - 1) // CHUNK_SIZE
+        o = poff - first * CHUNK_SIZE
+        if first == last:
+            p = cache.get((seq, first)) if cache is not None else None
+            if p is None:
+                p = self._chunks(seq, loc, first, last, cache)[0]
+            if o + length > len(p):
+                raise UsageError(f"slice [{poff}, {poff + length}) is past the end of "
+                                 f"seq {seq}'s payload")
+            return p[o : o + length] if o or length != len(p) else p
+        got = b"".join(self._chunks(seq, loc, first, last, cache))
+        if o + length > len(got):
+            raise UsageError(f"slice [{poff}, {poff + length}) is past the end of "
+                             f"seq {seq}'s payload")
+        return got[o : o + length]
+
+    def _chunks(self, seq: int, loc: int, first: int, last: int,
+                cache: ChunkCache | None) -> list[bytes]:
+        """Decoded chunks ``first..last`` of record ``seq`` (from ``cache`` when there)."""
+        out: list[bytes | None] = [None] * (last - first + 1)
+        missing = []
+        for i in range(first, last + 1):
+            p = cache.get((seq, i)) if cache is not None else None
+            if p is None:
+                missing.append(i)
+            else:
+                out[i - first] = p
+        if missing:
+            seg = self._seg_for(seq)
+            where = f"segment {seg.name} offset {loc} seq {seq}"
+            lay = self._layouts.get(seq)
+            got: ChunkTable | bytes
+            if lay is not None and lay[0] == loc:
+                self._layouts.move_to_end(seq)
+                got = lay[1]
+            else:
+                got = self._read_layout(seg, seq, loc, where)
+            if isinstance(got, bytes):
+                # one-block record: split its payload as a chunked one would be
+                for i in missing:
+                    p = got if i == 0 and len(got) <= CHUNK_SIZE else got[
+                        i * CHUNK_SIZE : (i + 1) * CHUNK_SIZE]
+                    if not p and i:
+                        raise UsageError(f"chunk {i} is past the end of seq {seq}'s payload")
+                    out[i - first] = p
+                    if cache is not None:
+                        cache.put((seq, i), p)
+            else:
+                self._read_chunks(seg, loc, got, missing, first, out, where, seq, cache)
+        return out  # type: ignore[return-value]
+
+    def _read_chunks(self, seg: _Seg, loc: int, table: ChunkTable, missing: list[int],
+                     first: int, out: list[bytes | None], where: str, seq: int,
+                     cache: ChunkCache | None) -> None:
+        if missing[-1] >= table.count:
+            raise UsageError(f"chunk {missing[-1]} is past the end of seq {seq}'s payload")
+        st = table.starts
+        k = 0
+        while k < len(missing):
+            a = b = missing[k]
+            k += 1
+            while k < len(missing) and missing[k] == b + 1:
+                b = missing[k]
+                k += 1
+            base = st[a]
+            blob = self._get(seg, loc, RECORD_HEADER_SIZE + base, st[b + 1] - base)
+            if len(blob) != st[b + 1] - base:
+                raise Corruption(f"{where}: record truncated")
+            for i in range(a, b + 1):
+                data: bytes | memoryview = (
+                    blob if a == b else memoryview(blob)[st[i] - base : st[i + 1] - base])
+                p = decode_chunk(data, table.comps[i], table.raw_size(i), table.crcs[i],
+                                 where, i)
+                out[i - first] = p
+                if cache is not None:
+                    cache.put((seq, i), p)
+
+    def _get(self, seg: _Seg, loc: int, rel: int, n: int) -> bytes:
+        """``n`` bytes at ``loc + rel`` of a segment, from the buffer or the file."""
+        if seg is self._cur and loc >= self._file_size:
+            i = loc - self._file_size + rel
+            return bytes(self._mv[i : min(i + n, self._w)])
+        return self._fs.pread(self._rfd(seg), n, loc + rel)
+
+    def _read_layout(self, seg: _Seg, seq: int, loc: int,
+                     where: str) -> ChunkTable | bytes:
+        """The checked chunk table of a chunked record (remembered), or the decoded
+        payload of a one-block record."""
+        if not SEGMENT_HEADER_SIZE <= loc < self._size(seg):
+            raise Corruption(f"{where}: location outside the segment")
+        data = self._get(seg, loc, 0, RECORD_HEADER_SIZE + 4096)
+        if len(data) < RECORD_HEADER_SIZE:
+            raise Corruption(f"{where}: record header truncated")
+        magic, crc, ver, kind, comp, _fl, slen, rseq, _ts, _off, length = (
+            RECORD_HEADER.unpack_from(data))
+        if comp != _CHUNKED or magic != RECORD_MAGIC:
+            slen = min(slen, MAX_PAYLOAD)
+            if RECORD_HEADER_SIZE + slen <= len(data):
+                stored = data[RECORD_HEADER_SIZE : RECORD_HEADER_SIZE + slen]
+            else:
+                stored = self._get(seg, loc, RECORD_HEADER_SIZE, slen)
+            return decode_record(data[:RECORD_HEADER_SIZE], stored, loc, where, seq).payload
+        cov = covered_size(comp, length, slen)
+        if cov > slen or slen > MAX_PAYLOAD:
+            raise Corruption(f"{where}: bad checksum (chunk table larger than the record)")
+        if loc + RECORD_HEADER_SIZE + slen > self._size(seg):
+            raise Corruption(f"{where}: record truncated")
+        if RECORD_HEADER_SIZE + cov > len(data):
+            data = self._get(seg, loc, 0, RECORD_HEADER_SIZE + cov)
+            if len(data) < RECORD_HEADER_SIZE + cov:
+                raise Corruption(f"{where}: record truncated")
+        mv = memoryview(data)
+        if _CRC(mv[CRC_START : RECORD_HEADER_SIZE + cov]) != crc:
+            raise Corruption(f"{where}: bad checksum")
+        bad = header_problem(ver, kind, comp, slen, length)
+        if bad:
+            raise Corruption(f"{where}: {bad}")
+        if rseq != seq:
+            raise Corruption(f"{where}: record holds seq {rseq}, expected {seq}")
+        table = parse_chunk_table(mv[RECORD_HEADER_SIZE : RECORD_HEADER_SIZE + cov], length, slen)
+        if isinstance(table, str):
+            raise Corruption(f"{where}: {table}")
+        layouts = self._layouts
+        layouts[seq] = (loc, table)
+        if len(layouts) > LAYOUT_CACHE:
+            layouts.popitem(last=False)
+        return table
+
     def scan(self, from_seq: int = 1) -> Iterator[Record]:
         """Every record from ``from_seq`` up to ``last_seq`` as of the call, in seq order.
 
@@ -906,4 +1159,7 @@ _HEADER_PACK_INTO = RECORD_HEADER.pack_into
 _U32_PACK_INTO = struct.Struct("<I").pack_into
 _PREFIX_PACK = RECORD_PREFIX.pack
 _CRC = crc32c
+_LZ4 = lz4.block.compress
+_ENTRY_PACK_INTO = CHUNK_ENTRY.pack_into
+_CHUNKED = int(Compression.CHUNKED)
 assert RECORD_PREFIX.size == CRC_START

@@ -5,12 +5,16 @@ from __future__ import annotations
 import pytest
 
 from cdp.errors import Corruption
-from cdp.journal import CrashSimFS, Journal, ManualClock, RecordKind
+from cdp.journal import CrashSimFS, Journal, ManualClock, RecordKind, verify_journal
 from cdp.journal.format import (
+    CHUNK_SIZE,
     RECORD_HEADER_SIZE,
+    RECORD_VERSION,
     SEGMENT_HEADER_SIZE,
+    Compression,
     check_segment_header,
     decode_record,
+    encode_data_record,
     encode_record,
     marker_payload,
     pack_segment_header,
@@ -22,8 +26,8 @@ T0 = 1_700_000_000_000_000_000
 
 # the worked example of FORMATS.md: WRITE seq 1 at volume offset 4096 of b"hello"
 GOLDEN_WRITE = bytes.fromhex(
-    "43445052" "4ef1d823"              # magic "CDPR", crc32c
-    "01" "01" "00" "00" "05000000"      # version, kind WRITE, no compression, flags, stored 5
+    "43445052" "9d9c6890"              # magic "CDPR", crc32c
+    "02" "01" "00" "00" "05000000"      # version 2, kind WRITE, no compression, flags, stored 5
     "0100000000000000"                  # seq 1
     "00002a36fe9c9717"                  # timestamp 1700000000000000000 ns
     "0010000000000000"                  # offset 4096
@@ -34,6 +38,30 @@ GOLDEN_SEGMENT_HEADER = bytes.fromhex(
     "4344504a53454700" "0100" "2000" "00000000" "0100000000000000" "00000000" "df5e3077"
 )
 GOLDEN_MARKER = bytes.fromhex(
+    "43445052" "fb3fd82a" "02" "03" "00" "00" "11000000"
+    "0200000000000000" "01002a36fe9c9717" "0000000000000000" "0000000000000000"
+    "0100000000000000" "0700" "6e696768746c79"
+)
+# FORMATS.md's chunked example: WRITE seq 3 at 1 MiB of 65536 zero bytes + b"!"
+CHUNKED_DATA = bytes(CHUNK_SIZE) + b"!"
+GOLDEN_CHUNKED = bytes.fromhex(
+    "43445052" "29458e15"              # magic, crc32c of header bytes 8..47 + chunk table
+    "02" "01" "02" "00" "24010000"      # version 2, WRITE, compression 2 CHUNKED, stored 292
+    "0300000000000000"                  # seq 3
+    "02002a36fe9c9717"                  # timestamp T0 + 2
+    "0000100000000000"                  # offset 1 MiB
+    "0100010000000000"                  # length 65537
+    "0b010000" "01" "000000" "33d12f2c"  # chunk 0: stored 267, lz4, reserved, crc32c
+    "01000000" "00" "000000" "8c5eab80"  # chunk 1: stored 1, none, reserved, crc32c
+    "1f000100" + "ff" * 256 + "e750000000000000"[:14]  # chunk 0: lz4 block of 64 KiB zeros
+    + "21"                              # chunk 1: "!"
+)
+# version 1 (the first release's format; still read): the same two records
+GOLDEN_WRITE_V1 = bytes.fromhex(
+    "43445052" "4ef1d823" "01" "01" "00" "00" "05000000" "0100000000000000"
+    "00002a36fe9c9717" "0010000000000000" "0500000000000000" "68656c6c6f"
+)
+GOLDEN_MARKER_V1 = bytes.fromhex(
     "43445052" "52b8a3a1" "01" "03" "00" "00" "11000000"
     "0200000000000000" "01002a36fe9c9717" "0000000000000000" "0000000000000000"
     "0100000000000000" "0700" "6e696768746c79"
@@ -41,13 +69,27 @@ GOLDEN_MARKER = bytes.fromhex(
 
 
 def test_record_golden_bytes() -> None:
+    assert RECORD_VERSION == 2
     assert encode_record(1, 1, T0, 4096, 5, b"hello") == GOLDEN_WRITE
     assert len(GOLDEN_WRITE) == RECORD_HEADER_SIZE + 5
+    assert encode_record(1, 1, T0, 4096, 5, b"hello", version=1) == GOLDEN_WRITE_V1
+
+
+def test_chunked_golden_bytes() -> None:
+    assert len(GOLDEN_CHUNKED) == RECORD_HEADER_SIZE + 24 + 267 + 1 == 340
+    got = encode_data_record(1, 3, T0 + 2, 1 << 20, CHUNKED_DATA)
+    assert got == GOLDEN_CHUNKED
+    rec = decode_record(GOLDEN_CHUNKED[:48], GOLDEN_CHUNKED[48:], 85, "x", 3)
+    assert (rec.kind, rec.seq, rec.offset, rec.length, rec.compression, rec.stored_length) == (
+        RecordKind.WRITE, 3, 1 << 20, CHUNK_SIZE + 1, Compression.CHUNKED, 292)
+    assert rec.payload == CHUNKED_DATA
 
 
 def test_marker_golden_bytes() -> None:
     got = encode_record(3, 2, T0 + 1, 0, 0, marker_payload(1, "nightly"))
     assert got == GOLDEN_MARKER
+    got = encode_record(3, 2, T0 + 1, 0, 0, marker_payload(1, "nightly"), version=1)
+    assert got == GOLDEN_MARKER_V1
 
 
 def test_segment_header_golden_bytes() -> None:
@@ -66,10 +108,44 @@ def test_segment_names() -> None:
 
 def test_writer_produces_golden_file() -> None:
     fs = CrashSimFS()
-    j = Journal.open("/j", fs=fs, clock=ManualClock(T0))
+    j = Journal.open("/j", fs=fs, clock=ManualClock(T0, tick=1))
     assert j.append_write(4096, b"hello") == (1, SEGMENT_HEADER_SIZE)
+    assert j.append_marker(1, "nightly") == (2, 85)
+    assert j.append_write(1 << 20, CHUNKED_DATA) == (3, 85 + len(GOLDEN_MARKER))
     j.sync()
-    assert bytes(fs.raw("/j/" + segment_name(1))) == GOLDEN_SEGMENT_HEADER + GOLDEN_WRITE
+    assert bytes(fs.raw("/j/" + segment_name(1))) == (
+        GOLDEN_SEGMENT_HEADER + GOLDEN_WRITE + GOLDEN_MARKER + GOLDEN_CHUNKED)
+    j.close()
+
+
+def test_version_1_segment_is_read_and_appended_to() -> None:
+    """A store written by version 1 (one-block payloads of any size, whole-payload CRC)
+    opens, reads (whole and sliced), verifies, and continues with version 2 records."""
+    import lz4.block
+
+    big = bytes(i % 251 for i in range(200_000))
+    packed = lz4.block.compress(big, store_size=False)
+    big_v1 = encode_record(1, 3, T0 + 2, 0, len(big), packed, Compression.LZ4, version=1)
+    fs = CrashSimFS()
+    fs.makedirs("/j")
+    fd = fs.open_append("/j/" + segment_name(1))
+    fs.write(fd, GOLDEN_SEGMENT_HEADER + GOLDEN_WRITE_V1 + GOLDEN_MARKER_V1 + big_v1)
+    fs.fdatasync(fd)
+    fs.fsync_dir("/j")
+    j = Journal.open("/j", fs=fs, clock=ManualClock(T0 + 10))
+    assert j.recovery.ok and j.last_seq == 3
+    assert j.read_payload(1, 32) == b"hello"
+    assert j.read_record(2, 85).label == "nightly"
+    loc3 = 85 + len(GOLDEN_MARKER_V1)
+    assert j.read_payload(3, loc3) == big
+    assert j.read_slice(3, loc3, 150_000, 4096) == big[150_000:154_096]
+    assert j.read_slice(1, 32, 1, 3) == b"ell"
+    seq, loc = j.append_write(0, big)
+    assert j.read_record(seq, loc).compression == Compression.CHUNKED
+    j.close()
+    assert verify_journal("/j", fs=fs).ok
+    j = Journal.open("/j", fs=fs)
+    assert [r.payload for r in j.scan()][2:] == [big, big]
     j.close()
 
 
@@ -79,8 +155,23 @@ def test_decode_golden_and_reject_flips() -> None:
         RecordKind.WRITE, 1, T0, 4096, b"hello")
     m = decode_record(GOLDEN_MARKER[:48], GOLDEN_MARKER[48:], 85, "x", 2)
     assert (m.marker_id, m.label) == (1, "nightly")
-    for i in range(len(GOLDEN_WRITE)):
-        bad = bytearray(GOLDEN_WRITE)
-        bad[i] ^= 0x10
-        with pytest.raises(Corruption):
-            decode_record(bytes(bad[:48]), bytes(bad[48:53]), 32, "x", 1)
+    for golden in (GOLDEN_WRITE, GOLDEN_WRITE_V1):
+        for i in range(len(golden)):
+            bad = bytearray(golden)
+            bad[i] ^= 0x10
+            with pytest.raises(Corruption):
+                decode_record(bytes(bad[:48]), bytes(bad[48:53]), 32, "x", 1)
+
+
+def test_chunked_flips_are_caught_and_name_the_chunk() -> None:
+    for i in range(len(GOLDEN_CHUNKED)):
+        bad = bytearray(GOLDEN_CHUNKED)
+        bad[i] ^= 0x01
+        with pytest.raises(Corruption) as exc:
+            decode_record(bytes(bad[:48]), bytes(bad[48:]), 85, "x", 3)
+        if i >= 48 + 24 + 267:
+            assert str(exc.value) == "x: bad checksum in chunk 1"
+        elif i >= 48 + 24:
+            assert str(exc.value) == "x: bad checksum in chunk 0"
+        else:  # header or chunk table: the record CRC
+            assert "chunk" not in str(exc.value) or "table" in str(exc.value)
