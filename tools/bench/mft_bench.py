@@ -31,6 +31,7 @@ import numpy as np
 
 from cdp.catalog.db import Catalog
 from cdp.catalog.indexer import View, compute, persist
+from cdp.ntfs import NtfsVolume
 from tools.ntfs_fixture import make_image, mounted, populate_many
 
 CACHE = Path("bench-results")
@@ -106,7 +107,15 @@ def run(quick: bool = False) -> list[dict[str, Any]]:
         out = subprocess.run(["fls", "-r", "-p", str(img)], capture_output=True, check=True).stdout
         fls_s = time.perf_counter() - t0
         fls_rate = out.count(b"\n") / fls_s
-        rows.append(_row(f"full index ({files} files)", rate, fls_rate, "fls -r -p", "rec/s",
+        nv = NtfsVolume(reader(img))
+        scan_s = 1e9
+        for _ in range(3):
+            t0 = time.perf_counter()
+            n = sum(len(chunk) for chunk in nv.scan())
+            scan_s = min(scan_s, time.perf_counter() - t0)
+        rows.append(_row(f"MFT scan, parse only ({files} files)", n / scan_s, fls_rate, "fls -r -p",
+                         "rec/s", n / scan_s / fls_rate, ">= 100000 rec/s", n / scan_s >= 100_000))
+        rows.append(_row(f"full index, parse + plan ({files})", rate, fls_rate, "fls -r -p", "rec/s",
                          rate / fls_rate, ">= 100000 rec/s", rate >= 100_000))
         # ---- catalog write of the full index
         cat = Catalog(work / "catalog.sqlite")
