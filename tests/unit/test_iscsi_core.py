@@ -426,7 +426,7 @@ def test_logout_closes(portal: Portal) -> None:
 
 
 def test_session_reinstatement(portal: Portal) -> None:
-    killed = []
+    killed: list[object] = []
     portal.on_kill = killed.append
     a = logged_in(portal)
     b = logged_in(portal)  # same initiator name and ISID

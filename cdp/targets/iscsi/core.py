@@ -364,6 +364,7 @@ class Connection:
         self._text_ttt = RESERVED_TAG
         self._text_in = b""
         self._tmfs: list[_PendingTmf] = []
+        self._done_itts: dict[int, None] = {}  # recently answered tasks, for ABORT TASK
         self.ping_ttt: int | None = None
 
     # --- public API -----------------------------------------------------------------------
@@ -434,6 +435,10 @@ class Connection:
         """Answer a :class:`ScsiCommand` (Data-In and/or SCSI Response)."""
         if self.tasks.get(task.itt) is task:
             del self.tasks[task.itt]
+        done = self._done_itts
+        done[task.itt] = None
+        if len(done) > 256:
+            del done[next(iter(done))]
         if task.aborted or self.closed:
             self._tmf_task_gone(task.itt)
             return
@@ -803,9 +808,12 @@ class Connection:
             rtt = pdu.u32(20)
             task = self.tasks.get(rtt)
             if task is None:
+                # already answered -> "task does not exist"; never received but its
+                # CmdSN is in the window and before ours -> "function complete" (§11.5.1)
                 ref = pdu.u32(32)
-                in_window = not _sn_lt(pdu.u32(24), ref) and not _sn_lt(s.max_cmdsn, ref)
-                tmf.response = TmfResponse.COMPLETE if in_window else TmfResponse.NO_TASK
+                in_window = _sn_lt(ref, pdu.u32(24)) and not _sn_lt(ref, s.exp_cmdsn - QUEUE_DEPTH)
+                lost = in_window and rtt not in self._done_itts
+                tmf.response = TmfResponse.COMPLETE if lost else TmfResponse.NO_TASK
             else:
                 self._abort(task, tmf)
         elif func in (TmfFunction.ABORT_TASK_SET, TmfFunction.CLEAR_TASK_SET,

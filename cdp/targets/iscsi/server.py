@@ -195,7 +195,7 @@ class IscsiServer:
         self.nop_interval = nop_interval
         self.advertise = advertise
         self.protocols: dict[Connection, _IscsiProtocol] = {}
-        self._server: asyncio.AbstractServer | None = None
+        self._server: asyncio.Server | None = None
         self._idle: asyncio.Event | None = None
         portal.on_kill = self._kill
 

@@ -109,9 +109,9 @@ class Initiator:
             if p is None:
                 break
             pdus.append(p)
-            if p.opcode not in (Op.DATA_IN, Op.R2T) or p.flags & 0x01:
-                if p.opcode != Op.NOP_IN or p.itt != RESERVED_TAG:
-                    self.expstatsn = (p.u32(24) + 1) & 0xFFFFFFFF
+            stat = p.opcode not in (Op.DATA_IN, Op.R2T) or p.flags & 0x01
+            if stat and (p.opcode != Op.NOP_IN or p.itt != RESERVED_TAG):
+                self.expstatsn = (p.u32(24) + 1) & 0xFFFFFFFF
         return pdus
 
     def send(self, p: Pdu) -> list[Pdu]:
