@@ -90,24 +90,28 @@ def map_policy(m: MapSettings) -> MergePolicy:
 
 
 class _PayloadCache:
-    """LRU of decoded journal payloads, bounded in bytes. O(1) get/put."""
+    """LRU of decoded journal payload chunks keyed (seq, chunk index), bounded in bytes
+    (the journal's ChunkCache; a chunk is at most 64 KiB). O(1) get/put."""
 
     def __init__(self, budget: int) -> None:
         self.budget = budget
         self.used = 0
-        self._d: OrderedDict[int, bytes] = OrderedDict()
+        self._d: OrderedDict[tuple[int, int], bytes] = OrderedDict()
 
-    def get(self, seq: int) -> bytes | None:
-        p = self._d.get(seq)
+    def get(self, key: tuple[int, int]) -> bytes | None:
+        p = self._d.get(key)
         if p is not None:
-            self._d.move_to_end(seq)
+            self._d.move_to_end(key)
         return p
 
-    def put(self, seq: int, payload: bytes) -> None:
+    def put(self, key: tuple[int, int], payload: bytes) -> None:
         n = len(payload)
         if n > self.budget // 4:
             return
-        self._d[seq] = payload
+        old = self._d.pop(key, None)
+        if old is not None:
+            self.used -= len(old)
+        self._d[key] = payload
         self.used += n
         while self.used > self.budget:
             _, old = self._d.popitem(last=False)
@@ -399,8 +403,9 @@ class Volume:
 
     def read(self, offset: int, length: int, seq: int | None = None) -> bytes:
         """Bytes [offset, offset+length) as of *seq* (default: now). Holes and zero
-        extents read as zeros. Cost: one map resolve + one journal pread per extent
-        (payloads cached). Raises Corruption (EIO) if a needed record is damaged."""
+        extents read as zeros. Cost: one map resolve + per extent the journal chunks it
+        overlaps (one pread, 64 KiB at most per chunk; decoded chunks cached). Raises
+        Corruption (EIO) if a needed chunk is damaged."""
         self._check_range(offset, length)
         at = self.journal.last_seq if seq is None else seq
         self.reads += 1
@@ -412,15 +417,13 @@ class Volume:
             e = exts[0]
             if e.loc < 0:
                 return bytes(length)
-            p = self._payload(e.seq, e.loc)
-            return bytes(p[e.poff : e.poff + length])
+            return self._payload(e.seq, e.loc, e.poff, length)
         buf = bytearray(length)
         for e in exts:
             if e.loc < 0:
                 continue
-            p = self._payload(e.seq, e.loc)
-            n = e.end - e.start
-            buf[e.start - offset : e.end - offset] = p[e.poff : e.poff + n]
+            buf[e.start - offset : e.end - offset] = self._payload(
+                e.seq, e.loc, e.poff, e.end - e.start)
         return bytes(buf)
 
     def _resolve(self, seq: int, start: int, end: int) -> list[Any]:
@@ -429,12 +432,9 @@ class Volume:
         except MapError as e:
             raise Corruption(f"volume {self.name}: map history: {e}") from e
 
-    def _payload(self, seq: int, loc: int) -> bytes:
-        p = self._cache.get(seq)
-        if p is None:
-            p = self.journal.read_payload(seq, loc)
-            self._cache.put(seq, p)
-        return p
+    def _payload(self, seq: int, loc: int, poff: int, n: int) -> bytes:
+        """Payload bytes [poff, poff+n) of record seq: only the chunks they touch."""
+        return self.journal.read_slice(seq, loc, poff, n, cache=self._cache)
 
     def extents(self, start: int, end: int, seq: int | None = None) -> list[Any]:
         """The resolved extents of [start, end) at *seq* (holes included)."""
@@ -471,8 +471,7 @@ class Volume:
                 if e.loc < 0:
                     yield e.start, None, n
                 else:
-                    p = self._payload(e.seq, e.loc)
-                    yield e.start, bytes(p[e.poff : e.poff + n]), n
+                    yield e.start, self._payload(e.seq, e.loc, e.poff, n), n
             pos = stop
 
     def changed(self, seq_a: int, seq_b: int, start: int = 0, end: int | None = None) -> list[tuple[int, int]]:
