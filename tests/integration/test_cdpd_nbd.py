@@ -114,7 +114,7 @@ def test_fio_verify(cdpd: Cdpd, conns: int) -> None:
     run(
         "fio", "--name=v", "--ioengine=nbd", f"--uri={cdpd.uri()}", "--rw=randwrite",
         "--bs=4k", "--iodepth=32", f"--numjobs={conns}", "--size=32m",
-        "--offset_increment=32m", "--verify=crc32c", "--verify_fatal=1", "--do_verify=1",
+        "--offset_increment=32m", "--verify=crc32c", "--verify_state_save=0", "--verify_fatal=1", "--do_verify=1",
         "--group_reporting",
     )
 

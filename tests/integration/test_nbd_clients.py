@@ -126,7 +126,7 @@ def test_fio_randwrite_verify(srv: ServerThread, jobs: int) -> None:
     require_tool("fio")
     r = sh(
         "fio", "--name=t", "--ioengine=nbd", f"--uri={srv.uri('disk')}", "--rw=randwrite",
-        "--bs=4k", "--iodepth=32", "--size=8m", f"--numjobs={jobs}", "--offset_increment=8m", "--verify=crc32c",
+        "--bs=4k", "--iodepth=32", "--size=8m", f"--numjobs={jobs}", "--offset_increment=8m", "--verify=crc32c", "--verify_state_save=0",
         "--verify_fatal=1", "--group_reporting", "--output-format=json",
         timeout=120,
     )  # fmt: skip

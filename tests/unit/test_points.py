@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pytest
 
@@ -19,7 +19,7 @@ from cdp.points import PointKind, parse_point, split_export_name
         ("-30s", PointKind.RELATIVE, 30.0),
         ("before-upgrade", PointKind.LABEL, "before-upgrade"),
         ("2024-05-01T10:00:00Z", PointKind.TIME,
-         int(datetime(2024, 5, 1, 10, tzinfo=timezone.utc).timestamp()) * 10**9),
+         int(datetime(2024, 5, 1, 10, tzinfo=UTC).timestamp()) * 10**9),
     ],
 )
 def test_parse(text: str, kind: PointKind, value: object) -> None:
