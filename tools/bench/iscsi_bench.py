@@ -1,0 +1,152 @@
+"""cdp's iSCSI target vs. tgt (tgtd, file backing store in tmpfs), in the same run.
+
+    python -m tools.bench.iscsi_bench [--quick] [--json]
+
+Workloads:
+- ``randread-4k``: ``iscsi-perf -r -m 32 -b 8`` (4 KiB random reads, 32 in flight), IOPS;
+- ``randwrite-4k``: ``qemu-img bench -w -d 32 -s 4k`` over iscsi://, IOPS.
+
+cdp serves a RAM device (``MemoryProvider``) from a background thread of this process;
+tgtd serves a file in /dev/shm. Prints cdp, peer, ratio, goal, pass/short per workload;
+``run(quick)`` returns the rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from cdp.targets.iscsi.thread import IscsiServerThread
+from cdp.targets.memdev import MemoryProvider
+
+MiB = 1 << 20
+SIZE = 256 * MiB
+GOALS = {"randread-4k": 0.70, "randwrite-4k": 0.70}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Tgt:
+    """tgtd on a loopback port with one LUN backed by a file."""
+
+    def __init__(self, path: Path, size: int) -> None:
+        with open(path, "wb") as f:
+            f.truncate(size)
+        self.port = free_port()
+        self.ctl = str(1000 + self.port % 30000)
+        self.iqn = "iqn.2026-11.io.tgt:bench"
+        self.proc = subprocess.Popen(
+            ["tgtd", "-f", "-C", self.ctl, "--iscsi", f"portal=127.0.0.1:{self.port}"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError("tgtd did not start") from None
+                time.sleep(0.05)
+        adm = ["tgtadm", "-C", self.ctl, "--lld", "iscsi"]
+        for args in (["--op", "new", "--mode", "target", "--tid", "1", "-T", self.iqn],
+                     ["--op", "new", "--mode", "logicalunit", "--tid", "1", "--lun", "1",
+                      "-b", str(path)],
+                     ["--op", "bind", "--mode", "target", "--tid", "1", "-I", "ALL"]):
+            subprocess.run(adm + args, check=True, capture_output=True)
+
+    def uri(self) -> str:
+        return f"iscsi://127.0.0.1:{self.port}/{self.iqn}/1"
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+def perf_randread(uri: str, seconds: int) -> float:
+    """IOPS of iscsi-perf 4 KiB random reads, 32 in flight."""
+    r = subprocess.run(["iscsi-perf", "-m", "32", "-b", "8", "-r", "-t", str(seconds), uri],
+                       capture_output=True, text=True, timeout=seconds + 30)
+    m = re.findall(r"iops average (\d+)", r.stdout + r.stderr)
+    if not m:
+        raise RuntimeError(f"iscsi-perf: {r.stdout[-500:]} {r.stderr[-500:]}")
+    return float(m[-1])
+
+
+def qemu_randwrite(uri: str, count: int) -> float:
+    """IOPS of qemu-img bench 4 KiB writes, 32 in flight, over iscsi://."""
+    t0 = time.monotonic()
+    r = subprocess.run(["qemu-img", "bench", "-w", "-f", "raw", "-t", "none", "-d", "32",
+                        "-s", "4096", "-S", "1052672", "-c", str(count), uri],
+                       capture_output=True, text=True, timeout=600)
+    wall = time.monotonic() - t0
+    m = re.search(r"Run completed in ([\d.]+) seconds", r.stdout)
+    if r.returncode != 0:
+        raise RuntimeError(f"qemu-img bench: {r.stderr[-500:]}")
+    return count / (float(m.group(1)) if m else wall)
+
+
+def run(quick: bool = False) -> list[dict[str, Any]]:
+    """Run every workload against cdp and tgt; one row per workload."""
+    for tool in ("iscsi-perf", "qemu-img", "tgtd", "tgtadm"):
+        if shutil.which(tool) is None:
+            raise SystemExit(f"requires {tool}")
+    seconds = 3 if quick else 10
+    count = 20000 if quick else 100000
+    provider = MemoryProvider()
+    provider.add("bench", SIZE)
+    shm = "/dev/shm" if os.path.isdir("/dev/shm") else None
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(dir=shm) as tmp, IscsiServerThread(provider) as srv:
+        tgt = Tgt(Path(tmp) / "tgt.img", SIZE)
+        try:
+            cdp_uri, tgt_uri = srv.uri("bench"), tgt.uri()
+            qemu_randwrite(cdp_uri, 2000)  # warm up (allocate the RAM pages)
+            qemu_randwrite(tgt_uri, 2000)
+            for name, fn, arg in (("randread-4k", perf_randread, seconds),
+                                  ("randwrite-4k", qemu_randwrite, count)):
+                cdp = fn(cdp_uri, arg)
+                peer = fn(tgt_uri, arg)
+                ratio = cdp / peer if peer else 0.0
+                rows.append({"workload": name, "unit": "IOPS", "cdp": round(cdp),
+                             "peer": round(peer), "peer_name": "tgt", "ratio": round(ratio, 3),
+                             "goal": GOALS[name], "result": "pass" if ratio >= GOALS[name]
+                             else "short"})
+        finally:
+            tgt.stop()
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="short runs")
+    ap.add_argument("--json", action="store_true", help="print the rows as JSON")
+    args = ap.parse_args()
+    rows = run(args.quick)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return
+    print(f"{'workload':<14}{'cdp':>10}{'tgt':>10}{'ratio':>8}{'goal':>7}  result")
+    for r in rows:
+        print(f"{r['workload']:<14}{r['cdp']:>10}{r['peer']:>10}{r['ratio']:>8.2f}"
+              f"{r['goal']:>7.2f}  {r['result']}")
+
+
+if __name__ == "__main__":
+    main()
