@@ -491,3 +491,228 @@ async def test_buffer_reaches_the_os_without_a_commit() -> None:
     assert fs.size(seg_path(1)) == loc + RECORD_HEADER_SIZE + 4
     assert j.durable_seq == 0  # handed to the OS, not synced
     j.close()
+
+
+# ------------------------------------------------------------------ chunked records, slices
+
+CH = 64 << 10
+
+
+def _mixed(n: int, seed: int) -> bytes:
+    """Half the 4 KiB blocks compressible, half random: chunks of both kinds."""
+    rng = random.Random(seed)
+    return b"".join(bytes(4096) if rng.random() < 0.5 else rng.randbytes(4096)
+                    for _ in range(n // 4096 + 1))[:n]
+
+
+class _CountingFS(CrashSimFS):
+    read_bytes = 0
+
+    def pread(self, fd: int, size: int, offset: int) -> bytes:
+        got = super().pread(fd, size, offset)
+        self.read_bytes += len(got)
+        return got
+
+
+class _Cache:
+    def __init__(self) -> None:
+        self.d: dict[tuple[int, int], bytes] = {}
+        self.puts: list[tuple[int, int]] = []
+
+    def get(self, key: tuple[int, int]) -> bytes | None:
+        return self.d.get(key)
+
+    def put(self, key: tuple[int, int], data: bytes) -> None:
+        self.d[key] = data
+        self.puts.append(key)
+
+
+def test_read_slice_buffered_file_and_reopen() -> None:
+    fs = CrashSimFS()
+    j = mk(fs)
+    data = {  # sizes around the chunk boundary, buffered (< 256 KiB) and direct
+        s: _mixed(s, s) for s in (1, 4096, CH - 1, CH, CH + 1, 3 * CH + 17, 1 << 20)}
+    locs = {s: j.append_write(s, d) for s, d in data.items()}
+    probes = [(0, 1), (1, 3), (CH - 5, 10), (CH, 4096), (CH - 1, 2), (5000, CH + 10)]
+
+    def check(j: Journal) -> None:
+        for s, d in data.items():
+            seq, loc = locs[s]
+            rec = j.read_record(seq, loc)
+            assert rec.payload == d
+            assert rec.compression == 2 if s > CH else rec.compression in (0, 1)
+            assert j.read_slice(seq, loc, 0, s) == d
+            for poff, n in probes:
+                if poff + n <= s:
+                    assert j.read_slice(seq, loc, poff, n) == d[poff : poff + n]
+            assert j.read_slice(seq, loc, s, 0) == b""
+            with pytest.raises(UsageError):
+                j.read_slice(seq, loc, s - 1, 2)
+            with pytest.raises(UsageError):
+                j.read_slice(seq, loc, -1, 1)
+
+    check(j)  # records partly still in the user-space buffer
+    j.sync()
+    check(j)
+    j.close()
+    j = mk(fs)
+    check(j)
+    j.close()
+    assert verify_journal(D, fs=fs).ok
+
+
+def test_read_slice_touches_only_overlapping_chunks() -> None:
+    fs = _CountingFS()
+    j = mk(fs)
+    d = os.urandom(1 << 20)
+    seq, loc = j.append_write(0, d)
+    j.sync()
+    cache = _Cache()
+    fs.read_bytes = 0
+    assert j.read_slice(seq, loc, 5 * CH + 100, 4096, cache=cache) == d[5 * CH + 100 :][:4096]
+    assert cache.puts == [(seq, 5)] and len(cache.d[(seq, 5)]) == CH
+    # header + table (one small read, then remembered) and the one chunk
+    assert fs.read_bytes <= RECORD_HEADER_SIZE + 4096 + CH
+    assert j.read_slice(seq, loc, 7 * CH - 10, 20, cache=cache) == d[7 * CH - 10 : 7 * CH + 10]
+    assert cache.puts == [(seq, 5), (seq, 6), (seq, 7)]
+    # served from the cache: no further reads at all
+    fs.read_bytes = 0
+    cache.puts.clear()
+    assert j.read_slice(seq, loc, 6 * CH, 2 * CH, cache=cache) == d[6 * CH : 8 * CH]
+    assert cache.puts == [] and fs.read_bytes == 0
+    # without a cache: the remembered table, then only the chunk
+    assert j.read_slice(seq, loc, 15 * CH + 1, 10) == d[15 * CH + 1 : 15 * CH + 11]
+    assert fs.read_bytes == CH
+    # a one-block record is cached as its one chunk
+    s2, l2 = j.append_write(0, b"abcdef" * 1000)
+    assert j.read_slice(s2, l2, 10, 5, cache=cache) == (b"abcdef" * 1000)[10:15]
+    assert cache.puts == [(s2, 0)] and cache.d[(s2, 0)] == b"abcdef" * 1000
+    j.close()
+
+
+def _chunk_pos(fs: CrashSimFS, loc: int, i: int) -> int:
+    """File offset of chunk i of the chunked record at loc in segment 1."""
+    import struct
+
+    raw = fs.raw(seg_path(1))
+    length = struct.unpack_from("<Q", raw, loc + 40)[0]
+    n = (length + CH - 1) // CH
+    pos = loc + RECORD_HEADER_SIZE + 12 * n
+    for k in range(i):
+        pos += struct.unpack_from("<I", raw, loc + RECORD_HEADER_SIZE + 12 * k)[0]
+    return pos
+
+
+def test_chunk_flip_fails_only_slices_touching_that_chunk() -> None:
+    fs = CrashSimFS()
+    j = mk(fs)
+    d = _mixed(1 << 20, 5)
+    locs = [j.append_write(i << 20, d) for i in range(3)]
+    j.close()
+    seq, loc = locs[1]
+    fs.raw(seg_path(1))[_chunk_pos(fs, loc, 9) + 7] ^= 0x20
+    rep = verify_journal(D, fs=fs)
+    assert [(p.segment, p.offset, p.seq, p.reason) for p in rep.problems] == [
+        (segment_name(1), loc, seq, "bad checksum in chunk 9")]
+    j = mk(fs)
+    assert [(p.offset, p.seq, p.reason) for p in j.recovery.problems] == [
+        (loc, seq, "bad checksum in chunk 9")]
+    assert j.last_seq == 3 and j.recovery.dropped_bytes == 0
+    for i in range(16):
+        if i == 9:
+            with pytest.raises(Corruption) as exc:
+                j.read_slice(seq, loc, i * CH + 100, 4096)
+            msg = str(exc.value)
+            assert (f"{segment_name(1)} offset {loc} seq {seq}" in msg
+                    and "chunk 9" in msg), msg
+        else:
+            assert j.read_slice(seq, loc, i * CH, CH) == d[i * CH : (i + 1) * CH]
+    with pytest.raises(Corruption, match="chunk 9"):
+        j.read_slice(seq, loc, 8 * CH, 2 * CH + 1)
+    with pytest.raises(Corruption, match="chunk 9"):
+        j.read_payload(seq, loc)
+    for s, lc in (locs[0], locs[2]):
+        assert j.read_payload(s, lc) == d
+    j.close()
+
+
+@pytest.mark.parametrize("where", [4, 12, 40, 48, 48 + 12 * 3 + 5, 48 + 12 * 16 - 1])
+def test_header_or_chunk_table_flip_fails_every_slice(where: int) -> None:
+    fs = CrashSimFS()
+    j = mk(fs)
+    d = os.urandom(1 << 20)
+    locs = [j.append_write(i << 20, d) for i in range(3)]
+    j.close()
+    seq, loc = locs[1]
+    fs.raw(seg_path(1))[loc + where] ^= 0x01
+    rep = verify_journal(D, fs=fs)
+    assert [(p.offset, p.seq) for p in rep.problems] == [(loc, seq)]
+    j = mk(fs)
+    assert [(p.offset, p.seq) for p in j.recovery.problems] == [(loc, seq)]
+    for i in (0, 7, 15):
+        with pytest.raises(Corruption, match=f"offset {loc} seq {seq}"):
+            j.read_slice(seq, loc, i * CH, 10)
+    assert j.read_slice(*locs[2], 3, 5) == d[3:8]
+    j.close()
+
+
+def test_torn_chunked_tail_in_header_table_boundaries_and_chunks() -> None:
+    fs0 = CrashSimFS()
+    j = mk(fs0)
+    small = [j.append_write(i, rnd(i, 100)) for i in range(2)]
+    big = _mixed(3 * CH + 500, 9)
+    _seq, last_loc = j.append_write(0, big)
+    j.close()
+    full = bytes(fs0.raw(seg_path(1)))
+    # every cut inside the header and chunk table, around every chunk boundary, and a
+    # stride through the chunks (every byte of 200 KiB would take minutes)
+    n_table = RECORD_HEADER_SIZE + 12 * 4
+    bounds = [_chunk_pos(fs0, last_loc, i) for i in range(1, 4)] + [len(full)]
+    cuts = sorted({*range(last_loc, last_loc + n_table + 2),
+                   *range(last_loc + n_table, len(full), 31),
+                   *(c + k for c in bounds for k in range(-2, 3) if c + k < len(full))})
+    for cut in cuts:
+        fs = CrashSimFS()
+        fs.makedirs(D)
+        fd = fs.open_append(seg_path(1))
+        fs.write(fd, full[:cut])
+        fs.fdatasync(fd)
+        fs.fsync_dir(D)
+        j = mk(fs)
+        rep = j.recovery
+        assert j.last_seq == 2 and rep.ok
+        assert rep.dropped_bytes == cut - last_loc
+        assert rep.dropped_records == (1 if cut > last_loc else 0)
+        seq, loc = j.append_write(7, big)
+        assert (seq, loc) == (3, last_loc)
+        j.close()
+        assert verify_journal(D, fs=fs).ok
+        j = mk(fs)
+        assert [j.read_payload(*x) for x in small] == [rnd(0, 100), rnd(1, 100)]
+        assert j.read_slice(3, last_loc, CH - 2, 5) == big[CH - 2 : CH + 3]
+        j.close()
+
+
+def test_flip_in_chunk_of_last_record_counts_as_torn() -> None:
+    fs = CrashSimFS()
+    j = mk(fs)
+    j.append_write(0, b"first")
+    _seq, loc = j.append_write(0, os.urandom(1 << 20))
+    j.close()
+    fs.raw(seg_path(1))[_chunk_pos(fs, loc, 12) + 3] ^= 0x01
+    j = mk(fs)
+    assert j.last_seq == 1 and j.recovery.dropped_records == 1 and j.recovery.ok
+    j.close()
+
+
+def test_huge_chunked_record_uses_many_iovecs(tmp_path: Path) -> None:
+    j = Journal.open(tmp_path / "j")
+    d = os.urandom(80 << 20)  # 1280 chunks: more than one writev's worth of iovecs
+    seq, loc = j.append_write(0, d)
+    j.sync()
+    assert j.read_slice(seq, loc, (70 << 20) + 3, 9000) == d[(70 << 20) + 3 :][:9000]
+    j.close()
+    j = Journal.open(tmp_path / "j")
+    assert j.recovery.ok and j.read_payload(seq, loc) == d
+    j.close()
+    assert verify_journal(tmp_path / "j").ok
