@@ -56,6 +56,29 @@ class Listener:
 
 
 @dataclass(frozen=True)
+class ChapSettings:
+    user: str
+    secret: str
+    mutual_user: str = ""
+    mutual_secret: str = ""
+
+
+@dataclass(frozen=True)
+class IscsiSettings:
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = 3260
+    #: seconds between NOP-In pings to idle initiators (0: off)
+    nop_interval: float = 30.0
+    #: CHAP per target: key = target IQN, volume or export name, "*" or "discovery"
+    chap: tuple[tuple[str, ChapSettings], ...] = ()
+
+    @property
+    def address(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
 class VolumeSpec:
     name: str
     size: int
@@ -69,6 +92,7 @@ class Settings:
     read: ReadSettings = field(default_factory=ReadSettings)
     nbd: Listener = field(default_factory=lambda: Listener(True, "127.0.0.1", 10809))
     metrics: Listener = field(default_factory=lambda: Listener(True, "127.0.0.1", 9809))
+    iscsi: IscsiSettings = field(default_factory=IscsiSettings)
     volumes: tuple[VolumeSpec, ...] = (VolumeSpec("vol0", 10 << 30),)
     source: str = "built-in defaults"
 
@@ -78,6 +102,7 @@ class Settings:
         store: str | None = None,
         nbd: str | None = None,
         metrics: str | None = None,
+        iscsi: str | None = None,
     ) -> Settings:
         """Apply command-line / environment overrides (``--store``, ``--nbd``, ...)."""
         s = self
@@ -87,6 +112,9 @@ class Settings:
             s = replace(s, nbd=_listener(nbd, "--nbd", 10809, True))
         if metrics:
             s = replace(s, metrics=_listener(metrics, "--metrics", 9809, True))
+        if iscsi:
+            lst = _listener(iscsi, "--iscsi", 3260, True)
+            s = replace(s, iscsi=replace(s.iscsi, enabled=True, host=lst.host, port=lst.port))
         return s
 
 
@@ -164,7 +192,40 @@ def _table(raw: dict[str, Any], name: str, schema: dict[str, Callable[[Any, str]
     return {k: schema[k](v, f"{name}.{k}") for k, v in raw.items()}
 
 
-_SECTIONS = {"store", "journal", "maps", "read", "nbd", "metrics", "volume"}
+_SECTIONS = {"store", "journal", "maps", "read", "nbd", "metrics", "iscsi", "volume"}
+
+
+def _iscsi(raw: Any) -> IscsiSettings:
+    d = IscsiSettings()
+    t = _table(
+        raw, "iscsi",
+        {"enabled": _bool, "listen": _str, "nop_interval": _duration, "chap": lambda v, k: v},
+    )
+    host, port = d.host, d.port
+    if "listen" in t:
+        lst = _listener(t["listen"], "iscsi.listen", 3260, True)
+        host, port = lst.host, lst.port
+    chap: list[tuple[str, ChapSettings]] = []
+    raw_chap = t.get("chap", {})
+    if not isinstance(raw_chap, dict):
+        raise ConfigError("iscsi.chap: expected tables like [iscsi.chap.vol0]")
+    for key, entry in raw_chap.items():
+        name = f"iscsi.chap.{key}"
+        c = _table(
+            entry, name,
+            {"user": _str, "secret": _str, "mutual_user": _str, "mutual_secret": _str},
+        )
+        if "user" not in c or "secret" not in c:
+            raise ConfigError(f"{name}: needs both user and secret")
+        if ("mutual_user" in c) != ("mutual_secret" in c):
+            raise ConfigError(f"{name}: mutual CHAP needs both mutual_user and mutual_secret")
+        if len(c["secret"]) < 12:
+            raise ConfigError(f"{name}.secret: CHAP secrets must be at least 12 characters")
+        chap.append((str(key), ChapSettings(**c)))
+    return IscsiSettings(
+        enabled=t.get("enabled", d.enabled), host=host, port=port,
+        nop_interval=t.get("nop_interval", d.nop_interval), chap=tuple(chap),
+    )
 
 
 def parse_config(data: dict[str, Any], source: str = "<config>") -> Settings:
@@ -227,6 +288,7 @@ def parse_config(data: dict[str, Any], source: str = "<config>") -> Settings:
         read=replace(d.read, **r),
         nbd=listeners["nbd"],
         metrics=listeners["metrics"],
+        iscsi=_iscsi(data.get("iscsi", {})),
         volumes=tuple(vols),
         source=source,
     )

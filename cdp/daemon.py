@@ -1,8 +1,8 @@
 """cdpd: the appliance service (foreground).
 
-    cdpd [--config FILE] [--store DIR] [--nbd HOST:PORT] [--metrics HOST:PORT]
+    cdpd [--config FILE] [--store DIR] [--nbd HOST:PORT] [--iscsi HOST:PORT] [--metrics HOST:PORT]
 
-Opens (or creates) the store and its volumes, serves NBD, the admin API (a unix socket in
+Opens (or creates) the store and its volumes, serves NBD and iSCSI, the admin API (a unix socket in
 the store, mode 0600) and Prometheus metrics. SIGTERM/SIGINT: stop accepting, drain
 in-flight requests, seal the maps, sync the journal, exit 0.
 
@@ -16,12 +16,14 @@ import argparse
 import asyncio
 import contextlib
 import json
+from dataclasses import asdict
 import logging
 import os
 import signal
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import replace
 
 from cdp import __version__
 from cdp.admin import AdminServer
@@ -30,6 +32,7 @@ from cdp.errors import CdpError
 from cdp.exports import StoreExports
 from cdp.metrics import MetricsServer
 from cdp.store import Store
+from cdp.targets.iscsi.server import IscsiServer, serve_iscsi
 from cdp.targets.nbd.server import NbdServer, serve_nbd
 from cdp.volume import write_file_atomic
 
@@ -43,13 +46,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="cdpd",
         description="cdp appliance service: journals every write of the protected volumes "
-        "and serves them (live and at any point in time) over NBD.",
+        "and serves them (live and at any point in time) over NBD and iSCSI.",
         epilog="exit status: 0 clean stop, 1 error, 2 bad configuration or arguments, "
         "6 corruption prevents opening, 7 store locked by another cdpd",
     )
     p.add_argument("--config", help="config file (default: $CDP_CONFIG or config/cdp.toml)")
     p.add_argument("--store", help="store directory (default: $CDP_STORE or store.path)")
     p.add_argument("--nbd", metavar="HOST:PORT", help="NBD listener (default 127.0.0.1:10809)")
+    p.add_argument("--iscsi", metavar="HOST:PORT", help="iSCSI listener (default 127.0.0.1:3260)")
+    p.add_argument("--no-iscsi", action="store_true", help="do not serve iSCSI")
     p.add_argument("--metrics", metavar="HOST:PORT", help="metrics listener (default 127.0.0.1:9809)")
     p.add_argument("--no-metrics", action="store_true", help="do not serve metrics")
     p.add_argument("--log-level", default=os.environ.get("CDP_LOG_LEVEL", "info"))
@@ -65,6 +70,7 @@ class Daemon:
         self.store: Store | None = None
         self._stop = asyncio.Event()
         self.nbd_port: int | None = None
+        self.iscsi_port: int | None = None
         self.started = time.time()
 
     def request_stop(self) -> None:
@@ -85,6 +91,7 @@ class Daemon:
                 log.warning("volume %s: journal recovery: %s", v.name, rec)
         admin = AdminServer(store)
         nbd = None
+        iscsi: IscsiServer | None = None
         metrics = None
         try:
             await admin.start()
@@ -92,6 +99,14 @@ class Daemon:
                 nbd = await serve_nbd(StoreExports(store), s.nbd.host, s.nbd.port)
                 self.nbd_port = nbd.port
                 log.info("NBD on %s:%d", s.nbd.host, nbd.port)
+            if s.iscsi.enabled:
+                iscsi = await serve_iscsi(
+                    StoreExports(store), s.iscsi.host, s.iscsi.port,
+                    targets={k: asdict(c) for k, c in s.iscsi.chap},
+                    nop_interval=s.iscsi.nop_interval,
+                )
+                self.iscsi_port = iscsi.port
+                log.info("iSCSI on %s:%d", s.iscsi.host, iscsi.port)
             if s.metrics.enabled:
                 metrics = MetricsServer(store, s.metrics.host, s.metrics.port, self._extra_metrics(nbd))
                 await metrics.start()
@@ -107,6 +122,10 @@ class Daemon:
                 nbd.close()
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(nbd.wait_closed(), 30)
+            if iscsi is not None:
+                iscsi.close()
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(iscsi.wait_closed(), 30)
             if metrics is not None:
                 await metrics.close()
             await admin.close()
@@ -121,6 +140,7 @@ class Daemon:
             "pid": os.getpid(),
             "version": __version__,
             "nbd": f"{s.nbd.host}:{self.nbd_port}" if nbd is not None else None,
+            "iscsi": f"{s.iscsi.host}:{self.iscsi_port}" if self.iscsi_port is not None else None,
             "metrics": f"{s.metrics.host}:{metrics.port}" if metrics is not None else None,
             "admin_socket": str(store.socket_path),
             "started": self.started,
@@ -159,11 +179,12 @@ def main(argv: list[str] | None = None) -> int:
             store=args.store or os.environ.get("CDP_STORE"),
             nbd=args.nbd,
             metrics=args.metrics,
+            iscsi=args.iscsi,
         )
         if args.no_metrics:
-            from dataclasses import replace
-
             settings = replace(settings, metrics=replace(settings.metrics, enabled=False))
+        if args.no_iscsi:
+            settings = replace(settings, iscsi=replace(settings.iscsi, enabled=False))
     except CdpError as e:
         print(f"cdpd: {e}", file=sys.stderr)
         return e.exit_status

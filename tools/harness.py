@@ -57,6 +57,7 @@ class Cdpd:
         self.log = tmp / "cdpd.log"
         self.nbd_port = 0
         self.metrics_port = 0
+        self.iscsi_port = 0
 
     def start(self, timeout: float = 30.0) -> Cdpd:
         runfile = self.store / "cdpd.json"
@@ -64,7 +65,7 @@ class Cdpd:
         with open(self.log, "ab") as logf:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "cdp.daemon", "--config", str(self.config),
-                 "--nbd", "127.0.0.1:0", "--metrics", "127.0.0.1:0"],
+                 "--nbd", "127.0.0.1:0", "--iscsi", "127.0.0.1:0", "--metrics", "127.0.0.1:0"],
                 stdout=logf, stderr=subprocess.STDOUT, cwd=self.tmp,
             )
         deadline = time.monotonic() + timeout
@@ -76,6 +77,7 @@ class Cdpd:
                 if info["pid"] == self.proc.pid:
                     self.nbd_port = int(info["nbd"].rsplit(":", 1)[1])
                     self.metrics_port = int(info["metrics"].rsplit(":", 1)[1])
+                    self.iscsi_port = int(info["iscsi"].rsplit(":", 1)[1])
                     return self
             except (FileNotFoundError, ValueError, KeyError):
                 pass
@@ -84,6 +86,11 @@ class Cdpd:
 
     def uri(self, export: str = "vol0") -> str:
         return f"nbd://127.0.0.1:{self.nbd_port}/{export}"
+
+    def iscsi_uri(self, export: str = "vol0", lun: int = 0) -> str:
+        from cdp.targets.iscsi.naming import target_name
+
+        return f"iscsi://127.0.0.1:{self.iscsi_port}/{target_name(export)}/{lun}"
 
     def stop(self, timeout: float = 60.0) -> int:
         """SIGTERM and wait; returns the exit status."""

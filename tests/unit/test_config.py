@@ -13,9 +13,10 @@ from cdp.errors import ConfigError
 def test_documented_file_equals_builtin_defaults() -> None:
     s = load_config(REPO_CONFIG)
     d = Settings()
-    assert (s.store, s.journal, s.maps, s.read, s.nbd, s.metrics, s.volumes) == (
-        d.store, d.journal, d.maps, d.read, d.nbd, d.metrics, d.volumes
+    assert (s.store, s.journal, s.maps, s.read, s.nbd, s.metrics, s.iscsi, s.volumes) == (
+        d.store, d.journal, d.maps, d.read, d.nbd, d.metrics, d.iscsi, d.volumes
     )
+    assert (s.iscsi.host, s.iscsi.port, s.iscsi.enabled) == ("127.0.0.1", 3260, True)
     assert s.volumes[0].name == "vol0" and s.volumes[0].size == 10 << 30
     assert (s.nbd.host, s.nbd.port) == ("127.0.0.1", 10809)
 
@@ -34,6 +35,10 @@ def test_documented_file_equals_builtin_defaults() -> None:
         ({"volume": [{"name": "v", "size": "1000"}]}, "volume[0].size"),
         ({"volume": [{"name": "v", "size": 512}, {"name": "v", "size": 512}]}, "volume[1].name"),
         ({"bogus": {}}, "bogus"),
+        ({"iscsi": {"listen": "nowhere:x"}}, "iscsi.listen"),
+        ({"iscsi": {"chap": {"vol0": {"user": "u"}}}}, "iscsi.chap.vol0"),
+        ({"iscsi": {"chap": {"vol0": {"user": "u", "secret": "short"}}}}, "iscsi.chap.vol0.secret"),
+        ({"iscsi": {"chap": {"vol0": {"user": "u", "secret": "s" * 12, "pin": 1}}}}, "iscsi.chap.vol0.pin"),
     ],
 )
 def test_bad_values_name_the_key(doc: dict, key: str) -> None:
@@ -49,6 +54,15 @@ def test_missing_and_malformed_files(tmp_path: Path) -> None:
     bad.write_text("[journal\n")
     with pytest.raises(ConfigError, match="not valid TOML"):
         load_config(bad)
+
+
+def test_iscsi_chap() -> None:
+    s = parse_config(
+        {"iscsi": {"chap": {"vol0": {"user": "u", "secret": "s" * 12,
+                                     "mutual_user": "t", "mutual_secret": "m" * 12}}}}
+    )
+    key, chap = s.iscsi.chap[0]
+    assert key == "vol0" and chap.user == "u" and chap.mutual_secret == "m" * 12
 
 
 def test_overrides() -> None:
