@@ -16,14 +16,13 @@ import argparse
 import asyncio
 import contextlib
 import json
-from dataclasses import asdict
 import logging
 import os
 import signal
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import asdict, replace
 
 from cdp import __version__
 from cdp.admin import AdminServer
