@@ -916,28 +916,30 @@ class Journal:
         if first == last:
             p = cache.get((seq, first)) if cache is not None else None
             if p is None:
-                p = self._chunks(seq, loc, first, last, cache)[0]
+                p = self._chunks(seq, loc, first, last, cache, [first])[0]
             if o + length > len(p):
                 raise UsageError(f"slice [{poff}, {poff + length}) is past the end of "
                                  f"seq {seq}'s payload")
             return p[o : o + length] if o or length != len(p) else p
-        got = b"".join(self._chunks(seq, loc, first, last, cache))
+        got = b"".join(self._chunks(seq, loc, first, last, cache, None))
         if o + length > len(got):
             raise UsageError(f"slice [{poff}, {poff + length}) is past the end of "
                              f"seq {seq}'s payload")
         return got[o : o + length]
 
     def _chunks(self, seq: int, loc: int, first: int, last: int,
-                cache: ChunkCache | None) -> list[bytes]:
-        """Decoded chunks ``first..last`` of record ``seq`` (from ``cache`` when there)."""
+                cache: ChunkCache | None, missing: list[int] | None) -> list[bytes]:
+        """Decoded chunks ``first..last`` of record ``seq`` (from ``cache`` when there;
+        ``missing``: the ones known not to be cached, None to look)."""
         out: list[bytes | None] = [None] * (last - first + 1)
-        missing = []
-        for i in range(first, last + 1):
-            p = cache.get((seq, i)) if cache is not None else None
-            if p is None:
-                missing.append(i)
-            else:
-                out[i - first] = p
+        if missing is None:
+            missing = []
+            for i in range(first, last + 1):
+                p = cache.get((seq, i)) if cache is not None else None
+                if p is None:
+                    missing.append(i)
+                else:
+                    out[i - first] = p
         if missing:
             seg = self._seg_for(seq)
             where = f"segment {seg.name} offset {loc} seq {seq}"
