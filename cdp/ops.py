@@ -316,3 +316,4 @@ async def run_op(store: Store, op: str, args: dict[str, Any], progress: Progress
 
 __all__ = ["OFFLINE_OPS", "OPS", "CdpError", "run_op"]
 from cdp.catalog.ops import OPS as _CATALOG_OPS; OPS.update(_CATALOG_OPS); OFFLINE_OPS.update(_CATALOG_OPS)  # noqa: E402, E702, I001 -- file catalog ops
+from cdp.backup.ops import OFFLINE as _BACKUP_OFFLINE, OPS as _BACKUP_OPS; OPS.update(_BACKUP_OPS); OFFLINE_OPS.update(_BACKUP_OFFLINE)  # noqa: E402, E702, I001 -- changed / export

@@ -1,0 +1,318 @@
+"""The ``changed`` and ``export_diff`` operations (cdpctl changed / export).
+
+They run in the daemon on its event loop (map work in windows of the volume, payload
+reads in batches, writes in a worker thread, yielding between batches) or offline on a
+stopped store: both only read the store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import stat
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from cdp.backup import qcow2
+from cdp.backup.cdpdiff import Header
+from cdp.backup.changes import (
+    DATA,
+    ZERO,
+    Piece,
+    _append,
+    align_ranges,
+    diff_pieces,
+    merged_ranges,
+    totals,
+)
+from cdp.backup.pipe import BATCH_BYTES, Pipe
+from cdp.backup.sinks import NbdSink, Sink, StreamSink
+from cdp.errors import UsageError
+from cdp.store import Store
+from cdp.volume import Volume
+
+Progress = Callable[[int, int, str], None]
+
+#: the map work of one step (a window of the volume) before yielding to the loop
+WINDOW = 4 << 30
+READ_BYTES = 4 << 20
+FORMATS = ("qcow2", "cdpdiff")
+
+
+def _points(store: Store, args: dict[str, Any]) -> tuple[Volume, str, str, int, int]:
+    vol = store.volume(args.get("volume"))
+    a_text = args.get("from")
+    if not a_text:
+        raise UsageError("missing --from POINT (use 'origin' for everything ever written)")
+    b_text = args.get("to") or "now"
+    return vol, a_text, b_text, vol.resolve_point(a_text), vol.resolve_point(b_text)
+
+
+async def compute_pieces(vol: Volume, seq_a: int, seq_b: int, progress: Progress) -> list[Piece]:
+    """:func:`diff_pieces` over the whole volume, a window at a time (yielding between)."""
+    out: list[Piece] = []
+    for w in range(0, vol.size, WINDOW):
+        for p in diff_pieces(vol, seq_a, seq_b, w, min(vol.size, w + WINDOW)):
+            _append(out, p)
+        if vol.size > WINDOW:
+            progress(min(vol.size, w + WINDOW), vol.size, "changed")
+            await asyncio.sleep(0)
+    return out
+
+
+def _base(vol: Volume, a_text: str, b_text: str, a: int, b: int, pieces: list[Piece]) -> dict[str, Any]:
+    return {
+        "volume": vol.name,
+        "from": a_text,
+        "to": b_text,
+        "from_seq": a,
+        "to_seq": b,
+        "size": vol.size,
+        **totals(pieces),
+    }
+
+
+async def changed(store: Store, args: dict[str, Any], progress: Progress) -> Any:
+    """Merged, sorted byte ranges that differ between two points, with totals."""
+    vol, a_text, b_text, a, b = _points(store, args)
+    pieces = await compute_pieces(vol, a, b, progress)
+    ranges = merged_ranges(pieces)
+    r = _base(vol, a_text, b_text, a, b, pieces)
+    r["ranges_count"] = len(ranges)
+    r["ranges"] = [{"offset": s, "length": e - s} for s, e in ranges]
+    if args.get("kinds"):
+        r["pieces"] = [
+            {"offset": p.start, "length": p.length, "kind": "data" if p.kind == DATA else "zero"}
+            for p in pieces
+        ]
+    return r
+
+
+def _infer_format(output: str | None, fmt: str | None, to_nbd: str | None) -> str:
+    if to_nbd:
+        if output:
+            raise UsageError("give either -o FILE or --to-nbd URI, not both")
+        return "nbd"
+    if not output:
+        raise UsageError("export needs -o FILE (.qcow2, .cdpdiff or -) or --to-nbd URI")
+    if fmt:
+        if fmt not in FORMATS:
+            raise UsageError(f"--format must be one of {', '.join(FORMATS)}")
+        return fmt
+    if output.endswith(".qcow2"):
+        return "qcow2"
+    if output.endswith(".cdpdiff") or output == "-":
+        return "cdpdiff"
+    raise UsageError(f"cannot tell the format of {output!r}: name it .qcow2 or .cdpdiff, or pass --format")
+
+
+async def export_diff(store: Store, args: dict[str, Any], progress: Progress) -> Any:
+    """Write what changed between two points as a qcow2 overlay, a cdpdiff stream, or
+    into an NBD server. Cost: the map work of :func:`compute_pieces` + reading the
+    changed bytes once (qcow2: whole clusters) + writing them."""
+    vol, a_text, b_text, a, b = _points(store, args)
+    output = args.get("output")
+    to_nbd = args.get("to_nbd")
+    fmt = _infer_format(output, args.get("format"), to_nbd)
+    if output == "-":
+        raise UsageError("the daemon cannot write to cdpctl's stdout; cdpctl passes a pipe")
+    pieces = await compute_pieces(vol, a, b, progress)
+    r = _base(vol, a_text, b_text, a, b, pieces)
+    r["format"] = fmt
+    r["output"] = to_nbd or output
+    lay = None
+    if fmt == "qcow2":
+        bits = int(args.get("cluster_bits") or qcow2.DEFAULT_CLUSTER_BITS)
+        lay = qcow2.plan(vol, b, pieces, bits)
+        backing = args.get("backing")
+        if backing is None:
+            backing = f"{vol.name}@{a_text}.img"
+        r.update(
+            cluster_size=lay.cluster_size,
+            data_clusters=lay.data_clusters,
+            zero_clusters=lay.zero_clusters,
+            copy_bytes=lay.data_clusters * lay.cluster_size,
+            file_bytes=lay.file_size,
+            backing=backing or None,
+        )
+    else:
+        r["copy_bytes"] = r["data_bytes"]
+    if args.get("dry_run"):
+        r["dry_run"] = True
+        return r
+    t0 = time.perf_counter()
+    if lay is not None:
+        assert output is not None
+        await _write_qcow2(vol, b, lay, output, r["backing"], args.get("backing_format") or "raw", progress)
+    elif fmt == "cdpdiff":
+        assert output is not None
+        header = Header(vol.size, a, b, vol.uuid, vol.name, a_text, b_text)
+        r["stream_bytes"] = await _write_stream(vol, b, pieces, output, header, progress, r["copy_bytes"])
+    else:
+        assert to_nbd is not None
+        loop = asyncio.get_running_loop()
+        sink = await loop.run_in_executor(None, NbdSink, to_nbd, vol.size)
+        await emit(vol, b, _aligned(vol, pieces, sink.grain), sink, progress, r["copy_bytes"])
+    r["seconds"] = round(time.perf_counter() - t0, 3)
+    return r
+
+
+def _aligned(vol: Volume, pieces: list[Piece], grain: int) -> list[Piece]:
+    """Pieces whose ends are multiples of ``grain``: aligned pieces stay as they are;
+    a widened range becomes one piece read through the volume (``loc`` -1, DATA)."""
+    if grain <= 1 or all(p.start % grain == 0 and (p.end % grain == 0 or p.end == vol.size) for p in pieces):
+        return pieces
+    out: list[Piece] = []
+    i = 0
+    for s, e in align_ranges(merged_ranges(pieces), grain, vol.size):
+        group = []
+        while i < len(pieces) and pieces[i].start < e:
+            group.append(pieces[i])
+            i += 1
+        if group and group[0].start == s and group[-1].end == e:
+            out.extend(group)
+        else:
+            out.append(Piece(s, e, DATA))
+    return out
+
+
+def _open_output(path: str) -> tuple[int, Path | None]:
+    """An fd for ``path``: FIFOs and devices directly, regular files through a
+    temporary name renamed at the end (returned as the second item)."""
+    try:
+        st = os.stat(path)
+        special = not stat.S_ISREG(st.st_mode)
+    except FileNotFoundError:
+        special = False
+    if special:
+        return os.open(path, os.O_WRONLY), None
+    out = Path(path)
+    tmp = out.with_name(f".{out.name}.partial")
+    return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644), tmp
+
+
+def _commit(fd: int, tmp: Path | None, path: str) -> None:
+    if tmp is not None:
+        os.fsync(fd)
+    os.close(fd)
+    if tmp is not None:
+        os.replace(tmp, path)
+
+
+async def _write_qcow2(
+    vol: Volume, seq: int, lay: qcow2.Layout, path: str, backing: str | None,
+    backing_format: str, progress: Progress,
+) -> None:
+    loop = asyncio.get_running_loop()
+    fd, tmp = await loop.run_in_executor(None, _open_output, path)
+    pipe = Pipe()
+    cs = lay.cluster_size
+    total = lay.data_clusters * cs
+    done = 0
+    try:
+        if tmp is not None:
+            os.ftruncate(fd, lay.file_size)
+        await pipe.put(qcow2.write_at, fd, list(qcow2.metadata(lay, backing, backing_format)))
+        for guest, host, n in qcow2.data_runs(lay, max(1, BATCH_BYTES // cs)):
+            length = n * cs
+            readable = min(length, vol.size - guest)
+            data = vol.read(guest, readable, seq)
+            if readable < length:
+                data += bytes(length - readable)
+            await pipe.put(qcow2.write_at, fd, [(host, data)])
+            done += length
+            progress(done, total, "export qcow2")
+        await pipe.drain()
+        await loop.run_in_executor(None, _commit, fd, tmp, path)
+    except BaseException:
+        await pipe.abort()
+        os.close(fd)
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
+        raise
+
+
+async def _write_stream(
+    vol: Volume, seq: int, pieces: list[Piece], path: str, header: Header,
+    progress: Progress, total: int,
+) -> int:
+    loop = asyncio.get_running_loop()
+    fd, tmp = await loop.run_in_executor(None, _open_output, path)
+    sink = StreamSink(fd, header, close_fd=False)
+    try:
+        await emit(vol, seq, pieces, sink, progress, total, close=False)
+        await loop.run_in_executor(None, _commit, fd, tmp, path)
+    except BaseException:
+        os.close(fd)
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
+        raise
+    return sink.writer.stream_bytes
+
+
+def _run_batch(sink: Sink, batch: list[tuple[int, int, Any]]) -> None:
+    for kind, off, x in batch:
+        if kind == ZERO:
+            sink.zero(off, x)
+        else:
+            sink.write(off, x)
+
+
+async def emit(
+    vol: Volume, seq: int, pieces: list[Piece], sink: Sink, progress: Progress, total: int,
+    *, close: bool = True,
+) -> None:
+    """Send every piece to ``sink`` (DATA read from the journal, ZERO as zeroing), in
+    batches written by a worker thread while the loop reads the next batch."""
+    loop = asyncio.get_running_loop()
+    pipe = Pipe()
+    batch: list[tuple[int, int, Any]] = []
+    nbytes = 0
+    done = 0
+    read_slice = vol.journal.read_slice
+    try:
+        for p in pieces:
+            if p.kind == ZERO:
+                batch.append((ZERO, p.start, p.length))
+            else:
+                pos = p.start
+                while pos < p.end:
+                    n = min(p.end - pos, READ_BYTES)
+                    if p.loc >= 0:
+                        data = read_slice(p.seq, p.loc, p.poff + (pos - p.start), n)
+                    else:
+                        data = vol.read(pos, n, seq)
+                    batch.append((DATA, pos, data))
+                    nbytes += n
+                    pos += n
+                    if nbytes >= BATCH_BYTES:
+                        done += nbytes
+                        await pipe.put(_run_batch, sink, batch)
+                        progress(done, total, "export")
+                        batch, nbytes = [], 0
+            if len(batch) >= 4096:
+                done += nbytes
+                await pipe.put(_run_batch, sink, batch)
+                batch, nbytes = [], 0
+        if batch:
+            done += nbytes
+            await pipe.put(_run_batch, sink, batch)
+        await pipe.drain()
+        await loop.run_in_executor(None, sink.finish)
+        progress(total, total, "export")
+    except BaseException:
+        await pipe.abort()
+        raise
+    finally:
+        if close:
+            sink.close()
+
+
+OPS: dict[str, Callable[[Store, dict[str, Any], Progress], Awaitable[Any]]] = {
+    "changed": changed,
+    "export_diff": export_diff,
+}
+#: both only read the store
+OFFLINE = set(OPS)
