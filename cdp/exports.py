@@ -4,6 +4,11 @@ Export names: ``VOLUME`` is the live, writable volume; ``VOLUME@POINT`` a read-o
 of it at POINT (``vol0@marker17``, ``vol0@before-upgrade``, ``vol0@@123456``,
 ``vol0@2024-05-01T10:00:00``). A point given as a time or a relative time is resolved
 once, when the export is opened: the view does not move while a client reads it.
+
+Metadata contexts: ``base:allocation``, and ``x-cdp:changed:POINT`` (any point, e.g.
+``x-cdp:changed:marker3``): BLOCK_STATUS flag 1 marks the ranges that changed between
+POINT and the export's own point (the live export: now), like ``qemu:dirty-bitmap:NAME``.
+Listing ``x-cdp:`` (or ``x-cdp:changed:``) names one context per marker.
 """
 
 from __future__ import annotations
@@ -11,7 +16,8 @@ from __future__ import annotations
 from collections.abc import Awaitable
 from typing import TYPE_CHECKING
 
-from cdp.errors import ReadOnly
+from cdp.backup.changes import status_runs
+from cdp.errors import CdpError, ReadOnly
 from cdp.points import split_export_name
 
 if TYPE_CHECKING:
@@ -19,6 +25,10 @@ if TYPE_CHECKING:
     from cdp.volume import Volume
 
 BASE_ALLOCATION = "base:allocation"
+CDP_NAMESPACE = "x-cdp:"
+CHANGED_PREFIX = "x-cdp:changed:"
+#: the most bytes one BLOCK_STATUS answer of a changed context covers (clients ask on)
+CHANGED_SPAN = 1 << 30
 
 
 class VolumeDevice:
@@ -33,6 +43,7 @@ class VolumeDevice:
         self.description = f"cdp volume {volume.name} (live)"
         volume.connections += 1
         self._closed = False
+        self._changed_seqs: dict[str, int] = {}
 
     def read(self, offset: int, length: int) -> bytes:
         return self.volume.read(offset, length)
@@ -58,7 +69,37 @@ class VolumeDevice:
     def meta_contexts(self) -> list[str]:
         return [BASE_ALLOCATION]
 
+    def match_meta_contexts(self, query: str, listing: bool) -> list[str]:
+        """``base:allocation`` and ``x-cdp:changed:POINT`` (selected when POINT resolves;
+        the seq is fixed here, at negotiation). Listing ``x-cdp:`` or ``x-cdp:changed:``
+        names one changed context per marker. Cost: a point resolve."""
+        if query == BASE_ALLOCATION:
+            return [BASE_ALLOCATION]
+        if listing and query.endswith(":") and BASE_ALLOCATION.startswith(query):
+            return [BASE_ALLOCATION]
+        if listing and query in (CDP_NAMESPACE, CHANGED_PREFIX):
+            return [CHANGED_PREFIX + m.name for m in self.volume.markers]
+        if query.startswith(CHANGED_PREFIX) and len(query) > len(CHANGED_PREFIX):
+            try:
+                self._changed_seq(query)
+            except CdpError:
+                return []
+            return [query]
+        return []
+
+    def _changed_seq(self, context: str) -> int:
+        seq = self._changed_seqs.get(context)
+        if seq is None:
+            seq = self._changed_seqs[context] = self.volume.resolve_point(context[len(CHANGED_PREFIX):])
+        return seq
+
+    def _point_seq(self) -> int:
+        return self.volume.head_seq
+
     def block_status(self, context: str, offset: int, length: int) -> list[tuple[int, int]]:
+        if context.startswith(CHANGED_PREFIX):
+            return status_runs(self.volume, self._changed_seq(context), self._point_seq(),
+                               offset, min(length, CHANGED_SPAN))
         # answer at most 64 MiB per request: clients ask again for the rest
         return self.volume.block_status(offset, min(length, 64 << 20))
 
@@ -95,7 +136,12 @@ class PointInTimeDevice(VolumeDevice):
     ) -> None:
         raise ReadOnly(f"{self.description}: writes are refused")
 
+    def _point_seq(self) -> int:
+        return self.seq
+
     def block_status(self, context: str, offset: int, length: int) -> list[tuple[int, int]]:
+        if context != BASE_ALLOCATION:
+            return super().block_status(context, offset, length)
         return self.volume.block_status(offset, min(length, 64 << 20), self.seq)
 
 

@@ -12,7 +12,10 @@ import sys
 
 from cdp import __version__
 from cdp.cli import (
+    apply,
+    changed,
     diff,
+    export,
     files,
     find,
     image,
@@ -28,7 +31,8 @@ from cdp.cli import (
 from cdp.cli.common import Context
 from cdp.errors import EXIT_CODES, CdpError
 
-COMMANDS = (volume, status, snapshot, rewind, pause, image, verify, files, versions, find, restore, diff)
+COMMANDS = (volume, status, snapshot, rewind, pause, image, verify, files, versions, find, restore, diff,
+            changed, export, apply)
 
 
 def build_parser() -> argparse.ArgumentParser:
