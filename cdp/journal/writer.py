@@ -465,7 +465,7 @@ class Journal:
                 self._lz_skip -= 1
             else:
                 packed = lz4.block.compress(data, store_size=False)
-                if len(packed) < n:
+                if len(packed) <= n - (n >> 3):  # keep only a saving of 1/8 or more
                     self._lz_backoff = 0
                     return self._append(_I if init else _W, offset, n, packed, 1, n)
                 b = self._lz_backoff = min(LZ4_MAX_SKIP, self._lz_backoff * 2 or 1)
@@ -574,7 +574,7 @@ class Journal:
                     skip -= 1
                 else:
                     packed = compress(c, store_size=False)
-                    if len(packed) < len(c):
+                    if len(packed) <= len(c) - (len(c) >> 3):
                         c, comp, backoff = packed, 1, 0
                     else:
                         backoff = skip = min(LZ4_MAX_SKIP, backoff * 2 or 1)
