@@ -215,14 +215,22 @@ async def _write_qcow2(
         if tmp is not None:
             os.ftruncate(fd, lay.file_size)
         await pipe.put(qcow2.write_at, fd, list(qcow2.metadata(lay, backing, backing_format)))
+        read_slice = vol.journal.read_slice
         for guest, host, n in qcow2.data_runs(lay, max(1, BATCH_BYTES // cs)):
-            length = n * cs
-            readable = min(length, vol.size - guest)
-            data = vol.read(guest, readable, seq)
-            if readable < length:
-                data += bytes(length - readable)
-            await pipe.put(qcow2.write_at, fd, [(host, data)])
-            done += length
+            # one resolve per run; each extent's payload is written where it belongs (no
+            # assembly copy). Zero/hole parts stay holes of the new sparse file (written
+            # out only when the output is a device that may hold old bytes).
+            stop = min(guest + n * cs, vol.size)
+            items: list[tuple[int, bytes | memoryview]] = []
+            for e in vol.extents(guest, stop, seq):
+                if e.loc >= 0:
+                    items.append((host + e.start - guest, read_slice(e.seq, e.loc, e.poff, e.end - e.start)))
+                elif tmp is None:
+                    items.append((host + e.start - guest, bytes(e.end - e.start)))
+            if tmp is None and stop < guest + n * cs:
+                items.append((host + stop - guest, bytes(guest + n * cs - stop)))
+            await pipe.put(qcow2.write_at, fd, items)
+            done += n * cs
             progress(done, total, "export qcow2")
         await pipe.drain()
         await loop.run_in_executor(None, _commit, fd, tmp, path)
