@@ -16,6 +16,7 @@ import json
 import os
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -74,14 +75,27 @@ class Store:
             if create:
                 for spec in settings.volumes:
                     if spec.name not in store.volumes:
-                        store.create_volume(spec.name, spec.size)
+                        if spec.mode == "proxy":
+                            from cdp.proxy import create_proxy_volume
+
+                            create_proxy_volume(
+                                store, spec.name, spec.size, spec.primary, ack=spec.ack,
+                                drl_region=spec.drl_region, initial_copy=spec.initial_copy,
+                                copy_rate=spec.copy_rate,
+                            )
+                        else:
+                            store.create_volume(spec.name, spec.size)
         except BaseException:
             store.close()
             raise
         return store
 
-    def create_volume(self, name: str, size: int) -> Volume:
-        """Create a new thin volume (all zeros) named *name*."""
+    def create_volume(
+        self, name: str, size: int, extra_meta: dict[str, Any] | None = None,
+        prepare: Callable[[Path], None] | None = None,
+    ) -> Volume:
+        """Create a new thin volume (all zeros) named *name* (*extra_meta*, *prepare*:
+        see :meth:`Volume.create`; proxy mode uses them)."""
         if not VOLUME_NAME.match(name):
             raise UsageError(
                 f"{name!r} is not a valid volume name (lowercase letters, digits, '_', '.', "
@@ -89,7 +103,7 @@ class Store:
             )
         if name in self.volumes:
             raise UsageError(f"volume {name!r} already exists")
-        v = Volume.create(self.path / "volumes" / name, name, size, self.settings)
+        v = Volume.create(self.path / "volumes" / name, name, size, self.settings, extra_meta, prepare)
         self.volumes[name] = v
         attach_catalog(v)  # file catalog: background MFT diff at every marker
         return v

@@ -121,6 +121,10 @@ class _PayloadCache:
 class Volume:
     """One protected volume in ``STORE/volumes/NAME``. Not thread-safe (event loop only)."""
 
+    #: "mirror": the host writes its primary itself and mirrors to us; "proxy": we own the
+    #: primary too (cdp.proxy.ProxyVolume, chosen by volume.json "mode")
+    mode = "mirror"
+
     def __init__(
         self,
         path: Path,
@@ -164,8 +168,13 @@ class Volume:
     # ------------------------------------------------------------------ lifecycle
 
     @classmethod
-    def create(cls, path: Path, name: str, size: int, settings: Settings) -> Volume:
-        """Create an empty (all-zero, thin) volume directory and open it."""
+    def create(
+        cls, path: Path, name: str, size: int, settings: Settings,
+        extra_meta: dict[str, Any] | None = None,
+        prepare: Callable[[Path], None] | None = None,
+    ) -> Volume:
+        """Create an empty (all-zero, thin) volume directory and open it. *extra_meta*:
+        more volume.json keys (proxy mode); *prepare(path)* runs before the first open."""
         if size <= 0 or size % 512:
             raise UsageError(f"volume size must be a positive multiple of 512, got {size}")
         if path.exists():
@@ -178,6 +187,9 @@ class Volume:
             "uuid": str(uuid.uuid4()),
             "created_ns": time.time_ns(),
         }
+        meta.update(extra_meta or {})
+        if prepare is not None:
+            prepare(path)
         write_file_atomic(path / "volume.json", json.dumps(meta, indent=2).encode() + b"\n")
         return cls.open(path, settings)
 
@@ -195,6 +207,13 @@ class Volume:
             raise Corruption(f"{path / 'volume.json'}: not valid JSON: {e}") from None
         if meta.get("format") != VOLUME_FORMAT:
             raise Corruption(f"{path / 'volume.json'}: unsupported format {meta.get('format')!r}")
+        mode = meta.get("mode", "mirror")
+        if mode not in ("mirror", "proxy"):
+            raise Corruption(f"{path / 'volume.json'}: unknown mode {mode!r}")
+        if mode == "proxy" and cls is Volume:
+            from cdp.proxy import ProxyVolume  # the appliance owns the primary
+
+            return ProxyVolume.open(path, settings)
         markers, next_id = _load_markers(path / "markers.json")
         journal = Journal.open(
             path / "journal",
@@ -215,7 +234,12 @@ class Volume:
             markers, next_id,
         )
         vol._replay()
+        vol._opened(meta)
         return vol
+
+    def _opened(self, meta: dict[str, Any]) -> None:
+        """Hook for subclasses: the volume is open and replayed (proxy mode attaches its
+        primary and reconciles here). Close what you opened before raising."""
 
     def _replay(self) -> None:
         """Feed journal records newer than the sealed maps into the map engine."""
