@@ -82,6 +82,16 @@ class IscsiSettings:
 class VolumeSpec:
     name: str
     size: int
+    #: "mirror" (the host mirrors writes to us) or "proxy" (we own the primary too)
+    mode: str = "mirror"
+    #: proxy mode: the primary volume (file, block device or nbd:// URL)
+    primary: str = ""
+    #: proxy mode: acknowledge when the "primary" write completed, or "both" sides
+    ack: str = "primary"
+    drl_region: int = 1 << 20
+    initial_copy: bool = True
+    #: proxy mode: initial copy throttle, bytes/s (0: unthrottled)
+    copy_rate: int = 0
 
 
 @dataclass(frozen=True)
@@ -173,6 +183,13 @@ def _bool(v: Any, key: str) -> bool:
     if not isinstance(v, bool):
         raise ConfigError(f"{key}: expected true or false, got {v!r}")
     return v
+
+
+def _region(v: Any, key: str) -> int:
+    n = _size(4096)(v, key)
+    if n & (n - 1) or n > 1 << 30:
+        raise ConfigError(f"{key}: must be a power of two from 4KiB to 1GiB, got {v!r}")
+    return n
 
 
 def _str(v: Any, key: str) -> str:
@@ -267,9 +284,21 @@ def parse_config(data: dict[str, Any], source: str = "<config>") -> Settings:
     vols = []
     seen = set()
     for i, rv in enumerate(raw_vols):
-        t = _table(rv, f"volume[{i}]", {"name": _str, "size": _size(512)})
-        if "name" not in t or "size" not in t:
+        t = _table(rv, f"volume[{i}]", {
+            "name": _str, "size": _size(512), "mode": _choice("mirror", "proxy"),
+            "primary": _str, "ack": _choice("primary", "both"), "drl_region": _region,
+            "initial_copy": _bool, "copy_rate": _size(0),
+        })
+        proxy = t.get("mode") == "proxy"
+        if proxy and "primary" not in t:
+            raise ConfigError(f"volume[{i}].primary: mode = \"proxy\" needs a primary (file, device or nbd:// URL)")
+        if not proxy:
+            for k in ("primary", "ack", "drl_region", "initial_copy", "copy_rate"):
+                if k in t:
+                    raise ConfigError(f"volume[{i}].{k}: only with mode = \"proxy\"")
+        if "name" not in t or ("size" not in t and not proxy):
             raise ConfigError(f"volume[{i}]: needs both name and size")
+        t.setdefault("size", 0)  # proxy: the primary's size
         if not VOLUME_NAME.match(t["name"]):
             raise ConfigError(
                 f"volume[{i}].name: {t['name']!r} is not a valid volume name "
@@ -277,10 +306,10 @@ def parse_config(data: dict[str, Any], source: str = "<config>") -> Settings:
             )
         if t["name"] in seen:
             raise ConfigError(f"volume[{i}].name: duplicate volume {t['name']!r}")
-        if t["size"] % 512:
+        if t["size"] % 512:  # (0 = the primary's size, proxy mode)
             raise ConfigError(f"volume[{i}].size: must be a multiple of 512, got {t['size']}")
         seen.add(t["name"])
-        vols.append(VolumeSpec(t["name"], t["size"]))
+        vols.append(VolumeSpec(**t))
     return Settings(
         store=Path(store.get("path", str(d.store))),
         journal=replace(d.journal, **j),
