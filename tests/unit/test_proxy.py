@@ -1,0 +1,408 @@
+"""Proxy mode without a network: a ProxyVolume over a primary file. Initial copy (with
+concurrent host writes), write ordering, DRL marking and lazy cleaning, primary and
+journal failures, crash reconciliation, rewind of the primary."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import random
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from cdp.config import MapSettings, Settings
+from cdp.drl import read_drl
+from cdp.errors import Corruption, StoreFull
+from cdp.journal import RecordKind
+from cdp.proxy import (
+    ERR_CRASH_RECONCILE,
+    ERR_JOURNAL_GAP,
+    ERR_PRIMARY_WRITE,
+    ProxyVolume,
+    create_proxy_volume,
+)
+from cdp.store import Store
+from cdp.volume import Volume
+
+MiB = 1 << 20
+SIZE = 8 * MiB
+REGION = 256 << 10
+
+
+def settings(tmp: Path) -> Settings:
+    return replace(
+        Settings(),
+        store=tmp / "store",
+        maps=replace(MapSettings(), l0_max_writes=64, fanout=4, full_every=4),
+        volumes=(),
+    )
+
+
+def make_primary(path: Path, size: int = SIZE, seed: int = 0, fill: float = 0.5) -> bytearray:
+    """A primary with random data in about *fill* of its 64 KiB pieces (rest zeros)."""
+    rng = random.Random(seed)
+    model = bytearray(size)
+    for p in range(0, size, 64 << 10):
+        if rng.random() < fill:
+            model[p : p + (64 << 10)] = rng.randbytes(64 << 10)
+    path.write_bytes(model)
+    return model
+
+
+def journal_image(vol: Volume, seq: int | None = None) -> bytes:
+    return Volume.read(vol, 0, vol.size, seq)
+
+
+async def drive(vol: Volume, model: bytearray, rng: random.Random, n: int, conc: int = 16) -> None:
+    """n random writes/zeroes, up to *conc* in flight, each in its own 16 KiB slot:
+    concurrent overlapping writes have no defined order (NBD), so the model could not
+    predict them (test_overlapping_writes_... checks that both sides agree on one)."""
+    sem = asyncio.Semaphore(conc)
+    slots = rng.sample(range(vol.size // 16384), n)
+
+    async def one() -> None:
+        async with sem:
+            off = slots.pop() * 16384 + rng.choice([0, 512, 4096])
+            ln = rng.choice([512, 4096, 8192, 3 * 4096 - 512]) if off % 16384 else 16384
+            if rng.random() < 0.1:
+                model[off : off + ln] = bytes(ln)
+                r = vol.zero(off, ln)
+            else:
+                data = rng.randbytes(ln)
+                model[off : off + ln] = data
+                r = vol.write(off, data)
+            if r is not None:
+                await r
+
+    # the model is updated in submission order = journal order (same event loop step)
+    await asyncio.gather(*(one() for _ in range(n)))
+
+
+def open_store(tmp: Path) -> Store:
+    return Store.open(settings(tmp))
+
+
+def test_initial_copy_then_io_keeps_primary_and_journal_equal(tmp_path: Path) -> None:
+    prim = tmp_path / "primary.img"
+    model = make_primary(prim)
+
+    async def main() -> None:
+        store = open_store(tmp_path)
+        vol = create_proxy_volume(store, "p", 0, str(prim), drl_region=REGION)
+        assert isinstance(vol, ProxyVolume) and vol.size == SIZE
+        seen: list[tuple[int, int]] = []
+        copied = await vol.wait_initial_copy(lambda d, t, w: seen.append((d, t)))
+        assert seen and seen[-1] == (SIZE, SIZE)
+        assert 0 < copied <= SIZE
+        init_seq = vol.head_seq
+        assert journal_image(vol) == bytes(model)
+        kinds = {r.kind for r in vol.journal.scan()}
+        assert kinds == {RecordKind.INIT}
+        rng = random.Random(5)
+        await drive(vol, model, rng, 300)
+        await vol.flush()
+        assert prim.read_bytes() == bytes(model)
+        assert journal_image(vol) == bytes(model)
+        r = vol.read(4096, 8192)
+        assert await r == bytes(model[4096 : 4096 + 8192])
+        # time zero is still the original primary
+        assert journal_image(vol, init_seq) != bytes(model)
+        st = vol.status()
+        assert st["mode"] == "proxy" and st["proxy"]["initial_copy"]["done"]
+        assert st["proxy"]["drl"]["dirty_regions"] > 0
+        # the cleaner clears regions once both sides are durable
+        vol._last_clean = 0
+        vol._kick()
+        while "clean" in vol._bg:
+            await asyncio.sleep(0.01)
+        await vol._drl_commit_all()
+        assert vol.drl.dirty_count == 0
+        assert read_drl(vol.path / "drl")["dirty"] == []
+        store.close()
+
+    asyncio.run(main())
+
+
+def test_host_writes_during_initial_copy_are_neither_lost_nor_overwritten(tmp_path: Path) -> None:
+    prim = tmp_path / "primary.img"
+    model = make_primary(prim, fill=1.0, seed=3)
+
+    async def main() -> None:
+        store = open_store(tmp_path)
+        vol = create_proxy_volume(store, "p", 0, str(prim), drl_region=64 << 10,
+                                  copy_rate=16 * MiB)  # ~0.5 s: host writes land meanwhile
+        copy = asyncio.get_running_loop().create_task(vol.wait_initial_copy())
+        await asyncio.sleep(0.05)
+        rng = random.Random(9)
+        await drive(vol, model, rng, 200, conc=8)
+        await copy
+        assert vol.status()["proxy"]["initial_copy"]["done"]
+        assert journal_image(vol) == bytes(model)
+        await vol.flush()
+        assert prim.read_bytes() == bytes(model)
+        # every INIT of a region precedes the host writes into it
+        first_write: dict[int, int] = {}
+        for rec in vol.journal.scan():
+            r = rec.offset // (64 << 10)
+            if rec.kind in (RecordKind.WRITE, RecordKind.ZERO):
+                first_write.setdefault(r, rec.seq)
+            elif rec.kind == RecordKind.INIT:
+                assert r not in first_write or first_write[r] > rec.seq
+        store.close()
+
+    asyncio.run(main())
+
+
+def test_no_initial_copy_time_zero_reads_zeros(tmp_path: Path) -> None:
+    prim = tmp_path / "primary.img"
+    prim.write_bytes(bytes(SIZE))
+
+    async def main() -> None:
+        store = open_store(tmp_path)
+        vol = create_proxy_volume(store, "p", 0, str(prim), initial_copy=False)
+        assert await vol.wait_initial_copy() == 0
+        await vol.write(MiB, b"x" * 4096)
+        assert vol.head_seq == 1
+        assert Volume.read(vol, 0, 8192, 0) == bytes(8192)
+        assert await vol.read(MiB, 4096) == b"x" * 4096
+        store.close()
+
+    asyncio.run(main())
+
+
+def test_overlapping_writes_reach_the_primary_in_journal_order(tmp_path: Path) -> None:
+    prim = tmp_path / "primary.img"
+    prim.write_bytes(bytes(SIZE))
+
+    async def main() -> None:
+        store = open_store(tmp_path)
+        vol = create_proxy_volume(store, "p", 0, str(prim), initial_copy=False)
+        # many writers hammer the same 64 KiB with different patterns, all in flight
+        aws = []
+        for i in range(64):
+            off = (i % 7) * 4096
+            aws.append(vol.write(off, bytes([i]) * 32768))
+        await asyncio.gather(*aws)
+        await vol.flush()
+        assert prim.read_bytes()[:65536] == journal_image(vol)[:65536]
+        store.close()
+
+    asyncio.run(main())
+
+
+class FlakyPrimary:
+    """Wraps a primary: pwrite fails with EIO while ``fail`` is set."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.fail = False
+        self.size = inner.size
+        self.kind = "flaky"
+
+    def pwrite(self, data: bytes, offset: int) -> None:
+        if self.fail:
+            raise OSError(errno.EIO, "injected")
+        self.inner.pwrite(data, offset)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+def test_primary_write_error_is_eio_with_error_record_and_catch_up(tmp_path: Path) -> None:
+    prim = tmp_path / "primary.img"
+    model = make_primary(prim, seed=4)
+
+    async def main() -> None:
+        store = open_store(tmp_path)
+        vol = create_proxy_volume(store, "p", 0, str(prim), drl_region=REGION)
+        await vol.wait_initial_copy()
+        flaky = FlakyPrimary(vol.primary)
+        vol.primary = flaky  # type: ignore[assignment]
+        flaky.fail = True
+        with pytest.raises(Corruption):
+            await vol.write(1000 * 512, b"y" * 8192)
+        flaky.fail = False
+        errs = [r for r in vol.journal.scan() if r.kind == RecordKind.ERROR]
+        assert errs and errs[0].error_code == ERR_PRIMARY_WRITE
+        assert vol.status()["proxy"]["catchup_pending_regions"] == 1
+        await vol._catchup_run()
+        assert vol.status()["proxy"]["catchup_pending_regions"] == 0
+        assert journal_image(vol) == prim.read_bytes() == bytes(model)
+        store.close()
+
+    asyncio.run(main())
+
+
+def test_journal_failure_acks_primary_degrades_and_catches_up(tmp_path: Path) -> None:
+    prim = tmp_path / "primary.img"
+    model = make_primary(prim, seed=6)
+
+    async def main() -> None:
+        store = open_store(tmp_path)
+        vol = create_proxy_volume(store, "p", 0, str(prim), drl_region=REGION)
+        await vol.wait_initial_copy()
+        real = vol.journal.append_write
+
+        def full(*a: Any, **k: Any) -> Any:
+            raise StoreFull("journal: no space left (test)")
+
+        vol.journal.append_write = full  # type: ignore[method-assign]
+        data = b"z" * 16384
+        await vol.write(2 * MiB, data)  # acknowledged: the primary has it
+        model[2 * MiB : 2 * MiB + 16384] = data
+        st = vol.status()["proxy"]
+        assert st["degraded"] and st["journal_errors"] == 1 and st["catchup_pending_regions"] == 1
+        assert vol.block_status(0, SIZE) == [(SIZE, 0)]
+        assert prim.read_bytes() == bytes(model)
+        assert journal_image(vol) != bytes(model)
+        await vol._catchup_run()  # still full: stays degraded
+        assert vol.status()["proxy"]["degraded"]
+        vol.journal.append_write = real  # type: ignore[method-assign]
+        await vol._catchup_run()
+        st = vol.status()["proxy"]
+        assert not st["degraded"] and st["catchup_pending_regions"] == 0
+        assert journal_image(vol) == bytes(model)
+        gap = [r for r in vol.journal.scan() if r.kind == RecordKind.ERROR]
+        assert gap[-1].error_code == ERR_JOURNAL_GAP and gap[-1].offset == 2 * MiB
+        store.close()
+
+    asyncio.run(main())
+
+
+def test_ack_both_fails_the_host_when_the_journal_fails(tmp_path: Path) -> None:
+    prim = tmp_path / "primary.img"
+    prim.write_bytes(bytes(SIZE))
+
+    async def main() -> None:
+        store = open_store(tmp_path)
+        vol = create_proxy_volume(store, "p", 0, str(prim), ack="both", initial_copy=False)
+        await vol.write(0, b"a" * 4096)
+        assert vol.journal.durable_seq == vol.head_seq  # "both": durable before the reply
+
+        async def broken() -> None:
+            raise StoreFull("journal: no space left (test)")
+
+        vol.journal.commit = broken  # type: ignore[method-assign]
+        with pytest.raises(StoreFull):
+            await vol.write(4096, b"b" * 4096)
+        store.close()
+
+    asyncio.run(main())
+
+
+def crash(vol: ProxyVolume) -> None:
+    """Drop the volume without any of close()'s work (a kill -9 after the OS has the
+    bytes handed to it so far)."""
+    vol.journal._flush()
+    for t in list(vol._bg.values()):
+        t.cancel()
+    vol._stop_workers()
+    os.close(vol.journal._fd)
+    assert vol.primary is not None
+    vol.primary.close()
+    vol.drl.close()
+    vol.maps.close()
+
+
+def test_crash_reconcile_primary_wins_and_drl_is_clean(tmp_path: Path) -> None:
+    prim = tmp_path / "primary.img"
+    model = make_primary(prim, seed=8)
+
+    async def main() -> None:
+        store = open_store(tmp_path)
+        vol = create_proxy_volume(store, "p", 0, str(prim), drl_region=REGION)
+        assert isinstance(vol, ProxyVolume)
+        await vol.wait_initial_copy()
+        await drive(vol, model, random.Random(2), 100)
+        await vol.flush()
+        # writes the journal never got (lost from its buffer in the crash)
+        vol.primary.pwrite(b"L" * 70000, 3 * MiB + 100)  # type: ignore[union-attr]
+        vol.drl.mark(vol.drl.regions_of(3 * MiB + 100, 70000))
+        vol.drl.sync()
+        model[3 * MiB + 100 : 3 * MiB + 70100] = b"L" * 70000
+        dirty = vol.drl.dirty_count
+        crash(vol)
+        os.close(store._lock_fd)  # the dead process's lock goes with it
+        store._lock_fd = -1
+        store.volumes.clear()
+
+        store2 = open_store(tmp_path)
+        v2 = store2.volume("p")
+        assert isinstance(v2, ProxyVolume)
+        rep = v2.status()["proxy"]["reconcile"]
+        assert rep["dirty_regions"] == dirty and rep["differing_regions"] >= 1
+        assert rep["direction"] == "primary->journal"
+        assert v2.drl.dirty_count == 0 and read_drl(v2.path / "drl")["dirty"] == []
+        assert journal_image(v2) == prim.read_bytes() == bytes(model)
+        assert v2.journal.durable_seq == v2.head_seq
+        errs = [r for r in v2.journal.scan() if r.kind == RecordKind.ERROR]
+        assert errs and all(e.error_code == ERR_CRASH_RECONCILE for e in errs)
+        store2.close()
+
+    asyncio.run(main())
+
+
+def test_rewind_rewrites_only_differing_bytes_and_reads_see_target(tmp_path: Path) -> None:
+    prim = tmp_path / "primary.img"
+    model = make_primary(prim, seed=10)
+
+    async def main() -> None:
+        store = open_store(tmp_path)
+        vol = create_proxy_volume(store, "p", 0, str(prim), drl_region=REGION)
+        await vol.wait_initial_copy()
+        await drive(vol, model, random.Random(1), 50)
+        m = await vol.snapshot("mid")
+        target = bytes(model)
+        await drive(vol, model, random.Random(2), 50)
+        await vol.flush()
+        steps: list[int] = []
+        seq = await vol.rewind(m.seq, progress=lambda d, t, w: steps.append(d))
+        assert seq == vol.head_seq and steps
+        assert prim.read_bytes() == target
+        assert await vol.read(0, SIZE) == target
+        st = vol.status()["proxy"]["rewind"]
+        assert st["finished"] and 0 < st["rewritten"] <= st["total"]
+        # and rewind the rewind
+        await vol.rewind(seq - 1)
+        assert prim.read_bytes() == bytes(model)
+        store.close()
+
+    asyncio.run(main())
+
+
+def test_interrupted_rewind_is_completed_at_open(tmp_path: Path) -> None:
+    prim = tmp_path / "primary.img"
+    model = make_primary(prim, seed=12)
+
+    async def main() -> None:
+        store = open_store(tmp_path)
+        vol = create_proxy_volume(store, "p", 0, str(prim), drl_region=REGION)
+        assert isinstance(vol, ProxyVolume)
+        await vol.wait_initial_copy()
+        m = await vol.snapshot("before")
+        target = bytes(model)
+        await drive(vol, model, random.Random(3), 60)
+        await vol.flush()
+
+        async def boom(start: int, end: int) -> int:
+            raise asyncio.CancelledError  # the process dies mid-rewrite
+
+        vol._rewrite = boom  # type: ignore[method-assign]
+        with pytest.raises(asyncio.CancelledError):
+            await vol.rewind(m.seq)
+        assert vol.drl.rewind_from
+        crash(vol)
+        os.close(store._lock_fd)
+        store._lock_fd = -1
+        store.volumes.clear()
+        store2 = open_store(tmp_path)
+        v2 = store2.volume("p")
+        assert v2.status()["proxy"]["reconcile"]["direction"].startswith("journal->primary")
+        assert prim.read_bytes() == target == journal_image(v2)
+        store2.close()
+
+    asyncio.run(main())
