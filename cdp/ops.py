@@ -49,6 +49,8 @@ async def volume_list(store: Store, args: dict[str, Any], progress: Progress) ->
 
 
 async def volume_create(store: Store, args: dict[str, Any], progress: Progress) -> Any:
+    if args.get("mode") == "proxy":
+        return await _proxy_volume_create(store, args, progress)
     name = args["name"]
     image = args.get("from_image")
     size = args.get("size")
@@ -71,6 +73,28 @@ async def volume_create(store: Store, args: dict[str, Any], progress: Progress) 
         assert fmt is not None
         copied = await _initial_copy(vol, image, fmt, progress)
     return {"volume": vol.name, "size": vol.size, "initial_copy_bytes": copied}
+
+
+async def _proxy_volume_create(store: Store, args: dict[str, Any], progress: Progress) -> Any:
+    """Proxy mode: the appliance owns ``primary``; initial full copy unless told not to."""
+    from cdp.drl import DEFAULT_REGION
+    from cdp.proxy import create_proxy_volume
+
+    if args.get("from_image"):
+        raise UsageError("--from-image is for mirror volumes; a proxy volume copies its --primary")
+    if not args.get("primary"):
+        raise UsageError("--mode proxy needs --primary PATH (file, block device or nbd:// URL)")
+    size = parse_size(args["size"], "--size") if args.get("size") else 0
+    region = parse_size(args["drl_region"], "--drl-region") if args.get("drl_region") else DEFAULT_REGION
+    rate = parse_size(args["copy_rate"], "--copy-rate") if args.get("copy_rate") else 0
+    initial = args.get("initial_copy", True)
+    vol = create_proxy_volume(
+        store, args["name"], size, args["primary"], ack=args.get("ack") or "primary",
+        drl_region=region, initial_copy=initial, copy_rate=rate,
+    )
+    copied = await vol.wait_initial_copy(progress, rate) if initial else 0
+    return {"volume": vol.name, "size": vol.size, "mode": "proxy", "primary": vol.primary_spec,
+            "ack": vol.ack, "initial_copy_bytes": copied}
 
 
 def _image_info(path: str) -> tuple[str, int]:
@@ -182,7 +206,10 @@ async def snapshot(store: Store, args: dict[str, Any], progress: Progress) -> An
 async def rewind(store: Store, args: dict[str, Any], progress: Progress) -> Any:
     vol = store.volume(args.get("volume"))
     target = vol.resolve_point(args["to"])
-    seq = await vol.rewind(target)
+    if vol.mode == "proxy":  # also rewrites the primary, with progress
+        seq = await vol.rewind(target, progress=progress)  # type: ignore[call-arg]
+    else:
+        seq = await vol.rewind(target)
     return {"volume": vol.name, "rewind_seq": seq, "target_seq": target, "to": args["to"]}
 
 

@@ -18,6 +18,16 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "--from-image", metavar="FILE",
         help="initial full copy from FILE (raw or any format qemu-img reads), journalled as time zero",
     )
+    c.add_argument("--mode", choices=("mirror", "proxy"), default="mirror",
+                   help="mirror: the host mirrors writes here (default); proxy: cdpd owns --primary")
+    c.add_argument("--primary", metavar="PATH",
+                   help="proxy mode: the primary volume (file, block device or nbd:// URL)")
+    c.add_argument("--ack", choices=("primary", "both"),
+                   help="proxy mode: reply once the primary write completed (default) or both sides")
+    c.add_argument("--no-initial-copy", dest="initial_copy", action="store_false",
+                   help="proxy mode: the primary is empty; time zero reads as zeros")
+    c.add_argument("--drl-region", metavar="SIZE", help="proxy mode: dirty region size (default 1MiB)")
+    c.add_argument("--copy-rate", metavar="SIZE", help="proxy mode: initial copy throttle per second")
     add_common(c, volume=False)
     c.set_defaults(func=create)
     ls = vs.add_parser("list", help="list volumes")
@@ -27,11 +37,16 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 def create(ctx: Context, args: argparse.Namespace) -> int:
     req = {"name": args.name, "size": args.size, "from_image": args.from_image}
+    if args.mode == "proxy":
+        req.update(mode="proxy", primary=args.primary, ack=args.ack, initial_copy=args.initial_copy,
+                   drl_region=args.drl_region, copy_rate=args.copy_rate)
     r = ctx.call("volume_create", req, progress=True)
     if ctx.json:
         emit_json(r)
     else:
         extra = f", initial copy {format_size(r['initial_copy_bytes'])}" if args.from_image else ""
+        if r.get("mode") == "proxy":
+            extra = f", proxy for {r['primary']}, ack {r['ack']}, initial copy {format_size(r['initial_copy_bytes'])}"
         print(f"created {r['volume']} ({format_size(r['size'])}{extra})")
     return 0
 
