@@ -41,6 +41,15 @@ def render(store: Store, extra: Callable[[], dict[str, float]] | None = None) ->
     metric("cdp_markers", "gauge", "Markers of the volume.", per(lambda v: len(v.markers)))
     metric("cdp_connections", "gauge", "Open target connections to the volume.", per(lambda v: v.connections))
     metric("cdp_paused", "gauge", "1 while the volume's writes are held.", per(lambda v: v.paused))
+    px = [v for v in vols if v.mode == "proxy"]  # proxy mode (docs/PROXY.md)
+    if px:
+        def pper(fn: Callable[[Any], float]) -> list[tuple[dict[str, str], float]]:
+            return [({"volume": v.name}, float(fn(v))) for v in px]
+
+        metric("cdp_proxy_degraded", "gauge", "1 while the journal owes a catch-up from the primary.", pper(lambda v: v.degraded is not None))
+        metric("cdp_proxy_dirty_regions", "gauge", "Dirty regions in the DRL.", pper(lambda v: v.drl.dirty_count))
+        metric("cdp_proxy_primary_errors_total", "counter", "Failed primary I/O since start.", pper(lambda v: v.primary_errors))
+        metric("cdp_proxy_journal_errors_total", "counter", "Failed journal writes since start.", pper(lambda v: v.journal_errors))
     if extra:
         for k, val in extra().items():
             metric(k, "gauge", k.replace("_", " ") + ".", [({}, val)])

@@ -33,4 +33,15 @@ def run(ctx: Context, args: argparse.Namespace) -> int:
         print(f"markers:       {s['markers']}" + (f" (newest {nm['name']} @{nm['seq']} {fmt_time(nm['time_ns'])})" if nm else ""))
         print(f"connections:   {s['connections']}")
         print(f"this session:  {s['session_writes']} writes, {format_size(s['session_bytes_written'])}")
+        px = s.get("proxy")
+        if px:  # proxy mode (docs/PROXY.md)
+            state = f"DEGRADED ({px['degraded_reason']})" if px["degraded"] else "ok"
+            copy = "done" if px["initial_copy"]["done"] else f"{px['initial_copy']['regions_copied']}/{px['drl']['regions']} regions"
+            print(f"proxy:         primary {px['primary']}, ack {px['ack']}, {state}")
+            print(f"               dirty regions {px['drl']['dirty_regions']}, initial copy {copy}, "
+                  f"errors primary {px['primary_errors']} journal {px['journal_errors']}")
+            rec = px.get("reconcile") or {}
+            if rec.get("dirty_regions"):
+                print(f"               crash recovery: {rec['dirty_regions']} dirty regions, "
+                      f"{rec['differing_regions']} differed ({format_size(rec['bytes'])}, {rec['direction']})")
     return 0
