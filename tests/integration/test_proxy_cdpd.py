@@ -214,7 +214,8 @@ def test_journal_fills_up_host_acked_degraded_then_catches_up(tmp_path: Path) ->
     require_tool("qemu-io", "qemu-img", "nbdcopy", "mount", "umount")
     if os.geteuid() != 0:
         pytest.skip("needs root to mount a small tmpfs for the journal")
-    make_primary(tmp_path / "primary.img", 64 * MiB)
+    with open(tmp_path / "primary.img", "wb") as f:  # empty: --no-initial-copy
+        f.truncate(64 * MiB)
     d = Cdpd(tmp_path, size="16MiB", segment_bytes="4MiB").start()
     jdir = d.store / "volumes" / "f" / "journal"
     mounted = False
