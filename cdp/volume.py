@@ -5,7 +5,9 @@ Design notes
 * The journal is the source of truth. Every write is appended (buffered, no sync) and
   fed to the map engine's live window; FLUSH/FUA (or ``sync = "always"``) wait for the
   journal's group commit. Map files are derived: after a crash the records with
-  ``seq > maps.sealed_seq`` are replayed from the journal into the map engine.
+  ``seq > maps.sealed_seq`` are replayed from the journal into the map engine. Maps are
+  written only after the journal records they name are durable (``seal`` and ``rewind``
+  sync the journal first), so ``sealed_seq`` never runs ahead of what a crash keeps.
 * The live volume is "the state at the newest seq". A point-in-time view is the same
   volume read at a fixed seq; it is read-only.
 * Markers cost no data movement: a MARKER record, a line in ``markers.json`` and a seal
@@ -278,7 +280,11 @@ class Volume:
             self.seal()
 
     def seal(self) -> None:
-        """Seal the live window into an L0 map (cost: sort + write of the window)."""
+        """Seal the live window into an L0 map (cost: sort + write of the window).
+
+        The journal is made durable first: a map file must never name records that a
+        power loss (or, for the user-space buffer, a kill) could still take away."""
+        self.journal.sync()
         self.maps.seal()
         self._live_writes = 0
         self._last_seal = time.monotonic()
@@ -546,6 +552,7 @@ class Volume:
         if self._gate is not None:
             raise UsageError(f"volume {self.name} is paused; resume it first")
         seq, _loc = self.journal.append_rewind(target_seq)
+        self.journal.sync()  # add_rewind persists the maps at once: the record first
         self.maps.add_rewind(seq, target_seq)
         await self.journal.commit()
         self.seal()
