@@ -51,7 +51,9 @@ import asyncio
 import concurrent.futures
 import json
 import logging
+import threading
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -77,6 +79,7 @@ ACKS = ("primary", "both")
 PIECE = 64 << 10  # compare granularity (primary vs. journal)
 DRL_NAME = "drl"
 CLEAN_DELAY = 1.0  # seconds between cleaner runs
+CLEAN_IDLE_TICKS = 2  # a region is cleaned once unwritten for this many ticks (~seconds)
 RETRY_DELAY = 1.0  # seconds between catch-up attempts
 
 Progress = Callable[[int, int, str], None]
@@ -130,6 +133,77 @@ def create_proxy_volume(
     assert isinstance(vol, ProxyVolume)
     vol.copy_rate = copy_rate
     return vol
+
+
+class _Workers:
+    """Worker threads for primary I/O with batched hand-off both ways: a worker takes
+    every queued call at once and hands the results back with one loop wake-up, so a
+    deep queue of small writes costs few thread switches (the event loop never blocks
+    on the primary)."""
+
+    def __init__(self, n: int, name: str) -> None:
+        self._q: deque[tuple[Callable[..., Any], tuple[Any, ...], asyncio.Future[Any]]] = deque()
+        self._cv = threading.Condition()
+        self._done: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
+        self._done_lock = threading.Lock()
+        self._wake = False
+        self._stop = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._threads = [threading.Thread(target=self._run, name=f"{name}-{i}", daemon=True) for i in range(n)]
+        for t in self._threads:
+            t.start()
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> asyncio.Future[Any]:
+        loop = asyncio.get_running_loop()
+        self._loop = loop
+        fut: asyncio.Future[Any] = loop.create_future()
+        with self._cv:
+            self._q.append((fn, args, fut))
+            self._cv.notify()
+        return fut
+
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                while not self._q and not self._stop:
+                    self._cv.wait()
+                if not self._q:
+                    return
+                batch = [self._q.popleft() for _ in range(min(len(self._q), 16))]
+            out: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
+            for fn, args, fut in batch:
+                try:
+                    out.append((fut, fn(*args), None))
+                except BaseException as e:  # handed to the awaiting coroutine
+                    out.append((fut, None, e))
+            with self._done_lock:
+                self._done.extend(out)
+                wake = not self._wake
+                self._wake = True
+            if wake and self._loop is not None:
+                try:
+                    self._loop.call_soon_threadsafe(self._deliver)
+                except RuntimeError:
+                    pass  # the loop is closed: nobody waits any more
+
+    def _deliver(self) -> None:
+        with self._done_lock:
+            done, self._done = self._done, []
+            self._wake = False
+        for fut, res, exc in done:
+            if fut.cancelled():
+                continue
+            if exc is not None:
+                fut.set_exception(exc)
+            else:
+                fut.set_result(res)
+
+    def shutdown(self) -> None:
+        with self._cv:
+            self._stop = True
+            self._cv.notify_all()
+        for t in self._threads:
+            t.join()
 
 
 class _Op:
@@ -202,11 +276,12 @@ class ProxyVolume(Volume):
         self.ack = "primary"
         self.primary: FilePrimary | NbdPrimary | None = None
         self.drl: DirtyRegionLog = None  # type: ignore[assignment]  # set in _opened
-        self._exec: concurrent.futures.ThreadPoolExecutor | None = None
+        self._exec: _Workers | None = None
         self._drl_exec: concurrent.futures.ThreadPoolExecutor | None = None
         self._ranges = _Ranges()
         self._active: dict[int, int] = {}
-        self._touch: dict[int, int] = {}
+        self._touch: dict[int, int] = {}  # region -> tick of its last write
+        self._tick_no = 0
         self._undurable: dict[int, int] = {}
         self._drl_gen = 0
         self._drl_durable = 0
@@ -255,7 +330,7 @@ class ProxyVolume(Volume):
                 raise Corruption(f"{drl_path}: covers {self.drl.volume_bytes} bytes, volume {self.size}")
             if self.drl.header_damaged:
                 log.warning("volume %s: DRL header damaged: every region is compared", self.name)
-            self._exec = concurrent.futures.ThreadPoolExecutor(8, thread_name_prefix=f"primary-{self.name}")
+            self._exec = _Workers(4, f"primary-{self.name}")
             self._drl_exec = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"drl-{self.name}")
             self._reconcile_at_open()
         except BaseException:
@@ -264,9 +339,10 @@ class ProxyVolume(Volume):
             raise
 
     def _stop_workers(self) -> None:
-        for ex in (self._exec, self._drl_exec):
-            if ex is not None:
-                ex.shutdown(wait=True)
+        if self._exec is not None:
+            self._exec.shutdown()
+        if self._drl_exec is not None:
+            self._drl_exec.shutdown(wait=True)
         self._exec = self._drl_exec = None
 
     def _close_proxy_files(self) -> None:
@@ -312,7 +388,8 @@ class ProxyVolume(Volume):
         return asyncio.get_running_loop()
 
     def _in_exec(self, fn: Callable[..., Any], *args: Any) -> Awaitable[Any]:
-        return self._loop().run_in_executor(self._exec, fn, *args)
+        assert self._exec is not None
+        return self._exec.submit(fn, *args)
 
     def _region_bounds(self, r: int) -> tuple[int, int]:
         return self.drl.region_range(r)
@@ -344,6 +421,7 @@ class ProxyVolume(Volume):
 
     def tick(self) -> None:
         super().tick()
+        self._tick_no += 1
         self._kick()
 
     # ------------------------------------------------------------------ DRL durability
@@ -473,9 +551,9 @@ class ProxyVolume(Volume):
             self.writes += 1
             if data is not None:
                 self.bytes_written += length
-            touch = self._touch
+            touch, now_tick = self._touch, self._tick_no
             for r in regs:
-                touch[r] = touch.get(r, 0) + 1
+                touch[r] = now_tick
             op, preds = self._ranges.add(offset, end, False)
             jwait: asyncio.Task[None] | None = None
             if seq is not None and (self.ack == "both" or fua or self._sync_always):
@@ -653,16 +731,19 @@ class ProxyVolume(Volume):
 
     async def _clean(self) -> None:
         owed = self._catchup
-        cand = [r for r in self.drl.dirty() if r not in self._active and r not in owed]
+        idle = self._tick_no - CLEAN_IDLE_TICKS
+        touch = self._touch
+        cand = [r for r in self.drl.dirty()
+                if r not in self._active and r not in owed and touch.get(r, -1) <= idle]
         if not cand or self._rewinding:
             return
-        seen = {r: self._touch.get(r, 0) for r in cand}
+        seen = {r: touch.get(r, -1) for r in cand}
         try:
             await asyncio.gather(self._in_exec(self._primary_flush), self.journal.commit())
         except (CdpError, OSError) as e:
             log.debug("volume %s: cleaner: %s", self.name, e)
             return
-        ok = [r for r in cand if r not in self._active and r not in owed and self._touch.get(r, 0) == seen[r]]
+        ok = [r for r in cand if r not in self._active and r not in owed and touch.get(r, -1) == seen[r]]
         if ok and not self._rewinding:
             self.regions_cleaned += self.drl.clear(ok)
             for r in ok:

@@ -116,6 +116,12 @@ def test_initial_copy_then_io_keeps_primary_and_journal_equal(tmp_path: Path) ->
         assert st["proxy"]["drl"]["dirty_regions"] > 0
         # the cleaner clears regions once both sides are durable
         vol._last_clean = 0
+        vol._kick()  # regions written this tick are not idle yet
+        while "clean" in vol._bg:
+            await asyncio.sleep(0.01)
+        assert vol.drl.dirty_count > 0
+        vol._tick_no += 5
+        vol._last_clean = 0
         vol._kick()
         while "clean" in vol._bg:
             await asyncio.sleep(0.01)

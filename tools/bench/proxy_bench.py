@@ -1,0 +1,114 @@
+"""Proxy mode vs. `nbdkit file` on the same kind of primary file, in the same run.
+
+    python -m tools.bench.proxy_bench [--quick] [--scratch DIR]
+
+Rows:
+- ``proxy-randwrite-4k ack=primary|both``: fio --ioengine=nbd, 4 KiB random writes,
+  iodepth 32, to a proxy volume (primary = a preallocated file) vs. `nbdkit file` on an
+  equal file. cdp, peer (IOPS), ratio.
+- ``ack=both extra latency p50/p99``: fio completion latency (clat) percentiles in µs
+  of ``ack = "both"`` minus those of ``ack = "primary"`` (what waiting for the journal's
+  group commit adds), with the absolute values of both next to it.
+
+``run(quick)`` returns the rows as dicts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from tools.bench.nbd_bench import Nbdkit
+from tools.harness import Cdpd
+
+MiB = 1 << 20
+GiB = 1 << 30
+
+
+def fio_clat(uri: str, runtime: float, size: int, extra: tuple[str, ...] = ()) -> dict[str, float]:
+    """4 KiB random writes at iodepth 32: IOPS and clat percentiles (µs)."""
+    args = [
+        "fio", "--name=b", "--ioengine=nbd", f"--uri={uri}", "--rw=randwrite", "--bs=4k",
+        "--iodepth=32", "--numjobs=1", f"--size={size}", "--output-format=json",
+        "--randrepeat=0", "--norandommap", "--time_based", f"--runtime={runtime}",
+        "--percentile_list=50:99:99.9", *extra,
+    ]
+    r = subprocess.run(args, capture_output=True, text=True, check=True)
+    w = json.loads(r.stdout[r.stdout.index("{"):])["jobs"][0]["write"]
+    pct = w["clat_ns"].get("percentile", {})
+
+    def p(k: str) -> float:
+        return float(pct.get(k, 0.0)) / 1000.0
+
+    return {"iops": float(w["iops"]), "p50": p("50.000000"), "p99": p("99.000000"), "p999": p("99.900000")}
+
+
+def _row(workload: str, cdp: float, peer: float, peer_name: str, unit: str, note: str = "") -> dict[str, Any]:
+    ratio = cdp / peer if peer else 0.0
+    return {"workload": workload, "cdp": round(cdp, 1), "peer": round(peer, 1), "peer_name": peer_name,
+            "unit": unit, "ratio": round(ratio, 3), "note": note}
+
+
+def run(quick: bool = False, scratch: Path | None = None) -> list[dict[str, Any]]:
+    for tool in ("fio", "nbdkit"):
+        if shutil.which(tool) is None:
+            raise SystemExit(f"proxy_bench: requires {tool} (make sysdeps)")
+    runtime = 3.0 if quick else 20.0
+    size = 256 * MiB if quick else 2 * GiB
+    base = Path(tempfile.mkdtemp(prefix="cdp-proxy-bench-", dir=scratch or Path.cwd()))
+    rows: list[dict[str, Any]] = []
+    cdpd = Cdpd(base, size="16MiB", segment_bytes="256MiB", l0_max_writes=8192)
+    kit = Nbdkit(base / "nbdkit.img", size)
+    try:
+        cdpd.start()
+        res: dict[str, dict[str, float]] = {}
+        for ack in ("primary", "both"):
+            prim = base / f"primary-{ack}.img"
+            with open(prim, "wb") as f:
+                f.truncate(size)
+            cdpd.cdpctl("volume", "create", f"p{ack}", "--mode", "proxy", "--primary", str(prim),
+                        "--no-initial-copy", "--ack", ack)
+            res[ack] = fio_clat(cdpd.uri(f"p{ack}"), runtime, size)
+        peer = fio_clat(kit.uri(), runtime, size)
+        for ack in ("primary", "both"):
+            rows.append(_row(f"proxy-randwrite-4k ack={ack}", res[ack]["iops"], peer["iops"], "nbdkit file", "IOPS"))
+        for k in ("p50", "p99"):
+            extra = res["both"][k] - res["primary"][k]
+            rows.append(_row(
+                f"ack=both extra clat {k}", extra, res["primary"][k], "ack=primary clat", "µs",
+                f"both {res['both'][k]:.0f} µs, primary {res['primary'][k]:.0f} µs, nbdkit {peer[k]:.0f} µs",
+            ))
+    finally:
+        kit.stop()
+        if cdpd.proc is not None:
+            cdpd.stop()
+        shutil.rmtree(base, ignore_errors=True)
+    return rows
+
+
+def print_table(rows: list[dict[str, Any]]) -> None:
+    hdr = f"{'workload':<32} {'cdp':>10} {'peer':>10} {'unit':>5}  {'ratio':>6}  peer / note"
+    print(hdr)
+    print("-" * len(hdr))
+    for r in rows:
+        tail = r["peer_name"] + (f"  ({r['note']})" if r["note"] else "")
+        print(f"{r['workload']:<32} {r['cdp']:>10} {r['peer']:>10} {r['unit']:>5}  {r['ratio']:>6.2f}  {tail}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="seconds per workload (harness check)")
+    ap.add_argument("--scratch", type=Path, help="directory for the store and primaries (default: cwd)")
+    a = ap.parse_args(argv)
+    print_table(run(a.quick, a.scratch))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
