@@ -7,7 +7,6 @@ that fills up."""
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import shutil
