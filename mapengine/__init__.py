@@ -16,8 +16,8 @@ from .core import (
     merge,
     overlay,
 )
-from .errors import MapCorruption, MapError, MapUsageError
-from .history import MapHistory, MergePolicy
+from .errors import MapCorruption, MapError, MapExpired, MapUsageError
+from .history import MapHistory, MergePolicy, RetainResult
 
 __all__ = [
     "HOLE_LOC",
@@ -27,10 +27,12 @@ __all__ = [
     "Extent",
     "MapCorruption",
     "MapError",
+    "MapExpired",
     "MapHistory",
     "MapUsageError",
     "MergePolicy",
     "MergeResult",
+    "RetainResult",
     "build_l0",
     "flatten",
     "merge",

@@ -6,7 +6,7 @@ do not know this package can still catch ``OSError`` / ``ValueError``.
 
 from __future__ import annotations
 
-__all__ = ["MapCorruption", "MapError", "MapUsageError"]
+__all__ = ["MapCorruption", "MapError", "MapExpired", "MapUsageError"]
 
 
 class MapError(Exception):
@@ -30,3 +30,9 @@ class MapCorruption(MapError, OSError):
 
 class MapUsageError(MapError, ValueError):
     """The caller broke the contract: non-increasing seq, bad range, seq beyond the end."""
+
+
+class MapExpired(MapUsageError):
+    """The point was given up by :meth:`~mapengine.history.MapHistory.retain`: the maps
+    no longer hold its exact state (only retained points and points at or after the
+    ``keep_after`` cutoff resolve)."""

@@ -76,9 +76,9 @@ from .core import (
     shifted,
     union_ranges,
 )
-from .errors import MapUsageError
+from .errors import MapExpired, MapUsageError
 
-__all__ = ["MapHistory", "MergePolicy"]
+__all__ = ["MapHistory", "MergePolicy", "RetainResult"]
 
 END_OF_VOLUME = 1 << 62  #: ``end=None`` in :meth:`MapHistory.changed` means this.
 _BIG = 64  # candidate·gap count above which painting switches to the vectorised path
@@ -136,7 +136,9 @@ class MapRef(Protocol):
 class Store(Protocol):
     """Where maps and the manifest go (memory, or a directory of files)."""
 
-    def put(self, kind: str, level: int, m: DeltaMap) -> MapRef: ...
+    def put(self, kind: str, level: int, m: DeltaMap, tag: str = "") -> MapRef: ...
+
+    def drop(self, names: list[str]) -> None: ...
 
     def commit(self, state: dict[str, Any]) -> None: ...
 
@@ -176,9 +178,12 @@ class MemoryStore:
         self.state: dict[str, Any] | None = None
         self._bytes = 0
 
-    def put(self, kind: str, level: int, m: DeltaMap) -> MapRef:
+    def put(self, kind: str, level: int, m: DeltaMap, tag: str = "") -> MapRef:
         self._bytes += m.nbytes
-        return _MemRef(map_name(kind, level, m.lo, m.hi), m)
+        return _MemRef(map_name(kind, level, m.lo, m.hi, tag), m)
+
+    def drop(self, names: list[str]) -> None:
+        pass
 
     def commit(self, state: dict[str, Any]) -> None:
         self.state = state
@@ -193,14 +198,41 @@ class MemoryStore:
         pass
 
 
-def map_name(kind: str, level: int, lo: int, hi: int) -> str:
+def map_name(kind: str, level: int, lo: int, hi: int, tag: str = "") -> str:
     """File name of a map: ``L<k>-<first:020d>-<last:020d>.map`` or ``F-<last:020d>.map``.
 
-    ``first = lo + 1`` and ``last = hi``: the seqs the window covers.
+    ``first = lo + 1`` and ``last = hi``: the seqs the window covers. ``tag`` (``-r<n>``)
+    marks maps written by the n-th :meth:`MapHistory.retain`, so that they never reuse
+    the name of a file the previous manifest still names.
     """
     if kind == "F":
-        return f"F-{hi:020d}.map"
-    return f"L{level}-{lo + 1:020d}-{hi:020d}.map"
+        return f"F-{hi:020d}{tag}.map"
+    return f"L{level}-{lo + 1:020d}-{hi:020d}{tag}.map"
+
+
+@dataclass(frozen=True, eq=False)
+class RetainResult:
+    """What :meth:`MapHistory.retain` kept and gave up.
+
+    ``retained``: the points below ``keep_after`` that stay resolvable (the requested
+    ones plus the rewind targets they depend on), sorted. ``dropped_*``: the journal
+    fragments ``(seq, loc, poff, length)`` no retained point references any more (zero
+    extents, which hold no journal bytes, are not listed).
+    """
+
+    retained: list[int]
+    keep_after: int
+    dropped_seq: np.ndarray[Any, np.dtype[np.int64]]
+    dropped_loc: np.ndarray[Any, np.dtype[np.int64]]
+    dropped_poff: np.ndarray[Any, np.dtype[np.int64]]
+    dropped_len: np.ndarray[Any, np.dtype[np.int64]]
+    windows_before: int
+    windows_after: int
+    epochs_rewritten: int
+
+    @property
+    def dropped_bytes(self) -> int:
+        return int(self.dropped_len.sum())
 
 
 @dataclass
@@ -257,6 +289,11 @@ class MapHistory:
         self._ln = 0
         self._head = Columns.empty()  # flat deltas of the epoch, up to a multiple of f windows
         self._recent = Columns.empty()  # flat deltas of the windows sealed since then
+        # retention (see retain()): points below keep_after resolve only if retained
+        self._retained: list[int] = []
+        self._retained_set: set[int] = set()
+        self._keep_after = 0
+        self._retain_gen = 0
         if state is not None:
             self._restore(state)
 
@@ -314,6 +351,10 @@ class MapHistory:
         for ep in self._epochs:
             ep.full_keys = sorted(ep.fulls)
         self._sealed_seq = self._last_seq = int(state["sealed_seq"])
+        self._retained = sorted(int(x) for x in state.get("retained", ()))
+        self._retained_set = set(self._retained)
+        self._keep_after = int(state.get("keep_after", 0))
+        self._retain_gen = int(state.get("retain_gen", 0))
         self._head = self._epoch_all(self._epochs[-1], len(self._epochs[-1].windows))
 
     def _state(self) -> dict[str, Any]:
@@ -326,13 +367,18 @@ class MapHistory:
                     maps.append(("L", k, ei, j, r))
             for b in ep.full_keys:
                 maps.append(("F", 0, ei, b, ep.fulls[b]))
-        return {
+        st: dict[str, Any] = {
             "sealed_seq": self._sealed_seq,
             "fanout": self.policy.fanout,
             "full_every": self.policy.full_every,
             "epochs": [(e.rewind_seq, e.target) for e in self._epochs],
             "maps": [(r.name, kind, level, ei, idx) for kind, level, ei, idx, r in maps],
         }
+        if self._retain_gen:
+            st["retained"] = list(self._retained)
+            st["keep_after"] = self._keep_after
+            st["retain_gen"] = self._retain_gen
+        return st
 
     # ------------------------------------------------------------------ feeding
 
@@ -452,30 +498,49 @@ class MapHistory:
             self._broken = True
             raise
 
-    def seal(self) -> None:
-        """Turn the live window into an L0 map (+ due merges and full map); persist.
+    def seal(self, upto: int | None = None) -> None:
+        """Turn the live window — or its part with seqs ``<= upto`` — into an L0 map
+        (+ due merges and full map); persist.
+
+        ``upto`` lets the caller seal only what its journal has made durable while newer
+        entries keep arriving (they stay live). Default: everything fed so far.
 
         Runtime complexity: O(w log w + H) for a window of w entries and a head of H
         entries (the head splice copies arrays); merges add amortised O(log) per entry.
         """
         if self._broken:
             raise MapUsageError("history is unusable after a failed write; reopen it")
-        if self._ln == 0 and self._last_seq == self._sealed_seq:
+        if upto is None:
+            upto = self._last_seq
+        if not self._sealed_seq <= upto <= self._last_seq:
+            raise MapUsageError(
+                f"seal upto {upto} outside [{self._sealed_seq}, {self._last_seq}]"
+            )
+        if upto == self._sealed_seq:
             return
         try:
-            if self._ln:
-                self._seal_window()
-            self._ln = 0
-            self._sealed_seq = self._last_seq
+            n = self._ln
+            k = n if upto == self._last_seq else int(
+                np.searchsorted(self._lq[:n], upto, side="right")
+            )
+            if k:
+                self._seal_window(k, upto)
+            if k < n:
+                for a in (self._ls, self._le, self._lq, self._ll):
+                    a[: n - k] = a[k:n].copy()
+            self._ln = n - k
+            self._sealed_seq = upto
             self._store.commit(self._state())
         except BaseException:
             self._broken = True
             raise
 
-    def _seal_window(self) -> None:
+    def _seal_window(self, k: int, hi: int) -> None:
+        """Seal the first ``k`` live entries as the window ``(lo, hi]``."""
         ep = self._epochs[-1]
         lo = ep.his[-1] if ep.his else ep.rewind_seq
-        l0 = build_l0(lo, self._last_seq, Columns(*(a.copy() for a in self._live())))
+        live = self._live()
+        l0 = build_l0(lo, hi, Columns(*(a[:k].copy() for a in live)))
         ref = self._store.put("L", 0, l0)
         ep.windows.append(ref)
         ep.his.append(l0.hi)
@@ -616,6 +681,7 @@ class MapHistory:
         extents returned, plus one walk per rewind epoch on the chain to ``seq``.
         """
         self._check_point(seq)
+        self._check_resolvable(seq)
         self._check_range(start, end)
         if start == end:
             return []
@@ -659,6 +725,8 @@ class MapHistory:
         """
         self._check_point(seq_a)
         self._check_point(seq_b)
+        self._check_resolvable(seq_a)
+        self._check_resolvable(seq_b)
         if end is None:
             end = END_OF_VOLUME
         self._check_range(start, end)
@@ -704,6 +772,166 @@ class MapHistory:
             m = r.load()
             layers.append(m.cols if m.flat else flatten(m.cols, want_dropped=False)[0])
         return overlay(layers, want_dropped=False)[0]
+
+    # ------------------------------------------------------------------ retention
+
+    @property
+    def keep_after(self) -> int:
+        """Every point at or after it resolves (0: no retain yet, every point does)."""
+        return self._keep_after
+
+    @property
+    def retained(self) -> list[int]:
+        """Points below :attr:`keep_after` that still resolve, sorted (copy)."""
+        return list(self._retained)
+
+    def resolvable(self, seq: int) -> bool:
+        """Whether ``resolve(seq, ...)`` gives the exact state at ``seq``.
+
+        Runtime complexity: O(1).
+        """
+        return seq == 0 or seq >= self._keep_after or seq in self._retained_set
+
+    def _check_resolvable(self, seq: int) -> None:
+        if seq and seq < self._keep_after and seq not in self._retained_set:
+            raise MapExpired(f"point {seq} was expired by retention")
+
+    def retain(self, points: Any, keep_after: int) -> RetainResult:
+        """Rewrite the hierarchy so that only ``points`` and every point at or after
+        ``keep_after`` stay resolvable; return the journal fragments nobody references.
+
+        Windows ending at or before ``keep_after`` are replaced by one window per
+        retained point (the newest write per byte between consecutive retained points;
+        intermediate versions are dropped), the merged levels and full maps of every
+        rewritten epoch are rebuilt, and the manifest is switched atomically (maps
+        written by retain carry a ``-r<n>`` tag so they never overwrite a file the
+        previous manifest names); old files are deleted after the switch. The targets of
+        rewinds that retained points (or points after ``keep_after``) depend on are
+        retained too. A point already given up cannot be retained again
+        (:class:`MapExpired`); ``keep_after`` never moves backwards.
+
+        Seals first. Runtime complexity: O(N log N) numpy work for the N entries of the
+        rewritten epochs, plus writing their maps.
+        """
+        if self._broken:
+            raise MapUsageError("history is unusable after a failed write; reopen it")
+        self.seal()
+        ka = max(int(keep_after), self._keep_after)
+        ka = min(ka, self._last_seq)
+        want = sorted({int(p) for p in points if 0 < int(p) < ka})
+        for p in want:
+            self._check_point(p)
+            self._check_resolvable(p)
+        need = set(want)
+        neps = len(self._epochs)
+        for ei in range(neps - 1, -1, -1):
+            ep = self._epochs[ei]
+            nxt = self._rewinds[ei + 1] if ei + 1 < neps else self._last_seq + 1
+            used = ka < nxt or any(ep.rewind_seq <= p < nxt for p in need)
+            if used and ep.target > 0 and ep.target < ka:
+                self._check_resolvable(ep.target)
+                need.add(ep.target)
+        windows_before = sum(len(e.windows) for e in self._epochs)
+        tag = f"-r{self._retain_gen + 1}"
+        drops: list[Columns] = []
+        old_refs: list[MapRef] = []
+        rewritten = 0
+        try:
+            for ei, ep in enumerate(self._epochs):
+                if self._retain_epoch(ei, ep, ka, need, tag, drops, old_refs):
+                    rewritten += 1
+            self._retained = sorted(need)
+            self._retained_set = set(self._retained)
+            self._keep_after = ka
+            self._retain_gen += 1
+            self._store.commit(self._state())
+        except BaseException:
+            self._broken = True
+            raise
+        keep = {id(r) for ep in self._epochs for r in _all_refs(ep)}
+        self._store.drop([r.name for r in old_refs if id(r) not in keep])
+        d = Columns.concat(drops) if drops else Columns.empty()
+        return RetainResult(
+            list(self._retained), ka, d.seq, d.loc, d.poff, d.end - d.start,
+            windows_before, sum(len(e.windows) for e in self._epochs), rewritten,
+        )
+
+    def _retain_epoch(
+        self, ei: int, ep: _Epoch, ka: int, need: set[int], tag: str,
+        drops: list[Columns], old_refs: list[MapRef],
+    ) -> bool:
+        """Rewrite epoch ``ei``'s windows ending at or before ``ka``; True if changed."""
+        nw = len(ep.windows)
+        k_cut = bisect_right(ep.his, ka)  # windows [0, k_cut) end at or before ka
+        if k_cut == 0:
+            return False
+        last_epoch = ei == len(self._epochs) - 1
+        nxt = self._rewinds[ei + 1] if not last_epoch else self._last_seq + 1
+        end = ep.his[k_cut - 1]
+        bounds = sorted(p for p in need if ep.rewind_seq < p <= end)
+        # points at or after ka in this epoch build on the state at ``end``
+        if ka < nxt and (not bounds or bounds[-1] != end):
+            bounds.append(end)
+        cols = Columns.concat([r.load().cols for r in ep.windows[:k_cut]])
+        lo = ep.rewind_seq
+        new_maps: list[DeltaMap] = []
+        ep_drops: list[Columns] = []
+        for b in bounds:
+            sel = cols.take((cols.seq > lo) & (cols.seq <= b))
+            flat, drop = flatten(sel)
+            if drop.n:
+                ep_drops.append(drop)
+            new_maps.append(DeltaMap(lo, b, flat, flat=False))
+            lo = b
+        rest = cols.take(cols.seq > lo)
+        if rest.n:
+            ep_drops.append(rest.take(rest.loc != ZERO_LOC))
+        if bounds == ep.his[:k_cut] and not any(c.n for c in ep_drops):
+            return False
+        drops.extend(ep_drops)
+        old_refs.extend(_all_refs(ep))
+        windows = [self._store.put("L", 0, m, tag) for m in new_maps] + ep.windows[k_cut:]
+        ep.windows = windows
+        ep.his = [r.hi for r in windows]
+        ep.levels = {}
+        ep.fulls = {}
+        ep.full_keys = []
+        f = self._f
+        n = len(windows)
+        for k in range(1, self._maxk + 1):
+            size = f**k
+            if n < size:
+                break
+            below = windows if k == 1 else ep.levels[k - 1]
+            lst = ep.levels.setdefault(k, [])
+            for j in range(n // size):
+                res = merge([r.load() for r in below[j * f : (j + 1) * f]])
+                lst.append(self._store.put("L", k, res.map, tag))
+        fe = self.policy.full_every
+        if fe:
+            for b in range(fe, n + 1, fe):
+                full = DeltaMap(ep.rewind_seq, ep.his[b - 1], self._epoch_all(ep, b), flat=True)
+                ep.fulls[b] = self._store.put("F", 0, full, tag)
+                ep.full_keys.append(b)
+        if last_epoch:
+            self._head = self._epoch_all(ep, n)
+            self._recent = Columns.empty()
+        return True
+
+    def live_fragments(self) -> Iterator[Columns]:
+        """Every journal fragment some resolvable point may reference: the entries of
+        every L0 window and of the live window (zero extents left out), one batch per
+        window. What no batch names is dead journal space.
+
+        Runtime complexity: O(total L0 entries), one window in memory at a time.
+        """
+        for ep in self._epochs:
+            for r in ep.windows:
+                c = r.load().cols
+                yield c.take(c.loc != ZERO_LOC)
+        if self._ln:
+            c = self._live()
+            yield c.take(c.loc != ZERO_LOC)
 
     # ------------------------------------------------------------------ admin
 
@@ -817,6 +1045,14 @@ class MapHistory:
                 assert got[0].start == a and got[-1].end == b
                 for i in range(1, len(got)):
                     assert got[i - 1].end == got[i].start
+
+
+def _all_refs(ep: _Epoch) -> list[MapRef]:
+    out: list[MapRef] = list(ep.windows)
+    for lst in ep.levels.values():
+        out.extend(lst)
+    out.extend(ep.fulls.values())
+    return out
 
 
 def _decompose_down_list(h: MapHistory, ep: _Epoch, wc: int) -> Iterator[MapRef]:

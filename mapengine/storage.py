@@ -467,6 +467,10 @@ def decode_manifest(raw: bytes, path: str) -> dict[str, Any]:
     return d
 
 
+#: optional manifest keys written by MapHistory.retain (see FORMATS-mapengine.md)
+RETAIN_KEYS = ("retained", "keep_after", "retain_gen")
+
+
 class DirStore:
     """Maps as files in one directory plus its ``MANIFEST``."""
 
@@ -505,6 +509,7 @@ class DirStore:
                     refs[name] = MapFile(p, name, kind, lo, hi, n, flat, size, st.cache, st.fs)
                     maps.append((name, kind, level, ei, idx))
                 state = {
+                    **{k: body[k] for k in RETAIN_KEYS if k in body},
                     "sealed_seq": int(body["sealed_seq"]),
                     "fanout": int(body["fanout"]),
                     "full_every": int(body["full_every"]),
@@ -520,10 +525,10 @@ class DirStore:
                 st.fs.remove(os.path.join(directory, f))
         return st, state
 
-    def put(self, kind: str, level: int, m: DeltaMap) -> MapFile:
+    def put(self, kind: str, level: int, m: DeltaMap, tag: str = "") -> MapFile:
         from .history import map_name
 
-        name = map_name(kind, level, m.lo, m.hi)
+        name = map_name(kind, level, m.lo, m.hi, tag)
         data = encode_map(m, kind, level)
         self.fs.write_atomic(self.dir, name, data)
         mf = MapFile(
@@ -555,8 +560,26 @@ class DirStore:
             "epochs": [list(e) for e in state["epochs"]],
             "maps": maps,
         }
+        for k in RETAIN_KEYS:
+            if k in state:
+                body[k] = state[k]
         self.fs.write_atomic(self.dir, MANIFEST, encode_manifest(body))
         self.gen += 1
+
+    def drop(self, names: list[str]) -> None:
+        """Delete map files no longer named by the (already committed) manifest.
+
+        A crash before or during this only leaves files the next open deletes.
+        """
+        for name in names:
+            f = self.files.pop(name, None)
+            if f is None:
+                continue
+            self.fs.forget(f.path)
+            try:
+                self.fs.remove(f.path)
+            except FileNotFoundError:
+                pass
 
     def disk_bytes(self) -> int:
         return sum(f.size for f in self.files.values())
