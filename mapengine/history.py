@@ -861,7 +861,6 @@ class MapHistory:
         drops: list[Columns], old_refs: list[MapRef],
     ) -> bool:
         """Rewrite epoch ``ei``'s windows ending at or before ``ka``; True if changed."""
-        nw = len(ep.windows)
         k_cut = bisect_right(ep.his, ka)  # windows [0, k_cut) end at or before ka
         if k_cut == 0:
             return False

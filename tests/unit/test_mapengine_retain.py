@@ -4,6 +4,7 @@ crash safety (an interruption at every step of the rewrite leaves the old or new
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -118,7 +119,7 @@ def test_crash_at_every_step_leaves_old_or_new_state(tmp_path: Path) -> None:
     saw_new = False
     while True:
         d = tmp_path / f"run{at}"
-        os.system(f"cp -r {base} {d}")  # noqa: S605 -- test scratch copy
+        shutil.copytree(base, d)
         fs = _CrashAt(at)
         h = MapHistory.open(str(d), policy=POL, fs=fs)
         fs.n = 0
