@@ -10,11 +10,23 @@ Design notes
   ``reader`` and see only committed versions (WAL snapshot isolation). A version
   exists for readers exactly when its ``versions`` row is committed.
 * Everything runs on one thread (the daemon's event loop, or cdpctl offline).
+* Listings (``list_dir``, ``subtree(full=False)``) fetch only the columns a listing shows (no
+  ``location``, ``parent``, ``flags``): turning SQLite values into Python objects is
+  most of their cost (~1 ms per column per 10k rows). Their entries carry
+  ``location = b""``; :meth:`Catalog.at_path` and :meth:`Catalog.history` load whole
+  rows.
+* ``find`` by name uses ``entries_lname`` (an index on ``lower(name)``): a glob with a
+  literal prefix becomes an index range plus the glob itself.
+* Writes: WAL with ``synchronous = NORMAL`` (a commit does not fsync; checkpoints do),
+  so a bulk first index pays no syncs per transaction and ``synchronous = OFF`` would
+  buy nothing but a weaker checkpoint. The catalog is derived data (rebuilt from the
+  journal's markers), but it is kept crash-safe anyway.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import sqlite3
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -25,8 +37,12 @@ from cdp.catalog.model import COLUMNS, Entry
 from cdp.catalog.rules import DirInfo, Plan
 from cdp.errors import Corruption
 
-#: catalog schema version stored in meta("format"); bump on an incompatible change
-CATALOG_FORMAT = 1
+log = logging.getLogger("cdp.catalog")
+
+#: catalog schema version stored in meta("format"); bump on a schema change.
+#: 1: first version; 2: adds the ``entries_lname`` index (find by name). A format 1
+#: catalog is migrated in place when opened for writing.
+CATALOG_FORMAT = 2
 CATALOG_FILE = "catalog.sqlite"
 
 SCHEMA = """
@@ -56,6 +72,7 @@ CREATE UNIQUE INDEX IF NOT EXISTS entries_key ON entries (dir, name, start);
 CREATE INDEX IF NOT EXISTS entries_record ON entries (part, record, start);
 CREATE INDEX IF NOT EXISTS entries_start ON entries (start);
 CREATE INDEX IF NOT EXISTS entries_end ON entries ("end") WHERE "end" > 0;
+CREATE INDEX IF NOT EXISTS entries_lname ON entries (lower(name));
 CREATE TABLE IF NOT EXISTS damaged (
     version INTEGER NOT NULL, part TEXT NOT NULL, record INTEGER NOT NULL, reason TEXT NOT NULL
 );
@@ -64,6 +81,12 @@ CREATE INDEX IF NOT EXISTS damaged_version ON damaged (version);
 
 _SEL = "SELECT id, " + ", ".join(f'"{c}"' for c in COLUMNS) + " FROM entries"
 _VIS = '"start" <= ? AND ("end" = 0 OR "end" > ?)'
+#: what a listing shows (Entry.to_dict), in COLUMNS order minus location/parent/flags
+_LIST_COLS = ("part", "dir", "name", "start", "end", "ref", "record", "seq", "is_dir", "size",
+              "alloc", "crtime", "mtime", "ctime", "atime", "attrs", "resident", "streams",
+              "backup_ns")
+_LSEL = "SELECT id, " + ", ".join(f'"{c}"' for c in _LIST_COLS) + " FROM entries"
+_GLOB_SPECIAL = "*?["
 _INS = ("INSERT INTO entries (" + ", ".join(f'"{c}"' for c in COLUMNS) + ") VALUES ("
         + ", ".join("?" * len(COLUMNS)) + ")")
 
@@ -108,6 +131,10 @@ class Catalog:
             fmt = w.execute("SELECT value FROM meta WHERE key = 'format'").fetchone()
             if fmt is None:
                 w.execute("INSERT INTO meta VALUES ('format', ?)", (str(CATALOG_FORMAT),))
+            elif int(fmt[0]) == 1:
+                # the schema script above already created the format 2 index
+                w.execute("UPDATE meta SET value = ? WHERE key = 'format'", (str(CATALOG_FORMAT),))
+                log.info("%s: catalog format 1 migrated to %d (name index added)", path, CATALOG_FORMAT)
             elif int(fmt[0]) != CATALOG_FORMAT:
                 raise Corruption(f"{path}: unsupported catalog format {fmt[0]}")
         try:
@@ -179,19 +206,22 @@ class Catalog:
         return None if r is None else (r[0], r[1], r[2])
 
     def list_dir(self, directory: str, version: int) -> list[Entry]:
-        """Entries directly in *directory* at *version*. Cost: one index range scan over
-        the directory's entries of all versions."""
-        q = f"{_SEL} WHERE dir = ? AND {_VIS}"
-        return [Entry.from_row(r) for r in self.reader.execute(q, (directory, version, version))]
+        """Entries directly in *directory* at *version*, by name (listing columns only:
+        ``location`` is empty). Cost: one range scan of ``entries_key`` over the
+        directory's entries of all versions, one row read per visible entry."""
+        q = f"{_LSEL} WHERE dir = ? AND {_VIS} ORDER BY name"
+        return [Entry.from_list_row(r) for r in self.reader.execute(q, (directory, version, version))]
 
-    def subtree(self, directory: str, version: int) -> list[Entry]:
-        """Entries anywhere below *directory* at *version* (index range on dir)."""
+    def subtree(self, directory: str, version: int, *, full: bool = True) -> list[Entry]:
+        """Entries anywhere below *directory* at *version* (index range on dir; whole
+        rows, or with ``full=False`` the listing columns only, see :meth:`list_dir`)."""
+        sel, make = (_SEL, Entry.from_row) if full else (_LSEL, Entry.from_list_row)
         if directory == "/":
-            q = f"{_SEL} WHERE {_VIS}"
-            return [Entry.from_row(r) for r in self.reader.execute(q, (version, version))]
-        q = f"{_SEL} WHERE (dir = ? OR (dir >= ? AND dir < ?)) AND {_VIS}"
+            q = f"{sel} WHERE {_VIS}"
+            return [make(r) for r in self.reader.execute(q, (version, version))]
+        q = f"{sel} WHERE (dir = ? OR (dir >= ? AND dir < ?)) AND {_VIS}"
         args = (directory, directory + "/", directory + "0", version, version)
-        return [Entry.from_row(r) for r in self.reader.execute(q, args)]
+        return [make(r) for r in self.reader.execute(q, args)]
 
     def at_path(self, directory: str, name: str, version: int) -> Entry | None:
         r = self.reader.execute(f"{_SEL} WHERE dir = ? AND name = ? AND {_VIS}",
@@ -213,16 +243,33 @@ class Catalog:
                 (directory, name)).fetchall()
         return [Entry.from_row(r) for r in rows]
 
-    def glob(self, pattern: str, *, on_path: bool) -> Iterator[Entry]:
-        """Entries (all versions) whose name — or full path with *on_path* — matches
-        a glob, case-insensitively. Cost: a scan of the entries table."""
+    def glob_query(self, pattern: str, *, on_path: bool) -> tuple[str, tuple[Any, ...]]:
+        """The SQL of :meth:`glob` and its arguments. A name glob with a literal prefix
+        (``q3*``) adds ``lower(name) >= 'q3' AND lower(name) < 'q4'``, a range of
+        ``entries_lname`` the glob implies (so the result is the same)."""
         pat = pattern.lower()
         if on_path:
             q = (f"{_SEL} WHERE lower(CASE dir WHEN '/' THEN '/' || name ELSE dir || '/' || name END)"
                  " GLOB ? ORDER BY dir, name, start")
-        else:
-            q = f"{_SEL} WHERE lower(name) GLOB ? ORDER BY dir, name, start"
-        for r in self.reader.execute(q, (pat,)):
+            return q, (pat,)
+        prefix = glob_prefix(pat)
+        end = prefix_end(prefix)
+        if end is not None:
+            q = (f"{_SEL} WHERE lower(name) >= ? AND lower(name) < ? AND lower(name) GLOB ?"
+                 " ORDER BY dir, name, start")
+            return q, (prefix, end, pat)
+        if prefix:
+            q = f"{_SEL} WHERE lower(name) >= ? AND lower(name) GLOB ? ORDER BY dir, name, start"
+            return q, (prefix, pat)
+        return f"{_SEL} WHERE lower(name) GLOB ? ORDER BY dir, name, start", (pat,)
+
+    def glob(self, pattern: str, *, on_path: bool) -> Iterator[Entry]:
+        """Entries (all versions) whose name — or full path with *on_path* — matches
+        a glob, case-insensitively. Cost: a name glob with a literal prefix is a range
+        of ``entries_lname`` (plus a sort of the matches); otherwise a scan of the
+        entries table."""
+        q, args = self.glob_query(pattern, on_path=on_path)
+        for r in self.reader.execute(q, args):
             yield Entry.from_row(r)
 
     def changed_between(self, a: int, b: int) -> set[tuple[str, int]]:
@@ -271,11 +318,10 @@ class Catalog:
                     w.executemany("UPDATE entries SET ref = ? WHERE id = ?",
                                   [(version, e.id) for e in part])
                 else:
-                    vals = []
                     for e in part:
-                        e.start, e.end, e.ref = version, 0, version
-                        vals.append(e.values())
-                    w.executemany(_INS, vals)
+                        e.start = e.ref = version
+                        e.end = 0
+                    w.executemany(_INS, map(Entry.values, part))
             pos += len(rows)
         return stop
 
@@ -295,3 +341,25 @@ class Catalog:
         w.execute("INSERT OR REPLACE INTO versions VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                   (version, seq, time_ns, kind, len(parts), json.dumps(parts), json.dumps(stats), note))
         w.execute("COMMIT")
+
+
+def glob_prefix(pattern: str) -> str:
+    """The literal characters a glob starts with (up to its first ``*``, ``?`` or
+    ``[``)."""
+    for i, ch in enumerate(pattern):
+        if ch in _GLOB_SPECIAL:
+            return pattern[:i]
+    return pattern
+
+
+def prefix_end(prefix: str) -> str | None:
+    """A string greater than every string starting with *prefix* and smaller than
+    every other string greater than *prefix* (for a ``>= prefix AND < end`` range):
+    *prefix* with its last character incremented (code point order = UTF-8 byte order,
+    SQLite's BINARY collation). None for an empty prefix or one ending in U+10FFFF."""
+    if not prefix or ord(prefix[-1]) >= 0x10FFFF:
+        return None
+    nxt = ord(prefix[-1]) + 1
+    if 0xD800 <= nxt <= 0xDFFF:  # surrogates cannot be stored: skip past them
+        nxt = 0xE000
+    return prefix[:-1] + chr(nxt)

@@ -67,6 +67,17 @@ class Entry:
          e.flags, e.location, e.streams, e.backup_ns) = row
         return e
 
+    @classmethod
+    def from_list_row(cls, row: tuple[Any, ...]) -> Entry:
+        """From a listing query (``Catalog.list_dir``, ``subtree(full=False)``): every column but
+        ``location``, ``parent`` and ``flags`` (left b"", -1 and 0)."""
+        e = cls.__new__(cls)
+        (e.id, e.part, e.dir, e.name, e.start, e.end, e.ref, e.record, e.seq, e.is_dir,
+         e.size, e.alloc, e.crtime, e.mtime, e.ctime, e.atime, e.attrs, e.resident,
+         e.streams, e.backup_ns) = row
+        e.location, e.parent, e.flags = b"", -1, 0
+        return e
+
     def values(self) -> tuple[Any, ...]:
         return (self.part, self.dir, self.name, self.start, self.end, self.ref, self.record,
                 self.seq, self.parent, self.is_dir, self.size, self.alloc, self.crtime,
