@@ -699,6 +699,8 @@ class ProxyVolume(Volume):
             self._ranges.finish(op)
 
     async def _catchup_run(self) -> None:
+        if self._rewinding:
+            return  # the primary is being rewritten to the journal: it must not win now
         done = 0
         for r in sorted(self._catchup):
             why = self._catchup.get(r)
