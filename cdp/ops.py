@@ -143,9 +143,7 @@ async def _initial_copy(vol: Volume, image: str, fmt: str, progress: Progress) -
                 if data != zero[: len(data)]:
                     seq, loc = vol.journal.append_write(pos, data, init=True)
                     vol.maps.add_write(seq, pos, pos + len(data), loc)
-                    vol._live_writes += 1
-                    if vol._live_writes >= vol._l0_max:
-                        vol.seal()
+                    vol._note_live()
                     copied += len(data)
                 pos += len(data)
                 if pos % (64 << 20) == 0:
@@ -279,8 +277,11 @@ async def image(store: Store, args: dict[str, Any], progress: Progress) -> Any:
 
 
 async def verify(store: Store, args: dict[str, Any], progress: Progress) -> Any:
-    """Check every record of every (or one) volume's journal, the maps against the
-    journal, and the markers. Result ``ok`` is False when anything is damaged."""
+    """Check every record of every (or one) volume's journal, the map files and manifest
+    (checksums; nothing past the journal), the markers and the file catalog (SQLite
+    integrity). Result ``ok`` is False when anything is damaged."""
+    from cdp.verify import CATALOG_FILE, verify_catalog, verify_maps
+
     names = [args["volume"]] if args.get("volume") else sorted(store.volumes)
     results = []
     for i, name in enumerate(names):
@@ -290,9 +291,17 @@ async def verify(store: Store, args: dict[str, Any], progress: Progress) -> Any:
         loop = asyncio.get_running_loop()
         rep = await loop.run_in_executor(None, verify_journal, vol.path / "journal")
         problems = [dict(p) if isinstance(p, dict) else _as_dict(p) for p in rep.problems]
+        for p in problems:
+            p.setdefault("what", "journal")
         for m in vol.markers:
             if m.seq > durable:
-                problems.append({"what": "marker", "reason": f"{m.name} at @{m.seq} is past the journal end @{durable}"})
+                problems.append({"what": "markers", "reason": f"{m.name} at @{m.seq} is past the journal end @{durable}"})
+        # maps on the loop thread: no seal or merge replaces files while they are read
+        nmaps, map_problems = verify_maps(vol.path / "maps", durable)
+        problems.extend(map_problems)
+        ncat, cat_problems = await loop.run_in_executor(
+            None, verify_catalog, vol.path / CATALOG_FILE, {m.id: m.seq for m in vol.markers})
+        problems.extend(cat_problems)
         results.append(
             {
                 "volume": name,
@@ -300,6 +309,8 @@ async def verify(store: Store, args: dict[str, Any], progress: Progress) -> Any:
                 "records": rep.records,
                 "bytes": rep.bytes,
                 "markers": len(vol.markers),
+                "maps": nmaps,
+                "catalog_versions": ncat,
                 "problems": problems,
             }
         )

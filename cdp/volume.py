@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import time
 import uuid
@@ -44,6 +45,8 @@ from cdp.journal import Journal, RecordKind
 from cdp.points import PointKind, PointSpec, parse_point
 from mapengine import HOLE_LOC, ZERO_LOC, MapHistory, MergePolicy
 from mapengine.errors import MapError
+
+log = logging.getLogger("cdp.volume")
 
 VOLUME_FORMAT = 1  # volume.json "format"; bump on an incompatible change
 MARKERS_FORMAT = 1  # markers.json "format"
@@ -152,6 +155,7 @@ class Volume:
         self._live_writes = 0
         self._last_seal = time.monotonic()
         self._l0_max = settings.maps.l0_max_writes
+        self._seal_task: asyncio.Task[None] | None = None
         self._sync_always = settings.journal.sync == "always"
         self._gate: asyncio.Future[None] | None = None
         self.connections = 0
@@ -268,19 +272,19 @@ class Volume:
     def _apply(self, kind: int, seq: int, offset: int, length: int, loc: int, rec: Any) -> None:
         if kind == RecordKind.WRITE or kind == RecordKind.INIT:
             self.maps.add_write(seq, offset, offset + length, loc)
-            self._live_writes += 1
+            self._note_live()
         elif kind == RecordKind.ZERO:
             self.maps.add_zero(seq, offset, offset + length)
-            self._live_writes += 1
+            self._note_live()
         elif kind == RecordKind.REWIND:
             self.maps.add_rewind(seq, rec.target_seq)
         else:
             self.maps.note_seq(seq)
-        if self._live_writes >= self._l0_max:
-            self.seal()
 
     def seal(self) -> None:
-        """Seal the live window into an L0 map (cost: sort + write of the window).
+        """Seal the whole live window into an L0 map now, blocking (cost: one journal
+        fdatasync + sort and write of the window). For open, close and bulk loads; the
+        I/O path uses :meth:`_seal_soon`.
 
         The journal is made durable first: a map file must never name records that a
         power loss (or, for the user-space buffer, a kill) could still take away."""
@@ -289,15 +293,59 @@ class Volume:
         self._live_writes = 0
         self._last_seal = time.monotonic()
 
+    def _note_live(self) -> None:
+        """One more entry in the live window; start a seal once the window is full."""
+        self._live_writes += 1
+        if self._live_writes >= self._l0_max:
+            self._seal_soon()
+
+    def _seal_soon(self) -> None:
+        """Seal without holding up I/O: a task waits for the journal's group commit,
+        then seals only the entries that commit made durable; writes arriving meanwhile
+        stay in the live window. Without a running event loop (replay at open, tools)
+        it seals at once. If ingest outruns the seals (the window reaches 4x its size
+        while one is pending) it falls back to a blocking seal, to bound the window."""
+        if self._seal_task is not None:
+            if self._live_writes >= 4 * self._l0_max:
+                self.seal()
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self.seal()
+            return
+        self._live_writes = 0
+        self._seal_task = loop.create_task(self._seal_durable())
+
+    async def _seal_durable(self) -> None:
+        try:
+            target = self.journal.last_seq
+            await self.journal.commit()
+            if target > self.maps.sealed_seq:  # a blocking seal may have passed it
+                self.maps.seal(target)
+            self._last_seal = time.monotonic()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("volume %s: sealing the live window failed", self.name)
+        finally:
+            self._seal_task = None
+
     def tick(self) -> None:
         """Called about once a second by the daemon: time-based seal."""
-        if self._live_writes and time.monotonic() - self._last_seal >= self.settings.maps.seal_interval:
-            self.seal()
+        if (
+            self.maps.last_seq > self.maps.sealed_seq
+            and time.monotonic() - self._last_seal >= self.settings.maps.seal_interval
+        ):
+            self._seal_soon()
 
     def close(self) -> None:
         """Seal, make the journal durable, close files."""
+        if self._seal_task is not None:
+            self._seal_task.cancel()
+            self._seal_task = None
         try:
-            if self._live_writes:
+            if self.maps.last_seq > self.maps.sealed_seq:
                 self.seal()
             self.journal.sync()
         finally:
@@ -393,9 +441,7 @@ class Volume:
         self.maps.add_write(seq, offset, offset + len(data), loc)
         self.writes += 1
         self.bytes_written += len(data)
-        self._live_writes += 1
-        if self._live_writes >= self._l0_max:
-            self.seal()
+        self._note_live()
         if fua or self._sync_always:
             return self.flush()
         return None
@@ -410,9 +456,7 @@ class Volume:
         seq, _loc = self.journal.append_zero(offset, length)
         self.maps.add_zero(seq, offset, offset + length)
         self.writes += 1
-        self._live_writes += 1
-        if self._live_writes >= self._l0_max:
-            self.seal()
+        self._note_live()
         if fua or self._sync_always:
             return self.flush()
         return None
@@ -540,7 +584,9 @@ class Volume:
         m = Marker(mid, seq, self.journal.time_of_seq(seq), label)
         self._markers.append(m)
         self._save_markers()
-        self.seal()
+        if seq > self.maps.sealed_seq:  # the marker ends an L0 window (it is durable)
+            self.maps.seal(seq)
+            self._last_seal = time.monotonic()
         for listener in list(self.marker_listeners):
             listener(self, m)
         return m
