@@ -3,6 +3,7 @@
 Only this package opens segment files. Formats: docs/FORMATS.md ("Journal").
 """
 
+from cdp.journal.compact import PreparedCompaction, build_compacted
 from cdp.journal.format import Compression, Record, RecordKind
 from cdp.journal.fs import Clock, CrashSimFS, FileLayer, ManualClock, OsFileLayer
 from cdp.journal.segment import Problem
@@ -18,11 +19,13 @@ __all__ = [
     "JournalStats",
     "ManualClock",
     "OsFileLayer",
+    "PreparedCompaction",
     "Problem",
     "Record",
     "RecordKind",
     "RecoveryReport",
     "SegmentInfo",
     "VerifyReport",
+    "build_compacted",
     "verify_journal",
 ]

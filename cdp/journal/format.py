@@ -14,7 +14,7 @@ from enum import IntEnum
 import lz4.block
 from crc32c import crc32c
 
-from cdp.errors import Corruption
+from cdp.errors import Corruption, PointError
 
 # ---------------------------------------------------------------------------------------
 # Segment file header (32 bytes)
@@ -84,6 +84,13 @@ class Compression(IntEnum):
     NONE = 0
     LZ4 = 1  # lz4 block format, no size prefix; raw size is the header's length
     CHUNKED = 2  # (v2) chunk table + chunks, each with its own compression and CRC
+    ELIDED = 3  # (v2) removed by compaction: a record without payload, or a chunk entry
+    #             with no stored bytes; reading it raises PointError (expired data)
+
+
+#: segment header flags bit: the segment was rewritten by compaction (records are found
+#: through the index sidecar by seq; locations handed out before no longer apply)
+SEGMENT_COMPACTED = 1
 
 
 KIND_VALUES = frozenset(int(k) for k in RecordKind)
@@ -118,10 +125,10 @@ def parse_segment_name(name: str) -> int | None:
     return int(stem) if stem.isdigit() else None
 
 
-def pack_segment_header(first_seq: int) -> bytes:
+def pack_segment_header(first_seq: int, flags: int = 0) -> bytes:
     """The 32-byte header that starts segment ``first_seq``."""
     body = SEGMENT_HEADER.pack(
-        SEGMENT_MAGIC, SEGMENT_VERSION, SEGMENT_HEADER_SIZE, 0, first_seq, 0, 0
+        SEGMENT_MAGIC, SEGMENT_VERSION, SEGMENT_HEADER_SIZE, flags, first_seq, 0, 0
     )
     return body[:28] + struct.pack("<I", crc32c(body[:28]))
 
@@ -166,6 +173,8 @@ class Record:
     target_seq: int | None = None
     error_code: int | None = None
     message: str | None = None
+    #: the payload (or some chunks of it) was removed by compaction; ``payload`` is b""
+    elided: bool = False
 
 
 def encode_record(
@@ -280,6 +289,9 @@ def parse_chunk_table(table: bytes | memoryview, length: int, stored: int) -> Ch
         elif comp == Compression.LZ4:
             if slen >= raw:
                 return f"compressed chunk {i} not smaller than raw"
+        elif comp == Compression.ELIDED:
+            if slen or crc:
+                return f"elided chunk {i} with stored bytes"
         else:
             return f"chunk {i} has unknown compression {comp}"
         pos += slen
@@ -294,7 +306,10 @@ def parse_chunk_table(table: bytes | memoryview, length: int, stored: int) -> Ch
 def decode_chunk(
     data: bytes | memoryview, comp: int, raw: int, crc: int, where: str, index: int
 ) -> bytes:
-    """Check one chunk's CRC and decompress it; Corruption naming ``where`` and the chunk."""
+    """Check one chunk's CRC and decompress it; Corruption naming ``where`` and the chunk;
+    PointError for a chunk removed by compaction."""
+    if comp == Compression.ELIDED:
+        raise PointError(f"{where}: chunk {index} was expired by retention")
     if crc32c(data) != crc:
         raise Corruption(f"{where}: bad checksum in chunk {index}")
     if comp == Compression.LZ4:
@@ -342,6 +357,12 @@ def header_problem(
         tsize = CHUNK_ENTRY_SIZE * chunk_count(length)
         if not tsize <= stored <= tsize + length:
             return "chunked stored length does not fit the raw length"
+    elif comp == Compression.ELIDED:
+        if version < 2 or kind not in DATA_KINDS:
+            return "elided payload on a non-data or version 1 record"
+        if stored:
+            return "elided record with payload"
+        return None
     elif comp == Compression.LZ4:
         if kind not in DATA_KINDS:
             return "compressed payload on a non-data record"
@@ -440,8 +461,11 @@ def decode_record(header: bytes, stored: bytes, loc: int, where: str, seq: int |
     if seq is not None and rseq != seq:
         raise Corruption(f"{where}: record holds seq {rseq}, expected {seq}")
     rec = Record(RecordKind(kind), rseq, ts, off, length, flags, b"", loc, comp, slen)
-    if comp == Compression.CHUNKED:
+    if comp == Compression.ELIDED:
+        rec.elided = True
+    elif comp == Compression.CHUNKED:
         rec.payload = decode_chunks(stored, length, where)
+        rec.elided = not rec.payload
     else:
         rec.payload = decode_payload(kind, comp, length, stored, where, rec)
     return rec
@@ -455,8 +479,11 @@ def decode_chunks(stored: bytes | memoryview, length: int, where: str) -> bytes:
     if isinstance(table, str):
         raise Corruption(f"{where}: {table}")
     st = table.starts
-    return b"".join(
+    parts = [
         decode_chunk(mv[st[i] : st[i + 1]], table.comps[i], table.raw_size(i), table.crcs[i],
                      where, i)
-        for i in range(table.count)
-    )
+        for i in range(table.count) if table.comps[i] != Compression.ELIDED
+    ]
+    if len(parts) != table.count:
+        return b""  # some chunks were removed by compaction: the rest checked, no payload
+    return b"".join(parts)

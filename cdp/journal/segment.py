@@ -95,6 +95,8 @@ class SegmentScan:
     problems: list[Problem] = field(default_factory=list)
     damaged: list[int] = field(default_factory=list)
     last_ts: int = 0
+    #: segment header flags (SEGMENT_COMPACTED: rewritten by compaction)
+    flags: int = 0
 
 
 class _Window:
@@ -165,6 +167,8 @@ def _check_at(
         except Corruption as exc:
             bad = str(exc).rsplit(": ", 1)[-1]
     raw = length if kind in DATA_KINDS else slen
+    if comp == Compression.ELIDED:
+        raw = 0
     return bad, True, slen, seq, ts, raw
 
 
@@ -219,7 +223,10 @@ def scan_segment(
     try:
         win = _Window(fs, fd)
         # a bad header is reported by the caller; the records after it are still scanned
-        scan.header_error = check_segment_header(win.get(0, SEGMENT_HEADER_SIZE), first_seq)
+        head = win.get(0, SEGMENT_HEADER_SIZE)
+        scan.header_error = check_segment_header(head, first_seq)
+        if scan.header_error is None:
+            scan.flags = struct.unpack_from("<I", head, 12)[0]
         ts_a, offs_a, damaged = scan.ts, scan.offs, scan.damaged
         pos = SEGMENT_HEADER_SIZE
         expected = first_seq
@@ -297,6 +304,8 @@ class IndexHeader:
     last_ts: int
     raw_bytes: int
     entries_crc: int
+    #: the segment's header flags (SEGMENT_COMPACTED), kept in the former reserved u16
+    flags: int = 0
 
 
 def _to_le(a: array[int]) -> bytes:
@@ -307,14 +316,15 @@ def _to_le(a: array[int]) -> bytes:
 
 
 def encode_index(
-    first_seq: int, ts: array[int], offs: array[int], data_end: int, raw_bytes: int
+    first_seq: int, ts: array[int], offs: array[int], data_end: int, raw_bytes: int,
+    flags: int = 0,
 ) -> bytes:
     """Bytes of the index sidecar for a segment (header + timestamps + offsets)."""
     entries = _to_le(ts) + _to_le(offs)
     first_ts = ts[0] if len(ts) else 0
     last_ts = max(ts) if len(ts) else 0
     head = INDEX_HEADER.pack(
-        INDEX_MAGIC, INDEX_VERSION, 0, len(ts), first_seq, data_end, first_ts, last_ts,
+        INDEX_MAGIC, INDEX_VERSION, flags, len(ts), first_seq, data_end, first_ts, last_ts,
         raw_bytes, crc32c(entries), 0,
     )
     head = head[:-4] + struct.pack("<I", crc32c(head[:-4]))
@@ -323,14 +333,14 @@ def encode_index(
 
 def write_index(
     fs: FileLayer, directory: str, first_seq: int, ts: array[int], offs: array[int],
-    data_end: int, raw_bytes: int,
+    data_end: int, raw_bytes: int, flags: int = 0, final_name: str | None = None,
 ) -> None:
     """Write the sidecar durably under a temp name and rename it into place.
 
     The caller fsyncs the directory (the sidecar is derived data: losing it only costs a
     rescan). Cost: one write + one fdatasync.
     """
-    final = os.path.join(directory, index_name(first_seq))
+    final = os.path.join(directory, final_name or index_name(first_seq))
     tmp = final + ".tmp"
     try:
         fs.unlink(tmp)
@@ -338,7 +348,7 @@ def write_index(
         pass
     fd = fs.open_append(tmp)
     try:
-        fs.write(fd, encode_index(first_seq, ts, offs, data_end, raw_bytes))
+        fs.write(fd, encode_index(first_seq, ts, offs, data_end, raw_bytes, flags))
         fs.fdatasync(fd)
     finally:
         fs.close(fd)
@@ -358,14 +368,14 @@ def read_index_header(fs: FileLayer, directory: str, first_seq: int) -> IndexHea
         fs.close(fd)
     if len(data) < INDEX_HEADER_SIZE:
         return None
-    magic, ver, _r, count, fseq, data_end, first_ts, last_ts, raw, ecrc, hcrc = (
+    magic, ver, iflags, count, fseq, data_end, first_ts, last_ts, raw, ecrc, hcrc = (
         INDEX_HEADER.unpack(data)
     )
     if magic != INDEX_MAGIC or ver != INDEX_VERSION or fseq != first_seq:
         return None
     if hcrc != crc32c(data[:-4]):
         return None
-    return IndexHeader(fseq, count, data_end, first_ts, last_ts, raw, ecrc)
+    return IndexHeader(fseq, count, data_end, first_ts, last_ts, raw, ecrc, iflags)
 
 
 def load_index_entries(

@@ -59,6 +59,13 @@ from cdp.errors import (
     StoreFull,
     UsageError,
 )
+from cdp.journal.compact import (
+    CompactSource,
+    Live,
+    PreparedCompaction,
+    build_compacted,
+    discard,
+)
 from cdp.journal.format import (
     CHUNK_ENTRY,
     CHUNK_ENTRY_SIZE,
@@ -77,6 +84,7 @@ from cdp.journal.format import (
     RECORD_TAIL,
     RECORD_VERSION,
     REWIND_PAYLOAD,
+    SEGMENT_COMPACTED,
     SEGMENT_HEADER_SIZE,
     ChunkTable,
     Compression,
@@ -167,6 +175,7 @@ class SegmentInfo:
     bytes: int
     first_ts: int | None
     sealed: bool
+    compacted: bool = False
 
 
 @dataclass
@@ -183,8 +192,8 @@ class JournalStats:
 class _Seg:
     """In-memory state of one segment."""
 
-    __slots__ = ("count", "first_seq", "first_ts", "last_ts", "name", "offs", "raw_bytes",
-                 "size", "state", "ts")
+    __slots__ = ("compacted", "count", "first_seq", "first_ts", "last_ts", "name", "offs",
+                 "raw_bytes", "size", "state", "ts")
 
     def __init__(self, first_seq: int) -> None:
         self.first_seq = first_seq
@@ -197,6 +206,7 @@ class _Seg:
         self.ts: array[int] | None = None
         self.offs: array[int] | None = None
         self.state = _OPEN
+        self.compacted = False
 
 
 class ChunkCache(Protocol):
@@ -401,13 +411,15 @@ class Journal:
         if hdr is not None and hdr.data_end == size:
             seg.count, seg.size, seg.raw_bytes = hdr.count, size, hdr.raw_bytes
             seg.first_ts, seg.last_ts = hdr.first_ts, hdr.last_ts
+            seg.compacted = bool(hdr.flags & SEGMENT_COMPACTED)
             return seg
         scan = scan_segment(fs, self._dir, first)
         scans[first] = scan
         self._fill_from_scan(seg, scan)
         if scan.header_error is None and not scan.problems and scan.torn_at is None:
             try:
-                write_index(fs, self._dir, first, scan.ts, scan.offs, size, scan.raw_bytes)
+                write_index(fs, self._dir, first, scan.ts, scan.offs, size, scan.raw_bytes,
+                            scan.flags)
                 fs.fsync_dir(self._dir)
                 self.recovery.rebuilt_indexes.append(index_name(first))
             except OSError:
@@ -418,6 +430,7 @@ class Journal:
     def _fill_from_scan(seg: _Seg, scan: SegmentScan) -> None:
         seg.count, seg.size, seg.raw_bytes = scan.count, scan.size, scan.raw_bytes
         seg.ts, seg.offs = scan.ts, scan.offs
+        seg.compacted = bool(scan.flags & SEGMENT_COMPACTED)
         if scan.count:
             seg.first_ts, seg.last_ts = scan.ts[0], scan.last_ts
 
@@ -886,12 +899,26 @@ class Journal:
         damaged or hold another seq; NotFound for a seq outside the journal.
         Cost: one or two preads (none for buffered records) + CRC + decompression.
         """
-        head, stored, where = self._raw(self._seg_for(seq), seq, loc)
+        seg = self._seg_for(seq)
+        loc = self._where(seg, seq, loc)
+        head, stored, where = self._raw(seg, seq, loc)
         return decode_record(head, stored, loc, where, seq)
 
     def read_payload(self, seq: int, loc: int) -> bytes:
-        """Decoded payload of record ``seq`` at ``loc`` (CRC checked, as read_record)."""
-        return self.read_record(seq, loc).payload
+        """Decoded payload of record ``seq`` at ``loc`` (CRC checked, as read_record);
+        PointError if compaction removed (part of) it."""
+        rec = self.read_record(seq, loc)
+        if rec.elided:
+            raise PointError(f"seq {seq}: its data was expired by retention")
+        return rec.payload
+
+    def _where(self, seg: _Seg, seq: int, loc: int) -> int:
+        """Where record ``seq`` really is: ``loc``, or for a compacted segment the
+        offset its index gives (compaction moved it)."""
+        if not seg.compacted:
+            return loc
+        _ts, offs = self._load(seg)
+        return offs[seq - seg.first_seq]
 
     def read_slice(self, seq: int, loc: int, poff: int, length: int, *,
                    cache: ChunkCache | None = None) -> bytes:
@@ -942,6 +969,7 @@ class Journal:
                     out[i - first] = p
         if missing:
             seg = self._seg_for(seq)
+            loc = self._where(seg, seq, loc)
             where = f"segment {seg.name} offset {loc} seq {seq}"
             lay = self._layouts.get(seq)
             got: ChunkTable | bytes
@@ -1014,7 +1042,10 @@ class Journal:
                 stored = data[RECORD_HEADER_SIZE : RECORD_HEADER_SIZE + slen]
             else:
                 stored = self._get(seg, loc, RECORD_HEADER_SIZE, slen)
-            return decode_record(data[:RECORD_HEADER_SIZE], stored, loc, where, seq).payload
+            rec = decode_record(data[:RECORD_HEADER_SIZE], stored, loc, where, seq)
+            if rec.elided:
+                raise PointError(f"{where}: data expired by retention")
+            return rec.payload
         cov = covered_size(comp, length, slen)
         if cov > slen or slen > MAX_PAYLOAD:
             raise Corruption(f"{where}: bad checksum (chunk table larger than the record)")
@@ -1090,7 +1121,7 @@ class Journal:
             if not scan.problems and scan.torn_at is None and scan.header_error is None:
                 try:
                     write_index(self._fs, self._dir, seg.first_seq, scan.ts, scan.offs,
-                                scan.size, scan.raw_bytes)
+                                scan.size, scan.raw_bytes, scan.flags)
                     self._fs.fsync_dir(self._dir)
                     self.repairs.append(index_name(seg.first_seq))
                 except OSError:
@@ -1133,6 +1164,57 @@ class Journal:
         ts, _offs = self._load(seg)
         return ts[seq - seg.first_seq]
 
+    # ----------------------------------------------------------------------- compaction
+
+    def compact_source(self, first_seq: int) -> CompactSource:
+        """Snapshot of sealed segment ``first_seq`` for :func:`build_compacted` (which
+        may then run in a worker thread). UsageError for the open or a sealing segment."""
+        i = bisect.bisect_left(self._firsts, first_seq)
+        if i == len(self._firsts) or self._firsts[i] != first_seq:
+            raise NotFound(f"no journal segment starts at seq {first_seq}")
+        seg = self._segs[i]
+        if seg.state != _SEALED:
+            raise UsageError(f"segment {seg.name} is not sealed yet")
+        _ts, offs = self._load(seg)
+        return CompactSource(self._dir, first_seq, seg.count, seg.size, array("q", offs),
+                             self._fs)
+
+    def compact_commit(self, prep: PreparedCompaction) -> bool:
+        """Put a prepared compaction in place (see :mod:`cdp.journal.compact` for the
+        crash argument). False (temp files removed) if the segment changed meanwhile or
+        nothing was saved. Cost: two renames and two directory fsyncs."""
+        fs = self._fs
+        i = bisect.bisect_left(self._firsts, prep.first_seq)
+        seg = self._segs[i] if i < len(self._segs) else None
+        if (seg is None or seg.first_seq != prep.first_seq or seg.state != _SEALED
+                or seg.size != prep.old_size or prep.new_size >= prep.old_size):
+            discard(fs, prep)
+            return False
+        fd = self._read_fds.pop(seg.first_seq, None)
+        if fd is not None:
+            fs.close(fd)
+        fs.rename(prep.tmp_seg, self._path(seg.name))
+        fs.fsync_dir(self._dir)
+        seg.size = prep.new_size
+        seg.raw_bytes = prep.raw_bytes
+        seg.compacted = True
+        seg.ts, seg.offs = prep.ts, prep.offs
+        self._loaded[seg.first_seq] = seg
+        self._layouts.clear()
+        try:
+            fs.rename(prep.tmp_idx, self._path(index_name(seg.first_seq)))
+            fs.fsync_dir(self._dir)
+        except OSError:
+            self.repairs.append(index_name(seg.first_seq))  # rebuilt by a scan at open
+        self._evict()
+        return True
+
+    def compact_segment(self, first_seq: int, live: Live, *, rate: float = 0.0) -> PreparedCompaction | None:
+        """Compact one sealed segment in the calling thread: prepare + commit. Returns
+        the result, or None if nothing was committed."""
+        prep = build_compacted(self.compact_source(first_seq), live, rate=rate)
+        return prep if self.compact_commit(prep) else None
+
     # ----------------------------------------------------------------------- listing
 
     def _size(self, seg: _Seg) -> int:
@@ -1143,7 +1225,7 @@ class Journal:
         """One entry per segment file, oldest first. O(segments)."""
         return [
             SegmentInfo(s.name, s.first_seq, s.first_seq + s.count - 1, s.count, self._size(s),
-                        s.first_ts if s.count else None, s.state != _OPEN)
+                        s.first_ts if s.count else None, s.state != _OPEN, s.compacted)
             for s in self._segs
         ]
 

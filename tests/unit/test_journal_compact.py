@@ -1,0 +1,258 @@
+"""Journal compaction: segments rewritten with only their live records (and live chunks),
+same seqs and timestamps, records found by seq; crash at every step leaves the old or
+the new segment; golden bytes of elided records and chunk entries."""
+
+from __future__ import annotations
+
+import os
+import random
+
+import pytest
+from crc32c import crc32c
+
+from cdp.errors import PointError
+from cdp.journal import CrashSimFS, Journal, ManualClock, verify_journal
+from cdp.journal.format import (
+    CHUNK_ENTRY,
+    CHUNK_ENTRY_SIZE,
+    RECORD_HEADER_SIZE,
+    SEGMENT_COMPACTED,
+    Compression,
+    decode_record,
+    encode_record,
+    header_problem,
+)
+
+D = "/j"
+T0 = 1_700_000_000_000_000_000
+
+
+def _journal(fs: CrashSimFS) -> Journal:
+    return Journal.open(D, segment_bytes=256 << 10, fs=fs, clock=ManualClock(T0, tick=1))
+
+
+def _fill(j: Journal, rng: random.Random) -> dict[int, tuple[int, bytes]]:
+    """Small writes, 1 MiB chunked writes, markers and zeroes over several segments."""
+    recs: dict[int, tuple[int, bytes]] = {}
+    for i in range(60):
+        if i % 10 == 3:
+            data = rng.randbytes(1 << 20)
+        else:
+            data = rng.randbytes(rng.choice((512, 4096, 20000)))
+        seq, loc = j.append_write(i * 4096, data)
+        recs[seq] = (loc, data)
+        if i % 7 == 0:
+            j.append_marker(i, f"m{i}")
+        if i % 9 == 0:
+            j.append_zero(0, 8192)
+    j.sync()
+    return recs
+
+
+def _live_plan(recs: dict[int, tuple[int, bytes]], rng: random.Random) -> dict[int, list[tuple[int, int]]]:
+    live: dict[int, list[tuple[int, int]]] = {}
+    for seq, (_loc, data) in recs.items():
+        r = rng.random()
+        if r < 0.4:
+            continue  # dead
+        if len(data) > 65536 and r < 0.7:
+            a = rng.randrange(0, len(data) - 4096)
+            live[seq] = [(a, 4096)]  # one chunk (or two) of the 16 stays
+        else:
+            live[seq] = [(0, len(data))]
+    return live
+
+
+def _check(j: Journal, recs: dict[int, tuple[int, bytes]], live: dict[int, list[tuple[int, int]]],
+           times: dict[int, int]) -> None:
+    gone = [(s.first_seq, s.last_seq) for s in j.segments() if s.compacted]
+    for seq, (loc, data) in recs.items():
+        for a, n in live.get(seq, []):
+            assert j.read_slice(seq, loc, a, n) == data[a : a + n]
+        if seq not in live and any(a <= seq <= b for a, b in gone):
+            with pytest.raises(PointError):
+                j.read_slice(seq, loc, 0, min(len(data), 100))
+            with pytest.raises(PointError):
+                j.read_payload(seq, loc)
+    for seq, ts in times.items():
+        assert j.time_of_seq(seq) == ts
+        assert j.seq_at_time(ts) == seq
+
+
+def test_compact_keeps_live_bytes_and_seqs() -> None:
+    fs = CrashSimFS()
+    rng = random.Random(1)
+    j = _journal(fs)
+    recs = _fill(j, rng)
+    times = {s: j.time_of_seq(s) for s in range(1, j.last_seq + 1)}
+    live = _live_plan(recs, rng)
+    before = j.stats().file_bytes
+    sealed = [s for s in j.segments() if s.sealed]
+    assert len(sealed) >= 3
+    done = 0
+    for s in sealed:
+        prep = j.compact_segment(s.first_seq, live)
+        if prep is not None:
+            done += 1
+            assert prep.new_size < prep.old_size
+    assert done >= 2
+    after = j.stats().file_bytes
+    assert after < before * 0.8
+    assert sum(s.compacted for s in j.segments()) == done
+    _check(j, recs, live, times)
+    # every record still scans (stubs included), in order
+    assert [r.seq for r in j.scan()] == list(range(1, j.last_seq + 1))
+    j.close()
+    rep = verify_journal(D, fs=fs)
+    assert rep.ok, rep.problems
+    j = _journal(fs)
+    _check(j, recs, live, times)
+    # compacting again with the same live set changes nothing
+    for s in sealed:
+        assert j.compact_segment(s.first_seq, live) is None
+    # a second round with less live data shrinks further
+    live2 = {k: v for k, v in live.items() if k % 2}
+    for s in sealed:
+        j.compact_segment(s.first_seq, live2)
+    _check(j, recs, live2, times)
+    j.close()
+    assert verify_journal(D, fs=fs).ok
+
+
+def test_compact_refuses_a_live_chunk_that_is_gone() -> None:
+    fs = CrashSimFS()
+    j = _journal(fs)
+    rng = random.Random(2)
+    recs = _fill(j, rng)
+    big = next(s for s, (_l, d) in recs.items() if len(d) > 65536)
+    first = max(s.first_seq for s in j.segments() if s.sealed and s.first_seq <= big)
+    live = {s: [(0, len(d))] for s, (_l, d) in recs.items()}
+    live[big] = [(0, 100)]
+    j.compact_segment(first, live)
+    live[big] = [(0, 1 << 20)]
+    from cdp.errors import Corruption
+
+    with pytest.raises(Corruption, match="already elided"):
+        j.compact_segment(first, live)
+    assert not [n for n in fs.listdir(D) if n.endswith(".tmp")]
+
+
+class _Boom(Exception):
+    pass
+
+
+class _StepFS(CrashSimFS):
+    """Raises at the n-th mutating call (write, fdatasync, rename, unlink, fsync_dir)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.arm = -1
+
+    def _step(self) -> None:
+        if self.arm == 0:
+            raise _Boom()
+        if self.arm > 0:
+            self.arm -= 1
+
+    def write(self, fd, data):  # type: ignore[no-untyped-def]
+        self._step()
+        return super().write(fd, data)
+
+    def fdatasync(self, fd):  # type: ignore[no-untyped-def]
+        self._step()
+        return super().fdatasync(fd)
+
+    def rename(self, src, dst):  # type: ignore[no-untyped-def]
+        self._step()
+        return super().rename(src, dst)
+
+    def fsync_dir(self, directory):  # type: ignore[no-untyped-def]
+        self._step()
+        return super().fsync_dir(directory)
+
+
+def test_crash_at_every_step_of_a_compaction() -> None:
+    n = 0
+    outcomes = set()
+    while True:
+        fs = _StepFS()
+        rng = random.Random(3)
+        j = _journal(fs)
+        recs = _fill(j, rng)
+        times = {s: j.time_of_seq(s) for s in range(1, j.last_seq + 1)}
+        live = _live_plan(recs, rng)
+        first = next(s.first_seq for s in j.segments() if s.sealed)
+        fs.arm = n
+        try:
+            j.compact_segment(first, live)
+            finished = True
+        except _Boom:
+            finished = False
+        fs.arm = -1
+        fs.crash()
+        j = _journal(fs)
+        seg = j.segments()[0]
+        outcomes.add(seg.compacted)
+        # whatever state survived, every live byte reads back and every seq keeps its time
+        _check(j, recs, live if seg.compacted else {s: [(0, len(d))] for s, (_l, d) in recs.items()},
+               times)
+        j.close()
+        assert verify_journal(D, fs=fs).ok
+        if finished:
+            break
+        n += 1
+    assert outcomes == {False, True}
+    assert n >= 5
+
+
+def test_golden_elided_record_and_chunk() -> None:
+    # a WRITE of 4096 bytes at offset 8192, seq 7, fully elided: 48 bytes, no payload
+    full = encode_record(1, 7, T0, 8192, 4096, b"x" * 4096)
+    tail = full[8:RECORD_HEADER_SIZE]
+    stub_tail = bytes([2, 1, int(Compression.ELIDED), 0]) + (0).to_bytes(4, "little") + tail[8:]
+    stub = b"CDPR" + crc32c(stub_tail).to_bytes(4, "little") + stub_tail
+    assert stub.hex() == (
+        "43445052" "4f25e1ff" "02" "01" "03" "00" "00000000"
+        "0700000000000000" "00002a36fe9c9717" "0020000000000000" "0010000000000000"
+    )
+    from cdp.journal.compact import _stub
+
+    assert _stub(1, 0, 7, T0, 8192, 4096) == stub  # what compaction writes
+    rec = decode_record(stub[:48], b"", 32, "here", 7)
+    assert rec.elided and rec.payload == b"" and rec.length == 4096
+    assert header_problem(2, 1, 3, 0, 4096) is None
+    assert header_problem(2, 3, 3, 0, 0) is not None  # only data records are elided
+    assert header_problem(1, 1, 3, 0, 4096) is not None
+    # an elided chunk entry: stored_length 0, compression 3, crc 0
+    ent = bytearray(CHUNK_ENTRY_SIZE)
+    CHUNK_ENTRY.pack_into(ent, 0, 0, int(Compression.ELIDED), 0)
+    assert ent.hex() == "00000000" "03000000" "00000000"
+    assert SEGMENT_COMPACTED == 1
+
+
+def test_real_files_and_tmp_cleanup(tmp_path: os.PathLike[str]) -> None:
+    d = os.path.join(tmp_path, "j")
+    j = Journal.open(d, segment_bytes=64 << 10, clock=ManualClock(T0, tick=1))
+    rng = random.Random(4)
+    recs = {}
+    for i in range(40):
+        data = rng.randbytes(8192)
+        recs[j.append_write(i * 8192, data)[0]] = data
+    j.sync()
+    segs = [s for s in j.segments() if s.sealed]
+    live = {s: [(0, 8192)] for s in recs if s % 3 == 0}
+    for s in segs:
+        j.compact_segment(s.first_seq, live)
+    j.close()
+    with open(os.path.join(d, "00000000000000000001.seg.compact.tmp"), "wb") as f:
+        f.write(b"junk")
+    j = Journal.open(d, segment_bytes=64 << 10)
+    assert not [n for n in os.listdir(d) if n.endswith(".tmp")]
+    assert [r.seq for r in j.scan()] == list(range(1, 41))
+    for r in j.scan():
+        if r.seq in live:
+            assert r.payload == recs[r.seq]
+        elif any(s.first_seq <= r.seq <= s.last_seq for s in segs):
+            assert r.elided
+    j.close()
+    assert verify_journal(d).ok
