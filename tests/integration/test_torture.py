@@ -11,7 +11,15 @@ from pathlib import Path
 from tests.conftest import require_tool
 from tools.torture.killloop import KillLoop
 from tools.torture.model import BLOCK, content
-from tools.torture.powerloss import Capture, _capture_dir, _capture_fs, _check_capture, _settings, open_volume, run_powerloss
+from tools.torture.powerloss import (
+    Capture,
+    _capture_dir,
+    _capture_fs,
+    _check_capture,
+    _settings,
+    open_volume,
+    run_powerloss,
+)
 
 
 def test_kill9_loop(tmp_path: Path) -> None:
