@@ -20,7 +20,9 @@ Design notes
 * Writes: WAL with ``synchronous = NORMAL`` (a commit does not fsync; checkpoints do),
   so a bulk first index pays no syncs per transaction and ``synchronous = OFF`` would
   buy nothing but a weaker checkpoint. The catalog is derived data (rebuilt from the
-  journal's markers), but it is kept crash-safe anyway.
+  journal's markers), but it is kept crash-safe anyway. Automatic checkpoints are off
+  on the writer; :meth:`Catalog.checkpoint` runs after every version, in a worker
+  thread (a first full index leaves tens of MB in the WAL).
 """
 
 from __future__ import annotations
@@ -151,9 +153,24 @@ class Catalog:
             w = _connect(self.path, False)
             w.execute("PRAGMA journal_mode = WAL")
             w.execute("PRAGMA synchronous = NORMAL")
+            # no checkpoint inside COMMIT (it would copy the whole WAL of a full index
+            # while holding the event loop): :meth:`checkpoint` runs after each version
+            w.execute("PRAGMA wal_autocheckpoint = 0")
             w.executescript(SCHEMA)
             self._writer = w
         return self._writer
+
+    def checkpoint(self) -> None:
+        """Copy the WAL into the database file (PASSIVE: never waits for readers; what
+        it cannot copy is copied next time). Opens its own connection, so it may run in
+        a worker thread while the event loop goes on (SQLite works without the GIL)."""
+        if self.readonly:
+            return
+        conn = _connect(self.path, False)
+        try:
+            conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+        finally:
+            conn.close()
 
     def close(self) -> None:
         self.reader.close()
@@ -210,7 +227,7 @@ class Catalog:
         ``location`` is empty). Cost: one range scan of ``entries_key`` over the
         directory's entries of all versions, one row read per visible entry."""
         q = f"{_LSEL} WHERE dir = ? AND {_VIS} ORDER BY name"
-        return [Entry.from_list_row(r) for r in self.reader.execute(q, (directory, version, version))]
+        return list(map(Entry.from_list_row, self.reader.execute(q, (directory, version, version))))
 
     def subtree(self, directory: str, version: int, *, full: bool = True) -> list[Entry]:
         """Entries anywhere below *directory* at *version* (index range on dir; whole

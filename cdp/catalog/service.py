@@ -22,7 +22,7 @@ import weakref
 from typing import Any
 
 from cdp.catalog.db import CATALOG_FILE, Catalog, Version
-from cdp.catalog.indexer import Computed, View, compute, persist
+from cdp.catalog.indexer import Computed, View, compute, gc_paused, persist
 from cdp.volume import Marker, Volume
 
 log = logging.getLogger("cdp.catalog")
@@ -95,9 +95,10 @@ class CatalogService:
         if base is not None and (base.version >= m.id or base.seq > m.seq):
             return None
         vol = self.volume
-        c = await compute(reader_at(vol, m.seq), vol.size, cat, base,
-                          changed_to(vol, m.seq), m.time_ns)
-        await persist(cat, c, m.id, m.seq, m.time_ns)
+        with gc_paused():  # across both: the computed plan lives until it is written
+            c = await compute(reader_at(vol, m.seq), vol.size, cat, base,
+                              changed_to(vol, m.seq), m.time_ns)
+            await persist(cat, c, m.id, m.seq, m.time_ns)
         self.last_result = {"marker": m.name, "kind": c.kind, "parsed": c.parsed,
                             "seconds": round(c.seconds, 4)}
         log.info("volume %s: catalogued %s (%s, %d records parsed, %.3f s)",
