@@ -79,6 +79,83 @@ class IscsiSettings:
 
 
 @dataclass(frozen=True)
+class Tier:
+    """One retention tier: keep ``every`` (0 = every write, else the last point of each
+    interval of that many seconds) for ``span`` seconds; ``text`` as written."""
+
+    every: float
+    span: float
+    text: str
+
+
+def parse_tier(v: Any, key: str) -> Tier:
+    """``"all 48h"``, ``"1h 14d"`` (or ``all:48h``): (keep, for)."""
+    if not isinstance(v, str):
+        raise ConfigError(f"{key}: expected a tier like 'all 48h' or '1h 14d', got {v!r}")
+    parts = v.replace(":", " ").split()
+    if len(parts) == 3 and parts[1] == "for":
+        parts = [parts[0], parts[2]]
+    if len(parts) != 2:
+        raise ConfigError(f"{key}: expected KEEP FOR like 'all 48h' or '1h 14d', got {v!r}")
+    keep, span = parts
+    every = 0.0 if keep == "all" else _duration(keep, key)
+    if keep != "all" and every <= 0:
+        raise ConfigError(f"{key}: granularity must be positive, got {keep!r}")
+    sp = _duration(span, key)
+    if sp <= 0:
+        raise ConfigError(f"{key}: tier length must be positive, got {span!r}")
+    return Tier(every, sp, f"{keep} {span}")
+
+
+def parse_tiers(v: Any, key: str) -> tuple[Tier, ...]:
+    """A list of tiers, newest first: "all" only first, granularities never finer with age."""
+    if not isinstance(v, list | tuple):
+        raise ConfigError(f"{key}: expected a list of tiers like ['all 48h', '1h 14d']")
+    tiers = tuple(parse_tier(t, f"{key}[{i}]") for i, t in enumerate(v))
+    for i, t in enumerate(tiers):
+        if t.every == 0 and i:
+            raise ConfigError(f"{key}[{i}]: 'all' can only be the first (newest) tier")
+        if i and tiers[i - 1].every and t.every < tiers[i - 1].every:
+            raise ConfigError(f"{key}[{i}]: tiers must not get finer with age")
+    return tiers
+
+
+DEFAULT_TIERS = (Tier(0.0, 48 * 3600.0, "all 48h"), Tier(3600.0, 14 * 86400.0, "1h 14d"),
+                 Tier(86400.0, 90 * 86400.0, "1d 90d"))
+
+
+@dataclass(frozen=True)
+class RetentionSettings:
+    #: consecutive age bands, newest first (docs/RETENTION.md)
+    tiers: tuple[Tier, ...] = DEFAULT_TIERS
+    #: journal + map bytes of one volume before on_full applies (0: no cap)
+    max_store_bytes: int = 0
+    #: "expire": expire the oldest history early (loudly); "refuse": ENOSPC to the host
+    on_full: str = "expire"
+    #: seconds between scheduled gc runs in cdpd (0: only `cdpctl gc --now`)
+    gc_interval: float = 600.0
+    #: sealed segments whose live fraction is below this are compacted
+    compact_below: float = 0.8
+    #: I/O budget of compaction: bytes read per second (0: unthrottled)
+    compact_rate: int = 64 << 20
+
+
+def _fraction(v: Any, key: str) -> float:
+    if isinstance(v, bool) or not isinstance(v, int | float) or not 0 <= v <= 1:
+        raise ConfigError(f"{key}: expected a number from 0 to 1, got {v!r}")
+    return float(v)
+
+
+def _retention(raw: Any, name: str, base: RetentionSettings) -> RetentionSettings:
+    schema: dict[str, Callable[[Any, str], Any]] = {
+        "tiers": parse_tiers, "max_store_bytes": _size(0),
+        "on_full": _choice("expire", "refuse"), "gc_interval": _duration,
+        "compact_below": _fraction, "compact_rate": _size(0),
+    }
+    return replace(base, **_table(raw, name, schema))
+
+
+@dataclass(frozen=True)
 class VolumeSpec:
     name: str
     size: int
@@ -92,6 +169,8 @@ class VolumeSpec:
     initial_copy: bool = True
     #: proxy mode: initial copy throttle, bytes/s (0: unthrottled)
     copy_rate: int = 0
+    #: this volume's retention ([volume.retention] over [retention]); None: the global one
+    retention: RetentionSettings | None = None
 
 
 @dataclass(frozen=True)
@@ -105,6 +184,14 @@ class Settings:
     iscsi: IscsiSettings = field(default_factory=IscsiSettings)
     volumes: tuple[VolumeSpec, ...] = (VolumeSpec("vol0", 10 << 30),)
     source: str = "built-in defaults"
+    retention: RetentionSettings = field(default_factory=RetentionSettings)
+
+    def retention_for(self, volume: str) -> RetentionSettings:
+        """The volume's configured retention (its [volume.retention] or [retention])."""
+        for v in self.volumes:
+            if v.name == volume and v.retention is not None:
+                return v.retention
+        return self.retention
 
     def with_overrides(
         self,
@@ -209,7 +296,7 @@ def _table(raw: dict[str, Any], name: str, schema: dict[str, Callable[[Any, str]
     return {k: schema[k](v, f"{name}.{k}") for k, v in raw.items()}
 
 
-_SECTIONS = {"store", "journal", "maps", "read", "nbd", "metrics", "iscsi", "volume"}
+_SECTIONS = {"store", "journal", "maps", "read", "nbd", "metrics", "iscsi", "volume", "retention"}
 
 
 def _iscsi(raw: Any) -> IscsiSettings:
@@ -278,6 +365,7 @@ def parse_config(data: dict[str, Any], source: str = "<config>") -> Settings:
         if "enabled" in t:
             lst = replace(lst, enabled=t["enabled"])
         listeners[name] = lst
+    glob_ret = _retention(data.get("retention", {}), "retention", RetentionSettings())
     raw_vols = data.get("volume", [{"name": v.name, "size": v.size} for v in d.volumes])
     if not isinstance(raw_vols, list):
         raise ConfigError("volume: expected an array of tables ([[volume]])")
@@ -287,8 +375,10 @@ def parse_config(data: dict[str, Any], source: str = "<config>") -> Settings:
         t = _table(rv, f"volume[{i}]", {
             "name": _str, "size": _size(512), "mode": _choice("mirror", "proxy"),
             "primary": _str, "ack": _choice("primary", "both"), "drl_region": _region,
-            "initial_copy": _bool, "copy_rate": _size(0),
+            "initial_copy": _bool, "copy_rate": _size(0), "retention": lambda v, k: v,
         })
+        if "retention" in t:
+            t["retention"] = _retention(t["retention"], f"volume[{i}].retention", glob_ret)
         proxy = t.get("mode") == "proxy"
         if proxy and "primary" not in t:
             raise ConfigError(f"volume[{i}].primary: mode = \"proxy\" needs a primary (file, device or nbd:// URL)")
@@ -320,6 +410,7 @@ def parse_config(data: dict[str, Any], source: str = "<config>") -> Settings:
         iscsi=_iscsi(data.get("iscsi", {})),
         volumes=tuple(vols),
         source=source,
+        retention=glob_ret,
     )
 
 
