@@ -144,3 +144,19 @@ def test_format_1_catalog_is_migrated(tmp_path: Path, caplog: pytest.LogCaptureF
     assert cat.reader.execute("SELECT value FROM meta WHERE key = 'format'").fetchone()[0] == str(CATALOG_FORMAT)
     names = {r[0] for r in cat.reader.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
     assert "entries_lname" in names
+
+
+def test_gc_pause_freezes_per_step_and_releases_at_the_end() -> None:
+    import gc
+
+    from cdp.catalog.indexer import gc_paused, gc_step
+
+    assert gc.get_freeze_count() == 0
+    with gc_paused():
+        with gc_paused():
+            keep = [[i] for i in range(1000)]
+            gc_step()
+            assert gc.get_freeze_count() >= 1000
+        assert gc.get_freeze_count() >= 1000  # the outer block still runs
+    assert gc.get_freeze_count() == 0 and gc.isenabled()
+    del keep
