@@ -164,6 +164,10 @@ class Daemon:
                     v.tick()
                 except Exception:
                     log.exception("volume %s: periodic seal failed", v.name)
+                try:
+                    v.retention.tick()  # scheduled gc, store cap (cdp.retention)
+                except Exception:
+                    log.exception("volume %s: retention tick failed", v.name)
 
 
 def main(argv: list[str] | None = None) -> int:

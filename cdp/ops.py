@@ -355,3 +355,4 @@ async def run_op(store: Store, op: str, args: dict[str, Any], progress: Progress
 __all__ = ["OFFLINE_OPS", "OPS", "CdpError", "run_op"]
 from cdp.catalog.ops import OPS as _CATALOG_OPS; OPS.update(_CATALOG_OPS); OFFLINE_OPS.update(_CATALOG_OPS)  # noqa: E402, E702, I001 -- file catalog ops
 from cdp.backup.ops import OFFLINE as _BACKUP_OFFLINE, OPS as _BACKUP_OPS; OPS.update(_BACKUP_OPS); OFFLINE_OPS.update(_BACKUP_OFFLINE)  # noqa: E402, E702, I001 -- changed / export
+from cdp.retention import OFFLINE as _RET_OFFLINE, OPS as _RET_OPS; OPS.update(_RET_OPS); OFFLINE_OPS.update(_RET_OFFLINE)  # noqa: E402, E702, I001 -- retention, gc; markers/status with retention

@@ -44,7 +44,7 @@ from cdp.errors import CdpError, Corruption, NotFound, OutOfRange, PointError, U
 from cdp.journal import Journal, RecordKind
 from cdp.points import PointKind, PointSpec, parse_point
 from mapengine import HOLE_LOC, ZERO_LOC, MapHistory, MergePolicy
-from mapengine.errors import MapError
+from mapengine.errors import MapError, MapExpired
 
 log = logging.getLogger("cdp.volume")
 
@@ -170,6 +170,9 @@ class Volume:
         self.flushes = 0
         self.flush_seconds = 0.0
         self.replayed = 0
+        from cdp.retention import Retention  # policy, expired points, store cap, gc
+
+        self.retention = Retention(self)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -375,6 +378,12 @@ class Volume:
         return "newest markers: " + ", ".join(names)
 
     def resolve_point(self, point: str | PointSpec, *, now_ns: int | None = None) -> int:
+        """:meth:`_resolve_point` plus retention: PointError (naming the nearest retained
+        points) for a point that was expired."""
+        seq = self._resolve_point(point, now_ns=now_ns)
+        return self.retention.check_point(seq, point if isinstance(point, str) else None)
+
+    def _resolve_point(self, point: str | PointSpec, *, now_ns: int | None = None) -> int:
         """Turn a point (``marker3``, a label, ``@SEQ``, a time, ``-10m``) into a seq.
 
         Raises NotFound for an unknown marker/label and PointError for a time before the
@@ -437,6 +446,7 @@ class Volume:
         self._check_range(offset, len(data))
         if self._gate is not None:
             return self._after_gate(self.write, offset, data, fua)
+        self.retention.note_write(len(data))
         seq, loc = self.journal.append_write(offset, data)
         self.maps.add_write(seq, offset, offset + len(data), loc)
         self.writes += 1
@@ -503,6 +513,8 @@ class Volume:
     def _resolve(self, seq: int, start: int, end: int) -> list[Any]:
         try:
             return self.maps.resolve(seq, start, end)
+        except MapExpired:
+            raise self.retention.expired_error(seq) from None
         except MapError as e:
             raise Corruption(f"volume {self.name}: map history: {e}") from e
 

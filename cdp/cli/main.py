@@ -18,9 +18,11 @@ from cdp.cli import (
     export,
     files,
     find,
+    gc,
     image,
     pause,
     restore,
+    retention,
     rewind,
     snapshot,
     status,
@@ -32,7 +34,7 @@ from cdp.cli.common import Context
 from cdp.errors import EXIT_CODES, CdpError
 
 COMMANDS = (volume, status, snapshot, rewind, pause, image, verify, files, versions, find, restore, diff,
-            changed, export, apply)
+            changed, export, apply, retention, gc)
 
 
 def build_parser() -> argparse.ArgumentParser:

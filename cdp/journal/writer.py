@@ -176,6 +176,7 @@ class SegmentInfo:
     first_ts: int | None
     sealed: bool
     compacted: bool = False
+    raw_bytes: int = 0
 
 
 @dataclass
@@ -1225,7 +1226,8 @@ class Journal:
         """One entry per segment file, oldest first. O(segments)."""
         return [
             SegmentInfo(s.name, s.first_seq, s.first_seq + s.count - 1, s.count, self._size(s),
-                        s.first_ts if s.count else None, s.state != _OPEN, s.compacted)
+                        s.first_ts if s.count else None, s.state != _OPEN, s.compacted,
+                        s.raw_bytes)
             for s in self._segs
         ]
 

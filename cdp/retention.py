@@ -1,0 +1,549 @@
+"""Retention: fade out old history by policy and give the journal space back.
+
+Design notes
+------------
+* **Policy.** Tiers are *consecutive age bands*, newest first: with
+  ``all 48h, 1h 14d, 1d 90d`` every write younger than 48 h is a point, then for ages
+  48 h .. 48 h + 14 d the last point of each clock hour, then for the next 90 days the
+  last point of each day; anything older is expired. Intervals are aligned to multiples
+  of the granularity since the Unix epoch (UTC). The policy comes from the config
+  (``[retention]``, overridden per volume by ``[volume.retention]``) and, once changed
+  at run time, from ``VOLUME/retention.json`` (written atomically), which also holds the
+  markers kept beyond the tiers (``snapshot --keep``).
+* **Retained points** = the head, every point at or after the ``all`` cutoff, the last
+  point of each interval of each granularity band, and kept markers; the map engine adds
+  the targets of rewinds those depend on. A point that is no longer resolvable stays
+  expired (a later policy cannot bring it back).
+* **gc** (:meth:`Retention.gc`): seal, ``maps.retain(points, keep_after)`` (maps
+  between retained points are merged and switched atomically through the manifest),
+  then every sealed segment whose live fraction is below ``compact_below`` is compacted
+  by the journal (live records and chunks copied forward, same seqs; see
+  ``cdp.journal.compact``) in a worker thread, throttled to ``compact_rate`` bytes/s.
+* **Store cap.** ``max_store_bytes`` (journal + maps of the volume). ``on_full =
+  "refuse"``: host writes fail with StoreFull (ENOSPC) while over the cap.
+  ``"expire"``: writes keep working, a warning is raised (status, log, metric) and an
+  emergency gc expires the oldest retained points first, then moves the ``all`` cutoff
+  forward, until the store is under 90 % of the cap or nothing more can go.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import logging
+import time
+from bisect import bisect_left, bisect_right
+from collections.abc import Callable
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any
+
+from cdp.config import RetentionSettings, Tier, parse_tiers
+from cdp.errors import ConfigError, Corruption, PointError, StoreFull, UsageError
+from cdp.journal import build_compacted
+from cdp.units import parse_duration
+
+if TYPE_CHECKING:
+    from cdp.volume import Volume
+
+log = logging.getLogger("cdp.retention")
+
+RETENTION_FILE = "retention.json"
+RETENTION_FORMAT = 1
+_NS = 1_000_000_000
+#: bytes written between two checks of the store size against the cap
+_CAP_CHECK_BYTES = 4 << 20
+
+Progress = Callable[[int, int, str], None]
+
+
+def parse_keep(text: str, now_ns: int) -> int:
+    """``--keep 1y`` → the ns until which the marker is kept; ``forever`` → -1."""
+    if text == "forever":
+        return -1
+    try:
+        return now_ns + int(parse_duration(text, "--keep") * _NS)
+    except Exception as e:
+        raise UsageError(f"--keep: expected a duration like '30d' or 'forever', got {text!r}") from e
+
+
+def policy_points(tiers: tuple[Tier, ...], now_ns: int, seq_at_time: Callable[[int], int],
+                  head: int) -> tuple[set[int], int]:
+    """(points of the granularity bands, keep_after) for ``now_ns``.
+
+    ``keep_after`` is the state at the ``all`` tier's cutoff (every point at or after it
+    is kept) or the head when there is no ``all`` tier.
+    """
+    pts: set[int] = set()
+    age = 0.0
+    keep_after = head
+    for t in tiers:
+        hi_ns = now_ns - int(age * _NS)
+        lo_ns = now_ns - int((age + t.span) * _NS)
+        if t.every == 0:
+            keep_after = seq_at_time(lo_ns) if lo_ns > 0 else 0
+        else:
+            g = int(t.every * _NS)
+            k = max(lo_ns, 0) // g
+            kmax = (hi_ns - 1) // g
+            while k <= kmax:
+                end = (k + 1) * g - 1
+                p = seq_at_time(min(end, now_ns))
+                if p:
+                    pts.add(p)
+                k += 1
+        age += t.span
+    return pts, keep_after
+
+
+class Retention:
+    """The retention state of one volume (policy, kept markers, cap, gc)."""
+
+    def __init__(self, vol: Volume) -> None:
+        self.vol = vol
+        self.path = vol.path / RETENTION_FILE
+        self._doc = self._load()
+        self._written = 0
+        self._cap = 0
+        self.over_cap = False
+        self.warning: str | None = None
+        self.running: asyncio.Task[Any] | None = None
+        self.last_gc: dict[str, Any] | None = None
+        self._last_gc_mono = time.monotonic()
+        self.expired_total = 0
+        self._early: tuple[set[int], int] | None = None
+        self.reclaimed_total = 0
+        self.check_cap()
+
+    # ------------------------------------------------------------------ policy
+
+    def _load(self) -> dict[str, Any]:
+        try:
+            doc = json.loads(self.path.read_text())
+        except FileNotFoundError:
+            return {"format": RETENTION_FORMAT, "keep": {}}
+        except ValueError as e:
+            raise Corruption(f"{self.path}: not valid JSON: {e}") from None
+        if doc.get("format") != RETENTION_FORMAT:
+            raise Corruption(f"{self.path}: unsupported format {doc.get('format')!r}")
+        doc.setdefault("keep", {})
+        return dict(doc)
+
+    def _save(self) -> None:
+        from cdp.volume import write_file_atomic
+
+        write_file_atomic(self.path, json.dumps(self._doc, indent=1).encode() + b"\n")
+
+    @property
+    def settings(self) -> RetentionSettings:
+        s = self.vol.settings.retention_for(self.vol.name)
+        over = self._doc.get("policy") or {}
+        if "tiers" in over:
+            s = replace(s, tiers=parse_tiers(over["tiers"], f"{self.path}: tiers"))
+        for k in ("max_store_bytes", "on_full"):
+            if k in over:
+                s = replace(s, **{k: over[k]})
+        return s
+
+    def set_policy(self, tiers: list[str] | None = None, max_store_bytes: int | None = None,
+                   on_full: str | None = None) -> RetentionSettings:
+        over = dict(self._doc.get("policy") or {})
+        if tiers is not None:
+            parse_tiers(list(tiers), "tiers")
+            if not tiers:
+                raise UsageError("retention set: give at least one tier like 'all 48h'")
+            over["tiers"] = list(tiers)
+        if max_store_bytes is not None:
+            over["max_store_bytes"] = int(max_store_bytes)
+        if on_full is not None:
+            if on_full not in ("expire", "refuse"):
+                raise ConfigError(f"on_full: expected 'expire' or 'refuse', got {on_full!r}")
+            over["on_full"] = on_full
+        self._doc["policy"] = over
+        self._save()
+        self.check_cap()
+        return self.settings
+
+    def keep_marker(self, marker_id: int, until_ns: int) -> None:
+        self.vol.marker(marker_id)  # NotFound if unknown
+        self._doc["keep"][str(marker_id)] = until_ns
+        self._save()
+
+    def kept_until(self, marker_id: int) -> int | None:
+        v = self._doc["keep"].get(str(marker_id))
+        return None if v is None else int(v)
+
+    # ------------------------------------------------------------------ points
+
+    def plan(self, now_ns: int | None = None) -> tuple[set[int], int]:
+        """(retained points below keep_after, keep_after) the policy wants now."""
+        now = time.time_ns() if now_ns is None else now_ns
+        j = self.vol.journal
+        head = j.last_seq
+        if head == 0:
+            return set(), 0
+        pts, ka = policy_points(self.settings.tiers, now, j.seq_at_time, head)
+        for m in self.vol.markers:
+            until = self.kept_until(m.id)
+            if until is not None and (until < 0 or until > now):
+                pts.add(m.seq)
+        maps = self.vol.maps
+        pts = {p for p in pts if 0 < p < ka and maps.resolvable(p)}
+        return pts, ka
+
+    def resolvable(self, seq: int) -> bool:
+        return self.vol.maps.resolvable(seq)
+
+    def expired_error(self, seq: int, what: str | None = None) -> PointError:
+        """The PointError for an expired point, naming the nearest retained points."""
+        maps = self.vol.maps
+        ret = maps.retained
+        i = bisect_left(ret, seq)
+        before = ret[i - 1] if i else None
+        after = ret[i] if i < len(ret) else (maps.keep_after or None)
+        near = [f"@{p} ({_fmt(self.vol, p)})" for p in (before, after) if p]
+        name = what or f"@{seq}"
+        return PointError(
+            f"volume {self.vol.name}: {name} (@{seq}) was expired by retention "
+            f"(policy {', '.join(t.text for t in self.settings.tiers)}); nearest retained "
+            f"points: {' and '.join(near) if near else 'none'}"
+        )
+
+    def check_point(self, seq: int, what: str | None = None) -> int:
+        if not self.vol.maps.resolvable(seq):
+            raise self.expired_error(seq, what)
+        return seq
+
+    def tier_info(self, now_ns: int | None = None) -> list[dict[str, Any]]:
+        """Per tier: its age band, the oldest recoverable point in it, what expires next."""
+        now = time.time_ns() if now_ns is None else now_ns
+        j = self.vol.journal
+        maps = self.vol.maps
+        out = []
+        age = 0.0
+        ret = maps.retained
+        for t in self.settings.tiers:
+            lo_ns = now - int((age + t.span) * _NS)
+            hi_ns = now - int(age * _NS)
+            lo_seq = j.seq_at_time(lo_ns) + 1 if lo_ns > 0 else 1
+            hi_seq = j.seq_at_time(hi_ns)
+            oldest = None
+            if t.every == 0:
+                cand = max(lo_seq, maps.keep_after, 1)
+                if cand <= hi_seq:
+                    oldest = cand
+                else:
+                    k = bisect_left(ret, lo_seq)
+                    oldest = ret[k] if k < len(ret) and ret[k] <= hi_seq else None
+            else:
+                k = bisect_left(ret, lo_seq)
+                if k < len(ret) and ret[k] <= hi_seq:
+                    oldest = ret[k]
+                elif maps.keep_after and lo_seq <= maps.keep_after <= hi_seq:
+                    oldest = maps.keep_after
+            row: dict[str, Any] = {"tier": t.text, "keep": "all" if t.every == 0 else t.text.split()[0],
+                                   "from_age_s": age, "to_age_s": age + t.span,
+                                   "oldest_point": None, "oldest_time_ns": None,
+                                   "next_expiry_ns": None}
+            if oldest:
+                ts = j.time_of_seq(oldest)
+                row["oldest_point"] = f"@{oldest}"
+                row["oldest_time_ns"] = ts
+                row["next_expiry_ns"] = ts + int((age + t.span) * _NS)
+            out.append(row)
+            age += t.span
+        return out
+
+    # ------------------------------------------------------------------ store cap
+
+    def store_bytes(self) -> int:
+        return int(self.vol.journal.stats().file_bytes + self.vol.maps.stats()["disk_bytes"])
+
+    def check_cap(self) -> bool:
+        cap = self._cap = self.settings.max_store_bytes
+        was = self.over_cap
+        self.over_cap = bool(cap) and self.store_bytes() >= cap
+        if self.over_cap and not was:
+            s = self.settings
+            self.warning = (f"store cap reached: {self.store_bytes()} of {cap} bytes; "
+                            + ("refusing host writes (ENOSPC)" if s.on_full == "refuse"
+                               else "expiring the oldest history early"))
+            log.warning("volume %s: %s", self.vol.name, self.warning)
+        elif not self.over_cap and was:
+            log.warning("volume %s: store back under its cap", self.vol.name)
+        return self.over_cap
+
+    def note_write(self, nbytes: int) -> None:
+        """Write-path hook: StoreFull while over the cap in refuse mode. O(1) without a cap."""
+        if not self._cap:
+            return
+        self._written += nbytes
+        if self._written >= _CAP_CHECK_BYTES:
+            self._written = 0
+            self.check_cap()
+        if self.over_cap and self.settings.on_full == "refuse":
+            raise StoreFull(f"volume {self.vol.name}: store cap of "
+                            f"{self.settings.max_store_bytes} bytes reached (on_full = refuse)")
+
+    # ------------------------------------------------------------------ gc
+
+    def due(self) -> bool:
+        iv = self.settings.gc_interval
+        if self.running is not None and not self.running.done():
+            return False
+        if self.over_cap and self.settings.on_full == "expire":
+            return True
+        return bool(iv) and time.monotonic() - self._last_gc_mono >= iv
+
+    def tick(self) -> None:
+        """Called about once a second by cdpd: start a gc when one is due."""
+        if self.settings.max_store_bytes:
+            self.check_cap()
+        if self.due():
+            self._last_gc_mono = time.monotonic()
+            self.running = asyncio.get_running_loop().create_task(self._scheduled())
+
+    async def _scheduled(self) -> None:
+        try:
+            r = await self.gc()
+            if r["segments_compacted"] or r["expired_seqs"]:
+                log.info("volume %s: gc %s", self.vol.name, r)
+        except Exception:
+            log.exception("volume %s: gc failed", self.vol.name)
+
+    async def gc(self, progress: Progress | None = None, now_ns: int | None = None,
+                 rate: float | None = None) -> dict[str, Any]:
+        """Expire by policy, then compact; emergency rounds while over a cap in expire mode."""
+        r = await self._gc_once(progress, now_ns, rate)
+        s = self.settings
+        rounds = 0
+        while self.check_cap() and s.on_full == "expire" and rounds < 32:
+            cap = s.max_store_bytes
+            if self.store_bytes() < cap * 0.9:
+                break
+            if not self._expire_early(now_ns):
+                break
+            rounds += 1
+            r2 = await self._gc_once(progress, now_ns, rate, extra_ok=True)
+            for k in ("expired_seqs", "segments_compacted", "markers_expired", "dropped_bytes"):
+                r[k] += r2[k]
+            r["bytes_after"] = r2["bytes_after"]
+        r["emergency_rounds"] = rounds
+        r["over_cap"] = self.over_cap
+        if rounds:
+            self.warning = (f"store cap {s.max_store_bytes} bytes: expired the oldest history "
+                            f"early ({rounds} rounds)")
+            log.warning("volume %s: %s", self.vol.name, self.warning)
+        self.last_gc = r
+        return r
+
+    def _expire_early(self, now_ns: int | None) -> bool:
+        """Give up the oldest quarter of retained points, or move the all-cutoff forward.
+        Sets ``self._early`` for the next gc round; False if nothing is left to give."""
+        maps = self.vol.maps
+        ret = maps.retained
+        head = self.vol.journal.last_seq
+        early = self._early or (set(ret), maps.keep_after or head)
+        pts = sorted(early[0])
+        ka = early[1]
+        if pts:
+            pts = pts[max(1, len(pts) // 4):]
+        elif ka < head:
+            ka = ka + max(1, (head - ka) // 2)
+        else:
+            return False
+        self._early = (set(pts), ka)
+        return True
+
+    async def _gc_once(self, progress: Progress | None, now_ns: int | None,
+                       rate: float | None, extra_ok: bool = False) -> dict[str, Any]:
+        vol = self.vol
+        j = vol.journal
+        maps = vol.maps
+        t0 = time.perf_counter()
+        bytes_before = self.store_bytes()
+        vol.seal()
+        old_ka, old_ret = maps.keep_after, set(maps.retained)
+        pts, ka = self.plan(now_ns)
+        early = self._early
+        if extra_ok and early is not None:
+            epts, eka = early  # the emergency cut: a subset of what is retained now
+            ka = max(ka, eka)
+            pts = {p for p in epts if p < ka and maps.resolvable(p)}
+        self._early = None
+        was = {m.id for m in vol.markers if maps.resolvable(m.seq)}
+        res = maps.retain(sorted(pts), ka)
+        hi = res.keep_after
+        if old_ka == 0:
+            before = max(0, hi - 1)
+        else:
+            before = max(0, hi - old_ka) + sum(1 for p in old_ret if p < hi)
+        expired = max(0, before - sum(1 for p in res.retained if p < hi))
+        markers_expired = sum(1 for m in vol.markers
+                              if m.id in was and not maps.resolvable(m.seq))
+        # liveness per seq from the maps; compact sealed segments below the threshold
+        sealed_upto = maps.sealed_seq
+        segs = [s for s in j.segments() if s.sealed and s.records and s.last_seq <= sealed_upto]
+        live: dict[int, list[tuple[int, int]]] = {}
+        live_raw: dict[int, int] = {}
+        firsts = [s.first_seq for s in segs]
+        for c in maps.live_fragments():
+            for q, po, n in zip(c.seq.tolist(), c.poff.tolist(), (c.end - c.start).tolist(),
+                                strict=True):
+                i = bisect_right(firsts, q) - 1
+                if i < 0 or q > segs[i].last_seq:
+                    continue
+                live.setdefault(q, []).append((po, n))
+                live_raw[i] = live_raw.get(i, 0) + n
+        s = self.settings
+        todo = [sg for i, sg in enumerate(segs)
+                if sg.raw_bytes > 0 and live_raw.get(i, 0) / sg.raw_bytes < s.compact_below]
+        total = sum(sg.bytes for sg in todo)
+        done = 0
+        compacted = 0
+        loop = asyncio.get_running_loop()
+        budget = s.compact_rate if rate is None else rate
+        for sg in todo:
+            src = j.compact_source(sg.first_seq)
+            sub = {q: v for q, v in live.items() if sg.first_seq <= q <= sg.last_seq}
+            prep = await loop.run_in_executor(
+                None, functools.partial(build_compacted, src, sub, rate=budget))
+            if j.compact_commit(prep):
+                compacted += 1
+            done += sg.bytes
+            if progress is not None:
+                progress(done, total, "compact")
+        self.check_cap()
+        bytes_after = self.store_bytes()
+        self.expired_total += expired
+        self.reclaimed_total += max(0, bytes_before - bytes_after)
+        self._last_gc_mono = time.monotonic()
+        return {
+            "volume": vol.name,
+            "bytes_before": bytes_before,
+            "bytes_after": bytes_after,
+            "segments_compacted": compacted,
+            "segments_considered": len(segs),
+            "expired_seqs": expired,
+            "markers_expired": markers_expired,
+            "dropped_bytes": res.dropped_bytes,
+            "retained_points": len(res.retained),
+            "keep_after": res.keep_after,
+            "seconds": round(time.perf_counter() - t0, 3),
+        }
+
+    # ------------------------------------------------------------------ reporting
+
+    def show(self) -> dict[str, Any]:
+        s = self.settings
+        maps = self.vol.maps
+        return {
+            "volume": self.vol.name,
+            "tiers": [t.text for t in s.tiers],
+            "max_store_bytes": s.max_store_bytes,
+            "on_full": s.on_full,
+            "gc_interval_s": s.gc_interval,
+            "compact_below": s.compact_below,
+            "compact_rate": s.compact_rate,
+            "store_bytes": self.store_bytes(),
+            "over_cap": self.over_cap,
+            "warning": self.warning,
+            "keep_after": maps.keep_after,
+            "retained_points": len(maps.retained),
+            "kept_markers": {k: v for k, v in self._doc["keep"].items()},
+            "per_tier": self.tier_info(),
+            "last_gc": self.last_gc,
+            "source": "retention.json" if self._doc.get("policy") else "config",
+        }
+
+
+def _fmt(vol: Volume, seq: int) -> str:
+    try:
+        ns = vol.journal.time_of_seq(seq)
+    except Exception:
+        return "?"
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(ns / 1e9))
+
+
+# ---------------------------------------------------------------------------- operations
+# (registered in cdp.ops; "markers" and "status" replace the plain ones with versions
+# that also say what retention keeps)
+
+
+async def op_retention_show(store: Any, args: dict[str, Any], progress: Progress) -> Any:
+    return store.volume(args.get("volume")).retention.show()
+
+
+async def op_retention_set(store: Any, args: dict[str, Any], progress: Progress) -> Any:
+    from cdp.units import parse_size
+
+    vol = store.volume(args.get("volume"))
+    cap = args.get("max_store_bytes")
+    vol.retention.set_policy(
+        tiers=args.get("tiers") or None,
+        max_store_bytes=None if cap is None else parse_size(cap, "--max-store-bytes"),
+        on_full=args.get("on_full"),
+    )
+    return vol.retention.show()
+
+
+async def op_retention_keep(store: Any, args: dict[str, Any], progress: Progress) -> Any:
+    vol = store.volume(args.get("volume"))
+    name = str(args["marker"])
+    mid = int(name[6:]) if name.startswith("marker") and name[6:].isdigit() else None
+    if mid is None:
+        seq = vol.resolve_point(name)
+        mid = next(m.id for m in vol.markers if m.seq == seq)
+    until = parse_keep(str(args["keep"]), time.time_ns())
+    vol.retention.keep_marker(mid, until)
+    return {"volume": vol.name, "marker": f"marker{mid}", "keep_until_ns": until}
+
+
+async def op_gc(store: Any, args: dict[str, Any], progress: Progress) -> Any:
+    names = [args["volume"]] if args.get("volume") else sorted(store.volumes)
+    out = []
+    for n in names:
+        vol = store.volume(n)
+        rate = args.get("rate")
+        out.append(await vol.retention.gc(progress, rate=None if rate is None else float(rate)))
+    return out
+
+
+async def op_markers(store: Any, args: dict[str, Any], progress: Progress) -> Any:
+    vol = store.volume(args.get("volume"))
+    rows = []
+    for m in vol.markers:
+        until = vol.retention.kept_until(m.id)
+        d = dict(m.to_dict(), volume=vol.name)
+        d["expired"] = not vol.maps.resolvable(m.seq)
+        d["keep_until_ns"] = until
+        rows.append(d)
+    return rows
+
+
+async def op_status(store: Any, args: dict[str, Any], progress: Progress) -> Any:
+    names = args.get("volumes") or [None]
+    if names == [None] and len(store.volumes) > 1:
+        names = sorted(store.volumes)
+    out = []
+    for n in names:
+        vol = store.volume(n)
+        st = vol.status()
+        r = vol.retention
+        st["retention"] = {"tiers": [t.text for t in r.settings.tiers], "per_tier": r.tier_info(),
+                           "keep_after": vol.maps.keep_after, "over_cap": r.over_cap,
+                           "warning": r.warning, "store_bytes": r.store_bytes(),
+                           "max_store_bytes": r.settings.max_store_bytes}
+        out.append(st)
+    return out
+
+
+OPS: dict[str, Any] = {
+    "retention_show": op_retention_show,
+    "retention_set": op_retention_set,
+    "retention_keep": op_retention_keep,
+    "gc": op_gc,
+    "markers": op_markers,
+    "status": op_status,
+}
+OFFLINE = {"retention_show", "markers", "status"}
