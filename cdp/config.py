@@ -56,6 +56,16 @@ class Listener:
 
 
 @dataclass(frozen=True)
+class NbdTls:
+    """``[nbd] tls``: "off" (STARTTLS refused), "on" (offered), "require" (nothing but
+    STARTTLS and ABORT before TLS); ``tls_cert`` / ``tls_key``: PEM files."""
+
+    mode: str = "off"
+    cert: str = ""
+    key: str = ""
+
+
+@dataclass(frozen=True)
 class ChapSettings:
     user: str
     secret: str
@@ -183,6 +193,7 @@ class Settings:
     metrics: Listener = field(default_factory=lambda: Listener(True, "127.0.0.1", 9809))
     iscsi: IscsiSettings = field(default_factory=IscsiSettings)
     volumes: tuple[VolumeSpec, ...] = (VolumeSpec("vol0", 10 << 30),)
+    nbd_tls: NbdTls = field(default_factory=NbdTls)
     source: str = "built-in defaults"
     retention: RetentionSettings = field(default_factory=RetentionSettings)
 
@@ -357,8 +368,13 @@ def parse_config(data: dict[str, Any], source: str = "<config>") -> Settings:
     )
     r = _table(data.get("read", {}), "read", {"payload_cache_bytes": _size(0)})
     listeners = {}
+    nbd_raw = dict(data.get("nbd", {})) if isinstance(data.get("nbd", {}), dict) else data.get("nbd")
+    tls = _nbd_tls(nbd_raw)
     for name, default in (("nbd", d.nbd), ("metrics", d.metrics)):
-        t = _table(data.get(name, {}), name, {"enabled": _bool, "listen": _str})
+        raw = data.get(name, {})
+        if name == "nbd" and isinstance(raw, dict):
+            raw = {k: v for k, v in raw.items() if k not in ("tls", "tls_cert", "tls_key")}
+        t = _table(raw, name, {"enabled": _bool, "listen": _str})
         lst = default
         if "listen" in t:
             lst = _listener(t["listen"], f"{name}.listen", default.port, default.enabled)
@@ -411,7 +427,24 @@ def parse_config(data: dict[str, Any], source: str = "<config>") -> Settings:
         volumes=tuple(vols),
         source=source,
         retention=glob_ret,
+        nbd_tls=tls,
     )
+
+
+def _nbd_tls(raw: Any) -> NbdTls:
+    """The TLS keys of ``[nbd]``: a mode other than "off" needs both files, readable."""
+    if not isinstance(raw, dict):
+        return NbdTls()  # _table reports the bad section
+    schema = {"tls": _choice("off", "on", "require"), "tls_cert": _str, "tls_key": _str}
+    t = {k: schema[k](v, f"nbd.{k}") for k, v in raw.items() if k in schema}
+    tls = NbdTls(t.get("tls", "off"), t.get("tls_cert", ""), t.get("tls_key", ""))
+    if tls.mode != "off":
+        for key, path in (("tls_cert", tls.cert), ("tls_key", tls.key)):
+            if not path:
+                raise ConfigError(f"nbd.{key}: needed with tls = {tls.mode!r}")
+            if not os.access(path, os.R_OK):
+                raise ConfigError(f"nbd.{key}: cannot read {path!r}")
+    return tls
 
 
 def load_config(path: str | os.PathLike[str] | None = None) -> Settings:

@@ -95,7 +95,9 @@ class Daemon:
         try:
             await admin.start()
             if s.nbd.enabled:
-                nbd = await serve_nbd(StoreExports(store), s.nbd.host, s.nbd.port)
+                nbd = await serve_nbd(StoreExports(store), s.nbd.host, s.nbd.port,
+                                      tls=s.nbd_tls.mode, tls_cert=s.nbd_tls.cert,
+                                      tls_key=s.nbd_tls.key)
                 self.nbd_port = nbd.port
                 log.info("NBD on %s:%d", s.nbd.host, nbd.port)
             if s.iscsi.enabled:

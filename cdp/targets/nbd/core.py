@@ -33,7 +33,12 @@ Decisions where the spec leaves room (see also docs in the tests):
 - Requests of length 0 (other than FLUSH) -> EINVAL, as nbdkit does.
 - Past the end: WRITE / WRITE_ZEROES -> ENOSPC (the spec's SHOULD), others -> EINVAL.
 - Options larger than 64 KiB -> the data is skipped, NBD_REP_ERR_TOO_BIG.
-- NBD_OPT_STARTTLS -> NBD_REP_ERR_POLICY (no TLS configured).
+- NBD_OPT_STARTTLS: with ``tls="off"`` -> NBD_REP_ERR_POLICY. With "on"/"require" ->
+  NBD_REP_ACK and a :class:`StartTls` event: the caller sends the ACK, upgrades the
+  transport and calls :meth:`ServerConnection.tls_started`. Plaintext bytes already
+  sent after STARTTLS are a protocol error; STARTTLS under TLS -> NBD_REP_ERR_INVALID.
+  With "require", every option but STARTTLS and ABORT before TLS gets
+  NBD_REP_ERR_TLS_REQD (NBD_OPT_EXPORT_NAME, which has no error reply, closes).
 - Successful non-READ replies are simple replies even with structured replies
   negotiated (the spec allows it); errors then use an NBD_REPLY_TYPE_ERROR chunk with
   a message. READ data goes in one NBD_REPLY_TYPE_OFFSET_DATA chunk flagged DONE, so
@@ -111,6 +116,7 @@ class Input(Enum):
     EXPORT_NAME_OK = auto()
     EXPORT_NAME_REFUSED = auto()
     ABORT = auto()
+    STARTTLS = auto()  # STARTTLS acknowledged: the transport is upgraded in place
     REQUEST = auto()
     DISC = auto()
     EOF = auto()
@@ -125,6 +131,7 @@ TRANSITIONS: Final[dict[tuple[State, Input], State]] = {
     (State.OPTIONS, Input.EXPORT_NAME_OK): State.TRANSMISSION,
     (State.OPTIONS, Input.EXPORT_NAME_REFUSED): State.CLOSED,
     (State.OPTIONS, Input.ABORT): State.CLOSED,
+    (State.OPTIONS, Input.STARTTLS): State.OPTIONS,
     (State.OPTIONS, Input.EOF): State.CLOSED,
     # REQUEST keeps TRANSMISSION; the hot path relies on this row without a lookup
     (State.TRANSMISSION, Input.REQUEST): State.TRANSMISSION,
@@ -181,6 +188,16 @@ class Closed:
         return f"Closed({self.reason!r}, {self.message!r})"
 
 
+class StartTls:
+    """STARTTLS was acknowledged: send pending output, then start the TLS handshake on
+    the transport, then call :meth:`ServerConnection.tls_started`."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "StartTls()"
+
+
 class Request:
     """A validated transmission request. ``cmd`` and ``flags`` are plain ints
     (compare with :class:`Cmd` / :class:`CmdFlag`); ``data`` is the WRITE payload."""
@@ -204,7 +221,7 @@ class Request:
         )
 
 
-Event = Request | Ready | Closed | _NeedData
+Event = Request | Ready | Closed | StartTls | _NeedData
 BytesLike = bytes | bytearray | memoryview
 
 
@@ -290,8 +307,12 @@ _KNOWN_CLIENT_FLAGS: Final = int(ClientFlag.C_FIXED_NEWSTYLE | ClientFlag.C_NO_Z
 class ServerConnection:
     """One NBD client connection, server side, without I/O."""
 
-    def __init__(self, provider: ExportProvider) -> None:
+    def __init__(self, provider: ExportProvider, tls: str = "off") -> None:
         self.provider = provider
+        if tls not in ("off", "on", "require"):
+            raise ValueError(f"tls must be off, on or require, not {tls!r}")
+        self.tls = tls
+        self.tls_active = False
         self.state = State.CLIENT_FLAGS
         self.device: BlockDevice | None = None
         self.export_name: str | None = None
@@ -496,12 +517,25 @@ class ServerConnection:
 
     def _option(self, opt: int, data: bytes) -> Event | None:
         """Handle one option; return an event when the handshake ends."""
-        if opt == Opt.EXPORT_NAME:
-            return self._export_name(data)
         if opt == Opt.ABORT:
             self._option_reply(opt, Rep.ACK)
             self._transition(Input.ABORT)
             return Closed("abort")
+        if self.tls == "require" and not self.tls_active and opt != Opt.STARTTLS:
+            if opt == Opt.EXPORT_NAME:
+                self._transition(Input.EXPORT_NAME_REFUSED)
+                return Closed("refused", "TLS is required (NBD_OPT_STARTTLS first)")
+            self._option_reply(opt, Rep.ERR_TLS_REQD, b"TLS is required")
+            self._transition(Input.OPTION)
+            return None
+        if opt == Opt.EXPORT_NAME:
+            return self._export_name(data)
+        if opt == Opt.STARTTLS and self.tls != "off" and not self.tls_active and not data:
+            if len(self._buf) > self._pos:
+                self._fail("plaintext data after NBD_OPT_STARTTLS")
+            self._option_reply(opt, Rep.ACK)
+            self._transition(Input.STARTTLS)
+            return StartTls()
         try:
             if opt == Opt.GO or opt == Opt.INFO:
                 return self._info_or_go(opt, data)
@@ -524,6 +558,8 @@ class ServerConnection:
             elif opt == Opt.STARTTLS:
                 if data:
                     raise _BadOption("NBD_OPT_STARTTLS takes no data")
+                if self.tls_active:
+                    raise _BadOption("TLS is already active")
                 self._option_reply(opt, Rep.ERR_POLICY, b"TLS is not configured")
             else:
                 self._option_reply(opt, Rep.ERR_UNSUP, b"option not supported")
@@ -536,6 +572,10 @@ class ServerConnection:
             self._option_reply(opt, Rep.ERR_INVALID, b"internal error")
         self._transition(Input.OPTION)
         return None
+
+    def tls_started(self) -> None:
+        """The transport now runs TLS (after a :class:`StartTls` event)."""
+        self.tls_active = True
 
     def _open(self, opt: int, name: str) -> BlockDevice | None:
         """Open an export, or answer NBD_REP_ERR_UNKNOWN and return None."""

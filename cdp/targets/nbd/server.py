@@ -25,13 +25,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 from collections.abc import Awaitable, Callable
 from typing import Any, cast
 
 from cdp.errors import ProtocolError
 from cdp.targets.blockdev import BlockDevice, ExportProvider
 from cdp.targets.errors import nbd_errno
-from cdp.targets.nbd.core import NEED_DATA, Closed, Ready, Request, ServerConnection
+from cdp.targets.nbd.core import NEED_DATA, Closed, Ready, Request, ServerConnection, StartTls
 from cdp.targets.nbd.proto import Cmd, CmdFlag, NbdErrno
 
 log = logging.getLogger("cdp.nbd")
@@ -63,7 +64,7 @@ class _NbdProtocol(asyncio.Protocol):
 
     def __init__(self, server: NbdServer) -> None:
         self.server = server
-        self.conn = ServerConnection(server.provider)
+        self.conn = ServerConnection(server.provider, server.tls)
         self.transport: asyncio.Transport | None = None
         self.device: BlockDevice | None = None
         self.contexts: list[tuple[int, str]] = []
@@ -143,12 +144,44 @@ class _NbdProtocol(asyncio.Protocol):
                     self._ready(ev)
                 elif type(ev) is Closed:
                     self._closed(ev)
+                elif type(ev) is StartTls:
+                    self._flush()  # the ACK goes out in plaintext
+                    self._start_tls()
+                    return
         except ProtocolError as exc:
             self._violation(exc)
             return
         self._flush()
         if self.closing and self.inflight == 0:
             self._close_transport()
+
+    def _start_tls(self) -> None:
+        """Upgrade the transport in place (NBD_OPT_STARTTLS); reading resumes under TLS."""
+        assert self.transport is not None and self.server.ssl_context is not None
+        self.read_paused = True
+        self.server._tls_tasks.add(asyncio.get_running_loop().create_task(self._upgrade()))
+
+    async def _upgrade(self) -> None:
+        assert self.transport is not None and self.server.ssl_context is not None
+        try:
+            t = await asyncio.get_running_loop().start_tls(
+                self.transport, self, self.server.ssl_context, server_side=True,
+                ssl_handshake_timeout=30)
+        except (TimeoutError, OSError, ssl.SSLError, ConnectionError) as exc:
+            log.warning("%s: TLS handshake failed: %s", self.peer, exc)
+            if self.transport is not None:
+                self.transport.abort()
+            return
+        finally:
+            self.server._tls_tasks.discard(asyncio.current_task())
+        if t is None:  # the peer went away during the handshake
+            return
+        self.transport = t
+        self.transport.set_write_buffer_limits(high=self.server.write_high)
+        self.conn.tls_started()
+        self.read_paused = False
+        log.info("%s: TLS established", self.peer)
+        self._pump()
 
     def _ready(self, ev: Ready) -> None:
         self.device = ev.device
@@ -325,8 +358,12 @@ class _NbdProtocol(asyncio.Protocol):
 class NbdServer:
     """A listening NBD server; see :func:`serve_nbd`."""
 
-    def __init__(self, provider: ExportProvider, max_inflight: int, write_high: int) -> None:
+    def __init__(self, provider: ExportProvider, max_inflight: int, write_high: int,
+                 tls: str = "off", ssl_context: ssl.SSLContext | None = None) -> None:
         self.provider = provider
+        self.tls = tls if ssl_context is not None else "off"
+        self.ssl_context = ssl_context
+        self._tls_tasks: set[asyncio.Task[None]] = set()
         self.max_inflight = max_inflight
         self.write_high = write_high
         self._server: asyncio.Server | None = None
@@ -380,9 +417,18 @@ async def serve_nbd(
     *,
     max_inflight: int = 128,
     write_high: int = 8 << 20,
+    tls: str = "off",
+    tls_cert: str = "",
+    tls_key: str = "",
 ) -> NbdServer:
-    """Listen for NBD clients on ``host:port`` (0: any free port, see ``.port``)."""
-    server = NbdServer(provider, max_inflight, write_high)
+    """Listen for NBD clients on ``host:port`` (0: any free port, see ``.port``).
+    ``tls`` "on"/"require" with a PEM ``tls_cert`` and ``tls_key``: NBD_OPT_STARTTLS."""
+    ctx = None
+    if tls != "off":
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        ctx.load_cert_chain(tls_cert, tls_key)
+    server = NbdServer(provider, max_inflight, write_high, tls, ctx)
     factory: Callable[[], _NbdProtocol] = server._factory
     loop = asyncio.get_running_loop()
     server._server = await loop.create_server(factory, host, port, reuse_address=True)
