@@ -132,6 +132,10 @@ class AdminClient:
         except (FileNotFoundError, ConnectionRefusedError) as e:
             s.close()
             raise DaemonUnavailable(f"cdpd is not running on this store ({path}: {e.strerror})") from None
+        except PermissionError:
+            s.close()
+            raise DaemonUnavailable(
+                f"{path}: permission denied (only the store's owner may drive cdpd)") from None
         self._sock = s
         self._file = s.makefile("rb")
 
@@ -139,9 +143,15 @@ class AdminClient:
         self, op: str, args: dict[str, Any], progress: Callable[[int, int, str], None] | None = None
     ) -> Any:
         """Run *op* in the daemon; re-raises the daemon's error as the same CdpError class."""
-        self._sock.sendall(_line({"op": op, "args": args}))
+        try:
+            self._sock.sendall(_line({"op": op, "args": args}))
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the daemon refused us before reading: its reason is waiting below
         while True:
-            raw = self._file.readline()
+            try:
+                raw = self._file.readline()
+            except ConnectionResetError:
+                raw = b""
             if not raw:
                 raise DaemonUnavailable("cdpd closed the admin connection")
             msg = json.loads(raw)
@@ -164,6 +174,8 @@ def remote_error(err: dict[str, Any]) -> CdpError:
     import cdp.errors as errors
 
     cls = getattr(errors, str(err.get("type")), None)
+    if err.get("type") == "PermissionError":  # refused peer (SO_PEERCRED)
+        cls = DaemonUnavailable
     if not (isinstance(cls, type) and issubclass(cls, CdpError)):
         cls = CdpError
     e = cls(err.get("message", "unknown error"))

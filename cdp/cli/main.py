@@ -69,6 +69,10 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return 0
+    except PermissionError as e:  # another user's store: one line, not a traceback
+        print(f"cdpctl: {e.filename or 'store'}: permission denied (run as the store's owner)",
+              file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
