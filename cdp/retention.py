@@ -343,7 +343,7 @@ class Retention:
         maps = self.vol.maps
         ret = maps.retained
         head = self.vol.journal.last_seq
-        early = self._early or (set(ret), maps.keep_after or head)
+        early = self._early or (set(ret), maps.keep_after)
         pts = sorted(early[0])
         ka = early[1]
         if pts:

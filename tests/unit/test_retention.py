@@ -1,0 +1,184 @@
+"""Retention on a real volume in real time (a policy in seconds): after gc every
+retained point reads back byte-identical to a model replay, expired points are refused
+with PointError naming the nearest retained points, the journal shrinks to at most 1.2x
+the bytes the retained points need; kept markers survive; store cap in both modes."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from cdp.config import JournalSettings, MapSettings, RetentionSettings, Settings, parse_config
+from cdp.errors import ConfigError, PointError, StoreFull
+from cdp.journal import verify_journal
+from cdp.retention import policy_points
+from cdp.volume import Volume
+
+SIZE = 1 << 20
+BS = 4096
+
+
+def settings(tmp: Path, tiers: list[str], **kw: object) -> Settings:
+    from cdp.config import parse_tiers
+
+    return replace(
+        Settings(),
+        store=tmp / "store",
+        journal=replace(JournalSettings(), segment_bytes=256 << 10),
+        maps=replace(MapSettings(), l0_max_writes=32, fanout=4, full_every=4),
+        retention=replace(RetentionSettings(), tiers=parse_tiers(tiers, "t"), compact_below=0.9,
+                          compact_rate=0, **kw),  # type: ignore[arg-type]
+    )
+
+
+async def _writes(vol: Volume, rng: random.Random, model: bytearray, seconds: float,
+                  states: dict[int, bytes]) -> None:
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        for _ in range(8):
+            off = rng.randrange(0, SIZE // BS // 4) * BS  # a small hot region: overwrites
+            data = rng.randbytes(BS)
+            r = vol.write(off, data)
+            if r is not None:
+                await r
+            model[off : off + BS] = data
+            states[vol.head_seq] = bytes(model)
+        await asyncio.sleep(0.05)
+
+
+def _needed(vol: Volume) -> int:
+    return sum(int((c.end - c.start).sum()) for c in vol.maps.live_fragments())
+
+
+def test_gc_real_time_policy(tmp_path: Path) -> None:
+    async def main() -> None:
+        s = settings(tmp_path, ["all 2s", "1s 4s"])
+        vol = Volume.create(tmp_path / "v", "v", SIZE, s)
+        rng = random.Random(5)
+        model = bytearray(SIZE)
+        states: dict[int, bytes] = {0: bytes(SIZE)}
+        await _writes(vol, rng, model, 2.5, states)
+        m_keep = await vol.snapshot("keepme")
+        states[m_keep.seq] = bytes(model)
+        vol.retention.keep_marker(m_keep.id, -1)
+        m_fade = await vol.snapshot("")
+        states[m_fade.seq] = bytes(model)
+        await _writes(vol, rng, model, 5.0, states)
+        await vol.flush()
+        before = vol.journal.stats().file_bytes
+        r = await vol.retention.gc()
+        assert r["expired_seqs"] > 0 and r["segments_compacted"] > 0
+        after = vol.journal.stats().file_bytes
+        assert after < before
+        assert r["bytes_after"] < r["bytes_before"]
+        need = _needed(vol)
+        ratio = after / need
+        print(f"journal {before} -> {after} bytes; retained points need {need}; ratio {ratio:.3f}")
+        assert ratio <= 1.2
+        retained = set(vol.maps.retained)
+        ka = vol.maps.keep_after
+        assert m_keep.seq in retained
+        checked = expired = 0
+        for seq, want in states.items():
+            if seq == 0 or seq in retained or seq >= ka:
+                got = vol.read(0, SIZE, seq)
+                assert got == want, seq
+                assert vol.resolve_point(f"@{seq}") == seq
+                checked += 1
+            else:
+                expired += 1
+                with pytest.raises(PointError, match="expired by retention.*nearest retained"):
+                    vol.resolve_point(f"@{seq}")
+                with pytest.raises(PointError):
+                    vol.read(0, BS, seq)
+        assert checked > 10 and expired > 10
+        assert vol.resolve_point("keepme") == m_keep.seq
+        with pytest.raises(PointError):
+            vol.resolve_point(m_fade.name)  # unlabelled markers fade with their tier
+        vol.close()
+        assert verify_journal(tmp_path / "v" / "journal").ok
+        vol = Volume.open(tmp_path / "v", s)
+        for seq in sorted(retained)[:5] + [ka, vol.head_seq]:
+            assert vol.read(0, SIZE, seq) == states.get(seq, states[max(k for k in states if k <= seq)])
+        vol.close()
+
+    asyncio.run(main())
+
+
+def test_policy_points_bands() -> None:
+    from cdp.config import parse_tiers
+
+    ns = 1_000_000_000
+    now = 1000 * ns
+    # one write per second: seq k at time k seconds
+    def at(t: int) -> int:
+        return max(0, min(1000, t // ns))
+
+    pts, ka = policy_points(parse_tiers(["all 10s", "10s 100s"], "t"), now, at, 1000)
+    assert ka == 990
+    # the last point of each 10 s interval between ages 10 s and 110 s
+    assert sorted(pts) == [b - 1 for b in range(900, 1000, 10)]
+    pts, ka = policy_points(parse_tiers(["1m 1h"], "t"), now, at, 1000)
+    assert ka == 1000 and 959 in pts
+
+
+def test_config_validation() -> None:
+    s = parse_config({"retention": {"tiers": ["all 20s", "10s 60s"], "on_full": "refuse",
+                                    "max_store_bytes": "1GiB", "compact_below": 0.5},
+                      "volume": [{"name": "a", "size": "1MiB",
+                                  "retention": {"tiers": ["all 1h"]}},
+                                 {"name": "b", "size": "1MiB"}]})
+    assert s.retention_for("b").on_full == "refuse"
+    assert [t.text for t in s.retention_for("a").tiers] == ["all 1h"]
+    assert s.retention_for("a").max_store_bytes == 1 << 30
+    for bad, msg in [
+        ({"tiers": ["1h 2d", "all 48h"]}, "only be the first"),
+        ({"tiers": ["1d 2d", "1h 48h"]}, "finer"),
+        ({"tiers": ["often 2d"]}, "duration"),
+        ({"tiers": "all 48h"}, "list"),
+        ({"on_full": "panic"}, "on_full"),
+        ({"compact_below": 2}, "compact_below"),
+        ({"bogus": 1}, "unknown key"),
+    ]:
+        with pytest.raises(ConfigError, match=msg):
+            parse_config({"retention": bad})
+
+
+def test_store_cap_refuse_and_expire(tmp_path: Path) -> None:
+    async def main() -> None:
+        s = settings(tmp_path, ["all 1s", "1s 2s"], max_store_bytes=2 << 20, on_full="refuse")
+        vol = Volume.create(tmp_path / "r", "r", SIZE, s)
+        rng = random.Random(1)
+        with pytest.raises(StoreFull):
+            for i in range(2000):
+                vol.write((i % 64) * BS, rng.randbytes(BS))
+        assert vol.retention.over_cap
+        await vol.flush()
+        n = vol.head_seq
+        # the refused write was not journalled; the others read back
+        assert vol.read(0, BS) is not None and vol.head_seq == n
+        vol.close()
+
+        s = settings(tmp_path, ["all 1s", "1s 2s"], max_store_bytes=2 << 20, on_full="expire")
+        vol = Volume.create(tmp_path / "e", "e", SIZE, s)
+        model = bytearray(SIZE)
+        for i in range(1500):
+            d = rng.randbytes(BS)
+            off = (i % 64) * BS
+            vol.write(off, d)  # never refused
+            model[off : off + BS] = d
+        await vol.flush()
+        assert vol.retention.check_cap()
+        r = await vol.retention.gc()
+        assert r["emergency_rounds"] >= 1
+        assert vol.retention.warning and "cap" in vol.retention.warning
+        assert vol.retention.store_bytes() < 2 << 20
+        assert vol.read(0, SIZE) == bytes(model)  # the head is never expired
+        vol.close()
+
+    asyncio.run(main())
