@@ -92,7 +92,7 @@ def test_gc_real_time_policy(tmp_path: Path) -> None:
                 checked += 1
             else:
                 expired += 1
-                with pytest.raises(PointError, match="expired by retention.*nearest retained"):
+                with pytest.raises(PointError, match=r"expired by retention.*nearest retained"):
                     vol.resolve_point(f"@{seq}")
                 with pytest.raises(PointError):
                     vol.read(0, BS, seq)
@@ -103,7 +103,7 @@ def test_gc_real_time_policy(tmp_path: Path) -> None:
         vol.close()
         assert verify_journal(tmp_path / "v" / "journal").ok
         vol = Volume.open(tmp_path / "v", s)
-        for seq in sorted(retained)[:5] + [ka, vol.head_seq]:
+        for seq in [*sorted(retained)[:5], ka, vol.head_seq]:
             assert vol.read(0, SIZE, seq) == states.get(seq, states[max(k for k in states if k <= seq)])
         vol.close()
 
