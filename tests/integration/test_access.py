@@ -12,6 +12,7 @@ import stat
 import struct
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -35,10 +36,24 @@ def _open_up(path: Path) -> None:
         os.chmod(p, mode | stat.S_IXOTH | stat.S_IROTH)
 
 
-def test_admin_socket_is_owner_only(cdpd: Cdpd) -> None:
+@pytest.fixture
+def open_cdpd() -> Iterator[Cdpd]:
+    """A cdpd in a directory every user may traverse (pytest's tmp dirs are 0700)."""
+    d = Path(tempfile.mkdtemp(prefix="cdp-access-", dir="/tmp"))
+    os.chmod(d, 0o755)
+    c = Cdpd(d).start()
+    try:
+        yield c
+    finally:
+        c.stop()
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def test_admin_socket_is_owner_only(open_cdpd: Cdpd) -> None:
     require_tool("setpriv")
     if os.geteuid() != 0:
         pytest.skip("needs root to run cdpctl as another user")
+    cdpd = open_cdpd
     sock = cdpd.store / "cdpd.sock"
     assert stat.S_IMODE(sock.stat().st_mode) == 0o600
     _open_up(cdpd.store)
@@ -179,11 +194,11 @@ def test_tls_on_serves_both(tmp_path: Path, certs: Path) -> None:
 
 
 def test_tls_config_is_validated(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="nbd.tls"):
+    with pytest.raises(ConfigError, match=r"nbd\.tls"):
         parse_config({"nbd": {"tls": "maybe"}})
-    with pytest.raises(ConfigError, match="nbd.tls_cert"):
+    with pytest.raises(ConfigError, match=r"nbd\.tls_cert"):
         parse_config({"nbd": {"tls": "require"}})
-    with pytest.raises(ConfigError, match="nbd.tls_key"):
+    with pytest.raises(ConfigError, match=r"nbd\.tls_key"):
         parse_config({"nbd": {"tls": "on", "tls_cert": __file__, "tls_key": str(tmp_path / "none.pem")}})
     s = parse_config({"nbd": {"tls": "on", "tls_cert": __file__, "tls_key": __file__, "listen": "127.0.0.1:1"}})
     assert s.nbd_tls.mode == "on" and s.nbd.port == 1
