@@ -33,10 +33,12 @@ import functools
 import json
 import logging
 import time
-from bisect import bisect_left, bisect_right
+from bisect import bisect_left
 from collections.abc import Callable
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 from cdp.config import RetentionSettings, Tier, parse_tiers
 from cdp.errors import ConfigError, Corruption, PointError, StoreFull, UsageError
@@ -384,28 +386,42 @@ class Retention:
         # liveness per seq from the maps; compact sealed segments below the threshold
         sealed_upto = maps.sealed_seq
         segs = [s for s in j.segments() if s.sealed and s.records and s.last_seq <= sealed_upto]
-        live: dict[int, list[tuple[int, int]]] = {}
-        live_raw: dict[int, int] = {}
-        firsts = [s.first_seq for s in segs]
-        for c in maps.live_fragments():
-            for q, po, n in zip(c.seq.tolist(), c.poff.tolist(), (c.end - c.start).tolist(),
-                                strict=True):
-                i = bisect_right(firsts, q) - 1
-                if i < 0 or q > segs[i].last_seq:
-                    continue
-                live.setdefault(q, []).append((po, n))
-                live_raw[i] = live_raw.get(i, 0) + n
+        firsts = np.array([sg.first_seq for sg in segs], np.int64)
+        lasts = np.array([sg.last_seq for sg in segs], np.int64)
+        parts = []
+        for c in maps.live_fragments():  # vectorised: no Python object per fragment
+            parts.append((c.seq, c.poff, c.end - c.start))
+            await asyncio.sleep(0)
+        if parts and len(segs):
+            q = np.concatenate([p[0] for p in parts])
+            po = np.concatenate([p[1] for p in parts])
+            ln = np.concatenate([p[2] for p in parts])
+            si = np.searchsorted(firsts, q, side="right") - 1
+            ok = (si >= 0) & (q <= lasts[np.maximum(si, 0)])
+            q, po, ln, si = q[ok], po[ok], ln[ok], si[ok]
+            live_raw: Any = np.bincount(si, weights=ln, minlength=len(segs))
+        else:
+            q = po = ln = si = np.empty(0, np.int64)
+            live_raw = np.zeros(len(segs))
         s = self.settings
         todo = [sg for i, sg in enumerate(segs)
-                if sg.raw_bytes > 0 and live_raw.get(i, 0) / sg.raw_bytes < s.compact_below]
+                if sg.raw_bytes > 0 and live_raw[i] / sg.raw_bytes < s.compact_below]
         total = sum(sg.bytes for sg in todo)
         done = 0
         compacted = 0
         loop = asyncio.get_running_loop()
         budget = s.compact_rate if rate is None else rate
+        order = np.argsort(q, kind="stable")
+        q, po, ln = q[order], po[order], ln[order]
         for sg in todo:
             src = j.compact_source(sg.first_seq)
-            sub = {q: v for q, v in live.items() if sg.first_seq <= q <= sg.last_seq}
+            a = int(np.searchsorted(q, sg.first_seq, side="left"))
+            b = int(np.searchsorted(q, sg.last_seq, side="right"))
+            sub: dict[int, list[tuple[int, int]]] = {}
+            for qq, pp, nn in zip(q[a:b].tolist(), po[a:b].tolist(), ln[a:b].tolist(),
+                                  strict=True):
+                sub.setdefault(qq, []).append((pp, nn))
+            await asyncio.sleep(0)
             prep = await loop.run_in_executor(
                 None, functools.partial(build_compacted, src, sub, rate=budget))
             if j.compact_commit(prep):

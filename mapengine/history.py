@@ -868,8 +868,9 @@ class MapHistory:
         nxt = self._rewinds[ei + 1] if not last_epoch else self._last_seq + 1
         end = ep.his[k_cut - 1]
         bounds = sorted(p for p in need if ep.rewind_seq < p <= end)
-        # points at or after ka in this epoch build on the state at ``end``
-        if ka < nxt and (not bounds or bounds[-1] != end):
+        # points at or after ka in this epoch, and retained points after the last window
+        # (records that change no data), build on the state at ``end``
+        if (ka < nxt or any(end < p < nxt for p in need)) and (not bounds or bounds[-1] != end):
             bounds.append(end)
         cols = Columns.concat([r.load().cols for r in ep.windows[:k_cut]])
         lo = ep.rewind_seq

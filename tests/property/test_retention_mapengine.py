@@ -75,7 +75,7 @@ def _refs(state: list[tuple[int, int, int]]) -> set[tuple[int, int]]:
     return {(q, po) for q, lc, po in state if lc >= 0}
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     ops=st.lists(op, min_size=1, max_size=70),
     picks=st.lists(st.integers(0, 10_000), max_size=12),
