@@ -19,8 +19,14 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+from cdp.backup.ops import OFFLINE as BACKUP_OFFLINE
+from cdp.backup.ops import OPS as BACKUP_OPS
+from cdp.catalog.ops import OPS as CATALOG_OPS
 from cdp.errors import CdpError, NotFound, UsageError
 from cdp.journal import verify_journal
+from cdp.retention import OFFLINE as RETENTION_OFFLINE
+from cdp.retention import OPS as RETENTION_OPS
+from cdp.retention import marker_fields, status_fields
 from cdp.store import Store
 from cdp.units import parse_size
 from cdp.volume import Volume
@@ -165,12 +171,18 @@ async def status(store: Store, args: dict[str, Any], progress: Progress) -> Any:
     names = args.get("volumes") or [None]
     if names == [None] and len(store.volumes) > 1:
         names = sorted(store.volumes)
-    return [store.volume(n).status() for n in names]
+    out = []
+    for n in names:
+        vol = store.volume(n)
+        st = vol.status()
+        st["retention"] = status_fields(vol)
+        out.append(st)
+    return out
 
 
 async def markers(store: Store, args: dict[str, Any], progress: Progress) -> Any:
     vol = store.volume(args.get("volume"))
-    return [dict(m.to_dict(), volume=vol.name) for m in vol.markers]
+    return [dict(m.to_dict(), volume=vol.name, **marker_fields(vol, m.id, m.seq)) for m in vol.markers]
 
 
 # ---------------------------------------------------------------------------- markers
@@ -329,6 +341,9 @@ def _as_dict(p: Any) -> dict[str, Any]:
 
 
 OPS: dict[str, Callable[[Store, dict[str, Any], Progress], Awaitable[Any]]] = {
+    **CATALOG_OPS,
+    **BACKUP_OPS,
+    **RETENTION_OPS,
     "volume_list": volume_list,
     "volume_create": volume_create,
     "status": status,
@@ -342,7 +357,10 @@ OPS: dict[str, Callable[[Store, dict[str, Any], Progress], Awaitable[Any]]] = {
 }
 
 #: operations cdpctl may run on a stopped store (they only read)
-OFFLINE_OPS = {"volume_list", "status", "markers", "image", "verify"}
+OFFLINE_OPS = {
+    "volume_list", "status", "markers", "image", "verify",
+    *CATALOG_OPS, *BACKUP_OFFLINE, *RETENTION_OFFLINE,
+}
 
 
 async def run_op(store: Store, op: str, args: dict[str, Any], progress: Progress | None = None) -> Any:
@@ -353,6 +371,3 @@ async def run_op(store: Store, op: str, args: dict[str, Any], progress: Progress
 
 
 __all__ = ["OFFLINE_OPS", "OPS", "CdpError", "run_op"]
-from cdp.catalog.ops import OPS as _CATALOG_OPS; OPS.update(_CATALOG_OPS); OFFLINE_OPS.update(_CATALOG_OPS)  # noqa: E402, E702, I001 -- file catalog ops
-from cdp.backup.ops import OFFLINE as _BACKUP_OFFLINE, OPS as _BACKUP_OPS; OPS.update(_BACKUP_OPS); OFFLINE_OPS.update(_BACKUP_OFFLINE)  # noqa: E402, E702, I001 -- changed / export
-from cdp.retention import OFFLINE as _RET_OFFLINE, OPS as _RET_OPS; OPS.update(_RET_OPS); OFFLINE_OPS.update(_RET_OFFLINE)  # noqa: E402, E702, I001 -- retention, gc; markers/status with retention

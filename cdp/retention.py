@@ -525,33 +525,22 @@ async def op_gc(store: Any, args: dict[str, Any], progress: Progress) -> Any:
     return out
 
 
-async def op_markers(store: Any, args: dict[str, Any], progress: Progress) -> Any:
-    vol = store.volume(args.get("volume"))
-    rows = []
-    for m in vol.markers:
-        until = vol.retention.kept_until(m.id)
-        d = dict(m.to_dict(), volume=vol.name)
-        d["expired"] = not vol.maps.resolvable(m.seq)
-        d["keep_until_ns"] = until
-        rows.append(d)
-    return rows
+def marker_fields(vol: Any, marker_id: int, seq: int) -> dict[str, Any]:
+    """What retention says about one marker: expired, kept until (ns, or None)."""
+    return {
+        "expired": not vol.maps.resolvable(seq),
+        "keep_until_ns": vol.retention.kept_until(marker_id),
+    }
 
 
-async def op_status(store: Any, args: dict[str, Any], progress: Progress) -> Any:
-    names = args.get("volumes") or [None]
-    if names == [None] and len(store.volumes) > 1:
-        names = sorted(store.volumes)
-    out = []
-    for n in names:
-        vol = store.volume(n)
-        st = vol.status()
-        r = vol.retention
-        st["retention"] = {"tiers": [t.text for t in r.settings.tiers], "per_tier": r.tier_info(),
-                           "keep_after": vol.maps.keep_after, "over_cap": r.over_cap,
-                           "warning": r.warning, "store_bytes": r.store_bytes(),
-                           "max_store_bytes": r.settings.max_store_bytes}
-        out.append(st)
-    return out
+def status_fields(vol: Any) -> dict[str, Any]:
+    """The retention part of ``cdpctl status``: tiers with their oldest point and next
+    expiry, the all-tier cutoff, the store cap."""
+    r = vol.retention
+    return {"tiers": [t.text for t in r.settings.tiers], "per_tier": r.tier_info(),
+            "keep_after": vol.maps.keep_after, "over_cap": r.over_cap,
+            "warning": r.warning, "store_bytes": r.store_bytes(),
+            "max_store_bytes": r.settings.max_store_bytes}
 
 
 OPS: dict[str, Any] = {
@@ -559,7 +548,5 @@ OPS: dict[str, Any] = {
     "retention_set": op_retention_set,
     "retention_keep": op_retention_keep,
     "gc": op_gc,
-    "markers": op_markers,
-    "status": op_status,
 }
-OFFLINE = {"retention_show", "markers", "status"}
+OFFLINE = {"retention_show"}
