@@ -82,6 +82,11 @@ __all__ = ["MapHistory", "MergePolicy", "RetainResult"]
 
 END_OF_VOLUME = 1 << 62  #: ``end=None`` in :meth:`MapHistory.changed` means this.
 _BIG = 64  # candidate·gap count above which painting switches to the vectorised path
+# Live-window index: level L buckets volume offsets by ``>> (16 + 4·L)`` (64 KiB, 1 MiB,
+# 16 MiB, ...); an entry sits in the lowest level where it touches at most two buckets.
+_LIX_LEVELS = 12
+_LIX_SCAN = 48  # buckets a query may visit before a plain vectorised scan is cheaper
+_FAST_SPAN = 1 << 20  # resolve's single-entry fast path is tried up to this range size
 
 
 @dataclass(frozen=True)
@@ -287,6 +292,11 @@ class MapHistory:
         self._lq = np.empty(cap, np.int64)
         self._ll = np.empty(cap, np.int64)
         self._ln = 0
+        # bucket index of the live window (see _live_slots): slots [0, _lix_n) indexed
+        self._lix: list[dict[int, list[int]]] = [{} for _ in range(_LIX_LEVELS)]
+        self._lix_used = 0  # bit L set: level L holds slots
+        self._lix_n = 0
+        self._lix_first = 0  # seq of slot 0 when the index was (re)started
         self._head = Columns.empty()  # flat deltas of the epoch, up to a multiple of f windows
         self._recent = Columns.empty()  # flat deltas of the windows sealed since then
         # retention (see retain()): points below keep_after resolve only if retained
@@ -529,6 +539,8 @@ class MapHistory:
                 for a in (self._ls, self._le, self._lq, self._ll):
                     a[: n - k] = a[k:n].copy()
             self._ln = n - k
+            if k:
+                self._lix_reset()  # slots shifted: re-indexed lazily at the next read
             self._sealed_seq = upto
             self._store.commit(self._state())
         except BaseException:
@@ -627,21 +639,149 @@ class MapHistory:
                     break
             pos += size
 
+    # The live window's index. Slots are positions in the live arrays (seq order). Level L
+    # of ``_lix`` maps ``offset >> (16 + 4·L)`` to the slots of the entries touching that
+    # bucket; an entry goes to the lowest level where it touches at most two buckets (the
+    # top level takes anything), so a small range visits one or two buckets per used level.
+    # The index is brought up to date lazily (at query time) for the slots appended since,
+    # and restarted whenever the live arrays shift (partial seal) or empty (seal).
+
+    def _lix_reset(self) -> None:
+        used = self._lix_used
+        for lvl in range(_LIX_LEVELS):
+            if used >> lvl & 1:
+                self._lix[lvl].clear()
+        self._lix_used = 0
+        self._lix_n = 0
+
+    def _lix_sync(self) -> None:
+        """Index live slots ``[_lix_n, _ln)``. Amortised O(1) per live entry."""
+        n = self._ln
+        k = self._lix_n
+        if k and (k > n or self._lq.item(0) != self._lix_first):
+            self._lix_reset()  # the live arrays shifted under the index
+            k = 0
+        if k >= n:
+            return
+        if k == 0:
+            self._lix_first = self._lq.item(0)
+        lix = self._lix
+        used = self._lix_used
+        top = _LIX_LEVELS - 1
+        for i, s, e in zip(
+            range(k, n), self._ls[k:n].tolist(), self._le[k:n].tolist(), strict=True
+        ):
+            e -= 1
+            sh = 16
+            lvl = 0
+            while (e >> sh) - (s >> sh) > 1 and lvl < top:
+                sh += 4
+                lvl += 1
+            d = lix[lvl]
+            used |= 1 << lvl
+            b0 = s >> sh
+            lst = d.get(b0)
+            if lst is None:
+                d[b0] = [i]
+            else:
+                lst.append(i)
+            b1 = e >> sh
+            if b1 != b0:
+                for bk in range(b0 + 1, b1 + 1):
+                    lst = d.get(bk)
+                    if lst is None:
+                        d[bk] = [i]
+                    else:
+                        lst.append(i)
+        self._lix_used = used
+        self._lix_n = n
+
+    def _live_slots(self, a: int, b: int) -> list[int] | None:
+        """Sorted live slots whose buckets touch ``[a, b)`` (a superset of the entries
+        intersecting it); None when the range spans so many buckets that a vectorised
+        scan of the whole live window is cheaper.
+
+        Runtime complexity: O(levels used + k) for k slots returned.
+        """
+        self._lix_sync()
+        used = self._lix_used
+        out: list[int] = []
+        b -= 1
+        budget = _LIX_SCAN
+        lvl = 0
+        sh = 16
+        lix = self._lix
+        while used:
+            if used & 1:
+                lo = a >> sh
+                hi = b >> sh
+                budget -= hi - lo + 1
+                if budget < 0:
+                    return None
+                d = lix[lvl]
+                for bk in range(lo, hi + 1):
+                    lst = d.get(bk)
+                    if lst is not None:
+                        out.extend(lst)
+            used >>= 1
+            lvl += 1
+            sh += 4
+        if len(out) > 1:
+            out = sorted(set(out))
+        return out
+
     def _live_query(self, lo: int, hi: int) -> Callable[[int, int], Columns]:
         def q(a: int, b: int) -> Columns:
             n = self._ln
-            s, e, sq = self._ls[:n], self._le[:n], self._lq[:n]
+            cand = self._live_slots(a, b) if n else None
+            if cand is None:
+                s, e, sq, ll = self._ls[:n], self._le[:n], self._lq[:n], self._ll[:n]
+            else:
+                ci = np.array(cand, np.int64)
+                s, e, sq, ll = self._ls[ci], self._le[ci], self._lq[ci], self._ll[ci]
             m = (s < b) & (e > a)
             if lo > 0:
                 m &= sq > lo
             if hi < self._last_seq:
                 m &= sq <= hi
             idx = np.flatnonzero(m)
-            return Columns(
-                s[idx], e[idx], sq[idx], self._ll[:n][idx], np.zeros(idx.shape[0], np.int64)
-            )
+            return Columns(s[idx], e[idx], sq[idx], ll[idx], np.zeros(idx.shape[0], np.int64))
 
         return q
+
+    def _resolve_head_fast(self, a: int, b: int) -> list[Extent] | None:
+        """``resolve(last_seq, a, b)`` when one entry of the newest layer touching the
+        range covers it whole (or nothing touches it and the epoch has no base); None
+        when the general path is needed. Same result as the general path.
+        """
+        if self._ln:
+            cand = self._live_slots(a, b)
+            if cand is None:
+                return None
+            if cand:
+                ls, le = self._ls.item, self._le.item
+                for i in reversed(cand):  # newest first
+                    s = ls(i)
+                    e = le(i)
+                    if s < b and e > a:
+                        if s <= a and e >= b:
+                            return [Extent(a, b, self._lq.item(i), self._ll.item(i), a - s)]
+                        return None
+        for c in (self._recent, self._head):
+            st = c.start
+            if st.shape[0]:
+                i = int(c.end.searchsorted(a, "right"))
+                if i < st.shape[0]:
+                    s = st.item(i)
+                    if s < b:
+                        if s <= a and c.end.item(i) >= b:
+                            return [
+                                Extent(a, b, c.seq.item(i), c.loc.item(i), c.poff.item(i) + a - s)
+                            ]
+                        return None
+        if self._epochs[-1].target < 0:
+            return [Extent(a, b, 0, HOLE_LOC, 0)]
+        return None
 
     @staticmethod
     def _filtered(ref: MapRef, lo: int, hi: int) -> Callable[[int, int], Columns]:
@@ -685,6 +825,10 @@ class MapHistory:
         self._check_range(start, end)
         if start == end:
             return []
+        if seq == self._last_seq and end - start <= _FAST_SPAN:
+            fast = self._resolve_head_fast(start, end)
+            if fast is not None:
+                return fast
         gaps: list[tuple[int, int]] = [(start, end)]
         out: list[Extent] = []
         x = seq
@@ -989,6 +1133,7 @@ class MapHistory:
             lq = self._lq[: self._ln]
             assert (np.diff(lq) > 0).all()
             assert lq[0] > self._sealed_seq and lq[-1] <= self._last_seq
+        self._check_lix()
         f = self._f
         for ei, ep in enumerate(self._epochs):
             nxt = self._rewinds[ei + 1] if ei + 1 < len(self._epochs) else self._sealed_seq
@@ -1045,6 +1190,37 @@ class MapHistory:
                 assert got[0].start == a and got[-1].end == b
                 for i in range(1, len(got)):
                     assert got[i - 1].end == got[i].start
+
+    def _check_lix(self) -> None:
+        """Invariants of the live index: after a sync every live slot sits exactly in the
+        buckets it touches at its level, and nothing else is indexed."""
+        self._lix_sync()
+        n = self._ln
+        assert self._lix_n == n
+        want: dict[tuple[int, int], list[int]] = {}
+        for i, s, e in zip(range(n), self._ls[:n].tolist(), self._le[:n].tolist(), strict=True):
+            assert e > s
+            sh, lvl = 16, 0
+            while ((e - 1) >> sh) - (s >> sh) > 1 and lvl < _LIX_LEVELS - 1:
+                sh += 4
+                lvl += 1
+            for bk in range(s >> sh, ((e - 1) >> sh) + 1):
+                want.setdefault((lvl, bk), []).append(i)
+        have = {
+            (lvl, bk): lst for lvl, d in enumerate(self._lix) for bk, lst in d.items()
+        }
+        assert have == want, "live index out of step with the live window"
+        for lvl, d in enumerate(self._lix):
+            assert bool(d) == bool(self._lix_used >> lvl & 1)
+        if n:
+            assert self._lix_first == int(self._lq[0])
+        # the index answers like a scan
+        for i in range(0, n, max(1, n // 16)):
+            a, b = int(self._ls[i]), int(self._le[i])
+            slots = self._live_slots(a, b)
+            if slots is not None:
+                hit = set(np.flatnonzero((self._ls[:n] < b) & (self._le[:n] > a)).tolist())
+                assert hit <= set(slots)
 
 
 def _all_refs(ep: _Epoch) -> list[MapRef]:
