@@ -33,6 +33,15 @@ def run(ctx: Context, args: argparse.Namespace) -> int:
         print(f"markers:       {s['markers']}" + (f" (newest {nm['name']} @{nm['seq']} {fmt_time(nm['time_ns'])})" if nm else ""))
         print(f"connections:   {s['connections']}")
         print(f"this session:  {s['session_writes']} writes, {format_size(s['session_bytes_written'])}")
+        ret = s.get("retention")
+        if ret:  # docs/RETENTION.md
+            cap = f", cap {format_size(ret['max_store_bytes'])}" if ret.get("max_store_bytes") else ""
+            print(f"retention:     {', '.join(ret['tiers'])}{cap}"
+                  + (f"  WARNING: {ret['warning']}" if ret.get("warning") else ""))
+            for t in ret["per_tier"]:
+                oldest = (f"oldest {t['oldest_point']} {fmt_time(t['oldest_time_ns'])}, "
+                          f"expires {fmt_time(t['next_expiry_ns'])}") if t["oldest_point"] else "no point yet"
+                print(f"  {t['tier']:<12} {oldest}")
         px = s.get("proxy")
         if px:  # proxy mode (docs/PROXY.md)
             state = f"DEGRADED ({px['degraded_reason']})" if px["degraded"] else "ok"
