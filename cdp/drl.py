@@ -5,7 +5,7 @@ set (and made durable) before the first write into a clean region is started on 
 side, and cleared lazily once both sides are durable and nothing is in flight there.
 After a crash only dirty regions need to be compared (see docs/PROXY.md).
 
-File ``STORE/volumes/NAME/drl`` (format in docs/FORMATS-store.md, "drl")::
+File ``STORE/volumes/NAME/drl`` (format in docs/FORMATS.md ("Store layout"), "drl")::
 
     0     8  magic  b"CDPDRL\\x00\\x01"
     8     4  version (u32, little endian) = 1

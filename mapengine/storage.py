@@ -1,4 +1,4 @@
-"""Map files and the manifest on disk (format: docs/FORMATS-mapengine.md).
+"""Map files and the manifest on disk (format: docs/FORMATS.md ("Delta maps")).
 
 Design notes
 ------------
@@ -46,7 +46,7 @@ MANIFEST = "MANIFEST"
 KIND_L0 = 0  # overlapping: every write of the window, sorted by (start, seq)
 KIND_MERGED = 1  # flat: newest per byte of the window
 KIND_FULL = 2  # flat: newest per byte since the epoch began
-_HEADER = struct.Struct("<8sHBBIQQQIIQII")  # 64 bytes, see FORMATS-mapengine.md
+_HEADER = struct.Struct("<8sHBBIQQQIIQII")  # 64 bytes, see FORMATS.md ("Delta maps")
 _MHEADER = struct.Struct("<8sIII")  # 20 bytes
 assert _HEADER.size == 64
 
@@ -175,7 +175,7 @@ def _decode_block(raw: bytes, path: str) -> Columns:
 
 
 def encode_map(m: DeltaMap, kind: str, level: int, block_entries: int = BLOCK_ENTRIES) -> bytes:
-    """The bytes of a map file (see docs/FORMATS-mapengine.md).
+    """The bytes of a map file (see docs/FORMATS.md ("Delta maps")).
 
     Runtime complexity: O(n).
     """
@@ -467,7 +467,7 @@ def decode_manifest(raw: bytes, path: str) -> dict[str, Any]:
     return d
 
 
-#: optional manifest keys written by MapHistory.retain (see FORMATS-mapengine.md)
+#: optional manifest keys written by MapHistory.retain (see FORMATS.md ("Delta maps"))
 RETAIN_KEYS = ("retained", "keep_after", "retain_gen")
 
 

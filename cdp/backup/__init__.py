@@ -7,5 +7,5 @@
 - :mod:`cdp.backup.sinks`: where changed extents are written (raw files, NBD servers);
 - :mod:`cdp.backup.ops`: the ``changed`` and ``export_diff`` operations behind cdpctl.
 
-See docs/BACKUP.md for the user's view and docs/FORMATS-cdpdiff.md for the stream.
+See docs/BACKUP.md for the user's view and docs/FORMATS.md (".cdpdiff stream") for the stream.
 """

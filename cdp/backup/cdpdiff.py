@@ -1,6 +1,6 @@
 """The ``.cdpdiff`` stream: the changed extents between two points, for piping.
 
-Byte layout in docs/FORMATS-cdpdiff.md. In short (little-endian)::
+Byte layout in docs/FORMATS.md (".cdpdiff stream"). In short (little-endian)::
 
     header   "CDPDIFF\\n" u32 version=1  u32 header_length  u64 volume_size
              u64 from_seq  u64 to_seq  16 bytes volume uuid

@@ -1,5 +1,5 @@
 """The file-version catalog: every marker updates a key/value catalog of the NTFS files
-on the volume from an MFT diff (see docs/FILES.md and docs/FORMATS-catalog.md).
+on the volume from an MFT diff (see docs/FILES.md and docs/FORMATS.md ("File catalog")).
 
 Modules: :mod:`~cdp.catalog.model` (entries), :mod:`~cdp.catalog.rules` (the version
 rules, pure), :mod:`~cdp.catalog.db` (SQLite), :mod:`~cdp.catalog.indexer` (full index,

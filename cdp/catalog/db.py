@@ -1,4 +1,4 @@
-"""The catalog file: SQLite in WAL mode, key/value shaped (docs/FORMATS-catalog.md).
+"""The catalog file: SQLite in WAL mode, key/value shaped (docs/FORMATS.md ("File catalog")).
 
 Design notes
 ------------

@@ -14,7 +14,7 @@ from typing import Any
 from cdp.ntfs.attribute import DataStream, stream_from_location
 from cdp.ntfs.defs import filetime_to_ns
 
-#: column order of the ``entries`` table after ``id`` (docs/FORMATS-catalog.md)
+#: column order of the ``entries`` table after ``id`` (docs/FORMATS.md ("File catalog"))
 COLUMNS = (
     "part", "dir", "name", "start", "end", "ref", "record", "seq", "parent", "is_dir",
     "size", "alloc", "crtime", "mtime", "ctime", "atime", "attrs", "resident", "flags",

@@ -100,7 +100,7 @@ class DataStream:
 
     def location(self) -> bytes:
         """What the catalog stores: resident bytes, or fragments as
-        ``u64 lowest_vcn, u16 length, pairs`` repeated (see docs/FORMATS-catalog.md)."""
+        ``u64 lowest_vcn, u16 length, pairs`` repeated (see docs/FORMATS.md ("File catalog"))."""
         if self.resident:
             return self.content or b""
         out = bytearray()

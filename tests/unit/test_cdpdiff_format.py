@@ -1,4 +1,4 @@
-"""The .cdpdiff stream: golden bytes (docs/FORMATS-cdpdiff.md), round trip, and the
+"""The .cdpdiff stream: golden bytes (docs/FORMATS.md (".cdpdiff stream")), round trip, and the
 reader's refusals (bad magic/version, truncation, any flipped byte, bad order, trailing
 bytes); apply_stream to a raw file (holes punched for zeroes, size checked)."""
 

@@ -219,7 +219,7 @@ def test_corruption_with_fixed_up_checksum_is_still_caught(tmp_path: Path) -> No
         _use(tmp_path)
 
 
-# Golden bytes: these pin the file formats of docs/FORMATS-mapengine.md. If one changes,
+# Golden bytes: these pin the file formats of docs/FORMATS.md ("Delta maps"). If one changes,
 # the format changed: bump the version and keep reading the old one.
 
 

@@ -1,4 +1,4 @@
-"""Golden documents for the store metadata files (docs/FORMATS-store.md)."""
+"""Golden documents for the store metadata files (docs/FORMATS.md ("Store layout"))."""
 
 from __future__ import annotations
 
