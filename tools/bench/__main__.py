@@ -21,6 +21,8 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+from tools.bench.goals import goal_for, judge
+
 SUITES = {
     "journal": "tools.bench.journal_bench",
     "mapengine": "tools.bench.mapengine_bench",
@@ -28,7 +30,38 @@ SUITES = {
     "nbd-proto": "tools.bench.nbd_proto_bench",
     "iscsi": "tools.bench.iscsi_bench",
     "mft": "tools.bench.mft_bench",
+    "export": "tools.bench.export_bench",
+    "compaction": "tools.bench.compaction_bench",
+    "proxy": "tools.bench.proxy_bench",
 }
+
+
+def summarize(suite: str, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows of one suite in the common shape (workload, cdp, peer, unit, ratio, goal,
+    verdict), judged against the one goals table (tools/bench/goals.py)."""
+    if suite == "mapengine" and rows:
+        big = max(rows, key=lambda r: r.get("writes", 0))
+        n = big.get("writes", 0)
+        norm = [
+            {"workload": f"mapengine-seal ({n:,} writes)", "cdp": big.get("seal_rate_wps"),
+             "peer": None, "peer_name": "-", "unit": "writes/s", "ratio": None},
+            {"workload": f"mapengine-resolve ({n:,} writes)", "cdp": big.get("resolve_med_us"),
+             "peer": None, "peer_name": "-", "unit": "us median", "ratio": None},
+        ]
+    else:
+        norm = []
+        for r in rows:
+            name = r.get("workload") or r.get("test") or r.get("case") or "?"
+            norm.append({
+                "workload": str(name), "cdp": r.get("cdp"), "peer": r.get("peer"),
+                "peer_name": r.get("peer_name", "-"), "unit": r.get("unit", ""),
+                "ratio": r.get("ratio"),
+            })
+    for r in norm:
+        g = goal_for(r["workload"])
+        r["goal"] = g.text if g else "-"
+        r["verdict"] = judge(r)
+    return norm
 
 
 def _call(mod: Any, quick: bool, out: Path) -> list[dict[str, Any]]:
@@ -55,9 +88,21 @@ def report(results: dict[str, Any]) -> str:
         f"- machine: {results['machine']}",
         f"- mode: {'quick' if results['quick'] else 'full'}",
         "",
+        "## Goals (cdp and its peer measured in the same run)",
+        "",
+        "| suite | workload | cdp | peer | unit | ratio | goal | verdict |",
+        "|---|---|---|---|---|---|---|---|",
     ]
+    for suite, rows in results.get("summary", {}).items():
+        for r in rows:
+            peer = "-" if r["peer"] is None else f"{_fmt(r['peer'])} ({r['peer_name']})"
+            lines.append(
+                f"| {suite} | {r['workload']} | {_fmt(r['cdp'])} | {peer} | {r['unit']} | "
+                f"{_fmt(r['ratio'])} | {r['goal']} | {r['verdict']} |"
+            )
+    lines += ["", "## Details", ""]
     for suite, rows in results["suites"].items():
-        lines.append(f"## {suite}")
+        lines.append(f"### {suite}")
         lines.append("")
         if isinstance(rows, dict) and "error" in rows:
             lines.append(f"failed: `{rows['error']}`")
@@ -106,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             rows = _call(mod, a.quick, a.out)
             results["suites"][name] = rows
+            results.setdefault("summary", {})[name] = summarize(name, rows)
             for r in rows:
                 print("   " + ", ".join(f"{k}={_fmt(v)}" for k, v in r.items()), flush=True)
         except Exception as e:  # report and go on with the other suites

@@ -29,10 +29,11 @@ from typing import Any
 
 from cdp.targets.iscsi.thread import IscsiServerThread
 from cdp.targets.memdev import MemoryProvider
+from tools.bench.goals import ratio_goal
 
 MiB = 1 << 20
 SIZE = 256 * MiB
-GOALS = {"randread-4k": 0.70, "randwrite-4k": 0.70}
+GOALS = {w: ratio_goal(w) for w in ("randread-4k", "randwrite-4k")}
 
 
 def free_port() -> int:

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from tools.bench.goals import ratio_goal
 from tools.harness import Cdpd
 
 GiB = 1 << 30
@@ -94,13 +95,8 @@ def dd_bandwidth(directory: Path, count: int) -> float:
     return count * MiB / dt / 1e6
 
 
-GOALS = {
-    "nbd-randwrite-4k": 0.60,
-    "nbd-seqwrite-1m": 0.90,
-    "nbd-randread-4k": 0.70,
-    "nbd-flush": 1.50,
-    "pit-read": 0.50,
-}
+GOALS = {w: ratio_goal(w) for w in (
+    "nbd-randwrite-4k", "nbd-seqwrite-1m", "nbd-randread-4k", "nbd-flush", "pit-read")}
 
 
 def _row(workload: str, cdp: float, peer: float, peer_name: str, unit: str, goal: float | None) -> dict[str, Any]:

@@ -1,0 +1,85 @@
+"""Every performance goal of cdp, in one table: workload → goal.
+
+A goal is either a ratio against the peer measured in the same run (``ratio >= x``), or
+an absolute bound on cdp's own figure (``min``/``max`` in the row's unit), because some
+workloads have no peer (map engine seal rate, resolve latency). The issue that set the
+goal is named so a reader can find why.
+
+``python -m tools.bench`` judges every row against this table; the suites import their
+ratio goals from here too.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Goal:
+    kind: str  # "ratio" (>=) | "ratio_max" (<=) | "min" | "max" (cdp's own figure)
+    value: float
+    text: str
+    issue: int
+
+
+GOALS: dict[str, Goal] = {
+    # the disk itself: the physical limit of an append-only journal (issue 10)
+    # journal (issue 2)
+    "seq-1MiB": Goal("ratio", 0.90, ">= 0.90 x dd conv=fdatasync", 2),
+    "buffered-4KiB": Goal("min", 200_000, ">= 200k records/s", 2),
+    "compressible-1MiB": Goal("ratio", 1.00, "> dd bandwidth", 2),
+    # map engine (issue 3): absolute, at the largest history measured
+    "mapengine-seal": Goal("min", 200_000, ">= 200k writes/s", 3),
+    "mapengine-resolve": Goal("max", 200, "median <= 200 us at 10M writes", 3),
+    # NBD target (issues 4, 10)
+    "nbd-randwrite-4k": Goal("ratio", 0.60, ">= 0.60 x nbdkit file", 4),
+    "nbd-seqwrite-1m": Goal("ratio", 0.90, ">= 0.90 x dd conv=fdatasync", 4),
+    "nbd-randread-4k": Goal("ratio", 0.70, ">= 0.70 x nbdkit file", 4),
+    "pit-read": Goal("ratio", 0.50, ">= 0.50 x nbdkit file", 4),
+    "nbd-flush": Goal("ratio", 1.50, ">= 1.5 x nbdkit file", 10),
+    # iSCSI target (issue 6)
+    "randread-4k": Goal("ratio", 0.70, ">= 0.70 x tgt", 6),
+    "randwrite-4k": Goal("ratio", 0.70, ">= 0.70 x tgt", 6),
+    # files (issue 5)
+    "MFT scan": Goal("min", 100_000, ">= 100k records/s", 5),
+    "full index": Goal("min", 100_000, ">= 100k records/s", 5),
+    "marker diff: records parsed": Goal("ratio_max", 0.02, "<= 1/50 of a full re-parse", 5),
+    # retention (issue 7)
+    "ingest-during-compaction": Goal("ratio", 0.80, ">= 0.80 x ingest without gc", 7),
+    # export (issue 8)
+    "export-1%-throughput": Goal("ratio", 0.70, ">= 0.70 x raw-file read", 8),
+    "export-proportional": Goal("ratio_max", 3.0, "s per changed GiB within 3x across 0.1..10%", 8),
+}
+
+
+def goal_for(workload: str) -> Goal | None:
+    """The goal whose key is the longest prefix of *workload* (None: report only)."""
+    best = None
+    for key, g in GOALS.items():
+        if workload.startswith(key) and (best is None or len(key) > len(best[0])):
+            best = (key, g)
+    return best[1] if best else None
+
+
+def judge(row: dict[str, Any]) -> str:
+    """'pass' / 'short' / '-' for one normalised row (workload, cdp, ratio)."""
+    g = goal_for(str(row.get("workload", "")))
+    if g is None:
+        return "-"
+    if g.kind in ("ratio", "ratio_max"):
+        r = row.get("ratio")
+        if r is None:
+            return "-"
+        return "pass" if (r >= g.value if g.kind == "ratio" else r <= g.value) else "short"
+    v = row.get("cdp")
+    if v is None:
+        return "-"
+    return "pass" if (v >= g.value if g.kind == "min" else v <= g.value) else "short"
+
+
+def ratio_goal(workload: str) -> float:
+    """The ratio goal of a workload (for suites that print their own verdicts)."""
+    g = goal_for(workload)
+    assert g is not None and g.kind == "ratio", workload
+    return g.value
