@@ -48,6 +48,13 @@ def summarize(suite: str, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             {"workload": f"mapengine-resolve ({n:,} writes)", "cdp": big.get("resolve_med_us"),
              "peer": None, "peer_name": "-", "unit": "us median", "ratio": None},
         ]
+    elif suite == "nbd-proto":  # protocol ceiling: the RAM device vs nbdkit
+        norm = [
+            {"workload": f"proto-{r['rw']}-4k x{r['connections']} (RAM device)",
+             "cdp": r["iops"], "peer": r["peer_iops"], "peer_name": r["peer"],
+             "unit": "IOPS", "ratio": r["ratio"]}
+            for r in rows
+        ]
     else:
         norm = []
         for r in rows:
