@@ -314,7 +314,7 @@ class MapHistory:
         cls,
         directory: str | os.PathLike[str] | None,
         policy: MergePolicy | None = None,
-        cache_bytes: int = 64 << 20,
+        cache_bytes: int = 256 << 20,
         fs: Any = None,
     ) -> MapHistory:
         """Open (or create) the history kept in ``directory``.
@@ -324,6 +324,8 @@ class MapHistory:
         (:class:`mapengine.storage.FileOps`) tests use to interrupt writes. The
         manifest's ``fanout`` and ``full_every`` win over ``policy`` for an existing
         history (they shape the files); ``l0_max_writes`` always comes from ``policy``.
+        ``cache_bytes`` bounds the decoded map blocks kept in memory (cdp's
+        ``maps.cache_bytes``, same default) and, separately, the maps' offset filters.
 
         Runtime complexity: O(M + H) for M map files and a head of H entries.
         """
@@ -703,6 +705,8 @@ class MapHistory:
 
         Runtime complexity: O(levels used + k) for k slots returned.
         """
+        if b - a > _LIX_SCAN << 16:
+            return None  # wide: scan (and leave indexing to the next small read)
         self._lix_sync()
         used = self._lix_used
         out: list[int] = []
@@ -1146,6 +1150,7 @@ class MapHistory:
                     m = r.load()
                     m._check()
                     assert not m.flat
+                    _check_ref_filter(r, m)
             assert prev <= nxt
             for k, lst in ep.levels.items():
                 size = f**k
@@ -1157,6 +1162,7 @@ class MapHistory:
                         m = r.load()
                         m._check()
                         assert m.flat
+                        _check_ref_filter(r, m)
             assert ep.full_keys == sorted(ep.fulls)
             for b, r in ep.fulls.items():
                 assert 0 < b <= len(ep.windows)
@@ -1221,6 +1227,12 @@ class MapHistory:
             if slots is not None:
                 hit = set(np.flatnonzero((self._ls[:n] < b) & (self._le[:n] > a)).tolist())
                 assert hit <= set(slots)
+
+
+def _check_ref_filter(r: MapRef, m: DeltaMap) -> None:
+    chk = getattr(r, "check_filter", None)
+    if chk is not None:
+        chk(m.cols)
 
 
 def _all_refs(ep: _Epoch) -> list[MapRef]:

@@ -52,6 +52,14 @@ assert _HEADER.size == 64
 
 BLOCK_ENTRIES = 256
 
+# In-memory offset filter of a map (not stored: built when the map is written, or from a
+# whole read of it on its first lookup after a reopen). Sorted, disjoint ranges of
+# ``FILTER_SHIFT`` granules covering every entry, so a lookup of a range the map does
+# not touch costs one binary search instead of a block read. Dense maps (full maps)
+# get none: it would rarely say no.
+FILTER_SHIFT = 12
+FILTER_MAX_ENTRIES = 1 << 17
+
 
 class FileOps:
     """The single door for file writes and reads; override :meth:`hook` to inject faults.
@@ -254,6 +262,8 @@ class MapFile:
         "_blk_off",
         "_blk_pmax",
         "_cache",
+        "_filt",
+        "_filt_done",
         "_fs",
         "flat",
         "hi",
@@ -295,6 +305,8 @@ class MapFile:
         self._blk_len: list[int] = []
         self._blk_count: list[int] = []
         self._blk_crc: list[int] = []
+        self._filt: tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]] | None = None
+        self._filt_done = n > FILTER_MAX_ENTRIES  # True: no (more) attempt to build one
 
     def __len__(self) -> int:
         return self.n
@@ -336,8 +348,61 @@ class MapFile:
             self._cache.put(key, c)
         return c
 
+    def set_filter(self, c: Columns) -> None:
+        """Build the offset filter from the map's entries (if the budget allows)."""
+        self._filt_done = True
+        if c.n > FILTER_MAX_ENTRIES:
+            return
+        cache = self._cache
+        if cache.filter_bytes >= cache.filter_limit:
+            return
+        f = offset_filter(c)
+        self._filt = f
+        cache.filter_bytes += f[0].nbytes + f[1].nbytes
+
+    def drop_filter(self) -> None:
+        f = self._filt
+        if f is not None:
+            self._cache.filter_bytes -= f[0].nbytes + f[1].nbytes
+            self._filt = None
+
+    def check_filter(self, c: Columns) -> None:
+        """Assert the offset filter (if any) is sorted, disjoint, and covers every one of
+        the map's entries ``c``."""
+        f = self._filt
+        if f is None:
+            return
+        fs, fe = (a.astype(np.int64) for a in f)
+        assert fs.shape == fe.shape and (fs < fe).all() and (fe[:-1] < fs[1:]).all()
+        if c.n:
+            g0 = c.start >> FILTER_SHIFT
+            g1 = (c.end - 1) >> FILTER_SHIFT
+            i = np.searchsorted(fe, g0, side="right")
+            assert (i < fe.shape[0]).all(), "offset filter misses entries"
+            assert (fs[i] <= g0).all() and (fe[i] > g1).all(), "offset filter misses entries"
+
+    def _lazy_filter(self) -> None:
+        """First lookup since open: read the whole map once to build its filter."""
+        self._filt_done = True
+        if self._cache.filter_bytes >= self._cache.filter_limit:
+            return
+        try:
+            m = self.load()
+        except MapCorruption:
+            return  # the lookups report damage where they touch it
+        self.set_filter(m.cols)
+
     def query(self, start: int, end: int) -> Columns:
-        """Entries intersecting ``[start, end)``. Runtime complexity: O(log n + block)."""
+        """Entries intersecting ``[start, end)``. Runtime complexity: O(log n + block);
+        O(log n) without any block read when the offset filter rules the range out."""
+        if not self._filt_done:
+            self._lazy_filter()
+        f = self._filt
+        if f is not None and end > start:
+            fs, fe = f
+            i = int(fe.searchsorted(start >> FILTER_SHIFT, "right"))
+            if i >= fe.shape[0] or fs.item(i) > (end - 1) >> FILTER_SHIFT:
+                return EMPTY
         if self._blk_first is None:
             self._index()
         first: list[int] = self._blk_first  # type: ignore[assignment]
@@ -398,12 +463,34 @@ def decode_map(raw: bytes, path: str) -> DeltaMap:
     return DeltaMap(lo, hi, c, flat=kind != KIND_L0)
 
 
-class BlockCache:
-    """LRU of decoded blocks, bounded by decoded bytes."""
+def offset_filter(c: Columns) -> tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]]:
+    """``(gs, ge)``: sorted, disjoint granule ranges ``[gs, ge)`` (granules of
+    ``2**FILTER_SHIFT`` bytes) covering every entry of ``c`` (sorted by start; entries
+    may overlap). uint32 when the granules fit. Runtime complexity: O(n)."""
+    if not c.n:
+        z = np.zeros(0, np.uint32)
+        return z, z
+    gs = c.start >> FILTER_SHIFT
+    ce = np.maximum.accumulate(((c.end - 1) >> FILTER_SHIFT) + 1)
+    new = np.ones(gs.shape[0], dtype=bool)
+    new[1:] = gs[1:] > ce[:-1]
+    last = np.ones(gs.shape[0], dtype=bool)
+    last[:-1] = new[1:]
+    fs, fe = gs[new], ce[last]
+    if int(fe[-1]) < 1 << 32:
+        return fs.astype(np.uint32), fe.astype(np.uint32)
+    return fs.copy(), fe.copy()
 
-    def __init__(self, limit: int) -> None:
+
+class BlockCache:
+    """LRU of decoded blocks, bounded by decoded bytes. Also keeps the account of the
+    maps' offset filters (``filter_bytes``; no new filter once ``filter_limit`` is hit)."""
+
+    def __init__(self, limit: int, filter_limit: int | None = None) -> None:
         self.limit = limit
         self.bytes = 0
+        self.filter_limit = limit if filter_limit is None else filter_limit
+        self.filter_bytes = 0
         self._d: OrderedDict[tuple[str, int], Columns] = OrderedDict()
         self._aux: dict[tuple[str, int], np.ndarray[Any, np.dtype[np.int64]]] = {}
 
@@ -543,6 +630,7 @@ class DirStore:
             self.cache,
             self.fs,
         )
+        mf.set_filter(m.cols)
         self.files[name] = mf
         return mf
 
@@ -575,6 +663,7 @@ class DirStore:
             f = self.files.pop(name, None)
             if f is None:
                 continue
+            f.drop_filter()
             self.fs.forget(f.path)
             try:
                 self.fs.remove(f.path)
