@@ -503,11 +503,13 @@ class Volume:
                 return bytes(length)
             return self._payload(e.seq, e.loc, e.poff, length)
         buf = bytearray(length)
+        cache = self._cache
+        view = self.journal.read_slice_view
         for e in exts:
             if e.loc < 0:
                 continue
-            buf[e.start - offset : e.end - offset] = self._payload(
-                e.seq, e.loc, e.poff, e.end - e.start)
+            buf[e.start - offset : e.end - offset] = view(
+                e.seq, e.loc, e.poff, e.end - e.start, cache=cache)
         return bytes(buf)
 
     def _resolve(self, seq: int, start: int, end: int) -> list[Any]:

@@ -923,7 +923,15 @@ class Journal:
 
     def read_slice(self, seq: int, loc: int, poff: int, length: int, *,
                    cache: ChunkCache | None = None) -> bytes:
-        """Payload bytes ``[poff, poff+length)`` of record ``seq`` at ``loc``.
+        """Payload bytes ``[poff, poff+length)`` of record ``seq`` at ``loc``
+        (:meth:`read_slice_view` as bytes)."""
+        v = self.read_slice_view(seq, loc, poff, length, cache=cache)
+        return v if type(v) is bytes else bytes(v)
+
+    def read_slice_view(self, seq: int, loc: int, poff: int, length: int, *,
+                        cache: ChunkCache | None = None) -> bytes | memoryview:
+        """Payload bytes ``[poff, poff+length)`` of record ``seq`` at ``loc``; a slice
+        of one decoded chunk comes as a read-only memoryview of it (no copy).
 
         Of a chunked record only the chunks overlapping the slice are read, CRC-checked
         and decompressed (the record header and chunk table are checked when first
@@ -944,16 +952,53 @@ class Journal:
         if first == last:
             p = cache.get((seq, first)) if cache is not None else None
             if p is None:
-                p = self._chunks(seq, loc, first, last, cache, [first])[0]
+                p = self._chunk_fast(seq, loc, first, cache)
+                if p is None:
+                    p = self._chunks(seq, loc, first, last, cache, [first])[0]
             if o + length > len(p):
                 raise UsageError(f"slice [{poff}, {poff + length}) is past the end of "
                                  f"seq {seq}'s payload")
-            return p[o : o + length] if o or length != len(p) else p
+            return memoryview(p)[o : o + length] if o or length != len(p) else p
         got = b"".join(self._chunks(seq, loc, first, last, cache, None))
         if o + length > len(got):
             raise UsageError(f"slice [{poff}, {poff + length}) is past the end of "
                              f"seq {seq}'s payload")
-        return got[o : o + length]
+        return memoryview(got)[o : o + length] if o or length != len(got) else got
+
+    def _chunk_fast(self, seq: int, loc: int, i: int, cache: ChunkCache | None) -> bytes | None:
+        """Chunk ``i`` of a chunked record whose checked table is remembered and which
+        lies in the segment file (not compacted, not buffered): one pread of the chunk,
+        its CRC checked, then decoded. None for anything else, a damaged chunk included:
+        the general path (:meth:`_chunks`) then reads it again and raises what it must."""
+        lay = self._layouts.get(seq)
+        if lay is None or lay[0] != loc:
+            return None
+        seg = self._seg_for(seq)
+        table = lay[1]
+        if seg.compacted or i >= table.count or (seg is self._cur and loc >= self._file_size):
+            return None
+        st = table.starts
+        base = st[i]
+        n = st[i + 1] - base
+        comp = table.comps[i]
+        raw = min(CHUNK_SIZE, table.length - i * CHUNK_SIZE)
+        if comp > _LZ4_COMP or (comp == _NONE_COMP and n != raw):
+            return None
+        blob = self._fs.pread(self._rfd(seg), n, loc + RECORD_HEADER_SIZE + base)
+        if len(blob) != n or crc32c(blob) != table.crcs[i]:
+            return None
+        p = blob
+        if comp == _LZ4_COMP:
+            try:
+                p = lz4.block.decompress(blob, uncompressed_size=raw)
+            except Exception:
+                return None
+            if len(p) != raw:
+                return None
+        self._layouts.move_to_end(seq)
+        if cache is not None:
+            cache.put((seq, i), p)
+        return p
 
     def _chunks(self, seq: int, loc: int, first: int, last: int,
                 cache: ChunkCache | None, missing: list[int] | None) -> list[bytes]:
@@ -1032,7 +1077,16 @@ class Journal:
         payload of a one-block record."""
         if not SEGMENT_HEADER_SIZE <= loc < self._size(seg):
             raise Corruption(f"{where}: location outside the segment")
-        data = self._get(seg, loc, 0, RECORD_HEADER_SIZE + 4096)
+        want = RECORD_HEADER_SIZE + 4096
+        offs = seg.offs
+        if offs is not None and not seg.compacted:
+            # a record of up to one chunk is read whole in one go when the segment's
+            # offsets (in memory) give its size; a wrong guess costs only a second read
+            j = seq - seg.first_seq + 1
+            nxt = offs[j] if j < len(offs) else self._size(seg)
+            if want < nxt - loc <= RECORD_HEADER_SIZE + CHUNK_SIZE:
+                want = nxt - loc
+        data = self._get(seg, loc, 0, want)
         if len(data) < RECORD_HEADER_SIZE:
             raise Corruption(f"{where}: record header truncated")
         magic, crc, ver, kind, comp, _fl, slen, rseq, _ts, _off, length = (
@@ -1248,4 +1302,6 @@ _CRC = crc32c
 _LZ4 = lz4.block.compress
 _ENTRY_PACK_INTO = CHUNK_ENTRY.pack_into
 _CHUNKED = int(Compression.CHUNKED)
+_NONE_COMP = int(Compression.NONE)
+_LZ4_COMP = int(Compression.LZ4)
 assert RECORD_PREFIX.size == CRC_START
