@@ -42,6 +42,7 @@ class MapSettings:
 @dataclass(frozen=True)
 class ReadSettings:
     payload_cache_bytes: int = 64 << 20
+    view_cache_bytes: int = 64 << 20
 
 
 @dataclass(frozen=True)
@@ -366,7 +367,7 @@ def parse_config(data: dict[str, Any], source: str = "<config>") -> Settings:
             "cache_bytes": _size(1 << 20),
         },
     )
-    r = _table(data.get("read", {}), "read", {"payload_cache_bytes": _size(0)})
+    r = _table(data.get("read", {}), "read", {"payload_cache_bytes": _size(0), "view_cache_bytes": _size(0)})
     listeners = {}
     nbd_raw = dict(data.get("nbd", {})) if isinstance(data.get("nbd", {}), dict) else data.get("nbd")
     tls = _nbd_tls(nbd_raw)

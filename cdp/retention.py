@@ -375,6 +375,7 @@ class Retention:
         self._early = None
         was = {m.id for m in vol.markers if maps.resolvable(m.seq)}
         res = maps.retain(sorted(pts), ka)
+        vol.view_regions.clear()  # cached past points may just have expired
         hi = res.keep_after
         if old_ka == 0:
             before = max(0, hi - 1)

@@ -33,6 +33,7 @@ import logging
 import os
 import time
 import uuid
+from bisect import bisect_right
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import asdict, dataclass
@@ -43,7 +44,7 @@ from cdp.config import MapSettings, Settings
 from cdp.errors import CdpError, Corruption, NotFound, OutOfRange, PointError, UsageError
 from cdp.journal import Journal, RecordKind
 from cdp.points import PointKind, PointSpec, parse_point
-from mapengine import HOLE_LOC, ZERO_LOC, MapHistory, MergePolicy
+from mapengine import HOLE_LOC, ZERO_LOC, Extent, MapHistory, MergePolicy
 from mapengine.errors import MapError, MapExpired
 
 log = logging.getLogger("cdp.volume")
@@ -123,6 +124,44 @@ class _PayloadCache:
             self.used -= len(old)
 
 
+class _ViewRegions:
+    """Resolved extents of past points, per 64 MiB region, LRU-bounded by bytes.
+
+    A past point never changes (new writes, rewinds included, only add history), so a
+    region resolved once for a point-in-time view answers every later read of it with
+    a bisect instead of a walk over the map hierarchy. Retention clears it (points it
+    expires must be refused)."""
+
+    REGION = 64 << 20
+    ENTRY_BYTES = 120  # rough cost of one cached extent (tuple + list slots)
+
+    def __init__(self, budget: int) -> None:
+        self.budget = budget
+        self.used = 0
+        self._d: OrderedDict[tuple[int, int], tuple[list[int], list[Any]]] = OrderedDict()
+
+    def get(self, key: tuple[int, int]) -> tuple[list[int], list[Any]] | None:
+        r = self._d.get(key)
+        if r is not None:
+            self._d.move_to_end(key)
+        return r
+
+    def put(self, key: tuple[int, int], exts: list[Any]) -> tuple[list[int], list[Any]]:
+        r = ([e.end for e in exts], exts)
+        cost = len(exts) * self.ENTRY_BYTES
+        if cost <= self.budget // 4:
+            self._d[key] = r
+            self.used += cost
+            while self.used > self.budget:
+                _, (_, old) = self._d.popitem(last=False)
+                self.used -= len(old) * self.ENTRY_BYTES
+        return r
+
+    def clear(self) -> None:
+        self._d.clear()
+        self.used = 0
+
+
 class Volume:
     """One protected volume in ``STORE/volumes/NAME``. Not thread-safe (event loop only)."""
 
@@ -152,6 +191,7 @@ class Volume:
         self._markers = markers
         self._next_marker_id = next_marker_id
         self._cache = _PayloadCache(settings.read.payload_cache_bytes)
+        self.view_regions = _ViewRegions(settings.read.view_cache_bytes)
         self._live_writes = 0
         self._last_seal = time.monotonic()
         self._l0_max = settings.maps.l0_max_writes
@@ -513,6 +553,30 @@ class Volume:
         return bytes(buf)
 
     def _resolve(self, seq: int, start: int, end: int) -> list[Any]:
+        R = _ViewRegions.REGION
+        region = start // R
+        if seq < self.journal.last_seq and (end - 1) // R == region and end > start:
+            # a past point: resolve its 64 MiB region once, then bisect (see _ViewRegions)
+            key = (seq, region)
+            cached = self.view_regions.get(key)
+            if cached is None:
+                r0 = region * R
+                cached = self.view_regions.put(
+                    key, self._resolve_maps(seq, r0, min(r0 + R, self.size)))
+            ends, exts = cached
+            i = bisect_right(ends, start)
+            out = []
+            for e in exts[i:]:
+                if e.start >= end:
+                    break
+                a = e.start if e.start > start else start
+                b = e.end if e.end < end else end
+                out.append(e if (a, b) == (e.start, e.end) else
+                           Extent(a, b, e.seq, e.loc, e.poff + a - e.start if e.loc >= 0 else e.poff))
+            return out
+        return self._resolve_maps(seq, start, end)
+
+    def _resolve_maps(self, seq: int, start: int, end: int) -> list[Any]:
         try:
             return self.maps.resolve(seq, start, end)
         except MapExpired:
