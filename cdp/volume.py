@@ -33,12 +33,13 @@ import logging
 import os
 import time
 import uuid
-from bisect import bisect_right
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from cdp.config import MapSettings, Settings
 from cdp.errors import CdpError, Corruption, NotFound, OutOfRange, PointError, UsageError
@@ -129,33 +130,32 @@ class _ViewRegions:
 
     A past point never changes (new writes, rewinds included, only add history), so a
     region resolved once for a point-in-time view answers every later read of it with
-    a bisect instead of a walk over the map hierarchy. Retention clears it (points it
-    expires must be refused)."""
+    a binary search instead of a walk over the map hierarchy. Kept as int64 columns
+    (40 bytes an extent). Retention clears it (points it expires must be refused)."""
 
     REGION = 64 << 20
-    ENTRY_BYTES = 120  # rough cost of one cached extent (tuple + list slots)
 
     def __init__(self, budget: int) -> None:
         self.budget = budget
         self.used = 0
-        self._d: OrderedDict[tuple[int, int], tuple[list[int], list[Any]]] = OrderedDict()
+        self._d: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
 
-    def get(self, key: tuple[int, int]) -> tuple[list[int], list[Any]] | None:
+    def get(self, key: tuple[int, int]) -> np.ndarray | None:
         r = self._d.get(key)
         if r is not None:
             self._d.move_to_end(key)
         return r
 
-    def put(self, key: tuple[int, int], exts: list[Any]) -> tuple[list[int], list[Any]]:
-        r = ([e.end for e in exts], exts)
-        cost = len(exts) * self.ENTRY_BYTES
-        if cost <= self.budget // 4:
-            self._d[key] = r
-            self.used += cost
+    def put(self, key: tuple[int, int], exts: list[Any]) -> np.ndarray:
+        """Store *exts* as a (5, n) int64 array: start, end, seq, loc, poff rows."""
+        cols = np.array(exts, dtype=np.int64).reshape(-1, 5).T.copy()
+        if cols.nbytes <= self.budget // 4:
+            self._d[key] = cols
+            self.used += cols.nbytes
             while self.used > self.budget:
-                _, (_, old) = self._d.popitem(last=False)
-                self.used -= len(old) * self.ENTRY_BYTES
-        return r
+                _, old = self._d.popitem(last=False)
+                self.used -= old.nbytes
+        return cols
 
     def clear(self) -> None:
         self._d.clear()
@@ -563,16 +563,19 @@ class Volume:
                 r0 = region * R
                 cached = self.view_regions.put(
                     key, self._resolve_maps(seq, r0, min(r0 + R, self.size)))
-            ends, exts = cached
-            i = bisect_right(ends, start)
+            starts, ends, seqs, locs, poffs = cached
+            i = int(np.searchsorted(ends, start, side="right"))
+            j = int(np.searchsorted(starts, end, side="left"))
             out = []
-            for e in exts[i:]:
-                if e.start >= end:
-                    break
-                a = e.start if e.start > start else start
-                b = e.end if e.end < end else end
-                out.append(e if (a, b) == (e.start, e.end) else
-                           Extent(a, b, e.seq, e.loc, e.poff + a - e.start if e.loc >= 0 else e.poff))
+            for k in range(i, j):
+                a = int(starts[k])
+                b = int(ends[k])
+                loc = int(locs[k])
+                poff = int(poffs[k])
+                if a < start:
+                    poff += start - a if loc >= 0 else 0
+                    a = start
+                out.append(Extent(a, b if b < end else end, int(seqs[k]), loc, poff))
             return out
         return self._resolve_maps(seq, start, end)
 
