@@ -563,19 +563,15 @@ class Volume:
                 r0 = region * R
                 cached = self.view_regions.put(
                     key, self._resolve_maps(seq, r0, min(r0 + R, self.size)))
-            starts, ends, seqs, locs, poffs = cached
-            i = int(np.searchsorted(ends, start, side="right"))
-            j = int(np.searchsorted(starts, end, side="left"))
+            i = int(cached[1].searchsorted(start, "right"))
+            j = int(cached[0].searchsorted(end, "left"))
             out = []
-            for k in range(i, j):
-                a = int(starts[k])
-                b = int(ends[k])
-                loc = int(locs[k])
-                poff = int(poffs[k])
+            for a, b, q, loc, poff in cached[:, i:j].T.tolist():
                 if a < start:
-                    poff += start - a if loc >= 0 else 0
+                    if loc >= 0:
+                        poff += start - a
                     a = start
-                out.append(Extent(a, b if b < end else end, int(seqs[k]), loc, poff))
+                out.append(Extent(a, b if b < end else end, q, loc, poff))
             return out
         return self._resolve_maps(seq, start, end)
 
