@@ -39,15 +39,6 @@ log = logging.getLogger("cdp.iscsi")
 DEFAULT_PORT = 3260
 
 
-def new_event_loop() -> asyncio.AbstractEventLoop:
-    """A uvloop event loop when uvloop is installed, else the default one."""
-    try:
-        import uvloop
-    except ImportError:  # pragma: no cover
-        return asyncio.new_event_loop()
-    return uvloop.new_event_loop()
-
-
 class _IscsiProtocol(asyncio.Protocol):
     """One initiator connection."""
 

@@ -4,7 +4,7 @@ Design notes
 ------------
 - One :class:`asyncio.Protocol` per connection (no streams: ``data_received`` feeds the
   core directly, replies leave with one ``transport.writelines`` per batch). Use uvloop
-  for speed (:func:`new_event_loop` picks it when installed).
+  for speed (cdpd runs under uvloop; see cdp.targets.thread.new_event_loop for tests).
 - Requests go to the :class:`~cdp.targets.blockdev.BlockDevice` the core opened. A method
   that returns its result directly is answered at once without creating a task (the
   fast path); one that returns an awaitable runs as a task and its reply goes out when
@@ -48,15 +48,6 @@ _FUA = int(CmdFlag.FUA)
 _NO_HOLE = int(CmdFlag.NO_HOLE)
 _FAST_ZERO = int(CmdFlag.FAST_ZERO)
 _BYTES = (bytes, bytearray, memoryview)
-
-
-def new_event_loop() -> asyncio.AbstractEventLoop:
-    """A uvloop event loop when uvloop is installed, else the default one."""
-    try:
-        import uvloop
-    except ImportError:  # pragma: no cover - uvloop is a dependency
-        return asyncio.new_event_loop()
-    return uvloop.new_event_loop()
 
 
 class _NbdProtocol(asyncio.Protocol):
