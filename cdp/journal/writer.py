@@ -554,17 +554,7 @@ class Journal:
             mv[w + RECORD_HEADER_SIZE : end] = payload
             _U32_PACK_INTO(self._buf, w + 4, _CRC(mv[w + CRC_START : end]))
             self._w = end
-        cur = self._cur
-        if not cur.count:
-            cur.first_ts = ts
-            self._first_ts[-1] = ts
-        cur.count += 1
-        cur.raw_bytes += raw
-        self._cur_ts_append(ts)
-        self._cur_offs_append(pos)
-        self._last_seq = seq
-        self._last_ts = ts
-        return seq, pos
+        return self._appended(seq, ts, pos, raw)
 
     def _append_chunked(self, kind: int, offset: int, data: Buffer) -> tuple[int, int]:
         """Append a data record of more than one chunk: chunk table + chunks."""
@@ -631,12 +621,16 @@ class Journal:
                 mv_buf[p : p + k] = c
                 p += k
             self._w = p
+        return self._appended(seq, ts, pos, n)
+
+    def _appended(self, seq: int, ts: int, pos: int, raw: int) -> tuple[int, int]:
+        """Bookkeeping of a record just placed at ``pos`` of the current segment."""
         cur = self._cur
         if not cur.count:
             cur.first_ts = ts
             self._first_ts[-1] = ts
         cur.count += 1
-        cur.raw_bytes += n
+        cur.raw_bytes += raw
         self._cur_ts_append(ts)
         self._cur_offs_append(pos)
         self._last_seq = seq
