@@ -538,12 +538,7 @@ class Journal:
         if stored >= DIRECT_WRITE:
             tail = _TAIL_PACK(RECORD_VERSION, kind, comp, 0, stored, seq, ts, offset, length)
             head = _PREFIX_PACK(RECORD_MAGIC, _CRC(payload, _CRC(tail))) + tail
-            try:
-                self._fs.writev(self._fd, [self._mv[:w], head, payload] if w else [head, payload])
-            except OSError as exc:
-                raise self._undo_write(exc) from exc
-            self._file_size = pos + RECORD_HEADER_SIZE + stored
-            self._w = 0
+            self._write_direct(w, pos + RECORD_HEADER_SIZE + stored, head, [payload])
         else:
             if not w:
                 self._arm_flush_timer()
@@ -604,12 +599,7 @@ class Journal:
         tail = _TAIL_PACK(RECORD_VERSION, kind, _CHUNKED, 0, stored, seq, ts, offset, n)
         head = _PREFIX_PACK(RECORD_MAGIC, crc(table, crc(tail))) + tail
         if stored >= DIRECT_WRITE:
-            try:
-                self._fs.writev(self._fd, [self._mv[:w], head, *parts] if w else [head, *parts])
-            except OSError as exc:
-                raise self._undo_write(exc) from exc
-            self._file_size = pos + RECORD_HEADER_SIZE + stored
-            self._w = 0
+            self._write_direct(w, pos + RECORD_HEADER_SIZE + stored, head, parts)
         else:
             if not w:
                 self._arm_flush_timer()
@@ -622,6 +612,16 @@ class Journal:
                 p += k
             self._w = p
         return self._appended(seq, ts, pos, n)
+
+    def _write_direct(self, w: int, new_size: int, head: bytes, parts: list[Buffer]) -> None:
+        """Write the buffered ``w`` bytes, then a large record (header + parts), in one
+        writev, bypassing the user-space buffer; on failure nothing counts as written."""
+        try:
+            self._fs.writev(self._fd, [self._mv[:w], head, *parts] if w else [head, *parts])
+        except OSError as exc:
+            raise self._undo_write(exc) from exc
+        self._file_size = new_size
+        self._w = 0
 
     def _appended(self, seq: int, ts: int, pos: int, raw: int) -> tuple[int, int]:
         """Bookkeeping of a record just placed at ``pos`` of the current segment."""
