@@ -72,3 +72,29 @@ def test_power_loss_after_a_seal_between_flushes(tmp_path: Path) -> None:
 
     res = asyncio.run(go())
     assert res["problems"] == [] and res["lost"] == 0
+
+
+def test_coverage_guided_fuzzers_run_clean(tmp_path: Path) -> None:
+    """Every fuzz target runs a few seconds under atheris (coverage-guided, inputs from
+    tests/fuzz_corpus): inputs execute, coverage grows, nothing escapes."""
+    from tools.torture.fuzz import run_fuzz
+    from tools.torture.fuzz_targets import TARGETS
+
+    r = run_fuzz(3, list(TARGETS), tmp_path, log=lambda m: None, jobs=2)
+    assert r["problems"] == []
+    assert r["findings"] == 0
+    for row in r["targets"]:
+        assert row["executions"] > 50, row
+        assert row["coverage"] and row["coverage"] > 5, row  # 0 when not instrumented
+
+
+def test_fuzz_runner_reports_a_finding(tmp_path: Path) -> None:
+    """The runner is not blind: a target that raises a foreign exception is a finding
+    whose input is kept."""
+    from tools.torture import fuzz_targets
+    from tools.torture.fuzz import fuzz_one
+
+    assert "selftest" not in fuzz_targets.TARGETS
+    r = fuzz_one("selftest", 20, tmp_path, log=lambda m: None)
+    assert r["findings"], r
+    assert "planted" in r.get("error", ""), r

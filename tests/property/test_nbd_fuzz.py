@@ -5,68 +5,13 @@ from __future__ import annotations
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cdp.errors import ProtocolError
-from cdp.targets.memdev import MemoryProvider
-from cdp.targets.nbd.core import NEED_DATA, Request, ServerConnection
-from cdp.targets.nbd.proto import Cmd, CmdFlag, Info, Opt
-from cdp.targets.nbd.testwire import FLAGS, go, meta, opt, req
+from cdp.targets.nbd.proto import Opt
+from cdp.targets.nbd.testwire import FLAGS, go, opt
+from tools.torture.fuzz_targets import nbd_drive, nbd_messages
 
-SIZE = 1 << 16
-
-
-def _provider() -> MemoryProvider:
-    p = MemoryProvider()
-    p.add("disk", SIZE, extra_contexts=["x-cdp:a"])
-    p.add("ro", SIZE, read_only=True)
-    return p
-
-
-VALID = [
-    FLAGS,
-    opt(Opt.STRUCTURED_REPLY),
-    opt(Opt.LIST),
-    meta(Opt.LIST_META_CONTEXT, "disk", "x-cdp:"),
-    meta(Opt.SET_META_CONTEXT, "disk", "base:allocation", "x-cdp:a"),
-    go("disk", Info.BLOCK_SIZE, Info.NAME, option=Opt.INFO),
-    go("disk", Info.BLOCK_SIZE, Info.DESCRIPTION),
-    req(Cmd.WRITE, 0, 512, CmdFlag.FUA, 1) + b"w" * 512,
-    req(Cmd.READ, 0, 512, 0, 2),
-    req(Cmd.BLOCK_STATUS, 0, 4096, CmdFlag.REQ_ONE, 3),
-    req(Cmd.WRITE_ZEROES, 512, 512, CmdFlag.NO_HOLE, 4),
-    req(Cmd.TRIM, 0, 1024, 0, 5),
-    req(Cmd.FLUSH, 0, 0, 0, 6),
-    req(Cmd.CACHE, 0, 4096, 0, 7),
-    req(Cmd.DISC),
-]
+VALID = nbd_messages()
 TRANSCRIPT = b"".join(VALID)
-
-
-def _drive(pieces: list[bytes]) -> None:
-    """Feed pieces, answering requests like the server; only ProtocolError may escape."""
-    conn = ServerConnection(_provider())
-    conn.initial_bytes()
-    try:
-        for p in [*pieces, b""]:
-            conn.receive_data(p)
-            while (ev := conn.next_event()) is not NEED_DATA:
-                if isinstance(ev, Request):
-                    dev = conn.device
-                    assert dev is not None
-                    if ev.cmd == Cmd.READ:
-                        conn.reply_read(ev, dev.read(ev.offset, ev.length))  # type: ignore[arg-type]
-                    elif ev.cmd == Cmd.BLOCK_STATUS:
-                        res = [
-                            (cid, dev.block_status(n, ev.offset, ev.length))
-                            for cid, n in conn.contexts
-                        ]
-                        conn.reply_block_status(ev, res)  # type: ignore[arg-type]
-                    else:
-                        conn.reply_ok(ev)
-                if p == b"" and ev is not NEED_DATA and not isinstance(ev, Request):
-                    break
-            conn.data_to_send()
-    except ProtocolError:
-        pass
+_drive = nbd_drive
 
 
 FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])

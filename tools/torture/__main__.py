@@ -1,4 +1,5 @@
-"""python -m tools.torture [--runs N] [--powerloss N] [--corrupt] [--overload SECONDS]
+"""python -m tools.torture [--runs N] [--powerloss N] [--corrupt N] [--overload SECONDS]
+                          [--fuzz SECONDS [--fuzz-targets A,B] [--fuzz-jobs N]]
 
 Prints the figures of each rig as JSON; exits 1 if anything acknowledged was lost or a
 check failed."""
@@ -27,6 +28,11 @@ def main(argv: list[str] | None = None) -> int:
                     help="power-loss histories (each crashed at every flush point)")
     ap.add_argument("--corrupt", type=int, default=0, metavar="N", help="corruption cases")
     ap.add_argument("--overload", type=float, default=0, metavar="SECONDS")
+    ap.add_argument("--fuzz", type=float, default=0, metavar="SECONDS",
+                    help="coverage-guided fuzzing, SECONDS per target")
+    ap.add_argument("--fuzz-targets", default=None,
+                    help="comma-separated fuzz targets (default: all)")
+    ap.add_argument("--fuzz-jobs", type=int, default=1, help="fuzz targets run at once")
     ap.add_argument("-q", "--quiet", action="store_true")
     a = ap.parse_args(argv)
     log = (lambda *_: None) if a.quiet else (lambda m: print(m, file=sys.stderr, flush=True))
@@ -69,6 +75,18 @@ def main(argv: list[str] | None = None) -> int:
             print(f"overload: {r['connections']} connections, {r['writes']} writes, "
                   f"{r['markers']} markers, errors {len(r['problems'])}, peak RSS "
                   f"{r['peak_rss_mib']} MiB", flush=True)
+        if a.fuzz:
+            from tools.torture.fuzz import run_fuzz
+            from tools.torture.fuzz_targets import TARGETS
+
+            names = a.fuzz_targets.split(",") if a.fuzz_targets else list(TARGETS)
+            r = run_fuzz(a.fuzz, names, work / "fuzz", log=log, jobs=a.fuzz_jobs)
+            out["fuzz"] = r
+            bad |= bool(r["problems"])
+            for row in r["targets"]:
+                print(f"fuzz {row['target']}: {row['executions']} executions "
+                      f"({row['exec_per_s']}/s), coverage {row['coverage']}, "
+                      f"findings {len(row['findings'])}", flush=True)
     print(json.dumps(out, indent=1, default=str))
     if bad:
         print("torture: FAILED", file=sys.stderr)
