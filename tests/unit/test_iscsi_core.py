@@ -540,3 +540,30 @@ def test_device_errors_become_sense(portal: Portal, provider: MemoryProvider) ->
     ini = logged_in(portal)
     r = ini.scsi(cdb_rw(0x28, 0, 1), edtl=512)
     assert sense_of(r.sense) == (SenseKey.MEDIUM_ERROR, Asc.UNRECOVERED_READ_ERROR)
+
+
+def test_write_announcing_gigabytes_is_refused_without_buffering(portal: Portal) -> None:
+    """Regression (found by the coverage-guided fuzzer): a WRITE whose EDTL announced
+    4 GiB with a few bytes of immediate data made the target allocate 4 GiB up front.
+    Now: CHECK CONDITION / INVALID FIELD IN CDB at once, nothing buffered, and the
+    session keeps working."""
+    import resource
+
+    ini = logged_in(portal)
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    r = ini.scsi(cdb_rw(0x2A, 0, 1), b"w" * 512, edtl=0xFFFFFFFF)
+    assert r.status == Status.CHECK_CONDITION
+    assert r.sense[2] & 0x0F == 0x05 and r.sense[12] == 0x24  # ILLEGAL REQUEST, INVALID FIELD
+    assert not ini.conn.tasks
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0 < 256 << 10  # KiB
+    assert ini.scsi(cdb_rw(0x2A, 8, 1), b"v" * 512).status == Status.GOOD
+    assert ini.scsi(cdb_rw(0x28, 8, 1), edtl=512).data == b"v" * 512
+
+
+def test_write_data_out_bursts_assemble_in_place(portal: Portal) -> None:
+    """The write buffer grows with the data: a 4 MiB write in R2T bursts after 8 KiB of
+    immediate data reads back exactly."""
+    ini = logged_in(portal)
+    data = bytes(range(256)) * (4 << 12)
+    assert ini.scsi(cdb_rw(0x2A, 0, len(data) // 512), data, immediate_len=8192).status == Status.GOOD
+    assert ini.scsi(cdb_rw(0x28, 0, len(data) // 512), edtl=len(data)).data == data

@@ -75,9 +75,22 @@ from cdp.targets.iscsi.pdu import (
     parse_text,
 )
 from cdp.targets.iscsi.pdu import digest_bytes as _digest
-from cdp.targets.iscsi.scsi import LogicalUnit, LuState, ScsiRequest, ScsiResult
+from cdp.targets.iscsi.scsi import (
+    BLOCK,
+    MAX_XFER_BLOCKS,
+    LogicalUnit,
+    LuState,
+    ScsiRequest,
+    ScsiResult,
+)
+from cdp.targets.iscsi.sense import Status, illegal
 
 QUEUE_DEPTH: Final = 128
+#: the data-out a command may announce (EDTL) beyond the LUN's capacity: COMPARE AND
+#: WRITE's maximum (twice the Block Limits transfer) plus a parameter list. Initiators
+#: do send writes larger than the advertised maximum transfer (libiscsi does), so the
+#: bound is the LUN; memory follows the data that actually arrives.
+MAX_WRITE_EDTL: Final = 2 * MAX_XFER_BLOCKS * BLOCK + (1 << 16)
 OUR_MRDSL: Final = 262144
 OUR_MAX_BURST: Final = 1 << 20
 OUR_FIRST_BURST: Final = 262144
@@ -621,8 +634,16 @@ class Connection:
             del self.tasks[itt]
             raise IscsiProtocolError("immediate data beyond EDTL or FirstBurstLength",
                                      RejectReason.PROTOCOL_ERROR, bytes(pdu.bhs))
-        task.buf = bytearray(edtl)
-        task.buf[: len(imm)] = imm
+        if edtl > MAX_WRITE_EDTL + (lu.blocks * BLOCK if lu else 0):
+            # more than the LUN holds: no command can carry it, so never buffer it
+            del self.tasks[itt]
+            sense = illegal(field=0).sense
+            self._scsi_response(itt, Status.CHECK_CONDITION,
+                                sense.descriptor() if lu and lu.state.d_sense else sense.fixed(),
+                                0, 0, 0)
+            return
+        # grows with the data that arrives (never sized by the initiator's EDTL alone)
+        task.buf = bytearray(imm)
         task.received = len(imm)
         if not p.initial_r2t and not (flags & F_FINAL):
             task.unsol_end = min(p.first_burst, edtl)
@@ -643,6 +664,8 @@ class Connection:
 
     def _run(self, task: Task) -> None:
         if task.buf is not None:
+            if len(task.buf) < task.edtl:
+                task.buf.extend(bytes(task.edtl - len(task.buf)))
             task.request.data = bytes(task.buf)
             task.buf = None
         task.dispatched = True
@@ -696,7 +719,10 @@ class Connection:
             burst[3] += len(data)
             if pdu.final:
                 del task.bursts[ttt]
-        task.buf[offset:end] = data
+        buf = task.buf
+        if offset > len(buf):  # a later burst first: zeros until the gap is filled
+            buf.extend(bytes(offset - len(buf)))
+        buf[offset:end] = data
         task.received += len(data)
         if task.received >= task.edtl and not task.bursts:
             self._run(task)
