@@ -169,9 +169,13 @@ async def _initial_copy(vol: Volume, image: str, fmt: str, progress: Progress) -
 
 async def status(store: Store, args: dict[str, Any], progress: Progress) -> Any:
     names = args.get("volumes") or [None]
-    if names == [None] and len(store.volumes) > 1:
-        names = sorted(store.volumes)
-    out = []
+    if names == [None] and (len(store.volumes) > 1 or store.damaged):
+        names = sorted(store.volumes)  # every volume, the damaged ones listed first
+    out: list[dict[str, Any]] = [
+        {"volume": n, "damaged": err} for n, err in sorted(store.damaged.items())
+        if not args.get("volumes") or n in args["volumes"]]
+    if out and args.get("volumes"):
+        store.volume(out[0]["volume"])  # asked for a damaged volume: say so (exit 6)
     for n in names:
         vol = store.volume(n)
         st = vol.status()
@@ -292,15 +296,23 @@ async def verify(store: Store, args: dict[str, Any], progress: Progress) -> Any:
     """Check every record of every (or one) volume's journal, the map files and manifest
     (checksums; nothing past the journal), the markers and the file catalog (SQLite
     integrity). Result ``ok`` is False when anything is damaged."""
-    from cdp.verify import CATALOG_FILE, verify_catalog, verify_maps
+    from cdp.verify import CATALOG_FILE, verify_catalog, verify_maps, verify_volume_dir
 
+    loop = asyncio.get_running_loop()
     names = [args["volume"]] if args.get("volume") else sorted(store.volumes)
     results = []
+    for name in sorted(store.damaged):  # not open: checked as files, like offline
+        if not args.get("volume") or args["volume"] == name:
+            r = await loop.run_in_executor(None, verify_volume_dir, store.path / "volumes" / name)
+            if r["ok"]:  # what kept it from opening is damage too
+                r["ok"] = False
+                r["problems"].append({"what": "volume", "reason": store.damaged[name]})
+            results.append(r)
+    names = [n for n in names if n not in store.damaged]
     for i, name in enumerate(names):
         vol = store.volume(name)
         vol.journal.sync()
         durable = vol.journal.durable_seq
-        loop = asyncio.get_running_loop()
         rep = await loop.run_in_executor(None, verify_journal, vol.path / "journal")
         problems = [dict(p) if isinstance(p, dict) else _as_dict(p) for p in rep.problems]
         for p in problems:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import logging
 import os
 import time
 import uuid
@@ -24,6 +25,8 @@ from cdp.catalog.service import attach_catalog
 from cdp.config import VOLUME_NAME, Settings
 from cdp.errors import Corruption, NotFound, StoreLocked, UsageError
 from cdp.volume import Volume, write_file_atomic
+
+log = logging.getLogger("cdp.store")
 
 STORE_FORMAT = 1  # store.json "format"
 SOCKET_NAME = "cdpd.sock"
@@ -37,6 +40,9 @@ class Store:
         self.settings = settings
         self._lock_fd = lock_fd
         self.volumes: dict[str, Volume] = {}
+        #: volumes that could not be opened because a store file is damaged: name ->
+        #: the error. They are not served (the others are) until ``cdpctl verify --repair``.
+        self.damaged: dict[str, str] = {}
 
     @property
     def socket_path(self) -> Path:
@@ -46,6 +52,8 @@ class Store:
     def open(cls, settings: Settings, *, create: bool = True) -> Store:
         """Open (or create) the store at ``settings.store``, take its lock, open every
         volume (running journal recovery) and create configured volumes that are missing.
+        A volume whose files are damaged (Corruption) is left closed and listed in
+        :attr:`damaged`; the other volumes open and are served.
 
         Raises StoreLocked if another process holds the store.
         """
@@ -69,12 +77,18 @@ class Store:
         try:
             for vdir in sorted((path / "volumes").iterdir()):
                 if (vdir / "volume.json").exists():
-                    v = Volume.open(vdir, settings)
+                    try:
+                        v = Volume.open(vdir, settings)
+                    except Corruption as e:
+                        store.damaged[vdir.name] = str(e)
+                        log.error("volume %s is damaged and not served: %s (stop cdpd and "
+                                  "run `cdpctl verify --repair`)", vdir.name, e)
+                        continue
                     store.volumes[v.name] = v
                     attach_catalog(v)  # file catalog: background MFT diff at every marker
             if create:
                 for spec in settings.volumes:
-                    if spec.name not in store.volumes:
+                    if spec.name not in store.volumes and spec.name not in store.damaged:
                         if spec.mode == "proxy":
                             from cdp.proxy import create_proxy_volume
 
@@ -101,7 +115,7 @@ class Store:
                 f"{name!r} is not a valid volume name (lowercase letters, digits, '_', '.', "
                 "'-'; at most 64; no '@')"
             )
-        if name in self.volumes:
+        if name in self.volumes or name in self.damaged:
             raise UsageError(f"volume {name!r} already exists")
         v = Volume.create(self.path / "volumes" / name, name, size, self.settings, extra_meta, prepare)
         self.volumes[name] = v
@@ -122,11 +136,16 @@ class Store:
         try:
             return self.volumes[name]
         except KeyError:
+            if name in self.damaged:
+                raise Corruption(
+                    f"volume {name!r} is damaged and not served: {self.damaged[name]} "
+                    "(stop cdpd and run `cdpctl verify --repair`)") from None
             known = ", ".join(sorted(self.volumes)) or "none"
             raise NotFound(f"no volume {name!r} (volumes: {known})") from None
 
     def info(self) -> dict[str, Any]:
-        return {"store": str(self.path), "volumes": sorted(self.volumes)}
+        return {"store": str(self.path), "volumes": sorted(self.volumes),
+                "damaged": dict(sorted(self.damaged.items()))}
 
     def close(self) -> None:
         """Close every volume (seal + sync) and release the lock."""

@@ -282,7 +282,11 @@ class Volume:
             path, meta["name"], int(meta["size"]), meta["uuid"], journal, maps, settings,
             markers, next_id,
         )
-        vol._replay()
+        try:
+            vol._replay()
+        except BaseException:
+            journal.close()
+            raise
         vol._opened(meta)
         return vol
 

@@ -22,6 +22,11 @@ def run(ctx: Context, args: argparse.Namespace) -> int:
     for i, s in enumerate(rows):
         if i:
             print()
+        if "damaged" in s:
+            print(f"volume:        {s['volume']}  (DAMAGED, not served)")
+            print(f"error:         {s['damaged']}")
+            print("repair:        stop cdpd, then `cdpctl verify --repair`")
+            continue
         nm = s.get("newest_marker")
         ratio = s.get("compression_ratio")
         print(f"volume:        {s['volume']}{'  (PAUSED)' if s['paused'] else ''}")

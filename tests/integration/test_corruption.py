@@ -25,6 +25,10 @@ def test_damage_is_named_never_served_and_repaired(kind: str, pristine: tuple[Pa
     assert c.detected, f"{kind}: cdpctl verify did not exit 6"
     assert c.named, f"{kind}: cdpctl verify did not name {c.file.name}"
     assert c.wrong_chunks == 0, f"{kind}: damaged data was served as other bytes"
+    assert c.daemon_started, f"{kind}: cdpd did not start on a store with one damaged file"
+    assert c.others_served, f"{kind}: the undamaged volume was not served in full"
+    assert c.good_chunks > 0 or c.vol0_refused, \
+        f"{kind}: vol0 neither served nor refused with a clear error"
     if kind.startswith("journal"):
         assert c.daemon_started and c.eio_chunks > 0, "reads touching the damage must fail with EIO"
         assert c.good_chunks > 0, "everything else must still be served"

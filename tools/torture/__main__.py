@@ -65,7 +65,8 @@ def main(argv: list[str] | None = None) -> int:
             out["corruption"] = r
             bad |= bool(r["problems"])
             print(f"corruption: cases {r['cases']}, detected {r['detected']}, "
-                  f"silent {r['silent']}", flush=True)
+                  f"silent {r['silent']}, damaged volume refused (others served) "
+                  f"{r['volumes_refused']}", flush=True)
         if a.overload:
             from tools.torture.overload import run_overload
 

@@ -4,9 +4,11 @@ file, then check that
 
 * ``cdpctl verify`` (offline, and through the daemon when it starts) exits 6 and names
   the damaged file;
-* over NBD, every 64 KiB of the volume either reads back exactly what was written or
-  fails with EIO — never different bytes (a daemon that refuses to open the damaged
-  volume, exit 6 naming the file, serves nothing wrong either);
+* cdpd starts: over NBD, every 64 KiB of the volume either reads back exactly what was
+  written or fails with EIO — never different bytes; when the damage keeps the volume
+  from opening (maps, manifest, markers file), cdpd refuses that volume with a line
+  naming the damage, lists it as damaged in ``cdpctl status``, and still serves the
+  store's other volume (``vol1``) in full;
 * ``cdpctl verify --repair`` rebuilds maps, markers and catalog from the journal (the
   store then verifies clean and reads back exactly), and reports journal damage as not
   repairable instead of dropping it.
@@ -29,6 +31,7 @@ from tools.torture.model import BLOCK, content, decode
 
 MiB = 1 << 20
 SIZE = 32 * MiB
+VOL1 = '\n[[volume]]\nname = "vol1"\nsize = "4MiB"\n'
 CASES = ("journal-flip", "journal-zero", "journal-truncate", "map-flip", "map-zero",
          "map-truncate", "manifest-flip", "manifest-zero", "catalog-zero", "catalog-garbage",
          "markers-garbage")
@@ -46,6 +49,8 @@ class Case:
     wrong_chunks: int = 0
     repaired: bool = False
     repair_output: str = ""
+    vol0_refused: bool = False  # the damaged volume was refused with a clear error
+    others_served: bool = False  # vol1 read back exactly while vol0 was damaged
 
 
 def build_store(work: Path, seed: int) -> tuple[Path, np.ndarray]:
@@ -53,7 +58,11 @@ def build_store(work: Path, seed: int) -> tuple[Path, np.ndarray]:
     catalog); returns the store and the generation of every block at the end."""
     rng = random.Random(seed)
     work.mkdir(parents=True, exist_ok=True)
-    cd = Cdpd(work, size=f"{SIZE // MiB}MiB", segment_bytes="1MiB", l0_max_writes=32).start()
+    cd = Cdpd(work, size=f"{SIZE // MiB}MiB", segment_bytes="1MiB", l0_max_writes=32,
+              extra_config=VOL1).start()
+    with NbdClient.connect(cd.uri("vol1")) as c:  # the undamaged neighbour
+        c.pwrite(_vol1_bytes(), 0)
+        c.flush()
     nblocks = SIZE // BLOCK
     state = np.zeros(nblocks, dtype=np.int64)
     gen = 0
@@ -67,11 +76,15 @@ def build_store(work: Path, seed: int) -> tuple[Path, np.ndarray]:
                 c.pwrite(b"".join(content(b, g) for b in range(b0, b0 + n)), b0 * BLOCK)
                 state[b0 : b0 + n] = g
             c.flush()
-            cd.cdpctl("snapshot", "--label", f"s{step}")
+            cd.cdpctl("snapshot", "-V", "vol0", "--label", f"s{step}")
     r = cd.cdpctl("verify", check=False)
     assert r.returncode == 0, r.stdout
     assert cd.stop() == 0
     return cd.store, state
+
+
+def _vol1_bytes() -> bytes:
+    return b"".join(content(b, 7) for b in range((4 * MiB) // BLOCK))
 
 
 def _damage(kind: str, store: Path, state: np.ndarray, rng: random.Random) -> Path:
@@ -158,7 +171,8 @@ def run_case(kind: str, pristine: Path, state: np.ndarray, work: Path, seed: int
     if work.exists():
         shutil.rmtree(work)
     work.mkdir(parents=True)
-    cd = Cdpd(work, size=f"{SIZE // MiB}MiB", segment_bytes="1MiB", l0_max_writes=32)
+    cd = Cdpd(work, size=f"{SIZE // MiB}MiB", segment_bytes="1MiB", l0_max_writes=32,
+              extra_config=VOL1)
     shutil.copytree(pristine, cd.store)
     f = _damage(kind, cd.store, state, rng)
     case = Case(kind, f)
@@ -169,11 +183,23 @@ def run_case(kind: str, pristine: Path, state: np.ndarray, work: Path, seed: int
         cd.start(timeout=60)
         case.daemon_started = True
     except RuntimeError:
-        case.daemon_started = False  # refused to open the damaged volume (exit 6, named)
+        case.daemon_started = False
     if case.daemon_started:
         r2 = cd.cdpctl("verify", check=False)
         case.detected = case.detected and r2.returncode == 6 and f.name in r2.stdout
-        _read_all(cd, state, case)
+        with NbdClient.connect(cd.uri("vol1"), timeout=60) as c:
+            case.others_served = c.pread(0, 4 * MiB) == _vol1_bytes()
+        st = cd.cdpctl("status", "--json", check=False)
+        if '"damaged"' in st.stdout:  # vol0 did not open: refused, never served
+            s0 = cd.cdpctl("status", "-V", "vol0", check=False)
+            case.vol0_refused = s0.returncode == 6 and "damaged" in s0.stderr
+            try:
+                with NbdClient.connect(cd.uri("vol0"), timeout=10):
+                    case.vol0_refused = False
+            except NbdClientError:
+                pass
+        else:
+            _read_all(cd, state, case)
         cd.stop()
     r3 = cd.cdpctl("verify", "--repair", check=False)
     case.repair_output = r3.stdout + r3.stderr
@@ -195,7 +221,7 @@ def run_corruption(work: Path, *, cases: int = len(CASES), seed: int = 1,
                    log: Any = print) -> dict[str, Any]:
     pristine, state = build_store(work / "pristine", seed)
     res: dict[str, Any] = {"cases": 0, "detected": 0, "named": 0, "silent": 0, "wrong_reads": 0,
-                           "eio_chunks": 0, "repaired": 0, "daemon_refused": 0, "problems": [],
+                           "eio_chunks": 0, "repaired": 0, "volumes_refused": 0, "problems": [],
                            "by_kind": {}}
     for i in range(cases):
         kind = CASES[i % len(CASES)]
@@ -207,14 +233,17 @@ def run_corruption(work: Path, *, cases: int = len(CASES), seed: int = 1,
         res["wrong_reads"] += c.wrong_chunks
         res["eio_chunks"] += c.eio_chunks
         res["repaired"] += c.repaired
-        res["daemon_refused"] += not c.daemon_started
+        res["volumes_refused"] += c.vol0_refused
         res["by_kind"][kind] = {"detected": c.detected, "named": c.named,
                                 "daemon_started": c.daemon_started, "eio_chunks": c.eio_chunks,
                                 "good_chunks": c.good_chunks, "wrong_chunks": c.wrong_chunks,
+                                "vol0_refused": c.vol0_refused, "others_served": c.others_served,
                                 "repaired": c.repaired}
-        if not (c.detected and c.named and c.wrong_chunks == 0 and c.repaired):
+        served = c.daemon_started and c.others_served and (c.good_chunks or c.vol0_refused)
+        if not (c.detected and c.named and c.wrong_chunks == 0 and c.repaired and served):
             res["problems"].append(f"{kind}: {res['by_kind'][kind]}\n{c.repair_output[-800:]}")
         log(f"corruption {kind}: detected {c.detected} named {c.named} started "
-            f"{c.daemon_started} eio {c.eio_chunks} wrong {c.wrong_chunks} repaired {c.repaired}")
+            f"{c.daemon_started} vol0 refused {c.vol0_refused} vol1 served {c.others_served} "
+            f"eio {c.eio_chunks} wrong {c.wrong_chunks} repaired {c.repaired}")
         shutil.rmtree(work / f"case{i}", ignore_errors=True)
     return res
