@@ -297,8 +297,14 @@ class MapHistory:
         self._lix_used = 0  # bit L set: level L holds slots
         self._lix_n = 0
         self._lix_first = 0  # seq of slot 0 when the index was (re)started
-        self._head = Columns.empty()  # flat deltas of the epoch, up to a multiple of f windows
-        self._recent = Columns.empty()  # flat deltas of the windows sealed since then
+        # The head in three flat tiers (newest wins): ``_recent`` holds the windows
+        # ``[_recent_from, nw)`` (fewer than f), ``_mid`` those since the last big splice
+        # (fewer than f**2), ``_head`` everything before. See _seal_window.
+        self._head = Columns.empty()
+        self._mid = Columns.empty()
+        self._recent = Columns.empty()
+        self._recent_from = 0  # first window of the epoch in _recent
+        self._recent_in = 0  # data bytes (zero extents excluded) of those windows' L0 maps
         # retention (see retain()): points below keep_after resolve only if retained
         self._retained: list[int] = []
         self._retained_set: set[int] = set()
@@ -367,7 +373,7 @@ class MapHistory:
         self._retained_set = set(self._retained)
         self._keep_after = int(state.get("keep_after", 0))
         self._retain_gen = int(state.get("retain_gen", 0))
-        self._head = self._epoch_all(self._epochs[-1], len(self._epochs[-1].windows))
+        self._reset_head(self._epochs[-1])
 
     def _state(self) -> dict[str, Any]:
         maps: list[tuple[str, int, int, int, MapRef]] = []
@@ -490,8 +496,7 @@ class MapHistory:
         self._epochs.append(_Epoch(seq, target_seq))
         self._rewinds.append(seq)
         self._last_seq = seq
-        self._head = Columns.empty()
-        self._recent = Columns.empty()
+        self._reset_head(self._epochs[-1])
         self._sealed_seq = seq
         self._commit()
 
@@ -549,8 +554,24 @@ class MapHistory:
             self._broken = True
             raise
 
+    def _reset_head(self, ep: _Epoch) -> None:
+        """Rebuild the head tiers from the epoch's maps. Runtime complexity: O(H log H)."""
+        nw = len(ep.windows)
+        self._head = self._epoch_all(ep, nw) if nw else Columns.empty()
+        self._mid = Columns.empty()
+        self._recent = Columns.empty()
+        self._recent_from = nw
+        self._recent_in = 0
+
     def _seal_window(self, k: int, hi: int) -> None:
-        """Seal the first ``k`` live entries as the window ``(lo, hi]``."""
+        """Seal the first ``k`` live entries as the window ``(lo, hi]``.
+
+        The new window's flat deltas are spliced into ``_recent`` (O(recent) copies);
+        every f windows ``_recent`` moves into ``_mid`` (O(mid)) and, being exactly the
+        newest-wins merge of those f windows, is written as their level-1 map (no re-read
+        and re-merge of the L0 files); every f**2 windows and at each full map ``_mid``
+        moves into ``_head`` — the only O(H) step.
+        """
         ep = self._epochs[-1]
         lo = ep.his[-1] if ep.his else ep.rewind_seq
         live = self._live()
@@ -560,27 +581,47 @@ class MapHistory:
         ep.his.append(l0.hi)
         flat, _ = flatten(l0.cols, want_dropped=False)
         self._recent = _splice(self._recent, flat)
+        self._recent_in += _data_bytes(l0.cols)
         nw = len(ep.windows)
         f = self._f
         fe = self.policy.full_every
-        if nw % f == 0 or (fe and nw % fe == 0):
-            # two-tier head: the big splice (O(head)) happens once per f seals
-            self._head = _splice(self._head, self._recent)
+        full_due = bool(fe) and nw % fe == 0
+        l1: MergeResult | None = None
+        if nw % f == 0 or full_due:
+            rec = self._recent
+            if nw % f == 0 and self._recent_from == nw - f and self.on_merge is None:
+                # the L1 map of windows [nw-f, nw) is _recent; what the merge would have
+                # dropped is what the windows held and it does not (byte accounting only:
+                # on_merge callers get the fragments from a real merge below)
+                l1 = MergeResult(
+                    DeltaMap(ep.lo_of(nw - f), l0.hi, rec, flat=True),
+                    _NO_FRAG, _NO_FRAG, _NO_FRAG, _NO_FRAG,
+                )
+                self.dropped_bytes_total += self._recent_in - _data_bytes(rec)
+            self._mid = _splice(self._mid, rec)
             self._recent = Columns.empty()
+            self._recent_from = nw
+            self._recent_in = 0
+            if full_due or nw % (f * f) == 0:
+                self._head = _splice(self._head, self._mid)
+                self._mid = Columns.empty()
         for k in range(1, self._maxk + 1):
             size = f**k
             if nw % size:
                 break
-            below = ep.windows if k == 1 else ep.levels[k - 1]
             j = nw // size - 1
-            res = merge([r.load() for r in below[j * f : (j + 1) * f]])
-            self.dropped_bytes_total += res.dropped_bytes
             lst = ep.levels.setdefault(k, [])
             assert len(lst) == j
+            if k == 1 and l1 is not None:
+                lst.append(self._store.put("L", 1, l1.map))
+                continue
+            below = ep.windows if k == 1 else ep.levels[k - 1]
+            res = merge([r.load() for r in below[j * f : (j + 1) * f]])
+            self.dropped_bytes_total += res.dropped_bytes
             lst.append(self._store.put("L", k, res.map))
             if self.on_merge is not None:
                 self.on_merge(f"L{k}", res)
-        if fe and nw % fe == 0:
+        if full_due:
             full = DeltaMap(ep.rewind_seq, l0.hi, self._head, flat=True)
             ep.fulls[nw] = self._store.put("F", 0, full)
             ep.full_keys.append(nw)
@@ -771,7 +812,7 @@ class MapHistory:
                         if s <= a and e >= b:
                             return [Extent(a, b, self._lq.item(i), self._ll.item(i), a - s)]
                         return None
-        for c in (self._recent, self._head):
+        for c in (self._recent, self._mid, self._head):
             st = c.start
             if st.shape[0]:
                 i = int(c.end.searchsorted(a, "right"))
@@ -804,9 +845,11 @@ class MapHistory:
         if ei == len(self._epochs) - 1 and x >= sealed_hi:
             if self._ln and x > self._sealed_seq:
                 yield self._live_query(0, x), False
-            recent, head = self._recent, self._head
+            recent, mid, head = self._recent, self._mid, self._head
             if recent.n:
                 yield (lambda a, b: _flat_query(recent, a, b)), True
+            if mid.n:
+                yield (lambda a, b: _flat_query(mid, a, b)), True
             yield (lambda a, b: _flat_query(head, a, b)), True
             return
         wc = bisect_right(ep.his, x)
@@ -1062,8 +1105,7 @@ class MapHistory:
                 ep.fulls[b] = self._store.put("F", 0, full, tag)
                 ep.full_keys.append(b)
         if last_epoch:
-            self._head = self._epoch_all(ep, n)
-            self._recent = Columns.empty()
+            self._reset_head(ep)
         return True
 
     def live_fragments(self) -> Iterator[Columns]:
@@ -1102,8 +1144,8 @@ class MapHistory:
             "maps": counts,
             "entries": entries,
             "epochs": len(self._epochs),
-            "head_entries": self._head.n + self._recent.n,
-            "head_bytes": self._head.nbytes + self._recent.nbytes,
+            "head_entries": self._head.n + self._mid.n + self._recent.n,
+            "head_bytes": self._head.nbytes + self._mid.nbytes + self._recent.nbytes,
             "live_entries": self._ln,
             "disk_bytes": self._store.disk_bytes(),
             "cache_bytes": self._store.cache_bytes(),
@@ -1169,25 +1211,33 @@ class MapHistory:
                 assert r.lo == ep.rewind_seq and r.hi == ep.his[b - 1]
                 if deep:
                     r.load()._check()
-        DeltaMap(
-            self._epochs[-1].rewind_seq,
-            max(self._sealed_seq, self._epochs[-1].rewind_seq),
-            self._recent,
-            flat=True,
-        )._check()
-        hd = DeltaMap(
-            self._epochs[-1].rewind_seq,
-            max(self._sealed_seq, self._epochs[-1].rewind_seq),
-            self._head,
-            flat=True,
-        )
-        hd._check()
+        last = self._epochs[-1]
+        for tier in (self._recent, self._mid, self._head):
+            DeltaMap(
+                last.rewind_seq, max(self._sealed_seq, last.rewind_seq), tier, flat=True
+            )._check()
+        nw = len(last.windows)
+        assert 0 <= self._recent_from <= nw and nw - self._recent_from < max(f, 2)
+        assert self._recent_in >= 0 and (self._recent.n or not self._recent_in)
         if deep:
-            ep = self._epochs[-1]
-            want = self._epoch_all(ep, len(ep.windows))
-            have = overlay([self._recent, self._head], want_dropped=False)[0]
+            ep = last
+            want = self._epoch_all(ep, nw)
+            have = overlay([self._recent, self._mid, self._head], want_dropped=False)[0]
             assert all(np.array_equal(x, y) for x, y in zip(want, have, strict=True)), (
                 "head differs from the epoch's maps"
+            )
+            # _recent is exactly the newest-wins merge of windows [_recent_from, nw): it
+            # becomes a level-1 map as is
+            flats = [
+                flatten(ep.windows[w].load().cols, want_dropped=False)[0]
+                for w in range(nw - 1, self._recent_from - 1, -1)
+            ]
+            rec = overlay(flats, want_dropped=False)[0]
+            assert all(np.array_equal(x, y) for x, y in zip(rec, self._recent, strict=True)), (
+                "recent tier differs from its windows"
+            )
+            assert self._recent_in == sum(
+                _data_bytes(ep.windows[w].load().cols) for w in range(self._recent_from, nw)
             )
             if self._head.n:
                 a = int(self._head.start[0])
@@ -1248,6 +1298,14 @@ def _decompose_down_list(h: MapHistory, ep: _Epoch, wc: int) -> Iterator[MapRef]
 
 
 _EMPTY = Columns.empty()
+_NO_FRAG: np.ndarray[Any, np.dtype[np.int64]] = np.zeros(0, np.int64)
+
+
+def _data_bytes(c: Columns) -> int:
+    """Bytes of journal data ``c`` references (zero extents excluded). O(n)."""
+    if not c.n:
+        return 0
+    return int(((c.end - c.start) * (c.loc != ZERO_LOC)).sum())
 
 
 def _flat_query(c: Columns, a: int, b: int) -> Columns:
