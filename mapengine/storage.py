@@ -206,16 +206,16 @@ def encode_map(m: DeltaMap, kind: str, level: int, block_entries: int = BLOCK_EN
         maxend = np.maximum.reduceat(c.end, cuts).tolist()
         counts = np.diff(np.append(cuts, n)).tolist()
         mvs = [  # byte views, no copy (the arrays are little-endian int64)
-            memoryview(np.ascontiguousarray(a, "<i8")).cast("B")
+            np.ascontiguousarray(a, "<i8").data.cast("B")
             for a in (ds, c.end - s, c.seq, c.loc, c.poff)
         ]
         mv0, mv1, mv2, mv3, mv4 = mvs
         pack = msgpack.packb
         compress = lz4.block.compress
         for i, cnt in zip(cuts.tolist(), counts, strict=True):
-            a = i * 8
-            b = a + cnt * 8
-            body = pack([cnt, mv0[a:b], mv1[a:b], mv2[a:b], mv3[a:b], mv4[a:b]])
+            p0 = i * 8
+            p1 = p0 + cnt * 8
+            body = pack([cnt, mv0[p0:p1], mv1[p0:p1], mv2[p0:p1], mv3[p0:p1], mv4[p0:p1]])
             blocks.append(compress(body, store_size=True))
     offs: list[int] = []
     pos = _HEADER.size
