@@ -378,21 +378,18 @@ class MapHistory:
         self._reset_head(self._epochs[-1])
 
     def _state(self) -> dict[str, Any]:
-        maps: list[tuple[str, int, int, int, MapRef]] = []
+        maps: list[tuple[str, str, int, int, int]] = []
         for ei, ep in enumerate(self._epochs):
-            for w, r in enumerate(ep.windows):
-                maps.append(("L", 0, ei, w, r))
+            maps += [(r.name, "L", 0, ei, w) for w, r in enumerate(ep.windows)]
             for k in sorted(ep.levels):
-                for j, r in enumerate(ep.levels[k]):
-                    maps.append(("L", k, ei, j, r))
-            for b in ep.full_keys:
-                maps.append(("F", 0, ei, b, ep.fulls[b]))
+                maps += [(r.name, "L", k, ei, j) for j, r in enumerate(ep.levels[k])]
+            maps += [(ep.fulls[b].name, "F", 0, ei, b) for b in ep.full_keys]
         st: dict[str, Any] = {
             "sealed_seq": self._sealed_seq,
             "fanout": self.policy.fanout,
             "full_every": self.policy.full_every,
             "epochs": [(e.rewind_seq, e.target) for e in self._epochs],
-            "maps": [(r.name, kind, level, ei, idx) for kind, level, ei, idx, r in maps],
+            "maps": maps,
         }
         if self._retain_gen:
             st["retained"] = list(self._retained)
