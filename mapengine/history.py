@@ -39,15 +39,35 @@ overlays that epoch's maps and, for the bytes still uncovered, continues with ``
 target) — iteratively, so chains of rewinds cost one walk per epoch on the chain and no
 data is ever copied. Full maps and the head are *epoch-relative* for the same reason.
 
-The **head** (state at the newest seq) is one flat map of the current epoch in memory as
-numpy columns, updated at every seal by a vectorised splice (only head entries that
-intersect the new window are re-overlaid), plus the live window in preallocated numpy
-columns scanned vectorised. A 4 KiB read at the head is two binary searches and a mask.
+The **head** (state at the newest seq) is two flat maps of the current epoch in memory
+as numpy columns — ``_recent`` (the windows sealed since the last big splice, at most 64)
+over ``_head`` (everything before) — plus the live window in preallocated numpy columns
+with a bucket index. A seal splices the new window into ``_recent`` only (vectorised:
+only entries that intersect the window are re-overlaid; O(recent) copies); ``_recent``
+goes into ``_head`` (O(H) copies: the one step whose cost follows the volume's extent
+count) every 64 windows and at each full map, which needs the whole state anyway. A
+4 KiB read at the head is one binary search per tier (two, not three: each tier costs
+~0.7 µs of numpy call, so the tier count is what the head latency follows).
 
 Merges happen inside :meth:`MapHistory.seal` (synchronously): when the number of windows
 of the epoch becomes a multiple of ``f**k`` the level-``k`` map is built from the ``f``
-maps below it. Each entry takes part in at most ``log_f(full_every)`` merges, so the cost
-is amortised ``O(log)`` per write; the worst single seal does one merge per level.
+maps below it. Level 1 is built from the f windows' flat deltas kept in memory since
+they were sealed (one overlay; no re-read, decode and re-flatten of the L0 files; the
+bytes a merge would drop are counted as input bytes minus output bytes, and a real merge
+runs when ``on_merge`` wants the fragments). Each entry takes part in at most
+``log_f(full_every)`` merges, so the cost is amortised ``O(log)`` per write; the worst
+single seal does one merge per level plus the big head splice and the full map.
+
+Seal cost at 10M writes (10 GiB volume, 2.6M head entries; profiles of issue 3): what
+grew with history was the head splice every f windows (now every 64), re-reading the f
+L0 files for each L1 merge (gone), ``np.unique`` — hash-based since numpy 2.3 and 10-100x
+slower than a sort on 4 KiB-aligned offsets (replaced by ``core.sorted_unique``) — and
+re-packing every manifest row at every commit (rows are cached). What remains O(H) is
+the full map every ``full_every`` windows: its encoding (vectorised, ~0.5 s for 2.6M
+entries) and its write + fsync. Random writes over the whole volume change every block
+of it between two full maps, so reusing encoded blocks of the previous one would not pay
+for this workload. Each seal also waits for four fsyncs (map file, directory, manifest,
+directory); on a busy disk those dominate the wall-clock rate.
 
 Thread safety: none. The caller serialises every call (the volume holds one lock).
 """
@@ -88,6 +108,9 @@ _BIG = 64  # candidate·gap count above which painting switches to the vectorise
 _LIX_LEVELS = 12
 _LIX_SCAN = 48  # buckets a query may visit before a plain vectorised scan is cheaper
 _FAST_SPAN = 1 << 20  # resolve's single-entry fast path is tried up to this range size
+# Windows the small head tier collects before it is spliced into the big one (O(head)),
+# and at every full map. Head reads check both tiers; a seal splices into the small one.
+_RECENT_WINDOWS = 64
 
 
 @dataclass(frozen=True)
@@ -299,14 +322,16 @@ class MapHistory:
         self._lix_used = 0  # bit L set: level L holds slots
         self._lix_n = 0
         self._lix_first = 0  # seq of slot 0 when the index was (re)started
-        # The head in three flat tiers (newest wins): ``_recent`` holds the windows
-        # ``[_recent_from, nw)`` (fewer than f), ``_mid`` those since the last big splice
-        # (fewer than f**2), ``_head`` everything before. See _seal_window.
+        # The head in two flat tiers (newest wins): ``_recent`` holds the windows
+        # ``[_recent_from, nw)`` sealed since the last big splice (fewer than 64),
+        # ``_head`` everything before. ``_pend`` keeps the flat deltas of windows
+        # ``[_pend_from, nw)`` (fewer than f) for the next level-1 map. See _seal_window.
         self._head = Columns.empty()
-        self._mid = Columns.empty()
         self._recent = Columns.empty()
-        self._recent_from = 0  # first window of the epoch in _recent
-        self._recent_in = 0  # data bytes (zero extents excluded) of those windows' L0 maps
+        self._recent_from = 0
+        self._pend: list[Columns] = []
+        self._pend_from = 0
+        self._pend_in = 0  # data bytes (zero extents excluded) of those windows' L0 maps
         # retention (see retain()): points below keep_after resolve only if retained
         self._retained: list[int] = []
         self._retained_set: set[int] = set()
@@ -567,19 +592,20 @@ class MapHistory:
         """Rebuild the head tiers from the epoch's maps. Runtime complexity: O(H log H)."""
         nw = len(ep.windows)
         self._head = self._epoch_all(ep, nw) if nw else Columns.empty()
-        self._mid = Columns.empty()
         self._recent = Columns.empty()
         self._recent_from = nw
-        self._recent_in = 0
+        self._pend = []
+        self._pend_from = nw
+        self._pend_in = 0
 
     def _seal_window(self, k: int, hi: int) -> None:
         """Seal the first ``k`` live entries as the window ``(lo, hi]``.
 
-        The new window's flat deltas are spliced into ``_recent`` (O(recent) copies);
-        every f windows ``_recent`` moves into ``_mid`` (O(mid)) and, being exactly the
-        newest-wins merge of those f windows, is written as their level-1 map (no re-read
-        and re-merge of the L0 files); every f**2 windows and at each full map ``_mid``
-        moves into ``_head`` — the only O(H) step.
+        The new window's flat deltas are spliced into ``_recent`` (O(recent) copies, the
+        windows since the last big splice); every ``_RECENT_WINDOWS`` windows and at each
+        full map ``_recent`` moves into ``_head`` — the only O(H) step. Every f windows the
+        level-1 map is the overlay of the f windows' flat deltas kept since (no re-read
+        and re-merge of the L0 files).
         """
         ep = self._epochs[-1]
         lo = ep.his[-1] if ep.his else ep.rewind_seq
@@ -590,30 +616,31 @@ class MapHistory:
         ep.his.append(l0.hi)
         flat, _ = flatten(l0.cols, want_dropped=False)
         self._recent = _splice(self._recent, flat)
-        self._recent_in += _data_bytes(l0.cols)
+        self._pend.append(flat)
+        self._pend_in += _data_bytes(l0.cols)
         nw = len(ep.windows)
         f = self._f
         fe = self.policy.full_every
         full_due = bool(fe) and nw % fe == 0
         l1: MergeResult | None = None
-        if nw % f == 0 or full_due:
-            rec = self._recent
-            if nw % f == 0 and self._recent_from == nw - f and self.on_merge is None:
-                # the L1 map of windows [nw-f, nw) is _recent; what the merge would have
-                # dropped is what the windows held and it does not (byte accounting only:
-                # on_merge callers get the fragments from a real merge below)
+        if nw % f == 0:
+            if self._pend_from == nw - f and self.on_merge is None:
+                # what a merge would have dropped is what the windows held and the L1
+                # map does not (byte accounting only: on_merge callers get the fragments
+                # from a real merge below)
+                m1 = overlay(self._pend[::-1], want_dropped=False)[0]
                 l1 = MergeResult(
-                    DeltaMap(ep.lo_of(nw - f), l0.hi, rec, flat=True),
+                    DeltaMap(ep.lo_of(nw - f), l0.hi, m1, flat=True),
                     _NO_FRAG, _NO_FRAG, _NO_FRAG, _NO_FRAG,
                 )
-                self.dropped_bytes_total += self._recent_in - _data_bytes(rec)
-            self._mid = _splice(self._mid, rec)
+                self.dropped_bytes_total += self._pend_in - _data_bytes(m1)
+            self._pend = []
+            self._pend_from = nw
+            self._pend_in = 0
+        if full_due or nw - self._recent_from >= _RECENT_WINDOWS:
+            self._head = _splice(self._head, self._recent)
             self._recent = Columns.empty()
             self._recent_from = nw
-            self._recent_in = 0
-            if full_due or nw % (f * f) == 0:
-                self._head = _splice(self._head, self._mid)
-                self._mid = Columns.empty()
         for k in range(1, self._maxk + 1):
             size = f**k
             if nw % size:
@@ -821,7 +848,7 @@ class MapHistory:
                         if s <= a and e >= b:
                             return [Extent(a, b, self._lq.item(i), self._ll.item(i), a - s)]
                         return None
-        for c in (self._recent, self._mid, self._head):
+        for c in (self._recent, self._head):
             st = c.start
             if st.shape[0]:
                 i = int(c.end.searchsorted(a, "right"))
@@ -854,11 +881,9 @@ class MapHistory:
         if ei == len(self._epochs) - 1 and x >= sealed_hi:
             if self._ln and x > self._sealed_seq:
                 yield self._live_query(0, x), False
-            recent, mid, head = self._recent, self._mid, self._head
+            recent, head = self._recent, self._head
             if recent.n:
                 yield (lambda a, b: _flat_query(recent, a, b)), True
-            if mid.n:
-                yield (lambda a, b: _flat_query(mid, a, b)), True
             yield (lambda a, b: _flat_query(head, a, b)), True
             return
         wc = bisect_right(ep.his, x)
@@ -1153,8 +1178,8 @@ class MapHistory:
             "maps": counts,
             "entries": entries,
             "epochs": len(self._epochs),
-            "head_entries": self._head.n + self._mid.n + self._recent.n,
-            "head_bytes": self._head.nbytes + self._mid.nbytes + self._recent.nbytes,
+            "head_entries": self._head.n + self._recent.n,
+            "head_bytes": self._head.nbytes + self._recent.nbytes,
             "live_entries": self._ln,
             "disk_bytes": self._store.disk_bytes(),
             "cache_bytes": self._store.cache_bytes(),
@@ -1221,32 +1246,37 @@ class MapHistory:
                 if deep:
                     r.load()._check()
         last = self._epochs[-1]
-        for tier in (self._recent, self._mid, self._head):
+        for tier in (self._recent, self._head):
             DeltaMap(
                 last.rewind_seq, max(self._sealed_seq, last.rewind_seq), tier, flat=True
             )._check()
         nw = len(last.windows)
-        assert 0 <= self._recent_from <= nw and nw - self._recent_from < max(f, 2)
-        assert self._recent_in >= 0 and (self._recent.n or not self._recent_in)
+        assert 0 <= self._recent_from <= nw and nw - self._recent_from < _RECENT_WINDOWS
+        assert 0 <= self._pend_from <= nw and nw - self._pend_from < max(f, 2)
+        assert len(self._pend) == nw - self._pend_from and self._pend_in >= 0
         if deep:
             ep = last
             want = self._epoch_all(ep, nw)
-            have = overlay([self._recent, self._mid, self._head], want_dropped=False)[0]
+            have = overlay([self._recent, self._head], want_dropped=False)[0]
             assert all(np.array_equal(x, y) for x, y in zip(want, have, strict=True)), (
                 "head differs from the epoch's maps"
             )
-            # _recent is exactly the newest-wins merge of windows [_recent_from, nw): it
-            # becomes a level-1 map as is
             flats = [
                 flatten(ep.windows[w].load().cols, want_dropped=False)[0]
-                for w in range(nw - 1, self._recent_from - 1, -1)
+                for w in range(self._recent_from, nw)
             ]
-            rec = overlay(flats, want_dropped=False)[0]
+            rec = overlay(flats[::-1], want_dropped=False)[0]
             assert all(np.array_equal(x, y) for x, y in zip(rec, self._recent, strict=True)), (
                 "recent tier differs from its windows"
             )
-            assert self._recent_in == sum(
-                _data_bytes(ep.windows[w].load().cols) for w in range(self._recent_from, nw)
+            # _pend holds the flat deltas of windows [_pend_from, nw): the next L1 map
+            for w, p in zip(range(self._pend_from, nw), self._pend, strict=True):
+                fw = flats[w - self._recent_from] if w >= self._recent_from else flatten(
+                    ep.windows[w].load().cols, want_dropped=False
+                )[0]
+                assert all(np.array_equal(x, y) for x, y in zip(fw, p, strict=True))
+            assert self._pend_in == sum(
+                _data_bytes(ep.windows[w].load().cols) for w in range(self._pend_from, nw)
             )
             if self._head.n:
                 a = int(self._head.start[0])
