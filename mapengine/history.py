@@ -39,15 +39,35 @@ overlays that epoch's maps and, for the bytes still uncovered, continues with ``
 target) — iteratively, so chains of rewinds cost one walk per epoch on the chain and no
 data is ever copied. Full maps and the head are *epoch-relative* for the same reason.
 
-The **head** (state at the newest seq) is one flat map of the current epoch in memory as
-numpy columns, updated at every seal by a vectorised splice (only head entries that
-intersect the new window are re-overlaid), plus the live window in preallocated numpy
-columns scanned vectorised. A 4 KiB read at the head is two binary searches and a mask.
+The **head** (state at the newest seq) is two flat maps of the current epoch in memory
+as numpy columns — ``_recent`` (the windows sealed since the last big splice, at most 64)
+over ``_head`` (everything before) — plus the live window in preallocated numpy columns
+with a bucket index. A seal splices the new window into ``_recent`` only (vectorised:
+only entries that intersect the window are re-overlaid; O(recent) copies); ``_recent``
+goes into ``_head`` (O(H) copies: the one step whose cost follows the volume's extent
+count) every 64 windows and at each full map, which needs the whole state anyway. A
+4 KiB read at the head is one binary search per tier (two, not three: each tier costs
+~0.7 µs of numpy call, so the tier count is what the head latency follows).
 
 Merges happen inside :meth:`MapHistory.seal` (synchronously): when the number of windows
 of the epoch becomes a multiple of ``f**k`` the level-``k`` map is built from the ``f``
-maps below it. Each entry takes part in at most ``log_f(full_every)`` merges, so the cost
-is amortised ``O(log)`` per write; the worst single seal does one merge per level.
+maps below it. Level 1 is built from the f windows' flat deltas kept in memory since
+they were sealed (one overlay; no re-read, decode and re-flatten of the L0 files; the
+bytes a merge would drop are counted as input bytes minus output bytes, and a real merge
+runs when ``on_merge`` wants the fragments). Each entry takes part in at most
+``log_f(full_every)`` merges, so the cost is amortised ``O(log)`` per write; the worst
+single seal does one merge per level plus the big head splice and the full map.
+
+Seal cost at 10M writes (10 GiB volume, 2.6M head entries; profiles of issue 3): what
+grew with history was the head splice every f windows (now every 64), re-reading the f
+L0 files for each L1 merge (gone), ``np.unique`` — hash-based since numpy 2.3 and 10-100x
+slower than a sort on 4 KiB-aligned offsets (replaced by ``core.sorted_unique``) — and
+re-packing every manifest row at every commit (rows are cached). What remains O(H) is
+the full map every ``full_every`` windows: its encoding (vectorised, ~0.5 s for 2.6M
+entries) and its write + fsync. Random writes over the whole volume change every block
+of it between two full maps, so reusing encoded blocks of the previous one would not pay
+for this workload. Each seal also waits for four fsyncs (map file, directory, manifest,
+directory); on a busy disk those dominate the wall-clock rate.
 
 Thread safety: none. The caller serialises every call (the volume holds one lock).
 """
@@ -74,6 +94,7 @@ from .core import (
     merge,
     overlay,
     shifted,
+    sorted_unique,
     union_ranges,
 )
 from .errors import MapExpired, MapUsageError
@@ -87,6 +108,9 @@ _BIG = 64  # candidate·gap count above which painting switches to the vectorise
 _LIX_LEVELS = 12
 _LIX_SCAN = 48  # buckets a query may visit before a plain vectorised scan is cheaper
 _FAST_SPAN = 1 << 20  # resolve's single-entry fast path is tried up to this range size
+# Windows the small head tier collects before it is spliced into the big one (O(head)),
+# and at every full map. Head reads check both tiers; a seal splices into the small one.
+_RECENT_WINDOWS = 64
 
 
 @dataclass(frozen=True)
@@ -285,6 +309,7 @@ class MapHistory:
         self.on_merge: Callable[[str, MergeResult], None] | None = None
         self.dropped_bytes_total = 0
         self._f = policy.fanout
+        self._lmax = policy.l0_max_writes
         self._maxk = policy.max_level()
         cap = max(16, policy.l0_max_writes)
         self._ls = np.empty(cap, np.int64)
@@ -297,8 +322,16 @@ class MapHistory:
         self._lix_used = 0  # bit L set: level L holds slots
         self._lix_n = 0
         self._lix_first = 0  # seq of slot 0 when the index was (re)started
-        self._head = Columns.empty()  # flat deltas of the epoch, up to a multiple of f windows
-        self._recent = Columns.empty()  # flat deltas of the windows sealed since then
+        # The head in two flat tiers (newest wins): ``_recent`` holds the windows
+        # ``[_recent_from, nw)`` sealed since the last big splice (fewer than 64),
+        # ``_head`` everything before. ``_pend`` keeps the flat deltas of windows
+        # ``[_pend_from, nw)`` (fewer than f) for the next level-1 map. See _seal_window.
+        self._head = Columns.empty()
+        self._recent = Columns.empty()
+        self._recent_from = 0
+        self._pend: list[Columns] = []
+        self._pend_from = 0
+        self._pend_in = 0  # data bytes (zero extents excluded) of those windows' L0 maps
         # retention (see retain()): points below keep_after resolve only if retained
         self._retained: list[int] = []
         self._retained_set: set[int] = set()
@@ -367,24 +400,21 @@ class MapHistory:
         self._retained_set = set(self._retained)
         self._keep_after = int(state.get("keep_after", 0))
         self._retain_gen = int(state.get("retain_gen", 0))
-        self._head = self._epoch_all(self._epochs[-1], len(self._epochs[-1].windows))
+        self._reset_head(self._epochs[-1])
 
     def _state(self) -> dict[str, Any]:
-        maps: list[tuple[str, int, int, int, MapRef]] = []
+        maps: list[tuple[str, str, int, int, int]] = []
         for ei, ep in enumerate(self._epochs):
-            for w, r in enumerate(ep.windows):
-                maps.append(("L", 0, ei, w, r))
+            maps += [(r.name, "L", 0, ei, w) for w, r in enumerate(ep.windows)]
             for k in sorted(ep.levels):
-                for j, r in enumerate(ep.levels[k]):
-                    maps.append(("L", k, ei, j, r))
-            for b in ep.full_keys:
-                maps.append(("F", 0, ei, b, ep.fulls[b]))
+                maps += [(r.name, "L", k, ei, j) for j, r in enumerate(ep.levels[k])]
+            maps += [(ep.fulls[b].name, "F", 0, ei, b) for b in ep.full_keys]
         st: dict[str, Any] = {
             "sealed_seq": self._sealed_seq,
             "fanout": self.policy.fanout,
             "full_every": self.policy.full_every,
             "epochs": [(e.rewind_seq, e.target) for e in self._epochs],
-            "maps": [(r.name, kind, level, ei, idx) for kind, level, ei, idx, r in maps],
+            "maps": maps,
         }
         if self._retain_gen:
             st["retained"] = list(self._retained)
@@ -456,7 +486,17 @@ class MapHistory:
 
         Runtime complexity: O(1) amortised.
         """
-        if loc < 0:
+        n = self._ln
+        if loc >= 0 and 0 <= start < end and seq > self._last_seq and not self._broken:
+            if n < self._ls.shape[0]:  # the common case, inline (~0.5 us a write)
+                self._last_seq = seq
+                self._ls[n] = start
+                self._le[n] = end
+                self._lq[n] = seq
+                self._ll[n] = loc
+                self._ln = n + 1
+                return n + 1 >= self._lmax
+        elif loc < 0:
             raise MapUsageError(f"bad loc {loc}")
         return self._append(seq, start, end, loc)
 
@@ -490,8 +530,7 @@ class MapHistory:
         self._epochs.append(_Epoch(seq, target_seq))
         self._rewinds.append(seq)
         self._last_seq = seq
-        self._head = Columns.empty()
-        self._recent = Columns.empty()
+        self._reset_head(self._epochs[-1])
         self._sealed_seq = seq
         self._commit()
 
@@ -549,8 +588,25 @@ class MapHistory:
             self._broken = True
             raise
 
+    def _reset_head(self, ep: _Epoch) -> None:
+        """Rebuild the head tiers from the epoch's maps. Runtime complexity: O(H log H)."""
+        nw = len(ep.windows)
+        self._head = self._epoch_all(ep, nw) if nw else Columns.empty()
+        self._recent = Columns.empty()
+        self._recent_from = nw
+        self._pend = []
+        self._pend_from = nw
+        self._pend_in = 0
+
     def _seal_window(self, k: int, hi: int) -> None:
-        """Seal the first ``k`` live entries as the window ``(lo, hi]``."""
+        """Seal the first ``k`` live entries as the window ``(lo, hi]``.
+
+        The new window's flat deltas are spliced into ``_recent`` (O(recent) copies, the
+        windows since the last big splice); every ``_RECENT_WINDOWS`` windows and at each
+        full map ``_recent`` moves into ``_head`` — the only O(H) step. Every f windows the
+        level-1 map is the overlay of the f windows' flat deltas kept since (no re-read
+        and re-merge of the L0 files).
+        """
         ep = self._epochs[-1]
         lo = ep.his[-1] if ep.his else ep.rewind_seq
         live = self._live()
@@ -560,27 +616,48 @@ class MapHistory:
         ep.his.append(l0.hi)
         flat, _ = flatten(l0.cols, want_dropped=False)
         self._recent = _splice(self._recent, flat)
+        self._pend.append(flat)
+        self._pend_in += _data_bytes(l0.cols)
         nw = len(ep.windows)
         f = self._f
         fe = self.policy.full_every
-        if nw % f == 0 or (fe and nw % fe == 0):
-            # two-tier head: the big splice (O(head)) happens once per f seals
+        full_due = bool(fe) and nw % fe == 0
+        l1: MergeResult | None = None
+        if nw % f == 0:
+            if self._pend_from == nw - f and self.on_merge is None:
+                # what a merge would have dropped is what the windows held and the L1
+                # map does not (byte accounting only: on_merge callers get the fragments
+                # from a real merge below)
+                m1 = overlay(self._pend[::-1], want_dropped=False)[0]
+                l1 = MergeResult(
+                    DeltaMap(ep.lo_of(nw - f), l0.hi, m1, flat=True),
+                    _NO_FRAG, _NO_FRAG, _NO_FRAG, _NO_FRAG,
+                )
+                self.dropped_bytes_total += self._pend_in - _data_bytes(m1)
+            self._pend = []
+            self._pend_from = nw
+            self._pend_in = 0
+        if full_due or nw - self._recent_from >= _RECENT_WINDOWS:
             self._head = _splice(self._head, self._recent)
             self._recent = Columns.empty()
+            self._recent_from = nw
         for k in range(1, self._maxk + 1):
             size = f**k
             if nw % size:
                 break
-            below = ep.windows if k == 1 else ep.levels[k - 1]
             j = nw // size - 1
-            res = merge([r.load() for r in below[j * f : (j + 1) * f]])
-            self.dropped_bytes_total += res.dropped_bytes
             lst = ep.levels.setdefault(k, [])
             assert len(lst) == j
+            if k == 1 and l1 is not None:
+                lst.append(self._store.put("L", 1, l1.map))
+                continue
+            below = ep.windows if k == 1 else ep.levels[k - 1]
+            res = merge([r.load() for r in below[j * f : (j + 1) * f]])
+            self.dropped_bytes_total += res.dropped_bytes
             lst.append(self._store.put("L", k, res.map))
             if self.on_merge is not None:
                 self.on_merge(f"L{k}", res)
-        if fe and nw % fe == 0:
+        if full_due:
             full = DeltaMap(ep.rewind_seq, l0.hi, self._head, flat=True)
             ep.fulls[nw] = self._store.put("F", 0, full)
             ep.full_keys.append(nw)
@@ -1062,8 +1139,7 @@ class MapHistory:
                 ep.fulls[b] = self._store.put("F", 0, full, tag)
                 ep.full_keys.append(b)
         if last_epoch:
-            self._head = self._epoch_all(ep, n)
-            self._recent = Columns.empty()
+            self._reset_head(ep)
         return True
 
     def live_fragments(self) -> Iterator[Columns]:
@@ -1169,25 +1245,38 @@ class MapHistory:
                 assert r.lo == ep.rewind_seq and r.hi == ep.his[b - 1]
                 if deep:
                     r.load()._check()
-        DeltaMap(
-            self._epochs[-1].rewind_seq,
-            max(self._sealed_seq, self._epochs[-1].rewind_seq),
-            self._recent,
-            flat=True,
-        )._check()
-        hd = DeltaMap(
-            self._epochs[-1].rewind_seq,
-            max(self._sealed_seq, self._epochs[-1].rewind_seq),
-            self._head,
-            flat=True,
-        )
-        hd._check()
+        last = self._epochs[-1]
+        for tier in (self._recent, self._head):
+            DeltaMap(
+                last.rewind_seq, max(self._sealed_seq, last.rewind_seq), tier, flat=True
+            )._check()
+        nw = len(last.windows)
+        assert 0 <= self._recent_from <= nw and nw - self._recent_from < _RECENT_WINDOWS
+        assert 0 <= self._pend_from <= nw and nw - self._pend_from < max(f, 2)
+        assert len(self._pend) == nw - self._pend_from and self._pend_in >= 0
         if deep:
-            ep = self._epochs[-1]
-            want = self._epoch_all(ep, len(ep.windows))
+            ep = last
+            want = self._epoch_all(ep, nw)
             have = overlay([self._recent, self._head], want_dropped=False)[0]
             assert all(np.array_equal(x, y) for x, y in zip(want, have, strict=True)), (
                 "head differs from the epoch's maps"
+            )
+            flats = [
+                flatten(ep.windows[w].load().cols, want_dropped=False)[0]
+                for w in range(self._recent_from, nw)
+            ]
+            rec = overlay(flats[::-1], want_dropped=False)[0]
+            assert all(np.array_equal(x, y) for x, y in zip(rec, self._recent, strict=True)), (
+                "recent tier differs from its windows"
+            )
+            # _pend holds the flat deltas of windows [_pend_from, nw): the next L1 map
+            for w, p in zip(range(self._pend_from, nw), self._pend, strict=True):
+                fw = flats[w - self._recent_from] if w >= self._recent_from else flatten(
+                    ep.windows[w].load().cols, want_dropped=False
+                )[0]
+                assert all(np.array_equal(x, y) for x, y in zip(fw, p, strict=True))
+            assert self._pend_in == sum(
+                _data_bytes(ep.windows[w].load().cols) for w in range(self._pend_from, nw)
             )
             if self._head.n:
                 a = int(self._head.start[0])
@@ -1248,6 +1337,14 @@ def _decompose_down_list(h: MapHistory, ep: _Epoch, wc: int) -> Iterator[MapRef]
 
 
 _EMPTY = Columns.empty()
+_NO_FRAG: np.ndarray[Any, np.dtype[np.int64]] = np.zeros(0, np.int64)
+
+
+def _data_bytes(c: Columns) -> int:
+    """Bytes of journal data ``c`` references (zero extents excluded). O(n)."""
+    if not c.n:
+        return 0
+    return int(((c.end - c.start) * (c.loc != ZERO_LOC)).sum())
 
 
 def _flat_query(c: Columns, a: int, b: int) -> Columns:
@@ -1334,7 +1431,7 @@ def _paint_vec(
         cand = flatten(cand, want_dropped=False)[0]
     g = np.asarray(gaps, np.int64).reshape(-1, 2)
     gs, ge = g[:, 0], g[:, 1]
-    pts = np.unique(np.concatenate([cand.start, cand.end, gs, ge]))
+    pts = sorted_unique(np.concatenate([cand.start, cand.end, gs, ge]))
     cut = pts[:-1]
     nxt = pts[1:]
     ig = np.searchsorted(gs, cut, side="right") - 1

@@ -9,7 +9,13 @@ from pathlib import Path
 import pytest
 
 from mapengine import Columns, DeltaMap, MapCorruption, MapHistory, MergePolicy
-from mapengine.storage import MANIFEST, FileOps, encode_manifest, encode_map
+from mapengine.storage import (
+    MANIFEST,
+    FileOps,
+    decode_manifest,
+    encode_manifest,
+    encode_map,
+)
 from tests.property.test_mapengine_model import Model, check_changed, check_resolve, feed
 
 SIZE = 64
@@ -233,6 +239,26 @@ def _golden_map() -> bytes:
 def test_golden_map_file() -> None:
     data = _golden_map()
     assert data.hex() == GOLDEN_MAP_HEX
+
+
+def test_commit_writes_encode_manifest_bytes(tmp_path: Path) -> None:
+    """DirStore.commit reuses packed rows; its bytes stay those of encode_manifest."""
+    h = MapHistory.open(tmp_path, policy=MergePolicy(fanout=2, l0_max_writes=3, full_every=4))
+    path = tmp_path / MANIFEST
+    checked = 0
+    for s in range(1, 60):
+        if h.add_write(2 * s, (s * 7 % 13) * 512, (s * 7 % 13) * 512 + 1024, s):
+            h.seal()
+        if s == 30:
+            h.add_rewind(61, 18)
+        if s in (20, 45):
+            h.retain([10, 18], 2 * s - 6)
+        if path.exists():
+            raw = path.read_bytes()
+            assert encode_manifest(decode_manifest(raw, str(path))) == raw
+            checked += 1
+    assert checked > 40
+    h.close()
 
 
 def test_golden_manifest() -> None:
