@@ -580,9 +580,13 @@ def test_read_slice_touches_only_overlapping_chunks() -> None:
     cache.puts.clear()
     assert j.read_slice(seq, loc, 6 * CH, 2 * CH, cache=cache) == d[6 * CH : 8 * CH]
     assert cache.puts == [] and fs.read_bytes == 0
-    # without a cache: the remembered table, then only the chunk
+    # without a cache: the remembered tables, then only the one 4 KiB granule of the raw
+    # chunk (version 3: a CRC per granule), not the whole chunk
     assert j.read_slice(seq, loc, 15 * CH + 1, 10) == d[15 * CH + 1 : 15 * CH + 11]
-    assert fs.read_bytes == CH
+    assert fs.read_bytes == 4096
+    fs.read_bytes = 0
+    assert j.read_slice(seq, loc, 14 * CH + 4000, 200) == d[14 * CH + 4000 : 14 * CH + 4200]
+    assert fs.read_bytes == 8192
     # a one-block record is cached as its one chunk
     s2, l2 = j.append_write(0, b"abcdef" * 1000)
     assert j.read_slice(s2, l2, 10, 5, cache=cache) == (b"abcdef" * 1000)[10:15]
@@ -597,7 +601,8 @@ def _chunk_pos(fs: CrashSimFS, loc: int, i: int) -> int:
     raw = fs.raw(seg_path(1))
     length = struct.unpack_from("<Q", raw, loc + 40)[0]
     n = (length + CH - 1) // CH
-    pos = loc + RECORD_HEADER_SIZE + 12 * n
+    per = 12 + 64 if raw[loc + 8] >= 3 else 12  # version 3: + the granule table
+    pos = loc + RECORD_HEADER_SIZE + per * n
     for k in range(i):
         pos += struct.unpack_from("<I", raw, loc + RECORD_HEADER_SIZE + 12 * k)[0]
     return pos
