@@ -935,6 +935,16 @@ class Journal:
                    cache: ChunkCache | None = None) -> bytes:
         """Payload bytes ``[poff, poff+length)`` of record ``seq`` at ``loc``
         (:meth:`read_slice_view` as bytes)."""
+        lay = self._layouts.get(seq)
+        if lay is not None and lay[0] == loc and poff >= 0:
+            # a raw chunk of a version 3 record whose tables are remembered: its granules
+            table = lay[1]
+            i = poff >> _CHUNK_SHIFT
+            if (table.granules is not None and i == (poff + length - 1) >> _CHUNK_SHIFT
+                    and i < table.count and table.comps[i] == _NONE_COMP and length > 0):
+                v = self._granules_fast(seq, loc, table, i, poff - (i << _CHUNK_SHIFT), length)
+                if v is not None:
+                    return v if type(v) is bytes else bytes(v)
         v = self.read_slice_view(seq, loc, poff, length, cache=cache)
         return v if type(v) is bytes else bytes(v)
 
@@ -992,20 +1002,22 @@ class Journal:
         seg = self._seg_for(seq)
         if seg.compacted or (seg is self._cur and loc >= self._file_size):
             return None
-        raw = table.raw_size(i)
         end = o + length
+        raw = table.length - (i << _CHUNK_SHIFT)  # the raw size of chunk i
         if end > raw:
             return None
-        g0 = o // GRANULE_SIZE
-        a = g0 * GRANULE_SIZE
-        b = min(((end - 1) // GRANULE_SIZE + 1) * GRANULE_SIZE, raw)
+        a = o & _GRANULE_MASK
+        b = ((end - 1) | (GRANULE_SIZE - 1)) + 1
+        if b > raw:
+            b = raw
         n = b - a
-        blob = self._fs.pread(self._rfd(seg), n, loc + RECORD_HEADER_SIZE + table.starts[i] + a)
+        fd = self._rfd(seg)
+        blob = self._fs.pread(fd, n, loc + RECORD_HEADER_SIZE + table.starts[i] + a)
         if len(blob) != n:
             return None
         gr = table.granules
         assert gr is not None
-        k = GRANULES * i + g0
+        k = GRANULES * i + (a >> _GRANULE_SHIFT)
         if n <= GRANULE_SIZE:
             if _CRC(blob, 0, 0) != gr[k]:
                 return None
@@ -1358,6 +1370,10 @@ _LZ4 = lz4.block.compress
 _ENTRY_PACK_INTO = CHUNK_ENTRY.pack_into
 _GRANULES_PACK_INTO = struct.Struct(f"<{GRANULES}I").pack_into
 _GRANULE_OFFSETS = range(0, CHUNK_SIZE, GRANULE_SIZE)
+_CHUNK_SHIFT = CHUNK_SIZE.bit_length() - 1
+_GRANULE_SHIFT = GRANULE_SIZE.bit_length() - 1
+_GRANULE_MASK = -GRANULE_SIZE
+assert 1 << _CHUNK_SHIFT == CHUNK_SIZE and 1 << _GRANULE_SHIFT == GRANULE_SIZE
 _CHUNKED = int(Compression.CHUNKED)
 _NONE_COMP = int(Compression.NONE)
 _LZ4_COMP = int(Compression.LZ4)
