@@ -124,6 +124,11 @@ DIRECT_WRITE = 256 << 10
 LZ4_MAX_SKIP = 64
 #: chunk tables of chunked records kept in memory for slice reads
 LAYOUT_CACHE = 4096
+#: an lz4 chunk of 64 KiB stored in at most this many bytes (a 64:1 ratio: zeros, a fill
+#: pattern) is decoded once and shared by every chunk with the same stored bytes
+PATTERN_STORED = 1024
+#: such decoded chunks kept (64 KiB each)
+PATTERN_CACHE = 64
 #: sealed segments whose index arrays stay in memory
 INDEX_CACHE = 16
 #: read handles kept open
@@ -281,6 +286,8 @@ class Journal:
         self._cur_ts_append = array("q").append
         self._cur_offs_append = array("q").append
         self._layouts: OrderedDict[int, tuple[int, ChunkTable]] = OrderedDict()
+        #: decoded fill-pattern chunks keyed by their stored (lz4) bytes, see _chunk_fast
+        self._patterns: OrderedDict[bytes, bytes] = OrderedDict()
         self.recovery = RecoveryReport()
         #: sidecars rebuilt after open (damaged or missing when first needed)
         self.repairs: list[str] = []
@@ -1054,14 +1061,30 @@ class Journal:
         blob = self._fs.pread(self._rfd(seg), n, loc + RECORD_HEADER_SIZE + base)
         if len(blob) != n or not chunk_ok(blob, table, i):
             return None
-        p = blob
+        p: bytes = blob
         if comp == _LZ4_COMP:
+            memo = self._patterns
+            if n <= PATTERN_STORED and raw == CHUNK_SIZE:
+                # a chunk that compresses this well is a fill pattern (zeros, a repeated
+                # block): identical stored bytes decode identically, so one decoded copy
+                # serves them all; keyed by the checked stored bytes, so a hit is exact
+                q = memo.get(blob)
+                if q is not None:
+                    memo.move_to_end(blob)
+                    self._layouts.move_to_end(seq)
+                    return q
             try:
                 p = lz4.block.decompress(blob, uncompressed_size=raw)
             except Exception:
                 return None
             if len(p) != raw:
                 return None
+            if n <= PATTERN_STORED and raw == CHUNK_SIZE:
+                memo[blob] = p
+                if len(memo) > PATTERN_CACHE:
+                    memo.popitem(last=False)
+                self._layouts.move_to_end(seq)
+                return p
         self._layouts.move_to_end(seq)
         if cache is not None:
             cache.put((seq, i), p)
