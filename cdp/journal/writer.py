@@ -285,7 +285,8 @@ class Journal:
         self._flush_timer: asyncio.TimerHandle | None = None
         self._cur_ts_append = array("q").append
         self._cur_offs_append = array("q").append
-        self._layouts: OrderedDict[int, tuple[int, ChunkTable]] = OrderedDict()
+        #: seq -> (loc, checked tables, segment) of chunked records read lately
+        self._layouts: OrderedDict[int, tuple[int, ChunkTable, _Seg]] = OrderedDict()
         #: decoded fill-pattern chunks keyed by their stored (lz4) bytes, see _chunk_fast
         self._patterns: OrderedDict[bytes, bytes] = OrderedDict()
         self.recovery = RecoveryReport()
@@ -949,7 +950,8 @@ class Journal:
             i = poff >> _CHUNK_SHIFT
             if (table.granules is not None and i == (poff + length - 1) >> _CHUNK_SHIFT
                     and i < table.count and table.comps[i] == _NONE_COMP and length > 0):
-                v = self._granules_fast(seq, loc, table, i, poff - (i << _CHUNK_SHIFT), length)
+                v = self._granules_fast(lay[2], seq, loc, table, i, poff - (i << _CHUNK_SHIFT),
+                                        length)
                 if v is not None:
                     return v if type(v) is bytes else bytes(v)
         v = self.read_slice_view(seq, loc, poff, length, cache=cache)
@@ -981,7 +983,7 @@ class Journal:
             if lay is not None and lay[0] == loc:
                 table = lay[1]
                 if table.granules is not None and table.comps[first] == _NONE_COMP:
-                    v = self._granules_fast(seq, loc, table, first, o, length)
+                    v = self._granules_fast(lay[2], seq, loc, table, first, o, length)
                     if v is not None:
                         return v
             p = cache.get((seq, first)) if cache is not None else None
@@ -999,14 +1001,13 @@ class Journal:
                              f"seq {seq}'s payload")
         return memoryview(got)[o : o + length] if o or length != len(got) else got
 
-    def _granules_fast(self, seq: int, loc: int, table: ChunkTable, i: int, o: int,
+    def _granules_fast(self, seg: _Seg, seq: int, loc: int, table: ChunkTable, i: int, o: int,
                        length: int) -> bytes | memoryview | None:
         """Bytes ``[o, o+length)`` of raw chunk ``i`` of a version 3 record whose checked
         tables are remembered and which lies in the segment file: one pread of the 4 KiB
         granules they overlap, each granule's CRC checked (no decode, no cache: the page
         cache holds the file). None for anything else, a damaged granule included: the
         general path then reads the whole chunk and raises what it must."""
-        seg = self._seg_for(seq)
         if seg.compacted or (seg is self._cur and loc >= self._file_size):
             return None
         end = o + length
@@ -1212,7 +1213,7 @@ class Journal:
         if isinstance(table, str):
             raise Corruption(f"{where}: {table}")
         layouts = self._layouts
-        layouts[seq] = (loc, table)
+        layouts[seq] = (loc, table, seg)
         if len(layouts) > LAYOUT_CACHE:
             layouts.popitem(last=False)
         return table
