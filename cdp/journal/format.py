@@ -238,7 +238,7 @@ def pack_granule_crcs(chunk: bytes | bytearray | memoryview, out: bytearray, pos
     (u32 each, the slots past its last granule left as they are: zero)."""
     n = len(chunk)
     mv = chunk if isinstance(chunk, memoryview) else memoryview(chunk)
-    crcs = [crc32c(mv[g : g + GRANULE_SIZE], 0, 0) for g in range(0, n, GRANULE_SIZE)]
+    crcs = list(map(crc32c, [mv[g : g + GRANULE_SIZE] for g in range(0, n, GRANULE_SIZE)]))
     struct.pack_into(f"<{len(crcs)}I", out, pos, *crcs)
 
 
@@ -372,7 +372,7 @@ def chunk_ok(data: bytes | memoryview, table: ChunkTable, i: int) -> bool:
     mv = data if isinstance(data, memoryview) else memoryview(data)
     base = GRANULES * i
     for k, g in enumerate(range(0, len(mv), GRANULE_SIZE)):
-        if crc32c(mv[g : g + GRANULE_SIZE], 0, 0) != gr[base + k]:
+        if crc32c(mv[g : g + GRANULE_SIZE]) != gr[base + k]:
             return False
     return True
 

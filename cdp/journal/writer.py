@@ -599,7 +599,7 @@ class Journal:
                 if len(c) == CHUNK_SIZE:
                     _GRANULES_PACK_INTO(
                         table, gbase + GRANULE_TABLE_SIZE * i,
-                        *[crc(c[g : g + GRANULE_SIZE], 0, 0) for g in _GRANULE_OFFSETS])
+                        *map(crc, [c[g : g + GRANULE_SIZE] for g in _GRANULE_OFFSETS]))
                 else:
                     pack_granule_crcs(c, table, gbase + GRANULE_TABLE_SIZE * i)
             parts.append(c)
@@ -1027,12 +1027,12 @@ class Journal:
         assert gr is not None
         k = GRANULES * i + (a >> _GRANULE_SHIFT)
         if n <= GRANULE_SIZE:
-            if _CRC(blob, 0, 0) != gr[k]:
+            if _CRC(blob) != gr[k]:
                 return None
         else:
             mv = memoryview(blob)
             for g in range(0, n, GRANULE_SIZE):
-                if _CRC(mv[g : g + GRANULE_SIZE], 0, 0) != gr[k]:
+                if _CRC(mv[g : g + GRANULE_SIZE]) != gr[k]:
                     return None
                 k += 1
         self._layouts.move_to_end(seq)
