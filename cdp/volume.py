@@ -534,10 +534,18 @@ class Volume:
         extents read as zeros. Cost: one map resolve + per extent the journal chunks it
         overlaps (one pread, 64 KiB at most per chunk; decoded chunks cached). Raises
         Corruption (EIO) if a needed chunk is damaged."""
-        self._check_range(offset, length)
-        at = self.journal.last_seq if seq is None else seq
         self.reads += 1
         self.bytes_read += length
+        end = offset + length
+        if seq is None and 0 <= offset < end <= self.size:
+            # the live head, one extent (the common small read): no lists, no wrappers
+            e = self.maps.resolve_head(offset, end)
+            if e is not None:
+                if e.loc < 0:
+                    return bytes(length)
+                return self.journal.read_slice(e.seq, e.loc, e.poff, length, cache=self._cache)
+        self._check_range(offset, length)
+        at = self.journal.last_seq if seq is None else seq
         if at == 0 or length == 0:
             return bytes(length)
         exts = self._resolve(at, offset, offset + length)

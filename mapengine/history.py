@@ -830,7 +830,22 @@ class MapHistory:
 
         return q
 
+    def resolve_head(self, start: int, end: int) -> Extent | None:
+        """``resolve(last_seq, start, end)`` as its one extent when a single entry of the
+        newest layer touching the range covers it whole (or nothing touches it and the
+        epoch has no base): the common small read of the live volume, without building
+        lists. None when the general path is needed. The caller guarantees
+        ``0 <= start < end``. Runtime complexity: as the fast path of resolve.
+        """
+        if end - start > _FAST_SPAN:
+            return None
+        return self._head_extent(start, end)
+
     def _resolve_head_fast(self, a: int, b: int) -> list[Extent] | None:
+        e = self._head_extent(a, b)
+        return None if e is None else [e]
+
+    def _head_extent(self, a: int, b: int) -> Extent | None:
         """``resolve(last_seq, a, b)`` when one entry of the newest layer touching the
         range covers it whole (or nothing touches it and the epoch has no base); None
         when the general path is needed. Same result as the general path.
@@ -846,7 +861,7 @@ class MapHistory:
                     e = le(i)
                     if s < b and e > a:
                         if s <= a and e >= b:
-                            return [Extent(a, b, self._lq.item(i), self._ll.item(i), a - s)]
+                            return Extent(a, b, self._lq.item(i), self._ll.item(i), a - s)
                         return None
         for c in (self._recent, self._head):
             st = c.start
@@ -856,12 +871,11 @@ class MapHistory:
                     s = st.item(i)
                     if s < b:
                         if s <= a and c.end.item(i) >= b:
-                            return [
-                                Extent(a, b, c.seq.item(i), c.loc.item(i), c.poff.item(i) + a - s)
-                            ]
+                            return Extent(a, b, c.seq.item(i), c.loc.item(i),
+                                          c.poff.item(i) + a - s)
                         return None
         if self._epochs[-1].target < 0:
-            return [Extent(a, b, 0, HOLE_LOC, 0)]
+            return Extent(a, b, 0, HOLE_LOC, 0)
         return None
 
     @staticmethod

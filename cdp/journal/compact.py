@@ -34,6 +34,7 @@ from cdp.journal.format import (
     CHUNK_SIZE,
     CRC_START,
     DATA_KINDS,
+    GRANULE_TABLE_SIZE,
     RECORD_HEADER,
     RECORD_HEADER_SIZE,
     RECORD_MAGIC,
@@ -146,12 +147,12 @@ def build_compacted(
             head = win.get(off, RECORD_HEADER_SIZE)
             if len(head) < RECORD_HEADER_SIZE:
                 raise Corruption(f"{where}: record header truncated")
-            magic, crc, _ver, kind, comp, flags, slen, rseq, ts, voff, length = (
+            magic, crc, ver, kind, comp, flags, slen, rseq, ts, voff, length = (
                 RECORD_HEADER.unpack(head))
             if magic != RECORD_MAGIC or rseq != seq:
                 raise Corruption(f"{where}: no record for seq {seq} there")
             stored = win.get(off + RECORD_HEADER_SIZE, slen)
-            cov = covered_size(comp, length, slen)
+            cov = covered_size(comp, length, slen, ver)
             if len(stored) != slen or cov > slen or crc32c(
                     memoryview(stored)[:cov], crc32c(head[CRC_START:])) != crc:
                 raise Corruption(f"{where}: bad checksum")
@@ -174,7 +175,7 @@ def build_compacted(
                     out += stored
                     raw_total += length
                 else:
-                    table = parse_chunk_table(memoryview(stored)[:cov], length, slen)
+                    table = parse_chunk_table(memoryview(stored)[:cov], length, slen, ver)
                     if isinstance(table, str):
                         raise Corruption(f"{where}: {table}")
                     want = _live_chunks(ranges)
@@ -187,18 +188,21 @@ def build_compacted(
                         out += head
                         out += stored
                     else:
-                        ents = bytearray(CHUNK_ENTRY_SIZE * table.count)
+                        # tables as before (the granule table of version 3 kept),
+                        # dropped chunks as elided entries with zero granule slots
+                        ents = bytearray(stored[:cov])
+                        gbase = CHUNK_ENTRY_SIZE * table.count
                         body = bytearray()
                         st = table.starts
                         for c in range(table.count):
                             if c in want:
-                                CHUNK_ENTRY.pack_into(ents, c * CHUNK_ENTRY_SIZE,
-                                                      st[c + 1] - st[c], table.comps[c],
-                                                      table.crcs[c])
                                 body += stored[st[c]:st[c + 1]]
                             else:
                                 CHUNK_ENTRY.pack_into(ents, c * CHUNK_ENTRY_SIZE, 0, _ELIDED, 0)
-                        tail = RECORD_TAIL.pack(2, kind, _CHUNKED, flags,
+                                if ver >= 3:
+                                    g = gbase + GRANULE_TABLE_SIZE * c
+                                    ents[g : g + GRANULE_TABLE_SIZE] = bytes(GRANULE_TABLE_SIZE)
+                        tail = RECORD_TAIL.pack(ver, kind, _CHUNKED, flags,
                                                 len(ents) + len(body), seq, ts, voff, length)
                         out += RECORD_PREFIX.pack(RECORD_MAGIC, crc32c(ents, crc32c(tail)))
                         out += tail

@@ -8,6 +8,8 @@ change; retired values are never reused.
 from __future__ import annotations
 
 import struct
+import sys
+from array import array
 from dataclasses import dataclass
 from enum import IntEnum
 
@@ -37,11 +39,15 @@ INDEX_SUFFIX = ".idx"
 #: on disk, never change: b"CDPR" read as a little-endian u32
 RECORD_MAGIC = 0x52504443
 RECORD_MAGIC_BYTES = b"CDPR"
-#: on disk, never change: record format version written by this code. Version 2 added
-#: chunked payloads (``Compression.CHUNKED``); version 1 records are still read.
+#: on disk, never change: record format version written by this code for records without
+#: a chunk table. Version 2 added chunked payloads (``Compression.CHUNKED``); version 1
+#: records are still read.
 RECORD_VERSION = 2
+#: on disk, never change: version written for chunked records. Version 3 = version 2 plus
+#: a granule CRC table after the chunk table (4 KiB reads check 4 KiB, not 64 KiB).
+CHUNKED_VERSION = 3
 #: on disk, never change: record versions this code reads
-RECORD_VERSIONS = frozenset((1, 2))
+RECORD_VERSIONS = frozenset((1, 2, 3))
 #: magic(I) crc(I) | version(B) kind(B) compression(B) flags(B) stored(I) seq(Q) ts(Q)
 #: offset(Q) length(Q).  The CRC covers byte 8 up to the end of the payload.
 RECORD_HEADER = struct.Struct("<IIBBBBIQQQQ")
@@ -62,9 +68,16 @@ CHUNK_SIZE = 64 << 10
 #: chunk table entry: stored_length(I) compression(B) reserved(3x) crc(I)
 CHUNK_ENTRY = struct.Struct("<IB3xI")
 CHUNK_ENTRY_SIZE = CHUNK_ENTRY.size  # 12
-#: largest WRITE/INIT payload a record may carry: its chunked form (table included)
+#: on disk, never change (v3): raw bytes per granule of a chunk stored uncompressed;
+#: each granule has its own CRC32C in the record's granule table
+GRANULE_SIZE = 4 << 10
+#: granule CRC slots per chunk in the granule table (v3)
+GRANULES = CHUNK_SIZE // GRANULE_SIZE  # 16
+#: bytes of the granule table per chunk (v3): GRANULES u32 CRCs
+GRANULE_TABLE_SIZE = 4 * GRANULES  # 64
+#: largest WRITE/INIT payload a record may carry: its chunked form (tables included)
 #: must fit MAX_PAYLOAD even when no chunk compresses
-MAX_DATA = MAX_PAYLOAD - CHUNK_ENTRY_SIZE * (MAX_PAYLOAD // CHUNK_SIZE)
+MAX_DATA = MAX_PAYLOAD - (CHUNK_ENTRY_SIZE + GRANULE_TABLE_SIZE) * (MAX_PAYLOAD // CHUNK_SIZE)
 
 
 class RecordKind(IntEnum):
@@ -186,21 +199,24 @@ def encode_record(
     payload: bytes,
     compression: int = 0,
     flags: int = 0,
-    version: int = RECORD_VERSION,
+    version: int | None = None,
 ) -> bytes:
     """Full record bytes (header + stored payload) exactly as the writer lays them out.
 
     ``payload`` is the *stored* payload (already compressed when ``compression`` is LZ4,
     table + chunks when it is CHUNKED). Used by tests and tools; the writer inlines the
     same packing on its hot path. For CHUNKED the CRC covers only the header and the
-    chunk table (each chunk carries its own CRC in the table).
+    chunk table (+ the granule table in version 3; each chunk carries its own CRC(s)).
+    ``version`` defaults to what the writer uses (3 for CHUNKED, else 2).
     """
+    if version is None:
+        version = CHUNKED_VERSION if compression == Compression.CHUNKED else RECORD_VERSION
     tail = RECORD_TAIL.pack(
         version, kind, compression, flags, len(payload), seq, timestamp_ns, offset, length
     )
     covered = payload
     if compression == Compression.CHUNKED:
-        covered = payload[: CHUNK_ENTRY_SIZE * chunk_count(length)]
+        covered = payload[: table_size(version, length)]
     crc = crc32c(covered, crc32c(tail))
     return RECORD_PREFIX.pack(RECORD_MAGIC, crc) + tail + payload
 
@@ -210,13 +226,30 @@ def chunk_count(length: int) -> int:
     return (length + CHUNK_SIZE - 1) // CHUNK_SIZE
 
 
-def chunk_payload(data: bytes | bytearray | memoryview) -> bytes:
-    """Stored form (chunk table + chunks) of a data payload, each chunk lz4-compressed
-    exactly when that makes it strictly smaller (no adaptive back-off)."""
+def table_size(version: int, length: int) -> int:
+    """Bytes of the tables of a chunked payload of ``length`` raw bytes: the chunk table,
+    plus (version 3) the granule table."""
+    per = CHUNK_ENTRY_SIZE + GRANULE_TABLE_SIZE if version >= 3 else CHUNK_ENTRY_SIZE
+    return per * chunk_count(length)
+
+
+def pack_granule_crcs(chunk: bytes | bytearray | memoryview, out: bytearray, pos: int) -> None:
+    """Write the CRC32C of each 4 KiB granule of a raw ``chunk`` into ``out`` at ``pos``
+    (u32 each, the slots past its last granule left as they are: zero)."""
+    n = len(chunk)
+    mv = chunk if isinstance(chunk, memoryview) else memoryview(chunk)
+    crcs = list(map(crc32c, [mv[g : g + GRANULE_SIZE] for g in range(0, n, GRANULE_SIZE)]))
+    struct.pack_into(f"<{len(crcs)}I", out, pos, *crcs)
+
+
+def chunk_payload(data: bytes | bytearray | memoryview, version: int = CHUNKED_VERSION) -> bytes:
+    """Stored form (chunk table [+ granule table] + chunks) of a data payload, each chunk
+    lz4-compressed exactly when that makes it strictly smaller (no adaptive back-off)."""
     mv = memoryview(data).cast("B")
     n = len(mv)
     count = chunk_count(n)
-    table = bytearray(CHUNK_ENTRY_SIZE * count)
+    table = bytearray(table_size(version, n))
+    gbase = CHUNK_ENTRY_SIZE * count
     parts: list[bytes | memoryview] = []
     for i in range(count):
         c: bytes | memoryview = mv[i * CHUNK_SIZE : (i + 1) * CHUNK_SIZE]
@@ -225,7 +258,11 @@ def chunk_payload(data: bytes | bytearray | memoryview) -> bytes:
             packed = lz4.block.compress(c, store_size=False)
             if len(packed) < len(c):
                 c, comp = packed, 1
-        CHUNK_ENTRY.pack_into(table, CHUNK_ENTRY_SIZE * i, len(c), comp, crc32c(c))
+        if version >= 3 and comp == 0:
+            CHUNK_ENTRY.pack_into(table, CHUNK_ENTRY_SIZE * i, len(c), comp, 0)
+            pack_granule_crcs(c, table, gbase + GRANULE_TABLE_SIZE * i)
+        else:
+            CHUNK_ENTRY.pack_into(table, CHUNK_ENTRY_SIZE * i, len(c), comp, crc32c(c))
         parts.append(c)
     return bytes(table) + b"".join(parts)
 
@@ -233,8 +270,9 @@ def chunk_payload(data: bytes | bytearray | memoryview) -> bytes:
 def encode_data_record(
     kind: int, seq: int, timestamp_ns: int, offset: int, data: bytes, flags: int = 0
 ) -> bytes:
-    """A WRITE/INIT record as a v2 writer without compression back-off lays it out:
-    chunked above CHUNK_SIZE, else one block (lz4 when it saves). For tests and tools."""
+    """A WRITE/INIT record as the writer without compression back-off lays it out:
+    chunked (version 3) above CHUNK_SIZE, else one block (version 2, lz4 when it saves).
+    For tests and tools."""
     n = len(data)
     if n > CHUNK_SIZE:
         return encode_record(kind, seq, timestamp_ns, offset, n, chunk_payload(data),
@@ -252,37 +290,56 @@ class ChunkTable:
 
     Chunk ``i`` holds raw bytes ``[i*CHUNK_SIZE, min((i+1)*CHUNK_SIZE, length))`` and is
     stored at ``starts[i] .. starts[i+1]`` counted from the end of the record header
-    (the table itself starts at 0). ``comps[i]``/``crcs[i]`` are its compression and CRC.
+    (the tables start at 0). ``comps[i]``/``crcs[i]`` are its compression and CRC.
+    Version 3: ``granules[GRANULES*i + g]`` is the CRC of granule g of chunk i when it is
+    stored raw (its ``crcs[i]`` is 0); None for version 2.
     """
 
-    __slots__ = ("comps", "count", "crcs", "length", "starts")
+    __slots__ = ("comps", "count", "crcs", "granules", "length", "starts")
 
-    def __init__(self, length: int, starts: list[int], comps: list[int], crcs: list[int]):
+    def __init__(self, length: int, starts: list[int], comps: list[int], crcs: list[int],
+                 granules: array[int] | None = None):
         self.length = length
         self.count = len(comps)
         self.starts = starts
         self.comps = comps
         self.crcs = crcs
+        self.granules = granules
 
     def raw_size(self, i: int) -> int:
         """Raw (decoded) bytes of chunk ``i``."""
         return min(CHUNK_SIZE, self.length - i * CHUNK_SIZE)
 
 
-def parse_chunk_table(table: bytes | memoryview, length: int, stored: int) -> ChunkTable | str:
-    """Check and parse the chunk table of a chunked record whose header says ``length``
-    raw and ``stored`` stored bytes; the reason as a string if it is inconsistent."""
+def parse_chunk_table(table: bytes | memoryview, length: int, stored: int,
+                      version: int) -> ChunkTable | str:
+    """Check and parse the tables (chunk table, and the granule table of version 3) of a
+    chunked record whose header says ``length`` raw and ``stored`` stored bytes; the
+    reason as a string if they are inconsistent."""
     count = chunk_count(length)
-    tsize = CHUNK_ENTRY_SIZE * count
+    tsize = table_size(version, length)
     if len(table) != tsize:
         return "chunk table truncated"
+    esize = CHUNK_ENTRY_SIZE * count
+    granules: array[int] | None = None
+    if version >= 3:
+        granules = array("I")
+        granules.frombytes(table[esize:tsize])
+        if _BIG_ENDIAN:
+            granules.byteswap()
     pos = tsize
     starts = [pos]
     comps: list[int] = []
     crcs: list[int] = []
     last = count - 1
-    for i, (slen, comp, crc) in enumerate(CHUNK_ENTRY.iter_unpack(table)):
+    for i, (slen, comp, crc) in enumerate(CHUNK_ENTRY.iter_unpack(table[:esize])):
         raw = CHUNK_SIZE if i < last else length - last * CHUNK_SIZE
+        if granules is not None:
+            used = (raw + GRANULE_SIZE - 1) // GRANULE_SIZE if comp == Compression.NONE else 0
+            if any(granules[GRANULES * i + used : GRANULES * (i + 1)]):
+                return f"chunk {i} has granule CRCs it cannot use"
+            if comp == Compression.NONE and crc:
+                return f"raw chunk {i} with a chunk CRC (version 3 uses granule CRCs)"
         if comp == Compression.NONE:
             if slen != raw:
                 return f"chunk {i} stored length {slen} differs from raw {raw}"
@@ -300,17 +357,34 @@ def parse_chunk_table(table: bytes | memoryview, length: int, stored: int) -> Ch
         crcs.append(crc)
     if pos != stored:
         return f"chunks add up to {pos} bytes, header says {stored}"
-    return ChunkTable(length, starts, comps, crcs)
+    return ChunkTable(length, starts, comps, crcs, granules)
 
 
-def decode_chunk(
-    data: bytes | memoryview, comp: int, raw: int, crc: int, where: str, index: int
-) -> bytes:
-    """Check one chunk's CRC and decompress it; Corruption naming ``where`` and the chunk;
-    PointError for a chunk removed by compaction."""
+_BIG_ENDIAN = sys.byteorder == "big"
+
+
+def chunk_ok(data: bytes | memoryview, table: ChunkTable, i: int) -> bool:
+    """True when the stored bytes ``data`` of chunk ``i`` match their CRC(s): the chunk
+    CRC, or for a raw chunk of a version 3 record every granule CRC."""
+    gr = table.granules
+    if gr is None or table.comps[i] != Compression.NONE:
+        return bool(crc32c(data) == table.crcs[i])
+    mv = data if isinstance(data, memoryview) else memoryview(data)
+    base = GRANULES * i
+    for k, g in enumerate(range(0, len(mv), GRANULE_SIZE)):
+        if crc32c(mv[g : g + GRANULE_SIZE]) != gr[base + k]:
+            return False
+    return True
+
+
+def decode_chunk(data: bytes | memoryview, table: ChunkTable, index: int, where: str) -> bytes:
+    """Check chunk ``index``'s CRC(s) and decompress it; Corruption naming ``where`` and
+    the chunk; PointError for a chunk removed by compaction."""
+    comp = table.comps[index]
+    raw = table.raw_size(index)
     if comp == Compression.ELIDED:
         raise PointError(f"{where}: chunk {index} was expired by retention")
-    if crc32c(data) != crc:
+    if not chunk_ok(data, table, index):
         raise Corruption(f"{where}: bad checksum in chunk {index}")
     if comp == Compression.LZ4:
         try:
@@ -354,7 +428,7 @@ def header_problem(
             return "chunked payload on a non-data record"
         if length <= CHUNK_SIZE:
             return "chunked payload of one chunk or less"
-        tsize = CHUNK_ENTRY_SIZE * chunk_count(length)
+        tsize = table_size(version, length)
         if not tsize <= stored <= tsize + length:
             return "chunked stored length does not fit the raw length"
     elif comp == Compression.ELIDED:
@@ -379,13 +453,14 @@ def header_problem(
     return None
 
 
-def covered_size(comp: int, length: int, stored: int) -> int:
+def covered_size(comp: int, length: int, stored: int, version: int) -> int:
     """Stored payload bytes the record CRC covers: all of them, or for CHUNKED records
-    only the chunk table. May exceed ``stored`` for a damaged header."""
+    only the tables (chunk table, + granule table in version 3). May exceed ``stored``
+    for a damaged header."""
     if comp == Compression.CHUNKED:
         if length > MAX_PAYLOAD:
             return MAX_PAYLOAD + 1
-        return CHUNK_ENTRY_SIZE * chunk_count(length)
+        return table_size(version, length)
     return stored
 
 
@@ -449,7 +524,7 @@ def decode_record(header: bytes, stored: bytes, loc: int, where: str, seq: int |
         raise Corruption(f"{where}: bad record magic")
     if len(stored) != slen:
         raise Corruption(f"{where}: record truncated")
-    cov = covered_size(comp, length, slen)
+    cov = covered_size(comp, length, slen, version)
     if cov > slen:
         raise Corruption(f"{where}: bad checksum (chunk table larger than the record)")
     covered = stored if cov == slen else memoryview(stored)[:cov]
@@ -464,24 +539,23 @@ def decode_record(header: bytes, stored: bytes, loc: int, where: str, seq: int |
     if comp == Compression.ELIDED:
         rec.elided = True
     elif comp == Compression.CHUNKED:
-        rec.payload = decode_chunks(stored, length, where)
+        rec.payload = decode_chunks(stored, length, where, version)
         rec.elided = not rec.payload
     else:
         rec.payload = decode_payload(kind, comp, length, stored, where, rec)
     return rec
 
 
-def decode_chunks(stored: bytes | memoryview, length: int, where: str) -> bytes:
-    """Raw payload of a chunked record from its stored bytes (table + chunks), every
+def decode_chunks(stored: bytes | memoryview, length: int, where: str, version: int) -> bytes:
+    """Raw payload of a chunked record from its stored bytes (tables + chunks), every
     chunk CRC-checked; Corruption names the first bad chunk."""
     mv = memoryview(stored)
-    table = parse_chunk_table(mv[: CHUNK_ENTRY_SIZE * chunk_count(length)], length, len(mv))
+    table = parse_chunk_table(mv[: table_size(version, length)], length, len(mv), version)
     if isinstance(table, str):
         raise Corruption(f"{where}: {table}")
     st = table.starts
     parts = [
-        decode_chunk(mv[st[i] : st[i + 1]], table.comps[i], table.raw_size(i), table.crcs[i],
-                     where, i)
+        decode_chunk(mv[st[i] : st[i + 1]], table, i, where)
         for i in range(table.count) if table.comps[i] != Compression.ELIDED
     ]
     if len(parts) != table.count:

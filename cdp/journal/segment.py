@@ -31,6 +31,7 @@ from cdp.journal.format import (
     SEGMENT_HEADER_SIZE,
     Compression,
     check_segment_header,
+    chunk_ok,
     covered_size,
     decode_chunks,
     decode_payload,
@@ -138,7 +139,7 @@ def _check_at(
         return "bad stored length", False, 0, 0, 0, 0
     if pos + RECORD_HEADER_SIZE + slen > size:
         return "truncated record", False, slen, seq, ts, 0
-    cov = covered_size(comp, length, slen)
+    cov = covered_size(comp, length, slen, ver)
     if cov > slen:
         return "bad checksum (chunk table larger than the record)", False, slen, seq, ts, 0
     body = win.get(pos + CRC_START, RECORD_HEADER_SIZE - CRC_START + slen)
@@ -148,17 +149,17 @@ def _check_at(
     bad = header_problem(ver, kind, comp, slen, length)
     if bad is None and comp == Compression.CHUNKED:
         stored = memoryview(body)[RECORD_HEADER_SIZE - CRC_START :]
-        table = parse_chunk_table(stored[:cov], length, slen)
+        table = parse_chunk_table(stored[:cov], length, slen, ver)
         if isinstance(table, str):
             bad = table
         else:
-            st, crcs = table.starts, table.crcs
+            st = table.starts
             for i in range(table.count):
-                if crc32c(stored[st[i] : st[i + 1]]) != crcs[i]:
+                if not chunk_ok(stored[st[i] : st[i + 1]], table, i):
                     return f"bad checksum in chunk {i}", False, slen, seq, ts, 0
             if deep:
                 try:
-                    decode_chunks(stored, length, where)
+                    decode_chunks(stored, length, where, ver)
                 except Corruption as exc:
                     bad = str(exc).rsplit(": ", 1)[-1]
     elif bad is None and deep:

@@ -70,8 +70,12 @@ from cdp.journal.format import (
     CHUNK_ENTRY,
     CHUNK_ENTRY_SIZE,
     CHUNK_SIZE,
+    CHUNKED_VERSION,
     CRC_START,
     ERROR_PAYLOAD,
+    GRANULE_SIZE,
+    GRANULE_TABLE_SIZE,
+    GRANULES,
     LZ4_MIN,
     MARKER_PAYLOAD,
     MAX_DATA,
@@ -90,11 +94,13 @@ from cdp.journal.format import (
     Compression,
     Record,
     RecordKind,
+    chunk_ok,
     covered_size,
     decode_chunk,
     decode_record,
     header_problem,
     index_name,
+    pack_granule_crcs,
     pack_segment_header,
     parse_chunk_table,
     parse_segment_name,
@@ -118,6 +124,11 @@ DIRECT_WRITE = 256 << 10
 LZ4_MAX_SKIP = 64
 #: chunk tables of chunked records kept in memory for slice reads
 LAYOUT_CACHE = 4096
+#: an lz4 chunk of 64 KiB stored in at most this many bytes (a 64:1 ratio: zeros, a fill
+#: pattern) is decoded once and shared by every chunk with the same stored bytes
+PATTERN_STORED = 1024
+#: such decoded chunks kept (64 KiB each)
+PATTERN_CACHE = 64
 #: sealed segments whose index arrays stay in memory
 INDEX_CACHE = 16
 #: read handles kept open
@@ -274,7 +285,10 @@ class Journal:
         self._flush_timer: asyncio.TimerHandle | None = None
         self._cur_ts_append = array("q").append
         self._cur_offs_append = array("q").append
-        self._layouts: OrderedDict[int, tuple[int, ChunkTable]] = OrderedDict()
+        #: seq -> (loc, checked tables, segment) of chunked records read lately
+        self._layouts: OrderedDict[int, tuple[int, ChunkTable, _Seg]] = OrderedDict()
+        #: decoded fill-pattern chunks keyed by their stored (lz4) bytes, see _chunk_fast
+        self._patterns: OrderedDict[bytes, bytes] = OrderedDict()
         self.recovery = RecoveryReport()
         #: sidecars rebuilt after open (damaged or missing when first needed)
         self.repairs: list[str] = []
@@ -560,9 +574,10 @@ class Journal:
             mv = mv.cast("B")
         n = len(mv)
         count = (n + CHUNK_SIZE - 1) // CHUNK_SIZE
-        table = bytearray(CHUNK_ENTRY_SIZE * count)
+        gbase = CHUNK_ENTRY_SIZE * count
+        stored = (CHUNK_ENTRY_SIZE + GRANULE_TABLE_SIZE) * count
+        table = bytearray(stored)
         parts: list[Buffer] = [table]
-        stored = CHUNK_ENTRY_SIZE * count
         skip, backoff = self._lz_skip, self._lz_backoff
         compress, pack_entry, crc = _LZ4, _ENTRY_PACK_INTO, _CRC
         for i in range(count):
@@ -577,7 +592,16 @@ class Journal:
                         c, comp, backoff = packed, 1, 0
                     else:
                         backoff = skip = min(LZ4_MAX_SKIP, backoff * 2 or 1)
-            pack_entry(table, CHUNK_ENTRY_SIZE * i, len(c), comp, crc(c))
+            if comp:
+                pack_entry(table, CHUNK_ENTRY_SIZE * i, len(c), comp, crc(c))
+            else:  # raw: a CRC per 4 KiB granule (version 3), none for the chunk
+                pack_entry(table, CHUNK_ENTRY_SIZE * i, len(c), 0, 0)
+                if len(c) == CHUNK_SIZE:
+                    _GRANULES_PACK_INTO(
+                        table, gbase + GRANULE_TABLE_SIZE * i,
+                        *map(crc, [c[g : g + GRANULE_SIZE] for g in _GRANULE_OFFSETS]))
+                else:
+                    pack_granule_crcs(c, table, gbase + GRANULE_TABLE_SIZE * i)
             parts.append(c)
             stored += len(c)
         self._lz_skip, self._lz_backoff = skip, backoff
@@ -596,7 +620,7 @@ class Journal:
         ts = self._time_ns()
         if ts < self._last_ts:
             ts = self._last_ts
-        tail = _TAIL_PACK(RECORD_VERSION, kind, _CHUNKED, 0, stored, seq, ts, offset, n)
+        tail = _TAIL_PACK(CHUNKED_VERSION, kind, _CHUNKED, 0, stored, seq, ts, offset, n)
         head = _PREFIX_PACK(RECORD_MAGIC, crc(table, crc(tail))) + tail
         if stored >= DIRECT_WRITE:
             self._write_direct(w, pos + RECORD_HEADER_SIZE + stored, head, parts)
@@ -919,6 +943,17 @@ class Journal:
                    cache: ChunkCache | None = None) -> bytes:
         """Payload bytes ``[poff, poff+length)`` of record ``seq`` at ``loc``
         (:meth:`read_slice_view` as bytes)."""
+        lay = self._layouts.get(seq)
+        if lay is not None and lay[0] == loc and poff >= 0:
+            # a raw chunk of a version 3 record whose tables are remembered: its granules
+            table = lay[1]
+            i = poff >> _CHUNK_SHIFT
+            if (table.granules is not None and i == (poff + length - 1) >> _CHUNK_SHIFT
+                    and i < table.count and table.comps[i] == _NONE_COMP and length > 0):
+                v = self._granules_fast(lay[2], seq, loc, table, i, poff - (i << _CHUNK_SHIFT),
+                                        length)
+                if v is not None:
+                    return v if type(v) is bytes else bytes(v)
         v = self.read_slice_view(seq, loc, poff, length, cache=cache)
         return v if type(v) is bytes else bytes(v)
 
@@ -944,6 +979,13 @@ class Journal:
         last = (poff + length - 1) // CHUNK_SIZE
         o = poff - first * CHUNK_SIZE
         if first == last:
+            lay = self._layouts.get(seq)
+            if lay is not None and lay[0] == loc:
+                table = lay[1]
+                if table.granules is not None and table.comps[first] == _NONE_COMP:
+                    v = self._granules_fast(lay[2], seq, loc, table, first, o, length)
+                    if v is not None:
+                        return v
             p = cache.get((seq, first)) if cache is not None else None
             if p is None:
                 p = self._chunk_fast(seq, loc, first, cache)
@@ -958,6 +1000,45 @@ class Journal:
             raise UsageError(f"slice [{poff}, {poff + length}) is past the end of "
                              f"seq {seq}'s payload")
         return memoryview(got)[o : o + length] if o or length != len(got) else got
+
+    def _granules_fast(self, seg: _Seg, seq: int, loc: int, table: ChunkTable, i: int, o: int,
+                       length: int) -> bytes | memoryview | None:
+        """Bytes ``[o, o+length)`` of raw chunk ``i`` of a version 3 record whose checked
+        tables are remembered and which lies in the segment file: one pread of the 4 KiB
+        granules they overlap, each granule's CRC checked (no decode, no cache: the page
+        cache holds the file). None for anything else, a damaged granule included: the
+        general path then reads the whole chunk and raises what it must."""
+        if seg.compacted or (seg is self._cur and loc >= self._file_size):
+            return None
+        end = o + length
+        raw = table.length - (i << _CHUNK_SHIFT)  # the raw size of chunk i
+        if end > raw:
+            return None
+        a = o & _GRANULE_MASK
+        b = ((end - 1) | (GRANULE_SIZE - 1)) + 1
+        if b > raw:
+            b = raw
+        n = b - a
+        fd = self._rfd(seg)
+        blob = self._fs.pread(fd, n, loc + RECORD_HEADER_SIZE + table.starts[i] + a)
+        if len(blob) != n:
+            return None
+        gr = table.granules
+        assert gr is not None
+        k = GRANULES * i + (a >> _GRANULE_SHIFT)
+        if n <= GRANULE_SIZE:
+            if _CRC(blob) != gr[k]:
+                return None
+        else:
+            mv = memoryview(blob)
+            for g in range(0, n, GRANULE_SIZE):
+                if _CRC(mv[g : g + GRANULE_SIZE]) != gr[k]:
+                    return None
+                k += 1
+        self._layouts.move_to_end(seq)
+        if o == a and n == length:
+            return blob
+        return memoryview(blob)[o - a : end - a]
 
     def _chunk_fast(self, seq: int, loc: int, i: int, cache: ChunkCache | None) -> bytes | None:
         """Chunk ``i`` of a chunked record whose checked table is remembered and which
@@ -979,16 +1060,32 @@ class Journal:
         if comp > _LZ4_COMP or (comp == _NONE_COMP and n != raw):
             return None
         blob = self._fs.pread(self._rfd(seg), n, loc + RECORD_HEADER_SIZE + base)
-        if len(blob) != n or crc32c(blob) != table.crcs[i]:
+        if len(blob) != n or not chunk_ok(blob, table, i):
             return None
-        p = blob
+        p: bytes = blob
         if comp == _LZ4_COMP:
+            memo = self._patterns
+            if n <= PATTERN_STORED and raw == CHUNK_SIZE:
+                # a chunk that compresses this well is a fill pattern (zeros, a repeated
+                # block): identical stored bytes decode identically, so one decoded copy
+                # serves them all; keyed by the checked stored bytes, so a hit is exact
+                q = memo.get(blob)
+                if q is not None:
+                    memo.move_to_end(blob)
+                    self._layouts.move_to_end(seq)
+                    return q
             try:
                 p = lz4.block.decompress(blob, uncompressed_size=raw)
             except Exception:
                 return None
             if len(p) != raw:
                 return None
+            if n <= PATTERN_STORED and raw == CHUNK_SIZE:
+                memo[blob] = p
+                if len(memo) > PATTERN_CACHE:
+                    memo.popitem(last=False)
+                self._layouts.move_to_end(seq)
+                return p
         self._layouts.move_to_end(seq)
         if cache is not None:
             cache.put((seq, i), p)
@@ -1052,8 +1149,7 @@ class Journal:
             for i in range(a, b + 1):
                 data: bytes | memoryview = (
                     blob if a == b else memoryview(blob)[st[i] - base : st[i + 1] - base])
-                p = decode_chunk(data, table.comps[i], table.raw_size(i), table.crcs[i],
-                                 where, i)
+                p = decode_chunk(data, table, i, where)
                 out[i - first] = p
                 if cache is not None:
                     cache.put((seq, i), p)
@@ -1095,7 +1191,7 @@ class Journal:
             if rec.elided:
                 raise PointError(f"{where}: data expired by retention")
             return rec.payload
-        cov = covered_size(comp, length, slen)
+        cov = covered_size(comp, length, slen, ver)
         if cov > slen or slen > MAX_PAYLOAD:
             raise Corruption(f"{where}: bad checksum (chunk table larger than the record)")
         if loc + RECORD_HEADER_SIZE + slen > self._size(seg):
@@ -1112,11 +1208,12 @@ class Journal:
             raise Corruption(f"{where}: {bad}")
         if rseq != seq:
             raise Corruption(f"{where}: record holds seq {rseq}, expected {seq}")
-        table = parse_chunk_table(mv[RECORD_HEADER_SIZE : RECORD_HEADER_SIZE + cov], length, slen)
+        table = parse_chunk_table(mv[RECORD_HEADER_SIZE : RECORD_HEADER_SIZE + cov], length,
+                                  slen, ver)
         if isinstance(table, str):
             raise Corruption(f"{where}: {table}")
         layouts = self._layouts
-        layouts[seq] = (loc, table)
+        layouts[seq] = (loc, table, seg)
         if len(layouts) > LAYOUT_CACHE:
             layouts.popitem(last=False)
         return table
@@ -1295,6 +1392,12 @@ _PREFIX_PACK = RECORD_PREFIX.pack
 _CRC = crc32c
 _LZ4 = lz4.block.compress
 _ENTRY_PACK_INTO = CHUNK_ENTRY.pack_into
+_GRANULES_PACK_INTO = struct.Struct(f"<{GRANULES}I").pack_into
+_GRANULE_OFFSETS = range(0, CHUNK_SIZE, GRANULE_SIZE)
+_CHUNK_SHIFT = CHUNK_SIZE.bit_length() - 1
+_GRANULE_SHIFT = GRANULE_SIZE.bit_length() - 1
+_GRANULE_MASK = -GRANULE_SIZE
+assert 1 << _CHUNK_SHIFT == CHUNK_SIZE and 1 << _GRANULE_SHIFT == GRANULE_SIZE
 _CHUNKED = int(Compression.CHUNKED)
 _NONE_COMP = int(Compression.NONE)
 _LZ4_COMP = int(Compression.LZ4)

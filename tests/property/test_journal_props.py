@@ -322,7 +322,7 @@ def test_any_bit_flip_in_a_chunked_record_is_found_at_its_record(pick: int, bit:
     chunk = None  # the damaged chunk, if the flip is in a chunk of a chunked record
     if len(data) > _CH:
         n = (len(data) + _CH - 1) // _CH
-        start = loc + 48 + 12 * n
+        start = loc + 48 + (12 + 64 if seg[loc + 8] >= 3 else 12) * n  # v3: granule table
         for i in range(n):
             slen = struct.unpack_from("<I", seg, loc + 48 + 12 * i)[0]
             if start <= pos < start + slen:

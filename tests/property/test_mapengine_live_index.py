@@ -49,7 +49,12 @@ def _units(got: list[Extent], k: int) -> list[Extent]:
 
 
 def _check(h: MapHistory, m: Model, k: int, x: int, a: int, b: int) -> None:
-    assert_extents(_units(h.resolve(x, a * k, b * k), k), m.state(x), a, b)
+    got = h.resolve(x, a * k, b * k)
+    assert_extents(_units(got, k), m.state(x), a, b)
+    if x == h.last_seq and a < b:
+        # resolve_head: None, or exactly the one extent resolve gives
+        e = h.resolve_head(a * k, b * k)
+        assert e is None or [e] == got, (e, got)
 
 
 @settings(

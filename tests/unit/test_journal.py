@@ -580,9 +580,13 @@ def test_read_slice_touches_only_overlapping_chunks() -> None:
     cache.puts.clear()
     assert j.read_slice(seq, loc, 6 * CH, 2 * CH, cache=cache) == d[6 * CH : 8 * CH]
     assert cache.puts == [] and fs.read_bytes == 0
-    # without a cache: the remembered table, then only the chunk
+    # without a cache: the remembered tables, then only the one 4 KiB granule of the raw
+    # chunk (version 3: a CRC per granule), not the whole chunk
     assert j.read_slice(seq, loc, 15 * CH + 1, 10) == d[15 * CH + 1 : 15 * CH + 11]
-    assert fs.read_bytes == CH
+    assert fs.read_bytes == 4096
+    fs.read_bytes = 0
+    assert j.read_slice(seq, loc, 14 * CH + 4000, 200) == d[14 * CH + 4000 : 14 * CH + 4200]
+    assert fs.read_bytes == 8192
     # a one-block record is cached as its one chunk
     s2, l2 = j.append_write(0, b"abcdef" * 1000)
     assert j.read_slice(s2, l2, 10, 5, cache=cache) == (b"abcdef" * 1000)[10:15]
@@ -597,7 +601,8 @@ def _chunk_pos(fs: CrashSimFS, loc: int, i: int) -> int:
     raw = fs.raw(seg_path(1))
     length = struct.unpack_from("<Q", raw, loc + 40)[0]
     n = (length + CH - 1) // CH
-    pos = loc + RECORD_HEADER_SIZE + 12 * n
+    per = 12 + 64 if raw[loc + 8] >= 3 else 12  # version 3: + the granule table
+    pos = loc + RECORD_HEADER_SIZE + per * n
     for k in range(i):
         pos += struct.unpack_from("<I", raw, loc + RECORD_HEADER_SIZE + 12 * k)[0]
     return pos
@@ -716,3 +721,34 @@ def test_huge_chunked_record_uses_many_iovecs(tmp_path: Path) -> None:
     assert j.recovery.ok and j.read_payload(seq, loc) == d
     j.close()
     assert verify_journal(tmp_path / "j").ok
+
+
+def test_fill_pattern_chunks_share_one_decoded_copy_and_damage_still_fails() -> None:
+    """Chunks that compress to a few bytes (a fill pattern) are decoded once for all
+    records with the same stored bytes; a damaged copy still fails its reads."""
+    from unittest import mock
+
+    import lz4.block
+
+    fs = CrashSimFS()
+    j = mk(fs)
+    fill = b"\x55" * (1 << 20)
+    other = b"\x66" * (1 << 20)
+    locs = [j.append_write(i << 20, fill) for i in range(3)] + [j.append_write(3 << 20, other)]
+    j.close()
+    seq2, loc2 = locs[2]
+    fs.raw(seg_path(1))[_chunk_pos(fs, loc2, 4) + 5] ^= 0x08
+    j = mk(fs)
+    real = lz4.block.decompress
+    with mock.patch.object(lz4.block, "decompress", side_effect=real) as dec:
+        for _ in range(2):  # tables first, then the fast path
+            for s, lc in locs[:2]:
+                for i in range(16):
+                    assert j.read_slice(s, lc, i * CH + 8, 4096) == fill[:4096]
+        assert j.read_slice(*locs[3], 5 * CH, 4096) == other[:4096]
+        assert dec.call_count <= 4  # not once per chunk read
+    assert j.read_slice(seq2, loc2, 3 * CH, 4096) == fill[:4096]
+    for _ in range(2):
+        with pytest.raises(Corruption, match="chunk 4"):
+            j.read_slice(seq2, loc2, 4 * CH, 4096)
+    j.close()

@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from cdp.errors import Corruption
 from cdp.journal import CrashSimFS, Journal, ManualClock, RecordKind, verify_journal
 from cdp.journal.format import (
     CHUNK_SIZE,
+    CHUNKED_VERSION,
+    GRANULE_SIZE,
     RECORD_HEADER_SIZE,
     RECORD_VERSION,
     SEGMENT_HEADER_SIZE,
     Compression,
     check_segment_header,
+    chunk_payload,
     decode_record,
     encode_data_record,
     encode_record,
@@ -56,6 +61,22 @@ GOLDEN_CHUNKED = bytes.fromhex(
     "1f000100" + "ff" * 256 + "e750000000000000"[:14]  # chunk 0: lz4 block of 64 KiB zeros
     + "21"                              # chunk 1: "!"
 )
+# version 3 (written for chunked records since): the same record with a granule table
+# after the chunk table; the raw chunk 1 has a CRC per 4 KiB granule instead of one
+GOLDEN_CHUNKED_V3 = bytes.fromhex(
+    "43445052" "99b5214b"              # magic, crc32c of header bytes 8..47 + both tables
+    "03" "01" "02" "00" "a4010000"      # version 3, WRITE, compression 2 CHUNKED, stored 420
+    "0300000000000000"                  # seq 3
+    "02002a36fe9c9717"                  # timestamp T0 + 2
+    "0000100000000000"                  # offset 1 MiB
+    "0100010000000000"                  # length 65537
+    "0b010000" "01" "000000" "33d12f2c"  # chunk 0: stored 267, lz4, reserved, crc32c
+    "01000000" "00" "000000" "00000000"  # chunk 1: stored 1, none, reserved, crc 0 (raw)
+    + "00" * 64                         # granule slots of chunk 0: compressed, all 0
+    + "8c5eab80" + "00" * 60            # chunk 1: granule 0 = crc32c("!"), the rest 0
+    + "1f000100" + "ff" * 256 + "e750000000000000"[:14]  # chunk 0: lz4 block
+    + "21"                              # chunk 1: "!"
+)
 # version 1 (the first release's format; still read): the same two records
 GOLDEN_WRITE_V1 = bytes.fromhex(
     "43445052" "4ef1d823" "01" "01" "00" "00" "05000000" "0100000000000000"
@@ -76,13 +97,42 @@ def test_record_golden_bytes() -> None:
 
 
 def test_chunked_golden_bytes() -> None:
+    """Version 2 chunked records (written before version 3) encode and decode as pinned."""
     assert len(GOLDEN_CHUNKED) == RECORD_HEADER_SIZE + 24 + 267 + 1 == 340
-    got = encode_data_record(1, 3, T0 + 2, 1 << 20, CHUNKED_DATA)
+    got = encode_record(1, 3, T0 + 2, 1 << 20, len(CHUNKED_DATA),
+                        chunk_payload(CHUNKED_DATA, version=2), Compression.CHUNKED, version=2)
     assert got == GOLDEN_CHUNKED
     rec = decode_record(GOLDEN_CHUNKED[:48], GOLDEN_CHUNKED[48:], 85, "x", 3)
     assert (rec.kind, rec.seq, rec.offset, rec.length, rec.compression, rec.stored_length) == (
         RecordKind.WRITE, 3, 1 << 20, CHUNK_SIZE + 1, Compression.CHUNKED, 292)
     assert rec.payload == CHUNKED_DATA
+
+
+def test_chunked_v3_golden_bytes() -> None:
+    assert CHUNKED_VERSION == 3 and GRANULE_SIZE == 4096
+    assert len(GOLDEN_CHUNKED_V3) == RECORD_HEADER_SIZE + 2 * (12 + 64) + 267 + 1 == 468
+    got = encode_data_record(1, 3, T0 + 2, 1 << 20, CHUNKED_DATA)
+    assert got == GOLDEN_CHUNKED_V3
+    rec = decode_record(GOLDEN_CHUNKED_V3[:48], GOLDEN_CHUNKED_V3[48:], 85, "x", 3)
+    assert (rec.kind, rec.seq, rec.offset, rec.length, rec.compression, rec.stored_length) == (
+        RecordKind.WRITE, 3, 1 << 20, CHUNK_SIZE + 1, Compression.CHUNKED, 420)
+    assert rec.payload == CHUNKED_DATA
+
+
+def test_v3_raw_chunk_granules_are_checked() -> None:
+    """A flip in any 4 KiB granule of a raw chunk, or in the granule table, is damage."""
+    data = os.urandom(2 * CHUNK_SIZE + 5000)  # three raw chunks, the last of 5000 bytes
+    rec = encode_data_record(1, 1, T0, 0, data)
+    head, stored = rec[:48], rec[48:]
+    assert decode_record(head, stored, 32, "x", 1).payload == data
+    tsize = 3 * (12 + 64)
+    for pos, why in ((tsize + CHUNK_SIZE + 4096 * 7 + 3, "chunk 1"),
+                     (tsize + 2 * CHUNK_SIZE + 4097, "chunk 2"),
+                     (3 * 12 + 64 + 4 * 5, r"x: bad checksum$")):
+        bad = bytearray(stored)
+        bad[pos] ^= 4
+        with pytest.raises(Corruption, match=why):
+            decode_record(head, bytes(bad), 32, "x", 1)
 
 
 def test_marker_golden_bytes() -> None:
@@ -114,7 +164,7 @@ def test_writer_produces_golden_file() -> None:
     assert j.append_write(1 << 20, CHUNKED_DATA) == (3, 85 + len(GOLDEN_MARKER))
     j.sync()
     assert bytes(fs.raw("/j/" + segment_name(1))) == (
-        GOLDEN_SEGMENT_HEADER + GOLDEN_WRITE + GOLDEN_MARKER + GOLDEN_CHUNKED)
+        GOLDEN_SEGMENT_HEADER + GOLDEN_WRITE + GOLDEN_MARKER + GOLDEN_CHUNKED_V3)
     j.close()
 
 
@@ -149,6 +199,48 @@ def test_version_1_segment_is_read_and_appended_to() -> None:
     j.close()
 
 
+def test_version_2_chunked_records_are_read_sliced_and_verified() -> None:
+    """A store written by version 2 (chunked records with one CRC per chunk) opens, reads
+    whole and sliced (a damaged chunk fails only its slices), verifies, and continues
+    with version 3 chunked records in the same segment."""
+    data = os.urandom(3 * CHUNK_SIZE + 100)
+    v2 = encode_record(1, 4, T0 + 3, 0, len(data), chunk_payload(data, version=2),
+                       Compression.CHUNKED, version=2)
+    assert v2[8] == 2
+    fs = CrashSimFS()
+    fs.makedirs("/j")
+    fd = fs.open_append("/j/" + segment_name(1))
+    fs.write(fd, GOLDEN_SEGMENT_HEADER + GOLDEN_WRITE + GOLDEN_MARKER + GOLDEN_CHUNKED + v2)
+    fs.fdatasync(fd)
+    fs.fsync_dir("/j")
+    j = Journal.open("/j", fs=fs, clock=ManualClock(T0 + 10))
+    assert j.recovery.ok and j.last_seq == 4
+    loc3 = 85 + len(GOLDEN_MARKER)
+    loc4 = loc3 + len(GOLDEN_CHUNKED)
+    assert j.read_payload(3, loc3) == CHUNKED_DATA
+    assert j.read_slice(3, loc3, CHUNK_SIZE - 2, 3) == b"\0\0!"
+    for _ in range(2):  # table read, then remembered
+        assert j.read_slice(4, loc4, CHUNK_SIZE + 4096, 4096) == data[CHUNK_SIZE + 4096 :][:4096]
+    assert j.read_payload(4, loc4) == data
+    seq, loc = j.append_write(1 << 20, data)
+    assert j.read_record(seq, loc).compression == Compression.CHUNKED
+    j.close()
+    assert fs.raw("/j/" + segment_name(1))[loc + 8] == CHUNKED_VERSION
+    assert verify_journal("/j", fs=fs).ok
+    j = Journal.open("/j", fs=fs)
+    assert [r.payload for r in j.scan()][2:] == [CHUNKED_DATA, data, data]
+    j.close()
+    # damage in chunk 2 of the version 2 record: only slices needing it fail
+    fs.raw("/j/" + segment_name(1))[loc4 + 48 + 4 * 12 + 2 * CHUNK_SIZE + 9] ^= 1
+    rep = verify_journal("/j", fs=fs)
+    assert [(p.seq, p.reason) for p in rep.problems] == [(4, "bad checksum in chunk 2")]
+    j = Journal.open("/j", fs=fs)
+    assert j.read_slice(4, loc4, 4096, 4096) == data[4096:8192]
+    with pytest.raises(Corruption, match="chunk 2"):
+        j.read_slice(4, loc4, 2 * CHUNK_SIZE + 4096, 4096)
+    j.close()
+
+
 def test_decode_golden_and_reject_flips() -> None:
     rec = decode_record(GOLDEN_WRITE[:48], GOLDEN_WRITE[48:], 32, "x", 1)
     assert (rec.kind, rec.seq, rec.timestamp_ns, rec.offset, rec.payload) == (
@@ -163,15 +255,16 @@ def test_decode_golden_and_reject_flips() -> None:
                 decode_record(bytes(bad[:48]), bytes(bad[48:53]), 32, "x", 1)
 
 
-def test_chunked_flips_are_caught_and_name_the_chunk() -> None:
-    for i in range(len(GOLDEN_CHUNKED)):
-        bad = bytearray(GOLDEN_CHUNKED)
+@pytest.mark.parametrize("golden, tables", [(GOLDEN_CHUNKED, 24), (GOLDEN_CHUNKED_V3, 152)])
+def test_chunked_flips_are_caught_and_name_the_chunk(golden: bytes, tables: int) -> None:
+    for i in range(len(golden)):
+        bad = bytearray(golden)
         bad[i] ^= 0x01
         with pytest.raises(Corruption) as exc:
             decode_record(bytes(bad[:48]), bytes(bad[48:]), 85, "x", 3)
-        if i >= 48 + 24 + 267:
+        if i >= 48 + tables + 267:
             assert str(exc.value) == "x: bad checksum in chunk 1"
-        elif i >= 48 + 24:
+        elif i >= 48 + tables:
             assert str(exc.value) == "x: bad checksum in chunk 0"
         else:  # header or chunk table: the record CRC
             assert "chunk" not in str(exc.value) or "table" in str(exc.value)

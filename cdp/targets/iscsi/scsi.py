@@ -21,7 +21,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from cdp.targets.blockdev import BlockDevice
 from cdp.targets.errors import scsi_sense
@@ -70,16 +70,26 @@ class ScsiResult:
 GOOD = ScsiResult()
 
 
+#: types a device or handler returns when it finishes at once: checked by identity
+#: before the (slower, ABC-based) inspect.isawaitable on the per-command path
+_PLAIN = frozenset((bytes, bytearray, memoryview, type(None), ScsiResult, list, int))
+
+
+def is_awaitable(value: object) -> bool:
+    """``inspect.isawaitable(value)``, answered at once for the plain results."""
+    return type(value) not in _PLAIN and inspect.isawaitable(value)
+
+
 def _then(value: T | Awaitable[T], after: Callable[[T], ScsiResult]) -> ScsiResult | Awaitable[ScsiResult]:
     """``after(value)`` now, or once ``value`` (an awaitable) resolves."""
-    if inspect.isawaitable(value):
-        aw = value
+    if is_awaitable(value):
+        aw = cast(Awaitable[T], value)
 
         async def _wait() -> ScsiResult:
             return after(await aw)
 
         return _wait()
-    return after(value)
+    return after(cast(T, value))
 
 
 async def _aw(value: Any) -> Any:
@@ -351,9 +361,9 @@ class LogicalUnit:
             res = handler(req)
         except Exception as exc:
             return self._failed(exc)
-        if inspect.isawaitable(res):
-            return self._finish(res)
-        return res
+        if is_awaitable(res):
+            return self._finish(cast(Awaitable[ScsiResult], res))
+        return cast(ScsiResult, res)
 
     async def _finish(self, aw: Awaitable[ScsiResult]) -> ScsiResult:
         try:

@@ -24,7 +24,6 @@ Design notes
 from __future__ import annotations
 
 import asyncio
-import inspect
 import logging
 from collections.abc import Awaitable, Mapping
 from typing import Any, cast
@@ -32,7 +31,7 @@ from typing import Any, cast
 from cdp.errors import ProtocolError
 from cdp.targets.blockdev import ExportProvider
 from cdp.targets.iscsi.core import ChapConfig, Closed, Connection, Portal, ScsiCommand, Task
-from cdp.targets.iscsi.scsi import ScsiResult, no_lun
+from cdp.targets.iscsi.scsi import ScsiResult, is_awaitable, no_lun
 
 log = logging.getLogger("cdp.iscsi")
 
@@ -91,15 +90,15 @@ class _IscsiProtocol(asyncio.Protocol):
     def _run(self, task: Task) -> None:
         lu = task.lu
         res = lu.execute(task.request) if lu is not None else no_lun(task.request)
-        if inspect.isawaitable(res):
-            t = asyncio.ensure_future(self._finish(task, res))
+        if type(res) is not ScsiResult and is_awaitable(res):
+            t = asyncio.ensure_future(self._finish(task, cast(Awaitable[ScsiResult], res)))
             self.tasks.add(t)
             t.add_done_callback(self.tasks.discard)
             if len(self.tasks) >= self.server.max_inflight and not self.read_paused:
                 self._pause()
             return
         assert self.conn is not None
-        self.conn.complete(task, res)
+        self.conn.complete(task, cast(ScsiResult, res))
 
     async def _finish(self, task: Task, aw: Awaitable[ScsiResult]) -> None:
         res = await aw
