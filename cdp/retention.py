@@ -425,7 +425,7 @@ class Retention:
             await asyncio.sleep(0)
             prep = await loop.run_in_executor(
                 None, functools.partial(build_compacted, src, sub, rate=budget))
-            if j.compact_commit(prep):
+            if await j.compact_commit_async(prep):
                 compacted += 1
             done += sg.bytes
             if progress is not None:
