@@ -393,9 +393,10 @@ class Retention:
         if vol.closed:
             maps.retain_abort(job)
             raise UsageError(f"volume {vol.name} was closed during gc")
-        res = maps.retain_finish(job)
+        res = maps.retain_finish(job, remove=False)
         vol.view_regions.clear()  # cached past points may just have expired
         vol.seal_after_retain()
+        await loop.run_in_executor(None, job.remove_stale)
         hi = res.keep_after
         if old_ka == 0:
             before = max(0, hi - 1)

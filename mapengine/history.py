@@ -151,6 +151,12 @@ class Store(Protocol):
 
     def drop(self, names: list[str]) -> None: ...
 
+    def unregister(self, names: list[str]) -> list[str]:
+        """:meth:`drop` minus the file deletion: the paths to :meth:`remove` (any thread)."""
+        ...
+
+    def remove(self, paths: list[str]) -> None: ...
+
     def commit(self, state: dict[str, Any]) -> None: ...
 
     def disk_bytes(self) -> int: ...
@@ -201,6 +207,12 @@ class MemoryStore:
                 self._bytes += r.m.nbytes
 
     def drop(self, names: list[str]) -> None:
+        pass
+
+    def unregister(self, names: list[str]) -> list[str]:
+        return []
+
+    def remove(self, paths: list[str]) -> None:
         pass
 
     def commit(self, state: dict[str, Any]) -> None:
@@ -273,6 +285,12 @@ class RetainJob:
         self.drops: list[Columns] = []
         self.head: Columns | None = None
         self.built = False
+        self.stale: list[str] = []
+
+    def remove_stale(self) -> None:
+        """Delete the map files the finished retain replaced (any thread)."""
+        paths, self.stale = self.stale, []
+        self._h._store.remove(paths)
 
     def build(self) -> None:
         """Compute and write the rewritten epochs. Runtime complexity: as retain."""
@@ -1054,9 +1072,11 @@ class MapHistory:
         self._job = job
         return job
 
-    def retain_finish(self, job: RetainJob) -> RetainResult:
+    def retain_finish(self, job: RetainJob, *, remove: bool = True) -> RetainResult:
         """Install a built job (owner thread): switch the manifest, drop the old files.
-        Cost: the manifest write and the deletion of the replaced map files."""
+        Cost: the manifest write and the deletion of the replaced map files; with
+        ``remove=False`` the deletion is left to :meth:`RetainJob.remove_stale` (any
+        thread; files left behind by a crash are deleted at the next open)."""
         if job is not self._job or not job.built:
             raise MapUsageError("retain_finish: not the pending, built retain job")
         self._job = None
@@ -1083,7 +1103,11 @@ class MapHistory:
             self._broken = True
             raise
         keep = {id(r) for ep in self._epochs for r in _all_refs(ep)}
-        self._store.drop([r.name for r in old_refs if id(r) not in keep])
+        stale = [r.name for r in old_refs if id(r) not in keep]
+        if remove:
+            self._store.drop(stale)
+        else:
+            job.stale = self._store.unregister(stale)
         d = Columns.concat(job.drops) if job.drops else Columns.empty()
         return RetainResult(
             list(self._retained), job.ka, d.seq, d.loc, d.poff, d.end - d.start,

@@ -684,14 +684,25 @@ class DirStore:
 
         A crash before or during this only leaves files the next open deletes.
         """
+        self.remove(self.unregister(names))
+
+    def unregister(self, names: list[str]) -> list[str]:
+        """Forget map files (owner thread); returns their paths for :meth:`remove`."""
+        out = []
         for name in names:
             f = self.files.pop(name, None)
             if f is None:
                 continue
             f.drop_filter()
             self.fs.forget(f.path)
+            out.append(f.path)
+        return out
+
+    def remove(self, paths: list[str]) -> None:
+        """Delete unregistered map files (any thread: their descriptors are closed)."""
+        for p in paths:
             try:
-                self.fs.remove(f.path)
+                self.fs.remove(p)
             except FileNotFoundError:
                 pass
 
