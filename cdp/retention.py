@@ -417,6 +417,8 @@ class Retention:
         compacted = 0
         budget = s.compact_rate if rate is None else rate
         for sg in todo:
+            if vol.closed:
+                break
             src = j.compact_source(sg.first_seq)
             a = int(np.searchsorted(q, sg.first_seq, side="left"))
             b = int(np.searchsorted(q, sg.last_seq, side="right"))
