@@ -29,7 +29,6 @@ Design notes
 from __future__ import annotations
 
 import asyncio
-import functools
 import json
 import logging
 import time
@@ -44,6 +43,7 @@ from cdp.config import RetentionSettings, Tier, parse_tiers
 from cdp.errors import ConfigError, Corruption, PointError, StoreFull, UsageError
 from cdp.journal import build_compacted
 from cdp.units import parse_duration
+from mapengine import ZERO_LOC
 
 if TYPE_CHECKING:
     from cdp.volume import Volume
@@ -110,6 +110,7 @@ class Retention:
         self.over_cap = False
         self.warning: str | None = None
         self.running: asyncio.Task[Any] | None = None
+        self._lock = asyncio.Lock()
         self.last_gc: dict[str, Any] | None = None
         self._last_gc_mono = time.monotonic()
         self.expired_total = 0
@@ -315,7 +316,13 @@ class Retention:
 
     async def gc(self, progress: Progress | None = None, now_ns: int | None = None,
                  rate: float | None = None) -> dict[str, Any]:
-        """Expire by policy, then compact; emergency rounds while over a cap in expire mode."""
+        """Expire by policy, then compact; emergency rounds while over a cap in expire mode.
+        One gc at a time per volume (a second one waits for the first)."""
+        async with self._lock:
+            return await self._gc(progress, now_ns, rate)
+
+    async def _gc(self, progress: Progress | None, now_ns: int | None,
+                  rate: float | None) -> dict[str, Any]:
         r = await self._gc_once(progress, now_ns, rate)
         s = self.settings
         rounds = 0
@@ -374,8 +381,22 @@ class Retention:
             pts = {p for p in epts if p < ka and maps.resolvable(p)}
         self._early = None
         was = {m.id for m in vol.markers if maps.resolvable(m.seq)}
-        res = maps.retain(sorted(pts), ka)
+        loop = asyncio.get_running_loop()
+        # the map rewrite runs in a worker thread; ingest and reads go on meanwhile
+        # (seals wait for it) and the result is switched in on the loop
+        job = maps.retain_prepare(sorted(pts), ka)
+        try:
+            await loop.run_in_executor(None, job.build)
+        except BaseException:
+            maps.retain_abort(job)
+            raise
+        if vol.closed:
+            maps.retain_abort(job)
+            raise UsageError(f"volume {vol.name} was closed during gc")
+        res = maps.retain_finish(job, remove=False)
         vol.view_regions.clear()  # cached past points may just have expired
+        vol.seal_after_retain()
+        await loop.run_in_executor(None, job.remove_stale)
         hi = res.keep_after
         if old_ka == 0:
             before = max(0, hi - 1)
@@ -384,48 +405,26 @@ class Retention:
         expired = max(0, before - sum(1 for p in res.retained if p < hi))
         markers_expired = sum(1 for m in vol.markers
                               if m.id in was and not maps.resolvable(m.seq))
-        # liveness per seq from the maps; compact sealed segments below the threshold
+        # liveness per seq from the maps (in a worker thread: the windows are immutable
+        # files); compact sealed segments below the threshold
         sealed_upto = maps.sealed_seq
         segs = [s for s in j.segments() if s.sealed and s.records and s.last_seq <= sealed_upto]
-        firsts = np.array([sg.first_seq for sg in segs], np.int64)
-        lasts = np.array([sg.last_seq for sg in segs], np.int64)
-        parts = []
-        for c in maps.live_fragments():  # vectorised: no Python object per fragment
-            parts.append((c.seq, c.poff, c.end - c.start))
-            await asyncio.sleep(0)
-        if parts and len(segs):
-            q = np.concatenate([p[0] for p in parts])
-            po = np.concatenate([p[1] for p in parts])
-            ln = np.concatenate([p[2] for p in parts])
-            si = np.searchsorted(firsts, q, side="right") - 1
-            ok = (si >= 0) & (q <= lasts[np.maximum(si, 0)])
-            q, po, ln, si = q[ok], po[ok], ln[ok], si[ok]
-            live_raw: Any = np.bincount(si, weights=ln, minlength=len(segs))
-        else:
-            q = po = ln = si = np.empty(0, np.int64)
-            live_raw = np.zeros(len(segs))
         s = self.settings
-        todo = [sg for i, sg in enumerate(segs)
-                if sg.raw_bytes > 0 and live_raw[i] / sg.raw_bytes < s.compact_below]
+        q, po, ln, todo = await loop.run_in_executor(
+            None, _liveness, maps.sealed_windows(), segs, s.compact_below)
         total = sum(sg.bytes for sg in todo)
         done = 0
         compacted = 0
-        loop = asyncio.get_running_loop()
         budget = s.compact_rate if rate is None else rate
-        order = np.argsort(q, kind="stable")
-        q, po, ln = q[order], po[order], ln[order]
         for sg in todo:
+            if vol.closed:
+                break
             src = j.compact_source(sg.first_seq)
             a = int(np.searchsorted(q, sg.first_seq, side="left"))
             b = int(np.searchsorted(q, sg.last_seq, side="right"))
-            sub: dict[int, list[tuple[int, int]]] = {}
-            for qq, pp, nn in zip(q[a:b].tolist(), po[a:b].tolist(), ln[a:b].tolist(),
-                                  strict=True):
-                sub.setdefault(qq, []).append((pp, nn))
-            await asyncio.sleep(0)
             prep = await loop.run_in_executor(
-                None, functools.partial(build_compacted, src, sub, rate=budget))
-            if j.compact_commit(prep):
+                None, _compact, src, q[a:b], po[a:b], ln[a:b], budget)
+            if await j.compact_commit_async(prep):
                 compacted += 1
             done += sg.bytes
             if progress is not None:
@@ -472,6 +471,43 @@ class Retention:
             "last_gc": self.last_gc,
             "source": "retention.json" if self._doc.get("policy") else "config",
         }
+
+
+def _liveness(windows: list[Any], segs: list[Any], below: float) -> tuple[Any, Any, Any, list[Any]]:
+    """Live fragments of the sealed segments ``segs`` (seq, payload offset, length;
+    sorted by seq) and the segments less live than ``below``. Any thread: it only
+    loads immutable map files."""
+    firsts = np.array([sg.first_seq for sg in segs], np.int64)
+    lasts = np.array([sg.last_seq for sg in segs], np.int64)
+    parts = []
+    for r in windows:  # vectorised: no Python object per fragment
+        c = r.load().cols
+        c = c.take(c.loc != ZERO_LOC)
+        parts.append((c.seq, c.poff, c.end - c.start))
+    if parts and len(segs):
+        q = np.concatenate([p[0] for p in parts])
+        po = np.concatenate([p[1] for p in parts])
+        ln = np.concatenate([p[2] for p in parts])
+        si = np.searchsorted(firsts, q, side="right") - 1
+        ok = (si >= 0) & (q <= lasts[np.maximum(si, 0)])
+        q, po, ln, si = q[ok], po[ok], ln[ok], si[ok]
+        live_raw: Any = np.bincount(si, weights=ln, minlength=len(segs))
+    else:
+        q = po = ln = np.empty(0, np.int64)
+        live_raw = np.zeros(len(segs))
+    todo = [sg for i, sg in enumerate(segs)
+            if sg.raw_bytes > 0 and live_raw[i] / sg.raw_bytes < below]
+    order = np.argsort(q, kind="stable")
+    return q[order], po[order], ln[order], todo
+
+
+def _compact(src: Any, q: Any, po: Any, ln: Any, rate: float) -> Any:
+    """The live map of one segment from its fragments, then :func:`build_compacted`
+    (any thread)."""
+    sub: dict[int, list[tuple[int, int]]] = {}
+    for qq, pp, nn in zip(q.tolist(), po.tolist(), ln.tolist(), strict=True):
+        sub.setdefault(qq, []).append((pp, nn))
+    return build_compacted(src, sub, rate=rate)
 
 
 def _fmt(vol: Volume, seq: int) -> str:

@@ -196,6 +196,7 @@ class Volume:
         self._last_seal = time.monotonic()
         self._l0_max = settings.maps.l0_max_writes
         self._seal_task: asyncio.Task[None] | None = None
+        self.closed = False
         self._sync_always = settings.journal.sync == "always"
         self._gate: asyncio.Future[None] | None = None
         self.connections = 0
@@ -334,8 +335,13 @@ class Volume:
         I/O path uses :meth:`_seal_soon`.
 
         The journal is made durable first: a map file must never name records that a
-        power loss (or, for the user-space buffer, a kill) could still take away."""
+        power loss (or, for the user-space buffer, a kill) could still take away.
+
+        While retention rewrites the maps in a worker thread (``maps.retaining``) only
+        the journal is synced: the window stays live and is sealed after the retain."""
         self.journal.sync()
+        if self.maps.retaining:
+            return
         self.maps.seal()
         self._live_writes = 0
         self._last_seal = time.monotonic()
@@ -352,6 +358,8 @@ class Volume:
         stay in the live window. Without a running event loop (replay at open, tools)
         it seals at once. If ingest outruns the seals (the window reaches 4x its size
         while one is pending) it falls back to a blocking seal, to bound the window."""
+        if self.maps.retaining:
+            return  # sealed by seal_after_retain
         if self._seal_task is not None:
             if self._live_writes >= 4 * self._l0_max:
                 self.seal()
@@ -368,6 +376,8 @@ class Volume:
         try:
             target = self.journal.last_seq
             await self.journal.commit()
+            if self.maps.retaining:  # sealed by seal_after_retain
+                return
             if target > self.maps.sealed_seq:  # a blocking seal may have passed it
                 self.maps.seal(target)
             self._last_seal = time.monotonic()
@@ -377,6 +387,14 @@ class Volume:
             log.exception("volume %s: sealing the live window failed", self.name)
         finally:
             self._seal_task = None
+
+    def seal_after_retain(self) -> None:
+        """Seals held back while a retain was built: start one now if the window is due."""
+        if self._live_writes >= self._l0_max or (
+            self.maps.last_seq > self.maps.sealed_seq
+            and time.monotonic() - self._last_seal >= self.settings.maps.seal_interval
+        ):
+            self._seal_soon()
 
     def tick(self) -> None:
         """Called about once a second by the daemon: time-based seal."""
@@ -388,6 +406,7 @@ class Volume:
 
     def close(self) -> None:
         """Seal, make the journal durable, close files."""
+        self.closed = True
         if self._seal_task is not None:
             self._seal_task.cancel()
             self._seal_task = None
@@ -673,7 +692,8 @@ class Volume:
         m = Marker(mid, seq, self.journal.time_of_seq(seq), label)
         self._markers.append(m)
         self._save_markers()
-        if seq > self.maps.sealed_seq:  # the marker ends an L0 window (it is durable)
+        # the marker ends an L0 window (it is durable), unless a retain is being built
+        if seq > self.maps.sealed_seq and not self.maps.retaining:
             self.maps.seal(seq)
             self._last_seal = time.monotonic()
         for listener in list(self.marker_listeners):
@@ -686,6 +706,8 @@ class Volume:
             raise PointError(f"volume {self.name}: cannot rewind to @{target_seq}")
         if self._gate is not None:
             raise UsageError(f"volume {self.name} is paused; resume it first")
+        while self.maps.retaining:  # add_rewind starts an epoch: not while retain builds
+            await asyncio.sleep(0.01)
         seq, _loc = self.journal.append_rewind(target_seq)
         self.journal.sync()  # add_rewind persists the maps at once: the record first
         self.maps.add_rewind(seq, target_seq)

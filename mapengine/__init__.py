@@ -17,7 +17,7 @@ from .core import (
     overlay,
 )
 from .errors import MapCorruption, MapError, MapExpired, MapUsageError
-from .history import MapHistory, MergePolicy, RetainResult
+from .history import MapHistory, MergePolicy, RetainJob, RetainResult
 
 __all__ = [
     "HOLE_LOC",
@@ -32,6 +32,7 @@ __all__ = [
     "MapUsageError",
     "MergePolicy",
     "MergeResult",
+    "RetainJob",
     "RetainResult",
     "build_l0",
     "flatten",

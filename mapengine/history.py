@@ -165,9 +165,21 @@ class MapRef(Protocol):
 class Store(Protocol):
     """Where maps and the manifest go (memory, or a directory of files)."""
 
-    def put(self, kind: str, level: int, m: DeltaMap, tag: str = "") -> MapRef: ...
+    def put(self, kind: str, level: int, m: DeltaMap, tag: str = "",
+            register: bool = True) -> MapRef:
+        """Write a map. ``register=False``: touch no shared state (safe in another
+        thread); the owner thread then hands the refs to :meth:`adopt`."""
+        ...
+
+    def adopt(self, refs: list[MapRef]) -> None: ...
 
     def drop(self, names: list[str]) -> None: ...
+
+    def unregister(self, names: list[str]) -> list[str]:
+        """:meth:`drop` minus the file deletion: the paths to :meth:`remove` (any thread)."""
+        ...
+
+    def remove(self, paths: list[str]) -> None: ...
 
     def commit(self, state: dict[str, Any]) -> None: ...
 
@@ -207,11 +219,24 @@ class MemoryStore:
         self.state: dict[str, Any] | None = None
         self._bytes = 0
 
-    def put(self, kind: str, level: int, m: DeltaMap, tag: str = "") -> MapRef:
-        self._bytes += m.nbytes
+    def put(self, kind: str, level: int, m: DeltaMap, tag: str = "",
+            register: bool = True) -> MapRef:
+        if register:
+            self._bytes += m.nbytes
         return _MemRef(map_name(kind, level, m.lo, m.hi, tag), m)
 
+    def adopt(self, refs: list[MapRef]) -> None:
+        for r in refs:
+            if isinstance(r, _MemRef):
+                self._bytes += r.m.nbytes
+
     def drop(self, names: list[str]) -> None:
+        pass
+
+    def unregister(self, names: list[str]) -> list[str]:
+        return []
+
+    def remove(self, paths: list[str]) -> None:
         pass
 
     def commit(self, state: dict[str, Any]) -> None:
@@ -262,6 +287,40 @@ class RetainResult:
     @property
     def dropped_bytes(self) -> int:
         return int(self.dropped_len.sum())
+
+
+class RetainJob:
+    """A planned :meth:`MapHistory.retain` (see :meth:`MapHistory.retain_prepare`).
+
+    :meth:`build` reads only the immutable maps of the history as it was planned and
+    writes new map files under fresh names (not yet named by the manifest: a crash
+    leaves files the next open deletes); it may run in any thread.
+    """
+
+    def __init__(self, h: MapHistory, ka: int, need: set[int], tag: str,
+                 epochs: list[tuple[_Epoch, int, bool]], sealed_seq: int) -> None:
+        self._h = h
+        self.ka = ka
+        self.need = need
+        self.tag = tag
+        self.epochs = epochs  # (epoch as planned, next rewind seq, is the last epoch)
+        self.sealed_seq = sealed_seq
+        self.new_epochs: dict[int, _Epoch] = {}
+        self.drops: list[Columns] = []
+        self.head: Columns | None = None
+        self.built = False
+        self.stale: list[str] = []
+
+    def remove_stale(self) -> None:
+        """Delete the map files the finished retain replaced (any thread)."""
+        paths, self.stale = self.stale, []
+        self._h._store.remove(paths)
+
+    def build(self) -> None:
+        """Compute and write the rewritten epochs. Runtime complexity: as retain."""
+        for ei, (ep, nxt, last) in enumerate(self.epochs):
+            self._h._retain_epoch(self, ei, ep, nxt, last)
+        self.built = True
 
 
 @dataclass
@@ -337,6 +396,7 @@ class MapHistory:
         self._retained_set: set[int] = set()
         self._keep_after = 0
         self._retain_gen = 0
+        self._job: RetainJob | None = None
         if state is not None:
             self._restore(state)
 
@@ -524,6 +584,8 @@ class MapHistory:
         Runtime complexity: O(cost of seal) — metadata only.
         """
         self._next(seq)
+        if self._job is not None:
+            raise MapUsageError("cannot rewind while a retain is in progress")
         if not 0 <= target_seq < seq or target_seq > self._last_seq:
             raise MapUsageError(f"bad rewind target {target_seq} at seq {seq}")
         self.seal()
@@ -561,6 +623,8 @@ class MapHistory:
         """
         if self._broken:
             raise MapUsageError("history is unusable after a failed write; reopen it")
+        if self._job is not None:
+            raise MapUsageError("cannot seal while a retain is in progress")
         if upto is None:
             upto = self._last_seq
         if not self._sealed_seq <= upto <= self._last_seq:
@@ -588,10 +652,13 @@ class MapHistory:
             self._broken = True
             raise
 
-    def _reset_head(self, ep: _Epoch) -> None:
-        """Rebuild the head tiers from the epoch's maps. Runtime complexity: O(H log H)."""
+    def _reset_head(self, ep: _Epoch, head: Columns | None = None) -> None:
+        """Rebuild the head tiers from the epoch's maps (or install *head*, already built
+        from them by a retain job). Runtime complexity: O(H log H) when it builds."""
         nw = len(ep.windows)
-        self._head = self._epoch_all(ep, nw) if nw else Columns.empty()
+        if head is None:
+            head = self._epoch_all(ep, nw) if nw else Columns.empty()
+        self._head = head
         self._recent = Columns.empty()
         self._recent_from = nw
         self._pend = []
@@ -1050,10 +1117,32 @@ class MapHistory:
         (:class:`MapExpired`); ``keep_after`` never moves backwards.
 
         Seals first. Runtime complexity: O(N log N) numpy work for the N entries of the
-        rewritten epochs, plus writing their maps.
+        rewritten epochs, plus writing their maps. Same as :meth:`retain_prepare`,
+        :meth:`RetainJob.build`, :meth:`retain_finish` in one thread.
         """
+        job = self.retain_prepare(points, keep_after)
+        try:
+            job.build()
+        except BaseException:
+            self._broken = True
+            self._job = None
+            raise
+        return self.retain_finish(job)
+
+    @property
+    def retaining(self) -> bool:
+        """A :class:`RetainJob` is pending: no seal or rewind until it is finished."""
+        return self._job is not None
+
+    def retain_prepare(self, points: Any, keep_after: int) -> RetainJob:
+        """Seal, check the points and plan a retain (owner thread, cheap). The returned
+        job's :meth:`~RetainJob.build` may run in another thread while this thread keeps
+        feeding writes and resolving (nothing it reads changes); :meth:`seal` and
+        :meth:`add_rewind` refuse until :meth:`retain_finish` installs the result."""
         if self._broken:
             raise MapUsageError("history is unusable after a failed write; reopen it")
+        if self._job is not None:
+            raise MapUsageError("a retain is already in progress")
         self.seal()
         ka = max(int(keep_after), self._keep_after)
         ka = min(ka, self._last_seq)
@@ -1070,41 +1159,68 @@ class MapHistory:
             if used and ep.target > 0 and ep.target < ka:
                 self._check_resolvable(ep.target)
                 need.add(ep.target)
+        nexts = [*self._rewinds[1:], self._last_seq + 1]
+        job = RetainJob(self, ka, need, f"-r{self._retain_gen + 1}",
+                        [(ep, nexts[ei], ei == neps - 1) for ei, ep in enumerate(self._epochs)],
+                        self._sealed_seq)
+        self._job = job
+        return job
+
+    def retain_finish(self, job: RetainJob, *, remove: bool = True) -> RetainResult:
+        """Install a built job (owner thread): switch the manifest, drop the old files.
+        Cost: the manifest write and the deletion of the replaced map files; with
+        ``remove=False`` the deletion is left to :meth:`RetainJob.remove_stale` (any
+        thread; files left behind by a crash are deleted at the next open)."""
+        if job is not self._job or not job.built:
+            raise MapUsageError("retain_finish: not the pending, built retain job")
+        self._job = None
         windows_before = sum(len(e.windows) for e in self._epochs)
-        tag = f"-r{self._retain_gen + 1}"
-        drops: list[Columns] = []
         old_refs: list[MapRef] = []
-        rewritten = 0
         try:
-            for ei, ep in enumerate(self._epochs):
-                if self._retain_epoch(ei, ep, ka, need, tag, drops, old_refs):
-                    rewritten += 1
-            self._retained = sorted(need)
+            if self._sealed_seq != job.sealed_seq or len(self._epochs) != len(job.epochs):
+                raise MapUsageError("the history was sealed while a retain was built")
+            new_refs: list[MapRef] = []
+            for ei, new in job.new_epochs.items():
+                old_refs.extend(_all_refs(self._epochs[ei]))
+                new_refs.extend(_all_refs(new))
+                self._epochs[ei] = new
+            self._store.adopt(new_refs)
+            if job.head is not None:
+                self._reset_head(self._epochs[-1], job.head)
+            self._retained = sorted(job.need)
             self._retained_set = set(self._retained)
-            self._keep_after = ka
+            self._keep_after = job.ka
             self._retain_gen += 1
             self._store.commit(self._state())
         except BaseException:
             self._broken = True
             raise
         keep = {id(r) for ep in self._epochs for r in _all_refs(ep)}
-        self._store.drop([r.name for r in old_refs if id(r) not in keep])
-        d = Columns.concat(drops) if drops else Columns.empty()
+        stale = [r.name for r in old_refs if id(r) not in keep]
+        if remove:
+            self._store.drop(stale)
+        else:
+            job.stale = self._store.unregister(stale)
+        d = Columns.concat(job.drops) if job.drops else Columns.empty()
         return RetainResult(
-            list(self._retained), ka, d.seq, d.loc, d.poff, d.end - d.start,
-            windows_before, sum(len(e.windows) for e in self._epochs), rewritten,
+            list(self._retained), job.ka, d.seq, d.loc, d.poff, d.end - d.start,
+            windows_before, sum(len(e.windows) for e in self._epochs), len(job.new_epochs),
         )
 
-    def _retain_epoch(
-        self, ei: int, ep: _Epoch, ka: int, need: set[int], tag: str,
-        drops: list[Columns], old_refs: list[MapRef],
-    ) -> bool:
-        """Rewrite epoch ``ei``'s windows ending at or before ``ka``; True if changed."""
+    def retain_abort(self, job: RetainJob) -> None:
+        """Give up a pending job (its build failed): the history refuses further feeding."""
+        if job is self._job:
+            self._job = None
+            self._broken = True
+
+    def _retain_epoch(self, job: RetainJob, ei: int, ep: _Epoch, nxt: int,
+                      last_epoch: bool) -> None:
+        """Build the rewrite of epoch ``ei``'s windows ending at or before ``ka`` into a
+        new epoch object (``job.new_epochs``); the installed one is not touched."""
+        ka, need, tag = job.ka, job.need, job.tag
         k_cut = bisect_right(ep.his, ka)  # windows [0, k_cut) end at or before ka
         if k_cut == 0:
-            return False
-        last_epoch = ei == len(self._epochs) - 1
-        nxt = self._rewinds[ei + 1] if not last_epoch else self._last_seq + 1
+            return
         end = ep.his[k_cut - 1]
         bounds = sorted(p for p in need if ep.rewind_seq < p <= end)
         # points at or after ka in this epoch, and retained points after the last window
@@ -1126,35 +1242,36 @@ class MapHistory:
         if rest.n:
             ep_drops.append(rest.take(rest.loc != ZERO_LOC))
         if bounds == ep.his[:k_cut] and not any(c.n for c in ep_drops):
-            return False
-        drops.extend(ep_drops)
-        old_refs.extend(_all_refs(ep))
-        windows = [self._store.put("L", 0, m, tag) for m in new_maps] + ep.windows[k_cut:]
-        ep.windows = windows
-        ep.his = [r.hi for r in windows]
-        ep.levels = {}
-        ep.fulls = {}
-        ep.full_keys = []
+            return
+        job.drops.extend(ep_drops)
+        put = self._store.put
+        windows = [put("L", 0, m, tag, False) for m in new_maps] + ep.windows[k_cut:]
+        new = _Epoch(ep.rewind_seq, ep.target, windows, [r.hi for r in windows])
         f = self._f
         n = len(windows)
         for k in range(1, self._maxk + 1):
             size = f**k
             if n < size:
                 break
-            below = windows if k == 1 else ep.levels[k - 1]
-            lst = ep.levels.setdefault(k, [])
+            below = windows if k == 1 else new.levels[k - 1]
+            lst = new.levels.setdefault(k, [])
             for j in range(n // size):
                 res = merge([r.load() for r in below[j * f : (j + 1) * f]])
-                lst.append(self._store.put("L", k, res.map, tag))
+                lst.append(put("L", k, res.map, tag, False))
         fe = self.policy.full_every
         if fe:
             for b in range(fe, n + 1, fe):
-                full = DeltaMap(ep.rewind_seq, ep.his[b - 1], self._epoch_all(ep, b), flat=True)
-                ep.fulls[b] = self._store.put("F", 0, full, tag)
-                ep.full_keys.append(b)
+                full = DeltaMap(new.rewind_seq, new.his[b - 1], self._epoch_all(new, b), flat=True)
+                new.fulls[b] = put("F", 0, full, tag, False)
+                new.full_keys.append(b)
         if last_epoch:
-            self._reset_head(ep)
-        return True
+            job.head = self._epoch_all(new, n)
+        job.new_epochs[ei] = new
+
+    def sealed_windows(self) -> list[MapRef]:
+        """Every sealed L0 window (a copy of the list; the maps are immutable, so another
+        thread may load them while this one feeds and seals)."""
+        return [r for ep in self._epochs for r in ep.windows]
 
     def live_fragments(self) -> Iterator[Columns]:
         """Every journal fragment some resolvable point may reference: the entries of

@@ -104,10 +104,13 @@ class FileOps:
         while fds:
             os.close(fds.popitem()[1])
 
-    def write_atomic(self, directory: str, name: str, data: bytes) -> None:
-        """Write ``directory/name`` once: temp + fsync + rename + directory fsync."""
+    def write_atomic(self, directory: str, name: str, data: bytes, forget: bool = True) -> None:
+        """Write ``directory/name`` once: temp + fsync + rename + directory fsync.
+        ``forget=False`` for a name never read before (leaves the descriptor cache,
+        which is not thread-safe, alone)."""
         tmp = os.path.join(directory, name + ".tmp")
-        self.forget(os.path.join(directory, name))
+        if forget:
+            self.forget(os.path.join(directory, name))
         self.hook("open", name)
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
@@ -636,12 +639,16 @@ class DirStore:
                 st.fs.remove(os.path.join(directory, f))
         return st, state
 
-    def put(self, kind: str, level: int, m: DeltaMap, tag: str = "") -> MapFile:
+    def put(self, kind: str, level: int, m: DeltaMap, tag: str = "",
+            register: bool = True) -> MapFile:
+        """Write a map file. ``register=False`` (any thread): the file is written and its
+        offset filter computed, but the store's shared state (files, cache accounting)
+        is only updated by :meth:`adopt` on the owner thread."""
         from .history import map_name
 
         name = map_name(kind, level, m.lo, m.hi, tag)
         data = encode_map(m, kind, level)
-        self.fs.write_atomic(self.dir, name, data)
+        self.fs.write_atomic(self.dir, name, data, forget=register)
         mf = MapFile(
             os.path.join(self.dir, name),
             name,
@@ -654,9 +661,27 @@ class DirStore:
             self.cache,
             self.fs,
         )
+        if not register:
+            if m.cols.n <= FILTER_MAX_ENTRIES:
+                mf._filt = offset_filter(m.cols)  # accounted (or dropped) by adopt
+            return mf
         mf.set_filter(m.cols)
         self.files[name] = mf
         return mf
+
+    def adopt(self, refs: list[Any]) -> None:
+        """Register maps written with ``register=False`` (owner thread)."""
+        cache = self.cache
+        for mf in refs:
+            self.files[mf.name] = mf
+            f = mf._filt
+            mf._filt_done = True
+            if f is None:
+                continue
+            if cache.filter_bytes >= cache.filter_limit:
+                mf._filt = None
+            else:
+                cache.filter_bytes += f[0].nbytes + f[1].nbytes
 
     def commit(self, state: dict[str, Any]) -> None:
         """Replace the manifest atomically with one naming ``state["maps"]``.
@@ -708,14 +733,25 @@ class DirStore:
 
         A crash before or during this only leaves files the next open deletes.
         """
+        self.remove(self.unregister(names))
+
+    def unregister(self, names: list[str]) -> list[str]:
+        """Forget map files (owner thread); returns their paths for :meth:`remove`."""
+        out = []
         for name in names:
             f = self.files.pop(name, None)
             if f is None:
                 continue
             f.drop_filter()
             self.fs.forget(f.path)
+            out.append(f.path)
+        return out
+
+    def remove(self, paths: list[str]) -> None:
+        """Delete unregistered map files (any thread: their descriptors are closed)."""
+        for p in paths:
             try:
-                self.fs.remove(f.path)
+                self.fs.remove(p)
             except FileNotFoundError:
                 pass
 

@@ -56,6 +56,7 @@ from cdp.journal.segment import _Window, encode_index
 _ELIDED = int(Compression.ELIDED)
 _CHUNKED = int(Compression.CHUNKED)
 _FLUSH = 4 << 20
+_PACE = 1 << 20  # bytes read between two checks of the rate budget
 
 #: live payload ranges per seq: ``(poff, length)`` pairs; a data record whose seq is
 #: missing is dead (its payload is elided)
@@ -139,7 +140,7 @@ def build_compacted(
         offs_a: array[int] = array("q")
         raw_total = rec_el = ch_el = by_el = 0
         t0 = time.monotonic()
-        done = 0
+        done = paced = 0
         for i in range(src.count):
             seq = src.first_seq + i
             off = src.offs[i]
@@ -217,10 +218,11 @@ def build_compacted(
                 out = bytearray()
                 if progress is not None:
                     progress(done, src.size)
-                if rate > 0:
-                    ahead = done / rate - (time.monotonic() - t0)
-                    if ahead > 0:
-                        time.sleep(ahead)
+            if rate > 0 and done >= paced + _PACE:  # the budget is bytes read, dead or live
+                paced = done
+                ahead = done / rate - (time.monotonic() - t0)
+                if ahead > 0:
+                    time.sleep(ahead)
         fs.write(wfd, out)
         pos += len(out)
         fs.fdatasync(wfd)

@@ -274,6 +274,8 @@ class Journal:
         self._to_close: list[int] = []
         self._dir_dirty = False
         self._read_fds: OrderedDict[int, int] = OrderedDict()
+        #: segments being replaced by a compaction: first seq -> descriptor of the old file
+        self._pins: dict[int, int] = {}
         self._loaded: OrderedDict[int, _Seg] = OrderedDict()
         self._sync_lock = threading.Lock()
         self._sync_task: asyncio.Task[None] | None = None
@@ -885,6 +887,9 @@ class Journal:
         if fd is not None:
             fds.move_to_end(seg.first_seq)
             return fd
+        fd = self._pins.get(seg.first_seq)
+        if fd is not None:  # a compaction renames the file meanwhile: read the old one
+            return fd
         fd = self._fs.open_read(self._path(seg.name))
         fds[seg.first_seq] = fd
         if len(fds) > READ_FDS:
@@ -1281,7 +1286,7 @@ class Journal:
         loaded = self._loaded
         while len(loaded) > INDEX_CACHE:
             for k, s in loaded.items():
-                if s.state == _SEALED:
+                if s.state == _SEALED and k not in self._pins:
                     del loaded[k]
                     s.ts = s.offs = None
                     break
@@ -1328,32 +1333,98 @@ class Journal:
     def compact_commit(self, prep: PreparedCompaction) -> bool:
         """Put a prepared compaction in place (see :mod:`cdp.journal.compact` for the
         crash argument). False (temp files removed) if the segment changed meanwhile or
-        nothing was saved. Cost: two renames and two directory fsyncs."""
-        fs = self._fs
-        i = bisect.bisect_left(self._firsts, prep.first_seq)
-        seg = self._segs[i] if i < len(self._segs) else None
-        if (seg is None or seg.first_seq != prep.first_seq or seg.state != _SEALED
-                or seg.size != prep.old_size or prep.new_size >= prep.old_size):
-            discard(fs, prep)
+        nothing was saved. Cost: two renames and two directory fsyncs, in the calling
+        thread (:meth:`compact_commit_async` does them in a worker thread)."""
+        seg = self._compact_target(prep)
+        if seg is None:
+            discard(self._fs, prep)
             return False
         fd = self._read_fds.pop(seg.first_seq, None)
         if fd is not None:
-            fs.close(fd)
-        fs.rename(prep.tmp_seg, self._path(seg.name))
-        fs.fsync_dir(self._dir)
+            self._fs.close(fd)
+        renamed, err = self._compact_files(prep, seg.name)
+        if renamed:
+            self._compact_switch(seg, prep)
+        if err is not None:
+            raise err
+        return True
+
+    async def compact_commit_async(self, prep: PreparedCompaction) -> bool:
+        """:meth:`compact_commit` without blocking the event loop: the renames and
+        directory fsyncs (slow while ingest keeps the disk busy) and the close that frees
+        the old file run in a worker thread; only the switch of the in-memory segment
+        state happens on the loop.
+
+        Until that switch, reads keep using the old file through a descriptor opened
+        before the rename (and its offsets stay in memory), so they never see the new
+        file with the old layout."""
+        seg = self._compact_target(prep)
+        loop = asyncio.get_running_loop()
+        if seg is None:
+            await loop.run_in_executor(None, discard, self._fs, prep)
+            return False
+        first = seg.first_seq
+        self._load(seg)  # offsets of the old layout stay in memory while pinned
+        self._pins[first] = self._fs.open_read(self._path(seg.name))
+        try:
+            renamed, err = await loop.run_in_executor(None, self._compact_files, prep,
+                                                      seg.name)
+        finally:
+            old = [self._pins.pop(first)]
+        if not self._closed:  # (close() released the cached descriptors)
+            fd = self._read_fds.pop(first, None)
+            if fd is not None:
+                old.append(fd)
+            if renamed:
+                self._compact_switch(seg, prep)
+        # the last descriptors of the replaced file: freeing its blocks is slow
+        await loop.run_in_executor(None, self._close_all, old)
+        if err is not None:
+            raise err
+        return renamed
+
+    def _close_all(self, fds: list[int]) -> None:
+        for fd in fds:
+            self._fs.close(fd)
+
+    def _compact_target(self, prep: PreparedCompaction) -> _Seg | None:
+        """The sealed segment ``prep`` replaces, or None if it changed or nothing is saved."""
+        i = bisect.bisect_left(self._firsts, prep.first_seq)
+        seg = self._segs[i] if i < len(self._segs) else None
+        if (seg is None or seg.first_seq != prep.first_seq or seg.state != _SEALED
+                or seg.size != prep.old_size or prep.new_size >= prep.old_size
+                or seg.first_seq in self._pins):
+            return None
+        return seg
+
+    def _compact_files(self, prep: PreparedCompaction, name: str) -> tuple[bool, BaseException | None]:
+        """Rename the compacted segment, then its sidecar, over the old files (directory
+        fsync after each); any thread. (segment renamed, error to raise after the switch)."""
+        fs = self._fs
+        try:
+            fs.rename(prep.tmp_seg, self._path(name))
+        except BaseException as e:  # re-raised by the caller
+            return False, e
+        try:
+            fs.fsync_dir(self._dir)
+        except BaseException as e:
+            return True, e
+        try:
+            fs.rename(prep.tmp_idx, self._path(index_name(prep.first_seq)))
+            fs.fsync_dir(self._dir)
+        except OSError:
+            self.repairs.append(index_name(prep.first_seq))  # rebuilt by a scan at open
+        return True, None
+
+    def _compact_switch(self, seg: _Seg, prep: PreparedCompaction) -> None:
+        """Reads of ``seg`` go to the compacted file from now on (owner thread)."""
         seg.size = prep.new_size
         seg.raw_bytes = prep.raw_bytes
         seg.compacted = True
         seg.ts, seg.offs = prep.ts, prep.offs
         self._loaded[seg.first_seq] = seg
         self._layouts.clear()
-        try:
-            fs.rename(prep.tmp_idx, self._path(index_name(seg.first_seq)))
-            fs.fsync_dir(self._dir)
-        except OSError:
-            self.repairs.append(index_name(seg.first_seq))  # rebuilt by a scan at open
         self._evict()
-        return True
 
     def compact_segment(self, first_seq: int, live: Live, *, rate: float = 0.0) -> PreparedCompaction | None:
         """Compact one sealed segment in the calling thread: prepare + commit. Returns

@@ -4,14 +4,23 @@ the new segment; golden bytes of elided records and chunk entries."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import random
+import threading
 
 import pytest
 from crc32c import crc32c
 
 from cdp.errors import PointError
-from cdp.journal import CrashSimFS, Journal, ManualClock, verify_journal
+from cdp.journal import (
+    CrashSimFS,
+    Journal,
+    ManualClock,
+    OsFileLayer,
+    build_compacted,
+    verify_journal,
+)
 from cdp.journal.format import (
     CHUNK_ENTRY,
     CHUNK_ENTRY_SIZE,
@@ -254,5 +263,60 @@ def test_real_files_and_tmp_cleanup(tmp_path: os.PathLike[str]) -> None:
             assert r.payload == recs[r.seq]
         elif any(s.first_seq <= r.seq <= s.last_seq for s in segs):
             assert r.elided
+    j.close()
+    assert verify_journal(d).ok
+
+
+class _SlowRenameFS(OsFileLayer):
+    """Real files; the rename of a compacted segment holds its worker thread until the
+    test lets it go (so reads can run while the old file is already replaced)."""
+
+    def __init__(self) -> None:
+        self.renamed = threading.Event()
+        self.go = threading.Event()
+
+    def rename(self, src: str, dst: str) -> None:
+        super().rename(src, dst)
+        if dst.endswith(".seg"):
+            self.renamed.set()
+            assert self.go.wait(30)
+
+
+def test_reads_during_an_async_commit_see_old_then_new_file(tmp_path: os.PathLike[str]) -> None:
+    d = os.path.join(tmp_path, "j")
+    fs = _SlowRenameFS()
+    j = Journal.open(d, segment_bytes=64 << 10, fs=fs, clock=ManualClock(T0, tick=1))
+    rng = random.Random(5)
+    recs: dict[int, tuple[int, bytes]] = {}
+    for i in range(40):
+        data = rng.randbytes(8192)
+        seq, loc = j.append_write(i * 8192, data)
+        recs[seq] = (loc, data)
+    j.sync()
+    seg = next(s for s in j.segments() if s.sealed)
+    live = {s: [(0, 8192)] for s in recs if s % 3 == 0}
+    prep = build_compacted(j.compact_source(seg.first_seq), live)
+
+    async def run() -> None:
+        task = asyncio.get_running_loop().create_task(j.compact_commit_async(prep))
+        while not fs.renamed.is_set():  # the loop stays free while the worker renames
+            await asyncio.sleep(0.001)
+        # the new file is in place, the switch has not happened: every record of the
+        # segment, dead ones included, still reads from the old file
+        for s in range(seg.first_seq, seg.last_seq + 1):
+            loc, data = recs[s]
+            assert j.read_slice(s, loc, 0, 8192) == data
+        fs.go.set()
+        assert await task
+        for s in range(seg.first_seq, seg.last_seq + 1):
+            loc, data = recs[s]
+            if s in live:
+                assert j.read_slice(s, loc, 0, 8192) == data
+            else:
+                with pytest.raises(PointError):
+                    j.read_slice(s, loc, 0, 100)
+
+    asyncio.run(run())
+    assert next(x.compacted for x in j.segments())
     j.close()
     assert verify_journal(d).ok
