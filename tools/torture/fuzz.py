@@ -6,7 +6,7 @@ reads outside bytes; the drivers are in ``tools.torture.fuzz_targets``.
 
 Each target runs in its own process for SECONDS with ``cdp`` and ``mapengine``
 instrumented for coverage, starting from ``tests/fuzz_corpus/<target>``. A finding is
-any exception other than the parser's own error, a hang over 10 s per input, or memory
+any exception other than the parser's own error, a hang over 30 s per input, or memory
 over 2 GiB; its input is kept under ``<work>/artifacts/`` and the run counts as failed.
 """
 
@@ -54,7 +54,7 @@ def fuzz_one(name: str, seconds: float, work: Path, log: Callable[[str], None]) 
     artifacts.mkdir(parents=True, exist_ok=True)
     seeds = CORPUS / name
     args = [f"-max_total_time={max(1, int(seconds))}", "-print_final_stats=1",
-            "-timeout=10", "-rss_limit_mb=2048", f"-max_len={MAX_LEN.get(name, 16 << 10)}",
+            "-timeout=30", "-rss_limit_mb=2048", f"-max_len={MAX_LEN.get(name, 16 << 10)}",
             f"-artifact_prefix={artifacts}/", str(corpus)]
     if seeds.is_dir():
         args.append(str(seeds))
