@@ -567,3 +567,19 @@ def test_write_data_out_bursts_assemble_in_place(portal: Portal) -> None:
     data = bytes(range(256)) * (4 << 12)
     assert ini.scsi(cdb_rw(0x2A, 0, len(data) // 512), data, immediate_len=8192).status == Status.GOOD
     assert ini.scsi(cdb_rw(0x28, 0, len(data) // 512), edtl=len(data)).data == data
+
+
+def test_login_split_by_continue_still_needs_initiator_and_target(portal: Portal) -> None:
+    """Regression (found by the coverage-guided fuzzer): a login request sent as a
+    Continue PDU and a final PDU, without InitiatorName, reached full feature phase
+    with no target opened and failed an internal assertion. The keys of the first
+    complete request are checked however many PDUs carried them."""
+    ini = Initiator(portal)
+    p1 = ini.login_pdu(1, 3, False, [("InitiatorNYme", "iqn.2026-11.test:f"),
+                                      ("TargetName", VOL0)])
+    p1.bhs[1] |= 0x40  # Continue
+    p2 = ini.login_pdu(1, 3, True, [("HeaderDigest", "None")])
+    out = ini.feed(p1.encode() + p2.encode())
+    rsp = [x for x in out if x.opcode == 0x23]
+    assert Initiator.status(rsp[-1]) == 0x0207  # MISSING PARAMETER
+    assert ini.conn.state is not State.FULL

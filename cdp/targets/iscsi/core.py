@@ -371,6 +371,7 @@ class Connection:
         self._chap_challenge = b""
         self._declared = False
         self._first_rsp = True
+        self._keys_done = False  # the first complete login request's keys were checked
         self._pending_digests = (False, False)
         # full feature
         self._text_parts: list[bytes] = []
@@ -951,7 +952,10 @@ class Connection:
         except IscsiProtocolError:
             self._login_fail(pdu, LoginStatus.INITIATOR_ERROR)
             return
-        status, reply = self._login_keys(pairs, first, stage)
+        # the first *complete* request carries InitiatorName / TargetName, however many
+        # Continue PDUs it took (RFC 7143 §13.5.1); ``first`` is only the first PDU
+        status, reply = self._login_keys(pairs, not self._keys_done, stage)
+        self._keys_done = True
         if status is not LoginStatus.SUCCESS:
             self._login_fail(pdu, status, reply)
             return
@@ -1184,7 +1188,8 @@ class Connection:
         portal = self.portal
         lu: LogicalUnit | None = None
         if self._kind == "Normal":
-            assert self._export is not None and self._device is not None
+            if self._export is None or self._device is None:
+                return LoginStatus.MISSING_PARAMETER  # no target was named and opened
             state = portal.lu_states.setdefault(self._export, LuState())
             lu = LogicalUnit(self._device, state, name=self._export, serial=_serial(self._export),
                              target_iqn=self._target)
