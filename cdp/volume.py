@@ -550,20 +550,23 @@ class Volume:
 
     def read(self, offset: int, length: int, seq: int | None = None) -> bytes:
         """Bytes [offset, offset+length) as of *seq* (default: now). Holes and zero
-        extents read as zeros. Cost: one map resolve + per extent the journal chunks it
-        overlaps (one pread, 64 KiB at most per chunk; decoded chunks cached). Raises
-        Corruption (EIO) if a needed chunk is damaged."""
-        self.reads += 1
-        self.bytes_read += length
+        extents read as zeros. Cost: one map resolve (a small live read: one
+        ``resolve_head``) + per extent the journal pieces it overlaps (one pread: the
+        4 KiB granules of a raw chunk of a version 3 record, else the 64 KiB chunks,
+        decoded chunks cached). Raises Corruption (EIO) if a needed piece is damaged."""
         end = offset + length
         if seq is None and 0 <= offset < end <= self.size:
             # the live head, one extent (the common small read): no lists, no wrappers
             e = self.maps.resolve_head(offset, end)
             if e is not None:
+                self.reads += 1
+                self.bytes_read += length
                 if e.loc < 0:
                     return bytes(length)
                 return self.journal.read_slice(e.seq, e.loc, e.poff, length, cache=self._cache)
         self._check_range(offset, length)
+        self.reads += 1
+        self.bytes_read += length
         at = self.journal.last_seq if seq is None else seq
         if at == 0 or length == 0:
             return bytes(length)
