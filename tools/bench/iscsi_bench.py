@@ -139,9 +139,16 @@ def run(quick: bool = False) -> list[dict[str, Any]]:
                         l0_max_writes=8192).start()
             try:
                 vol_uri = cdpd.iscsi_uri()
+                # incompressible data, as a real volume mostly holds: a fill pattern would
+                # let lz4 chunks be decoded once and shared, flattering the reads
+                fill = base / "fill.img"
+                with open(fill, "wb") as f:
+                    for _ in range(SIZE // MiB):
+                        f.write(os.urandom(MiB))
                 for uri in (vol_uri, tgt_uri):
-                    subprocess.run(["qemu-io", "-f", "raw", "-c", f"write -P 0x55 0 {SIZE}", uri],
-                                   check=True, capture_output=True)
+                    subprocess.run(["qemu-img", "convert", "-n", "-f", "raw", "-O", "raw",
+                                    str(fill), uri], check=True, capture_output=True)
+                fill.unlink()
                 for name, fn, arg in (("randread-4k", perf_randread, seconds),
                                       ("randwrite-4k", qemu_randwrite, count)):
                     cdp = fn(vol_uri, arg)
