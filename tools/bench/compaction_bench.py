@@ -45,7 +45,8 @@ def _fill(d: Cdpd, size: int, seconds: float) -> None:
 
 def _gc(d: Cdpd, out: dict[str, Any]) -> None:
     t0 = time.perf_counter()
-    r = d.cdpctl("gc", "--now", "--json")
+    # the gc compacts ~10 GB at the compact_rate budget (64 MiB/s): minutes, not seconds
+    r = d.cdpctl("gc", "--now", "--json", timeout=3600)
     out["seconds"] = time.perf_counter() - t0
     out["result"] = json.loads(r.stdout)
 
