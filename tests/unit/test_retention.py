@@ -184,6 +184,17 @@ def test_store_cap_refuse_and_expire(tmp_path: Path) -> None:
     asyncio.run(main())
 
 
+async def _write_block(vol: Volume, rng: random.Random, model: bytearray) -> tuple[int, bytes]:
+    """One random 4 KiB write, mirrored into *model*; returns (offset, data)."""
+    off = rng.randrange(0, SIZE // BS) * BS
+    data = rng.randbytes(BS)
+    r = vol.write(off, data)
+    if r is not None:
+        await r
+    model[off : off + BS] = data
+    return off, data
+
+
 def test_io_during_gc_is_neither_lost_nor_misread(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """gc rewrites the maps in a worker thread and compacts segments: writes, markers and
     reads at the head and at retained points keep going on the loop meanwhile, and
@@ -217,12 +228,7 @@ def test_io_during_gc_is_neither_lost_nor_misread(tmp_path: Path, monkeypatch: p
             await asyncio.sleep(0.001)
         assert vol.maps.retaining
         for i in range(200):  # more than an L0 window (32): seals wait for the retain
-            off = rng.randrange(0, SIZE // BS) * BS
-            data = rng.randbytes(BS)
-            r = vol.write(off, data)
-            if r is not None:
-                await r
-            model[off : off + BS] = data
+            await _write_block(vol, rng, model)
             if i % 50 == 0:
                 assert vol.read(0, SIZE) == bytes(model)
                 assert vol.read(0, SIZE, old) == states[old]
@@ -230,12 +236,7 @@ def test_io_during_gc_is_neither_lost_nor_misread(tmp_path: Path, monkeypatch: p
         states[m.seq] = bytes(model)
         go.set()
         while not gc.done():  # compaction: keep writing and reading
-            off = rng.randrange(0, SIZE // BS) * BS
-            data = rng.randbytes(BS)
-            r = vol.write(off, data)
-            if r is not None:
-                await r
-            model[off : off + BS] = data
+            off, data = await _write_block(vol, rng, model)
             assert vol.read(off, BS) == data
             await asyncio.sleep(0)
         res = await gc
