@@ -33,13 +33,13 @@ import logging
 import os
 import time
 import uuid
+from array import array
+from bisect import bisect_left, bisect_right
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
-
-import numpy as np
 
 from cdp.config import MapSettings, Settings
 from cdp.errors import CdpError, Corruption, NotFound, OutOfRange, PointError, UsageError
@@ -125,36 +125,43 @@ class _PayloadCache:
             self.used -= len(old)
 
 
+#: a resolved region: start, end, seq, loc, poff columns (see _ViewRegions)
+_Cols = tuple["array[int]", ...]
+_EMPTY_COLS: _Cols = tuple(array("q") for _ in range(5))
+
+
 class _ViewRegions:
     """Resolved extents of past points, per 64 MiB region, LRU-bounded by bytes.
 
     A past point never changes (new writes, rewinds included, only add history), so a
     region resolved once for a point-in-time view answers every later read of it with
-    a binary search instead of a walk over the map hierarchy. Kept as int64 columns
-    (40 bytes an extent). Retention clears it (points it expires must be refused)."""
+    a binary search instead of a walk over the map hierarchy. Kept as five int64
+    columns (start, end, seq, loc, poff: 40 bytes an extent) searched with ``bisect``
+    (no numpy call per read). Retention clears it (points it expires must be refused)."""
 
     REGION = 64 << 20
 
     def __init__(self, budget: int) -> None:
         self.budget = budget
         self.used = 0
-        self._d: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
+        self._d: OrderedDict[tuple[int, int], _Cols] = OrderedDict()
 
-    def get(self, key: tuple[int, int]) -> np.ndarray | None:
+    def get(self, key: tuple[int, int]) -> _Cols | None:
         r = self._d.get(key)
         if r is not None:
             self._d.move_to_end(key)
         return r
 
-    def put(self, key: tuple[int, int], exts: list[Any]) -> np.ndarray:
-        """Store *exts* as a (5, n) int64 array: start, end, seq, loc, poff rows."""
-        cols = np.array(exts, dtype=np.int64).reshape(-1, 5).T.copy()
-        if cols.nbytes <= self.budget // 4:
+    def put(self, key: tuple[int, int], exts: list[Any]) -> _Cols:
+        """Store *exts* (start, end, seq, loc, poff tuples) as five int64 columns."""
+        cols: _Cols = tuple(array("q", c) for c in zip(*exts, strict=True)) if exts else _EMPTY_COLS
+        nbytes = 40 * len(exts)
+        if nbytes <= self.budget // 4:
             self._d[key] = cols
-            self.used += cols.nbytes
+            self.used += nbytes
             while self.used > self.budget:
                 _, old = self._d.popitem(last=False)
-                self.used -= old.nbytes
+                self.used -= 40 * len(old[0])
         return cols
 
     def clear(self) -> None:
@@ -597,15 +604,18 @@ class Volume:
                 r0 = region * R
                 cached = self.view_regions.put(
                     key, self._resolve_maps(seq, r0, min(r0 + R, self.size)))
-            i = int(cached[1].searchsorted(start, "right"))
-            j = int(cached[0].searchsorted(end, "left"))
+            starts, ends, seqs, locs, poffs = cached
+            i = bisect_right(ends, start)
+            j = bisect_left(starts, end, i)
             out = []
-            for a, b, q, loc, poff in cached[:, i:j].T.tolist():
+            for k in range(i, j):
+                a, loc, poff = starts[k], locs[k], poffs[k]
                 if a < start:
                     if loc >= 0:
                         poff += start - a
                     a = start
-                out.append(Extent(a, b if b < end else end, q, loc, poff))
+                b = ends[k]
+                out.append(Extent(a, b if b < end else end, seqs[k], loc, poff))
             return out
         return self._resolve_maps(seq, start, end)
 

@@ -87,6 +87,7 @@ from cdp.journal.format import (
     RECORD_PREFIX,
     RECORD_TAIL,
     RECORD_VERSION,
+    RECORD_VERSIONS,
     REWIND_PAYLOAD,
     SEGMENT_COMPACTED,
     SEGMENT_HEADER_SIZE,
@@ -991,9 +992,11 @@ class Journal:
                     v = self._granules_fast(lay[2], seq, loc, table, first, o, length)
                     if v is not None:
                         return v
-            p = cache.get((seq, first)) if cache is not None else None
+            p: bytes | memoryview | None = cache.get((seq, first)) if cache is not None else None
             if p is None:
                 p = self._chunk_fast(seq, loc, first, cache)
+                if p is None and first == 0:
+                    p = self._block_fast(seq, loc, cache)
                 if p is None:
                     p = self._chunks(seq, loc, first, last, cache, [first])[0]
             if o + length > len(p):
@@ -1094,6 +1097,62 @@ class Journal:
         self._layouts.move_to_end(seq)
         if cache is not None:
             cache.put((seq, i), p)
+        return p
+
+    def _block_fast(self, seq: int, loc: int,
+                    cache: ChunkCache | None) -> bytes | memoryview | None:
+        """The payload of a one-block WRITE/INIT record (at most one chunk) that lies in
+        the segment file, not compacted: one pread of header + payload (its size from
+        the segment's offsets when in memory, else a 4 KiB guess and a second pread
+        when the header says more), the record CRC checked, lz4 decoded (and cached)
+        if compressed; a raw payload comes as a view of the read (no copy, not cached:
+        the page cache holds the file). None for
+        anything else, damage included: the general path then raises what it must."""
+        if not self._firsts[0] <= seq <= self._last_seq:
+            return None
+        seg = self._segs[bisect.bisect_right(self._firsts, seq) - 1]
+        if seg.compacted or (seg is self._cur and loc >= self._file_size):
+            return None
+        offs = seg.offs
+        j = seq - seg.first_seq + 1
+        if offs is not None and j <= len(offs):
+            n = (offs[j] if j < len(offs) else self._size(seg)) - loc
+        else:
+            n = RECORD_HEADER_SIZE + GRANULE_SIZE
+        if not RECORD_HEADER_SIZE < n <= RECORD_HEADER_SIZE + CHUNK_SIZE:
+            return None
+        fd = self._rfd(seg)
+        blob = self._fs.pread(fd, n, loc)
+        if len(blob) < RECORD_HEADER_SIZE:
+            return None
+        magic, crc, ver, kind, comp, _fl, slen, rseq, _ts, _off, length = (
+            RECORD_HEADER.unpack_from(blob))
+        if (magic != RECORD_MAGIC or rseq != seq or slen > CHUNK_SIZE
+                or (kind != _W and kind != _I) or ver not in RECORD_VERSIONS
+                or length > CHUNK_SIZE):
+            return None
+        n = RECORD_HEADER_SIZE + slen
+        if len(blob) > n:
+            blob = blob[:n]  # the guess was longer than the record
+        elif len(blob) < n:
+            blob += self._fs.pread(fd, n - len(blob), loc + len(blob))
+            if len(blob) != n:
+                return None
+        mv = memoryview(blob)
+        if _CRC(mv[CRC_START:]) != crc:
+            return None
+        if comp == _NONE_COMP:
+            return mv[RECORD_HEADER_SIZE:] if slen == length else None
+        if comp != _LZ4_COMP:
+            return None
+        try:
+            p: bytes = lz4.block.decompress(mv[RECORD_HEADER_SIZE:], uncompressed_size=length)
+        except Exception:
+            return None
+        if len(p) != length:
+            return None
+        if cache is not None:
+            cache.put((seq, 0), p)
         return p
 
     def _chunks(self, seq: int, loc: int, first: int, last: int,

@@ -752,3 +752,37 @@ def test_fill_pattern_chunks_share_one_decoded_copy_and_damage_still_fails() -> 
         with pytest.raises(Corruption, match="chunk 4"):
             j.read_slice(seq2, loc2, 4 * CH, 4096)
     j.close()
+
+
+@pytest.mark.parametrize("reopen", [False, True])
+def test_one_block_records_read_whole_and_damage_still_fails(reopen: bool) -> None:
+    """A slice of a one-block record (raw or lz4, up to one chunk) reads right from the
+    file whether or not the segment's offsets are in memory; a flipped byte in one is
+    Corruption naming it, and the records around it stay readable."""
+    fs = CrashSimFS()
+    j = mk(fs, segment_bytes=1 << 20)
+    recs = []
+    for i, n in enumerate([512, 4096, 20000, 65536, 4096, 4096]):
+        d = rnd(i, n) if i % 2 else bytes([i]) * n  # raw and lz4-compressed payloads
+        recs.append((*j.append_write(i << 16, d), d))
+    for i in range(40):  # later segments, so the first one is sealed
+        j.append_write(0, rnd(100 + i, 65536))
+    if reopen:
+        j.close()
+        j = mk(fs, segment_bytes=1 << 20)
+    else:
+        j._flush()
+    for seq, loc, d in recs:
+        assert j.read_slice(seq, loc, 0, len(d)) == d
+        assert j.read_slice(seq, loc, 100, 300) == d[100:400]
+        assert j.read_slice(seq, loc, len(d) - 1, 1) == d[-1:]
+    with pytest.raises(UsageError):
+        j.read_slice(recs[1][0], recs[1][1], 4000, 200)
+    for k in (1, 2):  # raw, then lz4
+        seq, loc, d = recs[k]
+        fs.raw(seg_path(1))[loc + RECORD_HEADER_SIZE + 10] ^= 0x04
+        with pytest.raises(Corruption, match=f"offset {loc} seq {seq}"):
+            j.read_slice(seq, loc, 0, 16)
+    for seq, loc, d in (recs[0], recs[3], recs[4]):
+        assert j.read_slice(seq, loc, 0, len(d)) == d
+    j.close()
