@@ -48,7 +48,7 @@ class VolumeDevice:
     def read(self, offset: int, length: int) -> bytes:
         return self.volume.read(offset, length)
 
-    def write(self, offset: int, data: bytes, fua: bool) -> Awaitable[None] | None:
+    def write(self, offset: int, data: bytes | bytearray, fua: bool) -> Awaitable[None] | None:
         return self.volume.write(offset, data, fua)
 
     def flush(self) -> Awaitable[None]:
@@ -122,7 +122,7 @@ class PointInTimeDevice(VolumeDevice):
     def read(self, offset: int, length: int) -> bytes:
         return self.volume.read(offset, length, self.seq)
 
-    def write(self, offset: int, data: bytes, fua: bool) -> None:
+    def write(self, offset: int, data: bytes | bytearray, fua: bool) -> None:
         raise ReadOnly(f"{self.description}: writes are refused")
 
     def flush(self) -> None:  # type: ignore[override]

@@ -212,7 +212,7 @@ class NbdClient:
         if offset < 0 or length < 0 or offset + length > self.size:
             raise UsageError(f"[{offset}, {offset + length}) is outside the NBD export (size {self.size})")
 
-    def pwrite(self, data: bytes | memoryview, offset: int) -> None:
+    def pwrite(self, data: bytes | bytearray | memoryview, offset: int) -> None:
         """Queue a write (split at the server's maximum payload)."""
         self._check(offset, len(data))
         view = memoryview(data)

@@ -468,7 +468,7 @@ class ProxyVolume(Volume):
 
     # ------------------------------------------------------------------ journal side
 
-    def _journal(self, offset: int, length: int, data: bytes | None, init: bool = False) -> int | None:
+    def _journal(self, offset: int, length: int, data: bytes | bytearray | None, init: bool = False) -> int | None:
         """Append a WRITE/ZERO/INIT record; None (and degraded) when the journal refuses."""
         try:
             if data is None:
@@ -505,7 +505,7 @@ class ProxyVolume(Volume):
 
     # ------------------------------------------------------------------ I/O
 
-    def write(self, offset: int, data: bytes, fua: bool = False) -> Awaitable[None] | None:
+    def write(self, offset: int, data: bytes | bytearray, fua: bool = False) -> Awaitable[None] | None:
         self._check_range(offset, len(data))
         if not data:
             return None
@@ -517,7 +517,7 @@ class ProxyVolume(Volume):
             return None
         return self._io(offset, length, None, fua)
 
-    async def _io(self, offset: int, length: int, data: bytes | None, fua: bool) -> None:
+    async def _io(self, offset: int, length: int, data: bytes | bytearray | None, fua: bool) -> None:
         while self._gate is not None:
             await asyncio.shield(self._gate)
         self._kick()
@@ -588,7 +588,7 @@ class ProxyVolume(Volume):
                 else:
                     del active[r]
 
-    def _primary_io(self, offset: int, length: int, data: bytes | None, fua: bool) -> None:
+    def _primary_io(self, offset: int, length: int, data: bytes | bytearray | None, fua: bool) -> None:
         p = self.primary
         assert p is not None
         if data is None:

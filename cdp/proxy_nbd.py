@@ -67,7 +67,7 @@ class FilePrimary:
             got += len(b)
         return b"".join(parts)
 
-    def pwrite(self, data: bytes | memoryview, offset: int) -> None:
+    def pwrite(self, data: bytes | bytearray | memoryview, offset: int) -> None:
         mv = memoryview(data)
         done = 0
         while done < len(mv):
@@ -173,7 +173,7 @@ class NbdPrimary:
         assert isinstance(r, bytes)
         return r
 
-    def pwrite(self, data: bytes | memoryview, offset: int) -> None:
+    def pwrite(self, data: bytes | bytearray | memoryview, offset: int) -> None:
         self._run("pwrite", data, offset)
 
     def zero(self, offset: int, length: int) -> None:

@@ -510,7 +510,7 @@ class Volume:
                 f"the volume (size {self.size})"
             )
 
-    def write(self, offset: int, data: bytes, fua: bool = False) -> Awaitable[None] | None:
+    def write(self, offset: int, data: bytes | bytearray, fua: bool = False) -> Awaitable[None] | None:
         """Journal *data* at *offset*. Returns an awaitable when the caller must wait
         (FUA / sync=always: durability; paused volume), else None. O(1) amortised."""
         self._check_range(offset, len(data))

@@ -11,17 +11,33 @@ Handles are small ints in both implementations. Every method may raise ``OSError
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import errno
 import os
 import random
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 #: what write() accepts
 Buffer = bytes | bytearray | memoryview
 
 #: iovecs per writev call (POSIX guarantees at least 16; Linux allows 1024)
+
+def _libc_sync_file_range() -> Callable[[int, int, int, int], int] | None:
+    """libc's sync_file_range(2) (Linux), or None."""
+    try:
+        fn = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_sync_file_range = _libc_sync_file_range()
+_SYNC_FILE_RANGE_WRITE = 2
 _IOV_MAX = max(16, min(os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 16, 1024))
 
 
@@ -84,6 +100,10 @@ class FileLayer:
     def fdatasync(self, fd: int) -> None:
         """Make the file's contents durable."""
         raise NotImplementedError
+
+    def start_writeback(self, fd: int, offset: int, length: int) -> None:
+        """Advise: start writing ``[offset, offset+length)`` of the file to the device
+        now, without waiting for it (durability still needs :meth:`fdatasync`)."""
 
     def truncate(self, fd: int, size: int) -> None:
         """Cut the file to ``size`` bytes (not durable until fdatasync)."""
@@ -160,6 +180,12 @@ class OsFileLayer(FileLayer):
     def fdatasync(self, fd: int) -> None:
         self.fdatasync_count += 1
         os.fdatasync(fd)
+
+    def start_writeback(self, fd: int, offset: int, length: int) -> None:
+        """sync_file_range(SYNC_FILE_RANGE_WRITE) where libc has it; errors ignored
+        (advice only). Queues the writeback and returns without waiting for it."""
+        if _sync_file_range is not None:
+            _sync_file_range(fd, offset, length, _SYNC_FILE_RANGE_WRITE)
 
     def truncate(self, fd: int, size: int) -> None:
         os.ftruncate(fd, size)

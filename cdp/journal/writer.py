@@ -136,6 +136,9 @@ INDEX_CACHE = 16
 READ_FDS = 32
 #: seconds after which buffered records are handed to the OS without a commit
 FLUSH_DELAY = 0.05
+#: after this many bytes handed to the OS, ask it to start writing them to the device
+#: (sync_file_range WRITE, no wait): a FLUSH then waits for the rest only
+WRITEBACK_BYTES = 8 << 20
 
 _OPEN, _SEALING, _SEALED = 0, 1, 2
 _NO_TS = 1 << 63  # first_ts of an empty segment: after every real timestamp
@@ -268,6 +271,7 @@ class Journal:
         self._cur = _Seg(1)
         self._fd = -1
         self._file_size = 0
+        self._wb_from = 0  # start of the current segment's bytes not yet handed to writeback
         self._last_seq = 0
         self._last_ts = 0
         self._durable_seq = 0
@@ -473,6 +477,7 @@ class Journal:
         self._cur = seg
         self._fd = fd
         self._file_size = size
+        self._wb_from = size
         self._cur_ts_append = seg.ts.append
         self._cur_offs_append = seg.offs.append
 
@@ -649,6 +654,8 @@ class Journal:
             raise self._undo_write(exc) from exc
         self._file_size = new_size
         self._w = 0
+        if new_size - self._wb_from >= WRITEBACK_BYTES:
+            self._start_writeback()
 
     def _appended(self, seq: int, ts: int, pos: int, raw: int) -> tuple[int, int]:
         """Bookkeeping of a record just placed at ``pos`` of the current segment."""
@@ -705,6 +712,18 @@ class Journal:
             raise self._undo_write(exc) from exc
         self._file_size += w
         self._w = 0
+        if self._file_size - self._wb_from >= WRITEBACK_BYTES:
+            self._start_writeback()
+
+    def _start_writeback(self) -> None:
+        """Have the OS start writing the segment's bytes appended since the last call
+        (no wait): the device works while ingest goes on, so a later fdatasync finds
+        little left to write (RocksDB's bytes_per_sync). Advice only; errors ignored."""
+        try:
+            self._fs.start_writeback(self._fd, self._wb_from, self._file_size - self._wb_from)
+        except OSError:
+            pass
+        self._wb_from = self._file_size
 
     def _roll(self) -> None:
         """Seal the open segment and start the next one (durable at the next sync)."""

@@ -34,7 +34,7 @@ class BlockDevice(Protocol):
         """Return exactly ``length`` bytes at ``offset``."""
         ...
 
-    def write(self, offset: int, data: bytes, fua: bool) -> Awaitable[None] | None:
+    def write(self, offset: int, data: bytes | bytearray, fua: bool) -> Awaitable[None] | None:
         """Write ``data`` at ``offset``; durable before returning when ``fua``."""
         ...
 

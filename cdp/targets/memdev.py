@@ -49,7 +49,7 @@ class MemoryDevice:
         self._check(offset, length, False)
         return self._view[offset : offset + length].tobytes()
 
-    def write(self, offset: int, data: bytes, fua: bool) -> None:
+    def write(self, offset: int, data: bytes | bytearray, fua: bool) -> None:
         n = len(data)
         self._check(offset, n, True)
         self.data[offset : offset + n] = data

@@ -786,3 +786,39 @@ def test_one_block_records_read_whole_and_damage_still_fails(reopen: bool) -> No
     for seq, loc, d in (recs[0], recs[3], recs[4]):
         assert j.read_slice(seq, loc, 0, len(d)) == d
     j.close()
+
+
+def test_writeback_is_started_on_every_appended_byte_once(tmp_path: Path) -> None:
+    """Every WRITEBACK_BYTES handed to the OS, the journal asks it to start writing
+    them out (sync_file_range): contiguous ranges from the segment header on, restarting
+    in each new segment; on the real file system the call succeeds."""
+    from cdp.journal.fs import OsFileLayer
+    from cdp.journal.writer import WRITEBACK_BYTES
+
+    class Recording(OsFileLayer):
+        def __init__(self) -> None:
+            super().__init__()
+            self.calls: list[tuple[int, int, int]] = []
+
+        def start_writeback(self, fd: int, offset: int, length: int) -> None:
+            self.calls.append((fd, offset, length))
+            super().start_writeback(fd, offset, length)
+
+    fs = Recording()
+    j = Journal.open(tmp_path / "j", segment_bytes=24 << 20, fs=fs)
+    d = os.urandom(1 << 20)
+    for i in range(40):
+        j.append_write(i << 20, d)
+        j.append_write(0, d[:4096])  # small ones go through the buffer
+    j.close()
+    assert len(fs.calls) >= 4
+    per_fd: dict[int, list[tuple[int, int]]] = {}
+    for fd, off, n in fs.calls:
+        assert n >= WRITEBACK_BYTES
+        per_fd.setdefault(fd, []).append((off, n))
+    assert len(per_fd) == 2  # two segments
+    for ranges in per_fd.values():
+        assert ranges[0][0] == SEGMENT_HEADER_SIZE
+        for (a, n), (b, _) in itertools.pairwise(ranges):
+            assert a + n == b
+    assert verify_journal(str(tmp_path / "j")).problems == []

@@ -546,3 +546,64 @@ def test_byte_by_byte_equals_whole() -> None:
     bytewise = drive([transcript[i : i + 1] for i in range(len(transcript))])
     assert whole == bytewise
     assert whole[0] == ["Ready", "Request", "Request", "Request", "Closed"]
+
+
+def _socket_feed(conn: ServerConnection, data: bytes, step: int) -> list[object]:
+    """Deliver *data* as a BufferedProtocol would: recv_into the buffer the core offers,
+    at most *step* bytes at a time."""
+    out: list[object] = []
+    while data:
+        buf = conn.recv_buffer()
+        n = min(len(buf), step, len(data))
+        buf[:n] = data[:n]
+        conn.recv_done(n)
+        data = data[n:]
+        out += events(conn)
+    return out
+
+
+@pytest.mark.parametrize("via", ["receive_data", "recv_buffer"])
+@pytest.mark.parametrize("step", [1000, 65536, 300_000])
+def test_large_writes_arriving_in_pieces_keep_payload_and_order(via: str, step: int) -> None:
+    """1 MiB and 100 KiB WRITEs (received into their own buffers) between small requests,
+    delivered in arbitrary pieces either way: every request comes out whole, in order,
+    with the bytes sent."""
+    import random
+
+    rnd = random.Random(step)
+    big, mid = rnd.randbytes(1 << 20), rnd.randbytes(100_000)
+    stream = (req(Cmd.WRITE, 0, 100, cookie=1) + b"a" * 100
+              + req(Cmd.WRITE, 0, len(big), cookie=2) + big
+              + req(Cmd.READ, 0, 512, cookie=3)
+              + req(Cmd.WRITE, 4096, len(mid), cookie=4) + mid
+              + req(Cmd.WRITE, 0, len(big), cookie=5) + big
+              + req(Cmd.FLUSH, cookie=6))
+    conn = connect()
+    if via == "receive_data":
+        evs: list[object] = []
+        for k in range(0, len(stream), step):
+            evs += feed(conn, stream[k : k + step])
+    else:
+        evs = _socket_feed(conn, stream, step)
+    got = [(e.cookie, e.cmd, e.data) for e in evs if isinstance(e, Request)]
+    assert [(c, cmd) for c, cmd, _ in got] == [
+        (1, Cmd.WRITE), (2, Cmd.WRITE), (3, Cmd.READ), (4, Cmd.WRITE), (5, Cmd.WRITE),
+        (6, Cmd.FLUSH)]
+    assert [d for _, _, d in got] == [b"a" * 100, big, None, mid, big, None]
+
+
+def test_eof_in_the_middle_of_a_large_payload_is_fatal() -> None:
+    conn = connect()
+    _socket_feed(conn, req(Cmd.WRITE, 0, 1 << 20) + bytes(5000), 4096)
+    conn.receive_data(b"")
+    with pytest.raises(ProtocolError, match="middle of a message"):
+        conn.next_event()
+
+
+def test_large_write_past_the_end_is_refused_after_its_payload_and_the_stream_goes_on() -> None:
+    conn = connect(structured=False)
+    evs = _socket_feed(conn, req(Cmd.WRITE, SIZE - 4096, 1 << 17, cookie=7) + bytes(1 << 17)
+                       + req(Cmd.READ, 0, 512, cookie=8), 8192)
+    assert [e.cookie for e in evs if isinstance(e, Request)] == [8]
+    err = struct.unpack(">IIQ", conn.data_to_send()[:16])
+    assert err[1] == NbdErrno.ENOSPC and err[2] == 7

@@ -23,6 +23,10 @@ Design notes
 - Hot path: one ``struct.unpack_from`` per request header straight from the receive
   buffer, one copy of a WRITE payload, replies are pre-packed headers plus the data
   object itself (no join) so the pump can hand them to ``writelines``.
+- Large WRITE payloads (``DIRECT_PAYLOAD`` or more) that have not fully arrived get
+  their own buffer at once; :meth:`ServerConnection.recv_buffer` hands its unfilled
+  tail to the socket (``recv_into``, an ``asyncio.BufferedProtocol``), so such a payload
+  is copied once, by the kernel, and reaches the device as a ``bytearray``.
 
 Decisions where the spec leaves room (see also docs in the tests):
 
@@ -205,7 +209,8 @@ class Request:
     __slots__ = ("cmd", "cookie", "data", "flags", "length", "offset")
 
     def __init__(
-        self, cmd: int, flags: int, cookie: int, offset: int, length: int, data: bytes | None
+        self, cmd: int, flags: int, cookie: int, offset: int, length: int,
+        data: bytes | bytearray | None,
     ) -> None:
         self.cmd = cmd
         self.flags = flags
@@ -300,6 +305,10 @@ _STRUCT_MAGIC: Final = int(Magic.STRUCTURED_REPLY)
 _DONE: Final = int(ReplyFlag.DONE)
 _OFFSET_DATA: Final = int(ReplyType.OFFSET_DATA)
 _HDR: Final = REQUEST.size
+#: WRITE payloads of at least this many bytes are received into their own buffer
+DIRECT_PAYLOAD: Final = 64 << 10
+#: the scratch buffer :meth:`ServerConnection.recv_buffer` offers between payloads
+RECV_BUFFER: Final = 256 << 10
 _SERVER_FLAGS: Final = HandshakeFlag.FIXED_NEWSTYLE | HandshakeFlag.NO_ZEROES
 _KNOWN_CLIENT_FLAGS: Final = int(ClientFlag.C_FIXED_NEWSTYLE | ClientFlag.C_NO_ZEROES)
 
@@ -326,6 +335,13 @@ class ServerConnection:
         self._pos = 0
         self._eof = False
         self._discard = 0  # payload bytes to skip (oversized option / WRITE)
+        #: a large WRITE payload being received into its own buffer: the buffer, bytes
+        #: filled, and the request header fields (flags, cmd, cookie, offset, length)
+        self._pl: bytearray | None = None
+        self._pl_fill = 0
+        self._pl_req = (0, 0, 0, 0, 0)
+        self._scratch = memoryview(bytearray(RECV_BUFFER))
+        self._into_pl = False
         self._out: list[BytesLike] = []
         self._size = 0
         self._allowed: dict[int, int] = {}
@@ -349,6 +365,29 @@ class ServerConnection:
         """The greeting: NBDMAGIC, IHAVEOPT, handshake flags (fixed newstyle, no zeroes)."""
         return GREETING.pack(Magic.NBDMAGIC, Magic.IHAVEOPT, _SERVER_FLAGS)
 
+    def recv_buffer(self) -> memoryview:
+        """Where the next bytes from the socket should go (for ``recv_into``): the
+        unfilled tail of a large WRITE payload, else a scratch buffer. Follow with
+        :meth:`recv_done`."""
+        pl = self._pl
+        if pl is not None and self._pl_fill < len(pl):
+            self._into_pl = True
+            return memoryview(pl)[self._pl_fill :]
+        self._into_pl = False
+        return self._scratch
+
+    def recv_done(self, n: int) -> None:
+        """``n`` bytes arrived in the buffer :meth:`recv_buffer` gave."""
+        if n <= 0:
+            return
+        if self._into_pl:
+            self._into_pl = False
+            if self.state is State.ERROR:
+                raise ProtocolError("connection already failed")
+            self._pl_fill += n
+        else:
+            self.receive_data(self._scratch[:n])
+
     def receive_data(self, data: bytes | bytearray | memoryview) -> None:
         """Add bytes from the peer; ``b""`` means the peer closed its side."""
         if self.state is State.ERROR:
@@ -358,6 +397,16 @@ class ServerConnection:
             return
         if self.state is State.CLOSED:
             return  # the client MUST NOT send more; ignore it
+        pl = self._pl
+        if pl is not None:
+            fill = self._pl_fill
+            k = min(len(pl) - fill, len(data))
+            if k:
+                pl[fill : fill + k] = data[:k]
+                self._pl_fill = fill + k
+                if k == len(data):
+                    return
+                data = data[k:]
         buf = self._buf
         pos = self._pos
         if pos:
@@ -376,29 +425,48 @@ class ServerConnection:
         buf = self._buf
         pos = self._pos
         unpack = REQUEST.unpack_from
+        pl = self._pl
         while True:
-            if len(buf) - pos < _HDR:
-                self._pos = pos
-                return self._need_data()
-            magic, flags, cmd, cookie, offset, length = unpack(buf, pos)
-            if magic != _REQ_MAGIC:
-                self._pos = pos
-                self._fail(f"bad request magic {magic:#x}")
-            data: bytes | None = None
-            if cmd == _CMD_WRITE:
-                if length > MAX_PAYLOAD:
-                    self._pos = pos + _HDR
-                    self._discard = length
-                    self._reply_error_raw(cmd, cookie, NbdErrno.EINVAL, "write longer than 32 MiB")
-                    return self._next_slow()
-                end = pos + _HDR + length
-                if len(buf) < end:
+            data: bytes | bytearray | None = None
+            if pl is not None:  # a large payload received into its own buffer
+                if self._pl_fill < len(pl):
+                    return self._need_data()
+                self._pl = None
+                flags, cmd, cookie, offset, length = self._pl_req
+                data, pl = pl, None
+            else:
+                if len(buf) - pos < _HDR:
                     self._pos = pos
                     return self._need_data()
-                data = memoryview(buf)[pos + _HDR : end].tobytes()
-                pos = end
-            else:
-                pos += _HDR
+                magic, flags, cmd, cookie, offset, length = unpack(buf, pos)
+                if magic != _REQ_MAGIC:
+                    self._pos = pos
+                    self._fail(f"bad request magic {magic:#x}")
+                if cmd == _CMD_WRITE:
+                    if length > MAX_PAYLOAD:
+                        self._pos = pos + _HDR
+                        self._discard = length
+                        self._reply_error_raw(
+                            cmd, cookie, NbdErrno.EINVAL, "write longer than 32 MiB")
+                        return self._next_slow()
+                    end = pos + _HDR + length
+                    if len(buf) < end:
+                        if length >= DIRECT_PAYLOAD:
+                            # the rest goes straight into the payload's own buffer
+                            got = memoryview(buf)[pos + _HDR :]
+                            pl = bytearray(length)
+                            pl[: len(got)] = got
+                            self._pl, self._pl_fill = pl, len(got)
+                            got.release()
+                            self._pl_req = (flags, cmd, cookie, offset, length)
+                            self._pos = len(buf)
+                            return self._need_data()
+                        self._pos = pos
+                        return self._need_data()
+                    data = memoryview(buf)[pos + _HDR : end].tobytes()
+                    pos = end
+                else:
+                    pos += _HDR
             mask = self._allowed.get(cmd)
             if (
                 mask is not None
@@ -426,7 +494,7 @@ class ServerConnection:
 
     def _need_data(self) -> Event:
         if self._eof:
-            if len(self._buf) > self._pos or self._discard:
+            if len(self._buf) > self._pos or self._discard or self._pl is not None:
                 self._fail("connection closed in the middle of a message")
             self._transition(Input.EOF)
             return Closed("eof")

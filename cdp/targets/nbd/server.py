@@ -2,8 +2,9 @@
 
 Design notes
 ------------
-- One :class:`asyncio.Protocol` per connection (no streams: ``data_received`` feeds the
-  core directly, replies leave with one ``transport.writelines`` per batch). Use uvloop
+- One :class:`asyncio.BufferedProtocol` per connection (no streams: the socket reads
+  into the buffer the core offers, a large WRITE payload's own buffer included, so its
+  bytes are copied once; replies leave with one ``transport.writelines`` per batch). Use uvloop
   for speed (cdpd runs under uvloop; see cdp.targets.thread.new_event_loop for tests).
 - Requests go to the :class:`~cdp.targets.blockdev.BlockDevice` the core opened. A method
   that returns its result directly is answered at once without creating a task (the
@@ -50,7 +51,7 @@ _FAST_ZERO = int(CmdFlag.FAST_ZERO)
 _BYTES = (bytes, bytearray, memoryview)
 
 
-class _NbdProtocol(asyncio.Protocol):
+class _NbdProtocol(asyncio.BufferedProtocol):
     """One client connection."""
 
     def __init__(self, server: NbdServer) -> None:
@@ -78,9 +79,12 @@ class _NbdProtocol(asyncio.Protocol):
         self.server._conns.add(self)
         t.write(self.conn.initial_bytes())
 
-    def data_received(self, data: bytes) -> None:
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self.conn.recv_buffer()
+
+    def buffer_updated(self, nbytes: int) -> None:
         try:
-            self.conn.receive_data(data)
+            self.conn.recv_done(nbytes)
         except ProtocolError as exc:
             self._violation(exc)
             return
