@@ -285,6 +285,8 @@ class Journal:
         self._sync_lock = threading.Lock()
         self._sync_task: asyncio.Task[None] | None = None
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+        self._wb_executor: concurrent.futures.ThreadPoolExecutor | None = None
+        self._wb_future: concurrent.futures.Future[None] | None = None
         self._failed: BaseException | None = None
         self._closed = False
         self._lz_skip = 0
@@ -716,14 +718,30 @@ class Journal:
             self._start_writeback()
 
     def _start_writeback(self) -> None:
-        """Have the OS start writing the segment's bytes appended since the last call
-        (no wait): the device works while ingest goes on, so a later fdatasync finds
-        little left to write (RocksDB's bytes_per_sync). Advice only; errors ignored."""
+        """Have the OS start writing the segment's bytes appended since the last call:
+        the device works while ingest goes on, so a later fdatasync finds little left
+        to write (RocksDB's bytes_per_sync). The call runs on a worker thread (it can
+        block while the device queue is full); handles are closed only after it ran
+        (:meth:`_writeback_wait`). Advice only; errors ignored."""
+        ex = self._wb_executor
+        if ex is None:
+            ex = self._wb_executor = concurrent.futures.ThreadPoolExecutor(
+                1, thread_name_prefix="journal-writeback")
+        self._wb_future = ex.submit(self._writeback, self._fd, self._wb_from,
+                                    self._file_size - self._wb_from)
+        self._wb_from = self._file_size
+
+    def _writeback(self, fd: int, offset: int, length: int) -> None:
         try:
-            self._fs.start_writeback(self._fd, self._wb_from, self._file_size - self._wb_from)
+            self._fs.start_writeback(fd, offset, length)
         except OSError:
             pass
-        self._wb_from = self._file_size
+
+    def _writeback_wait(self) -> None:
+        """Wait for the writeback calls queued so far (before closing a handle)."""
+        f, self._wb_future = self._wb_future, None
+        if f is not None:
+            f.result()
 
     def _roll(self) -> None:
         """Seal the open segment and start the next one (durable at the next sync)."""
@@ -797,6 +815,8 @@ class Journal:
 
     def _reap(self) -> None:
         """Close handles of segments whose sealing finished (no sync may be in flight)."""
+        if self._to_close:
+            self._writeback_wait()
         while self._to_close:
             self._fs.close(self._to_close.pop())
 
@@ -856,6 +876,9 @@ class Journal:
                 self._flush_timer.cancel()
                 self._flush_timer = None
             fs = self._fs
+            self._writeback_wait()
+            if self._wb_executor is not None:
+                self._wb_executor.shutdown(wait=True)
             for _seg, fd in self._sealing:
                 fs.close(fd)
             self._sealing.clear()

@@ -342,6 +342,7 @@ class ServerConnection:
         self._pl_req = (0, 0, 0, 0, 0)
         self._scratch = memoryview(bytearray(RECV_BUFFER))
         self._into_pl = False
+        self._big_writes = False  # the last request was a large WRITE
         self._out: list[BytesLike] = []
         self._size = 0
         self._allowed: dict[int, int] = {}
@@ -374,6 +375,10 @@ class ServerConnection:
             self._into_pl = True
             return memoryview(pl)[self._pl_fill :]
         self._into_pl = False
+        if self._big_writes and self._pos >= len(self._buf):
+            # large WRITEs are streaming: read just the next header, so the payload
+            # behind it lands in its own buffer instead of being copied twice
+            return self._scratch[:_HDR]
         return self._scratch
 
     def recv_done(self, n: int) -> None:
@@ -432,6 +437,7 @@ class ServerConnection:
                 if self._pl_fill < len(pl):
                     return self._need_data()
                 self._pl = None
+                self._big_writes = True
                 flags, cmd, cookie, offset, length = self._pl_req
                 data, pl = pl, None
             else:
@@ -467,6 +473,7 @@ class ServerConnection:
                     pos = end
                 else:
                     pos += _HDR
+                self._big_writes = False
             mask = self._allowed.get(cmd)
             if (
                 mask is not None
