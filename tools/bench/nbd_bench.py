@@ -77,7 +77,10 @@ def fio(uri: str, rw: str, bs: str, iodepth: int, jobs: int, runtime: float, siz
     if runtime:
         args += ["--time_based", f"--runtime={runtime}"]
     args += list(extra)
-    r = subprocess.run(args, capture_output=True, text=True, check=True)
+    r = subprocess.run(args, capture_output=True, text=True)
+    if r.returncode:
+        raise RuntimeError(f"fio {rw} {bs} on {uri} exited {r.returncode}: "
+                           f"{(r.stderr or r.stdout)[-2000:]}")
     j = json.loads(r.stdout[r.stdout.index("{"):])["jobs"][0]
     iops = j["read"]["iops"] + j["write"]["iops"]
     bw = (j["read"]["bw_bytes"] + j["write"]["bw_bytes"]) / 1e6
