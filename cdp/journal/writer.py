@@ -1148,11 +1148,12 @@ class Journal:
         the segment's offsets when in memory, else a 4 KiB guess and a second pread
         when the header says more), the record CRC checked, lz4 decoded (and cached)
         if compressed; a raw payload comes as a view of the read (no copy, not cached:
-        the page cache holds the file). None for
-        anything else, damage included: the general path then raises what it must."""
-        if not self._firsts[0] <= seq <= self._last_seq:
+        the page cache holds the file). None for anything else, damage included: the
+        general path then raises what it must."""
+        try:
+            seg = self._seg_for(seq)
+        except NotFound:
             return None
-        seg = self._segs[bisect.bisect_right(self._firsts, seq) - 1]
         if seg.compacted or (seg is self._cur and loc >= self._file_size):
             return None
         offs = seg.offs
