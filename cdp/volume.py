@@ -128,6 +128,7 @@ class _PayloadCache:
 #: a resolved region: start, end, seq, loc, poff columns (see _ViewRegions)
 _Cols = tuple["array[int]", ...]
 _EMPTY_COLS: _Cols = tuple(array("q") for _ in range(5))
+_EXTENT_BYTES = 40  # five int64 columns
 
 
 class _ViewRegions:
@@ -155,13 +156,13 @@ class _ViewRegions:
     def put(self, key: tuple[int, int], exts: list[Any]) -> _Cols:
         """Store *exts* (start, end, seq, loc, poff tuples) as five int64 columns."""
         cols: _Cols = tuple(array("q", c) for c in zip(*exts, strict=True)) if exts else _EMPTY_COLS
-        nbytes = 40 * len(exts)
+        nbytes = _EXTENT_BYTES * len(exts)
         if nbytes <= self.budget // 4:
             self._d[key] = cols
             self.used += nbytes
             while self.used > self.budget:
                 _, old = self._d.popitem(last=False)
-                self.used -= 40 * len(old[0])
+                self.used -= _EXTENT_BYTES * len(old[0])
         return cols
 
     def clear(self) -> None:
