@@ -10,7 +10,6 @@ import shutil
 import socket
 import stat
 import struct
-import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -23,8 +22,6 @@ from cdp.errors import ConfigError
 from cdp.targets.nbd.proto import Opt, Rep
 from tests.conftest import require_tool
 from tools.harness import Cdpd, run
-
-NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
 
 
 def _open_up(path: Path) -> None:
@@ -49,8 +46,47 @@ def open_cdpd() -> Iterator[Cdpd]:
         shutil.rmtree(d, ignore_errors=True)
 
 
+def _cdpctl_as_nobody(config: Path, *args: str) -> tuple[int, str]:
+    """cdpctl *args* run by uid/gid 65534 (nobody): (exit status, stderr).
+
+    A forked child of this process drops to nobody and runs cdpctl's ``main`` with
+    the modules already loaded, so the checkout and its virtualenv need not be
+    readable by other users (a clone in a 0700 directory is common: /root, mktemp -d).
+    """
+    from cdp.cli import main as cdpctl
+
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: never returns into pytest
+        code = 99
+        try:
+            os.close(r)
+            err = os.fdopen(w, "w")
+            sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - the child exits below
+            sys.stderr = err
+            os.setgroups([])
+            os.setgid(65534)
+            os.setuid(65534)
+            code = cdpctl.main(["--config", str(config), *args])
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else 98
+        except BaseException:
+            import traceback
+
+            traceback.print_exc()
+        finally:
+            try:
+                sys.stderr.flush()
+            finally:
+                os._exit(code)
+    os.close(w)
+    with os.fdopen(r) as f:
+        stderr = f.read()
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status), stderr
+
+
 def test_admin_socket_is_owner_only(open_cdpd: Cdpd) -> None:
-    require_tool("setpriv")
     if os.geteuid() != 0:
         pytest.skip("needs root to run cdpctl as another user")
     cdpd = open_cdpd
@@ -58,21 +94,19 @@ def test_admin_socket_is_owner_only(open_cdpd: Cdpd) -> None:
     assert stat.S_IMODE(sock.stat().st_mode) == 0o600
     _open_up(cdpd.store)
     os.chmod(cdpd.config, 0o644)
-    base = [*NOBODY, sys.executable, "-m", "cdp.cli.main", "--config", str(cdpd.config)]
-    env = dict(os.environ, PYTHONPATH=str(Path.cwd()))
-    r = subprocess.run([*base, "status"], capture_output=True, text=True, env=env, cwd="/")
-    assert r.returncode != 0
-    assert "Traceback" not in r.stderr, r.stderr
-    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    code, err = _cdpctl_as_nobody(cdpd.config, "status")
+    assert code != 0
+    assert "Traceback" not in err, err
+    assert len(err.strip().splitlines()) == 1, err
     # even with the file mode opened up, the daemon checks the peer's uid
     os.chmod(sock, 0o666)
     try:
         # regression: a refusal racing the request's send ended in BrokenPipeError, which
         # cdpctl took for a closed stdout and exited 0 having done nothing
         for cmd in (["status"], ["snapshot"], ["rewind", "--to", "@0"], ["verify"]):
-            r = subprocess.run([*base, *cmd], capture_output=True, text=True, env=env, cwd="/")
-            assert r.returncode == 8, (cmd, r.returncode, r.stdout, r.stderr)
-            assert r.stderr.strip() == "cdpctl: not the store's owner", r.stderr
+            code, err = _cdpctl_as_nobody(cdpd.config, *cmd)
+            assert code == 8, (cmd, code, err)
+            assert err.strip() == "cdpctl: not the store's owner", err
     finally:
         os.chmod(sock, 0o600)
     assert cdpd.cdpctl_json("markers") == []  # nothing was done for the other user
