@@ -1141,6 +1141,15 @@ class Journal:
             cache.put((seq, i), p)
         return p
 
+    def _record_span(self, seg: _Seg, seq: int, loc: int) -> int | None:
+        """Bytes from ``loc`` (record ``seq``) to the next record or the segment's end,
+        when the segment's offsets are in memory and it is not compacted; else None."""
+        offs = seg.offs
+        j = seq - seg.first_seq + 1
+        if offs is None or seg.compacted or j > len(offs):
+            return None
+        return (offs[j] if j < len(offs) else self._size(seg)) - loc
+
     def _block_fast(self, seq: int, loc: int,
                     cache: ChunkCache | None) -> bytes | memoryview | None:
         """The payload of a one-block WRITE/INIT record (at most one chunk) that lies in
@@ -1156,12 +1165,7 @@ class Journal:
             return None
         if seg.compacted or (seg is self._cur and loc >= self._file_size):
             return None
-        offs = seg.offs
-        j = seq - seg.first_seq + 1
-        if offs is not None and j <= len(offs):
-            n = (offs[j] if j < len(offs) else self._size(seg)) - loc
-        else:
-            n = RECORD_HEADER_SIZE + GRANULE_SIZE
+        n = self._record_span(seg, seq, loc) or RECORD_HEADER_SIZE + GRANULE_SIZE
         if not RECORD_HEADER_SIZE < n <= RECORD_HEADER_SIZE + CHUNK_SIZE:
             return None
         fd = self._rfd(seg)
@@ -1274,15 +1278,12 @@ class Journal:
         payload of a one-block record."""
         if not SEGMENT_HEADER_SIZE <= loc < self._size(seg):
             raise Corruption(f"{where}: location outside the segment")
-        want = RECORD_HEADER_SIZE + 4096
-        offs = seg.offs
-        if offs is not None and not seg.compacted:
-            # a record of up to one chunk is read whole in one go when the segment's
-            # offsets (in memory) give its size; a wrong guess costs only a second read
-            j = seq - seg.first_seq + 1
-            nxt = offs[j] if j < len(offs) else self._size(seg)
-            if want < nxt - loc <= RECORD_HEADER_SIZE + CHUNK_SIZE:
-                want = nxt - loc
+        # a record of up to one chunk is read whole in one go when the segment's
+        # offsets (in memory) give its size; a wrong guess costs only a second read
+        want = RECORD_HEADER_SIZE + GRANULE_SIZE
+        span = self._record_span(seg, seq, loc)
+        if span is not None and want < span <= RECORD_HEADER_SIZE + CHUNK_SIZE:
+            want = span
         data = self._get(seg, loc, 0, want)
         if len(data) < RECORD_HEADER_SIZE:
             raise Corruption(f"{where}: record header truncated")
