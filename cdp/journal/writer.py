@@ -544,21 +544,8 @@ class Journal:
         if self._failed is not None:
             raise self._failed
         stored = len(payload)
-        w = self._w
-        pos = self._file_size + w
-        end = w + RECORD_HEADER_SIZE + stored
-        if pos + RECORD_HEADER_SIZE + stored > self._segment_bytes and self._cur.count:
-            self._roll()
-            w = 0
-            pos = self._file_size
-        elif end > self._buffer_bytes and w:
-            self._flush()
-            w = 0
-            pos = self._file_size
-        seq = self._last_seq + 1
-        ts = self._time_ns()
-        if ts < self._last_ts:
-            ts = self._last_ts
+        w, pos = self._room(RECORD_HEADER_SIZE + stored)
+        seq, ts = self._stamp()
         if stored >= DIRECT_WRITE:
             tail = _TAIL_PACK(RECORD_VERSION, kind, comp, 0, stored, seq, ts, offset, length)
             head = _PREFIX_PACK(RECORD_MAGIC, _CRC(payload, _CRC(tail))) + tail
@@ -616,20 +603,8 @@ class Journal:
             stored += len(c)
         self._lz_skip, self._lz_backoff = skip, backoff
 
-        w = self._w
-        pos = self._file_size + w
-        if pos + RECORD_HEADER_SIZE + stored > self._segment_bytes and self._cur.count:
-            self._roll()
-            w = 0
-            pos = self._file_size
-        elif w + RECORD_HEADER_SIZE + stored > self._buffer_bytes and w:
-            self._flush()
-            w = 0
-            pos = self._file_size
-        seq = self._last_seq + 1
-        ts = self._time_ns()
-        if ts < self._last_ts:
-            ts = self._last_ts
+        w, pos = self._room(RECORD_HEADER_SIZE + stored)
+        seq, ts = self._stamp()
         tail = _TAIL_PACK(CHUNKED_VERSION, kind, _CHUNKED, 0, stored, seq, ts, offset, n)
         head = _PREFIX_PACK(RECORD_MAGIC, crc(table, crc(tail))) + tail
         if stored >= DIRECT_WRITE:
@@ -647,6 +622,24 @@ class Journal:
             self._w = p
         return self._appended(seq, ts, pos, n)
 
+    def _room(self, size: int) -> tuple[int, int]:
+        """Make room for a record of ``size`` bytes (header included): start a new
+        segment when it would not fit in this one, hand the buffer to the OS when it
+        would not fit there. Returns (bytes now buffered, file position of the record)."""
+        w = self._w
+        if self._file_size + w + size > self._segment_bytes and self._cur.count:
+            self._roll()
+            w = 0
+        elif w + size > self._buffer_bytes and w:
+            self._flush()
+            w = 0
+        return w, self._file_size + w
+
+    def _stamp(self) -> tuple[int, int]:
+        """The next record's seq and timestamp (never before the last one's)."""
+        ts = self._time_ns()
+        return self._last_seq + 1, ts if ts >= self._last_ts else self._last_ts
+
     def _write_direct(self, w: int, new_size: int, head: bytes, parts: list[Buffer]) -> None:
         """Write the buffered ``w`` bytes, then a large record (header + parts), in one
         writev, bypassing the user-space buffer; on failure nothing counts as written."""
@@ -656,8 +649,7 @@ class Journal:
             raise self._undo_write(exc) from exc
         self._file_size = new_size
         self._w = 0
-        if new_size - self._wb_from >= WRITEBACK_BYTES:
-            self._start_writeback()
+        self._start_writeback()
 
     def _appended(self, seq: int, ts: int, pos: int, raw: int) -> tuple[int, int]:
         """Bookkeeping of a record just placed at ``pos`` of the current segment."""
@@ -714,15 +706,16 @@ class Journal:
             raise self._undo_write(exc) from exc
         self._file_size += w
         self._w = 0
-        if self._file_size - self._wb_from >= WRITEBACK_BYTES:
-            self._start_writeback()
+        self._start_writeback()
 
     def _start_writeback(self) -> None:
-        """Have the OS start writing the segment's bytes appended since the last call:
-        the device works while ingest goes on, so a later fdatasync finds little left
-        to write (RocksDB's bytes_per_sync). The call runs on a worker thread (it can
+        """Once WRITEBACK_BYTES were handed to the OS since the last call, have it start
+        writing them to the device: it works while ingest goes on, so a later fdatasync
+        finds little left to write (RocksDB's bytes_per_sync). The call runs on a worker thread (it can
         block while the device queue is full); handles are closed only after it ran
         (:meth:`_writeback_wait`). Advice only; errors ignored."""
+        if self._file_size - self._wb_from < WRITEBACK_BYTES:
+            return
         ex = self._wb_executor
         if ex is None:
             ex = self._wb_executor = concurrent.futures.ThreadPoolExecutor(
