@@ -8,6 +8,7 @@ volume list) also work on a stopped store.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 
 from cdp import __version__
@@ -55,9 +56,38 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+#: options whose value is a point: ``--to -10m`` is that relative point, not an option
+POINT_OPTIONS = frozenset({"--at", "--to", "--from"})
+_RELATIVE = re.compile(r"-\d")
+
+
+def join_relative_points(argv: list[str]) -> list[str]:
+    """``--at -10m`` -> ``--at=-10m``: argparse reads a value that starts with ``-``
+    as an option (and then says "expected one argument"), so a relative point written
+    the way the help writes it is joined to its option first."""
+    out: list[str] = []
+    it = iter(argv)
+    for a in it:
+        if a in POINT_OPTIONS:
+            nxt = next(it, None)
+            if nxt is not None and _RELATIVE.match(nxt):
+                out.append(f"{a}={nxt}")
+                continue
+            out.append(a)
+            if nxt is not None:
+                out.append(nxt)
+            continue
+        if a == "--":
+            out.append(a)
+            out.extend(it)
+            break
+        out.append(a)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(join_relative_points(sys.argv[1:] if argv is None else argv))
     try:
         ctx = Context(args)
         return int(args.func(ctx, args))

@@ -263,6 +263,22 @@ def test_offline_commands_on_a_stopped_store(cdpd: Cdpd, tmp_path: Path) -> None
     assert r.returncode == 8 and "not running" in r.stderr
 
 
+def test_relative_points_written_after_a_space(cdpd: Cdpd, tmp_path: Path) -> None:
+    """``--at -2s`` / ``--to -2s`` as the help writes them (argparse alone would take
+    ``-2s`` for an option and stop with "expected one argument")."""
+    require_tool("qemu-io")
+    qemu_io(cdpd.uri(), "write -P 0x11 0 64k")
+    time.sleep(4)  # -2s then falls 2 s clear of both writes
+    qemu_io(cdpd.uri(), "write -P 0x22 0 64k")
+    img = tmp_path / "before.img"
+    cdpd.cdpctl("image", "--at", "-2s", "-o", str(img))
+    assert img.read_bytes()[: 64 << 10] == b"\x11" * (64 << 10)
+    cdpd.cdpctl("rewind", "--to", "-2s")
+    qemu_io(cdpd.uri(), "read -P 0x11 0 64k")
+    r = cdpd.cdpctl("rewind", "--to", "-100d", check=False)
+    assert r.returncode == 3 and "before the first write" in r.stderr, r.stderr
+
+
 def test_cli_errors_are_one_clear_line(cdpd: Cdpd) -> None:
     cases = [
         (["image", "--at", "marker9", "-o", "/tmp/x.img"], 3, "no marker9"),
