@@ -111,5 +111,5 @@ EXIT_CODES: dict[int, str] = {
     5: "store full",
     6: "corruption found",
     7: "store locked by another process",
-    8: "daemon not reachable",
+    8: "daemon not reachable (not running, or this user is not the store's owner)",
 }
