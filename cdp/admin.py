@@ -88,6 +88,10 @@ class AdminServer:
                 await self._one(raw, writer)
         except (ConnectionError, asyncio.IncompleteReadError):
             pass
+        except asyncio.CancelledError:
+            # cdpd is stopping: the client was told (see _one); end without the
+            # traceback asyncio's stream callback logs for a cancelled handler
+            pass
         finally:
             writer.close()
 
@@ -110,6 +114,12 @@ class AdminServer:
         try:
             result = await run_op(self.store, req["op"], args, progress)
             writer.write(_line({"ok": True, "result": result}))
+        except asyncio.CancelledError:
+            stopped = DaemonUnavailable(
+                f"cdpd stopped while {req['op']} ran; it did not finish (nothing acknowledged "
+                "is lost: run it again once cdpd is back)")
+            writer.write(_line({"ok": False, "error": _error_dict(stopped)}))
+            raise
         except Exception as e:
             if not isinstance(e, CdpError):
                 log.exception("admin op %s failed", req["op"])

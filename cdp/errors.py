@@ -101,6 +101,11 @@ class ProtocolError(CdpError):
     errno = _errno.EINVAL
 
 
+class Interrupted(CdpError):
+    """Long work (a gc's compaction) stopped early because cdpd is stopping; what it
+    had done is discarded or complete, never half applied."""
+
+
 #: exit statuses, documented in ``cdpctl --help`` (0 = success)
 EXIT_CODES: dict[int, str] = {
     0: "success",

@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import threading
 import time
 from bisect import bisect_left
 from collections.abc import Callable
@@ -416,19 +417,24 @@ class Retention:
         done = 0
         compacted = 0
         budget = s.compact_rate if rate is None else rate
-        for sg in todo:
-            if vol.closed:
-                break
-            src = j.compact_source(sg.first_seq)
-            a = int(np.searchsorted(q, sg.first_seq, side="left"))
-            b = int(np.searchsorted(q, sg.last_seq, side="right"))
-            prep = await loop.run_in_executor(
-                None, _compact, src, q[a:b], po[a:b], ln[a:b], budget)
-            if await j.compact_commit_async(prep):
-                compacted += 1
-            done += sg.bytes
-            if progress is not None:
-                progress(done, total, "compact")
+        stop = threading.Event()  # set when this gc is cancelled (cdpd stopping)
+        try:
+            for sg in todo:
+                if vol.closed:
+                    break
+                src = j.compact_source(sg.first_seq)
+                a = int(np.searchsorted(q, sg.first_seq, side="left"))
+                b = int(np.searchsorted(q, sg.last_seq, side="right"))
+                prep = await loop.run_in_executor(
+                    None, _compact, src, q[a:b], po[a:b], ln[a:b], budget, stop)
+                if await j.compact_commit_async(prep):
+                    compacted += 1
+                done += sg.bytes
+                if progress is not None:
+                    progress(done, total, "compact")
+        except asyncio.CancelledError:
+            stop.set()  # a paced compaction thread ends now instead of sleeping on
+            raise
         self.check_cap()
         bytes_after = self.store_bytes()
         self.expired_total += expired
@@ -501,13 +507,14 @@ def _liveness(windows: list[Any], segs: list[Any], below: float) -> tuple[Any, A
     return q[order], po[order], ln[order], todo
 
 
-def _compact(src: Any, q: Any, po: Any, ln: Any, rate: float) -> Any:
+def _compact(src: Any, q: Any, po: Any, ln: Any, rate: float,
+             stop: threading.Event | None = None) -> Any:
     """The live map of one segment from its fragments, then :func:`build_compacted`
     (any thread)."""
     sub: dict[int, list[tuple[int, int]]] = {}
     for qq, pp, nn in zip(q.tolist(), po.tolist(), ln.tolist(), strict=True):
         sub.setdefault(qq, []).append((pp, nn))
-    return build_compacted(src, sub, rate=rate)
+    return build_compacted(src, sub, rate=rate, stop=stop)
 
 
 def _fmt(vol: Volume, seq: int) -> str:

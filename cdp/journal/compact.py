@@ -20,6 +20,7 @@ matches the smaller file) is rebuilt by a scan. Either file holds every retained
 from __future__ import annotations
 
 import os
+import threading
 import time
 from array import array
 from collections.abc import Callable, Mapping, Sequence
@@ -27,7 +28,7 @@ from dataclasses import dataclass
 
 from crc32c import crc32c
 
-from cdp.errors import Corruption
+from cdp.errors import Corruption, Interrupted
 from cdp.journal.format import (
     CHUNK_ENTRY,
     CHUNK_ENTRY_SIZE,
@@ -105,16 +106,30 @@ def _live_chunks(ranges: Sequence[tuple[int, int]]) -> set[int]:
     return out
 
 
+def _pace(done: int, rate: float, t0: float, stop: threading.Event | None) -> None:
+    """Sleep until ``done`` bytes since ``t0`` fit ``rate`` bytes/s; Interrupted when
+    ``stop`` is set before that."""
+    ahead = done / rate - (time.monotonic() - t0)
+    if ahead > 0:
+        if stop is None:
+            time.sleep(ahead)
+        elif stop.wait(ahead):
+            raise Interrupted("compaction stopped: cdpd is stopping")
+
+
 def build_compacted(
     src: CompactSource, live: Live, *, rate: float = 0.0,
     progress: Callable[[int, int], None] | None = None,
+    stop: threading.Event | None = None,
 ) -> PreparedCompaction:
     """Write the compacted form of ``src`` under temp names (segment + sidecar), synced.
 
     ``rate`` limits the bytes read per second (0: unlimited) so that ingest keeps its
-    disk bandwidth. Safe to run in a worker thread: it only reads the sealed (immutable)
-    segment through its own descriptor and writes new files. Raises Corruption if a
-    record is damaged or a live chunk is already gone (nothing is put in place then).
+    disk bandwidth; a segment smaller than the pacing step is paced as a whole. Setting
+    ``stop`` ends a paced wait at once with Interrupted. Safe to run in a worker thread:
+    it only reads the sealed (immutable) segment through its own descriptor and writes
+    new files. Raises Corruption if a record is damaged or a live chunk is already gone
+    (nothing is put in place then; temp files are removed).
     """
     fs = src.fs
     name = segment_name(src.first_seq)
@@ -220,9 +235,9 @@ def build_compacted(
                     progress(done, src.size)
             if rate > 0 and done >= paced + _PACE:  # the budget is bytes read, dead or live
                 paced = done
-                ahead = done / rate - (time.monotonic() - t0)
-                if ahead > 0:
-                    time.sleep(ahead)
+                _pace(done, rate, t0, stop)
+        if rate > 0:
+            _pace(done, rate, t0, stop)  # the last stretch (all of a small segment) too
         fs.write(wfd, out)
         pos += len(out)
         fs.fdatasync(wfd)

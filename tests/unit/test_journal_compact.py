@@ -267,6 +267,47 @@ def test_real_files_and_tmp_cleanup(tmp_path: os.PathLike[str]) -> None:
     assert verify_journal(d).ok
 
 
+def test_rate_paces_a_small_segment_and_stop_ends_the_wait(tmp_path: os.PathLike[str]) -> None:
+    """A segment smaller than the pacing step still honours ``rate`` (it did not: the
+    budget was checked every 1 MiB only), and setting ``stop`` ends a paced compaction
+    at once with Interrupted, its temp files removed."""
+    import time
+
+    from cdp.errors import Interrupted
+
+    d = os.path.join(tmp_path, "j")
+    j = Journal.open(d, segment_bytes=64 << 10, clock=ManualClock(T0, tick=1))
+    rng = random.Random(6)
+    for i in range(20):
+        j.append_write(i * 8192, rng.randbytes(8192))
+    j.sync()
+    seg = next(s for s in j.segments() if s.sealed)
+    live = {seg.first_seq: [(0, 8192)]}
+    t0 = time.monotonic()
+    prep = build_compacted(j.compact_source(seg.first_seq), live, rate=seg.bytes / 0.5)
+    assert time.monotonic() - t0 >= 0.45  # read ~seg.bytes at seg.bytes per 0.5 s
+    assert j.compact_commit(prep)
+    seg2 = next(s for s in j.segments() if s.sealed and s.first_seq > seg.first_seq)
+    stop = threading.Event()
+    got: list[BaseException] = []
+
+    def work() -> None:
+        try:
+            build_compacted(j.compact_source(seg2.first_seq), {}, rate=100.0, stop=stop)
+        except BaseException as e:
+            got.append(e)
+
+    t = threading.Thread(target=work)
+    t.start()
+    time.sleep(0.2)
+    stop.set()
+    t.join(10)  # at 100 B/s the segment would take ten minutes
+    assert not t.is_alive() and len(got) == 1 and isinstance(got[0], Interrupted), got
+    assert not [n for n in os.listdir(d) if n.endswith(".tmp")]
+    j.close()
+    assert verify_journal(d).ok
+
+
 class _SlowRenameFS(OsFileLayer):
     """Real files; the rename of a compacted segment holds its worker thread until the
     test lets it go (so reads can run while the old file is already replaced)."""
