@@ -24,6 +24,7 @@ from cdp.backup.ops import OPS as BACKUP_OPS
 from cdp.catalog.ops import OPS as CATALOG_OPS
 from cdp.errors import CdpError, NotFound, UsageError
 from cdp.journal import verify_journal
+from cdp.outputs import commit_partial, discard_partial, open_partial, set_size, write_at
 from cdp.retention import OFFLINE as RETENTION_OFFLINE
 from cdp.retention import OPS as RETENTION_OPS
 from cdp.retention import marker_fields, status_fields
@@ -252,31 +253,31 @@ async def image(store: Store, args: dict[str, Any], progress: Progress) -> Any:
     point = args.get("at") or "now"
     seq = vol.resolve_point(point)
     out = Path(args["output"])
-    if str(out) == "-":
-        raise UsageError("image needs a file name (-o FILE)")
-    tmp = out.with_name(f".{out.name}.partial")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    if str(out) == "-" or out.name == "-":
+        raise UsageError("image writes a file (-o FILE); to stream a point, read the export "
+                         f"{vol.name}@{point} with nbdcopy or qemu-img")
+    if out.exists() and not out.is_file():
+        raise UsageError(f"{out}: not a regular file (image writes a sparse file; to copy a "
+                         f"point onto a device, read the export {vol.name}@{point} with nbdcopy)")
+    fd, tmp = open_partial(out)
     data_bytes = 0
     t0 = time.perf_counter()
     try:
-        os.ftruncate(fd, vol.size)
+        set_size(fd, vol.size, out)
         done_since_yield = 0
         for off, data, n in vol.iter_data(seq):
             if data is not None:
-                os.pwrite(fd, data, off)
+                write_at(fd, data, off, out)
                 data_bytes += n
                 done_since_yield += n
             if done_since_yield >= (32 << 20):
                 done_since_yield = 0
                 progress(off + n, vol.size, "image")
                 await asyncio.sleep(0)
-        os.fsync(fd)
     except BaseException:
-        os.close(fd)
-        tmp.unlink(missing_ok=True)
+        discard_partial(fd, tmp)
         raise
-    os.close(fd)
-    os.replace(tmp, out)
+    commit_partial(fd, tmp, out)
     progress(vol.size, vol.size, "image")
     return {
         "volume": vol.name,

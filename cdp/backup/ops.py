@@ -30,6 +30,7 @@ from cdp.backup.changes import (
 from cdp.backup.pipe import BATCH_BYTES, Pipe
 from cdp.backup.sinks import NbdSink, Sink, StreamSink
 from cdp.errors import UsageError
+from cdp.outputs import commit_partial, open_partial, output_error
 from cdp.store import Store
 from cdp.volume import Volume
 
@@ -180,25 +181,26 @@ def _aligned(vol: Volume, pieces: list[Piece], grain: int) -> list[Piece]:
 
 def _open_output(path: str) -> tuple[int, Path | None]:
     """An fd for ``path``: FIFOs and devices directly, regular files through a
-    temporary name renamed at the end (returned as the second item)."""
+    temporary name renamed at the end (returned as the second item). CdpError naming
+    ``path`` when it cannot be opened."""
     try:
         st = os.stat(path)
         special = not stat.S_ISREG(st.st_mode)
     except FileNotFoundError:
         special = False
-    if special:
+    if not special:
+        return open_partial(path)
+    try:
         return os.open(path, os.O_WRONLY), None
-    out = Path(path)
-    tmp = out.with_name(f".{out.name}.partial")
-    return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644), tmp
+    except OSError as exc:
+        raise output_error(path, exc) from None
 
 
 def _commit(fd: int, tmp: Path | None, path: str) -> None:
     if tmp is not None:
-        os.fsync(fd)
-    os.close(fd)
-    if tmp is not None:
-        os.replace(tmp, path)
+        commit_partial(fd, tmp, path)
+    else:
+        os.close(fd)
 
 
 async def _write_qcow2(

@@ -16,6 +16,7 @@ from cdp.errors import NotFound, UsageError
 from cdp.ntfs.attribute import DataStream
 from cdp.ntfs.mft import NtfsVolume
 from cdp.ntfs.runlist import read_runs
+from cdp.outputs import commit_partial, discard_partial, open_partial, set_size, write_at
 from cdp.store import Store
 
 Progress = Callable[[int, int, str], None]
@@ -146,13 +147,12 @@ async def restore(store: Store, args: dict[str, Any], progress: Progress) -> Any
         what = f"stream {stream_name!r}" if stream_name else "data"
         raise NotFound(f"{path}: no {what} at {point}")
     out = os.path.abspath(out_path)
-    tmp = os.path.join(os.path.dirname(out), f".{os.path.basename(out)}.partial")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    fd, tmp = open_partial(out)
     written = 0
     try:
-        os.ftruncate(fd, stream.size)
+        set_size(fd, stream.size, out)
         if stream.resident:
-            os.pwrite(fd, (stream.content or b"")[: stream.size], 0)
+            write_at(fd, (stream.content or b"")[: stream.size], 0, out)
             written = stream.size
         else:
             if stream.compressed or stream.encrypted:
@@ -160,18 +160,15 @@ async def restore(store: Store, args: dict[str, Any], progress: Progress) -> Any
             runs = stream.runs(nv.max_lcn)
             for off, piece in read_runs(nv.read, runs, nv.cluster_size, stream.size):
                 if piece.count(0) != len(piece):
-                    os.pwrite(fd, piece, off)
+                    write_at(fd, piece, off, out)
                 written += len(piece)
                 progress(written, stream.size, "restore")
-        os.fsync(fd)
     except BaseException:
-        os.close(fd)
-        os.unlink(tmp)
+        discard_partial(fd, tmp)
         raise
-    os.close(fd)
     if e.mtime:
         os.utime(tmp, ns=(e.atime or e.mtime, e.mtime))
-    os.replace(tmp, out)
+    commit_partial(fd, tmp, out)
     return {"volume": vol.name, "at": point, "seq": view.seq, "path": join(d, n),
             "stream": stream_name or None, "output": out, "size": stream.size,
             "record": e.record, "modified_ns": e.mtime}

@@ -18,7 +18,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def run(ctx: Context, args: argparse.Namespace) -> int:
-    out = os.path.abspath(args.output)
+    out = args.output if args.output == "-" else os.path.abspath(args.output)
     r = ctx.call("image", {"volume": args.volume, "at": args.at, "output": out}, progress=True)
     if ctx.json:
         emit_json(r)

@@ -286,6 +286,11 @@ def test_cli_errors_are_one_clear_line(cdpd: Cdpd) -> None:
         (["status", "-V", "nope"], 3, "no volume 'nope'"),
         (["rewind", "--to", "2001-01-01T00:00"], 3, "before the first write"),
         (["volume", "create", "v2", "--size", "12 parsecs"], 2, "cannot parse size"),
+        # the output of image: a missing directory, stdout, a device (each was an
+        # "internal error: [Errno 2]" or a file named "-" in the working directory)
+        (["image", "-o", "/nonexistent/dir/x.img"], 3, "/nonexistent/dir does not exist"),
+        (["image", "-o", "-"], 2, "image writes a file (-o FILE)"),
+        (["image", "-o", "/dev/null"], 2, "/dev/null: not a regular file"),
     ]
     for args, status, text in cases:
         r = cdpd.cdpctl(*args, check=False)

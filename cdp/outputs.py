@@ -1,0 +1,74 @@
+"""Files cdpd writes for cdpctl (point-in-time images, restored files, exports).
+
+A regular file is written under a temporary name beside it (``.NAME.partial``) and
+renamed over it once complete and synced, so nobody sees half of one; a failure removes
+the temporary file. Every error names the path (no "internal error: [Errno 2]").
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from cdp.errors import CdpError, NotFound
+
+
+def output_error(path: str | os.PathLike[str], exc: OSError) -> CdpError:
+    """The CdpError for ``exc`` raised while creating or writing output ``path``: a
+    missing directory is NotFound (exit 3), anything else names the OS's reason."""
+    p = Path(path)
+    if isinstance(exc, FileNotFoundError):
+        return NotFound(f"{p}: directory {p.parent} does not exist")
+    return CdpError(f"{p}: {exc.strerror or exc}")
+
+
+def open_partial(path: str | os.PathLike[str]) -> tuple[int, Path]:
+    """Open the temporary file for regular output ``path``: (fd, its path). Rename it
+    over ``path`` with :func:`commit_partial` once written; on failure call
+    :func:`discard_partial`. Raises a CdpError naming ``path`` when it cannot."""
+    out = Path(path)
+    tmp = out.with_name(f".{out.name}.partial")
+    try:
+        return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644), tmp
+    except OSError as exc:
+        raise output_error(out, exc) from None
+
+
+def write_at(fd: int, data: bytes | memoryview, offset: int,
+             path: str | os.PathLike[str]) -> None:
+    """``pwrite`` of all of ``data`` to output ``path`` (its errors name the path)."""
+    try:
+        mv = memoryview(data)
+        while mv:
+            n = os.pwrite(fd, mv, offset)
+            mv, offset = mv[n:], offset + n
+    except OSError as exc:
+        raise output_error(path, exc) from None
+
+
+def set_size(fd: int, size: int, path: str | os.PathLike[str]) -> None:
+    """``ftruncate`` output ``path`` to ``size`` (sparse; errors name the path)."""
+    try:
+        os.ftruncate(fd, size)
+    except OSError as exc:
+        raise output_error(path, exc) from None
+
+
+def commit_partial(fd: int, tmp: Path, path: str | os.PathLike[str]) -> None:
+    """fsync and close ``fd``, then rename ``tmp`` over ``path``."""
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        discard_partial(fd, tmp)
+        raise output_error(path, exc) from None
+    os.close(fd)
+    os.replace(tmp, path)
+
+
+def discard_partial(fd: int, tmp: Path) -> None:
+    """Close ``fd`` and remove ``tmp`` (after a failure; never raises)."""
+    try:
+        os.close(fd)
+    except OSError:
+        pass
+    tmp.unlink(missing_ok=True)
