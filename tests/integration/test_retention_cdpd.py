@@ -111,36 +111,41 @@ def test_sigterm_during_gc_tells_the_client_and_stops_cleanly(tmp_path: Path) ->
 
     d = Cdpd(tmp_path, size="16MiB", segment_bytes="1MiB", l0_max_writes=64,
              extra_config=CFG).start()
-    rng = random.Random(11)
-    model = bytearray(16 << 20)
-    with NbdClient.connect(d.uri()) as c:
-        # each round: 1 MiB rewritten in place (dead later) and 1 MiB written once (live
-        # for good), so every segment is half live and compacting it copies ~0.5 MiB
-        for i in range(12):
-            for k in range(512):
-                off = rng.randrange(0, 256) * BS if k % 2 else (1 << 20) + (i * 256 + k // 2) * BS
-                data = rng.randbytes(BS)
-                c.pwrite(data, off)
-                model[off : off + BS] = data
-            c.flush()
-    time.sleep(5)  # everything written is now past the 4 s tier: gc has work
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "cdp.cli.main", "--config", str(d.config), "gc", "--now",
-         "--rate", "100000"],  # 100 kB/s: a 1 MiB segment takes 10 s to compact
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    time.sleep(2)
-    assert proc.poll() is None, proc.communicate()  # still running
-    assert d.stop() == 0
-    out, err = proc.communicate(timeout=30)
-    assert proc.returncode == 8, (proc.returncode, out, err)
-    assert err.startswith("cdpctl: cdpd stopped while gc ran"), err
-    assert len(err.strip().splitlines()) == 1, err
-    logs = d.logs()
-    assert "Traceback" not in logs and " ERROR " not in logs, logs[-3000:]
-    d.start()
+    proc: subprocess.Popen[str] | None = None
     try:
+        rng = random.Random(11)
+        model = bytearray(16 << 20)
+        with NbdClient.connect(d.uri()) as c:
+            # each round: 1 MiB rewritten in place (dead later) and 1 MiB written once
+            # (live for good): every segment is half live, compacting it copies ~0.5 MiB
+            for i in range(12):
+                for k in range(512):
+                    off = (rng.randrange(0, 256) * BS if k % 2
+                           else (1 << 20) + (i * 256 + k // 2) * BS)
+                    data = rng.randbytes(BS)
+                    c.pwrite(data, off)
+                    model[off : off + BS] = data
+                c.flush()
+        time.sleep(5)  # everything written is now past the 4 s tier: gc has work
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "cdp.cli.main", "--config", str(d.config), "gc", "--now",
+             "--rate", "100000"],  # 100 kB/s: a 1 MiB segment takes 10 s to compact
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        time.sleep(2)
+        assert proc.poll() is None, proc.communicate()  # still running
+        assert d.stop() == 0
+        out, err = proc.communicate(timeout=30)
+        assert proc.returncode == 8, (proc.returncode, out, err)
+        assert err.startswith("cdpctl: cdpd stopped while gc ran"), err
+        assert len(err.strip().splitlines()) == 1, err
+        logs = d.logs()
+        assert "Traceback" not in logs and " ERROR " not in logs, logs[-3000:]
+        d.start()
         assert d.cdpctl_json("verify", "--json")["ok"]
         with NbdClient.connect(d.uri()) as c:
             assert c.pread(0, 16 << 20) == bytes(model)
     finally:
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait()
         d.stop()
