@@ -48,6 +48,7 @@ class AdminServer:
         self.store = store
         self.path = store.socket_path
         self._server: asyncio.AbstractServer | None = None
+        self._handlers: set[asyncio.Task[Any]] = set()
 
     async def start(self) -> None:
         self.path.unlink(missing_ok=True)
@@ -61,13 +62,22 @@ class AdminServer:
         os.chmod(self.path, 0o600)
 
     async def close(self) -> None:
+        """Stop listening and end the running requests (each client is told that cdpd
+        stopped), before the caller closes the store."""
         if self._server is not None:
             self._server.close()
+            for t in self._handlers:
+                t.cancel()
+            if self._handlers:
+                await asyncio.wait(list(self._handlers), timeout=30)
             await self._server.wait_closed()
             self._server = None
         self.path.unlink(missing_ok=True)
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        if task is not None:
+            self._handlers.add(task)
         try:
             sock = writer.get_extra_info("socket")
             if sock is not None:
@@ -94,6 +104,8 @@ class AdminServer:
             pass
         finally:
             writer.close()
+            if task is not None:
+                self._handlers.discard(task)
 
     async def _one(self, raw: bytes, writer: asyncio.StreamWriter) -> None:
         try:

@@ -55,14 +55,19 @@ def set_size(fd: int, size: int, path: str | os.PathLike[str]) -> None:
 
 
 def commit_partial(fd: int, tmp: Path, path: str | os.PathLike[str]) -> None:
-    """fsync and close ``fd``, then rename ``tmp`` over ``path``."""
+    """fsync and close ``fd``, then rename ``tmp`` over ``path``. Owns ``fd``: it is
+    closed and ``tmp`` removed also when this fails (CdpError naming ``path``)."""
     try:
         os.fsync(fd)
     except OSError as exc:
         discard_partial(fd, tmp)
         raise output_error(path, exc) from None
-    os.close(fd)
-    os.replace(tmp, path)
+    try:
+        os.close(fd)
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise output_error(path, exc) from None
 
 
 def discard_partial(fd: int, tmp: Path) -> None:

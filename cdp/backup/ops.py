@@ -235,13 +235,14 @@ async def _write_qcow2(
             done += n * cs
             progress(done, total, "export qcow2")
         await pipe.drain()
-        await loop.run_in_executor(None, _commit, fd, tmp, path)
     except BaseException:
         await pipe.abort()
         os.close(fd)
         if tmp is not None:
             tmp.unlink(missing_ok=True)
         raise
+    # _commit owns fd from here (it closes it, also on failure)
+    await loop.run_in_executor(None, _commit, fd, tmp, path)
 
 
 async def _write_stream(
@@ -253,12 +254,13 @@ async def _write_stream(
     sink = StreamSink(fd, header, close_fd=False)
     try:
         await emit(vol, seq, pieces, sink, progress, total, close=False)
-        await loop.run_in_executor(None, _commit, fd, tmp, path)
     except BaseException:
         os.close(fd)
         if tmp is not None:
             tmp.unlink(missing_ok=True)
         raise
+    # _commit owns fd from here (it closes it, also on failure)
+    await loop.run_in_executor(None, _commit, fd, tmp, path)
     return sink.writer.stream_bytes
 
 

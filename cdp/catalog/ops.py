@@ -163,11 +163,11 @@ async def restore(store: Store, args: dict[str, Any], progress: Progress) -> Any
                     write_at(fd, piece, off, out)
                 written += len(piece)
                 progress(written, stream.size, "restore")
+        if e.mtime:
+            os.utime(tmp, ns=(e.atime or e.mtime, e.mtime))
     except BaseException:
         discard_partial(fd, tmp)
         raise
-    if e.mtime:
-        os.utime(tmp, ns=(e.atime or e.mtime, e.mtime))
     commit_partial(fd, tmp, out)
     return {"volume": vol.name, "at": point, "seq": view.seq, "path": join(d, n),
             "stream": stream_name or None, "output": out, "size": stream.size,

@@ -109,6 +109,8 @@ def _live_chunks(ranges: Sequence[tuple[int, int]]) -> set[int]:
 def _pace(done: int, rate: float, t0: float, stop: threading.Event | None) -> None:
     """Sleep until ``done`` bytes since ``t0`` fit ``rate`` bytes/s; Interrupted when
     ``stop`` is set before that."""
+    if stop is not None and stop.is_set():
+        raise Interrupted("compaction stopped: cdpd is stopping")
     ahead = done / rate - (time.monotonic() - t0)
     if ahead > 0:
         if stop is None:
@@ -228,6 +230,8 @@ def build_compacted(
                         by_el += slen - len(ents) - len(body)
                     raw_total += sum(table.raw_size(c) for c in want if c < table.count)
             if len(out) >= _FLUSH:
+                if stop is not None and stop.is_set():  # also when unpaced or behind
+                    raise Interrupted("compaction stopped: cdpd is stopping")
                 fs.write(wfd, out)
                 pos += len(out)
                 out = bytearray()
