@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 
 from cdp.errors import CdpError, Corruption, NotFound, OutOfRange, ReadOnly, StoreFull
-from cdp.targets.errors import scsi_sense
 from cdp.targets.iscsi import naming
 from cdp.targets.iscsi.core import Portal, State
 from cdp.targets.iscsi.pdu import (
@@ -20,7 +19,7 @@ from cdp.targets.iscsi.pdu import (
     new_pdu,
     parse_text,
 )
-from cdp.targets.iscsi.sense import Asc, SenseKey, Status
+from cdp.targets.iscsi.sense import Asc, SenseKey, Status, scsi_sense
 from cdp.targets.iscsi.testwire import Initiator
 from cdp.targets.memdev import MemoryProvider
 

@@ -13,7 +13,7 @@ mode page settings) lives in a :class:`LuState` shared by every session on that 
 directly (the READ/WRITE fast path) and an awaitable otherwise. Every failure becomes
 CHECK CONDITION with sense data: protocol-level ones raised here as
 :class:`~cdp.targets.iscsi.sense.ScsiError`, device errors through
-:func:`cdp.targets.errors.scsi_sense`.
+:func:`~cdp.targets.iscsi.sense.scsi_sense`.
 """
 
 from __future__ import annotations
@@ -24,8 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar, cast
 
 from cdp.targets.blockdev import BlockDevice
-from cdp.targets.errors import scsi_sense
-from cdp.targets.iscsi.sense import Asc, ScsiError, Sense, SenseKey, Status, illegal
+from cdp.targets.iscsi.sense import Asc, ScsiError, Sense, SenseKey, Status, illegal, scsi_sense
 
 BLOCK = 512
 LBPPBE = 3  # 2**3 logical blocks per physical block (4096)
