@@ -20,8 +20,8 @@ from cdp.targets.iscsi.pdu import (
     parse_text,
 )
 from cdp.targets.iscsi.sense import Asc, SenseKey, Status, scsi_sense
-from cdp.targets.iscsi.testwire import Initiator
-from cdp.targets.memdev import MemoryProvider
+from cdp.targets.testing.iscsi_wire import Initiator
+from cdp.targets.testing.memdev import MemoryProvider
 
 VOL0 = "iqn.2026-11.io.cdp:vol0"
 SIZE = 4 << 20

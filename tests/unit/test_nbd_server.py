@@ -8,10 +8,10 @@ import struct
 from collections.abc import Awaitable
 
 from cdp.errors import StoreFull
-from cdp.targets.memdev import MemoryDevice, MemoryProvider
 from cdp.targets.nbd.proto import GREETING, SIMPLE_REPLY, Cmd, CmdFlag, Magic, NbdErrno, Opt
 from cdp.targets.nbd.server import serve_nbd
-from cdp.targets.nbd.testwire import FLAGS, go, option_replies, req
+from cdp.targets.testing.memdev import MemoryDevice, MemoryProvider
+from cdp.targets.testing.nbd_wire import FLAGS, go, option_replies, req
 
 SIZE = 1 << 20
 

@@ -5,7 +5,8 @@ Design notes
 - One :class:`asyncio.BufferedProtocol` per connection (no streams: the socket reads
   into the buffer the core offers, a large WRITE payload's own buffer included, so its
   bytes are copied once; replies leave with one ``transport.writelines`` per batch). Use uvloop
-  for speed (cdpd runs under uvloop; see cdp.targets.thread.new_event_loop for tests).
+  for speed (cdpd runs under uvloop; tests get it from
+  :func:`cdp.targets.testing.thread.new_event_loop`).
 - Requests go to the :class:`~cdp.targets.blockdev.BlockDevice` the core opened. A method
   that returns its result directly is answered at once without creating a task (the
   fast path); one that returns an awaitable runs as a task and its reply goes out when

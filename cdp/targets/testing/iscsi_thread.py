@@ -9,7 +9,7 @@ from cdp.targets.blockdev import ExportProvider
 from cdp.targets.iscsi.core import ChapConfig
 from cdp.targets.iscsi.naming import target_name
 from cdp.targets.iscsi.server import serve_iscsi
-from cdp.targets.thread import BackgroundServer
+from cdp.targets.testing.thread import BackgroundServer
 
 
 class IscsiServerThread(BackgroundServer):
