@@ -47,6 +47,7 @@ from typing import Final
 from cdp.errors import CdpError
 from cdp.targets.blockdev import BlockDevice, ExportProvider
 from cdp.targets.iscsi import naming
+from cdp.targets.iscsi.command import BLOCK, ScsiRequest, ScsiResult
 from cdp.targets.iscsi.pdu import (
     BHS_LEN,
     F_CONTINUE,
@@ -75,14 +76,9 @@ from cdp.targets.iscsi.pdu import (
     parse_text,
 )
 from cdp.targets.iscsi.pdu import digest_bytes as _digest
-from cdp.targets.iscsi.scsi import (
-    BLOCK,
-    MAX_XFER_BLOCKS,
-    LogicalUnit,
-    LuState,
-    ScsiRequest,
-    ScsiResult,
-)
+from cdp.targets.iscsi.pr import LuState
+from cdp.targets.iscsi.sbc import MAX_XFER_BLOCKS
+from cdp.targets.iscsi.scsi import LogicalUnit
 from cdp.targets.iscsi.sense import Status, illegal
 
 QUEUE_DEPTH: Final = 128
