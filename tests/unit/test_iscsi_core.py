@@ -212,7 +212,8 @@ def test_chap_exchange_moves_only_along_its_table() -> None:
     assert ex.receive({"CHAP_A": "7,5"}, reply) is LoginStatus.SUCCESS
     seen.append(ex.state)
     mine = bytes(range(100, 116))
-    keys = {"CHAP_N": "alice", "CHAP_R": encode_binary(_md5(ex.ident, "alice-secret1", ex.challenge)),
+    answer = _md5(ex.ident, "alice-secret1", ex.challenge)
+    keys = {"CHAP_N": "alice", "CHAP_R": encode_binary(answer),
             "CHAP_I": "7", "CHAP_C": encode_binary(mine)}
     assert ex.receive(keys, reply) is LoginStatus.SUCCESS and ex.done
     seen.append(ex.state)
@@ -221,7 +222,8 @@ def test_chap_exchange_moves_only_along_its_table() -> None:
     assert ex.required_done() is LoginStatus.SUCCESS
     # DONE and FAILED are terminal; every other state can fail
     assert {src for src, _ in AUTH_TRANSITIONS} == {Auth.START, Auth.CHAP_A, Auth.CHAP_R}
-    assert all((src, AuthEv.FAIL) in AUTH_TRANSITIONS for src in (Auth.START, Auth.CHAP_A, Auth.CHAP_R))
+    live = (Auth.START, Auth.CHAP_A, Auth.CHAP_R)
+    assert all((src, AuthEv.FAIL) in AUTH_TRANSITIONS for src in live)
 
 
 @pytest.mark.parametrize(
@@ -237,7 +239,9 @@ def test_chap_exchange_moves_only_along_its_table() -> None:
         (None, [{"AuthMethod": "CHAP"}]),  # no CHAP configured, None not offered
     ],
 )
-def test_chap_exchange_failures_end_in_failed(config: ChapConfig | None, steps: list[object]) -> None:
+def test_chap_exchange_failures_end_in_failed(
+    config: ChapConfig | None, steps: list[object]
+) -> None:
     ex = ChapExchange(lambda n: bytes(n))
     ex.config = config
     for step in steps[:-1]:

@@ -338,7 +338,8 @@ def preload() -> None:
 
     for m in ("cdp.targets.testing.memdev", "cdp.targets.nbd.core", "cdp.targets.nbd.proto",
               "cdp.targets.testing.nbd_wire", "cdp.targets.iscsi.core",
-              "cdp.targets.iscsi.pdu", "cdp.targets.iscsi.scsi",
+              "cdp.targets.iscsi.pdu", "cdp.targets.iscsi.login", "cdp.targets.iscsi.scsi",
+              "cdp.targets.iscsi.sbc", "cdp.targets.iscsi.spc", "cdp.targets.iscsi.pr",
               "cdp.targets.testing.iscsi_wire", "cdp.ntfs",
               "cdp.ntfs.runlist", "cdp.ntfs.boot", "cdp.journal", "cdp.journal.segment",
               "mapengine.storage", "cdp.config", "cdp.points"):

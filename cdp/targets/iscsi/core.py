@@ -932,7 +932,8 @@ class Connection:
                     pdu.itt, data)
         r.bhs[8:14] = self.login.isid or pdu.bhs[8:14]
         s = self.session
-        r.set(14, 2, s.tsih if (s is not None and transit and nsg == FULL_FEATURE) else self.login.tsih)
+        tsih = s.tsih if s is not None and transit and nsg == FULL_FEATURE else self.login.tsih
+        r.set(14, 2, tsih)
         r.set(24, 4, self.statsn)
         self.statsn = (self.statsn + 1) & 0xFFFFFFFF
         cmdsn = pdu.u32(24)
