@@ -4,7 +4,8 @@ Every error the package raises on purpose is a :class:`CdpError`. Subclasses als
 the builtin that fits, so callers that only know Python still catch them sensibly
 (``except FileNotFoundError`` catches :class:`NotFound`). Wire codes (NBD errno, SCSI
 sense) and CLI exit statuses are derived from these classes in exactly one place each:
-:func:`cdp.targets.errors.nbd_errno` and :data:`EXIT_CODES` below.
+:func:`cdp.targets.nbd.errors.nbd_errno`, :func:`cdp.targets.iscsi.sense.scsi_sense` and
+:data:`EXIT_CODES` below.
 """
 
 from __future__ import annotations

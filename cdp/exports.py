@@ -1,4 +1,4 @@
-"""Block devices over volumes, and the export names targets (NBD, later iSCSI) see.
+"""Block devices over volumes, and the export names the targets (NBD and iSCSI) see.
 
 Export names: ``VOLUME`` is the live, writable volume; ``VOLUME@POINT`` a read-only view
 of it at POINT (``vol0@marker17``, ``vol0@before-upgrade``, ``vol0@@123456``,

@@ -1,18 +1,22 @@
-"""The interface block targets (NBD now, iSCSI later) use to reach storage.
+"""The interface block targets (NBD and iSCSI) use to reach storage.
 
 A :class:`BlockDevice` is one opened export. Each I/O method returns its result directly
 (the fast path: the target replies at once, no task is created) or an awaitable (the
 target runs it as a task, so replies may complete out of order). Errors are raised as
-:class:`cdp.errors.CdpError` subclasses; the target maps them to wire codes in one place
-(:func:`cdp.targets.errors.nbd_errno`).
+:class:`cdp.errors.CdpError` subclasses; each target maps them to wire codes in one place:
+:func:`cdp.targets.nbd.errors.nbd_errno` (NBD) and
+:func:`cdp.targets.iscsi.sense.scsi_sense` (iSCSI).
 
-Devices may also define two optional members the NBD core looks for:
+A device may also offer two optional members, each declared as its own protocol below
+(the NBD core checks for them with ``isinstance``):
 
-- ``description: str``, shown by ``nbdinfo`` (NBD_INFO_DESCRIPTION);
-- ``match_meta_contexts(query: str, listing: bool) -> list[str]``, for metadata contexts
-  whose names are computed rather than listed (``x-cdp:changed:@123``). Without it, a
-  query selects the names in :meth:`BlockDevice.meta_contexts` equal to it, and when
-  listing, a query ending in ``:`` (``x-cdp:``) lists every name starting with it.
+- :class:`HasDescription`: ``description: str``, shown by ``nbdinfo``
+  (NBD_INFO_DESCRIPTION); without it, the provider's listing gives the description;
+- :class:`MatchesMetaContexts`: ``match_meta_contexts(query, listing)``, for metadata
+  contexts whose names are computed rather than listed (``x-cdp:changed:@123``).
+  Without it, a query selects the names in :meth:`BlockDevice.meta_contexts` equal to
+  it, and when listing, a query ending in ``:`` (``x-cdp:``) lists every name starting
+  with it.
 """
 
 from __future__ import annotations
@@ -71,6 +75,23 @@ class BlockDevice(Protocol):
 
     def close(self) -> None:
         """Release the export (the connection that opened it is gone)."""
+        ...
+
+
+@runtime_checkable
+class HasDescription(Protocol):
+    """Optional member of a :class:`BlockDevice`: a human-readable description."""
+
+    description: str
+
+
+@runtime_checkable
+class MatchesMetaContexts(Protocol):
+    """Optional member of a :class:`BlockDevice`: metadata contexts matched by rule."""
+
+    def match_meta_contexts(self, query: str, listing: bool) -> list[str]:
+        """Context names ``query`` selects (``listing`` False: NBD_OPT_SET_META_CONTEXT)
+        or lists (``listing`` True: NBD_OPT_LIST_META_CONTEXT); ``[]`` when none."""
         ...
 
 

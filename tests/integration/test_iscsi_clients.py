@@ -10,9 +10,9 @@ from collections.abc import Iterator
 import pytest
 
 from cdp.targets.iscsi.pdu import Op, PduReader, new_pdu
-from cdp.targets.iscsi.testwire import Initiator
-from cdp.targets.iscsi.thread import IscsiServerThread
-from cdp.targets.memdev import MemoryProvider
+from cdp.targets.testing.iscsi_thread import IscsiServerThread
+from cdp.targets.testing.iscsi_wire import Initiator
+from cdp.targets.testing.memdev import MemoryProvider
 from tests.conftest import require_tool
 from tests.integration.iscsi_conformance import check_conformance
 

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from cdp.targets.memdev import MemoryProvider
 from cdp.targets.nbd.proto import GREETING, OPTION_REPLY, Cmd, NbdErrno, Opt, Rep
-from cdp.targets.nbd.testwire import FLAGS, go, opt, req
-from cdp.targets.nbd.thread import ServerThread
+from cdp.targets.testing.memdev import MemoryProvider
+from cdp.targets.testing.nbd_thread import ServerThread
+from cdp.targets.testing.nbd_wire import FLAGS, go, opt, req
 from tests.conftest import require_tool
 
 MiB = 1 << 20

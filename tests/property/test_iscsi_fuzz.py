@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from cdp.errors import ProtocolError
 from cdp.targets.iscsi.pdu import PduReader
-from cdp.targets.iscsi.testwire import Initiator
+from cdp.targets.testing.iscsi_wire import Initiator
 from tools.torture.fuzz_targets import iscsi_drive, iscsi_portal, iscsi_transcript
 
 TRANSCRIPT = iscsi_transcript()

@@ -6,7 +6,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from cdp.targets.nbd.proto import Opt
-from cdp.targets.nbd.testwire import FLAGS, go, opt
+from cdp.targets.testing.nbd_wire import FLAGS, go, opt
 from tools.torture.fuzz_targets import nbd_drive, nbd_messages
 
 VALID = nbd_messages()

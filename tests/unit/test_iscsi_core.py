@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import pytest
 
 from cdp.errors import CdpError, Corruption, NotFound, OutOfRange, ReadOnly, StoreFull
-from cdp.targets.errors import scsi_sense
 from cdp.targets.iscsi import naming
 from cdp.targets.iscsi.core import Portal, State
+from cdp.targets.iscsi.login import AUTH_TRANSITIONS, Auth, AuthEv, ChapConfig, ChapExchange
 from cdp.targets.iscsi.pdu import (
     F_OVERFLOW,
     F_UNDERFLOW,
@@ -17,12 +19,13 @@ from cdp.targets.iscsi.pdu import (
     RejectReason,
     TmfFunction,
     TmfResponse,
+    encode_binary,
     new_pdu,
     parse_text,
 )
-from cdp.targets.iscsi.sense import Asc, SenseKey, Status
-from cdp.targets.iscsi.testwire import Initiator
-from cdp.targets.memdev import MemoryProvider
+from cdp.targets.iscsi.sense import Asc, SenseKey, Status, scsi_sense
+from cdp.targets.testing.iscsi_wire import Initiator
+from cdp.targets.testing.memdev import MemoryProvider
 
 VOL0 = "iqn.2026-11.io.cdp:vol0"
 SIZE = 4 << 20
@@ -191,6 +194,75 @@ def test_chap_covers_point_in_time_views_of_a_volume(provider: MemoryProvider) -
     rsp = Initiator(portal).login("iqn.2026-11.io.cdp:vol0.marker17")
     assert Initiator.status(rsp) == LoginStatus.AUTH_FAILED
     logged_in(portal, "iqn.2026-11.io.cdp:vol0.marker17", chap=("u", "secret-secret"))
+
+
+def _md5(ident: int, secret: str, challenge: bytes) -> bytes:
+    return hashlib.md5(bytes([ident]) + secret.encode() + challenge).digest()
+
+
+def test_chap_exchange_moves_only_along_its_table() -> None:
+    ex = ChapExchange(lambda n: bytes(range(1, n + 1)))
+    ex.config = ChapConfig("alice", "alice-secret1", "tgt", "target-secret")
+    reply: list[tuple[str, str]] = []
+    seen = [ex.state]
+    assert ex.receive({"AuthMethod": "CHAP,None"}, reply) is LoginStatus.SUCCESS
+    seen.append(ex.state)
+    assert ex.receive({}, reply) is LoginStatus.SUCCESS  # an empty request waits
+    assert ex.leave() is LoginStatus.SUCCESS and not ex.done  # T bit mid-exchange: stays
+    assert ex.receive({"CHAP_A": "7,5"}, reply) is LoginStatus.SUCCESS
+    seen.append(ex.state)
+    mine = bytes(range(100, 116))
+    answer = _md5(ex.ident, "alice-secret1", ex.challenge)
+    keys = {"CHAP_N": "alice", "CHAP_R": encode_binary(answer),
+            "CHAP_I": "7", "CHAP_C": encode_binary(mine)}
+    assert ex.receive(keys, reply) is LoginStatus.SUCCESS and ex.done
+    seen.append(ex.state)
+    assert seen == [Auth.START, Auth.CHAP_A, Auth.CHAP_R, Auth.DONE]
+    assert dict(reply)["CHAP_R"] == encode_binary(_md5(7, "target-secret", mine))
+    assert ex.required_done() is LoginStatus.SUCCESS
+    # DONE and FAILED are terminal; every other state can fail
+    assert {src for src, _ in AUTH_TRANSITIONS} == {Auth.START, Auth.CHAP_A, Auth.CHAP_R}
+    live = (Auth.START, Auth.CHAP_A, Auth.CHAP_R)
+    assert all((src, AuthEv.FAIL) in AUTH_TRANSITIONS for src in live)
+
+
+@pytest.mark.parametrize(
+    ("config", "steps"),
+    [
+        (ChapConfig("alice", "alice-secret1"), [{"AuthMethod": "None"}]),  # CHAP required
+        (ChapConfig("alice", "alice-secret1"), ["leave"]),  # stage left, CHAP never offered
+        (ChapConfig("alice", "alice-secret1"), [{"AuthMethod": "CHAP"}, {"CHAP_A": "7"}]),
+        (ChapConfig("alice", "alice-secret1"), [{"AuthMethod": "CHAP"}, {"HeaderDigest": "None"}]),
+        (ChapConfig("alice", "alice-secret1"), [{"AuthMethod": "CHAP"}, "operational"]),
+        (ChapConfig("alice", "alice-secret1"),
+         [{"AuthMethod": "CHAP"}, {"CHAP_A": "5"}, {"CHAP_N": "alice", "CHAP_R": "0x00"}]),
+        (None, [{"AuthMethod": "CHAP"}]),  # no CHAP configured, None not offered
+    ],
+)
+def test_chap_exchange_failures_end_in_failed(
+    config: ChapConfig | None, steps: list[object]
+) -> None:
+    ex = ChapExchange(lambda n: bytes(n))
+    ex.config = config
+    for step in steps[:-1]:
+        assert isinstance(step, dict)
+        assert ex.receive(step, []) is LoginStatus.SUCCESS
+    last = steps[-1]
+    if last == "leave":
+        status = ex.leave()
+    elif last == "operational":
+        status = ex.required_done()
+    else:
+        assert isinstance(last, dict)
+        status = ex.receive(last, [])
+    assert status is LoginStatus.AUTH_FAILED
+    assert ex.state is Auth.FAILED
+
+
+def test_no_chap_configured_leaves_security_without_auth_method() -> None:
+    ex = ChapExchange(lambda n: bytes(n))
+    assert ex.leave() is LoginStatus.SUCCESS and ex.done
+    assert ex.required_done() is LoginStatus.SUCCESS
 
 
 def test_discovery_send_targets(portal: Portal) -> None:

@@ -7,7 +7,6 @@ import struct
 import pytest
 
 from cdp.errors import ProtocolError
-from cdp.targets.memdev import MemoryProvider
 from cdp.targets.nbd.core import (
     NEED_DATA,
     TRANSITIONS,
@@ -36,7 +35,8 @@ from cdp.targets.nbd.proto import (
     StateFlag,
     TransmissionFlag,
 )
-from cdp.targets.nbd.testwire import (
+from cdp.targets.testing.memdev import MemoryProvider
+from cdp.targets.testing.nbd_wire import (
     FLAGS,
     chunks,
     go,

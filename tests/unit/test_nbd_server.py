@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import struct
+from collections.abc import Awaitable
 
 from cdp.errors import StoreFull
-from cdp.targets.memdev import MemoryDevice, MemoryProvider
-from cdp.targets.nbd.proto import GREETING, SIMPLE_REPLY, Cmd, Magic, NbdErrno, Opt
+from cdp.targets.nbd.proto import GREETING, SIMPLE_REPLY, Cmd, CmdFlag, Magic, NbdErrno, Opt
 from cdp.targets.nbd.server import serve_nbd
-from cdp.targets.nbd.testwire import FLAGS, go, option_replies, req
+from cdp.targets.testing.memdev import MemoryDevice, MemoryProvider
+from cdp.targets.testing.nbd_wire import FLAGS, go, option_replies, req
 
 SIZE = 1 << 20
 
@@ -92,6 +94,47 @@ async def test_async_device_out_of_order_and_errors() -> None:
         server.close()
         await server.wait_closed()
     assert server.connections == 0
+
+
+class UnsupportedDevice(MemoryDevice):
+    """A store whose file system refuses fdatasync (EOPNOTSUPP), and a device that has
+    no fast zero: the errors a request can meet that are spelled "not supported"."""
+
+    def flush(self) -> None:
+        raise OSError(errno.EOPNOTSUPP, "fdatasync not supported")
+
+    def write_zeroes(  # type: ignore[override]
+        self, offset: int, length: int, fua: bool, may_trim: bool, fast: bool
+    ) -> Awaitable[None]:
+        if fast:
+            raise NotImplementedError("zeroing is not faster than writing")
+
+        async def fail() -> None:
+            raise OSError(errno.ENOTSUP, "fallocate not supported")
+
+        return fail()
+
+
+async def test_enotsup_reaches_the_wire_only_for_a_fast_zero() -> None:
+    """Sync and task paths both pass the request flags to nbd_errno (NBD spec:
+    ENOTSUP answers only WRITE_ZEROES with FAST_ZERO)."""
+    p = MemoryProvider()
+    p.exports["disk"] = UnsupportedDevice(SIZE)
+    server = await serve_nbd(p, "127.0.0.1", 0)
+    try:
+        r, w = await handshake(server.port)
+        w.write(req(Cmd.FLUSH, cookie=1))
+        assert await reply(r) == (NbdErrno.EIO, 1)
+        w.write(req(Cmd.WRITE_ZEROES, 0, 4096, CmdFlag.NO_HOLE | CmdFlag.FAST_ZERO, cookie=2))
+        assert await reply(r) == (NbdErrno.ENOTSUP, 2)
+        w.write(req(Cmd.WRITE_ZEROES, 0, 4096, CmdFlag.NO_HOLE, cookie=3))
+        assert await reply(r) == (NbdErrno.EIO, 3)
+        w.write(req(Cmd.DISC))
+        assert await r.read() == b""
+        w.close()
+    finally:
+        server.close()
+        await server.wait_closed()
 
 
 async def test_drain_finishes_inflight_requests() -> None:

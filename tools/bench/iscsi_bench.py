@@ -27,8 +27,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from cdp.targets.iscsi.thread import IscsiServerThread
-from cdp.targets.memdev import MemoryProvider
+from cdp.targets.testing.iscsi_thread import IscsiServerThread
+from cdp.targets.testing.memdev import MemoryProvider
 from tools.bench.goals import ratio_goal
 
 MiB = 1 << 20

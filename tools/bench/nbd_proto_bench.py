@@ -20,8 +20,8 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from cdp.targets.memdev import MemoryProvider
-from cdp.targets.nbd.thread import ServerThread
+from cdp.targets.testing.memdev import MemoryProvider
+from cdp.targets.testing.nbd_thread import ServerThread
 
 SIZE = 256 << 20
 

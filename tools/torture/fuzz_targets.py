@@ -47,9 +47,9 @@ NBD_SIZE = 1 << 16
 def nbd_drive(pieces: list[bytes]) -> None:
     """Feed *pieces* to an NBD server connection, answering requests like cdpd does;
     only ProtocolError may escape the core (it is swallowed here)."""
-    from cdp.targets.memdev import MemoryProvider
     from cdp.targets.nbd.core import NEED_DATA, Request, ServerConnection
     from cdp.targets.nbd.proto import Cmd
+    from cdp.targets.testing.memdev import MemoryProvider
 
     p = MemoryProvider()
     p.add("disk", NBD_SIZE, extra_contexts=["x-cdp:a"])
@@ -81,7 +81,7 @@ def nbd_drive(pieces: list[bytes]) -> None:
 def nbd_messages() -> list[bytes]:
     """A valid client session, message by message: every option and command."""
     from cdp.targets.nbd.proto import Cmd, CmdFlag, Info, Opt
-    from cdp.targets.nbd.testwire import FLAGS, go, meta, opt, req
+    from cdp.targets.testing.nbd_wire import FLAGS, go, meta, opt, req
 
     return [
         FLAGS,
@@ -110,7 +110,7 @@ ISCSI_SIZE = 1 << 16
 def iscsi_portal() -> object:
     """A portal with a writable LUN and a CHAP-protected read-only one."""
     from cdp.targets.iscsi.core import Portal
-    from cdp.targets.memdev import MemoryProvider
+    from cdp.targets.testing.memdev import MemoryProvider
 
     p = MemoryProvider()
     p.add("vol0", ISCSI_SIZE)
@@ -121,7 +121,7 @@ def iscsi_portal() -> object:
 def iscsi_drive(pieces: list[bytes]) -> None:
     """Feed *pieces* as an initiator's byte stream; commands run like the server runs
     them; only the iSCSI ProtocolError may escape the core (swallowed here)."""
-    from cdp.targets.iscsi.testwire import Initiator
+    from cdp.targets.testing.iscsi_wire import Initiator
 
     ini = Initiator(iscsi_portal())  # type: ignore[arg-type]
     try:
@@ -136,7 +136,7 @@ def iscsi_drive(pieces: list[bytes]) -> None:
 def iscsi_transcript() -> list[bytes]:
     """A valid session as raw PDUs: login, commands of every kind, logout."""
     from cdp.targets.iscsi.pdu import new_pdu
-    from cdp.targets.iscsi.testwire import Initiator
+    from cdp.targets.testing.iscsi_wire import Initiator
 
     ini = Initiator(iscsi_portal())  # type: ignore[arg-type]
     pdus = [
@@ -336,9 +336,11 @@ def preload() -> None:
     instrumentation, so their code reports coverage)."""
     import importlib
 
-    for m in ("cdp.targets.memdev", "cdp.targets.nbd.core", "cdp.targets.nbd.proto",
-              "cdp.targets.nbd.testwire", "cdp.targets.iscsi.core", "cdp.targets.iscsi.pdu",
-              "cdp.targets.iscsi.scsi", "cdp.targets.iscsi.testwire", "cdp.ntfs",
+    for m in ("cdp.targets.testing.memdev", "cdp.targets.nbd.core", "cdp.targets.nbd.proto",
+              "cdp.targets.testing.nbd_wire", "cdp.targets.iscsi.core",
+              "cdp.targets.iscsi.pdu", "cdp.targets.iscsi.login", "cdp.targets.iscsi.scsi",
+              "cdp.targets.iscsi.sbc", "cdp.targets.iscsi.spc", "cdp.targets.iscsi.pr",
+              "cdp.targets.testing.iscsi_wire", "cdp.ntfs",
               "cdp.ntfs.runlist", "cdp.ntfs.boot", "cdp.journal", "cdp.journal.segment",
               "mapengine.storage", "cdp.config", "cdp.points"):
         importlib.import_module(m)

@@ -10,11 +10,14 @@ Design notes
   :meth:`Connection.complete`) and :class:`Closed` (login failed, logout done, session
   reinstated: send what is queued, then close). Send :meth:`Connection.data_to_send`
   after every call.
-- Login (security with None / CHAP one-way and mutual, operational negotiation),
-  discovery (SendTargets), NOP, Text, Logout, Task Management, R2T / Data-Out
-  reassembly, Data-In segmentation with phase-collapsed status, residuals and the
-  CmdSN window are all handled here. The only device I/O happens in the caller.
-- Connection states live in :data:`TRANSITIONS`; a move not in it goes to ERROR. Peer
+- Login PDUs (stages, Continue, ISID, responses), discovery (SendTargets), NOP, Text,
+  Logout, Task Management, R2T / Data-Out reassembly, Data-In segmentation with
+  phase-collapsed status, residuals and the CmdSN window are all handled here. The keys
+  of a login (initiator and target, operational negotiation, CHAP one-way and mutual)
+  are answered by :class:`~cdp.targets.iscsi.login.Login`; the moves stay here. The
+  only device I/O happens in the caller.
+- Connection states live in :data:`TRANSITIONS`; a move not in it goes to ERROR (the
+  CHAP exchange has its own table, :data:`~cdp.targets.iscsi.login.AUTH_TRANSITIONS`). Peer
   bytes either parse or raise :class:`~cdp.targets.iscsi.pdu.IscsiProtocolError` (a
   :class:`cdp.errors.ProtocolError`; fuzz tested). Recoverable faults are answered in
   place with the RFC's Reject (data digest error, unsupported opcode, SNACK at
@@ -44,9 +47,19 @@ from dataclasses import dataclass, field
 from enum import Enum, auto
 from typing import Final
 
-from cdp.errors import CdpError
-from cdp.targets.blockdev import BlockDevice, ExportProvider
+from cdp.targets.blockdev import ExportProvider
 from cdp.targets.iscsi import naming
+from cdp.targets.iscsi.command import BLOCK, ScsiRequest, ScsiResult
+from cdp.targets.iscsi.login import (
+    FULL_FEATURE,
+    OPERATIONAL,
+    OUR_MRDSL,
+    SECURITY,
+    ChapConfig,
+    Login,
+    Params,
+    parse_number,
+)
 from cdp.targets.iscsi.pdu import (
     BHS_LEN,
     F_CONTINUE,
@@ -67,22 +80,15 @@ from cdp.targets.iscsi.pdu import (
     TmfFunction,
     TmfResponse,
     build_text,
-    decode_binary,
     decode_lun,
-    encode_binary,
     new_pdu,
     pad4,
     parse_text,
 )
 from cdp.targets.iscsi.pdu import digest_bytes as _digest
-from cdp.targets.iscsi.scsi import (
-    BLOCK,
-    MAX_XFER_BLOCKS,
-    LogicalUnit,
-    LuState,
-    ScsiRequest,
-    ScsiResult,
-)
+from cdp.targets.iscsi.pr import LuState
+from cdp.targets.iscsi.sbc import MAX_XFER_BLOCKS
+from cdp.targets.iscsi.scsi import LogicalUnit
 from cdp.targets.iscsi.sense import Status, illegal
 
 QUEUE_DEPTH: Final = 128
@@ -91,39 +97,11 @@ QUEUE_DEPTH: Final = 128
 #: do send writes larger than the advertised maximum transfer (libiscsi does), so the
 #: bound is the LUN; memory follows the data that actually arrives.
 MAX_WRITE_EDTL: Final = 2 * MAX_XFER_BLOCKS * BLOCK + (1 << 16)
-OUR_MRDSL: Final = 262144
-OUR_MAX_BURST: Final = 1 << 20
-OUR_FIRST_BURST: Final = 262144
-OUR_MAX_R2T: Final = 16
 LOGIN_MAX_DATA: Final = 65536
-SECURITY, OPERATIONAL, FULL_FEATURE = 0, 1, 3
 
 _CMD_HDR = struct.Struct(">BBBBIQIIII16s")
 _DATA_IN = struct.Struct(">BBBBIQIIIIIIII")
 _RSP = struct.Struct(">BBBBIQIIIIIIII")
-
-
-# --- configuration ------------------------------------------------------------------------
-@dataclass(frozen=True, slots=True)
-class ChapConfig:
-    """CHAP for one target: the initiator proves ``user``/``secret``; with
-    ``mutual_user``/``mutual_secret`` the target proves itself back when asked."""
-
-    user: str
-    secret: str
-    mutual_user: str = ""
-    mutual_secret: str = ""
-
-    @classmethod
-    def from_mapping(cls, m: Mapping[str, str] | ChapConfig) -> ChapConfig:
-        if isinstance(m, ChapConfig):
-            return m
-        unknown = set(m) - {"user", "secret", "mutual_user", "mutual_secret"}
-        if unknown or "user" not in m or "secret" not in m:
-            from cdp.errors import ConfigError
-
-            raise ConfigError(f"CHAP settings need user and secret (unknown: {sorted(unknown)})")
-        return cls(m["user"], m["secret"], m.get("mutual_user", ""), m.get("mutual_secret", ""))
 
 
 # --- states ---------------------------------------------------------------------------------
@@ -193,20 +171,6 @@ Event = ScsiCommand | Closed
 def _sn_lt(a: int, b: int) -> bool:
     """RFC 1982 serial number a < b (32 bits)."""
     return a != b and ((b - a) & 0xFFFFFFFF) < 0x80000000
-
-
-@dataclass(slots=True)
-class Params:
-    """Negotiated operational parameters (RFC 7143 defaults until negotiated)."""
-
-    header_digest: bool = False
-    data_digest: bool = False
-    peer_mrdsl: int = 8192  # what we may send in one PDU
-    max_burst: int = 262144
-    first_burst: int = 65536
-    immediate_data: bool = True
-    initial_r2t: bool = True
-    max_r2t: int = 1
 
 
 class Session:
@@ -348,7 +312,8 @@ class Connection:
         self.address = portal.address
         self.state = State.FREE
         self.reader = PduReader(LOGIN_MAX_DATA)
-        self.params = Params()
+        self.login = Login(portal)
+        self.params: Params = self.login.params
         self.session: Session | None = None
         self.statsn = 0
         self.tasks: dict[int, Task] = {}
@@ -356,23 +321,7 @@ class Connection:
         self._events: list[Event] = []
         self._hd = False
         self._dd = False
-        # login
-        self._login_text = b""
-        self._isid = b""
-        self._tsih = 0
-        self._initiator = ""
-        self._kind = "Normal"
-        self._target = ""
-        self._export: str | None = None
-        self._device: BlockDevice | None = None
-        self._auth = "start"  # start -> chap_a -> chap_r -> done
-        self._chap: ChapConfig | None = None
-        self._chap_id = 0
-        self._chap_challenge = b""
-        self._declared = False
-        self._first_rsp = True
-        self._keys_done = False  # the first complete login request's keys were checked
-        self._pending_digests = (False, False)
+        self._login_text = b""  # a login request's data across Continue PDUs
         # full feature
         self._text_parts: list[bytes] = []
         self._text_ttt = RESERVED_TAG
@@ -424,7 +373,7 @@ class Connection:
         self._move(Ev.LOST)
         self._abort_all()
         self._end_session()
-        if self._device is not None:
+        if self.login.device is not None:
             self._close_device()
 
     def kill(self) -> None:
@@ -764,7 +713,7 @@ class Connection:
             if key == "SendTargets":
                 out.extend(self._send_targets(value))
             elif key == "MaxRecvDataSegmentLength":
-                self.params.peer_mrdsl = _num(value, 512, 0xFFFFFF)
+                self.params.peer_mrdsl = parse_number(value, 512, 0xFFFFFF)
             else:
                 out.append((key, "NotUnderstood"))
         body = build_text(out)
@@ -902,10 +851,10 @@ class Connection:
         s = self.session
         if s is not None:
             s.end()
-            self._device = None
+            self.login.device = None
 
     def _close_device(self) -> None:
-        dev, self._device = self._device, None
+        dev, self.login.device = self.login.device, None
         if dev is not None:
             try:
                 dev.close()
@@ -914,6 +863,9 @@ class Connection:
 
     # --- login ------------------------------------------------------------------------------------
     def _on_login(self, pdu: Pdu) -> None:
+        """One login request PDU: stage and ISID checks, Continue, then the keys
+        (answered by :class:`~cdp.targets.iscsi.login.Login`) and the state moves."""
+        login = self.login
         flags = pdu.flags
         transit = bool(flags & F_TRANSIT)
         cont = bool(flags & F_CONTINUE)
@@ -921,8 +873,8 @@ class Connection:
         nsg = flags & 3
         first = self.state is State.FREE
         if first:
-            self._isid = bytes(pdu.bhs[8:14])
-            self._tsih = pdu.u16(14)
+            login.isid = bytes(pdu.bhs[8:14])
+            login.tsih = pdu.u16(14)
             self.statsn = pdu.u32(28)
             if pdu.bhs[3] > 0:  # version-min must be 0
                 self._login_fail(pdu, LoginStatus.UNSUPPORTED_VERSION)
@@ -936,7 +888,7 @@ class Connection:
                 or (transit and nsg <= csg):
             self._login_fail(pdu, LoginStatus.INITIATOR_ERROR)
             return
-        if bytes(pdu.bhs[8:14]) != self._isid:
+        if bytes(pdu.bhs[8:14]) != login.isid:
             self._login_fail(pdu, LoginStatus.INITIATOR_ERROR)
             return
         self._login_text += pdu.data
@@ -952,26 +904,11 @@ class Connection:
         except IscsiProtocolError:
             self._login_fail(pdu, LoginStatus.INITIATOR_ERROR)
             return
-        # the first *complete* request carries InitiatorName / TargetName, however many
-        # Continue PDUs it took (RFC 7143 §13.5.1); ``first`` is only the first PDU
-        status, reply = self._login_keys(pairs, not self._keys_done, stage)
-        self._keys_done = True
+        status, reply = login.request(pairs, stage, transit)
         if status is not LoginStatus.SUCCESS:
             self._login_fail(pdu, status, reply)
             return
-        if stage == SECURITY and transit and self._auth != "done":
-            if self._auth == "start" and self._chap is None:
-                self._auth = "done"
-            elif self._auth == "start":  # CHAP required, never offered
-                self._login_fail(pdu, LoginStatus.AUTH_FAILED)
-                return
-        if stage == OPERATIONAL and self._chap is not None and self._auth != "done":
-            self._login_fail(pdu, LoginStatus.AUTH_FAILED)
-            return
-        if stage == OPERATIONAL and not self._declared:
-            self._declared = True
-            reply.append(("MaxRecvDataSegmentLength", str(OUR_MRDSL)))
-        can_transit = transit and (stage != SECURITY or self._auth == "done")
+        can_transit = transit and (stage != SECURITY or login.auth.done)
         if can_transit and nsg == FULL_FEATURE:
             status = self._start_session(pdu)
             if status is not LoginStatus.SUCCESS:
@@ -982,9 +919,9 @@ class Connection:
         if can_transit:
             if nsg == FULL_FEATURE:
                 self._move(Ev.TO_FULL)
-                self._hd, self._dd = self._pending_digests
-                self.params.header_digest, self.params.data_digest = self._pending_digests
-                self.reader.header_digest, self.reader.data_digest = self._pending_digests
+                self._hd, self._dd = login.digests
+                self.params.header_digest, self.params.data_digest = login.digests
+                self.reader.header_digest, self.reader.data_digest = login.digests
                 self.reader.max_data = OUR_MRDSL
             else:
                 self._move(Ev.TO_OPERATIONAL)
@@ -993,9 +930,10 @@ class Connection:
                         status: int = 0) -> None:
         r = new_pdu(Op.LOGIN_RSP, (F_TRANSIT if transit else 0) | (csg << 2) | (nsg if transit else 0),
                     pdu.itt, data)
-        r.bhs[8:14] = self._isid or pdu.bhs[8:14]
+        r.bhs[8:14] = self.login.isid or pdu.bhs[8:14]
         s = self.session
-        r.set(14, 2, s.tsih if (s is not None and transit and nsg == FULL_FEATURE) else self._tsih)
+        tsih = s.tsih if s is not None and transit and nsg == FULL_FEATURE else self.login.tsih
+        r.set(14, 2, tsih)
         r.set(24, 4, self.statsn)
         self.statsn = (self.statsn + 1) & 0xFFFFFFFF
         cmdsn = pdu.u32(24)
@@ -1015,222 +953,35 @@ class Connection:
         self._close_device()
         self._events.append(Closed(f"login failed: {status.name}"))
 
-    def _login_keys(self, pairs: list[tuple[str, str]], first: bool,
-                    stage: int) -> tuple[LoginStatus, list[tuple[str, str]]]:
-        reply: list[tuple[str, str]] = []
-        keys = dict(pairs)
-        if len(keys) != len(pairs):
-            return LoginStatus.INITIATOR_ERROR, reply
-        if first:
-            self._initiator = keys.get("InitiatorName", "")
-            if not self._initiator:
-                return LoginStatus.MISSING_PARAMETER, reply
-            self._kind = keys.get("SessionType", "Normal")
-            if self._kind not in ("Normal", "Discovery"):
-                return LoginStatus.SESSION_TYPE_UNSUPPORTED, reply
-            if self._tsih != 0:
-                existing = self.portal.sessions.get(self._tsih)
-                return (LoginStatus.TOO_MANY_CONNECTIONS if existing is not None
-                        else LoginStatus.SESSION_DOES_NOT_EXIST), reply
-            if self._kind == "Normal":
-                target = keys.get("TargetName", "")
-                if not target:
-                    return LoginStatus.MISSING_PARAMETER, reply
-                export = naming.export_name(target)
-                if export is None or export not in self.portal.exports():
-                    return LoginStatus.NOT_FOUND, reply
-                try:
-                    self._device = self.portal.provider.open_export(export)
-                except CdpError:
-                    return LoginStatus.NOT_FOUND, reply
-                except Exception:
-                    return LoginStatus.TARGET_ERROR, reply
-                self._target = naming.target_name(export)
-                self._export = export
-                self._chap = self.portal.chap_for(target, export)
-            else:
-                self._chap = self.portal.chap_for("", None)
-            if self._first_rsp and self._kind == "Normal":
-                reply.append(("TargetPortalGroupTag", str(self.portal.tpgt)))
-            self._first_rsp = False
-        discovery = self._kind == "Discovery"
-        for key, value in pairs:
-            if key in ("InitiatorName", "InitiatorAlias", "SessionType", "TargetName"):
-                continue
-            if key == "AuthMethod" or key.startswith("CHAP_"):
-                if stage != SECURITY:
-                    return LoginStatus.INITIATOR_ERROR, reply
-                continue
-            try:
-                res = self._negotiate(key, value, discovery)
-            except ValueError:
-                return LoginStatus.INITIATOR_ERROR, reply
-            if res is not None:
-                reply.append((key, res))
-        if stage == SECURITY:
-            status = self._security(keys, reply)
-            if status is not LoginStatus.SUCCESS:
-                return status, reply
-        return LoginStatus.SUCCESS, reply
-
-    def _negotiate(self, key: str, value: str, discovery: bool) -> str | None:
-        """Our answer to one operational key (None: declarative, no answer)."""
-        p = self.params
-        session_only = {"InitialR2T", "ImmediateData", "MaxBurstLength", "FirstBurstLength",
-                        "MaxOutstandingR2T", "DataPDUInOrder", "DataSequenceInOrder"}
-        if discovery and key in session_only:
-            return "Irrelevant"
-        if key in ("HeaderDigest", "DataDigest"):
-            offered = value.split(",")
-            pick = next((o for o in offered if o in ("CRC32C", "None")), None)
-            if pick is None:
-                return "Reject"
-            hd, dd = self._pending_digests
-            on = pick == "CRC32C"
-            self._pending_digests = (on, dd) if key == "HeaderDigest" else (hd, on)
-            return pick
-        if key == "MaxRecvDataSegmentLength":
-            p.peer_mrdsl = _num(value, 512, 0xFFFFFF)
-            return None
-        if key == "MaxBurstLength":
-            p.max_burst = min(_num(value, 512, 0xFFFFFF), OUR_MAX_BURST)
-            p.first_burst = min(p.first_burst, p.max_burst)
-            return str(p.max_burst)
-        if key == "FirstBurstLength":
-            p.first_burst = min(_num(value, 512, 0xFFFFFF), OUR_FIRST_BURST, p.max_burst)
-            return str(p.first_burst)
-        if key == "ImmediateData":
-            p.immediate_data = _bool(value)
-            return "Yes" if p.immediate_data else "No"
-        if key == "InitialR2T":
-            p.initial_r2t = _bool(value)
-            return "Yes" if p.initial_r2t else "No"
-        if key == "MaxOutstandingR2T":
-            p.max_r2t = min(_num(value, 1, 65535), OUR_MAX_R2T)
-            return str(p.max_r2t)
-        if key in ("DataPDUInOrder", "DataSequenceInOrder"):
-            _bool(value)
-            return "Yes"
-        if key == "ErrorRecoveryLevel":
-            _num(value, 0, 2)
-            return "0"
-        if key == "MaxConnections":
-            _num(value, 1, 65535)
-            return "1"
-        if key == "DefaultTime2Wait":
-            return str(max(_num(value, 0, 3600), 2))
-        if key == "DefaultTime2Retain":
-            _num(value, 0, 3600)
-            return "0"
-        if key in ("IFMarker", "OFMarker"):
-            return "No"
-        if key in ("IFMarkInt", "OFMarkInt"):
-            return "Irrelevant"
-        return "NotUnderstood"
-
-    def _security(self, keys: dict[str, str], reply: list[tuple[str, str]]) -> LoginStatus:
-        chap = self._chap
-        if "AuthMethod" in keys and self._auth == "start":
-            offered = keys["AuthMethod"].split(",")
-            if chap is not None:
-                if "CHAP" not in offered:
-                    return LoginStatus.AUTH_FAILED
-                reply.append(("AuthMethod", "CHAP"))
-                self._auth = "chap_a"
-                return LoginStatus.SUCCESS
-            if "None" not in offered:
-                return LoginStatus.AUTH_FAILED
-            reply.append(("AuthMethod", "None"))
-            self._auth = "done"
-            return LoginStatus.SUCCESS
-        if self._auth == "chap_a" and "CHAP_A" in keys:
-            if "5" not in keys["CHAP_A"].split(","):
-                reply.append(("CHAP_A", "Reject"))
-                return LoginStatus.AUTH_FAILED
-            self._chap_id = self.portal.random(1)[0]
-            self._chap_challenge = self.portal.random(16)
-            reply.append(("CHAP_A", "5"))
-            reply.append(("CHAP_I", str(self._chap_id)))
-            reply.append(("CHAP_C", encode_binary(self._chap_challenge)))
-            self._auth = "chap_r"
-            return LoginStatus.SUCCESS
-        if self._auth == "chap_r" and ("CHAP_N" in keys or "CHAP_R" in keys):
-            assert chap is not None
-            try:
-                response = decode_binary(keys.get("CHAP_R", ""))
-            except IscsiProtocolError:
-                return LoginStatus.AUTH_FAILED
-            want = _chap_md5(self._chap_id, chap.secret.encode(), self._chap_challenge)
-            if keys.get("CHAP_N") != chap.user or response != want:
-                return LoginStatus.AUTH_FAILED
-            if "CHAP_I" in keys or "CHAP_C" in keys:
-                if not chap.mutual_secret:
-                    return LoginStatus.AUTH_FAILED
-                try:
-                    ident = int(keys.get("CHAP_I", ""), 0)
-                    challenge = decode_binary(keys.get("CHAP_C", ""))
-                except (ValueError, IscsiProtocolError):
-                    return LoginStatus.AUTH_FAILED
-                if not 0 <= ident <= 255 or not challenge or challenge == self._chap_challenge:
-                    return LoginStatus.AUTH_FAILED
-                reply.append(("CHAP_N", chap.mutual_user or chap.user))
-                reply.append(("CHAP_R", encode_binary(
-                    _chap_md5(ident, chap.mutual_secret.encode(), challenge))))
-            self._auth = "done"
-            return LoginStatus.SUCCESS
-        if self._auth in ("chap_a", "chap_r") and not keys:
-            return LoginStatus.SUCCESS
-        if self._auth in ("chap_a", "chap_r"):
-            return LoginStatus.AUTH_FAILED
-        return LoginStatus.SUCCESS
-
     def _start_session(self, pdu: Pdu) -> LoginStatus:
         portal = self.portal
+        login = self.login
         lu: LogicalUnit | None = None
-        if self._kind == "Normal":
-            if self._export is None or self._device is None:
+        if login.kind == "Normal":
+            if login.export is None or login.device is None:
                 return LoginStatus.MISSING_PARAMETER  # no target was named and opened
-            state = portal.lu_states.setdefault(self._export, LuState())
-            lu = LogicalUnit(self._device, state, name=self._export, serial=_serial(self._export),
-                             target_iqn=self._target)
+            state = portal.lu_states.setdefault(login.export, LuState())
+            lu = LogicalUnit(login.device, state, name=login.export, serial=_serial(login.export),
+                             target_iqn=login.target)
         # session reinstatement: same initiator port and target
         for old in list(portal.sessions.values()):
-            if (old.initiator == self._initiator and old.isid == self._isid
-                    and old.target == self._target and old.kind == self._kind):
+            if (old.initiator == login.initiator and old.isid == login.isid
+                    and old.target == login.target and old.kind == login.kind):
                 conn = old.connection
                 old.end()
                 if conn is not None and conn is not self:
                     conn.kill()
                     if portal.on_kill is not None:
                         portal.on_kill(conn)
-        s = Session(portal, portal.alloc_tsih(), self._isid, self._initiator, self._kind,
-                    self._target, lu)
+        s = Session(portal, portal.alloc_tsih(), login.isid, login.initiator, login.kind,
+                    login.target, lu)
         s.exp_cmdsn = pdu.u32(24)
         s.connection = self
         portal.sessions[s.tsih] = s
         self.session = s
-        self._device = None  # the session owns it now
+        login.device = None  # the session owns it now
         return LoginStatus.SUCCESS
-
-
-def _chap_md5(ident: int, secret: bytes, challenge: bytes) -> bytes:
-    return hashlib.md5(bytes([ident]) + secret + challenge).digest()
 
 
 def _serial(export: str) -> str:
     return hashlib.sha1(export.encode()).hexdigest()[:16]
-
-
-def _num(value: str, lo: int, hi: int) -> int:
-    if not value.isdigit():
-        raise ValueError(value)
-    n = int(value)
-    if not lo <= n <= hi:
-        raise ValueError(value)
-    return n
-
-
-def _bool(value: str) -> bool:
-    if value not in ("Yes", "No"):
-        raise ValueError(value)
-    return value == "Yes"

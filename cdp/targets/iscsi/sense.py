@@ -1,9 +1,16 @@
-"""SCSI status, sense keys and additional sense codes (SPC-4) as IntEnums, and sense data."""
+"""SCSI status, sense keys and additional sense codes (SPC-4) as IntEnums, sense data,
+and :func:`scsi_sense`: the iSCSI target's one map from exceptions to sense."""
 
 from __future__ import annotations
 
+import errno
+import logging
 from dataclasses import dataclass
 from enum import IntEnum
+
+from cdp.errors import CdpError, Corruption, OutOfRange, ReadOnly, StoreFull
+
+log = logging.getLogger("cdp.iscsi")
 
 
 class Status(IntEnum):
@@ -112,3 +119,34 @@ def illegal(asc: Asc = Asc.INVALID_FIELD_IN_CDB, field: int | None = None,
             in_cdb: bool = True, bit: int | None = None) -> ScsiError:
     """An ILLEGAL REQUEST error (INVALID FIELD IN CDB unless told)."""
     return ScsiError(Sense(SenseKey.ILLEGAL_REQUEST, asc, None, field, in_cdb, bit))
+
+
+def scsi_sense(exc: BaseException) -> Sense:
+    """The SCSI sense a failed command reports for ``exc`` (the iSCSI target's one map).
+
+    ReadOnly -> DATA PROTECT / WRITE PROTECTED; OutOfRange -> ILLEGAL REQUEST / LBA OUT OF
+    RANGE; Corruption -> MEDIUM ERROR / UNRECOVERED READ ERROR; StoreFull -> DATA PROTECT /
+    SPACE ALLOCATION FAILED WRITE PROTECT; other CdpErrors and OSErrors go by errno
+    (EPERM/EROFS like ReadOnly, ENOSPC like StoreFull, EINVAL like OutOfRange); anything
+    else -> HARDWARE ERROR / INTERNAL TARGET FAILURE (logged with its traceback when it is
+    not an OSError or CdpError).
+    """
+    if isinstance(exc, ReadOnly):
+        return Sense(SenseKey.DATA_PROTECT, Asc.WRITE_PROTECTED)
+    if isinstance(exc, OutOfRange):
+        return Sense(SenseKey.ILLEGAL_REQUEST, Asc.LBA_OUT_OF_RANGE)
+    if isinstance(exc, Corruption):
+        return Sense(SenseKey.MEDIUM_ERROR, Asc.UNRECOVERED_READ_ERROR)
+    if isinstance(exc, StoreFull):
+        return Sense(SenseKey.DATA_PROTECT, Asc.SPACE_ALLOCATION_FAILED_WRITE_PROTECT)
+    if isinstance(exc, (CdpError, OSError)):
+        code = exc.errno
+        if code in (errno.EPERM, errno.EACCES, errno.EROFS):
+            return Sense(SenseKey.DATA_PROTECT, Asc.WRITE_PROTECTED)
+        if code in (errno.ENOSPC, errno.EDQUOT):
+            return Sense(SenseKey.DATA_PROTECT, Asc.SPACE_ALLOCATION_FAILED_WRITE_PROTECT)
+        if code == errno.EINVAL and isinstance(exc, CdpError):
+            return Sense(SenseKey.ILLEGAL_REQUEST, Asc.LBA_OUT_OF_RANGE)
+        return Sense(SenseKey.HARDWARE_ERROR, Asc.INTERNAL_TARGET_FAILURE)
+    log.error("unexpected error in a SCSI command: %r", exc, exc_info=exc)
+    return Sense(SenseKey.HARDWARE_ERROR, Asc.INTERNAL_TARGET_FAILURE)

@@ -30,8 +30,10 @@ from typing import Any, cast
 
 from cdp.errors import ProtocolError
 from cdp.targets.blockdev import ExportProvider
-from cdp.targets.iscsi.core import ChapConfig, Closed, Connection, Portal, ScsiCommand, Task
-from cdp.targets.iscsi.scsi import ScsiResult, is_awaitable, no_lun
+from cdp.targets.iscsi.command import ScsiResult, is_awaitable
+from cdp.targets.iscsi.core import Closed, Connection, Portal, ScsiCommand, Task
+from cdp.targets.iscsi.login import ChapConfig
+from cdp.targets.iscsi.scsi import no_lun
 
 log = logging.getLogger("cdp.iscsi")
 

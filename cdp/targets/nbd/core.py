@@ -59,7 +59,7 @@ from enum import Enum, auto
 from typing import Final, NoReturn
 
 from cdp.errors import CdpError, ProtocolError
-from cdp.targets.blockdev import BlockDevice, ExportProvider
+from cdp.targets.blockdev import BlockDevice, ExportProvider, HasDescription, MatchesMetaContexts
 from cdp.targets.nbd.proto import (
     BLOCK_DESCRIPTOR,
     CLIENT_FLAGS,
@@ -272,7 +272,7 @@ class _Reader:
 
 def match_contexts(device: BlockDevice, queries: Sequence[str], listing: bool) -> list[str]:
     """Context names a query list selects (SET) or lists (LIST) on ``device``."""
-    hook = getattr(device, "match_meta_contexts", None)
+    hook = device.match_meta_contexts if isinstance(device, MatchesMetaContexts) else None
     offered = device.meta_contexts()
     if listing and not queries:
         return list(offered)
@@ -735,7 +735,7 @@ class ServerConnection:
         if Info.NAME in wanted:
             self._option_reply(opt, rep, U16.pack(Info.NAME) + name.encode())
         if Info.DESCRIPTION in wanted:
-            desc = getattr(device, "description", None)
+            desc = device.description if isinstance(device, HasDescription) else None
             if desc is None:
                 desc = dict(self.provider.list_exports()).get(name, "")
             if desc:

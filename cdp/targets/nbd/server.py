@@ -5,13 +5,14 @@ Design notes
 - One :class:`asyncio.BufferedProtocol` per connection (no streams: the socket reads
   into the buffer the core offers, a large WRITE payload's own buffer included, so its
   bytes are copied once; replies leave with one ``transport.writelines`` per batch). Use uvloop
-  for speed (cdpd runs under uvloop; see cdp.targets.thread.new_event_loop for tests).
+  for speed (cdpd runs under uvloop; tests get it from
+  :func:`cdp.targets.testing.thread.new_event_loop`).
 - Requests go to the :class:`~cdp.targets.blockdev.BlockDevice` the core opened. A method
   that returns its result directly is answered at once without creating a task (the
   fast path); one that returns an awaitable runs as a task and its reply goes out when
   it completes, possibly out of order (NBD replies carry the request cookie).
 - Every exception from a device becomes a wire error through
-  :func:`cdp.targets.errors.nbd_errno`; the connection keeps going. Only a protocol
+  :func:`cdp.targets.nbd.errors.nbd_errno`; the connection keeps going. Only a protocol
   violation (bad magic, garbage handshake) ends a connection, after sending whatever
   replies were already queued.
 - Back-pressure: reading pauses while ``max_inflight`` requests run as tasks or while the
@@ -32,8 +33,8 @@ from typing import Any, cast
 
 from cdp.errors import ProtocolError
 from cdp.targets.blockdev import BlockDevice, ExportProvider
-from cdp.targets.errors import nbd_errno
 from cdp.targets.nbd.core import NEED_DATA, Closed, Ready, Request, ServerConnection, StartTls
+from cdp.targets.nbd.errors import nbd_errno
 from cdp.targets.nbd.proto import Cmd, CmdFlag, NbdErrno
 
 log = logging.getLogger("cdp.nbd")
@@ -233,7 +234,7 @@ class _NbdProtocol(asyncio.BufferedProtocol):
             else:  # the core only emits the commands above
                 raise AssertionError(f"unexpected command {cmd}")
         except Exception as exc:
-            self.conn.reply_error(req, nbd_errno(exc), str(exc))
+            self.conn.reply_error(req, nbd_errno(exc, req.flags), str(exc))
             return
         if res is None:
             self.conn.reply_ok(req)
@@ -271,7 +272,7 @@ class _NbdProtocol(asyncio.BufferedProtocol):
         try:
             res = await aw
         except Exception as exc:
-            conn.reply_error(req, nbd_errno(exc), str(exc))
+            conn.reply_error(req, nbd_errno(exc, req.flags), str(exc))
         else:
             cmd = req.cmd
             if cmd == _READ:

@@ -10,6 +10,7 @@ from collections.abc import Awaitable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from cdp.targets.iscsi.command import ScsiResult
 from cdp.targets.iscsi.core import Closed, Connection, Portal, ScsiCommand
 from cdp.targets.iscsi.pdu import (
     F_CONTINUE,
@@ -28,7 +29,7 @@ from cdp.targets.iscsi.pdu import (
     new_pdu,
     parse_text,
 )
-from cdp.targets.iscsi.scsi import ScsiResult, no_lun
+from cdp.targets.iscsi.scsi import no_lun
 
 
 def run_sync(aw: Awaitable[Any]) -> Any:

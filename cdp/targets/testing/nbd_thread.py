@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from cdp.targets.blockdev import ExportProvider
 from cdp.targets.nbd.server import serve_nbd
-from cdp.targets.thread import BackgroundServer
+from cdp.targets.testing.thread import BackgroundServer
 
 
 class ServerThread(BackgroundServer):

@@ -6,10 +6,10 @@ from collections.abc import Mapping
 from typing import Any
 
 from cdp.targets.blockdev import ExportProvider
-from cdp.targets.iscsi.core import ChapConfig
+from cdp.targets.iscsi.login import ChapConfig
 from cdp.targets.iscsi.naming import target_name
 from cdp.targets.iscsi.server import serve_iscsi
-from cdp.targets.thread import BackgroundServer
+from cdp.targets.testing.thread import BackgroundServer
 
 
 class IscsiServerThread(BackgroundServer):
