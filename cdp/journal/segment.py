@@ -100,8 +100,10 @@ class SegmentScan:
     flags: int = 0
 
 
-class _Window:
-    """Sequential reads of one file through large preads."""
+class ReadWindow:
+    """Sequential reads of one file through large preads (``SCAN_CHUNK``): :meth:`get`
+    serves a range from the last pread when it lies inside it, else preads again there.
+    Used by scans, compaction and :meth:`Journal.scan`."""
 
     __slots__ = ("fd", "fs", "w", "ws")
 
@@ -121,7 +123,7 @@ class _Window:
 
 
 def _check_at(
-    win: _Window, pos: int, size: int, deep: bool, where: str
+    win: ReadWindow, pos: int, size: int, deep: bool, where: str
 ) -> tuple[str | None, bool, int, int, int, int]:
     """Validate the record at ``pos``: (reason, crc_ok, stored, seq, ts, raw).
 
@@ -174,7 +176,7 @@ def _check_at(
 
 
 def _resync(
-    fs: FileLayer, fd: int, win: _Window, bad_pos: int, size: int, expected: int
+    fs: FileLayer, fd: int, win: ReadWindow, bad_pos: int, size: int, expected: int
 ) -> tuple[int, int] | None:
     """First valid record after ``bad_pos`` whose seq fits, as (offset, seq), or None."""
     p = bad_pos + 1
@@ -191,7 +193,7 @@ def _resync(
     return None
 
 
-def _count_torn(win: _Window, pos: int, size: int) -> int:
+def _count_torn(win: ReadWindow, pos: int, size: int) -> int:
     """How many (partial) records the bytes ``[pos, size)`` seem to hold."""
     n = 0
     while pos < size:
@@ -222,7 +224,7 @@ def scan_segment(
     scan = SegmentScan(first_seq, name, size)
     fd = fs.open_read(path)
     try:
-        win = _Window(fs, fd)
+        win = ReadWindow(fs, fd)
         # a bad header is reported by the caller; the records after it are still scanned
         head = win.get(0, SEGMENT_HEADER_SIZE)
         scan.header_error = check_segment_header(head, first_seq)

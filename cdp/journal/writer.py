@@ -110,8 +110,8 @@ from cdp.journal.format import (
 from cdp.journal.fs import Buffer, Clock, FileLayer, OsFileLayer
 from cdp.journal.segment import (
     Problem,
+    ReadWindow,
     SegmentScan,
-    _Window,
     load_index_entries,
     read_index_header,
     scan_segment,
@@ -1333,7 +1333,7 @@ class Journal:
             end = min(last, seg.first_seq + seg.count - 1)
             fd = fs.open_read(self._path(seg.name))
             try:
-                win = _Window(fs, fd)
+                win = ReadWindow(fs, fd)
                 for s in range(seq, end + 1):
                     loc = offs[s - seg.first_seq]
                     if seg is self._cur and loc >= self._file_size:
