@@ -6,6 +6,7 @@ the middle (a valid record with a plausible seq follows). Recovery, index rebuil
 :func:`cdp.journal.verify.verify_journal` all use it. The index sidecar (``.idx``)
 stores the timestamp and offset of every record of a sealed segment so opening a journal
 reads one 64-byte header per sealed segment instead of the segment itself.
+:class:`SegmentState` is what the journal keeps in memory per segment.
 """
 
 from __future__ import annotations
@@ -98,6 +99,35 @@ class SegmentScan:
     last_ts: int = 0
     #: segment header flags (SEGMENT_COMPACTED: rewritten by compaction)
     flags: int = 0
+
+
+#: lifecycle of a segment (SegmentState.state): appended to; sealed, its sync pending;
+#: sealed and durable (never modified again, except replaced whole by a compaction)
+OPEN, SEALING, SEALED = 0, 1, 2
+#: first_ts of an empty segment: after every real timestamp
+NO_TS = 1 << 63
+
+
+class SegmentState:
+    """The journal's in-memory state of one segment: seq range, size, times, and its
+    (timestamp, offset) arrays when loaded (``ts``/``offs`` None while not in memory).
+    Record ``first_seq + i`` is at ``offs[i]``."""
+
+    __slots__ = ("compacted", "count", "first_seq", "first_ts", "last_ts", "name", "offs",
+                 "raw_bytes", "size", "state", "ts")
+
+    def __init__(self, first_seq: int) -> None:
+        self.first_seq = first_seq
+        self.name = segment_name(first_seq)
+        self.count = 0
+        self.size = SEGMENT_HEADER_SIZE
+        self.first_ts = NO_TS
+        self.last_ts = 0
+        self.raw_bytes = 0
+        self.ts: array[int] | None = None
+        self.offs: array[int] | None = None
+        self.state = OPEN
+        self.compacted = False
 
 
 class ReadWindow:
