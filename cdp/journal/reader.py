@@ -16,11 +16,13 @@ Design notes
   the segments whose index arrays are in memory (``_loaded``). The writer and the
   compaction commit change those caches only through the methods of the last section.
 - **Fast paths.** A slice of a raw chunk of a version 3 record whose tables are
-  remembered reads only its 4 KiB granules (:meth:`_granules_fast`: one pread, one CRC
-  per granule); a chunk of such a record is one pread + CRC + maybe lz4
-  (:meth:`_chunk_fast`); a one-block record is one pread of header + payload
-  (:meth:`_block_fast`). Each returns None for anything unusual, damage included, and
-  the general path (:meth:`_chunks`) then reads again and raises what it must.
+  remembered reads only its 4 KiB granules (one pread, one CRC per granule; inline at
+  the top of :meth:`read_slice_view`, of which :meth:`read_slice` is the bytes form, so
+  the live small read makes no call but ``_rfd`` and the pread); a chunk of such a
+  record is one pread + CRC + maybe lz4 (:meth:`_chunk_fast`); a one-block record is
+  one pread of header + payload (:meth:`_block_fast`). Each gives way on anything
+  unusual, damage included, and the general path (:meth:`_chunks`) then reads again
+  and raises what it must.
 - **Time index.** Timestamps never decrease (a clock stepping back repeats the last
   value). Sealed segments keep (timestamp, offset) per record in a sidecar loaded on
   demand (LRU); the open segment keeps them in memory. ``seq_at_time`` bisects the
@@ -224,17 +226,6 @@ class SegmentReader:
                    cache: ChunkCache | None = None) -> bytes:
         """Payload bytes ``[poff, poff+length)`` of record ``seq`` at ``loc``
         (:meth:`read_slice_view` as bytes)."""
-        lay = self._layouts.get(seq)
-        if lay is not None and lay[0] == loc and poff >= 0:
-            # a raw chunk of a version 3 record whose tables are remembered: its granules
-            table = lay[1]
-            i = poff >> _CHUNK_SHIFT
-            if (table.granules is not None and i == (poff + length - 1) >> _CHUNK_SHIFT
-                    and i < table.count and table.comps[i] == _NONE_COMP and length > 0):
-                v = self._granules_fast(lay[2], seq, loc, table, i, poff - (i << _CHUNK_SHIFT),
-                                        length)
-                if v is not None:
-                    return v if type(v) is bytes else bytes(v)
         v = self.read_slice_view(seq, loc, poff, length, cache=cache)
         return v if type(v) is bytes else bytes(v)
 
@@ -252,6 +243,49 @@ class SegmentReader:
         NotFound for a seq outside the journal; UsageError for a slice outside the
         payload. Cost: O(chunks touched), one pread per run of adjacent chunks.
         """
+        lay = self._layouts.get(seq)
+        if lay is not None and lay[0] == loc and poff >= 0 and length > 0:
+            # The granule fast path, inline (it serves the hottest read, a small read of
+            # the live volume): a slice inside one raw chunk of a version 3 record whose
+            # checked tables are remembered and which lies in the segment file is one
+            # pread of the 4 KiB granules it overlaps, each granule's CRC checked (no
+            # decode, no cache: the page cache holds the file). Anything else, a damaged
+            # granule included, goes on below: the general path then reads the whole
+            # chunk and raises what it must.
+            table = lay[1]
+            seg = lay[2]
+            gr = table.granules
+            i = poff >> _CHUNK_SHIFT
+            o = poff - (i << _CHUNK_SHIFT)
+            end = o + length
+            raw = table.length - (i << _CHUNK_SHIFT)  # the raw size of chunk i if the last
+            if (gr is not None and end <= CHUNK_SIZE and end <= raw and i < table.count
+                    and table.comps[i] == _NONE_COMP and not seg.compacted
+                    and (seg is not self._cur or loc < self._file_size)):
+                a = o & _GRANULE_MASK
+                b = ((end - 1) | (GRANULE_SIZE - 1)) + 1
+                if b > raw:
+                    b = raw
+                n = b - a
+                blob = self._fs.pread(self._rfd(seg), n,
+                                      loc + RECORD_HEADER_SIZE + table.starts[i] + a)
+                if len(blob) == n:
+                    k = GRANULES * i + (a >> _GRANULE_SHIFT)
+                    if n <= GRANULE_SIZE:
+                        ok = _CRC(blob) == gr[k]
+                    else:
+                        ok = True
+                        mv = memoryview(blob)
+                        for g in range(0, n, GRANULE_SIZE):
+                            if _CRC(mv[g : g + GRANULE_SIZE]) != gr[k]:
+                                ok = False
+                                break
+                            k += 1
+                    if ok:
+                        self._layouts.move_to_end(seq)
+                        if o == a and n == length:
+                            return blob
+                        return memoryview(blob)[o - a : end - a]
         if poff < 0 or length < 0:
             raise UsageError(f"slice [{poff}, {poff + length}) of seq {seq} out of range")
         if length == 0:
@@ -260,13 +294,6 @@ class SegmentReader:
         last = (poff + length - 1) // CHUNK_SIZE
         o = poff - first * CHUNK_SIZE
         if first == last:
-            lay = self._layouts.get(seq)
-            if lay is not None and lay[0] == loc:
-                table = lay[1]
-                if table.granules is not None and table.comps[first] == _NONE_COMP:
-                    v = self._granules_fast(lay[2], seq, loc, table, first, o, length)
-                    if v is not None:
-                        return v
             p: bytes | memoryview | None = cache.get((seq, first)) if cache is not None else None
             if p is None:
                 p = self._chunk_fast(seq, loc, first, cache)
@@ -283,45 +310,6 @@ class SegmentReader:
             raise UsageError(f"slice [{poff}, {poff + length}) is past the end of "
                              f"seq {seq}'s payload")
         return memoryview(got)[o : o + length] if o or length != len(got) else got
-
-    def _granules_fast(self, seg: SegmentState, seq: int, loc: int, table: ChunkTable, i: int, o: int,
-                       length: int) -> bytes | memoryview | None:
-        """Bytes ``[o, o+length)`` of raw chunk ``i`` of a version 3 record whose checked
-        tables are remembered and which lies in the segment file: one pread of the 4 KiB
-        granules they overlap, each granule's CRC checked (no decode, no cache: the page
-        cache holds the file). None for anything else, a damaged granule included: the
-        general path then reads the whole chunk and raises what it must."""
-        if seg.compacted or (seg is self._cur and loc >= self._file_size):
-            return None
-        end = o + length
-        raw = table.length - (i << _CHUNK_SHIFT)  # the raw size of chunk i
-        if end > raw:
-            return None
-        a = o & _GRANULE_MASK
-        b = ((end - 1) | (GRANULE_SIZE - 1)) + 1
-        if b > raw:
-            b = raw
-        n = b - a
-        fd = self._rfd(seg)
-        blob = self._fs.pread(fd, n, loc + RECORD_HEADER_SIZE + table.starts[i] + a)
-        if len(blob) != n:
-            return None
-        gr = table.granules
-        assert gr is not None
-        k = GRANULES * i + (a >> _GRANULE_SHIFT)
-        if n <= GRANULE_SIZE:
-            if _CRC(blob) != gr[k]:
-                return None
-        else:
-            mv = memoryview(blob)
-            for g in range(0, n, GRANULE_SIZE):
-                if _CRC(mv[g : g + GRANULE_SIZE]) != gr[k]:
-                    return None
-                k += 1
-        self._layouts.move_to_end(seq)
-        if o == a and n == length:
-            return blob
-        return memoryview(blob)[o - a : end - a]
 
     def _chunk_fast(self, seq: int, loc: int, i: int, cache: ChunkCache | None) -> bytes | None:
         """Chunk ``i`` of a chunked record whose checked table is remembered and which
