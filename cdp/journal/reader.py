@@ -643,8 +643,8 @@ class SegmentReader:
     # (what the writer and the compaction commit may change, and how)
 
     def _remember(self, seg: SegmentState) -> None:
-        """Count ``seg``'s arrays (in memory) among the loaded ones, most recent first;
-        sealed ones beyond INDEX_CACHE drop theirs."""
+        """Count ``seg`` among the segments whose arrays are in memory (an LRU); beyond
+        INDEX_CACHE the least recently used sealed, unpinned ones drop theirs."""
         self._loaded[seg.first_seq] = seg
         self._evict()
 
