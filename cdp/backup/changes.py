@@ -76,7 +76,7 @@ def _refine(vol: Any, seq_a: int, seq_b: int, s: int, e: int, out: list[Piece]) 
                 p = Piece(pos, stop, ZERO)
             else:
                 p = Piece(pos, stop, DATA, y.seq, y.loc, y.poff + (pos - y.start))
-            _append(out, p)
+            append_piece(out, p)
         pos = stop
         if x.end <= stop:
             i += 1
@@ -84,7 +84,9 @@ def _refine(vol: Any, seq_a: int, seq_b: int, s: int, e: int, out: list[Piece]) 
             j += 1
 
 
-def _append(out: list[Piece], p: Piece) -> None:
+def append_piece(out: list[Piece], p: Piece) -> None:
+    """Append ``p`` to ``out``, joined with the last piece when it continues it (same kind,
+    adjacent, and for DATA the same record with contiguous payload). O(1)."""
     if out:
         q = out[-1]
         if q.end == p.start and q.kind == p.kind and (

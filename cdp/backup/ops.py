@@ -21,8 +21,8 @@ from cdp.backup.changes import (
     DATA,
     ZERO,
     Piece,
-    _append,
     align_ranges,
+    append_piece,
     diff_pieces,
     merged_ranges,
     totals,
@@ -56,7 +56,7 @@ async def compute_pieces(vol: Volume, seq_a: int, seq_b: int, progress: Progress
     out: list[Piece] = []
     for w in range(0, vol.size, WINDOW):
         for p in diff_pieces(vol, seq_a, seq_b, w, min(vol.size, w + WINDOW)):
-            _append(out, p)
+            append_piece(out, p)
         if vol.size > WINDOW:
             progress(min(vol.size, w + WINDOW), vol.size, "changed")
             await asyncio.sleep(0)

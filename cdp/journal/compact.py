@@ -52,7 +52,7 @@ from cdp.journal.format import (
     segment_name,
 )
 from cdp.journal.fs import FileLayer
-from cdp.journal.segment import _Window, encode_index
+from cdp.journal.segment import ReadWindow, encode_index
 
 _ELIDED = int(Compression.ELIDED)
 _CHUNKED = int(Compression.CHUNKED)
@@ -147,7 +147,7 @@ def build_compacted(
     wfd = fs.open_append(tmp_seg)
     ok = False
     try:
-        win = _Window(fs, rfd)
+        win = ReadWindow(fs, rfd)
         err = check_segment_header(win.get(0, SEGMENT_HEADER_SIZE), src.first_seq)
         if err:
             raise Corruption(f"segment {name}: {err}")

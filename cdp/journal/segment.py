@@ -6,6 +6,7 @@ the middle (a valid record with a plausible seq follows). Recovery, index rebuil
 :func:`cdp.journal.verify.verify_journal` all use it. The index sidecar (``.idx``)
 stores the timestamp and offset of every record of a sealed segment so opening a journal
 reads one 64-byte header per sealed segment instead of the segment itself.
+:class:`SegmentState` is what the journal keeps in memory per segment.
 """
 
 from __future__ import annotations
@@ -100,8 +101,39 @@ class SegmentScan:
     flags: int = 0
 
 
-class _Window:
-    """Sequential reads of one file through large preads."""
+#: lifecycle of a segment (SegmentState.state): appended to; sealed, its sync pending;
+#: sealed and durable (never modified again, except replaced whole by a compaction)
+OPEN, SEALING, SEALED = 0, 1, 2
+#: first_ts of an empty segment: after every real timestamp
+NO_TS = 1 << 63
+
+
+class SegmentState:
+    """The journal's in-memory state of one segment: seq range, size, times, and its
+    (timestamp, offset) arrays when loaded (``ts``/``offs`` None while not in memory).
+    Record ``first_seq + i`` is at ``offs[i]``."""
+
+    __slots__ = ("compacted", "count", "first_seq", "first_ts", "last_ts", "name", "offs",
+                 "raw_bytes", "size", "state", "ts")
+
+    def __init__(self, first_seq: int) -> None:
+        self.first_seq = first_seq
+        self.name = segment_name(first_seq)
+        self.count = 0
+        self.size = SEGMENT_HEADER_SIZE
+        self.first_ts = NO_TS
+        self.last_ts = 0
+        self.raw_bytes = 0
+        self.ts: array[int] | None = None
+        self.offs: array[int] | None = None
+        self.state = OPEN
+        self.compacted = False
+
+
+class ReadWindow:
+    """Sequential reads of one file through large preads (``SCAN_CHUNK``): :meth:`get`
+    serves a range from the last pread when it lies inside it, else preads again there.
+    Used by scans, compaction and :meth:`Journal.scan`."""
 
     __slots__ = ("fd", "fs", "w", "ws")
 
@@ -121,7 +153,7 @@ class _Window:
 
 
 def _check_at(
-    win: _Window, pos: int, size: int, deep: bool, where: str
+    win: ReadWindow, pos: int, size: int, deep: bool, where: str
 ) -> tuple[str | None, bool, int, int, int, int]:
     """Validate the record at ``pos``: (reason, crc_ok, stored, seq, ts, raw).
 
@@ -174,7 +206,7 @@ def _check_at(
 
 
 def _resync(
-    fs: FileLayer, fd: int, win: _Window, bad_pos: int, size: int, expected: int
+    fs: FileLayer, fd: int, win: ReadWindow, bad_pos: int, size: int, expected: int
 ) -> tuple[int, int] | None:
     """First valid record after ``bad_pos`` whose seq fits, as (offset, seq), or None."""
     p = bad_pos + 1
@@ -191,7 +223,7 @@ def _resync(
     return None
 
 
-def _count_torn(win: _Window, pos: int, size: int) -> int:
+def _count_torn(win: ReadWindow, pos: int, size: int) -> int:
     """How many (partial) records the bytes ``[pos, size)`` seem to hold."""
     n = 0
     while pos < size:
@@ -222,7 +254,7 @@ def scan_segment(
     scan = SegmentScan(first_seq, name, size)
     fd = fs.open_read(path)
     try:
-        win = _Window(fs, fd)
+        win = ReadWindow(fs, fd)
         # a bad header is reported by the caller; the records after it are still scanned
         head = win.get(0, SEGMENT_HEADER_SIZE)
         scan.header_error = check_segment_header(head, first_seq)

@@ -1,4 +1,10 @@
-"""The journal: append, group commit, read, time index, recovery on open.
+"""The journal: append, group commit, roll, close, compaction commit.
+
+:class:`Journal` is the package's facade: it is a :class:`~cdp.journal.reader.SegmentReader`
+(``read_*``, ``scan``, the time index: :mod:`cdp.journal.reader`) and is opened by
+:func:`~cdp.journal.recovery.recover` (:mod:`cdp.journal.recovery`); this module holds the
+write side and the segment table both sides share. LevelDB keeps the same three rooms
+(log_writer, log_reader, repair).
 
 Design notes
 ------------
@@ -17,13 +23,6 @@ Design notes
   OS and it is queued; the next sync fdatasyncs it, writes its index sidecar and fsyncs
   the directory (the new segment's name) before it syncs the open segment. So no commit
   returns before the earlier segment and the directory entry are durable.
-- **Reads** use ``loc`` = byte offset of the record in its segment; the segment comes
-  from bisecting first seqs, so a compaction that rewrites a segment with the same seq
-  range keeps seqs valid. Records still in the buffer are read from the buffer.
-- **Time index.** Timestamps never decrease (a clock stepping back repeats the last
-  value). Sealed segments keep (timestamp, offset) per record in a sidecar loaded on
-  demand (LRU); the open segment keeps them in memory. ``seq_at_time`` bisects the
-  segments' first timestamps, then the segment's timestamps: O(log n).
 - **Failure.** ENOSPC while writing truncates the file back to the last whole record and
   raises StoreFull: a record is appended entirely or not at all. A failed fdatasync
   leaves the kernel's dirty pages in an unknown state, so the journal refuses further
@@ -36,29 +35,18 @@ import asyncio
 import bisect
 import concurrent.futures
 import errno
-import itertools
 import os
 import struct
 import threading
 import time
 from array import array
-from collections import OrderedDict, deque
-from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
-from typing import Protocol
+from collections import deque
+from dataclasses import dataclass
 
 import lz4.block
 from crc32c import crc32c
 
-from cdp.errors import (
-    CdpError,
-    ConfigError,
-    Corruption,
-    NotFound,
-    PointError,
-    StoreFull,
-    UsageError,
-)
+from cdp.errors import CdpError, ConfigError, NotFound, StoreFull, UsageError
 from cdp.journal.compact import (
     CompactSource,
     Live,
@@ -79,7 +67,6 @@ from cdp.journal.format import (
     LZ4_MIN,
     MARKER_PAYLOAD,
     MAX_DATA,
-    MAX_PAYLOAD,
     MAX_TEXT,
     RECORD_HEADER,
     RECORD_HEADER_SIZE,
@@ -87,34 +74,23 @@ from cdp.journal.format import (
     RECORD_PREFIX,
     RECORD_TAIL,
     RECORD_VERSION,
-    RECORD_VERSIONS,
     REWIND_PAYLOAD,
-    SEGMENT_COMPACTED,
     SEGMENT_HEADER_SIZE,
-    ChunkTable,
     Compression,
-    Record,
     RecordKind,
-    chunk_ok,
-    covered_size,
-    decode_chunk,
-    decode_record,
-    header_problem,
     index_name,
     pack_granule_crcs,
     pack_segment_header,
-    parse_chunk_table,
-    parse_segment_name,
-    segment_name,
 )
 from cdp.journal.fs import Buffer, Clock, FileLayer, OsFileLayer
+from cdp.journal.reader import SegmentReader
+from cdp.journal.recovery import Recovered, RecoveryReport, recover
 from cdp.journal.segment import (
-    Problem,
-    SegmentScan,
-    _Window,
-    load_index_entries,
-    read_index_header,
-    scan_segment,
+    NO_TS,
+    OPEN,
+    SEALED,
+    SEALING,
+    SegmentState,
     write_index,
 )
 
@@ -123,25 +99,11 @@ DIRECT_WRITE = 256 << 10
 #: after a failed lz4 attempt skip up to this many attempts (records or chunks) before
 #: trying again
 LZ4_MAX_SKIP = 64
-#: chunk tables of chunked records kept in memory for slice reads
-LAYOUT_CACHE = 4096
-#: an lz4 chunk of 64 KiB stored in at most this many bytes (a 64:1 ratio: zeros, a fill
-#: pattern) is decoded once and shared by every chunk with the same stored bytes
-PATTERN_STORED = 1024
-#: such decoded chunks kept (64 KiB each)
-PATTERN_CACHE = 64
-#: sealed segments whose index arrays stay in memory
-INDEX_CACHE = 16
-#: read handles kept open
-READ_FDS = 32
 #: seconds after which buffered records are handed to the OS without a commit
 FLUSH_DELAY = 0.05
 #: after this many bytes handed to the OS, ask it to start writing them to the device
 #: (sync_file_range WRITE, no wait): a FLUSH then waits for the rest only
 WRITEBACK_BYTES = 8 << 20
-
-_OPEN, _SEALING, _SEALED = 0, 1, 2
-_NO_TS = 1 << 63  # first_ts of an empty segment: after every real timestamp
 
 _W = int(RecordKind.WRITE)
 _I = int(RecordKind.INIT)
@@ -149,34 +111,6 @@ _Z = int(RecordKind.ZERO)
 _M = int(RecordKind.MARKER)
 _R = int(RecordKind.REWIND)
 _E = int(RecordKind.ERROR)
-
-
-@dataclass
-class RecoveryReport:
-    """What :meth:`Journal.open` found and did.
-
-    ``dropped_bytes``/``dropped_records``: torn tail cut off (never durable data).
-    ``problems``: damage inside the durable part, left in place and reported.
-    """
-
-    dropped_bytes: int = 0
-    dropped_records: int = 0
-    last_seq: int = 0
-    truncated_segment: str | None = None
-    truncated_at: int | None = None
-    removed_segments: list[str] = field(default_factory=list)
-    rebuilt_indexes: list[str] = field(default_factory=list)
-    problems: list[Problem] = field(default_factory=list)
-
-    @property
-    def ok(self) -> bool:
-        """True when no damage was found (a torn tail is not damage)."""
-        return not self.problems
-
-    def to_dict(self) -> dict[str, object]:
-        d = asdict(self)
-        d["ok"] = self.ok
-        return d
 
 
 @dataclass
@@ -205,59 +139,27 @@ class JournalStats:
     segments: int
 
 
-class _Seg:
-    """In-memory state of one segment."""
-
-    __slots__ = ("compacted", "count", "first_seq", "first_ts", "last_ts", "name", "offs",
-                 "raw_bytes", "size", "state", "ts")
-
-    def __init__(self, first_seq: int) -> None:
-        self.first_seq = first_seq
-        self.name = segment_name(first_seq)
-        self.count = 0
-        self.size = SEGMENT_HEADER_SIZE
-        self.first_ts = _NO_TS
-        self.last_ts = 0
-        self.raw_bytes = 0
-        self.ts: array[int] | None = None
-        self.offs: array[int] | None = None
-        self.state = _OPEN
-        self.compacted = False
-
-
-class ChunkCache(Protocol):
-    """A cache of decoded payload chunks that :meth:`Journal.read_slice` consults.
-
-    Key ``(seq, i)`` holds raw payload bytes ``[i*CHUNK_SIZE, (i+1)*CHUNK_SIZE)`` of record
-    ``seq`` (fewer for its last chunk), whatever the record's stored layout.
-    """
-
-    def get(self, key: tuple[int, int]) -> bytes | None: ...
-
-    def put(self, key: tuple[int, int], data: bytes) -> None: ...
-
-
 def _translate(exc: OSError, what: str) -> CdpError | OSError:
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return StoreFull(f"journal: no space left while {what}")
     return exc
 
 
-class Journal:
+class Journal(SegmentReader):
     """An append-only, segmented, checksummed write journal. Create with :meth:`open`.
 
     Not thread-safe: call it from one thread (the event loop's); only the sync work of
-    :meth:`commit` runs in the journal's own worker thread.
+    :meth:`commit` runs in the journal's own worker thread. The read methods come from
+    :class:`~cdp.journal.reader.SegmentReader`.
     """
 
     # ----------------------------------------------------------------------- opening
 
     def __init__(self, directory: str, segment_bytes: int, sync: str, fs: FileLayer,
                  clock: Clock, buffer_bytes: int) -> None:
-        self._dir = directory
+        super().__init__(directory, fs)
         self._segment_bytes = segment_bytes
         self._sync_mode = sync
-        self._fs = fs
         self._clock = clock
         self._time_ns = time.time_ns if type(clock) is Clock else clock.time_ns
         self._buffer_bytes = buffer_bytes
@@ -265,23 +167,20 @@ class Journal:
         self._buf = bytearray(buffer_bytes + DIRECT_WRITE + RECORD_HEADER_SIZE)
         self._mv = memoryview(self._buf)
         self._w = 0  # bytes of the buffer in use
-        self._segs: list[_Seg] = []
-        self._firsts: list[int] = []
-        self._first_ts: list[int] = []
-        self._cur = _Seg(1)
+        # the segment table (SegmentReader reads it): filled by _install
+        self._segs = []
+        self._firsts = []
+        self._first_ts = []
+        self._cur = SegmentState(1)
         self._fd = -1
         self._file_size = 0
         self._wb_from = 0  # start of the current segment's bytes not yet handed to writeback
         self._last_seq = 0
         self._last_ts = 0
         self._durable_seq = 0
-        self._sealing: deque[tuple[_Seg, int]] = deque()
+        self._sealing: deque[tuple[SegmentState, int]] = deque()
         self._to_close: list[int] = []
         self._dir_dirty = False
-        self._read_fds: OrderedDict[int, int] = OrderedDict()
-        #: segments being replaced by a compaction: first seq -> descriptor of the old file
-        self._pins: dict[int, int] = {}
-        self._loaded: OrderedDict[int, _Seg] = OrderedDict()
         self._sync_lock = threading.Lock()
         self._sync_task: asyncio.Task[None] | None = None
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
@@ -294,13 +193,7 @@ class Journal:
         self._flush_timer: asyncio.TimerHandle | None = None
         self._cur_ts_append = array("q").append
         self._cur_offs_append = array("q").append
-        #: seq -> (loc, checked tables, segment) of chunked records read lately
-        self._layouts: OrderedDict[int, tuple[int, ChunkTable, _Seg]] = OrderedDict()
-        #: decoded fill-pattern chunks keyed by their stored (lz4) bytes, see _chunk_fast
-        self._patterns: OrderedDict[bytes, bytes] = OrderedDict()
         self.recovery = RecoveryReport()
-        #: sidecars rebuilt after open (damaged or missing when first needed)
-        self.repairs: list[str] = []
 
     @classmethod
     def open(
@@ -327,155 +220,25 @@ class Journal:
             raise ConfigError("journal buffer_bytes must not be negative")
         j = cls(os.fspath(directory), segment_bytes, sync, fs or OsFileLayer(),
                 clock or Clock(), buffer_bytes)
-        j._recover()
+        j._install(recover(j._fs, j._dir))
         return j
 
-    def _path(self, name: str) -> str:
-        return os.path.join(self._dir, name)
-
-    def _recover(self) -> None:
-        fs, rep = self._fs, self.recovery
-        fs.makedirs(self._dir)
-        names = fs.listdir(self._dir)
-        for n in names:
-            if n.endswith(".tmp"):
-                fs.unlink(self._path(n))
-        firsts = sorted(f for f in (parse_segment_name(n) for n in names) if f is not None)
-        if not firsts:
-            self._create_first_segment(1)
-            return
-        segs: list[_Seg] = []
-        scans: dict[int, SegmentScan] = {}
-        for f in firsts[:-1]:
-            segs.append(self._open_sealed(f, scans))
-        last = firsts[-1]
-        scan = scan_segment(fs, self._dir, last)
-        if segs and scan.count == 0 and not scan.problems:
-            prev = scans.get(segs[-1].first_seq)
-            if prev is not None and prev.first_seq + prev.count != last:
-                # the previous segment never became durable up to its end (no sidecar,
-                # records missing), so nothing in this one did either: drop this file,
-                # the short one becomes the tail
-                fs.unlink(self._path(segment_name(last)))
-                fs.fsync_dir(self._dir)
-                rep.removed_segments.append(segment_name(last))
-                rep.dropped_bytes += scan.size
-                segs.pop()
-                scan = prev
-                last = prev.first_seq
-        for s in segs:
-            sc = scans.get(s.first_seq)
-            if sc is not None:
-                self._note_scan_problems(sc, tail=False)
-        # the tail segment
-        cur = _Seg(last)
-        fd = fs.open_append(self._path(cur.name))
-        if scan.header_error is not None and scan.count == 0:
-            fs.truncate(fd, 0)
-            fs.write(fd, pack_segment_header(last))
-            fs.fdatasync(fd)
-            rep.dropped_bytes += scan.size
-            rep.dropped_records += scan.torn_records
-            if scan.size:
-                rep.truncated_segment, rep.truncated_at = cur.name, 0
-            size = SEGMENT_HEADER_SIZE
-        else:
-            self._note_scan_problems(scan, tail=True)
-            size = scan.valid_end
-            if scan.torn_at is not None:
-                fs.truncate(fd, scan.torn_at)
-                fs.fdatasync(fd)
-                rep.dropped_bytes += scan.torn_bytes
-                rep.dropped_records += scan.torn_records
-                rep.truncated_segment, rep.truncated_at = cur.name, scan.torn_at
-        cur.ts, cur.offs = scan.ts, scan.offs
-        cur.count, cur.size, cur.raw_bytes = scan.count, size, scan.raw_bytes
-        if scan.count:
-            cur.first_ts, cur.last_ts = scan.ts[0], scan.last_ts
-        segs.append(cur)
-        for a, b in itertools.pairwise(segs):
-            if a.count and b.first_seq != a.first_seq + a.count:
-                rep.problems.append(Problem(b.name, 0, a.first_seq + a.count,
-                                            f"seq gap: segment starts at {b.first_seq}"))
+    def _install(self, rec: Recovered) -> None:
+        """Take over the segments recovery found; appends go to the last one."""
+        segs = rec.segs
+        cur = segs[-1]
         self._segs = segs
         self._firsts = [s.first_seq for s in segs]
-        self._first_ts = [s.first_ts if s.count else self._prev_first_ts(i, segs)
-                          for i, s in enumerate(segs)]
-        self._set_current(cur, fd, size)
-        self._last_seq = cur.first_seq + cur.count - 1
+        self._first_ts = rec.first_ts
+        self._set_current(cur, rec.fd, rec.size)
+        self._last_seq = self._durable_seq = cur.first_seq + cur.count - 1
         self._last_ts = max((s.last_ts for s in segs), default=0)
-        self._durable_seq = self._last_seq
-        rep.last_seq = self._last_seq
+        self.recovery = rec.report
 
-    @staticmethod
-    def _prev_first_ts(i: int, segs: list[_Seg]) -> int:
-        if i == len(segs) - 1:
-            return _NO_TS
-        for s in reversed(segs[:i]):
-            if s.count:
-                return s.first_ts
-        return 0
-
-    def _note_scan_problems(self, scan: SegmentScan, tail: bool) -> None:
-        rep = self.recovery
-        if scan.header_error is not None:
-            rep.problems.append(Problem(scan.name, 0, scan.first_seq, scan.header_error))
-        rep.problems.extend(scan.problems)
-        if not tail and scan.torn_at is not None:
-            rep.problems.append(Problem(
-                scan.name, scan.torn_at, scan.first_seq + scan.count,
-                f"{scan.torn_bytes} damaged bytes at the end of a sealed segment"))
-
-    def _open_sealed(self, first: int, scans: dict[int, SegmentScan]) -> _Seg:
-        fs = self._fs
-        seg = _Seg(first)
-        seg.state = _SEALED
-        size = fs.size(self._path(seg.name))
-        hdr = read_index_header(fs, self._dir, first)
-        if hdr is not None and hdr.data_end == size:
-            seg.count, seg.size, seg.raw_bytes = hdr.count, size, hdr.raw_bytes
-            seg.first_ts, seg.last_ts = hdr.first_ts, hdr.last_ts
-            seg.compacted = bool(hdr.flags & SEGMENT_COMPACTED)
-            return seg
-        scan = scan_segment(fs, self._dir, first)
-        scans[first] = scan
-        self._fill_from_scan(seg, scan)
-        if scan.header_error is None and not scan.problems and scan.torn_at is None:
-            try:
-                write_index(fs, self._dir, first, scan.ts, scan.offs, size, scan.raw_bytes,
-                            scan.flags)
-                fs.fsync_dir(self._dir)
-                self.recovery.rebuilt_indexes.append(index_name(first))
-            except OSError:
-                pass  # derived data; rebuilt again next time
-        return seg
-
-    @staticmethod
-    def _fill_from_scan(seg: _Seg, scan: SegmentScan) -> None:
-        seg.count, seg.size, seg.raw_bytes = scan.count, scan.size, scan.raw_bytes
-        seg.ts, seg.offs = scan.ts, scan.offs
-        seg.compacted = bool(scan.flags & SEGMENT_COMPACTED)
-        if scan.count:
-            seg.first_ts, seg.last_ts = scan.ts[0], scan.last_ts
-
-    def _create_first_segment(self, first: int) -> None:
-        fs = self._fs
-        seg = _Seg(first)
-        seg.ts, seg.offs = array("q"), array("q")
-        fd = fs.open_append(self._path(seg.name))
-        fs.truncate(fd, 0)
-        fs.write(fd, pack_segment_header(first))
-        fs.fdatasync(fd)
-        fs.fsync_dir(self._dir)
-        self._segs, self._firsts, self._first_ts = [seg], [first], [_NO_TS]
-        self._set_current(seg, fd, SEGMENT_HEADER_SIZE)
-        self._last_seq = self._durable_seq = first - 1
-        self.recovery.last_seq = self._last_seq
-
-    def _set_current(self, seg: _Seg, fd: int, size: int) -> None:
+    def _set_current(self, seg: SegmentState, fd: int, size: int) -> None:
         if seg.ts is None or seg.offs is None:
             seg.ts, seg.offs = array("q"), array("q")
-        seg.state = _OPEN
+        seg.state = OPEN
         self._cur = seg
         self._fd = fd
         self._file_size = size
@@ -743,7 +506,7 @@ class Journal:
         first = self._last_seq + 1
         self._cur.size = self._file_size
         self._cur.last_ts = self._last_ts
-        seg = _Seg(first)
+        seg = SegmentState(first)
         path = self._path(seg.name)
         try:
             fd = fs.open_append(path)
@@ -760,15 +523,14 @@ class Journal:
                 pass
             raise _translate(exc, "creating a segment") from exc
         old = self._cur
-        old.state = _SEALING
+        old.state = SEALING
         self._sealing.append((old, self._fd))
-        self._loaded[old.first_seq] = old
         self._segs.append(seg)
         self._firsts.append(first)
-        self._first_ts.append(_NO_TS)
+        self._first_ts.append(NO_TS)
         self._dir_dirty = True
         self._set_current(seg, fd, SEGMENT_HEADER_SIZE)
-        self._evict()
+        self._remember(old)
 
     # ----------------------------------------------------------------------- durability
 
@@ -794,7 +556,7 @@ class Journal:
                         except OSError:
                             pass  # derived data: rebuilt by a scan when missing
                     self._sealing.popleft()
-                    seg.state = _SEALED
+                    seg.state = SEALED
                     self._to_close.append(sfd)
                     self._dir_dirty = True
                 fs.fdatasync(fd)
@@ -876,9 +638,7 @@ class Journal:
                 fs.close(fd)
             self._sealing.clear()
             self._reap()
-            for fd in self._read_fds.values():
-                fs.close(fd)
-            self._read_fds.clear()
+            self._close_reads()
             fs.close(self._fd)
             if self._executor is not None:
                 self._executor.shutdown(wait=False)
@@ -906,511 +666,6 @@ class Journal:
         """Seq of the oldest record kept (1 unless old segments were removed)."""
         return self._firsts[0]
 
-    # ----------------------------------------------------------------------- reading
-
-    def _seg_for(self, seq: int) -> _Seg:
-        if not self._firsts[0] <= seq <= self._last_seq:
-            raise NotFound(f"seq {seq} is not in the journal "
-                           f"({self._firsts[0]}..{self._last_seq})")
-        seg = self._segs[bisect.bisect_right(self._firsts, seq) - 1]
-        if seq >= seg.first_seq + seg.count:
-            raise NotFound(f"seq {seq} is not in segment {seg.name}")
-        return seg
-
-    def _rfd(self, seg: _Seg) -> int:
-        fds = self._read_fds
-        fd = fds.get(seg.first_seq)
-        if fd is not None:
-            fds.move_to_end(seg.first_seq)
-            return fd
-        fd = self._pins.get(seg.first_seq)
-        if fd is not None:  # a compaction renames the file meanwhile: read the old one
-            return fd
-        fd = self._fs.open_read(self._path(seg.name))
-        fds[seg.first_seq] = fd
-        if len(fds) > READ_FDS:
-            self._fs.close(fds.popitem(last=False)[1])
-        return fd
-
-    def _raw(self, seg: _Seg, seq: int, loc: int) -> tuple[bytes, bytes, str]:
-        where = f"segment {seg.name} offset {loc} seq {seq}"
-        if not SEGMENT_HEADER_SIZE <= loc < self._size(seg):
-            raise Corruption(f"{where}: location outside the segment")
-        if seg is self._cur and loc >= self._file_size:
-            b = self._mv[: self._w]
-            i = loc - self._file_size
-            head = bytes(b[i : i + RECORD_HEADER_SIZE])
-            slen = RECORD_HEADER.unpack_from(head)[6] if len(head) == RECORD_HEADER_SIZE else 0
-            j = i + RECORD_HEADER_SIZE
-            return head, bytes(b[j : j + min(slen, MAX_PAYLOAD)]), where
-        fd = self._rfd(seg)
-        data = self._fs.pread(fd, RECORD_HEADER_SIZE + 8192, loc)
-        if len(data) < RECORD_HEADER_SIZE:
-            return data, b"", where
-        slen = min(RECORD_HEADER.unpack_from(data)[6], MAX_PAYLOAD)
-        if RECORD_HEADER_SIZE + slen <= len(data):
-            return data[:RECORD_HEADER_SIZE], data[RECORD_HEADER_SIZE : RECORD_HEADER_SIZE + slen], where
-        return data[:RECORD_HEADER_SIZE], self._fs.pread(fd, slen, loc + RECORD_HEADER_SIZE), where
-
-    def read_record(self, seq: int, loc: int) -> Record:
-        """Record ``seq`` stored at ``loc``, CRC-checked and decoded.
-
-        Raises Corruption (segment, offset, seq in the message) if the bytes there are
-        damaged or hold another seq; NotFound for a seq outside the journal.
-        Cost: one or two preads (none for buffered records) + CRC + decompression.
-        """
-        seg = self._seg_for(seq)
-        loc = self._where(seg, seq, loc)
-        head, stored, where = self._raw(seg, seq, loc)
-        return decode_record(head, stored, loc, where, seq)
-
-    def read_payload(self, seq: int, loc: int) -> bytes:
-        """Decoded payload of record ``seq`` at ``loc`` (CRC checked, as read_record);
-        PointError if compaction removed (part of) it."""
-        rec = self.read_record(seq, loc)
-        if rec.elided:
-            raise PointError(f"seq {seq}: its data was expired by retention")
-        return rec.payload
-
-    def _where(self, seg: _Seg, seq: int, loc: int) -> int:
-        """Where record ``seq`` really is: ``loc``, or for a compacted segment the
-        offset its index gives (compaction moved it)."""
-        if not seg.compacted:
-            return loc
-        _ts, offs = self._load(seg)
-        return offs[seq - seg.first_seq]
-
-    def read_slice(self, seq: int, loc: int, poff: int, length: int, *,
-                   cache: ChunkCache | None = None) -> bytes:
-        """Payload bytes ``[poff, poff+length)`` of record ``seq`` at ``loc``
-        (:meth:`read_slice_view` as bytes)."""
-        lay = self._layouts.get(seq)
-        if lay is not None and lay[0] == loc and poff >= 0:
-            # a raw chunk of a version 3 record whose tables are remembered: its granules
-            table = lay[1]
-            i = poff >> _CHUNK_SHIFT
-            if (table.granules is not None and i == (poff + length - 1) >> _CHUNK_SHIFT
-                    and i < table.count and table.comps[i] == _NONE_COMP and length > 0):
-                v = self._granules_fast(lay[2], seq, loc, table, i, poff - (i << _CHUNK_SHIFT),
-                                        length)
-                if v is not None:
-                    return v if type(v) is bytes else bytes(v)
-        v = self.read_slice_view(seq, loc, poff, length, cache=cache)
-        return v if type(v) is bytes else bytes(v)
-
-    def read_slice_view(self, seq: int, loc: int, poff: int, length: int, *,
-                        cache: ChunkCache | None = None) -> bytes | memoryview:
-        """Payload bytes ``[poff, poff+length)`` of record ``seq`` at ``loc``; a slice
-        of one decoded chunk comes as a read-only memoryview of it (no copy).
-
-        Of a chunked record only the chunks overlapping the slice are read, CRC-checked
-        and decompressed (the record header and chunk table are checked when first
-        read, then kept in a small LRU); a one-block record is read and checked whole.
-        ``cache`` (keys ``(seq, chunk index)``) is consulted first and filled with the
-        chunks decoded. Raises Corruption (segment, offset, seq, chunk) if a needed
-        chunk or the header is damaged: other chunks of the record stay readable;
-        NotFound for a seq outside the journal; UsageError for a slice outside the
-        payload. Cost: O(chunks touched), one pread per run of adjacent chunks.
-        """
-        if poff < 0 or length < 0:
-            raise UsageError(f"slice [{poff}, {poff + length}) of seq {seq} out of range")
-        if length == 0:
-            return b""
-        first = poff // CHUNK_SIZE
-        last = (poff + length - 1) // CHUNK_SIZE
-        o = poff - first * CHUNK_SIZE
-        if first == last:
-            lay = self._layouts.get(seq)
-            if lay is not None and lay[0] == loc:
-                table = lay[1]
-                if table.granules is not None and table.comps[first] == _NONE_COMP:
-                    v = self._granules_fast(lay[2], seq, loc, table, first, o, length)
-                    if v is not None:
-                        return v
-            p: bytes | memoryview | None = cache.get((seq, first)) if cache is not None else None
-            if p is None:
-                p = self._chunk_fast(seq, loc, first, cache)
-                if p is None and first == 0:
-                    p = self._block_fast(seq, loc, cache)
-                if p is None:
-                    p = self._chunks(seq, loc, first, last, cache, [first])[0]
-            if o + length > len(p):
-                raise UsageError(f"slice [{poff}, {poff + length}) is past the end of "
-                                 f"seq {seq}'s payload")
-            return memoryview(p)[o : o + length] if o or length != len(p) else p
-        got = b"".join(self._chunks(seq, loc, first, last, cache, None))
-        if o + length > len(got):
-            raise UsageError(f"slice [{poff}, {poff + length}) is past the end of "
-                             f"seq {seq}'s payload")
-        return memoryview(got)[o : o + length] if o or length != len(got) else got
-
-    def _granules_fast(self, seg: _Seg, seq: int, loc: int, table: ChunkTable, i: int, o: int,
-                       length: int) -> bytes | memoryview | None:
-        """Bytes ``[o, o+length)`` of raw chunk ``i`` of a version 3 record whose checked
-        tables are remembered and which lies in the segment file: one pread of the 4 KiB
-        granules they overlap, each granule's CRC checked (no decode, no cache: the page
-        cache holds the file). None for anything else, a damaged granule included: the
-        general path then reads the whole chunk and raises what it must."""
-        if seg.compacted or (seg is self._cur and loc >= self._file_size):
-            return None
-        end = o + length
-        raw = table.length - (i << _CHUNK_SHIFT)  # the raw size of chunk i
-        if end > raw:
-            return None
-        a = o & _GRANULE_MASK
-        b = ((end - 1) | (GRANULE_SIZE - 1)) + 1
-        if b > raw:
-            b = raw
-        n = b - a
-        fd = self._rfd(seg)
-        blob = self._fs.pread(fd, n, loc + RECORD_HEADER_SIZE + table.starts[i] + a)
-        if len(blob) != n:
-            return None
-        gr = table.granules
-        assert gr is not None
-        k = GRANULES * i + (a >> _GRANULE_SHIFT)
-        if n <= GRANULE_SIZE:
-            if _CRC(blob) != gr[k]:
-                return None
-        else:
-            mv = memoryview(blob)
-            for g in range(0, n, GRANULE_SIZE):
-                if _CRC(mv[g : g + GRANULE_SIZE]) != gr[k]:
-                    return None
-                k += 1
-        self._layouts.move_to_end(seq)
-        if o == a and n == length:
-            return blob
-        return memoryview(blob)[o - a : end - a]
-
-    def _chunk_fast(self, seq: int, loc: int, i: int, cache: ChunkCache | None) -> bytes | None:
-        """Chunk ``i`` of a chunked record whose checked table is remembered and which
-        lies in the segment file (not compacted, not buffered): one pread of the chunk,
-        its CRC checked, then decoded. None for anything else, a damaged chunk included:
-        the general path (:meth:`_chunks`) then reads it again and raises what it must."""
-        lay = self._layouts.get(seq)
-        if lay is None or lay[0] != loc:
-            return None
-        seg = self._seg_for(seq)
-        table = lay[1]
-        if seg.compacted or i >= table.count or (seg is self._cur and loc >= self._file_size):
-            return None
-        st = table.starts
-        base = st[i]
-        n = st[i + 1] - base
-        comp = table.comps[i]
-        raw = min(CHUNK_SIZE, table.length - i * CHUNK_SIZE)
-        if comp > _LZ4_COMP or (comp == _NONE_COMP and n != raw):
-            return None
-        blob = self._fs.pread(self._rfd(seg), n, loc + RECORD_HEADER_SIZE + base)
-        if len(blob) != n or not chunk_ok(blob, table, i):
-            return None
-        p: bytes = blob
-        if comp == _LZ4_COMP:
-            memo = self._patterns
-            if n <= PATTERN_STORED and raw == CHUNK_SIZE:
-                # a chunk that compresses this well is a fill pattern (zeros, a repeated
-                # block): identical stored bytes decode identically, so one decoded copy
-                # serves them all; keyed by the checked stored bytes, so a hit is exact
-                q = memo.get(blob)
-                if q is not None:
-                    memo.move_to_end(blob)
-                    self._layouts.move_to_end(seq)
-                    return q
-            try:
-                p = lz4.block.decompress(blob, uncompressed_size=raw)
-            except Exception:
-                return None
-            if len(p) != raw:
-                return None
-            if n <= PATTERN_STORED and raw == CHUNK_SIZE:
-                memo[blob] = p
-                if len(memo) > PATTERN_CACHE:
-                    memo.popitem(last=False)
-                self._layouts.move_to_end(seq)
-                return p
-        self._layouts.move_to_end(seq)
-        if cache is not None:
-            cache.put((seq, i), p)
-        return p
-
-    def _record_span(self, seg: _Seg, seq: int, loc: int) -> int | None:
-        """Bytes from ``loc`` (record ``seq``) to the next record or the segment's end,
-        when the segment's offsets are in memory and it is not compacted; else None."""
-        offs = seg.offs
-        j = seq - seg.first_seq + 1
-        if offs is None or seg.compacted or j > len(offs):
-            return None
-        return (offs[j] if j < len(offs) else self._size(seg)) - loc
-
-    def _block_fast(self, seq: int, loc: int,
-                    cache: ChunkCache | None) -> bytes | memoryview | None:
-        """The payload of a one-block WRITE/INIT record (at most one chunk) that lies in
-        the segment file, not compacted: one pread of header + payload (its size from
-        the segment's offsets when in memory, else a 4 KiB guess and a second pread
-        when the header says more), the record CRC checked, lz4 decoded (and cached)
-        if compressed; a raw payload comes as a view of the read (no copy, not cached:
-        the page cache holds the file). None for anything else, damage included: the
-        general path then raises what it must."""
-        try:
-            seg = self._seg_for(seq)
-        except NotFound:
-            return None
-        if seg.compacted or (seg is self._cur and loc >= self._file_size):
-            return None
-        n = self._record_span(seg, seq, loc) or RECORD_HEADER_SIZE + GRANULE_SIZE
-        if not RECORD_HEADER_SIZE < n <= RECORD_HEADER_SIZE + CHUNK_SIZE:
-            return None
-        fd = self._rfd(seg)
-        blob = self._fs.pread(fd, n, loc)
-        if len(blob) < RECORD_HEADER_SIZE:
-            return None
-        magic, crc, ver, kind, comp, _fl, slen, rseq, _ts, _off, length = (
-            RECORD_HEADER.unpack_from(blob))
-        if (magic != RECORD_MAGIC or rseq != seq or slen > CHUNK_SIZE
-                or (kind != _W and kind != _I) or ver not in RECORD_VERSIONS
-                or length > CHUNK_SIZE):
-            return None
-        n = RECORD_HEADER_SIZE + slen
-        if len(blob) > n:
-            blob = blob[:n]  # the guess was longer than the record
-        elif len(blob) < n:
-            blob += self._fs.pread(fd, n - len(blob), loc + len(blob))
-            if len(blob) != n:
-                return None
-        mv = memoryview(blob)
-        if _CRC(mv[CRC_START:]) != crc:
-            return None
-        if comp == _NONE_COMP:
-            return mv[RECORD_HEADER_SIZE:] if slen == length else None
-        if comp != _LZ4_COMP:
-            return None
-        try:
-            p: bytes = lz4.block.decompress(mv[RECORD_HEADER_SIZE:], uncompressed_size=length)
-        except Exception:
-            return None
-        if len(p) != length:
-            return None
-        if cache is not None:
-            cache.put((seq, 0), p)
-        return p
-
-    def _chunks(self, seq: int, loc: int, first: int, last: int,
-                cache: ChunkCache | None, missing: list[int] | None) -> list[bytes]:
-        """Decoded chunks ``first..last`` of record ``seq`` (from ``cache`` when there;
-        ``missing``: the ones known not to be cached, None to look)."""
-        out: list[bytes | None] = [None] * (last - first + 1)
-        if missing is None:
-            missing = []
-            for i in range(first, last + 1):
-                p = cache.get((seq, i)) if cache is not None else None
-                if p is None:
-                    missing.append(i)
-                else:
-                    out[i - first] = p
-        if missing:
-            seg = self._seg_for(seq)
-            loc = self._where(seg, seq, loc)
-            where = f"segment {seg.name} offset {loc} seq {seq}"
-            lay = self._layouts.get(seq)
-            got: ChunkTable | bytes
-            if lay is not None and lay[0] == loc:
-                self._layouts.move_to_end(seq)
-                got = lay[1]
-            else:
-                got = self._read_layout(seg, seq, loc, where)
-            if isinstance(got, bytes):
-                # one-block record: split its payload as a chunked one would be
-                for i in missing:
-                    p = got if i == 0 and len(got) <= CHUNK_SIZE else got[
-                        i * CHUNK_SIZE : (i + 1) * CHUNK_SIZE]
-                    if not p and i:
-                        raise UsageError(f"chunk {i} is past the end of seq {seq}'s payload")
-                    out[i - first] = p
-                    if cache is not None:
-                        cache.put((seq, i), p)
-            else:
-                self._read_chunks(seg, loc, got, missing, first, out, where, seq, cache)
-        return out  # type: ignore[return-value]
-
-    def _read_chunks(self, seg: _Seg, loc: int, table: ChunkTable, missing: list[int],
-                     first: int, out: list[bytes | None], where: str, seq: int,
-                     cache: ChunkCache | None) -> None:
-        if missing[-1] >= table.count:
-            raise UsageError(f"chunk {missing[-1]} is past the end of seq {seq}'s payload")
-        st = table.starts
-        k = 0
-        while k < len(missing):
-            a = b = missing[k]
-            k += 1
-            while k < len(missing) and missing[k] == b + 1:
-                b = missing[k]
-                k += 1
-            base = st[a]
-            blob = self._get(seg, loc, RECORD_HEADER_SIZE + base, st[b + 1] - base)
-            if len(blob) != st[b + 1] - base:
-                raise Corruption(f"{where}: record truncated")
-            for i in range(a, b + 1):
-                data: bytes | memoryview = (
-                    blob if a == b else memoryview(blob)[st[i] - base : st[i + 1] - base])
-                p = decode_chunk(data, table, i, where)
-                out[i - first] = p
-                if cache is not None:
-                    cache.put((seq, i), p)
-
-    def _get(self, seg: _Seg, loc: int, rel: int, n: int) -> bytes:
-        """``n`` bytes at ``loc + rel`` of a segment, from the buffer or the file."""
-        if seg is self._cur and loc >= self._file_size:
-            i = loc - self._file_size + rel
-            return bytes(self._mv[i : min(i + n, self._w)])
-        return self._fs.pread(self._rfd(seg), n, loc + rel)
-
-    def _read_layout(self, seg: _Seg, seq: int, loc: int,
-                     where: str) -> ChunkTable | bytes:
-        """The checked chunk table of a chunked record (remembered), or the decoded
-        payload of a one-block record."""
-        if not SEGMENT_HEADER_SIZE <= loc < self._size(seg):
-            raise Corruption(f"{where}: location outside the segment")
-        # a record of up to one chunk is read whole in one go when the segment's
-        # offsets (in memory) give its size; a wrong guess costs only a second read
-        want = RECORD_HEADER_SIZE + GRANULE_SIZE
-        span = self._record_span(seg, seq, loc)
-        if span is not None and want < span <= RECORD_HEADER_SIZE + CHUNK_SIZE:
-            want = span
-        data = self._get(seg, loc, 0, want)
-        if len(data) < RECORD_HEADER_SIZE:
-            raise Corruption(f"{where}: record header truncated")
-        magic, crc, ver, kind, comp, _fl, slen, rseq, _ts, _off, length = (
-            RECORD_HEADER.unpack_from(data))
-        if comp != _CHUNKED or magic != RECORD_MAGIC:
-            slen = min(slen, MAX_PAYLOAD)
-            if RECORD_HEADER_SIZE + slen <= len(data):
-                stored = data[RECORD_HEADER_SIZE : RECORD_HEADER_SIZE + slen]
-            else:
-                stored = self._get(seg, loc, RECORD_HEADER_SIZE, slen)
-            rec = decode_record(data[:RECORD_HEADER_SIZE], stored, loc, where, seq)
-            if rec.elided:
-                raise PointError(f"{where}: data expired by retention")
-            return rec.payload
-        cov = covered_size(comp, length, slen, ver)
-        if cov > slen or slen > MAX_PAYLOAD:
-            raise Corruption(f"{where}: bad checksum (chunk table larger than the record)")
-        if loc + RECORD_HEADER_SIZE + slen > self._size(seg):
-            raise Corruption(f"{where}: record truncated")
-        if RECORD_HEADER_SIZE + cov > len(data):
-            data = self._get(seg, loc, 0, RECORD_HEADER_SIZE + cov)
-            if len(data) < RECORD_HEADER_SIZE + cov:
-                raise Corruption(f"{where}: record truncated")
-        mv = memoryview(data)
-        if _CRC(mv[CRC_START : RECORD_HEADER_SIZE + cov]) != crc:
-            raise Corruption(f"{where}: bad checksum")
-        bad = header_problem(ver, kind, comp, slen, length)
-        if bad:
-            raise Corruption(f"{where}: {bad}")
-        if rseq != seq:
-            raise Corruption(f"{where}: record holds seq {rseq}, expected {seq}")
-        table = parse_chunk_table(mv[RECORD_HEADER_SIZE : RECORD_HEADER_SIZE + cov], length,
-                                  slen, ver)
-        if isinstance(table, str):
-            raise Corruption(f"{where}: {table}")
-        layouts = self._layouts
-        layouts[seq] = (loc, table, seg)
-        if len(layouts) > LAYOUT_CACHE:
-            layouts.popitem(last=False)
-        return table
-
-    def scan(self, from_seq: int = 1) -> Iterator[Record]:
-        """Every record from ``from_seq`` up to ``last_seq`` as of the call, in seq order.
-
-        Raises Corruption at the first damaged record. Reads segments in large chunks.
-        """
-        last = self._last_seq
-        seq = max(from_seq, self._firsts[0])
-        fs = self._fs
-        while seq <= last:
-            seg = self._seg_for(seq)
-            _ts, offs = self._load(seg)
-            end = min(last, seg.first_seq + seg.count - 1)
-            fd = fs.open_read(self._path(seg.name))
-            try:
-                win = _Window(fs, fd)
-                for s in range(seq, end + 1):
-                    loc = offs[s - seg.first_seq]
-                    if seg is self._cur and loc >= self._file_size:
-                        yield self.read_record(s, loc)
-                        continue
-                    where = f"segment {seg.name} offset {loc} seq {s}"
-                    head = win.get(loc, RECORD_HEADER_SIZE)
-                    slen = 0
-                    if len(head) == RECORD_HEADER_SIZE:
-                        slen = min(RECORD_HEADER.unpack_from(head)[6], MAX_PAYLOAD)
-                    stored = win.get(loc + RECORD_HEADER_SIZE, slen)
-                    yield decode_record(head, stored, loc, where, s)
-            finally:
-                fs.close(fd)
-            seq = end + 1
-
-    # ----------------------------------------------------------------------- time index
-
-    def _load(self, seg: _Seg) -> tuple[array[int], array[int]]:
-        """(timestamps, offsets) of a segment, from memory, its sidecar, or a rescan."""
-        if seg.ts is not None and seg.offs is not None:
-            if seg.first_seq in self._loaded:
-                self._loaded.move_to_end(seg.first_seq)
-            return seg.ts, seg.offs
-        hdr = read_index_header(self._fs, self._dir, seg.first_seq)
-        got = None
-        if hdr is not None and hdr.data_end == seg.size and hdr.count == seg.count:
-            got = load_index_entries(self._fs, self._dir, hdr)
-        if got is None:
-            scan = scan_segment(self._fs, self._dir, seg.first_seq)
-            got = scan.ts, scan.offs
-            if not scan.problems and scan.torn_at is None and scan.header_error is None:
-                try:
-                    write_index(self._fs, self._dir, seg.first_seq, scan.ts, scan.offs,
-                                scan.size, scan.raw_bytes, scan.flags)
-                    self._fs.fsync_dir(self._dir)
-                    self.repairs.append(index_name(seg.first_seq))
-                except OSError:
-                    pass
-        seg.ts, seg.offs = got
-        self._loaded[seg.first_seq] = seg
-        self._evict()
-        return got
-
-    def _evict(self) -> None:
-        loaded = self._loaded
-        while len(loaded) > INDEX_CACHE:
-            for k, s in loaded.items():
-                if s.state == _SEALED and k not in self._pins:
-                    del loaded[k]
-                    s.ts = s.offs = None
-                    break
-            else:
-                return
-
-    def seq_at_time(self, ns: int) -> int:
-        """Last seq whose timestamp is <= ``ns``; 0 if none. O(log n)."""
-        i = bisect.bisect_right(self._first_ts, ns) - 1
-        segs = self._segs
-        while i >= 0 and segs[i].count == 0:
-            i -= 1
-        if i < 0:
-            return 0
-        seg = segs[i]
-        ts, _offs = self._load(seg)
-        j = bisect.bisect_right(ts, ns) - 1
-        return seg.first_seq + j if j >= 0 else 0
-
-    def time_of_seq(self, seq: int) -> int:
-        """Timestamp (ns) of record ``seq``; PointError if the journal lacks it. O(log n)."""
-        try:
-            seg = self._seg_for(seq)
-        except NotFound as exc:
-            raise PointError(str(exc)) from None
-        ts, _offs = self._load(seg)
-        return ts[seq - seg.first_seq]
-
     # ----------------------------------------------------------------------- compaction
 
     def compact_source(self, first_seq: int) -> CompactSource:
@@ -1420,7 +675,7 @@ class Journal:
         if i == len(self._firsts) or self._firsts[i] != first_seq:
             raise NotFound(f"no journal segment starts at seq {first_seq}")
         seg = self._segs[i]
-        if seg.state != _SEALED:
+        if seg.state != SEALED:
             raise UsageError(f"segment {seg.name} is not sealed yet")
         _ts, offs = self._load(seg)
         return CompactSource(self._dir, first_seq, seg.count, seg.size, array("q", offs),
@@ -1435,7 +690,7 @@ class Journal:
         if seg is None:
             discard(self._fs, prep)
             return False
-        fd = self._read_fds.pop(seg.first_seq, None)
+        fd = self._drop_fd(seg.first_seq)
         if fd is not None:
             self._fs.close(fd)
         renamed, err = self._compact_files(prep, seg.name)
@@ -1460,15 +715,14 @@ class Journal:
             await loop.run_in_executor(None, discard, self._fs, prep)
             return False
         first = seg.first_seq
-        self._load(seg)  # offsets of the old layout stay in memory while pinned
-        self._pins[first] = self._fs.open_read(self._path(seg.name))
+        self._pin(seg)  # reads use the old file, its offsets in memory, until the switch
         try:
             renamed, err = await loop.run_in_executor(None, self._compact_files, prep,
                                                       seg.name)
         finally:
-            old = [self._pins.pop(first)]
+            old = [self._unpin(first)]
         if not self._closed:  # (close() released the cached descriptors)
-            fd = self._read_fds.pop(first, None)
+            fd = self._drop_fd(first)
             if fd is not None:
                 old.append(fd)
             if renamed:
@@ -1483,13 +737,13 @@ class Journal:
         for fd in fds:
             self._fs.close(fd)
 
-    def _compact_target(self, prep: PreparedCompaction) -> _Seg | None:
+    def _compact_target(self, prep: PreparedCompaction) -> SegmentState | None:
         """The sealed segment ``prep`` replaces, or None if it changed or nothing is saved."""
         i = bisect.bisect_left(self._firsts, prep.first_seq)
         seg = self._segs[i] if i < len(self._segs) else None
-        if (seg is None or seg.first_seq != prep.first_seq or seg.state != _SEALED
+        if (seg is None or seg.first_seq != prep.first_seq or seg.state != SEALED
                 or seg.size != prep.old_size or prep.new_size >= prep.old_size
-                or seg.first_seq in self._pins):
+                or self._pinned(seg.first_seq)):
             return None
         return seg
 
@@ -1512,15 +766,13 @@ class Journal:
             self.repairs.append(index_name(prep.first_seq))  # rebuilt by a scan at open
         return True, None
 
-    def _compact_switch(self, seg: _Seg, prep: PreparedCompaction) -> None:
+    def _compact_switch(self, seg: SegmentState, prep: PreparedCompaction) -> None:
         """Reads of ``seg`` go to the compacted file from now on (owner thread)."""
         seg.size = prep.new_size
         seg.raw_bytes = prep.raw_bytes
         seg.compacted = True
         seg.ts, seg.offs = prep.ts, prep.offs
-        self._loaded[seg.first_seq] = seg
-        self._layouts.clear()
-        self._evict()
+        self._file_replaced(seg)
 
     def compact_segment(self, first_seq: int, live: Live, *, rate: float = 0.0) -> PreparedCompaction | None:
         """Compact one sealed segment in the calling thread: prepare + commit. Returns
@@ -1530,15 +782,11 @@ class Journal:
 
     # ----------------------------------------------------------------------- listing
 
-    def _size(self, seg: _Seg) -> int:
-        """Bytes of a segment (the open one's size includes its buffered records)."""
-        return self._file_size + self._w if seg is self._cur else seg.size
-
     def segments(self) -> list[SegmentInfo]:
         """One entry per segment file, oldest first. O(segments)."""
         return [
             SegmentInfo(s.name, s.first_seq, s.first_seq + s.count - 1, s.count, self._size(s),
-                        s.first_ts if s.count else None, s.state != _OPEN, s.compacted,
+                        s.first_ts if s.count else None, s.state != OPEN, s.compacted,
                         s.raw_bytes)
             for s in self._segs
         ]
@@ -1561,11 +809,5 @@ _LZ4 = lz4.block.compress
 _ENTRY_PACK_INTO = CHUNK_ENTRY.pack_into
 _GRANULES_PACK_INTO = struct.Struct(f"<{GRANULES}I").pack_into
 _GRANULE_OFFSETS = range(0, CHUNK_SIZE, GRANULE_SIZE)
-_CHUNK_SHIFT = CHUNK_SIZE.bit_length() - 1
-_GRANULE_SHIFT = GRANULE_SIZE.bit_length() - 1
-_GRANULE_MASK = -GRANULE_SIZE
-assert 1 << _CHUNK_SHIFT == CHUNK_SIZE and 1 << _GRANULE_SHIFT == GRANULE_SIZE
 _CHUNKED = int(Compression.CHUNKED)
-_NONE_COMP = int(Compression.NONE)
-_LZ4_COMP = int(Compression.LZ4)
 assert RECORD_PREFIX.size == CRC_START

@@ -550,6 +550,11 @@ def test_read_slice_buffered_file_and_reopen() -> None:
                 j.read_slice(seq, loc, s - 1, 2)
             with pytest.raises(UsageError):
                 j.read_slice(seq, loc, -1, 1)
+            for past in (s, s + CH):  # at the end, and in a chunk past the last one
+                with pytest.raises(UsageError):
+                    j.read_slice(seq, loc, past, 1)
+                with pytest.raises(UsageError):
+                    j.read_slice_view(seq, loc, past, 1)
 
     check(j)  # records partly still in the user-space buffer
     j.sync()
