@@ -264,16 +264,24 @@ def test_offline_commands_on_a_stopped_store(cdpd: Cdpd, tmp_path: Path) -> None
 
 
 def test_relative_points_written_after_a_space(cdpd: Cdpd, tmp_path: Path) -> None:
-    """``--at -2s`` / ``--to -2s`` as the help writes them (argparse alone would take
-    ``-2s`` for an option and stop with "expected one argument")."""
+    """``--at -Ns`` / ``--to -Ns`` as the help writes them (argparse alone would take
+    ``-Ns`` for an option and stop with "expected one argument")."""
     require_tool("qemu-io")
     qemu_io(cdpd.uri(), "write -P 0x11 0 64k")
-    time.sleep(4)  # -2s then falls 2 s clear of both writes
+    t1 = time.time()
+    time.sleep(6)
+    t2 = time.time()
     qemu_io(cdpd.uri(), "write -P 0x22 0 64k")
+
+    def back() -> str:
+        # aim at the middle of the 6 s gap between the writes, seen from now: cdpctl's
+        # own "now" may come seconds later on a loaded machine, and stays in the gap
+        return f"-{round(time.time() - (t1 + t2) / 2)}s"
+
     img = tmp_path / "before.img"
-    cdpd.cdpctl("image", "--at", "-2s", "-o", str(img))
+    cdpd.cdpctl("image", "--at", back(), "-o", str(img))
     assert img.read_bytes()[: 64 << 10] == b"\x11" * (64 << 10)
-    cdpd.cdpctl("rewind", "--to", "-2s")
+    cdpd.cdpctl("rewind", "--to", back())
     qemu_io(cdpd.uri(), "read -P 0x11 0 64k")
     r = cdpd.cdpctl("rewind", "--to", "-100d", check=False)
     assert r.returncode == 3 and "before the first write" in r.stderr, r.stderr
