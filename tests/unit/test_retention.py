@@ -68,7 +68,10 @@ def test_gc_real_time_policy(tmp_path: Path) -> None:
         vol.retention.keep_marker(m_keep.id, -1)
         m_fade = await vol.snapshot("")
         states[m_fade.seq] = bytes(model)
-        await _writes(vol, rng, model, 5.0, states)
+        # 6.5 s: m_fade then lies past both tiers (2 s + 4 s). At 5 s it sat in the 1 s
+        # band and was kept whenever a stall (a loaded machine) made it the last point of
+        # its second.
+        await _writes(vol, rng, model, 6.5, states)
         await vol.flush()
         before = vol.journal.stats().file_bytes
         r = await vol.retention.gc()
