@@ -1,8 +1,10 @@
-"""Parsing and printing of sizes and durations, shared by the config and the CLI."""
+"""Parsing and printing of sizes, durations and times, shared by the config, the CLI
+and the messages of the volume and retention."""
 
 from __future__ import annotations
 
 import re
+import time
 
 from cdp.errors import UsageError
 
@@ -100,3 +102,15 @@ def parse_hostport(value: str, what: str, default_port: int) -> tuple[str, int]:
     if not 0 <= port <= 65535 or not host:
         raise UsageError(f"{what}: expected HOST:PORT with a port 0-65535, got {value!r}")
     return host, port
+
+
+def format_time(ns: int, *, sep: str = " ", zone: bool = False, millis: bool = False) -> str:
+    """Local time of *ns* (Unix epoch ns): ``2026-12-06 10:00:00``. *sep* goes between
+    date and time, *millis* adds ``.123``, *zone* the UTC offset (``+0100``)."""
+    t = time.localtime(ns / 1e9)
+    out = time.strftime(f"%Y-%m-%d{sep}%H:%M:%S", t)
+    if millis:
+        out += f".{(ns // 1_000_000) % 1000:03d}"
+    if zone:
+        out += time.strftime("%z", t)
+    return out
