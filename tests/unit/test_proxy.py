@@ -14,17 +14,12 @@ from typing import Any
 
 import pytest
 
-from cdp.config import MapSettings, Settings
-from cdp.drl import read_drl
+from cdp.config import MapSettings, Settings, VolumeSpec
 from cdp.errors import Corruption, StoreFull
 from cdp.journal import RecordKind
-from cdp.proxy import (
-    ERR_CRASH_RECONCILE,
-    ERR_JOURNAL_GAP,
-    ERR_PRIMARY_WRITE,
-    ProxyVolume,
-    create_proxy_volume,
-)
+from cdp.proxy.base import ERR_CRASH_RECONCILE, ERR_JOURNAL_GAP, ERR_PRIMARY_WRITE
+from cdp.proxy.drl import read_drl
+from cdp.proxy.volume import ProxyVolume
 from cdp.store import Store
 from cdp.volume import Volume
 
@@ -84,6 +79,13 @@ async def drive(vol: Volume, model: bytearray, rng: random.Random, n: int, conc:
 
 def open_store(tmp: Path) -> Store:
     return Store.open(settings(tmp))
+
+
+def create_proxy_volume(store: Store, name: str, size: int, primary: str, **kw: Any) -> ProxyVolume:
+    """A proxy volume over *primary* (keyword arguments: the VolumeSpec's proxy keys)."""
+    vol = store.create_volume(VolumeSpec(name, size, "proxy", primary, **kw))
+    assert isinstance(vol, ProxyVolume)
+    return vol
 
 
 def test_initial_copy_then_io_keeps_primary_and_journal_equal(tmp_path: Path) -> None:
