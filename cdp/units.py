@@ -57,7 +57,8 @@ def parse_size(value: int | str, what: str = "size") -> int:
 
 
 def parse_duration(value: int | float | str, what: str = "duration") -> float:
-    """``"48h"`` → 172800.0 seconds; plain numbers are seconds."""
+    """``"48h"`` → 172800.0 seconds; plain numbers are seconds, and so is ``"0"`` (zero
+    needs no unit: ``gc_interval = "0"``, as the config file writes it)."""
     if isinstance(value, bool):
         raise UsageError(f"{what}: expected a duration, got {value!r}")
     if isinstance(value, int | float):
@@ -68,6 +69,8 @@ def parse_duration(value: int | float | str, what: str = "duration") -> float:
         raise UsageError(f"{what}: expected a duration like '30s' or '48h', got {value!r}")
     m = _NUM_UNIT.match(value)
     unit = m.group(2).lower() if m else ""
+    if m and not unit and float(m.group(1)) == 0:
+        return 0.0
     if not m or unit not in _DURATION_UNITS:
         raise UsageError(
             f"{what}: cannot parse duration {value!r} (units: ms, s, m, h, d, w, y; e.g. '48h')"
