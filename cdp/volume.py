@@ -610,7 +610,8 @@ class Volume:
                       init: bool = False) -> int:
         """Append a WRITE (INIT with *init*) record of *data* at *offset* and feed it to
         the maps and services; returns its seq. Journal errors propagate (nothing was
-        appended). O(1) amortised, never blocks: a full live window seals in a task."""
+        appended). O(1) amortised; a full live window is sealed by a task
+        (:meth:`_seal_soon`), not on the caller's time."""
         seq, loc = self.journal.append_write(offset, data, init=init)
         n = len(data)
         self.maps.add_write(seq, offset, offset + n, loc)
