@@ -65,7 +65,7 @@ def test_gc_interval_zero_as_the_config_file_writes_it(tmp_path: Path) -> None:
     assert s.retention.gc_interval == 0 and s.retention_for("v").gc_interval == 0
     for bad in ('"10"', '"-0"', '"0x"'):  # other numbers still need a unit
         f.write_text(f"[retention]\ngc_interval = {bad}\n")
-        with pytest.raises(ConfigError, match="retention.gc_interval"):
+        with pytest.raises(ConfigError, match=r"retention\.gc_interval"):
             load_config(f)
 
 
