@@ -29,11 +29,12 @@ from cdp.admin import AdminServer
 from cdp.config import Settings, load_config
 from cdp.errors import CdpError
 from cdp.exports import StoreExports
+from cdp.fsutil import write_file_atomic
 from cdp.metrics import MetricsServer
+from cdp.retention.service import retention_of
 from cdp.store import Store
 from cdp.targets.iscsi.server import IscsiServer, serve_iscsi
 from cdp.targets.nbd.server import NbdServer, serve_nbd
-from cdp.volume import write_file_atomic
 
 #: written once the listeners are up, removed at a clean stop
 RUNFILE = "cdpd.json"
@@ -167,7 +168,7 @@ class Daemon:
                 except Exception:
                     log.exception("volume %s: periodic seal failed", v.name)
                 try:
-                    v.retention.tick()  # scheduled gc, store cap (cdp.retention)
+                    retention_of(v).tick()  # scheduled gc, store cap (cdp.retention)
                 except Exception:
                     log.exception("volume %s: retention tick failed", v.name)
 

@@ -6,6 +6,7 @@ import asyncio
 from collections.abc import Callable
 from typing import Any
 
+from cdp.retention.service import retention_of
 from cdp.store import Store
 
 
@@ -41,9 +42,9 @@ def render(store: Store, extra: Callable[[], dict[str, float]] | None = None) ->
     metric("cdp_markers", "gauge", "Markers of the volume.", per(lambda v: len(v.markers)))
     metric("cdp_connections", "gauge", "Open target connections to the volume.", per(lambda v: v.connections))
     metric("cdp_paused", "gauge", "1 while the volume's writes are held.", per(lambda v: v.paused))
-    metric("cdp_store_over_cap", "gauge", "1 while the volume's store is at its max_store_bytes cap.", per(lambda v: v.retention.over_cap))
-    metric("cdp_retention_expired_points_total", "counter", "Points given up by retention since start.", per(lambda v: v.retention.expired_total))
-    metric("cdp_gc_reclaimed_bytes_total", "counter", "Store bytes given back by gc since start.", per(lambda v: v.retention.reclaimed_total))
+    metric("cdp_store_over_cap", "gauge", "1 while the volume's store is at its max_store_bytes cap.", per(lambda v: retention_of(v).over_cap))
+    metric("cdp_retention_expired_points_total", "counter", "Points given up by retention since start.", per(lambda v: retention_of(v).expired_total))
+    metric("cdp_gc_reclaimed_bytes_total", "counter", "Store bytes given back by gc since start.", per(lambda v: retention_of(v).reclaimed_total))
     metric("cdp_retention_keep_after_seq", "gauge", "Every point at or after this seq is recoverable.", per(lambda v: v.maps.keep_after))
     px = [v for v in vols if v.mode == "proxy"]  # proxy mode (docs/PROXY.md)
     if px:

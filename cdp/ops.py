@@ -22,22 +22,20 @@ from typing import Any
 from cdp.backup.ops import OFFLINE as BACKUP_OFFLINE
 from cdp.backup.ops import OPS as BACKUP_OPS
 from cdp.catalog.ops import OPS as CATALOG_OPS
-from cdp.errors import CdpError, NotFound, UsageError
+from cdp.config import VolumeSpec
+from cdp.errors import NotFound, UsageError
 from cdp.journal import verify_journal
 from cdp.outputs import commit_partial, discard_partial, open_partial, set_size, write_at
-from cdp.retention import OFFLINE as RETENTION_OFFLINE
-from cdp.retention import OPS as RETENTION_OPS
-from cdp.retention import marker_fields, status_fields
+from cdp.progress import Progress, no_progress
+from cdp.proxy.drl import DEFAULT_REGION
+from cdp.proxy.volume import ProxyVolume
+from cdp.retention.ops import OFFLINE as RETENTION_OFFLINE
+from cdp.retention.ops import OPS as RETENTION_OPS
+from cdp.retention.ops import marker_fields, status_fields
 from cdp.store import Store
 from cdp.units import parse_size
+from cdp.verify import CATALOG_FILE, problem_dict, verify_catalog, verify_maps, verify_volume_dir
 from cdp.volume import Volume
-
-Progress = Callable[[int, int, str], None]
-
-
-def _no_progress(done: int, total: int, what: str) -> None:
-    return None
-
 
 # ---------------------------------------------------------------------------- volumes
 
@@ -74,7 +72,7 @@ async def volume_create(store: Store, args: dict[str, Any], progress: Progress) 
         raise UsageError(f"--size must be a multiple of 512, got {size}")
     if src_size is not None and src_size > size:
         raise UsageError(f"--size {size} is smaller than the image ({src_size} bytes)")
-    vol = store.create_volume(name, size)
+    vol = store.create_volume(VolumeSpec(name, size))
     copied = 0
     if image:
         assert fmt is not None
@@ -84,9 +82,6 @@ async def volume_create(store: Store, args: dict[str, Any], progress: Progress) 
 
 async def _proxy_volume_create(store: Store, args: dict[str, Any], progress: Progress) -> Any:
     """Proxy mode: the appliance owns ``primary``; initial full copy unless told not to."""
-    from cdp.drl import DEFAULT_REGION
-    from cdp.proxy import create_proxy_volume
-
     if args.get("from_image"):
         raise UsageError("--from-image is for mirror volumes; a proxy volume copies its --primary")
     if not args.get("primary"):
@@ -95,10 +90,11 @@ async def _proxy_volume_create(store: Store, args: dict[str, Any], progress: Pro
     region = parse_size(args["drl_region"], "--drl-region") if args.get("drl_region") else DEFAULT_REGION
     rate = parse_size(args["copy_rate"], "--copy-rate") if args.get("copy_rate") else 0
     initial = args.get("initial_copy", True)
-    vol = create_proxy_volume(
-        store, args["name"], size, args["primary"], ack=args.get("ack") or "primary",
+    vol = store.create_volume(VolumeSpec(
+        args["name"], size, "proxy", args["primary"], ack=args.get("ack") or "primary",
         drl_region=region, initial_copy=initial, copy_rate=rate,
-    )
+    ))
+    assert isinstance(vol, ProxyVolume)
     copied = await vol.wait_initial_copy(progress, rate) if initial else 0
     return {"volume": vol.name, "size": vol.size, "mode": "proxy", "primary": vol.primary_spec,
             "ack": vol.ack, "initial_copy_bytes": copied}
@@ -148,9 +144,7 @@ async def _initial_copy(vol: Volume, image: str, fmt: str, progress: Progress) -
                 if not data:
                     break
                 if data != zero[: len(data)]:
-                    seq, loc = vol.journal.append_write(pos, data, init=True)
-                    vol.maps.add_write(seq, pos, pos + len(data), loc)
-                    vol._note_live()
+                    vol._record_write(pos, data, init=True)  # the volume's one append path
                     copied += len(data)
                 pos += len(data)
                 if pos % (64 << 20) == 0:
@@ -221,8 +215,8 @@ async def snapshot(store: Store, args: dict[str, Any], progress: Progress) -> An
 async def rewind(store: Store, args: dict[str, Any], progress: Progress) -> Any:
     vol = store.volume(args.get("volume"))
     target = vol.resolve_point(args["to"])
-    if vol.mode == "proxy":  # also rewrites the primary, with progress
-        seq = await vol.rewind(target, progress=progress)  # type: ignore[call-arg]
+    if isinstance(vol, ProxyVolume):  # also rewrites the primary, with progress
+        seq = await vol.rewind(target, progress=progress)
     else:
         seq = await vol.rewind(target)
     return {"volume": vol.name, "rewind_seq": seq, "target_seq": target, "to": args["to"]}
@@ -297,8 +291,6 @@ async def verify(store: Store, args: dict[str, Any], progress: Progress) -> Any:
     """Check every record of every (or one) volume's journal, the map files and manifest
     (checksums; nothing past the journal), the markers and the file catalog (SQLite
     integrity). Result ``ok`` is False when anything is damaged."""
-    from cdp.verify import CATALOG_FILE, verify_catalog, verify_maps, verify_volume_dir
-
     loop = asyncio.get_running_loop()
     names = [args["volume"]] if args.get("volume") else sorted(store.volumes)
     results = []
@@ -315,7 +307,7 @@ async def verify(store: Store, args: dict[str, Any], progress: Progress) -> Any:
         vol.journal.sync()
         durable = vol.journal.durable_seq
         rep = await loop.run_in_executor(None, verify_journal, vol.path / "journal")
-        problems = [dict(p) if isinstance(p, dict) else _as_dict(p) for p in rep.problems]
+        problems = [problem_dict(p) for p in rep.problems]
         for p in problems:
             p.setdefault("what", "journal")
         for m in vol.markers:
@@ -341,16 +333,6 @@ async def verify(store: Store, args: dict[str, Any], progress: Progress) -> Any:
         )
         progress(i + 1, len(names), "verify")
     return {"ok": all(r["ok"] for r in results), "volumes": results}
-
-
-def _as_dict(p: Any) -> dict[str, Any]:
-    if hasattr(p, "to_dict"):
-        return dict(p.to_dict())
-    if hasattr(p, "__dataclass_fields__"):
-        from dataclasses import asdict
-
-        return asdict(p)
-    return {"reason": str(p)}
 
 
 OPS: dict[str, Callable[[Store, dict[str, Any], Progress], Awaitable[Any]]] = {
@@ -380,7 +362,7 @@ async def run_op(store: Store, op: str, args: dict[str, Any], progress: Progress
     fn = OPS.get(op)
     if fn is None:
         raise UsageError(f"unknown operation {op!r}")
-    return await fn(store, args, progress or _no_progress)
+    return await fn(store, args, progress or no_progress)
 
 
-__all__ = ["OFFLINE_OPS", "OPS", "CdpError", "run_op"]
+__all__ = ["OFFLINE_OPS", "OPS", "run_op"]

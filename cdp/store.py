@@ -7,6 +7,11 @@ Layout (see docs/FORMATS.md, "Store layout")::
     STORE/cdpd.sock           admin API of the running daemon (mode 0600)
     STORE/volumes/NAME/       one protected volume (volume.json, markers.json,
                               journal/, maps/)
+
+The store is the composition root: it picks a volume's kind by volume.json "mode"
+(:data:`VOLUME_KINDS`) and attaches the per-volume services (retention, the file
+catalog) through :meth:`cdp.volume.Volume.attach` (:func:`open_volume`,
+:func:`attach_services`). Nothing below it knows the kinds or the services.
 """
 
 from __future__ import annotations
@@ -17,19 +22,47 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from cdp.catalog.service import attach_catalog
-from cdp.config import VOLUME_NAME, Settings
+from cdp.config import VOLUME_NAME, Settings, VolumeSpec
 from cdp.errors import Corruption, NotFound, StoreLocked, UsageError
-from cdp.volume import Volume, write_file_atomic
+from cdp.fsutil import write_file_atomic
+from cdp.proxy.volume import ProxyVolume
+from cdp.retention.service import attach_retention
+from cdp.volume import Volume, read_meta
 
 log = logging.getLogger("cdp.store")
 
 STORE_FORMAT = 1  # store.json "format"
 SOCKET_NAME = "cdpd.sock"
+
+#: volume.json "mode" -> the volume kind ("mirror" when absent)
+VOLUME_KINDS: dict[str, type[Volume]] = {"mirror": Volume, "proxy": ProxyVolume}
+
+
+def attach_services(vol: Volume) -> None:
+    """Attach the services of a served volume: retention (store cap, expired points,
+    gc), then the file catalog (a background MFT diff at every marker)."""
+    attach_retention(vol)
+    attach_catalog(vol)
+
+
+def open_volume(vdir: Path, settings: Settings) -> Volume:
+    """Open the volume in *vdir* as its kind (volume.json "mode") with its services
+    attached. Corruption for an unknown mode or damaged files; NotFound if none."""
+    mode = read_meta(vdir).get("mode", "mirror")
+    cls = VOLUME_KINDS.get(mode)
+    if cls is None:
+        raise Corruption(f"{vdir / 'volume.json'}: unknown mode {mode!r}")
+    vol = cls.open(vdir, settings)
+    try:
+        attach_services(vol)
+    except BaseException:
+        vol.close()
+        raise
+    return vol
 
 
 class Store:
@@ -78,38 +111,27 @@ class Store:
             for vdir in sorted((path / "volumes").iterdir()):
                 if (vdir / "volume.json").exists():
                     try:
-                        v = Volume.open(vdir, settings)
+                        v = open_volume(vdir, settings)
                     except Corruption as e:
                         store.damaged[vdir.name] = str(e)
                         log.error("volume %s is damaged and not served: %s (stop cdpd and "
                                   "run `cdpctl verify --repair`)", vdir.name, e)
                         continue
                     store.volumes[v.name] = v
-                    attach_catalog(v)  # file catalog: background MFT diff at every marker
             if create:
                 for spec in settings.volumes:
                     if spec.name not in store.volumes and spec.name not in store.damaged:
-                        if spec.mode == "proxy":
-                            from cdp.proxy import create_proxy_volume
-
-                            create_proxy_volume(
-                                store, spec.name, spec.size, spec.primary, ack=spec.ack,
-                                drl_region=spec.drl_region, initial_copy=spec.initial_copy,
-                                copy_rate=spec.copy_rate,
-                            )
-                        else:
-                            store.create_volume(spec.name, spec.size)
+                        store.create_volume(spec)
         except BaseException:
             store.close()
             raise
         return store
 
-    def create_volume(
-        self, name: str, size: int, extra_meta: dict[str, Any] | None = None,
-        prepare: Callable[[Path], None] | None = None,
-    ) -> Volume:
-        """Create a new thin volume (all zeros) named *name* (*extra_meta*, *prepare*:
-        see :meth:`Volume.create`; proxy mode uses them)."""
+    def create_volume(self, spec: VolumeSpec) -> Volume:
+        """Create the volume *spec* describes, of its kind (``spec.mode``): a thin
+        mirror volume (all zeros), or a proxy volume over ``spec.primary`` (its initial
+        copy starts once an event loop runs it). Serves it with its services attached."""
+        name = spec.name
         if not VOLUME_NAME.match(name):
             raise UsageError(
                 f"{name!r} is not a valid volume name (lowercase letters, digits, '_', '.', "
@@ -117,9 +139,24 @@ class Store:
             )
         if name in self.volumes or name in self.damaged:
             raise UsageError(f"volume {name!r} already exists")
-        v = Volume.create(self.path / "volumes" / name, name, size, self.settings, extra_meta, prepare)
+        path = self.path / "volumes" / name
+        v: Volume
+        if spec.mode == "proxy":
+            v = ProxyVolume.create(
+                path, name, spec.size, self.settings, primary=spec.primary, ack=spec.ack,
+                drl_region=spec.drl_region, initial_copy=spec.initial_copy,
+                copy_rate=spec.copy_rate,
+            )
+        elif spec.mode == "mirror":
+            v = Volume.create(path, name, spec.size, self.settings)
+        else:
+            raise UsageError(f"unknown volume mode {spec.mode!r} (mirror or proxy)")
+        try:
+            attach_services(v)
+        except BaseException:
+            v.close()
+            raise
         self.volumes[name] = v
-        attach_catalog(v)  # file catalog: background MFT diff at every marker
         return v
 
     def volume(self, name: str | None) -> Volume:

@@ -1,8 +1,10 @@
-"""Parsing and printing of sizes and durations, shared by the config and the CLI."""
+"""Parsing and printing of sizes, durations and times, shared by the config, the CLI
+and the messages of the volume and retention."""
 
 from __future__ import annotations
 
 import re
+import time
 
 from cdp.errors import UsageError
 
@@ -55,7 +57,8 @@ def parse_size(value: int | str, what: str = "size") -> int:
 
 
 def parse_duration(value: int | float | str, what: str = "duration") -> float:
-    """``"48h"`` → 172800.0 seconds; plain numbers are seconds."""
+    """``"48h"`` → 172800.0 seconds; plain numbers are seconds, and so is ``"0"`` (zero
+    needs no unit: ``gc_interval = "0"``, as the config file writes it)."""
     if isinstance(value, bool):
         raise UsageError(f"{what}: expected a duration, got {value!r}")
     if isinstance(value, int | float):
@@ -66,6 +69,8 @@ def parse_duration(value: int | float | str, what: str = "duration") -> float:
         raise UsageError(f"{what}: expected a duration like '30s' or '48h', got {value!r}")
     m = _NUM_UNIT.match(value)
     unit = m.group(2).lower() if m else ""
+    if m and not unit and float(m.group(1)) == 0:
+        return 0.0
     if not m or unit not in _DURATION_UNITS:
         raise UsageError(
             f"{what}: cannot parse duration {value!r} (units: ms, s, m, h, d, w, y; e.g. '48h')"
@@ -100,3 +105,15 @@ def parse_hostport(value: str, what: str, default_port: int) -> tuple[str, int]:
     if not 0 <= port <= 65535 or not host:
         raise UsageError(f"{what}: expected HOST:PORT with a port 0-65535, got {value!r}")
     return host, port
+
+
+def format_time(ns: int, *, sep: str = " ", zone: bool = False, millis: bool = False) -> str:
+    """Local time of *ns* (Unix epoch ns): ``2026-12-06 10:00:00``. *sep* goes between
+    date and time, *millis* adds ``.123``, *zone* the UTC offset (``+0100``)."""
+    t = time.localtime(ns / 1e9)
+    out = time.strftime(f"%Y-%m-%d{sep}%H:%M:%S", t)
+    if millis:
+        out += f".{(ns // 1_000_000) % 1000:03d}"
+    if zone:
+        out += time.strftime("%z", t)
+    return out

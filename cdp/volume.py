@@ -23,6 +23,20 @@ Design notes
 * Everything runs on the daemon's event loop thread; methods return plain values when
   they can complete at once, and an awaitable only when they must wait (durability,
   pause) — the NBD server then needs no task per request.
+* **One append path.** Every record a volume kind appends goes through
+  ``_record_write`` / ``_record_zero`` / ``_record_error`` (markers and rewinds have
+  their own methods): journal append, map add, ``on_record`` to the services, one more
+  live-window entry and, when the window is full, the non-blocking :meth:`_seal_soon`.
+  Host request counters (``writes``, ``bytes_written``) stay with the host paths.
+* **Services** (:class:`VolumeService`) are what the volume knows of the world above
+  it: the store attaches retention and the file catalog (next: replication, tiering,
+  the ransomware sentinel) with :meth:`Volume.attach`, the way nbdkit filters sit on a
+  plugin. The volume calls them at fixed events (a host write about to be appended,
+  a record appended, a seal, a marker, a rewind, an unresolvable point, close); every
+  callback defaults to "pass through". The volume imports no service and works with
+  none (tests, tools). Hot path: a write calls only the services that override
+  ``admit_write`` / ``on_record`` (two tuples kept by :meth:`attach`), so with the
+  store's services a write pays one call (retention's O(1) cap check).
 """
 
 from __future__ import annotations
@@ -30,66 +44,33 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import time
 import uuid
 from array import array
 from bisect import bisect_left, bisect_right
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 from cdp.config import MapSettings, Settings
 from cdp.errors import CdpError, Corruption, NotFound, OutOfRange, PointError, UsageError
+from cdp.fsutil import write_file_atomic
 from cdp.journal import Journal, RecordKind
+from cdp.markers import Marker, load_markers, save_markers
 from cdp.points import PointKind, PointSpec, parse_point
-from mapengine import HOLE_LOC, ZERO_LOC, Extent, MapHistory, MergePolicy
+from cdp.units import format_time
+from mapengine import HOLE_LOC, Extent, MapHistory, MergePolicy
 from mapengine.errors import MapError, MapExpired
 
 log = logging.getLogger("cdp.volume")
 
 VOLUME_FORMAT = 1  # volume.json "format"; bump on an incompatible change
-MARKERS_FORMAT = 1  # markers.json "format"
 
 # NBD base:allocation flags, also used for our own block status answers
 STATE_HOLE = 1
 STATE_ZERO = 2
-
-
-@dataclass(frozen=True)
-class Marker:
-    id: int
-    seq: int
-    time_ns: int
-    label: str
-
-    @property
-    def name(self) -> str:
-        return f"marker{self.id}"
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["name"] = self.name
-        return d
-
-
-def write_file_atomic(path: Path, data: bytes) -> None:
-    """Write *path* via temp file + fsync + rename + directory fsync (all or nothing)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    dfd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
 
 
 def map_policy(m: MapSettings) -> MergePolicy:
@@ -170,11 +151,63 @@ class _ViewRegions:
         self.used = 0
 
 
+class VolumeService:
+    """A per-volume service, attached with :meth:`Volume.attach` (retention, the file
+    catalog; next: replication, tiering, the ransomware sentinel).
+
+    Every callback here passes through (does nothing), like an nbdkit filter that
+    does not override a call: a service overrides what it needs. The volume calls them
+    synchronously on the event loop, in the order the services were attached; none may
+    block. A service that needs to do I/O starts its own task (the catalog does).
+    """
+
+    def admit_write(self, vol: Volume, nbytes: int) -> None:
+        """Before a host write (*nbytes* of payload) or zero (*nbytes* 0) is appended:
+        raise a CdpError to refuse it (nothing is appended; the host gets its errno).
+        Not called for INIT records or a proxy's catch-up. Hot path: O(1)."""
+
+    def on_record(self, vol: Volume, kind: RecordKind, seq: int, offset: int, length: int,
+                  payload: bytes | bytearray | memoryview | None) -> None:
+        """After every record is appended (WRITE, ZERO, INIT, ERROR, MARKER, REWIND), in
+        seq order; the record is not durable yet (``vol.journal.durable_seq``). *payload*
+        is the caller's buffer for WRITE/INIT (copy what you keep), else None. Hot path:
+        no I/O, no blocking."""
+
+    def on_sealed(self, vol: Volume, seq: int) -> None:
+        """The live window was sealed into map files through *seq* (every record up to
+        it is durable and in the maps)."""
+
+    def on_marker(self, vol: Volume, marker: Marker) -> None:
+        """*marker* is durable, listed in markers.json and sealed."""
+
+    def on_rewind(self, vol: Volume, seq: int, target_seq: int) -> None:
+        """REWIND record *seq* (the volume is now what it was at *target_seq*) is
+        durable and the maps are sealed."""
+
+    def point_error(self, vol: Volume, seq: int, what: str | None) -> CdpError | None:
+        """Point *seq* (asked for as *what*, e.g. ``marker3``) can no longer be resolved:
+        the error to raise, or None to leave it to the next service (the volume's own
+        answer is a plain PointError)."""
+        return None
+
+    def close(self, vol: Volume) -> None:
+        """*vol* is closing (before its final seal): stop work that uses it."""
+
+
+def _overrides(svc: VolumeService, name: str) -> bool:
+    return getattr(type(svc), name) is not getattr(VolumeService, name)
+
+
 class Volume:
-    """One protected volume in ``STORE/volumes/NAME``. Not thread-safe (event loop only)."""
+    """One protected volume in ``STORE/volumes/NAME``. Not thread-safe (event loop only).
+
+    A subclass (a volume kind, e.g. :class:`cdp.proxy.volume.ProxyVolume`) appends
+    records only through ``_record_write`` / ``_record_zero`` / ``_record_error``, asks
+    the services with ``_admit`` before a host write, and may override ``_opened``.
+    """
 
     #: "mirror": the host writes its primary itself and mirrors to us; "proxy": we own the
-    #: primary too (cdp.proxy.ProxyVolume, chosen by volume.json "mode")
+    #: primary too (cdp.proxy.volume.ProxyVolume; the store picks the kind by volume.json "mode")
     mode = "mirror"
 
     def __init__(
@@ -208,9 +241,9 @@ class Volume:
         self._sync_always = settings.journal.sync == "always"
         self._gate: asyncio.Future[None] | None = None
         self.connections = 0
-        #: called (synchronously, on the event loop) after each marker is durable and
-        #: sealed; listeners start background work themselves (the file catalog does)
-        self.marker_listeners: list[Callable[[Volume, Marker], None]] = []
+        self._services: tuple[VolumeService, ...] = ()
+        self._admitters: tuple[VolumeService, ...] = ()  # those overriding admit_write
+        self._recorders: tuple[VolumeService, ...] = ()  # those overriding on_record
         # counters for status and metrics
         self.writes = 0
         self.bytes_written = 0
@@ -219,60 +252,64 @@ class Volume:
         self.flushes = 0
         self.flush_seconds = 0.0
         self.replayed = 0
-        from cdp.retention import Retention  # policy, expired points, store cap, gc
 
-        self.retention = Retention(self)
+    # ------------------------------------------------------------------ services
+
+    def attach(self, service: VolumeService) -> None:
+        """Attach *service*: from now on the volume calls it at every event (see
+        :class:`VolumeService`). Attaching the same object again does nothing."""
+        if service in self._services:
+            return
+        self._services = (*self._services, service)
+        self._admitters = tuple(s for s in self._services if _overrides(s, "admit_write"))
+        self._recorders = tuple(s for s in self._services if _overrides(s, "on_record"))
+
+    @property
+    def services(self) -> tuple[VolumeService, ...]:
+        """The attached services, in attach order."""
+        return self._services
 
     # ------------------------------------------------------------------ lifecycle
 
-    @classmethod
-    def create(
-        cls, path: Path, name: str, size: int, settings: Settings,
-        extra_meta: dict[str, Any] | None = None,
-        prepare: Callable[[Path], None] | None = None,
-    ) -> Volume:
-        """Create an empty (all-zero, thin) volume directory and open it. *extra_meta*:
-        more volume.json keys (proxy mode); *prepare(path)* runs before the first open."""
+    @staticmethod
+    def _new_meta(path: Path, name: str, size: int) -> dict[str, Any]:
+        """Check *size*, create the (new) volume directory *path* and return the base
+        keys of its volume.json. A volume kind adds its keys and files, then calls
+        :meth:`_write_meta` (volume.json last: a directory without it is no volume)."""
         if size <= 0 or size % 512:
             raise UsageError(f"volume size must be a positive multiple of 512, got {size}")
         if path.exists():
             raise UsageError(f"volume {name!r} already exists in {path.parent}")
         path.mkdir(parents=True)
-        meta = {
+        return {
             "format": VOLUME_FORMAT,
             "name": name,
             "size": size,
             "uuid": str(uuid.uuid4()),
             "created_ns": time.time_ns(),
         }
-        meta.update(extra_meta or {})
-        if prepare is not None:
-            prepare(path)
+
+    @staticmethod
+    def _write_meta(path: Path, meta: dict[str, Any]) -> None:
         write_file_atomic(path / "volume.json", json.dumps(meta, indent=2).encode() + b"\n")
+
+    @classmethod
+    def create(cls, path: Path, name: str, size: int, settings: Settings) -> Self:
+        """Create an empty (all-zero, thin) volume directory and open it."""
+        meta = cls._new_meta(path, name, size)
+        cls._write_meta(path, meta)
         return cls.open(path, settings)
 
     @classmethod
-    def open(cls, path: Path, settings: Settings) -> Volume:
+    def open(cls, path: Path, settings: Settings) -> Self:
         """Open a volume: journal recovery, map history, replay of unsealed records.
+        Mode-blind: the store picks the class from volume.json's "mode"
+        (:func:`read_meta`). No service is attached.
 
         Cost: O(records after the last sealed map) for the replay.
         """
-        try:
-            meta = json.loads((path / "volume.json").read_text())
-        except FileNotFoundError:
-            raise NotFound(f"no volume at {path}") from None
-        except ValueError as e:
-            raise Corruption(f"{path / 'volume.json'}: not valid JSON: {e}") from None
-        if meta.get("format") != VOLUME_FORMAT:
-            raise Corruption(f"{path / 'volume.json'}: unsupported format {meta.get('format')!r}")
-        mode = meta.get("mode", "mirror")
-        if mode not in ("mirror", "proxy"):
-            raise Corruption(f"{path / 'volume.json'}: unknown mode {mode!r}")
-        if mode == "proxy" and cls is Volume:
-            from cdp.proxy import ProxyVolume  # the appliance owns the primary
-
-            return ProxyVolume.open(path, settings)
-        markers, next_id = _load_markers(path / "markers.json")
+        meta = read_meta(path)
+        markers, next_id = load_markers(path / "markers.json")
         journal = Journal.open(
             path / "journal",
             segment_bytes=settings.journal.segment_bytes,
@@ -353,6 +390,11 @@ class Volume:
         self.maps.seal()
         self._live_writes = 0
         self._last_seal = time.monotonic()
+        self._sealed()
+
+    def _sealed(self) -> None:
+        for s in self._services:
+            s.on_sealed(self, self.maps.sealed_seq)
 
     def _note_live(self) -> None:
         """One more entry in the live window; start a seal once the window is full."""
@@ -388,6 +430,7 @@ class Volume:
                 return
             if target > self.maps.sealed_seq:  # a blocking seal may have passed it
                 self.maps.seal(target)
+                self._sealed()
             self._last_seal = time.monotonic()
         except asyncio.CancelledError:
             raise
@@ -413,8 +456,13 @@ class Volume:
             self._seal_soon()
 
     def close(self) -> None:
-        """Seal, make the journal durable, close files."""
+        """Tell the services, seal, make the journal durable, close files."""
         self.closed = True
+        for s in self._services:
+            try:
+                s.close(self)
+            except Exception:  # the files are closed anyway
+                log.exception("volume %s: closing service %r failed", self.name, s)
         if self._seal_task is not None:
             self._seal_task.cancel()
             self._seal_task = None
@@ -449,10 +497,21 @@ class Volume:
         return "newest markers: " + ", ".join(names)
 
     def resolve_point(self, point: str | PointSpec, *, now_ns: int | None = None) -> int:
-        """:meth:`_resolve_point` plus retention: PointError (naming the nearest retained
-        points) for a point that was expired."""
+        """:meth:`_resolve_point`, then a point the maps can no longer resolve (expired
+        by retention) raises the services' :meth:`VolumeService.point_error` (retention
+        names the nearest retained points). Cost: O(log n) + O(markers)."""
         seq = self._resolve_point(point, now_ns=now_ns)
-        return self.retention.check_point(seq, point if isinstance(point, str) else None)
+        if not self.maps.resolvable(seq):
+            raise self._point_error(seq, point if isinstance(point, str) else None)
+        return seq
+
+    def _point_error(self, seq: int, what: str | None) -> CdpError:
+        for s in self._services:
+            e = s.point_error(self, seq, what)
+            if e is not None:
+                return e
+        return PointError(f"volume {self.name}: {what or f'@{seq}'} (@{seq}) can no longer "
+                          "be resolved (expired)")
 
     def _resolve_point(self, point: str | PointSpec, *, now_ns: int | None = None) -> int:
         """Turn a point (``marker3``, a label, ``@SEQ``, a time, ``-10m``) into a seq.
@@ -498,7 +557,7 @@ class Volume:
         if ns < first:
             raise PointError(
                 f"volume {self.name}: {spec.text} is before the first write "
-                f"(at {_fmt_ns(first)})"
+                f"(at {format_time(first, sep='T', zone=True)})"
             )
         return self.journal.seq_at_time(ns)
 
@@ -517,12 +576,11 @@ class Volume:
         self._check_range(offset, len(data))
         if self._gate is not None:
             return self._after_gate(self.write, offset, data, fua)
-        self.retention.note_write(len(data))
-        seq, loc = self.journal.append_write(offset, data)
-        self.maps.add_write(seq, offset, offset + len(data), loc)
+        for s in self._admitters:
+            s.admit_write(self, len(data))
+        self._record_write(offset, data)
         self.writes += 1
         self.bytes_written += len(data)
-        self._note_live()
         if fua or self._sync_always:
             return self.flush()
         return None
@@ -534,13 +592,51 @@ class Volume:
             return None
         if self._gate is not None:
             return self._after_gate(self.zero, offset, length, fua)
-        seq, _loc = self.journal.append_zero(offset, length)
-        self.maps.add_zero(seq, offset, offset + length)
+        self._admit(0)
+        self._record_zero(offset, length)
         self.writes += 1
-        self._note_live()
         if fua or self._sync_always:
             return self.flush()
         return None
+
+    # the one append path (see the design notes); callers check ranges and admission
+
+    def _admit(self, nbytes: int) -> None:
+        """Ask the services whether a host write of *nbytes* (0: a zero) may be appended."""
+        for s in self._admitters:
+            s.admit_write(self, nbytes)
+
+    def _record_write(self, offset: int, data: bytes | bytearray | memoryview, *,
+                      init: bool = False) -> int:
+        """Append a WRITE (INIT with *init*) record of *data* at *offset* and feed it to
+        the maps and services; returns its seq. Journal errors propagate (nothing was
+        appended). O(1) amortised; a full live window is sealed by a task
+        (:meth:`_seal_soon`), not on the caller's time."""
+        seq, loc = self.journal.append_write(offset, data, init=init)
+        n = len(data)
+        self.maps.add_write(seq, offset, offset + n, loc)
+        for s in self._recorders:
+            s.on_record(self, RecordKind.INIT if init else RecordKind.WRITE, seq, offset, n, data)
+        self._note_live()
+        return seq
+
+    def _record_zero(self, offset: int, length: int) -> int:
+        """Append a ZERO record (trim / write-zeroes): as :meth:`_record_write`."""
+        seq, _loc = self.journal.append_zero(offset, length)
+        self.maps.add_zero(seq, offset, offset + length)
+        for s in self._recorders:
+            s.on_record(self, RecordKind.ZERO, seq, offset, length, None)
+        self._note_live()
+        return seq
+
+    def _record_error(self, code: int, offset: int, length: int, message: str) -> int:
+        """Append an ERROR record (what failed where; the maps get a seq that changes
+        no data); returns its seq."""
+        seq, _loc = self.journal.append_error(code, offset, length, message)
+        self.maps.note_seq(seq)
+        for s in self._recorders:
+            s.on_record(self, RecordKind.ERROR, seq, offset, length, None)
+        return seq
 
     async def flush(self) -> None:
         """Durable: every record appended before the call (group commit)."""
@@ -624,7 +720,7 @@ class Volume:
         try:
             return self.maps.resolve(seq, start, end)
         except MapExpired:
-            raise self.retention.expired_error(seq) from None
+            raise self._point_error(seq, None) from None
         except MapError as e:
             raise Corruption(f"volume {self.name}: map history: {e}") from e
 
@@ -702,6 +798,8 @@ class Volume:
         self._next_marker_id += 1
         seq, _loc = self.journal.append_marker(mid, label)
         self.maps.note_seq(seq)
+        for s in self._recorders:
+            s.on_record(self, RecordKind.MARKER, seq, 0, 0, None)
         await self.journal.commit()
         m = Marker(mid, seq, self.journal.time_of_seq(seq), label)
         self._markers.append(m)
@@ -710,8 +808,9 @@ class Volume:
         if seq > self.maps.sealed_seq and not self.maps.retaining:
             self.maps.seal(seq)
             self._last_seal = time.monotonic()
-        for listener in list(self.marker_listeners):
-            listener(self, m)
+            self._sealed()
+        for s in self._services:
+            s.on_marker(self, m)
         return m
 
     async def rewind(self, target_seq: int) -> int:
@@ -723,10 +822,14 @@ class Volume:
         while self.maps.retaining:  # add_rewind starts an epoch: not while retain builds
             await asyncio.sleep(0.01)
         seq, _loc = self.journal.append_rewind(target_seq)
+        for s in self._recorders:
+            s.on_record(self, RecordKind.REWIND, seq, 0, 0, None)
         self.journal.sync()  # add_rewind persists the maps at once: the record first
         self.maps.add_rewind(seq, target_seq)
         await self.journal.commit()
         self.seal()
+        for s in self._services:
+            s.on_rewind(self, seq, target_seq)
         return seq
 
     def pause(self) -> None:
@@ -776,12 +879,7 @@ class Volume:
     # ------------------------------------------------------------------ persistence
 
     def _save_markers(self) -> None:
-        doc = {
-            "format": MARKERS_FORMAT,
-            "next_id": self._next_marker_id,
-            "markers": [asdict(m) for m in self._markers],
-        }
-        write_file_atomic(self.path / "markers.json", json.dumps(doc, indent=1).encode() + b"\n")
+        save_markers(self.path / "markers.json", self._markers, self._next_marker_id)
 
 
 @dataclass(frozen=True)
@@ -793,30 +891,27 @@ class _Hole:
     poff: int = 0
 
 
-def _load_markers(path: Path) -> tuple[list[Marker], int]:
+def read_meta(path: Path) -> dict[str, Any]:
+    """The volume.json of volume directory *path* (NotFound if there is none,
+    Corruption if it is not a volume.json of a known format)."""
     try:
-        doc = json.loads(path.read_text())
+        meta = json.loads((path / "volume.json").read_text())
     except FileNotFoundError:
-        return [], 1
+        raise NotFound(f"no volume at {path}") from None
     except ValueError as e:
-        raise Corruption(f"{path}: not valid JSON: {e}") from None
-    try:
-        if doc["format"] != MARKERS_FORMAT:
-            raise Corruption(f"{path}: unsupported format {doc['format']!r}")
-        markers = [Marker(**m) for m in doc["markers"]]
-        return markers, int(doc["next_id"])
-    except (KeyError, TypeError) as e:
-        raise Corruption(f"{path}: malformed markers file: {e}") from None
-
-
-def _fmt_ns(ns: int) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(ns / 1e9))
+        raise Corruption(f"{path / 'volume.json'}: not valid JSON: {e}") from None
+    if not isinstance(meta, dict) or meta.get("format") != VOLUME_FORMAT:
+        fmt = meta.get("format") if isinstance(meta, dict) else None
+        raise Corruption(f"{path / 'volume.json'}: unsupported format {fmt!r}")
+    return meta
 
 
 __all__ = [
-    "HOLE_LOC",
-    "ZERO_LOC",
-    "CdpError",
-    "Marker",
+    "STATE_HOLE",
+    "STATE_ZERO",
+    "VOLUME_FORMAT",
     "Volume",
+    "VolumeService",
+    "map_policy",
+    "read_meta",
 ]

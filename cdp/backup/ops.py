@@ -31,10 +31,9 @@ from cdp.backup.pipe import BATCH_BYTES, Pipe
 from cdp.backup.sinks import NbdSink, Sink, StreamSink
 from cdp.errors import UsageError
 from cdp.outputs import commit_partial, open_partial, output_error
+from cdp.progress import Progress
 from cdp.store import Store
 from cdp.volume import Volume
-
-Progress = Callable[[int, int, str], None]
 
 #: the map work of one step (a window of the volume) before yielding to the loop
 WINDOW = 4 << 30

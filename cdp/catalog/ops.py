@@ -17,9 +17,8 @@ from cdp.ntfs.attribute import DataStream
 from cdp.ntfs.mft import NtfsVolume
 from cdp.ntfs.runlist import read_runs
 from cdp.outputs import commit_partial, discard_partial, open_partial, set_size, write_at
+from cdp.progress import Progress
 from cdp.store import Store
-
-Progress = Callable[[int, int, str], None]
 
 
 def _header(vol_name: str, point: str, view: View) -> dict[str, Any]:

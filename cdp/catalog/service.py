@@ -2,12 +2,12 @@
 
 Design notes
 ------------
-* :func:`attach_catalog` registers :meth:`CatalogService.on_marker` as a marker listener.
-  The listener only queues the marker; one task per volume drains the queue in marker
-  order on the daemon's event loop, in chunks of ~1000 records with
-  ``await asyncio.sleep(0)`` between them (the Volume is not thread-safe, so there is
-  no worker thread). Ingest keeps flowing; a version appears in the catalog when its
-  single transaction commits.
+* :func:`attach_catalog` attaches a :class:`CatalogService` to the volume (a
+  :class:`~cdp.volume.VolumeService`; only ``on_marker`` is overridden). The hook only
+  queues the marker; one task per volume drains the queue in marker order on the
+  daemon's event loop, in chunks of ~1000 records with ``await asyncio.sleep(0)``
+  between them (the Volume is not thread-safe, so there is no worker thread). Ingest
+  keeps flowing; a version appears in the catalog when its single transaction commits.
 * Markers taken while the daemon was down (or before the catalog existed) are caught
   up when the service is attached on a running loop.
 * A failure (damaged journal bytes, a bug) is logged and that marker is skipped; the
@@ -23,14 +23,15 @@ from typing import Any
 
 from cdp.catalog.db import CATALOG_FILE, Catalog, Version
 from cdp.catalog.indexer import Computed, View, compute, gc_paused, persist
-from cdp.volume import Marker, Volume
+from cdp.markers import Marker
+from cdp.volume import Volume, VolumeService
 
 log = logging.getLogger("cdp.catalog")
 
 _services: weakref.WeakKeyDictionary[Volume, CatalogService] = weakref.WeakKeyDictionary()
 
 
-class CatalogService:
+class CatalogService(VolumeService):
     """The catalog of one volume and its background indexer."""
 
     def __init__(self, volume: Volume) -> None:
@@ -49,8 +50,8 @@ class CatalogService:
 
     # ------------------------------------------------------------------ scheduling
 
-    def on_marker(self, volume: Volume, marker: Marker) -> None:
-        """Marker listener (runs on the event loop): queue the marker. O(1)."""
+    def on_marker(self, vol: Volume, marker: Marker) -> None:
+        """Service hook (on the event loop): queue the marker. O(1)."""
         self._pending.append(marker)
         self._kick()
 
@@ -147,7 +148,11 @@ def changed_to(vol: Volume, seq: int) -> Any:
 
 
 def service_for(volume: Volume) -> CatalogService:
-    """The volume's catalog service (created, without a marker listener, if needed)."""
+    """The volume's catalog service: the attached one, else one created (and kept)
+    without attaching it (it then sees no markers)."""
+    for s in volume.services:
+        if isinstance(s, CatalogService):
+            return s
     svc = _services.get(volume)
     if svc is None:
         svc = _services[volume] = CatalogService(volume)
@@ -155,11 +160,10 @@ def service_for(volume: Volume) -> CatalogService:
 
 
 def attach_catalog(volume: Volume) -> CatalogService:
-    """Keep *volume*'s file catalog up to date: register the marker listener and, when
-    called on a running event loop, queue the markers not catalogued yet. Idempotent."""
+    """Keep *volume*'s file catalog up to date: attach its service and, when called on
+    a running event loop, queue the markers not catalogued yet. Idempotent."""
     svc = service_for(volume)
-    if svc.on_marker not in volume.marker_listeners:
-        volume.marker_listeners.append(svc.on_marker)
+    volume.attach(svc)
     try:
         asyncio.get_running_loop()
     except RuntimeError:

@@ -18,6 +18,7 @@ from cdp.config import load_config
 from cdp.errors import DaemonUnavailable, UsageError
 from cdp.ops import OFFLINE_OPS, run_op
 from cdp.store import SOCKET_NAME, Store
+from cdp.units import format_time
 
 
 class Context:
@@ -90,9 +91,8 @@ def table(rows: Sequence[Sequence[Any]], headers: Sequence[str]) -> str:
 
 
 def fmt_time(ns: int | None) -> str:
-    if not ns:
-        return "-"
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ns / 1e9)) + f".{(ns // 1_000_000) % 1000:03d}"
+    """A time in a table: ``2026-12-06 10:00:00.123`` (local), ``-`` for none."""
+    return format_time(ns, millis=True) if ns else "-"
 
 
 class ProgressBar:

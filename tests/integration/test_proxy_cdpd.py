@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from cdp.drl import read_drl
+from cdp.proxy.drl import read_drl
 from tests.conftest import require_tool
 from tools.harness import Cdpd, run
 

@@ -156,3 +156,16 @@ def test_sigterm_during_gc_tells_the_client_and_stops_cleanly(tmp_path: Path) ->
             proc.kill()
             proc.wait()
         d.stop()
+
+
+def test_cdpd_starts_with_gc_interval_zero_as_documented(tmp_path: Path) -> None:
+    """config/cdp.toml and docs/RETENTION.md write gc_interval = "0" for "no scheduled gc,
+    only gc --now": cdpd starts with it (it refused "cannot parse duration") and says so."""
+    d = Cdpd(tmp_path, size="16MiB", extra_config='[retention]\ngc_interval = "0"\n').start()
+    try:
+        shown = d.cdpctl_json("retention", "show", "--json")
+        assert shown["gc_interval_s"] == 0, shown
+        r = json.loads(d.cdpctl("gc", "--now", "--json").stdout)
+        assert r["volume"] == "vol0" and "bytes_after" in r, r  # gc --now still runs
+    finally:
+        assert d.stop() == 0

@@ -56,6 +56,19 @@ def test_missing_and_malformed_files(tmp_path: Path) -> None:
         load_config(bad)
 
 
+def test_gc_interval_zero_as_the_config_file_writes_it(tmp_path: Path) -> None:
+    """config/cdp.toml and docs/RETENTION.md: gc_interval = "0" means only gc --now."""
+    f = tmp_path / "cdp.toml"
+    f.write_text('[retention]\ngc_interval = "0"\n[[volume]]\nname = "v"\nsize = "1MiB"\n'
+                 '[volume.retention]\ngc_interval = "0s"\n')
+    s = load_config(f)
+    assert s.retention.gc_interval == 0 and s.retention_for("v").gc_interval == 0
+    for bad in ('"10"', '"-0"', '"0x"'):  # other numbers still need a unit
+        f.write_text(f"[retention]\ngc_interval = {bad}\n")
+        with pytest.raises(ConfigError, match=r"retention\.gc_interval"):
+            load_config(f)
+
+
 def test_iscsi_chap() -> None:
     s = parse_config(
         {"iscsi": {"chap": {"vol0": {"user": "u", "secret": "s" * 12,

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from cdp.drl import PAGE, DirtyRegionLog, read_drl
 from cdp.errors import Corruption, UsageError
+from cdp.proxy.drl import PAGE, DirtyRegionLog, read_drl
 
 
 def test_round_trip_bits_and_header_fields(tmp_path: Path) -> None:

@@ -1,5 +1,6 @@
 """Architectural layers, enforced: mapengine never imports cdp; protocol cores never do
-I/O; only cdp/journal touches segment files."""
+I/O; only cdp/journal touches segment files; the volume is the core and the store the
+composition root."""
 
 from __future__ import annotations
 
@@ -59,3 +60,21 @@ def test_only_journal_touches_segment_files() -> None:
         assert ".seg\"" not in text and ".seg'" not in text, (
             f"{f.relative_to(ROOT)} names segment files; only cdp/journal may"
         )
+
+
+def _under(names: set[str], *packages: str) -> set[str]:
+    return {m for m in names if any(m == p or m.startswith(p + ".") for p in packages)}
+
+
+def test_volume_is_the_core_and_the_store_composes() -> None:
+    """docs/ARCHITECTURE.md ("Services"): cdp.volume imports no volume kind, service or
+    store; the kinds and services (proxy, retention, the catalog service) import no
+    store. Any import counts, also one inside a function."""
+    bad = _under(_imports(ROOT / "cdp" / "volume.py"),
+                 "cdp.store", "cdp.proxy", "cdp.retention", "cdp.catalog", "cdp.ops")
+    assert not bad, f"cdp/volume.py imports {sorted(bad)}"
+    below_store = [*_py_files("cdp", "proxy"), ROOT / "cdp" / "retention" / "policy.py",
+                   ROOT / "cdp" / "retention" / "service.py", ROOT / "cdp" / "catalog" / "service.py"]
+    for f in below_store:
+        bad = _under(_imports(f), "cdp.store", "cdp.ops", "cdp.admin", "cdp.daemon")
+        assert not bad, f"{f.relative_to(ROOT)} imports {sorted(bad)}"

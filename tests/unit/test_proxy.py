@@ -14,17 +14,12 @@ from typing import Any
 
 import pytest
 
-from cdp.config import MapSettings, Settings
-from cdp.drl import read_drl
+from cdp.config import MapSettings, RetentionSettings, Settings, VolumeSpec
 from cdp.errors import Corruption, StoreFull
 from cdp.journal import RecordKind
-from cdp.proxy import (
-    ERR_CRASH_RECONCILE,
-    ERR_JOURNAL_GAP,
-    ERR_PRIMARY_WRITE,
-    ProxyVolume,
-    create_proxy_volume,
-)
+from cdp.proxy.base import ERR_CRASH_RECONCILE, ERR_JOURNAL_GAP, ERR_PRIMARY_WRITE
+from cdp.proxy.drl import read_drl
+from cdp.proxy.volume import ProxyVolume
 from cdp.store import Store
 from cdp.volume import Volume
 
@@ -84,6 +79,13 @@ async def drive(vol: Volume, model: bytearray, rng: random.Random, n: int, conc:
 
 def open_store(tmp: Path) -> Store:
     return Store.open(settings(tmp))
+
+
+def create_proxy_volume(store: Store, name: str, size: int, primary: str, **kw: Any) -> ProxyVolume:
+    """A proxy volume over *primary* (keyword arguments: the VolumeSpec's proxy keys)."""
+    vol = store.create_volume(VolumeSpec(name, size, "proxy", primary, **kw))
+    assert isinstance(vol, ProxyVolume)
+    return vol
 
 
 def test_initial_copy_then_io_keeps_primary_and_journal_equal(tmp_path: Path) -> None:
@@ -410,5 +412,73 @@ def test_interrupted_rewind_is_completed_at_open(tmp_path: Path) -> None:
         assert v2.status()["proxy"]["reconcile"]["direction"].startswith("journal->primary")
         assert prim.read_bytes() == target == journal_image(v2)
         store2.close()
+
+    asyncio.run(main())
+
+
+def proxy_settings(tmp: Path, prim: Path, **retention: Any) -> Settings:
+    """One proxy volume "p" over *prim* (no initial copy), created at Store.open."""
+    return replace(settings(tmp), volumes=(VolumeSpec("p", 0, "proxy", str(prim), initial_copy=False),),
+                   retention=replace(RetentionSettings(), **retention))
+
+
+def test_proxy_writes_seal_in_the_background_not_on_the_loop(tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """A burst of host writes past l0_max_writes seals the live window as a mirror volume
+    does (a task waits for the journal's group commit, then seals): the write path never
+    runs the blocking Volume.seal, whose journal fdatasync would stall the event loop."""
+    prim = tmp_path / "primary.img"
+    prim.write_bytes(bytes(SIZE))
+    blocking: list[int] = []
+    real_seal = Volume.seal
+
+    def seal(self: Volume) -> None:
+        blocking.append(self.head_seq)
+        real_seal(self)
+
+    async def main() -> None:
+        s = proxy_settings(tmp_path, prim)
+        store = Store.open(s)
+        vol = store.volume("p")
+        l0 = s.maps.l0_max_writes
+        monkeypatch.setattr(Volume, "seal", seal)
+        rng = random.Random(4)
+        for _ in range(2 * l0 + l0 // 2):  # never 4 windows behind: no fallback to a blocking seal
+            await vol.write(rng.randrange(SIZE // 4096) * 4096, rng.randbytes(4096))
+        await vol.flush()
+        for _ in range(1000):
+            if vol.maps.sealed_seq >= l0:
+                break
+            await asyncio.sleep(0.01)
+        assert vol.maps.sealed_seq >= l0  # sealed, in the background
+        assert blocking == []
+        monkeypatch.undo()
+        store.close()
+
+    asyncio.run(main())
+
+
+def test_refuse_mode_store_cap_refuses_proxy_host_writes(tmp_path: Path) -> None:
+    """docs/RETENTION.md: with on_full = "refuse" host writes fail with StoreFull (ENOSPC)
+    while the store is over its cap, in proxy mode too (as test_retention checks for a
+    mirror volume); a refused write reaches neither the journal nor the primary."""
+    prim = tmp_path / "primary.img"
+    prim.write_bytes(bytes(SIZE))
+
+    async def main() -> None:
+        store = Store.open(proxy_settings(tmp_path, prim, max_store_bytes=2 << 20, on_full="refuse"))
+        vol = store.volume("p")
+        rng = random.Random(1)
+        with pytest.raises(StoreFull):
+            for i in range(2000):
+                await vol.write((i % 64) * 4096, rng.randbytes(4096))
+        n = vol.head_seq
+        with pytest.raises(StoreFull):
+            await vol.write(SIZE - 4096, b"R" * 4096)
+        assert vol.head_seq == n  # not journalled
+        await vol.flush()
+        assert prim.read_bytes()[SIZE - 4096:] == bytes(4096)  # not on the primary either
+        assert journal_image(vol) == prim.read_bytes()
+        store.close()
 
     asyncio.run(main())

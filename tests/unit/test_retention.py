@@ -16,7 +16,8 @@ import pytest
 from cdp.config import JournalSettings, MapSettings, RetentionSettings, Settings, parse_config
 from cdp.errors import ConfigError, PointError, StoreFull
 from cdp.journal import verify_journal
-from cdp.retention import policy_points
+from cdp.retention.policy import policy_points
+from cdp.retention.service import attach_retention, retention_of
 from cdp.volume import Volume
 
 SIZE = 1 << 20
@@ -59,13 +60,14 @@ def test_gc_real_time_policy(tmp_path: Path) -> None:
     async def main() -> None:
         s = settings(tmp_path, ["all 2s", "1s 4s"])
         vol = Volume.create(tmp_path / "v", "v", SIZE, s)
+        attach_retention(vol)
         rng = random.Random(5)
         model = bytearray(SIZE)
         states: dict[int, bytes] = {0: bytes(SIZE)}
         await _writes(vol, rng, model, 2.5, states)
         m_keep = await vol.snapshot("keepme")
         states[m_keep.seq] = bytes(model)
-        vol.retention.keep_marker(m_keep.id, -1)
+        retention_of(vol).keep_marker(m_keep.id, -1)
         m_fade = await vol.snapshot("")
         states[m_fade.seq] = bytes(model)
         # 6.5 s: m_fade then lies past both tiers (2 s + 4 s). At 5 s it sat in the 1 s
@@ -74,7 +76,7 @@ def test_gc_real_time_policy(tmp_path: Path) -> None:
         await _writes(vol, rng, model, 6.5, states)
         await vol.flush()
         before = vol.journal.stats().file_bytes
-        r = await vol.retention.gc()
+        r = await retention_of(vol).gc()
         assert r["expired_seqs"] > 0 and r["segments_compacted"] > 0
         after = vol.journal.stats().file_bytes
         assert after < before
@@ -106,6 +108,7 @@ def test_gc_real_time_policy(tmp_path: Path) -> None:
         vol.close()
         assert verify_journal(tmp_path / "v" / "journal").ok
         vol = Volume.open(tmp_path / "v", s)
+        attach_retention(vol)
         for seq in [*sorted(retained)[:5], ka, vol.head_seq]:
             assert vol.read(0, SIZE, seq) == states.get(seq, states[max(k for k in states if k <= seq)])
         vol.close()
@@ -156,11 +159,12 @@ def test_store_cap_refuse_and_expire(tmp_path: Path) -> None:
     async def main() -> None:
         s = settings(tmp_path, ["all 1s", "1s 2s"], max_store_bytes=2 << 20, on_full="refuse")
         vol = Volume.create(tmp_path / "r", "r", SIZE, s)
+        attach_retention(vol)
         rng = random.Random(1)
         with pytest.raises(StoreFull):
             for i in range(2000):
                 vol.write((i % 64) * BS, rng.randbytes(BS))
-        assert vol.retention.over_cap
+        assert retention_of(vol).over_cap
         await vol.flush()
         n = vol.head_seq
         # the refused write was not journalled; the others read back
@@ -169,6 +173,7 @@ def test_store_cap_refuse_and_expire(tmp_path: Path) -> None:
 
         s = settings(tmp_path, ["all 1s", "1s 2s"], max_store_bytes=2 << 20, on_full="expire")
         vol = Volume.create(tmp_path / "e", "e", SIZE, s)
+        attach_retention(vol)
         model = bytearray(SIZE)
         for i in range(1500):
             d = rng.randbytes(BS)
@@ -176,11 +181,11 @@ def test_store_cap_refuse_and_expire(tmp_path: Path) -> None:
             vol.write(off, d)  # never refused
             model[off : off + BS] = d
         await vol.flush()
-        assert vol.retention.check_cap()
-        r = await vol.retention.gc()
+        assert retention_of(vol).check_cap()
+        r = await retention_of(vol).gc()
         assert r["emergency_rounds"] >= 1
-        assert vol.retention.warning and "cap" in vol.retention.warning
-        assert vol.retention.store_bytes() < 2 << 20
+        assert retention_of(vol).warning and "cap" in retention_of(vol).warning
+        assert retention_of(vol).store_bytes() < 2 << 20
         assert vol.read(0, SIZE) == bytes(model)  # the head is never expired
         vol.close()
 
@@ -220,13 +225,14 @@ def test_io_during_gc_is_neither_lost_nor_misread(tmp_path: Path, monkeypatch: p
     async def main() -> None:
         s = settings(tmp_path, ["all 1s"])
         vol = Volume.create(tmp_path / "v", "v", SIZE, s)
+        attach_retention(vol)
         rng = random.Random(7)
         model = bytearray(SIZE)
         states: dict[int, bytes] = {0: bytes(SIZE)}
         await _writes(vol, rng, model, 2.0, states)
         old = vol.head_seq
         await asyncio.sleep(1.1)  # everything so far is older than the all tier
-        gc = asyncio.get_running_loop().create_task(vol.retention.gc())
+        gc = asyncio.get_running_loop().create_task(retention_of(vol).gc())
         while not held.is_set():
             await asyncio.sleep(0.001)
         assert vol.maps.retaining
@@ -256,6 +262,7 @@ def test_io_during_gc_is_neither_lost_nor_misread(tmp_path: Path, monkeypatch: p
         vol.close()
         assert verify_journal(tmp_path / "v" / "journal").ok
         vol = Volume.open(tmp_path / "v", s)
+        attach_retention(vol)
         assert vol.read(0, SIZE) == bytes(model)
         assert vol.read(0, SIZE, m.seq) == states[m.seq]
         vol.close()

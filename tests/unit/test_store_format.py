@@ -9,8 +9,9 @@ import pytest
 
 from cdp.config import Settings
 from cdp.errors import Corruption
+from cdp.markers import MARKERS_FORMAT, Marker, load_markers
 from cdp.store import STORE_FORMAT, Store
-from cdp.volume import MARKERS_FORMAT, VOLUME_FORMAT, Marker, Volume, _load_markers
+from cdp.volume import VOLUME_FORMAT, Volume
 
 GOLDEN_MARKERS = """{"format": 1, "next_id": 4,
  "markers": [{"id": 1, "seq": 57, "time_ns": 1732240000123456789, "label": "before-upgrade"},
@@ -24,7 +25,7 @@ def test_format_numbers_never_change() -> None:
 def test_golden_markers_document(tmp_path: Path) -> None:
     p = tmp_path / "markers.json"
     p.write_text(GOLDEN_MARKERS)
-    markers, next_id = _load_markers(p)
+    markers, next_id = load_markers(p)
     assert next_id == 4
     assert markers == [
         Marker(1, 57, 1732240000123456789, "before-upgrade"),
@@ -61,7 +62,7 @@ def test_unknown_or_malformed_markers_are_corruption(tmp_path: Path, doc: str) -
     p = tmp_path / "markers.json"
     p.write_text(doc)
     with pytest.raises(Corruption):
-        _load_markers(p)
+        load_markers(p)
 
 
 def test_volume_refuses_unknown_format(tmp_path: Path) -> None:

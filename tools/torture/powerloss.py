@@ -29,8 +29,10 @@ from typing import Any
 import numpy as np
 
 from cdp.config import MapSettings, Settings
+from cdp.fsutil import write_file_atomic
 from cdp.journal import CrashSimFS, Journal
-from cdp.volume import Volume, _load_markers, map_policy
+from cdp.markers import load_markers
+from cdp.volume import Volume, map_policy
 from mapengine import MapHistory
 from mapengine.storage import FileOps
 from tools.torture.model import BLOCK, Model, check_blocks, check_exact, content
@@ -98,7 +100,7 @@ def _settings(vdir: Path) -> Settings:
 def open_volume(vdir: Path, fs: CrashSimFS, ops: FileOps, settings: Settings) -> Volume:
     """Volume.open with the journal on *fs* and the maps through *ops*."""
     meta = json.loads((vdir / "volume.json").read_text())
-    markers, next_id = _load_markers(vdir / "markers.json")
+    markers, next_id = load_markers(vdir / "markers.json")
     journal = Journal.open(str(vdir / "journal"), segment_bytes=settings.journal.segment_bytes,
                            sync="flush", fs=fs)
     maps = MapHistory.open(vdir / "maps", policy=map_policy(settings.maps),
@@ -113,8 +115,6 @@ async def _history(vdir: Path, settings: Settings, nblocks: int, steps: int,
                    rng: random.Random) -> tuple[list[Capture], int]:
     fs = CrashSimFS(seed=rng.randrange(1 << 30))
     ops = SimMapOps()
-    from cdp.volume import write_file_atomic
-
     vdir.mkdir(parents=True)
     write_file_atomic(vdir / "volume.json", json.dumps(
         {"format": 1, "name": "pl", "size": nblocks * BLOCK, "uuid": "0", "created_ns": 0}).encode())

@@ -38,6 +38,7 @@ from pathlib import Path
 from crc32c import crc32c
 
 from cdp.errors import Corruption, UsageError
+from cdp.fsutil import write_file_atomic
 
 MAGIC = b"CDPDRL\x00\x01"
 VERSION = 1
@@ -89,18 +90,8 @@ class DirtyRegionLog:
         if volume_bytes <= 0:
             raise UsageError("volume size must be positive")
         regions = -(-volume_bytes // region_bytes)
-        nbytes = _bitmap_bytes(regions)
-        tmp = path.with_name(f".{path.name}.tmp")
-        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
-        try:
-            os.pwrite(fd, _pack_header(region_bytes, volume_bytes, regions,
-                                       min(copy_next, regions), 0), 0)
-            os.ftruncate(fd, PAGE + nbytes)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        header = _pack_header(region_bytes, volume_bytes, regions, min(copy_next, regions), 0)
+        write_file_atomic(path, header, size=PAGE + _bitmap_bytes(regions))  # bitmap: a hole
         return cls.open(path)
 
     @classmethod
@@ -255,11 +246,3 @@ def _header_crc(head: bytes) -> int:
     b = bytearray(head[:PAGE])
     b[12:16] = b"\0\0\0\0"
     return crc32c(bytes(b))
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

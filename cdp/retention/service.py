@@ -1,26 +1,22 @@
-"""Retention: fade out old history by policy and give the journal space back.
+"""Retention of one volume as a volume service: its policy and kept markers, expired
+points, the store cap, and gc (map retain + journal compaction).
 
 Design notes
 ------------
-* **Policy.** Tiers are *consecutive age bands*, newest first: with
-  ``all 48h, 1h 14d, 1d 90d`` every write younger than 48 h is a point, then for ages
-  48 h .. 48 h + 14 d the last point of each clock hour, then for the next 90 days the
-  last point of each day; anything older is expired. Intervals are aligned to multiples
-  of the granularity since the Unix epoch (UTC). The policy comes from the config
-  (``[retention]``, overridden per volume by ``[volume.retention]``) and, once changed
-  at run time, from ``VOLUME/retention.json`` (written atomically), which also holds the
-  markers kept beyond the tiers (``snapshot --keep``).
-* **Retained points** = the head, every point at or after the ``all`` cutoff, the last
-  point of each interval of each granularity band, and kept markers; the map engine adds
-  the targets of rewinds those depend on. A point that is no longer resolvable stays
-  expired (a later policy cannot bring it back).
+* **Attached, not built in.** The store attaches a :class:`Retention` to every volume
+  it serves (:func:`attach_retention`); the volume calls it through the
+  :class:`~cdp.volume.VolumeService` hooks: ``admit_write`` (the store cap) and
+  ``point_error`` (an expired point, named with the nearest retained ones). Code above
+  the store finds it with :func:`retention_of`. Which points a policy keeps is
+  :mod:`cdp.retention.policy`.
 * **gc** (:meth:`Retention.gc`): seal, ``maps.retain(points, keep_after)`` (maps
   between retained points are merged and switched atomically through the manifest),
   then every sealed segment whose live fraction is below ``compact_below`` is compacted
   by the journal (live records and chunks copied forward, same seqs; see
   ``cdp.journal.compact``) in a worker thread, throttled to ``compact_rate`` bytes/s.
 * **Store cap.** ``max_store_bytes`` (journal + maps of the volume). ``on_full =
-  "refuse"``: host writes fail with StoreFull (ENOSPC) while over the cap.
+  "refuse"``: host writes and zeroes (of either volume kind: the check is
+  ``admit_write``) fail with StoreFull (ENOSPC) while over the cap.
   ``"expire"``: writes keep working, a warning is raised (status, log, metric) and an
   emergency gc expires the oldest retained points first, then moves the ``all`` cutoff
   forward, until the store is under 90 % of the cap or nothing more can go.
@@ -34,73 +30,52 @@ import logging
 import threading
 import time
 from bisect import bisect_left
-from collections.abc import Callable
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
-from cdp.config import RetentionSettings, Tier, parse_tiers
-from cdp.errors import ConfigError, Corruption, PointError, StoreFull, UsageError
+from cdp.config import RetentionSettings, parse_tiers
+from cdp.errors import CdpError, ConfigError, Corruption, PointError, StoreFull, UsageError
+from cdp.fsutil import write_file_atomic
 from cdp.journal import build_compacted
-from cdp.units import parse_duration
+from cdp.progress import Progress
+from cdp.retention.policy import NS, policy_points
+from cdp.units import format_time
+from cdp.volume import Volume, VolumeService
 from mapengine import ZERO_LOC
-
-if TYPE_CHECKING:
-    from cdp.volume import Volume
 
 log = logging.getLogger("cdp.retention")
 
 RETENTION_FILE = "retention.json"
 RETENTION_FORMAT = 1
-_NS = 1_000_000_000
 #: bytes written between two checks of the store size against the cap
 _CAP_CHECK_BYTES = 4 << 20
 
-Progress = Callable[[int, int, str], None]
+
+def attach_retention(vol: Volume) -> Retention:
+    """Attach *vol*'s retention (reads ``retention.json``, checks the cap); returns the
+    attached one if there is one already."""
+    for s in vol.services:
+        if isinstance(s, Retention):
+            return s
+    ret = Retention(vol)
+    vol.attach(ret)
+    return ret
 
 
-def parse_keep(text: str, now_ns: int) -> int:
-    """``--keep 1y`` → the ns until which the marker is kept; ``forever`` → -1."""
-    if text == "forever":
-        return -1
-    try:
-        return now_ns + int(parse_duration(text, "--keep") * _NS)
-    except Exception as e:
-        raise UsageError(f"--keep: expected a duration like '30d' or 'forever', got {text!r}") from e
+def retention_of(vol: Volume) -> Retention:
+    """The retention attached to *vol* (every volume the store serves has one).
+    UsageError for a volume opened without it. O(services)."""
+    for s in vol.services:
+        if isinstance(s, Retention):
+            return s
+    raise UsageError(f"volume {vol.name} has no retention attached")
 
 
-def policy_points(tiers: tuple[Tier, ...], now_ns: int, seq_at_time: Callable[[int], int],
-                  head: int) -> tuple[set[int], int]:
-    """(points of the granularity bands, keep_after) for ``now_ns``.
-
-    ``keep_after`` is the state at the ``all`` tier's cutoff (every point at or after it
-    is kept) or the head when there is no ``all`` tier.
-    """
-    pts: set[int] = set()
-    age = 0.0
-    keep_after = head
-    for t in tiers:
-        hi_ns = now_ns - int(age * _NS)
-        lo_ns = now_ns - int((age + t.span) * _NS)
-        if t.every == 0:
-            keep_after = seq_at_time(lo_ns) if lo_ns > 0 else 0
-        else:
-            g = int(t.every * _NS)
-            k = max(lo_ns, 0) // g
-            kmax = (hi_ns - 1) // g
-            while k <= kmax:
-                end = (k + 1) * g - 1
-                p = seq_at_time(min(end, now_ns))
-                if p:
-                    pts.add(p)
-                k += 1
-        age += t.span
-    return pts, keep_after
-
-
-class Retention:
-    """The retention state of one volume (policy, kept markers, cap, gc)."""
+class Retention(VolumeService):
+    """The retention state of one volume (policy, kept markers, cap, gc). Create it
+    with :func:`attach_retention`."""
 
     def __init__(self, vol: Volume) -> None:
         self.vol = vol
@@ -134,8 +109,6 @@ class Retention:
         return dict(doc)
 
     def _save(self) -> None:
-        from cdp.volume import write_file_atomic
-
         write_file_atomic(self.path, json.dumps(self._doc, indent=1).encode() + b"\n")
 
     @property
@@ -205,7 +178,7 @@ class Retention:
         i = bisect_left(ret, seq)
         before = ret[i - 1] if i else None
         after = ret[i] if i < len(ret) else (maps.keep_after or None)
-        near = [f"@{p} ({_fmt(self.vol, p)})" for p in (before, after) if p]
+        near = [f"@{p} ({_time_of(self.vol, p)})" for p in (before, after) if p]
         name = what or f"@{seq}"
         return PointError(
             f"volume {self.vol.name}: {name} (@{seq}) was expired by retention "
@@ -213,10 +186,9 @@ class Retention:
             f"points: {' and '.join(near) if near else 'none'}"
         )
 
-    def check_point(self, seq: int, what: str | None = None) -> int:
-        if not self.vol.maps.resolvable(seq):
-            raise self.expired_error(seq, what)
-        return seq
+    def point_error(self, vol: Volume, seq: int, what: str | None) -> CdpError | None:
+        """Service hook: a point the maps cannot resolve was expired by retention."""
+        return self.expired_error(seq, what)
 
     def tier_info(self, now_ns: int | None = None) -> list[dict[str, Any]]:
         """Per tier: its age band, the oldest recoverable point in it, what expires next."""
@@ -227,8 +199,8 @@ class Retention:
         age = 0.0
         ret = maps.retained
         for t in self.settings.tiers:
-            lo_ns = now - int((age + t.span) * _NS)
-            hi_ns = now - int(age * _NS)
+            lo_ns = now - int((age + t.span) * NS)
+            hi_ns = now - int(age * NS)
             lo_seq = j.seq_at_time(lo_ns) + 1 if lo_ns > 0 else 1
             hi_seq = j.seq_at_time(hi_ns)
             oldest = None
@@ -253,7 +225,7 @@ class Retention:
                 ts = j.time_of_seq(oldest)
                 row["oldest_point"] = f"@{oldest}"
                 row["oldest_time_ns"] = ts
-                row["next_expiry_ns"] = ts + int((age + t.span) * _NS)
+                row["next_expiry_ns"] = ts + int((age + t.span) * NS)
             out.append(row)
             age += t.span
         return out
@@ -277,8 +249,9 @@ class Retention:
             log.warning("volume %s: store back under its cap", self.vol.name)
         return self.over_cap
 
-    def note_write(self, nbytes: int) -> None:
-        """Write-path hook: StoreFull while over the cap in refuse mode. O(1) without a cap."""
+    def admit_write(self, vol: Volume, nbytes: int) -> None:
+        """Service hook before a host write or zero: StoreFull while over the cap in
+        refuse mode. O(1) (a cap check of the store size every 4 MiB written)."""
         if not self._cap:
             return
         self._written += nbytes
@@ -517,80 +490,9 @@ def _compact(src: Any, q: Any, po: Any, ln: Any, rate: float,
     return build_compacted(src, sub, rate=rate, stop=stop)
 
 
-def _fmt(vol: Volume, seq: int) -> str:
+def _time_of(vol: Volume, seq: int) -> str:
     try:
         ns = vol.journal.time_of_seq(seq)
     except Exception:
         return "?"
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(ns / 1e9))
-
-
-# ---------------------------------------------------------------------------- operations
-# (registered in cdp.ops; "markers" and "status" replace the plain ones with versions
-# that also say what retention keeps)
-
-
-async def op_retention_show(store: Any, args: dict[str, Any], progress: Progress) -> Any:
-    return store.volume(args.get("volume")).retention.show()
-
-
-async def op_retention_set(store: Any, args: dict[str, Any], progress: Progress) -> Any:
-    from cdp.units import parse_size
-
-    vol = store.volume(args.get("volume"))
-    cap = args.get("max_store_bytes")
-    vol.retention.set_policy(
-        tiers=args.get("tiers") or None,
-        max_store_bytes=None if cap is None else parse_size(cap, "--max-store-bytes"),
-        on_full=args.get("on_full"),
-    )
-    return vol.retention.show()
-
-
-async def op_retention_keep(store: Any, args: dict[str, Any], progress: Progress) -> Any:
-    vol = store.volume(args.get("volume"))
-    name = str(args["marker"])
-    mid = int(name[6:]) if name.startswith("marker") and name[6:].isdigit() else None
-    if mid is None:
-        seq = vol.resolve_point(name)
-        mid = next(m.id for m in vol.markers if m.seq == seq)
-    until = parse_keep(str(args["keep"]), time.time_ns())
-    vol.retention.keep_marker(mid, until)
-    return {"volume": vol.name, "marker": f"marker{mid}", "keep_until_ns": until}
-
-
-async def op_gc(store: Any, args: dict[str, Any], progress: Progress) -> Any:
-    names = [args["volume"]] if args.get("volume") else sorted(store.volumes)
-    out = []
-    for n in names:
-        vol = store.volume(n)
-        rate = args.get("rate")
-        out.append(await vol.retention.gc(progress, rate=None if rate is None else float(rate)))
-    return out
-
-
-def marker_fields(vol: Any, marker_id: int, seq: int) -> dict[str, Any]:
-    """What retention says about one marker: expired, kept until (ns, or None)."""
-    return {
-        "expired": not vol.maps.resolvable(seq),
-        "keep_until_ns": vol.retention.kept_until(marker_id),
-    }
-
-
-def status_fields(vol: Any) -> dict[str, Any]:
-    """The retention part of ``cdpctl status``: tiers with their oldest point and next
-    expiry, the all-tier cutoff, the store cap."""
-    r = vol.retention
-    return {"tiers": [t.text for t in r.settings.tiers], "per_tier": r.tier_info(),
-            "keep_after": vol.maps.keep_after, "over_cap": r.over_cap,
-            "warning": r.warning, "store_bytes": r.store_bytes(),
-            "max_store_bytes": r.settings.max_store_bytes}
-
-
-OPS: dict[str, Any] = {
-    "retention_show": op_retention_show,
-    "retention_set": op_retention_set,
-    "retention_keep": op_retention_keep,
-    "gc": op_gc,
-}
-OFFLINE = {"retention_show"}
+    return format_time(ns, sep="T")

@@ -1,0 +1,470 @@
+"""Proxy mode ("appliance in the data path"): the appliance owns the primary volume.
+
+The host talks only to the appliance; every write goes to the primary *and* the
+journal. See docs/PROXY.md for the operator's view. The parts: :mod:`cdp.proxy.base`
+(shared state, DRL durability), :mod:`cdp.proxy.copy` (initial copy),
+:mod:`cdp.proxy.reconcile` (crash reconcile, catch-up, rewind), :mod:`cdp.proxy.workers`
+(worker threads, range queue), :mod:`cdp.proxy.primary` (file and NBD primaries),
+:mod:`cdp.proxy.drl` (the dirty region log file).
+
+Design notes
+------------
+* **Write path.** A write first waits for any barrier on its range (initial copy of the
+  region, journal catch-up, rewind rewrite). If it touches a region that is clean in
+  the dirty region log (:mod:`cdp.proxy.drl`), the bit is set and the DRL page
+  fdatasync'd (concurrent writers share one DRL sync) before anything moves. Then, in
+  one synchronous step on the event loop, the record is appended to the journal
+  through the volume's one append path (buffered, sealed without blocking, exactly as
+  a mirror volume) and the primary write is registered in the range queue; the
+  primary write itself runs in a worker thread. Writes whose ranges overlap reach the
+  primary in the order their records were appended, so the journal's order and the
+  primary's final content always agree. ``ack = "primary"`` replies when the primary
+  write completed; ``ack = "both"`` also waits for the journal record to be durable
+  (group commit, running concurrently with the primary write). The volume's services
+  admit the write first (retention's ``on_full = "refuse"``): a refused write moves
+  nothing on either side.
+* **Reads** come from the primary (a worker thread), except point-in-time reads (the
+  journal) and reads during a rewind (the journal's head, i.e. the target state).
+* **Errors.** A failed primary write answers EIO and appends an ERROR record
+  (code 1); the region is queued for catch-up so the journal again describes what the
+  primary holds. A failed journal append (ENOSPC, a failed sync) with ``ack =
+  "primary"`` still acknowledges the host: the volume is *degraded*, the region stays
+  dirty and queued, and a background task catches the journal up from the primary when
+  it can (ERROR record code 2 describing the gap, then WRITE records of the primary's
+  content where it differs from the journal's head).
+* **Clean regions, lazily.** About once a second a cleaner takes the dirty regions with
+  nothing in flight, makes the primary and the journal durable, and clears those not
+  touched meanwhile (the DRL pages are written without anyone waiting for them).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import json
+import logging
+import time
+from collections.abc import Awaitable
+from pathlib import Path
+from typing import Any, Self
+
+from cdp.config import Settings
+from cdp.errors import CdpError, Corruption, UsageError
+from cdp.proxy.base import ERR_PRIMARY_WRITE
+from cdp.proxy.copy import InitialCopy
+from cdp.proxy.drl import DEFAULT_REGION, DirtyRegionLog, check_region_bytes
+from cdp.proxy.primary import open_primary
+from cdp.proxy.reconcile import Reconcile
+from cdp.proxy.workers import Workers
+
+log = logging.getLogger("cdp.proxy")
+
+ACKS = ("primary", "both")
+DRL_NAME = "drl"
+CLEAN_DELAY = 1.0  # seconds between cleaner runs
+CLEAN_IDLE_TICKS = 2  # a region is cleaned once unwritten for this many ticks (~seconds)
+RETRY_DELAY = 1.0  # seconds between catch-up attempts
+
+
+def proxy_meta(primary: str, ack: str = "primary") -> dict[str, Any]:
+    """The volume.json keys of a proxy-mode volume."""
+    if ack not in ACKS:
+        raise UsageError(f"ack must be one of {', '.join(ACKS)}, got {ack!r}")
+    if not primary:
+        raise UsageError("proxy mode needs a primary (a file, block device or nbd:// URL)")
+    return {"mode": "proxy", "primary": primary, "ack": ack}
+
+
+def primary_size(primary: str) -> int:
+    """Size in bytes of a primary (opens and closes it)."""
+    p = open_primary(primary, connections=1)
+    try:
+        return int(p.size)
+    finally:
+        p.close()
+
+
+def create_drl(path: Path, size: int, region: int = DEFAULT_REGION, initial_copy: bool = True) -> None:
+    """Write the DRL of a new proxy volume (before the volume is first opened)."""
+    regions = -(-size // region)
+    DirtyRegionLog.create(path / DRL_NAME, size, region, copy_next=0 if initial_copy else regions).close()
+
+
+class ProxyVolume(InitialCopy, Reconcile):
+    """A volume whose appliance owns the primary (mode ``proxy`` in volume.json).
+
+    Like an nbdkit filter on its plugin, it uses :class:`~cdp.volume.Volume` through the
+    public API plus only these protected members: ``_record_write``, ``_record_zero``,
+    ``_record_error`` (the one append path), ``_admit`` (services' admission of a host
+    write), ``_check_range``, ``_gate`` (read: paused?), ``_sync_always``, and for
+    creation ``_new_meta`` / ``_write_meta``; it overrides ``_opened``. Nothing of the
+    live window, the seals or the caches.
+    """
+
+    mode = "proxy"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._touch: dict[int, int] = {}  # region -> tick of its last write
+        self._tick_no = 0
+        self._last_clean = 0.0
+        self._last_retry = 0.0
+        self.primary_errors = 0
+        self.journal_errors = 0
+        self.regions_cleaned = 0
+
+    # ------------------------------------------------------------------ lifecycle
+
+    @classmethod
+    def create(
+        cls, path: Path, name: str, size: int, settings: Settings, *, primary: str = "",
+        ack: str = "primary", drl_region: int = DEFAULT_REGION, initial_copy: bool = True,
+        copy_rate: int = 0,
+    ) -> Self:
+        """Create a proxy-mode volume over *primary* (size 0: the primary's size) and
+        open it. The initial full copy, if wanted, starts in the background once an
+        event loop runs the volume (:meth:`wait_initial_copy` joins it)."""
+        keys = proxy_meta(primary, ack)
+        check_region_bytes(drl_region)
+        psize = primary_size(primary)
+        if not size:
+            size = psize - psize % 512
+        if size <= 0:
+            raise UsageError(f"primary {primary} is empty (size {psize})")
+        if size > psize:
+            raise UsageError(f"volume size {size} is larger than the primary {primary} ({psize} bytes)")
+        meta = cls._new_meta(path, name, size)
+        meta.update(keys)
+        create_drl(path, size, drl_region, initial_copy)
+        cls._write_meta(path, meta)
+        vol = cls.open(path, settings)
+        vol.copy_rate = copy_rate
+        return vol
+
+    def _opened(self, meta: dict[str, Any]) -> None:
+        """Open the primary and the DRL; reconcile dirty regions (before serving)."""
+        try:
+            self.primary_spec = str(meta["primary"])
+            self.ack = str(meta.get("ack", "primary"))
+            if self.ack not in ACKS:
+                raise Corruption(f"{self.path / 'volume.json'}: bad ack {self.ack!r}")
+            self.primary = open_primary(self.primary_spec)
+            if self.primary.size < self.size:
+                raise UsageError(
+                    f"volume {self.name}: primary {self.primary_spec} has {self.primary.size} "
+                    f"bytes, the volume {self.size}"
+                )
+            drl_path = self.path / DRL_NAME
+            if not drl_path.exists():
+                create_drl(self.path, self.size, initial_copy=False)
+            self.drl = DirtyRegionLog.open(drl_path)
+            self._copy_next = self.drl.copy_next
+            if self.drl.volume_bytes != self.size:
+                raise Corruption(f"{drl_path}: covers {self.drl.volume_bytes} bytes, volume {self.size}")
+            if self.drl.header_damaged:
+                log.warning("volume %s: DRL header damaged: every region is compared", self.name)
+            self._exec = Workers(4, f"primary-{self.name}")
+            self._drl_exec = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"drl-{self.name}")
+            self._reconcile_at_open()
+        except BaseException:
+            self._close_proxy_files()
+            super().close()
+            raise
+
+    def close(self) -> None:
+        """Stop background work, make both sides durable, mark regions clean when no
+        catch-up is owed, close the primary and the DRL, then the journal and maps."""
+        for t in [*self._bg.values(), *([self._copy_task] if self._copy_task else [])]:
+            t.cancel()
+        self._bg.clear()
+        self._copy_task = None
+        try:
+            self._stop_workers()  # no DRL write or primary I/O may still be running
+            if self.primary is not None and self.drl is not None:
+                clean = True
+                try:
+                    self.primary.flush()
+                    self.journal.sync()
+                except (OSError, CdpError) as e:
+                    log.warning("volume %s: at close: %s; dirty regions stay dirty", self.name, e)
+                    clean = False
+                if clean and self._copy_next > self.drl.copy_next:
+                    self.drl.set_copy_next(self._copy_next)  # INITs are durable now
+                if clean and not self._ranges.ops and not self._rewinding:
+                    owed = set(self._catchup)
+                    self.drl.clear([r for r in self.drl.dirty() if r not in owed])
+                    if not owed:
+                        self.drl.set_rewind_from(0)
+                self.drl.sync()
+        finally:
+            self._close_proxy_files()
+            super().close()
+
+    # ------------------------------------------------------------------ background work
+
+    def _kick(self) -> None:
+        """Start due background work (initial copy, catch-up, cleaner)."""
+        now = time.monotonic()
+        if self._copy_next < self.drl.regions and self._copy_task is None:
+            self._copy_task = self._loop().create_task(self._copy_loop())
+        if self._catchup and "catchup" not in self._bg and now - self._last_retry >= RETRY_DELAY:
+            self._last_retry = now
+            self._spawn("catchup", self._catchup_run())
+        if (self.drl.dirty_count and "clean" not in self._bg and now - self._last_clean >= CLEAN_DELAY):
+            self._last_clean = now
+            self._spawn("clean", self._clean())
+
+    def tick(self) -> None:
+        super().tick()
+        self._tick_no += 1
+        self._kick()
+
+    async def _clean(self) -> None:
+        owed = self._catchup
+        idle = self._tick_no - CLEAN_IDLE_TICKS
+        touch = self._touch
+        cand = [r for r in self.drl.dirty()
+                if r not in self._active and r not in owed and touch.get(r, -1) <= idle]
+        if not cand or self._rewinding:
+            return
+        seen = {r: touch.get(r, -1) for r in cand}
+        try:
+            await asyncio.gather(self._in_exec(self._primary_flush), self.journal.commit())
+        except (CdpError, OSError) as e:
+            log.debug("volume %s: cleaner: %s", self.name, e)
+            return
+        ok = [r for r in cand if r not in self._active and r not in owed and touch.get(r, -1) == seen[r]]
+        if ok and not self._rewinding:
+            self.regions_cleaned += self.drl.clear(ok)
+            for r in ok:
+                self._touch.pop(r, None)
+            self._drl_changed()
+
+    # ------------------------------------------------------------------ journal side
+
+    def _journal(self, offset: int, length: int, data: bytes | bytearray | None, init: bool = False) -> int | None:
+        """Append a WRITE/ZERO/INIT record; None (and degraded) when the journal refuses."""
+        try:
+            if data is None:
+                return self._record_zero(offset, length)
+            return self._record_write(offset, data, init=init)
+        except (CdpError, OSError) as e:
+            self._journal_failed(offset, length, e)
+            return None
+
+    def _journal_failed(self, offset: int, length: int, exc: BaseException) -> None:
+        self.journal_errors += 1
+        regs = self.drl.regions_of(offset, length)
+        for r in regs:
+            self._catchup.setdefault(r, f"journal write failed: {exc}")
+        if self.degraded is None:
+            log.warning(
+                "volume %s: DEGRADED: journal write of [%d, %d) failed (%s); the primary has "
+                "it, the journal will catch up from the primary", self.name, offset, offset + length, exc,
+            )
+        self.degraded = f"journal: {exc}"
+
+    # ------------------------------------------------------------------ I/O
+
+    def write(self, offset: int, data: bytes | bytearray, fua: bool = False) -> Awaitable[None] | None:
+        self._check_range(offset, len(data))
+        if not data:
+            return None
+        return self._io(offset, len(data), data, fua)
+
+    def zero(self, offset: int, length: int, fua: bool = False) -> Awaitable[None] | None:
+        self._check_range(offset, length)
+        if length == 0:
+            return None
+        return self._io(offset, length, None, fua)
+
+    async def _io(self, offset: int, length: int, data: bytes | bytearray | None, fua: bool) -> None:
+        while self._gate is not None:
+            await asyncio.shield(self._gate)
+        self._admit(0 if data is None else length)  # may refuse: nothing has moved yet
+        self._kick()
+        end = offset + length
+        regs = self.drl.regions_of(offset, length)
+        active = self._active
+        for r in regs:
+            active[r] = active.get(r, 0) + 1
+        try:
+            while True:
+                bar = self._ranges.barriers(offset, end)
+                if bar:
+                    await asyncio.wait(bar)
+                    continue
+                if self._copy_next < self.drl.regions:
+                    todo = [r for r in regs if r >= self._copy_next and r not in self._copy_ahead]
+                    if todo:
+                        for r in todo:
+                            await self._copy_region(r)
+                        continue
+                if self._gate is not None:
+                    await asyncio.shield(self._gate)
+                    continue
+                need = self._mark(regs)
+                if need > self._drl_durable:
+                    await self._drl_commit(need)
+                    continue
+                break
+            # one synchronous step: journal order == primary order for overlapping writes
+            seq = self._journal(offset, length, data)
+            self.writes += 1
+            if data is not None:
+                self.bytes_written += length
+            touch, now_tick = self._touch, self._tick_no
+            for r in regs:
+                touch[r] = now_tick
+            op, preds = self._ranges.add(offset, end, False)
+            jwait: asyncio.Task[None] | None = None
+            if seq is not None and (self.ack == "both" or fua or self._sync_always):
+                jwait = self._loop().create_task(self.journal.commit())
+            perr: BaseException | None = None
+            try:
+                if preds:
+                    await asyncio.wait(preds)
+                await self._in_exec(self._primary_io, offset, length, data, fua)
+            except (OSError, CdpError) as e:
+                perr = e
+                self._primary_failed(offset, length, e)
+            finally:
+                self._ranges.finish(op)
+            jerr: BaseException | None = None
+            if jwait is not None:
+                try:
+                    await jwait
+                except (CdpError, OSError) as e:
+                    jerr = e
+            if perr is not None:
+                raise Corruption(f"volume {self.name}: primary write failed: {perr}") from None
+            if jerr is not None:
+                self._journal_failed(offset, length, jerr)
+                if self.ack == "both":
+                    raise jerr
+        finally:
+            for r in regs:
+                n = active[r] - 1
+                if n:
+                    active[r] = n
+                else:
+                    del active[r]
+
+    def _primary_io(self, offset: int, length: int, data: bytes | bytearray | None, fua: bool) -> None:
+        p = self.primary
+        assert p is not None
+        if data is None:
+            p.zero(offset, length)
+        else:
+            p.pwrite(data, offset)
+        if fua:
+            p.flush()
+
+    def _primary_failed(self, offset: int, length: int, exc: BaseException) -> None:
+        self.primary_errors += 1
+        log.error("volume %s: primary write of [%d, %d) failed: %s", self.name, offset, offset + length, exc)
+        try:
+            self._record_error(ERR_PRIMARY_WRITE, offset, length, f"primary write failed: {exc}")
+        except (CdpError, OSError):
+            pass
+        for r in self.drl.regions_of(offset, length):
+            self._catchup.setdefault(r, "primary write failed")
+
+    async def flush(self) -> None:
+        """Both sides durable: fdatasync/FLUSH of the primary and the journal's group
+        commit, concurrently. A journal failure only degrades with ``ack = "primary"``."""
+        t0 = time.perf_counter()
+        res: Any = await asyncio.gather(
+            self._in_exec(self._primary_flush), self.journal.commit(), return_exceptions=True
+        )
+        p_res, j_res = res
+        self.flushes += 1
+        self.flush_seconds += time.perf_counter() - t0
+        if isinstance(p_res, BaseException):
+            if not isinstance(p_res, (OSError, CdpError)):
+                raise p_res
+            self.primary_errors += 1
+            log.error("volume %s: primary flush failed: %s", self.name, p_res)
+            raise Corruption(f"volume {self.name}: primary flush failed: {p_res}")
+        if isinstance(j_res, BaseException):
+            if not isinstance(j_res, (OSError, CdpError)) or self.ack == "both":
+                raise j_res
+            self.journal_errors += 1
+            if self.degraded is None:
+                log.warning("volume %s: DEGRADED: journal commit failed: %s", self.name, j_res)
+            self.degraded = f"journal: {j_res}"
+
+    def read(self, offset: int, length: int, seq: int | None = None) -> Any:
+        """Live reads come from the primary (an awaitable); point-in-time reads and reads
+        during a rewind from the journal."""
+        if seq is not None or self._rewinding:
+            return super().read(offset, length, seq)
+        self._check_range(offset, length)
+        self.reads += 1
+        self.bytes_read += length
+        if length == 0:
+            return b""
+        return self._read_primary(offset, length)
+
+    async def _read_primary(self, offset: int, length: int) -> bytes:
+        assert self.primary is not None
+        try:
+            data: bytes = await self._in_exec(self.primary.pread, offset, length)
+        except OSError as e:
+            self.primary_errors += 1
+            raise Corruption(f"volume {self.name}: primary read failed: {e}") from None
+        return data
+
+    def block_status(self, offset: int, length: int, seq: int | None = None) -> list[tuple[int, int]]:
+        if seq is None and (self._copy_next < self.drl.regions or self._catchup or self.degraded):
+            return [(length, 0)]  # the journal may not know everything yet: all data
+        return super().block_status(offset, length, seq)
+
+    # ------------------------------------------------------------------ status
+
+    def proxy_status(self) -> dict[str, Any]:
+        return {
+            "primary": self.primary_spec,
+            "primary_kind": getattr(self.primary, "kind", None),
+            "ack": self.ack,
+            "degraded": self.degraded is not None,
+            "degraded_reason": self.degraded,
+            "drl": self.drl.to_dict() if self.drl is not None else None,
+            "initial_copy": {
+                "done": self._copy_next >= self.drl.regions if self.drl is not None else None,
+                "regions_copied": self._copy_next,
+                "bytes_journalled": self.copied_bytes,
+            },
+            "catchup_pending_regions": len(self._catchup),
+            "caught_up_bytes": self.caught_up_bytes,
+            "primary_errors": self.primary_errors,
+            "journal_errors": self.journal_errors,
+            "regions_cleaned": self.regions_cleaned,
+            "in_flight": len(self._ranges.ops),
+            "reconcile": self.reconcile_report,
+            "rewind": self.rewind_progress,
+        }
+
+    def status(self) -> dict[str, Any]:
+        d = super().status()
+        d["mode"] = "proxy"
+        d["proxy"] = self.proxy_status()
+        return d
+
+
+
+def describe(path: Path) -> dict[str, Any]:
+    """Offline: the proxy keys of a volume directory (for tools and tests)."""
+    meta = json.loads((path / "volume.json").read_text())
+    return {k: meta.get(k) for k in ("mode", "primary", "ack")}
+
+
+__all__ = [
+    "ACKS",
+    "DRL_NAME",
+    "ProxyVolume",
+    "create_drl",
+    "describe",
+    "primary_size",
+    "proxy_meta",
+]
