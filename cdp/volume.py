@@ -162,9 +162,9 @@ class VolumeService:
     """
 
     def admit_write(self, vol: Volume, nbytes: int) -> None:
-        """Before a host write (*nbytes* of payload) or zero (*nbytes* 0) is appended:
-        raise a CdpError to refuse it (nothing is appended; the host gets its errno).
-        Not called for INIT records or a proxy's catch-up. Hot path: O(1)."""
+        """Before a host write of *nbytes* of payload is appended: raise a CdpError to
+        refuse it (nothing is appended; the host gets its errno). Not called for trims
+        and write-zeroes (no payload), INIT records or a proxy's catch-up. Hot path: O(1)."""
 
     def on_record(self, vol: Volume, kind: RecordKind, seq: int, offset: int, length: int,
                   payload: bytes | bytearray | memoryview | None) -> None:
@@ -592,7 +592,6 @@ class Volume:
             return None
         if self._gate is not None:
             return self._after_gate(self.zero, offset, length, fua)
-        self._admit(0)
         self._record_zero(offset, length)
         self.writes += 1
         if fua or self._sync_always:
@@ -602,7 +601,7 @@ class Volume:
     # the one append path (see the design notes); callers check ranges and admission
 
     def _admit(self, nbytes: int) -> None:
-        """Ask the services whether a host write of *nbytes* (0: a zero) may be appended."""
+        """Ask the services whether a host write of *nbytes* may be appended."""
         for s in self._admitters:
             s.admit_write(self, nbytes)
 

@@ -281,7 +281,8 @@ class ProxyVolume(InitialCopy, Reconcile):
     async def _io(self, offset: int, length: int, data: bytes | bytearray | None, fua: bool) -> None:
         while self._gate is not None:
             await asyncio.shield(self._gate)
-        self._admit(0 if data is None else length)  # may refuse: nothing has moved yet
+        if data is not None:
+            self._admit(length)  # may refuse: nothing has moved yet
         self._kick()
         end = offset + length
         regs = self.drl.regions_of(offset, length)
