@@ -181,6 +181,7 @@ class MapHistory:
         policy: MergePolicy | None = None,
         cache_bytes: int = 256 << 20,
         fs: Any = None,
+        readonly: bool = False,
     ) -> MapHistory:
         """Open (or create) the history kept in ``directory``.
 
@@ -191,13 +192,17 @@ class MapHistory:
         history (they shape the files); ``l0_max_writes`` always comes from ``policy``.
         ``cache_bytes`` bounds the decoded map blocks kept in memory (cdp's
         ``maps.cache_bytes``, same default) and, separately, the maps' offset filters.
+        ``readonly``: create and delete no file and refuse every write (seal, rewind,
+        retain raise :class:`MapUsageError`): to inspect a history, e.g. for
+        :meth:`check`.
 
         Runtime complexity: O(M + H) for M map files and a head of H entries.
         """
         policy = policy or MergePolicy()
         if directory is None:
             return cls(MemoryStore(), policy, None)
-        store, state = DirStore.open(os.fspath(directory), cache_bytes=cache_bytes, fs=fs)
+        store, state = DirStore.open(os.fspath(directory), cache_bytes=cache_bytes, fs=fs,
+                                     readonly=readonly)
         if state is not None:
             policy = MergePolicy(
                 fanout=int(state["fanout"]),

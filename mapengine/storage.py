@@ -35,7 +35,7 @@ import msgpack
 import numpy as np
 
 from .core import Columns, DeltaMap
-from .errors import MapCorruption
+from .errors import MapCorruption, MapUsageError
 
 EMPTY = Columns.empty()
 
@@ -733,9 +733,11 @@ RETAIN_KEYS = ("retained", "keep_after", "retain_gen")
 class DirStore:
     """Maps as files in one directory plus its ``MANIFEST``."""
 
-    def __init__(self, directory: str, cache_bytes: int, fs: FileOps) -> None:
+    def __init__(self, directory: str, cache_bytes: int, fs: FileOps,
+                 readonly: bool = False) -> None:
         self.dir = directory
         self.fs = fs
+        self.readonly = readonly
         self.cache = BlockCache(cache_bytes)
         self.files: dict[str, MapFile] = {}
         self.gen = 0
@@ -745,14 +747,19 @@ class DirStore:
 
     @classmethod
     def open(
-        cls, directory: str, cache_bytes: int, fs: FileOps | None = None
+        cls, directory: str, cache_bytes: int, fs: FileOps | None = None,
+        readonly: bool = False,
     ) -> tuple[DirStore, dict[str, Any] | None]:
         """Read the manifest (if any) and delete files it does not name.
 
+        ``readonly``: create and delete nothing, and refuse every write later
+        (:class:`MapUsageError`); for inspecting a history another process may own.
+
         Runtime complexity: O(files in the directory).
         """
-        os.makedirs(directory, exist_ok=True)
-        st = cls(directory, cache_bytes, fs or FileOps())
+        if not readonly:
+            os.makedirs(directory, exist_ok=True)
+        st = cls(directory, cache_bytes, fs or FileOps(), readonly)
         path = os.path.join(directory, MANIFEST)
         state: dict[str, Any] | None = None
         if os.path.exists(path):
@@ -782,6 +789,8 @@ class DirStore:
             except (TypeError, ValueError) as e:
                 raise MapCorruption(path, f"bad manifest entry: {e}") from None
             st.files = refs
+        if readonly:
+            return st, state
         for f in st.fs.listdir(directory):
             if (f.endswith(".map") or f.endswith(".tmp")) and f not in st.files:
                 st.fs.remove(os.path.join(directory, f))
@@ -792,6 +801,7 @@ class DirStore:
         """Write a map file. ``register=False`` (any thread): the file is written and its
         offset filter computed, but the store's shared state (files, cache accounting)
         is only updated by :meth:`adopt` on the owner thread."""
+        self._writable()
         name = map_name(kind, level, m.lo, m.hi, tag)
         data = encode_map(m, kind, level)
         self.fs.write_atomic(self.dir, name, data, forget=register)
@@ -815,6 +825,10 @@ class DirStore:
         self.files[name] = mf
         return mf
 
+    def _writable(self) -> None:
+        if self.readonly:
+            raise MapUsageError(f"{self.dir}: maps opened read-only")
+
     def adopt(self, refs: list[Any]) -> None:
         """Register maps written with ``register=False`` (owner thread)."""
         cache = self.cache
@@ -836,6 +850,7 @@ class DirStore:
         earlier commit are reused. Runtime complexity: O(M) dictionary look-ups for M
         maps, plus packing the new rows.
         """
+        self._writable()
         old = self._rows
         rows: dict[tuple[Any, ...], tuple[MapFile, bytes]] = {}
         parts: list[bytes] = []
@@ -895,6 +910,8 @@ class DirStore:
 
     def remove(self, paths: list[str]) -> None:
         """Delete unregistered map files (any thread: their descriptors are closed)."""
+        if paths:
+            self._writable()
         for p in paths:
             try:
                 self.fs.remove(p)
