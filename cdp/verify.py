@@ -1,6 +1,7 @@
 """Store verification: every journal record, the volume metadata, the map files and
-their manifest (every checksum, through mapengine's own decoder), and the file catalog
-(SQLite ``PRAGMA integrity_check`` plus its versions against the markers).
+their manifest (every checksum, through mapengine's own decoder, then the invariants of
+the map history they make up), and the file catalog (SQLite ``PRAGMA integrity_check``
+plus its versions against the markers).
 
 Offline (a stopped store) nothing is changed (no recovery, no truncation). The daemon's
 ``verify`` op reuses :func:`verify_maps` and :func:`verify_catalog`. :func:`repair`
@@ -80,8 +81,10 @@ def verify_volume_dir(vdir: Path) -> dict[str, Any]:
 
 def verify_maps(mdir: Path, journal_last: int | None) -> tuple[int, list[dict[str, Any]]]:
     """Check the manifest and every map file it names (size, header, index and block
-    checksums, entry count), and that no map covers seqs past the journal's end.
-    Returns (maps checked, problems). Cost: reads every map byte once."""
+    checksums, entry count), that no map covers seqs past the journal's end, and, when
+    every file is sound, the invariants of the history (:func:`map_invariants`).
+    Returns (maps checked, problems). Cost: reads every map byte twice (decodes them
+    twice) and builds the head once, as opening the volume does."""
     from mapengine.errors import MapError
     from mapengine.storage import MANIFEST, decode_manifest, decode_map
 
@@ -102,11 +105,13 @@ def verify_maps(mdir: Path, journal_last: int | None) -> tuple[int, list[dict[st
         problems.append({"what": "maps", "file": str(mpath),
                          "reason": f"maps sealed up to @{sealed} but the journal ends at @{journal_last}"})
     n = 0
+    files_ok = True
     for row in body.get("maps", []):
         try:
             name, size = str(row[0]), int(row[-1])
         except (TypeError, ValueError, IndexError):
             problems.append({"what": "maps", "file": str(mpath), "reason": f"bad manifest row {row!r}"})
+            files_ok = False
             continue
         p = mdir / name
         n += 1
@@ -114,22 +119,52 @@ def verify_maps(mdir: Path, journal_last: int | None) -> tuple[int, list[dict[st
             raw = p.read_bytes()
         except OSError as e:
             problems.append({"what": "maps", "file": str(p), "reason": f"named by the manifest but unreadable: {e.strerror}"})
+            files_ok = False
             continue
         if len(raw) != size:
             problems.append({"what": "maps", "file": str(p), "reason": f"size {len(raw)} != manifest {size}"})
+            files_ok = False
             continue
         try:
             m = decode_map(raw, str(p))
         except MapError as e:
             problems.append({"what": "maps", "file": str(p), "reason": str(e)})
+            files_ok = False
             continue
         except Exception as e:  # a decoder surprise on damaged bytes is damage too
             problems.append({"what": "maps", "file": str(p), "reason": f"undecodable: {type(e).__name__}: {e}"})
+            files_ok = False
             continue
         if journal_last is not None and m.hi > journal_last:
             problems.append({"what": "maps", "file": str(p),
                              "reason": f"covers seqs up to @{m.hi} past the journal end @{journal_last}"})
+    if files_ok:
+        problems.extend(map_invariants(mdir))
     return n, problems
+
+
+def map_invariants(mdir: Path) -> list[dict[str, Any]]:
+    """The broken invariants of the map history in ``mdir`` (``MapHistory.check`` on a
+    read-only open: windows contiguous, levels and full maps covering exactly their
+    windows, every map's entries sorted and inside its window, ...), as problems of
+    ``what = "maps"`` naming the manifest. Creates, deletes and changes nothing.
+    Cost: loads every map once and builds the head (O(H log H) for H head entries)."""
+    from mapengine import MapHistory
+    from mapengine.storage import MANIFEST
+
+    mpath = str(mdir / MANIFEST)
+    try:
+        h = MapHistory.open(mdir, cache_bytes=16 << 20, readonly=True)
+    except Exception as e:  # a manifest that does not make a history is damage
+        return [{"what": "maps", "file": mpath,
+                 "reason": f"cannot open the map history: {type(e).__name__}: {e}"}]
+    try:
+        found = h.check(deep=True, head=False)
+    except Exception as e:
+        found = [f"check failed: {type(e).__name__}: {e}"]
+    finally:
+        h.close()
+    return [{"what": "maps", "file": mpath, "reason": f"invariant: {p}"} for p in found]
 
 
 CATALOG_FILE = "catalog.sqlite"

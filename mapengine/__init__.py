@@ -16,8 +16,10 @@ from .core import (
     merge,
     overlay,
 )
+from .epoch import MergePolicy
 from .errors import MapCorruption, MapError, MapExpired, MapUsageError
-from .history import MapHistory, MergePolicy, RetainJob, RetainResult
+from .history import MapHistory
+from .retain import RetainJob, RetainResult
 
 __all__ = [
     "HOLE_LOC",

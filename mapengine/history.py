@@ -21,8 +21,9 @@ with plain sorted arrays and no in-place update of any file:
   the amount of change, not the size of the volume. An LSM answers this badly (versions
   of unrelated keys are interleaved); a CoW tree answers it by a tree diff that needs
   generation numbers in every node.
-* retention (later) drops or merges whole windows, and a merge reports exactly which
-  journal bytes stopped being referenced.
+* retention (:meth:`MapHistory.retain`, :mod:`mapengine.retain`) replaces the windows
+  below a cutoff by one window per retained point, and reports, like every merge,
+  exactly which journal bytes stopped being referenced.
 
 Writes are append-only: an L0 file per window, a merged file per ``f`` maps of the level
 below, a full map every ``full_every`` windows, and an atomically replaced manifest — the
@@ -41,13 +42,14 @@ data is ever copied. Full maps and the head are *epoch-relative* for the same re
 
 The **head** (state at the newest seq) is two flat maps of the current epoch in memory
 as numpy columns — ``_recent`` (the windows sealed since the last big splice, at most 64)
-over ``_head`` (everything before) — plus the live window in preallocated numpy columns
-with a bucket index. A seal splices the new window into ``_recent`` only (vectorised:
-only entries that intersect the window are re-overlaid; O(recent) copies); ``_recent``
-goes into ``_head`` (O(H) copies: the one step whose cost follows the volume's extent
-count) every 64 windows and at each full map, which needs the whole state anyway. A
-4 KiB read at the head is one binary search per tier (two, not three: each tier costs
-~0.7 µs of numpy call, so the tier count is what the head latency follows).
+over ``_head`` (everything before) — plus the live window (:mod:`mapengine.live`:
+preallocated numpy columns with a bucket index). A seal splices the new window into
+``_recent`` only (vectorised: only entries that intersect the window are re-overlaid;
+O(recent) copies); ``_recent`` goes into ``_head`` (O(H) copies: the one step whose cost
+follows the volume's extent count) every 64 windows and at each full map, which needs
+the whole state anyway. A 4 KiB read at the head is one binary search per tier (two,
+not three: each tier costs ~0.7 µs of numpy call, so the tier count is what the head
+latency follows).
 
 Merges happen inside :meth:`MapHistory.seal` (synchronously): when the number of windows
 of the epoch becomes a multiple of ``f**k`` the level-``k`` map is built from the ``f``
@@ -69,7 +71,12 @@ of it between two full maps, so reusing encoded blocks of the previous one would
 for this workload. Each seal also waits for four fsyncs (map file, directory, manifest,
 directory); on a busy disk those dominate the wall-clock rate.
 
-Thread safety: none. The caller serialises every call (the volume holds one lock).
+Thread safety: none. The caller serialises every call (the volume holds one lock);
+only :meth:`RetainJob.build <mapengine.retain.RetainJob.build>` may run in another thread.
+
+Rooms: :mod:`~mapengine.live` (the live window and its index), :mod:`~mapengine.epoch`
+(policy, epochs and the Fenwick walks), :mod:`~mapengine.retain` (retention jobs),
+:mod:`~mapengine.storage` (map files, manifest, file names, the store protocols).
 """
 
 from __future__ import annotations
@@ -77,8 +84,7 @@ from __future__ import annotations
 import os
 from bisect import bisect_right
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 
@@ -97,244 +103,20 @@ from .core import (
     sorted_unique,
     union_ranges,
 )
+from .epoch import Epoch, MergePolicy, decompose_down, decompose_up, flat_upto
 from .errors import MapExpired, MapUsageError
+from .live import LiveWindow
+from .retain import RetainJob, RetainResult
+from .storage import DirStore, MapRef, MapStore, MemoryStore
 
-__all__ = ["MapHistory", "MergePolicy", "RetainResult"]
+__all__ = ["MapHistory"]
 
 END_OF_VOLUME = 1 << 62  #: ``end=None`` in :meth:`MapHistory.changed` means this.
 _BIG = 64  # candidate·gap count above which painting switches to the vectorised path
-# Live-window index: level L buckets volume offsets by ``>> (16 + 4·L)`` (64 KiB, 1 MiB,
-# 16 MiB, ...); an entry sits in the lowest level where it touches at most two buckets.
-_LIX_LEVELS = 12
-_LIX_SCAN = 48  # buckets a query may visit before a plain vectorised scan is cheaper
 _FAST_SPAN = 1 << 20  # resolve's single-entry fast path is tried up to this range size
 # Windows the small head tier collects before it is spliced into the big one (O(head)),
 # and at every full map. Head reads check both tiers; a seal splices into the small one.
 _RECENT_WINDOWS = 64
-
-
-@dataclass(frozen=True)
-class MergePolicy:
-    """How windows are cut and merged.
-
-    * ``l0_max_writes``: ``add_*`` returns True once the live window holds this many
-      entries (the caller should then :meth:`~MapHistory.seal`).
-    * ``fanout``: ``f`` maps of level ``k-1`` merge into one map of level ``k``.
-    * ``full_every``: a full (cumulative, epoch-relative) map every this many L0 windows;
-      levels are only built while ``fanout**k < full_every``. 0 disables full maps (and
-      then levels grow without bound).
-    """
-
-    fanout: int = 8
-    l0_max_writes: int = 8192
-    full_every: int = 64
-
-    def __post_init__(self) -> None:
-        if self.fanout < 2:
-            raise MapUsageError("fanout must be >= 2")
-        if self.l0_max_writes < 1:
-            raise MapUsageError("l0_max_writes must be >= 1")
-        if self.full_every < 0:
-            raise MapUsageError("full_every must be >= 0")
-
-    def max_level(self) -> int:
-        """Highest merge level built."""
-        k = 0
-        while self.full_every == 0 or self.fanout ** (k + 1) < self.full_every:
-            k += 1
-            if self.full_every == 0 and k >= 40:
-                break
-        return k
-
-
-class MapRef(Protocol):
-    """A map the history holds: in memory (:class:`DeltaMap`) or in a file (lazy)."""
-
-    name: str
-    lo: int
-    hi: int
-    flat: bool
-
-    def __len__(self) -> int: ...
-
-    def query(self, start: int, end: int) -> Columns: ...
-
-    def load(self) -> DeltaMap: ...
-
-
-class Store(Protocol):
-    """Where maps and the manifest go (memory, or a directory of files)."""
-
-    def put(self, kind: str, level: int, m: DeltaMap, tag: str = "",
-            register: bool = True) -> MapRef:
-        """Write a map. ``register=False``: touch no shared state (safe in another
-        thread); the owner thread then hands the refs to :meth:`adopt`."""
-        ...
-
-    def adopt(self, refs: list[MapRef]) -> None: ...
-
-    def drop(self, names: list[str]) -> None: ...
-
-    def unregister(self, names: list[str]) -> list[str]:
-        """:meth:`drop` minus the file deletion: the paths to :meth:`remove` (any thread)."""
-        ...
-
-    def remove(self, paths: list[str]) -> None: ...
-
-    def commit(self, state: dict[str, Any]) -> None: ...
-
-    def disk_bytes(self) -> int: ...
-
-    def cache_bytes(self) -> int: ...
-
-    def close(self) -> None: ...
-
-
-class _MemRef:
-    """An in-memory map (the memory store's handle)."""
-
-    __slots__ = ("flat", "hi", "lo", "m", "name")
-
-    def __init__(self, name: str, m: DeltaMap) -> None:
-        self.name = name
-        self.m = m
-        self.lo = m.lo
-        self.hi = m.hi
-        self.flat = m.flat
-
-    def __len__(self) -> int:
-        return len(self.m)
-
-    def query(self, start: int, end: int) -> Columns:
-        return self.m.query(start, end)
-
-    def load(self) -> DeltaMap:
-        return self.m
-
-
-class MemoryStore:
-    """Keeps every map in memory; nothing persists. For tests and benchmarks."""
-
-    def __init__(self) -> None:
-        self.state: dict[str, Any] | None = None
-        self._bytes = 0
-
-    def put(self, kind: str, level: int, m: DeltaMap, tag: str = "",
-            register: bool = True) -> MapRef:
-        if register:
-            self._bytes += m.nbytes
-        return _MemRef(map_name(kind, level, m.lo, m.hi, tag), m)
-
-    def adopt(self, refs: list[MapRef]) -> None:
-        for r in refs:
-            if isinstance(r, _MemRef):
-                self._bytes += r.m.nbytes
-
-    def drop(self, names: list[str]) -> None:
-        pass
-
-    def unregister(self, names: list[str]) -> list[str]:
-        return []
-
-    def remove(self, paths: list[str]) -> None:
-        pass
-
-    def commit(self, state: dict[str, Any]) -> None:
-        self.state = state
-
-    def disk_bytes(self) -> int:
-        return 0
-
-    def cache_bytes(self) -> int:
-        return self._bytes
-
-    def close(self) -> None:
-        pass
-
-
-def map_name(kind: str, level: int, lo: int, hi: int, tag: str = "") -> str:
-    """File name of a map: ``L<k>-<first:020d>-<last:020d>.map`` or ``F-<last:020d>.map``.
-
-    ``first = lo + 1`` and ``last = hi``: the seqs the window covers. ``tag`` (``-r<n>``)
-    marks maps written by the n-th :meth:`MapHistory.retain`, so that they never reuse
-    the name of a file the previous manifest still names.
-    """
-    if kind == "F":
-        return f"F-{hi:020d}{tag}.map"
-    return f"L{level}-{lo + 1:020d}-{hi:020d}{tag}.map"
-
-
-@dataclass(frozen=True, eq=False)
-class RetainResult:
-    """What :meth:`MapHistory.retain` kept and gave up.
-
-    ``retained``: the points below ``keep_after`` that stay resolvable (the requested
-    ones plus the rewind targets they depend on), sorted. ``dropped_*``: the journal
-    fragments ``(seq, loc, poff, length)`` no retained point references any more (zero
-    extents, which hold no journal bytes, are not listed).
-    """
-
-    retained: list[int]
-    keep_after: int
-    dropped_seq: np.ndarray[Any, np.dtype[np.int64]]
-    dropped_loc: np.ndarray[Any, np.dtype[np.int64]]
-    dropped_poff: np.ndarray[Any, np.dtype[np.int64]]
-    dropped_len: np.ndarray[Any, np.dtype[np.int64]]
-    windows_before: int
-    windows_after: int
-    epochs_rewritten: int
-
-    @property
-    def dropped_bytes(self) -> int:
-        return int(self.dropped_len.sum())
-
-
-class RetainJob:
-    """A planned :meth:`MapHistory.retain` (see :meth:`MapHistory.retain_prepare`).
-
-    :meth:`build` reads only the immutable maps of the history as it was planned and
-    writes new map files under fresh names (not yet named by the manifest: a crash
-    leaves files the next open deletes); it may run in any thread.
-    """
-
-    def __init__(self, h: MapHistory, ka: int, need: set[int], tag: str,
-                 epochs: list[tuple[_Epoch, int, bool]], sealed_seq: int) -> None:
-        self._h = h
-        self.ka = ka
-        self.need = need
-        self.tag = tag
-        self.epochs = epochs  # (epoch as planned, next rewind seq, is the last epoch)
-        self.sealed_seq = sealed_seq
-        self.new_epochs: dict[int, _Epoch] = {}
-        self.drops: list[Columns] = []
-        self.head: Columns | None = None
-        self.built = False
-        self.stale: list[str] = []
-
-    def remove_stale(self) -> None:
-        """Delete the map files the finished retain replaced (any thread)."""
-        paths, self.stale = self.stale, []
-        self._h._store.remove(paths)
-
-    def build(self) -> None:
-        """Compute and write the rewritten epochs. Runtime complexity: as retain."""
-        for ei, (ep, nxt, last) in enumerate(self.epochs):
-            self._h._retain_epoch(self, ei, ep, nxt, last)
-        self.built = True
-
-
-@dataclass
-class _Epoch:
-    rewind_seq: int  # R: state(R) == state(target); 0 for the first epoch
-    target: int  # S; -1 for the first epoch (no base: holes)
-    windows: list[MapRef] = field(default_factory=list)
-    his: list[int] = field(default_factory=list)  # hi seq of each window
-    levels: dict[int, list[MapRef]] = field(default_factory=dict)  # level k>=1
-    fulls: dict[int, MapRef] = field(default_factory=dict)  # window boundary -> full map
-    full_keys: list[int] = field(default_factory=list)  # sorted boundaries
-
-    def lo_of(self, w: int) -> int:
-        return self.his[w - 1] if w else self.rewind_seq
 
 
 _Layer = tuple[Callable[[int, int], Columns], bool]  # (query, flat)
@@ -357,10 +139,10 @@ class MapHistory:
         [(4096, 6144)]
     """
 
-    def __init__(self, store: Store, policy: MergePolicy, state: dict[str, Any] | None) -> None:
+    def __init__(self, store: MapStore, policy: MergePolicy, state: dict[str, Any] | None) -> None:
         self.policy = policy
         self._store = store
-        self._epochs: list[_Epoch] = [_Epoch(0, -1)]
+        self._epochs: list[Epoch] = [Epoch(0, -1)]
         self._rewinds: list[int] = [0]
         self._last_seq = 0
         self._sealed_seq = 0
@@ -370,17 +152,7 @@ class MapHistory:
         self._f = policy.fanout
         self._lmax = policy.l0_max_writes
         self._maxk = policy.max_level()
-        cap = max(16, policy.l0_max_writes)
-        self._ls = np.empty(cap, np.int64)
-        self._le = np.empty(cap, np.int64)
-        self._lq = np.empty(cap, np.int64)
-        self._ll = np.empty(cap, np.int64)
-        self._ln = 0
-        # bucket index of the live window (see _live_slots): slots [0, _lix_n) indexed
-        self._lix: list[dict[int, list[int]]] = [{} for _ in range(_LIX_LEVELS)]
-        self._lix_used = 0  # bit L set: level L holds slots
-        self._lix_n = 0
-        self._lix_first = 0  # seq of slot 0 when the index was (re)started
+        self._live = LiveWindow(max(16, policy.l0_max_writes))
         # The head in two flat tiers (newest wins): ``_recent`` holds the windows
         # ``[_recent_from, nw)`` sealed since the last big splice (fewer than 64),
         # ``_head`` everything before. ``_pend`` keeps the flat deltas of windows
@@ -409,6 +181,7 @@ class MapHistory:
         policy: MergePolicy | None = None,
         cache_bytes: int = 256 << 20,
         fs: Any = None,
+        readonly: bool = False,
     ) -> MapHistory:
         """Open (or create) the history kept in ``directory``.
 
@@ -419,15 +192,17 @@ class MapHistory:
         history (they shape the files); ``l0_max_writes`` always comes from ``policy``.
         ``cache_bytes`` bounds the decoded map blocks kept in memory (cdp's
         ``maps.cache_bytes``, same default) and, separately, the maps' offset filters.
+        ``readonly``: create and delete no file and refuse every write (seal, rewind,
+        retain raise :class:`MapUsageError`): to inspect a history, e.g. for
+        :meth:`check`.
 
         Runtime complexity: O(M + H) for M map files and a head of H entries.
         """
         policy = policy or MergePolicy()
         if directory is None:
             return cls(MemoryStore(), policy, None)
-        from .storage import DirStore
-
-        store, state = DirStore.open(os.fspath(directory), cache_bytes=cache_bytes, fs=fs)
+        store, state = DirStore.open(os.fspath(directory), cache_bytes=cache_bytes, fs=fs,
+                                     readonly=readonly)
         if state is not None:
             policy = MergePolicy(
                 fanout=int(state["fanout"]),
@@ -437,7 +212,7 @@ class MapHistory:
         return cls(store, policy, state)
 
     def _restore(self, state: dict[str, Any]) -> None:
-        self._epochs = [_Epoch(int(r), int(t)) for r, t in state["epochs"]]
+        self._epochs = [Epoch(int(r), int(t)) for r, t in state["epochs"]]
         self._rewinds = [e.rewind_seq for e in self._epochs]
         refs: dict[str, MapRef] = state["refs"]
         for name, kind, level, ei, idx in state["maps"]:
@@ -506,7 +281,7 @@ class MapHistory:
 
         Runtime complexity: O(1).
         """
-        return self._ln >= self.policy.l0_max_writes
+        return self._live.n >= self.policy.l0_max_writes
 
     def _next(self, seq: int) -> None:
         if self._broken:
@@ -514,30 +289,15 @@ class MapHistory:
         if seq <= self._last_seq:
             raise MapUsageError(f"seq {seq} not after last seq {self._last_seq}")
 
-    def _append(self, seq: int, start: int, end: int, loc: int) -> bool:
+    def _add(self, seq: int, start: int, end: int, loc: int) -> bool:
+        """Check and feed one entry (the general path of ``add_*``)."""
         if start < 0 or end < start:
             raise MapUsageError(f"bad range [{start}, {end})")
         self._next(seq)
         self._last_seq = seq
         if start == end:
-            return self._ln >= self.policy.l0_max_writes
-        n = self._ln
-        if n == self._ls.shape[0]:
-            self._grow()
-        self._ls[n] = start
-        self._le[n] = end
-        self._lq[n] = seq
-        self._ll[n] = loc
-        self._ln = n + 1
-        return n + 1 >= self.policy.l0_max_writes
-
-    def _grow(self) -> None:
-        cap = self._ls.shape[0] * 2
-        for name in ("_ls", "_le", "_lq", "_ll"):
-            old = getattr(self, name)
-            new = np.empty(cap, np.int64)
-            new[: old.shape[0]] = old
-            setattr(self, name, new)
+            return self._live.n >= self.policy.l0_max_writes
+        return self._live.append(seq, start, end, loc) >= self.policy.l0_max_writes
 
     def add_write(self, seq: int, start: int, end: int, loc: int) -> bool:
         """Record ``seq`` wrote volume bytes ``[start, end)``; payload at journal ``loc``.
@@ -546,26 +306,27 @@ class MapHistory:
 
         Runtime complexity: O(1) amortised.
         """
-        n = self._ln
+        lw = self._live
+        n = lw.n
         if loc >= 0 and 0 <= start < end and seq > self._last_seq and not self._broken:
-            if n < self._ls.shape[0]:  # the common case, inline (~0.5 us a write)
+            if n < lw.start.shape[0]:  # the common case, LiveWindow.append inline (~0.5 us)
                 self._last_seq = seq
-                self._ls[n] = start
-                self._le[n] = end
-                self._lq[n] = seq
-                self._ll[n] = loc
-                self._ln = n + 1
+                lw.start[n] = start
+                lw.end[n] = end
+                lw.seq[n] = seq
+                lw.loc[n] = loc
+                lw.n = n + 1
                 return n + 1 >= self._lmax
         elif loc < 0:
             raise MapUsageError(f"bad loc {loc}")
-        return self._append(seq, start, end, loc)
+        return self._add(seq, start, end, loc)
 
     def add_zero(self, seq: int, start: int, end: int) -> bool:
         """Record ``seq`` zeroed (trim / write-zeroes) ``[start, end)``.
 
         Runtime complexity: O(1) amortised.
         """
-        return self._append(seq, start, end, ZERO_LOC)
+        return self._add(seq, start, end, ZERO_LOC)
 
     def note_seq(self, seq: int) -> None:
         """Record a seq that changes no data (marker, error).
@@ -589,7 +350,7 @@ class MapHistory:
         if not 0 <= target_seq < seq or target_seq > self._last_seq:
             raise MapUsageError(f"bad rewind target {target_seq} at seq {seq}")
         self.seal()
-        self._epochs.append(_Epoch(seq, target_seq))
+        self._epochs.append(Epoch(seq, target_seq))
         self._rewinds.append(seq)
         self._last_seq = seq
         self._reset_head(self._epochs[-1])
@@ -597,12 +358,6 @@ class MapHistory:
         self._commit()
 
     # ------------------------------------------------------------------ sealing
-
-    def _live(self) -> Columns:
-        n = self._ln
-        return Columns(
-            self._ls[:n], self._le[:n], self._lq[:n], self._ll[:n], np.zeros(n, np.int64)
-        )
 
     def _commit(self) -> None:
         try:
@@ -634,30 +389,23 @@ class MapHistory:
         if upto == self._sealed_seq:
             return
         try:
-            n = self._ln
-            k = n if upto == self._last_seq else int(
-                np.searchsorted(self._lq[:n], upto, side="right")
-            )
+            lw = self._live
+            k = lw.n if upto == self._last_seq else lw.count_upto(upto)
             if k:
                 self._seal_window(k, upto)
-            if k < n:
-                for a in (self._ls, self._le, self._lq, self._ll):
-                    a[: n - k] = a[k:n].copy()
-            self._ln = n - k
-            if k:
-                self._lix_reset()  # slots shifted: re-indexed lazily at the next read
+            lw.drop_first(k)  # the rest shift: re-indexed lazily at the next read
             self._sealed_seq = upto
             self._store.commit(self._state())
         except BaseException:
             self._broken = True
             raise
 
-    def _reset_head(self, ep: _Epoch, head: Columns | None = None) -> None:
+    def _reset_head(self, ep: Epoch, head: Columns | None = None) -> None:
         """Rebuild the head tiers from the epoch's maps (or install *head*, already built
         from them by a retain job). Runtime complexity: O(H log H) when it builds."""
         nw = len(ep.windows)
         if head is None:
-            head = self._epoch_all(ep, nw) if nw else Columns.empty()
+            head = flat_upto(ep, nw, self._f, self._maxk) if nw else Columns.empty()
         self._head = head
         self._recent = Columns.empty()
         self._recent_from = nw
@@ -676,7 +424,7 @@ class MapHistory:
         """
         ep = self._epochs[-1]
         lo = ep.his[-1] if ep.his else ep.rewind_seq
-        live = self._live()
+        live = self._live.columns()
         l0 = build_l0(lo, hi, Columns(*(a[:k].copy() for a in live)))
         ref = self._store.put("L", 0, l0)
         ep.windows.append(ref)
@@ -743,160 +491,6 @@ class MapHistory:
     def _epoch_of(self, seq: int) -> int:
         return bisect_right(self._rewinds, seq) - 1
 
-    def _decompose_down(self, ep: _Epoch, wc: int) -> Iterator[MapRef]:
-        """Maps covering windows ``[0, wc)`` newest first: Fenwick blocks, then a full map."""
-        i = bisect_right(ep.full_keys, wc) - 1
-        base = ep.full_keys[i] if i >= 0 else 0
-        pos = wc
-        f = self._f
-        while pos > base:
-            for k in range(self._maxk, -1, -1):
-                size = f**k
-                if pos % size or pos - size < base:
-                    continue
-                if k == 0:
-                    yield ep.windows[pos - 1]
-                    break
-                lst = ep.levels.get(k)
-                j = pos // size - 1
-                if lst is not None and j < len(lst):
-                    yield lst[j]
-                    break
-            pos -= size
-        if base:
-            yield ep.fulls[base]
-
-    def _decompose_up(self, ep: _Epoch, a: int, b: int) -> Iterator[MapRef]:
-        """Maps covering windows ``[a, b)`` exactly (any order)."""
-        pos = a
-        f = self._f
-        while pos < b:
-            for k in range(self._maxk, -1, -1):
-                size = f**k
-                if pos % size or pos + size > b:
-                    continue
-                if k == 0:
-                    yield ep.windows[pos]
-                    break
-                lst = ep.levels.get(k)
-                j = pos // size
-                if lst is not None and j < len(lst):
-                    yield lst[j]
-                    break
-            pos += size
-
-    # The live window's index. Slots are positions in the live arrays (seq order). Level L
-    # of ``_lix`` maps ``offset >> (16 + 4·L)`` to the slots of the entries touching that
-    # bucket; an entry goes to the lowest level where it touches at most two buckets (the
-    # top level takes anything), so a small range visits one or two buckets per used level.
-    # The index is brought up to date lazily (at query time) for the slots appended since,
-    # and restarted whenever the live arrays shift (partial seal) or empty (seal).
-
-    def _lix_reset(self) -> None:
-        used = self._lix_used
-        for lvl in range(_LIX_LEVELS):
-            if used >> lvl & 1:
-                self._lix[lvl].clear()
-        self._lix_used = 0
-        self._lix_n = 0
-
-    def _lix_sync(self) -> None:
-        """Index live slots ``[_lix_n, _ln)``. Amortised O(1) per live entry."""
-        n = self._ln
-        k = self._lix_n
-        if k and (k > n or self._lq.item(0) != self._lix_first):
-            self._lix_reset()  # the live arrays shifted under the index
-            k = 0
-        if k >= n:
-            return
-        if k == 0:
-            self._lix_first = self._lq.item(0)
-        lix = self._lix
-        used = self._lix_used
-        top = _LIX_LEVELS - 1
-        for i, s, e in zip(
-            range(k, n), self._ls[k:n].tolist(), self._le[k:n].tolist(), strict=True
-        ):
-            e -= 1
-            sh = 16
-            lvl = 0
-            while (e >> sh) - (s >> sh) > 1 and lvl < top:
-                sh += 4
-                lvl += 1
-            d = lix[lvl]
-            used |= 1 << lvl
-            b0 = s >> sh
-            lst = d.get(b0)
-            if lst is None:
-                d[b0] = [i]
-            else:
-                lst.append(i)
-            b1 = e >> sh
-            if b1 != b0:
-                for bk in range(b0 + 1, b1 + 1):
-                    lst = d.get(bk)
-                    if lst is None:
-                        d[bk] = [i]
-                    else:
-                        lst.append(i)
-        self._lix_used = used
-        self._lix_n = n
-
-    def _live_slots(self, a: int, b: int) -> list[int] | None:
-        """Sorted live slots whose buckets touch ``[a, b)`` (a superset of the entries
-        intersecting it); None when the range spans so many buckets that a vectorised
-        scan of the whole live window is cheaper.
-
-        Runtime complexity: O(levels used + k) for k slots returned.
-        """
-        if b - a > _LIX_SCAN << 16:
-            return None  # wide: scan (and leave indexing to the next small read)
-        self._lix_sync()
-        used = self._lix_used
-        out: list[int] = []
-        b -= 1
-        budget = _LIX_SCAN
-        lvl = 0
-        sh = 16
-        lix = self._lix
-        while used:
-            if used & 1:
-                lo = a >> sh
-                hi = b >> sh
-                budget -= hi - lo + 1
-                if budget < 0:
-                    return None
-                d = lix[lvl]
-                for bk in range(lo, hi + 1):
-                    lst = d.get(bk)
-                    if lst is not None:
-                        out.extend(lst)
-            used >>= 1
-            lvl += 1
-            sh += 4
-        if len(out) > 1:
-            out = sorted(set(out))
-        return out
-
-    def _live_query(self, lo: int, hi: int) -> Callable[[int, int], Columns]:
-        def q(a: int, b: int) -> Columns:
-            n = self._ln
-            cand = self._live_slots(a, b) if n else None
-            if cand is None:
-                s, e, sq, ll = self._ls[:n], self._le[:n], self._lq[:n], self._ll[:n]
-            else:
-                ci = np.array(cand, np.int64)
-                s, e, sq, ll = self._ls[ci], self._le[ci], self._lq[ci], self._ll[ci]
-            m = (s < b) & (e > a)
-            if lo > 0:
-                m &= sq > lo
-            if hi < self._last_seq:
-                m &= sq <= hi
-            idx = np.flatnonzero(m)
-            return Columns(s[idx], e[idx], sq[idx], ll[idx], np.zeros(idx.shape[0], np.int64))
-
-        return q
-
     def resolve_head(self, start: int, end: int) -> Extent | None:
         """``resolve(last_seq, start, end)`` as its one extent when a single entry of the
         newest layer touching the range covers it whole (or nothing touches it and the
@@ -917,18 +511,19 @@ class MapHistory:
         range covers it whole (or nothing touches it and the epoch has no base); None
         when the general path is needed. Same result as the general path.
         """
-        if self._ln:
-            cand = self._live_slots(a, b)
+        lw = self._live
+        if lw.n:
+            cand = lw.slots(a, b)
             if cand is None:
                 return None
             if cand:
-                ls, le = self._ls.item, self._le.item
+                ls, le = lw.start.item, lw.end.item
                 for i in reversed(cand):  # newest first
                     s = ls(i)
                     e = le(i)
                     if s < b and e > a:
                         if s <= a and e >= b:
-                            return Extent(a, b, self._lq.item(i), self._ll.item(i), a - s)
+                            return Extent(a, b, lw.seq.item(i), lw.loc.item(i), a - s)
                         return None
         for c in (self._recent, self._head):
             st = c.start
@@ -960,8 +555,8 @@ class MapHistory:
         ep = self._epochs[ei]
         sealed_hi = ep.his[-1] if ep.his else ep.rewind_seq
         if ei == len(self._epochs) - 1 and x >= sealed_hi:
-            if self._ln and x > self._sealed_seq:
-                yield self._live_query(0, x), False
+            if self._live.n and x > self._sealed_seq:
+                yield self._live.query(0, x), False
             recent, head = self._recent, self._head
             if recent.n:
                 yield (lambda a, b: _flat_query(recent, a, b)), True
@@ -970,7 +565,7 @@ class MapHistory:
         wc = bisect_right(ep.his, x)
         if wc < len(ep.his) and ep.lo_of(wc) < x:
             yield self._filtered(ep.windows[wc], -1, x), False
-        for r in _decompose_down_list(self, ep, wc):
+        for r in decompose_down(ep, wc, self._f, self._maxk):
             yield r.query, r.flat
 
     def resolve(self, seq: int, start: int, end: int) -> list[Extent]:
@@ -1056,8 +651,8 @@ class MapHistory:
         """Entries of epoch ``ei`` with seq in ``(lo, hi]`` intersecting ``[a, b)``."""
         ep = self._epochs[ei]
         nw = len(ep.windows)
-        if ei == len(self._epochs) - 1 and hi > self._sealed_seq and self._ln:
-            parts.append(self._live_query(lo, hi)(a, b))
+        if ei == len(self._epochs) - 1 and hi > self._sealed_seq and self._live.n:
+            parts.append(self._live.query(lo, hi)(a, b))
         wa = bisect_right(ep.his, lo)  # first window reaching past lo
         wb = bisect_right(ep.his, hi)  # windows [0, wb) end at or before hi
         first_full = wa
@@ -1066,18 +661,8 @@ class MapHistory:
             first_full = wa + 1
         if wb < nw and ep.lo_of(wb) < hi and wb >= first_full:
             parts.append(self._filtered(ep.windows[wb], lo, hi)(a, b))
-        for r in self._decompose_up(ep, first_full, wb):
+        for r in decompose_up(ep, first_full, wb, self._f, self._maxk):
             parts.append(r.query(a, b))
-
-    # ------------------------------------------------------------------ whole maps
-
-    def _epoch_all(self, ep: _Epoch, wc: int) -> Columns:
-        """Flat deltas of windows ``[0, wc)`` of an epoch (newest wins)."""
-        layers: list[Columns] = []
-        for r in _decompose_down_list(self, ep, wc):
-            m = r.load()
-            layers.append(m.cols if m.flat else flatten(m.cols, want_dropped=False)[0])
-        return overlay(layers, want_dropped=False)[0]
 
     # ------------------------------------------------------------------ retention
 
@@ -1160,7 +745,7 @@ class MapHistory:
                 self._check_resolvable(ep.target)
                 need.add(ep.target)
         nexts = [*self._rewinds[1:], self._last_seq + 1]
-        job = RetainJob(self, ka, need, f"-r{self._retain_gen + 1}",
+        job = RetainJob(self._store, self.policy, ka, need, f"-r{self._retain_gen + 1}",
                         [(ep, nexts[ei], ei == neps - 1) for ei, ep in enumerate(self._epochs)],
                         self._sealed_seq)
         self._job = job
@@ -1181,8 +766,8 @@ class MapHistory:
                 raise MapUsageError("the history was sealed while a retain was built")
             new_refs: list[MapRef] = []
             for ei, new in job.new_epochs.items():
-                old_refs.extend(_all_refs(self._epochs[ei]))
-                new_refs.extend(_all_refs(new))
+                old_refs.extend(self._epochs[ei].refs())
+                new_refs.extend(new.refs())
                 self._epochs[ei] = new
             self._store.adopt(new_refs)
             if job.head is not None:
@@ -1195,7 +780,7 @@ class MapHistory:
         except BaseException:
             self._broken = True
             raise
-        keep = {id(r) for ep in self._epochs for r in _all_refs(ep)}
+        keep = {id(r) for ep in self._epochs for r in ep.refs()}
         stale = [r.name for r in old_refs if id(r) not in keep]
         if remove:
             self._store.drop(stale)
@@ -1213,61 +798,6 @@ class MapHistory:
             self._job = None
             self._broken = True
 
-    def _retain_epoch(self, job: RetainJob, ei: int, ep: _Epoch, nxt: int,
-                      last_epoch: bool) -> None:
-        """Build the rewrite of epoch ``ei``'s windows ending at or before ``ka`` into a
-        new epoch object (``job.new_epochs``); the installed one is not touched."""
-        ka, need, tag = job.ka, job.need, job.tag
-        k_cut = bisect_right(ep.his, ka)  # windows [0, k_cut) end at or before ka
-        if k_cut == 0:
-            return
-        end = ep.his[k_cut - 1]
-        bounds = sorted(p for p in need if ep.rewind_seq < p <= end)
-        # points at or after ka in this epoch, and retained points after the last window
-        # (records that change no data), build on the state at ``end``
-        if (ka < nxt or any(end < p < nxt for p in need)) and (not bounds or bounds[-1] != end):
-            bounds.append(end)
-        cols = Columns.concat([r.load().cols for r in ep.windows[:k_cut]])
-        lo = ep.rewind_seq
-        new_maps: list[DeltaMap] = []
-        ep_drops: list[Columns] = []
-        for b in bounds:
-            sel = cols.take((cols.seq > lo) & (cols.seq <= b))
-            flat, drop = flatten(sel)
-            if drop.n:
-                ep_drops.append(drop)
-            new_maps.append(DeltaMap(lo, b, flat, flat=False))
-            lo = b
-        rest = cols.take(cols.seq > lo)
-        if rest.n:
-            ep_drops.append(rest.take(rest.loc != ZERO_LOC))
-        if bounds == ep.his[:k_cut] and not any(c.n for c in ep_drops):
-            return
-        job.drops.extend(ep_drops)
-        put = self._store.put
-        windows = [put("L", 0, m, tag, False) for m in new_maps] + ep.windows[k_cut:]
-        new = _Epoch(ep.rewind_seq, ep.target, windows, [r.hi for r in windows])
-        f = self._f
-        n = len(windows)
-        for k in range(1, self._maxk + 1):
-            size = f**k
-            if n < size:
-                break
-            below = windows if k == 1 else new.levels[k - 1]
-            lst = new.levels.setdefault(k, [])
-            for j in range(n // size):
-                res = merge([r.load() for r in below[j * f : (j + 1) * f]])
-                lst.append(put("L", k, res.map, tag, False))
-        fe = self.policy.full_every
-        if fe:
-            for b in range(fe, n + 1, fe):
-                full = DeltaMap(new.rewind_seq, new.his[b - 1], self._epoch_all(new, b), flat=True)
-                new.fulls[b] = put("F", 0, full, tag, False)
-                new.full_keys.append(b)
-        if last_epoch:
-            job.head = self._epoch_all(new, n)
-        job.new_epochs[ei] = new
-
     def sealed_windows(self) -> list[MapRef]:
         """Every sealed L0 window (a copy of the list; the maps are immutable, so another
         thread may load them while this one feeds and seals)."""
@@ -1284,8 +814,8 @@ class MapHistory:
             for r in ep.windows:
                 c = r.load().cols
                 yield c.take(c.loc != ZERO_LOC)
-        if self._ln:
-            c = self._live()
+        if self._live.n:
+            c = self._live.columns()
             yield c.take(c.loc != ZERO_LOC)
 
     # ------------------------------------------------------------------ admin
@@ -1311,7 +841,7 @@ class MapHistory:
             "epochs": len(self._epochs),
             "head_entries": self._head.n + self._recent.n,
             "head_bytes": self._head.nbytes + self._recent.nbytes,
-            "live_entries": self._ln,
+            "live_entries": self._live.n,
             "disk_bytes": self._store.disk_bytes(),
             "cache_bytes": self._store.cache_bytes(),
             "last_seq": self._last_seq,
@@ -1331,140 +861,143 @@ class MapHistory:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _check(self, deep: bool = True) -> None:
-        """Assert every invariant (tests call it after mutations).
+    def check(self, deep: bool = True, head: bool = True) -> list[str]:
+        """Every broken invariant, as a readable string; ``[]`` when all hold (RocksDB's
+        ``CheckConsistency``). Used by the tests (through :meth:`_check`, after
+        mutations) and by ``cdpctl verify`` (on a history opened read-only).
 
-        Runtime complexity: O(total entries) (+ a full resolve at the head when ``deep``).
+        Checked: seqs and epochs in order; the live window and its index; every epoch's
+        windows contiguous and ending by the next rewind (or ``sealed_seq``); merged
+        levels and full maps covering exactly their windows; the head tiers flat and
+        inside the newest epoch. ``deep``: also load every map and check its entries
+        (sorted, seqs inside its window, flat where it must be, offset filter).
+        ``deep`` and ``head``: also rebuild the head from the maps and compare it with
+        the in-memory tiers, and resolve the whole head range (only when everything
+        before holds; pointless right after an open, which builds the head from the
+        maps, so verify passes ``head=False``).
+
+        Runtime complexity: O(M + live entries) for M maps; ``deep`` adds O(total
+        entries) of loading; ``head`` adds O(H log H) and a list of the H head extents.
         """
-        assert self._sealed_seq <= self._last_seq
-        assert self._rewinds == [e.rewind_seq for e in self._epochs]
-        assert self._rewinds == sorted(set(self._rewinds))
-        assert 0 <= self._ln <= self._ls.shape[0]
-        if self._ln:
-            lq = self._lq[: self._ln]
-            assert (np.diff(lq) > 0).all()
-            assert lq[0] > self._sealed_seq and lq[-1] <= self._last_seq
-        self._check_lix()
+        out: list[str] = []
+        if self._sealed_seq > self._last_seq:
+            out.append(f"sealed seq {self._sealed_seq} after last seq {self._last_seq}")
+        if self._rewinds != [e.rewind_seq for e in self._epochs]:
+            out.append("rewind list disagrees with the epochs")
+        if self._rewinds != sorted(set(self._rewinds)):
+            out.append(f"rewind seqs not strictly increasing: {self._rewinds}")
+        out += self._live.check(self._sealed_seq, self._last_seq)
         f = self._f
         for ei, ep in enumerate(self._epochs):
+            where = f"epoch {ei} (rewind @{ep.rewind_seq})"
             nxt = self._rewinds[ei + 1] if ei + 1 < len(self._epochs) else self._sealed_seq
-            assert ep.target < ep.rewind_seq
+            if ep.target >= ep.rewind_seq:
+                out.append(f"{where}: target @{ep.target} not before its rewind")
             prev = ep.rewind_seq
+            if len(ep.his) != len(ep.windows):
+                out.append(f"{where}: {len(ep.his)} window ends for {len(ep.windows)} windows")
             for w, r in enumerate(ep.windows):
-                assert r.lo == prev and r.hi > r.lo and ep.his[w] == r.hi
+                if r.lo != prev or r.hi <= r.lo or w >= len(ep.his) or ep.his[w] != r.hi:
+                    out.append(f"{where}: window {w} {r.name} covers ({r.lo}, {r.hi}], "
+                               f"expected to start after @{prev}")
                 prev = r.hi
                 if deep:
                     m = r.load()
-                    m._check()
-                    assert not m.flat
-                    _check_ref_filter(r, m)
-            assert prev <= nxt
+                    out += [f"{r.name}: {p}" for p in m.check()]
+                    if m.flat:
+                        out.append(f"{r.name}: an L0 window is flat")
+                    out += r.check_filter(m.cols)
+            if prev > nxt:
+                out.append(f"{where}: windows reach @{prev}, past @{nxt} "
+                           "(the next rewind or the sealed seq)")
             for k, lst in ep.levels.items():
                 size = f**k
-                assert 1 <= k <= self._maxk
-                assert len(lst) == len(ep.windows) // size
+                if not 1 <= k <= self._maxk:
+                    out.append(f"{where}: level {k} outside 1..{self._maxk}")
+                if len(lst) != len(ep.windows) // size:
+                    out.append(f"{where}: {len(lst)} level-{k} maps for "
+                               f"{len(ep.windows)} windows (fanout {f})")
                 for j, r in enumerate(lst):
-                    assert r.lo == ep.lo_of(j * size) and r.hi == ep.his[(j + 1) * size - 1]
+                    w1 = (j + 1) * size - 1
+                    if w1 >= len(ep.his) or r.lo != ep.lo_of(j * size) or r.hi != ep.his[w1]:
+                        out.append(f"{where}: level-{k} map {j} {r.name} covers "
+                                   f"({r.lo}, {r.hi}], not windows {j * size}..{w1}")
                     if deep:
                         m = r.load()
-                        m._check()
-                        assert m.flat
-                        _check_ref_filter(r, m)
-            assert ep.full_keys == sorted(ep.fulls)
+                        out += [f"{r.name}: {p}" for p in m.check()]
+                        if not m.flat:
+                            out.append(f"{r.name}: a merged map is not flat")
+                        out += r.check_filter(m.cols)
+            if ep.full_keys != sorted(ep.fulls):
+                out.append(f"{where}: full map keys out of step")
             for b, r in ep.fulls.items():
-                assert 0 < b <= len(ep.windows)
-                assert r.lo == ep.rewind_seq and r.hi == ep.his[b - 1]
+                if not 0 < b <= len(ep.his):
+                    out.append(f"{where}: full map {r.name} at window {b} of {len(ep.his)}")
+                elif r.lo != ep.rewind_seq or r.hi != ep.his[b - 1]:
+                    out.append(f"{where}: full map {r.name} covers ({r.lo}, {r.hi}], "
+                               f"not ({ep.rewind_seq}, {ep.his[b - 1]}]")
                 if deep:
-                    r.load()._check()
+                    out += [f"{r.name}: {p}" for p in r.load().check()]
         last = self._epochs[-1]
-        for tier in (self._recent, self._head):
-            DeltaMap(
-                last.rewind_seq, max(self._sealed_seq, last.rewind_seq), tier, flat=True
-            )._check()
+        for name, tier in (("recent", self._recent), ("head", self._head)):
+            hm = DeltaMap(last.rewind_seq, max(self._sealed_seq, last.rewind_seq), tier, flat=True)
+            out += [f"{name} tier: {p}" for p in hm.check()]
         nw = len(last.windows)
-        assert 0 <= self._recent_from <= nw and nw - self._recent_from < _RECENT_WINDOWS
-        assert 0 <= self._pend_from <= nw and nw - self._pend_from < max(f, 2)
-        assert len(self._pend) == nw - self._pend_from and self._pend_in >= 0
-        if deep:
-            ep = last
-            want = self._epoch_all(ep, nw)
-            have = overlay([self._recent, self._head], want_dropped=False)[0]
-            assert all(np.array_equal(x, y) for x, y in zip(want, have, strict=True)), (
-                "head differs from the epoch's maps"
-            )
-            flats = [
-                flatten(ep.windows[w].load().cols, want_dropped=False)[0]
-                for w in range(self._recent_from, nw)
-            ]
-            rec = overlay(flats[::-1], want_dropped=False)[0]
-            assert all(np.array_equal(x, y) for x, y in zip(rec, self._recent, strict=True)), (
-                "recent tier differs from its windows"
-            )
-            # _pend holds the flat deltas of windows [_pend_from, nw): the next L1 map
-            for w, p in zip(range(self._pend_from, nw), self._pend, strict=True):
-                fw = flats[w - self._recent_from] if w >= self._recent_from else flatten(
-                    ep.windows[w].load().cols, want_dropped=False
-                )[0]
-                assert all(np.array_equal(x, y) for x, y in zip(fw, p, strict=True))
-            assert self._pend_in == sum(
-                _data_bytes(ep.windows[w].load().cols) for w in range(self._pend_from, nw)
-            )
-            if self._head.n:
-                a = int(self._head.start[0])
-                b = int(self._head.end[-1])
-                got = self.resolve(self._last_seq, a, b)
-                assert got[0].start == a and got[-1].end == b
-                for i in range(1, len(got)):
-                    assert got[i - 1].end == got[i].start
+        if not (0 <= self._recent_from <= nw and nw - self._recent_from < _RECENT_WINDOWS):
+            out.append(f"recent tier starts at window {self._recent_from} of {nw}")
+        if not (0 <= self._pend_from <= nw and nw - self._pend_from < max(f, 2)):
+            out.append(f"pending level-1 deltas start at window {self._pend_from} of {nw}")
+        if len(self._pend) != nw - self._pend_from or self._pend_in < 0:
+            out.append(f"{len(self._pend)} pending level-1 deltas for windows "
+                       f"{self._pend_from}..{nw} ({self._pend_in} bytes)")
+        if deep and head and not out:
+            out += self._check_head(last)
+        return out
 
-    def _check_lix(self) -> None:
-        """Invariants of the live index: after a sync every live slot sits exactly in the
-        buckets it touches at its level, and nothing else is indexed."""
-        self._lix_sync()
-        n = self._ln
-        assert self._lix_n == n
-        want: dict[tuple[int, int], list[int]] = {}
-        for i, s, e in zip(range(n), self._ls[:n].tolist(), self._le[:n].tolist(), strict=True):
-            assert e > s
-            sh, lvl = 16, 0
-            while ((e - 1) >> sh) - (s >> sh) > 1 and lvl < _LIX_LEVELS - 1:
-                sh += 4
-                lvl += 1
-            for bk in range(s >> sh, ((e - 1) >> sh) + 1):
-                want.setdefault((lvl, bk), []).append(i)
-        have = {
-            (lvl, bk): lst for lvl, d in enumerate(self._lix) for bk, lst in d.items()
-        }
-        assert have == want, "live index out of step with the live window"
-        for lvl, d in enumerate(self._lix):
-            assert bool(d) == bool(self._lix_used >> lvl & 1)
-        if n:
-            assert self._lix_first == int(self._lq[0])
-        # the index answers like a scan
-        for i in range(0, n, max(1, n // 16)):
-            a, b = int(self._ls[i]), int(self._le[i])
-            slots = self._live_slots(a, b)
-            if slots is not None:
-                hit = set(np.flatnonzero((self._ls[:n] < b) & (self._le[:n] > a)).tolist())
-                assert hit <= set(slots)
+    def _check_head(self, ep: Epoch) -> list[str]:
+        """The head tiers and the pending level-1 deltas against the newest epoch's maps
+        (see :meth:`check`)."""
+        out: list[str] = []
+        nw = len(ep.windows)
+        want = flat_upto(ep, nw, self._f, self._maxk)
+        have = overlay([self._recent, self._head], want_dropped=False)[0]
+        if not all(np.array_equal(x, y) for x, y in zip(want, have, strict=True)):
+            out.append("head differs from the epoch's maps")
+        flats = [
+            flatten(ep.windows[w].load().cols, want_dropped=False)[0]
+            for w in range(self._recent_from, nw)
+        ]
+        rec = overlay(flats[::-1], want_dropped=False)[0]
+        if not all(np.array_equal(x, y) for x, y in zip(rec, self._recent, strict=True)):
+            out.append("recent tier differs from its windows")
+        # _pend holds the flat deltas of windows [_pend_from, nw): the next L1 map
+        for w, p in zip(range(self._pend_from, nw), self._pend, strict=True):
+            fw = flats[w - self._recent_from] if w >= self._recent_from else flatten(
+                ep.windows[w].load().cols, want_dropped=False
+            )[0]
+            if not all(np.array_equal(x, y) for x, y in zip(fw, p, strict=True)):
+                out.append(f"pending level-1 delta of window {w} differs from the window")
+        pend_in = sum(_data_bytes(ep.windows[w].load().cols) for w in range(self._pend_from, nw))
+        if self._pend_in != pend_in:
+            out.append(f"pending level-1 input counted {self._pend_in} bytes, "
+                       f"the windows hold {pend_in}")
+        if self._head.n:
+            a = int(self._head.start[0])
+            b = int(self._head.end[-1])
+            got = self.resolve(self._last_seq, a, b)
+            if got[0].start != a or got[-1].end != b or any(
+                got[i - 1].end != got[i].start for i in range(1, len(got))
+            ):
+                out.append(f"resolve at the head does not cover [{a}, {b}) exactly")
+        return out
 
+    def _check(self, deep: bool = True) -> None:
+        """Assert :meth:`check` finds nothing (tests call it after mutations).
 
-def _check_ref_filter(r: MapRef, m: DeltaMap) -> None:
-    chk = getattr(r, "check_filter", None)
-    if chk is not None:
-        chk(m.cols)
-
-
-def _all_refs(ep: _Epoch) -> list[MapRef]:
-    out: list[MapRef] = list(ep.windows)
-    for lst in ep.levels.values():
-        out.extend(lst)
-    out.extend(ep.fulls.values())
-    return out
-
-
-def _decompose_down_list(h: MapHistory, ep: _Epoch, wc: int) -> Iterator[MapRef]:
-    return h._decompose_down(ep, wc)
+        Runtime complexity: as :meth:`check` with ``head=deep``.
+        """
+        problems = self.check(deep, head=deep)
+        assert problems == [], problems
 
 
 _EMPTY = Columns.empty()

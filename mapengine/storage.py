@@ -15,6 +15,10 @@ Design notes
   not name are leftovers and are deleted on open.
 * Every write goes through :class:`FileOps`; its :meth:`FileOps.hook` is called between
   steps so tests can interrupt a write at any point.
+* This module names the files (:func:`map_name`, LevelDB's ``filename.h``) and defines
+  what the history needs of a store (:class:`MapStore`, :class:`MapRef`); the history
+  imports it, never the other way round. :class:`MemoryStore` is the store of a history
+  opened without a directory.
 """
 
 from __future__ import annotations
@@ -24,18 +28,29 @@ import struct
 import zlib
 from bisect import bisect_left, bisect_right
 from collections import OrderedDict
-from typing import Any
+from typing import Any, Protocol
 
 import lz4.block
 import msgpack
 import numpy as np
 
 from .core import Columns, DeltaMap
-from .errors import MapCorruption
+from .errors import MapCorruption, MapUsageError
 
 EMPTY = Columns.empty()
 
-__all__ = ["BLOCK_ENTRIES", "DirStore", "FileOps", "MapFile", "decode_map", "encode_map"]
+__all__ = [
+    "BLOCK_ENTRIES",
+    "DirStore",
+    "FileOps",
+    "MapFile",
+    "MapRef",
+    "MapStore",
+    "MemoryStore",
+    "decode_map",
+    "encode_map",
+    "map_name",
+]
 
 # On-disk constants: these must never change (a new format gets new values).
 MAP_MAGIC = b"CDPMAP\x00\x01"
@@ -59,6 +74,135 @@ BLOCK_ENTRIES = 256
 # get none: it would rarely say no.
 FILTER_SHIFT = 12
 FILTER_MAX_ENTRIES = 1 << 17
+
+
+def map_name(kind: str, level: int, lo: int, hi: int, tag: str = "") -> str:
+    """File name of a map: ``L<k>-<first:020d>-<last:020d>.map`` or ``F-<last:020d>.map``.
+
+    ``first = lo + 1`` and ``last = hi``: the seqs the window covers. ``tag`` (``-r<n>``)
+    marks maps written by the n-th :meth:`~mapengine.history.MapHistory.retain`, so that
+    they never reuse the name of a file the previous manifest still names.
+
+    >>> map_name("L", 0, 0, 8192)
+    'L0-00000000000000000001-00000000000000008192.map'
+    >>> map_name("F", 0, 0, 64, "-r2")
+    'F-00000000000000000064-r2.map'
+    """
+    if kind == "F":
+        return f"F-{hi:020d}{tag}.map"
+    return f"L{level}-{lo + 1:020d}-{hi:020d}{tag}.map"
+
+
+class MapRef(Protocol):
+    """A map the history holds: in memory (:class:`DeltaMap`) or in a file (lazy)."""
+
+    name: str
+    lo: int
+    hi: int
+    flat: bool
+
+    def __len__(self) -> int: ...
+
+    def query(self, start: int, end: int) -> Columns: ...
+
+    def load(self) -> DeltaMap: ...
+
+    def check_filter(self, c: Columns) -> list[str]:
+        """Problems of the in-memory offset filter (if any) against the map's entries."""
+        ...
+
+
+class MapStore(Protocol):
+    """Where maps and the manifest go (memory, or a directory of files)."""
+
+    def put(self, kind: str, level: int, m: DeltaMap, tag: str = "",
+            register: bool = True) -> MapRef:
+        """Write a map. ``register=False``: touch no shared state (safe in another
+        thread); the owner thread then hands the refs to :meth:`adopt`."""
+        ...
+
+    def adopt(self, refs: list[MapRef]) -> None: ...
+
+    def drop(self, names: list[str]) -> None: ...
+
+    def unregister(self, names: list[str]) -> list[str]:
+        """:meth:`drop` minus the file deletion: the paths to :meth:`remove` (any thread)."""
+        ...
+
+    def remove(self, paths: list[str]) -> None: ...
+
+    def commit(self, state: dict[str, Any]) -> None: ...
+
+    def disk_bytes(self) -> int: ...
+
+    def cache_bytes(self) -> int: ...
+
+    def close(self) -> None: ...
+
+
+class _MemRef:
+    """An in-memory map (the memory store's handle)."""
+
+    __slots__ = ("flat", "hi", "lo", "m", "name")
+
+    def __init__(self, name: str, m: DeltaMap) -> None:
+        self.name = name
+        self.m = m
+        self.lo = m.lo
+        self.hi = m.hi
+        self.flat = m.flat
+
+    def __len__(self) -> int:
+        return len(self.m)
+
+    def query(self, start: int, end: int) -> Columns:
+        return self.m.query(start, end)
+
+    def load(self) -> DeltaMap:
+        return self.m
+
+    def check_filter(self, c: Columns) -> list[str]:
+        return []  # no filter: the map is in memory
+
+
+class MemoryStore:
+    """Keeps every map in memory; nothing persists. For tests and benchmarks."""
+
+    def __init__(self) -> None:
+        self.state: dict[str, Any] | None = None
+        self._bytes = 0
+
+    def put(self, kind: str, level: int, m: DeltaMap, tag: str = "",
+            register: bool = True) -> MapRef:
+        if register:
+            self._bytes += m.nbytes
+        return _MemRef(map_name(kind, level, m.lo, m.hi, tag), m)
+
+    def adopt(self, refs: list[MapRef]) -> None:
+        for r in refs:
+            if isinstance(r, _MemRef):
+                self._bytes += r.m.nbytes
+
+    def drop(self, names: list[str]) -> None:
+        pass
+
+    def unregister(self, names: list[str]) -> list[str]:
+        return []
+
+    def remove(self, paths: list[str]) -> None:
+        pass
+
+    def commit(self, state: dict[str, Any]) -> None:
+        self.state = state
+
+    def disk_bytes(self) -> int:
+        return 0
+
+    def cache_bytes(self) -> int:
+        return self._bytes
+
+    def close(self) -> None:
+        pass
 
 
 class FileOps:
@@ -387,20 +531,24 @@ class MapFile:
             self._cache.filter_bytes -= f[0].nbytes + f[1].nbytes
             self._filt = None
 
-    def check_filter(self, c: Columns) -> None:
-        """Assert the offset filter (if any) is sorted, disjoint, and covers every one of
-        the map's entries ``c``."""
+    def check_filter(self, c: Columns) -> list[str]:
+        """Problems of the offset filter (if any): it must be sorted, disjoint, and cover
+        every one of the map's entries ``c``. Runtime complexity: O(n log f)."""
         f = self._filt
         if f is None:
-            return
+            return []
         fs, fe = (a.astype(np.int64) for a in f)
-        assert fs.shape == fe.shape and (fs < fe).all() and (fe[:-1] < fs[1:]).all()
+        if not (fs.shape == fe.shape and (fs < fe).all() and (fe[:-1] < fs[1:]).all()):
+            return [f"{self.name}: offset filter not sorted and disjoint"]
         if c.n:
             g0 = c.start >> FILTER_SHIFT
             g1 = (c.end - 1) >> FILTER_SHIFT
             i = np.searchsorted(fe, g0, side="right")
-            assert (i < fe.shape[0]).all(), "offset filter misses entries"
-            assert (fs[i] <= g0).all() and (fe[i] > g1).all(), "offset filter misses entries"
+            if not (i < fe.shape[0]).all():
+                return [f"{self.name}: offset filter misses entries"]
+            if not ((fs[i] <= g0).all() and (fe[i] > g1).all()):
+                return [f"{self.name}: offset filter misses entries"]
+        return []
 
     def _lazy_filter(self) -> None:
         """First lookup since open: read the whole map once to build its filter."""
@@ -585,9 +733,11 @@ RETAIN_KEYS = ("retained", "keep_after", "retain_gen")
 class DirStore:
     """Maps as files in one directory plus its ``MANIFEST``."""
 
-    def __init__(self, directory: str, cache_bytes: int, fs: FileOps) -> None:
+    def __init__(self, directory: str, cache_bytes: int, fs: FileOps,
+                 readonly: bool = False) -> None:
         self.dir = directory
         self.fs = fs
+        self.readonly = readonly
         self.cache = BlockCache(cache_bytes)
         self.files: dict[str, MapFile] = {}
         self.gen = 0
@@ -597,14 +747,19 @@ class DirStore:
 
     @classmethod
     def open(
-        cls, directory: str, cache_bytes: int, fs: FileOps | None = None
+        cls, directory: str, cache_bytes: int, fs: FileOps | None = None,
+        readonly: bool = False,
     ) -> tuple[DirStore, dict[str, Any] | None]:
         """Read the manifest (if any) and delete files it does not name.
 
+        ``readonly``: create and delete nothing, and refuse every write later
+        (:class:`MapUsageError`); for inspecting a history another process may own.
+
         Runtime complexity: O(files in the directory).
         """
-        os.makedirs(directory, exist_ok=True)
-        st = cls(directory, cache_bytes, fs or FileOps())
+        if not readonly:
+            os.makedirs(directory, exist_ok=True)
+        st = cls(directory, cache_bytes, fs or FileOps(), readonly)
         path = os.path.join(directory, MANIFEST)
         state: dict[str, Any] | None = None
         if os.path.exists(path):
@@ -634,6 +789,8 @@ class DirStore:
             except (TypeError, ValueError) as e:
                 raise MapCorruption(path, f"bad manifest entry: {e}") from None
             st.files = refs
+        if readonly:
+            return st, state
         for f in st.fs.listdir(directory):
             if (f.endswith(".map") or f.endswith(".tmp")) and f not in st.files:
                 st.fs.remove(os.path.join(directory, f))
@@ -644,8 +801,7 @@ class DirStore:
         """Write a map file. ``register=False`` (any thread): the file is written and its
         offset filter computed, but the store's shared state (files, cache accounting)
         is only updated by :meth:`adopt` on the owner thread."""
-        from .history import map_name
-
+        self._writable()
         name = map_name(kind, level, m.lo, m.hi, tag)
         data = encode_map(m, kind, level)
         self.fs.write_atomic(self.dir, name, data, forget=register)
@@ -669,6 +825,10 @@ class DirStore:
         self.files[name] = mf
         return mf
 
+    def _writable(self) -> None:
+        if self.readonly:
+            raise MapUsageError(f"{self.dir}: maps opened read-only")
+
     def adopt(self, refs: list[Any]) -> None:
         """Register maps written with ``register=False`` (owner thread)."""
         cache = self.cache
@@ -690,6 +850,7 @@ class DirStore:
         earlier commit are reused. Runtime complexity: O(M) dictionary look-ups for M
         maps, plus packing the new rows.
         """
+        self._writable()
         old = self._rows
         rows: dict[tuple[Any, ...], tuple[MapFile, bytes]] = {}
         parts: list[bytes] = []
@@ -749,6 +910,8 @@ class DirStore:
 
     def remove(self, paths: list[str]) -> None:
         """Delete unregistered map files (any thread: their descriptors are closed)."""
+        if paths:
+            self._writable()
         for p in paths:
             try:
                 self.fs.remove(p)
