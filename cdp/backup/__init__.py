@@ -5,7 +5,7 @@
 - :mod:`cdp.backup.qcow2`: a qcow2 (v3) overlay holding only the changed clusters;
 - :mod:`cdp.backup.cdpdiff`: the ``.cdpdiff`` stream of changed extents, and applying it;
 - :mod:`cdp.backup.sinks`: where changed extents are written (raw files, NBD servers);
-- :mod:`cdp.backup.ops`: the ``changed`` and ``export_diff`` operations behind cdpctl.
+- :mod:`cdp.ops.backup`: the ``changed`` and ``export_diff`` operations behind cdpctl.
 
 See docs/BACKUP.md for the user's view and docs/FORMATS.md (".cdpdiff stream") for the stream.
 """

@@ -4,5 +4,5 @@ on the volume from an MFT diff (see docs/FILES.md and docs/FORMATS.md ("File cat
 Modules: :mod:`~cdp.catalog.model` (entries), :mod:`~cdp.catalog.rules` (the version
 rules, pure), :mod:`~cdp.catalog.db` (SQLite), :mod:`~cdp.catalog.indexer` (full index,
 MFT diff, point-in-time views), :mod:`~cdp.catalog.service` (the marker hook) and
-:mod:`~cdp.catalog.ops` (the cdpctl operations).
+:mod:`~cdp.ops.catalog` (the cdpctl operations).
 """

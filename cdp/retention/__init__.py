@@ -3,6 +3,6 @@ docs/RETENTION.md).
 
 Modules: :mod:`~cdp.retention.policy` (which points a policy keeps; pure),
 :mod:`~cdp.retention.service` (:class:`~cdp.retention.service.Retention`, the per-volume
-service: expired points, store cap, gc and compaction) and :mod:`~cdp.retention.ops`
+service: expired points, store cap, gc and compaction) and :mod:`~cdp.ops.retention`
 (the cdpctl operations).
 """

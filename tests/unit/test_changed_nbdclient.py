@@ -124,7 +124,7 @@ def test_export_diff_to_nbdkit_file(tmp_path: Path) -> None:
     settings = replace(Settings(), store=tmp_path / "store", volumes=(VolumeSpec("vol0", size),))
 
     async def go() -> None:
-        from cdp.backup.ops import export_diff
+        from cdp.ops.backup import export_diff
 
         store = Store.open(settings)
         vol = store.volume("vol0")
@@ -196,7 +196,7 @@ class _MemSink:
 
 def test_unaligned_changes_are_widened_for_block_servers(tmp_path: Path) -> None:
     from cdp.backup.changes import diff_pieces
-    from cdp.backup.ops import _aligned, emit
+    from cdp.ops.backup import _aligned, emit
 
     size = 2 * MiB
     settings = replace(Settings(), store=tmp_path / "store", volumes=(VolumeSpec("vol0", size),))

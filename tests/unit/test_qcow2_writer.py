@@ -17,8 +17,8 @@ import pytest
 
 from cdp.backup import qcow2
 from cdp.backup.changes import diff_pieces
-from cdp.backup.ops import _write_qcow2
 from cdp.config import MapSettings, Settings
+from cdp.ops.backup import _write_qcow2
 from cdp.volume import Volume
 from tests.conftest import require_tool
 

@@ -32,8 +32,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from cdp.backup.ops import export_diff
 from cdp.config import Settings, VolumeSpec
+from cdp.ops.backup import export_diff
 from cdp.store import Store
 
 GiB = 1 << 30

@@ -1,4 +1,4 @@
-"""The retention operations (same signature as :mod:`cdp.ops`, registered there):
+"""The retention operations (same signature as every operation; registered in :mod:`cdp.ops`):
 ``retention_show``, ``retention_set``, ``retention_keep``, ``gc``; and what retention
 adds to the plain ``markers`` and ``status`` results."""
 

@@ -1,10 +1,5 @@
-"""The operations behind cdpctl, shared by the daemon's admin API and offline use.
-
-Each operation takes an open :class:`~cdp.store.Store`, plain JSON-able arguments and a
-progress callback, and returns a JSON-able result. The daemon runs them on its event
-loop (long ones yield between chunks so I/O keeps flowing); cdpctl runs the read-only
-ones directly on a stopped store.
-"""
+"""The volume operations: list, create, status, markers, snapshot, rewind, pause,
+resume, image and verify (same signature as every operation; see :mod:`cdp.ops`)."""
 
 from __future__ import annotations
 
@@ -19,19 +14,14 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from cdp.backup.ops import OFFLINE as BACKUP_OFFLINE
-from cdp.backup.ops import OPS as BACKUP_OPS
-from cdp.catalog.ops import OPS as CATALOG_OPS
 from cdp.config import VolumeSpec
 from cdp.errors import NotFound, UsageError
 from cdp.journal import verify_journal
+from cdp.ops.retention import marker_fields, status_fields
 from cdp.outputs import commit_partial, discard_partial, open_partial, set_size, write_at
-from cdp.progress import Progress, no_progress
+from cdp.progress import Progress
 from cdp.proxy.drl import DEFAULT_REGION
 from cdp.proxy.volume import ProxyVolume
-from cdp.retention.ops import OFFLINE as RETENTION_OFFLINE
-from cdp.retention.ops import OPS as RETENTION_OPS
-from cdp.retention.ops import marker_fields, status_fields
 from cdp.store import Store
 from cdp.units import parse_size
 from cdp.verify import CATALOG_FILE, problem_dict, verify_catalog, verify_maps, verify_volume_dir
@@ -336,9 +326,6 @@ async def verify(store: Store, args: dict[str, Any], progress: Progress) -> Any:
 
 
 OPS: dict[str, Callable[[Store, dict[str, Any], Progress], Awaitable[Any]]] = {
-    **CATALOG_OPS,
-    **BACKUP_OPS,
-    **RETENTION_OPS,
     "volume_list": volume_list,
     "volume_create": volume_create,
     "status": status,
@@ -351,18 +338,5 @@ OPS: dict[str, Callable[[Store, dict[str, Any], Progress], Awaitable[Any]]] = {
     "verify": verify,
 }
 
-#: operations cdpctl may run on a stopped store (they only read)
-OFFLINE_OPS = {
-    "volume_list", "status", "markers", "image", "verify",
-    *CATALOG_OPS, *BACKUP_OFFLINE, *RETENTION_OFFLINE,
-}
-
-
-async def run_op(store: Store, op: str, args: dict[str, Any], progress: Progress | None = None) -> Any:
-    fn = OPS.get(op)
-    if fn is None:
-        raise UsageError(f"unknown operation {op!r}")
-    return await fn(store, args, progress or no_progress)
-
-
-__all__ = ["OFFLINE_OPS", "OPS", "run_op"]
+#: the operations cdpctl may run on a stopped store (they only read)
+OFFLINE = {"volume_list", "status", "markers", "image", "verify"}

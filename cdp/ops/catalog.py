@@ -1,4 +1,4 @@
-"""The catalog's cdpctl operations (same signature as :mod:`cdp.ops`): ``files``,
+"""The catalog's cdpctl operations (same signature as every operation; registered in :mod:`cdp.ops`): ``files``,
 ``file_versions``, ``find``, ``restore``, ``files_diff``. All only read the volume, so
 they also run offline on a stopped store."""
 
