@@ -25,10 +25,10 @@ Design notes
   OSD by ``ceph tell osd.0 version`` (after a restart the old osdmap still says osd.0 is
   up), RGW by an HTTP GET. A daemon that dies while we wait ends the wait at once with
   the tail of its log.
-- Each daemon runs in its own session (``setsid``) with its pid in ``run/NAME.pid``.
-  ``stop`` signals only a pid whose ``/proc/PID/cmdline`` names this state directory's
-  ``ceph.conf`` (a reused pid is left alone), and counts a zombie (``Z``/``X`` in
-  ``/proc/PID/stat``: PID 1 may reap late after ``kill -9``) as stopped.
+- Each daemon runs in its own session (``setsid``) with its pid and start time in
+  ``run/NAME.pid``. ``stop`` signals only that process (a reused pid has another start
+  time and is left alone), and counts a zombie (``Z``/``X`` in ``/proc/PID/stat``: PID 1
+  may reap late after ``kill -9``) as stopped.
 - ``up`` on a bootstrapped directory restarts what is not running (about 6 s; data kept,
   also after ``kill -9`` of every daemon); a directory whose bootstrap never finished
   (no ``cluster.json``) is wiped and bootstrapped again.
@@ -122,14 +122,27 @@ def env_lines(info: dict[str, Any]) -> list[str]:
 # -- processes -------------------------------------------------------------------------
 
 
-def proc_state(pid: int) -> str | None:
-    """The state letter of ``/proc/PID/stat`` (R, S, D, Z, ...), None if no such pid."""
+def _stat_fields(pid: int) -> list[str] | None:
+    """The fields of ``/proc/PID/stat`` after ``(comm)``: [state, ppid, ...]; None if gone."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except (FileNotFoundError, ProcessLookupError, PermissionError):
         return None
     # "pid (comm) S ...": comm may hold spaces and parentheses, the state follows the last ')'
-    return stat[stat.rindex(")") + 2 :].split(" ", 1)[0]
+    return stat[stat.rindex(")") + 2 :].split()
+
+
+def proc_state(pid: int) -> str | None:
+    """The state letter of ``/proc/PID/stat`` (R, S, D, Z, ...), None if no such pid."""
+    f = _stat_fields(pid)
+    return f[0] if f else None
+
+
+def start_time(pid: int) -> int | None:
+    """When ``pid`` started (clock ticks since boot, ``/proc/PID/stat`` field 22): with the
+    pid it names one process, whatever pid reuse happens later. None if gone."""
+    f = _stat_fields(pid)
+    return int(f[19]) if f else None
 
 
 def alive(pid: int) -> bool:
@@ -189,24 +202,25 @@ class Cluster:
         self.info_path = state / "cluster.json"
         self.run = state / "run"
         self.logs = state / "log"
+        #: daemons started by this process (for their exit status while we wait on them)
+        self.children: dict[str, subprocess.Popen[bytes]] = {}
 
     # ---- small helpers
     def pidfile(self, daemon: str) -> Path:
         return self.run / f"{daemon}.pid"
 
     def pid(self, daemon: str) -> int | None:
-        """The pid of ``daemon`` if it is running and is ours (its cmdline names our conf)."""
+        """The pid of ``daemon`` if it is running and is the process we started: the pid
+        file holds ``PID STARTTIME``, so a reused pid is not taken for ours. (Not the
+        cmdline: ``/proc/PID/cmdline`` of a starting Ceph daemon reads empty at times.)"""
         try:
-            pid = int(self.pidfile(daemon).read_text())
+            pid_s, _, started = self.pidfile(daemon).read_text().partition(" ")
+            pid, when = int(pid_s), int(started)
         except (FileNotFoundError, ValueError):
             return None
-        if not alive(pid):
+        if not alive(pid) or start_time(pid) != when:
             return None
-        try:
-            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        except (FileNotFoundError, ProcessLookupError):
-            return None
-        return pid if os.fsencode(self.conf) in cmd else None
+        return pid
 
     def ceph(self, *args: str, timeout: float = 30.0, check: bool = True) -> str:
         """Run the ``ceph`` CLI against this cluster; its stdout."""
@@ -249,7 +263,8 @@ class Cluster:
             )
         finally:
             out.close()
-        self.pidfile(daemon).write_text(f"{p.pid}\n")
+        self.pidfile(daemon).write_text(f"{p.pid} {start_time(p.pid)}\n")
+        self.children[daemon] = p
         return p.pid
 
     def log_tail(self, daemon: str, lines: int = 15) -> str:
@@ -268,7 +283,12 @@ class Cluster:
         end = time.monotonic() + deadline_s
         while True:
             if self.pid(daemon) is None:
-                raise CephS3Error(f"{daemon} exited while waiting for {what}\n{self.log_tail(daemon)}")
+                child = self.children.get(daemon)
+                status = child.poll() if child is not None else None
+                raise CephS3Error(
+                    f"{daemon} exited (status {status}) while waiting for {what}\n"
+                    f"{self.log_tail(daemon)}"
+                )
             if probe():
                 return
             if time.monotonic() > end:
@@ -339,6 +359,9 @@ osd memory target = {900 << 20}
 # and RGW's next notify (a bucket creation) waits for them: 30 s by default after kill -9.
 # Live watchers ping every 5 s (objecter tick), so 10 s still keeps them
 osd client watch timeout = 10
+# BlueFS replays its log at every mount (twice per OSD start) and by default lets it grow
+# to 16 MiB before compacting: restarts spent 2-4 s per mount there, 0.1 s with 1 MiB
+bluefs log compact min size = {1 << 20}
 
 [client]
 # radosgw's built-in ms_mon_client_mode (secure) needs cephx: with auth none it never
@@ -415,6 +438,9 @@ rgw frontends = beast endpoint=127.0.0.1:{rgw_port} tcp_nodelay=1
         # existing cluster (daemons already running keep what they read)
         self.write_conf(info["fsid"], info["mon_v2"], info["mon_v1"], info["rgw_port"],
                         info["osd_bytes"])
+        if all(self.pid(d) is None for d in DAEMONS):
+            for sock in self.run.glob("*.asok"):  # left by killed daemons (RGW's name has its pid)
+                sock.unlink(missing_ok=True)
         probes = {
             "mon": (self.mon_ready, "mon quorum", 60.0, (info["mon_v2"], info["mon_v1"])),
             "osd": (self.osd_ready, "ceph tell osd.0 version", 120.0, ()),

@@ -1,5 +1,5 @@
 """tools/ceph-s3's pieces that need no Ceph: process state (a zombie counts as gone),
-the pid check that keeps `stop` to its own daemons, `env` lines, free ports."""
+the pid + start time check that keeps `stop` to its own daemons, `env` lines, free ports."""
 
 from __future__ import annotations
 
@@ -32,16 +32,19 @@ def test_a_zombie_is_not_alive() -> None:
 def test_pid_must_be_ours(tmp_path: Path) -> None:
     cl = ceph_s3.Cluster(tmp_path)
     cl.run.mkdir()
-    p = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "-c", str(cl.conf)])
+    p = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     q = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
-        cl.pidfile("mon").write_text(f"{p.pid}\n")
-        cl.pidfile("osd").write_text(f"{q.pid}\n")  # a reused pid: not ours
+        cl.pidfile("mon").write_text(f"{p.pid} {ceph_s3.start_time(p.pid)}\n")
+        # q's pid with another start time: what a reused pid looks like
+        cl.pidfile("osd").write_text(f"{q.pid} {ceph_s3.start_time(q.pid) - 1}\n")
+        cl.pidfile("rgw").write_text(f"{q.pid}\n")  # no start time: not trusted either
         assert cl.pid("mon") == p.pid
         assert cl.pid("osd") is None and cl.pid("rgw") is None
         assert cl.stop(grace=5) == ["mon"]
         assert p.wait(5) == -signal.SIGTERM
         assert q.poll() is None  # left alone
+        assert not any(cl.run.iterdir())  # pid files removed
     finally:
         for x in (p, q):
             x.kill()
