@@ -1,6 +1,6 @@
 # cdp — the two commands of the README, and a few more.
 #   make serve   set up and run the appliance on the embedded default (config/cdp.toml)
-#   make test    set up (venv + system tools) and run the whole test suite, lint and types
+#   make test    set up (venv + system tools + a test Ceph RGW) and run the whole test suite, lint and types
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -27,8 +27,12 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
+# the S3 tests' Ceph RGW (tools/ceph-s3) is up for the whole run; stopped at the end
+# unless it was already running before
 test: $(STAMP) sysdeps lint typecheck
-	$(BIN)/python -m pytest -q -ra
+	@if tools/ceph-s3 status >/dev/null 2>&1; then stop=:; else stop='tools/ceph-s3 stop'; fi; \
+	trap "$$stop" EXIT; trap 'exit 130' INT TERM; \
+	tools/ceph-s3 up && eval "$$(tools/ceph-s3 env)" && $(BIN)/python -m pytest -q -ra
 
 unit: $(STAMP)
 	$(BIN)/python -m pytest -q tests/unit tests/property

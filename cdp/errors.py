@@ -92,6 +92,22 @@ class DaemonUnavailable(CdpError, ConnectionError):
     exit_status = 8
 
 
+class RemoteUnreachable(CdpError, ConnectionError):
+    """An object store (the tier's S3 endpoint) cannot be reached or keeps failing:
+    connection refused or cut, timeout, 5xx, after the client's retries. Worth retrying
+    later; the message names the endpoint, bucket and key."""
+
+    errno = _errno.EIO
+
+
+class RemoteRefused(CdpError, PermissionError):
+    """An object store refuses a request (wrong credentials, access denied, a request it
+    rejects): retrying will not help until the configuration changes. The message names
+    the endpoint, bucket and key, and the store's error code."""
+
+    errno = _errno.EIO
+
+
 class ProtocolError(CdpError):
     """A peer sent bytes that violate the wire protocol (NBD, iSCSI).
 

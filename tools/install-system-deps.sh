@@ -12,6 +12,10 @@ declare -A PKG=(
   [fls]=sleuthkit [icat]=sleuthkit
   [iscsi-test-cu]=libiscsi-bin [iscsi-inq]=libiscsi-bin
   [tgtd]=tgt [fusermount3]=fuse3
+  # the S3 tests' Ceph RGW (tools/ceph-s3, which installs the same list itself when run
+  # alone; no ceph-mgr: S3 does not need it)
+  [ceph-mon]=ceph-mon [monmaptool]=ceph-mon [ceph-osd]=ceph-osd [radosgw]=radosgw
+  [ceph]=ceph-common [radosgw-admin]=ceph-common [uuidgen]=uuid-runtime
 )
 # qemu-block-extra has no binary of its own (it adds iscsi:// to qemu): check the file
 EXTRA_FILES=(/usr/lib/x86_64-linux-gnu/qemu/block-iscsi.so)
