@@ -11,7 +11,7 @@ import random
 import time
 from pathlib import Path
 
-from cdp.nbdclient import NbdClient, NbdClientError
+from cdp.targets.nbd.client import NbdClient, NbdClientError
 from tools.harness import Cdpd
 
 SIZE = 16 << 20

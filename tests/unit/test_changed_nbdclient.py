@@ -1,4 +1,4 @@
-"""cdp.nbdclient against nbdkit (memory and file plugins, TCP and unix sockets): sizes,
+"""cdp.targets.nbd.client against nbdkit (memory and file plugins, TCP and unix sockets): sizes,
 pipelined writes, zeroes, flush, reads back, errors; and export_diff --to-nbd of random
 Volume histories into nbdkit file equals image(B)."""
 
@@ -19,7 +19,7 @@ import pytest
 
 from cdp.config import Settings, VolumeSpec
 from cdp.errors import UsageError
-from cdp.nbdclient import NbdClient, NbdClientError, parse_uri
+from cdp.targets.nbd.client import NbdClient, NbdClientError, parse_uri
 from cdp.store import Store
 from tests.conftest import require_tool
 
