@@ -10,10 +10,8 @@ from __future__ import annotations
 import json
 import random
 import shutil
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,7 +19,7 @@ import pytest
 
 from cdp.backup.cdpdiff import KIND_DATA, KIND_ZERO, Reader
 from tests.conftest import require_tool
-from tools.harness import Cdpd, run
+from tools.harness import Cdpd, listening_port, run
 
 MiB = 1 << 20
 SIZE = 64 * MiB
@@ -42,12 +40,6 @@ def cdpctl_bytes(d: Cdpd, *args: str, input: bytes | None = None, check: bool = 
     if check and r.returncode != 0:
         raise AssertionError(f"cdpctl {' '.join(args)} failed ({r.returncode}): {r.stderr.decode()}")
     return r
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture(scope="module")
@@ -222,18 +214,10 @@ def test_push_to_second_cdpd_and_nbdkit(history: tuple[Cdpd, dict[str, bytes], P
     finally:
         replica.stop()
     target = _copy_of(tmp, "marker1", "nbdkit-target.img")
-    port = free_port()
-    proc = subprocess.Popen(["nbdkit", "-f", "-i", "127.0.0.1", "-p", str(port), "file", str(target)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(["nbdkit", "-f", "--exit-with-parent", "-i", "127.0.0.1", "-p", "0",
+                             "file", str(target)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                assert time.monotonic() < deadline and proc.poll() is None, "nbdkit did not start"
-                time.sleep(0.05)
+        port = listening_port(proc, "nbdkit")
         cdpctl_bytes(d, "export", "--from", "marker1", "--to", "marker4", "--to-nbd", f"nbd://127.0.0.1:{port}/")
     finally:
         proc.terminate()

@@ -19,35 +19,32 @@ import pytest
 
 from cdp.config import Settings, VolumeSpec
 from cdp.errors import UsageError
-from cdp.targets.nbd.client import NbdClient, NbdClientError, parse_uri
 from cdp.store import Store
+from cdp.targets.nbd.client import NbdClient, NbdClientError, parse_uri
 from tests.conftest import require_tool
+from tools.harness import listening_port, refused_port
 
 MiB = 1 << 20
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 class Nbdkit:
+    """nbdkit on a unix socket, or on loopback TCP port 0 (the port it got is read
+    back with :func:`tools.harness.listening_port`)."""
+
     def __init__(self, *plugin: str, unix: Path | None = None, extra: tuple[str, ...] = ()) -> None:
-        self.port = 0 if unix else _free_port()
-        addr = ["-U", str(unix)] if unix else ["-i", "127.0.0.1", "-p", str(self.port)]
+        addr = ["-U", str(unix)] if unix else ["-i", "127.0.0.1", "-p", "0"]
         self.unix = unix
-        self.proc = subprocess.Popen(["nbdkit", "-f", *extra, *addr, *plugin],
+        self.port = 0
+        self.proc = subprocess.Popen(["nbdkit", "-f", "--exit-with-parent", *extra, *addr, *plugin],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        if not unix:
+            self.port = listening_port(self.proc, "nbdkit")
+            return
         deadline = time.monotonic() + 20
         while True:
             try:
-                if unix:
-                    s = socket.socket(socket.AF_UNIX)
+                with socket.socket(socket.AF_UNIX) as s:
                     s.connect(str(unix))
-                    s.close()
-                else:
-                    socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
                 return
             except OSError:
                 if time.monotonic() > deadline or self.proc.poll() is not None:
@@ -114,8 +111,8 @@ def test_server_errors() -> None:
         c.close()
     finally:
         k.stop()
-    with pytest.raises(NbdClientError, match="connect"):
-        NbdClient.connect(f"nbd://127.0.0.1:{_free_port()}/")
+    with refused_port() as port, pytest.raises(NbdClientError, match="connect"):
+        NbdClient.connect(f"nbd://127.0.0.1:{port}/")
 
 
 def test_export_diff_to_nbdkit_file(tmp_path: Path) -> None:
