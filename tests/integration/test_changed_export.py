@@ -19,6 +19,7 @@ import pytest
 
 from cdp.backup.cdpdiff import KIND_DATA, KIND_ZERO, Reader
 from tests.conftest import require_tool
+from tests.helpers import assert_bytes_equal
 from tools.harness import Cdpd, listening_port, run
 
 MiB = 1 << 20
@@ -132,11 +133,11 @@ def test_stream_apply_rebuilds_b(history: tuple[Cdpd, dict[str, bytes], Path], a
     # from a file
     target = _copy_of(tmp, a, f"apply-{a}-{b}.img")
     cdpctl_bytes(d, "apply", str(f), "--to", str(target))
-    assert target.read_bytes() == images[b]
+    assert_bytes_equal(target.read_bytes(), images[b])
     # from stdin
     target2 = _copy_of(tmp, a, f"apply2-{a}-{b}.img")
     cdpctl_bytes(d, "apply", "-", "--to", str(target2), input=stream)
-    assert target2.read_bytes() == images[b]
+    assert_bytes_equal(target2.read_bytes(), images[b])
     # the same bytes as a .cdpdiff file written by the daemon
     f2 = tmp / f"{a}-{b}-2.cdpdiff"
     cdpctl_bytes(d, "export", "--from", a, "--to", b, "-o", str(f2))
@@ -222,7 +223,7 @@ def test_push_to_second_cdpd_and_nbdkit(history: tuple[Cdpd, dict[str, bytes], P
     finally:
         proc.terminate()
         proc.wait(10)
-    assert target.read_bytes() == images["marker4"]
+    assert_bytes_equal(target.read_bytes(), images["marker4"])
 
 
 def test_dry_run_errors_and_offline(history: tuple[Cdpd, dict[str, bytes], Path]) -> None:

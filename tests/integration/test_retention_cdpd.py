@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from cdp.targets.nbd.client import NbdClient, NbdClientError
+from tests.helpers import assert_bytes_equal
 from tools.harness import Cdpd
 
 SIZE = 16 << 20
@@ -64,7 +65,7 @@ def test_gc_and_kill9(tmp_path: Path) -> None:
         for p, want in states.items():
             res = d.cdpctl("image", "--at", p, "-o", str(tmp_path / "x.img"), check=False)
             if res.returncode == 0:
-                assert _read_at(d, p) == want, p
+                assert_bytes_equal(_read_at(d, p), want, f"point {p}")
                 kept[p] = want
             else:
                 assert res.returncode == 3 and "expired by retention" in res.stderr, res.stderr
@@ -97,7 +98,7 @@ def test_gc_and_kill9(tmp_path: Path) -> None:
                     # a wrong byte
                     assert "expired by retention" in str(e), e
                     continue
-                assert got == want, (i, p)
+                assert_bytes_equal(got, want, f"kill round {i}, point {p}")
     finally:
         d.stop()
 
@@ -143,7 +144,7 @@ def test_sigterm_during_gc_tells_the_client_and_stops_cleanly(tmp_path: Path) ->
         d.start()
         assert d.cdpctl_json("verify", "--json")["ok"]
         with NbdClient.connect(d.uri()) as c:
-            assert c.pread(0, 16 << 20) == bytes(model)
+            assert_bytes_equal(c.pread(0, 16 << 20), bytes(model))
     finally:
         if proc is not None and proc.poll() is None:
             proc.kill()

@@ -22,6 +22,7 @@ from cdp.errors import UsageError
 from cdp.store import Store
 from cdp.targets.nbd.client import NbdClient, NbdClientError, parse_uri
 from tests.conftest import require_tool
+from tests.helpers import assert_bytes_equal
 from tools.harness import listening_port, refused_port
 
 MiB = 1 << 20
@@ -94,7 +95,7 @@ def test_write_zero_flush_read(memory: Nbdkit) -> None:
         c.zero(6 * MiB, 3 * MiB + 17)
         model[6 * MiB : 9 * MiB + 17] = bytes(3 * MiB + 17)
         c.flush()
-        assert c.pread(0, 16 * MiB) == model
+        assert_bytes_equal(c.pread(0, 16 * MiB), model)
         with pytest.raises(UsageError):
             c.pwrite(b"x", 16 * MiB)
 
@@ -151,7 +152,7 @@ def test_export_diff_to_nbdkit_file(tmp_path: Path) -> None:
                 r = await export_diff(store, {"from": a, "to": b, "to_nbd": k.uri()}, lambda *x: None)
             finally:
                 k.stop()
-            assert target.read_bytes() == imgs[b], (a, b)
+            assert_bytes_equal(target.read_bytes(), imgs[b], f"diff {a} -> {b}")
             assert r["copy_bytes"] == r["data_bytes"]
         # a target of another size is refused before anything is written
         (tmp_path / "small.img").write_bytes(bytes(MiB))
@@ -219,7 +220,7 @@ def test_unaligned_changes_are_widened_for_block_servers(tmp_path: Path) -> None
         pieces = _aligned(vol, diff_pieces(vol, a, b), 512)
         sink = _MemSink(ia)
         await emit(vol, b, pieces, sink, lambda *x: None, 0)
-        assert sink.img == model
+        assert_bytes_equal(sink.img, model)
         store.close()
 
     asyncio.run(go())
