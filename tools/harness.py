@@ -1,15 +1,27 @@
-"""Run a real cdpd (a subprocess) on a scratch store, and cdpctl against it.
+"""Run a real cdpd (a subprocess) on a scratch store, and cdpctl against it; start any
+other server on a port of its own.
 
-Shared by the integration tests and the benchmarks."""
+Shared by the integration tests and the benchmarks.
+
+Ports: a server under test binds port 0 and the port it got is read back, never "find a
+free port, release it, start the server on it": between the release and the server's
+bind another server of the suite can take the port, and the readiness probe then
+succeeds against the wrong server. cdpd writes its bound addresses to
+``STORE/cdpd.json``; for other servers (nbdkit, tgtd), which do not print the port they
+got, :func:`listening_port` asks the kernel which TCP port the child process listens on.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -122,6 +134,67 @@ class Cdpd:
 
     def logs(self) -> str:
         return self.log.read_text() if self.log.exists() else ""
+
+
+def _socket_inodes(pid: int) -> set[str]:
+    inodes = set()
+    fd_dir = f"/proc/{pid}/fd"
+    for fd in os.listdir(fd_dir):
+        try:
+            link = os.readlink(f"{fd_dir}/{fd}")
+        except OSError:  # closed meanwhile
+            continue
+        if link.startswith("socket:["):
+            inodes.add(link[8:-1])
+    return inodes
+
+
+def _listening_ports(pid: int) -> list[int]:
+    """TCP ports a process listens on: its socket inodes (``/proc/PID/fd``) matched
+    against the LISTEN rows of ``/proc/PID/net/tcp`` and ``tcp6``. Linux only."""
+    try:
+        inodes = _socket_inodes(pid)
+    except OSError:
+        return []
+    ports = []
+    for table in ("tcp", "tcp6"):
+        try:
+            with open(f"/proc/{pid}/net/{table}") as f:
+                rows = f.read().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            cols = row.split()
+            # sl local_address rem_address st ... inode (column 9); st 0A = LISTEN
+            if len(cols) > 9 and cols[3] == "0A" and cols[9] in inodes:
+                ports.append(int(cols[1].rsplit(":", 1)[1], 16))
+    return sorted(set(ports))
+
+
+def listening_port(proc: subprocess.Popen[Any], what: str, timeout: float = 20.0) -> int:
+    """Wait until the child ``proc`` listens on a TCP port and return it. Start the
+    server on port 0: the port comes from the kernel's socket table for that process,
+    so it is the one the server got and cannot be another server's. RuntimeError if the
+    process exits first or does not listen within ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with status {proc.returncode} before listening")
+        ports = _listening_ports(proc.pid)
+        if ports:
+            return ports[0]
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{what} did not listen within {timeout:g}s")
+        time.sleep(0.02)
+
+
+@contextlib.contextmanager
+def refused_port() -> Iterator[int]:
+    """A loopback TCP port that refuses connections for as long as the block runs: we
+    hold it bound and never listen, so no other server can take it meanwhile."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        yield int(s.getsockname()[1])
 
 
 def run(*cmd: str, check: bool = True, timeout: float = 300, input: bytes | None = None) -> subprocess.CompletedProcess[bytes]:

@@ -12,7 +12,7 @@ from typing import Any, Protocol
 
 from cdp.backup import cdpdiff
 from cdp.errors import UsageError
-from cdp.nbdclient import NbdClient
+from cdp.targets.nbd.client import NbdClient
 
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02

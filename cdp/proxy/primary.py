@@ -6,7 +6,7 @@ Both offer the same blocking interface, called from the proxy's worker threads:
 (errno EIO for anything the server reports).
 
 An NBD primary (``nbd://HOST[:PORT]/EXPORT`` or ``nbd+unix:///EXPORT?socket=PATH``) uses
-:class:`cdp.nbdclient.NbdClient` connections from a small pool, one per worker at a time.
+:class:`cdp.targets.nbd.client.NbdClient` connections from a small pool, one per worker at a time.
 A server that does not advertise multi-conn consistency gets a single connection, so a
 FLUSH covers every completed write.
 """
@@ -19,7 +19,7 @@ import queue
 import threading
 
 from cdp.errors import NotFound, UsageError
-from cdp.nbdclient import NbdClient, NbdClientError
+from cdp.targets.nbd.client import NbdClient, NbdClientError
 
 TF_CAN_MULTI_CONN = 1 << 8
 _ZEROS = bytes(1 << 20)

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import require_tool
+from tests.helpers import assert_bytes_equal
 from tools.harness import Cdpd, run
 
 MiB = 1 << 20
@@ -61,7 +62,7 @@ def test_markers_images_and_pit_exports(cdpd: Cdpd, tmp_path: Path) -> None:
         out = tmp_path / f"{marker}.img"
         cdpd.cdpctl("image", "--at", marker, "-o", str(out))
         assert out.stat().st_size == SIZE
-        assert out.read_bytes() == expect, f"image at {marker} differs from the replayed writes"
+        assert_bytes_equal(out.read_bytes(), expect, f"image at {marker} differs from the replayed writes")
         ref = tmp_path / f"{marker}.ref"
         ref.write_bytes(expect)
         run("qemu-img", "compare", "-f", "raw", "-F", "raw", cdpd.uri(f"vol0@{marker}"), str(ref))
@@ -105,7 +106,7 @@ def test_nbdcopy_in_and_out(cdpd: Cdpd, tmp_path: Path) -> None:
     run("nbdcopy", str(src), cdpd.uri())
     out = tmp_path / "out.img"
     run("nbdcopy", cdpd.uri(), str(out))
-    assert out.read_bytes() == src.read_bytes()
+    assert_bytes_equal(out.read_bytes(), src.read_bytes())
 
 
 @pytest.mark.parametrize("conns", [1, 4])
@@ -157,7 +158,7 @@ def test_kill9_after_flush_keeps_every_flushed_byte(tmp_path: Path) -> None:
         d.start()
         img = tmp_path / "after.img"
         d.cdpctl("image", "-o", str(img))
-        assert img.read_bytes() == bytes(model)
+        assert_bytes_equal(img.read_bytes(), bytes(model))
         assert d.cdpctl("verify").returncode == 0
     finally:
         if d.proc is not None:
@@ -255,7 +256,7 @@ def test_offline_commands_on_a_stopped_store(cdpd: Cdpd, tmp_path: Path) -> None
     img = tmp_path / "off.img"
     cdpd.cdpctl("image", "--at", "offline", "-o", str(img))
     with open(img, "rb") as f:
-        assert f.read(MiB) == b"\x42" * MiB
+        assert_bytes_equal(f.read(MiB), b"\x42" * MiB)
     v = cdpd.cdpctl_json("verify")
     assert v["ok"] is True
     # writing commands need the daemon: one clear line, documented exit status
@@ -280,7 +281,7 @@ def test_relative_points_written_after_a_space(cdpd: Cdpd, tmp_path: Path) -> No
 
     img = tmp_path / "before.img"
     cdpd.cdpctl("image", "--at", back(), "-o", str(img))
-    assert img.read_bytes()[: 64 << 10] == b"\x11" * (64 << 10)
+    assert_bytes_equal(img.read_bytes()[: 64 << 10], b"\x11" * (64 << 10))
     cdpd.cdpctl("rewind", "--to", back())
     qemu_io(cdpd.uri(), "read -P 0x11 0 64k")
     r = cdpd.cdpctl("rewind", "--to", "-100d", check=False)

@@ -10,10 +10,8 @@ from __future__ import annotations
 import json
 import random
 import shutil
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,7 +19,8 @@ import pytest
 
 from cdp.backup.cdpdiff import KIND_DATA, KIND_ZERO, Reader
 from tests.conftest import require_tool
-from tools.harness import Cdpd, run
+from tests.helpers import assert_bytes_equal
+from tools.harness import Cdpd, listening_port, run
 
 MiB = 1 << 20
 SIZE = 64 * MiB
@@ -42,12 +41,6 @@ def cdpctl_bytes(d: Cdpd, *args: str, input: bytes | None = None, check: bool = 
     if check and r.returncode != 0:
         raise AssertionError(f"cdpctl {' '.join(args)} failed ({r.returncode}): {r.stderr.decode()}")
     return r
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture(scope="module")
@@ -140,11 +133,11 @@ def test_stream_apply_rebuilds_b(history: tuple[Cdpd, dict[str, bytes], Path], a
     # from a file
     target = _copy_of(tmp, a, f"apply-{a}-{b}.img")
     cdpctl_bytes(d, "apply", str(f), "--to", str(target))
-    assert target.read_bytes() == images[b]
+    assert_bytes_equal(target.read_bytes(), images[b])
     # from stdin
     target2 = _copy_of(tmp, a, f"apply2-{a}-{b}.img")
     cdpctl_bytes(d, "apply", "-", "--to", str(target2), input=stream)
-    assert target2.read_bytes() == images[b]
+    assert_bytes_equal(target2.read_bytes(), images[b])
     # the same bytes as a .cdpdiff file written by the daemon
     f2 = tmp / f"{a}-{b}-2.cdpdiff"
     cdpctl_bytes(d, "export", "--from", a, "--to", b, "-o", str(f2))
@@ -222,23 +215,15 @@ def test_push_to_second_cdpd_and_nbdkit(history: tuple[Cdpd, dict[str, bytes], P
     finally:
         replica.stop()
     target = _copy_of(tmp, "marker1", "nbdkit-target.img")
-    port = free_port()
-    proc = subprocess.Popen(["nbdkit", "-f", "-i", "127.0.0.1", "-p", str(port), "file", str(target)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(["nbdkit", "-f", "--exit-with-parent", "-i", "127.0.0.1", "-p", "0",
+                             "file", str(target)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                assert time.monotonic() < deadline and proc.poll() is None, "nbdkit did not start"
-                time.sleep(0.05)
+        port = listening_port(proc, "nbdkit")
         cdpctl_bytes(d, "export", "--from", "marker1", "--to", "marker4", "--to-nbd", f"nbd://127.0.0.1:{port}/")
     finally:
         proc.terminate()
         proc.wait(10)
-    assert target.read_bytes() == images["marker4"]
+    assert_bytes_equal(target.read_bytes(), images["marker4"])
 
 
 def test_dry_run_errors_and_offline(history: tuple[Cdpd, dict[str, bytes], Path]) -> None:

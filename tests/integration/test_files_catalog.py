@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import require_tool
+from tests.helpers import assert_bytes_equal
 from tools.harness import Cdpd
 from tools.ntfs_fixture import fls_entries, mkntfs, mounted, set_ads
 
@@ -112,7 +113,7 @@ def check_point(cdpd: Cdpd, tmp: Path, point: str, expected: dict[str, tuple[str
         assert hashlib.sha256(got).hexdigest() == hashlib.sha256(data).hexdigest(), path
         icat = subprocess.run(["icat", str(img), str(listing[path]["record"])],
                               capture_output=True, check=True).stdout
-        assert got == icat, path
+        assert_bytes_equal(got, icat, path)
         assert abs(out.stat().st_mtime_ns - listing[path]["modified_ns"]) < 1000
     img.unlink()
 

@@ -17,6 +17,7 @@ from cdp.targets.testing.memdev import MemoryProvider
 from cdp.targets.testing.nbd_thread import ServerThread
 from cdp.targets.testing.nbd_wire import FLAGS, go, opt, req
 from tests.conftest import require_tool
+from tests.helpers import assert_bytes_equal
 
 MiB = 1 << 20
 
@@ -75,7 +76,7 @@ def test_qemu_img_info_convert_compare(srv: ServerThread, tmp_path: Path) -> Non
     sh("qemu-img", "convert", "-n", "-f", "raw", "-O", "raw", str(src), srv.uri("disk"))
     out = tmp_path / "out.raw"
     sh("qemu-img", "convert", "-f", "raw", "-O", "raw", srv.uri("disk"), str(out))
-    assert out.read_bytes()[: src.stat().st_size] == src.read_bytes()
+    assert_bytes_equal(out.read_bytes()[: src.stat().st_size], src.read_bytes())
     sh("qemu-img", "compare", "-f", "raw", "-F", "raw", str(out), srv.uri("disk"))
 
 
@@ -117,8 +118,8 @@ def test_nbdcopy_in_and_out(srv: ServerThread, tmp_path: Path) -> None:
     sh("nbdcopy", srv.uri("disk"), str(out))
     got = out.read_bytes()
     assert len(got) == 64 * MiB
-    assert got[: 32 * MiB] == src.read_bytes()
-    assert got[32 * MiB :] == bytes(32 * MiB)
+    assert_bytes_equal(got[: 32 * MiB], src.read_bytes())
+    assert_bytes_equal(got[32 * MiB :], bytes(32 * MiB))
 
 
 @pytest.mark.parametrize("jobs", [1, 4])

@@ -19,6 +19,7 @@ import pytest
 
 from cdp.proxy.drl import read_drl
 from tests.conftest import require_tool
+from tests.helpers import assert_bytes_equal
 from tools.harness import Cdpd, run
 
 MiB = 1 << 20
@@ -91,7 +92,7 @@ def test_initial_copy_clients_and_primary_equals_journal(proxyd: Cdpd, tmp_path:
     qemu_io(d.uri("p"), "read -P 0x5a 1M 1M", "read -P 0xa5 5M 64k")
     with open(prim, "rb") as f:
         f.seek(MiB)
-        assert f.read(MiB) == b"\x5a" * MiB
+        assert_bytes_equal(f.read(MiB), b"\x5a" * MiB)
     # fio verify through NBD, iSCSI read of the same bytes
     run("fio", "--name=v", "--ioengine=nbd", f"--uri={d.uri('p')}", "--rw=randwrite",
         "--bs=4k", "--iodepth=32", "--size=16m", "--offset=32m", "--verify=crc32c",
@@ -239,7 +240,7 @@ def test_journal_fills_up_host_acked_degraded_then_catches_up(tmp_path: Path) ->
         st = status(d, "f")
         assert st["proxy"]["degraded"] and st["proxy"]["journal_errors"] > 0
         with open(tmp_path / "primary.img", "rb") as f:
-            assert f.read(24 * MiB) == blob.read_bytes()
+            assert_bytes_equal(f.read(24 * MiB), blob.read_bytes())
         # room again: the journal catches up from the primary by itself
         run("mount", "-o", "remount,size=96m", str(jdir))
         wait_for(lambda: not status(d, "f")["proxy"]["degraded"], 60, "catch-up")

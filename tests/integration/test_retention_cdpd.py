@@ -11,7 +11,8 @@ import random
 import time
 from pathlib import Path
 
-from cdp.nbdclient import NbdClient, NbdClientError
+from cdp.targets.nbd.client import NbdClient, NbdClientError
+from tests.helpers import assert_bytes_equal
 from tools.harness import Cdpd
 
 SIZE = 16 << 20
@@ -71,7 +72,7 @@ def test_gc_and_kill9(tmp_path: Path) -> None:
         for p, want in states.items():
             res = d.cdpctl("image", "--at", p, "-o", str(tmp_path / "x.img"), check=False)
             if res.returncode == 0:
-                assert _read_at(d, p) == want, p
+                assert_bytes_equal(_read_at(d, p), want, f"point {p}")
                 kept[p] = want
             else:
                 assert res.returncode == 3 and "expired by retention" in res.stderr, res.stderr
@@ -104,7 +105,7 @@ def test_gc_and_kill9(tmp_path: Path) -> None:
                     # a wrong byte
                     assert "expired by retention" in str(e), e
                     continue
-                assert got == want, (i, p)
+                assert_bytes_equal(got, want, f"kill round {i}, point {p}")
     finally:
         d.stop()
 
@@ -150,7 +151,7 @@ def test_sigterm_during_gc_tells_the_client_and_stops_cleanly(tmp_path: Path) ->
         d.start()
         assert d.cdpctl_json("verify", "--json")["ok"]
         with NbdClient.connect(d.uri()) as c:
-            assert c.pread(0, 16 << 20) == bytes(model)
+            assert_bytes_equal(c.pread(0, 16 << 20), bytes(model))
     finally:
         if proc is not None and proc.poll() is None:
             proc.kill()

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from cdp.errors import Corruption
 from cdp.journal import CrashSimFS, Journal, ManualClock, RecordKind, verify_journal
+from tests.helpers import assert_bytes_equal
 
 D = "/p/journal"
 T0 = 1_700_000_000_000_000_000
@@ -278,9 +279,9 @@ def test_read_slice_matches_payload(
         seq, loc, data = recs[i % len(recs)]
         poff = int(frac * len(data))
         length = min(length, len(data) - poff)
-        assert j.read_slice(seq, loc, poff, length, cache=c) == data[poff : poff + length]
+        assert_bytes_equal(j.read_slice(seq, loc, poff, length, cache=c), data[poff : poff + length])
     for seq, loc, data in recs:
-        assert j.read_payload(seq, loc) == data
+        assert_bytes_equal(j.read_payload(seq, loc), data)
     j.close()
     assert verify_journal(D, fs=fs).ok
 
@@ -339,5 +340,5 @@ def test_any_bit_flip_in_a_chunked_record_is_found_at_its_record(pick: int, bit:
                 with pytest.raises(Corruption):
                     j.read_slice(s, lc, lo, hi - lo)
             else:
-                assert j.read_slice(s, lc, lo, hi - lo) == d[lo:hi]
+                assert_bytes_equal(j.read_slice(s, lc, lo, hi - lo), d[lo:hi])
     j.close()

@@ -16,6 +16,7 @@ import pytest
 from cdp.backup.cdpdiff import KIND_DATA, KIND_ZERO, Header, Reader, Writer
 from cdp.cli.apply import apply_stream
 from cdp.errors import Corruption, UsageError
+from tests.helpers import assert_bytes_equal
 
 HDR = Header(1048576, 3, 7, "12345678-9abc-def0-1234-56789abcdef0", "vol0", "marker1", "marker2")
 
@@ -119,7 +120,7 @@ def test_apply_to_file(tmp_path: Path) -> None:
     want = bytearray(base)
     want[4096:4106] = b"hello, cdp"
     want[65536 : 65536 + 131072] = bytes(131072)
-    assert img.read_bytes() == want
+    assert_bytes_equal(img.read_bytes(), want)
     # the zeroed range became a hole (punched), so the file uses less space
     assert os.stat(img).st_blocks * 512 <= size - 131072 + 4096
     small = tmp_path / "small.img"

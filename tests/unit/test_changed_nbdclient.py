@@ -1,4 +1,4 @@
-"""cdp.nbdclient against nbdkit (memory and file plugins, TCP and unix sockets): sizes,
+"""cdp.targets.nbd.client against nbdkit (memory and file plugins, TCP and unix sockets): sizes,
 pipelined writes, zeroes, flush, reads back, errors; and export_diff --to-nbd of random
 Volume histories into nbdkit file equals image(B)."""
 
@@ -19,35 +19,33 @@ import pytest
 
 from cdp.config import Settings, VolumeSpec
 from cdp.errors import UsageError
-from cdp.nbdclient import NbdClient, NbdClientError, parse_uri
 from cdp.store import Store
+from cdp.targets.nbd.client import NbdClient, NbdClientError, parse_uri
 from tests.conftest import require_tool
+from tests.helpers import assert_bytes_equal
+from tools.harness import listening_port, refused_port
 
 MiB = 1 << 20
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 class Nbdkit:
+    """nbdkit on a unix socket, or on loopback TCP port 0 (the port it got is read
+    back with :func:`tools.harness.listening_port`)."""
+
     def __init__(self, *plugin: str, unix: Path | None = None, extra: tuple[str, ...] = ()) -> None:
-        self.port = 0 if unix else _free_port()
-        addr = ["-U", str(unix)] if unix else ["-i", "127.0.0.1", "-p", str(self.port)]
+        addr = ["-U", str(unix)] if unix else ["-i", "127.0.0.1", "-p", "0"]
         self.unix = unix
-        self.proc = subprocess.Popen(["nbdkit", "-f", *extra, *addr, *plugin],
+        self.port = 0
+        self.proc = subprocess.Popen(["nbdkit", "-f", "--exit-with-parent", *extra, *addr, *plugin],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        if not unix:
+            self.port = listening_port(self.proc, "nbdkit")
+            return
         deadline = time.monotonic() + 20
         while True:
             try:
-                if unix:
-                    s = socket.socket(socket.AF_UNIX)
+                with socket.socket(socket.AF_UNIX) as s:
                     s.connect(str(unix))
-                    s.close()
-                else:
-                    socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
                 return
             except OSError:
                 if time.monotonic() > deadline or self.proc.poll() is not None:
@@ -97,7 +95,7 @@ def test_write_zero_flush_read(memory: Nbdkit) -> None:
         c.zero(6 * MiB, 3 * MiB + 17)
         model[6 * MiB : 9 * MiB + 17] = bytes(3 * MiB + 17)
         c.flush()
-        assert c.pread(0, 16 * MiB) == model
+        assert_bytes_equal(c.pread(0, 16 * MiB), model)
         with pytest.raises(UsageError):
             c.pwrite(b"x", 16 * MiB)
 
@@ -114,8 +112,8 @@ def test_server_errors() -> None:
         c.close()
     finally:
         k.stop()
-    with pytest.raises(NbdClientError, match="connect"):
-        NbdClient.connect(f"nbd://127.0.0.1:{_free_port()}/")
+    with refused_port() as port, pytest.raises(NbdClientError, match="connect"):
+        NbdClient.connect(f"nbd://127.0.0.1:{port}/")
 
 
 def test_export_diff_to_nbdkit_file(tmp_path: Path) -> None:
@@ -154,7 +152,7 @@ def test_export_diff_to_nbdkit_file(tmp_path: Path) -> None:
                 r = await export_diff(store, {"from": a, "to": b, "to_nbd": k.uri()}, lambda *x: None)
             finally:
                 k.stop()
-            assert target.read_bytes() == imgs[b], (a, b)
+            assert_bytes_equal(target.read_bytes(), imgs[b], f"diff {a} -> {b}")
             assert r["copy_bytes"] == r["data_bytes"]
         # a target of another size is refused before anything is written
         (tmp_path / "small.img").write_bytes(bytes(MiB))
@@ -222,7 +220,7 @@ def test_unaligned_changes_are_widened_for_block_servers(tmp_path: Path) -> None
         pieces = _aligned(vol, diff_pieces(vol, a, b), 512)
         sink = _MemSink(ia)
         await emit(vol, b, pieces, sink, lambda *x: None, 0)
-        assert sink.img == model
+        assert_bytes_equal(sink.img, model)
         store.close()
 
     asyncio.run(go())

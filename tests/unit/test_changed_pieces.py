@@ -26,6 +26,7 @@ from cdp.backup.changes import (
 from cdp.config import MapSettings, Settings
 from cdp.exports import CHANGED_PREFIX, PointInTimeDevice, VolumeDevice
 from cdp.volume import Volume
+from tests.helpers import assert_bytes_equal
 
 SIZE = 1 << 20
 
@@ -70,9 +71,9 @@ def _check(vol: Volume, a: int, ia: bytes, b: int, ib: bytes) -> list[Piece]:
         last = p.end
         mask[p.start : p.end] = b"\x01" * p.length
         if p.kind == ZERO:
-            assert ib[p.start : p.end] == bytes(p.length)
+            assert_bytes_equal(ib[p.start : p.end], bytes(p.length))
         else:
-            assert vol.journal.read_slice(p.seq, p.loc, p.poff, p.length) == ib[p.start : p.end]
+            assert_bytes_equal(vol.journal.read_slice(p.seq, p.loc, p.poff, p.length), ib[p.start : p.end])
     # outside the pieces nothing differs (checked per 64-byte block, then exactly)
     for off in range(0, SIZE, 4096):
         if ia[off : off + 4096] != ib[off : off + 4096]:

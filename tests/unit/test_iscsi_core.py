@@ -26,6 +26,7 @@ from cdp.targets.iscsi.pdu import (
 from cdp.targets.iscsi.sense import Asc, SenseKey, Status, scsi_sense
 from cdp.targets.testing.iscsi_wire import Initiator
 from cdp.targets.testing.memdev import MemoryProvider
+from tests.helpers import assert_bytes_equal
 
 VOL0 = "iqn.2026-11.io.cdp:vol0"
 SIZE = 4 << 20
@@ -329,9 +330,10 @@ def test_write_read_with_r2t(portal: Portal, provider: MemoryProvider) -> None:
     w = ini.scsi(cdb_rw(0x2A, 8, len(data) // 512), data, immediate_len=8192)
     assert w.status == Status.GOOD
     assert any(p.opcode == Op.R2T for p in w.pdus)
-    assert bytes(provider.exports["vol0"].data[4096 : 4096 + len(data)]) == data
+    assert_bytes_equal(bytes(provider.exports["vol0"].data[4096 : 4096 + len(data)]), data)
     r = ini.scsi(cdb_rw(0x28, 8, len(data) // 512), edtl=len(data))
-    assert r.status == Status.GOOD and r.data == data
+    assert r.status == Status.GOOD
+    assert_bytes_equal(r.data, data)
     assert not r.flags & (F_OVERFLOW | F_UNDERFLOW)
     # one Data-In per MaxRecvDataSegmentLength, the last carries the status
     dins = [p for p in r.pdus if p.opcode == Op.DATA_IN]
@@ -402,7 +404,7 @@ def test_unmap_and_get_lba_status(portal: Portal) -> None:
     assert int.from_bytes(first[8:12], "big") == 32 and first[12] == 1  # deallocated
     second = r.data[24:40]
     assert int.from_bytes(second[0:8], "big") == 32 and second[12] == 0  # mapped
-    assert ini.scsi(cdb_rw(0x28, 0, 32), edtl=32 * 512).data == bytes(32 * 512)
+    assert_bytes_equal(ini.scsi(cdb_rw(0x28, 0, 32), edtl=32 * 512).data, bytes(32 * 512))
 
 
 def test_compare_and_write_miscompare(portal: Portal) -> None:
@@ -638,7 +640,7 @@ def test_write_data_out_bursts_assemble_in_place(portal: Portal) -> None:
     ini = logged_in(portal)
     data = bytes(range(256)) * (4 << 12)
     assert ini.scsi(cdb_rw(0x2A, 0, len(data) // 512), data, immediate_len=8192).status == Status.GOOD
-    assert ini.scsi(cdb_rw(0x28, 0, len(data) // 512), edtl=len(data)).data == data
+    assert_bytes_equal(ini.scsi(cdb_rw(0x28, 0, len(data) // 512), edtl=len(data)).data, data)
 
 
 def test_login_split_by_continue_still_needs_initiator_and_target(portal: Portal) -> None:

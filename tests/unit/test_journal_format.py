@@ -26,6 +26,7 @@ from cdp.journal.format import (
     parse_segment_name,
     segment_name,
 )
+from tests.helpers import assert_bytes_equal
 
 T0 = 1_700_000_000_000_000_000
 
@@ -105,7 +106,7 @@ def test_chunked_golden_bytes() -> None:
     rec = decode_record(GOLDEN_CHUNKED[:48], GOLDEN_CHUNKED[48:], 85, "x", 3)
     assert (rec.kind, rec.seq, rec.offset, rec.length, rec.compression, rec.stored_length) == (
         RecordKind.WRITE, 3, 1 << 20, CHUNK_SIZE + 1, Compression.CHUNKED, 292)
-    assert rec.payload == CHUNKED_DATA
+    assert_bytes_equal(rec.payload, CHUNKED_DATA)
 
 
 def test_chunked_v3_golden_bytes() -> None:
@@ -116,7 +117,7 @@ def test_chunked_v3_golden_bytes() -> None:
     rec = decode_record(GOLDEN_CHUNKED_V3[:48], GOLDEN_CHUNKED_V3[48:], 85, "x", 3)
     assert (rec.kind, rec.seq, rec.offset, rec.length, rec.compression, rec.stored_length) == (
         RecordKind.WRITE, 3, 1 << 20, CHUNK_SIZE + 1, Compression.CHUNKED, 420)
-    assert rec.payload == CHUNKED_DATA
+    assert_bytes_equal(rec.payload, CHUNKED_DATA)
 
 
 def test_v3_raw_chunk_granules_are_checked() -> None:
@@ -124,7 +125,7 @@ def test_v3_raw_chunk_granules_are_checked() -> None:
     data = os.urandom(2 * CHUNK_SIZE + 5000)  # three raw chunks, the last of 5000 bytes
     rec = encode_data_record(1, 1, T0, 0, data)
     head, stored = rec[:48], rec[48:]
-    assert decode_record(head, stored, 32, "x", 1).payload == data
+    assert_bytes_equal(decode_record(head, stored, 32, "x", 1).payload, data)
     tsize = 3 * (12 + 64)
     for pos, why in ((tsize + CHUNK_SIZE + 4096 * 7 + 3, "chunk 1"),
                      (tsize + 2 * CHUNK_SIZE + 4097, "chunk 2"),
@@ -187,7 +188,7 @@ def test_version_1_segment_is_read_and_appended_to() -> None:
     assert j.read_payload(1, 32) == b"hello"
     assert j.read_record(2, 85).label == "nightly"
     loc3 = 85 + len(GOLDEN_MARKER_V1)
-    assert j.read_payload(3, loc3) == big
+    assert_bytes_equal(j.read_payload(3, loc3), big)
     assert j.read_slice(3, loc3, 150_000, 4096) == big[150_000:154_096]
     assert j.read_slice(1, 32, 1, 3) == b"ell"
     seq, loc = j.append_write(0, big)
@@ -217,11 +218,11 @@ def test_version_2_chunked_records_are_read_sliced_and_verified() -> None:
     assert j.recovery.ok and j.last_seq == 4
     loc3 = 85 + len(GOLDEN_MARKER)
     loc4 = loc3 + len(GOLDEN_CHUNKED)
-    assert j.read_payload(3, loc3) == CHUNKED_DATA
+    assert_bytes_equal(j.read_payload(3, loc3), CHUNKED_DATA)
     assert j.read_slice(3, loc3, CHUNK_SIZE - 2, 3) == b"\0\0!"
     for _ in range(2):  # table read, then remembered
         assert j.read_slice(4, loc4, CHUNK_SIZE + 4096, 4096) == data[CHUNK_SIZE + 4096 :][:4096]
-    assert j.read_payload(4, loc4) == data
+    assert_bytes_equal(j.read_payload(4, loc4), data)
     seq, loc = j.append_write(1 << 20, data)
     assert j.read_record(seq, loc).compression == Compression.CHUNKED
     j.close()

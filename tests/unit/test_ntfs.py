@@ -19,6 +19,7 @@ from cdp.errors import Corruption
 from cdp.ntfs import FileRecord, NtfsVolume, find_ntfs, merge_extensions
 from cdp.ntfs.runlist import decode_runs, encode_runs
 from tests.conftest import require_tool
+from tests.helpers import assert_bytes_equal
 from tools.ntfs_fixture import fls_entries, ils_allocated, make_image, set_ads
 
 # MFT record 66 of a fresh image: "small.txt" with a hard link "link.txt" (two
@@ -205,7 +206,7 @@ def test_stream_bytes_match_icat(image: Path) -> None:
         rec = ours[p]
         assert rec.data is not None
         icat = subprocess.run(["icat", str(image), str(rec.number)], capture_output=True, check=True).stdout
-        assert nv.read_stream(rec.data) == icat, p
+        assert_bytes_equal(nv.read_stream(rec.data), icat, p)
     sparse = ours["sparse.bin"].data
     assert sparse is not None and sparse.size == (3 << 20) + 4
     assert nv.read_stream(ours["small.txt"].streams[0]) == b"ads data"
@@ -237,7 +238,8 @@ def test_fragmented_file_matches_icat(tmp_path: Path) -> None:
     assert len(runs) > 1 and any(b.lcn is not None and a.lcn is not None and b.lcn < a.lcn
                                  for a, b in itertools.pairwise(runs))
     icat = subprocess.run(["icat", str(img), str(rec.number)], capture_output=True, check=True).stdout
-    assert nv.read_stream(rec.data) == icat == payload
+    assert_bytes_equal(nv.read_stream(rec.data), payload, "our stream")
+    assert_bytes_equal(icat, payload, "icat")
 
 
 def test_records_in_changed_ranges(image: Path) -> None:

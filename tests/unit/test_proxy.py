@@ -22,6 +22,7 @@ from cdp.proxy.drl import read_drl
 from cdp.proxy.volume import ProxyVolume
 from cdp.store import Store
 from cdp.volume import Volume
+from tests.helpers import assert_bytes_equal
 
 MiB = 1 << 20
 SIZE = 8 * MiB
@@ -101,16 +102,16 @@ def test_initial_copy_then_io_keeps_primary_and_journal_equal(tmp_path: Path) ->
         assert seen and seen[-1] == (SIZE, SIZE)
         assert 0 < copied <= SIZE
         init_seq = vol.head_seq
-        assert journal_image(vol) == bytes(model)
+        assert_bytes_equal(journal_image(vol), bytes(model))
         kinds = {r.kind for r in vol.journal.scan()}
         assert kinds == {RecordKind.INIT}
         rng = random.Random(5)
         await drive(vol, model, rng, 300)
         await vol.flush()
-        assert prim.read_bytes() == bytes(model)
-        assert journal_image(vol) == bytes(model)
+        assert_bytes_equal(prim.read_bytes(), bytes(model))
+        assert_bytes_equal(journal_image(vol), bytes(model))
         r = vol.read(4096, 8192)
-        assert await r == bytes(model[4096 : 4096 + 8192])
+        assert_bytes_equal(await r, bytes(model[4096 : 4096 + 8192]))
         # time zero is still the original primary
         assert journal_image(vol, init_seq) != bytes(model)
         st = vol.status()
@@ -149,9 +150,9 @@ def test_host_writes_during_initial_copy_are_neither_lost_nor_overwritten(tmp_pa
         await drive(vol, model, rng, 200, conc=8)
         await copy
         assert vol.status()["proxy"]["initial_copy"]["done"]
-        assert journal_image(vol) == bytes(model)
+        assert_bytes_equal(journal_image(vol), bytes(model))
         await vol.flush()
-        assert prim.read_bytes() == bytes(model)
+        assert_bytes_equal(prim.read_bytes(), bytes(model))
         # every INIT of a region precedes the host writes into it
         first_write: dict[int, int] = {}
         for rec in vol.journal.scan():
@@ -196,7 +197,7 @@ def test_overlapping_writes_reach_the_primary_in_journal_order(tmp_path: Path) -
             aws.append(vol.write(off, bytes([i]) * 32768))
         await asyncio.gather(*aws)
         await vol.flush()
-        assert prim.read_bytes()[:65536] == journal_image(vol)[:65536]
+        assert_bytes_equal(prim.read_bytes()[:65536], journal_image(vol)[:65536])
         store.close()
 
     asyncio.run(main())
@@ -239,7 +240,8 @@ def test_primary_write_error_is_eio_with_error_record_and_catch_up(tmp_path: Pat
         assert vol.status()["proxy"]["catchup_pending_regions"] == 1
         await vol._catchup_run()
         assert vol.status()["proxy"]["catchup_pending_regions"] == 0
-        assert journal_image(vol) == prim.read_bytes() == bytes(model)
+        assert_bytes_equal(journal_image(vol), bytes(model), "journal")
+        assert_bytes_equal(prim.read_bytes(), bytes(model), "primary")
         store.close()
 
     asyncio.run(main())
@@ -265,7 +267,7 @@ def test_journal_failure_acks_primary_degrades_and_catches_up(tmp_path: Path) ->
         st = vol.status()["proxy"]
         assert st["degraded"] and st["journal_errors"] == 1 and st["catchup_pending_regions"] == 1
         assert vol.block_status(0, SIZE) == [(SIZE, 0)]
-        assert prim.read_bytes() == bytes(model)
+        assert_bytes_equal(prim.read_bytes(), bytes(model))
         assert journal_image(vol) != bytes(model)
         await vol._catchup_run()  # still full: stays degraded
         assert vol.status()["proxy"]["degraded"]
@@ -273,7 +275,7 @@ def test_journal_failure_acks_primary_degrades_and_catches_up(tmp_path: Path) ->
         await vol._catchup_run()
         st = vol.status()["proxy"]
         assert not st["degraded"] and st["catchup_pending_regions"] == 0
-        assert journal_image(vol) == bytes(model)
+        assert_bytes_equal(journal_image(vol), bytes(model))
         gap = [r for r in vol.journal.scan() if r.kind == RecordKind.ERROR]
         assert gap[-1].error_code == ERR_JOURNAL_GAP and gap[-1].offset == 2 * MiB
         store.close()
@@ -345,7 +347,8 @@ def test_crash_reconcile_primary_wins_and_drl_is_clean(tmp_path: Path) -> None:
         assert rep["dirty_regions"] == dirty and rep["differing_regions"] >= 1
         assert rep["direction"] == "primary->journal"
         assert v2.drl.dirty_count == 0 and read_drl(v2.path / "drl")["dirty"] == []
-        assert journal_image(v2) == prim.read_bytes() == bytes(model)
+        assert_bytes_equal(journal_image(v2), bytes(model), "journal")
+        assert_bytes_equal(prim.read_bytes(), bytes(model), "primary")
         assert v2.journal.durable_seq == v2.head_seq
         errs = [r for r in v2.journal.scan() if r.kind == RecordKind.ERROR]
         assert errs and all(e.error_code == ERR_CRASH_RECONCILE for e in errs)
@@ -370,13 +373,13 @@ def test_rewind_rewrites_only_differing_bytes_and_reads_see_target(tmp_path: Pat
         steps: list[int] = []
         seq = await vol.rewind(m.seq, progress=lambda d, t, w: steps.append(d))
         assert seq == vol.head_seq and steps
-        assert prim.read_bytes() == target
-        assert await vol.read(0, SIZE) == target
+        assert_bytes_equal(prim.read_bytes(), target)
+        assert_bytes_equal(await vol.read(0, SIZE), target)
         st = vol.status()["proxy"]["rewind"]
         assert st["finished"] and 0 < st["rewritten"] <= st["total"]
         # and rewind the rewind
         await vol.rewind(seq - 1)
-        assert prim.read_bytes() == bytes(model)
+        assert_bytes_equal(prim.read_bytes(), bytes(model))
         store.close()
 
     asyncio.run(main())
@@ -410,7 +413,8 @@ def test_interrupted_rewind_is_completed_at_open(tmp_path: Path) -> None:
         store2 = open_store(tmp_path)
         v2 = store2.volume("p")
         assert v2.status()["proxy"]["reconcile"]["direction"].startswith("journal->primary")
-        assert prim.read_bytes() == target == journal_image(v2)
+        assert_bytes_equal(prim.read_bytes(), target, "primary")
+        assert_bytes_equal(journal_image(v2), target, "journal")
         store2.close()
 
     asyncio.run(main())

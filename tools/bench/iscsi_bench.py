@@ -20,7 +20,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -30,16 +29,11 @@ from typing import Any
 from cdp.targets.testing.iscsi_thread import IscsiServerThread
 from cdp.targets.testing.memdev import MemoryProvider
 from tools.bench.goals import ratio_goal
+from tools.harness import listening_port
 
 MiB = 1 << 20
 SIZE = 256 * MiB
 GOALS = {w: ratio_goal(w) for w in ("randread-4k", "randwrite-4k")}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Tgt:
@@ -48,22 +42,29 @@ class Tgt:
     def __init__(self, path: Path, size: int) -> None:
         with open(path, "wb") as f:
             f.truncate(size)
-        self.port = free_port()
-        self.ctl = str(1000 + self.port % 30000)
         self.iqn = "iqn.2026-11.io.tgt:bench"
-        self.proc = subprocess.Popen(
-            ["tgtd", "-f", "-C", self.ctl, "--iscsi", f"portal=127.0.0.1:{self.port}"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + 20
-        while True:
+        # the portal binds port 0 (read back from the kernel); the control port -C is
+        # only a lock name, and tgtd exits at once when another tgtd holds it: try the next
+        log = path.with_suffix(".tgtd.log")
+        base = 1000 + os.getpid() % 30000
+        for attempt in range(20):
+            self.ctl = str(base + attempt)
+            with open(log, "wb") as logf:
+                self.proc = subprocess.Popen(
+                    ["tgtd", "-f", "-C", self.ctl, "--iscsi", "portal=127.0.0.1:0"],
+                    stdout=subprocess.DEVNULL, stderr=logf,
+                )
             try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                self.port = listening_port(self.proc, "tgtd")
                 break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise RuntimeError("tgtd did not start") from None
-                time.sleep(0.05)
+            except RuntimeError:
+                if self.proc.poll() is None:
+                    self.proc.kill()
+                    self.proc.wait()
+                if "another tgtd is using" not in log.read_text(errors="replace"):
+                    raise
+        else:
+            raise RuntimeError(f"tgtd: control ports {base}..{base + 19} are all in use")
         adm = ["tgtadm", "-C", self.ctl, "--lld", "iscsi"]
         for args in (["--op", "new", "--mode", "target", "--tid", "1", "-T", self.iqn],
                      ["--op", "new", "--mode", "logicalunit", "--tid", "1", "--lun", "1",

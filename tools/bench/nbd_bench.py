@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -23,16 +22,10 @@ from pathlib import Path
 from typing import Any
 
 from tools.bench.goals import ratio_goal
-from tools.harness import Cdpd
+from tools.harness import Cdpd, listening_port
 
 GiB = 1 << 30
 MiB = 1 << 20
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Nbdkit:
@@ -42,20 +35,11 @@ class Nbdkit:
         with open(path, "wb") as f:
             f.truncate(size)
         self.path = path
-        self.port = free_port()
         self.proc = subprocess.Popen(
-            ["nbdkit", "-f", "--exit-with-parent", "-i", "127.0.0.1", "-p", str(self.port),
-             "file", str(path)],
+            ["nbdkit", "-f", "--exit-with-parent", "-i", "127.0.0.1", "-p", "0", "file", str(path)],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
-                return
-            except OSError:
-                time.sleep(0.05)
-        raise RuntimeError("nbdkit did not start")
+        self.port = listening_port(self.proc, "nbdkit")
 
     def uri(self) -> str:
         return f"nbd://127.0.0.1:{self.port}/"

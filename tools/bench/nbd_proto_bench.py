@@ -12,24 +12,17 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 from cdp.targets.testing.memdev import MemoryProvider
 from cdp.targets.testing.nbd_thread import ServerThread
+from tools.harness import listening_port
 
 SIZE = 256 << 20
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @contextmanager
@@ -42,7 +35,6 @@ def _ours() -> Iterator[str]:
 
 @contextmanager
 def _nbdkit(plugin: str) -> Iterator[str]:
-    port = _free_port()
     tmp = tempfile.NamedTemporaryFile(prefix="nbdbench-", dir="/var/tmp")  # noqa: SIM115 (closed below)
     os.truncate(tmp.name, SIZE)
     args = ["memory", str(SIZE)] if plugin == "memory" else ["file", tmp.name]
@@ -54,19 +46,14 @@ def _nbdkit(plugin: str) -> Iterator[str]:
             "-i",
             "127.0.0.1",
             "-p",
-            str(port),
+            "0",
             *args,
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
     try:
-        for _ in range(100):
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                time.sleep(0.05)
+        port = listening_port(proc, "nbdkit")
         yield f"nbd://127.0.0.1:{port}/"
     finally:
         proc.terminate()

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from cdp.nbdclient import NbdClient, NbdClientError
+from cdp.targets.nbd.client import NbdClient, NbdClientError
 from tools.harness import Cdpd
 from tools.torture.model import BLOCK, content, decode
 

@@ -40,7 +40,7 @@ import numpy as np
 
 from cdp.admin import AdminClient
 from cdp.errors import CdpError
-from cdp.nbdclient import NbdClient
+from cdp.targets.nbd.client import NbdClient
 from tools.harness import Cdpd
 from tools.torture.model import BLOCK, Model, check_blocks, check_exact
 from tools.torture.writer import Gate, Writer

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from cdp.admin import AdminClient
-from cdp.nbdclient import NbdClient
+from cdp.targets.nbd.client import NbdClient
 from tools.harness import Cdpd
 from tools.torture.model import BLOCK, Model, check_blocks
 from tools.torture.writer import Gate, Writer

@@ -8,7 +8,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from cdp.nbdclient import NbdClient
+from cdp.targets.nbd.client import NbdClient
 from tools.torture.model import BLOCK, Model, content
 
 
