@@ -65,6 +65,10 @@ class DirEntry(NamedTuple):
         return FT_KIND.get(self.file_type, "unknown")
 
 
+#: a directory entry as the parsers produce it: (name, inode, file type)
+RawEntry = tuple[str, int, int]
+
+
 class DirFormat:
     """How this file system's directory blocks are laid out (block size, whether
     entries carry a file type and blocks a checksum)."""
@@ -77,33 +81,53 @@ class DirFormat:
         self.inodes_count = inodes_count
         self.metadata_csum = metadata_csum
 
-    def entries(self, buf: bytes, start: int, end: int, out: list[DirEntry], where: str) -> None:
-        """Append the live entries of the record chain ``buf[start:end]`` to *out*.
-        Raises Corruption on a bad record. Cost: one unpack per record."""
+    def entries(self, buf: bytes, start: int, end: int, out: list[RawEntry], where: str) -> None:
+        """Append the live entries of the record chain ``buf[start:end]`` to *out* as
+        plain ``(name, inode, file type)`` tuples. Raises Corruption on a bad record.
+        Cost: one unpack and one decode per record."""
         pos = start
+        max_ino = self.inodes_count
+        append = out.append
+        if self.filetype and self.block_size < 65536:  # the usual layout: the tight loop
+            while pos < end:
+                if pos + 8 > end:
+                    raise self._bad(where, pos - start, 0, 0, 0)
+                ino, rec_len, name_len, ftype = _de(buf, pos)
+                nxt = pos + rec_len
+                if (rec_len & 3 or rec_len < EXT4_DIR_REC_LEN_MIN or nxt > end
+                        or (name_len + 11) & ~3 > rec_len or ino > max_ino):
+                    raise self._bad(where, pos - start, ino, rec_len, name_len)
+                if ino:
+                    if not name_len:
+                        raise self._bad(where, pos - start, ino, rec_len, name_len)
+                    append((buf[pos + 8 : pos + 8 + name_len].decode("utf-8", "surrogateescape"), ino, ftype))
+                pos = nxt
+            return
         filetype = self.filetype
         big = self.block_size >= 65536
-        max_ino = self.inodes_count
         while pos < end:
             if pos + 8 > end:
-                raise Corruption(f"{where}: directory record at byte {pos - start} runs past the block")
+                raise self._bad(where, pos - start, 0, 0, 0)
             ino, rec_len, name_len, ftype = _de(buf, pos)
             if big:  # 64 KiB blocks: the length's two low bits are bits 16-17
                 rec_len = self.block_size if rec_len in (0, EXT4_MAX_REC_LEN) else (
                     (rec_len & 0xFFFC) | (rec_len & 3) << 16)
-            if not filetype:
+            if not filetype:  # ext4_dir_entry: a 16-bit name length, no type
                 name_len |= ftype << 8
                 ftype = 0
             if (rec_len < EXT4_DIR_REC_LEN_MIN or rec_len & 3 or rec_len < (name_len + 11) & ~3
                     or pos + rec_len > end or ino > max_ino or (ino and not name_len)):
-                raise Corruption(f"{where}: bad directory record at byte {pos - start} "
-                                 f"(inode {ino}, length {rec_len}, name length {name_len})")
+                raise self._bad(where, pos - start, ino, rec_len, name_len)
             if ino:
-                out.append(DirEntry(buf[pos + 8 : pos + 8 + name_len].decode("utf-8", "surrogateescape"),
-                                    ino, ftype))
+                append((buf[pos + 8 : pos + 8 + name_len].decode("utf-8", "surrogateescape"), ino, ftype))
             pos += rec_len
 
-    def block(self, buf: bytes, out: list[DirEntry], where: str, inode_seed: int | None,
+    @staticmethod
+    def _bad(where: str, at: int, ino: int, rec_len: int, name_len: int) -> Corruption:
+        return Corruption(f"{where}: bad directory record at byte {at} "
+                          f"(inode {ino}, length {rec_len}, name length {name_len})")
+
+    def block(self, buf: bytes, out: list[RawEntry], where: str, inode_seed: int | None,
               htree: bool) -> None:
         """Append the entries of one directory block (a leaf, or an htree index block:
         "." and ".." of the root, nothing from a node). *inode_seed* (``metadata_csum``)
@@ -145,7 +169,7 @@ class DirFormat:
         if c ^ _MASK != want:
             raise Corruption(f"{where}: htree index block checksum mismatch")
 
-    def inline(self, ino: int, i_block: bytes, extra: bytes, out: list[DirEntry], where: str,
+    def inline(self, ino: int, i_block: bytes, extra: bytes, out: list[RawEntry], where: str,
                dots: bool) -> None:
         """Append the entries of an inline directory (*i_block* and the ``system.data``
         value *extra*); with *dots*, "." and ".." first. Raises Corruption."""
@@ -153,8 +177,8 @@ class DirFormat:
         if parent > self.inodes_count:
             raise Corruption(f"{where}: inline directory parent {parent} is out of range")
         if dots:
-            out.append(DirEntry(".", ino, EXT4_FT_DIR))
-            out.append(DirEntry("..", parent, EXT4_FT_DIR))
+            out.append((".", ino, EXT4_FT_DIR))
+            out.append(("..", parent, EXT4_FT_DIR))
         self.entries(i_block, EXT4_INLINE_DOTDOT_SIZE, I_BLOCK_SIZE, out, where)
         if extra:
             self.entries(extra, 0, len(extra), out, where + " (inline xattr)")

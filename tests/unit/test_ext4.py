@@ -153,6 +153,16 @@ def test_contents_match_the_source_and_icat(images: Callable[[str], Path], sourc
     assert fs.read_file(w.inode, len(src) + 1) == b""
 
 
+@pytest.mark.parametrize("config", list(CONFIGS))
+def test_table_scan_equals_single_inode_reads(images: Callable[[str], Path], config: str) -> None:
+    """The vectorised scan and the one-inode parser agree field by field."""
+    fs = open_fs(images(config))
+    scanned = [x for chunk in fs.scan(chunk_inodes=100) for x in chunk]
+    assert len(scanned) > 2000 and all(x.in_use and x.damaged is None for x in scanned)
+    assert {x.number: x for x in scanned} == {n: fs.inode(n) for n in (x.number for x in scanned)}
+    assert fs.read_inodes(x.number for x in scanned[:500]) == {x.number: x for x in scanned[:500]}
+
+
 @pytest.mark.parametrize("config", ["ext4", "ext4-1k", "ext3", "inline"])
 def test_hard_links_and_symlinks(images: Callable[[str], Path], config: str) -> None:
     fs = open_fs(images(config))
