@@ -2,7 +2,7 @@
 
     python -m tools.bench [--quick] [--out DIR] [SUITE ...]
 
-Suites: journal, mapengine, nbd, nbd-proto, iscsi, mft (default: all that are present).
+Suites: journal, mapengine, nbd, nbd-proto, iscsi, mft, ext4 ... (default: all that are present).
 Each suite measures cdp and its peer in the same run and returns rows with a ratio and
 a goal; this writes ``DIR/REPORT.md`` (tables), ``DIR/results.json`` and the plots the
 suites make. ``--quick`` (seconds per workload) proves the harness works; CI runs it and
@@ -30,6 +30,7 @@ SUITES = {
     "nbd-proto": "tools.bench.nbd_proto_bench",
     "iscsi": "tools.bench.iscsi_bench",
     "mft": "tools.bench.mft_bench",
+    "ext4": "tools.bench.ext4_bench",
     "export": "tools.bench.export_bench",
     "compaction": "tools.bench.compaction_bench",
     "proxy": "tools.bench.proxy_bench",
