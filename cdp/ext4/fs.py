@@ -54,6 +54,8 @@ Reader = Callable[[int, int], bytes]
 
 #: inodes read per chunk in a scan (1 MiB of table with 256-byte inodes)
 SCAN_CHUNK_INODES = 4096
+#: directory blocks read at once (1 MiB with 4 KiB blocks)
+DIR_READ_BLOCKS = 256
 
 
 class Run(NamedTuple):
@@ -368,12 +370,15 @@ class Ext4:
             if r.uninit:
                 continue
             nblk = -(-r.length // bs)
-            data = self.read(r.vol_off - self.base, nblk * bs)
-            lblk = r.file_off // bs
-            for k in range(nblk):
-                block(data[k * bs : (k + 1) * bs], out, f"{where} block {lblk + k}", seed, htree)
-                if lblk + k == 0 and not dots:  # "." and ".." are the first block's
-                    out = [e for e in out if e[0] != "." and e[0] != ".."]
+            first = r.file_off // bs
+            for k0 in range(0, nblk, DIR_READ_BLOCKS):  # a bounded read per step
+                n = min(DIR_READ_BLOCKS, nblk - k0)
+                data = self.read(r.vol_off - self.base + k0 * bs, n * bs)
+                for k in range(n):
+                    lblk = first + k0 + k
+                    block(data[k * bs : (k + 1) * bs], out, f"{where} block {lblk}", seed, htree)
+                    if lblk == 0 and not dots:  # "." and ".." are the first block's
+                        out = [e for e in out if e[0] != "." and e[0] != ".."]
         return out
 
     def walk(self, errors: list[tuple[str, str]] | None = None) -> Iterator[WalkEntry]:
