@@ -70,16 +70,26 @@ class Run(NamedTuple):
 
 class WalkEntry(NamedTuple):
     """One name of the full index: *path* from the file system's root, the inode
-    number, its kind ("file", "dir", "symlink"...), size, (created, modified, changed,
-    accessed) times in ns, link count, and the parsed inode."""
+    number, its kind ("file", "dir", "symlink"...) and the parsed inode (size, times,
+    link count: the properties below)."""
 
     path: str
     ino: int
     kind: str
-    size: int
-    times: tuple[int, int, int, int]
-    links: int
     inode: Inode
+
+    @property
+    def size(self) -> int:
+        return self.inode.size
+
+    @property
+    def times(self) -> tuple[int, int, int, int]:
+        """(created, modified, changed, accessed) in ns."""
+        return self.inode.times
+
+    @property
+    def links(self) -> int:
+        return self.inode.links
 
 
 class Ext4:
@@ -425,9 +435,7 @@ class Ext4:
                          + (f"damaged ({child.damaged})" if child is not None else "free"))
                     continue
                 mode = child.mode & S_IFMT
-                yield tnew(WalkEntry, (p, num, kinds.get(mode, "unknown"), child.size,
-                                       (child.crtime, child.mtime, child.ctime, child.atime),
-                                       child.links, child))
+                yield tnew(WalkEntry, (p, num, kinds.get(mode, "unknown"), child))
                 if mode == S_IFDIR:
                     if num in visited:
                         fail(p, f"directory inode {num} reached twice")
