@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import bisect
 from collections.abc import Callable, Iterable, Iterator
+from operator import itemgetter
 from typing import NamedTuple
 
 from cdp.errors import Corruption, OutOfRange
@@ -399,9 +400,9 @@ class Ext4:
         Corruption. Cost: one scan of the inode tables plus one read per directory
         run; the used inodes are held in memory."""
         inodes: dict[int, Inode] = {}
+        number = itemgetter(0)  # Inode.number
         for chunk in self.scan():
-            for x in chunk:
-                inodes[x.number] = x
+            inodes.update(zip(map(number, chunk), chunk, strict=True))
 
         def fail(path: str, why: str) -> None:
             if errors is None:
@@ -417,6 +418,7 @@ class Ext4:
         get = inodes.get
         kinds = MODE_KIND
         tnew = tuple.__new__
+        fmt, is_dir = S_IFMT, S_IFDIR
         while stack:
             path, d = stack.pop()
             try:
@@ -434,9 +436,9 @@ class Ext4:
                     fail(p, f"entry names inode {num}, which is "
                          + (f"damaged ({child.damaged})" if child is not None else "free"))
                     continue
-                mode = child.mode & S_IFMT
+                mode = child.mode & fmt
                 yield tnew(WalkEntry, (p, num, kinds.get(mode, "unknown"), child))
-                if mode == S_IFDIR:
+                if mode == is_dir:
                     if num in visited:
                         fail(p, f"directory inode {num} reached twice")
                         continue
