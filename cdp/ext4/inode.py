@@ -363,9 +363,10 @@ def table_parser(sb: Superblock) -> Callable[[bytes, int], list[Inode]]:
             for j in np.nonzero(flags & EXT4_INLINE_DATA_FL)[0].tolist():
                 pos = int(cand[j]) * isz
                 ibody[j] = bytes(buf[pos + 128 + int(eis[j]) : pos + isz])
-        cols = (numbers, c16(0), c16(1) | c16(60) << 16, c16(12) | c16(61) << 16,
-                c32(1) | c32(27) << 32, c16(13), flags, atime, ctime, mtime, crtime, c32(5),
-                generation, blocks, acl)
+        # i_size_lo | i_size_high << 32 needs all 64 bits: unsigned
+        size = r32[:, 1].astype(np.uint64) | r32[:, 27].astype(np.uint64) << np.uint64(32)
+        cols = (numbers, c16(0), c16(1) | c16(60) << 16, c16(12) | c16(61) << 16, size, c16(13),
+                flags, atime, ctime, mtime, crtime, c32(5), generation, blocks, acl)
         out = [tnew(Inode, t) for t in zip(*[c.tolist() for c in cols], i_blocks, ibody, damaged,
                                            strict=True)]
         for j in np.nonzero(slow)[0].tolist():

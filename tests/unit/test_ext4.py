@@ -163,6 +163,26 @@ def test_table_scan_equals_single_inode_reads(images: Callable[[str], Path], con
     assert fs.read_inodes(x.number for x in scanned[:500]) == {x.number: x for x in scanned[:500]}
 
 
+def test_extreme_fields_decode_alike(images: Callable[[str], Path], tmp_path: Path) -> None:
+    """A size past 2**63 and times past 2174 (epoch bits 2 and 3): the numpy scan and
+    the one-inode parser agree (found by the fuzzer: a signed int64 size)."""
+    buf = _copy(images, "ext4-nocsum", tmp_path)
+    fs = Ext4.open(_mem(buf), 0, len(buf))
+    big, late = _by_path(fs)["/a/with space"], _by_path(fs)["/hello.txt"]
+    struct.pack_into("<I", buf, fs.inode_offset(big) + 0x6C, 0x80000001)  # i_size_high
+    off = fs.inode_offset(late)  # (times numpy cannot hold go through the one-inode parser)
+    struct.pack_into("<I", buf, off + 0x84, 0xFFFFFFFF)  # i_ctime_extra: epoch 3, max ns
+    struct.pack_into("<I", buf, off + 0x88, 2 | 5 << 2)  # i_mtime_extra: epoch 2, 5 ns
+    struct.pack_into("<I", buf, off + 0x0C, 0x80000000)  # i_ctime: the most negative
+    fs = Ext4.open(_mem(buf), 0, len(buf))
+    x, y = fs.inode(big), fs.inode(late)
+    assert x.size == 0x80000001 << 32 | len("space\n")
+    assert y.ctime == (-(1 << 31) + (3 << 32)) * 1_000_000_000 + (0xFFFFFFFF >> 2)
+    assert y.mtime % 1_000_000_000 == 5 and y.mtime // 1_000_000_000 >= 2 << 32
+    scanned = {i.number: i for chunk in fs.scan() for i in chunk}
+    assert scanned[big] == x and scanned[late] == y
+
+
 @pytest.mark.parametrize("config", ["ext4", "ext4-1k", "ext3", "inline"])
 def test_hard_links_and_symlinks(images: Callable[[str], Path], config: str) -> None:
     fs = open_fs(images(config))
