@@ -9,7 +9,9 @@ declare -A PKG=(
   [nbdinfo]=libnbd-bin [nbdcopy]=libnbd-bin [nbdfuse]=libnbd-bin [nbdsh]=python3-libnbd
   [nbdkit]=nbdkit [fio]=fio
   [mkntfs]=ntfs-3g [ntfs-3g]=ntfs-3g
-  [fls]=sleuthkit [icat]=sleuthkit
+  [fls]=sleuthkit [icat]=sleuthkit [istat]=sleuthkit
+  [mkfs.ext4]=e2fsprogs [debugfs]=e2fsprogs [fuse2fs]=fuse2fs
+  [sfdisk]=fdisk [sgdisk]=gdisk
   [iscsi-test-cu]=libiscsi-bin [iscsi-inq]=libiscsi-bin
   [tgtd]=tgt [fusermount3]=fuse3
   # the S3 tests' Ceph RGW (tools/ceph-s3, which installs the same list itself when run

@@ -111,17 +111,8 @@ def filetime_to_ns(ft: int) -> int:
     return (ft - FILETIME_UNIX_EPOCH) * 100
 
 
-# ---------------------------------------------------------------- partition tables
-MBR_PARTITION_ENTRY = struct.Struct("<B3sB3sII")  # BootIndicator CHS Type CHS StartLba Sectors
+# ---------------------------------------------------------------- partition types
+# (the partition tables themselves are read by cdp.partition)
 MBR_NTFS_TYPES = frozenset({0x07, 0x17, 0x27})
-MBR_EXTENDED_TYPES = frozenset({0x05, 0x0F, 0x85})
-MBR_GPT_PROTECTIVE = 0xEE
-# GPT header: Signature Revision HeaderSize HeaderCRC32 Reserved MyLBA AlternateLBA
-# FirstUsableLBA LastUsableLBA DiskGUID PartitionEntryLBA NumberOfPartitionEntries
-# SizeOfPartitionEntry PartitionEntryArrayCRC32
-GPT_HEADER = struct.Struct("<8sIIIIQQQQ16sQIII")
-GPT_SIGNATURE = b"EFI PART"
-# GPT entry: PartitionTypeGUID UniquePartitionGUID StartingLBA EndingLBA Attributes Name
-GPT_ENTRY = struct.Struct("<16s16sQQQ72s")
 #: Microsoft basic data partition type GUID (EBD0A0A2-B9E5-4433-87C0-68B6B72699C7), on disk
 GPT_BASIC_DATA = bytes.fromhex("a2a0d0ebe5b9334487c068b6b72699c7")

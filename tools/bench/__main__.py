@@ -2,7 +2,7 @@
 
     python -m tools.bench [--quick] [--out DIR] [SUITE ...]
 
-Suites: journal, mapengine, nbd, nbd-proto, iscsi, mft (default: all that are present).
+Suites: journal, mapengine, nbd, nbd-proto, iscsi, mft, ext4 ... (default: all that are present).
 Opt-in suites run only when named: s3 (plain boto3 against the test Ceph RGW, which it
 starts with tools/ceph-s3 if it is not running).
 Each suite measures cdp and its peer in the same run and returns rows with a ratio and
@@ -32,6 +32,7 @@ SUITES = {
     "nbd-proto": "tools.bench.nbd_proto_bench",
     "iscsi": "tools.bench.iscsi_bench",
     "mft": "tools.bench.mft_bench",
+    "ext4": "tools.bench.ext4_bench",
     "export": "tools.bench.export_bench",
     "compaction": "tools.bench.compaction_bench",
     "proxy": "tools.bench.proxy_bench",
