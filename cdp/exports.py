@@ -9,6 +9,11 @@ Metadata contexts: ``base:allocation``, and ``x-cdp:changed:POINT`` (any point, 
 ``x-cdp:changed:marker3``): BLOCK_STATUS flag 1 marks the ranges that changed between
 POINT and the export's own point (the live export: now), like ``qemu:dirty-bitmap:NAME``.
 Listing ``x-cdp:`` (or ``x-cdp:changed:``) names one context per marker.
+
+Alignment: an export takes any offset and length (NBD minimum block size 1), except a
+proxy volume whose primary needs aligned requests (an NBD primary that advertises a
+larger minimum block size): its live export advertises that minimum (a file or block
+device primary is written through the page cache and needs none).
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ class VolumeDevice:
         self.volume = volume
         self.size = volume.size
         self.description = f"cdp volume {volume.name} (live)"
+        self.min_block_size = _primary_min_block(volume)
         volume.connections += 1
         self._closed = False
         self._changed_seqs: dict[str, int] = {}
@@ -117,6 +123,7 @@ class PointInTimeDevice(VolumeDevice):
     def __init__(self, volume: Volume, seq: int, point: str) -> None:
         super().__init__(volume)
         self.seq = seq
+        self.min_block_size = 1  # read from the journal, never from a primary
         self.description = f"cdp volume {volume.name} at {point} (@{seq}, read-only)"
 
     def read(self, offset: int, length: int) -> bytes:
@@ -143,6 +150,13 @@ class PointInTimeDevice(VolumeDevice):
         if context != BASE_ALLOCATION:
             return super().block_status(context, offset, length)
         return self.volume.block_status(offset, min(length, 64 << 20), self.seq)
+
+
+def _primary_min_block(volume: Volume) -> int:
+    """1, or the minimum block size a proxy volume's primary needs (``min_block`` of
+    :mod:`cdp.proxy_nbd`'s primaries: an NBD primary's advertised minimum)."""
+    primary = getattr(volume, "primary", None)  # proxy volumes only
+    return int(getattr(primary, "min_block", 1))
 
 
 class StoreExports:
