@@ -14,6 +14,17 @@ Alignment: an export takes any offset and length (NBD minimum block size 1), exc
 proxy volume whose primary needs aligned requests (an NBD primary that advertises a
 larger minimum block size): its live export advertises that minimum (a file or block
 device primary is written through the page cache and needs none).
+
+Design notes
+------------
+- ``base:allocation`` answers come in whole 512-byte sectors: a sector holding any
+  data byte is reported as data, only sectors with none are HOLE|ZERO. The volume knows
+  its extents to the byte, but with a minimum block size of 1 qemu's NBD client passes
+  extents on unrounded and ``qemu-img convert`` / ``compare`` work in sectors: a
+  1-byte zero extent at the start of a sector made them treat the whole sector as zero
+  and drop the data behind it (found by test_nbd_unaligned). Reporting data where
+  there are zeros is always allowed; the ``x-cdp:changed`` runs are widened the same
+  way (:func:`cdp.backup.changes.status_runs`).
 """
 
 from __future__ import annotations
@@ -24,6 +35,7 @@ from typing import TYPE_CHECKING
 from cdp.backup.changes import status_runs
 from cdp.errors import CdpError, ReadOnly
 from cdp.points import split_export_name
+from cdp.targets.nbd.proto import StateFlag
 
 if TYPE_CHECKING:
     from cdp.store import Store
@@ -34,6 +46,46 @@ CDP_NAMESPACE = "x-cdp:"
 CHANGED_PREFIX = "x-cdp:changed:"
 #: the most bytes one BLOCK_STATUS answer of a changed context covers (clients ask on)
 CHANGED_SPAN = 1 << 30
+#: the most bytes one ``base:allocation`` answer covers (clients ask again for the rest)
+ALLOCATION_SPAN = 64 << 20
+#: ``base:allocation`` granularity: a sector with any data in it is data (design notes)
+ALLOCATION_GRAIN = 512
+_HOLE_ZERO = int(StateFlag.HOLE | StateFlag.ZERO)
+
+
+def sector_runs(runs: list[tuple[int, int]], offset: int, grain: int = ALLOCATION_GRAIN
+                ) -> list[tuple[int, int]]:
+    """``base:allocation`` runs from ``offset`` (flags 0: data, else HOLE|ZERO) with
+    every data run widened to whole ``grain``-byte sectors, clipped to the runs' span;
+    the hole runs keep what is left. Cost: O(runs)."""
+    end = offset
+    data: list[list[int]] = []  # widened data intervals, merged, in order
+    for n, flags in runs:
+        s, end = end, end + n
+        if flags & _HOLE_ZERO:
+            continue
+        s -= s % grain
+        if data and s <= data[-1][1]:
+            data[-1][1] = max(data[-1][1], end)
+        else:
+            data.append([max(s, offset), end])
+    out: list[tuple[int, int]] = []
+    pos = offset
+    for s, e in data:
+        e = min(-(-e // grain) * grain, end)
+        if e <= pos:
+            continue
+        s = max(s, pos)
+        if s > pos:
+            out.append((s - pos, _HOLE_ZERO))
+        if out and out[-1][1] == 0:
+            out[-1] = (out[-1][0] + e - s, 0)
+        else:
+            out.append((e - s, 0))
+        pos = e
+    if pos < end:
+        out.append((end - pos, _HOLE_ZERO))
+    return out
 
 
 class VolumeDevice:
@@ -106,8 +158,8 @@ class VolumeDevice:
         if context.startswith(CHANGED_PREFIX):
             return status_runs(self.volume, self._changed_seq(context), self._point_seq(),
                                offset, min(length, CHANGED_SPAN))
-        # answer at most 64 MiB per request: clients ask again for the rest
-        return self.volume.block_status(offset, min(length, 64 << 20))
+        n = min(length, ALLOCATION_SPAN)
+        return sector_runs(self.volume.block_status(offset, n), offset)
 
     def close(self) -> None:
         if not self._closed:
@@ -149,7 +201,8 @@ class PointInTimeDevice(VolumeDevice):
     def block_status(self, context: str, offset: int, length: int) -> list[tuple[int, int]]:
         if context != BASE_ALLOCATION:
             return super().block_status(context, offset, length)
-        return self.volume.block_status(offset, min(length, 64 << 20), self.seq)
+        n = min(length, ALLOCATION_SPAN)
+        return sector_runs(self.volume.block_status(offset, n, self.seq), offset)
 
 
 def _primary_min_block(volume: Volume) -> int:

@@ -7,6 +7,7 @@ map engine's superset). Also the NBD status runs and the x-cdp:changed meta cont
 from __future__ import annotations
 
 import asyncio
+import itertools
 import random
 from dataclasses import replace
 from pathlib import Path
@@ -24,7 +25,7 @@ from cdp.backup.changes import (
     totals,
 )
 from cdp.config import MapSettings, Settings
-from cdp.exports import CHANGED_PREFIX, PointInTimeDevice, VolumeDevice
+from cdp.exports import CHANGED_PREFIX, PointInTimeDevice, VolumeDevice, sector_runs
 from cdp.volume import Volume
 
 SIZE = 1 << 20
@@ -183,3 +184,36 @@ def test_status_runs_and_meta_context(tmp_path: Path) -> None:
         vol.close()
 
     asyncio.run(go())
+
+
+@pytest.mark.parametrize("seed", range(200))
+def test_sector_runs_widen_data_to_whole_sectors(seed: int) -> None:
+    """base:allocation answers: the same span; a HOLE|ZERO run only where every byte is a
+    hole; every 512-byte sector (within the span) with a data byte reported as data,
+    every one without reported as a hole; runs alternate."""
+    rng = random.Random(seed)
+    offset = rng.choice([0, 1, 511, 512, 4095, rng.randrange(0, 1 << 20)])
+    runs = []
+    flags = rng.choice([0, 3])
+    for _ in range(rng.randrange(1, 12)):
+        runs.append((rng.choice([1, 2, 100, 511, 512, 513, 1024, rng.randrange(1, 5000)]), flags))
+        flags = 3 - flags
+    span = sum(n for n, _ in runs)
+    data = bytearray(span)
+    pos = 0
+    for n, f in runs:
+        data[pos : pos + n] = (b"\1" if f == 0 else b"\0") * n
+        pos += n
+    out = sector_runs(runs, offset)
+    assert sum(n for n, _ in out) == span and all(n > 0 for n, _ in out)
+    assert all(a[1] != b[1] for a, b in itertools.pairwise(out))
+    pos = 0
+    for n, f in out:
+        assert f in (0, 3)
+        if f:
+            assert not any(data[pos : pos + n])
+        for sector in range((offset + pos) // 512, (offset + pos + n - 1) // 512 + 1):
+            lo = max(0, sector * 512 - offset)
+            hi = min(span, (sector + 1) * 512 - offset)
+            assert (f == 0) == any(data[lo:hi]), (runs, offset, out, sector)
+        pos += n
