@@ -8,7 +8,12 @@ once, when the export is opened: the view does not move while a client reads it.
 Metadata contexts: ``base:allocation``, and ``x-cdp:changed:POINT`` (any point, e.g.
 ``x-cdp:changed:marker3``): BLOCK_STATUS flag 1 marks the ranges that changed between
 POINT and the export's own point (the live export: now), like ``qemu:dirty-bitmap:NAME``.
-Listing ``x-cdp:`` (or ``x-cdp:changed:``) names one context per marker.
+Listing (NBD_OPT_LIST_META_CONTEXT, live and point-in-time exports alike): the empty
+query lists ``base:allocation``, one ``x-cdp:changed:markerN`` per marker whose point
+is still kept, then ``x-cdp:changed:`` itself; the query ``x-cdp:`` or
+``x-cdp:changed:`` lists the same changed contexts. The trailing ``x-cdp:changed:`` is
+the namespace entry the spec allows for names a client computes (``@SEQ``, a label, a
+time): it tells the client that any point may follow and is never selected itself.
 
 Alignment: an export takes any offset and length (NBD minimum block size 1), except a
 proxy volume whose primary needs aligned requests (an NBD primary that advertises a
@@ -125,18 +130,29 @@ class VolumeDevice:
         return None
 
     def meta_contexts(self) -> list[str]:
-        return [BASE_ALLOCATION]
+        """Every context a client may select, for the empty listing query (see the
+        module docstring). Cost: O(markers)."""
+        return [BASE_ALLOCATION, *self._changed_listing()]
+
+    def _changed_listing(self) -> list[str]:
+        """``x-cdp:changed:markerN`` per marker still resolvable, then the namespace
+        entry ``x-cdp:changed:``."""
+        maps = self.volume.maps
+        names = [CHANGED_PREFIX + m.name for m in self.volume.markers if maps.resolvable(m.seq)]
+        names.append(CHANGED_PREFIX)
+        return names
 
     def match_meta_contexts(self, query: str, listing: bool) -> list[str]:
         """``base:allocation`` and ``x-cdp:changed:POINT`` (selected when POINT resolves;
         the seq is fixed here, at negotiation). Listing ``x-cdp:`` or ``x-cdp:changed:``
-        names one changed context per marker. Cost: a point resolve."""
+        names one changed context per kept marker and the namespace entry. Cost: a
+        point resolve; a listing O(markers)."""
         if query == BASE_ALLOCATION:
             return [BASE_ALLOCATION]
         if listing and query.endswith(":") and BASE_ALLOCATION.startswith(query):
             return [BASE_ALLOCATION]
         if listing and query in (CDP_NAMESPACE, CHANGED_PREFIX):
-            return [CHANGED_PREFIX + m.name for m in self.volume.markers]
+            return self._changed_listing()
         if query.startswith(CHANGED_PREFIX) and len(query) > len(CHANGED_PREFIX):
             try:
                 self._changed_seq(query)

@@ -11,6 +11,8 @@ import itertools
 import random
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
+from typing import cast
 
 import pytest
 
@@ -170,7 +172,10 @@ def test_status_runs_and_meta_context(tmp_path: Path) -> None:
         assert pit.match_meta_contexts(name, False) == [name]
         assert pit.match_meta_contexts(CHANGED_PREFIX + "marker9", False) == []
         assert pit.match_meta_contexts(CHANGED_PREFIX, False) == []
-        assert pit.match_meta_contexts("x-cdp:", True) == [CHANGED_PREFIX + "marker1", CHANGED_PREFIX + "marker2"]
+        listed = [CHANGED_PREFIX + "marker1", CHANGED_PREFIX + "marker2", CHANGED_PREFIX]
+        assert pit.match_meta_contexts("x-cdp:", True) == listed
+        assert pit.match_meta_contexts(CHANGED_PREFIX, True) == listed
+        assert pit.meta_contexts() == live.meta_contexts() == ["base:allocation", *listed]
         assert pit.match_meta_contexts("base:", True) == ["base:allocation"]
         assert pit.match_meta_contexts("base:allocation", False) == ["base:allocation"]
         assert pit.match_meta_contexts("qemu:dirty-bitmap:x", False) == []
@@ -184,6 +189,50 @@ def test_status_runs_and_meta_context(tmp_path: Path) -> None:
         vol.close()
 
     asyncio.run(go())
+
+
+def test_empty_meta_context_query_lists_changed_contexts_through_the_core(tmp_path: Path) -> None:
+    """NBD_OPT_LIST_META_CONTEXT through the sans-I/O core on a real volume: the empty
+    query lists base:allocation, one x-cdp:changed context per marker and the namespace
+    entry, on the live export and on a point-in-time one; SET selects a listed marker
+    context but never the namespace entry."""
+    from cdp.exports import StoreExports
+    from cdp.store import Store
+    from cdp.targets.nbd.core import Ready, ServerConnection
+    from cdp.targets.nbd.proto import U32, Opt, Rep
+    from cdp.targets.testing.nbd_wire import FLAGS, go, meta, opt, option_replies
+
+    async def go_() -> None:
+        vol = Volume.create(tmp_path / "v", "v", SIZE, settings(tmp_path))
+        store = cast(Store, SimpleNamespace(volumes={"v": vol}, volume=lambda name: vol))
+        provider = StoreExports(store)
+        vol.write(0, b"a" * 4096)
+        await vol.snapshot()
+        vol.write(100, b"b" * 3)
+        await vol.snapshot("two")
+        changed = [CHANGED_PREFIX + "marker1", CHANGED_PREFIX + "marker2", CHANGED_PREFIX]
+        for export in ("v", "v@marker1", "v@two"):
+            conn = ServerConnection(provider)
+            conn.receive_data(FLAGS + opt(Opt.STRUCTURED_REPLY))
+            for queries, want in [((), ["base:allocation", *changed]), (("x-cdp:",), changed),
+                                  (("base:", "x-cdp:changed:"), ["base:allocation", *changed])]:
+                conn.receive_data(meta(Opt.LIST_META_CONTEXT, export, *queries))
+                conn.next_event()
+                reps = option_replies(conn.data_to_send())
+                reps = [r for r in reps if r[0] == Opt.LIST_META_CONTEXT]
+                assert reps[-1][1] == Rep.ACK
+                assert all(r[1] == Rep.META_CONTEXT and r[2][:4] == bytes(4) for r in reps[:-1])
+                assert [r[2][4:].decode() for r in reps[:-1]] == want, (export, queries)
+            conn.receive_data(meta(Opt.SET_META_CONTEXT, export, *changed) + go(export))
+            ready = conn.next_event()
+            assert isinstance(ready, Ready)
+            assert ready.contexts == [(1, changed[0]), (2, changed[1])]
+            replies = option_replies(conn.data_to_send())
+            assert (Opt.SET_META_CONTEXT, Rep.META_CONTEXT, U32.pack(2) + changed[1].encode()) in replies
+            ready.device.close()
+        vol.close()
+
+    asyncio.run(go_())
 
 
 @pytest.mark.parametrize("seed", range(200))
