@@ -12,6 +12,7 @@ declare -A PKG=(
   [fls]=sleuthkit [icat]=sleuthkit
   [iscsi-test-cu]=libiscsi-bin [iscsi-inq]=libiscsi-bin
   [tgtd]=tgt [fusermount3]=fuse3
+  [qemu-system-x86_64]=qemu-system-x86 [mkfs.ext4]=e2fsprogs [fuse2fs]=fuse2fs
 )
 # qemu-block-extra has no binary of its own (it adds iscsi:// to qemu): check the file
 EXTRA_FILES=(/usr/lib/x86_64-linux-gnu/qemu/block-iscsi.so)
