@@ -503,7 +503,7 @@ class ServerConnection:
                 and length > 0
                 and offset + length <= self._size
                 and (length <= MAX_PAYLOAD or cmd != _CMD_READ)
-                and not (offset | length) & align
+                and (not align or not (offset | length) & align)
             ):
                 self._pos = pos
                 return Request(cmd, flags, cookie, offset, length, data)
