@@ -59,7 +59,10 @@ class Qmp:
             if left <= 0:
                 raise TimeoutError("no message from QEMU")
             self.sock.settimeout(left)
-            chunk = self.sock.recv(1 << 16)
+            try:
+                chunk = self.sock.recv(1 << 16)
+            except TimeoutError:
+                raise TimeoutError(f"no message from QEMU in {timeout:.0f}s") from None
             if not chunk:
                 raise ConnectionError("QEMU closed the QMP socket")
             self._buf += chunk
@@ -76,7 +79,10 @@ class Qmp:
             msg["arguments"] = arguments
         self.sock.sendall(json.dumps(msg).encode() + b"\n")
         while True:
-            r = self._recv(timeout)
+            try:
+                r = self._recv(timeout)
+            except TimeoutError as e:
+                raise TimeoutError(f"{command} {arguments}: {e}") from None
             if "event" in r:
                 self.events.append(r)
             elif r.get("id") == self._id:
@@ -103,7 +109,11 @@ class Qmp:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise TimeoutError(f"no {name} {data} event; got {[e['event'] for e in self.events]}")
-            msg = self._recv(left)
+            try:
+                msg = self._recv(left)
+            except TimeoutError:
+                raise TimeoutError(f"no {name} {data} event in {timeout:.0f}s; "
+                                   f"got {[e['event'] for e in self.events]}") from None
             if "event" in msg:
                 self.events.append(msg)
 
