@@ -8,7 +8,28 @@ once, when the export is opened: the view does not move while a client reads it.
 Metadata contexts: ``base:allocation``, and ``x-cdp:changed:POINT`` (any point, e.g.
 ``x-cdp:changed:marker3``): BLOCK_STATUS flag 1 marks the ranges that changed between
 POINT and the export's own point (the live export: now), like ``qemu:dirty-bitmap:NAME``.
-Listing ``x-cdp:`` (or ``x-cdp:changed:``) names one context per marker.
+Listing (NBD_OPT_LIST_META_CONTEXT, live and point-in-time exports alike): the empty
+query lists ``base:allocation``, one ``x-cdp:changed:markerN`` per marker whose point
+is still kept, then ``x-cdp:changed:`` itself; the query ``x-cdp:`` or
+``x-cdp:changed:`` lists the same changed contexts. The trailing ``x-cdp:changed:`` is
+the namespace entry the spec allows for names a client computes (``@SEQ``, a label, a
+time): it tells the client that any point may follow and is never selected itself.
+
+Alignment: an export takes any offset and length (NBD minimum block size 1), except a
+proxy volume whose primary needs aligned requests (an NBD primary that advertises a
+larger minimum block size): its live export advertises that minimum (a file or block
+device primary is written through the page cache and needs none).
+
+Design notes
+------------
+- ``base:allocation`` answers come in whole 512-byte sectors: a sector holding any
+  data byte is reported as data, only sectors with none are HOLE|ZERO. The volume knows
+  its extents to the byte, but with a minimum block size of 1 qemu's NBD client passes
+  extents on unrounded and ``qemu-img convert`` / ``compare`` work in sectors: a
+  1-byte zero extent at the start of a sector made them treat the whole sector as zero
+  and drop the data behind it (found by test_nbd_unaligned). Reporting data where
+  there are zeros is always allowed; the ``x-cdp:changed`` runs are widened the same
+  way (:func:`cdp.backup.changes.status_runs`).
 """
 
 from __future__ import annotations
@@ -19,6 +40,7 @@ from typing import TYPE_CHECKING
 from cdp.backup.changes import status_runs
 from cdp.errors import CdpError, ReadOnly
 from cdp.points import split_export_name
+from cdp.targets.nbd.proto import StateFlag
 
 if TYPE_CHECKING:
     from cdp.store import Store
@@ -29,6 +51,46 @@ CDP_NAMESPACE = "x-cdp:"
 CHANGED_PREFIX = "x-cdp:changed:"
 #: the most bytes one BLOCK_STATUS answer of a changed context covers (clients ask on)
 CHANGED_SPAN = 1 << 30
+#: the most bytes one ``base:allocation`` answer covers (clients ask again for the rest)
+ALLOCATION_SPAN = 64 << 20
+#: ``base:allocation`` granularity: a sector with any data in it is data (design notes)
+ALLOCATION_GRAIN = 512
+_HOLE_ZERO = int(StateFlag.HOLE | StateFlag.ZERO)
+
+
+def sector_runs(runs: list[tuple[int, int]], offset: int, grain: int = ALLOCATION_GRAIN
+                ) -> list[tuple[int, int]]:
+    """``base:allocation`` runs from ``offset`` (flags 0: data, else HOLE|ZERO) with
+    every data run widened to whole ``grain``-byte sectors, clipped to the runs' span;
+    the hole runs keep what is left. Cost: O(runs)."""
+    end = offset
+    data: list[list[int]] = []  # widened data intervals, merged, in order
+    for n, flags in runs:
+        s, end = end, end + n
+        if flags & _HOLE_ZERO:
+            continue
+        s -= s % grain
+        if data and s <= data[-1][1]:
+            data[-1][1] = max(data[-1][1], end)
+        else:
+            data.append([max(s, offset), end])
+    out: list[tuple[int, int]] = []
+    pos = offset
+    for s, e in data:
+        e = min(-(-e // grain) * grain, end)
+        if e <= pos:
+            continue
+        s = max(s, pos)
+        if s > pos:
+            out.append((s - pos, _HOLE_ZERO))
+        if out and out[-1][1] == 0:
+            out[-1] = (out[-1][0] + e - s, 0)
+        else:
+            out.append((e - s, 0))
+        pos = e
+    if pos < end:
+        out.append((end - pos, _HOLE_ZERO))
+    return out
 
 
 class VolumeDevice:
@@ -41,6 +103,7 @@ class VolumeDevice:
         self.volume = volume
         self.size = volume.size
         self.description = f"cdp volume {volume.name} (live)"
+        self.min_block_size = _primary_min_block(volume)
         volume.connections += 1
         self._closed = False
         self._changed_seqs: dict[str, int] = {}
@@ -67,18 +130,29 @@ class VolumeDevice:
         return None
 
     def meta_contexts(self) -> list[str]:
-        return [BASE_ALLOCATION]
+        """Every context a client may select, for the empty listing query (see the
+        module docstring). Cost: O(markers)."""
+        return [BASE_ALLOCATION, *self._changed_listing()]
+
+    def _changed_listing(self) -> list[str]:
+        """``x-cdp:changed:markerN`` per marker still resolvable, then the namespace
+        entry ``x-cdp:changed:``."""
+        maps = self.volume.maps
+        names = [CHANGED_PREFIX + m.name for m in self.volume.markers if maps.resolvable(m.seq)]
+        names.append(CHANGED_PREFIX)
+        return names
 
     def match_meta_contexts(self, query: str, listing: bool) -> list[str]:
         """``base:allocation`` and ``x-cdp:changed:POINT`` (selected when POINT resolves;
         the seq is fixed here, at negotiation). Listing ``x-cdp:`` or ``x-cdp:changed:``
-        names one changed context per marker. Cost: a point resolve."""
+        names one changed context per kept marker and the namespace entry. Cost: a
+        point resolve; a listing O(markers)."""
         if query == BASE_ALLOCATION:
             return [BASE_ALLOCATION]
         if listing and query.endswith(":") and BASE_ALLOCATION.startswith(query):
             return [BASE_ALLOCATION]
         if listing and query in (CDP_NAMESPACE, CHANGED_PREFIX):
-            return [CHANGED_PREFIX + m.name for m in self.volume.markers]
+            return self._changed_listing()
         if query.startswith(CHANGED_PREFIX) and len(query) > len(CHANGED_PREFIX):
             try:
                 self._changed_seq(query)
@@ -100,8 +174,8 @@ class VolumeDevice:
         if context.startswith(CHANGED_PREFIX):
             return status_runs(self.volume, self._changed_seq(context), self._point_seq(),
                                offset, min(length, CHANGED_SPAN))
-        # answer at most 64 MiB per request: clients ask again for the rest
-        return self.volume.block_status(offset, min(length, 64 << 20))
+        n = min(length, ALLOCATION_SPAN)
+        return sector_runs(self.volume.block_status(offset, n), offset)
 
     def close(self) -> None:
         if not self._closed:
@@ -117,6 +191,7 @@ class PointInTimeDevice(VolumeDevice):
     def __init__(self, volume: Volume, seq: int, point: str) -> None:
         super().__init__(volume)
         self.seq = seq
+        self.min_block_size = 1  # read from the journal, never from a primary
         self.description = f"cdp volume {volume.name} at {point} (@{seq}, read-only)"
 
     def read(self, offset: int, length: int) -> bytes:
@@ -142,7 +217,15 @@ class PointInTimeDevice(VolumeDevice):
     def block_status(self, context: str, offset: int, length: int) -> list[tuple[int, int]]:
         if context != BASE_ALLOCATION:
             return super().block_status(context, offset, length)
-        return self.volume.block_status(offset, min(length, 64 << 20), self.seq)
+        n = min(length, ALLOCATION_SPAN)
+        return sector_runs(self.volume.block_status(offset, n, self.seq), offset)
+
+
+def _primary_min_block(volume: Volume) -> int:
+    """1, or the minimum block size a proxy volume's primary needs (``min_block`` of
+    :mod:`cdp.proxy_nbd`'s primaries: an NBD primary's advertised minimum)."""
+    primary = getattr(volume, "primary", None)  # proxy volumes only
+    return int(getattr(primary, "min_block", 1))
 
 
 class StoreExports:

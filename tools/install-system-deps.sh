@@ -14,6 +14,7 @@ declare -A PKG=(
   [sfdisk]=fdisk [sgdisk]=gdisk
   [iscsi-test-cu]=libiscsi-bin [iscsi-inq]=libiscsi-bin
   [tgtd]=tgt [fusermount3]=fuse3
+  [qemu-system-x86_64]=qemu-system-x86
   # the S3 tests' Ceph RGW (tools/ceph-s3, which installs the same list itself when run
   # alone; no ceph-mgr: S3 does not need it)
   [ceph-mon]=ceph-mon [monmaptool]=ceph-mon [ceph-osd]=ceph-osd [radosgw]=radosgw

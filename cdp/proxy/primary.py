@@ -1,9 +1,10 @@
 """Primary volumes for proxy mode: a local file / block device, or an NBD export.
 
 Both offer the same blocking interface, called from the proxy's worker threads:
-``size``, ``pread(offset, length)``, ``pwrite(data, offset)``, ``zero(offset, length)``,
-``flush()`` (everything completed so far durable), ``close()``. Failures raise OSError
-(errno EIO for anything the server reports).
+``size``, ``min_block`` (the alignment requests need: 1 for a file, the server's
+advertised minimum block size for NBD), ``pread(offset, length)``, ``pwrite(data, offset)``,
+``zero(offset, length)``, ``flush()`` (everything completed so far durable), ``close()``.
+Failures raise OSError (errno EIO for anything the server reports).
 
 An NBD primary (``nbd://HOST[:PORT]/EXPORT`` or ``nbd+unix:///EXPORT?socket=PATH``) uses
 :class:`cdp.targets.nbd.client.NbdClient` connections from a small pool, one per worker at a time.
@@ -40,6 +41,8 @@ class FilePrimary:
     """A regular file or a block device, opened O_RDWR."""
 
     kind = "file"
+    #: buffered I/O: the page cache takes any offset and length, even on a block device
+    min_block = 1
 
     def __init__(self, path: str) -> None:
         self.name = path
@@ -106,6 +109,7 @@ class NbdPrimary:
             first.close()
             raise UsageError(f"primary {uri} is read-only")
         self.size = first.size
+        self.min_block = max(1, first.min_block)
         self.multi_conn = bool(first.flags & TF_CAN_MULTI_CONN)
         self._max = max(1, connections) if self.multi_conn else 1
         self._pool: queue.LifoQueue[NbdClient] = queue.LifoQueue()

@@ -7,7 +7,7 @@ target runs it as a task, so replies may complete out of order). Errors are rais
 :func:`cdp.targets.nbd.errors.nbd_errno` (NBD) and
 :func:`cdp.targets.iscsi.sense.scsi_sense` (iSCSI).
 
-A device may also offer two optional members, each declared as its own protocol below
+A device may also offer three optional members, each declared as its own protocol below
 (the NBD core checks for them with ``isinstance``):
 
 - :class:`HasDescription`: ``description: str``, shown by ``nbdinfo``
@@ -16,7 +16,10 @@ A device may also offer two optional members, each declared as its own protocol 
   contexts whose names are computed rather than listed (``x-cdp:changed:@123``).
   Without it, a query selects the names in :meth:`BlockDevice.meta_contexts` equal to
   it, and when listing, a query ending in ``:`` (``x-cdp:``) lists every name starting
-  with it.
+  with it;
+- :class:`HasBlockSize`: ``min_block_size: int``, the alignment the device needs of
+  every offset and length. Without it a device is byte addressed (1), which NBD
+  advertises; iSCSI always uses 512-byte logical blocks.
 """
 
 from __future__ import annotations
@@ -62,7 +65,9 @@ class BlockDevice(Protocol):
         ...
 
     def meta_contexts(self) -> list[str]:
-        """Metadata contexts this export offers, e.g. ``["base:allocation"]``."""
+        """Metadata contexts this export offers, e.g. ``["base:allocation"]``: what an
+        empty NBD_OPT_LIST_META_CONTEXT query lists. A name ending in ``:`` is a
+        wildcard a client may list further but never selects."""
         ...
 
     def block_status(
@@ -83,6 +88,14 @@ class HasDescription(Protocol):
     """Optional member of a :class:`BlockDevice`: a human-readable description."""
 
     description: str
+
+
+@runtime_checkable
+class HasBlockSize(Protocol):
+    """Optional member of a :class:`BlockDevice`: the alignment it needs."""
+
+    #: a power of 2 from 1 to 64 KiB; every request's offset and length are multiples
+    min_block_size: int
 
 
 @runtime_checkable

@@ -86,7 +86,7 @@ def test_nbdinfo_sizes_capabilities_and_map(cdpd: Cdpd) -> None:
     assert exp["export-size"] == SIZE
     assert exp["can_flush"] and exp["can_fua"] and exp["can_trim"] and exp["can_zero"]
     assert exp["can_multi_conn"] and not exp["is_read_only"]
-    assert exp["block_size_minimum"] == 512 and exp["block_size_preferred"] == 4096
+    assert exp["block_size_minimum"] == 1 and exp["block_size_preferred"] == 4096
     assert exp["block_size_maximum"] == 32 * MiB
     m = json.loads(run("nbdinfo", "--map", "--json", cdpd.uri()).stdout)
     data = [(e["offset"], e["length"]) for e in m if e["type"] & 1 == 0]
@@ -97,6 +97,28 @@ def test_nbdinfo_sizes_capabilities_and_map(cdpd: Cdpd) -> None:
     listing = run("nbdinfo", "--list", "--json", f"nbd://127.0.0.1:{cdpd.nbd_port}").stdout
     names = [e["export-name"] for e in json.loads(listing)["exports"]]
     assert "vol0" in names and "vol0@marker1" in names
+
+
+def test_nbdinfo_lists_the_changed_contexts(cdpd: Cdpd) -> None:
+    """A client that asks for every context (the empty NBD_OPT_LIST_META_CONTEXT query,
+    as nbdinfo does) sees ``x-cdp:changed:markerN`` per marker and the namespace entry,
+    on the live export and on point-in-time ones, in ``--json`` and ``--list``."""
+    require_tool("nbdinfo", "qemu-io")
+    for i in range(3):
+        qemu_io(cdpd.uri(), f"write -P {i + 1} {i * MiB} 4096")
+        cdpd.cdpctl("snapshot")
+    changed = [f"x-cdp:changed:marker{i}" for i in (1, 2, 3)] + ["x-cdp:changed:"]
+    for export in ("vol0", "vol0@marker3", "vol0@marker1"):
+        exp = json.loads(run("nbdinfo", "--json", cdpd.uri(export)).stdout)["exports"][0]
+        assert exp["contexts"] == ["base:allocation", *changed], export
+    listing = json.loads(run("nbdinfo", "--list", "--json", f"nbd://127.0.0.1:{cdpd.nbd_port}").stdout)
+    by_name = {e["export-name"]: e["contexts"] for e in listing["exports"]}
+    assert set(by_name) == {"vol0", "vol0@marker1", "vol0@marker2", "vol0@marker3"}
+    assert all(c == ["base:allocation", *changed] for c in by_name.values()), by_name
+    # a listed context answers when selected: marker2 -> marker3 changed the third MiB
+    m = json.loads(run("nbdinfo", "--json", "--map=x-cdp:changed:marker2",
+                       cdpd.uri("vol0@marker3")).stdout)  # fmt: skip
+    assert [(e["offset"], e["length"]) for e in m if e["type"] == 1] == [(2 * MiB, 4096)]
 
 
 def test_nbdcopy_in_and_out(cdpd: Cdpd, tmp_path: Path) -> None:

@@ -86,7 +86,7 @@ def test_nbdinfo_json_list_and_map(srv: ServerThread) -> None:
     (exp,) = info["exports"]
     assert exp["export-size"] == 64 * MiB
     assert exp["description"] == "scratch disk"
-    assert exp["block_size_minimum"] == 512
+    assert exp["block_size_minimum"] == 1  # byte addressed, as nbdkit file
     assert exp["block_size_preferred"] == 4096
     assert exp["block_size_maximum"] == 32 * MiB
     for cap in ("can_flush", "can_fua", "can_trim", "can_zero", "can_fast_zero", "can_cache",

@@ -7,9 +7,12 @@ map engine's superset). Also the NBD status runs and the x-cdp:changed meta cont
 from __future__ import annotations
 
 import asyncio
+import itertools
 import random
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
+from typing import cast
 
 import pytest
 
@@ -24,7 +27,7 @@ from cdp.backup.changes import (
     totals,
 )
 from cdp.config import MapSettings, Settings
-from cdp.exports import CHANGED_PREFIX, PointInTimeDevice, VolumeDevice
+from cdp.exports import CHANGED_PREFIX, PointInTimeDevice, VolumeDevice, sector_runs
 from cdp.volume import Volume
 from tests.helpers import assert_bytes_equal
 
@@ -170,7 +173,10 @@ def test_status_runs_and_meta_context(tmp_path: Path) -> None:
         assert pit.match_meta_contexts(name, False) == [name]
         assert pit.match_meta_contexts(CHANGED_PREFIX + "marker9", False) == []
         assert pit.match_meta_contexts(CHANGED_PREFIX, False) == []
-        assert pit.match_meta_contexts("x-cdp:", True) == [CHANGED_PREFIX + "marker1", CHANGED_PREFIX + "marker2"]
+        listed = [CHANGED_PREFIX + "marker1", CHANGED_PREFIX + "marker2", CHANGED_PREFIX]
+        assert pit.match_meta_contexts("x-cdp:", True) == listed
+        assert pit.match_meta_contexts(CHANGED_PREFIX, True) == listed
+        assert pit.meta_contexts() == live.meta_contexts() == ["base:allocation", *listed]
         assert pit.match_meta_contexts("base:", True) == ["base:allocation"]
         assert pit.match_meta_contexts("base:allocation", False) == ["base:allocation"]
         assert pit.match_meta_contexts("qemu:dirty-bitmap:x", False) == []
@@ -184,3 +190,80 @@ def test_status_runs_and_meta_context(tmp_path: Path) -> None:
         vol.close()
 
     asyncio.run(go())
+
+
+def test_empty_meta_context_query_lists_changed_contexts_through_the_core(tmp_path: Path) -> None:
+    """NBD_OPT_LIST_META_CONTEXT through the sans-I/O core on a real volume: the empty
+    query lists base:allocation, one x-cdp:changed context per marker and the namespace
+    entry, on the live export and on a point-in-time one; SET selects a listed marker
+    context but never the namespace entry."""
+    from cdp.exports import StoreExports
+    from cdp.store import Store
+    from cdp.targets.nbd.core import Ready, ServerConnection
+    from cdp.targets.nbd.proto import U32, Opt, Rep
+    from cdp.targets.testing.nbd_wire import FLAGS, go, meta, opt, option_replies
+
+    async def go_() -> None:
+        vol = Volume.create(tmp_path / "v", "v", SIZE, settings(tmp_path))
+        store = cast(Store, SimpleNamespace(volumes={"v": vol}, volume=lambda name: vol))
+        provider = StoreExports(store)
+        vol.write(0, b"a" * 4096)
+        await vol.snapshot()
+        vol.write(100, b"b" * 3)
+        await vol.snapshot("two")
+        changed = [CHANGED_PREFIX + "marker1", CHANGED_PREFIX + "marker2", CHANGED_PREFIX]
+        for export in ("v", "v@marker1", "v@two"):
+            conn = ServerConnection(provider)
+            conn.receive_data(FLAGS + opt(Opt.STRUCTURED_REPLY))
+            for queries, want in [((), ["base:allocation", *changed]), (("x-cdp:",), changed),
+                                  (("base:", "x-cdp:changed:"), ["base:allocation", *changed])]:
+                conn.receive_data(meta(Opt.LIST_META_CONTEXT, export, *queries))
+                conn.next_event()
+                reps = option_replies(conn.data_to_send())
+                reps = [r for r in reps if r[0] == Opt.LIST_META_CONTEXT]
+                assert reps[-1][1] == Rep.ACK
+                assert all(r[1] == Rep.META_CONTEXT and r[2][:4] == bytes(4) for r in reps[:-1])
+                assert [r[2][4:].decode() for r in reps[:-1]] == want, (export, queries)
+            conn.receive_data(meta(Opt.SET_META_CONTEXT, export, *changed) + go(export))
+            ready = conn.next_event()
+            assert isinstance(ready, Ready)
+            assert ready.contexts == [(1, changed[0]), (2, changed[1])]
+            replies = option_replies(conn.data_to_send())
+            assert (Opt.SET_META_CONTEXT, Rep.META_CONTEXT, U32.pack(2) + changed[1].encode()) in replies
+            ready.device.close()
+        vol.close()
+
+    asyncio.run(go_())
+
+
+@pytest.mark.parametrize("seed", range(200))
+def test_sector_runs_widen_data_to_whole_sectors(seed: int) -> None:
+    """base:allocation answers: the same span; a HOLE|ZERO run only where every byte is a
+    hole; every 512-byte sector (within the span) with a data byte reported as data,
+    every one without reported as a hole; runs alternate."""
+    rng = random.Random(seed)
+    offset = rng.choice([0, 1, 511, 512, 4095, rng.randrange(0, 1 << 20)])
+    runs = []
+    flags = rng.choice([0, 3])
+    for _ in range(rng.randrange(1, 12)):
+        runs.append((rng.choice([1, 2, 100, 511, 512, 513, 1024, rng.randrange(1, 5000)]), flags))
+        flags = 3 - flags
+    span = sum(n for n, _ in runs)
+    data = bytearray(span)
+    pos = 0
+    for n, f in runs:
+        data[pos : pos + n] = (b"\1" if f == 0 else b"\0") * n
+        pos += n
+    out = sector_runs(runs, offset)
+    assert sum(n for n, _ in out) == span and all(n > 0 for n, _ in out)
+    assert all(a[1] != b[1] for a, b in itertools.pairwise(out))
+    pos = 0
+    for n, f in out:
+        assert f in (0, 3)
+        if f:
+            assert not any(data[pos : pos + n])
+        for sector in range((offset + pos) // 512, (offset + pos + n - 1) // 512 + 1):
+            lo = max(0, sector * 512 - offset)
+            hi = min(span, (sector + 1) * 512 - offset)
+            assert (f == 0) == any(data[lo:hi]), (runs, offset, out, sector)
+        pos += n

@@ -35,7 +35,7 @@ from cdp.targets.nbd.proto import (
     StateFlag,
     TransmissionFlag,
 )
-from cdp.targets.testing.memdev import MemoryProvider
+from cdp.targets.testing.memdev import MemoryDevice, MemoryProvider
 from cdp.targets.testing.nbd_wire import (
     FLAGS,
     chunks,
@@ -144,7 +144,8 @@ def test_go_with_info_requests() -> None:
         | tf.CAN_MULTI_CONN
     )
     assert flags == want  # no SEND_DF without structured replies
-    assert INFO_BLOCK_SIZE.unpack(infos[Info.BLOCK_SIZE]) == (3, 512, 4096, 32 << 20)
+    # byte addressed: minimum block size 1 (any offset and length), preferred 4 KiB
+    assert INFO_BLOCK_SIZE.unpack(infos[Info.BLOCK_SIZE]) == (3, 1, 4096, 32 << 20)
     assert infos[Info.NAME][2:] == b"disk"
     assert infos[Info.DESCRIPTION][2:] == b"a disk"
 
@@ -471,6 +472,68 @@ def test_short_read_from_device_becomes_eio() -> None:
     assert isinstance(r, Request)
     conn.reply_read(r, b"short")
     assert conn.data_to_send() == struct.pack(">IIQ", Magic.SIMPLE_REPLY, NbdErrno.EIO, 3)
+
+
+def test_unaligned_requests_reach_the_device_and_match_a_model() -> None:
+    """Minimum block size 1: any offset and length, for every command; reads after
+    1-byte, 511-byte, 4 KiB-straddling and end-of-export writes equal a model."""
+    conn = connect(contexts=("base:allocation",))
+    model = bytearray(SIZE)
+    writes = [(4095, 1), (1, 511), (4000, 200), (8191, 4098), (SIZE - 1, 1), (SIZE - 511, 511)]
+    for i, (off, n) in enumerate(writes):
+        data = bytes([i + 1]) * n
+        model[off : off + n] = data
+        (r,) = run(conn, req(Cmd.WRITE, off, n, cookie=i) + data)
+        assert (r.offset, r.length, r.data) == (off, n, data)
+        assert simple(conn.data_to_send()) == (0, i)
+    model[4097 : 4097 + 3] = bytes(3)
+    model[9000 : 9000 + 77] = bytes(77)
+    reqs = run(
+        conn,
+        req(Cmd.WRITE_ZEROES, 4097, 3, CmdFlag.NO_HOLE, 20)
+        + req(Cmd.TRIM, 9000, 77, cookie=21)  # the memory device zeroes trimmed bytes
+        + req(Cmd.CACHE, 3, 5, cookie=22)
+        + req(Cmd.BLOCK_STATUS, 4095, 3, cookie=23),
+    )
+    assert [(r.offset, r.length) for r in reqs] == [(4097, 3), (9000, 77), (3, 5), (4095, 3)]
+    dev = conn.device
+    assert isinstance(dev, MemoryDevice)
+    dev.write_zeroes(4097, 3, False, False, False)  # run() only answers these two
+    dev.trim(9000, 77, False)
+    conn.data_to_send()
+    for off, n in [*writes, (0, 1), (4094, 5), (4096, 1), (SIZE - 4097, 4097), (8190, 5000)]:
+        run(conn, req(Cmd.READ, off, n, cookie=off))
+        ((_, typ, cookie, payload),) = chunks(conn.data_to_send())
+        assert (typ, cookie) == (ReplyType.OFFSET_DATA, off)
+        assert payload[8:] == model[off : off + n], (off, n)
+
+
+def test_device_min_block_size_is_advertised_and_enforced() -> None:
+    p = MemoryProvider()
+    p.add("a512", SIZE, min_block_size=512)
+    p.add("odd", SIZE, min_block_size=3)  # rounded up to a power of 2
+    p.add("huge", SIZE, min_block_size=1 << 20)  # capped at the spec's 64 KiB
+    for name, want in [("a512", (512, 4096)), ("odd", (4, 4096)), ("huge", (65536, 65536))]:
+        conn = ServerConnection(p)
+        feed(conn, FLAGS + go(name, Info.BLOCK_SIZE, option=Opt.INFO))
+        (_, info, _) = option_replies(conn.data_to_send())
+        assert INFO_BLOCK_SIZE.unpack(info[2]) == (3, *want, 32 << 20)
+    conn = ServerConnection(p)
+    evs = feed(conn, FLAGS + opt(Opt.STRUCTURED_REPLY) + go("a512"))
+    assert isinstance(evs[-1], Ready)
+    conn.data_to_send()
+    E = NbdErrno
+    for data in (
+        req(Cmd.WRITE, 1, 512, cookie=1) + bytes(512),
+        req(Cmd.WRITE, 512, 511, cookie=2) + bytes(511),
+        req(Cmd.READ, 100, 512, cookie=3),
+        req(Cmd.WRITE_ZEROES, 0, 4097, cookie=4),
+        req(Cmd.TRIM, 513, 512, cookie=5),
+        req(Cmd.CACHE, 0, 1, cookie=6),
+    ):
+        assert errors_of(conn, data) == [(E.EINVAL, data_cookie(data))], data[:28].hex()
+    reqs = run(conn, req(Cmd.WRITE, 512, 1024, cookie=7) + b"a" * 1024 + req(Cmd.READ, 1024, 512, cookie=8))
+    assert [r.cookie for r in reqs] == [7, 8]
 
 
 def test_block_status_chunks() -> None:

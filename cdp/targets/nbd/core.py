@@ -30,8 +30,11 @@ Design notes
 
 Decisions where the spec leaves room (see also docs in the tests):
 
-- Block sizes advertised: minimum 512, preferred 4096, maximum payload 32 MiB; byte
-  alignment is *not* enforced (the devices are byte addressed).
+- Block sizes advertised: minimum 1 (the devices are byte addressed: any offset and
+  length, as ``nbdkit file``), preferred 4096, maximum payload 32 MiB. A device that
+  declares ``min_block_size`` (:class:`~cdp.targets.blockdev.HasBlockSize`, e.g. a proxy
+  volume over an NBD primary that needs 512) gets it advertised (preferred at least as
+  large) and requests not aligned to it answered EINVAL here, as the spec suggests.
 - READ / WRITE longer than 32 MiB -> EINVAL. An oversized WRITE's payload is skipped
   (not buffered) and the connection goes on, as current qemu servers do.
 - Requests of length 0 (other than FLUSH) -> EINVAL, as nbdkit does.
@@ -59,7 +62,13 @@ from enum import Enum, auto
 from typing import Final, NoReturn
 
 from cdp.errors import CdpError, ProtocolError
-from cdp.targets.blockdev import BlockDevice, ExportProvider, HasDescription, MatchesMetaContexts
+from cdp.targets.blockdev import (
+    BlockDevice,
+    ExportProvider,
+    HasBlockSize,
+    HasDescription,
+    MatchesMetaContexts,
+)
 from cdp.targets.nbd.proto import (
     BLOCK_DESCRIPTOR,
     CLIENT_FLAGS,
@@ -311,6 +320,17 @@ DIRECT_PAYLOAD: Final = 64 << 10
 RECV_BUFFER: Final = 256 << 10
 _SERVER_FLAGS: Final = HandshakeFlag.FIXED_NEWSTYLE | HandshakeFlag.NO_ZEROES
 _KNOWN_CLIENT_FLAGS: Final = int(ClientFlag.C_FIXED_NEWSTYLE | ClientFlag.C_NO_ZEROES)
+#: the spec's ceiling for a minimum block size
+_MAX_MIN_BLOCK: Final = 1 << 16
+
+
+def min_block_size(device: BlockDevice) -> int:
+    """The minimum block size to advertise for ``device``: its ``min_block_size``
+    rounded up to a power of 2 and capped at 64 KiB, else :data:`MIN_BLOCK_SIZE`."""
+    if not isinstance(device, HasBlockSize):
+        return MIN_BLOCK_SIZE
+    m = min(max(1, int(device.min_block_size)), _MAX_MIN_BLOCK)
+    return 1 << (m - 1).bit_length()
 
 
 class ServerConnection:
@@ -345,6 +365,7 @@ class ServerConnection:
         self._big_writes = False  # the last request was a large WRITE
         self._out: list[BytesLike] = []
         self._size = 0
+        self._align = 0  # minimum block size - 1: offset | length & it must be 0
         self._allowed: dict[int, int] = {}
 
     # --- state table ------------------------------------------------------------
@@ -431,6 +452,7 @@ class ServerConnection:
         pos = self._pos
         unpack = REQUEST.unpack_from
         pl = self._pl
+        align = self._align
         while True:
             data: bytes | bytearray | None = None
             if pl is not None:  # a large payload received into its own buffer
@@ -481,6 +503,7 @@ class ServerConnection:
                 and length > 0
                 and offset + length <= self._size
                 and (length <= MAX_PAYLOAD or cmd != _CMD_READ)
+                and (not align or not (offset | length) & align)
             ):
                 self._pos = pos
                 return Request(cmd, flags, cookie, offset, length, data)
@@ -530,6 +553,8 @@ class ServerConnection:
                 err = NbdErrno.ENOSPC
         elif length > MAX_PAYLOAD:
             msg = "read longer than 32 MiB"
+        elif (offset | length) & self._align:
+            msg = f"offset and length must be multiples of {self._align + 1} bytes"
         self._reply_error_raw(cmd, cookie, err, msg)
 
     def _next_slow(self) -> Event:
@@ -685,6 +710,7 @@ class ServerConnection:
         self.export_name = name
         self.transmission_flags = flags
         self._size = device.size
+        self._align = min_block_size(device) - 1
         if self._contexts_export != name:
             self.contexts = []
         fua = int(CmdFlag.FUA)
@@ -725,11 +751,12 @@ class ServerConnection:
         flags = self._flags_for(device)
         rep = Rep.INFO
         self._option_reply(opt, rep, INFO_EXPORT.pack(Info.EXPORT, device.size, flags))
+        minimum = min_block_size(device)
         self._option_reply(
             opt,
             rep,
             INFO_BLOCK_SIZE.pack(
-                Info.BLOCK_SIZE, MIN_BLOCK_SIZE, PREFERRED_BLOCK_SIZE, MAX_PAYLOAD
+                Info.BLOCK_SIZE, minimum, max(minimum, PREFERRED_BLOCK_SIZE), MAX_PAYLOAD
             ),
         )
         if Info.NAME in wanted:

@@ -180,8 +180,11 @@ BASE_ALLOCATION = "base:allocation"
 #: longest string (export name, description, context name) the spec allows
 MAX_STRING = 4096
 
-#: default export size constraints we advertise in NBD_INFO_BLOCK_SIZE
-MIN_BLOCK_SIZE = 512
+#: default export size constraints we advertise in NBD_INFO_BLOCK_SIZE: the devices are
+#: byte addressed (a minimum of 1, as ``nbdkit file`` advertises), so libnbd clients
+#: (nbdfuse) pass unaligned requests straight through; a device may ask for more
+#: (:class:`cdp.targets.blockdev.HasBlockSize`)
+MIN_BLOCK_SIZE = 1
 PREFERRED_BLOCK_SIZE = 4096
 MAX_PAYLOAD = 32 << 20
 

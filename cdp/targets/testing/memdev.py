@@ -27,11 +27,14 @@ class MemoryDevice:
         read_only: bool = False,
         description: str = "",
         extra_contexts: Iterable[str] = (),
+        min_block_size: int = 1,
     ) -> None:
         self.size = size
         self.read_only = read_only
         self.can_multi_conn = True
         self.description = description
+        #: the alignment the NBD core advertises and enforces (byte addressed: 1)
+        self.min_block_size = min_block_size
         self.data = bytearray(size)
         self._view = memoryview(self.data)
         self.alloc = bytearray((size + BLOCK - 1) // BLOCK)
@@ -124,9 +127,11 @@ class MemoryProvider:
         read_only: bool = False,
         description: str = "",
         extra_contexts: Iterable[str] = (),
+        min_block_size: int = 1,
     ) -> MemoryDevice:
         dev = MemoryDevice(
-            size, read_only=read_only, description=description, extra_contexts=extra_contexts
+            size, read_only=read_only, description=description, extra_contexts=extra_contexts,
+            min_block_size=min_block_size,
         )
         self.exports[name] = dev
         return dev
