@@ -35,7 +35,7 @@ import bisect
 import os
 from array import array
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from typing import Protocol
 
 import lz4.block
@@ -592,7 +592,7 @@ class SegmentReader:
         head, stored, where = self._raw(seg, seq, offs[seq - seg.first_seq])
         return _checked(head + stored, seq, where)
 
-    def scan_stored(self, from_seq: int = 1) -> Iterator[bytes]:
+    def scan_stored(self, from_seq: int = 1) -> Generator[bytes, None, None]:
         """:meth:`read_stored` of every record from ``from_seq`` up to ``last_seq`` as of
         the call, in seq order, reading segments in large chunks (catch-up reads the
         journal sequentially). Corruption at the first damaged record."""
