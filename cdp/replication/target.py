@@ -154,7 +154,11 @@ async def serve_stream(reader: asyncio.StreamReader, writer: asyncio.StreamWrite
                     conn.ack(await vol.apply_stored(ev.records))
                 elif isinstance(ev, Heartbeat):
                     pass
-                elif isinstance(ev, Refused | Closed):
+                elif isinstance(ev, Refused):
+                    log.warning("replication: %s (%s) refused us: %s", peer, conn.peer,
+                                ev.message)
+                    break
+                elif isinstance(ev, Closed):
                     break
             writer.write(conn.data_to_send())
             await writer.drain()
@@ -175,9 +179,23 @@ async def serve_stream(reader: asyncio.StreamReader, writer: asyncio.StreamWrite
         writer.close()
 
 
+async def listen(host: str, port: int, secret: bytes, lookup: Lookup) -> asyncio.Server:
+    """Accept replication streams on ``host:port`` (cdpd's ``[replication] listen``)."""
+    busy: set[str] = set()
+
+    async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await serve_stream(r, w, secret, lookup, busy)
+
+    return await asyncio.start_server(handler, host, port)
+
+
 def _open(conn: TargetConnection, req: OpenRequest, lookup: Lookup, busy: set[str],
           peer: str) -> Volume | None:
-    vol = lookup(req)
+    try:
+        vol = lookup(req)
+    except CdpError as e:
+        log.warning("replication: no replica %r for %s: %s", req.volume, peer, e)
+        vol = None
     why: tuple[str, str] | None
     if vol is None:
         why = "unknown", f"no volume {req.volume!r} here"

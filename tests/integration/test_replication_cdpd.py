@@ -1,0 +1,99 @@
+"""A real cdpd accepting replication streams ([replication] listen): a source volume
+(in this process, shipped by ReplicationSource over loopback) arrives as a replica that
+qemu-img finds identical over NBD at the marker and at the head; garbage and a wrong
+secret on the port are refused and the daemon lives on.
+
+(cdpd does not start outgoing streams yet: `cdpctl replicate` is the next step.)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import socket
+from pathlib import Path
+
+from cdp.config import Settings
+from cdp.replication.source import ReplicationSource
+from cdp.volume import Volume
+from tests.conftest import require_tool
+from tools.harness import Cdpd, run
+
+SIZE = 64 << 20
+SECRET = b"integration-secret-0123456789"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_replica_in_cdpd_identical_over_nbd(tmp_path: Path) -> None:
+    require_tool("qemu-img")
+    secret = tmp_path / "secret"
+    secret.write_bytes(SECRET + b"\n")
+    os.chmod(secret, 0o600)
+    port = _free_port()
+    (tmp_path / "t").mkdir()
+    target = Cdpd(tmp_path / "t", extra_config=(
+        f'\n[replication]\nlisten = "127.0.0.1:{port}"\nsecret_file = "{secret}"\n'))
+    target.start()
+    try:
+        # garbage on the port: refused, the daemon lives on
+        with socket.create_connection(("127.0.0.1", port)) as c:
+            c.sendall(b"GET / HTTP/1.0\r\n\r\n" * 10)
+            c.settimeout(5)
+            try:
+                while c.recv(4096):
+                    pass
+            except OSError:
+                pass
+
+        async def main() -> None:
+            s = Settings(store=tmp_path / "src-store")
+            vol = Volume.create(tmp_path / "src", "rep0", SIZE, s)
+            try:
+                bad = ReplicationSource(vol, "127.0.0.1", port, b"wrong-secret-0123456789")
+                bad.start()
+                for _ in range(500):
+                    if bad.state == "refused":
+                        break
+                    await asyncio.sleep(0.01)
+                assert bad.refused is not None and bad.refused[0] == "auth"
+                rng = random.Random(11)
+                for _ in range(300):
+                    ln = rng.choice((4096, 65536, 1 << 20))
+                    off = rng.randrange(0, SIZE - ln) & ~4095
+                    r = vol.write(off, rng.randbytes(ln))
+                    if r is not None:
+                        await r
+                m = await vol.snapshot("half")
+                (tmp_path / "marker.raw").write_bytes(vol.read(0, SIZE, m.seq))
+                rep = ReplicationSource(vol, "127.0.0.1", port, SECRET)
+                vol.attach(rep)
+                rep.start()
+                for _ in range(200):  # more writes while streaming
+                    off = rng.randrange(0, SIZE - 8192) & ~511
+                    r = vol.write(off, rng.randbytes(8192))
+                    if r is not None:
+                        await r
+                await vol.flush()
+                await rep.wait_acked(vol.journal.last_seq, timeout=120)
+                assert rep.status()["lag_records"] == 0
+                (tmp_path / "head.raw").write_bytes(vol.read(0, SIZE))
+                rep.stop()
+            finally:
+                vol.close()
+
+        asyncio.run(main())
+        for export, ref in (("rep0@marker1", "marker.raw"), ("rep0@half", "marker.raw"),
+                            ("rep0", "head.raw")):
+            run("qemu-img", "compare", "-f", "raw", "-F", "raw", target.uri(export),
+                str(tmp_path / ref))
+        assert target.proc is not None and target.proc.poll() is None
+        log = target.log.read_text()
+        assert "failed authentication" in log and "bad magic" in log
+    finally:
+        target.stop()
