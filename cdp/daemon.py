@@ -31,6 +31,7 @@ from cdp.errors import CdpError
 from cdp.exports import StoreExports
 from cdp.fsutil import write_file_atomic
 from cdp.metrics import MetricsServer
+from cdp.ops.replication import resume_replication
 from cdp.replication.protocol import OpenRequest
 from cdp.replication.target import listen as listen_replication
 from cdp.retention.service import retention_of
@@ -125,6 +126,9 @@ class Daemon:
                 metrics = MetricsServer(store, s.metrics.host, s.metrics.port, self._extra_metrics(nbd))
                 await metrics.start()
                 log.info("metrics on http://%s:%d/metrics", s.metrics.host, metrics.port)
+            n = resume_replication(store)
+            if n:
+                log.info("replication: resumed %d outgoing stream(s)", n)
             self._write_runfile(store, nbd, metrics)
             log.info("cdpd %s ready: store %s, admin socket %s", __version__, store.path, admin.path)
             ticker = asyncio.create_task(self._tick())

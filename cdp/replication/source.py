@@ -13,7 +13,8 @@ Design notes
   with the host's flushes) before reading them. So the target can never be ahead of
   what the source still has after a crash (which OPEN would refuse as "diverged").
 - Flow control: at most ``window`` stored bytes beyond the last ACK; frames of at most
-  ``batch`` bytes. A heartbeat goes out after a second without records.
+  ``batch`` bytes; with ``rate`` a pause of ``bytes / rate`` after each frame. A
+  heartbeat goes out after a second without records.
 - ``lag_seconds`` = now - timestamp of the oldest record not yet acknowledged (0 when
   caught up): the age of the oldest write the target could still lose.
 - Connection loss: state ``disconnected``, retry after 1 s (doubling to 30 s). A
@@ -57,7 +58,8 @@ class ReplicationSource(VolumeService):
 
     def __init__(self, vol: Volume, host: str, port: int, secret: bytes, *,
                  as_name: str | None = None, name: str = "cdp", lineage: str | None = None,
-                 epoch: int = 1, window: int = 64 << 20, batch: int = 4 << 20) -> None:
+                 epoch: int = 1, window: int = 64 << 20, batch: int = 4 << 20,
+                 rate: int = 0) -> None:
         self.vol = vol
         self.host, self.port = host, port
         self._secret = secret
@@ -66,6 +68,8 @@ class ReplicationSource(VolumeService):
         self.lineage = lineage or vol.uuid
         self.epoch = epoch
         self.window, self.batch = window, batch
+        #: bytes/s of stored records sent (0: unlimited)
+        self.rate = rate
         self.state = "stopped"
         self.acked_seq = 0
         self.sent_bytes = 0
@@ -253,6 +257,8 @@ class ReplicationSource(VolumeService):
                 sizes[nxt + len(batch) - 1] = n
                 inflight += n
                 self.sent_bytes += n
+                if self.rate:
+                    await asyncio.sleep(n / self.rate)
                 continue
             self._wake.clear()
             try:

@@ -97,3 +97,66 @@ def test_replica_in_cdpd_identical_over_nbd(tmp_path: Path) -> None:
         assert "failed authentication" in log and "bad magic" in log
     finally:
         target.stop()
+
+
+def _writes(uri: str, rng: random.Random, n: int, size: int) -> None:
+    cmds: list[str] = []
+    for _ in range(n):
+        ln = rng.choice((4096, 65536, 1 << 20))
+        off = rng.randrange(0, size - ln) & ~4095
+        cmds += ["-c", f"write -P {rng.randrange(1, 256)} {off} {ln}"]
+    run("qemu-io", "-f", "raw", *cmds, uri)
+
+
+def _caught_up(src: Cdpd, timeout: float = 120) -> dict[str, object]:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        rows = src.cdpctl_json("replicate", "status", "-V", "vol0")
+        st = rows[0]
+        if st["state"] in ("streaming", "catching-up") and st["lag_records"] == 0:
+            return dict(st)
+        assert time.monotonic() < deadline, st
+        time.sleep(0.2)
+
+
+def test_two_cdpds_replicate_start_restart_stop(tmp_path: Path) -> None:
+    require_tool("qemu-io", "qemu-img")
+    secret = tmp_path / "secret"
+    secret.write_bytes(SECRET + b"\n")
+    os.chmod(secret, 0o600)
+    port = _free_port()
+    for d in ("s", "t"):
+        (tmp_path / d).mkdir()
+    src = Cdpd(tmp_path / "s", size="64MiB",
+               extra_config=f'\n[replication]\nsecret_file = "{secret}"\n')
+    tgt = Cdpd(tmp_path / "t", size="64MiB", extra_config=(
+        f'\n[replication]\nlisten = "127.0.0.1:{port}"\nsecret_file = "{secret}"\n'))
+    src.start()
+    tgt.start()
+    try:
+        rng = random.Random(5)
+        _writes(src.uri(), rng, 60, SIZE)
+        src.cdpctl("snapshot", "-V", "vol0", "--label", "one")
+        src.cdpctl("replicate", "start", "-V", "vol0", "--to", f"127.0.0.1:{port}", "--as", "rep0")
+        _writes(src.uri(), rng, 60, SIZE)  # while streaming
+        st = _caught_up(src)
+        assert st["acked_seq"] and st["sent_bytes"]
+        for a, b in (("vol0@one", "rep0@one"), ("vol0", "rep0")):
+            run("qemu-img", "compare", "-f", "raw", "-F", "raw", src.uri(a), tgt.uri(b))
+        # the source restarts: replication resumes by itself from replication.json
+        src.stop()
+        src.start()
+        _writes(src.uri(), rng, 40, SIZE)
+        src.cdpctl("snapshot", "-V", "vol0", "--label", "two")
+        _caught_up(src)
+        for a, b in (("vol0@one", "rep0@one"), ("vol0@two", "rep0@two"), ("vol0", "rep0")):
+            run("qemu-img", "compare", "-f", "raw", "-F", "raw", src.uri(a), tgt.uri(b))
+        out = src.cdpctl_json("replicate", "stop", "-V", "vol0")
+        assert out["state"] == "stopped"
+        assert src.cdpctl_json("replicate", "status")[0]["state"] == "stopped"
+        assert "resumed 1 outgoing stream" in src.logs()
+    finally:
+        src.stop()
+        tgt.stop()
