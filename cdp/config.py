@@ -185,6 +185,46 @@ class VolumeSpec:
 
 
 @dataclass(frozen=True)
+class ReplicationSettings:
+    """``[replication]``: accept replication streams (docs/REPLICATION.md); off by default."""
+
+    listen: Listener = field(default_factory=lambda: Listener(False, "127.0.0.1", 7420))
+    #: file holding the shared secret (at least 16 bytes; refused if group/other can read it)
+    secret_file: str = ""
+    #: create the replica volume on the first stream naming an unknown volume
+    create: bool = True
+
+
+def read_secret(path: str, key: str = "replication.secret_file") -> bytes:
+    """The shared secret in *path* (surrounding whitespace stripped). ConfigError if it
+    is missing, readable by group or others, or shorter than 16 bytes."""
+    if not path:
+        raise ConfigError(f"{key}: needed to accept or send replication streams")
+    try:
+        st = os.stat(path)
+        if st.st_mode & 0o044:
+            raise ConfigError(f"{key}: {path} can be read by group or others (chmod 600 it)")
+        secret = Path(path).read_bytes().strip()
+    except OSError as e:
+        raise ConfigError(f"{key}: cannot read {path!r}: {e.strerror}") from None
+    if len(secret) < 16:
+        raise ConfigError(f"{key}: the secret in {path} is shorter than 16 bytes")
+    return secret
+
+
+def _replication(raw: Any) -> ReplicationSettings:
+    d = ReplicationSettings()
+    t = _table(raw, "replication", {"listen": _str, "secret_file": _str, "create": _bool})
+    lst = d.listen
+    if "listen" in t:
+        lst = _listener(t["listen"], "replication.listen", d.listen.port, True)
+    rs = ReplicationSettings(lst, t.get("secret_file", ""), t.get("create", d.create))
+    if lst.enabled:
+        read_secret(rs.secret_file)
+    return rs
+
+
+@dataclass(frozen=True)
 class Settings:
     store: Path = Path("store")
     journal: JournalSettings = field(default_factory=JournalSettings)
@@ -197,6 +237,7 @@ class Settings:
     nbd_tls: NbdTls = field(default_factory=NbdTls)
     source: str = "built-in defaults"
     retention: RetentionSettings = field(default_factory=RetentionSettings)
+    replication: ReplicationSettings = field(default_factory=ReplicationSettings)
 
     def retention_for(self, volume: str) -> RetentionSettings:
         """The volume's configured retention (its [volume.retention] or [retention])."""
@@ -308,7 +349,8 @@ def _table(raw: dict[str, Any], name: str, schema: dict[str, Callable[[Any, str]
     return {k: schema[k](v, f"{name}.{k}") for k, v in raw.items()}
 
 
-_SECTIONS = {"store", "journal", "maps", "read", "nbd", "metrics", "iscsi", "volume", "retention"}
+_SECTIONS = {"store", "journal", "maps", "read", "nbd", "metrics", "iscsi", "volume", "retention",
+             "replication"}
 
 
 def _iscsi(raw: Any) -> IscsiSettings:
@@ -429,6 +471,7 @@ def parse_config(data: dict[str, Any], source: str = "<config>") -> Settings:
         source=source,
         retention=glob_ret,
         nbd_tls=tls,
+        replication=_replication(data.get("replication", {})),
     )
 
 

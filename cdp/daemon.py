@@ -26,15 +26,19 @@ from dataclasses import asdict, replace
 
 from cdp import __version__
 from cdp.admin import AdminServer
-from cdp.config import Settings, load_config
+from cdp.config import VOLUME_NAME, Settings, VolumeSpec, load_config, read_secret
 from cdp.errors import CdpError
 from cdp.exports import StoreExports
 from cdp.fsutil import write_file_atomic
 from cdp.metrics import MetricsServer
+from cdp.ops.replication import resume_replication
+from cdp.replication.protocol import OpenRequest
+from cdp.replication.target import listen as listen_replication
 from cdp.retention.service import retention_of
 from cdp.store import Store
 from cdp.targets.iscsi.server import IscsiServer, serve_iscsi
 from cdp.targets.nbd.server import NbdServer, serve_nbd
+from cdp.volume import Volume
 
 #: written once the listeners are up, removed at a clean stop
 RUNFILE = "cdpd.json"
@@ -71,6 +75,7 @@ class Daemon:
         self._stop = asyncio.Event()
         self.nbd_port: int | None = None
         self.iscsi_port: int | None = None
+        self.replication_port: int | None = None
         self.started = time.time()
 
     def request_stop(self) -> None:
@@ -92,6 +97,7 @@ class Daemon:
         admin = AdminServer(store)
         nbd = None
         iscsi: IscsiServer | None = None
+        repl: asyncio.Server | None = None
         metrics = None
         try:
             await admin.start()
@@ -109,10 +115,20 @@ class Daemon:
                 )
                 self.iscsi_port = iscsi.port
                 log.info("iSCSI on %s:%d", s.iscsi.host, iscsi.port)
+            if s.replication.listen.enabled:
+                lst = s.replication.listen
+                repl = await listen_replication(lst.host, lst.port,
+                                                read_secret(s.replication.secret_file),
+                                                self._replica_lookup(store))
+                self.replication_port = repl.sockets[0].getsockname()[1]
+                log.info("replication streams on %s:%d", lst.host, self.replication_port)
             if s.metrics.enabled:
                 metrics = MetricsServer(store, s.metrics.host, s.metrics.port, self._extra_metrics(nbd))
                 await metrics.start()
                 log.info("metrics on http://%s:%d/metrics", s.metrics.host, metrics.port)
+            n = resume_replication(store)
+            if n:
+                log.info("replication: resumed %d outgoing stream(s)", n)
             self._write_runfile(store, nbd, metrics)
             log.info("cdpd %s ready: store %s, admin socket %s", __version__, store.path, admin.path)
             ticker = asyncio.create_task(self._tick())
@@ -128,6 +144,8 @@ class Daemon:
                 iscsi.close()
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(iscsi.wait_closed(), 30)
+            if repl is not None:
+                repl.close()
             if metrics is not None:
                 await metrics.close()
             await admin.close()
@@ -144,10 +162,26 @@ class Daemon:
             "nbd": f"{s.nbd.host}:{self.nbd_port}" if nbd is not None else None,
             "iscsi": f"{s.iscsi.host}:{self.iscsi_port}" if self.iscsi_port is not None else None,
             "metrics": f"{s.metrics.host}:{metrics.port}" if metrics is not None else None,
+            "replication": (f"{s.replication.listen.host}:{self.replication_port}"
+                            if self.replication_port is not None else None),
             "admin_socket": str(store.socket_path),
             "started": self.started,
         }
         write_file_atomic(store.path / RUNFILE, json.dumps(info, indent=2).encode() + b"\n")
+
+    def _replica_lookup(self, store: Store) -> Callable[[OpenRequest], Volume | None]:
+        """The replica volume a stream names; created (thin, the source's size) on the
+        first stream when ``[replication] create`` is on."""
+        create = self.settings.replication.create
+
+        def lookup(req: OpenRequest) -> Volume | None:
+            v = store.volumes.get(req.volume)
+            if v is None and create and VOLUME_NAME.match(req.volume):
+                log.info("replication: creating replica volume %s (%d bytes)", req.volume, req.size)
+                v = store.create_volume(VolumeSpec(req.volume, req.size))
+            return v
+
+        return lookup
 
     def _extra_metrics(self, nbd: NbdServer | None) -> Callable[[], dict[str, float]]:
         def extra() -> dict[str, float]:

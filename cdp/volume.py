@@ -49,7 +49,7 @@ import uuid
 from array import array
 from bisect import bisect_left, bisect_right
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Self
@@ -58,6 +58,7 @@ from cdp.config import MapSettings, Settings
 from cdp.errors import CdpError, Corruption, NotFound, OutOfRange, PointError, UsageError
 from cdp.fsutil import write_file_atomic
 from cdp.journal import Journal, RecordKind
+from cdp.journal.format import RECORD_HEADER, REWIND_PAYLOAD
 from cdp.markers import Marker, load_markers, save_markers
 from cdp.points import PointKind, PointSpec, parse_point
 from cdp.units import format_time
@@ -170,8 +171,8 @@ class VolumeService:
                   payload: bytes | bytearray | memoryview | None) -> None:
         """After every record is appended (WRITE, ZERO, INIT, ERROR, MARKER, REWIND), in
         seq order; the record is not durable yet (``vol.journal.durable_seq``). *payload*
-        is the caller's buffer for WRITE/INIT (copy what you keep), else None. Hot path:
-        no I/O, no blocking."""
+        is the caller's buffer for WRITE/INIT (copy what you keep), else None (also for
+        records applied from a replication stream). Hot path: no I/O, no blocking."""
 
     def on_sealed(self, vol: Volume, seq: int) -> None:
         """The live window was sealed into map files through *seq* (every record up to
@@ -830,6 +831,63 @@ class Volume:
         for s in self._services:
             s.on_rewind(self, seq, target_seq)
         return seq
+
+    async def apply_stored(self, records: Sequence[bytes]) -> int:
+        """Replica side of replication: append records shipped from the source verbatim
+        (:meth:`Journal.append_stored`: same seqs, times, bytes) and apply each as replay
+        at open does: maps fed, a MARKER listed with the source's id, label and time
+        once durable, a REWIND applied as :meth:`rewind` applies it. Returns the durable
+        seq to acknowledge (every record given is durable by then).
+
+        Errors of ``append_stored`` (a gap, damage) propagate; the records before the
+        bad one stay applied. The caller serialises calls (one stream per volume).
+        Cost: as many host writes of the same sizes, plus one group commit per call
+        (and one per REWIND).
+        """
+        new: list[Marker] = []
+        for raw in records:
+            if len(raw) > RECORD_HEADER.size and raw[9] == RecordKind.REWIND:
+                await self.flush()  # the records before it are durable first
+                while self.maps.retaining:  # add_rewind starts an epoch: not during a retain
+                    await asyncio.sleep(0.01)
+            seq, loc = self.journal.append_stored(raw)  # checked: the header is sound
+            h = RECORD_HEADER.unpack_from(raw)
+            kind, offset, length = h[3], h[9], h[10]
+            if kind == RecordKind.WRITE or kind == RecordKind.INIT:
+                self.maps.add_write(seq, offset, offset + length, loc)
+                self._note_live()
+            elif kind == RecordKind.ZERO:
+                self.maps.add_zero(seq, offset, offset + length)
+                self._note_live()
+            elif kind == RecordKind.REWIND:
+                (target,) = REWIND_PAYLOAD.unpack_from(raw, RECORD_HEADER.size)
+                self.journal.sync()  # add_rewind persists the maps at once: the record first
+                self.maps.add_rewind(seq, target)
+                self._live_writes = 0
+                self._sealed()
+                for s in self._services:
+                    s.on_rewind(self, seq, target)
+            else:
+                self.maps.note_seq(seq)
+                if kind == RecordKind.MARKER:
+                    rec = self.journal.read_record(seq, loc)
+                    new.append(Marker(rec.marker_id or 0, seq, rec.timestamp_ns, rec.label or ""))
+            for s in self._recorders:
+                s.on_record(self, RecordKind(kind), seq, offset, length, None)
+        await self.journal.commit()
+        if new:
+            self._markers.extend(new)
+            self._next_marker_id = max(self._next_marker_id, *(m.id + 1 for m in new))
+            self._save_markers()
+            last = new[-1].seq
+            if last > self.maps.sealed_seq and not self.maps.retaining:
+                self.maps.seal(last)
+                self._last_seal = time.monotonic()
+                self._sealed()
+            for m in new:
+                for s in self._services:
+                    s.on_marker(self, m)
+        return self.journal.durable_seq
 
     def pause(self) -> None:
         """Hold new writes (they wait, none fail) until :meth:`resume`."""

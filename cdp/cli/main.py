@@ -22,6 +22,7 @@ from cdp.cli import (
     gc,
     image,
     pause,
+    replicate,
     restore,
     retention,
     rewind,
@@ -35,7 +36,7 @@ from cdp.cli.common import Context
 from cdp.errors import EXIT_CODES, CdpError
 
 COMMANDS = (volume, status, snapshot, rewind, pause, image, verify, files, versions, find, restore, diff,
-            changed, export, apply, retention, gc)
+            changed, export, apply, retention, gc, replicate)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -143,6 +143,14 @@ class ReadWindow:
         self.w = b""
         self.ws = 0
 
+    @classmethod
+    def over(cls, data: bytes) -> ReadWindow:
+        """A window already holding ``data`` (offset 0) and no file: for checks of
+        records held in memory, which never ask for bytes outside it."""
+        win = cls(None, -1)  # type: ignore[arg-type]
+        win.w = data
+        return win
+
     def get(self, off: int, n: int) -> bytes:
         ws = self.ws
         if off >= ws and off + n <= ws + len(self.w):
@@ -203,6 +211,21 @@ def _check_at(
     if comp == Compression.ELIDED:
         raw = 0
     return bad, True, slen, seq, ts, raw
+
+
+def check_record(data: bytes) -> tuple[str | None, int, int, int]:
+    """Check one whole stored record (header + stored payload, nothing after it) held in
+    memory, as recovery checks records on disk: every byte under its CRC (the record CRC,
+    every chunk's or granule's), the header's structure, and for MARKER, REWIND and ERROR
+    the payload layout. Returns (reason or None, seq, timestamp, raw bytes for stats).
+    Cost: O(len(data)) CRC, no decompression."""
+    kind = data[9] if len(data) >= RECORD_HEADER_SIZE else 0
+    deep = kind not in DATA_KINDS  # their payloads are tiny; data is not decoded
+    reason, _ok, slen, seq, ts, raw = _check_at(ReadWindow.over(data), 0, len(data), deep,
+                                                "shipped record")
+    if reason is None and RECORD_HEADER_SIZE + slen != len(data):
+        reason = f"{len(data) - RECORD_HEADER_SIZE - slen} bytes after the record"
+    return reason, seq, ts, raw
 
 
 def _resync(

@@ -46,7 +46,7 @@ from dataclasses import dataclass
 import lz4.block
 from crc32c import crc32c
 
-from cdp.errors import CdpError, ConfigError, NotFound, StoreFull, UsageError
+from cdp.errors import CdpError, ConfigError, Corruption, NotFound, StoreFull, UsageError
 from cdp.journal.compact import (
     CompactSource,
     Live,
@@ -91,6 +91,7 @@ from cdp.journal.segment import (
     SEALED,
     SEALING,
     SegmentState,
+    check_record,
     write_index,
 )
 
@@ -384,6 +385,39 @@ class Journal(SegmentReader):
                 p += k
             self._w = p
         return self._appended(seq, ts, pos, n)
+
+    def append_stored(self, data: Buffer) -> tuple[int, int]:
+        """Append a record another journal stored (:meth:`read_stored` there), verbatim:
+        same bytes, seq and timestamp (replication). Buffered like every append.
+
+        Checks every byte as recovery would (Corruption, nothing appended), that its seq
+        is ``last_seq + 1`` and its timestamp not older than the last record's
+        (UsageError: the journal has no seq gaps and its times never decrease).
+        Cost: O(len(data)) CRC and one copy below 256 KiB (none above).
+        """
+        if self._failed is not None:
+            raise self._failed
+        raw = bytes(data)
+        reason, seq, ts, nraw = check_record(raw)
+        if reason is not None:
+            raise Corruption(f"record to append (seq {seq}): {reason}")
+        if seq != self._last_seq + 1:
+            raise UsageError(f"record seq {seq} does not follow the journal's last seq "
+                             f"{self._last_seq}")
+        if ts < self._last_ts:
+            raise UsageError(f"record seq {seq} is older ({ts}) than the last one "
+                             f"({self._last_ts})")
+        n = len(raw)
+        w, pos = self._room(n)
+        if n - RECORD_HEADER_SIZE >= DIRECT_WRITE:
+            mv = memoryview(raw)
+            self._write_direct(w, pos + n, raw[:RECORD_HEADER_SIZE], [mv[RECORD_HEADER_SIZE:]])
+        else:
+            if not w:
+                self._arm_flush_timer()
+            self._mv[w : w + n] = raw
+            self._w = w + n
+        return self._appended(seq, ts, pos, nraw)
 
     def _room(self, size: int) -> tuple[int, int]:
         """Make room for a record of ``size`` bytes (header included): start a new

@@ -16,13 +16,14 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from cdp.errors import UsageError
-from cdp.ops import backup, catalog, retention, volumes
+from cdp.ops import backup, catalog, replication, retention, volumes
 from cdp.progress import Progress, no_progress
 from cdp.store import Store
 
 OpFn = Callable[[Store, dict[str, Any], Progress], Awaitable[Any]]
 
-OPS: dict[str, OpFn] = {**catalog.OPS, **backup.OPS, **retention.OPS, **volumes.OPS}
+OPS: dict[str, OpFn] = {**catalog.OPS, **backup.OPS, **retention.OPS, **volumes.OPS,
+                        **replication.OPS}
 
 #: operations cdpctl may run on a stopped store (they only read)
 OFFLINE_OPS = {*volumes.OFFLINE, *catalog.OPS, *backup.OFFLINE, *retention.OFFLINE}

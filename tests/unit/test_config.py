@@ -81,3 +81,29 @@ def test_iscsi_chap() -> None:
 def test_overrides() -> None:
     s = Settings().with_overrides(store="/tmp/x", nbd="127.0.0.1:0")
     assert s.store == Path("/tmp/x") and s.nbd.port == 0
+
+
+def test_replication_listener_and_secret_file(tmp_path: Path) -> None:
+    import os
+
+    secret = tmp_path / "secret"
+    secret.write_bytes(b"0123456789abcdef0123\n")
+    os.chmod(secret, 0o600)
+    s = parse_config({"replication": {"listen": "127.0.0.1:7500", "secret_file": str(secret)}})
+    assert s.replication.listen.enabled and s.replication.listen.port == 7500
+    assert s.replication.create
+    assert not Settings().replication.listen.enabled
+    with pytest.raises(ConfigError, match="secret_file: needed"):
+        parse_config({"replication": {"listen": "127.0.0.1:7500"}})
+    os.chmod(secret, 0o640)
+    with pytest.raises(ConfigError, match="group or others"):
+        parse_config({"replication": {"listen": "127.0.0.1:7500", "secret_file": str(secret)}})
+    os.chmod(secret, 0o604)
+    with pytest.raises(ConfigError, match="group or others"):
+        parse_config({"replication": {"listen": "127.0.0.1:7500", "secret_file": str(secret)}})
+    secret.write_bytes(b"short")
+    os.chmod(secret, 0o600)
+    with pytest.raises(ConfigError, match="shorter than 16"):
+        parse_config({"replication": {"listen": "127.0.0.1:7500", "secret_file": str(secret)}})
+    with pytest.raises(ConfigError, match="replication"):
+        parse_config({"replication": {"bogus": 1}})

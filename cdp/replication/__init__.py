@@ -1,0 +1,6 @@
+"""Replication of a volume's journal to a second appliance (docs/REPLICATION.md).
+
+Rooms: ``protocol`` (the sans-I/O wire protocol and its handshake), ``source`` (the
+volume service that ships the journal), ``target`` (the pump that applies a stream to a
+replica volume, and the replica's role file).
+"""

@@ -1,0 +1,215 @@
+"""The replica side: one asyncio pump per incoming stream, and the replica's role file.
+
+Design notes
+------------
+- :func:`serve_stream` pumps one connection through a
+  :class:`~cdp.replication.protocol.TargetConnection`: the handshake, then OPEN
+  (identity checked against ``replica.json``, docs/REPLICATION.md "Identity"), then
+  RECORDS applied with :meth:`cdp.volume.Volume.apply_stored` and acknowledged once
+  durable. One stream per replica volume: a second OPEN of a volume that is streaming
+  is refused (``busy``).
+- The pump reads the next frames while nothing else is pending; apply_stored waits for
+  the group commit, so a batch arriving meanwhile is applied with the next commit (the
+  socket buffers it). A failed handshake, garbage or a gap: logged with the peer's
+  address, the REFUSED frame (if any) sent, the socket closed; nothing of it is stored.
+- ``replica.json`` (docs/FORMATS.md) is written before the first record of a new
+  replica is applied, so a volume never holds replicated records without knowing their
+  lineage.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import struct
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from cdp.errors import CdpError, Corruption, ProtocolError
+from cdp.fsutil import write_file_atomic
+from cdp.replication.protocol import (
+    NEED_DATA,
+    Authenticated,
+    Closed,
+    Heartbeat,
+    OpenRequest,
+    Records,
+    Refused,
+    State,
+    TargetConnection,
+)
+from cdp.volume import Volume
+
+log = logging.getLogger("cdp.replication")
+
+ROLE_FILE = "replica.json"
+ROLE_FORMAT = 1
+_CRC = struct.Struct("<I")
+
+
+@dataclass
+class Role:
+    """A volume's place in a replication chain (``replica.json``, format 1)."""
+
+    role: str  # "replica" | "primary"
+    lineage: str
+    epoch: int
+    source: str = ""
+
+
+def load_role(vol: Volume) -> Role:
+    """The volume's role; a volume without ``replica.json`` is a primary of epoch 1
+    whose lineage is its own uuid."""
+    path = vol.path / ROLE_FILE
+    try:
+        doc = json.loads(path.read_text())
+    except FileNotFoundError:
+        return Role("primary", vol.uuid, 1)
+    except ValueError as e:
+        raise Corruption(f"{path}: not valid JSON: {e}") from None
+    try:
+        if doc["format"] != ROLE_FORMAT:
+            raise Corruption(f"{path}: unsupported format {doc['format']!r}")
+        return Role(str(doc["role"]), str(doc["lineage"]), int(doc["epoch"]),
+                    str(doc.get("source", "")))
+    except (KeyError, TypeError, ValueError) as e:
+        raise Corruption(f"{path}: malformed role file: {e}") from None
+
+
+def save_role(path: Path, role: Role) -> None:
+    doc = {"format": ROLE_FORMAT, **asdict(role), "epochs": [[role.epoch, 1, 0]],
+           "marker_ids": []}
+    write_file_atomic(path / ROLE_FILE, (json.dumps(doc, indent=1) + "\n").encode())
+
+
+def tip(vol: Volume) -> tuple[int, int, int]:
+    """(applied seq, its timestamp, its record CRC) of a volume's journal; zeros if empty."""
+    j = vol.journal
+    seq = j.last_seq
+    if not seq:
+        return 0, 0, 0
+    return seq, j.time_of_seq(seq), _CRC.unpack_from(j.read_stored(seq), 4)[0]
+
+
+def check_open(vol: Volume, req: OpenRequest, peer: str) -> tuple[str, str] | None:
+    """Why ``req`` may not stream into ``vol`` as (code, message), or None; a volume
+    that was never replicated into and holds no record becomes a replica of ``req``'s
+    lineage here (``replica.json`` written)."""
+    role = load_role(vol)
+    fresh = not (vol.path / ROLE_FILE).exists()
+    if fresh:
+        if vol.journal.last_seq:
+            return "exists", f"volume {vol.name} holds its own data; not a replica"
+        if vol.size != req.size:
+            return "size", f"volume {vol.name} has {vol.size} bytes, the source {req.size}"
+        save_role(vol.path, Role("replica", req.lineage, req.epoch, peer))
+        return None
+    if role.lineage != req.lineage:
+        return "lineage", f"volume {vol.name} replicates another volume ({role.lineage})"
+    if req.epoch < role.epoch:
+        return "epoch", f"volume {vol.name} is at epoch {role.epoch}; the stream's is {req.epoch}"
+    if role.role != "replica" and req.epoch == role.epoch:
+        return "primary", f"volume {vol.name} is a primary"
+    if vol.size != req.size:
+        return "size", f"volume {vol.name} has {vol.size} bytes, the source {req.size}"
+    if vol.journal.last_seq > req.source_last_seq:
+        return "diverged", (f"volume {vol.name} has seq {vol.journal.last_seq}, "
+                            f"the source only {req.source_last_seq}")
+    if req.epoch > role.epoch:
+        role.epoch = req.epoch
+        save_role(vol.path, role)
+    return None
+
+
+#: the replica volume for an OPEN: (volume, or None to refuse as "unknown")
+Lookup = Callable[[OpenRequest], Volume | None]
+
+
+async def serve_stream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                       secret: bytes, lookup: Lookup, busy: set[str]) -> None:
+    """Pump one replication connection until it ends; never raises (logs instead)."""
+    addr = writer.get_extra_info("peername")
+    peer = f"{addr[0]}:{addr[1]}" if isinstance(addr, tuple) else str(addr)
+    conn = TargetConnection(secret)
+    vol: Volume | None = None
+    try:
+        writer.write(conn.data_to_send())
+        while True:
+            data = await reader.read(1 << 20)
+            conn.receive_data(data)
+            while True:
+                ev = conn.next_event()
+                if ev is NEED_DATA:
+                    break
+                if isinstance(ev, Authenticated):
+                    log.info("replication: %s (%s) authenticated", peer, ev.peer)
+                elif isinstance(ev, OpenRequest):
+                    vol = _open(conn, ev, lookup, busy, peer)
+                    if vol is None:
+                        break
+                elif isinstance(ev, Records):
+                    assert vol is not None
+                    conn.ack(await vol.apply_stored(ev.records))
+                elif isinstance(ev, Heartbeat):
+                    pass
+                elif isinstance(ev, Refused):
+                    log.warning("replication: %s (%s) refused us: %s", peer, conn.peer,
+                                ev.message)
+                    break
+                elif isinstance(ev, Closed):
+                    break
+            writer.write(conn.data_to_send())
+            await writer.drain()
+            if not data or conn.state in (State.CLOSED, State.ERROR):
+                return
+    except ProtocolError as e:
+        log.warning("replication: refused %s: %s", peer, e)
+        try:
+            writer.write(conn.data_to_send())
+            await writer.drain()
+        except OSError:
+            pass
+    except (CdpError, OSError) as e:
+        log.warning("replication: stream from %s stopped: %s", peer, e)
+    finally:
+        if vol is not None:
+            busy.discard(vol.name)
+        writer.close()
+
+
+async def listen(host: str, port: int, secret: bytes, lookup: Lookup) -> asyncio.Server:
+    """Accept replication streams on ``host:port`` (cdpd's ``[replication] listen``)."""
+    busy: set[str] = set()
+
+    async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await serve_stream(r, w, secret, lookup, busy)
+
+    return await asyncio.start_server(handler, host, port)
+
+
+def _open(conn: TargetConnection, req: OpenRequest, lookup: Lookup, busy: set[str],
+          peer: str) -> Volume | None:
+    try:
+        vol = lookup(req)
+    except CdpError as e:
+        log.warning("replication: no replica %r for %s: %s", req.volume, peer, e)
+        vol = None
+    why: tuple[str, str] | None
+    if vol is None:
+        why = "unknown", f"no volume {req.volume!r} here"
+    elif vol.name in busy:
+        why = "busy", f"volume {vol.name} is receiving another stream"
+    else:
+        why = check_open(vol, req, peer)
+    if why is not None:
+        log.warning("replication: refused %s for %s: %s", peer, req.volume, why[1])
+        conn.refuse(*why)
+        return None
+    assert vol is not None
+    busy.add(vol.name)
+    seq, ts, crc = tip(vol)
+    conn.accept(seq, ts, crc, load_role(vol).epoch)
+    log.info("replication: %s streams into %s from seq %d", peer, vol.name, seq + 1)
+    return vol
