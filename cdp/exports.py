@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING
 from cdp.backup.changes import status_runs
 from cdp.errors import CdpError, ReadOnly
 from cdp.points import split_export_name
+from cdp.replication.target import load_role
 from cdp.targets.nbd.proto import StateFlag
 
 if TYPE_CHECKING:
@@ -183,6 +184,18 @@ class VolumeDevice:
             self.volume.connections -= 1
 
 
+class ReplicaDevice(VolumeDevice):
+    """The live volume of a replica (docs/REPLICATION.md): it follows the stream and is
+    read-only to hosts (a host write would make it diverge from its source), until a
+    failover makes it a primary."""
+
+    read_only = True
+
+    def __init__(self, volume: Volume) -> None:
+        super().__init__(volume)
+        self.description = f"cdp volume {volume.name} (replica, read-only)"
+
+
 class PointInTimeDevice(VolumeDevice):
     """A read-only view of a volume at a fixed seq."""
 
@@ -250,6 +263,8 @@ class StoreExports:
             vol_name = None  # type: ignore[assignment]  # default export: the only volume
         vol = self.store.volume(vol_name)
         if point is None:
+            if load_role(vol).role == "replica":
+                return ReplicaDevice(vol)  # only the replication stream writes a replica
             return VolumeDevice(vol)
         seq = vol.resolve_point(point)
         return PointInTimeDevice(vol, seq, point)

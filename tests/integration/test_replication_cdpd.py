@@ -153,6 +153,11 @@ def test_two_cdpds_replicate_start_restart_stop(tmp_path: Path) -> None:
         _caught_up(src)
         for a, b in (("vol0@one", "rep0@one"), ("vol0@two", "rep0@two"), ("vol0", "rep0")):
             run("qemu-img", "compare", "-f", "raw", "-F", "raw", src.uri(a), tgt.uri(b))
+        # a replica's live export is read-only to hosts: a write there is refused and
+        # the replica still equals its source
+        r = run("qemu-io", "-f", "raw", "-c", "write -P 0x5a 0 4k", tgt.uri("rep0"), check=False)
+        assert r.returncode != 0, r.stdout
+        run("qemu-img", "compare", "-f", "raw", "-F", "raw", src.uri("vol0"), tgt.uri("rep0"))
         out = src.cdpctl_json("replicate", "stop", "-V", "vol0")
         assert out["state"] == "stopped"
         assert src.cdpctl_json("replicate", "status")[0]["state"] == "stopped"
