@@ -1,0 +1,339 @@
+"""The ransomware sentinel of one volume as a volume service: block evidence from the
+write stream, alerts, and the clean point before the first suspicious write.
+
+Design notes
+------------
+* **Hot path: a copy and an append.** ``on_record`` keeps, per WRITE, its seq, time,
+  range, the journal's lz4 probe ratio (``Journal.last_lz4``) and a copy of the first
+  :data:`~cdp.sentinel.signals.SAMPLE` bytes, in a bounded deque (full: the oldest are
+  dropped and counted). Nothing else happens on the host's time.
+* **A background task** (started at the first write on a running loop) drains the deque
+  every 50 ms: entropy of the whole batch in one numpy pass, the detector's counters,
+  then for high-entropy writes the bytes they overwrote, read from cdp's own maps at
+  the seq before (``vol.read(off, 512, seq - 1)``), at most ``checks_per_second``; the
+  rest wait in a ring of recent high-entropy writes (64 Ki) and are only read if an
+  alert needs them to find the first suspicious write.
+* **The clean point is the sentinel's, not a marker.** A MARKER record names no past
+  seq and adding one would change the format, so ``clean-before-alertN`` lives in
+  ``sentinel.json``: the volume resolves it through :meth:`resolve_label` and retention
+  keeps it through :meth:`held_points` while the alert is active.
+* **State** (``sentinel.json``, atomic writes): alerts, hourly baseline maxima, the
+  raised threshold. Written on an alert, a dismissal, each hour and at close.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+import time
+from collections import deque
+from collections.abc import Iterable
+from typing import Any
+
+from cdp.config import SentinelSettings
+from cdp.errors import CdpError, Corruption, NotFound, UsageError
+from cdp.fsutil import write_file_atomic
+from cdp.journal import RecordKind
+from cdp.sentinel.detector import Detector, Firing
+from cdp.sentinel.signals import SAMPLE, Verdict, entropy_batch, high_entropy, overwrite_verdict
+from cdp.units import format_time
+from cdp.volume import Volume, VolumeService
+
+log = logging.getLogger("cdp.sentinel")
+
+SENTINEL_FILE = "sentinel.json"
+SENTINEL_FORMAT = 1
+CLEAN_LABEL = "clean-before-alert"
+_CLEAN_RE = re.compile(r"clean-before-alert(\d+)\Z")
+#: writes waiting for the background task (more: the oldest are dropped)
+MAX_PENDING = 1 << 16
+#: recent high-entropy writes kept for the walk back to the first suspicious one
+RING = 1 << 16
+#: the walk back stops after this many consecutive non-suspect writes
+WALK_STOP = 32
+POLL = 0.05
+
+
+def attach_sentinel(vol: Volume) -> Sentinel:
+    """Attach *vol*'s sentinel (reads ``sentinel.json``); returns the attached one if
+    there is one already."""
+    for s in vol.services:
+        if isinstance(s, Sentinel):
+            return s
+    sen = Sentinel(vol, vol.settings.sentinel)
+    vol.attach(sen)
+    return sen
+
+
+def sentinel_of(vol: Volume) -> Sentinel | None:
+    """The sentinel attached to *vol*, None when ``[sentinel] enabled = false``."""
+    for s in vol.services:
+        if isinstance(s, Sentinel):
+            return s
+    return None
+
+
+class Sentinel(VolumeService):
+    """Block evidence, alerts and clean points of one volume (docs/SENTINEL.md)."""
+
+    def __init__(self, vol: Volume, settings: SentinelSettings) -> None:
+        self.vol = vol
+        self.s = settings
+        self.path = vol.path / SENTINEL_FILE
+        doc = self._load()
+        self.alerts: list[dict[str, Any]] = doc["alerts"]
+        self._next_id = int(doc["next_alert"])
+        self.det = Detector(settings, {int(k): float(v) for k, v in doc["hourly_max"].items()},
+                            float(doc["raised"]))
+        self.det.alerting = any(a["state"] == "active" for a in self.alerts)
+        self._pending: deque[tuple[int, int, int, int, float, bytes]] = deque(maxlen=MAX_PENDING)
+        #: [seq, ns, offset, length, verdict (-1: not read)] of recent high-entropy writes
+        self._ring: deque[list[int]] = deque(maxlen=RING)
+        self._task: asyncio.Task[None] | None = None
+        self._tokens = float(settings.checks_per_second)
+        self._refill = time.monotonic()
+        self._hour = time.time_ns() // (3600 * 10**9)
+        self._closed = False
+        self._active: dict[str, Any] | None = None
+        # counters (metrics)
+        self.alerts_total = 0
+        self.writes_seen = 0
+        self.dropped = 0
+        self.high_entropy_bytes = 0
+        self.checked_writes = 0
+        self.suspect_writes = 0
+
+    # ------------------------------------------------------------------ state
+
+    def _load(self) -> dict[str, Any]:
+        try:
+            doc = json.loads(self.path.read_text())
+        except FileNotFoundError:
+            return {"format": SENTINEL_FORMAT, "next_alert": 1, "alerts": [],
+                    "hourly_max": {}, "raised": 0.0}
+        except ValueError as e:
+            raise Corruption(f"{self.path}: not valid JSON: {e}") from None
+        if doc.get("format") != SENTINEL_FORMAT:
+            raise Corruption(f"{self.path}: unsupported format {doc.get('format')!r}")
+        for k, v in (("next_alert", 1), ("alerts", []), ("hourly_max", {}), ("raised", 0.0)):
+            doc.setdefault(k, v)
+        return dict(doc)
+
+    def _save(self) -> None:
+        doc = {"format": SENTINEL_FORMAT, "next_alert": self._next_id, "alerts": self.alerts,
+               "hourly_max": {str(k): v for k, v in sorted(self.det.hourly_max.items())},
+               "raised": self.det.raised}
+        write_file_atomic(self.path, json.dumps(doc, indent=1).encode() + b"\n")
+
+    # ------------------------------------------------------------------ service hooks
+
+    def on_record(self, vol: Volume, kind: RecordKind, seq: int, offset: int, length: int,
+                  payload: bytes | bytearray | memoryview | None) -> None:
+        """Hot path: note a WRITE (time, range, lz4 probe, a 512-byte sample copy)."""
+        if kind is not RecordKind.WRITE or payload is None:
+            return
+        if len(self._pending) == MAX_PENDING:
+            self.dropped += 1
+        self._pending.append((seq, time.time_ns(), offset, length, vol.journal.last_lz4,
+                              bytes(payload[:SAMPLE])))
+        if self._task is None and not self._closed:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                return  # no loop (a tool): the batch waits for the next one or close
+            self._task = loop.create_task(self._run(), name=f"sentinel-{vol.name}")
+
+    def resolve_label(self, vol: Volume, label: str) -> int | None:
+        """``clean-before-alertN``: the seq of alert N's clean point."""
+        m = _CLEAN_RE.match(label)
+        if m is None:
+            return None
+        for a in self.alerts:
+            if a["id"] == f"alert{m.group(1)}":
+                return int(a["clean_seq"])
+        return None
+
+    def held_points(self, vol: Volume) -> Iterable[int]:
+        """The clean points of active alerts (kept from retention until dismissed)."""
+        return [int(a["clean_seq"]) for a in self.alerts
+                if a["state"] == "active" and a["clean_seq"] > 0]
+
+    def close(self, vol: Volume) -> None:
+        self._closed = True
+        if self._task is not None:
+            self._task.cancel()
+            self._task = None
+        if not self.writes_seen:
+            return  # nothing learned (a tool that only read): leave the file alone
+        try:
+            self._save()
+        except OSError as e:  # closing anyway; the alerts were saved when raised
+            log.warning("volume %s: sentinel state not saved at close: %s", vol.name, e)
+
+    # ------------------------------------------------------------------ background
+
+    async def _run(self) -> None:
+        try:
+            while not self._closed:
+                await asyncio.sleep(POLL)
+                if self._pending:
+                    await self.process()
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # the sentinel must never take the volume down
+            log.exception("volume %s: sentinel stopped", self.vol.name)
+            self._task = None
+
+    async def process(self) -> None:
+        """Classify the pending writes (one batch), read overwritten bytes within the
+        check budget, and raise an alert if the detector fires."""
+        batch = list(self._pending)
+        self._pending.clear()
+        bits = entropy_batch([b[5] for b in batch])
+        now = time.monotonic()
+        cps = self.s.checks_per_second
+        self._tokens = min(float(cps), self._tokens + (now - self._refill) * cps)
+        self._refill = now
+        det, thr = self.det, self.s.entropy_bits
+        reads = 0
+        for (seq, ns, off, n, ratio, _sample), h in zip(batch, bits, strict=True):
+            self.writes_seen += 1
+            hi = high_entropy(ratio, float(h), thr)
+            det.written(ns, n, hi)
+            if not hi:
+                continue
+            self.high_entropy_bytes += n
+            entry = [seq, ns, off, n, -1]
+            self._ring.append(entry)
+            if self._tokens < 1:
+                continue
+            self._tokens -= 1
+            v = self._judge(entry)
+            if v is None:
+                continue
+            reads += 1
+            if reads % 64 == 0:
+                await asyncio.sleep(0)
+            fire = det.checked(seq, ns, n, v is Verdict.SUSPECT)
+            if v is Verdict.SUSPECT and self._active is not None:
+                self._active["evidence"]["suspect_writes_after"] = \
+                    self._active["evidence"].get("suspect_writes_after", 0) + 1
+            if fire is not None:
+                await self._alert(fire)
+        hour = time.time_ns() // (3600 * 10**9)
+        if hour != self._hour:
+            self._hour = hour
+            self._save()
+
+    def _judge(self, entry: list[int]) -> Verdict | None:
+        """Read the bytes write *entry* overwrote and judge it (None: unreadable)."""
+        seq, _ns, off, n, _v = entry
+        try:
+            old = self.vol.read(off, min(SAMPLE, n), seq - 1)
+        except CdpError:
+            return None
+        v = overwrite_verdict(old, self.s.entropy_bits)
+        entry[4] = int(v)
+        self.checked_writes += 1
+        if v is Verdict.SUSPECT:
+            self.suspect_writes += 1
+        return v
+
+    async def _walk_back(self, first_seq: int, first_ns: int) -> tuple[int, int]:
+        """Move the first suspicious write back over recent high-entropy writes not yet
+        read: while they are suspect, stopping after WALK_STOP non-suspect ones or a
+        bucket of time before the burst. Cost: at most RING reads (yielding)."""
+        limit = first_ns - self.det.bucket_ns
+        quiet = 0
+        reads = 0
+        for entry in reversed(self._ring):
+            if entry[0] >= first_seq:
+                continue
+            if entry[1] < limit or quiet >= WALK_STOP:
+                break
+            v = entry[4]
+            if v < 0:
+                r = self._judge(entry)
+                v = -1 if r is None else int(r)
+                reads += 1
+                if reads % 64 == 0:
+                    await asyncio.sleep(0)
+            if v == Verdict.SUSPECT:
+                first_seq, first_ns, quiet = entry[0], entry[1], 0
+            else:
+                quiet += 1
+        return first_seq, first_ns
+
+    async def _alert(self, fire: Firing) -> None:
+        first_seq, first_ns = await self._walk_back(fire.first_seq, fire.first_ns)
+        n = self._next_id
+        self._next_id += 1
+        clean = first_seq - 1
+        a: dict[str, Any] = {
+            "id": f"alert{n}", "volume": self.vol.name, "state": "active",
+            "first_seq": first_seq, "first_time": first_ns, "detected_time": time.time_ns(),
+            "clean_point": f"{CLEAN_LABEL}{n}", "clean_seq": clean, "score": fire.score,
+            "evidence": {"signal": "high-entropy writes over low-entropy data",
+                         **fire.evidence},
+            "files": [],
+        }
+        self.alerts.append(a)
+        self._active = a
+        self.det.alerting = True
+        self.alerts_total += 1
+        self._save()
+        log.warning(
+            "volume %s: ransomware sentinel alert%d: %.0f%% of written bytes are encrypted "
+            "over plain data (threshold %.0f%%), first suspicious write @%d at %s; clean "
+            "point %s (@%d); rewind with `cdpctl rewind -V %s --to %s`",
+            self.vol.name, n, 100 * float(fire.evidence["suspect_share"]),
+            100 * float(fire.evidence["threshold"]), first_seq,
+            format_time(first_ns, sep="T", zone=True), a["clean_point"], clean,
+            self.vol.name, a["clean_point"])
+        if self.s.on_alert:
+            asyncio.get_running_loop().create_task(self._run_hook(a))
+
+    async def _run_hook(self, alert: dict[str, Any]) -> None:
+        try:
+            p = await asyncio.create_subprocess_shell(
+                self.s.on_alert, stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
+            await p.communicate(json.dumps(alert).encode() + b"\n")
+            if p.returncode:
+                log.warning("sentinel on_alert command exited with %s", p.returncode)
+        except OSError as e:
+            log.warning("sentinel on_alert command failed: %s", e)
+
+    # ------------------------------------------------------------------ operations
+
+    def alert_list(self) -> list[dict[str, Any]]:
+        """The alerts, oldest first (the fields of ``cdpctl alerts``)."""
+        return [dict(a) for a in self.alerts]
+
+    def dismiss(self, ident: str) -> dict[str, Any]:
+        """Mark alert *ident* (``alertN`` or ``N``) a false positive: its clean point is
+        released to retention and the volume's threshold is raised above its share."""
+        name = ident if ident.startswith("alert") else f"alert{ident}"
+        for a in self.alerts:
+            if a["id"] == name:
+                break
+        else:
+            known = ", ".join(x["id"] for x in self.alerts) or "none"
+            raise NotFound(f"volume {self.vol.name}: no {name} (alerts: {known})")
+        if a["state"] != "active":
+            raise UsageError(f"volume {self.vol.name}: {name} is already {a['state']}")
+        a["state"] = "dismissed"
+        a["dismissed_time"] = time.time_ns()
+        self.det.dismissed(float(a["evidence"].get("suspect_share", 0.0)))
+        self.det.alerting = any(x["state"] == "active" for x in self.alerts)
+        if self._active is a:
+            self._active = None
+        self._save()
+        return {**a, "threshold": round(self.det.threshold(), 4)}
+
+    def status(self) -> dict[str, Any]:
+        return {"threshold": round(self.det.threshold(), 4),
+                "baseline": round(self.det.baseline(), 4),
+                "active_alerts": sum(1 for a in self.alerts if a["state"] == "active")}
