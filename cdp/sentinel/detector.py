@@ -5,10 +5,10 @@ the write's time (ns). See docs/SENTINEL.md.
 Design notes
 ------------
 * **Share of written bytes, per bucket.** ``W`` bytes written, ``H`` of them high
-  entropy, ``C`` high-entropy bytes whose overwritten bytes were read, ``S`` of those
-  suspect. The suspect share is ``(H·S/C)/W``: the checked writes stand for all
-  high-entropy ones (checks are rate-limited), so the share does not depend on how many
-  reads the service could afford.
+  entropy (estimated from the writes whose entropy was sampled), ``C`` high-entropy
+  bytes whose overwritten bytes were read, ``S`` of those suspect. The suspect share is
+  ``(H·S/C)/W``: the sampled and checked writes stand for all of them (both are
+  rate-limited), so the share does not depend on how much the service could afford.
 * **Baseline as NetApp does it:** the maximum share of finished buckets over the
   baseline window, plus a margin, never under ``min_share`` nor under the raise that
   dismissed alerts left. Only buckets that could have alerted (at least
@@ -37,15 +37,20 @@ class Bucket:
     """Counters of one time bucket."""
 
     written: int = 0  # W
-    high: int = 0  # H
+    sampled: int = 0  # bytes of the writes whose entropy was estimated
+    high: int = 0  # of those, high entropy
     checked: int = 0  # C
     suspect: int = 0  # S
     suspect_writes: int = 0
     fired: bool = False  # an alert came from this bucket: it teaches nothing
 
+    def high_bytes(self) -> float:
+        """Estimated high-entropy bytes H: W · (high / sampled)."""
+        return self.written * self.high / self.sampled if self.sampled else 0.0
+
     def suspect_bytes(self) -> float:
         """Estimated suspect bytes: H · S / C."""
-        return self.high * self.suspect / self.checked if self.checked else 0.0
+        return self.high_bytes() * self.suspect / self.checked if self.checked else 0.0
 
     def share(self) -> float:
         return min(1.0, self.suspect_bytes() / self.written) if self.written else 0.0
@@ -112,12 +117,17 @@ class Detector:
 
     # ------------------------------------------------------------------ observations
 
-    def written(self, ns: int, nbytes: int, high: bool) -> None:
-        """A WRITE of *nbytes* at time *ns*; *high*: its new bytes are high entropy."""
+    def add(self, ns: int, written: int, sampled: int, high: int) -> None:
+        """Writes at time *ns*: *written* bytes, of which *sampled* had their entropy
+        estimated and *high* of those were high entropy."""
         b = self._bucket(ns)
-        b.written += nbytes
-        if high:
-            b.high += nbytes
+        b.written += written
+        b.sampled += sampled
+        b.high += high
+
+    def written(self, ns: int, nbytes: int, high: bool) -> None:
+        """One WRITE of *nbytes* at *ns*, its entropy estimated (:meth:`add`)."""
+        self.add(ns, nbytes, nbytes, nbytes if high else 0)
 
     def checked(self, seq: int, ns: int, nbytes: int, suspect: bool) -> Firing | None:
         """The overwritten bytes of high-entropy write *seq* were judged; returns a
@@ -144,7 +154,7 @@ class Detector:
         return Firing(self.burst_first[0], self.burst_first[1], round(score, 3), {
             "suspect_share": round(b.share(), 4), "threshold": round(thr, 4),
             "baseline": round(self.baseline(), 4), "written_bytes": b.written,
-            "high_entropy_bytes": b.high, "checked_bytes": b.checked,
+            "high_entropy_bytes": int(b.high_bytes()), "checked_bytes": b.checked,
             "suspect_bytes_estimate": int(b.suspect_bytes()),
             "suspect_writes_checked": b.suspect_writes,
             "bucket_seconds": self.s.bucket_seconds,

@@ -20,6 +20,10 @@ LZ4_COMPRESSIBLE = 0.875
 #: default bits per byte (on a SAMPLE-byte sample) at or above which bytes are high entropy;
 #: uniform random bytes give ~7.6 on 512 bytes, text 4-5, machine code 5.5-6.5
 ENTROPY_BITS = 7.0
+#: overwritten bytes are low entropy below ENTROPY_BITS - LOW_GAP (6.0 by default): a gap,
+#: so that data near the threshold (fio's stamped random buffers: 7.1-7.5; some media)
+#: written over itself is not read as "high over low"
+LOW_GAP = 1.0
 
 
 class Verdict(IntEnum):
@@ -76,7 +80,8 @@ def overwrite_verdict(old: bytes | bytearray | memoryview,
                       threshold: float = ENTROPY_BITS) -> Verdict:
     """Given that a write's new bytes are high entropy, judge it by the bytes *old* it
     replaced (a sample read at the seq before it): SUSPECT over low-entropy non-zero
-    bytes; BENIGN over zeros (free space, a hole) or over high-entropy bytes."""
+    bytes (below *threshold* - :data:`LOW_GAP`); BENIGN over zeros (free space, a hole)
+    or over anything else."""
     if not any(old):
         return Verdict.BENIGN
-    return Verdict.SUSPECT if entropy_bits(old) < threshold else Verdict.BENIGN
+    return Verdict.SUSPECT if entropy_bits(old) < threshold - LOW_GAP else Verdict.BENIGN

@@ -33,6 +33,7 @@ SUITES = {
     "export": "tools.bench.export_bench",
     "compaction": "tools.bench.compaction_bench",
     "proxy": "tools.bench.proxy_bench",
+    "sentinel": "tools.bench.sentinel_bench",
 }
 
 
