@@ -8,11 +8,12 @@ Design notes
   :data:`~cdp.sentinel.signals.SAMPLE` bytes, in a bounded deque (full: the oldest are
   dropped and counted). Nothing else happens on the host's time.
 * **A background task** (started at the first write on a running loop) drains the deque
-  every 50 ms: the entropy of at most 256 writes of the batch in one numpy pass (the
+  every 100 ms: the entropy of at most 64 writes of the batch in one numpy pass (the
   rest extrapolated), the detector's counters, then for high-entropy writes the bytes
   they overwrote, read from cdp's own maps at
   the seq before (:meth:`_old_bytes`: a narrow map resolve at ``seq - 1``), at most
-  ``checks_per_second``; every write waits in a ring of recent writes (64 Ki, numpy
+  ``checks_per_second``, once the write is sealed into map files (``on_sealed``; the
+  live window's index is then never built for us); every write waits in a ring of recent writes (64 Ki, numpy
   arrays per batch) and is only read if an alert needs it to find the first
   suspicious write.
 * **The clean point is the sentinel's, not a marker.** A MARKER record names no past
@@ -64,12 +65,14 @@ MAX_PENDING = 1 << 16
 #: recent writes kept for the walk back to the first suspicious one
 RING = 1 << 16
 #: writes per batch whose entropy is estimated (the rest are extrapolated)
-SAMPLES_PER_BATCH = 256
+SAMPLES_PER_BATCH = 64
 #: per-write codes in the ring: Verdict.BENIGN (0) and SUSPECT (1) once judged, else
 UNSAMPLED, HIGH, LOW = -2, -1, 2
 #: the walk back stops after this many consecutive non-suspect writes
 WALK_STOP = 32
-POLL = 0.05
+POLL = 0.1
+_WRITE = RecordKind.WRITE
+_time_ns = time.time_ns
 
 
 def attach_sentinel(vol: Volume) -> Sentinel:
@@ -104,10 +107,13 @@ class Sentinel(VolumeService):
         self.det = Detector(settings, {int(k): float(v) for k, v in doc["hourly_max"].items()},
                             float(doc["raised"]))
         self.det.alerting = any(a["state"] == "active" for a in self.alerts)
-        self._pending: deque[tuple[int, int, int, int, float, bytes]] = deque(maxlen=MAX_PENDING)
+        self._pending: deque[tuple[int, int, int, int, float, bytes | bytearray]] = deque(maxlen=MAX_PENDING)
         #: recent writes, one entry per batch: seqs, times, offsets, lengths, codes
         self._ring: deque[tuple[np.ndarray, ...]] = deque()
         self._ring_len = 0
+        #: chosen high-entropy writes waiting for their seal: (codes, index, seq, ns, off, n)
+        self._to_check: deque[tuple[np.ndarray, int, int, int, int, int]] = deque()
+        self._sealed_seq = 0
         self._task: asyncio.Task[None] | None = None
         self._tokens = float(settings.checks_per_second)
         self._refill = time.monotonic()
@@ -149,18 +155,24 @@ class Sentinel(VolumeService):
     def on_record(self, vol: Volume, kind: RecordKind, seq: int, offset: int, length: int,
                   payload: bytes | bytearray | memoryview | None) -> None:
         """Hot path: note a WRITE (time, range, lz4 probe, a 512-byte sample copy)."""
-        if kind is not RecordKind.WRITE or payload is None:
+        if kind is not _WRITE or payload is None:
             return
-        if len(self._pending) == MAX_PENDING:
+        pending = self._pending
+        if len(pending) == MAX_PENDING:
             self.dropped += 1
-        self._pending.append((seq, time.time_ns(), offset, length, vol.journal.last_lz4,
-                              bytes(payload[:SAMPLE])))
+        sample = payload[:SAMPLE]  # a copy, except of a memoryview
+        pending.append((seq, _time_ns(), offset, length, vol.journal.last_lz4,
+                        sample.tobytes() if type(sample) is memoryview else sample))
         if self._task is None and not self._closed:
             try:
                 loop = asyncio.get_running_loop()
             except RuntimeError:
                 return  # no loop (a tool): the batch waits for the next one or close
             self._task = loop.create_task(self._run(), name=f"sentinel-{vol.name}")
+
+    def on_sealed(self, vol: Volume, seq: int) -> None:
+        """Writes through *seq* are in map files: their checks may run."""
+        self._sealed_seq = seq
 
     def resolve_label(self, vol: Volume, label: str) -> int | None:
         """``clean-before-alertN``: the seq of alert N's clean point."""
@@ -197,6 +209,8 @@ class Sentinel(VolumeService):
                 await asyncio.sleep(POLL)
                 if self._pending:
                     await self.process()
+                elif self._to_check:
+                    await self._check_sealed()
         except asyncio.CancelledError:
             raise
         except Exception:  # the sentinel must never take the volume down
@@ -250,15 +264,26 @@ class Sentinel(VolumeService):
             cand = cand[np.linspace(0, len(cand) - 1, int(self._tokens)).astype(np.int64)] \
                 if self._tokens >= 1 else cand[:0]
         self._tokens -= len(cand)
-        for j, i in enumerate(cand.tolist()):
-            v = self._judge(int(seqs[i]), int(offs_t[i]), int(lens[i]))
+        self._to_check.extend((code, i, int(seqs[i]), int(nss[i]), offs_t[i], int(lens[i]))
+                              for i in cand.tolist())
+        await self._check_sealed()
+
+    async def _check_sealed(self) -> None:
+        """Judge the chosen writes that are sealed into map files (a resolve at their
+        seq - 1 then reads map files only: a live-window resolve at a past seq would
+        index the whole live window, ~1 µs per write). Raise an alert if it fires."""
+        todo = self._to_check
+        j = 0
+        while todo and todo[0][2] <= self._sealed_seq:
+            code, i, seq, ns, off, n = todo.popleft()
+            v = self._judge(seq, off, n)
             if v is None:
                 continue
             code[i] = v
-            if j % 64 == 63:
+            j += 1
+            if j % 64 == 0:
                 await asyncio.sleep(0)
-            fire = self.det.checked(int(seqs[i]), int(nss[i]), int(lens[i]),
-                                    v is Verdict.SUSPECT)
+            fire = self.det.checked(seq, ns, n, v is Verdict.SUSPECT)
             if v is Verdict.SUSPECT and self._active is not None:
                 ev = self._active["evidence"]
                 ev["suspect_writes_after"] = ev.get("suspect_writes_after", 0) + 1

@@ -48,7 +48,7 @@ def entropy_bits(sample: bytes | bytearray | memoryview) -> float:
 _CLOG = np.concatenate(([0.0], np.arange(1, SAMPLE + 1) * np.log2(np.arange(1, SAMPLE + 1))))
 
 
-def entropy_batch(samples: Sequence[bytes]) -> np.ndarray:
+def entropy_batch(samples: Sequence[bytes | bytearray]) -> np.ndarray:
     """:func:`entropy_bits` of each sample (none longer than :data:`SAMPLE`), in one
     vectorised pass over the full-size ones: H = log2 n - (1/n) Σ c·log2 c, with a
     table for c·log2 c. Cost: one ``bincount`` over the batch + O(256) per sample."""

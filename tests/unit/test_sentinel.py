@@ -219,8 +219,15 @@ async def _w(vol: Volume, off: int, data: bytes) -> None:
         await r
 
 
-async def _next_bucket(sen: Sentinel) -> None:
+async def _drain(vol: Volume, sen: Sentinel) -> None:
+    """Seal (the sentinel reads overwritten bytes of sealed writes only), then process."""
+    vol.seal()
     await sen.process()
+    await sen._check_sealed()
+
+
+async def _next_bucket(vol: Volume, sen: Sentinel) -> None:
+    await _drain(vol, sen)
     await asyncio.sleep(2.05 * sen.s.bucket_seconds)  # a quiet bucket: a new burst
 
 
@@ -229,14 +236,14 @@ async def _benign(vol: Volume, sen: Sentinel, rng: random.Random) -> None:
         await _w(vol, i * REGION, text(rng, REGION))
     for _ in range(128):  # a database: random 4 KiB page overwrites of compressible pages
         await _w(vol, 8 * MiB + rng.randrange(256) * 4096, page(rng))
-    await sen.process()
+    await _drain(vol, sen)
     await _w(vol, 16 * MiB, archive(rng, 4 * MiB))  # a photo / archive into free space
-    await _next_bucket(sen)
+    await _next_bucket(vol, sen)
     await _w(vol, 16 * MiB, archive(rng, 4 * MiB))  # replaced by a newer archive
     await _w(vol, 24 * MiB, rng.randbytes(8 * MiB))  # an encrypted container, new
-    await _next_bucket(sen)
+    await _next_bucket(vol, sen)
     await _w(vol, 24 * MiB, rng.randbytes(8 * MiB))  # ... rewritten
-    await sen.process()
+    await _drain(vol, sen)
 
 
 def test_service_benign_then_encrypt_in_place(tmp_path: Path) -> None:
@@ -246,13 +253,13 @@ def test_service_benign_then_encrypt_in_place(tmp_path: Path) -> None:
         await _benign(vol, sen, rng)
         assert sen.alert_list() == [], sen.alert_list()
         assert sen.checked_writes > 0 and sen.suspect_writes == 0
-        await _next_bucket(sen)
+        await _next_bucket(vol, sen)
         before = vol.read(0, 48 * REGION)
         clean_seq = vol.head_seq
         for i in range(48):  # encrypt the documents in place, one region at a time
             old = vol.read(i * REGION, REGION)
             await _w(vol, i * REGION, bytes(b ^ k for b, k in zip(old, rng.randbytes(REGION), strict=True)))
-        await sen.process()
+        await _drain(vol, sen)
         alerts = sen.alert_list()
         assert len(alerts) == 1, alerts
         a = alerts[0]
