@@ -184,7 +184,7 @@ class SentinelSettings:
     #: bits per byte (of a 512-byte sample) at or above which bytes are high entropy
     entropy_bits: float = 7.0
     #: reads of overwritten bytes per second (the rest are extrapolated)
-    checks_per_second: int = 50
+    checks_per_second: int = 20
     #: shell command run on an alert, the alert JSON on stdin ("": none)
     on_alert: str = ""
 

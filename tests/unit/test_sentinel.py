@@ -203,7 +203,7 @@ def _settings(tmp: Path) -> Settings:
         Settings(), store=tmp / "store",
         journal=replace(JournalSettings(), segment_bytes=4 << 20),
         maps=replace(MapSettings(), l0_max_writes=256),
-        sentinel=replace(SentinelSettings(), bucket_seconds=1.0),
+        sentinel=replace(SentinelSettings(), bucket_seconds=1.0, checks_per_second=100),
     )
 
 
@@ -305,6 +305,29 @@ def test_service_on_record_hot_path_is_cheap(tmp_path: Path) -> None:
         assert len(sen._pending) == n
         print(f"on_record: {per * 1e6:.2f} µs per write")
         sen._pending.clear()
+        vol.close()
+
+    asyncio.run(main())
+
+
+def test_service_walks_back_to_the_first_unsampled_attack_write(tmp_path: Path) -> None:
+    """Under load one write in ``stride`` is sampled: the alert still names the first
+    attack write, found by reading the journal back."""
+    async def main() -> None:
+        vol, sen = _open(tmp_path)
+        rng = random.Random(8)
+        for i in range(768):  # 3 MiB of documents in 4 KiB pages
+            await _w(vol, i * 4096, text(rng, 4096))
+        await _next_bucket(vol, sen)
+        sen._stride = sen._skip = 64  # as under 64 x more writes per batch
+        clean_seq = vol.head_seq
+        for i in range(768):
+            old = vol.read(i * 4096, 4096)
+            await _w(vol, i * 4096, bytes(b ^ k for b, k in zip(old, rng.randbytes(4096), strict=True)))
+        await _drain(vol, sen)
+        alerts = sen.alert_list()
+        assert len(alerts) == 1, alerts
+        assert alerts[0]["first_seq"] == clean_seq + 1, (alerts[0]["first_seq"], clean_seq)
         vol.close()
 
     asyncio.run(main())

@@ -7,12 +7,15 @@ of the overwritten bytes up to its check budget).
     python -m tools.bench.sentinel_bench [--quick]
 
 Runs alternate off/on in pairs (order swapped each pair, to cancel drift on a shared
-machine) and report the median per-pair ratio on/off; goal >= 0.95.
+machine) and report the median per-pair ratio on/off; goal >= 0.95. Also each cdpd's
+CPU time per request (/proc/PID/stat), steadier than throughput on a busy machine:
+its ratio off/on is the share of the ingest CPU left to the host's writes.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import statistics
 import tempfile
@@ -28,6 +31,12 @@ WORKLOADS = {  # name: (rw, bs, iodepth, metric)
     "sentinel-randwrite-4k": ("randwrite", "4k", 32, "iops"),
     "sentinel-seqwrite-1m": ("write", "1M", 8, "MBps"),
 }
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of process *pid* so far (/proc/PID/stat)."""
+    f = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def run(quick: bool = False, scratch: Path | None = None) -> list[dict[str, Any]]:
@@ -48,16 +57,27 @@ def run(quick: bool = False, scratch: Path | None = None) -> list[dict[str, Any]
                           extra_config=f"[sentinel]\nenabled = {str(on).lower()}\n").start()
         for name, (rw, bs, depth, metric) in WORKLOADS.items():
             got: dict[bool, list[float]] = {False: [], True: []}
+            cpu: dict[bool, list[float]] = {False: [], True: []}  # cdpd CPU µs per request
             ratios = []
             for p in range(pairs):
                 order = (False, True) if p % 2 == 0 else (True, False)
                 for on in order:
-                    got[on].append(fio(ds[on].uri(), rw, bs, depth, 1, runtime, size)[metric])
+                    pid = ds[on].proc.pid  # type: ignore[union-attr]
+                    c0 = cpu_seconds(pid)
+                    r = fio(ds[on].uri(), rw, bs, depth, 1, runtime, size)
+                    ops = r["iops"] * runtime
+                    cpu[on].append((cpu_seconds(pid) - c0) / ops * 1e6 if ops else 0.0)
+                    got[on].append(r[metric])
                 ratios.append(got[True][-1] / got[False][-1])
             unit = "IOPS" if metric == "iops" else "MB/s"
             rows.append(_row(name, statistics.median(got[True]), statistics.median(got[False]),
                              "sentinel off", unit, ratio_goal(name),
                              ratio=statistics.median(ratios)))
+            c_on, c_off = statistics.median(cpu[True]), statistics.median(cpu[False])
+            rows.append({"workload": f"{name} cdpd CPU per request", "cdp": round(c_on, 1),
+                         "peer": round(c_off, 1), "peer_name": "sentinel off",
+                         "unit": "µs", "ratio": round(c_off / c_on, 3) if c_on else 0.0,
+                         "goal": None, "verdict": "-"})
         alerts = ds[True].cdpctl_json("alerts", "--json")
         rows.append({"workload": "sentinel alerts during the bench", "cdp": len(alerts),
                      "peer": 0, "peer_name": "-", "unit": "alerts", "ratio": None,
