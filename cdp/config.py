@@ -167,6 +167,51 @@ def _retention(raw: Any, name: str, base: RetentionSettings) -> RetentionSetting
 
 
 @dataclass(frozen=True)
+class SentinelSettings:
+    """[sentinel]: the ransomware sentinel of every volume (docs/SENTINEL.md)."""
+
+    enabled: bool = True
+    #: seconds per time bucket of the detector
+    bucket_seconds: float = 10.0
+    #: seconds of history the learned baseline (max share per bucket) covers
+    baseline_window: float = 7 * 86400.0
+    #: floor of the threshold: share of written bytes that are suspect
+    min_share: float = 0.2
+    #: added to the learned maximum share
+    margin: float = 0.1
+    #: estimated suspect bytes a bucket needs before it can alert
+    min_suspect_bytes: int = 1 << 20
+    #: bits per byte (of a 512-byte sample) at or above which bytes are high entropy
+    entropy_bits: float = 7.0
+    #: reads of overwritten bytes per second (the rest are extrapolated)
+    checks_per_second: int = 20
+    #: shell command run on an alert, the alert JSON on stdin ("": none)
+    on_alert: str = ""
+
+
+def _bits(v: Any, key: str) -> float:
+    if isinstance(v, bool) or not isinstance(v, int | float) or not 0 < v <= 8:
+        raise ConfigError(f"{key}: expected bits per byte above 0 and at most 8, got {v!r}")
+    return float(v)
+
+
+def _sentinel(raw: Any) -> SentinelSettings:
+    schema: dict[str, Callable[[Any, str], Any]] = {
+        "enabled": _bool, "bucket_seconds": _duration, "baseline_window": _duration,
+        "min_share": _fraction, "margin": _fraction, "min_suspect_bytes": _size(0),
+        "entropy_bits": _bits, "checks_per_second": _int(1, 1_000_000),
+        "on_alert": lambda v, k: v if isinstance(v, str) else _str(v, k),
+    }
+    t = _table(raw, "sentinel", schema)
+    if "bucket_seconds" in t and t["bucket_seconds"] <= 0:
+        raise ConfigError(f"sentinel.bucket_seconds: must be positive, got {raw['bucket_seconds']!r}")
+    s = replace(SentinelSettings(), **t)
+    if s.baseline_window < s.bucket_seconds:
+        raise ConfigError("sentinel.baseline_window: must be at least one bucket_seconds")
+    return s
+
+
+@dataclass(frozen=True)
 class VolumeSpec:
     name: str
     size: int
@@ -238,6 +283,7 @@ class Settings:
     source: str = "built-in defaults"
     retention: RetentionSettings = field(default_factory=RetentionSettings)
     replication: ReplicationSettings = field(default_factory=ReplicationSettings)
+    sentinel: SentinelSettings = field(default_factory=SentinelSettings)
 
     def retention_for(self, volume: str) -> RetentionSettings:
         """The volume's configured retention (its [volume.retention] or [retention])."""
@@ -350,7 +396,7 @@ def _table(raw: dict[str, Any], name: str, schema: dict[str, Callable[[Any, str]
 
 
 _SECTIONS = {"store", "journal", "maps", "read", "nbd", "metrics", "iscsi", "volume", "retention",
-             "replication"}
+             "replication", "sentinel"}
 
 
 def _iscsi(raw: Any) -> IscsiSettings:
@@ -470,6 +516,7 @@ def parse_config(data: dict[str, Any], source: str = "<config>") -> Settings:
         volumes=tuple(vols),
         source=source,
         retention=glob_ret,
+        sentinel=_sentinel(data.get("sentinel", {})),
         nbd_tls=tls,
         replication=_replication(data.get("replication", {})),
     )

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from typing import Any
 
 from cdp.retention.service import retention_of
+from cdp.sentinel.service import sentinel_of
 from cdp.store import Store
 
 
@@ -46,6 +47,17 @@ def render(store: Store, extra: Callable[[], dict[str, float]] | None = None) ->
     metric("cdp_retention_expired_points_total", "counter", "Points given up by retention since start.", per(lambda v: retention_of(v).expired_total))
     metric("cdp_gc_reclaimed_bytes_total", "counter", "Store bytes given back by gc since start.", per(lambda v: retention_of(v).reclaimed_total))
     metric("cdp_retention_keep_after_seq", "gauge", "Every point at or after this seq is recoverable.", per(lambda v: v.maps.keep_after))
+    sv = [(v, s) for v in vols if (s := sentinel_of(v)) is not None]  # docs/SENTINEL.md
+    if sv:
+        def sper(fn: Callable[[Any], float]) -> list[tuple[dict[str, str], float]]:
+            return [({"volume": v.name}, float(fn(s))) for v, s in sv]
+
+        metric("cdp_sentinel_alerts_total", "counter", "Ransomware sentinel alerts raised since start.", sper(lambda s: s.alerts_total))
+        metric("cdp_sentinel_active_alerts", "gauge", "Sentinel alerts not dismissed.", sper(lambda s: s.status()["active_alerts"]))
+        metric("cdp_sentinel_suspect_writes_total", "counter", "Checked writes of high-entropy bytes over low-entropy data.", sper(lambda s: s.suspect_writes))
+        metric("cdp_sentinel_checked_writes_total", "counter", "High-entropy writes whose overwritten bytes were read.", sper(lambda s: s.checked_writes))
+        metric("cdp_sentinel_high_entropy_bytes_total", "counter", "Bytes written with high entropy (rate: the entropy rate).", sper(lambda s: s.high_entropy_bytes))
+        metric("cdp_sentinel_threshold", "gauge", "Suspect share of written bytes that alerts.", sper(lambda s: s.det.threshold()))
     px = [v for v in vols if v.mode == "proxy"]  # proxy mode (docs/PROXY.md)
     if px:
         def pper(fn: Callable[[Any], float]) -> list[tuple[dict[str, str], float]]:

@@ -10,7 +10,7 @@ Layout (see docs/FORMATS.md, "Store layout")::
 
 The store is the composition root: it picks a volume's kind by volume.json "mode"
 (:data:`VOLUME_KINDS`) and attaches the per-volume services (retention, the file
-catalog) through :meth:`cdp.volume.Volume.attach` (:func:`open_volume`,
+catalog, the sentinel) through :meth:`cdp.volume.Volume.attach` (:func:`open_volume`,
 :func:`attach_services`). Nothing below it knows the kinds or the services.
 """
 
@@ -31,6 +31,7 @@ from cdp.errors import Corruption, NotFound, StoreLocked, UsageError
 from cdp.fsutil import write_file_atomic
 from cdp.proxy.volume import ProxyVolume
 from cdp.retention.service import attach_retention
+from cdp.sentinel.service import attach_sentinel
 from cdp.volume import Volume, read_meta
 
 log = logging.getLogger("cdp.store")
@@ -44,9 +45,12 @@ VOLUME_KINDS: dict[str, type[Volume]] = {"mirror": Volume, "proxy": ProxyVolume}
 
 def attach_services(vol: Volume) -> None:
     """Attach the services of a served volume: retention (store cap, expired points,
-    gc), then the file catalog (a background MFT diff at every marker)."""
+    gc), then the file catalog (a background MFT diff at every marker), then the
+    ransomware sentinel unless ``[sentinel] enabled = false``."""
     attach_retention(vol)
     attach_catalog(vol)
+    if vol.settings.sentinel.enabled:
+        attach_sentinel(vol)
 
 
 def open_volume(vdir: Path, settings: Settings) -> Volume:

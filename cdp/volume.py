@@ -49,7 +49,7 @@ import uuid
 from array import array
 from bisect import bisect_left, bisect_right
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Self
@@ -190,6 +190,16 @@ class VolumeService:
         the error to raise, or None to leave it to the next service (the volume's own
         answer is a plain PointError)."""
         return None
+
+    def resolve_label(self, vol: Volume, label: str) -> int | None:
+        """A point named *label* that no marker carries: the seq this service knows it
+        by (the sentinel's ``clean-before-alertN``), or None to ask the next service."""
+        return None
+
+    def held_points(self, vol: Volume) -> Iterable[int]:
+        """Seqs this service needs kept from retention (the sentinel's clean points
+        until their alert is dismissed). Asked at each gc: O(points)."""
+        return ()
 
     def close(self, vol: Volume) -> None:
         """*vol* is closing (before its final seal): stop work that uses it."""
@@ -545,6 +555,10 @@ class Volume:
             for m in reversed(self._markers):
                 if m.label == spec.value:
                     return m.seq
+            for s in self._services:
+                found = s.resolve_label(self, str(spec.value))
+                if found is not None:
+                    return found
             raise NotFound(
                 f"volume {self.name}: no marker labelled {spec.value!r} ({self._marker_hint()})"
             )

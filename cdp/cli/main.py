@@ -13,6 +13,7 @@ import sys
 
 from cdp import __version__
 from cdp.cli import (
+    alerts,
     apply,
     changed,
     diff,
@@ -36,7 +37,7 @@ from cdp.cli.common import Context
 from cdp.errors import EXIT_CODES, CdpError
 
 COMMANDS = (volume, status, snapshot, rewind, pause, image, verify, files, versions, find, restore, diff,
-            changed, export, apply, retention, gc, replicate)
+            changed, export, apply, retention, gc, replicate, alerts)
 
 
 def build_parser() -> argparse.ArgumentParser:

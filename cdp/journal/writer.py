@@ -191,6 +191,10 @@ class Journal(SegmentReader):
         self._closed = False
         self._lz_skip = 0
         self._lz_backoff = 0
+        #: the lz4 probe of the last WRITE/INIT appended: packed/raw bytes of the part
+        #: lz4 was tried on (< 0.875: kept compressed), -1.0 when no probe ran (short
+        #: payload, back-off); a free compressibility signal for services (the sentinel)
+        self.last_lz4 = -1.0
         self._flush_timer: asyncio.TimerHandle | None = None
         self._cur_ts_append = array("q").append
         self._cur_offs_append = array("q").append
@@ -260,6 +264,7 @@ class Journal(SegmentReader):
         n = len(data)
         if offset < 0 or n > MAX_DATA:
             raise UsageError(f"journal write at {offset} of {n} bytes out of range")
+        self.last_lz4 = -1.0
         if n > CHUNK_SIZE:
             return self._append_chunked(_I if init else _W, offset, data)
         if n >= LZ4_MIN:
@@ -267,6 +272,7 @@ class Journal(SegmentReader):
                 self._lz_skip -= 1
             else:
                 packed = lz4.block.compress(data, store_size=False)
+                self.last_lz4 = len(packed) / n
                 if len(packed) <= n - (n >> 3):  # keep only a saving of 1/8 or more
                     self._lz_backoff = 0
                     return self._append(_I if init else _W, offset, n, packed, 1, n)
@@ -341,6 +347,7 @@ class Journal(SegmentReader):
         parts: list[Buffer] = [table]
         skip, backoff = self._lz_skip, self._lz_backoff
         compress, pack_entry, crc = _LZ4, _ENTRY_PACK_INTO, _CRC
+        tried = packed_n = 0
         for i in range(count):
             c: Buffer = mv[i * CHUNK_SIZE : (i + 1) * CHUNK_SIZE]
             comp = 0
@@ -349,6 +356,8 @@ class Journal(SegmentReader):
                     skip -= 1
                 else:
                     packed = compress(c, store_size=False)
+                    tried += len(c)
+                    packed_n += len(packed)
                     if len(packed) <= len(c) - (len(c) >> 3):
                         c, comp, backoff = packed, 1, 0
                     else:
@@ -366,6 +375,8 @@ class Journal(SegmentReader):
             parts.append(c)
             stored += len(c)
         self._lz_skip, self._lz_backoff = skip, backoff
+        if tried:
+            self.last_lz4 = packed_n / tried
 
         w, pos = self._room(RECORD_HEADER_SIZE + stored)
         seq, ts = self._stamp()

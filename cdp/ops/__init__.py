@@ -6,7 +6,7 @@ runs them on its event loop (long ones yield between chunks so I/O keeps flowing
 cdpctl runs the read-only ones (``OFFLINE_OPS``) directly on a stopped store. One
 module per subject: :mod:`~cdp.ops.volumes`, :mod:`~cdp.ops.catalog` (files),
 :mod:`~cdp.ops.backup` (changed blocks, differential exports) and
-:mod:`~cdp.ops.retention`. The layer sits above the store and every volume kind and
+:mod:`~cdp.ops.retention` and :mod:`~cdp.ops.sentinel` (alerts). The layer sits above the store and every volume kind and
 service; nothing below it imports it.
 """
 
@@ -16,17 +16,18 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from cdp.errors import UsageError
-from cdp.ops import backup, catalog, replication, retention, volumes
+from cdp.ops import backup, catalog, replication, retention, sentinel, volumes
 from cdp.progress import Progress, no_progress
 from cdp.store import Store
 
 OpFn = Callable[[Store, dict[str, Any], Progress], Awaitable[Any]]
 
-OPS: dict[str, OpFn] = {**catalog.OPS, **backup.OPS, **retention.OPS, **volumes.OPS,
-                        **replication.OPS}
+OPS: dict[str, OpFn] = {**catalog.OPS, **backup.OPS, **retention.OPS, **sentinel.OPS,
+                        **volumes.OPS, **replication.OPS}
 
 #: operations cdpctl may run on a stopped store (they only read)
-OFFLINE_OPS = {*volumes.OFFLINE, *catalog.OPS, *backup.OFFLINE, *retention.OFFLINE}
+OFFLINE_OPS = {*volumes.OFFLINE, *catalog.OPS, *backup.OFFLINE, *retention.OFFLINE,
+               *sentinel.OFFLINE}
 
 
 async def run_op(store: Store, op: str, args: dict[str, Any], progress: Progress | None = None) -> Any:

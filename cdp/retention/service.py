@@ -164,6 +164,8 @@ class Retention(VolumeService):
             until = self.kept_until(m.id)
             if until is not None and (until < 0 or until > now):
                 pts.add(m.seq)
+        for s in self.vol.services:  # points a service holds (the sentinel's clean points)
+            pts.update(s.held_points(self.vol))
         maps = self.vol.maps
         pts = {p for p in pts if 0 < p < ka and maps.resolvable(p)}
         return pts, ka

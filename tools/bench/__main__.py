@@ -36,6 +36,7 @@ SUITES = {
     "export": "tools.bench.export_bench",
     "compaction": "tools.bench.compaction_bench",
     "proxy": "tools.bench.proxy_bench",
+    "sentinel": "tools.bench.sentinel_bench",
 }
 #: suites that run only when named (they need more than the machine: a Ceph RGW)
 OPT_IN = {

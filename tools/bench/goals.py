@@ -54,6 +54,9 @@ GOALS: dict[str, Goal] = {
     # export (issue 8)
     "export-1%-throughput": Goal("ratio", 0.70, ">= 0.70 x raw-file read", 8),
     "export-proportional": Goal("ratio_max", 3.0, "s per changed GiB within 3x across 0.1..10%", 8),
+    # ransomware sentinel (issue 21): ingest with the sentinel on vs off
+    "sentinel-randwrite-4k": Goal("ratio", 0.95, ">= 0.95 x sentinel off", 21),
+    "sentinel-seqwrite-1m": Goal("ratio", 0.95, ">= 0.95 x sentinel off", 21),
 }
 
 
