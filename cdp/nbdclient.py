@@ -13,12 +13,13 @@ surface there at the latest (raised as :class:`NbdClientError` with the server's
 
 from __future__ import annotations
 
+import errno as _errno
 import socket
 import struct
 import urllib.parse
 from dataclasses import dataclass
 
-from cdp.errors import CdpError, UsageError
+from cdp.errors import CdpError, ExitStatus, ReadOnly, StoreFull, UsageError
 
 NBDMAGIC = 0x4E42444D41474943  # "NBDMAGIC"
 IHAVEOPT = 0x49484156454F5054  # "IHAVEOPT"
@@ -56,7 +57,30 @@ DEFAULT_PORT = 10809
 class NbdClientError(CdpError):
     """The NBD server refused or failed something (or the connection broke)."""
 
-    exit_status = 1
+    exit_status = ExitStatus.ERROR
+
+
+class NbdNoSpace(NbdClientError, StoreFull):
+    """The NBD server answered ENOSPC (its store is full): exit 5, as ``cdpctl --help`` says."""
+
+    exit_status = ExitStatus.STORE_FULL
+
+
+class NbdReadOnly(NbdClientError, ReadOnly):
+    """The NBD server answered EPERM (a read-only export): exit 4."""
+
+    exit_status = ExitStatus.READ_ONLY
+
+
+def _server_error(cmd: int, err: int) -> NbdClientError:
+    """The error for an NBD reply with error ``err``: ENOSPC and EPERM keep the exit
+    status their meaning has (5, 4); anything else is exit 1. Each names the errno."""
+    what = f"NBD server failed command {cmd} (errno {err}"
+    if err == _errno.ENOSPC:
+        return NbdNoSpace(f"{what}: no space left on the target)")
+    if err == _errno.EPERM:
+        return NbdReadOnly(f"{what}: the export is read-only)")
+    return NbdClientError(f"{what})")
 
 
 @dataclass(frozen=True)
@@ -204,7 +228,7 @@ class NbdClient:
             raise NbdClientError(f"NBD server replied to an unknown request {cookie}")
         cmd, length = req
         if err:
-            raise NbdClientError(f"NBD server failed command {cmd} (errno {err})")
+            raise _server_error(cmd, err)
         data = self._recv(length) if cmd == CMD_READ else None
         return cookie, data
 

@@ -31,6 +31,7 @@ from cdp.backup.pipe import BATCH_BYTES, Pipe
 from cdp.backup.sinks import NbdSink, Sink, StreamSink
 from cdp.errors import UsageError
 from cdp.outputs import commit_partial, open_partial, output_error
+from cdp.points import point_arg
 from cdp.progress import Progress
 from cdp.store import Store
 from cdp.volume import Volume
@@ -46,7 +47,7 @@ def _points(store: Store, args: dict[str, Any]) -> tuple[Volume, str, str, int, 
     a_text = args.get("from")
     if not a_text:
         raise UsageError("missing --from POINT (use 'origin' for everything ever written)")
-    b_text = args.get("to") or "now"
+    b_text = point_arg(args, "to")
     return vol, a_text, b_text, vol.resolve_point(a_text), vol.resolve_point(b_text)
 
 

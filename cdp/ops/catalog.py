@@ -17,6 +17,7 @@ from cdp.ntfs.attribute import DataStream
 from cdp.ntfs.mft import NtfsVolume
 from cdp.ntfs.runlist import read_runs
 from cdp.outputs import commit_partial, discard_partial, open_partial, set_size, write_at
+from cdp.points import point_arg
 from cdp.progress import Progress
 from cdp.store import Store
 
@@ -38,7 +39,7 @@ async def files(store: Store, args: dict[str, Any], progress: Progress) -> Any:
     """List a directory (or one file) as of a point; ``recursive`` lists the subtree.
     Cost: at a catalogued marker one index scan; elsewhere plus an MFT diff."""
     vol = store.volume(args.get("volume"))
-    point = args.get("at") or "now"
+    point = point_arg(args, "at")
     view = await service_for(vol).view(point)
     path = "/" + (args.get("path") or "/").strip("/")
     out = _header(vol.name, point, view)
@@ -112,7 +113,7 @@ async def restore(store: Store, args: dict[str, Any], progress: Progress) -> Any
     size is exact, modification/access times are set. ``PATH:stream`` restores an
     alternate data stream. Cost: O(file size) reads."""
     vol = store.volume(args.get("volume"))
-    point = args.get("at") or "now"
+    point = point_arg(args, "at")
     out_path = args.get("output")
     if not out_path or out_path == "-":
         raise UsageError("restore needs an output file (-o FILE)")

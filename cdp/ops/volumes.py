@@ -19,6 +19,7 @@ from cdp.errors import NotFound, UsageError
 from cdp.journal import verify_journal
 from cdp.ops.retention import marker_fields, status_fields
 from cdp.outputs import commit_partial, discard_partial, open_partial, set_size, write_at
+from cdp.points import point_arg
 from cdp.progress import Progress
 from cdp.proxy.drl import DEFAULT_REGION
 from cdp.proxy.volume import ProxyVolume
@@ -234,7 +235,7 @@ async def image(store: Store, args: dict[str, Any], progress: Progress) -> Any:
     """Write a sparse raw image of a volume at a point. Cost: O(changed extents) map
     work + reading the data bytes once; zero runs become holes in the output."""
     vol = store.volume(args.get("volume"))
-    point = args.get("at") or "now"
+    point = point_arg(args, "at")
     seq = vol.resolve_point(point)
     out = Path(args["output"])
     if str(out) == "-" or out.name == "-":

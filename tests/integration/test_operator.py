@@ -1,0 +1,79 @@
+"""The operator's first hour (issue 28): what cdpctl and cdpd print and the status they
+exit with, against a real cdpd. Every exit status ``cdpctl --help`` documents is driven
+here at least once, with its number and its message."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+from cdp.cli.main import build_parser
+from cdp.errors import EXIT_CODES, ExitStatus
+from tests.conftest import require_tool
+from tools.harness import Cdpd, run
+
+CAPPED = """
+[retention]
+max_store_bytes = "1MiB"
+on_full = "refuse"
+"""
+
+
+def _status(d: Cdpd, *args: str) -> tuple[int, str]:
+    r = d.cdpctl(*args, check=False)
+    return r.returncode, r.stderr + r.stdout
+
+
+def test_help_prints_the_one_table() -> None:
+    epilog = build_parser().epilog or ""
+    for s in ExitStatus:
+        assert f"  {int(s)}  {s.meaning}" in epilog
+    assert {int(s): s.meaning for s in ExitStatus} == EXIT_CODES
+
+
+def test_every_documented_exit_status(tmp_path: Path) -> None:
+    require_tool("qemu-io")
+    seen: dict[int, str] = {}
+
+    def expect(status: ExitStatus, words: list[str], *args: str) -> None:
+        code, out = _status(d, *args)
+        assert code == status, f"cdpctl {' '.join(args)}: exit {code}, wanted {int(status)}:\n{out}"
+        for w in words:
+            assert w in out, f"cdpctl {' '.join(args)}: {w!r} not in:\n{out}"
+        seen[int(status)] = out
+
+    d = Cdpd(tmp_path, extra_config=CAPPED).start()
+    try:
+        noise = tmp_path / "noise"
+        noise.write_bytes(os.urandom(4 << 20))  # incompressible: the journal grows past the cap
+        run("qemu-io", "-f", "raw", "-c", f"write -s {noise} 0 4M", d.uri())
+        expect(ExitStatus.OK, ["vol0"], "status")
+        diff = tmp_path / "all.cdpdiff"
+        expect(ExitStatus.OK, [], "export", "--from", "origin", "-o", str(diff))
+        expect(ExitStatus.ERROR, ["cannot connect"], "apply", str(diff), "--to", "nbd://127.0.0.1:1/vol0")
+        expect(ExitStatus.USAGE, ["cannot parse time", "2024-13-45"],
+               "image", "--at", "2024-13-45", "-o", str(tmp_path / "x.img"))
+        expect(ExitStatus.USAGE, ["empty point"], "image", "--at", "", "-o", str(tmp_path / "x.img"))
+        expect(ExitStatus.NOT_FOUND, ["nope"], "image", "-V", "nope", "-o", str(tmp_path / "x.img"))
+        expect(ExitStatus.NOT_FOUND, ["does not exist"], "image", "-o", str(tmp_path / "no" / "x.img"))
+        code, out = _status(d, "image", "-o", "/proc/x.img")
+        assert code == ExitStatus.READ_ONLY and "/proc" in out and "does not exist" not in out, out
+        seen[int(ExitStatus.READ_ONLY)] = out
+        deadline = time.monotonic() + 30
+        while not d.cdpctl_json("retention", "show")["over_cap"]:
+            assert time.monotonic() < deadline, "the store never went over its 1 MiB cap"
+            time.sleep(0.2)
+        expect(ExitStatus.STORE_FULL, ["no space left"], "apply", str(diff), "--to", d.uri())
+        expect(ExitStatus.LOCKED, ["stopped store", str(d.store)], "verify", "--repair")
+    finally:
+        d.stop()
+    expect(ExitStatus.NO_DAEMON, ["not running"], "snapshot")
+    seg = max((p for p in (d.store / "volumes" / "vol0" / "journal").iterdir() if p.is_file()),
+              key=lambda p: p.stat().st_size)
+    raw = bytearray(seg.read_bytes())
+    raw[200] ^= 0xFF
+    seg.write_bytes(bytes(raw))
+    expect(ExitStatus.CORRUPTION, ["DAMAGED"], "verify")
+    assert sorted(seen) == sorted(EXIT_CODES), json.dumps(seen, indent=1)
