@@ -204,13 +204,21 @@ async def snapshot(store: Store, args: dict[str, Any], progress: Progress) -> An
 
 
 async def rewind(store: Store, args: dict[str, Any], progress: Progress) -> Any:
+    """Rewind the live volume to ``to``. The result carries the undo handle (``undo``:
+    the point to rewind to for undoing it). A target that is already the live state
+    (``now``, the head) writes nothing and says so (``changed`` false, ``undo`` None)."""
     vol = store.volume(args.get("volume"))
-    target = vol.resolve_point(args["to"])
+    to = point_arg(args, "to")
+    target = vol.resolve_point(to)
+    if target == vol.head_seq:
+        return {"volume": vol.name, "rewind_seq": None, "target_seq": target, "to": to,
+                "changed": False, "undo": None}
     if isinstance(vol, ProxyVolume):  # also rewrites the primary, with progress
         seq = await vol.rewind(target, progress=progress)
     else:
         seq = await vol.rewind(target)
-    return {"volume": vol.name, "rewind_seq": seq, "target_seq": target, "to": args["to"]}
+    return {"volume": vol.name, "rewind_seq": seq, "target_seq": target, "to": to,
+            "changed": True, "undo": f"@{seq - 1}"}
 
 
 async def pause(store: Store, args: dict[str, Any], progress: Progress) -> Any:
@@ -221,11 +229,14 @@ async def pause(store: Store, args: dict[str, Any], progress: Progress) -> Any:
 
 
 async def resume(store: Store, args: dict[str, Any], progress: Progress) -> Any:
+    """Release held writes; each row says whether the volume was paused at all
+    (``was_paused``), so resuming a running volume is reported, not silent."""
     names = args.get("volumes") or ([None] if len(store.volumes) <= 1 else sorted(store.volumes))
     vols = [store.volume(n) for n in names]
+    rows = [{"volume": v.name, "paused": False, "was_paused": v.paused} for v in vols]
     for v in vols:
         v.resume()
-    return [{"volume": v.name, "paused": False} for v in vols]
+    return rows
 
 
 # ---------------------------------------------------------------------------- images

@@ -77,3 +77,43 @@ def test_every_documented_exit_status(tmp_path: Path) -> None:
     seg.write_bytes(bytes(raw))
     expect(ExitStatus.CORRUPTION, ["DAMAGED"], "verify")
     assert sorted(seen) == sorted(EXIT_CODES), json.dumps(seen, indent=1)
+
+
+def test_small_promises(cdpd: Cdpd) -> None:
+    """Issue 28 item 14: rewind to the live state says so and writes nothing; rewind
+    --json carries the undo handle; an empty point is refused; the point text is printed
+    once; resume of a running volume says so; keeps that ran out are not shown; a keep
+    can be released."""
+    require_tool("qemu-io")
+    run("qemu-io", "-f", "raw", "-c", "write -P 1 0 64k", cdpd.uri())
+    assert cdpd.cdpctl_json("snapshot")["name"] == "marker1"
+    run("qemu-io", "-f", "raw", "-c", "write -P 2 0 64k", cdpd.uri())
+    head = cdpd.cdpctl_json("volume", "list")[0]["last_seq"]
+
+    r = cdpd.cdpctl("rewind", "--to", "now")
+    assert "nothing to rewind" in r.stdout, r.stdout
+    assert cdpd.cdpctl_json("volume", "list")[0]["last_seq"] == head  # nothing written
+    r = cdpd.cdpctl("rewind", "--to", "", check=False)
+    assert r.returncode == 2 and "empty point" in r.stderr, r.stderr
+    j = cdpd.cdpctl_json("rewind", "--to", "marker1")
+    assert j["changed"] and j["undo"] == f"@{j['rewind_seq'] - 1}", j
+    out = cdpd.cdpctl("rewind", "--to", j["undo"]).stdout
+    assert out.count(j["undo"]) == 1, out  # "rewound to @N (@N)" no more
+    assert f"rewound to {j['undo']};" in out, out
+
+    r = cdpd.cdpctl("resume")
+    assert "was not paused" in r.stdout, r.stdout
+    cdpd.cdpctl("pause")
+    assert cdpd.cdpctl("resume").stdout.strip() == "vol0: resumed"
+
+    until = cdpd.cdpctl_json("retention", "keep", "marker1", "--keep", "5s")["keep_until_ns"]
+    assert "1" in cdpd.cdpctl_json("retention", "show")["kept_markers"]
+    time.sleep(max(0.0, until / 1e9 - time.time()) + 0.5)
+    assert cdpd.cdpctl_json("retention", "show")["kept_markers"] == {}
+    cdpd.cdpctl("retention", "keep", "marker1", "--keep", "forever")
+    assert cdpd.cdpctl_json("retention", "show")["kept_markers"] == {"1": -1}
+    out = cdpd.cdpctl("retention", "keep", "marker1", "--keep", "none").stdout
+    assert "released" in out, out
+    assert cdpd.cdpctl_json("retention", "show")["kept_markers"] == {}
+    m = cdpd.cdpctl_json("markers")
+    assert m[0]["keep_until_ns"] is None, m
