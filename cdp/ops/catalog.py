@@ -92,10 +92,15 @@ async def file_versions(store: Store, args: dict[str, Any], progress: Progress) 
 
 async def find(store: Store, args: dict[str, Any], progress: Progress) -> Any:
     """Glob over names (or whole paths when the pattern has a ``/``), case-insensitive;
-    every version unless ``at``. Cost: a scan of the catalog."""
+    every version unless ``at``. A path pattern is anchored at the root: ``reports/*/q3*``
+    means ``/reports/*/q3*`` (as a ``.gitignore`` pattern with a ``/`` in it is anchored
+    at its directory); ``**`` is not special, but ``*`` crosses ``/``, so ``*/q3*``
+    matches in every directory below the root. Cost: a scan of the catalog."""
     vol = store.volume(args.get("volume"))
     pattern = args["pattern"]
     on_path = "/" in pattern
+    if on_path and not pattern.startswith("/"):
+        pattern = "/" + pattern
     svc = service_for(vol)
     if args.get("at"):
         view = await svc.view(args["at"])
