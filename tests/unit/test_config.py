@@ -81,3 +81,28 @@ def test_iscsi_chap() -> None:
 def test_overrides() -> None:
     s = Settings().with_overrides(store="/tmp/x", nbd="127.0.0.1:0")
     assert s.store == Path("/tmp/x") and s.nbd.port == 0
+
+
+@pytest.mark.parametrize("section", ["store", "journal", "maps", "read", "nbd", "metrics", "iscsi",
+                                     "retention", "volume"])
+def test_unknown_key_lists_exactly_the_keys_the_schema_takes(section: str) -> None:
+    """Issue 28 item 10: the "known keys" of an error are the schema's (they once
+    omitted [nbd]'s tls keys). Every listed key is accepted (no "unknown key" for it),
+    and the listed [nbd] keys include the TLS ones."""
+    def doc(table: dict[str, object]) -> dict[str, object]:
+        if section == "volume":
+            return {"volume": [{"name": "v", "size": "1MiB", **table}]}
+        return {section: table}
+
+    with pytest.raises(ConfigError) as e:
+        parse_config(doc({"bogus": 1}))
+    msg = str(e.value)
+    assert "unknown key (known keys: " in msg, msg
+    keys = msg.split("known keys: ", 1)[1].rstrip(")").split(", ")
+    for k in keys:
+        try:
+            parse_config(doc({k: "x"}))
+        except ConfigError as err:
+            assert "unknown key" not in str(err), (k, str(err))
+    if section == "nbd":
+        assert {"enabled", "listen", "tls", "tls_cert", "tls_key"} <= set(keys), keys
