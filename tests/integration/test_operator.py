@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -117,3 +119,30 @@ def test_small_promises(cdpd: Cdpd) -> None:
     assert cdpd.cdpctl_json("retention", "show")["kept_markers"] == {}
     m = cdpd.cdpctl_json("markers")
     assert m[0]["keep_until_ns"] is None, m
+
+
+def _cdpctl_bytes(d: Cdpd, *args: str) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run([sys.executable, "-m", "cdp.cli.main", "--config", str(d.config), *args],
+                          capture_output=True, cwd=d.tmp, timeout=300)
+
+
+def test_export_dry_run_needs_no_output_and_dash_is_only_the_stream(cdpd: Cdpd, tmp_path: Path) -> None:
+    """Issue 28 item 11."""
+    require_tool("qemu-io")
+    run("qemu-io", "-f", "raw", "-c", "write -P 5 0 256k", cdpd.uri())
+    r = cdpd.cdpctl("export", "--from", "origin", "--dry-run")
+    assert "would copy 256 KiB" in r.stdout, r.stdout
+    j = cdpd.cdpctl_json("export", "--from", "origin", "--dry-run")
+    assert j["dry_run"] and j["output"] is None and j["format"] == "cdpdiff", j
+    j = cdpd.cdpctl_json("export", "--from", "origin", "--dry-run", "-o", "x.qcow2")
+    assert j["format"] == "qcow2" and not (cdpd.tmp / "x.qcow2").exists(), j
+    r2 = _cdpctl_bytes(cdpd, "export", "--from", "origin", "--dry-run", "-o", "-")
+    assert r2.returncode == 0 and r2.stdout == b"" and b"would copy" in r2.stderr, r2
+    assert b"/tmp" not in r2.stderr, r2.stderr
+
+    cdpd.cdpctl("export", "--from", "origin", "--to", "@1", "-o", str(tmp_path / "f.cdpdiff"))
+    for extra in ([], ["--json"]):
+        r2 = _cdpctl_bytes(cdpd, "export", "--from", "origin", "--to", "@1", "-o", "-", *extra)
+        assert r2.returncode == 0, r2.stderr
+        assert r2.stdout == (tmp_path / "f.cdpdiff").read_bytes()  # the stream and nothing else
+        assert b"copied as cdpdiff" in r2.stderr or b'"format": "cdpdiff"' in r2.stderr, r2.stderr
