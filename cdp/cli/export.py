@@ -28,7 +28,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--to", default="now", metavar="B", help="default: now")
     p.add_argument("-o", "--output", metavar="FILE",
                    help="FILE.qcow2, FILE.cdpdiff, or - (the stream on stdout, and nothing else "
-                   "there: messages and --json go to stderr); not needed with --dry-run")
+                   "there: the summary and --json go to stderr); not needed with --dry-run")
     p.add_argument("--format", choices=["qcow2", "cdpdiff"], help="default: from the file name")
     p.add_argument("--backing", metavar="NAME",
                    help="qcow2 backing file name (default: VOL@A.img; '' for none)")
@@ -66,8 +66,9 @@ def run(ctx: Context, args: argparse.Namespace) -> int:
         r = ctx.call("export_diff", call, progress=True)
         if out == "-":
             r["output"] = "-"
-    # -o -: stdout carries the stream and nothing else; what we say goes to stderr
-    msg = sys.stderr if out == "-" else sys.stdout
+    # -o -: stdout carries the stream and nothing else; what we say goes to stderr (a dry
+    # run writes no stream: its report is its output, on stdout)
+    msg = sys.stderr if out == "-" and not args.dry_run else sys.stdout
     if ctx.json:
         json.dump(r, msg, indent=2)
         msg.write("\n")
