@@ -44,10 +44,21 @@ async def volume_list(store: Store, args: dict[str, Any], progress: Progress) ->
     ]
 
 
+#: options that only a proxy volume takes (argument -> the cdpctl option naming it)
+PROXY_ONLY = {"primary": "--primary", "ack": "--ack", "initial_copy": "--no-initial-copy",
+              "drl_region": "--drl-region", "copy_rate": "--copy-rate"}
+
+
 async def volume_create(store: Store, args: dict[str, Any], progress: Progress) -> Any:
+    """Create a volume: mirror (default) or proxy (``mode``). An option of the other
+    mode is refused, naming it (docs/PROXY.md), never silently ignored."""
     if args.get("mode") == "proxy":
         return await _proxy_volume_create(store, args, progress)
     name = args["name"]
+    for key, flag in PROXY_ONLY.items():
+        v = args.get(key)
+        if v is not None and not (key == "initial_copy" and v is True):
+            raise UsageError(f"{flag}: only with --mode proxy (volume {name} would be a mirror volume)")
     image = args.get("from_image")
     size = args.get("size")
     src_size = None

@@ -82,11 +82,19 @@ def test_every_documented_exit_status(tmp_path: Path) -> None:
 
 
 def test_small_promises(cdpd: Cdpd) -> None:
-    """Issue 28 item 14: rewind to the live state says so and writes nothing; rewind
+    """Issue 28 item 3 (a mirror volume refuses proxy options) and item 14: rewind to the live state says so and writes nothing; rewind
     --json carries the undo handle; an empty point is refused; the point text is printed
     once; resume of a running volume says so; keeps that ran out are not shown; a keep
     can be released."""
     require_tool("qemu-io")
+    # item 3: a mirror volume refuses proxy options, naming them
+    for opts, flag in ((["--primary", str(cdpd.tmp / "p.img"), "--ack", "both"], "--primary"),
+                       (["--ack", "both"], "--ack"), (["--no-initial-copy"], "--no-initial-copy"),
+                       (["--drl-region", "1MiB"], "--drl-region"), (["--copy-rate", "1MiB"], "--copy-rate")):
+        r = cdpd.cdpctl("volume", "create", "v2", "--size", "1MiB", "--mode", "mirror", *opts, check=False)
+        assert r.returncode == 2 and f"{flag}: only with --mode proxy" in r.stderr, (opts, r.stderr)
+    assert [v["volume"] for v in cdpd.cdpctl_json("volume", "list")] == ["vol0"]
+
     run("qemu-io", "-f", "raw", "-c", "write -P 1 0 64k", cdpd.uri())
     assert cdpd.cdpctl_json("snapshot")["name"] == "marker1"
     run("qemu-io", "-f", "raw", "-c", "write -P 2 0 64k", cdpd.uri())
