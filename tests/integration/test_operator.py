@@ -155,3 +155,25 @@ def test_export_dry_run_needs_no_output_and_dash_is_only_the_stream(cdpd: Cdpd, 
         assert r2.returncode == 0, r2.stderr
         assert r2.stdout == (tmp_path / "f.cdpdiff").read_bytes()  # the stream and nothing else
         assert b"copied as cdpdiff" in r2.stderr or b'"format": "cdpdiff"' in r2.stderr, r2.stderr
+
+
+def test_status_range_after_gc_is_what_reads_accept(tmp_path: Path) -> None:
+    """Issue 28 item 8: after gc expired the oldest points, `status` shows the oldest
+    point a read accepts, not the journal's first record."""
+    require_tool("qemu-io")
+    d = Cdpd(tmp_path, extra_config='[retention]\ntiers = ["all 2s"]\ngc_interval = "0"\n').start()
+    try:
+        for i in range(4):
+            run("qemu-io", "-f", "raw", "-c", f"write -P {i + 1} {i * 65536} 64k", d.uri())
+        time.sleep(3)
+        run("qemu-io", "-f", "raw", "-c", "write -P 9 1M 64k", d.uri())
+        d.cdpctl("gc", "--now")
+        st = d.cdpctl_json("status")
+        first = st["first_seq"]
+        assert first > 1, st
+        d.cdpctl("image", "--at", f"@{first}", "-o", str(tmp_path / "a.img"))
+        r = d.cdpctl("image", "--at", f"@{first - 1}", "-o", str(tmp_path / "b.img"), check=False)
+        assert r.returncode == 3 and "expired" in r.stderr, r.stderr
+        assert f"recoverable:   @{first} " in d.cdpctl("status").stdout
+    finally:
+        d.stop()
