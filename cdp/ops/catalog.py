@@ -115,7 +115,8 @@ async def find(store: Store, args: dict[str, Any], progress: Progress) -> Any:
 async def restore(store: Store, args: dict[str, Any], progress: Progress) -> Any:
     """Write a file's bytes as of a point to ``output``: the record is re-read at that
     point and its runlist (or resident bytes) followed — sparse runs become holes, the
-    size is exact, modification/access times are set. ``PATH:stream`` restores an
+    size is exact, modification/access times are set. ``path`` is taken literally (a
+    name may hold ``:``, spaces, newlines, a leading ``-``); ``stream`` names an
     alternate data stream. Cost: O(file size) reads."""
     vol = store.volume(args.get("volume"))
     point = point_arg(args, "at")
@@ -125,10 +126,8 @@ async def restore(store: Store, args: dict[str, Any], progress: Progress) -> Any
     svc = service_for(vol)
     view = await svc.view(point)
     path = args["path"]
-    stream_name = ""
+    stream_name = str(args.get("stream") or "")
     d, n = split(path)
-    if ":" in n:
-        n, stream_name = n.split(":", 1)
     e = view.lookup(d, n)
     if e is None:
         raise NotFound(f"{path}: no such file at {point}")
