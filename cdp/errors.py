@@ -88,6 +88,13 @@ class PointError(CdpError, LookupError):
     exit_status = ExitStatus.NOT_FOUND
 
 
+class MalformedPoint(PointError, UsageError):
+    """Point text that does not parse (``--at 2024-13-45``, ``--to ''``): a usage error
+    (exit 2), and still a PointError for callers that catch point errors."""
+
+    exit_status = ExitStatus.USAGE
+
+
 class OutOfRange(CdpError, ValueError):
     """A request addresses bytes outside the volume."""
 
