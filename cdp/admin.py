@@ -26,7 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from cdp.errors import CdpError, DaemonUnavailable, ProtocolError
+from cdp.errors import CdpError, DaemonUnavailable, ExitStatus, ProtocolError
 from cdp.ops import run_op
 from cdp.store import Store
 
@@ -38,7 +38,7 @@ MAX_REQUEST = 1 << 20
 def _error_dict(e: BaseException) -> dict[str, Any]:
     if isinstance(e, CdpError):
         return {"type": type(e).__name__, "message": str(e), "exit_status": e.exit_status}
-    return {"type": type(e).__name__, "message": f"internal error: {e}", "exit_status": 1}
+    return {"type": type(e).__name__, "message": f"internal error: {e}", "exit_status": ExitStatus.ERROR}
 
 
 class AdminServer:
@@ -84,7 +84,7 @@ class AdminServer:
                 creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
                 _pid, uid, _gid = struct.unpack("3i", creds)
                 if uid not in (0, os.getuid()):
-                    writer.write(_line({"ok": False, "error": {"type": "PermissionError", "message": "not the store's owner", "exit_status": 1}}))
+                    writer.write(_line({"ok": False, "error": {"type": "PermissionError", "message": "not the store's owner", "exit_status": ExitStatus.ERROR}}))
                     await writer.drain()
                     return
             while True:

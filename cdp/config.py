@@ -457,13 +457,13 @@ def parse_config(data: dict[str, Any], source: str = "<config>") -> Settings:
     )
     r = _table(data.get("read", {}), "read", {"payload_cache_bytes": _size(0), "view_cache_bytes": _size(0)})
     listeners = {}
-    nbd_raw = dict(data.get("nbd", {})) if isinstance(data.get("nbd", {}), dict) else data.get("nbd")
-    tls = _nbd_tls(nbd_raw)
+    tls = NbdTls()
     for name, default in (("nbd", d.nbd), ("metrics", d.metrics)):
-        raw = data.get(name, {})
-        if name == "nbd" and isinstance(raw, dict):
-            raw = {k: v for k, v in raw.items() if k not in ("tls", "tls_cert", "tls_key")}
-        t = _table(raw, name, {"enabled": _bool, "listen": _str})
+        # one schema per section: its "known keys" in an error are exactly what it takes
+        schema = {**_LISTENER, **(_NBD_TLS if name == "nbd" else {})}
+        t = _table(data.get(name, {}), name, schema)
+        if name == "nbd":
+            tls = _nbd_tls({k: t.pop(k) for k in _NBD_TLS if k in t})
         lst = default
         if "listen" in t:
             lst = _listener(t["listen"], f"{name}.listen", default.port, default.enabled)
@@ -522,12 +522,16 @@ def parse_config(data: dict[str, Any], source: str = "<config>") -> Settings:
     )
 
 
-def _nbd_tls(raw: Any) -> NbdTls:
-    """The TLS keys of ``[nbd]``: a mode other than "off" needs both files, readable."""
-    if not isinstance(raw, dict):
-        return NbdTls()  # _table reports the bad section
-    schema = {"tls": _choice("off", "on", "require"), "tls_cert": _str, "tls_key": _str}
-    t = {k: schema[k](v, f"nbd.{k}") for k, v in raw.items() if k in schema}
+#: the keys of a listener section (``[nbd]``, ``[metrics]``)
+_LISTENER: dict[str, Callable[[Any, str], Any]] = {"enabled": _bool, "listen": _str}
+#: ``[nbd]``'s TLS keys, validated by :func:`_table` with the listener's
+_NBD_TLS: dict[str, Callable[[Any, str], Any]] = {
+    "tls": _choice("off", "on", "require"), "tls_cert": _str, "tls_key": _str}
+
+
+def _nbd_tls(t: dict[str, Any]) -> NbdTls:
+    """``[nbd]``'s TLS keys (already validated): a mode other than "off" needs both
+    files, readable."""
     tls = NbdTls(t.get("tls", "off"), t.get("tls_cert", ""), t.get("tls_key", ""))
     if tls.mode != "off":
         for key, path in (("tls_cert", tls.cert), ("tls_key", tls.key)):

@@ -1,10 +1,18 @@
 """cdpd: the appliance service (foreground).
 
-    cdpd [--config FILE] [--store DIR] [--nbd HOST:PORT] [--iscsi HOST:PORT] [--metrics HOST:PORT]
+    cdpd [--config FILE] [--store DIR] [--nbd HOST:PORT] [--iscsi HOST:PORT | --no-iscsi]
+         [--metrics HOST:PORT | --no-metrics]
 
 Opens (or creates) the store and its volumes, serves NBD and iSCSI, the admin API (a unix socket in
 the store, mode 0600) and Prometheus metrics. SIGTERM/SIGINT: stop accepting, drain
 in-flight requests, seal the maps, sync the journal, exit 0.
+
+Design notes: a relative store path is made absolute once, against the directory cdpd was
+started from, and every message names that absolute path. Before anything is created,
+every listener's address is checked by binding it (:func:`check_listeners`), so a port in
+use fails with the option to change (``--nbd``, ``--iscsi``, ``--metrics``) and leaves no
+empty store behind; the real bind after the store opened reports the same way (a port
+taken in between still fails cleanly, but after the store was opened).
 
 Exit status: 0 after a clean stop; 2 bad configuration or arguments; 6 corruption that
 prevents opening; 7 the store is locked by another cdpd; 1 other errors.
@@ -19,10 +27,12 @@ import json
 import logging
 import os
 import signal
+import socket
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, replace
+from pathlib import Path
 
 from cdp import __version__
 from cdp.admin import AdminServer
@@ -66,6 +76,45 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def listeners(s: Settings) -> list[tuple[str, str, int]]:
+    """The enabled listeners: (the option that sets it, host, port)."""
+    out = []
+    if s.nbd.enabled:
+        out.append(("--nbd", s.nbd.host, s.nbd.port))
+    if s.iscsi.enabled:
+        out.append(("--iscsi", s.iscsi.host, s.iscsi.port))
+    if s.metrics.enabled:
+        out.append(("--metrics", s.metrics.host, s.metrics.port))
+    return out
+
+
+def bind_error(option: str, host: str, port: int, exc: OSError) -> CdpError:
+    """The error for a listener that cannot bind: names the option and the address."""
+    off = {"--iscsi": " or --no-iscsi", "--metrics": " or --no-metrics"}.get(option, "")
+    return CdpError(f"cannot listen on {host}:{port} ({option}): {exc.strerror or exc}; "
+                    f"choose another address with {option} HOST:PORT{off}, or stop what uses it")
+
+
+def check_listeners(s: Settings) -> None:
+    """Bind (and release) every enabled listener's address, as asyncio's server will
+    (SO_REUSEADDR), so a port in use is reported before the store is created or opened.
+    Port 0 (any free port) needs no check. Raises :func:`bind_error`'s CdpError."""
+    for option, host, port in listeners(s):
+        if port == 0:
+            continue
+        try:
+            infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
+                                       flags=socket.AI_PASSIVE)
+            for family, stype, proto, _name, addr in infos:
+                with socket.socket(family, stype, proto) as sk:
+                    sk.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                    if family == socket.AF_INET6:
+                        sk.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                    sk.bind(addr)
+        except OSError as e:
+            raise bind_error(option, host, port, e) from None
+
+
 class Daemon:
     """The running service; :meth:`run` returns when stopped."""
 
@@ -83,6 +132,7 @@ class Daemon:
 
     async def run(self) -> None:
         s = self.settings
+        check_listeners(s)  # before the store is created or opened
         store = Store.open(s)
         self.store = store
         for v in store.volumes.values():
@@ -102,17 +152,23 @@ class Daemon:
         try:
             await admin.start()
             if s.nbd.enabled:
-                nbd = await serve_nbd(StoreExports(store), s.nbd.host, s.nbd.port,
-                                      tls=s.nbd_tls.mode, tls_cert=s.nbd_tls.cert,
-                                      tls_key=s.nbd_tls.key)
+                try:
+                    nbd = await serve_nbd(StoreExports(store), s.nbd.host, s.nbd.port,
+                                          tls=s.nbd_tls.mode, tls_cert=s.nbd_tls.cert,
+                                          tls_key=s.nbd_tls.key)
+                except OSError as e:
+                    raise bind_error("--nbd", s.nbd.host, s.nbd.port, e) from None
                 self.nbd_port = nbd.port
                 log.info("NBD on %s:%d", s.nbd.host, nbd.port)
             if s.iscsi.enabled:
-                iscsi = await serve_iscsi(
-                    StoreExports(store), s.iscsi.host, s.iscsi.port,
-                    targets={k: asdict(c) for k, c in s.iscsi.chap},
-                    nop_interval=s.iscsi.nop_interval,
-                )
+                try:
+                    iscsi = await serve_iscsi(
+                        StoreExports(store), s.iscsi.host, s.iscsi.port,
+                        targets={k: asdict(c) for k, c in s.iscsi.chap},
+                        nop_interval=s.iscsi.nop_interval,
+                    )
+                except OSError as e:
+                    raise bind_error("--iscsi", s.iscsi.host, s.iscsi.port, e) from None
                 self.iscsi_port = iscsi.port
                 log.info("iSCSI on %s:%d", s.iscsi.host, iscsi.port)
             if s.replication.listen.enabled:
@@ -124,7 +180,11 @@ class Daemon:
                 log.info("replication streams on %s:%d", lst.host, self.replication_port)
             if s.metrics.enabled:
                 metrics = MetricsServer(store, s.metrics.host, s.metrics.port, self._extra_metrics(nbd))
-                await metrics.start()
+                try:
+                    await metrics.start()
+                except OSError as e:
+                    metrics = None
+                    raise bind_error("--metrics", s.metrics.host, s.metrics.port, e) from None
                 log.info("metrics on http://%s:%d/metrics", s.metrics.host, metrics.port)
             n = resume_replication(store)
             if n:
@@ -225,6 +285,8 @@ def main(argv: list[str] | None = None) -> int:
             settings = replace(settings, metrics=replace(settings.metrics, enabled=False))
         if args.no_iscsi:
             settings = replace(settings, iscsi=replace(settings.iscsi, enabled=False))
+        # resolved once, against the directory cdpd was started from
+        settings = replace(settings, store=Path(os.path.abspath(settings.store)))
     except CdpError as e:
         print(f"cdpd: {e}", file=sys.stderr)
         return e.exit_status

@@ -7,18 +7,26 @@ the temporary file. Every error names the path (no "internal error: [Errno 2]").
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 
-from cdp.errors import CdpError, NotFound
+from cdp.errors import CannotWrite, CdpError, NotFound
 
 
 def output_error(path: str | os.PathLike[str], exc: OSError) -> CdpError:
     """The CdpError for ``exc`` raised while creating or writing output ``path``: a
-    missing directory is NotFound (exit 3), anything else names the OS's reason."""
+    missing directory is NotFound (exit 3); a directory that exists but refuses the file
+    (no permission, read-only or pseudo filesystem such as /proc) is CannotWrite (exit 4)
+    with the OS's reason; anything else (disk full, I/O error) names the OS's reason."""
     p = Path(path)
-    if isinstance(exc, FileNotFoundError):
+    if isinstance(exc, FileNotFoundError) and not p.parent.is_dir():
         return NotFound(f"{p}: directory {p.parent} does not exist")
+    if isinstance(exc, FileNotFoundError):  # the directory is there: it takes no new files
+        return CannotWrite(f"{p}: cannot create a file in {p.parent} ({exc.strerror}: "
+                           "the filesystem there does not take new files)")
+    if isinstance(exc, PermissionError) or exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return CannotWrite(f"{p}: cannot write in {p.parent}: {exc.strerror or exc}")
     return CdpError(f"{p}: {exc.strerror or exc}")
 
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from enum import Enum
 
-from cdp.errors import PointError, UsageError
+from cdp.errors import MalformedPoint, UsageError
 from cdp.units import parse_duration
 
 
@@ -50,9 +50,11 @@ _TIMEISH = re.compile(r"^\d{4}-\d{2}-\d{2}([T ].*)?$")
 
 
 def parse_point(text: str) -> PointSpec:
-    """Parse *text* per the grammar above. Raises PointError for malformed times."""
+    """Parse *text* per the grammar above. Raises MalformedPoint (a UsageError, exit 2,
+    and a PointError) for empty or malformed text; whether a well-formed point exists is :meth:`resolve_point`'s
+    question (PointError/NotFound, exit 3)."""
     if not isinstance(text, str) or not text.strip():
-        raise PointError("empty point: give markerN, a label, @SEQ, a time or -10m")
+        raise MalformedPoint("empty point: give markerN, a label, @SEQ, a time or -10m")
     t = text.strip()
     if m := _SEQ.match(t):
         return PointSpec(PointKind.SEQ, int(m.group(1)), t)
@@ -66,18 +68,18 @@ def parse_point(text: str) -> PointSpec:
         try:
             return PointSpec(PointKind.RELATIVE, parse_duration(t[1:].strip()), t)
         except UsageError as e:
-            raise PointError(str(e)) from None
+            raise MalformedPoint(f"cannot parse point {t!r}: {e}") from None
     if _TIMEISH.match(t):
         try:
             dt = datetime.fromisoformat(t.replace("Z", "+00:00"))
         except ValueError:
-            raise PointError(f"cannot parse time {t!r} (try 2024-05-01T10:00:00)") from None
+            raise MalformedPoint(f"cannot parse time {t!r} (try 2024-05-01T10:00:00)") from None
         if dt.tzinfo is None:
             dt = dt.astimezone()  # local time
         ns = int(dt.timestamp()) * 1_000_000_000 + dt.microsecond * 1000
         return PointSpec(PointKind.TIME, ns, t)
     if t.startswith("@") or t.startswith("-"):
-        raise PointError(f"cannot parse point {t!r}: @SEQ takes digits, -DURATION like -10m")
+        raise MalformedPoint(f"cannot parse point {t!r}: @SEQ takes digits, -DURATION like -10m")
     return PointSpec(PointKind.LABEL, t, t)
 
 
@@ -88,3 +90,11 @@ def split_export_name(name: str) -> tuple[str, str | None]:
     """
     vol, sep, point = name.partition("@")
     return vol, (point if sep else None)
+
+
+def point_arg(args: dict[str, object], key: str, default: str = "now") -> str:
+    """The point an operation was given under ``key``: ``default`` when absent (None),
+    else the text as given, so an empty ``--at ''`` reaches :func:`parse_point` and is
+    refused (exit 2) instead of silently meaning ``default``."""
+    v = args.get(key)
+    return default if v is None else str(v)

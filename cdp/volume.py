@@ -919,10 +919,28 @@ class Volume:
 
     # ------------------------------------------------------------------ status
 
+    def oldest_point(self) -> int:
+        """The oldest seq (after origin) that reads resolve, by the read path's own
+        tests: in the journal (``first_seq``) and resolvable by the maps (at or after
+        ``keep_after``, or a retained point). 0 when nothing was written. O(retained)."""
+        j = self.journal
+        if not j.last_seq:
+            return 0
+        first = j.first_seq
+        ka = self.maps.keep_after
+        if not ka:
+            return first
+        pts = [p for p in self.maps.retained if p >= first]
+        return min([*pts, max(ka, first)])
+
     def status(self) -> dict[str, Any]:
+        """What ``cdpctl status`` shows. The recoverable range (``first_seq`` ..
+        ``last_seq``) is :meth:`oldest_point` .. the head: what the read path accepts,
+        also after gc expired the oldest points (``all_points_from_seq``: every point
+        from there on; below it only retained points)."""
         j = self.journal
         st = j.stats()
-        first = j.first_seq if j.last_seq else 0
+        first = self.oldest_point()
         d: dict[str, Any] = {
             "volume": self.name,
             "size": self.size,
@@ -933,6 +951,7 @@ class Volume:
             "last_seq": j.last_seq,
             "durable_seq": j.durable_seq,
             "first_time_ns": j.time_of_seq(first) if first else None,
+            "all_points_from_seq": max(self.maps.keep_after, first),
             "last_time_ns": j.time_of_seq(j.last_seq) if j.last_seq else None,
             "journal_records": st.records,
             "written_bytes": st.raw_bytes,

@@ -34,6 +34,12 @@ class Context:
         self.settings = settings
         self.store_path = settings.store.resolve()
 
+    def start_hint(self) -> str:
+        """The cdpd command line that serves this store: the config and the absolute
+        store path as this cdpctl found them, so it works from any directory."""
+        conf = f" --config {os.path.abspath(self.args.config)}" if self.args.config else ""
+        return f"cdpd{conf} --store {self.store_path}"
+
     @property
     def socket_path(self) -> Path:
         return self.store_path / SOCKET_NAME
@@ -58,7 +64,7 @@ class Context:
             if op not in OFFLINE_OPS:
                 raise DaemonUnavailable(
                     f"cdpd is not running on store {self.store_path}; "
-                    f"'{op.replace('_', ' ')}' needs it (start it with `cdpd` or `make serve`)"
+                    f"'{op.replace('_', ' ')}' needs it (start it with `{self.start_hint()}`)"
                 )
             store = Store.open(self.settings, create=False)
             try:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import sys
@@ -11,7 +12,7 @@ import tempfile
 import threading
 from typing import Any
 
-from cdp.cli.common import Context, add_common, emit_json
+from cdp.cli.common import Context, add_common
 from cdp.errors import UsageError
 from cdp.units import format_size
 
@@ -25,7 +26,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--from", dest="from_", required=True, metavar="A",
                    help="the point the receiver has ('origin': a full copy)")
     p.add_argument("--to", default="now", metavar="B", help="default: now")
-    p.add_argument("-o", "--output", metavar="FILE", help="FILE.qcow2, FILE.cdpdiff, or - (stream to stdout)")
+    p.add_argument("-o", "--output", metavar="FILE",
+                   help="FILE.qcow2, FILE.cdpdiff, or - (the stream on stdout, and nothing else "
+                   "there: the summary and --json go to stderr); not needed with --dry-run")
     p.add_argument("--format", choices=["qcow2", "cdpdiff"], help="default: from the file name")
     p.add_argument("--backing", metavar="NAME",
                    help="qcow2 backing file name (default: VOL@A.img; '' for none)")
@@ -58,15 +61,18 @@ def run(ctx: Context, args: argparse.Namespace) -> int:
     else:
         if out is not None and out != "-":
             out = os.path.abspath(out)
-        elif out == "-":
-            call["format"] = call["format"] or "cdpdiff"
-            out = os.path.join(tempfile.gettempdir(), "dry-run.cdpdiff")
-        call["output"] = out
+        # a dry run writes nothing: it needs no output (-o - or none: a cdpdiff stream)
+        call["output"] = None if out == "-" else out
         r = ctx.call("export_diff", call, progress=True)
+        if out == "-":
+            r["output"] = "-"
+    # -o -: stdout carries the stream and nothing else; what we say goes to stderr (a dry
+    # run writes no stream: its report is its output, on stdout)
+    msg = sys.stderr if out == "-" and not args.dry_run else sys.stdout
     if ctx.json:
-        emit_json(r)
+        json.dump(r, msg, indent=2)
+        msg.write("\n")
         return 0
-    msg = sys.stderr if out == "-" else sys.stdout
     what = (f"{r['volume']} {r['from']} (@{r['from_seq']}) -> {r['to']} (@{r['to_seq']}): "
             f"{format_size(r['changed_bytes'])} changed ({format_size(r['data_bytes'])} data, "
             f"{format_size(r['zero_bytes'])} zeroes)")

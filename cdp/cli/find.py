@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import sys
+from typing import Any
 
 from cdp.cli.common import Context, add_common, emit_json, fmt_time, table
+from cdp.errors import ExitStatus
 from cdp.units import format_size
 
 
@@ -12,7 +15,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "find", help="glob over file names (or paths, when PATTERN has a '/')",
         description="Case-insensitive glob (*, ?, [..]) over names, or over whole paths when "
-        "PATTERN contains '/'. Without --at every catalogued version is searched.",
+        "PATTERN contains '/' (anchored at the root: 'reports/*/q3*' is '/reports/*/q3*'; "
+        "'*' also matches '/'). Without --at every catalogued version is searched. "
+        "Exit status 1 when nothing matched (as grep).",
     )
     add_common(p)
     p.add_argument("pattern", metavar="PATTERN")
@@ -20,16 +25,28 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.set_defaults(func=run)
 
 
+def versions_cell(e: dict[str, Any]) -> str:
+    """``marker1..marker3``, ``marker2..`` (still current), or ``after the last marker``
+    for an entry seen only at a point past the catalogued markers (start version 0)."""
+    if not e["start_version"]:
+        return "after the last marker"
+    end = f"marker{e['end_version']}" if e["end_version"] else ""
+    return f"marker{e['start_version']}..{end}"
+
+
 def run(ctx: Context, args: argparse.Namespace) -> int:
     r = ctx.call("find", {"volume": args.volume, "pattern": args.pattern, "at": args.at},
                  progress=True)
+    found = int(ExitStatus.OK if r["entries"] else ExitStatus.ERROR)
     if ctx.json:
         emit_json(r)
-        return 0
+        return found
+    if not r["entries"]:
+        print(f"cdpctl: find: no matches for {r['pattern']!r}", file=sys.stderr)
+        return found
     print(table([(e["path"] + ("/" if e["type"] == "dir" else ""),
                   "" if e["type"] == "dir" else format_size(e["size"]),
-                  fmt_time(e["modified_ns"]),
-                  f"marker{e['start_version']}..{'marker' + str(e['end_version']) if e['end_version'] else ''}")
+                  fmt_time(e["modified_ns"]), versions_cell(e))
                  for e in r["entries"]],
                 ["PATH", "SIZE", "MODIFIED", "VERSIONS"]))
-    return 0
+    return found

@@ -21,5 +21,10 @@ def run(ctx: Context, args: argparse.Namespace) -> int:
         emit_json(rows)
     else:
         for r in rows:
-            print(f"{r['volume']}: {'paused' if r['paused'] else 'resumed'}")
+            if r["paused"]:
+                print(f"{r['volume']}: paused")
+            elif r.get("was_paused", True):
+                print(f"{r['volume']}: resumed")
+            else:
+                print(f"{r['volume']}: was not paused (nothing to resume)")
     return 0

@@ -23,7 +23,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     k = rs.add_parser("keep", help="keep a marker beyond the tiers")
     add_common(k)
     k.add_argument("marker", help="markerN or a label")
-    k.add_argument("--keep", required=True, help="a duration ('1y') or 'forever'")
+    k.add_argument("--keep", required=True, help="a duration ('1y'), 'forever', or 'none' (release: the tiers decide again)")
     k.set_defaults(func=keep)
 
 
@@ -73,5 +73,9 @@ def keep(ctx: Context, args: argparse.Namespace) -> int:
         emit_json(r)
     else:
         until = r["keep_until_ns"]
-        print(f"{r['marker']} kept " + ("forever" if until < 0 else f"until {fmt_time(until)}"))
+        if until is None:
+            print(f"{r['marker']} released: the tiers decide again"
+                  + ("" if r.get("released") else " (it was not kept)"))
+        else:
+            print(f"{r['marker']} kept " + ("forever" if until < 0 else f"until {fmt_time(until)}"))
     return 0

@@ -22,7 +22,11 @@ def run(ctx: Context, args: argparse.Namespace) -> int:
     r = ctx.call("rewind", {"volume": args.volume, "to": args.to})
     if ctx.json:
         emit_json(r)
+        return 0
+    at = r["to"] if r["to"] == f"@{r['target_seq']}" else f"{r['to']} (@{r['target_seq']})"
+    if not r["changed"]:
+        print(f"{r['volume']}: already at {at}: nothing to rewind, nothing written")
     else:
-        print(f"{r['volume']}: rewound to {r['to']} (@{r['target_seq']}); "
-              f"undo with: cdpctl rewind -V {r['volume']} --to @{r['rewind_seq'] - 1}")
+        print(f"{r['volume']}: rewound to {at}; "
+              f"undo with: cdpctl rewind -V {r['volume']} --to {r['undo']}")
     return 0

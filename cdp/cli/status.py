@@ -33,7 +33,9 @@ def run(ctx: Context, args: argparse.Namespace) -> int:
         print(f"size:          {format_size(s['size'])}")
         print(f"written:       {format_size(s['written_bytes'] or 0)} in {s['journal_records'] or 0} records")
         print(f"journal:       {format_size(s['journal_bytes'] or 0)}" + (f" (compression {ratio:.2f}x)" if ratio else ""))
-        print(f"recoverable:   @{s['first_seq']} {fmt_time(s['first_time_ns'])}  ..  @{s['last_seq']} {fmt_time(s['last_time_ns'])}")
+        every = s.get("all_points_from_seq", s["first_seq"])
+        print(f"recoverable:   @{s['first_seq']} {fmt_time(s['first_time_ns'])}  ..  @{s['last_seq']} {fmt_time(s['last_time_ns'])}"
+              + (f"  (every point from @{every}; retained points before it)" if every > s["first_seq"] else ""))
         print(f"durable up to: @{s['durable_seq']}")
         print(f"markers:       {s['markers']}" + (f" (newest {nm['name']} @{nm['seq']} {fmt_time(nm['time_ns'])})" if nm else ""))
         print(f"connections:   {s['connections']}")

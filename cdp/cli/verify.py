@@ -15,7 +15,7 @@ import sys
 from typing import Any
 
 from cdp.cli.common import Context, add_common, emit_json
-from cdp.errors import Corruption, UsageError
+from cdp.errors import Corruption, StoreLocked
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -48,7 +48,8 @@ def run(ctx: Context, args: argparse.Namespace) -> int:
         client = ctx.daemon()
         if client is not None:
             client.close()
-            raise UsageError("verify --repair needs a stopped store: stop cdpd first")
+            raise StoreLocked(f"verify --repair needs a stopped store: cdpd is running on {ctx.store_path}; "
+                              "stop it first")
         from cdp.verify import repair
 
         rr = repair(ctx.settings, args.volume)

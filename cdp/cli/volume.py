@@ -36,10 +36,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def create(ctx: Context, args: argparse.Namespace) -> int:
-    req = {"name": args.name, "size": args.size, "from_image": args.from_image}
-    if args.mode == "proxy":
-        req.update(mode="proxy", primary=args.primary, ack=args.ack, initial_copy=args.initial_copy,
-                   drl_region=args.drl_region, copy_rate=args.copy_rate)
+    req = {"name": args.name, "size": args.size, "from_image": args.from_image, "mode": args.mode,
+           "primary": args.primary, "ack": args.ack, "initial_copy": args.initial_copy,
+           "drl_region": args.drl_region, "copy_rate": args.copy_rate}  # the op refuses a misfit
     r = ctx.call("volume_create", req, progress=True)
     if ctx.json:
         emit_json(r)

@@ -31,6 +31,7 @@ from cdp.backup.pipe import BATCH_BYTES, Pipe
 from cdp.backup.sinks import NbdSink, Sink, StreamSink
 from cdp.errors import UsageError
 from cdp.outputs import commit_partial, open_partial, output_error
+from cdp.points import point_arg
 from cdp.progress import Progress
 from cdp.store import Store
 from cdp.volume import Volume
@@ -46,7 +47,7 @@ def _points(store: Store, args: dict[str, Any]) -> tuple[Volume, str, str, int, 
     a_text = args.get("from")
     if not a_text:
         raise UsageError("missing --from POINT (use 'origin' for everything ever written)")
-    b_text = args.get("to") or "now"
+    b_text = point_arg(args, "to")
     return vol, a_text, b_text, vol.resolve_point(a_text), vol.resolve_point(b_text)
 
 
@@ -90,11 +91,14 @@ async def changed(store: Store, args: dict[str, Any], progress: Progress) -> Any
     return r
 
 
-def _infer_format(output: str | None, fmt: str | None, to_nbd: str | None) -> str:
+def _infer_format(output: str | None, fmt: str | None, to_nbd: str | None,
+                  dry_run: bool = False) -> str:
     if to_nbd:
         if output:
             raise UsageError("give either -o FILE or --to-nbd URI, not both")
         return "nbd"
+    if not output and dry_run:  # nothing is written: the format decides the estimate only
+        output = "-"
     if not output:
         raise UsageError("export needs -o FILE (.qcow2, .cdpdiff or -) or --to-nbd URI")
     if fmt:
@@ -115,7 +119,7 @@ async def export_diff(store: Store, args: dict[str, Any], progress: Progress) ->
     vol, a_text, b_text, a, b = _points(store, args)
     output = args.get("output")
     to_nbd = args.get("to_nbd")
-    fmt = _infer_format(output, args.get("format"), to_nbd)
+    fmt = _infer_format(output, args.get("format"), to_nbd, bool(args.get("dry_run")))
     if output == "-":
         raise UsageError("the daemon cannot write to cdpctl's stdout; cdpctl passes a pipe")
     pieces = await compute_pieces(vol, a, b, progress)

@@ -17,6 +17,7 @@ from cdp.ntfs.attribute import DataStream
 from cdp.ntfs.mft import NtfsVolume
 from cdp.ntfs.runlist import read_runs
 from cdp.outputs import commit_partial, discard_partial, open_partial, set_size, write_at
+from cdp.points import point_arg
 from cdp.progress import Progress
 from cdp.store import Store
 
@@ -38,7 +39,7 @@ async def files(store: Store, args: dict[str, Any], progress: Progress) -> Any:
     """List a directory (or one file) as of a point; ``recursive`` lists the subtree.
     Cost: at a catalogued marker one index scan; elsewhere plus an MFT diff."""
     vol = store.volume(args.get("volume"))
-    point = args.get("at") or "now"
+    point = point_arg(args, "at")
     view = await service_for(vol).view(point)
     path = "/" + (args.get("path") or "/").strip("/")
     out = _header(vol.name, point, view)
@@ -91,10 +92,15 @@ async def file_versions(store: Store, args: dict[str, Any], progress: Progress) 
 
 async def find(store: Store, args: dict[str, Any], progress: Progress) -> Any:
     """Glob over names (or whole paths when the pattern has a ``/``), case-insensitive;
-    every version unless ``at``. Cost: a scan of the catalog."""
+    every version unless ``at``. A path pattern is anchored at the root: ``reports/*/q3*``
+    means ``/reports/*/q3*`` (as a ``.gitignore`` pattern with a ``/`` in it is anchored
+    at its directory); ``**`` is not special, but ``*`` crosses ``/``, so ``*/q3*``
+    matches in every directory below the root. Cost: a scan of the catalog."""
     vol = store.volume(args.get("volume"))
     pattern = args["pattern"]
     on_path = "/" in pattern
+    if on_path and not pattern.startswith("/"):
+        pattern = "/" + pattern
     svc = service_for(vol)
     if args.get("at"):
         view = await svc.view(args["at"])
@@ -109,20 +115,19 @@ async def find(store: Store, args: dict[str, Any], progress: Progress) -> Any:
 async def restore(store: Store, args: dict[str, Any], progress: Progress) -> Any:
     """Write a file's bytes as of a point to ``output``: the record is re-read at that
     point and its runlist (or resident bytes) followed — sparse runs become holes, the
-    size is exact, modification/access times are set. ``PATH:stream`` restores an
+    size is exact, modification/access times are set. ``path`` is taken literally (a
+    name may hold ``:``, spaces, newlines, a leading ``-``); ``stream`` names an
     alternate data stream. Cost: O(file size) reads."""
     vol = store.volume(args.get("volume"))
-    point = args.get("at") or "now"
+    point = point_arg(args, "at")
     out_path = args.get("output")
     if not out_path or out_path == "-":
         raise UsageError("restore needs an output file (-o FILE)")
     svc = service_for(vol)
     view = await svc.view(point)
     path = args["path"]
-    stream_name = ""
+    stream_name = str(args.get("stream") or "")
     d, n = split(path)
-    if ":" in n:
-        n, stream_name = n.split(":", 1)
     e = view.lookup(d, n)
     if e is None:
         raise NotFound(f"{path}: no such file at {point}")

@@ -37,6 +37,10 @@ async def op_retention_keep(store: Store, args: dict[str, Any], progress: Progre
     if mid is None:
         seq = vol.resolve_point(name)
         mid = next(m.id for m in vol.markers if m.seq == seq)
+    if str(args["keep"]) == "none":  # release: the tiers decide again
+        had = retention_of(vol).release_marker(mid)
+        return {"volume": vol.name, "marker": f"marker{mid}", "keep_until_ns": None,
+                "released": had}
     until = parse_keep(str(args["keep"]), time.time_ns())
     retention_of(vol).keep_marker(mid, until)
     return {"volume": vol.name, "marker": f"marker{mid}", "keep_until_ns": until}

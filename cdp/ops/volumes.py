@@ -19,6 +19,7 @@ from cdp.errors import NotFound, UsageError
 from cdp.journal import verify_journal
 from cdp.ops.retention import marker_fields, status_fields
 from cdp.outputs import commit_partial, discard_partial, open_partial, set_size, write_at
+from cdp.points import point_arg
 from cdp.progress import Progress
 from cdp.proxy.drl import DEFAULT_REGION
 from cdp.proxy.volume import ProxyVolume
@@ -43,10 +44,21 @@ async def volume_list(store: Store, args: dict[str, Any], progress: Progress) ->
     ]
 
 
+#: options that only a proxy volume takes (argument -> the cdpctl option naming it)
+PROXY_ONLY = {"primary": "--primary", "ack": "--ack", "initial_copy": "--no-initial-copy",
+              "drl_region": "--drl-region", "copy_rate": "--copy-rate"}
+
+
 async def volume_create(store: Store, args: dict[str, Any], progress: Progress) -> Any:
+    """Create a volume: mirror (default) or proxy (``mode``). An option of the other
+    mode is refused, naming it (docs/PROXY.md), never silently ignored."""
     if args.get("mode") == "proxy":
         return await _proxy_volume_create(store, args, progress)
     name = args["name"]
+    for key, flag in PROXY_ONLY.items():
+        v = args.get(key)
+        if v is not None and not (key == "initial_copy" and v is True):
+            raise UsageError(f"{flag}: only with --mode proxy (volume {name} would be a mirror volume)")
     image = args.get("from_image")
     size = args.get("size")
     src_size = None
@@ -203,13 +215,21 @@ async def snapshot(store: Store, args: dict[str, Any], progress: Progress) -> An
 
 
 async def rewind(store: Store, args: dict[str, Any], progress: Progress) -> Any:
+    """Rewind the live volume to ``to``. The result carries the undo handle (``undo``:
+    the point to rewind to for undoing it). A target that is already the live state
+    (``now``, the head) writes nothing and says so (``changed`` false, ``undo`` None)."""
     vol = store.volume(args.get("volume"))
-    target = vol.resolve_point(args["to"])
+    to = point_arg(args, "to")
+    target = vol.resolve_point(to)
+    if target == vol.head_seq:
+        return {"volume": vol.name, "rewind_seq": None, "target_seq": target, "to": to,
+                "changed": False, "undo": None}
     if isinstance(vol, ProxyVolume):  # also rewrites the primary, with progress
         seq = await vol.rewind(target, progress=progress)
     else:
         seq = await vol.rewind(target)
-    return {"volume": vol.name, "rewind_seq": seq, "target_seq": target, "to": args["to"]}
+    return {"volume": vol.name, "rewind_seq": seq, "target_seq": target, "to": to,
+            "changed": True, "undo": f"@{seq - 1}"}
 
 
 async def pause(store: Store, args: dict[str, Any], progress: Progress) -> Any:
@@ -220,11 +240,14 @@ async def pause(store: Store, args: dict[str, Any], progress: Progress) -> Any:
 
 
 async def resume(store: Store, args: dict[str, Any], progress: Progress) -> Any:
+    """Release held writes; each row says whether the volume was paused at all
+    (``was_paused``), so resuming a running volume is reported, not silent."""
     names = args.get("volumes") or ([None] if len(store.volumes) <= 1 else sorted(store.volumes))
     vols = [store.volume(n) for n in names]
+    rows = [{"volume": v.name, "paused": False, "was_paused": v.paused} for v in vols]
     for v in vols:
         v.resume()
-    return [{"volume": v.name, "paused": False} for v in vols]
+    return rows
 
 
 # ---------------------------------------------------------------------------- images
@@ -234,7 +257,7 @@ async def image(store: Store, args: dict[str, Any], progress: Progress) -> Any:
     """Write a sparse raw image of a volume at a point. Cost: O(changed extents) map
     work + reading the data bytes once; zero runs become holes in the output."""
     vol = store.volume(args.get("volume"))
-    point = args.get("at") or "now"
+    point = point_arg(args, "at")
     seq = vol.resolve_point(point)
     out = Path(args["output"])
     if str(out) == "-" or out.name == "-":

@@ -146,9 +146,22 @@ class Retention(VolumeService):
         self._doc["keep"][str(marker_id)] = until_ns
         self._save()
 
-    def kept_until(self, marker_id: int) -> int | None:
+    def release_marker(self, marker_id: int) -> bool:
+        """Drop a marker's keep (``retention keep M --keep none``): the tiers decide
+        again. True when it had one."""
+        self.vol.marker(marker_id)  # NotFound if unknown
+        had = self._doc["keep"].pop(str(marker_id), None) is not None
+        self._save()
+        return had
+
+    def kept_until(self, marker_id: int, now_ns: int | None = None) -> int | None:
+        """Until when (ns; -1 forever) the marker is kept, None when it is not (never
+        kept, released, or its keep has run out by ``now_ns``, default now)."""
         v = self._doc["keep"].get(str(marker_id))
-        return None if v is None else int(v)
+        if v is None:
+            return None
+        now = time.time_ns() if now_ns is None else now_ns
+        return int(v) if int(v) < 0 or int(v) > now else None
 
     # ------------------------------------------------------------------ points
 
@@ -161,8 +174,7 @@ class Retention(VolumeService):
             return set(), 0
         pts, ka = policy_points(self.settings.tiers, now, j.seq_at_time, head)
         for m in self.vol.markers:
-            until = self.kept_until(m.id)
-            if until is not None and (until < 0 or until > now):
+            if self.kept_until(m.id, now) is not None:
                 pts.add(m.seq)
         for s in self.vol.services:  # points a service holds (the sentinel's clean points)
             pts.update(s.held_points(self.vol))
@@ -447,7 +459,8 @@ class Retention(VolumeService):
             "warning": self.warning,
             "keep_after": maps.keep_after,
             "retained_points": len(maps.retained),
-            "kept_markers": {k: v for k, v in self._doc["keep"].items()},
+            "kept_markers": {k: v for k, v in self._doc["keep"].items()
+                             if self.kept_until(int(k)) is not None},  # not run out
             "per_tier": self.tier_info(),
             "last_gc": self.last_gc,
             "source": "retention.json" if self._doc.get("policy") else "config",

@@ -12,8 +12,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from cdp.nbdclient import NbdClient
-
+from cdp.targets.nbd.client import NbdClient
 from tools.harness import Cdpd
 
 SIZE = 64 << 20

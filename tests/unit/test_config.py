@@ -107,3 +107,28 @@ def test_replication_listener_and_secret_file(tmp_path: Path) -> None:
         parse_config({"replication": {"listen": "127.0.0.1:7500", "secret_file": str(secret)}})
     with pytest.raises(ConfigError, match="replication"):
         parse_config({"replication": {"bogus": 1}})
+
+
+@pytest.mark.parametrize("section", ["store", "journal", "maps", "read", "nbd", "metrics", "iscsi",
+                                     "retention", "volume"])
+def test_unknown_key_lists_exactly_the_keys_the_schema_takes(section: str) -> None:
+    """Issue 28 item 10: the "known keys" of an error are the schema's (they once
+    omitted [nbd]'s tls keys). Every listed key is accepted (no "unknown key" for it),
+    and the listed [nbd] keys include the TLS ones."""
+    def doc(table: dict[str, object]) -> dict[str, object]:
+        if section == "volume":
+            return {"volume": [{"name": "v", "size": "1MiB", **table}]}
+        return {section: table}
+
+    with pytest.raises(ConfigError) as e:
+        parse_config(doc({"bogus": 1}))
+    msg = str(e.value)
+    assert "unknown key (known keys: " in msg, msg
+    keys = msg.split("known keys: ", 1)[1].rstrip(")").split(", ")
+    for k in keys:
+        try:
+            parse_config(doc({k: "x"}))
+        except ConfigError as err:
+            assert "unknown key" not in str(err), (k, str(err))
+    if section == "nbd":
+        assert {"enabled", "listen", "tls", "tls_cert", "tls_key"} <= set(keys), keys

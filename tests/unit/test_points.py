@@ -4,7 +4,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from cdp.errors import PointError
+from cdp.errors import ExitStatus, UsageError
 from cdp.points import PointKind, parse_point, split_export_name
 
 
@@ -32,10 +32,13 @@ def test_local_time_when_no_offset() -> None:
     assert p.value == int(datetime(2024, 5, 1, 10).astimezone().timestamp()) * 10**9
 
 
-@pytest.mark.parametrize("bad", ["", "  ", "2024-13-45T99:00", "@abc", "-10parsecs"])
+@pytest.mark.parametrize("bad", ["", "  ", "2024-13-45T99:00", "2024-13-45", "@abc", "-10parsecs"])
 def test_bad_points(bad: str) -> None:
-    with pytest.raises(PointError):
+    """Malformed (or empty) text is a usage error, exit 2 (issue 28 item 9), not an
+    unknown point."""
+    with pytest.raises(UsageError) as e:
         parse_point(bad)
+    assert e.value.exit_status is ExitStatus.USAGE
 
 
 def test_export_names() -> None:

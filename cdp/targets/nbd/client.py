@@ -34,12 +34,13 @@ a request that must wait reads replies until the conflict is gone.
 
 from __future__ import annotations
 
+import errno as _errno
 import socket
 import struct
 import urllib.parse
 from dataclasses import dataclass
 
-from cdp.errors import CdpError, UsageError
+from cdp.errors import CdpError, ExitStatus, ReadOnly, StoreFull, UsageError
 from cdp.targets.nbd.proto import (
     CLIENT_FLAGS,
     EXPORT_NAME_REPLY,
@@ -81,7 +82,30 @@ DEFAULT_PORT = 10809
 class NbdClientError(CdpError):
     """The NBD server refused or failed something (or the connection broke)."""
 
-    exit_status = 1
+    exit_status = ExitStatus.ERROR
+
+
+class NbdNoSpace(NbdClientError, StoreFull):
+    """The NBD server answered ENOSPC (its store is full): exit 5, as ``cdpctl --help`` says."""
+
+    exit_status = ExitStatus.STORE_FULL
+
+
+class NbdReadOnly(NbdClientError, ReadOnly):
+    """The NBD server answered EPERM (a read-only export): exit 4."""
+
+    exit_status = ExitStatus.READ_ONLY
+
+
+def _server_error(cmd: int, err: int) -> NbdClientError:
+    """The error for an NBD reply with error ``err``: ENOSPC and EPERM keep the exit
+    status their meaning has (5, 4); anything else is exit 1. Each names the errno."""
+    what = f"NBD server failed command {cmd} (errno {err}"
+    if err == _errno.ENOSPC:
+        return NbdNoSpace(f"{what}: no space left on the target)")
+    if err == _errno.EPERM:
+        return NbdReadOnly(f"{what}: the export is read-only)")
+    return NbdClientError(f"{what})")
 
 
 @dataclass(frozen=True)
@@ -304,7 +328,7 @@ class NbdClient:
             raise NbdClientError(f"NBD server replied to an unknown request {cookie}")
         cmd, start, end = req
         if err:
-            raise NbdClientError(f"NBD server failed command {cmd} (errno {err})")
+            raise _server_error(cmd, err)
         if cmd == _READ:
             data = self._recv(end - start)
             if cookie in self._reads:

@@ -1,0 +1,74 @@
+"""The operator's first hour with the file catalog (issue 28): ``find`` as docs/FILES.md
+writes it, and what it prints when nothing matched or a file is past the last marker.
+Real NTFS (mkntfs, ntfs-3g) on a cdp volume through nbdfuse, as test_files_catalog."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tests.integration.test_files_catalog import disk, snapshot, wait_catalogued
+from tools.harness import Cdpd
+from tools.ntfs_fixture import mkntfs, mounted, set_ads
+
+__all__ = ["disk"]  # the fixture, imported for pytest
+
+
+def test_find_as_the_docs_write_it(cdpd: Cdpd, disk: Path) -> None:
+    mkntfs(disk)
+    with mounted(disk) as m:
+        (m / "Reports" / "2024").mkdir(parents=True)
+        (m / "Reports" / "2024" / "Q3.xlsx").write_bytes(b"q3")
+        (m / "Other" / "Reports" / "2024").mkdir(parents=True)
+        (m / "Other" / "Reports" / "2024" / "q3-copy.xlsx").write_bytes(b"q3 copy")
+    assert snapshot(cdpd) == "marker1"
+    wait_catalogued(cdpd, 1)
+
+    # item 6: a path pattern without a leading '/' is anchored at the root
+    f = cdpd.cdpctl_json("find", "reports/*/q3*", "--at", "marker1")["entries"]
+    assert [e["path"] for e in f] == ["/Reports/2024/Q3.xlsx"]
+    f = cdpd.cdpctl_json("find", "reports/*/q3*")["entries"]
+    assert [e["path"] for e in f] == ["/Reports/2024/Q3.xlsx"]
+    f = cdpd.cdpctl_json("find", "*/2024/q3*")["entries"]  # '*' crosses '/'
+    assert sorted(e["path"] for e in f) == ["/Other/Reports/2024/q3-copy.xlsx", "/Reports/2024/Q3.xlsx"]
+    r = cdpd.cdpctl("find", "nothing-here*", check=False)
+    assert r.returncode == 1 and "no matches" in r.stderr and r.stdout == "", (r.returncode, r.stderr)
+    r = cdpd.cdpctl("find", "nothing-here*", "--json", check=False)
+    assert r.returncode == 1 and '"entries": []' in r.stdout
+
+    # item 14: a file past the last marker is not shown as "marker0.."
+    with mounted(disk) as m:
+        (m / "Reports" / "2024" / "Q3-late.xlsx").write_bytes(b"late")
+    out = cdpd.cdpctl("find", "q3*", "--at", "now").stdout
+    assert "marker0" not in out, out
+    late = next(line for line in out.splitlines() if "Q3-late" in line)
+    assert "after the last marker" in late, out
+    assert "marker1.." in next(line for line in out.splitlines() if "/Q3.xlsx" in line), out
+
+
+ODD = ["/odd/a:b.txt", "/odd/-dash.txt", "/odd/with space.txt", "/odd/new\nline.txt", "/odd/--"]
+
+
+def test_restore_reaches_every_name_and_streams_have_their_option(cdpd: Cdpd, disk: Path,
+                                                                   tmp_path: Path) -> None:
+    """Issue 28 item 5: PATH is literal (':' is part of a name, not a stream); streams
+    are --stream NAME."""
+    mkntfs(disk)
+    with mounted(disk) as m:
+        (m / "odd").mkdir()
+        for i, p in enumerate(ODD):
+            (m / p.lstrip("/")).write_bytes(b"file %d" % i)
+        (m / "odd" / "a").write_bytes(b"plain a")
+        set_ads(m / "odd" / "a", "b.txt", b"the stream b.txt of a")
+    assert snapshot(cdpd) == "marker1"
+    wait_catalogued(cdpd, 1)
+    out = tmp_path / "out"
+    for i, p in enumerate(ODD):
+        r = cdpd.cdpctl("restore", "--at", "marker1", "-o", str(out), "--", p)
+        assert out.read_bytes() == b"file %d" % i, (p, r.stdout)
+        assert len(r.stdout.splitlines()) == 1, r.stdout
+    cdpd.cdpctl("restore", "/odd/a", "--stream", "b.txt", "--at", "marker1", "-o", str(out))
+    assert out.read_bytes() == b"the stream b.txt of a"
+    cdpd.cdpctl("restore", "/odd/a", "--at", "marker1", "-o", str(out))
+    assert out.read_bytes() == b"plain a"
+    r = cdpd.cdpctl("restore", "/odd/a", "--stream", "nope", "--at", "marker1", "-o", str(out), check=False)
+    assert r.returncode == 3 and "no stream 'nope'" in r.stderr, r.stderr
