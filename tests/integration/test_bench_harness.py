@@ -16,7 +16,7 @@ from tools.bench.__main__ import SUITES
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(900)  # every suite, quick: ~4-5 min on 2 busy cores
+@pytest.mark.timeout(900)  # every suite, quick: ~3 min on 2 busy cores
 def test_quick_benchmark_run_writes_the_report(tmp_path: Path) -> None:
     require_tool("fio", "nbdkit", "tgtd", "iscsi-perf", "qemu-img", "mkntfs", "fls", "mkfs.ext4",
                  "fuse2fs")

@@ -56,7 +56,7 @@ def _gc(d: Cdpd, out: dict[str, Any]) -> None:
 def run(quick: bool = False) -> list[dict[str, Any]]:
     runtime = 5 if quick else 20
     reps = 1 if quick else 3
-    fill = 8 if quick else 30
+    fill = 2 if quick else 30
     size = 64 << 20
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="cdp-compact-bench-") as tmp:

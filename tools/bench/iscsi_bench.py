@@ -111,7 +111,7 @@ def run(quick: bool = False) -> list[dict[str, Any]]:
     for tool in ("iscsi-perf", "qemu-img", "tgtd", "tgtadm"):
         if shutil.which(tool) is None:
             raise SystemExit(f"requires {tool}")
-    seconds = 3 if quick else 10
+    seconds = 1 if quick else 10
     count = 20000 if quick else 100000
     provider = MemoryProvider()
     provider.add("bench", SIZE)

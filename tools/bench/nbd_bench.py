@@ -122,7 +122,7 @@ def run(quick: bool = False, workloads: list[str] | None = None, scratch: Path |
         if shutil.which(tool) is None:
             raise SystemExit(f"nbd_bench: requires {tool} (make sysdeps)")
     want = set(workloads or ["disk", "nbd-randwrite-4k", "nbd-seqwrite-1m", "nbd-randread-4k", "nbd-flush", "pit-read"])
-    runtime = 3.0 if quick else 20.0
+    runtime = 1.0 if quick else 20.0
     size = 256 * MiB if quick else 2 * GiB
     base = Path(tempfile.mkdtemp(prefix="cdp-bench-", dir=scratch or Path.cwd()))
     rows: list[dict[str, Any]] = []
