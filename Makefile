@@ -32,7 +32,7 @@ typecheck: $(STAMP)
 test: $(STAMP) sysdeps lint typecheck
 	@if tools/ceph-s3 status >/dev/null 2>&1; then stop=:; else stop='tools/ceph-s3 stop'; fi; \
 	trap "$$stop" EXIT; trap 'exit 130' INT TERM; \
-	tools/ceph-s3 up && eval "$$(tools/ceph-s3 env)" && $(BIN)/python -m pytest -q -ra
+	tools/ceph-s3 up && eval "$$(tools/ceph-s3 env)" && $(BIN)/python -m pytest -q -ra --durations=25
 
 unit: $(STAMP)
 	$(BIN)/python -m pytest -q tests/unit tests/property
