@@ -288,24 +288,47 @@ def test_offline_commands_on_a_stopped_store(cdpd: Cdpd, tmp_path: Path) -> None
 
 def test_relative_points_written_after_a_space(cdpd: Cdpd, tmp_path: Path) -> None:
     """``--at -Ns`` / ``--to -Ns`` as the help writes them (argparse alone would take
-    ``-Ns`` for an option and stop with "expected one argument")."""
+    ``-Ns`` for an option and stop with "expected one argument").
+
+    cdpd resolves ``-Ns`` against its own clock when the command reaches it, which on a
+    loaded machine may be seconds after the test chose N. So the test aims at the middle
+    of a 6 s gap between two writes and brackets the moment of each command (before and
+    after it): when the bracket, moved back N seconds, falls clear of the second write
+    (the usual case) the point must be exactly the first write; when it straddles the
+    second write either may be right; and the data must always be that of the seq the
+    point resolved to."""
     require_tool("qemu-io")
     qemu_io(cdpd.uri(), "write -P 0x11 0 64k")
+    first = cdpd.cdpctl_json("status")["last_seq"]
     t1 = time.time()
     time.sleep(6)
-    t2 = time.time()
+    before = time.time()
     qemu_io(cdpd.uri(), "write -P 0x22 0 64k")
+    after = time.time()
+    second = cdpd.cdpctl_json("status")["last_seq"]
+    assert second == first + 1
+    pattern = {first: 0x11, second: 0x22}
 
-    def back() -> str:
-        # aim at the middle of the 6 s gap between the writes, seen from now: cdpctl's
-        # own "now" may come seconds later on a loaded machine, and stays in the gap
-        return f"-{round(time.time() - (t1 + t2) / 2)}s"
+    def relative(cmd: str, option: str, *rest: str) -> dict:
+        t0 = time.time()
+        n = round(t0 - (t1 + before) / 2)
+        out = cdpd.cdpctl_json(cmd, option, f"-{n}s", *rest)
+        t_end = time.time()
+        seq = out["seq"] if cmd == "image" else out["target_seq"]
+        if t_end - n < before:
+            allowed = {first}
+        elif t0 - n >= after:
+            allowed = {second}
+        else:
+            allowed = {first, second}
+        assert seq in allowed, (cmd, n, seq, first, second, t0, t_end, before, after)
+        return out
 
     img = tmp_path / "before.img"
-    cdpd.cdpctl("image", "--at", back(), "-o", str(img))
-    assert_bytes_equal(img.read_bytes()[: 64 << 10], b"\x11" * (64 << 10))
-    cdpd.cdpctl("rewind", "--to", back())
-    qemu_io(cdpd.uri(), "read -P 0x11 0 64k")
+    seq = relative("image", "--at", "-o", str(img))["seq"]
+    assert_bytes_equal(img.read_bytes()[: 64 << 10], bytes([pattern[seq]]) * (64 << 10))
+    target = relative("rewind", "--to")["target_seq"]
+    qemu_io(cdpd.uri(), f"read -P {pattern[target]:#x} 0 64k")
     r = cdpd.cdpctl("rewind", "--to", "-100d", check=False)
     assert r.returncode == 3 and "before the first write" in r.stderr, r.stderr
 
