@@ -1,4 +1,4 @@
-"""The volume operations: list, create, status, markers, snapshot, rewind, pause,
+"""The volume operations: list, create, delete, resize, status, markers, snapshot, rewind, pause,
 resume, image and verify (same signature as every operation; see :mod:`cdp.ops`)."""
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from cdp.proxy.volume import ProxyVolume
 from cdp.store import Store
 from cdp.units import parse_size
 from cdp.verify import CATALOG_FILE, problem_dict, verify_catalog, verify_maps, verify_volume_dir
-from cdp.volume import Volume
+from cdp.volume import Volume, check_size
 
 # ---------------------------------------------------------------------------- volumes
 
@@ -70,8 +70,7 @@ async def volume_create(store: Store, args: dict[str, Any], progress: Progress) 
             raise UsageError("volume create needs --size (or --from-image)")
         size = src_size
     size = parse_size(size, "--size")
-    if size % 512:
-        raise UsageError(f"--size must be a multiple of 512, got {size}")
+    check_size(size, "--size")
     if src_size is not None and src_size > size:
         raise UsageError(f"--size {size} is smaller than the image ({src_size} bytes)")
     vol = store.create_volume(VolumeSpec(name, size))
@@ -89,6 +88,8 @@ async def _proxy_volume_create(store: Store, args: dict[str, Any], progress: Pro
     if not args.get("primary"):
         raise UsageError("--mode proxy needs --primary PATH (file, block device or nbd:// URL)")
     size = parse_size(args["size"], "--size") if args.get("size") else 0
+    if size:
+        check_size(size, "--size")
     region = parse_size(args["drl_region"], "--drl-region") if args.get("drl_region") else DEFAULT_REGION
     rate = parse_size(args["copy_rate"], "--copy-rate") if args.get("copy_rate") else 0
     initial = args.get("initial_copy", True)
@@ -159,6 +160,48 @@ async def _initial_copy(vol: Volume, image: str, fmt: str, progress: Progress) -
     finally:
         if tmpdir:
             shutil.rmtree(tmpdir, ignore_errors=True)
+
+
+async def volume_delete(store: Store, args: dict[str, Any], progress: Progress) -> Any:
+    """Delete a volume and its whole history: cdpd stops serving it at once (new
+    connections find no such export), its files are removed (``freed_bytes``).
+    Refused (UsageError) while clients are connected or while a marker is kept
+    (``retention keep``), unless ``force``: then open connections get errors."""
+    name = str(args["name"])
+    vol = store.volumes.get(name)
+    if vol is not None and not args.get("force"):
+        if vol.connections:
+            raise UsageError(
+                f"volume {name} has {vol.connections} open connection(s): disconnect the "
+                "clients first, or delete it anyway with --force")
+        kept = [m.name for m in vol.markers if marker_fields(vol, m.id, m.seq)["keep_until_ns"]]
+        if kept:
+            raise UsageError(
+                f"volume {name} has kept markers ({', '.join(kept)}): release them with "
+                "`cdpctl retention keep MARKER --keep none`, or delete anyway with --force")
+    seq = vol.head_seq if vol is not None else None
+    store.delete_volume(name)
+    freed = await asyncio.get_running_loop().run_in_executor(None, store.purge_deleted)
+    out: dict[str, Any] = {"volume": name, "deleted": True, "last_seq": seq, "freed_bytes": freed}
+    if any(spec.name == name for spec in store.settings.volumes):
+        out["warning"] = (f"volume {name} is named in the configuration: cdpd will create it "
+                          "again, empty, at its next start unless it is removed there")
+    return out
+
+
+async def volume_resize(store: Store, args: dict[str, Any], progress: Progress) -> Any:
+    """Grow a mirror volume (``size``; shrinking is refused, see :meth:`Volume.grow`).
+    New connections see the new size; points before the resize read zeros past the
+    old size."""
+    vol = store.volume(args.get("volume"))
+    if isinstance(vol, ProxyVolume):
+        raise UsageError(f"volume {vol.name} is a proxy volume: its size is its primary's; "
+                         "resize is for mirror volumes")
+    size = parse_size(str(args["size"]), "SIZE")
+    old = vol.size
+    change = vol.grow(size)
+    return {"volume": vol.name, "old_size": old, "size": vol.size, "changed": change is not None,
+            "seq": None if change is None else change["seq"]}
 
 
 # ---------------------------------------------------------------------------- status
@@ -351,6 +394,8 @@ async def verify(store: Store, args: dict[str, Any], progress: Progress) -> Any:
 OPS: dict[str, Callable[[Store, dict[str, Any], Progress], Awaitable[Any]]] = {
     "volume_list": volume_list,
     "volume_create": volume_create,
+    "volume_delete": volume_delete,
+    "volume_resize": volume_resize,
     "status": status,
     "markers": markers,
     "snapshot": snapshot,
