@@ -6,6 +6,7 @@ import argparse
 import os
 
 from cdp.cli.common import Context, add_common, emit_json
+from cdp.ntfs.names import from_argv, shown
 from cdp.units import format_size
 
 
@@ -16,7 +17,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "resident bytes) in the point-in-time view: exact size, sparse runs become holes, "
         "modification and access times are set. PATH is taken literally: ':' , spaces and "
         "newlines are part of the name (quote them); a path starting with '-' goes after "
-        "'--'.",
+        "'--'. Names that are not valid Unicode (an NTFS name with a lone UTF-16 "
+        "surrogate) are printed escaped, 'a\\udc00b', and typed as bash writes them: "
+        "$'a\\udc00b'.",
     )
     add_common(p)
     p.add_argument("path", metavar="PATH")
@@ -26,18 +29,13 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.set_defaults(func=run)
 
 
-def _shown(name: str) -> str:
-    """A name as printed: as is, or quoted with escapes when it has a newline or other
-    unprintable character (so one result stays one line)."""
-    return name if name.isprintable() else repr(name)
-
-
 def run(ctx: Context, args: argparse.Namespace) -> int:
-    r = ctx.call("restore", {"volume": args.volume, "path": args.path, "stream": args.stream,
+    r = ctx.call("restore", {"volume": args.volume, "path": from_argv(args.path),
+                             "stream": from_argv(args.stream) if args.stream else None,
                              "at": args.at, "output": os.path.abspath(args.output)}, progress=True)
     if ctx.json:
         emit_json(r)
     else:
-        print(f"{r['output']}: {_shown(r['path'])}{' stream ' + _shown(r['stream']) if r['stream'] else ''} "
+        print(f"{r['output']}: {shown(r['path'])}{' stream ' + shown(r['stream']) if r['stream'] else ''} "
               f"as of {r['at']} (@{r['seq']}), {format_size(r['size'])}")
     return 0

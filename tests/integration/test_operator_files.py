@@ -4,6 +4,7 @@ Real NTFS (mkntfs, ntfs-3g) on a cdp volume through nbdfuse, as test_files_catal
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from tests.integration.test_files_catalog import disk, snapshot, wait_catalogued
@@ -72,3 +73,41 @@ def test_restore_reaches_every_name_and_streams_have_their_option(cdpd: Cdpd, di
     assert out.read_bytes() == b"plain a"
     r = cdpd.cdpctl("restore", "/odd/a", "--stream", "nope", "--at", "marker1", "-o", str(out), check=False)
     assert r.returncode == 3 and "no stream 'nope'" in r.stderr, r.stderr
+
+
+LONE = "/odd/lone-\udc00.txt"  # an NTFS name with a lone UTF-16 surrogate (legal in NTFS)
+TWIN = "/odd/lone-\U0010fc00.txt"  # the character cdp stores a lone U+DC00 as: kept apart
+
+
+def test_names_with_lone_surrogates_are_reachable(cdpd: Cdpd, disk: Path, tmp_path: Path) -> None:
+    """Issue 28 item 5: a name that is not valid Unicode stays exact: ``files``, ``find``,
+    ``versions`` and ``restore`` reach it, typed as bash's $'...' gives it (WTF-8 bytes),
+    and it prints escaped on one line."""
+    mkntfs(disk)
+    with mounted(disk) as m:
+        (m / "odd").mkdir()
+        for p, data in ((LONE, b"lone"), (TWIN, b"twin")):  # ntfs-3g takes WTF-8 bytes
+            raw = os.fsencode(str(m)) + p.encode("utf-8", "surrogatepass")
+            with open(raw, "wb") as f:
+                f.write(data)
+    assert snapshot(cdpd) == "marker1"
+    wait_catalogued(cdpd, 1)
+    argv = os.fsdecode(LONE.encode("utf-8", "surrogatepass"))  # what bash passes for $'\udc00'
+
+    rows = cdpd.cdpctl_json("files", "/odd", "--at", "marker1")["entries"]
+    assert sorted(e["path"] for e in rows) == sorted([LONE, TWIN])
+    out = cdpd.cdpctl("files", "/odd", "--at", "marker1").stdout
+    assert "'lone-\\udc00.txt'" in out and len(out.splitlines()) == 3, out
+    found = cdpd.cdpctl_json("find", "lone-*")["entries"]
+    assert sorted(e["path"] for e in found) == sorted([LONE, TWIN])
+    assert [e["path"] for e in cdpd.cdpctl_json("find", argv.rsplit("/", 1)[1])["entries"]] == [LONE]
+    out = cdpd.cdpctl("find", "lone-*", "--at", "marker1").stdout
+    assert "'/odd/lone-\\udc00.txt'" in out, out
+    v = cdpd.cdpctl_json("versions", argv)
+    assert v["path"] == LONE and [r["size"] for r in v["versions"]] == [4]
+    dest = tmp_path / "restored"
+    for p, data in ((argv, b"lone"), (TWIN, b"twin")):
+        r = cdpd.cdpctl("restore", "--at", "marker1", "-o", str(dest), "--", p)
+        assert dest.read_bytes() == data and len(r.stdout.splitlines()) == 1, r.stdout
+    assert "'/odd/lone-\\udc00.txt'" in cdpd.cdpctl("restore", "--at", "marker1", "-o", str(dest),
+                                                      argv).stdout
