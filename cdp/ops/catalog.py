@@ -21,7 +21,17 @@ from cdp.ntfs.attribute import DataStream
 from cdp.ntfs.mft import NtfsVolume
 from cdp.ntfs.names import exact, shown, stored
 from cdp.ntfs.runlist import read_runs
-from cdp.outputs import commit_partial, discard_partial, open_partial, set_size, write_at
+from cdp.outputs import (
+    ON_ERROR,
+    DamageMap,
+    commit_partial,
+    discard_partial,
+    on_error_arg,
+    open_partial,
+    salvage_read,
+    set_size,
+    write_at,
+)
 from cdp.points import point_arg
 from cdp.progress import Progress
 from cdp.store import Store
@@ -137,9 +147,16 @@ async def restore(store: Store, args: dict[str, Any], progress: Progress) -> Any
     point and its runlist (or resident bytes) followed — sparse runs become holes, the
     size is exact, modification/access times are set. ``path`` is taken literally (a
     name may hold ``:``, spaces, newlines, a leading ``-``); ``stream`` names an
-    alternate data stream. Cost: O(file size) reads."""
+    alternate data stream. Cost: O(file size) reads.
+
+    ``on_error`` for data that fails its checksum: ``stop`` (default) ends at once;
+    ``zero`` writes zeros for each damaged piece (to the 4 KiB granule) and goes on;
+    ``skip-file`` reads on to find every damaged piece, then leaves the file unwritten
+    (``skipped``). ``damaged`` lists the ranges (file offsets, and volume offsets as
+    ``source_offset``)."""
     vol = store.volume(args.get("volume"))
     point = point_arg(args, "at")
+    on_error = on_error_arg(args, ON_ERROR)
     out_path = args.get("output")
     if not out_path or out_path == "-":
         raise UsageError("restore needs an output file (-o FILE)")
@@ -158,6 +175,11 @@ async def restore(store: Store, args: dict[str, Any], progress: Progress) -> Any
         raise NotFound(f"{path}: its file system is not on the volume at {point}")
     read = reader_at(vol, view.seq)
     nv = NtfsVolume(read, part["offset"], part["size"])
+    damage = DamageMap()
+    pending = DamageMap()  # of the current piece, offsets relative to it
+
+    def salvaging(offset: int, length: int) -> bytes:
+        return salvage_read(read, offset, length, 0, pending)
     rec = nv.read_records([e.record]).get(e.record)
     stream: DataStream | None
     if rec is not None and rec.in_use and not rec.damaged and rec.sequence == e.seq:
@@ -182,7 +204,12 @@ async def restore(store: Store, args: dict[str, Any], progress: Progress) -> Any
             if stream.compressed or stream.encrypted:
                 raise UsageError(f"{path}: compressed or encrypted streams cannot be restored yet")
             runs = stream.runs(nv.max_lcn)
-            for off, piece in read_runs(nv.read, runs, nv.cluster_size, stream.size):
+            pieces = (read_runs(nv.read, runs, nv.cluster_size, stream.size) if on_error == "stop"
+                      else read_runs(salvaging, runs, nv.cluster_size, stream.size, base=part["offset"]))
+            for off, piece in pieces:
+                for r in pending.ranges:
+                    damage.add(off + r["offset"], r["length"], r["source_offset"], r["reason"])
+                pending.ranges.clear()
                 if piece.count(0) != len(piece):
                     write_at(fd, piece, off, out)
                 written += len(piece)
@@ -192,10 +219,15 @@ async def restore(store: Store, args: dict[str, Any], progress: Progress) -> Any
     except BaseException:
         discard_partial(fd, tmp)
         raise
-    commit_partial(fd, tmp, out)
+    skipped = on_error == "skip-file" and bool(damage.ranges)
+    if skipped:
+        discard_partial(fd, tmp)
+    else:
+        commit_partial(fd, tmp, out)
     return {"volume": vol.name, "at": point, "seq": view.seq, "path": exact(join(d, n)),
             "stream": exact(stream_name) or None, "output": out, "size": stream.size,
-            "record": e.record, "modified_ns": e.mtime}
+            "record": e.record, "modified_ns": e.mtime, "on_error": on_error,
+            "skipped": skipped, "damaged": damage.ranges, "damaged_bytes": damage.bytes}
 
 
 def _classify(a: list[Entry], b: list[Entry]) -> list[dict[str, Any]]:
