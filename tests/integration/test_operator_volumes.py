@@ -3,10 +3,13 @@ what NBD and iSCSI clients see, and the refusals with their exit status."""
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
+import pytest
+
 from cdp.errors import ExitStatus
-from cdp.targets.nbd.client import NbdClient
+from cdp.targets.nbd.client import NbdClient, NbdClientError
 from tests.conftest import require_tool
 from tools.harness import Cdpd, run
 
@@ -82,5 +85,22 @@ def test_delete_refused_while_connected_then_gone(tmp_path: Path) -> None:
         r = d.cdpctl("volume", "delete", "scratch", check=False)
         assert r.returncode == ExitStatus.NOT_FOUND, r.stderr
         assert not (d.store / "volumes" / "scratch").exists()
+        # --force with a client connected: the client gets errors, cdpd carries on
+        d.cdpctl("volume", "create", "scratch", "--size", "2MiB")
+        held = NbdClient.connect(d.uri("scratch"))
+        try:
+            held.pwrite(b"y" * 4096, 0)
+            held.flush()
+            r = d.cdpctl("volume", "delete", "scratch", "--force")
+            assert "deleted scratch" in r.stdout
+            with pytest.raises(NbdClientError):
+                held.pread(0, 4096)
+        finally:
+            with contextlib.suppress(OSError, NbdClientError):
+                held.close()
+        assert [v["volume"] for v in d.cdpctl_json("volume", "list")] == ["vol0"]
+        with NbdClient.connect(d.uri()) as c:  # the other volumes are served as before
+            c.pwrite(b"still here", 0)
+            c.flush()
     finally:
         d.stop()
