@@ -165,3 +165,19 @@ def test_delete_of_a_configured_volume_warns(tmp_path: Path) -> None:
         assert "create it again" in r["warning"]
     finally:
         store.close()
+
+
+def test_a_damaged_volume_can_be_deleted(tmp_path: Path) -> None:
+    s = _settings(tmp_path)
+    store = Store.open(s)
+    _op(store, "volume_create", name="bad", size="1MiB")
+    store.close()
+    (s.store / "volumes" / "bad" / "volume.json").write_text("{not json")
+    store = Store.open(s)
+    try:
+        assert "bad" in store.damaged
+        r = _op(store, "volume_delete", name="bad")
+        assert r["deleted"] and r["last_seq"] is None
+        assert "bad" not in store.damaged and not (s.store / "volumes" / "bad").exists()
+    finally:
+        store.close()
