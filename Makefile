@@ -1,10 +1,11 @@
 # cdp — the two commands of the README, and a few more.
-#   make serve   set up and run the appliance on the embedded default (config/cdp.toml)
+#   make serve   set up (runtime dependencies only) and run the appliance on the embedded default (config/cdp.toml)
 #   make test    set up (venv + system tools + a test Ceph RGW) and run the whole test suite, lint and types
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
+RUNTIME_STAMP := $(VENV)/.runtime-stamp
 
 .PHONY: serve test check lint typecheck unit bench bench-quick sysdeps clean
 
@@ -14,7 +15,14 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	@touch $@
 
-serve: $(STAMP)
+# serve needs the runtime dependencies only (no test and lint toolchain); the full
+# set-up ($(STAMP)) includes them, so serving after `make test` installs nothing
+$(RUNTIME_STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@test -f $(STAMP) -a $(STAMP) -nt pyproject.toml || $(BIN)/python -m pip install -q -e .
+	@touch $@
+
+serve: $(RUNTIME_STAMP)
 	$(BIN)/cdpd
 
 sysdeps:

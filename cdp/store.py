@@ -7,6 +7,7 @@ Layout (see docs/FORMATS.md, "Store layout")::
     STORE/cdpd.sock           admin API of the running daemon (mode 0600)
     STORE/volumes/NAME/       one protected volume (volume.json, markers.json,
                               journal/, maps/)
+    STORE/deleted/NAME.UUID/  a deleted volume whose files are still being removed
 
 The store is the composition root: it picks a volume's kind by volume.json "mode"
 (:data:`VOLUME_KINDS`) and attaches the per-volume services (retention, the file
@@ -20,6 +21,7 @@ import fcntl
 import json
 import logging
 import os
+import shutil
 import time
 import uuid
 from pathlib import Path
@@ -112,6 +114,7 @@ class Store:
         lock_fd = _take_lock(path)
         store = cls(path, settings, lock_fd)
         try:
+            store.purge_deleted()  # what a crash left of a volume delete
             for vdir in sorted((path / "volumes").iterdir()):
                 if (vdir / "volume.json").exists():
                     try:
@@ -162,6 +165,47 @@ class Store:
             raise
         self.volumes[name] = v
         return v
+
+    def delete_volume(self, name: str) -> Path:
+        """Stop serving volume *name* (damaged ones too), close it and move its directory
+        to ``STORE/deleted/NAME.UUID`` (one rename: the name is free at once, a crash
+        leaves no half volume). Returns that directory; :meth:`purge_deleted` removes it.
+        The caller checks what may refuse a delete (connections, kept markers)."""
+        vol = self.volumes.get(name)
+        if vol is None and name not in self.damaged:
+            self.volume(name)  # NotFound naming the known volumes
+        src = self.path / "volumes" / name
+        dst = self.path / "deleted" / f"{name}.{uuid.uuid4().hex}"
+        dst.parent.mkdir(exist_ok=True)
+        if vol is not None:
+            del self.volumes[name]
+            vol.close()
+        self.damaged.pop(name, None)
+        os.rename(src, dst)
+        fd = os.open(self.path / "volumes", os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        log.info("volume %s deleted (files moved to %s)", name, dst)
+        return dst
+
+    def purge_deleted(self) -> int:
+        """Remove the directories of deleted volumes (``STORE/deleted``); returns the
+        bytes freed. Cost: one unlink per file."""
+        freed = 0
+        root = self.path / "deleted"
+        if not root.is_dir():
+            return 0
+        for d in sorted(root.iterdir()):
+            for f in d.rglob("*"):
+                try:
+                    if f.is_file() and not f.is_symlink():
+                        freed += f.stat().st_blocks * 512
+                except OSError:
+                    pass
+            shutil.rmtree(d, ignore_errors=True)
+        return freed
 
     def volume(self, name: str | None) -> Volume:
         """The named volume; with None, the only volume (error if there are several)."""

@@ -50,6 +50,8 @@ def parse_size(value: int | str, what: str = "size") -> int:
     unit = m.group(2).lower() if m else ""
     if not m or unit not in _SIZE_UNITS:
         raise UsageError(f"{what}: cannot parse size {value!r} (try '512MiB', '10GiB', '4096')")
+    if m.group(1).isdigit():  # whole numbers exactly (a float rounds above 2^53)
+        return int(m.group(1)) * _SIZE_UNITS[unit]
     n = float(m.group(1)) * _SIZE_UNITS[unit]
     if n != int(n):
         raise UsageError(f"{what}: {value!r} is not a whole number of bytes")

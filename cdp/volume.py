@@ -69,6 +69,22 @@ log = logging.getLogger("cdp.volume")
 
 VOLUME_FORMAT = 1  # volume.json "format"; bump on an incompatible change
 
+#: the largest volume size: NBD's export size is at most 2^63 - 1 (the protocol's
+#: signed-offset rule) and the map engine keeps offsets as int64 ends (exclusive), so
+#: the end of a volume must fit 2^63 - 1; rounded down to whole 512-byte sectors. The
+#: journal's u64 offset/length fields allow more and so do not bound it.
+MAX_VOLUME_SIZE = ((1 << 63) - 1) // 512 * 512
+
+
+def check_size(size: int, what: str = "volume size") -> None:
+    """UsageError unless *size* is a positive multiple of 512 up to :data:`MAX_VOLUME_SIZE`."""
+    if size <= 0 or size % 512:
+        raise UsageError(f"{what} must be a positive multiple of 512, got {size}")
+    if size > MAX_VOLUME_SIZE:
+        raise UsageError(
+            f"{what} {size} is too large: at most {MAX_VOLUME_SIZE} bytes (2^63 - 512; NBD "
+            "sizes and the map engine's int64 offsets end at 2^63 - 1)")
+
 # NBD base:allocation flags, also used for our own block status answers
 STATE_HOLE = 1
 STATE_ZERO = 2
@@ -287,8 +303,7 @@ class Volume:
         """Check *size*, create the (new) volume directory *path* and return the base
         keys of its volume.json. A volume kind adds its keys and files, then calls
         :meth:`_write_meta` (volume.json last: a directory without it is no volume)."""
-        if size <= 0 or size % 512:
-            raise UsageError(f"volume size must be a positive multiple of 512, got {size}")
+        check_size(size)
         if path.exists():
             raise UsageError(f"volume {name!r} already exists in {path.parent}")
         path.mkdir(parents=True)
@@ -966,6 +981,35 @@ class Volume:
         }
         return d
 
+    def grow(self, new_size: int) -> dict[str, Any] | None:
+        """Grow the volume to *new_size* bytes (a multiple of 512, at most
+        :data:`MAX_VOLUME_SIZE`): a recorded change, appended to volume.json's
+        ``resizes`` (the head seq, the time, the old and new size) and written atomically.
+        Shrinking is refused (UsageError); the same size changes nothing (None).
+
+        Points before the resize keep their content and take the new size: the bytes
+        past the old size never held data, so they read as zeros at every point (the
+        map holds holes there); a rewind keeps the current size. Open exports keep the
+        size they were opened with; a new connection sees the new one. Cost: one small
+        file write."""
+        check_size(new_size)
+        if new_size < self.size:
+            raise UsageError(
+                f"volume {self.name}: shrinking ({self.size} -> {new_size} bytes) is refused: "
+                "the bytes past the new end would be cut from every point in time; only "
+                "growing is supported")
+        if new_size == self.size:
+            return None
+        meta = read_meta(self.path)
+        change = {"seq": self.journal.last_seq, "time_ns": time.time_ns(),
+                  "from": self.size, "to": new_size}
+        meta["size"] = new_size
+        meta["resizes"] = [*meta.get("resizes", []), change]
+        self._write_meta(self.path, meta)
+        self.size = new_size
+        self.view_regions.clear()  # regions resolved up to the old end
+        return change
+
     # ------------------------------------------------------------------ persistence
 
     def _save_markers(self) -> None:
@@ -997,11 +1041,13 @@ def read_meta(path: Path) -> dict[str, Any]:
 
 
 __all__ = [
+    "MAX_VOLUME_SIZE",
     "STATE_HOLE",
     "STATE_ZERO",
     "VOLUME_FORMAT",
     "Volume",
     "VolumeService",
+    "check_size",
     "map_policy",
     "read_meta",
 ]

@@ -6,6 +6,7 @@ import argparse
 from typing import Any
 
 from cdp.cli.common import Context, add_common, emit_json, fmt_time, table
+from cdp.ntfs.names import from_argv, shown
 from cdp.units import format_size
 
 
@@ -29,15 +30,15 @@ def rows_table(entries: list[dict[str, Any]], *, full_path: bool) -> str:
         [("d" if e["type"] == "dir" else "-",
           "" if e["type"] == "dir" else format_size(e["size"]),
           fmt_time(e.get("modified_ns")),
-          (e["path"] if full_path else e["name"]) + ("/" if e["type"] == "dir" else "")
-          + "".join(f"  [:{s['name']} {s['size']}]" for s in e.get("streams", [])))
+          shown(e["path"] if full_path else e["name"]) + ("/" if e["type"] == "dir" else "")
+          + "".join(f"  [:{shown(s['name'])} {s['size']}]" for s in e.get("streams", [])))
          for e in entries],
         ["T", "SIZE", "MODIFIED", "NAME"],
     )
 
 
 def run(ctx: Context, args: argparse.Namespace) -> int:
-    r = ctx.call("files", {"volume": args.volume, "at": args.at, "path": args.path,
+    r = ctx.call("files", {"volume": args.volume, "at": args.at, "path": from_argv(args.path),
                            "recursive": args.recursive}, progress=True)
     if ctx.json:
         emit_json(r)

@@ -8,6 +8,7 @@ from typing import Any
 
 from cdp.cli.common import Context, add_common, emit_json, fmt_time, table
 from cdp.errors import ExitStatus
+from cdp.ntfs.names import from_argv, shown
 from cdp.units import format_size
 
 
@@ -35,7 +36,7 @@ def versions_cell(e: dict[str, Any]) -> str:
 
 
 def run(ctx: Context, args: argparse.Namespace) -> int:
-    r = ctx.call("find", {"volume": args.volume, "pattern": args.pattern, "at": args.at},
+    r = ctx.call("find", {"volume": args.volume, "pattern": from_argv(args.pattern), "at": args.at},
                  progress=True)
     found = int(ExitStatus.OK if r["entries"] else ExitStatus.ERROR)
     if ctx.json:
@@ -44,7 +45,7 @@ def run(ctx: Context, args: argparse.Namespace) -> int:
     if not r["entries"]:
         print(f"cdpctl: find: no matches for {r['pattern']!r}", file=sys.stderr)
         return found
-    print(table([(e["path"] + ("/" if e["type"] == "dir" else ""),
+    print(table([(shown(e["path"]) + ("/" if e["type"] == "dir" else ""),
                   "" if e["type"] == "dir" else format_size(e["size"]),
                   fmt_time(e["modified_ns"]), versions_cell(e))
                  for e in r["entries"]],

@@ -6,6 +6,8 @@ import argparse
 import os
 
 from cdp.cli.common import Context, add_common, emit_json
+from cdp.cli.image import ON_ERROR_HELP, report_damage
+from cdp.ntfs.names import from_argv, shown
 from cdp.units import format_size
 
 
@@ -16,28 +18,31 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "resident bytes) in the point-in-time view: exact size, sparse runs become holes, "
         "modification and access times are set. PATH is taken literally: ':' , spaces and "
         "newlines are part of the name (quote them); a path starting with '-' goes after "
-        "'--'.",
+        "'--'. Names that are not valid Unicode (an NTFS name with a lone UTF-16 "
+        "surrogate) are printed escaped, 'a\\udc00b', and typed as bash writes them: "
+        "$'a\\udc00b'.",
     )
     add_common(p)
     p.add_argument("path", metavar="PATH")
     p.add_argument("--stream", metavar="NAME", help="an alternate data stream of PATH (NTFS ADS)")
     p.add_argument("--at", required=True, metavar="POINT")
     p.add_argument("-o", "--output", required=True, metavar="OUT")
+    p.add_argument("--on-error", choices=("stop", "zero", "skip-file"), default="stop",
+                   help=ON_ERROR_HELP.format(", skip-file (leave the file unwritten)"))
     p.set_defaults(func=run)
 
 
-def _shown(name: str) -> str:
-    """A name as printed: as is, or quoted with escapes when it has a newline or other
-    unprintable character (so one result stays one line)."""
-    return name if name.isprintable() else repr(name)
-
-
 def run(ctx: Context, args: argparse.Namespace) -> int:
-    r = ctx.call("restore", {"volume": args.volume, "path": args.path, "stream": args.stream,
-                             "at": args.at, "output": os.path.abspath(args.output)}, progress=True)
+    r = ctx.call("restore", {"volume": args.volume, "path": from_argv(args.path),
+                             "stream": from_argv(args.stream) if args.stream else None,
+                             "at": args.at, "output": os.path.abspath(args.output),
+                             "on_error": args.on_error}, progress=True)
     if ctx.json:
         emit_json(r)
+    elif r["skipped"]:
+        print(f"{shown(r['path'])} as of {r['at']} (@{r['seq']}): skipped, "
+              f"{format_size(r['damaged_bytes'])} damaged; {r['output']} not written")
     else:
-        print(f"{r['output']}: {_shown(r['path'])}{' stream ' + _shown(r['stream']) if r['stream'] else ''} "
+        print(f"{r['output']}: {shown(r['path'])}{' stream ' + shown(r['stream']) if r['stream'] else ''} "
               f"as of {r['at']} (@{r['seq']}), {format_size(r['size'])}")
-    return 0
+    return report_damage(r)

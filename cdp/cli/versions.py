@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from cdp.cli.common import Context, add_common, emit_json, fmt_time, table
+from cdp.ntfs.names import from_argv
 from cdp.units import format_size
 
 
@@ -21,7 +22,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def run(ctx: Context, args: argparse.Namespace) -> int:
-    r = ctx.call("file_versions", {"volume": args.volume, "path": args.path})
+    r = ctx.call("file_versions", {"volume": args.volume,
+                                   "path": from_argv(args.path) if args.path else None})
     if ctx.json:
         emit_json(r)
         return 0

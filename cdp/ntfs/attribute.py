@@ -18,6 +18,7 @@ from cdp.ntfs.defs import (
     FILE_NAME_HEADER,
     MFT_SEGMENT_MASK,
 )
+from cdp.ntfs.names import decode_name
 from cdp.ntfs.runlist import Run, decode_runs, read_runs
 
 _FN_SIZE = FILE_NAME_HEADER.size
@@ -51,7 +52,7 @@ def parse_file_name(buf: bytes | bytearray, pos: int, length: int) -> FileName:
     nlen = f[9]
     if _FN_SIZE + 2 * nlen > length:
         raise Corruption("$FILE_NAME name runs past its attribute")
-    name = bytes(buf[pos + _FN_SIZE : pos + _FN_SIZE + 2 * nlen]).decode("utf-16-le", "replace")
+    name = decode_name(buf[pos + _FN_SIZE : pos + _FN_SIZE + 2 * nlen])
     ref = f[0]
     return FileName(ref & MFT_SEGMENT_MASK, ref >> 48, f[10], name,
                     bool(f[7] & DUP_FILE_NAME_INDEX_PRESENT), f[6])
@@ -158,7 +159,7 @@ def parse_attribute_list(value: bytes | bytearray) -> list[tuple[int, int, int, 
         typ, rlen, nlen, noff, vcn, ref, _inst = _ale_unpack(value, pos)
         if rlen < ATTRIBUTE_LIST_ENTRY.size or pos + rlen > n or noff + 2 * nlen > rlen:
             raise Corruption(f"$ATTRIBUTE_LIST entry at byte {pos} has bad length {rlen}")
-        name = bytes(value[pos + noff : pos + noff + 2 * nlen]).decode("utf-16-le", "replace")
+        name = decode_name(value[pos + noff : pos + noff + 2 * nlen])
         out.append((typ, vcn, ref & MFT_SEGMENT_MASK, name))
         pos += rlen
     return out

@@ -36,6 +36,7 @@ from cdp.ntfs.defs import (
     STANDARD_INFORMATION,
     STANDARD_INFORMATION_V1,
 )
+from cdp.ntfs.names import decode_name
 
 _nonres_unpack = NONRESIDENT_FORM.unpack_from
 _si_unpack = STANDARD_INFORMATION_V1.unpack_from
@@ -216,7 +217,7 @@ def _parse_into(rec: FileRecord, buf: bytearray | bytes, off: int, size: int) ->
                         raise Corruption("$FILE_NAME name runs past its attribute")
                     names.append(FileName(
                         ref & MFT_SEGMENT_MASK, ref >> 48, ns,
-                        buf[v + 66 : v + 66 + 2 * fnlen].decode("utf-16-le", "replace"),
+                        decode_name(buf[v + 66 : v + 66 + 2 * fnlen]),
                         bool(fattrs & DUP_FILE_NAME_INDEX_PRESENT), fsize))
                 elif typ == STANDARD_INFORMATION:
                     if vlen < 36:
@@ -261,7 +262,7 @@ def _attr_name(buf: bytearray | bytes, pos: int, nlen: int, noff: int, length: i
         return ""
     if noff + 2 * nlen > length:
         raise Corruption("attribute name runs past the attribute")
-    return bytes(buf[pos + noff : pos + noff + 2 * nlen]).decode("utf-16-le", "replace")
+    return decode_name(buf[pos + noff : pos + noff + 2 * nlen])
 
 
 def parse_chunk(

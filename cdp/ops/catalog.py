@@ -1,6 +1,10 @@
 """The catalog's cdpctl operations (same signature as every operation; registered in :mod:`cdp.ops`): ``files``,
 ``file_versions``, ``find``, ``restore``, ``files_diff``. All only read the volume, so
-they also run offline on a stopped store."""
+they also run offline on a stopped store.
+
+Names: the catalog holds NTFS names in their stored form (:mod:`cdp.ntfs.names`, which
+keeps lone surrogates); these operations take and return exact names, converting at
+this boundary (paths and patterns in, ``path``/``dir``/``name``/stream names out)."""
 
 from __future__ import annotations
 
@@ -15,8 +19,19 @@ from cdp.catalog.service import reader_at, service_for
 from cdp.errors import NotFound, UsageError
 from cdp.ntfs.attribute import DataStream
 from cdp.ntfs.mft import NtfsVolume
+from cdp.ntfs.names import exact, shown, stored
 from cdp.ntfs.runlist import read_runs
-from cdp.outputs import commit_partial, discard_partial, open_partial, set_size, write_at
+from cdp.outputs import (
+    ON_ERROR,
+    DamageMap,
+    commit_partial,
+    discard_partial,
+    on_error_arg,
+    open_partial,
+    salvage_read,
+    set_size,
+    write_at,
+)
 from cdp.points import point_arg
 from cdp.progress import Progress
 from cdp.store import Store
@@ -30,6 +45,21 @@ def _header(vol_name: str, point: str, view: View) -> dict[str, Any]:
     }
 
 
+_NAME_KEYS = ("path", "dir", "name", "new_path")
+
+
+def _exact_row(row: dict[str, Any]) -> dict[str, Any]:
+    """*row* with its names in exact form (a no-op for ordinary names)."""
+    for k in _NAME_KEYS:
+        v = row.get(k)
+        if isinstance(v, str):
+            row[k] = exact(v)
+    for st in row.get("streams") or ():
+        if isinstance(st, dict) and isinstance(st.get("name"), str):
+            st["name"] = exact(st["name"])
+    return row
+
+
 def _part_dirs(view: View) -> list[dict[str, Any]]:
     return [{"path": "/" + p["name"], "dir": "/", "name": p["name"], "type": "dir", "size": 0,
              "partition": True} for p in view.parts if p["name"]]
@@ -41,9 +71,9 @@ async def files(store: Store, args: dict[str, Any], progress: Progress) -> Any:
     vol = store.volume(args.get("volume"))
     point = point_arg(args, "at")
     view = await service_for(vol).view(point)
-    path = "/" + (args.get("path") or "/").strip("/")
+    path = "/" + stored(args.get("path") or "/").strip("/")
     out = _header(vol.name, point, view)
-    out["path"] = path
+    out["path"] = exact(path)
     if args.get("recursive"):
         rows = [e.to_dict() for e in view.walk(path)]
         if path == "/":
@@ -58,8 +88,8 @@ async def files(store: Store, args: dict[str, Any], progress: Progress) -> Any:
             if e is not None and not e.is_dir:
                 rows = [e.to_dict()]
             elif e is None and not any(p["name"] == n and d == "/" for p in view.parts):
-                raise NotFound(f"{path}: no such file or directory at {point}")
-    out["entries"] = rows
+                raise NotFound(f"{shown(exact(path))}: no such file or directory at {point}")
+    out["entries"] = [_exact_row(r) for r in rows]
     return out
 
 
@@ -73,7 +103,7 @@ async def file_versions(store: Store, args: dict[str, Any], progress: Progress) 
     if not args.get("path"):
         return {"volume": vol.name, "versions": [v.to_dict() for v in versions.values()],
                 "last_error": svc.last_error}
-    d, n = split(args["path"])
+    d, n = split(stored(args["path"]))
     rows = []
     for e in cat.history(d, n):
         end_v = versions.get(e.end)
@@ -84,10 +114,10 @@ async def file_versions(store: Store, args: dict[str, Any], progress: Progress) 
             "to_marker": f"marker{e.end}" if e.end else None,
             "to_ns": end_v.time_ns if end_v else None, "state": state,
         })
-        rows.append(r)
+        rows.append(_exact_row(r))
     if not rows:
-        raise NotFound(f"{args['path']}: never catalogued on volume {vol.name}")
-    return {"volume": vol.name, "path": join(d, n), "versions": rows}
+        raise NotFound(f"{shown(args['path'])}: never catalogued on volume {vol.name}")
+    return {"volume": vol.name, "path": exact(join(d, n)), "versions": rows}
 
 
 async def find(store: Store, args: dict[str, Any], progress: Progress) -> Any:
@@ -97,7 +127,7 @@ async def find(store: Store, args: dict[str, Any], progress: Progress) -> Any:
     at its directory); ``**`` is not special, but ``*`` crosses ``/``, so ``*/q3*``
     matches in every directory below the root. Cost: a scan of the catalog."""
     vol = store.volume(args.get("volume"))
-    pattern = args["pattern"]
+    pattern = stored(args["pattern"])
     on_path = "/" in pattern
     if on_path and not pattern.startswith("/"):
         pattern = "/" + pattern
@@ -105,11 +135,11 @@ async def find(store: Store, args: dict[str, Any], progress: Progress) -> Any:
     if args.get("at"):
         view = await svc.view(args["at"])
         pat = pattern.lower()
-        rows = [e.to_dict() for e in view.walk("/")
+        rows = [_exact_row(e.to_dict()) for e in view.walk("/")
                 if fnmatch.fnmatchcase((e.path if on_path else e.name).lower(), pat)]
-        return {**_header(vol.name, args["at"], view), "pattern": pattern, "entries": rows}
-    rows = [e.to_dict() for e in svc.catalog.glob(pattern, on_path=on_path)]
-    return {"volume": vol.name, "pattern": pattern, "entries": rows}
+        return {**_header(vol.name, args["at"], view), "pattern": exact(pattern), "entries": rows}
+    rows = [_exact_row(e.to_dict()) for e in svc.catalog.glob(pattern, on_path=on_path)]
+    return {"volume": vol.name, "pattern": exact(pattern), "entries": rows}
 
 
 async def restore(store: Store, args: dict[str, Any], progress: Progress) -> Any:
@@ -117,27 +147,39 @@ async def restore(store: Store, args: dict[str, Any], progress: Progress) -> Any
     point and its runlist (or resident bytes) followed — sparse runs become holes, the
     size is exact, modification/access times are set. ``path`` is taken literally (a
     name may hold ``:``, spaces, newlines, a leading ``-``); ``stream`` names an
-    alternate data stream. Cost: O(file size) reads."""
+    alternate data stream. Cost: O(file size) reads.
+
+    ``on_error`` for data that fails its checksum: ``stop`` (default) ends at once;
+    ``zero`` writes zeros for each damaged piece (to the 4 KiB granule) and goes on;
+    ``skip-file`` reads on to find every damaged piece, then leaves the file unwritten
+    (``skipped``). ``damaged`` lists the ranges (file offsets, and volume offsets as
+    ``source_offset``)."""
     vol = store.volume(args.get("volume"))
     point = point_arg(args, "at")
+    on_error = on_error_arg(args, ON_ERROR)
     out_path = args.get("output")
     if not out_path or out_path == "-":
         raise UsageError("restore needs an output file (-o FILE)")
     svc = service_for(vol)
     view = await svc.view(point)
-    path = args["path"]
-    stream_name = str(args.get("stream") or "")
-    d, n = split(path)
+    path = args["path"]  # exact, for messages
+    stream_name = stored(str(args.get("stream") or ""))
+    d, n = split(stored(path))
     e = view.lookup(d, n)
     if e is None:
-        raise NotFound(f"{path}: no such file at {point}")
+        raise NotFound(f"{shown(path)}: no such file at {point}")
     if e.is_dir:
-        raise UsageError(f"{path} is a directory; restore takes files")
+        raise UsageError(f"{shown(path)} is a directory; restore takes files")
     part = next((p for p in view.parts if p["name"] == e.part), None)
     if part is None:
         raise NotFound(f"{path}: its file system is not on the volume at {point}")
     read = reader_at(vol, view.seq)
     nv = NtfsVolume(read, part["offset"], part["size"])
+    damage = DamageMap()
+    pending = DamageMap()  # of the current piece, offsets relative to it
+
+    def salvaging(offset: int, length: int) -> bytes:
+        return salvage_read(read, offset, length, 0, pending)
     rec = nv.read_records([e.record]).get(e.record)
     stream: DataStream | None
     if rec is not None and rec.in_use and not rec.damaged and rec.sequence == e.seq:
@@ -148,7 +190,7 @@ async def restore(store: Store, args: dict[str, Any], progress: Progress) -> Any
     else:
         stream = None
     if stream is None:
-        what = f"stream {stream_name!r}" if stream_name else "data"
+        what = f"stream {exact(stream_name)!r}" if stream_name else "data"
         raise NotFound(f"{path}: no {what} at {point}")
     out = os.path.abspath(out_path)
     fd, tmp = open_partial(out)
@@ -162,7 +204,12 @@ async def restore(store: Store, args: dict[str, Any], progress: Progress) -> Any
             if stream.compressed or stream.encrypted:
                 raise UsageError(f"{path}: compressed or encrypted streams cannot be restored yet")
             runs = stream.runs(nv.max_lcn)
-            for off, piece in read_runs(nv.read, runs, nv.cluster_size, stream.size):
+            pieces = (read_runs(nv.read, runs, nv.cluster_size, stream.size) if on_error == "stop"
+                      else read_runs(salvaging, runs, nv.cluster_size, stream.size, base=part["offset"]))
+            for off, piece in pieces:
+                for r in pending.ranges:
+                    damage.add(off + r["offset"], r["length"], r["source_offset"], r["reason"])
+                pending.ranges.clear()
                 if piece.count(0) != len(piece):
                     write_at(fd, piece, off, out)
                 written += len(piece)
@@ -172,10 +219,15 @@ async def restore(store: Store, args: dict[str, Any], progress: Progress) -> Any
     except BaseException:
         discard_partial(fd, tmp)
         raise
-    commit_partial(fd, tmp, out)
-    return {"volume": vol.name, "at": point, "seq": view.seq, "path": join(d, n),
-            "stream": stream_name or None, "output": out, "size": stream.size,
-            "record": e.record, "modified_ns": e.mtime}
+    skipped = on_error == "skip-file" and bool(damage.ranges)
+    if skipped:
+        discard_partial(fd, tmp)
+    else:
+        commit_partial(fd, tmp, out)
+    return {"volume": vol.name, "at": point, "seq": view.seq, "path": exact(join(d, n)),
+            "stream": exact(stream_name) or None, "output": out, "size": stream.size,
+            "record": e.record, "modified_ns": e.mtime, "on_error": on_error,
+            "skipped": skipped, "damaged": damage.ranges, "damaged_bytes": damage.bytes}
 
 
 def _classify(a: list[Entry], b: list[Entry]) -> list[dict[str, Any]]:
@@ -224,6 +276,7 @@ async def files_diff(store: Store, args: dict[str, Any], progress: Progress) -> 
         for r in sorted(set(ea) | set(eb)):
             rows += _classify(ea.get(r, []), eb.get(r, []))
     rows.sort(key=lambda r: (r["path"], r["change"]))
+    rows = [_exact_row(r) for r in rows]
     return {"volume": vol.name, "from": args["from"], "to": args["to"],
             "from_seq": va.seq, "to_seq": vb.seq, "changes": rows}
 

@@ -1,4 +1,4 @@
-"""The volume operations: list, create, status, markers, snapshot, rewind, pause,
+"""The volume operations: list, create, delete, resize, status, markers, snapshot, rewind, pause,
 resume, image and verify (same signature as every operation; see :mod:`cdp.ops`)."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import shutil
 import subprocess
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +18,16 @@ from cdp.config import VolumeSpec
 from cdp.errors import NotFound, UsageError
 from cdp.journal import verify_journal
 from cdp.ops.retention import marker_fields, status_fields
-from cdp.outputs import commit_partial, discard_partial, open_partial, set_size, write_at
+from cdp.outputs import (
+    DamageMap,
+    commit_partial,
+    discard_partial,
+    on_error_arg,
+    open_partial,
+    salvage_read,
+    set_size,
+    write_at,
+)
 from cdp.points import point_arg
 from cdp.progress import Progress
 from cdp.proxy.drl import DEFAULT_REGION
@@ -26,7 +35,7 @@ from cdp.proxy.volume import ProxyVolume
 from cdp.store import Store
 from cdp.units import parse_size
 from cdp.verify import CATALOG_FILE, problem_dict, verify_catalog, verify_maps, verify_volume_dir
-from cdp.volume import Volume
+from cdp.volume import Volume, check_size
 
 # ---------------------------------------------------------------------------- volumes
 
@@ -70,8 +79,7 @@ async def volume_create(store: Store, args: dict[str, Any], progress: Progress) 
             raise UsageError("volume create needs --size (or --from-image)")
         size = src_size
     size = parse_size(size, "--size")
-    if size % 512:
-        raise UsageError(f"--size must be a multiple of 512, got {size}")
+    check_size(size, "--size")
     if src_size is not None and src_size > size:
         raise UsageError(f"--size {size} is smaller than the image ({src_size} bytes)")
     vol = store.create_volume(VolumeSpec(name, size))
@@ -89,6 +97,8 @@ async def _proxy_volume_create(store: Store, args: dict[str, Any], progress: Pro
     if not args.get("primary"):
         raise UsageError("--mode proxy needs --primary PATH (file, block device or nbd:// URL)")
     size = parse_size(args["size"], "--size") if args.get("size") else 0
+    if size:
+        check_size(size, "--size")
     region = parse_size(args["drl_region"], "--drl-region") if args.get("drl_region") else DEFAULT_REGION
     rate = parse_size(args["copy_rate"], "--copy-rate") if args.get("copy_rate") else 0
     initial = args.get("initial_copy", True)
@@ -159,6 +169,48 @@ async def _initial_copy(vol: Volume, image: str, fmt: str, progress: Progress) -
     finally:
         if tmpdir:
             shutil.rmtree(tmpdir, ignore_errors=True)
+
+
+async def volume_delete(store: Store, args: dict[str, Any], progress: Progress) -> Any:
+    """Delete a volume and its whole history: cdpd stops serving it at once (new
+    connections find no such export), its files are removed (``freed_bytes``).
+    Refused (UsageError) while clients are connected or while a marker is kept
+    (``retention keep``), unless ``force``: then open connections get errors."""
+    name = str(args["name"])
+    vol = store.volumes.get(name)
+    if vol is not None and not args.get("force"):
+        if vol.connections:
+            raise UsageError(
+                f"volume {name} has {vol.connections} open connection(s): disconnect the "
+                "clients first, or delete it anyway with --force")
+        kept = [m.name for m in vol.markers if marker_fields(vol, m.id, m.seq)["keep_until_ns"]]
+        if kept:
+            raise UsageError(
+                f"volume {name} has kept markers ({', '.join(kept)}): release them with "
+                "`cdpctl retention keep MARKER --keep none`, or delete anyway with --force")
+    seq = vol.head_seq if vol is not None else None
+    store.delete_volume(name)
+    freed = await asyncio.get_running_loop().run_in_executor(None, store.purge_deleted)
+    out: dict[str, Any] = {"volume": name, "deleted": True, "last_seq": seq, "freed_bytes": freed}
+    if any(spec.name == name for spec in store.settings.volumes):
+        out["warning"] = (f"volume {name} is named in the configuration: cdpd will create it "
+                          "again, empty, at its next start unless it is removed there")
+    return out
+
+
+async def volume_resize(store: Store, args: dict[str, Any], progress: Progress) -> Any:
+    """Grow a mirror volume (``size``; shrinking is refused, see :meth:`Volume.grow`).
+    New connections see the new size; points before the resize read zeros past the
+    old size."""
+    vol = store.volume(args.get("volume"))
+    if isinstance(vol, ProxyVolume):
+        raise UsageError(f"volume {vol.name} is a proxy volume: its size is its primary's; "
+                         "resize is for mirror volumes")
+    size = parse_size(str(args["size"]), "SIZE")
+    old = vol.size
+    change = vol.grow(size)
+    return {"volume": vol.name, "old_size": old, "size": vol.size, "changed": change is not None,
+            "seq": None if change is None else change["seq"]}
 
 
 # ---------------------------------------------------------------------------- status
@@ -253,11 +305,34 @@ async def resume(store: Store, args: dict[str, Any], progress: Progress) -> Any:
 # ---------------------------------------------------------------------------- images
 
 
+def _salvaged_data(vol: Volume, seq: int, damage: DamageMap, chunk: int = 64 << 20
+                   ) -> Iterator[tuple[int, bytes | None, int]]:
+    """:meth:`Volume.iter_data` that zeroes what fails its checksum and records it in
+    *damage* (volume offset = image offset). Cost: one extra map lookup per extent."""
+    def read(offset: int, length: int) -> bytes:
+        return vol.read(offset, length, seq)
+
+    pos = 0
+    while pos < vol.size:
+        stop = min(vol.size, pos + chunk)
+        for e in vol.extents(pos, stop, seq):
+            n = e.end - e.start
+            if e.loc < 0:
+                yield e.start, None, n
+            else:
+                yield e.start, salvage_read(read, e.start, n, e.start, damage), n
+        pos = stop
+
+
 async def image(store: Store, args: dict[str, Any], progress: Progress) -> Any:
     """Write a sparse raw image of a volume at a point. Cost: O(changed extents) map
-    work + reading the data bytes once; zero runs become holes in the output."""
+    work + reading the data bytes once; zero runs become holes in the output.
+    ``on_error``: ``stop`` (default) ends at the first record failing its checksum;
+    ``zero`` writes zeros for each damaged piece (found to the 4 KiB granule) and goes
+    on. ``damaged`` lists every damaged range (a ddrescue-like map)."""
     vol = store.volume(args.get("volume"))
     point = point_arg(args, "at")
+    on_error = on_error_arg(args, ("stop", "zero"))
     seq = vol.resolve_point(point)
     out = Path(args["output"])
     if str(out) == "-" or out.name == "-":
@@ -266,13 +341,15 @@ async def image(store: Store, args: dict[str, Any], progress: Progress) -> Any:
     if out.exists() and not out.is_file():
         raise UsageError(f"{out}: not a regular file (image writes a sparse file; to copy a "
                          f"point onto a device, read the export {vol.name}@{point} with nbdcopy)")
+    damage = DamageMap()
+    pieces = vol.iter_data(seq) if on_error == "stop" else _salvaged_data(vol, seq, damage)
     fd, tmp = open_partial(out)
     data_bytes = 0
     t0 = time.perf_counter()
     try:
         set_size(fd, vol.size, out)
         done_since_yield = 0
-        for off, data, n in vol.iter_data(seq):
+        for off, data, n in pieces:
             if data is not None:
                 write_at(fd, data, off, out)
                 data_bytes += n
@@ -294,6 +371,9 @@ async def image(store: Store, args: dict[str, Any], progress: Progress) -> Any:
         "size": vol.size,
         "data_bytes": data_bytes,
         "seconds": round(time.perf_counter() - t0, 3),
+        "on_error": on_error,
+        "damaged": damage.ranges,
+        "damaged_bytes": damage.bytes,
     }
 
 
@@ -351,6 +431,8 @@ async def verify(store: Store, args: dict[str, Any], progress: Progress) -> Any:
 OPS: dict[str, Callable[[Store, dict[str, Any], Progress], Awaitable[Any]]] = {
     "volume_list": volume_list,
     "volume_create": volume_create,
+    "volume_delete": volume_delete,
+    "volume_resize": volume_resize,
     "status": status,
     "markers": markers,
     "snapshot": snapshot,

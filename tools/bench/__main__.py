@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from tools.bench.goals import goal_for, judge
+from tools.bench.sysdeps import advice, missing
 
 SUITES = {
     "journal": "tools.bench.journal_bench",
@@ -147,8 +148,12 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [s for s in a.suites if s not in known]
     if unknown:
         ap.error(f"unknown suite {unknown[0]!r} (choose from {', '.join(known)})")
-    a.out.mkdir(parents=True, exist_ok=True)
     chosen = a.suites or list(SUITES)
+    lacking = missing(chosen)  # before any suite starts (tools/bench/sysdeps.py)
+    if lacking:
+        print(f"python -m tools.bench: {advice(lacking)}", file=sys.stderr)
+        return 1
+    a.out.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "machine": f"{platform.node()} {platform.machine()} python {platform.python_version()}",
