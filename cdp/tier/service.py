@@ -225,6 +225,19 @@ class TierService(VolumeService):
             await self._batch()
         return self.manifest.generation if self.manifest else 0
 
+    async def refresh(self) -> None:
+        """Load the newest manifest from the bucket if not done yet (status on a stopped
+        store); a failure only sets ``state``/``last_error``."""
+        if self._loaded:
+            return
+        try:
+            self.manifest = await asyncio.to_thread(
+                newest_manifest, self.s3, self.bucket, self.prefix, self.vol.name)
+            self._loaded = True
+        except (RemoteUnreachable, RemoteRefused) as e:
+            self.state = "refused" if isinstance(e, RemoteRefused) else "unreachable"
+            self.last_error = str(e)
+
     def pending(self) -> list[Any]:
         """Sealed, durable segments the newest generation does not hold (any age)."""
         have = self._have()

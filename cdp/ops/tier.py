@@ -1,0 +1,59 @@
+"""S3 tier operations (docs/TIER.md): ``tier_status`` (cdpctl tier status; also on a
+stopped store, where it reads the newest manifest unless ``refresh`` is false) and ``tier_upload`` (cdpctl tier upload: one batch now, cdpd only)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from cdp.errors import CdpError, UsageError
+from cdp.progress import Progress
+from cdp.store import Store
+from cdp.tier.service import TierService, tier_of
+from cdp.volume import Volume
+
+
+def _volumes(store: Store, args: dict[str, Any]) -> list[Volume]:
+    name = args.get("volume")
+    return [store.volume(name)] if name else [store.volumes[n] for n in sorted(store.volumes)]
+
+
+def off_status(vol: Volume) -> dict[str, Any]:
+    """The status row of a volume without a tier."""
+    return {"volume": vol.name, "url": None, "state": "off", "generation": 0, "uploaded_seq": 0,
+            "uploaded_segments": 0, "pending_segments": 0, "uploaded_bytes": 0,
+            "local_bytes": vol.journal.stats().file_bytes, "oldest_pending_age_seconds": 0.0,
+            "cache_hit_ratio": None, "sent_bytes": 0, "last_error": None}
+
+
+async def _status_of(svc: TierService, refresh: bool) -> dict[str, Any]:
+    if refresh:
+        await svc.refresh()
+    return svc.status()
+
+
+async def op_tier_status(store: Store, args: dict[str, Any], progress: Progress) -> Any:
+    out = []
+    for v in _volumes(store, args):
+        svc = tier_of(v)
+        out.append(off_status(v) if svc is None
+                   else await _status_of(svc, bool(args.get("refresh", True))))
+    return out
+
+
+async def op_tier_upload(store: Store, args: dict[str, Any], progress: Progress) -> Any:
+    out = []
+    for v in _volumes(store, args):
+        svc = tier_of(v)
+        if svc is None:
+            raise UsageError("[tier] is not configured (docs/TIER.md)")
+        v.journal.sync()  # segments sealed so far become durable, so they can go up
+        try:
+            await svc.upload_now()
+        except CdpError:
+            pass  # the status row says why
+        out.append(svc.status())
+    return out
+
+
+OPS: dict[str, Any] = {"tier_status": op_tier_status, "tier_upload": op_tier_upload}
+OFFLINE = {"tier_status"}
