@@ -1,4 +1,4 @@
-"""cdpctl tier status / upload: the S3 tier of each volume (docs/TIER.md)."""
+"""cdpctl tier status / upload / gc: the S3 tier of each volume (docs/TIER.md)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     ts = p.add_subparsers(dest="tier_cmd", required=True)
     st = ts.add_parser("status", help="upload state, pending segments, bytes, last error")
     up = ts.add_parser("upload", help="upload what is sealed now and wait for it (cdpd)")
-    for q in (st, up):
+    gc = ts.add_parser("gc", help="delete objects no recent generation names (locked ones are skipped)")
+    for q in (st, up, gc):
         q.add_argument("-V", "--volume")
         q.add_argument("--json", action="store_true", help="print JSON instead of a table")
         q.set_defaults(func=run)
@@ -25,7 +26,7 @@ _COLS = ("volume", "state", "generation", "uploaded_segments", "pending_segments
 
 def run(ctx: Context, args: argparse.Namespace) -> int:
     rows = ctx.call(f"tier_{args.tier_cmd}", {"volume": args.volume})
-    if ctx.json:
+    if ctx.json or args.tier_cmd == "gc":
         emit_json(rows)
         return 0
     out = []

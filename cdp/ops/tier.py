@@ -1,5 +1,6 @@
 """S3 tier operations (docs/TIER.md): ``tier_status`` (cdpctl tier status; also on a
-stopped store, where it reads the newest manifest unless ``refresh`` is false) and ``tier_upload`` (cdpctl tier upload: one batch now, cdpd only)."""
+stopped store, where it reads the newest manifest unless ``refresh`` is false) and ``tier_upload`` (cdpctl tier upload: one batch now) and ``tier_gc`` (cdpctl tier gc:
+delete unreferenced objects), both cdpd only."""
 
 from __future__ import annotations
 
@@ -55,5 +56,16 @@ async def op_tier_upload(store: Store, args: dict[str, Any], progress: Progress)
     return out
 
 
-OPS: dict[str, Any] = {"tier_status": op_tier_status, "tier_upload": op_tier_upload}
+async def op_tier_gc(store: Store, args: dict[str, Any], progress: Progress) -> Any:
+    out = []
+    for v in _volumes(store, args):
+        svc = tier_of(v)
+        if svc is None:
+            raise UsageError("[tier] is not configured (docs/TIER.md)")
+        out.append({"volume": v.name, **await svc.gc()})
+    return out
+
+
+OPS: dict[str, Any] = {"tier_status": op_tier_status, "tier_upload": op_tier_upload,
+                       "tier_gc": op_tier_gc}
 OFFLINE = {"tier_status"}

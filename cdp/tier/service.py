@@ -29,6 +29,14 @@ Design notes
   bad credentials, other 4xx) with ``last_error``, and the task tries again after a
   backoff doubling from 1 s to 60 s. Ingest never waits for the tier: the journal stays
   local and the store's own ``on_full`` policy applies.
+- **Garbage.** Objects that neither of the two newest generations names (segments local
+  retention dropped or compaction rewrote, older state and manifests, objects a crash
+  left unnamed) are deleted by :meth:`TierService.gc`, after a batch that dropped some
+  and on `cdpctl tier gc`; it holds the batch lock, so an upload in flight is never
+  garbage. Retention decides what expires (a segment leaves the manifest only once the
+  local journal dropped it, i.e. every point it served expired; `--keep forever`
+  markers pin theirs). A version still under object lock is refused by the store and
+  skipped, logged and retried at the next gc, never deleted early.
 - **Rate.** ``rate`` bytes/s is a token bucket over segment bytes sent, paced between
   parts in the uploading thread.
 """
@@ -65,7 +73,7 @@ from cdp.tier.manifest import (
     state_key,
     volume_prefix,
 )
-from cdp.tier.s3 import DEFAULT_PART, S3, S3Settings, parse_s3_url
+from cdp.tier.s3 import DEFAULT_PART, S3, ObjectRef, S3Settings, parse_s3_url
 from cdp.volume import Volume, VolumeService
 
 log = logging.getLogger("cdp.tier")
@@ -166,11 +174,15 @@ class TierService(VolumeService):
         self.sent_bytes = 0
         self.batches = 0
         self.failures = 0
+        #: tiered objects deleted by gc since start; objects the last gc found locked
+        self.gc_deleted = 0
+        self.gc_locked = 0
         self._loaded = False
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._pacer = _Pacer(settings.rate)
         self._lock = asyncio.Lock()
+        self._gc_due = False
         #: start the task on the first seal/marker when a loop runs (cdpd); tests drive
         #: batches themselves with :meth:`upload_now`
         self._auto = autostart
@@ -282,6 +294,9 @@ class TierService(VolumeService):
                 async with self._lock:
                     await self._batch()
                 delay = 1.0
+                if self._gc_due:
+                    self._gc_due = False
+                    await self.gc()
             except asyncio.CancelledError:
                 raise
             except (RemoteUnreachable, RemoteRefused) as e:
@@ -360,11 +375,51 @@ class TierService(VolumeService):
         key = generation_key(self.prefix, vol.name, gen)
         await asyncio.to_thread(self.s3.put_object, self.bucket, key, m.encode(),
                                 retain_until=self._until())
+        dropped = prev is not None and bool({k for k, _s, _h in prev.objects()}
+                                            - {k for k, _s, _h in m.objects()})
         self.manifest = m
         self.batches += 1
+        if dropped or self.gc_locked:
+            self._gc_due = True
         self.last_error = None
         log.info("tier %s: generation %d (%d segments through seq %d) at %s",
                  vol.name, gen, len(chain), last_seq, self.url)
+
+    async def gc(self) -> dict[str, int]:
+        """Delete the volume's objects that neither of the two newest generations names
+        (segments local retention dropped or compaction replaced, older state and
+        manifests, objects a crash left unnamed). Runs between batches (the batch lock),
+        so an upload in progress is never taken for garbage. An object still under
+        object lock is refused by the store: skipped, logged, tried again at the next gc.
+        Returns counts: ``deleted``, ``locked``, ``kept``."""
+        async with self._lock:
+            if not self._loaded:
+                await self.refresh()
+            if self.manifest is None:
+                return {"deleted": 0, "locked": 0, "kept": 0}
+            return await asyncio.to_thread(self._gc, self.manifest)
+
+    def _gc(self, newest: Manifest) -> dict[str, int]:
+        keep = {k for k, _s, _h in newest.objects()}
+        keep.add(generation_key(self.prefix, self.vol.name, newest.generation))
+        if newest.generation > 1:
+            with contextlib.suppress(NotFound, CdpError):
+                key = generation_key(self.prefix, self.vol.name, newest.generation - 1)
+                prev = Manifest.decode(self.s3.get_object(self.bucket, key), key)
+                keep.add(key)
+                keep.update(k for k, _s, _h in prev.objects())
+        root = volume_prefix(self.prefix, self.vol.name)
+        doomed = [ObjectRef(o.key, o.version_id)
+                  for o in self.s3.list_versions(self.bucket, root) if o.key not in keep]
+        if not doomed:
+            return {"deleted": 0, "locked": 0, "kept": len(keep)}
+        r = self.s3.delete_objects(self.bucket, doomed)
+        for f in r.refused:
+            log.info("tier %s: gc skips s3://%s/%s (%s: %s); retried at the next gc",
+                     self.vol.name, self.bucket, f.ref.key, f.code, f.message)
+        self.gc_deleted += len(r.deleted)
+        self.gc_locked = len(r.refused)
+        return {"deleted": len(r.deleted), "locked": len(r.refused), "kept": len(keep)}
 
     def _until(self) -> datetime | None:
         days = self.settings.object_lock_days

@@ -206,3 +206,42 @@ def test_manifest_roundtrip_and_checks(tmp_path: Path, s3: S3, s3_bucket: str) -
     s3.put_object(s3_bucket, generation_key("q/", "v", 4), bad)  # damaged newest: skipped
     got = newest_manifest(s3, s3_bucket, "q/", "v")
     assert got is not None and got.generation == 3
+
+
+@pytest.mark.parametrize("locked", [False, True])
+def test_gc_deletes_only_unreferenced_and_never_locked(
+        tmp_path: Path, s3: S3, s3_bucket: str, s3_locked_bucket: str, locked: bool) -> None:
+    bucket = s3_locked_bucket if locked else s3_bucket
+    url = f"s3://{bucket}/g"
+
+    async def go() -> None:
+        s = settings(tmp_path, url, object_lock_days=1 if locked else 0)
+        vol = Volume.create(tmp_path / "store" / "volumes" / "vol0", "vol0", SIZE, s)
+        svc = TierService(vol, s.tier, s3=s3, autostart=False)
+        vol.attach(svc)
+        rng = random.Random(12)
+        for want in (1, 2, 3):
+            while await svc.upload_now() < want:  # until a segment or a marker is new
+                await _write(vol, rng, 30)
+                await vol.snapshot()
+                vol.journal.sync()
+        assert svc.manifest is not None and svc.manifest.generation == 3
+        # a stray segment object (a compaction's replaced file, a crash's leftover)
+        stray = "g/volumes/vol0/segments/00000000000000000001-deadbeefdeadbeef"
+        from datetime import UTC, datetime, timedelta
+        s3.put_object(bucket, stray, b"old", retain_until=(datetime.now(UTC) + timedelta(days=1))
+                      if locked else None)
+        r = await svc.gc()
+        named = {k for k, _s, _h in svc.manifest.objects()}
+        for key in named:
+            s3.head(bucket, key)  # every object the newest generation names is still there
+        left = {o.key for o in s3.list_objects(bucket, "g/")}
+        if locked:
+            assert r["deleted"] == 0 and r["locked"] >= 2 and stray in left  # gen 1's state + stray
+            assert svc.gc_locked == r["locked"]
+        else:
+            assert r["deleted"] >= 2 and r["locked"] == 0 and stray not in left
+            assert not any("/state/000000000001/" in k for k in left)
+        vol.close()
+
+    asyncio.run(go())
