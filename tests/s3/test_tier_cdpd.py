@@ -24,6 +24,7 @@ from cdp.tier.manifest import generations_prefix
 from cdp.tier.s3 import S3
 from cdp.tier.service import newest_manifest
 from tests.conftest import require_tool
+from tests.s3.fault_proxy import FaultProxy
 from tests.s3.rgw import Rgw
 from tools.harness import Cdpd
 
@@ -177,3 +178,73 @@ def test_kill9_mid_upload_resumes(tmp_path: Path, rgw_env: Rgw, s3: S3, s3_bucke
         body = s3.get_object(s3_bucket, key)
         assert len(body) == size and hashlib.sha256(body).hexdigest() == sha, key
     assert json.loads(json.dumps(m.last_seq)) > 0
+
+
+def test_bucket_unreachable_ingest_goes_on_then_catches_up(
+        tmp_path: Path, rgw_env: Rgw, s3: S3, s3_bucket: str, s3_fault_proxy: FaultProxy) -> None:
+    """RGW unreachable (connections dropped) under writes for 15 s: no flush waits on the
+    tier, status says unreachable with the error; once it answers, the pending segments
+    go up and a store recovered from the bucket serves the marker identical."""
+    url = f"s3://{s3_bucket}/u"
+    (tmp_path / "a").mkdir()
+    d = Cdpd(tmp_path / "a", size="32MiB", segment_bytes="1MiB",
+             extra_config=f'\n[tier]\nurl = "{url}"\nendpoint = "{s3_fault_proxy.endpoint}"\n')
+    s3_fault_proxy.set_mode("drop")
+    d.start()
+    r: Cdpd | None = None
+    try:
+        rng = random.Random(8)
+        worst = 0.0
+        with NbdClient.connect(d.uri()) as c:
+            t_end = time.monotonic() + 15
+            while time.monotonic() < t_end:
+                off = rng.randrange(0, SIZE - (256 << 10)) & ~4095
+                c.pwrite(rng.randbytes(128 << 10) + bytes(128 << 10), off)
+                t0 = time.monotonic()
+                c.flush()
+                worst = max(worst, time.monotonic() - t0)
+            marker = d.cdpctl_json("snapshot", "--label", "during-outage")
+            _write(c, rng, 3 * MiB)
+        assert worst < 2.0, worst
+        st = d.cdpctl_json("tier", "status")[0]
+        assert st["state"] == "unreachable" and st["pending_segments"] > 0, st
+        assert "s3://" in (st["last_error"] or ""), st
+        page = urllib.request.urlopen(f"http://127.0.0.1:{d.metrics_port}/metrics").read().decode()
+        assert 'cdp_tier_up{volume="vol0"} 0.0' in page
+        s3_fault_proxy.set_mode("pass")
+        deadline = time.monotonic() + 120
+        up = d.cdpctl_json("tier", "upload")[0]
+        while up["pending_segments"] and time.monotonic() < deadline:
+            up = d.cdpctl_json("tier", "upload")[0]
+        assert up["state"] == "idle" and up["pending_segments"] == 0 and up["last_error"] is None, up
+        assert up["uploaded_seq"] >= marker["seq"]
+        dest = tmp_path / "b" / "store"
+        d.cdpctl("store", "recover", "--from", url, "--endpoint", rgw_env.endpoint, "--to", str(dest))
+        r = Cdpd(tmp_path / "b", size="32MiB", segment_bytes="1MiB").start()
+        name = f"vol0@{marker['name']}"
+        with NbdClient.connect(d.uri(name)) as a, NbdClient.connect(r.uri(name)) as b:
+            for off in range(0, SIZE, 4 * MiB):
+                assert a.pread(off, 4 * MiB) == b.pread(off, 4 * MiB), off
+    finally:
+        if r is not None:
+            r.stop()
+        d.stop()
+
+
+def test_wrong_credentials_refused_ingest_goes_on(tmp_path: Path, rgw: Rgw, s3_bucket: str,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", rgw.access_key)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong-secret")
+    (tmp_path / "a").mkdir()
+    d = Cdpd(tmp_path / "a", size="32MiB", segment_bytes="1MiB",
+             extra_config=tier_config(rgw, f"s3://{s3_bucket}/w"))
+    d.start()
+    try:
+        with NbdClient.connect(d.uri()) as c:
+            _write(c, random.Random(3), 3 * MiB)
+            _write(c, random.Random(4), 1 * MiB)  # ingest goes on
+        st = d.cdpctl_json("tier", "upload")[0]
+        assert st["state"] == "refused" and st["pending_segments"] > 0, st
+        assert "SignatureDoesNotMatch" in st["last_error"] or "refused" in st["last_error"].lower(), st
+    finally:
+        d.stop()
