@@ -4,7 +4,7 @@
 
 For each volume under ``PREFIX/volumes/`` the newest generation manifest that parses
 and checks is taken; every object it names is downloaded in 8 MiB ranged GETs, its
-sha256 compared with the manifest's before it is used, and put in place: segments
+sha256 compared with the manifest's before it is used, and put in place (up to four segments at once): segments
 through :func:`cdp.journal.install_segment`, then ``volume.json``, ``markers.json``
 (already filtered to the generation's ``last_seq``) and the catalog snapshot when every
 marker it knows is in the generation. ``store.json`` (a new store uuid) is written last,
@@ -23,9 +23,11 @@ import hashlib
 import json
 import os
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,13 +35,15 @@ from typing import Any
 from cdp.errors import Corruption, NotFound, UsageError
 from cdp.fsutil import write_file_atomic
 from cdp.journal import install_segment
-from cdp.tier.manifest import Manifest
+from cdp.tier.manifest import Manifest, SegmentObject
 from cdp.tier.s3 import DEFAULT_PART, S3, parse_s3_url
 from cdp.tier.service import CATALOG_FILE, list_volumes, newest_manifest
 
 #: (done bytes, total bytes, what): called from the recovering thread
 Progress = Callable[[int, int, str], None]
 STORE_FORMAT = 1  # cdp.store's store.json "format" (not imported: the store sits above)
+#: segments downloaded at once (each in 8 MiB ranged GETs, one stream per segment)
+DOWNLOADS = 4
 
 
 @dataclass
@@ -84,7 +88,7 @@ def fetch_checked(s3: S3, bucket: str, key: str, size: int, sha256: str, dest: P
 
 def recover_store(s3: S3, url: str, dest: Path, progress: Progress | None = None) -> RecoverReport:
     """Build a new store in *dest* (absent or empty) from the newest complete
-    generation of every volume under *url*. NotFound when the bucket holds none;
+    generation of every volume under *url*, :data:`DOWNLOADS` segments at once. NotFound when the bucket holds none;
     UsageError when *dest* is not empty; Corruption for an object that fails its sha256."""
     t0 = time.monotonic()
     bucket, prefix = parse_s3_url(url)
@@ -99,11 +103,14 @@ def recover_store(s3: S3, url: str, dest: Path, progress: Progress | None = None
     done = 0
     report = RecoverReport(str(dest))
 
+    lock = threading.Lock()
+
     def tick(n: int) -> None:
         nonlocal done
-        done += n
-        if progress:
-            progress(done, total, "recovering")
+        with lock:
+            done += n
+            if progress:
+                progress(done, total, "recovering")
 
     dest.mkdir(parents=True, exist_ok=True)
     (dest / "volumes").mkdir(exist_ok=True)
@@ -120,11 +127,16 @@ def _recover_volume(s3: S3, bucket: str, m: Manifest, vdir: Path,
                     tick: Callable[[int], None]) -> dict[str, Any]:
     jdir = vdir / "journal"
     jdir.mkdir(parents=True)
-    for seg in m.segments:
+
+    def one(seg: SegmentObject) -> None:
         fd, name = tempfile.mkstemp(prefix=".recover-", suffix=".tmp", dir=jdir)
         os.close(fd)
         fetch_checked(s3, bucket, seg.key, seg.size, seg.sha256, Path(name), tick)
         install_segment(jdir, seg.first_seq, Path(name))
+
+    with ThreadPoolExecutor(DOWNLOADS) as ex:
+        for f in [ex.submit(one, seg) for seg in m.segments]:
+            f.result()  # the first failure is raised (the others finish or fail first)
     catalog = False
     for st in m.state:
         if st.name not in ("volume.json", "markers.json", CATALOG_FILE):

@@ -82,6 +82,8 @@ log = logging.getLogger("cdp.tier")
 STATES = ("off", "idle", "uploading", "unreachable", "refused")
 CATALOG_FILE = "catalog.sqlite"
 MAX_BACKOFF = 60.0
+#: parts of one multipart segment upload in flight (memory: that many 8 MiB parts)
+UPLOAD_WORKERS = 8
 
 
 def s3_settings(t: TierSettings) -> S3Settings:
@@ -447,7 +449,7 @@ class TierService(VolumeService):
             self.s3.put_object(self.bucket, key, data, sha256=digest, retain_until=until)
         else:
             self.s3.put_multipart(self.bucket, key, self._parts(f), sha256=digest,
-                                  retain_until=until)
+                                  retain_until=until, workers=UPLOAD_WORKERS)
         self.sent_bytes += f.size
         return obj
 
