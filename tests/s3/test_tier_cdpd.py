@@ -101,6 +101,17 @@ def test_upload_recover_serve_identical(tmp_path: Path, rgw_env: Rgw, s3: S3,
         v = subprocess.run([*_cdpctl(tmp_path / "b"), "verify", "--json"], capture_output=True,
                            text=True, timeout=300)
         assert v.returncode == 0, v.stdout + v.stderr
+        # verify --tier: clean, then an object overwritten behind cdp's back is named
+        ok = d.cdpctl("verify", "--tier", "--full")
+        assert "vol0: tier ok" in ok.stdout, ok.stdout
+        m = newest_manifest(s3, s3_bucket, "site1/", "vol0")
+        assert m is not None
+        victim = m.segments[len(m.segments) // 2]
+        body = bytearray(s3.get_object(s3_bucket, victim.key))
+        body[-1] ^= 0xFF
+        s3.put_object(s3_bucket, victim.key, bytes(body), sha256=victim.sha256)  # lies, too
+        bad = d.cdpctl("verify", "--tier", "--full", check=False)
+        assert bad.returncode == 6 and victim.key in bad.stdout, bad.stdout + bad.stderr
     finally:
         if r is not None:
             r.stop()
