@@ -259,3 +259,23 @@ def test_wrong_credentials_refused_ingest_goes_on(tmp_path: Path, rgw: Rgw, s3_b
         assert "SignatureDoesNotMatch" in st["last_error"] or "refused" in st["last_error"].lower(), st
     finally:
         d.stop()
+
+
+def test_readable_credentials_file_refused_at_start(tmp_path: Path, rgw: Rgw, s3_bucket: str) -> None:
+    (tmp_path / "a").mkdir()
+    creds = tmp_path / "s3.credentials"
+    creds.write_text(f"[default]\naws_access_key_id = {rgw.access_key}\n"
+                     f"aws_secret_access_key = {rgw.secret_key}\n")
+    creds.chmod(0o644)
+    extra = tier_config(rgw, f"s3://{s3_bucket}/c", f'credentials_file = "{creds}"\n')
+    d = Cdpd(tmp_path / "a", size="32MiB", segment_bytes="1MiB", extra_config=extra)
+    with pytest.raises(RuntimeError, match="readable by group or other"):
+        d.start()
+    creds.chmod(0o600)
+    d.start()
+    try:
+        with NbdClient.connect(d.uri()) as c:
+            _write(c, random.Random(1), 3 * MiB)
+        assert d.cdpctl_json("tier", "upload")[0]["generation"] >= 1
+    finally:
+        d.stop()

@@ -245,3 +245,24 @@ def test_gc_deletes_only_unreferenced_and_never_locked(
         vol.close()
 
     asyncio.run(go())
+
+
+def test_upload_after_holds_young_segments(tmp_path: Path, s3: S3, s3_bucket: str) -> None:
+    url = f"s3://{s3_bucket}/young"
+
+    async def go() -> None:
+        s = settings(tmp_path, url, upload_after=3600.0)
+        vol = Volume.create(tmp_path / "store" / "volumes" / "vol0", "vol0", SIZE, s)
+        svc = TierService(vol, s.tier, s3=s3, autostart=False)
+        vol.attach(svc)
+        await _write(vol, random.Random(6), 60)
+        vol.journal.sync()
+        assert await svc.upload_now() == 0  # every sealed segment is younger than an hour
+        st = svc.status()
+        assert st["pending_segments"] > 0 and st["uploaded_segments"] == 0
+        assert 0 <= st["oldest_pending_age_seconds"] < 3600
+        svc.settings = replace(svc.settings, upload_after=0.0)
+        assert await svc.upload_now() == 1
+        vol.close()
+
+    asyncio.run(go())
