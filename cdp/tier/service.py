@@ -185,6 +185,7 @@ class TierService(VolumeService):
         self._pacer = _Pacer(settings.rate)
         self._lock = asyncio.Lock()
         self._gc_due = False
+        self._stopping = False
         #: start the task on the first seal/marker when a loop runs (cdpd); tests drive
         #: batches themselves with :meth:`upload_now`
         self._auto = autostart
@@ -224,10 +225,12 @@ class TierService(VolumeService):
     def start(self) -> None:
         """Start the upload task (needs a running event loop); idempotent."""
         if self._task is None or self._task.done():
+            self._stopping = False
             self._task = asyncio.get_running_loop().create_task(self._run())
 
     def stop(self) -> None:
         self._auto = False
+        self._stopping = True  # an upload in a worker thread aborts at its next part
         if self._task is not None:
             self._task.cancel()
             self._task = None
@@ -352,10 +355,9 @@ class TierService(VolumeService):
             except NotFound:
                 break  # replaced meanwhile (compaction): next batch
             self.state = "uploading"
-            try:
-                o = await asyncio.to_thread(self._put_segment, f)
-            finally:
-                f.close()
+            # the worker thread owns f and closes it: a cancelled await (cdpd stopping)
+            # must not close a descriptor the thread still reads
+            o = await asyncio.to_thread(self._put_segment_owned, f)
             chain.append(o)
             have[o.first_seq] = o
         prev = self.manifest
@@ -429,6 +431,12 @@ class TierService(VolumeService):
 
     # ------------------------------------------------------------------ worker-thread parts
 
+    def _put_segment_owned(self, f: SealedFile) -> SegmentObject:
+        try:
+            return self._put_segment(f)
+        finally:
+            f.close()
+
     def _put_segment(self, f: SealedFile) -> SegmentObject:
         """Hash and upload one sealed segment (reusing an identical complete object left
         by a crash). Worker thread."""
@@ -458,6 +466,8 @@ class TierService(VolumeService):
             data = f.pread(off, min(DEFAULT_PART, f.size - off))
             if len(data) != min(DEFAULT_PART, f.size - off):
                 raise CdpError(f"segment {f.name} shrank while being uploaded")
+            if self._stopping:  # the multipart is aborted; the next start uploads it whole
+                raise CdpError(f"tier of {self.vol.name} stopping: upload of {f.name} abandoned")
             self._pacer.take(len(data))
             yield data
 
