@@ -159,7 +159,7 @@ def test_kill9_mid_upload_resumes(tmp_path: Path, rgw_env: Rgw, s3: S3, s3_bucke
     url = f"s3://{s3_bucket}/k"
     (tmp_path / "a").mkdir()
     d = Cdpd(tmp_path / "a", size="64MiB", segment_bytes="20MiB",
-             extra_config=tier_config(rgw_env, url, 'rate = "8MiB"\n'))
+             extra_config=tier_config(rgw_env, url, 'rate = "4MiB"\n'))
     d.start()
     rng = random.Random(4)
     with NbdClient.connect(d.uri()) as c:
@@ -167,8 +167,16 @@ def test_kill9_mid_upload_resumes(tmp_path: Path, rgw_env: Rgw, s3: S3, s3_bucke
             for i in range(21):
                 c.pwrite(os.urandom(MiB), (i * MiB) % (60 * MiB))
             c.flush()
-    time.sleep(2.5)  # the task is inside a paced multipart upload now
+    def in_flight() -> list[dict]:  # type: ignore[type-arg]
+        return list(s3.client.list_multipart_uploads(Bucket=s3_bucket, Prefix="k/").get("Uploads", []))
+
+    deadline = time.monotonic() + 60
+    while not in_flight() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert in_flight(), "no multipart upload seen in flight"
+    time.sleep(0.5)  # some parts in
     d.kill9()
+    assert in_flight()  # left behind by the kill
     d.start()
     try:
         with NbdClient.connect(d.uri()) as c:
@@ -179,6 +187,7 @@ def test_kill9_mid_upload_resumes(tmp_path: Path, rgw_env: Rgw, s3: S3, s3_bucke
             if up["pending_segments"] == 0 or time.monotonic() > deadline:
                 break
         assert up["pending_segments"] == 0 and up["state"] == "idle", up
+        assert not in_flight()  # aborted when the task started again
     finally:
         d.stop()
     gens = list(s3.list_objects(s3_bucket, generations_prefix("k/", "vol0")))
