@@ -17,7 +17,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 def run(ctx: Context, args: argparse.Namespace) -> int:
     rows = ctx.call("status", {"volumes": volumes_arg(args)})
-    tiers = {t["volume"]: t for t in ctx.call("tier_status", {"refresh": False})}  # docs/TIER.md
+    tiers = ({t["volume"]: t for t in ctx.call("tier_status", {"refresh": False})}  # docs/TIER.md
+             if ctx.settings.tier.enabled else {})
     for s in rows:
         if s.get("volume") in tiers:
             s["tier"] = tiers[s["volume"]]
