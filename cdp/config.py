@@ -270,6 +270,49 @@ def _replication(raw: Any) -> ReplicationSettings:
 
 
 @dataclass(frozen=True)
+class TierSettings:
+    """``[tier]``: sealed history tiered to S3 object storage (docs/TIER.md); off when absent."""
+
+    #: ``s3://BUCKET/PREFIX`` ("" = off)
+    url: str = ""
+    #: S3 endpoint URL (None: the SDK's default, AWS)
+    endpoint: str | None = None
+    region: str | None = None
+    #: AWS-style credentials file (None: the SDK's chain); refused if group/other can read it
+    credentials_file: Path | None = None
+    #: age of a sealed segment before it goes up (seconds)
+    upload_after: float = 0.0
+    #: bytes of tiered history that may stay on local disk
+    local_cache_bytes: int = 1 << 30
+    #: COMPLIANCE retention of every object, in days (0: none)
+    object_lock_days: int = 0
+    #: upload bytes/s (0: no limit)
+    rate: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.url)
+
+
+def _tier(raw: Any) -> TierSettings:
+    schema: dict[str, Callable[[Any, str], Any]] = {
+        "url": _str, "endpoint": _str, "region": _str, "credentials_file": _str,
+        "upload_after": _duration, "local_cache_bytes": _size(0),
+        "object_lock_days": _int(0, 36500), "rate": _size(0),
+    }
+    t = _table(raw, "tier", schema)
+    if not t:
+        return TierSettings()
+    if "url" not in t:
+        raise ConfigError("tier.url: needed (s3://BUCKET/PREFIX)")
+    if not t["url"].startswith("s3://") or len(t["url"]) <= 5 or t["url"][5] == "/":
+        raise ConfigError(f"tier.url: expected s3://BUCKET/PREFIX, got {t['url']!r}")
+    if "credentials_file" in t:
+        t["credentials_file"] = Path(t["credentials_file"])
+    return TierSettings(**t)
+
+
+@dataclass(frozen=True)
 class Settings:
     store: Path = Path("store")
     journal: JournalSettings = field(default_factory=JournalSettings)
@@ -284,6 +327,7 @@ class Settings:
     retention: RetentionSettings = field(default_factory=RetentionSettings)
     replication: ReplicationSettings = field(default_factory=ReplicationSettings)
     sentinel: SentinelSettings = field(default_factory=SentinelSettings)
+    tier: TierSettings = field(default_factory=TierSettings)
 
     def retention_for(self, volume: str) -> RetentionSettings:
         """The volume's configured retention (its [volume.retention] or [retention])."""
@@ -396,7 +440,7 @@ def _table(raw: dict[str, Any], name: str, schema: dict[str, Callable[[Any, str]
 
 
 _SECTIONS = {"store", "journal", "maps", "read", "nbd", "metrics", "iscsi", "volume", "retention",
-             "replication", "sentinel"}
+             "replication", "sentinel", "tier"}
 
 
 def _iscsi(raw: Any) -> IscsiSettings:
@@ -519,6 +563,7 @@ def parse_config(data: dict[str, Any], source: str = "<config>") -> Settings:
         sentinel=_sentinel(data.get("sentinel", {})),
         nbd_tls=tls,
         replication=_replication(data.get("replication", {})),
+        tier=_tier(data.get("tier", {})),
     )
 
 

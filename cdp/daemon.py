@@ -48,6 +48,7 @@ from cdp.retention.service import retention_of
 from cdp.store import Store
 from cdp.targets.iscsi.server import IscsiServer, serve_iscsi
 from cdp.targets.nbd.server import NbdServer, serve_nbd
+from cdp.tier.service import check_tier, start_tiers
 from cdp.volume import Volume
 
 #: written once the listeners are up, removed at a clean stop
@@ -150,6 +151,8 @@ class Daemon:
         repl: asyncio.Server | None = None
         metrics = None
         try:
+            if s.tier.enabled:  # docs/TIER.md: a bucket without object lock ends cdpd here
+                await asyncio.to_thread(check_tier, s.tier)
             await admin.start()
             if s.nbd.enabled:
                 try:
@@ -189,6 +192,9 @@ class Daemon:
             n = resume_replication(store)
             if n:
                 log.info("replication: resumed %d outgoing stream(s)", n)
+            if s.tier.enabled:
+                n = start_tiers(store.volumes.values())
+                log.info("tier: uploading %d volume(s) to %s", n, s.tier.url)
             self._write_runfile(store, nbd, metrics)
             log.info("cdpd %s ready: store %s, admin socket %s", __version__, store.path, admin.path)
             ticker = asyncio.create_task(self._tick())

@@ -9,6 +9,7 @@ from typing import Any
 from cdp.retention.service import retention_of
 from cdp.sentinel.service import sentinel_of
 from cdp.store import Store
+from cdp.tier.service import tier_of
 
 
 def render(store: Store, extra: Callable[[], dict[str, float]] | None = None) -> str:
@@ -47,6 +48,20 @@ def render(store: Store, extra: Callable[[], dict[str, float]] | None = None) ->
     metric("cdp_retention_expired_points_total", "counter", "Points given up by retention since start.", per(lambda v: retention_of(v).expired_total))
     metric("cdp_gc_reclaimed_bytes_total", "counter", "Store bytes given back by gc since start.", per(lambda v: retention_of(v).reclaimed_total))
     metric("cdp_retention_keep_after_seq", "gauge", "Every point at or after this seq is recoverable.", per(lambda v: v.maps.keep_after))
+    tv = [(v, t) for v in vols if (t := tier_of(v)) is not None]  # docs/TIER.md
+    if tv:
+        def tper(fn: Callable[[Any], float]) -> list[tuple[dict[str, str], float]]:
+            return [({"volume": v.name}, float(fn(t))) for v, t in tv]
+
+        ts = {v.name: t.status() for v, t in tv}
+        metric("cdp_tier_generation", "gauge", "Newest tier generation uploaded.", tper(lambda t: ts[t.vol.name]["generation"]))
+        metric("cdp_tier_uploaded_segments", "gauge", "Segments in the newest tier generation.", tper(lambda t: ts[t.vol.name]["uploaded_segments"]))
+        metric("cdp_tier_uploaded_bytes", "gauge", "Bytes of segments in the newest tier generation.", tper(lambda t: ts[t.vol.name]["uploaded_bytes"]))
+        metric("cdp_tier_pending_segments", "gauge", "Sealed segments not uploaded yet.", tper(lambda t: ts[t.vol.name]["pending_segments"]))
+        metric("cdp_tier_oldest_pending_age_seconds", "gauge", "Age of the oldest segment waiting for upload.", tper(lambda t: ts[t.vol.name]["oldest_pending_age_seconds"]))
+        metric("cdp_tier_sent_bytes_total", "counter", "Segment bytes sent to the bucket since start.", tper(lambda t: t.sent_bytes))
+        metric("cdp_tier_failures_total", "counter", "Upload batches that failed since start.", tper(lambda t: t.failures))
+        metric("cdp_tier_up", "gauge", "0 while the bucket is unreachable or refuses us.", tper(lambda t: t.state not in ("unreachable", "refused")))
     sv = [(v, s) for v in vols if (s := sentinel_of(v)) is not None]  # docs/SENTINEL.md
     if sv:
         def sper(fn: Callable[[Any], float]) -> list[tuple[dict[str, str], float]]:

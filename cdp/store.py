@@ -34,6 +34,7 @@ from cdp.fsutil import write_file_atomic
 from cdp.proxy.volume import ProxyVolume
 from cdp.retention.service import attach_retention
 from cdp.sentinel.service import attach_sentinel
+from cdp.tier.service import attach_tier
 from cdp.volume import Volume, read_meta
 
 log = logging.getLogger("cdp.store")
@@ -48,11 +49,14 @@ VOLUME_KINDS: dict[str, type[Volume]] = {"mirror": Volume, "proxy": ProxyVolume}
 def attach_services(vol: Volume) -> None:
     """Attach the services of a served volume: retention (store cap, expired points,
     gc), then the file catalog (a background MFT diff at every marker), then the
-    ransomware sentinel unless ``[sentinel] enabled = false``."""
+    ransomware sentinel unless ``[sentinel] enabled = false``, then the S3 tier when
+    ``[tier] url`` is set."""
     attach_retention(vol)
     attach_catalog(vol)
     if vol.settings.sentinel.enabled:
         attach_sentinel(vol)
+    if vol.settings.tier.enabled:
+        attach_tier(vol)
 
 
 def open_volume(vdir: Path, settings: Settings) -> Volume:

@@ -29,6 +29,8 @@ from cdp.cli import (
     rewind,
     snapshot,
     status,
+    store,
+    tier,
     verify,
     versions,
     volume,
@@ -37,7 +39,7 @@ from cdp.cli.common import Context
 from cdp.errors import EXIT_CODES, CdpError
 
 COMMANDS = (volume, status, snapshot, rewind, pause, image, verify, files, versions, find, restore, diff,
-            changed, export, apply, retention, gc, replicate, alerts)
+            changed, export, apply, retention, gc, replicate, alerts, tier, store)
 
 
 def build_parser() -> argparse.ArgumentParser:

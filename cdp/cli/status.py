@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from cdp.cli.common import Context, add_common, emit_json, fmt_time, volumes_arg
+from cdp.cli.tier import status_line as tier_status_line
 from cdp.units import format_size
 
 
@@ -16,6 +17,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 def run(ctx: Context, args: argparse.Namespace) -> int:
     rows = ctx.call("status", {"volumes": volumes_arg(args)})
+    tiers = ({t["volume"]: t for t in ctx.call("tier_status", {"refresh": False})}  # docs/TIER.md
+             if ctx.settings.tier.enabled else {})
+    for s in rows:
+        if s.get("volume") in tiers:
+            s["tier"] = tiers[s["volume"]]
     if ctx.json:
         emit_json(rows if len(rows) != 1 else rows[0])
         return 0
@@ -49,6 +55,8 @@ def run(ctx: Context, args: argparse.Namespace) -> int:
                 oldest = (f"oldest {t['oldest_point']} {fmt_time(t['oldest_time_ns'])}, "
                           f"expires {fmt_time(t['next_expiry_ns'])}") if t["oldest_point"] else "no point yet"
                 print(f"  {t['tier']:<12} {oldest}")
+        if s.get("tier"):
+            print(f"tier:          {tier_status_line(s['tier'])}")
         px = s.get("proxy")
         if px:  # proxy mode (docs/PROXY.md)
             state = f"DEGRADED ({px['degraded_reason']})" if px["degraded"] else "ok"

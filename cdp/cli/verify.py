@@ -28,6 +28,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--repair", action="store_true",
                    help="stopped store only: rebuild maps, markers file and catalog from the "
                    "journal (damaged files are moved aside, never deleted)")
+    p.add_argument("--tier", action="store_true",
+                   help="check the S3 tier's newest generation against its manifest "
+                   "(HEAD every object, sha256 of a sample; docs/TIER.md)")
+    p.add_argument("--full", action="store_true", help="with --tier: sha256 of every object")
     p.set_defaults(func=run)
 
 
@@ -43,7 +47,27 @@ def _print(r: dict[str, Any]) -> None:
             print("  " + ", ".join(f"{k}={val}" for k, val in p.items()), file=sys.stdout)
 
 
+def run_tier(ctx: Context, args: argparse.Namespace) -> int:
+    """verify --tier: the tier's objects against the newest manifest (exit 6 on damage)."""
+    r = ctx.call("verify_tier", {"volume": args.volume, "full": args.full})
+    if ctx.json:
+        emit_json(r)
+    else:
+        for v in r["volumes"]:
+            print(f"{v['volume']}: tier {'ok' if v['ok'] else 'DAMAGED'}: generation "
+                  f"{v.get('generation', '?')}, {v.get('objects', 0)} objects, "
+                  f"{v.get('hashed', 0)} hashed")
+            for p in v["problems"]:
+                print("  " + ", ".join(f"{k}={val}" for k, val in p.items()))
+    if not r["ok"]:
+        print("cdpctl: verify --tier found damage", file=sys.stderr)
+        return Corruption.exit_status
+    return 0
+
+
 def run(ctx: Context, args: argparse.Namespace) -> int:
+    if args.tier:
+        return run_tier(ctx, args)
     if args.repair:
         client = ctx.daemon()
         if client is not None:

@@ -12,6 +12,7 @@ from cdp.journal.format import Compression, Record, RecordKind
 from cdp.journal.fs import Clock, CrashSimFS, FileLayer, ManualClock, OsFileLayer
 from cdp.journal.recovery import RecoveryReport
 from cdp.journal.segment import Problem
+from cdp.journal.tiering import SealedFile, install_segment
 from cdp.journal.verify import VerifyReport, verify_journal
 from cdp.journal.writer import Journal, JournalStats, SegmentInfo
 
@@ -29,8 +30,10 @@ __all__ = [
     "Record",
     "RecordKind",
     "RecoveryReport",
+    "SealedFile",
     "SegmentInfo",
     "VerifyReport",
     "build_compacted",
+    "install_segment",
     "verify_journal",
 ]

@@ -94,6 +94,7 @@ from cdp.journal.segment import (
     check_record,
     write_index,
 )
+from cdp.journal.tiering import SealedFile
 
 #: payloads at least this large bypass the buffer (written with writev, no copy)
 DIRECT_WRITE = 256 << 10
@@ -835,6 +836,22 @@ class Journal(SegmentReader):
                         s.raw_bytes)
             for s in self._segs
         ]
+
+    def sealed_segments(self) -> list[SegmentInfo]:
+        """The sealed *and durable* segments (never modified again, except replaced
+        whole by a compaction), oldest first: what the S3 tier may upload. O(segments)."""
+        return [i for s, i in zip(self._segs, self.segments(), strict=True) if s.state == SEALED]
+
+    def open_sealed(self, first_seq: int) -> SealedFile:
+        """Segment *first_seq* as stored, open for reading from any thread (its own
+        descriptor: a later compaction does not change what it reads). NotFound unless
+        that segment exists and is sealed and durable. One open() and fstat."""
+        for s in self._segs:
+            if s.first_seq == first_seq and s.state == SEALED:
+                fd = self._fs.open_read(self._path(s.name))
+                return SealedFile(s.name, s.first_seq, s.first_seq + s.count - 1, s.count, s.size,
+                                  s.compacted, fd, self._fs)
+        raise NotFound(f"journal {self._dir}: no sealed segment starting at seq {first_seq}")
 
     def stats(self) -> JournalStats:
         """Record and byte totals. O(segments)."""

@@ -132,3 +132,23 @@ def test_unknown_key_lists_exactly_the_keys_the_schema_takes(section: str) -> No
             assert "unknown key" not in str(err), (k, str(err))
     if section == "nbd":
         assert {"enabled", "listen", "tls", "tls_cert", "tls_key"} <= set(keys), keys
+
+
+def test_tier_section(tmp_path: Path) -> None:
+    assert not Settings().tier.enabled
+    s = parse_config({"tier": {"url": "s3://b/p", "endpoint": "http://127.0.0.1:7480",
+                               "upload_after": "5m", "local_cache_bytes": "2GiB",
+                               "object_lock_days": 30, "rate": "10MiB",
+                               "credentials_file": "/etc/cdp/s3"}})
+    t = s.tier
+    assert t.enabled and t.url == "s3://b/p" and t.upload_after == 300.0
+    assert (t.local_cache_bytes, t.object_lock_days, t.rate) == (2 << 30, 30, 10 << 20)
+    assert t.credentials_file == Path("/etc/cdp/s3")
+    with pytest.raises(ConfigError, match=r"tier\.url: needed"):
+        parse_config({"tier": {"endpoint": "http://x"}})
+    with pytest.raises(ConfigError, match=r"tier\.url: expected s3://BUCKET/PREFIX"):
+        parse_config({"tier": {"url": "http://b/p"}})
+    with pytest.raises(ConfigError, match=r"tier\.object_lock_days"):
+        parse_config({"tier": {"url": "s3://b", "object_lock_days": -1}})
+    with pytest.raises(ConfigError, match=r"tier\.nope: unknown key"):
+        parse_config({"tier": {"url": "s3://b", "nope": 1}})

@@ -1,0 +1,563 @@
+"""The tier service: a volume's sealed history uploaded to S3 (docs/TIER.md).
+
+    svc = attach_tier(vol)          # by the store when [tier] url is set
+    svc.start()                     # needs a running loop (cdpd: start_tiers(store))
+    await svc.upload_now()          # one batch now (tests, tools); returns the generation
+    svc.status() -> dict            # what `cdpctl tier status` prints
+
+Design notes
+------------
+- **A VolumeService with one task.** ``on_sealed`` / ``on_marker`` / ``on_rewind`` only
+  wake the task (O(1), no I/O). The task lists the journal's sealed, durable segments old
+  enough (``upload_after``), uploads the ones the newest generation lacks, in seq order,
+  then the volume's state files, and ends the batch with a generation manifest. Every
+  boto3 call, file read and hash runs in a worker thread (``asyncio.to_thread``); the
+  loop only plans and records.
+- **Only whole objects are referenced.** A manifest names an object only after its PUT
+  or CompleteMultipartUpload returned; the manifest itself is the last PUT of a batch. A
+  crash (cdpd kill -9) mid-upload leaves at most an incomplete multipart (aborted at the
+  next start: ``abort_incomplete_uploads``) or a complete object no manifest names yet:
+  the next batch finds it by HEAD (same key, same sha256) and reuses it rather than
+  writing the key again. Keys are never overwritten.
+- **Seq-ordered prefix.** The manifest covers the longest run of sealed segments from
+  the journal's first that are uploaded, so ``last_seq`` is a point every earlier point
+  of which the bucket can serve. ``markers.json`` goes up filtered to markers at or
+  below ``last_seq``; the catalog snapshot goes up with the newest marker seq known
+  when it was copied (``through_seq``), so recovery can tell whether it is usable.
+- **Faults.** botocore retries each call (jittered backoff); a batch that still fails
+  sets ``state`` to ``unreachable`` (connection, timeout, 5xx) or ``refused`` (403,
+  bad credentials, other 4xx) with ``last_error``, and the task tries again after a
+  backoff doubling from 1 s to 60 s. Ingest never waits for the tier: the journal stays
+  local and the store's own ``on_full`` policy applies.
+- **Garbage.** Objects that neither of the two newest generations names (segments local
+  retention dropped or compaction rewrote, older state and manifests, objects a crash
+  left unnamed) are deleted by :meth:`TierService.gc`, after a batch that dropped some
+  and on `cdpctl tier gc`; it holds the batch lock, so an upload in flight is never
+  garbage. Retention decides what expires (a segment leaves the manifest only once the
+  local journal dropped it, i.e. every point it served expired; `--keep forever`
+  markers pin theirs). A version still under object lock is refused by the store and
+  skipped, logged and retried at the next gc, never deleted early.
+- **Rate.** ``rate`` bytes/s is a token bucket over segment bytes sent, paced between
+  parts in the uploading thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import sqlite3
+import tempfile
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from cdp.config import TierSettings
+from cdp.errors import CdpError, NotFound, RemoteRefused, RemoteUnreachable
+from cdp.journal import SealedFile
+from cdp.markers import MARKERS_FORMAT, Marker
+from cdp.tier.manifest import (
+    Manifest,
+    SegmentObject,
+    StateObject,
+    generation_key,
+    generation_of,
+    generations_prefix,
+    segment_key,
+    state_key,
+    volume_prefix,
+)
+from cdp.tier.s3 import DEFAULT_PART, S3, ObjectRef, S3Settings, parse_s3_url
+from cdp.volume import Volume, VolumeService
+
+log = logging.getLogger("cdp.tier")
+
+#: states `cdpctl tier status` reports
+STATES = ("off", "idle", "uploading", "unreachable", "refused")
+CATALOG_FILE = "catalog.sqlite"
+MAX_BACKOFF = 60.0
+#: parts of one multipart segment upload in flight (memory: that many 8 MiB parts)
+UPLOAD_WORKERS = 8
+
+
+def s3_settings(t: TierSettings) -> S3Settings:
+    return S3Settings(endpoint=t.endpoint, region=t.region, credentials_file=t.credentials_file)
+
+
+_clients: dict[S3Settings, S3] = {}
+_clients_lock = threading.Lock()
+
+
+def client_for(t: TierSettings) -> S3:
+    """One shared :class:`S3` per connection settings (a boto3 client costs ~50-100 ms).
+    ConfigError for a bad credentials file."""
+    key = s3_settings(t)
+    with _clients_lock:
+        c = _clients.get(key)
+        if c is None:
+            c = _clients[key] = S3(key)
+        return c
+
+
+def markers_doc(markers: list[Marker], through_seq: int) -> bytes:
+    """markers.json (format 1) with the markers at or below *through_seq*."""
+    kept = [m for m in markers if m.seq <= through_seq]
+    doc = {"format": MARKERS_FORMAT, "next_id": max((m.id for m in kept), default=0) + 1,
+           "markers": [{"id": m.id, "seq": m.seq, "time_ns": m.time_ns, "label": m.label}
+                       for m in kept]}
+    return json.dumps(doc, indent=1).encode() + b"\n"
+
+
+def newest_manifest(s3: S3, bucket: str, prefix: str, volume: str) -> Manifest | None:
+    """The newest generation manifest of *volume* that parses and checks, or None.
+    Blocking: one listing plus one GET (more if the newest ones are damaged)."""
+    gens = sorted(
+        (g, o.key) for o in s3.list_objects(bucket, generations_prefix(prefix, volume))
+        if (g := generation_of(o.key)) is not None
+    )
+    for _g, key in reversed(gens):
+        where = f"s3://{bucket}/{key}"
+        try:
+            return Manifest.decode(s3.get_object(bucket, key), where)
+        except CdpError as e:
+            if isinstance(e, RemoteUnreachable | RemoteRefused):
+                raise
+            log.error("tier: skipping damaged manifest %s: %s", where, e)
+    return None
+
+
+def list_volumes(s3: S3, bucket: str, prefix: str) -> list[str]:
+    """Names of the volumes with at least one generation manifest under the prefix."""
+    names = set()
+    root = f"{prefix}volumes/"
+    for o in s3.list_objects(bucket, root):
+        name, _, rest = o.key[len(root):].partition("/")
+        if rest.startswith("generations/") and generation_of(rest) is not None:
+            names.add(name)
+    return sorted(names)
+
+
+class _Pacer:
+    """A token bucket: :meth:`take` sleeps (in the caller's thread) to keep *rate* B/s."""
+
+    def __init__(self, rate: int) -> None:
+        self.rate = rate
+        self._t = time.monotonic()
+
+    def take(self, n: int) -> None:
+        if self.rate <= 0:
+            return
+        self._t = max(self._t, time.monotonic()) + n / self.rate
+        delay = self._t - time.monotonic() - 1.0  # one second of burst
+        if delay > 0:
+            time.sleep(delay)
+
+
+class TierService(VolumeService):
+    """Uploads one volume's sealed history to ``[tier] url`` (see the module notes)."""
+
+    def __init__(self, vol: Volume, settings: TierSettings, *, store_uuid: str = "",
+                 s3: S3 | None = None, autostart: bool = True) -> None:
+        self.vol = vol
+        self.settings = settings
+        self.bucket, self.prefix = parse_s3_url(settings.url)
+        self.store_uuid = store_uuid
+        self._s3 = s3
+        self.state = "idle"
+        self.last_error: str | None = None
+        self.manifest: Manifest | None = None
+        #: bytes of segments sent since start (not counting reused objects)
+        self.sent_bytes = 0
+        self.batches = 0
+        self.failures = 0
+        #: tiered objects deleted by gc since start; objects the last gc found locked
+        self.gc_deleted = 0
+        self.gc_locked = 0
+        self._loaded = False
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._pacer = _Pacer(settings.rate)
+        self._lock = asyncio.Lock()
+        self._gc_due = False
+        self._stopping = False
+        #: start the task on the first seal/marker when a loop runs (cdpd); tests drive
+        #: batches themselves with :meth:`upload_now`
+        self._auto = autostart
+
+    @property
+    def s3(self) -> S3:
+        if self._s3 is None:
+            self._s3 = client_for(self.settings)
+        return self._s3
+
+    @property
+    def url(self) -> str:
+        return f"s3://{self.bucket}/{self.prefix}"
+
+    # ------------------------------------------------------------------ service callbacks
+
+    def on_sealed(self, vol: Volume, seq: int) -> None:
+        self._kick()
+
+    def on_marker(self, vol: Volume, marker: Marker) -> None:
+        self._kick()
+
+    def on_rewind(self, vol: Volume, seq: int, target_seq: int) -> None:
+        self._kick()
+
+    def _kick(self) -> None:
+        self._wake.set()
+        if self._task is None and self._auto:
+            with contextlib.suppress(RuntimeError):  # no running loop (offline tools)
+                self.start()
+
+    def close(self, vol: Volume) -> None:
+        self.stop()
+
+    # ------------------------------------------------------------------ control
+
+    def start(self) -> None:
+        """Start the upload task (needs a running event loop); idempotent."""
+        if self._task is None or self._task.done():
+            self._stopping = False
+            self._task = asyncio.get_running_loop().create_task(self._run())
+
+    def stop(self) -> None:
+        self._auto = False
+        self._stopping = True  # an upload in a worker thread aborts at its next part
+        if self._task is not None:
+            self._task.cancel()
+            self._task = None
+
+    async def upload_now(self) -> int:
+        """Run one batch now (waits for one in progress); the newest generation number
+        (0: none yet). Raises the batch's error (RemoteUnreachable, RemoteRefused, ...)."""
+        async with self._lock:
+            await self._batch()
+        return self.manifest.generation if self.manifest else 0
+
+    async def refresh(self) -> None:
+        """Load the newest manifest from the bucket if not done yet (status on a stopped
+        store); a failure only sets ``state``/``last_error``."""
+        if self._loaded:
+            return
+        try:
+            self.manifest = await asyncio.to_thread(
+                newest_manifest, self.s3, self.bucket, self.prefix, self.vol.name)
+            self._loaded = True
+        except (RemoteUnreachable, RemoteRefused) as e:
+            self.state = "refused" if isinstance(e, RemoteRefused) else "unreachable"
+            self.last_error = str(e)
+
+    def pending(self) -> list[Any]:
+        """Sealed, durable segments the newest generation does not hold (any age)."""
+        have = self._have()
+        return [i for i in self.vol.journal.sealed_segments()
+                if (o := have.get(i.first_seq)) is None or o.size != i.bytes]
+
+    def status(self) -> dict[str, Any]:
+        """The fields of `cdpctl tier status`. O(segments)."""
+        j = self.vol.journal
+        pend = self.pending()
+        oldest = 0.0
+        if pend:
+            now = time.time_ns()
+            oldest = max(0.0, (now - j.time_of_seq(pend[0].last_seq)) / 1e9)
+        m = self.manifest
+        return {
+            "volume": self.vol.name, "url": self.url, "state": self.state,
+            "generation": m.generation if m else 0,
+            "uploaded_seq": m.last_seq if m else 0,
+            "uploaded_segments": len(m.segments) if m else 0,
+            "pending_segments": len(pend),
+            "uploaded_bytes": sum(s.size for s in m.segments) if m else 0,
+            "local_bytes": j.stats().file_bytes,
+            "oldest_pending_age_seconds": round(oldest, 3),
+            "cache_hit_ratio": None,
+            "sent_bytes": self.sent_bytes,
+            "last_error": self.last_error,
+        }
+
+    # ------------------------------------------------------------------ the task
+
+    async def _run(self) -> None:
+        delay = 1.0
+        with contextlib.suppress(Exception):
+            n = await asyncio.to_thread(self.s3.abort_incomplete_uploads, self.bucket,
+                                        volume_prefix(self.prefix, self.vol.name))
+            if n:
+                log.info("tier %s: aborted %d incomplete upload(s) left by a crash", self.vol.name, n)
+        while True:
+            wait = max(1.0, self.settings.upload_after / 4) if self.settings.upload_after else 30.0
+            try:
+                async with self._lock:
+                    await self._batch()
+                delay = 1.0
+                if self._gc_due:
+                    self._gc_due = False
+                    await self.gc()
+            except asyncio.CancelledError:
+                raise
+            except (RemoteUnreachable, RemoteRefused) as e:
+                wait, delay = delay, min(MAX_BACKOFF, delay * 2)
+                log.warning("tier %s: %s (retry in %.0f s)", self.vol.name, e, wait)
+            except Exception as e:  # keep the task alive: ingest must never depend on it
+                self.state, self.last_error = "unreachable", str(e)
+                wait, delay = delay, min(MAX_BACKOFF, delay * 2)
+                log.exception("tier %s: batch failed (retry in %.0f s)", self.vol.name, wait)
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), wait)
+
+    def _have(self) -> dict[int, SegmentObject]:
+        return {s.first_seq: s for s in self.manifest.segments} if self.manifest else {}
+
+    async def _batch(self) -> None:
+        """One batch: the missing segments, then state, then a manifest (only if
+        something changed). Sets ``state``/``last_error``; raises on failure."""
+        try:
+            await self._batch_inner()
+        except RemoteRefused as e:
+            self.state, self.last_error = "refused", str(e)
+            self.failures += 1
+            raise
+        except RemoteUnreachable as e:
+            self.state, self.last_error = "unreachable", str(e)
+            self.failures += 1
+            raise
+        self.state = "idle"
+
+    async def _batch_inner(self) -> None:
+        vol, j = self.vol, self.vol.journal
+        if not self._loaded:
+            self.manifest = await asyncio.to_thread(
+                newest_manifest, self.s3, self.bucket, self.prefix, vol.name)
+            self._loaded = True
+        have = self._have()
+        now = time.time_ns()
+        after = int(self.settings.upload_after * 1e9)
+        chain: list[SegmentObject] = []
+        for info in j.sealed_segments():
+            o = have.get(info.first_seq)
+            if o is not None and o.size == info.bytes and o.compacted == info.compacted:
+                chain.append(o)
+                continue
+            if after and now - j.time_of_seq(info.last_seq) < after:
+                break
+            try:
+                f = j.open_sealed(info.first_seq)
+            except NotFound:
+                break  # replaced meanwhile (compaction): next batch
+            self.state = "uploading"
+            # the worker thread owns f and closes it: a cancelled await (cdpd stopping)
+            # must not close a descriptor the thread still reads
+            o = await asyncio.to_thread(self._put_segment_owned, f)
+            chain.append(o)
+            have[o.first_seq] = o
+        prev = self.manifest
+        last_seq = chain[-1].last_seq if chain else (prev.last_seq if prev else 0)
+        if not chain and prev is None:
+            return
+        markers = markers_doc(vol.markers, last_seq)
+        msha = hashlib.sha256(markers).hexdigest()
+        same_segments = prev is not None and prev.segments == chain
+        old_m = prev.state_named("markers.json") if prev else None
+        if same_segments and old_m is not None and old_m.sha256 == msha:
+            return
+        self.state = "uploading"
+        gen = (prev.generation if prev else 0) + 1
+        state = await asyncio.to_thread(self._put_state, gen, markers, last_seq)
+        m = Manifest(generation=gen, volume=vol.name, volume_uuid=vol.uuid, size=vol.size,
+                     last_seq=last_seq, created_ns=time.time_ns(), store_uuid=self.store_uuid,
+                     segments=chain, state=state)
+        key = generation_key(self.prefix, vol.name, gen)
+        await asyncio.to_thread(self.s3.put_object, self.bucket, key, m.encode(),
+                                retain_until=self._until())
+        dropped = prev is not None and bool({k for k, _s, _h in prev.objects()}
+                                            - {k for k, _s, _h in m.objects()})
+        self.manifest = m
+        self.batches += 1
+        if dropped or self.gc_locked:
+            self._gc_due = True
+        self.last_error = None
+        log.info("tier %s: generation %d (%d segments through seq %d) at %s",
+                 vol.name, gen, len(chain), last_seq, self.url)
+
+    async def gc(self) -> dict[str, int]:
+        """Delete the volume's objects that neither of the two newest generations names
+        (segments local retention dropped or compaction replaced, older state and
+        manifests, objects a crash left unnamed). Runs between batches (the batch lock),
+        so an upload in progress is never taken for garbage. An object still under
+        object lock is refused by the store: skipped, logged, tried again at the next gc.
+        Returns counts: ``deleted``, ``locked``, ``kept``."""
+        async with self._lock:
+            if not self._loaded:
+                await self.refresh()
+            if self.manifest is None:
+                return {"deleted": 0, "locked": 0, "kept": 0}
+            return await asyncio.to_thread(self._gc, self.manifest)
+
+    def _gc(self, newest: Manifest) -> dict[str, int]:
+        keep = {k for k, _s, _h in newest.objects()}
+        keep.add(generation_key(self.prefix, self.vol.name, newest.generation))
+        if newest.generation > 1:
+            with contextlib.suppress(NotFound, CdpError):
+                key = generation_key(self.prefix, self.vol.name, newest.generation - 1)
+                prev = Manifest.decode(self.s3.get_object(self.bucket, key), key)
+                keep.add(key)
+                keep.update(k for k, _s, _h in prev.objects())
+        root = volume_prefix(self.prefix, self.vol.name)
+        doomed = [ObjectRef(o.key, o.version_id)
+                  for o in self.s3.list_versions(self.bucket, root) if o.key not in keep]
+        if not doomed:
+            return {"deleted": 0, "locked": 0, "kept": len(keep)}
+        r = self.s3.delete_objects(self.bucket, doomed)
+        for f in r.refused:
+            log.info("tier %s: gc skips s3://%s/%s (%s: %s); retried at the next gc",
+                     self.vol.name, self.bucket, f.ref.key, f.code, f.message)
+        self.gc_deleted += len(r.deleted)
+        self.gc_locked = len(r.refused)
+        return {"deleted": len(r.deleted), "locked": len(r.refused), "kept": len(keep)}
+
+    def _until(self) -> datetime | None:
+        days = self.settings.object_lock_days
+        return datetime.now(UTC) + timedelta(days=days) if days else None
+
+    # ------------------------------------------------------------------ worker-thread parts
+
+    def _put_segment_owned(self, f: SealedFile) -> SegmentObject:
+        try:
+            return self._put_segment(f)
+        finally:
+            f.close()
+
+    def _put_segment(self, f: SealedFile) -> SegmentObject:
+        """Hash and upload one sealed segment (reusing an identical complete object left
+        by a crash). Worker thread."""
+        h = hashlib.sha256()
+        for off in range(0, f.size, DEFAULT_PART):
+            h.update(f.pread(off, min(DEFAULT_PART, f.size - off)))
+        digest = h.hexdigest()
+        key = segment_key(self.prefix, self.vol.name, f.first_seq, digest)
+        obj = SegmentObject(key, f.first_seq, f.last_seq, f.records, f.size, digest, f.compacted)
+        with contextlib.suppress(NotFound):
+            info = self.s3.head(self.bucket, key)
+            if info.size == f.size and info.sha256 == digest:
+                return obj
+        until = self._until()
+        if f.size <= DEFAULT_PART:
+            data = f.pread(0, f.size)
+            self._pacer.take(len(data))
+            self.s3.put_object(self.bucket, key, data, sha256=digest, retain_until=until)
+        else:
+            self.s3.put_multipart(self.bucket, key, self._parts(f), sha256=digest,
+                                  retain_until=until, workers=UPLOAD_WORKERS)
+        self.sent_bytes += f.size
+        return obj
+
+    def _parts(self, f: SealedFile) -> Iterator[bytes]:
+        for off in range(0, f.size, DEFAULT_PART):
+            data = f.pread(off, min(DEFAULT_PART, f.size - off))
+            if len(data) != min(DEFAULT_PART, f.size - off):
+                raise CdpError(f"segment {f.name} shrank while being uploaded")
+            if self._stopping:  # the multipart is aborted; the next start uploads it whole
+                raise CdpError(f"tier of {self.vol.name} stopping: upload of {f.name} abandoned")
+            self._pacer.take(len(data))
+            yield data
+
+    def _put_state(self, gen: int, markers: bytes, last_seq: int) -> list[StateObject]:
+        """volume.json, markers.json (filtered) and a catalog snapshot under the
+        generation's state prefix. Worker thread."""
+        out: list[StateObject] = []
+        until = self._until()
+
+        def put(name: str, data: bytes, through: int) -> None:
+            key = state_key(self.prefix, self.vol.name, gen, name)
+            r = self.s3.put_object(self.bucket, key, data, retain_until=until)
+            out.append(StateObject(name, key, r.size, r.sha256, through))
+
+        put("volume.json", (self.vol.path / "volume.json").read_bytes(), 0)
+        put("markers.json", markers, last_seq)
+        db = self.vol.path / CATALOG_FILE
+        if db.exists():
+            through = max((m.seq for m in self.vol.markers), default=0)
+            snap = _sqlite_snapshot(db)
+            if snap is not None:
+                put(CATALOG_FILE, snap, through)
+        return out
+
+
+def _sqlite_snapshot(db: Path) -> bytes | None:
+    """A consistent copy of an SQLite file (the backup API), or None if it cannot be
+    read now (logged; the next generation tries again)."""
+    fd, tmp = tempfile.mkstemp(prefix=".tier-", suffix=".sqlite", dir=db.parent)
+    os.close(fd)
+    try:
+        src = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)
+        dst = sqlite3.connect(tmp)
+        try:
+            src.backup(dst)
+        finally:
+            dst.close()
+            src.close()
+        return Path(tmp).read_bytes()
+    except sqlite3.Error as e:
+        log.warning("tier: catalog snapshot of %s failed: %s", db, e)
+        return None
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+
+
+# ---------------------------------------------------------------------- store glue
+
+
+def attach_tier(vol: Volume, *, store_uuid: str = "") -> TierService:
+    """Attach *vol*'s tier service (``[tier] url`` must be set); the attached one if any."""
+    for s in vol.services:
+        if isinstance(s, TierService):
+            return s
+    if not store_uuid:
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            store_uuid = str(json.loads((vol.path.parent.parent / "store.json").read_text())["uuid"])
+    svc = TierService(vol, vol.settings.tier, store_uuid=store_uuid)
+    vol.attach(svc)
+    return svc
+
+
+def tier_of(vol: Volume) -> TierService | None:
+    """The tier service of *vol*, None when ``[tier]`` is off."""
+    for s in vol.services:
+        if isinstance(s, TierService):
+            return s
+    return None
+
+
+def check_tier(settings: TierSettings) -> None:
+    """Start-up checks of ``[tier]``: the URL, the credentials file, and with
+    ``object_lock_days`` that the bucket has object lock (ConfigError, a clear message).
+    An unreachable bucket is logged, not fatal: ingest never waits for the tier. Blocking."""
+    bucket, _ = parse_s3_url(settings.url)
+    s3 = client_for(settings)
+    if settings.object_lock_days:
+        try:
+            s3.require_object_lock(bucket)
+        except RemoteUnreachable as e:
+            log.warning("tier: cannot check object lock of %s now: %s", bucket, e)
+
+
+def start_tiers(volumes: Iterable[Volume]) -> int:
+    """Start the tier task of every volume that has one (on the running loop); how many."""
+    n = 0
+    for v in volumes:
+        svc = tier_of(v)
+        if svc is not None:
+            svc.start()
+            n += 1
+    return n
