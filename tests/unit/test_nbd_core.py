@@ -12,6 +12,7 @@ from cdp.targets.nbd.core import (
     TRANSITIONS,
     Closed,
     Ready,
+    Refused,
     Request,
     ServerConnection,
     State,
@@ -179,6 +180,7 @@ def test_export_name_unknown_closes() -> None:
     conn = ServerConnection(provider())
     evs = feed(conn, FLAGS + opt(Opt.EXPORT_NAME, b"nope"))
     assert isinstance(evs[0], Closed) and evs[0].reason == "refused"
+    assert evs[0].message == "export 'nope' refused: no export named 'nope'"  # for the log
     assert conn.state is State.CLOSED and conn.data_to_send() == b""
 
 
@@ -190,10 +192,12 @@ def test_default_export_is_empty_name() -> None:
 
 def test_go_unknown_export_error_and_continue() -> None:
     conn = ServerConnection(provider())
-    assert feed(conn, FLAGS + go("nope")) == []
+    (ev,) = feed(conn, FLAGS + go("nope"))  # the caller logs the refusal
+    assert isinstance(ev, Refused) and (ev.name, ev.option) == ("nope", Opt.GO)
     ((o, rep, msg),) = option_replies(conn.data_to_send())
     assert (o, rep) == (Opt.GO, Rep.ERR_UNKNOWN)
-    assert b"nope" in msg
+    assert b"nope" in msg and msg.decode() == ev.reason  # the client gets the reason
+    assert conn.state is State.OPTIONS
     assert isinstance(feed(conn, go("disk"))[0], Ready)
 
 

@@ -33,7 +33,15 @@ from typing import Any, cast
 
 from cdp.errors import ProtocolError
 from cdp.targets.blockdev import BlockDevice, ExportProvider
-from cdp.targets.nbd.core import NEED_DATA, Closed, Ready, Request, ServerConnection, StartTls
+from cdp.targets.nbd.core import (
+    NEED_DATA,
+    Closed,
+    Ready,
+    Refused,
+    Request,
+    ServerConnection,
+    StartTls,
+)
 from cdp.targets.nbd.errors import nbd_errno
 from cdp.targets.nbd.proto import Cmd, CmdFlag, NbdErrno
 
@@ -138,6 +146,8 @@ class _NbdProtocol(asyncio.BufferedProtocol):
                     break
                 elif type(ev) is Ready:
                     self._ready(ev)
+                elif type(ev) is Refused:
+                    log.warning("%s: export %r refused: %s", self.peer, ev.name, ev.reason)
                 elif type(ev) is Closed:
                     self._closed(ev)
                 elif type(ev) is StartTls:
@@ -197,7 +207,7 @@ class _NbdProtocol(asyncio.BufferedProtocol):
     def _closed(self, ev: Closed) -> None:
         self.closing = True
         if ev.reason == "refused":
-            log.warning("%s: export refused: %s", self.peer, ev.message)
+            log.warning("%s: %s", self.peer, ev.message)
         elif ev.reason == "abort":
             log.info("%s: client aborted the handshake", self.peer)
 
