@@ -146,7 +146,7 @@ def test_go_with_info_requests() -> None:
     )
     assert flags == want  # no SEND_DF without structured replies
     # byte addressed: minimum block size 1 (any offset and length), preferred 4 KiB
-    assert INFO_BLOCK_SIZE.unpack(infos[Info.BLOCK_SIZE]) == (3, 1, 4096, 32 << 20)
+    assert INFO_BLOCK_SIZE.unpack(infos[Info.BLOCK_SIZE]) == (3, 1, 4096, 64 << 20)
     assert infos[Info.NAME][2:] == b"disk"
     assert infos[Info.DESCRIPTION][2:] == b"a disk"
 
@@ -399,7 +399,7 @@ def test_invalid_requests_get_errors_and_connection_continues(structured: bool) 
         (req(Cmd.FLUSH, 1, 0, cookie=7), E.EINVAL),
         (req(99, 0, 512, cookie=8), E.EINVAL),  # unknown command
         (req(Cmd.BLOCK_STATUS, 0, 512, cookie=9), E.EINVAL),  # no context selected
-        (req(Cmd.READ, 0, (32 << 20) + 1, cookie=10), E.EINVAL),  # absurd length
+        (req(Cmd.READ, 0, (64 << 20) + 1, cookie=10), E.EOVERFLOW),  # over the maximum
         (req(Cmd.RESIZE, 0, 0, cookie=11), E.EINVAL),
         (req(Cmd.WRITE, 0, 512, 0x8000, cookie=12) + bytes(512), E.EINVAL),
     ]
@@ -430,9 +430,9 @@ def test_read_only_export_eperm() -> None:
 
 def test_oversized_write_payload_is_skipped() -> None:
     conn = connect(structured=False)
-    n = (32 << 20) + 4096
+    n = (64 << 20) + 4096
     assert feed(conn, req(Cmd.WRITE, 0, n, cookie=5)) == []
-    assert simple(conn.data_to_send()) == (NbdErrno.EINVAL, 5)
+    assert simple(conn.data_to_send()) == (NbdErrno.EOVERFLOW, 5)
     blob = bytes(1 << 20)
     for _ in range(n // len(blob)):
         assert feed(conn, blob) == []
@@ -521,7 +521,7 @@ def test_device_min_block_size_is_advertised_and_enforced() -> None:
         conn = ServerConnection(p)
         feed(conn, FLAGS + go(name, Info.BLOCK_SIZE, option=Opt.INFO))
         (_, info, _) = option_replies(conn.data_to_send())
-        assert INFO_BLOCK_SIZE.unpack(info[2]) == (3, *want, 32 << 20)
+        assert INFO_BLOCK_SIZE.unpack(info[2]) == (3, *want, 64 << 20)
     conn = ServerConnection(p)
     evs = feed(conn, FLAGS + opt(Opt.STRUCTURED_REPLY) + go("a512"))
     assert isinstance(evs[-1], Ready)

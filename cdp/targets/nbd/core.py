@@ -33,11 +33,14 @@ Design notes
 Decisions where the spec leaves room (see also docs in the tests):
 
 - Block sizes advertised: minimum 1 (the devices are byte addressed: any offset and
-  length, as ``nbdkit file``), preferred 4096, maximum payload 32 MiB. A device that
+  length, as ``nbdkit file``), preferred 4096, maximum payload 64 MiB. A device that
   declares ``min_block_size`` (:class:`~cdp.targets.blockdev.HasBlockSize`, e.g. a proxy
   volume over an NBD primary that needs 512) gets it advertised (preferred at least as
   large) and requests not aligned to it answered EINVAL here, as the spec suggests.
-- READ / WRITE longer than 32 MiB -> EINVAL. An oversized WRITE's payload is skipped
+  Maximum payload 64 MiB, as nbdkit and nbd-server serve: a client of the old
+  NBD_OPT_EXPORT_NAME handshake never learns the maximum, and some send 32-48 MiB.
+- READ / WRITE longer than 64 MiB -> EOVERFLOW (the spec allows it, and it tells the
+  client "too large" rather than "invalid"). An oversized WRITE's payload is skipped
   (not buffered) and the connection goes on, as current qemu servers do.
 - Requests of length 0 (other than FLUSH) -> EINVAL, as nbdkit does.
 - Past the end: WRITE / WRITE_ZEROES -> ENOSPC (the spec's SHOULD), others -> EINVAL.
@@ -333,6 +336,7 @@ _STRUCT_MAGIC: Final = int(Magic.STRUCTURED_REPLY)
 _DONE: Final = int(ReplyFlag.DONE)
 _OFFSET_DATA: Final = int(ReplyType.OFFSET_DATA)
 _HDR: Final = REQUEST.size
+_TOO_LONG: Final = f"%s of %d bytes: longer than the maximum payload ({MAX_PAYLOAD >> 20} MiB)"
 #: WRITE payloads of at least this many bytes are received into their own buffer
 DIRECT_PAYLOAD: Final = 64 << 10
 #: the scratch buffer :meth:`ServerConnection.recv_buffer` offers between payloads
@@ -495,7 +499,7 @@ class ServerConnection:
                         self._pos = pos + _HDR
                         self._discard = length
                         self._reply_error_raw(
-                            cmd, cookie, NbdErrno.EINVAL, "write longer than 32 MiB")
+                            cmd, cookie, NbdErrno.EOVERFLOW, _TOO_LONG % ("write", length))
                         return self._next_slow()
                     end = pos + _HDR + length
                     if len(buf) < end:
@@ -563,6 +567,8 @@ class ServerConnection:
             msg = f"unknown command {cmd}"
         elif flags & ~mask:
             msg = f"invalid flags {flags:#x} for command {cmd}"
+        elif length > MAX_PAYLOAD and cmd == _CMD_READ:
+            err, msg = NbdErrno.EOVERFLOW, _TOO_LONG % ("read", length)
         elif cmd == _CMD_FLUSH:
             msg = "flush offset and length must be zero"
         elif length == 0:
@@ -571,8 +577,6 @@ class ServerConnection:
             msg = "request beyond the end of the export"
             if cmd in (_CMD_WRITE, _CMD_WRITE_ZEROES):
                 err = NbdErrno.ENOSPC
-        elif length > MAX_PAYLOAD:
-            msg = "read longer than 32 MiB"
         elif (offset | length) & self._align:
             msg = f"offset and length must be multiples of {self._align + 1} bytes"
         self._reply_error_raw(cmd, cookie, err, msg)
