@@ -947,6 +947,12 @@ class ServerConnection:
         return out
 
     @property
+    def backlog(self) -> int:
+        """Received bytes not parsed yet (requests waiting for their turn), excluding a
+        large WRITE payload being received into its own buffer. Cost: O(1)."""
+        return len(self._buf) - self._pos
+
+    @property
     def has_output(self) -> bool:
         """True when replies are queued."""
         return bool(self._out)
