@@ -54,6 +54,7 @@ from typing import Any, cast
 
 from cdp.errors import ProtocolError
 from cdp.targets.blockdev import BlockDevice, ExportProvider
+from cdp.targets.nbd.access import ClientExports, ClientRule, subject_text
 from cdp.targets.nbd.core import (
     NEED_DATA,
     Closed,
@@ -234,7 +235,11 @@ class _NbdProtocol(asyncio.BufferedProtocol):
                 self.transport, self, self.server.ssl_context, server_side=True,
                 ssl_handshake_timeout=30)
         except (TimeoutError, OSError, ssl.SSLError, ConnectionError) as exc:
-            log.warning("%s: TLS handshake failed: %s", self.peer, exc)
+            if self.server.verify_peer:  # no certificate, or one we do not trust
+                log.warning("%s: client refused (no verified certificate): TLS handshake "
+                            "failed: %s", self.peer, exc)
+            else:
+                log.warning("%s: TLS handshake failed: %s", self.peer, exc)
             if self.transport is not None:
                 self.transport.abort()
             return
@@ -246,7 +251,12 @@ class _NbdProtocol(asyncio.BufferedProtocol):
         self._set_write_limits(t)
         self.conn.tls_started()
         self.upgrading = False
-        log.info("%s: TLS established", self.peer)
+        if self.server.verify_peer:
+            identity = subject_text(t.get_extra_info("peercert"))
+            self.conn.provider = ClientExports(self.server.provider, identity, self.server.clients)
+            log.info("%s: TLS established, client %r", self.peer, identity)
+        else:
+            log.info("%s: TLS established", self.peer)
         self._pump()
 
     def _ready(self, ev: Ready) -> None:
@@ -419,8 +429,12 @@ class NbdServer:
 
     def __init__(self, provider: ExportProvider, max_inflight: int, write_high: int,
                  tls: str = "off", ssl_context: ssl.SSLContext | None = None, *,
-                 read_high: int = 1 << 20, turn_bytes: int = 256 << 10) -> None:
+                 read_high: int = 1 << 20, turn_bytes: int = 256 << 10,
+                 clients: tuple[ClientRule, ...] = ()) -> None:
         self.provider = provider
+        #: client certificates are required (and named in every refusal)
+        self.verify_peer = ssl_context is not None and ssl_context.verify_mode == ssl.CERT_REQUIRED
+        self.clients = clients
         self.tls = tls if ssl_context is not None else "off"
         self.ssl_context = ssl_context
         self._tls_tasks: set[asyncio.Task[None]] = set()
@@ -482,15 +496,26 @@ async def serve_nbd(
     tls: str = "off",
     tls_cert: str = "",
     tls_key: str = "",
+    tls_ca: str = "",
+    tls_verify_peer: bool = False,
+    clients: tuple[ClientRule, ...] = (),
 ) -> NbdServer:
     """Listen for NBD clients on ``host:port`` (0: any free port, see ``.port``).
-    ``tls`` "on"/"require" with a PEM ``tls_cert`` and ``tls_key``: NBD_OPT_STARTTLS."""
+    ``tls`` "on"/"require" with a PEM ``tls_cert`` and ``tls_key``: NBD_OPT_STARTTLS.
+    ``tls_verify_peer``: a client certificate signed by ``tls_ca`` is required, and
+    ``clients`` (if any) say which volumes each subject may use
+    (:mod:`cdp.targets.nbd.access`)."""
     ctx = None
     if tls != "off":
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2
         ctx.load_cert_chain(tls_cert, tls_key)
-    server = NbdServer(provider, max_inflight, write_high, tls, ctx)
+        if tls_verify_peer:
+            if tls != "require":
+                raise ValueError('tls_verify_peer needs tls="require"')
+            ctx.load_verify_locations(cafile=tls_ca)
+            ctx.verify_mode = ssl.CERT_REQUIRED
+    server = NbdServer(provider, max_inflight, write_high, tls, ctx, clients=clients)
     factory: Callable[[], _NbdProtocol] = server._factory
     loop = asyncio.get_running_loop()
     server._server = await loop.create_server(factory, host, port, reuse_address=True)
