@@ -40,7 +40,8 @@ Decisions where the spec leaves room (see also docs in the tests):
   Maximum payload 64 MiB, as nbdkit and nbd-server serve: a client of the old
   NBD_OPT_EXPORT_NAME handshake never learns the maximum, and some send 32-48 MiB.
 - READ / WRITE longer than 64 MiB -> EOVERFLOW (the spec allows it, and it tells the
-  client "too large" rather than "invalid"). An oversized WRITE's payload is skipped
+  client "too large" rather than "invalid"); a READ that also runs past the end is
+  EINVAL, as before (the range is checked first, as nbdkit does). An oversized WRITE's payload is skipped
   (not buffered) and the connection goes on, as current qemu servers do.
 - Requests of length 0 (other than FLUSH) -> EINVAL, as nbdkit does.
 - Past the end: WRITE / WRITE_ZEROES -> ENOSPC (the spec's SHOULD), others -> EINVAL.
@@ -567,8 +568,6 @@ class ServerConnection:
             msg = f"unknown command {cmd}"
         elif flags & ~mask:
             msg = f"invalid flags {flags:#x} for command {cmd}"
-        elif length > MAX_PAYLOAD and cmd == _CMD_READ:
-            err, msg = NbdErrno.EOVERFLOW, _TOO_LONG % ("read", length)
         elif cmd == _CMD_FLUSH:
             msg = "flush offset and length must be zero"
         elif length == 0:
@@ -577,6 +576,8 @@ class ServerConnection:
             msg = "request beyond the end of the export"
             if cmd in (_CMD_WRITE, _CMD_WRITE_ZEROES):
                 err = NbdErrno.ENOSPC
+        elif length > MAX_PAYLOAD and cmd == _CMD_READ:  # (an oversized WRITE never gets here)
+            err, msg = NbdErrno.EOVERFLOW, _TOO_LONG % ("read", length)
         elif (offset | length) & self._align:
             msg = f"offset and length must be multiples of {self._align + 1} bytes"
         self._reply_error_raw(cmd, cookie, err, msg)
