@@ -371,10 +371,10 @@ class _NbdProtocol(asyncio.BufferedProtocol):
             self._flush()
             if self.inflight == 0:
                 self._close_transport()
-        elif self.upgrading:
-            self._flush()
+        elif conn.backlog and not self.write_paused and not self.upgrading:
+            self._pump()  # sends the reply; takes the requests the limit held back
         else:
-            self._pump()  # sends the reply; takes the next requests if the limit held them
+            self._flush()
 
     # --- helpers -----------------------------------------------------------------
 
