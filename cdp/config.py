@@ -57,13 +57,29 @@ class Listener:
 
 
 @dataclass(frozen=True)
+class NbdClientAccess:
+    """One ``[[nbd.client]]`` row: a client certificate subject (RFC 4514, as written)
+    and the volumes (or "*") it may read and write, or only read."""
+
+    subject: str
+    read_write: tuple[str, ...] = ()
+    read_only: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class NbdTls:
     """``[nbd] tls``: "off" (STARTTLS refused), "on" (offered), "require" (nothing but
-    STARTTLS and ABORT before TLS); ``tls_cert`` / ``tls_key``: PEM files."""
+    STARTTLS and ABORT before TLS); ``tls_cert`` / ``tls_key``: PEM files.
+    ``tls_verify_peer``: clients need a certificate signed by ``tls_ca`` (PEM);
+    ``clients``: the ``[[nbd.client]]`` access rows (none: every verified client may
+    use every volume)."""
 
     mode: str = "off"
     cert: str = ""
     key: str = ""
+    ca: str = ""
+    verify_peer: bool = False
+    clients: tuple[NbdClientAccess, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -571,19 +587,54 @@ def parse_config(data: dict[str, Any], source: str = "<config>") -> Settings:
 _LISTENER: dict[str, Callable[[Any, str], Any]] = {"enabled": _bool, "listen": _str}
 #: ``[nbd]``'s TLS keys, validated by :func:`_table` with the listener's
 _NBD_TLS: dict[str, Callable[[Any, str], Any]] = {
-    "tls": _choice("off", "on", "require"), "tls_cert": _str, "tls_key": _str}
+    "tls": _choice("off", "on", "require"), "tls_cert": _str, "tls_key": _str,
+    "tls_ca": _str, "tls_verify_peer": _bool, "client": lambda v, k: _nbd_clients(v, k)}
+
+
+def _nbd_clients(raw: Any, name: str) -> tuple[NbdClientAccess, ...]:
+    """``[[nbd.client]]``: each row a ``subject`` (ATTR=value parts, commas between)
+    and lists of volume names (or "*") ``read_write`` / ``read_only``."""
+    if not isinstance(raw, list):
+        raise ConfigError(f"{name}: expected an array of tables ([[nbd.client]])")
+    rows = []
+    for i, r in enumerate(raw):
+        what = f"{name}[{i}]"
+        t = _table(r, what, {"subject": _str, "read_write": _str_list, "read_only": _str_list})
+        subject = t.get("subject", "")
+        if not subject or any("=" not in part for part in subject.split(",")):
+            raise ConfigError(f"{what}.subject: expected a certificate subject such as "
+                              f"\"CN=backup01,O=Example\", got {subject!r}")
+        rows.append(NbdClientAccess(subject, t.get("read_write", ()), t.get("read_only", ())))
+    return tuple(rows)
+
+
+def _str_list(v: Any, key: str) -> tuple[str, ...]:
+    if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
+        raise ConfigError(f"{key}: expected a list of strings, got {v!r}")
+    return tuple(v)
 
 
 def _nbd_tls(t: dict[str, Any]) -> NbdTls:
     """``[nbd]``'s TLS keys (already validated): a mode other than "off" needs both
     files, readable."""
-    tls = NbdTls(t.get("tls", "off"), t.get("tls_cert", ""), t.get("tls_key", ""))
+    tls = NbdTls(t.get("tls", "off"), t.get("tls_cert", ""), t.get("tls_key", ""),
+                 t.get("tls_ca", ""), t.get("tls_verify_peer", False), t.get("client", ()))
     if tls.mode != "off":
         for key, path in (("tls_cert", tls.cert), ("tls_key", tls.key)):
             if not path:
                 raise ConfigError(f"nbd.{key}: needed with tls = {tls.mode!r}")
             if not os.access(path, os.R_OK):
                 raise ConfigError(f"nbd.{key}: cannot read {path!r}")
+    if tls.verify_peer:
+        if tls.mode != "require":  # else a plaintext client would bypass the check
+            raise ConfigError('nbd.tls_verify_peer: needs tls = "require"')
+        if not tls.ca:
+            raise ConfigError("nbd.tls_ca: needed with tls_verify_peer = true")
+        if not os.access(tls.ca, os.R_OK):
+            raise ConfigError(f"nbd.tls_ca: cannot read {tls.ca!r}")
+    elif tls.clients:
+        raise ConfigError("nbd.client: needs tls_verify_peer = true (clients are named by "
+                          "their certificate)")
     return tls
 
 

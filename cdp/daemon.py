@@ -47,6 +47,7 @@ from cdp.replication.target import listen as listen_replication
 from cdp.retention.service import retention_of
 from cdp.store import Store
 from cdp.targets.iscsi.server import IscsiServer, serve_iscsi
+from cdp.targets.nbd.access import nbd_client_rules
 from cdp.targets.nbd.server import NbdServer, serve_nbd
 from cdp.tier.service import check_tier, start_tiers
 from cdp.volume import Volume
@@ -158,7 +159,9 @@ class Daemon:
                 try:
                     nbd = await serve_nbd(StoreExports(store), s.nbd.host, s.nbd.port,
                                           tls=s.nbd_tls.mode, tls_cert=s.nbd_tls.cert,
-                                          tls_key=s.nbd_tls.key)
+                                          tls_key=s.nbd_tls.key, tls_ca=s.nbd_tls.ca,
+                                          tls_verify_peer=s.nbd_tls.verify_peer,
+                                          clients=nbd_client_rules(s.nbd_tls.clients))
                 except OSError as e:
                     raise bind_error("--nbd", s.nbd.host, s.nbd.port, e) from None
                 self.nbd_port = nbd.port

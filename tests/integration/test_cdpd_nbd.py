@@ -87,7 +87,7 @@ def test_nbdinfo_sizes_capabilities_and_map(cdpd: Cdpd) -> None:
     assert exp["can_flush"] and exp["can_fua"] and exp["can_trim"] and exp["can_zero"]
     assert exp["can_multi_conn"] and not exp["is_read_only"]
     assert exp["block_size_minimum"] == 1 and exp["block_size_preferred"] == 4096
-    assert exp["block_size_maximum"] == 32 * MiB
+    assert exp["block_size_maximum"] == 64 * MiB
     m = json.loads(run("nbdinfo", "--map", "--json", cdpd.uri()).stdout)
     data = [(e["offset"], e["length"]) for e in m if e["type"] & 1 == 0]
     assert data == [(MiB, MiB), (8 * MiB, 4096)]

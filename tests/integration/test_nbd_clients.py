@@ -88,7 +88,7 @@ def test_nbdinfo_json_list_and_map(srv: ServerThread) -> None:
     assert exp["description"] == "scratch disk"
     assert exp["block_size_minimum"] == 1  # byte addressed, as nbdkit file
     assert exp["block_size_preferred"] == 4096
-    assert exp["block_size_maximum"] == 32 * MiB
+    assert exp["block_size_maximum"] == 64 * MiB
     for cap in ("can_flush", "can_fua", "can_trim", "can_zero", "can_fast_zero", "can_cache",
                 "can_multi_conn", "can_df"):  # fmt: skip
         assert exp[cap] is True, cap

@@ -12,6 +12,7 @@ from cdp.targets.nbd.core import (
     TRANSITIONS,
     Closed,
     Ready,
+    Refused,
     Request,
     ServerConnection,
     State,
@@ -145,7 +146,7 @@ def test_go_with_info_requests() -> None:
     )
     assert flags == want  # no SEND_DF without structured replies
     # byte addressed: minimum block size 1 (any offset and length), preferred 4 KiB
-    assert INFO_BLOCK_SIZE.unpack(infos[Info.BLOCK_SIZE]) == (3, 1, 4096, 32 << 20)
+    assert INFO_BLOCK_SIZE.unpack(infos[Info.BLOCK_SIZE]) == (3, 1, 4096, 64 << 20)
     assert infos[Info.NAME][2:] == b"disk"
     assert infos[Info.DESCRIPTION][2:] == b"a disk"
 
@@ -179,6 +180,7 @@ def test_export_name_unknown_closes() -> None:
     conn = ServerConnection(provider())
     evs = feed(conn, FLAGS + opt(Opt.EXPORT_NAME, b"nope"))
     assert isinstance(evs[0], Closed) and evs[0].reason == "refused"
+    assert evs[0].message == "export 'nope' refused: no export named 'nope'"  # for the log
     assert conn.state is State.CLOSED and conn.data_to_send() == b""
 
 
@@ -190,10 +192,12 @@ def test_default_export_is_empty_name() -> None:
 
 def test_go_unknown_export_error_and_continue() -> None:
     conn = ServerConnection(provider())
-    assert feed(conn, FLAGS + go("nope")) == []
+    (ev,) = feed(conn, FLAGS + go("nope"))  # the caller logs the refusal
+    assert isinstance(ev, Refused) and (ev.name, ev.option) == ("nope", Opt.GO)
     ((o, rep, msg),) = option_replies(conn.data_to_send())
     assert (o, rep) == (Opt.GO, Rep.ERR_UNKNOWN)
-    assert b"nope" in msg
+    assert b"nope" in msg and msg.decode() == ev.reason  # the client gets the reason
+    assert conn.state is State.OPTIONS
     assert isinstance(feed(conn, go("disk"))[0], Ready)
 
 
@@ -426,9 +430,9 @@ def test_read_only_export_eperm() -> None:
 
 def test_oversized_write_payload_is_skipped() -> None:
     conn = connect(structured=False)
-    n = (32 << 20) + 4096
+    n = (64 << 20) + 4096
     assert feed(conn, req(Cmd.WRITE, 0, n, cookie=5)) == []
-    assert simple(conn.data_to_send()) == (NbdErrno.EINVAL, 5)
+    assert simple(conn.data_to_send()) == (NbdErrno.EOVERFLOW, 5)
     blob = bytes(1 << 20)
     for _ in range(n // len(blob)):
         assert feed(conn, blob) == []
@@ -517,7 +521,7 @@ def test_device_min_block_size_is_advertised_and_enforced() -> None:
         conn = ServerConnection(p)
         feed(conn, FLAGS + go(name, Info.BLOCK_SIZE, option=Opt.INFO))
         (_, info, _) = option_replies(conn.data_to_send())
-        assert INFO_BLOCK_SIZE.unpack(info[2]) == (3, *want, 32 << 20)
+        assert INFO_BLOCK_SIZE.unpack(info[2]) == (3, *want, 64 << 20)
     conn = ServerConnection(p)
     evs = feed(conn, FLAGS + opt(Opt.STRUCTURED_REPLY) + go("a512"))
     assert isinstance(evs[-1], Ready)

@@ -3,9 +3,14 @@
 
     python -m tools.bench.nbd_bench [--quick] [--out DIR] [WORKLOAD ...]
 
-Workloads: disk, nbd-randwrite-4k, nbd-seqwrite-1m, nbd-randread-4k, nbd-flush, pit-read.
+Workloads: disk, nbd-randwrite-4k, nbd-seqwrite-1m, nbd-randread-4k, nbd-flush, pit-read,
+nbd-pipelined-1k.
 Prints cdp, peer, ratio, goal, pass/short for each; ``run()`` returns the rows.
 nbd-seqwrite-1m alternates dd and cdpd runs (3 pairs) and reports the median ratio.
+nbd-pipelined-1k reads back 1 GiB (quick: 16 MiB) just written, in 1 KiB READs from the
+client of :mod:`cdp.targets.testing.nbd_standoff` (issue 28: replies read only between
+sends); the row names the longest gap between replies on each side. That client is
+Python, so it also bounds the peer's figure.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from cdp.targets.testing.nbd_standoff import read_back
 from tools.bench.goals import ratio_goal
 from tools.harness import Cdpd, listening_port
 
@@ -85,7 +91,7 @@ def dd_bandwidth(directory: Path, count: int) -> float:
 
 
 GOALS = {w: ratio_goal(w) for w in (
-    "nbd-randwrite-4k", "nbd-seqwrite-1m", "nbd-randread-4k", "nbd-flush", "pit-read")}
+    "nbd-randwrite-4k", "nbd-seqwrite-1m", "nbd-randread-4k", "nbd-flush", "pit-read", "nbd-pipelined-1k")}
 
 
 def seqwrite_pairs(cdpd: Cdpd, base: Path, size: int, pairs: int) -> tuple[float, float, float]:
@@ -121,7 +127,8 @@ def run(quick: bool = False, workloads: list[str] | None = None, scratch: Path |
     for tool in ("fio", "nbdkit", "dd"):
         if shutil.which(tool) is None:
             raise SystemExit(f"nbd_bench: requires {tool} (make sysdeps)")
-    want = set(workloads or ["disk", "nbd-randwrite-4k", "nbd-seqwrite-1m", "nbd-randread-4k", "nbd-flush", "pit-read"])
+    want = set(workloads or ["disk", "nbd-randwrite-4k", "nbd-seqwrite-1m", "nbd-randread-4k", "nbd-flush",
+                             "pit-read", "nbd-pipelined-1k"])
     runtime = 1.0 if quick else 20.0
     size = 256 * MiB if quick else 2 * GiB
     base = Path(tempfile.mkdtemp(prefix="cdp-bench-", dir=scratch or Path.cwd()))
@@ -166,6 +173,14 @@ def run(quick: bool = False, workloads: list[str] | None = None, scratch: Path |
             c = fio(cdpd.uri("vol0@bench-mid"), "randread", "4k", 32, 1, runtime, size)["iops"]
             p = fio(kit.uri(), "randread", "4k", 32, 1, runtime, size)["iops"]
             rows.append(_row(f"pit-read ({n} writes)", c, p, "nbdkit file (live)", "IOPS", GOALS["pit-read"]))
+        if "nbd-pipelined-1k" in want:
+            total = min(size, 16 * MiB if quick else GiB)
+            fio(cdpd.uri(), "write", "1M", 8, 1, 0, total)
+            fio(kit.uri(), "write", "1M", 8, 1, 0, total)
+            c_r = read_back("127.0.0.1", cdpd.nbd_port, "vol0", total)
+            p_r = read_back("127.0.0.1", kit.port, "", total)
+            rows.append(_row(f"nbd-pipelined-1k (gaps {c_r.max_gap:.2f}/{p_r.max_gap:.2f} s)",
+                             c_r.mb_per_s, p_r.mb_per_s, "nbdkit file", "MB/s", GOALS["nbd-pipelined-1k"]))
     finally:
         kit.stop()
         if cdpd.proc is not None:

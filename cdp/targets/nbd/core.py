@@ -7,7 +7,9 @@ Design notes
   ``conn.next_event()`` until it returns :data:`NEED_DATA`; send ``conn.data_to_send()``
   (or ``conn.pieces_to_send()`` for ``writelines``). Events: :class:`Ready` (transmission
   starts; ``conn.device`` is the opened export), :class:`Request` (a valid request for
-  the caller to run), :class:`Closed` (soft disconnect, refused export, or EOF).
+  the caller to run), :class:`Refused` (an export was refused during option haggling:
+  the client got the reason and may try another; the caller logs it), :class:`Closed`
+  (soft disconnect, refused NBD_OPT_EXPORT_NAME, or EOF).
   The caller answers each Request, in any order, with :meth:`ServerConnection.reply_ok`,
   :meth:`~ServerConnection.reply_read`, :meth:`~ServerConnection.reply_block_status` or
   :meth:`~ServerConnection.reply_error`.
@@ -31,11 +33,15 @@ Design notes
 Decisions where the spec leaves room (see also docs in the tests):
 
 - Block sizes advertised: minimum 1 (the devices are byte addressed: any offset and
-  length, as ``nbdkit file``), preferred 4096, maximum payload 32 MiB. A device that
+  length, as ``nbdkit file``), preferred 4096, maximum payload 64 MiB. A device that
   declares ``min_block_size`` (:class:`~cdp.targets.blockdev.HasBlockSize`, e.g. a proxy
   volume over an NBD primary that needs 512) gets it advertised (preferred at least as
   large) and requests not aligned to it answered EINVAL here, as the spec suggests.
-- READ / WRITE longer than 32 MiB -> EINVAL. An oversized WRITE's payload is skipped
+  Maximum payload 64 MiB, as nbdkit and nbd-server serve: a client of the old
+  NBD_OPT_EXPORT_NAME handshake never learns the maximum, and some send 32-48 MiB.
+- READ / WRITE longer than 64 MiB -> EOVERFLOW (the spec allows it, and it tells the
+  client "too large" rather than "invalid"); a READ that also runs past the end is
+  EINVAL, as before (the range is checked first, as nbdkit does). An oversized WRITE's payload is skipped
   (not buffered) and the connection goes on, as current qemu servers do.
 - Requests of length 0 (other than FLUSH) -> EINVAL, as nbdkit does.
 - Past the end: WRITE / WRITE_ZEROES -> ENOSPC (the spec's SHOULD), others -> EINVAL.
@@ -126,6 +132,7 @@ class Input(Enum):
     FLAGS_OK = auto()
     OPTION = auto()  # any option that does not end the handshake
     GO_OK = auto()
+    REFUSED = auto()  # INFO / GO / a metadata context option named an export we refused
     EXPORT_NAME_OK = auto()
     EXPORT_NAME_REFUSED = auto()
     ABORT = auto()
@@ -141,6 +148,7 @@ TRANSITIONS: Final[dict[tuple[State, Input], State]] = {
     (State.CLIENT_FLAGS, Input.EOF): State.CLOSED,
     (State.OPTIONS, Input.OPTION): State.OPTIONS,
     (State.OPTIONS, Input.GO_OK): State.TRANSMISSION,
+    (State.OPTIONS, Input.REFUSED): State.OPTIONS,
     (State.OPTIONS, Input.EXPORT_NAME_OK): State.TRANSMISSION,
     (State.OPTIONS, Input.EXPORT_NAME_REFUSED): State.CLOSED,
     (State.OPTIONS, Input.ABORT): State.CLOSED,
@@ -201,6 +209,21 @@ class Closed:
         return f"Closed({self.reason!r}, {self.message!r})"
 
 
+class Refused:
+    """An option named an export that cannot be opened: ``name`` as the client sent it,
+    ``reason`` as sent in the NBD_REP_ERR_UNKNOWN error string. Haggling goes on."""
+
+    __slots__ = ("name", "option", "reason")
+
+    def __init__(self, name: str, reason: str, option: int) -> None:
+        self.name = name
+        self.reason = reason
+        self.option = option
+
+    def __repr__(self) -> str:
+        return f"Refused({self.name!r}, {self.reason!r})"
+
+
 class StartTls:
     """STARTTLS was acknowledged: send pending output, then start the TLS handshake on
     the transport, then call :meth:`ServerConnection.tls_started`."""
@@ -235,7 +258,7 @@ class Request:
         )
 
 
-Event = Request | Ready | Closed | StartTls | _NeedData
+Event = Request | Ready | Refused | Closed | StartTls | _NeedData
 BytesLike = bytes | bytearray | memoryview
 
 
@@ -314,6 +337,7 @@ _STRUCT_MAGIC: Final = int(Magic.STRUCTURED_REPLY)
 _DONE: Final = int(ReplyFlag.DONE)
 _OFFSET_DATA: Final = int(ReplyType.OFFSET_DATA)
 _HDR: Final = REQUEST.size
+_TOO_LONG: Final = f"%s of %d bytes: longer than the maximum payload ({MAX_PAYLOAD >> 20} MiB)"
 #: WRITE payloads of at least this many bytes are received into their own buffer
 DIRECT_PAYLOAD: Final = 64 << 10
 #: the scratch buffer :meth:`ServerConnection.recv_buffer` offers between payloads
@@ -367,6 +391,7 @@ class ServerConnection:
         self._size = 0
         self._align = 0  # minimum block size - 1: offset | length & it must be 0
         self._allowed: dict[int, int] = {}
+        self._refused: Refused | None = None  # set by _open, returned by _option
 
     # --- state table ------------------------------------------------------------
 
@@ -475,7 +500,7 @@ class ServerConnection:
                         self._pos = pos + _HDR
                         self._discard = length
                         self._reply_error_raw(
-                            cmd, cookie, NbdErrno.EINVAL, "write longer than 32 MiB")
+                            cmd, cookie, NbdErrno.EOVERFLOW, _TOO_LONG % ("write", length))
                         return self._next_slow()
                     end = pos + _HDR + length
                     if len(buf) < end:
@@ -551,8 +576,8 @@ class ServerConnection:
             msg = "request beyond the end of the export"
             if cmd in (_CMD_WRITE, _CMD_WRITE_ZEROES):
                 err = NbdErrno.ENOSPC
-        elif length > MAX_PAYLOAD:
-            msg = "read longer than 32 MiB"
+        elif length > MAX_PAYLOAD and cmd == _CMD_READ:  # (an oversized WRITE never gets here)
+            err, msg = NbdErrno.EOVERFLOW, _TOO_LONG % ("read", length)
         elif (offset | length) & self._align:
             msg = f"offset and length must be multiples of {self._align + 1} bytes"
         self._reply_error_raw(cmd, cookie, err, msg)
@@ -624,7 +649,7 @@ class ServerConnection:
         if self.tls == "require" and not self.tls_active and opt != Opt.STARTTLS:
             if opt == Opt.EXPORT_NAME:
                 self._transition(Input.EXPORT_NAME_REFUSED)
-                return Closed("refused", "TLS is required (NBD_OPT_STARTTLS first)")
+                return Closed("refused", "export refused: TLS is required (NBD_OPT_STARTTLS first)")
             self._option_reply(opt, Rep.ERR_TLS_REQD, b"TLS is required")
             self._transition(Input.OPTION)
             return None
@@ -638,8 +663,10 @@ class ServerConnection:
             return StartTls()
         try:
             if opt == Opt.GO or opt == Opt.INFO:
-                return self._info_or_go(opt, data)
-            if opt == Opt.LIST:
+                started = self._info_or_go(opt, data)
+                if started is not None:
+                    return started
+            elif opt == Opt.LIST:
                 if data:
                     raise _BadOption("NBD_OPT_LIST takes no data")
                 for name, description in self.provider.list_exports():
@@ -670,6 +697,10 @@ class ServerConnection:
         except Exception as exc:  # a provider or device bug must not kill the parser
             log.error("option %d failed: %r", opt, exc, exc_info=exc)
             self._option_reply(opt, Rep.ERR_INVALID, b"internal error")
+        refused, self._refused = self._refused, None
+        if refused is not None:
+            self._transition(Input.REFUSED)
+            return refused
         self._transition(Input.OPTION)
         return None
 
@@ -678,16 +709,23 @@ class ServerConnection:
         self.tls_active = True
 
     def _open(self, opt: int, name: str) -> BlockDevice | None:
-        """Open an export, or answer NBD_REP_ERR_UNKNOWN and return None."""
+        """Open an export, or note a :class:`Refused` (its reason: the provider's error
+        text) and return None; options with a reply get NBD_REP_ERR_UNKNOWN carrying
+        the reason as its error string (as nbdkit sends it), or NBD_REP_ERR_POLICY when
+        the provider raised a PermissionError (this client may not use the export)."""
+        rep = Rep.ERR_UNKNOWN
         try:
             return self.provider.open_export(name)
         except CdpError as exc:
             msg = str(exc) or f"export {name!r} not available"
+            if isinstance(exc, PermissionError):  # this client may not use the export
+                rep = Rep.ERR_POLICY
         except Exception as exc:
             log.error("opening export %r failed: %r", name, exc, exc_info=exc)
             msg = f"export {name!r} not available (internal error)"
+        self._refused = Refused(name, msg, opt)
         if opt != Opt.EXPORT_NAME:
-            self._option_reply(opt, Rep.ERR_UNKNOWN, msg.encode()[:MAX_STRING])
+            self._option_reply(opt, rep, msg.encode()[:MAX_STRING])
         return None
 
     def _flags_for(self, device: BlockDevice) -> int:
@@ -733,8 +771,11 @@ class ServerConnection:
             name = None
         device = self._open(Opt.EXPORT_NAME, name) if name is not None else None
         if name is None or device is None:
+            refused, self._refused = self._refused, None
+            reason = refused.reason if refused is not None else "the name is not UTF-8"
             self._transition(Input.EXPORT_NAME_REFUSED)
-            return Closed("refused", f"export {data[:64]!r} not available")
+            # NBD_OPT_EXPORT_NAME has no error reply: the reason reaches only our log
+            return Closed("refused", f"export {(name or data[:64])!r} refused: {reason}")
         flags = self._flags_for(device)
         reply = EXPORT_NAME_REPLY.pack(device.size, flags)
         self._out.append(reply if self.no_zeroes else reply + bytes(124))
@@ -905,6 +946,12 @@ class ServerConnection:
         out = self._out
         self._out = []
         return out
+
+    @property
+    def backlog(self) -> int:
+        """Received bytes not parsed yet (requests waiting for their turn), excluding a
+        large WRITE payload being received into its own buffer. Cost: O(1)."""
+        return len(self._buf) - self._pos
 
     @property
     def has_output(self) -> bool:

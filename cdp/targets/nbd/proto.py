@@ -186,7 +186,10 @@ MAX_STRING = 4096
 #: (:class:`cdp.targets.blockdev.HasBlockSize`)
 MIN_BLOCK_SIZE = 1
 PREFERRED_BLOCK_SIZE = 4096
-MAX_PAYLOAD = 32 << 20
+#: the largest READ / WRITE payload served (what nbdkit and nbd-server serve; larger:
+#: NBD_EOVERFLOW, the connection goes on). Clients of the old NBD_OPT_EXPORT_NAME
+#: handshake never see it advertised, so it is also what they may rely on.
+MAX_PAYLOAD = 64 << 20
 
 #: most extents a server should send in one block status chunk
 MAX_EXTENTS = 1 << 20
