@@ -49,6 +49,12 @@ def run(ctx: Context, args: argparse.Namespace) -> int:
                 oldest = (f"oldest {t['oldest_point']} {fmt_time(t['oldest_time_ns'])}, "
                           f"expires {fmt_time(t['next_expiry_ns'])}") if t["oldest_point"] else "no point yet"
                 print(f"  {t['tier']:<12} {oldest}")
+        if s.get("role") == "replica":  # docs/REPLICATION.md
+            print(f"role:          replica of {s.get('source') or '?'} (read-only)")
+        for r in s.get("replication") or []:
+            lag = f"lag {r['lag_seconds']} s / {r['lag_records']} records" if r["lag_records"] else "caught up"
+            print(f"replication:   -> {r['target']} as {r['as']}: {r['state']}, {lag}, acked @{r['acked_seq']}"
+                  + (f"  ({r['refused']})" if r.get("refused") else ""))
         px = s.get("proxy")
         if px:  # proxy mode (docs/PROXY.md)
             state = f"DEGRADED ({px['degraded_reason']})" if px["degraded"] else "ok"

@@ -15,19 +15,26 @@ Design notes
 - ``replica.json`` (docs/FORMATS.md) is written before the first record of a new
   replica is applied, so a volume never holds replicated records without knowing their
   lineage.
+- **Failover** (:func:`failover`): the volume's incoming stream is *fenced* first
+  (REFUSED ``epoch`` sent, the socket closed, and its pump awaited, so no record of the
+  old epoch lands afterwards), then ``replica.json`` becomes ``role = primary`` with
+  ``epoch + 1`` (written durably) before anything may write the volume. A later OPEN of
+  the old epoch is refused ``epoch`` by :func:`check_open`; its message names the new
+  epoch ("at epoch N"), which the old source records.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import struct
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from cdp.errors import CdpError, Corruption, ProtocolError
+from cdp.errors import CdpError, Corruption, ProtocolError, UsageError
 from cdp.fsutil import write_file_atomic
 from cdp.replication.protocol import (
     NEED_DATA,
@@ -57,6 +64,25 @@ class Role:
     lineage: str
     epoch: int
     source: str = ""
+    #: [epoch, first local seq, source offset] per epoch (docs/REPLICATION.md)
+    epochs: list[list[int]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.epochs:
+            self.epochs = [[self.epoch, 1, 0]]
+
+
+@dataclass
+class _Stream:
+    """An incoming stream being applied to a volume (for :func:`fence`)."""
+
+    conn: TargetConnection
+    writer: asyncio.StreamWriter
+    done: asyncio.Event
+
+
+#: volume directory -> its incoming stream (one per volume; the ``busy`` rule)
+_streams: dict[Path, _Stream] = {}
 
 
 def load_role(vol: Volume) -> Role:
@@ -73,14 +99,14 @@ def load_role(vol: Volume) -> Role:
         if doc["format"] != ROLE_FORMAT:
             raise Corruption(f"{path}: unsupported format {doc['format']!r}")
         return Role(str(doc["role"]), str(doc["lineage"]), int(doc["epoch"]),
-                    str(doc.get("source", "")))
+                    str(doc.get("source", "")),
+                    [[int(x) for x in e] for e in doc.get("epochs") or []])
     except (KeyError, TypeError, ValueError) as e:
         raise Corruption(f"{path}: malformed role file: {e}") from None
 
 
 def save_role(path: Path, role: Role) -> None:
-    doc = {"format": ROLE_FORMAT, **asdict(role), "epochs": [[role.epoch, 1, 0]],
-           "marker_ids": []}
+    doc = {"format": ROLE_FORMAT, **asdict(role), "marker_ids": []}
     write_file_atomic(path / ROLE_FILE, (json.dumps(doc, indent=1) + "\n").encode())
 
 
@@ -109,15 +135,17 @@ def check_open(vol: Volume, req: OpenRequest, peer: str) -> tuple[str, str] | No
     if role.lineage != req.lineage:
         return "lineage", f"volume {vol.name} replicates another volume ({role.lineage})"
     if req.epoch < role.epoch:
-        return "epoch", f"volume {vol.name} is at epoch {role.epoch}; the stream's is {req.epoch}"
-    if role.role != "replica" and req.epoch == role.epoch:
-        return "primary", f"volume {vol.name} is a primary"
+        return "epoch", (f"volume {vol.name} failed over: it is at epoch {role.epoch}; "
+                         f"the stream's is {req.epoch}")
+    if role.role != "replica":  # the same epoch: a loop; a newer one: failback (not built)
+        return "primary", f"volume {vol.name} is a primary (epoch {role.epoch})"
     if vol.size != req.size:
         return "size", f"volume {vol.name} has {vol.size} bytes, the source {req.size}"
     if vol.journal.last_seq > req.source_last_seq:
         return "diverged", (f"volume {vol.name} has seq {vol.journal.last_seq}, "
                             f"the source only {req.source_last_seq}")
     if req.epoch > role.epoch:
+        role.epochs.append([req.epoch, vol.journal.last_seq + 1, 0])
         role.epoch = req.epoch
         save_role(vol.path, role)
     return None
@@ -134,6 +162,7 @@ async def serve_stream(reader: asyncio.StreamReader, writer: asyncio.StreamWrite
     peer = f"{addr[0]}:{addr[1]}" if isinstance(addr, tuple) else str(addr)
     conn = TargetConnection(secret)
     vol: Volume | None = None
+    done = asyncio.Event()
     try:
         writer.write(conn.data_to_send())
         while True:
@@ -149,6 +178,7 @@ async def serve_stream(reader: asyncio.StreamReader, writer: asyncio.StreamWrite
                     vol = _open(conn, ev, lookup, busy, peer)
                     if vol is None:
                         break
+                    _streams[vol.path] = _Stream(conn, writer, done)
                 elif isinstance(ev, Records):
                     assert vol is not None
                     conn.ack(await vol.apply_stored(ev.records))
@@ -176,6 +206,9 @@ async def serve_stream(reader: asyncio.StreamReader, writer: asyncio.StreamWrite
     finally:
         if vol is not None:
             busy.discard(vol.name)
+            if (st := _streams.get(vol.path)) is not None and st.done is done:
+                del _streams[vol.path]
+        done.set()
         writer.close()
 
 
@@ -213,3 +246,37 @@ def _open(conn: TargetConnection, req: OpenRequest, lookup: Lookup, busy: set[st
     conn.accept(seq, ts, crc, load_role(vol).epoch)
     log.info("replication: %s streams into %s from seq %d", peer, vol.name, seq + 1)
     return vol
+
+
+async def fence(vol: Volume, code: str, message: str, timeout: float = 30.0) -> bool:
+    """End ``vol``'s incoming stream, if any: REFUSED (``code``, ``message``) sent, the
+    socket closed, and its pump finished (a batch being applied completes first), so
+    nothing of that stream is applied afterwards. Whether there was one."""
+    st = _streams.get(vol.path)
+    if st is None:
+        return False
+    with contextlib.suppress(ProtocolError, OSError, RuntimeError):
+        st.conn.refuse(code, message)
+        st.writer.write(st.conn.data_to_send())
+    st.writer.transport.abort()
+    await asyncio.wait_for(st.done.wait(), timeout)
+    return True
+
+
+async def failover(vol: Volume) -> Role:
+    """Make the replica ``vol`` a writable primary of the next epoch: its stream fenced,
+    ``replica.json`` written (role primary, epoch + 1, the epoch's first seq) before the
+    caller lets anything write. UsageError if ``vol`` is not a replica."""
+    role = load_role(vol)
+    if role.role != "replica":
+        raise UsageError(f"volume {vol.name} is not a replica (role {role.role})")
+    epoch = role.epoch + 1
+    if await fence(vol, "epoch", f"volume {vol.name} failed over: it is at epoch {epoch}"):
+        log.info("replication: %s: incoming stream fenced for the failover", vol.name)
+    await vol.flush()
+    role.role, role.epoch = "primary", epoch
+    role.epochs.append([epoch, vol.journal.last_seq + 1, 0])
+    save_role(vol.path, role)
+    log.warning("replication: %s failed over: primary at epoch %d from seq %d", vol.name,
+                epoch, vol.journal.last_seq + 1)
+    return role
