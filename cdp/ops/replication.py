@@ -22,6 +22,7 @@ from cdp.progress import Progress
 from cdp.replication.source import ReplicationSource, sources_of, status_row
 from cdp.replication.target import failover as _failover
 from cdp.replication.target import load_role
+from cdp.replication.tls import client_context
 from cdp.store import Store
 from cdp.units import parse_hostport, parse_size
 from cdp.volume import Volume
@@ -80,7 +81,8 @@ def _source(store: Store, vol: Volume, entry: dict[str, Any]) -> ReplicationSour
     src = ReplicationSource(vol, host, port, read_secret(store.settings.replication.secret_file),
                             as_name=entry["as"], name=str(store.path),
                             lineage=role.lineage, epoch=role.epoch,
-                            rate=int(entry.get("rate", 0)))
+                            rate=int(entry.get("rate", 0)),
+                            tls=client_context(store.settings.replication))
     src.acked_seq = int(entry.get("acked_seq", 0))
     src.persist = _persist
     vol.attach(src)

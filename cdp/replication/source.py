@@ -32,6 +32,7 @@ import asyncio
 import contextlib
 import logging
 import re
+import ssl
 import struct
 import time
 from collections.abc import Callable
@@ -90,7 +91,7 @@ class ReplicationSource(VolumeService):
     def __init__(self, vol: Volume, host: str, port: int, secret: bytes, *,
                  as_name: str | None = None, name: str = "cdp", lineage: str | None = None,
                  epoch: int = 1, window: int = 64 << 20, batch: int = 4 << 20,
-                 rate: int = 0) -> None:
+                 rate: int = 0, tls: ssl.SSLContext | None = None) -> None:
         self.vol = vol
         self.host, self.port = host, port
         self._secret = secret
@@ -101,6 +102,8 @@ class ReplicationSource(VolumeService):
         self.window, self.batch = window, batch
         #: bytes/s of stored records sent (0: unlimited)
         self.rate = rate
+        #: TLS client context (:mod:`cdp.replication.tls`); None: plain TCP
+        self.tls = tls
         self.state = "stopped"
         self.acked_seq = 0
         self.sent_bytes = 0
@@ -185,7 +188,8 @@ class ReplicationSource(VolumeService):
             delay = min(30.0, delay * 2)
 
     async def _session(self) -> None:
-        reader, writer = await asyncio.open_connection(self.host, self.port)
+        reader, writer = await asyncio.open_connection(
+            self.host, self.port, ssl=self.tls, server_hostname=self.host if self.tls else None)
         conn = SourceConnection(self._secret, peer=self.target)
         acks: asyncio.Task[None] | None = None
         try:

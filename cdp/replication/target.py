@@ -29,6 +29,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import ssl
 import struct
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -212,14 +213,16 @@ async def serve_stream(reader: asyncio.StreamReader, writer: asyncio.StreamWrite
         writer.close()
 
 
-async def listen(host: str, port: int, secret: bytes, lookup: Lookup) -> asyncio.Server:
-    """Accept replication streams on ``host:port`` (cdpd's ``[replication] listen``)."""
+async def listen(host: str, port: int, secret: bytes, lookup: Lookup, *,
+                 tls: ssl.SSLContext | None = None) -> asyncio.Server:
+    """Accept replication streams on ``host:port`` (cdpd's ``[replication] listen``),
+    inside TLS with ``tls`` (:mod:`cdp.replication.tls`)."""
     busy: set[str] = set()
 
     async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
         await serve_stream(r, w, secret, lookup, busy)
 
-    return await asyncio.start_server(handler, host, port)
+    return await asyncio.start_server(handler, host, port, ssl=tls)
 
 
 def _open(conn: TargetConnection, req: OpenRequest, lookup: Lookup, busy: set[str],
