@@ -91,7 +91,7 @@ class ReplicationSource(VolumeService):
     def __init__(self, vol: Volume, host: str, port: int, secret: bytes, *,
                  as_name: str | None = None, name: str = "cdp", lineage: str | None = None,
                  epoch: int = 1, window: int = 64 << 20, batch: int = 4 << 20,
-                 rate: int = 0, tls: ssl.SSLContext | None = None) -> None:
+                 rate: int = 0, tls: ssl.SSLContext | None = None, fork_seq: int = 0) -> None:
         self.vol = vol
         self.host, self.port = host, port
         self._secret = secret
@@ -102,6 +102,8 @@ class ReplicationSource(VolumeService):
         self.window, self.batch = window, batch
         #: bytes/s of stored records sent (0: unlimited)
         self.rate = rate
+        #: our failover point (the last seq of the previous epoch; 0: never failed over)
+        self.fork_seq = fork_seq
         #: TLS client context (:mod:`cdp.replication.tls`); None: plain TCP
         self.tls = tls
         self.state = "stopped"
@@ -197,7 +199,8 @@ class ReplicationSource(VolumeService):
             writer.write(conn.data_to_send())
             await self._until(conn, reader, writer, Authenticated)
             j = self.vol.journal
-            conn.open(self.as_name, self.lineage, self.vol.size, self.epoch, j.last_seq)
+            conn.open(self.as_name, self.lineage, self.vol.size, self.epoch, j.last_seq,
+                      self.fork_seq)
             writer.write(conn.data_to_send())
             ev = await self._until(conn, reader, writer, Opened)
             assert isinstance(ev, Opened)
@@ -251,6 +254,8 @@ class ReplicationSource(VolumeService):
             return
         if ev.applied_seq > j.last_seq:
             self._refused("diverged", f"the target has seq {ev.applied_seq}, we {j.last_seq}")
+        if (ev.tip_ts, ev.tip_crc) == (0, 0):
+            return  # rebased at a failback there: not comparable (docs/REPLICATION.md)
         raw = j.read_stored(ev.applied_seq)
         if (j.time_of_seq(ev.applied_seq), _CRC.unpack_from(raw, 4)[0]) != (ev.tip_ts, ev.tip_crc):
             self._refused("diverged", f"the target's record {ev.applied_seq} differs from ours")

@@ -1,8 +1,11 @@
-"""Failover between two real cdpds (docs/REPLICATION.md "Failover"): a replica refuses
-markers and rewinds of its own; ``cdpctl failover --at POINT`` makes it a writable
-primary of the next epoch at that point; the old source's stream is refused from then
-on (also after its restart), records its new epoch, and none of its later writes
-lands on the new primary.
+"""Failover and failback between two real cdpds (docs/REPLICATION.md "Failover and
+failback"): a replica refuses markers and rewinds of its own; ``cdpctl failover --at
+POINT`` makes it a writable primary of the next epoch at that point; the old source's
+stream is refused from then on (also after its restart), records its new epoch, and
+none of its later writes lands on the new primary. Then ``replicate start`` from the
+new primary to the old source fails back: the old source rewinds to the newest common
+point, receives only what changed since (bytes bounded by the changes), becomes a
+replica identical to the new primary, and its divergent point stays readable.
 """
 
 from __future__ import annotations
@@ -17,7 +20,6 @@ from tests.integration.test_replication_faults import (
     _caught_up,
     _free_port,
     _secret,
-    _source,
     _status,
     _target,
     _wait_state,
@@ -31,7 +33,8 @@ def test_failover_fences_the_old_source(tmp_path: Path) -> None:
     secret = _secret(tmp_path)
     port = _free_port()
     to = f"127.0.0.1:{port}"
-    a, b = _source(tmp_path, secret), _target(tmp_path, "b", secret, port)
+    pa = _free_port()
+    a, b = _target(tmp_path, "a", secret, pa), _target(tmp_path, "b", secret, port)
     a.start()
     b.start()
     try:
@@ -80,6 +83,42 @@ def test_failover_fences_the_old_source(tmp_path: Path) -> None:
         for d in (a, b):
             assert d.cdpctl_json("verify")["ok"] is True
             assert d.proc is not None and d.proc.poll() is None
+
+        # failback: the new primary streams to the old source, which keeps its
+        # divergent point (with a marker whose id the new primary also used)
+        a.cdpctl("snapshot", "-V", "vol0", "--label", "adiv")
+        div = tmp_path / "adiv.raw"
+        run("qemu-img", "convert", "-f", "raw", "-O", "raw", a.uri("vol0@adiv"), str(div))
+        a_last = a.cdpctl_json("status", "-V", "vol0")["last_seq"]
+        back = f"127.0.0.1:{pa}"
+        b.cdpctl("replicate", "start", "-V", "rep0", "--to", back, "--as", "vol0")
+        st = _caught_up(b, back, vol="rep0")
+        # only what changed since the common point crossed the wire: the rewind, one
+        # 64 KiB write and a marker, not the ~15 MiB the volume holds
+        assert 0 < int(st["sent_bytes"]) < (1 << 20), st
+        role = json.loads((a.store / "volumes" / "vol0" / "replica.json").read_text())
+        assert role["role"] == "replica" and role["epoch"] == 2
+        epoch, first, d = role["epochs"][-1]
+        assert epoch == 2 and first == a_last + 2 and d == a_last + 1 - applied
+        assert role["marker_ids"], role  # B's marker "after" took an id A had used
+        run("qemu-img", "compare", "-f", "raw", "-F", "raw", b.uri("rep0"), a.uri("vol0"))
+        for m in ("one", "two", "after"):
+            run("qemu-img", "compare", "-f", "raw", "-F", "raw", b.uri(f"rep0@{m}"),
+                a.uri(f"vol0@{m}"))
+        run("qemu-img", "compare", "-f", "raw", "-F", "raw", str(div), a.uri("vol0@adiv"))
+        assert {v["volume"]: v for v in a.cdpctl_json("volume", "list")}["vol0"]["role"] == "replica"
+        # the stream goes on, and resumes after the old source restarts
+        run("qemu-io", "-f", "raw", "-c", "write -P 0x78 1M 64k", b.uri("rep0"))
+        b.cdpctl("snapshot", "-V", "rep0", "--label", "later")
+        a.stop()
+        a.start()
+        _caught_up(b, back, vol="rep0")
+        for x, y in (("rep0", "vol0"), ("rep0@later", "vol0@later")):
+            run("qemu-img", "compare", "-f", "raw", "-F", "raw", b.uri(x), a.uri(y))
+        r = run("qemu-io", "-f", "raw", "-c", "write -P 0x5a 0 4k", a.uri("vol0"), check=False)
+        assert r.returncode != 0  # a replica again: read-only to hosts
+        for d in (a, b):
+            assert d.cdpctl_json("verify")["ok"] is True
     finally:
         a.stop()
         b.stop()

@@ -60,16 +60,16 @@ def _writes(uri: str, rng: random.Random, n: int, sizes: tuple[int, ...] = (4096
     run("qemu-io", "-f", "raw", *cmds, uri)
 
 
-def _status(src: Cdpd, to: str) -> dict[str, object]:
-    rows = src.cdpctl_json("replicate", "status", "-V", "vol0", "--to", to)
+def _status(src: Cdpd, to: str, vol: str = "vol0") -> dict[str, object]:
+    rows = src.cdpctl_json("replicate", "status", "-V", vol, "--to", to)
     assert len(rows) == 1 and rows[0]["target"] == to, rows
     return dict(rows[0])
 
 
-def _caught_up(src: Cdpd, to: str, timeout: float = 120) -> dict[str, object]:
+def _caught_up(src: Cdpd, to: str, timeout: float = 120, vol: str = "vol0") -> dict[str, object]:
     deadline = time.monotonic() + timeout
     while True:
-        st = _status(src, to)
+        st = _status(src, to, vol)
         if st["state"] in ("streaming", "catching-up") and st["lag_records"] == 0:
             assert st["lag_seconds"] == 0
             return st
