@@ -132,3 +132,19 @@ def test_unknown_key_lists_exactly_the_keys_the_schema_takes(section: str) -> No
             assert "unknown key" not in str(err), (k, str(err))
     if section == "nbd":
         assert {"enabled", "listen", "tls", "tls_cert", "tls_key"} <= set(keys), keys
+
+
+def test_replication_tls_settings_go_together(tmp_path: Path) -> None:
+    from cdp.replication.tls import client_context, server_context
+
+    s = parse_config({"replication": {"tls_cert": "c.pem", "tls_key": "k.pem", "tls_ca": "ca.pem"}})
+    assert (s.replication.tls_cert, s.replication.tls_key, s.replication.tls_ca) == (
+        "c.pem", "k.pem", "ca.pem")
+    assert server_context(Settings().replication) is None
+    assert client_context(Settings().replication) is None
+    with pytest.raises(ConfigError, match="go together"):
+        parse_config({"replication": {"tls_cert": "c.pem", "tls_key": "k.pem"}})
+    missing = parse_config({"replication": {"tls_cert": str(tmp_path / "c"), "tls_key": str(tmp_path / "k"),
+                                            "tls_ca": str(tmp_path / "ca")}})
+    with pytest.raises(ConfigError, match="tls"):
+        server_context(missing.replication)
