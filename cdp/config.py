@@ -254,6 +254,11 @@ class ReplicationSettings:
     secret_file: str = ""
     #: create the replica volume on the first stream naming an unknown volume
     create: bool = True
+    #: TLS for both directions when all three are set (PEM files; docs/REPLICATION.md):
+    #: this appliance's certificate and key, and the CA that signed its peers'
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_ca: str = ""
 
 
 def read_secret(path: str, key: str = "replication.secret_file") -> bytes:
@@ -275,11 +280,17 @@ def read_secret(path: str, key: str = "replication.secret_file") -> bytes:
 
 def _replication(raw: Any) -> ReplicationSettings:
     d = ReplicationSettings()
-    t = _table(raw, "replication", {"listen": _str, "secret_file": _str, "create": _bool})
+    t = _table(raw, "replication", {"listen": _str, "secret_file": _str, "create": _bool,
+                                    "tls_cert": _str, "tls_key": _str, "tls_ca": _str})
     lst = d.listen
     if "listen" in t:
         lst = _listener(t["listen"], "replication.listen", d.listen.port, True)
-    rs = ReplicationSettings(lst, t.get("secret_file", ""), t.get("create", d.create))
+    rs = ReplicationSettings(lst, t.get("secret_file", ""), t.get("create", d.create),
+                             t.get("tls_cert", ""), t.get("tls_key", ""), t.get("tls_ca", ""))
+    tls = [k for k in ("tls_cert", "tls_key", "tls_ca") if t.get(k)]
+    if tls and len(tls) != 3:
+        raise ConfigError("replication: tls_cert, tls_key and tls_ca go together "
+                          f"(only {', '.join(tls)} set)")
     if lst.enabled:
         read_secret(rs.secret_file)
     return rs

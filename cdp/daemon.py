@@ -44,6 +44,7 @@ from cdp.metrics import MetricsServer
 from cdp.ops.replication import resume_replication
 from cdp.replication.protocol import OpenRequest
 from cdp.replication.target import listen as listen_replication
+from cdp.replication.tls import server_context
 from cdp.retention.service import retention_of
 from cdp.store import Store
 from cdp.targets.iscsi.server import IscsiServer, serve_iscsi
@@ -179,11 +180,13 @@ class Daemon:
                 log.info("iSCSI on %s:%d", s.iscsi.host, iscsi.port)
             if s.replication.listen.enabled:
                 lst = s.replication.listen
+                tls = server_context(s.replication)
                 repl = await listen_replication(lst.host, lst.port,
                                                 read_secret(s.replication.secret_file),
-                                                self._replica_lookup(store))
+                                                self._replica_lookup(store), tls=tls)
                 self.replication_port = repl.sockets[0].getsockname()[1]
-                log.info("replication streams on %s:%d", lst.host, self.replication_port)
+                log.info("replication streams on %s:%d%s", lst.host, self.replication_port,
+                         " (TLS)" if tls else "")
             if s.metrics.enabled:
                 metrics = MetricsServer(store, s.metrics.host, s.metrics.port, self._extra_metrics(nbd))
                 try:

@@ -6,6 +6,7 @@ import asyncio
 from collections.abc import Callable
 from typing import Any
 
+from cdp.replication.source import STATES, sources_of
 from cdp.retention.service import retention_of
 from cdp.sentinel.service import sentinel_of
 from cdp.store import Store
@@ -82,6 +83,18 @@ def render(store: Store, extra: Callable[[], dict[str, float]] | None = None) ->
         metric("cdp_proxy_dirty_regions", "gauge", "Dirty regions in the DRL.", pper(lambda v: v.drl.dirty_count))
         metric("cdp_proxy_primary_errors_total", "counter", "Failed primary I/O since start.", pper(lambda v: v.primary_errors))
         metric("cdp_proxy_journal_errors_total", "counter", "Failed journal writes since start.", pper(lambda v: v.journal_errors))
+    rs = [(v, s.status()) for v in vols for s in sources_of(v)]  # docs/REPLICATION.md
+    if rs:
+        def rper(key: str) -> list[tuple[dict[str, str], float]]:
+            return [({"volume": v.name, "target": r["target"]}, float(r[key])) for v, r in rs]
+
+        metric("cdp_replication_lag_seconds", "gauge", "Age of the oldest write the target has not acknowledged as durable.", rper("lag_seconds"))
+        metric("cdp_replication_lag_records", "gauge", "Records the target has not acknowledged.", rper("lag_records"))
+        metric("cdp_replication_acked_seq", "gauge", "Newest seq the target acknowledged as durable.", rper("acked_seq"))
+        metric("cdp_replication_sent_bytes_total", "counter", "Stored record bytes sent to the target since start.", rper("sent_bytes"))
+        metric("cdp_replication_state", "gauge", "1 for the stream's current state.",
+               [({"volume": v.name, "target": r["target"], "state": st}, float(r["state"] == st))
+                for v, r in rs for st in STATES])
     if extra:
         for k, val in extra().items():
             metric(k, "gauge", k.replace("_", " ") + ".", [({}, val)])

@@ -510,6 +510,11 @@ class Volume:
     def markers(self) -> list[Marker]:
         return list(self._markers)
 
+    @property
+    def next_marker_id(self) -> int:
+        """The id the next marker gets (ids are never reused, even once expired)."""
+        return self._next_marker_id
+
     def marker(self, ident: int) -> Marker:
         for m in self._markers:
             if m.id == ident:

@@ -24,6 +24,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     for q in (st, sp, ss):
         q.add_argument("--json", action="store_true")
         q.set_defaults(func=run)
+    fo = sub.add_parser("failover", help="make a replica a writable primary (docs/REPLICATION.md)")
+    fo.add_argument("-V", "--volume")
+    fo.add_argument("--at", metavar="POINT",
+                    help="the point to become (default: the newest replicated point)")
+    fo.add_argument("--json", action="store_true")
+    fo.set_defaults(func=run_failover)
 
 
 _COLS = ("volume", "target", "state", "lag_seconds", "lag_records", "acked_seq", "sent_bytes")
@@ -40,4 +46,15 @@ def run(ctx: Context, args: argparse.Namespace) -> int:
         emit_json(res)
     else:
         print(table([[r.get(c) for c in _COLS] for r in rows], _COLS))
+    return 0
+
+
+def run_failover(ctx: Context, args: argparse.Namespace) -> int:
+    r = ctx.call("failover", {"volume": args.volume, "at": args.at})
+    if ctx.json:
+        emit_json(r)
+    else:
+        at = f" at @{r['at_seq']} (rewind @{r['rewind_seq']})" if r["rewind_seq"] else ""
+        print(f"{r['volume']}: now a primary, epoch {r['epoch']}{at}; "
+              f"streams of epoch {r['epoch'] - 1} are refused from now on")
     return 0

@@ -57,6 +57,12 @@ def run(ctx: Context, args: argparse.Namespace) -> int:
                 print(f"  {t['tier']:<12} {oldest}")
         if s.get("tier"):
             print(f"tier:          {tier_status_line(s['tier'])}")
+        if s.get("role") == "replica":  # docs/REPLICATION.md
+            print(f"role:          replica of {s.get('source') or '?'} (read-only)")
+        for r in s.get("replication") or []:
+            lag = f"lag {r['lag_seconds']} s / {r['lag_records']} records" if r["lag_records"] else "caught up"
+            print(f"replication:   -> {r['target']} as {r['as']}: {r['state']}, {lag}, acked @{r['acked_seq']}"
+                  + (f"  ({r['refused']})" if r.get("refused") else ""))
         px = s.get("proxy")
         if px:  # proxy mode (docs/PROXY.md)
             state = f"DEGRADED ({px['degraded_reason']})" if px["degraded"] else "ok"

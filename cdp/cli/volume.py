@@ -95,7 +95,8 @@ def list_(ctx: Context, args: argparse.Namespace) -> int:
         emit_json(rows)
     else:
         print(table(
-            [(r["volume"], format_size(r["size"]), r["markers"], r["last_seq"], r["connections"]) for r in rows],
-            ["VOLUME", "SIZE", "MARKERS", "LAST SEQ", "CONNECTIONS"],
+            [(r["volume"], format_size(r["size"]), r["markers"], r["last_seq"], r["connections"],
+              r.get("role", "primary"), r.get("source") or "") for r in rows],
+            ["VOLUME", "SIZE", "MARKERS", "LAST SEQ", "CONNECTIONS", "ROLE", "SOURCE"],
         ))
     return 0

@@ -35,8 +35,8 @@ import bisect
 import os
 from array import array
 from collections import OrderedDict
-from collections.abc import Generator, Iterator
-from typing import Protocol
+from collections.abc import Callable, Generator, Iterator
+from typing import Protocol, TypeVar
 
 import lz4.block
 from crc32c import crc32c
@@ -76,6 +76,8 @@ from cdp.journal.segment import (
     scan_segment,
     write_index,
 )
+
+_T = TypeVar("_T")
 
 #: chunk tables of chunked records kept in memory for slice reads
 LAYOUT_CACHE = 4096
@@ -553,6 +555,14 @@ class SegmentReader:
 
         Raises Corruption at the first damaged record. Reads segments in large chunks.
         """
+        return self._walk(from_seq, self.read_record, decode_record)
+
+    def _walk(self, from_seq: int, buffered: Callable[[int, int], _T],
+              decode: Callable[[bytes, bytes, int, str, int], _T]) -> Generator[_T, None, None]:
+        """The one segment walk of :meth:`scan` and :meth:`scan_stored`: for each seq from
+        ``from_seq`` to ``last_seq`` (as of the call) ``decode(head, stored, loc, where,
+        seq)`` of its bytes read through a large-chunk window, or ``buffered(seq, loc)``
+        for a record still in the writer's buffer."""
         last = self._last_seq
         seq = max(from_seq, self._firsts[0])
         fs = self._fs
@@ -566,15 +576,14 @@ class SegmentReader:
                 for s in range(seq, end + 1):
                     loc = offs[s - seg.first_seq]
                     if seg is self._cur and loc >= self._file_size:
-                        yield self.read_record(s, loc)
+                        yield buffered(s, loc)
                         continue
                     where = f"segment {seg.name} offset {loc} seq {s}"
                     head = win.get(loc, RECORD_HEADER_SIZE)
                     slen = 0
                     if len(head) == RECORD_HEADER_SIZE:
                         slen = min(RECORD_HEADER.unpack_from(head)[6], MAX_PAYLOAD)
-                    stored = win.get(loc + RECORD_HEADER_SIZE, slen)
-                    yield decode_record(head, stored, loc, where, s)
+                    yield decode(head, win.get(loc + RECORD_HEADER_SIZE, slen), loc, where, s)
             finally:
                 fs.close(fd)
             seq = end + 1
@@ -596,30 +605,8 @@ class SegmentReader:
         """:meth:`read_stored` of every record from ``from_seq`` up to ``last_seq`` as of
         the call, in seq order, reading segments in large chunks (catch-up reads the
         journal sequentially). Corruption at the first damaged record."""
-        last = self._last_seq
-        seq = max(from_seq, self._firsts[0])
-        fs = self._fs
-        while seq <= last:
-            seg = self._seg_for(seq)
-            _ts, offs = self._load(seg)
-            end = min(last, seg.first_seq + seg.count - 1)
-            fd = fs.open_read(self._path(seg.name))
-            try:
-                win = ReadWindow(fs, fd)
-                for s in range(seq, end + 1):
-                    loc = offs[s - seg.first_seq]
-                    if seg is self._cur and loc >= self._file_size:
-                        yield self.read_stored(s)
-                        continue
-                    head = win.get(loc, RECORD_HEADER_SIZE)
-                    slen = 0
-                    if len(head) == RECORD_HEADER_SIZE:
-                        slen = min(RECORD_HEADER.unpack_from(head)[6], MAX_PAYLOAD)
-                    where = f"segment {seg.name} offset {loc} seq {s}"
-                    yield _checked(head + win.get(loc + RECORD_HEADER_SIZE, slen), s, where)
-            finally:
-                fs.close(fd)
-            seq = end + 1
+        return self._walk(from_seq, lambda s, _loc: self.read_stored(s),
+                          lambda head, stored, _loc, where, s: _checked(head + stored, s, where))
 
     # ----------------------------------------------------------------------- time index
 

@@ -17,8 +17,12 @@ from typing import Any
 from cdp.config import read_secret
 from cdp.errors import Corruption, NotFound, UsageError
 from cdp.fsutil import write_file_atomic
+from cdp.points import point_arg
 from cdp.progress import Progress
-from cdp.replication.source import ReplicationSource
+from cdp.replication.source import ReplicationSource, sources_of, status_row
+from cdp.replication.target import failover as _failover
+from cdp.replication.target import load_role
+from cdp.replication.tls import client_context
 from cdp.store import Store
 from cdp.units import parse_hostport, parse_size
 from cdp.volume import Volume
@@ -52,8 +56,16 @@ def save_targets(vol: Volume, targets: list[dict[str, Any]]) -> None:
     write_file_atomic(vol.path / TARGETS_FILE, (json.dumps(doc, indent=1) + "\n").encode())
 
 
-def sources_of(vol: Volume) -> list[ReplicationSource]:
-    return [s for s in vol.services if isinstance(s, ReplicationSource)]
+def _persist(src: ReplicationSource) -> None:
+    """Save ``src``'s acknowledged seq and refusal in its ``replication.json`` entry."""
+    targets = load_targets(src.vol)
+    for t in targets:
+        if t["to"] == src.target:
+            t["acked_seq"] = src.acked_seq
+            t["refused"] = None if src.refused is None else ": ".join(src.refused)
+            t["epoch_seen"] = max(int(t.get("epoch_seen", 1)), src.epoch_seen)
+            save_targets(src.vol, targets)
+            return
 
 
 def _source(store: Store, vol: Volume, entry: dict[str, Any]) -> ReplicationSource:
@@ -63,10 +75,17 @@ def _source(store: Store, vol: Volume, entry: dict[str, Any]) -> ReplicationSour
             s.as_name = entry["as"]
             return s
     host, port = parse_hostport(entry["to"], "--to", DEFAULT_PORT)
+    role = load_role(vol)
+    if role.role == "replica":
+        raise UsageError(f"volume {vol.name} is a replica; `cdpctl failover` it first")
     src = ReplicationSource(vol, host, port, read_secret(store.settings.replication.secret_file),
                             as_name=entry["as"], name=str(store.path),
-                            rate=int(entry.get("rate", 0)))
+                            lineage=role.lineage, epoch=role.epoch,
+                            fork_seq=role.epochs[-1][1] - 1 if role.epoch > 1 else 0,
+                            rate=int(entry.get("rate", 0)),
+                            tls=client_context(store.settings.replication))
     src.acked_seq = int(entry.get("acked_seq", 0))
+    src.persist = _persist
     vol.attach(src)
     return src
 
@@ -127,17 +146,38 @@ async def replicate_status(store: Store, args: dict[str, Any], progress: Progres
     names = [args["volume"]] if args.get("volume") else sorted(store.volumes)
     rows = []
     for n in names:
-        vol = store.volume(n)
-        live = {s.target: s for s in sources_of(vol)}
-        for t in load_targets(vol):
-            if args.get("to") and t["to"] != _norm(args["to"]):
-                continue
-            s = live.get(t["to"])
-            rows.append(s.status() if s is not None else {
-                "volume": vol.name, "target": t["to"], "as": t["as"], "state": "stopped",
-                "lag_seconds": None, "lag_records": None, "acked_seq": t.get("acked_seq", 0),
-                "sent_bytes": 0, "refused": t.get("refused")})
+        rows += [r for r in status_rows(store.volume(n))
+                 if not args.get("to") or r["target"] == _norm(args["to"])]
     return rows
+
+
+def status_rows(vol: Volume) -> list[dict[str, Any]]:
+    """One ``replicate status`` row per target of ``vol`` (a target without a running
+    stream, e.g. offline or stopped, from ``replication.json``). Cost: O(targets)."""
+    live = {s.target: s for s in sources_of(vol)}
+    rows = []
+    for t in load_targets(vol):
+        s = live.get(t["to"])
+        rows.append(s.status() if s is not None else status_row(
+            vol, t["to"], t["as"], "refused" if t.get("running") and t.get("refused") else "stopped",
+            int(t.get("acked_seq", 0)), 0, t.get("refused")))
+    return rows
+
+
+async def failover(store: Store, args: dict[str, Any], progress: Progress) -> Any:
+    """``cdpctl failover``: the replica becomes a writable primary of the next epoch, at
+    its newest replicated point or, with ``at``, at that point (a REWIND appended as the
+    first record of the new epoch). The old source's stream is refused from then on."""
+    vol = store.volume(args.get("volume"))
+    at = vol.resolve_point(point_arg(args, "at")) if args.get("at") else None
+    applied = vol.journal.last_seq
+    role = await _failover(vol)
+    rewind_seq = None
+    if at is not None and at != vol.head_seq:
+        rewind_seq = await vol.rewind(at)
+    return {"volume": vol.name, "role": role.role, "epoch": role.epoch, "applied_seq": applied,
+            "rewind_seq": rewind_seq, "at_seq": vol.head_seq if at is None else at,
+            "lineage": role.lineage}
 
 
 def resume_replication(store: Store) -> int:
@@ -159,4 +199,5 @@ OPS: dict[str, Any] = {
     "replicate_start": replicate_start,
     "replicate_stop": replicate_stop,
     "replicate_status": replicate_status,
+    "failover": failover,
 }

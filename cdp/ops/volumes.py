@@ -17,6 +17,7 @@ from typing import Any
 from cdp.config import VolumeSpec
 from cdp.errors import NotFound, UsageError
 from cdp.journal import verify_journal
+from cdp.ops.replication import status_rows as replication_rows
 from cdp.ops.retention import marker_fields, status_fields
 from cdp.outputs import (
     DamageMap,
@@ -32,6 +33,7 @@ from cdp.points import point_arg
 from cdp.progress import Progress
 from cdp.proxy.drl import DEFAULT_REGION
 from cdp.proxy.volume import ProxyVolume
+from cdp.replication.target import load_role
 from cdp.store import Store
 from cdp.units import parse_size
 from cdp.verify import CATALOG_FILE, problem_dict, verify_catalog, verify_maps, verify_volume_dir
@@ -48,9 +50,25 @@ async def volume_list(store: Store, args: dict[str, Any], progress: Progress) ->
             "markers": len(v.markers),
             "last_seq": v.head_seq,
             "connections": v.connections,
+            **_role(v),
         }
         for v in sorted(store.volumes.values(), key=lambda v: v.name)
     ]
+
+
+def _role(vol: Volume) -> dict[str, Any]:
+    """``role`` (primary/replica) and ``source`` (a replica's, else None): docs/REPLICATION.md."""
+    r = load_role(vol)
+    return {"role": r.role, "source": r.source or None if r.role == "replica" else None}
+
+
+def _writable(vol: Volume) -> Volume:
+    """``vol``, unless it is a replica: only its replication stream writes it
+    (markers and rewinds arrive from the source); UsageError naming failover."""
+    if load_role(vol).role == "replica":
+        raise UsageError(f"volume {vol.name} is a replica (read-only): its markers and rewinds "
+                         "come from the source; `cdpctl failover` makes it a primary")
+    return vol
 
 
 #: options that only a proxy volume takes (argument -> the cdpctl option naming it)
@@ -229,6 +247,8 @@ async def status(store: Store, args: dict[str, Any], progress: Progress) -> Any:
         vol = store.volume(n)
         st = vol.status()
         st["retention"] = status_fields(vol)
+        st.update(_role(vol))
+        st["replication"] = replication_rows(vol)
         out.append(st)
     return out
 
@@ -245,7 +265,7 @@ async def snapshot(store: Store, args: dict[str, Any], progress: Progress) -> An
     """Markers on one or several volumes; several are paused so the markers are one
     consistent point."""
     names = args.get("volumes") or [None]
-    vols = [store.volume(n) for n in names]
+    vols = [_writable(store.volume(n)) for n in names]
     if len({v.name for v in vols}) != len(vols):
         raise UsageError("a volume is named twice")
     label = args.get("label") or ""
@@ -270,7 +290,7 @@ async def rewind(store: Store, args: dict[str, Any], progress: Progress) -> Any:
     """Rewind the live volume to ``to``. The result carries the undo handle (``undo``:
     the point to rewind to for undoing it). A target that is already the live state
     (``now``, the head) writes nothing and says so (``changed`` false, ``undo`` None)."""
-    vol = store.volume(args.get("volume"))
+    vol = _writable(store.volume(args.get("volume")))
     to = point_arg(args, "to")
     target = vol.resolve_point(to)
     if target == vol.head_seq:

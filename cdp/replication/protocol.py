@@ -50,8 +50,8 @@ from cdp.journal.format import RECORD_HEADER, RECORD_HEADER_SIZE, RECORD_MAGIC_B
 
 #: first bytes each side sends (never changes)
 MAGIC: Final = b"CDPREPL\0"
-#: protocol versions this core speaks (lowest, highest)
-VERSIONS: Final = (1, 1)
+#: protocol versions this core speaks (lowest, highest); 2 adds OPEN's ``fork_seq``
+VERSIONS: Final = (1, 2)
 NONCE_SIZE: Final = 32
 PROOF_SIZE: Final = 32
 #: shortest shared secret accepted
@@ -165,6 +165,10 @@ SCHEMA: Final[dict[MsgType, tuple[str, ...]]] = {
     _S.REFUSED: (_STR, _STR),  # code, message
     _S.CLOSE: (),
 }
+#: messages whose fields differ from version 2 on (the others keep SCHEMA's)
+SCHEMA_V2: Final[dict[MsgType, tuple[str, ...]]] = {
+    _S.OPEN: (_STR, _STR, _INT, _INT, _INT, _INT),  # ..., source_last_seq, fork_seq
+}
 
 
 class Refusal(ProtocolError):
@@ -207,12 +211,16 @@ class OpenRequest:
     size: int
     epoch: int
     source_last_seq: int
+    #: the sender's last seq of the epoch before its own (its failover point; 0 when
+    #: it never failed over): where a failback finds the newest common point
+    fork_seq: int = 0
 
 
 @dataclass(frozen=True)
 class Opened:
     """Source: the target accepted; stream from ``applied_seq + 1``. ``tip_ts`` and
-    ``tip_crc`` describe its record ``applied_seq`` (0, 0 when it has none)."""
+    ``tip_crc`` describe its record ``applied_seq`` (0, 0 when it has none, or when
+    that record was rebased at a failback and cannot be compared)."""
 
     applied_seq: int
     tip_ts: int
@@ -392,7 +400,7 @@ class _Connection:
         elif self._pos > 1 << 20 and self._pos * 2 > len(buf):
             del buf[: self._pos]
             self._pos = 0
-        kind, fields = self._decode(body)
+        kind, fields = self._decode(body, self.version)
         new = TRANSITIONS.get((self.state, Dir.IN, kind))
         if new is None:
             raise ProtocolError(f"replication: unexpected {kind.name} in state {self.state.name}")
@@ -409,7 +417,7 @@ class _Connection:
         return NEED_DATA
 
     @staticmethod
-    def _decode(body: bytes) -> tuple[MsgType, list[object]]:
+    def _decode(body: bytes, version: int = 1) -> tuple[MsgType, list[object]]:
         try:
             msg = msgpack.unpackb(body, raw=False, use_list=True, strict_map_key=True)
         except Exception as exc:
@@ -421,7 +429,7 @@ class _Connection:
         except ValueError:
             raise ProtocolError(f"replication: unknown message type {msg[0]}") from None
         fields = msg[1:]
-        schema = SCHEMA[kind]
+        schema = SCHEMA_V2.get(kind, SCHEMA[kind]) if version >= 2 else SCHEMA[kind]
         if len(fields) != len(schema) or not all(map(_valid, schema, fields)):
             raise ProtocolError(f"replication: malformed {kind.name} message")
         return kind, fields
@@ -469,10 +477,12 @@ class TargetConnection(_Connection):
             return Authenticated(self.peer, self.version)
         self.state = new
         if kind is MsgType.OPEN:
-            vol, lineage, size, epoch, last = f
+            vol, lineage, size, epoch, last, *fork = f
             assert isinstance(vol, str) and isinstance(lineage, str)
             assert isinstance(size, int) and isinstance(epoch, int) and isinstance(last, int)
-            return OpenRequest(vol, lineage, size, epoch, last)
+            fork_seq = fork[0] if fork else 0
+            assert isinstance(fork_seq, int)
+            return OpenRequest(vol, lineage, size, epoch, last, fork_seq)
         if kind is MsgType.RECORDS:
             first, recs = f
             assert isinstance(first, int) and isinstance(recs, list)
@@ -568,8 +578,15 @@ class SourceConnection(_Connection):
 
     # -- commands
 
-    def open(self, volume: str, lineage: str, size: int, epoch: int, source_last_seq: int) -> None:
-        """Ask the target to stream into replica ``volume``."""
+    def open(self, volume: str, lineage: str, size: int, epoch: int, source_last_seq: int,
+             fork_seq: int = 0) -> None:
+        """Ask the target to stream into replica ``volume``; ``fork_seq``: our failover
+        point (version 2; a version-1 target cannot take a failback: UsageError)."""
+        if self.version >= 2:
+            self._send(MsgType.OPEN, volume, lineage, size, epoch, source_last_seq, fork_seq)
+            return
+        if fork_seq:
+            raise UsageError("replication: the target speaks protocol version 1 (no failback)")
         self._send(MsgType.OPEN, volume, lineage, size, epoch, source_last_seq)
 
     def send_records(self, first_seq: int, records: Sequence[bytes]) -> None:

@@ -20,6 +20,10 @@ Design notes
 - Connection loss: state ``disconnected``, retry after 1 s (doubling to 30 s). A
   REFUSED from the target (auth, epoch, lineage, diverged, ...): state ``refused``,
   no retry until restarted.
+- ``persist`` (set by :mod:`cdp.ops.replication`) is called when the acknowledged seq
+  moved (at most every :data:`PERSIST_EVERY` seconds) and when the target refuses, so
+  status and lag survive a kill -9 of the source; the stream itself never depends on
+  it (it resumes from what OPENED reports).
 """
 
 from __future__ import annotations
@@ -27,8 +31,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
+import ssl
 import struct
 import time
+from collections.abc import Callable
 from typing import Any
 
 from cdp.errors import CdpError, ProtocolError
@@ -47,10 +54,35 @@ from cdp.volume import Volume, VolumeService
 
 log = logging.getLogger("cdp.replication")
 _CRC = struct.Struct("<I")
+#: the states a stream reports (``replicate status``, ``cdp_replication_state``)
+STATES = ("streaming", "catching-up", "disconnected", "refused", "stopped")
+#: at most one ``persist`` call per this many seconds while ACKs arrive
+PERSIST_EVERY = 2.0
 
 
 class _Stop(Exception):
     pass
+
+
+def status_row(vol: Volume, target: str, as_name: str, state: str, acked_seq: int,
+               sent_bytes: int, refused: str | None) -> dict[str, Any]:
+    """One ``replicate status`` row: ``lag_seconds`` is the age of the oldest record
+    the target has not acknowledged as durable (0 when caught up), ``lag_records``
+    how many. Cost: O(1) (one seq-to-time lookup)."""
+    j = vol.journal
+    last = j.last_seq
+    acked = min(acked_seq, last)
+    lag = 0.0
+    if acked < last:
+        lag = max(0.0, (time.time_ns() - j.time_of_seq(acked + 1)) / 1e9)
+    return {"volume": vol.name, "target": target, "as": as_name, "state": state,
+            "lag_seconds": round(lag, 3), "lag_records": last - acked,
+            "acked_seq": acked_seq, "sent_bytes": sent_bytes, "refused": refused}
+
+
+def sources_of(vol: Volume) -> list[ReplicationSource]:
+    """The replication streams attached to ``vol`` (one per target)."""
+    return [s for s in vol.services if isinstance(s, ReplicationSource)]
 
 
 class ReplicationSource(VolumeService):
@@ -59,7 +91,7 @@ class ReplicationSource(VolumeService):
     def __init__(self, vol: Volume, host: str, port: int, secret: bytes, *,
                  as_name: str | None = None, name: str = "cdp", lineage: str | None = None,
                  epoch: int = 1, window: int = 64 << 20, batch: int = 4 << 20,
-                 rate: int = 0) -> None:
+                 rate: int = 0, tls: ssl.SSLContext | None = None, fork_seq: int = 0) -> None:
         self.vol = vol
         self.host, self.port = host, port
         self._secret = secret
@@ -70,10 +102,19 @@ class ReplicationSource(VolumeService):
         self.window, self.batch = window, batch
         #: bytes/s of stored records sent (0: unlimited)
         self.rate = rate
+        #: our failover point (the last seq of the previous epoch; 0: never failed over)
+        self.fork_seq = fork_seq
+        #: TLS client context (:mod:`cdp.replication.tls`); None: plain TCP
+        self.tls = tls
         self.state = "stopped"
         self.acked_seq = 0
         self.sent_bytes = 0
         self.refused: tuple[str, str] | None = None
+        #: the highest epoch a target reported (a failover there fences us: docs/REPLICATION.md)
+        self.epoch_seen = epoch
+        #: called with this source when acked_seq or refused should be saved
+        self.persist: Callable[[ReplicationSource], None] | None = None
+        self._persisted_at = 0.0
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
@@ -115,16 +156,20 @@ class ReplicationSource(VolumeService):
             await asyncio.sleep(0.01)
 
     def status(self) -> dict[str, Any]:
-        j = self.vol.journal
-        last = j.last_seq
-        lag = 0.0
-        if self.acked_seq < last:
-            lag = max(0.0, (time.time_ns() - j.time_of_seq(self.acked_seq + 1)) / 1e9)
-        return {"volume": self.vol.name, "target": self.target, "as": self.as_name,
-                "state": self.state, "lag_seconds": round(lag, 3),
-                "lag_records": last - self.acked_seq, "acked_seq": self.acked_seq,
-                "sent_bytes": self.sent_bytes,
-                "refused": None if self.refused is None else ": ".join(self.refused)}
+        """The ``replicate status`` row (docs/REPLICATION.md). Cost: O(1)."""
+        return status_row(self.vol, self.target, self.as_name, self.state, self.acked_seq,
+                          self.sent_bytes,
+                          None if self.refused is None else ": ".join(self.refused))
+
+    def _save(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if self.persist is not None and (force or now - self._persisted_at >= PERSIST_EVERY):
+            self._persisted_at = now
+            try:
+                self.persist(self)
+            except (OSError, CdpError) as e:
+                log.warning("replication %s -> %s: cannot save state: %s", self.vol.name,
+                            self.target, e)
 
     # ------------------------------------------------------------------ the task
 
@@ -145,7 +190,8 @@ class ReplicationSource(VolumeService):
             delay = min(30.0, delay * 2)
 
     async def _session(self) -> None:
-        reader, writer = await asyncio.open_connection(self.host, self.port)
+        reader, writer = await asyncio.open_connection(
+            self.host, self.port, ssl=self.tls, server_hostname=self.host if self.tls else None)
         conn = SourceConnection(self._secret, peer=self.target)
         acks: asyncio.Task[None] | None = None
         try:
@@ -153,7 +199,8 @@ class ReplicationSource(VolumeService):
             writer.write(conn.data_to_send())
             await self._until(conn, reader, writer, Authenticated)
             j = self.vol.journal
-            conn.open(self.as_name, self.lineage, self.vol.size, self.epoch, j.last_seq)
+            conn.open(self.as_name, self.lineage, self.vol.size, self.epoch, j.last_seq,
+                      self.fork_seq)
             writer.write(conn.data_to_send())
             ev = await self._until(conn, reader, writer, Opened)
             assert isinstance(ev, Opened)
@@ -194,8 +241,11 @@ class ReplicationSource(VolumeService):
     def _refused(self, code: str, message: str) -> None:
         self.refused = (code, message)
         self.state = "refused"
+        if code == "epoch" and (m := re.search(r"at epoch (\d+)", message)):
+            self.epoch_seen = max(self.epoch_seen, int(m.group(1)))
         log.error("replication %s -> %s refused: %s (%s)", self.vol.name, self.target,
                   message, code)
+        self._save(force=True)
         raise _Stop
 
     def _check_tip(self, ev: Opened) -> None:
@@ -204,6 +254,8 @@ class ReplicationSource(VolumeService):
             return
         if ev.applied_seq > j.last_seq:
             self._refused("diverged", f"the target has seq {ev.applied_seq}, we {j.last_seq}")
+        if (ev.tip_ts, ev.tip_crc) == (0, 0):
+            return  # rebased at a failback there: not comparable (docs/REPLICATION.md)
         raw = j.read_stored(ev.applied_seq)
         if (j.time_of_seq(ev.applied_seq), _CRC.unpack_from(raw, 4)[0]) != (ev.tip_ts, ev.tip_crc):
             self._refused("diverged", f"the target's record {ev.applied_seq} differs from ours")
@@ -219,6 +271,7 @@ class ReplicationSource(VolumeService):
                 if isinstance(ev, Ack):
                     self.acked_seq = ev.durable_seq
                     self._wake.set()
+                    self._save()
                 elif isinstance(ev, Refused):
                     self._refused(ev.code, ev.message)
                 elif isinstance(ev, Closed):

@@ -15,20 +15,37 @@ Design notes
 - ``replica.json`` (docs/FORMATS.md) is written before the first record of a new
   replica is applied, so a volume never holds replicated records without knowing their
   lineage.
+- **Failover** (:func:`failover`): the volume's incoming stream is *fenced* first
+  (REFUSED ``epoch`` sent, the socket closed, and its pump awaited, so no record of the
+  old epoch lands afterwards), then ``replica.json`` becomes ``role = primary`` with
+  ``epoch + 1`` (written durably) before anything may write the volume. A later OPEN of
+  the old epoch is refused ``epoch`` by :func:`check_open`; its message names the new
+  epoch ("at epoch N"), which the old source records.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
+import ssl
 import struct
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from cdp.errors import CdpError, Corruption, ProtocolError
+from cdp.errors import CdpError, Corruption, ProtocolError, UsageError
 from cdp.fsutil import write_file_atomic
+from cdp.journal import RecordKind
+from cdp.journal.format import (
+    MARKER_PAYLOAD,
+    RECORD_HEADER,
+    RECORD_HEADER_SIZE,
+    REWIND_PAYLOAD,
+    Compression,
+    encode_record,
+)
 from cdp.replication.protocol import (
     NEED_DATA,
     Authenticated,
@@ -57,6 +74,27 @@ class Role:
     lineage: str
     epoch: int
     source: str = ""
+    #: [epoch, first local seq, source offset] per epoch (docs/REPLICATION.md)
+    epochs: list[list[int]] = field(default_factory=list)
+    #: [sender marker id, local marker id] of markers renumbered at a failback
+    marker_ids: list[list[int]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.epochs:
+            self.epochs = [[self.epoch, 1, 0]]
+
+
+@dataclass
+class _Stream:
+    """An incoming stream being applied to a volume (for :func:`fence`)."""
+
+    conn: TargetConnection
+    writer: asyncio.StreamWriter
+    done: asyncio.Event
+
+
+#: volume directory -> its incoming stream (one per volume; the ``busy`` rule)
+_streams: dict[Path, _Stream] = {}
 
 
 def load_role(vol: Volume) -> Role:
@@ -73,24 +111,108 @@ def load_role(vol: Volume) -> Role:
         if doc["format"] != ROLE_FORMAT:
             raise Corruption(f"{path}: unsupported format {doc['format']!r}")
         return Role(str(doc["role"]), str(doc["lineage"]), int(doc["epoch"]),
-                    str(doc.get("source", "")))
+                    str(doc.get("source", "")),
+                    [[int(x) for x in e] for e in doc.get("epochs") or []],
+                    [[int(x) for x in e] for e in doc.get("marker_ids") or []])
     except (KeyError, TypeError, ValueError) as e:
         raise Corruption(f"{path}: malformed role file: {e}") from None
 
 
 def save_role(path: Path, role: Role) -> None:
-    doc = {"format": ROLE_FORMAT, **asdict(role), "epochs": [[role.epoch, 1, 0]],
-           "marker_ids": []}
+    doc = {"format": ROLE_FORMAT, **asdict(role)}
     write_file_atomic(path / ROLE_FILE, (json.dumps(doc, indent=1) + "\n").encode())
 
 
-def tip(vol: Volume) -> tuple[int, int, int]:
-    """(applied seq, its timestamp, its record CRC) of a volume's journal; zeros if empty."""
+def tip(vol: Volume, role: Role | None = None) -> tuple[int, int, int]:
+    """(applied seq in the sender's numbering, its timestamp, its record CRC) of a
+    volume's journal; zeros if empty. A record rebased at a failback (seq and maybe
+    time rewritten) cannot be compared by the sender: its ts and CRC are reported as 0."""
     j = vol.journal
     seq = j.last_seq
     if not seq:
         return 0, 0, 0
+    _epoch, first, d = (role or load_role(vol)).epochs[-1]
+    if d and seq >= first - 1:
+        if seq >= first:
+            return seq - d, 0, 0
+        seq -= d  # just after the failback's REWIND: the common point, not rebased
     return seq, j.time_of_seq(seq), _CRC.unpack_from(j.read_stored(seq), 4)[0]
+
+
+def failback_point(vol: Volume, req: OpenRequest) -> int | None:
+    """The newest common point of ``vol`` and a stream that failed over from it (its
+    ``fork_seq``), if ``req`` is such a failback: the same lineage, a newer epoch, a
+    volume that is a primary here. None otherwise. O(1)."""
+    role = load_role(vol)
+    if (role.role != "primary" or req.lineage != role.lineage or req.epoch <= role.epoch
+            or not req.fork_seq or not vol.journal.last_seq):
+        return None
+    return min(req.fork_seq, vol.journal.last_seq, req.source_last_seq)
+
+
+async def become_replica(vol: Volume, req: OpenRequest, common: int, peer: str) -> None:
+    """Failback on the old primary (docs/REPLICATION.md): a REWIND to the newest common
+    point ``common`` appended (its divergent records keep their seqs and stay readable),
+    then ``replica.json`` says replica of ``req``'s epoch with the seq offset ``d`` for
+    the records to come (sender seq ``b`` stored at ``b + d``). Outgoing streams of the
+    volume stop. Cost: one rewind (metadata) and one role file write."""
+    from cdp.replication.source import sources_of  # the source imports nothing of ours
+
+    for s in sources_of(vol):
+        s.stop()
+    role = load_role(vol)
+    await vol.flush()
+    d = 0
+    if vol.journal.last_seq > common:
+        r = await vol.rewind(common)
+        d = r - common
+    role.role, role.epoch, role.source = "replica", req.epoch, peer
+    role.epochs.append([req.epoch, common + d + 1, d])
+    save_role(vol.path, role)
+    log.warning("replication: %s fails back from %s: common point @%d, "
+                "records of epoch %d stored at their seq + %d", vol.name, peer, common,
+                req.epoch, d)
+
+
+def rebase_records(vol: Volume, role: Role, records: list[bytes]) -> list[bytes]:
+    """The records of a failback epoch as this journal stores them: seq + d, a REWIND
+    target after the common point + d, a timestamp not older than the journal's last,
+    a marker id this volume already uses renumbered (the pair kept in ``role``, which
+    the caller saves). Record CRCs recomputed (chunk CRCs do not cover these fields)."""
+    _epoch, first, d = role.epochs[-1]
+    if not d:
+        return records
+    common = first - 1 - d
+    j = vol.journal
+    last_ts = j.time_of_seq(j.last_seq) if j.last_seq else 0
+    ids = {m.id for m in vol.markers}
+    remap = {a: b for a, b in role.marker_ids}
+    ids.update(remap.values())
+    out = []
+    for raw in records:
+        (_m, _crc, version, kind, comp, flags, _n, seq, ts, offset, length
+         ) = RECORD_HEADER.unpack_from(raw)
+        payload = raw[RECORD_HEADER_SIZE:]
+        if kind == RecordKind.REWIND and comp == Compression.NONE:
+            (t,) = REWIND_PAYLOAD.unpack_from(payload)
+            if t > common:
+                payload = REWIND_PAYLOAD.pack(t + d)
+        elif kind == RecordKind.MARKER and comp == Compression.NONE:
+            mid, _ln = MARKER_PAYLOAD.unpack_from(payload)
+            new = remap.get(mid)
+            if new is None and mid in ids:
+                new = max(*ids, vol.next_marker_id - 1) + 1
+                remap[mid] = new
+                role.marker_ids.append([mid, new])
+            if new is not None:
+                ids.add(new)
+                payload = struct.pack("<Q", new) + payload[8:]
+            ids.add(mid if new is None else new)
+        ts = max(ts, last_ts)
+        last_ts = ts
+        out.append(encode_record(kind, seq + d, ts, offset, length, payload, comp, flags,
+                                 version))
+    return out
 
 
 def check_open(vol: Volume, req: OpenRequest, peer: str) -> tuple[str, str] | None:
@@ -99,6 +221,7 @@ def check_open(vol: Volume, req: OpenRequest, peer: str) -> tuple[str, str] | No
     lineage here (``replica.json`` written)."""
     role = load_role(vol)
     fresh = not (vol.path / ROLE_FILE).exists()
+    applied = tip(vol, role)[0]
     if fresh:
         if vol.journal.last_seq:
             return "exists", f"volume {vol.name} holds its own data; not a replica"
@@ -109,15 +232,17 @@ def check_open(vol: Volume, req: OpenRequest, peer: str) -> tuple[str, str] | No
     if role.lineage != req.lineage:
         return "lineage", f"volume {vol.name} replicates another volume ({role.lineage})"
     if req.epoch < role.epoch:
-        return "epoch", f"volume {vol.name} is at epoch {role.epoch}; the stream's is {req.epoch}"
-    if role.role != "replica" and req.epoch == role.epoch:
-        return "primary", f"volume {vol.name} is a primary"
+        return "epoch", (f"volume {vol.name} failed over: it is at epoch {role.epoch}; "
+                         f"the stream's is {req.epoch}")
+    if role.role != "replica":  # the same epoch: a loop; a newer one: failback (not built)
+        return "primary", f"volume {vol.name} is a primary (epoch {role.epoch})"
     if vol.size != req.size:
         return "size", f"volume {vol.name} has {vol.size} bytes, the source {req.size}"
-    if vol.journal.last_seq > req.source_last_seq:
-        return "diverged", (f"volume {vol.name} has seq {vol.journal.last_seq}, "
+    if applied > req.source_last_seq:
+        return "diverged", (f"volume {vol.name} has seq {applied}, "
                             f"the source only {req.source_last_seq}")
     if req.epoch > role.epoch:
+        role.epochs.append([req.epoch, vol.journal.last_seq + 1, 0])
         role.epoch = req.epoch
         save_role(vol.path, role)
     return None
@@ -134,6 +259,8 @@ async def serve_stream(reader: asyncio.StreamReader, writer: asyncio.StreamWrite
     peer = f"{addr[0]}:{addr[1]}" if isinstance(addr, tuple) else str(addr)
     conn = TargetConnection(secret)
     vol: Volume | None = None
+    role: Role | None = None
+    done = asyncio.Event()
     try:
         writer.write(conn.data_to_send())
         while True:
@@ -146,12 +273,19 @@ async def serve_stream(reader: asyncio.StreamReader, writer: asyncio.StreamWrite
                 if isinstance(ev, Authenticated):
                     log.info("replication: %s (%s) authenticated", peer, ev.peer)
                 elif isinstance(ev, OpenRequest):
-                    vol = _open(conn, ev, lookup, busy, peer)
+                    vol = await _open(conn, ev, lookup, busy, peer)
                     if vol is None:
                         break
+                    role = load_role(vol)
+                    _streams[vol.path] = _Stream(conn, writer, done)
                 elif isinstance(ev, Records):
-                    assert vol is not None
-                    conn.ack(await vol.apply_stored(ev.records))
+                    assert vol is not None and role is not None
+                    d = role.epochs[-1][2]  # a failback epoch: stored at seq + d
+                    renumbered = len(role.marker_ids)
+                    durable = await vol.apply_stored(rebase_records(vol, role, ev.records))
+                    if len(role.marker_ids) != renumbered:
+                        save_role(vol.path, role)
+                    conn.ack(durable - d)
                 elif isinstance(ev, Heartbeat):
                     pass
                 elif isinstance(ev, Refused):
@@ -176,21 +310,26 @@ async def serve_stream(reader: asyncio.StreamReader, writer: asyncio.StreamWrite
     finally:
         if vol is not None:
             busy.discard(vol.name)
+            if (st := _streams.get(vol.path)) is not None and st.done is done:
+                del _streams[vol.path]
+        done.set()
         writer.close()
 
 
-async def listen(host: str, port: int, secret: bytes, lookup: Lookup) -> asyncio.Server:
-    """Accept replication streams on ``host:port`` (cdpd's ``[replication] listen``)."""
+async def listen(host: str, port: int, secret: bytes, lookup: Lookup, *,
+                 tls: ssl.SSLContext | None = None) -> asyncio.Server:
+    """Accept replication streams on ``host:port`` (cdpd's ``[replication] listen``),
+    inside TLS with ``tls`` (:mod:`cdp.replication.tls`)."""
     busy: set[str] = set()
 
     async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
         await serve_stream(r, w, secret, lookup, busy)
 
-    return await asyncio.start_server(handler, host, port)
+    return await asyncio.start_server(handler, host, port, ssl=tls)
 
 
-def _open(conn: TargetConnection, req: OpenRequest, lookup: Lookup, busy: set[str],
-          peer: str) -> Volume | None:
+async def _open(conn: TargetConnection, req: OpenRequest, lookup: Lookup, busy: set[str],
+                peer: str) -> Volume | None:
     try:
         vol = lookup(req)
     except CdpError as e:
@@ -201,6 +340,19 @@ def _open(conn: TargetConnection, req: OpenRequest, lookup: Lookup, busy: set[st
         why = "unknown", f"no volume {req.volume!r} here"
     elif vol.name in busy:
         why = "busy", f"volume {vol.name} is receiving another stream"
+    elif (common := failback_point(vol, req)) is not None:
+        why = None
+        if vol.size != req.size:
+            why = "size", f"volume {vol.name} has {vol.size} bytes, the source {req.size}"
+        elif vol.connections:
+            why = "busy", f"hosts are connected to {vol.name}; disconnect them to fail back"
+        else:
+            busy.add(vol.name)
+            try:
+                await become_replica(vol, req, common, peer)
+            finally:
+                busy.discard(vol.name)
+            why = check_open(vol, req, peer)
     else:
         why = check_open(vol, req, peer)
     if why is not None:
@@ -213,3 +365,37 @@ def _open(conn: TargetConnection, req: OpenRequest, lookup: Lookup, busy: set[st
     conn.accept(seq, ts, crc, load_role(vol).epoch)
     log.info("replication: %s streams into %s from seq %d", peer, vol.name, seq + 1)
     return vol
+
+
+async def fence(vol: Volume, code: str, message: str, timeout: float = 30.0) -> bool:
+    """End ``vol``'s incoming stream, if any: REFUSED (``code``, ``message``) sent, the
+    socket closed, and its pump finished (a batch being applied completes first), so
+    nothing of that stream is applied afterwards. Whether there was one."""
+    st = _streams.get(vol.path)
+    if st is None:
+        return False
+    with contextlib.suppress(ProtocolError, OSError, RuntimeError):
+        st.conn.refuse(code, message)
+        st.writer.write(st.conn.data_to_send())
+    st.writer.transport.abort()
+    await asyncio.wait_for(st.done.wait(), timeout)
+    return True
+
+
+async def failover(vol: Volume) -> Role:
+    """Make the replica ``vol`` a writable primary of the next epoch: its stream fenced,
+    ``replica.json`` written (role primary, epoch + 1, the epoch's first seq) before the
+    caller lets anything write. UsageError if ``vol`` is not a replica."""
+    role = load_role(vol)
+    if role.role != "replica":
+        raise UsageError(f"volume {vol.name} is not a replica (role {role.role})")
+    epoch = role.epoch + 1
+    if await fence(vol, "epoch", f"volume {vol.name} failed over: it is at epoch {epoch}"):
+        log.info("replication: %s: incoming stream fenced for the failover", vol.name)
+    await vol.flush()
+    role.role, role.epoch = "primary", epoch
+    role.epochs.append([epoch, vol.journal.last_seq + 1, 0])
+    save_role(vol.path, role)
+    log.warning("replication: %s failed over: primary at epoch %d from seq %d", vol.name,
+                epoch, vol.journal.last_seq + 1)
+    return role

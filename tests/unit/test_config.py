@@ -152,3 +152,19 @@ def test_tier_section(tmp_path: Path) -> None:
         parse_config({"tier": {"url": "s3://b", "object_lock_days": -1}})
     with pytest.raises(ConfigError, match=r"tier\.nope: unknown key"):
         parse_config({"tier": {"url": "s3://b", "nope": 1}})
+
+
+def test_replication_tls_settings_go_together(tmp_path: Path) -> None:
+    from cdp.replication.tls import client_context, server_context
+
+    s = parse_config({"replication": {"tls_cert": "c.pem", "tls_key": "k.pem", "tls_ca": "ca.pem"}})
+    assert (s.replication.tls_cert, s.replication.tls_key, s.replication.tls_ca) == (
+        "c.pem", "k.pem", "ca.pem")
+    assert server_context(Settings().replication) is None
+    assert client_context(Settings().replication) is None
+    with pytest.raises(ConfigError, match="go together"):
+        parse_config({"replication": {"tls_cert": "c.pem", "tls_key": "k.pem"}})
+    missing = parse_config({"replication": {"tls_cert": str(tmp_path / "c"), "tls_key": str(tmp_path / "k"),
+                                            "tls_ca": str(tmp_path / "ca")}})
+    with pytest.raises(ConfigError, match="tls"):
+        server_context(missing.replication)

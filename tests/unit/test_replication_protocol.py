@@ -13,6 +13,7 @@ from cdp.replication import protocol as p
 from cdp.replication.protocol import (
     MAGIC,
     NEED_DATA,
+    VERSIONS,
     Ack,
     Authenticated,
     Closed,
@@ -83,8 +84,8 @@ def opened(applied: int = 0) -> tuple[SourceConnection, TargetConnection]:
 
 def test_handshake_open_stream_ack_close() -> None:
     src, tgt, se, te = handshake()
-    assert se == [Authenticated("target:1", 1)]
-    assert te == [Authenticated("site-a", 1)]
+    assert se == [Authenticated("target:1", VERSIONS[1])]
+    assert te == [Authenticated("site-a", VERSIONS[1])]
     assert src.state is State.AUTHENTICATED and tgt.state is State.OPEN_WAIT
     src.open("vol0", "uuid-1", 1 << 20, 1, 10)
     _se, te = pump(src, tgt)
@@ -242,7 +243,7 @@ def test_eof_between_frames_is_closed() -> None:
 
 
 def test_version_negotiation() -> None:
-    src = SourceConnection(SECRET, versions=(2, 3))
+    src = SourceConnection(SECRET, versions=(VERSIONS[1] + 1, VERSIONS[1] + 2))
     tgt = TargetConnection(SECRET)
     src.start("a")
     with pytest.raises(Refusal) as ei:
@@ -323,3 +324,29 @@ def test_core_does_no_io() -> None:
         elif isinstance(node, ast.ImportFrom) and node.module:
             names.add(node.module.split(".")[0])
     assert not names & {"asyncio", "socket", "selectors", "ssl", "os", "threading"}
+
+
+def test_open_fork_seq_needs_version_2() -> None:
+    """Version 2 carries OPEN's fork_seq (failback); a version-1 pair still streams
+    without it and refuses to send one."""
+    src, tgt, _se, _te = handshake()
+    src.open("vol0", "uuid-1", 1 << 20, 2, 10, fork_seq=7)
+    _se, te = pump(src, tgt)
+    assert te == [OpenRequest("vol0", "uuid-1", 1 << 20, 2, 10, 7)]
+    old = SourceConnection(SECRET, peer="t", versions=(1, 1))
+    tgt1 = TargetConnection(SECRET)
+    old.start("old")
+    pump(old, tgt1)
+    assert old.version == tgt1.version == 1
+    with pytest.raises(UsageError, match="version 1"):
+        old.open("vol0", "uuid-1", 1 << 20, 2, 10, fork_seq=7)
+    old.open("vol0", "uuid-1", 1 << 20, 1, 10)
+    _se, te = pump(old, tgt1)
+    assert te == [OpenRequest("vol0", "uuid-1", 1 << 20, 1, 10, 0)]
+    # a 6-field OPEN on a version-1 connection is malformed
+    tgt2 = TargetConnection(SECRET)
+    old2 = SourceConnection(SECRET, peer="t", versions=(1, 1))
+    old2.start("old")
+    pump(old2, tgt2)
+    with pytest.raises(ProtocolError, match="malformed OPEN"):
+        events(tgt2, encode_frame(MsgType.OPEN, "v", "u", 1, 1, 1, 1))
