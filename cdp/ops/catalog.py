@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import fnmatch
 import os
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 from cdp.catalog.indexer import View
@@ -112,17 +113,38 @@ async def find(store: Store, args: dict[str, Any], progress: Progress) -> Any:
     return {"volume": vol.name, "pattern": pattern, "entries": rows}
 
 
-async def restore(store: Store, args: dict[str, Any], progress: Progress) -> Any:
-    """Write a file's bytes as of a point to ``output``: the record is re-read at that
-    point and its runlist (or resident bytes) followed — sparse runs become holes, the
-    size is exact, modification/access times are set. ``path`` is taken literally (a
-    name may hold ``:``, spaces, newlines, a leading ``-``); ``stream`` names an
-    alternate data stream. Cost: O(file size) reads."""
+@dataclass
+class FileBytes:
+    """A file (one stream) as of a point, ready to be read: what :func:`open_file`
+    found. ``pieces()`` yields ``(file offset, bytes)`` in order, each at most 4 MiB of
+    stored data (sparse runs as zeros), so a reader of any size file holds one piece."""
+
+    volume: str
+    point: str
+    seq: int
+    path: str
+    stream: str
+    size: int
+    record: int
+    mtime: int
+    atime: int
+    pieces: Callable[[], Iterator[tuple[int, bytes]]]
+
+    def result(self, output: str | None = None) -> dict[str, Any]:
+        """The ``restore`` operation's result for these bytes."""
+        return {"volume": self.volume, "at": self.point, "seq": self.seq, "path": self.path,
+                "stream": self.stream or None, "output": output, "size": self.size,
+                "record": self.record, "modified_ns": self.mtime}
+
+
+async def open_file(store: Store, args: dict[str, Any]) -> FileBytes:
+    """The bytes of ``path`` (``stream``: an alternate data stream) on ``volume`` as of
+    ``at``: the record is re-read at that point and its runlist (or resident bytes)
+    followed. ``path`` is taken literally (a name may hold ``:``, spaces, newlines, a
+    leading ``-``). NotFound for a missing file, UsageError for a directory. Cost: one
+    view and one record read; the bytes are read by ``pieces()``."""
     vol = store.volume(args.get("volume"))
     point = point_arg(args, "at")
-    out_path = args.get("output")
-    if not out_path or out_path == "-":
-        raise UsageError("restore needs an output file (-o FILE)")
     svc = service_for(vol)
     view = await svc.view(point)
     path = args["path"]
@@ -133,10 +155,16 @@ async def restore(store: Store, args: dict[str, Any], progress: Progress) -> Any
         raise NotFound(f"{path}: no such file at {point}")
     if e.is_dir:
         raise UsageError(f"{path} is a directory; restore takes files")
+    return _file_of(vol.name, point, view, reader_at(vol, view.seq), e, join(d, n), stream_name)
+
+
+def _file_of(vol_name: str, point: str, view: View, read: Callable[[int, int], bytes],
+             e: Entry, path: str, stream_name: str = "") -> FileBytes:
+    """:class:`FileBytes` of catalog entry *e* (named *path*) in *view*, read through
+    *read*."""
     part = next((p for p in view.parts if p["name"] == e.part), None)
     if part is None:
         raise NotFound(f"{path}: its file system is not on the volume at {point}")
-    read = reader_at(vol, view.seq)
     nv = NtfsVolume(read, part["offset"], part["size"])
     rec = nv.read_records([e.record]).get(e.record)
     stream: DataStream | None
@@ -150,32 +178,68 @@ async def restore(store: Store, args: dict[str, Any], progress: Progress) -> Any
     if stream is None:
         what = f"stream {stream_name!r}" if stream_name else "data"
         raise NotFound(f"{path}: no {what} at {point}")
+    if not stream.resident and (stream.compressed or stream.encrypted):
+        raise UsageError(f"{path}: compressed or encrypted streams cannot be restored yet")
+    st = stream
+
+    def pieces() -> Iterator[tuple[int, bytes]]:
+        if st.resident:
+            if st.size:
+                yield 0, bytes((st.content or b"")[: st.size])
+            return
+        yield from read_runs(nv.read, st.runs(nv.max_lcn), nv.cluster_size, st.size)
+
+    return FileBytes(vol_name, point, view.seq, path, stream_name, stream.size, e.record,
+                     e.mtime, e.atime, pieces)
+
+
+async def open_tree(store: Store, args: dict[str, Any]) -> tuple[str, list[FileBytes | Entry]]:
+    """The directory ``path`` on ``volume`` as of ``at``, for a tar stream: (its path,
+    its subtree in walk order: a :class:`FileBytes` per file whose data can be read, the
+    :class:`Entry` of each directory). Files that cannot be read (compressed, no data)
+    are left out. Cost: one walk of the subtree and one record read per file."""
+    vol = store.volume(args.get("volume"))
+    point = point_arg(args, "at")
+    view = await service_for(vol).view(point)
+    path = "/" + (args.get("path") or "/").strip("/")
+    read = reader_at(vol, view.seq)
+    out: list[FileBytes | Entry] = []
+    for e in view.walk(path):
+        if e.is_dir:
+            out.append(e)
+            continue
+        try:
+            out.append(_file_of(vol.name, point, view, read, e, e.path))
+        except (NotFound, UsageError):
+            continue
+    return path, out
+
+
+async def restore(store: Store, args: dict[str, Any], progress: Progress) -> Any:
+    """Write a file's bytes as of a point to ``output`` (:func:`open_file`): sparse runs
+    become holes, the size is exact, modification/access times are set. Cost: O(file
+    size) reads."""
+    out_path = args.get("output")
+    if not out_path or out_path == "-":
+        raise UsageError("restore needs an output file (-o FILE)")
+    f = await open_file(store, args)
     out = os.path.abspath(out_path)
     fd, tmp = open_partial(out)
     written = 0
     try:
-        set_size(fd, stream.size, out)
-        if stream.resident:
-            write_at(fd, (stream.content or b"")[: stream.size], 0, out)
-            written = stream.size
-        else:
-            if stream.compressed or stream.encrypted:
-                raise UsageError(f"{path}: compressed or encrypted streams cannot be restored yet")
-            runs = stream.runs(nv.max_lcn)
-            for off, piece in read_runs(nv.read, runs, nv.cluster_size, stream.size):
-                if piece.count(0) != len(piece):
-                    write_at(fd, piece, off, out)
-                written += len(piece)
-                progress(written, stream.size, "restore")
-        if e.mtime:
-            os.utime(tmp, ns=(e.atime or e.mtime, e.mtime))
+        set_size(fd, f.size, out)
+        for off, piece in f.pieces():
+            if piece.count(0) != len(piece):
+                write_at(fd, piece, off, out)
+            written += len(piece)
+            progress(written, f.size, "restore")
+        if f.mtime:
+            os.utime(tmp, ns=(f.atime or f.mtime, f.mtime))
     except BaseException:
         discard_partial(fd, tmp)
         raise
     commit_partial(fd, tmp, out)
-    return {"volume": vol.name, "at": point, "seq": view.seq, "path": join(d, n),
-            "stream": stream_name or None, "output": out, "size": stream.size,
-            "record": e.record, "modified_ns": e.mtime}
+    return f.result(out)
 
 
 def _classify(a: list[Entry], b: list[Entry]) -> list[dict[str, Any]]:
