@@ -115,7 +115,8 @@ async def timeline(store: Store, args: dict[str, Any], progress: Progress) -> An
         t1 = t0 + n  # an empty or inverted range: n one-ns buckets
     width = (t1 - t0) / n
     edges = [t0 + round(i * width) for i in range(n + 1)]
-    seqs = [j.seq_at_time(t) for t in edges]
+    # bucket i holds the records stamped in [edges[i], edges[i+1]); the last also edges[n]
+    seqs = [j.seq_at_time(t - 1) for t in edges[:-1]] + [j.seq_at_time(edges[-1])]
     ent = _entropy(vol)
     buckets = []
     for i in range(n):

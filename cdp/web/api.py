@@ -25,11 +25,12 @@ from cdp.web.openapi import OPENAPI
 PREFIX = "/api/v1"
 #: the largest piece written to the socket at once (zero runs are cut to it)
 WRITE_PIECE = 4 << 20
+#: the application's store (what the routes run their operations on)
+STORE_KEY = web.AppKey("store", Store)
 
 
 def _store(request: web.Request) -> Store:
-    store: Store = request.app["store"]
-    return store
+    return request.app[STORE_KEY]
 
 
 def _q(request: web.Request, name: str, *, required: bool = False) -> str | None:

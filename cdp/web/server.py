@@ -31,6 +31,7 @@ from aiohttp import web
 from cdp.config import HttpSettings
 from cdp.errors import CdpError, ExitStatus, UsageError
 from cdp.store import Store
+from cdp.web.api import STORE_KEY, add_routes
 from cdp.web.auth import ensure_token, token_ok
 
 log = logging.getLogger("cdp.web")
@@ -82,8 +83,6 @@ def _same_origin(request: web.Request) -> bool:
 
 def make_app(store: Store, token: str) -> web.Application:
     """The aiohttp application: auth + error middleware, the API, the console."""
-    from cdp.web.api import add_routes  # the routes import this module's helpers
-
     @web.middleware
     async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
         if not request.path.startswith("/api/"):
@@ -117,7 +116,7 @@ def make_app(store: Store, token: str) -> web.Application:
             return error_response(UsageError(f"bad request: {e}"))
 
     app = web.Application(middlewares=[guard], client_max_size=1 << 20)
-    app["store"] = store
+    app[STORE_KEY] = store
     add_routes(app)
     static = Path(str(resources.files("cdp.web") / "static"))
 
