@@ -8,6 +8,7 @@ implemented here). JSON in and out; the restore download streams the bytes of
 from __future__ import annotations
 
 import json
+import logging
 import tarfile
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -16,11 +17,13 @@ from urllib.parse import quote
 from aiohttp import web
 
 from cdp.catalog.model import Entry
-from cdp.errors import NotFound, UsageError
+from cdp.errors import CdpError, NotFound, UsageError
 from cdp.ops import run_op
 from cdp.ops.catalog import FileBytes, open_file, open_tree
 from cdp.store import Store
 from cdp.web.openapi import OPENAPI
+
+log = logging.getLogger("cdp.web")
 
 PREFIX = "/api/v1"
 #: the largest piece written to the socket at once (zero runs are cut to it)
@@ -181,7 +184,12 @@ async def restore(request: web.Request) -> web.StreamResponse:
     })
     resp.content_length = f.size
     await resp.prepare(request)
-    await _write_pieces(resp, f)
+    try:
+        await _write_pieces(resp, f)
+    except CdpError as e:  # the status line is sent: cut the reply short (Content-Length)
+        log.error("restore %s at %s: %s", f.path, f.point, e)
+        resp.force_close()
+        return resp
     await resp.write_eof()
     return resp
 
@@ -195,22 +203,27 @@ async def _restore_tree(request: web.Request, store: Store, args: dict[str, Any]
     resp = web.StreamResponse(headers={"Content-Type": "application/x-tar",
                                        "Content-Disposition": _disposition(top + ".tar")})
     await resp.prepare(request)
-    for it in items:
-        rel = top + "/" + it.path[len(base):].lstrip("/")
-        info = tarfile.TarInfo(rel)
-        if isinstance(it, Entry):
-            info.type = tarfile.DIRTYPE
-            info.mode = 0o755
+    try:
+        for it in items:
+            rel = top + "/" + it.path[len(base):].lstrip("/")
+            info = tarfile.TarInfo(rel)
+            if isinstance(it, Entry):
+                info.type = tarfile.DIRTYPE
+                info.mode = 0o755
+                info.mtime = (it.mtime or 0) // 10**9
+                await resp.write(info.tobuf(tarfile.PAX_FORMAT))
+                continue
+            info.size = it.size
+            info.mode = 0o644
             info.mtime = (it.mtime or 0) // 10**9
             await resp.write(info.tobuf(tarfile.PAX_FORMAT))
-            continue
-        info.size = it.size
-        info.mode = 0o644
-        info.mtime = (it.mtime or 0) // 10**9
-        await resp.write(info.tobuf(tarfile.PAX_FORMAT))
-        n = await _write_pieces(resp, it)
-        if n % tarfile.BLOCKSIZE:
-            await resp.write(bytes(tarfile.BLOCKSIZE - n % tarfile.BLOCKSIZE))
+            n = await _write_pieces(resp, it)
+            if n % tarfile.BLOCKSIZE:
+                await resp.write(bytes(tarfile.BLOCKSIZE - n % tarfile.BLOCKSIZE))
+    except CdpError as e:  # the status line is sent: cut the tar short
+        log.error("restore %s at %s (tar): %s", path, args.get("at"), e)
+        resp.force_close()
+        return resp
     await resp.write(bytes(2 * tarfile.BLOCKSIZE))
     await resp.write_eof()
     return resp
