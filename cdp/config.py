@@ -83,6 +83,22 @@ class NbdTls:
 
 
 @dataclass(frozen=True)
+class HttpSettings:
+    """``[http]``: the web console and REST API (docs/WEB.md). On by default, on
+    loopback; TLS when both ``tls_cert`` and ``tls_key`` are set."""
+
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = 9810
+    tls_cert: str = ""
+    tls_key: str = ""
+
+    @property
+    def tls(self) -> bool:
+        return bool(self.tls_cert and self.tls_key)
+
+
+@dataclass(frozen=True)
 class ChapSettings:
     user: str
     secret: str
@@ -355,6 +371,7 @@ class Settings:
     replication: ReplicationSettings = field(default_factory=ReplicationSettings)
     sentinel: SentinelSettings = field(default_factory=SentinelSettings)
     tier: TierSettings = field(default_factory=TierSettings)
+    http: HttpSettings = field(default_factory=HttpSettings)
 
     def retention_for(self, volume: str) -> RetentionSettings:
         """The volume's configured retention (its [volume.retention] or [retention])."""
@@ -370,6 +387,7 @@ class Settings:
         nbd: str | None = None,
         metrics: str | None = None,
         iscsi: str | None = None,
+        http: str | None = None,
     ) -> Settings:
         """Apply command-line / environment overrides (``--store``, ``--nbd``, ...)."""
         s = self
@@ -382,6 +400,9 @@ class Settings:
         if iscsi:
             lst = _listener(iscsi, "--iscsi", 3260, True)
             s = replace(s, iscsi=replace(s.iscsi, enabled=True, host=lst.host, port=lst.port))
+        if http:
+            lst = _listener(http, "--http", 9810, True)
+            s = replace(s, http=replace(s.http, enabled=True, host=lst.host, port=lst.port))
         return s
 
 
@@ -467,7 +488,7 @@ def _table(raw: dict[str, Any], name: str, schema: dict[str, Callable[[Any, str]
 
 
 _SECTIONS = {"store", "journal", "maps", "read", "nbd", "metrics", "iscsi", "volume", "retention",
-             "replication", "sentinel", "tier"}
+             "replication", "sentinel", "tier", "http"}
 
 
 def _iscsi(raw: Any) -> IscsiSettings:
@@ -591,7 +612,25 @@ def parse_config(data: dict[str, Any], source: str = "<config>") -> Settings:
         nbd_tls=tls,
         replication=_replication(data.get("replication", {})),
         tier=_tier(data.get("tier", {})),
+        http=_http(data.get("http", {})),
     )
+
+
+def _http(raw: Any) -> HttpSettings:
+    """``[http]``: listen, enabled, tls_cert + tls_key (both or neither, readable)."""
+    d = HttpSettings()
+    t = _table(raw, "http", {"enabled": _bool, "listen": _str, "tls_cert": _str, "tls_key": _str})
+    host, port = d.host, d.port
+    if "listen" in t:
+        lst = _listener(t["listen"], "http.listen", 9810, True)
+        host, port = lst.host, lst.port
+    cert, key = t.get("tls_cert", ""), t.get("tls_key", "")
+    if bool(cert) != bool(key):
+        raise ConfigError("http.tls_cert, http.tls_key: TLS needs both (or neither)")
+    for k, path in (("tls_cert", cert), ("tls_key", key)):
+        if path and not os.access(path, os.R_OK):
+            raise ConfigError(f"http.{k}: cannot read {path!r}")
+    return HttpSettings(t.get("enabled", d.enabled), host, port, cert, key)
 
 
 #: the keys of a listener section (``[nbd]``, ``[metrics]``)

@@ -1,16 +1,16 @@
 """cdpd: the appliance service (foreground).
 
     cdpd [--config FILE] [--store DIR] [--nbd HOST:PORT] [--iscsi HOST:PORT | --no-iscsi]
-         [--metrics HOST:PORT | --no-metrics]
+         [--metrics HOST:PORT | --no-metrics] [--http HOST:PORT | --no-http]
 
 Opens (or creates) the store and its volumes, serves NBD and iSCSI, the admin API (a unix socket in
-the store, mode 0600) and Prometheus metrics. SIGTERM/SIGINT: stop accepting, drain
+the store, mode 0600), Prometheus metrics and the web console + REST API (docs/WEB.md). SIGTERM/SIGINT: stop accepting, drain
 in-flight requests, seal the maps, sync the journal, exit 0.
 
 Design notes: a relative store path is made absolute once, against the directory cdpd was
 started from, and every message names that absolute path. Before anything is created,
 every listener's address is checked by binding it (:func:`check_listeners`), so a port in
-use fails with the option to change (``--nbd``, ``--iscsi``, ``--metrics``) and leaves no
+use fails with the option to change (``--nbd``, ``--iscsi``, ``--metrics``, ``--http``) and leaves no
 empty store behind; the real bind after the store opened reports the same way (a port
 taken in between still fails cleanly, but after the store was opened).
 
@@ -52,6 +52,7 @@ from cdp.targets.nbd.access import nbd_client_rules
 from cdp.targets.nbd.server import NbdServer, serve_nbd
 from cdp.tier.service import check_tier, start_tiers
 from cdp.volume import Volume
+from cdp.web.server import WebServer
 
 #: written once the listeners are up, removed at a clean stop
 RUNFILE = "cdpd.json"
@@ -74,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-iscsi", action="store_true", help="do not serve iSCSI")
     p.add_argument("--metrics", metavar="HOST:PORT", help="metrics listener (default 127.0.0.1:9809)")
     p.add_argument("--no-metrics", action="store_true", help="do not serve metrics")
+    p.add_argument("--http", metavar="HOST:PORT",
+                   help="web console and REST API listener (default 127.0.0.1:9810)")
+    p.add_argument("--no-http", action="store_true", help="do not serve the web console and API")
     p.add_argument("--log-level", default=os.environ.get("CDP_LOG_LEVEL", "info"))
     p.add_argument("--version", action="version", version=f"cdpd {__version__}")
     return p
@@ -88,12 +92,15 @@ def listeners(s: Settings) -> list[tuple[str, str, int]]:
         out.append(("--iscsi", s.iscsi.host, s.iscsi.port))
     if s.metrics.enabled:
         out.append(("--metrics", s.metrics.host, s.metrics.port))
+    if s.http.enabled:
+        out.append(("--http", s.http.host, s.http.port))
     return out
 
 
 def bind_error(option: str, host: str, port: int, exc: OSError) -> CdpError:
     """The error for a listener that cannot bind: names the option and the address."""
-    off = {"--iscsi": " or --no-iscsi", "--metrics": " or --no-metrics"}.get(option, "")
+    off = {"--iscsi": " or --no-iscsi", "--metrics": " or --no-metrics",
+           "--http": " or --no-http"}.get(option, "")
     return CdpError(f"cannot listen on {host}:{port} ({option}): {exc.strerror or exc}; "
                     f"choose another address with {option} HOST:PORT{off}, or stop what uses it")
 
@@ -128,6 +135,7 @@ class Daemon:
         self.nbd_port: int | None = None
         self.iscsi_port: int | None = None
         self.replication_port: int | None = None
+        self.web: WebServer | None = None
         self.started = time.time()
 
     def request_stop(self) -> None:
@@ -195,6 +203,15 @@ class Daemon:
                     metrics = None
                     raise bind_error("--metrics", s.metrics.host, s.metrics.port, e) from None
                 log.info("metrics on http://%s:%d/metrics", s.metrics.host, metrics.port)
+            if s.http.enabled:
+                web = WebServer(store, s.http)
+                try:
+                    await web.start()
+                except OSError as e:
+                    raise bind_error("--http", s.http.host, s.http.port, e) from None
+                self.web = web
+                log.info("web console on %s://%s:%d/ (`cdpctl web` prints its URL)",
+                         web.scheme, s.http.host, web.port)
             n = resume_replication(store)
             if n:
                 log.info("replication: resumed %d outgoing stream(s)", n)
@@ -220,6 +237,8 @@ class Daemon:
                 repl.close()
             if metrics is not None:
                 await metrics.close()
+            if self.web is not None:
+                await self.web.close()
             await admin.close()
             (store.path / RUNFILE).unlink(missing_ok=True)
             store.close()
@@ -236,6 +255,8 @@ class Daemon:
             "metrics": f"{s.metrics.host}:{metrics.port}" if metrics is not None else None,
             "replication": (f"{s.replication.listen.host}:{self.replication_port}"
                             if self.replication_port is not None else None),
+            "http": (f"{self.web.scheme}://{s.http.host}:{self.web.port}"
+                     if self.web is not None else None),
             "admin_socket": str(store.socket_path),
             "started": self.started,
         }
@@ -292,9 +313,12 @@ def main(argv: list[str] | None = None) -> int:
             nbd=args.nbd,
             metrics=args.metrics,
             iscsi=args.iscsi,
+            http=args.http,
         )
         if args.no_metrics:
             settings = replace(settings, metrics=replace(settings.metrics, enabled=False))
+        if args.no_http:
+            settings = replace(settings, http=replace(settings.http, enabled=False))
         if args.no_iscsi:
             settings = replace(settings, iscsi=replace(settings.iscsi, enabled=False))
         # resolved once, against the directory cdpd was started from

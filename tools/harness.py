@@ -43,7 +43,8 @@ size = "{size}"
 
 
 class Cdpd:
-    """A cdpd process on ``store`` with NBD and metrics on ephemeral loopback ports."""
+    """A cdpd process on ``store`` with NBD, iSCSI, metrics and HTTP on ephemeral
+    loopback ports."""
 
     def __init__(
         self,
@@ -70,6 +71,7 @@ class Cdpd:
         self.nbd_port = 0
         self.metrics_port = 0
         self.iscsi_port = 0
+        self.http_url = ""  # http://127.0.0.1:PORT (the web console and API)
 
     def start(self, timeout: float = 30.0) -> Cdpd:
         runfile = self.store / "cdpd.json"
@@ -77,7 +79,8 @@ class Cdpd:
         with open(self.log, "ab") as logf:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "cdp.daemon", "--config", str(self.config),
-                 "--nbd", "127.0.0.1:0", "--iscsi", "127.0.0.1:0", "--metrics", "127.0.0.1:0"],
+                 "--nbd", "127.0.0.1:0", "--iscsi", "127.0.0.1:0", "--metrics", "127.0.0.1:0",
+                 "--http", "127.0.0.1:0"],
                 stdout=logf, stderr=subprocess.STDOUT, cwd=self.tmp,
             )
         deadline = time.monotonic() + timeout
@@ -90,6 +93,7 @@ class Cdpd:
                     self.nbd_port = int(info["nbd"].rsplit(":", 1)[1])
                     self.metrics_port = int(info["metrics"].rsplit(":", 1)[1])
                     self.iscsi_port = int(info["iscsi"].rsplit(":", 1)[1])
+                    self.http_url = info.get("http") or ""
                     return self
             except (FileNotFoundError, ValueError, KeyError):
                 pass

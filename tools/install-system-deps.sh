@@ -19,6 +19,8 @@ declare -A PKG=(
   # alone; no ceph-mgr: S3 does not need it)
   [ceph-mon]=ceph-mon [monmaptool]=ceph-mon [ceph-osd]=ceph-osd [radosgw]=radosgw
   [ceph]=ceph-common [radosgw-admin]=ceph-common [uuidgen]=uuid-runtime
+  # the web console's real-browser test (selenium drives headless chromium)
+  [chromium]=chromium [chromedriver]=chromium-driver
 )
 # qemu-block-extra has no binary of its own (it adds iscsi:// to qemu): check the file
 EXTRA_FILES=(/usr/lib/x86_64-linux-gnu/qemu/block-iscsi.so)

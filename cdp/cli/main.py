@@ -34,12 +34,13 @@ from cdp.cli import (
     verify,
     versions,
     volume,
+    web,
 )
 from cdp.cli.common import Context
 from cdp.errors import EXIT_CODES, CdpError
 
 COMMANDS = (volume, status, snapshot, rewind, pause, image, verify, files, versions, find, restore, diff,
-            changed, export, apply, retention, gc, replicate, alerts, tier, store)
+            changed, export, apply, retention, gc, replicate, alerts, tier, store, web)
 
 
 def build_parser() -> argparse.ArgumentParser:

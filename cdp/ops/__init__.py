@@ -16,18 +16,19 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from cdp.errors import UsageError
-from cdp.ops import backup, catalog, replication, retention, sentinel, tier, volumes
+from cdp.ops import backup, catalog, replication, retention, sentinel, tier, timeline, volumes
 from cdp.progress import Progress, no_progress
 from cdp.store import Store
 
 OpFn = Callable[[Store, dict[str, Any], Progress], Awaitable[Any]]
 
 OPS: dict[str, OpFn] = {**catalog.OPS, **backup.OPS, **retention.OPS, **sentinel.OPS,
-                        **volumes.OPS, **replication.OPS, **tier.OPS}
+                        **volumes.OPS, **replication.OPS, **tier.OPS,
+                        **timeline.OPS}
 
 #: operations cdpctl may run on a stopped store (they only read)
 OFFLINE_OPS = {*volumes.OFFLINE, *catalog.OPS, *backup.OFFLINE, *retention.OFFLINE,
-               *sentinel.OFFLINE, *tier.OFFLINE}
+               *sentinel.OFFLINE, *tier.OFFLINE, *timeline.OFFLINE}
 
 
 async def run_op(store: Store, op: str, args: dict[str, Any], progress: Progress | None = None) -> Any:

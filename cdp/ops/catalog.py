@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import fnmatch
 import os
-from collections.abc import Awaitable, Callable
-from typing import Any
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 from cdp.catalog.indexer import View
 from cdp.catalog.model import Entry, join, split
@@ -142,24 +143,49 @@ async def find(store: Store, args: dict[str, Any], progress: Progress) -> Any:
     return {"volume": vol.name, "pattern": exact(pattern), "entries": rows}
 
 
-async def restore(store: Store, args: dict[str, Any], progress: Progress) -> Any:
-    """Write a file's bytes as of a point to ``output``: the record is re-read at that
-    point and its runlist (or resident bytes) followed — sparse runs become holes, the
-    size is exact, modification/access times are set. ``path`` is taken literally (a
-    name may hold ``:``, spaces, newlines, a leading ``-``); ``stream`` names an
-    alternate data stream. Cost: O(file size) reads.
+class Pieces(Protocol):
+    """``FileBytes.pieces``: see :class:`FileBytes`."""
 
-    ``on_error`` for data that fails its checksum: ``stop`` (default) ends at once;
-    ``zero`` writes zeros for each damaged piece (to the 4 KiB granule) and goes on;
-    ``skip-file`` reads on to find every damaged piece, then leaves the file unwritten
-    (``skipped``). ``damaged`` lists the ranges (file offsets, and volume offsets as
-    ``source_offset``)."""
+    def __call__(self, on_error: str = "stop",
+                 damage: DamageMap | None = None) -> Iterator[tuple[int, bytes]]: ...
+
+
+@dataclass
+class FileBytes:
+    """A file (one stream) as of a point, ready to be read: what :func:`open_file`
+    found. ``pieces(on_error, damage)`` yields ``(file offset, bytes)`` in order, each at
+    most 4 MiB of stored data (sparse runs as zeros), so a reader of any size file holds
+    one piece. With ``on_error="stop"`` data failing its checksum raises
+    :class:`~cdp.errors.Corruption`; otherwise each damaged piece (to the 4 KiB granule)
+    reads as zeros and is added to *damage* (file offsets; volume offsets as
+    ``source_offset``). ``path`` and ``stream`` are exact names."""
+
+    volume: str
+    point: str
+    seq: int
+    path: str
+    stream: str
+    size: int
+    record: int
+    mtime: int
+    atime: int
+    pieces: Pieces
+
+    def result(self, output: str | None = None) -> dict[str, Any]:
+        """The ``restore`` operation's result for these bytes."""
+        return {"volume": self.volume, "at": self.point, "seq": self.seq, "path": self.path,
+                "stream": self.stream or None, "output": output, "size": self.size,
+                "record": self.record, "modified_ns": self.mtime}
+
+
+async def open_file(store: Store, args: dict[str, Any]) -> FileBytes:
+    """The bytes of ``path`` (``stream``: an alternate data stream) on ``volume`` as of
+    ``at``: the record is re-read at that point and its runlist (or resident bytes)
+    followed. ``path`` is taken literally (a name may hold ``:``, spaces, newlines, a
+    leading ``-``). NotFound for a missing file, UsageError for a directory. Cost: one
+    view and one record read; the bytes are read by ``pieces()``."""
     vol = store.volume(args.get("volume"))
     point = point_arg(args, "at")
-    on_error = on_error_arg(args, ON_ERROR)
-    out_path = args.get("output")
-    if not out_path or out_path == "-":
-        raise UsageError("restore needs an output file (-o FILE)")
     svc = service_for(vol)
     view = await svc.view(point)
     path = args["path"]  # exact, for messages
@@ -170,16 +196,18 @@ async def restore(store: Store, args: dict[str, Any], progress: Progress) -> Any
         raise NotFound(f"{shown(path)}: no such file at {point}")
     if e.is_dir:
         raise UsageError(f"{shown(path)} is a directory; restore takes files")
+    return _file_of(vol.name, point, view, reader_at(vol, view.seq), e, join(d, n), stream_name)
+
+
+def _file_of(vol_name: str, point: str, view: View, read: Callable[[int, int], bytes],
+             e: Entry, path: str, stream_name: str = "") -> FileBytes:
+    """:class:`FileBytes` of catalog entry *e* (named *path*, stored form) in *view*,
+    read through *read*."""
+    shown_path = shown(exact(path))
     part = next((p for p in view.parts if p["name"] == e.part), None)
     if part is None:
-        raise NotFound(f"{path}: its file system is not on the volume at {point}")
-    read = reader_at(vol, view.seq)
+        raise NotFound(f"{shown_path}: its file system is not on the volume at {point}")
     nv = NtfsVolume(read, part["offset"], part["size"])
-    damage = DamageMap()
-    pending = DamageMap()  # of the current piece, offsets relative to it
-
-    def salvaging(offset: int, length: int) -> bytes:
-        return salvage_read(read, offset, length, 0, pending)
     rec = nv.read_records([e.record]).get(e.record)
     stream: DataStream | None
     if rec is not None and rec.in_use and not rec.damaged and rec.sequence == e.seq:
@@ -191,31 +219,86 @@ async def restore(store: Store, args: dict[str, Any], progress: Progress) -> Any
         stream = None
     if stream is None:
         what = f"stream {exact(stream_name)!r}" if stream_name else "data"
-        raise NotFound(f"{path}: no {what} at {point}")
+        raise NotFound(f"{shown_path}: no {what} at {point}")
+    if not stream.resident and (stream.compressed or stream.encrypted):
+        raise UsageError(f"{shown_path}: compressed or encrypted streams cannot be restored yet")
+    st = stream
+    base = part["offset"]
+
+    def pieces(on_error: str = "stop", damage: DamageMap | None = None) -> Iterator[tuple[int, bytes]]:
+        if st.resident:
+            if st.size:
+                yield 0, bytes((st.content or b"")[: st.size])
+            return
+        runs = st.runs(nv.max_lcn)
+        if on_error == "stop" or damage is None:
+            yield from read_runs(nv.read, runs, nv.cluster_size, st.size)
+            return
+        pending = DamageMap()  # of the current piece, offsets relative to it
+
+        def salvaging(offset: int, length: int) -> bytes:
+            return salvage_read(read, offset, length, 0, pending)
+
+        for off, piece in read_runs(salvaging, runs, nv.cluster_size, st.size, base=base):
+            for r in pending.ranges:
+                damage.add(off + r["offset"], r["length"], r["source_offset"], r["reason"])
+            pending.ranges.clear()
+            yield off, piece
+
+    return FileBytes(vol_name, point, view.seq, exact(path), exact(stream_name), stream.size,
+                     e.record, e.mtime, e.atime, pieces)
+
+
+async def open_tree(store: Store, args: dict[str, Any]) -> tuple[str, list[FileBytes | Entry]]:
+    """The directory ``path`` on ``volume`` as of ``at``, for a tar stream: (its path,
+    its subtree in walk order: a :class:`FileBytes` per file whose data can be read, the
+    :class:`Entry` of each directory). Files that cannot be read (compressed, no data)
+    are left out. Cost: one walk of the subtree and one record read per file."""
+    vol = store.volume(args.get("volume"))
+    point = point_arg(args, "at")
+    view = await service_for(vol).view(point)
+    path = "/" + stored(args.get("path") or "/").strip("/")
+    read = reader_at(vol, view.seq)
+    out: list[FileBytes | Entry] = []
+    for e in view.walk(path):
+        if e.is_dir:
+            out.append(e)
+            continue
+        try:
+            out.append(_file_of(vol.name, point, view, read, e, e.path))
+        except (NotFound, UsageError):
+            continue
+    return exact(path), out
+
+
+async def restore(store: Store, args: dict[str, Any], progress: Progress) -> Any:
+    """Write a file's bytes as of a point to ``output`` (:func:`open_file`): sparse runs
+    become holes, the size is exact, modification/access times are set. Cost: O(file
+    size) reads.
+
+    ``on_error`` for data that fails its checksum: ``stop`` (default) ends at once;
+    ``zero`` writes zeros for each damaged piece (to the 4 KiB granule) and goes on;
+    ``skip-file`` reads on to find every damaged piece, then leaves the file unwritten
+    (``skipped``). ``damaged`` lists the ranges (file offsets, and volume offsets as
+    ``source_offset``)."""
+    on_error = on_error_arg(args, ON_ERROR)
+    out_path = args.get("output")
+    if not out_path or out_path == "-":
+        raise UsageError("restore needs an output file (-o FILE)")
+    f = await open_file(store, args)
+    damage = DamageMap()
     out = os.path.abspath(out_path)
     fd, tmp = open_partial(out)
     written = 0
     try:
-        set_size(fd, stream.size, out)
-        if stream.resident:
-            write_at(fd, (stream.content or b"")[: stream.size], 0, out)
-            written = stream.size
-        else:
-            if stream.compressed or stream.encrypted:
-                raise UsageError(f"{path}: compressed or encrypted streams cannot be restored yet")
-            runs = stream.runs(nv.max_lcn)
-            pieces = (read_runs(nv.read, runs, nv.cluster_size, stream.size) if on_error == "stop"
-                      else read_runs(salvaging, runs, nv.cluster_size, stream.size, base=part["offset"]))
-            for off, piece in pieces:
-                for r in pending.ranges:
-                    damage.add(off + r["offset"], r["length"], r["source_offset"], r["reason"])
-                pending.ranges.clear()
-                if piece.count(0) != len(piece):
-                    write_at(fd, piece, off, out)
-                written += len(piece)
-                progress(written, stream.size, "restore")
-        if e.mtime:
-            os.utime(tmp, ns=(e.atime or e.mtime, e.mtime))
+        set_size(fd, f.size, out)
+        for off, piece in f.pieces(on_error, damage):
+            if piece.count(0) != len(piece):
+                write_at(fd, piece, off, out)
+            written += len(piece)
+            progress(written, f.size, "restore")
+        if f.mtime:
+            os.utime(tmp, ns=(f.atime or f.mtime, f.mtime))
     except BaseException:
         discard_partial(fd, tmp)
         raise
@@ -224,10 +307,8 @@ async def restore(store: Store, args: dict[str, Any], progress: Progress) -> Any
         discard_partial(fd, tmp)
     else:
         commit_partial(fd, tmp, out)
-    return {"volume": vol.name, "at": point, "seq": view.seq, "path": exact(join(d, n)),
-            "stream": exact(stream_name) or None, "output": out, "size": stream.size,
-            "record": e.record, "modified_ns": e.mtime, "on_error": on_error,
-            "skipped": skipped, "damaged": damage.ranges, "damaged_bytes": damage.bytes}
+    return {**f.result(out), "on_error": on_error, "skipped": skipped,
+            "damaged": damage.ranges, "damaged_bytes": damage.bytes}
 
 
 def _classify(a: list[Entry], b: list[Entry]) -> list[dict[str, Any]]:

@@ -20,12 +20,13 @@ def _cdpd(cwd: Path, *args: str, timeout: float = 60) -> subprocess.CompletedPro
                           text=True, cwd=cwd, timeout=timeout)
 
 
-@pytest.mark.parametrize("option", ["--nbd", "--iscsi", "--metrics"])
+@pytest.mark.parametrize("option", ["--nbd", "--iscsi", "--metrics", "--http"])
 def test_port_in_use_names_the_option_and_creates_nothing(tmp_path: Path, option: str) -> None:
     busy = socket.create_server(("127.0.0.1", 0))
     try:
         addr = f"127.0.0.1:{busy.getsockname()[1]}"
-        ports = {"--nbd": "127.0.0.1:0", "--iscsi": "127.0.0.1:0", "--metrics": "127.0.0.1:0"}
+        ports = {"--nbd": "127.0.0.1:0", "--iscsi": "127.0.0.1:0", "--metrics": "127.0.0.1:0",
+                 "--http": "127.0.0.1:0"}
         ports[option] = addr
         args = [a for o, v in ports.items() for a in (o, v)]
         conf = tmp_path / "conf"
@@ -48,7 +49,7 @@ def test_relative_store_is_resolved_once_and_named_absolute(tmp_path: Path) -> N
     work.mkdir()
     p = subprocess.Popen([sys.executable, "-m", "cdp.daemon", "--config", str(d.config),
                           "--store", "mystore", "--nbd", "127.0.0.1:0", "--iscsi", "127.0.0.1:0",
-                          "--metrics", "127.0.0.1:0"],
+                          "--metrics", "127.0.0.1:0", "--http", "127.0.0.1:0"],
                          cwd=work, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + 60
