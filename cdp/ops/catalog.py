@@ -1,6 +1,7 @@
 """The catalog's cdpctl operations (same signature as every operation; registered in :mod:`cdp.ops`): ``files``,
-``file_versions``, ``find``, ``restore``, ``files_diff``. All only read the volume, so
-they also run offline on a stopped store."""
+``file_versions``, ``find``, ``restore``, ``files_diff``, ``file_systems``. All only read
+the volume, so they also run offline on a stopped store. NTFS and ext2/3/4 alike; only
+``restore`` reads the file system itself (per the partition's ``fs``)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ from typing import Any
 from cdp.catalog.indexer import View
 from cdp.catalog.model import Entry, join, split
 from cdp.catalog.service import reader_at, service_for
-from cdp.errors import NotFound, UsageError
+from cdp.errors import Corruption, NotFound, UsageError
+from cdp.ext4.fs import Ext4
 from cdp.ntfs.attribute import DataStream
 from cdp.ntfs.mft import NtfsVolume
 from cdp.ntfs.runlist import read_runs
@@ -26,7 +28,8 @@ def _header(vol_name: str, point: str, view: View) -> dict[str, Any]:
     return {
         "volume": vol_name, "at": point, "seq": view.seq,
         "version": view.version, "from_catalog": view.computed is None,
-        "ntfs": len(view.parts), "note": view.note,
+        "ntfs": sum(1 for p in view.parts if p.get("fs", "ntfs") == "ntfs"),
+        "fs": [p.get("fs", "ntfs") for p in view.parts], "note": view.note,
     }
 
 
@@ -137,6 +140,10 @@ async def restore(store: Store, args: dict[str, Any], progress: Progress) -> Any
     if part is None:
         raise NotFound(f"{path}: its file system is not on the volume at {point}")
     read = reader_at(vol, view.seq)
+    if part.get("fs", "ntfs") != "ntfs":
+        if stream_name:
+            raise UsageError(f"{path}: ext file systems have no alternate data streams")
+        return _restore_ext(vol.name, point, view.seq, read, part, e, join(d, n), out_path, progress)
     nv = NtfsVolume(read, part["offset"], part["size"])
     rec = nv.read_records([e.record]).get(e.record)
     stream: DataStream | None
@@ -176,6 +183,65 @@ async def restore(store: Store, args: dict[str, Any], progress: Progress) -> Any
     return {"volume": vol.name, "at": point, "seq": view.seq, "path": join(d, n),
             "stream": stream_name or None, "output": out, "size": stream.size,
             "record": e.record, "modified_ns": e.mtime}
+
+
+def _restore_ext(vol_name: str, point: str, seq: int, read: Callable[[int, int], bytes],
+                 part: dict[str, Any], e: Entry, path: str, out_path: str,
+                 progress: Progress) -> dict[str, Any]:
+    """Restore from ext2/3/4: re-read inode ``e.record`` at the point (its generation
+    must be the catalogued one) and follow its extents or block map; holes and
+    uninitialised extents stay holes; inline data and symlink targets come from the
+    inode. Cost: one read per run (1 MiB at most a read)."""
+    fs = Ext4(read, part["offset"], part["size"])
+    ino = fs.read_inodes([e.record]).get(e.record)
+    if ino is None or ino.damaged or not ino.in_use or ino.generation != e.seq:
+        why = ino.damaged if ino is not None and ino.damaged else "not the catalogued file"
+        raise NotFound(f"{path}: inode {e.record} at {point}: {why}")
+    out = os.path.abspath(out_path)
+    fd, tmp = open_partial(out)
+    try:
+        set_size(fd, ino.size, out)
+        if ino.has_inline_data or ino.is_symlink or not (ino.is_reg or ino.is_dir):
+            write_at(fd, fs.read_file(ino), 0, out)
+        else:
+            step = 1 << 20
+            done = 0
+            for r in fs.file_runs(ino):
+                if r.uninit:
+                    continue
+                for o in range(0, r.length, step):
+                    n = min(step, r.length - o)
+                    piece = fs.read(r.vol_off - fs.base + o, n)
+                    if piece.count(0) != n:
+                        write_at(fd, piece, r.file_off + o, out)
+                    done += n
+                    progress(done, ino.size, "restore")
+        if e.mtime:
+            os.utime(tmp, ns=(e.atime or e.mtime, e.mtime))
+    except Corruption as err:
+        discard_partial(fd, tmp)
+        raise NotFound(f"{path}: inode {e.record} at {point} is damaged: {err}") from None
+    except BaseException:
+        discard_partial(fd, tmp)
+        raise
+    commit_partial(fd, tmp, out)
+    return {"volume": vol_name, "at": point, "seq": seq, "path": path, "stream": None,
+            "output": out, "size": ino.size, "record": e.record, "modified_ns": e.mtime}
+
+
+async def file_systems(store: Store, args: dict[str, Any], progress: Progress) -> Any:
+    """The file systems each volume held at its newest catalogued marker (what
+    ``cdpctl status`` shows): ``[{"volume", "marker", "fs": [{"name", "fs"}]}]``.
+    Cost: one catalog query per volume."""
+    names = args.get("volumes") or sorted(store.volumes)
+    out: list[dict[str, Any]] = []
+    for name in names:
+        vol = store.volume(name)
+        last = service_for(vol).catalog.last_version()
+        out.append({"volume": vol.name, "marker": f"marker{last.version}" if last else None,
+                    "fs": [{"name": p["name"], "fs": p.get("fs", "ntfs")} for p in last.parts]
+                    if last else []})
+    return out
 
 
 def _classify(a: list[Entry], b: list[Entry]) -> list[dict[str, Any]]:
@@ -234,6 +300,7 @@ OPS: dict[str, Callable[[Store, dict[str, Any], Progress], Awaitable[Any]]] = {
     "find": find,
     "restore": restore,
     "files_diff": files_diff,
+    "file_systems": file_systems,
 }
 #: all of them only read the store
 OFFLINE_OPS = frozenset(OPS)
