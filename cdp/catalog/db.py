@@ -238,12 +238,13 @@ class Catalog:
         ).fetchone()
         return None if r is None else (r[0], r[1], r[2])
 
-    def dirs(self, part: str, version: int) -> list[Entry]:
-        """Every directory entry of *part* visible at *version* (whole rows: an ext4
-        directory's ``location`` holds its block ranges). Cost: one range of
+    def dirs(self, part: str, version: int) -> Iterator[Entry]:
+        """Every directory entry of *part* visible at *version*, lazily (whole rows: an
+        ext directory's ``location`` holds its block ranges). Cost: one range of
         ``entries_dirs`` over the part's directories of all versions."""
         q = f"{_SEL} WHERE part = ? AND is_dir = 1 AND {_VIS}"
-        return [Entry.from_row(r) for r in self.reader.execute(q, (part, version, version))]
+        for r in self.reader.execute(q, (part, version, version)):
+            yield Entry.from_row(r)
 
     def children(self, part: str, directory: str, version: int) -> list[Entry]:
         """Entries of *part* directly in *directory* at *version* (whole rows). Cost:

@@ -270,12 +270,14 @@ class Ext4Indexer:
         self.changed_records += len(changed)
         cur = fs.read_inodes(changed | {EXT4_ROOT_INO})
         yield None
-        known = catalog.dirs(part.name, base.version)
         dir_path: dict[int, str] = {EXT4_ROOT_INO: self.prefix or "/"}
-        for e in known:
+        todo: set[int] = set()
+        for i, e in enumerate(catalog.dirs(part.name, base.version), 1):
             dir_path.setdefault(e.record, e.path)
-        todo: set[int] = {e.record for e in known
-                          if overlaps(unpack_ranges(e.location), starts, ranges)}
+            if overlaps(unpack_ranges(e.location), starts, ranges):
+                todo.add(e.record)
+            if i % (8 * self.chunk) == 0:
+                yield None
         root = cur[EXT4_ROOT_INO]
         if root.in_use and root.is_dir and not root.damaged:
             try:
