@@ -307,8 +307,7 @@ class Ext4Indexer:
                 named.setdefault(n, []).append((d, name))
         for d in relisted:  # names added or removed: (name, inode) not in both listings
             p = dir_path.get(d)
-            was = ({(e.name, e.record) for e in catalog.children(part.name, p, base.version)}
-                   if p is not None else set())
+            was = catalog.names_in(part.name, p, base.version) if p is not None else set()
             affected |= {n for _name, n in was.symmetric_difference(listing[d])}
         affected.discard(EXT4_ROOT_INO)
         rest = affected - cur.keys()

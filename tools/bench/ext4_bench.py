@@ -184,17 +184,22 @@ def _catalog_rows(img: Path, img2: Path, ranges: list[tuple[int, int]], size: in
                      full_s / max(diff_s, 1e-9), "-", None))
     cat.close()
     cat = Catalog(work / "catalog.sqlite", readonly=True)  # as cdpctl reads it offline
-    times = []
+    times, cpu = [], []
     n = 0
     for _ in range(9):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         n = len(cat.list_dir("/big/d0000", 2))
         times.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
     best, med = min(times) * 1000, sorted(times)[len(times) // 2] * 1000
     rows.append(_row(f"catalog ext4 listing {n} entries (best)", best, None, "-", "ms", None,
                      "< 50 ms", best < 50))
     rows.append(_row(f"catalog ext4 listing {n} entries (median)", med, None, "-", "ms", None,
                      "< 50 ms", med < 50))
+    # CPU time of this process: what an idle core would take (the wall clock waits for
+    # the CPU on a loaded machine)
+    rows.append(_row(f"catalog ext4 listing {n} entries (CPU, best)", min(cpu) * 1000, None, "-",
+                     "ms", None, "< 50 ms", min(cpu) * 1000 < 50))
     cat.close()
     return rows
 
