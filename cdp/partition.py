@@ -10,7 +10,7 @@ reads (one per table entry and per probe, and a 16 KiB read for GPT).
 from __future__ import annotations
 
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import NamedTuple
 
 Reader = Callable[[int, int], bytes]
@@ -64,6 +64,22 @@ def find_filesystems(read: Reader, size: int, probe: Probe) -> list[Partition]:
             continue
         _check(read, size, f"p{i + 1}", lba * 512, count * 512, probe, out)
     return out
+
+
+def find_kinds(read: Reader, size: int, probes: Mapping[str, Probe]) -> list[tuple[str, Partition]]:
+    """Every file system one of *probes* (by kind: ``{"ntfs": probe, "ext": probe}``)
+    recognises, as ``(kind, partition)`` in table order; the first probe that answers
+    names the kind. Cost: as :func:`find_filesystems`, times the probes asked."""
+    kinds: dict[int, str] = {}
+
+    def probe(r: Reader, offset: int, length: int) -> bool:
+        for kind, p in probes.items():
+            if p(r, offset, length):
+                kinds[offset] = kind
+                return True
+        return False
+
+    return [(kinds[p.offset], p) for p in find_filesystems(read, size, probe)]
 
 
 def _check(read: Reader, size: int, name: str, off: int, length: int, probe: Probe,

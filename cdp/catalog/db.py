@@ -41,10 +41,12 @@ from cdp.errors import Corruption
 
 log = logging.getLogger("cdp.catalog")
 
-#: catalog schema version stored in meta("format"); bump on a schema change.
-#: 1: first version; 2: adds the ``entries_lname`` index (find by name). A format 1
-#: catalog is migrated in place when opened for writing.
-CATALOG_FORMAT = 2
+#: catalog schema version stored in meta("format"); bump on a schema change; never reuse
+#: a number. 1: first version; 2: adds the ``entries_lname`` index (find by name); 3:
+#: the file-system kind (``versions.fs``, ``"fs"`` in each ``parts`` object) and the
+#: ``entries_dirs`` index (ext4 diffs find the known directories). Formats 1 and 2 are
+#: migrated in place when opened for writing (:func:`_migrate`).
+CATALOG_FORMAT = 3
 CATALOG_FILE = "catalog.sqlite"
 
 SCHEMA = """
@@ -57,7 +59,8 @@ CREATE TABLE IF NOT EXISTS versions (
     ntfs INTEGER NOT NULL,         -- NTFS file systems found
     parts TEXT NOT NULL,           -- JSON: one object per file system (see FORMATS)
     stats TEXT NOT NULL,           -- JSON: records, added, modified, deleted, touched, ...
-    note TEXT NOT NULL DEFAULT ''
+    note TEXT NOT NULL DEFAULT '',
+    fs TEXT NOT NULL DEFAULT ''    -- format 3: the kinds found, in parts order ("ntfs,ext4")
 );
 CREATE TABLE IF NOT EXISTS entries (
     id INTEGER PRIMARY KEY,
@@ -75,6 +78,7 @@ CREATE INDEX IF NOT EXISTS entries_record ON entries (part, record, start);
 CREATE INDEX IF NOT EXISTS entries_start ON entries (start);
 CREATE INDEX IF NOT EXISTS entries_end ON entries ("end") WHERE "end" > 0;
 CREATE INDEX IF NOT EXISTS entries_lname ON entries (lower(name));
+CREATE INDEX IF NOT EXISTS entries_dirs ON entries (part, record) WHERE is_dir = 1;
 CREATE TABLE IF NOT EXISTS damaged (
     version INTEGER NOT NULL, part TEXT NOT NULL, record INTEGER NOT NULL, reason TEXT NOT NULL
 );
@@ -105,10 +109,12 @@ class Version:
     parts: list[dict[str, Any]]
     stats: dict[str, Any]
     note: str
+    fs: str = ""  # the file-system kinds found, in parts order ("ntfs", "ext4,ntfs"...)
 
     def to_dict(self) -> dict[str, Any]:
         return {"version": self.version, "marker": f"marker{self.version}", "seq": self.seq,
                 "time_ns": self.time_ns, "kind": self.kind, "ntfs": self.ntfs,
+                "fs": self.fs.split(",") if self.fs else [],
                 "parts": self.parts, "stats": self.stats, "note": self.note}
 
 
@@ -133,17 +139,18 @@ class Catalog:
             fmt = w.execute("SELECT value FROM meta WHERE key = 'format'").fetchone()
             if fmt is None:
                 w.execute("INSERT INTO meta VALUES ('format', ?)", (str(CATALOG_FORMAT),))
-            elif int(fmt[0]) == 1:
-                # the schema script above already created the format 2 index
-                w.execute("UPDATE meta SET value = ? WHERE key = 'format'", (str(CATALOG_FORMAT),))
-                log.info("%s: catalog format 1 migrated to %d (name index added)", path, CATALOG_FORMAT)
+            elif int(fmt[0]) in (1, 2):
+                _migrate(w, path, int(fmt[0]))
             elif int(fmt[0]) != CATALOG_FORMAT:
                 raise Corruption(f"{path}: unsupported catalog format {fmt[0]}")
         try:
             self.reader = _connect(path, readonly)
             self.reader.execute("SELECT 1 FROM versions LIMIT 1")
+            cols = {r[1] for r in self.reader.execute("PRAGMA table_info(versions)")}
         except sqlite3.Error as e:
             raise Corruption(f"{path}: cannot read the catalog: {e}") from None
+        # a format 1/2 catalog read offline (not migrated): every file system was NTFS
+        self._fs_col = "fs" if "fs" in cols else "''"
 
     @property
     def writer(self) -> sqlite3.Connection:
@@ -183,9 +190,18 @@ class Catalog:
     def versions(self) -> list[Version]:
         """Every catalogued marker, oldest first. Cost: O(versions)."""
         rows = self.reader.execute(
-            "SELECT version, seq, time_ns, kind, ntfs, parts, stats, note FROM versions ORDER BY version"
-        ).fetchall()
-        return [Version(r[0], r[1], r[2], r[3], r[4], json.loads(r[5]), json.loads(r[6]), r[7]) for r in rows]
+            f"SELECT version, seq, time_ns, kind, ntfs, parts, stats, note, {self._fs_col}"
+            " FROM versions ORDER BY version").fetchall()
+        out = []
+        for r in rows:
+            parts = json.loads(r[5])
+            fs = r[8]
+            if self._fs_col != "fs":
+                for p in parts:
+                    p.setdefault("fs", "ntfs")
+                fs = ",".join(p["fs"] for p in parts)
+            out.append(Version(r[0], r[1], r[2], r[3], r[4], parts, json.loads(r[6]), r[7], fs))
+        return out
 
     def last_version(self) -> Version | None:
         v = self.versions()
@@ -221,6 +237,21 @@ class Catalog:
             (part, record, version, version),
         ).fetchone()
         return None if r is None else (r[0], r[1], r[2])
+
+    def dirs(self, part: str, version: int) -> Iterator[Entry]:
+        """Every directory entry of *part* visible at *version*, lazily (whole rows: an
+        ext directory's ``location`` holds its block ranges). Cost: one range of
+        ``entries_dirs`` over the part's directories of all versions."""
+        q = f"{_SEL} WHERE part = ? AND is_dir = 1 AND {_VIS}"
+        for r in self.reader.execute(q, (part, version, version)):
+            yield Entry.from_row(r)
+
+    def names_in(self, part: str, directory: str, version: int) -> set[tuple[str, int]]:
+        """``(name, record)`` of the entries of *part* directly in *directory* at
+        *version*. Cost: one range scan of ``entries_key``, as :meth:`list_dir`, two
+        columns a row."""
+        q = f"SELECT name, record FROM entries WHERE dir = ? AND part = ? AND {_VIS}"
+        return set(self.reader.execute(q, (directory, part, version, version)))
 
     def list_dir(self, directory: str, version: int) -> list[Entry]:
         """Entries directly in *directory* at *version*, by name (listing columns only:
@@ -355,9 +386,37 @@ class Catalog:
             w.executemany("INSERT INTO damaged VALUES (?, ?, ?, ?)",
                           [(version, p.part, r, why) for r, why in p.damaged])
         stats.update(extra or {})
-        w.execute("INSERT OR REPLACE INTO versions VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                  (version, seq, time_ns, kind, len(parts), json.dumps(parts), json.dumps(stats), note))
+        kinds = [str(p.get("fs", "ntfs")) for p in parts]
+        w.execute("INSERT OR REPLACE INTO versions (version, seq, time_ns, kind, ntfs, parts, stats,"
+                  " note, fs) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                  (version, seq, time_ns, kind, kinds.count("ntfs"), json.dumps(parts),
+                   json.dumps(stats), note, ",".join(kinds)))
         w.execute("COMMIT")
+
+
+def _migrate(w: sqlite3.Connection, path: Path, old: int) -> None:
+    """Upgrade a format 1 or 2 catalog to :data:`CATALOG_FORMAT` in one transaction:
+    the schema script (run before) already built the indexes of formats 2 and 3; add
+    ``versions.fs`` and give every file system of the old versions its kind (NTFS, the
+    only one those formats knew). Cost: O(versions)."""
+    w.execute("BEGIN IMMEDIATE")
+    try:
+        cols = {r[1] for r in w.execute("PRAGMA table_info(versions)")}
+        if "fs" not in cols:
+            w.execute("ALTER TABLE versions ADD COLUMN fs TEXT NOT NULL DEFAULT ''")
+        rows = w.execute("SELECT version, parts FROM versions").fetchall()
+        for version, parts_json in rows:
+            parts = json.loads(parts_json)
+            for p in parts:
+                p.setdefault("fs", "ntfs")
+            w.execute("UPDATE versions SET parts = ?, fs = ? WHERE version = ?",
+                      (json.dumps(parts), ",".join(p["fs"] for p in parts), version))
+        w.execute("UPDATE meta SET value = ? WHERE key = 'format'", (str(CATALOG_FORMAT),))
+        w.execute("COMMIT")
+    except BaseException:
+        w.execute("ROLLBACK")
+        raise
+    log.info("%s: catalog format %d migrated to %d (file-system kind added)", path, old, CATALOG_FORMAT)
 
 
 def glob_prefix(pattern: str) -> str:

@@ -20,6 +20,11 @@ Design notes
   full collection would walk them all — 100-300 ms of event loop held each time,
   ~10% of the index's time. None of them form cycles (reference counting frees
   them).
+* File systems are found by probing (:data:`PROBES`, :func:`cdp.partition.find_kinds`)
+  at every point; NTFS is handled here, ext2/3/4 by :mod:`cdp.catalog.ext4index` (the
+  same rules, inodes and directories instead of MFT records). Each ``parts`` object
+  names its kind (``"fs"``), and a partition whose kind or identity changed is
+  re-indexed (its old entries closed).
 * A full scan sorts records into bases and extension records as they are parsed and
   merges the (few) extension records at the end, so no step walks the whole MFT.
 """
@@ -30,17 +35,20 @@ import asyncio
 import contextlib
 import gc
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from cdp.catalog import ext4index
 from cdp.catalog.db import Catalog, Version
 from cdp.catalog.model import Entry
 from cdp.catalog.rules import DirInfo, Plan, Resolver, plan_steps
 from cdp.errors import CdpError, Corruption
+from cdp.ext4.fs import Ext4, is_ext
+from cdp.ntfs.boot import BootSector
 from cdp.ntfs.mft import NtfsVolume
-from cdp.ntfs.partition import Partition, find_ntfs
 from cdp.ntfs.record import FileRecord
+from cdp.partition import Partition, Probe, find_kinds
 
 Reader = Callable[[int, int], bytes]
 #: changed(base_seq, start, end) -> volume byte ranges that may differ from the base
@@ -90,18 +98,36 @@ class Computed:
     changed_records: int = 0  # records the changed ranges touched
     seconds: float = 0.0
     steps: int = 0  # yields to the event loop (reads, parsing and planning)
+    sb_gdt_changed: int = 0  # ext: superblock / group descriptor ranges written since the base
+
+
+def _is_ntfs(read: Reader, offset: int, length: int) -> bool:
+    return BootSector.is_ntfs(read(offset, 512))
+
+
+#: the file systems the catalog knows, by kind, as :func:`cdp.partition.find_kinds`
+#: probes them (NTFS first: its boot sector is at byte 0, ext's superblock at 1024)
+PROBES: dict[str, Probe] = {"ntfs": _is_ntfs, "ext": is_ext}
+NOTHING_FOUND = "no NTFS or ext2/3/4 file system found"
+
+
+def find_filesystems(read: Reader, size: int) -> list[tuple[str, Partition]]:
+    """``(kind, partition)`` of every file system the catalog knows on a volume of
+    *size* bytes ("ntfs" or "ext"). Cost: a few sector reads."""
+    return find_kinds(read, size, PROBES)
 
 
 def fingerprint(p: Partition, nv: NtfsVolume) -> dict[str, Any]:
     b = nv.boot
-    return {"name": p.name, "offset": p.offset, "size": p.size, "serial": f"{b.serial:016x}",
+    return {"name": p.name, "offset": p.offset, "size": p.size, "fs": "ntfs",
+            "serial": f"{b.serial:016x}",
             "mft_lcn": b.mft_lcn, "record_size": b.record_size, "cluster_size": b.cluster_size,
             "mft_records": nv.record_count,
             "mft_extents": [[e.first, e.count, e.offset] for e in nv.extents]}
 
 
 def _same_fs(a: dict[str, Any], b: dict[str, Any]) -> bool:
-    keys = ("offset", "serial", "mft_lcn", "record_size", "cluster_size")
+    keys = ("offset", "fs", "serial", "mft_lcn", "record_size", "cluster_size")
     return all(a.get(k) == b.get(k) for k in keys)
 
 
@@ -128,16 +154,22 @@ async def _compute(
         await asyncio.sleep(0)
 
     try:
-        parts = find_ntfs(read, size)
+        found = find_filesystems(read, size)
     except CdpError as e:
-        parts = []
+        found = []
         note = f"partition table unreadable: {e}"
     else:
-        note = "" if parts else "no NTFS file system found"
+        note = "" if found else NOTHING_FOUND
     out.note = note
     base_parts = {p["name"]: p for p in base.parts} if base is not None else {}
     seen: set[str] = set()
-    for part in parts:
+    for fs_kind, part in found:
+        if fs_kind == "ext":
+            async for _ in _compute_ext(out, read, part, catalog, base, base_parts.get(part.name),
+                                        changed, backup_ns, chunk):
+                await step()
+            seen.add(part.name)
+            continue
         try:
             nv = NtfsVolume(read, part.offset, part.size)
         except CdpError as e:
@@ -226,6 +258,45 @@ async def _compute(
     return out
 
 
+async def _compute_ext(
+    out: Computed, read: Reader, part: Partition, catalog: Catalog | None, base: Version | None,
+    bp: dict[str, Any] | None, changed: Changed | None, backup_ns: int, chunk: int,
+) -> AsyncIterator[None]:
+    """One ext2/3/4 file system into *out* (:mod:`cdp.catalog.ext4index`): the diff
+    against *base* when the file system is the one catalogued there (*bp*) and the
+    changed ranges are known, else a full index. Yields between chunks of work."""
+    try:
+        fs = Ext4(read, part.offset, part.size)
+    except CdpError as e:
+        out.note += f"{part.name or 'volume'}: ext file system unreadable: {e}; "
+        return
+    fp = ext4index.fingerprint(part, fs)
+    out.parts.append(fp)
+    same = base is not None and bp is not None and ext4index.same_fs(bp, fp)
+    ranges: list[tuple[int, int]] | None = None
+    if same and changed is not None:
+        assert base is not None
+        try:
+            ranges = changed(base.seq, part.offset, part.offset + part.size)
+        except CdpError as e:  # the base point is gone from the journal: rescan
+            out.note += f"changed ranges unavailable ({e}); full rescan; "
+    ix = ext4index.Ext4Indexer(fs, part, "/" + part.name if part.name else "", backup_ns, chunk)
+    if same and ranges is not None and catalog is not None and base is not None:
+        async for _ in ix.diff(catalog, base, ranges):
+            yield None
+        out.sb_gdt_changed += ix.sb_gdt_changed
+    else:
+        out.kind = "full"
+        old: dict[int, list[Entry]] = {}
+        if bp is not None and catalog is not None and base is not None:
+            old = catalog.all_visible(part.name, base.version)
+        async for _ in ix.full(old, bp is not None and not same):
+            yield None
+    out.parsed += ix.parsed
+    out.changed_records += ix.changed_records
+    out.plans.append(ix.plan)
+
+
 def _dir_lookup(cat: Catalog, part: str, version: int) -> Callable[[int], DirInfo | None]:
     return lambda r: cat.dir_info(part, r, version)
 
@@ -257,8 +328,10 @@ async def _persist(catalog: Catalog, c: Computed, version: int, seq: int, time_n
                 steps += 1
                 gc_step()
                 await asyncio.sleep(0)
-        extra = {"parsed": c.parsed, "changed_records": c.changed_records,
-                 "seconds": round(c.seconds, 4)}
+        extra: dict[str, Any] = {"parsed": c.parsed, "changed_records": c.changed_records,
+                                 "seconds": round(c.seconds, 4)}
+        if c.sb_gdt_changed:
+            extra["sb_gdt_changed"] = c.sb_gdt_changed
         catalog.finish_version(version, seq, time_ns, c.kind, c.parts, c.plans, c.note, extra)
     except BaseException:
         catalog.rollback()

@@ -1,7 +1,7 @@
 """The catalog's version rules, as a pure planner (no I/O).
 
-Given the catalog entries visible at the base version for a set of MFT records, and the
-parsed records at the target point, :func:`make_plan` decides for every entry (claim of
+Given the catalog entries visible at the base version for a set of records (NTFS MFT
+records, or ext4 inodes with their names), and the parsed records at the target point, :func:`make_plan` decides for every entry (claim of
 the catalog design, docs/FILES.md):
 
 * **modified** (a timestamp or the size differs): the old entry gets ``end`` = current
@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from cdp.catalog.model import Entry, join
 from cdp.errors import Corruption
@@ -57,25 +58,33 @@ class Resolver:
     that are missing, not directories, or reused (sequence mismatch) make orphans,
     listed under ``$OrphanFiles``. Cost: O(depth) per new directory, memoised."""
 
-    def __init__(self, prefix: str, new: Mapping[int, FileRecord],
+    #: the root directory's record (inode) number, the one path known without lookup
+    root_number = ROOT_DIRECTORY_RECORD
+
+    def __init__(self, prefix: str, new: Mapping[int, Any],
                  old_dir: Callable[[int], DirInfo | None] | None = None) -> None:
         self.root = prefix or "/"
         self.orphans = join(self.root, ORPHANS)
         self._new = new
         self._old_dir = old_dir
-        self._memo: dict[int, tuple[str, int]] = {ROOT_DIRECTORY_RECORD: (self.root, 0)}
+        self._memo: dict[int, tuple[str, int]] = {self.root_number: (self.root, 0)}
+
+    def _new_info(self, rec: Any) -> tuple[int, int, str, int] | None:
+        """(parent, parent sequence or 0, name, own sequence) of a parsed directory
+        record, or None when it is not an in-use, undamaged directory with a name."""
+        if not rec.in_use or rec.damaged or not rec.is_dir:
+            return None
+        names = rec.preferred_names()
+        if not names:
+            return None
+        n = names[0]
+        return (n.parent, n.parent_sequence, n.name, rec.sequence)
 
     def _info(self, number: int) -> tuple[int, int, str, int] | None:
         """(parent, parent sequence or 0, name, own sequence) of a directory record."""
         rec = self._new.get(number)
         if rec is not None:
-            if not rec.in_use or rec.damaged or not rec.is_dir:
-                return None
-            names = rec.preferred_names()
-            if not names:
-                return None
-            n = names[0]
-            return (n.parent, n.parent_sequence, n.name, rec.sequence)
+            return self._new_info(rec)
         if self._old_dir is None:
             return None
         d = self._old_dir(number)
@@ -157,6 +166,10 @@ def states_of(rec: FileRecord, part: str, resolver: Resolver, backup_ns: int) ->
             for n in names]
 
 
+#: states(record, part, resolver, backup_ns) -> the record's entries at the target
+States = Callable[[Any, str, Resolver, int], list[Entry]]
+
+
 @dataclass(repr=False)
 class Plan:
     """What one version changes in one partition."""
@@ -180,27 +193,29 @@ class Plan:
 
 def make_plan(
     part: str,
-    new: Mapping[int, FileRecord],
+    new: Mapping[int, Any],
     old: Mapping[int, list[Entry]],
     resolver: Resolver,
     backup_ns: int,
     subtree: Callable[[str], Iterable[Entry]] | None = None,
     *,
     reset: bool = False,
+    states_fn: States | None = None,
 ) -> Plan:
     """Apply the version rules to records *new* (parsed at the target) against *old*
     (entries visible at the base, by record). *subtree(dir)* lists base entries under a
     directory path (for moved directories). *reset* (a reformatted file system): every
-    old entry is deleted, every new one added. Cost: O(records + entries touched)."""
+    old entry is deleted, every new one added. *states_fn* turns a parsed record into its
+    entries (default :func:`states_of`, NTFS). Cost: O(records + entries touched)."""
     plan = Plan(part, records=len(new))
-    for _ in plan_steps(plan, new, old, resolver, backup_ns, subtree, reset=reset):
+    for _ in plan_steps(plan, new, old, resolver, backup_ns, subtree, reset=reset, states_fn=states_fn):
         pass
     return plan
 
 
 def plan_steps(
     plan: Plan,
-    new: Mapping[int, FileRecord],
+    new: Mapping[int, Any],
     old: Mapping[int, list[Entry]],
     resolver: Resolver,
     backup_ns: int,
@@ -208,12 +223,16 @@ def plan_steps(
     *,
     reset: bool = False,
     chunk: int = PLAN_CHUNK,
+    states_fn: States | None = None,
 ) -> Iterator[int]:
     """:func:`make_plan` into *plan*, one step at a time: yields the records planned so
     far after every *chunk* records, then once per *chunk* entries of each moved
     directory's subtree. The caller may do other work between steps (nothing of the
-    inputs may change meanwhile)."""
+    inputs may change meanwhile). The rules know no file system: *states_fn* (default
+    :func:`states_of`, NTFS records; :func:`cdp.catalog.ext4index.states_of_inode` for
+    ext4) gives a record's entries at the target."""
     part = plan.part
+    state_of = states_of if states_fn is None else states_fn
     keys: set[tuple[str, str]] = set()
     moved_dirs: list[str] = []
     added, damaged = plan.added, plan.damaged
@@ -232,7 +251,7 @@ def plan_steps(
             rec = new.get(num)
             olds = old.get(num)
             try:
-                states = states_of(rec, part, resolver, backup_ns) if rec is not None else []
+                states = state_of(rec, part, resolver, backup_ns) if rec is not None else []
             except Corruption as err:
                 damaged.append((num, str(err)))
                 continue

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 from cdp.cli.common import Context, add_common, emit_json, fmt_time, volumes_arg
 from cdp.cli.tier import status_line as tier_status_line
+from cdp.errors import CdpError
 from cdp.units import format_size
 
 
@@ -22,6 +24,7 @@ def run(ctx: Context, args: argparse.Namespace) -> int:
     for s in rows:
         if s.get("volume") in tiers:
             s["tier"] = tiers[s["volume"]]
+    _add_filesystems(ctx, rows)
     if ctx.json:
         emit_json(rows if len(rows) != 1 else rows[0])
         return 0
@@ -44,6 +47,9 @@ def run(ctx: Context, args: argparse.Namespace) -> int:
               + (f"  (every point from @{every}; retained points before it)" if every > s["first_seq"] else ""))
         print(f"durable up to: @{s['durable_seq']}")
         print(f"markers:       {s['markers']}" + (f" (newest {nm['name']} @{nm['seq']} {fmt_time(nm['time_ns'])})" if nm else ""))
+        fsl = s.get("filesystems")
+        if fsl is not None:  # docs/FILES.md: what the catalog found at the newest marker
+            print(f"file systems:  {_fs_text(fsl)}")
         print(f"connections:   {s['connections']}")
         print(f"this session:  {s['session_writes']} writes, {format_size(s['session_bytes_written'])}")
         ret = s.get("retention")
@@ -75,3 +81,28 @@ def run(ctx: Context, args: argparse.Namespace) -> int:
                 print(f"               crash recovery: {rec['dirty_regions']} dirty regions, "
                       f"{rec['differing_regions']} differed ({format_size(rec['bytes'])}, {rec['direction']})")
     return 0
+
+
+def _add_filesystems(ctx: Context, rows: list[dict[str, Any]]) -> None:
+    """Add ``filesystems`` (the catalog's file systems at the newest catalogued
+    marker: ``{"marker", "fs": [{"name", "fs"}]}``) to each volume's row."""
+    names = [s["volume"] for s in rows if "damaged" not in s]
+    if not names:
+        return
+    try:
+        found = {r["volume"]: r for r in ctx.call("file_systems", {"volumes": names})}
+    except CdpError:
+        return  # the status itself is what matters
+    for s in rows:
+        r = found.get(s.get("volume", ""))
+        if r is not None:
+            s["filesystems"] = {"marker": r["marker"], "fs": r["fs"]}
+
+
+def _fs_text(fsl: dict[str, Any]) -> str:
+    if fsl["marker"] is None:
+        return "not catalogued yet"
+    if not fsl["fs"]:
+        return f"none found (at {fsl['marker']})"
+    kinds = ", ".join(f"{p['fs']} ({p['name']})" if p["name"] else p["fs"] for p in fsl["fs"])
+    return f"{kinds} (at {fsl['marker']})"

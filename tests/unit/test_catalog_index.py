@@ -160,3 +160,50 @@ def test_gc_pause_freezes_per_step_and_releases_at_the_end() -> None:
         assert gc.get_freeze_count() >= 1000  # the outer block still runs
     assert gc.get_freeze_count() == 0 and gc.isenabled()
     del keep
+
+
+#: the ``versions`` table and ``meta`` of format 2, as written before format 3 (pinned)
+FORMAT_2_VERSIONS = """
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE versions (
+    version INTEGER PRIMARY KEY, seq INTEGER NOT NULL, time_ns INTEGER NOT NULL,
+    kind TEXT NOT NULL, ntfs INTEGER NOT NULL, parts TEXT NOT NULL, stats TEXT NOT NULL,
+    note TEXT NOT NULL DEFAULT ''
+);
+INSERT INTO meta VALUES ('format', '2');
+INSERT INTO versions VALUES (1, 10, 1000, 'full', 1, '[{"name": "", "offset": 0, "serial": "00ab"}]',
+                             '{"records": 3}', '');
+INSERT INTO versions VALUES (2, 20, 2000, 'full', 2,
+                             '[{"name": "p1", "offset": 1048576}, {"name": "p2", "offset": 9437184}]', '{}', '');
+INSERT INTO versions VALUES (3, 30, 3000, 'none', 0, '[]', '{}', 'no NTFS file system found');
+"""
+
+
+def test_format_2_catalog_gains_the_file_system_kind(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    path = tmp_path / "catalog.sqlite"
+    db = sqlite3.connect(path)
+    db.executescript(FORMAT_2_VERSIONS)
+    db.close()
+    ro = Catalog(path, readonly=True)  # cdpctl offline on a catalog not migrated yet
+    assert [v.fs for v in ro.versions()] == ["ntfs", "ntfs,ntfs", ""]
+    ro.close()
+    with caplog.at_level(logging.INFO, logger="cdp.catalog"):
+        cat = Catalog(path)
+    assert "catalog format 2 migrated to 3" in caplog.text
+    assert CATALOG_FORMAT == 3
+    assert cat.reader.execute("SELECT value FROM meta WHERE key = 'format'").fetchone()[0] == "3"
+    vs = cat.versions()
+    assert [v.fs for v in vs] == ["ntfs", "ntfs,ntfs", ""]
+    assert [[p["fs"] for p in v.parts] for v in vs] == [["ntfs"], ["ntfs", "ntfs"], []]
+    assert vs[0].to_dict()["fs"] == ["ntfs"] and vs[0].parts[0]["serial"] == "00ab"
+    names = {r[0] for r in cat.reader.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
+    assert {"entries_lname", "entries_dirs"} <= names
+    # a new version records its kinds; reopening is a no-op
+    cat.begin()
+    cat.finish_version(4, 40, 4000, "full", [{"name": "p1", "fs": "ext4"}, {"name": "p2", "fs": "ntfs"}], [])
+    cat.close()
+    again = Catalog(path)
+    last = again.last_version()
+    assert last is not None and last.fs == "ext4,ntfs" and last.ntfs == 1
+    row = again.reader.execute("SELECT fs, ntfs FROM versions WHERE version = 4").fetchone()
+    assert row == ("ext4,ntfs", 1)

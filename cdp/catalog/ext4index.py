@@ -1,0 +1,348 @@
+"""ext2/3/4 at a marker: the inode and directory diff (or full index) of one file system.
+
+Design notes
+------------
+* The NTFS rules carry over unchanged (:mod:`cdp.catalog.rules`); what differs is
+  where names live. An NTFS record holds its names; an ext4 inode holds none: its names
+  are entries in its parents' directory blocks. So the planner's "record" here is an
+  :class:`InodeNames`: the inode parsed at the target plus every ``(directory inode,
+  name)`` naming it there. A hard link is one inode with several names (one entry
+  each), as an NTFS record with several ``$FILE_NAME``\\ s.
+* A diff against the base version reads only:
+
+  1. the inodes whose bytes lie in the changed ranges (``changed ∩ inode tables``,
+     :meth:`~cdp.ext4.fs.Ext4.inodes_in`);
+  2. the directories that may list other names than at the base: known directories
+     (the catalog's directory rows, whose ``location`` holds their block ranges) whose
+     blocks changed, the root's (it has no row), and every directory among the changed
+     inodes (the kernel writes a directory's inode, mtime and ctime, with every entry
+     it adds or removes, so this alone would find them; the block ranges make it not
+     depend on that);
+  3. the inodes a name was added to or removed from in those directories (the
+     difference of their listings at the base, from the catalog, and at the target).
+
+  An inode's names at the target are then its base names in unchanged directories
+  plus its names in the re-read ones. Cost: O(changed inodes + entries of changed
+  directories), plus one query over the known directories' rows (no inode reads).
+* The superblock and group descriptors: their changes matter only when the geometry
+  changes (a resize); the fingerprint (:func:`fingerprint`: UUID, block and inode
+  counts, inode table places) is compared at every marker, and a different one makes a
+  full index. The count of their changed bytes is reported (``stats.sb_gdt_changed``).
+* Orphans (unlinked while open, on the superblock's orphan list) have no links: they
+  are not in use, so not listed, as ``fls`` does not list them outside ``$OrphanFiles``.
+* A generation number (``i_generation``) that differs from the catalogued one is an
+  inode reused for another file: a deletion plus an addition (NTFS: the sequence
+  number).
+* Nothing ext4-specific is stored but a directory's block ranges (``location``, see
+  docs/FORMATS.md): the inode tables' places are recomputed per point, as XFS's inode
+  chunks would have to be.
+"""
+
+from __future__ import annotations
+
+import bisect
+import struct
+from collections.abc import AsyncIterator, Callable, Iterable
+from typing import Any
+
+from cdp.catalog.db import Catalog, Version
+from cdp.catalog.model import Entry
+from cdp.catalog.rules import DirInfo, Plan, Resolver, plan_steps
+from cdp.errors import Corruption
+from cdp.ext4.defs import EXT4_ROOT_INO
+from cdp.ext4.fs import Ext4
+from cdp.ext4.inode import Inode
+from cdp.partition import Partition
+
+#: a directory's ``location``: its volume byte ranges, ``(start u64le, end u64le)*``
+RANGE = struct.Struct("<QQ")
+#: directories read between two yields
+DIR_CHUNK = 64
+
+
+class InodeNames:
+    """The planner's record for ext4: an inode at the target and its names there."""
+
+    __slots__ = ("inode", "location", "names", "number")
+
+    def __init__(self, inode: Inode, names: list[tuple[int, str]] | None = None,
+                 location: bytes = b"") -> None:
+        self.number = inode.number
+        self.inode = inode
+        self.names = names if names is not None else []
+        self.location = location
+
+    # what the Resolver asks of a directory record
+    @property
+    def in_use(self) -> bool:
+        return self.inode.in_use
+
+    @property
+    def damaged(self) -> str | None:
+        return self.inode.damaged
+
+    @property
+    def is_dir(self) -> bool:
+        return self.inode.is_dir
+
+    @property
+    def sequence(self) -> int:
+        return self.inode.generation
+
+
+class InodeResolver(Resolver):
+    """Directory paths for ext4: the root is inode 2; a directory's (parent, name) at
+    the target is its one name there (directories have no hard links)."""
+
+    root_number = EXT4_ROOT_INO
+
+    def _new_info(self, rec: Any) -> tuple[int, int, str, int] | None:
+        if not rec.in_use or rec.damaged or not rec.is_dir or not rec.names:
+            return None
+        parent, name = min(rec.names)
+        return (parent, 0, name, 0)
+
+
+def pack_ranges(ranges: Iterable[tuple[int, int]]) -> bytes:
+    return b"".join(RANGE.pack(s, e) for s, e in ranges)
+
+
+def unpack_ranges(loc: bytes) -> list[tuple[int, int]]:
+    n = len(loc) // RANGE.size
+    return [RANGE.unpack_from(loc, i * RANGE.size) for i in range(n)]
+
+
+def merge_ranges(ranges: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Sorted, disjoint ``[start, end)`` ranges covering *ranges*."""
+    out: list[tuple[int, int]] = []
+    for s, e in sorted(ranges):
+        if out and s <= out[-1][1]:
+            if e > out[-1][1]:
+                out[-1] = (out[-1][0], e)
+        else:
+            out.append((s, e))
+    return out
+
+
+def overlaps(a: Iterable[tuple[int, int]], starts: list[int], ranges: list[tuple[int, int]]) -> bool:
+    """Whether a range of *a* meets one of *ranges* (sorted and disjoint, as
+    :func:`merge_ranges` gives; *starts*: their starts). Cost: O(len(a) log
+    len(ranges))."""
+    for s, e in a:
+        i = bisect.bisect_left(starts, e) - 1  # the last range starting before e
+        if i >= 0 and ranges[i][1] > s:
+            return True
+    return False
+
+
+def states_of_inode(rec: InodeNames, part: str, resolver: Resolver, backup_ns: int) -> list[Entry]:
+    """The catalog entries (one per name) of an inode at the target point; [] when it
+    is free, an orphan (no links) or the root. Raises Corruption (damaged inode, parent
+    loop). Columns: ``record`` the inode number, ``seq`` its generation, ``parent`` the
+    directory's inode, ``size`` ``i_size``, ``alloc`` ``i_blocks`` * 512, ``attrs``
+    ``i_mode``, ``flags`` ``i_flags``, ``resident`` 1 for inline data and fast symlinks
+    (``location`` then holds the bytes), a directory's ``location`` its block ranges."""
+    ino = rec.inode
+    if ino.damaged:
+        raise Corruption(f"inode {rec.number}: {ino.damaged}")
+    if not ino.in_use or rec.number == EXT4_ROOT_INO or not rec.names:
+        return []
+    dir_path = resolver.dir_path
+    is_dir = 1 if ino.is_dir else 0
+    crt, mt, ct, at = ino.times
+    resident = 1 if rec.location and not is_dir else 0
+    return [Entry(part, dir_path(parent), name, 0, 0, 0, rec.number, ino.generation, parent,
+                  is_dir, ino.size, ino.blocks * 512, crt, mt, ct, at, ino.mode, resident,
+                  ino.flags, rec.location, "", backup_ns)
+            for parent, name in sorted(rec.names)]
+
+
+def fingerprint(p: Partition, fs: Ext4) -> dict[str, Any]:
+    sb = fs.sb
+    return {"name": p.name, "offset": p.offset, "size": p.size, "fs": fs.kind,
+            "uuid": sb.uuid.hex(), "block_size": fs.block_size, "blocks": sb.blocks_count,
+            "inodes": fs.inode_count, "inode_size": fs.inode_size,
+            "needs_recovery": bool(sb.needs_recovery),
+            "inode_tables": [[s - p.offset, e - s, f] for s, e, f in fs.inode_table_extents()]}
+
+
+def same_fs(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    keys = ("offset", "fs", "uuid", "block_size", "blocks", "inodes", "inode_size", "inode_tables")
+    return all(a.get(k) == b.get(k) for k in keys)
+
+
+def _location(fs: Ext4, ino: Inode) -> bytes:
+    """What an entry keeps of the inode: a directory's block ranges, the bytes of an
+    inline file or fast symlink, else nothing. Raises Corruption."""
+    if ino.is_dir:
+        return pack_ranges(fs.data_ranges(ino))
+    if ino.has_inline_data or fs.is_fast_symlink(ino):
+        return fs.read_file(ino)
+    return b""
+
+
+class Ext4Indexer:
+    """One ext file system at one point: the full index or the diff against a base.
+    Each method is an async generator that yields after every chunk of work (the caller
+    yields to the event loop there); the result is left in :attr:`plan`, :attr:`parsed`
+    and :attr:`changed_records`."""
+
+    def __init__(self, fs: Ext4, part: Partition, prefix: str, backup_ns: int, chunk: int) -> None:
+        self.fs = fs
+        self.part = part
+        self.prefix = prefix
+        self.backup_ns = backup_ns
+        self.chunk = chunk
+        self.plan = Plan(part.name)
+        self.parsed = 0
+        self.changed_records = 0
+        self.sb_gdt_changed = 0
+
+    def _record(self, ino: Inode, names: list[tuple[int, str]]) -> InodeNames:
+        loc = b""
+        if ino.in_use and not ino.damaged and names:
+            try:
+                loc = _location(self.fs, ino)
+            except Corruption as e:
+                self.plan.damaged.append((ino.number, str(e)))
+        return InodeNames(ino, names, loc)
+
+    async def _listings(self, dirs: dict[int, Inode],
+                        out: dict[int, list[tuple[str, int]]]) -> AsyncIterator[None]:
+        """Fill *out* with ``{dir inode: [(name, inode)]}`` of *dirs* at the target (the
+        readable ones; the others are reported damaged and left out), yielding after
+        every :data:`DIR_CHUNK` directories."""
+        nums = sorted(dirs)
+        for i in range(0, len(nums), DIR_CHUNK):
+            for d in nums[i : i + DIR_CHUNK]:
+                try:
+                    out[d] = [(e[0], e[1]) for e in self.fs.read_dir(dirs[d])]
+                except Corruption as e:
+                    self.plan.damaged.append((d, str(e)))
+            yield None
+
+    async def full(self, old: dict[int, list[Entry]], reset: bool) -> AsyncIterator[None]:
+        """Scan every inode table, read every directory, plan against *old* (the base's
+        entries when the file system was catalogued before). Cost: O(inodes + entries)."""
+        fs = self.fs
+        inodes: dict[int, Inode] = {}
+        for got in fs.scan(max(self.chunk, 1024)):
+            for ino in got:
+                if ino.in_use or ino.damaged:
+                    inodes[ino.number] = ino
+            self.parsed += len(got)
+            yield None
+        self.changed_records += fs.inode_count
+        dirs = {n: i for n, i in inodes.items() if i.in_use and not i.damaged and i.is_dir}
+        listing: dict[int, list[tuple[str, int]]] = {}
+        async for _ in self._listings(dirs, listing):
+            yield None
+        names: dict[int, list[tuple[int, str]]] = {}
+        for d, entries in listing.items():
+            for name, n in entries:
+                names.setdefault(n, []).append((d, name))
+        new: dict[int, InodeNames] = {}
+        for n, nm in names.items():
+            found = inodes.get(n)
+            if found is None:
+                for d, name in nm:
+                    self.plan.damaged.append((n, f"directory inode {d} names {name!r} "
+                                                 f"with inode {n}, which is free"))
+                continue
+            new[n] = self._record(found, nm)
+        for n in old:  # catalogued inodes now free or nameless: deleted
+            if n not in new:
+                new[n] = InodeNames(inodes.get(n) or Inode(n))
+        yield None
+        self.plan.records = len(new)
+        async for _ in self._plan(new, old, InodeResolver(self.prefix, new), None, reset):
+            yield None
+
+    async def diff(self, catalog: Catalog, base: Version, ranges: list[tuple[int, int]]) -> AsyncIterator[None]:
+        """The changed inodes and directories since *base* (``ranges``: the volume
+        byte ranges that changed, from the map engine). Cost: see the design notes."""
+        fs, part = self.fs, self.part
+        ranges = merge_ranges(ranges)
+        starts = [r[0] for r in ranges]
+        sb_gdt = self._sb_gdt_ranges()
+        self.sb_gdt_changed = sum(1 for r in sb_gdt if overlaps([r], starts, ranges))
+        changed = set(fs.inodes_in(ranges))
+        self.changed_records += len(changed)
+        cur = fs.read_inodes(changed | {EXT4_ROOT_INO})
+        yield None
+        dir_path: dict[int, str] = {EXT4_ROOT_INO: self.prefix or "/"}
+        todo: set[int] = set()
+        for i, e in enumerate(catalog.dirs(part.name, base.version), 1):
+            dir_path.setdefault(e.record, e.path)
+            if overlaps(unpack_ranges(e.location), starts, ranges):
+                todo.add(e.record)
+            if i % (8 * self.chunk) == 0:
+                yield None
+        root = cur[EXT4_ROOT_INO]
+        if root.in_use and root.is_dir and not root.damaged:
+            try:
+                if overlaps(fs.data_ranges(root), starts, ranges):
+                    todo.add(EXT4_ROOT_INO)
+            except Corruption as err:
+                self.plan.damaged.append((EXT4_ROOT_INO, str(err)))
+        todo |= {n for n in changed if n in dir_path}  # was a directory at the base
+        todo |= {n for n, i in cur.items() if n in changed and i.in_use and i.is_dir}
+        missing = todo - cur.keys()
+        cur.update(fs.read_inodes(missing))
+        yield None
+        dirs = {d: cur[d] for d in todo if d in cur and cur[d].in_use and cur[d].is_dir
+                and not cur[d].damaged}
+        listing: dict[int, list[tuple[str, int]]] = {}
+        async for _ in self._listings(dirs, listing):
+            yield None
+        # a directory gone (freed, or no longer a directory) lists nothing
+        for d in todo:
+            if d not in dirs and not (d in cur and cur[d].damaged):
+                listing[d] = []
+        relisted = set(listing)
+        affected = set(changed) | relisted
+        named: dict[int, list[tuple[int, str]]] = {}
+        for d, entries in listing.items():
+            for name, n in entries:
+                named.setdefault(n, []).append((d, name))
+        for d in relisted:  # names added or removed: (name, inode) not in both listings
+            p = dir_path.get(d)
+            was = catalog.names_in(part.name, p, base.version) if p is not None else set()
+            affected |= {n for _name, n in was.symmetric_difference(listing[d])}
+        affected.discard(EXT4_ROOT_INO)
+        rest = affected - cur.keys()
+        cur.update(fs.read_inodes(rest))
+        self.parsed += len(cur)
+        yield None
+        old = catalog.visible(part.name, affected, base.version)
+        new: dict[int, InodeNames] = {}
+        for n in sorted(affected):
+            ino = cur.get(n) or Inode(n)
+            nm = [(e.parent, e.name) for e in old.get(n, []) if e.parent not in relisted]
+            nm += named.get(n, [])
+            new[n] = self._record(ino, nm)
+        self.plan.records = len(new)
+        resolver = InodeResolver(self.prefix, new, _dir_lookup(catalog, part.name, base.version))
+        async for _ in self._plan(new, old, resolver, lambda d: catalog.subtree(d, base.version), False):
+            yield None
+
+    async def _plan(self, new: dict[int, InodeNames], old: dict[int, list[Entry]],
+                    resolver: Resolver, subtree: Callable[[str], list[Entry]] | None,
+                    reset: bool) -> AsyncIterator[None]:
+        for _ in plan_steps(self.plan, new, old, resolver, self.backup_ns, subtree, reset=reset,
+                            chunk=self.chunk, states_fn=states_of_inode):
+            yield None
+
+    def _sb_gdt_ranges(self) -> list[tuple[int, int]]:
+        """Volume byte ranges of the primary superblock and group descriptor blocks."""
+        fs = self.fs
+        base, bs = self.part.offset, fs.block_size
+        out = [(base + 1024, base + 2048)]
+        first = fs.sb.first_data_block + 1
+        n = -(-len(fs.groups) * fs.sb.desc_size // bs)
+        out.append((base + first * bs, base + (first + n) * bs))
+        return out
+
+
+def _dir_lookup(cat: Catalog, part: str, version: int) -> Callable[[int], DirInfo | None]:
+    return lambda r: cat.dir_info(part, r, version)

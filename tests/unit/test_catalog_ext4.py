@@ -1,0 +1,202 @@
+"""The catalog on ext2/3/4 images (no appliance): the full index equals ``fls -r -p``,
+a marker diff after changes made through fuse2fs re-parses only what changed and
+equals a full index of the changed image, directory renames re-key the subtree, hard
+links are one entry per name, reused inodes are a deletion plus an addition."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cdp.catalog.db import Catalog, Version
+from cdp.catalog.ext4index import merge_ranges, overlaps, pack_ranges, unpack_ranges
+from cdp.catalog.indexer import Computed, compute, find_filesystems, persist
+from tests.conftest import require_tool
+from tools.ext4_fixture import debugfs, fls_entries, mkfs, mounted, populate_sample
+
+Reader = Callable[[int, int], bytes]
+
+
+def file_reader(path: Path) -> Reader:
+    data = path.read_bytes()  # a snapshot: the image may change after
+
+    def read(offset: int, length: int) -> bytes:
+        return data[offset : offset + length]
+
+    return read
+
+
+def changed_blocks(a: Path, b: Path, block: int = 4096) -> list[tuple[int, int]]:
+    x = np.fromfile(a, np.uint8).reshape(-1, block)
+    y = np.fromfile(b, np.uint8).reshape(-1, block)
+    return [(int(i) * block, (int(i) + 1) * block) for i in np.nonzero((x != y).any(axis=1))[0]]
+
+
+def index(cat: Catalog, img: Path, version: int, base: Version | None = None,
+          before: Path | None = None) -> Computed:
+    size = img.stat().st_size
+    changed = None
+    if before is not None:
+        ranges = changed_blocks(before, img)
+
+        def changed(base_seq: int, start: int, end: int) -> list[tuple[int, int]]:
+            return [(max(s, start), min(e, end)) for s, e in ranges if s < end and e > start]
+
+    c = asyncio.run(compute(file_reader(img), size, cat, base, changed, version * 1000))
+    asyncio.run(persist(cat, c, version, version, version * 1000))
+    return c
+
+
+def catalog_rows(cat: Catalog, version: int) -> set[tuple[str, int]]:
+    return {(e.path, e.record) for e in cat.subtree("/", version)}
+
+
+def fls_rows(img: Path) -> set[tuple[str, int]]:
+    return {(p, ino) for p, ino, _t in fls_entries(img)}
+
+
+@pytest.fixture(scope="module")
+def base_image(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    require_tool("mkfs.ext4", "e2fsck", "fls", "debugfs")
+    root = tmp_path_factory.mktemp("ext4cat")
+    src = root / "src"
+    populate_sample(src, big_dir=600)
+    return mkfs(root / "base.img", 32 << 20, src)
+
+
+def test_ranges_helpers() -> None:
+    r = merge_ranges([(10, 20), (0, 5), (15, 30), (30, 31), (40, 50)])
+    assert r == [(0, 5), (10, 31), (40, 50)]
+    starts = [s for s, _ in r]
+    assert overlaps([(4, 6)], starts, r) and overlaps([(35, 41)], starts, r)
+    assert not overlaps([(5, 10), (31, 40), (50, 60)], starts, r)
+    assert unpack_ranges(pack_ranges(r)) == r
+    # the FORMATS.md example: block 1234 of 4 KiB of a file system at 1 MiB (golden bytes)
+    start = (1 << 20) + 1234 * 4096
+    assert pack_ranges([(start, start + 4096)]).hex(" ") == "00 20 5d 00 00 00 00 00 00 30 5d 00 00 00 00 00"
+
+
+def test_full_index_equals_fls(base_image: Path, tmp_path: Path) -> None:
+    cat = Catalog(tmp_path / "catalog.sqlite")
+    c = index(cat, base_image, 1)
+    assert c.kind == "full" and [p["fs"] for p in c.parts] == ["ext4"]
+    assert c.plans[0].damaged == []
+    assert catalog_rows(cat, 1) == fls_rows(base_image)
+    v = cat.last_version()
+    assert v is not None and v.fs == "ext4" and v.ntfs == 0
+    hello = cat.at_path("/", "hello.txt", 1)
+    links = {e.path for e in cat.subtree("/", 1) if hello is not None and e.record == hello.record}
+    assert links == {"/hello.txt", "/a/hardlink.txt", "/big/zz-hardlink"}
+    big = cat.at_path("/", "big", 1)
+    assert big is not None and big.is_dir and unpack_ranges(big.location)  # its blocks
+
+
+def test_marker_diff_through_fuse2fs(base_image: Path, tmp_path: Path) -> None:
+    require_tool("fuse2fs")
+    cat = Catalog(tmp_path / "catalog.sqlite")
+    index(cat, base_image, 1)
+    v1 = cat.last_version()
+    assert v1 is not None
+    after = tmp_path / "after.img"
+    shutil.copyfile(base_image, after)
+    with mounted(after) as m:
+        with open(m / "hello.txt", "ab") as f:  # append (three names, one inode)
+            f.write(b"more\n")
+        os.truncate(m / "large.bin", 1000)
+        os.rename(m / "a", m / "renamed-a")  # a directory: its subtree re-keyed
+        os.rename(m / "tiny", m / "big" / "tiny-moved")
+        os.unlink(m / "medium")
+        os.link(m / "empty", m / "renamed-a" / "b" / "empty-link")
+        (m / "new dir").mkdir()
+        (m / "new dir" / "n.txt").write_bytes(b"new\n")
+        for i in range(40):
+            (m / "big" / f"added-{i:03d}").write_bytes(b"%d" % i)
+        os.unlink(m / "big" / "entry-00007-nnnnnnn")
+    c = index(cat, after, 2, v1, base_image)
+    assert c.kind == "diff" and c.plans[0].damaged == []
+    assert catalog_rows(cat, 2) == fls_rows(after)
+    assert catalog_rows(cat, 1) == fls_rows(base_image)  # version 1 is untouched
+    # the same state from a full index of the changed image, which parses far more
+    full = Catalog(tmp_path / "full.sqlite")
+    cf = index(full, after, 2)
+    assert c.parsed * 4 < cf.parsed, (c.parsed, cf.parsed)  # ~50 changes of ~660 inodes
+    def state(x: Catalog) -> set[tuple[object, ...]]:
+        return {(e.path, e.record, e.seq, e.size, e.mtime, e.ctime, e.is_dir)
+                for e in x.subtree("/", 2)}
+    assert state(cat) == state(full)
+    # the version rules: the renamed directory's old paths closed, not referenced
+    old = cat.history("/a/b/c", "deep.txt")
+    assert [(e.start, e.end) for e in old] == [(1, 2)] and old[0].ref < old[0].end
+    assert [(e.start, e.end) for e in cat.history("/renamed-a/b/c", "deep.txt")] == [(2, 0)]
+    h = cat.history("/", "hello.txt")
+    assert [(e.start, e.end, e.ref) for e in h] == [(1, 2, 2), (2, 0, 2)]  # replaced
+    assert h[1].size == len(b"hello, ext4\nmore\n")
+    m = cat.history("/", "medium")
+    assert [(e.start, e.end, e.ref) for e in m] == [(1, 2, 1)]  # deleted
+
+
+def test_reused_inode_is_a_deletion_plus_an_addition(base_image: Path, tmp_path: Path) -> None:
+    cat = Catalog(tmp_path / "catalog.sqlite")
+    index(cat, base_image, 1)
+    v1 = cat.last_version()
+    assert v1 is not None
+    before = cat.at_path("/", "hello.txt", 1)
+    assert before is not None
+    after = tmp_path / "after.img"
+    shutil.copyfile(base_image, after)
+    debugfs(after, f"sif <{before.record}> generation {before.seq + 1}")
+    index(cat, after, 2, v1, base_image)
+    h = cat.history("/", "hello.txt")
+    assert [(e.start, e.end, e.ref, e.seq) for e in h] == [(1, 2, 1, before.seq), (2, 0, 2, before.seq + 1)]
+
+
+@pytest.mark.parametrize("kind,options", [("ext4", ["-O", "^metadata_csum,^64bit"]), ("ext2", [])])
+def test_other_configurations(tmp_path: Path, kind: str, options: list[str]) -> None:
+    require_tool("mkfs.ext4", "e2fsck", "fls", "fuse2fs")
+    src = tmp_path / "src"
+    populate_sample(src, big_dir=300)
+    img = mkfs(tmp_path / "x.img", 32 << 20, src, kind=kind, options=options)
+    cat = Catalog(tmp_path / "catalog.sqlite")
+    c = index(cat, img, 1)
+    assert [p["fs"] for p in c.parts] == [kind]
+    assert catalog_rows(cat, 1) == fls_rows(img)
+    v1 = cat.last_version()
+    assert v1 is not None
+    after = tmp_path / "after.img"
+    shutil.copyfile(img, after)
+    with mounted(after) as m:
+        os.rename(m / "a" / "b", m / "b-up")
+        (m / "big" / "x").write_bytes(b"x")
+    c = index(cat, after, 2, v1, img)
+    assert c.kind == "diff" and catalog_rows(cat, 2) == fls_rows(after)
+
+
+def test_probe_finds_ext_and_ntfs_kinds(base_image: Path) -> None:
+    read = file_reader(base_image)
+    found = find_filesystems(read, base_image.stat().st_size)
+    assert [(k, p.name) for k, p in found] == [("ext", "")]
+
+
+def test_orphan_inode_is_not_a_live_file(base_image: Path, tmp_path: Path) -> None:
+    """Unlinked while open: no name, no links, on the superblock's orphan list (what the
+    kernel leaves at a point taken before the last close)."""
+    cat = Catalog(tmp_path / "catalog.sqlite")
+    index(cat, base_image, 1)
+    v1 = cat.last_version()
+    e = cat.at_path("/a", "with space", 1)
+    assert v1 is not None and e is not None
+    after = tmp_path / "after.img"
+    shutil.copyfile(base_image, after)
+    debugfs(after, 'unlink "/a/with space"', f"sif <{e.record}> links_count 0",
+            f"ssv last_orphan {e.record}")
+    c = index(cat, after, 2, v1, base_image)
+    assert c.plans[0].damaged == []
+    assert cat.at_path("/a", "with space", 2) is None
+    assert [(x.start, x.end, x.ref) for x in cat.history("/a", "with space")] == [(1, 2, 1)]
+    assert catalog_rows(cat, 2) == fls_rows(after)  # fls lists it only under $OrphanFiles
