@@ -90,7 +90,6 @@ def check_point(cdpd: Cdpd, tmp: Path, point: str, expected: dict[str, tuple[str
     img.unlink()
 
 
-@pytest.mark.timeout(600)  # 141 s at load average 7.5 on 2 cores, over 300 s at 11 (FUSE creates)
 def test_ext4_catalog_through_the_appliance(cdpd: Cdpd, disk: Path, tmp_path: Path) -> None:
     rnd = random.Random(25)
     mkfs(disk, "ext4", [])
