@@ -28,11 +28,12 @@ def run(ctx: Context, args: argparse.Namespace) -> int:
         emit_json(r)
         return 0
     if not args.path:
-        print(table([(v["marker"], f"@{v['seq']}", fmt_time(v["time_ns"]), v["kind"], v["ntfs"],
+        print(table([(v["marker"], f"@{v['seq']}", fmt_time(v["time_ns"]), v["kind"],
+                      ",".join(v.get("fs") or []) or "-",
                       v["stats"].get("parsed", ""), v["stats"].get("added", ""),
                       v["stats"].get("modified", ""), v["stats"].get("deleted", ""), v["note"])
                      for v in r["versions"]],
-                    ["MARKER", "SEQ", "TIME", "KIND", "NTFS", "PARSED", "ADDED", "MODIFIED",
+                    ["MARKER", "SEQ", "TIME", "KIND", "FS", "PARSED", "ADDED", "MODIFIED",
                      "DELETED", "NOTE"]))
         if r.get("last_error"):
             print(f"# last error: {r['last_error']}")

@@ -44,7 +44,8 @@ def _header(vol_name: str, point: str, view: View) -> dict[str, Any]:
     return {
         "volume": vol_name, "at": point, "seq": view.seq,
         "version": view.version, "from_catalog": view.computed is None,
-        "ntfs": len(view.parts), "note": view.note,
+        "ntfs": sum(1 for p in view.parts if p.get("fs", "ntfs") == "ntfs"),
+        "fs": [p.get("fs", "ntfs") for p in view.parts], "note": view.note,
     }
 
 
