@@ -276,6 +276,14 @@ class MapHistory:
         return self._sealed_seq
 
     @property
+    def rewinds(self) -> list[tuple[int, int]]:
+        """``(rewind_seq, target_seq)`` of every rewind, oldest first.
+
+        Runtime complexity: O(rewinds).
+        """
+        return [(e.rewind_seq, e.target) for e in self._epochs[1:]]
+
+    @property
     def seal_due(self) -> bool:
         """True once the live window holds ``policy.l0_max_writes`` entries.
 

@@ -608,6 +608,37 @@ class SegmentReader:
         return self._walk(from_seq, lambda s, _loc: self.read_stored(s),
                           lambda head, stored, _loc, where, s: _checked(head + stored, s, where))
 
+    def raw_bytes_between(self, a: int, b: int) -> int:
+        """Written (uncompressed) bytes of records ``a+1 .. b``: whole segments from their
+        counters, a partly covered segment estimated by its stored-byte offsets. Cost:
+        O(log n + segments spanned)."""
+        if b <= a:
+            return 0
+        segs = self._segs
+        total = 0.0
+        i = max(0, bisect.bisect_right(self._firsts, a + 1) - 1)
+        while i < len(segs):
+            seg = segs[i]
+            i += 1
+            if seg.first_seq > b:
+                break
+            if seg.count == 0:
+                continue
+            lo = max(a + 1, seg.first_seq)
+            hi = min(b, seg.first_seq + seg.count - 1)
+            if hi < lo:
+                continue
+            if lo == seg.first_seq and hi == seg.first_seq + seg.count - 1:
+                total += seg.raw_bytes
+                continue
+            _ts, offs = self._load(seg)
+            stored = seg.size - offs[0]
+            if stored <= 0:
+                continue
+            end = offs[hi - seg.first_seq + 1] if hi - seg.first_seq + 1 < len(offs) else seg.size
+            total += seg.raw_bytes * (end - offs[lo - seg.first_seq]) / stored
+        return int(total)
+
     # ----------------------------------------------------------------------- time index
 
     def _load(self, seg: SegmentState) -> tuple[array[int], array[int]]:

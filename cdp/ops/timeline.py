@@ -20,7 +20,6 @@ Design notes
 
 from __future__ import annotations
 
-import bisect
 import time
 from typing import Any
 
@@ -49,49 +48,12 @@ def _time_arg(vol: Volume, text: Any, default: int) -> int:
     return vol.journal.time_of_seq(seq) if seq else default
 
 
-def _raw_bytes_between(vol: Volume, a: int, b: int) -> int:
-    """Written bytes of records ``a+1 .. b`` (estimated within a segment by its
-    stored-byte offsets). Cost: O(log n + segments spanned)."""
-    if b <= a:
-        return 0
-    j = vol.journal
-    segs = j._segs
-    firsts = j._firsts
-    total = 0.0
-    i = max(0, bisect.bisect_right(firsts, a + 1) - 1)
-    while i < len(segs):
-        seg = segs[i]
-        i += 1
-        if seg.count == 0 or seg.first_seq > b:
-            if seg.first_seq > b:
-                break
-            continue
-        lo = max(a + 1, seg.first_seq)
-        hi = min(b, seg.first_seq + seg.count - 1)
-        if hi < lo:
-            continue
-        if lo == seg.first_seq and hi == seg.first_seq + seg.count - 1:
-            total += seg.raw_bytes
-            continue
-        _ts, offs = j._load(seg)
-        stored = seg.size - offs[0]
-        if stored <= 0:
-            continue
-        end = offs[hi - seg.first_seq + 1] if hi - seg.first_seq + 1 < len(offs) else seg.size
-        total += seg.raw_bytes * (end - offs[lo - seg.first_seq]) / stored
-    return int(total)
-
-
 def _entropy(vol: Volume) -> dict[int, float]:
     """hour index -> suspect share the sentinel saw (its baseline hours and live buckets)."""
     s = sentinel_of(vol)
     if s is None:
         return {}
-    out = dict(s.det.hourly_max)
-    for idx, b in s.det._buckets.items():
-        h = idx * s.det.bucket_ns // _HOUR_NS
-        out[h] = max(out.get(h, 0.0), b.share())
-    return out
+    return s.det.share_by_hour()
 
 
 async def timeline(store: Store, args: dict[str, Any], progress: Progress) -> Any:
@@ -128,7 +90,7 @@ async def timeline(store: Store, args: dict[str, Any], progress: Progress) -> An
                 [v for h, v in ent.items() if hours.start <= h < hours.stop]
             e = round(max(vals), 4) if vals else None
         buckets.append({"start_ns": edges[i], "end_ns": edges[i + 1], "first_seq": a + 1,
-                        "last_seq": b, "writes": b - a, "bytes": _raw_bytes_between(vol, a, b),
+                        "last_seq": b, "writes": b - a, "bytes": j.raw_bytes_between(a, b),
                         "entropy": e})
     ms = [m for m in vol.markers if t0 <= m.time_ns <= t1]
     cap = int(args.get("max_markers") or MAX_MARKERS)
@@ -141,14 +103,14 @@ async def timeline(store: Store, args: dict[str, Any], progress: Progress) -> An
         for a in s.alert_list() if t0 <= int(a.get("first_time") or 0) <= t1
         or t0 <= int(a.get("detected_time") or 0) <= t1]
     rewinds = []
-    for ep in vol.maps._epochs[1:]:
+    for rewind_seq, target in vol.maps.rewinds:
         try:
-            ts = j.time_of_seq(ep.rewind_seq)
+            ts = j.time_of_seq(rewind_seq)
         except PointError:
             continue  # its record was compacted away
         if t0 <= ts <= t1:
-            rewinds.append({"seq": ep.rewind_seq, "time_ns": ts, "target_seq": ep.target,
-                            "undo": f"@{ep.rewind_seq - 1}"})
+            rewinds.append({"seq": rewind_seq, "time_ns": ts, "target_seq": target,
+                            "undo": f"@{rewind_seq - 1}"})
     ret = retention_of(vol)
     ka = vol.maps.keep_after
     faded = None

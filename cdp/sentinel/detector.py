@@ -107,6 +107,15 @@ class Detector:
         for h in [h for h in self.hourly_max if h < oldest]:
             del self.hourly_max[h]
 
+    def share_by_hour(self) -> dict[int, float]:
+        """Hour index (ns // 1 h) -> the largest suspect share seen in it: the learned
+        hourly maxima and the live buckets. Cost: O(hours kept + live buckets)."""
+        out = dict(self.hourly_max)
+        for idx, b in self._buckets.items():
+            h = idx * self.bucket_ns // _HOUR_NS
+            out[h] = max(out.get(h, 0.0), b.share())
+        return out
+
     def baseline(self) -> float:
         """The learned maximum share over the baseline window (0 before any)."""
         return max(self.hourly_max.values(), default=0.0)
