@@ -12,7 +12,7 @@ from cdp.units import format_size
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
-        "files", help="list files as of POINT (NTFS file catalog; nothing is mounted)",
+        "files", help="list files as of POINT (NTFS and ext2/3/4 file catalog; nothing is mounted)",
         description="List a directory as of POINT. At a marker the listing comes straight "
         "from the catalog; at any other point an MFT diff from the nearest earlier marker "
         "is overlaid (nothing is stored). Paths use '/'; partitions of a disk appear as "
