@@ -26,6 +26,10 @@ def recipe(doc: Path, name: str) -> str:
     return m.group(1)
 
 
+def test_readme_carries_the_same_recipe() -> None:
+    assert recipe(ROOT / "README.md", "ntfs") == recipe(ROOT / "docs" / "FILES.md", "ntfs")
+
+
 def test_ntfs_recipe_runs_as_written(tmp_path: Path) -> None:
     require_tool("nbdfuse", "mkntfs", "ntfs-3g", "fusermount3")
     script = recipe(ROOT / "docs" / "FILES.md", "ntfs")
