@@ -11,7 +11,6 @@ import os
 import random
 import stat
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import require_tool
+from tests.fuse import nbdfuse_file
 from tests.helpers import assert_bytes_equal
 from tests.integration.test_files_catalog import snapshot, wait_catalogued
 from tools.ext4_fixture import fls_entries, mounted
@@ -29,24 +29,8 @@ from tools.harness import Cdpd
 def disk(cdpd: Cdpd, tmp_path: Path) -> Iterator[Path]:
     """The live volume as a file: nbdfuse at cdp's NBD export."""
     require_tool("nbdfuse", "mkfs.ext4", "e2fsck", "fuse2fs", "fls", "icat")
-    mnt = tmp_path / "nbd"
-    mnt.mkdir()
-    pidfile = tmp_path / "nbdfuse.pid"
-    proc = subprocess.Popen(["nbdfuse", "-P", str(pidfile), str(mnt / "disk"), cdpd.uri()],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 30
-    while not (pidfile.exists() and pidfile.read_text().strip()):
-        assert proc.poll() is None or proc.returncode == 0, proc.stderr.read() if proc.stderr else ""
-        assert time.monotonic() < deadline, "nbdfuse did not start"
-        time.sleep(0.05)
-    try:
-        yield mnt / "disk"
-    finally:
-        subprocess.run(["fusermount3", "-u", str(mnt)], capture_output=True, check=False)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+    with nbdfuse_file(cdpd.uri(), tmp_path / "nbd") as disk:
+        yield disk
 
 
 def mkfs(disk: Path, kind: str, options: list[str]) -> None:

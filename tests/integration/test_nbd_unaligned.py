@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import require_tool
+from tests.fuse import nbdfuse_file
 from tools.harness import Cdpd, run
 from tools.ntfs_fixture import mounted
 
@@ -52,24 +53,8 @@ def written_bytes(d: Cdpd, vol: str = "vol0") -> int:
 @contextmanager
 def fused(uri: str, tmp: Path) -> Iterator[Path]:
     """The export as a file, through nbdfuse talking NBD straight to cdpd."""
-    mnt = tmp / "nbdfuse"
-    mnt.mkdir()
-    pidfile = tmp / "nbdfuse.pid"
-    proc = subprocess.Popen(["nbdfuse", "-P", str(pidfile), str(mnt / "disk"), uri],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 30
-    while not (pidfile.exists() and pidfile.read_text().strip()):
-        assert proc.poll() is None or proc.returncode == 0, proc.stderr.read() if proc.stderr else ""
-        assert time.monotonic() < deadline, "nbdfuse did not start"
-        time.sleep(0.05)
-    try:
-        yield mnt / "disk"
-    finally:
-        subprocess.run(["fusermount3", "-u", str(mnt)], capture_output=True, check=False)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+    with nbdfuse_file(uri, tmp / "nbdfuse") as disk:
+        yield disk
 
 
 def files_for(rng: random.Random) -> dict[str, bytes]:

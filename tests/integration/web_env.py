@@ -8,7 +8,6 @@ import contextlib
 import functools
 import hashlib
 import json
-import subprocess
 import time
 import urllib.error
 import urllib.request
@@ -20,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from tests.conftest import require_tool
+from tests.fuse import nbdfuse_file
 from tools.harness import Cdpd
 from tools.ntfs_fixture import mkntfs, mounted
 
@@ -88,24 +88,8 @@ class WebEnv:
 @contextlib.contextmanager
 def nbdfuse_disk(cdpd: Cdpd, tmp: Path) -> Iterator[Path]:
     """The live volume as a file (nbdfuse at cdp's NBD export)."""
-    mnt = tmp / "nbd"
-    mnt.mkdir()
-    pidfile = tmp / "nbdfuse.pid"
-    proc = subprocess.Popen(["nbdfuse", "-P", str(pidfile), str(mnt / "disk"), cdpd.uri()],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 30
-    while not (pidfile.exists() and pidfile.read_text().strip()):
-        assert proc.poll() is None or proc.returncode == 0, proc.stderr.read() if proc.stderr else ""
-        assert time.monotonic() < deadline, "nbdfuse did not start"
-        time.sleep(0.05)
-    try:
-        yield mnt / "disk"
-    finally:
-        subprocess.run(["fusermount3", "-u", str(mnt)], capture_output=True, check=False)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+    with nbdfuse_file(cdpd.uri(), tmp / "nbd") as disk:
+        yield disk
 
 
 def wait_catalogued(cdpd: Cdpd, n: int, timeout: float = 180) -> None:
