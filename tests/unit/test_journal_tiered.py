@@ -122,3 +122,18 @@ def test_drop_refuses_open_segment_and_compaction_skips(tmp_path: Path) -> None:
     assert j.compact_segment(s.first_seq, {}) is None
     assert not (tmp_path / s.name).exists()
     j.close()
+
+
+def test_verify_counts_dropped_segments(tmp_path: Path) -> None:
+    from cdp.journal import verify_journal
+
+    j, recs = _filled(tmp_path)
+    for s in [s for s in j.segments() if s.sealed][:2]:
+        j.drop_segment(s.first_seq)
+    j.close()
+    rep = verify_journal(tmp_path)
+    assert rep.ok, rep.problems
+    assert rep.records == len(recs) and rep.first_seq == 1
+    assert any("tiered" in n for n in rep.notes)
+    (tmp_path / "00000000000000000001.idx").unlink()
+    assert not verify_journal(tmp_path).ok
