@@ -22,7 +22,7 @@ Design notes
 - **State first, unlink after.** :meth:`TieredFS.add` rewrites ``tiered.json`` (temp
   file, fsync, rename, directory fsync) before the ``.seg`` is unlinked, so a crash in
   between leaves a listed segment whose file is still there (the file is then ignored,
-  and removed at the next drop of any segment).
+  and removed at the next open).
 - **Cache.** One file per record, ``cache/<first_seq:020d>-<offset:020d>``; LRU by bytes
   up to ``cache_bytes`` (rebuilt from the listing at open, oldest name first).
 """
@@ -125,6 +125,11 @@ class TieredFS(FileLayer):
         self.cached = 0
         self.hits = 0
         self.misses = 0
+        for f in self.dropped:  # a crash between the state write and the unlink
+            try:
+                base.unlink(os.path.join(directory, segment_name(f)))
+            except FileNotFoundError:
+                pass
         base.makedirs(self._cdir)
         for n in sorted(base.listdir(self._cdir)):
             try:

@@ -137,3 +137,18 @@ def test_verify_counts_dropped_segments(tmp_path: Path) -> None:
     assert any("tiered" in n for n in rep.notes)
     (tmp_path / "00000000000000000001.idx").unlink()
     assert not verify_journal(tmp_path).ok
+
+
+def test_leftover_file_of_a_listed_segment_is_removed_at_open(tmp_path: Path) -> None:
+    j, recs = _filled(tmp_path)
+    s = next(s for s in j.segments() if s.sealed)
+    copy = (tmp_path / s.name).read_bytes()
+    j.drop_segment(s.first_seq)
+    j.close()
+    (tmp_path / s.name).write_bytes(copy)  # as if cdpd crashed before the unlink
+    j = Journal.open(tmp_path, segment_bytes=4096)
+    assert not (tmp_path / s.name).exists()
+    assert j.dropped_segments() == [s.first_seq]
+    with pytest.raises(NotLocal):
+        j.read_payload(recs[0][0], recs[0][1])
+    j.close()
