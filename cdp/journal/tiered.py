@@ -58,9 +58,14 @@ Range = tuple[int, int, int]
 class NotLocal(CdpError):
     """Records of tiered history needed by a read are neither on local disk nor in the
     read cache. ``ranges``: ``[(first_seq, offset, length)]`` of the whole stored records,
-    for a fetcher to GET and :meth:`cdp.journal.Journal.cache_put`."""
+    for a fetcher to GET and :meth:`cdp.journal.Journal.cache_put` (a plain message, as
+    every CdpError takes, gives no ranges)."""
 
-    def __init__(self, ranges: Sequence[Range]) -> None:
+    def __init__(self, ranges: Sequence[Range] | str) -> None:
+        if isinstance(ranges, str):
+            self.ranges: list[Range] = []
+            super().__init__(ranges)
+            return
         self.ranges = list(ranges)
         n = sum(r[2] for r in self.ranges)
         super().__init__(
