@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING
 
 from cdp.backup.changes import status_runs
 from cdp.errors import CdpError, ReadOnly
+from cdp.journal import NotLocal
 from cdp.points import split_export_name
 from cdp.replication.target import load_role
 from cdp.targets.nbd.proto import StateFlag
@@ -109,8 +110,11 @@ class VolumeDevice:
         self._closed = False
         self._changed_seqs: dict[str, int] = {}
 
-    def read(self, offset: int, length: int) -> bytes:
-        return self.volume.read(offset, length)
+    def read(self, offset: int, length: int) -> bytes | Awaitable[bytes]:
+        try:
+            return self.volume.read(offset, length)
+        except NotLocal:  # tiered history: fetch, then read (costs nothing when local)
+            return self.volume.read_async(offset, length)
 
     def write(self, offset: int, data: bytes | bytearray, fua: bool) -> Awaitable[None] | None:
         return self.volume.write(offset, data, fua)
@@ -207,8 +211,11 @@ class PointInTimeDevice(VolumeDevice):
         self.min_block_size = 1  # read from the journal, never from a primary
         self.description = f"cdp volume {volume.name} at {point} (@{seq}, read-only)"
 
-    def read(self, offset: int, length: int) -> bytes:
-        return self.volume.read(offset, length, self.seq)
+    def read(self, offset: int, length: int) -> bytes | Awaitable[bytes]:
+        try:
+            return self.volume.read(offset, length, self.seq)
+        except NotLocal:  # tiered history: fetch, then read (costs nothing when local)
+            return self.volume.read_async(offset, length, self.seq)
 
     def write(self, offset: int, data: bytes | bytearray, fua: bool) -> None:
         raise ReadOnly(f"{self.description}: writes are refused")

@@ -57,7 +57,7 @@ from typing import Any, Self
 from cdp.config import MapSettings, Settings
 from cdp.errors import CdpError, Corruption, NotFound, OutOfRange, PointError, UsageError
 from cdp.fsutil import write_file_atomic
-from cdp.journal import Journal, RecordKind
+from cdp.journal import Journal, NotLocal, RecordKind
 from cdp.journal.format import RECORD_HEADER, REWIND_PAYLOAD
 from cdp.markers import Marker, load_markers, save_markers
 from cdp.points import PointKind, PointSpec, parse_point
@@ -127,6 +127,8 @@ class _PayloadCache:
 _Cols = tuple["array[int]", ...]
 _EMPTY_COLS: _Cols = tuple(array("q") for _ in range(5))
 _EXTENT_BYTES = 40  # five int64 columns
+#: fetches from the S3 tier one read_async may make (one per record not local)
+READ_FETCHES = 4096
 
 
 class _ViewRegions:
@@ -723,6 +725,26 @@ class Volume:
             buf[e.start - offset : e.end - offset] = view(
                 e.seq, e.loc, e.poff, e.end - e.start, cache=cache)
         return bytes(buf)
+
+    async def read_async(self, offset: int, length: int, seq: int | None = None) -> bytes:
+        """:meth:`read` for points whose records may live only in the S3 tier: on
+        :class:`~cdp.journal.NotLocal` the journal's fetcher (``journal.remote``, injected
+        by the tier service) GETs exactly the records named and puts them in the read
+        cache, then the read is tried again: one fetch per record the read needs that is
+        not local (a small read of a point: one), at most ``READ_FETCHES``. NotLocal when
+        no tier fetcher is attached, or when the same records are missing again right
+        after their fetch (the cache cannot hold what the read needs)."""
+        last: list[tuple[int, int, int]] | None = None
+        for _ in range(READ_FETCHES):
+            try:
+                return self.read(offset, length, seq)
+            except NotLocal as exc:
+                remote = self.journal.remote
+                if remote is None or exc.ranges == last:
+                    raise
+                last = exc.ranges
+                await remote(exc.ranges)
+        return self.read(offset, length, seq)
 
     def _resolve(self, seq: int, start: int, end: int) -> list[Any]:
         R = _ViewRegions.REGION

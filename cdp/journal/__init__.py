@@ -12,6 +12,7 @@ from cdp.journal.format import Compression, Record, RecordKind
 from cdp.journal.fs import Clock, CrashSimFS, FileLayer, ManualClock, OsFileLayer
 from cdp.journal.recovery import RecoveryReport
 from cdp.journal.segment import Problem
+from cdp.journal.tiered import NotLocal
 from cdp.journal.tiering import SealedFile, install_segment
 from cdp.journal.verify import VerifyReport, verify_journal
 from cdp.journal.writer import Journal, JournalStats, SegmentInfo
@@ -24,6 +25,7 @@ __all__ = [
     "Journal",
     "JournalStats",
     "ManualClock",
+    "NotLocal",
     "OsFileLayer",
     "PreparedCompaction",
     "Problem",

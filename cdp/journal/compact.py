@@ -74,6 +74,8 @@ class CompactSource:
     size: int
     offs: array[int]
     fs: FileLayer
+    #: its local copy was dropped (the S3 tier holds it): never rewritten
+    tiered: bool = False
 
 
 @dataclass
@@ -138,6 +140,9 @@ def build_compacted(
     path = os.path.join(src.directory, name)
     tmp_seg = path + ".compact.tmp"
     tmp_idx = os.path.join(src.directory, index_name(src.first_seq)) + ".compact.tmp"
+    if src.tiered:  # a dropped segment is never rewritten: nothing saved, nothing written
+        return PreparedCompaction(src.first_seq, src.size, src.size, tmp_seg, tmp_idx,
+                                  array("q"), array("q"), 0, 0, 0, 0)
     for t in (tmp_seg, tmp_idx):
         try:
             fs.unlink(t)

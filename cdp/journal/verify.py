@@ -14,6 +14,7 @@ from cdp.journal.segment import (
     read_index_header,
     scan_segment,
 )
+from cdp.journal.tiered import read_tiered
 
 
 @dataclass
@@ -63,11 +64,31 @@ def verify_journal(directory: str | os.PathLike[str], fs: FileLayer | None = Non
         names = fs.listdir(d)
     except FileNotFoundError:
         raise NotFound(f"journal directory {d} does not exist") from None
-    firsts = sorted(f for f in (parse_segment_name(n) for n in names) if f is not None)
+    dropped = read_tiered(fs, d) or {}
+    firsts = sorted({f for f in (parse_segment_name(n) for n in names) if f is not None}
+                    | set(dropped))
     rep.segments = len(firsts)
     expected: int | None = None
+    if dropped:
+        rep.notes.append(f"{len(dropped)} segment(s) tiered (local copy dropped, see "
+                         "docs/TIER.md): checked by `cdpctl verify --tier`")
     for i, first in enumerate(firsts):
         last = i == len(firsts) - 1
+        if first in dropped:  # only its sidecar is local: it keeps the seq chain
+            thdr = read_index_header(fs, d, first)
+            if thdr is None or thdr.data_end != dropped[first]:
+                rep.problems.append(Problem(index_name(first), 0, first,
+                                            "tiered segment: index sidecar missing or damaged"))
+                expected = None
+                continue
+            if expected is not None and first != expected:
+                rep.problems.append(Problem(index_name(first), 0, expected,
+                                            f"seq gap: segment starts at {first}"))
+            if thdr.count and not rep.first_seq:
+                rep.first_seq = first
+            rep.records += thdr.count
+            expected = first + thdr.count
+            continue
         scan = scan_segment(fs, d, first, deep=True)
         rep.bytes += scan.size
         if scan.header_error is not None:

@@ -41,6 +41,7 @@ import threading
 import time
 from array import array
 from collections import deque
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import lz4.block
@@ -92,8 +93,10 @@ from cdp.journal.segment import (
     SEALING,
     SegmentState,
     check_record,
+    read_index_header,
     write_index,
 )
+from cdp.journal.tiered import Range, TieredFS, read_tiered
 from cdp.journal.tiering import SealedFile
 
 #: payloads at least this large bypass the buffer (written with writev, no copy)
@@ -106,6 +109,8 @@ FLUSH_DELAY = 0.05
 #: after this many bytes handed to the OS, ask it to start writing them to the device
 #: (sync_file_range WRITE, no wait): a FLUSH then waits for the rest only
 WRITEBACK_BYTES = 8 << 20
+#: default bound of the read cache of tiered (dropped) segments, see set_cache_bytes
+DEFAULT_CACHE_BYTES = 1 << 30
 
 _W = int(RecordKind.WRITE)
 _I = int(RecordKind.INIT)
@@ -128,6 +133,8 @@ class SegmentInfo:
     sealed: bool
     compacted: bool = False
     raw_bytes: int = 0
+    #: False once the tier's copy is the only one (:meth:`Journal.drop_segment`)
+    local: bool = True
 
 
 @dataclass
@@ -200,6 +207,10 @@ class Journal(SegmentReader):
         self._cur_ts_append = array("q").append
         self._cur_offs_append = array("q").append
         self.recovery = RecoveryReport()
+        #: fetches tiered records (``[(first_seq, offset, length)]``) and cache_puts them;
+        #: injected by the tier service (None: reads of dropped segments raise NotLocal)
+        self.remote: Callable[[list[Range]], Awaitable[None]] | None = None
+        self._cache_bytes = DEFAULT_CACHE_BYTES
 
     @classmethod
     def open(
@@ -226,6 +237,9 @@ class Journal(SegmentReader):
             raise ConfigError("journal buffer_bytes must not be negative")
         j = cls(os.fspath(directory), segment_bytes, sync, fs or OsFileLayer(),
                 clock or Clock(), buffer_bytes)
+        dropped = read_tiered(j._fs, j._dir)
+        if dropped is not None:
+            j._fs = TieredFS(j._fs, j._dir, dropped, j._cache_bytes)
         j._install(recover(j._fs, j._dir))
         return j
 
@@ -725,7 +739,7 @@ class Journal(SegmentReader):
             raise UsageError(f"segment {seg.name} is not sealed yet")
         _ts, offs = self._load(seg)
         return CompactSource(self._dir, first_seq, seg.count, seg.size, array("q", offs),
-                             self._fs)
+                             self._fs, tiered=self.is_dropped(first_seq))
 
     def compact_commit(self, prep: PreparedCompaction) -> bool:
         """Put a prepared compaction in place (see :mod:`cdp.journal.compact` for the
@@ -789,7 +803,7 @@ class Journal(SegmentReader):
         seg = self._segs[i] if i < len(self._segs) else None
         if (seg is None or seg.first_seq != prep.first_seq or seg.state != SEALED
                 or seg.size != prep.old_size or prep.new_size >= prep.old_size
-                or self._pinned(seg.first_seq)):
+                or self._pinned(seg.first_seq) or self.is_dropped(seg.first_seq)):
             return None
         return seg
 
@@ -833,7 +847,7 @@ class Journal(SegmentReader):
         return [
             SegmentInfo(s.name, s.first_seq, s.first_seq + s.count - 1, s.count, self._size(s),
                         s.first_ts if s.count else None, s.state != OPEN, s.compacted,
-                        s.raw_bytes)
+                        s.raw_bytes, not self.is_dropped(s.first_seq))
             for s in self._segs
         ]
 
@@ -847,11 +861,86 @@ class Journal(SegmentReader):
         descriptor: a later compaction does not change what it reads). NotFound unless
         that segment exists and is sealed and durable. One open() and fstat."""
         for s in self._segs:
-            if s.first_seq == first_seq and s.state == SEALED:
+            if s.first_seq == first_seq and s.state == SEALED and not self.is_dropped(first_seq):
                 fd = self._fs.open_read(self._path(s.name))
                 return SealedFile(s.name, s.first_seq, s.first_seq + s.count - 1, s.count, s.size,
                                   s.compacted, fd, self._fs)
         raise NotFound(f"journal {self._dir}: no sealed segment starting at seq {first_seq}")
+
+    # ----------------------------------------------------------------------- tiered segments
+
+    def drop_segment(self, first_seq: int) -> int:
+        """Remove the local copy of sealed segment ``first_seq``, which the S3 tier holds:
+        its index sidecar, size and counters stay, it is listed in ``tiered.json``
+        (durably, before the unlink), and its reads go through the read cache
+        (:class:`~cdp.journal.tiered.NotLocal` on a miss). Returns the bytes freed.
+        UsageError for the open or a sealing segment, a segment a compaction is
+        replacing, or one whose sidecar is not intact; NotFound for no such segment.
+        Cost: a sidecar header read, a small file write, an unlink, two directory fsyncs."""
+        i = bisect.bisect_left(self._firsts, first_seq)
+        if i == len(self._firsts) or self._firsts[i] != first_seq:
+            raise NotFound(f"no journal segment starts at seq {first_seq}")
+        seg = self._segs[i]
+        if self.is_dropped(first_seq):
+            return 0
+        if seg.state != SEALED or self._pinned(first_seq):
+            raise UsageError(f"segment {seg.name} is not sealed or is being compacted")
+        hdr = read_index_header(self._fs, self._dir, first_seq)
+        if hdr is None or hdr.data_end != seg.size or hdr.count != seg.count:
+            raise UsageError(f"segment {seg.name}: its index sidecar is not intact; "
+                             "not dropping its local copy")
+        tfs = self._fs
+        if not isinstance(tfs, TieredFS):
+            tfs = TieredFS(tfs, self._dir, {}, self._cache_bytes)
+            self._fs = tfs
+        tfs.add(first_seq, seg.size)
+        fd = self._drop_fd(first_seq)
+        if fd is not None:
+            tfs.close(fd)
+        try:
+            tfs.base.unlink(self._path(seg.name))
+        except FileNotFoundError:
+            pass
+        tfs.base.fsync_dir(self._dir)
+        return seg.size
+
+    def is_dropped(self, first_seq: int) -> bool:
+        """True if segment ``first_seq``'s local copy was dropped (the tier holds it)."""
+        fs = self._fs
+        return isinstance(fs, TieredFS) and first_seq in fs.dropped
+
+    def dropped_segments(self) -> list[int]:
+        """First seqs of the dropped segments, oldest first."""
+        fs = self._fs
+        return sorted(fs.dropped) if isinstance(fs, TieredFS) else []
+
+    def set_cache_bytes(self, n: int) -> None:
+        """Bound the read cache of dropped segments to ``n`` bytes (evicting now)."""
+        self._cache_bytes = n
+        fs = self._fs
+        if isinstance(fs, TieredFS):
+            fs.cache_bytes = n
+            fs._trim()
+
+    def cache_put(self, first_seq: int, offset: int, data: bytes) -> None:
+        """Store bytes ``[offset, offset + len(data))`` fetched from the tier's copy of
+        dropped segment ``first_seq`` in the read cache (whole records only; checked by
+        CRC when read, like any record). Blocking file writes."""
+        fs = self._fs
+        if isinstance(fs, TieredFS):
+            fs.cache_put(first_seq, offset, data)
+
+    def local_bytes(self) -> int:
+        """Journal bytes on local disk: segments not dropped, plus the read cache."""
+        fs = self._fs
+        if not isinstance(fs, TieredFS):
+            return sum(self._size(s) for s in self._segs)
+        return sum(self._size(s) for s in self._segs if s.first_seq not in fs.dropped) + fs.cached
+
+    def cache_stats(self) -> tuple[int, int, int]:
+        """(hits, misses, cached bytes) of the read cache since open."""
+        fs = self._fs
+        return (fs.hits, fs.misses, fs.cached) if isinstance(fs, TieredFS) else (0, 0, 0)
 
     def stats(self) -> JournalStats:
         """Record and byte totals. O(segments)."""

@@ -10,13 +10,13 @@ import shutil
 import subprocess
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 from cdp.config import VolumeSpec
 from cdp.errors import NotFound, UsageError
-from cdp.journal import verify_journal
+from cdp.journal import NotLocal, verify_journal
 from cdp.ops.replication import status_rows as replication_rows
 from cdp.ops.retention import marker_fields, status_fields
 from cdp.outputs import (
@@ -325,10 +325,13 @@ async def resume(store: Store, args: dict[str, Any], progress: Progress) -> Any:
 # ---------------------------------------------------------------------------- images
 
 
-def _salvaged_data(vol: Volume, seq: int, damage: DamageMap, chunk: int = 64 << 20
-                   ) -> Iterator[tuple[int, bytes | None, int]]:
-    """:meth:`Volume.iter_data` that zeroes what fails its checksum and records it in
-    *damage* (volume offset = image offset). Cost: one extra map lookup per extent."""
+async def _image_data(vol: Volume, seq: int, on_error: str, damage: DamageMap,
+                      chunk: int = 64 << 20) -> AsyncIterator[tuple[int, bytes | None, int]]:
+    """(offset, data or None for zeros, length) over the volume at *seq*, in offset
+    order: :meth:`Volume.iter_data`, with ``on_error == "zero"`` what fails its checksum
+    zeroed and recorded in *damage* (volume offset = image offset), and records that live
+    only in the S3 tier fetched (``journal.remote``) as the extents need them. Cost: one
+    map lookup per extent plus the reads; one fetch per record not local."""
     def read(offset: int, length: int) -> bytes:
         return vol.read(offset, length, seq)
 
@@ -339,8 +342,23 @@ def _salvaged_data(vol: Volume, seq: int, damage: DamageMap, chunk: int = 64 << 
             n = e.end - e.start
             if e.loc < 0:
                 yield e.start, None, n
-            else:
-                yield e.start, salvage_read(read, e.start, n, e.start, damage), n
+                continue
+            last: list[tuple[int, int, int]] | None = None
+            while True:
+                found = DamageMap()  # this extent's damage, kept only once it is read
+                try:
+                    data = (read(e.start, n) if on_error == "stop"
+                            else salvage_read(read, e.start, n, e.start, found))
+                    break
+                except NotLocal as exc:
+                    remote = vol.journal.remote
+                    if remote is None or exc.ranges == last:
+                        raise
+                    last = exc.ranges
+                    await remote(exc.ranges)
+            for r in found.ranges:
+                damage.add(r["offset"], r["length"], r["source_offset"], r["reason"])
+            yield e.start, data, n
         pos = stop
 
 
@@ -362,14 +380,14 @@ async def image(store: Store, args: dict[str, Any], progress: Progress) -> Any:
         raise UsageError(f"{out}: not a regular file (image writes a sparse file; to copy a "
                          f"point onto a device, read the export {vol.name}@{point} with nbdcopy)")
     damage = DamageMap()
-    pieces = vol.iter_data(seq) if on_error == "stop" else _salvaged_data(vol, seq, damage)
+    pieces = _image_data(vol, seq, on_error, damage)
     fd, tmp = open_partial(out)
     data_bytes = 0
     t0 = time.perf_counter()
     try:
         set_size(fd, vol.size, out)
         done_since_yield = 0
-        for off, data, n in pieces:
+        async for off, data, n in pieces:
             if data is not None:
                 write_at(fd, data, off, out)
                 data_bytes += n

@@ -3,6 +3,8 @@
     svc = attach_tier(vol)          # by the store when [tier] url is set
     svc.start()                     # needs a running loop (cdpd: start_tiers(store))
     await svc.upload_now()          # one batch now (tests, tools); returns the generation
+    svc.drop_uploaded()             # drop local copies the bucket holds (the task does it
+                                    # after each of its batches)
     svc.status() -> dict            # what `cdpctl tier status` prints
 
 Design notes
@@ -39,6 +41,14 @@ Design notes
   skipped, logged and retried at the next gc, never deleted early.
 - **Rate.** ``rate`` bytes/s is a token bucket over segment bytes sent, paced between
   parts in the uploading thread.
+- **Local space.** After a batch whose generation is in the bucket, every sealed segment
+  it names (same size, same compaction state) whose last record is older than
+  ``upload_after``, except the newest ``KEEP_LOCAL`` sealed ones (the hot tail: recent
+  points stay local), is dropped locally (``Journal.drop_segment``). Its reads then go
+  through the journal's read cache (``local_cache_bytes``) and, on a miss, through
+  :meth:`TierService.fetch`, injected as ``journal.remote``: ranged GETs of exactly the
+  records named, adjacent ones coalesced, in a worker thread; the bytes are checked by
+  each record's CRC when read (a tampered object is Corruption, never data).
 """
 
 from __future__ import annotations
@@ -59,7 +69,15 @@ from pathlib import Path
 from typing import Any
 
 from cdp.config import TierSettings
-from cdp.errors import CdpError, NotFound, RemoteRefused, RemoteUnreachable
+from cdp.errors import (
+    CdpError,
+    Corruption,
+    NotFound,
+    OutOfRange,
+    RemoteRefused,
+    RemoteUnreachable,
+    UsageError,
+)
 from cdp.journal import SealedFile
 from cdp.markers import MARKERS_FORMAT, Marker
 from cdp.tier.manifest import (
@@ -84,6 +102,8 @@ CATALOG_FILE = "catalog.sqlite"
 MAX_BACKOFF = 60.0
 #: parts of one multipart segment upload in flight (memory: that many 8 MiB parts)
 UPLOAD_WORKERS = 8
+#: the newest sealed segments never dropped locally (the hot tail of recent points)
+KEEP_LOCAL = 1
 
 
 def s3_settings(t: TierSettings) -> S3Settings:
@@ -189,6 +209,12 @@ class TierService(VolumeService):
         #: start the task on the first seal/marker when a loop runs (cdpd); tests drive
         #: batches themselves with :meth:`upload_now`
         self._auto = autostart
+        #: segments dropped locally since start; ranged GETs and bytes fetched
+        self.dropped_segments = 0
+        self.fetches = 0
+        self.fetched_bytes = 0
+        vol.journal.set_cache_bytes(settings.local_cache_bytes)
+        vol.journal.remote = self.fetch
 
     @property
     def s3(self) -> S3:
@@ -277,12 +303,91 @@ class TierService(VolumeService):
             "uploaded_segments": len(m.segments) if m else 0,
             "pending_segments": len(pend),
             "uploaded_bytes": sum(s.size for s in m.segments) if m else 0,
-            "local_bytes": j.stats().file_bytes,
+            "local_bytes": j.local_bytes(),
             "oldest_pending_age_seconds": round(oldest, 3),
-            "cache_hit_ratio": None,
+            "cache_hit_ratio": self.cache_hit_ratio(),
+            "dropped_segments": len(j.dropped_segments()),
             "sent_bytes": self.sent_bytes,
             "last_error": self.last_error,
         }
+
+    def cache_hit_ratio(self) -> float | None:
+        """Hits / lookups of the journal's read cache of tiered records since open;
+        None before the first read of tiered history."""
+        hits, misses, _n = self.vol.journal.cache_stats()
+        return round(hits / (hits + misses), 4) if hits + misses else None
+
+    # ------------------------------------------------------------------ tiered reads
+
+    async def fetch(self, ranges: list[tuple[int, int, int]]) -> None:
+        """GET byte ranges ``(first_seq, offset, length)`` of dropped segments from
+        their objects in the newest generation (adjacent ranges of one segment coalesced
+        into one ranged GET, in a worker thread) and put them in the journal's read
+        cache. NotFound if a segment is in no generation; RemoteUnreachable/Refused as
+        any S3 call; Corruption if an object is shorter than the range."""
+        if not self._loaded:
+            await self.refresh()
+        have = self._have()
+        jobs: list[tuple[int, str, int, int]] = []
+        for first, off, n in sorted(ranges):
+            o = have.get(first)
+            if o is None:
+                raise NotFound(f"volume {self.vol.name}: segment {first} is dropped locally "
+                               f"but no generation at {self.url} names it")
+            if jobs and jobs[-1][0] == first and jobs[-1][2] + jobs[-1][3] == off:
+                jobs[-1] = (first, o.key, jobs[-1][2], jobs[-1][3] + n)
+            else:
+                jobs.append((first, o.key, off, n))
+        got = await asyncio.to_thread(self._get_ranges, jobs)
+        j = self.vol.journal
+        for (first, key, off, n), data in zip(jobs, got, strict=True):
+            if len(data) != n:
+                raise Corruption(f"s3://{self.bucket}/{key}: {len(data)} bytes at offset "
+                                 f"{off}, expected {n} (object changed behind cdp's back?)")
+            j.cache_put(first, off, data)
+            self.fetches += 1
+            self.fetched_bytes += n
+
+    def _get_ranges(self, jobs: list[tuple[int, str, int, int]]) -> list[bytes]:
+        """One ranged GET per job. Worker thread."""
+        out = []
+        for _first, key, off, n in jobs:
+            try:
+                out.append(self.s3.get_range(self.bucket, key, off, n))
+            except OutOfRange:
+                out.append(b"")
+        return out
+
+    def drop_uploaded(self) -> int:
+        """Drop the local copy of every sealed segment the newest generation holds as
+        it is (size, compaction), older than ``upload_after``, but the newest
+        ``KEEP_LOCAL`` sealed ones; bytes freed. Event-loop thread (small file writes
+        and fsyncs per segment dropped)."""
+        if self.manifest is None:
+            return 0
+        j = self.vol.journal
+        have = self._have()
+        now = time.time_ns()
+        after = int(self.settings.upload_after * 1e9)
+        sealed = j.sealed_segments()
+        freed = 0
+        for info in sealed[: max(0, len(sealed) - KEEP_LOCAL)]:
+            o = have.get(info.first_seq)
+            if (not info.local or o is None or o.size != info.bytes
+                    or o.compacted != info.compacted or info.records == 0):
+                continue
+            if after and now - j.time_of_seq(info.last_seq) < after:
+                break
+            try:
+                freed += j.drop_segment(info.first_seq)
+            except (UsageError, NotFound) as e:
+                log.info("tier %s: keeping %s local: %s", self.vol.name, info.name, e)
+                continue
+            self.dropped_segments += 1
+        if freed:
+            log.info("tier %s: dropped %d bytes of uploaded segments locally",
+                     self.vol.name, freed)
+        return freed
 
     # ------------------------------------------------------------------ the task
 
@@ -298,6 +403,7 @@ class TierService(VolumeService):
             try:
                 async with self._lock:
                     await self._batch()
+                    self.drop_uploaded()
                 delay = 1.0
                 if self._gc_due:
                     self._gc_due = False

@@ -1,0 +1,347 @@
+"""Sealed segments whose local copy was dropped after the S3 tier uploaded them.
+
+A dropped segment keeps everything but its bytes: its index sidecar (record offsets and
+timestamps), its size, count and raw bytes. It is listed in ``journal/tiered.json``;
+reads of its records come from a bounded read cache of whole stored records
+(``journal/cache/``), and a miss raises :class:`NotLocal` naming exactly the records
+needed, for the caller to fetch (``Journal.remote``) and put (``Journal.cache_put``).
+
+Design notes
+------------
+- **A file layer, not a second reader.** :class:`TieredFS` wraps the journal's
+  :class:`~cdp.journal.fs.FileLayer`: it lists a dropped segment as if its file were
+  there, and its descriptors for such a segment read through the cache. The reader,
+  recovery and the scans stay as they are (each record's CRC is checked on read as
+  today, so a tampered object is Corruption, never data). The wrapper is installed only
+  when a journal has dropped segments: a fully local journal pays nothing.
+- **Whole records.** A pread of a dropped segment is served from the cached records it
+  starts in and after, up to the first one missing (a short read: the reader then asks
+  again from there); when the record it starts in is missing, NotLocal names that one
+  record as ``(first_seq, offset, length)``. So a read fetches exactly the records it
+  decodes, one round-trip per record (a point's read touches one record per extent).
+- **State first, unlink after.** :meth:`TieredFS.add` rewrites ``tiered.json`` (temp
+  file, fsync, rename, directory fsync) before the ``.seg`` is unlinked, so a crash in
+  between leaves a listed segment whose file is still there (the file is then ignored,
+  and removed at the next open).
+- **Cache.** One file per record, ``cache/<first_seq:020d>-<offset:020d>``; LRU by bytes
+  up to ``cache_bytes`` (rebuilt from the listing at open, oldest name first).
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import os
+from array import array
+from collections import OrderedDict
+from collections.abc import Sequence
+from typing import Any
+
+from cdp.errors import CdpError, Corruption
+from cdp.journal.format import SEGMENT_HEADER_SIZE, parse_segment_name, segment_name
+from cdp.journal.fs import Buffer, FileLayer
+from cdp.journal.segment import load_index_entries, read_index_header
+
+#: the journal-owned state file listing dropped segments
+TIERED_NAME = "tiered.json"
+TIERED_FORMAT = 1
+#: the read cache's subdirectory of the journal directory
+CACHE_DIR = "cache"
+#: descriptors of dropped segments are numbered from here (real ones are small)
+_VFD_BASE = 1 << 40
+#: dropped segments whose offsets stay in memory
+_OFFS_CACHE = 16
+
+Range = tuple[int, int, int]
+
+
+class NotLocal(CdpError):
+    """Records of tiered history needed by a read are neither on local disk nor in the
+    read cache. ``ranges``: ``[(first_seq, offset, length)]`` of the whole stored records,
+    for a fetcher to GET and :meth:`cdp.journal.Journal.cache_put` (a plain message, as
+    every CdpError takes, gives no ranges)."""
+
+    def __init__(self, ranges: Sequence[Range] | str) -> None:
+        if isinstance(ranges, str):
+            self.ranges: list[Range] = []
+            super().__init__(ranges)
+            return
+        self.ranges = list(ranges)
+        n = sum(r[2] for r in self.ranges)
+        super().__init__(
+            f"tiered history not local: {len(self.ranges)} record(s), {n} bytes of "
+            f"segment(s) {sorted({r[0] for r in self.ranges})} must be fetched from the "
+            f"tier (see `cdpctl tier status`)")
+
+
+def encode_tiered(segments: dict[int, int]) -> bytes:
+    """The bytes of ``tiered.json`` for dropped segments ``{first_seq: size}``."""
+    body = {"format": TIERED_FORMAT,
+            "segments": [{"first_seq": f, "size": segments[f]} for f in sorted(segments)]}
+    return (json.dumps(body, sort_keys=True, separators=(",", ":")) + "\n").encode()
+
+
+def decode_tiered(data: bytes, where: str) -> dict[int, int]:
+    """``{first_seq: size}`` from ``tiered.json`` bytes; Corruption if malformed."""
+    try:
+        body: Any = json.loads(data)
+        if body.get("format") != TIERED_FORMAT:
+            raise ValueError(f"format {body.get('format')!r}, expected {TIERED_FORMAT}")
+        out = {int(e["first_seq"]): int(e["size"]) for e in body["segments"]}
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise Corruption(f"{where}: bad tiered state: {exc}") from None
+    if any(f < 1 or s < SEGMENT_HEADER_SIZE for f, s in out.items()):
+        raise Corruption(f"{where}: bad tiered state: bad first_seq or size")
+    return out
+
+
+def read_tiered(fs: FileLayer, directory: str) -> dict[int, int] | None:
+    """The dropped segments listed in ``directory``'s ``tiered.json``, None if absent."""
+    path = os.path.join(directory, TIERED_NAME)
+    try:
+        fd = fs.open_read(path)
+    except FileNotFoundError:
+        return None
+    try:
+        data = fs.pread(fd, fs.size(path), 0)
+    finally:
+        fs.close(fd)
+    return decode_tiered(data, path)
+
+
+class TieredFS(FileLayer):
+    """A journal's file layer with dropped segments served from the read cache (see the
+    module notes). Everything else goes to ``base``. Event-loop thread only (like the
+    journal), except the plain delegations."""
+
+    def __init__(self, base: FileLayer, directory: str, dropped: dict[int, int],
+                 cache_bytes: int = 0) -> None:
+        self.base = base
+        self.directory = directory
+        self.dropped = dict(dropped)
+        self.cache_bytes = cache_bytes
+        self._names = {segment_name(f): f for f in self.dropped}
+        self._vfds: dict[int, int] = {}  # descriptor -> first_seq
+        self._next_vfd = _VFD_BASE
+        self._offs: OrderedDict[int, array[int]] = OrderedDict()
+        self._cdir = os.path.join(directory, CACHE_DIR)
+        #: (first_seq, offset) -> length, least recently used first
+        self._cache: OrderedDict[tuple[int, int], int] = OrderedDict()
+        self.cached = 0
+        self.hits = 0
+        self.misses = 0
+        for f in self.dropped:  # a crash between the state write and the unlink
+            try:
+                base.unlink(os.path.join(directory, segment_name(f)))
+            except FileNotFoundError:
+                pass
+        base.makedirs(self._cdir)
+        for n in sorted(base.listdir(self._cdir)):
+            try:
+                a, b = n.split("-")
+                key = (int(a), int(b))
+            except ValueError:
+                continue
+            p = os.path.join(self._cdir, n)
+            if key[0] not in self.dropped or n.endswith(".tmp"):
+                base.unlink(p)
+                continue
+            size = base.size(p)
+            self._cache[key] = size
+            self.cached += size
+        self._trim()
+
+    # ---------------------------------------------------------------- dropped segments
+
+    def add(self, first_seq: int, size: int) -> None:
+        """List segment ``first_seq`` (``size`` bytes) as dropped, durably (tiered.json
+        rewritten atomically). The caller unlinks the file afterwards."""
+        self.dropped[first_seq] = size
+        self._names[segment_name(first_seq)] = first_seq
+        self._write_state()
+
+    def _write_state(self) -> None:
+        base = self.base
+        path = os.path.join(self.directory, TIERED_NAME)
+        tmp = path + ".tmp"
+        fd = base.open_append(tmp)
+        try:
+            base.truncate(fd, 0)
+            base.write(fd, encode_tiered(self.dropped))
+            base.fdatasync(fd)
+        finally:
+            base.close(fd)
+        base.rename(tmp, path)
+        base.fsync_dir(self.directory)
+
+    def is_dropped(self, first_seq: int) -> bool:
+        return first_seq in self.dropped
+
+    def _offsets(self, first_seq: int) -> array[int]:
+        offs = self._offs.get(first_seq)
+        if offs is not None:
+            self._offs.move_to_end(first_seq)
+            return offs
+        hdr = read_index_header(self.base, self.directory, first_seq)
+        got = load_index_entries(self.base, self.directory, hdr) if hdr is not None else None
+        if got is None or hdr is None or hdr.data_end != self.dropped[first_seq]:
+            raise Corruption(f"{self.directory}: the index sidecar of tiered segment "
+                             f"{segment_name(first_seq)} is missing or damaged")
+        offs = got[1]
+        self._offs[first_seq] = offs
+        if len(self._offs) > _OFFS_CACHE:
+            self._offs.popitem(last=False)
+        return offs
+
+    def records(self, first_seq: int, offset: int, n: int) -> list[Range]:
+        """The stored records of dropped segment ``first_seq`` overlapping bytes
+        ``[offset, offset + n)`` (the segment header counts as one). O(log records)."""
+        size = self.dropped[first_seq]
+        end = min(offset + n, size)
+        offs = self._offsets(first_seq)
+        out: list[Range] = []
+        if offset < SEGMENT_HEADER_SIZE and end > 0:
+            out.append((first_seq, 0, SEGMENT_HEADER_SIZE))
+        i = max(0, bisect.bisect_right(offs, offset) - 1)
+        while i < len(offs) and offs[i] < end:
+            a = offs[i]
+            b = offs[i + 1] if i + 1 < len(offs) else size
+            if b > offset:
+                out.append((first_seq, a, b - a))
+            i += 1
+        return out
+
+    # ---------------------------------------------------------------- the read cache
+
+    def _cpath(self, first_seq: int, offset: int) -> str:
+        return os.path.join(self._cdir, f"{first_seq:020d}-{offset:020d}")
+
+    def cache_put(self, first_seq: int, offset: int, data: bytes) -> None:
+        """Store fetched bytes ``[offset, offset + len(data))`` of dropped segment
+        ``first_seq``: every whole record they hold goes into the cache (partial ones
+        at the edges are ignored), the least recently used leave beyond the bound."""
+        if first_seq not in self.dropped:
+            return
+        end = offset + len(data)
+        mv = memoryview(data)
+        for f, a, n in self.records(first_seq, offset, len(data)):
+            if a < offset or a + n > end or (f, a) in self._cache:
+                continue
+            path = self._cpath(f, a)
+            fd = self.base.open_append(path + ".tmp")
+            try:
+                self.base.truncate(fd, 0)
+                self.base.write(fd, mv[a - offset : a - offset + n])
+            finally:
+                self.base.close(fd)
+            self.base.rename(path + ".tmp", path)
+            self._cache[(f, a)] = n
+            self.cached += n
+        self._trim()
+
+    def _trim(self) -> None:
+        while self.cached > self.cache_bytes and self._cache:
+            (f, a), n = self._cache.popitem(last=False)
+            self.cached -= n
+            try:
+                self.base.unlink(self._cpath(f, a))
+            except FileNotFoundError:
+                pass
+
+    def _cached(self, first_seq: int, offset: int) -> bytes | None:
+        n = self._cache.get((first_seq, offset))
+        if n is None:
+            return None
+        self._cache.move_to_end((first_seq, offset))
+        fd = self.base.open_read(self._cpath(first_seq, offset))
+        try:
+            return self.base.pread(fd, n, 0)
+        finally:
+            self.base.close(fd)
+
+    # ---------------------------------------------------------------- FileLayer
+
+    def open_read(self, path: str) -> int:
+        f = self._names.get(os.path.basename(path))
+        if f is None or f not in self.dropped or os.path.dirname(path) != self.directory:
+            return self.base.open_read(path)
+        fd = self._next_vfd
+        self._next_vfd += 1
+        self._vfds[fd] = f
+        return fd
+
+    def pread(self, fd: int, size: int, offset: int) -> bytes:
+        if fd < _VFD_BASE:
+            return self.base.pread(fd, size, offset)
+        f = self._vfds[fd]
+        recs = self.records(f, offset, size)
+        if not recs:
+            return b""
+        parts: list[bytes] = []
+        for r in recs:
+            got = self._cached(r[0], r[1])
+            if got is None:
+                if not parts:  # the record the read starts in is missing
+                    self.misses += 1
+                    raise NotLocal([r])
+                break  # a short read: callers read again past what they got
+            parts.append(got)
+        self.hits += len(parts)
+        blob = b"".join(parts)
+        start = offset - recs[0][1]
+        return blob[start : start + size]
+
+    def close(self, fd: int) -> None:
+        if fd < _VFD_BASE:
+            self.base.close(fd)
+        else:
+            self._vfds.pop(fd, None)
+
+    def size(self, path: str) -> int:
+        f = self._names.get(os.path.basename(path))
+        if f is not None and f in self.dropped and os.path.dirname(path) == self.directory:
+            return self.dropped[f]
+        return self.base.size(path)
+
+    def listdir(self, directory: str) -> list[str]:
+        names = self.base.listdir(directory)
+        if os.path.normpath(directory) == os.path.normpath(self.directory):
+            have = set(names)
+            names += [n for n in self._names if n not in have]
+        return names
+
+    def open_append(self, path: str) -> int:
+        return self.base.open_append(path)
+
+    def write(self, fd: int, data: Buffer) -> None:
+        self.base.write(fd, data)
+
+    def writev(self, fd: int, parts: Sequence[Buffer]) -> None:
+        self.base.writev(fd, parts)
+
+    def fdatasync(self, fd: int) -> None:
+        self.base.fdatasync(fd)
+
+    def start_writeback(self, fd: int, offset: int, length: int) -> None:
+        self.base.start_writeback(fd, offset, length)
+
+    def truncate(self, fd: int, size: int) -> None:
+        self.base.truncate(fd, size)
+
+    def rename(self, src: str, dst: str) -> None:
+        self.base.rename(src, dst)
+
+    def unlink(self, path: str) -> None:
+        self.base.unlink(path)
+
+    def fsync_dir(self, directory: str) -> None:
+        self.base.fsync_dir(directory)
+
+    def makedirs(self, directory: str) -> None:
+        self.base.makedirs(directory)
+
+
+def local_segment_files(fs: FileLayer, directory: str) -> list[int]:
+    """First seqs of the segment files really present in ``directory``."""
+    return sorted(f for f in (parse_segment_name(n) for n in fs.listdir(directory))
+                  if f is not None)

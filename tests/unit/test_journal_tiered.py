@@ -1,0 +1,154 @@
+"""Dropped (tiered) segments: drop_segment, tiered.json, the read cache, NotLocal."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from cdp.errors import Corruption, UsageError
+from cdp.journal import Journal, NotLocal
+from cdp.journal.tiered import TIERED_NAME, decode_tiered, encode_tiered
+
+
+def _filled(path: Path, n: int = 40) -> tuple[Journal, list[tuple[int, int, bytes]]]:
+    j = Journal.open(path, segment_bytes=4096)
+    recs = []
+    for i in range(n):
+        data = os.urandom(700) if i % 2 else bytes([i]) * 512
+        seq, loc = j.append_write(i * 4096, data)
+        recs.append((seq, loc, data))
+    j.sync()
+    return j, recs
+
+
+def _fetch_from(copy: dict[int, bytes], j: Journal, exc: NotLocal) -> None:
+    for first, off, n in exc.ranges:
+        j.cache_put(first, off, copy[first][off : off + n])
+
+
+def test_tiered_json_golden() -> None:
+    assert encode_tiered({5: 4000, 1: 4090}) == (
+        b'{"format":1,"segments":[{"first_seq":1,"size":4090},{"first_seq":5,"size":4000}]}\n')
+    assert decode_tiered(encode_tiered({7: 100}), "x") == {7: 100}
+    with pytest.raises(Corruption):
+        decode_tiered(b'{"format":2,"segments":[]}', "x")
+
+
+def test_drop_read_through_cache_and_reopen(tmp_path: Path) -> None:
+    j, recs = _filled(tmp_path)
+    sealed = [s for s in j.segments() if s.sealed]
+    assert len(sealed) >= 3
+    copy: dict[int, bytes] = {}
+    before = j.local_bytes()
+    for s in sealed[:2]:
+        copy[s.first_seq] = (tmp_path / s.name).read_bytes()
+        assert j.drop_segment(s.first_seq) == s.bytes
+        assert not (tmp_path / s.name).exists()
+    assert j.local_bytes() == before - sum(s.bytes for s in sealed[:2])
+    assert j.dropped_segments() == [s.first_seq for s in sealed[:2]]
+    assert [s.local for s in j.segments()][:3] == [False, False, True]
+    assert (tmp_path / TIERED_NAME).exists()
+    seq, loc, data = recs[0]
+    with pytest.raises(NotLocal) as ei:
+        j.read_payload(seq, loc)
+    assert ei.value.ranges[0][:2] == (sealed[0].first_seq, loc)
+    _fetch_from(copy, j, ei.value)
+    assert j.read_payload(seq, loc) == data
+    assert j.cache_stats()[0] >= 1
+    # a scan of a dropped segment needs its records too
+    with pytest.raises(NotLocal):
+        list(j.scan_stored(1))
+    j.close()
+    j = Journal.open(tmp_path, segment_bytes=4096)
+    assert j.dropped_segments() == [s.first_seq for s in sealed[:2]]
+    assert j.read_payload(seq, loc) == data  # the cache survives a reopen
+    for seq, loc, data in recs:
+        for _ in range(3):
+            try:
+                assert j.read_payload(seq, loc) == data
+                break
+            except NotLocal as exc:
+                _fetch_from(copy, j, exc)
+        else:
+            raise AssertionError(f"seq {seq} never became readable")
+    assert j.time_of_seq(recs[0][0]) > 0
+    assert j.stats().records == len(recs)
+    j.close()
+
+
+def test_tampered_bytes_are_corruption(tmp_path: Path) -> None:
+    j, recs = _filled(tmp_path)
+    s = next(s for s in j.segments() if s.sealed)
+    copy = bytearray((tmp_path / s.name).read_bytes())
+    j.drop_segment(s.first_seq)
+    seq, loc, _data = recs[1]
+    with pytest.raises(NotLocal) as ei:
+        j.read_payload(seq, loc)
+    for first, off, n in ei.value.ranges:
+        blob = bytearray(copy[off : off + n])
+        blob[-5] ^= 0xFF
+        j.cache_put(first, off, bytes(blob))
+    with pytest.raises(Corruption):
+        j.read_payload(seq, loc)
+    j.close()
+
+
+def test_cache_is_bounded(tmp_path: Path) -> None:
+    j, recs = _filled(tmp_path)
+    j.set_cache_bytes(2000)
+    segs = [s for s in j.segments() if s.sealed]
+    copy = {s.first_seq: (tmp_path / s.name).read_bytes() for s in segs}
+    for s in segs:
+        j.drop_segment(s.first_seq)
+    for seq, loc, data in recs[: len(recs) // 2]:
+        try:
+            j.read_payload(seq, loc)
+        except NotLocal as exc:
+            _fetch_from(copy, j, exc)
+        assert j.read_payload(seq, loc) == data
+        assert j.cache_stats()[2] <= 2000
+    assert sum(f.stat().st_size for f in (tmp_path / "cache").iterdir()) <= 2000
+    j.close()
+
+
+def test_drop_refuses_open_segment_and_compaction_skips(tmp_path: Path) -> None:
+    j, _recs = _filled(tmp_path)
+    with pytest.raises(UsageError):
+        j.drop_segment(j.segments()[-1].first_seq)
+    s = next(s for s in j.segments() if s.sealed)
+    j.drop_segment(s.first_seq)
+    assert j.compact_segment(s.first_seq, {}) is None
+    assert not (tmp_path / s.name).exists()
+    j.close()
+
+
+def test_verify_counts_dropped_segments(tmp_path: Path) -> None:
+    from cdp.journal import verify_journal
+
+    j, recs = _filled(tmp_path)
+    for s in [s for s in j.segments() if s.sealed][:2]:
+        j.drop_segment(s.first_seq)
+    j.close()
+    rep = verify_journal(tmp_path)
+    assert rep.ok, rep.problems
+    assert rep.records == len(recs) and rep.first_seq == 1
+    assert any("tiered" in n for n in rep.notes)
+    (tmp_path / "00000000000000000001.idx").unlink()
+    assert not verify_journal(tmp_path).ok
+
+
+def test_leftover_file_of_a_listed_segment_is_removed_at_open(tmp_path: Path) -> None:
+    j, recs = _filled(tmp_path)
+    s = next(s for s in j.segments() if s.sealed)
+    copy = (tmp_path / s.name).read_bytes()
+    j.drop_segment(s.first_seq)
+    j.close()
+    (tmp_path / s.name).write_bytes(copy)  # as if cdpd crashed before the unlink
+    j = Journal.open(tmp_path, segment_bytes=4096)
+    assert not (tmp_path / s.name).exists()
+    assert j.dropped_segments() == [s.first_seq]
+    with pytest.raises(NotLocal):
+        j.read_payload(recs[0][0], recs[0][1])
+    j.close()
