@@ -45,6 +45,7 @@ from cdp.catalog.model import Entry
 from cdp.catalog.rules import DirInfo, Plan, Resolver, plan_steps
 from cdp.errors import CdpError, Corruption
 from cdp.ext4.fs import Ext4, is_ext
+from cdp.journal import NotLocal
 from cdp.ntfs.boot import BootSector
 from cdp.ntfs.mft import NtfsVolume
 from cdp.ntfs.record import FileRecord
@@ -155,6 +156,8 @@ async def _compute(
 
     try:
         found = find_filesystems(read, size)
+    except NotLocal:  # tiered history: the caller fetches it and runs again
+        raise
     except CdpError as e:
         found = []
         note = f"partition table unreadable: {e}"
@@ -172,6 +175,8 @@ async def _compute(
             continue
         try:
             nv = NtfsVolume(read, part.offset, part.size)
+        except NotLocal:  # tiered history: the caller fetches it and runs again
+            raise
         except CdpError as e:
             out.note += f"{part.name or 'volume'}: NTFS unreadable: {e}; "
             continue
@@ -187,6 +192,8 @@ async def _compute(
             assert base is not None
             try:
                 ranges = changed(base.seq, part.offset, part.offset + part.size)
+            except NotLocal:  # tiered history: the caller fetches it and runs again
+                raise
             except CdpError as e:  # the base point is gone from the journal: rescan
                 out.note += f"changed ranges unavailable ({e}); full rescan; "
         if same and ranges is not None:
@@ -267,6 +274,8 @@ async def _compute_ext(
     changed ranges are known, else a full index. Yields between chunks of work."""
     try:
         fs = Ext4(read, part.offset, part.size)
+    except NotLocal:  # tiered history: the caller fetches it and runs again
+        raise
     except CdpError as e:
         out.note += f"{part.name or 'volume'}: ext file system unreadable: {e}; "
         return
@@ -278,6 +287,8 @@ async def _compute_ext(
         assert base is not None
         try:
             ranges = changed(base.seq, part.offset, part.offset + part.size)
+        except NotLocal:  # tiered history: the caller fetches it and runs again
+            raise
         except CdpError as e:  # the base point is gone from the journal: rescan
             out.note += f"changed ranges unavailable ({e}); full rescan; "
     ix = ext4index.Ext4Indexer(fs, part, "/" + part.name if part.name else "", backup_ns, chunk)

@@ -19,12 +19,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import weakref
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 from cdp.catalog.db import CATALOG_FILE, Catalog, Version
 from cdp.catalog.indexer import Computed, View, compute, gc_paused, persist
+from cdp.journal import NotLocal
 from cdp.markers import Marker
-from cdp.volume import Volume, VolumeService
+from cdp.volume import READ_FETCHES, Volume, VolumeService
+
+T = TypeVar("T")
 
 log = logging.getLogger("cdp.catalog")
 
@@ -97,8 +101,8 @@ class CatalogService(VolumeService):
             return None
         vol = self.volume
         with gc_paused():  # across both: the computed plan lives until it is written
-            c = await compute(reader_at(vol, m.seq), vol.size, cat, base,
-                              changed_to(vol, m.seq), m.time_ns)
+            c = await fetching(vol, lambda: compute(reader_at(vol, m.seq), vol.size, cat, base,
+                                                    changed_to(vol, m.seq), m.time_ns))
             await persist(cat, c, m.id, m.seq, m.time_ns)
         self.last_result = {"marker": m.name, "kind": c.kind, "parsed": c.parsed,
                             "seconds": round(c.seconds, 4)}
@@ -122,8 +126,27 @@ class CatalogService(VolumeService):
             if v.seq <= seq and (base is None or v.seq > base.seq):
                 base = v
         when = vol.journal.time_of_seq(seq) if seq else 0
-        c = await compute(reader_at(vol, seq), vol.size, cat, base, changed_to(vol, seq), when)
+        c = await fetching(vol, lambda: compute(reader_at(vol, seq), vol.size, cat, base,
+                                                changed_to(vol, seq), when))
         return View(cat, base.version if base else None, c, seq=seq)
+
+
+async def fetching(vol: Volume, run: Callable[[], Awaitable[T]]) -> T:
+    """``await run()``, a computation that reads *vol* synchronously; when it needs
+    records that only the S3 tier holds (NotLocal), fetch them into the journal's read
+    cache (``journal.remote``) and run it again. Each attempt gets further, since fetched
+    records stay cached (up to ``local_cache_bytes``). Cost: one attempt per missing
+    record at worst; nothing when everything is local."""
+    for _ in range(READ_FETCHES):
+        try:
+            return await run()
+        except NotLocal as e:
+            remote = vol.journal.remote
+            if remote is None or not e.ranges:
+                raise
+            await remote(e.ranges)
+    raise NotLocal(f"volume {vol.name}: more than {READ_FETCHES} fetches from the tier "
+                   "for one catalog run (is local_cache_bytes too small?)")
 
 
 def reader_at(vol: Volume, seq: int) -> Any:

@@ -150,3 +150,69 @@ def test_tampered_tier_bytes_fail_cleanly(tmp_path: Path) -> None:
         assert got == m0  # everything but the damaged granules is the point's data
     finally:
         store.close()
+
+
+def test_catalog_of_a_marker_over_dropped_history_fetches_it(tmp_path: Path) -> None:
+    """A marker taken when the NTFS metadata lives only in the tier is catalogued (the
+    catalog fetches what it needs and runs again), not recorded as "no file system"."""
+    from tests.conftest import require_tool
+    from tools.ntfs_fixture import make_image
+
+    require_tool("mkntfs", "ntfs-3g")
+
+    def populate(m: Path) -> None:
+        (m / "docs").mkdir()
+        for i in range(20):
+            (m / "docs" / f"f{i}.txt").write_text(f"file {i}\n" * 50)
+
+    img = make_image(tmp_path / "ntfs.img", 8 * MIB, populate).read_bytes()
+    settings = replace(_settings(tmp_path), journal=JournalSettings(segment_bytes=16 << 10))
+    store = Store.open(settings)
+    try:
+        async def fill() -> None:
+            await run_op(store, "volume_create", {"name": "v", "size": "8MiB"})
+            vol = store.volume("v")
+            for off in range(0, len(img), 256 << 10):
+                w = vol.write(off, img[off : off + (256 << 10)])
+                if w is not None:
+                    await w
+            await vol.snapshot("before")
+            await vol.flush()
+
+        asyncio.run(fill())
+        vol = store.volume("v")
+        j = vol.journal
+        jdir = tmp_path / "store" / "volumes" / "v" / "journal"
+        sealed = [s for s in j.segments() if s.sealed]
+        assert sealed
+        copies = {s.first_seq: (jdir / s.name).read_bytes() for s in sealed}
+        for s in sealed:
+            j.drop_segment(s.first_seq)
+        store.close()  # reopen: no descriptor of a dropped file is left open
+        store = Store.open(settings)
+        vol = store.volume("v")
+        j = vol.journal
+        fetched: list[tuple[int, int, int]] = []
+
+        async def fetch(ranges: list[tuple[int, int, int]]) -> None:
+            fetched.extend(ranges)
+            for first, off, n in ranges:
+                j.cache_put(first, off, copies[first][off : off + n])
+
+        j.remote = fetch
+
+        async def mark_and_list() -> Any:
+            await vol.snapshot("after")
+            from cdp.catalog.service import service_for
+
+            svc = service_for(vol)
+            await svc.idle()
+            assert svc.last_error is None, svc.last_error
+            return await run_op(store, "files", {"volume": "v", "at": "after",
+                                                 "path": "/docs"})
+
+        r = asyncio.run(mark_and_list())
+        assert sorted(e["name"] for e in r["entries"]) == sorted(f"f{i}.txt" for i in range(20))
+        assert r["from_catalog"] and fetched
+    finally:
+        store.close()
