@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import weakref
+from collections.abc import Callable
 from typing import Any
 
 from cdp.catalog.db import CATALOG_FILE, Catalog, Version
@@ -41,6 +42,9 @@ class CatalogService(VolumeService):
         self._task: asyncio.Task[None] | None = None
         self.last_error: str | None = None
         self.last_result: dict[str, Any] | None = None
+        #: called (on the loop) after each marker's version commits: ``hook(base, marker)``,
+        #: *base* the version it was diffed against (None for a full index)
+        self.version_hooks: list[Callable[[Version | None, Marker], None]] = []
 
     @property
     def catalog(self) -> Catalog:
@@ -104,6 +108,11 @@ class CatalogService(VolumeService):
                             "seconds": round(c.seconds, 4)}
         log.info("volume %s: catalogued %s (%s, %d records parsed, %.3f s)",
                  vol.name, m.name, c.kind, c.parsed, c.seconds)
+        for hook in self.version_hooks:
+            try:
+                hook(base, m)
+            except Exception:
+                log.exception("volume %s: a catalog version hook failed", vol.name)
         return c
 
     async def view(self, point: str) -> View:
