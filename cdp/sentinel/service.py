@@ -458,6 +458,7 @@ class Sentinel(VolumeService):
 
     async def _scan_files(self, va: View, vb: View) -> dict[str, Any]:
         vol, s = self.vol, self.s
+        t0 = time.perf_counter()
         ev = await collect(va, vb, reader_at(vol, va.seq), reader_at(vol, vb.seq),
                            entropy=s.entropy_bits, notes=s.ransom_notes)
         await first_writes(vol, ev, s.entropy_bits)
@@ -475,7 +476,8 @@ class Sentinel(VolumeService):
         bscore = self.det.recent_score()
         score = round(fscore + bscore, 3)
         summary = {**ev.summary(), "suspect_files_window": n, "file_score": round(fscore, 3),
-                   "block_score": round(bscore, 3)}
+                   "block_score": round(bscore, 3),
+                   "scan_seconds": round(time.perf_counter() - t0, 4)}
         a = self.active_alert()
         if a is None and score >= 1.0:
             firsts = sorted((seq, ns) for ns, seq in self.suspect_files.values())

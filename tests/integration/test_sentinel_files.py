@@ -174,6 +174,10 @@ def test_file_evidence_attack_alert_clean_point(rig: tuple[Cdpd, Path], tmp_path
     assert ev["ransom_note_dirs"] == 3 and r["score"] >= 1
     [a] = alerts(d)
     assert a["state"] == "active" and a["clean_point"] == "clean-before-alert1"
+    benign = max(v["seq"] for v in d.cdpctl_json("versions")["versions"])
+    print(f"sentinel files: first suspicious write @{a['first_seq']}, "
+          f"{a['first_seq'] - benign - 1} writes after the benign marker @{benign} "
+          f"(ntfs-3g's mount and the attack's first steps); attack writes up to @{ev['to_seq']}")
     enc = {f["path"] for f in a["files"] if f["encrypted"] and f["change"] != "added"}
     assert enc == set(docs), a["files"]
     assert {f["path"] for f in a["files"] if f["change"] == "added"} == \
@@ -208,4 +212,8 @@ def test_slow_attack(rig: tuple[Cdpd, Path], tmp_path: Path) -> None:
     a = found[0]
     assert a["evidence"]["files"]["suspect_files_window"] >= 10
     assert a["evidence"]["files"]["encrypted_files"] <= 2  # each scan saw little
+    ev = a["evidence"]["files"]
+    print(f"sentinel slow attack: alert at step {k + 1} (score {a['score']}, "
+          f"{ev['suspect_files_window']} suspect files in the window, {ev['encrypted_files']} "
+          f"in the last scan of {ev['scan_seconds']} s)")
     check_clean(d, tmp_path, a["clean_point"], docs)
