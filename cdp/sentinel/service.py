@@ -461,7 +461,10 @@ class Sentinel(VolumeService):
         t0 = time.perf_counter()
         ev = await collect(va, vb, reader_at(vol, va.seq), reader_at(vol, vb.seq),
                            entropy=s.entropy_bits, notes=s.ransom_notes)
-        await first_writes(vol, ev, s.entropy_bits)
+        try:
+            await first_writes(vol, ev, s.entropy_bits)
+        except CdpError as e:  # journal bytes gone or damaged: the interval's start
+            log.warning("volume %s: sentinel: first suspicious writes not found: %s", vol.name, e)
         for x in ev.suspects:
             seq = x.first_seq or ev.from_seq + 1
             ns = x.first_ns or (vol.journal.time_of_seq(seq) if seq else 0)
