@@ -34,10 +34,8 @@ from bisect import bisect_right
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
-from cdp.catalog.indexer import View
-from cdp.catalog.model import Entry
 from cdp.errors import CdpError
 from cdp.journal import RecordKind
 from cdp.sentinel.signals import LOW_GAP, entropy_bits
@@ -45,6 +43,47 @@ from cdp.sentinel.signals import LOW_GAP, entropy_bits
 #: bytes of a file's head whose entropy is compared at both points
 HEAD = 4096
 Reader = Callable[[int, int], bytes]
+#: a catalog entry (``cdp.catalog.model.Entry``: ``part, dir, name, path, record, seq,
+#: is_dir, same_state(), stream()``); the sentinel does not import the catalog (services
+#: are independent, docs/ARCHITECTURE.md): the store hands it the catalog's views
+Entry = Any
+
+
+class View(Protocol):
+    """What the sentinel reads of a catalog view (``cdp.catalog.indexer.View``)."""
+
+    catalog: Any  # changed_between(a, b)
+    version: int | None
+    seq: int
+    parts: list[dict[str, Any]]
+
+    def overlay_records(self) -> set[tuple[str, int]]: ...
+
+    def entries_of(self, part: str, records: set[int]) -> dict[int, list[Any]]: ...
+
+
+class FileCatalog(Protocol):
+    """The volume's file catalog as the sentinel uses it (``CatalogService``)."""
+
+    version_hooks: list[Callable[[Any, Any], None]]
+
+    async def view(self, point: str) -> Any: ...
+
+    async def head_views(self) -> tuple[Any, Any] | None: ...
+
+
+def reader_at(vol: Any, seq: int) -> Reader:
+    """``read(offset, length)`` of *vol* as of *seq* (reads past the end are zeros)."""
+    size = vol.size
+
+    def read(offset: int, length: int) -> bytes:
+        if offset >= size or length <= 0:
+            return bytes(max(length, 0))
+        n = min(length, size - offset)
+        data = bytes(vol.read(offset, n, seq))
+        return data if n == length else data + bytes(length - n)
+
+    return read
 
 
 @dataclass

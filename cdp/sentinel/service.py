@@ -41,17 +41,12 @@ from typing import Any
 
 import numpy as np
 
-from cdp.catalog.db import Version
-from cdp.catalog.indexer import View
-from cdp.catalog.service import reader_at
-from cdp.catalog.service import service_for as catalog_service
 from cdp.config import SentinelSettings
 from cdp.errors import CdpError, Corruption, NotFound, UsageError
 from cdp.fsutil import write_file_atomic
 from cdp.journal import RecordKind
-from cdp.markers import Marker
 from cdp.sentinel.detector import Detector, Firing
-from cdp.sentinel.files import collect, file_score, first_writes
+from cdp.sentinel.files import FileCatalog, View, collect, file_score, first_writes, reader_at
 from cdp.sentinel.signals import (
     LZ4_COMPRESSIBLE,
     SAMPLE,
@@ -92,7 +87,6 @@ def attach_sentinel(vol: Volume) -> Sentinel:
             return s
     sen = Sentinel(vol, vol.settings.sentinel)
     vol.attach(sen)
-    catalog_service(vol).version_hooks.append(sen.on_catalog_version)
     return sen
 
 
@@ -136,6 +130,7 @@ class Sentinel(VolumeService):
         self.suspect_files: dict[str, list[int]] = {
             str(k): [int(v[0]), int(v[1])] for k, v in doc["suspect_files"].items()}
         self._scan_lock = asyncio.Lock()
+        self.files: FileCatalog | None = None  # the catalog (use_catalog)
         # counters (metrics)
         self.alerts_total = 0
         self.writes_seen = 0
@@ -419,14 +414,23 @@ class Sentinel(VolumeService):
 
     # ------------------------------------------------------------------ file evidence
 
-    def on_catalog_version(self, base: Version | None, m: Marker) -> None:
-        """Catalog hook (on the loop): marker *m*'s version committed; scan the files
-        that changed since *base* in the background (nothing for a first, full index)."""
-        if base is None or self._closed:
+    def use_catalog(self, files: FileCatalog) -> None:
+        """Take file evidence from *files* (the volume's catalog service, handed over
+        by the store): a scan after each catalogued marker, ``alerts scan`` on demand."""
+        self.files = files
+        files.version_hooks.append(self.on_catalog_version)
+
+    def on_catalog_version(self, va: View | None, vb: View) -> None:
+        """Catalog hook (on the loop): version *vb* committed; scan the files that
+        changed since *va* in the background (nothing for a first, full index)."""
+        if va is None or self._closed:
             return
-        cat = catalog_service(self.vol).catalog
-        va, vb = View(cat, base.version, seq=base.seq), View(cat, m.id, seq=m.seq)
         asyncio.get_running_loop().create_task(self._scan_logged(va, vb))
+
+    def _catalog(self) -> FileCatalog:
+        if self.files is None:
+            raise UsageError(f"volume {self.vol.name}: the sentinel has no file catalog")
+        return self.files
 
     async def _scan_logged(self, va: View, vb: View) -> None:
         try:
@@ -439,15 +443,10 @@ class Sentinel(VolumeService):
     async def scan_head(self) -> dict[str, Any]:
         """On demand, between markers: the files changed from the newest catalogued
         marker to now (an overlay indexed like ``files --at``), scanned."""
-        vol = self.vol
-        svc = catalog_service(vol)
-        await svc.idle()
-        base = svc.catalog.last_version()
-        if base is None:
-            raise UsageError(f"volume {vol.name}: no catalogued marker yet (take a snapshot)")
-        va = View(svc.catalog, base.version, seq=base.seq)
-        vb = await svc.view(f"@{vol.journal.last_seq}")
-        return await self.scan_files(va, vb)
+        views = await self._catalog().head_views()
+        if views is None:
+            raise UsageError(f"volume {self.vol.name}: no catalogued marker yet (take a snapshot)")
+        return await self.scan_files(*views)
 
     async def scan_files(self, va: View, vb: View) -> dict[str, Any]:
         """Collect the file evidence between *va* and *vb*, add its suspect files to the
@@ -511,7 +510,7 @@ class Sentinel(VolumeService):
         clean = int(a["clean_seq"])
         if clean >= vb.seq:
             return list(a.get("files") or [])
-        vc = await catalog_service(vol).view(f"@{clean}")
+        vc = await self._catalog().view(f"@{clean}")
         ev = await collect(vc, vb, reader_at(vol, clean), reader_at(vol, vb.seq),
                            entropy=self.s.entropy_bits, notes=self.s.ransom_notes)
         enc = {x.path for x in ev.suspects} | {x.new_path for x in ev.suspects}
