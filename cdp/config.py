@@ -219,6 +219,16 @@ class SentinelSettings:
     checks_per_second: int = 20
     #: shell command run on an alert, the alert JSON on stdin ("": none)
     on_alert: str = ""
+    #: files turned from low to high entropy that alert on their own (file evidence)
+    min_files: int = 10
+    #: directories with new ransom notes that add 0.5 to the file score
+    note_dirs: int = 3
+    #: ransom-note file names (case-insensitive globs)
+    ransom_notes: tuple[str, ...] = ("readme*.txt", "how_to_decrypt*", "how_to_recover*",
+                                     "*decrypt*instructions*", "*restore*files*.txt",
+                                     "!readme*", "_readme*", "recovery*.txt", "*ransom*")
+    #: suspect files accumulate over this window (slow attacks)
+    slow_window: float = 3600.0
 
 
 def _bits(v: Any, key: str) -> float:
@@ -233,6 +243,8 @@ def _sentinel(raw: Any) -> SentinelSettings:
         "min_share": _fraction, "margin": _fraction, "min_suspect_bytes": _size(0),
         "entropy_bits": _bits, "checks_per_second": _int(1, 1_000_000),
         "on_alert": lambda v, k: v if isinstance(v, str) else _str(v, k),
+        "min_files": _int(1, 1_000_000), "note_dirs": _int(0, 1_000_000),
+        "ransom_notes": _str_list, "slow_window": _duration,
     }
     t = _table(raw, "sentinel", schema)
     if "bucket_seconds" in t and t["bucket_seconds"] <= 0:

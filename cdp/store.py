@@ -52,9 +52,9 @@ def attach_services(vol: Volume) -> None:
     ransomware sentinel unless ``[sentinel] enabled = false``, then the S3 tier when
     ``[tier] url`` is set."""
     attach_retention(vol)
-    attach_catalog(vol)
+    catalog = attach_catalog(vol)
     if vol.settings.sentinel.enabled:
-        attach_sentinel(vol)
+        attach_sentinel(vol).use_catalog(catalog)
     if vol.settings.tier.enabled:
         attach_tier(vol)
 

@@ -45,6 +45,10 @@ class CatalogService(VolumeService):
         self._task: asyncio.Task[None] | None = None
         self.last_error: str | None = None
         self.last_result: dict[str, Any] | None = None
+        #: called (on the loop) after each marker's version commits: ``hook(before, after)``,
+        #: the views of the version it was diffed against (None for a full index) and of
+        #: the new one
+        self.version_hooks: list[Callable[[View | None, View], None]] = []
 
     @property
     def catalog(self) -> Catalog:
@@ -108,6 +112,12 @@ class CatalogService(VolumeService):
                             "seconds": round(c.seconds, 4)}
         log.info("volume %s: catalogued %s (%s, %d records parsed, %.3f s)",
                  vol.name, m.name, c.kind, c.parsed, c.seconds)
+        for hook in self.version_hooks:
+            try:
+                hook(None if base is None else View(cat, base.version, seq=base.seq),
+                     View(cat, m.id, seq=m.seq))
+            except Exception:
+                log.exception("volume %s: a catalog version hook failed", vol.name)
         return c
 
     async def view(self, point: str) -> View:
@@ -129,6 +139,16 @@ class CatalogService(VolumeService):
         c = await fetching(vol, lambda: compute(reader_at(vol, seq), vol.size, cat, base,
                                                 changed_to(vol, seq), when))
         return View(cat, base.version if base else None, c, seq=seq)
+
+    async def head_views(self) -> tuple[View, View] | None:
+        """(the newest catalogued marker's view, a view at the newest write), once the
+        queued markers are catalogued; None before the first. Cost: :meth:`view`."""
+        await self.idle()
+        base = self.catalog.last_version()
+        if base is None:
+            return None
+        head = await self.view(f"@{self.volume.journal.last_seq}")
+        return View(self.catalog, base.version, seq=base.seq), head
 
 
 async def fetching(vol: Volume, run: Callable[[], Awaitable[T]]) -> T:

@@ -1,4 +1,4 @@
-"""cdpctl alerts [dismiss ID]: the ransomware sentinel's alerts (docs/SENTINEL.md)."""
+"""cdpctl alerts [dismiss ID | scan]: the ransomware sentinel's alerts (docs/SENTINEL.md)."""
 
 from __future__ import annotations
 
@@ -17,6 +17,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     add_common(d)
     d.add_argument("id", help="alertN (or N)")
     d.set_defaults(func=dismiss)
+    sc = rs.add_parser("scan", help="scan the files changed since the last marker now")
+    add_common(sc)
+    sc.set_defaults(func=scan)
 
 
 def show(ctx: Context, args: argparse.Namespace) -> int:
@@ -45,4 +48,19 @@ def dismiss(ctx: Context, args: argparse.Namespace) -> int:
     else:
         print(f"{r['volume']}: {r['id']} dismissed; {r['clean_point']} is no longer kept; "
               f"threshold now {100 * float(r['threshold']):.0f}% of written bytes")
+    return 0
+
+
+def scan(ctx: Context, args: argparse.Namespace) -> int:
+    r = ctx.call("alerts_scan", {"volume": args.volume})
+    if ctx.json:
+        emit_json(r)
+        return 0
+    ev = r["evidence"]
+    churn = ev["extension_churn"]
+    print(f"{r['volume']}: @{ev['from_seq']}..@{ev['to_seq']}: {ev['encrypted_files']} files "
+          f"encrypted ({ev['suspect_files_window']} in the slow window), "
+          f"{churn['files']} gained .{churn['extension'] or '-'}, {ev['renamed']} renamed, "
+          f"{ev['deleted']} deleted, ransom notes in {ev['ransom_note_dirs']} directories; "
+          f"score {r['score']}" + (f"; {r['alert']}" if r["alert"] else ""))
     return 0

@@ -1,5 +1,5 @@
 """The sentinel operations (same signature as every operation; registered in
-:mod:`cdp.ops`): ``alerts`` (list, offline too) and ``alerts_dismiss``."""
+:mod:`cdp.ops`): ``alerts`` (list, offline too), ``alerts_dismiss`` and ``alerts_scan``."""
 
 from __future__ import annotations
 
@@ -42,5 +42,14 @@ async def op_alerts_dismiss(store: Store, args: dict[str, Any], progress: Progre
     return {**{k: a.get(k) for k in FIELDS}, "threshold": a["threshold"]}
 
 
-OPS: dict[str, Any] = {"alerts": op_alerts, "alerts_dismiss": op_alerts_dismiss}
+async def op_alerts_scan(store: Store, args: dict[str, Any], progress: Progress) -> Any:
+    """Scan ``volume``'s files now, between markers: the file evidence from its newest
+    catalogued marker to the newest write (an overlay, as ``files --at``); may raise or
+    update an alert. Returns the evidence, the scores and the alert id (or None)."""
+    vol = store.volume(args.get("volume"))
+    return await _sentinel(vol).scan_head()
+
+
+OPS: dict[str, Any] = {"alerts": op_alerts, "alerts_dismiss": op_alerts_dismiss,
+                       "alerts_scan": op_alerts_scan}
 OFFLINE = {"alerts"}

@@ -169,6 +169,14 @@ class Detector:
             "bucket_seconds": self.s.bucket_seconds,
         })
 
+    def recent_score(self) -> float:
+        """The block half of the combined score: the highest share / threshold of the
+        buckets kept (the last three), at most 1. Cost: O(3)."""
+        thr = self.threshold()
+        best = max((b.share() for b in self._buckets.values() if b.suspect_writes),
+                   default=0.0)
+        return min(1.0, best / thr) if thr > 0 else 0.0
+
     def dismissed(self, share: float) -> None:
         """An alert at *share* was a false positive: never alert at that share again."""
         self.raised = max(self.raised, share + self.s.margin)

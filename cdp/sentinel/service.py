@@ -46,6 +46,7 @@ from cdp.errors import CdpError, Corruption, NotFound, UsageError
 from cdp.fsutil import write_file_atomic
 from cdp.journal import RecordKind
 from cdp.sentinel.detector import Detector, Firing
+from cdp.sentinel.files import FileCatalog, View, collect, file_score, first_writes, reader_at
 from cdp.sentinel.signals import (
     LZ4_COMPRESSIBLE,
     SAMPLE,
@@ -125,6 +126,11 @@ class Sentinel(VolumeService):
         self._hour = time.time_ns() // (3600 * 10**9)
         self._closed = False
         self._active: dict[str, Any] | None = None
+        #: suspect files in the slow window: path -> [first suspicious write ns, seq]
+        self.suspect_files: dict[str, list[int]] = {
+            str(k): [int(v[0]), int(v[1])] for k, v in doc["suspect_files"].items()}
+        self._scan_lock = asyncio.Lock()
+        self.files: FileCatalog | None = None  # the catalog (use_catalog)
         # counters (metrics)
         self.alerts_total = 0
         self.writes_seen = 0
@@ -140,19 +146,20 @@ class Sentinel(VolumeService):
             doc = json.loads(self.path.read_text())
         except FileNotFoundError:
             return {"format": SENTINEL_FORMAT, "next_alert": 1, "alerts": [],
-                    "hourly_max": {}, "raised": 0.0}
+                    "hourly_max": {}, "raised": 0.0, "suspect_files": {}}
         except ValueError as e:
             raise Corruption(f"{self.path}: not valid JSON: {e}") from None
         if doc.get("format") != SENTINEL_FORMAT:
             raise Corruption(f"{self.path}: unsupported format {doc.get('format')!r}")
-        for k, v in (("next_alert", 1), ("alerts", []), ("hourly_max", {}), ("raised", 0.0)):
+        for k, v in (("next_alert", 1), ("alerts", []), ("hourly_max", {}), ("raised", 0.0),
+                     ("suspect_files", {})):
             doc.setdefault(k, v)
         return dict(doc)
 
     def _save(self) -> None:
         doc = {"format": SENTINEL_FORMAT, "next_alert": self._next_id, "alerts": self.alerts,
                "hourly_max": {str(k): v for k, v in sorted(self.det.hourly_max.items())},
-               "raised": self.det.raised}
+               "raised": self.det.raised, "suspect_files": self.suspect_files}
         write_file_atomic(self.path, json.dumps(doc, indent=1).encode() + b"\n")
 
     # ------------------------------------------------------------------ service hooks
@@ -360,34 +367,155 @@ class Sentinel(VolumeService):
                 quiet += 1
         return first_seq, first_ns
 
+    def active_alert(self) -> dict[str, Any] | None:
+        """The newest active alert (None when there is none)."""
+        return next((a for a in reversed(self.alerts) if a["state"] == "active"), None)
+
     async def _alert(self, fire: Firing) -> None:
         first_seq, first_ns = await self._walk_back(fire.first_seq, fire.first_ns)
+        cur = self.active_alert()
+        if cur is not None:  # raised by the file evidence: the block evidence joins it
+            cur["evidence"].update(fire.evidence)
+            cur["score"] = max(float(cur["score"]), fire.score)
+            self._active = cur
+            self._save()
+            return
+        a = self._raise(first_seq, first_ns, fire.score,
+                        {"signal": "high-entropy writes over low-entropy data", **fire.evidence})
+        log.warning(
+            "volume %s: ransomware sentinel %s: %.0f%% of written bytes are encrypted "
+            "over plain data (threshold %.0f%%), first suspicious write @%d at %s; clean "
+            "point %s (@%d); rewind with `cdpctl rewind -V %s --to %s`",
+            self.vol.name, a["id"], 100 * float(fire.evidence["suspect_share"]),
+            100 * float(fire.evidence["threshold"]), first_seq,
+            format_time(first_ns, sep="T", zone=True), a["clean_point"], a["clean_seq"],
+            self.vol.name, a["clean_point"])
+
+    def _raise(self, first_seq: int, first_ns: int, score: float,
+               evidence: dict[str, Any]) -> dict[str, Any]:
+        """Record a new active alert (clean point ``first_seq - 1``), save the state and
+        start the ``on_alert`` command."""
         n = self._next_id
         self._next_id += 1
-        clean = first_seq - 1
         a: dict[str, Any] = {
             "id": f"alert{n}", "volume": self.vol.name, "state": "active",
             "first_seq": first_seq, "first_time": first_ns, "detected_time": time.time_ns(),
-            "clean_point": f"{CLEAN_LABEL}{n}", "clean_seq": clean, "score": fire.score,
-            "evidence": {"signal": "high-entropy writes over low-entropy data",
-                         **fire.evidence},
-            "files": [],
+            "clean_point": f"{CLEAN_LABEL}{n}", "clean_seq": first_seq - 1, "score": score,
+            "evidence": evidence, "files": [],
         }
         self.alerts.append(a)
         self._active = a
         self.det.alerting = True
         self.alerts_total += 1
         self._save()
-        log.warning(
-            "volume %s: ransomware sentinel alert%d: %.0f%% of written bytes are encrypted "
-            "over plain data (threshold %.0f%%), first suspicious write @%d at %s; clean "
-            "point %s (@%d); rewind with `cdpctl rewind -V %s --to %s`",
-            self.vol.name, n, 100 * float(fire.evidence["suspect_share"]),
-            100 * float(fire.evidence["threshold"]), first_seq,
-            format_time(first_ns, sep="T", zone=True), a["clean_point"], clean,
-            self.vol.name, a["clean_point"])
         if self.s.on_alert:
             asyncio.get_running_loop().create_task(self._run_hook(a))
+        return a
+
+    # ------------------------------------------------------------------ file evidence
+
+    def use_catalog(self, files: FileCatalog) -> None:
+        """Take file evidence from *files* (the volume's catalog service, handed over
+        by the store): a scan after each catalogued marker, ``alerts scan`` on demand."""
+        self.files = files
+        files.version_hooks.append(self.on_catalog_version)
+
+    def on_catalog_version(self, va: View | None, vb: View) -> None:
+        """Catalog hook (on the loop): version *vb* committed; scan the files that
+        changed since *va* in the background (nothing for a first, full index)."""
+        if va is None or self._closed:
+            return
+        asyncio.get_running_loop().create_task(self._scan_logged(va, vb))
+
+    def _catalog(self) -> FileCatalog:
+        if self.files is None:
+            raise UsageError(f"volume {self.vol.name}: the sentinel has no file catalog")
+        return self.files
+
+    async def _scan_logged(self, va: View, vb: View) -> None:
+        try:
+            await self.scan_files(va, vb)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # the sentinel must never take the volume down
+            log.exception("volume %s: sentinel file scan failed", self.vol.name)
+
+    async def scan_head(self) -> dict[str, Any]:
+        """On demand, between markers: the files changed from the newest catalogued
+        marker to now (an overlay indexed like ``files --at``), scanned."""
+        views = await self._catalog().head_views()
+        if views is None:
+            raise UsageError(f"volume {self.vol.name}: no catalogued marker yet (take a snapshot)")
+        return await self.scan_files(*views)
+
+    async def scan_files(self, va: View, vb: View) -> dict[str, Any]:
+        """Collect the file evidence between *va* and *vb*, add its suspect files to the
+        slow window, score block + file evidence, and raise or update an alert. Returns
+        the evidence, the scores and the alert id (None). Cost: docs/SENTINEL.md."""
+        async with self._scan_lock:
+            return await self._scan_files(va, vb)
+
+    async def _scan_files(self, va: View, vb: View) -> dict[str, Any]:
+        vol, s = self.vol, self.s
+        t0 = time.perf_counter()
+        ev = await collect(va, vb, reader_at(vol, va.seq), reader_at(vol, vb.seq),
+                           entropy=s.entropy_bits, notes=s.ransom_notes)
+        try:
+            await first_writes(vol, ev, s.entropy_bits)
+        except CdpError as e:  # journal bytes gone or damaged: the interval's start
+            log.warning("volume %s: sentinel: first suspicious writes not found: %s", vol.name, e)
+        for x in ev.suspects:
+            seq = x.first_seq or ev.from_seq + 1
+            ns = x.first_ns or (vol.journal.time_of_seq(seq) if seq else 0)
+            old = self.suspect_files.get(x.path)
+            if old is None or seq < old[1]:
+                self.suspect_files[x.path] = [ns, seq]
+        cutoff = time.time_ns() - int(s.slow_window * 1e9)
+        for p in [p for p, (ns, _) in self.suspect_files.items() if ns < cutoff]:
+            del self.suspect_files[p]
+        n = len(self.suspect_files)
+        fscore = file_score(n, ev, s.min_files, s.note_dirs)
+        bscore = self.det.recent_score()
+        score = round(fscore + bscore, 3)
+        summary = {**ev.summary(), "suspect_files_window": n, "file_score": round(fscore, 3),
+                   "block_score": round(bscore, 3),
+                   "scan_seconds": round(time.perf_counter() - t0, 4)}
+        a = self.active_alert()
+        if a is None and score >= 1.0:
+            firsts = sorted((seq, ns) for ns, seq in self.suspect_files.values())
+            seq0, ns0 = firsts[0] if firsts else (ev.from_seq + 1, 0)
+            if not ns0:
+                ns0 = vol.journal.time_of_seq(seq0)
+            a = self._raise(seq0, ns0, score, {"signal": "files turned from low to high entropy",
+                                               "files": summary})
+            log.warning(
+                "volume %s: ransomware sentinel %s: %d files encrypted (%d in the last scan), "
+                "%d gained .%s, ransom notes in %d directories; first suspicious write @%d; "
+                "clean point %s (@%d); rewind with `cdpctl rewind -V %s --to %s`",
+                vol.name, a["id"], n, len(ev.suspects), ev.churn[1], ev.churn[0], ev.note_dirs,
+                seq0, a["clean_point"], a["clean_seq"], vol.name, a["clean_point"])
+        elif a is not None:
+            a["evidence"]["files"] = summary
+            a["score"] = max(float(a["score"]), score)
+        if a is not None:
+            a["files"] = await self._affected(a, vb)
+            self._save()
+        return {"volume": vol.name, "evidence": summary, "score": score,
+                "alert": a["id"] if a else None}
+
+    async def _affected(self, a: dict[str, Any], vb: View) -> list[dict[str, Any]]:
+        """The files changed between *a*'s clean point and *vb* (the catalog diff), the
+        encrypted ones flagged."""
+        vol = self.vol
+        clean = int(a["clean_seq"])
+        if clean >= vb.seq:
+            return list(a.get("files") or [])
+        vc = await self._catalog().view(f"@{clean}")
+        ev = await collect(vc, vb, reader_at(vol, clean), reader_at(vol, vb.seq),
+                           entropy=self.s.entropy_bits, notes=self.s.ransom_notes)
+        enc = {x.path for x in ev.suspects} | {x.new_path for x in ev.suspects}
+        return [{**c, "encrypted": c["path"] in enc or c.get("new_path") in enc}
+                for c in ev.changes]
 
     async def _run_hook(self, alert: dict[str, Any]) -> None:
         try:
@@ -420,6 +548,7 @@ class Sentinel(VolumeService):
             raise UsageError(f"volume {self.vol.name}: {name} is already {a['state']}")
         a["state"] = "dismissed"
         a["dismissed_time"] = time.time_ns()
+        self.suspect_files.clear()  # judged benign: they no longer count
         self.det.dismissed(float(a["evidence"].get("suspect_share", 0.0)))
         self.det.alerting = any(x["state"] == "active" for x in self.alerts)
         if self._active is a:
