@@ -423,15 +423,16 @@ class _Connection:
             raise ProtocolError(f"replication: frame of {n} bytes (at most {limit} here)")
         if len(buf) - pos - _LEN.size < n:
             return self._at_end(len(buf) - pos)
-        body = bytes(buf[pos + _LEN.size : pos + _LEN.size + n])
-        self._pos = pos + _LEN.size + n
+        start = pos + _LEN.size
+        with memoryview(buf) as mv, mv[start : start + n] as body:  # no copy of the frame
+            kind, fields = self._decode(body, self.version)
+        self._pos = start + n
         if self._pos == len(buf):
             buf.clear()
             self._pos = 0
         elif self._pos > 1 << 20 and self._pos * 2 > len(buf):
             del buf[: self._pos]
             self._pos = 0
-        kind, fields = self._decode(body, self.version)
         new = TRANSITIONS.get((self.state, Dir.IN, kind))
         if new is None:
             raise ProtocolError(f"replication: unexpected {kind.name} in state {self.state.name}")
@@ -448,7 +449,7 @@ class _Connection:
         return NEED_DATA
 
     @staticmethod
-    def _decode(body: bytes, version: int = 1) -> tuple[MsgType, list[object]]:
+    def _decode(body: bytes | memoryview, version: int = 1) -> tuple[MsgType, list[object]]:
         try:
             msg = msgpack.unpackb(body, raw=False, use_list=True, strict_map_key=True)
         except Exception as exc:
