@@ -282,7 +282,8 @@ async def serve_stream(reader: asyncio.StreamReader, writer: asyncio.StreamWrite
     def acked(durable: int) -> None:
         """ACK ``durable`` (the journal's numbering) in the sender's numbering."""
         assert role is not None
-        conn.ack(durable - role.epochs[-1][2])
+        if conn.state is State.RECEIVING:  # not once fenced or closed
+            conn.ack(durable - role.epochs[-1][2])
 
     try:
         writer.write(conn.data_to_send())
@@ -368,6 +369,8 @@ async def _apply(vol: Volume, role: Role, records: list[bytes],
     ``pending``, acknowledged by whoever finds it done); or, for a frame that must be
     applied alone, appended, durable and acknowledged (the pending ones first)."""
     loop = asyncio.get_running_loop()
+    while pending and pending[0].done():  # ACK what is durable; stop at a failed apply
+        acked(pending.popleft().result())
     d = role.epochs[-1][2]  # a failback epoch: stored at seq + d
     if d or any(len(r) > 9 and r[9] in _SERIAL_KINDS for r in records):
         await _drain(pending, acked)
