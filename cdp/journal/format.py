@@ -370,11 +370,9 @@ def chunk_ok(data: bytes | memoryview, table: ChunkTable, i: int) -> bool:
     if gr is None or table.comps[i] != Compression.NONE:
         return bool(crc32c(data) == table.crcs[i])
     mv = data if isinstance(data, memoryview) else memoryview(data)
+    got = array("I", [crc32c(mv[g : g + GRANULE_SIZE]) for g in range(0, len(mv), GRANULE_SIZE)])
     base = GRANULES * i
-    for k, g in enumerate(range(0, len(mv), GRANULE_SIZE)):
-        if crc32c(mv[g : g + GRANULE_SIZE]) != gr[base + k]:
-            return False
-    return True
+    return got == gr[base : base + len(got)]  # one C comparison (half the cost of a loop)
 
 
 def decode_chunk(data: bytes | memoryview, table: ChunkTable, index: int, where: str) -> bytes:

@@ -144,11 +144,12 @@ class ReadWindow:
         self.ws = 0
 
     @classmethod
-    def over(cls, data: bytes) -> ReadWindow:
+    def over(cls, data: bytes | memoryview) -> ReadWindow:
         """A window already holding ``data`` (offset 0) and no file: for checks of
-        records held in memory, which never ask for bytes outside it."""
+        records held in memory, which never ask for bytes outside it. Over a memoryview,
+        :meth:`get` returns views (no copy)."""
         win = cls(None, -1)  # type: ignore[arg-type]
-        win.w = data
+        win.w = data  # type: ignore[assignment]
         return win
 
     def get(self, off: int, n: int) -> bytes:
@@ -221,8 +222,9 @@ def check_record(data: bytes) -> tuple[str | None, int, int, int]:
     Cost: O(len(data)) CRC, no decompression."""
     kind = data[9] if len(data) >= RECORD_HEADER_SIZE else 0
     deep = kind not in DATA_KINDS  # their payloads are tiny; data is not decoded
-    reason, _ok, slen, seq, ts, raw = _check_at(ReadWindow.over(data), 0, len(data), deep,
-                                                "shipped record")
+    # data records are only CRC-checked: through a view, their payload is never copied
+    win = ReadWindow.over(data if deep else memoryview(data))
+    reason, _ok, slen, seq, ts, raw = _check_at(win, 0, len(data), deep, "shipped record")
     if reason is None and RECORD_HEADER_SIZE + slen != len(data):
         reason = f"{len(data) - RECORD_HEADER_SIZE - slen} bytes after the record"
     return reason, seq, ts, raw

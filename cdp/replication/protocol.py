@@ -29,7 +29,9 @@ Design notes
 - Records travel as their stored bytes (one msgpack ``bin`` each); the core checks the
   framing of each (magic, seq in sequence, stored length) so a mis-sequenced stream is
   refused before the journal sees it; the journal checks CRCs when it appends them.
-  Cost: one msgpack decode (one copy of the payload) per RECORDS frame.
+  Cost: one msgpack decode (one copy of the payload) per RECORDS frame. A RECORDS frame
+  is packed by :func:`encode_records_frame` (the same bytes as msgpack's packer, whose
+  buffer regrowth costs ~15 ms per 4 MiB frame against ~1 ms for one join).
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ import hashlib
 import hmac
 import secrets
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import Enum, IntEnum, auto
 from typing import Final, NoReturn
@@ -281,6 +283,31 @@ def encode_frame(kind: MsgType, *fields: object) -> bytes:
     return _LEN.pack(len(body)) + body
 
 
+def encode_records_frame(first_seq: int, records: Sequence[bytes]) -> bytes:
+    """The RECORDS frame of ``records``: byte for byte what :func:`encode_frame` makes
+    (msgpack ``[7, first_seq, [bin, ...]]``, shortest headers), built by joining the
+    records behind hand-packed ``bin`` headers. Cost: one copy of the records."""
+    parts: list[bytes] = [b"", b"\x93", msgpack.packb(int(MsgType.RECORDS)),
+                          msgpack.packb(first_seq), _array_header(len(records))]
+    for r in records:
+        parts.append(_bin_header(len(r)))
+        parts.append(r)
+    parts[0] = _LEN.pack(sum(map(len, parts)))
+    return b"".join(parts)
+
+
+def _array_header(n: int) -> bytes:
+    if n < 16:
+        return bytes((0x90 | n,))
+    return b"\xdc" + n.to_bytes(2, "big") if n < 1 << 16 else b"\xdd" + n.to_bytes(4, "big")
+
+
+def _bin_header(n: int) -> bytes:
+    if n < 1 << 8:
+        return b"\xc4" + n.to_bytes(1, "big")
+    return b"\xc5" + n.to_bytes(2, "big") if n < 1 << 16 else b"\xc6" + n.to_bytes(4, "big")
+
+
 def _check_secret(secret: bytes | None) -> bytes:
     if not isinstance(secret, bytes | bytearray) or len(secret) < MIN_SECRET:
         raise ConfigError(f"replication secret must be at least {MIN_SECRET} bytes")
@@ -325,12 +352,16 @@ class _Connection:
 
     def _send(self, kind: MsgType, *fields: object) -> None:
         """Queue our message ``kind`` after moving by its row (a caller command)."""
+        self._send_frame(kind, lambda: encode_frame(kind, *fields))
+
+    def _send_frame(self, kind: MsgType, encode: Callable[[], bytes]) -> None:
+        """Queue the frame ``encode()`` of our message ``kind`` after moving by its row."""
         new = TRANSITIONS.get((self.state, Dir.OUT, kind))
         if new is None:
             if self.state is State.ERROR and self._error is not None:
                 raise self._error
             raise UsageError(f"replication: cannot send {kind.name} in state {self.state.name}")
-        self._out.append(encode_frame(kind, *fields))
+        self._out.append(encode())
         self.state = new
 
     def _refuse_handshake(self, code: str, message: str) -> NoReturn:
@@ -392,15 +423,16 @@ class _Connection:
             raise ProtocolError(f"replication: frame of {n} bytes (at most {limit} here)")
         if len(buf) - pos - _LEN.size < n:
             return self._at_end(len(buf) - pos)
-        body = bytes(buf[pos + _LEN.size : pos + _LEN.size + n])
-        self._pos = pos + _LEN.size + n
+        start = pos + _LEN.size
+        with memoryview(buf) as mv, mv[start : start + n] as body:  # no copy of the frame
+            kind, fields = self._decode(body, self.version)
+        self._pos = start + n
         if self._pos == len(buf):
             buf.clear()
             self._pos = 0
         elif self._pos > 1 << 20 and self._pos * 2 > len(buf):
             del buf[: self._pos]
             self._pos = 0
-        kind, fields = self._decode(body, self.version)
         new = TRANSITIONS.get((self.state, Dir.IN, kind))
         if new is None:
             raise ProtocolError(f"replication: unexpected {kind.name} in state {self.state.name}")
@@ -417,7 +449,7 @@ class _Connection:
         return NEED_DATA
 
     @staticmethod
-    def _decode(body: bytes, version: int = 1) -> tuple[MsgType, list[object]]:
+    def _decode(body: bytes | memoryview, version: int = 1) -> tuple[MsgType, list[object]]:
         try:
             msg = msgpack.unpackb(body, raw=False, use_list=True, strict_map_key=True)
         except Exception as exc:
@@ -591,11 +623,11 @@ class SourceConnection(_Connection):
 
     def send_records(self, first_seq: int, records: Sequence[bytes]) -> None:
         """Queue stored records of seqs ``first_seq ..`` (must continue the stream).
-        Cost: one msgpack pack (one copy of the records)."""
+        Cost: one copy of the records (:func:`encode_records_frame`)."""
         if first_seq != self.next_seq:
             raise UsageError(f"replication: records from seq {first_seq}, next is {self.next_seq}")
         check_records(first_seq, records, error=UsageError)
-        self._send(MsgType.RECORDS, first_seq, [bytes(r) for r in records])
+        self._send_frame(MsgType.RECORDS, lambda: encode_records_frame(first_seq, records))
         self.next_seq = first_seq + len(records)
 
     def heartbeat(self, source_last_seq: int, now_ns: int) -> None:

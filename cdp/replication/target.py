@@ -8,10 +8,18 @@ Design notes
   RECORDS applied with :meth:`cdp.volume.Volume.apply_stored` and acknowledged once
   durable. One stream per replica volume: a second OPEN of a volume that is streaming
   is refused (``busy``).
-- The pump reads the next frames while nothing else is pending; apply_stored waits for
-  the group commit, so a batch arriving meanwhile is applied with the next commit (the
-  socket buffers it). A failed handshake, garbage or a gap: logged with the peer's
-  address, the REFUSED frame (if any) sent, the socket closed; nothing of it is stored.
+- **Pipelined durability.** The pump does not wait for a frame's group commit before
+  applying the next: each RECORDS frame's :meth:`~cdp.volume.Volume.apply_stored` runs
+  as a task whose first step appends all its records (in the order the frames came:
+  the pump lets it run before reading on, and checks ``last_seq``), then waits for the
+  commit while the pump decodes, checks and appends frame N+1, which joins the next
+  group commit. ACKs are sent as those tasks finish, oldest first, each cumulative
+  (the journal's durable seq then): only durable records are acknowledged, in seq
+  order. At most :data:`PIPELINE` frames are pending. A frame holding a MARKER or a
+  REWIND is applied alone (the pending ones finish first; its own apply awaited), as
+  are the frames of a failback epoch: those records wait or renumber on the loop.
+  A failed handshake, garbage or a gap: logged with the peer's address, the REFUSED
+  frame (if any) sent, the socket closed; nothing of it is stored.
 - ``replica.json`` (docs/FORMATS.md) is written before the first record of a new
   replica is applied, so a volume never holds replicated records without knowing their
   lineage.
@@ -31,6 +39,7 @@ import json
 import logging
 import ssl
 import struct
+from collections import deque
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -64,6 +73,10 @@ log = logging.getLogger("cdp.replication")
 ROLE_FILE = "replica.json"
 ROLE_FORMAT = 1
 _CRC = struct.Struct("<I")
+#: RECORDS frames applied but not yet durable, at most (the pump then waits for the oldest)
+PIPELINE = 4
+#: record kinds applied with awaits between appends (flush, role file): never pipelined
+_SERIAL_KINDS = (int(RecordKind.MARKER), int(RecordKind.REWIND))
 
 
 @dataclass
@@ -261,10 +274,33 @@ async def serve_stream(reader: asyncio.StreamReader, writer: asyncio.StreamWrite
     vol: Volume | None = None
     role: Role | None = None
     done = asyncio.Event()
+    #: apply_stored tasks in frame order whose records are appended, not yet acked
+    pending: deque[asyncio.Task[int]] = deque()
+    read: asyncio.Task[bytes] | None = None
+    loop = asyncio.get_running_loop()
+
+    def acked(durable: int) -> None:
+        """ACK ``durable`` (the journal's numbering) in the sender's numbering."""
+        assert role is not None
+        if conn.state is State.RECEIVING:  # not once fenced or closed
+            conn.ack(durable - role.epochs[-1][2])
+
     try:
         writer.write(conn.data_to_send())
         while True:
-            data = await reader.read(1 << 20)
+            if read is None:
+                read = loop.create_task(reader.read(1 << 20))
+            if not read.done():
+                await asyncio.wait((read, pending[0]) if pending else (read,),
+                                   return_when=asyncio.FIRST_COMPLETED)
+            while pending and pending[0].done():
+                acked(pending.popleft().result())
+            if not read.done():  # only acks to send
+                writer.write(conn.data_to_send())
+                await writer.drain()
+                continue
+            data = read.result()
+            read = None
             conn.receive_data(data)
             while True:
                 ev = conn.next_event()
@@ -280,12 +316,7 @@ async def serve_stream(reader: asyncio.StreamReader, writer: asyncio.StreamWrite
                     _streams[vol.path] = _Stream(conn, writer, done)
                 elif isinstance(ev, Records):
                     assert vol is not None and role is not None
-                    d = role.epochs[-1][2]  # a failback epoch: stored at seq + d
-                    renumbered = len(role.marker_ids)
-                    durable = await vol.apply_stored(rebase_records(vol, role, ev.records))
-                    if len(role.marker_ids) != renumbered:
-                        save_role(vol.path, role)
-                    conn.ack(durable - d)
+                    await _apply(vol, role, ev.records, pending, acked)
                 elif isinstance(ev, Heartbeat):
                     pass
                 elif isinstance(ev, Refused):
@@ -294,6 +325,8 @@ async def serve_stream(reader: asyncio.StreamReader, writer: asyncio.StreamWrite
                     break
                 elif isinstance(ev, Closed):
                     break
+            if not data or conn.state in (State.CLOSED, State.ERROR):
+                await _drain(pending, acked)
             writer.write(conn.data_to_send())
             await writer.drain()
             if not data or conn.state in (State.CLOSED, State.ERROR):
@@ -308,12 +341,52 @@ async def serve_stream(reader: asyncio.StreamReader, writer: asyncio.StreamWrite
     except (CdpError, OSError) as e:
         log.warning("replication: stream from %s stopped: %s", peer, e)
     finally:
+        if read is not None:
+            read.cancel()
+            with contextlib.suppress(BaseException):
+                await read
+        if pending:  # their records are appended: let the commits finish (fence waits)
+            await asyncio.gather(*pending, return_exceptions=True)
         if vol is not None:
             busy.discard(vol.name)
             if (st := _streams.get(vol.path)) is not None and st.done is done:
                 del _streams[vol.path]
         done.set()
         writer.close()
+
+
+async def _drain(pending: deque[asyncio.Task[int]], acked: Callable[[int], None],
+                 keep: int = 0) -> None:
+    """Wait for the oldest pending applies until ``keep`` are left, acknowledging each
+    as it turns durable (its error, if any, raised)."""
+    while len(pending) > keep:
+        acked(await pending.popleft())
+
+
+async def _apply(vol: Volume, role: Role, records: list[bytes],
+                 pending: deque[asyncio.Task[int]], acked: Callable[[int], None]) -> None:
+    """Apply one RECORDS frame: appended when this returns, durable later (a task in
+    ``pending``, acknowledged by whoever finds it done); or, for a frame that must be
+    applied alone, appended, durable and acknowledged (the pending ones first)."""
+    loop = asyncio.get_running_loop()
+    while pending and pending[0].done():  # ACK what is durable; stop at a failed apply
+        acked(pending.popleft().result())
+    d = role.epochs[-1][2]  # a failback epoch: stored at seq + d
+    if d or any(len(r) > 9 and r[9] in _SERIAL_KINDS for r in records):
+        await _drain(pending, acked)
+        renumbered = len(role.marker_ids)
+        pending.append(loop.create_task(vol.apply_stored(rebase_records(vol, role, records))))
+        await _drain(pending, acked)
+        if len(role.marker_ids) != renumbered:
+            save_role(vol.path, role)
+        return
+    await _drain(pending, acked, PIPELINE - 1)
+    last = vol.journal.last_seq + len(records)
+    task = loop.create_task(vol.apply_stored(records))
+    pending.append(task)
+    await asyncio.sleep(0)  # its first step appends every record, then awaits the commit
+    if not task.done() and vol.journal.last_seq != last:
+        await _drain(pending, acked)  # not all appended yet (not expected here): wait
 
 
 async def listen(host: str, port: int, secret: bytes, lookup: Lookup, *,

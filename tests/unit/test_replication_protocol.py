@@ -28,6 +28,7 @@ from cdp.replication.protocol import (
     State,
     TargetConnection,
     encode_frame,
+    encode_records_frame,
 )
 
 SECRET = b"s" * 32
@@ -350,3 +351,13 @@ def test_open_fork_seq_needs_version_2() -> None:
     pump(old2, tgt2)
     with pytest.raises(ProtocolError, match="malformed OPEN"):
         events(tgt2, encode_frame(MsgType.OPEN, "v", "u", 1, 1, 1, 1))
+
+
+def test_records_frame_is_msgpacks_bytes() -> None:
+    """The hand-framed RECORDS frame equals msgpack's packing at every header size."""
+    for n in (0, 1, 15, 16, 17, 65535, 65536):
+        for size in (0, 1, 255, 256, 65535, 65536, 70000):
+            recs = [bytes([n % 251]) * size] * (n if size * n < 1 << 24 else 2)
+            for first in (1, 127, 128, 1 << 32, (1 << 64) - 1):
+                assert encode_records_frame(first, recs) == encode_frame(
+                    MsgType.RECORDS, first, recs), (n, size, first)

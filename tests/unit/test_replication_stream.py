@@ -6,10 +6,14 @@ from __future__ import annotations
 
 import asyncio
 import random
+from collections import deque
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-from cdp.replication.protocol import OpenRequest
+import pytest
+
+from cdp.replication import target
+from cdp.replication.protocol import OpenRequest, TargetConnection
 from cdp.replication.source import ReplicationSource
 from cdp.replication.target import load_role, serve_stream
 from cdp.volume import Volume
@@ -115,3 +119,53 @@ def test_wrong_secret_and_other_lineage_refused(tmp_path: Path) -> None:
         await server.wait_closed()
 
     _run(tmp_path, body)
+
+
+def test_pipelined_frames_acked_only_when_durable_in_order(tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """Many small frames (one record or so each) keep several applies pending on the
+    target: every ACK is cumulative, never decreasing and never beyond the replica's
+    durable seq when sent; markers and rewinds among them still apply in order."""
+    acks: list[tuple[int, int]] = []
+    dsts: list[Volume] = []
+    real_ack = TargetConnection.ack
+
+    def ack(self: TargetConnection, durable_seq: int) -> None:
+        acks.append((durable_seq, dsts[0].journal.durable_seq))
+        real_ack(self, durable_seq)
+
+    monkeypatch.setattr(TargetConnection, "ack", ack)
+    depth: list[int] = []
+    real_drain = target._drain
+
+    async def drain(pending: deque[asyncio.Task[int]], acked: Callable[[int], None],
+                    keep: int = 0) -> None:
+        depth.append(len(pending))
+        await real_drain(pending, acked, keep)
+
+    monkeypatch.setattr(target, "_drain", drain)
+
+    async def body(src: Volume, dst: Volume) -> None:
+        dsts.append(dst)
+        rng = random.Random(5)
+        await _drive(src, rng, 60)
+        server, port = await _target({"vol0": dst})
+        rep = ReplicationSource(src, "127.0.0.1", port, SECRET, batch=1)
+        src.attach(rep)
+        rep.start()
+        for i in range(3):
+            await _drive(src, rng, 30)
+            await src.snapshot(f"p{i}")
+            if i == 1:
+                await src.rewind(src.markers[0].seq)
+        await rep.wait_acked(src.journal.last_seq)
+        _same(src, dst)
+        assert [m.seq for m in dst.markers] == [m.seq for m in src.markers]
+        rep.stop()
+        server.close()
+        await server.wait_closed()
+
+    _run(tmp_path, body)
+    assert len(acks) > 10 and max(depth) > 1  # several frames were pending at once
+    assert all(a <= d for a, d in acks)
+    assert [a for a, _ in acks] == sorted(a for a, _ in acks)
