@@ -24,7 +24,7 @@ Design notes
   nbdkit does. Point-in-time exports (``vol0@marker3``) are read-only anyway: either
   list grants them.
 - Pre-shared keys (``nbdkit --tls-psk``) are not offered: Python 3.11's ``ssl`` has no
-  PSK callbacks (3.13 adds them), see docs/TORTURE.md.
+  PSK callbacks (3.13 adds them), see docs/NBD.md.
 """
 
 from __future__ import annotations
