@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def _plan(target: str) -> str:
     if shutil.which("make") is None:
         pytest.skip("requires make")
-    r = subprocess.run(["make", "-n", "-B", target], cwd=ROOT, capture_output=True, text=True,
+    r = subprocess.run(["make", "--no-print-directory", "-n", "-B", target], cwd=ROOT, capture_output=True, text=True,
                        check=True, timeout=60)
     return r.stdout
 
