@@ -187,15 +187,7 @@ async def _compute(
         same = base is not None and bp is not None and _same_fs(bp, fp)
         reset = bp is not None and not same
         prefix = "/" + part.name if part.name else ""
-        ranges: list[tuple[int, int]] | None = None
-        if same and changed is not None:
-            assert base is not None
-            try:
-                ranges = changed(base.seq, part.offset, part.offset + part.size)
-            except NotLocal:  # tiered history: the caller fetches it and runs again
-                raise
-            except CdpError as e:  # the base point is gone from the journal: rescan
-                out.note += f"changed ranges unavailable ({e}); full rescan; "
+        ranges = _changed_ranges(out, part, base, changed) if same else None
         if same and ranges is not None:
             assert base is not None and catalog is not None
             numbers = nv.records_in(ranges)
@@ -265,6 +257,22 @@ async def _compute(
     return out
 
 
+def _changed_ranges(out: Computed, part: Partition, base: Version | None,
+                    changed: Changed | None) -> list[tuple[int, int]] | None:
+    """The byte ranges of *part* changed since *base*, or None (no base, or the base
+    point is gone from the journal: a note, and the caller rescans). NotLocal passes:
+    tiered history is fetched by the caller, which runs again."""
+    if base is None or changed is None:
+        return None
+    try:
+        return changed(base.seq, part.offset, part.offset + part.size)
+    except NotLocal:
+        raise
+    except CdpError as e:
+        out.note += f"changed ranges unavailable ({e}); full rescan; "
+        return None
+
+
 async def _compute_ext(
     out: Computed, read: Reader, part: Partition, catalog: Catalog | None, base: Version | None,
     bp: dict[str, Any] | None, changed: Changed | None, backup_ns: int, chunk: int,
@@ -282,15 +290,7 @@ async def _compute_ext(
     fp = ext4index.fingerprint(part, fs)
     out.parts.append(fp)
     same = base is not None and bp is not None and ext4index.same_fs(bp, fp)
-    ranges: list[tuple[int, int]] | None = None
-    if same and changed is not None:
-        assert base is not None
-        try:
-            ranges = changed(base.seq, part.offset, part.offset + part.size)
-        except NotLocal:  # tiered history: the caller fetches it and runs again
-            raise
-        except CdpError as e:  # the base point is gone from the journal: rescan
-            out.note += f"changed ranges unavailable ({e}); full rescan; "
+    ranges = _changed_ranges(out, part, base, changed) if same else None
     ix = ext4index.Ext4Indexer(fs, part, "/" + part.name if part.name else "", backup_ns, chunk)
     if same and ranges is not None and catalog is not None and base is not None:
         async for _ in ix.diff(catalog, base, ranges):
