@@ -1,7 +1,10 @@
 # cdp — the two commands of the README, and a few more.
 #   make serve   set up (runtime dependencies only) and run the appliance on the embedded default (config/cdp.toml)
 #   make test    set up (venv + system tools + a test Ceph RGW) and run the whole test suite, lint and types
-PYTHON ?= python3
+# a Python 3.13+ if the machine has one (its ssl serves NBD TLS pre-shared keys; a
+# pyenv install counts), else python3
+PYTHON ?= $(shell for p in python3.14 python3.13 $${PYENV_ROOT:-$$HOME/.pyenv}/versions/3.1[3-9]*/bin/python3; do \
+	$$p -c 'import sys; sys.exit(sys.version_info < (3, 13))' 2>/dev/null && { echo $$p; exit; }; done; echo python3)
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 import re
+import ssl
+import sys
 import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -58,12 +60,14 @@ class Listener:
 
 @dataclass(frozen=True)
 class NbdClientAccess:
-    """One ``[[nbd.client]]`` row: a client certificate subject (RFC 4514, as written)
-    and the volumes (or "*") it may read and write, or only read."""
+    """One ``[[nbd.client]]`` row: a client certificate ``subject`` (RFC 4514, as
+    written) or a pre-shared key ``user``, and the volumes (or "*") it may read and
+    write, or only read."""
 
     subject: str
     read_write: tuple[str, ...] = ()
     read_only: tuple[str, ...] = ()
+    user: str = ""
 
 
 @dataclass(frozen=True)
@@ -72,7 +76,8 @@ class NbdTls:
     STARTTLS and ABORT before TLS); ``tls_cert`` / ``tls_key``: PEM files.
     ``tls_verify_peer``: clients need a certificate signed by ``tls_ca`` (PEM);
     ``clients``: the ``[[nbd.client]]`` access rows (none: every verified client may
-    use every volume)."""
+    use every volume). ``tls_psk``: a pre-shared key file (``user:hexkey`` lines, as
+    ``nbdkit --tls-psk``) instead of certificates; ``psk`` holds its keys."""
 
     mode: str = "off"
     cert: str = ""
@@ -80,6 +85,8 @@ class NbdTls:
     ca: str = ""
     verify_peer: bool = False
     clients: tuple[NbdClientAccess, ...] = ()
+    psk_file: str = ""
+    psk: tuple[tuple[str, bytes], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -650,23 +657,28 @@ _LISTENER: dict[str, Callable[[Any, str], Any]] = {"enabled": _bool, "listen": _
 #: ``[nbd]``'s TLS keys, validated by :func:`_table` with the listener's
 _NBD_TLS: dict[str, Callable[[Any, str], Any]] = {
     "tls": _choice("off", "on", "require"), "tls_cert": _str, "tls_key": _str,
-    "tls_ca": _str, "tls_verify_peer": _bool, "client": lambda v, k: _nbd_clients(v, k)}
+    "tls_ca": _str, "tls_verify_peer": _bool, "tls_psk": _str,
+    "client": lambda v, k: _nbd_clients(v, k)}
 
 
 def _nbd_clients(raw: Any, name: str) -> tuple[NbdClientAccess, ...]:
-    """``[[nbd.client]]``: each row a ``subject`` (ATTR=value parts, commas between)
-    and lists of volume names (or "*") ``read_write`` / ``read_only``."""
+    """``[[nbd.client]]``: each row a ``subject`` (ATTR=value parts, commas between) or
+    a PSK ``user``, and lists of volume names (or "*") ``read_write`` / ``read_only``."""
     if not isinstance(raw, list):
         raise ConfigError(f"{name}: expected an array of tables ([[nbd.client]])")
     rows = []
     for i, r in enumerate(raw):
         what = f"{name}[{i}]"
-        t = _table(r, what, {"subject": _str, "read_write": _str_list, "read_only": _str_list})
-        subject = t.get("subject", "")
-        if not subject or any("=" not in part for part in subject.split(",")):
+        t = _table(r, what, {"subject": _str, "user": _str, "read_write": _str_list,
+                             "read_only": _str_list})
+        subject, user = t.get("subject", ""), t.get("user", "")
+        if subject and user:
+            raise ConfigError(f"{what}: give a certificate subject or a PSK user, not both")
+        if not user and (not subject or any("=" not in part for part in subject.split(","))):
             raise ConfigError(f"{what}.subject: expected a certificate subject such as "
-                              f"\"CN=backup01,O=Example\", got {subject!r}")
-        rows.append(NbdClientAccess(subject, t.get("read_write", ()), t.get("read_only", ())))
+                              f"\"CN=backup01,O=Example\" (or a PSK user), got {subject!r}")
+        rows.append(NbdClientAccess(subject, t.get("read_write", ()), t.get("read_only", ()),
+                                    user))
     return tuple(rows)
 
 
@@ -676,11 +688,55 @@ def _str_list(v: Any, key: str) -> tuple[str, ...]:
     return tuple(v)
 
 
+def psk_supported() -> bool:
+    """Whether this Python's ``ssl`` can serve TLS pre-shared keys (3.13 and newer)."""
+    return bool(getattr(ssl, "HAS_PSK", False)) and hasattr(ssl.SSLContext,
+                                                            "set_psk_server_callback")
+
+
+def read_psk_file(path: str, key: str = "nbd.tls_psk") -> tuple[tuple[str, bytes], ...]:
+    """The ``(user, key)`` pairs of a PSK file: ``user:hexkey`` lines, as ``psktool``
+    writes and ``nbdkit --tls-psk`` reads (blank lines and ``#`` comments skipped).
+    ConfigError if it is missing, readable by group or others, empty, or malformed."""
+    try:
+        if os.stat(path).st_mode & 0o044:
+            raise ConfigError(f"{key}: {path} can be read by group or others (chmod 600 it)")
+        text = Path(path).read_text()
+    except OSError as e:
+        raise ConfigError(f"{key}: cannot read {path!r}: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{key}: {path} is not a text file of user:hexkey lines") from None
+    pairs: dict[str, bytes] = {}
+    for n, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        user, sep, hexkey = line.rpartition(":")
+        try:
+            psk = bytes.fromhex(hexkey)
+        except ValueError:
+            psk = b""
+        if not sep or not user or not psk:
+            raise ConfigError(f"{key}: {path} line {n}: expected user:hexkey")
+        if user in pairs:
+            raise ConfigError(f"{key}: {path} line {n}: user {user!r} appears twice")
+        pairs[user] = psk
+    if not pairs:
+        raise ConfigError(f"{key}: {path} holds no user:hexkey line")
+    return tuple(pairs.items())
+
+
 def _nbd_tls(t: dict[str, Any]) -> NbdTls:
     """``[nbd]``'s TLS keys (already validated): a mode other than "off" needs both
-    files, readable."""
+    files, readable, or a PSK file."""
     tls = NbdTls(t.get("tls", "off"), t.get("tls_cert", ""), t.get("tls_key", ""),
-                 t.get("tls_ca", ""), t.get("tls_verify_peer", False), t.get("client", ()))
+                 t.get("tls_ca", ""), t.get("tls_verify_peer", False), t.get("client", ()),
+                 t.get("tls_psk", ""))
+    if tls.psk_file:
+        return _nbd_psk(tls)
+    if any(c.user for c in tls.clients):
+        raise ConfigError("nbd.client: a row with user = ... needs tls_psk (a pre-shared "
+                          "key file)")
     if tls.mode != "off":
         for key, path in (("tls_cert", tls.cert), ("tls_key", tls.key)):
             if not path:
@@ -698,6 +754,30 @@ def _nbd_tls(t: dict[str, Any]) -> NbdTls:
         raise ConfigError("nbd.client: needs tls_verify_peer = true (clients are named by "
                           "their certificate)")
     return tls
+
+
+def _nbd_psk(tls: NbdTls) -> NbdTls:
+    """``[nbd] tls_psk``: pre-shared keys instead of certificates (as nbdkit, one or
+    the other); ``[[nbd.client]]`` rows then name PSK users and need tls = "require"."""
+    if tls.mode == "off":
+        raise ConfigError('nbd.tls_psk: needs tls = "on" or "require"')
+    for k, v in (("tls_cert", tls.cert), ("tls_key", tls.key), ("tls_ca", tls.ca),
+                 ("tls_verify_peer", tls.verify_peer)):
+        if v:
+            raise ConfigError(f"nbd.{k}: not used with tls_psk (clients prove a pre-shared "
+                              f"key, not a certificate): set one or the other")
+    if tls.clients:
+        if tls.mode != "require":  # else a plaintext client would bypass the check
+            raise ConfigError('nbd.client: PSK users need tls = "require"')
+        for i, c in enumerate(tls.clients):
+            if not c.user:
+                raise ConfigError(f"nbd.client[{i}]: with tls_psk a row names a PSK user "
+                                  f"(user = ...), not a certificate subject")
+    if not psk_supported():
+        raise ConfigError(f"nbd.tls_psk: this Python ({sys.version.split()[0]}) has no TLS "
+                          f"pre-shared keys in its ssl module; run cdpd on Python 3.13 or "
+                          f"newer (docs/NBD.md)")
+    return replace(tls, psk=read_psk_file(tls.psk_file))
 
 
 def load_config(path: str | os.PathLike[str] | None = None) -> Settings:

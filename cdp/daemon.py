@@ -170,7 +170,8 @@ class Daemon:
                                           tls=s.nbd_tls.mode, tls_cert=s.nbd_tls.cert,
                                           tls_key=s.nbd_tls.key, tls_ca=s.nbd_tls.ca,
                                           tls_verify_peer=s.nbd_tls.verify_peer,
-                                          clients=nbd_client_rules(s.nbd_tls.clients))
+                                          clients=nbd_client_rules(s.nbd_tls.clients),
+                                          psk=dict(s.nbd_tls.psk) or None)
                 except OSError as e:
                     raise bind_error("--nbd", s.nbd.host, s.nbd.port, e) from None
                 self.nbd_port = nbd.port

@@ -195,7 +195,7 @@ def _range_max(m: int, lo: I64, hi: I64, rank: I64) -> I64:
     """
     length = hi - lo
     lev = (np.frexp(length.astype(np.float64))[1] - 1).astype(np.int64)  # floor(log2)
-    top = int(lev.max())
+    top = int(np.max(lev))
     cur: I64 | None = None
     for k in range(top, -1, -1):
         size = 1 << k
@@ -402,7 +402,7 @@ class DeltaMap:
             if not (c.end > c.start).all():
                 out.append("an entry is empty or reversed")
             if not ((c.seq > self.lo).all() and (c.seq <= self.hi).all()):
-                out.append(f"seqs {int(c.seq.min())}..{int(c.seq.max())} outside the "
+                out.append(f"seqs {int(np.min(c.seq))}..{int(np.max(c.seq))} outside the "
                            f"window ({self.lo}, {self.hi}]")
             if not (c.start[1:] >= c.start[:-1]).all():
                 out.append("entries not sorted by start")

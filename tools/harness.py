@@ -98,7 +98,11 @@ class Cdpd:
             except (FileNotFoundError, ValueError, KeyError):
                 pass
             time.sleep(0.05)
-        raise RuntimeError(f"cdpd did not start in {timeout}s:\n{self.log.read_text()}")
+        # a cdpd left starting would serve on, unowned, after the test: stop it here
+        self.proc.kill()
+        self.proc.wait()
+        raise RuntimeError(f"cdpd did not start in {timeout}s (killed it):\n"
+                           f"{self.log.read_text()}")
 
     def uri(self, export: str = "vol0") -> str:
         return f"nbd://127.0.0.1:{self.nbd_port}/{export}"

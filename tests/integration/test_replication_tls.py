@@ -28,7 +28,8 @@ from tools.harness import Cdpd, run
 def _ca(d: Path, name: str) -> tuple[Path, Path]:
     key, crt = d / f"{name}.key", d / f"{name}.crt"
     run("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
-        "-subj", f"/CN={name}", "-keyout", str(key), "-out", str(crt))
+        "-subj", f"/CN={name}", "-keyout", str(key), "-out", str(crt),
+        "-addext", "keyUsage = critical, keyCertSign, cRLSign")  # RFC 5280, as 3.13 checks
     return crt, key
 
 
@@ -36,7 +37,10 @@ def _cert(d: Path, name: str, ca: tuple[Path, Path], san: str) -> tuple[Path, Pa
     key, csr, crt, ext = d / f"{name}.key", d / f"{name}.csr", d / f"{name}.crt", d / f"{name}.ext"
     run("openssl", "req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={name}",
         "-keyout", str(key), "-out", str(csr))
-    ext.write_text(f"subjectAltName = {san}\n")
+    # RFC 5280 as Python 3.13's ssl checks it by default (VERIFY_X509_STRICT): a leaf
+    # names its issuer's key (openssl x509 -req adds no extension the file lacks)
+    ext.write_text(f"subjectAltName = {san}\nauthorityKeyIdentifier = keyid,issuer\n"
+                   "basicConstraints = CA:FALSE\n")
     run("openssl", "x509", "-req", "-in", str(csr), "-CA", str(ca[0]), "-CAkey", str(ca[1]),
         "-CAcreateserial", "-days", "2", "-extfile", str(ext), "-out", str(crt))
     return crt, key

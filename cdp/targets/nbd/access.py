@@ -23,8 +23,10 @@ Design notes
 - Without ``[[nbd.client]]`` rows every verified client may use every export, as
   nbdkit does. Point-in-time exports (``vol0@marker3``) are read-only anyway: either
   list grants them.
-- Pre-shared keys (``nbdkit --tls-psk``) are not offered: Python 3.11's ``ssl`` has no
-  PSK callbacks (3.13 adds them), see docs/NBD.md.
+- With pre-shared keys (``tls_psk``, as ``nbdkit --tls-psk``) instead of certificates
+  the identity is the PSK user the client proved the key of, and ``[[nbd.client]]``
+  rows name ``user`` instead of ``subject``. A server has one or the other, so the
+  two kinds of identity never meet in one rule table.
 """
 
 from __future__ import annotations
@@ -114,19 +116,19 @@ def normalize_subject(text: str) -> str:
 
 @dataclass(frozen=True)
 class ClientRule:
-    """One ``[[nbd.client]]`` row: a subject (normalized) and the volumes it may write
-    and only read (``"*"``: every volume)."""
+    """One ``[[nbd.client]]`` row: an identity (a normalized certificate subject, or a
+    PSK user) and the volumes it may write and only read (``"*"``: every volume)."""
 
-    subject: str
+    identity: str
     read_write: frozenset[str] = frozenset()
     read_only: frozenset[str] = frozenset()
 
 
 def grant(rules: Iterable[ClientRule], identity: str, volume: str) -> str | None:
     """"rw", "ro" or None (refused) for ``identity`` on ``volume``; the first row naming
-    the subject decides. Cost: O(rules)."""
+    the identity decides. Cost: O(rules)."""
     for r in rules:
-        if r.subject != identity:
+        if r.identity != identity:
             continue
         if volume in r.read_write or "*" in r.read_write:
             return "rw"
@@ -137,16 +139,16 @@ def grant(rules: Iterable[ClientRule], identity: str, volume: str) -> str | None
 
 
 def nbd_client_rules(rows: Iterable[Any]) -> tuple[ClientRule, ...]:
-    """:class:`ClientRule` s from config rows (``subject``, ``read_write``,
+    """:class:`ClientRule` s from config rows (``subject`` or ``user``, ``read_write``,
     ``read_only`` attributes: :class:`cdp.config.NbdClientAccess`); raises
     :class:`~cdp.errors.ConfigError` for a subject that does not parse."""
     out = []
     for i, r in enumerate(rows):
         try:
-            subject = normalize_subject(r.subject)
+            identity = getattr(r, "user", "") or normalize_subject(r.subject)
         except ValueError as exc:
             raise ConfigError(f"nbd.client[{i}].subject: {exc}") from None
-        out.append(ClientRule(subject, frozenset(r.read_write), frozenset(r.read_only)))
+        out.append(ClientRule(identity, frozenset(r.read_write), frozenset(r.read_only)))
     return tuple(out)
 
 
@@ -222,7 +224,7 @@ class ClientExports:
         if level is None:
             if dev is not None:
                 dev.close()
-            raise AccessDenied(f"client {self.identity or '(no certificate)'!r} may not use "
+            raise AccessDenied(f"client {self.identity or '(no identity)'!r} may not use "
                                f"volume {volume!r}")
         if dev is None:
             dev = self.provider.open_export(name)

@@ -49,7 +49,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, cast
 
 from cdp.errors import ProtocolError
@@ -94,6 +94,7 @@ class _NbdProtocol(asyncio.BufferedProtocol):
         self.device: BlockDevice | None = None
         self.contexts: list[tuple[int, str]] = []
         self.peer: Any = None
+        self.psk_user = ""  # the PSK user this client proved the key of (tls_psk)
         self.inflight = 0
         self.tasks: set[asyncio.Task[None]] = set()
         self.read_paused = False  # the transport's reading is paused (backlog, drain)
@@ -224,18 +225,28 @@ class _NbdProtocol(asyncio.BufferedProtocol):
 
     def _start_tls(self) -> None:
         """Upgrade the transport in place (NBD_OPT_STARTTLS); reading resumes under TLS."""
-        assert self.transport is not None and self.server.ssl_context is not None
+        assert self.transport is not None and self.server.tls != "off"
         self.upgrading = True
         self.server._tls_tasks.add(asyncio.get_running_loop().create_task(self._upgrade()))
 
+    def _psk_user(self, user: str) -> None:
+        """The PSK handshake found ``user``'s key (called by the context's callback)."""
+        self.psk_user = user
+
     async def _upgrade(self) -> None:
-        assert self.transport is not None and self.server.ssl_context is not None
+        assert self.transport is not None
+        server = self.server
+        self.psk_user = ""
         try:
             t = await asyncio.get_running_loop().start_tls(
-                self.transport, self, self.server.ssl_context, server_side=True,
+                self.transport, self, server.context_for(self._psk_user), server_side=True,
                 ssl_handshake_timeout=30)
         except (TimeoutError, OSError, ssl.SSLError, ConnectionError) as exc:
-            if self.server.verify_peer:  # no certificate, or one we do not trust
+            if server.psk is not None:
+                log.warning("%s: client refused (unknown PSK user or wrong key%s): TLS "
+                            "handshake failed: %s", self.peer,
+                            f", user {self.psk_user!r}" if self.psk_user else "", exc)
+            elif server.verify_peer:  # no certificate, or one we do not trust
                 log.warning("%s: client refused (no verified certificate): TLS handshake "
                             "failed: %s", self.peer, exc)
             else:
@@ -244,16 +255,19 @@ class _NbdProtocol(asyncio.BufferedProtocol):
                 self.transport.abort()
             return
         finally:
-            self.server._tls_tasks.discard(asyncio.current_task())
+            server._tls_tasks.discard(asyncio.current_task())
         if t is None:  # the peer went away during the handshake
             return
         self.transport = t
         self._set_write_limits(t)
         self.conn.tls_started()
         self.upgrading = False
-        if self.server.verify_peer:
+        if server.psk is not None:
+            self.conn.provider = ClientExports(server.provider, self.psk_user, server.clients)
+            log.info("%s: TLS established, PSK user %r", self.peer, self.psk_user)
+        elif server.verify_peer:
             identity = subject_text(t.get_extra_info("peercert"))
-            self.conn.provider = ClientExports(self.server.provider, identity, self.server.clients)
+            self.conn.provider = ClientExports(server.provider, identity, server.clients)
             log.info("%s: TLS established, client %r", self.peer, identity)
         else:
             log.info("%s: TLS established", self.peer)
@@ -424,18 +438,43 @@ class _NbdProtocol(asyncio.BufferedProtocol):
             self._close_transport()
 
 
+def psk_context(keys: Mapping[str, bytes], found: Callable[[str], None]) -> ssl.SSLContext:
+    """A server context that accepts TLS 1.2 and 1.3 clients proving one of ``keys``
+    (PSK user -> key) and calls ``found(user)`` when the client names a known user; an
+    unknown user gets no key and the handshake fails. Needs Python 3.13's ``ssl``.
+    One context per connection, so ``found`` knows which connection it serves (the
+    callback sees only the user); cost: about a millisecond per handshake."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.set_ciphers("PSK")  # TLS 1.2's PSK suites; TLS 1.3 uses the key with its own
+
+    def key_for(user: str | None) -> bytes:
+        key = keys.get(user or "")
+        if key is None:
+            log.warning("TLS PSK: unknown user %r", user)
+            return b""
+        found(user or "")
+        return key
+
+    getattr(ctx, "set_psk_server_callback")(key_for)  # noqa: B009 (3.13; mypy targets 3.11)
+    return ctx
+
+
 class NbdServer:
     """A listening NBD server; see :func:`serve_nbd`."""
 
     def __init__(self, provider: ExportProvider, max_inflight: int, write_high: int,
                  tls: str = "off", ssl_context: ssl.SSLContext | None = None, *,
                  read_high: int = 1 << 20, turn_bytes: int = 256 << 10,
-                 clients: tuple[ClientRule, ...] = ()) -> None:
+                 clients: tuple[ClientRule, ...] = (),
+                 psk: Mapping[str, bytes] | None = None) -> None:
         self.provider = provider
         #: client certificates are required (and named in every refusal)
         self.verify_peer = ssl_context is not None and ssl_context.verify_mode == ssl.CERT_REQUIRED
         self.clients = clients
-        self.tls = tls if ssl_context is not None else "off"
+        #: PSK user -> key (``tls_psk``): clients prove a key instead of a certificate
+        self.psk = dict(psk) if psk else None
+        self.tls = tls if ssl_context is not None or self.psk else "off"
         self.ssl_context = ssl_context
         self._tls_tasks: set[asyncio.Task[None]] = set()
         self.max_inflight = max_inflight
@@ -479,6 +518,14 @@ class NbdServer:
         if not self._conns:
             self._idle.set()
 
+    def context_for(self, psk_found: Callable[[str], None]) -> ssl.SSLContext:
+        """The TLS context for one connection's STARTTLS: the server's, or with
+        pre-shared keys a fresh one that reports the user to ``psk_found``."""
+        if self.psk is not None:
+            return psk_context(self.psk, psk_found)
+        assert self.ssl_context is not None
+        return self.ssl_context
+
     async def wait_closed(self) -> None:
         """Wait until the listener and every connection are closed."""
         if self._server is not None:
@@ -499,14 +546,16 @@ async def serve_nbd(
     tls_ca: str = "",
     tls_verify_peer: bool = False,
     clients: tuple[ClientRule, ...] = (),
+    psk: Mapping[str, bytes] | None = None,
 ) -> NbdServer:
     """Listen for NBD clients on ``host:port`` (0: any free port, see ``.port``).
     ``tls`` "on"/"require" with a PEM ``tls_cert`` and ``tls_key``: NBD_OPT_STARTTLS.
     ``tls_verify_peer``: a client certificate signed by ``tls_ca`` is required, and
     ``clients`` (if any) say which volumes each subject may use
-    (:mod:`cdp.targets.nbd.access`)."""
+    (:mod:`cdp.targets.nbd.access`). ``psk`` (user -> key) instead of a certificate:
+    clients prove a pre-shared key, and ``clients`` name PSK users."""
     ctx = None
-    if tls != "off":
+    if tls != "off" and not psk:
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2
         ctx.load_cert_chain(tls_cert, tls_key)
@@ -515,7 +564,7 @@ async def serve_nbd(
                 raise ValueError('tls_verify_peer needs tls="require"')
             ctx.load_verify_locations(cafile=tls_ca)
             ctx.verify_mode = ssl.CERT_REQUIRED
-    server = NbdServer(provider, max_inflight, write_high, tls, ctx, clients=clients)
+    server = NbdServer(provider, max_inflight, write_high, tls, ctx, clients=clients, psk=psk)
     factory: Callable[[], _NbdProtocol] = server._factory
     loop = asyncio.get_running_loop()
     server._server = await loop.create_server(factory, host, port, reuse_address=True)
