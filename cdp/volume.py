@@ -1062,23 +1062,25 @@ class SealPacer:
     Design notes
     ------------
     * A seal writes a map file and the manifest with four fsyncs on the event loop
-      (mapengine); with 64 volumes on one cdpd the ``seal_interval`` seals alone took
-      half the loop (py-spy: 95 of 230 samples) and cut the aggregate ingest to 0.43x
-      of the same run without them (tools/bench scale-wide). Volumes started together
-      also fell due in the same tick, stalling every connection for seconds at once.
-    * So the daemon starts time-based seals through this pacer: each tick, the due
-      volumes in order of how overdue they are (round robin in effect), while the
-      credit lasts. The credit grows by :attr:`share` of the wall-clock time (10%, up
-      to :attr:`burst` seconds); each seal started is charged the cost learnt from the
-      earlier ones (:attr:`estimate`) until the next tick charges the loop time every
-      seal really took
-      (``Volume.seal_seconds``: size-based seals, markers and blocking seals too). On an
-      idle disk a seal costs a few ms and every volume is sealed on time; on a busy one
-      the seals of lightly written volumes are spread out and their live windows stay
-      live longer (each holds few writes; replay after a crash covers them).
-    * Size-based seals (``l0_max_writes``), markers, rewinds and close are never held.
-      No volume waits longer than :attr:`max_delay` intervals past due (12: one minute
-      at the default ``seal_interval``), whatever the credit.
+      (mapengine). With 64 volumes on one cdpd the ``seal_interval`` seals alone took
+      40% of the loop (py-spy: 95 of 230 samples at a 2 s interval) and cut the
+      aggregate ingest to 0.43x of the same run without them (tools/bench scale-wide);
+      volumes started together also fell due in the same tick, stalling every
+      connection for seconds at once.
+    * So the daemon starts time-based seals through this pacer. Each tick it takes the
+      due volumes, most overdue first (round robin in effect): the first always, the
+      others while the credit lasts. The credit grows by :attr:`share` of the
+      wall-clock time (10%, up to :attr:`burst` seconds); a seal started is charged
+      the cost learnt from the earlier ones (:attr:`estimate`), and at the next tick
+      what those volumes' seals really took on the loop (``Volume.seal_seconds``)
+      replaces the guess. On an idle disk a seal costs a few ms and every volume is
+      sealed on time; on a busy one the seals of lightly written volumes are spread
+      out and their live windows stay live longer (each holds few writes; replay after
+      a crash covers them). A one-volume store is never held back.
+    * Only time-based seals are paced: size-based ones (``l0_max_writes``), markers,
+      rewinds and close are not, and are not charged (a busy volume does not hold the
+      others' time-based seals). No volume waits longer than :attr:`max_delay`
+      intervals past due (12: one minute at the default ``seal_interval``).
     * Cost: O(volumes) per tick plus a sort of the due ones.
     """
 
@@ -1090,41 +1092,34 @@ class SealPacer:
         self.credit = self.burst
         #: loop seconds one seal is expected to take (learnt from the seals started)
         self.estimate = 0.005
-        self._pending = 0.0
-        self._started = 0
         self._last: float | None = None
-        self._spent: dict[int, float] = {}  # id(volume) -> its seal_seconds at the last tick
+        #: the volumes started at the last tick: id -> (volume, its seal_seconds then)
+        self._started: dict[int, tuple[Volume, float]] = {}
 
     def due(self, volumes: Iterable[Volume], now: float | None = None) -> list[Volume]:
         """The volumes whose time-based seal may start now (``Volume.tick(seal=True)``);
-        charges the seal time spent since the last call."""
+        charges what the seals started at the last call cost."""
         now = time.monotonic() if now is None else now
         vols = list(volumes)
-        spent = 0.0
-        seen: dict[int, float] = {}
-        for v in vols:
-            before = self._spent.get(id(v), v.seal_seconds)
-            seen[id(v)] = v.seal_seconds
-            spent += v.seal_seconds - before
-        self._spent = seen
+        started = self._started
+        spent = sum(v.seal_seconds - before for v, before in started.values())
         elapsed = 0.0 if self._last is None else now - self._last
         self._last = now
-        # the estimates of the last tick are replaced by what the seals really cost
-        self.credit = min(self.burst, self.credit + self._pending + self.share * elapsed) - spent
-        if self._started:  # learn what one seal costs here (size-based ones count too)
-            self.estimate = max(0.001, 0.5 * self.estimate + 0.5 * spent / self._started)
-        self._pending, self._started = 0.0, 0
-        over = [(v.seal_overdue(now), i) for i, v in enumerate(vols)]
-        order = sorted((o, i) for o, i in over if o >= 0)
+        # the guesses of the last tick are replaced by what the seals really cost
+        guessed = self.estimate * len(started)
+        self.credit = min(self.burst, self.credit + guessed + self.share * elapsed) - spent
+        if started:
+            self.estimate = max(0.001, 0.5 * self.estimate + 0.5 * spent / len(started))
+        over = sorted(((v.seal_overdue(now), i) for i, v in enumerate(vols)), reverse=True)
         out: list[Volume] = []
-        for o, i in reversed(order):  # the most overdue first
+        for o, i in over:  # the most overdue first
+            if o < 0:
+                break
             v = vols[i]
-            if self.credit > 0 or o >= self.max_delay * v.settings.maps.seal_interval:
+            if not out or self.credit > 0 or o >= self.max_delay * v.settings.maps.seal_interval:
                 out.append(v)
-                # a guess until the next tick charges what the seal really took
-                self.credit -= self.estimate
-                self._pending += self.estimate
-                self._started += 1
+                self.credit -= self.estimate  # a guess until the next tick
+        self._started = {id(v): (v, v.seal_seconds) for v in out}
         return out
 
 
