@@ -41,6 +41,9 @@ Parts (default: all three, in this order):
   the longest write during gc (goal <= 100 ms). Latencies are per write (fio's
   ``write_lat_log``), windowed to the gc's run.
 
+Every cdpd runs the product's ``[maps]`` defaults (:func:`product_maps`; the test
+harness's config seals every 2 s) with 64 MiB segments.
+
 Quick mode (``--quick``, CI): 8 volumes, 2,000 files x 5 markers, 256 MiB of history;
 no thresholds anywhere. Plots (matplotlib, when installed): per-volume IOPS and the
 write latency over time during gc, in ``OUT/scale-wide-*.png``.
@@ -106,6 +109,16 @@ def _volumes_config(n: int, size: str) -> str:
     return "".join(f'[[volume]]\nname = "vol{i}"\nsize = "{size}"\n' for i in range(1, n))
 
 
+def product_maps(d: Cdpd) -> Cdpd:
+    """*d* with the product's ``[maps]`` defaults but ``l0_max_writes`` (the test
+    harness seals every 2 s and merges with fanout 4)."""
+    text = d.config.read_text()
+    for line in ('seal_interval = "2s"\n', "fanout = 4\n", "full_every = 8\n"):
+        text = text.replace(line, "")
+    d.config.write_text(text)
+    return d
+
+
 def fio_per_volume(port: int, n: int, runtime: float, region: int, iodepth: int) -> list[dict[str, float]]:
     """One fio job per volume ``vol0..vol{n-1}`` (one NBD connection each), 4 KiB random
     writes for *runtime* s; per job: write IOPS and clat p99 (ms)."""
@@ -136,7 +149,7 @@ def run_volumes(base: Path, n: int, quick: bool, plots: Path | None) -> list[dic
     region = 64 * MiB
     rows: list[dict[str, Any]] = []
     (base / "one").mkdir()
-    one = Cdpd(base / "one", size="1GiB", l0_max_writes=8192, segment_bytes="64MiB")
+    one = product_maps(Cdpd(base / "one", size="1GiB", l0_max_writes=8192, segment_bytes="64MiB"))
     one.start()
     try:
         assert one.proc is not None
@@ -146,8 +159,8 @@ def run_volumes(base: Path, n: int, quick: bool, plots: Path | None) -> list[dic
     finally:
         one.stop()
     (base / "many").mkdir()
-    many = Cdpd(base / "many", size="1GiB", l0_max_writes=8192, segment_bytes="64MiB",
-                extra_config=_volumes_config(n, "1GiB"))
+    many = product_maps(Cdpd(base / "many", size="1GiB", l0_max_writes=8192, segment_bytes="64MiB",
+                             extra_config=_volumes_config(n, "1GiB")))
     many.start(timeout=120)
     try:
         assert many.proc is not None
@@ -451,7 +464,8 @@ def run_gc(base: Path, history: int, quick: bool, plots: Path | None) -> list[di
     dd = dd_bandwidth(base, 256 if quick else 2048)
     region = 2 * GiB if not quick else 256 * MiB
     (base / "gc").mkdir()
-    d = Cdpd(base / "gc", size="4GiB", segment_bytes="64MiB", l0_max_writes=8192, extra_config=GC_CFG)
+    d = product_maps(Cdpd(base / "gc", size="4GiB", segment_bytes="64MiB", l0_max_writes=8192,
+                          extra_config=GC_CFG))
     d.start()
     rows: list[dict[str, Any]] = []
     try:
