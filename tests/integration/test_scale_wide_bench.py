@@ -34,5 +34,5 @@ def test_scale_wide_bench_small(tmp_path: Path) -> None:
     judged = summarize("scale-wide", rows)
     assert all(j["verdict"] in ("pass", "short") for j in judged
                if not j["workload"].startswith("wide-catalog-generate")), judged
-    assert (tmp_path / "scale-wide-volumes.png").exists() or True  # matplotlib is optional
+    assert (tmp_path / "scale-wide-volumes.png").exists() and (tmp_path / "scale-wide-gc.png").exists()
     assert not list(tmp_path.glob("cdp-scale-wide-*")), "the scratch stores are removed"
