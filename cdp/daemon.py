@@ -51,7 +51,7 @@ from cdp.targets.iscsi.server import IscsiServer, serve_iscsi
 from cdp.targets.nbd.access import nbd_client_rules
 from cdp.targets.nbd.server import NbdServer, serve_nbd
 from cdp.tier.service import check_tier, start_tiers
-from cdp.volume import Volume
+from cdp.volume import SealPacer, Volume
 from cdp.web.server import WebServer
 
 #: written once the listeners are up, removed at a clean stop
@@ -288,11 +288,14 @@ class Daemon:
 
     async def _tick(self) -> None:
         assert self.store is not None
+        pacer = SealPacer()  # time-based seals share a budget of loop time
         while True:
             await asyncio.sleep(1.0)
-            for v in list(self.store.volumes.values()):
+            vols = list(self.store.volumes.values())
+            timed = {id(v) for v in pacer.due(vols)}
+            for v in vols:
                 try:
-                    v.tick()
+                    v.tick(seal=id(v) in timed)
                 except Exception:
                     log.exception("volume %s: periodic seal failed", v.name)
                 try:

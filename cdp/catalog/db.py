@@ -5,6 +5,15 @@ Design notes
 * Key = (directory path, name, start version) — the unique index ``entries_key``;
   the value is the rest of the row. Directory listings at a version are one range scan
   of that index (``dir = ?`` then a filter on start/end).
+* Format 4: directory paths and names are stored once (tables ``dirs`` and ``names``);
+  a row of ``file_entries`` holds their ids, and the view ``entries`` joins them back,
+  so every query reads ``entries`` with the columns of format 3. Why: with every file
+  modified at every marker a row repeated its path and name (and ``entries_key`` and
+  ``entries_lname`` did again): 241 bytes per file version at 1M versions, 175 with
+  the ids (tools/bench scale-wide); and ``find`` with a pattern that starts with a
+  wildcard globs the distinct names (200k for 10M versions), not every row. A
+  listing's rows come in name-id order and are sorted by name (one directory's
+  visible entries).
 * Two connections: the background indexer writes a whole version in one transaction
   on ``writer`` (it may yield to the event loop between batches), queries read on
   ``reader`` and see only committed versions (WAL snapshot isolation). A version
@@ -15,8 +24,9 @@ Design notes
   most of their cost (~1 ms per column per 10k rows). Their entries carry
   ``location = b""``; :meth:`Catalog.at_path` and :meth:`Catalog.history` load whole
   rows.
-* ``find`` by name uses ``entries_lname`` (an index on ``lower(name)``): a glob with a
-  literal prefix becomes an index range plus the glob itself.
+* ``find`` by name globs ``names`` (the index ``names_lname`` on ``lower(name)``: a
+  glob with a literal prefix becomes an index range plus the glob itself), then takes
+  the matching names' rows through ``entries_name``.
 * Writes: WAL with ``synchronous = NORMAL`` (a commit does not fsync; checkpoints do),
   so a bulk first index pays no syncs per transaction and ``synchronous = OFF`` would
   buy nothing but a weaker checkpoint. The catalog is derived data (rebuilt from the
@@ -44,9 +54,10 @@ log = logging.getLogger("cdp.catalog")
 #: catalog schema version stored in meta("format"); bump on a schema change; never reuse
 #: a number. 1: first version; 2: adds the ``entries_lname`` index (find by name); 3:
 #: the file-system kind (``versions.fs``, ``"fs"`` in each ``parts`` object) and the
-#: ``entries_dirs`` index (ext4 diffs find the known directories). Formats 1 and 2 are
-#: migrated in place when opened for writing (:func:`_migrate`).
-CATALOG_FORMAT = 3
+#: ``entries_dirs`` index (ext4 diffs find the known directories); 4: paths and names
+#: stored once (``dirs``, ``names``, ``file_entries`` and the view ``entries``). Formats
+#: 1 to 3 are migrated in place when opened for writing (:func:`_migrate`).
+CATALOG_FORMAT = 4
 CATALOG_FILE = "catalog.sqlite"
 
 SCHEMA = """
@@ -62,9 +73,12 @@ CREATE TABLE IF NOT EXISTS versions (
     note TEXT NOT NULL DEFAULT '',
     fs TEXT NOT NULL DEFAULT ''    -- format 3: the kinds found, in parts order ("ntfs,ext4")
 );
-CREATE TABLE IF NOT EXISTS entries (
+CREATE TABLE IF NOT EXISTS dirs (id INTEGER PRIMARY KEY, path TEXT NOT NULL UNIQUE);
+CREATE TABLE IF NOT EXISTS names (id INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE);
+CREATE INDEX IF NOT EXISTS names_lname ON names (lower(name));
+CREATE TABLE IF NOT EXISTS file_entries (
     id INTEGER PRIMARY KEY,
-    part TEXT NOT NULL, dir TEXT NOT NULL, name TEXT NOT NULL,
+    part TEXT NOT NULL, dir_id INTEGER NOT NULL, name_id INTEGER NOT NULL,
     start INTEGER NOT NULL, "end" INTEGER NOT NULL, ref INTEGER NOT NULL,
     record INTEGER NOT NULL, seq INTEGER NOT NULL, parent INTEGER NOT NULL,
     is_dir INTEGER NOT NULL, size INTEGER NOT NULL, alloc INTEGER NOT NULL,
@@ -73,12 +87,20 @@ CREATE TABLE IF NOT EXISTS entries (
     flags INTEGER NOT NULL, location BLOB NOT NULL, streams TEXT NOT NULL,
     backup_ns INTEGER NOT NULL
 );
-CREATE UNIQUE INDEX IF NOT EXISTS entries_key ON entries (dir, name, start);
-CREATE INDEX IF NOT EXISTS entries_record ON entries (part, record, start);
-CREATE INDEX IF NOT EXISTS entries_start ON entries (start);
-CREATE INDEX IF NOT EXISTS entries_end ON entries ("end") WHERE "end" > 0;
-CREATE INDEX IF NOT EXISTS entries_lname ON entries (lower(name));
-CREATE INDEX IF NOT EXISTS entries_dirs ON entries (part, record) WHERE is_dir = 1;
+CREATE UNIQUE INDEX IF NOT EXISTS entries_key ON file_entries (dir_id, name_id, start);
+CREATE INDEX IF NOT EXISTS entries_name ON file_entries (name_id);
+CREATE INDEX IF NOT EXISTS entries_record ON file_entries (part, record, start);
+CREATE INDEX IF NOT EXISTS entries_start ON file_entries (start);
+CREATE INDEX IF NOT EXISTS entries_end ON file_entries ("end") WHERE "end" > 0;
+CREATE INDEX IF NOT EXISTS entries_dirs ON file_entries (part, record) WHERE is_dir = 1;
+CREATE VIEW IF NOT EXISTS entries AS SELECT
+    e.id AS id, e.part AS part, d.path AS dir, n.name AS name, e.start AS start,
+    e."end" AS "end", e.ref AS ref, e.record AS record, e.seq AS seq, e.parent AS parent,
+    e.is_dir AS is_dir, e.size AS size, e.alloc AS alloc, e.crtime AS crtime,
+    e.mtime AS mtime, e.ctime AS ctime, e.atime AS atime, e.attrs AS attrs,
+    e.resident AS resident, e.flags AS flags, e.location AS location, e.streams AS streams,
+    e.backup_ns AS backup_ns, e.dir_id AS dir_id, e.name_id AS name_id
+    FROM file_entries e JOIN dirs d ON d.id = e.dir_id JOIN names n ON n.id = e.name_id;
 CREATE TABLE IF NOT EXISTS damaged (
     version INTEGER NOT NULL, part TEXT NOT NULL, record INTEGER NOT NULL, reason TEXT NOT NULL
 );
@@ -93,8 +115,10 @@ _LIST_COLS = ("part", "dir", "name", "start", "end", "ref", "record", "seq", "is
               "backup_ns")
 _LSEL = "SELECT id, " + ", ".join(f'"{c}"' for c in _LIST_COLS) + " FROM entries"
 _GLOB_SPECIAL = "*?["
-_INS = ("INSERT INTO entries (" + ", ".join(f'"{c}"' for c in COLUMNS) + ") VALUES ("
-        + ", ".join("?" * len(COLUMNS)) + ")")
+#: a new row: its directory and name are interned first (see :meth:`Catalog.write_plan`)
+_INS = ("INSERT INTO file_entries (" + ", ".join(f'"{c}"' for c in COLUMNS).replace('"dir", "name"', "dir_id, name_id")
+        + ") VALUES (?, (SELECT id FROM dirs WHERE path = ?), (SELECT id FROM names WHERE name = ?), "
+        + ", ".join("?" * (len(COLUMNS) - 3)) + ")")
 
 
 @dataclass(frozen=True)
@@ -139,18 +163,21 @@ class Catalog:
             fmt = w.execute("SELECT value FROM meta WHERE key = 'format'").fetchone()
             if fmt is None:
                 w.execute("INSERT INTO meta VALUES ('format', ?)", (str(CATALOG_FORMAT),))
-            elif int(fmt[0]) in (1, 2):
-                _migrate(w, path, int(fmt[0]))
             elif int(fmt[0]) != CATALOG_FORMAT:
                 raise Corruption(f"{path}: unsupported catalog format {fmt[0]}")
         try:
             self.reader = _connect(path, readonly)
             self.reader.execute("SELECT 1 FROM versions LIMIT 1")
             cols = {r[1] for r in self.reader.execute("PRAGMA table_info(versions)")}
+            kind = self.reader.execute(
+                "SELECT type FROM sqlite_master WHERE name = 'entries'").fetchone()
         except sqlite3.Error as e:
             raise Corruption(f"{path}: cannot read the catalog: {e}") from None
         # a format 1/2 catalog read offline (not migrated): every file system was NTFS
         self._fs_col = "fs" if "fs" in cols else "''"
+        # format 4: ``entries`` is a view over file_entries, dirs and names; a format 1-3
+        # catalog read offline (not migrated) has the table, and the same columns
+        self._v4 = kind is not None and kind[0] == "view"
 
     @property
     def writer(self) -> sqlite3.Connection:
@@ -163,6 +190,9 @@ class Catalog:
             # no checkpoint inside COMMIT (it would copy the whole WAL of a full index
             # while holding the event loop): :meth:`checkpoint` runs after each version
             w.execute("PRAGMA wal_autocheckpoint = 0")
+            old = _old_format(w)
+            if old is not None:
+                _migrate(w, self.path, old)
             w.executescript(SCHEMA)
             self._writer = w
         return self._writer
@@ -256,7 +286,8 @@ class Catalog:
     def list_dir(self, directory: str, version: int) -> list[Entry]:
         """Entries directly in *directory* at *version*, by name (listing columns only:
         ``location`` is empty). Cost: one range scan of ``entries_key`` over the
-        directory's entries of all versions, one row read per visible entry."""
+        directory's entries of all versions, one row read per visible entry, and a
+        sort of the visible ones by name (format 4: the key holds name ids)."""
         q = f"{_LSEL} WHERE dir = ? AND {_VIS} ORDER BY name"
         return list(map(Entry.from_list_row, self.reader.execute(q, (directory, version, version))))
 
@@ -296,6 +327,8 @@ class Catalog:
         (``q3*``) adds ``lower(name) >= 'q3' AND lower(name) < 'q4'``, a range of
         ``entries_lname`` the glob implies (so the result is the same)."""
         pat = pattern.lower()
+        if self._v4 and not on_path:
+            return self._glob_names(pat)
         if on_path:
             q = (f"{_SEL} WHERE lower(CASE dir WHEN '/' THEN '/' || name ELSE dir || '/' || name END)"
                  " GLOB ? ORDER BY dir, name, start")
@@ -311,11 +344,27 @@ class Catalog:
             return q, (prefix, pat)
         return f"{_SEL} WHERE lower(name) GLOB ? ORDER BY dir, name, start", (pat,)
 
+    def _glob_names(self, pat: str) -> tuple[str, tuple[Any, ...]]:
+        """Format 4 name glob: the matching names (a range of ``names_lname`` when the
+        pattern has a literal prefix, else a scan of the distinct names), then their
+        rows through ``entries_name``."""
+        prefix = glob_prefix(pat)
+        end = prefix_end(prefix)
+        if end is not None:
+            sub = ("SELECT id FROM names WHERE lower(name) >= ? AND lower(name) < ?"
+                   " AND lower(name) GLOB ?")
+            args: tuple[Any, ...] = (prefix, end, pat)
+        elif prefix:
+            sub, args = "SELECT id FROM names WHERE lower(name) >= ? AND lower(name) GLOB ?", (prefix, pat)
+        else:
+            sub, args = "SELECT id FROM names WHERE lower(name) GLOB ?", (pat,)
+        return f"{_SEL} WHERE name_id IN ({sub}) ORDER BY dir, name, start", args
+
     def glob(self, pattern: str, *, on_path: bool) -> Iterator[Entry]:
         """Entries (all versions) whose name — or full path with *on_path* — matches
         a glob, case-insensitively. Cost: a name glob with a literal prefix is a range
         of ``entries_lname`` (plus a sort of the matches); otherwise a scan of the
-        entries table."""
+        entries table (format 4: of the distinct names)."""
         q, args = self.glob_query(pattern, on_path=on_path)
         for r in self.reader.execute(q, args):
             yield Entry.from_row(r)
@@ -323,8 +372,9 @@ class Catalog:
     def changed_between(self, a: int, b: int) -> set[tuple[str, int]]:
         """(part, record) of entries opened or closed in versions (a, b]."""
         lo, hi = min(a, b), max(a, b)
+        table = "file_entries" if self._v4 else "entries"
         rows = self.reader.execute(
-            'SELECT part, record FROM entries WHERE ("start" > ? AND "start" <= ?) '
+            f'SELECT part, record FROM {table} WHERE ("start" > ? AND "start" <= ?) '
             'OR ("end" > ? AND "end" <= ?)', (lo, hi, lo, hi))
         return {(r[0], r[1]) for r in rows}
 
@@ -344,7 +394,8 @@ class Catalog:
     def write_plan(self, plan: Plan, version: int, start: int = 0, batch: int | None = None) -> int:
         """Write part of *plan* (inside :meth:`begin`): rows ``[start, start+batch)`` of
         the concatenated modified/deleted/touched/added lists. Returns the next start
-        (== total when done). Cost: one indexed update or insert per row."""
+        (== total when done). Cost: one indexed update or insert per row (an insert
+        also looks up, or adds, its directory and name)."""
         w = self.writer
         groups: list[tuple[str, list[Entry]]] = [
             ("modified", plan.modified), ("deleted", plan.deleted),
@@ -357,18 +408,23 @@ class Catalog:
             if lo < hi:
                 part = rows[lo:hi]
                 if kind == "modified":
-                    w.executemany('UPDATE entries SET "end" = ?, ref = ? WHERE id = ?',
+                    w.executemany('UPDATE file_entries SET "end" = ?, ref = ? WHERE id = ?',
                                   [(version, version, e.id) for e in part])
                 elif kind == "deleted":
-                    w.executemany('UPDATE entries SET "end" = ? WHERE id = ?',
+                    w.executemany('UPDATE file_entries SET "end" = ? WHERE id = ?',
                                   [(version, e.id) for e in part])
                 elif kind == "touched":
-                    w.executemany("UPDATE entries SET ref = ? WHERE id = ?",
+                    w.executemany("UPDATE file_entries SET ref = ? WHERE id = ?",
                                   [(version, e.id) for e in part])
                 else:
                     for e in part:
                         e.start = e.ref = version
                         e.end = 0
+                    # intern the paths and names first (most are known already)
+                    w.executemany("INSERT OR IGNORE INTO dirs (path) VALUES (?)",
+                                  {(e.dir,) for e in part})
+                    w.executemany("INSERT OR IGNORE INTO names (name) VALUES (?)",
+                                  {(e.name,) for e in part})
                     w.executemany(_INS, map(Entry.values, part))
             pos += len(rows)
         return stop
@@ -394,29 +450,67 @@ class Catalog:
         w.execute("COMMIT")
 
 
+#: the indexes of the format 1-3 ``entries`` table (dropped when it is rebuilt)
+_OLD_INDEXES = ("entries_key", "entries_record", "entries_start", "entries_end", "entries_lname",
+                "entries_dirs")
+
+
+def _old_format(w: sqlite3.Connection) -> int | None:
+    """The format of a catalog older than :data:`CATALOG_FORMAT`, else None (a new
+    file, or the current or a newer format)."""
+    if w.execute("SELECT 1 FROM sqlite_master WHERE name = 'meta'").fetchone() is None:
+        return None
+    fmt = w.execute("SELECT value FROM meta WHERE key = 'format'").fetchone()
+    if fmt is None or not str(fmt[0]).isdigit() or int(fmt[0]) >= CATALOG_FORMAT:
+        return None
+    return int(fmt[0])
+
+
 def _migrate(w: sqlite3.Connection, path: Path, old: int) -> None:
-    """Upgrade a format 1 or 2 catalog to :data:`CATALOG_FORMAT` in one transaction:
-    the schema script (run before) already built the indexes of formats 2 and 3; add
-    ``versions.fs`` and give every file system of the old versions its kind (NTFS, the
-    only one those formats knew). Cost: O(versions)."""
+    """Upgrade a format 1, 2 or 3 catalog to :data:`CATALOG_FORMAT` in one transaction,
+    before the schema script runs: the ``entries`` table is renamed away, the format 4
+    schema created, every distinct directory path and name interned, the rows copied
+    with their ids (``id`` kept: nothing else refers to rows, but it costs nothing), the
+    old table dropped; formats 1 and 2 also gain ``versions.fs`` and give every file
+    system of their versions its kind (NTFS, the only one they knew). Cost: O(rows)
+    (a few seconds per million rows), once."""
     w.execute("BEGIN IMMEDIATE")
     try:
-        cols = {r[1] for r in w.execute("PRAGMA table_info(versions)")}
-        if "fs" not in cols:
+        for ix in _OLD_INDEXES:
+            w.execute(f"DROP INDEX IF EXISTS {ix}")
+        if w.execute("SELECT 1 FROM sqlite_master WHERE name = 'entries'").fetchone() is None:
+            w.execute("CREATE TABLE entries_old (" + ", ".join(("id", *COLUMNS)) + ")")
+        else:
+            w.execute("ALTER TABLE entries RENAME TO entries_old")
+        for stmt in SCHEMA.split(";"):
+            if stmt.strip():
+                w.execute(stmt)
+        w.execute("INSERT INTO dirs (path) SELECT DISTINCT dir FROM entries_old ORDER BY dir")
+        w.execute("INSERT INTO names (name) SELECT DISTINCT name FROM entries_old ORDER BY name")
+        cols = [c for c in COLUMNS if c not in ("dir", "name")]
+        w.execute(
+            "INSERT INTO file_entries (id, dir_id, name_id, " + ", ".join(f'"{c}"' for c in cols) + ")"
+            " SELECT o.id, d.id, n.id, " + ", ".join(f'o."{c}"' for c in cols)
+            + " FROM entries_old o JOIN dirs d ON d.path = o.dir JOIN names n ON n.name = o.name"
+            " ORDER BY o.id")
+        w.execute("DROP TABLE entries_old")
+        vcols = {r[1] for r in w.execute("PRAGMA table_info(versions)")}
+        if "fs" not in vcols:
             w.execute("ALTER TABLE versions ADD COLUMN fs TEXT NOT NULL DEFAULT ''")
-        rows = w.execute("SELECT version, parts FROM versions").fetchall()
-        for version, parts_json in rows:
-            parts = json.loads(parts_json)
-            for p in parts:
-                p.setdefault("fs", "ntfs")
-            w.execute("UPDATE versions SET parts = ?, fs = ? WHERE version = ?",
-                      (json.dumps(parts), ",".join(p["fs"] for p in parts), version))
+            rows = w.execute("SELECT version, parts FROM versions").fetchall()
+            for version, parts_json in rows:
+                parts = json.loads(parts_json)
+                for p in parts:
+                    p.setdefault("fs", "ntfs")
+                w.execute("UPDATE versions SET parts = ?, fs = ? WHERE version = ?",
+                          (json.dumps(parts), ",".join(p["fs"] for p in parts), version))
         w.execute("UPDATE meta SET value = ? WHERE key = 'format'", (str(CATALOG_FORMAT),))
         w.execute("COMMIT")
     except BaseException:
         w.execute("ROLLBACK")
         raise
-    log.info("%s: catalog format %d migrated to %d (file-system kind added)", path, old, CATALOG_FORMAT)
+    what = "paths and names stored once" if old == 3 else "file-system kind added, paths and names stored once"
+    log.info("%s: catalog format %d migrated to %d (%s)", path, old, CATALOG_FORMAT, what)
 
 
 def glob_prefix(pattern: str) -> str:

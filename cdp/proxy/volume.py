@@ -214,8 +214,8 @@ class ProxyVolume(InitialCopy, Reconcile):
             self._last_clean = now
             self._spawn("clean", self._clean())
 
-    def tick(self) -> None:
-        super().tick()
+    def tick(self, seal: bool = True) -> None:
+        super().tick(seal)
         self._tick_no += 1
         self._kick()
 

@@ -1,6 +1,6 @@
 """The catalog's performance structure (no timings): planning and writing are split
 into many steps that yield to the event loop, ``find`` by name uses the name index,
-listings use the key index, and a format 1 catalog is migrated."""
+listings use the key index, and catalogs of formats 1 to 3 are migrated."""
 
 from __future__ import annotations
 
@@ -96,7 +96,7 @@ def plan_of(cat: Catalog, q: str, args: tuple[object, ...]) -> str:
 @pytest.mark.parametrize("pattern", ["q3*", "Q3-0007?.txt", "file-0001[0-4].txt", "dir00*", "q3-00000.txt"])
 def test_find_with_a_literal_prefix_uses_the_name_index(filled: Catalog, pattern: str) -> None:
     q, args = filled.glob_query(pattern, on_path=False)
-    assert "entries_lname" in plan_of(filled, q, args)
+    assert "names_lname" in plan_of(filled, q, args)
     everything = filled.reader.execute("SELECT name, dir, start FROM entries").fetchall()
     want = sorted((d, n, s) for n, d, s in everything if fnmatch.fnmatchcase(n.lower(), pattern.lower()))
     got = [(e.dir, e.name, e.start) for e in filled.glob(pattern, on_path=False)]
@@ -104,6 +104,9 @@ def test_find_with_a_literal_prefix_uses_the_name_index(filled: Catalog, pattern
 
 
 def test_find_without_a_prefix_still_matches_everything(filled: Catalog) -> None:
+    q, args = filled.glob_query("*-0001?.txt", on_path=False)
+    p = plan_of(filled, q, args)  # format 4: a scan of the distinct names, not of the rows
+    assert "SCAN names" in p and "entries_name (name_id=?)" in p and "SCAN e" not in p
     got = [e.name for e in filled.glob("*-0001?.txt", on_path=False)]
     assert len(got) == 10
     assert len(list(filled.glob("*", on_path=False))) == 2000 + 21
@@ -121,7 +124,9 @@ def test_listing_is_one_range_of_the_key_index(filled: Catalog) -> None:
 
     q = f"{_LSEL} WHERE dir = ? AND {_VIS} ORDER BY name"
     p = plan_of(filled, q, ("/Dir001", 1, 1))
-    assert "entries_key (dir=?)" in p and "TEMP B-TREE" not in p
+    # format 4: one range of the key (directory id, name id, start), then the visible
+    # rows sorted by name (the key orders names by id); no scan
+    assert "entries_key (dir_id=?)" in p and "SCAN" not in p
     rows = filled.list_dir("/Dir001", 1)
     assert [e.name for e in rows] == sorted(e.name for e in rows) and len(rows) == 100
     full = {e.name: e for e in filled.subtree("/Dir001", 1)}
@@ -130,20 +135,109 @@ def test_listing_is_one_range_of_the_key_index(filled: Catalog) -> None:
         assert d == f
 
 
-def test_format_1_catalog_is_migrated(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+#: a format 1 catalog (pinned): the entries table and its indexes, no ``entries_lname``,
+#: no ``entries_dirs``, no ``versions.fs``
+FORMAT_1 = """
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE versions (
+    version INTEGER PRIMARY KEY, seq INTEGER NOT NULL, time_ns INTEGER NOT NULL,
+    kind TEXT NOT NULL, ntfs INTEGER NOT NULL, parts TEXT NOT NULL, stats TEXT NOT NULL,
+    note TEXT NOT NULL DEFAULT ''
+);
+CREATE TABLE entries (
+    id INTEGER PRIMARY KEY,
+    part TEXT NOT NULL, dir TEXT NOT NULL, name TEXT NOT NULL,
+    start INTEGER NOT NULL, "end" INTEGER NOT NULL, ref INTEGER NOT NULL,
+    record INTEGER NOT NULL, seq INTEGER NOT NULL, parent INTEGER NOT NULL,
+    is_dir INTEGER NOT NULL, size INTEGER NOT NULL, alloc INTEGER NOT NULL,
+    crtime INTEGER NOT NULL, mtime INTEGER NOT NULL, ctime INTEGER NOT NULL,
+    atime INTEGER NOT NULL, attrs INTEGER NOT NULL, resident INTEGER NOT NULL,
+    flags INTEGER NOT NULL, location BLOB NOT NULL, streams TEXT NOT NULL,
+    backup_ns INTEGER NOT NULL
+);
+CREATE UNIQUE INDEX entries_key ON entries (dir, name, start);
+CREATE INDEX entries_record ON entries (part, record, start);
+CREATE INDEX entries_start ON entries (start);
+CREATE INDEX entries_end ON entries ("end") WHERE "end" > 0;
+CREATE TABLE damaged (
+    version INTEGER NOT NULL, part TEXT NOT NULL, record INTEGER NOT NULL, reason TEXT NOT NULL
+);
+CREATE INDEX damaged_version ON damaged (version);
+INSERT INTO meta VALUES ('format', '1');
+INSERT INTO versions VALUES (1, 10, 1000, 'full', 1, '[{"name": ""}]', '{}', '');
+INSERT INTO versions VALUES (2, 20, 2000, 'diff', 1, '[{"name": ""}]', '{}', '');
+INSERT INTO entries VALUES (1, '', '/', 'Docs', 1, 0, 2, 64, 1, 5, 1, 0, 0, 1, 2, 3, 4, 16, 1, 0, X'', '', 1000);
+INSERT INTO entries VALUES (2, '', '/Docs', 'a.txt', 1, 2, 2, 65, 1, 64, 0, 5, 8, 1, 2, 3, 4, 32, 1, 0, X'68656c6c6f', '', 1000);
+INSERT INTO entries VALUES (3, '', '/Docs', 'a.txt', 2, 0, 2, 65, 1, 64, 0, 6, 8, 1, 5, 3, 4, 32, 1, 0, X'68656c6c6f21', '', 2000);
+INSERT INTO entries VALUES (4, '', '/Docs', 'B.txt', 2, 0, 2, 66, 1, 64, 0, 9, 4096, 1, 5, 3, 4, 32, 0, 0, X'00000000000000000400110864', '[{"name": "s", "size": 3}]', 2000);
+"""
+
+#: the ``entries`` table of format 3 (pinned) with the same rows: what format 4 migrates
+FORMAT_3 = (FORMAT_1.replace("('format', '1')", "('format', '3')")
+            .replace("note TEXT NOT NULL DEFAULT ''\n);",
+                     "note TEXT NOT NULL DEFAULT '',\n    fs TEXT NOT NULL DEFAULT ''\n);")
+            .replace("'{}', '');", "'{}', '', 'ntfs');")
+            .replace("CREATE TABLE damaged",
+                     "CREATE INDEX entries_lname ON entries (lower(name));\n"
+                     "CREATE INDEX entries_dirs ON entries (part, record) WHERE is_dir = 1;\n"
+                     "CREATE TABLE damaged"))
+
+#: the objects of a format 4 catalog (golden: a change here is a format change)
+FORMAT_4_OBJECTS = {
+    ("table", "meta"), ("table", "versions"), ("table", "dirs"), ("table", "names"),
+    ("table", "file_entries"), ("table", "damaged"), ("view", "entries"),
+    ("index", "names_lname"), ("index", "entries_key"), ("index", "entries_name"),
+    ("index", "entries_record"), ("index", "entries_start"), ("index", "entries_end"),
+    ("index", "entries_dirs"), ("index", "damaged_version"),
+}
+
+
+def _objects(cat: Catalog) -> set[tuple[str, str]]:
+    return {(t, n) for t, n in cat.reader.execute("SELECT type, name FROM sqlite_master")
+            if not n.startswith("sqlite_")}
+
+
+@pytest.mark.parametrize("old", [1, 3])
+def test_old_catalog_is_migrated_to_format_4(tmp_path: Path, caplog: pytest.LogCaptureFixture,
+                                             old: int) -> None:
     path = tmp_path / "catalog.sqlite"
-    Catalog(path).close()
     db = sqlite3.connect(path)
-    db.execute("DROP INDEX entries_lname")
-    db.execute("UPDATE meta SET value = '1' WHERE key = 'format'")
-    db.commit()
+    db.executescript(FORMAT_1 if old == 1 else FORMAT_3)
+    want = db.execute("SELECT id, part, dir, name, start, \"end\", ref, record, seq, parent, is_dir,"
+                      " size, alloc, crtime, mtime, ctime, atime, attrs, resident, flags, location,"
+                      " streams, backup_ns FROM entries ORDER BY id").fetchall()
     db.close()
+    ro = Catalog(path, readonly=True)  # cdpctl offline on a catalog not migrated yet
+    assert [e.path for e in ro.list_dir("/Docs", 2)] == ["/Docs/B.txt", "/Docs/a.txt"]
+    assert [e.name for e in ro.glob("*.TXT", on_path=False)] == ["B.txt", "a.txt", "a.txt"]
+    ro.close()
     with caplog.at_level(logging.INFO, logger="cdp.catalog"):
         cat = Catalog(path)
-    assert "migrated" in caplog.text
-    assert cat.reader.execute("SELECT value FROM meta WHERE key = 'format'").fetchone()[0] == str(CATALOG_FORMAT)
-    names = {r[0] for r in cat.reader.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
-    assert "entries_lname" in names
+    assert f"catalog format {old} migrated to 4" in caplog.text
+    assert CATALOG_FORMAT == 4
+    assert cat.reader.execute("SELECT value FROM meta WHERE key = 'format'").fetchone()[0] == "4"
+    assert _objects(cat) == FORMAT_4_OBJECTS
+    got = cat.reader.execute("SELECT id, part, dir, name, start, \"end\", ref, record, seq, parent,"
+                             " is_dir, size, alloc, crtime, mtime, ctime, atime, attrs, resident,"
+                             " flags, location, streams, backup_ns FROM entries ORDER BY id").fetchall()
+    assert got == want
+    assert cat.reader.execute("SELECT path FROM dirs ORDER BY id").fetchall() == [("/",), ("/Docs",)]
+    assert cat.reader.execute("SELECT name FROM names ORDER BY id").fetchall() == [
+        ("B.txt",), ("Docs",), ("a.txt",)]
+    assert [v.fs for v in cat.versions()] == ["ntfs", "ntfs"]
+    assert [e.path for e in cat.list_dir("/Docs", 2)] == ["/Docs/B.txt", "/Docs/a.txt"]
+    assert [(e.start, e.end, e.size) for e in cat.history("/Docs", "a.txt")] == [(1, 2, 5), (2, 0, 6)]
+    assert [e.name for e in cat.glob("*.TXT", on_path=False)] == ["B.txt", "a.txt", "a.txt"]
+    assert cat.changed_between(1, 2) == {("", 65), ("", 66)}
+    cat.close()
+    Catalog(path).close()  # opened again: nothing more to migrate
+    assert _objects(Catalog(path, readonly=True)) == FORMAT_4_OBJECTS
+
+
+def test_a_new_catalog_has_the_format_4_objects(tmp_path: Path) -> None:
+    cat = Catalog(tmp_path / "catalog.sqlite")
+    assert _objects(cat) == FORMAT_4_OBJECTS
+    assert cat.reader.execute("SELECT value FROM meta WHERE key = 'format'").fetchone()[0] == "4"
 
 
 def test_gc_pause_freezes_per_step_and_releases_at_the_end() -> None:
@@ -189,15 +283,15 @@ def test_format_2_catalog_gains_the_file_system_kind(tmp_path: Path, caplog: pyt
     ro.close()
     with caplog.at_level(logging.INFO, logger="cdp.catalog"):
         cat = Catalog(path)
-    assert "catalog format 2 migrated to 3" in caplog.text
-    assert CATALOG_FORMAT == 3
-    assert cat.reader.execute("SELECT value FROM meta WHERE key = 'format'").fetchone()[0] == "3"
+    assert "catalog format 2 migrated to 4" in caplog.text
+    assert CATALOG_FORMAT == 4
+    assert cat.reader.execute("SELECT value FROM meta WHERE key = 'format'").fetchone()[0] == "4"
     vs = cat.versions()
     assert [v.fs for v in vs] == ["ntfs", "ntfs,ntfs", ""]
     assert [[p["fs"] for p in v.parts] for v in vs] == [["ntfs"], ["ntfs", "ntfs"], []]
     assert vs[0].to_dict()["fs"] == ["ntfs"] and vs[0].parts[0]["serial"] == "00ab"
     names = {r[0] for r in cat.reader.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
-    assert {"entries_lname", "entries_dirs"} <= names
+    assert {"names_lname", "entries_dirs"} <= names
     # a new version records its kinds; reopening is a no-op
     cat.begin()
     cat.finish_version(4, 40, 4000, "full", [{"name": "p1", "fs": "ext4"}, {"name": "p2", "fs": "ntfs"}], [])

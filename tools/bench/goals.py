@@ -59,6 +59,17 @@ GOALS: dict[str, Goal] = {
     # ransomware sentinel (issue 21): ingest with the sentinel on vs off
     "sentinel-randwrite-4k": Goal("ratio", 0.95, ">= 0.95 x sentinel off", 21),
     "sentinel-seqwrite-1m": Goal("ratio", 0.95, ">= 0.95 x sentinel off", 21),
+    # scale, the wide half (issue 27): many volumes, a big catalog, gc over a long history
+    "wide-volumes-aggregate": Goal("ratio", 0.90, ">= 0.90 x one volume", 27),
+    "wide-volumes-fairness": Goal("ratio", 0.50, "slowest >= 0.50 x mean", 27),
+    "wide-volumes-rss": Goal("ratio_max", 1.0, "<= base + N x 24 MiB", 27),
+    "wide-catalog-files-at": Goal("max", 50, "p99 <= 50 ms", 27),
+    "wide-catalog-versions-path": Goal("max", 20, "p99 <= 20 ms", 27),
+    "wide-catalog-search": Goal("max", 200, "p99 <= 200 ms", 27),
+    "wide-catalog-bytes": Goal("max", 120, "<= 120 bytes per version", 27),
+    "wide-gc-reclaim": Goal("ratio", 0.80, ">= 0.80 x dd conv=fdatasync", 27),
+    "wide-gc-p99": Goal("ratio_max", 2.0, "<= 2 x without gc", 27),
+    "wide-gc-pause": Goal("max", 100, "<= 100 ms", 27),
 }
 
 
