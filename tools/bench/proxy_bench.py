@@ -2,14 +2,18 @@
 
     python -m tools.bench.proxy_bench [--quick] [--scratch DIR]
 
-Rows:
+Rows (goals: tools/bench/goals.py, issue 23):
 - ``proxy-randwrite-4k ack=primary|both``: fio --ioengine=nbd, 4 KiB random writes,
-  iodepth 32, to a proxy volume (primary = a preallocated file) vs. `nbdkit file` on an
+  iodepth 32, to a proxy volume (primary = a sparse file) vs. `nbdkit file` on an
   equal file. cdp, peer (IOPS), ratio.
 - ``ack=both extra latency p50/p99``: fio completion latency (clat) percentiles in µs
   of ``ack = "both"`` minus those of ``ack = "primary"`` (what waiting for the journal's
   group commit adds), with the absolute values of both next to it.
+- ``proxy-randread-4k``: 4 KiB random reads, iodepth 32, of a proxy volume whose
+  primary is a file filled with data, vs. `nbdkit file` serving *the same file* (read
+  once beforehand, so both sides read from the page cache).
 
+The machine's load average is printed before and after (the two cores are shared).
 ``run(quick)`` returns the rows as dicts.
 """
 
@@ -17,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -24,23 +29,25 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from tools.bench.goals import goal_for
 from tools.bench.nbd_bench import Nbdkit
-from tools.harness import Cdpd
+from tools.harness import Cdpd, listening_port
 
 MiB = 1 << 20
 GiB = 1 << 30
 
 
-def fio_clat(uri: str, runtime: float, size: int, extra: tuple[str, ...] = ()) -> dict[str, float]:
-    """4 KiB random writes at iodepth 32: IOPS and clat percentiles (µs)."""
+def fio_clat(uri: str, runtime: float, size: int, extra: tuple[str, ...] = (),
+             rw: str = "randwrite") -> dict[str, float]:
+    """4 KiB random I/O (*rw*) at iodepth 32: IOPS and clat percentiles (µs)."""
     args = [
-        "fio", "--name=b", "--ioengine=nbd", f"--uri={uri}", "--rw=randwrite", "--bs=4k",
+        "fio", "--name=b", "--ioengine=nbd", f"--uri={uri}", f"--rw={rw}", "--bs=4k",
         "--iodepth=32", "--numjobs=1", f"--size={size}", "--output-format=json",
         "--randrepeat=0", "--norandommap", "--time_based", f"--runtime={runtime}",
         "--percentile_list=50:99:99.9", *extra,
     ]
     r = subprocess.run(args, capture_output=True, text=True, check=True)
-    w = json.loads(r.stdout[r.stdout.index("{"):])["jobs"][0]["write"]
+    w = json.loads(r.stdout[r.stdout.index("{"):])["jobs"][0]["read" if "read" in rw else "write"]
     pct = w["clat_ns"].get("percentile", {})
 
     def p(k: str) -> float:
@@ -51,8 +58,35 @@ def fio_clat(uri: str, runtime: float, size: int, extra: tuple[str, ...] = ()) -
 
 def _row(workload: str, cdp: float, peer: float, peer_name: str, unit: str, note: str = "") -> dict[str, Any]:
     ratio = cdp / peer if peer else 0.0
+    g = goal_for(workload)
+    goal = g.value if g is not None and g.kind == "ratio" else None
     return {"workload": workload, "cdp": round(cdp, 1), "peer": round(peer, 1), "peer_name": peer_name,
-            "unit": unit, "ratio": round(ratio, 3), "note": note}
+            "unit": unit, "ratio": round(ratio, 3), "goal": goal,
+            "verdict": "-" if goal is None else ("pass" if ratio >= goal else "short"), "note": note}
+
+
+def fill(path: Path, size: int) -> None:
+    """Write *size* bytes of non-zero data to *path* (1 MiB pieces), then read it once
+    so it sits in the page cache."""
+    piece = bytes(range(256)) * (MiB // 256)
+    with open(path, "wb") as f:
+        for pos in range(0, size, MiB):
+            f.write(memoryview(piece)[: min(MiB, size - pos)])
+    with open(path, "rb") as f:
+        while f.read(8 * MiB):
+            pass
+
+
+def _nbdkit(path: Path) -> subprocess.Popen[bytes]:
+    """`nbdkit file` over an existing *path* (not truncated), on a loopback port."""
+    return subprocess.Popen(
+        ["nbdkit", "-f", "--exit-with-parent", "-i", "127.0.0.1", "-p", "0", "file", str(path)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+
+
+def load() -> str:
+    return "/".join(f"{x:.1f}" for x in os.getloadavg())
 
 
 def run(quick: bool = False, scratch: Path | None = None) -> list[dict[str, Any]]:
@@ -65,6 +99,8 @@ def run(quick: bool = False, scratch: Path | None = None) -> list[dict[str, Any]
     rows: list[dict[str, Any]] = []
     cdpd = Cdpd(base, size="16MiB", segment_bytes="256MiB", l0_max_writes=8192)
     kit = Nbdkit(base / "nbdkit.img", size)
+    reader: subprocess.Popen[bytes] | None = None
+    print(f"load average before: {load()}", file=sys.stderr)
     try:
         cdpd.start()
         res: dict[str, dict[str, float]] = {}
@@ -84,7 +120,21 @@ def run(quick: bool = False, scratch: Path | None = None) -> list[dict[str, Any]
                 f"ack=both extra clat {k}", extra, res["primary"][k], "ack=primary clat", "µs",
                 f"both {res['both'][k]:.0f} µs, primary {res['primary'][k]:.0f} µs, nbdkit {peer[k]:.0f} µs",
             ))
+        data = base / "data.img"
+        fill(data, size)
+        reader = _nbdkit(data)
+        port = listening_port(reader, "nbdkit")
+        cdpd.cdpctl("volume", "create", "pread", "--mode", "proxy", "--primary", str(data),
+                    "--no-initial-copy")
+        c = fio_clat(cdpd.uri("pread"), runtime, size, rw="randread")
+        p = fio_clat(f"nbd://127.0.0.1:{port}/", runtime, size, rw="randread")
+        rows.append(_row("proxy-randread-4k", c["iops"], p["iops"], "nbdkit file (same file)", "IOPS",
+                         f"clat p50/p99 {c['p50']:.0f}/{c['p99']:.0f} µs, nbdkit {p['p50']:.0f}/{p['p99']:.0f} µs"))
     finally:
+        print(f"load average after: {load()}", file=sys.stderr)
+        if reader is not None:
+            reader.terminate()
+            reader.wait(10)
         kit.stop()
         if cdpd.proc is not None:
             cdpd.stop()
@@ -93,12 +143,14 @@ def run(quick: bool = False, scratch: Path | None = None) -> list[dict[str, Any]
 
 
 def print_table(rows: list[dict[str, Any]]) -> None:
-    hdr = f"{'workload':<32} {'cdp':>10} {'peer':>10} {'unit':>5}  {'ratio':>6}  peer / note"
+    hdr = f"{'workload':<32} {'cdp':>10} {'peer':>10} {'unit':>5}  {'ratio':>6} {'goal':>6} {'':>5}  peer / note"
     print(hdr)
     print("-" * len(hdr))
     for r in rows:
         tail = r["peer_name"] + (f"  ({r['note']})" if r["note"] else "")
-        print(f"{r['workload']:<32} {r['cdp']:>10} {r['peer']:>10} {r['unit']:>5}  {r['ratio']:>6.2f}  {tail}")
+        goal = f"{r['goal']:.2f}" if r["goal"] is not None else "-"
+        print(f"{r['workload']:<32} {r['cdp']:>10} {r['peer']:>10} {r['unit']:>5}  {r['ratio']:>6.2f} "
+              f"{goal:>6} {r['verdict']:>5}  {tail}")
 
 
 def main(argv: list[str] | None = None) -> int:
