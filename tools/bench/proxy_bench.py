@@ -1,6 +1,6 @@
 """Proxy mode vs. `nbdkit file` on the same kind of primary file, in the same run.
 
-    python -m tools.bench.proxy_bench [--quick] [--scratch DIR]
+    python -m tools.bench.proxy_bench [--quick] [--scratch DIR] [--size BYTES] [--runtime S]
 
 Rows (goals: tools/bench/goals.py, issue 23):
 - ``proxy-randwrite-4k ack=primary|both``: fio --ioengine=nbd, 4 KiB random writes,
@@ -89,12 +89,15 @@ def load() -> str:
     return "/".join(f"{x:.1f}" for x in os.getloadavg())
 
 
-def run(quick: bool = False, scratch: Path | None = None) -> list[dict[str, Any]]:
+def run(quick: bool = False, scratch: Path | None = None, size: int = 0, runtime: float = 0.0,
+        ) -> list[dict[str, Any]]:
+    """The rows; *size* (bytes per primary) and *runtime* (s per workload) default to
+    2 GiB and 20 s (quick: 256 MiB, 3 s)."""
     for tool in ("fio", "nbdkit"):
         if shutil.which(tool) is None:
             raise SystemExit(f"proxy_bench: requires {tool} (make sysdeps)")
-    runtime = 3.0 if quick else 20.0
-    size = 256 * MiB if quick else 2 * GiB
+    runtime = runtime or (3.0 if quick else 20.0)
+    size = size or (256 * MiB if quick else 2 * GiB)
     base = Path(tempfile.mkdtemp(prefix="cdp-proxy-bench-", dir=scratch or Path.cwd()))
     rows: list[dict[str, Any]] = []
     cdpd = Cdpd(base, size="16MiB", segment_bytes="256MiB", l0_max_writes=8192)
@@ -157,8 +160,10 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="seconds per workload (harness check)")
     ap.add_argument("--scratch", type=Path, help="directory for the store and primaries (default: cwd)")
+    ap.add_argument("--size", type=int, default=0, help="bytes per primary file (default 2 GiB)")
+    ap.add_argument("--runtime", type=float, default=0.0, help="seconds per workload (default 20)")
     a = ap.parse_args(argv)
-    print_table(run(a.quick, a.scratch))
+    print_table(run(a.quick, a.scratch, a.size, a.runtime))
     return 0
 
 
