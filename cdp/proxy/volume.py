@@ -15,16 +15,22 @@ Design notes
   fdatasync'd (concurrent writers share one DRL sync) before anything moves. Then, in
   one synchronous step on the event loop, the record is appended to the journal
   through the volume's one append path (buffered, sealed without blocking, exactly as
-  a mirror volume) and the primary write is registered in the range queue; the
-  primary write itself runs in a worker thread. Writes whose ranges overlap reach the
-  primary in the order their records were appended, so the journal's order and the
-  primary's final content always agree. ``ack = "primary"`` replies when the primary
+  a mirror volume) and the primary write is registered in the range queue and queued:
+  for a file primary, on the one writer thread (:class:`~cdp.proxy.workers.Writer`:
+  one hand-off per loop turn, queue order, ``pwritev`` per contiguous run); for an NBD
+  primary, on the worker pool after the earlier writes it overlaps. Either way writes
+  whose ranges overlap reach the primary in the order their records were appended, so
+  the journal's order and the primary's final content always agree. The common case
+  (nothing to wait for) creates no coroutine: ``write`` returns a future that the
+  writer's results (and, when asked, the durability pump) complete. ``ack = "primary"`` replies when the primary
   write completed; ``ack = "both"`` also waits for the journal record to be durable
   (group commit, running concurrently with the primary write). The volume's services
   admit the write first (retention's ``on_full = "refuse"``): a refused write moves
   nothing on either side.
-* **Reads** come from the primary (a worker thread), except point-in-time reads (the
-  journal) and reads during a rewind (the journal's head, i.e. the target state).
+* **Reads** come from the primary, except point-in-time reads (the journal) and reads
+  during a rewind (the journal's head, i.e. the target state). What the page cache
+  holds of a file primary is read on the loop and answered at once (``preadv2`` with
+  ``RWF_NOWAIT`` never waits for the disk); the rest goes to the worker threads.
 * **Errors.** A failed primary write answers EIO and appends an ERROR record
   (code 1); the region is queued for catch-up so the journal again describes what the
   primary holds. A failed journal append (ENOSPC, a failed sync) with ``ack =
@@ -65,6 +71,7 @@ DRL_NAME = "drl"
 CLEAN_DELAY = 1.0  # seconds between cleaner runs
 CLEAN_IDLE_TICKS = 2  # a region is cleaned once unwritten for this many ticks (~seconds)
 RETRY_DELAY = 1.0  # seconds between catch-up attempts
+CACHED_READ_MAX = 1 << 20  # larger live reads always go to the worker threads
 
 
 def proxy_meta(primary: str, ack: str = "primary") -> dict[str, Any]:
@@ -326,7 +333,11 @@ class ProxyVolume(InitialCopy, Reconcile):
         active = self._active
         for r in regs:
             active[r] = active.get(r, 0) + 1
-        w, _ = self._start(offset, length, data, fua, regs)
+        try:
+            w, _ = self._start(offset, length, data, fua, regs)
+        except BaseException:
+            self._inactive(regs)
+            raise
         self._writer.submit(w)
         return w.fut
 
@@ -504,7 +515,9 @@ class ProxyVolume(InitialCopy, Reconcile):
             return
         perr, jerr = w.perr, w.jerr
         if perr is not None:
-            if isinstance(perr, (OSError, CdpError)):
+            if not isinstance(perr, Exception):  # cancelled
+                fut.cancel()
+            elif isinstance(perr, (OSError, CdpError)):
                 fut.set_exception(Corruption(f"volume {self.name}: primary write failed: {perr}"))
             else:
                 fut.set_exception(perr)
@@ -583,7 +596,7 @@ class ProxyVolume(InitialCopy, Reconcile):
         if length == 0:
             return b""
         p = self.primary
-        if isinstance(p, FilePrimary):
+        if isinstance(p, FilePrimary) and length <= CACHED_READ_MAX:
             got = p.pread_cached(offset, length)
             if got is not None:
                 return bytes(got)

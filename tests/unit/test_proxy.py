@@ -251,6 +251,33 @@ def test_contiguous_writes_of_one_turn_are_one_pwritev_in_journal_order(tmp_path
     asyncio.run(main())
 
 
+def test_fua_writes_are_durable_on_both_sides_one_flush_per_batch(tmp_path: Path) -> None:
+    prim = tmp_path / "primary.img"
+    prim.write_bytes(bytes(SIZE))
+
+    async def main() -> None:
+        store = open_store(tmp_path)
+        vol = create_proxy_volume(store, "p", 0, str(prim), initial_copy=False)
+        await vol.write(0, b"w" * 4096)
+        p = vol.primary
+        assert isinstance(p, FilePrimary)
+        flushes: list[int] = []
+        real_flush = p.flush
+
+        def flush() -> None:
+            flushes.append(1)
+            real_flush()
+
+        p.flush = flush  # type: ignore[method-assign]
+        aws = [vol.write(i * 8192, b"f" * 4096, fua=True) for i in range(4)]
+        await asyncio.gather(*[a for a in aws if a is not None])
+        assert flushes == [1]  # the four FUA writes of one turn: one primary flush
+        assert vol.journal.durable_seq == vol.head_seq  # and their records are durable
+        store.close()
+
+    asyncio.run(main())
+
+
 def test_live_reads_from_the_page_cache_answer_at_once_else_through_threads(tmp_path: Path) -> None:
     prim = tmp_path / "primary.img"
     model = make_primary(prim, seed=9, fill=1.0)
