@@ -21,7 +21,7 @@ from cdp.journal import RecordKind
 from cdp.proxy.base import ERR_CRASH_RECONCILE, ERR_JOURNAL_GAP, ERR_PRIMARY_WRITE
 from cdp.proxy.drl import read_drl
 from cdp.proxy.primary import FilePrimary
-from cdp.proxy.volume import ProxyVolume
+from cdp.proxy.volume import CLEAN_IDLE_TICKS, ProxyVolume
 from cdp.store import Store
 from cdp.volume import Volume
 from tests.helpers import assert_bytes_equal
@@ -133,7 +133,7 @@ def test_initial_copy_then_io_keeps_primary_and_journal_equal(tmp_path: Path) ->
         while "clean" in vol._bg:
             await asyncio.sleep(0.01)
         assert vol.drl.dirty_count > 0
-        vol._tick_no += 5
+        vol._tick_no += CLEAN_IDLE_TICKS + 1
         vol._last_clean = 0
         vol._kick()
         while "clean" in vol._bg:

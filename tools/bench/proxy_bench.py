@@ -6,12 +6,18 @@ Rows (goals: tools/bench/goals.py, issue 23):
 - ``proxy-randwrite-4k ack=primary|both``: fio --ioengine=nbd, 4 KiB random writes,
   iodepth 32, to a proxy volume (primary = a sparse file) vs. `nbdkit file` on an
   equal file. cdp, peer (IOPS), ratio.
+- ``mirror-randwrite-4k (reference)``: the same writes to a mirror volume of the same
+  cdpd (journal only, no primary): what the journal path alone costs, which a proxy
+  volume pays too.
 - ``ack=both extra latency p50/p99``: fio completion latency (clat) percentiles in µs
   of ``ack = "both"`` minus those of ``ack = "primary"`` (what waiting for the journal's
   group commit adds), with the absolute values of both next to it.
 - ``proxy-randread-4k``: 4 KiB random reads, iodepth 32, of a proxy volume whose
   primary is a file filled with data, vs. `nbdkit file` serving *the same file* (read
   once beforehand, so both sides read from the page cache).
+
+Each I/O row also notes the server's CPU time per I/O (cdpd's, nbdkit's: all threads,
+from /proc), which a machine shared with other work changes much less than IOPS.
 
 The machine's load average is printed before and after (the two cores are shared).
 ``run(quick)`` returns the rows as dicts.
@@ -53,7 +59,23 @@ def fio_clat(uri: str, runtime: float, size: int, extra: tuple[str, ...] = (),
     def p(k: str) -> float:
         return float(pct.get(k, 0.0)) / 1000.0
 
-    return {"iops": float(w["iops"]), "p50": p("50.000000"), "p99": p("99.000000"), "p999": p("99.900000")}
+    return {"iops": float(w["iops"]), "ios": float(w["total_ios"]), "p50": p("50.000000"),
+            "p99": p("99.000000"), "p999": p("99.900000")}
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process *pid*, all its threads (/proc/PID/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def fio_cpu(pid: int, uri: str, runtime: float, size: int, rw: str = "randwrite") -> dict[str, float]:
+    """:func:`fio_clat`, plus ``cpu_us``: the server's (*pid*) CPU time per I/O in µs,
+    which a busy machine changes much less than IOPS."""
+    c0 = cpu_seconds(pid)
+    r = fio_clat(uri, runtime, size, rw=rw)
+    r["cpu_us"] = (cpu_seconds(pid) - c0) / max(r["ios"], 1.0) * 1e6
+    return r
 
 
 def _row(workload: str, cdp: float, peer: float, peer_name: str, unit: str, note: str = "") -> dict[str, Any]:
@@ -106,6 +128,8 @@ def run(quick: bool = False, scratch: Path | None = None, size: int = 0, runtime
     print(f"load average before: {load()}", file=sys.stderr)
     try:
         cdpd.start()
+        assert cdpd.proc is not None
+        cdpd_pid = cdpd.proc.pid
         res: dict[str, dict[str, float]] = {}
         for ack in ("primary", "both"):
             prim = base / f"primary-{ack}.img"
@@ -113,10 +137,15 @@ def run(quick: bool = False, scratch: Path | None = None, size: int = 0, runtime
                 f.truncate(size)
             cdpd.cdpctl("volume", "create", f"p{ack}", "--mode", "proxy", "--primary", str(prim),
                         "--no-initial-copy", "--ack", ack)
-            res[ack] = fio_clat(cdpd.uri(f"p{ack}"), runtime, size)
-        peer = fio_clat(kit.uri(), runtime, size)
+            res[ack] = fio_cpu(cdpd_pid, cdpd.uri(f"p{ack}"), runtime, size)
+        cdpd.cdpctl("volume", "create", "mirror", "--size", str(size))
+        mirror = fio_cpu(cdpd_pid, cdpd.uri("mirror"), runtime, size)
+        peer = fio_cpu(kit.proc.pid, kit.uri(), runtime, size)
+        rows.append(_row("mirror-randwrite-4k (reference)", mirror["iops"], peer["iops"], "nbdkit file", "IOPS",
+                         f"CPU µs/write cdp {mirror['cpu_us']:.0f}, nbdkit {peer['cpu_us']:.0f}"))
         for ack in ("primary", "both"):
-            rows.append(_row(f"proxy-randwrite-4k ack={ack}", res[ack]["iops"], peer["iops"], "nbdkit file", "IOPS"))
+            rows.append(_row(f"proxy-randwrite-4k ack={ack}", res[ack]["iops"], peer["iops"], "nbdkit file", "IOPS",
+                             f"CPU µs/write cdp {res[ack]['cpu_us']:.0f}, nbdkit {peer['cpu_us']:.0f}"))
         for k in ("p50", "p99"):
             extra = res["both"][k] - res["primary"][k]
             rows.append(_row(
@@ -129,10 +158,11 @@ def run(quick: bool = False, scratch: Path | None = None, size: int = 0, runtime
         port = listening_port(reader, "nbdkit")
         cdpd.cdpctl("volume", "create", "pread", "--mode", "proxy", "--primary", str(data),
                     "--no-initial-copy")
-        c = fio_clat(cdpd.uri("pread"), runtime, size, rw="randread")
-        p = fio_clat(f"nbd://127.0.0.1:{port}/", runtime, size, rw="randread")
+        c = fio_cpu(cdpd_pid, cdpd.uri("pread"), runtime, size, rw="randread")
+        p = fio_cpu(reader.pid, f"nbd://127.0.0.1:{port}/", runtime, size, rw="randread")
         rows.append(_row("proxy-randread-4k", c["iops"], p["iops"], "nbdkit file (same file)", "IOPS",
-                         f"clat p50/p99 {c['p50']:.0f}/{c['p99']:.0f} µs, nbdkit {p['p50']:.0f}/{p['p99']:.0f} µs"))
+                         f"clat p50/p99 {c['p50']:.0f}/{c['p99']:.0f} µs, nbdkit {p['p50']:.0f}/{p['p99']:.0f} µs; "
+                         f"CPU µs/read cdp {c['cpu_us']:.0f}, nbdkit {p['cpu_us']:.0f}"))
     finally:
         print(f"load average after: {load()}", file=sys.stderr)
         if reader is not None:
