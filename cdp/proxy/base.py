@@ -24,7 +24,7 @@ from typing import Any
 
 from cdp.proxy.drl import DirtyRegionLog
 from cdp.proxy.primary import FilePrimary, NbdPrimary
-from cdp.proxy.workers import RangeOp, Ranges, Workers
+from cdp.proxy.workers import RangeOp, Ranges, Workers, Writer
 from cdp.volume import Volume
 
 log = logging.getLogger("cdp.proxy")
@@ -49,6 +49,8 @@ class ProxyBase(Volume):
         self.primary: FilePrimary | NbdPrimary | None = None
         self.drl: DirtyRegionLog = None  # type: ignore[assignment]  # set in _opened
         self._exec: Workers | None = None
+        #: the one writer thread of host writes to a file primary (None: NBD, the pool)
+        self._writer: Writer[Any] | None = None
         self._drl_exec: concurrent.futures.ThreadPoolExecutor | None = None
         self._ranges = Ranges()
         self._active: dict[int, int] = {}  # region -> writes (or a rewind) in flight
@@ -102,6 +104,9 @@ class ProxyBase(Volume):
         self.primary.flush()
 
     def _stop_workers(self) -> None:
+        if self._writer is not None:
+            self._writer.shutdown()
+            self._writer = None
         if self._exec is not None:
             self._exec.shutdown()
         if self._drl_exec is not None:

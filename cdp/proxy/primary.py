@@ -4,7 +4,9 @@ Both offer the same blocking interface, called from the proxy's worker threads:
 ``size``, ``min_block`` (the alignment requests need: 1 for a file, the server's
 advertised minimum block size for NBD), ``pread(offset, length)``, ``pwrite(data, offset)``,
 ``zero(offset, length)``, ``flush()`` (everything completed so far durable), ``close()``.
-Failures raise OSError (errno EIO for anything the server reports).
+Failures raise OSError (errno EIO for anything the server reports). A file primary also
+has ``pwritev`` (one system call for writes that continue each other) and
+``pread_cached`` (a read the page cache can answer at once, for the event loop).
 
 An NBD primary (``nbd://HOST[:PORT]/EXPORT`` or ``nbd+unix:///EXPORT?socket=PATH``) uses
 :class:`cdp.targets.nbd.client.NbdClient` connections from a small pool, one per worker at a time.
@@ -24,6 +26,8 @@ from cdp.targets.nbd.client import NbdClient, NbdClientError
 
 TF_CAN_MULTI_CONN = 1 << 8
 _ZEROS = bytes(1 << 20)
+_IOV_MAX = 1024  # Linux UIO_MAXIOV
+_NOWAIT = getattr(os, "RWF_NOWAIT", 0)
 
 
 def is_nbd_uri(s: str) -> bool:
@@ -55,6 +59,24 @@ class FilePrimary:
         except PermissionError as e:
             raise UsageError(f"primary {path}: {e.strerror}") from None
         self.size = os.lseek(self._fd, 0, os.SEEK_END)
+        self._nowait = _NOWAIT
+
+    def pread_cached(self, offset: int, length: int) -> bytearray | None:
+        """The bytes if the page cache holds all of them, else None: one
+        ``preadv2(RWF_NOWAIT)``, which never waits for the disk (it may still take a
+        page lock briefly). None as well where the kernel or file system lacks it."""
+        if not self._nowait:
+            return None
+        buf = bytearray(length)
+        try:
+            n = os.preadv(self._fd, [buf], offset, self._nowait)
+        except BlockingIOError:
+            return None
+        except OSError as e:
+            if e.errno in (errno.EOPNOTSUPP, errno.EINVAL):
+                self._nowait = 0  # not here: always the worker threads
+            return None
+        return buf if n == length else None
 
     def pread(self, offset: int, length: int) -> bytes:
         out = os.pread(self._fd, length, offset)
@@ -78,6 +100,24 @@ class FilePrimary:
             if n <= 0:
                 raise OSError(errno.EIO, f"short write to the primary at {offset + done}")
             done += n
+
+    def pwritev(self, buffers: list[bytes | bytearray | memoryview], offset: int) -> None:
+        """Write *buffers* back to back from *offset* (at most 1024 per system call)."""
+        pos = offset
+        for i in range(0, len(buffers), _IOV_MAX):
+            part = buffers[i : i + _IOV_MAX]
+            want = sum(len(b) for b in part)
+            n = os.pwritev(self._fd, part, pos)
+            if n < want:  # short: finish piece by piece
+                skip = n
+                for b in part:
+                    if skip >= len(b):
+                        skip -= len(b)
+                        continue
+                    self.pwrite(memoryview(b)[skip:], pos + n)
+                    n += len(b) - skip
+                    skip = 0
+            pos += want
 
     def zero(self, offset: int, length: int) -> None:
         pos = offset

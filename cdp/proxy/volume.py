@@ -15,16 +15,22 @@ Design notes
   fdatasync'd (concurrent writers share one DRL sync) before anything moves. Then, in
   one synchronous step on the event loop, the record is appended to the journal
   through the volume's one append path (buffered, sealed without blocking, exactly as
-  a mirror volume) and the primary write is registered in the range queue; the
-  primary write itself runs in a worker thread. Writes whose ranges overlap reach the
-  primary in the order their records were appended, so the journal's order and the
-  primary's final content always agree. ``ack = "primary"`` replies when the primary
+  a mirror volume) and the primary write is registered in the range queue and queued:
+  for a file primary, on the one writer thread (:class:`~cdp.proxy.workers.Writer`:
+  one hand-off per loop turn, queue order, ``pwritev`` per contiguous run); for an NBD
+  primary, on the worker pool after the earlier writes it overlaps. Either way writes
+  whose ranges overlap reach the primary in the order their records were appended, so
+  the journal's order and the primary's final content always agree. The common case
+  (nothing to wait for) creates no coroutine: ``write`` returns a future that the
+  writer's results (and, when asked, the durability pump) complete. ``ack = "primary"`` replies when the primary
   write completed; ``ack = "both"`` also waits for the journal record to be durable
   (group commit, running concurrently with the primary write). The volume's services
   admit the write first (retention's ``on_full = "refuse"``): a refused write moves
   nothing on either side.
-* **Reads** come from the primary (a worker thread), except point-in-time reads (the
-  journal) and reads during a rewind (the journal's head, i.e. the target state).
+* **Reads** come from the primary, except point-in-time reads (the journal) and reads
+  during a rewind (the journal's head, i.e. the target state). What the page cache
+  holds of a file primary is read on the loop and answered at once (``preadv2`` with
+  ``RWF_NOWAIT`` never waits for the disk); the rest goes to the worker threads.
 * **Errors.** A failed primary write answers EIO and appends an ERROR record
   (code 1); the region is queued for catch-up so the journal again describes what the
   primary holds. A failed journal append (ENOSPC, a failed sync) with ``ack =
@@ -33,18 +39,21 @@ Design notes
   it can (ERROR record code 2 describing the gap, then WRITE records of the primary's
   content where it differs from the journal's head).
 * **Clean regions, lazily.** About once a second a cleaner takes the dirty regions with
-  nothing in flight, makes the primary and the journal durable, and clears those not
-  touched meanwhile (the DRL pages are written without anyone waiting for them).
+  nothing in flight and no write for ``CLEAN_IDLE_TICKS`` (8) seconds, makes the
+  primary and the journal durable, and clears those not touched meanwhile (the DRL
+  pages are written without anyone waiting for them). A region under steady writes
+  thus stays dirty, and its writes skip the DRL sync.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import errno
 import json
 import logging
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Sequence
 from pathlib import Path
 from typing import Any, Self
 
@@ -53,17 +62,23 @@ from cdp.errors import CdpError, Corruption, UsageError
 from cdp.proxy.base import ERR_PRIMARY_WRITE
 from cdp.proxy.copy import InitialCopy
 from cdp.proxy.drl import DEFAULT_REGION, DirtyRegionLog, check_region_bytes
-from cdp.proxy.primary import open_primary
+from cdp.proxy.primary import FilePrimary, open_primary
 from cdp.proxy.reconcile import Reconcile
-from cdp.proxy.workers import Workers
+from cdp.proxy.workers import RangeOp, Workers, Writer
 
 log = logging.getLogger("cdp.proxy")
 
 ACKS = ("primary", "both")
 DRL_NAME = "drl"
 CLEAN_DELAY = 1.0  # seconds between cleaner runs
-CLEAN_IDLE_TICKS = 2  # a region is cleaned once unwritten for this many ticks (~seconds)
+#: a region is cleaned once unwritten for this many ticks (~seconds). Long enough that a
+#: region under steady writes stays dirty: cleaning it would cost the primary's and the
+#: journal's fdatasync and then, at its next write, a DRL sync the write waits for
+#: (issue 23: at 2 ticks, random 4 KiB writes over the whole volume kept cleaning and
+#: re-dirtying regions)
+CLEAN_IDLE_TICKS = 8
 RETRY_DELAY = 1.0  # seconds between catch-up attempts
+CACHED_READ_MAX = 1 << 20  # larger live reads always go to the worker threads
 
 
 def proxy_meta(primary: str, ack: str = "primary") -> dict[str, Any]:
@@ -90,6 +105,28 @@ def create_drl(path: Path, size: int, region: int = DEFAULT_REGION, initial_copy
     DirtyRegionLog.create(path / DRL_NAME, size, region, copy_next=0 if initial_copy else regions).close()
 
 
+class _HostWrite:
+    """One host write between its journal append and its reply: the reply (*fut*)
+    waits for *pending* parts, the primary write and, when asked, the journal record's
+    durability."""
+
+    __slots__ = ("data", "fua", "fut", "jerr", "length", "offset", "op", "pending", "perr", "regs", "seq")
+
+    def __init__(self, offset: int, length: int, data: bytes | bytearray | None, fua: bool, regs: range,
+                 fut: asyncio.Future[None]) -> None:
+        self.offset = offset
+        self.length = length
+        self.data = data
+        self.fua = fua
+        self.regs = regs
+        self.fut = fut
+        self.op: RangeOp = None  # type: ignore[assignment]  # set by _start
+        self.seq = 0
+        self.pending = 1
+        self.perr: BaseException | None = None
+        self.jerr: BaseException | None = None
+
+
 class ProxyVolume(InitialCopy, Reconcile):
     """A volume whose appliance owns the primary (mode ``proxy`` in volume.json).
 
@@ -112,6 +149,9 @@ class ProxyVolume(InitialCopy, Reconcile):
         self.primary_errors = 0
         self.journal_errors = 0
         self.regions_cleaned = 0
+        #: writes waiting for their journal record to be durable, in seq order
+        self._jwaiters: list[_HostWrite] = []
+        self._jpump: asyncio.Task[None] | None = None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -164,6 +204,8 @@ class ProxyVolume(InitialCopy, Reconcile):
             if self.drl.header_damaged:
                 log.warning("volume %s: DRL header damaged: every region is compared", self.name)
             self._exec = Workers(4, f"primary-{self.name}")
+            if isinstance(self.primary, FilePrimary):
+                self._writer = Writer(f"primary-writer-{self.name}", self._write_batch, self._writes_done)
             self._drl_exec = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"drl-{self.name}")
             self._reconcile_at_open()
         except BaseException:
@@ -278,12 +320,44 @@ class ProxyVolume(InitialCopy, Reconcile):
             return None
         return self._io(offset, length, None, fua)
 
-    async def _io(self, offset: int, length: int, data: bytes | bytearray | None, fua: bool) -> None:
-        while self._gate is not None:
-            await asyncio.shield(self._gate)
+    def _io(self, offset: int, length: int, data: bytes | bytearray | None, fua: bool) -> Awaitable[None]:
+        """Start a host write (*data*) or zero (None); the awaitable completes with the
+        reply. The common case (not paused, no barrier there, initial copy done there,
+        the DRL bits already durable) is one synchronous step returning a future; a
+        write that must wait first runs as a coroutine (:meth:`_io_wait`)."""
+        if self._gate is not None or self._writer is None:
+            return self._io_wait(offset, length, data, fua, False)
         if data is not None:
             self._admit(length)  # may refuse: nothing has moved yet
         self._kick()
+        end = offset + length
+        regs = self.drl.regions_of(offset, length)
+        if (self._ranges.barriers(offset, end)
+                or (self._copy_next < self.drl.regions
+                    and any(r >= self._copy_next and r not in self._copy_ahead for r in regs))
+                or self._mark(regs) > self._drl_durable):
+            return self._io_wait(offset, length, data, fua, True)
+        active = self._active
+        for r in regs:
+            active[r] = active.get(r, 0) + 1
+        try:
+            w, _ = self._start(offset, length, data, fua, regs)
+        except BaseException:
+            self._inactive(regs)
+            raise
+        self._writer.submit(w)
+        return w.fut
+
+    async def _io_wait(self, offset: int, length: int, data: bytes | bytearray | None, fua: bool,
+                       admitted: bool) -> None:
+        """The write path with its waits: pause, barriers, the region's initial copy,
+        the DRL sync; then :meth:`_start` and the primary write."""
+        if not admitted:
+            while self._gate is not None:
+                await asyncio.shield(self._gate)
+            if data is not None:
+                self._admit(length)  # may refuse: nothing has moved yet
+            self._kick()
         end = offset + length
         regs = self.drl.regions_of(offset, length)
         active = self._active
@@ -309,47 +383,168 @@ class ProxyVolume(InitialCopy, Reconcile):
                     await self._drl_commit(need)
                     continue
                 break
-            # one synchronous step: journal order == primary order for overlapping writes
-            seq = self._journal(offset, length, data)
-            self.writes += 1
-            if data is not None:
-                self.bytes_written += length
-            touch, now_tick = self._touch, self._tick_no
-            for r in regs:
-                touch[r] = now_tick
-            op, preds = self._ranges.add(offset, end, False)
-            jwait: asyncio.Task[None] | None = None
-            if seq is not None and (self.ack == "both" or fua or self._sync_always):
-                jwait = self._loop().create_task(self.journal.commit())
-            perr: BaseException | None = None
+        except BaseException:
+            self._inactive(regs)
+            raise
+        w, preds = self._start(offset, length, data, fua, regs)
+        if self._writer is not None:
+            self._writer.submit(w)
+        else:  # an NBD primary: the worker pool, ordered by the range queue
             try:
                 if preds:
                     await asyncio.wait(preds)
                 await self._in_exec(self._primary_io, offset, length, data, fua)
-            except (OSError, CdpError) as e:
-                perr = e
-                self._primary_failed(offset, length, e)
-            finally:
-                self._ranges.finish(op)
-            jerr: BaseException | None = None
-            if jwait is not None:
+            except BaseException as e:
+                self._primary_done(w, e)
+                if not isinstance(e, Exception):
+                    raise
+            else:
+                self._primary_done(w, None)
+        await w.fut
+
+    def _start(self, offset: int, length: int, data: bytes | bytearray | None, fua: bool,
+               regs: range) -> tuple[_HostWrite, list[asyncio.Future[None]]]:
+        """The one synchronous step: append the journal record and enter the range
+        queue, so that journal order == primary order for overlapping writes. The caller
+        hands the primary write off at once (the writer thread, or the pool after
+        *preds*, the earlier writes it overlaps)."""
+        seq = self._journal(offset, length, data)
+        self.writes += 1
+        if data is not None:
+            self.bytes_written += length
+        touch, now_tick = self._touch, self._tick_no
+        for r in regs:
+            touch[r] = now_tick
+        w = _HostWrite(offset, length, data, fua, regs, self._loop().create_future())
+        w.op, preds = self._ranges.add(offset, offset + length, False, self._writer is None)
+        if seq is not None and (self.ack == "both" or fua or self._sync_always):
+            w.seq = seq
+            if self.journal.durable_seq < seq:
+                w.pending = 2
+                self._jwaiters.append(w)
+                if self._jpump is None:
+                    self._jpump = self._loop().create_task(self._durable_pump())
+        return w, preds
+
+    async def _durable_pump(self) -> None:
+        """Group commit for the writes that wait for their journal record (``ack =
+        "both"``, FUA, ``sync = "always"``): one commit serves every write appended
+        before it started; one pump per volume, alive while someone waits."""
+        try:
+            while self._jwaiters:
+                target = self.journal.last_seq
+                err: BaseException | None = None
                 try:
-                    await jwait
+                    await self.journal.commit()
                 except (CdpError, OSError) as e:
-                    jerr = e
-            if perr is not None:
-                raise Corruption(f"volume {self.name}: primary write failed: {perr}") from None
-            if jerr is not None:
-                self._journal_failed(offset, length, jerr)
-                if self.ack == "both":
-                    raise jerr
+                    err = e
+                durable = self.journal.durable_seq
+                keep: list[_HostWrite] = []
+                for w in self._jwaiters:
+                    if w.seq <= durable:
+                        self._part_done(w)
+                    elif err is not None and w.seq <= target:
+                        w.jerr = err
+                        self._part_done(w)
+                    else:
+                        keep.append(w)
+                self._jwaiters = keep
         finally:
-            for r in regs:
-                n = active[r] - 1
-                if n:
-                    active[r] = n
+            self._jpump = None
+
+    def _write_batch(self, batch: list[_HostWrite]) -> list[BaseException | None]:
+        """The writer thread's work: the primary writes of *batch* in order, writes that
+        continue each other as one ``pwritev``; one flush if any asked for FUA. One
+        result per write (None: done); never raises."""
+        p = self.primary
+        n = len(batch)
+        errs: list[BaseException | None] = [None] * n
+        if p is None:
+            return [OSError(errno.EIO, "the primary is closed")] * n
+        vec = isinstance(p, FilePrimary)
+        i = 0
+        while i < n:
+            w = batch[i]
+            j = i + 1
+            if vec and w.data is not None:
+                end = w.offset + w.length
+                while j < n and batch[j].data is not None and batch[j].offset == end:
+                    end += batch[j].length
+                    j += 1
+            try:
+                if w.data is None:
+                    p.zero(w.offset, w.length)
+                elif j == i + 1:
+                    p.pwrite(w.data, w.offset)
                 else:
-                    del active[r]
+                    assert isinstance(p, FilePrimary)
+                    p.pwritev([x.data for x in batch[i:j] if x.data is not None], w.offset)
+            except Exception as e:
+                if j == i + 1:
+                    errs[i] = e
+                else:  # find which of them failed
+                    for k in range(i, j):
+                        x = batch[k]
+                        try:
+                            p.pwrite(x.data or b"", x.offset)
+                        except Exception as e2:
+                            errs[k] = e2
+            i = j
+        fua = [k for k in range(n) if batch[k].fua and errs[k] is None]
+        if fua:
+            try:
+                p.flush()
+            except Exception as e:
+                for k in fua:
+                    errs[k] = e
+        return errs
+
+    def _writes_done(self, batch: list[_HostWrite], errs: Sequence[BaseException | None]) -> None:
+        for w, e in zip(batch, errs, strict=True):
+            self._primary_done(w, e)
+
+    def _primary_done(self, w: _HostWrite, exc: BaseException | None) -> None:
+        if exc is not None:
+            w.perr = exc
+            if isinstance(exc, (OSError, CdpError)):
+                self._primary_failed(w.offset, w.length, exc)
+        self._ranges.finish(w.op)
+        self._part_done(w)
+
+    def _part_done(self, w: _HostWrite) -> None:
+        """One of the write's parts (primary, journal) is done; reply when both are."""
+        w.pending -= 1
+        if w.pending:
+            return
+        self._inactive(w.regs)
+        fut = w.fut
+        if fut.done():
+            return
+        perr, jerr = w.perr, w.jerr
+        if perr is not None:
+            if not isinstance(perr, Exception):  # cancelled
+                fut.cancel()
+            elif isinstance(perr, (OSError, CdpError)):
+                fut.set_exception(Corruption(f"volume {self.name}: primary write failed: {perr}"))
+            else:
+                fut.set_exception(perr)
+        elif jerr is not None:
+            self._journal_failed(w.offset, w.length, jerr)
+            if self.ack == "both":
+                fut.set_exception(jerr)
+            else:
+                fut.set_result(None)
+        else:
+            fut.set_result(None)
+
+    def _inactive(self, regs: range) -> None:
+        active = self._active
+        for r in regs:
+            n = active[r] - 1
+            if n:
+                active[r] = n
+            else:
+                del active[r]
 
     def _primary_io(self, offset: int, length: int, data: bytes | bytearray | None, fua: bool) -> None:
         p = self.primary
@@ -396,8 +591,10 @@ class ProxyVolume(InitialCopy, Reconcile):
             self.degraded = f"journal: {j_res}"
 
     def read(self, offset: int, length: int, seq: int | None = None) -> Any:
-        """Live reads come from the primary (an awaitable); point-in-time reads and reads
-        during a rewind from the journal."""
+        """Live reads come from the primary, point-in-time reads and reads during a
+        rewind from the journal. From a file primary, what the page cache holds is read
+        on the loop and returned at once (``preadv2(RWF_NOWAIT)``: it never waits for
+        the disk); anything else is an awaitable served by the worker threads."""
         if seq is not None or self._rewinding:
             return super().read(offset, length, seq)
         self._check_range(offset, length)
@@ -405,16 +602,19 @@ class ProxyVolume(InitialCopy, Reconcile):
         self.bytes_read += length
         if length == 0:
             return b""
-        return self._read_primary(offset, length)
+        p = self.primary
+        if isinstance(p, FilePrimary) and length <= CACHED_READ_MAX:
+            got = p.pread_cached(offset, length)
+            if got is not None:
+                return bytes(got)
+        assert self._exec is not None and p is not None
+        return self._exec.submit_mapped(self._read_failed, p.pread, offset, length)
 
-    async def _read_primary(self, offset: int, length: int) -> bytes:
-        assert self.primary is not None
-        try:
-            data: bytes = await self._in_exec(self.primary.pread, offset, length)
-        except OSError as e:
-            self.primary_errors += 1
-            raise Corruption(f"volume {self.name}: primary read failed: {e}") from None
-        return data
+    def _read_failed(self, exc: BaseException) -> BaseException:
+        if not isinstance(exc, OSError):
+            return exc
+        self.primary_errors += 1
+        return Corruption(f"volume {self.name}: primary read failed: {exc}")
 
     def block_status(self, offset: int, length: int, seq: int | None = None) -> list[tuple[int, int]]:
         if seq is None and (self._copy_next < self.drl.regions or self._catchup or self.degraded):

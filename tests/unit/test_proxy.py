@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import inspect
 import os
 import random
 from dataclasses import replace
@@ -19,7 +20,8 @@ from cdp.errors import Corruption, StoreFull
 from cdp.journal import RecordKind
 from cdp.proxy.base import ERR_CRASH_RECONCILE, ERR_JOURNAL_GAP, ERR_PRIMARY_WRITE
 from cdp.proxy.drl import read_drl
-from cdp.proxy.volume import ProxyVolume
+from cdp.proxy.primary import FilePrimary
+from cdp.proxy.volume import CLEAN_IDLE_TICKS, ProxyVolume
 from cdp.store import Store
 from cdp.volume import Volume
 from tests.helpers import assert_bytes_equal
@@ -47,6 +49,15 @@ def make_primary(path: Path, size: int = SIZE, seed: int = 0, fill: float = 0.5)
             model[p : p + (64 << 10)] = rng.randbytes(64 << 10)
     path.write_bytes(model)
     return model
+
+
+async def live_read(vol: Volume, offset: int, length: int) -> bytes:
+    """vol.read of the live volume: bytes at once (a proxy volume's page-cache hit) or
+    an awaitable (anything else), as the BlockDevice contract allows."""
+    r = vol.read(offset, length)
+    if inspect.isawaitable(r):
+        r = await r
+    return bytes(r)
 
 
 def journal_image(vol: Volume, seq: int | None = None) -> bytes:
@@ -110,8 +121,7 @@ def test_initial_copy_then_io_keeps_primary_and_journal_equal(tmp_path: Path) ->
         await vol.flush()
         assert_bytes_equal(prim.read_bytes(), bytes(model))
         assert_bytes_equal(journal_image(vol), bytes(model))
-        r = vol.read(4096, 8192)
-        assert_bytes_equal(await r, bytes(model[4096 : 4096 + 8192]))
+        assert_bytes_equal(await live_read(vol, 4096, 8192), bytes(model[4096 : 4096 + 8192]))
         # time zero is still the original primary
         assert journal_image(vol, init_seq) != bytes(model)
         st = vol.status()
@@ -123,7 +133,7 @@ def test_initial_copy_then_io_keeps_primary_and_journal_equal(tmp_path: Path) ->
         while "clean" in vol._bg:
             await asyncio.sleep(0.01)
         assert vol.drl.dirty_count > 0
-        vol._tick_no += 5
+        vol._tick_no += CLEAN_IDLE_TICKS + 1
         vol._last_clean = 0
         vol._kick()
         while "clean" in vol._bg:
@@ -177,7 +187,7 @@ def test_no_initial_copy_time_zero_reads_zeros(tmp_path: Path) -> None:
         await vol.write(MiB, b"x" * 4096)
         assert vol.head_seq == 1
         assert Volume.read(vol, 0, 8192, 0) == bytes(8192)
-        assert await vol.read(MiB, 4096) == b"x" * 4096
+        assert await live_read(vol, MiB, 4096) == b"x" * 4096
         store.close()
 
     asyncio.run(main())
@@ -203,8 +213,117 @@ def test_overlapping_writes_reach_the_primary_in_journal_order(tmp_path: Path) -
     asyncio.run(main())
 
 
+def test_contiguous_writes_of_one_turn_are_one_pwritev_in_journal_order(tmp_path: Path) -> None:
+    prim = tmp_path / "primary.img"
+    prim.write_bytes(bytes(SIZE))
+
+    async def main() -> None:
+        store = open_store(tmp_path)
+        vol = create_proxy_volume(store, "p", 0, str(prim), initial_copy=False)
+        await vol.write(0, b"w" * 4096)  # the region's DRL bit: durable from now on
+        calls: list[tuple[str, int, int]] = []
+        p = vol.primary
+        assert isinstance(p, FilePrimary)
+        real_pwrite, real_pwritev = p.pwrite, p.pwritev
+
+        def pwrite(data: bytes, offset: int) -> None:
+            calls.append(("pwrite", offset, len(data)))
+            real_pwrite(data, offset)
+
+        def pwritev(bufs: list[bytes], offset: int) -> None:
+            calls.append(("pwritev", offset, sum(len(b) for b in bufs)))
+            real_pwritev(bufs, offset)
+
+        p.pwrite, p.pwritev = pwrite, pwritev  # type: ignore[method-assign]
+        # one turn: a run of 8 writes that continue each other, then an overlapping
+        # write, then one elsewhere; nothing awaited before all are submitted
+        aws = [vol.write(i * 4096, bytes([i + 1]) * 4096) for i in range(8)]
+        aws.append(vol.write(2048, b"o" * 4096))
+        aws.append(vol.write(100 * 4096, b"e" * 4096))
+        assert all(not asyncio.iscoroutine(a) for a in aws)  # the fast path: futures
+        await asyncio.gather(*[a for a in aws if a is not None])
+        assert calls == [("pwritev", 0, 8 * 4096), ("pwrite", 2048, 4096), ("pwrite", 100 * 4096, 4096)]
+        await vol.flush()
+        assert_bytes_equal(prim.read_bytes(), journal_image(vol))
+        assert prim.read_bytes()[2048:6144] == b"o" * 4096  # the later write won on both sides
+        store.close()
+
+    asyncio.run(main())
+
+
+def test_fua_writes_are_durable_on_both_sides_one_flush_per_batch(tmp_path: Path) -> None:
+    prim = tmp_path / "primary.img"
+    prim.write_bytes(bytes(SIZE))
+
+    async def main() -> None:
+        store = open_store(tmp_path)
+        vol = create_proxy_volume(store, "p", 0, str(prim), initial_copy=False)
+        await vol.write(0, b"w" * 4096)
+        p = vol.primary
+        assert isinstance(p, FilePrimary)
+        flushes: list[int] = []
+        real_flush = p.flush
+
+        def flush() -> None:
+            flushes.append(1)
+            real_flush()
+
+        p.flush = flush  # type: ignore[method-assign]
+        aws = [vol.write(i * 8192, b"f" * 4096, fua=True) for i in range(4)]
+        await asyncio.gather(*[a for a in aws if a is not None])
+        assert flushes == [1]  # the four FUA writes of one turn: one primary flush
+        assert vol.journal.durable_seq == vol.head_seq  # and their records are durable
+        store.close()
+
+    asyncio.run(main())
+
+
+def test_live_reads_from_the_page_cache_answer_at_once_else_through_threads(tmp_path: Path) -> None:
+    prim = tmp_path / "primary.img"
+    model = make_primary(prim, seed=9, fill=1.0)
+
+    async def main() -> None:
+        store = open_store(tmp_path)
+        vol = create_proxy_volume(store, "p", 0, str(prim), initial_copy=False)
+        assert vol.read(MiB, 4096) == model[MiB : MiB + 4096]  # read once: now cached
+        r = vol.read(MiB, 4096)
+        assert isinstance(r, bytes) and r == model[MiB : MiB + 4096]
+        fd = os.open(prim, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # drop the cached pages
+            assert isinstance(vol.primary, FilePrimary)
+            assert vol.primary.pread_cached(3 * MiB, 4096) is None  # a miss, as wanted
+        finally:
+            os.close(fd)
+        assert await live_read(vol, 3 * MiB + 100, 70000) == model[3 * MiB + 100 : 3 * MiB + 70100]
+        store.close()
+
+    asyncio.run(main())
+
+
+def test_primary_read_error_is_eio_and_counted(tmp_path: Path) -> None:
+    prim = tmp_path / "primary.img"
+    prim.write_bytes(bytes(SIZE))
+
+    async def main() -> None:
+        store = open_store(tmp_path)
+        vol = create_proxy_volume(store, "p", 0, str(prim), initial_copy=False)
+        flaky = FlakyPrimary(vol.primary)
+        vol.primary = flaky  # type: ignore[assignment]
+        flaky.fail = True
+        with pytest.raises(Corruption, match="primary read failed"):
+            await live_read(vol, 4096, 4096)
+        assert vol.status()["proxy"]["primary_errors"] == 1
+        flaky.fail = False
+        assert await live_read(vol, 4096, 4096) == bytes(4096)
+        store.close()
+
+    asyncio.run(main())
+
+
 class FlakyPrimary:
-    """Wraps a primary: pwrite fails with EIO while ``fail`` is set."""
+    """Wraps a primary: pwrite and pread fail with EIO while ``fail`` is set."""
 
     def __init__(self, inner: Any) -> None:
         self.inner = inner
@@ -216,6 +335,11 @@ class FlakyPrimary:
         if self.fail:
             raise OSError(errno.EIO, "injected")
         self.inner.pwrite(data, offset)
+
+    def pread(self, offset: int, length: int) -> bytes:
+        if self.fail:
+            raise OSError(errno.EIO, "injected")
+        return bytes(self.inner.pread(offset, length))
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
@@ -374,7 +498,7 @@ def test_rewind_rewrites_only_differing_bytes_and_reads_see_target(tmp_path: Pat
         seq = await vol.rewind(m.seq, progress=lambda d, t, w: steps.append(d))
         assert seq == vol.head_seq and steps
         assert_bytes_equal(prim.read_bytes(), target)
-        assert_bytes_equal(await vol.read(0, SIZE), target)
+        assert_bytes_equal(await live_read(vol, 0, SIZE), target)
         st = vol.status()["proxy"]["rewind"]
         assert st["finished"] and 0 < st["rewritten"] <= st["total"]
         # and rewind the rewind

@@ -40,6 +40,10 @@ GOALS: dict[str, Goal] = {
     "nbd-flush": Goal("ratio", 1.50, ">= 1.5 x nbdkit file", 10),
     # a client pipelining 1 KiB READs, reading replies only between sends (issue 28)
     "nbd-pipelined-1k": Goal("ratio", 0.80, ">= 0.80 x nbdkit file", 28),
+    # proxy (splitter) mode vs `nbdkit file` on the same kind of primary file (issue 23)
+    "proxy-randwrite-4k ack=primary": Goal("ratio", 0.70, ">= 0.70 x nbdkit file", 23),
+    "proxy-randwrite-4k ack=both": Goal("ratio", 0.50, ">= 0.50 x nbdkit file", 23),
+    "proxy-randread-4k": Goal("ratio", 0.70, ">= 0.70 x nbdkit file", 23),
     # iSCSI target (issue 6)
     "randread-4k": Goal("ratio", 0.70, ">= 0.70 x tgt", 6),
     "randwrite-4k": Goal("ratio", 0.70, ">= 0.70 x tgt", 6),
