@@ -82,6 +82,7 @@ def _source(store: Store, vol: Volume, entry: dict[str, Any]) -> ReplicationSour
                             as_name=entry["as"], name=str(store.path),
                             lineage=role.lineage, epoch=role.epoch,
                             fork_seq=role.epochs[-1][1] - 1 if role.epoch > 1 else 0,
+                            epochs=role.epochs,
                             rate=int(entry.get("rate", 0)),
                             tls=client_context(store.settings.replication))
     src.acked_seq = int(entry.get("acked_seq", 0))

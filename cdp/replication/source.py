@@ -262,7 +262,8 @@ class ReplicationSource(VolumeService):
     def __init__(self, vol: Volume, host: str, port: int, secret: bytes, *,
                  as_name: str | None = None, name: str = "cdp", lineage: str | None = None,
                  epoch: int = 1, window: int = 64 << 20, batch: int = 4 << 20,
-                 rate: int = 0, tls: ssl.SSLContext | None = None, fork_seq: int = 0) -> None:
+                 rate: int = 0, tls: ssl.SSLContext | None = None, fork_seq: int = 0,
+                 epochs: list[list[int]] | None = None) -> None:
         self.vol = vol
         self.host, self.port = host, port
         self._secret = secret
@@ -275,6 +276,8 @@ class ReplicationSource(VolumeService):
         self.rate = rate
         #: our failover point (the last seq of the previous epoch; 0: never failed over)
         self.fork_seq = fork_seq
+        #: our epoch table (``replica.json``), sent in OPEN (protocol 3): chained failback
+        self.epochs = epochs or [[epoch, 1, 0]]
         #: TLS client context (:mod:`cdp.replication.tls`); None: plain TCP
         self.tls = tls
         self.state = "stopped"
@@ -387,7 +390,7 @@ class ReplicationSource(VolumeService):
             await self._until(conn, reader, writer, Authenticated)
             j = self.vol.journal
             conn.open(self.as_name, self.lineage, self.vol.size, self.epoch, j.last_seq,
-                      self.fork_seq)
+                      self.fork_seq, self.epochs)
             writer.write(conn.data_to_send())
             ev = await self._until(conn, reader, writer, Opened)
             assert isinstance(ev, Opened)
