@@ -73,6 +73,7 @@ def _source(store: Store, vol: Volume, entry: dict[str, Any]) -> ReplicationSour
     for s in sources_of(vol):
         if s.target == entry["to"]:
             s.as_name = entry["as"]
+            s.rate = int(entry.get("rate", 0))
             return s
     host, port = parse_hostport(entry["to"], "--to", DEFAULT_PORT)
     role = load_role(vol)

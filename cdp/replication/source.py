@@ -13,8 +13,11 @@ Design notes
   with the host's flushes) before reading them. So the target can never be ahead of
   what the source still has after a crash (which OPEN would refuse as "diverged").
 - Flow control: at most ``window`` stored bytes beyond the last ACK; frames of at most
-  ``batch`` bytes; with ``rate`` a pause of ``bytes / rate`` after each frame. A
-  heartbeat goes out after a second without records.
+  ``batch`` bytes. ``rate`` is a token bucket on the sent bytes: a frame goes out when
+  its turn comes (``due``), and moves ``due`` on by ``bytes / rate`` from when it was
+  due (credit of at most :data:`RATE_BURST` seconds of an idle link is kept, so the
+  link is used at the rate, not below it by the time reading and sending take); frames
+  are at most 1/8 s of the rate. A heartbeat goes out after a second without records.
 - ``lag_seconds`` = now - timestamp of the oldest record not yet acknowledged (0 when
   caught up): the age of the oldest write the target could still lose.
 - **Fallback** (:class:`Fallback`, docs/REPLICATION.md "Fallback"): when the points
@@ -71,6 +74,8 @@ _CRC = struct.Struct("<I")
 STATES = ("streaming", "catching-up", "disconnected", "refused", "stopped")
 #: at most one ``persist`` call per this many seconds while ACKs arrive
 PERSIST_EVERY = 2.0
+#: seconds of unused rate a stream may catch up on at once (the token bucket's depth)
+RATE_BURST = 0.05
 #: raw bytes of one synthetic WRITE record of a fallback
 FALLBACK_PIECE = 1 << 20
 #: a fallback needs this many seqs besides its pieces: stub, REWIND, record Q
@@ -274,6 +279,7 @@ class ReplicationSource(VolumeService):
         self.window, self.batch = window, batch
         #: bytes/s of stored records sent (0: unlimited)
         self.rate = rate
+        self._due = 0.0  # monotonic time the next frame may go (with rate)
         #: our failover point (the last seq of the previous epoch; 0: never failed over)
         self.fork_seq = fork_seq
         #: our epoch table (``replica.json``), sent in OPEN (protocol 3): chained failback
@@ -344,6 +350,11 @@ class ReplicationSource(VolumeService):
                           self.sent_bytes,
                           None if self.refused is None else ": ".join(self.refused),
                           self.reason if self._in_fallback else None)
+
+    @property
+    def _budget(self) -> int:
+        """Bytes of the next frame at most: ``batch``, or 1/8 s of the rate."""
+        return min(self.batch, max(64 << 10, self.rate >> 3)) if self.rate else self.batch
 
     @property
     def _in_fallback(self) -> bool:
@@ -504,6 +515,9 @@ class ReplicationSource(VolumeService):
             if nxt <= j.last_seq and inflight < self.window:
                 if j.durable_seq < nxt:
                     await j.commit()
+                if self.rate and (wait := self._due - time.monotonic()) > 0:
+                    await asyncio.sleep(wait)
+                    continue  # things may have moved meanwhile (acks, the window)
                 batch = self._next_batch(nxt)
                 if self._in_fallback:
                     self.state = "catching-up"  # until the target acknowledged it
@@ -515,7 +529,7 @@ class ReplicationSource(VolumeService):
                 inflight += n
                 self.sent_bytes += n
                 if self.rate:
-                    await asyncio.sleep(n / self.rate)
+                    self._due = max(self._due, time.monotonic() - RATE_BURST) + n / self.rate
                 elif self._fallback is not None:
                     await asyncio.sleep(0)  # its reads run on the loop: let others in
                 continue
@@ -535,7 +549,7 @@ class ReplicationSource(VolumeService):
         if fb is not None and self.acked_seq >= fb.point:
             fb = self._fallback = None
         if fb is not None and fb.after < nxt <= fb.point:
-            return fb.records(vol, nxt, self.batch)
+            return fb.records(vol, nxt, self._budget)
         if self._reset or (nxt > self._no_room and not vol.maps.resolvable(nxt)):
             fb = plan_fallback(vol, nxt - 1, reset=self._reset)
             if fb is None and self._reset:
@@ -545,7 +559,7 @@ class ReplicationSource(VolumeService):
             if fb is not None:
                 self._fallback, self.reason = fb, fb.describe()
                 log.warning("replication %s -> %s: %s", vol.name, self.target, self.reason)
-                return fb.records(vol, nxt, self.batch)
+                return fb.records(vol, nxt, self._budget)
             # no room: as stored up to keep_after (right at the head; the expired
             # payloads arrive elided, so the target's points there read as expired)
             self._no_room = vol.maps.keep_after
@@ -553,5 +567,5 @@ class ReplicationSource(VolumeService):
                      "records as stored up to @%d", vol.name, self.target, nxt - 1,
                      self._no_room)
         if nxt <= self._no_room:
-            return read_records(vol.journal, nxt, self.batch, self._no_room)
-        return read_records(vol.journal, nxt, self.batch, verbatim_end(vol, nxt))
+            return read_records(vol.journal, nxt, self._budget, self._no_room)
+        return read_records(vol.journal, nxt, self._budget, verbatim_end(vol, nxt))
