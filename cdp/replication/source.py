@@ -32,7 +32,8 @@ Design notes
   another source of records); the fallback's are :meth:`Fallback.records`.
 - Connection loss: state ``disconnected``, retry after 1 s (doubling to 30 s). A
   REFUSED from the target (auth, epoch, lineage, diverged, ...): state ``refused``,
-  no retry until restarted.
+  no retry until restarted; except ``busy``, which is retried as a lost connection
+  (the target may not have seen our previous connection end yet).
 - ``persist`` (set by :mod:`cdp.ops.replication`) is called when the acknowledged seq
   moved (at most every :data:`PERSIST_EVERY` seconds) and when the target refuses, so
   status and lag survive a kill -9 of the source; the stream itself never depends on
@@ -160,6 +161,8 @@ class Fallback:
     base: int
     rewind_to: int
     pieces: list[tuple[int, int]]
+    #: planned because the target stopped inside an earlier fallback (not for expiry)
+    reset: bool = False
 
     @property
     def first_piece(self) -> int:
@@ -212,6 +215,10 @@ class Fallback:
         return out
 
     def describe(self) -> str:
+        if self.reset:
+            return (f"fallback: the target stopped inside an earlier fallback at "
+                    f"@{self.after}; sending the whole state as of @{self.point} "
+                    f"({len(self.pieces)} pieces, {self.changed_bytes} bytes)")
         return (f"fallback: points @{self.after + 1}..@{self.point - 1} were expired by "
                 f"retention here; sending what changed since @{self.base} as of "
                 f"@{self.point} ({len(self.pieces)} pieces, {self.changed_bytes} bytes)")
@@ -249,7 +256,7 @@ def plan_fallback(vol: Volume, after: int, *, reset: bool = False) -> Fallback |
         pieces = [(o, min(FALLBACK_PIECE, b - o))
                   for a, b in vol.changed(base, q) for o in range(a, b, FALLBACK_PIECE)]
         if q - after >= len(pieces) + _FALLBACK_FIXED:
-            return Fallback(after, q, base, rewind_to, pieces)
+            return Fallback(after, q, base, rewind_to, pieces, reset)
         if not points and grown < 3:
             grown += 1
             points.append(after + len(pieces) + _FALLBACK_FIXED)
@@ -349,7 +356,7 @@ class ReplicationSource(VolumeService):
         return status_row(self.vol, self.target, self.as_name, self.state, self.acked_seq,
                           self.sent_bytes,
                           None if self.refused is None else ": ".join(self.refused),
-                          self.reason if self._in_fallback else None)
+                          self.reason if self._in_fallback or self._reset else None)
 
     @property
     def _budget(self) -> int:
@@ -440,6 +447,9 @@ class ReplicationSource(VolumeService):
                 raise ConnectionResetError("the target closed the connection")
 
     def _refused(self, code: str, message: str) -> None:
+        if code == "busy":  # transient: e.g. the target has not yet seen our last
+            # connection end (a cut link, a kill -9): retried like a lost connection
+            raise ConnectionRefusedError(f"the target is busy: {message}")
         self.refused = (code, message)
         self.state = "refused"
         if code == "epoch" and (m := re.search(r"at epoch (\d+)", message)):
@@ -511,7 +521,7 @@ class ReplicationSource(VolumeService):
                 inflight -= sizes.pop(s)
             nxt = conn.next_seq
             self.state = ("streaming" if j.last_seq - nxt < 1024 and not self._in_fallback
-                          else "catching-up")
+                          and not self._reset else "catching-up")
             if nxt <= j.last_seq and inflight < self.window:
                 if j.durable_seq < nxt:
                     await j.commit()
@@ -519,8 +529,13 @@ class ReplicationSource(VolumeService):
                     await asyncio.sleep(wait)
                     continue  # things may have moved meanwhile (acks, the window)
                 batch = self._next_batch(nxt)
-                if self._in_fallback:
+                if self._in_fallback or self._reset:
                     self.state = "catching-up"  # until the target acknowledged it
+                if not batch:  # a fallback waits for room (more records here)
+                    self._wake.clear()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._wake.wait(), 1.0)
+                    continue
                 n = sum(len(r) for r in batch)
                 conn.send_records(nxt, batch)
                 writer.write(conn.data_to_send())
@@ -552,9 +567,11 @@ class ReplicationSource(VolumeService):
             return fb.records(vol, nxt, self._budget)
         if self._reset or (nxt > self._no_room and not vol.maps.resolvable(nxt)):
             fb = plan_fallback(vol, nxt - 1, reset=self._reset)
-            if fb is None and self._reset:
-                self._refused("diverged", f"the target stopped inside a fallback at @{nxt - 1} "
-                              "and no point of ours leaves room for another")
+            if fb is None and self._reset:  # records as stored would not be right there
+                self.reason = (f"fallback: the target stopped inside an earlier fallback at "
+                               f"@{nxt - 1}; waiting for more records here to send the "
+                               f"whole state after them")
+                return []
             self._reset = False
             if fb is not None:
                 self._fallback, self.reason = fb, fb.describe()

@@ -117,7 +117,7 @@ def test_fallback_sends_changes_keeps_kept_points_and_shows_the_gap(
 
 
 def test_fallback_across_a_rewind_and_after_an_interrupted_one(
-        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+        tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
     """A rewind in the expired span: the fallback rewinds the replica to 0 and sends
     the whole state. A stream cut inside a fallback resumes it (same process) or, from
     a source that no longer knows it, starts again from an empty volume: equal at the
@@ -143,40 +143,61 @@ def test_fallback_across_a_rewind_and_after_an_interrupted_one(
         await _drive(src, rng, 5)
         await _expire_before(src, cut)
 
-        # cut the stream inside the fallback (a slow link, the target goes away), twice:
-        # the same source resumes its fallback where the target stopped
-        slow = ReplicationSource(src, "127.0.0.1", 0, SECRET, batch=1, rate=2 << 20)
+        # the link cut inside the fallback, twice (deterministically: the source's
+        # next frame fails past ``limit``): the same source resumes its fallback
+        slow = ReplicationSource(src, "127.0.0.1", port, SECRET, batch=1)
         src.attach(slow)
-        for k in (3, 30):
-            server, slow.port = await _target({"vol0": dst})
-            slow.start()
-            for _ in range(3000):
-                if slow.acked_seq > after + k:
+        limit = [after + 3]
+        real = slow._next_batch
+
+        def cut_link(nxt: int) -> list[bytes]:
+            if nxt > limit[0]:
+                raise ConnectionResetError("the link is cut (test)")
+            return real(nxt)
+
+        monkeypatch.setattr(slow, "_next_batch", cut_link)
+        server, slow.port = await _target({"vol0": dst})
+        slow.start()
+        for k in range(2):
+            for _ in range(12000):  # reconnects back off (1 s doubling): minutes at load
+                if dst.journal.last_seq >= limit[0] and slow.state == "disconnected":
                     break
                 await asyncio.sleep(0.01)
+            assert dst.journal.last_seq == limit[0]
             st = slow.status()
-            assert st["state"] == "catching-up" and "since @0" in st["reason"]
-            slow.stop()
-            server.close()
-            await server.wait_closed()
-            for _ in range(1000):  # the target's pump sees the connection end
-                if dst.path not in target._streams:
-                    break
-                await asyncio.sleep(0.01)
+            assert st["state"] == "disconnected" and "since @0" in st["reason"]
+            fb = slow._fallback
+            assert fb is not None and fb.after == m.seq  # the kept rewind target, as stored
+            if k == 0:
+                limit[0] = fb.first_piece + 2  # into the changed pieces
+        slow.stop()
+        server.close()
+        await server.wait_closed()
+        for _ in range(1000):  # the target's pump sees the connection end
+            if dst.path not in target._streams:
+                break
+            await asyncio.sleep(0.01)
         assert "stopped inside" not in caplog.text
         assert len(_reasons(caplog)) == 1
-        assert after + 30 < dst.journal.last_seq < cut
-        # a new source object knows nothing of it: rewinds the replica to 0
+        # a new source object knows nothing of it: rewinds the replica to 0, once there
+        # are enough seqs after the target's for the whole state (it waits for them)
         server, port = await _target({"vol0": dst})
         rep = ReplicationSource(src, "127.0.0.1", port, SECRET)
         src.attach(rep)
         rep.start()
+        for _ in range(500):
+            if rep.status()["reason"]:
+                break
+            await asyncio.sleep(0.01)
+        assert rep.status()["state"] == "catching-up" and rep.status()["reason"]
+        await _drive(src, rng, 40)
         await _caught_up(rep, src.journal.last_seq)
         reasons = _reasons(caplog)
         assert "stopped inside an earlier fallback" in caplog.text
-        assert len(reasons) == 2 and "since @0" in reasons[1]
+        assert len(reasons) == 2 and "the whole state as of @" in reasons[1]
         assert dst.read(0, SIZE) == src.read(0, SIZE)
-        assert dst.read(0, SIZE, cut) == src.read(0, SIZE, cut)
+        q = int(reasons[1].split("as of @")[1].split(" ")[0])
+        assert dst.read(0, SIZE, q) == src.read(0, SIZE, q)
         rep.stop()
         server.close()
         await server.wait_closed()
