@@ -49,6 +49,8 @@ from tools.harness import Cdpd
 
 SIZE = 1 << 30
 SECRET = b"replication-bench-secret-0123456789"
+#: seconds a cdpd may take to start (the machine is shared: a loaded one is slow)
+START_TIMEOUT = 120.0
 
 
 def _free_port() -> int:
@@ -115,15 +117,17 @@ class _Pair:
                         extra_config=f'\n[replication]\nsecret_file = "{self.secret}"\n')
 
     def __enter__(self) -> _Pair:
-        self.src.start()
+        self.src.start(START_TIMEOUT)
         for attempt in range(5):  # a free port may be taken before the target binds it
             self.to = f"127.0.0.1:{_free_port()}"
             self.tgt = Cdpd(self.t_dir, size="1GiB", segment_bytes="64MiB", extra_config=(
                 f'\n[replication]\nlisten = "{self.to}"\nsecret_file = "{self.secret}"\n'))
             try:
-                self.tgt.start()
+                self.tgt.start(START_TIMEOUT)
                 break
             except RuntimeError as e:
+                if self.tgt.proc is not None and self.tgt.proc.poll() is None:
+                    self.tgt.stop()
                 if "address already in use" not in str(e) or attempt == 4:
                     self.src.stop()
                     raise
