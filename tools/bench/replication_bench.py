@@ -43,6 +43,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from cdp.admin import AdminClient
+from cdp.store import SOCKET_NAME
 from cdp.targets.nbd.client import NbdClient
 from tools.bench.nbd_bench import _row, fio, print_table
 from tools.harness import Cdpd
@@ -138,12 +140,21 @@ class _Pair:
         self.src.stop()
         self.tgt.stop()
 
+    def _call(self, op: str, args: dict[str, Any]) -> Any:
+        """``op`` through the source's admin socket (what cdpctl sends, without a
+        process start: seconds on a loaded machine, which the timed rows would count)."""
+        client = AdminClient(self.src.store / SOCKET_NAME)
+        try:
+            return client.call(op, args)
+        finally:
+            client.close()
+
     def start(self, rate: int = 0) -> None:
-        self.src.cdpctl("replicate", "start", "-V", "vol0", "--to", self.to, "--as", "rep0",
-                        "--rate", str(rate))
+        self._call("replicate_start", {"volume": "vol0", "to": self.to, "as": "rep0",
+                                       "rate": str(rate)})
 
     def stop(self) -> None:
-        self.src.cdpctl("replicate", "stop", "-V", "vol0")
+        self._call("replicate_stop", {"volume": "vol0", "to": self.to})
 
 
 def _apply_vs_ingest(pair: _Pair, wl: str, fio_secs: float, label: str = "") -> dict[str, Any]:
