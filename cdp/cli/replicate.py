@@ -46,6 +46,9 @@ def run(ctx: Context, args: argparse.Namespace) -> int:
         emit_json(res)
     else:
         print(table([[r.get(c) for c in _COLS] for r in rows], _COLS))
+        for r in rows:  # a fallback (docs/REPLICATION.md)
+            if r.get("reason"):
+                print(f"{r['volume']} -> {r['target']}: {r['reason']}")
     return 0
 
 

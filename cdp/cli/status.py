@@ -68,7 +68,8 @@ def run(ctx: Context, args: argparse.Namespace) -> int:
         for r in s.get("replication") or []:
             lag = f"lag {r['lag_seconds']} s / {r['lag_records']} records" if r["lag_records"] else "caught up"
             print(f"replication:   -> {r['target']} as {r['as']}: {r['state']}, {lag}, acked @{r['acked_seq']}"
-                  + (f"  ({r['refused']})" if r.get("refused") else ""))
+                  + (f"  ({r['refused']})" if r.get("refused") else "")
+                  + (f"  ({r['reason']})" if r.get("reason") else ""))
         px = s.get("proxy")
         if px:  # proxy mode (docs/PROXY.md)
             state = f"DEGRADED ({px['degraded_reason']})" if px["degraded"] else "ok"

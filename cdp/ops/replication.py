@@ -73,6 +73,7 @@ def _source(store: Store, vol: Volume, entry: dict[str, Any]) -> ReplicationSour
     for s in sources_of(vol):
         if s.target == entry["to"]:
             s.as_name = entry["as"]
+            s.rate = int(entry.get("rate", 0))
             return s
     host, port = parse_hostport(entry["to"], "--to", DEFAULT_PORT)
     role = load_role(vol)
@@ -82,6 +83,7 @@ def _source(store: Store, vol: Volume, entry: dict[str, Any]) -> ReplicationSour
                             as_name=entry["as"], name=str(store.path),
                             lineage=role.lineage, epoch=role.epoch,
                             fork_seq=role.epochs[-1][1] - 1 if role.epoch > 1 else 0,
+                            epochs=role.epochs,
                             rate=int(entry.get("rate", 0)),
                             tls=client_context(store.settings.replication))
     src.acked_seq = int(entry.get("acked_seq", 0))

@@ -52,8 +52,11 @@ from cdp.journal.format import RECORD_HEADER, RECORD_HEADER_SIZE, RECORD_MAGIC_B
 
 #: first bytes each side sends (never changes)
 MAGIC: Final = b"CDPREPL\0"
-#: protocol versions this core speaks (lowest, highest); 2 adds OPEN's ``fork_seq``
-VERSIONS: Final = (1, 2)
+#: protocol versions this core speaks (lowest, highest); 2 adds OPEN's ``fork_seq``,
+#: 3 OPEN's ``epochs`` (the sender's epoch table: chained failback)
+VERSIONS: Final = (1, 3)
+#: at most this many entries in OPEN's ``epochs``
+MAX_EPOCHS: Final = 4096
 NONCE_SIZE: Final = 32
 PROOF_SIZE: Final = 32
 #: shortest shared secret accepted
@@ -152,7 +155,8 @@ _TRUSTED: Final = frozenset({State.OPEN_WAIT, State.OPENING, State.RECEIVING,
                              State.AUTHENTICATED, State.OPENED_WAIT, State.SENDING})
 
 # field kinds of the schema below
-_INT, _STR, _NONCE, _PROOF, _RECS = "int", "str", "nonce", "proof", "records"
+_INT, _STR, _NONCE, _PROOF, _RECS, _EPOCHS = ("int", "str", "nonce", "proof", "records",
+                                             "epochs")
 #: the fields of each message, in order
 SCHEMA: Final[dict[MsgType, tuple[str, ...]]] = {
     _S.HELLO: (_INT, _INT, _NONCE, _STR),  # vmin, vmax, nonce_s, peer
@@ -171,6 +175,19 @@ SCHEMA: Final[dict[MsgType, tuple[str, ...]]] = {
 SCHEMA_V2: Final[dict[MsgType, tuple[str, ...]]] = {
     _S.OPEN: (_STR, _STR, _INT, _INT, _INT, _INT),  # ..., source_last_seq, fork_seq
 }
+#: messages whose fields differ from version 3 on
+SCHEMA_V3: Final[dict[MsgType, tuple[str, ...]]] = {
+    _S.OPEN: (_STR, _STR, _INT, _INT, _INT, _INT, _EPOCHS),  # ..., fork_seq, epochs
+}
+
+
+def schema(kind: MsgType, version: int) -> tuple[str, ...]:
+    """The fields of message ``kind`` in protocol ``version``."""
+    if version >= 3 and kind in SCHEMA_V3:
+        return SCHEMA_V3[kind]
+    if version >= 2 and kind in SCHEMA_V2:
+        return SCHEMA_V2[kind]
+    return SCHEMA[kind]
 
 
 class Refusal(ProtocolError):
@@ -216,6 +233,9 @@ class OpenRequest:
     #: the sender's last seq of the epoch before its own (its failover point; 0 when
     #: it never failed over): where a failback finds the newest common point
     fork_seq: int = 0
+    #: (version 3) the sender's epoch table, ``(epoch, first local seq, offset)`` per
+    #: entry (``replica.json``'s ``epochs``); empty from an older sender
+    epochs: tuple[tuple[int, int, int], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -323,6 +343,10 @@ def _valid(kind: str, v: object) -> bool:
         return type(v) is bytes and len(v) == NONCE_SIZE
     if kind == _PROOF:
         return type(v) is bytes and len(v) == PROOF_SIZE
+    if kind == _EPOCHS:
+        return (type(v) is list and len(v) <= MAX_EPOCHS
+                and all(type(e) is list and len(e) == 3 and all(map(_valid, (_INT,) * 3, e))
+                        for e in v))
     return type(v) is list and all(type(r) is bytes for r in v)
 
 
@@ -461,8 +485,8 @@ class _Connection:
         except ValueError:
             raise ProtocolError(f"replication: unknown message type {msg[0]}") from None
         fields = msg[1:]
-        schema = SCHEMA_V2.get(kind, SCHEMA[kind]) if version >= 2 else SCHEMA[kind]
-        if len(fields) != len(schema) or not all(map(_valid, schema, fields)):
+        fs = schema(kind, version)
+        if len(fields) != len(fs) or not all(map(_valid, fs, fields)):
             raise ProtocolError(f"replication: malformed {kind.name} message")
         return kind, fields
 
@@ -514,7 +538,10 @@ class TargetConnection(_Connection):
             assert isinstance(size, int) and isinstance(epoch, int) and isinstance(last, int)
             fork_seq = fork[0] if fork else 0
             assert isinstance(fork_seq, int)
-            return OpenRequest(vol, lineage, size, epoch, last, fork_seq)
+            table = fork[1] if len(fork) > 1 else []
+            assert isinstance(table, list)
+            return OpenRequest(vol, lineage, size, epoch, last, fork_seq,
+                               tuple((int(a), int(b), int(c)) for a, b, c in table))
         if kind is MsgType.RECORDS:
             first, recs = f
             assert isinstance(first, int) and isinstance(recs, list)
@@ -611,9 +638,14 @@ class SourceConnection(_Connection):
     # -- commands
 
     def open(self, volume: str, lineage: str, size: int, epoch: int, source_last_seq: int,
-             fork_seq: int = 0) -> None:
+             fork_seq: int = 0, epochs: Sequence[Sequence[int]] = ()) -> None:
         """Ask the target to stream into replica ``volume``; ``fork_seq``: our failover
-        point (version 2; a version-1 target cannot take a failback: UsageError)."""
+        point (version 2; a version-1 target cannot take a failback: UsageError);
+        ``epochs``: our epoch table (sent from version 3 on)."""
+        if self.version >= 3:
+            self._send(MsgType.OPEN, volume, lineage, size, epoch, source_last_seq, fork_seq,
+                       [list(e) for e in epochs])
+            return
         if self.version >= 2:
             self._send(MsgType.OPEN, volume, lineage, size, epoch, source_last_seq, fork_seq)
             return

@@ -13,13 +13,27 @@ Design notes
   with the host's flushes) before reading them. So the target can never be ahead of
   what the source still has after a crash (which OPEN would refuse as "diverged").
 - Flow control: at most ``window`` stored bytes beyond the last ACK; frames of at most
-  ``batch`` bytes; with ``rate`` a pause of ``bytes / rate`` after each frame. A
-  heartbeat goes out after a second without records.
+  ``batch`` bytes. ``rate`` is a token bucket on the sent bytes: a frame goes out when
+  its turn comes (``due``), and moves ``due`` on by ``bytes / rate`` from when it was
+  due (credit of at most :data:`RATE_BURST` seconds of an idle link is kept, so the
+  link is used at the rate, not below it by the time reading and sending take); frames
+  are at most 1/8 s of the rate. A heartbeat goes out after a second without records.
 - ``lag_seconds`` = now - timestamp of the oldest record not yet acknowledged (0 when
   caught up): the age of the oldest write the target could still lose.
+- **Fallback** (:class:`Fallback`, docs/REPLICATION.md "Fallback"): when the points
+  after the target's last seq were expired by the source's retention, the records up to
+  the next point the source still has (``Q``) are not shipped; a synthetic run with the
+  same seqs and times stands for them: an elided stub over the whole volume (the gap:
+  every point in it reads as expired), zero-length fillers, a REWIND to the target's
+  last seq, the blocks ``changed()`` reports since the source's newest point at or
+  before it, read from the volume at ``Q``, then record ``Q`` as stored. Streaming
+  resumes after ``Q``. State ``catching-up`` with a ``reason`` meanwhile.
+- All catch-up reads of the journal are :func:`read_records` (one place to hook
+  another source of records); the fallback's are :meth:`Fallback.records`.
 - Connection loss: state ``disconnected``, retry after 1 s (doubling to 30 s). A
   REFUSED from the target (auth, epoch, lineage, diverged, ...): state ``refused``,
-  no retry until restarted.
+  no retry until restarted; except ``busy``, which is retried as a lost connection
+  (the target may not have seen our previous connection end yet).
 - ``persist`` (set by :mod:`cdp.ops.replication`) is called when the acknowledged seq
   moved (at most every :data:`PERSIST_EVERY` seconds) and when the target refuses, so
   status and lag survive a kill -9 of the source; the stream itself never depends on
@@ -35,11 +49,14 @@ import re
 import ssl
 import struct
 import time
+from bisect import bisect_left, bisect_right
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from cdp.errors import CdpError, ProtocolError
-from cdp.journal import RecordKind
+from cdp.journal import Compression, Journal, RecordKind
+from cdp.journal.format import REWIND_PAYLOAD, encode_data_record, encode_record
 from cdp.replication.protocol import (
     NEED_DATA,
     Ack,
@@ -58,6 +75,12 @@ _CRC = struct.Struct("<I")
 STATES = ("streaming", "catching-up", "disconnected", "refused", "stopped")
 #: at most one ``persist`` call per this many seconds while ACKs arrive
 PERSIST_EVERY = 2.0
+#: seconds of unused rate a stream may catch up on at once (the token bucket's depth)
+RATE_BURST = 0.05
+#: raw bytes of one synthetic WRITE record of a fallback
+FALLBACK_PIECE = 1 << 20
+#: a fallback needs this many seqs besides its pieces: stub, REWIND, record Q
+_FALLBACK_FIXED = 3
 
 
 class _Stop(Exception):
@@ -65,10 +88,12 @@ class _Stop(Exception):
 
 
 def status_row(vol: Volume, target: str, as_name: str, state: str, acked_seq: int,
-               sent_bytes: int, refused: str | None) -> dict[str, Any]:
+               sent_bytes: int, refused: str | None, reason: str | None = None
+               ) -> dict[str, Any]:
     """One ``replicate status`` row: ``lag_seconds`` is the age of the oldest record
     the target has not acknowledged as durable (0 when caught up), ``lag_records``
-    how many. Cost: O(1) (one seq-to-time lookup)."""
+    how many; ``reason`` why the state is what it is (a fallback), else None.
+    Cost: O(1) (one seq-to-time lookup)."""
     j = vol.journal
     last = j.last_seq
     acked = min(acked_seq, last)
@@ -77,7 +102,165 @@ def status_row(vol: Volume, target: str, as_name: str, state: str, acked_seq: in
         lag = max(0.0, (time.time_ns() - j.time_of_seq(acked + 1)) / 1e9)
     return {"volume": vol.name, "target": target, "as": as_name, "state": state,
             "lag_seconds": round(lag, 3), "lag_records": last - acked,
-            "acked_seq": acked_seq, "sent_bytes": sent_bytes, "refused": refused}
+            "acked_seq": acked_seq, "sent_bytes": sent_bytes, "refused": refused,
+            "reason": reason}
+
+
+def read_records(j: Journal, first: int, budget: int, last: int) -> list[bytes]:
+    """The stored records ``first ..`` (at most ``last``, every one durable) for one
+    RECORDS frame: at least one, then as many as fit in ``budget`` bytes. The one
+    place catch-up reads the journal. Cost: sequential reads of what it returns."""
+    last = min(last, j.durable_seq)
+    batch: list[bytes] = []
+    n = 0
+    gen = j.scan_stored(first)
+    try:
+        for raw in gen:
+            if batch and (n + len(raw) > budget or first + len(batch) > last):
+                break
+            batch.append(raw)
+            n += len(raw)
+    finally:
+        gen.close()
+    return batch
+
+
+def verbatim_end(vol: Volume, seq: int) -> int:
+    """The last seq of the unbroken run of points from ``seq`` (itself resolvable) that
+    the source can still resolve: records up to it ship as stored. O(log retained)."""
+    maps = vol.maps
+    if seq >= maps.keep_after:
+        return vol.journal.last_seq
+    ret = maps.retained
+    i = bisect_left(ret, seq)
+    end = seq - 1
+    while i < len(ret) and ret[i] == end + 1:
+        end += 1
+        i += 1
+    return max(end, seq)
+
+
+@dataclass
+class Fallback:
+    """Synthetic records standing for the source's records ``after+1 .. point`` whose
+    points retention expired (docs/REPLICATION.md "Fallback"), same seqs and times:
+
+    - ``after+1``: an elided WRITE stub over the whole volume (every point of the gap
+      reads as expired on the target);
+    - up to ``first_piece - 2``: zero-length ZERO records (no change);
+    - ``first_piece - 1``: REWIND to ``rewind_to`` (the target's last seq, or 0 when a
+      rewind in the span makes that state unusable as a base);
+    - ``first_piece .. point-1``: the blocks that may differ between ``base`` and
+      ``point`` (``Volume.changed``), read from the volume at ``point`` in pieces of
+      :data:`FALLBACK_PIECE` (a ZERO record for an all-zero piece);
+    - ``point``: the source's own record, as stored (so the tips compare at reconnect).
+    """
+
+    after: int
+    point: int
+    base: int
+    rewind_to: int
+    pieces: list[tuple[int, int]]
+    #: planned because the target stopped inside an earlier fallback (not for expiry)
+    reset: bool = False
+
+    @property
+    def first_piece(self) -> int:
+        return self.point - len(self.pieces)
+
+    @property
+    def changed_bytes(self) -> int:
+        return sum(n for _o, n in self.pieces)
+
+    def stamp(self, vol: Volume, seq: int) -> int:
+        """The timestamp of synthetic record ``seq``: the source's minus 1 ns (never
+        before the target's last), so that a target stopped inside a fallback is told
+        from one whose record was compacted here since (same time, other CRC). O(log n)."""
+        j = vol.journal
+        return max(j.time_of_seq(seq) - 1, j.time_of_seq(self.after) if self.after else 0)
+
+    def record(self, vol: Volume, seq: int) -> bytes:
+        """The stored record this fallback sends as ``seq``. Cost: O(1), or a read of
+        one piece at ``point``."""
+        j = vol.journal
+        if seq == self.point:
+            return j.read_stored(seq)
+        ts = self.stamp(vol, seq)
+        fp = self.first_piece
+        if seq >= fp:
+            off, n = self.pieces[seq - fp]
+            data = vol.read(off, n, self.point)
+            if data.count(0) == n:
+                return encode_record(RecordKind.ZERO, seq, ts, off, n, b"")
+            return encode_data_record(RecordKind.WRITE, seq, ts, off, data)
+        if seq == fp - 1:
+            return encode_record(RecordKind.REWIND, seq, ts, 0, 0,
+                                 REWIND_PAYLOAD.pack(self.rewind_to))
+        if seq == self.after + 1:
+            return encode_record(RecordKind.WRITE, seq, ts, 0, vol.size, b"",
+                                 Compression.ELIDED)
+        return encode_record(RecordKind.ZERO, seq, ts, 0, 0, b"")
+
+    def records(self, vol: Volume, first: int, budget: int) -> list[bytes]:
+        """Records ``first ..`` (at most ``point``) for one RECORDS frame: at least one,
+        then as many as fit in ``budget`` bytes."""
+        out: list[bytes] = []
+        n = 0
+        for seq in range(first, self.point + 1):
+            raw = self.record(vol, seq)
+            if out and n + len(raw) > budget:
+                break
+            out.append(raw)
+            n += len(raw)
+        return out
+
+    def describe(self) -> str:
+        if self.reset:
+            return (f"fallback: the target stopped inside an earlier fallback at "
+                    f"@{self.after}; sending the whole state as of @{self.point} "
+                    f"({len(self.pieces)} pieces, {self.changed_bytes} bytes)")
+        return (f"fallback: points @{self.after + 1}..@{self.point - 1} were expired by "
+                f"retention here; sending what changed since @{self.base} as of "
+                f"@{self.point} ({len(self.pieces)} pieces, {self.changed_bytes} bytes)")
+
+
+def plan_fallback(vol: Volume, after: int, *, reset: bool = False) -> Fallback | None:
+    """The :class:`Fallback` for a target whose last seq is ``after`` (the point after
+    it expired here), ending at the oldest point the source still resolves that leaves
+    room for its records (a retained point before ``keep_after``, else ``keep_after`` or
+    later); None if no durable point leaves room (the caller then ships the records as
+    stored: correct at the head, their expired payloads elided). ``reset``: the target's
+    state at ``after`` is not the source's (an interrupted fallback), so REWIND to 0
+    and send everything the point holds. Cost: one ``changed()`` per point tried."""
+    maps = vol.maps
+    ka = maps.keep_after
+    ret = maps.retained
+    durable = vol.journal.durable_seq
+    i = bisect_right(ret, after)
+    newest = ret[i - 1] if i else 0  # the newest point at or before ``after`` kept here
+    points = [p for p in ret[i:] if p < ka]
+    points.append(max(ka, after + _FALLBACK_FIXED))
+    grown = 0
+    while points:
+        q = points.pop(0)
+        if q > durable:
+            return None
+        if vol.journal.read_stored(q)[9] == RecordKind.REWIND:
+            if not points:
+                points.append(q + 1)
+            continue
+        if reset or any(after < r <= q for r, _t in maps.rewinds):
+            base, rewind_to = 0, 0
+        else:
+            base, rewind_to = newest, after
+        pieces = [(o, min(FALLBACK_PIECE, b - o))
+                  for a, b in vol.changed(base, q) for o in range(a, b, FALLBACK_PIECE)]
+        if q - after >= len(pieces) + _FALLBACK_FIXED:
+            return Fallback(after, q, base, rewind_to, pieces, reset)
+        if not points and grown < 3:
+            grown += 1
+            points.append(after + len(pieces) + _FALLBACK_FIXED)
+    return None
 
 
 def sources_of(vol: Volume) -> list[ReplicationSource]:
@@ -91,7 +274,8 @@ class ReplicationSource(VolumeService):
     def __init__(self, vol: Volume, host: str, port: int, secret: bytes, *,
                  as_name: str | None = None, name: str = "cdp", lineage: str | None = None,
                  epoch: int = 1, window: int = 64 << 20, batch: int = 4 << 20,
-                 rate: int = 0, tls: ssl.SSLContext | None = None, fork_seq: int = 0) -> None:
+                 rate: int = 0, tls: ssl.SSLContext | None = None, fork_seq: int = 0,
+                 epochs: list[list[int]] | None = None) -> None:
         self.vol = vol
         self.host, self.port = host, port
         self._secret = secret
@@ -102,8 +286,11 @@ class ReplicationSource(VolumeService):
         self.window, self.batch = window, batch
         #: bytes/s of stored records sent (0: unlimited)
         self.rate = rate
+        self._due = 0.0  # monotonic time the next frame may go (with rate)
         #: our failover point (the last seq of the previous epoch; 0: never failed over)
         self.fork_seq = fork_seq
+        #: our epoch table (``replica.json``), sent in OPEN (protocol 3): chained failback
+        self.epochs = epochs or [[epoch, 1, 0]]
         #: TLS client context (:mod:`cdp.replication.tls`); None: plain TCP
         self.tls = tls
         self.state = "stopped"
@@ -115,6 +302,15 @@ class ReplicationSource(VolumeService):
         #: called with this source when acked_seq or refused should be saved
         self.persist: Callable[[ReplicationSource], None] | None = None
         self._persisted_at = 0.0
+        #: the fallback being sent (kept across reconnects: the target may stop inside it)
+        self._fallback: Fallback | None = None
+        #: the target stopped inside a fallback this process no longer knows: the next
+        #: one rewinds it to 0 (its state there is not a state of ours)
+        self._reset = False
+        #: no fallback had room after the target's seq: records as stored up to this seq
+        self._no_room = 0
+        #: why the state is what it is (a fallback), for status
+        self.reason: str | None = None
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
@@ -159,7 +355,19 @@ class ReplicationSource(VolumeService):
         """The ``replicate status`` row (docs/REPLICATION.md). Cost: O(1)."""
         return status_row(self.vol, self.target, self.as_name, self.state, self.acked_seq,
                           self.sent_bytes,
-                          None if self.refused is None else ": ".join(self.refused))
+                          None if self.refused is None else ": ".join(self.refused),
+                          self.reason if self._in_fallback or self._reset else None)
+
+    @property
+    def _budget(self) -> int:
+        """Bytes of the next frame at most: ``batch``, or 1/8 s of the rate."""
+        return min(self.batch, max(64 << 10, self.rate >> 3)) if self.rate else self.batch
+
+    @property
+    def _in_fallback(self) -> bool:
+        """A fallback was (being) sent that the target has not acknowledged whole."""
+        fb = self._fallback
+        return fb is not None and self.acked_seq < fb.point
 
     def _save(self, force: bool = False) -> None:
         now = time.monotonic()
@@ -200,7 +408,7 @@ class ReplicationSource(VolumeService):
             await self._until(conn, reader, writer, Authenticated)
             j = self.vol.journal
             conn.open(self.as_name, self.lineage, self.vol.size, self.epoch, j.last_seq,
-                      self.fork_seq)
+                      self.fork_seq, self.epochs)
             writer.write(conn.data_to_send())
             ev = await self._until(conn, reader, writer, Opened)
             assert isinstance(ev, Opened)
@@ -239,6 +447,9 @@ class ReplicationSource(VolumeService):
                 raise ConnectionResetError("the target closed the connection")
 
     def _refused(self, code: str, message: str) -> None:
+        if code == "busy":  # transient: e.g. the target has not yet seen our last
+            # connection end (a cut link, a kill -9): retried like a lost connection
+            raise ConnectionRefusedError(f"the target is busy: {message}")
         self.refused = (code, message)
         self.state = "refused"
         if code == "epoch" and (m := re.search(r"at epoch (\d+)", message)):
@@ -256,9 +467,25 @@ class ReplicationSource(VolumeService):
             self._refused("diverged", f"the target has seq {ev.applied_seq}, we {j.last_seq}")
         if (ev.tip_ts, ev.tip_crc) == (0, 0):
             return  # rebased at a failback there: not comparable (docs/REPLICATION.md)
-        raw = j.read_stored(ev.applied_seq)
-        if (j.time_of_seq(ev.applied_seq), _CRC.unpack_from(raw, 4)[0]) != (ev.tip_ts, ev.tip_crc):
-            self._refused("diverged", f"the target's record {ev.applied_seq} differs from ours")
+        seq = ev.applied_seq
+        raw = j.read_stored(seq)
+        if (j.time_of_seq(seq), _CRC.unpack_from(raw, 4)[0]) == (ev.tip_ts, ev.tip_crc):
+            return
+        expired = not self.vol.maps.resolvable(seq)
+        if ev.tip_ts == j.time_of_seq(seq) and expired:
+            return  # our record was compacted since the target got it (same time, new CRC)
+        fb = self._fallback
+        if fb is not None and fb.after < seq < fb.point and self.vol.maps.resolvable(fb.point):
+            raw = fb.record(self.vol, seq)
+            if (fb.stamp(self.vol, seq), _CRC.unpack_from(raw, 4)[0]) == (ev.tip_ts, ev.tip_crc):
+                return  # it stopped inside the fallback we are sending: go on with it
+        if expired:  # inside a fallback this process no longer has (see Fallback.stamp)
+            log.warning("replication %s -> %s: the target stopped inside an earlier "
+                        "fallback at @%d; the next one starts from an empty volume",
+                        self.vol.name, self.target, seq)
+            self._fallback, self._reset = None, True
+            return
+        self._refused("diverged", f"the target's record {seq} differs from ours")
 
     async def _read_acks(self, conn: SourceConnection, reader: asyncio.StreamReader) -> None:
         while True:
@@ -269,6 +496,10 @@ class ReplicationSource(VolumeService):
                 if ev is NEED_DATA:
                     break
                 if isinstance(ev, Ack):
+                    fb = self._fallback
+                    if fb is not None and self.acked_seq < fb.point <= ev.durable_seq:
+                        log.info("replication %s -> %s: fallback done at @%d", self.vol.name,
+                                 self.target, ev.durable_seq)
                     self.acked_seq = ev.durable_seq
                     self._wake.set()
                     self._save()
@@ -289,21 +520,23 @@ class ReplicationSource(VolumeService):
             for s in [s for s in sizes if s <= self.acked_seq]:
                 inflight -= sizes.pop(s)
             nxt = conn.next_seq
-            self.state = "streaming" if j.last_seq - nxt < 1024 else "catching-up"
+            self.state = ("streaming" if j.last_seq - nxt < 1024 and not self._in_fallback
+                          and not self._reset else "catching-up")
             if nxt <= j.last_seq and inflight < self.window:
                 if j.durable_seq < nxt:
                     await j.commit()
-                batch: list[bytes] = []
-                n = 0
-                gen = j.scan_stored(nxt)
-                try:
-                    for raw in gen:
-                        if batch and (n + len(raw) > self.batch or nxt + len(batch) > j.durable_seq):
-                            break
-                        batch.append(raw)
-                        n += len(raw)
-                finally:
-                    gen.close()
+                if self.rate and (wait := self._due - time.monotonic()) > 0:
+                    await asyncio.sleep(wait)
+                    continue  # things may have moved meanwhile (acks, the window)
+                batch = self._next_batch(nxt)
+                if self._in_fallback or self._reset:
+                    self.state = "catching-up"  # until the target acknowledged it
+                if not batch:  # a fallback waits for room (more records here)
+                    self._wake.clear()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._wake.wait(), 1.0)
+                    continue
+                n = sum(len(r) for r in batch)
                 conn.send_records(nxt, batch)
                 writer.write(conn.data_to_send())
                 await writer.drain()
@@ -311,7 +544,9 @@ class ReplicationSource(VolumeService):
                 inflight += n
                 self.sent_bytes += n
                 if self.rate:
-                    await asyncio.sleep(n / self.rate)
+                    self._due = max(self._due, time.monotonic() - RATE_BURST) + n / self.rate
+                elif self._fallback is not None:
+                    await asyncio.sleep(0)  # its reads run on the loop: let others in
                 continue
             self._wake.clear()
             try:
@@ -320,3 +555,34 @@ class ReplicationSource(VolumeService):
                 conn.heartbeat(j.last_seq, time.time_ns())
                 writer.write(conn.data_to_send())
                 await writer.drain()
+
+    def _next_batch(self, nxt: int) -> list[bytes]:
+        """The records of the next RECORDS frame, from ``nxt`` (durable): as stored,
+        or a :class:`Fallback`'s where the points after the target's were expired here."""
+        vol = self.vol
+        fb = self._fallback
+        if fb is not None and self.acked_seq >= fb.point:
+            fb = self._fallback = None
+        if fb is not None and fb.after < nxt <= fb.point:
+            return fb.records(vol, nxt, self._budget)
+        if self._reset or (nxt > self._no_room and not vol.maps.resolvable(nxt)):
+            fb = plan_fallback(vol, nxt - 1, reset=self._reset)
+            if fb is None and self._reset:  # records as stored would not be right there
+                self.reason = (f"fallback: the target stopped inside an earlier fallback at "
+                               f"@{nxt - 1}; waiting for more records here to send the "
+                               f"whole state after them")
+                return []
+            self._reset = False
+            if fb is not None:
+                self._fallback, self.reason = fb, fb.describe()
+                log.warning("replication %s -> %s: %s", vol.name, self.target, self.reason)
+                return fb.records(vol, nxt, self._budget)
+            # no room: as stored up to keep_after (right at the head; the expired
+            # payloads arrive elided, so the target's points there read as expired)
+            self._no_room = vol.maps.keep_after
+            log.info("replication %s -> %s: no room for a fallback after @%d; shipping "
+                     "records as stored up to @%d", vol.name, self.target, nxt - 1,
+                     self._no_room)
+        if nxt <= self._no_room:
+            return read_records(vol.journal, nxt, self._budget, self._no_room)
+        return read_records(vol.journal, nxt, self._budget, verbatim_end(vol, nxt))

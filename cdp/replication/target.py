@@ -29,6 +29,11 @@ Design notes
   ``epoch + 1`` (written durably) before anything may write the volume. A later OPEN of
   the old epoch is refused ``epoch`` by :func:`check_open`; its message names the new
   epoch ("at epoch N"), which the old source records.
+- **Failback** (:func:`failback_point`, :func:`become_replica`): the newest point the
+  old primary shares with the stream is found through the two epoch tables
+  (:func:`common_point`: shared records are those of the same epoch's origin seq,
+  whatever seq each side stores them at), walking back to a point this volume can
+  still rewind to; the records to come are stored at ``seq + d``.
 """
 
 from __future__ import annotations
@@ -39,8 +44,9 @@ import json
 import logging
 import ssl
 import struct
+from bisect import bisect_right
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -148,26 +154,106 @@ def tip(vol: Volume, role: Role | None = None) -> tuple[int, int, int]:
     if d and seq >= first - 1:
         if seq >= first:
             return seq - d, 0, 0
-        seq -= d  # just after the failback's REWIND: the common point, not rebased
+        # just after the failback's REWIND (or at the common point): the common point,
+        # comparable when both sides number it alike (not after a chained failback)
+        raw = j.read_stored(seq)
+        if raw[9] != RecordKind.REWIND or REWIND_PAYLOAD.unpack_from(
+                raw, RECORD_HEADER_SIZE)[0] != seq - d:
+            return seq - d, 0, 0
+        seq -= d
     return seq, j.time_of_seq(seq), _CRC.unpack_from(j.read_stored(seq), 4)[0]
 
 
-def failback_point(vol: Volume, req: OpenRequest) -> int | None:
-    """The newest common point of ``vol`` and a stream that failed over from it (its
-    ``fork_seq``), if ``req`` is such a failback: the same lineage, a newer epoch, a
-    volume that is a primary here. None otherwise. O(1)."""
+#: one entry of an epoch table as spans: (epoch, first local seq, last local seq, offset)
+_Span = tuple[int, int, int, int]
+
+
+def spans(epochs: Sequence[Sequence[int]], last: int) -> list[_Span]:
+    """The local seq ranges of an epoch table up to ``last``: each entry
+    ``[epoch, first, offset]`` covers ``first .. next first - 1``; a record there is the
+    epoch's writer's record ``seq - offset`` (its *origin*). O(entries)."""
+    out: list[_Span] = []
+    ents = sorted(epochs, key=lambda e: e[1])
+    for i, (e, first, off) in enumerate(ents):
+        hi = min(last, ents[i + 1][1] - 1) if i + 1 < len(ents) else last
+        if first <= hi:
+            out.append((e, first, hi, off))
+    return out
+
+
+def common_point(sender: Sequence[Sequence[int]], fork: int, mine: Sequence[Sequence[int]],
+                 last: int, newest_ok: Callable[[int, int], int | None]) -> tuple[int, int]:
+    """The newest point both volumes hold: (sender seq, local seq), by the two epoch
+    tables (a record is shared when both hold the same epoch's origin seq), at or before
+    the sender's ``fork`` and our ``last``, walking back to the newest one
+    ``newest_ok(lo, hi)`` (a local point in ``[lo, hi]`` we can rewind to, or None)
+    accepts; (0, 0), the empty volume, when none. O(entries^2 + lookups)."""
+    best = (0, 0)
+    for e, slo, shi, soff in spans(sender, fork):
+        for me, mlo, mhi, moff in spans(mine, last):
+            if me != e:
+                continue
+            lo, hi = max(slo - soff, mlo - moff), min(shi - soff, mhi - moff)
+            if lo > hi:
+                continue
+            local = newest_ok(lo + moff, hi + moff)
+            if local is not None and local - moff + soff > best[0]:
+                best = (local - moff + soff, local)
+    return best
+
+
+def sender_to_local(sender: Sequence[Sequence[int]], mine: Sequence[Sequence[int]],
+                    last: int, seq: int) -> int | None:
+    """Our seq of the sender's record ``seq`` of shared history (at or before our
+    ``last``), or None if we do not hold it. O(entries)."""
+    if seq == 0:
+        return 0
+    for e, slo, shi, soff in spans(sender, seq):
+        if slo <= seq <= shi:
+            for me, mlo, mhi, moff in spans(mine, last):
+                if me == e and mlo <= seq - soff + moff <= mhi:
+                    return seq - soff + moff
+    return None
+
+
+def failback_point(vol: Volume, req: OpenRequest) -> tuple[int, int] | None:
+    """The newest common point of ``vol`` and a stream that failed over from it, as
+    (sender seq, local seq), if ``req`` is such a failback: the same lineage, a newer
+    epoch, a volume that is a primary here. None otherwise.
+
+    With the sender's epoch table (protocol 3) the two tables decide (chained
+    failbacks number shared records differently on the two sides), walking back to a
+    point this volume can still rewind to (its retention may have expired the newest
+    one); without it (protocol 2) ``min(fork_seq, last seq, sender's last seq)``, the
+    same seq on both sides. O(entries^2 + log retained)."""
     role = load_role(vol)
+    j = vol.journal
     if (role.role != "primary" or req.lineage != role.lineage or req.epoch <= role.epoch
-            or not req.fork_seq or not vol.journal.last_seq):
+            or not req.fork_seq or not j.last_seq):
         return None
-    return min(req.fork_seq, vol.journal.last_seq, req.source_last_seq)
+    if not req.epochs:
+        c = min(req.fork_seq, j.last_seq, req.source_last_seq)
+        return c, c
+    maps = vol.maps
+
+    def newest_ok(lo: int, hi: int) -> int | None:
+        if hi >= maps.keep_after:
+            return hi
+        ret = maps.retained
+        i = bisect_right(ret, hi)
+        return ret[i - 1] if i and ret[i - 1] >= lo else None
+
+    return common_point(req.epochs, min(req.fork_seq, req.source_last_seq), role.epochs,
+                        j.last_seq, newest_ok)
 
 
-async def become_replica(vol: Volume, req: OpenRequest, common: int, peer: str) -> None:
+async def become_replica(vol: Volume, req: OpenRequest, common: int, peer: str,
+                         local: int | None = None) -> None:
     """Failback on the old primary (docs/REPLICATION.md): a REWIND to the newest common
-    point ``common`` appended (its divergent records keep their seqs and stay readable),
-    then ``replica.json`` says replica of ``req``'s epoch with the seq offset ``d`` for
-    the records to come (sender seq ``b`` stored at ``b + d``). Outgoing streams of the
+    point (``common`` in the sender's numbering, ``local`` in ours; the same by default)
+    appended (its divergent records keep their seqs and stay readable), then
+    ``replica.json`` says replica of ``req``'s epoch with the seq offset ``d`` for the
+    records to come (sender seq ``b`` stored at ``b + d``). Outgoing streams of the
     volume stop. Cost: one rewind (metadata) and one role file write."""
     from cdp.replication.source import sources_of  # the source imports nothing of ours
 
@@ -175,23 +261,27 @@ async def become_replica(vol: Volume, req: OpenRequest, common: int, peer: str) 
         s.stop()
     role = load_role(vol)
     await vol.flush()
-    d = 0
-    if vol.journal.last_seq > common:
-        r = await vol.rewind(common)
-        d = r - common
+    local = common if local is None else local
+    base = local
+    if vol.journal.last_seq > local:
+        base = await vol.rewind(local)
+    d = base - common
     role.role, role.epoch, role.source = "replica", req.epoch, peer
-    role.epochs.append([req.epoch, common + d + 1, d])
+    role.epochs.append([req.epoch, base + 1, d])
     save_role(vol.path, role)
-    log.warning("replication: %s fails back from %s: common point @%d, "
-                "records of epoch %d stored at their seq + %d", vol.name, peer, common,
+    log.warning("replication: %s fails back from %s: common point @%d here (@%d there), "
+                "records of epoch %d stored at their seq + %d", vol.name, peer, local, common,
                 req.epoch, d)
 
 
-def rebase_records(vol: Volume, role: Role, records: list[bytes]) -> list[bytes]:
+def rebase_records(vol: Volume, role: Role, records: list[bytes],
+                   sender: Sequence[Sequence[int]] = ()) -> list[bytes]:
     """The records of a failback epoch as this journal stores them: seq + d, a REWIND
-    target after the common point + d, a timestamp not older than the journal's last,
-    a marker id this volume already uses renumbered (the pair kept in ``role``, which
-    the caller saves). Record CRCs recomputed (chunk CRCs do not cover these fields)."""
+    target after the common point + d (one at or before it mapped through the sender's
+    epoch table ``sender`` when given: shared history may be numbered differently
+    there), a timestamp not older than the journal's last, a marker id this volume
+    already uses renumbered (the pair kept in ``role``, which the caller saves). Record
+    CRCs recomputed (chunk CRCs do not cover these fields)."""
     _epoch, first, d = role.epochs[-1]
     if not d:
         return records
@@ -210,6 +300,12 @@ def rebase_records(vol: Volume, role: Role, records: list[bytes]) -> list[bytes]
             (t,) = REWIND_PAYLOAD.unpack_from(payload)
             if t > common:
                 payload = REWIND_PAYLOAD.pack(t + d)
+            elif sender:
+                mine = sender_to_local(sender, role.epochs[:-1], first - 1, t)
+                if mine is None:
+                    raise Corruption(f"the sender rewinds to its @{t}, which this "
+                                     f"volume does not hold")
+                payload = REWIND_PAYLOAD.pack(mine)
         elif kind == RecordKind.MARKER and comp == Compression.NONE:
             mid, _ln = MARKER_PAYLOAD.unpack_from(payload)
             new = remap.get(mid)
@@ -273,6 +369,7 @@ async def serve_stream(reader: asyncio.StreamReader, writer: asyncio.StreamWrite
     conn = TargetConnection(secret)
     vol: Volume | None = None
     role: Role | None = None
+    sender: tuple[tuple[int, int, int], ...] = ()
     done = asyncio.Event()
     #: apply_stored tasks in frame order whose records are appended, not yet acked
     pending: deque[asyncio.Task[int]] = deque()
@@ -313,10 +410,11 @@ async def serve_stream(reader: asyncio.StreamReader, writer: asyncio.StreamWrite
                     if vol is None:
                         break
                     role = load_role(vol)
+                    sender = ev.epochs
                     _streams[vol.path] = _Stream(conn, writer, done)
                 elif isinstance(ev, Records):
                     assert vol is not None and role is not None
-                    await _apply(vol, role, ev.records, pending, acked)
+                    await _apply(vol, role, ev.records, pending, acked, sender)
                 elif isinstance(ev, Heartbeat):
                     pass
                 elif isinstance(ev, Refused):
@@ -364,7 +462,8 @@ async def _drain(pending: deque[asyncio.Task[int]], acked: Callable[[int], None]
 
 
 async def _apply(vol: Volume, role: Role, records: list[bytes],
-                 pending: deque[asyncio.Task[int]], acked: Callable[[int], None]) -> None:
+                 pending: deque[asyncio.Task[int]], acked: Callable[[int], None],
+                 sender: Sequence[Sequence[int]] = ()) -> None:
     """Apply one RECORDS frame: appended when this returns, durable later (a task in
     ``pending``, acknowledged by whoever finds it done); or, for a frame that must be
     applied alone, appended, durable and acknowledged (the pending ones first)."""
@@ -375,7 +474,8 @@ async def _apply(vol: Volume, role: Role, records: list[bytes],
     if d or any(len(r) > 9 and r[9] in _SERIAL_KINDS for r in records):
         await _drain(pending, acked)
         renumbered = len(role.marker_ids)
-        pending.append(loop.create_task(vol.apply_stored(rebase_records(vol, role, records))))
+        pending.append(loop.create_task(vol.apply_stored(
+            rebase_records(vol, role, records, sender))))
         await _drain(pending, acked)
         if len(role.marker_ids) != renumbered:
             save_role(vol.path, role)
@@ -413,7 +513,7 @@ async def _open(conn: TargetConnection, req: OpenRequest, lookup: Lookup, busy: 
         why = "unknown", f"no volume {req.volume!r} here"
     elif vol.name in busy:
         why = "busy", f"volume {vol.name} is receiving another stream"
-    elif (common := failback_point(vol, req)) is not None:
+    elif (fb := failback_point(vol, req)) is not None:
         why = None
         if vol.size != req.size:
             why = "size", f"volume {vol.name} has {vol.size} bytes, the source {req.size}"
@@ -422,7 +522,7 @@ async def _open(conn: TargetConnection, req: OpenRequest, lookup: Lookup, busy: 
         else:
             busy.add(vol.name)
             try:
-                await become_replica(vol, req, common, peer)
+                await become_replica(vol, req, fb[0], peer, fb[1])
             finally:
                 busy.discard(vol.name)
             why = check_open(vol, req, peer)

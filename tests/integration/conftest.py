@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.integration.replication_env import ReplEnv
 from tools.harness import Cdpd
 
 
@@ -16,3 +17,14 @@ def cdpd(tmp_path: Path) -> Iterator[Cdpd]:
     finally:
         if d.proc is not None and d.proc.poll() is None:
             d.stop()
+
+
+@pytest.fixture
+def repl(tmp_path: Path) -> Iterator[ReplEnv]:
+    """Real cdpds for a replication test, stopped at the end
+    (tests/integration/replication_env.py)."""
+    env = ReplEnv(tmp_path)
+    try:
+        yield env
+    finally:
+        env.close()

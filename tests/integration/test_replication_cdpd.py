@@ -3,13 +3,12 @@
 qemu-img finds identical over NBD at the marker and at the head; garbage and a wrong
 secret on the port are refused and the daemon lives on.
 
-(cdpd does not start outgoing streams yet: `cdpctl replicate` is the next step.)
+Then two cdpds: `cdpctl replicate start`, a restart of the source, stop.
 """
 
 from __future__ import annotations
 
 import asyncio
-import os
 import random
 import socket
 from pathlib import Path
@@ -18,28 +17,23 @@ from cdp.config import Settings
 from cdp.replication.source import ReplicationSource
 from cdp.volume import Volume
 from tests.conftest import require_tool
-from tools.harness import Cdpd, run
+from tests.integration.replication_env import (
+    SECRET,
+    SIZE,
+    ReplEnv,
+    api,
+    caught_up,
+    start_all,
+    writes,
+)
+from tools.harness import run
 
-SIZE = 64 << 20
-SECRET = b"integration-secret-0123456789"
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def test_replica_in_cdpd_identical_over_nbd(tmp_path: Path) -> None:
+def test_replica_in_cdpd_identical_over_nbd(repl: ReplEnv, tmp_path: Path) -> None:
     require_tool("qemu-img")
-    secret = tmp_path / "secret"
-    secret.write_bytes(SECRET + b"\n")
-    os.chmod(secret, 0o600)
-    port = _free_port()
-    (tmp_path / "t").mkdir()
-    target = Cdpd(tmp_path / "t", extra_config=(
-        f'\n[replication]\nlisten = "127.0.0.1:{port}"\nsecret_file = "{secret}"\n'))
-    target.start()
+    target, to = repl.target()
+    port = int(to.rsplit(":", 1)[1])
+    target.start(120)
     try:
         # garbage on the port: refused, the daemon lives on
         with socket.create_connection(("127.0.0.1", port)) as c:
@@ -99,58 +93,27 @@ def test_replica_in_cdpd_identical_over_nbd(tmp_path: Path) -> None:
         target.stop()
 
 
-def _writes(uri: str, rng: random.Random, n: int, size: int) -> None:
-    cmds: list[str] = []
-    for _ in range(n):
-        ln = rng.choice((4096, 65536, 1 << 20))
-        off = rng.randrange(0, size - ln) & ~4095
-        cmds += ["-c", f"write -P {rng.randrange(1, 256)} {off} {ln}"]
-    run("qemu-io", "-f", "raw", *cmds, uri)
-
-
-def _caught_up(src: Cdpd, timeout: float = 120) -> dict[str, object]:
-    import time
-
-    deadline = time.monotonic() + timeout
-    while True:
-        rows = src.cdpctl_json("replicate", "status", "-V", "vol0")
-        st = rows[0]
-        if st["state"] in ("streaming", "catching-up") and st["lag_records"] == 0:
-            return dict(st)
-        assert time.monotonic() < deadline, st
-        time.sleep(0.2)
-
-
-def test_two_cdpds_replicate_start_restart_stop(tmp_path: Path) -> None:
+def test_two_cdpds_replicate_start_restart_stop(repl: ReplEnv) -> None:
     require_tool("qemu-io", "qemu-img")
-    secret = tmp_path / "secret"
-    secret.write_bytes(SECRET + b"\n")
-    os.chmod(secret, 0o600)
-    port = _free_port()
-    for d in ("s", "t"):
-        (tmp_path / d).mkdir()
-    src = Cdpd(tmp_path / "s", size="64MiB",
-               extra_config=f'\n[replication]\nsecret_file = "{secret}"\n')
-    tgt = Cdpd(tmp_path / "t", size="64MiB", extra_config=(
-        f'\n[replication]\nlisten = "127.0.0.1:{port}"\nsecret_file = "{secret}"\n'))
-    src.start()
-    tgt.start()
+    src = repl.source()
+    tgt, to = repl.target()
+    start_all(src, tgt)
     try:
         rng = random.Random(5)
-        _writes(src.uri(), rng, 60, SIZE)
-        src.cdpctl("snapshot", "-V", "vol0", "--label", "one")
-        src.cdpctl("replicate", "start", "-V", "vol0", "--to", f"127.0.0.1:{port}", "--as", "rep0")
-        _writes(src.uri(), rng, 60, SIZE)  # while streaming
-        st = _caught_up(src)
+        writes(src.uri(), rng, 60)
+        api(src, "snapshot", volumes=["vol0"], label="one")
+        src.cdpctl("replicate", "start", "-V", "vol0", "--to", to, "--as", "rep0")
+        writes(src.uri(), rng, 60)  # while streaming
+        st = caught_up(src, to)
         assert st["acked_seq"] and st["sent_bytes"]
         for a, b in (("vol0@one", "rep0@one"), ("vol0", "rep0")):
             run("qemu-img", "compare", "-f", "raw", "-F", "raw", src.uri(a), tgt.uri(b))
         # the source restarts: replication resumes by itself from replication.json
         src.stop()
-        src.start()
-        _writes(src.uri(), rng, 40, SIZE)
-        src.cdpctl("snapshot", "-V", "vol0", "--label", "two")
-        _caught_up(src)
+        src.start(120)
+        writes(src.uri(), rng, 40)
+        api(src, "snapshot", volumes=["vol0"], label="two")
+        caught_up(src, to)
         for a, b in (("vol0@one", "rep0@one"), ("vol0@two", "rep0@two"), ("vol0", "rep0")):
             run("qemu-img", "compare", "-f", "raw", "-F", "raw", src.uri(a), tgt.uri(b))
         # a replica's live export is read-only to hosts: a write there is refused and

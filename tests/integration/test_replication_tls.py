@@ -14,15 +14,16 @@ from pathlib import Path
 
 from cdp.replication.protocol import MAGIC
 from tests.conftest import require_tool
-from tests.integration.test_replication_faults import (
-    _caught_up,
-    _free_port,
-    _identical,
-    _secret,
-    _status,
-    _writes,
+from tests.integration.replication_env import (
+    ReplEnv,
+    api,
+    caught_up,
+    identical,
+    start_all,
+    status,
+    writes,
 )
-from tools.harness import Cdpd, run
+from tools.harness import run
 
 
 def _ca(d: Path, name: str) -> tuple[Path, Path]:
@@ -50,7 +51,7 @@ def _tls(cert: tuple[Path, Path], ca: Path) -> str:
     return f'tls_cert = "{cert[0]}"\ntls_key = "{cert[1]}"\ntls_ca = "{ca}"\n'
 
 
-def test_replication_over_tls(tmp_path: Path) -> None:
+def test_replication_over_tls(repl: ReplEnv, tmp_path: Path) -> None:
     require_tool("openssl", "qemu-io", "qemu-img")
     certs = tmp_path / "pki"
     certs.mkdir()
@@ -59,19 +60,11 @@ def test_replication_over_tls(tmp_path: Path) -> None:
     t_cert = _cert(certs, "target", ca, "IP:127.0.0.1, DNS:localhost")
     s_cert = _cert(certs, "source", ca, "DNS:source")
     rogue = _cert(certs, "rogue", other_ca, "DNS:rogue")
-    secret = _secret(tmp_path)
-    port = _free_port()
-    to = f"127.0.0.1:{port}"
-    for d in ("s", "t", "r"):
-        (tmp_path / d).mkdir()
-    src = Cdpd(tmp_path / "s", size="64MiB", extra_config=(
-        f'\n[replication]\nsecret_file = "{secret}"\n' + _tls(s_cert, ca[0])))
-    tgt = Cdpd(tmp_path / "t", size="64MiB", extra_config=(
-        f'\n[replication]\nlisten = "{to}"\nsecret_file = "{secret}"\n' + _tls(t_cert, ca[0])))
-    bad = Cdpd(tmp_path / "r", size="64MiB", extra_config=(  # the right secret, a foreign CA
-        f'\n[replication]\nsecret_file = "{secret}"\n' + _tls(rogue, other_ca[0])))
-    for d in (src, tgt, bad):
-        d.start()
+    src = repl.source(extra=_tls(s_cert, ca[0]))
+    tgt, to = repl.target(extra=_tls(t_cert, ca[0]))
+    port = int(to.rsplit(":", 1)[1])
+    bad = repl.source("r", extra=_tls(rogue, other_ca[0]))  # the right secret, a foreign CA
+    start_all(src, tgt, bad)
     try:
         assert "(TLS)" in tgt.logs()
         # a plain-TCP peer speaking the protocol: the TLS handshake fails, nothing stored
@@ -86,17 +79,17 @@ def test_replication_over_tls(tmp_path: Path) -> None:
         # a source whose certificate another CA signed: never gets past TLS
         bad.cdpctl("replicate", "start", "-V", "vol0", "--to", to, "--as", "rogue")
         rng = random.Random(40)
-        _writes(src.uri(), rng, 40)
-        src.cdpctl("snapshot", "-V", "vol0", "--label", "one")
+        writes(src.uri(), rng, 40)
+        api(src, "snapshot", volumes=["vol0"], label="one")
         src.cdpctl("replicate", "start", "-V", "vol0", "--to", to, "--as", "rep0")
-        _writes(src.uri(), rng, 40)
-        src.cdpctl("snapshot", "-V", "vol0", "--label", "two")
-        _caught_up(src, to)
-        assert _identical(src, tgt) == 2
+        writes(src.uri(), rng, 40)
+        api(src, "snapshot", volumes=["vol0"], label="two")
+        caught_up(src, to)
+        assert identical(src, tgt) == 2
         time.sleep(1.0)
-        assert _status(bad, to)["state"] == "disconnected"
+        assert status(bad, to)["state"] == "disconnected"
         assert "certificate" in bad.logs().lower()
-        vols = {v["volume"] for v in tgt.cdpctl_json("volume", "list")}
+        vols = {v["volume"] for v in api(tgt, "volume_list")}
         assert "rep0" in vols and "rogue" not in vols
         assert tgt.proc is not None and tgt.proc.poll() is None
     finally:

@@ -361,3 +361,25 @@ def test_records_frame_is_msgpacks_bytes() -> None:
             for first in (1, 127, 128, 1 << 32, (1 << 64) - 1):
                 assert encode_records_frame(first, recs) == encode_frame(
                     MsgType.RECORDS, first, recs), (n, size, first)
+
+
+def test_open_epochs_need_version_3() -> None:
+    """Version 3 carries OPEN's epoch table (chained failback); a version-2 pair
+    streams and fails back without it; a malformed table is a protocol error."""
+    src, tgt, _se, _te = handshake()
+    assert src.version == tgt.version == 3
+    src.open("vol0", "uuid-1", 1 << 20, 3, 10, fork_seq=7, epochs=[[1, 1, 0], [2, 5, 2], [3, 8, 0]])
+    _se, te = pump(src, tgt)
+    assert te == [OpenRequest("vol0", "uuid-1", 1 << 20, 3, 10, 7, ((1, 1, 0), (2, 5, 2), (3, 8, 0)))]
+    v2 = SourceConnection(SECRET, peer="t", versions=(1, 2))
+    tgt2 = TargetConnection(SECRET)
+    v2.start("v2")
+    pump(v2, tgt2)
+    assert v2.version == tgt2.version == 2
+    v2.open("vol0", "uuid-1", 1 << 20, 2, 10, fork_seq=7, epochs=[[1, 1, 0]])
+    _se, te = pump(v2, tgt2)
+    assert te == [OpenRequest("vol0", "uuid-1", 1 << 20, 2, 10, 7)]
+    for bad in ([[1, 1]], [[1, 1, -1]], [1, 1, 0], [[1, 1, "x"]], [[1, 1, 0]] * (p.MAX_EPOCHS + 1)):
+        src, tgt, _se, _te = handshake()
+        with pytest.raises(ProtocolError, match="malformed OPEN"):
+            events(tgt, encode_frame(MsgType.OPEN, "v", "u", 1, 1, 1, 1, bad))
