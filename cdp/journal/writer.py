@@ -35,8 +35,11 @@ Design notes
   a crash, recovery tells zeros and records of the file's earlier life (their seqs are
   below the segment's first) from a torn record (docs/FORMATS.md, "Recovery rules").
   Appends and the filler meet under one lock only when an append reaches the range being
-  filled (the filler then skips what the append wrote). Off on a simulated file system
-  (tests turn it on with ``prefill_bytes``).
+  filled (the filler then skips what the append wrote). It runs only while commits are
+  small (a moving average of the bytes each sync covers under PREFILL_MAX_COMMIT): for
+  large commits the journal commit is noise beside the data, and writing zeros first
+  would double the bytes written. Off on a simulated file system (tests turn it on with
+  ``prefill_bytes``).
 - **Failure.** ENOSPC while writing truncates the file back to the last whole record and
   raises StoreFull: a record is appended entirely or not at all. A failed fdatasync
   leaves the kernel's dirty pages in an unknown state, so the journal refuses further
@@ -128,6 +131,8 @@ DEFAULT_CACHE_BYTES = 1 << 30
 #: zeros kept written ahead of the open segment's end on a real file system (see the
 #: design notes); a new step starts when less than half of it is left
 PREFILL_BYTES = 32 << 20
+#: prefill only while the bytes a sync covers average less than this (design notes)
+PREFILL_MAX_COMMIT = 512 << 10
 #: bytes per pwrite of the filler (it takes the fence lock for each)
 _FILL_PIECE = 1 << 20
 _ZEROS = bytes(_FILL_PIECE)
@@ -225,6 +230,9 @@ class Journal(SegmentReader):
         self._fill_from = _NEVER
         self._fill_lock = threading.Lock()
         self._fill_fence = 0
+        # bytes per sync, moving average (starts at "large": no prefill before commits)
+        self._commit_bytes = float(PREFILL_MAX_COMMIT)
+        self._sync_mark: tuple[SegmentState, int] | None = None
         self._failed: BaseException | None = None
         self._closed = False
         self._lz_skip = 0
@@ -610,7 +618,7 @@ class Journal(SegmentReader):
     def _maybe_prefill(self) -> None:
         """Start the filler's next step when less than half of ``prefill_bytes`` of
         written zeros is left after the open segment's end (no-op while one runs)."""
-        if not self._prefill:
+        if not self._prefill or self._commit_bytes >= PREFILL_MAX_COMMIT:
             return
         f = self._fill_future
         if f is not None:
@@ -762,6 +770,7 @@ class Journal(SegmentReader):
             raise self._failed
         self._flush()
         covered = self._last_seq
+        self._note_sync()
         self._do_sync(self._fd)
         if covered > self._durable_seq:
             self._durable_seq = covered
@@ -787,6 +796,7 @@ class Journal(SegmentReader):
         try:
             self._flush()
             covered = self._last_seq
+            self._note_sync()
             if self._executor is None:
                 self._executor = concurrent.futures.ThreadPoolExecutor(
                     1, thread_name_prefix="journal-sync")
@@ -798,12 +808,23 @@ class Journal(SegmentReader):
             self._sync_task = None
         self._reap()
 
+    def _note_sync(self) -> None:
+        """Account the bytes a sync starting now covers (PREFILL_MAX_COMMIT). O(1)."""
+        cur, pos = self._cur, self._file_size
+        mark = self._sync_mark
+        n = pos - mark[1] if mark is not None and mark[0] is cur else pos
+        self._commit_bytes += (n - self._commit_bytes) / 8
+        self._sync_mark = (cur, pos)
+        if self._fill_future is None:
+            self._maybe_prefill()
+
     def close(self) -> None:
         """Make everything durable and release all handles. Idempotent."""
         if self._closed:
             return
         try:
             if self._failed is None:
+                self._prefill = 0  # no new step from here on
                 self._flush()
                 self._stop_prefill()
                 if self._alloc_end > self._file_size:  # a closed segment ends at its last record

@@ -64,6 +64,22 @@ def test_prefill_writes_zeros_ahead_and_close_cuts_them_off(tmp_path: Path) -> N
     assert verify_journal(d).ok
 
 
+def test_no_prefill_while_commits_are_large(tmp_path: Path) -> None:
+    d = tmp_path / "j"
+    j = Journal.open(d, prefill_bytes=4 * MiB)
+    for i in range(6):  # 1 MiB per sync: zeros first would double the bytes written
+        j.append_write(i * MiB, rnd(i, MiB))
+        j.sync()
+    time.sleep(0.2)
+    assert os.path.getsize(d / segment_name(1)) == j.segments()[0].bytes
+    for i in range(300):  # then small commits: it starts
+        j.append_write(i * 4096, rnd(i, 4096))
+        j.sync()
+    _wait_for(lambda: os.path.getsize(d / segment_name(1)) > j.segments()[0].bytes + MiB)
+    j.close()
+    assert os.path.getsize(d / segment_name(1)) == j.segments()[0].bytes
+
+
 def test_default_prefill_is_on_for_the_real_file_system_only(tmp_path: Path) -> None:
     j = Journal.open(tmp_path / "j")
     assert j._prefill > 0
