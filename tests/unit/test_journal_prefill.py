@@ -259,3 +259,36 @@ def test_sealed_segment_missing_records_before_zeros_is_still_damage() -> None:
     assert not j.recovery.ok
     assert any(p.segment == segment_name(second) for p in j.recovery.problems)
     j.close()
+
+
+def test_a_store_of_the_golden_bytes_opens_prefills_and_reads_back(tmp_path: Path) -> None:
+    """Segments as the writer before prefill left them (the golden bytes of
+    docs/FORMATS.md, ending at their last record) open, take appends over written zeros,
+    and read back, on the real file system with the default prefill."""
+    from tests.unit.test_journal_format import (
+        GOLDEN_CHUNKED,
+        GOLDEN_MARKER,
+        GOLDEN_SEGMENT_HEADER,
+        GOLDEN_WRITE,
+    )
+
+    d = tmp_path / "j"
+    d.mkdir()
+    path = d / segment_name(1)
+    path.write_bytes(GOLDEN_SEGMENT_HEADER + GOLDEN_WRITE + GOLDEN_MARKER + GOLDEN_CHUNKED)
+    j = Journal.open(d)
+    assert j.recovery.ok and j.recovery.dropped_bytes == 0 and j.last_seq == 3
+    locs = []
+    for i in range(300):
+        locs.append(j.append_write(i * 4096, rnd(i, 4096)))
+        j.sync()
+    _wait_for(lambda: os.path.getsize(path) > j.segments()[0].bytes + MiB)
+    assert j.read_payload(1, 32) == b"hello" and j.read_record(2, 85).label == "nightly"
+    j.close()
+    raw = path.read_bytes()
+    assert raw.startswith(GOLDEN_SEGMENT_HEADER + GOLDEN_WRITE + GOLDEN_MARKER + GOLDEN_CHUNKED)
+    assert len(raw) == locs[-1][1] + RECORD_HEADER_SIZE + 4096
+    assert verify_journal(d).ok
+    j = Journal.open(d)
+    assert [r.payload for r in j.scan()][3:] == [rnd(i, 4096) for i in range(300)]
+    j.close()
