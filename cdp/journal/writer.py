@@ -230,6 +230,7 @@ class Journal(SegmentReader):
         self._fill_from = _NEVER
         self._fill_lock = threading.Lock()
         self._fill_fence = 0
+        self._cur_filled = False  # a step ran on the open segment: cut its slack at seal
         # bytes per sync, moving average (starts at "large": no prefill before commits)
         self._commit_bytes = float(PREFILL_MAX_COMMIT)
         self._sync_mark: tuple[SegmentState, int] | None = None
@@ -309,6 +310,7 @@ class Journal(SegmentReader):
         self._fd = fd
         self._file_size = size
         self._alloc_end = size
+        self._cur_filled = False
         self._wb_from = size
         self._cur_ts_append = seg.ts.append
         self._cur_offs_append = seg.offs.append
@@ -638,14 +640,23 @@ class Journal(SegmentReader):
                 1, thread_name_prefix="journal-writeback")
         self._fill_fence = start
         self._fill_from = start
-        self._fill_future = ex.submit(self._fill, self._fd, start, stop)
+        self._cur_filled = True
+        self._fill_future = ex.submit(self._fill, self._path(self._cur.name), start, stop)
 
-    def _fill(self, fd: int, start: int, stop: int) -> int:
+    def _fill(self, path: str, start: int, stop: int) -> int:
         """Worker thread: write zeros over ``[start, stop)`` of the open segment (never
         below the fence: appends own those bytes), then fdatasync so the file's new size
-        is durable before a commit needs it. Returns ``stop``; advice only: on an error
-        the appends simply grow the file. Cost: ``stop - start`` bytes written."""
+        is durable before a commit needs it. Returns how far it got. Through a handle of
+        its own, so a write-back error its fdatasync sees is still reported to the
+        journal's next fdatasync (Linux reports one to each open file). Advice only: on
+        an error the appends simply grow the file, and no later step starts. Cost:
+        ``stop - start`` bytes written, one fdatasync."""
         fs, lock, pos = self._fs, self._fill_lock, start
+        try:
+            fd = fs.open_write(path)
+        except OSError:
+            self._prefill = 0
+            return start
         try:
             while pos < stop:
                 with lock:
@@ -657,7 +668,10 @@ class Journal(SegmentReader):
                 pos += n
             fs.fdatasync(fd)
         except OSError:
-            return start
+            self._prefill = 0
+            return min(pos, stop)
+        finally:
+            fs.close(fd)
         return stop
 
     def _fence(self, end: int) -> None:
@@ -711,7 +725,7 @@ class Journal(SegmentReader):
         old = self._cur
         old.state = SEALING
         # prefilled slack after the last record is cut off by the sealing sync
-        self._sealing.append((old, self._fd, self._alloc_end > self._file_size))
+        self._sealing.append((old, self._fd, self._cur_filled))
         self._segs.append(seg)
         self._firsts.append(first)
         self._first_ts.append(NO_TS)
@@ -827,7 +841,7 @@ class Journal(SegmentReader):
                 self._prefill = 0  # no new step from here on
                 self._flush()
                 self._stop_prefill()
-                if self._alloc_end > self._file_size:  # a closed segment ends at its last record
+                if self._cur_filled:  # a closed segment ends at its last record
                     self._fs.truncate(self._fd, self._file_size)
                     self._alloc_end = self._file_size
                 self.sync()
