@@ -15,10 +15,23 @@ Design notes
   ``writev``. No append ever waits for a disk sync. Under an event loop a timer hands
   the buffer to the OS within 50 ms, so only a power loss (not a process crash) can
   lose records that were never committed.
-- **Group commit.** ``await commit()`` flushes the buffer, then one ``fdatasync`` in the
-  journal's own worker thread makes everything appended so far durable. Callers that
-  arrive while a sync is in flight wait for it and then share the *next* one, so N
-  concurrent committers cost about two syncs, not N. Appends keep flowing meanwhile.
+- **Group commit, pipelined.** ``await commit()`` flushes the buffer, then one
+  ``fdatasync`` in one of the journal's sync threads makes everything appended so far
+  durable. Callers share syncs: a caller joins a sync that is not started yet or that
+  already covers its records; otherwise it starts a new one at once, while up to
+  SYNCS_IN_FLIGHT (4) run, else it waits for the oldest. So a batch of concurrent
+  committers costs one fdatasync, and a batch arriving during a sync does not wait for
+  that sync to end before its own starts: devices run concurrent flushes side by side
+  (here 1 thread: ~200, 4 threads: ~3300-5600 4 KiB write+fdatasync/s, measured), and a
+  commit waits one sync, not one and a half on average. A sync covering seq S makes
+  ``durable_seq`` at least S whatever the order syncs end in (fdatasync makes durable
+  everything written before the call). Each sync uses a handle of its own on the open
+  segment, opened with the segment: Linux reports a write-back error once to each open
+  file, so two syncs on one handle could see one fail and the other succeed over the
+  same lost page; a failure marks the journal failed (under the sync lock) before its
+  handle is reused, and every sync checks that mark after its fdatasync. Sealing a
+  segment and the directory fsync run under the sync lock, in the sync that finds them
+  queued. Appends keep flowing meanwhile.
 - **Rollover.** When a record does not fit, the segment is *sealed*: its bytes go to the
   OS and it is queued; the next sync fdatasyncs it, writes its index sidecar and fsyncs
   the directory (the new segment's name) before it syncs the open segment. So no commit
@@ -121,6 +134,8 @@ DIRECT_WRITE = 256 << 10
 #: after a failed lz4 attempt skip up to this many attempts (records or chunks) before
 #: trying again
 LZ4_MAX_SKIP = 64
+#: syncs (fdatasyncs) of the journal that may run at once, see "Group commit" above
+SYNCS_IN_FLIGHT = 4
 #: seconds after which buffered records are handed to the OS without a commit
 FLUSH_DELAY = 0.05
 #: after this many bytes handed to the OS, ask it to start writing them to the device
@@ -217,7 +232,13 @@ class Journal(SegmentReader):
         self._to_close: list[int] = []
         self._dir_dirty = False
         self._sync_lock = threading.Lock()
-        self._sync_task: asyncio.Task[None] | None = None
+        # pipelined group commit: syncs started, oldest first; the open segment's free
+        # sync handles (and all of them, to tell a retired one); plain syncs running
+        self._syncs: list[_Sync] = []
+        self._sync_fds: list[int] = []
+        self._cur_sync_fds: frozenset[int] = frozenset()
+        self._plain = 0
+        self._sync_idle = threading.Condition(self._sync_lock)
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._wb_executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._wb_future: concurrent.futures.Future[None] | None = None
@@ -308,6 +329,10 @@ class Journal(SegmentReader):
         seg.state = OPEN
         self._cur = seg
         self._fd = fd
+        self._to_close.extend(self._sync_fds)  # the free handles of the sealed one
+        fds = self._sync_fds = [self._fs.open_read(self._path(seg.name))
+                                for _ in range(SYNCS_IN_FLIGHT)]
+        self._cur_sync_fds = frozenset(fds)
         self._file_size = size
         self._alloc_end = size
         self._cur_filled = False
@@ -740,36 +765,63 @@ class Journal(SegmentReader):
         """``"flush"`` or ``"always"`` as opened."""
         return self._sync_mode
 
-    def _do_sync(self, fd: int) -> None:
-        """Worker-thread part of a sync: seal queued segments, fdatasync, fsync dir."""
+    def _do_sync(self, fd: int, exclusive: bool = False) -> None:
+        """Worker-thread part of a sync through handle ``fd`` of the open segment: seal
+        queued segments, fdatasync, fsync dir, under the sync lock when there is sealing
+        or directory work (or ``exclusive``), else a plain fdatasync beside other syncs."""
         fs = self._fs
         with self._sync_lock:
             if self._closed:
                 raise CdpError("journal is closed")
+            locked = exclusive or bool(self._sealing) or self._dir_dirty
+            if locked:
+                self._locked_sync(fd)
+            else:
+                self._plain += 1
+        if not locked:
             try:
-                while self._sealing:
-                    seg, sfd, slack = self._sealing[0]
-                    if slack:
-                        fs.truncate(sfd, seg.size)
-                    fs.fdatasync(sfd)
-                    if seg.ts is not None and seg.offs is not None:
-                        try:
-                            write_index(fs, self._dir, seg.first_seq, seg.ts, seg.offs,
-                                        seg.size, seg.raw_bytes)
-                        except OSError:
-                            pass  # derived data: rebuilt by a scan when missing
-                    self._sealing.popleft()
-                    seg.state = SEALED
-                    self._to_close.append(sfd)
-                    self._dir_dirty = True
                 fs.fdatasync(fd)
-                if self._dir_dirty:
-                    self._dir_dirty = False
-                    fs.fsync_dir(self._dir)
             except OSError as exc:
                 err = _translate(exc, "syncing the journal")
-                self._failed = err
+                with self._sync_lock:
+                    self._failed = err
                 raise err from exc
+            finally:
+                with self._sync_lock:
+                    self._plain -= 1
+                    if not self._plain:
+                        self._sync_idle.notify_all()
+        failed = self._failed  # another sync saw a write-back error this one may share
+        if failed is not None:
+            raise failed
+
+    def _locked_sync(self, fd: int) -> None:
+        """The sync with sealing and directory work (the caller holds the sync lock)."""
+        fs = self._fs
+        try:
+            while self._sealing:
+                seg, sfd, slack = self._sealing[0]
+                if slack:
+                    fs.truncate(sfd, seg.size)
+                fs.fdatasync(sfd)
+                if seg.ts is not None and seg.offs is not None:
+                    try:
+                        write_index(fs, self._dir, seg.first_seq, seg.ts, seg.offs,
+                                    seg.size, seg.raw_bytes)
+                    except OSError:
+                        pass  # derived data: rebuilt by a scan when missing
+                self._sealing.popleft()
+                seg.state = SEALED
+                self._to_close.append(sfd)
+                self._dir_dirty = True
+            fs.fdatasync(fd)
+            if self._dir_dirty:
+                self._dir_dirty = False
+                fs.fsync_dir(self._dir)
+        except OSError as exc:
+            err = _translate(exc, "syncing the journal")
+            self._failed = err
+            raise err from exc
 
     def _reap(self) -> None:
         """Close handles of segments whose sealing finished (no sync may be in flight)."""
@@ -785,42 +837,60 @@ class Journal(SegmentReader):
         self._flush()
         covered = self._last_seq
         self._note_sync()
-        self._do_sync(self._fd)
+        self._do_sync(self._fd, exclusive=True)
         if covered > self._durable_seq:
             self._durable_seq = covered
-        if self._sync_task is None:
+        if not self._syncs:
             self._reap()
 
     async def commit(self) -> None:
         """Return once every record appended before the call is durable.
 
-        Concurrent callers share syncs: one fdatasync (in a worker thread) covers all
-        records appended before it started; later callers join the next one.
+        Concurrent callers share syncs: one fdatasync (in a sync thread) covers all
+        records appended before it started. A caller joins a sync not started yet or
+        one that covers its records, else starts one (up to SYNCS_IN_FLIGHT run at once;
+        beyond, it waits for the oldest and looks again).
         """
         target = self._last_seq
         while self._durable_seq < target:
             if self._failed is not None:
                 raise self._failed
-            task = self._sync_task
-            if task is None:
-                task = self._sync_task = asyncio.get_running_loop().create_task(self._run_sync())
-            await asyncio.shield(task)
+            for s in self._syncs:
+                if s.covered < 0 or s.covered >= target:
+                    break
+            else:
+                if len(self._syncs) < SYNCS_IN_FLIGHT:
+                    s = _Sync()
+                    s.task = asyncio.get_running_loop().create_task(self._run_sync(s))
+                    self._syncs.append(s)
+                else:
+                    s = self._syncs[0]
+            await asyncio.shield(s.task)
 
-    async def _run_sync(self) -> None:
+    async def _run_sync(self, s: _Sync) -> None:
+        fd = -1
         try:
             self._flush()
-            covered = self._last_seq
+            covered = s.covered = self._last_seq
             self._note_sync()
+            fd = self._sync_fds.pop()  # one of SYNCS_IN_FLIGHT: never empty here
             if self._executor is None:
                 self._executor = concurrent.futures.ThreadPoolExecutor(
-                    1, thread_name_prefix="journal-sync")
-            await asyncio.get_running_loop().run_in_executor(self._executor, self._do_sync,
-                                                             self._fd)
+                    SYNCS_IN_FLIGHT, thread_name_prefix="journal-sync")
+            await asyncio.get_running_loop().run_in_executor(self._executor, self._do_sync, fd)
             if covered > self._durable_seq:
                 self._durable_seq = covered
         finally:
-            self._sync_task = None
-        self._reap()
+            self._syncs.remove(s)
+            if fd >= 0:
+                if self._closed:
+                    self._fs.close(fd)
+                elif fd in self._cur_sync_fds:
+                    self._sync_fds.append(fd)
+                else:
+                    self._to_close.append(fd)
+        if not self._syncs:
+            self._reap()
 
     def _note_sync(self) -> None:
         """Account the bytes a sync starting now covers (PREFILL_MAX_COMMIT). O(1)."""
@@ -848,6 +918,8 @@ class Journal(SegmentReader):
         finally:
             with self._sync_lock:
                 self._closed = True
+                while self._plain:  # syncs of other threads still use their handles
+                    self._sync_idle.wait()
             if self._flush_timer is not None:
                 self._flush_timer.cancel()
                 self._flush_timer = None
@@ -861,6 +933,8 @@ class Journal(SegmentReader):
             self._sealing.clear()
             self._reap()
             self._close_reads()
+            while self._sync_fds:
+                fs.close(self._sync_fds.pop())
             fs.close(self._fd)
             if self._executor is not None:
                 self._executor.shutdown(wait=False)
@@ -1111,6 +1185,17 @@ class Journal(SegmentReader):
         stored = file_bytes - SEGMENT_HEADER_SIZE * len(self._segs) - RECORD_HEADER_SIZE * records
         return JournalStats(records, sum(s.raw_bytes for s in self._segs), stored, file_bytes,
                             len(self._segs))
+
+
+class _Sync:
+    """One sync of the pipelined group commit: the last seq it covers (-1 until it has
+    started: it then covers everything appended before that) and its task."""
+
+    __slots__ = ("covered", "task")
+
+    def __init__(self) -> None:
+        self.covered = -1
+        self.task: asyncio.Task[None]
 
 
 _TAIL_PACK = RECORD_TAIL.pack
