@@ -248,6 +248,7 @@ class Journal(SegmentReader):
         self._prefill = prefill_bytes
         self._alloc_end = 0
         self._fill_future: concurrent.futures.Future[int] | None = None
+        self._fill_executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._fill_from = _NEVER
         self._fill_lock = threading.Lock()
         self._fill_fence = 0
@@ -659,10 +660,10 @@ class Journal(SegmentReader):
         stop = min(end + self._prefill, self._segment_bytes)
         if stop - start < _FILL_PIECE:
             return  # the segment is (nearly) full: it is sealed soon
-        ex = self._wb_executor
+        ex = self._fill_executor  # not the writeback thread: _reap waits for that one
         if ex is None:
-            ex = self._wb_executor = concurrent.futures.ThreadPoolExecutor(
-                1, thread_name_prefix="journal-writeback")
+            ex = self._fill_executor = concurrent.futures.ThreadPoolExecutor(
+                1, thread_name_prefix="journal-prefill")
         self._fill_fence = start
         self._fill_from = start
         self._cur_filled = True
@@ -925,6 +926,8 @@ class Journal(SegmentReader):
                 self._flush_timer = None
             fs = self._fs
             self._stop_prefill()
+            if self._fill_executor is not None:
+                self._fill_executor.shutdown(wait=True)
             self._writeback_wait()
             if self._wb_executor is not None:
                 self._wb_executor.shutdown(wait=True)
