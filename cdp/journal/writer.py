@@ -660,6 +660,11 @@ class Journal(SegmentReader):
         stop = min(end + self._prefill, self._segment_bytes)
         if stop - start < _FILL_PIECE:
             return  # the segment is (nearly) full: it is sealed soon
+        try:
+            fd = self._fs.open_write(self._path(self._cur.name))
+        except OSError:
+            self._prefill = 0
+            return
         ex = self._fill_executor  # not the writeback thread: _reap waits for that one
         if ex is None:
             ex = self._fill_executor = concurrent.futures.ThreadPoolExecutor(
@@ -667,22 +672,17 @@ class Journal(SegmentReader):
         self._fill_fence = start
         self._fill_from = start
         self._cur_filled = True
-        self._fill_future = ex.submit(self._fill, self._path(self._cur.name), start, stop)
+        self._fill_future = ex.submit(self._fill, fd, start, stop)
 
-    def _fill(self, path: str, start: int, stop: int) -> int:
+    def _fill(self, fd: int, start: int, stop: int) -> int:
         """Worker thread: write zeros over ``[start, stop)`` of the open segment (never
         below the fence: appends own those bytes), then fdatasync so the file's new size
         is durable before a commit needs it. Returns how far it got. Through a handle of
-        its own, so a write-back error its fdatasync sees is still reported to the
+        its own (opened by the caller), so a write-back error its fdatasync sees is still reported to the
         journal's next fdatasync (Linux reports one to each open file). Advice only: on
         an error the appends simply grow the file, and no later step starts. Cost:
-        ``stop - start`` bytes written, one fdatasync."""
+        ``stop - start`` bytes written, one fdatasync. Closes ``fd``."""
         fs, lock, pos = self._fs, self._fill_lock, start
-        try:
-            fd = fs.open_write(path)
-        except OSError:
-            self._prefill = 0
-            return start
         try:
             while pos < stop:
                 with lock:
