@@ -23,9 +23,9 @@ Design notes
   committers costs one fdatasync, and a batch arriving during a sync does not wait for
   that sync to end before its own starts: devices run concurrent flushes side by side
   (here 1 thread: ~200, 4 threads: ~3300-5600 4 KiB write+fdatasync/s, measured), and a
-  commit waits one sync, not one and a half on average. A sync covering seq S makes
-  ``durable_seq`` at least S whatever the order syncs end in (fdatasync makes durable
-  everything written before the call). Each sync uses a handle of its own on the open
+  commit waits one sync, not one and a half on average. A sync ends (and its commits
+  return) only after the syncs started before it, so commits return in the order they
+  were made (replication acks rely on it). Each sync uses a handle of its own on the open
   segment, opened with the segment: Linux reports a write-back error once to each open
   file, so two syncs on one handle could see one fail and the other succeed over the
   same lost page; a failure marks the journal failed (under the sync lock) before its
@@ -65,6 +65,7 @@ import asyncio
 import bisect
 import concurrent.futures
 import errno
+import itertools
 import os
 import struct
 import threading
@@ -879,6 +880,11 @@ class Journal(SegmentReader):
                 self._executor = concurrent.futures.ThreadPoolExecutor(
                     SYNCS_IN_FLIGHT, thread_name_prefix="journal-sync")
             await asyncio.get_running_loop().run_in_executor(self._executor, self._do_sync, fd)
+            older = [o.task for o in itertools.takewhile(lambda o: o is not s, self._syncs)]
+            if older:  # syncs end in the order they started: commits return in order
+                await asyncio.wait(older)
+                if self._failed is not None:
+                    raise self._failed
             if covered > self._durable_seq:
                 self._durable_seq = covered
         finally:
