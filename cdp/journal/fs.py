@@ -97,6 +97,21 @@ class FileLayer:
         for p in parts:
             self.write(fd, p)
 
+    def open_write(self, path: str) -> int:
+        """Open ``path`` for positional writes (:meth:`pwrite`), creating it if missing."""
+        raise NotImplementedError
+
+    def pwrite(self, fd: int, data: Buffer, offset: int) -> None:
+        """Write all of ``data`` at ``offset`` (over old bytes, or growing the file), or
+        raise (a prefix may have reached the file). Needs a handle of :meth:`open_write`."""
+        raise NotImplementedError
+
+    def pwritev(self, fd: int, parts: Sequence[Buffer], offset: int) -> None:
+        """Write all parts in order from ``offset``, or raise (as :meth:`pwrite`)."""
+        for p in parts:
+            self.pwrite(fd, p, offset)
+            offset += memoryview(p).nbytes
+
     def fdatasync(self, fd: int) -> None:
         """Make the file's contents durable."""
         raise NotImplementedError
@@ -150,8 +165,36 @@ class OsFileLayer(FileLayer):
     def open_read(self, path: str) -> int:
         return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
 
+    def open_write(self, path: str) -> int:
+        return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
+
     def pread(self, fd: int, size: int, offset: int) -> bytes:
         return os.pread(fd, size, offset)
+
+    def pwrite(self, fd: int, data: Buffer, offset: int) -> None:
+        mv = memoryview(data).cast("B")
+        n = os.pwrite(fd, mv, offset)
+        while n < len(mv):  # short writes happen near ENOSPC and on signals
+            mv, offset = mv[n:], offset + n
+            n = os.pwrite(fd, mv, offset)
+
+    def pwritev(self, fd: int, parts: Sequence[Buffer], offset: int) -> None:
+        if len(parts) > _IOV_MAX:  # a large chunked record: several calls
+            for k in range(0, len(parts), _IOV_MAX):
+                chunk = parts[k : k + _IOV_MAX]
+                self.pwritev(fd, chunk, offset)
+                offset += sum(memoryview(p).nbytes for p in chunk)
+            return
+        total = sum(memoryview(p).nbytes for p in parts)
+        n = os.pwritev(fd, parts, offset)
+        if n < total:  # finish the rest piece by piece
+            done = 0
+            for p in parts:
+                mv = memoryview(p).cast("B")
+                if done + mv.nbytes > n:
+                    skip = max(0, n - done)
+                    self.pwrite(fd, mv[skip:], offset + done + skip)
+                done += mv.nbytes
 
     def write(self, fd: int, data: Buffer) -> None:
         mv = memoryview(data)
@@ -302,6 +345,25 @@ class CrashSimFS(FileLayer):
                     raise OSError(errno.ENOSPC, "No space left on device")
             inode.data += b
 
+    def open_write(self, path: str) -> int:
+        return self.open_append(path)  # handles are not positioned here
+
+    def pwrite(self, fd: int, data: Buffer, offset: int) -> None:
+        b = bytes(data)
+        with self._lock:
+            inode = self._fd(fd)
+            d = inode.data
+            if offset > len(d):
+                d += bytes(offset - len(d))
+            grow = offset + len(b) - len(d)
+            if self.capacity is not None and grow > 0:
+                room = self.capacity - self._used()
+                if grow > room:
+                    fit = len(d) - offset + max(room, 0)
+                    d[offset : offset + fit] = b[:fit]
+                    raise OSError(errno.ENOSPC, "No space left on device")
+            d[offset : offset + len(b)] = b
+
     def fdatasync(self, fd: int) -> None:
         with self._lock:
             self.fdatasync_count += 1
@@ -374,18 +436,24 @@ class CrashSimFS(FileLayer):
     def crash(self, torn: bool = False) -> None:
         """Power loss: keep only durable names and contents (plus torn tails if asked).
 
-        All open handles become invalid.
+        With ``torn``, of the bytes written since the last fdatasync (appended, or
+        written over durable ones) a random prefix survives, the rest is as it was
+        durable. All open handles become invalid.
         """
         with self._lock:
             self._fds.clear()
             self._names = dict(self._durable_names)
             for inode in set(self._names.values()):
-                extra = b""
-                if torn and inode.data[: len(inode.durable)] == inode.durable:
-                    tail = inode.data[len(inode.durable) :]
+                old, new = inode.durable, bytes(inode.data)
+                keep = old
+                if torn and new[: len(old)] == old:  # appended only
+                    tail = new[len(old) :]
                     if tail:
-                        extra = bytes(tail[: self.rng.randint(0, len(tail))])
-                inode.data = bytearray(inode.durable + extra)
+                        keep = old + tail[: self.rng.randint(0, len(tail))]
+                elif torn and len(new) >= len(old):  # written over durable bytes
+                    cut = self.rng.randint(_first_difference(old, new), len(new))
+                    keep = new[:cut] + old[cut:]
+                inode.data = bytearray(keep)
 
     def raw(self, path: str) -> bytearray:
         """The live contents of ``path`` (tests edit it to flip bits or truncate)."""
@@ -396,3 +464,19 @@ class CrashSimFS(FileLayer):
         """Whether ``path`` currently has a name."""
         with self._lock:
             return self._norm(path) in self._names
+
+
+def _first_difference(a: bytes, b: bytes) -> int:
+    """Index of the first byte where ``a`` and ``b`` differ (the shorter length if one is
+    a prefix of the other)."""
+    n = min(len(a), len(b))
+    if a[:n] == b[:n]:
+        return n
+    lo, hi = 0, n  # a[:lo] == b[:lo], a[:hi] != b[:hi]
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if a[:mid] == b[:mid]:
+            lo = mid
+        else:
+            hi = mid
+    return lo

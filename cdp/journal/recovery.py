@@ -5,7 +5,11 @@
 - each sealed segment (all but the last) costs one index-header read when its sidecar
   matches the file; otherwise it is scanned and the sidecar rebuilt (derived data);
 - the last segment is scanned (O(its bytes)) and a torn tail cut off: records that never
-  became durable, counted in ``dropped_bytes``/``dropped_records``, not damage;
+  became durable, counted in ``dropped_bytes``/``dropped_records``, not damage; so is
+  the space the writer wrote ahead of its records (zeros, or records of the file's
+  earlier life: seqs below the segment's first; never replayed);
+- a sealed segment whose records are followed by such space (a crash before its sealing
+  sync cut it off) and then by the next segment's first seq is cut to its records;
 - damage inside the durable part (a bad record between good ones, a seq gap between
   segments) is left in place and reported in :class:`RecoveryReport` ``problems``.
 
@@ -99,8 +103,8 @@ def recover(fs: FileLayer, directory: str) -> Recovered:
         return _create_first_segment(fs, directory, 1, rep)
     segs: list[SegmentState] = []
     scans: dict[int, SegmentScan] = {}
-    for f in firsts[:-1]:
-        segs.append(_open_sealed(fs, directory, f, scans, rep))
+    for f, nxt in itertools.pairwise(firsts):
+        segs.append(_open_sealed(fs, directory, f, scans, rep, nxt))
     last = firsts[-1]
     scan = scan_segment(fs, directory, last)
     if segs and scan.count == 0 and not scan.problems:
@@ -122,10 +126,10 @@ def recover(fs: FileLayer, directory: str) -> Recovered:
             _note_scan_problems(rep, sc, tail=False)
     # the tail segment
     cur = SegmentState(last)
-    fd = fs.open_append(_path(directory, cur.name))
+    fd = fs.open_write(_path(directory, cur.name))
     if scan.header_error is not None and scan.count == 0:
         fs.truncate(fd, 0)
-        fs.write(fd, pack_segment_header(last))
+        fs.pwrite(fd, pack_segment_header(last), 0)
         fs.fdatasync(fd)
         rep.dropped_bytes += scan.size
         rep.dropped_records += scan.torn_records
@@ -179,7 +183,7 @@ def _note_scan_problems(rep: RecoveryReport, scan: SegmentScan, tail: bool) -> N
 
 
 def _open_sealed(fs: FileLayer, directory: str, first: int, scans: dict[int, SegmentScan],
-                 rep: RecoveryReport) -> SegmentState:
+                 rep: RecoveryReport, next_first: int) -> SegmentState:
     seg = SegmentState(first)
     seg.state = SEALED
     size = fs.size(_path(directory, seg.name))
@@ -190,6 +194,18 @@ def _open_sealed(fs: FileLayer, directory: str, first: int, scans: dict[int, Seg
         seg.compacted = bool(hdr.flags & SEGMENT_COMPACTED)
         return seg
     scan = scan_segment(fs, directory, first)
+    if (scan.torn_at is not None and scan.slack and not scan.problems
+            and scan.header_error is None and first + scan.count == next_first):
+        # written-ahead space the sealing sync never cut off: every record is there
+        fd = fs.open_write(_path(directory, seg.name))
+        try:
+            fs.truncate(fd, scan.torn_at)
+            fs.fdatasync(fd)
+        finally:
+            fs.close(fd)
+        rep.dropped_bytes += scan.torn_bytes
+        size = scan.size = scan.torn_at
+        scan.torn_at, scan.torn_bytes, scan.slack = None, 0, False
     scans[first] = scan
     _fill_from_scan(seg, scan)
     if scan.header_error is None and not scan.problems and scan.torn_at is None:
@@ -215,9 +231,9 @@ def _create_first_segment(fs: FileLayer, directory: str, first: int,
                           rep: RecoveryReport) -> Recovered:
     seg = SegmentState(first)
     seg.ts, seg.offs = array("q"), array("q")
-    fd = fs.open_append(_path(directory, seg.name))
+    fd = fs.open_write(_path(directory, seg.name))
     fs.truncate(fd, 0)
-    fs.write(fd, pack_segment_header(first))
+    fs.pwrite(fd, pack_segment_header(first), 0)
     fs.fdatasync(fd)
     fs.fsync_dir(directory)
     rep.last_seq = first - 1

@@ -94,6 +94,9 @@ class SegmentScan:
     torn_at: int | None = None
     torn_bytes: int = 0
     torn_records: int = 0
+    #: the torn tail begins with zeros or with a record of the file's earlier life (a seq
+    #: below ``first_seq``): space written ahead of the records, not a record begun
+    slack: bool = False
     problems: list[Problem] = field(default_factory=list)
     damaged: list[int] = field(default_factory=list)
     last_ts: int = 0
@@ -248,10 +251,24 @@ def _resync(
     return None
 
 
-def _count_torn(win: ReadWindow, pos: int, size: int) -> int:
-    """How many (partial) records the bytes ``[pos, size)`` seem to hold."""
+def _is_slack(win: ReadWindow, pos: int, size: int, first_seq: int) -> bool:
+    """Whether the bytes at ``pos`` (where the records end) begin with zeros or with an
+    intact record of a seq below ``first_seq``: space the writer wrote ahead of its
+    records (docs/FORMATS.md, "Recovery rules"), not a record it began."""
+    head = win.get(pos, min(RECORD_HEADER_SIZE, size - pos))
+    if not any(head):
+        return True
+    reason, _ok, _slen, seq, _ts, _raw = _check_at(win, pos, size, False, "")
+    return reason is None and seq < first_seq
+
+
+def _count_torn(win: ReadWindow, pos: int, size: int, first_seq: int) -> int:
+    """How many (partial) records the bytes ``[pos, size)`` seem to hold, up to the first
+    space written ahead (:func:`_is_slack`)."""
     n = 0
     while pos < size:
+        if n and _is_slack(win, pos, size, first_seq):
+            break
         n += 1
         if size - pos < RECORD_HEADER_SIZE:
             break
@@ -328,7 +345,8 @@ def scan_segment(
             if nxt is None:
                 scan.torn_at = pos
                 scan.torn_bytes = size - pos
-                scan.torn_records = _count_torn(win, pos, size)
+                scan.slack = _is_slack(win, pos, size, first_seq)
+                scan.torn_records = 0 if scan.slack else _count_torn(win, pos, size, first_seq)
                 break
             npos, nseq = nxt
             scan.problems.append(Problem(name, pos, expected, reason))

@@ -319,6 +319,15 @@ class TieredFS(FileLayer):
     def writev(self, fd: int, parts: Sequence[Buffer]) -> None:
         self.base.writev(fd, parts)
 
+    def open_write(self, path: str) -> int:
+        return self.base.open_write(path)
+
+    def pwrite(self, fd: int, data: Buffer, offset: int) -> None:
+        self.base.pwrite(fd, data, offset)
+
+    def pwritev(self, fd: int, parts: Sequence[Buffer], offset: int) -> None:
+        self.base.pwritev(fd, parts, offset)
+
     def fdatasync(self, fd: int) -> None:
         self.base.fdatasync(fd)
 

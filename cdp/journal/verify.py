@@ -106,6 +106,10 @@ def verify_journal(directory: str | os.PathLike[str], fs: FileLayer | None = Non
             if last:
                 rep.notes.append(f"segment {scan.name}: torn tail of {scan.torn_bytes} bytes "
                                  f"at offset {scan.torn_at} (cut off at next open)")
+            elif scan.slack:  # a gap to the next segment is reported by the seq check
+                rep.notes.append(f"segment {scan.name}: {scan.torn_bytes} bytes written ahead "
+                                 f"after its last record at offset {scan.torn_at} "
+                                 "(cut off at next open)")
             else:
                 rep.problems.append(Problem(
                     scan.name, scan.torn_at, first + scan.count,

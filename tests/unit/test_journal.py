@@ -830,3 +830,105 @@ def test_writeback_is_started_on_every_appended_byte_once(tmp_path: Path) -> Non
         for (a, n), (b, _) in itertools.pairwise(ranges):
             assert a + n == b
     assert verify_journal(str(tmp_path / "j")).problems == []
+
+
+# ------------------------------------------------------------------ pipelined group commit
+
+
+class _OverlapFS(CrashSimFS):
+    """fdatasync takes 40 ms; records how many run at once and on which handles."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        import threading
+
+        self.guard = threading.Lock()
+        self.running: list[int] = []
+        self.max_running = 0
+        self.shared_handle = False
+        self.fail_after: dict[int, int] = {}  # call number -> errno raised after the sleep
+        self.calls = 0
+
+    def fdatasync(self, fd: int) -> None:
+        import time
+
+        with self.guard:
+            self.calls += 1
+            n = self.calls
+            self.shared_handle |= fd in self.running
+            self.running.append(fd)
+            self.max_running = max(self.max_running, len(self.running))
+        try:
+            time.sleep(0.04)
+            if n in self.fail_after:
+                raise OSError(self.fail_after[n], os.strerror(self.fail_after[n]))
+            super().fdatasync(fd)
+        finally:
+            with self.guard:
+                self.running.remove(fd)
+
+
+async def test_a_commit_arriving_during_a_sync_starts_its_own_at_once() -> None:
+    fs = _OverlapFS()
+    j = mk(fs)
+    waves = []
+    for w in range(6):  # each wave of commits arrives while the previous sync runs
+        j.append_write(w * 4096, rnd(w, 4000))
+        waves.append(asyncio.ensure_future(j.commit()))
+        await asyncio.sleep(0.01)
+    await asyncio.gather(*waves)
+    assert j.durable_seq == j.last_seq == 6
+    assert fs.max_running >= 2 and not fs.shared_handle
+    n = fs.calls
+    # a batch of concurrent committers still shares one fdatasync
+    for w in range(20):
+        j.append_write(w * 4096, b"x" * 100)
+    await asyncio.gather(*(j.commit() for _ in range(20)))
+    assert fs.calls == n + 1 and j.durable_seq == j.last_seq
+    j.close()
+    j = mk(fs)
+    assert j.last_seq == 26 and j.recovery.ok
+    j.close()
+
+
+async def test_syncs_in_flight_are_bounded_and_all_commits_are_durable() -> None:
+    fs = _OverlapFS()
+    j = mk(fs, segment_bytes=16384)  # rollovers: sealing runs under the sync lock
+    committed: list[int] = []
+
+    async def writer(w: int) -> None:
+        for i in range(8):
+            seq, _ = j.append_write(w * 4096, rnd(w * 100 + i, 900))
+            await j.commit()
+            committed.append(seq)
+            await asyncio.sleep(0.003 * (w % 4))
+
+    await asyncio.gather(*(writer(w) for w in range(12)))
+    assert 2 <= fs.max_running <= 4 + 1  # SYNCS_IN_FLIGHT, plus a sealing fdatasync
+    assert not fs.shared_handle
+    assert j.durable_seq == j.last_seq == max(committed) == 96
+    fs.crash(torn=True)
+    j2 = mk(fs, segment_bytes=16384)
+    assert j2.last_seq == 96 and j2.recovery.ok
+    j2.close()
+    assert verify_journal(D, fs=fs).ok
+
+
+async def test_a_failed_sync_fails_the_syncs_running_beside_it() -> None:
+    fs = _OverlapFS()
+    j = mk(fs)
+    j.append_write(0, b"a")
+    await j.commit()
+    fs.fail_after[fs.calls + 1] = errno.EIO
+    j.append_write(0, b"b")
+    first = asyncio.ensure_future(j.commit())  # fails after 40 ms
+    await asyncio.sleep(0.02)
+    j.append_write(0, b"c")
+    second = asyncio.ensure_future(j.commit())  # the next one, beside it: must not succeed
+    for fut in (first, second):
+        with pytest.raises(OSError):
+            await fut
+    assert j.durable_seq == 1
+    with pytest.raises(OSError):
+        j.append_write(0, b"d")
+    j.close()
