@@ -6,24 +6,29 @@ Design notes
 ------------
 * **Candidates from the catalog diff.** The records opened or closed between the two
   versions (plus the records of on-demand overlays), as ``cdpctl files-diff`` finds them:
-  a record seen on both sides with the same MFT sequence number is one file (modified
-  and/or renamed); otherwise its old names are deletions and its new names additions.
-  Cost: O(records changed), one indexed catalog lookup per 500 records.
+  a record seen on both sides with the same sequence number (NTFS: the MFT record's;
+  ext: the inode's generation) is one file (modified and/or renamed); otherwise its old
+  names are deletions and its new names additions. Cost: O(records changed), one
+  indexed catalog lookup per 500 records.
 * **Content turned low → high entropy.** For a file modified (or renamed) on both sides,
   and for a new file that replaces a deleted one of the same name plus an extension
   (``a.docx`` deleted, ``a.docx.locked`` added), the first :data:`HEAD` bytes are read at
-  both points (resident bytes, or the first run, from the catalog's stored runlist) and
-  their byte-histogram entropy compared: below ``entropy_bits`` - 1 before (and not all
-  zeros), at or above ``entropy_bits`` after. Cost: two 4 KiB reads per candidate file.
+  both points and their byte-histogram entropy compared: below ``entropy_bits`` - 1
+  before (and not all zeros), at or above ``entropy_bits`` after. Where the bytes are
+  depends on the file system: NTFS (:class:`_Part`): resident bytes, or the first run
+  of the catalog's stored runlist; ext2/3/4 (:class:`_ExtPart`): the catalog stores no
+  data places for ext files, so the inode is read at each point (its generation must
+  match the entry's) and its extents give the bytes; inline files are the catalog's
+  stored bytes. Cost: two 4 KiB reads per candidate file (ext: plus one inode read and
+  its extent tree per side, and the superblock and group descriptors once per point).
 * **First suspicious write.** The volume ranges of those files' data (the old and new
   clusters for in-place encryption, the new file's clusters for a replacement) and their
-  MFT records are matched against the journal's WRITE records between the two points;
-  the first write over the data whose bytes are high entropy, or over the MFT record
-  (any bytes: the page cache may flush a rename or a new name before the data), is the
-  file's first suspicious write. Cost: one journal scan of the interval (records only, payloads of
-  the matching writes), O(records · log ranges).
-* NTFS only for content (ext file systems count renames, deletions, notes; their
-  content is not sampled yet).
+  metadata (the MFT record, or the inode in its inode table) are matched against the
+  journal's WRITE records between the two points; the first write over the data whose
+  bytes are high entropy, or over the metadata (any bytes: the page cache may flush a
+  rename or a new name before the data), is the file's first suspicious write. Cost: one
+  journal scan of the interval (records only, payloads of the matching writes),
+  O(records · log ranges).
 """
 
 from __future__ import annotations
@@ -37,11 +42,15 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from cdp.errors import CdpError
+from cdp.ext4.fs import Ext4
+from cdp.ext4.inode import Inode
 from cdp.journal import RecordKind
 from cdp.sentinel.signals import LOW_GAP, entropy_bits
 
 #: bytes of a file's head whose entropy is compared at both points
 HEAD = 4096
+#: bytes of a suspect file's data whose writes are matched (its first write)
+DATA_LIMIT = 1 << 20
 Reader = Callable[[int, int], bytes]
 #: a catalog entry (``cdp.catalog.model.Entry``: ``part, dir, name, path, record, seq,
 #: is_dir, same_state(), stream()``); the sentinel does not import the catalog (services
@@ -95,7 +104,7 @@ class Suspect:
     how: str  # "in place" or "replaced"
     #: volume byte ranges whose first high-entropy write starts the attack on this file
     ranges: list[tuple[int, int]] = field(default_factory=list)
-    #: ranges (MFT records) where any write counts
+    #: ranges (the MFT record, the inode) where any write counts
     meta: list[tuple[int, int]] = field(default_factory=list)
     first_seq: int = 0
     first_ns: int = 0
@@ -177,7 +186,8 @@ def _gained(old: str, new: str) -> str:
 
 
 class _Part:
-    """Reads of one NTFS partition's files through a point's reader."""
+    """Reads of one NTFS partition's files through a point's reader (the data's place
+    from the catalog's stored runlist; *read* is not needed to find it)."""
 
     def __init__(self, part: dict[str, Any]) -> None:
         self.offset = int(part["offset"])
@@ -185,10 +195,11 @@ class _Part:
         self.record_size = int(part.get("record_size") or 1024)
         self.extents = [tuple(map(int, e)) for e in part.get("mft_extents") or []]
 
-    def record_range(self, record: int) -> tuple[int, int] | None:
+    def record_range(self, read: Reader, e: Entry) -> tuple[int, int] | None:
+        """Volume byte range of *e*'s MFT record."""
         for first, count, off in self.extents:
-            if first <= record < first + count:
-                start = self.offset + off + (record - first) * self.record_size
+            if first <= e.record < first + count:
+                start = self.offset + off + (e.record - first) * self.record_size
                 return (start, start + self.record_size)
         return None
 
@@ -207,7 +218,7 @@ class _Part:
         n = min(n, runs[0].length * self.cluster)
         return read(self.offset + runs[0].lcn * self.cluster, n)
 
-    def data_ranges(self, e: Entry, limit: int = 1 << 20) -> list[tuple[int, int]]:
+    def data_ranges(self, read: Reader, e: Entry, limit: int = DATA_LIMIT) -> list[tuple[int, int]]:
         """Volume byte ranges of *e*'s data (its first *limit* bytes)."""
         try:
             st = e.stream()
@@ -222,6 +233,89 @@ class _Part:
             return out
         except (CdpError, ValueError):
             return []
+
+
+class _ExtPart:
+    """Reads of one ext2/3/4 file system's files through a point's reader. The catalog
+    keeps no data places for ext files (an entry's ``record`` is the inode number,
+    ``seq`` its generation), so the inode is read at the point: the file system is
+    opened once per reader (the superblock and group descriptors), then one inode read
+    and the extent tree per file. An inode whose generation differs from the entry's
+    was reused for another file: nothing is read."""
+
+    def __init__(self, part: dict[str, Any]) -> None:
+        self.offset = int(part["offset"])
+        self.size = int(part.get("size") or 0) or None
+        self._fs: dict[int, tuple[Reader, Ext4 | None]] = {}
+
+    def _open(self, read: Reader) -> Ext4 | None:
+        got = self._fs.get(id(read))
+        if got is None:
+            try:
+                fs: Ext4 | None = Ext4(read, self.offset, self.size)
+            except CdpError:
+                fs = None
+            got = self._fs[id(read)] = (read, fs)  # the reader kept alive: its id stays unique
+        return got[1]
+
+    def _inode(self, read: Reader, e: Entry) -> tuple[Ext4, Inode] | None:
+        fs = self._open(read)
+        if fs is None:
+            return None
+        try:
+            ino = fs.inode(e.record)
+        except CdpError:
+            return None
+        if not ino.in_use or ino.damaged or ino.generation != e.seq:
+            return None
+        return fs, ino
+
+    def record_range(self, read: Reader, e: Entry) -> tuple[int, int] | None:
+        """Volume byte range of *e*'s inode in its inode table."""
+        fs = self._open(read)
+        if fs is None:
+            return None
+        try:
+            start = self.offset + fs.inode_offset(e.record)
+        except CdpError:
+            return None
+        return (start, start + fs.inode_size)
+
+    def head(self, read: Reader, e: Entry) -> bytes:
+        """The first :data:`HEAD` bytes of *e*'s data ("" when unreadable)."""
+        if e.resident:  # inline data: the catalog holds the bytes
+            return bytes(e.location[:HEAD])
+        got = self._inode(read, e)
+        if got is None:
+            return b""
+        fs, ino = got
+        try:
+            return fs.read_file(ino, 0, HEAD)
+        except CdpError:
+            return b""
+
+    def data_ranges(self, read: Reader, e: Entry, limit: int = DATA_LIMIT) -> list[tuple[int, int]]:
+        """Volume byte ranges of *e*'s data (its first *limit* bytes) at *read*'s point."""
+        got = None if e.resident else self._inode(read, e)
+        if got is None:
+            return []
+        fs, ino = got
+        try:
+            runs = fs.file_runs(ino)
+        except CdpError:
+            return []
+        return [(r.vol_off, r.vol_off + min(r.length, limit - r.file_off))
+                for r in runs if r.file_off < limit and not r.uninit]
+
+
+def _part_reader(part: dict[str, Any]) -> _Part | _ExtPart | None:
+    """The file reads of a catalogued file system by its kind (None: not sampled)."""
+    kind = str(part.get("fs", "ntfs"))
+    if kind == "ntfs":
+        return _Part(part)
+    if kind.startswith("ext"):
+        return _ExtPart(part)
+    return None
 
 
 def _low(b: bytes, bits: float) -> bool:
@@ -243,11 +337,11 @@ async def collect(va: View, vb: View, read_a: Reader, read_b: Reader, *,
     by_part: dict[str, set[int]] = {}
     for part, rec in cand:
         by_part.setdefault(part, set()).add(rec)
-    parts = {p["name"]: p for p in vb.parts if p.get("fs", "ntfs") == "ntfs"}
+    parts = {p["name"]: p for p in vb.parts}
     note_pats = list(notes)
     n = 0
     for pname, recs in sorted(by_part.items()):
-        ntfs = _Part(parts[pname]) if pname in parts else None
+        fsr = _part_reader(parts[pname]) if pname in parts else None
         ea = va.entries_of(pname, recs)
         eb = vb.entries_of(pname, recs)
         gone: dict[tuple[str, str], Entry] = {}
@@ -271,13 +365,14 @@ async def collect(va: View, vb: View, read_a: Reader, read_b: Reader, *,
                 elif changed:
                     ev.modified += 1
                     ev.changes.append({"change": "modified", "path": y.path})
-                if ntfs is not None and (changed or renamed):
-                    before, after = ntfs.head(read_a, x), ntfs.head(read_b, y)
+                if fsr is not None and (changed or renamed):
+                    before, after = fsr.head(read_a, x), fsr.head(read_b, y)
                     if _low(before, entropy) and _high(after, entropy):
-                        rr = ntfs.record_range(x.record)
-                        ev.suspects.append(Suspect(x.path, y.path, "in place",
-                                                   ntfs.data_ranges(x) + ntfs.data_ranges(y),
-                                                   [rr] if rr else []))
+                        rr = fsr.record_range(read_b, x)
+                        ev.suspects.append(Suspect(
+                            x.path, y.path, "in place",
+                            fsr.data_ranges(read_a, x) + fsr.data_ranges(read_b, y),
+                            [rr] if rr else []))
                 continue
             for x in a:
                 gone[(x.dir, x.name.lower())] = x
@@ -302,12 +397,12 @@ async def collect(va: View, vb: View, read_a: Reader, read_b: Reader, *,
             g = _gained(orig.name, y.name)
             if g:
                 ev.gained[g] += 1
-            if ntfs is not None:
-                before, after = ntfs.head(read_a, orig), ntfs.head(read_b, y)
+            if fsr is not None:
+                before, after = fsr.head(read_a, orig), fsr.head(read_b, y)
                 if _low(before, entropy) and _high(after, entropy):
-                    rr = ntfs.record_range(y.record)
-                    ev.suspects.append(Suspect(orig.path, y.path, "replaced", ntfs.data_ranges(y),
-                                               [rr] if rr else []))
+                    rr = fsr.record_range(read_b, y)
+                    ev.suspects.append(Suspect(orig.path, y.path, "replaced",
+                                               fsr.data_ranges(read_b, y), [rr] if rr else []))
         for x in gone.values():
             ev.deleted += 1
             ev.changes.append({"change": "deleted", "path": x.path})

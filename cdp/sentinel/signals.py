@@ -2,8 +2,9 @@
 encryption signature (high-entropy bytes over low-entropy, non-zero bytes)?
 
 Cost: :func:`entropy_bits` O(sample) (one ``bincount``); :func:`entropy_batch` one
-``bincount`` over all samples of a batch, about 1 µs per 512-byte sample, which is why
-the service classifies in batches off the write path. See docs/SENTINEL.md.
+``bincount`` per sample and one vectorised pass over their histograms, about 3 µs per
+512-byte sample, which is why the service samples and classifies in batches off the
+write path. See docs/SENTINEL.md.
 """
 
 from __future__ import annotations
@@ -46,21 +47,26 @@ def entropy_bits(sample: bytes | bytearray | memoryview) -> float:
 
 #: c·log2(c) for every count a SAMPLE-byte sample can hold (0·log2 0 = 0)
 _CLOG = np.concatenate(([0.0], np.arange(1, SAMPLE + 1) * np.log2(np.arange(1, SAMPLE + 1))))
+_LOG2_SAMPLE = float(np.log2(SAMPLE))
 
 
 def entropy_batch(samples: Sequence[bytes | bytearray]) -> np.ndarray:
-    """:func:`entropy_bits` of each sample (none longer than :data:`SAMPLE`), in one
-    vectorised pass over the full-size ones: H = log2 n - (1/n) Σ c·log2 c, with a
-    table for c·log2 c. Cost: one ``bincount`` over the batch + O(256) per sample."""
+    """:func:`entropy_bits` of each sample (none longer than :data:`SAMPLE`): one
+    ``bincount`` per full-size sample (a C call on its bytes, no copy), then one
+    vectorised pass over all their histograms: H = log2 n - (1/n) Σ c·log2 c, with a
+    table for c·log2 c. Cost: ~3 µs per sample. (One ``bincount`` over the whole batch
+    with an offset per sample, the obvious vectorisation, measured 3x slower: it
+    widens every byte to a 64-bit index first.)"""
     k = len(samples)
     out = np.zeros(k)
+    bincount, frombuffer, u8 = np.bincount, np.frombuffer, np.uint8
     full = [i for i, x in enumerate(samples) if len(x) == SAMPLE]
     if full:
-        m = np.frombuffer(b"".join(samples[i] for i in full), dtype=np.uint8)
-        rows = np.arange(len(full), dtype=np.int32)[:, None] << 8
-        idx = (rows | m.reshape(len(full), SAMPLE)).ravel()
-        counts = np.bincount(idx, minlength=len(full) * 256).reshape(len(full), 256)
-        out[full] = np.log2(SAMPLE) - _CLOG[counts].sum(axis=1) / SAMPLE
+        counts = np.vstack([bincount(frombuffer(samples[i], u8), minlength=256) for i in full])
+        bits: np.ndarray = _LOG2_SAMPLE - _CLOG.take(counts).sum(axis=1) / SAMPLE
+        if len(full) == k:
+            return bits
+        out[full] = bits
     for i, x in enumerate(samples):
         if 0 < len(x) < SAMPLE:
             out[i] = entropy_bits(x)

@@ -5,7 +5,8 @@ random bytes, an archive overwritten by another, renames, deletions) raises noth
 attack (documents encrypted in place then renamed to .locked, others written as new
 .locked files with the originals deleted, ransom notes in three directories) raises an
 alert whose clean point holds every document's last benign version and no attack file.
-A slow attack (one document per step, a marker every two) raises one too."""
+A slow attack (one document per step, a marker every two) raises one too. The same
+attack on ext4 (mkfs.ext4, fuse2fs) gives the same evidence and clean point."""
 
 from __future__ import annotations
 
@@ -13,15 +14,16 @@ import os
 import random
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.conftest import require_tool
+from tools import ext4_fixture, ntfs_fixture
 from tools.harness import Cdpd
-from tools.ntfs_fixture import mkntfs, mounted
 
 DIRS = ("Docs/Finance", "Docs/HR", "Docs/Projects")
 NOTE = "README_DECRYPT.txt"
@@ -41,7 +43,7 @@ def _text(rng: random.Random, n: int) -> bytes:
 @pytest.fixture
 def rig(tmp_path: Path) -> Iterator[tuple[Cdpd, Path]]:
     """cdpd (seal every 2 s, 2 s buckets) and its live volume as a file through nbdfuse."""
-    require_tool("nbdfuse", "mkntfs", "ntfs-3g")
+    require_tool("nbdfuse")
     d = Cdpd(tmp_path, size="128MiB",
              extra_config='\n[sentinel]\nbucket_seconds = "2s"\n').start()
     mnt = tmp_path / "nbd"
@@ -93,12 +95,35 @@ def restored(d: Cdpd, tmp: Path, path: str, point: str) -> bytes:
     return out.read_bytes()
 
 
-def setup_and_benign(d: Cdpd, disk: Path, rng: random.Random) -> dict[str, bytes]:
-    """A tree of documents (marker1), then the benign workload checked to raise nothing
-    (on demand between markers, then at marker2). Returns each document's last bytes."""
-    mkntfs(disk)
+#: the file systems the tests format the volume with: (tools, mount)
+FILE_SYSTEMS: dict[str, tuple[tuple[str, ...], Callable[[Path], AbstractContextManager[Path]]]] = {
+    "ntfs": (("mkntfs", "ntfs-3g"), ntfs_fixture.mounted),
+    "ext4": (("mkfs.ext4", "fuse2fs"), ext4_fixture.mounted),
+}
+
+
+def format_volume(disk: Path, fs: str) -> None:
+    """Format *disk* as *fs* ("ntfs" or "ext4")."""
+    require_tool(*FILE_SYSTEMS[fs][0])
+    if fs == "ntfs":
+        ntfs_fixture.mkntfs(disk)
+    else:
+        subprocess.run(["mkfs.ext4", "-q", "-F", "-b", "4096", str(disk)], check=True,
+                       capture_output=True, timeout=120)
+
+
+def mounted(disk: Path, fs: str) -> AbstractContextManager[Path]:
+    """*disk* mounted read-write as *fs* (ntfs-3g or fuse2fs); unmounted on exit."""
+    return FILE_SYSTEMS[fs][1](disk)
+
+
+def setup_and_benign(d: Cdpd, disk: Path, rng: random.Random, fs: str = "ntfs") -> dict[str, bytes]:
+    """A tree of documents (marker1) on a fresh *fs*, then the benign workload checked
+    to raise nothing (on demand between markers, then at marker2). Returns each
+    document's last bytes."""
+    format_volume(disk, fs)
     docs: dict[str, bytes] = {}
-    with mounted(disk) as m:
+    with mounted(disk, fs) as m:
         for i in range(18):
             p = f"/{DIRS[i % 3]}/doc{i:02d}.txt"
             docs[p] = _text(rng, rng.randrange(8 << 10, 32 << 10))
@@ -112,7 +137,7 @@ def setup_and_benign(d: Cdpd, disk: Path, rng: random.Random) -> dict[str, bytes
         for i in range(5):
             (m / f"old{i}.tmp").write_bytes(_text(rng, 3000))
     snapshot_catalogued(d)
-    with mounted(disk) as m:  # the benign workload
+    with mounted(disk, fs) as m:  # the benign workload
         for p in list(docs)[:8]:  # document edits (rewritten, grown)
             docs[p] = docs[p][:4000] + _text(rng, 3000) + docs[p][4000:]
             (m / p[1:]).write_bytes(docs[p])
@@ -145,13 +170,15 @@ def check_clean(d: Cdpd, tmp: Path, point: str, docs: dict[str, bytes]) -> None:
         assert restored(d, tmp, p, point) == data, p
 
 
-def test_file_evidence_attack_alert_clean_point(rig: tuple[Cdpd, Path], tmp_path: Path) -> None:
+@pytest.mark.parametrize("fs", ["ntfs", "ext4"])
+def test_file_evidence_attack_alert_clean_point(rig: tuple[Cdpd, Path], tmp_path: Path,
+                                                fs: str) -> None:
     d, disk = rig
     rng = random.Random(211)
-    docs = setup_and_benign(d, disk, rng)
+    docs = setup_and_benign(d, disk, rng, fs)
     names = sorted(docs)
     t0 = time.monotonic()
-    with mounted(disk) as m:
+    with mounted(disk, fs) as m:
         for p in names[:9]:  # encrypted in place, then renamed
             with open(m / p[1:], "r+b") as f:
                 old = f.read()
@@ -166,7 +193,7 @@ def test_file_evidence_attack_alert_clean_point(rig: tuple[Cdpd, Path], tmp_path
     r = d.cdpctl_json("alerts", "scan")
     latency = time.monotonic() - t0
     ev = r["evidence"]
-    print(f"sentinel files: alert {latency:.1f} s after the attack began (incl. unmount); "
+    print(f"sentinel files ({fs}): alert {latency:.1f} s after the attack began (incl. unmount); "
           f"evidence {ev}")
     assert r["alert"] == "alert1", (r, d.logs())
     assert ev["encrypted_files"] == 18 and ev["encrypted_in_place"] == 9
@@ -175,9 +202,9 @@ def test_file_evidence_attack_alert_clean_point(rig: tuple[Cdpd, Path], tmp_path
     [a] = alerts(d)
     assert a["state"] == "active" and a["clean_point"] == "clean-before-alert1"
     benign = max(v["seq"] for v in d.cdpctl_json("versions")["versions"])
-    print(f"sentinel files: first suspicious write @{a['first_seq']}, "
+    print(f"sentinel files ({fs}): first suspicious write @{a['first_seq']}, "
           f"{a['first_seq'] - benign - 1} writes after the benign marker @{benign} "
-          f"(ntfs-3g's mount and the attack's first steps); attack writes up to @{ev['to_seq']}")
+          f"(the mount and the attack's first steps); attack writes up to @{ev['to_seq']}")
     enc = {f["path"] for f in a["files"] if f["encrypted"] and f["change"] != "added"}
     assert enc == set(docs), a["files"]
     assert {f["path"] for f in a["files"] if f["change"] == "added"} == \
@@ -191,12 +218,13 @@ def test_file_evidence_attack_alert_clean_point(rig: tuple[Cdpd, Path], tmp_path
 
 def test_slow_attack(rig: tuple[Cdpd, Path], tmp_path: Path) -> None:
     d, disk = rig
+    fs = "ntfs"
     rng = random.Random(212)
     docs = setup_and_benign(d, disk, rng)
     names = sorted(docs)
     found: list[dict[str, Any]] = []
     for k, p in enumerate(names[:12]):  # one document per step, a marker every two
-        with mounted(disk) as m:
+        with mounted(disk, fs) as m:
             data = (m / p[1:]).read_bytes()
             (m / (p[1:] + ".locked")).write_bytes(
                 bytes(a ^ b for a, b in zip(data, rng.randbytes(len(data)), strict=True)))
