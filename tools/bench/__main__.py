@@ -42,6 +42,7 @@ SUITES = {
 #: suites that run only when named (they need more than the machine: a Ceph RGW)
 OPT_IN = {
     "s3": "tools.bench.s3_bench",
+    "scale": "tools.bench.scale_bench",  # long: history of 1M and 10M writes
 }
 
 
