@@ -190,8 +190,9 @@ class MapHistory:
         (:class:`mapengine.storage.FileOps`) tests use to interrupt writes. The
         manifest's ``fanout`` and ``full_every`` win over ``policy`` for an existing
         history (they shape the files); ``l0_max_writes`` always comes from ``policy``.
-        ``cache_bytes`` bounds the decoded map blocks kept in memory (cdp's
-        ``maps.cache_bytes``, same default) and, separately, the maps' offset filters.
+        ``cache_bytes`` bounds what lookups keep of the map files in memory (cdp's
+        ``maps.cache_bytes``, same default): decoded blocks, and each map's block index
+        and offset filter, in one LRU (:class:`mapengine.storage.BlockCache`).
         ``readonly``: create and delete no file and refuse every write (seal, rewind,
         retain raise :class:`MapUsageError`): to inspect a history, e.g. for
         :meth:`check`.
