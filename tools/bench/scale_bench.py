@@ -30,8 +30,14 @@ over NBD, of the live volume and of ``vol0@scale-base``, the latter after
 point, which resolves the region once for the view cache), ``changed_s`` (in-process
 ``Volume.changed(0, head)`` over the whole history; ``changed_cli_s`` the same through
 ``cdpctl changed --from origin``), ``ingest_wps`` (in-process writes per second of the
-last stretch), ``disk_mib`` (store size). The store is verified (``cdpctl verify``) at
-every checkpoint. Plots: ``scale.png`` in the output directory.
+last stretch), ``ingest_rss_mib`` (RSS of the generating process, the store open with
+its services, at the end of the stretch: the memory of a daemon that has been ingesting
+since the previous checkpoint, where ``rss_mib`` is that of one freshly restarted),
+``open_clean_s`` / ``open_kill9_s`` (the part of each restart spent in ``Store.open``,
+from cdpd's log: the rest is Python's imports, which a loaded machine stretches),
+``disk_mib`` (store size). The store is verified (``cdpctl verify``, which reads every
+record) at checkpoints up to ``--verify-upto`` writes. Plots: ``scale.png`` in the
+output directory.
 """
 
 from __future__ import annotations
@@ -112,7 +118,8 @@ async def _ingest(vol: Any, first: int, last: int, hot_start: int, hot_blocks: i
 def generate(config: Path, first: int, last: int, hot: int) -> dict[str, float]:
     """Write ``first .. last-1`` into vol0 of the store *config* names, in-process through
     ``Volume.write`` with every service attached; close the store. Returns the ingest rate
-    and the in-process cost of ``changed`` over the whole history."""
+    and the in-process cost of ``changed`` over the whole history, and the generating
+    process's RSS at the end of the stretch (a long-running writer's memory)."""
     from cdp.config import load_config
     from cdp.store import Store
 
@@ -125,13 +132,14 @@ def generate(config: Path, first: int, last: int, hot: int) -> dict[str, float]:
         asyncio.run(_ingest(vol, first, last, hot_start, hot_blocks))
         vol.seal()
         dt = time.perf_counter() - t0
+        rss = _rss_mib(os.getpid())
         t0 = time.perf_counter()
         ranges = vol.changed(0, vol.head_seq)
         changed_s = time.perf_counter() - t0
     finally:
         store.close()
     return {"ingest_wps": (last - first) / dt if dt else 0.0, "changed_s": changed_s,
-            "changed_ranges": len(ranges)}
+            "changed_ranges": len(ranges), "ingest_rss_mib": rss}
 
 
 def _rss_mib(pid: int) -> float:
@@ -266,6 +274,7 @@ def run(quick: bool = False, out: str | os.PathLike[str] | None = None,
             row: dict[str, Any] = {"workload": f"scale-rss ({target:,} writes)",
                                    "writes": target, "hot_gib": round(hot / 2**30, 3),
                                    "ingest_wps": round(g["ingest_wps"]),
+                                   "ingest_rss_mib": round(g["ingest_rss_mib"], 1),
                                    "changed_s": round(g["changed_s"], 3),
                                    "changed_ranges": g["changed_ranges"]}
             try:
@@ -301,6 +310,7 @@ def plot(rows: list[dict[str, Any]], path: str) -> bool:
     fig, ax = plt.subplots(1, 4, figsize=(18, 4))
     ax[0].plot(xs, [r["rss_mib"] for r in rows], "o-", label="cdpd RSS, caches warm")
     ax[0].plot(xs, [r["rss_start_mib"] for r in rows], "s--", label="cdpd RSS at start")
+    ax[0].plot(xs, [r["ingest_rss_mib"] for r in rows], "^-", label="RSS while ingesting")
     ax[0].set_ylabel("MiB")
     ax[1].plot(xs, [r["restart_clean_s"] for r in rows], "o-", label="after clean stop")
     ax[1].plot(xs, [r["restart_kill9_s"] for r in rows], "s-", label="after kill -9")
