@@ -144,8 +144,10 @@ class Daemon:
     async def run(self) -> None:
         s = self.settings
         check_listeners(s)  # before the store is created or opened
+        t_open = time.monotonic()
         store = Store.open(s)
         self.store = store
+        log.info("store opened in %.3f s", time.monotonic() - t_open)
         for v in store.volumes.values():
             log.info(
                 "volume %s: %d bytes, last seq %d, %d markers%s",

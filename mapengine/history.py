@@ -190,8 +190,9 @@ class MapHistory:
         (:class:`mapengine.storage.FileOps`) tests use to interrupt writes. The
         manifest's ``fanout`` and ``full_every`` win over ``policy`` for an existing
         history (they shape the files); ``l0_max_writes`` always comes from ``policy``.
-        ``cache_bytes`` bounds the decoded map blocks kept in memory (cdp's
-        ``maps.cache_bytes``, same default) and, separately, the maps' offset filters.
+        ``cache_bytes`` bounds what lookups keep of the map files in memory (cdp's
+        ``maps.cache_bytes``, same default): decoded blocks, and each map's block index
+        and offset filter, in one LRU (:class:`mapengine.storage.BlockCache`).
         ``readonly``: create and delete no file and refuse every write (seal, rewind,
         retain raise :class:`MapUsageError`): to inspect a history, e.g. for
         :meth:`check`.
@@ -630,7 +631,10 @@ class MapHistory:
         ``changed(a, S) | writes in (R, b]``, recursively.
 
         Runtime complexity: O(f·log n) map lookups + O(c log c) for c entries changed
-        between the points inside the range — independent of volume size.
+        between the points inside the range — independent of volume size. From the start
+        of an epoch (point 0: the whole history) the nearest full map stands for the
+        windows it covers, so c is then the extents of that map plus the windows after
+        it, not every write.
         """
         self._check_point(seq_a)
         self._check_point(seq_b)
@@ -669,6 +673,13 @@ class MapHistory:
             first_full = wa + 1
         if wb < nw and ep.lo_of(wb) < hi and wb >= first_full:
             parts.append(self._filtered(ep.windows[wb], lo, hi)(a, b))
+        if first_full == 0 and ep.full_keys and ep.full_keys[0] <= wb:
+            # windows [0, fb) of the epoch: its full map at fb covers exactly their union
+            # (flat: newest per byte, no byte dropped), in O(extents now) entries instead
+            # of every write since the epoch began (issue 27: `changed --from origin`)
+            fb = ep.full_keys[bisect_right(ep.full_keys, wb) - 1]
+            parts.append(ep.fulls[fb].query(a, b))
+            first_full = fb
         for r in decompose_up(ep, first_full, wb, self._f, self._maxk):
             parts.append(r.query(a, b))
 

@@ -8,8 +8,16 @@ Design notes
   uncompressed index at the end (first start, max end, offset, length, count, crc32 per
   block) lets a lookup read one block, never the whole map.
 * Files are opened lazily: the manifest gives name, window and entry count; the header
-  and index are read (and checked) on first use; blocks go through an LRU cache bounded
-  by ``cache_bytes`` (decoded bytes).
+  and index are read (and checked) on first use. What a lookup keeps of a file goes
+  through one LRU (:class:`BlockCache`) bounded by ``cache_bytes``: decoded blocks, and
+  per map its block index (seven int64 arrays, 56 bytes a block of ``BLOCK_ENTRIES``
+  entries) and its offset filter. An evicted index is read again from the file when the
+  map is next used; an evicted filter is not rebuilt (lookups then go by the index, as
+  for a map that never had one). What stays in memory per map whatever the cache holds
+  is its :class:`MapFile` (name, window, size: ~0.5 KiB with the manifest row), which
+  is per ``l0_max_writes`` writes, not per write (issue 27: before, indexes and filters
+  were kept for every map ever used, ~20 bytes a write, beside a block cache of their
+  own size).
 * The manifest names every live file. It is replaced atomically, so whatever a crash
   interrupts, the previous manifest (and the files it names) stays valid; files it does
   not name are leftovers and are deleted on open.
@@ -26,6 +34,7 @@ from __future__ import annotations
 import os
 import struct
 import zlib
+from array import array
 from bisect import bisect_left, bisect_right
 from collections import OrderedDict
 from typing import Any, Protocol
@@ -68,12 +77,26 @@ assert _HEADER.size == 64
 BLOCK_ENTRIES = 256
 
 # In-memory offset filter of a map (not stored: built when the map is written, or from a
-# whole read of it on its first lookup after a reopen). Sorted, disjoint ranges of
+# whole read of it on its first lookup after a reopen; held in the block cache's LRU and
+# not rebuilt once evicted). Sorted, disjoint ranges of
 # ``FILTER_SHIFT`` granules covering every entry, so a lookup of a range the map does
 # not touch costs one binary search instead of a block read. Dense maps (full maps)
 # get none: it would rarely say no.
 FILTER_SHIFT = 12
 FILTER_MAX_ENTRIES = 1 << 17
+# Bytes of Python objects around a cached index or filter (headers, tuple, LRU slot),
+# counted with the arrays' bytes against ``cache_bytes``.
+_META_OVERHEAD = 512
+# A filter missing since open is built (a whole read of the map) only for a lookup of at
+# most this many bytes: wider ones (changed, a view region) it would rarely answer.
+_LAZY_FILTER_SPAN = 1 << 20
+_INDEX = -1  # BlockCache key (path, _INDEX): a map's block index
+_FILTER = -2  # BlockCache key (path, _FILTER): a map's offset filter
+#: a map's block index: first start, max end, running max end, offset, length, count, crc32
+_BlockIndex = tuple[
+    "array[int]", "array[int]", "array[int]", "array[int]", "array[int]", "array[int]",
+    "array[int]",
+]
 
 
 def map_name(kind: str, level: int, lo: int, hi: int, tag: str = "") -> str:
@@ -416,20 +439,19 @@ def _parse_header(raw: bytes, path: str) -> tuple[int, ...]:
 
 
 class MapFile:
-    """A map in a file, read lazily block by block through the shared cache."""
+    """A map in a file, read lazily block by block through the shared cache.
+
+    Its block index (``_idx``: first start, max end, running max end, offset, length,
+    entry count and crc32 of each block, as ``array("q")``) and offset filter (``_filt``)
+    are entries of the cache's LRU too: either may be dropped between two lookups.
+    """
 
     __slots__ = (
-        "_blk_count",
-        "_blk_crc",
-        "_blk_first",
-        "_blk_len",
-        "_blk_maxend",
-        "_blk_off",
-        "_blk_pmax",
         "_cache",
         "_filt",
         "_filt_done",
         "_fs",
+        "_idx",
         "flat",
         "hi",
         "kind",
@@ -463,20 +485,16 @@ class MapFile:
         self.size = size
         self._cache = cache
         self._fs = fs
-        self._blk_first: list[int] | None = None
-        self._blk_maxend: list[int] = []
-        self._blk_pmax: list[int] = []
-        self._blk_off: list[int] = []
-        self._blk_len: list[int] = []
-        self._blk_count: list[int] = []
-        self._blk_crc: list[int] = []
+        self._idx: _BlockIndex | None = None
         self._filt: tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]] | None = None
         self._filt_done = n > FILTER_MAX_ENTRIES  # True: no (more) attempt to build one
 
     def __len__(self) -> int:
         return self.n
 
-    def _index(self) -> None:
+    def _index(self) -> _BlockIndex:
+        """Read and check the header and block index, and cache the index. Cost: two
+        preads (64 bytes, then 48 bytes a block) and a CRC."""
         raw = self._fs.pread(self.path, 0, _HEADER.size)
         f = _parse_header(raw, self.path)
         (_v, kind, _lvl, _be, lo, hi, n, nblocks, ilen, ioff, _hc, icrc) = f
@@ -493,43 +511,52 @@ class MapFile:
             raise MapCorruption(self.path, f"bad index: {e}") from None
         if int(cols[4].sum()) != n:
             raise MapCorruption(self.path, "index entry count mismatch")
-        self._blk_maxend = cols[1].tolist()
-        self._blk_pmax = (np.maximum.accumulate(cols[1]) if nblocks else cols[1]).tolist()
-        self._blk_off, self._blk_len, self._blk_count, self._blk_crc = (
-            c.tolist() for c in cols[2:6]
-        )
-        self._blk_first = cols[0].tolist()
+        pmax = np.maximum.accumulate(cols[1]) if nblocks else cols[1]
+        first, maxend, off, ln, cnt, crc = (array("q", c.tobytes()) for c in cols)
+        bi = (first, maxend, array("q", pmax.tobytes()), off, ln, cnt, crc)
+        self._idx = bi
+        self._cache.put_meta((self.path, _INDEX), self, 7 * 8 * nblocks + _META_OVERHEAD)
+        return bi
 
-    def _block(self, j: int) -> Columns:
+    def _index_evicted(self) -> None:
+        self._idx = None
+
+    def _filter_evicted(self) -> None:
+        self._filt = None
+
+    def _block(self, j: int, bi: _BlockIndex) -> Columns:
         key = (self.path, j)
         c = self._cache.get(key)
         if c is None:
-            raw = self._fs.pread(self.path, self._blk_off[j], self._blk_len[j])
-            if len(raw) != int(self._blk_len[j]) or _crc(raw) != int(self._blk_crc[j]):
+            raw = self._fs.pread(self.path, bi[3][j], bi[4][j])
+            if len(raw) != bi[4][j] or _crc(raw) != bi[6][j]:
                 raise MapCorruption(self.path, f"block {j} checksum mismatch")
             c = _decode_block(raw, self.path)
-            if c.n != int(self._blk_count[j]):
+            if c.n != bi[5][j]:
                 raise MapCorruption(self.path, f"block {j} entry count mismatch")
             self._cache.put(key, c)
         return c
 
     def set_filter(self, c: Columns) -> None:
-        """Build the offset filter from the map's entries (if the budget allows)."""
+        """Build the offset filter from the map's entries (not for more than
+        ``FILTER_MAX_ENTRIES``) and put it in the cache."""
         self._filt_done = True
         if c.n > FILTER_MAX_ENTRIES:
             return
-        cache = self._cache
-        if cache.filter_bytes >= cache.filter_limit:
-            return
-        f = offset_filter(c)
-        self._filt = f
-        cache.filter_bytes += f[0].nbytes + f[1].nbytes
+        self._filt = offset_filter(c)
+        self._cache_filter()
 
-    def drop_filter(self) -> None:
+    def _cache_filter(self) -> None:
         f = self._filt
         if f is not None:
-            self._cache.filter_bytes -= f[0].nbytes + f[1].nbytes
-            self._filt = None
+            self._cache.put_meta((self.path, _FILTER), self,
+                                 f[0].nbytes + f[1].nbytes + _META_OVERHEAD)
+
+    def drop_filter(self) -> None:
+        """Forget the filter and the index (the map is leaving the store)."""
+        self._cache.forget_meta(self.path)
+        self._filt = None
+        self._idx = None
 
     def check_filter(self, c: Columns) -> list[str]:
         """Problems of the offset filter (if any): it must be sorted, disjoint, and cover
@@ -551,10 +578,8 @@ class MapFile:
         return []
 
     def _lazy_filter(self) -> None:
-        """First lookup since open: read the whole map once to build its filter."""
+        """First small lookup since open: read the whole map once to build its filter."""
         self._filt_done = True
-        if self._cache.filter_bytes >= self._cache.filter_limit:
-            return
         try:
             m = self.load()
         except MapCorruption:
@@ -564,25 +589,29 @@ class MapFile:
     def query(self, start: int, end: int) -> Columns:
         """Entries intersecting ``[start, end)``. Runtime complexity: O(log n + block);
         O(log n) without any block read when the offset filter rules the range out."""
-        if not self._filt_done:
+        if not self._filt_done and end - start <= _LAZY_FILTER_SPAN:
             self._lazy_filter()
         f = self._filt
+        cache = self._cache
         if f is not None and end > start:
+            cache.touch((self.path, _FILTER))
             fs, fe = f
             i = int(fe.searchsorted(start >> FILTER_SHIFT, "right"))
             if i >= fe.shape[0] or fs.item(i) > (end - 1) >> FILTER_SHIFT:
                 return EMPTY
-        if self._blk_first is None:
-            self._index()
-        first: list[int] = self._blk_first  # type: ignore[assignment]
-        maxend: list[int] = self._blk_maxend
-        j0 = bisect_right(self._blk_pmax, start)
+        bi = self._idx
+        if bi is None:
+            bi = self._index()
+        else:
+            cache.touch((self.path, _INDEX))
+        first, maxend, pmax = bi[0], bi[1], bi[2]
+        j0 = bisect_right(pmax, start)
         j1 = bisect_left(first, end)
         parts: list[Columns] = []
         for j in range(j0, j1):
             if maxend[j] <= start:
                 continue
-            c = self._block(j)
+            c = self._block(j, bi)
             if self.flat:
                 i0 = int(c.end.searchsorted(start, "right"))
                 if i0 >= c.start.shape[0] or c.start[i0] >= end:
@@ -590,10 +619,10 @@ class MapFile:
                 i1 = int(c.start.searchsorted(end, "left"))
                 parts.append(c.take(slice(i0, i1)))
             else:
-                cme = self._cache.get_aux((self.path, j))
+                cme = cache.get_aux((self.path, j))
                 if cme is None:
                     cme = np.maximum.accumulate(c.end)
-                    self._cache.put_aux((self.path, j), cme)
+                    cache.put_aux((self.path, j), cme)
                 i0 = int(cme.searchsorted(start, "right"))
                 i1 = int(c.start.searchsorted(end, "left"))
                 if i1 > i0:
@@ -652,19 +681,25 @@ def offset_filter(c: Columns) -> tuple[np.ndarray[Any, Any], np.ndarray[Any, Any
 
 
 class BlockCache:
-    """LRU of decoded blocks, bounded by decoded bytes. Also keeps the account of the
-    maps' offset filters (``filter_bytes``; no new filter once ``filter_limit`` is hit)."""
+    """One LRU of what map lookups keep from the files, bounded by ``limit`` bytes:
+    decoded blocks (key ``(path, j)``, with their derived arrays, see :meth:`put_aux`)
+    and per map its block index (``(path, _INDEX)``) and offset filter
+    (``(path, _FILTER)``), whose eviction tells the :class:`MapFile` to let go of them.
 
-    def __init__(self, limit: int, filter_limit: int | None = None) -> None:
+    Runtime complexity: O(1) per get, put and touch (amortised, evictions included).
+    """
+
+    def __init__(self, limit: int) -> None:
         self.limit = limit
         self.bytes = 0
-        self.filter_limit = limit if filter_limit is None else filter_limit
-        self.filter_bytes = 0
-        self._d: OrderedDict[tuple[str, int], Columns] = OrderedDict()
+        #: bytes of the indexes and filters among them
+        self.meta_bytes = 0
+        self._d: OrderedDict[tuple[str, int], Any] = OrderedDict()
         self._aux: dict[tuple[str, int], np.ndarray[Any, np.dtype[np.int64]]] = {}
+        self._meta: dict[tuple[str, int], int] = {}  # index/filter key -> its bytes
 
     def get(self, key: tuple[str, int]) -> Columns | None:
-        c = self._d.get(key)
+        c: Columns | None = self._d.get(key)
         if c is not None:
             self._d.move_to_end(key)
         return c
@@ -672,12 +707,53 @@ class BlockCache:
     def put(self, key: tuple[str, int], c: Columns) -> None:
         self._d[key] = c
         self.bytes += c.nbytes
-        while self.bytes > self.limit and len(self._d) > 1:
-            k, old = self._d.popitem(last=False)
-            self.bytes -= old.nbytes
-            aux = self._aux.pop(k, None)
-            if aux is not None:
-                self.bytes -= aux.nbytes
+        self._evict()
+
+    def touch(self, key: tuple[str, int]) -> None:
+        """Mark an index or filter as just used."""
+        if key in self._d:
+            self._d.move_to_end(key)
+
+    def put_meta(self, key: tuple[str, int], owner: MapFile, nbytes: int) -> None:
+        """Account an index or filter *owner* now holds (replacing an older one)."""
+        old = self._meta.pop(key, None)
+        if old is not None:
+            self.bytes -= old
+            self.meta_bytes -= old
+        self._d[key] = owner
+        self._d.move_to_end(key)
+        self._meta[key] = nbytes
+        self.bytes += nbytes
+        self.meta_bytes += nbytes
+        self._evict()
+
+    def forget_meta(self, path: str) -> None:
+        """Drop the accounts of a map's index and filter (the map is leaving)."""
+        for key in ((path, _INDEX), (path, _FILTER)):
+            nb = self._meta.pop(key, None)
+            if nb is not None:
+                del self._d[key]
+                self.bytes -= nb
+                self.meta_bytes -= nb
+
+    def _evict(self) -> None:
+        d = self._d
+        while self.bytes > self.limit and len(d) > 1:
+            k, old = d.popitem(last=False)
+            j = k[1]
+            if j >= 0:
+                self.bytes -= old.nbytes
+                aux = self._aux.pop(k, None)
+                if aux is not None:
+                    self.bytes -= aux.nbytes
+                continue
+            nb = self._meta.pop(k)
+            self.bytes -= nb
+            self.meta_bytes -= nb
+            if j == _INDEX:
+                old._index_evicted()
+            else:
+                old._filter_evicted()
 
     def get_aux(self, key: tuple[str, int]) -> np.ndarray[Any, np.dtype[np.int64]] | None:
         return self._aux.get(key)
@@ -687,11 +763,19 @@ class BlockCache:
         if key in self._d:
             self._aux[key] = a
             self.bytes += a.nbytes
+            self._evict()
 
     def clear(self) -> None:
+        for k, v in self._d.items():
+            if k[1] == _INDEX:
+                v._index_evicted()
+            elif k[1] == _FILTER:
+                v._filter_evicted()
         self._d.clear()
         self._aux.clear()
+        self._meta.clear()
         self.bytes = 0
+        self.meta_bytes = 0
 
 
 def encode_manifest(body: dict[str, Any]) -> bytes:
@@ -831,17 +915,10 @@ class DirStore:
 
     def adopt(self, refs: list[Any]) -> None:
         """Register maps written with ``register=False`` (owner thread)."""
-        cache = self.cache
         for mf in refs:
             self.files[mf.name] = mf
-            f = mf._filt
             mf._filt_done = True
-            if f is None:
-                continue
-            if cache.filter_bytes >= cache.filter_limit:
-                mf._filt = None
-            else:
-                cache.filter_bytes += f[0].nbytes + f[1].nbytes
+            mf._cache_filter()
 
     def commit(self, state: dict[str, Any]) -> None:
         """Replace the manifest atomically with one naming ``state["maps"]``.

@@ -86,8 +86,12 @@ LAYOUT_CACHE = 4096
 PATTERN_STORED = 1024
 #: such decoded chunks kept (64 KiB each)
 PATTERN_CACHE = 64
-#: sealed segments whose index arrays stay in memory
+#: sealed segments whose index arrays stay in memory, at most
 INDEX_CACHE = 16
+#: ... and at most this many bytes of them (16 bytes a record: a timestamp and an offset;
+#: a 256 MiB segment of small compressible records holds millions). The open segment's
+#: arrays are not counted: they are the one per-record cost that must stay in memory.
+INDEX_CACHE_BYTES = 32 << 20
 #: read handles kept open
 READ_FDS = 32
 
@@ -668,10 +672,19 @@ class SegmentReader:
         return got
 
     def _evict(self) -> None:
+        """Drop the arrays of least recently used sealed, unpinned segments while more
+        than INDEX_CACHE are loaded or they hold more than INDEX_CACHE_BYTES (the one
+        used last always stays). O(loaded segments)."""
         loaded = self._loaded
-        while len(loaded) > INDEX_CACHE:
+
+        def held() -> int:
+            return sum(16 * len(s.offs) for s in loaded.values()
+                       if s.state == SEALED and s.offs is not None)
+
+        while len(loaded) > INDEX_CACHE or (len(loaded) > 1 and held() > INDEX_CACHE_BYTES):
+            last = next(reversed(loaded))
             for k, s in loaded.items():
-                if s.state == SEALED and k not in self._pins:
+                if s.state == SEALED and k not in self._pins and k != last:
                     del loaded[k]
                     s.ts = s.offs = None
                     break
@@ -705,7 +718,8 @@ class SegmentReader:
 
     def _remember(self, seg: SegmentState) -> None:
         """Count ``seg`` among the segments whose arrays are in memory (an LRU); beyond
-        INDEX_CACHE the least recently used sealed, unpinned ones drop theirs."""
+        INDEX_CACHE segments or INDEX_CACHE_BYTES the least recently used sealed,
+        unpinned ones drop theirs."""
         self._loaded[seg.first_seq] = seg
         self._evict()
 

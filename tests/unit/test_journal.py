@@ -931,4 +931,34 @@ async def test_a_failed_sync_fails_the_syncs_running_beside_it() -> None:
     assert j.durable_seq == 1
     with pytest.raises(OSError):
         j.append_write(0, b"d")
+
+
+def test_sealed_index_arrays_are_bounded_by_bytes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 27: the (timestamp, offset) arrays of sealed segments kept in memory are
+    bounded by INDEX_CACHE_BYTES as well as by count (a segment of small records holds
+    millions); the segment used last always stays, and answers stay right."""
+    import cdp.journal.reader as reader
+
+    monkeypatch.setattr(reader, "INDEX_CACHE_BYTES", 16 * 40)  # about two segments' worth
+    fs = CrashSimFS()
+    clock = ManualClock(T0)
+    j = mk(fs, clock, segment_bytes=4096)
+    times = []
+    for i in range(400):
+        clock.advance(1000)
+        seq, _ = j.append_write(i, rnd(i, 64))
+        times.append(j.time_of_seq(seq))
+    j.close()
+    j = mk(fs, clock, segment_bytes=4096)
+    assert len(j.segments()) > 8
+
+    def held() -> int:
+        return sum(16 * len(s.offs) for s in j._loaded.values()
+                   if s.state == reader.SEALED and s.offs is not None)
+
+    for s in range(1, len(times) + 1):
+        assert j.time_of_seq(s) == times[s - 1]
+        sealed = [g for g in j._loaded.values() if g.state == reader.SEALED]
+        assert held() <= reader.INDEX_CACHE_BYTES or len(sealed) == 1
+    assert j.seq_at_time(times[10]) == 11
     j.close()

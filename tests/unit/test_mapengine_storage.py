@@ -288,3 +288,52 @@ GOLDEN_MANIFEST_HEX = (
     "2d30303030303030303030303030303030303031312d303030303030303030303030303030303030"
     "32302e6d6170a14c0100000a1403ccaa"
 )
+
+
+def _bounded_script(seed: int, size: int, n: int) -> Model:
+    rnd = random.Random(seed)
+    m = Model(size)
+    for seq in range(1, n + 1):
+        a = rnd.randrange(0, size, 8)
+        m.write(seq, a, min(size, a + 8 * rnd.randint(1, 4)), 1000 * seq)
+    return m
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_indexes_and_filters_live_in_the_bounded_cache(tmp_path: Path, seed: int) -> None:
+    """Issue 27: a map's block index and offset filter are entries of the one LRU bounded
+    by ``cache_bytes`` (with the decoded blocks), not kept for every map ever used; an
+    evicted index is read again from the file, an evicted filter is not needed."""
+    size = 4096
+    m = _bounded_script(seed, size, 600)
+    policy = MergePolicy(fanout=2, l0_max_writes=8, full_every=8)
+    limit = 16 << 10
+    for reopen in (False, True):
+        h = MapHistory.open(tmp_path, policy=policy, cache_bytes=limit)
+        if not reopen:
+            for rec in m.records:
+                if feed_due(h, rec):
+                    h.seal()
+            h.seal()
+        cache = h._store.cache  # type: ignore[attr-defined]
+        rnd = random.Random(seed)
+        for _ in range(300):
+            x = rnd.randint(0, m.last)
+            a = rnd.randrange(size)
+            check_resolve(h, m, x, a, min(size, a + rnd.randint(1, 64)))
+            assert cache.bytes <= limit or len(cache._d) == 1
+            assert cache.meta_bytes == sum(cache._meta.values())
+        files = list(h._store.files.values())  # type: ignore[attr-defined]
+        assert any(f._idx is None for f in files) and any(f._idx is not None for f in files)
+        for f in files:  # whatever a map holds is in the cache's account, and only that
+            assert (f._idx is not None) == ((f.path, -1) in cache._meta)
+            assert (f._filt is not None) == ((f.path, -2) in cache._meta)
+        check_changed(h, m, 0, m.last, 0, size)
+        h._check()
+        h.close()
+
+
+def feed_due(h: MapHistory, rec: tuple[str, int, int, int, int]) -> bool:
+    kind, seq, a, b, c = rec
+    assert kind == "W"
+    return h.add_write(seq, a, b, c)

@@ -39,10 +39,11 @@ SUITES = {
     "proxy": "tools.bench.proxy_bench",
     "sentinel": "tools.bench.sentinel_bench",
 }
-#: suites that run only when named (they need more than the machine: a Ceph RGW)
+#: suites that run only when named (they need a Ceph RGW, or run long)
 OPT_IN = {
     "s3": "tools.bench.s3_bench",
     "scale-wide": "tools.bench.scale_wide_bench",
+    "scale": "tools.bench.scale_bench",  # long: history of 1M and 10M writes
 }
 
 

@@ -1,0 +1,356 @@
+"""Scale against history length (issue 27, the history half): cdpd's memory, restart
+time, past-point reads and ``changed`` at 1M, 10M (and 100M) writes of history.
+
+    python -m tools.bench.scale_bench [--writes N[,N...]] [--hot SIZE] [--out DIR] [--scratch DIR]
+    python -m tools.bench scale            (opt-in suite: it is long)
+
+History is generated through the real write path: the store is opened in-process
+(``Store.open``, every service attached, as cdpd does) and ``Volume.write`` is called
+for each 4 KiB write on the event loop, so the journal, the map engine (seals, merges,
+full maps) and the services see exactly what an NBD write would give them. Between
+checkpoints the store is closed and cdpd (a real daemon process) serves it; the
+measurements are taken against that daemon.
+
+Workload, on a sparse 1 TiB volume: a hot region of ``--hot`` bytes (default 2 GiB) in
+the middle of the volume is first written once sequentially (4 KiB writes; the marker
+``scale-base`` is taken after it: the "far back" point), then every further write is a
+random 4 KiB block of that region. Payloads are compressible on purpose: a 16-byte
+header (write number, offset) followed by a fixed pattern, which lz4 shrinks to tens of
+bytes, so 100M writes fit in a few GB of disk. Memory and restart are per-record costs,
+not per-byte ones, so this changes none of the quantities measured; reads of the live
+volume and of the past point decode the same kind of payload.
+
+Rows (one per checkpoint): ``rss_mib`` (cdpd VmRSS after the reads below, caches warm),
+``rss_start_mib`` (right after start), ``restart_clean_s`` (process start to NBD
+listening, after a clean stop), ``restart_kill9_s`` (the same after ``kill -9`` during a
+fio random-write run; ``replayed`` records fed to the maps at that open),
+``read_live_p50_us`` / ``read_past_p50_us`` (fio 4 KiB random reads at queue depth 1
+over NBD, of the live volume and of ``vol0@scale-base``, the latter after
+``past_region_ms``: the median first read of each 64 MiB region of the hot area at that
+point, which resolves the region once for the view cache), ``changed_s`` (in-process
+``Volume.changed(0, head)`` over the whole history; ``changed_cli_s`` the same through
+``cdpctl changed --from origin``), ``ingest_wps`` (in-process writes per second of the
+last stretch), ``ingest_rss_mib`` (RSS of the generating process, the store open with
+its services, at the end of the stretch: the memory of a daemon that has been ingesting
+since the previous checkpoint, where ``rss_mib`` is that of one freshly restarted),
+``open_clean_s`` / ``open_kill9_s`` (the part of each restart spent in ``Store.open``,
+from cdpd's log: the rest is Python's imports, which a loaded machine stretches),
+``disk_mib`` (store size). The store is verified (``cdpctl verify``, which reads every
+record) at checkpoints up to ``--verify-upto`` writes. Plots: ``scale.png`` in the
+output directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import shutil
+import statistics
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+VOLUME = 1 << 40
+BLOCK = 4096
+CHECKPOINTS = [1_000_000, 10_000_000]
+QUICK_CHECKPOINTS = [50_000, 100_000]
+_HDR = struct.Struct("<QQ")
+_PATTERN = (bytes(range(256)) * (BLOCK // 256))[: BLOCK - _HDR.size]
+_CHUNK = 1 << 16  # writes per random-offset draw (seeded per chunk: resumable)
+
+CONFIG = """
+[store]
+path = "{store}"
+[[volume]]
+name = "vol0"
+size = "1TiB"
+"""
+
+
+def payload(i: int, off: int) -> bytes:
+    """The 4 KiB of write number *i* at *off*: a 16-byte header, then a fixed pattern."""
+    return _HDR.pack(i, off) + _PATTERN
+
+
+def offsets(first: int, last: int, hot_start: int, hot_blocks: int) -> np.ndarray:
+    """Offsets of writes ``first .. last-1``: the sequential fill of the hot region, then
+    random blocks of it. Deterministic (each chunk of ``_CHUNK`` writes has its own seed),
+    so a history can be extended checkpoint by checkpoint."""
+    out = np.empty(last - first, np.int64)
+    i = first
+    while i < last:
+        c = i // _CHUNK
+        lo, hi = c * _CHUNK, (c + 1) * _CHUNK
+        blocks = np.random.default_rng(c).integers(0, hot_blocks, size=_CHUNK, dtype=np.int64)
+        idx = np.arange(lo, hi, dtype=np.int64)
+        blocks = np.where(idx < hot_blocks, idx, blocks)
+        a, b = max(i, lo), min(last, hi)
+        out[a - first : b - first] = hot_start + blocks[a - lo : b - lo] * BLOCK
+        i = b
+    return out
+
+
+async def _ingest(vol: Any, first: int, last: int, hot_start: int, hot_blocks: int) -> None:
+    offs = offsets(first, last, hot_start, hot_blocks)
+    write = vol.write
+    pack = _HDR.pack
+    pat = _PATTERN
+    for k, off in enumerate(offs.tolist()):
+        i = first + k
+        r = write(off, pack(i, off) + pat)
+        if r is not None:
+            await r
+        if i & 1023 == 0:
+            await asyncio.sleep(0)  # let the seal tasks (group commit, then seal) run
+        if i == hot_blocks - 1:
+            await vol.snapshot("scale-base")
+
+
+def generate(config: Path, first: int, last: int, hot: int) -> dict[str, float]:
+    """Write ``first .. last-1`` into vol0 of the store *config* names, in-process through
+    ``Volume.write`` with every service attached; close the store. Returns the ingest rate
+    and the in-process cost of ``changed`` over the whole history, and the generating
+    process's RSS at the end of the stretch (a long-running writer's memory)."""
+    from cdp.config import load_config
+    from cdp.store import Store
+
+    hot_start = (VOLUME // 2) & ~(BLOCK - 1)
+    hot_blocks = hot // BLOCK
+    store = Store.open(load_config(config))
+    try:
+        vol = store.volume("vol0")
+        t0 = time.perf_counter()
+        asyncio.run(_ingest(vol, first, last, hot_start, hot_blocks))
+        vol.seal()
+        dt = time.perf_counter() - t0
+        rss = _rss_mib(os.getpid())
+        t0 = time.perf_counter()
+        ranges = vol.changed(0, vol.head_seq)
+        changed_s = time.perf_counter() - t0
+    finally:
+        store.close()
+    return {"ingest_wps": (last - first) / dt if dt else 0.0, "changed_s": changed_s,
+            "changed_ranges": len(ranges), "ingest_rss_mib": rss}
+
+
+def _rss_mib(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def _fio_read_p50_us(uri: str, hot_start: int, hot: int, runtime: float) -> float:
+    args = ["fio", "--name=r", "--ioengine=nbd", f"--uri={uri}", "--rw=randread", "--bs=4k",
+            "--iodepth=1", f"--offset={hot_start}", f"--size={hot}", "--time_based",
+            f"--runtime={runtime}", "--randrepeat=0", "--norandommap", "--output-format=json"]
+    r = subprocess.run(args, capture_output=True, text=True)
+    if r.returncode:
+        raise RuntimeError(f"fio randread on {uri} exited {r.returncode}: {r.stderr[-2000:]}")
+    j = json.loads(r.stdout[r.stdout.index("{"):])["jobs"][0]
+    return float(j["read"]["clat_ns"]["percentile"]["50.000000"]) / 1000
+
+
+def _first_touch_ms(uri: str, hot_start: int, hot: int) -> float:
+    """Median latency (ms) of the first 4 KiB read of each 64 MiB region of the hot area
+    at a past point: the one-time resolve of the region (``Volume._resolve``'s view
+    cache), which the reads measured after it no longer pay."""
+    from cdp.targets.nbd.client import NbdClient
+
+    region = 64 << 20
+    c = NbdClient.connect(uri)
+    try:
+        lat = []
+        for off in range(hot_start, hot_start + hot, region):
+            t0 = time.perf_counter()
+            c.pread(off, BLOCK)
+            lat.append((time.perf_counter() - t0) * 1e3)
+    finally:
+        c.close()
+    return statistics.median(lat)
+
+
+def _du_mib(path: Path) -> float:
+    total = 0
+    for root, _dirs, files in os.walk(path):
+        for f in files:
+            try:
+                total += os.stat(os.path.join(root, f)).st_blocks * 512
+            except OSError:
+                pass
+    return total / 2**20
+
+
+def _from_log(cdpd: Any, pattern: str) -> float | None:
+    """The number the last log line matching *pattern* (one group) carries, if any."""
+    found = re.findall(pattern, cdpd.logs())
+    return float(found[-1]) if found else None
+
+
+def measure(cdpd: Any, hot: int, runtime: float, verify: bool = True) -> dict[str, Any]:
+    """Restart (clean, then after kill -9 mid-ingest), RSS, reads and ``changed`` of the
+    store *cdpd* serves (stopped on entry and on return), then ``cdpctl verify`` if
+    *verify*."""
+    hot_start = (VOLUME // 2) & ~(BLOCK - 1)
+    row: dict[str, Any] = {}
+    t0 = time.perf_counter()
+    cdpd.start(timeout=600)
+    row["restart_clean_s"] = round(time.perf_counter() - t0, 2)
+    row["open_clean_s"] = _from_log(cdpd, r"store opened in ([0-9.]+) s")
+    assert cdpd.proc is not None
+    row["rss_start_mib"] = round(_rss_mib(cdpd.proc.pid), 1)
+    row["read_live_p50_us"] = round(_fio_read_p50_us(cdpd.uri(), hot_start, hot, runtime), 1)
+    row["past_region_ms"] = round(_first_touch_ms(cdpd.uri("vol0@scale-base"), hot_start, hot), 1)
+    row["read_past_p50_us"] = round(
+        _fio_read_p50_us(cdpd.uri("vol0@scale-base"), hot_start, hot, runtime), 1)
+    t0 = time.perf_counter()
+    ch = cdpd.cdpctl_json("changed", "--from", "origin")
+    row["changed_cli_s"] = round(time.perf_counter() - t0, 2)
+    row["changed_bytes_gib"] = round(ch["changed_bytes"] / 2**30, 2)
+    row["rss_mib"] = round(_rss_mib(cdpd.proc.pid), 1)
+    # kill -9 while fio writes, then the time to serve again
+    fio = subprocess.Popen(
+        ["fio", "--name=w", "--ioengine=nbd", f"--uri={cdpd.uri()}", "--rw=randwrite",
+         "--bs=4k", "--iodepth=32", f"--offset={hot_start}", f"--size={hot}", "--time_based",
+         "--runtime=60", "--randrepeat=0", "--norandommap"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(max(2.0, runtime))
+    cdpd.kill9()
+    fio.wait(60)
+    t0 = time.perf_counter()
+    cdpd.start(timeout=600)
+    row["restart_kill9_s"] = round(time.perf_counter() - t0, 2)
+    row["open_kill9_s"] = _from_log(cdpd, r"store opened in ([0-9.]+) s")
+    log = cdpd.logs()
+    rep = re.findall(r"replayed ([0-9]+) records", log[log.rfind("store opened in"):])
+    row["replayed"] = int(rep[0]) if rep else 0
+    print("   " + ", ".join(f"{k}={v}" for k, v in row.items()), flush=True)
+    if verify:  # O(history): every record's checksum
+        ver = cdpd.cdpctl("verify", check=False, timeout=3600)
+        row["verify_ok"] = ver.returncode == 0
+        if not row["verify_ok"]:
+            print(ver.stdout + ver.stderr, file=sys.stderr)
+    cdpd.stop()
+    row["disk_mib"] = round(_du_mib(cdpd.store), 1)
+    return row
+
+
+def run(quick: bool = False, out: str | os.PathLike[str] | None = None,
+        writes: list[int] | None = None, hot: int = 2 << 30,
+        scratch: str | os.PathLike[str] | None = None, verify_upto: int = 1_000_000,
+        keep: bool = False) -> list[dict[str, Any]]:
+    """Build the history checkpoint by checkpoint and measure each; return the rows.
+    ``cdpctl verify`` (which reads every record) runs at checkpoints up to
+    *verify_upto* writes; *keep* leaves the store in the scratch directory."""
+    from tools.harness import Cdpd
+
+    if shutil.which("fio") is None:
+        raise SystemExit("scale_bench: requires fio (make sysdeps)")
+    points = sorted(writes or (QUICK_CHECKPOINTS if quick else CHECKPOINTS))
+    if quick or points[-1] <= 200_000:
+        hot = min(hot, max(BLOCK, points[0] // 4 * BLOCK))  # the fill must end early
+    runtime = 1.0 if quick else 5.0
+    base = Path(tempfile.mkdtemp(prefix="cdp-scale-", dir=scratch or Path.cwd())).resolve()
+    rows: list[dict[str, Any]] = []
+    try:
+        cdpd = Cdpd(base)
+        cdpd.config.write_text(CONFIG.format(store=cdpd.store))
+        cdpd.start(timeout=120)  # creates the store and vol0, as a user would
+        cdpd.stop()
+        done = 0
+        for target in points:
+            g = generate(cdpd.config, done, target, hot)
+            done = target
+            row: dict[str, Any] = {"workload": f"scale-rss ({target:,} writes)",
+                                   "writes": target, "hot_gib": round(hot / 2**30, 3),
+                                   "ingest_wps": round(g["ingest_wps"]),
+                                   "ingest_rss_mib": round(g["ingest_rss_mib"], 1),
+                                   "changed_s": round(g["changed_s"], 3),
+                                   "changed_ranges": g["changed_ranges"]}
+            try:
+                row.update(measure(cdpd, hot, runtime, verify=target <= verify_upto))
+            finally:
+                if cdpd.proc is not None:
+                    cdpd.kill9()
+            row["cdp"], row["unit"] = row.get("rss_mib"), "MiB"
+            rows.append(row)
+            print("   " + ", ".join(f"{k}={v}" for k, v in row.items()), flush=True)
+    finally:
+        if not keep:
+            shutil.rmtree(base, ignore_errors=True)
+    if out:
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, "scale.json"), "w") as f:
+            json.dump(rows, f, indent=1)
+        plot(rows, os.path.join(out, "scale.png"))
+    return rows
+
+
+def plot(rows: list[dict[str, Any]], path: str) -> bool:
+    """Cost against history length, four panels; False when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: skipping the plot", file=sys.stderr)
+        return False
+    xs = [r["writes"] for r in rows]
+    fig, ax = plt.subplots(1, 4, figsize=(18, 4))
+    ax[0].plot(xs, [r["rss_mib"] for r in rows], "o-", label="cdpd RSS, caches warm")
+    ax[0].plot(xs, [r["rss_start_mib"] for r in rows], "s--", label="cdpd RSS at start")
+    ax[0].plot(xs, [r["ingest_rss_mib"] for r in rows], "^-", label="RSS while ingesting")
+    ax[0].set_ylabel("MiB")
+    ax[1].plot(xs, [r["restart_clean_s"] for r in rows], "o-", label="after clean stop")
+    ax[1].plot(xs, [r["restart_kill9_s"] for r in rows], "s-", label="after kill -9")
+    ax[1].set_ylabel("restart to NBD serving (s)")
+    ax[2].plot(xs, [r["read_live_p50_us"] for r in rows], "o-", label="live")
+    ax[2].plot(xs, [r["read_past_p50_us"] for r in rows], "s-", label="past point (scale-base)")
+    ax[2].set_ylabel("4 KiB random read p50, QD1 (us)")
+    ax[3].plot(xs, [r["changed_s"] for r in rows], "o-", label="Volume.changed (in-process)")
+    ax[3].plot(xs, [r["changed_cli_s"] for r in rows], "s-", label="cdpctl changed")
+    ax[3].set_ylabel("changed over the whole history (s)")
+    for a in ax:
+        a.set_xscale("log")
+        a.set_xlabel("writes in history")
+        a.grid(True, alpha=0.3)
+        a.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    print(f"plot written to {path}")
+    return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    from cdp.units import parse_size
+
+    p = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="tiny checkpoints (harness check)")
+    p.add_argument("--writes", default="",
+                   help="checkpoints, comma-separated (default 1000000,10000000)")
+    p.add_argument("--hot", default="2GiB", help="hot region written at random (default 2GiB)")
+    p.add_argument("--out", default="bench-results", help="directory for json + png")
+    p.add_argument("--scratch", default=None, help="directory for the store (default: cwd)")
+    p.add_argument("--verify-upto", type=int, default=1_000_000,
+                   help="run cdpctl verify at checkpoints up to this many writes")
+    p.add_argument("--keep", action="store_true", help="keep the store")
+    a = p.parse_args(argv)
+    pts = [int(float(x)) for x in a.writes.split(",") if x] or None
+    run(a.quick, a.out, pts, parse_size(a.hot), a.scratch, a.verify_upto, a.keep)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
