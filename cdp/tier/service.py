@@ -63,7 +63,9 @@ import sqlite3
 import tempfile
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -79,6 +81,7 @@ from cdp.errors import (
     UsageError,
 )
 from cdp.journal import SealedFile
+from cdp.journal.tiered import Range, cache_writer, index_cached
 from cdp.markers import MARKERS_FORMAT, Marker
 from cdp.tier.manifest import (
     Manifest,
@@ -104,6 +107,10 @@ MAX_BACKOFF = 60.0
 UPLOAD_WORKERS = 8
 #: the newest sealed segments never dropped locally (the hot tail of recent points)
 KEEP_LOCAL = 1
+#: missing records of one segment closer than this are fetched by one ranged GET
+FETCH_GAP = 256 << 10
+#: ranged GETs of one fetch in flight at once
+FETCH_WORKERS = 8
 
 
 def s3_settings(t: TierSettings) -> S3Settings:
@@ -163,6 +170,17 @@ def list_volumes(s3: S3, bucket: str, prefix: str) -> list[str]:
     return sorted(names)
 
 
+@dataclass
+class _Run:
+    """Records of one segment fetched by one ranged GET of bytes ``[off, end)``."""
+
+    first: int
+    key: str
+    off: int
+    end: int
+    records: list[Range]
+
+
 class _Pacer:
     """A token bucket: :meth:`take` sleeps (in the caller's thread) to keep *rate* B/s."""
 
@@ -209,9 +227,11 @@ class TierService(VolumeService):
         #: start the task on the first seal/marker when a loop runs (cdpd); tests drive
         #: batches themselves with :meth:`upload_now`
         self._auto = autostart
-        #: segments dropped locally since start; ranged GETs and bytes fetched
+        #: segments dropped locally since start; ranged GETs, the records they brought,
+        #: and their bytes
         self.dropped_segments = 0
         self.fetches = 0
+        self.fetched_records = 0
         self.fetched_bytes = 0
         vol.journal.set_cache_bytes(settings.local_cache_bytes)
         vol.journal.remote = self.fetch
@@ -320,43 +340,58 @@ class TierService(VolumeService):
     # ------------------------------------------------------------------ tiered reads
 
     async def fetch(self, ranges: list[tuple[int, int, int]]) -> None:
-        """GET byte ranges ``(first_seq, offset, length)`` of dropped segments from
-        their objects in the newest generation (adjacent ranges of one segment coalesced
-        into one ranged GET, in a worker thread) and put them in the journal's read
-        cache. NotFound if a segment is in no generation; RemoteUnreachable/Refused as
-        any S3 call; Corruption if an object is shorter than the range."""
+        """GET byte ranges ``(first_seq, offset, length)`` of dropped segments (whole
+        stored records) from their objects in the newest generation and put them in the
+        journal's read cache. Records of one segment closer than ``FETCH_GAP`` share one
+        ranged GET (the gap's bytes are read and dropped: cheaper than a round-trip);
+        the GETs (up to ``FETCH_WORKERS`` at once) and the cache file writes run in a
+        worker thread, only the cache's index is updated on the loop. NotFound if a
+        segment is in no generation; RemoteUnreachable/Refused as any S3 call;
+        Corruption if an object is shorter than a range."""
         if not self._loaded:
             await self.refresh()
         have = self._have()
-        jobs: list[tuple[int, str, int, int]] = []
-        for first, off, n in sorted(ranges):
+        runs: list[_Run] = []
+        for r in sorted(set(ranges)):
+            first, off, n = r
             o = have.get(first)
             if o is None:
                 raise NotFound(f"volume {self.vol.name}: segment {first} is dropped locally "
                                f"but no generation at {self.url} names it")
-            if jobs and jobs[-1][0] == first and jobs[-1][2] + jobs[-1][3] == off:
-                jobs[-1] = (first, o.key, jobs[-1][2], jobs[-1][3] + n)
+            last = runs[-1] if runs else None
+            if last is not None and last.first == first and off - last.end <= FETCH_GAP:
+                last.end = max(last.end, off + n)
+                last.records.append(r)
             else:
-                jobs.append((first, o.key, off, n))
-        got = await asyncio.to_thread(self._get_ranges, jobs)
+                runs.append(_Run(first, o.key, off, off + n, [r]))
+        if not runs:
+            return
         j = self.vol.journal
-        for (first, key, off, n), data in zip(jobs, got, strict=True):
-            if len(data) != n:
-                raise Corruption(f"s3://{self.bucket}/{key}: {len(data)} bytes at offset "
-                                 f"{off}, expected {n} (object changed behind cdp's back?)")
-            j.cache_put(first, off, data)
-            self.fetches += 1
-            self.fetched_bytes += n
+        written = await asyncio.to_thread(self._get_runs, runs, cache_writer(j))
+        index_cached(j, written)
+        self.fetches += len(runs)
+        self.fetched_records += len(written)
+        self.fetched_bytes += sum(r.end - r.off for r in runs)
 
-    def _get_ranges(self, jobs: list[tuple[int, str, int, int]]) -> list[bytes]:
-        """One ranged GET per job. Worker thread."""
-        out = []
-        for _first, key, off, n in jobs:
+    def _get_runs(self, runs: list[_Run],
+                  write: Callable[[Iterable[Range], int, bytes], list[Range]]) -> list[Range]:
+        """One ranged GET per run, several at once; each run's records written to the
+        cache directory as they arrive. Worker thread."""
+        def one(run: _Run) -> list[Range]:
+            n = run.end - run.off
             try:
-                out.append(self.s3.get_range(self.bucket, key, off, n))
+                data = self.s3.get_range(self.bucket, run.key, run.off, n)
             except OutOfRange:
-                out.append(b"")
-        return out
+                data = b""
+            if len(data) != n:
+                raise Corruption(f"s3://{self.bucket}/{run.key}: {len(data)} bytes at offset "
+                                 f"{run.off}, expected {n} (object changed behind cdp's back?)")
+            return write(run.records, run.off, data)
+
+        if len(runs) == 1:
+            return one(runs[0])
+        with ThreadPoolExecutor(min(FETCH_WORKERS, len(runs))) as pool:
+            return [r for got in pool.map(one, runs) for r in got]
 
     def drop_uploaded(self) -> int:
         """Drop the local copy of every sealed segment the newest generation holds as
