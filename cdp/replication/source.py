@@ -7,7 +7,9 @@ Design notes
   replica and streams. Several targets are several services.
 - What is shipped is read back from the journal (``scan_stored`` from the seq the
   target reports in OPENED), never taken from the write path and never from a scan of
-  the volume: a reconnect, a restart and a live stream are the same loop.
+  the volume: a reconnect, a restart and a live stream are the same loop. Records of
+  segments the S3 tier dropped locally are fetched when the scan meets them, with the
+  records that follow (up to half the read cache) in one round of ranged GETs.
 - Only **durable** records are shipped: when the journal has records beyond
   ``durable_seq`` the task awaits ``journal.commit()`` itself (a group commit shared
   with the host's flushes) before reading them. So the target can never be ahead of
@@ -39,7 +41,8 @@ from collections.abc import Callable
 from typing import Any
 
 from cdp.errors import CdpError, ProtocolError
-from cdp.journal import RecordKind
+from cdp.journal import NotLocal, RecordKind
+from cdp.journal.tiered import fetch_missed, prefetch_limit, readahead
 from cdp.replication.protocol import (
     NEED_DATA,
     Ack,
@@ -282,6 +285,7 @@ class ReplicationSource(VolumeService):
         j = self.vol.journal
         sizes: dict[int, int] = {}  # seq of the last record of each frame in flight -> bytes
         inflight = 0
+        missed: list[tuple[int, int, int]] | None = None  # of the last fetch from the tier
         while True:
             if acks.done():
                 acks.result()  # raises what ended it
@@ -302,8 +306,14 @@ class ReplicationSource(VolumeService):
                             break
                         batch.append(raw)
                         n += len(raw)
+                except NotLocal as exc:  # tiered history: fetch what catch-up reads next
+                    if not batch:
+                        missed = await fetch_missed(
+                            j, exc, missed, lambda r: readahead(j, r, prefetch_limit(j)))
+                        continue
                 finally:
                     gen.close()
+                missed = None
                 conn.send_records(nxt, batch)
                 writer.write(conn.data_to_send())
                 await writer.drain()
