@@ -22,7 +22,11 @@ Design notes
 - **State first, unlink after.** :meth:`TieredFS.add` rewrites ``tiered.json`` (temp
   file, fsync, rename, directory fsync) before the ``.seg`` is unlinked, so a crash in
   between leaves a listed segment whose file is still there (the file is then ignored,
-  and removed at the next open).
+  and removed at the next open). ``Journal.drop_segments`` (the tier's path) splits it:
+  the segments switch to the cache in memory on the loop (:meth:`TieredFS.switch`; a
+  crash now leaves them local and listed nowhere), then the state write and the unlinks
+  run in a worker thread (:meth:`TieredFS.persist`: versioned, so a slower older
+  listing never overwrites a newer one).
 - **Cache.** One file per record, ``cache/<first_seq:020d>-<offset:020d>``; LRU by bytes
   up to ``cache_bytes`` (rebuilt from the listing at open, oldest name first). Fetched
   records are written by :func:`write_cache_files` in the fetcher's worker thread (plain
@@ -148,6 +152,10 @@ class TieredFS(FileLayer):
         self.cached = 0
         self.hits = 0
         self.misses = 0
+        #: versions of the in-memory listing and of the one last written (see persist)
+        self._version = 0
+        self._written = 0
+        self._state_lock = threading.Lock()
         for f in self.dropped:  # a crash between the state write and the unlink
             try:
                 base.unlink(os.path.join(directory, segment_name(f)))
@@ -177,18 +185,47 @@ class TieredFS(FileLayer):
     def add(self, first_seq: int, size: int) -> None:
         """List segment ``first_seq`` (``size`` bytes) as dropped, durably (tiered.json
         rewritten atomically). The caller unlinks the file afterwards."""
+        self.switch(first_seq, size)
+        self.persist(*self.snapshot(), [])
+
+    def switch(self, first_seq: int, size: int) -> None:
+        """List segment ``first_seq`` as dropped in memory only: its reads go through
+        the cache from now on (its file is still there). :meth:`persist` makes it
+        durable. Event-loop thread."""
         self.dropped[first_seq] = size
         self._names[segment_name(first_seq)] = first_seq
-        self._write_state()
+        self._version += 1
 
-    def _write_state(self) -> None:
+    def snapshot(self) -> tuple[int, dict[int, int]]:
+        """(version, dropped segments) of the in-memory listing, for :meth:`persist`."""
+        return self._version, dict(self.dropped)
+
+    def persist(self, version: int, state: dict[int, int], unlink: Sequence[str]) -> None:
+        """Write ``tiered.json`` for ``state`` (a :meth:`snapshot`) unless a newer one is
+        already written (concurrent callers: the newest listing wins, never an older
+        one), then unlink the files ``unlink`` (segments ``state`` lists) and fsync the
+        directory. Any thread: touches files only. Cost: a small write, an fdatasync,
+        a rename, one or two directory fsyncs."""
+        with self._state_lock:
+            if version > self._written:
+                self._write_state(state)
+                self._written = version
+        for path in unlink:
+            try:
+                self.base.unlink(path)
+            except FileNotFoundError:
+                pass
+        if unlink:
+            self.base.fsync_dir(self.directory)
+
+    def _write_state(self, state: dict[int, int]) -> None:
         base = self.base
         path = os.path.join(self.directory, TIERED_NAME)
         tmp = path + ".tmp"
         fd = base.open_append(tmp)
         try:
             base.truncate(fd, 0)
-            base.write(fd, encode_tiered(self.dropped))
+            base.write(fd, encode_tiered(state))
             base.fdatasync(fd)
         finally:
             base.close(fd)

@@ -44,7 +44,8 @@ Design notes
 - **Local space.** After a batch whose generation is in the bucket, every sealed segment
   it names (same size, same compaction state) whose last record is older than
   ``upload_after``, except the newest ``KEEP_LOCAL`` sealed ones (the hot tail: recent
-  points stay local), is dropped locally (``Journal.drop_segment``). Its reads then go
+  points stay local), is dropped locally (``Journal.drop_segments``: the state write,
+  unlinks and fsyncs in a worker thread). Its reads then go
   through the journal's read cache (``local_cache_bytes``) and, on a miss, through
   :meth:`TierService.fetch`, injected as ``journal.remote``: ranged GETs of exactly the
   records named, adjacent ones coalesced, in a worker thread; the bytes are checked by
@@ -396,16 +397,48 @@ class TierService(VolumeService):
     def drop_uploaded(self) -> int:
         """Drop the local copy of every sealed segment the newest generation holds as
         it is (size, compaction), older than ``upload_after``, but the newest
-        ``KEEP_LOCAL`` sealed ones; bytes freed. Event-loop thread (small file writes
-        and fsyncs per segment dropped)."""
-        if self.manifest is None:
+        ``KEEP_LOCAL`` sealed ones; bytes freed. Blocking file writes and fsyncs in the
+        calling thread (the task uses :meth:`drop_uploaded_async`)."""
+        freed = 0
+        for first in self._droppable():
+            try:
+                freed += self.vol.journal.drop_segment(first)
+            except (UsageError, NotFound) as e:
+                log.info("tier %s: keeping segment %d local: %s", self.vol.name, first, e)
+                continue
+            self.dropped_segments += 1
+        self._log_freed(freed)
+        return freed
+
+    async def drop_uploaded_async(self) -> int:
+        """:meth:`drop_uploaded` with the state write, unlinks and fsyncs in a worker
+        thread (``Journal.drop_segments``): the loop only switches the segments to the
+        read cache."""
+        firsts = self._droppable()
+        if not firsts:
             return 0
+        j = self.vol.journal
+        before = len(j.dropped_segments())
+        freed = await j.drop_segments(firsts)
+        self.dropped_segments += len(j.dropped_segments()) - before
+        self._log_freed(freed)
+        return freed
+
+    def _log_freed(self, freed: int) -> None:
+        if freed:
+            log.info("tier %s: dropped %d bytes of uploaded segments locally",
+                     self.vol.name, freed)
+
+    def _droppable(self) -> list[int]:
+        """First seqs of the segments :meth:`drop_uploaded` drops, oldest first."""
+        if self.manifest is None:
+            return []
         j = self.vol.journal
         have = self._have()
         now = time.time_ns()
         after = int(self.settings.upload_after * 1e9)
         sealed = j.sealed_segments()
-        freed = 0
+        out: list[int] = []
         for info in sealed[: max(0, len(sealed) - KEEP_LOCAL)]:
             o = have.get(info.first_seq)
             if (not info.local or o is None or o.size != info.bytes
@@ -413,16 +446,8 @@ class TierService(VolumeService):
                 continue
             if after and now - j.time_of_seq(info.last_seq) < after:
                 break
-            try:
-                freed += j.drop_segment(info.first_seq)
-            except (UsageError, NotFound) as e:
-                log.info("tier %s: keeping %s local: %s", self.vol.name, info.name, e)
-                continue
-            self.dropped_segments += 1
-        if freed:
-            log.info("tier %s: dropped %d bytes of uploaded segments locally",
-                     self.vol.name, freed)
-        return freed
+            out.append(info.first_seq)
+        return out
 
     # ------------------------------------------------------------------ the task
 
@@ -438,7 +463,7 @@ class TierService(VolumeService):
             try:
                 async with self._lock:
                     await self._batch()
-                    self.drop_uploaded()
+                    await self.drop_uploaded_async()
                 delay = 1.0
                 if self._gc_due:
                     self._gc_due = False
