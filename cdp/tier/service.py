@@ -10,7 +10,10 @@
 Design notes
 ------------
 - **A VolumeService with one task.** ``on_sealed`` / ``on_marker`` / ``on_rewind`` only
-  wake the task (O(1), no I/O). The task lists the journal's sealed, durable segments old
+  wake the task (O(1), no I/O); it waits ``GATHER`` (2 s) more, so the seals of a busy
+  stretch make one batch (measured: a generation per seal cost ingest about a quarter
+  of its rate on a 2-core box whose RGW shares the disk: each generation is a HEAD and
+  three small PUTs, each a BlueStore commit). The task lists the journal's sealed, durable segments old
   enough (``upload_after``), uploads the ones the newest generation lacks, in seq order,
   then the volume's state files, and ends the batch with a generation manifest. Every
   boto3 call, file read and hash runs in a worker thread (``asyncio.to_thread``); the
@@ -20,7 +23,9 @@ Design notes
   crash (cdpd kill -9) mid-upload leaves at most an incomplete multipart (aborted at the
   next start: ``abort_incomplete_uploads``) or a complete object no manifest names yet:
   the next batch finds it by HEAD (same key, same sha256) and reuses it rather than
-  writing the key again. Keys are never overwritten.
+  writing the key again. Keys are never overwritten. Only segments that existed at
+  start can have such an object (one cdpd per prefix), so only they are HEADed; one
+  this process put in a batch that failed later is reused from memory.
 - **Seq-ordered prefix.** The manifest covers the longest run of sealed segments from
   the journal's first that are uploaded, so ``last_seq`` is a point every earlier point
   of which the bucket can serve. ``markers.json`` goes up filtered to markers at or
@@ -108,6 +113,9 @@ MAX_BACKOFF = 60.0
 UPLOAD_WORKERS = 8
 #: the newest sealed segments never dropped locally (the hot tail of recent points)
 KEEP_LOCAL = 1
+#: seconds a wake-up (a seal, a marker) waits before its batch, so a busy stretch of
+#: ingest makes one batch of several segments, not one generation per seal
+GATHER = 2.0
 #: missing records of one segment closer than this are fetched by one ranged GET
 FETCH_GAP = 256 << 10
 #: ranged GETs of one fetch in flight at once
@@ -234,6 +242,10 @@ class TierService(VolumeService):
         self.fetches = 0
         self.fetched_records = 0
         self.fetched_bytes = 0
+        #: segment keys this process put; segments whose object a crash (before this
+        #: start) may have left unnamed end at this seq: only those are HEADed first
+        self._put_keys: set[str] = set()
+        self._orphans_upto = vol.journal.last_seq
         vol.journal.set_cache_bytes(settings.local_cache_bytes)
         vol.journal.remote = self.fetch
 
@@ -478,8 +490,11 @@ class TierService(VolumeService):
                 wait, delay = delay, min(MAX_BACKOFF, delay * 2)
                 log.exception("tier %s: batch failed (retry in %.0f s)", self.vol.name, wait)
             self._wake.clear()
-            with contextlib.suppress(TimeoutError):
+            try:
                 await asyncio.wait_for(self._wake.wait(), wait)
+            except TimeoutError:
+                continue
+            await asyncio.sleep(GATHER)  # let the seals of a busy stretch make one batch
 
     def _have(self) -> dict[int, SegmentObject]:
         return {s.first_seq: s for s in self.manifest.segments} if self.manifest else {}
@@ -612,10 +627,13 @@ class TierService(VolumeService):
         digest = h.hexdigest()
         key = segment_key(self.prefix, self.vol.name, f.first_seq, digest)
         obj = SegmentObject(key, f.first_seq, f.last_seq, f.records, f.size, digest, f.compacted)
-        with contextlib.suppress(NotFound):
-            info = self.s3.head(self.bucket, key)
-            if info.size == f.size and info.sha256 == digest:
-                return obj
+        if key in self._put_keys:  # this process put it (its batch failed after the PUT)
+            return obj
+        if f.first_seq <= self._orphans_upto:  # a crash before this start may have put it
+            with contextlib.suppress(NotFound):
+                info = self.s3.head(self.bucket, key)
+                if info.size == f.size and info.sha256 == digest:
+                    return obj
         until = self._until()
         if f.size <= DEFAULT_PART:
             data = f.pread(0, f.size)
@@ -625,6 +643,7 @@ class TierService(VolumeService):
             self.s3.put_multipart(self.bucket, key, self._parts(f), sha256=digest,
                                   retain_until=until, workers=UPLOAD_WORKERS)
         self.sent_bytes += f.size
+        self._put_keys.add(key)
         return obj
 
     def _parts(self, f: SealedFile) -> Iterator[bytes]:
