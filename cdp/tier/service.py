@@ -23,7 +23,9 @@ Design notes
   crash (cdpd kill -9) mid-upload leaves at most an incomplete multipart (aborted at the
   next start: ``abort_incomplete_uploads``) or a complete object no manifest names yet:
   the next batch finds it by HEAD (same key, same sha256) and reuses it rather than
-  writing the key again. Keys are never overwritten. Only segments that existed at
+  writing the key again. A batch cut off by an unreachable store (RGW killed
+  mid-upload) may leave an incomplete multipart whose abort failed as well: the next
+  batch first aborts the volume's incomplete uploads. Keys are never overwritten. Only segments that existed at
   start can have such an object (one cdpd per prefix), so only they are HEADed; one
   this process put in a batch that failed later is reused from memory.
 - **Seq-ordered prefix.** The manifest covers the longest run of sealed segments from
@@ -246,6 +248,9 @@ class TierService(VolumeService):
         #: start) may have left unnamed end at this seq: only those are HEADed first
         self._put_keys: set[str] = set()
         self._orphans_upto = vol.journal.last_seq
+        #: abort the volume's incomplete multipart uploads before the next batch (set
+        #: when a batch failed unreachable: its upload's abort may have failed too)
+        self._abort_due = False
         vol.journal.set_cache_bytes(settings.local_cache_bytes)
         vol.journal.remote = self.fetch
 
@@ -503,6 +508,10 @@ class TierService(VolumeService):
         """One batch: the missing segments, then state, then a manifest (only if
         something changed). Sets ``state``/``last_error``; raises on failure."""
         try:
+            if self._abort_due:  # a failed upload whose abort may have failed too
+                await asyncio.to_thread(self.s3.abort_incomplete_uploads, self.bucket,
+                                        volume_prefix(self.prefix, self.vol.name))
+                self._abort_due = False
             await self._batch_inner()
         except RemoteRefused as e:
             self.state, self.last_error = "refused", str(e)
@@ -511,6 +520,7 @@ class TierService(VolumeService):
         except RemoteUnreachable as e:
             self.state, self.last_error = "unreachable", str(e)
             self.failures += 1
+            self._abort_due = True  # an upload cut off may be left incomplete
             raise
         self.state = "idle"
 
