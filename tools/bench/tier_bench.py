@@ -49,6 +49,8 @@ from tools.bench.s3_bench import (
 
 MiB = 1 << 20
 SIZE = 1 << 30
+#: sealed, not yet uploaded history written before each timed ingest run
+BACKLOG = 96 * MiB
 
 
 def _settings(tmp: Path, url: str, segment: int) -> Settings:
@@ -116,7 +118,11 @@ async def _tiered_reads(tmp: Path, url: str, s3: Any, n: int) -> tuple[list[floa
     return lat, keys
 
 
-def run(quick: bool = False) -> list[dict[str, Any]]:
+ROWS = ("upload", "read", "ingest", "recover")
+
+
+def run(quick: bool = False, only: tuple[str, ...] = ROWS) -> list[dict[str, Any]]:
+    """The rows named in ``only`` (``recover`` needs ``upload``)."""
     up_total = (64 if quick else 256) * MiB
     ingest_total = (64 if quick else 256) * MiB
     rows: list[dict[str, Any]] = []
@@ -132,114 +138,127 @@ def run(quick: bool = False) -> list[dict[str, Any]]:
             put_rate(c, bucket, 4 * MiB, 8)  # warm-up
             url = f"s3://{bucket}/b"
 
-            # -- upload: one batch of incompressible 64 MiB segments, alternating with
-            # plain boto3 uploading a file of the same size (both after os.sync(), so
-            # neither competes with the writeback of what was just written)
-            async def upload(rnd: int) -> tuple[float, int, list[str]]:
-                d = tmp / f"up{rnd}"
-                s = _settings(d, f"{url}-up{rnd}", 64 * MiB)
-                vol = Volume.create(d / "store" / "volumes" / "vol0", "vol0", SIZE, s)
-                svc = TierService(vol, s.tier, s3=s3, autostart=False)
-                vol.attach(svc)
-                for i in range(up_total // MiB + 64):  # + one segment to roll the last
-                    r = vol.write((i * MiB) % SIZE, os.urandom(MiB))
-                    if r is not None:
-                        await r
-                await vol.flush()
-                vol.journal.sync()
-                await asyncio.to_thread(os.sync)
-                t0 = time.perf_counter()
-                await svc.upload_now()
-                dt = time.perf_counter() - t0
-                assert svc.manifest is not None
-                nbytes = sum(o.size for o in svc.manifest.segments)
-                keys = [o.key for o in svc.manifest.segments]
-                vol.close()
-                return nbytes / MiB / dt, nbytes, keys
+            if "upload" in only:
+                # -- upload: one batch of incompressible 64 MiB segments, alternating with
+                # plain boto3 uploading a file of the same size (both after os.sync(), so
+                # neither competes with the writeback of what was just written)
+                async def upload(rnd: int) -> tuple[float, int, list[str]]:
+                    d = tmp / f"up{rnd}"
+                    s = _settings(d, f"{url}-up{rnd}", 64 * MiB)
+                    vol = Volume.create(d / "store" / "volumes" / "vol0", "vol0", SIZE, s)
+                    svc = TierService(vol, s.tier, s3=s3, autostart=False)
+                    vol.attach(svc)
+                    for i in range(up_total // MiB + 64):  # + one segment to roll the last
+                        r = vol.write((i * MiB) % SIZE, os.urandom(MiB))
+                        if r is not None:
+                            await r
+                    await vol.flush()
+                    vol.journal.sync()
+                    await asyncio.to_thread(os.sync)
+                    t0 = time.perf_counter()
+                    await svc.upload_now()
+                    dt = time.perf_counter() - t0
+                    assert svc.manifest is not None
+                    nbytes = sum(o.size for o in svc.manifest.segments)
+                    keys = [o.key for o in svc.manifest.segments]
+                    vol.close()
+                    return nbytes / MiB / dt, nbytes, keys
 
-            ups: list[float] = []
-            peers: list[float] = []
-            with tempfile.NamedTemporaryFile(prefix="cdp-tier-bench-", dir=tmp) as f:
-                f.write(os.urandom(64 * MiB))
-                f.flush()
-                for rnd in range(2):
-                    mine, nbytes, keys = asyncio.run(upload(rnd))
-                    ups.append(mine)
-                    os.sync()
-                    peers.append(multipart_rate(c, bucket, Path(f.name), max(1, nbytes // (64 * MiB))))
-            rows.append(_row("tier-upload", sum(ups) / 2, sum(peers) / 2, "MiB/s",
-                             f"{nbytes // MiB} MiB of 64 MiB segments, 2 alternating rounds; "
-                             "cdp: TierService batch (sha256 + multipart 8 MiB x8 + state + "
-                             "manifest); peer: upload_file"))
-            rec_url = f"{url}-up1"  # what the recovery row reads back
-
-            # -- 4 KiB random reads of a tiered, uncached point vs plain ranged GETs
-            n = 100 if quick else 400
-            lat, rkeys = asyncio.run(_tiered_reads(tmp / "rd", f"{url}-reads", s3, n))
-            sizes = {k: c.head_object(Bucket=bucket, Key=k)["ContentLength"] for k in rkeys}
-            rng = random.Random(5)
-            plain = []
-            for _ in range(n):
-                k = rng.choice(rkeys)
-                off = rng.randrange(max(1, sizes[k] // 4096 - 1)) * 4096
-                t0 = time.perf_counter()
-                c.get_object(Bucket=bucket, Key=k, Range=f"bytes={off}-{off + 4095}")["Body"].read()
-                plain.append(time.perf_counter() - t0)
-            mine_ms, peer_ms = percentiles_ms(lat), percentiles_ms(plain)
-            rows.append(_row("tier-read-4KiB", mine_ms["p50"], peer_ms["p50"], "ms p50",
-                             f"{n} reads; cdp p95 {mine_ms['p95']:.2f} ms, peer p95 "
-                             f"{peer_ms['p95']:.2f} ms; cdp: read_async of a dropped, uncached "
-                             "point (fetch + cache + read); peer: get_object Range 4 KiB. "
-                             "Goal: ratio <= 2"))
-
-            # -- ingest with the tier uploading behind it vs off: alternating rounds, the
-            # median of each; the note says how much the tier sent during the "on" runs
-            for size, name in ((4096, "4KiB"), (MiB, "1MiB")):
-                total = ingest_total // (2 if size == 4096 else 1)
-                rates: dict[bool, list[float]] = {True: [], False: []}
-                sent: list[int] = []
-                for rnd in range(3):
-                    for on in (False, True):
-                        d = tmp / f"in-{name}-{rnd}-{on}"
-
-                        async def ingest(d: Path = d, on: bool = on, rnd: int = rnd, total: int = total,
-                                         size: int = size, sent: list[int] = sent) -> float:
-                            s = _settings(d, f"{url}-ingest-{d.name}", 8 * MiB)
-                            vol = Volume.create(d / "store" / "volumes" / "vol0", "vol0", SIZE, s)
-                            svc = None
-                            if on:
-                                svc = TierService(vol, s.tier, s3=s3)
-                                vol.attach(svc)
-                                svc.start()
-                            rate = await _ingest(vol, total, size, rnd)
-                            if svc is not None:
-                                sent.append(svc.sent_bytes)
-                            vol.close()
-                            return rate
-
+                ups: list[float] = []
+                peers: list[float] = []
+                with tempfile.NamedTemporaryFile(prefix="cdp-tier-bench-", dir=tmp) as f:
+                    f.write(os.urandom(64 * MiB))
+                    f.flush()
+                    for rnd in range(2):
+                        mine, nbytes, keys = asyncio.run(upload(rnd))
+                        ups.append(mine)
                         os.sync()
-                        rates[on].append(asyncio.run(ingest()))
-                        shutil.rmtree(d, ignore_errors=True)
-                rows.append(_row(f"tier-ingest-{name}", statistics.median(rates[True]),
-                                 statistics.median(rates[False]), "MiB/s",
-                                 f"{total // MiB} MiB of {name} writes, volume level, 3 alternating "
-                                 f"rounds, medians; the tier sent {min(sent) // MiB}-"
-                                 f"{max(sent) // MiB} MiB during each run; peer: [tier] off"))
+                        peers.append(multipart_rate(c, bucket, Path(f.name), max(1, nbytes // (64 * MiB))))
+                rows.append(_row("tier-upload", sum(ups) / 2, sum(peers) / 2, "MiB/s",
+                                 f"{nbytes // MiB} MiB of 64 MiB segments, 2 alternating rounds; "
+                                 "cdp: TierService batch (sha256 + multipart 8 MiB x8 + state + "
+                                 "manifest); peer: upload_file"))
+                rec_url = f"{url}-up1"  # what the recovery row reads back
 
-            # -- recovery vs plain download of the same objects
-            t0 = time.perf_counter()
-            rep = recover_store(s3, rec_url, tmp / "rec")
-            mine = rep.bytes / MiB / (time.perf_counter() - t0)
-            dl = tmp / "plain"
-            dl.mkdir()
-            t0 = time.perf_counter()
-            for i, k in enumerate(keys):  # what "download the bucket" is with plain boto3
-                c.download_file(bucket, k, str(dl / str(i)))
-            peer = nbytes / MiB / (time.perf_counter() - t0)
-            rows.append(_row("tier-recover", mine, peer, "MiB/s",
-                             f"{rep.bytes // MiB} MiB; cdp: recover_store (4 segments at once, "
-                             "8 MiB ranged GETs, sha256, fsync); peer: boto3 download_file of each "
-                             "segment (s3transfer, 10 threads)"))
+            if "read" in only:
+                # -- 4 KiB random reads of a tiered, uncached point vs plain ranged GETs
+                n = 100 if quick else 400
+                lat, rkeys = asyncio.run(_tiered_reads(tmp / "rd", f"{url}-reads", s3, n))
+                sizes = {k: c.head_object(Bucket=bucket, Key=k)["ContentLength"] for k in rkeys}
+                rng = random.Random(5)
+                plain = []
+                for _ in range(n):
+                    k = rng.choice(rkeys)
+                    off = rng.randrange(max(1, sizes[k] // 4096 - 1)) * 4096
+                    t0 = time.perf_counter()
+                    c.get_object(Bucket=bucket, Key=k, Range=f"bytes={off}-{off + 4095}")["Body"].read()
+                    plain.append(time.perf_counter() - t0)
+                mine_ms, peer_ms = percentiles_ms(lat), percentiles_ms(plain)
+                rows.append(_row("tier-read-4KiB", mine_ms["p50"], peer_ms["p50"], "ms p50",
+                                 f"{n} reads; cdp p95 {mine_ms['p95']:.2f} ms, peer p95 "
+                                 f"{peer_ms['p95']:.2f} ms; cdp: read_async of a dropped, uncached "
+                                 "point (fetch + cache + read); peer: get_object Range 4 KiB. "
+                                 "Goal: ratio <= 2"))
+
+            if "ingest" in only:
+                # -- ingest with the tier uploading behind it vs off: alternating rounds, the
+                # median of each; the note says how much the tier sent during the "on" runs
+                for size, name in ((4096, "4KiB"), (MiB, "1MiB")):
+                    total = ingest_total // (2 if size == 4096 else 1)
+                    rates: dict[bool, list[float]] = {True: [], False: []}
+                    sent: list[int] = []
+                    for rnd in range(3):
+                        for on in (False, True):
+                            d = tmp / f"in-{name}-{rnd}-{on}"
+
+                            async def ingest(d: Path = d, on: bool = on, rnd: int = rnd, total: int = total,
+                                             size: int = size, sent: list[int] = sent) -> float:
+                                # a backlog of sealed segments first (not timed), so the tier
+                                # uploads during the whole timed run
+                                s = _settings(d, f"{url}-ingest-{d.name}", 8 * MiB)
+                                vol = Volume.create(d / "store" / "volumes" / "vol0", "vol0", SIZE, s)
+                                for i in range(BACKLOG // MiB):
+                                    r = vol.write(SIZE - (i + 1) * MiB, os.urandom(MiB))
+                                    if r is not None:
+                                        await r
+                                await vol.flush()
+                                vol.journal.sync()
+                                svc = None
+                                if on:
+                                    svc = TierService(vol, s.tier, s3=s3, autostart=False)
+                                    vol.attach(svc)
+                                    svc.start()
+                                rate = await _ingest(vol, total, size, rnd)
+                                if svc is not None:
+                                    sent.append(svc.sent_bytes)
+                                vol.close()
+                                return rate
+
+                            os.sync()
+                            rates[on].append(asyncio.run(ingest()))
+                            shutil.rmtree(d, ignore_errors=True)
+                    rows.append(_row(f"tier-ingest-{name}", statistics.median(rates[True]),
+                                     statistics.median(rates[False]), "MiB/s",
+                                     f"{total // MiB} MiB of {name} writes, volume level, 3 alternating "
+                                     f"rounds, medians; a {BACKLOG // MiB} MiB backlog first, the "
+                                     f"tier sent {min(sent) // MiB}-{max(sent) // MiB} MiB during "
+                                     "each timed run; peer: [tier] off"))
+
+            if "recover" in only and "upload" in only:
+                # -- recovery vs plain download of the same objects
+                t0 = time.perf_counter()
+                rep = recover_store(s3, rec_url, tmp / "rec")
+                mine = rep.bytes / MiB / (time.perf_counter() - t0)
+                dl = tmp / "plain"
+                dl.mkdir()
+                t0 = time.perf_counter()
+                for i, k in enumerate(keys):  # what "download the bucket" is with plain boto3
+                    c.download_file(bucket, k, str(dl / str(i)))
+                peer = nbytes / MiB / (time.perf_counter() - t0)
+                rows.append(_row("tier-recover", mine, peer, "MiB/s",
+                                 f"{rep.bytes // MiB} MiB; cdp: recover_store (4 segments at once, "
+                                 "8 MiB ranged GETs, sha256, fsync); peer: boto3 download_file of each "
+                                 "segment (s3transfer, 10 threads)"))
         finally:
             keys_left = [o["Key"] for p in c.get_paginator("list_objects_v2").paginate(Bucket=bucket)
                          for o in p.get("Contents", [])]
@@ -254,8 +273,9 @@ def run(quick: bool = False) -> list[dict[str, Any]]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--only", default=",".join(ROWS), help=f"rows to run (of {','.join(ROWS)})")
     a = ap.parse_args(argv)
-    for r in run(a.quick):
+    for r in run(a.quick, tuple(a.only.split(","))):
         print(json.dumps(r))
     return 0
 
