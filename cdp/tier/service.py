@@ -17,7 +17,7 @@ Design notes
   enough (``upload_after``), uploads the ones the newest generation lacks, in seq order,
   then the volume's state files, and ends the batch with a generation manifest. Every
   boto3 call, file read and hash runs in a worker thread (uploads in ``_UPLOADER``'s,
-  at nice ``UPLOAD_NICE`` so they yield the CPU to ingest; fetches in asyncio's); the
+  fetches in asyncio's, so reads never queue behind uploads); the
   loop only plans and records.
 - **Only whole objects are referenced.** A manifest names an object only after its PUT
   or CompleteMultipartUpload returned; the manifest itself is the last PUT of a batch. A
@@ -118,10 +118,6 @@ MAX_BACKOFF = 60.0
 UPLOAD_WORKERS = 8
 #: the newest sealed segments never dropped locally (the hot tail of recent points)
 KEEP_LOCAL = 1
-#: nice value of the upload threads: an upload yields the CPU to ingest and reads (on a
-#: loaded 2-core box, the tier's own work with the PUTs of segments stubbed out cost
-#: about a tenth of the 1 MiB ingest rate at nice 0, one noisy run)
-UPLOAD_NICE = 10
 #: upload threads shared by every volume's tier (one batch uses one, plus its parts')
 UPLOAD_THREADS = 4
 #: seconds a wake-up (a seal, a marker) waits before its batch, so a busy stretch of
@@ -133,21 +129,15 @@ FETCH_GAP = 256 << 10
 FETCH_WORKERS = 8
 
 
-def _lower_priority() -> None:
-    """Initializer of the upload threads: nice ``UPLOAD_NICE`` (Linux: per thread; the
-    multipart part threads they start inherit it)."""
-    with contextlib.suppress(OSError, AttributeError):
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), UPLOAD_NICE)
-
-
-#: the threads that hash and upload segments, state and manifests (not the fetches of
-#: tiered reads, which serve hosts: those use asyncio's default executor)
-_UPLOADER = ThreadPoolExecutor(UPLOAD_THREADS, thread_name_prefix="cdp-tier-up",
-                               initializer=_lower_priority)
+#: the threads that hash and upload segments, state and manifests, so a long upload never
+#: holds the threads of asyncio's default executor that the fetches of tiered reads (which
+#: serve hosts) use. (Running them at nice 10 was tried: on the shared bench box upload
+#: fell from 0.82 to 0.70 of plain boto3 with no ingest gain that stood out of the noise.)
+_UPLOADER = ThreadPoolExecutor(UPLOAD_THREADS, thread_name_prefix="cdp-tier-up")
 
 
 async def _uploading(fn: Callable[..., _T], *args: Any) -> _T:
-    """``fn(*args)`` in an upload thread (see ``UPLOAD_NICE``)."""
+    """``fn(*args)`` in an upload thread."""
     return await asyncio.get_running_loop().run_in_executor(_UPLOADER, fn, *args)
 
 
