@@ -49,16 +49,13 @@ import os
 import threading
 from array import array
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Sequence
-from typing import TYPE_CHECKING, Any, TypeVar
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from typing import Any, Protocol, TypeVar
 
 from cdp.errors import CdpError, Corruption
 from cdp.journal.format import SEGMENT_HEADER_SIZE, parse_segment_name, segment_name
 from cdp.journal.fs import Buffer, FileLayer
-from cdp.journal.segment import load_index_entries, read_index_header
-
-if TYPE_CHECKING:
-    from cdp.journal.writer import Journal
+from cdp.journal.segment import SegmentState, load_index_entries, read_index_header
 
 #: the journal-owned state file listing dropped segments
 TIERED_NAME = "tiered.json"
@@ -75,6 +72,24 @@ FETCH_ATTEMPTS = 4096
 
 Range = tuple[int, int, int]
 _T = TypeVar("_T")
+
+
+class Journal(Protocol):
+    """What the fetch helpers below use of :class:`cdp.journal.Journal` (typed here so
+    that this module, which the writer imports, does not import it back)."""
+
+    @property
+    def remote(self) -> Callable[[list[Range]], Awaitable[None]] | None: ...
+
+    @property
+    def _fs(self) -> FileLayer: ...
+
+    @property
+    def _dir(self) -> str: ...
+
+    def _seg_for(self, seq: int) -> SegmentState: ...
+
+    def _where(self, seg: SegmentState, seq: int, loc: int) -> int: ...
 
 
 class NotLocal(CdpError):
