@@ -57,8 +57,9 @@ from typing import Any, Self
 from cdp.config import MapSettings, Settings
 from cdp.errors import CdpError, Corruption, NotFound, OutOfRange, PointError, UsageError
 from cdp.fsutil import write_file_atomic
-from cdp.journal import Journal, NotLocal, RecordKind
+from cdp.journal import Journal, RecordKind
 from cdp.journal.format import RECORD_HEADER, REWIND_PAYLOAD
+from cdp.journal.tiered import fetch_retry, missing_records, prefetch_limit
 from cdp.markers import Marker, load_markers, save_markers
 from cdp.points import PointKind, PointSpec, parse_point
 from cdp.units import format_time
@@ -742,22 +743,20 @@ class Volume:
     async def read_async(self, offset: int, length: int, seq: int | None = None) -> bytes:
         """:meth:`read` for points whose records may live only in the S3 tier: on
         :class:`~cdp.journal.NotLocal` the journal's fetcher (``journal.remote``, injected
-        by the tier service) GETs exactly the records named and puts them in the read
-        cache, then the read is tried again: one fetch per record the read needs that is
-        not local (a small read of a point: one), at most ``READ_FETCHES``. NotLocal when
-        no tier fetcher is attached, or when the same records are missing again right
-        after their fetch (the cache cannot hold what the read needs)."""
-        last: list[tuple[int, int, int]] | None = None
-        for _ in range(READ_FETCHES):
-            try:
-                return self.read(offset, length, seq)
-            except NotLocal as exc:
-                remote = self.journal.remote
-                if remote is None or exc.ranges == last:
-                    raise
-                last = exc.ranges
-                await remote(exc.ranges)
-        return self.read(offset, length, seq)
+        by the tier service) GETs every record of the read that is not local (up to half
+        the read cache; neighbours coalesced) and puts them in the read cache, then the
+        read is tried again (:func:`~cdp.journal.tiered.fetch_retry`): one round of GETs
+        for a read that fits the cache. NotLocal when no tier fetcher is attached, or
+        when the same records are missing again right after their fetch (the cache
+        cannot hold what the read needs)."""
+        j = self.journal
+
+        def plan(missed: list[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
+            locs = ((e.seq, e.loc) for e in self.extents(offset, offset + length, seq)
+                    if e.loc >= 0)
+            return missed + missing_records(j, locs, prefetch_limit(j))
+
+        return await fetch_retry(j, lambda: self.read(offset, length, seq), plan)
 
     def _resolve(self, seq: int, start: int, end: int) -> list[Any]:
         R = _ViewRegions.REGION

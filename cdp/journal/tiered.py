@@ -22,9 +22,23 @@ Design notes
 - **State first, unlink after.** :meth:`TieredFS.add` rewrites ``tiered.json`` (temp
   file, fsync, rename, directory fsync) before the ``.seg`` is unlinked, so a crash in
   between leaves a listed segment whose file is still there (the file is then ignored,
-  and removed at the next open).
+  and removed at the next open). ``Journal.drop_segments`` (the tier's path) splits it:
+  the segments switch to the cache in memory on the loop (:meth:`TieredFS.switch`; a
+  crash now leaves them local and listed nowhere), then the state write and the unlinks
+  run in a worker thread (:meth:`TieredFS.persist`: versioned, so a slower older
+  listing never overwrites a newer one).
 - **Cache.** One file per record, ``cache/<first_seq:020d>-<offset:020d>``; LRU by bytes
-  up to ``cache_bytes`` (rebuilt from the listing at open, oldest name first).
+  up to ``cache_bytes`` (rebuilt from the listing at open, oldest name first). Fetched
+  records are written by :func:`write_cache_files` in the fetcher's worker thread (plain
+  file writes under a unique temporary name, then a rename: nothing of the journal's
+  state is touched there); :meth:`TieredFS.cache_index` then lists them on the loop.
+- **Fetch then retry, planned.** A caller that may meet dropped history runs its
+  synchronous read through :func:`fetch_retry`: on NotLocal it fetches (``Journal.remote``)
+  and tries again. A ``plan`` widens the fetch from the one record the miss names to
+  every record the read will need that is not cached (:func:`missing_records`, the
+  volume's extents of the read) or, for a sequential scan, the records that follow
+  (:func:`readahead`), bounded by half the cache so a prefetch never evicts its own
+  records: one round of coalesced GETs instead of one round-trip per record.
 """
 
 from __future__ import annotations
@@ -32,15 +46,16 @@ from __future__ import annotations
 import bisect
 import json
 import os
+import threading
 from array import array
 from collections import OrderedDict
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from typing import Any, Protocol, TypeVar
 
 from cdp.errors import CdpError, Corruption
 from cdp.journal.format import SEGMENT_HEADER_SIZE, parse_segment_name, segment_name
 from cdp.journal.fs import Buffer, FileLayer
-from cdp.journal.segment import load_index_entries, read_index_header
+from cdp.journal.segment import SegmentState, load_index_entries, read_index_header
 
 #: the journal-owned state file listing dropped segments
 TIERED_NAME = "tiered.json"
@@ -52,7 +67,29 @@ _VFD_BASE = 1 << 40
 #: dropped segments whose offsets stay in memory
 _OFFS_CACHE = 16
 
+#: attempts of one :func:`fetch_retry` (one fetch each) before it gives up
+FETCH_ATTEMPTS = 4096
+
 Range = tuple[int, int, int]
+_T = TypeVar("_T")
+
+
+class Journal(Protocol):
+    """What the fetch helpers below use of :class:`cdp.journal.Journal` (typed here so
+    that this module, which the writer imports, does not import it back)."""
+
+    @property
+    def remote(self) -> Callable[[list[Range]], Awaitable[None]] | None: ...
+
+    @property
+    def _fs(self) -> FileLayer: ...
+
+    @property
+    def _dir(self) -> str: ...
+
+    def _seg_for(self, seq: int) -> SegmentState: ...
+
+    def _where(self, seg: SegmentState, seq: int, loc: int) -> int: ...
 
 
 class NotLocal(CdpError):
@@ -130,6 +167,10 @@ class TieredFS(FileLayer):
         self.cached = 0
         self.hits = 0
         self.misses = 0
+        #: versions of the in-memory listing and of the one last written (see persist)
+        self._version = 0
+        self._written = 0
+        self._state_lock = threading.Lock()
         for f in self.dropped:  # a crash between the state write and the unlink
             try:
                 base.unlink(os.path.join(directory, segment_name(f)))
@@ -137,13 +178,16 @@ class TieredFS(FileLayer):
                 pass
         base.makedirs(self._cdir)
         for n in sorted(base.listdir(self._cdir)):
+            p = os.path.join(self._cdir, n)
+            if n.endswith(".tmp"):  # a fetch cut short by a crash
+                base.unlink(p)
+                continue
             try:
                 a, b = n.split("-")
                 key = (int(a), int(b))
             except ValueError:
                 continue
-            p = os.path.join(self._cdir, n)
-            if key[0] not in self.dropped or n.endswith(".tmp"):
+            if key[0] not in self.dropped:
                 base.unlink(p)
                 continue
             size = base.size(p)
@@ -156,18 +200,47 @@ class TieredFS(FileLayer):
     def add(self, first_seq: int, size: int) -> None:
         """List segment ``first_seq`` (``size`` bytes) as dropped, durably (tiered.json
         rewritten atomically). The caller unlinks the file afterwards."""
+        self.switch(first_seq, size)
+        self.persist(*self.snapshot(), [])
+
+    def switch(self, first_seq: int, size: int) -> None:
+        """List segment ``first_seq`` as dropped in memory only: its reads go through
+        the cache from now on (its file is still there). :meth:`persist` makes it
+        durable. Event-loop thread."""
         self.dropped[first_seq] = size
         self._names[segment_name(first_seq)] = first_seq
-        self._write_state()
+        self._version += 1
 
-    def _write_state(self) -> None:
+    def snapshot(self) -> tuple[int, dict[int, int]]:
+        """(version, dropped segments) of the in-memory listing, for :meth:`persist`."""
+        return self._version, dict(self.dropped)
+
+    def persist(self, version: int, state: dict[int, int], unlink: Sequence[str]) -> None:
+        """Write ``tiered.json`` for ``state`` (a :meth:`snapshot`) unless a newer one is
+        already written (concurrent callers: the newest listing wins, never an older
+        one), then unlink the files ``unlink`` (segments ``state`` lists) and fsync the
+        directory. Any thread: touches files only. Cost: a small write, an fdatasync,
+        a rename, one or two directory fsyncs."""
+        with self._state_lock:
+            if version > self._written:
+                self._write_state(state)
+                self._written = version
+        for path in unlink:
+            try:
+                self.base.unlink(path)
+            except FileNotFoundError:
+                pass
+        if unlink:
+            self.base.fsync_dir(self.directory)
+
+    def _write_state(self, state: dict[int, int]) -> None:
         base = self.base
         path = os.path.join(self.directory, TIERED_NAME)
         tmp = path + ".tmp"
         fd = base.open_append(tmp)
         try:
             base.truncate(fd, 0)
-            base.write(fd, encode_tiered(self.dropped))
+            base.write(fd, encode_tiered(state))
             base.fdatasync(fd)
         finally:
             base.close(fd)
@@ -211,10 +284,25 @@ class TieredFS(FileLayer):
             i += 1
         return out
 
+    def uncached(self, first_seq: int, offset: int, n: int) -> list[Range]:
+        """:meth:`records` overlapping ``[offset, offset + n)`` that are not in the cache."""
+        c = self._cache
+        return [r for r in self.records(first_seq, offset, n) if (r[0], r[1]) not in c]
+
     # ---------------------------------------------------------------- the read cache
 
     def _cpath(self, first_seq: int, offset: int) -> str:
         return os.path.join(self._cdir, f"{first_seq:020d}-{offset:020d}")
+
+    def cache_index(self, written: Iterable[Range]) -> None:
+        """List records whose cache files :func:`write_cache_files` wrote (the least
+        recently used leave beyond the bound). Event-loop thread; no file writes."""
+        for f, a, n in written:
+            if f not in self.dropped or (f, a) in self._cache:
+                continue
+            self._cache[(f, a)] = n
+            self.cached += n
+        self._trim()
 
     def cache_put(self, first_seq: int, offset: int, data: bytes) -> None:
         """Store fetched bytes ``[offset, offset + len(data))`` of dropped segment
@@ -348,6 +436,140 @@ class TieredFS(FileLayer):
 
     def makedirs(self, directory: str) -> None:
         self.base.makedirs(directory)
+
+
+def write_cache_files(fs: FileLayer, directory: str, records: Iterable[Range],
+                      offset: int, data: bytes) -> list[Range]:
+    """Write each whole record of ``records`` (of one segment) that ``data`` (its bytes
+    from ``offset``) holds as a cache file of journal ``directory``: a unique temporary
+    name, then a rename, so concurrent fetches of one record never mix. Returns the
+    records written, for :meth:`TieredFS.cache_index`. Any thread (touches no journal
+    state). Cost: one small file write and rename per record, no fsync (a record lost by
+    a crash is fetched again; a damaged one fails its CRC)."""
+    cdir = os.path.join(directory, CACHE_DIR)
+    end = offset + len(data)
+    mv = memoryview(data)
+    out: list[Range] = []
+    tag = f".{os.getpid()}-{threading.get_ident()}.tmp"
+    for f, a, n in records:
+        if a < offset or a + n > end:
+            continue
+        path = os.path.join(cdir, f"{f:020d}-{a:020d}")
+        fd = fs.open_append(path + tag)
+        try:
+            fs.truncate(fd, 0)
+            fs.write(fd, mv[a - offset : a - offset + n])
+        finally:
+            fs.close(fd)
+        fs.rename(path + tag, path)
+        out.append((f, a, n))
+    return out
+
+
+def cache_writer(journal: Journal) -> Callable[[Iterable[Range], int, bytes], list[Range]]:
+    """:func:`write_cache_files` bound to *journal*'s cache directory, for a fetcher's
+    worker thread (records not of a dropped segment are written and then ignored by
+    :func:`index_cached`)."""
+    fs = journal._fs
+    base = fs.base if isinstance(fs, TieredFS) else fs
+    directory = journal._dir
+
+    def write(records: Iterable[Range], offset: int, data: bytes) -> list[Range]:
+        return write_cache_files(base, directory, records, offset, data)
+
+    return write
+
+
+def index_cached(journal: Journal, written: Iterable[Range]) -> None:
+    """:meth:`TieredFS.cache_index` of *journal* (nothing for a fully local one)."""
+    fs = journal._fs
+    if isinstance(fs, TieredFS):
+        fs.cache_index(written)
+
+
+def missing_records(journal: Journal, locs: Iterable[tuple[int, int]],
+                    limit: int) -> list[Range]:
+    """The stored records of dropped segments that reading the records at ``locs``
+    (``(seq, loc)`` pairs, as the maps give them) needs and the cache lacks, in order,
+    at most ``limit`` bytes of them (at least one). Empty for a fully local journal.
+    Event-loop thread. Cost: O(log records) per pair; no I/O but sidecar loads."""
+    fs = journal._fs  # the journal package's own state (this module is its tier room)
+    if not isinstance(fs, TieredFS):
+        return []
+    out: list[Range] = []
+    seen: set[tuple[int, int]] = set()
+    total = 0
+    for seq, loc in locs:
+        seg = journal._seg_for(seq)
+        if seg.first_seq not in fs.dropped:
+            continue
+        for r in fs.uncached(seg.first_seq, journal._where(seg, seq, loc), 1):
+            if (r[0], r[1]) in seen:
+                continue
+            if out and total + r[2] > limit:
+                return out
+            seen.add((r[0], r[1]))
+            out.append(r)
+            total += r[2]
+    return out
+
+
+def readahead(journal: Journal, ranges: Sequence[Range], limit: int) -> list[Range]:
+    """``ranges`` (the records a NotLocal named) and the uncached records that follow
+    the first one in its segment, up to ``limit`` bytes in all: what a sequential scan
+    (replication catch-up) will read next. Event-loop thread."""
+    fs = journal._fs
+    if not isinstance(fs, TieredFS) or not ranges:
+        return list(ranges)
+    f, a, _n = ranges[0]
+    if f not in fs.dropped:
+        return list(ranges)
+    out = {(r[0], r[1]): r for r in ranges}
+    total = sum(r[2] for r in ranges)
+    for r in fs.uncached(f, a, max(1, limit)):
+        if total + r[2] > limit:
+            break
+        if (r[0], r[1]) not in out:
+            out[(r[0], r[1])] = r
+            total += r[2]
+    return sorted(out.values())
+
+
+def prefetch_limit(journal: Journal) -> int:
+    """The most bytes one planned fetch may bring: half the read cache, so the records
+    a read needs are not evicted by its own prefetch."""
+    fs = journal._fs
+    return max(1, fs.cache_bytes // 2) if isinstance(fs, TieredFS) else 0
+
+
+async def fetch_missed(journal: Journal, exc: NotLocal, last: list[Range] | None,
+                       plan: Callable[[list[Range]], list[Range]] | None = None) -> list[Range]:
+    """Fetch what a read that raised *exc* missed (``plan(missed)``, which must include
+    them, may widen it) through ``journal.remote``; returns the ranges missed, to pass as
+    *last* after the next miss. Raises *exc* when no fetcher is attached, it names no
+    ranges, or they equal *last* (missing again right after their fetch: the cache
+    cannot hold what the read needs)."""
+    remote = journal.remote
+    if remote is None or not exc.ranges or exc.ranges == last:
+        raise exc
+    want = plan(exc.ranges) if plan is not None else exc.ranges
+    await remote(want or exc.ranges)
+    return exc.ranges
+
+
+async def fetch_retry(journal: Journal, read: Callable[[], _T],
+                      plan: Callable[[list[Range]], list[Range]] | None = None) -> _T:
+    """``read()``; when it meets dropped history (:class:`NotLocal`) fetch what it misses
+    (:func:`fetch_missed`, widened by ``plan``: :func:`missing_records`,
+    :func:`readahead`) and try again, up to ``FETCH_ATTEMPTS`` fetches. NotLocal as
+    :func:`fetch_missed` raises it. Costs nothing beyond ``read()`` when all is local."""
+    last: list[Range] | None = None
+    for _ in range(FETCH_ATTEMPTS):
+        try:
+            return read()
+        except NotLocal as exc:
+            last = await fetch_missed(journal, exc, last, plan)
+    return read()
 
 
 def local_segment_files(fs: FileLayer, directory: str) -> list[int]:

@@ -2,7 +2,10 @@
 
 They run in the daemon on its event loop (map work in windows of the volume, payload
 reads in batches, writes in a worker thread, yielding between batches) or offline on a
-stopped store: both only read the store.
+stopped store: both only read the store. Payloads that live only in the S3 tier (their
+segment's local copy dropped) are fetched when a read meets them, with the records of
+the pieces ahead (up to half the read cache) in the same round of GETs
+(:func:`~cdp.journal.tiered.fetch_retry`); a fully local volume pays nothing for it.
 """
 
 from __future__ import annotations
@@ -11,7 +14,8 @@ import asyncio
 import os
 import stat
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable, Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +34,8 @@ from cdp.backup.changes import (
 from cdp.backup.pipe import BATCH_BYTES, Pipe
 from cdp.backup.sinks import NbdSink, Sink, StreamSink
 from cdp.errors import UsageError
+from cdp.journal import NotLocal
+from cdp.journal.tiered import Range, fetch_retry, missing_records, prefetch_limit
 from cdp.outputs import commit_partial, open_partial, output_error
 from cdp.points import point_arg
 from cdp.progress import Progress
@@ -40,6 +46,34 @@ from cdp.volume import Volume
 WINDOW = 4 << 30
 READ_BYTES = 4 << 20
 FORMATS = ("qcow2", "cdpdiff")
+
+
+def _fetch_plan(vol: Volume, locs: Callable[[], Iterable[tuple[int, int]]]
+                ) -> Callable[[list[Range]], list[Range]]:
+    """A :func:`fetch_retry` plan: the records missed, plus the uncached records of the
+    ``(seq, loc)`` pairs ``locs()`` gives (what is read next), up to half the cache."""
+    j = vol.journal
+
+    def plan(missed: list[Range]) -> list[Range]:
+        return missed + missing_records(j, locs(), prefetch_limit(j))
+
+    return plan
+
+
+def _piece_locs(vol: Volume, seq: int, pieces: list[Piece], i: int) -> Iterator[tuple[int, int]]:
+    """``(seq, loc)`` of the records pieces ``i..`` read, in order."""
+    for p in pieces[i:]:
+        if p.kind != DATA:
+            continue
+        if p.loc >= 0:
+            yield p.seq, p.loc
+        else:
+            yield from ((e.seq, e.loc) for e in vol.extents(p.start, p.end, seq) if e.loc >= 0)
+
+
+def _ext_locs(exts: list[Any], i: int) -> Iterator[tuple[int, int]]:
+    """``(seq, loc)`` of the records extents ``i..`` read, in order."""
+    return ((e.seq, e.loc) for e in exts[i:] if e.loc >= 0)
 
 
 def _points(store: Store, args: dict[str, Any]) -> tuple[Volume, str, str, int, int]:
@@ -227,9 +261,16 @@ async def _write_qcow2(
             # out only when the output is a device that may hold old bytes).
             stop = min(guest + n * cs, vol.size)
             items: list[tuple[int, bytes | memoryview]] = []
-            for e in vol.extents(guest, stop, seq):
+            exts = vol.extents(guest, stop, seq)
+            for k, e in enumerate(exts):
                 if e.loc >= 0:
-                    items.append((host + e.start - guest, read_slice(e.seq, e.loc, e.poff, e.end - e.start)))
+                    try:
+                        data = read_slice(e.seq, e.loc, e.poff, e.end - e.start)
+                    except NotLocal:  # tiered history: fetch this run's records, read again
+                        data = await fetch_retry(
+                            vol.journal, partial(read_slice, e.seq, e.loc, e.poff, e.end - e.start),
+                            _fetch_plan(vol, partial(_ext_locs, exts, k)))
+                    items.append((host + e.start - guest, data))
                 elif tmp is None:
                     items.append((host + e.start - guest, bytes(e.end - e.start)))
             if tmp is None and stop < guest + n * cs:
@@ -287,18 +328,26 @@ async def emit(
     nbytes = 0
     done = 0
     read_slice = vol.journal.read_slice
+
+    def read(p: Piece, pos: int, n: int) -> bytes:
+        if p.loc >= 0:
+            return read_slice(p.seq, p.loc, p.poff + (pos - p.start), n)
+        return vol.read(pos, n, seq)
+
     try:
-        for p in pieces:
+        for i, p in enumerate(pieces):
             if p.kind == ZERO:
                 batch.append((ZERO, p.start, p.length))
             else:
                 pos = p.start
                 while pos < p.end:
                     n = min(p.end - pos, READ_BYTES)
-                    if p.loc >= 0:
-                        data = read_slice(p.seq, p.loc, p.poff + (pos - p.start), n)
-                    else:
-                        data = vol.read(pos, n, seq)
+                    try:
+                        data = read(p, pos, n)
+                    except NotLocal:  # tiered history: fetch what is read next, read again
+                        data = await fetch_retry(
+                            vol.journal, partial(read, p, pos, n),
+                            _fetch_plan(vol, partial(_piece_locs, vol, seq, pieces, i)))
                     batch.append((DATA, pos, data))
                     nbytes += n
                     pos += n

@@ -5,13 +5,29 @@ the volume, so they also run offline on a stopped store. NTFS and ext2/3/4 alike
 
 Names: the catalog holds NTFS names in their stored form (:mod:`cdp.ntfs.names`, which
 keeps lone surrogates); these operations take and return exact names, converting at
-this boundary (paths and patterns in, ``path``/``dir``/``name``/stream names out)."""
+this boundary (paths and patterns in, ``path``/``dir``/``name``/stream names out).
+
+Design notes
+------------
+- **Restore over tiered history.** The file system parsers and ``FileBytes.pieces`` read
+  synchronously. When the volume has an S3 tier (which may drop local copies of its
+  history at any time), :func:`open_file` and the piece loop of :func:`restore` run in a worker thread
+  of their own (``_TIER_READERS``) with a reader that hands each read to the event loop
+  as :meth:`~cdp.volume.Volume.read_async` (fetch the records missing, then read): the
+  journal is still touched on the loop only, GETs and cache writes never are. A volume
+  without a tier takes the plain path (no thread, no hop). The pool is not asyncio's
+  default executor, which the fetches themselves use: a restore waiting on a fetch can
+  never hold the fetch's thread.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import fnmatch
 import os
+import threading
 from collections.abc import Awaitable, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -38,6 +54,39 @@ from cdp.outputs import (
 from cdp.points import point_arg
 from cdp.progress import Progress
 from cdp.store import Store
+from cdp.volume import Volume
+
+#: worker threads that run restores of tiered history (see the module notes)
+_TIER_READERS = ThreadPoolExecutor(4, thread_name_prefix="cdp-tier-restore")
+
+
+def _tiered(vol: Volume) -> bool:
+    """True when *vol* has an S3 tier that can fetch history (and so may drop its local
+    copies at any time)."""
+    return vol.journal.remote is not None
+
+
+def tier_reader_at(vol: Volume, seq: int) -> Callable[[int, int], bytes]:
+    """:func:`reader_at` for a worker thread: each read runs on the event loop as
+    :meth:`Volume.read_async` (fetching records only the S3 tier holds) and the thread
+    waits for it; called on the loop itself it reads directly (NotLocal possible).
+    Create it on the loop. Cost per read: two thread hand-offs plus the read."""
+    loop = asyncio.get_running_loop()
+    on_loop = threading.get_ident()
+    direct: Callable[[int, int], bytes] = reader_at(vol, seq)
+    size = vol.size
+
+    def read(offset: int, length: int) -> bytes:
+        if threading.get_ident() == on_loop:
+            return direct(offset, length)
+        if offset >= size or length <= 0:
+            return bytes(max(length, 0))
+        n = min(length, size - offset)
+        data: bytes = asyncio.run_coroutine_threadsafe(
+            vol.read_async(offset, n, seq), loop).result()
+        return data if n == length else data + bytes(length - n)
+
+    return read
 
 
 def _header(vol_name: str, point: str, view: View) -> dict[str, Any]:
@@ -199,7 +248,12 @@ async def open_file(store: Store, args: dict[str, Any]) -> FileBytes:
         raise NotFound(f"{shown(path)}: no such file at {point}")
     if e.is_dir:
         raise UsageError(f"{shown(path)} is a directory; restore takes files")
-    return _file_of(vol.name, point, view, reader_at(vol, view.seq), e, join(d, n), stream_name)
+    if _tiered(vol):  # tiered history: parse in a worker thread, reads fetch on the loop
+        return await asyncio.get_running_loop().run_in_executor(
+            _TIER_READERS, _file_of, vol.name, point, view, tier_reader_at(vol, view.seq), e,
+            join(d, n), stream_name)
+    return _file_of(vol.name, point, view, tier_reader_at(vol, view.seq), e, join(d, n),
+                    stream_name)
 
 
 def _file_of(vol_name: str, point: str, view: View, read: Callable[[int, int], bytes],
@@ -349,9 +403,19 @@ async def restore(store: Store, args: dict[str, Any], progress: Progress) -> Any
     out = os.path.abspath(out_path)
     fd, tmp = open_partial(out)
     written = 0
+    loop = asyncio.get_running_loop()
+    pieces = iter(f.pieces(on_error, damage))
+    tiered = _tiered(store.volume(args.get("volume")))
+
+    async def next_piece() -> tuple[int, bytes] | None:
+        if tiered:  # reads hop back to the loop and fetch from the tier (module notes)
+            return await loop.run_in_executor(_TIER_READERS, next, pieces, None)
+        return next(pieces, None)
+
     try:
         set_size(fd, f.size, out)
-        for off, piece in f.pieces(on_error, damage):
+        while (got := await next_piece()) is not None:
+            off, piece = got
             if piece.count(0) != len(piece):
                 write_at(fd, piece, off, out)
             written += len(piece)

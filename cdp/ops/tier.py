@@ -52,7 +52,7 @@ async def op_tier_upload(store: Store, args: dict[str, Any], progress: Progress)
         v.journal.sync()  # segments sealed so far become durable, so they can go up
         try:
             await svc.upload_now()
-            svc.drop_uploaded()  # the local-space policy, as the task applies it
+            await svc.drop_uploaded_async()  # the local-space policy, as the task applies it
         except CdpError:
             pass  # the status row says why
         out.append(svc.status())

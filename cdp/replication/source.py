@@ -7,7 +7,9 @@ Design notes
   replica and streams. Several targets are several services.
 - What is shipped is read back from the journal (``scan_stored`` from the seq the
   target reports in OPENED), never taken from the write path and never from a scan of
-  the volume: a reconnect, a restart and a live stream are the same loop.
+  the volume: a reconnect, a restart and a live stream are the same loop. Records of
+  segments the S3 tier dropped locally are fetched when the scan meets them, with the
+  records that follow (up to half the read cache) in one round of ranged GETs.
 - Only **durable** records are shipped: when the journal has records beyond
   ``durable_seq`` the task awaits ``journal.commit()`` itself (a group commit shared
   with the host's flushes) before reading them. So the target can never be ahead of
@@ -55,8 +57,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from cdp.errors import CdpError, ProtocolError
-from cdp.journal import Compression, Journal, RecordKind
+from cdp.journal import Compression, Journal, NotLocal, RecordKind
 from cdp.journal.format import REWIND_PAYLOAD, encode_data_record, encode_record
+from cdp.journal.tiered import fetch_missed, prefetch_limit, readahead
 from cdp.replication.protocol import (
     NEED_DATA,
     Ack,
@@ -120,6 +123,9 @@ def read_records(j: Journal, first: int, budget: int, last: int) -> list[bytes]:
                 break
             batch.append(raw)
             n += len(raw)
+    except NotLocal:  # tiered history: the caller fetches it, unless some came first
+        if not batch:
+            raise
     finally:
         gen.close()
     return batch
@@ -513,6 +519,7 @@ class ReplicationSource(VolumeService):
         j = self.vol.journal
         sizes: dict[int, int] = {}  # seq of the last record of each frame in flight -> bytes
         inflight = 0
+        missed: list[tuple[int, int, int]] | None = None  # of the last fetch from the tier
         while True:
             if acks.done():
                 acks.result()  # raises what ended it
@@ -528,7 +535,13 @@ class ReplicationSource(VolumeService):
                 if self.rate and (wait := self._due - time.monotonic()) > 0:
                     await asyncio.sleep(wait)
                     continue  # things may have moved meanwhile (acks, the window)
-                batch = self._next_batch(nxt)
+                try:
+                    batch = self._next_batch(nxt)
+                except NotLocal as exc:  # tiered history: fetch what catch-up reads next
+                    missed = await fetch_missed(
+                        j, exc, missed, lambda r: readahead(j, r, prefetch_limit(j)))
+                    continue
+                missed = None
                 if self._in_fallback or self._reset:
                     self.state = "catching-up"  # until the target acknowledged it
                 if not batch:  # a fallback waits for room (more records here)

@@ -152,3 +152,68 @@ def test_leftover_file_of_a_listed_segment_is_removed_at_open(tmp_path: Path) ->
     with pytest.raises(NotLocal):
         j.read_payload(recs[0][0], recs[0][1])
     j.close()
+
+
+def test_drop_segments_off_the_loop_and_fetch_retry(tmp_path: Path) -> None:
+    import asyncio
+
+    from cdp.journal.tiered import fetch_retry, missing_records, readahead
+
+    j, recs = _filled(tmp_path)
+    sealed = [s for s in j.segments() if s.sealed]
+    copy = {s.first_seq: (tmp_path / s.name).read_bytes() for s in sealed}
+    calls: list[list[tuple[int, int, int]]] = []
+
+    async def remote(ranges: list[tuple[int, int, int]]) -> None:
+        calls.append(list(ranges))
+        for first, off, n in ranges:
+            j.cache_put(first, off, copy[first][off : off + n])
+
+    async def go() -> None:
+        freed = await j.drop_segments([s.first_seq for s in sealed[:-1]] + [sealed[0].first_seq])
+        assert freed == sum(s.bytes for s in sealed[:-1])
+        assert await j.drop_segments([sealed[0].first_seq]) == 0  # already dropped
+        assert not any((tmp_path / s.name).exists() for s in sealed[:-1])
+        # without a fetcher: NotLocal as before; with one, a plan fetches in one round
+        seq, loc, data = recs[0]
+        with pytest.raises(NotLocal):
+            await fetch_retry(j, lambda: j.read_payload(seq, loc))
+        j.remote = remote
+        want = missing_records(j, [(s, lc) for s, lc, _d in recs], 1 << 20)
+        assert len(want) > 3 and len({(f, o) for f, o, _n in want}) == len(want)
+
+        def plan(missed: list[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
+            return missed + missing_records(j, [(s, lc) for s, lc, _d in recs], 1 << 20)
+
+        assert await fetch_retry(j, lambda: j.read_payload(seq, loc), plan) == data
+        assert len(calls) == 1
+        for s, lc, d in recs:  # the plan brought every record: no more fetches
+            assert j.read_payload(s, lc) == d
+        assert len(calls) == 1
+        assert missing_records(j, [(s, lc) for s, lc, _d in recs], 1 << 20) == []
+        # readahead: the record missed and those after it in its segment, bounded
+        ahead = readahead(j, [(sealed[0].first_seq, 0, 32)], 10 << 10)
+        assert ahead[0] == (sealed[0].first_seq, 0, 32)
+
+    asyncio.run(go())
+    j.close()
+    j = Journal.open(tmp_path, segment_bytes=4096)
+    assert j.dropped_segments() == [s.first_seq for s in sealed[:-1]]
+    j.close()
+
+
+def test_persist_never_writes_an_older_listing(tmp_path: Path) -> None:
+    j, _recs = _filled(tmp_path)
+    sealed = [s for s in j.segments() if s.sealed]
+    j.drop_segment(sealed[0].first_seq)
+    from cdp.journal.tiered import TieredFS, read_tiered
+
+    fs = j._fs
+    assert isinstance(fs, TieredFS)
+    old = fs.snapshot()
+    fs.switch(sealed[1].first_seq, sealed[1].bytes)
+    new = fs.snapshot()
+    fs.persist(*new, [])
+    fs.persist(*old, [])  # a slower, older writer: ignored
+    assert read_tiered(fs.base, str(tmp_path)) == new[1]
+    j.close()

@@ -11,7 +11,10 @@ Rows (``cdp``: the tier; ``peer``: the comparison, measured in the same run):
   Goal >= 0.9.
 - ``tier-recover``: MiB/s of ``recover_store`` (ranged 8 MiB GETs + sha256 + install)
   vs plain boto3 ``download_file`` of the same objects to files. Goal >= 0.7.
-- Tiered reads are not built yet (docs/TIER.md, "Limits"): no row.
+- ``tier-read-4KiB``: p50 ms of 4 KiB random reads (``Volume.read_async``) of a point
+  whose records live only in the bucket (segments dropped, cache cold: each read one
+  NotLocal, one fetch of one ~4 KiB record, one cache file, the read again) vs p50 of
+  plain boto3 ranged GETs of 4 KiB of the same segment objects. Goal ratio <= 2.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import json
 import os
 import random
 import shutil
+import statistics
 import tempfile
 import time
 import uuid
@@ -37,6 +41,7 @@ from tools.bench.s3_bench import (
     _row,
     cdp_client,
     multipart_rate,
+    percentiles_ms,
     plain_client,
     put_rate,
     rgw,
@@ -44,6 +49,8 @@ from tools.bench.s3_bench import (
 
 MiB = 1 << 20
 SIZE = 1 << 30
+#: sealed, not yet uploaded history written before each timed ingest run
+BACKLOG = 96 * MiB
 
 
 def _settings(tmp: Path, url: str, segment: int) -> Settings:
@@ -75,7 +82,47 @@ async def _ingest(vol: Volume, total: int, size: int, seed: int) -> float:
     return total / MiB / (time.perf_counter() - t0)
 
 
-def run(quick: bool = False) -> list[dict[str, Any]]:
+async def _tiered_reads(tmp: Path, url: str, s3: Any, n: int) -> tuple[list[float], list[str]]:
+    """Seconds of ``n`` 4 KiB random reads of a point whose records only the bucket holds
+    (a 32 MiB region of 4 KiB writes, then 16 MiB elsewhere so its segments seal, go up
+    and are dropped); and the keys of the segment objects."""
+    s = _settings(tmp, url, 8 * MiB)
+    vol = Volume.create(tmp / "store" / "volumes" / "vol0", "vol0", SIZE, s)
+    svc = TierService(vol, s.tier, s3=s3, autostart=False)
+    vol.attach(svc)
+    rng = random.Random(3)
+    region = 32 * MiB
+    for off in range(0, region, 4096):
+        r = vol.write(off, rng.randbytes(2048) + bytes(2048))
+        if r is not None:
+            await r
+    m = await vol.snapshot("m")
+    for off in range(region, region + 16 * MiB, MiB):
+        r = vol.write(off, os.urandom(MiB))
+        if r is not None:
+            await r
+    await vol.flush()
+    vol.journal.sync()
+    await svc.upload_now()
+    await svc.drop_uploaded_async()
+    assert svc.manifest is not None and vol.journal.dropped_segments()
+    lat = []
+    for _ in range(n):
+        off = rng.randrange(region // 4096) * 4096
+        t0 = time.perf_counter()
+        got = await vol.read_async(off, 4096, m.seq)
+        lat.append(time.perf_counter() - t0)
+        assert len(got) == 4096
+    keys = [o.key for o in svc.manifest.segments]
+    vol.close()
+    return lat, keys
+
+
+ROWS = ("upload", "read", "ingest", "recover")
+
+
+def run(quick: bool = False, only: tuple[str, ...] = ROWS) -> list[dict[str, Any]]:
+    """The rows named in ``only`` (``recover`` needs ``upload``)."""
     up_total = (64 if quick else 256) * MiB
     ingest_total = (64 if quick else 256) * MiB
     rows: list[dict[str, Any]] = []
@@ -91,76 +138,127 @@ def run(quick: bool = False) -> list[dict[str, Any]]:
             put_rate(c, bucket, 4 * MiB, 8)  # warm-up
             url = f"s3://{bucket}/b"
 
-            # -- upload: one batch of incompressible 64 MiB segments
-            async def upload() -> tuple[float, int, list[str]]:
-                s = _settings(tmp / "up", url, 64 * MiB)
-                vol = Volume.create(tmp / "up" / "store" / "volumes" / "vol0", "vol0", SIZE, s)
-                svc = TierService(vol, s.tier, s3=s3, autostart=False)
-                vol.attach(svc)
-                for i in range(up_total // MiB + 64):  # + one segment to roll the last
-                    r = vol.write((i * MiB) % SIZE, os.urandom(MiB))
-                    if r is not None:
-                        await r
-                await vol.flush()
-                vol.journal.sync()
+            if "upload" in only:
+                # -- upload: one batch of incompressible 64 MiB segments, alternating with
+                # plain boto3 uploading a file of the same size (both after os.sync(), so
+                # neither competes with the writeback of what was just written)
+                async def upload(rnd: int) -> tuple[float, int, list[str]]:
+                    d = tmp / f"up{rnd}"
+                    s = _settings(d, f"{url}-up{rnd}", 64 * MiB)
+                    vol = Volume.create(d / "store" / "volumes" / "vol0", "vol0", SIZE, s)
+                    svc = TierService(vol, s.tier, s3=s3, autostart=False)
+                    vol.attach(svc)
+                    for i in range(up_total // MiB + 64):  # + one segment to roll the last
+                        r = vol.write((i * MiB) % SIZE, os.urandom(MiB))
+                        if r is not None:
+                            await r
+                    await vol.flush()
+                    vol.journal.sync()
+                    await asyncio.to_thread(os.sync)
+                    t0 = time.perf_counter()
+                    await svc.upload_now()
+                    dt = time.perf_counter() - t0
+                    assert svc.manifest is not None
+                    nbytes = sum(o.size for o in svc.manifest.segments)
+                    keys = [o.key for o in svc.manifest.segments]
+                    vol.close()
+                    return nbytes / MiB / dt, nbytes, keys
+
+                ups: list[float] = []
+                peers: list[float] = []
+                with tempfile.NamedTemporaryFile(prefix="cdp-tier-bench-", dir=tmp) as f:
+                    f.write(os.urandom(64 * MiB))
+                    f.flush()
+                    for rnd in range(2):
+                        mine, nbytes, keys = asyncio.run(upload(rnd))
+                        ups.append(mine)
+                        os.sync()
+                        peers.append(multipart_rate(c, bucket, Path(f.name), max(1, nbytes // (64 * MiB))))
+                rows.append(_row("tier-upload", sum(ups) / 2, sum(peers) / 2, "MiB/s",
+                                 f"{nbytes // MiB} MiB of 64 MiB segments, 2 alternating rounds; "
+                                 "cdp: TierService batch (sha256 + multipart 8 MiB x8 + state + "
+                                 "manifest); peer: upload_file"))
+                rec_url = f"{url}-up1"  # what the recovery row reads back
+
+            if "read" in only:
+                # -- 4 KiB random reads of a tiered, uncached point vs plain ranged GETs
+                n = 100 if quick else 400
+                lat, rkeys = asyncio.run(_tiered_reads(tmp / "rd", f"{url}-reads", s3, n))
+                sizes = {k: c.head_object(Bucket=bucket, Key=k)["ContentLength"] for k in rkeys}
+                rng = random.Random(5)
+                plain = []
+                for _ in range(n):
+                    k = rng.choice(rkeys)
+                    off = rng.randrange(max(1, sizes[k] // 4096 - 1)) * 4096
+                    t0 = time.perf_counter()
+                    c.get_object(Bucket=bucket, Key=k, Range=f"bytes={off}-{off + 4095}")["Body"].read()
+                    plain.append(time.perf_counter() - t0)
+                mine_ms, peer_ms = percentiles_ms(lat), percentiles_ms(plain)
+                rows.append(_row("tier-read-4KiB", mine_ms["p50"], peer_ms["p50"], "ms p50",
+                                 f"{n} reads; cdp p95 {mine_ms['p95']:.2f} ms, peer p95 "
+                                 f"{peer_ms['p95']:.2f} ms; cdp: read_async of a dropped, uncached "
+                                 "point (fetch + cache + read); peer: get_object Range 4 KiB. "
+                                 "Goal: ratio <= 2"))
+
+            if "ingest" in only:
+                # -- ingest with the tier uploading behind it vs off: alternating rounds, the
+                # median of each; the note says how much the tier sent during the "on" runs
+                for size, name in ((4096, "4KiB"), (MiB, "1MiB")):
+                    total = ingest_total // (2 if size == 4096 else 1)
+                    rates: dict[bool, list[float]] = {True: [], False: []}
+                    sent: list[int] = []
+                    for rnd in range(3):
+                        for on in (False, True):
+                            d = tmp / f"in-{name}-{rnd}-{on}"
+
+                            async def ingest(d: Path = d, on: bool = on, rnd: int = rnd, total: int = total,
+                                             size: int = size, sent: list[int] = sent) -> float:
+                                # a backlog of sealed segments first (not timed), so the tier
+                                # uploads during the whole timed run
+                                s = _settings(d, f"{url}-ingest-{d.name}", 8 * MiB)
+                                vol = Volume.create(d / "store" / "volumes" / "vol0", "vol0", SIZE, s)
+                                for i in range(BACKLOG // MiB):
+                                    r = vol.write(SIZE - (i + 1) * MiB, os.urandom(MiB))
+                                    if r is not None:
+                                        await r
+                                await vol.flush()
+                                vol.journal.sync()
+                                svc = None
+                                if on:
+                                    svc = TierService(vol, s.tier, s3=s3, autostart=False)
+                                    vol.attach(svc)
+                                    svc.start()
+                                rate = await _ingest(vol, total, size, rnd)
+                                if svc is not None:
+                                    sent.append(svc.sent_bytes)
+                                vol.close()
+                                return rate
+
+                            os.sync()
+                            rates[on].append(asyncio.run(ingest()))
+                            shutil.rmtree(d, ignore_errors=True)
+                    rows.append(_row(f"tier-ingest-{name}", statistics.median(rates[True]),
+                                     statistics.median(rates[False]), "MiB/s",
+                                     f"{total // MiB} MiB of {name} writes, volume level, 3 alternating "
+                                     f"rounds, medians; a {BACKLOG // MiB} MiB backlog first, the "
+                                     f"tier sent {min(sent) // MiB}-{max(sent) // MiB} MiB during "
+                                     "each timed run; peer: [tier] off"))
+
+            if "recover" in only and "upload" in only:
+                # -- recovery vs plain download of the same objects
                 t0 = time.perf_counter()
-                await svc.upload_now()
-                dt = time.perf_counter() - t0
-                assert svc.manifest is not None
-                nbytes = sum(o.size for o in svc.manifest.segments)
-                keys = [o.key for o in svc.manifest.segments]
-                vol.close()
-                return nbytes / MiB / dt, nbytes, keys
-
-            mine, nbytes, keys = asyncio.run(upload())
-            with tempfile.NamedTemporaryFile(prefix="cdp-tier-bench-", dir=tmp) as f:
-                f.write(os.urandom(64 * MiB))
-                f.flush()
-                peer = multipart_rate(c, bucket, Path(f.name), max(1, nbytes // (64 * MiB)))
-            rows.append(_row("tier-upload", mine, peer, "MiB/s",
-                             f"{nbytes // MiB} MiB of 64 MiB segments; cdp: TierService batch "
-                             "(sha256 + HEAD + multipart 8 MiB x8 + manifest); peer: upload_file"))
-
-            # -- ingest with the tier uploading behind it vs off
-            for size, name in ((4096, "4KiB"), (MiB, "1MiB")):
-                total = ingest_total // (4 if size == 4096 else 1)
-                rates: dict[bool, list[float]] = {True: [], False: []}
-                for rnd in range(2):
-                    for on in (False, True):
-                        d = tmp / f"in-{name}-{rnd}-{on}"
-
-                        async def ingest(d: Path = d, on: bool = on, rnd: int = rnd, total: int = total,
-                                         size: int = size) -> float:
-                            s = _settings(d, f"{url}-ingest-{d.name}", 8 * MiB)
-                            vol = Volume.create(d / "store" / "volumes" / "vol0", "vol0", SIZE, s)
-                            if on:
-                                svc = TierService(vol, s.tier, s3=s3)
-                                vol.attach(svc)
-                                svc.start()
-                            rate = await _ingest(vol, total, size, rnd)
-                            vol.close()
-                            return rate
-
-                        rates[on].append(asyncio.run(ingest()))
-                        shutil.rmtree(d, ignore_errors=True)
-                rows.append(_row(f"tier-ingest-{name}", sum(rates[True]) / 2, sum(rates[False]) / 2,
-                                 "MiB/s", f"{total // MiB} MiB of {name} writes, volume level, "
-                                 "2 alternating rounds; peer: [tier] off"))
-
-            # -- recovery vs plain download of the same objects
-            t0 = time.perf_counter()
-            rep = recover_store(s3, url, tmp / "rec")
-            mine = rep.bytes / MiB / (time.perf_counter() - t0)
-            dl = tmp / "plain"
-            dl.mkdir()
-            t0 = time.perf_counter()
-            for i, k in enumerate(keys):  # what "download the bucket" is with plain boto3
-                c.download_file(bucket, k, str(dl / str(i)))
-            peer = nbytes / MiB / (time.perf_counter() - t0)
-            rows.append(_row("tier-recover", mine, peer, "MiB/s",
-                             f"{rep.bytes // MiB} MiB; cdp: recover_store (4 segments at once, "
-                             "8 MiB ranged GETs, sha256, fsync); peer: boto3 download_file of each "
-                             "segment (s3transfer, 10 threads)"))
+                rep = recover_store(s3, rec_url, tmp / "rec")
+                mine = rep.bytes / MiB / (time.perf_counter() - t0)
+                dl = tmp / "plain"
+                dl.mkdir()
+                t0 = time.perf_counter()
+                for i, k in enumerate(keys):  # what "download the bucket" is with plain boto3
+                    c.download_file(bucket, k, str(dl / str(i)))
+                peer = nbytes / MiB / (time.perf_counter() - t0)
+                rows.append(_row("tier-recover", mine, peer, "MiB/s",
+                                 f"{rep.bytes // MiB} MiB; cdp: recover_store (4 segments at once, "
+                                 "8 MiB ranged GETs, sha256, fsync); peer: boto3 download_file of each "
+                                 "segment (s3transfer, 10 threads)"))
         finally:
             keys_left = [o["Key"] for p in c.get_paginator("list_objects_v2").paginate(Bucket=bucket)
                          for o in p.get("Contents", [])]
@@ -175,8 +273,9 @@ def run(quick: bool = False) -> list[dict[str, Any]]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--only", default=",".join(ROWS), help=f"rows to run (of {','.join(ROWS)})")
     a = ap.parse_args(argv)
-    for r in run(a.quick):
+    for r in run(a.quick, tuple(a.only.split(","))):
         print(json.dumps(r))
     return 0
 
