@@ -70,7 +70,8 @@ def test_raw_volume_attack_alert_clean_point_rewind(tmp_path: Path) -> None:
         a = alerts[0]
         print(f"sentinel: alert {latency:.1f} s after the attack's first write "
               f"(incl. cdpctl polling); first @{a['first_seq']}, score {a['score']}")
-        assert latency <= 10
+        # the latency goal (<= 10 s) is a row of tools/bench/sentinel_bench.py
+        # (--detection), not an assertion here: the suite asserts no timings
         assert set(a) == {"id", "volume", "state", "first_seq", "first_time", "detected_time",
                           "clean_point", "score", "evidence", "files"}
         assert a["id"] == "alert1" and a["volume"] == "vol0" and a["state"] == "active"
