@@ -241,7 +241,9 @@ class SegmentReader:
         and decompressed (the record header and chunk table are checked when first
         read, then kept in a small LRU); a one-block record is read and checked whole.
         ``cache`` (keys ``(seq, chunk index)``) is consulted first and filled with the
-        chunks decoded. Raises Corruption (segment, offset, seq, chunk) if a needed
+        chunks decoded; without a cache, a slice over several raw chunks of a version 3
+        record is one pread of its granules (:meth:`_raw_span`). Raises Corruption
+        (segment, offset, seq, chunk) if a needed
         chunk or the header is damaged: other chunks of the record stay readable;
         NotFound for a seq outside the journal; UsageError for a slice outside the
         payload. Cost: O(chunks touched), one pread per run of adjacent chunks.
@@ -295,6 +297,22 @@ class SegmentReader:
             return b""
         first = poff // CHUNK_SIZE
         last = (poff + length - 1) // CHUNK_SIZE
+        if first != last and cache is None:
+            # a slice over several chunks read without a cache (the one-pass readers:
+            # export, image): raw chunks are read as one span of granules, no decode, no
+            # copy. With a cache the chunks are decoded and cached as before.
+            if lay is None or lay[0] != loc:
+                lay, whole = self._learn_layout(seq, loc)
+                if whole is not None:  # a one-block record, read and checked whole
+                    if poff + length > len(whole):
+                        raise UsageError(f"slice [{poff}, {poff + length}) is past the end of "
+                                         f"seq {seq}'s payload")
+                    return (whole if poff == 0 and length == len(whole)
+                            else memoryview(whole)[poff : poff + length])
+            if lay is not None:
+                span = self._raw_span(seq, lay, poff, length)
+                if span is not None:
+                    return span
         o = poff - first * CHUNK_SIZE
         if first == last:
             p: bytes | memoryview | None = cache.get((seq, first)) if cache is not None else None
@@ -313,6 +331,65 @@ class SegmentReader:
             raise UsageError(f"slice [{poff}, {poff + length}) is past the end of "
                              f"seq {seq}'s payload")
         return memoryview(got)[o : o + length] if o or length != len(got) else got
+
+    def _learn_layout(self, seq: int, loc: int) -> tuple[
+            tuple[int, ChunkTable, SegmentState] | None, bytes | None]:
+        """Read record ``seq``'s header and chunk table (remembered, as the general path
+        does): ``(layout, None)`` for a chunked record in a segment that is not
+        compacted, ``(None, payload)`` for a one-block record (read and checked whole),
+        ``(None, None)`` when compacted (the general path relocates it). Raises what
+        :meth:`_read_layout` raises (damage, expired data)."""
+        seg = self._seg_for(seq)
+        if seg.compacted:
+            return None, None
+        got = self._read_layout(seg, seq, loc, f"segment {seg.name} offset {loc} seq {seq}")
+        if isinstance(got, bytes):
+            return None, got
+        return self._layouts[seq], None
+
+    def _raw_span(self, seq: int, lay: tuple[int, ChunkTable, SegmentState], poff: int,
+                  length: int) -> bytes | memoryview | None:
+        """Payload bytes ``[poff, poff+length)`` of a version 3 record whose checked
+        tables are remembered (*lay*), when every chunk they touch is stored raw and the
+        record lies in the segment file: stored raw chunks are contiguous, so this is one
+        pread of the 4 KiB granules the slice overlaps, each granule's CRC checked, and
+        the slice comes back without a decode or a copy (the read itself when it is
+        granule-aligned, else a view of it). None for anything else, a damaged granule
+        included: the general path then reads again and raises what it must.
+        Cost: one pread + one CRC per granule; O(chunks) checks of the table."""
+        loc, table, seg = lay
+        gr = table.granules
+        end = poff + length
+        if (gr is None or seg.compacted or (seg is self._cur and loc >= self._file_size)
+                or poff < 0 or length <= 0 or end > table.length):
+            return None
+        i = poff >> _CHUNK_SHIFT
+        st = table.starts
+        comps = table.comps
+        total = table.length
+        for c in range(i, ((end - 1) >> _CHUNK_SHIFT) + 1):
+            raw = total - (c << _CHUNK_SHIFT)
+            if comps[c] != _NONE_COMP or st[c + 1] - st[c] != (raw if raw < CHUNK_SIZE else CHUNK_SIZE):
+                return None
+        a = poff & _GRANULE_MASK
+        b = ((end - 1) | (GRANULE_SIZE - 1)) + 1
+        if b > total:
+            b = total
+        n = b - a
+        blob = self._fs.pread(self._rfd(seg), n,
+                              loc + RECORD_HEADER_SIZE + st[i] + a - (i << _CHUNK_SHIFT))
+        if len(blob) != n:
+            return None
+        mv = memoryview(blob)
+        k = a >> _GRANULE_SHIFT  # = GRANULES * chunk + granule in the chunk
+        for g in range(0, n, GRANULE_SIZE):
+            if _CRC(mv[g : g + GRANULE_SIZE]) != gr[k]:
+                return None
+            k += 1
+        self._layouts.move_to_end(seq)
+        if a == poff and n == length:
+            return blob
+        return mv[poff - a : end - a]
 
     def _chunk_fast(self, seq: int, loc: int, i: int, cache: ChunkCache | None) -> bytes | None:
         """Chunk ``i`` of a chunked record whose checked table is remembered and which
