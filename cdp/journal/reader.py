@@ -18,7 +18,9 @@ Design notes
 - **Fast paths.** A slice of a raw chunk of a version 3 record whose tables are
   remembered reads only its 4 KiB granules (one pread, one CRC per granule; inline at
   the top of :meth:`read_slice_view`, of which :meth:`read_slice` is the bytes form, so
-  the live small read makes no call but ``_rfd`` and the pread); a chunk of such a
+  the live small read makes no call but ``_rfd`` and the pread; a slice smaller than
+  its granules keeps them as the one-entry ``_memo``, so a client reading 1 KiB at a
+  time costs one pread and one CRC per 4 KiB, not per request); a chunk of such a
   record is one pread + CRC + maybe lz4 (:meth:`_chunk_fast`); a one-block record is
   one pread of header + payload (:meth:`_block_fast`). Each gives way on anything
   unusual, damage included, and the general path (:meth:`_chunks`) then reads again
@@ -143,6 +145,10 @@ class SegmentReader:
         self._patterns: OrderedDict[bytes, bytes] = OrderedDict()
         #: sidecars rebuilt after open (damaged or missing when first needed)
         self.repairs: list[str] = []
+        #: the last granule span read for a slice smaller than it, checked: (seq, file
+        #: offset, bytes). The next small slice of the same granules (a client reading
+        #: 1 KiB at a time) is served from it without a pread or a CRC.
+        self._memo: tuple[int, int, bytes] = (0, -1, b"")
 
     def _path(self, name: str) -> str:
         return os.path.join(self._dir, name)
@@ -272,8 +278,11 @@ class SegmentReader:
                 if b > raw:
                     b = raw
                 n = b - a
-                blob = self._fs.pread(self._rfd(seg), n,
-                                      loc + RECORD_HEADER_SIZE + table.starts[i] + a)
+                pos = loc + RECORD_HEADER_SIZE + table.starts[i] + a
+                memo = self._memo
+                if memo[1] == pos and memo[0] == seq and len(memo[2]) == n:
+                    return memoryview(memo[2])[o - a : end - a]
+                blob = self._fs.pread(self._rfd(seg), n, pos)
                 if len(blob) == n:
                     k = GRANULES * i + (a >> _GRANULE_SHIFT)
                     if n <= GRANULE_SIZE:
@@ -290,6 +299,7 @@ class SegmentReader:
                         self._layouts.move_to_end(seq)
                         if o == a and n == length:
                             return blob
+                        self._memo = (seq, pos, blob)
                         return memoryview(blob)[o - a : end - a]
         if poff < 0 or length < 0:
             raise UsageError(f"slice [{poff}, {poff + length}) of seq {seq} out of range")
@@ -317,7 +327,8 @@ class SegmentReader:
         if first == last:
             p: bytes | memoryview | None = cache.get((seq, first)) if cache is not None else None
             if p is None:
-                p = self._chunk_fast(seq, loc, first, cache)
+                if lay is not None:  # a chunked record (a one-block one has no table)
+                    p = self._chunk_fast(seq, loc, first, cache)
                 if p is None and first == 0:
                     p = self._block_fast(seq, loc, cache)
                 if p is None:
@@ -790,6 +801,7 @@ class SegmentReader:
         """A compaction replaced ``seg``'s file, and the caller set its new size and
         arrays: forget the chunk tables read from the old file (they name its offsets)."""
         self._layouts.clear()
+        self._memo = (0, -1, b"")
         self._remember(seg)
 
     def _pin(self, seg: SegmentState) -> None:
@@ -806,7 +818,9 @@ class SegmentReader:
         return first_seq in self._pins
 
     def _drop_fd(self, first_seq: int) -> int | None:
-        """Forget the cached read descriptor of a segment; it, for the caller to close."""
+        """Forget the cached read descriptor of a segment (and the granule memo, which may
+        hold its bytes); it, for the caller to close."""
+        self._memo = (0, -1, b"")
         return self._read_fds.pop(first_seq, None)
 
     def _close_reads(self) -> None:

@@ -173,10 +173,11 @@ ALL = ["disk", "nbd-randwrite-4k", "nbd-seqwrite-1m", "nbd-randread-4k", "nbd-ra
 
 def run(quick: bool = False, workloads: list[str] | None = None, scratch: Path | None = None,
         runs: int | None = None, image_size: int | None = None,
-        image_writes: int | None = None) -> list[dict[str, Any]]:
+        image_writes: int | None = None, pipelined: int | None = None) -> list[dict[str, Any]]:
     """Every chosen workload (default: all) on one cdpd and one ``nbdkit file``; the
     read rows alternate *runs* pairs (default 3, quick 1). *image_size* (bytes) and
-    *image_writes* scale the image row (default 1 GiB / 200k writes, quick 64 MiB / 5k)."""
+    *image_writes* scale the image row (default 1 GiB / 200k writes, quick 64 MiB / 5k);
+    *pipelined* is the bytes nbd-pipelined-1k reads back (default 1 GiB, quick 16 MiB)."""
     for tool in ("fio", "nbdkit", "dd", "qemu-img"):
         if shutil.which(tool) is None:
             raise SystemExit(f"nbd_bench: requires {tool} (make sysdeps)")
@@ -256,7 +257,7 @@ def run(quick: bool = False, workloads: list[str] | None = None, scratch: Path |
             p = fio(kit.uri(), "randread", "4k", 32, 1, runtime, size)["iops"]
             rows.append(_row(f"pit-read ({n} writes)", c, p, "nbdkit file (live)", "IOPS", GOALS["pit-read"]))
         if "nbd-pipelined-1k" in want:
-            total = min(size, 16 * MiB if quick else GiB)
+            total = min(size, pipelined or (16 * MiB if quick else GiB))
             fio(cdpd.uri(), "write", "1M", 8, 1, 0, total)
             fio(kit.uri(), "write", "1M", 8, 1, 0, total)
             gaps: list[str] = []
@@ -273,7 +274,7 @@ def run(quick: bool = False, workloads: list[str] | None = None, scratch: Path |
 
             load = load_average()
             c, p, r = pairs(cp, pp, runs)
-            rows.append(_row(f"nbd-pipelined-1k (gaps {'/'.join(gaps)} s, load {load})",
+            rows.append(_row(f"nbd-pipelined-1k ({total // MiB} MiB, gaps {'/'.join(gaps)} s, load {load})",
                              c, p, "nbdkit file", "MB/s", GOALS["nbd-pipelined-1k"], ratio=r))
     finally:
         kit.stop()
@@ -364,10 +365,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runs", type=int, help="alternated cdp/peer pairs per read row (default 3)")
     ap.add_argument("--image-size", type=int, metavar="MiB", help="the image row's volume (default 1024)")
     ap.add_argument("--image-writes", type=int, metavar="N", help="its history (default 200000)")
+    ap.add_argument("--pipelined-size", type=int, metavar="MiB",
+                    help="bytes nbd-pipelined-1k reads back (default 1024)")
     ap.add_argument("workloads", nargs="*")
     a = ap.parse_args(argv)
     rows = run(a.quick, a.workloads or None, a.scratch, a.runs,
-               a.image_size * MiB if a.image_size else None, a.image_writes)
+               a.image_size * MiB if a.image_size else None, a.image_writes,
+               a.pipelined_size * MiB if a.pipelined_size else None)
     print_table(rows)
     return 0
 
