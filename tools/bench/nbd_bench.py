@@ -156,6 +156,13 @@ def seqwrite_pairs(cdpd: Cdpd, base: Path, size: int, pairs: int) -> tuple[float
     return statistics.median(cs), statistics.median(ds), statistics.median(rs)
 
 
+def _add(rows: list[dict[str, Any]], row: dict[str, Any]) -> None:
+    """Append *row* and show it at once on stderr (a full run takes many minutes)."""
+    rows.append(row)
+    print(f"  {row['workload']}: cdp {row['cdp']} peer {row['peer']} {row['unit']}, "
+          f"ratio {row['ratio']}", file=sys.stderr, flush=True)
+
+
 def _row(workload: str, cdp: float, peer: float, peer_name: str, unit: str, goal: float | None,
          ratio: float | None = None) -> dict[str, Any]:
     if ratio is None:
@@ -196,7 +203,7 @@ def run(quick: bool = False, workloads: list[str] | None = None, scratch: Path |
     rows: list[dict[str, Any]] = []
     dd_mbps = dd_bandwidth(base, 256 if quick else 2048)
     if "disk" in want:
-        rows.append(_row("disk", dd_mbps, dd_mbps, "dd", "MB/s", None))
+        _add(rows, _row("disk", dd_mbps, dd_mbps, "dd", "MB/s", None))
     (base / "cdp").mkdir()
     extra = (f'[[volume]]\nname = "frag"\nsize = "{frag // MiB}MiB"\n'
              f'[[volume]]\nname = "img"\nsize = "{img_size // MiB}MiB"\n')
@@ -204,15 +211,15 @@ def run(quick: bool = False, workloads: list[str] | None = None, scratch: Path |
                 extra_config=extra)
     kit = Nbdkit(base / "nbdkit.img", size)
     try:
-        cdpd.start()
+        cdpd.start(timeout=120)  # a loaded machine takes long to import
         for conns in (1, 4):
             if "nbd-randwrite-4k" in want:
                 c = fio(cdpd.uri(), "randwrite", "4k", 32, conns, runtime, size)["iops"]
                 p = fio(kit.uri(), "randwrite", "4k", 32, conns, runtime, size)["iops"]
-                rows.append(_row(f"nbd-randwrite-4k x{conns}", c, p, "nbdkit file", "IOPS", GOALS["nbd-randwrite-4k"]))
+                _add(rows, _row(f"nbd-randwrite-4k x{conns}", c, p, "nbdkit file", "IOPS", GOALS["nbd-randwrite-4k"]))
         if "nbd-seqwrite-1m" in want:
             c, p, r = seqwrite_pairs(cdpd, base, size, 1 if quick else 3)
-            rows.append(_row("nbd-seqwrite-1m", c, p, "dd conv=fdatasync", "MB/s",
+            _add(rows, _row("nbd-seqwrite-1m", c, p, "dd conv=fdatasync", "MB/s",
                              GOALS["nbd-seqwrite-1m"], ratio=r))
         if want & {"nbd-randread-4k", "nbd-randread-4k-busy"}:
             # both exports fully written first, so reads hit data, not holes
@@ -235,18 +242,18 @@ def run(quick: bool = False, workloads: list[str] | None = None, scratch: Path |
                     else:
                         c, p, r = pairs(cr, pr, runs)
                     name = f"nbd-randread-4k x{conns}{' busy' if busy else ''}"
-                    rows.append(_row(f"{name} (load {load})", c, p, "nbdkit file", "IOPS",
+                    _add(rows, _row(f"{name} (load {load})", c, p, "nbdkit file", "IOPS",
                                      GOALS[f"nbd-randread-4k x{conns}"], ratio=r))
         if "nbd-fragread-4k" in want:
-            rows.append(_fragread(cdpd, base, frag, 2.0 if quick else 15.0, read_s, runs))
+            _add(rows, _fragread(cdpd, base, frag, 2.0 if quick else 15.0, read_s, runs))
         if "image" in want:
-            rows.append(_image(cdpd, base, img_size, img_writes, runs))
+            _add(rows, _image(cdpd, base, img_size, img_writes, runs))
         if "nbd-flush" in want:
             for every in (1, 32):
                 extra_args = (f"--fsync={every}",)
                 c = fio(cdpd.uri(), "randwrite", "4k", 32, 1, runtime, size, extra_args)["iops"]
                 p = fio(kit.uri(), "randwrite", "4k", 32, 1, runtime, size, extra_args)["iops"]
-                rows.append(_row(f"nbd-flush fsync={every}", c, p, "nbdkit file", "IOPS", GOALS["nbd-flush"]))
+                _add(rows, _row(f"nbd-flush fsync={every}", c, p, "nbdkit file", "IOPS", GOALS["nbd-flush"]))
         if "pit-read" in want:
             n = 20_000 if quick else 1_000_000
             half = n // 2 * 4096
@@ -255,7 +262,7 @@ def run(quick: bool = False, workloads: list[str] | None = None, scratch: Path |
             fio(cdpd.uri(), "randwrite", "4k", 32, 1, 0, size, (f"--io_size={half}",))
             c = fio(cdpd.uri("vol0@bench-mid"), "randread", "4k", 32, 1, runtime, size)["iops"]
             p = fio(kit.uri(), "randread", "4k", 32, 1, runtime, size)["iops"]
-            rows.append(_row(f"pit-read ({n} writes)", c, p, "nbdkit file (live)", "IOPS", GOALS["pit-read"]))
+            _add(rows, _row(f"pit-read ({n} writes)", c, p, "nbdkit file (live)", "IOPS", GOALS["pit-read"]))
         if "nbd-pipelined-1k" in want:
             total = min(size, pipelined or (16 * MiB if quick else GiB))
             fio(cdpd.uri(), "write", "1M", 8, 1, 0, total)
@@ -274,7 +281,7 @@ def run(quick: bool = False, workloads: list[str] | None = None, scratch: Path |
 
             load = load_average()
             c, p, r = pairs(cp, pp, runs)
-            rows.append(_row(f"nbd-pipelined-1k ({total // MiB} MiB, gaps {'/'.join(gaps)} s, load {load})",
+            _add(rows, _row(f"nbd-pipelined-1k ({total // MiB} MiB, gaps {'/'.join(gaps)} s, load {load})",
                              c, p, "nbdkit file", "MB/s", GOALS["nbd-pipelined-1k"], ratio=r))
     finally:
         kit.stop()
