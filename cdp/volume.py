@@ -796,6 +796,18 @@ class Volume:
         """Payload bytes [poff, poff+n) of record seq: only the chunks they touch."""
         return self.journal.read_slice(seq, loc, poff, n, cache=self._cache)
 
+    def read_extent(self, e: Any, offset: int, length: int) -> bytes | memoryview:
+        """Bytes ``[offset, offset+length)`` (inside extent *e*, as :meth:`extents`
+        gives it) without resolving the maps again: zeros for a hole or zero extent,
+        else the journal slice (a view may come back). For one-pass readers that walk
+        extents (image): the payload cache is neither read nor filled. Cost: the journal
+        read alone (a large raw extent: one pread), without :meth:`read`'s resolve. Raises Corruption / NotLocal as
+        :meth:`read` does."""
+        if e.loc < 0:
+            return bytes(length)
+        # no payload cache: a one-pass reader would only evict the host reads' chunks
+        return self.journal.read_slice_view(e.seq, e.loc, e.poff + offset - e.start, length)
+
     def extents(self, start: int, end: int, seq: int | None = None) -> list[Any]:
         """The resolved extents of [start, end) at *seq* (holes included)."""
         self._check_range(start, end - start)

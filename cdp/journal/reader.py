@@ -18,7 +18,9 @@ Design notes
 - **Fast paths.** A slice of a raw chunk of a version 3 record whose tables are
   remembered reads only its 4 KiB granules (one pread, one CRC per granule; inline at
   the top of :meth:`read_slice_view`, of which :meth:`read_slice` is the bytes form, so
-  the live small read makes no call but ``_rfd`` and the pread); a chunk of such a
+  the live small read makes no call but ``_rfd`` and the pread; a slice smaller than
+  its granules keeps them as the one-entry ``_memo``, so a client reading 1 KiB at a
+  time costs one pread and one CRC per 4 KiB, not per request); a chunk of such a
   record is one pread + CRC + maybe lz4 (:meth:`_chunk_fast`); a one-block record is
   one pread of header + payload (:meth:`_block_fast`). Each gives way on anything
   unusual, damage included, and the general path (:meth:`_chunks`) then reads again
@@ -147,6 +149,10 @@ class SegmentReader:
         self._patterns: OrderedDict[bytes, bytes] = OrderedDict()
         #: sidecars rebuilt after open (damaged or missing when first needed)
         self.repairs: list[str] = []
+        #: the last granule span read for a slice smaller than it, checked: (seq, file
+        #: offset, bytes). The next small slice of the same granules (a client reading
+        #: 1 KiB at a time) is served from it without a pread or a CRC.
+        self._memo: tuple[int, int, bytes] = (0, -1, b"")
 
     def _path(self, name: str) -> str:
         return os.path.join(self._dir, name)
@@ -245,7 +251,9 @@ class SegmentReader:
         and decompressed (the record header and chunk table are checked when first
         read, then kept in a small LRU); a one-block record is read and checked whole.
         ``cache`` (keys ``(seq, chunk index)``) is consulted first and filled with the
-        chunks decoded. Raises Corruption (segment, offset, seq, chunk) if a needed
+        chunks decoded; without a cache, a slice over several raw chunks of a version 3
+        record is one pread of its granules (:meth:`_raw_span`). Raises Corruption
+        (segment, offset, seq, chunk) if a needed
         chunk or the header is damaged: other chunks of the record stay readable;
         NotFound for a seq outside the journal; UsageError for a slice outside the
         payload. Cost: O(chunks touched), one pread per run of adjacent chunks.
@@ -274,8 +282,11 @@ class SegmentReader:
                 if b > raw:
                     b = raw
                 n = b - a
-                blob = self._fs.pread(self._rfd(seg), n,
-                                      loc + RECORD_HEADER_SIZE + table.starts[i] + a)
+                pos = loc + RECORD_HEADER_SIZE + table.starts[i] + a
+                memo = self._memo
+                if memo[1] == pos and memo[0] == seq and len(memo[2]) == n:
+                    return memoryview(memo[2])[o - a : end - a]
+                blob = self._fs.pread(self._rfd(seg), n, pos)
                 if len(blob) == n:
                     k = GRANULES * i + (a >> _GRANULE_SHIFT)
                     if n <= GRANULE_SIZE:
@@ -292,6 +303,7 @@ class SegmentReader:
                         self._layouts.move_to_end(seq)
                         if o == a and n == length:
                             return blob
+                        self._memo = (seq, pos, blob)
                         return memoryview(blob)[o - a : end - a]
         if poff < 0 or length < 0:
             raise UsageError(f"slice [{poff}, {poff + length}) of seq {seq} out of range")
@@ -299,11 +311,28 @@ class SegmentReader:
             return b""
         first = poff // CHUNK_SIZE
         last = (poff + length - 1) // CHUNK_SIZE
+        if first != last and cache is None:
+            # a slice over several chunks read without a cache (the one-pass readers:
+            # export, image): raw chunks are read as one span of granules, no decode, no
+            # copy. With a cache the chunks are decoded and cached as before.
+            if lay is None or lay[0] != loc:
+                lay, whole = self._learn_layout(seq, loc)
+                if whole is not None:  # a one-block record, read and checked whole
+                    if poff + length > len(whole):
+                        raise UsageError(f"slice [{poff}, {poff + length}) is past the end of "
+                                         f"seq {seq}'s payload")
+                    return (whole if poff == 0 and length == len(whole)
+                            else memoryview(whole)[poff : poff + length])
+            if lay is not None:
+                span = self._raw_span(seq, lay, poff, length)
+                if span is not None:
+                    return span
         o = poff - first * CHUNK_SIZE
         if first == last:
             p: bytes | memoryview | None = cache.get((seq, first)) if cache is not None else None
             if p is None:
-                p = self._chunk_fast(seq, loc, first, cache)
+                if lay is not None:  # a chunked record (a one-block one has no table)
+                    p = self._chunk_fast(seq, loc, first, cache)
                 if p is None and first == 0:
                     p = self._block_fast(seq, loc, cache)
                 if p is None:
@@ -317,6 +346,65 @@ class SegmentReader:
             raise UsageError(f"slice [{poff}, {poff + length}) is past the end of "
                              f"seq {seq}'s payload")
         return memoryview(got)[o : o + length] if o or length != len(got) else got
+
+    def _learn_layout(self, seq: int, loc: int) -> tuple[
+            tuple[int, ChunkTable, SegmentState] | None, bytes | None]:
+        """Read record ``seq``'s header and chunk table (remembered, as the general path
+        does): ``(layout, None)`` for a chunked record in a segment that is not
+        compacted, ``(None, payload)`` for a one-block record (read and checked whole),
+        ``(None, None)`` when compacted (the general path relocates it). Raises what
+        :meth:`_read_layout` raises (damage, expired data)."""
+        seg = self._seg_for(seq)
+        if seg.compacted:
+            return None, None
+        got = self._read_layout(seg, seq, loc, f"segment {seg.name} offset {loc} seq {seq}")
+        if isinstance(got, bytes):
+            return None, got
+        return self._layouts[seq], None
+
+    def _raw_span(self, seq: int, lay: tuple[int, ChunkTable, SegmentState], poff: int,
+                  length: int) -> bytes | memoryview | None:
+        """Payload bytes ``[poff, poff+length)`` of a version 3 record whose checked
+        tables are remembered (*lay*), when every chunk they touch is stored raw and the
+        record lies in the segment file: stored raw chunks are contiguous, so this is one
+        pread of the 4 KiB granules the slice overlaps, each granule's CRC checked, and
+        the slice comes back without a decode or a copy (the read itself when it is
+        granule-aligned, else a view of it). None for anything else, a damaged granule
+        included: the general path then reads again and raises what it must.
+        Cost: one pread + one CRC per granule; O(chunks) checks of the table."""
+        loc, table, seg = lay
+        gr = table.granules
+        end = poff + length
+        if (gr is None or seg.compacted or (seg is self._cur and loc >= self._file_size)
+                or poff < 0 or length <= 0 or end > table.length):
+            return None
+        i = poff >> _CHUNK_SHIFT
+        st = table.starts
+        comps = table.comps
+        total = table.length
+        for c in range(i, ((end - 1) >> _CHUNK_SHIFT) + 1):
+            raw = total - (c << _CHUNK_SHIFT)
+            if comps[c] != _NONE_COMP or st[c + 1] - st[c] != (raw if raw < CHUNK_SIZE else CHUNK_SIZE):
+                return None
+        a = poff & _GRANULE_MASK
+        b = ((end - 1) | (GRANULE_SIZE - 1)) + 1
+        if b > total:
+            b = total
+        n = b - a
+        blob = self._fs.pread(self._rfd(seg), n,
+                              loc + RECORD_HEADER_SIZE + st[i] + a - (i << _CHUNK_SHIFT))
+        if len(blob) != n:
+            return None
+        mv = memoryview(blob)
+        k = a >> _GRANULE_SHIFT  # = GRANULES * chunk + granule in the chunk
+        for g in range(0, n, GRANULE_SIZE):
+            if _CRC(mv[g : g + GRANULE_SIZE]) != gr[k]:
+                return None
+            k += 1
+        self._layouts.move_to_end(seq)
+        if a == poff and n == length:
+            return blob
+        return mv[poff - a : end - a]
 
     def _chunk_fast(self, seq: int, loc: int, i: int, cache: ChunkCache | None) -> bytes | None:
         """Chunk ``i`` of a chunked record whose checked table is remembered and which
@@ -727,6 +815,7 @@ class SegmentReader:
         """A compaction replaced ``seg``'s file, and the caller set its new size and
         arrays: forget the chunk tables read from the old file (they name its offsets)."""
         self._layouts.clear()
+        self._memo = (0, -1, b"")
         self._remember(seg)
 
     def _pin(self, seg: SegmentState) -> None:
@@ -743,7 +832,9 @@ class SegmentReader:
         return first_seq in self._pins
 
     def _drop_fd(self, first_seq: int) -> int | None:
-        """Forget the cached read descriptor of a segment; it, for the caller to close."""
+        """Forget the cached read descriptor of a segment (and the granule memo, which may
+        hold its bytes); it, for the caller to close."""
+        self._memo = (0, -1, b"")
         return self._read_fds.pop(first_seq, None)
 
     def _close_reads(self) -> None:

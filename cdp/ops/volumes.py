@@ -328,24 +328,27 @@ async def resume(store: Store, args: dict[str, Any], progress: Progress) -> Any:
 
 
 async def _image_data(vol: Volume, seq: int, on_error: str, damage: DamageMap,
-                      chunk: int = 64 << 20) -> AsyncIterator[tuple[int, bytes | None, int]]:
+                      chunk: int = 64 << 20,
+                      run_bytes: int = 1 << 20) -> AsyncIterator[tuple[int, bytes | None, int]]:
     """(offset, data or None for zeros, length) over the volume at *seq*, in offset
-    order: :meth:`Volume.iter_data`, with ``on_error == "zero"`` what fails its checksum
-    zeroed and recorded in *damage* (volume offset = image offset), and records that live
-    only in the S3 tier fetched (``journal.remote``) as the extents need them, with the
-    records of the extents ahead (up to half the read cache) in the same round of GETs.
-    Cost: one map lookup per extent plus the reads; nothing more when all is local."""
-    def read(offset: int, length: int) -> bytes:
-        return vol.read(offset, length, seq)
-
-    def attempt(e: Any) -> tuple[bytes, DamageMap]:
+    order, adjacent data extents joined into pieces of up to *run_bytes* (one output
+    write each, not one per 4 KiB write of a fragmented history); with ``on_error ==
+    "zero"`` what fails its checksum zeroed and recorded in *damage* (volume offset =
+    image offset), and records that live only in the S3 tier fetched
+    (``journal.remote``) as the extents need them, with the records of the extents ahead
+    (up to half the read cache) in the same round of GETs. Cost: one map resolve per
+    *chunk*, then per extent only its journal read (:meth:`Volume.read_extent`); nothing
+    more when all is local."""
+    def attempt(e: Any) -> tuple[bytes | memoryview, DamageMap]:
         found = DamageMap()  # this extent's damage, kept only once it is read
         n = e.end - e.start
-        data = (read(e.start, n) if on_error == "stop"
-                else salvage_read(read, e.start, n, e.start, found))
+        data = (vol.read_extent(e, e.start, n) if on_error == "stop"
+                else salvage_read(partial(_extent_bytes, vol, e), e.start, n, e.start, found))
         return data, found
 
     j = vol.journal
+    run: list[bytes | memoryview] = []
+    run_at = run_n = 0
     pos = 0
     while pos < vol.size:
         stop = min(vol.size, pos + chunk)
@@ -353,6 +356,9 @@ async def _image_data(vol: Volume, seq: int, on_error: str, damage: DamageMap,
         for k, e in enumerate(exts):
             n = e.end - e.start
             if e.loc < 0:
+                if run:
+                    yield run_at, b"".join(run), run_n
+                    run, run_n = [], 0
                 yield e.start, None, n
                 continue
             try:
@@ -365,8 +371,20 @@ async def _image_data(vol: Volume, seq: int, on_error: str, damage: DamageMap,
                 data, found = await fetch_retry(j, partial(attempt, e), plan)
             for r in found.ranges:
                 damage.add(r["offset"], r["length"], r["source_offset"], r["reason"])
-            yield e.start, data, n
+            if not run:
+                run_at = e.start
+            run.append(data)
+            run_n += n
+            if run_n >= run_bytes:
+                yield run_at, b"".join(run), run_n
+                run, run_n = [], 0
         pos = stop
+    if run:
+        yield run_at, b"".join(run), run_n
+
+
+def _extent_bytes(vol: Volume, e: Any, offset: int, length: int) -> bytes:
+    return bytes(vol.read_extent(e, offset, length))
 
 
 async def image(store: Store, args: dict[str, Any], progress: Progress) -> Any:

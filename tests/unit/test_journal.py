@@ -601,6 +601,61 @@ def test_read_slice_touches_only_overlapping_chunks() -> None:
     j.close()
 
 
+def test_small_slices_of_one_granule_read_it_once() -> None:
+    """A client reading 1 KiB at a time: one pread (and CRC) per 4 KiB granule."""
+    fs = _CountingFS()
+    j = mk(fs)
+    d = os.urandom(1 << 20)
+    seq, loc = j.append_write(0, d)
+    j.sync()
+    j.read_slice(seq, loc, 0, 1)  # header + tables, remembered
+    fs.read_bytes = 0
+    for off in range(3 * CH, 3 * CH + 8 * 4096, 1024):
+        assert j.read_slice(seq, loc, off, 1024) == d[off : off + 1024]
+    assert fs.read_bytes == 8 * 4096
+    # another record between two reads of the same granule: read again, still right
+    s2, l2 = j.append_write(1 << 20, d[::-1])
+    j.sync()
+    j.read_slice(s2, l2, 0, 1)
+    fs.read_bytes = 0
+    assert j.read_slice(seq, loc, 5000, 100) == d[5000:5100]
+    assert j.read_slice(s2, l2, 5000, 100) == d[::-1][5000:5100]
+    assert j.read_slice(seq, loc, 5100, 100) == d[5100:5200]
+    assert fs.read_bytes == 3 * 4096
+    j.close()
+
+
+def test_multi_chunk_slice_without_cache_reads_only_its_granules() -> None:
+    """The one-pass readers (export, image) read a slice over several raw chunks as one
+    pread of the granules it overlaps: no decode, nothing cached, and a damaged granule
+    still fails the slice with the chunk named."""
+    fs = _CountingFS()
+    j = mk(fs)
+    d = os.urandom(1 << 20)
+    seq, loc = j.append_write(0, d)
+    j.sync()
+    fs.read_bytes = 0
+    # first read: header + tables (remembered), then the span itself
+    assert_bytes_equal(j.read_slice(seq, loc, 2 * CH, 3 * CH), d[2 * CH : 5 * CH])
+    assert fs.read_bytes <= RECORD_HEADER_SIZE + 4096 + 16 * (12 + 64) + 3 * CH
+    fs.read_bytes = 0
+    assert_bytes_equal(j.read_slice(seq, loc, 0, 1 << 20), d)
+    assert fs.read_bytes == 1 << 20
+    fs.read_bytes = 0
+    # unaligned ends: the granules around them, nothing more
+    assert_bytes_equal(j.read_slice(seq, loc, 3 * CH - 100, CH + 200),
+                       d[3 * CH - 100 : 4 * CH + 100])
+    assert fs.read_bytes == CH + 2 * 4096
+    j.append_write(1 << 20, d)  # the damaged record is not the tail (recovery keeps it)
+    j.close()
+    fs.raw(seg_path(1))[_chunk_pos(fs, loc, 4) + 5000] ^= 0x01
+    j = mk(fs)
+    assert_bytes_equal(j.read_slice(seq, loc, 0, 4 * CH), d[: 4 * CH])
+    with pytest.raises(Corruption, match="chunk 4"):
+        j.read_slice(seq, loc, 3 * CH, 2 * CH)
+    j.close()
+
+
 def _chunk_pos(fs: CrashSimFS, loc: int, i: int) -> int:
     """File offset of chunk i of the chunked record at loc in segment 1."""
     import struct

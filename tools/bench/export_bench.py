@@ -110,9 +110,10 @@ def _peer_read(raw: str, ranges: list[dict[str, int]]) -> float:
         os.close(fd)
 
 
-def run(quick: bool = False, directory: str = DEFAULT_DIR) -> list[dict[str, Any]]:
-    """Build the volume, export each round, time the peer; one dict per row."""
-    size = (1 if quick else 10) * GiB
+def run(quick: bool = False, directory: str = DEFAULT_DIR, size_gib: int | None = None) -> list[dict[str, Any]]:
+    """Build the volume (*size_gib*, default 10, quick 1), export each round, time the
+    peer; one dict per row."""
+    size = (size_gib or (1 if quick else 10)) * GiB
     base = Path(directory)
     base.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix="run-", dir=base))
@@ -216,8 +217,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="1 GiB volume, one repetition")
     ap.add_argument("--dir", default=DEFAULT_DIR, help=f"scratch directory ({DEFAULT_DIR})")
     ap.add_argument("--json", action="store_true", help="print rows as JSON")
+    ap.add_argument("--size-gib", type=int, help="the volume's size (default 10; quick 1)")
     args = ap.parse_args(argv)
-    rows = run(args.quick, args.dir)
+    rows = run(args.quick, args.dir, args.size_gib)
     print(json.dumps(rows, indent=2) if args.json else _table(rows))
     return 0
 

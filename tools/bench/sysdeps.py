@@ -25,7 +25,7 @@ _MORE = {"iscsi-perf": "libiscsi-bin", "tgtadm": "tgt", QEMU_ISCSI: "qemu-block-
 
 #: suite -> the system tools it runs (suites not listed need none)
 SUITE_TOOLS: dict[str, tuple[str, ...]] = {
-    "nbd": ("fio", "nbdkit"),
+    "nbd": ("fio", "nbdkit", "qemu-img"),
     "nbd-proto": ("fio", "nbdkit"),
     "proxy": ("fio", "nbdkit"),
     "sentinel": ("fio",),
