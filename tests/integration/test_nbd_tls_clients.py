@@ -16,6 +16,7 @@ from cdp.config import parse_config
 from cdp.errors import ConfigError
 from cdp.targets.nbd.access import normalize_subject, subject_text
 from tests.conftest import require_tool
+from tests.qemu import qemu_io_tls
 from tools.harness import Cdpd, run
 
 _EXT_CA = "basicConstraints=critical,CA:TRUE\nkeyUsage=critical,keyCertSign,cRLSign\n"
@@ -112,13 +113,7 @@ def _qemu(pki: Path, who: str | None, port: int, export: str) -> tuple[str, str]
 
 def _qemu_io(pki: Path, who: str | None, port: int, export: str, cmd: str, check: bool = True
              ) -> tuple[int, str]:
-    obj, opts = _qemu(pki, who, port, export)
-    ro = ["-r"] if cmd.startswith("read") else []  # qemu-io opens read-write by default
-    r = run("qemu-io", *ro, "--object", obj, "--image-opts", opts, "-c", cmd, check=check)
-    out = (r.stdout + r.stderr).decode(errors="replace")
-    # qemu-io exits 0 even when a command fails: its message says so
-    failed = r.returncode != 0 or "failed" in out.lower() or "error" in out.lower()
-    return (1 if failed else 0), out
+    return qemu_io_tls(*_qemu(pki, who, port, export), cmd, check)
 
 
 def _nbdinfo(pki: Path, who: str | None, port: int, export: str) -> tuple[int, str]:

@@ -18,6 +18,7 @@ import pytest
 from cdp.config import parse_config, psk_supported
 from cdp.errors import ConfigError
 from tests.conftest import require_tool
+from tests.qemu import qemu_io_tls
 from tools.harness import Cdpd, run
 
 ALICE, BOB = secrets.token_hex(32), secrets.token_hex(32)
@@ -85,13 +86,7 @@ def _qemu(psk: Path, who: str, port: int, export: str) -> tuple[str, str]:
 
 def _qemu_io(psk: Path, who: str, port: int, export: str, cmd: str, check: bool = True
              ) -> tuple[int, str]:
-    obj, opts = _qemu(psk, who, port, export)
-    ro = ["-r"] if cmd.startswith("read") else []
-    r = run("qemu-io", *ro, "--object", obj, "--image-opts", opts, "-c", cmd, check=check)
-    out = (r.stdout + r.stderr).decode(errors="replace")
-    # qemu-io exits 0 even when a command fails: its message says so
-    failed = r.returncode != 0 or "failed" in out.lower() or "error" in out.lower()
-    return (1 if failed else 0), out
+    return qemu_io_tls(*_qemu(psk, who, port, export), cmd, check)
 
 
 def _nbdinfo(psk: Path, who: str, port: int, export: str) -> tuple[int, str]:
