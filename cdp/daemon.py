@@ -43,6 +43,7 @@ from cdp.fsutil import write_file_atomic
 from cdp.metrics import MetricsServer
 from cdp.ops.replication import resume_replication
 from cdp.replication.protocol import OpenRequest
+from cdp.replication.target import Listener as ReplicationListener
 from cdp.replication.target import listen as listen_replication
 from cdp.replication.tls import server_context
 from cdp.retention.service import retention_of
@@ -160,7 +161,7 @@ class Daemon:
         admin = AdminServer(store)
         nbd = None
         iscsi: IscsiServer | None = None
-        repl: asyncio.Server | None = None
+        repl: ReplicationListener | None = None
         metrics = None
         try:
             if s.tier.enabled:  # docs/TIER.md: a bucket without object lock ends cdpd here
@@ -192,10 +193,9 @@ class Daemon:
             if s.replication.listen.enabled:
                 lst = s.replication.listen
                 tls = server_context(s.replication)
-                repl = await listen_replication(lst.host, lst.port,
-                                                read_secret(s.replication.secret_file),
-                                                self._replica_lookup(store), tls=tls)
-                self.replication_port = repl.sockets[0].getsockname()[1]
+                repl, self.replication_port = await listen_replication(
+                    lst.host, lst.port, read_secret(s.replication.secret_file),
+                    self._replica_lookup(store), tls=tls)
                 log.info("replication streams on %s:%d%s", lst.host, self.replication_port,
                          " (TLS)" if tls else "")
             if s.metrics.enabled:
@@ -237,7 +237,9 @@ class Daemon:
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(iscsi.wait_closed(), 30)
             if repl is not None:
-                repl.close()
+                repl.close()  # each stream's appended records commit before the store closes
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(repl.wait_closed(), 30)
             if metrics is not None:
                 await metrics.close()
             if self.web is not None:

@@ -489,16 +489,56 @@ async def _apply(vol: Volume, role: Role, records: list[bytes],
         await _drain(pending, acked)  # not all appended yet (not expected here): wait
 
 
+class Listener:
+    """Accepts replication streams, each pumped by :func:`serve_stream`.
+
+    ``close()`` stops accepting and closes every open stream (its handler sees the end
+    of the stream, lets the records already appended commit, and returns);
+    ``wait_closed()`` returns once every handler has returned. The same on every
+    Python: ``asyncio.Server.wait_closed`` waits for handlers only since 3.12, and
+    closes none of their connections."""
+
+    def __init__(self, secret: bytes, lookup: Lookup) -> None:
+        self._secret = secret
+        self._lookup = lookup
+        self._busy: set[str] = set()
+        self._streams: dict[asyncio.Task[None], asyncio.StreamWriter] = {}
+        self.server: asyncio.Server | None = None
+
+    async def start(self, host: str, port: int, tls: ssl.SSLContext | None = None) -> int:
+        """Listen on ``host:port`` (0: any free port); returns the port bound."""
+        self.server = await asyncio.start_server(self._handle, host, port, ssl=tls)
+        return int(self.server.sockets[0].getsockname()[1])
+
+    async def _handle(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._streams[task] = w
+        try:
+            await serve_stream(r, w, self._secret, self._lookup, self._busy)
+        finally:
+            del self._streams[task]
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+        for w in list(self._streams.values()):
+            w.close()
+
+    async def wait_closed(self) -> None:
+        if self._streams:
+            await asyncio.wait(list(self._streams))
+        if self.server is not None:
+            await self.server.wait_closed()
+
+
 async def listen(host: str, port: int, secret: bytes, lookup: Lookup, *,
-                 tls: ssl.SSLContext | None = None) -> asyncio.Server:
+                 tls: ssl.SSLContext | None = None) -> tuple[Listener, int]:
     """Accept replication streams on ``host:port`` (cdpd's ``[replication] listen``),
-    inside TLS with ``tls`` (:mod:`cdp.replication.tls`)."""
-    busy: set[str] = set()
-
-    async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-        await serve_stream(r, w, secret, lookup, busy)
-
-    return await asyncio.start_server(handler, host, port, ssl=tls)
+    inside TLS with ``tls`` (:mod:`cdp.replication.tls`); the listener and the port
+    bound."""
+    lst = Listener(secret, lookup)
+    return lst, await lst.start(host, port, tls)
 
 
 async def _open(conn: TargetConnection, req: OpenRequest, lookup: Lookup, busy: set[str],

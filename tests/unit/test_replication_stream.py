@@ -15,25 +15,19 @@ import pytest
 from cdp.replication import target
 from cdp.replication.protocol import OpenRequest, TargetConnection
 from cdp.replication.source import ReplicationSource
-from cdp.replication.target import load_role, serve_stream
+from cdp.replication.target import Listener, listen, load_role
 from cdp.volume import Volume
 from tests.unit.test_volume_replica import SIZE, _drive, _same, settings
 
 SECRET = b"0123456789abcdef0123456789abcdef"
 
 
-async def _target(vols: dict[str, Volume], secret: bytes = SECRET
-                  ) -> tuple[asyncio.Server, int]:
-    busy: set[str] = set()
-
+async def _target(vols: dict[str, Volume], secret: bytes = SECRET) -> tuple[Listener, int]:
+    """A replica listener on a free loopback port, as cdpd's; ``close()`` ends its streams."""
     def lookup(req: OpenRequest) -> Volume | None:
         return vols.get(req.volume)
 
-    def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> Awaitable[None]:
-        return serve_stream(r, w, secret, lookup, busy)
-
-    server = await asyncio.start_server(handler, "127.0.0.1", 0)
-    return server, server.sockets[0].getsockname()[1]
+    return await listen("127.0.0.1", 0, secret, lookup)
 
 
 def _run(tmp: Path, body: Callable[[Volume, Volume], Awaitable[None]]) -> None:

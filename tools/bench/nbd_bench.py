@@ -262,7 +262,7 @@ def run(quick: bool = False, workloads: list[str] | None = None, scratch: Path |
             n = 20_000 if quick else 1_000_000
             half = n // 2 * 4096
             fio(cdpd.uri(), "randwrite", "4k", 32, 1, 0, size, (f"--io_size={half}",))
-            cdpd.cdpctl("snapshot", "--label", "bench-mid")
+            cdpd.cdpctl("snapshot", "-V", "vol0", "--label", "bench-mid")
             fio(cdpd.uri(), "randwrite", "4k", 32, 1, 0, size, (f"--io_size={half}",))
             c = fio(cdpd.uri("vol0@bench-mid"), "randread", "4k", 32, 1, runtime, size)["iops"]
             p = fio(kit.uri(), "randread", "4k", 32, 1, runtime, size)["iops"]
