@@ -24,11 +24,12 @@ import socket
 import struct
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cdp.errors import CdpError, DaemonUnavailable, ExitStatus, ProtocolError
-from cdp.ops import run_op
-from cdp.store import Store
+
+if TYPE_CHECKING:  # the server side; cdpctl imports this module for AdminClient only
+    from cdp.store import Store
 
 log = logging.getLogger("cdp.admin")
 
@@ -124,6 +125,10 @@ class AdminServer:
             writer.write(_line({"progress": {"done": done, "total": total, "what": what}}))
 
         try:
+            from cdp.ops import (
+                run_op,  # the server side only (cdpctl imports this module for AdminClient)
+            )
+
             result = await run_op(self.store, req["op"], args, progress)
             writer.write(_line({"ok": True, "result": result}))
         except asyncio.CancelledError:

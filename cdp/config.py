@@ -21,6 +21,9 @@ from cdp.errors import ConfigError, UsageError
 from cdp.units import parse_duration, parse_hostport, parse_size
 
 #: volume names are used in paths and NBD/iSCSI export names
+#: the admin socket in the store directory (cdpctl finds the daemon by it)
+SOCKET_NAME = "cdpd.sock"
+
 VOLUME_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
 
 REPO_CONFIG = Path(__file__).resolve().parent.parent / "config" / "cdp.toml"

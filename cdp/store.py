@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from cdp.catalog.service import attach_catalog
-from cdp.config import VOLUME_NAME, Settings, VolumeSpec
+from cdp.config import SOCKET_NAME, VOLUME_NAME, Settings, VolumeSpec
 from cdp.errors import Corruption, NotFound, StoreLocked, UsageError
 from cdp.fsutil import write_file_atomic
 from cdp.proxy.volume import ProxyVolume
@@ -40,7 +40,6 @@ from cdp.volume import Volume, read_meta
 log = logging.getLogger("cdp.store")
 
 STORE_FORMAT = 1  # store.json "format"
-SOCKET_NAME = "cdpd.sock"
 
 #: volume.json "mode" -> the volume kind ("mirror" when absent)
 VOLUME_KINDS: dict[str, type[Volume]] = {"mirror": Volume, "proxy": ProxyVolume}

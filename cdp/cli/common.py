@@ -14,10 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from cdp.admin import AdminClient
-from cdp.config import load_config
+from cdp.config import SOCKET_NAME, load_config
 from cdp.errors import DaemonUnavailable, UsageError
-from cdp.ops import OFFLINE_OPS, run_op
-from cdp.store import SOCKET_NAME, Store
 from cdp.units import format_time
 
 
@@ -61,6 +59,11 @@ class Context:
                     return client.call(op, args, cb)
                 finally:
                     client.close()
+            # a stopped store only: the whole store stack is imported here, not by every
+            # cdpctl (most commands talk to the daemon and need none of it)
+            from cdp.ops import OFFLINE_OPS, run_op
+            from cdp.store import Store
+
             if op not in OFFLINE_OPS:
                 raise DaemonUnavailable(
                     f"cdpd is not running on store {self.store_path}; "

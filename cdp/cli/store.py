@@ -6,8 +6,6 @@ import argparse
 from pathlib import Path
 
 from cdp.cli.common import Context, ProgressBar, emit_json
-from cdp.tier.recover import recover_store
-from cdp.tier.s3 import S3, S3Settings
 from cdp.units import format_size
 
 
@@ -23,6 +21,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def run(ctx: Context, args: argparse.Namespace) -> int:
+    # boto3 and the store stack load here, not in every cdpctl
+    from cdp.tier.recover import recover_store
+    from cdp.tier.s3 import S3, S3Settings
+
     t = ctx.settings.tier
     s3 = S3(S3Settings(endpoint=args.endpoint or t.endpoint, region=t.region,
                        credentials_file=t.credentials_file))

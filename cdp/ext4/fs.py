@@ -2,7 +2,7 @@
 
 Design notes
 ------------
-* Like :class:`cdp.ntfs.NtfsVolume`, the reader never caches volume bytes: it is built
+* Like :class:`cdp.ntfs.mft.NtfsVolume`, the reader never caches volume bytes: it is built
   per point in time. Building it costs the superblock read and one read of the group
   descriptor table (one per meta group with ``meta_bg``).
 * What the catalog's marker diff needs, as for the MFT: :meth:`Ext4.inode_table_extents`

@@ -6,22 +6,7 @@ field names), :mod:`~cdp.ntfs.boot`, :mod:`~cdp.ntfs.record` (file records and f
 :mod:`~cdp.ntfs.mft` (the file system over a read callable) and
 :mod:`~cdp.ntfs.partition` (finding NTFS on a disk). Damaged structures raise
 :class:`cdp.errors.Corruption`; the record scan reports them per record instead.
+
+Import from the modules: the package itself imports nothing, so that `cdpctl` (which
+needs :mod:`~cdp.ntfs.names` only) does not load the parser and numpy.
 """
-
-from cdp.ntfs.attribute import DataStream, FileName
-from cdp.ntfs.boot import BootSector
-from cdp.ntfs.mft import NtfsVolume, merge_extensions
-from cdp.ntfs.partition import Partition, find_ntfs
-from cdp.ntfs.record import FileRecord, parse_chunk
-
-__all__ = [
-    "BootSector",
-    "DataStream",
-    "FileName",
-    "FileRecord",
-    "NtfsVolume",
-    "Partition",
-    "find_ntfs",
-    "merge_extensions",
-    "parse_chunk",
-]

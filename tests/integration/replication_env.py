@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from cdp.admin import AdminClient
-from cdp.store import SOCKET_NAME
+from cdp.config import SOCKET_NAME
 from tools.harness import Cdpd, run
 
 SIZE = 64 << 20

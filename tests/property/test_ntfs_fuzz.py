@@ -15,7 +15,8 @@ from hypothesis import strategies as st
 
 from cdp.catalog.indexer import compute
 from cdp.errors import Corruption
-from cdp.ntfs import FileRecord, NtfsVolume, parse_chunk
+from cdp.ntfs.mft import NtfsVolume
+from cdp.ntfs.record import FileRecord, parse_chunk
 from cdp.ntfs.runlist import decode_runs
 from tests.conftest import require_tool
 from tests.unit.test_ntfs import record_66

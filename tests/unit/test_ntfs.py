@@ -16,7 +16,9 @@ import pytest
 from cdp.catalog.indexer import compute
 from cdp.catalog.rules import Resolver, states_of
 from cdp.errors import Corruption
-from cdp.ntfs import FileRecord, NtfsVolume, find_ntfs, merge_extensions
+from cdp.ntfs.mft import NtfsVolume, merge_extensions
+from cdp.ntfs.partition import find_ntfs
+from cdp.ntfs.record import FileRecord
 from cdp.ntfs.runlist import decode_runs, encode_runs
 from tests.conftest import require_tool
 from tests.helpers import assert_bytes_equal

@@ -35,7 +35,7 @@ import numpy as np
 
 from cdp.catalog.db import Catalog
 from cdp.catalog.indexer import View, compute, gc_paused, persist
-from cdp.ntfs import NtfsVolume
+from cdp.ntfs.mft import NtfsVolume
 from tools.ntfs_fixture import make_image, mounted, populate_many
 
 CACHE = Path("bench-results")

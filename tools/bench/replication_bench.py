@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from cdp.admin import AdminClient
-from cdp.store import SOCKET_NAME
+from cdp.config import SOCKET_NAME
 from cdp.targets.nbd.client import NbdClient
 from tools.bench.nbd_bench import _row, fio, print_table
 from tools.harness import Cdpd

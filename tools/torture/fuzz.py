@@ -125,7 +125,7 @@ def write_seeds() -> None:
             (m / "big").write_bytes(b"y" * 300_000)
 
         img = make_image(Path(tmp) / "seed.img", 8 << 20, populate).read_bytes()
-    from cdp.ntfs import NtfsVolume
+    from cdp.ntfs.mft import NtfsVolume
 
     nv = NtfsVolume(lambda o, n: img[o : o + n])
     for name, items in {"boot": [img[:512]],

@@ -196,7 +196,7 @@ def pdu_read(data: bytes) -> None:
 def mft_parse(data: bytes) -> None:
     """One MFT record, a chunk of records and the data as a runlist: parsing reports
     damage (``damaged`` / Corruption), nothing else."""
-    from cdp.ntfs import FileRecord, parse_chunk
+    from cdp.ntfs.record import FileRecord, parse_chunk
     from cdp.ntfs.runlist import decode_runs
 
     r = FileRecord.from_bytes(data[:1024].ljust(1024, b"\0"), 66)
