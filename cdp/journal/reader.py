@@ -78,6 +78,7 @@ from cdp.journal.segment import (
     scan_segment,
     write_index,
 )
+from cdp.journal.tiered import NotLocal
 
 _T = TypeVar("_T")
 
@@ -286,7 +287,13 @@ class SegmentReader:
                 memo = self._memo
                 if memo[1] == pos and memo[0] == seq and len(memo[2]) == n:
                     return memoryview(memo[2])[o - a : end - a]
-                blob = self._fs.pread(self._rfd(seg), n, pos)
+                try:
+                    blob = self._fs.pread(self._rfd(seg), n, pos)
+                except NotLocal:
+                    # a segment only the tier holds: the general path below serves the
+                    # slice from the chunk cache when an earlier read decoded it, and
+                    # raises NotLocal itself when it must fetch
+                    blob = b""
                 if len(blob) == n:
                     k = GRANULES * i + (a >> _GRANULE_SHIFT)
                     if n <= GRANULE_SIZE:

