@@ -17,12 +17,13 @@ the server also checks the peer's uid (SO_PEERCRED) and refuses other users.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
 import socket
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -53,11 +54,17 @@ class AdminServer:
 
     async def start(self) -> None:
         self.path.unlink(missing_ok=True)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         old = os.umask(0o177)
         try:
+            with _short_path(self.path) as where:
+                sock.bind(where)
             self._server = await asyncio.start_unix_server(
-                self._handle, path=str(self.path), limit=MAX_REQUEST
+                self._handle, sock=sock, limit=MAX_REQUEST
             )
+        except BaseException:
+            sock.close()
+            raise
         finally:
             os.umask(old)
         os.chmod(self.path, 0o600)
@@ -148,6 +155,25 @@ def _line(obj: Any) -> bytes:
     return json.dumps(obj, separators=(",", ":")).encode() + b"\n"
 
 
+#: sun_path's size on Linux, its terminating NUL included
+_SUN_PATH = 108
+
+
+@contextlib.contextmanager
+def _short_path(path: Path) -> Iterator[str]:
+    """*path* as a socket address: itself when it fits ``sun_path``, else the same file
+    reached through ``/proc/self/fd`` and a descriptor of its directory, open for the
+    block (Linux), so that a store may live at any depth."""
+    if len(os.fsencode(path)) < _SUN_PATH:
+        yield str(path)
+        return
+    fd = os.open(path.parent, os.O_PATH | os.O_DIRECTORY)
+    try:
+        yield f"/proc/self/fd/{fd}/{path.name}"
+    finally:
+        os.close(fd)
+
+
 class AdminClient:
     """Blocking client used by cdpctl."""
 
@@ -155,7 +181,8 @@ class AdminClient:
         self.path = path
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            s.connect(str(path))
+            with _short_path(path) as where:
+                s.connect(where)
         except (FileNotFoundError, ConnectionRefusedError) as e:
             s.close()
             raise DaemonUnavailable(f"cdpd is not running on this store ({path}: {e.strerror})") from None

@@ -66,3 +66,18 @@ def test_relative_store_is_resolved_once_and_named_absolute(tmp_path: Path) -> N
                         "--store", "mystore", "snapshot"], capture_output=True, text=True, cwd=work)
     assert r.returncode == 8, r.stderr
     assert f"--store {work / 'mystore'}`" in r.stderr and f"--config {d.config}" in r.stderr, r.stderr
+
+
+def test_a_store_deeper_than_a_socket_address_is_served(tmp_path: Path) -> None:
+    """A store path longer than a unix socket address (108 bytes) still gets its admin
+    socket, and cdpctl reaches it (not "AF_UNIX path too long")."""
+    deep = tmp_path / ("d" * 60) / ("e" * 60)
+    deep.mkdir(parents=True)
+    d = Cdpd(deep)
+    assert len(str(d.store / "cdpd.sock")) > 108
+    d.start()
+    try:
+        d.cdpctl("snapshot", "--label", "deep")
+        assert [m["label"] for m in d.cdpctl_json("markers")] == ["deep"]
+    finally:
+        assert d.stop() == 0
