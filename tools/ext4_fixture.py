@@ -134,12 +134,12 @@ def debugfs(image: Path | str, *requests: str) -> str:
 def mounted(image: Path | str) -> Iterator[Path]:
     """Mount *image* read-write with fuse2fs on a temporary directory; unmount on exit."""
     mnt = Path(tempfile.mkdtemp(prefix="cdp-ext4-"))
-    r = subprocess.run(["fuse2fs", "-o", "fakeroot", str(image), str(mnt)],
+    mount = subprocess.run(["fuse2fs", "-o", "fakeroot", str(image), str(mnt)],
                        capture_output=True, text=True, timeout=60)
-    if r.returncode != 0:
+    if mount.returncode != 0:
         os.rmdir(mnt)
-        raise RuntimeError(f"fuse2fs {image} {mnt} exited with {r.returncode}: "
-                           f"{(r.stderr or r.stdout).strip()}")
+        raise RuntimeError(f"fuse2fs {image} {mnt} exited with {mount.returncode}: "
+                           f"{(mount.stderr or mount.stdout).strip()}")
     try:
         yield mnt
     finally:
