@@ -39,11 +39,16 @@ typecheck: $(STAMP)
 	$(BIN)/mypy
 
 # the S3 tests' Ceph RGW (tools/ceph-s3) is up for the whole run; stopped at the end
-# unless it was already running before
+# unless it was already running before. Test files run on TEST_WORKERS pytest-xdist
+# workers, each file whole on one worker (its module fixtures, a guest VM or a browser,
+# start once) and the S3 files together (one kills and restarts the RGW: see
+# tests/conftest.py); most tests wait on real daemons and disks, so 2 workers fit 2 cores.
+TEST_WORKERS ?= 2
 test: $(STAMP) sysdeps lint typecheck
 	@if tools/ceph-s3 status >/dev/null 2>&1; then stop=:; else stop='tools/ceph-s3 stop'; fi; \
 	trap "$$stop" EXIT; trap 'exit 130' INT TERM; \
-	tools/ceph-s3 up && eval "$$(tools/ceph-s3 env)" && $(BIN)/python -m pytest -q -ra --durations=25
+	tools/ceph-s3 up && eval "$$(tools/ceph-s3 env)" && \
+	$(BIN)/python -m pytest -q -ra --durations=25 -n $(TEST_WORKERS) --dist loadfile
 
 unit: $(STAMP)
 	$(BIN)/python -m pytest -q tests/unit tests/property

@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import shutil
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
@@ -32,6 +32,28 @@ def require_tool(*names: str) -> None:
     if os.environ.get("CDP_ALLOW_MISSING_TOOLS") == "1" and os.environ.get("CI") != "true":
         pytest.skip(msg)
     pytest.fail(msg)
+
+
+# -- parallel runs (pytest-xdist, `make test`: -n 2 --dist loadfile) ---------------------
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """``--dist loadfile`` with one exception: the files of tests/s3 are one unit, run
+    one after another on one worker, because one of them kills the test RGW and
+    restarts it (tests/s3/test_tier_rgw_kill.py) and no other S3 test may run then.
+    Each other file runs whole on one worker, so its module fixtures (a guest VM, a
+    browser) start once."""
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class FilesAndRgw(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            path = nodeid.split("::", 1)[0]
+            return "tests/s3" if path.startswith("tests/s3/") else path
+
+    return FilesAndRgw(config, log)
 
 
 # -- the test Ceph RGW (tools/ceph-s3; see tests/s3/rgw.py) -----------------------------
@@ -82,3 +104,4 @@ def s3_fault_proxy(rgw: Rgw) -> Iterator[FaultProxy]:
 
     with FaultProxy(*rgw.host_port) as proxy:
         yield proxy
+

@@ -135,7 +135,7 @@ def mounted(image: Path | str) -> Iterator[Path]:
     """Mount *image* read-write with fuse2fs on a temporary directory; unmount on exit."""
     mnt = Path(tempfile.mkdtemp(prefix="cdp-ext4-"))
     mount = subprocess.run(["fuse2fs", "-o", "fakeroot", str(image), str(mnt)],
-                       capture_output=True, text=True, timeout=60)
+                           capture_output=True, text=True, timeout=60)
     if mount.returncode != 0:
         os.rmdir(mnt)
         raise RuntimeError(f"fuse2fs {image} {mnt} exited with {mount.returncode}: "
