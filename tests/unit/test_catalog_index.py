@@ -240,6 +240,59 @@ def test_a_new_catalog_has_the_format_4_objects(tmp_path: Path) -> None:
     assert cat.reader.execute("SELECT value FROM meta WHERE key = 'format'").fetchone()[0] == "4"
 
 
+def _index_sql(cat: Catalog) -> set[tuple[str, str]]:
+    return set(cat.reader.execute("SELECT name, sql FROM sqlite_master WHERE type = 'index'"
+                                  " AND sql IS NOT NULL"))
+
+
+def test_first_full_index_builds_its_indexes_once_its_rows_are_in(tmp_path: Path) -> None:
+    schema = _index_sql(Catalog(tmp_path / "empty.sqlite"))
+    cat = Catalog(tmp_path / "catalog.sqlite")
+    new = tree(1500)
+    plan = make_plan("", new, {}, Resolver("", new), 1)
+    asyncio.run(persist(cat, Computed("full", parts=[{"name": ""}], plans=[plan]), 1, 1, 1, batch=200))
+    # the same indexes as a new catalog's, and every row reachable through them
+    assert _index_sql(cat) == schema and _objects(cat) == FORMAT_4_OBJECTS
+    assert cat.reader.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+    assert len(cat.list_dir("/Dir003", 1)) == 100 and len(list(cat.glob("q3*", on_path=False))) == 215
+    # not empty any more: a second version keeps its indexes while it writes
+    cat.begin()
+    assert not cat.bulk_begin()
+    cat.rollback()
+    # a second version naming known directories and names reuses their ids
+    more = {9000: rec(9000, 64, "File-00101.TXT", size=9), 9001: rec(9001, 64, "new.txt")}
+    plan2 = make_plan("", more, {}, Resolver("", more, lambda n: cat.dir_info("", n, 1)), 2)
+    asyncio.run(persist(cat, Computed("diff", parts=[{"name": ""}], plans=[plan2]), 2, 2, 2))
+    assert cat.reader.execute("SELECT count(*) FROM dirs").fetchone()[0] == 16  # "/" and 15 dirs
+    assert cat.reader.execute("SELECT count(*) FROM names WHERE name = 'File-00101.TXT'").fetchone()[0] == 1
+    assert [e.name for e in cat.list_dir("/Dir000", 2)][-2:] == ["Q3-00098.TXT", "new.txt"]
+    assert cat.reader.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+
+
+def test_a_first_index_rolled_back_leaves_the_indexes(tmp_path: Path) -> None:
+    cat = Catalog(tmp_path / "catalog.sqlite")
+    schema = _index_sql(cat)
+    new = tree(300)
+    plan = make_plan("", new, {}, Resolver("", new), 1)
+
+    class Boom(Exception):
+        pass
+
+    def fail() -> None:
+        raise Boom
+
+    cat.bulk_end = fail  # type: ignore[method-assign]
+    with pytest.raises(Boom):
+        asyncio.run(persist(cat, Computed("full", parts=[{"name": ""}], plans=[plan]), 1, 1, 1))
+    assert _index_sql(cat) == schema and cat.versions() == []
+    assert cat.reader.execute("SELECT count(*) FROM file_entries").fetchone()[0] == 0
+    assert cat.reader.execute("SELECT count(*) FROM names").fetchone()[0] == 0
+    del cat.bulk_end  # the catalog writes the same version again, from scratch
+    asyncio.run(persist(cat, Computed("full", parts=[{"name": ""}], plans=[plan]), 1, 1, 1))
+    assert _index_sql(cat) == schema
+    assert len(cat.list_dir("/Dir001", 1)) == 100
+
+
 def test_gc_pause_freezes_per_step_and_releases_at_the_end() -> None:
     import gc
 
