@@ -124,6 +124,8 @@ _LIST_COLS = ("part", "dir", "name", "start", "end", "ref", "record", "seq", "is
               "alloc", "crtime", "mtime", "ctime", "atime", "attrs", "resident", "streams",
               "backup_ns")
 _LSEL = "SELECT id, " + ", ".join(f'"{c}"' for c in _LIST_COLS) + " FROM entries"
+#: a listing of one directory: the listing columns but ``dir`` (the directory asked for)
+_DSEL = "SELECT id, " + ", ".join(f'"{c}"' for c in _LIST_COLS if c != "dir") + " FROM entries"
 _GLOB_SPECIAL = "*?["
 #: the columns of a new row after ``part, dir_id, name_id, start, "end", ref`` (see
 #: :meth:`Catalog.write_plan`: the ids are resolved in Python, the versions are literals)
@@ -312,8 +314,8 @@ class Catalog:
         ``location`` is empty). Cost: one range scan of ``entries_key`` over the
         directory's entries of all versions, one row read per visible entry, and a
         sort of the visible ones by name (format 4: the key holds name ids)."""
-        q = f"{_LSEL} WHERE dir = ? AND {_VIS} ORDER BY name"
-        return list(map(Entry.from_list_row, self.reader.execute(q, (directory, version, version))))
+        q = f"{_DSEL} WHERE dir = ? AND {_VIS} ORDER BY name"
+        return Entry.from_dir_rows(directory, self.reader.execute(q, (directory, version, version)))
 
     def subtree(self, directory: str, version: int, *, full: bool = True) -> list[Entry]:
         """Entries anywhere below *directory* at *version* (index range on dir; whole

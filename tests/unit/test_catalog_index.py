@@ -120,9 +120,9 @@ def test_glob_prefix_ranges() -> None:
 
 
 def test_listing_is_one_range_of_the_key_index(filled: Catalog) -> None:
-    from cdp.catalog.db import _LSEL, _VIS
+    from cdp.catalog.db import _DSEL, _VIS
 
-    q = f"{_LSEL} WHERE dir = ? AND {_VIS} ORDER BY name"
+    q = f"{_DSEL} WHERE dir = ? AND {_VIS} ORDER BY name"  # what list_dir runs
     p = plan_of(filled, q, ("/Dir001", 1, 1))
     # format 4: one range of the key (directory id, name id, start), then the visible
     # rows sorted by name (the key orders names by id); no scan
