@@ -61,6 +61,7 @@ RANGE = struct.Struct("<QQ")
 DIR_CHUNK = 64
 #: the kinds of inode whose catalog entry has a ``location`` (block ranges, link target)
 _LOCATED = (S_IFDIR, S_IFLNK)
+_new_entry = Entry.__new__
 
 
 class InodeNames:
@@ -146,7 +147,8 @@ def states_of_inode(rec: InodeNames, part: str, resolver: Resolver, backup_ns: i
     ``i_mode``, ``flags`` ``i_flags``, ``resident`` 1 for inline data and fast symlinks
     (``location`` then holds the bytes), a directory's ``location`` its block ranges.
     Hot path of a full index: the inode's fields are unpacked once (no property calls)
-    and one Entry is built per name."""
+    and one Entry is built per name (a single name: its slots set directly, ~0.3 us
+    less than ``Entry(...)``)."""
     (number, mode, _uid, _gid, size, links, flags, atime, ctime, mtime, crtime, _dtime, gen,
      blocks, _acl, _i_block, _ibody, damaged) = rec.inode
     if damaged:
@@ -161,9 +163,13 @@ def states_of_inode(rec: InodeNames, part: str, resolver: Resolver, backup_ns: i
     alloc = blocks * 512
     if len(names) == 1:
         parent, name = names[0]
-        return [Entry(part, dir_path(parent), name, 0, 0, 0, number, gen, parent, is_dir, size,
-                      alloc, crtime, mtime, ctime, atime, mode, resident, flags, loc, "",
-                      backup_ns)]
+        e = _new_entry(Entry)
+        e.id = e.start = e.end = e.ref = 0
+        e.part, e.dir, e.name, e.record, e.seq, e.parent = part, dir_path(parent), name, number, gen, parent
+        e.is_dir, e.size, e.alloc, e.crtime, e.mtime = is_dir, size, alloc, crtime, mtime
+        e.ctime, e.atime, e.attrs, e.resident, e.flags = ctime, atime, mode, resident, flags
+        e.location, e.streams, e.backup_ns = loc, "", backup_ns
+        return [e]
     return [Entry(part, dir_path(parent), name, 0, 0, 0, number, gen, parent, is_dir, size,
                   alloc, crtime, mtime, ctime, atime, mode, resident, flags, loc, "", backup_ns)
             for parent, name in sorted(names)]
@@ -256,6 +262,7 @@ class Ext4Indexer:
             for name, n in entries:
                 names.setdefault(n, []).append((d, name))
         new: dict[int, InodeNames] = {}
+        record = self._record
         for n, nm in names.items():
             found = inodes.get(n)
             if found is None:
@@ -263,7 +270,12 @@ class Ext4Indexer:
                     self.plan.damaged.append((n, f"directory inode {d} names {name!r} "
                                                  f"with inode {n}, which is free"))
                 continue
-            new[n] = self._record(found, nm)
+            # most inodes are regular files with no location: no _record call
+            # (found[1]: mode, found[6]: flags)
+            if found[1] & S_IFMT in _LOCATED or found[6] & EXT4_INLINE_DATA_FL:
+                new[n] = record(found, nm)
+            else:
+                new[n] = InodeNames(found, nm)
         for n in old:  # catalogued inodes now free or nameless: deleted
             if n not in new:
                 new[n] = InodeNames(inodes.get(n) or Inode(n))
