@@ -51,6 +51,7 @@ from cdp.catalog.model import Entry
 from cdp.catalog.rules import DirInfo, Plan, Resolver, plan_steps
 from cdp.errors import Corruption
 from cdp.ext4.defs import EXT4_INLINE_DATA_FL, EXT4_ROOT_INO, S_IFDIR, S_IFLNK, S_IFMT
+from cdp.ext4.directory import RawEntry
 from cdp.ext4.fs import Ext4
 from cdp.ext4.inode import Inode
 from cdp.partition import Partition
@@ -228,15 +229,16 @@ class Ext4Indexer:
         return InodeNames(ino, names, loc)
 
     async def _listings(self, dirs: dict[int, Inode],
-                        out: dict[int, list[tuple[str, int]]]) -> AsyncIterator[None]:
-        """Fill *out* with ``{dir inode: [(name, inode)]}`` of *dirs* at the target (the
-        readable ones; the others are reported damaged and left out), yielding after
-        every :data:`DIR_CHUNK` directories."""
+                        out: dict[int, list[RawEntry]]) -> AsyncIterator[None]:
+        """Fill *out* with ``{dir inode: [(name, inode, file type)]}`` of *dirs* at the
+        target (the readable ones; the others are reported damaged and left out),
+        yielding after every :data:`DIR_CHUNK` directories."""
         nums = sorted(dirs)
+        read = self.fs.dir_entries
         for i in range(0, len(nums), DIR_CHUNK):
             for d in nums[i : i + DIR_CHUNK]:
                 try:
-                    out[d] = [(e[0], e[1]) for e in self.fs.read_dir(dirs[d])]
+                    out[d] = read(dirs[d])
                 except Corruption as e:
                     self.plan.damaged.append((d, str(e)))
             yield None
@@ -254,13 +256,17 @@ class Ext4Indexer:
             yield None
         self.changed_records += fs.inode_count
         dirs = {n: i for n, i in inodes.items() if i.mode & S_IFMT == S_IFDIR and not i.damaged}
-        listing: dict[int, list[tuple[str, int]]] = {}
+        listing: dict[int, list[RawEntry]] = {}
         async for _ in self._listings(dirs, listing):
             yield None
         names: dict[int, list[tuple[int, str]]] = {}
         for d, entries in listing.items():
-            for name, n in entries:
-                names.setdefault(n, []).append((d, name))
+            for name, n, _type in entries:
+                nm = names.get(n)
+                if nm is None:
+                    names[n] = [(d, name)]
+                else:  # a hard link
+                    nm.append((d, name))
         new: dict[int, InodeNames] = {}
         record = self._record
         for n, nm in names.items():
@@ -318,7 +324,7 @@ class Ext4Indexer:
         yield None
         dirs = {d: cur[d] for d in todo if d in cur and cur[d].in_use and cur[d].is_dir
                 and not cur[d].damaged}
-        listing: dict[int, list[tuple[str, int]]] = {}
+        listing: dict[int, list[RawEntry]] = {}
         async for _ in self._listings(dirs, listing):
             yield None
         # a directory gone (freed, or no longer a directory) lists nothing
@@ -329,12 +335,13 @@ class Ext4Indexer:
         affected = set(changed) | relisted
         named: dict[int, list[tuple[int, str]]] = {}
         for d, entries in listing.items():
-            for name, n in entries:
+            for name, n, _type in entries:
                 named.setdefault(n, []).append((d, name))
         for d in relisted:  # names added or removed: (name, inode) not in both listings
             p = dir_path.get(d)
             was = catalog.names_in(part.name, p, base.version) if p is not None else set()
-            affected |= {n for _name, n in was.symmetric_difference(listing[d])}
+            affected |= {n for _name, n in was.symmetric_difference(
+                (name, ino) for name, ino, _type in listing[d])}
         affected.discard(EXT4_ROOT_INO)
         rest = affected - cur.keys()
         cur.update(fs.read_inodes(rest))
