@@ -34,7 +34,10 @@ Design notes
   on the writer; :meth:`Catalog.checkpoint` runs after every version, in a worker
   thread (a first full index leaves tens of MB in the WAL).
 * Inserts: a new row's directory and name ids are resolved in Python (a per-transaction
-  cache; unknown ones looked up 500 a query, new ones inserted with the next ids) and
+  cache; unknown ones looked up 500 a query, new ones inserted with the next ids, a
+  batch in one statement over ``json_each`` of a JSON array: ~1 us a name less than
+  ``executemany``; ``ensure_ascii=False``, so a name SQLite cannot store fails as a
+  bound one does) and
   its versions are literals of the statement, so SQLite binds 19 plain values a row.
   A first full index (``file_entries`` empty: :meth:`Catalog.bulk_begin`) drops the
   indexes of :data:`BULK_INDEXES`, inserts, and builds them once at the end, in a
@@ -134,6 +137,7 @@ _INS = ('INSERT INTO file_entries (part, dir_id, name_id, start, "end", ref, '
         + ", ".join(f'"{c}"' for c in _INS_COLS) + ") VALUES (?, ?, ?, {v}, 0, {v}, "
         + ", ".join("?" * len(_INS_COLS)) + ")")
 _ins_values = attrgetter(*_INS_COLS)
+_dir_of, _name_of = attrgetter("dir"), attrgetter("name")
 #: the indexes a first full index builds once its rows are in (:meth:`Catalog.bulk_begin`)
 BULK_INDEXES = ("entries_key", "entries_name", "entries_record", "entries_start", "entries_end",
                 "entries_dirs", "names_lname")
@@ -183,6 +187,7 @@ class Catalog:
         self._name_ids: dict[str, int] = {}
         self._complete: set[str] = set()  # tables whose every row is in its cache
         self._bulk_sql: list[str] = []  # the indexes :meth:`bulk_begin` dropped
+        self._json_each = False  # the writer's SQLite has json_each (set with the writer)
         if not readonly:
             w = self.writer
             fmt = w.execute("SELECT value FROM meta WHERE key = 'format'").fetchone()
@@ -220,6 +225,7 @@ class Catalog:
             if old is not None:
                 _migrate(w, self.path, old)
             w.executescript(SCHEMA)
+            self._json_each = _has_json_each(w)
             self._writer = w
         return self._writer
 
@@ -476,7 +482,12 @@ class Catalog:
                 return
         top = w.execute(f"SELECT max(id) FROM {table}").fetchone()[0] or 0
         new_ids = range(top + 1, top + 1 + len(missing))
-        w.executemany(f"INSERT INTO {table} (id, {col}) VALUES (?, ?)", zip(new_ids, missing, strict=True))
+        if self._json_each:  # one statement: no Python binding per row (half the cost)
+            w.execute(f"INSERT INTO {table} (id, {col}) SELECT ? + key, value FROM json_each(?)",
+                      (top + 1, json.dumps(missing, ensure_ascii=False)))
+        else:
+            w.executemany(f"INSERT INTO {table} (id, {col}) VALUES (?, ?)",
+                          zip(new_ids, missing, strict=True))
         ids.update(zip(missing, new_ids, strict=True))
 
     def write_plan(self, plan: Plan, version: int, start: int = 0, batch: int | None = None) -> int:
@@ -510,8 +521,8 @@ class Catalog:
                         e.end = 0
                     # intern the paths and names first (a diff's are mostly known)
                     dids, nids = self._dir_ids, self._name_ids
-                    self._intern("dirs", "path", dids, [e.dir for e in part])
-                    self._intern("names", "name", nids, [e.name for e in part])
+                    self._intern("dirs", "path", dids, map(_dir_of, part))
+                    self._intern("names", "name", nids, map(_name_of, part))
                     get = _ins_values
                     w.executemany(_INS.format(v=int(version)),
                                   [(e.part, dids[e.dir], nids[e.name], *get(e)) for e in part])
@@ -542,6 +553,16 @@ class Catalog:
 #: the indexes of the format 1-3 ``entries`` table (dropped when it is rebuilt)
 _OLD_INDEXES = ("entries_key", "entries_record", "entries_start", "entries_end", "entries_lname",
                 "entries_dirs")
+
+
+def _has_json_each(w: sqlite3.Connection) -> bool:
+    """Whether this SQLite has the JSON functions (built in since 3.38; usually
+    compiled in before)."""
+    try:
+        w.execute("SELECT count(*) FROM json_each('[]')").fetchone()
+    except sqlite3.OperationalError:
+        return False
+    return True
 
 
 def _old_format(w: sqlite3.Connection) -> int | None:

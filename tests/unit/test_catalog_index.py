@@ -269,6 +269,27 @@ def test_first_full_index_builds_its_indexes_once_its_rows_are_in(tmp_path: Path
     assert cat.reader.execute("PRAGMA integrity_check").fetchone() == ("ok",)
 
 
+@pytest.mark.parametrize("json_each", [True, False])
+def test_interned_names_come_back_exactly(tmp_path: Path, json_each: bool) -> None:
+    odd = ['quote"s', "back\\slash", "new\nline", "ünïcödé ☃", "123", "[1]", "null", " spaced ",
+           "tab\there", "€uro", "\U0001f600"]
+    cat = Catalog(tmp_path / "catalog.sqlite")
+    assert cat._json_each  # this SQLite has the JSON functions; False: the fallback
+    cat._json_each = json_each
+    new = {64: rec(64, ROOT, "D i r", is_dir=True)}
+    new.update({100 + i: rec(100 + i, 64, name) for i, name in enumerate(odd)})
+    plan = make_plan("", new, {}, Resolver("", new), 1)
+    asyncio.run(persist(cat, Computed("full", parts=[{"name": ""}], plans=[plan]), 1, 1, 1))
+    assert [e.name for e in cat.list_dir("/D i r", 1)] == sorted(odd)
+    # a second version: known names reused, a new one added
+    more = {200: rec(200, 64, "null"), 201: rec(201, ROOT, "[1]"), 202: rec(202, ROOT, "x\ty")}
+    plan2 = make_plan("", more, {}, Resolver("", more, lambda n: cat.dir_info("", n, 1)), 2)
+    asyncio.run(persist(cat, Computed("diff", parts=[{"name": ""}], plans=[plan2]), 2, 2, 2))
+    assert [e.name for e in cat.list_dir("/", 2)] == ["D i r", "[1]", "x\ty"]
+    assert cat.reader.execute("SELECT count(*) FROM names").fetchone()[0] == len(odd) + 2
+    assert cat.reader.execute("SELECT typeof(name) FROM names WHERE name = '123'").fetchone() == ("text",)
+
+
 def test_a_first_index_rolled_back_leaves_the_indexes(tmp_path: Path) -> None:
     cat = Catalog(tmp_path / "catalog.sqlite")
     schema = _index_sql(cat)
