@@ -314,6 +314,40 @@ def test_a_first_index_rolled_back_leaves_the_indexes(tmp_path: Path) -> None:
     assert len(cat.list_dir("/Dir001", 1)) == 100
 
 
+def test_a_first_index_cancelled_while_its_indexes_build_waits_then_rolls_back(tmp_path: Path) -> None:
+    import threading
+    import time
+
+    cat = Catalog(tmp_path / "catalog.sqlite")
+    schema = _index_sql(cat)
+    new = tree(300)
+    plan = make_plan("", new, {}, Resolver("", new), 1)
+    real = cat.bulk_end
+    started, done = threading.Event(), threading.Event()
+
+    def slow() -> None:
+        started.set()
+        time.sleep(0.3)
+        real()
+        done.set()
+
+    cat.bulk_end = slow  # type: ignore[method-assign]
+
+    async def main() -> None:
+        task = asyncio.create_task(persist(cat, Computed("full", parts=[{"name": ""}], plans=[plan]),
+                                           1, 1, 1))
+        while not started.is_set():
+            await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert done.is_set()  # the thread was done with the connection before the rollback
+
+    asyncio.run(main())
+    assert _index_sql(cat) == schema and cat.versions() == []
+    assert cat.reader.execute("SELECT count(*) FROM file_entries").fetchone()[0] == 0
+
+
 def test_gc_pause_freezes_per_step_and_releases_at_the_end() -> None:
     import gc
 
