@@ -51,6 +51,7 @@ from cdp.catalog.model import Entry
 from cdp.catalog.rules import DirInfo, Plan, Resolver, plan_steps
 from cdp.errors import Corruption
 from cdp.ext4.defs import EXT4_INLINE_DATA_FL, EXT4_ROOT_INO, S_IFDIR, S_IFLNK, S_IFMT
+from cdp.ext4.directory import RawEntry
 from cdp.ext4.fs import Ext4
 from cdp.ext4.inode import Inode
 from cdp.partition import Partition
@@ -61,6 +62,7 @@ RANGE = struct.Struct("<QQ")
 DIR_CHUNK = 64
 #: the kinds of inode whose catalog entry has a ``location`` (block ranges, link target)
 _LOCATED = (S_IFDIR, S_IFLNK)
+_new_entry = Entry.__new__
 
 
 class InodeNames:
@@ -146,7 +148,8 @@ def states_of_inode(rec: InodeNames, part: str, resolver: Resolver, backup_ns: i
     ``i_mode``, ``flags`` ``i_flags``, ``resident`` 1 for inline data and fast symlinks
     (``location`` then holds the bytes), a directory's ``location`` its block ranges.
     Hot path of a full index: the inode's fields are unpacked once (no property calls)
-    and one Entry is built per name."""
+    and one Entry is built per name (a single name: its slots set directly, ~0.3 us
+    less than ``Entry(...)``)."""
     (number, mode, _uid, _gid, size, links, flags, atime, ctime, mtime, crtime, _dtime, gen,
      blocks, _acl, _i_block, _ibody, damaged) = rec.inode
     if damaged:
@@ -161,9 +164,13 @@ def states_of_inode(rec: InodeNames, part: str, resolver: Resolver, backup_ns: i
     alloc = blocks * 512
     if len(names) == 1:
         parent, name = names[0]
-        return [Entry(part, dir_path(parent), name, 0, 0, 0, number, gen, parent, is_dir, size,
-                      alloc, crtime, mtime, ctime, atime, mode, resident, flags, loc, "",
-                      backup_ns)]
+        e = _new_entry(Entry)
+        e.id = e.start = e.end = e.ref = 0
+        e.part, e.dir, e.name, e.record, e.seq, e.parent = part, dir_path(parent), name, number, gen, parent
+        e.is_dir, e.size, e.alloc, e.crtime, e.mtime = is_dir, size, alloc, crtime, mtime
+        e.ctime, e.atime, e.attrs, e.resident, e.flags = ctime, atime, mode, resident, flags
+        e.location, e.streams, e.backup_ns = loc, "", backup_ns
+        return [e]
     return [Entry(part, dir_path(parent), name, 0, 0, 0, number, gen, parent, is_dir, size,
                   alloc, crtime, mtime, ctime, atime, mode, resident, flags, loc, "", backup_ns)
             for parent, name in sorted(names)]
@@ -222,15 +229,16 @@ class Ext4Indexer:
         return InodeNames(ino, names, loc)
 
     async def _listings(self, dirs: dict[int, Inode],
-                        out: dict[int, list[tuple[str, int]]]) -> AsyncIterator[None]:
-        """Fill *out* with ``{dir inode: [(name, inode)]}`` of *dirs* at the target (the
-        readable ones; the others are reported damaged and left out), yielding after
-        every :data:`DIR_CHUNK` directories."""
+                        out: dict[int, list[RawEntry]]) -> AsyncIterator[None]:
+        """Fill *out* with ``{dir inode: [(name, inode, file type)]}`` of *dirs* at the
+        target (the readable ones; the others are reported damaged and left out),
+        yielding after every :data:`DIR_CHUNK` directories."""
         nums = sorted(dirs)
+        read = self.fs.dir_entries
         for i in range(0, len(nums), DIR_CHUNK):
             for d in nums[i : i + DIR_CHUNK]:
                 try:
-                    out[d] = [(e[0], e[1]) for e in self.fs.read_dir(dirs[d])]
+                    out[d] = read(dirs[d])
                 except Corruption as e:
                     self.plan.damaged.append((d, str(e)))
             yield None
@@ -248,14 +256,19 @@ class Ext4Indexer:
             yield None
         self.changed_records += fs.inode_count
         dirs = {n: i for n, i in inodes.items() if i.mode & S_IFMT == S_IFDIR and not i.damaged}
-        listing: dict[int, list[tuple[str, int]]] = {}
+        listing: dict[int, list[RawEntry]] = {}
         async for _ in self._listings(dirs, listing):
             yield None
         names: dict[int, list[tuple[int, str]]] = {}
         for d, entries in listing.items():
-            for name, n in entries:
-                names.setdefault(n, []).append((d, name))
+            for name, n, _type in entries:
+                nm = names.get(n)
+                if nm is None:
+                    names[n] = [(d, name)]
+                else:  # a hard link
+                    nm.append((d, name))
         new: dict[int, InodeNames] = {}
+        record = self._record
         for n, nm in names.items():
             found = inodes.get(n)
             if found is None:
@@ -263,7 +276,12 @@ class Ext4Indexer:
                     self.plan.damaged.append((n, f"directory inode {d} names {name!r} "
                                                  f"with inode {n}, which is free"))
                 continue
-            new[n] = self._record(found, nm)
+            # most inodes are regular files with no location: no _record call
+            # (found[1]: mode, found[6]: flags)
+            if found[1] & S_IFMT in _LOCATED or found[6] & EXT4_INLINE_DATA_FL:
+                new[n] = record(found, nm)
+            else:
+                new[n] = InodeNames(found, nm)
         for n in old:  # catalogued inodes now free or nameless: deleted
             if n not in new:
                 new[n] = InodeNames(inodes.get(n) or Inode(n))
@@ -306,7 +324,7 @@ class Ext4Indexer:
         yield None
         dirs = {d: cur[d] for d in todo if d in cur and cur[d].in_use and cur[d].is_dir
                 and not cur[d].damaged}
-        listing: dict[int, list[tuple[str, int]]] = {}
+        listing: dict[int, list[RawEntry]] = {}
         async for _ in self._listings(dirs, listing):
             yield None
         # a directory gone (freed, or no longer a directory) lists nothing
@@ -317,12 +335,13 @@ class Ext4Indexer:
         affected = set(changed) | relisted
         named: dict[int, list[tuple[int, str]]] = {}
         for d, entries in listing.items():
-            for name, n in entries:
+            for name, n, _type in entries:
                 named.setdefault(n, []).append((d, name))
         for d in relisted:  # names added or removed: (name, inode) not in both listings
             p = dir_path.get(d)
             was = catalog.names_in(part.name, p, base.version) if p is not None else set()
-            affected |= {n for _name, n in was.symmetric_difference(listing[d])}
+            affected |= {n for _name, n in was.symmetric_difference(
+                (name, ino) for name, ino, _type in listing[d])}
         affected.discard(EXT4_ROOT_INO)
         rest = affected - cur.keys()
         cur.update(fs.read_inodes(rest))

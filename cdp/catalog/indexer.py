@@ -329,6 +329,8 @@ async def _persist(catalog: Catalog, c: Computed, version: int, seq: int, time_n
     steps = 0
     catalog.begin()
     try:
+        # a first index (nothing catalogued yet): rows in first, indexes built after
+        bulk = catalog.bulk_begin()
         for plan in c.plans:
             pos = 0
             while True:
@@ -339,6 +341,8 @@ async def _persist(catalog: Catalog, c: Computed, version: int, seq: int, time_n
                 steps += 1
                 gc_step()
                 await asyncio.sleep(0)
+        if bulk:
+            await _in_thread(catalog.bulk_end)
         extra: dict[str, Any] = {"parsed": c.parsed, "changed_records": c.changed_records,
                                  "seconds": round(c.seconds, 4)}
         if c.sb_gdt_changed:
@@ -350,6 +354,18 @@ async def _persist(catalog: Catalog, c: Computed, version: int, seq: int, time_n
     # the WAL → database copy runs in a thread: it is all SQLite I/O (no GIL held)
     await asyncio.to_thread(catalog.checkpoint)
     return steps
+
+
+async def _in_thread(fn: Callable[[], None]) -> None:
+    """Run *fn* in a worker thread. A cancellation waits for it to end before it is
+    raised (the caller then rolls back on the connection *fn* used: never two threads
+    on it at once)."""
+    fut = asyncio.get_running_loop().run_in_executor(None, fn)
+    try:
+        await asyncio.shield(fut)
+    except asyncio.CancelledError:
+        await asyncio.wait({fut})
+        raise
 
 
 class View:

@@ -9,6 +9,8 @@ file, ``ref < end`` that it was deleted (or renamed away).
 
 from __future__ import annotations
 
+import json
+from collections.abc import Iterable
 from typing import Any
 
 from cdp.ntfs.attribute import DataStream, stream_from_location
@@ -78,6 +80,23 @@ class Entry:
         e.location, e.parent, e.flags = b"", -1, 0
         return e
 
+    @classmethod
+    def from_dir_rows(cls, directory: str, rows: Iterable[tuple[Any, ...]]) -> list[Entry]:
+        """From a listing of one *directory* (``Catalog.list_dir``): the listing columns
+        but ``dir`` (it is *directory*, not fetched), as :meth:`from_list_row`. Cost:
+        one tuple unpack a row, in one loop (no call per row)."""
+        new = cls.__new__
+        out: list[Entry] = []
+        append = out.append
+        for row in rows:
+            e = new(cls)
+            (e.id, e.part, e.name, e.start, e.end, e.ref, e.record, e.seq, e.is_dir, e.size,
+             e.alloc, e.crtime, e.mtime, e.ctime, e.atime, e.attrs, e.resident, e.streams,
+             e.backup_ns) = row
+            e.dir, e.location, e.parent, e.flags = directory, b"", -1, 0
+            append(e)
+        return out
+
     def values(self) -> tuple[Any, ...]:
         return (self.part, self.dir, self.name, self.start, self.end, self.ref, self.record,
                 self.seq, self.parent, self.is_dir, self.size, self.alloc, self.crtime,
@@ -103,10 +122,11 @@ class Entry:
                                     self.location)
 
     def to_dict(self) -> dict[str, Any]:
-        import json
-
+        """The JSON form (``files``, ``find``...). Cost: ~1.5 us (a listing's rows each
+        take one: the path is joined inline)."""
+        d, name = self.dir, self.name
         return {
-            "path": self.path, "dir": self.dir, "name": self.name,
+            "path": "/" + name if d == "/" else f"{d}/{name}", "dir": d, "name": name,
             "type": "dir" if self.is_dir else "file",
             "size": self.size, "allocated": self.alloc,
             "record": self.record, "sequence": self.seq,

@@ -246,6 +246,23 @@ def plan_steps(
         added.append(e)
 
     numbers = sorted(set(new) | set(old)) if reset else sorted(new)
+    if not old:  # a first index: every entry is added (add() inlined, the hot path)
+        for i in range(0, len(numbers), chunk):
+            for num in numbers[i : i + chunk]:
+                try:
+                    states = state_of(new[num], part, resolver, backup_ns)
+                except Corruption as err:
+                    damaged.append((num, str(err)))
+                    continue
+                for s in states:
+                    k = (s.dir, s.name)
+                    if k in keys:
+                        damaged.append((s.record, f"a second record claims the name {s.path!r}"))
+                    else:
+                        keys.add(k)
+                        added.append(s)
+            yield min(i + chunk, len(numbers))
+        return
     for i in range(0, len(numbers), chunk):
         for num in numbers[i : i + chunk]:
             rec = new.get(num)

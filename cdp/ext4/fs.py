@@ -366,6 +366,12 @@ class Ext4:
         tnew = tuple.__new__
         return [tnew(DirEntry, e) for e in self._entries(self._as_inode(inode), dots)]
 
+    def dir_entries(self, inode: Inode | int) -> list[RawEntry]:
+        """:meth:`read_dir` as plain ``(name, inode, file type)`` tuples, without "."
+        and "..": what the catalog's full index reads of every directory (no named
+        tuple built per entry). Raises Corruption. Cost: as :meth:`read_dir`."""
+        return self._entries(self._as_inode(inode), False)
+
     def _entries(self, ino: Inode, dots: bool) -> list[RawEntry]:
         n = ino.number
         where = f"directory inode {n}"

@@ -120,9 +120,9 @@ def test_glob_prefix_ranges() -> None:
 
 
 def test_listing_is_one_range_of_the_key_index(filled: Catalog) -> None:
-    from cdp.catalog.db import _LSEL, _VIS
+    from cdp.catalog.db import _DSEL, _VIS
 
-    q = f"{_LSEL} WHERE dir = ? AND {_VIS} ORDER BY name"
+    q = f"{_DSEL} WHERE dir = ? AND {_VIS} ORDER BY name"  # what list_dir runs
     p = plan_of(filled, q, ("/Dir001", 1, 1))
     # format 4: one range of the key (directory id, name id, start), then the visible
     # rows sorted by name (the key orders names by id); no scan
@@ -238,6 +238,114 @@ def test_a_new_catalog_has_the_format_4_objects(tmp_path: Path) -> None:
     cat = Catalog(tmp_path / "catalog.sqlite")
     assert _objects(cat) == FORMAT_4_OBJECTS
     assert cat.reader.execute("SELECT value FROM meta WHERE key = 'format'").fetchone()[0] == "4"
+
+
+def _index_sql(cat: Catalog) -> set[tuple[str, str]]:
+    return set(cat.reader.execute("SELECT name, sql FROM sqlite_master WHERE type = 'index'"
+                                  " AND sql IS NOT NULL"))
+
+
+def test_first_full_index_builds_its_indexes_once_its_rows_are_in(tmp_path: Path) -> None:
+    schema = _index_sql(Catalog(tmp_path / "empty.sqlite"))
+    cat = Catalog(tmp_path / "catalog.sqlite")
+    new = tree(1500)
+    plan = make_plan("", new, {}, Resolver("", new), 1)
+    asyncio.run(persist(cat, Computed("full", parts=[{"name": ""}], plans=[plan]), 1, 1, 1, batch=200))
+    # the same indexes as a new catalog's, and every row reachable through them
+    assert _index_sql(cat) == schema and _objects(cat) == FORMAT_4_OBJECTS
+    assert cat.reader.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+    assert len(cat.list_dir("/Dir003", 1)) == 100 and len(list(cat.glob("q3*", on_path=False))) == 215
+    # not empty any more: a second version keeps its indexes while it writes
+    cat.begin()
+    assert not cat.bulk_begin()
+    cat.rollback()
+    # a second version naming known directories and names reuses their ids
+    more = {9000: rec(9000, 64, "File-00101.TXT", size=9), 9001: rec(9001, 64, "new.txt")}
+    plan2 = make_plan("", more, {}, Resolver("", more, lambda n: cat.dir_info("", n, 1)), 2)
+    asyncio.run(persist(cat, Computed("diff", parts=[{"name": ""}], plans=[plan2]), 2, 2, 2))
+    assert cat.reader.execute("SELECT count(*) FROM dirs").fetchone()[0] == 16  # "/" and 15 dirs
+    assert cat.reader.execute("SELECT count(*) FROM names WHERE name = 'File-00101.TXT'").fetchone()[0] == 1
+    assert [e.name for e in cat.list_dir("/Dir000", 2)][-2:] == ["Q3-00098.TXT", "new.txt"]
+    assert cat.reader.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+
+
+@pytest.mark.parametrize("json_each", [True, False])
+def test_interned_names_come_back_exactly(tmp_path: Path, json_each: bool) -> None:
+    odd = ['quote"s', "back\\slash", "new\nline", "ünïcödé ☃", "123", "[1]", "null", " spaced ",
+           "tab\there", "€uro", "\U0001f600"]
+    cat = Catalog(tmp_path / "catalog.sqlite")
+    assert cat._json_each  # this SQLite has the JSON functions; False: the fallback
+    cat._json_each = json_each
+    new = {64: rec(64, ROOT, "D i r", is_dir=True)}
+    new.update({100 + i: rec(100 + i, 64, name) for i, name in enumerate(odd)})
+    plan = make_plan("", new, {}, Resolver("", new), 1)
+    asyncio.run(persist(cat, Computed("full", parts=[{"name": ""}], plans=[plan]), 1, 1, 1))
+    assert [e.name for e in cat.list_dir("/D i r", 1)] == sorted(odd)
+    # a second version: known names reused, a new one added
+    more = {200: rec(200, 64, "null"), 201: rec(201, ROOT, "[1]"), 202: rec(202, ROOT, "x\ty")}
+    plan2 = make_plan("", more, {}, Resolver("", more, lambda n: cat.dir_info("", n, 1)), 2)
+    asyncio.run(persist(cat, Computed("diff", parts=[{"name": ""}], plans=[plan2]), 2, 2, 2))
+    assert [e.name for e in cat.list_dir("/", 2)] == ["D i r", "[1]", "x\ty"]
+    assert cat.reader.execute("SELECT count(*) FROM names").fetchone()[0] == len(odd) + 2
+    assert cat.reader.execute("SELECT typeof(name) FROM names WHERE name = '123'").fetchone() == ("text",)
+
+
+def test_a_first_index_rolled_back_leaves_the_indexes(tmp_path: Path) -> None:
+    cat = Catalog(tmp_path / "catalog.sqlite")
+    schema = _index_sql(cat)
+    new = tree(300)
+    plan = make_plan("", new, {}, Resolver("", new), 1)
+
+    class Boom(Exception):
+        pass
+
+    def fail() -> None:
+        raise Boom
+
+    cat.bulk_end = fail  # type: ignore[method-assign]
+    with pytest.raises(Boom):
+        asyncio.run(persist(cat, Computed("full", parts=[{"name": ""}], plans=[plan]), 1, 1, 1))
+    assert _index_sql(cat) == schema and cat.versions() == []
+    assert cat.reader.execute("SELECT count(*) FROM file_entries").fetchone()[0] == 0
+    assert cat.reader.execute("SELECT count(*) FROM names").fetchone()[0] == 0
+    del cat.bulk_end  # the catalog writes the same version again, from scratch
+    asyncio.run(persist(cat, Computed("full", parts=[{"name": ""}], plans=[plan]), 1, 1, 1))
+    assert _index_sql(cat) == schema
+    assert len(cat.list_dir("/Dir001", 1)) == 100
+
+
+def test_a_first_index_cancelled_while_its_indexes_build_waits_then_rolls_back(tmp_path: Path) -> None:
+    import threading
+    import time
+
+    cat = Catalog(tmp_path / "catalog.sqlite")
+    schema = _index_sql(cat)
+    new = tree(300)
+    plan = make_plan("", new, {}, Resolver("", new), 1)
+    real = cat.bulk_end
+    started, done = threading.Event(), threading.Event()
+
+    def slow() -> None:
+        started.set()
+        time.sleep(0.3)
+        real()
+        done.set()
+
+    cat.bulk_end = slow  # type: ignore[method-assign]
+
+    async def main() -> None:
+        task = asyncio.create_task(persist(cat, Computed("full", parts=[{"name": ""}], plans=[plan]),
+                                           1, 1, 1))
+        while not started.is_set():
+            await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert done.is_set()  # the thread was done with the connection before the rollback
+
+    asyncio.run(main())
+    assert _index_sql(cat) == schema and cat.versions() == []
+    assert cat.reader.execute("SELECT count(*) FROM file_entries").fetchone()[0] == 0
 
 
 def test_gc_pause_freezes_per_step_and_releases_at_the_end() -> None:
