@@ -19,8 +19,10 @@ Design notes
 * Every record is checked as the kernel checks it (length at least 12, a multiple of 4,
   room for the name, inside the block, inode number in range); a bad one raises
   :class:`~cdp.errors.Corruption` for its directory. Names are bytes on disk; they are
-  decoded as UTF-8 with ``surrogateescape`` (lossless: ``os.fsencode`` gives the bytes
-  back).
+  decoded as UTF-8 with ``surrogateescape`` and given in the catalog's *stored* form
+  (:func:`cdp.ntfs.names.stored`: SQLite cannot hold the lone surrogates that bytes
+  which are not UTF-8 decode to). Lossless: ``os.fsencode(exact(name))`` gives the
+  bytes back; a UTF-8 name is unchanged.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from cdp.ext4.defs import (
     FT_KIND,
     I_BLOCK_SIZE,
 )
+from cdp.ntfs.names import stored
 
 _MASK = 0xFFFFFFFF
 _de = EXT4_DIR_ENTRY_2.unpack_from
@@ -100,7 +103,8 @@ class DirFormat:
                 if ino:
                     if not name_len:
                         raise self._bad(where, pos - start, ino, rec_len, name_len)
-                    append((buf[pos + 8 : pos + 8 + name_len].decode("utf-8", "surrogateescape"), ino, ftype))
+                    name = buf[pos + 8 : pos + 8 + name_len].decode("utf-8", "surrogateescape")
+                    append((name if name.isascii() else stored(name), ino, ftype))
                 pos = nxt
             return
         filetype = self.filetype
@@ -119,7 +123,8 @@ class DirFormat:
                     or pos + rec_len > end or ino > max_ino or (ino and not name_len)):
                 raise self._bad(where, pos - start, ino, rec_len, name_len)
             if ino:
-                append((buf[pos + 8 : pos + 8 + name_len].decode("utf-8", "surrogateescape"), ino, ftype))
+                name = buf[pos + 8 : pos + 8 + name_len].decode("utf-8", "surrogateescape")
+                append((name if name.isascii() else stored(name), ino, ftype))
             pos += rec_len
 
     @staticmethod

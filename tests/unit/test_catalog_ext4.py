@@ -17,6 +17,7 @@ import pytest
 from cdp.catalog.db import Catalog, Version
 from cdp.catalog.ext4index import merge_ranges, overlaps, pack_ranges, unpack_ranges
 from cdp.catalog.indexer import Computed, compute, find_filesystems, persist
+from cdp.ntfs.names import exact
 from tests.conftest import require_tool
 from tools.ext4_fixture import debugfs, fls_entries, mkfs, mounted, populate_sample
 
@@ -200,3 +201,36 @@ def test_orphan_inode_is_not_a_live_file(base_image: Path, tmp_path: Path) -> No
     assert cat.at_path("/a", "with space", 2) is None
     assert [(x.start, x.end, x.ref) for x in cat.history("/a", "with space")] == [(1, 2, 1)]
     assert catalog_rows(cat, 2) == fls_rows(after)  # fls lists it only under $OrphanFiles
+
+
+def test_names_that_are_not_utf8_are_catalogued_exactly(base_image: Path, tmp_path: Path) -> None:
+    """ext4 names are bytes: one that is not UTF-8 is catalogued (SQLite refuses the lone
+    surrogates Python decodes it to, so the stored form escapes them) and comes back as
+    the bytes on disk; the rest of the version is unaffected."""
+    require_tool("fuse2fs")
+    cat = Catalog(tmp_path / "catalog.sqlite")
+    index(cat, base_image, 1)
+    v1 = cat.last_version()
+    assert v1 is not None
+    after = tmp_path / "after.img"
+    shutil.copyfile(base_image, after)
+    raw_dir, raw_file = b"latin1-\xe9t\xe9", b"bad-\xff\xfe-name.txt"
+    with mounted(after) as m:
+        d = os.path.join(os.fsencode(m), raw_dir)
+        os.mkdir(d)
+        with open(os.path.join(d, raw_file), "wb") as f:
+            f.write(b"payload\n")
+        (m / "plain.txt").write_bytes(b"plain\n")
+    c = index(cat, after, 2, v1, base_image)
+    assert c.plans[0].damaged == []
+    rows = {exact(p): r for p, r in catalog_rows(cat, 2)}
+    want = "/" + os.fsdecode(raw_dir) + "/" + os.fsdecode(raw_file)
+    assert want in rows and "/plain.txt" in rows, sorted(rows)[:20]
+    assert os.fsencode(want) == b"/" + raw_dir + b"/" + raw_file
+    assert {exact(p) for p, _r in catalog_rows(cat, 2)} - {"/" + os.fsdecode(raw_dir), want,
+                                                             "/plain.txt"} == \
+        {exact(p) for p, _r in catalog_rows(cat, 1)}
+    # a full index of the same image agrees
+    full = Catalog(tmp_path / "full.sqlite")
+    index(full, after, 2)
+    assert catalog_rows(full, 2) == catalog_rows(cat, 2)
