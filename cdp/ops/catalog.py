@@ -102,11 +102,14 @@ _NAME_KEYS = ("path", "dir", "name", "new_path")
 
 
 def _exact_row(row: dict[str, Any]) -> dict[str, Any]:
-    """*row* with its names in exact form (a no-op for ordinary names)."""
-    for k in _NAME_KEYS:
-        v = row.get(k)
-        if isinstance(v, str):
-            row[k] = exact(v)
+    """*row* with its names in exact form (a no-op for ordinary names). Cost: one
+    ``isascii`` for a row whose path is ASCII (its directory and name are then too)."""
+    path = row.get("path")
+    if not (type(path) is str and path.isascii()) or "new_path" in row:
+        for k in _NAME_KEYS:
+            v = row.get(k)
+            if isinstance(v, str):
+                row[k] = exact(v)
     for st in row.get("streams") or ():
         if isinstance(st, dict) and isinstance(st.get("name"), str):
             st["name"] = exact(st["name"])
