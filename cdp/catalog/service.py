@@ -182,10 +182,11 @@ def prefetcher(vol: Volume, seq: int) -> Prefetch | None:
     """The catalog computation's *prefetch* for *vol* as of *seq*: fetch, in one call
     of ``journal.remote`` (coalesced GETs), the records of dropped segments that
     reading the given volume byte ranges needs and the read cache lacks (up to half
-    the cache). None without a tier fetcher. Cost when all is local: O(1); else one map
-    resolve of the ranges plus the fetch."""
+    the cache). None without a tier fetcher or dropped history (segments dropped
+    later are met as misses, and the rerun gets a prefetch). Cost: one map resolve
+    of the ranges plus the fetch."""
     j = vol.journal
-    if j.remote is None:
+    if j.remote is None or not j.dropped_segments():
         return None
 
     async def prefetch(ranges: list[tuple[int, int]]) -> None:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from cdp.catalog.db import CATALOG_FILE
 from cdp.catalog.indexer import compute
 from cdp.catalog.service import changed_to, fetching, reader_at, service_for
 from cdp.journal.tiered import CACHE_DIR
@@ -182,12 +183,28 @@ def test_catalog_diff_over_dropped_history_plans_its_reads(
         finally:
             vol.close()
 
+    async def full(seq: int) -> tuple[int, int, set[str]]:
+        """A full index at *seq* (the catalog lost): the whole MFT or every inode table
+        and directory, planned as well."""
+        (tmp_path / "store" / "volumes" / "vol0" / CATALOG_FILE).unlink()
+        vol, svc, rounds = _reopen(tmp_path, url, s3)
+        try:
+            catsvc = service_for(vol)
+            c = await catsvc.catalog_marker(next(m for m in vol.markers if m.seq == seq))
+            assert c is not None and c.kind == "full", c and c.note
+            view = await catsvc.view(f"@{seq}")
+            return svc.fetches, len(rounds), {e.name for e in view.list_dir("/docs")}
+        finally:
+            vol.close()
+
     _seq0, seq1 = asyncio.run(build())
     gets_before, rounds_before, changed = asyncio.run(unplanned(seq1))
     gets_after, rounds_after, listed = asyncio.run(planned(seq1))
+    gets_full, rounds_full, listed_full = asyncio.run(full(seq1))
     print(f"{kind}: diff of {changed} changed records over dropped history: "
           f"{gets_before} GETs in {rounds_before} rounds unplanned, "
-          f"{gets_after} GETs in {rounds_after} rounds planned")
-    assert listed == names
-    assert rounds_after <= 8, rounds_after
+          f"{gets_after} GETs in {rounds_after} rounds planned; "
+          f"full index: {gets_full} GETs in {rounds_full} rounds")
+    assert listed == names and listed_full == names
+    assert rounds_after <= 8 and rounds_full <= 8, (rounds_after, rounds_full)
     assert gets_after * 4 <= gets_before, (gets_before, gets_after)
