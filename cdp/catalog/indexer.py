@@ -27,6 +27,16 @@ Design notes
   re-indexed (its old entries closed).
 * A full scan sorts records into bases and extension records as they are parsed and
   merges the (few) extension records at the end, so no step walks the whole MFT.
+* **Reads planned ahead** (history the S3 tier dropped locally): *read* is synchronous
+  and raises :class:`~cdp.journal.NotLocal` at the first record not local; the caller
+  (:func:`cdp.catalog.service.fetching`) fetches and runs the computation again. So
+  that this costs a few rounds of GETs rather than one per record, every step that
+  knows the bytes it is about to read hands them to *prefetch* first: the MFT records
+  in the changed ranges (or the whole MFT for a full scan); for ext, the changed
+  inodes, the directories to list and the inodes they name (:mod:`.ext4index`), and
+  the inode tables for a full scan. One round of coalesced GETs per such step; what is
+  left (the boot sector, ``$MFT``'s own record, a superblock: one record each) is
+  fetched miss by miss. Without a tier *prefetch* is None and nothing changes.
 """
 
 from __future__ import annotations
@@ -35,7 +45,7 @@ import asyncio
 import contextlib
 import gc
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -54,6 +64,9 @@ from cdp.partition import Partition, Probe, find_kinds
 Reader = Callable[[int, int], bytes]
 #: changed(base_seq, start, end) -> volume byte ranges that may differ from the base
 Changed = Callable[[int, int, int], list[tuple[int, int]]]
+#: prefetch(ranges): bring what reading the volume byte ranges ``[start, end)`` at the
+#: point needs from the S3 tier into the local read cache, in one round of GETs
+Prefetch = Callable[[list[tuple[int, int]]], Awaitable[None]]
 
 #: records parsed (or planned) between two yields to the event loop (~1-3 ms of work)
 CHUNK_RECORDS = 256
@@ -135,16 +148,36 @@ def _same_fs(a: dict[str, Any], b: dict[str, Any]) -> bool:
 async def compute(
     read: Reader, size: int, catalog: Catalog | None, base: Version | None,
     changed: Changed | None, backup_ns: int, *, chunk: int = CHUNK_RECORDS,
+    prefetch: Prefetch | None = None,
 ) -> Computed:
     """Plan the catalog changes from *base* (None: full index) to the point *read*
-    reads. Cost: full index O(MFT records); diff O(changed records + their entries)."""
+    reads; *prefetch* is told the bytes each step will read before it reads them (see
+    the design notes). Cost: full index O(MFT records); diff O(changed records + their
+    entries)."""
     with gc_paused():
-        return await _compute(read, size, catalog, base, changed, backup_ns, chunk)
+        return await _compute(read, size, catalog, base, changed, backup_ns, chunk, prefetch)
+
+
+def record_ranges(nv: NtfsVolume, numbers: list[int]) -> list[tuple[int, int]]:
+    """Volume byte ranges ``[start, end)`` of MFT records *numbers* (sorted), adjacent
+    ones merged. Cost: O(numbers log extents)."""
+    rs = nv.record_size
+    out: list[tuple[int, int]] = []
+    for n in numbers:
+        try:
+            a = nv.base + nv.record_offset(n)
+        except CdpError:
+            continue
+        if out and out[-1][1] == a:
+            out[-1] = (out[-1][0], a + rs)
+        else:
+            out.append((a, a + rs))
+    return out
 
 
 async def _compute(
     read: Reader, size: int, catalog: Catalog | None, base: Version | None,
-    changed: Changed | None, backup_ns: int, chunk: int,
+    changed: Changed | None, backup_ns: int, chunk: int, prefetch: Prefetch | None = None,
 ) -> Computed:
     t0 = time.perf_counter()
     out = Computed("diff" if base is not None else "full")
@@ -169,7 +202,7 @@ async def _compute(
     for fs_kind, part in found:
         if fs_kind == "ext":
             async for _ in _compute_ext(out, read, part, catalog, base, base_parts.get(part.name),
-                                        changed, backup_ns, chunk):
+                                        changed, backup_ns, chunk, prefetch):
                 await step()
             seen.add(part.name)
             continue
@@ -192,6 +225,8 @@ async def _compute(
             assert base is not None and catalog is not None
             numbers = nv.records_in(ranges)
             out.changed_records += len(numbers)
+            if prefetch is not None:
+                await prefetch(record_ranges(nv, numbers))
             new: dict[int, FileRecord] = {}
             for i in range(0, len(numbers), chunk):
                 new.update(nv.read_records(numbers[i : i + chunk]))
@@ -203,6 +238,9 @@ async def _compute(
             new = {}
             exts: list[FileRecord] = []
             parsed = 0
+            if prefetch is not None:  # the MFT in scan order (as much as the cache takes)
+                await prefetch([(nv.base + e.offset, nv.base + e.offset + e.count * nv.record_size)
+                                for e in nv.extents])
             for recs in nv.scan(chunk):
                 parsed += len(recs)
                 for r in recs:
@@ -276,6 +314,7 @@ def _changed_ranges(out: Computed, part: Partition, base: Version | None,
 async def _compute_ext(
     out: Computed, read: Reader, part: Partition, catalog: Catalog | None, base: Version | None,
     bp: dict[str, Any] | None, changed: Changed | None, backup_ns: int, chunk: int,
+    prefetch: Prefetch | None = None,
 ) -> AsyncIterator[None]:
     """One ext2/3/4 file system into *out* (:mod:`cdp.catalog.ext4index`): the diff
     against *base* when the file system is the one catalogued there (*bp*) and the
@@ -292,6 +331,7 @@ async def _compute_ext(
     same = base is not None and bp is not None and ext4index.same_fs(bp, fp)
     ranges = _changed_ranges(out, part, base, changed) if same else None
     ix = ext4index.Ext4Indexer(fs, part, "/" + part.name if part.name else "", backup_ns, chunk)
+    ix.prefetch = prefetch
     if same and ranges is not None and catalog is not None and base is not None:
         async for _ in ix.diff(catalog, base, ranges):
             yield None

@@ -12,6 +12,11 @@ Design notes
   up when the service is attached on a running loop.
 * A failure (damaged journal bytes, a bug) is logged and that marker is skipped; the
   next marker diffs against the last catalogued one, so nothing is lost.
+* History the S3 tier dropped locally: the computation reads synchronously on the
+  loop; :func:`fetching` runs it again after each miss, and :func:`prefetcher` lets
+  each of its steps fetch, before it reads, every record it is about to need (the
+  maps' extents of those bytes, :func:`~cdp.journal.tiered.missing_records`): a
+  marker's diff costs a few rounds of coalesced GETs, not one round per record.
 """
 
 from __future__ import annotations
@@ -23,8 +28,9 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 from cdp.catalog.db import CATALOG_FILE, Catalog, Version
-from cdp.catalog.indexer import Computed, View, compute, gc_paused, persist
+from cdp.catalog.indexer import Computed, Prefetch, View, compute, gc_paused, persist
 from cdp.journal import NotLocal
+from cdp.journal.tiered import missing_records, prefetch_limit
 from cdp.markers import Marker
 from cdp.volume import READ_FETCHES, Volume, VolumeService
 
@@ -106,7 +112,8 @@ class CatalogService(VolumeService):
         vol = self.volume
         with gc_paused():  # across both: the computed plan lives until it is written
             c = await fetching(vol, lambda: compute(reader_at(vol, m.seq), vol.size, cat, base,
-                                                    changed_to(vol, m.seq), m.time_ns))
+                                                    changed_to(vol, m.seq), m.time_ns,
+                                                    prefetch=prefetcher(vol, m.seq)))
             await persist(cat, c, m.id, m.seq, m.time_ns)
         self.last_result = {"marker": m.name, "kind": c.kind, "parsed": c.parsed,
                             "seconds": round(c.seconds, 4)}
@@ -137,7 +144,8 @@ class CatalogService(VolumeService):
                 base = v
         when = vol.journal.time_of_seq(seq) if seq else 0
         c = await fetching(vol, lambda: compute(reader_at(vol, seq), vol.size, cat, base,
-                                                changed_to(vol, seq), when))
+                                                changed_to(vol, seq), when,
+                                                prefetch=prefetcher(vol, seq)))
         return View(cat, base.version if base else None, c, seq=seq)
 
     async def head_views(self) -> tuple[View, View] | None:
@@ -156,7 +164,8 @@ async def fetching(vol: Volume, run: Callable[[], Awaitable[T]]) -> T:
     records that only the S3 tier holds (NotLocal), fetch them into the journal's read
     cache (``journal.remote``) and run it again. Each attempt gets further, since fetched
     records stay cached (up to ``local_cache_bytes``). Cost: one attempt per missing
-    record at worst; nothing when everything is local."""
+    record the computation did not prefetch (:func:`prefetcher`); nothing when
+    everything is local."""
     for _ in range(READ_FETCHES):
         try:
             return await run()
@@ -167,6 +176,31 @@ async def fetching(vol: Volume, run: Callable[[], Awaitable[T]]) -> T:
             await remote(e.ranges)
     raise NotLocal(f"volume {vol.name}: more than {READ_FETCHES} fetches from the tier "
                    "for one catalog run (is local_cache_bytes too small?)")
+
+
+def prefetcher(vol: Volume, seq: int) -> Prefetch | None:
+    """The catalog computation's *prefetch* for *vol* as of *seq*: fetch, in one call
+    of ``journal.remote`` (coalesced GETs), the records of dropped segments that
+    reading the given volume byte ranges needs and the read cache lacks (up to half
+    the cache). None without a tier fetcher or dropped history (segments dropped
+    later are met as misses, and the rerun gets a prefetch). Cost: one map resolve
+    of the ranges plus the fetch."""
+    j = vol.journal
+    if j.remote is None or not j.dropped_segments():
+        return None
+
+    async def prefetch(ranges: list[tuple[int, int]]) -> None:
+        remote = j.remote
+        if remote is None:
+            return
+        size = vol.size
+        locs = ((e.seq, e.loc) for a, b in ranges if a < min(b, size)
+                for e in vol.extents(a, min(b, size), seq) if e.loc >= 0)
+        want = missing_records(j, locs, prefetch_limit(j))
+        if want:
+            await remote(want)
+
+    return prefetch
 
 
 def reader_at(vol: Volume, seq: int) -> Any:

@@ -17,7 +17,9 @@ Design notes
   journal is still touched on the loop only, GETs and cache writes never are. A volume
   without a tier takes the plain path (no thread, no hop). The pool is not asyncio's
   default executor, which the fetches themselves use: a restore waiting on a fetch can
-  never hold the fetch's thread.
+  never hold the fetch's thread. Every consumer of a file's bytes on the loop (the
+  ``restore`` operation, the web console's download and its tar of a directory) takes
+  them through :meth:`FileBytes.async_pieces`, which runs each step of ``pieces`` there.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import asyncio
 import fnmatch
 import os
 import threading
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -225,6 +227,27 @@ class FileBytes:
     mtime: int
     atime: int
     pieces: Pieces
+    #: read through :func:`tier_reader_at`: ``pieces`` must run off the event loop
+    tiered: bool = False
+
+    async def async_pieces(self, on_error: str = "stop",
+                           damage: DamageMap | None = None) -> AsyncIterator[tuple[int, bytes]]:
+        """``pieces(on_error, damage)`` for a consumer on the event loop: over tiered
+        history each piece is made in a worker thread (``_TIER_READERS``) whose reads
+        fetch what the S3 tier holds on the loop (see the module notes); otherwise
+        directly. Memory: one piece. Cost per piece when tiered: one thread hand-off."""
+        pieces = iter(self.pieces(on_error, damage))
+        if not self.tiered:
+            for got in pieces:
+                yield got
+            return
+        loop = asyncio.get_running_loop()
+
+        def step() -> tuple[int, bytes] | None:
+            return next(pieces, None)
+
+        while (piece := await loop.run_in_executor(_TIER_READERS, step)) is not None:
+            yield piece
 
     def result(self, output: str | None = None) -> dict[str, Any]:
         """The ``restore`` operation's result for these bytes."""
@@ -252,9 +275,11 @@ async def open_file(store: Store, args: dict[str, Any]) -> FileBytes:
     if e.is_dir:
         raise UsageError(f"{shown(path)} is a directory; restore takes files")
     if _tiered(vol):  # tiered history: parse in a worker thread, reads fetch on the loop
-        return await asyncio.get_running_loop().run_in_executor(
+        f = await asyncio.get_running_loop().run_in_executor(
             _TIER_READERS, _file_of, vol.name, point, view, tier_reader_at(vol, view.seq), e,
             join(d, n), stream_name)
+        f.tiered = True
+        return f
     return _file_of(vol.name, point, view, tier_reader_at(vol, view.seq), e, join(d, n),
                     stream_name)
 
@@ -369,22 +394,33 @@ async def open_tree(store: Store, args: dict[str, Any]) -> tuple[str, list[FileB
     """The directory ``path`` on ``volume`` as of ``at``, for a tar stream: (its path,
     its subtree in walk order: a :class:`FileBytes` per file whose data can be read, the
     :class:`Entry` of each directory). Files that cannot be read (compressed, no data)
-    are left out. Cost: one walk of the subtree and one record read per file."""
+    are left out. Cost: one walk of the subtree and one record read per file (over
+    tiered history in a worker thread, as :func:`open_file`)."""
     vol = store.volume(args.get("volume"))
     point = point_arg(args, "at")
     view = await service_for(vol).view(point)
     path = "/" + stored(args.get("path") or "/").strip("/")
-    read = reader_at(vol, view.seq)
-    out: list[FileBytes | Entry] = []
-    for e in view.walk(path):
-        if e.is_dir:
-            out.append(e)
-            continue
-        try:
-            out.append(_file_of(vol.name, point, view, read, e, e.path))
-        except (NotFound, UsageError):
-            continue
-    return exact(path), out
+    walked = view.walk(path)  # the catalog is read on the loop, the volume maybe not
+    tiered = _tiered(vol)
+    read = tier_reader_at(vol, view.seq) if tiered else reader_at(vol, view.seq)
+
+    def files() -> list[FileBytes | Entry]:
+        out: list[FileBytes | Entry] = []
+        for e in walked:
+            if e.is_dir:
+                out.append(e)
+                continue
+            try:
+                f = _file_of(vol.name, point, view, read, e, e.path)
+            except (NotFound, UsageError):
+                continue
+            f.tiered = tiered
+            out.append(f)
+        return out
+
+    if tiered:
+        return exact(path), await asyncio.get_running_loop().run_in_executor(_TIER_READERS, files)
+    return exact(path), files()
 
 
 async def restore(store: Store, args: dict[str, Any], progress: Progress) -> Any:
@@ -406,19 +442,9 @@ async def restore(store: Store, args: dict[str, Any], progress: Progress) -> Any
     out = os.path.abspath(out_path)
     fd, tmp = open_partial(out)
     written = 0
-    loop = asyncio.get_running_loop()
-    pieces = iter(f.pieces(on_error, damage))
-    tiered = _tiered(store.volume(args.get("volume")))
-
-    async def next_piece() -> tuple[int, bytes] | None:
-        if tiered:  # reads hop back to the loop and fetch from the tier (module notes)
-            return await loop.run_in_executor(_TIER_READERS, next, pieces, None)
-        return next(pieces, None)
-
     try:
         set_size(fd, f.size, out)
-        while (got := await next_piece()) is not None:
-            off, piece = got
+        async for off, piece in f.async_pieces(on_error, damage):
             if piece.count(0) != len(piece):
                 write_at(fd, piece, off, out)
             written += len(piece)

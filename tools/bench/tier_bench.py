@@ -8,7 +8,17 @@ Rows (``cdp``: the tier; ``peer``: the comparison, measured in the same run):
   same size (s3transfer: 8 MiB parts x10), same RGW. Goal >= 0.8.
 - ``tier-ingest-4KiB`` / ``tier-ingest-1MiB``: MiB/s of volume writes (journal + maps,
   a flush every 8 MiB) with the tier task uploading behind them vs with ``[tier]`` off.
-  Goal >= 0.9.
+  Goal >= 0.9. The note says where the time went, on/off (medians): CPU seconds of the
+  event-loop thread (``time.thread_time``: if the tier competed for the loop this
+  would grow), of the whole process (plus the upload threads), wall seconds and those
+  spent awaiting the journal (flush fdatasync, backpressure), and CPU seconds of the
+  test RGW's own daemons, which on this machine share the cores and the disk with cdp
+  (a real S3 store would not). Measured 2026-12-07, 2 cores at load 5-9: the loop's
+  CPU is the same on and off (0.31-0.35 s per 128 MiB of 4 KiB writes), the upload
+  threads add ~0.17 s of process CPU (py-spy ``--gil``: ~0.18 s holding the GIL per
+  run), the RGW daemons 0.27-0.66 s, and the journal's flushes wait 0.23 -> 0.51 s
+  (the OSD writes the uploads to the same disk): the tier competes for cores and disk,
+  not for the loop.
 - ``tier-recover``: MiB/s of ``recover_store`` (ranged 8 MiB GETs + sha256 + install)
   vs plain boto3 ``download_file`` of the same objects to files. Goal >= 0.7.
 - ``tier-read-4KiB``: p50 ms of 4 KiB random reads (``Volume.read_async``) of a point
@@ -29,7 +39,7 @@ import statistics
 import tempfile
 import time
 import uuid
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +47,7 @@ from cdp.config import JournalSettings, Settings, TierSettings
 from cdp.tier.recover import recover_store
 from cdp.tier.service import TierService
 from cdp.volume import Volume
+from tools import ceph_s3
 from tools.bench.s3_bench import (
     _row,
     cdp_client,
@@ -59,27 +70,75 @@ def _settings(tmp: Path, url: str, segment: int) -> Settings:
                    tier=TierSettings(url=url))
 
 
-async def _ingest(vol: Volume, total: int, size: int, seed: int) -> float:
-    """MiB/s of ``total`` bytes of ``size`` writes (half random, half zeros per write)."""
+@dataclass
+class Ingest:
+    """One timed ingest run: its rate, and where the time went. ``loop_cpu``: CPU
+    seconds of the event-loop thread (``time.thread_time`` there: the writes' own work
+    plus whatever else runs on the loop, such as the tier task's on-loop steps);
+    ``cpu``: CPU seconds of the whole process (the loop plus the upload threads);
+    ``waits``: seconds spent awaiting the journal (flushes: fdatasync in a thread, and
+    write backpressure). ``seconds - waits - loop_cpu`` is the loop thread runnable
+    but not running: waiting for a core or for the GIL."""
+
+    rate: float
+    seconds: float
+    loop_cpu: float
+    cpu: float
+    waits: float
+    #: CPU seconds of the test RGW's own daemons (mon, osd, rgw) meanwhile, None if not ours
+    rgw_cpu: float | None = None
+
+
+def _rgw_cpu() -> float | None:
+    """CPU seconds used so far by the daemons of ``tools/ceph-s3``'s state directory
+    (their pid files), None when there are none: on this machine they share the cores
+    with cdp, where a real S3 store would not."""
+    run_dir = ceph_s3.state_dir() / "run"
+    ticks = 0
+    pids = sorted(run_dir.glob("*.pid")) if run_dir.is_dir() else []
+    for p in pids:
+        try:
+            f = ceph_s3._stat_fields(int(p.read_text().split()[0]))
+        except (ValueError, IndexError, OSError):
+            f = None
+        if f is not None:
+            ticks += int(f[11]) + int(f[12])  # utime, stime
+    return ticks / os.sysconf("SC_CLK_TCK") if pids else None
+
+
+async def _ingest(vol: Volume, total: int, size: int, seed: int) -> Ingest:
+    """``total`` bytes of ``size`` writes (half random, half zeros per write)."""
     rng = random.Random(seed)
     blobs = [rng.randbytes(size // 2) + bytes(size - size // 2) for _ in range(8)]
     t0 = time.perf_counter()
+    c0, p0, r0 = time.thread_time(), time.process_time(), _rgw_cpu()
     done = since = 0
+    waits = 0.0
     i = 0
+    clock = time.perf_counter
     while done < total:
         off = rng.randrange(0, SIZE // size) * size
         r = vol.write(off, blobs[i % 8])
         if r is not None:
+            w0 = clock()
             await r
+            waits += clock() - w0
         i += 1
         done += size
         since += size
         if since >= 8 * MiB:
+            w0 = clock()
             await vol.flush()
+            waits += clock() - w0
             since = 0
             await asyncio.sleep(0)
+    w0 = clock()
     await vol.flush()
-    return total / MiB / (time.perf_counter() - t0)
+    waits += clock() - w0
+    dt = time.perf_counter() - t0
+    r1 = _rgw_cpu()
+    return Ingest(total / MiB / dt, dt, time.thread_time() - c0, time.process_time() - p0, waits,
+                  None if r0 is None or r1 is None else r1 - r0)
 
 
 async def _tiered_reads(tmp: Path, url: str, s3: Any, n: int) -> tuple[list[float], list[str]]:
@@ -205,14 +264,14 @@ def run(quick: bool = False, only: tuple[str, ...] = ROWS) -> list[dict[str, Any
                 # median of each; the note says how much the tier sent during the "on" runs
                 for size, name in ((4096, "4KiB"), (MiB, "1MiB")):
                     total = ingest_total // (2 if size == 4096 else 1)
-                    rates: dict[bool, list[float]] = {True: [], False: []}
+                    runs: dict[bool, list[Ingest]] = {True: [], False: []}
                     sent: list[int] = []
                     for rnd in range(3):
                         for on in (False, True):
                             d = tmp / f"in-{name}-{rnd}-{on}"
 
                             async def ingest(d: Path = d, on: bool = on, rnd: int = rnd, total: int = total,
-                                             size: int = size, sent: list[int] = sent) -> float:
+                                             size: int = size, sent: list[int] = sent) -> Ingest:
                                 # a backlog of sealed segments first (not timed), so the tier
                                 # uploads during the whole timed run
                                 s = _settings(d, f"{url}-ingest-{d.name}", 8 * MiB)
@@ -228,21 +287,36 @@ def run(quick: bool = False, only: tuple[str, ...] = ROWS) -> list[dict[str, Any
                                     svc = TierService(vol, s.tier, s3=s3, autostart=False)
                                     vol.attach(svc)
                                     svc.start()
-                                rate = await _ingest(vol, total, size, rnd)
+                                got = await _ingest(vol, total, size, rnd)
                                 if svc is not None:
                                     sent.append(svc.sent_bytes)
                                 vol.close()
-                                return rate
+                                return got
 
                             os.sync()
-                            rates[on].append(asyncio.run(ingest()))
+                            runs[on].append(asyncio.run(ingest()))
                             shutil.rmtree(d, ignore_errors=True)
-                    rows.append(_row(f"tier-ingest-{name}", statistics.median(rates[True]),
-                                     statistics.median(rates[False]), "MiB/s",
+
+                    def med(on: bool, what: str, runs: dict[bool, list[Ingest]] = runs) -> float:
+                        return float(statistics.median(getattr(r, what) for r in runs[on]))
+
+                    def rgw_cpu(on: bool, runs: dict[bool, list[Ingest]] = runs) -> str:
+                        got = [r.rgw_cpu for r in runs[on] if r.rgw_cpu is not None]
+                        return f"{statistics.median(got):.2f}" if got else "?"
+
+                    rows.append(_row(f"tier-ingest-{name}", med(True, "rate"), med(False, "rate"),
+                                     "MiB/s",
                                      f"{total // MiB} MiB of {name} writes, volume level, 3 alternating "
                                      f"rounds, medians; a {BACKLOG // MiB} MiB backlog first, the "
                                      f"tier sent {min(sent) // MiB}-{max(sent) // MiB} MiB during "
-                                     "each timed run; peer: [tier] off"))
+                                     "each timed run; peer: [tier] off. Loop thread CPU s "
+                                     f"on/off {med(True, 'loop_cpu'):.2f}/{med(False, 'loop_cpu'):.2f}, "
+                                     f"process CPU s {med(True, 'cpu'):.2f}/{med(False, 'cpu'):.2f}, "
+                                     f"wall s {med(True, 'seconds'):.2f}/{med(False, 'seconds'):.2f}, "
+                                     f"of which awaiting the journal {med(True, 'waits'):.2f}/"
+                                     f"{med(False, 'waits'):.2f}, RGW daemons' CPU s "
+                                     f"{rgw_cpu(True)}/{rgw_cpu(False)}; "
+                                     f"load {os.getloadavg()[0]:.1f}"))
 
             if "recover" in only and "upload" in only:
                 # -- recovery vs plain download of the same objects
