@@ -346,6 +346,7 @@ class Volume:
             path / "journal",
             segment_bytes=settings.journal.segment_bytes,
             sync=settings.journal.sync,
+            segment_records=settings.journal.segment_records,
         )
         try:
             maps = MapHistory.open(
