@@ -193,6 +193,36 @@ def test_segment_records_bounds_the_open_segment_and_recovery_scans_only_it(
     assert verify_journal(D, fs=fs).ok
 
 
+def test_scan_meta_is_scan_without_data_payloads_and_still_checks_every_byte() -> None:
+    fs = CrashSimFS()
+    j = mk(fs, segment_records=4)
+    j.append_write(0, rnd(1, 3000))
+    j.append_write(4096, b"\0" * 4096, init=True)  # lz4
+    j.append_write(8192, rnd(2, 300_000))  # chunked
+    j.append_zero(0, 8192)
+    j.append_marker(7, "m")
+    j.append_rewind(2)
+    j.append_error(5, 0, 512, "eio")
+    j.close()
+    j = mk(fs, segment_records=4)
+    full, meta = list(j.scan()), list(j.scan_meta())
+    assert len(full) == len(meta) == 7
+    for a, b in zip(full, meta, strict=True):
+        if a.kind in (RecordKind.WRITE, RecordKind.INIT):
+            assert a.payload and b.payload == b""
+            b.payload = a.payload
+        assert a == b
+    seq, loc = full[2].seq, full[2].loc  # a byte of a chunk of the sealed chunked record
+    j.close()
+    fs.raw(seg_path(1))[loc + RECORD_HEADER_SIZE + 200_000] ^= 1
+    j = mk(fs, segment_records=4)
+    assert j.recovery.ok  # a sealed segment: opened from its sidecar
+    with pytest.raises(Corruption, match=f"seq {seq}"):
+        list(j.scan_meta())
+    assert [r.seq for r in j.scan_meta(4)] == [4, 5, 6, 7]
+    j.close()
+
+
 def test_clock_backwards_and_time_index_across_rollover_and_reopen() -> None:
     fs = CrashSimFS()
     clock = ManualClock(T0)
