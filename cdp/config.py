@@ -33,6 +33,8 @@ REPO_CONFIG = Path(__file__).resolve().parent.parent / "config" / "cdp.toml"
 class JournalSettings:
     segment_bytes: int = 256 << 20
     sync: str = "flush"
+    #: records after which a segment is sealed too (bounds the scan at open)
+    segment_records: int = 65536
 
 
 @dataclass(frozen=True)
@@ -556,7 +558,8 @@ def parse_config(data: dict[str, Any], source: str = "<config>") -> Settings:
     j = _table(
         data.get("journal", {}),
         "journal",
-        {"segment_bytes": _size(1 << 20), "sync": _choice("flush", "always")},
+        {"segment_bytes": _size(1 << 20), "sync": _choice("flush", "always"),
+         "segment_records": _int(1024, 1 << 30)},
     )
     m = _table(
         data.get("maps", {}),

@@ -346,6 +346,7 @@ class Volume:
             path / "journal",
             segment_bytes=settings.journal.segment_bytes,
             sync=settings.journal.sync,
+            segment_records=settings.journal.segment_records,
         )
         try:
             maps = MapHistory.open(
@@ -378,7 +379,7 @@ class Volume:
         known = {m.id for m in self._markers}
         added = False
         n = 0
-        for rec in self.journal.scan(start):
+        for rec in self.journal.scan_meta(start):  # the maps need no payloads
             self._apply(rec.kind, rec.seq, rec.offset, rec.length, rec.loc, rec)
             n += 1
             mid = rec.marker_id

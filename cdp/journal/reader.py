@@ -656,6 +656,16 @@ class SegmentReader:
         """
         return self._walk(from_seq, self.read_record, decode_record)
 
+    def scan_meta(self, from_seq: int = 1) -> Iterator[Record]:
+        """:meth:`scan` without the data of WRITE/INIT records (``payload`` b""): each is
+        checked as recovery checks records (every byte under its CRCs, the header's
+        structure) but not decompressed; the other kinds are decoded whole. For replay
+        into the maps at open, which needs where the data is, not what it is.
+
+        Raises Corruption at the first damaged record. Cost: one CRC pass per record.
+        """
+        return self._walk(from_seq, self.read_record, _decode_meta)
+
     def _walk(self, from_seq: int, buffered: Callable[[int, int], _T],
               decode: Callable[[bytes, bytes, int, str, int], _T]) -> Generator[_T, None, None]:
         """The one segment walk of :meth:`scan` and :meth:`scan_stored`: for each seq from
@@ -851,6 +861,25 @@ class SegmentReader:
         self._read_fds.clear()
 
 
+def _decode_meta(head: bytes, stored: bytes, loc: int, where: str, seq: int) -> Record:
+    """:func:`decode_record` for :meth:`SegmentReader.scan_meta`: a WRITE/INIT record is
+    checked as decode_record checks it (a chunked one as :func:`_checked` does: its
+    chunks' CRCs) and returned without its payload; anything amiss goes to decode_record,
+    which names the damage."""
+    if len(head) < RECORD_HEADER_SIZE or head[9] not in _DATA_KINDS:
+        return decode_record(head, stored, loc, where, seq)
+    magic, crc, ver, kind, comp, flags, slen, rseq, ts, off, length = (
+        RECORD_HEADER.unpack_from(head))
+    if comp == _CHUNKED:
+        _checked(head + stored, seq, where)
+    elif (magic != RECORD_MAGIC or len(stored) != slen or rseq != seq
+            or crc != _CRC(stored, _CRC(head[CRC_START:RECORD_HEADER_SIZE]))
+            or header_problem(ver, kind, comp, slen, length) is not None):
+        return decode_record(head, stored, loc, where, seq)
+    return Record(RecordKind(kind), rseq, ts, off, length, flags, b"", loc, comp, slen,
+                  elided=comp == _ELIDED)
+
+
 def _checked(data: bytes, seq: int, where: str) -> bytes:
     """``data`` if it is one intact record holding ``seq``, else Corruption."""
     reason, got, _ts, _raw = check_record(data)
@@ -867,5 +896,7 @@ _GRANULE_SHIFT = GRANULE_SIZE.bit_length() - 1
 _GRANULE_MASK = -GRANULE_SIZE
 assert 1 << _CHUNK_SHIFT == CHUNK_SIZE and 1 << _GRANULE_SHIFT == GRANULE_SIZE
 _CHUNKED = int(Compression.CHUNKED)
+_ELIDED = int(Compression.ELIDED)
+_DATA_KINDS = frozenset((int(RecordKind.WRITE), int(RecordKind.INIT)))
 _NONE_COMP = int(Compression.NONE)
 _LZ4_COMP = int(Compression.LZ4)

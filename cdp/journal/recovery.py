@@ -4,7 +4,8 @@
 
 - each sealed segment (all but the last) costs one index-header read when its sidecar
   matches the file; otherwise it is scanned and the sidecar rebuilt (derived data);
-- the last segment is scanned (O(its bytes)) and a torn tail cut off: records that never
+- the last segment is scanned (O(its bytes); the writer seals a segment at
+  ``segment_records`` records, so at most that many) and a torn tail cut off: records that never
   became durable, counted in ``dropped_bytes``/``dropped_records``, not damage; so is
   the space the writer wrote ahead of its records (zeros, or records of the file's
   earlier life: seqs below the segment's first; never replayed);

@@ -46,6 +46,10 @@ from cdp.journal.fs import FileLayer
 #: bytes read per pread while scanning
 SCAN_CHUNK = 4 << 20
 
+_unpack_header = RECORD_HEADER.unpack_from
+_CHUNKED = int(Compression.CHUNKED)
+_ELIDED = int(Compression.ELIDED)
+
 #: on disk, never change: first 8 bytes of every index sidecar
 INDEX_MAGIC = b"CDPJIDX\x00"
 #: on disk, never change
@@ -303,11 +307,39 @@ def scan_segment(
         if scan.header_error is None:
             scan.flags = struct.unpack_from("<I", head, 12)[0]
         ts_a, offs_a, damaged = scan.ts, scan.offs, scan.damaged
+        ts_add, offs_add = ts_a.append, offs_a.append
         pos = SEGMENT_HEADER_SIZE
         expected = first_seq
         last_ts = 0
         raw_total = 0
+        w: bytes = b""
+        mv = memoryview(w)
         while pos < size:
+            if not deep:
+                # fast path (the records open scans, ~3x fewer µs each): a record lying
+                # whole in the window, not chunked, checked as _check_at checks it
+                if win.w is not w:
+                    w = win.w
+                    mv = memoryview(w)
+                i = pos - win.ws
+                if i >= 0 and i + RECORD_HEADER_SIZE <= len(w):
+                    magic, crc, ver, kind, comp, _fl, slen, seq, ts, _off, length = (
+                        _unpack_header(w, i))
+                    end = i + RECORD_HEADER_SIZE + slen
+                    if (magic == RECORD_MAGIC and seq == expected and comp != _CHUNKED
+                            and slen <= MAX_PAYLOAD and end <= len(w)
+                            and pos + RECORD_HEADER_SIZE + slen <= size
+                            and crc32c(mv[i + CRC_START : end]) == crc
+                            and header_problem(ver, kind, comp, slen, length) is None):
+                        ts_add(ts)
+                        offs_add(pos)
+                        if ts > last_ts:
+                            last_ts = ts
+                        if comp != _ELIDED:
+                            raw_total += length if kind in DATA_KINDS else slen
+                        pos += RECORD_HEADER_SIZE + slen
+                        expected += 1
+                        continue
             where = f"segment {name} offset {pos} seq {expected}"
             reason, crc_ok, slen, seq, ts, raw = _check_at(win, pos, size, deep, where)
             if reason is None and seq == expected:

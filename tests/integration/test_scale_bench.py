@@ -30,7 +30,7 @@ def test_scale_bench_small_point(tmp_path: Path) -> None:
     assert row["verify_ok"] is True
     for key in ("rss_mib", "rss_start_mib", "restart_clean_s", "restart_kill9_s",
                 "open_clean_s", "open_kill9_s", "read_live_p50_us", "read_past_p50_us",
-                "past_region_ms", "changed_s", "changed_cli_s", "disk_mib"):
+                "past_region_ms", "changed_s", "changed_cli_s", "disk_mib", "segments"):
         assert isinstance(row[key], (int, float)) and row[key] >= 0, (key, row)
     # the whole hot area was written, and changed over the whole history says so
     assert row["changed_bytes_gib"] == pytest.approx(row["hot_gib"], abs=0.01)

@@ -115,6 +115,8 @@ def test_bad_arguments() -> None:
         mk(sync="sometimes")
     with pytest.raises(ConfigError):
         mk(segment_bytes=100)
+    with pytest.raises(ConfigError):
+        mk(segment_records=0)
     j = mk()
     with pytest.raises(UsageError):
         j.append_write(-1, b"x")
@@ -154,6 +156,71 @@ def test_rollover_naming_sidecars_and_sealed_segments_unchanged() -> None:
     assert j.read_payload(s, loc)[:10] and j.segments()[-1].records == 1
     j.close()
     assert verify_journal(D, fs=fs).ok
+
+
+def test_segment_records_bounds_the_open_segment_and_recovery_scans_only_it(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A segment is sealed at segment_records records (however few bytes they take), so
+    open scans at most that many: sealed segments open from their sidecar headers."""
+    import cdp.journal.recovery as recovery
+
+    fs = CrashSimFS()
+    j = mk(fs, segment_records=10)
+    locs = [j.append_write(i, rnd(i, 50)) for i in range(35)]
+    j.close()
+    infos = j.segments()
+    assert [(i.first_seq, i.records, i.sealed) for i in infos] == [
+        (1, 10, True), (11, 10, True), (21, 10, True), (31, 5, False)]
+    for i in infos[:-1]:
+        assert fs.exists(f"{D}/{index_name(i.first_seq)}")
+    scanned: list[int] = []
+    real_scan = recovery.scan_segment
+
+    def scan(fs_: object, d: str, first: int, deep: bool = False) -> object:
+        scanned.append(first)
+        return real_scan(fs_, d, first, deep)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(recovery, "scan_segment", scan)
+    j = mk(fs, segment_records=10)
+    assert scanned == [31] and j.recovery.ok and j.last_seq == 35
+    for i, (seq, loc) in enumerate(locs):
+        assert j.read_payload(seq, loc) == rnd(i, 50)
+    # the bound applies to the segment recovery handed back as the open one
+    for i in range(35, 41):
+        j.append_write(i, rnd(i, 50))
+    assert [i.records for i in j.segments()] == [10, 10, 10, 10, 1]
+    j.close()
+    assert verify_journal(D, fs=fs).ok
+
+
+def test_scan_meta_is_scan_without_data_payloads_and_still_checks_every_byte() -> None:
+    fs = CrashSimFS()
+    j = mk(fs, segment_records=4)
+    j.append_write(0, rnd(1, 3000))
+    j.append_write(4096, b"\0" * 4096, init=True)  # lz4
+    j.append_write(8192, rnd(2, 300_000))  # chunked
+    j.append_zero(0, 8192)
+    j.append_marker(7, "m")
+    j.append_rewind(2)
+    j.append_error(5, 0, 512, "eio")
+    j.close()
+    j = mk(fs, segment_records=4)
+    full, meta = list(j.scan()), list(j.scan_meta())
+    assert len(full) == len(meta) == 7
+    for a, b in zip(full, meta, strict=True):
+        if a.kind in (RecordKind.WRITE, RecordKind.INIT):
+            assert a.payload and b.payload == b""
+            b.payload = a.payload
+        assert a == b
+    seq, loc = full[2].seq, full[2].loc  # a byte of a chunk of the sealed chunked record
+    j.close()
+    fs.raw(seg_path(1))[loc + RECORD_HEADER_SIZE + 200_000] ^= 1
+    j = mk(fs, segment_records=4)
+    assert j.recovery.ok  # a sealed segment: opened from its sidecar
+    with pytest.raises(Corruption, match=f"seq {seq}"):
+        list(j.scan_meta())
+    assert [r.seq for r in j.scan_meta(4)] == [4, 5, 6, 7]
+    j.close()
 
 
 def test_clock_backwards_and_time_index_across_rollover_and_reopen() -> None:

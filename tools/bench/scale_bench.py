@@ -35,6 +35,9 @@ its services, at the end of the stretch: the memory of a daemon that has been in
 since the previous checkpoint, where ``rss_mib`` is that of one freshly restarted),
 ``open_clean_s`` / ``open_kill9_s`` (the part of each restart spent in ``Store.open``,
 from cdpd's log: the rest is Python's imports, which a loaded machine stretches),
+``start_rest_s`` (``restart_clean_s`` less ``open_clean_s``: Python's imports and the
+listeners), ``segments`` (journal segment files: sealed at ``segment_bytes`` or
+``segment_records``, whichever comes first, so recovery scans a bounded open segment),
 ``disk_mib`` (store size). The store is verified (``cdpctl verify``, which reads every
 record) at checkpoints up to ``--verify-upto`` writes. Plots: ``scale.png`` in the
 output directory.
@@ -242,6 +245,9 @@ def measure(cdpd: Any, hot: int, runtime: float, verify: bool = True) -> dict[st
             print(ver.stdout + ver.stderr, file=sys.stderr)
     cdpd.stop()
     row["disk_mib"] = round(_du_mib(cdpd.store), 1)
+    if row["open_clean_s"] is not None:
+        row["start_rest_s"] = round(row["restart_clean_s"] - row["open_clean_s"], 2)
+    row["segments"] = sum(1 for _ in cdpd.store.glob("volumes/*/journal/*.seg"))
     return row
 
 
