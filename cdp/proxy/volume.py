@@ -334,17 +334,19 @@ class ProxyVolume(InitialCopy, Reconcile):
         reply. The common case (not paused, no barrier there, initial copy done there,
         the DRL bits already durable) is one synchronous step returning a future; a
         write that must wait first runs as a coroutine (:meth:`_io_wait`)."""
-        if self._gate is not None or self._writer is None:
+        writer = self._writer
+        if self._gate is not None or writer is None:
             return self._io_wait(offset, length, data, fua, False)
         if data is not None:
             self._admit(length)  # may refuse: nothing has moved yet
-        self._kick()
-        end = offset + length
-        regs = self.drl.regions_of(offset, length)
-        if (self._ranges.barriers(offset, end)
-                or (self._copy_next < self.drl.regions
+        drl = self.drl
+        regs = drl.regions_of(offset, length)
+        if (self._ranges.barriers(offset, offset + length)
+                or (self._copy_next < drl.regions
                     and any(r >= self._copy_next and r not in self._copy_ahead for r in regs))
-                or self._mark(regs) > self._drl_durable):
+                or ((self._undurable or not drl.all_dirty(regs))
+                    and self._mark(regs) > self._drl_durable)):
+            self._kick()
             return self._io_wait(offset, length, data, fua, True)
         active = self._active
         for r in regs:
@@ -354,7 +356,8 @@ class ProxyVolume(InitialCopy, Reconcile):
         except BaseException:
             self._inactive(regs)
             raise
-        self._writer.submit(w)
+        if writer.submit(w):  # the turn's first write: due background work once a turn
+            self._kick()
         return w.fut
 
     async def _io_wait(self, offset: int, length: int, data: bytes | bytearray | None, fua: bool,

@@ -125,13 +125,16 @@ class Writer(Generic[T]):
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
-    def submit(self, item: T) -> None:
-        """Queue *item* (on the loop thread); it is handed off at the end of this turn."""
+    def submit(self, item: T) -> bool:
+        """Queue *item* (on the loop thread); it is handed off at the end of this turn.
+        True when it is the turn's first item."""
         turn = self._turn
         turn.append(item)
         if len(turn) == 1:
             loop = self._loop = asyncio.get_running_loop()
             loop.call_soon(self._hand_off)
+            return True
+        return False
 
     def _hand_off(self) -> None:
         batch, self._turn = self._turn, []
