@@ -169,6 +169,10 @@ class DirtyRegionLog:
     def is_dirty(self, i: int) -> bool:
         return i in self._dirty
 
+    def all_dirty(self, indices: range) -> bool:
+        """True when every region of *indices* is dirty (in memory). O(len)."""
+        return self._dirty.issuperset(indices)
+
     @property
     def dirty_count(self) -> int:
         return len(self._dirty)

@@ -22,9 +22,12 @@ Design notes
   whose ranges overlap reach the primary in the order their records were appended, so
   the journal's order and the primary's final content always agree. The common case
   (nothing to wait for) creates no coroutine: ``write`` returns a future that the
-  writer's results (and, when asked, the durability pump) complete. ``ack = "primary"`` replies when the primary
-  write completed; ``ack = "both"`` also waits for the journal record to be durable
-  (group commit, running concurrently with the primary write). The volume's services
+  writer's results (and, when asked, a journal commit) complete; the NBD server
+  replies from the future's callback, without a task. ``ack = "primary"`` replies when
+  the primary write completed; ``ack = "both"`` also waits for the journal record to be
+  durable (group commit, running concurrently with the primary write; the writes of
+  each loop turn start their own commit while earlier ones run, up to four, which the
+  journal pipelines). The volume's services
   admit the write first (retention's ``on_full = "refuse"``): a refused write moves
   nothing on either side.
 * **Reads** come from the primary, except point-in-time reads (the journal) and reads
@@ -53,6 +56,7 @@ import errno
 import json
 import logging
 import time
+from collections import deque
 from collections.abc import Awaitable, Sequence
 from pathlib import Path
 from typing import Any, Self
@@ -78,6 +82,9 @@ CLEAN_DELAY = 1.0  # seconds between cleaner runs
 #: re-dirtying regions)
 CLEAN_IDLE_TICKS = 8
 RETRY_DELAY = 1.0  # seconds between catch-up attempts
+#: journal commits run at once for writes that wait for durability (the journal's
+#: SYNCS_IN_FLIGHT: more would only wait for a sync thread)
+COMMITS_IN_FLIGHT = 4
 CACHED_READ_MAX = 1 << 20  # larger live reads always go to the worker threads
 
 
@@ -150,8 +157,10 @@ class ProxyVolume(InitialCopy, Reconcile):
         self.journal_errors = 0
         self.regions_cleaned = 0
         #: writes waiting for their journal record to be durable, in seq order
-        self._jwaiters: list[_HostWrite] = []
-        self._jpump: asyncio.Task[None] | None = None
+        self._jwaiters: deque[_HostWrite] = deque()
+        self._jcommits = 0  # commit tasks running for them (at most COMMITS_IN_FLIGHT)
+        self._jcovered = 0  # the last seq a started commit covers
+        self._jstarting = False  # a commit task is made and has not taken its target yet
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -325,17 +334,19 @@ class ProxyVolume(InitialCopy, Reconcile):
         reply. The common case (not paused, no barrier there, initial copy done there,
         the DRL bits already durable) is one synchronous step returning a future; a
         write that must wait first runs as a coroutine (:meth:`_io_wait`)."""
-        if self._gate is not None or self._writer is None:
+        writer = self._writer
+        if self._gate is not None or writer is None:
             return self._io_wait(offset, length, data, fua, False)
         if data is not None:
             self._admit(length)  # may refuse: nothing has moved yet
-        self._kick()
-        end = offset + length
-        regs = self.drl.regions_of(offset, length)
-        if (self._ranges.barriers(offset, end)
-                or (self._copy_next < self.drl.regions
+        drl = self.drl
+        regs = drl.regions_of(offset, length)
+        if (self._ranges.barriers(offset, offset + length)
+                or (self._copy_next < drl.regions
                     and any(r >= self._copy_next and r not in self._copy_ahead for r in regs))
-                or self._mark(regs) > self._drl_durable):
+                or ((self._undurable or not drl.all_dirty(regs))
+                    and self._mark(regs) > self._drl_durable)):
+            self._kick()
             return self._io_wait(offset, length, data, fua, True)
         active = self._active
         for r in regs:
@@ -345,7 +356,8 @@ class ProxyVolume(InitialCopy, Reconcile):
         except BaseException:
             self._inactive(regs)
             raise
-        self._writer.submit(w)
+        if writer.submit(w):  # the turn's first write: due background work once a turn
+            self._kick()
         return w.fut
 
     async def _io_wait(self, offset: int, length: int, data: bytes | bytearray | None, fua: bool,
@@ -422,35 +434,45 @@ class ProxyVolume(InitialCopy, Reconcile):
             if self.journal.durable_seq < seq:
                 w.pending = 2
                 self._jwaiters.append(w)
-                if self._jpump is None:
-                    self._jpump = self._loop().create_task(self._durable_pump())
+                self._durable_soon()
         return w, preds
 
-    async def _durable_pump(self) -> None:
+    def _durable_soon(self) -> None:
+        """Start a commit for the waiting writes no running commit covers, unless one is
+        about to start or COMMITS_IN_FLIGHT run (the last to end looks again)."""
+        if (not self._jstarting and self._jcommits < COMMITS_IN_FLIGHT and self._jwaiters
+                and self._jwaiters[-1].seq > self._jcovered):
+            self._jstarting = True
+            self._jcommits += 1
+            self._loop().create_task(self._durable_commit())
+
+    async def _durable_commit(self) -> None:
         """Group commit for the writes that wait for their journal record (``ack =
         "both"``, FUA, ``sync = "always"``): one commit serves every write appended
-        before it started; one pump per volume, alive while someone waits."""
+        before it started (the writes of a loop turn, at least), and the writes of the
+        next turns start their own commit at once, up to COMMITS_IN_FLIGHT side by side,
+        which the journal runs as pipelined fdatasyncs that end in order. So a write
+        waits about one sync, not the rest of the running one and then its own."""
+        self._jstarting = False
+        target = self._jcovered = self.journal.last_seq
+        err: BaseException | None = None
         try:
-            while self._jwaiters:
-                target = self.journal.last_seq
-                err: BaseException | None = None
-                try:
-                    await self.journal.commit()
-                except (CdpError, OSError) as e:
-                    err = e
-                durable = self.journal.durable_seq
-                keep: list[_HostWrite] = []
-                for w in self._jwaiters:
-                    if w.seq <= durable:
-                        self._part_done(w)
-                    elif err is not None and w.seq <= target:
-                        w.jerr = err
-                        self._part_done(w)
-                    else:
-                        keep.append(w)
-                self._jwaiters = keep
+            await self.journal.commit()
+        except (CdpError, OSError) as e:
+            err = e
         finally:
-            self._jpump = None
+            self._jcommits -= 1
+        durable = self.journal.durable_seq
+        q = self._jwaiters
+        while q:
+            w = q[0]
+            if w.seq > durable:
+                if err is None or w.seq > target:
+                    break
+                w.jerr = err
+            q.popleft()
+            self._part_done(w)
+        self._durable_soon()
 
     def _write_batch(self, batch: list[_HostWrite]) -> list[BaseException | None]:
         """The writer thread's work: the primary writes of *batch* in order, writes that

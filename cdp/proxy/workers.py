@@ -22,6 +22,7 @@ Design notes
 from __future__ import annotations
 
 import asyncio
+import queue
 import threading
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -110,44 +111,52 @@ class Writer(Generic[T]):
     """One long-lived thread that runs *run(batch)* for the items queued on the event
     loop, one hand-off per loop turn (see the module notes). *run* returns one result
     per item (it must not raise); *deliver(batch, results)* gets them back on the loop,
-    one call per batch, in hand-off order. Cost per item on the loop: a list append."""
+    one call per batch, in hand-off order. Cost per item on the loop: a list append;
+    per turn: a ``call_soon`` and one put on a ``queue.SimpleQueue`` (C, no Python-level
+    condition variable on either side)."""
 
     def __init__(self, name: str, run: Callable[[list[T]], Sequence[Any]],
                  deliver: Callable[[list[T], Sequence[Any]], None]) -> None:
         self._run_batch = run
         self._deliver = deliver
         self._turn: list[T] = []
-        self._q: deque[list[T]] = deque()
-        self._cv = threading.Condition()
-        self._stop = False
+        self._q: queue.SimpleQueue[list[T] | None] = queue.SimpleQueue()  # None: stop
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
-    def submit(self, item: T) -> None:
-        """Queue *item* (on the loop thread); it is handed off at the end of this turn."""
+    def submit(self, item: T) -> bool:
+        """Queue *item* (on the loop thread); it is handed off at the end of this turn.
+        True when it is the turn's first item."""
         turn = self._turn
         turn.append(item)
         if len(turn) == 1:
             loop = self._loop = asyncio.get_running_loop()
             loop.call_soon(self._hand_off)
+            return True
+        return False
 
     def _hand_off(self) -> None:
         batch, self._turn = self._turn, []
-        with self._cv:
-            self._q.append(batch)
-            self._cv.notify()
+        if batch:
+            self._q.put(batch)
 
     def _run(self) -> None:
-        while True:
-            with self._cv:
-                while not self._q and not self._stop:
-                    self._cv.wait()
-                if not self._q:
-                    return
-                batch = self._q.popleft()
-                while self._q:  # everything handed off meanwhile: one bigger batch
-                    batch += self._q.popleft()
+        q = self._q
+        stop = False
+        while not stop:
+            batch = q.get()
+            if batch is None:
+                return
+            while True:  # everything handed off meanwhile: one bigger batch
+                try:
+                    more = q.get_nowait()
+                except queue.Empty:
+                    break
+                if more is None:
+                    stop = True
+                    break
+                batch += more
             results = self._run_batch(batch)
             loop = self._loop
             if loop is not None:
@@ -159,11 +168,8 @@ class Writer(Generic[T]):
     def shutdown(self) -> None:
         """Run what was handed off, then stop the thread (items of an unfinished turn
         are handed off first when called on the loop's thread)."""
-        if self._turn:
-            self._hand_off()
-        with self._cv:
-            self._stop = True
-            self._cv.notify_all()
+        self._hand_off()
+        self._q.put(None)
         self._thread.join()
 
 

@@ -1,6 +1,6 @@
 """Proxy mode vs. `nbdkit file` on the same kind of primary file, in the same run.
 
-    python -m tools.bench.proxy_bench [--quick] [--scratch DIR] [--size BYTES] [--runtime S]
+    python -m tools.bench.proxy_bench [--quick] [--scratch DIR] [--size BYTES] [--runtime S] [--writes-only]
 
 Rows (goals: tools/bench/goals.py, issue 23):
 - ``proxy-randwrite-4k ack=primary|both``: fio --ioengine=nbd, 4 KiB random writes,
@@ -17,7 +17,8 @@ Rows (goals: tools/bench/goals.py, issue 23):
   once beforehand, so both sides read from the page cache).
 
 Each I/O row also notes the server's CPU time per I/O (cdpd's, nbdkit's: all threads,
-from /proc), which a machine shared with other work changes much less than IOPS.
+from /proc), which a machine shared with other work changes much less than IOPS; for
+cdpd's write rows also the part of it its event loop (the main thread) spent.
 
 The machine's load average is printed before and after (the two cores are shared).
 ``run(quick)`` returns the rows as dicts.
@@ -63,18 +64,23 @@ def fio_clat(uri: str, runtime: float, size: int, extra: tuple[str, ...] = (),
             "p99": p("99.000000"), "p999": p("99.900000")}
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of process *pid*, all its threads (/proc/PID/stat)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+def cpu_seconds(pid: int, tid: int = 0) -> float:
+    """User + system CPU time of process *pid*, all its threads (/proc/PID/stat), or of
+    its thread *tid* alone (/proc/PID/task/TID/stat; the main thread's tid is *pid*)."""
+    path = f"/proc/{pid}/task/{tid}/stat" if tid else f"/proc/{pid}/stat"
+    fields = Path(path).read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def fio_cpu(pid: int, uri: str, runtime: float, size: int, rw: str = "randwrite") -> dict[str, float]:
     """:func:`fio_clat`, plus ``cpu_us``: the server's (*pid*) CPU time per I/O in µs,
-    which a busy machine changes much less than IOPS."""
-    c0 = cpu_seconds(pid)
+    which a busy machine changes much less than IOPS, and ``loop_us``: the part of it
+    spent by the main thread (cdpd's event loop; the rest is worker threads)."""
+    c0, m0 = cpu_seconds(pid), cpu_seconds(pid, pid)
     r = fio_clat(uri, runtime, size, rw=rw)
-    r["cpu_us"] = (cpu_seconds(pid) - c0) / max(r["ios"], 1.0) * 1e6
+    n = max(r["ios"], 1.0)
+    r["cpu_us"] = (cpu_seconds(pid) - c0) / n * 1e6
+    r["loop_us"] = (cpu_seconds(pid, pid) - m0) / n * 1e6
     return r
 
 
@@ -112,9 +118,9 @@ def load() -> str:
 
 
 def run(quick: bool = False, scratch: Path | None = None, size: int = 0, runtime: float = 0.0,
-        ) -> list[dict[str, Any]]:
+        reads: bool = True) -> list[dict[str, Any]]:
     """The rows; *size* (bytes per primary) and *runtime* (s per workload) default to
-    2 GiB and 20 s (quick: 256 MiB, 3 s)."""
+    2 GiB and 20 s (quick: 256 MiB, 3 s); without *reads*, the write rows only."""
     for tool in ("fio", "nbdkit"):
         if shutil.which(tool) is None:
             raise SystemExit(f"proxy_bench: requires {tool} (make sysdeps)")
@@ -142,16 +148,20 @@ def run(quick: bool = False, scratch: Path | None = None, size: int = 0, runtime
         mirror = fio_cpu(cdpd_pid, cdpd.uri("mirror"), runtime, size)
         peer = fio_cpu(kit.proc.pid, kit.uri(), runtime, size)
         rows.append(_row("mirror-randwrite-4k (reference)", mirror["iops"], peer["iops"], "nbdkit file", "IOPS",
-                         f"CPU µs/write cdp {mirror['cpu_us']:.0f}, nbdkit {peer['cpu_us']:.0f}"))
+                         f"CPU µs/write cdp {mirror['cpu_us']:.0f} (loop {mirror['loop_us']:.0f}), "
+                         f"nbdkit {peer['cpu_us']:.0f}"))
         for ack in ("primary", "both"):
             rows.append(_row(f"proxy-randwrite-4k ack={ack}", res[ack]["iops"], peer["iops"], "nbdkit file", "IOPS",
-                             f"CPU µs/write cdp {res[ack]['cpu_us']:.0f}, nbdkit {peer['cpu_us']:.0f}"))
+                             f"CPU µs/write cdp {res[ack]['cpu_us']:.0f} (loop {res[ack]['loop_us']:.0f}), "
+                             f"nbdkit {peer['cpu_us']:.0f}"))
         for k in ("p50", "p99"):
             extra = res["both"][k] - res["primary"][k]
             rows.append(_row(
                 f"ack=both extra clat {k}", extra, res["primary"][k], "ack=primary clat", "µs",
                 f"both {res['both'][k]:.0f} µs, primary {res['primary'][k]:.0f} µs, nbdkit {peer[k]:.0f} µs",
             ))
+        if not reads:
+            return rows
         data = base / "data.img"
         fill(data, size)
         reader = _nbdkit(data)
@@ -192,8 +202,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--scratch", type=Path, help="directory for the store and primaries (default: cwd)")
     ap.add_argument("--size", type=int, default=0, help="bytes per primary file (default 2 GiB)")
     ap.add_argument("--runtime", type=float, default=0.0, help="seconds per workload (default 20)")
+    ap.add_argument("--writes-only", action="store_true", help="skip the read row")
     a = ap.parse_args(argv)
-    print_table(run(a.quick, a.scratch, a.size, a.runtime))
+    print_table(run(a.quick, a.scratch, a.size, a.runtime, reads=not a.writes_only))
     return 0
 
 
