@@ -131,26 +131,41 @@ def debugfs(image: Path | str, *requests: str) -> str:
 
 
 @contextlib.contextmanager
-def mounted(image: Path | str) -> Iterator[Path]:
-    """Mount *image* read-write with fuse2fs on a temporary directory; unmount on exit."""
+def mounted(image: Path | str, *options: str) -> Iterator[Path]:
+    """Mount *image* with fuse2fs (read-write unless *options* say ``ro``; fakeroot) on a
+    temporary directory; unmount on exit,
+    and return only once fuse2fs has exited: it writes the superblock and flushes when
+    it closes the file system, after ``umount`` returns, so a tool run on the image
+    next (e2fsck, another mount) would otherwise race with those writes. fuse2fs runs
+    in the foreground (``-f``) for that reason."""
     mnt = Path(tempfile.mkdtemp(prefix="cdp-ext4-"))
-    mount = subprocess.run(["fuse2fs", "-o", "fakeroot", str(image), str(mnt)],
-                           capture_output=True, text=True, timeout=60)
-    if mount.returncode != 0:
-        os.rmdir(mnt)
-        raise RuntimeError(f"fuse2fs {image} {mnt} exited with {mount.returncode}: "
-                           f"{(mount.stderr or mount.stdout).strip()}")
-    try:
-        yield mnt
-    finally:
-        subprocess.run(["sync", "-f", str(mnt)], capture_output=True, check=False)
-        for attempt in range(50):
-            r = subprocess.run(["umount", str(mnt)], capture_output=True, check=False)
-            if r.returncode == 0:
-                break
-            time.sleep(0.1 * (attempt + 1))
-        with contextlib.suppress(OSError):
-            mnt.rmdir()
+    with tempfile.TemporaryFile() as err:
+        proc = subprocess.Popen(["fuse2fs", "-f", "-o", ",".join(("fakeroot", *options)),
+                                 str(image), str(mnt)],
+                                stdout=subprocess.DEVNULL, stderr=err)
+        deadline = time.monotonic() + 60
+        while not os.path.ismount(mnt):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                if proc.poll() is None:
+                    proc.kill()
+                proc.wait()
+                err.seek(0)
+                os.rmdir(mnt)
+                raise RuntimeError(f"fuse2fs {image} {mnt} exited with {proc.returncode}: "
+                                   f"{err.read().decode(errors='replace').strip()}")
+            time.sleep(0.02)
+        try:
+            yield mnt
+        finally:
+            subprocess.run(["sync", "-f", str(mnt)], capture_output=True, check=False)
+            for attempt in range(50):
+                r = subprocess.run(["umount", str(mnt)], capture_output=True, check=False)
+                if r.returncode == 0:
+                    break
+                time.sleep(0.1 * (attempt + 1))
+            proc.wait(120)  # the file system closed: superblock written, image flushed
+            with contextlib.suppress(OSError):
+                mnt.rmdir()
 
 
 def main() -> None:

@@ -23,6 +23,7 @@ import pytest
 
 from tests.conftest import require_tool
 from tests.fuse import nbdfuse_file
+from tools.ext4_fixture import mounted as ext4_mounted
 from tools.harness import Cdpd, run
 from tools.ntfs_fixture import mounted
 
@@ -77,27 +78,6 @@ def read_files(mnt: Path, files: dict[str, bytes]) -> None:
         assert hashlib.sha256(got).digest() == hashlib.sha256(data).digest(), name
 
 
-@contextmanager
-def fuse2fs_mounted(image: Path, mnt: Path, *options: str) -> Iterator[Path]:
-    """fuse2fs in the foreground: after the unmount, waiting for it to exit is waiting
-    for it to have written everything back (``fusermount3 -u`` does not wait)."""
-    mnt.mkdir()
-    opts = ["-o", ",".join(options)] if options else []
-    proc = subprocess.Popen(["fuse2fs", "-f", str(image), str(mnt), *opts],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 30
-    while not os.path.ismount(mnt):
-        assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
-        assert time.monotonic() < deadline, "fuse2fs did not mount"
-        time.sleep(0.05)
-    try:
-        yield mnt
-    finally:
-        subprocess.run(["fusermount3", "-u", str(mnt)], capture_output=True, check=False)
-        proc.wait(60)
-        mnt.rmdir()
-
-
 def test_ntfs_straight_on_a_cdp_export(cdpd: Cdpd, tmp_path: Path) -> None:
     """mkntfs and ntfs-3g write unaligned byte ranges; without the blocksize filter they
     reach cdp as they are, and a marker's image holds the files."""
@@ -122,14 +102,14 @@ def test_ext4_straight_on_a_cdp_export(cdpd: Cdpd, tmp_path: Path) -> None:
     files = files_for(random.Random(2))
     with fused(cdpd.uri(), tmp_path) as disk:
         run("mkfs.ext4", "-F", "-q", "-E", "lazy_itable_init=0,lazy_journal_init=0", str(disk))
-        with fuse2fs_mounted(disk, tmp_path / "mnt") as mnt:
+        with ext4_mounted(disk) as mnt:
             write_files(mnt, files)
         run("e2fsck", "-fn", str(disk))
     marker = cdpd.cdpctl("snapshot").stdout.strip()
     img = tmp_path / "ext4.img"
     cdpd.cdpctl("image", "--at", marker, "-o", str(img))
     run("e2fsck", "-fn", str(img))
-    with fuse2fs_mounted(img, tmp_path / "mnt", "ro") as mnt:
+    with ext4_mounted(img, "ro") as mnt:
         read_files(mnt, files)
 
 
