@@ -425,6 +425,8 @@ async def serve_stream(reader: asyncio.StreamReader, writer: asyncio.StreamWrite
                     break
             if not data or conn.state in (State.CLOSED, State.ERROR):
                 await _drain(pending, acked)
+            if writer.is_closing():  # the peer is gone (uvloop raises on a write then)
+                return
             writer.write(conn.data_to_send())
             await writer.drain()
             if not data or conn.state in (State.CLOSED, State.ERROR):
@@ -492,17 +494,20 @@ async def _apply(vol: Volume, role: Role, records: list[bytes],
 class Listener:
     """Accepts replication streams, each pumped by :func:`serve_stream`.
 
-    ``close()`` stops accepting and closes every open stream (its handler sees the end
-    of the stream, lets the records already appended commit, and returns);
-    ``wait_closed()`` returns once every handler has returned. The same on every
-    Python: ``asyncio.Server.wait_closed`` waits for handlers only since 3.12, and
-    closes none of their connections."""
+    ``close()`` stops accepting and ends every open stream as if its source had closed
+    it: reading stops and the handler sees the end of the stream, lets the records
+    already appended commit, sends their acknowledgement and closes the connection, so
+    the source knows what it need not send again. ``wait_closed()`` returns once every
+    handler has returned; a handler still blocked after ``grace`` seconds (a source
+    that reads nothing) has its connection closed. The same on every Python:
+    ``asyncio.Server.wait_closed`` waits for handlers only since 3.12, and ends none."""
 
     def __init__(self, secret: bytes, lookup: Lookup) -> None:
         self._secret = secret
         self._lookup = lookup
         self._busy: set[str] = set()
-        self._streams: dict[asyncio.Task[None], asyncio.StreamWriter] = {}
+        self._streams: dict[asyncio.Task[None],
+                            tuple[asyncio.StreamReader, asyncio.StreamWriter]] = {}
         self.server: asyncio.Server | None = None
 
     async def start(self, host: str, port: int, tls: ssl.SSLContext | None = None) -> int:
@@ -513,7 +518,7 @@ class Listener:
     async def _handle(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None
-        self._streams[task] = w
+        self._streams[task] = (r, w)
         try:
             await serve_stream(r, w, self._secret, self._lookup, self._busy)
         finally:
@@ -522,12 +527,20 @@ class Listener:
     def close(self) -> None:
         if self.server is not None:
             self.server.close()
-        for w in list(self._streams.values()):
-            w.close()
+        for r, w in self._streams.values():
+            if not w.is_closing():
+                pause = getattr(w.transport, "pause_reading", None)  # (typed write-only)
+                if pause is not None:
+                    pause()  # nothing more is fed to r after its EOF
+                r.feed_eof()
 
-    async def wait_closed(self) -> None:
+    async def wait_closed(self, grace: float = 10.0) -> None:
         if self._streams:
-            await asyncio.wait(list(self._streams))
+            _, late = await asyncio.wait(list(self._streams), timeout=grace)
+            for task in late:
+                self._streams[task][1].close()
+            if late:
+                await asyncio.wait(late)
         if self.server is not None:
             await self.server.wait_closed()
 
