@@ -56,6 +56,16 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
     return FilesAndRgw(config, log)
 
 
+#: the longest units, started first under xdist so that no worker idles at the end
+_FIRST = ("tests/s3/", "tests/integration/test_bench_harness.py")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """On an xdist worker, the longest units first (each worker collects the same order)."""
+    if hasattr(config, "workerinput"):
+        items.sort(key=lambda i: not i.nodeid.startswith(_FIRST))  # stable: else as collected
+
+
 # -- the test Ceph RGW (tools/ceph-s3; see tests/s3/rgw.py) -----------------------------
 
 
