@@ -16,10 +16,10 @@ import os
 import re
 import subprocess
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from tools.fusemount import foreground_mount
 from tools.ntfs_fixture import populate_many
 
 #: the long target of the slow symlink in :func:`populate_sample` (> 60 bytes)
@@ -133,39 +133,11 @@ def debugfs(image: Path | str, *requests: str) -> str:
 @contextlib.contextmanager
 def mounted(image: Path | str, *options: str) -> Iterator[Path]:
     """Mount *image* with fuse2fs (read-write unless *options* say ``ro``; fakeroot) on a
-    temporary directory; unmount on exit,
-    and return only once fuse2fs has exited: it writes the superblock and flushes when
-    it closes the file system, after ``umount`` returns, so a tool run on the image
-    next (e2fsck, another mount) would otherwise race with those writes. fuse2fs runs
-    in the foreground (``-f``) for that reason."""
-    mnt = Path(tempfile.mkdtemp(prefix="cdp-ext4-"))
-    with tempfile.TemporaryFile() as err:
-        proc = subprocess.Popen(["fuse2fs", "-f", "-o", ",".join(("fakeroot", *options)),
-                                 str(image), str(mnt)],
-                                stdout=subprocess.DEVNULL, stderr=err)
-        deadline = time.monotonic() + 60
-        while not os.path.ismount(mnt):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                if proc.poll() is None:
-                    proc.kill()
-                proc.wait()
-                err.seek(0)
-                os.rmdir(mnt)
-                raise RuntimeError(f"fuse2fs {image} {mnt} exited with {proc.returncode}: "
-                                   f"{err.read().decode(errors='replace').strip()}")
-            time.sleep(0.02)
-        try:
-            yield mnt
-        finally:
-            subprocess.run(["sync", "-f", str(mnt)], capture_output=True, check=False)
-            for attempt in range(50):
-                r = subprocess.run(["umount", str(mnt)], capture_output=True, check=False)
-                if r.returncode == 0:
-                    break
-                time.sleep(0.1 * (attempt + 1))
-            proc.wait(120)  # the file system closed: superblock written, image flushed
-            with contextlib.suppress(OSError):
-                mnt.rmdir()
+    temporary directory; the block ends once fuse2fs has exited
+    (:func:`tools.fusemount.foreground_mount`: it writes the superblock after umount)."""
+    with foreground_mount(["fuse2fs", "-f", "-o", ",".join(("fakeroot", *options)),
+                           str(image)], "cdp-ext4-") as mnt:
+        yield mnt
 
 
 def main() -> None:

@@ -13,10 +13,10 @@ import contextlib
 import os
 import re
 import subprocess
-import tempfile
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+
+from tools.fusemount import foreground_mount
 
 
 def mkntfs(path: Path | str, size: int | None = None, *, label: str = "cdp") -> None:
@@ -33,21 +33,12 @@ def mkntfs(path: Path | str, size: int | None = None, *, label: str = "cdp") -> 
 
 @contextlib.contextmanager
 def mounted(image: Path | str, options: str = "") -> Iterator[Path]:
-    """Mount *image* with ntfs-3g on a temporary directory; unmount (after sync) on exit."""
-    mnt = Path(tempfile.mkdtemp(prefix="cdp-ntfs-"))
-    opts = ["-o", options] if options else []
-    subprocess.run(["ntfs-3g", *opts, str(image), str(mnt)], check=True, capture_output=True, timeout=60)
-    try:
+    """Mount *image* with ntfs-3g on a temporary directory; the block ends once ntfs-3g
+    has exited (:func:`tools.fusemount.foreground_mount`: it writes its last metadata
+    after umount returns)."""
+    opts = ",".join(o for o in ("no_detach", options) if o)
+    with foreground_mount(["ntfs-3g", "-o", opts, str(image)], "cdp-ntfs-") as mnt:
         yield mnt
-    finally:
-        subprocess.run(["sync", "-f", str(mnt)], capture_output=True, check=False)
-        for attempt in range(50):
-            r = subprocess.run(["umount", str(mnt)], capture_output=True, check=False)
-            if r.returncode == 0:
-                break
-            time.sleep(0.1 * (attempt + 1))
-        with contextlib.suppress(OSError):
-            mnt.rmdir()
 
 
 def make_image(path: Path | str, size: int, populate: Callable[[Path], None] | None = None) -> Path:
