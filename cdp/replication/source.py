@@ -70,6 +70,7 @@ from cdp.replication.protocol import (
     Refused,
     SourceConnection,
 )
+from cdp.replication.wire import send
 from cdp.volume import Volume, VolumeService
 
 log = logging.getLogger("cdp.replication")
@@ -399,6 +400,9 @@ class ReplicationSource(VolumeService):
                 if self.refused is not None:
                     return
                 log.warning("replication %s -> %s: %s", self.vol.name, self.target, e)
+            except Exception:  # a bug: say so, and go on trying (never a silent stop)
+                log.exception("replication %s -> %s: unexpected error; reconnecting",
+                              self.vol.name, self.target)
             self.state = "disconnected"
             await asyncio.sleep(delay)
             delay = min(30.0, delay * 2)
@@ -410,12 +414,12 @@ class ReplicationSource(VolumeService):
         acks: asyncio.Task[None] | None = None
         try:
             conn.start(self.name)
-            writer.write(conn.data_to_send())
+            send(writer, conn.data_to_send())
             await self._until(conn, reader, writer, Authenticated)
             j = self.vol.journal
             conn.open(self.as_name, self.lineage, self.vol.size, self.epoch, j.last_seq,
                       self.fork_seq, self.epochs)
-            writer.write(conn.data_to_send())
+            send(writer, conn.data_to_send())
             ev = await self._until(conn, reader, writer, Opened)
             assert isinstance(ev, Opened)
             self._check_tip(ev)
@@ -436,11 +440,11 @@ class ReplicationSource(VolumeService):
             try:
                 ev = conn.next_event()
             except Refusal as e:  # the target failed its proof: tell it, then stop
-                writer.write(conn.data_to_send())
+                send(writer, conn.data_to_send())
                 with contextlib.suppress(OSError):
                     await writer.drain()
                 self._refused(e.code, str(e))
-            writer.write(conn.data_to_send())
+            send(writer, conn.data_to_send())
             if ev is NEED_DATA:
                 await writer.drain()
                 conn.receive_data(await reader.read(1 << 16))
@@ -551,7 +555,7 @@ class ReplicationSource(VolumeService):
                     continue
                 n = sum(len(r) for r in batch)
                 conn.send_records(nxt, batch)
-                writer.write(conn.data_to_send())
+                send(writer, conn.data_to_send())
                 await writer.drain()
                 sizes[nxt + len(batch) - 1] = n
                 inflight += n
@@ -566,7 +570,7 @@ class ReplicationSource(VolumeService):
                 await asyncio.wait_for(self._wake.wait(), 1.0)
             except TimeoutError:
                 conn.heartbeat(j.last_seq, time.time_ns())
-                writer.write(conn.data_to_send())
+                send(writer, conn.data_to_send())
                 await writer.drain()
 
     def _next_batch(self, nxt: int) -> list[bytes]:

@@ -72,6 +72,7 @@ from cdp.replication.protocol import (
     State,
     TargetConnection,
 )
+from cdp.replication.wire import send
 from cdp.volume import Volume
 
 log = logging.getLogger("cdp.replication")
@@ -383,7 +384,7 @@ async def serve_stream(reader: asyncio.StreamReader, writer: asyncio.StreamWrite
             conn.ack(durable - role.epochs[-1][2])
 
     try:
-        writer.write(conn.data_to_send())
+        send(writer, conn.data_to_send())
         while True:
             if read is None:
                 read = loop.create_task(reader.read(1 << 20))
@@ -393,7 +394,7 @@ async def serve_stream(reader: asyncio.StreamReader, writer: asyncio.StreamWrite
             while pending and pending[0].done():
                 acked(pending.popleft().result())
             if not read.done():  # only acks to send
-                writer.write(conn.data_to_send())
+                send(writer, conn.data_to_send())
                 await writer.drain()
                 continue
             data = read.result()
@@ -427,14 +428,14 @@ async def serve_stream(reader: asyncio.StreamReader, writer: asyncio.StreamWrite
                 await _drain(pending, acked)
             if writer.is_closing():  # the peer is gone (uvloop raises on a write then)
                 return
-            writer.write(conn.data_to_send())
+            send(writer, conn.data_to_send())
             await writer.drain()
             if not data or conn.state in (State.CLOSED, State.ERROR):
                 return
     except ProtocolError as e:
         log.warning("replication: refused %s: %s", peer, e)
         try:
-            writer.write(conn.data_to_send())
+            send(writer, conn.data_to_send())
             await writer.drain()
         except OSError:
             pass

@@ -163,3 +163,39 @@ def test_pipelined_frames_acked_only_when_durable_in_order(tmp_path: Path,
     assert len(acks) > 10 and max(depth) > 1  # several frames were pending at once
     assert all(a <= d for a, d in acks)
     assert [a for a, _ in acks] == sorted(a for a, _ in acks)
+
+
+def test_source_reconnects_after_the_target_resets_under_uvloop(tmp_path: Path) -> None:
+    """On cdpd's loop (uvloop), a target that resets the connection while the source
+    idles between heartbeats: the source reconnects by itself and goes on. (uvloop
+    raises RuntimeError on a write to a closed transport; which write meets it first
+    depends on timing, so every stream write now goes through ``wire.send``.)"""
+    import uvloop
+
+    async def main() -> None:
+        s = settings(tmp_path)
+        src = Volume.create(tmp_path / "src", "vol0", SIZE, s)
+        dst = Volume.create(tmp_path / "dst", "vol0", SIZE, s)
+        lst, port = await _target({"vol0": dst})
+        rep = ReplicationSource(src, "127.0.0.1", port, SECRET)
+        try:
+            rng = random.Random(5)
+            src.attach(rep)
+            rep.start()
+            await _drive(src, rng, 10)
+            await rep.wait_acked(src.journal.last_seq)
+            for _r, w in list(lst._streams.values()):
+                w.transport.abort()  # a reset while the source idles between heartbeats
+            await asyncio.sleep(2.5)
+            await _drive(src, rng, 5)
+            await rep.wait_acked(src.journal.last_seq)  # it came back by itself
+            _same(src, dst)
+            assert rep.status()["state"] == "streaming"
+        finally:
+            rep.stop()
+            lst.close()
+            await lst.wait_closed()
+            src.close()
+            dst.close()
+
+    uvloop.run(main())

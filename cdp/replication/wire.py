@@ -1,0 +1,15 @@
+"""What the source and the target share on the asyncio side of a stream."""
+
+from __future__ import annotations
+
+import asyncio
+
+
+def send(writer: asyncio.StreamWriter, data: bytes) -> None:
+    """Queue *data* on the stream; ConnectionResetError (an OSError, which both sides
+    treat as the end of the connection) once the connection is closed, where asyncio
+    would drop the bytes and uvloop raises RuntimeError (a crash of the task, which
+    then never reconnects)."""
+    if writer.is_closing():
+        raise ConnectionResetError("the connection is closed")
+    writer.write(data)
