@@ -111,8 +111,10 @@ def test_console_browse_download_rewind_undo(env: WebEnv, browser: Any, download
                      lambda: len(drv.find_elements(By.CSS_SELECTOR, "#timeline g.marker")) >= 2)
     assert marks
     m1, m2 = c.cdpctl_json("markers")[:2]
-    # a moment between the markers (not a marker): the file browser opens there
-    click_time(drv, (m1["time_ns"] + m2["time_ns"]) // 2)
+    # a moment between the markers (not a marker), before a.txt was rewritten: the file
+    # browser opens there
+    assert m1["time_ns"] < env.before_rewrite_ns < m2["time_ns"]
+    click_time(drv, (m1["time_ns"] + env.before_rewrite_ns) // 2)
     at = wait_for("a point picked on the timeline",
                   lambda: (t := drv.find_element(By.ID, "at-text").text) != "now" and t)
     assert not at.startswith("marker"), at

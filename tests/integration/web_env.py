@@ -52,6 +52,9 @@ class Reply:
 class WebEnv:
     cdpd: Cdpd
     token: str
+    #: a moment after marker1 and before a.txt was rewritten (between the markers, the
+    #: rewrite may land before or after their midpoint, by how long the steps took)
+    before_rewrite_ns: int = 0
 
     @property
     def url(self) -> str:
@@ -116,13 +119,14 @@ def web_env(tmp: Path, *, big: bool = True) -> Iterator[WebEnv]:
                     (m / "big.bin").write_bytes(big_bytes())
             d.cdpctl("snapshot", "--label", "first")
             wait_catalogued(d, 1)
+            before_rewrite_ns = time.time_ns()
             with mounted(disk) as m:
                 (m / "docs" / "a.txt").write_bytes(A2)
                 (m / "docs" / "sub" / "b.txt").unlink()
             d.cdpctl("snapshot", "--label", "second")
         wait_catalogued(d, 2)
         token = (d.store / "http.token").read_text().strip()
-        yield WebEnv(d, token)
+        yield WebEnv(d, token, before_rewrite_ns)
     finally:
         if d.proc is not None and d.proc.poll() is None:
             d.stop()
