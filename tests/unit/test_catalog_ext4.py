@@ -98,14 +98,20 @@ def test_full_index_equals_fls(base_image: Path, tmp_path: Path) -> None:
     assert big is not None and big.is_dir and unpack_ranges(big.location)  # its blocks
 
 
-def test_marker_diff_through_fuse2fs(base_image: Path, tmp_path: Path) -> None:
+def _indexed_and_copied(base: Path, tmp: Path) -> tuple[Catalog, Version, Path]:
+    """A catalog with *base* as version 1, and a copy of *base* to change (fuse2fs)."""
     require_tool("fuse2fs")
-    cat = Catalog(tmp_path / "catalog.sqlite")
-    index(cat, base_image, 1)
+    cat = Catalog(tmp / "catalog.sqlite")
+    index(cat, base, 1)
     v1 = cat.last_version()
     assert v1 is not None
-    after = tmp_path / "after.img"
-    shutil.copyfile(base_image, after)
+    after = tmp / "after.img"
+    shutil.copyfile(base, after)
+    return cat, v1, after
+
+
+def test_marker_diff_through_fuse2fs(base_image: Path, tmp_path: Path) -> None:
+    cat, v1, after = _indexed_and_copied(base_image, tmp_path)
     with mounted(after) as m:
         with open(m / "hello.txt", "ab") as f:  # append (three names, one inode)
             f.write(b"more\n")
@@ -207,13 +213,7 @@ def test_names_that_are_not_utf8_are_catalogued_exactly(base_image: Path, tmp_pa
     """ext4 names are bytes: one that is not UTF-8 is catalogued (SQLite refuses the lone
     surrogates Python decodes it to, so the stored form escapes them) and comes back as
     the bytes on disk; the rest of the version is unaffected."""
-    require_tool("fuse2fs")
-    cat = Catalog(tmp_path / "catalog.sqlite")
-    index(cat, base_image, 1)
-    v1 = cat.last_version()
-    assert v1 is not None
-    after = tmp_path / "after.img"
-    shutil.copyfile(base_image, after)
+    cat, v1, after = _indexed_and_copied(base_image, tmp_path)
     raw_dir, raw_file = b"latin1-\xe9t\xe9", b"bad-\xff\xfe-name.txt"
     with mounted(after) as m:
         d = os.path.join(os.fsencode(m), raw_dir)
