@@ -56,11 +56,10 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from datetime import datetime
+from functools import cache
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
-import boto3
-from botocore.config import Config
 from botocore.exceptions import (
     BotoCoreError,
     ClientError,
@@ -73,7 +72,6 @@ from botocore.exceptions import (
     ResponseStreamingError,
 )
 from botocore.exceptions import ConnectionError as BotoConnectionError
-from urllib3.exceptions import HTTPError as Urllib3HTTPError
 
 from cdp.errors import (
     CdpError,
@@ -84,6 +82,9 @@ from cdp.errors import (
     RemoteUnreachable,
     UsageError,
 )
+
+if TYPE_CHECKING:
+    from botocore.config import Config
 
 log = logging.getLogger("cdp.tier")
 
@@ -225,6 +226,8 @@ def load_credentials_file(path: Path) -> tuple[str, str, str | None]:
 
 def client_config(settings: S3Settings) -> Config:
     """The botocore Config of every cdp S3 client (see the design notes)."""
+    from botocore.config import Config  # with boto3 below: ~0.3 s, paid when a tier starts
+
     return Config(
         s3={"addressing_style": "path"},
         signature_version="s3v4",
@@ -240,6 +243,8 @@ def client_config(settings: S3Settings) -> Config:
 def make_client(settings: S3Settings) -> Any:
     """A boto3 S3 client for ``settings``: the one place cdp makes one. Cost: ~50-100 ms
     (botocore loads its service model); make one per tier, not per request."""
+    import boto3
+
     keys: dict[str, Any] = {}
     if settings.credentials_file is not None:
         access, secret, token = load_credentials_file(settings.credentials_file)
@@ -264,11 +269,16 @@ _UNAVAILABLE_CODES = frozenset({
     "SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout", "Throttling",
     "ThrottlingException", "RequestThrottled",
 })
-#: failures of a response body being read (after the call returned)
-_BODY_ERRORS: tuple[type[BaseException], ...] = (
-    IncompleteReadError, ResponseStreamingError, ReadTimeoutError, ConnectionClosedError,
-    Urllib3HTTPError, ConnectionError, TimeoutError,
-)
+
+
+@cache
+def _body_errors() -> tuple[type[BaseException], ...]:
+    """Failures of a response body being read (after the call returned). urllib3 loads
+    here, with the first client, not when cdpd starts without a tier."""
+    from urllib3.exceptions import HTTPError as Urllib3HTTPError
+
+    return (IncompleteReadError, ResponseStreamingError, ReadTimeoutError,
+            ConnectionClosedError, Urllib3HTTPError, ConnectionError, TimeoutError)
 
 
 def _backoff(attempt: int) -> float:
@@ -321,7 +331,7 @@ class S3:
             )
         if isinstance(exc, ParamValidationError):
             return UsageError(f"{head}: {exc}")
-        if isinstance(exc, (BotoConnectionError, *_BODY_ERRORS)):
+        if isinstance(exc, (BotoConnectionError, *_body_errors())):
             return RemoteUnreachable(
                 f"{head}: unreachable after {self.settings.max_attempts} attempt(s): {exc}"
             )
@@ -344,7 +354,7 @@ class S3:
             body = resp["Body"]
             try:
                 return resp, body.read()
-            except _BODY_ERRORS as e:
+            except _body_errors() as e:
                 body.close()
                 if attempt == attempts:
                     raise RemoteUnreachable(
