@@ -33,6 +33,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cdp import __version__
 from cdp.admin import AdminServer
@@ -53,7 +54,9 @@ from cdp.targets.nbd.access import nbd_client_rules
 from cdp.targets.nbd.server import NbdServer, serve_nbd
 from cdp.tier.service import check_tier, start_tiers
 from cdp.volume import SealPacer, Volume
-from cdp.web.server import WebServer
+
+if TYPE_CHECKING:
+    from cdp.web.server import WebServer
 
 #: written once the listeners are up, removed at a clean stop
 RUNFILE = "cdpd.json"
@@ -207,6 +210,9 @@ class Daemon:
                     raise bind_error("--metrics", s.metrics.host, s.metrics.port, e) from None
                 log.info("metrics on http://%s:%d/metrics", s.metrics.host, metrics.port)
             if s.http.enabled:
+                # aiohttp (~0.3 s of imports) loads here, once NBD is already serving
+                from cdp.web.server import WebServer
+
                 web = WebServer(store, s.http)
                 try:
                     await web.start()
