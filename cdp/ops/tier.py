@@ -29,7 +29,9 @@ def off_status(vol: Volume) -> dict[str, Any]:
 
 
 async def _status_of(svc: TierService, refresh: bool) -> dict[str, Any]:
-    if refresh:
+    """Never waits on the store while the upload task runs (a hanging store is when
+    the operator asks): the task loads the manifest, the row says what is known."""
+    if refresh and not svc.running:
         await svc.refresh()
     return svc.status()
 

@@ -323,6 +323,11 @@ class TierService(VolumeService):
             await self._batch()
         return self.manifest.generation if self.manifest else 0
 
+    @property
+    def running(self) -> bool:
+        """The upload task runs (in cdpd): it loads the manifest itself."""
+        return self._task is not None and not self._task.done()
+
     async def refresh(self) -> None:
         """Load the newest manifest from the bucket if not done yet (status on a stopped
         store); a failure only sets ``state``/``last_error``."""

@@ -8,6 +8,8 @@
 
 Modes, per request: ``pass``; ``drop`` (the connection is closed once the request head
 has arrived, no answer); ``delay`` (``delay`` seconds before the request goes upstream);
+``hold`` (the request head arrives and is never answered: the connection stays open,
+silent, until the mode changes, then it is closed; ``held`` counts those waiting now);
 ``503`` (a well-formed S3 XML error, ``ServiceUnavailable``, without bothering upstream);
 ``cut`` (the upstream answer is forwarded up to ``cut_after`` bytes of its body, then both
 connections are closed). ``times``: fault only that many requests, then back to ``pass``.
@@ -33,8 +35,8 @@ import threading
 from dataclasses import dataclass
 from typing import Literal
 
-Mode = Literal["pass", "drop", "delay", "503", "cut"]
-MODES: tuple[str, ...] = ("pass", "drop", "delay", "503", "cut")
+Mode = Literal["pass", "drop", "hold", "delay", "503", "cut"]
+MODES: tuple[str, ...] = ("pass", "drop", "hold", "delay", "503", "cut")
 
 _ERROR_503 = (
     '<?xml version="1.0" encoding="UTF-8"?>\n'
@@ -61,6 +63,7 @@ class FaultProxy:
         self.port = port
         self.requests = 0
         self.faults = 0
+        self.held = 0
         self._fault = _Fault()
         self._lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -161,6 +164,10 @@ class FaultProxy:
             if fault.mode == "drop":
                 writer.transport.abort()
                 return
+            if fault.mode == "hold":
+                await self._hold()
+                writer.transport.abort()
+                return
             if fault.mode == "503":
                 if not expect and length:
                     await reader.readexactly(length)
@@ -186,6 +193,20 @@ class FaultProxy:
                 up_writer.close()
             writer.close()
             self._tasks.discard(task)
+
+    async def _hold(self) -> None:
+        """Wait, counted in ``held``, until the mode is no longer ``hold``."""
+        with self._lock:
+            self.held += 1
+        try:
+            while True:
+                with self._lock:
+                    if self._fault.mode != "hold":
+                        return
+                await asyncio.sleep(0.05)
+        finally:
+            with self._lock:
+                self.held -= 1
 
     async def _answer_503(self, writer: asyncio.StreamWriter, request_line: str) -> None:
         method, _, rest = request_line.partition(" ")

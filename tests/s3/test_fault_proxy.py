@@ -3,6 +3,7 @@ what it says, and modes switch at run time without a restart."""
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -95,6 +96,32 @@ def test_drop_closes_without_an_answer(rgw: Rgw, s3_fault_proxy: FaultProxy, buc
     s3_fault_proxy.set_mode("drop")
     with pytest.raises((ConnectionClosedError, EndpointConnectionError)):
         c.get_object(Bucket=bucket, Key="blob")
+
+
+def test_hold_never_answers_until_the_mode_changes(
+        rgw: Rgw, s3_fault_proxy: FaultProxy, bucket: str) -> None:
+    s3_fault_proxy.set_mode("hold")
+    got: list[Exception] = []
+
+    def get() -> None:
+        c = raw_client(rgw, s3_fault_proxy.endpoint, read_timeout=600)
+        try:
+            c.get_object(Bucket=bucket, Key="blob")
+        except Exception as e:  # recorded for the assertion below
+            got.append(e)
+
+    t = threading.Thread(target=get, daemon=True)
+    t.start()
+    deadline = time.monotonic() + 30
+    while s3_fault_proxy.held == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert s3_fault_proxy.held == 1 and t.is_alive()  # the request waits, unanswered
+    s3_fault_proxy.set_mode("pass")  # the held connection is closed: the client sees it end
+    t.join(60)
+    assert not t.is_alive() and s3_fault_proxy.held == 0
+    assert got and isinstance(got[0], (ConnectionClosedError, EndpointConnectionError)), got
+    c = raw_client(rgw, s3_fault_proxy.endpoint)
+    assert c.get_object(Bucket=bucket, Key="blob")["Body"].read() == BLOB
 
 
 def test_delay_holds_the_request(rgw: Rgw, s3_fault_proxy: FaultProxy, bucket: str) -> None:

@@ -202,31 +202,44 @@ def test_kill9_mid_upload_resumes(tmp_path: Path, rgw_env: Rgw, s3: S3, s3_bucke
 
 def test_bucket_unreachable_ingest_goes_on_then_catches_up(
         tmp_path: Path, rgw_env: Rgw, s3: S3, s3_bucket: str, s3_fault_proxy: FaultProxy) -> None:
-    """RGW unreachable (connections dropped) under writes for 15 s: no flush waits on the
-    tier, status says unreachable with the error; once it answers, the pending segments
-    go up and a store recovered from the bucket serves the marker identical."""
+    """The store hangs (every request held, never answered) under writes: each flush still
+    returns and nothing is uploaded meanwhile, so no flush waits on the tier; then the
+    store refuses connections: status says unreachable with the error; once it answers,
+    the pending segments go up and a store recovered from the bucket serves the marker
+    identical."""
     url = f"s3://{s3_bucket}/u"
     (tmp_path / "a").mkdir()
     d = Cdpd(tmp_path / "a", size="32MiB", segment_bytes="1MiB",
              extra_config=f'\n[tier]\nurl = "{url}"\nendpoint = "{s3_fault_proxy.endpoint}"\n')
-    s3_fault_proxy.set_mode("drop")
-    d.start()
+    d.start()  # the bucket is checked at start, through the proxy still passing
+    s3_fault_proxy.set_mode("hold")
     r: Cdpd | None = None
     try:
         rng = random.Random(8)
-        worst = 0.0
         with NbdClient.connect(d.uri()) as c:
-            t_end = time.monotonic() + 15
-            while time.monotonic() < t_end:
-                off = rng.randrange(0, SIZE - (256 << 10)) & ~4095
-                c.pwrite(rng.randbytes(128 << 10) + bytes(128 << 10), off)
-                t0 = time.monotonic()
+            deadline = time.monotonic() + 60
+            while s3_fault_proxy.held == 0:  # until the tier's upload hangs on the store
+                assert time.monotonic() < deadline, "the tier sent the store no request"
+                _write(c, rng, MiB)
                 c.flush()
-                worst = max(worst, time.monotonic() - t0)
+            before = d.cdpctl_json("tier", "status")[0]
+            for _ in range(48):  # 12 MiB, every flush returns while the upload hangs
+                off = rng.randrange(0, SIZE - (256 << 10)) & ~4095
+                c.pwrite(rng.randbytes(256 << 10), off)
+                c.flush()
             marker = d.cdpctl_json("snapshot", "--label", "during-outage")
             _write(c, rng, 3 * MiB)
-        assert worst < 2.0, worst
+            c.flush()
+        during = d.cdpctl_json("tier", "status")[0]  # answers while the store hangs
+        assert s3_fault_proxy.held >= 1  # still hanging: the flushes did not wait for it
+        assert during["uploaded_seq"] == before["uploaded_seq"], (before, during)
+        assert during["pending_segments"] >= before["pending_segments"] + 8, (before, during)
+        s3_fault_proxy.set_mode("drop")  # the held connections close; new ones are dropped
+        deadline = time.monotonic() + 120
         st = d.cdpctl_json("tier", "status")[0]
+        while st["state"] != "unreachable" and time.monotonic() < deadline:
+            time.sleep(0.2)
+            st = d.cdpctl_json("tier", "status")[0]
         assert st["state"] == "unreachable" and st["pending_segments"] > 0, st
         assert "s3://" in (st["last_error"] or ""), st
         page = urllib.request.urlopen(f"http://127.0.0.1:{d.metrics_port}/metrics").read().decode()

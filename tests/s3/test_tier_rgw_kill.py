@@ -76,18 +76,20 @@ def test_rgw_kill9_mid_upload_resumes(tmp_path: Path, rgw_env: Rgw, s3: S3,  # n
         time.sleep(0.5)  # some parts in
         _kill9_rgw()
         try:
-            # ingest goes on while the store is gone: flushes never wait on the tier
-            worst = 0.0
+            # ingest goes on while the store is gone: every flush returns, nothing is
+            # uploaded meanwhile (tests/s3/test_tier_cdpd.py shows the same with the
+            # store hanging instead of gone)
+            before = d.cdpctl_json("tier", "status")[0]
+            flushes = 0
             with NbdClient.connect(d.uri()) as c:
                 t_end = time.monotonic() + 8
                 while time.monotonic() < t_end:
                     off = rng.randrange(0, 60 * MiB - (256 << 10)) & ~4095
                     c.pwrite(rng.randbytes(256 << 10), off)
-                    t0 = time.monotonic()
                     c.flush()
-                    worst = max(worst, time.monotonic() - t0)
-            assert worst < 2.0, worst
+                    flushes += 1
             st = d.cdpctl_json("tier", "status")[0]
+            assert flushes > 0 and st["uploaded_seq"] == before["uploaded_seq"], (before, st)
             assert st["state"] == "unreachable" and st["last_error"], st
         finally:
             _restart_rgw(rgw_env.endpoint)
