@@ -310,10 +310,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--scratch", type=Path, default=None)
     ap.add_argument("--fio", type=float, default=0.0, metavar="S",
                     help="through NBD: fio (under nice 19) for S seconds per round instead of the in-process driver")
+    ap.add_argument("--no-lio", action="store_true", help="the writer's pwrites one by one (cdp.proxy.volume.USE_LIO off)")
     ap.add_argument("--mirror", action="store_true", help="with --fio: a mirror volume instead (reference)")
     ap.add_argument("--inline", action="store_true",
                     help="comparison only: the primary's pwrites on the loop (no writer thread round trip)")
     a = ap.parse_args(argv)
+    if a.no_lio:
+        pv.USE_LIO = False
     base = Path(tempfile.mkdtemp(prefix="cdp-proxy-inproc-", dir=a.scratch or Path.cwd()))
     runs: list[dict[str, float]] = []
     try:
