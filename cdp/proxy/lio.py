@@ -90,6 +90,9 @@ _SIZE = ctypes.sizeof(Aiocb)
 _BUF_AT = Aiocb.aio_buf.offset  # aio_buf, aio_nbytes
 _OFFSET_AT = Aiocb.aio_offset.offset
 _ERROR_AT = Aiocb._error_code.offset  # __error_code, (pad), __return_value
+#: our mark in the error field before the call: glibc sets EINPROGRESS when it queues a
+#: request, so a request still marked was never queued (and never runs)
+_UNQUEUED = 0x7FFF_FFFF
 _PUT = struct.Struct("=QQ")
 _OFF = struct.Struct("=q")
 _RES = struct.Struct("=i4xq")
@@ -139,22 +142,21 @@ class WriteList:
                 addr = ctypes.addressof(view)
             put(mem, at + _BUF_AT, addr, len(data))
             _OFF.pack_into(mem, at + _OFFSET_AT, offset)
-            _RES.pack_into(mem, at + _ERROR_AT, errno.EINPROGRESS, -1)
+            _RES.pack_into(mem, at + _ERROR_AT, _UNQUEUED, -1)
             at += _SIZE
         rc = self._lio(LIO_WAIT, self._ptrs, n, None)
-        if rc != 0:
-            e = ctypes.get_errno()
-            if e not in (errno.EIO, errno.EINTR):  # nothing was queued (EAGAIN, EINVAL, ...)
-                return [e or errno.EIO] * n
+        failed = ctypes.get_errno() or errno.EIO if rc else 0
         out = [0] * n
         at = 0
         get = _RES.unpack_from
         for i in range(n):
             e, r = get(mem, at + _ERROR_AT)
-            while e == errno.EINPROGRESS:  # a signal ended the wait early: wait for it
+            while e == errno.EINPROGRESS:  # queued, and a signal ended the wait early
                 self._suspend(ctypes.byref(self._ptrs, i * ctypes.sizeof(ctypes.c_void_p)), 1, None)
                 e, r = get(mem, at + _ERROR_AT)
-            if e:
+            if e == _UNQUEUED:  # glibc could not queue it (EAGAIN, ...): it never ran
+                out[i] = failed or errno.EIO
+            elif e:
                 out[i] = e
             elif r != len(items[i][0]):
                 out[i] = -1
