@@ -540,8 +540,8 @@ class ProxyVolume(InitialCopy, Reconcile):
         i, n = 0, len(batch)
         while i < n:
             w = batch[i]
-            if w.data is None:
-                return False
+            if type(w.data) is not bytes and type(w.data) is not bytearray:
+                return False  # a zero (None), or a buffer lio.WriteList does not take
             end = w.offset + w.length
             j = i + 1
             while j < n and batch[j].data is not None and batch[j].offset == end:

@@ -157,3 +157,30 @@ def test_a_write_the_lio_call_failed_is_redone_alone_and_fails_alone(tmp_path: P
         store.close()
 
     asyncio.run(main())
+
+
+def test_a_turn_with_a_zero_goes_one_by_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    prim = tmp_path / "primary.img"
+    prim.write_bytes(b"\xff" * SIZE)
+    calls: list[int] = []
+    real = lio.WriteList.write
+
+    def write(self: lio.WriteList, items: list[tuple[bytes | bytearray, int]]) -> list[int]:
+        calls.append(len(items))
+        return real(self, items)
+
+    monkeypatch.setattr(lio.WriteList, "write", write)
+
+    async def main() -> None:
+        store = open_store(tmp_path)
+        vol = create_proxy_volume(store, "p", 0, str(prim), initial_copy=False)
+        await vol.write(0, b"w" * 4096)
+        aws = [vol.write(8192, b"a" * 4096), vol.zero(65536, 8192), vol.write(1 << 20, bytearray(b"b" * 4096))]
+        await asyncio.gather(*[a for a in aws if a is not None])
+        assert calls == []
+        data = prim.read_bytes()
+        assert data[8192:12288] == b"a" * 4096 and data[65536:73728] == bytes(8192)
+        assert data[1 << 20 : (1 << 20) + 4096] == b"b" * 4096
+        store.close()
+
+    asyncio.run(main())
