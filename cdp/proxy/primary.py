@@ -61,6 +61,9 @@ class FilePrimary:
         self.size = os.lseek(self._fd, 0, os.SEEK_END)
         self._nowait = _NOWAIT
 
+    def fileno(self) -> int:
+        return self._fd
+
     def pread_cached(self, offset: int, length: int) -> bytearray | None:
         """The bytes if the page cache holds all of them, else None: one
         ``preadv2(RWF_NOWAIT)``, which never waits for the disk (it may still take a

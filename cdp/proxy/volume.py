@@ -17,7 +17,9 @@ Design notes
   through the volume's one append path (buffered, sealed without blocking, exactly as
   a mirror volume) and the primary write is registered in the range queue and queued:
   for a file primary, on the one writer thread (:class:`~cdp.proxy.workers.Writer`:
-  one hand-off per loop turn, queue order, ``pwritev`` per contiguous run); for an NBD
+  one hand-off per loop turn, queue order, ``pwritev`` per contiguous run; a batch
+  whose writes overlap nothing else in it is one ``lio_listio``,
+  :mod:`cdp.proxy.lio`, so the thread takes the GIL back once per batch); for an NBD
   primary, on the worker pool after the earlier writes it overlaps. Either way writes
   whose ranges overlap reach the primary in the order their records were appended, so
   the journal's order and the primary's final content always agree. The common case
@@ -63,6 +65,7 @@ from typing import Any, Self
 
 from cdp.config import Settings
 from cdp.errors import CdpError, Corruption, UsageError
+from cdp.proxy import lio
 from cdp.proxy.base import ERR_PRIMARY_WRITE
 from cdp.proxy.copy import InitialCopy
 from cdp.proxy.drl import DEFAULT_REGION, DirtyRegionLog, check_region_bytes
@@ -86,6 +89,9 @@ RETRY_DELAY = 1.0  # seconds between catch-up attempts
 #: SYNCS_IN_FLIGHT: more would only wait for a sync thread)
 COMMITS_IN_FLIGHT = 4
 CACHED_READ_MAX = 1 << 20  # larger live reads always go to the worker threads
+#: a file primary's writer hands a batch of non-overlapping writes to glibc at once
+#: (:mod:`cdp.proxy.lio`) where it can
+USE_LIO = lio.available
 
 
 def proxy_meta(primary: str, ack: str = "primary") -> dict[str, Any]:
@@ -161,6 +167,7 @@ class ProxyVolume(InitialCopy, Reconcile):
         self._jcommits = 0  # commit tasks running for them (at most COMMITS_IN_FLIGHT)
         self._jcovered = 0  # the last seq a started commit covers
         self._jstarting = False  # a commit task is made and has not taken its target yet
+        self._lio: lio.WriteList | None = None  # the writer thread's, made at its first batch
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -484,7 +491,8 @@ class ProxyVolume(InitialCopy, Reconcile):
         if p is None:
             return [OSError(errno.EIO, "the primary is closed")] * n
         vec = isinstance(p, FilePrimary)
-        i = 0
+        # written at once (only FUA is left), or one by one from the first
+        i = n if vec and n > 1 and USE_LIO and self._lio_batch(batch, errs) else 0
         while i < n:
             w = batch[i]
             j = i + 1
@@ -520,6 +528,51 @@ class ProxyVolume(InitialCopy, Reconcile):
                 for k in fua:
                     errs[k] = e
         return errs
+
+    def _lio_batch(self, batch: list[_HostWrite], errs: list[BaseException | None]) -> bool:
+        """The writer thread's fast path for a batch whose writes overlap nothing else
+        in it (the usual random writes): one ``lio_listio`` for all of them
+        (:mod:`cdp.proxy.lio`), so the thread takes the GIL back once, not once per
+        write; writes that continue each other go as one piece. False (nothing
+        written) when the batch holds a zero, overlapping writes or a single run:
+        those go one by one in queue order (or as one ``pwritev``). Fills *errs*."""
+        runs: list[tuple[int, int]] = []  # [first, last + 1) indices into batch
+        i, n = 0, len(batch)
+        while i < n:
+            w = batch[i]
+            if type(w.data) is not bytes and type(w.data) is not bytearray:
+                return False  # a zero (None), or a buffer lio.WriteList does not take
+            end = w.offset + w.length
+            j = i + 1
+            while j < n and batch[j].data is not None and batch[j].offset == end:
+                end += batch[j].length
+                j += 1
+            runs.append((i, j))
+            i = j
+        if not 1 < len(runs) <= lio.MAX_REQUESTS:
+            return False
+        items: list[tuple[bytes | bytearray, int]] = []
+        for i, j in runs:
+            w = batch[i]
+            data = w.data if j == i + 1 else b"".join(x.data for x in batch[i:j])  # type: ignore[misc]
+            assert data is not None
+            items.append((data, w.offset))
+        if not lio.disjoint([(o, len(d)) for d, o in items]):
+            return False
+        p = self.primary
+        assert isinstance(p, FilePrimary)
+        wl = self._lio
+        if wl is None:
+            wl = self._lio = lio.WriteList(p.fileno())
+        for (i, j), r, (data, offset) in zip(runs, wl.write(items), items, strict=True):
+            if not r:
+                continue
+            try:  # failed or short: again alone, for its exception or the rest of it
+                p.pwrite(data, offset)
+            except Exception as e:
+                for k in range(i, j):
+                    errs[k] = e
+        return True
 
     def _writes_done(self, batch: list[_HostWrite], errs: Sequence[BaseException | None]) -> None:
         for w, e in zip(batch, errs, strict=True):

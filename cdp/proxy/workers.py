@@ -10,8 +10,9 @@ Design notes
   (``call_soon``), which gives the thread every write of the turn at once. The thread
   runs batches in the order they were handed off and, inside a batch, writes in queue
   order, so writes reach the primary in journal order without any per-write ordering
-  work; writes that continue each other are one ``pwritev``. The results of a batch go
-  back with one loop wake-up. Before: a coroutine per write, a future per range-queue
+  work; writes that continue each other are one ``pwritev``, and a batch whose writes
+  overlap nothing else in it is one ``lio_listio`` (:mod:`cdp.proxy.lio`). The
+  results of a batch go back with one loop wake-up. Before: a coroutine per write, a future per range-queue
   entry, and a hand-off per write to a pool of four threads, whose ordering of
   overlapping writes needed the range queue's predecessors.
 * The range queue still holds every write in flight, because barriers (initial copy,
