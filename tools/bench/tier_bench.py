@@ -50,6 +50,7 @@ import shutil
 import statistics
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -60,7 +61,7 @@ from typing import Any
 
 from cdp.config import JournalSettings, Settings, TierSettings
 from cdp.tier.recover import recover_store
-from cdp.tier.service import TierService
+from cdp.tier.service import _UPLOADER, UPLOAD_NICE, UPLOAD_THREADS, TierService
 from cdp.volume import Volume
 from tools import ceph_s3
 from tools.bench.s3_bench import (
@@ -288,6 +289,26 @@ class Rig:
         return " [split cores]" if split is not None else " [shared cores]"
 
 
+#: ingest arms: [tier] off; on (the upload threads niced, as cdpd runs them); on with the
+#: upload threads at cdpd's own priority (what ``UPLOAD_NICE`` buys)
+ARMS = ("off", "on", "on-nice0")
+
+
+def _upload_threads_nice(niced: bool) -> None:
+    """Set the nice of the tier's upload threads (``cdp-tier-up*``, made first if need
+    be): this process's own + ``UPLOAD_NICE`` (as cdpd runs them), or its own. The part
+    threads of a multipart upload inherit it from the upload thread that starts them."""
+    ready = threading.Barrier(UPLOAD_THREADS + 1)
+    for _ in range(UPLOAD_THREADS):  # every upload thread exists once all wait at once
+        _UPLOADER.submit(ready.wait, 10.0)
+    ready.wait(10.0)
+    base = os.getpriority(os.PRIO_PROCESS, os.getpid())
+    for t in threading.enumerate():
+        if t.name.startswith("cdp-tier-up") and t.native_id is not None:
+            os.setpriority(os.PRIO_PROCESS, t.native_id,
+                           min(19, base + UPLOAD_NICE) if niced else base)
+
+
 def _upload_rows(rig: Rig, tmp: Path, url: str, s3: Any, c: Any, bucket: str,
                  up_total: int) -> tuple[list[dict[str, Any]], str, list[str], int]:
     """The ``tier-upload`` row per layout; and the URL, keys and size of one upload (what
@@ -318,7 +339,8 @@ def _upload_rows(rig: Rig, tmp: Path, url: str, s3: Any, c: Any, bucket: str,
         vol.close()
         return nbytes / MiB / dt, nbytes, keys
 
-    ups: dict[Split | None, list[float]] = {sp: [] for sp in rig.splits}
+    ups: dict[tuple[Split | None, bool], list[float]] = {
+        (sp, niced): [] for sp in rig.splits for niced in (True, False)}
     peers: dict[Split | None, list[float]] = {sp: [] for sp in rig.splits}
     notes: dict[Split | None, str] = {}
     rec_url, nbytes = "", 0
@@ -328,39 +350,50 @@ def _upload_rows(rig: Rig, tmp: Path, url: str, s3: Any, c: Any, bucket: str,
         f.flush()
         for rnd in range(2):
             for j, split in enumerate(rig.splits):
-                name = f"up{rnd}-{j}"
-                mine, nbytes, keys = asyncio.run(upload(tmp / name, f"{url}-{name}", split))
-                rec_url = f"{url}-{name}"
-                shutil.rmtree(tmp / name, ignore_errors=True)
-                ups[split].append(mine)
+                for niced in (True, False):  # as cdpd runs them, and at its own priority
+                    name = f"up{rnd}-{j}-{int(niced)}"
+                    _upload_threads_nice(niced)
+                    try:
+                        mine, nbytes, keys = asyncio.run(upload(tmp / name, f"{url}-{name}", split))
+                    finally:
+                        _upload_threads_nice(True)
+                    rec_url = f"{url}-{name}"
+                    shutil.rmtree(tmp / name, ignore_errors=True)
+                    ups[(split, niced)].append(mine)
                 os.sync()
                 with rig.pinned(split) as notes[split]:
                     peers[split].append(multipart_rate(c, bucket, Path(f.name),
                                                        max(1, nbytes // (64 * MiB))))
-    rows = [_row(f"tier-upload{rig.suffix(sp)}", statistics.mean(ups[sp]), statistics.mean(peers[sp]),
-                 "MiB/s",
-                 f"{nbytes // MiB} MiB of 64 MiB segments, 2 alternating rounds; "
-                 "cdp: TierService batch (sha256 + multipart 8 MiB x8 + state + manifest); "
-                 f"peer: upload_file; {notes[sp]}; load {os.getloadavg()[0]:.1f}")
-            for sp in rig.splits]
+    rows = []
+    for sp in rig.splits:
+        peer = statistics.mean(peers[sp])
+        nice0 = statistics.mean(ups[(sp, False)])
+        rows.append(_row(
+            f"tier-upload{rig.suffix(sp)}", statistics.mean(ups[(sp, True)]), peer, "MiB/s",
+            f"{nbytes // MiB} MiB of 64 MiB segments, 2 alternating rounds; cdp: TierService "
+            "batch (sha256 one segment ahead + multipart 8 MiB x8 + state + manifest), upload "
+            f"threads at nice +{UPLOAD_NICE} as in cdpd (at cdpd's own priority: {nice0:.1f} "
+            f"MiB/s, ratio {nice0 / peer:.3f}); peer: upload_file; {notes[sp]}; "
+            f"load {os.getloadavg()[0]:.1f}"))
     return rows, rec_url, keys, nbytes
 
 
 def _ingest_rows(rig: Rig, tmp: Path, url: str, s3: Any, ingest_total: int,
                  rounds: int) -> list[dict[str, Any]]:
-    """``tier-ingest-4KiB`` / ``-1MiB`` per layout: ``rounds`` alternating off/on runs
-    each (layouts in turn within a round), the medians."""
+    """``tier-ingest-4KiB`` / ``-1MiB`` per layout: ``rounds`` runs of each arm
+    (:data:`ARMS`, alternating; layouts in turn within a round), the medians."""
     rows = []
     for size, name in ((4096, "4KiB"), (MiB, "1MiB")):
         total = ingest_total // (2 if size == 4096 else 1)
-        runs: dict[tuple[Split | None, bool], list[Ingest]] = {
-            (sp, on): [] for sp in rig.splits for on in (False, True)}
+        runs: dict[tuple[Split | None, str], list[Ingest]] = {
+            (sp, a): [] for sp in rig.splits for a in ARMS}
         sent: dict[Split | None, list[int]] = {sp: [] for sp in rig.splits}
         notes: dict[Split | None, str] = {}
         for rnd in range(rounds):
             for split in rig.splits:
-                for on in (False, True):
-                    d = tmp / f"in-{name}-{rnd}-{rig.splits.index(split)}-{on}"
+                for a in ARMS:
+                    d = tmp / f"in-{name}-{rnd}-{rig.splits.index(split)}-{a}"
+                    on = a != "off"
 
                     async def ingest(d: Path = d, on: bool = on, rnd: int = rnd,
                                      total: int = total, size: int = size,
@@ -387,33 +420,40 @@ def _ingest_rows(rig: Rig, tmp: Path, url: str, s3: Any, ingest_total: int,
                         return got
 
                     os.sync()
-                    with rig.pinned(split) as notes[split]:
-                        runs[(split, on)].append(asyncio.run(ingest()))
+                    _upload_threads_nice(a != "on-nice0")
+                    try:
+                        with rig.pinned(split) as notes[split]:
+                            runs[(split, a)].append(asyncio.run(ingest()))
+                    finally:
+                        _upload_threads_nice(True)
                     shutil.rmtree(d, ignore_errors=True)
 
         for split in rig.splits:
-            arm = {on: runs[(split, on)] for on in (False, True)}
+            arm = {a: runs[(split, a)] for a in ARMS}
 
-            def med(on: bool, what: str, arm: dict[bool, list[Ingest]] = arm) -> float:
-                return float(statistics.median(getattr(r, what) for r in arm[on]))
+            def med(a: str, what: str, arm: dict[str, list[Ingest]] = arm) -> float:
+                return float(statistics.median(getattr(r, what) for r in arm[a]))
 
-            def rgw_cpu(on: bool, arm: dict[bool, list[Ingest]] = arm) -> str:
-                got = [r.rgw_cpu for r in arm[on] if r.rgw_cpu is not None]
+            def rgw_cpu(a: str, arm: dict[str, list[Ingest]] = arm) -> str:
+                got = [r.rgw_cpu for r in arm[a] if r.rgw_cpu is not None]
                 return f"{statistics.median(got):.2f}" if got else "?"
 
+            def trio(what: str, med: Any = med) -> str:
+                return "/".join(f"{med(a, what):.2f}" for a in ARMS)
+
             sn = sent[split]
+            nice0 = med("on-nice0", "rate")
             rows.append(_row(
-                f"tier-ingest-{name}{rig.suffix(split)}", med(True, "rate"), med(False, "rate"), "MiB/s",
+                f"tier-ingest-{name}{rig.suffix(split)}", med("on", "rate"), med("off", "rate"), "MiB/s",
                 f"{total // MiB} MiB of {name} writes, volume level, {rounds} alternating "
                 f"rounds, medians; a {BACKLOG // MiB} MiB backlog first, the tier sent "
                 f"{min(sn) // MiB}-{max(sn) // MiB} MiB during each timed run; peer: [tier] off; "
-                f"{notes[split]}. Loop thread CPU s on/off "
-                f"{med(True, 'loop_cpu'):.2f}/{med(False, 'loop_cpu'):.2f}, "
-                f"process CPU s {med(True, 'cpu'):.2f}/{med(False, 'cpu'):.2f}, "
-                f"wall s {med(True, 'seconds'):.2f}/{med(False, 'seconds'):.2f}, "
-                f"of which awaiting the journal {med(True, 'waits'):.2f}/{med(False, 'waits'):.2f}, "
-                f"RGW daemons' CPU s {rgw_cpu(True)}/{rgw_cpu(False)}; "
-                f"load {os.getloadavg()[0]:.1f}"))
+                f"{notes[split]}. Upload threads at cdpd's own priority instead of nice "
+                f"+{UPLOAD_NICE}: {nice0:.1f} MiB/s (ratio {nice0 / med('off', 'rate'):.3f}). "
+                f"Off/on/on-nice0: loop thread CPU s {trio('loop_cpu')}, process CPU s "
+                f"{trio('cpu')}, wall s {trio('seconds')}, of which awaiting the journal "
+                f"{trio('waits')}, RGW daemons' CPU s "
+                f"{'/'.join(rgw_cpu(a) for a in ARMS)}; load {os.getloadavg()[0]:.1f}"))
     return rows
 
 
