@@ -176,7 +176,11 @@ def pinned(split: Split | None, daemons: list[int]) -> Iterator[str]:
         return
     me = os.getpid()
     sides = [(me, set(split.cdp))] + [(pid, set(split.rgw)) for pid in daemons]
-    base = {pid: os.sched_getaffinity(pid) for pid, _ in sides}
+    base: dict[int, set[int]] = {}
+    for pid, _ in sides:
+        with suppress(ProcessLookupError):
+            base[pid] = os.sched_getaffinity(pid)
+    sides = [(pid, cpus) for pid, cpus in sides if pid in base]
     saved: dict[int, set[int]] = {}
     try:
         for pid, cpus in sides:
@@ -297,11 +301,16 @@ ARMS = ("off", "on", "on-nice0")
 def _upload_threads_nice(niced: bool) -> None:
     """Set the nice of the tier's upload threads (``cdp-tier-up*``, made first if need
     be): this process's own + ``UPLOAD_NICE`` (as cdpd runs them), or its own. The part
-    threads of a multipart upload inherit it from the upload thread that starts them."""
+    threads of a multipart upload inherit it from the upload thread that starts them.
+    Returns once every upload thread is idle: an upload a stopped tier (the run before)
+    left in flight finishes first, so it does not run into the next arm's timed run."""
     ready = threading.Barrier(UPLOAD_THREADS + 1)
     for _ in range(UPLOAD_THREADS):  # every upload thread exists once all wait at once
-        _UPLOADER.submit(ready.wait, 10.0)
-    ready.wait(10.0)
+        _UPLOADER.submit(ready.wait, 120.0)
+    try:
+        ready.wait(120.0)
+    except threading.BrokenBarrierError:
+        print("tier_bench: an upload thread stayed busy for 120 s", file=sys.stderr)
     base = os.getpriority(os.PRIO_PROCESS, os.getpid())
     for t in threading.enumerate():
         if t.name.startswith("cdp-tier-up") and t.native_id is not None:
