@@ -15,22 +15,25 @@ upload and ingest rows under both layouts, alternating, the other one's rows suf
 had.
 
 Rows (``cdp``: the tier; ``peer``: the comparison, measured in the same run):
-- ``tier-upload``: MiB/s of segment bytes a :class:`TierService` batch uploads (hash,
-  HEAD, multipart 8 MiB x8, manifest) vs plain boto3 ``upload_file`` of a file of the
-  same size (s3transfer: 8 MiB parts x10), same RGW. Goal >= 0.8.
+- ``tier-upload``: MiB/s of segment bytes a :class:`TierService` batch uploads (hash one
+  segment ahead, multipart 8 MiB x8, state, manifest) vs plain boto3 ``upload_file`` of
+  a file of the same size (s3transfer: 8 MiB parts x10), same RGW. Goal >= 0.8. The
+  note gives the tier's rate with its upload threads at cdpd's own priority too.
 - ``tier-ingest-4KiB`` / ``tier-ingest-1MiB``: MiB/s of volume writes (journal + maps,
   a flush every 8 MiB) with the tier task uploading behind them vs with ``[tier]`` off.
-  Goal >= 0.9. The note says where the time went, on/off (medians): CPU seconds of the
-  event-loop thread (``time.thread_time``: if the tier competed for the loop this
-  would grow), of the whole process (plus the upload threads), wall seconds and those
-  spent awaiting the journal (flush fdatasync, backpressure), and CPU seconds of the
-  test RGW's own daemons, which on this machine share the cores and the disk with cdp
-  (a real S3 store would not). Measured 2026-12-07, 2 cores at load 5-9: the loop's
-  CPU is the same on and off (0.31-0.35 s per 128 MiB of 4 KiB writes), the upload
-  threads add ~0.17 s of process CPU (py-spy ``--gil``: ~0.18 s holding the GIL per
-  run), the RGW daemons 0.27-0.66 s, and the journal's flushes wait 0.23 -> 0.51 s
-  (the OSD writes the uploads to the same disk): the tier competes for cores and disk,
-  not for the loop.
+  Goal >= 0.9. Three arms alternate (``ARMS``): off, on (upload threads at nice
+  ``+UPLOAD_NICE``, as cdpd runs them) and on-nice0 (at cdpd's own priority), each
+  started once the upload threads are idle. The note says where the time went, per arm
+  (medians): CPU seconds of the event-loop thread (``time.thread_time``: if the tier
+  competed for the loop this would grow), of the whole process (plus the upload
+  threads), wall seconds and those spent awaiting the journal (flush fdatasync,
+  backpressure), and CPU seconds of the test RGW's own daemons. Measured 2026-12-07
+  on the shared rig (before ``--split-cores``), 2 cores at load 5-9: the loop's CPU is
+  the same on and off (0.31-0.35 s per 128 MiB of 4 KiB writes), the upload threads
+  add ~0.17 s of process CPU (py-spy ``--gil``: ~0.18 s holding the GIL per run: the
+  bodies' BytesIO reads, since fixed in ``cdp.tier.s3``), the RGW daemons 0.27-0.66 s,
+  and the journal's flushes wait 0.23 -> 0.51 s (the OSD writes the uploads to the
+  same disk): the tier competes for cores and disk, not for the loop.
 - ``tier-recover``: MiB/s of ``recover_store`` (ranged 8 MiB GETs + sha256 + install)
   vs plain boto3 ``download_file`` of the same objects to files. Goal >= 0.7.
 - ``tier-read-4KiB``: p50 ms of 4 KiB random reads (``Volume.read_async``) of a point
