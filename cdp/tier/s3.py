@@ -35,6 +35,13 @@ Design notes
   deleting by key only adds a delete marker, so deletions name the version
   (:class:`ObjectRef`), and the store refuses those still under retention — reported per
   object in :class:`DeleteResult`, never raised, so a gc can skip them and retry later.
+- **Bodies go to botocore as one buffer** (a ``bytearray``). botocore wraps a ``bytes``
+  body in a BytesIO, then hashes it for SigV4 1 MiB and sends it 16 KiB at a time, each
+  read a copy made holding the GIL: ~530 GIL hand-overs per 8 MiB, a convoy with the
+  event loop on the same core, and an ``Expect: 100-continue`` round trip. A bytearray
+  is hashed by one sha256 call and sent by one ``sendall``, both without the GIL
+  (measured per 8 MiB PUT: 16-18 ms of thread CPU as bytes, 13-14 ms as a copied
+  bytearray).
 - **Errors** become cdp's (``cdp.errors``): :class:`NotFound` (no such bucket or key),
   :class:`RemoteRefused` (403, bad credentials, other 4xx), :class:`RemoteUnreachable`
   (connection, timeout, 5xx, a cut body, after the retries), :class:`OutOfRange` (416),
@@ -409,7 +416,7 @@ class S3:
         object's metadata, with COMPLIANCE retention until ``retain_until`` if given
         (then also Content-MD5). Retried by botocore; RemoteUnreachable after that."""
         digest = sha256 or hashlib.sha256(data).hexdigest()
-        kw: dict[str, Any] = {"Bucket": bucket, "Key": key, "Body": bytes(data),
+        kw: dict[str, Any] = {"Bucket": bucket, "Key": key, "Body": _body(data),
                               "Metadata": {SHA256_META: digest}}
         if retain_until is not None:
             kw.update(_lock_args(retain_until))
@@ -471,7 +478,7 @@ class S3:
 
         def one(n: int, data: bytes) -> dict[str, Any]:
             kw: dict[str, Any] = {"Bucket": bucket, "Key": key, "UploadId": upload_id,
-                                  "PartNumber": n, "Body": data}
+                                  "PartNumber": n, "Body": _body(data)}
             if md5:
                 kw["ContentMD5"] = _md5(data)
             r = self._call("UploadPart", bucket, key, self.client.upload_part, **kw)
@@ -685,6 +692,12 @@ def _lock_args(until: datetime) -> dict[str, Any]:
     if until.tzinfo is None:
         raise UsageError(f"retain_until {until} has no time zone")
     return {"ObjectLockMode": "COMPLIANCE", "ObjectLockRetainUntilDate": until}
+
+
+def _body(data: bytes | bytearray) -> bytearray:
+    """A request body as botocore sends it in one piece (see the design notes): a
+    bytearray (``data`` itself if it is one, else a copy: ~1 ms per 8 MiB)."""
+    return data if isinstance(data, bytearray) else bytearray(data)
 
 
 def _md5(data: bytes | bytearray) -> str:

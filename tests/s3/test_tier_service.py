@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import itertools
 import random
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -192,6 +194,64 @@ def test_unreachable_and_refused_states(tmp_path: Path, rgw: Rgw, s3_bucket: str
         vol.close()
 
     asyncio.run(refused())
+
+
+def _open_segments(vol: Volume) -> int:
+    """Descriptors of this process open on the volume's segment files."""
+    n = 0
+    for fd in Path("/proc/self/fd").iterdir():
+        try:
+            target = fd.readlink()
+        except OSError:
+            continue
+        n += str(target).startswith(str(vol.path)) and target.suffix == ".seg"
+    return n
+
+
+async def _until(cond: Callable[[], bool], timeout: float = 20.0) -> bool:
+    end = asyncio.get_running_loop().time() + timeout
+    while not cond():
+        if asyncio.get_running_loop().time() > end:
+            return False
+        await asyncio.sleep(0.05)
+    return True
+
+
+def test_batch_hashes_ahead_and_a_failed_or_cancelled_batch_closes_it(
+        tmp_path: Path, rgw: Rgw, s3_bucket: str, s3_fault_proxy: FaultProxy) -> None:
+    """A batch hashes each segment while the one before it is sent: the manifest names
+    every segment in seq order all the same, and a batch that fails (store unreachable)
+    or is cancelled (cdpd stopping) closes the segment it opened ahead."""
+    url = f"s3://{s3_bucket}/ahead"
+    bad = rgw.s3(endpoint=s3_fault_proxy.endpoint, max_attempts=1, connect_timeout=1.0,
+                 read_timeout=1.0)
+
+    async def go() -> None:
+        vol, svc = _open(tmp_path, url, bad)
+        await _write(vol, random.Random(11), 80)
+        vol.journal.sync()
+        sealed = [i.first_seq for i in vol.journal.sealed_segments()]
+        assert len(sealed) >= 3
+        base = _open_segments(vol)  # the journal's own (the open segment)
+        s3_fault_proxy.set_mode("drop", match="PUT")
+        with pytest.raises(RemoteUnreachable):
+            await svc.upload_now()
+        assert await _until(lambda: _open_segments(vol) == base), "a failed batch left a segment open"
+        s3_fault_proxy.set_mode("delay", delay=5.0, match="PUT")
+        task = asyncio.create_task(svc.upload_now())
+        await asyncio.sleep(0.5)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert await _until(lambda: _open_segments(vol) == base), "a cancelled batch left a segment open"
+        s3_fault_proxy.set_mode("pass")
+        assert await svc.upload_now() >= 1
+        m = svc.manifest
+        assert m is not None and [o.first_seq for o in m.segments] == sealed
+        assert all(a.last_seq < b.first_seq for a, b in itertools.pairwise(m.segments))
+        vol.close()
+
+    asyncio.run(go())
 
 
 def test_manifest_roundtrip_and_checks(tmp_path: Path, s3: S3, s3_bucket: str) -> None:

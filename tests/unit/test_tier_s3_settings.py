@@ -3,9 +3,13 @@ settings, and how botocore errors map to cdp's (the real-RGW tests are in tests/
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Iterator
 from pathlib import Path
 
+import boto3
 import pytest
+from botocore.awsrequest import AWSPreparedRequest, AWSResponse
 from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError
 
 from cdp.errors import ConfigError, NotFound, OutOfRange, RemoteRefused, RemoteUnreachable
@@ -88,3 +92,36 @@ def test_error_mapping_transport_and_credentials(offline: S3) -> None:
     assert isinstance(e, RemoteUnreachable) and "unreachable after 2 attempt(s)" in str(e)
     e = offline.error(NoCredentialsError(), "PutObject", "b", "k")
     assert isinstance(e, ConfigError) and "credentials_file" in str(e)
+
+
+class _Raw:
+    """The raw stream of a canned empty response."""
+
+    def stream(self, **_kw: object) -> Iterator[bytes]:
+        return iter([b""])
+
+
+def test_upload_bodies_go_as_one_buffer() -> None:
+    """PutObject and UploadPart bodies reach the HTTP layer as one bytearray: signed by
+    one sha256 of the whole body, sent by one sendall, no 100-continue round trip
+    (a bytes body would become a BytesIO, hashed and sent in small reads holding the GIL)."""
+    client = boto3.session.Session(aws_access_key_id="AK", aws_secret_access_key="SK").client(
+        "s3", endpoint_url="http://127.0.0.1:9", region_name="us-east-1",
+        config=client_config(S3Settings()))
+    sent: list[AWSPreparedRequest] = []
+
+    def capture(request: AWSPreparedRequest, **_kw: object) -> AWSResponse:
+        sent.append(request)
+        headers = {"ETag": '"e"'} if request.method == "PUT" else {}
+        return AWSResponse(request.url, 200, headers, _Raw())
+
+    client.meta.events.register("before-send.s3", capture)
+    s3 = S3(S3Settings(endpoint="http://127.0.0.1:9"), client=client)
+    data = bytes(range(256)) * 4096  # 1 MiB
+    s3.put_object("b", "k", data)
+    s3._upload_parts("b", "k", "up", iter([data, data[:5]]), 1, md5=False)
+    assert [r.method for r in sent] == ["PUT", "PUT", "PUT"]
+    for r, body in zip(sent, (data, data, data[:5]), strict=True):
+        assert type(r.body) is bytearray and r.body == body
+        assert "Expect" not in r.headers
+        assert r.headers["X-Amz-Content-SHA256"] == hashlib.sha256(body).hexdigest().encode()

@@ -1,24 +1,39 @@
 """The S3 tier against plain boto3 on the test Ceph RGW, ratios in one run (issue 26).
 
-    python -m tools.bench.tier_bench [--quick]
+    python -m tools.bench.tier_bench [--quick] [--no-split-cores] [--compare-split] [--rounds N]
+
+The rig: the test RGW is a single-node Ceph on this machine, where a real S3 store is
+another machine. With ``--split-cores`` (the default with two cores or more) every row
+runs with this process (cdp: its loop, upload and flush threads; and the plain boto3
+peer, pinned the same) on the first half of the cores and every thread of the RGW's
+daemons (ceph-mon, ceph-osd, radosgw: the pids ``tools/ceph-s3`` started) on the
+others (``os.sched_setaffinity`` per thread, ``/proc/PID/task``), restored afterwards;
+both arms of a row alike. The disk, the kernel's writeback and loopback TCP stay
+shared. ``--no-split-cores`` gives the shared rig; ``--compare-split`` measures the
+upload and ingest rows under both layouts, alternating, the other one's rows suffixed
+``[shared cores]`` (or ``[split cores]``). Each row's note says which cores each side
+had.
 
 Rows (``cdp``: the tier; ``peer``: the comparison, measured in the same run):
-- ``tier-upload``: MiB/s of segment bytes a :class:`TierService` batch uploads (hash,
-  HEAD, multipart 8 MiB x8, manifest) vs plain boto3 ``upload_file`` of a file of the
-  same size (s3transfer: 8 MiB parts x10), same RGW. Goal >= 0.8.
+- ``tier-upload``: MiB/s of segment bytes a :class:`TierService` batch uploads (hash one
+  segment ahead, multipart 8 MiB x8, state, manifest) vs plain boto3 ``upload_file`` of
+  a file of the same size (s3transfer: 8 MiB parts x10), same RGW. Goal >= 0.8. The
+  note gives the tier's rate with its upload threads at cdpd's own priority too.
 - ``tier-ingest-4KiB`` / ``tier-ingest-1MiB``: MiB/s of volume writes (journal + maps,
   a flush every 8 MiB) with the tier task uploading behind them vs with ``[tier]`` off.
-  Goal >= 0.9. The note says where the time went, on/off (medians): CPU seconds of the
-  event-loop thread (``time.thread_time``: if the tier competed for the loop this
-  would grow), of the whole process (plus the upload threads), wall seconds and those
-  spent awaiting the journal (flush fdatasync, backpressure), and CPU seconds of the
-  test RGW's own daemons, which on this machine share the cores and the disk with cdp
-  (a real S3 store would not). Measured 2026-12-07, 2 cores at load 5-9: the loop's
-  CPU is the same on and off (0.31-0.35 s per 128 MiB of 4 KiB writes), the upload
-  threads add ~0.17 s of process CPU (py-spy ``--gil``: ~0.18 s holding the GIL per
-  run), the RGW daemons 0.27-0.66 s, and the journal's flushes wait 0.23 -> 0.51 s
-  (the OSD writes the uploads to the same disk): the tier competes for cores and disk,
-  not for the loop.
+  Goal >= 0.9. Three arms alternate (``ARMS``): off, on (upload threads at nice
+  ``+UPLOAD_NICE``, as cdpd runs them) and on-nice0 (at cdpd's own priority), each
+  started once the upload threads are idle. The note says where the time went, per arm
+  (medians): CPU seconds of the event-loop thread (``time.thread_time``: if the tier
+  competed for the loop this would grow), of the whole process (plus the upload
+  threads), wall seconds and those spent awaiting the journal (flush fdatasync,
+  backpressure), and CPU seconds of the test RGW's own daemons. Measured 2026-12-07
+  on the shared rig (before ``--split-cores``), 2 cores at load 5-9: the loop's CPU is
+  the same on and off (0.31-0.35 s per 128 MiB of 4 KiB writes), the upload threads
+  add ~0.17 s of process CPU (py-spy ``--gil``: ~0.18 s holding the GIL per run: the
+  bodies' BytesIO reads, since fixed in ``cdp.tier.s3``), the RGW daemons 0.27-0.66 s,
+  and the journal's flushes wait 0.23 -> 0.51 s (the OSD writes the uploads to the
+  same disk): the tier competes for cores and disk, not for the loop.
 - ``tier-recover``: MiB/s of ``recover_store`` (ranged 8 MiB GETs + sha256 + install)
   vs plain boto3 ``download_file`` of the same objects to files. Goal >= 0.7.
 - ``tier-read-4KiB``: p50 ms of 4 KiB random reads (``Volume.read_async``) of a point
@@ -36,16 +51,20 @@ import os
 import random
 import shutil
 import statistics
+import sys
 import tempfile
+import threading
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager, suppress
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from cdp.config import JournalSettings, Settings, TierSettings
 from cdp.tier.recover import recover_store
-from cdp.tier.service import TierService
+from cdp.tier.service import _UPLOADER, UPLOAD_NICE, UPLOAD_THREADS, TierService
 from cdp.volume import Volume
 from tools import ceph_s3
 from tools.bench.s3_bench import (
@@ -89,21 +108,97 @@ class Ingest:
     rgw_cpu: float | None = None
 
 
+def rgw_pids() -> list[int]:
+    """Pids of the test RGW's daemons (mon, osd, rgw) that this checkout's
+    ``tools/ceph-s3`` started (its pid files, start times checked); [] when none run."""
+    cl = ceph_s3.Cluster(ceph_s3.state_dir())
+    return [p for d in ceph_s3.DAEMONS if (p := cl.pid(d)) is not None]
+
+
 def _rgw_cpu() -> float | None:
-    """CPU seconds used so far by the daemons of ``tools/ceph-s3``'s state directory
-    (their pid files), None when there are none: on this machine they share the cores
-    with cdp, where a real S3 store would not."""
-    run_dir = ceph_s3.state_dir() / "run"
+    """CPU seconds used so far by the daemons of ``tools/ceph-s3``'s state directory,
+    None when there are none: on this machine they share the cores with cdp (unless
+    split), where a real S3 store would not."""
+    pids = rgw_pids()
     ticks = 0
-    pids = sorted(run_dir.glob("*.pid")) if run_dir.is_dir() else []
-    for p in pids:
-        try:
-            f = ceph_s3._stat_fields(int(p.read_text().split()[0]))
-        except (ValueError, IndexError, OSError):
-            f = None
+    for pid in pids:
+        f = ceph_s3._stat_fields(pid)
         if f is not None:
             ticks += int(f[11]) + int(f[12])  # utime, stime
     return ticks / os.sysconf("SC_CLK_TCK") if pids else None
+
+
+# -- the rig: "the object store is another machine" -----------------------------------------
+
+
+@dataclass(frozen=True)
+class Split:
+    """Cores of the bench process (cdp: its loop, upload and flush threads; the plain
+    boto3 peer too) and of the test RGW's daemons during a row: disjoint, so neither
+    side runs on the other's cores, as with a store on another machine. (The disk, the
+    kernel's writeback and loopback TCP stay shared.)"""
+
+    cdp: tuple[int, ...]
+    rgw: tuple[int, ...]
+
+    def note(self) -> str:
+        return f"cores split: cdp {_cpus(self.cdp)}, RGW daemons {_cpus(self.rgw)}"
+
+
+def _cpus(cores: tuple[int, ...]) -> str:
+    return "{" + ",".join(map(str, cores)) + "}"
+
+
+def split_cores(cores: set[int] | None = None) -> Split | None:
+    """The first half of the cores this process may use (rounded up) for cdp, the rest
+    for the RGW; None with fewer than two."""
+    have = sorted(os.sched_getaffinity(0) if cores is None else cores)
+    if len(have) < 2:
+        return None
+    half = (len(have) + 1) // 2
+    return Split(tuple(have[:half]), tuple(have[half:]))
+
+
+def _tasks(pid: int) -> list[int]:
+    """Thread ids of ``pid`` (``/proc/PID/task``); [] when it is gone."""
+    try:
+        return [int(t) for t in os.listdir(f"/proc/{pid}/task")]
+    except (FileNotFoundError, ProcessLookupError):
+        return []
+
+
+@contextmanager
+def pinned(split: Split | None, daemons: list[int]) -> Iterator[str]:
+    """Within the block, every thread of this process on ``split.cdp`` and every thread
+    of the ``daemons`` on ``split.rgw`` (threads started meanwhile inherit it); each
+    thread's former affinity restored afterwards (threads started meanwhile get their
+    process's). Yields the note that says which cores each side had. ``split`` None:
+    nothing pinned (today's rig: both sides share every core)."""
+    if split is None:
+        yield "cores shared (not split)"
+        return
+    me = os.getpid()
+    sides = [(me, set(split.cdp))] + [(pid, set(split.rgw)) for pid in daemons]
+    base: dict[int, set[int]] = {}
+    for pid, _ in sides:
+        with suppress(ProcessLookupError):
+            base[pid] = os.sched_getaffinity(pid)
+    sides = [(pid, cpus) for pid, cpus in sides if pid in base]
+    saved: dict[int, set[int]] = {}
+    try:
+        for pid, cpus in sides:
+            for tid in _tasks(pid):
+                try:
+                    saved[tid] = os.sched_getaffinity(tid)
+                    os.sched_setaffinity(tid, cpus)
+                except ProcessLookupError:  # the thread ended meanwhile
+                    pass
+        yield split.note() if daemons else f"{split.note()} (no RGW daemons of ours found: not pinned)"
+    finally:
+        for pid, _ in sides:
+            for tid in _tasks(pid):
+                with suppress(ProcessLookupError):
+                    os.sched_setaffinity(tid, saved.get(tid, base[pid]))
 
 
 async def _ingest(vol: Volume, total: int, size: int, seed: int) -> Ingest:
@@ -178,10 +273,225 @@ async def _tiered_reads(tmp: Path, url: str, s3: Any, n: int) -> tuple[list[floa
 
 
 ROWS = ("upload", "read", "ingest", "recover")
+#: timed ingest runs per arm (alternating on/off)
+ROUNDS = 3
 
 
-def run(quick: bool = False, only: tuple[str, ...] = ROWS) -> list[dict[str, Any]]:
-    """The rows named in ``only`` (``recover`` needs ``upload``)."""
+@dataclass(frozen=True)
+class Rig:
+    """How rows run: ``splits`` the core layouts measured (the first is the main one;
+    a second, with ``--compare-split``, adds rows suffixed by :func:`_suffix`), and the
+    pids of the RGW daemons to pin."""
+
+    splits: tuple[Split | None, ...]
+    daemons: tuple[int, ...]
+
+    def pinned(self, split: Split | None) -> AbstractContextManager[str]:
+        return pinned(split, list(self.daemons))
+
+    def suffix(self, split: Split | None) -> str:
+        """"" for the main layout, else which one this row had."""
+        if split == self.splits[0]:
+            return ""
+        return " [split cores]" if split is not None else " [shared cores]"
+
+
+#: ingest arms: [tier] off; on (the upload threads niced, as cdpd runs them); on with the
+#: upload threads at cdpd's own priority (what ``UPLOAD_NICE`` buys)
+ARMS = ("off", "on", "on-nice0")
+
+
+def _upload_threads_nice(niced: bool) -> None:
+    """Set the nice of the tier's upload threads (``cdp-tier-up*``, made first if need
+    be): this process's own + ``UPLOAD_NICE`` (as cdpd runs them), or its own. The part
+    threads of a multipart upload inherit it from the upload thread that starts them.
+    Returns once every upload thread is idle: an upload a stopped tier (the run before)
+    left in flight finishes first, so it does not run into the next arm's timed run."""
+    ready = threading.Barrier(UPLOAD_THREADS + 1)
+    for _ in range(UPLOAD_THREADS):  # every upload thread exists once all wait at once
+        _UPLOADER.submit(ready.wait, 120.0)
+    try:
+        ready.wait(120.0)
+    except threading.BrokenBarrierError:
+        print("tier_bench: an upload thread stayed busy for 120 s", file=sys.stderr)
+    base = os.getpriority(os.PRIO_PROCESS, os.getpid())
+    for t in threading.enumerate():
+        if t.name.startswith("cdp-tier-up") and t.native_id is not None:
+            try:
+                os.setpriority(os.PRIO_PROCESS, t.native_id,
+                               min(19, base + UPLOAD_NICE) if niced else base)
+            except PermissionError:  # lowering nice needs CAP_SYS_NICE
+                if not _unniced_failed:
+                    print("tier_bench: cannot lower the upload threads' nice (needs "
+                          "CAP_SYS_NICE): the on-nice0 figures are not measured", file=sys.stderr)
+                _unniced_failed.append(True)
+
+
+#: set when the upload threads could not be put back to this process's own priority
+_unniced_failed: list[bool] = []
+
+
+def _nice0_note(rate: float, ref: float) -> str:
+    """The rate of an arm with the upload threads at cdpd's own priority, for a note."""
+    if _unniced_failed:
+        return "not measured: lowering nice needs CAP_SYS_NICE"
+    return f"{rate:.1f} MiB/s, ratio {rate / ref:.3f}"
+
+
+def _upload_rows(rig: Rig, tmp: Path, url: str, s3: Any, c: Any, bucket: str,
+                 up_total: int) -> tuple[list[dict[str, Any]], str, list[str], int]:
+    """The ``tier-upload`` row per layout; and the URL, keys and size of one upload (what
+    the recovery row reads back)."""
+
+    # one batch of incompressible 64 MiB segments, alternating with plain boto3 uploading
+    # a file of the same size (both after os.sync(), so neither competes with the
+    # writeback of what was just written), each layout in turn per round
+    async def upload(d: Path, vol_url: str, split: Split | None) -> tuple[float, int, list[str]]:
+        s = _settings(d, vol_url, 64 * MiB)
+        vol = Volume.create(d / "store" / "volumes" / "vol0", "vol0", SIZE, s)
+        svc = TierService(vol, s.tier, s3=s3, autostart=False)
+        vol.attach(svc)
+        for i in range(up_total // MiB + 64):  # + one segment to roll the last
+            r = vol.write((i * MiB) % SIZE, os.urandom(MiB))
+            if r is not None:
+                await r
+        await vol.flush()
+        vol.journal.sync()
+        await asyncio.to_thread(os.sync)
+        with rig.pinned(split):
+            t0 = time.perf_counter()
+            await svc.upload_now()
+            dt = time.perf_counter() - t0
+        assert svc.manifest is not None
+        nbytes = sum(o.size for o in svc.manifest.segments)
+        keys = [o.key for o in svc.manifest.segments]
+        vol.close()
+        return nbytes / MiB / dt, nbytes, keys
+
+    ups: dict[tuple[Split | None, bool], list[float]] = {
+        (sp, niced): [] for sp in rig.splits for niced in (True, False)}
+    peers: dict[Split | None, list[float]] = {sp: [] for sp in rig.splits}
+    notes: dict[Split | None, str] = {}
+    rec_url, nbytes = "", 0
+    keys: list[str] = []
+    with tempfile.NamedTemporaryFile(prefix="cdp-tier-bench-", dir=tmp) as f:
+        f.write(os.urandom(64 * MiB))
+        f.flush()
+        for rnd in range(2):
+            for j, split in enumerate(rig.splits):
+                for niced in (True, False):  # as cdpd runs them, and at its own priority
+                    name = f"up{rnd}-{j}-{int(niced)}"
+                    _upload_threads_nice(niced)
+                    try:
+                        mine, nbytes, keys = asyncio.run(upload(tmp / name, f"{url}-{name}", split))
+                    finally:
+                        _upload_threads_nice(True)
+                    rec_url = f"{url}-{name}"
+                    shutil.rmtree(tmp / name, ignore_errors=True)
+                    ups[(split, niced)].append(mine)
+                os.sync()
+                with rig.pinned(split) as notes[split]:
+                    peers[split].append(multipart_rate(c, bucket, Path(f.name),
+                                                       max(1, nbytes // (64 * MiB))))
+    rows = []
+    for sp in rig.splits:
+        peer = statistics.mean(peers[sp])
+        nice0 = statistics.mean(ups[(sp, False)])
+        rows.append(_row(
+            f"tier-upload{rig.suffix(sp)}", statistics.mean(ups[(sp, True)]), peer, "MiB/s",
+            f"{nbytes // MiB} MiB of 64 MiB segments, 2 alternating rounds; cdp: TierService "
+            "batch (sha256 one segment ahead + multipart 8 MiB x8 + state + manifest), upload "
+            f"threads at nice +{UPLOAD_NICE} as in cdpd (at cdpd's own priority: "
+            f"{_nice0_note(nice0, peer)}); peer: upload_file; {notes[sp]}; "
+            f"load {os.getloadavg()[0]:.1f}"))
+    return rows, rec_url, keys, nbytes
+
+
+def _ingest_rows(rig: Rig, tmp: Path, url: str, s3: Any, ingest_total: int,
+                 rounds: int) -> list[dict[str, Any]]:
+    """``tier-ingest-4KiB`` / ``-1MiB`` per layout: ``rounds`` runs of each arm
+    (:data:`ARMS`, alternating; layouts in turn within a round), the medians."""
+    rows = []
+    for size, name in ((4096, "4KiB"), (MiB, "1MiB")):
+        total = ingest_total // (2 if size == 4096 else 1)
+        runs: dict[tuple[Split | None, str], list[Ingest]] = {
+            (sp, a): [] for sp in rig.splits for a in ARMS}
+        sent: dict[Split | None, list[int]] = {sp: [] for sp in rig.splits}
+        notes: dict[Split | None, str] = {}
+        for rnd in range(rounds):
+            for split in rig.splits:
+                for a in ARMS:
+                    d = tmp / f"in-{name}-{rnd}-{rig.splits.index(split)}-{a}"
+                    on = a != "off"
+
+                    async def ingest(d: Path = d, on: bool = on, rnd: int = rnd,
+                                     total: int = total, size: int = size,
+                                     sent: list[int] = sent[split]) -> Ingest:
+                        # a backlog of sealed segments first (not timed), so the tier
+                        # uploads during the whole timed run
+                        s = _settings(d, f"{url}-ingest-{d.name}", 8 * MiB)
+                        vol = Volume.create(d / "store" / "volumes" / "vol0", "vol0", SIZE, s)
+                        for i in range(BACKLOG // MiB):
+                            r = vol.write(SIZE - (i + 1) * MiB, os.urandom(MiB))
+                            if r is not None:
+                                await r
+                        await vol.flush()
+                        vol.journal.sync()
+                        svc = None
+                        if on:
+                            svc = TierService(vol, s.tier, s3=s3, autostart=False)
+                            vol.attach(svc)
+                            svc.start()
+                        got = await _ingest(vol, total, size, rnd)
+                        if svc is not None:
+                            sent.append(svc.sent_bytes)
+                        vol.close()
+                        return got
+
+                    os.sync()
+                    _upload_threads_nice(a != "on-nice0")
+                    try:
+                        with rig.pinned(split) as notes[split]:
+                            runs[(split, a)].append(asyncio.run(ingest()))
+                    finally:
+                        _upload_threads_nice(True)
+                    shutil.rmtree(d, ignore_errors=True)
+
+        for split in rig.splits:
+            arm = {a: runs[(split, a)] for a in ARMS}
+
+            def med(a: str, what: str, arm: dict[str, list[Ingest]] = arm) -> float:
+                return float(statistics.median(getattr(r, what) for r in arm[a]))
+
+            def rgw_cpu(a: str, arm: dict[str, list[Ingest]] = arm) -> str:
+                got = [r.rgw_cpu for r in arm[a] if r.rgw_cpu is not None]
+                return f"{statistics.median(got):.2f}" if got else "?"
+
+            def trio(what: str, med: Any = med) -> str:
+                return "/".join(f"{med(a, what):.2f}" for a in ARMS)
+
+            sn = sent[split]
+            nice0 = med("on-nice0", "rate")
+            rows.append(_row(
+                f"tier-ingest-{name}{rig.suffix(split)}", med("on", "rate"), med("off", "rate"), "MiB/s",
+                f"{total // MiB} MiB of {name} writes, volume level, {rounds} alternating "
+                f"rounds, medians; a {BACKLOG // MiB} MiB backlog first, the tier sent "
+                f"{min(sn) // MiB}-{max(sn) // MiB} MiB during each timed run; peer: [tier] off; "
+                f"{notes[split]}. Upload threads at cdpd's own priority instead of nice "
+                f"+{UPLOAD_NICE}: {_nice0_note(nice0, med('off', 'rate'))}. "
+                f"Off/on/on-nice0: loop thread CPU s {trio('loop_cpu')}, process CPU s "
+                f"{trio('cpu')}, wall s {trio('seconds')}, of which awaiting the journal "
+                f"{trio('waits')}, RGW daemons' CPU s "
+                f"{'/'.join(rgw_cpu(a) for a in ARMS)}; load {os.getloadavg()[0]:.1f}"))
+    return rows
+
+
+def run(quick: bool = False, only: tuple[str, ...] = ROWS, split: bool | None = None,
+        compare: bool = False, rounds: int = ROUNDS) -> list[dict[str, Any]]:
+    """The rows named in ``only`` (``recover`` needs ``upload``). ``split``: pin this
+    process and the RGW's daemons to disjoint cores (:class:`Split`; None: when the
+    machine has two or more); ``compare``: measure the upload and ingest rows under the
+    other layout too (extra rows, alternating with the main ones)."""
     up_total = (64 if quick else 256) * MiB
     ingest_total = (64 if quick else 256) * MiB
     rows: list[dict[str, Any]] = []
@@ -189,6 +499,17 @@ def run(quick: bool = False, only: tuple[str, ...] = ROWS) -> list[dict[str, Any
     with rgw() as target:
         os.environ["AWS_ACCESS_KEY_ID"] = target["access_key"]
         os.environ["AWS_SECRET_ACCESS_KEY"] = target["secret_key"]
+        info = ceph_s3.load_info()
+        ours = info is not None and str(info["endpoint"]) == target["endpoint"]
+        daemons = tuple(rgw_pids()) if ours else ()
+        main_split = split_cores() if split is not False else None
+        if main_split is not None and not daemons:
+            print("tier_bench: the RGW at this endpoint was not started by this checkout's "
+                  "tools/ceph-s3: its daemons cannot be pinned, cores not split", file=sys.stderr)
+            main_split = None
+        other = None if main_split is not None else (split_cores() if daemons else None)
+        splits = (main_split, other) if compare and other != main_split else (main_split,)
+        rig = Rig(splits, daemons)
         c = plain_client(target)
         s3 = cdp_client(target)
         bucket = f"cdp-tier-bench-{uuid.uuid4().hex[:8]}"
@@ -198,141 +519,49 @@ def run(quick: bool = False, only: tuple[str, ...] = ROWS) -> list[dict[str, Any
             url = f"s3://{bucket}/b"
 
             if "upload" in only:
-                # -- upload: one batch of incompressible 64 MiB segments, alternating with
-                # plain boto3 uploading a file of the same size (both after os.sync(), so
-                # neither competes with the writeback of what was just written)
-                async def upload(rnd: int) -> tuple[float, int, list[str]]:
-                    d = tmp / f"up{rnd}"
-                    s = _settings(d, f"{url}-up{rnd}", 64 * MiB)
-                    vol = Volume.create(d / "store" / "volumes" / "vol0", "vol0", SIZE, s)
-                    svc = TierService(vol, s.tier, s3=s3, autostart=False)
-                    vol.attach(svc)
-                    for i in range(up_total // MiB + 64):  # + one segment to roll the last
-                        r = vol.write((i * MiB) % SIZE, os.urandom(MiB))
-                        if r is not None:
-                            await r
-                    await vol.flush()
-                    vol.journal.sync()
-                    await asyncio.to_thread(os.sync)
-                    t0 = time.perf_counter()
-                    await svc.upload_now()
-                    dt = time.perf_counter() - t0
-                    assert svc.manifest is not None
-                    nbytes = sum(o.size for o in svc.manifest.segments)
-                    keys = [o.key for o in svc.manifest.segments]
-                    vol.close()
-                    return nbytes / MiB / dt, nbytes, keys
-
-                ups: list[float] = []
-                peers: list[float] = []
-                with tempfile.NamedTemporaryFile(prefix="cdp-tier-bench-", dir=tmp) as f:
-                    f.write(os.urandom(64 * MiB))
-                    f.flush()
-                    for rnd in range(2):
-                        mine, nbytes, keys = asyncio.run(upload(rnd))
-                        ups.append(mine)
-                        os.sync()
-                        peers.append(multipart_rate(c, bucket, Path(f.name), max(1, nbytes // (64 * MiB))))
-                rows.append(_row("tier-upload", sum(ups) / 2, sum(peers) / 2, "MiB/s",
-                                 f"{nbytes // MiB} MiB of 64 MiB segments, 2 alternating rounds; "
-                                 "cdp: TierService batch (sha256 + multipart 8 MiB x8 + state + "
-                                 "manifest); peer: upload_file"))
-                rec_url = f"{url}-up1"  # what the recovery row reads back
+                got, rec_url, keys, nbytes = _upload_rows(rig, tmp, url, s3, c, bucket, up_total)
+                rows += got
 
             if "read" in only:
                 # -- 4 KiB random reads of a tiered, uncached point vs plain ranged GETs
                 n = 100 if quick else 400
-                lat, rkeys = asyncio.run(_tiered_reads(tmp / "rd", f"{url}-reads", s3, n))
-                sizes = {k: c.head_object(Bucket=bucket, Key=k)["ContentLength"] for k in rkeys}
-                rng = random.Random(5)
-                plain = []
-                for _ in range(n):
-                    k = rng.choice(rkeys)
-                    off = rng.randrange(max(1, sizes[k] // 4096 - 1)) * 4096
-                    t0 = time.perf_counter()
-                    c.get_object(Bucket=bucket, Key=k, Range=f"bytes={off}-{off + 4095}")["Body"].read()
-                    plain.append(time.perf_counter() - t0)
+                with rig.pinned(main_split) as note:
+                    lat, rkeys = asyncio.run(_tiered_reads(tmp / "rd", f"{url}-reads", s3, n))
+                    sizes = {k: c.head_object(Bucket=bucket, Key=k)["ContentLength"] for k in rkeys}
+                    rng = random.Random(5)
+                    plain = []
+                    for _ in range(n):
+                        k = rng.choice(rkeys)
+                        off = rng.randrange(max(1, sizes[k] // 4096 - 1)) * 4096
+                        t0 = time.perf_counter()
+                        c.get_object(Bucket=bucket, Key=k, Range=f"bytes={off}-{off + 4095}")["Body"].read()
+                        plain.append(time.perf_counter() - t0)
                 mine_ms, peer_ms = percentiles_ms(lat), percentiles_ms(plain)
                 rows.append(_row("tier-read-4KiB", mine_ms["p50"], peer_ms["p50"], "ms p50",
                                  f"{n} reads; cdp p95 {mine_ms['p95']:.2f} ms, peer p95 "
                                  f"{peer_ms['p95']:.2f} ms; cdp: read_async of a dropped, uncached "
-                                 "point (fetch + cache + read); peer: get_object Range 4 KiB. "
+                                 f"point (fetch + cache + read); peer: get_object Range 4 KiB; {note}. "
                                  "Goal: ratio <= 2"))
 
             if "ingest" in only:
-                # -- ingest with the tier uploading behind it vs off: alternating rounds, the
-                # median of each; the note says how much the tier sent during the "on" runs
-                for size, name in ((4096, "4KiB"), (MiB, "1MiB")):
-                    total = ingest_total // (2 if size == 4096 else 1)
-                    runs: dict[bool, list[Ingest]] = {True: [], False: []}
-                    sent: list[int] = []
-                    for rnd in range(3):
-                        for on in (False, True):
-                            d = tmp / f"in-{name}-{rnd}-{on}"
-
-                            async def ingest(d: Path = d, on: bool = on, rnd: int = rnd, total: int = total,
-                                             size: int = size, sent: list[int] = sent) -> Ingest:
-                                # a backlog of sealed segments first (not timed), so the tier
-                                # uploads during the whole timed run
-                                s = _settings(d, f"{url}-ingest-{d.name}", 8 * MiB)
-                                vol = Volume.create(d / "store" / "volumes" / "vol0", "vol0", SIZE, s)
-                                for i in range(BACKLOG // MiB):
-                                    r = vol.write(SIZE - (i + 1) * MiB, os.urandom(MiB))
-                                    if r is not None:
-                                        await r
-                                await vol.flush()
-                                vol.journal.sync()
-                                svc = None
-                                if on:
-                                    svc = TierService(vol, s.tier, s3=s3, autostart=False)
-                                    vol.attach(svc)
-                                    svc.start()
-                                got = await _ingest(vol, total, size, rnd)
-                                if svc is not None:
-                                    sent.append(svc.sent_bytes)
-                                vol.close()
-                                return got
-
-                            os.sync()
-                            runs[on].append(asyncio.run(ingest()))
-                            shutil.rmtree(d, ignore_errors=True)
-
-                    def med(on: bool, what: str, runs: dict[bool, list[Ingest]] = runs) -> float:
-                        return float(statistics.median(getattr(r, what) for r in runs[on]))
-
-                    def rgw_cpu(on: bool, runs: dict[bool, list[Ingest]] = runs) -> str:
-                        got = [r.rgw_cpu for r in runs[on] if r.rgw_cpu is not None]
-                        return f"{statistics.median(got):.2f}" if got else "?"
-
-                    rows.append(_row(f"tier-ingest-{name}", med(True, "rate"), med(False, "rate"),
-                                     "MiB/s",
-                                     f"{total // MiB} MiB of {name} writes, volume level, 3 alternating "
-                                     f"rounds, medians; a {BACKLOG // MiB} MiB backlog first, the "
-                                     f"tier sent {min(sent) // MiB}-{max(sent) // MiB} MiB during "
-                                     "each timed run; peer: [tier] off. Loop thread CPU s "
-                                     f"on/off {med(True, 'loop_cpu'):.2f}/{med(False, 'loop_cpu'):.2f}, "
-                                     f"process CPU s {med(True, 'cpu'):.2f}/{med(False, 'cpu'):.2f}, "
-                                     f"wall s {med(True, 'seconds'):.2f}/{med(False, 'seconds'):.2f}, "
-                                     f"of which awaiting the journal {med(True, 'waits'):.2f}/"
-                                     f"{med(False, 'waits'):.2f}, RGW daemons' CPU s "
-                                     f"{rgw_cpu(True)}/{rgw_cpu(False)}; "
-                                     f"load {os.getloadavg()[0]:.1f}"))
+                rows += _ingest_rows(rig, tmp, url, s3, ingest_total, rounds)
 
             if "recover" in only and "upload" in only:
                 # -- recovery vs plain download of the same objects
-                t0 = time.perf_counter()
-                rep = recover_store(s3, rec_url, tmp / "rec")
-                mine = rep.bytes / MiB / (time.perf_counter() - t0)
-                dl = tmp / "plain"
-                dl.mkdir()
-                t0 = time.perf_counter()
-                for i, k in enumerate(keys):  # what "download the bucket" is with plain boto3
-                    c.download_file(bucket, k, str(dl / str(i)))
-                peer = nbytes / MiB / (time.perf_counter() - t0)
+                with rig.pinned(main_split) as note:
+                    t0 = time.perf_counter()
+                    rep = recover_store(s3, rec_url, tmp / "rec")
+                    mine = rep.bytes / MiB / (time.perf_counter() - t0)
+                    dl = tmp / "plain"
+                    dl.mkdir()
+                    t0 = time.perf_counter()
+                    for i, k in enumerate(keys):  # what "download the bucket" is with plain boto3
+                        c.download_file(bucket, k, str(dl / str(i)))
+                    peer = nbytes / MiB / (time.perf_counter() - t0)
                 rows.append(_row("tier-recover", mine, peer, "MiB/s",
                                  f"{rep.bytes // MiB} MiB; cdp: recover_store (4 segments at once, "
                                  "8 MiB ranged GETs, sha256, fsync); peer: boto3 download_file of each "
-                                 "segment (s3transfer, 10 threads)"))
+                                 f"segment (s3transfer, 10 threads); {note}"))
         finally:
             keys_left = [o["Key"] for p in c.get_paginator("list_objects_v2").paginate(Bucket=bucket)
                          for o in p.get("Contents", [])]
@@ -348,8 +577,15 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--only", default=",".join(ROWS), help=f"rows to run (of {','.join(ROWS)})")
+    ap.add_argument("--split-cores", action=argparse.BooleanOptionalAction, default=None,
+                    help="pin this process and the RGW's daemons to disjoint cores "
+                         "(default: on with two cores or more)")
+    ap.add_argument("--compare-split", action="store_true",
+                    help="also measure the upload and ingest rows under the other layout "
+                         "(split / shared), alternating with the main one")
+    ap.add_argument("--rounds", type=int, default=ROUNDS, help="timed ingest runs per arm")
     a = ap.parse_args(argv)
-    for r in run(a.quick, tuple(a.only.split(","))):
+    for r in run(a.quick, tuple(a.only.split(",")), a.split_cores, a.compare_split, a.rounds):
         print(json.dumps(r))
     return 0
 
