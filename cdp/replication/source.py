@@ -587,7 +587,7 @@ class ReplicationSource(VolumeService):
                     continue
                 n = sum(len(r) for r in batch)
                 conn.send_records(nxt, batch)
-                send(writer, conn.data_to_send())
+                send(writer, conn.buffers_to_send())
                 await writer.drain()
                 sizes[nxt + len(batch) - 1] = n
                 inflight += n
