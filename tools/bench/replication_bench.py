@@ -11,7 +11,10 @@ replicating vol0 to the target over loopback.
   apply rate is the bytes written over the time until the target acknowledged the
   last record (both clocks start with fio); ratio apply / ingest (goal >= 0.90).
 - **Ingest on vs off**: the same fio runs with replication stopped and running,
-  alternated; ratio on / off (goal >= 0.85).
+  alternated; ratio on / off (goal >= 0.85). Beside it the source cdpd's CPU (all
+  threads, user + system, from ``/proc/PID/stat``) per write in each arm, the "on" arm
+  counted until the target acknowledged the run: what shipping costs the source, less
+  sensitive to the machine's load than throughput (ratio off / on).
 - **Rate**: a backlog is shipped with ``--rate R``; the bytes the source sends per
   second (``cdp_replication_sent_bytes_total``) in a window in the middle, over R
   (goal: >= 0.90, and never above 1.05).
@@ -19,6 +22,10 @@ replicating vol0 to the target over loopback.
   at full speed for 60 s (10 s with ``--quick``), then started with ``--rate R``; the
   time to caught up against ``bytes behind / R`` (the link's own limit): ratio
   expected / measured (goal >= 0.90); also in seconds per GiB behind.
+- **Disk** (control row): 1 GiB written by ``dd conv=fdatasync`` beside the stores, in
+  MB/s: the most a store can make durable per second (with replication on, the source
+  ships only durable records, so its fdatasyncs bound the apply rate, and the target
+  writes the same bytes again on the same disk here).
 - **Control rows, on tmpfs** (``--tmpfs``; marked ``tmpfs:``): the 1 MiB rows again with
   the target's store on /dev/shm, then with both stores there. They show the share of
   the disk: with replication on, every byte is fdatasync'ed on the source (it ships only
@@ -49,6 +56,7 @@ import random
 import re
 import socket
 import statistics
+import subprocess
 import tempfile
 import threading
 import time
@@ -189,7 +197,7 @@ def on_source_cores(rig: Rig) -> Iterator[None]:
 
 
 #: the row groups (``--rows``)
-ROWS = ("rpo", "apply", "onoff", "rate", "catchup")
+ROWS = ("disk", "rpo", "apply", "onoff", "rate", "catchup")
 _WORKLOADS = {"4k": ("randwrite", "4k", 32, "iops"), "1m": ("write", "1M", 8, "MBps")}
 
 
@@ -278,6 +286,18 @@ def _rpo(pair: _Pair, secs: float) -> list[dict[str, Any]]:
     return rows
 
 
+def _disk(scratch: Path, mib: int) -> dict[str, Any]:
+    """The disk the stores are on: ``mib`` MiB written by dd and fdatasync'ed, in MB/s
+    (what a store can make durable at most; both cdpd share it here)."""
+    path = scratch / "dd.bin"
+    t0 = time.monotonic()
+    subprocess.run(["dd", "if=/dev/zero", f"of={path}", "bs=1M", f"count={mib}",
+                    "conv=fdatasync", "status=none"], check=True)
+    mbps = mib * (1 << 20) / 1e6 / (time.monotonic() - t0)
+    path.unlink()
+    return _row("repl-disk-dd-fdatasync-1m", mbps, mbps, "dd conv=fdatasync", "MB/s", None)
+
+
 def _apply_vs_ingest(pair: _Pair, wl: str, fio_secs: float, label: str = "") -> dict[str, Any]:
     rw, bs, depth, unit = _WORKLOADS[wl]
     t0 = time.monotonic()
@@ -289,10 +309,24 @@ def _apply_vs_ingest(pair: _Pair, wl: str, fio_secs: float, label: str = "") -> 
                 "source ingest", unit, 0.90, ratio=ratio)
 
 
-def _on_vs_off(pair: _Pair, wl: str, fio_secs: float, pairs: int, label: str = "") -> dict[str, Any]:
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` so far (all its threads)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _on_vs_off(pair: _Pair, wl: str, fio_secs: float, pairs: int, label: str = ""
+               ) -> list[dict[str, Any]]:
+    """Source ingest with replication on / off, alternated; and the source cdpd's CPU
+    per write in each arm (on: until the target acknowledged the run's last write, so
+    the shipping of the run is in it)."""
     rw, bs, depth, unit = _WORKLOADS[wl]
     on: list[float] = []
     off: list[float] = []
+    cpu: dict[str, list[float]] = {"on": [], "off": []}
+    assert pair.src.proc is not None
+    pid = pair.src.proc.pid
     for i in range(pairs):
         for state in (("off", "on") if i % 2 == 0 else ("on", "off")):
             if state == "off":
@@ -300,14 +334,22 @@ def _on_vs_off(pair: _Pair, wl: str, fio_secs: float, pairs: int, label: str = "
             else:
                 pair.start()
                 _wait_caught_up(pair.src)
-            (on if state == "on" else off).append(
-                fio(pair.src.uri(), rw, bs, depth, 1, fio_secs, SIZE)[unit])
+            c0 = _cpu_seconds(pid)
+            res = fio(pair.src.uri(), rw, bs, depth, 1, fio_secs, SIZE)
+            if state == "on":
+                _wait_caught_up(pair.src)
+            cpu[state].append((_cpu_seconds(pid) - c0) / max(1.0, res["ios"]) * 1e6)
+            (on if state == "on" else off).append(res[unit])
         pair.start()
         _wait_caught_up(pair.src)
     ratios = [a / b for a, b in zip(on, off, strict=True)]
-    return _row(f"{label}repl-ingest-on-vs-off-{wl}", statistics.median(on),
-                statistics.median(off), "replication off", unit, 0.85,
-                ratio=statistics.median(ratios))
+    c_on, c_off = statistics.median(cpu["on"]), statistics.median(cpu["off"])
+    return [_row(f"{label}repl-ingest-on-vs-off-{wl}", statistics.median(on),
+                 statistics.median(off), "replication off", unit, 0.85,
+                 ratio=statistics.median(ratios)),
+            _row(f"{label}repl-source-cpu-per-write-{wl}", c_on, c_off,
+                 "replication off (ratio off/on)", "us", None,
+                 ratio=c_off / c_on if c_on else 0.0)]
 
 
 def _rate_use(pair: _Pair, rate: int, secs: float) -> dict[str, Any]:
@@ -370,6 +412,8 @@ def _run(quick: bool, scratch: Path | None, tmpfs: bool, rig: Rig, want: frozens
         base = Path(tmp)
         for d in ("s", "t"):
             (base / d).mkdir()
+        if "disk" in want:
+            rows.append(_disk(base, 256 if quick else 1024))
         with _Pair(base / "s", base / "t", rig) as pair:
             src = pair.src
             _wait_caught_up(src)
@@ -381,7 +425,7 @@ def _run(quick: bool, scratch: Path | None, tmpfs: bool, rig: Rig, want: frozens
                     rows.append(_apply_vs_ingest(pair, wl, fio_secs))
             if "onoff" in want:  # source ingest with replication on vs off, alternated
                 for wl in _WORKLOADS:
-                    rows.append(_on_vs_off(pair, wl, fio_secs, pairs))
+                    rows += _on_vs_off(pair, wl, fio_secs, pairs)
             if "rate" in want:
                 rows.append(_rate_use(pair, link, 4.0 if quick else 10.0))
             if "catchup" in want:
@@ -396,7 +440,7 @@ def _run(quick: bool, scratch: Path | None, tmpfs: bool, rig: Rig, want: frozens
                 with _Pair(dirs["s"], dirs["t"], rig) as pair:
                     _wait_caught_up(pair.src)
                     rows.append(_apply_vs_ingest(pair, "1m", fio_secs, label))
-                    rows.append(_on_vs_off(pair, "1m", fio_secs, pairs, label))
+                    rows += _on_vs_off(pair, "1m", fio_secs, pairs, label)
     return rows
 
 
