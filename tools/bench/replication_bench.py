@@ -462,6 +462,7 @@ def main(argv: list[str] | None = None) -> int:
                     help=f"comma-separated rows to run (default: all of {','.join(ROWS)})")
     ap.add_argument("--fio-secs", type=float, help="seconds per fio run (default 10, quick 2)")
     ap.add_argument("--pairs", type=int, help="on/off pairs per ingest row (default 2, quick 1)")
+    ap.add_argument("--markdown", action="store_true", help="also print the rows as a markdown table")
     args = ap.parse_args(argv)
     want = frozenset(r.strip() for r in args.rows.split(",") if r.strip())
     if not want <= set(ROWS):
@@ -477,6 +478,12 @@ def main(argv: list[str] | None = None) -> int:
         rows += got
     print(f"# load average {os.getloadavg()[0]:.1f} {os.getloadavg()[1]:.1f}", flush=True)
     print_table(rows)
+    if args.markdown:
+        print("\n| row | value | against | unit | ratio | goal |\n|---|---|---|---|---|---|")
+        for r in rows:
+            goal = "-" if r["goal"] is None else f"{r['goal']:.2f}"
+            print(f"| {r['workload']} | {r['cdp']} | {r['peer']} ({r['peer_name']}) | "
+                  f"{r['unit']} | {r['ratio']:.2f} | {goal} |")
     return 0
 
 
