@@ -8,7 +8,8 @@ import asyncio
 import random
 from pathlib import Path
 
-from cdp.journal import Journal
+from cdp.journal import Journal, NotLocal
+from cdp.journal.tiered import Range, fetch_missed, prefetch_limit, readahead
 from cdp.replication.source import RecordReader
 from cdp.volume import Volume
 from tests.unit.test_volume_replica import SIZE, settings
@@ -69,5 +70,49 @@ def test_only_durable_records_and_a_reader_that_moves_elsewhere(tmp_path: Path) 
         await j.commit()
         assert r.read(5, 1 << 20, j.last_seq) == [j.read_stored(5)]
         vol.close()
+
+    asyncio.run(body())
+
+
+def test_reads_over_dropped_segments_fetch_what_they_miss(tmp_path: Path) -> None:
+    """Tiered history: a record of a dropped segment raises NotLocal (none before it in
+    the frame), the stream's fetch (``fetch_missed`` widened by ``readahead``) brings it
+    and those that follow, and the frames are the records as stored before the drop."""
+    async def body() -> None:
+        j = Journal.open(tmp_path, segment_bytes=4096)
+        rng = random.Random(9)
+        for i in range(40):
+            j.append_write(i * 4096, rng.randbytes(700) if i % 2 else bytes([i]) * 512)
+        await j.commit()
+        want = list(j.scan_stored(1))
+        copy: dict[int, bytes] = {}
+        for s in [s for s in j.segments() if s.sealed][:3]:
+            copy[s.first_seq] = (tmp_path / s.name).read_bytes()
+            j.drop_segment(s.first_seq)
+        fetched: list[Range] = []
+
+        async def remote(ranges: list[Range]) -> None:
+            fetched.extend(ranges)
+            for first, off, n in ranges:
+                j.cache_put(first, off, copy[first][off : off + n])
+
+        j.remote = remote
+        r = RecordReader(j)
+        got: list[bytes] = []
+        missed: list[Range] | None = None
+        seq = 1
+        while seq <= j.last_seq:
+            try:
+                frame = r.read(seq, 2000, j.last_seq)
+            except NotLocal as exc:
+                missed = await fetch_missed(j, exc, missed,
+                                            lambda rs: readahead(j, rs, prefetch_limit(j)))
+                continue
+            missed = None
+            got += frame
+            seq += len(frame)
+        assert got == want
+        assert fetched and {f for f, _o, _n in fetched} <= set(copy)
+        j.close()
 
     asyncio.run(body())
