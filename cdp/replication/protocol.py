@@ -30,8 +30,9 @@ Design notes
   framing of each (magic, seq in sequence, stored length) so a mis-sequenced stream is
   refused before the journal sees it; the journal checks CRCs when it appends them.
   Cost: one msgpack decode (one copy of the payload) per RECORDS frame. A RECORDS frame
-  is packed by :func:`encode_records_frame` (the same bytes as msgpack's packer, whose
-  buffer regrowth costs ~15 ms per 4 MiB frame against ~1 ms for one join).
+  is packed by :func:`encode_records_parts` (the same bytes as msgpack's packer, whose
+  buffer regrowth costs ~15 ms per 4 MiB frame against ~1 ms for one join), and the
+  source hands the pieces to a gathering write, so its records are not copied at all.
 """
 
 from __future__ import annotations
@@ -307,13 +308,21 @@ def encode_records_frame(first_seq: int, records: Sequence[bytes]) -> bytes:
     """The RECORDS frame of ``records``: byte for byte what :func:`encode_frame` makes
     (msgpack ``[7, first_seq, [bin, ...]]``, shortest headers), built by joining the
     records behind hand-packed ``bin`` headers. Cost: one copy of the records."""
+    return b"".join(encode_records_parts(first_seq, records))
+
+
+def encode_records_parts(first_seq: int, records: Sequence[bytes]) -> list[bytes]:
+    """:func:`encode_records_frame` as the pieces it joins (the records themselves among
+    them, not copied), for a gathering write (``writelines``): on uvloop over loopback,
+    0.27 ms of the sender's CPU per MiB of 1 MiB records against 0.50 ms for the joined
+    frame, and 0.36 against 0.52 for 4 KiB records. Cost: O(records)."""
     parts: list[bytes] = [b"", b"\x93", msgpack.packb(int(MsgType.RECORDS)),
                           msgpack.packb(first_seq), _array_header(len(records))]
     for r in records:
         parts.append(_bin_header(len(r)))
         parts.append(r)
     parts[0] = _LEN.pack(sum(map(len, parts)))
-    return b"".join(parts)
+    return parts
 
 
 def _array_header(n: int) -> bytes:
@@ -374,18 +383,29 @@ class _Connection:
         out, self._out = self._out, []
         return b"".join(out)
 
+    def buffers_to_send(self) -> list[bytes]:
+        """:meth:`data_to_send` as the pieces it would join, for a gathering write (a
+        RECORDS frame's records are among them, not copied)."""
+        out, self._out = self._out, []
+        return out
+
     def _send(self, kind: MsgType, *fields: object) -> None:
         """Queue our message ``kind`` after moving by its row (a caller command)."""
         self._send_frame(kind, lambda: encode_frame(kind, *fields))
 
-    def _send_frame(self, kind: MsgType, encode: Callable[[], bytes]) -> None:
-        """Queue the frame ``encode()`` of our message ``kind`` after moving by its row."""
+    def _send_frame(self, kind: MsgType, encode: Callable[[], bytes | list[bytes]]) -> None:
+        """Queue the frame ``encode()`` (its bytes, or the pieces they join) of our
+        message ``kind`` after moving by its row."""
         new = TRANSITIONS.get((self.state, Dir.OUT, kind))
         if new is None:
             if self.state is State.ERROR and self._error is not None:
                 raise self._error
             raise UsageError(f"replication: cannot send {kind.name} in state {self.state.name}")
-        self._out.append(encode())
+        frame = encode()
+        if isinstance(frame, list):
+            self._out += frame
+        else:
+            self._out.append(frame)
         self.state = new
 
     def _refuse_handshake(self, code: str, message: str) -> NoReturn:
@@ -654,12 +674,13 @@ class SourceConnection(_Connection):
         self._send(MsgType.OPEN, volume, lineage, size, epoch, source_last_seq)
 
     def send_records(self, first_seq: int, records: Sequence[bytes]) -> None:
-        """Queue stored records of seqs ``first_seq ..`` (must continue the stream).
-        Cost: one copy of the records (:func:`encode_records_frame`)."""
+        """Queue stored records of seqs ``first_seq ..`` (must continue the stream), as
+        the pieces of :func:`encode_records_parts` (no copy of the records; take them
+        with :meth:`buffers_to_send`, or joined with :meth:`data_to_send`). O(records)."""
         if first_seq != self.next_seq:
             raise UsageError(f"replication: records from seq {first_seq}, next is {self.next_seq}")
         check_records(first_seq, records, error=UsageError)
-        self._send_frame(MsgType.RECORDS, lambda: encode_records_frame(first_seq, records))
+        self._send_frame(MsgType.RECORDS, lambda: encode_records_parts(first_seq, records))
         self.next_seq = first_seq + len(records)
 
     def heartbeat(self, source_last_seq: int, now_ns: int) -> None:

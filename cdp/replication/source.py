@@ -30,8 +30,9 @@ Design notes
   last seq, the blocks ``changed()`` reports since the source's newest point at or
   before it, read from the volume at ``Q``, then record ``Q`` as stored. Streaming
   resumes after ``Q``. State ``catching-up`` with a ``reason`` meanwhile.
-- All catch-up reads of the journal are :func:`read_records` (one place to hook
-  another source of records); the fallback's are :meth:`Fallback.records`.
+- All catch-up reads of the journal are :class:`RecordReader`'s (one place to hook
+  another source of records; one ``read_stored`` per record, see its notes); the
+  fallback's are :meth:`Fallback.records`.
 - Connection loss: state ``disconnected``, retry after 1 s (doubling to 30 s). A
   REFUSED from the target (auth, epoch, lineage, diverged, ...): state ``refused``,
   no retry until restarted; except ``busy``, which is retried as a lost connection
@@ -110,26 +111,54 @@ def status_row(vol: Volume, target: str, as_name: str, state: str, acked_seq: in
             "reason": reason}
 
 
-def read_records(j: Journal, first: int, budget: int, last: int) -> list[bytes]:
-    """The stored records ``first ..`` (at most ``last``, every one durable) for one
-    RECORDS frame: at least one, then as many as fit in ``budget`` bytes. The one
-    place catch-up reads the journal. Cost: sequential reads of what it returns."""
-    last = min(last, j.durable_seq)
-    batch: list[bytes] = []
-    n = 0
-    gen = j.scan_stored(first)
-    try:
-        for raw in gen:
-            if batch and (n + len(raw) > budget or first + len(batch) > last):
+class RecordReader:
+    """Reads the stored records a stream ships, in seq order: the one place catch-up
+    and the live stream read the journal.
+
+    Design notes: one :meth:`Journal.read_stored` per record, not ``scan_stored``.
+    ``read_stored`` preads the record's own bytes through the journal's cached read fds;
+    ``scan_stored`` opens the segment at every call, preads 4 MiB windows from the first
+    record on (again from a record the window ends inside) and copies each record once
+    more out of the window. CPU per record, in one process: from a backlog 0.64 ms per
+    MiB of 1 MiB records against 1.47, 14.7 µs per 4 KiB record against 17.6; right
+    after their commit (a stream that keeps up) 1.03 ms against 1.22 and 18.9 µs against
+    19.4. The record read past a frame's budget (one must be read to know it does not
+    fit) is kept for the next frame, so each record is read and checked once. A kept record is as stored when read; a compaction meanwhile could only have
+    elided its payload, and the whole record is as valid to ship."""
+
+    def __init__(self, journal: Journal) -> None:
+        self.journal = journal
+        self._ahead: tuple[int, bytes] | None = None
+
+    def read(self, first: int, budget: int, last: int) -> list[bytes]:
+        """The stored records ``first ..`` (at most ``last``, every one durable) for one
+        RECORDS frame: at least one, then as many as fit in ``budget`` bytes; NotLocal
+        (tiered history the caller fetches) if the first is not here. Cost: one or two
+        preads and the CRC check of each record returned (the next one's when it did not
+        fit, kept for the next call)."""
+        j = self.journal
+        last = min(last, j.durable_seq)
+        ahead, self._ahead = self._ahead, None
+        batch: list[bytes] = []
+        n = 0
+        seq = first
+        while seq <= last:
+            if ahead is not None and ahead[0] == seq:
+                raw = ahead[1]
+            else:
+                try:
+                    raw = j.read_stored(seq)
+                except NotLocal:  # the caller fetches it, unless some came first
+                    if not batch:
+                        raise
+                    break
+            if batch and n + len(raw) > budget:
+                self._ahead = (seq, raw)
                 break
             batch.append(raw)
             n += len(raw)
-    except NotLocal:  # tiered history: the caller fetches it, unless some came first
-        if not batch:
-            raise
-    finally:
-        gen.close()
-    return batch
+            seq += 1
+        return batch
 
 
 def verbatim_end(vol: Volume, seq: int) -> int:
@@ -320,6 +349,8 @@ class ReplicationSource(VolumeService):
         self.reason: str | None = None
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        #: the stream's reader of the journal (a new one per session)
+        self._reader = RecordReader(vol.journal)
 
     @property
     def target(self) -> str:
@@ -424,6 +455,7 @@ class ReplicationSource(VolumeService):
             assert isinstance(ev, Opened)
             self._check_tip(ev)
             self.acked_seq = ev.applied_seq
+            self._reader = RecordReader(j)
             acks = asyncio.get_running_loop().create_task(self._read_acks(conn, reader))
             await self._stream(conn, writer, acks)
         finally:
@@ -555,7 +587,7 @@ class ReplicationSource(VolumeService):
                     continue
                 n = sum(len(r) for r in batch)
                 conn.send_records(nxt, batch)
-                send(writer, conn.data_to_send())
+                send(writer, conn.buffers_to_send())
                 await writer.drain()
                 sizes[nxt + len(batch) - 1] = n
                 inflight += n
@@ -601,5 +633,5 @@ class ReplicationSource(VolumeService):
                      "records as stored up to @%d", vol.name, self.target, nxt - 1,
                      self._no_room)
         if nxt <= self._no_room:
-            return read_records(vol.journal, nxt, self._budget, self._no_room)
-        return read_records(vol.journal, nxt, self._budget, verbatim_end(vol, nxt))
+            return self._reader.read(nxt, self._budget, self._no_room)
+        return self._reader.read(nxt, self._budget, verbatim_end(vol, nxt))

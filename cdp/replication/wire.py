@@ -5,11 +5,14 @@ from __future__ import annotations
 import asyncio
 
 
-def send(writer: asyncio.StreamWriter, data: bytes) -> None:
-    """Queue *data* on the stream; ConnectionResetError (an OSError, which both sides
-    treat as the end of the connection) once the connection is closed, where asyncio
-    would drop the bytes and uvloop raises RuntimeError (a crash of the task, which
-    then never reconnects)."""
+def send(writer: asyncio.StreamWriter, data: bytes | list[bytes]) -> None:
+    """Queue *data* (bytes, or pieces for a gathering write) on the stream;
+    ConnectionResetError (an OSError, which both sides treat as the end of the
+    connection) once the connection is closed, where asyncio would drop the bytes and
+    uvloop raises RuntimeError (a crash of the task, which then never reconnects)."""
     if writer.is_closing():
         raise ConnectionResetError("the connection is closed")
-    writer.write(data)
+    if isinstance(data, list):
+        writer.writelines(data)
+    else:
+        writer.write(data)

@@ -363,6 +363,19 @@ def test_records_frame_is_msgpacks_bytes() -> None:
                     MsgType.RECORDS, first, recs), (n, size, first)
 
 
+def test_records_go_out_as_pieces_of_the_same_bytes() -> None:
+    """``buffers_to_send`` hands a RECORDS frame's pieces to a gathering write: the
+    records themselves (not copies), joined the very bytes ``data_to_send`` gives."""
+    recs = [rec(1), rec(2, bytes(70_000)), rec(3, b"x")]
+    (a, _ta), (b, _tb) = opened(), opened()
+    a.send_records(1, recs)
+    b.send_records(1, recs)
+    pieces = a.buffers_to_send()
+    assert b"".join(pieces) == b.data_to_send() == encode_frame(MsgType.RECORDS, 1, recs)
+    assert all(any(p is r for p in pieces) for r in recs)
+    assert a.buffers_to_send() == []
+
+
 def test_open_epochs_need_version_3() -> None:
     """Version 3 carries OPEN's epoch table (chained failback); a version-2 pair
     streams and fails back without it; a malformed table is a protocol error."""

@@ -1,7 +1,7 @@
 """Replication (issue 20, docs/REPLICATION.md): two cdpd on this machine, the source
 replicating vol0 to the target over loopback.
 
-    python -m tools.bench.replication_bench [--quick]
+    python -m tools.bench.replication_bench [--quick] [--tmpfs] [--rig split|unsplit|both]
 
 - **RPO**: a paced NBD writer (cdp's own client) issues 2,000 random 4 KiB writes/s for
   a while; the source's ``cdp_replication_lag_seconds`` is sampled from its metrics page
@@ -11,7 +11,10 @@ replicating vol0 to the target over loopback.
   apply rate is the bytes written over the time until the target acknowledged the
   last record (both clocks start with fio); ratio apply / ingest (goal >= 0.90).
 - **Ingest on vs off**: the same fio runs with replication stopped and running,
-  alternated; ratio on / off (goal >= 0.85).
+  alternated; ratio on / off (goal >= 0.85). Beside it the source cdpd's CPU (all
+  threads, user + system, from ``/proc/PID/stat``) per write in each arm, the "on" arm
+  counted until the target acknowledged the run: what shipping costs the source, less
+  sensitive to the machine's load than throughput (ratio off / on).
 - **Rate**: a backlog is shipped with ``--rate R``; the bytes the source sends per
   second (``cdp_replication_sent_bytes_total``) in a window in the middle, over R
   (goal: >= 0.90, and never above 1.05).
@@ -19,10 +22,26 @@ replicating vol0 to the target over loopback.
   at full speed for 60 s (10 s with ``--quick``), then started with ``--rate R``; the
   time to caught up against ``bytes behind / R`` (the link's own limit): ratio
   expected / measured (goal >= 0.90); also in seconds per GiB behind.
+- **Disk** (control row): 1 GiB written by ``dd conv=fdatasync`` beside the stores, in
+  MB/s: the most a store can make durable per second (with replication on, the source
+  ships only durable records, so its fdatasyncs bound the apply rate, and the target
+  writes the same bytes again on the same disk here).
 - **Control rows, on tmpfs** (``--tmpfs``; marked ``tmpfs:``): the 1 MiB rows again with
   the target's store on /dev/shm, then with both stores there. They show the share of
   the disk: with replication on, every byte is fdatasync'ed on the source (it ships only
   durable records) and again on the target, on the same disk here.
+
+- **The rig: split cores** (``--rig split``, the default with 2 or more cores): in
+  production the target is another appliance at another site, but here both cdpd run
+  on one machine, so without care the target takes cores from the source. Split, the
+  source cdpd, fio, the paced writer and this script run on one set of cores and the
+  target cdpd on the others (``os.sched_setaffinity`` of every thread of each process,
+  ``/proc/PID/task/*``; threads started later inherit it), for every row, the
+  replication-off arm included (the target then idles on its own cores, as a remote
+  one would). ``--rig unsplit`` gives the old numbers (everything on every core);
+  ``--rig both`` runs the rows under each, rows labelled ``split:`` / ``unsplit:``.
+  What the split cannot separate is the disk (both stores share it) and the kernel's
+  own work (loopback TCP, writeback); the ``--tmpfs`` rows show the disk's share.
 
 Numbers come from a shared 2-core machine (other work may be running): ratios of runs
 made back to back matter, absolute numbers less.
@@ -31,15 +50,20 @@ made back to back matter, absolute numbers less.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import random
 import re
 import socket
 import statistics
+import subprocess
 import tempfile
 import threading
 import time
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -104,13 +128,84 @@ def _wait_caught_up(src: Cdpd, timeout: float = 600) -> float:
     raise TimeoutError("the target did not catch up")
 
 
+@dataclass(frozen=True)
+class Rig:
+    """Which cores each side runs on: ``source`` (the source cdpd, fio, the paced writer
+    and this script) and ``target`` (the target cdpd); both None: unsplit."""
+
+    source: frozenset[int] | None = None
+    target: frozenset[int] | None = None
+
+    @property
+    def label(self) -> str:
+        return "split" if self.source is not None else "unsplit"
+
+    def describe(self) -> str:
+        if self.source is None or self.target is None:
+            return (f"unsplit: both cdpd, fio and this script on every core "
+                    f"{sorted(os.sched_getaffinity(0))}")
+        return (f"split: source cdpd + fio + this script on cores {sorted(self.source)}, "
+                f"target cdpd on cores {sorted(self.target)}")
+
+
+def split_rig(cores: set[int] | None = None) -> Rig:
+    """The split rig on ``cores`` (default: the cores this process may use): the source
+    side gets the first half (the larger one when odd: it runs fio too), the target the
+    rest. Unsplit (``Rig()``) with fewer than 2 cores."""
+    cs = sorted(cores if cores is not None else os.sched_getaffinity(0))
+    if len(cs) < 2:
+        return Rig()
+    half = (len(cs) + 1) // 2
+    return Rig(frozenset(cs[:half]), frozenset(cs[half:]))
+
+
+def pin(pid: int, cpus: frozenset[int]) -> set[int]:
+    """Every thread of process ``pid`` onto ``cpus`` (threads it starts later inherit
+    their creator's affinity); returns the cores its threads now have (to print).
+    Looks again until no thread appeared meanwhile."""
+    done: set[int] = set()
+    while True:
+        tids = {int(t) for t in os.listdir(f"/proc/{pid}/task")} - done
+        if not tids:
+            break
+        for tid in tids:
+            with contextlib.suppress(ProcessLookupError):  # a thread that ended
+                os.sched_setaffinity(tid, cpus)
+            done.add(tid)
+    got: set[int] = set()
+    for t in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(ProcessLookupError):
+            got |= os.sched_getaffinity(int(t))
+    if not got <= cpus:
+        raise RuntimeError(f"pid {pid}: threads on cores {sorted(got)}, wanted {sorted(cpus)}")
+    return got
+
+
+@contextmanager
+def on_source_cores(rig: Rig) -> Iterator[None]:
+    """This script's thread (and so the fio and cdpd it starts, and its threads) on the
+    source's cores for the duration."""
+    if rig.source is None:
+        yield
+        return
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, rig.source)
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)
+
+
+#: the row groups (``--rows``)
+ROWS = ("disk", "rpo", "apply", "onoff", "rate", "catchup")
 _WORKLOADS = {"4k": ("randwrite", "4k", 32, "iops"), "1m": ("write", "1M", 8, "MBps")}
 
 
 class _Pair:
     """A source and a target cdpd in ``s_dir`` / ``t_dir``, vol0 replicating to rep0."""
 
-    def __init__(self, s_dir: Path, t_dir: Path) -> None:
+    def __init__(self, s_dir: Path, t_dir: Path, rig: Rig | None = None) -> None:
+        self.rig = rig or Rig()
         self.secret = s_dir / "secret"
         self.secret.write_bytes(SECRET)
         os.chmod(self.secret, 0o600)
@@ -120,12 +215,14 @@ class _Pair:
 
     def __enter__(self) -> _Pair:
         self.src.start(START_TIMEOUT)
+        self._pin(self.src, self.rig.source, "source")
         for attempt in range(5):  # a free port may be taken before the target binds it
             self.to = f"127.0.0.1:{_free_port()}"
             self.tgt = Cdpd(self.t_dir, size="1GiB", segment_bytes="64MiB", extra_config=(
                 f'\n[replication]\nlisten = "{self.to}"\nsecret_file = "{self.secret}"\n'))
             try:
                 self.tgt.start(START_TIMEOUT)
+                self._pin(self.tgt, self.rig.target, "target")
                 break
             except RuntimeError as e:
                 if self.tgt.proc is not None and self.tgt.proc.poll() is None:
@@ -135,6 +232,14 @@ class _Pair:
                     raise
         self.start()
         return self
+
+    @staticmethod
+    def _pin(d: Cdpd, cpus: frozenset[int] | None, side: str) -> None:
+        if cpus is None or d.proc is None:
+            return
+        got = pin(d.proc.pid, cpus)
+        print(f"# {side} cdpd pid {d.proc.pid}: {len(os.listdir(f'/proc/{d.proc.pid}/task'))} "
+              f"threads on cores {sorted(got)}", flush=True)
 
     def __exit__(self, *exc: object) -> None:
         self.src.stop()
@@ -157,6 +262,42 @@ class _Pair:
         self._call("replicate_stop", {"volume": "vol0", "to": self.to})
 
 
+def _rpo(pair: _Pair, secs: float) -> list[dict[str, Any]]:
+    """``cdp_replication_lag_seconds`` sampled every 50 ms under 2,000 paced 4 KiB
+    writes/s for ``secs``: p50, p99, max, and the write rate reached."""
+    src = pair.src
+    lags: list[float] = []
+    stop = threading.Event()
+    done: list[int] = []
+    w = threading.Thread(target=lambda: done.append(_paced_writes(src.uri(), 2000, secs, stop)))
+    t0 = time.monotonic()
+    w.start()
+    while w.is_alive():
+        lags.append(_metric(src, "cdp_replication_lag_seconds"))
+        time.sleep(0.05)
+    w.join()
+    rate = done[0] / (time.monotonic() - t0) if done else 0.0
+    _wait_caught_up(src)
+    q = statistics.quantiles(lags, n=100) if len(lags) >= 2 else [0.0] * 99
+    rows = [_row(f"repl-rpo-lag-{name}", v, 2.0, "2 s goal", "s",
+                 None if name != "p99" else 1.0, ratio=2.0 / v if v else 99.0)
+            for name, v in (("p50", q[49]), ("p99", q[98]), ("max", max(lags)))]
+    rows.append(_row("repl-rpo-writes-per-s", rate, 2000, "offered", "op/s", None))
+    return rows
+
+
+def _disk(scratch: Path, mib: int) -> dict[str, Any]:
+    """The disk the stores are on: ``mib`` MiB written by dd and fdatasync'ed, in MB/s
+    (what a store can make durable at most; both cdpd share it here)."""
+    path = scratch / "dd.bin"
+    t0 = time.monotonic()
+    subprocess.run(["dd", "if=/dev/zero", f"of={path}", "bs=1M", f"count={mib}",
+                    "conv=fdatasync", "status=none"], check=True)
+    mbps = mib * (1 << 20) / 1e6 / (time.monotonic() - t0)
+    path.unlink()
+    return _row("repl-disk-dd-fdatasync-1m", mbps, mbps, "dd conv=fdatasync", "MB/s", None)
+
+
 def _apply_vs_ingest(pair: _Pair, wl: str, fio_secs: float, label: str = "") -> dict[str, Any]:
     rw, bs, depth, unit = _WORKLOADS[wl]
     t0 = time.monotonic()
@@ -168,10 +309,24 @@ def _apply_vs_ingest(pair: _Pair, wl: str, fio_secs: float, label: str = "") -> 
                 "source ingest", unit, 0.90, ratio=ratio)
 
 
-def _on_vs_off(pair: _Pair, wl: str, fio_secs: float, pairs: int, label: str = "") -> dict[str, Any]:
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` so far (all its threads)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _on_vs_off(pair: _Pair, wl: str, fio_secs: float, pairs: int, label: str = ""
+               ) -> list[dict[str, Any]]:
+    """Source ingest with replication on / off, alternated; and the source cdpd's CPU
+    per write in each arm (on: until the target acknowledged the run's last write, so
+    the shipping of the run is in it)."""
     rw, bs, depth, unit = _WORKLOADS[wl]
     on: list[float] = []
     off: list[float] = []
+    cpu: dict[str, list[float]] = {"on": [], "off": []}
+    assert pair.src.proc is not None
+    pid = pair.src.proc.pid
     for i in range(pairs):
         for state in (("off", "on") if i % 2 == 0 else ("on", "off")):
             if state == "off":
@@ -179,14 +334,22 @@ def _on_vs_off(pair: _Pair, wl: str, fio_secs: float, pairs: int, label: str = "
             else:
                 pair.start()
                 _wait_caught_up(pair.src)
-            (on if state == "on" else off).append(
-                fio(pair.src.uri(), rw, bs, depth, 1, fio_secs, SIZE)[unit])
+            c0 = _cpu_seconds(pid)
+            res = fio(pair.src.uri(), rw, bs, depth, 1, fio_secs, SIZE)
+            if state == "on":
+                _wait_caught_up(pair.src)
+            cpu[state].append((_cpu_seconds(pid) - c0) / max(1.0, res["ios"]) * 1e6)
+            (on if state == "on" else off).append(res[unit])
         pair.start()
         _wait_caught_up(pair.src)
     ratios = [a / b for a, b in zip(on, off, strict=True)]
-    return _row(f"{label}repl-ingest-on-vs-off-{wl}", statistics.median(on),
-                statistics.median(off), "replication off", unit, 0.85,
-                ratio=statistics.median(ratios))
+    c_on, c_off = statistics.median(cpu["on"]), statistics.median(cpu["off"])
+    return [_row(f"{label}repl-ingest-on-vs-off-{wl}", statistics.median(on),
+                 statistics.median(off), "replication off", unit, 0.85,
+                 ratio=statistics.median(ratios)),
+            _row(f"{label}repl-source-cpu-per-write-{wl}", c_on, c_off,
+                 "replication off (ratio off/on)", "us", None,
+                 ratio=c_off / c_on if c_on else 0.0)]
 
 
 def _rate_use(pair: _Pair, rate: int, secs: float) -> dict[str, Any]:
@@ -225,11 +388,22 @@ def _catch_up(pair: _Pair, rate: int, outage: float) -> list[dict[str, Any]]:
                  (1 << 30) / rate, "1 GiB / rate", "s", None)]
 
 
-def run(quick: bool = False, scratch: Path | None = None, tmpfs: bool = False
-        ) -> list[dict[str, Any]]:
+def run(quick: bool = False, scratch: Path | None = None, tmpfs: bool = False,
+        rig: Rig | None = None, rows_wanted: frozenset[str] = frozenset(ROWS),
+        fio_secs: float | None = None, pairs: int | None = None) -> list[dict[str, Any]]:
+    """The rows named in ``rows_wanted`` (:data:`ROWS`) under ``rig`` (default: the split
+    rig when there are 2 or more cores), then the ``--tmpfs`` control rows."""
+    rig = split_rig() if rig is None else rig
+    print(f"# rig {rig.describe()}", flush=True)
+    with on_source_cores(rig):
+        return _run(quick, scratch, tmpfs, rig, rows_wanted, fio_secs, pairs)
+
+
+def _run(quick: bool, scratch: Path | None, tmpfs: bool, rig: Rig, want: frozenset[str],
+         fio_secs: float | None, pairs: int | None) -> list[dict[str, Any]]:
     secs = 3.0 if quick else 20.0
-    fio_secs = 2 if quick else 10
-    pairs = 1 if quick else 2
+    fio_secs = fio_secs if fio_secs is not None else (2 if quick else 10)
+    pairs = pairs if pairs is not None else (1 if quick else 2)
     # --rate of the rate and catch-up rows: well below what the target applies on this
     # machine, so that the link limit is what is measured, not the target
     link = (4 if quick else 16) << 20
@@ -238,38 +412,24 @@ def run(quick: bool = False, scratch: Path | None = None, tmpfs: bool = False
         base = Path(tmp)
         for d in ("s", "t"):
             (base / d).mkdir()
-        with _Pair(base / "s", base / "t") as pair:
+        if "disk" in want:
+            rows.append(_disk(base, 256 if quick else 1024))
+        with _Pair(base / "s", base / "t", rig) as pair:
             src = pair.src
             _wait_caught_up(src)
 
-            # RPO at 2,000 4 KiB writes/s
-            lags: list[float] = []
-            stop = threading.Event()
-            done: list[int] = []
-            w = threading.Thread(target=lambda: done.append(
-                _paced_writes(src.uri(), 2000, secs, stop)))
-            t0 = time.monotonic()
-            w.start()
-            while w.is_alive():
-                lags.append(_metric(src, "cdp_replication_lag_seconds"))
-                time.sleep(0.05)
-            w.join()
-            rate = done[0] / (time.monotonic() - t0) if done else 0.0
-            _wait_caught_up(src)
-            q = statistics.quantiles(lags, n=100) if len(lags) >= 2 else [0.0] * 99
-            for name, v in (("p50", q[49]), ("p99", q[98]), ("max", max(lags))):
-                rows.append(_row(f"repl-rpo-lag-{name}", v, 2.0, "2 s goal", "s",
-                                 None if name != "p99" else 1.0, ratio=2.0 / v if v else 99.0))
-            rows.append(_row("repl-rpo-writes-per-s", rate, 2000, "offered", "op/s", None))
-
-            # throughput: the target's durable apply rate vs the source's ingest
-            for wl in _WORKLOADS:
-                rows.append(_apply_vs_ingest(pair, wl, fio_secs))
-            # source ingest with replication on vs off, alternated
-            for wl in _WORKLOADS:
-                rows.append(_on_vs_off(pair, wl, fio_secs, pairs))
-            rows.append(_rate_use(pair, link, 4.0 if quick else 10.0))
-            rows += _catch_up(pair, link, 10.0 if quick else 60.0)
+            if "rpo" in want:  # RPO at 2,000 4 KiB writes/s
+                rows += _rpo(pair, secs)
+            if "apply" in want:  # the target's durable apply rate vs the source's ingest
+                for wl in _WORKLOADS:
+                    rows.append(_apply_vs_ingest(pair, wl, fio_secs))
+            if "onoff" in want:  # source ingest with replication on vs off, alternated
+                for wl in _WORKLOADS:
+                    rows += _on_vs_off(pair, wl, fio_secs, pairs)
+            if "rate" in want:
+                rows.append(_rate_use(pair, link, 4.0 if quick else 10.0))
+            if "catchup" in want:
+                rows += _catch_up(pair, link, 10.0 if quick else 60.0)
     if tmpfs:  # control rows: how much of the 1 MiB rows is the disk
         for label, on_shm in (("tmpfs:t ", ("t",)), ("tmpfs:st ", ("s", "t"))):
             with tempfile.TemporaryDirectory(dir=scratch) as tmp, \
@@ -277,10 +437,10 @@ def run(quick: bool = False, scratch: Path | None = None, tmpfs: bool = False
                 dirs = {k: (Path(shm) if k in on_shm else Path(tmp)) / k for k in ("s", "t")}
                 for path in dirs.values():
                     path.mkdir()
-                with _Pair(dirs["s"], dirs["t"]) as pair:
+                with _Pair(dirs["s"], dirs["t"], rig) as pair:
                     _wait_caught_up(pair.src)
                     rows.append(_apply_vs_ingest(pair, "1m", fio_secs, label))
-                    rows.append(_on_vs_off(pair, "1m", fio_secs, pairs, label))
+                    rows += _on_vs_off(pair, "1m", fio_secs, pairs, label)
     return rows
 
 
@@ -290,8 +450,40 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--scratch", type=Path, help="directory for the stores (default: /tmp)")
     ap.add_argument("--tmpfs", action="store_true",
                     help="also the 1 MiB rows with stores on /dev/shm (control rows)")
+    ap.add_argument("--rig", choices=("split", "unsplit", "both"), default="split",
+                    help="split: source cdpd + fio on half the cores, the target cdpd on "
+                         "the others (the default; unsplit with fewer than 2 cores); "
+                         "unsplit: all on every core; both: each, one after the other")
+    ap.add_argument("--no-split-cores", dest="rig", action="store_const", const="unsplit",
+                    help="same as --rig unsplit")
+    ap.add_argument("--split-cores", dest="rig", action="store_const", const="split",
+                    help="same as --rig split")
+    ap.add_argument("--rows", default=",".join(ROWS),
+                    help=f"comma-separated rows to run (default: all of {','.join(ROWS)})")
+    ap.add_argument("--fio-secs", type=float, help="seconds per fio run (default 10, quick 2)")
+    ap.add_argument("--pairs", type=int, help="on/off pairs per ingest row (default 2, quick 1)")
+    ap.add_argument("--markdown", action="store_true", help="also print the rows as a markdown table")
     args = ap.parse_args(argv)
-    print_table(run(args.quick, args.scratch, args.tmpfs))
+    want = frozenset(r.strip() for r in args.rows.split(",") if r.strip())
+    if not want <= set(ROWS):
+        ap.error(f"--rows: unknown {sorted(want - set(ROWS))}; choose from {','.join(ROWS)}")
+    rigs = {"split": [split_rig()], "unsplit": [Rig()],
+            "both": [split_rig(), Rig()]}[args.rig]
+    rows: list[dict[str, Any]] = []
+    for rig in rigs:
+        got = run(args.quick, args.scratch, args.tmpfs, rig, want, args.fio_secs, args.pairs)
+        if len(rigs) > 1:
+            for r in got:
+                r["workload"] = f"{rig.label}:{r['workload']}"
+        rows += got
+    print(f"# load average {os.getloadavg()[0]:.1f} {os.getloadavg()[1]:.1f}", flush=True)
+    print_table(rows)
+    if args.markdown:
+        print("\n| row | value | against | unit | ratio | goal |\n|---|---|---|---|---|---|")
+        for r in rows:
+            goal = "-" if r["goal"] is None else f"{r['goal']:.2f}"
+            print(f"| {r['workload']} | {r['cdp']} | {r['peer']} ({r['peer_name']}) | "
+                  f"{r['unit']} | {r['ratio']:.2f} | {goal} |")
     return 0
 
 
