@@ -19,6 +19,19 @@ from tests.unit.test_proxy import SIZE, create_proxy_volume, journal_image, open
 pytestmark = pytest.mark.skipif(not lio.available, reason="needs glibc's lio_listio")
 
 
+def _record_lio_calls(monkeypatch: pytest.MonkeyPatch) -> list[list[tuple[int, int]]]:
+    """Every ``WriteList.write`` call from now on, as its ``(offset, length)`` items."""
+    calls: list[list[tuple[int, int]]] = []
+    real = lio.WriteList.write
+
+    def write(self: lio.WriteList, items: list[tuple[bytes | bytearray, int]]) -> list[int]:
+        calls.append([(off, len(d)) for d, off in items])
+        return real(self, items)
+
+    monkeypatch.setattr(lio.WriteList, "write", write)
+    return calls
+
+
 def test_write_list_writes_each_item_and_reports_errors(tmp_path: Path) -> None:
     path = tmp_path / "f"
     path.write_bytes(bytes(1 << 20))
@@ -52,14 +65,7 @@ def test_a_turn_of_disjoint_writes_is_one_lio_call_runs_kept_whole(tmp_path: Pat
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     prim = tmp_path / "primary.img"
     prim.write_bytes(bytes(SIZE))
-    calls: list[list[tuple[int, int]]] = []
-    real = lio.WriteList.write
-
-    def write(self: lio.WriteList, items: list[tuple[bytes | bytearray, int]]) -> list[int]:
-        calls.append([(off, len(d)) for d, off in items])
-        return real(self, items)
-
-    monkeypatch.setattr(lio.WriteList, "write", write)
+    calls = _record_lio_calls(monkeypatch)
 
     async def main() -> None:
         store = open_store(tmp_path)
@@ -84,14 +90,7 @@ def test_a_turn_with_overlapping_writes_goes_one_by_one_in_queue_order(tmp_path:
                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     prim = tmp_path / "primary.img"
     prim.write_bytes(bytes(SIZE))
-    calls: list[int] = []
-    real = lio.WriteList.write
-
-    def write(self: lio.WriteList, items: list[tuple[bytes | bytearray, int]]) -> list[int]:
-        calls.append(len(items))
-        return real(self, items)
-
-    monkeypatch.setattr(lio.WriteList, "write", write)
+    calls = _record_lio_calls(monkeypatch)
 
     async def main() -> None:
         store = open_store(tmp_path)
@@ -162,14 +161,7 @@ def test_a_write_the_lio_call_failed_is_redone_alone_and_fails_alone(tmp_path: P
 def test_a_turn_with_a_zero_goes_one_by_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     prim = tmp_path / "primary.img"
     prim.write_bytes(b"\xff" * SIZE)
-    calls: list[int] = []
-    real = lio.WriteList.write
-
-    def write(self: lio.WriteList, items: list[tuple[bytes | bytearray, int]]) -> list[int]:
-        calls.append(len(items))
-        return real(self, items)
-
-    monkeypatch.setattr(lio.WriteList, "write", write)
+    calls = _record_lio_calls(monkeypatch)
 
     async def main() -> None:
         store = open_store(tmp_path)
