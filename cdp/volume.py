@@ -132,8 +132,11 @@ _EXTENT_BYTES = 40  # five int64 columns
 READ_FETCHES = 4096
 #: live reads up to this size that continue the previous one read ahead (Volume.read)
 READ_AHEAD_MAX = 16 << 10
-#: how far a read ahead reaches into a hole or zeroed range (a record: its chunk's end)
-READ_AHEAD_ZEROS = 64 << 10
+#: the read-ahead window: it starts at READ_AHEAD_MIN and doubles with each window
+#: loaded up to READ_AHEAD_SPAN (never past its record's 64 KiB chunk); a write into
+#: the window (or a window no extent covers) takes it back to READ_AHEAD_MIN
+READ_AHEAD_MIN = 4 << 10
+READ_AHEAD_SPAN = 64 << 10
 
 
 class _ViewRegions:
@@ -270,6 +273,7 @@ class Volume:
         #: the live read ahead (see :meth:`read`): journal.last_seq it is valid at,
         #: start, end, bytes; and where the last small live read ended
         self._ahead: tuple[int, int, int, bytes] = (-1, 0, 0, b"")
+        self._ahead_span = READ_AHEAD_MIN
         self._next_read = -1
         self._live_writes = 0
         self._last_seal = time.monotonic()
@@ -674,6 +678,8 @@ class Volume:
         seq, loc = self.journal.append_write(offset, data, init=init)
         n = len(data)
         self.maps.add_write(seq, offset, offset + n, loc)
+        if self._ahead[0] == seq - 1:
+            self._keep_ahead(seq, offset, offset + n)
         for s in self._recorders:
             s.on_record(self, RecordKind.INIT if init else RecordKind.WRITE, seq, offset, n, data)
         self._note_live()
@@ -683,10 +689,23 @@ class Volume:
         """Append a ZERO record (trim / write-zeroes): as :meth:`_record_write`."""
         seq, _loc = self.journal.append_zero(offset, length)
         self.maps.add_zero(seq, offset, offset + length)
+        if self._ahead[0] == seq - 1:
+            self._keep_ahead(seq, offset, offset + length)
         for s in self._recorders:
             s.on_record(self, RecordKind.ZERO, seq, offset, length, None)
         self._note_live()
         return seq
+
+    def _keep_ahead(self, seq: int, start: int, end: int) -> None:
+        """Record *seq* changed ``[start, end)`` right after the read-ahead window was
+        valid: the window stays valid at *seq* unless the record overlaps it; if it
+        does, the window is dropped (its seq is old) and the next one starts small
+        (a reader that rewrites what it reads gains nothing from reading ahead)."""
+        _gen, a_start, a_end, ahead = self._ahead
+        if start < a_end and a_start < end:
+            self._ahead_span = READ_AHEAD_MIN
+        else:
+            self._ahead = (seq, a_start, a_end, ahead)
 
     def _record_error(self, code: int, offset: int, length: int, message: str) -> int:
         """Append an ERROR record (what failed where; the maps get a seq that changes
@@ -719,13 +738,14 @@ class Volume:
         decoded chunks cached). Raises Corruption (EIO) if a needed piece is damaged.
 
         Read ahead: a small live read (up to :data:`READ_AHEAD_MAX`) that starts where
-        the previous one ended reads on to the end of its record's 64 KiB chunk, or of
-        its 4 KiB granule (in a hole: :data:`READ_AHEAD_ZEROS`), when one extent covers
-        that (:meth:`_read_ahead`), and keeps those bytes
-        while ``journal.last_seq`` stays the same (every change of the live content
-        appends a record). The reads it covers cost a comparison and a slice: a
-        sequential stream of 1 KiB reads resolves the maps and reads the journal once
-        per 64 KiB instead of once per read (issue 28's pipelined row)."""
+        the previous one ended reads on, a window growing from 4 to 64 KiB (not past its
+        record's chunk), when one extent covers it (:meth:`_read_ahead`), and keeps
+        those bytes while no record changes them: valid at one ``journal.last_seq``
+        (every change of the live content appends a record), carried to the next seq by
+        a write or zero that misses it (:meth:`_keep_ahead`). The reads it covers cost a
+        comparison and a slice: a sequential stream of 1 KiB reads resolves the maps
+        and reads the journal once per 64 KiB instead of once per read (issue 28's
+        pipelined row)."""
         end = offset + length
         if seq is None and 0 <= offset < end <= self.size:
             gen, a_start, a_end, ahead = self._ahead
@@ -770,19 +790,21 @@ class Volume:
 
     def _read_ahead(self, e: Any, offset: int, length: int) -> bytes | None:
         """The read ahead of :meth:`read` from *offset* (extent *e* covers the read):
-        keep the live bytes from *offset* to the end of *e*'s 64 KiB record chunk, or
-        failing that of its 4 KiB granule (records of 4 KiB writes), if one extent
-        covers them (zeros: up to :data:`READ_AHEAD_ZEROS`), and return the read's
+        keep the live bytes of the window (``_ahead_span`` from *offset*, not past the
+        end of *e*'s 64 KiB record chunk; failing that, to the end of its 4 KiB granule,
+        for records of 4 KiB writes) if one extent covers them, and return the read's
         part; None when no window is larger than the read or it cannot be read (a
         damaged granule past the read, a record only the tier holds: the exact read
         then answers as it would have). Cost: one or two more ``resolve_head`` and one
         journal read of at most 64 KiB (the page cache's granules, CRC-checked)."""
         end = offset + length
+        span = self._ahead_span
         ends: tuple[int, ...]
         if e.loc < 0:
-            ends = (offset + READ_AHEAD_ZEROS,)
+            ends = (offset + span,)
         else:
-            ends = (offset + CHUNK_SIZE - (e.poff & (CHUNK_SIZE - 1)),
+            chunk_left = CHUNK_SIZE - (e.poff & (CHUNK_SIZE - 1))
+            ends = (offset + (span if span < chunk_left else chunk_left),
                     offset + GRANULE_SIZE - (e.poff & (GRANULE_SIZE - 1)))
         size = self.size
         maps = self.maps
@@ -794,6 +816,7 @@ class Volume:
             w = maps.resolve_head(offset, w_end)
             if w is not None:
                 break
+            self._ahead_span = READ_AHEAD_MIN  # extents smaller than the window
         else:
             return None
         if w.loc < 0:
@@ -806,6 +829,8 @@ class Volume:
                 return None
         self._ahead = (self.journal.last_seq, offset, w_end, data)
         self._next_read = w_end
+        if w_end - offset >= span and span < READ_AHEAD_SPAN:
+            self._ahead_span = span * 2
         return data[:length]
 
     async def read_async(self, offset: int, length: int, seq: int | None = None) -> bytes:
