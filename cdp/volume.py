@@ -23,6 +23,13 @@ Design notes
 * Everything runs on the daemon's event loop thread; methods return plain values when
   they can complete at once, and an awaitable only when they must wait (durability,
   pause) — the NBD server then needs no task per request.
+* **Read ahead for small reads in order.** A small live read that continues the last
+  one loads a window (4 KiB doubling to 64 KiB, inside one extent and one record
+  chunk) and the reads inside it are served from those bytes: a stream of 1 KiB NBD
+  READs cost a map resolve and a journal read each (over half of cdpd's loop time in
+  issue 28's pipelined row). The window is valid at one ``journal.last_seq``; a
+  write or zero that misses it carries it to the next seq, one that hits it shrinks
+  the next window to 4 KiB. Random reads never start one.
 * **One append path.** Every record a volume kind appends goes through
   ``_record_write`` / ``_record_zero`` / ``_record_error`` (markers and rewinds have
   their own methods): journal append, map add, ``on_record`` to the services, one more
