@@ -804,6 +804,7 @@ class Volume:
         damaged granule past the read, a record only the tier holds: the exact read
         then answers as it would have). Cost: one or two more ``resolve_head`` and one
         journal read of at most 64 KiB (the page cache's granules, CRC-checked)."""
+        gen = self.journal.last_seq  # before reading: a record appended meanwhile voids it
         end = offset + length
         span = self._ahead_span
         ends: tuple[int, ...]
@@ -834,7 +835,7 @@ class Volume:
                                                cache=self._cache)
             except (Corruption, NotLocal):
                 return None
-        self._ahead = (self.journal.last_seq, offset, w_end, data)
+        self._ahead = (gen, offset, w_end, data)
         self._next_read = w_end
         if w_end - offset >= span and span < READ_AHEAD_SPAN:
             self._ahead_span = span * 2
