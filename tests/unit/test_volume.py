@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from cdp.config import MapSettings, Settings
-from cdp.errors import NotFound, OutOfRange, PointError, UsageError
+from cdp.errors import Corruption, NotFound, OutOfRange, PointError, UsageError
+from cdp.journal import NotLocal
 from cdp.store import Store
 from cdp.volume import Volume
 
@@ -217,3 +218,109 @@ def test_point_in_time_reads_use_resolved_regions_and_stay_exact(tmp_path: Path)
         vol.close()
 
     asyncio.run(main())
+
+
+def test_sequential_small_live_reads_read_ahead_and_stay_exact(tmp_path: Path) -> None:
+    """Issue 28's pipelined row: 1 KiB reads in order read the journal about once per
+    64 KiB record chunk (not once per read), and stay exact while writes, zeroes and a rewind
+    land between them, right ahead of the reader included."""
+    async def main() -> None:
+        vol = Volume.create(tmp_path / "v", "v", SIZE, settings(tmp_path, l0=64))
+        rng = random.Random(7)
+        model = bytearray(SIZE)
+        big = rng.randbytes(SIZE // 2)
+        vol.write(0, big)
+        model[: SIZE // 2] = big
+        for off in range(SIZE // 2, SIZE // 2 + 64 * 4096, 4096):  # records of 4 KiB
+            d = rng.randbytes(4096)
+            vol.write(off, d)
+            model[off : off + 4096] = d
+        vol.zero(SIZE // 2 + 70 * 4096, 3000)  # then a zeroed range and a hole
+        model[SIZE // 2 + 70 * 4096 :][:3000] = bytes(3000)
+        calls = 0
+        real = vol.journal.read_slice
+
+        def counting(*a: object, **k: object) -> bytes:
+            nonlocal calls
+            calls += 1
+            return real(*a, **k)  # type: ignore[arg-type]
+
+        vol.journal.read_slice = counting  # type: ignore[method-assign]
+        for off in range(0, SIZE // 2, 1024):
+            assert vol.read(off, 1024) == model[off : off + 1024]
+        # the window grows 4, 8, ... 64 KiB: then one read per 64 KiB chunk, not 512 in all
+        assert calls <= 2 * (SIZE // 2 // (64 << 10))
+        calls = 0
+        for off in range(SIZE // 2, SIZE // 2 + 64 * 4096, 1024):
+            assert vol.read(off, 1024) == model[off : off + 1024]
+        assert calls <= 64 + 1  # one per 4 KiB record, not 256
+        mark = vol.head_seq
+        before = bytes(model)
+        # writes between reads: every read equals the model of its moment
+        for off in range(0, SIZE - 1024, 1024):
+            if rng.random() < 0.05:
+                w = min(SIZE - 1, off + rng.randrange(0, 8192))
+                ln = min(rng.randrange(1, 4096), SIZE - w)
+                if rng.random() < 0.3:
+                    vol.zero(w, ln)
+                    model[w : w + ln] = bytes(ln)
+                else:
+                    d = rng.randbytes(ln)
+                    vol.write(w, d)
+                    model[w : w + ln] = d
+            assert vol.read(off, 1024) == model[off : off + 1024], off
+        await vol.rewind(mark)
+        for off in range(0, SIZE, 1024):
+            assert vol.read(off, 1024) == before[off : off + 1024], off
+        assert vol.reads == 2 * (SIZE // 1024) + (SIZE // 2 + 64 * 4096) // 1024 - 1
+        vol.close()
+
+    asyncio.run(main())
+
+
+def test_read_ahead_that_cannot_be_read_leaves_the_exact_read(tmp_path: Path) -> None:
+    """A read-ahead window the journal cannot serve (a damaged granule past the read, a
+    record only the tier holds) costs nothing: the read itself is served as before."""
+    vol = Volume.create(tmp_path / "v", "v", SIZE, settings(tmp_path))
+    data = random.Random(3).randbytes(SIZE)
+    vol.write(0, data)
+    real = vol.journal.read_slice
+
+    def failing(seq: int, loc: int, poff: int, length: int, **k: object) -> bytes:
+        if length > 1024:
+            raise (Corruption if poff < SIZE // 2 else NotLocal)("window unreadable")
+        return real(seq, loc, poff, length, **k)  # type: ignore[arg-type]
+
+    vol.journal.read_slice = failing  # type: ignore[method-assign]
+    for off in range(0, SIZE, 1024):
+        assert vol.read(off, 1024) == data[off : off + 1024]
+    vol.close()
+
+
+def test_reader_that_rewrites_what_it_reads_does_not_read_ahead_much(tmp_path: Path) -> None:
+    """Read 4 KiB, write it back changed, read the next 4 KiB (an in-place filter): each
+    write lands in the read-ahead window, so the window stays small and the journal
+    is asked for about the bytes the host reads, not 64 KiB per read."""
+    vol = Volume.create(tmp_path / "v", "v", SIZE, settings(tmp_path, l0=4096))
+    rng = random.Random(5)
+    model = bytearray(rng.randbytes(SIZE))
+    vol.write(0, bytes(model))
+    asked = 0
+    real = vol.journal.read_slice
+
+    def counting(seq: int, loc: int, poff: int, length: int, **k: object) -> bytes:
+        nonlocal asked
+        asked += length
+        return real(seq, loc, poff, length, **k)  # type: ignore[arg-type]
+
+    vol.journal.read_slice = counting  # type: ignore[method-assign]
+    n = 0
+    for off in range(0, SIZE // 4, 4096):
+        assert vol.read(off, 4096) == model[off : off + 4096]
+        d = rng.randbytes(4096)
+        vol.write(off, d)
+        model[off : off + 4096] = d
+        n += 4096
+    assert asked <= 2 * n
+    assert vol.read(0, SIZE) == model
+    vol.close()

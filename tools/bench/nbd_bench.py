@@ -17,8 +17,10 @@ random writes against ``qemu-img convert`` of the same bytes from ``nbdkit file`
 default is scaled down to what a shared 2-core machine finishes in minutes).
 nbd-pipelined-1k reads back 1 GiB (quick: 16 MiB) just written, in 1 KiB READs from the
 client of :mod:`cdp.targets.testing.nbd_standoff` (issue 28: replies read only between
-sends); the row names the longest gap between replies on each side. That client is
-Python, so it also bounds the peer's figure.
+sends); the row names the longest gap between replies on each side and the CPU time
+per request (µs, medians) of each server and of the client beside it. That client is
+Python and costs about as much CPU per request as ``nbdkit file``: it bounds the peer's
+figure, so the ratio measures the client as much as the server.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -111,6 +114,18 @@ def cpu_burner() -> Iterator[None]:
     finally:
         proc.kill()
         proc.wait(10)
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of process *pid*, all its threads (/proc/PID/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def own_cpu_seconds() -> float:
+    """User + system CPU seconds of this process (the in-process NBD client)."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
 
 
 def load_average() -> str:
@@ -272,20 +287,26 @@ def run(quick: bool = False, workloads: list[str] | None = None, scratch: Path |
             fio(cdpd.uri(), "write", "1M", 8, 1, 0, total)
             fio(kit.uri(), "write", "1M", 8, 1, 0, total)
             gaps: list[str] = []
+            us: dict[str, list[float]] = {"cdp": [], "kit": [], "client cdp": [], "client kit": []}
 
-            def cp() -> float:
-                res = read_back("127.0.0.1", cdpd.nbd_port, "vol0", total)
+            def read(side: str, pid: int, port: int, export: str) -> float:
+                c0, m0 = cpu_seconds(pid), own_cpu_seconds()
+                res = read_back("127.0.0.1", port, export, total)
+                n = max(res.replies, 1)
+                us[side].append((cpu_seconds(pid) - c0) / n * 1e6)
+                us[f"client {side}"].append((own_cpu_seconds() - m0) / n * 1e6)
                 gaps.append(f"{res.max_gap:.2f}")
                 return res.mb_per_s
 
-            def pp() -> float:
-                res = read_back("127.0.0.1", kit.port, "", total)
-                gaps.append(f"{res.max_gap:.2f}")
-                return res.mb_per_s
-
+            assert cdpd.proc is not None
+            cdpd_pid = cdpd.proc.pid
             load = load_average()
-            c, p, r = pairs(cp, pp, runs)
-            _add(rows, _row(f"nbd-pipelined-1k ({total // MiB} MiB, gaps {'/'.join(gaps)} s, load {load})",
+            c, p, r = pairs(lambda: read("cdp", cdpd_pid, cdpd.nbd_port, "vol0"),
+                            lambda: read("kit", kit.proc.pid, kit.port, ""), runs)
+            cpu = {k: f"{statistics.median(v):.1f}" for k, v in us.items()}
+            _add(rows, _row(f"nbd-pipelined-1k ({total // MiB} MiB, gaps {'/'.join(gaps)} s, "
+                             f"CPU us/req cdpd {cpu['cdp']} nbdkit {cpu['kit']} client "
+                             f"{cpu['client cdp']}/{cpu['client kit']}, load {load})",
                              c, p, "nbdkit file", "MB/s", GOALS["nbd-pipelined-1k"], ratio=r))
     finally:
         kit.stop()
