@@ -2,15 +2,16 @@
 encryption signature (high-entropy bytes over low-entropy, non-zero bytes)?
 
 Cost: :func:`entropy_bits` O(sample) (one ``bincount``); :func:`entropy_batch` one
-``bincount`` per sample and one vectorised pass over their histograms, about 3 µs per
-512-byte sample, which is why the service samples and classifies in batches off the
-write path. See docs/SENTINEL.md.
+``bincount`` over all the samples of a batch and one vectorised pass over their
+histograms, about 1.5 µs per 512-byte sample, which is why the service samples and
+classifies in batches off the write path. See docs/SENTINEL.md.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from enum import IntEnum
+from typing import Any
 
 import numpy as np
 
@@ -51,20 +52,24 @@ _LOG2_SAMPLE = float(np.log2(SAMPLE))
 
 
 def entropy_batch(samples: Sequence[bytes | bytearray]) -> np.ndarray:
-    """:func:`entropy_bits` of each sample (none longer than :data:`SAMPLE`): one
-    ``bincount`` per full-size sample (a C call on its bytes, no copy), then one
-    vectorised pass over all their histograms: H = log2 n - (1/n) Σ c·log2 c, with a
-    table for c·log2 c. Cost: ~3 µs per sample. (One ``bincount`` over the whole batch
-    with an offset per sample, the obvious vectorisation, measured 3x slower: it
-    widens every byte to a 64-bit index first.)"""
+    """:func:`entropy_bits` of each sample (none longer than :data:`SAMPLE`). The
+    full-size samples in one pass: their bytes joined, each byte offset by 256 times its
+    sample's row (a 16-bit index up to 256 samples), one ``bincount`` of all of them,
+    then H = log2 n - (1/n) Σ c·log2 c per row with a table for c·log2 c. Cost: ~1.5 µs
+    per sample with a fixed ~30 µs per batch (one ``bincount`` per sample, as before,
+    was ~4 µs per sample: its fixed cost per call dominated on 512 bytes)."""
     k = len(samples)
-    out = np.zeros(k)
-    bincount, frombuffer, u8 = np.bincount, np.frombuffer, np.uint8
     full = [i for i, x in enumerate(samples) if len(x) == SAMPLE]
+    out = np.zeros(k)
     if full:
-        counts = np.vstack([bincount(frombuffer(samples[i], u8), minlength=256) for i in full])
-        bits: np.ndarray = _LOG2_SAMPLE - _CLOG.take(counts).sum(axis=1) / SAMPLE
-        if len(full) == k:
+        m = len(full)
+        rows = samples if m == k else [samples[i] for i in full]
+        idx: np.ndarray[Any, np.dtype[np.unsignedinteger[Any]]] = np.frombuffer(
+            b"".join(rows), np.uint8).reshape(m, SAMPLE).astype(np.uint16 if m <= 256 else np.uint32)
+        idx += (np.arange(m, dtype=idx.dtype) << 8)[:, None]
+        counts = np.bincount(idx.ravel(), minlength=256 * m)
+        bits: np.ndarray = _LOG2_SAMPLE - _CLOG.take(counts).reshape(m, 256).sum(axis=1) / SAMPLE
+        if m == k:
             return bits
         out[full] = bits
     for i, x in enumerate(samples):
