@@ -12,7 +12,7 @@ Design notes
   stride caught up is classified on an even subsample (0.4-0.6 µs per write in all,
   measured; a write costs 9-14 µs in process).
 * **A background task** (started at the first write on a running loop) drains the deque
-  every 100 ms: the samples' entropy (one ``bincount`` each, then one numpy pass; the
+  every 100 ms: the samples' entropy (one ``bincount`` over the batch, then one numpy pass; the
   rest of a batch's bookkeeping is plain Python: a dozen numpy calls on a few dozen
   samples cost more than the loops they replace), the detector's counters (the
   high-entropy share of the sampled bytes stands for all bytes written), then for

@@ -79,6 +79,22 @@ def test_entropy_batch_matches_single() -> None:
     assert len(entropy_batch([])) == 0
 
 
+def test_entropy_batch_of_several_groups_matches_single() -> None:
+    """More samples than one ``bincount`` group (32): every group, a short one last, and
+    short or empty samples between full ones."""
+    rng = random.Random(5)
+    samples: list[bytes] = []
+    for i in range(71):
+        kind = i % 5
+        samples.append(rng.randbytes(SAMPLE) if kind == 0 else text(rng, SAMPLE) if kind == 1
+                       else bytes(SAMPLE) if kind == 2 else archive(rng, SAMPLE) if kind == 3
+                       else text(rng, i))
+    got = entropy_batch(samples)
+    assert len(got) == len(samples)
+    for s, h in zip(samples, got, strict=True):
+        assert h == pytest.approx(entropy_bits(s), abs=1e-9)
+
+
 def test_high_entropy_uses_lz4_probe_first() -> None:
     assert not high_entropy(0.5, 7.9)  # lz4 compressed it: low, whatever the sample says
     assert high_entropy(1.0, 7.5)

@@ -4,12 +4,14 @@ and 1 MiB sequential writes (iodepth 8). fio's buffers are random bytes, so ever
 write is high entropy and the sentinel does all its work (sample, batch entropy, reads
 of the overwritten bytes up to its check budget).
 
-    python -m tools.bench.sentinel_bench [--quick]
+    python -m tools.bench.sentinel_bench [--quick] [--ingest] [--pairs N] [--runtime S] [-v]
 
-Runs alternate off/on in pairs (order swapped each pair, to cancel drift on a shared
-machine) and report the median per-pair ratio on/off; goal >= 0.95. Also each cdpd's
-CPU time per request (/proc/PID/stat), steadier than throughput on a busy machine:
-its ratio off/on is the share of the ingest CPU left to the host's writes.
+Runs alternate off/on in pairs (order swapped each pair, an even number of pairs, so
+drift on a shared machine and the after-effects of a run fall on both sides alike),
+each run on a cdpd of its own on an empty store, and report the median per-pair ratio
+on/off; goal >= 0.95. Also each cdpd's CPU time per request (/proc/PID/stat, user +
+system), steadier than throughput on a busy machine: its ratio off/on is the share of
+the ingest CPU left to the host's writes.
 
 Detection (:func:`detection`), block evidence alone on a raw volume (as
 tests/integration/test_sentinel_cdpd.py, ``bucket_seconds = "2s"``, the harness's 2 s
@@ -47,12 +49,6 @@ WORKLOADS = {  # name: (rw, bs, iodepth, metric)
     "sentinel-randwrite-4k": ("randwrite", "4k", 32, "iops"),
     "sentinel-seqwrite-1m": ("write", "1M", 8, "MBps"),
 }
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of process *pid* so far (/proc/PID/stat)."""
-    f = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
 
 
 #: detection: documents, their edits after the marker, the attack's pace
@@ -160,54 +156,86 @@ def detection(quick: bool = False, scratch: Path | None = None) -> list[dict[str
     return rows
 
 
-def run(quick: bool = False, scratch: Path | None = None) -> list[dict[str, Any]]:
+def cpu_split(pid: int) -> tuple[float, float]:
+    """User and system CPU seconds of process *pid* so far (/proc/PID/stat)."""
+    f = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(f[11]) / tick, int(f[12]) / tick
+
+
+def _median(runs: list[dict[str, float]], key: str) -> float:
+    return statistics.median(r[key] for r in runs)
+
+
+def _one_run(base: Path, on: bool, rw: str, bs: str, depth: int, runtime: float,
+             size: int) -> dict[str, float]:
+    """One fio run against a cdpd started for it on an empty store, stopped and deleted
+    after it (with its page cache and unwritten dirty pages): every run starts from the
+    same machine state. Returns fio's figures and cdpd's CPU µs per request (user,
+    system, total)."""
+    home = base / ("on" if on else "off")
+    shutil.rmtree(home, ignore_errors=True)
+    home.mkdir()
+    d = Cdpd(home, size=f"{size // MiB}MiB", segment_bytes="256MiB", l0_max_writes=8192,
+             extra_config=f"[sentinel]\nenabled = {str(on).lower()}\n").start()
+    try:
+        pid = d.proc.pid  # type: ignore[union-attr]
+        u0, s0 = cpu_split(pid)
+        r = fio(d.uri(), rw, bs, depth, 1, runtime, size)
+        u1, s1 = cpu_split(pid)
+        alerts = len(d.cdpctl_json("alerts", "--json")) if on else 0
+    finally:
+        d.stop()
+        shutil.rmtree(home, ignore_errors=True)
+    ops = r["ios"] or 1.0
+    return {**r, "user_us": (u1 - u0) / ops * 1e6, "sys_us": (s1 - s0) / ops * 1e6,
+            "cpu_us": (u1 - u0 + s1 - s0) / ops * 1e6, "alerts": float(alerts)}
+
+
+def run(quick: bool = False, scratch: Path | None = None, pairs: int | None = None,
+        runtime: float | None = None, detect: bool = True,
+        verbose: bool = False) -> list[dict[str, Any]]:
+    """The ingest rows: per workload, *pairs* (rounded up to even; default 6, quick 2)
+    off/on pairs of *runtime* s (default 15, quick 3), each run on a cdpd of its own on
+    an empty store (:func:`_one_run`); the order is swapped every pair, so each side
+    runs first as often as second. Then the detection rows unless not *detect*.
+
+    Why a store and a cdpd per run: a 15 s run of 1 MiB writes leaves ~5 GB of journal
+    in the page cache, much of it dirty; the run after it pays for that (reclaim and
+    write-back: +0.6-0.8 ms of cdpd CPU per 1 MiB request measured, mostly system time).
+    With both cdpd kept for a pair and 5 pairs (3 of them off first), the sentinel-on
+    side ran second 3 times in 5 and the medians charged that to the sentinel
+    (2026-12-07: 1 MiB 0.79, CPU 3126 / 1862 µs)."""
     for tool in ("fio",):
         if shutil.which(tool) is None:
             raise SystemExit(f"sentinel_bench: requires {tool} (make sysdeps)")
-    runtime = 3.0 if quick else 15.0
-    pairs = 2 if quick else 5
+    runtime = runtime or (3.0 if quick else 15.0)
+    pairs = pairs or (2 if quick else 6)
+    pairs += pairs % 2
     size = 256 * MiB if quick else 2048 * MiB
     base = Path(tempfile.mkdtemp(prefix="cdp-bench-", dir=scratch or Path.cwd()))
-    ds: dict[bool, Cdpd] = {}
     rows: list[dict[str, Any]] = []
     alerts = 0
-
-    def fresh() -> None:
-        """Both cdpd on empty stores: every byte a run writes is kept as history (a
-        15 s run of 1 MiB writes keeps up to ~6 GB), so the stores start anew for each
-        pair of runs, or the disk fills and fio gets ENOSPC."""
-        for on in (False, True):
-            d = ds.pop(on, None)
-            if d is not None and d.proc is not None:
-                d.stop()
-            shutil.rmtree(base / str(on), ignore_errors=True)
-            (base / str(on)).mkdir()
-            ds[on] = Cdpd(base / str(on), size=f"{size // MiB}MiB", segment_bytes="256MiB",
-                          l0_max_writes=8192,
-                          extra_config=f"[sentinel]\nenabled = {str(on).lower()}\n").start()
-
     try:
         for name, (rw, bs, depth, metric) in WORKLOADS.items():
-            got: dict[bool, list[float]] = {False: [], True: []}
-            cpu: dict[bool, list[float]] = {False: [], True: []}  # cdpd CPU µs per request
+            got: dict[bool, list[dict[str, float]]] = {False: [], True: []}
             ratios = []
             for p in range(pairs):
-                fresh()
-                order = (False, True) if p % 2 == 0 else (True, False)
-                for on in order:
-                    pid = ds[on].proc.pid  # type: ignore[union-attr]
-                    c0 = cpu_seconds(pid)
-                    r = fio(ds[on].uri(), rw, bs, depth, 1, runtime, size)
-                    ops = r["iops"] * runtime
-                    cpu[on].append((cpu_seconds(pid) - c0) / ops * 1e6 if ops else 0.0)
-                    got[on].append(r[metric])
-                ratios.append(got[True][-1] / got[False][-1])
-                alerts += len(ds[True].cdpctl_json("alerts", "--json"))
+                for on in ((False, True) if p % 2 == 0 else (True, False)):
+                    r = _one_run(base, on, rw, bs, depth, runtime, size)
+                    got[on].append(r)
+                    alerts += int(r["alerts"])
+                    if verbose:
+                        print(f"{name} pair {p} sentinel {'on ' if on else 'off'} "
+                              f"{r[metric]:9.1f} {metric}  cdpd CPU/request {r['cpu_us']:7.1f} µs "
+                              f"(user {r['user_us']:.1f}, sys {r['sys_us']:.1f})  "
+                              f"load {os.getloadavg()[0]:.1f}", flush=True)
+                ratios.append(got[True][-1][metric] / got[False][-1][metric])
             unit = "IOPS" if metric == "iops" else "MB/s"
-            rows.append(_row(name, statistics.median(got[True]), statistics.median(got[False]),
+            rows.append(_row(name, _median(got[True], metric), _median(got[False], metric),
                              "sentinel off", unit, ratio_goal(name),
                              ratio=statistics.median(ratios)))
-            c_on, c_off = statistics.median(cpu[True]), statistics.median(cpu[False])
+            c_on, c_off = _median(got[True], "cpu_us"), _median(got[False], "cpu_us")
             rows.append({"workload": f"{name} cdpd CPU per request", "cdp": round(c_on, 1),
                          "peer": round(c_off, 1), "peer_name": "sentinel off",
                          "unit": "µs", "ratio": round(c_off / c_on, 3) if c_on else 0.0,
@@ -216,19 +244,22 @@ def run(quick: bool = False, scratch: Path | None = None) -> list[dict[str, Any]
                      "peer": 0, "peer_name": "-", "unit": "alerts", "ratio": None,
                      "goal": None, "verdict": "pass" if not alerts else "short"})
     finally:
-        for d in ds.values():
-            if d.proc is not None:
-                d.stop()
         shutil.rmtree(base, ignore_errors=True)
-    return rows + detection(quick, scratch)
+    return rows + (detection(quick, scratch) if detect else [])
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="seconds per run, 2 pairs")
     ap.add_argument("--detection", action="store_true", help="the detection rows only")
+    ap.add_argument("--ingest", action="store_true", help="the ingest rows only")
+    ap.add_argument("--pairs", type=int, help="off/on pairs per workload (even; default 6)")
+    ap.add_argument("--runtime", type=float, help="seconds per run (default 15)")
+    ap.add_argument("-v", "--verbose", action="store_true", help="print every run")
     args = ap.parse_args()
-    rows = detection(args.quick) if args.detection else run(quick=args.quick)
+    rows = detection(args.quick) if args.detection else run(
+        quick=args.quick, pairs=args.pairs, runtime=args.runtime, detect=not args.ingest,
+        verbose=args.verbose)
     table = [{**r, "ratio": r["ratio"] or 0.0} for r in rows if not isinstance(r["goal"], str)]
     if table:
         print_table(table)
