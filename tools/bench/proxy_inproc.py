@@ -37,6 +37,7 @@ import cdp.proxy.volume as pv
 from cdp.config import Settings, VolumeSpec
 from cdp.proxy.workers import Writer
 from cdp.store import Store
+from cdp.targets.completion import Completion
 
 MiB = 1 << 20
 
@@ -131,7 +132,15 @@ async def _drive(vol: pv.ProxyVolume, n: int, qd: int, rng: random.Random) -> No
         st["issued"] = i + 1
         r = vol.write(offs[i], data)
         assert r is not None
-        asyncio.ensure_future(r).add_done_callback(completed)  # a future as is (the fast path)
+        if isinstance(r, Completion):  # as the NBD server does: a plain callback
+            r.on_done(done, None)
+        else:
+            asyncio.ensure_future(r).add_done_callback(completed)  # a future as is
+
+    def done(_: Any, exc: BaseException | None) -> None:
+        if exc is not None:
+            raise exc
+        count()
 
     def arrivals() -> None:
         k, st["owed"] = st["owed"], 0
@@ -140,6 +149,9 @@ async def _drive(vol: pv.ProxyVolume, n: int, qd: int, rng: random.Random) -> No
 
     def completed(f: asyncio.Future[None]) -> None:
         f.result()
+        count()
+
+    def count() -> None:
         st["done"] += 1
         if st["done"] == n:
             finished.set_result(None)
