@@ -23,9 +23,11 @@ Design notes
   primary, on the worker pool after the earlier writes it overlaps. Either way writes
   whose ranges overlap reach the primary in the order their records were appended, so
   the journal's order and the primary's final content always agree. The common case
-  (nothing to wait for) creates no coroutine: ``write`` returns a future that the
-  writer's results (and, when asked, a journal commit) complete; the NBD server
-  replies from the future's callback, without a task. ``ack = "primary"`` replies when
+  (nothing to wait for) creates no coroutine and no future: ``write`` returns the host
+  write itself, a :class:`~cdp.targets.completion.Completion` that the writer's
+  results (and, when asked, a journal commit) finish; the NBD server registers a plain
+  callback on it, and the writes a batch finishes send their replies together at the
+  batch's end, in the turn the writer's wake-up runs. ``ack = "primary"`` replies when
   the primary write completed; ``ack = "both"`` also waits for the journal record to be
   durable (group commit, running concurrently with the primary write; the writes of
   each loop turn start their own commit while earlier ones run, up to four, which the
