@@ -9,15 +9,18 @@ Design notes
   :func:`cdp.targets.testing.thread.new_event_loop`).
 - Requests go to the :class:`~cdp.targets.blockdev.BlockDevice` the core opened. A method
   that returns its result directly is answered at once without creating a task (the
-  fast path); one that returns a :class:`~cdp.targets.completion.Completion` (the
-  proxy's writes) gets a plain callback that queues the reply at once, a future gets a
-  done callback, any other awaitable runs as a task; the reply goes out when it
-  completes, possibly out of order (NBD replies carry the request cookie). Replies of
-  requests completed in one loop turn leave together at its end (one ``writelines``, a
-  ``call_soon`` per turn, not per reply): the proxy completes a batch of writes at
-  once, and a send per reply was a fifth of the loop's time (issue 23). Completions
-  finished in one :func:`~cdp.targets.completion.batch` send their replies when the
-  batch ends, in the same turn (no future, no handle per write, no second turn).
+  fast path); one that returns a future gets a done callback, any other awaitable runs
+  as a task, and the reply goes out when it completes, possibly out of order (NBD
+  replies carry the request cookie). Replies of requests completed in one loop turn
+  leave together at its end (one ``writelines``, a ``call_soon`` per turn, not per
+  reply): the proxy completes a batch of writes at once, and a send per reply was a
+  fifth of the loop's time (issue 23).
+- The write-completion hook (:mod:`cdp.targets.completion`, issue 23): a device may
+  return a :class:`~cdp.targets.completion.Completion` instead (the proxy's writes).
+  It gets a plain callback that queues the reply at once; completions finished in one
+  :class:`~cdp.targets.completion.batch` (the proxy's writer hands back a batch of
+  host writes with one loop wake-up) send their replies when the batch ends, in the
+  same turn: no future, no handle per write, no second turn.
 - Every exception from a device becomes a wire error through
   :func:`cdp.targets.nbd.errors.nbd_errno`; the connection keeps going. Only a protocol
   violation (bad magic, garbage handshake) ends a connection, after sending whatever
@@ -367,9 +370,9 @@ class _NbdProtocol(asyncio.BufferedProtocol):
         return out
 
     def _start_task(self, req: Request, aw: Awaitable[Any]) -> None:
-        """Reply to *req* when *aw* completes: a future gets a done callback (no task:
-        the proxy's writes complete their futures in batches), anything else runs as a
-        task."""
+        """Reply to *req* when *aw* completes: a completion gets a plain callback (the
+        proxy's writes, finished in batches), a future a done callback (no task),
+        anything else runs as a task."""
         self.inflight += 1
         if isinstance(aw, Completion):  # the write-completion hook: a plain callback
             aw.on_done(self._completed, req)
