@@ -23,9 +23,11 @@ Design notes
   primary, on the worker pool after the earlier writes it overlaps. Either way writes
   whose ranges overlap reach the primary in the order their records were appended, so
   the journal's order and the primary's final content always agree. The common case
-  (nothing to wait for) creates no coroutine: ``write`` returns a future that the
-  writer's results (and, when asked, a journal commit) complete; the NBD server
-  replies from the future's callback, without a task. ``ack = "primary"`` replies when
+  (nothing to wait for) creates no coroutine and no future: ``write`` returns the host
+  write itself, a :class:`~cdp.targets.completion.Completion` that the writer's
+  results (and, when asked, a journal commit) finish; the NBD server registers a plain
+  callback on it, and the writes a batch finishes send their replies together at the
+  batch's end, in the turn the writer's wake-up runs. ``ack = "primary"`` replies when
   the primary write completed; ``ack = "both"`` also waits for the journal record to be
   durable (group commit, running concurrently with the primary write; the writes of
   each loop turn start their own commit while earlier ones run, up to four, which the
@@ -72,6 +74,8 @@ from cdp.proxy.drl import DEFAULT_REGION, DirtyRegionLog, check_region_bytes
 from cdp.proxy.primary import FilePrimary, open_primary
 from cdp.proxy.reconcile import Reconcile
 from cdp.proxy.workers import RangeOp, Workers, Writer
+from cdp.targets import completion
+from cdp.targets.completion import Completion
 
 log = logging.getLogger("cdp.proxy")
 
@@ -118,21 +122,22 @@ def create_drl(path: Path, size: int, region: int = DEFAULT_REGION, initial_copy
     DirtyRegionLog.create(path / DRL_NAME, size, region, copy_next=0 if initial_copy else regions).close()
 
 
-class _HostWrite:
-    """One host write between its journal append and its reply: the reply (*fut*)
-    waits for *pending* parts, the primary write and, when asked, the journal record's
-    durability."""
+class _HostWrite(Completion):
+    """One host write between its journal append and its reply, which is the write
+    itself (a :class:`~cdp.targets.completion.Completion`: the NBD server's callback,
+    or awaiters): it is finished once its *pending* parts are done, the primary write
+    and, when asked, the journal record's durability."""
 
-    __slots__ = ("data", "fua", "fut", "jerr", "length", "offset", "op", "pending", "perr", "regs", "seq")
+    __slots__ = ("data", "fua", "jerr", "length", "offset", "op", "pending", "perr", "regs", "seq")
 
-    def __init__(self, offset: int, length: int, data: bytes | bytearray | None, fua: bool, regs: range,
-                 fut: asyncio.Future[None]) -> None:
+    def __init__(self, offset: int, length: int, data: bytes | bytearray | None, fua: bool,
+                 regs: range) -> None:
+        Completion.__init__(self)
         self.offset = offset
         self.length = length
         self.data = data
         self.fua = fua
         self.regs = regs
-        self.fut = fut
         self.op: RangeOp = None  # type: ignore[assignment]  # set by _start
         self.seq = 0
         self.pending = 1
@@ -365,7 +370,7 @@ class ProxyVolume(InitialCopy, Reconcile):
             raise
         if writer.submit(w):  # the turn's first write: due background work once a turn
             self._kick()
-        return w.fut
+        return w
 
     async def _io_wait(self, offset: int, length: int, data: bytes | bytearray | None, fua: bool,
                        admitted: bool) -> None:
@@ -419,7 +424,7 @@ class ProxyVolume(InitialCopy, Reconcile):
                     raise
             else:
                 self._primary_done(w, None)
-        await w.fut
+        await w
 
     def _start(self, offset: int, length: int, data: bytes | bytearray | None, fua: bool,
                regs: range) -> tuple[_HostWrite, list[asyncio.Future[None]]]:
@@ -434,7 +439,7 @@ class ProxyVolume(InitialCopy, Reconcile):
         touch, now_tick = self._touch, self._tick_no
         for r in regs:
             touch[r] = now_tick
-        w = _HostWrite(offset, length, data, fua, regs, self._loop().create_future())
+        w = _HostWrite(offset, length, data, fua, regs)
         w.op, preds = self._ranges.add(offset, offset + length, False, self._writer is None)
         if seq is not None and (self.ack == "both" or fua or self._sync_always):
             w.seq = seq
@@ -471,14 +476,15 @@ class ProxyVolume(InitialCopy, Reconcile):
             self._jcommits -= 1
         durable = self.journal.durable_seq
         q = self._jwaiters
-        while q:
-            w = q[0]
-            if w.seq > durable:
-                if err is None or w.seq > target:
-                    break
-                w.jerr = err
-            q.popleft()
-            self._part_done(w)
+        with completion.batch():  # their replies leave together, at its end
+            while q:
+                w = q[0]
+                if w.seq > durable:
+                    if err is None or w.seq > target:
+                        break
+                    w.jerr = err
+                q.popleft()
+                self._part_done(w)
         self._durable_soon()
 
     def _write_batch(self, batch: list[_HostWrite]) -> list[BaseException | None]:
@@ -574,9 +580,12 @@ class ProxyVolume(InitialCopy, Reconcile):
                     errs[k] = e
         return True
 
-    def _writes_done(self, batch: list[_HostWrite], errs: Sequence[BaseException | None]) -> None:
-        for w, e in zip(batch, errs, strict=True):
-            self._primary_done(w, e)
+    def _writes_done(self, writes: list[_HostWrite], errs: Sequence[BaseException | None]) -> None:
+        """A batch's results, on the loop: its writes that are complete now are
+        finished in one completion batch (their NBD replies leave together at its end)."""
+        with completion.batch():
+            for w, e in zip(writes, errs, strict=True):
+                self._primary_done(w, e)
 
     def _primary_done(self, w: _HostWrite, exc: BaseException | None) -> None:
         if exc is not None:
@@ -592,25 +601,19 @@ class ProxyVolume(InitialCopy, Reconcile):
         if w.pending:
             return
         self._inactive(w.regs)
-        fut = w.fut
-        if fut.done():
+        if w.done:
             return
         perr, jerr = w.perr, w.jerr
         if perr is not None:
-            if not isinstance(perr, Exception):  # cancelled
-                fut.cancel()
-            elif isinstance(perr, (OSError, CdpError)):
-                fut.set_exception(Corruption(f"volume {self.name}: primary write failed: {perr}"))
+            if isinstance(perr, (OSError, CdpError)):
+                w.finish(Corruption(f"volume {self.name}: primary write failed: {perr}"))
             else:
-                fut.set_exception(perr)
+                w.finish(perr)  # a CancelledError cancels the awaiters
         elif jerr is not None:
             self._journal_failed(w.offset, w.length, jerr)
-            if self.ack == "both":
-                fut.set_exception(jerr)
-            else:
-                fut.set_result(None)
+            w.finish(jerr if self.ack == "both" else None)
         else:
-            fut.set_result(None)
+            w.finish()
 
     def _inactive(self, regs: range) -> None:
         active = self._active

@@ -1,6 +1,7 @@
 """Splitter (proxy) writes in process, without NBD: where a write's CPU time goes.
 
     python -m tools.bench.proxy_inproc [--writes N] [--qd 32] [--size BYTES] [--rounds 3] [--ack primary|both]
+    python -m tools.bench.proxy_inproc --fit   # CPU per write vs per batch (the thread round trip)
 
 A :class:`~cdp.proxy.volume.ProxyVolume` over a sparse primary file under uvloop; a
 driver keeps *qd* 4 KiB random writes in flight and, like an NBD client, sends the
@@ -37,6 +38,7 @@ import cdp.proxy.volume as pv
 from cdp.config import Settings, VolumeSpec
 from cdp.proxy.workers import Writer
 from cdp.store import Store
+from cdp.targets.completion import Completion
 
 MiB = 1 << 20
 
@@ -131,7 +133,15 @@ async def _drive(vol: pv.ProxyVolume, n: int, qd: int, rng: random.Random) -> No
         st["issued"] = i + 1
         r = vol.write(offs[i], data)
         assert r is not None
-        asyncio.ensure_future(r).add_done_callback(completed)  # a future as is (the fast path)
+        if isinstance(r, Completion):  # as the NBD server does: a plain callback
+            r.on_done(done, None)
+        else:
+            asyncio.ensure_future(r).add_done_callback(completed)  # a future as is
+
+    def done(_: Any, exc: BaseException | None) -> None:
+        if exc is not None:
+            raise exc
+        count()
 
     def arrivals() -> None:
         k, st["owed"] = st["owed"], 0
@@ -140,6 +150,9 @@ async def _drive(vol: pv.ProxyVolume, n: int, qd: int, rng: random.Random) -> No
 
     def completed(f: asyncio.Future[None]) -> None:
         f.result()
+        count()
+
+    def count() -> None:
         st["done"] += 1
         if st["done"] == n:
             finished.set_result(None)
@@ -300,6 +313,23 @@ def one_round(base: Path, writes: int, qd: int, size: int, ack: str, seed: int,
     return out
 
 
+def _fit(base: Path, writes: int, size: int, ack: str, rounds: int) -> int:
+    """``--fit``: per thread, CPU µs = a per write + b per batch, from the medians of
+    *rounds* runs at qd 4 and at qd 32 (batches of about 4 and 32 writes)."""
+    med: dict[int, dict[str, float]] = {}
+    for qd in (4, 32):
+        runs = [one_round(base / "r", writes, qd, size, ack, i) for i in range(rounds)]
+        med[qd] = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+    n4, n32 = med[4]["per_handoff"], med[32]["per_handoff"]
+    print(f"load average {'/'.join(f'{x:.1f}' for x in os.getloadavg())}; {writes} writes x {rounds} "
+          f"per qd, ack={ack}; writes per batch {n4:.1f} / {n32:.1f}")
+    for k in ("loop_us", "writer_us", "process_us"):
+        b = (med[4][k] - med[32][k]) / (1 / n4 - 1 / n32)
+        print(f"  {k:<12} qd4 {med[4][k]:7.2f}  qd32 {med[32][k]:7.2f}  ->  per write {med[32][k] - b / n32:6.2f}"
+              f"  per batch {b:7.2f}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--writes", type=int, default=20000)
@@ -314,10 +344,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--mirror", action="store_true", help="with --fio: a mirror volume instead (reference)")
     ap.add_argument("--inline", action="store_true",
                     help="comparison only: the primary's pwrites on the loop (no writer thread round trip)")
+    ap.add_argument("--fit", action="store_true",
+                    help="in process at qd 4 and qd 32: split each thread's CPU into a part per write "
+                         "and a part per batch (the thread round trip), fitted as a + b / writes-per-batch")
     a = ap.parse_args(argv)
     if a.no_lio:
         pv.USE_LIO = False
     base = Path(tempfile.mkdtemp(prefix="cdp-proxy-inproc-", dir=a.scratch or Path.cwd()))
+    if a.fit:
+        try:
+            return _fit(base, a.writes, a.size, a.ack, a.rounds)
+        finally:
+            shutil.rmtree(base, ignore_errors=True)
     runs: list[dict[str, float]] = []
     try:
         for i in range(a.rounds):

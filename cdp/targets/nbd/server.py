@@ -15,6 +15,12 @@ Design notes
   leave together at its end (one ``writelines``, a ``call_soon`` per turn, not per
   reply): the proxy completes a batch of writes at once, and a send per reply was a
   fifth of the loop's time (issue 23).
+- The write-completion hook (:mod:`cdp.targets.completion`, issue 23): a device may
+  return a :class:`~cdp.targets.completion.Completion` instead (the proxy's writes).
+  It gets a plain callback that queues the reply at once; completions finished in one
+  :class:`~cdp.targets.completion.batch` (the proxy's writer hands back a batch of
+  host writes with one loop wake-up) send their replies when the batch ends, in the
+  same turn: no future, no handle per write, no second turn.
 - Every exception from a device becomes a wire error through
   :func:`cdp.targets.nbd.errors.nbd_errno`; the connection keeps going. Only a protocol
   violation (bad magic, garbage handshake) ends a connection, after sending whatever
@@ -60,6 +66,7 @@ from typing import Any, cast
 
 from cdp.errors import ProtocolError
 from cdp.targets.blockdev import BlockDevice, ExportProvider
+from cdp.targets.completion import Completion, at_batch_end
 from cdp.targets.nbd.access import ClientExports, ClientRule, subject_text
 from cdp.targets.nbd.core import (
     NEED_DATA,
@@ -363,16 +370,26 @@ class _NbdProtocol(asyncio.BufferedProtocol):
         return out
 
     def _start_task(self, req: Request, aw: Awaitable[Any]) -> None:
-        """Reply to *req* when *aw* completes: a future gets a done callback (no task:
-        the proxy's writes complete their futures in batches), anything else runs as a
-        task."""
+        """Reply to *req* when *aw* completes: a completion gets a plain callback (the
+        proxy's writes, finished in batches), a future a done callback (no task),
+        anything else runs as a task."""
         self.inflight += 1
+        if isinstance(aw, Completion):  # the write-completion hook: a plain callback
+            aw.on_done(self._completed, req)
+            return
         if isinstance(aw, asyncio.Future):
             aw.add_done_callback(functools.partial(self._future_done, req))
             return
         task = asyncio.get_running_loop().create_task(self._finish(req, aw))
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
+
+    def _completed(self, req: Request, exc: BaseException | None) -> None:
+        """A :class:`~cdp.targets.completion.Completion`'s callback: queue the reply
+        now; a batch of them is sent at the batch's end (module notes)."""
+        if exc is not None and not isinstance(exc, Exception):
+            exc = ConnectionAbortedError(errno.ECONNABORTED, "request cancelled")
+        self._reply(req, None, exc)
 
     def _future_done(self, req: Request, fut: asyncio.Future[Any]) -> None:
         if fut.cancelled():
@@ -415,7 +432,7 @@ class _NbdProtocol(asyncio.BufferedProtocol):
                 self._close_transport()
         elif not self.send_scheduled:
             self.send_scheduled = True
-            asyncio.get_running_loop().call_soon(self._send_replies)
+            at_batch_end(self._send_replies)  # outside a completion batch: call_soon
 
     def _send_replies(self) -> None:
         """End of a turn that completed requests: send their replies at once, and take
