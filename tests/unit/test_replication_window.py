@@ -1,0 +1,167 @@
+"""The window of recent records (cdp/replication/window.py): the journal hands it every
+record exactly as stored; the stream's reader serves what it holds without a journal
+read, falls back to the journal for what it dropped, and still ships only durable
+records; the window exists only while a stream runs."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from pathlib import Path
+
+import pytest
+
+from cdp.journal import Journal
+from cdp.replication.source import RecordReader, ReplicationSource
+from cdp.replication.window import RecordWindow
+from cdp.volume import Volume
+from tests.unit.test_replication_stream import SECRET, _run, _target
+from tests.unit.test_volume_replica import SIZE, _drive, _same, settings
+
+
+def _count_reads(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    reads: list[int] = []
+    orig = Journal.read_stored
+
+    def counting(self: Journal, seq: int) -> bytes:
+        reads.append(seq)
+        return orig(self, seq)
+
+    monkeypatch.setattr(Journal, "read_stored", counting)
+    return reads
+
+
+def _every_kind(j: Journal, rng: random.Random) -> None:
+    """Records of every shape the writer stores: small, lz4, direct (>= 256 KiB),
+    chunked (small and direct, raw and lz4 chunks), zero, marker, rewind, error."""
+    for n in (512, 4096, 70_000, 300_000, 2_500_000):
+        j.append_write(0, rng.randbytes(n))
+        j.append_write(n, bytes(n // 2) + rng.randbytes(n - n // 2))
+        j.append_write(2 * n, bytes(n))
+    j.append_write(0, rng.randbytes(1_100_000), init=True)
+    j.append_zero(4096, 1 << 20)
+    j.append_marker(1, "m1")
+    j.append_rewind(3)
+    j.append_error(5, 0, 4096, "bad")
+
+
+def test_the_journal_hands_over_each_record_as_stored(tmp_path: Path) -> None:
+    j = Journal.open(tmp_path / "a", segment_bytes=8 << 20)
+    win = RecordWindow.attach(j, 64 << 20, "s")
+    assert win is not None and j.on_stored is win
+    _every_kind(j, random.Random(1))
+    j.sync()
+    assert (win.first, win.last) == (1, j.last_seq)
+    for seq in range(1, j.last_seq + 1):
+        assert win.get(seq) == j.read_stored(seq)
+    # append_stored (a replica that replicates on) hands over the same bytes
+    k = Journal.open(tmp_path / "b", segment_bytes=8 << 20)
+    win2 = RecordWindow.attach(k, 64 << 20, "s")
+    assert win2 is not None
+    for raw in j.scan_stored(1):
+        k.append_stored(raw)
+    assert [win2.get(s) for s in range(1, k.last_seq + 1)] == list(j.scan_stored(1))
+    win._check()
+    win2._check()
+    j.close()
+    k.close()
+
+
+def test_window_keeps_the_newest_run_within_its_cap() -> None:
+    w = RecordWindow(10_000)
+    w.first = 5
+    rng = random.Random(2)
+    sizes = {}
+    for seq in range(5, 60):
+        n = rng.choice((100, 1000, 3000))
+        sizes[seq] = n
+        w.add(seq, bytes([seq]) * n)
+        w._check()
+        assert w.last == seq
+        assert sum(sizes[s] for s in range(w.first, seq + 1)) <= 10_000
+        assert w.first == 5 or sum(sizes[s] for s in range(w.first - 1, seq + 1)) > 10_000
+    assert w.get(w.first - 1) is None and w.get(w.last + 1) is None
+    assert w.get(w.last) == bytes([w.last]) * sizes[w.last]
+    w.add(60, bytes(20_000))  # larger than the cap: the run starts after it
+    assert len(w) == 0 and w.first == 61 and w.get(60) is None
+    w.add(61, b"x")
+    w.add(70, b"y")  # not the next seq (never from one journal): starts again there
+    assert (w.first, w.last, w.get(61), w.get(70)) == (70, 70, None, b"y")
+    w._check()
+
+
+def test_reader_serves_the_window_without_a_journal_read_and_falls_back(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    async def body() -> None:
+        vol = Volume.create(tmp_path / "v", "vol0", SIZE, settings(tmp_path))
+        j = vol.journal
+        rng = random.Random(3)
+        for i in range(10):  # before the window: only in the journal
+            vol.write(i * 8192, rng.randbytes(4096))
+        win = RecordWindow.attach(j, 100_000, "s")
+        assert win is not None
+        for i in range(60):
+            vol.write(i * 8192, rng.randbytes(rng.choice((4096, 70_000))))
+        await j.commit()
+        want = list(j.scan_stored(1))
+        reads = _count_reads(monkeypatch)
+        # the newest records: served from memory, no journal read at all
+        r = RecordReader(j, win)
+        got = r.read(win.first, 1 << 30, j.last_seq)
+        assert got == want[win.first - 1:] and reads == []
+        assert r.window_hits == len(got) and r.journal_reads == 0
+        # from the start: the records evicted (and those before it) come from the journal
+        r = RecordReader(j, win)
+        out: list[bytes] = []
+        seq = 1
+        while seq <= j.last_seq:
+            frame = r.read(seq, 80_000, j.last_seq)
+            out += frame
+            seq += len(frame)
+        assert out == want
+        assert sorted(reads) == list(range(1, win.first))
+        assert r.journal_reads == win.first - 1 and r.window_hits == j.last_seq - win.first + 1
+        # only durable records, from the window too
+        vol.write(0, rng.randbytes(4096))
+        assert win.last == j.last_seq > j.durable_seq
+        assert r.read(j.last_seq, 1 << 20, j.last_seq) == []
+        await j.commit()
+        assert r.read(j.last_seq, 1 << 20, j.last_seq) == [j.read_stored(j.last_seq)]
+        vol.close()
+
+    asyncio.run(body())
+
+
+def test_window_only_while_a_stream_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No replication: the journal keeps nothing. Two streams share one window; it goes
+    with the last one; a stream that keeps up reads nothing back from the journal."""
+    async def body(src: Volume, dst: Volume) -> None:
+        j = src.journal
+        rng = random.Random(4)
+        await _drive(src, rng, 20)
+        assert j.on_stored is None
+        server, port = await _target({"vol0": dst})
+        rep = ReplicationSource(src, "127.0.0.1", port, SECRET)
+        src.attach(rep)
+        rep.start()
+        await rep.wait_acked(j.last_seq)  # catch-up: from the journal
+        assert isinstance(j.on_stored, RecordWindow)
+        assert rep._reader.journal_reads == j.last_seq
+        reads = _count_reads(monkeypatch)
+        for _ in range(5):  # live, the stream keeps up: every record from memory
+            await _drive(src, rng, 10)
+            await rep.wait_acked(j.last_seq)
+        await src.snapshot("m")
+        await rep.wait_acked(j.last_seq)
+        _same(src, dst)
+        assert reads == []
+        assert rep._reader.window_hits == 51 and rep._reader.journal_reads == 20
+        off = ReplicationSource(src, "127.0.0.1", port, SECRET, ship_window=0)
+        assert RecordWindow.attach(j, 0, off) is None  # no window: read everything back
+        rep.stop()
+        await asyncio.sleep(0.05)
+        assert j.on_stored is None
+        server.close()
+        await server.wait_closed()
+
+    _run(tmp_path, body)
