@@ -291,12 +291,12 @@ class Journal(SegmentReader):
         #: injected by the tier service (None: reads of dropped segments raise NotLocal)
         self.remote: Callable[[list[Range]], Awaitable[None]] | None = None
         self._cache_bytes = DEFAULT_CACHE_BYTES
-        #: called with (seq, the record's bytes exactly as stored) after each append that
-        #: succeeded (``last_seq`` is its seq), in seq order; the record is not durable
-        #: yet. Set by the replication source (its window of recent records,
-        #: :mod:`cdp.replication.window`); None, the default: nothing is copied, one
-        #: test per append
-        self.on_stored: Callable[[int, bytes], None] | None = None
+        #: called with (seq, the record's bytes exactly as stored, as the pieces they
+        #: join: views valid only during the call) after each append that succeeded
+        #: (``last_seq`` is its seq), in seq order; the record is not durable yet. Set by
+        #: the replication source (its window of recent records,
+        #: :mod:`cdp.replication.window`); None, the default: one test per append
+        self.on_stored: Callable[[int, Sequence[Buffer]], None] | None = None
 
     @classmethod
     def open(
@@ -452,8 +452,8 @@ class Journal(SegmentReader):
             self._w = end
         out = self._appended(seq, ts, pos, raw)
         if self.on_stored is not None:  # the record just placed, as stored
-            self.on_stored(seq, b"".join((head, payload)) if stored >= DIRECT_WRITE
-                           else bytes(self._mv[w:end]))
+            self.on_stored(seq, (head, payload) if stored >= DIRECT_WRITE
+                           else (self._mv[w:end],))
         return out
 
     def _append_chunked(self, kind: int, offset: int, data: Buffer) -> tuple[int, int]:
@@ -521,8 +521,8 @@ class Journal(SegmentReader):
             self._w = p
         out = self._appended(seq, ts, pos, n)
         if self.on_stored is not None:  # the record just placed, as stored
-            self.on_stored(seq, b"".join((head, *parts)) if stored >= DIRECT_WRITE
-                           else bytes(self._mv[w:p]))
+            self.on_stored(seq, (head, *parts) if stored >= DIRECT_WRITE
+                           else (self._mv[w:p],))
         return out
 
     def append_stored(self, data: Buffer) -> tuple[int, int]:
@@ -558,7 +558,7 @@ class Journal(SegmentReader):
             self._w = w + n
         out = self._appended(seq, ts, pos, nraw)
         if self.on_stored is not None:
-            self.on_stored(seq, raw)
+            self.on_stored(seq, (raw,))
         return out
 
     def _room(self, size: int) -> tuple[int, int]:
