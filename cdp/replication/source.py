@@ -7,9 +7,10 @@ Design notes
   replica and streams. Several targets are several services.
 - What is shipped is the journal's stored records from the seq the target reports in
   OPENED, never a scan of the volume: a reconnect, a restart and a live stream are the
-  same loop. The newest ones come from memory, from the window the journal fills as it
-  appends (:mod:`cdp.replication.window`: the bytes as stored, so the same frames),
-  the rest is read back from the journal (catch-up, a slow target, a restart). Records of
+  same loop. Records not shipped yet come from memory when the window the journal
+  fills as it appends holds them (:mod:`cdp.replication.window`: the bytes as stored,
+  so the same frames), the rest is read back from the journal (catch-up, the gaps a
+  slow target leaves, a restart). Records of
   segments the S3 tier dropped locally are fetched when the scan meets them, with the
   records that follow (up to half the read cache) in one round of ranged GETs.
 - Only **durable** records are shipped: when the journal has records beyond
@@ -131,10 +132,11 @@ class RecordReader:
     payload, and the whole record is as valid to ship.
 
     Before the journal it asks ``window`` (:class:`~cdp.replication.window.RecordWindow`,
-    the records as the journal stored them, kept as it appended them): a stream that
-    keeps up then reads nothing back (no pread, no CRC check; the target checks every
-    record as it appends it). ``window_hits`` / ``journal_reads`` count the records each
-    way."""
+    the records as the journal stored them, kept as it appended them, until every reader
+    is past them: each :meth:`read` says how far this one is): those are not read back
+    (no pread, no CRC check; the target checks every record as it appends it).
+    ``window_hits`` / ``journal_reads`` count the records each way; :meth:`close` when
+    the session ends."""
 
     def __init__(self, journal: Journal, window: RecordWindow | None = None) -> None:
         self.journal = journal
@@ -178,7 +180,14 @@ class RecordReader:
             n += len(raw)
             seq += 1
         self.window_hits += hits
+        if self.window is not None:  # what we hold or shipped may go from memory
+            self.window.passed(self, seq + (self._ahead is not None))
         return batch
+
+    def close(self) -> None:
+        """This reader reads no more (its session ended): the window keeps nothing for it."""
+        if self.window is not None:
+            self.window.forget(self)
 
 
 def verbatim_end(vol: Volume, seq: int) -> int:
@@ -491,6 +500,7 @@ class ReplicationSource(VolumeService):
             acks = asyncio.get_running_loop().create_task(self._read_acks(conn, reader))
             await self._stream(conn, writer, acks)
         finally:
+            self._reader.close()
             if acks is not None:
                 acks.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):

@@ -1,39 +1,49 @@
-"""The window of recent records: the newest stored records of a replicated volume,
-kept in memory so its streams ship them without reading the journal back.
+"""The window of recent records: stored records of a replicated volume that its streams
+have yet to ship, kept in memory so they ship without reading the journal back.
 
 Design notes
 ------------
-- **Why.** A stream that keeps up ships each record right after its commit. Read
-  back from the journal, that costs a ``read_stored`` per record (a pread and the
-  check of every CRC: 15-19 µs per 4 KiB record, ~1 ms per 1 MiB one, ~30 % of the
-  source's CPU at 1 MiB), and the target checks every CRC again when it appends. The
-  writer had those very bytes in its hands a moment before.
+- **Why.** A stream ships each record once. Read back from the journal, that costs a
+  ``read_stored`` per record (a pread and the check of every CRC: 15-20 µs per 4 KiB
+  record, 1.3-1.5 ms per 1 MiB one in one process, ~30 % of the source's CPU under 1 MiB
+  writes), and the target checks every CRC again when it appends. The writer had those
+  very bytes in its hands a moment before.
 - **How it is filled.** :class:`RecordWindow` is the journal's ``on_stored`` hook: the
   journal hands over each record's bytes exactly as it stored them (header, payload as
   compressed or chunked; as the pieces it wrote, views of its buffer or of the caller's,
   valid during the call), with its seq, after the append succeeded; the window copies
   them into one ``bytes`` (a record that arrives whole as ``bytes``, from
-  ``append_stored``, is kept as it is). Only the journal package touches segment
-  files; the window sees bytes, never files. The bytes are
-  appended, not yet durable: readers still stop at ``durable_seq``
-  (:class:`~cdp.replication.source.RecordReader`), so only durable records ship.
-- **What it holds.** An unbroken run of seqs ``first .. last`` ending at the journal's
-  newest record, at most ``cap`` bytes of records (``[replication] ship_window``, 64 MiB
-  by default); the oldest go first. A record larger than ``cap`` empties it (the run
-  starts again after it). A seq other than ``last + 1`` (never, from one journal)
-  starts the run again at that seq. So :meth:`get` answers exactly the records the
-  journal would, or None: a stream falls back to the journal for those (catch-up, a
-  target further behind than ``cap``, after a restart).
+  ``append_stored``, is kept as it is). Only the journal package touches segment files;
+  the window sees bytes, never files. The bytes are appended, not yet durable: readers
+  still stop at ``durable_seq`` (:class:`~cdp.replication.source.RecordReader`), so only
+  durable records ship.
+- **What it holds: what is still to be read.** An unbroken run of seqs ``first ..
+  last``, at most ``cap`` bytes (``[replication] ship_window``, 64 MiB by default).
+  Each reader (a stream's session) tells the window the next seq it needs
+  (:meth:`passed`); records below every reader's are dropped at once, so a stream that
+  keeps up holds only the few records between the journal's head and what it sent.
+  When a record does not fit, the run is *closed*: nothing more is kept (not even
+  copied) until the readers have read the whole run, then a new one starts at the next
+  record appended. So a target slower than the writes (the records pile up faster than
+  they ship) still gets ``cap`` bytes at a time from memory, and every record kept is
+  read from memory once: dropping the oldest instead would, under such a backlog, evict
+  each record just before the stream reaches it (copied, never served). Records not
+  kept (the gaps between runs, a catch-up, the first ones after a restart, a stream
+  reconnected from an older seq) are read from the journal. :meth:`get` answers
+  exactly the bytes the journal would, or None.
 - **When it exists.** Installed on the volume's journal by the first running stream
   (:meth:`attach`) and removed when the last one ends (:meth:`detach`): with no
   replication running, the journal keeps nothing and pays one test per append.
+  Several targets share it; the slowest holds its front (a faster one then reads the
+  journal past a closed run), which is always correct and only costs reads.
 - **Retention.** A record compacted after it was kept is served as it was appended:
   compaction only elides payloads, and the record as appended is as valid to ship (the
   target's own retention applies); ``RecordReader`` did the same for its read-ahead.
 - Cost: :meth:`add` O(1) amortised plus the copy of the record into one ``bytes``
   (measured in one process: ~4 µs per 4 KiB record, ~0.3-0.45 ms per 1 MiB one, most of
   it the fresh memory each copy lands in, against 15-20 µs and 1.3-1.5 ms for reading it
-  back); :meth:`get` O(1) near either end (a deque), O(n/64) in the middle.
+  back); nothing while the run is closed; :meth:`get` O(1) near either end (a deque),
+  O(n/64) in the middle; :meth:`passed` O(readers + records dropped).
 """
 
 from __future__ import annotations
@@ -46,7 +56,8 @@ from cdp.journal.fs import Buffer
 
 
 class RecordWindow:
-    """The newest stored records of one journal, at most ``cap`` bytes of them, by seq.
+    """Stored records of one journal its readers have yet to read, at most ``cap`` bytes
+    of them, by seq (design notes above).
 
     Not thread-safe: the journal calls it on the event loop, in seq order.
     """
@@ -58,6 +69,10 @@ class RecordWindow:
         self.first = 1
         #: bytes of the records kept
         self.nbytes = 0
+        #: the run takes more records (False: closed until the readers emptied it)
+        self.open = True
+        #: each reader's next seq (records below all of them are dropped)
+        self._readers: dict[object, int] = {}
         self._owners: set[object] = set()
 
     @property
@@ -70,29 +85,46 @@ class RecordWindow:
 
     def __call__(self, seq: int, parts: Sequence[Buffer]) -> None:
         """The journal's ``on_stored`` hook: :meth:`add` the record ``parts`` join (copied:
-        they are views valid only during the call; one ``bytes`` is kept as it is)."""
+        they are views valid only during the call; one ``bytes`` is kept as it is), unless
+        the run is closed or it does not fit (then nothing is copied)."""
+        if not self._takes(seq, sum(map(len, parts))):
+            return
         if len(parts) == 1 and type(parts[0]) is bytes:
-            self.add(seq, parts[0])
+            self._keep(parts[0])
         else:
-            self.add(seq, b"".join(parts))
+            self._keep(b"".join(parts))
 
-    def add(self, seq: int, raw: bytes) -> None:
-        """Keep record ``seq`` (its bytes as stored), dropping the oldest ones past
-        ``cap``. Runtime: O(1) amortised."""
+    def add(self, seq: int, raw: bytes) -> bool:
+        """Keep record ``seq`` (its bytes as stored) if the run takes it; whether it did.
+        Runtime: O(1) amortised."""
+        if not self._takes(seq, len(raw)):
+            return False
+        self._keep(raw)
+        return True
+
+    def _takes(self, seq: int, n: int) -> bool:
+        """Whether record ``seq`` of ``n`` bytes extends the run; a new run starts at
+        ``seq`` when the last one is empty (or, never from one journal, when ``seq`` does
+        not follow it); a record that does not fit closes the run."""
         recs = self._recs
-        if seq != self.first + len(recs):  # not the next seq: the run starts again here
+        if not recs:
+            self.first, self.nbytes, self.open = seq, 0, True
+        elif not self.open:
+            return False
+        elif seq != self.first + len(recs):
             recs.clear()
             self.first, self.nbytes = seq, 0
-        n = len(raw)
-        if n > self.cap:  # never fits: the run starts again after it
-            recs.clear()
-            self.first, self.nbytes = seq + 1, 0
-            return
-        self.nbytes += n
-        recs.append(raw)
-        while self.nbytes > self.cap:
-            self.nbytes -= len(recs.popleft())
-            self.first += 1
+        if self.nbytes + n > self.cap:
+            if recs:
+                self.open = False
+            else:  # larger than the whole window: not kept, the run starts after it
+                self.first = seq + 1
+            return False
+        return True
+
+    def _keep(self, raw: bytes) -> None:
+        self._recs.append(raw)
+        self.nbytes += len(raw)
 
     def get(self, seq: int) -> bytes | None:
         """Record ``seq`` exactly as the journal stored it, or None when it is not kept.
@@ -102,10 +134,26 @@ class RecordWindow:
             return self._recs[i]
         return None
 
+    def passed(self, reader: object, seq: int) -> None:
+        """``reader`` needs no record below ``seq`` any more (its next one is ``seq``):
+        drop what every reader is past. Runtime: O(readers + records dropped)."""
+        self._readers[reader] = seq
+        upto = min(self._readers.values())
+        recs = self._recs
+        while recs and self.first < upto:
+            self.nbytes -= len(recs.popleft())
+            self.first += 1
+
+    def forget(self, reader: object) -> None:
+        """``reader`` reads no more (its session ended): it holds nothing back."""
+        self._readers.pop(reader, None)
+
     def _check(self) -> None:
         """Assert the invariants (tests)."""
         assert self.nbytes == sum(map(len, self._recs)) <= self.cap
         assert self.first >= 1
+        if self._readers and self._recs:
+            assert self.first >= min(self._readers.values())
 
     # ------------------------------------------------------------------ the journal's hook
 

@@ -67,26 +67,31 @@ def test_the_journal_hands_over_each_record_as_stored(tmp_path: Path) -> None:
     k.close()
 
 
-def test_window_keeps_the_newest_run_within_its_cap() -> None:
+def test_window_keeps_what_is_still_to_be_read_within_its_cap() -> None:
     w = RecordWindow(10_000)
     w.first = 5
-    rng = random.Random(2)
-    sizes = {}
-    for seq in range(5, 60):
-        n = rng.choice((100, 1000, 3000))
-        sizes[seq] = n
-        w.add(seq, bytes([seq]) * n)
+    for seq in range(5, 9):  # 4 x 2,000 bytes: taken
+        assert w.add(seq, bytes([seq]) * 2000)
         w._check()
-        assert w.last == seq
-        assert sum(sizes[s] for s in range(w.first, seq + 1)) <= 10_000
-        assert w.first == 5 or sum(sizes[s] for s in range(w.first - 1, seq + 1)) > 10_000
-    assert w.get(w.first - 1) is None and w.get(w.last + 1) is None
-    assert w.get(w.last) == bytes([w.last]) * sizes[w.last]
-    w.add(60, bytes(20_000))  # larger than the cap: the run starts after it
-    assert len(w) == 0 and w.first == 61 and w.get(60) is None
-    w.add(61, b"x")
-    w.add(70, b"y")  # not the next seq (never from one journal): starts again there
-    assert (w.first, w.last, w.get(61), w.get(70)) == (70, 70, None, b"y")
+    assert not w.add(9, bytes(3000))  # does not fit: the run closes
+    assert not w.open and not w.add(10, b"x")  # closed: even what would fit waits
+    assert (w.first, w.last, w.nbytes) == (5, 8, 8000)
+    assert w.get(4) is None and w.get(9) is None and w.get(6) == bytes([6]) * 2000
+    w.passed("b", 6)  # reader b is past 5: dropped
+    w.passed("a", 7)  # a is past 6 too, but b still needs it: the slowest holds the front
+    assert (w.first, w.last) == (6, 8) and w.get(5) is None
+    w._check()
+    assert not w.add(11, b"x")  # still closed: the readers have not emptied it
+    w.passed("b", 9)
+    assert (w.first, len(w)) == (7, 2)
+    w.forget("a")  # a's session ended: b alone decides
+    w.passed("b", 20)
+    assert len(w) == 0
+    assert w.add(20, b"y") and w.open and (w.first, w.last) == (20, 20)  # a new run
+    assert not w.add(21, bytes(20_000)) and not w.open  # too large: the run closes
+    w.passed("b", 22)
+    assert len(w) == 0 and not w.add(22, bytes(20_000))  # alone and too large: not kept
+    assert w.add(23, b"z") and (w.first, w.last) == (23, 23)
     w._check()
 
 
@@ -100,17 +105,21 @@ def test_reader_serves_the_window_without_a_journal_read_and_falls_back(
             vol.write(i * 8192, rng.randbytes(4096))
         win = RecordWindow.attach(j, 100_000, "s")
         assert win is not None
-        for i in range(60):
+        for i in range(60):  # more than the window takes: it closes after ~100 KB
             vol.write(i * 8192, rng.randbytes(rng.choice((4096, 70_000))))
         await j.commit()
+        run = range(win.first, win.last + 1)
+        assert win.first == 11 and not win.open and 1 < len(run) < 50
         want = list(j.scan_stored(1))
         reads = _count_reads(monkeypatch)
-        # the newest records: served from memory, no journal read at all
+        # the run: served from memory, no journal read at all
         r = RecordReader(j, win)
-        got = r.read(win.first, 1 << 30, j.last_seq)
-        assert got == want[win.first - 1:] and reads == []
-        assert r.window_hits == len(got) and r.journal_reads == 0
-        # from the start: the records evicted (and those before it) come from the journal
+        assert r.read(win.first, 1 << 30, win.last) == want[10:win.last]
+        assert reads == [] and r.window_hits == len(run) and r.journal_reads == 0
+        assert len(win) == 0  # the only reader is past it: nothing held
+        # another reader from the start (a reconnect): those records went from memory
+        # and the ones the window never took come from the journal, same bytes
+        r.close()
         r = RecordReader(j, win)
         out: list[bytes] = []
         seq = 1
@@ -118,15 +127,16 @@ def test_reader_serves_the_window_without_a_journal_read_and_falls_back(
             frame = r.read(seq, 80_000, j.last_seq)
             out += frame
             seq += len(frame)
-        assert out == want
-        assert sorted(reads) == list(range(1, win.first))
-        assert r.journal_reads == win.first - 1 and r.window_hits == j.last_seq - win.first + 1
-        # only durable records, from the window too
+        assert out == want and sorted(reads) == list(range(1, j.last_seq + 1))
+        # the window emptied, so the next record starts a new run; only durable ones
         vol.write(0, rng.randbytes(4096))
-        assert win.last == j.last_seq > j.durable_seq
+        assert (win.first, win.last) == (j.last_seq, j.last_seq) > (j.durable_seq,) * 2
         assert r.read(j.last_seq, 1 << 20, j.last_seq) == []
         await j.commit()
-        assert r.read(j.last_seq, 1 << 20, j.last_seq) == [j.read_stored(j.last_seq)]
+        got = r.read(j.last_seq, 1 << 20, j.last_seq)
+        assert len(reads) == j.last_seq - 1 and r.window_hits == 1  # from memory
+        assert got == [j.read_stored(j.last_seq)]
+        win._check()
         vol.close()
 
     asyncio.run(body())
@@ -156,6 +166,7 @@ def test_window_only_while_a_stream_runs(tmp_path: Path, monkeypatch: pytest.Mon
         _same(src, dst)
         assert reads == []
         assert rep._reader.window_hits == 51 and rep._reader.journal_reads == 20
+        assert len(j.on_stored) == 0  # all shipped: nothing held
         off = ReplicationSource(src, "127.0.0.1", port, SECRET, ship_window=0)
         assert RecordWindow.attach(j, 0, off) is None  # no window: read everything back
         rep.stop()

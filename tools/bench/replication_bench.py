@@ -216,14 +216,16 @@ _WORKLOADS = {"4k": ("randwrite", "4k", 32, "iops"), "1m": ("write", "1M", 8, "M
 class _Pair:
     """A source and a target cdpd in ``s_dir`` / ``t_dir``, vol0 replicating to rep0."""
 
-    def __init__(self, s_dir: Path, t_dir: Path, rig: Rig | None = None) -> None:
+    def __init__(self, s_dir: Path, t_dir: Path, rig: Rig | None = None,
+                 ship_window: str | None = None) -> None:
         self.rig = rig or Rig()
         self.secret = s_dir / "secret"
         self.secret.write_bytes(SECRET)
         os.chmod(self.secret, 0o600)
         self.t_dir = t_dir
+        win = "" if ship_window is None else f'ship_window = "{ship_window}"\n'
         self.src = Cdpd(s_dir, size="1GiB", segment_bytes="64MiB",
-                        extra_config=f'\n[replication]\nsecret_file = "{self.secret}"\n')
+                        extra_config=f'\n[replication]\nsecret_file = "{self.secret}"\n{win}')
 
     def __enter__(self) -> _Pair:
         self.src.start(START_TIMEOUT)
@@ -423,17 +425,20 @@ def _catch_up(pair: _Pair, rate: int, outage: float) -> list[dict[str, Any]]:
 
 def run(quick: bool = False, scratch: Path | None = None, tmpfs: bool = False,
         rig: Rig | None = None, rows_wanted: frozenset[str] = frozenset(ROWS),
-        fio_secs: float | None = None, pairs: int | None = None) -> list[dict[str, Any]]:
+        fio_secs: float | None = None, pairs: int | None = None,
+        ship_window: str | None = None) -> list[dict[str, Any]]:
     """The rows named in ``rows_wanted`` (:data:`ROWS`) under ``rig`` (default: the split
-    rig when there are 2 or more cores), then the ``--tmpfs`` control rows."""
+    rig when there are 2 or more cores), then the ``--tmpfs`` control rows; the source's
+    ``[replication] ship_window`` is ``ship_window`` (None: the default)."""
     rig = split_rig() if rig is None else rig
     print(f"# rig {rig.describe()}", flush=True)
     with on_source_cores(rig):
-        return _run(quick, scratch, tmpfs, rig, rows_wanted, fio_secs, pairs)
+        return _run(quick, scratch, tmpfs, rig, rows_wanted, fio_secs, pairs, ship_window)
 
 
 def _run(quick: bool, scratch: Path | None, tmpfs: bool, rig: Rig, want: frozenset[str],
-         fio_secs: float | None, pairs: int | None) -> list[dict[str, Any]]:
+         fio_secs: float | None, pairs: int | None, ship_window: str | None
+         ) -> list[dict[str, Any]]:
     secs = 3.0 if quick else 20.0
     fio_secs = fio_secs if fio_secs is not None else (2 if quick else 10)
     pairs = pairs if pairs is not None else (1 if quick else 2)
@@ -447,7 +452,7 @@ def _run(quick: bool, scratch: Path | None, tmpfs: bool, rig: Rig, want: frozens
             (base / d).mkdir()
         if "disk" in want:
             rows.append(_disk(base, 256 if quick else 1024))
-        with _Pair(base / "s", base / "t", rig) as pair:
+        with _Pair(base / "s", base / "t", rig, ship_window) as pair:
             src = pair.src
             _wait_caught_up(src)
 
@@ -476,7 +481,7 @@ def _run(quick: bool, scratch: Path | None, tmpfs: bool, rig: Rig, want: frozens
                 dirs = {k: (Path(shm) if k in on_shm else Path(tmp)) / k for k in ("s", "t")}
                 for path in dirs.values():
                     path.mkdir()
-                with _Pair(dirs["s"], dirs["t"], rig) as pair:
+                with _Pair(dirs["s"], dirs["t"], rig, ship_window) as pair:
                     _wait_caught_up(pair.src)
                     rows.append(_apply_vs_ingest(pair, "1m", fio_secs, label, cap))
                     rows += _on_vs_off(pair, "1m", fio_secs, pairs, label, cap)
@@ -501,6 +506,8 @@ def main(argv: list[str] | None = None) -> int:
                     help=f"comma-separated rows to run (default: all of {','.join(ROWS)})")
     ap.add_argument("--fio-secs", type=float, help="seconds per fio run (default 10, quick 2)")
     ap.add_argument("--pairs", type=int, help="on/off pairs per ingest row (default 2, quick 1)")
+    ap.add_argument("--ship-window", help="the source's [replication] ship_window (e.g. 0: "
+                    "every record read back from the journal; default: cdpd's default)")
     ap.add_argument("--markdown", action="store_true", help="also print the rows as a markdown table")
     args = ap.parse_args(argv)
     want = frozenset(r.strip() for r in args.rows.split(",") if r.strip())
@@ -510,7 +517,8 @@ def main(argv: list[str] | None = None) -> int:
             "both": [split_rig(), Rig()]}[args.rig]
     rows: list[dict[str, Any]] = []
     for rig in rigs:
-        got = run(args.quick, args.scratch, args.tmpfs, rig, want, args.fio_secs, args.pairs)
+        got = run(args.quick, args.scratch, args.tmpfs, rig, want, args.fio_secs, args.pairs,
+                  args.ship_window)
         if len(rigs) > 1:
             for r in got:
                 r["workload"] = f"{rig.label}:{r['workload']}"
