@@ -138,15 +138,20 @@ class RecordWindow:
         """``reader`` needs no record below ``seq`` any more (its next one is ``seq``):
         drop what every reader is past. Runtime: O(readers + records dropped)."""
         self._readers[reader] = seq
+        self._drop()
+
+    def forget(self, reader: object) -> None:
+        """``reader`` reads no more (its session ended): it holds nothing back."""
+        if self._readers.pop(reader, None) is not None and self._readers:
+            self._drop()
+
+    def _drop(self) -> None:
+        """Drop the records every reader is past."""
         upto = min(self._readers.values())
         recs = self._recs
         while recs and self.first < upto:
             self.nbytes -= len(recs.popleft())
             self.first += 1
-
-    def forget(self, reader: object) -> None:
-        """``reader`` reads no more (its session ended): it holds nothing back."""
-        self._readers.pop(reader, None)
 
     def _check(self) -> None:
         """Assert the invariants (tests)."""
