@@ -349,7 +349,7 @@ class ReplicationSource(VolumeService):
         self.lineage = lineage or vol.uuid
         self.epoch = epoch
         self.window, self.batch = window, batch
-        #: bytes of the newest records kept in memory to ship (the volume's
+        #: bytes of records not shipped yet kept in memory (the volume's
         #: :class:`RecordWindow`, shared by its streams while one runs; 0: none)
         self.ship_window = ship_window
         #: bytes/s of stored records sent (0: unlimited)
