@@ -73,21 +73,20 @@ def test_window_keeps_what_is_still_to_be_read_within_its_cap() -> None:
     for seq in range(5, 9):  # 4 x 2,000 bytes: taken
         assert w.add(seq, bytes([seq]) * 2000)
         w._check()
-    assert not w.add(9, bytes(3000))  # does not fit: the run closes
-    assert not w.open and not w.add(10, b"x")  # closed: even what would fit waits
-    assert (w.first, w.last, w.nbytes) == (5, 8, 8000)
-    assert w.get(4) is None and w.get(9) is None and w.get(6) == bytes([6]) * 2000
-    w.passed("b", 6)  # reader b is past 5: dropped
+    w.passed("b", 6)  # reader b is past 5
     w.passed("a", 7)  # a is past 6 too, but b still needs it: the slowest holds the front
-    assert (w.first, w.last) == (6, 8) and w.get(5) is None
-    w._check()
-    assert not w.add(11, b"x")  # still closed: the readers have not emptied it
+    assert (w.first, w.last) == (5, 8)  # nothing dropped before room is needed
+    assert w.add(9, bytes(3000))  # room made: 5 (every reader is past it) goes, not 6
+    assert (w.first, w.last, w.nbytes) == (6, 9, 9000)
+    assert not w.add(10, bytes(3000))  # does not fit, b still needs 6: the run closes
+    assert not w.open and not w.add(11, b"x")  # closed: even what would fit waits
+    assert w.get(5) is None and w.get(10) is None and w.get(6) == bytes([6]) * 2000
     w.passed("b", 9)
-    assert (w.first, len(w)) == (7, 2)
+    assert (w.first, len(w)) == (6, 4) and not w.add(12, b"x")  # still closed
     w.forget("a")  # a's session ended: b alone decides
-    w.passed("b", 20)
-    assert len(w) == 0
-    assert w.add(20, b"y") and w.open and (w.first, w.last) == (20, 20)  # a new run
+    w.passed("b", 10)  # the closed run read whole: emptied
+    assert len(w) == 0 and w.open
+    assert w.add(20, b"y") and (w.first, w.last) == (20, 20)  # a new run
     assert not w.add(21, bytes(20_000)) and not w.open  # too large: the run closes
     w.passed("b", 22)
     assert len(w) == 0 and not w.add(22, bytes(20_000))  # alone and too large: not kept
@@ -116,7 +115,7 @@ def test_reader_serves_the_window_without_a_journal_read_and_falls_back(
         r = RecordReader(j, win)
         assert r.read(win.first, 1 << 30, win.last) == want[10:win.last]
         assert reads == [] and r.window_hits == len(run) and r.journal_reads == 0
-        assert len(win) == 0  # the only reader is past it: nothing held
+        assert win.open and len(win) == 0  # the closed run read whole: emptied, reopened
         # another reader from the start (a reconnect): those records went from memory
         # and the ones the window never took come from the journal, same bytes
         r.close()
@@ -166,7 +165,7 @@ def test_window_only_while_a_stream_runs(tmp_path: Path, monkeypatch: pytest.Mon
         _same(src, dst)
         assert reads == []
         assert rep._reader.window_hits == 51 and rep._reader.journal_reads == 20
-        assert len(j.on_stored) == 0  # all shipped: nothing held
+        assert j.on_stored.open and len(j.on_stored) == 51  # kept until room is needed
         off = ReplicationSource(src, "127.0.0.1", port, SECRET, ship_window=0)
         assert RecordWindow.attach(j, 0, off) is None  # no window: read everything back
         rep.stop()
