@@ -299,6 +299,9 @@ class ReplicationSettings:
     tls_cert: str = ""
     tls_key: str = ""
     tls_ca: str = ""
+    #: bytes of each replicated volume's newest stored records kept in memory, which its
+    #: streams ship without reading the journal back (0: read everything back)
+    ship_window: int = 64 << 20
 
 
 def read_secret(path: str, key: str = "replication.secret_file") -> bytes:
@@ -321,12 +324,14 @@ def read_secret(path: str, key: str = "replication.secret_file") -> bytes:
 def _replication(raw: Any) -> ReplicationSettings:
     d = ReplicationSettings()
     t = _table(raw, "replication", {"listen": _str, "secret_file": _str, "create": _bool,
-                                    "tls_cert": _str, "tls_key": _str, "tls_ca": _str})
+                                    "tls_cert": _str, "tls_key": _str, "tls_ca": _str,
+                                    "ship_window": _size(0)})
     lst = d.listen
     if "listen" in t:
         lst = _listener(t["listen"], "replication.listen", d.listen.port, True)
     rs = ReplicationSettings(lst, t.get("secret_file", ""), t.get("create", d.create),
-                             t.get("tls_cert", ""), t.get("tls_key", ""), t.get("tls_ca", ""))
+                             t.get("tls_cert", ""), t.get("tls_key", ""), t.get("tls_ca", ""),
+                             t.get("ship_window", d.ship_window))
     tls = [k for k in ("tls_cert", "tls_key", "tls_ca") if t.get(k)]
     if tls and len(tls) != 3:
         raise ConfigError("replication: tls_cert, tls_key and tls_ca go together "

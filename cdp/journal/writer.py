@@ -291,6 +291,12 @@ class Journal(SegmentReader):
         #: injected by the tier service (None: reads of dropped segments raise NotLocal)
         self.remote: Callable[[list[Range]], Awaitable[None]] | None = None
         self._cache_bytes = DEFAULT_CACHE_BYTES
+        #: called with (seq, the record's bytes exactly as stored, as the pieces they
+        #: join: views valid only during the call) after each append that succeeded
+        #: (``last_seq`` is its seq), in seq order; the record is not durable yet. Set by
+        #: the replication source (its window of recent records,
+        #: :mod:`cdp.replication.window`); None, the default: one test per append
+        self.on_stored: Callable[[int, Sequence[Buffer]], None] | None = None
 
     @classmethod
     def open(
@@ -444,7 +450,11 @@ class Journal(SegmentReader):
             mv[w + RECORD_HEADER_SIZE : end] = payload
             _U32_PACK_INTO(self._buf, w + 4, _CRC(mv[w + CRC_START : end]))
             self._w = end
-        return self._appended(seq, ts, pos, raw)
+        out = self._appended(seq, ts, pos, raw)
+        if self.on_stored is not None:  # the record just placed, as stored
+            self.on_stored(seq, (head, payload) if stored >= DIRECT_WRITE
+                           else (self._mv[w:end],))
+        return out
 
     def _append_chunked(self, kind: int, offset: int, data: Buffer) -> tuple[int, int]:
         """Append a data record of more than one chunk: chunk table + chunks."""
@@ -509,7 +519,11 @@ class Journal(SegmentReader):
                 mv_buf[p : p + k] = c
                 p += k
             self._w = p
-        return self._appended(seq, ts, pos, n)
+        out = self._appended(seq, ts, pos, n)
+        if self.on_stored is not None:  # the record just placed, as stored
+            self.on_stored(seq, (head, *parts) if stored >= DIRECT_WRITE
+                           else (self._mv[w:p],))
+        return out
 
     def append_stored(self, data: Buffer) -> tuple[int, int]:
         """Append a record another journal stored (:meth:`read_stored` there), verbatim:
@@ -542,7 +556,10 @@ class Journal(SegmentReader):
                 self._arm_flush_timer()
             self._mv[w : w + n] = raw
             self._w = w + n
-        return self._appended(seq, ts, pos, nraw)
+        out = self._appended(seq, ts, pos, nraw)
+        if self.on_stored is not None:
+            self.on_stored(seq, (raw,))
+        return out
 
     def _room(self, size: int) -> tuple[int, int]:
         """Make room for a record of ``size`` bytes (header included): start a new

@@ -85,7 +85,8 @@ def _source(store: Store, vol: Volume, entry: dict[str, Any]) -> ReplicationSour
                             fork_seq=role.epochs[-1][1] - 1 if role.epoch > 1 else 0,
                             epochs=role.epochs,
                             rate=int(entry.get("rate", 0)),
-                            tls=client_context(store.settings.replication))
+                            tls=client_context(store.settings.replication),
+                            ship_window=store.settings.replication.ship_window)
     src.acked_seq = int(entry.get("acked_seq", 0))
     src.persist = _persist
     vol.attach(src)

@@ -5,9 +5,12 @@ Design notes
 - :class:`ReplicationSource` is a :class:`~cdp.volume.VolumeService`: ``on_record``
   only sets an event (O(1), no I/O); its own task connects, authenticates, opens the
   replica and streams. Several targets are several services.
-- What is shipped is read back from the journal (``scan_stored`` from the seq the
-  target reports in OPENED), never taken from the write path and never from a scan of
-  the volume: a reconnect, a restart and a live stream are the same loop. Records of
+- What is shipped is the journal's stored records from the seq the target reports in
+  OPENED, never a scan of the volume: a reconnect, a restart and a live stream are the
+  same loop. Records not shipped yet come from memory when the window the journal
+  fills as it appends holds them (:mod:`cdp.replication.window`: the bytes as stored,
+  so the same frames), the rest is read back from the journal (catch-up, the gaps a
+  slow target leaves, a restart). Records of
   segments the S3 tier dropped locally are fetched when the scan meets them, with the
   records that follow (up to half the read cache) in one round of ranged GETs.
 - Only **durable** records are shipped: when the journal has records beyond
@@ -30,9 +33,9 @@ Design notes
   last seq, the blocks ``changed()`` reports since the source's newest point at or
   before it, read from the volume at ``Q``, then record ``Q`` as stored. Streaming
   resumes after ``Q``. State ``catching-up`` with a ``reason`` meanwhile.
-- All catch-up reads of the journal are :class:`RecordReader`'s (one place to hook
-  another source of records; one ``read_stored`` per record, see its notes); the
-  fallback's are :meth:`Fallback.records`.
+- All reads of the records a stream ships are :class:`RecordReader`'s (the window
+  first, then one ``read_stored`` per record, see its notes); the fallback's are
+  :meth:`Fallback.records`.
 - Connection loss: state ``disconnected``, retry after 1 s (doubling to 30 s). A
   REFUSED from the target (auth, epoch, lineage, diverged, ...): state ``refused``,
   no retry until restarted; except ``busy``, which is retried as a lost connection
@@ -71,6 +74,7 @@ from cdp.replication.protocol import (
     Refused,
     SourceConnection,
 )
+from cdp.replication.window import RecordWindow
 from cdp.replication.wire import send
 from cdp.volume import Volume, VolumeService
 
@@ -123,28 +127,44 @@ class RecordReader:
     MiB of 1 MiB records against 1.47, 14.7 µs per 4 KiB record against 17.6; right
     after their commit (a stream that keeps up) 1.03 ms against 1.22 and 18.9 µs against
     19.4. The record read past a frame's budget (one must be read to know it does not
-    fit) is kept for the next frame, so each record is read and checked once. A kept record is as stored when read; a compaction meanwhile could only have
-    elided its payload, and the whole record is as valid to ship."""
+    fit) is kept for the next frame, so each record is read and checked once. A kept
+    record is as stored when read; a compaction meanwhile could only have elided its
+    payload, and the whole record is as valid to ship.
 
-    def __init__(self, journal: Journal) -> None:
+    Before the journal it asks ``window`` (:class:`~cdp.replication.window.RecordWindow`,
+    the records as the journal stored them, kept as it appended them, until every reader
+    is past them: each :meth:`read` says how far this one is): those are not read back
+    (no pread, no CRC check; the target checks every record as it appends it).
+    ``window_hits`` / ``journal_reads`` count the records each way; :meth:`close` when
+    the session ends."""
+
+    def __init__(self, journal: Journal, window: RecordWindow | None = None) -> None:
         self.journal = journal
+        self.window = window
         self._ahead: tuple[int, bytes] | None = None
+        self.window_hits = 0
+        self.journal_reads = 0
 
     def read(self, first: int, budget: int, last: int) -> list[bytes]:
         """The stored records ``first ..`` (at most ``last``, every one durable) for one
         RECORDS frame: at least one, then as many as fit in ``budget`` bytes; NotLocal
         (tiered history the caller fetches) if the first is not here. Cost: one or two
         preads and the CRC check of each record returned (the next one's when it did not
-        fit, kept for the next call)."""
+        fit, kept for the next call); none for the records the window holds."""
         j = self.journal
         last = min(last, j.durable_seq)
         ahead, self._ahead = self._ahead, None
+        get = self.window.get if self.window is not None else None
         batch: list[bytes] = []
         n = 0
         seq = first
+        hits = 0
         while seq <= last:
             if ahead is not None and ahead[0] == seq:
                 raw = ahead[1]
+            elif get is not None and (kept := get(seq)) is not None:
+                raw = kept
+                hits += 1
             else:
                 try:
                     raw = j.read_stored(seq)
@@ -152,13 +172,22 @@ class RecordReader:
                     if not batch:
                         raise
                     break
+                self.journal_reads += 1
             if batch and n + len(raw) > budget:
                 self._ahead = (seq, raw)
                 break
             batch.append(raw)
             n += len(raw)
             seq += 1
+        self.window_hits += hits
+        if self.window is not None:  # what we hold or shipped may go from memory
+            self.window.passed(self, seq + (self._ahead is not None))
         return batch
+
+    def close(self) -> None:
+        """This reader reads no more (its session ended): the window keeps nothing for it."""
+        if self.window is not None:
+            self.window.forget(self)
 
 
 def verbatim_end(vol: Volume, seq: int) -> int:
@@ -311,7 +340,7 @@ class ReplicationSource(VolumeService):
                  as_name: str | None = None, name: str = "cdp", lineage: str | None = None,
                  epoch: int = 1, window: int = 64 << 20, batch: int = 4 << 20,
                  rate: int = 0, tls: ssl.SSLContext | None = None, fork_seq: int = 0,
-                 epochs: list[list[int]] | None = None) -> None:
+                 epochs: list[list[int]] | None = None, ship_window: int = 64 << 20) -> None:
         self.vol = vol
         self.host, self.port = host, port
         self._secret = secret
@@ -320,6 +349,9 @@ class ReplicationSource(VolumeService):
         self.lineage = lineage or vol.uuid
         self.epoch = epoch
         self.window, self.batch = window, batch
+        #: bytes of records not shipped yet kept in memory (the volume's
+        #: :class:`RecordWindow`, shared by its streams while one runs; 0: none)
+        self.ship_window = ship_window
         #: bytes/s of stored records sent (0: unlimited)
         self.rate = rate
         self._due = 0.0  # monotonic time the next frame may go (with rate)
@@ -420,10 +452,19 @@ class ReplicationSource(VolumeService):
     # ------------------------------------------------------------------ the task
 
     async def _run(self) -> None:
+        j = self.vol.journal
+        token = object()  # this run's hold on the window (a restart overlaps its end)
+        win = RecordWindow.attach(j, self.ship_window, token)
+        try:
+            await self._retry(win)
+        finally:
+            RecordWindow.detach(j, token)
+
+    async def _retry(self, win: RecordWindow | None) -> None:
         delay = 1.0
         while True:
             try:
-                await self._session()
+                await self._session(win)
                 delay = 1.0
             except _Stop:
                 return
@@ -438,7 +479,7 @@ class ReplicationSource(VolumeService):
             await asyncio.sleep(delay)
             delay = min(30.0, delay * 2)
 
-    async def _session(self) -> None:
+    async def _session(self, win: RecordWindow | None) -> None:
         reader, writer = await asyncio.open_connection(
             self.host, self.port, ssl=self.tls, server_hostname=self.host if self.tls else None)
         conn = SourceConnection(self._secret, peer=self.target)
@@ -455,10 +496,11 @@ class ReplicationSource(VolumeService):
             assert isinstance(ev, Opened)
             self._check_tip(ev)
             self.acked_seq = ev.applied_seq
-            self._reader = RecordReader(j)
+            self._reader = RecordReader(j, win)
             acks = asyncio.get_running_loop().create_task(self._read_acks(conn, reader))
             await self._stream(conn, writer, acks)
         finally:
+            self._reader.close()
             if acks is not None:
                 acks.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):

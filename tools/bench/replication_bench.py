@@ -29,7 +29,13 @@ replicating vol0 to the target over loopback.
 - **Control rows, on tmpfs** (``--tmpfs``; marked ``tmpfs:``): the 1 MiB rows again with
   the target's store on /dev/shm, then with both stores there. They show the share of
   the disk: with replication on, every byte is fdatasync'ed on the source (it ships only
-  durable records) and again on the target, on the same disk here.
+  durable records) and again on the target, on the same disk here. Every byte written
+  is kept as history (by both stores: the "off" runs are shipped when replication
+  starts again), so each fio run of these rows is capped (``--io_size``): the runs
+  of one store pair together write at most :data:`TMPFS_SHARE` of what /dev/shm has
+  free when the rows start, and one run never more than :data:`TMPFS_RUN_CAP`; a run
+  that reaches its cap ends early (its rate is what it wrote in its time). Each pair's
+  stores are removed before the next pair starts.
 
 - **The rig: split cores** (``--rig split``, the default with 2 or more cores): in
   production the target is another appliance at another site, but here both cdpd run
@@ -77,6 +83,12 @@ SIZE = 1 << 30
 SECRET = b"replication-bench-secret-0123456789"
 #: seconds a cdpd may take to start (the machine is shared: a loaded one is slow)
 START_TIMEOUT = 120.0
+#: bytes one fio run of the ``--tmpfs`` rows writes at most (stores on /dev/shm)
+TMPFS_RUN_CAP = 2 << 30
+#: the share of /dev/shm's free space the runs of one ``--tmpfs`` store pair may fill
+TMPFS_SHARE = 0.4
+#: the ``--tmpfs`` rows are skipped when a run could write less than this
+TMPFS_MIN_RUN = 64 << 20
 
 
 def _free_port() -> int:
@@ -204,14 +216,16 @@ _WORKLOADS = {"4k": ("randwrite", "4k", 32, "iops"), "1m": ("write", "1M", 8, "M
 class _Pair:
     """A source and a target cdpd in ``s_dir`` / ``t_dir``, vol0 replicating to rep0."""
 
-    def __init__(self, s_dir: Path, t_dir: Path, rig: Rig | None = None) -> None:
+    def __init__(self, s_dir: Path, t_dir: Path, rig: Rig | None = None,
+                 ship_window: str | None = None) -> None:
         self.rig = rig or Rig()
         self.secret = s_dir / "secret"
         self.secret.write_bytes(SECRET)
         os.chmod(self.secret, 0o600)
         self.t_dir = t_dir
+        win = "" if ship_window is None else f'ship_window = "{ship_window}"\n'
         self.src = Cdpd(s_dir, size="1GiB", segment_bytes="64MiB",
-                        extra_config=f'\n[replication]\nsecret_file = "{self.secret}"\n')
+                        extra_config=f'\n[replication]\nsecret_file = "{self.secret}"\n{win}')
 
     def __enter__(self) -> _Pair:
         self.src.start(START_TIMEOUT)
@@ -298,10 +312,31 @@ def _disk(scratch: Path, mib: int) -> dict[str, Any]:
     return _row("repl-disk-dd-fdatasync-1m", mbps, mbps, "dd conv=fdatasync", "MB/s", None)
 
 
-def _apply_vs_ingest(pair: _Pair, wl: str, fio_secs: float, label: str = "") -> dict[str, Any]:
-    rw, bs, depth, unit = _WORKLOADS[wl]
+def _fio(uri: str, wl: str, secs: float, cap: int | None) -> dict[str, float]:
+    """fio's ``wl`` for ``secs`` seconds, ending early after ``cap`` bytes (None: no
+    cap). A capped run is not ``time_based`` (fio then loops over the region and no
+    byte limit holds): ``--io_size`` bounds it and ``--runtime`` still ends it."""
+    rw, bs, depth, _unit = _WORKLOADS[wl]
+    if cap is None:
+        return fio(uri, rw, bs, depth, 1, secs, SIZE)
+    return fio(uri, rw, bs, depth, 1, 0, SIZE, (f"--io_size={cap}", f"--runtime={secs}"))
+
+
+def tmpfs_run_cap(free: int, pairs: int) -> int:
+    """Bytes one fio run of the ``--tmpfs`` rows may write, with ``free`` bytes free on
+    /dev/shm: a store pair runs one apply row and ``pairs`` on/off pairs (``1 + 2 *
+    pairs`` runs), every run's bytes kept by the source and shipped to the target, so
+    with both stores there ``2 + 4 * pairs`` copies; together under :data:`TMPFS_SHARE`
+    of ``free``, one under :data:`TMPFS_RUN_CAP`."""
+    copies = 2 + 4 * pairs
+    return min(TMPFS_RUN_CAP, int(free * TMPFS_SHARE) // copies)
+
+
+def _apply_vs_ingest(pair: _Pair, wl: str, fio_secs: float, label: str = "",
+                     cap: int | None = None) -> dict[str, Any]:
+    unit = _WORKLOADS[wl][3]
     t0 = time.monotonic()
-    res = fio(pair.src.uri(), rw, bs, depth, 1, fio_secs, SIZE)
+    res = _fio(pair.src.uri(), wl, fio_secs, cap)
     t1 = time.monotonic()
     t2 = _wait_caught_up(pair.src)
     ratio = (t1 - t0) / (t2 - t0)
@@ -316,12 +351,12 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def _on_vs_off(pair: _Pair, wl: str, fio_secs: float, pairs: int, label: str = ""
-               ) -> list[dict[str, Any]]:
+def _on_vs_off(pair: _Pair, wl: str, fio_secs: float, pairs: int, label: str = "",
+               cap: int | None = None) -> list[dict[str, Any]]:
     """Source ingest with replication on / off, alternated; and the source cdpd's CPU
     per write in each arm (on: until the target acknowledged the run's last write, so
     the shipping of the run is in it)."""
-    rw, bs, depth, unit = _WORKLOADS[wl]
+    unit = _WORKLOADS[wl][3]
     on: list[float] = []
     off: list[float] = []
     cpu: dict[str, list[float]] = {"on": [], "off": []}
@@ -335,7 +370,7 @@ def _on_vs_off(pair: _Pair, wl: str, fio_secs: float, pairs: int, label: str = "
                 pair.start()
                 _wait_caught_up(pair.src)
             c0 = _cpu_seconds(pid)
-            res = fio(pair.src.uri(), rw, bs, depth, 1, fio_secs, SIZE)
+            res = _fio(pair.src.uri(), wl, fio_secs, cap)
             if state == "on":
                 _wait_caught_up(pair.src)
             cpu[state].append((_cpu_seconds(pid) - c0) / max(1.0, res["ios"]) * 1e6)
@@ -390,17 +425,20 @@ def _catch_up(pair: _Pair, rate: int, outage: float) -> list[dict[str, Any]]:
 
 def run(quick: bool = False, scratch: Path | None = None, tmpfs: bool = False,
         rig: Rig | None = None, rows_wanted: frozenset[str] = frozenset(ROWS),
-        fio_secs: float | None = None, pairs: int | None = None) -> list[dict[str, Any]]:
+        fio_secs: float | None = None, pairs: int | None = None,
+        ship_window: str | None = None) -> list[dict[str, Any]]:
     """The rows named in ``rows_wanted`` (:data:`ROWS`) under ``rig`` (default: the split
-    rig when there are 2 or more cores), then the ``--tmpfs`` control rows."""
+    rig when there are 2 or more cores), then the ``--tmpfs`` control rows; the source's
+    ``[replication] ship_window`` is ``ship_window`` (None: the default)."""
     rig = split_rig() if rig is None else rig
     print(f"# rig {rig.describe()}", flush=True)
     with on_source_cores(rig):
-        return _run(quick, scratch, tmpfs, rig, rows_wanted, fio_secs, pairs)
+        return _run(quick, scratch, tmpfs, rig, rows_wanted, fio_secs, pairs, ship_window)
 
 
 def _run(quick: bool, scratch: Path | None, tmpfs: bool, rig: Rig, want: frozenset[str],
-         fio_secs: float | None, pairs: int | None) -> list[dict[str, Any]]:
+         fio_secs: float | None, pairs: int | None, ship_window: str | None
+         ) -> list[dict[str, Any]]:
     secs = 3.0 if quick else 20.0
     fio_secs = fio_secs if fio_secs is not None else (2 if quick else 10)
     pairs = pairs if pairs is not None else (1 if quick else 2)
@@ -414,7 +452,7 @@ def _run(quick: bool, scratch: Path | None, tmpfs: bool, rig: Rig, want: frozens
             (base / d).mkdir()
         if "disk" in want:
             rows.append(_disk(base, 256 if quick else 1024))
-        with _Pair(base / "s", base / "t", rig) as pair:
+        with _Pair(base / "s", base / "t", rig, ship_window) as pair:
             src = pair.src
             _wait_caught_up(src)
 
@@ -431,16 +469,22 @@ def _run(quick: bool, scratch: Path | None, tmpfs: bool, rig: Rig, want: frozens
             if "catchup" in want:
                 rows += _catch_up(pair, link, 10.0 if quick else 60.0)
     if tmpfs:  # control rows: how much of the 1 MiB rows is the disk
+        st = os.statvfs("/dev/shm")
+        cap = tmpfs_run_cap(st.f_bavail * st.f_frsize, pairs)
+        print(f"# tmpfs rows: each fio run writes at most {cap >> 20} MiB"
+              + ("" if cap >= TMPFS_MIN_RUN else ": too little, skipped"), flush=True)
         for label, on_shm in (("tmpfs:t ", ("t",)), ("tmpfs:st ", ("s", "t"))):
+            if cap < TMPFS_MIN_RUN:
+                break
             with tempfile.TemporaryDirectory(dir=scratch) as tmp, \
                     tempfile.TemporaryDirectory(dir="/dev/shm") as shm:
                 dirs = {k: (Path(shm) if k in on_shm else Path(tmp)) / k for k in ("s", "t")}
                 for path in dirs.values():
                     path.mkdir()
-                with _Pair(dirs["s"], dirs["t"], rig) as pair:
+                with _Pair(dirs["s"], dirs["t"], rig, ship_window) as pair:
                     _wait_caught_up(pair.src)
-                    rows.append(_apply_vs_ingest(pair, "1m", fio_secs, label))
-                    rows += _on_vs_off(pair, "1m", fio_secs, pairs, label)
+                    rows.append(_apply_vs_ingest(pair, "1m", fio_secs, label, cap))
+                    rows += _on_vs_off(pair, "1m", fio_secs, pairs, label, cap)
     return rows
 
 
@@ -462,6 +506,8 @@ def main(argv: list[str] | None = None) -> int:
                     help=f"comma-separated rows to run (default: all of {','.join(ROWS)})")
     ap.add_argument("--fio-secs", type=float, help="seconds per fio run (default 10, quick 2)")
     ap.add_argument("--pairs", type=int, help="on/off pairs per ingest row (default 2, quick 1)")
+    ap.add_argument("--ship-window", help="the source's [replication] ship_window (e.g. 0: "
+                    "every record read back from the journal; default: cdpd's default)")
     ap.add_argument("--markdown", action="store_true", help="also print the rows as a markdown table")
     args = ap.parse_args(argv)
     want = frozenset(r.strip() for r in args.rows.split(",") if r.strip())
@@ -471,7 +517,8 @@ def main(argv: list[str] | None = None) -> int:
             "both": [split_rig(), Rig()]}[args.rig]
     rows: list[dict[str, Any]] = []
     for rig in rigs:
-        got = run(args.quick, args.scratch, args.tmpfs, rig, want, args.fio_secs, args.pairs)
+        got = run(args.quick, args.scratch, args.tmpfs, rig, want, args.fio_secs, args.pairs,
+                  args.ship_window)
         if len(rigs) > 1:
             for r in got:
                 r["workload"] = f"{rig.label}:{r['workload']}"
