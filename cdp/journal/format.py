@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from enum import IntEnum
 
 import lz4.block
+import numpy as np
+import numpy.typing as npt
 from crc32c import crc32c
 
 from cdp.errors import Corruption, PointError
@@ -373,6 +375,77 @@ def chunk_ok(data: bytes | memoryview, table: ChunkTable, i: int) -> bool:
     got = array("I", [crc32c(mv[g : g + GRANULE_SIZE]) for g in range(0, len(mv), GRANULE_SIZE)])
     base = GRANULES * i
     return got == gr[base : base + len(got)]  # one C comparison (half the cost of a loop)
+
+
+def first_bad_chunk(stored: memoryview, table: ChunkTable) -> int | None:
+    """The first chunk of a chunked record's stored payload ``stored`` (tables included,
+    as ``table.starts`` counts) whose bytes do not match their CRC(s), or None: the
+    check of :func:`chunk_ok` for every chunk, in fewer calls.
+
+    Design notes: a raw 64 KiB chunk of a version 3 record carries 16 granule CRCs, and
+    16 ``crc32c`` calls of 4 KiB cost ~3.5 times one call over the chunk (per call and
+    unrolled-loop costs: ~210 against ~60 µs per MiB here). CRC32C composes: for the
+    CRCs ``a`` of bytes A and ``b`` of B, ``crc(A + B) = M(len B) a ^ b`` with ``M(n)``
+    the GF(2)-linear advance of the register over n zero bytes (zlib's crc32_combine).
+    So the granule CRCs of a full raw chunk give the CRC of the whole chunk,
+    ``XOR_g M(4096 (15 - g)) crc_g``, computed for all the record's full raw chunks at
+    once from 16 x 4 byte tables (:func:`_advance_tables`, built once, 64 KiB), and one
+    ``crc32c`` per chunk compares it with its bytes. The same bytes pass and fail as
+    with the per-granule check, up to a CRC collision (2^-32 per damaged chunk, the
+    strength of a chunk's CRC); the granule CRCs themselves are covered by the record
+    CRC. Other chunks (lz4, elided, the last one when short, version 2) go through
+    :func:`chunk_ok`. Cost: one CRC pass over the payload plus O(chunks) table lookups.
+    """
+    st = table.starts
+    gr = table.granules
+    comps = table.comps
+    n = table.count
+    full: list[int] = []
+    if gr is not None:
+        full = [i for i in range(n)
+                if comps[i] == Compression.NONE and st[i + 1] - st[i] == CHUNK_SIZE]
+    good: dict[int, bool] = {}
+    if len(full) > 1:
+        tabs = _advance_tables()
+        g = np.frombuffer(gr, dtype=np.uint32).reshape(n, GRANULES)[full]
+        by = g.astype("<u4").view(np.uint8).reshape(len(full), GRANULES, 4)
+        # (numpy's stubs have no overload of ufunc.reduce for an axis: ignored below)
+        want = np.bitwise_xor.reduce(  # type: ignore[call-overload]
+            tabs[_SHIFTS, _BYTES, by].reshape(len(full), -1), axis=1)
+        got = np.array([crc32c(stored[st[i] : st[i + 1]]) for i in full], dtype=np.uint32)
+        good = dict(zip(full, (want == got).tolist(), strict=True))
+    for i in range(n):
+        ok = good.get(i)
+        if ok is None:
+            ok = chunk_ok(stored[st[i] : st[i + 1]], table, i)
+        if not ok:
+            return i
+    return None
+
+
+_ADVANCE: npt.NDArray[np.uint32] | None = None
+#: for the granules of a full chunk: how many granules follow each one, and byte lanes
+_SHIFTS = (GRANULES - 1 - np.arange(GRANULES))[None, :, None]
+_BYTES = np.arange(4)[None, None, :]
+
+
+def _advance_tables() -> npt.NDArray[np.uint32]:
+    """``T[k, b, v]``: the CRC32C register ``v << 8b`` advanced over ``k`` granules of
+    zero bytes (``M(4096 k)`` above), u32, shape (GRANULES, 4, 256); built on first use
+    from ``crc32c`` itself (``M(n) x = crc32c(zeros(n), x) ^ crc32c(zeros(n), 0)``,
+    linear in ``x``). Cost once: 512 CRCs of up to 60 KiB (a few ms)."""
+    global _ADVANCE
+    if _ADVANCE is None:
+        basis = np.zeros((GRANULES, 32), dtype=np.uint32)
+        for k in range(GRANULES):
+            z = bytes(GRANULE_SIZE * k)
+            c0 = crc32c(z, 0)
+            basis[k] = [crc32c(z, 1 << j) ^ c0 for j in range(32)]
+        bits = ((np.arange(256)[:, None] >> np.arange(8)) & 1).astype(np.uint32)  # (256, 8)
+        # T[k, b, v] = XOR over the bits j of v of basis[k, 8b + j]
+        sel = bits[None, None, :, :] * basis.reshape(GRANULES, 4, 1, 8)
+        _ADVANCE = np.bitwise_xor.reduce(sel, axis=3)  # type: ignore[call-overload]
+    return _ADVANCE
 
 
 def decode_chunk(data: bytes | memoryview, table: ChunkTable, index: int, where: str) -> bytes:

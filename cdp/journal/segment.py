@@ -32,10 +32,10 @@ from cdp.journal.format import (
     SEGMENT_HEADER_SIZE,
     Compression,
     check_segment_header,
-    chunk_ok,
     covered_size,
     decode_chunks,
     decode_payload,
+    first_bad_chunk,
     header_problem,
     index_name,
     parse_chunk_table,
@@ -169,13 +169,14 @@ class ReadWindow:
 
 
 def _check_at(
-    win: ReadWindow, pos: int, size: int, deep: bool, where: str
+    win: ReadWindow, pos: int, size: int, deep: bool, where: str, chunks: bool = True
 ) -> tuple[str | None, bool, int, int, int, int]:
     """Validate the record at ``pos``: (reason, crc_ok, stored, seq, ts, raw).
 
     ``reason`` None means valid. ``crc_ok`` True with a reason means the bytes are as
     written but structurally wrong (a writer bug, not a torn write). Every byte is
-    checked: the record CRC and, for a chunked record, every chunk's CRC.
+    checked: the record CRC and, for a chunked record, every chunk's CRC (not those
+    with ``chunks`` False: see :func:`check_record`).
     """
     if size - pos < RECORD_HEADER_SIZE:
         return "truncated record header", False, 0, 0, 0, 0
@@ -201,10 +202,8 @@ def _check_at(
         if isinstance(table, str):
             bad = table
         else:
-            st = table.starts
-            for i in range(table.count):
-                if not chunk_ok(stored[st[i] : st[i + 1]], table, i):
-                    return f"bad checksum in chunk {i}", False, slen, seq, ts, 0
+            if chunks and (i := first_bad_chunk(stored, table)) is not None:
+                return f"bad checksum in chunk {i}", False, slen, seq, ts, 0
             if deep:
                 try:
                     decode_chunks(stored, length, where, ver)
@@ -221,17 +220,23 @@ def _check_at(
     return bad, True, slen, seq, ts, raw
 
 
-def check_record(data: bytes) -> tuple[str | None, int, int, int]:
+def check_record(data: bytes, chunks: bool = True) -> tuple[str | None, int, int, int]:
     """Check one whole stored record (header + stored payload, nothing after it) held in
     memory, as recovery checks records on disk: every byte under its CRC (the record CRC,
     every chunk's or granule's), the header's structure, and for MARKER, REWIND and ERROR
     the payload layout. Returns (reason or None, seq, timestamp, raw bytes for stats).
-    Cost: O(len(data)) CRC, no decompression."""
+    Cost: O(len(data)) CRC, no decompression.
+
+    ``chunks`` False leaves out the chunks' and granules' own CRCs of a chunked record
+    (the record CRC still covers its header and tables, and the whole payload of any
+    other record): for a record only passed on to a journal whose
+    :meth:`~cdp.journal.Journal.append_stored` checks them. Cost then: O(tables)."""
     kind = data[9] if len(data) >= RECORD_HEADER_SIZE else 0
     deep = kind not in DATA_KINDS  # their payloads are tiny; data is not decoded
     # data records are only CRC-checked: through a view, their payload is never copied
     win = ReadWindow.over(data if deep else memoryview(data))
-    reason, _ok, slen, seq, ts, raw = _check_at(win, 0, len(data), deep, "shipped record")
+    reason, _ok, slen, seq, ts, raw = _check_at(win, 0, len(data), deep, "shipped record",
+                                                chunks)
     if reason is None and RECORD_HEADER_SIZE + slen != len(data):
         reason = f"{len(data) - RECORD_HEADER_SIZE - slen} bytes after the record"
     return reason, seq, ts, raw

@@ -12,7 +12,19 @@ import pytest
 
 from cdp.errors import Corruption, NotFound, PointError, UsageError
 from cdp.journal import Journal, ManualClock, build_compacted, verify_journal
-from cdp.journal.format import RECORD_HEADER_SIZE, Compression, RecordKind, encode_record
+from cdp.journal.format import (
+    CHUNK_SIZE,
+    RECORD_HEADER,
+    RECORD_HEADER_SIZE,
+    Compression,
+    RecordKind,
+    chunk_ok,
+    covered_size,
+    encode_data_record,
+    encode_record,
+    first_bad_chunk,
+    parse_chunk_table,
+)
 
 T0 = 1_700_000_000_000_000_000
 
@@ -192,3 +204,65 @@ def test_damaged_records_refused_and_reported(tmp_path: Path) -> None:
         j.read_stored(1)
     with pytest.raises(Corruption):
         list(j.scan_stored(1))
+
+
+def test_read_stored_for_shipping_leaves_chunk_crcs_to_the_receiver(tmp_path: Path) -> None:
+    """``read_stored(seq, chunks=False)`` gives the same bytes; damage inside a chunk is
+    not its to find (the receiving ``append_stored`` refuses the record), damage to the
+    header or tables still is."""
+    src = _open(tmp_path / "a")
+    data = _fill(src, random.Random(5))
+    for seq in range(1, src.last_seq + 1):
+        assert src.read_stored(seq, chunks=False) == src.read_stored(seq)
+    big = max(data, key=lambda s: len(data[s]))
+    src.append_write(0, b"after")
+    src.sync()
+    raw = src.read_stored(big)
+    src.close()
+    seg = next(p for p in sorted((tmp_path / "a").iterdir())
+               if p.suffix == ".seg" and raw in p.read_bytes())
+    b = bytearray(seg.read_bytes())
+    at = b.find(raw)
+    b[at + len(raw) - 100] ^= 1  # inside the last chunk
+    seg.write_bytes(bytes(b))
+    j = _open(tmp_path / "a")
+    with pytest.raises(Corruption):
+        j.read_stored(big)
+    shipped = j.read_stored(big, chunks=False)
+    assert shipped != raw and len(shipped) == len(raw)
+    dst = _open(tmp_path / "b")
+    for seq in range(1, big):
+        dst.append_stored(j.read_stored(seq))
+    with pytest.raises(Corruption, match="bad checksum in chunk"):
+        dst.append_stored(shipped)
+    assert dst.last_seq == big - 1
+    b[at + 20] ^= 1  # the header: still found when shipping
+    seg.write_bytes(bytes(b))
+    j.close()
+    j = _open(tmp_path / "a")
+    with pytest.raises(Corruption):
+        j.read_stored(big, chunks=False)
+
+
+@pytest.mark.parametrize("n", [CHUNK_SIZE * 16, CHUNK_SIZE * 3 + 5000, CHUNK_SIZE + 1, 200_000])
+def test_chunk_check_finds_the_first_damaged_chunk(n: int) -> None:
+    """:func:`first_bad_chunk` (granule CRCs composed per chunk) agrees with the
+    per-granule :func:`chunk_ok` on intact and damaged records of every chunk form."""
+    rng = random.Random(n)
+    half = bytes(n // 3) + rng.randbytes(n - n // 3)  # lz4 chunks, then raw ones
+    for data in (rng.randbytes(n), half):
+        rec = encode_data_record(int(RecordKind.WRITE), 1, T0, 0, data)
+        v, slen = rec[8], RECORD_HEADER.unpack_from(rec)[6]
+        stored = memoryview(rec)[RECORD_HEADER_SIZE:]
+        table = parse_chunk_table(stored[:covered_size(Compression.CHUNKED, n, slen, v)], n,
+                                  slen, v)
+        assert not isinstance(table, str)
+        assert first_bad_chunk(stored, table) is None
+        for _ in range(40):
+            bad = bytearray(stored)
+            pos = rng.randrange(table.starts[0], len(bad))
+            bad[pos] ^= 1 << rng.randrange(8)
+            mv = memoryview(bytes(bad))
+            want = next(i for i in range(table.count)
+                        if not chunk_ok(mv[table.starts[i]:table.starts[i + 1]], table, i))
+            assert first_bad_chunk(mv, table) == want
