@@ -167,7 +167,7 @@ class RecordReader:
                 hits += 1
             else:
                 try:
-                    raw = j.read_stored(seq)
+                    raw = j.read_stored(seq, chunks=False)  # the target checks them
                 except NotLocal:  # the caller fetches it, unless some came first
                     if not batch:
                         raise

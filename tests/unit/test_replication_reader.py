@@ -33,9 +33,9 @@ def test_frames_follow_the_budget_and_read_each_record_once(tmp_path: Path,
         reads: list[int] = []
         orig = Journal.read_stored
 
-        def counting(self: Journal, seq: int) -> bytes:
+        def counting(self: Journal, seq: int, **kw: bool) -> bytes:
             reads.append(seq)
-            return orig(self, seq)
+            return orig(self, seq, **kw)
 
         monkeypatch.setattr(Journal, "read_stored", counting)  # type: ignore[attr-defined]
         r = RecordReader(j)

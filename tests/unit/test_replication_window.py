@@ -23,9 +23,9 @@ def _count_reads(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     reads: list[int] = []
     orig = Journal.read_stored
 
-    def counting(self: Journal, seq: int) -> bytes:
+    def counting(self: Journal, seq: int, **kw: bool) -> bytes:
         reads.append(seq)
-        return orig(self, seq)
+        return orig(self, seq, **kw)
 
     monkeypatch.setattr(Journal, "read_stored", counting)
     return reads

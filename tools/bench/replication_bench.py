@@ -333,15 +333,26 @@ def tmpfs_run_cap(free: int, pairs: int) -> int:
 
 
 def _apply_vs_ingest(pair: _Pair, wl: str, fio_secs: float, label: str = "",
-                     cap: int | None = None) -> dict[str, Any]:
+                     cap: int | None = None) -> list[dict[str, Any]]:
+    """The target's durable apply rate against the source's ingest; beside it the target
+    cdpd's CPU per write (all threads, from fio's start until it acknowledged the run)
+    and how busy that kept its cores (CPU seconds over wall seconds: near the number of
+    its cores, the target is bound by CPU; well below, by the disk or the source)."""
     unit = _WORKLOADS[wl][3]
+    assert pair.tgt.proc is not None
+    pid = pair.tgt.proc.pid
+    c0 = _cpu_seconds(pid)
     t0 = time.monotonic()
     res = _fio(pair.src.uri(), wl, fio_secs, cap)
     t1 = time.monotonic()
     t2 = _wait_caught_up(pair.src)
+    cpu = _cpu_seconds(pid) - c0
     ratio = (t1 - t0) / (t2 - t0)
-    return _row(f"{label}repl-apply-vs-ingest-{wl}", res[unit] * ratio, res[unit],
-                "source ingest", unit, 0.90, ratio=ratio)
+    return [_row(f"{label}repl-apply-vs-ingest-{wl}", res[unit] * ratio, res[unit],
+                 "source ingest", unit, 0.90, ratio=ratio),
+            _row(f"{label}repl-target-cpu-per-write-{wl}", cpu / max(1.0, res["ios"]) * 1e6,
+                 cpu / (t2 - t0), "target CPU busy (s/s)", "us", None,
+                 ratio=cpu / (t2 - t0))]
 
 
 def _cpu_seconds(pid: int) -> float:
@@ -426,19 +437,22 @@ def _catch_up(pair: _Pair, rate: int, outage: float) -> list[dict[str, Any]]:
 def run(quick: bool = False, scratch: Path | None = None, tmpfs: bool = False,
         rig: Rig | None = None, rows_wanted: frozenset[str] = frozenset(ROWS),
         fio_secs: float | None = None, pairs: int | None = None,
-        ship_window: str | None = None) -> list[dict[str, Any]]:
+        ship_window: str | None = None,
+        sizes: tuple[str, ...] = tuple(_WORKLOADS)) -> list[dict[str, Any]]:
     """The rows named in ``rows_wanted`` (:data:`ROWS`) under ``rig`` (default: the split
     rig when there are 2 or more cores), then the ``--tmpfs`` control rows; the source's
-    ``[replication] ship_window`` is ``ship_window`` (None: the default)."""
+    ``[replication] ship_window`` is ``ship_window`` (None: the default); the apply and
+    on/off rows run the workloads in ``sizes`` (``4k``, ``1m``)."""
     rig = split_rig() if rig is None else rig
     print(f"# rig {rig.describe()}", flush=True)
     with on_source_cores(rig):
-        return _run(quick, scratch, tmpfs, rig, rows_wanted, fio_secs, pairs, ship_window)
+        return _run(quick, scratch, tmpfs, rig, rows_wanted, fio_secs, pairs, ship_window,
+                    sizes)
 
 
 def _run(quick: bool, scratch: Path | None, tmpfs: bool, rig: Rig, want: frozenset[str],
-         fio_secs: float | None, pairs: int | None, ship_window: str | None
-         ) -> list[dict[str, Any]]:
+         fio_secs: float | None, pairs: int | None, ship_window: str | None,
+         sizes: tuple[str, ...]) -> list[dict[str, Any]]:
     secs = 3.0 if quick else 20.0
     fio_secs = fio_secs if fio_secs is not None else (2 if quick else 10)
     pairs = pairs if pairs is not None else (1 if quick else 2)
@@ -459,10 +473,10 @@ def _run(quick: bool, scratch: Path | None, tmpfs: bool, rig: Rig, want: frozens
             if "rpo" in want:  # RPO at 2,000 4 KiB writes/s
                 rows += _rpo(pair, secs)
             if "apply" in want:  # the target's durable apply rate vs the source's ingest
-                for wl in _WORKLOADS:
-                    rows.append(_apply_vs_ingest(pair, wl, fio_secs))
+                for wl in sizes:
+                    rows += _apply_vs_ingest(pair, wl, fio_secs)
             if "onoff" in want:  # source ingest with replication on vs off, alternated
-                for wl in _WORKLOADS:
+                for wl in sizes:
                     rows += _on_vs_off(pair, wl, fio_secs, pairs)
             if "rate" in want:
                 rows.append(_rate_use(pair, link, 4.0 if quick else 10.0))
@@ -483,7 +497,7 @@ def _run(quick: bool, scratch: Path | None, tmpfs: bool, rig: Rig, want: frozens
                     path.mkdir()
                 with _Pair(dirs["s"], dirs["t"], rig, ship_window) as pair:
                     _wait_caught_up(pair.src)
-                    rows.append(_apply_vs_ingest(pair, "1m", fio_secs, label, cap))
+                    rows += _apply_vs_ingest(pair, "1m", fio_secs, label, cap)
                     rows += _on_vs_off(pair, "1m", fio_secs, pairs, label, cap)
     return rows
 
@@ -508,17 +522,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pairs", type=int, help="on/off pairs per ingest row (default 2, quick 1)")
     ap.add_argument("--ship-window", help="the source's [replication] ship_window (e.g. 0: "
                     "every record read back from the journal; default: cdpd's default)")
+    ap.add_argument("--sizes", default=",".join(_WORKLOADS),
+                    help=f"workloads of the apply and onoff rows (default: {','.join(_WORKLOADS)})")
     ap.add_argument("--markdown", action="store_true", help="also print the rows as a markdown table")
     args = ap.parse_args(argv)
     want = frozenset(r.strip() for r in args.rows.split(",") if r.strip())
     if not want <= set(ROWS):
         ap.error(f"--rows: unknown {sorted(want - set(ROWS))}; choose from {','.join(ROWS)}")
+    sizes = tuple(w.strip() for w in args.sizes.split(",") if w.strip())
+    if not set(sizes) <= set(_WORKLOADS):
+        ap.error(f"--sizes: choose from {','.join(_WORKLOADS)}")
     rigs = {"split": [split_rig()], "unsplit": [Rig()],
             "both": [split_rig(), Rig()]}[args.rig]
     rows: list[dict[str, Any]] = []
     for rig in rigs:
         got = run(args.quick, args.scratch, args.tmpfs, rig, want, args.fio_secs, args.pairs,
-                  args.ship_window)
+                  args.ship_window, sizes)
         if len(rigs) > 1:
             for r in got:
                 r["workload"] = f"{rig.label}:{r['workload']}"
