@@ -7,7 +7,9 @@ Design notes
   ``read_stored`` per record (a pread and the check of every CRC: 15-20 µs per 4 KiB
   record, 1.3-1.5 ms per 1 MiB one in one process, ~30 % of the source's CPU under 1 MiB
   writes), and the target checks every CRC again when it appends. The writer had those
-  very bytes in its hands a moment before.
+  very bytes in its hands a moment before. (Since ``read_stored(chunks=False)``, which
+  leaves a chunked record's chunk and granule CRCs to the target and reads it in one
+  pread, a 1 MiB read-back costs ~0.25-0.35 ms; 4 KiB records are unchanged.)
 - **How it is filled.** :class:`RecordWindow` is the journal's ``on_stored`` hook: the
   journal hands over each record's bytes exactly as it stored them (header, payload as
   compressed or chunked; as the pieces it wrote, views of its buffer or of the caller's,
