@@ -1,6 +1,7 @@
 """The S3 tier against plain boto3 on the test Ceph RGW, ratios in one run (issue 26).
 
     python -m tools.bench.tier_bench [--quick] [--no-split-cores] [--compare-split] [--rounds N]
+                                     [--control-store DIR]
 
 The rig: the test RGW is a single-node Ceph on this machine, where a real S3 store is
 another machine. With ``--split-cores`` (the default with two cores or more) every row
@@ -34,6 +35,10 @@ Rows (``cdp``: the tier; ``peer``: the comparison, measured in the same run):
   bodies' BytesIO reads, since fixed in ``cdp.tier.s3``), the RGW daemons 0.27-0.66 s,
   and the journal's flushes wait 0.23 -> 0.51 s (the OSD writes the uploads to the
   same disk): the tier competes for cores and disk, not for the loop.
+  ``--control-store DIR`` (e.g. ``/dev/shm/NAME``, a tmpfs; at most ``CONTROL_CAP`` per
+  run) runs these rows once more, alternating, with the store there: the journal's
+  flushes no longer touch the disk the OSD writes the uploads to, so what the tier
+  still costs there is its own (CPU, loopback), not the rig's shared disk.
 - ``tier-recover``: MiB/s of ``recover_store`` (8 MiB ranged GETs, ``GETS`` at once over
   all the objects, each part written in place and hashed in order, one fsync per
   object, install) vs plain boto3 ``download_file`` of the same objects to files
@@ -409,91 +414,154 @@ def _upload_rows(rig: Rig, tmp: Path, url: str, s3: Any, c: Any, bucket: str,
     return rows, rec_url, keys, nbytes
 
 
+@dataclass(frozen=True)
+class Layout:
+    """Where one set of ingest rows runs: the cores (``split``), the directory the
+    volume's store lives under (``base``), and the suffix of its rows' names."""
+
+    split: Split | None
+    base: Path
+    suffix: str
+    note: str = ""
+
+
+def fs_type(path: Path) -> str:
+    """The type of the file system holding *path* (``/proc/mounts``: the longest mount
+    point that is a prefix of it), "?" when unknown."""
+    best, kind = "", "?"
+    real = str(path.resolve())
+    with suppress(OSError), open("/proc/mounts") as f:
+        for line in f:
+            parts = line.split()
+            if len(parts) > 2:
+                mnt = parts[1]
+                if (real == mnt or real.startswith(mnt.rstrip("/") + "/")) and len(mnt) > len(best):
+                    best, kind = mnt, parts[2]
+    return kind
+
+
+#: the most bytes one ingest run may put in the control store directory (``--control-store``)
+CONTROL_CAP = 1 << 30
+
+
+def control_layout(rig: Rig, d: Path, need: int) -> Layout:
+    """The control layout: the main cores, the store under *d* (made; a tmpfs such as
+    /dev/shm takes the journal's disk writes, and the OSD's contention for them, out of
+    the rows). UsageError-free: SystemExit when *d* cannot take *need* bytes per run
+    within :data:`CONTROL_CAP`."""
+    d.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(d).free
+    if need > CONTROL_CAP or need + 64 * MiB > free:
+        raise SystemExit(f"tier_bench: --control-store {d}: a run needs {need // MiB} MiB "
+                         f"(cap {CONTROL_CAP // MiB} MiB, {free // MiB} MiB free)")
+    kind = fs_type(d)
+    return Layout(rig.splits[0], Path(tempfile.mkdtemp(prefix="cdp-tier-bench-", dir=d)),
+                  f" [store on {kind}]", f"control: the store on {kind} ({d})")
+
+
 def _ingest_rows(rig: Rig, tmp: Path, url: str, s3: Any, ingest_total: int,
-                 rounds: int) -> list[dict[str, Any]]:
+                 rounds: int, control: Path | None = None) -> list[dict[str, Any]]:
     """``tier-ingest-4KiB`` / ``-1MiB`` per layout: ``rounds`` runs of each arm
-    (:data:`ARMS`, alternating; layouts in turn within a round), the medians."""
+    (:data:`ARMS`, alternating; layouts in turn within a round), the medians. With
+    ``control``, a layout more: the main cores, the store under that directory (its
+    rows suffixed by the directory's file system type, e.g. ``[store on tmpfs]``)."""
+    layouts = [Layout(sp, tmp, rig.suffix(sp)) for sp in rig.splits]
+    if control is not None:
+        layouts.append(control_layout(rig, control, BACKLOG + ingest_total + 64 * MiB))
     rows = []
-    for size, name in ((4096, "4KiB"), (MiB, "1MiB")):
-        total = ingest_total // (2 if size == 4096 else 1)
-        runs: dict[tuple[Split | None, str], list[Ingest]] = {
-            (sp, a): [] for sp in rig.splits for a in ARMS}
-        sent: dict[Split | None, list[int]] = {sp: [] for sp in rig.splits}
-        notes: dict[Split | None, str] = {}
-        for rnd in range(rounds):
-            for split in rig.splits:
-                for a in ARMS:
-                    d = tmp / f"in-{name}-{rnd}-{rig.splits.index(split)}-{a}"
-                    on = a != "off"
+    try:
+        for size, name in ((4096, "4KiB"), (MiB, "1MiB")):
+            rows += _ingest_size(rig, layouts, url, s3, ingest_total // (2 if size == 4096 else 1),
+                                 size, name, rounds)
+    finally:
+        for lay in layouts[len(rig.splits):]:
+            shutil.rmtree(lay.base, ignore_errors=True)
+    return rows
 
-                    async def ingest(d: Path = d, on: bool = on, rnd: int = rnd,
-                                     total: int = total, size: int = size,
-                                     sent: list[int] = sent[split]) -> Ingest:
-                        # a backlog of sealed segments first (not timed), so the tier
-                        # uploads during the whole timed run
-                        s = _settings(d, f"{url}-ingest-{d.name}", 8 * MiB)
-                        vol = Volume.create(d / "store" / "volumes" / "vol0", "vol0", SIZE, s)
-                        for i in range(BACKLOG // MiB):
-                            r = vol.write(SIZE - (i + 1) * MiB, os.urandom(MiB))
-                            if r is not None:
-                                await r
-                        await vol.flush()
-                        vol.journal.sync()
-                        svc = None
-                        if on:
-                            svc = TierService(vol, s.tier, s3=s3, autostart=False)
-                            vol.attach(svc)
-                            svc.start()
-                        got = await _ingest(vol, total, size, rnd)
-                        if svc is not None:
-                            sent.append(svc.sent_bytes)
-                        vol.close()
-                        return got
 
-                    os.sync()
-                    _upload_threads_nice(a != "on-nice0")
-                    try:
-                        with rig.pinned(split) as notes[split]:
-                            runs[(split, a)].append(asyncio.run(ingest()))
-                    finally:
-                        _upload_threads_nice(True)
-                    shutil.rmtree(d, ignore_errors=True)
+def _ingest_size(rig: Rig, layouts: list[Layout], url: str, s3: Any, total: int, size: int,
+                 name: str, rounds: int) -> list[dict[str, Any]]:
+    """The rows of one write size, one per layout."""
+    rows = []
+    runs: dict[tuple[int, str], list[Ingest]] = {(j, a): [] for j in range(len(layouts)) for a in ARMS}
+    sent: dict[int, list[int]] = {j: [] for j in range(len(layouts))}
+    notes: dict[int, str] = {}
+    for rnd in range(rounds):
+        for j, lay in enumerate(layouts):
+            for a in ARMS:
+                d = lay.base / f"in-{name}-{rnd}-{j}-{a}"
+                on = a != "off"
 
-        for split in rig.splits:
-            arm = {a: runs[(split, a)] for a in ARMS}
+                async def ingest(d: Path = d, on: bool = on, rnd: int = rnd,
+                                 sent: list[int] = sent[j]) -> Ingest:
+                    # a backlog of sealed segments first (not timed), so the tier
+                    # uploads during the whole timed run
+                    s = _settings(d, f"{url}-ingest-{d.name}", 8 * MiB)
+                    vol = Volume.create(d / "store" / "volumes" / "vol0", "vol0", SIZE, s)
+                    for i in range(BACKLOG // MiB):
+                        r = vol.write(SIZE - (i + 1) * MiB, os.urandom(MiB))
+                        if r is not None:
+                            await r
+                    await vol.flush()
+                    vol.journal.sync()
+                    svc = None
+                    if on:
+                        svc = TierService(vol, s.tier, s3=s3, autostart=False)
+                        vol.attach(svc)
+                        svc.start()
+                    got = await _ingest(vol, total, size, rnd)
+                    if svc is not None:
+                        sent.append(svc.sent_bytes)
+                    vol.close()
+                    return got
 
-            def med(a: str, what: str, arm: dict[str, list[Ingest]] = arm) -> float:
-                return float(statistics.median(getattr(r, what) for r in arm[a]))
+                os.sync()
+                _upload_threads_nice(a != "on-nice0")
+                try:
+                    with rig.pinned(lay.split) as notes[j]:
+                        runs[(j, a)].append(asyncio.run(ingest()))
+                finally:
+                    _upload_threads_nice(True)
+                shutil.rmtree(d, ignore_errors=True)
 
-            def rgw_cpu(a: str, arm: dict[str, list[Ingest]] = arm) -> str:
-                got = [r.rgw_cpu for r in arm[a] if r.rgw_cpu is not None]
-                return f"{statistics.median(got):.2f}" if got else "?"
+    for j, lay in enumerate(layouts):
+        arm = {a: runs[(j, a)] for a in ARMS}
 
-            def trio(what: str, med: Any = med) -> str:
-                return "/".join(f"{med(a, what):.2f}" for a in ARMS)
+        def med(a: str, what: str, arm: dict[str, list[Ingest]] = arm) -> float:
+            return float(statistics.median(getattr(r, what) for r in arm[a]))
 
-            sn = sent[split]
-            nice0 = med("on-nice0", "rate")
-            rows.append(_row(
-                f"tier-ingest-{name}{rig.suffix(split)}", med("on", "rate"), med("off", "rate"), "MiB/s",
-                f"{total // MiB} MiB of {name} writes, volume level, {rounds} alternating "
-                f"rounds, medians; a {BACKLOG // MiB} MiB backlog first, the tier sent "
-                f"{min(sn) // MiB}-{max(sn) // MiB} MiB during each timed run; peer: [tier] off; "
-                f"{notes[split]}. Upload threads at cdpd's own priority instead of nice "
-                f"+{UPLOAD_NICE}: {_nice0_note(nice0, med('off', 'rate'))}. "
-                f"Off/on/on-nice0: loop thread CPU s {trio('loop_cpu')}, process CPU s "
-                f"{trio('cpu')}, wall s {trio('seconds')}, of which awaiting the journal "
-                f"{trio('waits')}, RGW daemons' CPU s "
-                f"{'/'.join(rgw_cpu(a) for a in ARMS)}; load {os.getloadavg()[0]:.1f}"))
+        def rgw_cpu(a: str, arm: dict[str, list[Ingest]] = arm) -> str:
+            got = [r.rgw_cpu for r in arm[a] if r.rgw_cpu is not None]
+            return f"{statistics.median(got):.2f}" if got else "?"
+
+        def trio(what: str, med: Any = med) -> str:
+            return "/".join(f"{med(a, what):.2f}" for a in ARMS)
+
+        sn = sent[j]
+        nice0 = med("on-nice0", "rate")
+        rows.append(_row(
+            f"tier-ingest-{name}{lay.suffix}", med("on", "rate"), med("off", "rate"), "MiB/s",
+            f"{total // MiB} MiB of {name} writes, volume level, {rounds} alternating "
+            f"rounds, medians; a {BACKLOG // MiB} MiB backlog first, the tier sent "
+            f"{min(sn) // MiB}-{max(sn) // MiB} MiB during each timed run; peer: [tier] off; "
+            f"{notes[j]}{'; ' + lay.note if lay.note else ''}. Upload threads at cdpd's own "
+            f"priority instead of nice +{UPLOAD_NICE}: {_nice0_note(nice0, med('off', 'rate'))}. "
+            f"Off/on/on-nice0: loop thread CPU s {trio('loop_cpu')}, process CPU s "
+            f"{trio('cpu')}, wall s {trio('seconds')}, of which awaiting the journal "
+            f"{trio('waits')}, RGW daemons' CPU s "
+            f"{'/'.join(rgw_cpu(a) for a in ARMS)}; load {os.getloadavg()[0]:.1f}"))
     return rows
 
 
 def run(quick: bool = False, only: tuple[str, ...] = ROWS, split: bool | None = None,
-        compare: bool = False, rounds: int = ROUNDS) -> list[dict[str, Any]]:
+        compare: bool = False, rounds: int = ROUNDS,
+        control: Path | None = None) -> list[dict[str, Any]]:
     """The rows named in ``only`` (``recover`` needs ``upload``). ``split``: pin this
     process and the RGW's daemons to disjoint cores (:class:`Split`; None: when the
     machine has two or more); ``compare``: measure the upload and ingest rows under the
-    other layout too (extra rows, alternating with the main ones)."""
+    other layout too (extra rows, alternating with the main ones); ``control``: the ingest
+    rows once more with the store under that directory (e.g. a tmpfs: ``/dev/shm/x``),
+    alternating, to tell the journal disk's share from the tier's."""
     up_total = (64 if quick else 256) * MiB
     ingest_total = (64 if quick else 256) * MiB
     rows: list[dict[str, Any]] = []
@@ -546,7 +614,7 @@ def run(quick: bool = False, only: tuple[str, ...] = ROWS, split: bool | None = 
                                  "Goal: ratio <= 2"))
 
             if "ingest" in only:
-                rows += _ingest_rows(rig, tmp, url, s3, ingest_total, rounds)
+                rows += _ingest_rows(rig, tmp, url, s3, ingest_total, rounds, control)
 
             if "recover" in only and "upload" in only:
                 # -- recovery vs plain download of the same objects
@@ -586,8 +654,12 @@ def main(argv: list[str] | None = None) -> int:
                     help="also measure the upload and ingest rows under the other layout "
                          "(split / shared), alternating with the main one")
     ap.add_argument("--rounds", type=int, default=ROUNDS, help="timed ingest runs per arm")
+    ap.add_argument("--control-store", type=Path, metavar="DIR",
+                    help="the ingest rows once more with the store under DIR (e.g. a tmpfs such "
+                         f"as /dev/shm/NAME; at most {CONTROL_CAP >> 20} MiB per run), alternating")
     a = ap.parse_args(argv)
-    for r in run(a.quick, tuple(a.only.split(",")), a.split_cores, a.compare_split, a.rounds):
+    for r in run(a.quick, tuple(a.only.split(",")), a.split_cores, a.compare_split, a.rounds,
+                 a.control_store):
         print(json.dumps(r))
     return 0
 
