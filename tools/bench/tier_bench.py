@@ -292,6 +292,8 @@ class Rig:
 
     splits: tuple[Split | None, ...]
     daemons: tuple[int, ...]
+    #: where the test RGW's OSD keeps its data, for the notes ("" when not ours)
+    osd: str = ""
 
     def pinned(self, split: Split | None) -> AbstractContextManager[str]:
         return pinned(split, list(self.daemons))
@@ -544,13 +546,52 @@ def _ingest_size(rig: Rig, layouts: list[Layout], url: str, s3: Any, total: int,
             f"{total // MiB} MiB of {name} writes, volume level, {rounds} alternating "
             f"rounds, medians; a {BACKLOG // MiB} MiB backlog first, the tier sent "
             f"{min(sn) // MiB}-{max(sn) // MiB} MiB during each timed run; peer: [tier] off; "
-            f"{notes[j]}{'; ' + lay.note if lay.note else ''}. Upload threads at cdpd's own "
+            f"{notes[j]}{'; ' + lay.note if lay.note else ''}{rig.osd}. Upload threads at cdpd's own "
             f"priority instead of nice +{UPLOAD_NICE}: {_nice0_note(nice0, med('off', 'rate'))}. "
             f"Off/on/on-nice0: loop thread CPU s {trio('loop_cpu')}, process CPU s "
             f"{trio('cpu')}, wall s {trio('seconds')}, of which awaiting the journal "
             f"{trio('waits')}, RGW daemons' CPU s "
             f"{'/'.join(rgw_cpu(a) for a in ARMS)}; load {os.getloadavg()[0]:.1f}"))
     return rows
+
+
+#: timed runs of each side of the recovery row (alternating, medians)
+RECOVER_ROUNDS = 3
+
+
+def _recover_row(rig: Rig, split: Split | None, tmp: Path, s3: Any, c: Any, bucket: str,
+                 url: str, keys: list[str], nbytes: int) -> dict[str, Any]:
+    """``tier-recover``: :func:`recover_store` of the upload row's bucket prefix vs plain
+    boto3 ``download_file`` of its segment objects, :data:`RECOVER_ROUNDS` runs each,
+    alternating (who goes first swaps each round; ``os.sync()`` before each, so neither
+    pays the other's writeback), medians."""
+    mine: list[float] = []
+    peer: list[float] = []
+    got = 0
+    notes: list[str] = []
+    for rnd in range(RECOVER_ROUNDS):
+        for side in (("cdp", "plain") if rnd % 2 == 0 else ("plain", "cdp")):
+            d = tmp / f"rec-{side}-{rnd}"
+            os.sync()
+            with rig.pinned(split) as note:
+                notes.append(note)
+                t0 = time.perf_counter()
+                if side == "cdp":
+                    got = recover_store(s3, url, d).bytes
+                    mine.append(got / MiB / (time.perf_counter() - t0))
+                else:
+                    d.mkdir()
+                    for i, k in enumerate(keys):  # what "download the bucket" is with plain boto3
+                        c.download_file(bucket, k, str(d / str(i)))
+                    peer.append(nbytes / MiB / (time.perf_counter() - t0))
+            shutil.rmtree(d, ignore_errors=True)
+    return _row("tier-recover", statistics.median(mine), statistics.median(peer), "MiB/s",
+                f"{got // MiB} MiB, {RECOVER_ROUNDS} alternating rounds, medians (cdp "
+                f"{'/'.join(f'{x:.0f}' for x in mine)}, peer {'/'.join(f'{x:.0f}' for x in peer)}); "
+                f"cdp: recover_store ({GETS} 8 MiB ranged GETs at once over all objects, each "
+                "part written in place and hashed in order, one fsync per object, install); "
+                "peer: boto3 download_file of each segment (s3transfer: 8 MiB ranged GETs, 10 "
+                f"threads, no hash, no fsync); {notes[-1]}{rig.osd}")
 
 
 def run(quick: bool = False, only: tuple[str, ...] = ROWS, split: bool | None = None,
@@ -579,7 +620,8 @@ def run(quick: bool = False, only: tuple[str, ...] = ROWS, split: bool | None = 
             main_split = None
         other = None if main_split is not None else (split_cores() if daemons else None)
         splits = (main_split, other) if compare and other != main_split else (main_split,)
-        rig = Rig(splits, daemons)
+        osd = f"; the RGW's OSD on {fs_type(ceph_s3.state_dir())}" if ours else ""
+        rig = Rig(splits, daemons, osd)
         c = plain_client(target)
         s3 = cdp_client(target)
         bucket = f"cdp-tier-bench-{uuid.uuid4().hex[:8]}"
@@ -617,21 +659,7 @@ def run(quick: bool = False, only: tuple[str, ...] = ROWS, split: bool | None = 
                 rows += _ingest_rows(rig, tmp, url, s3, ingest_total, rounds, control)
 
             if "recover" in only and "upload" in only:
-                # -- recovery vs plain download of the same objects
-                with rig.pinned(main_split) as note:
-                    t0 = time.perf_counter()
-                    rep = recover_store(s3, rec_url, tmp / "rec")
-                    mine = rep.bytes / MiB / (time.perf_counter() - t0)
-                    dl = tmp / "plain"
-                    dl.mkdir()
-                    t0 = time.perf_counter()
-                    for i, k in enumerate(keys):  # what "download the bucket" is with plain boto3
-                        c.download_file(bucket, k, str(dl / str(i)))
-                    peer = nbytes / MiB / (time.perf_counter() - t0)
-                rows.append(_row("tier-recover", mine, peer, "MiB/s",
-                                 f"{rep.bytes // MiB} MiB; cdp: recover_store ({GETS} 8 MiB ranged "
-                                 "GETs at once, sha256 in order, fsync per object); peer: boto3 download_file of each "
-                                 f"segment (s3transfer, 10 threads); {note}"))
+                rows.append(_recover_row(rig, main_split, tmp, s3, c, bucket, rec_url, keys, nbytes))
         finally:
             keys_left = [o["Key"] for p in c.get_paginator("list_objects_v2").paginate(Bucket=bucket)
                          for o in p.get("Contents", [])]
