@@ -35,11 +35,12 @@ Design notes
   already waiting after it (one thread per object at a time; sha256 and pwrite run
   without the GIL). A part that arrives early waits in memory; at most :data:`WINDOW`
   parts are received-but-not-hashed or in flight (``WINDOW`` x 8 MiB of memory).
-- **Writeback starts as parts land.** After each part's write,
-  ``posix_fadvise(DONTNEED)`` on its range makes Linux start writing those pages back
-  (it drops only pages already clean); so the object's one fsync, once it is whole and
-  checked, waits for little, and the disk writes overlap the downloads instead of
-  following them.
+- **Writeback starts as parts land.** After each part's write, the journal's
+  ``start_writeback`` (``sync_file_range(SYNC_FILE_RANGE_WRITE)``: queue the range for
+  the device, do not wait) on its range; so the object's one fsync, once it is whole
+  and checked, waits for little, and the disk writes overlap the downloads instead of
+  following them (measured at nice 19: the fsyncs' summed wait 1.1-2.0 s -> 0.4-1.0 s
+  per 315 MiB).
 - **A partial recovery never looks complete.** Objects land in ``.recover-*.tmp`` files
   and are renamed into place only after their size and sha256 checked; on any failure
   the parts in flight are cancelled or waited for, every temporary file is removed and
@@ -64,7 +65,7 @@ from typing import Any
 
 from cdp.errors import Corruption, NotFound, OutOfRange, UsageError
 from cdp.fsutil import write_file_atomic
-from cdp.journal import install_segment
+from cdp.journal import OsFileLayer, install_segment
 from cdp.tier.manifest import Manifest
 from cdp.tier.s3 import DEFAULT_PART, S3, parse_s3_url
 from cdp.tier.service import CATALOG_FILE, list_volumes, newest_manifest
@@ -79,7 +80,7 @@ GETS = 8
 #: parts in flight or received but not yet hashed (memory: that many parts)
 WINDOW = GETS + 4
 STATE_FILES = ("volume.json", "markers.json", CATALOG_FILE)
-_DONTNEED = getattr(os, "POSIX_FADV_DONTNEED", None)
+_FS = OsFileLayer()  # start_writeback only
 
 
 @dataclass
@@ -205,8 +206,7 @@ class _Recovery:
             at = 0
             while at < length:
                 at += os.pwrite(d.fd, view[at:], off + at)
-            if _DONTNEED is not None:
-                os.posix_fadvise(d.fd, off, length, _DONTNEED)  # start its writeback now
+            _FS.start_writeback(d.fd, off, length)
             self.tick(length)
             handed = True
             self._hash(d, off, data)
