@@ -113,6 +113,11 @@ class Ingest:
     waits: float
     #: CPU seconds of the test RGW's own daemons (mon, osd, rgw) meanwhile, None if not ours
     rgw_cpu: float | None = None
+    #: bytes this process (the journal, maps) and the RGW's daemons (the OSD storing the
+    #: uploads) caused to be written to the block layer meanwhile (``/proc/PID/io``
+    #: ``write_bytes``), None when not readable or not ours
+    wrote: int | None = None
+    rgw_wrote: int | None = None
 
 
 def rgw_pids() -> list[int]:
@@ -120,6 +125,19 @@ def rgw_pids() -> list[int]:
     ``tools/ceph-s3`` started (its pid files, start times checked); [] when none run."""
     cl = ceph_s3.Cluster(ceph_s3.state_dir())
     return [p for d in ceph_s3.DAEMONS if (p := cl.pid(d)) is not None]
+
+
+def _written(pids: list[int]) -> int | None:
+    """Bytes the processes *pids* caused to be written to storage so far (``write_bytes``
+    of ``/proc/PID/io``: page cache writeback and direct I/O), None if one is unreadable."""
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/io") as f:
+                total += next(int(ln.split()[1]) for ln in f if ln.startswith("write_bytes:"))
+        except (OSError, StopIteration, ValueError):
+            return None
+    return total
 
 
 def _rgw_cpu() -> float | None:
@@ -214,6 +232,8 @@ async def _ingest(vol: Volume, total: int, size: int, seed: int) -> Ingest:
     blobs = [rng.randbytes(size // 2) + bytes(size - size // 2) for _ in range(8)]
     t0 = time.perf_counter()
     c0, p0, r0 = time.thread_time(), time.process_time(), _rgw_cpu()
+    daemons = rgw_pids()
+    io0, rio0 = _written([os.getpid()]), (_written(daemons) if daemons else None)
     done = since = 0
     waits = 0.0
     i = 0
@@ -239,8 +259,11 @@ async def _ingest(vol: Volume, total: int, size: int, seed: int) -> Ingest:
     waits += clock() - w0
     dt = time.perf_counter() - t0
     r1 = _rgw_cpu()
+    io1, rio1 = _written([os.getpid()]), (_written(daemons) if daemons else None)
     return Ingest(total / MiB / dt, dt, time.thread_time() - c0, time.process_time() - p0, waits,
-                  None if r0 is None or r1 is None else r1 - r0)
+                  None if r0 is None or r1 is None else r1 - r0,
+                  None if io0 is None or io1 is None else io1 - io0,
+                  None if rio0 is None or rio1 is None else rio1 - rio0)
 
 
 async def _tiered_reads(tmp: Path, url: str, s3: Any, n: int) -> tuple[list[float], list[str]]:
@@ -536,6 +559,12 @@ def _ingest_size(rig: Rig, layouts: list[Layout], url: str, s3: Any, total: int,
             got = [r.rgw_cpu for r in arm[a] if r.rgw_cpu is not None]
             return f"{statistics.median(got):.2f}" if got else "?"
 
+        def mib(what: str, arm: dict[str, list[Ingest]] = arm) -> str:
+            def one(a: str) -> str:
+                got = [v for r in arm[a] if (v := getattr(r, what)) is not None]
+                return f"{statistics.median(got) / MiB:.0f}" if got else "?"
+            return "/".join(one(a) for a in ARMS)
+
         def trio(what: str, med: Any = med) -> str:
             return "/".join(f"{med(a, what):.2f}" for a in ARMS)
 
@@ -551,7 +580,9 @@ def _ingest_size(rig: Rig, layouts: list[Layout], url: str, s3: Any, total: int,
             f"Off/on/on-nice0: loop thread CPU s {trio('loop_cpu')}, process CPU s "
             f"{trio('cpu')}, wall s {trio('seconds')}, of which awaiting the journal "
             f"{trio('waits')}, RGW daemons' CPU s "
-            f"{'/'.join(rgw_cpu(a) for a in ARMS)}; load {os.getloadavg()[0]:.1f}"))
+            f"{'/'.join(rgw_cpu(a) for a in ARMS)}, MiB written to storage by cdp "
+            f"{mib('wrote')} and by the RGW's daemons {mib('rgw_wrote')}; "
+            f"load {os.getloadavg()[0]:.1f}"))
     return rows
 
 
