@@ -1,6 +1,7 @@
 """The S3 tier against plain boto3 on the test Ceph RGW, ratios in one run (issue 26).
 
     python -m tools.bench.tier_bench [--quick] [--no-split-cores] [--compare-split] [--rounds N]
+                                     [--control-store DIR]
 
 The rig: the test RGW is a single-node Ceph on this machine, where a real S3 store is
 another machine. With ``--split-cores`` (the default with two cores or more) every row
@@ -34,8 +35,14 @@ Rows (``cdp``: the tier; ``peer``: the comparison, measured in the same run):
   bodies' BytesIO reads, since fixed in ``cdp.tier.s3``), the RGW daemons 0.27-0.66 s,
   and the journal's flushes wait 0.23 -> 0.51 s (the OSD writes the uploads to the
   same disk): the tier competes for cores and disk, not for the loop.
-- ``tier-recover``: MiB/s of ``recover_store`` (ranged 8 MiB GETs + sha256 + install)
-  vs plain boto3 ``download_file`` of the same objects to files. Goal >= 0.7.
+  ``--control-store DIR`` (e.g. ``/dev/shm/NAME``, a tmpfs; at most ``CONTROL_CAP`` per
+  run) runs these rows once more, alternating, with the store there: the journal's
+  flushes no longer touch the disk the OSD writes the uploads to, so what the tier
+  still costs there is its own (CPU, loopback), not the rig's shared disk.
+- ``tier-recover``: MiB/s of ``recover_store`` (8 MiB ranged GETs, ``GETS`` at once over
+  all the objects, each part written in place and hashed in order, one fsync per
+  object, install) vs plain boto3 ``download_file`` of the same objects to files
+  (s3transfer: 8 MiB ranged GETs, 10 threads, no hash, no fsync). Goal >= 0.7.
 - ``tier-read-4KiB``: p50 ms of 4 KiB random reads (``Volume.read_async``) of a point
   whose records live only in the bucket (segments dropped, cache cold: each read one
   NotLocal, one fetch of one ~4 KiB record, one cache file, the read again) vs p50 of
@@ -63,7 +70,7 @@ from pathlib import Path
 from typing import Any
 
 from cdp.config import JournalSettings, Settings, TierSettings
-from cdp.tier.recover import recover_store
+from cdp.tier.recover import GETS, recover_store
 from cdp.tier.service import _UPLOADER, UPLOAD_NICE, UPLOAD_THREADS, TierService
 from cdp.volume import Volume
 from tools import ceph_s3
@@ -106,6 +113,11 @@ class Ingest:
     waits: float
     #: CPU seconds of the test RGW's own daemons (mon, osd, rgw) meanwhile, None if not ours
     rgw_cpu: float | None = None
+    #: bytes this process (the journal, maps) and the RGW's daemons (the OSD storing the
+    #: uploads) caused to be written to the block layer meanwhile (``/proc/PID/io``
+    #: ``write_bytes``), None when not readable or not ours
+    wrote: int | None = None
+    rgw_wrote: int | None = None
 
 
 def rgw_pids() -> list[int]:
@@ -113,6 +125,19 @@ def rgw_pids() -> list[int]:
     ``tools/ceph-s3`` started (its pid files, start times checked); [] when none run."""
     cl = ceph_s3.Cluster(ceph_s3.state_dir())
     return [p for d in ceph_s3.DAEMONS if (p := cl.pid(d)) is not None]
+
+
+def _written(pids: list[int]) -> int | None:
+    """Bytes the processes *pids* caused to be written to storage so far (``write_bytes``
+    of ``/proc/PID/io``: page cache writeback and direct I/O), None if one is unreadable."""
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/io") as f:
+                total += next(int(ln.split()[1]) for ln in f if ln.startswith("write_bytes:"))
+        except (OSError, StopIteration, ValueError):
+            return None
+    return total
 
 
 def _rgw_cpu() -> float | None:
@@ -207,6 +232,8 @@ async def _ingest(vol: Volume, total: int, size: int, seed: int) -> Ingest:
     blobs = [rng.randbytes(size // 2) + bytes(size - size // 2) for _ in range(8)]
     t0 = time.perf_counter()
     c0, p0, r0 = time.thread_time(), time.process_time(), _rgw_cpu()
+    daemons = rgw_pids()
+    io0, rio0 = _written([os.getpid()]), (_written(daemons) if daemons else None)
     done = since = 0
     waits = 0.0
     i = 0
@@ -232,8 +259,11 @@ async def _ingest(vol: Volume, total: int, size: int, seed: int) -> Ingest:
     waits += clock() - w0
     dt = time.perf_counter() - t0
     r1 = _rgw_cpu()
+    io1, rio1 = _written([os.getpid()]), (_written(daemons) if daemons else None)
     return Ingest(total / MiB / dt, dt, time.thread_time() - c0, time.process_time() - p0, waits,
-                  None if r0 is None or r1 is None else r1 - r0)
+                  None if r0 is None or r1 is None else r1 - r0,
+                  None if io0 is None or io1 is None else io1 - io0,
+                  None if rio0 is None or rio1 is None else rio1 - rio0)
 
 
 async def _tiered_reads(tmp: Path, url: str, s3: Any, n: int) -> tuple[list[float], list[str]]:
@@ -285,6 +315,8 @@ class Rig:
 
     splits: tuple[Split | None, ...]
     daemons: tuple[int, ...]
+    #: where the test RGW's OSD keeps its data, for the notes ("" when not ours)
+    osd: str = ""
 
     def pinned(self, split: Split | None) -> AbstractContextManager[str]:
         return pinned(split, list(self.daemons))
@@ -407,91 +439,201 @@ def _upload_rows(rig: Rig, tmp: Path, url: str, s3: Any, c: Any, bucket: str,
     return rows, rec_url, keys, nbytes
 
 
+@dataclass(frozen=True)
+class Layout:
+    """Where one set of ingest rows runs: the cores (``split``), the directory the
+    volume's store lives under (``base``), and the suffix of its rows' names."""
+
+    split: Split | None
+    base: Path
+    suffix: str
+    note: str = ""
+
+
+def fs_type(path: Path) -> str:
+    """The type of the file system holding *path* (``/proc/mounts``: the longest mount
+    point that is a prefix of it), "?" when unknown."""
+    best, kind = "", "?"
+    real = str(path.resolve())
+    with suppress(OSError), open("/proc/mounts") as f:
+        for line in f:
+            parts = line.split()
+            if len(parts) > 2:
+                mnt = parts[1]
+                if (real == mnt or real.startswith(mnt.rstrip("/") + "/")) and len(mnt) > len(best):
+                    best, kind = mnt, parts[2]
+    return kind
+
+
+#: the most bytes one ingest run may put in the control store directory (``--control-store``)
+CONTROL_CAP = 1 << 30
+
+
+def control_layout(rig: Rig, d: Path, need: int) -> Layout:
+    """The control layout: the main cores, the store under *d* (made; a tmpfs such as
+    /dev/shm takes the journal's disk writes, and the OSD's contention for them, out of
+    the rows). UsageError-free: SystemExit when *d* cannot take *need* bytes per run
+    within :data:`CONTROL_CAP`."""
+    d.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(d).free
+    if need > CONTROL_CAP or need + 64 * MiB > free:
+        raise SystemExit(f"tier_bench: --control-store {d}: a run needs {need // MiB} MiB "
+                         f"(cap {CONTROL_CAP // MiB} MiB, {free // MiB} MiB free)")
+    kind = fs_type(d)
+    return Layout(rig.splits[0], Path(tempfile.mkdtemp(prefix="cdp-tier-bench-", dir=d)),
+                  f" [store on {kind}]", f"control: the store on {kind} ({d})")
+
+
 def _ingest_rows(rig: Rig, tmp: Path, url: str, s3: Any, ingest_total: int,
-                 rounds: int) -> list[dict[str, Any]]:
+                 rounds: int, control: Path | None = None) -> list[dict[str, Any]]:
     """``tier-ingest-4KiB`` / ``-1MiB`` per layout: ``rounds`` runs of each arm
-    (:data:`ARMS`, alternating; layouts in turn within a round), the medians."""
+    (:data:`ARMS`, alternating; layouts in turn within a round), the medians. With
+    ``control``, a layout more: the main cores, the store under that directory (its
+    rows suffixed by the directory's file system type, e.g. ``[store on tmpfs]``)."""
+    layouts = [Layout(sp, tmp, rig.suffix(sp)) for sp in rig.splits]
+    if control is not None:
+        layouts.append(control_layout(rig, control, BACKLOG + ingest_total + 64 * MiB))
     rows = []
-    for size, name in ((4096, "4KiB"), (MiB, "1MiB")):
-        total = ingest_total // (2 if size == 4096 else 1)
-        runs: dict[tuple[Split | None, str], list[Ingest]] = {
-            (sp, a): [] for sp in rig.splits for a in ARMS}
-        sent: dict[Split | None, list[int]] = {sp: [] for sp in rig.splits}
-        notes: dict[Split | None, str] = {}
-        for rnd in range(rounds):
-            for split in rig.splits:
-                for a in ARMS:
-                    d = tmp / f"in-{name}-{rnd}-{rig.splits.index(split)}-{a}"
-                    on = a != "off"
-
-                    async def ingest(d: Path = d, on: bool = on, rnd: int = rnd,
-                                     total: int = total, size: int = size,
-                                     sent: list[int] = sent[split]) -> Ingest:
-                        # a backlog of sealed segments first (not timed), so the tier
-                        # uploads during the whole timed run
-                        s = _settings(d, f"{url}-ingest-{d.name}", 8 * MiB)
-                        vol = Volume.create(d / "store" / "volumes" / "vol0", "vol0", SIZE, s)
-                        for i in range(BACKLOG // MiB):
-                            r = vol.write(SIZE - (i + 1) * MiB, os.urandom(MiB))
-                            if r is not None:
-                                await r
-                        await vol.flush()
-                        vol.journal.sync()
-                        svc = None
-                        if on:
-                            svc = TierService(vol, s.tier, s3=s3, autostart=False)
-                            vol.attach(svc)
-                            svc.start()
-                        got = await _ingest(vol, total, size, rnd)
-                        if svc is not None:
-                            sent.append(svc.sent_bytes)
-                        vol.close()
-                        return got
-
-                    os.sync()
-                    _upload_threads_nice(a != "on-nice0")
-                    try:
-                        with rig.pinned(split) as notes[split]:
-                            runs[(split, a)].append(asyncio.run(ingest()))
-                    finally:
-                        _upload_threads_nice(True)
-                    shutil.rmtree(d, ignore_errors=True)
-
-        for split in rig.splits:
-            arm = {a: runs[(split, a)] for a in ARMS}
-
-            def med(a: str, what: str, arm: dict[str, list[Ingest]] = arm) -> float:
-                return float(statistics.median(getattr(r, what) for r in arm[a]))
-
-            def rgw_cpu(a: str, arm: dict[str, list[Ingest]] = arm) -> str:
-                got = [r.rgw_cpu for r in arm[a] if r.rgw_cpu is not None]
-                return f"{statistics.median(got):.2f}" if got else "?"
-
-            def trio(what: str, med: Any = med) -> str:
-                return "/".join(f"{med(a, what):.2f}" for a in ARMS)
-
-            sn = sent[split]
-            nice0 = med("on-nice0", "rate")
-            rows.append(_row(
-                f"tier-ingest-{name}{rig.suffix(split)}", med("on", "rate"), med("off", "rate"), "MiB/s",
-                f"{total // MiB} MiB of {name} writes, volume level, {rounds} alternating "
-                f"rounds, medians; a {BACKLOG // MiB} MiB backlog first, the tier sent "
-                f"{min(sn) // MiB}-{max(sn) // MiB} MiB during each timed run; peer: [tier] off; "
-                f"{notes[split]}. Upload threads at cdpd's own priority instead of nice "
-                f"+{UPLOAD_NICE}: {_nice0_note(nice0, med('off', 'rate'))}. "
-                f"Off/on/on-nice0: loop thread CPU s {trio('loop_cpu')}, process CPU s "
-                f"{trio('cpu')}, wall s {trio('seconds')}, of which awaiting the journal "
-                f"{trio('waits')}, RGW daemons' CPU s "
-                f"{'/'.join(rgw_cpu(a) for a in ARMS)}; load {os.getloadavg()[0]:.1f}"))
+    try:
+        for size, name in ((4096, "4KiB"), (MiB, "1MiB")):
+            rows += _ingest_size(rig, layouts, url, s3, ingest_total // (2 if size == 4096 else 1),
+                                 size, name, rounds)
+    finally:
+        for lay in layouts[len(rig.splits):]:
+            shutil.rmtree(lay.base, ignore_errors=True)
     return rows
 
 
+def _ingest_size(rig: Rig, layouts: list[Layout], url: str, s3: Any, total: int, size: int,
+                 name: str, rounds: int) -> list[dict[str, Any]]:
+    """The rows of one write size, one per layout."""
+    rows = []
+    runs: dict[tuple[int, str], list[Ingest]] = {(j, a): [] for j in range(len(layouts)) for a in ARMS}
+    sent: dict[int, list[int]] = {j: [] for j in range(len(layouts))}
+    notes: dict[int, str] = {}
+    for rnd in range(rounds):
+        for j, lay in enumerate(layouts):
+            for a in ARMS:
+                d = lay.base / f"in-{name}-{rnd}-{j}-{a}"
+                on = a != "off"
+
+                async def ingest(d: Path = d, on: bool = on, rnd: int = rnd,
+                                 sent: list[int] = sent[j]) -> Ingest:
+                    # a backlog of sealed segments first (not timed), so the tier
+                    # uploads during the whole timed run
+                    s = _settings(d, f"{url}-ingest-{d.name}", 8 * MiB)
+                    vol = Volume.create(d / "store" / "volumes" / "vol0", "vol0", SIZE, s)
+                    for i in range(BACKLOG // MiB):
+                        r = vol.write(SIZE - (i + 1) * MiB, os.urandom(MiB))
+                        if r is not None:
+                            await r
+                    await vol.flush()
+                    vol.journal.sync()
+                    svc = None
+                    if on:
+                        svc = TierService(vol, s.tier, s3=s3, autostart=False)
+                        vol.attach(svc)
+                        svc.start()
+                    got = await _ingest(vol, total, size, rnd)
+                    if svc is not None:
+                        sent.append(svc.sent_bytes)
+                    vol.close()
+                    return got
+
+                os.sync()
+                _upload_threads_nice(a != "on-nice0")
+                try:
+                    with rig.pinned(lay.split) as notes[j]:
+                        runs[(j, a)].append(asyncio.run(ingest()))
+                finally:
+                    _upload_threads_nice(True)
+                shutil.rmtree(d, ignore_errors=True)
+
+    for j, lay in enumerate(layouts):
+        arm = {a: runs[(j, a)] for a in ARMS}
+
+        def med(a: str, what: str, arm: dict[str, list[Ingest]] = arm) -> float:
+            return float(statistics.median(getattr(r, what) for r in arm[a]))
+
+        def rgw_cpu(a: str, arm: dict[str, list[Ingest]] = arm) -> str:
+            got = [r.rgw_cpu for r in arm[a] if r.rgw_cpu is not None]
+            return f"{statistics.median(got):.2f}" if got else "?"
+
+        def mib(what: str, arm: dict[str, list[Ingest]] = arm) -> str:
+            def one(a: str) -> str:
+                got = [v for r in arm[a] if (v := getattr(r, what)) is not None]
+                return f"{statistics.median(got) / MiB:.0f}" if got else "?"
+            return "/".join(one(a) for a in ARMS)
+
+        def trio(what: str, med: Any = med) -> str:
+            return "/".join(f"{med(a, what):.2f}" for a in ARMS)
+
+        sn = sent[j]
+        nice0 = med("on-nice0", "rate")
+        rows.append(_row(
+            f"tier-ingest-{name}{lay.suffix}", med("on", "rate"), med("off", "rate"), "MiB/s",
+            f"{total // MiB} MiB of {name} writes, volume level, {rounds} alternating "
+            f"rounds, medians; a {BACKLOG // MiB} MiB backlog first, the tier sent "
+            f"{min(sn) // MiB}-{max(sn) // MiB} MiB during each timed run; peer: [tier] off; "
+            f"{notes[j]}{'; ' + lay.note if lay.note else ''}{rig.osd}. Upload threads at cdpd's own "
+            f"priority instead of nice +{UPLOAD_NICE}: {_nice0_note(nice0, med('off', 'rate'))}. "
+            f"Off/on/on-nice0: loop thread CPU s {trio('loop_cpu')}, process CPU s "
+            f"{trio('cpu')}, wall s {trio('seconds')}, of which awaiting the journal "
+            f"{trio('waits')}, RGW daemons' CPU s "
+            f"{'/'.join(rgw_cpu(a) for a in ARMS)}, MiB written to storage by cdp "
+            f"{mib('wrote')} and by the RGW's daemons {mib('rgw_wrote')}; "
+            f"load {os.getloadavg()[0]:.1f}"))
+    return rows
+
+
+#: timed runs of each side of the recovery row (alternating, medians)
+RECOVER_ROUNDS = 3
+
+
+def _recover_row(rig: Rig, split: Split | None, tmp: Path, s3: Any, c: Any, bucket: str,
+                 url: str, keys: list[str], nbytes: int) -> dict[str, Any]:
+    """``tier-recover``: :func:`recover_store` of the upload row's bucket prefix vs plain
+    boto3 ``download_file`` of its segment objects, :data:`RECOVER_ROUNDS` runs each,
+    alternating (who goes first swaps each round; ``os.sync()`` before each, so neither
+    pays the other's writeback), medians."""
+    mine: list[float] = []
+    peer: list[float] = []
+    got = 0
+    notes: list[str] = []
+    for rnd in range(RECOVER_ROUNDS):
+        for side in (("cdp", "plain") if rnd % 2 == 0 else ("plain", "cdp")):
+            d = tmp / f"rec-{side}-{rnd}"
+            os.sync()
+            with rig.pinned(split) as note:
+                notes.append(note)
+                t0 = time.perf_counter()
+                if side == "cdp":
+                    got = recover_store(s3, url, d).bytes
+                    mine.append(got / MiB / (time.perf_counter() - t0))
+                else:
+                    d.mkdir()
+                    for i, k in enumerate(keys):  # what "download the bucket" is with plain boto3
+                        c.download_file(bucket, k, str(d / str(i)))
+                    peer.append(nbytes / MiB / (time.perf_counter() - t0))
+            shutil.rmtree(d, ignore_errors=True)
+    return _row("tier-recover", statistics.median(mine), statistics.median(peer), "MiB/s",
+                f"{got // MiB} MiB, {RECOVER_ROUNDS} alternating rounds, medians (cdp "
+                f"{'/'.join(f'{x:.0f}' for x in mine)}, peer {'/'.join(f'{x:.0f}' for x in peer)}); "
+                f"cdp: recover_store ({GETS} 8 MiB ranged GETs at once over all objects, each "
+                "part written in place and hashed in order, one fsync per object, install); "
+                "peer: boto3 download_file of each segment (s3transfer: 8 MiB ranged GETs, 10 "
+                f"threads, no hash, no fsync); {notes[-1]}{rig.osd}")
+
+
 def run(quick: bool = False, only: tuple[str, ...] = ROWS, split: bool | None = None,
-        compare: bool = False, rounds: int = ROUNDS) -> list[dict[str, Any]]:
+        compare: bool = False, rounds: int = ROUNDS,
+        control: Path | None = None) -> list[dict[str, Any]]:
     """The rows named in ``only`` (``recover`` needs ``upload``). ``split``: pin this
     process and the RGW's daemons to disjoint cores (:class:`Split`; None: when the
     machine has two or more); ``compare``: measure the upload and ingest rows under the
-    other layout too (extra rows, alternating with the main ones)."""
+    other layout too (extra rows, alternating with the main ones); ``control``: the ingest
+    rows once more with the store under that directory (e.g. a tmpfs: ``/dev/shm/x``),
+    alternating, to tell the journal disk's share from the tier's."""
     up_total = (64 if quick else 256) * MiB
     ingest_total = (64 if quick else 256) * MiB
     rows: list[dict[str, Any]] = []
@@ -509,7 +651,8 @@ def run(quick: bool = False, only: tuple[str, ...] = ROWS, split: bool | None = 
             main_split = None
         other = None if main_split is not None else (split_cores() if daemons else None)
         splits = (main_split, other) if compare and other != main_split else (main_split,)
-        rig = Rig(splits, daemons)
+        osd = f"; the RGW's OSD on {fs_type(ceph_s3.state_dir())}" if ours else ""
+        rig = Rig(splits, daemons, osd)
         c = plain_client(target)
         s3 = cdp_client(target)
         bucket = f"cdp-tier-bench-{uuid.uuid4().hex[:8]}"
@@ -544,24 +687,10 @@ def run(quick: bool = False, only: tuple[str, ...] = ROWS, split: bool | None = 
                                  "Goal: ratio <= 2"))
 
             if "ingest" in only:
-                rows += _ingest_rows(rig, tmp, url, s3, ingest_total, rounds)
+                rows += _ingest_rows(rig, tmp, url, s3, ingest_total, rounds, control)
 
             if "recover" in only and "upload" in only:
-                # -- recovery vs plain download of the same objects
-                with rig.pinned(main_split) as note:
-                    t0 = time.perf_counter()
-                    rep = recover_store(s3, rec_url, tmp / "rec")
-                    mine = rep.bytes / MiB / (time.perf_counter() - t0)
-                    dl = tmp / "plain"
-                    dl.mkdir()
-                    t0 = time.perf_counter()
-                    for i, k in enumerate(keys):  # what "download the bucket" is with plain boto3
-                        c.download_file(bucket, k, str(dl / str(i)))
-                    peer = nbytes / MiB / (time.perf_counter() - t0)
-                rows.append(_row("tier-recover", mine, peer, "MiB/s",
-                                 f"{rep.bytes // MiB} MiB; cdp: recover_store (4 segments at once, "
-                                 "8 MiB ranged GETs, sha256, fsync); peer: boto3 download_file of each "
-                                 f"segment (s3transfer, 10 threads); {note}"))
+                rows.append(_recover_row(rig, main_split, tmp, s3, c, bucket, rec_url, keys, nbytes))
         finally:
             keys_left = [o["Key"] for p in c.get_paginator("list_objects_v2").paginate(Bucket=bucket)
                          for o in p.get("Contents", [])]
@@ -584,8 +713,12 @@ def main(argv: list[str] | None = None) -> int:
                     help="also measure the upload and ingest rows under the other layout "
                          "(split / shared), alternating with the main one")
     ap.add_argument("--rounds", type=int, default=ROUNDS, help="timed ingest runs per arm")
+    ap.add_argument("--control-store", type=Path, metavar="DIR",
+                    help="the ingest rows once more with the store under DIR (e.g. a tmpfs such "
+                         f"as /dev/shm/NAME; at most {CONTROL_CAP >> 20} MiB per run), alternating")
     a = ap.parse_args(argv)
-    for r in run(a.quick, tuple(a.only.split(",")), a.split_cores, a.compare_split, a.rounds):
+    for r in run(a.quick, tuple(a.only.split(",")), a.split_cores, a.compare_split, a.rounds,
+                 a.control_store):
         print(json.dumps(r))
     return 0
 
