@@ -1,6 +1,7 @@
 """The catalog's performance structure (no timings): planning and writing are split
 into many steps that yield to the event loop, ``find`` by name uses the name index,
-listings use the key index, and catalogs of formats 1 to 3 are migrated."""
+listings use the key index, and catalogs of formats 1 to 3 are migrated (format 4:
+test_catalog_format5.py)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import pytest
 
 from cdp.catalog.db import CATALOG_FORMAT, Catalog, glob_prefix, prefix_end
 from cdp.catalog.indexer import Computed, persist
+from cdp.catalog.model import Entry
 from cdp.catalog.rules import Plan, Resolver, make_plan, plan_steps
 from cdp.ntfs.attribute import DataStream, FileName
 from cdp.ntfs.record import FileRecord
@@ -120,9 +122,9 @@ def test_glob_prefix_ranges() -> None:
 
 
 def test_listing_is_one_range_of_the_key_index(filled: Catalog) -> None:
-    from cdp.catalog.db import _DSEL, _VIS
+    from cdp.catalog.db import _VIS
 
-    q = f"{_DSEL} WHERE dir = ? AND {_VIS} ORDER BY name"  # what list_dir runs
+    q = f"{filled._dsel} WHERE dir = ? AND {_VIS} ORDER BY name"  # what list_dir runs
     p = plan_of(filled, q, ("/Dir001", 1, 1))
     # format 4: one range of the key (directory id, name id, start), then the visible
     # rows sorted by name (the key orders names by id); no scan
@@ -182,8 +184,9 @@ FORMAT_3 = (FORMAT_1.replace("('format', '1')", "('format', '3')")
                      "CREATE INDEX entries_dirs ON entries (part, record) WHERE is_dir = 1;\n"
                      "CREATE TABLE damaged"))
 
-#: the objects of a format 4 catalog (golden: a change here is a format change)
-FORMAT_4_OBJECTS = {
+#: the objects of a format 4 and 5 catalog (golden: a change here is a format change;
+#: format 5 changed ``file_entries``' columns, not the objects)
+FORMAT_5_OBJECTS = {
     ("table", "meta"), ("table", "versions"), ("table", "dirs"), ("table", "names"),
     ("table", "file_entries"), ("table", "damaged"), ("view", "entries"),
     ("index", "names_lname"), ("index", "entries_key"), ("index", "entries_name"),
@@ -198,7 +201,7 @@ def _objects(cat: Catalog) -> set[tuple[str, str]]:
 
 
 @pytest.mark.parametrize("old", [1, 3])
-def test_old_catalog_is_migrated_to_format_4(tmp_path: Path, caplog: pytest.LogCaptureFixture,
+def test_old_catalog_is_migrated_to_format_5(tmp_path: Path, caplog: pytest.LogCaptureFixture,
                                              old: int) -> None:
     path = tmp_path / "catalog.sqlite"
     db = sqlite3.connect(path)
@@ -213,13 +216,13 @@ def test_old_catalog_is_migrated_to_format_4(tmp_path: Path, caplog: pytest.LogC
     ro.close()
     with caplog.at_level(logging.INFO, logger="cdp.catalog"):
         cat = Catalog(path)
-    assert f"catalog format {old} migrated to 4" in caplog.text
-    assert CATALOG_FORMAT == 4
-    assert cat.reader.execute("SELECT value FROM meta WHERE key = 'format'").fetchone()[0] == "4"
-    assert _objects(cat) == FORMAT_4_OBJECTS
-    got = cat.reader.execute("SELECT id, part, dir, name, start, \"end\", ref, record, seq, parent,"
-                             " is_dir, size, alloc, crtime, mtime, ctime, atime, attrs, resident,"
-                             " flags, location, streams, backup_ns FROM entries ORDER BY id").fetchall()
+    assert f"catalog format {old} migrated to 5" in caplog.text
+    assert CATALOG_FORMAT == 5
+    assert cat.reader.execute("SELECT value FROM meta WHERE key = 'format'").fetchone()[0] == "5"
+    assert _objects(cat) == FORMAT_5_OBJECTS
+    # format 5: the stat fields come back from the packed ``stat`` (Entry.from_row)
+    got = [(e.id, *e.values()) for e in map(Entry.from_row, cat.reader.execute(
+        f"{cat._sel} ORDER BY id"))]
     assert got == want
     assert cat.reader.execute("SELECT path FROM dirs ORDER BY id").fetchall() == [("/",), ("/Docs",)]
     assert cat.reader.execute("SELECT name FROM names ORDER BY id").fetchall() == [
@@ -231,13 +234,13 @@ def test_old_catalog_is_migrated_to_format_4(tmp_path: Path, caplog: pytest.LogC
     assert cat.changed_between(1, 2) == {("", 65), ("", 66)}
     cat.close()
     Catalog(path).close()  # opened again: nothing more to migrate
-    assert _objects(Catalog(path, readonly=True)) == FORMAT_4_OBJECTS
+    assert _objects(Catalog(path, readonly=True)) == FORMAT_5_OBJECTS
 
 
-def test_a_new_catalog_has_the_format_4_objects(tmp_path: Path) -> None:
+def test_a_new_catalog_has_the_format_5_objects(tmp_path: Path) -> None:
     cat = Catalog(tmp_path / "catalog.sqlite")
-    assert _objects(cat) == FORMAT_4_OBJECTS
-    assert cat.reader.execute("SELECT value FROM meta WHERE key = 'format'").fetchone()[0] == "4"
+    assert _objects(cat) == FORMAT_5_OBJECTS
+    assert cat.reader.execute("SELECT value FROM meta WHERE key = 'format'").fetchone()[0] == "5"
 
 
 def _index_sql(cat: Catalog) -> set[tuple[str, str]]:
@@ -252,7 +255,7 @@ def test_first_full_index_builds_its_indexes_once_its_rows_are_in(tmp_path: Path
     plan = make_plan("", new, {}, Resolver("", new), 1)
     asyncio.run(persist(cat, Computed("full", parts=[{"name": ""}], plans=[plan]), 1, 1, 1, batch=200))
     # the same indexes as a new catalog's, and every row reachable through them
-    assert _index_sql(cat) == schema and _objects(cat) == FORMAT_4_OBJECTS
+    assert _index_sql(cat) == schema and _objects(cat) == FORMAT_5_OBJECTS
     assert cat.reader.execute("PRAGMA integrity_check").fetchone() == ("ok",)
     assert len(cat.list_dir("/Dir003", 1)) == 100 and len(list(cat.glob("q3*", on_path=False))) == 215
     # not empty any more: a second version keeps its indexes while it writes
@@ -391,9 +394,9 @@ def test_format_2_catalog_gains_the_file_system_kind(tmp_path: Path, caplog: pyt
     ro.close()
     with caplog.at_level(logging.INFO, logger="cdp.catalog"):
         cat = Catalog(path)
-    assert "catalog format 2 migrated to 4" in caplog.text
-    assert CATALOG_FORMAT == 4
-    assert cat.reader.execute("SELECT value FROM meta WHERE key = 'format'").fetchone()[0] == "4"
+    assert "catalog format 2 migrated to 5" in caplog.text
+    assert CATALOG_FORMAT == 5
+    assert cat.reader.execute("SELECT value FROM meta WHERE key = 'format'").fetchone()[0] == "5"
     vs = cat.versions()
     assert [v.fs for v in vs] == ["ntfs", "ntfs,ntfs", ""]
     assert [[p["fs"] for p in v.parts] for v in vs] == [["ntfs"], ["ntfs", "ntfs"], []]
