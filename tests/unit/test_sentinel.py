@@ -19,7 +19,7 @@ from cdp.config import JournalSettings, MapSettings, SentinelSettings, Settings,
 from cdp.errors import ConfigError, NotFound, UsageError
 from cdp.retention.service import attach_retention, retention_of
 from cdp.sentinel.detector import Detector
-from cdp.sentinel.service import Sentinel, attach_sentinel
+from cdp.sentinel.service import CHECK_CPU_BURST, Sentinel, attach_sentinel
 from cdp.sentinel.signals import (
     SAMPLE,
     Verdict,
@@ -349,6 +349,27 @@ def test_service_walks_back_to_the_first_unsampled_attack_write(tmp_path: Path) 
         alerts = sen.alert_list()
         assert len(alerts) == 1, alerts
         assert alerts[0]["first_seq"] == clean_seq + 1, (alerts[0]["first_seq"], clean_seq)
+        vol.close()
+
+    asyncio.run(main())
+
+
+def test_service_checks_stay_within_their_cpu_budget(tmp_path: Path) -> None:
+    """Checks of overwritten bytes are bounded by CPU time too (``CHECK_CPU``): with a
+    measured cost per check, a batch queues only what the budget left pays for."""
+    async def main() -> None:
+        vol, sen = _open(tmp_path)
+        rng = random.Random(9)
+        for i in range(40):  # high-entropy writes, all sampled (stride 1)
+            await _w(vol, i * 4096, rng.randbytes(4096))
+        sen._check_cost, sen._cpu = 0.001, 0.0035  # 1 ms a check, 3.5 ms left
+        await sen.process()  # not sealed: the chosen checks stay queued
+        assert len(sen._to_check) == 3
+        assert sen._cpu <= CHECK_CPU_BURST
+        vol.seal()
+        await sen._check_sealed()  # run, and their CPU time charged
+        assert not sen._to_check and sen.checked_writes == 3 and sen.check_cpu > 0
+        assert sen._check_cost > 0 and sen.batches == 1
         vol.close()
 
     asyncio.run(main())

@@ -163,6 +163,18 @@ def cpu_split(pid: int) -> tuple[float, float]:
     return int(f[11]) / tick, int(f[12]) / tick
 
 
+_SENTINEL_LOG = re.compile(r"sentinel: (\d+) samples, (\d+) batches ([\d.]+) s CPU, "
+                           r"(\d+) checks ([\d.]+) s CPU")
+
+
+def sentinel_cpu(log: Path) -> tuple[float, float, int]:
+    """The sentinel's own CPU seconds (batches without their checks, checks of
+    overwritten bytes) and its checks, from the line cdpd logs when the volume closes
+    (0s when there is none: sentinel off)."""
+    m = _SENTINEL_LOG.search(log.read_text(errors="replace")) if log.exists() else None
+    return (float(m.group(3)), float(m.group(5)), int(m.group(4))) if m else (0.0, 0.0, 0)
+
+
 def _median(runs: list[dict[str, float]], key: str) -> float:
     return statistics.median(r[key] for r in runs)
 
@@ -171,8 +183,8 @@ def _one_run(base: Path, on: bool, rw: str, bs: str, depth: int, runtime: float,
              size: int) -> dict[str, float]:
     """One fio run against a cdpd started for it on an empty store, stopped and deleted
     after it (with its page cache and unwritten dirty pages): every run starts from the
-    same machine state. Returns fio's figures and cdpd's CPU µs per request (user,
-    system, total)."""
+    same machine state. Returns fio's figures, cdpd's CPU µs per request (user,
+    system, total) and the sentinel's own share of it (batches, checks: its log line)."""
     home = base / ("on" if on else "off")
     shutil.rmtree(home, ignore_errors=True)
     home.mkdir()
@@ -186,10 +198,13 @@ def _one_run(base: Path, on: bool, rw: str, bs: str, depth: int, runtime: float,
         alerts = len(d.cdpctl_json("alerts", "--json")) if on else 0
     finally:
         d.stop()
+        batch_s, check_s, checks = sentinel_cpu(d.log)
         shutil.rmtree(home, ignore_errors=True)
     ops = r["ios"] or 1.0
     return {**r, "user_us": (u1 - u0) / ops * 1e6, "sys_us": (s1 - s0) / ops * 1e6,
-            "cpu_us": (u1 - u0 + s1 - s0) / ops * 1e6, "alerts": float(alerts)}
+            "cpu_us": (u1 - u0 + s1 - s0) / ops * 1e6, "alerts": float(alerts),
+            "batch_us": batch_s / ops * 1e6, "check_us": check_s / ops * 1e6,
+            "checks": float(checks)}
 
 
 def run(quick: bool = False, scratch: Path | None = None, pairs: int | None = None,
@@ -228,8 +243,9 @@ def run(quick: bool = False, scratch: Path | None = None, pairs: int | None = No
                     if verbose:
                         print(f"{name} pair {p} sentinel {'on ' if on else 'off'} "
                               f"{r[metric]:9.1f} {metric}  cdpd CPU/request {r['cpu_us']:7.1f} µs "
-                              f"(user {r['user_us']:.1f}, sys {r['sys_us']:.1f})  "
-                              f"load {os.getloadavg()[0]:.1f}", flush=True)
+                              f"(user {r['user_us']:.1f}, sys {r['sys_us']:.1f}; sentinel "
+                              f"batches {r['batch_us']:.2f}, {r['checks']:.0f} checks "
+                              f"{r['check_us']:.2f})  load {os.getloadavg()[0]:.1f}", flush=True)
                 ratios.append(got[True][-1][metric] / got[False][-1][metric])
             unit = "IOPS" if metric == "iops" else "MB/s"
             rows.append(_row(name, _median(got[True], metric), _median(got[False], metric),
