@@ -247,6 +247,11 @@ def run(quick: bool = False, scratch: Path | None = None, pairs: int | None = No
                               f"batches {r['batch_us']:.2f}, {r['checks']:.0f} checks "
                               f"{r['check_us']:.2f})  load {os.getloadavg()[0]:.1f}", flush=True)
                 ratios.append(got[True][-1][metric] / got[False][-1][metric])
+            if verbose:
+                print(f"{name}: the sentinel's own CPU per request, median of the runs on: "
+                      f"batches {_median(got[True], 'batch_us'):.2f} µs, checks "
+                      f"{_median(got[True], 'check_us'):.2f} µs "
+                      f"({_median(got[True], 'checks'):.0f} checks per run)", flush=True)
             unit = "IOPS" if metric == "iops" else "MB/s"
             rows.append(_row(name, _median(got[True], metric), _median(got[False], metric),
                              "sentinel off", unit, ratio_goal(name),
