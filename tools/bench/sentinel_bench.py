@@ -4,7 +4,8 @@ and 1 MiB sequential writes (iodepth 8). fio's buffers are random bytes, so ever
 write is high entropy and the sentinel does all its work (sample, batch entropy, reads
 of the overwritten bytes up to its check budget).
 
-    python -m tools.bench.sentinel_bench [--quick] [--ingest] [--pairs N] [--runtime S] [-v]
+    python -m tools.bench.sentinel_bench [--quick] [--ingest] [--pairs N] [--runtime S]
+        [--workload 4k|1m] [-v]
 
 Runs alternate off/on in pairs (order swapped each pair, an even number of pairs, so
 drift on a shared machine and the after-effects of a run fall on both sides alike),
@@ -209,7 +210,7 @@ def _one_run(base: Path, on: bool, rw: str, bs: str, depth: int, runtime: float,
 
 def run(quick: bool = False, scratch: Path | None = None, pairs: int | None = None,
         runtime: float | None = None, detect: bool = True,
-        verbose: bool = False) -> list[dict[str, Any]]:
+        verbose: bool = False, workloads: list[str] | None = None) -> list[dict[str, Any]]:
     """The ingest rows: per workload, *pairs* (rounded up to even; default 6, quick 2)
     off/on pairs of *runtime* s (default 15, quick 3), each run on a cdpd of its own on
     an empty store (:func:`_one_run`); the order is swapped every pair, so each side
@@ -233,6 +234,8 @@ def run(quick: bool = False, scratch: Path | None = None, pairs: int | None = No
     alerts = 0
     try:
         for name, (rw, bs, depth, metric) in WORKLOADS.items():
+            if workloads and not any(w in name for w in workloads):
+                continue
             got: dict[bool, list[dict[str, float]]] = {False: [], True: []}
             ratios = []
             for p in range(pairs):
@@ -276,11 +279,13 @@ def main() -> None:
     ap.add_argument("--ingest", action="store_true", help="the ingest rows only")
     ap.add_argument("--pairs", type=int, help="off/on pairs per workload (even; default 6)")
     ap.add_argument("--runtime", type=float, help="seconds per run (default 15)")
+    ap.add_argument("--workload", action="append", choices=["4k", "1m"],
+                    help="only this ingest row (repeatable; default both)")
     ap.add_argument("-v", "--verbose", action="store_true", help="print every run")
     args = ap.parse_args()
     rows = detection(args.quick) if args.detection else run(
         quick=args.quick, pairs=args.pairs, runtime=args.runtime, detect=not args.ingest,
-        verbose=args.verbose)
+        verbose=args.verbose, workloads=args.workload)
     table = [{**r, "ratio": r["ratio"] or 0.0} for r in rows if not isinstance(r["goal"], str)]
     if table:
         print_table(table)
