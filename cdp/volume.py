@@ -44,6 +44,12 @@ Design notes
   none (tests, tools). Hot path: a write calls only the services that override
   ``admit_write`` / ``on_record`` (two tuples kept by :meth:`attach`), so with the
   store's services a write pays one call (retention's O(1) cap check).
+* **Sampled writes.** A service that needs to see only some WRITE records (the
+  sentinel: one in ``stride``) overrides ``on_sample`` instead of ``on_record``: the
+  volume counts down the WRITE records itself and calls it for one in N, N being what
+  the last call returned, and adds every WRITE's length to ``write_record_bytes``. An
+  unsampled write then costs the samplers a decrement and an add (~0.05 µs) instead of
+  a method call (0.2-0.3 µs).
 """
 
 from __future__ import annotations
@@ -207,6 +213,16 @@ class VolumeService:
         is the caller's buffer for WRITE/INIT (copy what you keep), else None (also for
         records applied from a replication stream). Hot path: no I/O, no blocking."""
 
+    def on_sample(self, vol: Volume, seq: int, offset: int, length: int,
+                  payload: bytes | bytearray | memoryview) -> int:
+        """After one WRITE record in N is appended (not INIT; not records applied from a
+        replication stream, which carry no payload), N being what the previous call
+        returned (at least 1; the first WRITE after :meth:`Volume.attach` is sampled).
+        The bytes of every WRITE record are counted in ``vol.write_record_bytes``.
+        *payload* is the caller's buffer (copy what you keep). With several samplers
+        the smallest N wins. Hot path: no I/O, no blocking."""
+        return 1
+
     def on_sealed(self, vol: Volume, seq: int) -> None:
         """The live window was sealed into map files through *seq* (every record up to
         it is durable and in the maps)."""
@@ -296,6 +312,10 @@ class Volume:
         self._services: tuple[VolumeService, ...] = ()
         self._admitters: tuple[VolumeService, ...] = ()  # those overriding admit_write
         self._recorders: tuple[VolumeService, ...] = ()  # those overriding on_record
+        self._samplers: tuple[VolumeService, ...] = ()  # those overriding on_sample
+        self._sample_in = 1  # WRITE records until the samplers' next on_sample
+        #: bytes of WRITE records appended while a sampler is attached (see on_sample)
+        self.write_record_bytes = 0
         # counters for status and metrics
         self.writes = 0
         self.bytes_written = 0
@@ -315,6 +335,9 @@ class Volume:
         self._services = (*self._services, service)
         self._admitters = tuple(s for s in self._services if _overrides(s, "admit_write"))
         self._recorders = tuple(s for s in self._services if _overrides(s, "on_record"))
+        self._samplers = tuple(s for s in self._services if _overrides(s, "on_sample"))
+        if _overrides(service, "on_sample"):
+            self._sample_in = 1  # the next WRITE goes to the new sampler
 
     @property
     def services(self) -> tuple[VolumeService, ...]:
@@ -689,8 +712,19 @@ class Volume:
             self._keep_ahead(seq, offset, offset + n)
         for s in self._recorders:
             s.on_record(self, RecordKind.INIT if init else RecordKind.WRITE, seq, offset, n, data)
+        if self._samplers and not init:
+            self.write_record_bytes += n
+            self._sample_in -= 1
+            if not self._sample_in:
+                self._sample(seq, offset, n, data)
         self._note_live()
         return seq
+
+    def _sample(self, seq: int, offset: int, n: int, data: bytes | bytearray | memoryview) -> None:
+        """The countdown reached 0: call the samplers, count down again from the
+        smallest N they return."""
+        self._sample_in = max(1, min(s.on_sample(self, seq, offset, n, data)
+                                     for s in self._samplers))
 
     def _record_zero(self, offset: int, length: int) -> int:
         """Append a ZERO record (trim / write-zeroes): as :meth:`_record_write`."""
@@ -1055,6 +1089,8 @@ class Volume:
                     new.append(Marker(rec.marker_id or 0, seq, rec.timestamp_ns, rec.label or ""))
             for s in self._recorders:
                 s.on_record(self, RecordKind(kind), seq, offset, length, None)
+            if kind == RecordKind.WRITE and self._samplers:  # counted, never sampled
+                self.write_record_bytes += length
         await self.journal.commit()
         if new:
             self._markers.extend(new)

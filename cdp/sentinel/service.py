@@ -3,22 +3,29 @@ write stream, alerts, and the clean point before the first suspicious write.
 
 Design notes
 ------------
-* **Hot path: a count, and one write in ``stride`` sampled.** ``on_record`` adds a
-  WRITE's length to the bytes written; one write in ``stride`` also leaves its seq,
-  time, range, the journal's lz4 probe ratio (``Journal.last_lz4``) and a copy of its
-  first :data:`~cdp.sentinel.signals.SAMPLE` bytes in a bounded deque. The stride
-  is set at every batch from that batch's writes, so that about
-  :data:`SAMPLES_PER_BATCH` writes are sampled per batch; a burst that came before the
-  stride caught up is classified on an even subsample (0.4-0.6 µs per write in all,
-  measured; a write costs 9-14 µs in process).
+* **Hot path: one write in ``stride``, counted by the volume.** The sentinel is a
+  sampler (``VolumeService.on_sample``), not a recorder: the volume counts the bytes of
+  every WRITE (``Volume.write_record_bytes``) and counts down the writes, and calls
+  :meth:`on_sample` for one in ``stride`` (the value it returned), which leaves that
+  write's seq, time, range, the journal's lz4 probe ratio (``Journal.last_lz4``) and
+  a copy of its first :data:`~cdp.sentinel.signals.SAMPLE` bytes in a bounded deque.
+  An unsampled write costs the sentinel no call (~0.05 µs in the volume, against
+  0.2-0.3 µs for the call it replaced). The stride is set at every batch from that
+  batch's writes, so that about :data:`SAMPLES_PER_BATCH` writes are sampled per
+  batch; a burst that came before the stride caught up is classified on an even
+  subsample.
 * **A background task** (started at the first write on a running loop) drains the deque
-  every 100 ms: the samples' entropy (one ``bincount`` over the batch, then one numpy pass; the
-  rest of a batch's bookkeeping is plain Python: a dozen numpy calls on a few dozen
-  samples cost more than the loops they replace), the detector's counters (the
+  every :data:`POLL` (250 ms): the samples' entropy (one ``bincount`` per 32 samples,
+  then one numpy pass; the rest of a batch's bookkeeping is plain Python: a dozen numpy
+  calls on a few dozen samples cost more than the loops they replace; a batch costs
+  ~0.45 ms of CPU in cdpd, mostly fixed, hence 4 batches a second rather than 10),
+  the detector's counters (the
   high-entropy share of the sampled bytes stands for all bytes written), then for
   sampled high-entropy writes the bytes they overwrote, read from cdp's own maps at the
   seq before (:meth:`_old_bytes`: a narrow map resolve at ``seq - 1``), at most
-  ``checks_per_second``, once the write is sealed into map files (``on_sealed``: a
+  ``checks_per_second`` and :data:`CHECK_CPU` of a core (each check's CPU time is
+  measured: a check costs more as the map history it walks grows), once the write is
+  sealed into map files (``on_sealed``: a
   resolve at a past seq inside the live window would index the whole window, ~1 µs per
   write). At an alert the writes before the first suspect one that were not sampled
   are read back from the journal (:meth:`_walk_back`) to find the first suspicious
@@ -76,8 +83,17 @@ SAMPLES_PER_BATCH = 32
 MAX_STRIDE = 1 << 12
 #: the walk back stops after this many consecutive non-suspect writes
 WALK_STOP = 32
-POLL = 0.1
-_WRITE = RecordKind.WRITE
+#: seconds between batches
+POLL = 0.25
+#: CPU seconds per second the checks of overwritten bytes may take on average (0.5 % of
+#: a core), besides ``checks_per_second``: a check's cost grows with the map layers it
+#: walks (0.1-0.3 ms in cdpd, whose compaction keeps the layers few; 1-3.5 ms after
+#: 250k random 4 KiB writes without compaction, most checked ranges being holes that
+#: every layer must confirm), and 20 checks a second must stay a small cost
+CHECK_CPU = 0.005
+#: CPU seconds of checks saved up for a burst
+CHECK_CPU_BURST = 0.02
+_cpu_time = time.thread_time
 _time_ns = time.time_ns
 
 
@@ -114,9 +130,8 @@ class Sentinel(VolumeService):
                             float(doc["raised"]))
         self.det.alerting = any(a["state"] == "active" for a in self.alerts)
         self._pending: deque[tuple[int, int, int, int, float, bytes | bytearray]] = deque(maxlen=MAX_PENDING)
-        self._written = 0  # bytes written since the last batch
+        self._counted = vol.write_record_bytes  # WRITE bytes up to the last batch
         self._stride = 1  # one write in stride is sampled
-        self._skip = 1
         #: chosen high-entropy writes waiting for their seal: (seq, ns, offset, length)
         self._to_check: deque[tuple[int, int, int, int]] = deque()
         self._sealed_seq = 0
@@ -125,6 +140,8 @@ class Sentinel(VolumeService):
         self._task: asyncio.Task[None] | None = None
         self._tokens = float(settings.checks_per_second)
         self._refill = time.monotonic()
+        self._cpu = CHECK_CPU_BURST  # CPU seconds the checks may still take (CHECK_CPU)
+        self._check_cost = 0.0  # CPU seconds per check, a moving average (0: none yet)
         self._hour = time.time_ns() // (3600 * 10**9)
         self._closed = False
         self._active: dict[str, Any] | None = None
@@ -140,6 +157,9 @@ class Sentinel(VolumeService):
         self.high_entropy_bytes = 0
         self.checked_writes = 0
         self.suspect_writes = 0
+        self.batches = 0
+        self.batch_cpu = 0.0  # CPU seconds in batches, without their checks
+        self.check_cpu = 0.0  # CPU seconds in checks of overwritten bytes
 
     # ------------------------------------------------------------------ state
 
@@ -166,17 +186,11 @@ class Sentinel(VolumeService):
 
     # ------------------------------------------------------------------ service hooks
 
-    def on_record(self, vol: Volume, kind: RecordKind, seq: int, offset: int, length: int,
-                  payload: bytes | bytearray | memoryview | None) -> None:
-        """Hot path: count a WRITE's bytes; one write in ``stride`` is sampled (time,
-        range, lz4 probe, a copy of its first 512 bytes) for the background task."""
-        if kind is not _WRITE:
-            return
-        self._written += length
-        self._skip -= 1
-        if self._skip > 0 or payload is None:
-            return
-        self._skip = self._stride
+    def on_sample(self, vol: Volume, seq: int, offset: int, length: int,
+                  payload: bytes | bytearray | memoryview) -> int:
+        """Hot path, one WRITE in ``stride`` (the volume counts the others): keep its
+        time, range, lz4 probe and a copy of its first 512 bytes for the background
+        task; returns the stride. ~1 µs."""
         if len(self._pending) == MAX_PENDING:
             self.dropped += 1
         sample = payload[:SAMPLE]  # a copy, except of a memoryview
@@ -186,8 +200,9 @@ class Sentinel(VolumeService):
             try:
                 loop = asyncio.get_running_loop()
             except RuntimeError:
-                return  # no loop (a tool): the batch waits for the next one or close
+                return self._stride  # no loop (a tool): the batch waits for the next one or close
             self._task = loop.create_task(self._run(), name=f"sentinel-{vol.name}")
+        return self._stride
 
     def on_sealed(self, vol: Volume, seq: int) -> None:
         """Writes through *seq* are in map files: their checks may run."""
@@ -217,6 +232,9 @@ class Sentinel(VolumeService):
             self._task = None
         if not self.writes_seen:
             return  # nothing learned (a tool that only read): leave the file alone
+        log.info("volume %s: sentinel: %d samples, %d batches %.3f s CPU, %d checks %.3f s "
+                 "CPU", vol.name, self.writes_seen, self.batches, self.batch_cpu,
+                 self.checked_writes, self.check_cpu)
         try:
             self._save()
         except OSError as e:  # closing anyway; the alerts were saved when raised
@@ -243,11 +261,13 @@ class Sentinel(VolumeService):
         :data:`SAMPLES_PER_BATCH`, an even subsample of a larger one), add the batch to
         the detector (the bytes written since the last batch, the sampled and the
         high-entropy ones), queue the overwritten-bytes checks of sampled high-entropy
-        writes within the budget, run the checks of sealed writes, and set the sampling
+        writes within the budgets (``checks_per_second`` and :data:`CHECK_CPU`, with the
+        measured cost of a check), run the checks of sealed writes, and set the sampling
         stride for about :data:`SAMPLES_PER_BATCH` samples per batch. Cost: ~5 µs per
         sample classified, plus the checks."""
         if not self._pending:
             return
+        t0 = _cpu_time()
         batch = list(self._pending)
         self._pending.clear()
         k = len(batch)
@@ -263,7 +283,8 @@ class Sentinel(VolumeService):
         thr = self.s.entropy_bits
         hi = [b >= thr and not 0 <= r < LZ4_COMPRESSIBLE
               for b, r in zip(entropy_batch(samples).tolist(), ratios, strict=True)]
-        written, self._written = self._written, 0
+        total = self.vol.write_record_bytes
+        written, self._counted = total - self._counted, total
         sampled = sum(lens)
         self.high_entropy_bytes += int(written * sum(n for n, h in zip(lens, hi, strict=True) if h)
                                        / sampled)
@@ -281,16 +302,23 @@ class Sentinel(VolumeService):
         for b, (sb, hb) in sorted(per.items()):
             self.det.add(b * bucket_ns, round(written * sb / sampled), sb, hb)
         cand = [i for i, h in enumerate(hi) if h]
-        if len(cand) > self._tokens:  # over budget: an even spread (numpy.linspace's points)
-            m = int(self._tokens)
+        room = self._tokens
+        if self._check_cost:  # and the CPU budget, less what the queued checks will take
+            cost = self._check_cost
+            room = min(room, (self._cpu - len(self._to_check) * cost) / cost)
+        if len(cand) > room:  # over budget: an even spread (numpy.linspace's points)
+            m = max(0, int(room))
             last = len(cand) - 1
             step = last / (m - 1) if m > 1 else 0.0
             cand = [cand[last if j == m - 1 and m > 1 else int(j * step)] for j in range(m)]
         now = time.monotonic()
         cps = self.s.checks_per_second
         self._tokens = min(float(cps), self._tokens + (now - self._refill) * cps) - len(cand)
+        self._cpu = min(CHECK_CPU_BURST, self._cpu + (now - self._refill) * CHECK_CPU)
         self._refill = now
         self._to_check.extend((seqs[i], nss[i], offs[i], lens[i]) for i in cand)
+        self.batches += 1
+        self.batch_cpu += _cpu_time() - t0
         await self._check_sealed()
 
     async def _check_sealed(self) -> None:
@@ -301,7 +329,12 @@ class Sentinel(VolumeService):
         j = 0
         while todo and todo[0][0] <= self._sealed_seq:
             seq, ns, off, n = todo.popleft()
+            t = _cpu_time()
             v = self._judge(seq, off, n)
+            t = _cpu_time() - t
+            self._cpu -= t
+            self.check_cpu += t
+            self._check_cost += (t - self._check_cost) / 8 if self._check_cost else t
             if v is None:
                 continue
             j += 1

@@ -17,10 +17,9 @@ import pytest
 
 from cdp.config import JournalSettings, MapSettings, SentinelSettings, Settings, parse_config
 from cdp.errors import ConfigError, NotFound, UsageError
-from cdp.journal import RecordKind
 from cdp.retention.service import attach_retention, retention_of
 from cdp.sentinel.detector import Detector
-from cdp.sentinel.service import Sentinel, attach_sentinel
+from cdp.sentinel.service import CHECK_CPU_BURST, Sentinel, attach_sentinel
 from cdp.sentinel.signals import (
     SAMPLE,
     Verdict,
@@ -314,18 +313,18 @@ def test_service_benign_then_encrypt_in_place(tmp_path: Path) -> None:
     asyncio.run(main())
 
 
-def test_service_on_record_hot_path_is_cheap(tmp_path: Path) -> None:
-    """on_record copies a sample and appends: a few µs per write even on a busy machine."""
+def test_service_on_sample_hot_path_is_cheap(tmp_path: Path) -> None:
+    """on_sample copies a sample and appends: a few µs per write even on a busy machine."""
     async def main() -> None:
         vol, sen = _open(tmp_path)
         data = random.Random(6).randbytes(4096)
         n = 2000
         t0 = time.perf_counter()
         for i in range(n):
-            sen.on_record(vol, RecordKind.WRITE, i + 1, i * 4096, 4096, data)
+            assert sen.on_sample(vol, i + 1, i * 4096, 4096, data) == 1
         per = (time.perf_counter() - t0) / n
         assert len(sen._pending) == n
-        print(f"on_record: {per * 1e6:.2f} µs per write")
+        print(f"on_sample: {per * 1e6:.2f} µs per write")
         sen._pending.clear()
         vol.close()
 
@@ -341,7 +340,7 @@ def test_service_walks_back_to_the_first_unsampled_attack_write(tmp_path: Path) 
         for i in range(768):  # 3 MiB of documents in 4 KiB pages
             await _w(vol, i * 4096, text(rng, 4096))
         await _next_bucket(vol, sen)
-        sen._stride = sen._skip = 64  # as under 64 x more writes per batch
+        sen._stride = vol._sample_in = 64  # as under 64 x more writes per batch
         clean_seq = vol.head_seq
         attack = [_xor(vol.read(i * 4096, 4096), rng.randbytes(4096)) for i in range(768)]
         for i, data in enumerate(attack):  # one burst, as above
@@ -350,6 +349,27 @@ def test_service_walks_back_to_the_first_unsampled_attack_write(tmp_path: Path) 
         alerts = sen.alert_list()
         assert len(alerts) == 1, alerts
         assert alerts[0]["first_seq"] == clean_seq + 1, (alerts[0]["first_seq"], clean_seq)
+        vol.close()
+
+    asyncio.run(main())
+
+
+def test_service_checks_stay_within_their_cpu_budget(tmp_path: Path) -> None:
+    """Checks of overwritten bytes are bounded by CPU time too (``CHECK_CPU``): with a
+    measured cost per check, a batch queues only what the budget left pays for."""
+    async def main() -> None:
+        vol, sen = _open(tmp_path)
+        rng = random.Random(9)
+        for i in range(40):  # high-entropy writes, all sampled (stride 1)
+            await _w(vol, i * 4096, rng.randbytes(4096))
+        sen._check_cost, sen._cpu = 0.001, 0.0035  # 1 ms a check, 3.5 ms left
+        await sen.process()  # not sealed: the chosen checks stay queued
+        assert len(sen._to_check) == 3
+        assert sen._cpu <= CHECK_CPU_BURST
+        vol.seal()
+        await sen._check_sealed()  # run, and their CPU time charged
+        assert not sen._to_check and sen.checked_writes == 3 and sen.check_cpu > 0
+        assert sen._check_cost > 0 and sen.batches == 1
         vol.close()
 
     asyncio.run(main())

@@ -4,7 +4,8 @@ and 1 MiB sequential writes (iodepth 8). fio's buffers are random bytes, so ever
 write is high entropy and the sentinel does all its work (sample, batch entropy, reads
 of the overwritten bytes up to its check budget).
 
-    python -m tools.bench.sentinel_bench [--quick] [--ingest] [--pairs N] [--runtime S] [-v]
+    python -m tools.bench.sentinel_bench [--quick] [--ingest] [--pairs N] [--runtime S]
+        [--workload 4k|1m] [-v]
 
 Runs alternate off/on in pairs (order swapped each pair, an even number of pairs, so
 drift on a shared machine and the after-effects of a run fall on both sides alike),
@@ -163,6 +164,18 @@ def cpu_split(pid: int) -> tuple[float, float]:
     return int(f[11]) / tick, int(f[12]) / tick
 
 
+_SENTINEL_LOG = re.compile(r"sentinel: (\d+) samples, (\d+) batches ([\d.]+) s CPU, "
+                           r"(\d+) checks ([\d.]+) s CPU")
+
+
+def sentinel_cpu(log: Path) -> tuple[float, float, int]:
+    """The sentinel's own CPU seconds (batches without their checks, checks of
+    overwritten bytes) and its checks, from the line cdpd logs when the volume closes
+    (0s when there is none: sentinel off)."""
+    m = _SENTINEL_LOG.search(log.read_text(errors="replace")) if log.exists() else None
+    return (float(m.group(3)), float(m.group(5)), int(m.group(4))) if m else (0.0, 0.0, 0)
+
+
 def _median(runs: list[dict[str, float]], key: str) -> float:
     return statistics.median(r[key] for r in runs)
 
@@ -171,8 +184,8 @@ def _one_run(base: Path, on: bool, rw: str, bs: str, depth: int, runtime: float,
              size: int) -> dict[str, float]:
     """One fio run against a cdpd started for it on an empty store, stopped and deleted
     after it (with its page cache and unwritten dirty pages): every run starts from the
-    same machine state. Returns fio's figures and cdpd's CPU µs per request (user,
-    system, total)."""
+    same machine state. Returns fio's figures, cdpd's CPU µs per request (user,
+    system, total) and the sentinel's own share of it (batches, checks: its log line)."""
     home = base / ("on" if on else "off")
     shutil.rmtree(home, ignore_errors=True)
     home.mkdir()
@@ -186,15 +199,18 @@ def _one_run(base: Path, on: bool, rw: str, bs: str, depth: int, runtime: float,
         alerts = len(d.cdpctl_json("alerts", "--json")) if on else 0
     finally:
         d.stop()
+        batch_s, check_s, checks = sentinel_cpu(d.log)
         shutil.rmtree(home, ignore_errors=True)
     ops = r["ios"] or 1.0
     return {**r, "user_us": (u1 - u0) / ops * 1e6, "sys_us": (s1 - s0) / ops * 1e6,
-            "cpu_us": (u1 - u0 + s1 - s0) / ops * 1e6, "alerts": float(alerts)}
+            "cpu_us": (u1 - u0 + s1 - s0) / ops * 1e6, "alerts": float(alerts),
+            "batch_us": batch_s / ops * 1e6, "check_us": check_s / ops * 1e6,
+            "checks": float(checks)}
 
 
 def run(quick: bool = False, scratch: Path | None = None, pairs: int | None = None,
         runtime: float | None = None, detect: bool = True,
-        verbose: bool = False) -> list[dict[str, Any]]:
+        verbose: bool = False, workloads: list[str] | None = None) -> list[dict[str, Any]]:
     """The ingest rows: per workload, *pairs* (rounded up to even; default 6, quick 2)
     off/on pairs of *runtime* s (default 15, quick 3), each run on a cdpd of its own on
     an empty store (:func:`_one_run`); the order is swapped every pair, so each side
@@ -218,6 +234,8 @@ def run(quick: bool = False, scratch: Path | None = None, pairs: int | None = No
     alerts = 0
     try:
         for name, (rw, bs, depth, metric) in WORKLOADS.items():
+            if workloads and not any(w in name for w in workloads):
+                continue
             got: dict[bool, list[dict[str, float]]] = {False: [], True: []}
             ratios = []
             for p in range(pairs):
@@ -228,9 +246,15 @@ def run(quick: bool = False, scratch: Path | None = None, pairs: int | None = No
                     if verbose:
                         print(f"{name} pair {p} sentinel {'on ' if on else 'off'} "
                               f"{r[metric]:9.1f} {metric}  cdpd CPU/request {r['cpu_us']:7.1f} µs "
-                              f"(user {r['user_us']:.1f}, sys {r['sys_us']:.1f})  "
-                              f"load {os.getloadavg()[0]:.1f}", flush=True)
+                              f"(user {r['user_us']:.1f}, sys {r['sys_us']:.1f}; sentinel "
+                              f"batches {r['batch_us']:.2f}, {r['checks']:.0f} checks "
+                              f"{r['check_us']:.2f})  load {os.getloadavg()[0]:.1f}", flush=True)
                 ratios.append(got[True][-1][metric] / got[False][-1][metric])
+            if verbose:
+                print(f"{name}: the sentinel's own CPU per request, median of the runs on: "
+                      f"batches {_median(got[True], 'batch_us'):.2f} µs, checks "
+                      f"{_median(got[True], 'check_us'):.2f} µs "
+                      f"({_median(got[True], 'checks'):.0f} checks per run)", flush=True)
             unit = "IOPS" if metric == "iops" else "MB/s"
             rows.append(_row(name, _median(got[True], metric), _median(got[False], metric),
                              "sentinel off", unit, ratio_goal(name),
@@ -255,11 +279,13 @@ def main() -> None:
     ap.add_argument("--ingest", action="store_true", help="the ingest rows only")
     ap.add_argument("--pairs", type=int, help="off/on pairs per workload (even; default 6)")
     ap.add_argument("--runtime", type=float, help="seconds per run (default 15)")
+    ap.add_argument("--workload", action="append", choices=["4k", "1m"],
+                    help="only this ingest row (repeatable; default both)")
     ap.add_argument("-v", "--verbose", action="store_true", help="print every run")
     args = ap.parse_args()
     rows = detection(args.quick) if args.detection else run(
         quick=args.quick, pairs=args.pairs, runtime=args.runtime, detect=not args.ingest,
-        verbose=args.verbose)
+        verbose=args.verbose, workloads=args.workload)
     table = [{**r, "ratio": r["ratio"] or 0.0} for r in rows if not isinstance(r["goal"], str)]
     if table:
         print_table(table)
