@@ -38,7 +38,9 @@ since the previous checkpoint, where ``rss_mib`` is that of one freshly restarte
 ``open_clean_s`` / ``open_kill9_s`` (the part of each restart spent in ``Store.open``,
 from cdpd's log: the rest is Python's imports, which a loaded machine stretches),
 ``start_rest_s`` (``restart_clean_s`` less ``open_clean_s``: Python's imports and the
-listeners), ``segments`` (journal segment files: sealed at ``segment_bytes`` or
+listeners), ``nbd_clean_s`` / ``nbd_kill9_s`` (process start to cdpd's "NBD on" log
+line: serving NBD, before the later listeners (iSCSI, metrics, web) and the run file
+that ``restart_*_s`` waits for), ``segments`` (journal segment files: sealed at ``segment_bytes`` or
 ``segment_records``, whichever comes first, so recovery scans a bounded open segment),
 ``disk_mib`` (store size). The store is verified (``cdpctl verify``, which reads every
 record) at checkpoints up to ``--verify-upto`` writes. Plots: ``scale.png`` in the
@@ -242,15 +244,30 @@ def _from_log(cdpd: Any, pattern: str) -> float | None:
     return float(found[-1]) if found else None
 
 
+def _nbd_after(cdpd: Any, since: int, t0: float) -> float | None:
+    """Seconds from *t0* (wall clock, the process start) to the first "NBD on" line cdpd
+    logged after offset *since* of its log (log times have millisecond resolution)."""
+    import datetime
+
+    m = re.search(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) INFO cdp\.daemon: NBD on ",
+                  cdpd.logs()[since:], re.M)
+    if not m:
+        return None
+    at = datetime.datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
+    return round(at - t0, 2)
+
+
 def measure(cdpd: Any, hot: int, runtime: float, verify: bool = True) -> dict[str, Any]:
     """Restart (clean, then after kill -9 mid-ingest), RSS, reads and ``changed`` of the
     store *cdpd* serves (stopped on entry and on return), then ``cdpctl verify`` if
     *verify*."""
     hot_start = (VOLUME // 2) & ~(BLOCK - 1)
     row: dict[str, Any] = {}
+    since, w0 = len(cdpd.logs()), time.time()
     t0 = time.perf_counter()
     cdpd.start(timeout=600)
     row["restart_clean_s"] = round(time.perf_counter() - t0, 2)
+    row["nbd_clean_s"] = _nbd_after(cdpd, since, w0)
     row["open_clean_s"] = _from_log(cdpd, r"store opened in ([0-9.]+) s")
     assert cdpd.proc is not None
     row["rss_start_mib"] = round(_rss_mib(cdpd.proc.pid), 1)
@@ -272,9 +289,11 @@ def measure(cdpd: Any, hot: int, runtime: float, verify: bool = True) -> dict[st
     time.sleep(max(2.0, runtime))
     cdpd.kill9()
     fio.wait(60)
+    since, w0 = len(cdpd.logs()), time.time()
     t0 = time.perf_counter()
     cdpd.start(timeout=600)
     row["restart_kill9_s"] = round(time.perf_counter() - t0, 2)
+    row["nbd_kill9_s"] = _nbd_after(cdpd, since, w0)
     row["open_kill9_s"] = _from_log(cdpd, r"store opened in ([0-9.]+) s")
     log = cdpd.logs()
     rep = re.findall(r"replayed ([0-9]+) records", log[log.rfind("store opened in"):])
