@@ -518,3 +518,33 @@ def union_ranges(starts: I64, ends: I64) -> list[tuple[int, int]]:
     last = np.ones(s.shape[0], dtype=bool)
     last[:-1] = new[1:]
     return list(zip(s[new].tolist(), ce[last].tolist(), strict=True))
+
+
+def differing(a: Columns, b: Columns) -> Columns:
+    """The cells where ``b``'s source differs from ``a``'s, with ``b``'s source.
+
+    ``a`` and ``b`` are two resolves of the same range (sorted, non-overlapping, covering
+    it exactly: :meth:`MapHistory.resolve_columns`). Both are cut at every boundary of
+    either; a cell has the same source at both when both are zero or hole (``loc < 0``),
+    or when seq and loc agree and the payload is at the same shift (``poff - start``).
+    The differing cells come back in offset order, not joined, each carrying ``b``'s seq,
+    loc and payload offset at the cell's start.
+
+    Runtime complexity: O((n_a + n_b) log(n_a + n_b)).
+    """
+    if a.n == 0 or b.n == 0:
+        return Columns.empty()
+    pts = sorted_unique(np.concatenate([a.start, b.start, b.end[-1:]]))
+    cut, nxt = pts[:-1], pts[1:]
+    ia = np.searchsorted(a.start, cut, side="right") - 1
+    ib = np.searchsorted(b.start, cut, side="right") - 1
+    la, lb = a.loc[ia], b.loc[ib]
+    same = ((la < 0) & (lb < 0)) | (
+        (a.seq[ia] == b.seq[ib])
+        & (la == lb)
+        & (a.poff[ia] - a.start[ia] == b.poff[ib] - b.start[ib])
+    )
+    d = ~same
+    ib = ib[d]
+    cs = cut[d]
+    return Columns(cs, nxt[d], b.seq[ib], b.loc[ib], shifted(b.poff[ib], b.start[ib], cs))

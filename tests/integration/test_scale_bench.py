@@ -30,10 +30,29 @@ def test_scale_bench_small_point(tmp_path: Path) -> None:
     assert row["verify_ok"] is True
     for key in ("rss_mib", "rss_start_mib", "restart_clean_s", "restart_kill9_s",
                 "open_clean_s", "open_kill9_s", "read_live_p50_us", "read_past_p50_us",
-                "past_region_ms", "changed_s", "changed_cli_s", "disk_mib", "segments"):
+                "past_region_ms", "changed_s", "changed_cli_s", "disk_mib", "segments",
+                "nbd_clean_s", "nbd_kill9_s", "pieces_s"):
         assert isinstance(row[key], (int, float)) and row[key] >= 0, (key, row)
     # the whole hot area was written, and changed over the whole history says so
     assert row["changed_bytes_gib"] == pytest.approx(row["hot_gib"], abs=0.01)
     assert row["changed_ranges"] == 1
     assert json.loads((out / "scale.json").read_text())[0]["writes"] == 50_000
     assert (out / "scale.png").stat().st_size > 0
+
+
+@pytest.mark.timeout(600)
+def test_scale_bench_keeps_and_reuses_a_store(tmp_path: Path) -> None:
+    """--store: a history built with --build-only is extended by a later run, checkpoints
+    below what it holds are skipped, and one equal to it is measured as it is."""
+    require_tool("fio")
+    store = tmp_path / "hist"
+    assert scale_bench.run(writes=[3_000], hot=1 << 20, store=store, build_only=True) == []
+    state = json.loads((store / "scale-state.json").read_text())
+    assert state == {"writes": 3_000, "hot": 1 << 20}
+    assert scale_bench.run(writes=[2_000, 5_000], hot=1 << 30, store=store,
+                           build_only=True) == []
+    # the hot size is the store's, not the new argument's
+    assert json.loads((store / "scale-state.json").read_text()) == {"writes": 5_000,
+                                                                    "hot": 1 << 20}
+    g = scale_bench.inproc(store / "cdp.toml")
+    assert g["changed_ranges"] == 1 and g["pieces"] >= 1

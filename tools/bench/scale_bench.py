@@ -2,6 +2,8 @@
 time, past-point reads and ``changed`` at 1M, 10M (and 100M) writes of history.
 
     python -m tools.bench.scale_bench [--writes N[,N...]] [--hot SIZE] [--out DIR] [--scratch DIR]
+    python -m tools.bench.scale_bench --store DIR --writes N --build-only   (build, keep)
+    python -m tools.bench.scale_bench --store DIR --writes N                (measure it)
     python -m tools.bench scale            (opt-in suite: it is long)
 
 History is generated through the real write path: the store is opened in-process
@@ -36,11 +38,21 @@ since the previous checkpoint, where ``rss_mib`` is that of one freshly restarte
 ``open_clean_s`` / ``open_kill9_s`` (the part of each restart spent in ``Store.open``,
 from cdpd's log: the rest is Python's imports, which a loaded machine stretches),
 ``start_rest_s`` (``restart_clean_s`` less ``open_clean_s``: Python's imports and the
-listeners), ``segments`` (journal segment files: sealed at ``segment_bytes`` or
+listeners), ``nbd_clean_s`` / ``nbd_kill9_s`` (process start to cdpd's "NBD on" log
+line: serving NBD, before the later listeners (iSCSI, metrics, web) and the run file
+that ``restart_*_s`` waits for), ``segments`` (journal segment files: sealed at ``segment_bytes`` or
 ``segment_records``, whichever comes first, so recovery scans a bounded open segment),
 ``disk_mib`` (store size). The store is verified (``cdpctl verify``, which reads every
 record) at checkpoints up to ``--verify-upto`` writes. Plots: ``scale.png`` in the
-output directory.
+output directory. ``pieces_s`` is the in-process cost of what ``cdpctl changed --from origin`` runs in
+cdpd (the ``changed`` operation: ``changed`` refined to data/zero pieces, totals, ranges).
+
+``--store DIR`` keeps the history in ``DIR`` (``DIR/scale-state.json`` records how many
+writes it holds and the hot size): a later run with the same ``DIR`` extends it to its
+checkpoints, or measures it as it is when a checkpoint equals what it holds (checkpoints
+below it are skipped). ``--build-only`` generates without measuring, so a long history can
+be built at low priority ahead of the measurement. Each measurement adds a few seconds of
+fio writes (the kill -9 row) to the store, which stay in it.
 """
 
 from __future__ import annotations
@@ -142,13 +154,39 @@ def generate(config: Path, first: int, last: int, hot: int) -> dict[str, float]:
         vol.seal()
         dt = time.perf_counter() - t0
         rss = _rss_mib(os.getpid())
-        t0 = time.perf_counter()
-        ranges = vol.changed(0, vol.head_seq)
-        changed_s = time.perf_counter() - t0
+        row = _inproc(store)
     finally:
         store.close()
-    return {"ingest_wps": (last - first) / dt if dt else 0.0, "changed_s": changed_s,
-            "changed_ranges": len(ranges), "ingest_rss_mib": rss}
+    return {"ingest_wps": (last - first) / dt if dt else 0.0, "ingest_rss_mib": rss, **row}
+
+
+def _inproc(store: Any) -> dict[str, float]:
+    """In-process cost of ``Volume.changed`` and of the ``changed`` operation (what
+    ``cdpctl changed --from origin`` runs in cdpd: pieces, totals, ranges) over the
+    whole history of vol0."""
+    from cdp.ops.backup import changed
+
+    vol = store.volume("vol0")
+    t0 = time.perf_counter()
+    ranges = vol.changed(0, vol.head_seq)
+    changed_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    r = asyncio.run(changed(store, {"volume": "vol0", "from": "origin"}, lambda *a: None))
+    pieces_s = time.perf_counter() - t0
+    return {"changed_s": changed_s, "changed_ranges": len(ranges), "pieces_s": pieces_s,
+            "pieces": r["data_pieces"] + r["zero_pieces"]}
+
+
+def inproc(config: Path) -> dict[str, float]:
+    """:func:`_inproc` on vol0 of the store *config* names, opened and closed here."""
+    from cdp.config import load_config
+    from cdp.store import Store
+
+    store = Store.open(load_config(config))
+    try:
+        return _inproc(store)
+    finally:
+        store.close()
 
 
 def _rss_mib(pid: int) -> float:
@@ -206,15 +244,30 @@ def _from_log(cdpd: Any, pattern: str) -> float | None:
     return float(found[-1]) if found else None
 
 
+def _nbd_after(cdpd: Any, since: int, t0: float) -> float | None:
+    """Seconds from *t0* (wall clock, the process start) to the first "NBD on" line cdpd
+    logged after offset *since* of its log (log times have millisecond resolution)."""
+    import datetime
+
+    m = re.search(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) INFO cdp\.daemon: NBD on ",
+                  cdpd.logs()[since:], re.M)
+    if not m:
+        return None
+    at = datetime.datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
+    return round(at - t0, 2)
+
+
 def measure(cdpd: Any, hot: int, runtime: float, verify: bool = True) -> dict[str, Any]:
     """Restart (clean, then after kill -9 mid-ingest), RSS, reads and ``changed`` of the
     store *cdpd* serves (stopped on entry and on return), then ``cdpctl verify`` if
     *verify*."""
     hot_start = (VOLUME // 2) & ~(BLOCK - 1)
     row: dict[str, Any] = {}
+    since, w0 = len(cdpd.logs()), time.time()
     t0 = time.perf_counter()
     cdpd.start(timeout=600)
     row["restart_clean_s"] = round(time.perf_counter() - t0, 2)
+    row["nbd_clean_s"] = _nbd_after(cdpd, since, w0)
     row["open_clean_s"] = _from_log(cdpd, r"store opened in ([0-9.]+) s")
     assert cdpd.proc is not None
     row["rss_start_mib"] = round(_rss_mib(cdpd.proc.pid), 1)
@@ -236,9 +289,11 @@ def measure(cdpd: Any, hot: int, runtime: float, verify: bool = True) -> dict[st
     time.sleep(max(2.0, runtime))
     cdpd.kill9()
     fio.wait(60)
+    since, w0 = len(cdpd.logs()), time.time()
     t0 = time.perf_counter()
     cdpd.start(timeout=600)
     row["restart_kill9_s"] = round(time.perf_counter() - t0, 2)
+    row["nbd_kill9_s"] = _nbd_after(cdpd, since, w0)
     row["open_kill9_s"] = _from_log(cdpd, r"store opened in ([0-9.]+) s")
     log = cdpd.logs()
     rep = re.findall(r"replayed ([0-9]+) records", log[log.rfind("store opened in"):])
@@ -260,10 +315,13 @@ def measure(cdpd: Any, hot: int, runtime: float, verify: bool = True) -> dict[st
 def run(quick: bool = False, out: str | os.PathLike[str] | None = None,
         writes: list[int] | None = None, hot: int = 2 << 30,
         scratch: str | os.PathLike[str] | None = None, verify_upto: int = 1_000_000,
-        keep: bool = False) -> list[dict[str, Any]]:
+        keep: bool = False, store: str | os.PathLike[str] | None = None,
+        build_only: bool = False) -> list[dict[str, Any]]:
     """Build the history checkpoint by checkpoint and measure each; return the rows.
     ``cdpctl verify`` (which reads every record) runs at checkpoints up to
-    *verify_upto* writes; *keep* leaves the store in the scratch directory."""
+    *verify_upto* writes; *keep* leaves the store in the scratch directory. *store*: a
+    directory that keeps the history between runs (see the module docstring);
+    *build_only*: generate, measure nothing."""
     from tools.harness import Cdpd
 
     if shutil.which("fio") is None:
@@ -272,23 +330,42 @@ def run(quick: bool = False, out: str | os.PathLike[str] | None = None,
     if quick or points[-1] <= 200_000:
         hot = min(hot, max(BLOCK, points[0] // 4 * BLOCK))  # the fill must end early
     runtime = 1.0 if quick else 5.0
-    base = Path(tempfile.mkdtemp(prefix="cdp-scale-", dir=scratch or Path.cwd())).resolve()
+    done = 0
+    if store is not None:
+        keep = True
+        base = Path(store).resolve()
+        base.mkdir(parents=True, exist_ok=True)
+        state_file = base / "scale-state.json"
+        if state_file.exists():
+            state = json.loads(state_file.read_text())
+            done, hot = int(state["writes"]), int(state["hot"])
+    else:
+        base = Path(tempfile.mkdtemp(prefix="cdp-scale-", dir=scratch or Path.cwd())).resolve()
     rows: list[dict[str, Any]] = []
     try:
         cdpd = Cdpd(base)
         cdpd.config.write_text(CONFIG.format(store=cdpd.store))
-        cdpd.start(timeout=120)  # creates the store and vol0, as a user would
-        cdpd.stop()
-        done = 0
+        if done == 0:
+            cdpd.start(timeout=120)  # creates the store and vol0, as a user would
+            cdpd.stop()
         for target in points:
-            g = generate(cdpd.config, done, target, hot)
+            if target < done:
+                print(f"   {target:,} writes: the store holds {done:,} already; skipped")
+                continue
+            g = generate(cdpd.config, done, target, hot) if target > done else inproc(cdpd.config)
             done = target
+            if store is not None:
+                (base / "scale-state.json").write_text(json.dumps({"writes": done, "hot": hot}))
+            if build_only:
+                print(f"   built {done:,} writes in {base}: {g}", flush=True)
+                continue
             row: dict[str, Any] = {"workload": f"scale-rss ({target:,} writes)",
                                    "writes": target, "hot_gib": round(hot / 2**30, 3),
-                                   "ingest_wps": round(g["ingest_wps"]),
-                                   "ingest_rss_mib": round(g["ingest_rss_mib"], 1),
+                                   "ingest_wps": round(g.get("ingest_wps", 0)) or None,
+                                   "ingest_rss_mib": round(g.get("ingest_rss_mib", 0), 1) or None,
                                    "changed_s": round(g["changed_s"], 3),
-                                   "changed_ranges": g["changed_ranges"]}
+                                   "changed_ranges": g["changed_ranges"],
+                                   "pieces_s": round(g["pieces_s"], 3), "pieces": g["pieces"]}
             try:
                 row.update(measure(cdpd, hot, runtime, verify=target <= verify_upto))
             finally:
@@ -300,7 +377,7 @@ def run(quick: bool = False, out: str | os.PathLike[str] | None = None,
     finally:
         if not keep:
             shutil.rmtree(base, ignore_errors=True)
-    if out:
+    if out and rows:
         os.makedirs(out, exist_ok=True)
         with open(os.path.join(out, "scale.json"), "w") as f:
             json.dump(rows, f, indent=1)
@@ -358,9 +435,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--verify-upto", type=int, default=1_000_000,
                    help="run cdpctl verify at checkpoints up to this many writes")
     p.add_argument("--keep", action="store_true", help="keep the store")
+    p.add_argument("--store", default=None,
+                   help="keep the history in this directory and reuse it on later runs")
+    p.add_argument("--build-only", action="store_true",
+                   help="generate the history up to the checkpoints, measure nothing")
     a = p.parse_args(argv)
     pts = [int(float(x)) for x in a.writes.split(",") if x] or None
-    run(a.quick, a.out, pts, parse_size(a.hot), a.scratch, a.verify_upto, a.keep)
+    run(a.quick, a.out, pts, parse_size(a.hot), a.scratch, a.verify_upto, a.keep, a.store,
+        a.build_only)
     return 0
 
 
