@@ -177,3 +177,36 @@ def test_columns_equal_the_walk_across_windows(seed: int, monkeypatch: pytest.Mo
             vol.close()
 
     asyncio.run(go())
+
+
+def test_changed_op_output_is_the_walks(tmp_path: Path) -> None:
+    """The changed operation (cdpctl changed, --kinds) reports the walk's totals, merged
+    ranges and pieces."""
+    from types import SimpleNamespace
+
+    from cdp.ops.backup import changed
+
+    rng = random.Random(7)
+
+    async def go() -> None:
+        vol = Volume.create(tmp_path / "v", "v", SIZE, replace(
+            Settings(), store=tmp_path / "store",
+            maps=replace(MapSettings(), l0_max_writes=8, fanout=4, full_every=4)))
+        try:
+            points = await _history(vol, rng, 8)
+            a = next(p for p in points
+                     if {q.kind for q in reference_pieces(vol, p, vol.head_seq)} == {DATA, ZERO})
+            store = SimpleNamespace(volume=lambda name=None: vol)
+            r = await changed(store, {"from": f"@{a}", "kinds": True},  # type: ignore[arg-type]
+                              lambda *a: None)
+            ref = reference_pieces(vol, a, vol.head_seq)
+            assert {k: r[k] for k in totals(ref)} == totals(ref)
+            assert r["ranges"] == [{"offset": s, "length": e - s} for s, e in merged_ranges(ref)]
+            assert r["ranges_count"] == len(r["ranges"])
+            assert r["pieces"] == [
+                {"offset": p.start, "length": p.length, "kind": "data" if p.kind == DATA else "zero"}
+                for p in ref]
+        finally:
+            vol.close()
+
+    asyncio.run(go())
