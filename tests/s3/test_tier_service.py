@@ -215,6 +215,40 @@ def test_restart_reuses_objects_and_manifest(tmp_path: Path, s3: S3, s3_bucket: 
     asyncio.run(go())
 
 
+def test_restart_reuses_unnamed_objects_found_by_listing(tmp_path: Path, s3: S3,
+                                                         s3_bucket: str) -> None:
+    """Segment objects a crash left unnamed (their batch's manifest never written) are
+    found by one listing and reused after a HEAD each (same key, same size and
+    sha256); a segment whose object is not listed is uploaded without a HEAD."""
+    url = f"s3://{s3_bucket}/u"
+
+    async def go() -> None:
+        vol, svc = _open(tmp_path, url, s3)
+        await _write(vol, random.Random(6), 60)
+        vol.journal.sync()
+        assert await svc.upload_now() == 1
+        man = svc.manifest
+        assert man is not None and len(man.segments) >= 2
+        # the crash: no manifest (and one segment object never written)
+        gone = man.segments[0]
+        s3.delete_objects(s3_bucket, [generation_key("u/", "vol0", 1), gone.key])
+        heads: list[str] = []
+
+        def count(params: dict[str, object], **kw: object) -> None:
+            heads.append(str(params.get("Key")))
+
+        s3.client.meta.events.register("provide-client-params.s3.HeadObject", count)
+        svc2 = TierService(vol, svc.settings, s3=s3, autostart=False)
+        assert await svc2.upload_now() == 1
+        assert svc2.manifest is not None
+        assert [o.key for o in svc2.manifest.segments] == [o.key for o in man.segments]
+        assert svc2.sent_bytes == gone.size
+        assert sorted(heads) == sorted(o.key for o in man.segments[1:])
+        vol.close()
+
+    asyncio.run(go())
+
+
 def test_unreachable_and_refused_states(tmp_path: Path, rgw: Rgw, s3_bucket: str,
                                         s3_fault_proxy: FaultProxy) -> None:
     url = f"s3://{s3_bucket}/f"
