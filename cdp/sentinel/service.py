@@ -15,21 +15,20 @@ Design notes
   batch; a burst that came before the stride caught up is classified on an even
   subsample.
 * **A background task** (started at the first write on a running loop) drains the deque
-  every :data:`POLL` (250 ms): the samples' entropy (one ``bincount`` per 32 samples,
+  every :data:`POLL` (500 ms): the samples' entropy (one ``bincount`` per 32 samples,
   then one numpy pass; the rest of a batch's bookkeeping is plain Python: a dozen numpy
-  calls on a few dozen samples cost more than the loops they replace; a batch costs
-  ~0.45 ms of CPU in cdpd, mostly fixed, hence 4 batches a second rather than 10),
-  the detector's counters (the
-  high-entropy share of the sampled bytes stands for all bytes written), then for
-  sampled high-entropy writes the bytes they overwrote, read from cdp's own maps at the
-  seq before (:meth:`_old_bytes`: a narrow map resolve at ``seq - 1``), at most
-  ``checks_per_second`` and :data:`CHECK_CPU` of a core (each check's CPU time is
+  calls on a few dozen samples cost more than the loops they replace), the detector's
+  counters (the high-entropy share of the sampled bytes stands for all bytes written),
+  then for sampled high-entropy writes the bytes they overwrote, read from cdp's own
+  maps at the seq before (:meth:`_old_bytes`: a narrow map resolve at ``seq - 1``), at
+  most ``checks_per_second`` and :data:`CHECK_CPU` of a core (each check's CPU time is
   measured: a check costs more as the map history it walks grows), once the write is
-  sealed into map files (``on_sealed``: a
-  resolve at a past seq inside the live window would index the whole window, ~1 µs per
-  write). At an alert the writes before the first suspect one that were not sampled
+  sealed into map files (``on_sealed``: a resolve at a past seq inside the live window
+  would index the whole window, ~1 µs per write). At an alert the writes before the first suspect one that were not sampled
   are read back from the journal (:meth:`_walk_back`) to find the first suspicious
-  write exactly.
+  write exactly. A batch costs ~0.45 ms of CPU in cdpd, mostly fixed, and costs the
+  write path around it 2-3 times as much again (measured side by side, not traced:
+  cache refills, presumably), hence 2 batches a second rather than 10.
 * **The clean point is the sentinel's, not a marker.** A MARKER record names no past
   seq and adding one would change the format, so ``clean-before-alertN`` lives in
   ``sentinel.json``: the volume resolves it through :meth:`resolve_label` and retention
@@ -84,7 +83,7 @@ MAX_STRIDE = 1 << 12
 #: the walk back stops after this many consecutive non-suspect writes
 WALK_STOP = 32
 #: seconds between batches
-POLL = 0.25
+POLL = 0.5
 #: CPU seconds per second the checks of overwritten bytes may take on average (0.5 % of
 #: a core), besides ``checks_per_second``: a check's cost grows with the map layers it
 #: walks (0.1-0.3 ms in cdpd, whose compaction keeps the layers few; 1-3.5 ms after
