@@ -42,14 +42,19 @@ async def _writes(vol: Volume, rng: random.Random, model: bytearray, seconds: fl
     end = time.monotonic() + seconds
     while time.monotonic() < end:
         for _ in range(8):
-            off = rng.randrange(0, SIZE // BS // 4) * BS  # a small hot region: overwrites
-            data = rng.randbytes(BS)
-            r = vol.write(off, data)
-            if r is not None:
-                await r
-            model[off : off + BS] = data
-            states[vol.head_seq] = bytes(model)
+            await _write_one(vol, rng, model, states)
         await asyncio.sleep(0.05)
+
+
+async def _write_one(vol: Volume, rng: random.Random, model: bytearray,
+                     states: dict[int, bytes]) -> None:
+    off = rng.randrange(0, SIZE // BS // 4) * BS  # a small hot region: overwrites
+    data = rng.randbytes(BS)
+    r = vol.write(off, data)
+    if r is not None:
+        await r
+    model[off : off + BS] = data
+    states[vol.head_seq] = bytes(model)
 
 
 def _needed(vol: Volume) -> int:
@@ -74,6 +79,11 @@ def test_gc_real_time_policy(tmp_path: Path) -> None:
         # band and was kept whenever a stall (a loaded machine) made it the last point of
         # its second.
         await _writes(vol, rng, model, 6.5, states)
+        # The 2 s "all" tier must hold points to check even when a loaded machine starves
+        # this loop (its 50 ms sleeps stretched to seconds: checked came out 7): a last
+        # burst of 16 writes without sleeps, right before the clock is read.
+        for _ in range(16):
+            await _write_one(vol, rng, model, states)
         # The policy is applied as of the last write: under load the flush below (or the
         # scheduler) can take seconds, and a gc that read the clock after it found almost
         # nothing in the 2 s "all" tier (checked came out 3).
