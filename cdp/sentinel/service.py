@@ -15,7 +15,7 @@ Design notes
   batch; a burst that came before the stride caught up is classified on an even
   subsample.
 * **A background task** (started at the first write on a running loop) drains the deque
-  every :data:`POLL` (500 ms): the samples' entropy (one ``bincount`` per 32 samples,
+  every :data:`POLL` (250 ms): the samples' entropy (one ``bincount`` per 32 samples,
   then one numpy pass; the rest of a batch's bookkeeping is plain Python: a dozen numpy
   calls on a few dozen samples cost more than the loops they replace), the detector's
   counters (the high-entropy share of the sampled bytes stands for all bytes written),
@@ -28,7 +28,9 @@ Design notes
   are read back from the journal (:meth:`_walk_back`) to find the first suspicious
   write exactly. A batch costs ~0.45 ms of CPU in cdpd, mostly fixed, and costs the
   write path around it 2-3 times as much again (measured side by side, not traced:
-  cache refills, presumably), hence 2 batches a second rather than 10.
+  cache refills, presumably), hence 4 batches a second rather than 10 (2 a second
+  missed the raw-volume attack of tests/integration/test_sentinel_cdpd.py in about
+  half the runs: not traced).
 * **The clean point is the sentinel's, not a marker.** A MARKER record names no past
   seq and adding one would change the format, so ``clean-before-alertN`` lives in
   ``sentinel.json``: the volume resolves it through :meth:`resolve_label` and retention
@@ -83,7 +85,7 @@ MAX_STRIDE = 1 << 12
 #: the walk back stops after this many consecutive non-suspect writes
 WALK_STOP = 32
 #: seconds between batches
-POLL = 0.5
+POLL = 0.25
 #: CPU seconds per second the checks of overwritten bytes may take on average (0.5 % of
 #: a core), besides ``checks_per_second``: a check's cost grows with the map layers it
 #: walks (0.1-0.3 ms in cdpd, whose compaction keeps the layers few; 1-3.5 ms after
