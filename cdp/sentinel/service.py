@@ -15,7 +15,7 @@ Design notes
   batch; a burst that came before the stride caught up is classified on an even
   subsample.
 * **A background task** (started at the first write on a running loop) drains the deque
-  every :data:`POLL` (250 ms): the samples' entropy (one ``bincount`` per 32 samples,
+  every :data:`POLL` (500 ms): the samples' entropy (one ``bincount`` per 32 samples,
   then one numpy pass; the rest of a batch's bookkeeping is plain Python: a dozen numpy
   calls on a few dozen samples cost more than the loops they replace), the detector's
   counters (the high-entropy share of the sampled bytes stands for all bytes written),
@@ -28,9 +28,11 @@ Design notes
   are read back from the journal (:meth:`_walk_back`) to find the first suspicious
   write exactly. A batch costs ~0.45 ms of CPU in cdpd, mostly fixed, and costs the
   write path around it 2-3 times as much again (measured side by side, not traced:
-  cache refills, presumably), hence 4 batches a second rather than 10 (2 a second
-  missed the raw-volume attack of tests/integration/test_sentinel_cdpd.py in about
-  half the runs: not traced).
+  cache refills, presumably), hence 2 batches a second rather than 10. Both check
+  budgets refill before a batch chooses its checks, so a burst that fits in one batch
+  after a quiet spell gets the checks the spell earned (refilled after the choice, the
+  raw-volume attack of tests/integration/test_sentinel_cdpd.py got 4 checks in half
+  the runs at 2 batches a second, under the detector's floor of 8 suspect writes).
 * **The clean point is the sentinel's, not a marker.** A MARKER record names no past
   seq and adding one would change the format, so ``clean-before-alertN`` lives in
   ``sentinel.json``: the volume resolves it through :meth:`resolve_label` and retention
@@ -85,7 +87,7 @@ MAX_STRIDE = 1 << 12
 #: the walk back stops after this many consecutive non-suspect writes
 WALK_STOP = 32
 #: seconds between batches
-POLL = 0.25
+POLL = 0.5
 #: CPU seconds per second the checks of overwritten bytes may take on average (0.5 % of
 #: a core), besides ``checks_per_second``: a check's cost grows with the map layers it
 #: walks (0.1-0.3 ms in cdpd, whose compaction keeps the layers few; 1-3.5 ms after
@@ -303,6 +305,15 @@ class Sentinel(VolumeService):
         for b, (sb, hb) in sorted(per.items()):
             self.det.add(b * bucket_ns, round(written * sb / sampled), sb, hb)
         cand = [i for i, h in enumerate(hi) if h]
+        # refill both budgets for the time since the last batch before choosing: the
+        # first batch after a quiet spell gets the tokens the spell earned (refilled
+        # after the choice, a burst that fit in one batch was checked on the few tokens
+        # left by the batch before it, too few to alert)
+        now = time.monotonic()
+        cps = self.s.checks_per_second
+        self._tokens = min(float(cps), self._tokens + (now - self._refill) * cps)
+        self._cpu = min(CHECK_CPU_BURST, self._cpu + (now - self._refill) * CHECK_CPU)
+        self._refill = now
         room = self._tokens
         if self._check_cost:  # and the CPU budget, less what the queued checks will take
             cost = self._check_cost
@@ -312,11 +323,7 @@ class Sentinel(VolumeService):
             last = len(cand) - 1
             step = last / (m - 1) if m > 1 else 0.0
             cand = [cand[last if j == m - 1 and m > 1 else int(j * step)] for j in range(m)]
-        now = time.monotonic()
-        cps = self.s.checks_per_second
-        self._tokens = min(float(cps), self._tokens + (now - self._refill) * cps) - len(cand)
-        self._cpu = min(CHECK_CPU_BURST, self._cpu + (now - self._refill) * CHECK_CPU)
-        self._refill = now
+        self._tokens -= len(cand)
         self._to_check.extend((seqs[i], nss[i], offs[i], lens[i]) for i in cand)
         self.batches += 1
         self.batch_cpu += _cpu_time() - t0

@@ -363,6 +363,7 @@ def test_service_checks_stay_within_their_cpu_budget(tmp_path: Path) -> None:
         for i in range(40):  # high-entropy writes, all sampled (stride 1)
             await _w(vol, i * 4096, rng.randbytes(4096))
         sen._check_cost, sen._cpu = 0.001, 0.0035  # 1 ms a check, 3.5 ms left
+        sen._refill = time.monotonic()  # and nothing earned since
         await sen.process()  # not sealed: the chosen checks stay queued
         assert len(sen._to_check) == 3
         assert sen._cpu <= CHECK_CPU_BURST
@@ -370,6 +371,28 @@ def test_service_checks_stay_within_their_cpu_budget(tmp_path: Path) -> None:
         await sen._check_sealed()  # run, and their CPU time charged
         assert not sen._to_check and sen.checked_writes == 3 and sen.check_cpu > 0
         assert sen._check_cost > 0 and sen.batches == 1
+        vol.close()
+
+    asyncio.run(main())
+
+
+def test_service_burst_after_a_quiet_spell_gets_the_checks_it_earned(tmp_path: Path) -> None:
+    """The budgets refill for the time since the last batch before a batch chooses its
+    checks: an attack that fits in one batch after a quiet spell is checked on the whole
+    ``checks_per_second``, not on the few tokens the batch before it left (which missed
+    the raw-volume attack of tests/integration/test_sentinel_cdpd.py at 2 batches a
+    second: 4 checks, under the detector's floor of 8 suspect writes)."""
+    async def main() -> None:
+        vol, sen = _open(tmp_path)
+        rng = random.Random(10)
+        cps = sen.s.checks_per_second
+        assert cps >= 40
+        for i in range(40):  # high-entropy writes, all sampled (stride 1), one batch
+            await _w(vol, i * 4096, rng.randbytes(4096))
+        sen._tokens, sen._refill = 4.0, time.monotonic() - 2.0  # 2 s quiet after a batch
+        await sen.process()  # not sealed: the chosen checks stay queued
+        assert len(sen._to_check) == 40  # all of them (4 before the fix)
+        assert sen._tokens == cps - 40  # refilled to the cap, then spent
         vol.close()
 
     asyncio.run(main())
