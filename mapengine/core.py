@@ -160,12 +160,14 @@ def shifted(poff: I64, start: I64, new_start: I64) -> I64:
     return (poff + (new_start - start)).astype(np.int64, copy=False)
 
 
-def coalesce(c: Columns) -> Columns:
+def coalesce(c: Columns, *, holes_join: bool = False) -> Columns:
     """Join neighbours that are contiguous pieces of the same source.
 
     Input must be sorted by ``start`` and non-overlapping. Two neighbours join when the
     first ends where the second starts, ``seq`` and ``loc`` agree and the payload offset
-    continues (``poff2 == poff1 + len1``).
+    continues (``poff2 == poff1 + len1``). With ``holes_join``, holes (``loc ==
+    HOLE_LOC``) join whatever their ``poff``: resolves use it, since a hole has no
+    payload; merges keep the default, because it decides the bytes a merge writes.
 
     Runtime complexity: O(n).
     """
@@ -173,12 +175,10 @@ def coalesce(c: Columns) -> Columns:
     if n < 2:
         return c
     s, e, q, lc, p = c
-    join = (
-        (s[1:] == e[:-1])
-        & (q[1:] == q[:-1])
-        & (lc[1:] == lc[:-1])
-        & (p[1:] == p[:-1] + (e[:-1] - s[:-1]))
-    )
+    cont = p[1:] == p[:-1] + (e[:-1] - s[:-1])
+    if holes_join:
+        cont |= lc[1:] == HOLE_LOC
+    join = (s[1:] == e[:-1]) & (q[1:] == q[:-1]) & (lc[1:] == lc[:-1]) & cont
     if not join.any():
         return c
     first = np.ones(n, dtype=bool)

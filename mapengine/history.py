@@ -97,6 +97,7 @@ from .core import (
     Extent,
     MergeResult,
     build_l0,
+    coalesce,
     flatten,
     merge,
     overlay,
@@ -648,7 +649,7 @@ class MapHistory:
             z = np.zeros(gs.shape[0], np.int64)
             parts.append(Columns(gs, ge, z, np.full(gs.shape[0], HOLE_LOC, np.int64), z))
         c = Columns.concat(parts)
-        return _coalesce_columns(c.take(np.argsort(c.start, kind="stable")))
+        return coalesce(c.take(np.argsort(c.start, kind="stable")), holes_join=True)
 
     # ------------------------------------------------------------------ diff
 
@@ -1176,29 +1177,6 @@ def _paint_columns(cand: Columns, flat: bool, gs: I64, ge: I64) -> tuple[Columns
         last[:-1] = new[1:]
         rs, re_ = rs[new], re_[last]
     return got, rs, re_
-
-
-def _coalesce_columns(c: Columns) -> Columns:
-    """:func:`_coalesce_list` in columns (sorted, non-overlapping input): neighbours
-    join when contiguous with the same seq and loc and, unless holes, continuing poff.
-    O(n)."""
-    n = c.n
-    if n < 2:
-        return c
-    s, e, q, lc, p = c
-    join = (
-        (s[1:] == e[:-1])
-        & (q[1:] == q[:-1])
-        & (lc[1:] == lc[:-1])
-        & ((lc[1:] == HOLE_LOC) | (p[1:] == p[:-1] + (e[:-1] - s[:-1])))
-    )
-    if not join.any():
-        return c
-    first = np.ones(n, dtype=bool)
-    first[1:] = ~join
-    last = np.ones(n, dtype=bool)
-    last[:-1] = ~join
-    return Columns(s[first], e[last], q[first], lc[first], p[first])
 
 
 def _coalesce_list(ex: list[Extent]) -> list[Extent]:
