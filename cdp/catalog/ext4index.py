@@ -367,6 +367,7 @@ class Ext4Indexer:
         dir_path = InodeResolver(self.prefix, located).dir_path
         part, backup_ns, chunk = self.part.name, self.backup_ns, max(self.chunk, 1)
         keys: set[tuple[str, str]] = set()
+        states: tuple[Entry, ...]
         added, new_entry, no_loc = plan.added, _new_entry, InodeNames(Inode(0), [])
         for i in range(0, len(numbers), chunk):
             for num in numbers[i : i + chunk]:
