@@ -24,6 +24,17 @@ Design notes
   ``is_dir``) and ``location`` (variable, and no listing reads it). SQL cannot look
   inside ``stat``: a query that must filter on a packed field (none today) would
   unpack it in Python or get its column back in a new format.
+* Format 6: a row's ``backup_ns`` is its start version's time (the marker's) unless
+  said otherwise (``stat``'s ``SIG_BACKUP`` bit): readers take it from ``versions``
+  (:class:`~cdp.catalog.model.StartTimes`, a dict refreshed on a miss), 8 bytes less a
+  row. ``diff`` between two versions (:meth:`Catalog.changed_between`) needs no index
+  on ``start``: rows are only appended, one version after the other, so ids grow with
+  ``start`` and the rows opened in (a, b] are an id range (a binary search over the
+  rowid finds its ends); of the rows closed there, only deletions (``end > ref``) need
+  an index (``entries_deleted``): a row closed with ``ref = end`` was replaced by a
+  newer version of its record opened at ``end``, or (the planner refused that version
+  a name another record claimed) the version's ``damaged`` rows name the record.
+  Measured: 157.8 → 122.6 bytes per file version (scale-wide, 20k files x 50 markers).
 * Two connections: the background indexer writes a whole version in one transaction
   on ``writer`` (it may yield to the event loop between batches), queries read on
   ``reader`` and see only committed versions (WAL snapshot isolation). A version
