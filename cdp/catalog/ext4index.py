@@ -51,7 +51,7 @@ from operator import itemgetter
 from typing import Any, NamedTuple
 
 from cdp.catalog.db import Catalog, Version
-from cdp.catalog.model import Entry
+from cdp.catalog.model import Entry, join
 from cdp.catalog.rules import DirInfo, Plan, Resolver, plan_steps
 from cdp.errors import Corruption
 from cdp.ext4.defs import EXT4_INLINE_DATA_FL, EXT4_ROOT_INO, S_IFDIR, S_IFLNK, S_IFMT
@@ -367,6 +367,7 @@ class Ext4Indexer:
         dir_path = InodeResolver(self.prefix, located).dir_path
         part, backup_ns, chunk = self.part.name, self.backup_ns, max(self.chunk, 1)
         keys: set[tuple[str, str]] = set()
+        paths: dict[int, str] = {}  # directory inode -> its path (the resolver's, cached)
         states: tuple[Entry, ...]
         added, new_entry, no_loc = plan.added, _new_entry, InodeNames(Inode(0), [])
         for i in range(0, len(numbers), chunk):
@@ -383,22 +384,33 @@ class Ext4Indexer:
                 is_dir = 1 if mode & S_IFMT == S_IFDIR else 0
                 resident = 1 if loc and not is_dir else 0
                 alloc = blocks * 512
+                if len(nm) == 1:  # the hot path: one name, its directory's path cached
+                    parent, name = nm[0]
+                    dpath = paths.get(parent)
+                    if dpath is None:
+                        try:
+                            dpath = paths[parent] = dir_path(parent)
+                        except Corruption as err:  # a parent loop
+                            damaged.append((num, str(err)))
+                            continue
+                    key = (dpath, name)
+                    if key in keys:
+                        damaged.append((number, f"a second record claims the name {join(dpath, name)!r}"))
+                        continue
+                    keys.add(key)
+                    e = new_entry(Entry)
+                    e.id = e.start = e.end = e.ref = 0
+                    e.part, e.dir, e.name, e.record, e.seq, e.parent = part, dpath, name, number, gen, parent
+                    e.is_dir, e.size, e.alloc, e.crtime, e.mtime = is_dir, size, alloc, crtime, mtime
+                    e.ctime, e.atime, e.attrs, e.resident, e.flags = ctime, atime, mode, resident, flags
+                    e.location, e.streams, e.backup_ns = loc, "", backup_ns
+                    added.append(e)
+                    continue
                 try:
-                    if len(nm) == 1:
-                        parent, name = nm[0]
-                        e = new_entry(Entry)
-                        e.id = e.start = e.end = e.ref = 0
-                        e.part, e.dir, e.name, e.record, e.seq, e.parent = (
-                            part, dir_path(parent), name, number, gen, parent)
-                        e.is_dir, e.size, e.alloc, e.crtime, e.mtime = is_dir, size, alloc, crtime, mtime
-                        e.ctime, e.atime, e.attrs, e.resident, e.flags = ctime, atime, mode, resident, flags
-                        e.location, e.streams, e.backup_ns = loc, "", backup_ns
-                        states = (e,)
-                    else:
-                        states = tuple(Entry(part, dir_path(parent), name, 0, 0, 0, number, gen, parent,
-                                             is_dir, size, alloc, crtime, mtime, ctime, atime, mode,
-                                             resident, flags, loc, "", backup_ns)
-                                       for parent, name in sorted(nm))
+                    states = tuple(Entry(part, dir_path(parent), name, 0, 0, 0, number, gen, parent,
+                                         is_dir, size, alloc, crtime, mtime, ctime, atime, mode,
+                                         resident, flags, loc, "", backup_ns)
+                                   for parent, name in sorted(nm))
                 except Corruption as err:  # a parent loop
                     damaged.append((num, str(err)))
                     continue
