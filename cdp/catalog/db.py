@@ -104,7 +104,8 @@ log = logging.getLogger("cdp.catalog")
 #: fields no query filters on packed into ``file_entries.stat`` (:func:`pack_stat`); 6:
 #: ``stat`` leaves out a backup_ns equal to its start version's time, ``entries_start``
 #: dropped (rows started in a range of versions are a range of ids), ``entries_end``
-#: replaced by ``entries_deleted`` (only the rows closed without a newer version).
+#: replaced by ``entries_deleted`` (only the rows closed without a newer version),
+#: ``entries_record`` without ``start`` (a record's rows come in id order: start order).
 #: Formats 1 to 5 are migrated in place when opened for writing (:func:`_migrate`).
 CATALOG_FORMAT = 6
 CATALOG_FILE = "catalog.sqlite"
@@ -135,7 +136,7 @@ CREATE TABLE IF NOT EXISTS file_entries (
 );
 CREATE UNIQUE INDEX IF NOT EXISTS entries_key ON file_entries (dir_id, name_id, start);
 CREATE INDEX IF NOT EXISTS entries_name ON file_entries (name_id);
-CREATE INDEX IF NOT EXISTS entries_record ON file_entries (part, record, start);
+CREATE INDEX IF NOT EXISTS entries_record ON file_entries (part, record);
 CREATE INDEX IF NOT EXISTS entries_deleted ON file_entries ("end") WHERE "end" > ref;
 CREATE INDEX IF NOT EXISTS entries_dirs ON file_entries (part, record) WHERE is_dir = 1;
 CREATE VIEW IF NOT EXISTS entries AS SELECT
