@@ -34,7 +34,7 @@ Design notes
   an index (``entries_deleted``): a row closed with ``ref = end`` was replaced by a
   newer version of its record opened at ``end``, or (the planner refused that version
   a name another record claimed) the version's ``damaged`` rows name the record.
-  Measured: 157.8 → 122.6 bytes per file version (scale-wide, 20k files x 50 markers).
+  Measured: 157.8 → 120.4 bytes per file version (scale-wide, 20k files x 50 markers).
 * Two connections: the background indexer writes a whole version in one transaction
   on ``writer`` (it may yield to the event loop between batches), queries read on
   ``reader`` and see only committed versions (WAL snapshot isolation). A version
