@@ -153,15 +153,29 @@ def test_the_pinned_catalog_is_format_4() -> None:
     assert "CREATE VIEW entries AS SELECT" in text and "backup_ns INTEGER NOT NULL" in text
 
 
-def test_format_4_read_offline_answers_as_format_4_did(tmp_path: Path) -> None:
+@pytest.mark.parametrize("old", [4, 5])
+def test_an_old_format_read_offline_answers_as_format_4_did(tmp_path: Path, old: int) -> None:
     path = tmp_path / "catalog.sqlite"
-    load_format4(path)
-    ro = Catalog(path, readonly=True)  # cdpctl offline: not migrated, packed as it reads
+    _load(path, FORMAT4_SQL if old == 4 else FORMAT5_SQL)
+    # cdpctl offline: not migrated; format 4 packed as it reads, format 5 read as format 6
+    ro = Catalog(path, readonly=True)
     try:
         assert answers(ro, VERSIONS) == json.loads(FORMAT4_ANSWERS.read_text())
     finally:
         ro.close()
-    assert "'format','4'" in "\n".join(sqlite3.connect(path).iterdump())
+    assert f"'format','{old}'" in "\n".join(sqlite3.connect(path).iterdump())
+
+
+def _goes_on(cat: Catalog, path: Path) -> None:
+    """A fifth marker on top of the migrated rows (the same MFT as at the fourth: every
+    entry touched), then the catalog reopened (nothing more to migrate)."""
+    asyncio.run(index(cat, VERSIONS + 1, gen=VERSIONS))
+    cat.close()
+    again = Catalog(path)
+    before = [e.to_dict() for e in again.list_dir("/Docs", VERSIONS)]
+    assert before and [e.to_dict() for e in again.list_dir("/Docs", VERSIONS + 1)] == [
+        d | {"reference": VERSIONS + 1} for d in before]
+    again.close()
 
 
 def test_format_4_migrated_answers_every_query_as_before(tmp_path: Path,
@@ -178,32 +192,13 @@ def test_format_4_migrated_answers_every_query_as_before(tmp_path: Path,
                     "stat", "location"]
     assert cat.reader.execute("PRAGMA integrity_check").fetchone() == ("ok",)
     assert answers(cat, VERSIONS) == want
-    # the catalog goes on: a fifth marker on top of the migrated rows (the same MFT as
-    # at the fourth: every entry touched), then reopened (nothing more to migrate)
-    asyncio.run(index(cat, VERSIONS + 1, gen=VERSIONS))
-    cat.close()
-    again = Catalog(path)
-    before = [e.to_dict() for e in again.list_dir("/Docs", VERSIONS)]
-    assert before and [e.to_dict() for e in again.list_dir("/Docs", VERSIONS + 1)] == [
-        d | {"reference": VERSIONS + 1} for d in before]
-    again.close()
+    _goes_on(cat, path)
 
 
 def test_the_pinned_format_5_catalog_stores_every_backup_ns() -> None:
     text = FORMAT5_SQL.read_text()
     assert "INSERT INTO \"meta\" VALUES('format','5');" in text
     assert "CREATE INDEX entries_start ON file_entries (start)" in text
-
-
-def test_format_5_read_offline_answers_as_format_4_did(tmp_path: Path) -> None:
-    path = tmp_path / "catalog.sqlite"
-    _load(path, FORMAT5_SQL)
-    ro = Catalog(path, readonly=True)  # cdpctl offline: not migrated, read as format 6
-    try:
-        assert answers(ro, VERSIONS) == json.loads(FORMAT4_ANSWERS.read_text())
-    finally:
-        ro.close()
-    assert "'format','5'" in "\n".join(sqlite3.connect(path).iterdump())
 
 
 def test_format_5_migrated_answers_every_query_as_before(tmp_path: Path,
@@ -222,13 +217,7 @@ def test_format_5_migrated_answers_every_query_as_before(tmp_path: Path,
     new = dict(cat.reader.execute("SELECT id, length(stat) FROM file_entries"))
     assert new == {i: n - 8 for i, n in old.items()}
     assert answers(cat, VERSIONS) == json.loads(FORMAT4_ANSWERS.read_text())
-    asyncio.run(index(cat, VERSIONS + 1, gen=VERSIONS))
-    cat.close()
-    again = Catalog(path)
-    before = [e.to_dict() for e in again.list_dir("/Docs", VERSIONS)]
-    assert before and [e.to_dict() for e in again.list_dir("/Docs", VERSIONS + 1)] == [
-        d | {"reference": VERSIONS + 1} for d in before]
-    again.close()
+    _goes_on(cat, path)
 
 
 def _load(path: Path, sql: Path) -> None:
