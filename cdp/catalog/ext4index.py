@@ -51,7 +51,7 @@ from operator import itemgetter
 from typing import Any, NamedTuple
 
 from cdp.catalog.db import Catalog, Version
-from cdp.catalog.model import Entry
+from cdp.catalog.model import Entry, join
 from cdp.catalog.rules import DirInfo, Plan, Resolver, plan_steps
 from cdp.errors import Corruption
 from cdp.ext4.defs import EXT4_INLINE_DATA_FL, EXT4_ROOT_INO, S_IFDIR, S_IFLNK, S_IFMT
@@ -310,6 +310,10 @@ class Ext4Indexer:
                     names[n] = [(d, name)]
                 else:  # a hard link
                     nm.append((d, name))
+        if not old and not reset:
+            async for _ in self._first(inodes, names):
+                yield None
+            return
         new: dict[int, InodeNames] = {}
         record = self._record
         tnew = tuple.__new__
@@ -332,6 +336,91 @@ class Ext4Indexer:
         yield None
         self.plan.records = len(new)
         async for _ in self._plan(new, old, InodeResolver(self.prefix, new), None, reset):
+            yield None
+
+    async def _first(self, inodes: dict[int, Inode],
+                     names: dict[int, list[tuple[int, str]]]) -> AsyncIterator[None]:
+        """The plan of a first index (nothing catalogued): what :meth:`_plan` with
+        :func:`states_of_inode` gives for ``old = {}`` (the same entries in the same
+        order, the same damaged reports), in one loop over the named inodes: no
+        :class:`InodeNames` for the inodes without a location (most of them), no call
+        per inode. Only the located records (directories among them) go to the
+        resolver. Cost: ~1 us of Python per name less than the general path."""
+        plan = self.plan
+        damaged = plan.damaged
+        located: dict[int, InodeNames] = {}
+        found_n: list[int] = []
+        record, get = self._record, inodes.get
+        for n, nm in names.items():
+            found = get(n)
+            if found is None:
+                for d, name in nm:
+                    damaged.append((n, f"directory inode {d} names {name!r} with inode {n}, which is free"))
+                continue
+            found_n.append(n)
+            # found[1]: mode, found[6]: flags (most inodes: regular files, no location)
+            if found[1] & S_IFMT in _LOCATED or found[6] & EXT4_INLINE_DATA_FL:
+                located[n] = record(found, nm)
+        yield None
+        numbers = sorted(found_n)
+        plan.records = len(numbers)
+        dir_path = InodeResolver(self.prefix, located).dir_path
+        part, backup_ns, chunk = self.part.name, self.backup_ns, max(self.chunk, 1)
+        keys: set[tuple[str, str]] = set()
+        paths: dict[int, str] = {}  # directory inode -> its path (the resolver's, cached)
+        states: tuple[Entry, ...]
+        added, new_entry, no_loc = plan.added, _new_entry, InodeNames(Inode(0), [])
+        for i in range(0, len(numbers), chunk):
+            for num in numbers[i : i + chunk]:
+                (number, mode, _uid, _gid, size, links, flags, atime, ctime, mtime, crtime, _dtime,
+                 gen, blocks, _acl, _i_block, _ibody, dmg) = inodes[num]
+                if dmg:
+                    damaged.append((num, f"inode {number}: {dmg}"))
+                    continue
+                nm = names[num]
+                if not mode or not links or number == EXT4_ROOT_INO:
+                    continue
+                loc = located.get(num, no_loc).location
+                is_dir = 1 if mode & S_IFMT == S_IFDIR else 0
+                resident = 1 if loc and not is_dir else 0
+                alloc = blocks * 512
+                if len(nm) == 1:  # the hot path: one name, its directory's path cached
+                    parent, name = nm[0]
+                    dpath = paths.get(parent)
+                    if dpath is None:
+                        try:
+                            dpath = paths[parent] = dir_path(parent)
+                        except Corruption as err:  # a parent loop
+                            damaged.append((num, str(err)))
+                            continue
+                    key = (dpath, name)
+                    if key in keys:
+                        damaged.append((number, f"a second record claims the name {join(dpath, name)!r}"))
+                        continue
+                    keys.add(key)
+                    e = new_entry(Entry)
+                    e.id = e.start = e.end = e.ref = 0
+                    e.part, e.dir, e.name, e.record, e.seq, e.parent = part, dpath, name, number, gen, parent
+                    e.is_dir, e.size, e.alloc, e.crtime, e.mtime = is_dir, size, alloc, crtime, mtime
+                    e.ctime, e.atime, e.attrs, e.resident, e.flags = ctime, atime, mode, resident, flags
+                    e.location, e.streams, e.backup_ns = loc, "", backup_ns
+                    added.append(e)
+                    continue
+                try:
+                    states = tuple(Entry(part, dir_path(parent), name, 0, 0, 0, number, gen, parent,
+                                         is_dir, size, alloc, crtime, mtime, ctime, atime, mode,
+                                         resident, flags, loc, "", backup_ns)
+                                   for parent, name in sorted(nm))
+                except Corruption as err:  # a parent loop
+                    damaged.append((num, str(err)))
+                    continue
+                for s in states:
+                    k = (s.dir, s.name)
+                    if k in keys:
+                        damaged.append((s.record, f"a second record claims the name {s.path!r}"))
+                    else:
+                        keys.add(k)
+                        added.append(s)
             yield None
 
     async def diff(self, catalog: Catalog, base: Version, ranges: list[tuple[int, int]]) -> AsyncIterator[None]:

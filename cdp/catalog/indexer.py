@@ -374,7 +374,7 @@ async def _persist(catalog: Catalog, c: Computed, version: int, seq: int, time_n
         for plan in c.plans:
             pos = 0
             while True:
-                pos2 = catalog.write_plan(plan, version, pos, batch)
+                pos2 = catalog.write_plan(plan, version, pos, batch, time_ns)
                 if pos2 == pos:
                     break
                 pos = pos2

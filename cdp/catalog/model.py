@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import struct
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from operator import itemgetter
 from typing import Any
 
@@ -32,28 +32,38 @@ COLUMNS = (
 STAT_FIELDS = ("seq", "parent", "size", "alloc", "crtime", "mtime", "ctime", "atime", "attrs",
                "resident", "flags", "streams", "backup_ns")
 
-# The ``stat`` BLOB (format 5): ``sig u8`` then ``seq u32, attrs u32, flags u32``,
-# ``parent, size, alloc`` (each u32, or i64 when its ``sig`` bit is set), ``mtime i64,
-# backup_ns i64``, then ``crtime, ctime, atime`` (i64 each, only those whose ``sig``
-# bit is set: an absent one equals mtime), then ``streams`` in UTF-8 to the end; ``sig``
-# bit 0x40 is ``resident``, 0x80 is reserved (written 0, ignored when read). Never change
-# these numbers: they are the stored format.
+# The ``stat`` BLOB (formats 5 and 6): ``sig u8`` then ``seq u32, attrs u32, flags u32``,
+# ``parent, size, alloc`` (each u32, or i64 when its ``sig`` bit is set), ``mtime i64``,
+# ``backup_ns i64`` (format 6: only when ``sig`` bit 0x80 is set; absent, it is the time of
+# the row's start version, ``versions.time_ns``; format 5: always there, bit 0x80 clear),
+# then ``crtime, ctime, atime`` (i64 each, only those whose ``sig`` bit is set: an absent
+# one equals mtime), then ``streams`` in UTF-8 to the end; ``sig`` bit 0x40 is
+# ``resident``. Never change these numbers: they are the stored format.
 SIG_PARENT64, SIG_SIZE64, SIG_ALLOC64 = 0x01, 0x02, 0x04
 SIG_CRTIME, SIG_CTIME, SIG_ATIME = 0x08, 0x10, 0x20
 SIG_RESIDENT = 0x40
-#: ``sig`` bits that choose the layout (64 layouts)
-SIG_LAYOUT = 0x3F
+#: format 6: ``backup_ns`` stored (else the start version's time)
+SIG_BACKUP = 0x80
+#: ``sig`` bits that choose the layout (128 layouts)
+SIG_LAYOUT = 0xBF
 _U32 = 0xFFFFFFFF
 
 
 def _layout(sig: int) -> tuple[struct.Struct, Callable[[tuple[Any, ...]], tuple[Any, ...]]]:
     """The Struct of layout *sig* and the getter that turns its tuple into ``(seq,
     attrs, flags, parent, size, alloc, crtime, mtime, ctime, atime, backup_ns)`` (an
-    absent time repeats mtime's index)."""
+    absent time repeats mtime's index; an absent backup_ns too: the reader replaces it
+    with the start version's time)."""
     fmt = "<BIII" + "".join("q" if sig & b else "I" for b in (SIG_PARENT64, SIG_SIZE64, SIG_ALLOC64))
-    fmt += "qq"
+    fmt += "q"
     idx = [1, 2, 3, 4, 5, 6]
-    nxt = 9
+    nxt = 8
+    if sig & SIG_BACKUP:
+        fmt += "q"
+        backup = 8
+        nxt = 9
+    else:
+        backup = 7
     for bit in (SIG_CRTIME, SIG_CTIME, SIG_ATIME):
         if sig & bit:
             fmt += "q"
@@ -62,33 +72,37 @@ def _layout(sig: int) -> tuple[struct.Struct, Callable[[tuple[Any, ...]], tuple[
         else:
             idx.append(7)
     crt, cht, at = idx[6:]
-    order = [*idx[:6], crt, 7, cht, at, 8]
+    order = [*idx[:6], crt, 7, cht, at, backup]
     return struct.Struct(fmt), itemgetter(*order)
 
 
-#: layout by ``sig & SIG_LAYOUT``: (Struct, getter)
-LAYOUTS = tuple(_layout(s) for s in range(SIG_LAYOUT + 1))
+#: layout by ``sig`` (the resident bit chooses nothing: both halves hold the same
+#: layouts), so that a reader indexes it with the byte as it is: (Struct, getter)
+LAYOUTS = tuple(_layout(s & SIG_LAYOUT) for s in range(256))
 
 
 def _packer(sig: int) -> tuple[Callable[..., bytes], Callable[[tuple[Any, ...]], tuple[Any, ...]]]:
     """Layout *sig*'s ``Struct.pack`` and the getter that picks its values out of
     ``(sig, seq, attrs, flags, parent, size, alloc, mtime, backup_ns, crtime, ctime,
-    atime)`` (the times its bits leave out dropped)."""
-    idx = [*range(9), *(9 + i for i, bit in enumerate((SIG_CRTIME, SIG_CTIME, SIG_ATIME)) if sig & bit)]
+    atime)`` (backup_ns and the times its bits leave out dropped)."""
+    idx = [*range(8), *([8] if sig & SIG_BACKUP else []),
+           *(9 + i for i, bit in enumerate((SIG_CRTIME, SIG_CTIME, SIG_ATIME)) if sig & bit)]
     return LAYOUTS[sig][0].pack, itemgetter(*idx)
 
 
 #: packer by ``sig & SIG_LAYOUT`` (:func:`_packer`)
-PACKERS = tuple(_packer(s) for s in range(SIG_LAYOUT + 1))
+PACKERS = tuple(_packer(s & SIG_LAYOUT) for s in range(256))
 
 
 def pack_stat(seq: int, parent: int, size: int, alloc: int, crtime: int, mtime: int,
               ctime: int, atime: int, attrs: int, resident: int, flags: int, streams: str,
-              backup_ns: int) -> bytes:
-    """The ``stat`` BLOB of these fields (:data:`STAT_FIELDS` order). Raises
-    ``struct.error`` for a value outside its field (seq, attrs, flags: u32; the rest:
-    i64, as SQLite's INTEGER). Hot path of an insert: the layout is found with a few
-    integer tests and packed by one precompiled Struct (~1.5 us)."""
+              backup_ns: int, start_ns: int | None = None) -> bytes:
+    """The ``stat`` BLOB (format 6) of these fields (:data:`STAT_FIELDS` order);
+    *start_ns* is the time of the row's start version: a ``backup_ns`` equal to it is
+    left out (8 bytes; the reader takes it from ``versions``), else (or with None) it is
+    stored. Raises ``struct.error`` for a value outside its field (seq, attrs, flags:
+    u32; the rest: i64, as SQLite's INTEGER). Hot path of an insert: the layout is found
+    with a few integer tests and packed by one precompiled Struct (~1.5 us)."""
     if (parent | size | alloc) >> 32:  # one of them negative or above u32
         sig = ((0 if 0 <= parent <= _U32 else SIG_PARENT64) | (0 if 0 <= size <= _U32 else SIG_SIZE64)
                | (0 if 0 <= alloc <= _U32 else SIG_ALLOC64))
@@ -100,24 +114,61 @@ def pack_stat(seq: int, parent: int, size: int, alloc: int, crtime: int, mtime: 
         sig |= SIG_CTIME
     if atime != mtime:
         sig |= SIG_ATIME
+    if backup_ns != start_ns:
+        sig |= SIG_BACKUP
     pack, pick = PACKERS[sig]
     blob = pack(*pick((sig | SIG_RESIDENT if resident else sig, seq, attrs, flags, parent, size,
                        alloc, mtime, backup_ns, crtime, ctime, atime)))
     return blob + streams.encode() if streams else blob
 
 
-def unpack_stat(blob: bytes) -> tuple[Any, ...]:
-    """The fields of a ``stat`` BLOB in :data:`STAT_FIELDS` order. Raises Corruption
-    when it does not hold its layout."""
+def stat5_to_6(blob: bytes) -> bytes:
+    """A format 5 ``stat`` as format 6 reads it: the same bytes with ``SIG_BACKUP`` set
+    (format 5 always stores backup_ns where format 6's bit says it is). Cost: one copy."""
+    return bytes((blob[0] | SIG_BACKUP,)) + blob[1:] if blob else blob
+
+
+def restat(blob: bytes, start_ns: int | None) -> bytes:
+    """A format 5 ``stat`` in format 6, backup_ns left out when it equals *start_ns*
+    (the row's start version's time; migration). Raises Corruption."""
+    seq, parent, size, alloc, crt, mt, cht, at, attrs, res, flags, streams, bns = unpack_stat(stat5_to_6(blob))
+    return pack_stat(seq, parent, size, alloc, crt, mt, cht, at, attrs, res, flags, streams, bns, start_ns)
+
+
+def unpack_stat(blob: bytes, start_ns: int = 0) -> tuple[Any, ...]:
+    """The fields of a ``stat`` BLOB (format 6) in :data:`STAT_FIELDS` order, backup_ns
+    *start_ns* when the blob leaves it out. Raises Corruption when it does not hold its
+    layout."""
     sig = blob[0] if blob else 0
-    s, get = LAYOUTS[sig & SIG_LAYOUT]
+    s, get = LAYOUTS[sig]
     try:
         seq, attrs, flags, parent, size, alloc, crt, mt, cht, at, bns = get(s.unpack_from(blob))
         streams = blob[s.size:].decode() if len(blob) > s.size else ""
     except (struct.error, UnicodeDecodeError) as err:
         raise Corruption(f"catalog: a stat blob of {len(blob)} bytes does not decode: {err}") from None
     return (seq, parent, size, alloc, crt, mt, cht, at, attrs, 1 if sig & SIG_RESIDENT else 0,
-            flags, streams, bns)
+            flags, streams, bns if sig & SIG_BACKUP else start_ns)
+
+
+class StartTimes(dict[int, int]):
+    """``{version: versions.time_ns}``: the backup time of a format 6 row whose ``stat``
+    leaves it out (its start version's). A version not in it is looked up again with
+    *load* (the versions committed since), once; still missing, it is a Corruption."""
+
+    def __init__(self, load: Callable[[], Iterable[tuple[int, int]]] | None = None) -> None:
+        super().__init__()
+        self._load = load
+
+    def __missing__(self, version: int) -> int:
+        if self._load is not None:
+            self.update(self._load())
+            if version in self:
+                return dict.__getitem__(self, version)
+        raise Corruption(f"catalog: version {version} is not catalogued: an entry's backup time is unknown")
+
+
+#: no versions known (entries whose ``stat`` holds its backup_ns)
+NO_TIMES = StartTimes()
 
 
 class Entry:
@@ -156,11 +207,12 @@ class Entry:
          self.atime, self.attrs, self.resident, self.flags, self.location, self.streams,
          self.backup_ns) = values
 
-    def _set_stat(self, blob: bytes) -> None:
-        """Set the :data:`STAT_FIELDS` from a ``stat`` BLOB (:func:`unpack_stat`).
-        Cost: ~0.7 us (two C calls; no field by field decoding)."""
+    def _set_stat(self, blob: bytes, times: Mapping[int, int]) -> None:
+        """Set the :data:`STAT_FIELDS` from a ``stat`` BLOB (:func:`unpack_stat`;
+        ``start`` set first: a blob without backup_ns takes ``times[start]``). Cost:
+        ~0.7 us (two C calls; no field by field decoding)."""
         sig = blob[0] if blob else 0
-        s, get = LAYOUTS[sig & SIG_LAYOUT]
+        s, get = LAYOUTS[sig]
         try:
             (self.seq, self.attrs, self.flags, self.parent, self.size, self.alloc, self.crtime,
              self.mtime, self.ctime, self.atime, self.backup_ns) = get(s.unpack_from(blob))
@@ -169,30 +221,34 @@ class Entry:
             raise Corruption(f"catalog: entry {self.id}: its stat blob of {len(blob)} bytes "
                              f"does not decode: {err}") from None
         self.resident = 1 if sig & SIG_RESIDENT else 0
+        if not sig & SIG_BACKUP:
+            self.backup_ns = times[self.start]
 
     @classmethod
-    def from_row(cls, row: tuple[Any, ...]) -> Entry:
+    def from_row(cls, row: tuple[Any, ...], times: Mapping[int, int] = NO_TIMES) -> Entry:
         """From ``SELECT id, part, dir, name, start, "end", ref, record, is_dir, stat,
-        location`` (``Catalog``'s whole-row query; ``stat`` unpacked). Cost: one tuple
-        unpack and :meth:`_set_stat`."""
+        location`` (``Catalog``'s whole-row query; ``stat`` unpacked; *times*: the
+        versions' times, for a ``stat`` without backup_ns). Cost: one tuple unpack and
+        :meth:`_set_stat`."""
         e = cls.__new__(cls)
         e.id, e.part, e.dir, e.name, e.start, e.end, e.ref, e.record, e.is_dir, blob, e.location = row
-        e._set_stat(blob)
+        e._set_stat(blob, times)
         return e
 
     @classmethod
-    def from_list_row(cls, row: tuple[Any, ...]) -> Entry:
+    def from_list_row(cls, row: tuple[Any, ...], times: Mapping[int, int] = NO_TIMES) -> Entry:
         """From a listing query (``Catalog.list_dir``, ``subtree(full=False)``):
         the columns of :meth:`from_row` but ``location`` (left b""; ``parent`` and
         ``flags``, which a listing does not show, are left -1 and 0, as before format 5)."""
         e = cls.__new__(cls)
         e.id, e.part, e.dir, e.name, e.start, e.end, e.ref, e.record, e.is_dir, blob = row
-        e._set_stat(blob)
+        e._set_stat(blob, times)
         e.location, e.parent, e.flags = b"", -1, 0
         return e
 
     @classmethod
-    def from_dir_rows(cls, directory: str, rows: Iterable[tuple[Any, ...]]) -> list[Entry]:
+    def from_dir_rows(cls, directory: str, rows: Iterable[tuple[Any, ...]],
+                      times: Mapping[int, int] = NO_TIMES) -> list[Entry]:
         """From a listing of one *directory* (``Catalog.list_dir``): the listing columns
         but ``dir`` (it is *directory*, not fetched), as :meth:`from_list_row`. Cost:
         one tuple unpack and one ``stat`` unpack a row, in one loop (no call per row)."""
@@ -204,7 +260,7 @@ class Entry:
             e = new(cls)
             e.id, e.part, e.name, e.start, e.end, e.ref, e.record, e.is_dir, blob = row
             sig = blob[0] if blob else 0
-            s, get = layouts[sig & SIG_LAYOUT]
+            s, get = layouts[sig]
             try:
                 (e.seq, e.attrs, e.flags, e.parent, e.size, e.alloc, e.crtime, e.mtime, e.ctime,
                  e.atime, e.backup_ns) = get(s.unpack_from(blob))
@@ -213,6 +269,8 @@ class Entry:
                 raise Corruption(f"catalog: entry {e.id}: its stat blob of {len(blob)} bytes "
                                  f"does not decode: {err}") from None
             e.resident = 1 if sig & SIG_RESIDENT else 0
+            if not sig & SIG_BACKUP:
+                e.backup_ns = times[e.start]
             e.dir, e.location, e.parent, e.flags = directory, b"", -1, 0
             append(e)
         return out

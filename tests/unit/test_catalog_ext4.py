@@ -8,15 +8,17 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from cdp.catalog import ext4index
 from cdp.catalog.db import Catalog, Version
 from cdp.catalog.ext4index import merge_ranges, overlaps, pack_ranges, unpack_ranges
 from cdp.catalog.indexer import Computed, compute, find_filesystems, persist
+from cdp.catalog.model import Entry
 from cdp.ntfs.names import exact
 from tests.conftest import require_tool
 from tools.ext4_fixture import debugfs, fls_entries, mkfs, mounted, populate_sample
@@ -234,3 +236,37 @@ def test_names_that_are_not_utf8_are_catalogued_exactly(base_image: Path, tmp_pa
     full = Catalog(tmp_path / "full.sqlite")
     index(full, after, 2)
     assert catalog_rows(full, 2) == catalog_rows(cat, 2)
+
+
+def test_a_first_index_plans_as_the_general_path(base_image: Path, tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """A first index plans in its own loop (``Ext4Indexer._first``); the general path
+    (``states_of_inode`` through ``plan_steps``) gives the same entries, in the same
+    order, and the same damaged reports: on the sample image (hard links, symlinks, a
+    600-entry htree directory) with an inode cleared while still named and an inode
+    whose checksum is wrong."""
+    cat = Catalog(tmp_path / "catalog.sqlite")
+    index(cat, base_image, 1)
+    files = sorted(e.record for e in cat.subtree("/", 1) if not e.is_dir)
+    cat.close()
+    img = tmp_path / "x.img"
+    shutil.copyfile(base_image, img)
+    debugfs(img, f"clri <{files[3]}>", f"sif <{files[5]}> checksum 0x1234")
+    size = img.stat().st_size
+    fast = asyncio.run(compute(file_reader(img), size, None, None, None, 7)).plans[0]
+
+    full = ext4index.Ext4Indexer.full
+
+    async def general(self: ext4index.Ext4Indexer, old: dict[int, list[Entry]],
+                      reset: bool) -> AsyncIterator[None]:
+        async for _ in full(self, old or {0: []}, reset):  # not empty: not the first-index loop
+            yield None
+
+    monkeypatch.setattr(ext4index.Ext4Indexer, "full", general)
+    slow = asyncio.run(compute(file_reader(img), size, None, None, None, 7)).plans[0]
+    assert len(fast.added) > 600
+    assert [e.values() for e in fast.added] == [e.values() for e in slow.added]
+    reasons = [why for _n, why in fast.damaged]
+    assert any("which is free" in r for r in reasons) and any("checksum" in r for r in reasons)
+    assert fast.damaged == slow.damaged
+    assert fast.records == slow.records - 1  # the general path also planned record 0

@@ -184,13 +184,14 @@ FORMAT_3 = (FORMAT_1.replace("('format', '1')", "('format', '3')")
                      "CREATE INDEX entries_dirs ON entries (part, record) WHERE is_dir = 1;\n"
                      "CREATE TABLE damaged"))
 
-#: the objects of a format 4 and 5 catalog (golden: a change here is a format change;
-#: format 5 changed ``file_entries``' columns, not the objects)
-FORMAT_5_OBJECTS = {
+#: the objects of a format 6 catalog (golden: a change here is a format change; format 5
+#: changed ``file_entries``' columns, not format 4's objects; format 6 dropped
+#: ``entries_start`` and replaced ``entries_end`` by ``entries_deleted``)
+FORMAT_6_OBJECTS = {
     ("table", "meta"), ("table", "versions"), ("table", "dirs"), ("table", "names"),
     ("table", "file_entries"), ("table", "damaged"), ("view", "entries"),
     ("index", "names_lname"), ("index", "entries_key"), ("index", "entries_name"),
-    ("index", "entries_record"), ("index", "entries_start"), ("index", "entries_end"),
+    ("index", "entries_record"), ("index", "entries_deleted"),
     ("index", "entries_dirs"), ("index", "damaged_version"),
 }
 
@@ -201,7 +202,7 @@ def _objects(cat: Catalog) -> set[tuple[str, str]]:
 
 
 @pytest.mark.parametrize("old", [1, 3])
-def test_old_catalog_is_migrated_to_format_5(tmp_path: Path, caplog: pytest.LogCaptureFixture,
+def test_old_catalog_is_migrated_to_format_6(tmp_path: Path, caplog: pytest.LogCaptureFixture,
                                              old: int) -> None:
     path = tmp_path / "catalog.sqlite"
     db = sqlite3.connect(path)
@@ -216,12 +217,13 @@ def test_old_catalog_is_migrated_to_format_5(tmp_path: Path, caplog: pytest.LogC
     ro.close()
     with caplog.at_level(logging.INFO, logger="cdp.catalog"):
         cat = Catalog(path)
-    assert f"catalog format {old} migrated to 5" in caplog.text
-    assert CATALOG_FORMAT == 5
-    assert cat.reader.execute("SELECT value FROM meta WHERE key = 'format'").fetchone()[0] == "5"
-    assert _objects(cat) == FORMAT_5_OBJECTS
-    # format 5: the stat fields come back from the packed ``stat`` (Entry.from_row)
-    got = [(e.id, *e.values()) for e in map(Entry.from_row, cat.reader.execute(
+    assert f"catalog format {old} migrated to 6" in caplog.text
+    assert CATALOG_FORMAT == 6
+    assert cat.reader.execute("SELECT value FROM meta WHERE key = 'format'").fetchone()[0] == "6"
+    assert _objects(cat) == FORMAT_6_OBJECTS
+    # formats 5 and 6: the stat fields come back from the packed ``stat`` (Entry.from_row;
+    # format 6: a backup_ns equal to its start version's time left out, read from versions)
+    got = [(e.id, *e.values()) for e in (Entry.from_row(r, cat._times) for r in cat.reader.execute(
         f"{cat._sel} ORDER BY id"))]
     assert got == want
     assert cat.reader.execute("SELECT path FROM dirs ORDER BY id").fetchall() == [("/",), ("/Docs",)]
@@ -234,13 +236,13 @@ def test_old_catalog_is_migrated_to_format_5(tmp_path: Path, caplog: pytest.LogC
     assert cat.changed_between(1, 2) == {("", 65), ("", 66)}
     cat.close()
     Catalog(path).close()  # opened again: nothing more to migrate
-    assert _objects(Catalog(path, readonly=True)) == FORMAT_5_OBJECTS
+    assert _objects(Catalog(path, readonly=True)) == FORMAT_6_OBJECTS
 
 
-def test_a_new_catalog_has_the_format_5_objects(tmp_path: Path) -> None:
+def test_a_new_catalog_has_the_format_6_objects(tmp_path: Path) -> None:
     cat = Catalog(tmp_path / "catalog.sqlite")
-    assert _objects(cat) == FORMAT_5_OBJECTS
-    assert cat.reader.execute("SELECT value FROM meta WHERE key = 'format'").fetchone()[0] == "5"
+    assert _objects(cat) == FORMAT_6_OBJECTS
+    assert cat.reader.execute("SELECT value FROM meta WHERE key = 'format'").fetchone()[0] == "6"
 
 
 def _index_sql(cat: Catalog) -> set[tuple[str, str]]:
@@ -255,7 +257,7 @@ def test_first_full_index_builds_its_indexes_once_its_rows_are_in(tmp_path: Path
     plan = make_plan("", new, {}, Resolver("", new), 1)
     asyncio.run(persist(cat, Computed("full", parts=[{"name": ""}], plans=[plan]), 1, 1, 1, batch=200))
     # the same indexes as a new catalog's, and every row reachable through them
-    assert _index_sql(cat) == schema and _objects(cat) == FORMAT_5_OBJECTS
+    assert _index_sql(cat) == schema and _objects(cat) == FORMAT_6_OBJECTS
     assert cat.reader.execute("PRAGMA integrity_check").fetchone() == ("ok",)
     assert len(cat.list_dir("/Dir003", 1)) == 100 and len(list(cat.glob("q3*", on_path=False))) == 215
     # not empty any more: a second version keeps its indexes while it writes
@@ -394,9 +396,9 @@ def test_format_2_catalog_gains_the_file_system_kind(tmp_path: Path, caplog: pyt
     ro.close()
     with caplog.at_level(logging.INFO, logger="cdp.catalog"):
         cat = Catalog(path)
-    assert "catalog format 2 migrated to 5" in caplog.text
-    assert CATALOG_FORMAT == 5
-    assert cat.reader.execute("SELECT value FROM meta WHERE key = 'format'").fetchone()[0] == "5"
+    assert "catalog format 2 migrated to 6" in caplog.text
+    assert CATALOG_FORMAT == 6
+    assert cat.reader.execute("SELECT value FROM meta WHERE key = 'format'").fetchone()[0] == "6"
     vs = cat.versions()
     assert [v.fs for v in vs] == ["ntfs", "ntfs,ntfs", ""]
     assert [[p["fs"] for p in v.parts] for v in vs] == [["ntfs"], ["ntfs", "ntfs"], []]
