@@ -195,12 +195,19 @@ def test_sentinel_config(tmp_path: Path) -> None:
     assert not s.sentinel.enabled and s.sentinel.bucket_seconds == 2.0
     assert s.sentinel.baseline_window == 86400.0 and s.sentinel.min_suspect_bytes == 4 << 20
     assert s.sentinel.on_alert == "logger x"
+    s = parse_config({"sentinel": {"margin": 0.05, "min_files": 4, "note_dirs": 2,
+                                   "ransom_notes": ["*.hta"], "slow_window": "30m"}})
+    assert s.sentinel.margin == 0.05 and s.sentinel.min_files == 4 and s.sentinel.note_dirs == 2
+    assert tuple(s.sentinel.ransom_notes) == ("*.hta",) and s.sentinel.slow_window == 1800.0
     for bad, msg in (({"enabled": "yes"}, "sentinel.enabled"),
                      ({"min_share": 1.5}, "sentinel.min_share"),
                      ({"entropy_bits": 9}, "sentinel.entropy_bits"),
                      ({"checks_per_second": 0}, "sentinel.checks_per_second"),
                      ({"bucket_seconds": "0s"}, "sentinel.bucket_seconds"),
                      ({"baseline_window": "1s"}, "sentinel.baseline_window"),
+                     ({"margin": 2}, "sentinel.margin"),
+                     ({"min_files": 0}, "sentinel.min_files"),
+                     ({"ransom_notes": "readme.txt"}, "sentinel.ransom_notes"),
                      ({"nope": 1}, "sentinel.nope")):
         with pytest.raises(ConfigError, match=msg):
             parse_config({"sentinel": bad})
