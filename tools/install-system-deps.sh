@@ -21,6 +21,8 @@ declare -A PKG=(
   [ceph]=ceph-common [radosgw-admin]=ceph-common [uuidgen]=uuid-runtime
   # the web console's real-browser test (selenium drives headless chromium)
   [chromium]=chromium [chromedriver]=chromium-driver
+  # tools/bench/sentinel_cachegrind (instruction counts; a bench, not a test)
+  [valgrind]=valgrind
 )
 # qemu-block-extra has no binary of its own (it adds iscsi:// to qemu): check the file
 EXTRA_FILES=(/usr/lib/x86_64-linux-gnu/qemu/block-iscsi.so)
