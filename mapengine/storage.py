@@ -903,10 +903,12 @@ class DirStore:
             try:
                 for name, kind, level, ei, idx, lo, hi, n, size in body["maps"]:
                     p = os.path.join(directory, name)
-                    if not os.path.exists(p):
-                        raise MapCorruption(p, "named by the manifest but missing")
-                    if os.path.getsize(p) != size:
-                        raise MapCorruption(p, f"size {os.path.getsize(p)} != manifest {size}")
+                    try:
+                        got = os.stat(p).st_size  # one stat a map: O(M) at open
+                    except FileNotFoundError:
+                        raise MapCorruption(p, "named by the manifest but missing") from None
+                    if got != size:
+                        raise MapCorruption(p, f"size {got} != manifest {size}")
                     flat = kind == "F" or level > 0
                     refs[name] = MapFile(p, name, kind, lo, hi, n, flat, size, st.cache, st.fs)
                     maps.append((name, kind, level, ei, idx))
