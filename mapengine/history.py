@@ -908,10 +908,8 @@ class MapHistory:
         """
         try:
             if not self._broken and self._live.n == 0 and self._last_seq == self._sealed_seq:
-                head = self._head
-                if self._recent.n:
-                    head = overlay([self._recent, self._head], want_dropped=False)[0]
-                self._store.save_head(head, self._sealed_seq)
+                # the two tiers as one, as the seal every _RECENT_WINDOWS windows joins them
+                self._store.save_head(_splice(self._head, self._recent), self._sealed_seq)
         finally:
             self._store.close()
 

@@ -70,6 +70,7 @@ def test_clean_close_keeps_the_head_and_open_takes_it(tmp_path: Path) -> None:
     h = _history(tmp_path, 300)
     h.add_rewind(301, 120)
     _history(tmp_path, 50, seed=2, h=h, first_seq=302)
+    assert h._recent.n and h._head.n  # both tiers go into HEAD
     h.close()
     assert (tmp_path / HEAD).exists()
     h = MapHistory.open(tmp_path, policy=POLICY)
