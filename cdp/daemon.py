@@ -45,12 +45,13 @@ from cdp.retention.service import retention_of
 from cdp.store import Store
 from cdp.targets.nbd.access import nbd_client_rules
 from cdp.targets.nbd.server import NbdServer, serve_nbd
-from cdp.tier.service import check_tier, start_tiers
 from cdp.volume import SealPacer, Volume
 
 # What only the listeners after NBD need is imported where they start, once NBD serves
 # (issue 27, restart time): iSCSI (~0.1 s of imports), metrics, the replication
-# listener, the ops behind resume_replication, the web console (aiohttp, ~0.3 s).
+# listener, the ops behind resume_replication, the web console (aiohttp, ~0.3 s); the
+# S3 tier (boto3, ~0.2 s) only when [tier] is on. The store opens with the catalogs
+# held (their catch-up opens each catalog database) and releases them once NBD serves.
 if TYPE_CHECKING:
     from cdp.metrics import MetricsServer
     from cdp.replication.protocol import OpenRequest
@@ -149,7 +150,7 @@ class Daemon:
         s = self.settings
         check_listeners(s)  # before the store is created or opened
         t_open = time.monotonic()
-        store = Store.open(s)
+        store = Store.open(s, hold_catalog=True)
         self.store = store
         log.info("store opened in %.3f s", time.monotonic() - t_open)
         for v in store.volumes.values():
@@ -168,6 +169,8 @@ class Daemon:
         metrics = None
         try:
             if s.tier.enabled:  # docs/TIER.md: a bucket without object lock ends cdpd here
+                from cdp.tier.service import check_tier
+
                 await asyncio.to_thread(check_tier, s.tier)
             await admin.start()
             if s.nbd.enabled:
@@ -182,6 +185,7 @@ class Daemon:
                     raise bind_error("--nbd", s.nbd.host, s.nbd.port, e) from None
                 self.nbd_port = nbd.port
                 log.info("NBD on %s:%d", s.nbd.host, nbd.port)
+            store.release_catalogs()
             if s.iscsi.enabled:
                 from cdp.targets.iscsi.server import serve_iscsi
 
@@ -235,6 +239,8 @@ class Daemon:
             if n:
                 log.info("replication: resumed %d outgoing stream(s)", n)
             if s.tier.enabled:
+                from cdp.tier.service import start_tiers
+
                 n = start_tiers(store.volumes.values())
                 log.info("tier: uploading %d volume(s) to %s", n, s.tier.url)
             self._write_runfile(store, nbd, metrics)

@@ -41,7 +41,7 @@ from cdp.backup.changes import status_runs
 from cdp.errors import CdpError, ReadOnly
 from cdp.journal import NotLocal
 from cdp.points import split_export_name
-from cdp.replication.target import load_role
+from cdp.replication.role import load_role
 from cdp.targets.nbd.proto import StateFlag
 
 if TYPE_CHECKING:

@@ -10,9 +10,18 @@ Layout (see docs/FORMATS.md, "Store layout")::
     STORE/deleted/NAME.UUID/  a deleted volume whose files are still being removed
 
 The store is the composition root: it picks a volume's kind by volume.json "mode"
-(:data:`VOLUME_KINDS`) and attaches the per-volume services (retention, the file
+(:func:`volume_kind`) and attaches the per-volume services (retention, the file
 catalog, the sentinel) through :meth:`cdp.volume.Volume.attach` (:func:`open_volume`,
 :func:`attach_services`). Nothing below it knows the kinds or the services.
+
+Restart time (issue 27): a kind or service that not every store uses is imported when a
+volume uses it: the proxy kind (~0.05 s of imports) when a proxy volume opens, the S3
+tier (boto3, ~0.2 s) when ``[tier] url`` is set. The services every volume has
+(retention, the catalog, the sentinel) attach at open, before cdpd serves, so they see
+every write; their heavy parts (the catalog's parsers and database, the sentinel's file
+evidence) load at their first use. ``Store.open(..., hold_catalog=True)`` also leaves
+the catalogs' catch-up (which opens each catalog database) to
+:meth:`Store.release_catalogs`, which cdpd calls once NBD listens.
 """
 
 from __future__ import annotations
@@ -27,47 +36,61 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from cdp.catalog.service import attach_catalog
+from cdp.catalog.service import attach_catalog, service_for
 from cdp.config import SOCKET_NAME, VOLUME_NAME, Settings, VolumeSpec
 from cdp.errors import Corruption, NotFound, StoreLocked, UsageError
 from cdp.fsutil import write_file_atomic
-from cdp.proxy.volume import ProxyVolume
 from cdp.retention.service import attach_retention
 from cdp.sentinel.service import attach_sentinel
-from cdp.tier.service import attach_tier
 from cdp.volume import Volume, read_meta
 
 log = logging.getLogger("cdp.store")
 
 STORE_FORMAT = 1  # store.json "format"
 
-#: volume.json "mode" -> the volume kind ("mirror" when absent)
-VOLUME_KINDS: dict[str, type[Volume]] = {"mirror": Volume, "proxy": ProxyVolume}
+#: the values of volume.json "mode" ("mirror" when absent), see :func:`volume_kind`
+VOLUME_MODES = ("mirror", "proxy")
 
 
-def attach_services(vol: Volume) -> None:
+def volume_kind(mode: str) -> type[Volume] | None:
+    """The volume kind of volume.json "mode" *mode*, None for an unknown one. The
+    proxy kind's modules are imported by its first use (module docstring)."""
+    if mode == "mirror":
+        return Volume
+    if mode == "proxy":
+        from cdp.proxy.volume import ProxyVolume
+
+        return ProxyVolume
+    return None
+
+
+def attach_services(vol: Volume, *, hold_catalog: bool = False) -> None:
     """Attach the services of a served volume: retention (store cap, expired points,
-    gc), then the file catalog (a background MFT diff at every marker), then the
+    gc), then the file catalog (a background MFT diff at every marker; with
+    *hold_catalog* it queues markers until :meth:`CatalogService.catch_up`), then the
     ransomware sentinel unless ``[sentinel] enabled = false``, then the S3 tier when
-    ``[tier] url`` is set."""
+    ``[tier] url`` is set (its modules are imported only then)."""
     attach_retention(vol)
-    catalog = attach_catalog(vol)
+    catalog = attach_catalog(vol, hold=hold_catalog)
     if vol.settings.sentinel.enabled:
         attach_sentinel(vol).use_catalog(catalog)
     if vol.settings.tier.enabled:
+        from cdp.tier.service import attach_tier
+
         attach_tier(vol)
 
 
-def open_volume(vdir: Path, settings: Settings) -> Volume:
+def open_volume(vdir: Path, settings: Settings, *, hold_catalog: bool = False) -> Volume:
     """Open the volume in *vdir* as its kind (volume.json "mode") with its services
-    attached. Corruption for an unknown mode or damaged files; NotFound if none."""
+    attached (:func:`attach_services`). Corruption for an unknown mode or damaged
+    files; NotFound if none."""
     mode = read_meta(vdir).get("mode", "mirror")
-    cls = VOLUME_KINDS.get(mode)
+    cls = volume_kind(mode)
     if cls is None:
         raise Corruption(f"{vdir / 'volume.json'}: unknown mode {mode!r}")
     vol = cls.open(vdir, settings)
     try:
-        attach_services(vol)
+        attach_services(vol, hold_catalog=hold_catalog)
     except BaseException:
         vol.close()
         raise
@@ -91,11 +114,13 @@ class Store:
         return self.path / SOCKET_NAME
 
     @classmethod
-    def open(cls, settings: Settings, *, create: bool = True) -> Store:
+    def open(cls, settings: Settings, *, create: bool = True,
+             hold_catalog: bool = False) -> Store:
         """Open (or create) the store at ``settings.store``, take its lock, open every
         volume (running journal recovery) and create configured volumes that are missing.
         A volume whose files are damaged (Corruption) is left closed and listed in
-        :attr:`damaged`; the other volumes open and are served.
+        :attr:`damaged`; the other volumes open and are served. *hold_catalog*: the
+        catalogs catalog nothing until :meth:`release_catalogs` (cdpd: once NBD serves).
 
         Raises StoreLocked if another process holds the store.
         """
@@ -121,7 +146,7 @@ class Store:
             for vdir in sorted((path / "volumes").iterdir()):
                 if (vdir / "volume.json").exists():
                     try:
-                        v = open_volume(vdir, settings)
+                        v = open_volume(vdir, settings, hold_catalog=hold_catalog)
                     except Corruption as e:
                         store.damaged[vdir.name] = str(e)
                         log.error("volume %s is damaged and not served: %s (stop cdpd and "
@@ -131,16 +156,27 @@ class Store:
             if create:
                 for spec in settings.volumes:
                     if spec.name not in store.volumes and spec.name not in store.damaged:
-                        store.create_volume(spec)
+                        store.create_volume(spec, hold_catalog=hold_catalog)
         except BaseException:
             store.close()
             raise
         return store
 
-    def create_volume(self, spec: VolumeSpec) -> Volume:
+    def release_catalogs(self) -> None:
+        """End the hold of ``Store.open(..., hold_catalog=True)``: each volume's catalog
+        queues the markers it has not catalogued and starts (on the running loop). A
+        failure is logged, as at attach. Cost: one catalog database open per volume."""
+        for v in self.volumes.values():
+            try:
+                service_for(v).catch_up()
+            except Exception:
+                log.exception("volume %s: file catalog catch-up failed", v.name)
+
+    def create_volume(self, spec: VolumeSpec, *, hold_catalog: bool = False) -> Volume:
         """Create the volume *spec* describes, of its kind (``spec.mode``): a thin
         mirror volume (all zeros), or a proxy volume over ``spec.primary`` (its initial
-        copy starts once an event loop runs it). Serves it with its services attached."""
+        copy starts once an event loop runs it). Serves it with its services attached
+        (*hold_catalog*: see :meth:`open`)."""
         name = spec.name
         if not VOLUME_NAME.match(name):
             raise UsageError(
@@ -152,6 +188,8 @@ class Store:
         path = self.path / "volumes" / name
         v: Volume
         if spec.mode == "proxy":
+            from cdp.proxy.volume import ProxyVolume
+
             v = ProxyVolume.create(
                 path, name, spec.size, self.settings, primary=spec.primary, ack=spec.ack,
                 drl_region=spec.drl_region, initial_copy=spec.initial_copy,
@@ -162,7 +200,7 @@ class Store:
         else:
             raise UsageError(f"unknown volume mode {spec.mode!r} (mirror or proxy)")
         try:
-            attach_services(v)
+            attach_services(v, hold_catalog=hold_catalog)
         except BaseException:
             v.close()
             raise

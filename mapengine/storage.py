@@ -67,6 +67,13 @@ MAP_VERSION = 1
 MANIFEST_MAGIC = b"CDPMANIF"
 MANIFEST_VERSION = 1
 MANIFEST = "MANIFEST"
+#: the head (the newest flat map) a clean close left, for the next open (FORMATS.md "HEAD")
+HEAD = "HEAD"
+#: on disk, never change
+HEAD_MAGIC = b"CDPHEAD\x00"
+HEAD_VERSION = 1
+#: magic(8s) version(I) reserved(I) gen(Q) sealed_seq(Q) count(Q) body_crc(I) header_crc(I)
+HEAD_HEADER = struct.Struct("<8sIIQQQII")
 KIND_L0 = 0  # overlapping: every write of the window, sorted by (start, seq)
 KIND_MERGED = 1  # flat: newest per byte of the window
 KIND_FULL = 2  # flat: newest per byte since the epoch began
@@ -163,6 +170,15 @@ class MapStore(Protocol):
 
     def close(self) -> None: ...
 
+    def save_head(self, head: Columns, sealed_seq: int) -> None:
+        """Keep *head* (the flat head of the maps as committed) for the next open."""
+        ...
+
+    def take_head(self, sealed_seq: int) -> Columns | None:
+        """The head :meth:`save_head` kept for exactly the maps as opened, else None;
+        none is kept after this call."""
+        ...
+
 
 class _MemRef:
     """An in-memory map (the memory store's handle)."""
@@ -227,6 +243,12 @@ class MemoryStore:
 
     def close(self) -> None:
         pass
+
+    def save_head(self, head: Columns, sealed_seq: int) -> None:
+        return None
+
+    def take_head(self, sealed_seq: int) -> Columns | None:
+        return None
 
 
 class FileOps:
@@ -821,6 +843,33 @@ def decode_manifest(raw: bytes, path: str) -> dict[str, Any]:
 RETAIN_KEYS = ("retained", "keep_after", "retain_gen")
 
 
+def encode_head(gen: int, sealed_seq: int, head: Columns) -> bytes:
+    """``HEAD``'s bytes: a 48-byte header, then the five columns as little-endian i64
+    (all starts, then all ends, seqs, locs, poffs)."""
+    body = b"".join(np.ascontiguousarray(c, dtype="<i8").tobytes() for c in head)
+    hdr = HEAD_HEADER.pack(HEAD_MAGIC, HEAD_VERSION, 0, gen, sealed_seq, head.n,
+                           zlib.crc32(body), 0)
+    return hdr[:-4] + struct.pack("<I", zlib.crc32(hdr[:-4])) + body
+
+
+def decode_head(data: bytes, gen: int, sealed_seq: int) -> Columns | None:
+    """The columns of ``HEAD`` bytes when whole and tagged (*gen*, *sealed_seq*), else
+    None."""
+    n_hdr = HEAD_HEADER.size
+    if len(data) < n_hdr:
+        return None
+    magic, ver, _res, g, sealed, n, bcrc, hcrc = HEAD_HEADER.unpack_from(data)
+    if (magic != HEAD_MAGIC or ver != HEAD_VERSION or hcrc != zlib.crc32(data[: n_hdr - 4])
+            or g != gen or sealed != sealed_seq or len(data) != n_hdr + 40 * n):
+        return None
+    body = memoryview(data)[n_hdr:]
+    if zlib.crc32(body) != bcrc:
+        return None
+    cols = [np.frombuffer(body, dtype="<i8", count=n, offset=8 * n * i).astype(np.int64)
+            for i in range(5)]
+    return Columns(*cols)
+
+
 class DirStore:
     """Maps as files in one directory plus its ``MANIFEST``."""
 
@@ -861,10 +910,12 @@ class DirStore:
             try:
                 for name, kind, level, ei, idx, lo, hi, n, size in body["maps"]:
                     p = os.path.join(directory, name)
-                    if not os.path.exists(p):
-                        raise MapCorruption(p, "named by the manifest but missing")
-                    if os.path.getsize(p) != size:
-                        raise MapCorruption(p, f"size {os.path.getsize(p)} != manifest {size}")
+                    try:
+                        got = os.stat(p).st_size  # one stat a map: O(M) at open
+                    except FileNotFoundError:
+                        raise MapCorruption(p, "named by the manifest but missing") from None
+                    if got != size:
+                        raise MapCorruption(p, f"size {got} != manifest {size}")
                     flat = kind == "F" or level > 0
                     refs[name] = MapFile(p, name, kind, lo, hi, n, flat, size, st.cache, st.fs)
                     maps.append((name, kind, level, ei, idx))
@@ -882,6 +933,8 @@ class DirStore:
             st.files = refs
         if readonly:
             return st, state
+        if state is None and os.path.exists(os.path.join(directory, HEAD)):
+            st.fs.remove(os.path.join(directory, HEAD))  # of no manifest this store has
         for f in st.fs.listdir(directory):
             if (f.endswith(".map") or f.endswith(".tmp")) and f not in st.files:
                 st.fs.remove(os.path.join(directory, f))
@@ -1011,3 +1064,28 @@ class DirStore:
     def close(self) -> None:
         self.cache.clear()
         self.fs.close_all()
+
+    def save_head(self, head: Columns, sealed_seq: int) -> None:
+        """Write ``HEAD``: *head* tagged with the manifest's generation and
+        ``sealed_seq`` (FORMATS.md "HEAD"). Derived data: a failure is ignored (the next
+        open rebuilds). Cost: 40 bytes per head entry written once, one fsync."""
+        if self.readonly:
+            return
+        try:
+            self.fs.write_atomic(self.dir, HEAD, encode_head(self.gen, sealed_seq, head))
+        except OSError:
+            pass
+
+    def take_head(self, sealed_seq: int) -> Columns | None:
+        """The head in ``HEAD`` when it is whole (both CRCs) and tagged with this
+        manifest's generation and *sealed_seq*, else None; the file is removed either
+        way (unless read-only), so no later state of the maps can meet it. Cost: one
+        read of the file and its CRC (no map decoding)."""
+        path = os.path.join(self.dir, HEAD)
+        try:
+            data = self.fs.read(path)
+        except FileNotFoundError:
+            return None
+        if not self.readonly:
+            self.fs.remove(path)
+        return decode_head(data, self.gen, sealed_seq)

@@ -9,7 +9,13 @@ Design notes
   between them (the Volume is not thread-safe, so there is no worker thread). Ingest
   keeps flowing; a version appears in the catalog when its single transaction commits.
 * Markers taken while the daemon was down (or before the catalog existed) are caught
-  up when the service is attached on a running loop.
+  up when the service is attached on a running loop, or, attached with ``hold`` (cdpd:
+  the store opens before NBD listens), at the first :meth:`CatalogService.catch_up`:
+  until then markers are queued, none is catalogued, so none is catalogued before an
+  older one.
+* The parser modules (the database, the indexer with its NTFS and ext4 parsers: ~0.1 s
+  of imports) load at the first catalog work, not with this module: attaching a
+  service costs cdpd's start nothing (issue 27, restart time).
 * A failure (damaged journal bytes, a bug) is logged and that marker is skipped; the
   next marker diffs against the last catalogued one, so nothing is lost.
 * History the S3 tier dropped locally: the computation reads synchronously on the
@@ -25,14 +31,16 @@ import asyncio
 import logging
 import weakref
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from cdp.catalog.db import CATALOG_FILE, Catalog, Version
-from cdp.catalog.indexer import Computed, Prefetch, View, compute, gc_paused, persist
 from cdp.journal import NotLocal
 from cdp.journal.tiered import missing_records, prefetch_limit
 from cdp.markers import Marker
 from cdp.volume import READ_FETCHES, Volume, VolumeService
+
+if TYPE_CHECKING:  # imported where the work starts (module docstring)
+    from cdp.catalog.db import Catalog, Version
+    from cdp.catalog.indexer import Computed, Prefetch, View
 
 T = TypeVar("T")
 
@@ -51,6 +59,8 @@ class CatalogService(VolumeService):
         self._task: asyncio.Task[None] | None = None
         self.last_error: str | None = None
         self.last_result: dict[str, Any] | None = None
+        #: markers are queued but not catalogued until catch_up() (attach_catalog's hold)
+        self.held = False
         #: called (on the loop) after each marker's version commits: ``hook(before, after)``,
         #: the views of the version it was diffed against (None for a full index) and of
         #: the new one
@@ -59,6 +69,8 @@ class CatalogService(VolumeService):
     @property
     def catalog(self) -> Catalog:
         if self._catalog is None:
+            from cdp.catalog.db import CATALOG_FILE, Catalog
+
             self._catalog = Catalog(self.volume.path / CATALOG_FILE)
         return self._catalog
 
@@ -70,7 +82,9 @@ class CatalogService(VolumeService):
         self._kick()
 
     def catch_up(self) -> int:
-        """Queue every marker newer than the last catalogued one; returns how many."""
+        """Queue every marker newer than the last catalogued one and start cataloguing
+        (ends a hold); returns how many. Cost: opens the catalog database."""
+        self.held = False
         last = self.catalog.last_version()
         todo = [m for m in self.volume.markers if last is None or m.id > last.version]
         known = {m.id for m in self._pending}
@@ -81,6 +95,8 @@ class CatalogService(VolumeService):
         return len(todo)
 
     def _kick(self) -> None:
+        if self.held:
+            return
         if self._task is None or self._task.done():
             self._task = asyncio.get_running_loop().create_task(self._drain())
 
@@ -105,6 +121,8 @@ class CatalogService(VolumeService):
     async def catalog_marker(self, m: Marker) -> Computed | None:
         """Catalog marker *m*: an MFT diff against the newest catalogued marker (a full
         index for the first one). Returns None if *m* is already catalogued."""
+        from cdp.catalog.indexer import View, compute, gc_paused, persist
+
         cat = self.catalog
         base = cat.last_version()
         if base is not None and (base.version >= m.id or base.seq > m.seq):
@@ -131,6 +149,8 @@ class CatalogService(VolumeService):
         """The catalog as of *point*: a catalogued marker straight from the catalog,
         any other point as an overlay computed from the nearest earlier catalogued
         marker (nothing persisted). Cost: O(records changed since that marker)."""
+        from cdp.catalog.indexer import View, compute
+
         vol = self.volume
         seq = vol.resolve_point(point)
         cat = self.catalog
@@ -151,6 +171,8 @@ class CatalogService(VolumeService):
     async def head_views(self) -> tuple[View, View] | None:
         """(the newest catalogued marker's view, a view at the newest write), once the
         queued markers are catalogued; None before the first. Cost: :meth:`view`."""
+        from cdp.catalog.indexer import View
+
         await self.idle()
         base = self.catalog.last_version()
         if base is None:
@@ -236,11 +258,18 @@ def service_for(volume: Volume) -> CatalogService:
     return svc
 
 
-def attach_catalog(volume: Volume) -> CatalogService:
+def attach_catalog(volume: Volume, *, hold: bool = False) -> CatalogService:
     """Keep *volume*'s file catalog up to date: attach its service and, when called on
-    a running event loop, queue the markers not catalogued yet. Idempotent."""
+    a running event loop, queue the markers not catalogued yet. Idempotent.
+
+    *hold*: attach, queue markers, catalog nothing until :meth:`CatalogService.catch_up`
+    (cdpd calls it once NBD serves: the catch-up opens the database). Cost without it:
+    the catch-up, on a running loop."""
     svc = service_for(volume)
     volume.attach(svc)
+    if hold:
+        svc.held = True
+        return svc
     try:
         asyncio.get_running_loop()
     except RuntimeError:

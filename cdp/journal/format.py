@@ -16,9 +16,9 @@ from enum import IntEnum
 import lz4.block
 import numpy as np
 import numpy.typing as npt
-from crc32c import crc32c
 
 from cdp.errors import Corruption, PointError
+from cdp.journal.crc import crc32c
 
 # ---------------------------------------------------------------------------------------
 # Segment file header (32 bytes)
@@ -33,6 +33,8 @@ SEGMENT_HEADER = struct.Struct("<8sHHIQII")
 SEGMENT_HEADER_SIZE = SEGMENT_HEADER.size  # 32
 SEGMENT_SUFFIX = ".seg"
 INDEX_SUFFIX = ".idx"
+#: the open segment's index as a clean close left it (docs/FORMATS.md, "Clean close")
+CLOSED_SUFFIX = ".closed"
 
 # ---------------------------------------------------------------------------------------
 # Record header (48 bytes)
@@ -130,6 +132,11 @@ def segment_name(first_seq: int) -> str:
 def index_name(first_seq: int) -> str:
     """File name of the index sidecar of segment ``first_seq``."""
     return f"{first_seq:020d}{INDEX_SUFFIX}"
+
+
+def closed_name(first_seq: int) -> str:
+    """File name of the clean-close sidecar of (open) segment ``first_seq``."""
+    return f"{first_seq:020d}{CLOSED_SUFFIX}"
 
 
 def parse_segment_name(name: str) -> int | None:

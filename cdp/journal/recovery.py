@@ -8,7 +8,10 @@
   ``segment_records`` records, so at most that many) and a torn tail cut off: records that never
   became durable, counted in ``dropped_bytes``/``dropped_records``, not damage; so is
   the space the writer wrote ahead of its records (zeros, or records of the file's
-  earlier life: seqs below the segment's first; never replayed);
+  earlier life: seqs below the segment's first; never replayed). After a clean close it
+  is not scanned: the close left its index (``.closed``), taken when it still matches
+  the file (:func:`~cdp.journal.segment.clean_tail`); every ``.closed`` file is then
+  removed, so none outlives the open that read it;
 - a sealed segment whose records are followed by such space (a crash before its sealing
   sync cut it off) and then by the next segment's first seq is cut to its records;
 - damage inside the durable part (a bad record between good ones, a seq gap between
@@ -40,6 +43,8 @@ from cdp.journal.segment import (
     Problem,
     SegmentScan,
     SegmentState,
+    clean_tail,
+    is_closed_file,
     read_index_header,
     scan_segment,
     write_index,
@@ -91,7 +96,8 @@ def recover(fs: FileLayer, directory: str) -> Recovered:
     """Open (creating if needed) the journal directory and recover its segments.
 
     Cost: one index-header read per sealed segment (a scan where the sidecar is missing
-    or stale) and a scan of the last segment; a torn tail is truncated and synced.
+    or stale) and a scan of the last segment (after a clean close: its ``.closed``
+    sidecar and last record); a torn tail is truncated and synced.
     """
     rep = RecoveryReport()
     fs.makedirs(directory)
@@ -107,7 +113,10 @@ def recover(fs: FileLayer, directory: str) -> Recovered:
     for f, nxt in itertools.pairwise(firsts):
         segs.append(_open_sealed(fs, directory, f, scans, rep, nxt))
     last = firsts[-1]
-    scan = scan_segment(fs, directory, last)
+    scan = clean_tail(fs, directory, last) or scan_segment(fs, directory, last)
+    for n in names:  # read or not, stale or not: a clean close writes a new one
+        if is_closed_file(n):
+            fs.unlink(_path(directory, n))
     if segs and scan.count == 0 and not scan.problems:
         prev = scans.get(segs[-1].first_seq)
         if prev is not None and prev.first_seq + prev.count != last:

@@ -6,10 +6,11 @@ import os
 from dataclasses import dataclass, field
 
 from cdp.errors import NotFound
-from cdp.journal.format import index_name, parse_segment_name
+from cdp.journal.format import closed_name, index_name, parse_segment_name
 from cdp.journal.fs import FileLayer, OsFileLayer
 from cdp.journal.segment import (
     Problem,
+    clean_tail,
     load_index_entries,
     read_index_header,
     scan_segment,
@@ -119,6 +120,9 @@ def verify_journal(directory: str | os.PathLike[str], fs: FileLayer | None = Non
                 rep.first_seq = first
             rep.last_seq = first + scan.count - 1
         expected = first + scan.count
+        if closed_name(first) in names and (not last or clean_tail(fs, d, first) is None):
+            rep.notes.append(f"{closed_name(first)}: does not match its segment "
+                             "(not used, removed at next open)")
         hdr = read_index_header(fs, d, first)
         if hdr is None:
             if not last:

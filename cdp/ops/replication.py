@@ -19,9 +19,9 @@ from cdp.errors import Corruption, NotFound, UsageError
 from cdp.fsutil import write_file_atomic
 from cdp.points import point_arg
 from cdp.progress import Progress
+from cdp.replication.role import load_role
 from cdp.replication.source import ReplicationSource, sources_of, status_row
 from cdp.replication.target import failover as _failover
-from cdp.replication.target import load_role
 from cdp.replication.tls import client_context
 from cdp.store import Store
 from cdp.units import parse_hostport, parse_size

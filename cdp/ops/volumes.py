@@ -35,7 +35,7 @@ from cdp.points import point_arg
 from cdp.progress import Progress
 from cdp.proxy.drl import DEFAULT_REGION
 from cdp.proxy.volume import ProxyVolume
-from cdp.replication.target import load_role
+from cdp.replication.role import load_role
 from cdp.store import Store
 from cdp.units import parse_size
 from cdp.verify import CATALOG_FILE, problem_dict, verify_catalog, verify_maps, verify_volume_dir

@@ -2,5 +2,6 @@
 
 Rooms: ``protocol`` (the sans-I/O wire protocol and its handshake), ``source`` (the
 volume service that ships the journal), ``target`` (the pump that applies a stream to a
-replica volume, and the replica's role file).
+replica volume), ``role`` (the replica's role file, which the exports read without
+importing the pump).
 """

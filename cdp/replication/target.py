@@ -40,18 +40,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import ssl
 import struct
 from bisect import bisect_right
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from cdp.errors import CdpError, Corruption, ProtocolError, UsageError
-from cdp.fsutil import write_file_atomic
 from cdp.journal import RecordKind
 from cdp.journal.format import (
     MARKER_PAYLOAD,
@@ -72,36 +70,20 @@ from cdp.replication.protocol import (
     State,
     TargetConnection,
 )
+
+# the role file lives in cdp.replication.role; its names stay importable from here
+from cdp.replication.role import ROLE_FILE, Role, save_role
+from cdp.replication.role import load_role as load_role
 from cdp.replication.wire import send
 from cdp.volume import Volume
 
 log = logging.getLogger("cdp.replication")
 
-ROLE_FILE = "replica.json"
-ROLE_FORMAT = 1
 _CRC = struct.Struct("<I")
 #: RECORDS frames applied but not yet durable, at most (the pump then waits for the oldest)
 PIPELINE = 4
 #: record kinds applied with awaits between appends (flush, role file): never pipelined
 _SERIAL_KINDS = (int(RecordKind.MARKER), int(RecordKind.REWIND))
-
-
-@dataclass
-class Role:
-    """A volume's place in a replication chain (``replica.json``, format 1)."""
-
-    role: str  # "replica" | "primary"
-    lineage: str
-    epoch: int
-    source: str = ""
-    #: [epoch, first local seq, source offset] per epoch (docs/REPLICATION.md)
-    epochs: list[list[int]] = field(default_factory=list)
-    #: [sender marker id, local marker id] of markers renumbered at a failback
-    marker_ids: list[list[int]] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        if not self.epochs:
-            self.epochs = [[self.epoch, 1, 0]]
 
 
 @dataclass
@@ -115,32 +97,6 @@ class _Stream:
 
 #: volume directory -> its incoming stream (one per volume; the ``busy`` rule)
 _streams: dict[Path, _Stream] = {}
-
-
-def load_role(vol: Volume) -> Role:
-    """The volume's role; a volume without ``replica.json`` is a primary of epoch 1
-    whose lineage is its own uuid."""
-    path = vol.path / ROLE_FILE
-    try:
-        doc = json.loads(path.read_text())
-    except FileNotFoundError:
-        return Role("primary", vol.uuid, 1)
-    except ValueError as e:
-        raise Corruption(f"{path}: not valid JSON: {e}") from None
-    try:
-        if doc["format"] != ROLE_FORMAT:
-            raise Corruption(f"{path}: unsupported format {doc['format']!r}")
-        return Role(str(doc["role"]), str(doc["lineage"]), int(doc["epoch"]),
-                    str(doc.get("source", "")),
-                    [[int(x) for x in e] for e in doc.get("epochs") or []],
-                    [[int(x) for x in e] for e in doc.get("marker_ids") or []])
-    except (KeyError, TypeError, ValueError) as e:
-        raise Corruption(f"{path}: malformed role file: {e}") from None
-
-
-def save_role(path: Path, role: Role) -> None:
-    doc = {"format": ROLE_FORMAT, **asdict(role)}
-    write_file_atomic(path / ROLE_FILE, (json.dumps(doc, indent=1) + "\n").encode())
 
 
 def tip(vol: Volume, role: Role | None = None) -> tuple[int, int, int]:

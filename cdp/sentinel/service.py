@@ -37,6 +37,10 @@ Design notes
   seq and adding one would change the format, so ``clean-before-alertN`` lives in
   ``sentinel.json``: the volume resolves it through :meth:`resolve_label` and retention
   keeps it through :meth:`held_points` while the alert is active.
+* **File evidence loads when used.** :mod:`cdp.sentinel.files` (with the ext4 parser)
+  is imported by the first file scan, not with this module: the sentinel attaches
+  before cdpd's NBD listener (it must see every write the volume accepts), so its
+  import is on the restart path (issue 27).
 * **State** (``sentinel.json``, atomic writes): alerts, hourly baseline maxima, the
   raised threshold. Written on an alert, a dismissal, each hour and at close.
 """
@@ -51,14 +55,13 @@ import time
 from bisect import bisect_left
 from collections import deque
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cdp.config import SentinelSettings
 from cdp.errors import CdpError, Corruption, NotFound, UsageError
 from cdp.fsutil import write_file_atomic
 from cdp.journal import RecordKind
 from cdp.sentinel.detector import Detector, Firing
-from cdp.sentinel.files import FileCatalog, View, collect, file_score, first_writes, reader_at
 from cdp.sentinel.signals import (
     LZ4_COMPRESSIBLE,
     SAMPLE,
@@ -70,6 +73,9 @@ from cdp.sentinel.signals import (
 from cdp.units import format_time
 from cdp.volume import Volume, VolumeService
 from mapengine.errors import MapError
+
+if TYPE_CHECKING:  # imported by the first file scan (design notes)
+    from cdp.sentinel.files import FileCatalog, View
 
 log = logging.getLogger("cdp.sentinel")
 
@@ -511,6 +517,8 @@ class Sentinel(VolumeService):
             return await self._scan_files(va, vb)
 
     async def _scan_files(self, va: View, vb: View) -> dict[str, Any]:
+        from cdp.sentinel.files import collect, file_score, first_writes, reader_at
+
         vol, s = self.vol, self.s
         t0 = time.perf_counter()
         ev = await collect(va, vb, reader_at(vol, va.seq), reader_at(vol, vb.seq),
@@ -561,6 +569,8 @@ class Sentinel(VolumeService):
     async def _affected(self, a: dict[str, Any], vb: View) -> list[dict[str, Any]]:
         """The files changed between *a*'s clean point and *vb* (the catalog diff), the
         encrypted ones flagged."""
+        from cdp.sentinel.files import collect, reader_at
+
         vol = self.vol
         clean = int(a["clean_seq"])
         if clean >= vb.seq:

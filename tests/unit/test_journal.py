@@ -161,7 +161,8 @@ def test_rollover_naming_sidecars_and_sealed_segments_unchanged() -> None:
 def test_segment_records_bounds_the_open_segment_and_recovery_scans_only_it(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """A segment is sealed at segment_records records (however few bytes they take), so
-    open scans at most that many: sealed segments open from their sidecar headers."""
+    open scans at most that many: sealed segments open from their sidecar headers, and
+    after a clean close the open one from its ``.closed`` sidecar (nothing scanned)."""
     import cdp.journal.recovery as recovery
 
     fs = CrashSimFS()
@@ -182,13 +183,17 @@ def test_segment_records_bounds_the_open_segment_and_recovery_scans_only_it(
 
     monkeypatch.setattr(recovery, "scan_segment", scan)
     j = mk(fs, segment_records=10)
-    assert scanned == [31] and j.recovery.ok and j.last_seq == 35
+    assert scanned == [] and j.recovery.ok and j.last_seq == 35
     for i, (seq, loc) in enumerate(locs):
         assert j.read_payload(seq, loc) == rnd(i, 50)
     # the bound applies to the segment recovery handed back as the open one
     for i in range(35, 41):
         j.append_write(i, rnd(i, 50))
     assert [i.records for i in j.segments()] == [10, 10, 10, 10, 1]
+    j.sync()
+    fs.crash()  # no clean close: the open segment is scanned, and only it
+    j = mk(fs, segment_records=10)
+    assert scanned == [41] and j.recovery.ok and j.last_seq == 41
     j.close()
     assert verify_journal(D, fs=fs).ok
 

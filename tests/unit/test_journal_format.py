@@ -169,6 +169,40 @@ def test_writer_produces_golden_file() -> None:
     j.close()
 
 
+# FORMATS.md's clean-close example: the .closed sidecar a clean close leaves beside the
+# golden segment above (its three records, 618 bytes)
+GOLDEN_CLOSED = bytes.fromhex(
+    "4344504a434c5300" "0100" "0000"    # magic "CDPJCLS\0", version 1, flags 0
+    "03000000" "0100000000000000"       # count 3, first_seq 1
+    "6a02000000000000"                  # data_end 618 (the segment's size)
+    "00002a36fe9c9717" "02002a36fe9c9717"  # first_ts T0, last_ts T0 + 2
+    "1700010000000000"                  # raw_bytes 65559 (5 + 17 + 65537)
+    "06e4aeb6" "c733f3b4"               # entries_crc, header_crc
+    "00002a36fe9c9717" "01002a36fe9c9717" "02002a36fe9c9717"  # timestamps
+    "2000000000000000" "5500000000000000" "9600000000000000"  # offsets 32, 85, 150
+    "0585fb9a"                          # data_crc: CRC32C of the segment's 618 bytes
+)
+
+
+def test_clean_close_writes_the_golden_sidecar() -> None:
+    from crc32c import crc32c
+
+    from cdp.journal.format import closed_name
+    from cdp.journal.segment import clean_tail
+
+    fs = CrashSimFS()
+    j = Journal.open("/j", fs=fs, clock=ManualClock(T0, tick=1))
+    j.append_write(4096, b"hello")
+    j.append_marker(1, "nightly")
+    j.append_write(1 << 20, CHUNKED_DATA)
+    j.close()
+    seg = bytes(fs.raw("/j/" + segment_name(1)))
+    assert len(seg) == 618 and crc32c(seg) == 0x9AFB8505
+    assert bytes(fs.raw("/j/" + closed_name(1))) == GOLDEN_CLOSED
+    tail = clean_tail(fs, "/j", 1)
+    assert tail is not None and list(tail.offs) == [32, 85, 150] and tail.count == 3
+
+
 def test_version_1_segment_is_read_and_appended_to() -> None:
     """A store written by version 1 (one-block payloads of any size, whole-payload CRC)
     opens, reads (whole and sliced), verifies, and continues with version 2 records."""

@@ -95,9 +95,10 @@ def test_crash_at_every_write_step(tmp_path: Path, seed: int) -> None:
     total = FaultFS(-1)
     h = MapHistory.open(tmp_path / "ref", policy=POLICY, fs=total)
     _drive(h, m, random.Random(seed))
-    h.close()
     n = total.calls
-    assert n > 50
+    h.close()  # writes the head (maps/HEAD): the steps after n
+    closing = total.calls - n
+    assert n > 50 and closing > 0
     kinds = {p for p, _ in total.points}
     assert kinds == {"open", "write", "fsync", "rename", "dirsync", "done"}
     for at in range(n):
@@ -107,6 +108,13 @@ def test_crash_at_every_write_step(tmp_path: Path, seed: int) -> None:
         with pytest.raises(Crash):
             _drive(h, m, random.Random(seed))
         # the object is abandoned (the process "died"); reopen from disk and replay
+        _verify_reopen(d, m)
+    for at in range(n, n + closing):  # a crash while a clean close writes the head
+        d = tmp_path / f"c{at}"
+        h = MapHistory.open(d, policy=POLICY, fs=FaultFS(at))
+        _drive(h, m, random.Random(seed))
+        with pytest.raises(Crash):
+            h.close()
         _verify_reopen(d, m)
 
 
