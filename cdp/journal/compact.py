@@ -26,8 +26,9 @@ from array import array
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
+from crc32c import crc32c
+
 from cdp.errors import Corruption, Interrupted
-from cdp.journal.crc import crc32c
 from cdp.journal.format import (
     CHUNK_ENTRY,
     CHUNK_ENTRY_SIZE,

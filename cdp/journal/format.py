@@ -16,9 +16,9 @@ from enum import IntEnum
 import lz4.block
 import numpy as np
 import numpy.typing as npt
+from crc32c import crc32c
 
 from cdp.errors import Corruption, PointError
-from cdp.journal.crc import crc32c
 
 # ---------------------------------------------------------------------------------------
 # Segment file header (32 bytes)

@@ -41,9 +41,9 @@ from collections.abc import Callable, Generator, Iterator
 from typing import Protocol, TypeVar
 
 import lz4.block
+from crc32c import crc32c
 
 from cdp.errors import Corruption, NotFound, PointError, UsageError
-from cdp.journal.crc import crc32c
 from cdp.journal.format import (
     CHUNK_SIZE,
     CRC_START,

@@ -17,8 +17,9 @@ import sys
 from array import array
 from dataclasses import asdict, dataclass, field
 
+from crc32c import crc32c
+
 from cdp.errors import Corruption
-from cdp.journal.crc import crc32c
 from cdp.journal.format import (
     CLOSED_SUFFIX,
     CRC_START,

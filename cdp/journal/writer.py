@@ -92,6 +92,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 import lz4.block
+from crc32c import crc32c
 
 from cdp.errors import CdpError, ConfigError, Corruption, NotFound, StoreFull, UsageError
 from cdp.journal.compact import (
@@ -101,7 +102,6 @@ from cdp.journal.compact import (
     build_compacted,
     discard,
 )
-from cdp.journal.crc import crc32c
 from cdp.journal.format import (
     CHUNK_ENTRY,
     CHUNK_ENTRY_SIZE,

@@ -4,8 +4,7 @@ the ops load where their listeners start, after NBD serves; the store imports a 
 service only when a volume uses it (the proxy kind, the S3 tier with boto3), and the
 always-on services their heavy parts only when they work (the catalog's database and
 parsers, the sentinel's file evidence); the exports read a replica's role without the
-replication pump; the journal's CRC32C comes without the crc32c package's metadata
-lookup (cdp.journal.crc)."""
+replication pump."""
 
 from __future__ import annotations
 
@@ -18,9 +17,7 @@ LATER = ("cdp.targets.iscsi.server", "cdp.metrics", "cdp.web.server", "aiohttp",
 #: what a store of mirror volumes with the default settings never needs to serve NBD
 UNUSED = ("cdp.tier.service", "botocore", "boto3", "cdp.proxy.volume",
           "cdp.catalog.db", "cdp.catalog.indexer", "sqlite3", "cdp.sentinel.files",
-          "cdp.ext4", "cdp.ntfs", "cdp.replication.target", "cdp.replication.protocol",
-          # the crc32c package's __init__ (the journal loads its compiled module alone)
-          "crc32c", "importlib.metadata")
+          "cdp.ext4", "cdp.ntfs", "cdp.replication.target", "cdp.replication.protocol")
 
 
 def _loaded_after(code: str, names: tuple[str, ...]) -> list[str]:
