@@ -49,6 +49,16 @@ class SealedFile:
         """Bytes ``[offset, offset + n)`` of the file (short only at its end). Blocking."""
         return self.fs.pread(self.fd, n, offset)
 
+    def read_all(self) -> bytearray:
+        """The whole file in one new buffer, read straight into it (no second copy: the
+        buffer goes to an upload as it is). Blocking; memory: ``size``. Corruption if the
+        file is shorter than ``size``."""
+        buf = bytearray(self.size)
+        n = self.fs.pread_into(self.fd, buf, 0)
+        if n != self.size:
+            raise Corruption(f"sealed segment {self.name}: {n} bytes, expected {self.size}")
+        return buf
+
     def close(self) -> None:
         if self.fd >= 0:
             self.fs.close(self.fd)

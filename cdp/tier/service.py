@@ -21,9 +21,10 @@ Design notes
   loop only plans and records.
 - **Hashed one ahead.** A segment's key holds its sha256, so it is hashed (one read of
   the file) before its upload starts; each segment of a batch is hashed while the one
-  before it is being sent, so the store is not idle while cdp hashes. The upload then
-  hashes each request body again for SigV4 (botocore signs the payload over http):
-  that second pass is the SDK's, the first is the format's.
+  before it is being sent, so the store is not idle while cdp hashes. A segment that
+  fits one PUT is read once, into the buffer that is sent, and its sha256 is also the
+  PUT's SigV4 payload hash (``cdp.tier.s3``: botocore does not hash it again; the store
+  checks it). The parts of a multipart upload are still hashed by botocore as sent.
 - **Only whole objects are referenced.** A manifest names an object only after its PUT
   or CompleteMultipartUpload returned; the manifest itself is the last PUT of a batch. A
   crash (cdpd kill -9) mid-upload leaves at most an incomplete multipart (aborted at the
@@ -710,9 +711,11 @@ class TierService(VolumeService):
     def _hash_owned(self, f: SealedFile) -> _Staged:
         """Hash a sealed segment (closing it on failure; on success the :class:`_Staged`
         holds it open for :meth:`_send_owned`). Worker thread. Cost: one read of the
-        file and its sha256 (~1.5 GB/s with SHA-NI)."""
+        file and its sha256 (~1.5 GB/s with SHA-NI). A segment that fits one PUT is
+        read once, into the buffer the PUT sends (no copy), and its digest signs that
+        PUT (botocore does not hash it again: see ``cdp.tier.s3``)."""
         try:
-            whole = f.pread(0, f.size) if f.size <= DEFAULT_PART else None  # read once
+            whole = f.read_all() if f.size <= DEFAULT_PART else None  # read once
             h = hashlib.sha256(whole if whole is not None else b"")
             if whole is None:
                 for off in range(0, f.size, DEFAULT_PART):
@@ -804,7 +807,7 @@ class _Staged:
 
     f: SealedFile
     digest: str
-    whole: bytes | None
+    whole: bytearray | None
 
 
 def _discard(f: SealedFile, cf: Future[_Staged]) -> None:
