@@ -510,6 +510,8 @@ def _ingest_size(rig: Rig, layouts: list[Layout], url: str, s3: Any, total: int,
     rows = []
     runs: dict[tuple[int, str], list[Ingest]] = {(j, a): [] for j in range(len(layouts)) for a in ARMS}
     sent: dict[int, list[int]] = {j: [] for j in range(len(layouts))}
+    #: seconds the uploads gave way to ingest per run (``yielded_seconds``; 0 before it)
+    yielded: dict[int, list[float]] = {j: [] for j in range(len(layouts))}
     notes: dict[int, str] = {}
     for rnd in range(rounds):
         for j, lay in enumerate(layouts):
@@ -518,7 +520,8 @@ def _ingest_size(rig: Rig, layouts: list[Layout], url: str, s3: Any, total: int,
                 on = a != "off"
 
                 async def ingest(d: Path = d, on: bool = on, rnd: int = rnd,
-                                 sent: list[int] = sent[j]) -> Ingest:
+                                 sent: list[int] = sent[j],
+                                 yielded: list[float] = yielded[j]) -> Ingest:
                     # a backlog of sealed segments first (not timed), so the tier
                     # uploads during the whole timed run
                     s = _settings(d, f"{url}-ingest-{d.name}", 8 * MiB)
@@ -537,6 +540,7 @@ def _ingest_size(rig: Rig, layouts: list[Layout], url: str, s3: Any, total: int,
                     got = await _ingest(vol, total, size, rnd)
                     if svc is not None:
                         sent.append(svc.sent_bytes)
+                        yielded.append(svc.status().get("yielded_seconds", 0.0))
                     vol.close()
                     return got
 
@@ -574,7 +578,8 @@ def _ingest_size(rig: Rig, layouts: list[Layout], url: str, s3: Any, total: int,
             f"tier-ingest-{name}{lay.suffix}", med("on", "rate"), med("off", "rate"), "MiB/s",
             f"{total // MiB} MiB of {name} writes, volume level, {rounds} alternating "
             f"rounds, medians; a {BACKLOG // MiB} MiB backlog first, the tier sent "
-            f"{min(sn) // MiB}-{max(sn) // MiB} MiB during each timed run; peer: [tier] off; "
+            f"{min(sn) // MiB}-{max(sn) // MiB} MiB during each timed run (uploads gave way "
+            f"{min(yielded[j]):.2f}-{max(yielded[j]):.2f} s); peer: [tier] off; "
             f"{notes[j]}{'; ' + lay.note if lay.note else ''}{rig.osd}. Upload threads at cdpd's own "
             f"priority instead of nice +{UPLOAD_NICE}: {_nice0_note(nice0, med('off', 'rate'))}. "
             f"Off/on/on-nice0: loop thread CPU s {trio('loop_cpu')}, process CPU s "
