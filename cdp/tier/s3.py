@@ -443,7 +443,7 @@ class S3:
         self,
         bucket: str,
         key: str,
-        parts: Iterable[bytes],
+        parts: Iterable[bytes | bytearray],
         *,
         sha256: str,
         retain_until: datetime | None = None,
@@ -485,13 +485,14 @@ class S3:
         return PutResult(key, size, sha256, str(r.get("ETag", "")), version)
 
     def _upload_parts(
-        self, bucket: str, key: str, upload_id: str, parts: Iterable[bytes], workers: int,
+        self, bucket: str, key: str, upload_id: str, parts: Iterable[bytes | bytearray],
+        workers: int,
         *, md5: bool,
     ) -> tuple[list[dict[str, Any]], int]:
         """UploadPart each part (numbered from 1), at most ``workers`` at once; the
         (PartNumber, ETag) list in order and the total size."""
 
-        def one(n: int, data: bytes) -> dict[str, Any]:
+        def one(n: int, data: bytes | bytearray) -> dict[str, Any]:
             kw: dict[str, Any] = {"Bucket": bucket, "Key": key, "UploadId": upload_id,
                                   "PartNumber": n, "Body": _body(data)}
             if md5:

@@ -772,9 +772,15 @@ class TierService(VolumeService):
         try:
             whole = f.read_all() if f.size <= DEFAULT_PART else None  # read once
             h = hashlib.sha256(whole if whole is not None else b"")
-            if whole is None:
+            if whole is None:  # one buffer reused for every chunk
+                buf = bytearray(DEFAULT_PART)
+                view = memoryview(buf)
                 for off in range(0, f.size, DEFAULT_PART):
-                    h.update(f.pread(off, min(DEFAULT_PART, f.size - off)))
+                    n = min(DEFAULT_PART, f.size - off)
+                    if f.read_into(buf, off) < n:
+                        raise CdpError(f"segment {f.name} shrank while being hashed")
+                    h.update(view[:n])
+                view.release()
             return _Staged(f, h.hexdigest(), whole)
         except BaseException:
             f.close()
@@ -824,11 +830,12 @@ class TierService(VolumeService):
             self._listed = {o.key for o in self.s3.list_objects(self.bucket, where)}
         return self._listed
 
-    def _parts(self, f: SealedFile) -> Iterator[bytes]:
+    def _parts(self, f: SealedFile) -> Iterator[bytearray]:
         for off in range(0, f.size, DEFAULT_PART):
-            data = f.pread(off, min(DEFAULT_PART, f.size - off))
-            if len(data) != min(DEFAULT_PART, f.size - off):
-                raise CdpError(f"segment {f.name} shrank while being uploaded")
+            try:  # read straight into the buffer the part sends (no copy)
+                data = f.read_range(off, min(DEFAULT_PART, f.size - off))
+            except Corruption:
+                raise CdpError(f"segment {f.name} shrank while being uploaded") from None
             if self._stopping:  # the multipart is aborted; the next start uploads it whole
                 raise CdpError(f"tier of {self.vol.name} stopping: upload of {f.name} abandoned")
             self._yield.step()

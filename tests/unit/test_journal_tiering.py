@@ -54,3 +54,13 @@ def test_sealed_segments_open_and_install(tmp_path: Path) -> None:
     bad.write_bytes(data)
     with pytest.raises(Corruption, match="first seq"):
         install_segment(tmp_path / "x", first.first_seq + 1, bad)
+
+
+def test_appended_bytes_counts_the_payloads_since_open(tmp_path: Path) -> None:
+    """What the tier reads (from its upload thread) to tell a busy volume."""
+    j = Journal.open(str(tmp_path / "j"), segment_bytes=1 << 20)
+    assert j.appended_bytes == 0
+    for i in range(40):
+        j.append_write(i * 65536, os.urandom(65536))
+    assert j.appended_bytes == 40 * 65536  # across seals, before any sync
+    j.close()
