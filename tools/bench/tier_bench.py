@@ -24,7 +24,9 @@ Rows (``cdp``: the tier; ``peer``: the comparison, measured in the same run):
   a flush every 8 MiB) with the tier task uploading behind them vs with ``[tier]`` off.
   Goal >= 0.9. Three arms alternate (``ARMS``): off, on (upload threads at nice
   ``+UPLOAD_NICE``, as cdpd runs them) and on-nice0 (at cdpd's own priority), each
-  started once the upload threads are idle. The note says where the time went, per arm
+  started once the upload threads are idle. The note gives the MiB the tier sent during
+  each timed run and the seconds its uploads gave way to the busy volume
+  (``yielded_seconds``, see docs/TIER.md). It says where the time went, per arm
   (medians): CPU seconds of the event-loop thread (``time.thread_time``: if the tier
   competed for the loop this would grow), of the whole process (plus the upload
   threads), wall seconds and those spent awaiting the journal (flush fdatasync,
