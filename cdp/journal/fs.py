@@ -88,6 +88,13 @@ class FileLayer:
         """Up to ``size`` bytes at ``offset`` (fewer at end of file)."""
         raise NotImplementedError
 
+    def pread_into(self, fd: int, buf: bytearray, offset: int) -> int:
+        """Fill ``buf`` from ``offset``; the bytes read (fewer at end of file). This
+        default copies a :meth:`pread`; the OS layer reads into ``buf`` directly."""
+        data = self.pread(fd, len(buf), offset)
+        buf[: len(data)] = data
+        return len(data)
+
     def write(self, fd: int, data: Buffer) -> None:
         """Append all of ``data`` or raise (a prefix may have reached the file)."""
         raise NotImplementedError
@@ -170,6 +177,16 @@ class OsFileLayer(FileLayer):
 
     def pread(self, fd: int, size: int, offset: int) -> bytes:
         return os.pread(fd, size, offset)
+
+    def pread_into(self, fd: int, buf: bytearray, offset: int) -> int:
+        mv = memoryview(buf)
+        done = 0
+        while done < len(mv):  # preadv may return short (signals); 0 at end of file
+            n = os.preadv(fd, [mv[done:]], offset + done)
+            if n == 0:
+                break
+            done += n
+        return done
 
     def pwrite(self, fd: int, data: Buffer, offset: int) -> None:
         mv = memoryview(data).cast("B")

@@ -379,6 +379,11 @@ class TieredFS(FileLayer):
         start = offset - recs[0][1]
         return blob[start : start + size]
 
+    def pread_into(self, fd: int, buf: bytearray, offset: int) -> int:
+        if fd < _VFD_BASE:
+            return self.base.pread_into(fd, buf, offset)
+        return super().pread_into(fd, buf, offset)
+
     def close(self, fd: int) -> None:
         if fd < _VFD_BASE:
             self.base.close(fd)

@@ -49,6 +49,26 @@ class SealedFile:
         """Bytes ``[offset, offset + n)`` of the file (short only at its end). Blocking."""
         return self.fs.pread(self.fd, n, offset)
 
+    def read_all(self) -> bytearray:
+        """The whole file in one new buffer, read straight into it (no second copy: the
+        buffer goes to an upload as it is). Blocking; memory: ``size``. Corruption if the
+        file is shorter than ``size``."""
+        return self.read_range(0, self.size)
+
+    def read_range(self, offset: int, n: int) -> bytearray:
+        """Bytes ``[offset, offset + n)`` in one new buffer, read straight into it.
+        Blocking. Corruption if the file ends before."""
+        buf = bytearray(n)
+        if self.read_into(buf, offset) != n:
+            raise Corruption(f"sealed segment {self.name}: shorter than {offset + n} bytes "
+                             f"(expected {self.size})")
+        return buf
+
+    def read_into(self, buf: bytearray, offset: int) -> int:
+        """Fill ``buf`` from ``offset`` (a buffer reused for hashing: no new memory per
+        read); the bytes read, fewer only at the file's end. Blocking."""
+        return self.fs.pread_into(self.fd, buf, offset)
+
     def close(self) -> None:
         if self.fd >= 0:
             self.fs.close(self.fd)

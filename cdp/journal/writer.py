@@ -248,6 +248,8 @@ class Journal(SegmentReader):
         self._file_size = 0
         self._wb_from = 0  # start of the current segment's bytes not yet handed to writeback
         self._last_seq = 0
+        #: raw payload bytes appended since open (a counter other threads may read)
+        self._appended_raw = 0
         self._last_ts = 0
         self._durable_seq = 0
         self._sealing: deque[tuple[SegmentState, int, bool]] = deque()
@@ -611,6 +613,7 @@ class Journal(SegmentReader):
             self._first_ts[-1] = ts
         cur.count += 1
         cur.raw_bytes += raw
+        self._appended_raw += raw
         self._cur_ts_append(ts)
         self._cur_offs_append(pos)
         self._last_seq = seq
@@ -1032,6 +1035,12 @@ class Journal(SegmentReader):
     def last_seq(self) -> int:
         """Seq of the newest record (0 when empty)."""
         return self._last_seq
+
+    @property
+    def appended_bytes(self) -> int:
+        """Raw payload bytes appended since this journal was opened: a monotonic
+        counter any thread may read (one int) to tell how busy ingest is."""
+        return self._appended_raw
 
     @property
     def durable_seq(self) -> int:

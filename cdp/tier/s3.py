@@ -42,6 +42,16 @@ Design notes
   is hashed by one sha256 call and sent by one ``sendall``, both without the GIL
   (measured per 8 MiB PUT: 16-18 ms of thread CPU as bytes, 13-14 ms as a copied
   bytearray).
+- **One sha256 pass per PUT, not two.** SigV4 over plain HTTP signs the payload's
+  sha256 (``x-amz-content-sha256``), which botocore computes with a pass over the body.
+  A :meth:`S3.put_object` body's sha256 is known already (the caller's ``sha256``, the
+  segment's content address, or the one computed for the metadata), so this client's
+  PutObject signs with it (:class:`_KnownPayloadAuth`, chosen through botocore's
+  ``choose-signer`` event on this client only) instead of hashing the body again: per
+  8 MiB PUT 14.5-15.4 -> 9.1-9.7 ms of thread CPU. The store checks the payload against
+  the signed hash (RGW and AWS: ``400 XAmzContentSHA256Mismatch``), so a digest that is
+  not the body's is refused, never stored. Bodies without a known digest (multipart
+  parts) are hashed by botocore as before.
 - **Errors** become cdp's (``cdp.errors``): :class:`NotFound` (no such bucket or key),
   :class:`RemoteRefused` (403, bad credentials, other 4xx), :class:`RemoteUnreachable`
   (connection, timeout, 5xx, a cut body, after the retries), :class:`OutOfRange` (416),
@@ -61,6 +71,7 @@ import stat
 import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from functools import cache
@@ -303,6 +314,7 @@ class S3:
         self.settings = settings
         self.client = client if client is not None else make_client(settings)
         self.endpoint: str = settings.endpoint or str(self.client.meta.endpoint_url)
+        _sign_known_payloads(self.client)
 
     # ---- error mapping
     def error(self, exc: BaseException, op: str, bucket: str, key: str | None = None) -> CdpError:
@@ -413,22 +425,25 @@ class S3:
         retain_until: datetime | None = None,
     ) -> PutResult:
         """One PUT of ``data``, its sha256 (hex; computed if None: ~1-2 GB/s) in the
-        object's metadata, with COMPLIANCE retention until ``retain_until`` if given
+        object's metadata and signed as the payload's hash (botocore does not hash the
+        body again; a ``sha256`` that is not ``data``'s is refused by the store), with COMPLIANCE retention until ``retain_until`` if given
         (then also Content-MD5). Retried by botocore; RemoteUnreachable after that."""
         digest = sha256 or hashlib.sha256(data).hexdigest()
-        kw: dict[str, Any] = {"Bucket": bucket, "Key": key, "Body": _body(data),
+        body = _body(data)
+        kw: dict[str, Any] = {"Bucket": bucket, "Key": key, "Body": body,
                               "Metadata": {SHA256_META: digest}}
         if retain_until is not None:
             kw.update(_lock_args(retain_until))
             kw["ContentMD5"] = _md5(data)
-        r = self._call("PutObject", bucket, key, self.client.put_object, **kw)
+        with _known_payload(body, digest):
+            r = self._call("PutObject", bucket, key, self.client.put_object, **kw)
         return PutResult(key, len(data), digest, str(r.get("ETag", "")), r.get("VersionId"))
 
     def put_multipart(
         self,
         bucket: str,
         key: str,
-        parts: Iterable[bytes],
+        parts: Iterable[bytes | bytearray],
         *,
         sha256: str,
         retain_until: datetime | None = None,
@@ -470,13 +485,14 @@ class S3:
         return PutResult(key, size, sha256, str(r.get("ETag", "")), version)
 
     def _upload_parts(
-        self, bucket: str, key: str, upload_id: str, parts: Iterable[bytes], workers: int,
+        self, bucket: str, key: str, upload_id: str, parts: Iterable[bytes | bytearray],
+        workers: int,
         *, md5: bool,
     ) -> tuple[list[dict[str, Any]], int]:
         """UploadPart each part (numbered from 1), at most ``workers`` at once; the
         (PartNumber, ETag) list in order and the total size."""
 
-        def one(n: int, data: bytes) -> dict[str, Any]:
+        def one(n: int, data: bytes | bytearray) -> dict[str, Any]:
             kw: dict[str, Any] = {"Bucket": bucket, "Key": key, "UploadId": upload_id,
                                   "PartNumber": n, "Body": _body(data)}
             if md5:
@@ -692,6 +708,56 @@ def _lock_args(until: datetime) -> dict[str, Any]:
     if until.tzinfo is None:
         raise UsageError(f"retain_until {until} has no time zone")
     return {"ObjectLockMode": "COMPLIANCE", "ObjectLockRetainUntilDate": until}
+
+
+#: request bodies whose sha256 is known, by id: (the body itself, hex digest). Entries
+#: live for one call (:func:`_known_payload`); the identity check makes a reused id safe.
+_KNOWN: dict[int, tuple[bytearray, str]] = {}
+#: the signature version this module registers for :class:`_KnownPayloadAuth`
+KNOWN_PAYLOAD_SIGNER = "cdp-s3v4"
+
+
+@contextmanager
+def _known_payload(body: bytearray, digest: str) -> Iterator[None]:
+    """Within the block, a request whose body is ``body`` signs ``digest`` as its payload
+    hash instead of hashing the body (on clients of :class:`S3`)."""
+    _KNOWN[id(body)] = (body, digest)
+    try:
+        yield
+    finally:
+        _KNOWN.pop(id(body), None)
+
+
+@cache
+def _known_payload_auth() -> type:
+    """botocore's S3 SigV4 signer, but a body registered by :func:`_known_payload` is
+    not hashed: its known digest is the payload hash. Registered once under
+    :data:`KNOWN_PAYLOAD_SIGNER` (a name of its own: other clients keep ``s3v4``)."""
+    import botocore.auth
+
+    class _KnownPayloadAuth(botocore.auth.S3SigV4Auth):  # type: ignore[misc]
+        def payload(self, request: Any) -> str:
+            body = request.body
+            known = _KNOWN.get(id(body))
+            if known is None or known[0] is not body or self._is_streaming_checksum_payload(request):
+                return str(super().payload(request))
+            return known[1]
+
+    botocore.auth.AUTH_TYPE_MAPS[KNOWN_PAYLOAD_SIGNER] = _KnownPayloadAuth
+    return _KnownPayloadAuth
+
+
+def _choose_known_signer(signature_version: Any = None, **_kw: Any) -> str | None:
+    """``choose-signer`` handler: plain S3 SigV4 becomes :data:`KNOWN_PAYLOAD_SIGNER`."""
+    return KNOWN_PAYLOAD_SIGNER if signature_version == "s3v4" else None
+
+
+def _sign_known_payloads(client: Any) -> None:
+    """Make ``client``'s PutObject sign known payload hashes (:func:`_known_payload`);
+    idempotent. Other operations and other clients are unchanged."""
+    _known_payload_auth()
+    client.meta.events.register_first("choose-signer.s3.PutObject", _choose_known_signer,
+                                       unique_id="cdp-known-payload-put")
 
 
 def _body(data: bytes | bytearray) -> bytearray:

@@ -21,9 +21,10 @@ Design notes
   loop only plans and records.
 - **Hashed one ahead.** A segment's key holds its sha256, so it is hashed (one read of
   the file) before its upload starts; each segment of a batch is hashed while the one
-  before it is being sent, so the store is not idle while cdp hashes. The upload then
-  hashes each request body again for SigV4 (botocore signs the payload over http):
-  that second pass is the SDK's, the first is the format's.
+  before it is being sent, so the store is not idle while cdp hashes. A segment that
+  fits one PUT is read once, into the buffer that is sent, and its sha256 is also the
+  PUT's SigV4 payload hash (``cdp.tier.s3``: botocore does not hash it again; the store
+  checks it). The parts of a multipart upload are still hashed by botocore as sent.
 - **Only whole objects are referenced.** A manifest names an object only after its PUT
   or CompleteMultipartUpload returned; the manifest itself is the last PUT of a batch. A
   crash (cdpd kill -9) mid-upload leaves at most an incomplete multipart (aborted at the
@@ -251,6 +252,57 @@ class _Pacer:
             time.sleep(delay)
 
 
+#: a volume appending at least this many bytes/s is busy: uploads give way (``_Yield``)
+YIELD_RATE = 16 << 20
+#: while busy, each PUT or part of t seconds is followed by a pause of YIELD_SHARE * t
+YIELD_SHARE = 1.0
+#: at most this many seconds of such pauses per batch (the delay they add to uploads)
+YIELD_MAX = 10.0
+
+
+class _Yield:
+    """Uploads give way to a busy volume. :meth:`step` (the upload thread, before each
+    PUT or part) looks at how many bytes the journal appended since the previous step;
+    at ``YIELD_RATE`` or more it sleeps ``YIELD_SHARE`` times as long as that interval
+    (the PUT just made), so while ingest is busy the uploads send about half the time
+    and the journal's flushes, the loop's core and (on a shared box) the store's disk
+    are free the other half. At most ``YIELD_MAX`` seconds of pauses per batch
+    (:meth:`reset`): sustained ingest delays uploads by that much, then they go at
+    full (niced) speed. Cost: two clock reads and one int read per step."""
+
+    def __init__(self, appended: Callable[[], int], stopping: Callable[[], bool], *,
+                 clock: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], None] = time.sleep) -> None:
+        self._appended = appended
+        self._stopping = stopping
+        self._clock = clock
+        self._sleep = sleep
+        self._mark: tuple[float, int] | None = None
+        #: seconds paused in this batch, and in all batches since start
+        self.paused = 0.0
+        self.total = 0.0
+
+    def reset(self) -> None:
+        """A new batch: a fresh pause budget; the first step only marks."""
+        self._mark = None
+        self.paused = 0.0
+
+    def step(self) -> None:
+        now, got = self._clock(), self._appended()
+        mark = self._mark
+        if mark is not None and now > mark[0] and self.paused < YIELD_MAX:
+            dt = now - mark[0]
+            if (got - mark[1]) / dt >= YIELD_RATE:
+                pause = min(dt * YIELD_SHARE, YIELD_MAX - self.paused)
+                end = now + pause
+                while not self._stopping() and (left := end - self._clock()) > 0:
+                    self._sleep(min(left, 0.1))
+                self.paused += pause
+                self.total += pause
+                now, got = self._clock(), self._appended()
+        self._mark = (now, got)
+
+
 class TierService(VolumeService):
     """Uploads one volume's sealed history to ``[tier] url`` (see the module notes)."""
 
@@ -275,6 +327,8 @@ class TierService(VolumeService):
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._pacer = _Pacer(settings.rate)
+        j = vol.journal
+        self._yield = _Yield(lambda: j.appended_bytes, lambda: self._stopping)
         self._lock = asyncio.Lock()
         self._gc_due = False
         self._stopping = False
@@ -396,6 +450,7 @@ class TierService(VolumeService):
             "cache_hit_ratio": self.cache_hit_ratio(),
             "dropped_segments": len(j.dropped_segments()),
             "sent_bytes": self.sent_bytes,
+            "yielded_seconds": round(self._yield.total, 3),
             "last_error": self.last_error,
         }
 
@@ -631,6 +686,7 @@ class TierService(VolumeService):
         next batch takes it."""
         firsts = [p for p in plan if isinstance(p, int)]
         after = dict(itertools.pairwise(firsts))
+        self._yield.reset()
         #: staged segments not handed to a send yet (the current one, and the next)
         ahead: dict[int, tuple[Future[_Staged], SealedFile]] = {}
         chain: list[SegmentObject] = []
@@ -710,13 +766,21 @@ class TierService(VolumeService):
     def _hash_owned(self, f: SealedFile) -> _Staged:
         """Hash a sealed segment (closing it on failure; on success the :class:`_Staged`
         holds it open for :meth:`_send_owned`). Worker thread. Cost: one read of the
-        file and its sha256 (~1.5 GB/s with SHA-NI)."""
+        file and its sha256 (~1.5 GB/s with SHA-NI). A segment that fits one PUT is
+        read once, into the buffer the PUT sends (no copy), and its digest signs that
+        PUT (botocore does not hash it again: see ``cdp.tier.s3``)."""
         try:
-            whole = f.pread(0, f.size) if f.size <= DEFAULT_PART else None  # read once
+            whole = f.read_all() if f.size <= DEFAULT_PART else None  # read once
             h = hashlib.sha256(whole if whole is not None else b"")
-            if whole is None:
+            if whole is None:  # one buffer reused for every chunk
+                buf = bytearray(DEFAULT_PART)
+                view = memoryview(buf)
                 for off in range(0, f.size, DEFAULT_PART):
-                    h.update(f.pread(off, min(DEFAULT_PART, f.size - off)))
+                    n = min(DEFAULT_PART, f.size - off)
+                    if f.read_into(buf, off) < n:
+                        raise CdpError(f"segment {f.name} shrank while being hashed")
+                    h.update(view[:n])
+                view.release()
             return _Staged(f, h.hexdigest(), whole)
         except BaseException:
             f.close()
@@ -744,6 +808,7 @@ class TierService(VolumeService):
                     return obj
         until = self._until()
         if whole is not None:
+            self._yield.step()
             self._pacer.take(len(whole))
             self.s3.put_object(self.bucket, key, whole, sha256=digest, retain_until=until)
         else:
@@ -765,13 +830,15 @@ class TierService(VolumeService):
             self._listed = {o.key for o in self.s3.list_objects(self.bucket, where)}
         return self._listed
 
-    def _parts(self, f: SealedFile) -> Iterator[bytes]:
+    def _parts(self, f: SealedFile) -> Iterator[bytearray]:
         for off in range(0, f.size, DEFAULT_PART):
-            data = f.pread(off, min(DEFAULT_PART, f.size - off))
-            if len(data) != min(DEFAULT_PART, f.size - off):
-                raise CdpError(f"segment {f.name} shrank while being uploaded")
+            try:  # read straight into the buffer the part sends (no copy)
+                data = f.read_range(off, min(DEFAULT_PART, f.size - off))
+            except Corruption:
+                raise CdpError(f"segment {f.name} shrank while being uploaded") from None
             if self._stopping:  # the multipart is aborted; the next start uploads it whole
                 raise CdpError(f"tier of {self.vol.name} stopping: upload of {f.name} abandoned")
+            self._yield.step()
             self._pacer.take(len(data))
             yield data
 
@@ -804,7 +871,7 @@ class _Staged:
 
     f: SealedFile
     digest: str
-    whole: bytes | None
+    whole: bytearray | None
 
 
 def _discard(f: SealedFile, cf: Future[_Staged]) -> None:

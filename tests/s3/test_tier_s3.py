@@ -10,11 +10,13 @@ import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
+import boto3
 import pytest
 
 from cdp.errors import ConfigError, NotFound, OutOfRange, RemoteRefused, RemoteUnreachable
-from cdp.tier.s3 import MIN_PART, S3, ObjectRef, S3Settings, file_sha256
+from cdp.tier.s3 import MIN_PART, S3, ObjectRef, S3Settings, client_config, file_sha256
 from tests.s3.fault_proxy import FaultProxy
 from tests.s3.rgw import Rgw
 
@@ -36,6 +38,48 @@ def test_put_head_get_range(s3: S3, s3_bucket: str) -> None:
     assert s3.get_object(s3_bucket, "a/seg1") == data
     with pytest.raises(OutOfRange, match=f"s3://{s3_bucket}/a/seg1"):
         s3.get_range(s3_bucket, "a/seg1", len(data), 10)
+
+
+def test_put_signs_its_known_sha256_instead_of_hashing_again(
+    s3: S3, s3_bucket: str, rgw: Rgw, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A PUT body is hashed once (by cdp, for the metadata and key), not a second time by
+    botocore for SigV4: the known digest is the signed payload hash. Other clients of the
+    same process (a plain boto3 client) still hash their bodies themselves."""
+    import botocore.auth
+
+    hashed: list[int] = []
+    real = botocore.auth.sha256
+
+    def spy(data: bytes = b"") -> Any:
+        hashed.append(len(data))
+        return real(data)
+
+    monkeypatch.setattr(botocore.auth, "sha256", spy)
+    data = os.urandom(3 * MiB)
+    s3.put_object(s3_bucket, "h/given", data, sha256=sha(data))
+    s3.put_object(s3_bucket, "h/computed", data)  # cdp hashes it for the metadata
+    assert len(data) not in hashed
+    for key in ("h/given", "h/computed"):
+        assert s3.head(s3_bucket, key).sha256 == sha(data)
+        assert s3.get_object(s3_bucket, key) == data
+    plain = boto3.session.Session().client(
+        "s3", endpoint_url=s3.endpoint, region_name="us-east-1",
+        aws_access_key_id=rgw.access_key, aws_secret_access_key=rgw.secret_key,
+        config=client_config(s3.settings))
+    plain.put_object(Bucket=s3_bucket, Key="h/plain", Body=bytearray(data))
+    assert len(data) in hashed  # the spy sees botocore's own hashing
+
+
+def test_a_sha256_that_is_not_the_body_is_refused(s3: S3, s3_bucket: str) -> None:
+    """The signed payload hash is the one cdp names the object by: a body that does not
+    match it is refused by the store, never stored under that name."""
+    data = os.urandom(MiB)
+    wrong = sha(data[:-1] + bytes([data[-1] ^ 1]))
+    with pytest.raises(RemoteRefused, match=f"s3://{s3_bucket}/h/bad.*SHA256"):
+        s3.put_object(s3_bucket, "h/bad", data, sha256=wrong)
+    with pytest.raises(NotFound):
+        s3.head(s3_bucket, "h/bad")
 
 
 def test_missing_key_and_bucket_are_not_found(s3: S3, s3_bucket: str, rgw: Rgw) -> None:

@@ -26,6 +26,12 @@ def test_sealed_segments_open_and_install(tmp_path: Path) -> None:
     with j.open_sealed(first.first_seq) as f:
         assert (f.first_seq, f.last_seq, f.size) == (first.first_seq, first.last_seq, first.bytes)
         data = f.pread(0, f.size)
+        whole = f.read_all()  # read straight into one buffer: what a single PUT sends
+        assert isinstance(whole, bytearray) and whole == data
+        f.size += 1  # a file shorter than it should be is not sent short
+        with pytest.raises(Corruption, match="expected"):
+            f.read_all()
+        f.size -= 1
     with pytest.raises(NotFound):
         j.open_sealed(j.segments()[-1].first_seq)  # the open one
     last = j.last_seq
@@ -48,3 +54,13 @@ def test_sealed_segments_open_and_install(tmp_path: Path) -> None:
     bad.write_bytes(data)
     with pytest.raises(Corruption, match="first seq"):
         install_segment(tmp_path / "x", first.first_seq + 1, bad)
+
+
+def test_appended_bytes_counts_the_payloads_since_open(tmp_path: Path) -> None:
+    """What the tier reads (from its upload thread) to tell a busy volume."""
+    j = Journal.open(str(tmp_path / "j"), segment_bytes=1 << 20)
+    assert j.appended_bytes == 0
+    for i in range(40):
+        j.append_write(i * 65536, os.urandom(65536))
+    assert j.appended_bytes == 40 * 65536  # across seals, before any sync
+    j.close()

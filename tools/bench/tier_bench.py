@@ -24,7 +24,9 @@ Rows (``cdp``: the tier; ``peer``: the comparison, measured in the same run):
   a flush every 8 MiB) with the tier task uploading behind them vs with ``[tier]`` off.
   Goal >= 0.9. Three arms alternate (``ARMS``): off, on (upload threads at nice
   ``+UPLOAD_NICE``, as cdpd runs them) and on-nice0 (at cdpd's own priority), each
-  started once the upload threads are idle. The note says where the time went, per arm
+  started once the upload threads are idle. The note gives the MiB the tier sent during
+  each timed run and the seconds its uploads gave way to the busy volume
+  (``yielded_seconds``, see docs/TIER.md). It says where the time went, per arm
   (medians): CPU seconds of the event-loop thread (``time.thread_time``: if the tier
   competed for the loop this would grow), of the whole process (plus the upload
   threads), wall seconds and those spent awaiting the journal (flush fdatasync,
@@ -510,6 +512,8 @@ def _ingest_size(rig: Rig, layouts: list[Layout], url: str, s3: Any, total: int,
     rows = []
     runs: dict[tuple[int, str], list[Ingest]] = {(j, a): [] for j in range(len(layouts)) for a in ARMS}
     sent: dict[int, list[int]] = {j: [] for j in range(len(layouts))}
+    #: seconds the uploads gave way to ingest per run (``yielded_seconds``; 0 before it)
+    yielded: dict[int, list[float]] = {j: [] for j in range(len(layouts))}
     notes: dict[int, str] = {}
     for rnd in range(rounds):
         for j, lay in enumerate(layouts):
@@ -518,7 +522,8 @@ def _ingest_size(rig: Rig, layouts: list[Layout], url: str, s3: Any, total: int,
                 on = a != "off"
 
                 async def ingest(d: Path = d, on: bool = on, rnd: int = rnd,
-                                 sent: list[int] = sent[j]) -> Ingest:
+                                 sent: list[int] = sent[j],
+                                 yielded: list[float] = yielded[j]) -> Ingest:
                     # a backlog of sealed segments first (not timed), so the tier
                     # uploads during the whole timed run
                     s = _settings(d, f"{url}-ingest-{d.name}", 8 * MiB)
@@ -537,6 +542,7 @@ def _ingest_size(rig: Rig, layouts: list[Layout], url: str, s3: Any, total: int,
                     got = await _ingest(vol, total, size, rnd)
                     if svc is not None:
                         sent.append(svc.sent_bytes)
+                        yielded.append(svc.status().get("yielded_seconds", 0.0))
                     vol.close()
                     return got
 
@@ -574,7 +580,8 @@ def _ingest_size(rig: Rig, layouts: list[Layout], url: str, s3: Any, total: int,
             f"tier-ingest-{name}{lay.suffix}", med("on", "rate"), med("off", "rate"), "MiB/s",
             f"{total // MiB} MiB of {name} writes, volume level, {rounds} alternating "
             f"rounds, medians; a {BACKLOG // MiB} MiB backlog first, the tier sent "
-            f"{min(sn) // MiB}-{max(sn) // MiB} MiB during each timed run; peer: [tier] off; "
+            f"{min(sn) // MiB}-{max(sn) // MiB} MiB during each timed run (uploads gave way "
+            f"{min(yielded[j]):.2f}-{max(yielded[j]):.2f} s); peer: [tier] off; "
             f"{notes[j]}{'; ' + lay.note if lay.note else ''}{rig.osd}. Upload threads at cdpd's own "
             f"priority instead of nice +{UPLOAD_NICE}: {_nice0_note(nice0, med('off', 'rate'))}. "
             f"Off/on/on-nice0: loop thread CPU s {trio('loop_cpu')}, process CPU s "
