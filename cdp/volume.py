@@ -517,7 +517,8 @@ class Volume:
                 self.seal_seconds += time.perf_counter() - t0
                 pending = self.maps.pending
                 if pending is not None:  # one seal in flight at a time: the next waits
-                    await asyncio.wrap_future(pending)
+                    # shielded: a cancel (close) must not cancel the queued job itself
+                    await asyncio.shield(asyncio.wrap_future(pending))
             self._last_seal = time.monotonic()
         except asyncio.CancelledError:
             raise
