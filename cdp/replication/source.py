@@ -166,11 +166,13 @@ class RecordReader:
     def read(self, first: int, budget: int, last: int) -> list[bytes]:
         """The stored records ``first ..`` (at most ``last``, every one durable) for one
         RECORDS frame: at least one, then as many as fit in ``budget`` bytes; NotLocal
-        (tiered history the caller fetches) if the first is not here. Cost: one or two
-        preads and the record CRC of each record returned (the next one's when it did not
-        fit, kept for the next call); none for the records the window holds. The CRCs of
-        a chunked record's chunks and granules are left to the target, which checks every
-        byte as it appends (``read_stored(chunks=False)``: half the cost at 1 MiB)."""
+        (tiered history the caller fetches) if the first is not here. Cost: for the
+        records the window lacks, one pread per run of them in one segment
+        (``read_stored_run``, up to the budget or the window's first record) and the
+        record CRC of each (the next one's when it did not fit, kept for the next call);
+        nothing for the records the window holds. The CRCs of a chunked record's chunks
+        and granules are left to the target, which checks every byte as it appends
+        (``chunks=False``: half the cost at 1 MiB)."""
         j = self.journal
         last = min(last, j.durable_seq)
         ahead, self._ahead = self._ahead, None
@@ -179,6 +181,7 @@ class RecordReader:
         n = 0
         seq = first
         hits = 0
+        run: list[tuple[int, bytes]] = []  # read from the journal, not yet taken
         while seq <= last:
             if ahead is not None and ahead[0] == seq:
                 raw = ahead[1]
@@ -186,12 +189,22 @@ class RecordReader:
                 raw = kept
                 hits += 1
             else:
-                try:
-                    raw = j.read_stored(seq, chunks=False)  # the target checks them
-                except NotLocal:  # the caller fetches it, unless some came first
-                    if not batch:
-                        raise
-                    break
+                if run and run[0][0] == seq:
+                    raw = run.pop(0)[1]
+                else:
+                    # the records up to the window's (or ``last``) in one pread
+                    upto = last
+                    if self.window is not None and len(self.window) and \
+                            self.window.first > seq:
+                        upto = min(upto, self.window.first - 1)
+                    try:  # record CRCs only: the target checks every byte
+                        got = j.read_stored_run(seq, upto, budget - n)
+                    except NotLocal:  # the caller fetches it, unless some came first
+                        if not batch:
+                            raise
+                        break
+                    run = list(enumerate(got, seq))
+                    raw = run.pop(0)[1]
                 self.journal_reads += 1
             if batch and n + len(raw) > budget:
                 self._ahead = (seq, raw)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+from dataclasses import replace
 from pathlib import Path
 
 from cdp.journal import Journal, NotLocal
@@ -32,12 +33,21 @@ def test_frames_follow_the_budget_and_read_each_record_once(tmp_path: Path,
         want = list(j.scan_stored(1))
         reads: list[int] = []
         orig = Journal.read_stored
+        orig_run = Journal.read_stored_run
 
         def counting(self: Journal, seq: int, **kw: bool) -> bytes:
             reads.append(seq)
             return orig(self, seq, **kw)
 
+        def counting_run(self: Journal, first: int, last: int, budget: int) -> list[bytes]:
+            before = len(reads)
+            out = orig_run(self, first, last, budget)
+            if len(reads) == before:  # not a run of one, counted by read_stored
+                reads.extend(range(first, first + len(out)))
+            return out
+
         monkeypatch.setattr(Journal, "read_stored", counting)  # type: ignore[attr-defined]
+        monkeypatch.setattr(Journal, "read_stored_run", counting_run)  # type: ignore[attr-defined]
         r = RecordReader(j)
         budget = 80_000
         got: list[bytes] = []
@@ -114,5 +124,36 @@ def test_reads_over_dropped_segments_fetch_what_they_miss(tmp_path: Path) -> Non
         assert got == want
         assert fetched and {f for f, _o, _n in fetched} <= set(copy)
         j.close()
+
+    asyncio.run(body())
+
+
+def test_read_stored_run_gives_what_read_stored_gives(tmp_path: Path) -> None:
+    """A run read in one pread holds the very records ``read_stored`` gives one by one,
+    stays in its segment, in the file (not the open segment's buffer) and within the
+    budget, and gives at least one record."""
+    async def body() -> None:
+        rng = random.Random(3)
+        st = settings(tmp_path)  # segments of 1 MiB: runs meet segment ends
+        st = replace(st, journal=replace(st.journal, segment_bytes=1 << 20))
+        vol = Volume.create(tmp_path / "v", "vol0", SIZE, st)
+        for i in range(60):
+            n = rng.choice((512, 4096, 9000, 70_000))
+            vol.write((i * 65536) % (SIZE - n), rng.randbytes(n))
+        assert len(vol.journal.segments()) > 1
+        j = vol.journal
+        await j.commit()
+        for i in range(5):  # a few appended after the commit: still in the buffer maybe
+            vol.write(i * 4096, rng.randbytes(4096))
+        want = {s: j.read_stored(s, chunks=False) for s in range(1, j.last_seq + 1)}
+        for _ in range(300):
+            first = rng.randint(1, j.last_seq)
+            last = rng.randint(first, j.last_seq)
+            budget = rng.choice((1, 5000, 20_000, 100_000, 1 << 22))
+            got = j.read_stored_run(first, last, budget)
+            assert got and got == [want[s] for s in range(first, first + len(got))]
+            assert first + len(got) - 1 <= last
+            assert len(got) == 1 or sum(map(len, got)) <= budget
+        vol.close()
 
     asyncio.run(body())
