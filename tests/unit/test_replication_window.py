@@ -30,9 +30,10 @@ def _count_reads(monkeypatch: pytest.MonkeyPatch) -> list[int]:
         reads.append(seq)
         return orig(self, seq, **kw)
 
-    def counting_run(self: Journal, first: int, last: int, budget: int) -> list[bytes]:
+    def counting_run(self: Journal, first: int, last: int, budget: int,
+                     **kw: bool) -> list[bytes]:
         before = len(reads)
-        out = orig_run(self, first, last, budget)
+        out = orig_run(self, first, last, budget, **kw)
         if len(reads) == before:
             reads.extend(range(first, first + len(out)))
         return out
