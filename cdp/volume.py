@@ -143,6 +143,11 @@ class _PayloadCache:
 _Cols = tuple["array[int]", ...]
 _EMPTY_COLS: _Cols = tuple(array("q") for _ in range(5))
 _EXTENT_BYTES = 40  # five int64 columns
+#: deferred seals whose fsyncs (maps' writer thread) may be outstanding before the next
+#: seal task waits for them: the seals go on while the disk is a little behind, and a
+#: disk that cannot keep up holds the seals back (then ingest, by the blocking seal at
+#: 4x the live window) instead of queueing without bound
+SEAL_JOBS_BEHIND = 2
 #: fetches from the S3 tier one read_async may make (one per record not local)
 READ_FETCHES = 4096
 #: live reads up to this size that continue the previous one read ahead (Volume.read)
@@ -515,8 +520,11 @@ class Volume:
                 self.maps.seal(target, defer=True)
                 self._sealed()
                 self.seal_seconds += time.perf_counter() - t0
+                # the next seal may start (its job queues behind this one's, in order)
+                # unless the writer thread is this far behind: then wait for it (a
+                # window that grows 4x meanwhile gets a blocking seal, _seal_soon)
                 pending = self.maps.pending
-                if pending is not None:  # one seal in flight at a time: the next waits
+                if pending is not None and self.maps.pending_jobs > SEAL_JOBS_BEHIND:
                     # shielded: a cancel (close) must not cancel the queued job itself
                     await asyncio.shield(asyncio.wrap_future(pending))
             self._last_seal = time.monotonic()

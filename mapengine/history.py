@@ -445,6 +445,11 @@ class MapHistory:
         ``asyncio.wrap_future``); None when the disk holds everything sealed."""
         return self._store.pending
 
+    @property
+    def pending_jobs(self) -> int:
+        """Deferred seals whose job (fsyncs, manifest) has not ended yet."""
+        return self._store.pending_jobs
+
     def flush(self) -> None:
         """Block until every deferred seal is durable; raise what failed."""
         self._store.flush()

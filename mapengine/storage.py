@@ -31,7 +31,9 @@ Design notes
   directory, then write the manifest (temp, fsync, rename, directory fsync). So a
   manifest is made durable only after every file it names, and manifests in the order
   they were committed; the caller's thread does no fsync. Until the job ran, the
-  manifest on disk is the previous one (a crash replays a little more journal). Every
+  manifest on disk is the previous one (a crash replays a little more journal); a job
+  with a newer one queued behind it syncs its files and leaves the manifest to that
+  one (a backlog writes one manifest). Every
   write that is not deferred (a rewind, a retain, a blocking seal, :meth:`DirStore.drop`
   after a switch, close) first waits for the pending job (:meth:`DirStore.flush`). A
   failed job makes the store refuse further writes and calls ``on_failure`` (the
@@ -181,6 +183,11 @@ class MapStore(Protocol):
         """The newest deferred commit's job while it has not ended, else None."""
         ...
 
+    @property
+    def pending_jobs(self) -> int:
+        """Deferred commits whose job has not ended."""
+        ...
+
     def disk_bytes(self) -> int: ...
 
     def cache_bytes(self) -> int: ...
@@ -249,6 +256,10 @@ class MemoryStore:
     @property
     def pending(self) -> Future[None] | None:
         return None
+
+    @property
+    def pending_jobs(self) -> int:
+        return 0
 
     def disk_bytes(self) -> int:
         return 0
@@ -900,6 +911,8 @@ class DirStore:
         self._unsynced: list[str] = []
         self._writer: ThreadPoolExecutor | None = None
         self._pending: Future[None] | None = None
+        self._submitted = 0  # deferred commits handed to the writer thread so far
+        self._finished = 0  # ... and of those, ended (either way)
         self._failed: BaseException | None = None
         #: called (from the writer thread) with the error when a deferred commit fails
         self.on_failure: Callable[[BaseException], None] | None = None
@@ -1055,7 +1068,8 @@ class DirStore:
             names, self._unsynced = self._unsynced, []
             if self._writer is None:
                 self._writer = ThreadPoolExecutor(1, thread_name_prefix="map-writer")
-            self._pending = self._writer.submit(self._persist, names, data)
+            self._submitted += 1
+            self._pending = self._writer.submit(self._persist, names, data, self._submitted)
         else:
             if self._unsynced:  # deferred puts without their deferred commit
                 self.fs.sync_files(self.dir, self._unsynced)
@@ -1064,22 +1078,35 @@ class DirStore:
         self._rows = rows
         self.gen += 1
 
-    def _persist(self, names: list[str], manifest: bytes) -> None:
+    def _persist(self, names: list[str], manifest: bytes, job: int) -> None:
         """The writer thread's job for one deferred commit: its map files durable, then
-        the manifest naming them. Jobs run one at a time, in commit order."""
-        if self._failed is not None:  # an earlier job failed: write nothing after it
-            raise MapUsageError(f"{self.dir}: a deferred map write failed: {self._failed}")
+        the manifest naming them. Jobs run one at a time, in commit order; a job with a
+        newer one queued behind it leaves the manifest to that one (which names its
+        files too: only a commit that is not deferred removes files from a manifest,
+        and it waits for the jobs first), so a backlog writes one manifest."""
         try:
-            if names:
-                self.fs.sync_files(self.dir, names)
-            # forget=False: the descriptor cache belongs to the owner thread (and never
-            # holds the manifest, which is read whole)
-            self.fs.write_atomic(self.dir, MANIFEST, manifest, forget=False)
-        except BaseException as e:
-            self._failed = e
-            if self.on_failure is not None:
-                self.on_failure(e)
-            raise
+            if self._failed is not None:  # an earlier job failed: write nothing after it
+                raise MapUsageError(f"{self.dir}: a deferred map write failed: "
+                                    f"{self._failed}")
+            try:
+                if names:
+                    self.fs.sync_files(self.dir, names)
+                if job == self._submitted:
+                    # forget=False: the descriptor cache belongs to the owner thread (and
+                    # never holds the manifest, which is read whole)
+                    self.fs.write_atomic(self.dir, MANIFEST, manifest, forget=False)
+            except BaseException as e:
+                self._failed = e
+                if self.on_failure is not None:
+                    self.on_failure(e)
+                raise
+        finally:
+            self._finished += 1
+
+    @property
+    def pending_jobs(self) -> int:
+        """Deferred commits handed to the writer thread that have not ended."""
+        return self._submitted - self._finished
 
     @property
     def pending(self) -> Future[None] | None:

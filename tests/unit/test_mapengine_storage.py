@@ -191,7 +191,7 @@ def test_deferred_manifest_names_only_durable_files(tmp_path: Path, seed: int) -
     _drive_deferred(h, m, random.Random(seed))
     assert h.pending is None
     h.close()
-    assert fs.manifests > 10
+    assert fs.manifests > 5  # a backlog of deferred seals writes one manifest
     assert fs.violations == []
     _verify_reopen(tmp_path, m)
 
