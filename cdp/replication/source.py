@@ -21,7 +21,8 @@ Design notes
   starts a commit only after :data:`COMMIT_GAP` (100 ms) in which no commit made
   records durable: under a stream of writes the commits the volume makes anyway (the
   host's flushes, those before each seal) carry the stream, which ships what each made
-  durable, and it adds an ``fdatasync`` of its own only where they leave a gap. So the
+  durable, and it adds an ``fdatasync`` of its own only where they leave a gap, or at
+  once when the writes pause (:data:`COMMIT_IDLE`, 10 ms). So the
   target can never be ahead of what the source still has after a crash (which OPEN
   would refuse as "diverged").
 - Flow control: at most ``window`` stored bytes beyond the last ACK; frames of at most
@@ -104,6 +105,9 @@ RATE_BURST = 0.05
 #: of 20 ms the stream forced ~100 in 4 s where the volume alone made 60). The lag
 #: (RPO) grows by at most this much.
 COMMIT_GAP = 0.1
+#: seconds without a new record after which the stream commits at once (the writes
+#: paused: nothing more to batch with; e.g. the end of a burst), whatever COMMIT_GAP says
+COMMIT_IDLE = 0.01
 #: raw bytes of one synthetic WRITE record of a fallback
 FALLBACK_PIECE = 1 << 20
 #: a fallback needs this many seqs besides its pieces: stub, REWIND, record Q
@@ -423,6 +427,9 @@ class ReplicationSource(VolumeService):
         self._sync_due = 0.0
         #: the journal's durable_seq when the stream last looked (see _commit)
         self._durable_seen = -1
+        #: the journal's last_seq when the stream last looked, and when it last moved
+        self._last_seen = -1
+        self._last_moved = 0.0
 
     @property
     def target(self) -> str:
@@ -681,8 +688,9 @@ class ReplicationSource(VolumeService):
                 if not self._commit(nxt):
                     if self._sync is not None:
                         await asyncio.wait((self._sync,))
-                    else:  # the next commit of ours is not due yet
-                        await asyncio.sleep(max(0.0, self._sync_due - time.monotonic()))
+                    else:  # the next commit of ours is not due yet (or the writes pause)
+                        await asyncio.sleep(max(0.0, min(self._sync_due - time.monotonic(),
+                                                         COMMIT_IDLE)))
                     continue  # durable_seq moved (or the commit failed: _commit raises)
                 if self.rate and (wait := self._due - time.monotonic()) > 0:
                     await asyncio.sleep(wait)
@@ -725,7 +733,8 @@ class ReplicationSource(VolumeService):
         """Whether record ``nxt`` is durable (so it may ship); a group commit of what the
         journal holds beyond ``durable_seq`` started if none of ours runs and no commit
         made records durable for :data:`COMMIT_GAP` (``_sync_due``: moved on each time
-        ``durable_seq`` is seen to move, whoever's commit moved it); what one of ours
+        ``durable_seq`` is seen to move, whoever's commit moved it), or no record was
+        appended for :data:`COMMIT_IDLE` (the writes paused); what one of ours
         that ended raised, raised. The stream does not wait for that commit while it
         has durable records to send: the ``fdatasync`` runs while the frames of the
         records the previous one made durable go out. Cost: O(1)."""
@@ -734,15 +743,17 @@ class ReplicationSource(VolumeService):
         if sync is not None and sync.done():
             self._sync = None
             sync.result()
-        durable = j.durable_seq
+        durable, last = j.durable_seq, j.last_seq
+        now = time.monotonic()
         if durable != self._durable_seen:  # a commit (any) made records durable
             self._durable_seen = durable
-            self._sync_due = time.monotonic() + COMMIT_GAP
-        if self._sync is None and durable < j.last_seq:
-            now = time.monotonic()
-            if now >= self._sync_due:
-                self._sync_due = now + COMMIT_GAP
-                self._sync = asyncio.get_running_loop().create_task(j.commit())
+            self._sync_due = now + COMMIT_GAP
+        if last != self._last_seen:  # records were appended since the last look
+            self._last_seen, self._last_moved = last, now
+        if self._sync is None and durable < last and (
+                now >= self._sync_due or now - self._last_moved >= COMMIT_IDLE):
+            self._sync_due = now + COMMIT_GAP
+            self._sync = asyncio.get_running_loop().create_task(j.commit())
         return durable >= nxt
 
     def _next_batch(self, nxt: int) -> list[bytes]:
