@@ -143,6 +143,11 @@ class _PayloadCache:
 _Cols = tuple["array[int]", ...]
 _EMPTY_COLS: _Cols = tuple(array("q") for _ in range(5))
 _EXTENT_BYTES = 40  # five int64 columns
+#: deferred seals whose fsyncs (the maps' writer thread) may be outstanding when a live
+#: window 4x its size starts another seal beside the one waiting for them; beyond, a
+#: blocking seal (a disk that cannot keep up holds ingest back instead of queueing
+#: without bound)
+SEAL_JOBS_BEHIND = 2
 #: fetches from the S3 tier one read_async may make (one per record not local)
 READ_FETCHES = 4096
 #: live reads up to this size that continue the previous one read ahead (Volume.read)
@@ -307,6 +312,8 @@ class Volume:
         self.seal_seconds = 0.0
         self._l0_max = settings.maps.l0_max_writes
         self._seal_task: asyncio.Task[None] | None = None
+        #: the seal task only waits for its maps' fsyncs (see _seal_soon)
+        self._seal_syncing = False
         self.closed = False
         self._sync_always = settings.journal.sync == "always"
         self._gate: asyncio.Future[None] | None = None
@@ -491,7 +498,15 @@ class Volume:
             return  # sealed by seal_after_retain
         if self._seal_task is not None:
             if self._live_writes >= 4 * self._l0_max:
-                self.seal()
+                if self._seal_syncing and self.maps.pending_jobs < SEAL_JOBS_BEHIND:
+                    # the pending seal only waits for its fsyncs (the maps' writer
+                    # thread): seal beside it, its job queues behind that one's
+                    self._live_writes = 0
+                    self._seal_syncing = False
+                    self._seal_task = asyncio.get_running_loop().create_task(
+                        self._seal_durable())
+                else:
+                    self.seal()
             return
         try:
             loop = asyncio.get_running_loop()
@@ -502,6 +517,7 @@ class Volume:
         self._seal_task = loop.create_task(self._seal_durable())
 
     async def _seal_durable(self) -> None:
+        me = asyncio.current_task()
         try:
             target = self.journal.last_seq
             await self.journal.commit()
@@ -509,16 +525,30 @@ class Volume:
                 return
             if target > self.maps.sealed_seq:  # a blocking seal may have passed it
                 t0 = time.perf_counter()
-                self.maps.seal(target)
+                # the map files' and manifest's fsyncs run in the maps' writer thread,
+                # in order (files, directory, then the manifest naming them); the loop
+                # only writes the files into the page cache
+                self.maps.seal(target, defer=True)
                 self._sealed()
                 self.seal_seconds += time.perf_counter() - t0
+                # the next seal waits for these fsyncs (so a seal covers what came
+                # meanwhile: fewer, larger windows), unless the live window reaches 4x
+                # its size first: then _seal_soon starts one beside this (its job
+                # queues behind), up to SEAL_JOBS_BEHIND jobs, else a blocking seal
+                pending = self.maps.pending
+                if pending is not None:
+                    self._seal_syncing = True
+                    # shielded: a cancel (close) must not cancel the queued job itself
+                    await asyncio.shield(asyncio.wrap_future(pending))
             self._last_seal = time.monotonic()
         except asyncio.CancelledError:
             raise
         except Exception:
             log.exception("volume %s: sealing the live window failed", self.name)
         finally:
-            self._seal_task = None
+            if self._seal_task is me:  # not replaced by a seal started beside it
+                self._seal_task = None
+                self._seal_syncing = False
 
     def seal_after_retain(self) -> None:
         """Seals held back while a retain was built: start one now if the window is due."""
@@ -1228,8 +1258,10 @@ class SealPacer:
 
     Design notes
     ------------
-    * A seal writes a map file and the manifest with four fsyncs on the event loop
-      (mapengine). With 64 volumes on one cdpd the ``seal_interval`` seals alone took
+    * A seal wrote a map file and the manifest with four fsyncs on the event loop
+      (mapengine); the seals the I/O path starts now leave those fsyncs to the maps'
+      writer thread (``MapHistory.seal(defer=True)``), the loop keeps the sort, the
+      encoding and the writes into the page cache. With 64 volumes on one cdpd the ``seal_interval`` seals alone took
       40% of the loop (py-spy: 95 of 230 samples at a 2 s interval) and cut the
       aggregate ingest to 0.43x of the same run without them (tools/bench scale-wide);
       volumes started together also fell due in the same tick, stalling every

@@ -84,6 +84,7 @@ from __future__ import annotations
 import os
 from bisect import bisect_right
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from typing import Any
 
 import numpy as np
@@ -171,8 +172,15 @@ class MapHistory:
         self._keep_after = 0
         self._retain_gen = 0
         self._job: RetainJob | None = None
+        if isinstance(store, DirStore):
+            store.on_failure = self._deferred_failed
         if state is not None:
             self._restore(state)
+
+    def _deferred_failed(self, exc: BaseException) -> None:
+        """A deferred commit failed in the store's writer thread: refuse feeding from
+        now on, as after a failed write in this thread (one attribute: any thread)."""
+        self._broken = True
 
     # ------------------------------------------------------------------ opening
 
@@ -378,12 +386,19 @@ class MapHistory:
             self._broken = True
             raise
 
-    def seal(self, upto: int | None = None) -> None:
+    def seal(self, upto: int | None = None, *, defer: bool = False) -> None:
         """Turn the live window — or its part with seqs ``<= upto`` — into an L0 map
         (+ due merges and full map); persist.
 
         ``upto`` lets the caller seal only what its journal has made durable while newer
         entries keep arriving (they stay live). Default: everything fed so far.
+
+        ``defer``: the maps are written (readable at once) and the manifest packed here,
+        but their fsyncs and the manifest write run in the store's writer thread, in
+        order (:attr:`pending`; mapengine.storage "Deferred durability"): the state is
+        sealed in memory now and on disk once that job ended (a crash before replays
+        the journal from the previous ``sealed_seq``). Without ``defer`` every fsync runs
+        here, after the pending jobs.
 
         Runtime complexity: O(w log w + H) for a window of w entries and a head of H
         entries (the head splice copies arrays); merges add amortised O(log) per entry.
@@ -404,10 +419,10 @@ class MapHistory:
             lw = self._live
             k = lw.n if upto == self._last_seq else lw.count_upto(upto)
             if k:
-                self._seal_window(k, upto)
+                self._seal_window(k, upto, defer)
             lw.drop_first(k)  # the rest shift: re-indexed lazily at the next read
             self._sealed_seq = upto
-            self._store.commit(self._state())
+            self._store.commit(self._state(), defer=defer)
         except BaseException:
             self._broken = True
             raise
@@ -425,7 +440,23 @@ class MapHistory:
         self._pend_from = nw
         self._pend_in = 0
 
-    def _seal_window(self, k: int, hi: int) -> None:
+    @property
+    def pending(self) -> Future[None] | None:
+        """The job making the newest ``seal(defer=True)`` durable, while it has not
+        ended (a :class:`concurrent.futures.Future`: await it with
+        ``asyncio.wrap_future``); None when the disk holds everything sealed."""
+        return self._store.pending
+
+    @property
+    def pending_jobs(self) -> int:
+        """Deferred seals whose job (fsyncs, manifest) has not ended yet."""
+        return self._store.pending_jobs
+
+    def flush(self) -> None:
+        """Block until every deferred seal is durable; raise what failed."""
+        self._store.flush()
+
+    def _seal_window(self, k: int, hi: int, defer: bool = False) -> None:
         """Seal the first ``k`` live entries as the window ``(lo, hi]``.
 
         The new window's flat deltas are spliced into ``_recent`` (O(recent) copies, the
@@ -438,7 +469,8 @@ class MapHistory:
         lo = ep.his[-1] if ep.his else ep.rewind_seq
         live = self._live.columns()
         l0 = build_l0(lo, hi, Columns(*(a[:k].copy() for a in live)))
-        ref = self._store.put("L", 0, l0)
+        put = self._store.put
+        ref = put("L", 0, l0, defer=defer)
         ep.windows.append(ref)
         ep.his.append(l0.hi)
         flat, _ = flatten(l0.cols, want_dropped=False)
@@ -476,17 +508,17 @@ class MapHistory:
             lst = ep.levels.setdefault(k, [])
             assert len(lst) == j
             if k == 1 and l1 is not None:
-                lst.append(self._store.put("L", 1, l1.map))
+                lst.append(put("L", 1, l1.map, defer=defer))
                 continue
             below = ep.windows if k == 1 else ep.levels[k - 1]
             res = merge([r.load() for r in below[j * f : (j + 1) * f]])
             self.dropped_bytes_total += res.dropped_bytes
-            lst.append(self._store.put("L", k, res.map))
+            lst.append(put("L", k, res.map, defer=defer))
             if self.on_merge is not None:
                 self.on_merge(f"L{k}", res)
         if full_due:
             full = DeltaMap(ep.rewind_seq, l0.hi, self._head, flat=True)
-            ep.fulls[nw] = self._store.put("F", 0, full)
+            ep.fulls[nw] = put("F", 0, full, defer=defer)
             ep.full_keys.append(nw)
 
     # ------------------------------------------------------------------ resolving
@@ -909,6 +941,10 @@ class MapHistory:
         """
         try:
             if not self._broken and self._live.n == 0 and self._last_seq == self._sealed_seq:
+                try:  # HEAD is tagged with a manifest generation: make that one durable
+                    self._store.flush()
+                except Exception:  # a failed deferred seal: reported to its caller; no HEAD
+                    return
                 # the two tiers as one, as the seal every _RECENT_WINDOWS windows joins them
                 self._store.save_head(_splice(self._head, self._recent), self._sealed_seq)
         finally:

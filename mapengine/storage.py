@@ -23,6 +23,21 @@ Design notes
   not name are leftovers and are deleted on open.
 * Every write goes through :class:`FileOps`; its :meth:`FileOps.hook` is called between
   steps so tests can interrupt a write at any point.
+* **Deferred durability** (``defer=True`` on :meth:`DirStore.put` and
+  :meth:`DirStore.commit`, what a live seal uses): the map files are written and renamed
+  into place on the caller's thread (readable at once, from the page cache) without an
+  fsync; the commit packs the manifest there too and hands the rest to the store's one
+  writer thread, which runs its jobs in order: fsync each of those map files, fsync the
+  directory, then write the manifest (temp, fsync, rename, directory fsync). So a
+  manifest is made durable only after every file it names, and manifests in the order
+  they were committed; the caller's thread does no fsync. Until the job ran, the
+  manifest on disk is the previous one (a crash replays a little more journal); a job
+  with a newer one queued behind it syncs its files and leaves the manifest to that
+  one (a backlog writes one manifest). Every
+  write that is not deferred (a rewind, a retain, a blocking seal, :meth:`DirStore.drop`
+  after a switch, close) first waits for the pending job (:meth:`DirStore.flush`). A
+  failed job makes the store refuse further writes and calls ``on_failure`` (the
+  history then refuses to be fed, as after a failed write in the caller's thread).
 * This module names the files (:func:`map_name`, LevelDB's ``filename.h``) and defines
   what the history needs of a store (:class:`MapStore`, :class:`MapRef`); the history
   imports it, never the other way round. :class:`MemoryStore` is the store of a history
@@ -37,6 +52,8 @@ import zlib
 from array import array
 from bisect import bisect_left, bisect_right
 from collections import OrderedDict
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Protocol
 
 import lz4.block
@@ -147,9 +164,10 @@ class MapStore(Protocol):
     """Where maps and the manifest go (memory, or a directory of files)."""
 
     def put(self, kind: str, level: int, m: DeltaMap, tag: str = "",
-            register: bool = True) -> MapRef:
+            register: bool = True, defer: bool = False) -> MapRef:
         """Write a map. ``register=False``: touch no shared state (safe in another
-        thread); the owner thread then hands the refs to :meth:`adopt`."""
+        thread); the owner thread then hands the refs to :meth:`adopt`. ``defer``: not
+        durable yet, the next ``commit(defer=True)`` makes it so before its manifest."""
         ...
 
     def adopt(self, refs: list[MapRef]) -> None: ...
@@ -162,7 +180,21 @@ class MapStore(Protocol):
 
     def remove(self, paths: list[str]) -> None: ...
 
-    def commit(self, state: dict[str, Any]) -> None: ...
+    def commit(self, state: dict[str, Any], defer: bool = False) -> None: ...
+
+    def flush(self) -> None:
+        """Wait until every deferred commit is durable; raise what one raised."""
+        ...
+
+    @property
+    def pending(self) -> Future[None] | None:
+        """The newest deferred commit's job while it has not ended, else None."""
+        ...
+
+    @property
+    def pending_jobs(self) -> int:
+        """Deferred commits whose job has not ended."""
+        ...
 
     def disk_bytes(self) -> int: ...
 
@@ -213,7 +245,7 @@ class MemoryStore:
         self._bytes = 0
 
     def put(self, kind: str, level: int, m: DeltaMap, tag: str = "",
-            register: bool = True) -> MapRef:
+            register: bool = True, defer: bool = False) -> MapRef:
         if register:
             self._bytes += m.nbytes
         return _MemRef(map_name(kind, level, m.lo, m.hi, tag), m)
@@ -232,8 +264,19 @@ class MemoryStore:
     def remove(self, paths: list[str]) -> None:
         pass
 
-    def commit(self, state: dict[str, Any]) -> None:
+    def commit(self, state: dict[str, Any], defer: bool = False) -> None:
         self.state = state
+
+    def flush(self) -> None:
+        pass
+
+    @property
+    def pending(self) -> Future[None] | None:
+        return None
+
+    @property
+    def pending_jobs(self) -> int:
+        return 0
 
     def disk_bytes(self) -> int:
         return 0
@@ -321,6 +364,41 @@ class FileOps:
         finally:
             os.close(dfd)
         self.hook("done", name)
+
+    def write_unsynced(self, directory: str, name: str, data: bytes) -> None:
+        """Write ``directory/name`` once, not durable yet: temp + rename, no fsync (hooks
+        ``open``, ``write``, ``rename``). Readable at once; :meth:`sync_files` makes it
+        durable. For a name never read before (the descriptor cache is left alone)."""
+        tmp = os.path.join(directory, name + ".tmp")
+        self.hook("open", name)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            half = len(data) // 2
+            _write_all(fd, memoryview(data)[:half])
+            self.hook("write", name)
+            _write_all(fd, memoryview(data)[half:])
+        finally:
+            os.close(fd)
+        self.hook("rename", name)
+        os.replace(tmp, os.path.join(directory, name))
+
+    def sync_files(self, directory: str, names: list[str]) -> None:
+        """Make files written by :meth:`write_unsynced` durable: fsync each (hook
+        ``fsync``), then the directory once (hooks ``dirsync``, ``done``). Any thread."""
+        for name in names:
+            self.hook("fsync", name)
+            fd = os.open(os.path.join(directory, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        self.hook("dirsync", ",".join(names))
+        dfd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+        self.hook("done", ",".join(names))
 
     def read(self, path: str, offset: int = 0, length: int = -1) -> bytes:
         with open(path, "rb") as f:
@@ -884,6 +962,16 @@ class DirStore:
         # msgpack bytes of each manifest row, by (name, kind, level, epoch, index): a
         # commit packs only the rows it has not packed before
         self._rows: dict[tuple[Any, ...], tuple[MapFile, bytes]] = {}
+        # deferred durability (module notes): map files written by put(defer=True) not
+        # yet handed to a commit, the writer thread, its newest job, its first failure
+        self._unsynced: list[str] = []
+        self._writer: ThreadPoolExecutor | None = None
+        self._pending: Future[None] | None = None
+        self._submitted = 0  # deferred commits handed to the writer thread so far
+        self._finished = 0  # ... and of those, ended (either way)
+        self._failed: BaseException | None = None
+        #: called (from the writer thread) with the error when a deferred commit fails
+        self.on_failure: Callable[[BaseException], None] | None = None
 
     @classmethod
     def open(
@@ -941,14 +1029,20 @@ class DirStore:
         return st, state
 
     def put(self, kind: str, level: int, m: DeltaMap, tag: str = "",
-            register: bool = True) -> MapFile:
+            register: bool = True, defer: bool = False) -> MapFile:
         """Write a map file. ``register=False`` (any thread): the file is written and its
         offset filter computed, but the store's shared state (files, cache accounting)
-        is only updated by :meth:`adopt` on the owner thread."""
+        is only updated by :meth:`adopt` on the owner thread. ``defer`` (owner thread):
+        written and renamed without an fsync; the next ``commit(defer=True)`` has the
+        writer thread make it durable before its manifest (module notes)."""
         self._writable()
         name = map_name(kind, level, m.lo, m.hi, tag)
         data = encode_map(m, kind, level)
-        self.fs.write_atomic(self.dir, name, data, forget=register)
+        if defer and register:
+            self.fs.write_unsynced(self.dir, name, data)
+            self._unsynced.append(name)
+        else:
+            self.fs.write_atomic(self.dir, name, data, forget=register)
         mf = MapFile(
             os.path.join(self.dir, name),
             name,
@@ -972,6 +1066,8 @@ class DirStore:
     def _writable(self) -> None:
         if self.readonly:
             raise MapUsageError(f"{self.dir}: maps opened read-only")
+        if self._failed is not None:
+            raise MapUsageError(f"{self.dir}: a deferred map write failed: {self._failed}")
 
     def adopt(self, refs: list[Any]) -> None:
         """Register maps written with ``register=False`` (owner thread)."""
@@ -980,14 +1076,19 @@ class DirStore:
             mf._filt_done = True
             mf._cache_filter()
 
-    def commit(self, state: dict[str, Any]) -> None:
+    def commit(self, state: dict[str, Any], defer: bool = False) -> None:
         """Replace the manifest atomically with one naming ``state["maps"]``.
 
         The bytes are those of :func:`encode_manifest` of the body; rows packed by an
         earlier commit are reused. Runtime complexity: O(M) dictionary look-ups for M
-        maps, plus packing the new rows.
+        maps, plus packing the new rows. ``defer``: the manifest is packed here and
+        written by the writer thread after it made the map files of the deferred puts
+        durable (:attr:`pending`; module notes); else this thread waits for pending
+        jobs first, then writes it.
         """
         self._writable()
+        if not defer:
+            self.flush()
         old = self._rows
         rows: dict[tuple[Any, ...], tuple[MapFile, bytes]] = {}
         parts: list[bytes] = []
@@ -1022,9 +1123,69 @@ class DirStore:
                 out.extend(parts)
             else:
                 out.append(pack(v))
-        self.fs.write_atomic(self.dir, MANIFEST, _framed_manifest(b"".join(out)))
+        data = _framed_manifest(b"".join(out))
+        if defer:
+            names, self._unsynced = self._unsynced, []
+            if self._writer is None:
+                self._writer = ThreadPoolExecutor(1, thread_name_prefix="map-writer")
+            self._submitted += 1
+            self._pending = self._writer.submit(self._persist, names, data, self._submitted)
+        else:
+            if self._unsynced:  # deferred puts without their deferred commit
+                self.fs.sync_files(self.dir, self._unsynced)
+                self._unsynced = []
+            self.fs.write_atomic(self.dir, MANIFEST, data)
         self._rows = rows
         self.gen += 1
+
+    def _persist(self, names: list[str], manifest: bytes, job: int) -> None:
+        """The writer thread's job for one deferred commit: its map files durable, then
+        the manifest naming them. Jobs run one at a time, in commit order; a job with a
+        newer one queued behind it leaves the manifest to that one (which names its
+        files too: only a commit that is not deferred removes files from a manifest,
+        and it waits for the jobs first), so a backlog writes one manifest."""
+        try:
+            if self._failed is not None:  # an earlier job failed: write nothing after it
+                raise MapUsageError(f"{self.dir}: a deferred map write failed: "
+                                    f"{self._failed}")
+            try:
+                if names:
+                    self.fs.sync_files(self.dir, names)
+                if job == self._submitted:
+                    # forget=False: the descriptor cache belongs to the owner thread (and
+                    # never holds the manifest, which is read whole)
+                    self.fs.write_atomic(self.dir, MANIFEST, manifest, forget=False)
+            except BaseException as e:
+                self._failed = e
+                if self.on_failure is not None:
+                    self.on_failure(e)
+                raise
+        finally:
+            self._finished += 1
+
+    @property
+    def pending_jobs(self) -> int:
+        """Deferred commits handed to the writer thread that have not ended."""
+        return self._submitted - self._finished
+
+    @property
+    def pending(self) -> Future[None] | None:
+        """The newest deferred commit's job while it runs (or waits), else None. Jobs
+        run in order, so once it is done every earlier one is too."""
+        p = self._pending
+        if p is not None and p.done() and p.exception() is None:
+            self._pending = p = None
+        return p
+
+    def flush(self) -> None:
+        """Block until every deferred commit is durable; raise what failed (then the
+        store refuses writes: reopen). Cost: the pending jobs' fsyncs, if any."""
+        p = self._pending
+        if p is not None:
+            p.result()
+            self._pending = None
+        if self._failed is not None:
+            raise MapUsageError(f"{self.dir}: a deferred map write failed: {self._failed}")
 
     def drop(self, names: list[str]) -> None:
         """Delete map files no longer named by the (already committed) manifest.
@@ -1062,8 +1223,18 @@ class DirStore:
         return self.cache.bytes
 
     def close(self) -> None:
-        self.cache.clear()
-        self.fs.close_all()
+        """Wait for the deferred commits (their errors are left to the caller's earlier
+        calls: a history refuses writes after one), then release files and caches."""
+        try:
+            if self._pending is not None:
+                self._pending.exception()  # waits; what it raised was reported
+                self._pending = None
+        finally:
+            if self._writer is not None:
+                self._writer.shutdown(wait=True)
+                self._writer = None
+            self.cache.clear()
+            self.fs.close_all()
 
     def save_head(self, head: Columns, sealed_seq: int) -> None:
         """Write ``HEAD``: *head* tagged with the manifest's generation and

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import bisect
 import os
+import struct
 from array import array
 from collections import OrderedDict
 from collections.abc import Callable, Generator, Iterator
@@ -718,6 +719,54 @@ class SegmentReader:
         data, where = self._raw_whole(seg, seq, loc)
         return _checked(data, seq, where, chunks)
 
+    def read_stored_run(self, first: int, last: int, budget: int, *,
+                        check: bool = True) -> list[bytes]:
+        """Records ``first ..`` (at most ``last``, and only of ``first``'s segment) as
+        :meth:`read_stored` with ``chunks=False`` gives each, read in one pread: at
+        least one, then those that end within ``budget`` bytes of the first's start. For
+        a stream far behind the head (records read back one after another). Cost: one
+        pread of the run plus the record CRC of each record, against one or two preads,
+        a segment look-up and the check per record one by one (~15-20 µs per 4 KiB
+        record); a run of one record is :meth:`read_stored`.
+
+        ``check=False`` (replication's source: the target's ``append_stored`` checks
+        every byte of what it receives): of a run of several, only each record's magic
+        and seq are checked, not its CRC; damage on this disk then shows as the target
+        refusing the record."""
+        seg = self._seg_for(first)
+        _ts, offs = self._load(seg)
+        base = seg.first_seq
+        i0 = first - base
+        # records whose end we know from the offsets (the next record's start), within
+        # the file (not the open segment's buffer) and the budget
+        hi = min(last, base + seg.count - 2) - base
+        loc0 = offs[i0]
+        limit = min(loc0 + max(budget, 0),
+                    self._file_size if seg is self._cur else self._size(seg))
+        j = i0
+        while j <= hi and offs[j + 1] <= limit:
+            j += 1
+        if j - i0 < 2:
+            return [self.read_stored(first, chunks=False)]
+        fd = self._rfd(seg)
+        end = offs[j]
+        data = self._fs.pread(fd, end - loc0, loc0)  # NotLocal: the first is not here
+        got = len(data)  # short (tiered history cached in part): the records it holds
+        out = []
+        for i in range(i0, j):
+            a, b = offs[i] - loc0, offs[i + 1] - loc0
+            if b > got:
+                break
+            rec = data[a:b]
+            if check:
+                rec = _checked(rec, base + i, f"segment {seg.name} offset {offs[i]} "
+                               f"seq {base + i}", False)
+            elif _MAGIC_SEQ.unpack_from(rec, 0) != (RECORD_MAGIC, base + i):
+                raise Corruption(f"segment {seg.name} offset {offs[i]} seq {base + i}: "
+                                 f"not the record of that seq")
+            out.append(rec)
+        return out or [self.read_stored(first, chunks=False)]
+
     def _raw_whole(self, seg: SegmentState, seq: int, loc: int) -> tuple[bytes, str]:
         """:meth:`_raw` as one ``bytes`` (header + stored payload) without joining the
         two: a record larger than the first pread is read again whole from ``loc``
@@ -905,6 +954,10 @@ def _decode_meta(head: bytes, stored: bytes, loc: int, where: str, seq: int) -> 
         return decode_record(head, stored, loc, where, seq)
     return Record(RecordKind(kind), rseq, ts, off, length, flags, b"", loc, comp, slen,
                   elided=comp == _ELIDED)
+
+
+#: a record header's magic and seq (offsets 0 and 16): ``read_stored_run``'s check
+_MAGIC_SEQ = struct.Struct("<I12xQ")
 
 
 def _checked(data: bytes, seq: int, where: str, chunks: bool = True) -> bytes:

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
+from pathlib import Path
 from typing import Any
 
 from cdp.config import read_secret
@@ -32,6 +34,22 @@ log = logging.getLogger("cdp.replication")
 TARGETS_FILE = "replication.json"
 TARGETS_FORMAT = 1
 DEFAULT_PORT = 7420
+
+
+#: one lock per replication.json: its read-modify-writes (start, stop on the loop; a
+#: stream's acked-seq save in a worker thread) never interleave, so none undoes another
+_LOCKS: dict[Path, threading.Lock] = {}
+_LOCKS_LOCK = threading.Lock()
+
+
+def targets_lock(vol: Volume) -> threading.Lock:
+    """The lock around read-modify-writes of ``vol``'s ``replication.json``."""
+    path = vol.path / TARGETS_FILE
+    with _LOCKS_LOCK:
+        lock = _LOCKS.get(path)
+        if lock is None:
+            lock = _LOCKS[path] = threading.Lock()
+        return lock
 
 
 def load_targets(vol: Volume) -> list[dict[str, Any]]:
@@ -57,15 +75,17 @@ def save_targets(vol: Volume, targets: list[dict[str, Any]]) -> None:
 
 
 def _persist(src: ReplicationSource) -> None:
-    """Save ``src``'s acknowledged seq and refusal in its ``replication.json`` entry."""
-    targets = load_targets(src.vol)
-    for t in targets:
-        if t["to"] == src.target:
-            t["acked_seq"] = src.acked_seq
-            t["refused"] = None if src.refused is None else ": ".join(src.refused)
-            t["epoch_seen"] = max(int(t.get("epoch_seen", 1)), src.epoch_seen)
-            save_targets(src.vol, targets)
-            return
+    """Save ``src``'s acknowledged seq and refusal in its ``replication.json`` entry.
+    Any thread (the stream calls it from a worker thread): under :func:`targets_lock`."""
+    with targets_lock(src.vol):
+        targets = load_targets(src.vol)
+        for t in targets:
+            if t["to"] == src.target:
+                t["acked_seq"] = src.acked_seq
+                t["refused"] = None if src.refused is None else ": ".join(src.refused)
+                t["epoch_seen"] = max(int(t.get("epoch_seen", 1)), src.epoch_seen)
+                save_targets(src.vol, targets)
+                return
 
 
 def _source(store: Store, vol: Volume, entry: dict[str, Any]) -> ReplicationSource:
@@ -113,35 +133,37 @@ def _norm(to: str) -> str:
 async def replicate_start(store: Store, args: dict[str, Any], progress: Progress) -> Any:
     vol = store.volume(args.get("volume"))
     to = _norm(str(args.get("to") or ""))
-    targets = load_targets(vol)
-    entry = next((t for t in targets if t["to"] == to), None)
-    if entry is None:
-        entry = {"to": to, "as": args.get("as") or vol.name, "rate": 0, "running": True,
-                 "acked_seq": 0, "epoch_seen": 1, "refused": None}
-        targets.append(entry)
-    if args.get("as"):
-        entry["as"] = args["as"]
-    if args.get("rate") is not None:
-        entry["rate"] = parse_size(str(args["rate"]))
-    entry["running"] = True
-    src = _source(store, vol, entry)
-    save_targets(vol, targets)
+    with targets_lock(vol):  # no await inside: a stream's save may wait a moment
+        targets = load_targets(vol)
+        entry = next((t for t in targets if t["to"] == to), None)
+        if entry is None:
+            entry = {"to": to, "as": args.get("as") or vol.name, "rate": 0, "running": True,
+                     "acked_seq": 0, "epoch_seen": 1, "refused": None}
+            targets.append(entry)
+        if args.get("as"):
+            entry["as"] = args["as"]
+        if args.get("rate") is not None:
+            entry["rate"] = parse_size(str(args["rate"]))
+        entry["running"] = True
+        src = _source(store, vol, entry)
+        save_targets(vol, targets)
     src.start()
     return src.status()
 
 
 async def replicate_stop(store: Store, args: dict[str, Any], progress: Progress) -> Any:
     vol = store.volume(args.get("volume"))
-    targets = load_targets(vol)
-    entry = _entry(targets, _norm(args["to"]) if args.get("to") else None)
-    entry["running"] = False
-    out: dict[str, Any] = {"volume": vol.name, "target": entry["to"], "state": "stopped"}
-    for s in sources_of(vol):
-        if s.target == entry["to"]:
-            s.stop()
-            entry["acked_seq"] = s.acked_seq
-            out = s.status()
-    save_targets(vol, targets)
+    with targets_lock(vol):
+        targets = load_targets(vol)
+        entry = _entry(targets, _norm(args["to"]) if args.get("to") else None)
+        entry["running"] = False
+        out: dict[str, Any] = {"volume": vol.name, "target": entry["to"], "state": "stopped"}
+        for s in sources_of(vol):
+            if s.target == entry["to"]:
+                s.stop()
+                entry["acked_seq"] = s.acked_seq
+                out = s.status()
+        save_targets(vol, targets)
     return out
 
 

@@ -17,9 +17,12 @@ Design notes
   ``durable_seq`` the task starts a ``journal.commit()`` itself (a group commit shared
   with the host's flushes) and reads none of them before it returned. It waits for
   that commit only when nothing durable is left to send: the ``fdatasync`` runs while
-  the frames of what the previous one made durable go out (:meth:`_commit`); its
-  commits start at most every :data:`COMMIT_GAP` (20 ms), so under a stream of small
-  writes each covers many of them instead of one ``fdatasync`` every few ms. So the
+  the frames of what the previous one made durable go out (:meth:`_commit`). It
+  starts a commit only after :data:`COMMIT_GAP` (100 ms) in which no commit made
+  records durable: under a stream of writes the commits the volume makes anyway (the
+  host's flushes, those before each seal) carry the stream, which ships what each made
+  durable, and it adds an ``fdatasync`` of its own only where they leave a gap, or at
+  once when the writes pause (:data:`COMMIT_IDLE`, 10 ms). So the
   target can never be ahead of what the source still has after a crash (which OPEN
   would refuse as "diverged").
 - Flow control: at most ``window`` stored bytes beyond the last ACK; frames of at most
@@ -46,7 +49,8 @@ Design notes
   no retry until restarted; except ``busy``, which is retried as a lost connection
   (the target may not have seen our previous connection end yet).
 - ``persist`` (set by :mod:`cdp.ops.replication`) is called when the acknowledged seq
-  moved (at most every :data:`PERSIST_EVERY` seconds) and when the target refuses, so
+  moved (at most every :data:`PERSIST_EVERY` seconds, in a worker thread: its file
+  write and fsyncs stay off the loop) and when the target refuses (on the loop), so
   status and lag survive a kill -9 of the source; the stream itself never depends on
   it (it resumes from what OPENED reports).
 """
@@ -91,13 +95,19 @@ STATES = ("streaming", "catching-up", "disconnected", "refused", "stopped")
 PERSIST_EVERY = 2.0
 #: seconds of unused rate a stream may catch up on at once (the token bucket's depth)
 RATE_BURST = 0.05
-#: seconds from one group commit the stream starts (to ship what it makes durable) to
-#: the next: at most 1/COMMIT_GAP a second, each covering what the writes appended
-#: meanwhile. An ``fdatasync`` costs the source ~0.15-0.25 ms of CPU (kernel included)
-#: and ends a frame (framing, an ACK); back to back on a fast disk they came every
-#: 1-3 ms under 4 KiB writes. The host's own flushes share the journal's commits as
-#: before; the lag (RPO) grows by at most this much.
-COMMIT_GAP = 0.02
+#: seconds without a commit that made records durable (anyone's: the host's flushes,
+#: a seal's, the stream's) after which the stream starts one of its own, to ship what
+#: it makes durable. Under writes the volume commits anyway: before each seal (every
+#: ``l0_max_writes`` writes or ``seal_interval``) and at each host flush; the stream
+#: ships on those and adds an ``fdatasync`` only where they leave a gap this long.
+#: Each ``fdatasync`` forced on the source costs it the writeback of what it covers on
+#: its own cores (1.6-2.1 ms of system CPU each at 4 KiB writes, issue #20: at a gap
+#: of 20 ms the stream forced ~100 in 4 s where the volume alone made 60). The lag
+#: (RPO) grows by at most this much.
+COMMIT_GAP = 0.1
+#: seconds without a new record after which the stream commits at once (the writes
+#: paused: nothing more to batch with; e.g. the end of a burst), whatever COMMIT_GAP says
+COMMIT_IDLE = 0.01
 #: raw bytes of one synthetic WRITE record of a fallback
 FALLBACK_PIECE = 1 << 20
 #: a fallback needs this many seqs besides its pieces: stub, REWIND, record Q
@@ -160,11 +170,13 @@ class RecordReader:
     def read(self, first: int, budget: int, last: int) -> list[bytes]:
         """The stored records ``first ..`` (at most ``last``, every one durable) for one
         RECORDS frame: at least one, then as many as fit in ``budget`` bytes; NotLocal
-        (tiered history the caller fetches) if the first is not here. Cost: one or two
-        preads and the record CRC of each record returned (the next one's when it did not
-        fit, kept for the next call); none for the records the window holds. The CRCs of
-        a chunked record's chunks and granules are left to the target, which checks every
-        byte as it appends (``read_stored(chunks=False)``: half the cost at 1 MiB)."""
+        (tiered history the caller fetches) if the first is not here. Cost: for the
+        records the window lacks, one pread per run of them in one segment
+        (``read_stored_run``, up to the budget or the window's first record) and the
+        record CRC of each (the next one's when it did not fit, kept for the next call);
+        nothing for the records the window holds. The CRCs of a chunked record's chunks
+        and granules are left to the target, which checks every byte as it appends
+        (``chunks=False``: half the cost at 1 MiB)."""
         j = self.journal
         last = min(last, j.durable_seq)
         ahead, self._ahead = self._ahead, None
@@ -173,6 +185,7 @@ class RecordReader:
         n = 0
         seq = first
         hits = 0
+        run: list[tuple[int, bytes]] = []  # read from the journal, not yet taken
         while seq <= last:
             if ahead is not None and ahead[0] == seq:
                 raw = ahead[1]
@@ -180,12 +193,22 @@ class RecordReader:
                 raw = kept
                 hits += 1
             else:
-                try:
-                    raw = j.read_stored(seq, chunks=False)  # the target checks them
-                except NotLocal:  # the caller fetches it, unless some came first
-                    if not batch:
-                        raise
-                    break
+                if run and run[0][0] == seq:
+                    raw = run.pop(0)[1]
+                else:
+                    # the records up to the window's (or ``last``) in one pread
+                    upto = last
+                    if self.window is not None and len(self.window) and \
+                            self.window.first > seq:
+                        upto = min(upto, self.window.first - 1)
+                    try:  # no CRC check here: the target checks every byte
+                        got = j.read_stored_run(seq, upto, budget - n, check=False)
+                    except NotLocal:  # the caller fetches it, unless some came first
+                        if not batch:
+                            raise
+                        break
+                    run = list(enumerate(got, seq))
+                    raw = run.pop(0)[1]
                 self.journal_reads += 1
             if batch and n + len(raw) > budget:
                 self._ahead = (seq, raw)
@@ -384,6 +407,7 @@ class ReplicationSource(VolumeService):
         #: called with this source when acked_seq or refused should be saved
         self.persist: Callable[[ReplicationSource], None] | None = None
         self._persisted_at = 0.0
+        self._persisting = False  # a save runs in a worker thread (see _save)
         #: the fallback being sent (kept across reconnects: the target may stop inside it)
         self._fallback: Fallback | None = None
         #: the target stopped inside a fallback this process no longer knows: the next
@@ -401,6 +425,11 @@ class ReplicationSource(VolumeService):
         self._sync: asyncio.Task[None] | None = None
         #: monotonic time from which the stream may start its next commit
         self._sync_due = 0.0
+        #: the journal's durable_seq when the stream last looked (see _commit)
+        self._durable_seen = -1
+        #: the journal's last_seq when the stream last looked, and when it last moved
+        self._last_seen = -1
+        self._last_moved = 0.0
 
     @property
     def target(self) -> str:
@@ -458,14 +487,39 @@ class ReplicationSource(VolumeService):
         return fb is not None and self.acked_seq < fb.point
 
     def _save(self, force: bool = False) -> None:
+        """Have ``persist`` save the acknowledged seq (and refusal): at most every
+        :data:`PERSIST_EVERY` s while ACKs arrive, in a worker thread (its read, write and
+        fsyncs off the loop; one at a time: a save due while one runs is skipped, the
+        next ACK brings it), or now on this thread with ``force`` (a refusal). What a
+        crash costs: status shows the acked seq of up to ~2 s before until the stream
+        reconnects; the stream itself resumes from what the target reports (OPENED), so
+        no record is resent or lost for it."""
         now = time.monotonic()
-        if self.persist is not None and (force or now - self._persisted_at >= PERSIST_EVERY):
+        if self.persist is None:
+            return
+        if force:
             self._persisted_at = now
-            try:
-                self.persist(self)
-            except (OSError, CdpError) as e:
-                log.warning("replication %s -> %s: cannot save state: %s", self.vol.name,
-                            self.target, e)
+            self._persist_now()
+        elif now - self._persisted_at >= PERSIST_EVERY and not self._persisting:
+            self._persisted_at = now
+            self._persisting = True
+            fut = asyncio.get_running_loop().run_in_executor(None, self._persist_now)
+            fut.add_done_callback(self._persisted)
+
+    def _persisted(self, fut: asyncio.Future[None]) -> None:
+        self._persisting = False
+        if not fut.cancelled():
+            fut.exception()  # _persist_now logs its errors; nothing else is expected
+
+    def _persist_now(self) -> None:
+        """One ``persist`` call, its errors logged (any thread)."""
+        if self.persist is None:
+            return
+        try:
+            self.persist(self)
+        except (OSError, CdpError) as e:
+            log.warning("replication %s -> %s: cannot save state: %s", self.vol.name,
+                        self.target, e)
 
     # ------------------------------------------------------------------ the task
 
@@ -634,8 +688,9 @@ class ReplicationSource(VolumeService):
                 if not self._commit(nxt):
                     if self._sync is not None:
                         await asyncio.wait((self._sync,))
-                    else:  # the next commit of ours is not due yet
-                        await asyncio.sleep(max(0.0, self._sync_due - time.monotonic()))
+                    else:  # the next commit of ours is not due yet (or the writes pause)
+                        await asyncio.sleep(max(0.0, min(self._sync_due - time.monotonic(),
+                                                         COMMIT_IDLE)))
                     continue  # durable_seq moved (or the commit failed: _commit raises)
                 if self.rate and (wait := self._due - time.monotonic()) > 0:
                     await asyncio.sleep(wait)
@@ -676,23 +731,30 @@ class ReplicationSource(VolumeService):
 
     def _commit(self, nxt: int) -> bool:
         """Whether record ``nxt`` is durable (so it may ship); a group commit of what the
-        journal holds beyond ``durable_seq`` started if none of ours runs and the last
-        one started at least :data:`COMMIT_GAP` ago (else at ``_sync_due``); what one
+        journal holds beyond ``durable_seq`` started if none of ours runs and no commit
+        made records durable for :data:`COMMIT_GAP` (``_sync_due``: moved on each time
+        ``durable_seq`` is seen to move, whoever's commit moved it), or no record was
+        appended for :data:`COMMIT_IDLE` (the writes paused); what one of ours
         that ended raised, raised. The stream does not wait for that commit while it
         has durable records to send: the ``fdatasync`` runs while the frames of the
-        records the previous one made durable go out (before, the stream awaited each
-        commit, then sent, then committed again at once). Cost: O(1)."""
+        records the previous one made durable go out. Cost: O(1)."""
         j = self.vol.journal
         sync = self._sync
         if sync is not None and sync.done():
             self._sync = None
             sync.result()
-        if self._sync is None and j.durable_seq < j.last_seq:
-            now = time.monotonic()
-            if now >= self._sync_due:
-                self._sync_due = now + COMMIT_GAP
-                self._sync = asyncio.get_running_loop().create_task(j.commit())
-        return j.durable_seq >= nxt
+        durable, last = j.durable_seq, j.last_seq
+        now = time.monotonic()
+        if durable != self._durable_seen:  # a commit (any) made records durable
+            self._durable_seen = durable
+            self._sync_due = now + COMMIT_GAP
+        if last != self._last_seen:  # records were appended since the last look
+            self._last_seen, self._last_moved = last, now
+        if self._sync is None and durable < last and (
+                now >= self._sync_due or now - self._last_moved >= COMMIT_IDLE):
+            self._sync_due = now + COMMIT_GAP
+            self._sync = asyncio.get_running_loop().create_task(j.commit())
+        return durable >= nxt
 
     def _next_batch(self, nxt: int) -> list[bytes]:
         """The records of the next RECORDS frame, from ``nxt`` (durable): as stored,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import threading
 from pathlib import Path
 
 import pytest
@@ -116,6 +117,132 @@ def test_crash_at_every_write_step(tmp_path: Path, seed: int) -> None:
         with pytest.raises(Crash):
             h.close()
         _verify_reopen(d, m)
+
+
+def _drive_deferred(h: MapHistory, m: Model, rnd: random.Random) -> None:
+    """As :func:`_drive`, most seals deferred (the volume's live seals), some not (a
+    rewind, a blocking seal), so both kinds of commit interleave."""
+    for rec in m.records:
+        feed(h, rec)
+        if h.seal_due or rnd.random() < 0.1:
+            h.seal(defer=rnd.random() < 0.8)
+            if rnd.random() < 0.3:
+                h.flush()
+    h.seal(defer=True)
+    h.flush()
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_crash_at_every_step_of_deferred_seals(tmp_path: Path, seed: int) -> None:
+    """A crash (an exception at any step, in the caller's thread or the writer's) of
+    deferred seals leaves a directory that opens, replays and resolves every point."""
+    m = _script(seed)
+    total = FaultFS(-1)
+    h = MapHistory.open(tmp_path / "ref", policy=POLICY, fs=total)
+    _drive_deferred(h, m, random.Random(seed))
+    h.close()
+    n = total.calls
+    assert n > 50
+    for at in range(n):
+        d = tmp_path / f"c{at}"
+        h = MapHistory.open(d, policy=POLICY, fs=FaultFS(at))
+        # the crash surfaces where it happened (caller's thread), or as the history's
+        # refusal once the writer thread's job failed
+        with pytest.raises((Crash, ValueError)):
+            _drive_deferred(h, m, random.Random(seed))
+        # the process "died" here: its writer thread stops too (a job already queued
+        # runs to its end or to the crash; a crash inside one is another ``at``)
+        pending = h._store.pending
+        if pending is not None:
+            pending.exception()
+        _verify_reopen(d, m)
+
+
+class DurableFS(FileOps):
+    """Follows what a power loss would keep: a map file is durable once its ``done``
+    hook came after its fsync (``write_atomic``; ``sync_files``: fsync, then the
+    directory's ``done``). At every rename of the manifest it reads the new one (the
+    temp file, complete by then) and records the map files it names that are not
+    durable yet."""
+
+    def __init__(self, d: Path) -> None:
+        self.d = d
+        self.synced: set[str] = set()  # fsynced, directory not yet
+        self.durable: set[str] = set()
+        self.manifests = 0
+        self.violations: list[tuple[int, set[str]]] = []
+
+    def hook(self, point: str, name: str) -> None:
+        if point == "fsync":
+            self.synced.add(name)
+        elif point == "done":
+            for n in name.split(","):
+                if n in self.synced:
+                    self.durable.add(n)
+            self.synced -= set(name.split(","))
+        elif point == "rename" and name == MANIFEST:
+            body = decode_manifest((self.d / (MANIFEST + ".tmp")).read_bytes(), "tmp")
+            named = {row[0] for row in body["maps"]}
+            self.manifests += 1
+            if named - self.durable:
+                self.violations.append((int(body["gen"]), named - self.durable))
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_deferred_manifest_names_only_durable_files(tmp_path: Path, seed: int) -> None:
+    """The ordering deferred seals keep: a manifest is renamed into place only after
+    every map file it names was fsynced and its directory fsynced; the history then
+    reopens with every point."""
+    m = _script(seed)
+    fs = DurableFS(tmp_path)
+    h = MapHistory.open(tmp_path, policy=POLICY, fs=fs)
+    _drive_deferred(h, m, random.Random(seed))
+    assert h.pending is None
+    h.close()
+    assert fs.manifests > 5  # a backlog of deferred seals writes one manifest
+    assert fs.violations == []
+    _verify_reopen(tmp_path, m)
+
+
+def test_deferred_seal_is_readable_before_it_is_durable(tmp_path: Path) -> None:
+    """A deferred seal's maps answer at once, while the writer thread still holds the
+    fsyncs; the manifest on disk is the previous one until then."""
+    gate = threading.Event()
+
+    class Held(FileOps):
+        def hook(self, point: str, name: str) -> None:
+            if point == "fsync" and threading.current_thread() is not threading.main_thread():
+                assert gate.wait(30)
+
+    h = MapHistory.open(tmp_path, policy=POLICY, fs=Held())
+    for s in range(1, 8):
+        h.add_write(s, s, s + 3, s)
+    h.seal(defer=True)
+    pending = h.pending
+    assert pending is not None and not pending.done()
+    assert not (tmp_path / MANIFEST).exists()  # nothing durable named yet
+    assert [tuple(e)[:3] for e in h.resolve(7, 7, 10)] == [(7, 10, 7)]
+    assert h.changed(0, 7) == [(1, 10)]
+    gate.set()
+    h.flush()
+    assert h.pending is None
+    assert decode_manifest((tmp_path / MANIFEST).read_bytes(), "m")["sealed_seq"] == 7
+    h.close()
+
+
+def test_failed_deferred_write_makes_history_unusable(tmp_path: Path) -> None:
+    class Fails(FileOps):
+        def hook(self, point: str, name: str) -> None:
+            if point == "fsync":
+                raise OSError(5, "EIO")
+
+    h = MapHistory.open(tmp_path, policy=POLICY, fs=Fails())
+    h.add_write(1, 0, 10, 5)
+    h.seal(defer=True)
+    with pytest.raises(OSError):
+        h.flush()
+    with pytest.raises(ValueError, match="reopen"):
+        h.add_write(2, 0, 10, 5)
 
 
 def test_failed_write_makes_history_unusable(tmp_path: Path) -> None:

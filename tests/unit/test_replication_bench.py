@@ -35,3 +35,14 @@ def test_capped_runs_are_bounded_by_bytes(monkeypatch: pytest.MonkeyPatch) -> No
     assert (rw, bs, runtime) == ("write", "1M", 0)  # 0: not time_based
     assert extra == (f"--io_size={512 << 20}", "--runtime=8")
     assert uncapped[5] == 8 and len(uncapped) == 7
+
+
+@pytest.mark.parametrize("free_gib", [1, 23, 400])
+@pytest.mark.parametrize("runs", [1, 2])
+def test_control_store_runs_stay_under_the_share_of_free_space(free_gib: int,
+                                                               runs: int) -> None:
+    """``--control-store``: the target keeps one copy of each apply run there."""
+    free = free_gib << 30
+    cap = rb.control_run_cap(free, runs)
+    assert runs * cap <= rb.TMPFS_SHARE * free
+    assert cap <= rb.TMPFS_RUN_CAP

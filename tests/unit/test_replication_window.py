@@ -20,14 +20,26 @@ from tests.unit.test_volume_replica import SIZE, _drive, _same, settings
 
 
 def _count_reads(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The seqs read from the journal: by ``read_stored``, or in a run of several by
+    ``read_stored_run`` (a run of one is a ``read_stored``)."""
     reads: list[int] = []
     orig = Journal.read_stored
+    orig_run = Journal.read_stored_run
 
     def counting(self: Journal, seq: int, **kw: bool) -> bytes:
         reads.append(seq)
         return orig(self, seq, **kw)
 
+    def counting_run(self: Journal, first: int, last: int, budget: int,
+                     **kw: bool) -> list[bytes]:
+        before = len(reads)
+        out = orig_run(self, first, last, budget, **kw)
+        if len(reads) == before:
+            reads.extend(range(first, first + len(out)))
+        return out
+
     monkeypatch.setattr(Journal, "read_stored", counting)
+    monkeypatch.setattr(Journal, "read_stored_run", counting_run)
     return reads
 
 

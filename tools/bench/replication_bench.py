@@ -37,6 +37,15 @@ replicating vol0 to the target over loopback.
   that reaches its cap ends early (its rate is what it wrote in its time). Each pair's
   stores are removed before the next pair starts.
 
+- **Control store for the apply rows** (``--control-store DIR``, e.g. ``/dev/shm/NAME``;
+  rows marked ``control:t[FSTYPE]``): the apply rows (the ``--sizes``) again with the
+  target's store under DIR (the source's stays on the disk): in production the target
+  has its own disk, here it shares the source's, and this row shows what the target
+  applies when it does not. Capped like the ``--tmpfs`` rows: each fio run writes at
+  most :data:`TMPFS_SHARE` of DIR's free space over the runs, :data:`TMPFS_RUN_CAP` a
+  run (``--io_size``; a capped run ends early, its rate is what it wrote in its time);
+  the target's store is removed afterwards.
+
 - **The rig: split cores** (``--rig split``, the default with 2 or more cores): in
   production the target is another appliance at another site, but here both cdpd run
   on one machine, so without care the target takes cores from the source. Split, the
@@ -355,6 +364,54 @@ def _apply_vs_ingest(pair: _Pair, wl: str, fio_secs: float, label: str = "",
                  ratio=cpu / (t2 - t0))]
 
 
+def fs_type(path: Path) -> str:
+    """The type of the file system holding ``path`` (``/proc/mounts``: the longest mount
+    point that is a prefix of it), "?" when unknown."""
+    best, kind = "", "?"
+    real = str(path.resolve())
+    with contextlib.suppress(OSError), open("/proc/mounts") as f:
+        for line in f:
+            parts = line.split()
+            if len(parts) > 2:
+                mnt = parts[1]
+                if (real == mnt or real.startswith(mnt.rstrip("/") + "/")) and len(mnt) > len(best):
+                    best, kind = mnt, parts[2]
+    return kind
+
+
+def control_run_cap(free: int, runs: int) -> int:
+    """Bytes one fio run of the ``--control-store`` rows may write, with ``free`` bytes
+    free under the control directory: the target keeps a copy of every run, so ``runs``
+    runs together under :data:`TMPFS_SHARE` of ``free``, one under :data:`TMPFS_RUN_CAP`."""
+    return min(TMPFS_RUN_CAP, int(free * TMPFS_SHARE) // max(1, runs))
+
+
+def _control_rows(scratch: Path | None, control: Path, rig: Rig, fio_secs: float,
+                  ship_window: str | None, sizes: tuple[str, ...]) -> list[dict[str, Any]]:
+    """The apply rows with the target's store under ``control`` (the source's on the
+    disk, in ``scratch``), capped (see the module notes); [] with a note when there is
+    too little room."""
+    control.mkdir(parents=True, exist_ok=True)
+    st = os.statvfs(control)
+    cap = control_run_cap(st.f_bavail * st.f_frsize, len(sizes))
+    kind = fs_type(control)
+    print(f"# control rows: the target's store under {control} ({kind}); each fio run "
+          f"writes at most {cap >> 20} MiB"
+          + ("" if cap >= TMPFS_MIN_RUN else ": too little, skipped"), flush=True)
+    if cap < TMPFS_MIN_RUN:
+        return []
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(dir=scratch) as tmp, \
+            tempfile.TemporaryDirectory(dir=control, prefix="repl-bench-") as ctl:
+        (Path(tmp) / "s").mkdir()
+        (Path(ctl) / "t").mkdir()
+        with _Pair(Path(tmp) / "s", Path(ctl) / "t", rig, ship_window) as pair:
+            _wait_caught_up(pair.src)
+            for wl in sizes:
+                rows += _apply_vs_ingest(pair, wl, fio_secs, f"control:t[{kind}] ", cap)
+    return rows
+
+
 def _cpu_seconds(pid: int) -> float:
     """User + system CPU seconds of process ``pid`` so far (all its threads)."""
     with open(f"/proc/{pid}/stat") as f:
@@ -438,16 +495,22 @@ def run(quick: bool = False, scratch: Path | None = None, tmpfs: bool = False,
         rig: Rig | None = None, rows_wanted: frozenset[str] = frozenset(ROWS),
         fio_secs: float | None = None, pairs: int | None = None,
         ship_window: str | None = None,
-        sizes: tuple[str, ...] = tuple(_WORKLOADS)) -> list[dict[str, Any]]:
+        sizes: tuple[str, ...] = tuple(_WORKLOADS),
+        control: Path | None = None) -> list[dict[str, Any]]:
     """The rows named in ``rows_wanted`` (:data:`ROWS`) under ``rig`` (default: the split
-    rig when there are 2 or more cores), then the ``--tmpfs`` control rows; the source's
-    ``[replication] ship_window`` is ``ship_window`` (None: the default); the apply and
-    on/off rows run the workloads in ``sizes`` (``4k``, ``1m``)."""
+    rig when there are 2 or more cores), then the ``--tmpfs`` control rows, then the
+    ``--control-store`` ones (the apply rows with the target's store under ``control``);
+    the source's ``[replication] ship_window`` is ``ship_window`` (None: the default);
+    the apply and on/off rows run the workloads in ``sizes`` (``4k``, ``1m``)."""
     rig = split_rig() if rig is None else rig
     print(f"# rig {rig.describe()}", flush=True)
     with on_source_cores(rig):
-        return _run(quick, scratch, tmpfs, rig, rows_wanted, fio_secs, pairs, ship_window,
+        rows = _run(quick, scratch, tmpfs, rig, rows_wanted, fio_secs, pairs, ship_window,
                     sizes)
+        if control is not None:
+            secs = fio_secs if fio_secs is not None else (2 if quick else 10)
+            rows += _control_rows(scratch, control, rig, secs, ship_window, sizes)
+        return rows
 
 
 def _run(quick: bool, scratch: Path | None, tmpfs: bool, rig: Rig, want: frozenset[str],
@@ -524,6 +587,9 @@ def main(argv: list[str] | None = None) -> int:
                     "every record read back from the journal; default: cdpd's default)")
     ap.add_argument("--sizes", default=",".join(_WORKLOADS),
                     help=f"workloads of the apply and onoff rows (default: {','.join(_WORKLOADS)})")
+    ap.add_argument("--control-store", type=Path, metavar="DIR",
+                    help="the apply rows once more with the target's store under DIR (e.g. "
+                         "a tmpfs such as /dev/shm/NAME; capped), the source's on the disk")
     ap.add_argument("--markdown", action="store_true", help="also print the rows as a markdown table")
     args = ap.parse_args(argv)
     want = frozenset(r.strip() for r in args.rows.split(",") if r.strip())
@@ -537,7 +603,7 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict[str, Any]] = []
     for rig in rigs:
         got = run(args.quick, args.scratch, args.tmpfs, rig, want, args.fio_secs, args.pairs,
-                  args.ship_window, sizes)
+                  args.ship_window, sizes, args.control_store)
         if len(rigs) > 1:
             for r in got:
                 r["workload"] = f"{rig.label}:{r['workload']}"
