@@ -88,6 +88,10 @@ def test_rgw_kill9_mid_upload_resumes(tmp_path: Path, rgw_env: Rgw, s3: S3,  # n
                     c.pwrite(rng.randbytes(256 << 10), off)
                     c.flush()
                     flushes += 1
+                    # at most ~40 MiB in the 8 s, however fast the machine: all of it
+                    # goes up at the tier's 4 MiB/s once RGW is back (an unpaced loop
+                    # wrote ~860 MiB on a quiet machine: 215 s of uploads)
+                    time.sleep(0.05)
             st = d.cdpctl_json("tier", "status")[0]
             assert flushes > 0 and st["uploaded_seq"] == before["uploaded_seq"], (before, st)
             assert st["state"] == "unreachable" and st["last_error"], st
