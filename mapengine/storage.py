@@ -341,22 +341,9 @@ class FileOps:
         """Write ``directory/name`` once: temp + fsync + rename + directory fsync.
         ``forget=False`` for a name never read before (leaves the descriptor cache,
         which is not thread-safe, alone)."""
-        tmp = os.path.join(directory, name + ".tmp")
         if forget:
             self.forget(os.path.join(directory, name))
-        self.hook("open", name)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        try:
-            half = len(data) // 2
-            _write_all(fd, memoryview(data)[:half])
-            self.hook("write", name)
-            _write_all(fd, memoryview(data)[half:])
-            self.hook("fsync", name)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        self.hook("rename", name)
-        os.replace(tmp, os.path.join(directory, name))
+        self._write_renamed(directory, name, data, sync=True)
         self.hook("dirsync", name)
         dfd = os.open(directory, os.O_RDONLY)
         try:
@@ -369,6 +356,12 @@ class FileOps:
         """Write ``directory/name`` once, not durable yet: temp + rename, no fsync (hooks
         ``open``, ``write``, ``rename``). Readable at once; :meth:`sync_files` makes it
         durable. For a name never read before (the descriptor cache is left alone)."""
+        self._write_renamed(directory, name, data, sync=False)
+
+    def _write_renamed(self, directory: str, name: str, data: bytes, *, sync: bool) -> None:
+        """``directory/name`` written under a temp name (in two halves, a hook between)
+        and renamed into place; fsynced before the rename when ``sync``. Hooks ``open``,
+        ``write``, [``fsync``], ``rename``."""
         tmp = os.path.join(directory, name + ".tmp")
         self.hook("open", name)
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
@@ -377,6 +370,9 @@ class FileOps:
             _write_all(fd, memoryview(data)[:half])
             self.hook("write", name)
             _write_all(fd, memoryview(data)[half:])
+            if sync:
+                self.hook("fsync", name)
+                os.fsync(fd)
         finally:
             os.close(fd)
         self.hook("rename", name)

@@ -456,6 +456,12 @@ def write_index(
     rescan). Cost: one write + one fdatasync.
     """
     final = os.path.join(directory, final_name or index_name(first_seq))
+    _write_sidecar(fs, final, encode_index(first_seq, ts, offs, data_end, raw_bytes, flags))
+
+
+def _write_sidecar(fs: FileLayer, final: str, data: bytes) -> None:
+    """``final`` written under a temp name, fdatasynced and renamed into place (no
+    directory fsync: a sidecar is derived data)."""
     tmp = final + ".tmp"
     try:
         fs.unlink(tmp)
@@ -463,7 +469,7 @@ def write_index(
         pass
     fd = fs.open_append(tmp)
     try:
-        fs.write(fd, encode_index(first_seq, ts, offs, data_end, raw_bytes, flags))
+        fs.write(fd, data)
         fs.fdatasync(fd)
     finally:
         fs.close(fd)
@@ -572,18 +578,7 @@ def write_closed(
     finally:
         fs.close(fd)
     final = os.path.join(directory, closed_name(first_seq))
-    tmp = final + ".tmp"
-    try:
-        fs.unlink(tmp)
-    except FileNotFoundError:
-        pass
-    wfd = fs.open_append(tmp)
-    try:
-        fs.write(wfd, encode_closed(first_seq, ts, offs, data_end, raw_bytes, crc))
-        fs.fdatasync(wfd)
-    finally:
-        fs.close(wfd)
-    fs.rename(tmp, final)
+    _write_sidecar(fs, final, encode_closed(first_seq, ts, offs, data_end, raw_bytes, crc))
 
 
 def clean_tail(fs: FileLayer, directory: str, first_seq: int) -> SegmentScan | None:
