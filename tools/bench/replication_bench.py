@@ -86,6 +86,7 @@ from cdp.admin import AdminClient
 from cdp.config import SOCKET_NAME
 from cdp.targets.nbd.client import NbdClient
 from tools.bench.nbd_bench import _row, fio, print_table
+from tools.bench.sysdeps import fs_type
 from tools.harness import Cdpd
 
 SIZE = 1 << 30
@@ -362,21 +363,6 @@ def _apply_vs_ingest(pair: _Pair, wl: str, fio_secs: float, label: str = "",
             _row(f"{label}repl-target-cpu-per-write-{wl}", cpu / max(1.0, res["ios"]) * 1e6,
                  cpu / (t2 - t0), "target CPU busy (s/s)", "us", None,
                  ratio=cpu / (t2 - t0))]
-
-
-def fs_type(path: Path) -> str:
-    """The type of the file system holding ``path`` (``/proc/mounts``: the longest mount
-    point that is a prefix of it), "?" when unknown."""
-    best, kind = "", "?"
-    real = str(path.resolve())
-    with contextlib.suppress(OSError), open("/proc/mounts") as f:
-        for line in f:
-            parts = line.split()
-            if len(parts) > 2:
-                mnt = parts[1]
-                if (real == mnt or real.startswith(mnt.rstrip("/") + "/")) and len(mnt) > len(best):
-                    best, kind = mnt, parts[2]
-    return kind
 
 
 def control_run_cap(free: int, runs: int) -> int:

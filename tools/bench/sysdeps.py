@@ -9,6 +9,7 @@ suite's warm-up.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import platform
 import re
@@ -77,3 +78,18 @@ def advice(lacking: dict[str, str]) -> str:
              f"    sudo apt-get install {pkgs}",
              "or name only the suites you can run (python -m tools.bench journal mapengine)"]
     return "\n".join(lines)
+
+
+def fs_type(path: Path) -> str:
+    """The type of the file system holding ``path`` (``/proc/mounts``: the longest mount
+    point that is a prefix of it), "?" when unknown."""
+    best, kind = "", "?"
+    real = str(path.resolve())
+    with contextlib.suppress(OSError), open("/proc/mounts") as f:
+        for line in f:
+            parts = line.split()
+            if len(parts) > 2:
+                mnt = parts[1]
+                if (real == mnt or real.startswith(mnt.rstrip("/") + "/")) and len(mnt) > len(best):
+                    best, kind = mnt, parts[2]
+    return kind

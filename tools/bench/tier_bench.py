@@ -85,6 +85,7 @@ from tools.bench.s3_bench import (
     put_rate,
     rgw,
 )
+from tools.bench.sysdeps import fs_type
 
 MiB = 1 << 20
 SIZE = 1 << 30
@@ -450,21 +451,6 @@ class Layout:
     base: Path
     suffix: str
     note: str = ""
-
-
-def fs_type(path: Path) -> str:
-    """The type of the file system holding *path* (``/proc/mounts``: the longest mount
-    point that is a prefix of it), "?" when unknown."""
-    best, kind = "", "?"
-    real = str(path.resolve())
-    with suppress(OSError), open("/proc/mounts") as f:
-        for line in f:
-            parts = line.split()
-            if len(parts) > 2:
-                mnt = parts[1]
-                if (real == mnt or real.startswith(mnt.rstrip("/") + "/")) and len(mnt) > len(best):
-                    best, kind = mnt, parts[2]
-    return kind
 
 
 #: the most bytes one ingest run may put in the control store directory (``--control-store``)
