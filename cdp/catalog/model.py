@@ -15,6 +15,8 @@ from collections.abc import Callable, Iterable, Mapping
 from operator import itemgetter
 from typing import Any
 
+import numpy as np
+
 from cdp.errors import Corruption
 from cdp.ntfs.attribute import DataStream, stream_from_location
 from cdp.ntfs.defs import filetime_to_ns
@@ -120,6 +122,88 @@ def pack_stat(seq: int, parent: int, size: int, alloc: int, crtime: int, mtime: 
     blob = pack(*pick((sig | SIG_RESIDENT if resident else sig, seq, attrs, flags, parent, size,
                        alloc, mtime, backup_ns, crtime, ctime, atime)))
     return blob + streams.encode() if streams else blob
+
+
+def _stat_dtype(sig: int) -> np.dtype[Any]:
+    """Layout *sig* (``sig & SIG_LAYOUT``) as a packed little-endian numpy record, its
+    fields named as :func:`pack_stats` fills them (the same bytes as its Struct)."""
+    wide = ["<i8" if sig & b else "<u4" for b in (SIG_PARENT64, SIG_SIZE64, SIG_ALLOC64)]
+    fields = [("sig", "u1"), ("seq", "<u4"), ("attrs", "<u4"), ("flags", "<u4"),
+              ("parent", wide[0]), ("size", wide[1]), ("alloc", wide[2]), ("mtime", "<i8")]
+    if sig & SIG_BACKUP:
+        fields.append(("backup_ns", "<i8"))
+    for bit, name in ((SIG_CRTIME, "crtime"), (SIG_CTIME, "ctime"), (SIG_ATIME, "atime")):
+        if sig & bit:
+            fields.append((name, "<i8"))
+    dt = np.dtype(fields)
+    assert dt.itemsize == LAYOUTS[sig][0].size
+    return dt
+
+
+#: numpy record by ``sig & SIG_LAYOUT`` (built when first used)
+_STAT_DTYPES: dict[int, np.dtype[Any]] = {}
+_I64_MAX = (1 << 63) - 1
+
+
+def pack_stats(seq: Iterable[int], parent: Iterable[int], size: Iterable[int],
+               alloc: Iterable[int], crtime: Iterable[int], mtime: Iterable[int],
+               ctime: Iterable[int], atime: Iterable[int], attrs: Iterable[int],
+               resident: Iterable[int], flags: Iterable[int], backup_ns: int,
+               start_ns: int | None = None) -> list[bytes]:
+    """:func:`pack_stat` of many rows at once (column-wise: one sequence per field, all
+    of one length), for rows without ``streams`` that share one *backup_ns*: the same
+    bytes, row by row. The layouts are filled with numpy, one record array per ``sig``
+    found (the rows of a file system share a few), then cut into one ``bytes`` a row.
+    A value outside its field (or beyond i64) makes it pack row by row, so it raises
+    what :func:`pack_stat` raises. Cost: ~0.3 us a row (numpy) vs ~1.5 us."""
+    try:
+        cols = [np.asarray(c, dtype=np.int64) for c in (seq, parent, size, alloc, crtime, mtime,
+                                                        ctime, atime, attrs, resident, flags)]
+    except OverflowError:  # beyond i64: pack_stat raises struct.error for it
+        cols = []
+    if cols:
+        seq_a, parent_a, size_a, alloc_a, crt, mt, cht, at, attrs_a, res, flags_a = cols
+        if any(bool(((c < 0) | (c > _U32)).any()) for c in (seq_a, attrs_a, flags_a)):
+            cols = []
+    if not cols:
+        return [pack_stat(sq, pa, sz, al, cr, mt_, ch, a, at_, rs, fl, "", backup_ns, start_ns)
+                for sq, pa, sz, al, cr, mt_, ch, a, at_, rs, fl in zip(
+                    seq, parent, size, alloc, crtime, mtime, ctime, atime, attrs, resident, flags,
+                    strict=True)]
+    n = len(seq_a)
+    sig = np.zeros(n, dtype=np.uint8)
+    for col, bit in ((parent_a, SIG_PARENT64), (size_a, SIG_SIZE64), (alloc_a, SIG_ALLOC64)):
+        sig |= np.where((col < 0) | (col > _U32), bit, 0).astype(np.uint8)
+    for col, bit in ((crt, SIG_CRTIME), (cht, SIG_CTIME), (at, SIG_ATIME)):
+        sig |= np.where(col != mt, bit, 0).astype(np.uint8)
+    if backup_ns != start_ns:
+        sig |= SIG_BACKUP
+    stored = sig | np.where(res != 0, SIG_RESIDENT, 0).astype(np.uint8)
+    found = np.unique(sig).tolist()
+    out: list[bytes] = [b""] * n
+    named = {"seq": seq_a, "attrs": attrs_a, "flags": flags_a, "parent": parent_a, "size": size_a,
+             "alloc": alloc_a, "mtime": mt, "crtime": crt, "ctime": cht, "atime": at}
+    for s in found:
+        dt = _STAT_DTYPES.get(s)
+        if dt is None:
+            dt = _STAT_DTYPES[s] = _stat_dtype(s)
+        idx = None if len(found) == 1 else np.nonzero(sig == s)[0]
+        rec = np.empty(n if idx is None else len(idx), dtype=dt)
+        for name in dt.names or ():
+            if name == "sig":
+                rec[name] = stored if idx is None else stored[idx]
+            elif name == "backup_ns":
+                rec[name] = backup_ns
+            else:
+                col = named[name]
+                rec[name] = col if idx is None else col[idx]
+        buf, w = rec.tobytes(), dt.itemsize
+        blobs = [buf[o : o + w] for o in range(0, len(buf), w)]
+        if idx is None:
+            return blobs
+        for j, b in zip(idx.tolist(), blobs, strict=True):
+            out[j] = b
+    return out
 
 
 def stat5_to_6(blob: bytes) -> bytes:

@@ -28,7 +28,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from cdp.catalog.model import Entry, join
 from cdp.errors import Corruption
@@ -170,23 +170,61 @@ def states_of(rec: FileRecord, part: str, resolver: Resolver, backup_ns: int) ->
 States = Callable[[Any, str, Resolver, int], list[Entry]]
 
 
+class NewRows(Protocol):
+    """New entries held column-wise (a first index's: :class:`Plan.rows`), so that they
+    are written without an :class:`Entry` per row."""
+
+    def __len__(self) -> int: ...
+
+    def entries(self) -> list[Entry]:
+        """Every row as an Entry (``start`` = ``ref`` = the version written, else 0)."""
+        ...
+
+    def keys(self, lo: int, hi: int) -> tuple[list[str], list[str]]:
+        """The directory paths and the names of rows ``[lo, hi)``."""
+        ...
+
+    def insert_rows(self, lo: int, hi: int, version: int, dir_ids: Mapping[str, int],
+                    name_ids: Mapping[str, int], start_ns: int | None) -> Iterable[tuple[Any, ...]]:
+        """Rows ``[lo, hi)`` as ``(part, dir_id, name_id, record, is_dir, stat,
+        location)`` (``stat`` as :func:`~cdp.catalog.model.pack_stat` packs it, with
+        *start_ns* the version's time), written at *version*."""
+        ...
+
+
 @dataclass(repr=False)
 class Plan:
-    """What one version changes in one partition."""
+    """What one version changes in one partition. The new entries are :attr:`added`;
+    a first index may hold them column-wise instead (:attr:`rows`, written as they are;
+    reading :attr:`added` turns them into Entries, once)."""
 
     part: str
     modified: list[Entry] = field(default_factory=list)  # closed, ref moved (new entry added)
     deleted: list[Entry] = field(default_factory=list)  # closed, ref not moved
     touched: list[Entry] = field(default_factory=list)  # only ref moved
-    added: list[Entry] = field(default_factory=list)  # new entries (start = version)
     damaged: list[tuple[int, str]] = field(default_factory=list)  # (record, reason)
     records: int = 0  # records examined
+    #: new entries (start = version), column-wise: written without an Entry per row
+    rows: NewRows | None = None
+    _added: list[Entry] = field(default_factory=list)
+
+    @property
+    def added(self) -> list[Entry]:
+        """The new entries (start = version), in order (:attr:`rows` turned into
+        Entries first, when there are some: O(rows) once)."""
+        if self.rows is not None:
+            self._added.extend(self.rows.entries())
+            self.rows = None
+        return self._added
+
+    def added_count(self) -> int:
+        return len(self._added) + (len(self.rows) if self.rows is not None else 0)
 
     def closed_ids(self) -> set[int]:
         return {e.id for e in self.modified} | {e.id for e in self.deleted}
 
     def counts(self) -> dict[str, int]:
-        return {"records": self.records, "added": len(self.added), "modified": len(self.modified),
+        return {"records": self.records, "added": self.added_count(), "modified": len(self.modified),
                 "deleted": len(self.deleted), "touched": len(self.touched),
                 "damaged": len(self.damaged)}
 

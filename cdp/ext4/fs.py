@@ -53,7 +53,7 @@ from cdp.ext4.defs import (
 from cdp.ext4.directory import DirEntry, DirFormat, RawEntry
 from cdp.ext4.extent import Extent, extent_tree
 from cdp.ext4.group import GroupDesc, load_groups
-from cdp.ext4.inode import Inode, ibody_xattr, inode_parser, table_parser
+from cdp.ext4.inode import Inode, InodeColumns, ibody_xattr, inode_parser, table_parser
 from cdp.ext4.superblock import Superblock, find_superblock
 
 Reader = Callable[[int, int], bytes]
@@ -260,10 +260,13 @@ class Ext4:
             i = j
         return out
 
-    def scan(self, chunk_inodes: int = SCAN_CHUNK_INODES) -> Iterator[list[Inode]]:
+    def scan(self, chunk_inodes: int = SCAN_CHUNK_INODES,
+             columns: list[InodeColumns | None] | None = None) -> Iterator[list[Inode]]:
         """Every inode that looks used (non-zero mode and links), chunk by chunk in
-        table order; the never-initialised part of each table is skipped. Cost: one
-        read per chunk; ~1.5 us of Python per used inode."""
+        table order (ascending numbers); the never-initialised part of each table is
+        skipped. With a *columns* list, each chunk's numpy columns are appended to it
+        as it is yielded (:func:`~cdp.ext4.inode.table_parser`). Cost: one read per
+        chunk; ~1.5 us of Python per used inode."""
         ipg, isz = self.inodes_per_group, self.inode_size
         parse = self._parse_table
         for gd in self.groups:
@@ -273,7 +276,7 @@ class Ext4:
             while done < used:
                 n = min(chunk_inodes, used - done)
                 buf = self.read(gd.inode_table * self.block_size + done * isz, n * isz)
-                yield parse(buf, first + done)
+                yield parse(buf, first + done, columns)
                 done += n
 
     # ------------------------------------------------------------------ data

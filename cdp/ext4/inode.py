@@ -262,14 +262,23 @@ def inode_parser(sb: Superblock) -> Callable[[Buffer, int, int], Inode]:
     return parse
 
 
-def table_parser(sb: Superblock) -> Callable[[bytes, int], list[Inode]]:
-    """A function ``parse_table(buf, first) -> [Inode]`` for chunks of inode table
-    (``len(buf)`` a multiple of the inode size, the first inode numbered *first*): the
-    inodes that look used (non-zero mode and link count), decoded column-wise with numpy
-    and built as tuples in one pass; the rare inode numpy cannot decode exactly (a bad
-    ``i_extra_isize``, times past 2174) goes through :func:`inode_parser`. Same results
-    as :func:`inode_parser`. Cost: O(len(buf)) numpy work + ~1 us of Python per used
-    inode (mostly its crc32c call)."""
+#: the numpy columns of a chunk of used inodes (:func:`table_parser`'s *columns*): one
+#: int64 array per :class:`Inode` field from ``number`` to ``file_acl`` (``size``:
+#: uint64), index-aligned with the chunk's inodes
+InodeColumns = tuple[np.ndarray, ...]
+
+
+def table_parser(sb: Superblock) -> Callable[[bytes, int, list[InodeColumns | None] | None], list[Inode]]:
+    """A function ``parse_table(buf, first, columns=None) -> [Inode]`` for chunks of
+    inode table (``len(buf)`` a multiple of the inode size, the first inode numbered
+    *first*): the inodes that look used (non-zero mode and link count), decoded
+    column-wise with numpy and built as tuples in one pass; the rare inode numpy cannot
+    decode exactly (a bad ``i_extra_isize``, times past 2174) goes through
+    :func:`inode_parser`. Same results as :func:`inode_parser`. With a *columns* list,
+    the chunk's numpy columns (:data:`InodeColumns`, the slow inodes' values set from
+    their tuples) are appended to it too, or None when a slow inode's value does not fit
+    its column (consumers then read the tuples). Cost: O(len(buf)) numpy work + ~1 us of
+    Python per used inode (mostly its crc32c call)."""
     one = inode_parser(sb)
     isz = sb.inode_size
     large = isz > EXT2_GOOD_OLD_INODE_SIZE
@@ -280,7 +289,7 @@ def table_parser(sb: Superblock) -> Callable[[bytes, int], list[Inode]]:
     sectors_per_block = sb.block_size // 512
     tnew = tuple.__new__
 
-    def parse_table(buf: bytes, first: int) -> list[Inode]:
+    def parse_table(buf: bytes, first: int, columns: list[InodeColumns | None] | None = None) -> list[Inode]:
         n = len(buf) // isz
         if n == 0:
             return []
@@ -369,9 +378,19 @@ def table_parser(sb: Superblock) -> Callable[[bytes, int], list[Inode]]:
                 flags, atime, ctime, mtime, crtime, c32(5), generation, blocks, acl)
         out = [tnew(Inode, t) for t in zip(*[c.tolist() for c in cols], i_blocks, ibody, damaged,
                                            strict=True)]
-        for j in np.nonzero(slow)[0].tolist():
+        slow_rows = np.nonzero(slow)[0].tolist()
+        for j in slow_rows:
             number = out[j].number
             out[j] = one(buf, (number - first) * isz, number)
+        if columns is not None:
+            try:
+                for j in slow_rows:
+                    for c, v in zip(cols, out[j][: len(cols)], strict=True):
+                        c[j] = v
+            except OverflowError:  # a value beyond its column (times past 2262)
+                columns.append(None)
+            else:
+                columns.append(cols)
         return out
 
     return parse_table

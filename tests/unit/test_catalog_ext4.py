@@ -270,3 +270,53 @@ def test_a_first_index_plans_as_the_general_path(base_image: Path, tmp_path: Pat
     assert any("which is free" in r for r in reasons) and any("checksum" in r for r in reasons)
     assert fast.damaged == slow.damaged
     assert fast.records == slow.records - 1  # the general path also planned record 0
+
+
+def _stored(cat: Catalog) -> list[tuple[object, ...]]:
+    """Every catalogued row as stored: the table's bytes, paths and names joined."""
+    return cat.reader.execute(
+        'SELECT e.id, e.part, d.path, n.name, e.start, e."end", e.ref, e.record, e.is_dir, '
+        "e.stat, e.location FROM file_entries e JOIN dirs d ON d.id = e.dir_id "
+        "JOIN names n ON n.id = e.name_id ORDER BY e.id").fetchall()
+
+
+@pytest.mark.parametrize("time_ns", [7, 8])
+def test_a_first_index_stores_the_general_paths_bytes(base_image: Path, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch,
+                                                      time_ns: int) -> None:
+    """A first index writes its rows column-wise (``Ext4Rows``: ``stat`` packed with
+    numpy from the scan's columns, no Entry per row); the catalog it leaves holds the
+    bytes the general path's Entries store (``pack_stat`` row by row): ``stat``,
+    ``location``, ids, paths and names, with the backup time left out (the marker's
+    time) or kept (another one). On the sample image with an inode cleared while still
+    named, one whose checksum is wrong, a symlink and a hard link."""
+    img = tmp_path / "x.img"
+    shutil.copyfile(base_image, img)
+    cat = Catalog(tmp_path / "probe.sqlite")
+    index(cat, img, 1)
+    files = sorted(e.record for e in cat.subtree("/", 1) if not e.is_dir)
+    cat.close()
+    debugfs(img, f"clri <{files[3]}>", f"sif <{files[5]}> checksum 0x1234")
+    size = img.stat().st_size
+    fast = asyncio.run(compute(file_reader(img), size, None, None, None, 7))
+    assert fast.plans[0].rows is not None  # the column-wise path
+    fast_cat = Catalog(tmp_path / "fast.sqlite")
+    asyncio.run(persist(fast_cat, fast, 1, 1, time_ns))
+    full = ext4index.Ext4Indexer.full
+
+    async def general(self: ext4index.Ext4Indexer, old: dict[int, list[Entry]],
+                      reset: bool) -> AsyncIterator[None]:
+        async for _ in full(self, old or {0: []}, reset):  # not empty: not the first-index loop
+            yield None
+
+    monkeypatch.setattr(ext4index.Ext4Indexer, "full", general)
+    slow = asyncio.run(compute(file_reader(img), size, None, None, None, 7))
+    assert slow.plans[0].rows is None
+    slow_cat = Catalog(tmp_path / "slow.sqlite")
+    asyncio.run(persist(slow_cat, slow, 1, 1, time_ns))
+    rows = _stored(fast_cat)
+    assert len(rows) > 600 and any(r[10] for r in rows)  # located rows (directories, links)
+    assert rows == _stored(slow_cat)
+    assert fast.plans[0].damaged == slow.plans[0].damaged
+    # the rows as Entries (what an overlay or a test reads) after the write: as written
+    assert [e.values() for e in fast.plans[0].added] == [e.values() for e in slow.plans[0].added]

@@ -15,6 +15,7 @@ import struct
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -25,6 +26,7 @@ from cdp.catalog.model import (
     Entry,
     StartTimes,
     pack_stat,
+    pack_stats,
     restat,
     stat5_to_6,
     unpack_stat,
@@ -277,3 +279,26 @@ def test_changed_between_finds_a_modified_record_whose_new_name_was_claimed(tmp_
             assert cat.changed_between(a, b) == _changed_by_scan(cat, a, b), (a, b)
     assert ("", 101) in cat.changed_between(1, 2)
     cat.close()
+
+
+ROW = st.tuples(U32, I64, I64, I64, TIME, TIME, TIME, TIME, U32, st.integers(0, 1), U32)
+
+
+@given(st.lists(ROW, max_size=40), I64, st.one_of(st.none(), I64), st.booleans())
+def test_stats_packed_column_wise_are_the_row_by_row_bytes(
+        rows: list[tuple[int, ...]], backup_ns: int, start_ns: int | None, same: bool) -> None:
+    """``pack_stats`` (a first ext4 index packs its rows' ``stat`` with numpy) gives
+    exactly ``pack_stat``'s bytes, row by row, whichever layouts the rows need."""
+    start = backup_ns if same else start_ns
+    want = [pack_stat(*r, "", backup_ns, start) for r in rows]
+    cols = list(zip(*rows, strict=True)) if rows else [()] * 11
+    assert pack_stats(*cols, backup_ns, start) == want
+    assert pack_stats(*(np.asarray(c, dtype=np.int64) for c in cols), backup_ns, start) == want
+
+
+def test_stats_out_of_their_range_do_not_pack_column_wise() -> None:
+    """A value ``pack_stat`` refuses is refused the same way (struct.error)."""
+    ok = (1, 2, 3, 4, 5, 6, 7, 8, 9, 0, 10)
+    for bad in ((1 << 32, *ok[1:]), (ok[0], 1 << 63, *ok[2:]), (*ok[:8], -1, *ok[9:])):
+        with pytest.raises(struct.error):
+            pack_stats(*zip(ok, bad, strict=True), 0)
