@@ -165,6 +165,10 @@ _GLOB_SPECIAL = "*?["
 #: (see :meth:`Catalog.write_plan`); seven bound values
 _INS = ('INSERT INTO file_entries (part, dir_id, name_id, start, "end", ref, record, is_dir, '
         'stat, location) VALUES (?, ?, ?, {v}, 0, {v}, ?, ?, ?, ?)')
+#: a new row written column-wise (:class:`~cdp.catalog.rules.NewRows`): the partition
+#: is a literal as well (an SQL string: quotes doubled); six bound values
+_INS_COLS = ('INSERT INTO file_entries (part, dir_id, name_id, start, "end", ref, record, is_dir, '
+             'stat, location) VALUES ({p}, ?, ?, {v}, 0, {v}, ?, ?, ?, ?)')
 _dir_of, _name_of = attrgetter("dir"), attrgetter("name")
 
 
@@ -640,7 +644,9 @@ class Catalog:
                 dirs, names = rows.keys(lo, hi)
                 self._intern("dirs", "path", self._dir_ids, dirs)
                 self._intern("names", "name", self._name_ids, names)
-                w.executemany(_INS.format(v=int(version)), rows.insert_rows(
+                # the partition is a literal too: six bound values a row
+                part_sql = "'" + rows.part.replace("'", "''") + "'"
+                w.executemany(_INS_COLS.format(v=int(version), p=part_sql), rows.insert_rows(
                     lo, hi, version, self._dir_ids, self._name_ids, time_ns))
             else:
                 part = rows[lo:hi]

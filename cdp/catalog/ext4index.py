@@ -47,7 +47,6 @@ from __future__ import annotations
 import bisect
 import struct
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
-from itertools import repeat
 from operator import itemgetter
 from typing import Any, NamedTuple
 
@@ -181,9 +180,9 @@ class Ext4Rows:
             resident[row - lo] = 0 if is_dir[row - lo] else 1
         stat = pack_stats(gen, list(map(_parent_of, pn)), size, alloc, crtime, mtime, ctime, atime,
                           mode, resident, flags, self.backup_ns, start_ns)
-        return zip(repeat(self.part), map(dir_ids.__getitem__, self.dirs[lo:hi]),
+        return zip(map(dir_ids.__getitem__, self.dirs[lo:hi]),
                    map(name_ids.__getitem__, map(_name_of, pn)), self.numbers[lo:hi], is_dir,
-                   stat, locs)
+                   stat, locs, strict=True)
 
     @property
     def _loc_rows(self) -> list[int]:
@@ -504,14 +503,15 @@ class Ext4Indexer:
         numbers: list[int] = []  # per row: the inode
         dirs: list[str] = []  # per row: its directory's path
         pn: list[tuple[int, str]] = []  # per row: (directory inode, name)
-        add_num, add_dir, add_pn, names_get = numbers.append, dirs.append, pn.append, names.get
+        add_num, add_dir, add_pn = numbers.append, dirs.append, pn.append
         records = 0
         chunk = max(self.chunk, 1) * 4
         items = list(inodes.items())
         for i in range(0, len(items), chunk):
             for num, ino in items[i : i + chunk]:
-                nm = names_get(num)
-                if nm is None:
+                try:  # (subscripts, not .get: fewer calls on the hot path)
+                    nm = names[num]
+                except KeyError:  # not named: not listed
                     continue
                 records += 1
                 # the scan gives used inodes only (non-zero mode and links)
@@ -523,8 +523,9 @@ class Ext4Indexer:
                 if len(nm) == 1:  # the hot path: one name, its directory's path cached
                     one = nm[0]
                     parent, name = one
-                    dpath = paths.get(parent)
-                    if dpath is None:
+                    try:
+                        dpath = paths[parent]
+                    except KeyError:
                         try:
                             dpath = paths[parent] = dir_path(parent)
                         except Corruption as err:  # a parent loop

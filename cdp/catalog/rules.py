@@ -174,6 +174,9 @@ class NewRows(Protocol):
     """New entries held column-wise (a first index's: :class:`Plan.rows`), so that they
     are written without an :class:`Entry` per row."""
 
+    #: the partition of every row
+    part: str
+
     def __len__(self) -> int: ...
 
     def entries(self) -> list[Entry]:
@@ -186,8 +189,8 @@ class NewRows(Protocol):
 
     def insert_rows(self, lo: int, hi: int, version: int, dir_ids: Mapping[str, int],
                     name_ids: Mapping[str, int], start_ns: int | None) -> Iterable[tuple[Any, ...]]:
-        """Rows ``[lo, hi)`` as ``(part, dir_id, name_id, record, is_dir, stat,
-        location)`` (``stat`` as :func:`~cdp.catalog.model.pack_stat` packs it, with
+        """Rows ``[lo, hi)`` as ``(dir_id, name_id, record, is_dir, stat, location)``
+        (``stat`` as :func:`~cdp.catalog.model.pack_stat` packs it, with
         *start_ns* the version's time), written at *version*."""
         ...
 
