@@ -320,3 +320,16 @@ def test_a_first_index_stores_the_general_paths_bytes(base_image: Path, tmp_path
     assert fast.plans[0].damaged == slow.plans[0].damaged
     # the rows as Entries (what an overlay or a test reads) after the write: as written
     assert [e.values() for e in fast.plans[0].added] == [e.values() for e in slow.plans[0].added]
+
+
+def test_a_first_index_rows_keep_their_partitions_name(base_image: Path, tmp_path: Path) -> None:
+    """The column-wise rows name their partition in the statement (a literal, not a bound
+    value): a name with a quote is stored as it is."""
+    c = asyncio.run(compute(file_reader(base_image), base_image.stat().st_size, None, None, None, 7))
+    rows = c.plans[0].rows
+    assert rows is not None
+    c.plans[0].part = rows.part = "p'1"
+    cat = Catalog(tmp_path / "catalog.sqlite")
+    asyncio.run(persist(cat, c, 1, 1, 7))
+    parts = cat.reader.execute("SELECT part, count(*) FROM file_entries GROUP BY part").fetchall()
+    assert parts == [("p'1", len(rows))]
