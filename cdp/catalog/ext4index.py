@@ -401,12 +401,20 @@ class Ext4Indexer:
         number = itemgetter(0)  # Inode.number
         await self._ahead(self._table_ranges)
         first = not old and not reset
-        columns: list[InodeColumns | None] = []  # a first index packs its rows from them
+        # a first index reads the scan's numpy columns: inodes holds only those needed
+        # whole (directories, symlinks, inline data, damaged ones)
+        columns: list[InodeColumns | None] = []
         for got in fs.scan(max(self.chunk, 1024), columns if first else None):
             # the scan returns only inodes that look used (non-zero mode and links)
             inodes.update(zip(map(number, got), got, strict=True))
-            self.parsed += len(got)
+            c = columns[-1] if first else None
+            self.parsed += len(got) if c is None else len(c[0])
             yield None
+        if None in columns:  # a value beyond int64 (times past 2262): every inode whole
+            inodes, columns = {}, []
+            for got in fs.scan(max(self.chunk, 1024)):
+                inodes.update(zip(map(number, got), got, strict=True))
+                yield None
         self.changed_records += fs.inode_count
         # i[1]: mode, i[17]: damaged (no property calls: this runs once per inode)
         dirs = {n: i for n, i in inodes.items() if i[1] & S_IFMT == S_IFDIR and not i[17]}
@@ -463,25 +471,17 @@ class Ext4Indexer:
         plan = self.plan
         damaged = plan.damaged
         fs = self.fs
-        # the located records: directories, symlinks, inline files (few; the columns
-        # find them without a look at every inode)
-        if columns and all(c is not None for c in columns):
-            mode = np.concatenate([c[1] for c in columns if c is not None])
-            flags = np.concatenate([c[6] for c in columns if c is not None])
-            kind = mode & S_IFMT
-            pick = (kind == S_IFDIR) | (kind == S_IFLNK) | (flags & EXT4_INLINE_DATA_FL != 0)
-            allnum = np.concatenate([c[0] for c in columns if c is not None])
-            cand = allnum[pick].tolist()
-        else:
-            allnum = None
-            cand = [n for n, i in inodes.items() if i[1] & S_IFMT in _LOCATED or i[6] & EXT4_INLINE_DATA_FL]
+        allnum = np.concatenate([c[0] for c in columns if c is not None]) if columns else None
+        # the located records: directories, symlinks, inline files (few; with columns,
+        # inodes holds them and the damaged ones only)
         pre: list[tuple[int, str]] = []  # damaged found here, reported in names order
         located: dict[int, InodeNames] = {}
-        for n in cand:
+        for n, found in inodes.items():
+            if not (found[1] & S_IFMT in _LOCATED or found[6] & EXT4_INLINE_DATA_FL):
+                continue
             nm = names.get(n)
             if nm is None:
                 continue
-            found = inodes[n]
             loc = b""
             if found.in_use and not found.damaged:
                 try:
@@ -489,13 +489,6 @@ class Ext4Indexer:
                 except Corruption as e:
                     pre.append((n, str(e)))
             located[n] = InodeNames(found, nm, loc)
-        for n in names.keys() - inodes.keys():
-            pre += [(n, f"directory inode {d} names {name!r} with inode {n}, which is free")
-                    for d, name in names[n]]
-        if len(pre) > 1:
-            order = {n: i for i, n in enumerate(names)}
-            pre.sort(key=lambda t: order[t[0]])  # stable: one inode's reports stay in order
-        damaged += pre
         yield None
         dir_path = InodeResolver(self.prefix, located).dir_path
         keys: set[tuple[str, str]] = set()
@@ -503,19 +496,22 @@ class Ext4Indexer:
         numbers: list[int] = []  # per row: the inode
         dirs: list[str] = []  # per row: its directory's path
         pn: list[tuple[int, str]] = []  # per row: (directory inode, name)
-        add_num, add_dir, add_pn = numbers.append, dirs.append, pn.append
+        add_num, add_dir, add_pn, whole = numbers.append, dirs.append, pn.append, inodes.get
         records = 0
         chunk = max(self.chunk, 1) * 4
-        items = list(inodes.items())
-        for i in range(0, len(items), chunk):
-            for num, ino in items[i : i + chunk]:
+        used = allnum.tolist() if allnum is not None else list(inodes)  # ascending
+        mark = len(damaged)
+        for i in range(0, len(used), chunk):
+            for num in used[i : i + chunk]:
                 try:  # (subscripts, not .get: fewer calls on the hot path)
                     nm = names[num]
                 except KeyError:  # not named: not listed
                     continue
                 records += 1
-                # the scan gives used inodes only (non-zero mode and links)
-                if ino[17]:  # damaged
+                # the scan gives used inodes only (non-zero mode and links); the
+                # damaged ones are among those it gave whole
+                ino = whole(num)
+                if ino is not None and ino[17]:
                     damaged.append((num, f"inode {num}: {ino[17]}"))
                     continue
                 if num == EXT4_ROOT_INO:
@@ -555,6 +551,14 @@ class Ext4Indexer:
                         add_dir(dpath)
                         add_pn((parent, name))
             yield None
+        if records < len(names):  # some names name a free inode: reported first
+            for n in names.keys() - set(used):
+                pre += [(n, f"directory inode {d} names {name!r} with inode {n}, which is free")
+                        for d, name in names[n]]
+        if len(pre) > 1:
+            order = {n: i for i, n in enumerate(names)}
+            pre.sort(key=lambda t: order[t[0]])  # stable: one inode's reports stay in order
+        damaged[mark:mark] = pre
         plan.records = records
         cols = None
         if allnum is not None:

@@ -280,26 +280,32 @@ def _stored(cat: Catalog) -> list[tuple[object, ...]]:
         "JOIN names n ON n.id = e.name_id ORDER BY e.id").fetchall()
 
 
-@pytest.mark.parametrize("time_ns", [7, 8])
+@pytest.mark.parametrize(("time_ns", "late"), [(7, False), (8, False), (7, True)])
 def test_a_first_index_stores_the_general_paths_bytes(base_image: Path, tmp_path: Path,
                                                       monkeypatch: pytest.MonkeyPatch,
-                                                      time_ns: int) -> None:
+                                                      time_ns: int, late: bool) -> None:
     """A first index writes its rows column-wise (``Ext4Rows``: ``stat`` packed with
     numpy from the scan's columns, no Entry per row); the catalog it leaves holds the
     bytes the general path's Entries store (``pack_stat`` row by row): ``stat``,
     ``location``, ids, paths and names, with the backup time left out (the marker's
     time) or kept (another one). On the sample image with an inode cleared while still
-    named, one whose checksum is wrong, a symlink and a hard link."""
+    named, one whose checksum is wrong, a symlink and a hard link; *late*: also an mtime
+    past 2174 (numpy leaves it to the one-inode parser)."""
     img = tmp_path / "x.img"
     shutil.copyfile(base_image, img)
     cat = Catalog(tmp_path / "probe.sqlite")
     index(cat, img, 1)
     files = sorted(e.record for e in cat.subtree("/", 1) if not e.is_dir)
     cat.close()
-    debugfs(img, f"clri <{files[3]}>", f"sif <{files[5]}> checksum 0x1234")
+    debugfs(img, f"clri <{files[3]}>", f"sif <{files[5]}> checksum 0x1234",
+            *([f"sif <{files[7]}> mtime @-2147483648", f"sif <{files[7]}> mtime_extra 0x16"]
+              if late else []))  # the most negative seconds, epoch 2, 5 ns: year ~2174
     size = img.stat().st_size
     fast = asyncio.run(compute(file_reader(img), size, None, None, None, 7))
     assert fast.plans[0].rows is not None  # the column-wise path
+    if late:
+        e = next(e for e in fast.plans[0].added if e.record == files[7])
+        assert e.mtime == (-(1 << 31) + (2 << 32)) * 10**9 + 5
     fast_cat = Catalog(tmp_path / "fast.sqlite")
     asyncio.run(persist(fast_cat, fast, 1, 1, time_ns))
     full = ext4index.Ext4Indexer.full
@@ -333,3 +339,30 @@ def test_a_first_index_rows_keep_their_partitions_name(base_image: Path, tmp_pat
     asyncio.run(persist(cat, c, 1, 1, 7))
     parts = cat.reader.execute("SELECT part, count(*) FROM file_entries GROUP BY part").fetchall()
     assert parts == [("p'1", len(rows))]
+
+
+def test_a_first_index_with_a_time_beyond_int64_plans_as_the_general_path(
+        base_image: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A ctime past 2262 does not fit the scan's int64 columns: the first index scans
+    again with every inode whole and plans the same entries as the general path."""
+    img = tmp_path / "x.img"
+    shutil.copyfile(base_image, img)
+    cat = Catalog(tmp_path / "probe.sqlite")
+    index(cat, img, 1)
+    rec = next(e.record for e in cat.subtree("/", 1) if not e.is_dir)
+    cat.close()
+    debugfs(img, f"sif <{rec}> ctime_extra 0xFFFFFFFF")  # epoch 3
+    size = img.stat().st_size
+    fast = asyncio.run(compute(file_reader(img), size, None, None, None, 7)).plans[0]
+    assert fast.rows is not None and fast.rows.cols is None  # type: ignore[attr-defined]
+    full = ext4index.Ext4Indexer.full
+
+    async def general(self: ext4index.Ext4Indexer, old: dict[int, list[Entry]],
+                      reset: bool) -> AsyncIterator[None]:
+        async for _ in full(self, old or {0: []}, reset):
+            yield None
+
+    monkeypatch.setattr(ext4index.Ext4Indexer, "full", general)
+    slow = asyncio.run(compute(file_reader(img), size, None, None, None, 7)).plans[0]
+    assert [e.values() for e in fast.added] == [e.values() for e in slow.added]
+    assert max(e.ctime for e in fast.added) > (1 << 63)

@@ -10,6 +10,7 @@ import struct
 import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -181,6 +182,28 @@ def test_extreme_fields_decode_alike(images: Callable[[str], Path], tmp_path: Pa
     assert y.mtime % 1_000_000_000 == 5 and y.mtime // 1_000_000_000 >= 2 << 32
     scanned = {i.number: i for chunk in fs.scan() for i in chunk}
     assert scanned[big] == x and scanned[late] == y
+    # with columns (a first index): the slow inodes come whole; a time beyond int64
+    # leaves its chunk without columns (the index then scans again, every inode whole)
+    columns: list[Any] = []
+    lean = {i.number: i for chunk in fs.scan(columns=columns) for i in chunk}
+    assert lean[late] == y and None in columns
+
+
+@pytest.mark.parametrize("config", ["ext4", "ext3", "inline"])
+def test_table_scan_with_columns(images: Callable[[str], Path], config: str) -> None:
+    """With a *columns* list the scan gives every used inode's fields as numpy columns
+    (field by field what the tuples hold) and, whole, only the inodes a first index
+    needs whole: directories, symlinks, inline data, damaged ones."""
+    fs = open_fs(images(config))
+    every = {x.number: x for chunk in fs.scan(chunk_inodes=100) for x in chunk}
+    columns: list[Any] = []
+    whole = {x.number: x for chunk in fs.scan(chunk_inodes=100, columns=columns) for x in chunk}
+    assert columns and None not in columns
+    cols = [np.concatenate([c[f] for c in columns]).tolist() for f in range(15)]
+    assert [tuple(r) for r in zip(*cols, strict=True)] == [x[:15] for x in every.values()]
+    assert whole == {n: x for n, x in every.items()
+                     if x.is_dir or x.is_symlink or x.has_inline_data or x.damaged}
+    assert any(x.is_dir for x in whole.values()) and len(whole) < len(every)
 
 
 @pytest.mark.parametrize("config", ["ext4", "ext4-1k", "ext3", "inline"])
