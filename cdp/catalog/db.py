@@ -105,9 +105,11 @@ log = logging.getLogger("cdp.catalog")
 #: ``stat`` leaves out a backup_ns equal to its start version's time, ``entries_start``
 #: dropped (rows started in a range of versions are a range of ids), ``entries_end``
 #: replaced by ``entries_deleted`` (only the rows closed without a newer version),
-#: ``entries_record`` without ``start`` (a record's rows come in id order: start order).
-#: Formats 1 to 5 are migrated in place when opened for writing (:func:`_migrate`).
-CATALOG_FORMAT = 6
+#: ``entries_record`` without ``start`` (a record's rows come in id order: start order);
+#: 7: ``entries_record`` is ``(record)`` (every query that uses it names the record and
+#: reads the row, which holds ``part``: one byte less an index entry).
+#: Formats 1 to 6 are migrated in place when opened for writing (:func:`_migrate`).
+CATALOG_FORMAT = 7
 CATALOG_FILE = "catalog.sqlite"
 
 SCHEMA = """
@@ -136,7 +138,7 @@ CREATE TABLE IF NOT EXISTS file_entries (
 );
 CREATE UNIQUE INDEX IF NOT EXISTS entries_key ON file_entries (dir_id, name_id, start);
 CREATE INDEX IF NOT EXISTS entries_name ON file_entries (name_id);
-CREATE INDEX IF NOT EXISTS entries_record ON file_entries (part, record);
+CREATE INDEX IF NOT EXISTS entries_record ON file_entries (record);
 CREATE INDEX IF NOT EXISTS entries_deleted ON file_entries ("end") WHERE "end" > ref;
 CREATE INDEX IF NOT EXISTS entries_dirs ON file_entries (part, record) WHERE is_dir = 1;
 CREATE VIEW IF NOT EXISTS entries AS SELECT
@@ -725,16 +727,30 @@ def _old_format(w: sqlite3.Connection) -> int | None:
 
 
 def _migrate(w: sqlite3.Connection, path: Path, old: int) -> None:
-    """Upgrade a format 1 to 5 catalog to :data:`CATALOG_FORMAT` in one transaction,
-    before the schema script runs: the old rows' table (formats 1-3: ``entries``, formats
-    4 and 5: ``file_entries``, its view dropped) loses its indexes and is renamed away,
-    the format 6 schema is created, formats 1-3 intern every distinct directory path and
+    """Upgrade a format 1 to 6 catalog to :data:`CATALOG_FORMAT` in one transaction
+    (format 6: ``entries_record`` rebuilt on ``(record)``, nothing else; O(rows log
+    rows) in C). Formats 1 to 5, before the schema script runs: the old rows' table
+    (formats 1-3: ``entries``, formats 4 and 5: ``file_entries``, its view dropped) loses
+    its indexes and is renamed away, the current schema is created, formats 1-3 intern every distinct directory path and
     name (formats 4 and 5 have them), the rows are copied with their ids (``id`` kept:
     format 6 relies on ids growing with ``start``, as they were appended) and their stat
     fields packed (:func:`pack_stat`; format 5: :func:`restat`; a Python function of the
     statement, given the start version's time), the old table dropped; formats 1 and 2
     also gain ``versions.fs`` and give every file system of their versions its kind
     (NTFS, the only one they knew). Cost: O(rows), ~2 us a row (the packing), once."""
+    if old == 6:  # the rows stay as they are: one index rebuilt
+        w.execute("BEGIN IMMEDIATE")
+        try:
+            w.execute("DROP INDEX IF EXISTS entries_record")
+            w.execute("CREATE INDEX entries_record ON file_entries (record)")
+            w.execute("UPDATE meta SET value = ? WHERE key = 'format'", (str(CATALOG_FORMAT),))
+            w.execute("COMMIT")
+        except BaseException:
+            w.execute("ROLLBACK")
+            raise
+        log.info("%s: catalog format 6 migrated to %d (entries_record on the record alone)",
+                 path, CATALOG_FORMAT)
+        return
     w.create_function("cdp_stat", len(STAT_FIELDS) + 1, pack_stat, deterministic=True)
     w.create_function("cdp_restat", 2, restat, deterministic=True)
     w.execute("BEGIN IMMEDIATE")

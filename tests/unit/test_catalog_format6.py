@@ -42,6 +42,8 @@ from tests.unit.catalog_format4_fixture import (
 )
 
 FORMAT5_SQL = Path(__file__).parent / "catalog_format5.sql"
+#: the same markers written by the format 6 code (581d28a); pinned: never regenerate it
+FORMAT6_SQL = Path(__file__).parent / "catalog_format6.sql"
 
 # ---------------------------------------------------------------------- golden bytes
 
@@ -155,10 +157,10 @@ def test_the_pinned_catalog_is_format_4() -> None:
     assert "CREATE VIEW entries AS SELECT" in text and "backup_ns INTEGER NOT NULL" in text
 
 
-@pytest.mark.parametrize("old", [4, 5])
+@pytest.mark.parametrize("old", [4, 5, 6])
 def test_an_old_format_read_offline_answers_as_format_4_did(tmp_path: Path, old: int) -> None:
     path = tmp_path / "catalog.sqlite"
-    _load(path, FORMAT4_SQL if old == 4 else FORMAT5_SQL)
+    _load(path, {4: FORMAT4_SQL, 5: FORMAT5_SQL, 6: FORMAT6_SQL}[old])
     # cdpctl offline: not migrated; format 4 packed as it reads, format 5 read as format 6
     ro = Catalog(path, readonly=True)
     try:
@@ -187,8 +189,8 @@ def test_format_4_migrated_answers_every_query_as_before(tmp_path: Path,
     want = json.loads(FORMAT4_ANSWERS.read_text())
     with caplog.at_level(logging.INFO, logger="cdp.catalog"):
         cat = Catalog(path)
-    assert "catalog format 4 migrated to 6 (stat fields packed)" in caplog.text
-    assert cat.reader.execute("SELECT value FROM meta WHERE key = 'format'").fetchone()[0] == "6"
+    assert "catalog format 4 migrated to 7 (stat fields packed)" in caplog.text
+    assert cat.reader.execute("SELECT value FROM meta WHERE key = 'format'").fetchone()[0] == "7"
     cols = [r[1] for r in cat.reader.execute("PRAGMA table_info(file_entries)")]
     assert cols == ["id", "part", "dir_id", "name_id", "start", "end", "ref", "record", "is_dir",
                     "stat", "location"]
@@ -210,8 +212,8 @@ def test_format_5_migrated_answers_every_query_as_before(tmp_path: Path,
     old = dict(sqlite3.connect(path).execute("SELECT id, length(stat) FROM file_entries"))
     with caplog.at_level(logging.INFO, logger="cdp.catalog"):
         cat = Catalog(path)
-    assert "catalog format 5 migrated to 6 (backup times left out of stat" in caplog.text
-    assert cat.reader.execute("SELECT value FROM meta WHERE key = 'format'").fetchone()[0] == "6"
+    assert "catalog format 5 migrated to 7 (backup times left out of stat" in caplog.text
+    assert cat.reader.execute("SELECT value FROM meta WHERE key = 'format'").fetchone()[0] == "7"
     assert cat.reader.execute("PRAGMA integrity_check").fetchone() == ("ok",)
     ix = {r[0] for r in cat.reader.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
     assert "entries_start" not in ix and "entries_end" not in ix and "entries_deleted" in ix
@@ -220,6 +222,43 @@ def test_format_5_migrated_answers_every_query_as_before(tmp_path: Path,
     assert new == {i: n - 8 for i, n in old.items()}
     assert answers(cat, VERSIONS) == json.loads(FORMAT4_ANSWERS.read_text())
     _goes_on(cat, path)
+
+
+def test_format_6_migrated_answers_every_query_as_before(tmp_path: Path,
+                                                          caplog: pytest.LogCaptureFixture) -> None:
+    """Format 7 only rebuilds ``entries_record`` on ``(record)``: the rows keep their
+    bytes, every query (``changed_between`` of every pair included) answers as before,
+    and the catalog goes on."""
+    path = tmp_path / "catalog.sqlite"
+    _load(path, FORMAT6_SQL)
+    text = FORMAT6_SQL.read_text()
+    assert "INSERT INTO \"meta\" VALUES('format','6');" in text
+    assert "CREATE INDEX entries_record ON file_entries (part, record)" in text
+    rows = "SELECT * FROM file_entries ORDER BY id"
+    old = sqlite3.connect(path).execute(rows).fetchall()
+    with caplog.at_level(logging.INFO, logger="cdp.catalog"):
+        cat = Catalog(path)
+    assert "catalog format 6 migrated to 7 (entries_record on the record alone)" in caplog.text
+    assert cat.reader.execute("SELECT value FROM meta WHERE key = 'format'").fetchone()[0] == "7"
+    assert cat.reader.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+    ix = dict(cat.reader.execute("SELECT name, sql FROM sqlite_master WHERE type = 'index'"))
+    assert ix["entries_record"].endswith("ON file_entries (record)")
+    assert cat.reader.execute(rows).fetchall() == old
+    assert answers(cat, VERSIONS) == json.loads(FORMAT4_ANSWERS.read_text())
+    _goes_on(cat, path)
+
+
+def test_queries_by_record_use_entries_record(tmp_path: Path) -> None:
+    """A record's rows (``visible``, ``dir_info``: the diff of a marker) are found
+    through ``entries_record`` on the record alone, not by a scan of the rows."""
+    cat = Catalog(tmp_path / "catalog.sqlite")
+    for v in range(1, VERSIONS + 1):
+        asyncio.run(index(cat, v))
+    plan = " ".join(str(r) for r in cat.reader.execute(
+        "EXPLAIN QUERY PLAN SELECT * FROM file_entries WHERE part = ? AND record IN (?, ?)"
+        " AND start <= ?", ("", 64, 65, 1)))
+    assert "entries_record" in plan and "SCAN" not in plan.replace("SCAN CONSTANT", "")
+    cat.close()
 
 
 def _load(path: Path, sql: Path) -> None:

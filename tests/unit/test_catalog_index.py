@@ -202,7 +202,7 @@ def _objects(cat: Catalog) -> set[tuple[str, str]]:
 
 
 @pytest.mark.parametrize("old", [1, 3])
-def test_old_catalog_is_migrated_to_format_6(tmp_path: Path, caplog: pytest.LogCaptureFixture,
+def test_old_catalog_is_migrated_to_format_7(tmp_path: Path, caplog: pytest.LogCaptureFixture,
                                              old: int) -> None:
     path = tmp_path / "catalog.sqlite"
     db = sqlite3.connect(path)
@@ -217,10 +217,12 @@ def test_old_catalog_is_migrated_to_format_6(tmp_path: Path, caplog: pytest.LogC
     ro.close()
     with caplog.at_level(logging.INFO, logger="cdp.catalog"):
         cat = Catalog(path)
-    assert f"catalog format {old} migrated to 6" in caplog.text
-    assert CATALOG_FORMAT == 6
-    assert cat.reader.execute("SELECT value FROM meta WHERE key = 'format'").fetchone()[0] == "6"
+    assert f"catalog format {old} migrated to 7" in caplog.text
+    assert CATALOG_FORMAT == 7
+    assert cat.reader.execute("SELECT value FROM meta WHERE key = 'format'").fetchone()[0] == "7"
     assert _objects(cat) == FORMAT_6_OBJECTS
+    assert cat.reader.execute("SELECT sql FROM sqlite_master WHERE name = 'entries_record'"
+                              ).fetchone()[0].endswith("ON file_entries (record)")
     # formats 5 and 6: the stat fields come back from the packed ``stat`` (Entry.from_row;
     # format 6: a backup_ns equal to its start version's time left out, read from versions)
     got = [(e.id, *e.values()) for e in (Entry.from_row(r, cat._times) for r in cat.reader.execute(
@@ -239,10 +241,13 @@ def test_old_catalog_is_migrated_to_format_6(tmp_path: Path, caplog: pytest.LogC
     assert _objects(Catalog(path, readonly=True)) == FORMAT_6_OBJECTS
 
 
-def test_a_new_catalog_has_the_format_6_objects(tmp_path: Path) -> None:
+def test_a_new_catalog_has_the_format_7_objects(tmp_path: Path) -> None:
+    """Format 7 has format 6's objects; ``entries_record`` is on the record alone."""
     cat = Catalog(tmp_path / "catalog.sqlite")
     assert _objects(cat) == FORMAT_6_OBJECTS
-    assert cat.reader.execute("SELECT value FROM meta WHERE key = 'format'").fetchone()[0] == "6"
+    assert cat.reader.execute("SELECT value FROM meta WHERE key = 'format'").fetchone()[0] == "7"
+    assert cat.reader.execute("SELECT sql FROM sqlite_master WHERE name = 'entries_record'"
+                              ).fetchone()[0].endswith("ON file_entries (record)")
 
 
 def _index_sql(cat: Catalog) -> set[tuple[str, str]]:
@@ -396,9 +401,9 @@ def test_format_2_catalog_gains_the_file_system_kind(tmp_path: Path, caplog: pyt
     ro.close()
     with caplog.at_level(logging.INFO, logger="cdp.catalog"):
         cat = Catalog(path)
-    assert "catalog format 2 migrated to 6" in caplog.text
-    assert CATALOG_FORMAT == 6
-    assert cat.reader.execute("SELECT value FROM meta WHERE key = 'format'").fetchone()[0] == "6"
+    assert "catalog format 2 migrated to 7" in caplog.text
+    assert CATALOG_FORMAT == 7
+    assert cat.reader.execute("SELECT value FROM meta WHERE key = 'format'").fetchone()[0] == "7"
     vs = cat.versions()
     assert [v.fs for v in vs] == ["ntfs", "ntfs,ntfs", ""]
     assert [[p["fs"] for p in v.parts] for v in vs] == [["ntfs"], ["ntfs", "ntfs"], []]
