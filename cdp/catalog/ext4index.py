@@ -37,6 +37,13 @@ Design notes
   :attr:`Ext4Indexer.prefetch` first (the inode tables' used parts, the changed
   inodes, the directories' blocks, the inodes named): one round of GETs per step
   rather than one per record (:mod:`cdp.catalog.indexer`'s notes).
+* A first index (nothing catalogued) never builds an :class:`Entry` per name: the scan
+  hands its numpy columns (:meth:`Ext4.scan` with *columns*) and builds tuples only for
+  the inodes needed whole (directories, symlinks, inline data, damaged ones);
+  :meth:`Ext4Indexer._first` keeps per name its inode number, directory path and name,
+  and :class:`Ext4Rows` packs each written batch's ``stat`` with numpy from the columns.
+  Same rows, same bytes, same damaged reports as the general path (tests hold them
+  equal). ~9 us of CPU per inode in all (20k image), ~4 of it SQLite's.
 * Nothing ext4-specific is stored but a directory's block ranges (``location``, see
   docs/FORMATS.md): the inode tables' places are recomputed per point, as XFS's inode
   chunks would have to be.
