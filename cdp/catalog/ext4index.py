@@ -429,6 +429,7 @@ class Ext4Indexer:
         async for _ in self._listings(dirs, listing):
             yield None
         names: dict[int, list[tuple[int, str]]] = {}
+        todo = 0
         for d, entries in listing.items():
             for name, n, _type in entries:
                 nm = names.get(n)
@@ -436,6 +437,10 @@ class Ext4Indexer:
                     names[n] = [(d, name)]
                 else:  # a hard link
                     nm.append((d, name))
+            todo += len(entries)
+            if todo >= 8 * self.chunk:  # (a 200k-inode index: ~90 ms in one go)
+                todo = 0
+                yield None
         if first:
             async for _ in self._first(inodes, names, columns):
                 yield None
