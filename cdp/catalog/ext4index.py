@@ -113,7 +113,8 @@ class InodeNames(NamedTuple):
 #: packed from: mode, size, flags, atime, ctime, mtime, crtime, generation, blocks
 _ROW_FIELDS = (1, 4, 6, 7, 8, 9, 10, 12, 13)
 _I64_MAX = (1 << 63) - 1
-_parent_of, _name_of = itemgetter(0), itemgetter(1)
+_parent_of, _name_of = itemgetter(0), itemgetter(1)  # of (directory inode, name)
+_entry_name, _entry_ino = itemgetter(0), itemgetter(1)  # of a RawEntry (name, inode, type)
 
 
 class Ext4Rows:
@@ -428,6 +429,10 @@ class Ext4Indexer:
         listing: dict[int, list[RawEntry]] = {}
         async for _ in self._listings(dirs, listing):
             yield None
+        if first:  # the names joined column-wise (no dict of names per inode)
+            async for _ in self._first(inodes, listing, columns):
+                yield None
+            return
         names: dict[int, list[tuple[int, str]]] = {}
         todo = 0
         for d, entries in listing.items():
@@ -441,10 +446,6 @@ class Ext4Indexer:
             if todo >= 8 * self.chunk:  # (a 200k-inode index: ~90 ms in one go)
                 todo = 0
                 yield None
-        if first:
-            async for _ in self._first(inodes, names, columns):
-                yield None
-            return
         new: dict[int, InodeNames] = {}
         record = self._record
         tnew = tuple.__new__
@@ -469,112 +470,141 @@ class Ext4Indexer:
         async for _ in self._plan(new, old, InodeResolver(self.prefix, new), None, reset):
             yield None
 
-    async def _first(self, inodes: dict[int, Inode], names: dict[int, list[tuple[int, str]]],
+    async def _first(self, inodes: dict[int, Inode], listing: dict[int, list[RawEntry]],
                      columns: list[InodeColumns | None]) -> AsyncIterator[None]:
         """The plan of a first index (nothing catalogued): what :meth:`_plan` with
         :func:`states_of_inode` gives for ``old = {}`` (the same entries in the same
         order, the same damaged reports), held column-wise (:class:`Ext4Rows`, the
-        plan's :attr:`~cdp.catalog.rules.Plan.rows`): one loop over the used inodes (in
-        number order, as the scan gives them) that keeps each name's directory path,
-        name and inode number, no Entry and no tuple per name; the stat fields are
-        packed from the scan's numpy *columns* when the rows are written. Only the
-        located records (directories among them, found with numpy) go to the
-        resolver. Cost: ~0.5 us of Python per name."""
+        plan's :attr:`~cdp.catalog.rules.Plan.rows`) and planned column-wise: the
+        directory *listing* flattened into (inode, directory, name) columns, sorted by
+        inode with numpy (a hard link's names by directory and name, as the general
+        path sorts them), one path looked up per directory, the keys checked with one
+        set; Python loops only over what is odd (free or damaged inodes, hard links,
+        parent loops, a name claimed twice). *inodes*: the used inodes the scan gave
+        whole (with *columns*: directories, symlinks, inline data, damaged ones; else
+        every used inode). Cost: ~0.4 us per name, a few C passes."""
         plan = self.plan
         damaged = plan.damaged
         fs = self.fs
-        allnum = np.concatenate([c[0] for c in columns if c is not None]) if columns else None
-        # the located records: directories, symlinks, inline files (few; with columns,
-        # inodes holds them and the damaged ones only)
-        pre: list[tuple[int, str]] = []  # damaged found here, reported in names order
+        cols = [c for c in columns if c is not None]
+        allnum = (np.concatenate([c[0] for c in cols]) if cols
+                  else np.fromiter(inodes, dtype=np.int64, count=len(inodes)))  # ascending
+        e_name: list[str] = []
+        e_ino: list[int] = []
+        e_dir: list[int] = []
+        for d, entries in listing.items():  # directories in ascending order
+            if entries:
+                e_name += map(_entry_name, entries)
+                e_ino += map(_entry_ino, entries)
+                e_dir += [d] * len(entries)
+        yield None
+        ino = np.array(e_ino, dtype=np.int64)
+        dirn = np.array(e_dir, dtype=np.int64)
+        if len(allnum):
+            p = np.searchsorted(allnum, ino)
+            p[p == len(allnum)] = 0
+            used = allnum[p] == ino
+        else:
+            used = np.zeros(len(ino), dtype=bool)
+        # the general path's order of names: the first appearance of each inode
+        uniq, first_at = np.unique(ino, return_index=True)
+
+        def rank(n: int) -> int:
+            return int(first_at[int(np.searchsorted(uniq, n))])
+
+        pre: list[tuple[int, int, int, str]] = []  # (rank, row, inode, reason)
+        # the located records: directories, symlinks, inline files (few)
+        cand = [n for n, i in inodes.items() if i[1] & S_IFMT in _LOCATED or i[6] & EXT4_INLINE_DATA_FL]
+        named: dict[int, list[tuple[int, str]]] = {}
+        for r in np.nonzero(np.isin(ino, np.array(cand, dtype=np.int64)))[0].tolist():
+            named.setdefault(e_ino[r], []).append((e_dir[r], e_name[r]))
         located: dict[int, InodeNames] = {}
-        for n, found in inodes.items():
-            if not (found[1] & S_IFMT in _LOCATED or found[6] & EXT4_INLINE_DATA_FL):
-                continue
-            nm = names.get(n)
+        for n in cand:
+            nm = named.get(n)
             if nm is None:
                 continue
+            found = inodes[n]
             loc = b""
             if found.in_use and not found.damaged:
                 try:
                     loc = _location(fs, found)
                 except Corruption as e:
-                    pre.append((n, str(e)))
+                    pre.append((rank(n), -1, n, str(e)))
             located[n] = InodeNames(found, nm, loc)
+        for r in np.nonzero(~used)[0].tolist():  # names of free inodes
+            n = e_ino[r]
+            pre.append((rank(n), r, n, f"directory inode {e_dir[r]} names {e_name[r]!r} "
+                                       f"with inode {n}, which is free"))
+        pre.sort()
+        damaged += [(n, why) for _k, _r, n, why in pre]
         yield None
+        # rows in the general path's order: by inode, a hard link's names by (directory, name)
+        at = np.nonzero(used)[0]
+        order = at[np.argsort(ino[at], kind="stable")]
+        s_ino = ino[order]
+        plan.records = len(np.unique(s_ino))
+        multi = np.nonzero(s_ino[1:] == s_ino[:-1])[0]
+        if len(multi):
+            rows = order.tolist()
+            done: set[int] = set()
+            for j in multi.tolist():
+                n = int(s_ino[j])
+                if n in done:
+                    continue
+                done.add(n)
+                a = int(np.searchsorted(s_ino, n))
+                b = int(np.searchsorted(s_ino, n, side="right"))
+                rows[a:b] = sorted(rows[a:b], key=lambda r: (e_dir[r], e_name[r]))
+            order = np.array(rows, dtype=np.int64)
+        s_dir = dirn[order]
+        keep = s_ino != EXT4_ROOT_INO
+        odd: list[tuple[int, int, str]] = []  # (inode, row, reason): reported in that order
+        bad = {n: i[17] for n, i in inodes.items() if i[17]}
+        if bad:
+            gone = np.isin(s_ino, np.array(list(bad), dtype=np.int64))
+            odd += [(n, -1, f"inode {n}: {bad[n]}") for n in np.unique(s_ino[gone]).tolist()]
+            keep &= ~gone
         dir_path = InodeResolver(self.prefix, located).dir_path
-        keys: set[tuple[str, str]] = set()
-        paths: dict[int, str] = {}  # directory inode -> its path (the resolver's, cached)
-        numbers: list[int] = []  # per row: the inode
-        dirs: list[str] = []  # per row: its directory's path
-        pn: list[tuple[int, str]] = []  # per row: (directory inode, name)
-        add_num, add_dir, add_pn, whole = numbers.append, dirs.append, pn.append, inodes.get
-        records = 0
-        chunk = max(self.chunk, 1) * 4
-        used = allnum.tolist() if allnum is not None else list(inodes)  # ascending
-        mark = len(damaged)
-        for i in range(0, len(used), chunk):
-            for num in used[i : i + chunk]:
-                try:  # (subscripts, not .get: fewer calls on the hot path)
-                    nm = names[num]
-                except KeyError:  # not named: not listed
-                    continue
-                records += 1
-                # the scan gives used inodes only (non-zero mode and links); the
-                # damaged ones are among those it gave whole
-                ino = whole(num)
-                if ino is not None and ino[17]:
-                    damaged.append((num, f"inode {num}: {ino[17]}"))
-                    continue
-                if num == EXT4_ROOT_INO:
-                    continue
-                if len(nm) == 1:  # the hot path: one name, its directory's path cached
-                    one = nm[0]
-                    parent, name = one
-                    try:
-                        dpath = paths[parent]
-                    except KeyError:
-                        try:
-                            dpath = paths[parent] = dir_path(parent)
-                        except Corruption as err:  # a parent loop
-                            damaged.append((num, str(err)))
-                            continue
-                    key = (dpath, name)
-                    if key in keys:
-                        damaged.append((num, f"a second record claims the name {join(dpath, name)!r}"))
-                        continue
-                    keys.add(key)
-                    add_num(num)
-                    add_dir(dpath)
-                    add_pn(one)
-                    continue
-                try:
-                    named = [(dir_path(parent), parent, name) for parent, name in sorted(nm)]
-                except Corruption as err:  # a parent loop
-                    damaged.append((num, str(err)))
-                    continue
-                for dpath, parent, name in named:
-                    key = (dpath, name)
-                    if key in keys:
-                        damaged.append((num, f"a second record claims the name {join(dpath, name)!r}"))
-                    else:
-                        keys.add(key)
-                        add_num(num)
-                        add_dir(dpath)
-                        add_pn((parent, name))
-            yield None
-        if records < len(names):  # some names name a free inode: reported first
-            for n in names.keys() - set(used):
-                pre += [(n, f"directory inode {d} names {name!r} with inode {n}, which is free")
-                        for d, name in names[n]]
-        if len(pre) > 1:
-            order = {n: i for i, n in enumerate(names)}
-            pre.sort(key=lambda t: order[t[0]])  # stable: one inode's reports stay in order
-        damaged[mark:mark] = pre
-        plan.records = records
-        cols = None
-        if allnum is not None:
-            cols = tuple(np.concatenate([c[f] for c in columns if c is not None]) for f in _ROW_FIELDS)
+        paths: dict[int, str] = {}
+        loops: dict[int, str] = {}
+        for d in np.unique(s_dir[keep]).tolist():
+            try:
+                paths[d] = dir_path(d)
+            except Corruption as err:  # a parent loop
+                loops[d] = str(err)
+        if loops:  # an inode with a name in such a directory has no entry at all
+            hit = np.isin(s_dir, np.array(list(loops), dtype=np.int64)) & keep
+            for n in np.unique(s_ino[hit]).tolist():
+                first = int(np.nonzero(hit & (s_ino == n))[0][0])
+                odd.append((n, -1, loops[int(s_dir[first])]))
+            keep &= ~np.isin(s_ino, s_ino[hit])
+        yield None
+        order = order[keep]
+        numbers: list[int] = s_ino[keep].tolist()
+        parents: list[int] = s_dir[keep].tolist()
+        dirs = list(map(paths.__getitem__, parents))
+        rnames = list(map(e_name.__getitem__, order.tolist()))
+        keys = list(zip(dirs, rnames, strict=True))
+        if len(set(keys)) != len(keys):  # a name claimed twice: the lower inode keeps it
+            seen: set[tuple[str, str]] = set()
+            ok = []
+            for r, key in enumerate(keys):
+                if key in seen:
+                    odd.append((numbers[r], r, f"a second record claims the name {join(*key)!r}"))
+                else:
+                    seen.add(key)
+                    ok.append(r)
+            numbers = [numbers[r] for r in ok]
+            parents = [parents[r] for r in ok]
+            dirs = [dirs[r] for r in ok]
+            rnames = [rnames[r] for r in ok]
+        odd.sort(key=lambda t: (t[0], t[1]))
+        damaged += [(n, why) for n, _r, why in odd]
+        pn = list(zip(parents, rnames, strict=True))
+        allnum_cols = allnum if cols else None
+        packed = None
+        if allnum_cols is not None:
+            packed = (allnum_cols, *(np.concatenate([c[f] for c in cols]) for f in _ROW_FIELDS))
         # the rows of the located inodes: their location (most rows: none)
         locs: dict[int, bytes] = {}
         for n, rec in located.items():
@@ -582,8 +612,7 @@ class Ext4Indexer:
                 a = bisect.bisect_left(numbers, n)
                 for r in range(a, bisect.bisect_right(numbers, n, a)):
                     locs[r] = rec.location
-        plan.rows = Ext4Rows(self.part.name, self.backup_ns, numbers, dirs, pn, locs, inodes,
-                             None if allnum is None or cols is None else (allnum, *cols))
+        plan.rows = Ext4Rows(self.part.name, self.backup_ns, numbers, dirs, pn, locs, inodes, packed)
 
     async def diff(self, catalog: Catalog, base: Version, ranges: list[tuple[int, int]]) -> AsyncIterator[None]:
         """The changed inodes and directories since *base* (``ranges``: the volume

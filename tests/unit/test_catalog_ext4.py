@@ -280,23 +280,32 @@ def _stored(cat: Catalog) -> list[tuple[object, ...]]:
         "JOIN names n ON n.id = e.name_id ORDER BY e.id").fetchall()
 
 
-@pytest.mark.parametrize(("time_ns", "late"), [(7, False), (8, False), (7, True)])
+@pytest.mark.parametrize(("time_ns", "late", "odd"),
+                         [(7, False, False), (8, False, False), (7, True, False), (7, False, True)])
 def test_a_first_index_stores_the_general_paths_bytes(base_image: Path, tmp_path: Path,
                                                       monkeypatch: pytest.MonkeyPatch,
-                                                      time_ns: int, late: bool) -> None:
+                                                      time_ns: int, late: bool, odd: bool) -> None:
     """A first index writes its rows column-wise (``Ext4Rows``: ``stat`` packed with
     numpy from the scan's columns, no Entry per row); the catalog it leaves holds the
     bytes the general path's Entries store (``pack_stat`` row by row): ``stat``,
     ``location``, ids, paths and names, with the backup time left out (the marker's
     time) or kept (another one). On the sample image with an inode cleared while still
     named, one whose checksum is wrong, a symlink and a hard link; *late*: also an mtime
-    past 2174 (numpy leaves it to the one-inode parser)."""
+    past 2174 (numpy leaves it to the one-inode parser); *odd*: also a second hard link in
+    the same directory, a directory linked into itself and one whose only name is in
+    itself (a parent loop for everything below it)."""
     img = tmp_path / "x.img"
     shutil.copyfile(base_image, img)
     cat = Catalog(tmp_path / "probe.sqlite")
     index(cat, img, 1)
     files = sorted(e.record for e in cat.subtree("/", 1) if not e.is_dir)
     cat.close()
+    if odd:
+        by = {e.path: e.record for e in Catalog(tmp_path / "probe.sqlite").subtree("/", 1)}
+        b = by["/a/b"]
+        live = next(r for p, r in by.items() if p.startswith("/a/") and r not in files[3:8:2])
+        debugfs(img, f"ln <{live}> /a/0-second-link",  # listed last, sorted first
+                f"ln <{b}> /a/b/up", "ln /a/b/c /a/b/c/again", "unlink /a/b/c")
     debugfs(img, f"clri <{files[3]}>", f"sif <{files[5]}> checksum 0x1234",
             *([f"sif <{files[7]}> mtime @-2147483648", f"sif <{files[7]}> mtime_extra 0x16"]
               if late else []))  # the most negative seconds, epoch 2, 5 ns: year ~2174
@@ -324,6 +333,11 @@ def test_a_first_index_stores_the_general_paths_bytes(base_image: Path, tmp_path
     assert len(rows) > 600 and any(r[10] for r in rows)  # located rows (directories, links)
     assert rows == _stored(slow_cat)
     assert fast.plans[0].damaged == slow.plans[0].damaged
+    if odd:
+        why = " ".join(r for _n, r in fast.plans[0].damaged)
+        assert "loop through record" in why
+        assert sum(1 for r in rows if r[2] == "/a" and r[7] == live) == 2  # two names in /a
+        assert not any(r[3] == "deep.txt" for r in rows)  # below the loop
     # the rows as Entries (what an overlay or a test reads) after the write: as written
     assert [e.values() for e in fast.plans[0].added] == [e.values() for e in slow.plans[0].added]
 
