@@ -492,11 +492,16 @@ class Ext4Indexer:
         e_name: list[str] = []
         e_ino: list[int] = []
         e_dir: list[int] = []
+        todo = 0
         for d, entries in listing.items():  # directories in ascending order
             if entries:
                 e_name += map(_entry_name, entries)
                 e_ino += map(_entry_ino, entries)
                 e_dir += [d] * len(entries)
+                todo += len(entries)
+                if todo >= 32 * self.chunk:  # a yield every ~8k names
+                    todo = 0
+                    yield None
         yield None
         ino = np.array(e_ino, dtype=np.int64)
         dirn = np.array(e_dir, dtype=np.int64)
@@ -506,6 +511,7 @@ class Ext4Indexer:
             used = allnum[p] == ino
         else:
             used = np.zeros(len(ino), dtype=bool)
+        yield None
         # the general path's order of names: the first appearance of each inode
         uniq, first_at = np.unique(ino, return_index=True)
 
@@ -543,6 +549,7 @@ class Ext4Indexer:
         order = at[np.argsort(ino[at], kind="stable")]
         s_ino = ino[order]
         plan.records = len(np.unique(s_ino))
+        yield None
         multi = np.nonzero(s_ino[1:] == s_ino[:-1])[0]
         if len(multi):
             rows = order.tolist()
@@ -584,6 +591,7 @@ class Ext4Indexer:
         parents: list[int] = s_dir[keep].tolist()
         dirs = list(map(paths.__getitem__, parents))
         rnames = list(map(e_name.__getitem__, order.tolist()))
+        yield None
         keys = list(zip(dirs, rnames, strict=True))
         if len(set(keys)) != len(keys):  # a name claimed twice: the lower inode keeps it
             seen: set[tuple[str, str]] = set()
@@ -598,6 +606,8 @@ class Ext4Indexer:
             parents = [parents[r] for r in ok]
             dirs = [dirs[r] for r in ok]
             rnames = [rnames[r] for r in ok]
+        del keys
+        yield None
         odd.sort(key=lambda t: (t[0], t[1]))
         damaged += [(n, why) for n, _r, why in odd]
         pn = list(zip(parents, rnames, strict=True))
@@ -613,6 +623,7 @@ class Ext4Indexer:
                 for r in range(a, bisect.bisect_right(numbers, n, a)):
                     locs[r] = rec.location
         plan.rows = Ext4Rows(self.part.name, self.backup_ns, numbers, dirs, pn, locs, inodes, packed)
+        yield None
 
     async def diff(self, catalog: Catalog, base: Version, ranges: list[tuple[int, int]]) -> AsyncIterator[None]:
         """The changed inodes and directories since *base* (``ranges``: the volume
