@@ -1,0 +1,77 @@
+"""The tier's ``rate`` pacing stops when the tier stops: an upload thread waiting out a slow
+``rate`` (``_Pacer``) returns at once on ``TierService.stop()`` and sends nothing, so
+cdpd's shutdown never waits for it. No S3 call is reached: a stub client records them."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from cdp.config import JournalSettings, Settings, TierSettings
+from cdp.errors import CdpError
+from cdp.tier.service import TierService
+from cdp.volume import Volume
+
+KiB = 1 << 10
+MiB = 1 << 20
+
+
+class StubS3:
+    """Answers the batch's listing (an empty bucket); records any PUT."""
+
+    def __init__(self) -> None:
+        self.listed = threading.Event()
+        self.puts: list[str] = []
+
+    def list_objects(self, bucket: str, prefix: str) -> list[Any]:
+        self.listed.set()
+        return []
+
+    def put_object(self, bucket: str, key: str, *args: Any, **kw: Any) -> Any:
+        self.puts.append(key)
+        raise AssertionError("nothing is sent after stop()")
+
+    def put_multipart(self, bucket: str, key: str, *args: Any, **kw: Any) -> Any:
+        self.puts.append(key)
+        raise AssertionError("nothing is sent after stop()")
+
+
+def test_a_paced_upload_stops_at_once_when_the_tier_stops(tmp_path: Path) -> None:
+    # rate 4 KiB/s and 1 MiB segments: the first PUT would wait ~4 minutes for its tokens
+    s = replace(Settings(), store=tmp_path / "store",
+                journal=replace(JournalSettings(), segment_bytes=MiB),
+                tier=TierSettings(url="s3://b/p", rate=4 * KiB))
+    vol = Volume.create(tmp_path / "store" / "volumes" / "vol0", "vol0", 64 * MiB, s)
+    s3 = StubS3()
+    svc = TierService(vol, s.tier, s3=s3, autostart=False)  # type: ignore[arg-type]
+    vol.attach(svc)
+
+    async def main() -> None:
+        for i in range(12):
+            r = vol.write(i * 256 * KiB, os.urandom(256 * KiB))
+            if r is not None:
+                await r
+        await vol.flush()
+        vol.journal.sync()
+        assert vol.journal.sealed_segments()
+        up = asyncio.ensure_future(svc.upload_now())
+        while not s3.listed.is_set():
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.5)  # the upload thread hashes, then waits for its tokens
+        svc.stop()
+        with pytest.raises(CdpError, match="stopping"):
+            # a bound only so a regression fails instead of hanging for minutes
+            await asyncio.wait_for(up, 60)
+
+    try:
+        asyncio.run(main())
+    finally:
+        vol.close()
+    assert s3.puts == []
+
