@@ -55,8 +55,10 @@ Design notes
   local journal dropped it, i.e. every point it served expired; `--keep forever`
   markers pin theirs). A version still under object lock is refused by the store and
   skipped, logged and retried at the next gc, never deleted early.
-- **Rate.** ``rate`` bytes/s is a token bucket over segment bytes sent, paced between
-  parts in the uploading thread.
+- **Rate, and giving way.** ``rate`` bytes/s is a token bucket over segment bytes sent,
+  paced between parts in the uploading thread; while the volume is busy the uploads
+  also pause in proportion (``_Yield``, within the lag limit ``YIELD_LAG``). Both waits
+  end at once when the tier stops (``stop()`` sets the event they wait on).
 - **Local space.** After a batch whose generation is in the bucket, every sealed segment
   it names (same size, same compaction state) whose last record is older than
   ``upload_after``, except the newest ``KEEP_LOCAL`` sealed ones (the hot tail: recent
@@ -265,6 +267,12 @@ YIELD_SHARE = 8.0
 YIELD_LAG = 30.0
 
 
+#: while the volume is busy (``YIELD_RATE``), uploaded segments are dropped locally only
+#: once this many bytes of them wait: each drop is a state write, unlinks and two or
+#: three fsyncs on the disk the journal flushes to
+DROP_BUSY_BYTES = 256 << 20
+
+
 class _Yield:
     """Uploads give way to a busy volume. :meth:`step` (the upload thread, before each
     PUT or part) looks at how many bytes the journal appended since the previous step;
@@ -337,6 +345,8 @@ class TierService(VolumeService):
         self._loaded = False
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        #: (monotonic time, journal bytes appended) at the task's last look at dropping
+        self._drop_mark: tuple[float, int] | None = None
         #: set by :meth:`stop`: a pacing or yielding upload thread returns at once
         self._stopped = threading.Event()
         self._pacer = _Pacer(settings.rate, self._stopped)
@@ -589,8 +599,22 @@ class TierService(VolumeService):
 
     # ------------------------------------------------------------------ the task
 
+    def _drop_now(self) -> bool:
+        """Whether the task drops uploaded segments now: unless the journal appended
+        ``YIELD_RATE`` or more since the last look and less than ``DROP_BUSY_BYTES`` of
+        uploaded segments wait to be dropped (a busy volume's flushes keep the disk; the
+        local copies go once it is quieter, or once that much waits). O(segments)."""
+        j = self.vol.journal
+        now, got = time.monotonic(), j.appended_bytes
+        mark, self._drop_mark = self._drop_mark, (now, got)
+        if mark is None or now <= mark[0] or (got - mark[1]) / (now - mark[0]) < YIELD_RATE:
+            return True
+        sizes = {i.first_seq: i.bytes for i in j.sealed_segments()}
+        return sum(sizes.get(f, 0) for f in self._droppable()) >= DROP_BUSY_BYTES
+
     async def _run(self) -> None:
         delay = 1.0
+        self._drop_mark = (time.monotonic(), self.vol.journal.appended_bytes)
         with contextlib.suppress(Exception):
             n = await asyncio.to_thread(self.s3.abort_incomplete_uploads, self.bucket,
                                         volume_prefix(self.prefix, self.vol.name))
@@ -601,7 +625,10 @@ class TierService(VolumeService):
             try:
                 async with self._lock:
                     await self._batch()
-                    await self.drop_uploaded_async()
+                    if self._drop_now():
+                        await self.drop_uploaded_async()
+                    else:  # deferred while busy: look again soon
+                        wait = min(wait, GATHER)
                 delay = 1.0
                 if self._gc_due:
                     self._gc_due = False

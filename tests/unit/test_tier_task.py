@@ -1,12 +1,14 @@
-"""The tier's ``rate`` pacing stops when the tier stops: an upload thread waiting out a slow
-``rate`` (``_Pacer``) returns at once on ``TierService.stop()`` and sends nothing, so
-cdpd's shutdown never waits for it. No S3 call is reached: a stub client records them."""
+"""The tier task's waits: an upload thread waiting out a slow ``rate`` (``_Pacer``) returns
+at once on ``TierService.stop()`` and sends nothing, so cdpd's shutdown never waits for
+it; a busy volume's uploaded segments are dropped locally in fewer, larger steps. No S3
+call is sent: a stub client answers the listing and records any PUT."""
 
 from __future__ import annotations
 
 import asyncio
 import os
 import threading
+import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -15,7 +17,7 @@ import pytest
 
 from cdp.config import JournalSettings, Settings, TierSettings
 from cdp.errors import CdpError
-from cdp.tier.service import TierService
+from cdp.tier.service import YIELD_RATE, TierService
 from cdp.volume import Volume
 
 KiB = 1 << 10
@@ -75,3 +77,20 @@ def test_a_paced_upload_stops_at_once_when_the_tier_stops(tmp_path: Path) -> Non
         vol.close()
     assert s3.puts == []
 
+
+
+def test_a_busy_volume_defers_dropping_uploaded_segments(tmp_path: Path) -> None:
+    """While the journal appends YIELD_RATE or more, the task drops uploaded segments
+    only once DROP_BUSY_BYTES of them wait; a quieter volume drops at once."""
+    s = replace(Settings(), store=tmp_path / "store", tier=TierSettings(url="s3://b/p"))
+    vol = Volume.create(tmp_path / "store" / "volumes" / "vol0", "vol0", 64 * MiB, s)
+    svc = TierService(vol, s.tier, s3=StubS3(), autostart=False)  # type: ignore[arg-type]
+    try:
+        assert svc._drop_now()  # no look before: drop
+        now, got = time.monotonic(), vol.journal.appended_bytes
+        svc._drop_mark = (now - 1.0, got - 2 * YIELD_RATE)  # busy since the last look
+        assert not svc._drop_now()  # nothing near DROP_BUSY_BYTES waits: deferred
+        svc._drop_mark = (time.monotonic() - 1.0, vol.journal.appended_bytes)  # quiet
+        assert svc._drop_now()
+    finally:
+        vol.close()
