@@ -55,8 +55,10 @@ Design notes
   local journal dropped it, i.e. every point it served expired; `--keep forever`
   markers pin theirs). A version still under object lock is refused by the store and
   skipped, logged and retried at the next gc, never deleted early.
-- **Rate.** ``rate`` bytes/s is a token bucket over segment bytes sent, paced between
-  parts in the uploading thread.
+- **Rate, and giving way.** ``rate`` bytes/s is a token bucket over segment bytes sent,
+  paced between parts in the uploading thread; while the volume is busy the uploads
+  also pause in proportion (``_Yield``, within the lag limit ``YIELD_LAG``). Both waits
+  end at once when the tier stops (``stop()`` sets the event they wait on).
 - **Local space.** After a batch whose generation is in the bucket, every sealed segment
   it names (same size, same compaction state) whose last record is older than
   ``upload_after``, except the newest ``KEEP_LOCAL`` sealed ones (the hot tail: recent
@@ -78,7 +80,6 @@ import json
 import logging
 import os
 import sqlite3
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -237,10 +238,13 @@ class _Run:
 
 
 class _Pacer:
-    """A token bucket: :meth:`take` sleeps (in the caller's thread) to keep *rate* B/s."""
+    """A token bucket: :meth:`take` waits (in the caller's thread) to keep *rate* B/s,
+    and returns at once when *stopped* is set (the tier stopping: cdpd shutting down
+    must not wait out a slow ``rate``)."""
 
-    def __init__(self, rate: int) -> None:
+    def __init__(self, rate: int, stopped: threading.Event | None = None) -> None:
         self.rate = rate
+        self._stopped = stopped if stopped is not None else threading.Event()
         self._t = time.monotonic()
 
     def take(self, n: int) -> None:
@@ -249,30 +253,40 @@ class _Pacer:
         self._t = max(self._t, time.monotonic()) + n / self.rate
         delay = self._t - time.monotonic() - 1.0  # one second of burst
         if delay > 0:
-            time.sleep(delay)
+            self._stopped.wait(delay)
 
 
 #: a volume appending at least this many bytes/s is busy: uploads give way (``_Yield``)
 YIELD_RATE = 16 << 20
-#: while busy, each PUT or part of t seconds is followed by a pause of YIELD_SHARE * t
-YIELD_SHARE = 1.0
-#: at most this many seconds of such pauses per batch (the delay they add to uploads)
-YIELD_MAX = 10.0
+#: while busy, each PUT or part of t seconds is followed by a pause of t times the
+#: volume's append rate over YIELD_RATE, at most YIELD_SHARE times t
+YIELD_SHARE = 8.0
+#: the lag limit: a pause never delays the upload of a segment past this many seconds
+#: after its last record was written (plus ``upload_after``); older segments go at once
+YIELD_LAG = 30.0
+
+
+#: while the volume is busy (``YIELD_RATE``), uploaded segments are dropped locally only
+#: once this many bytes of them wait: each drop is a state write, unlinks and two or
+#: three fsyncs on the disk the journal flushes to
+DROP_BUSY_BYTES = 256 << 20
 
 
 class _Yield:
     """Uploads give way to a busy volume. :meth:`step` (the upload thread, before each
     PUT or part) looks at how many bytes the journal appended since the previous step;
-    at ``YIELD_RATE`` or more it sleeps ``YIELD_SHARE`` times as long as that interval
-    (the PUT just made), so while ingest is busy the uploads send about half the time
-    and the journal's flushes, the loop's core and (on a shared box) the store's disk
-    are free the other half. At most ``YIELD_MAX`` seconds of pauses per batch
-    (:meth:`reset`): sustained ingest delays uploads by that much, then they go at
-    full (niced) speed. Cost: two clock reads and one int read per step."""
+    at ``YIELD_RATE`` or more it pauses ``rate / YIELD_RATE`` times as long as that
+    interval (the PUT just made), at most ``YIELD_SHARE`` times: at 16 MiB/s of ingest
+    the uploads send half the time, at 128 MiB/s or more a ninth, and the journal's
+    flushes, the loop's core and (on a shared box) the store's disk are free the rest.
+    Bounded by the lag limit: a pause never goes past ``room`` (the caller's: until
+    ``YIELD_LAG`` seconds after the segment's last record, plus ``upload_after``), so
+    sustained ingest delays each segment's upload by at most that much; a backlog older
+    than that goes at full (niced) speed. Cost: two clock reads and one int read per step."""
 
     def __init__(self, appended: Callable[[], int], stopping: Callable[[], bool], *,
                  clock: Callable[[], float] = time.monotonic,
-                 sleep: Callable[[float], None] = time.sleep) -> None:
+                 sleep: Callable[[float], object] = time.sleep) -> None:
         self._appended = appended
         self._stopping = stopping
         self._clock = clock
@@ -287,18 +301,22 @@ class _Yield:
         self._mark = None
         self.paused = 0.0
 
-    def step(self) -> None:
+    def step(self, room: float = YIELD_LAG) -> None:
+        """Before a PUT or part: pause if the volume is busy, for at most ``room``
+        seconds (how long this upload may still be delayed: the lag limit)."""
         now, got = self._clock(), self._appended()
         mark = self._mark
-        if mark is not None and now > mark[0] and self.paused < YIELD_MAX:
+        if mark is not None and now > mark[0] and room > 0:
             dt = now - mark[0]
-            if (got - mark[1]) / dt >= YIELD_RATE:
-                pause = min(dt * YIELD_SHARE, YIELD_MAX - self.paused)
+            busy = (got - mark[1]) / dt / YIELD_RATE
+            if busy >= 1.0:
+                pause = min(dt * min(busy, YIELD_SHARE), room)
                 end = now + pause
                 while not self._stopping() and (left := end - self._clock()) > 0:
                     self._sleep(min(left, 0.1))
-                self.paused += pause
-                self.total += pause
+                paused = max(0.0, self._clock() - now)
+                self.paused += paused
+                self.total += paused
                 now, got = self._clock(), self._appended()
         self._mark = (now, got)
 
@@ -326,9 +344,14 @@ class TierService(VolumeService):
         self._loaded = False
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
-        self._pacer = _Pacer(settings.rate)
+        #: (monotonic time, journal bytes appended) at the task's last look at dropping
+        self._drop_mark: tuple[float, int] | None = None
+        #: set by :meth:`stop`: a pacing or yielding upload thread returns at once
+        self._stopped = threading.Event()
+        self._pacer = _Pacer(settings.rate, self._stopped)
         j = vol.journal
-        self._yield = _Yield(lambda: j.appended_bytes, lambda: self._stopping)
+        self._yield = _Yield(lambda: j.appended_bytes, self._stopped.is_set,
+                             sleep=self._stopped.wait)
         self._lock = asyncio.Lock()
         self._gc_due = False
         self._stopping = False
@@ -389,11 +412,13 @@ class TierService(VolumeService):
         """Start the upload task (needs a running event loop); idempotent."""
         if self._task is None or self._task.done():
             self._stopping = False
+            self._stopped.clear()
             self._task = asyncio.get_running_loop().create_task(self._run())
 
     def stop(self) -> None:
         self._auto = False
         self._stopping = True  # an upload in a worker thread aborts at its next part
+        self._stopped.set()  # and a paced or yielding one stops waiting
         if self._task is not None:
             self._task.cancel()
             self._task = None
@@ -573,8 +598,22 @@ class TierService(VolumeService):
 
     # ------------------------------------------------------------------ the task
 
+    def _drop_now(self) -> bool:
+        """Whether the task drops uploaded segments now: unless the journal appended
+        ``YIELD_RATE`` or more since the last look and less than ``DROP_BUSY_BYTES`` of
+        uploaded segments wait to be dropped (a busy volume's flushes keep the disk; the
+        local copies go once it is quieter, or once that much waits). O(segments)."""
+        j = self.vol.journal
+        now, got = time.monotonic(), j.appended_bytes
+        mark, self._drop_mark = self._drop_mark, (now, got)
+        if mark is None or now <= mark[0] or (got - mark[1]) / (now - mark[0]) < YIELD_RATE:
+            return True
+        sizes = {i.first_seq: i.bytes for i in j.sealed_segments()}
+        return sum(sizes.get(f, 0) for f in self._droppable()) >= DROP_BUSY_BYTES
+
     async def _run(self) -> None:
         delay = 1.0
+        self._drop_mark = (time.monotonic(), self.vol.journal.appended_bytes)
         with contextlib.suppress(Exception):
             n = await asyncio.to_thread(self.s3.abort_incomplete_uploads, self.bucket,
                                         volume_prefix(self.prefix, self.vol.name))
@@ -585,7 +624,10 @@ class TierService(VolumeService):
             try:
                 async with self._lock:
                     await self._batch()
-                    await self.drop_uploaded_async()
+                    if self._drop_now():
+                        await self.drop_uploaded_async()
+                    else:  # deferred while busy: look again soon
+                        wait = min(wait, GATHER)
                 delay = 1.0
                 if self._gc_due:
                     self._gc_due = False
@@ -714,11 +756,16 @@ class TierService(VolumeService):
     def _stage(self, first: int, ahead: dict[int, tuple[Future[_Staged], SealedFile]]) -> bool:
         """Open segment ``first`` and start hashing it in an upload thread (into
         ``ahead``); False if it is gone (replaced by compaction)."""
+        j = self.vol.journal
         try:
-            f = self.vol.journal.open_sealed(first)
+            f = j.open_sealed(first)
         except NotFound:
             return False
-        ahead[first] = (_UPLOADER.submit(self._hash_owned, f), f)
+        try:  # the lag limit of its uploads' pauses for a busy volume (_Yield)
+            due = j.time_of_seq(f.last_seq) / 1e9 + self.settings.upload_after + YIELD_LAG
+        except CdpError:
+            due = 0.0  # unknown: never paused for
+        ahead[first] = (_UPLOADER.submit(self._hash_owned, f, due), f)
         return True
 
     async def gc(self) -> dict[str, int]:
@@ -763,7 +810,7 @@ class TierService(VolumeService):
 
     # ------------------------------------------------------------------ worker-thread parts
 
-    def _hash_owned(self, f: SealedFile) -> _Staged:
+    def _hash_owned(self, f: SealedFile, due: float = 0.0) -> _Staged:
         """Hash a sealed segment (closing it on failure; on success the :class:`_Staged`
         holds it open for :meth:`_send_owned`). Worker thread. Cost: one read of the
         file and its sha256 (~1.5 GB/s with SHA-NI). A segment that fits one PUT is
@@ -781,7 +828,7 @@ class TierService(VolumeService):
                         raise CdpError(f"segment {f.name} shrank while being hashed")
                     h.update(view[:n])
                 view.release()
-            return _Staged(f, h.hexdigest(), whole)
+            return _Staged(f, h.hexdigest(), whole, due)
         except BaseException:
             f.close()
             raise
@@ -808,11 +855,13 @@ class TierService(VolumeService):
                     return obj
         until = self._until()
         if whole is not None:
-            self._yield.step()
+            self._yield.step(st.due - time.time())
             self._pacer.take(len(whole))
+            if self._stopping:  # nothing sent; the next start uploads it
+                raise CdpError(f"tier of {self.vol.name} stopping: upload of {f.name} abandoned")
             self.s3.put_object(self.bucket, key, whole, sha256=digest, retain_until=until)
         else:
-            self.s3.put_multipart(self.bucket, key, self._parts(f), sha256=digest,
+            self.s3.put_multipart(self.bucket, key, self._parts(f, st.due), sha256=digest,
                                   retain_until=until, workers=UPLOAD_WORKERS)
         self.sent_bytes += f.size
         self._put_keys.add(key)
@@ -830,7 +879,7 @@ class TierService(VolumeService):
             self._listed = {o.key for o in self.s3.list_objects(self.bucket, where)}
         return self._listed
 
-    def _parts(self, f: SealedFile) -> Iterator[bytearray]:
+    def _parts(self, f: SealedFile, due: float = 0.0) -> Iterator[bytearray]:
         for off in range(0, f.size, DEFAULT_PART):
             try:  # read straight into the buffer the part sends (no copy)
                 data = f.read_range(off, min(DEFAULT_PART, f.size - off))
@@ -838,8 +887,10 @@ class TierService(VolumeService):
                 raise CdpError(f"segment {f.name} shrank while being uploaded") from None
             if self._stopping:  # the multipart is aborted; the next start uploads it whole
                 raise CdpError(f"tier of {self.vol.name} stopping: upload of {f.name} abandoned")
-            self._yield.step()
+            self._yield.step(due - time.time())
             self._pacer.take(len(data))
+            if self._stopping:
+                raise CdpError(f"tier of {self.vol.name} stopping: upload of {f.name} abandoned")
             yield data
 
     def _put_state(self, gen: int, markers: bytes, last_seq: int) -> list[StateObject]:
@@ -866,12 +917,14 @@ class TierService(VolumeService):
 
 @dataclass
 class _Staged:
-    """A sealed segment open and hashed, ready to send: its sha256 (hex), and its bytes
-    when it fits one PUT (read once)."""
+    """A sealed segment open and hashed, ready to send: its sha256 (hex), its bytes
+    when it fits one PUT (read once), and the lag limit of its pauses (``_Yield``)."""
 
     f: SealedFile
     digest: str
     whole: bytearray | None
+    #: wall time (s) after which its upload no longer pauses for a busy volume
+    due: float = 0.0
 
 
 def _discard(f: SealedFile, cf: Future[_Staged]) -> None:
@@ -884,25 +937,22 @@ def _discard(f: SealedFile, cf: Future[_Staged]) -> None:
 
 
 def _sqlite_snapshot(db: Path) -> bytes | None:
-    """A consistent copy of an SQLite file (the backup API), or None if it cannot be
-    read now (logged; the next generation tries again)."""
-    fd, tmp = tempfile.mkstemp(prefix=".tier-", suffix=".sqlite", dir=db.parent)
-    os.close(fd)
+    """A consistent copy of an SQLite file (the backup API into memory, then its file
+    image: the same pages as a copy on disk, but no temporary file, so no fsyncs on the
+    journal's disk per batch), or None if it cannot be read now (logged; the next
+    generation tries again). Memory: one copy of the catalog."""
     try:
         src = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)
-        dst = sqlite3.connect(tmp)
+        dst = sqlite3.connect(":memory:")
         try:
             src.backup(dst)
+            return dst.serialize()
         finally:
             dst.close()
             src.close()
-        return Path(tmp).read_bytes()
     except sqlite3.Error as e:
         log.warning("tier: catalog snapshot of %s failed: %s", db, e)
         return None
-    finally:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
 
 
 # ---------------------------------------------------------------------- store glue

@@ -1,7 +1,8 @@
 """The S3 tier against plain boto3 on the test Ceph RGW, ratios in one run (issue 26).
 
     python -m tools.bench.tier_bench [--quick] [--no-split-cores] [--compare-split] [--rounds N]
-                                     [--control-store DIR]
+                                     [--seconds S] [--nice0] [--control-store DIR]
+                                     [--control-rgw DIR]
 
 The rig: the test RGW is a single-node Ceph on this machine, where a real S3 store is
 another machine. With ``--split-cores`` (the default with two cores or more) every row
@@ -22,21 +23,26 @@ Rows (``cdp``: the tier; ``peer``: the comparison, measured in the same run):
   note gives the tier's rate with its upload threads at cdpd's own priority too.
 - ``tier-ingest-4KiB`` / ``tier-ingest-1MiB``: MiB/s of volume writes (journal + maps,
   a flush every 8 MiB) with the tier task uploading behind them vs with ``[tier]`` off.
-  Goal >= 0.9. Three arms alternate (``ARMS``): off, on (upload threads at nice
-  ``+UPLOAD_NICE``, as cdpd runs them) and on-nice0 (at cdpd's own priority), each
-  started once the upload threads are idle. The note gives the MiB the tier sent during
+  Goal >= 0.9. Each timed run writes for ``--seconds`` (default ``SECONDS``, 4 s: the
+  tier's batches, 2 s after a seal, run during it; capped at ``INGEST_CAP`` bytes), after
+  a 96 MiB backlog of sealed segments (not timed) so the tier uploads from the start.
+  The arms alternate in ``--rounds`` on/off pairs (the order swapped each round); a row
+  gives the medians of each arm's rates and each pair's ratio as median (min-max), the
+  load during the runs, and, in its JSON, ``pair_ratios``. ``--nice0`` adds an arm
+  with the upload threads at cdpd's own priority (what ``UPLOAD_NICE`` buys). Each
+  arm starts once the upload threads are idle. The note gives the MiB the tier sent during
   each timed run and the seconds its uploads gave way to the busy volume
   (``yielded_seconds``, see docs/TIER.md). It says where the time went, per arm
   (medians): CPU seconds of the event-loop thread (``time.thread_time``: if the tier
   competed for the loop this would grow), of the whole process (plus the upload
   threads), wall seconds and those spent awaiting the journal (flush fdatasync,
-  backpressure), and CPU seconds of the test RGW's own daemons. Measured 2026-12-07
-  on the shared rig (before ``--split-cores``), 2 cores at load 5-9: the loop's CPU is
-  the same on and off (0.31-0.35 s per 128 MiB of 4 KiB writes), the upload threads
-  add ~0.17 s of process CPU (py-spy ``--gil``: ~0.18 s holding the GIL per run: the
-  bodies' BytesIO reads, since fixed in ``cdp.tier.s3``), the RGW daemons 0.27-0.66 s,
-  and the journal's flushes wait 0.23 -> 0.51 s (the OSD writes the uploads to the
-  same disk): the tier competes for cores and disk, not for the loop.
+  backpressure), CPU seconds of the test RGW's own daemons and the MiB cdp and the
+  RGW's daemons wrote to storage (``/proc/PID/io``). ``--control-rgw DIR`` runs these
+  rows once more, alternating, against a second test RGW whose ``tools/ceph-s3`` state
+  directory is DIR (``CDP_CEPH_S3_DIR=/dev/shm/NAME CDP_CEPH_S3_OSD_BYTES=3221225472
+  tools/ceph-s3 up``: its OSD on a tmpfs, capped): the OSD no longer writes the uploads
+  to the disk the journal flushes to, so what the tier still costs there is cdp's own
+  (CPU, loopback, its own file work), not the rig's one disk.
   ``--control-store DIR`` (e.g. ``/dev/shm/NAME``, a tmpfs; at most ``CONTROL_CAP`` per
   run) runs these rows once more, alternating, with the store there: the journal's
   flushes no longer touch the disk the OSD writes the uploads to, so what the tier
@@ -123,10 +129,11 @@ class Ingest:
     rgw_wrote: int | None = None
 
 
-def rgw_pids() -> list[int]:
-    """Pids of the test RGW's daemons (mon, osd, rgw) that this checkout's
-    ``tools/ceph-s3`` started (its pid files, start times checked); [] when none run."""
-    cl = ceph_s3.Cluster(ceph_s3.state_dir())
+def rgw_pids(state: Path | None = None) -> list[int]:
+    """Pids of the test RGW's daemons (mon, osd, rgw) that ``tools/ceph-s3`` started in
+    *state* (default: this checkout's state directory; its pid files, start times
+    checked); [] when none run."""
+    cl = ceph_s3.Cluster(ceph_s3.state_dir() if state is None else state)
     return [p for d in ceph_s3.DAEMONS if (p := cl.pid(d)) is not None]
 
 
@@ -143,11 +150,12 @@ def _written(pids: list[int]) -> int | None:
     return total
 
 
-def _rgw_cpu() -> float | None:
-    """CPU seconds used so far by the daemons of ``tools/ceph-s3``'s state directory,
-    None when there are none: on this machine they share the cores with cdp (unless
-    split), where a real S3 store would not."""
-    pids = rgw_pids()
+def _rgw_cpu(pids: list[int] | None = None) -> float | None:
+    """CPU seconds used so far by the daemons *pids* (default: those of ``tools/ceph-s3``'s
+    state directory), None when there are none: on this machine they share the cores
+    with cdp (unless split), where a real S3 store would not."""
+    if pids is None:
+        pids = rgw_pids()
     ticks = 0
     for pid in pids:
         f = ceph_s3._stat_fields(pid)
@@ -229,18 +237,24 @@ def pinned(split: Split | None, daemons: list[int]) -> Iterator[str]:
                     os.sched_setaffinity(tid, saved.get(tid, base[pid]))
 
 
-async def _ingest(vol: Volume, total: int, size: int, seed: int) -> Ingest:
-    """``total`` bytes of ``size`` writes (half random, half zeros per write)."""
+async def _ingest(vol: Volume, total: int, size: int, seed: int, seconds: float | None = None,
+                  daemons: list[int] | None = None) -> Ingest:
+    """``total`` bytes of ``size`` writes (half random, half zeros per write); with
+    ``seconds``, stops at the first flush (every 8 MiB) once that long has passed, or
+    at ``total`` bytes, whichever comes first. ``daemons``: the RGW's pids whose CPU
+    and writes the run reports (default: this checkout's ``tools/ceph-s3``)."""
     rng = random.Random(seed)
     blobs = [rng.randbytes(size // 2) + bytes(size - size // 2) for _ in range(8)]
+    if daemons is None:
+        daemons = rgw_pids()
     t0 = time.perf_counter()
-    c0, p0, r0 = time.thread_time(), time.process_time(), _rgw_cpu()
-    daemons = rgw_pids()
+    c0, p0, r0 = time.thread_time(), time.process_time(), _rgw_cpu(daemons)
     io0, rio0 = _written([os.getpid()]), (_written(daemons) if daemons else None)
     done = since = 0
     waits = 0.0
     i = 0
     clock = time.perf_counter
+    end = t0 + seconds if seconds is not None else None
     while done < total:
         off = rng.randrange(0, SIZE // size) * size
         r = vol.write(off, blobs[i % 8])
@@ -257,13 +271,15 @@ async def _ingest(vol: Volume, total: int, size: int, seed: int) -> Ingest:
             waits += clock() - w0
             since = 0
             await asyncio.sleep(0)
+            if end is not None and clock() >= end:
+                break
     w0 = clock()
     await vol.flush()
     waits += clock() - w0
     dt = time.perf_counter() - t0
-    r1 = _rgw_cpu()
+    r1 = _rgw_cpu(daemons)
     io1, rio1 = _written([os.getpid()]), (_written(daemons) if daemons else None)
-    return Ingest(total / MiB / dt, dt, time.thread_time() - c0, time.process_time() - p0, waits,
+    return Ingest(done / MiB / dt, dt, time.thread_time() - c0, time.process_time() - p0, waits,
                   None if r0 is None or r1 is None else r1 - r0,
                   None if io0 is None or io1 is None else io1 - io0,
                   None if rio0 is None or rio1 is None else rio1 - rio0)
@@ -306,7 +322,7 @@ async def _tiered_reads(tmp: Path, url: str, s3: Any, n: int) -> tuple[list[floa
 
 
 ROWS = ("upload", "read", "ingest", "recover")
-#: timed ingest runs per arm (alternating on/off)
+#: timed ingest on/off pairs per row (alternating, the order swapped each round)
 ROUNDS = 3
 
 
@@ -332,7 +348,7 @@ class Rig:
 
 
 #: ingest arms: [tier] off; on (the upload threads niced, as cdpd runs them); on with the
-#: upload threads at cdpd's own priority (what ``UPLOAD_NICE`` buys)
+#: upload threads at cdpd's own priority (what ``UPLOAD_NICE`` buys: ``--nice0``)
 ARMS = ("off", "on", "on-nice0")
 
 
@@ -472,47 +488,123 @@ def control_layout(rig: Rig, d: Path, need: int) -> Layout:
                   f" [store on {kind}]", f"control: the store on {kind} ({d})")
 
 
-def _ingest_rows(rig: Rig, tmp: Path, url: str, s3: Any, ingest_total: int,
-                 rounds: int, control: Path | None = None) -> list[dict[str, Any]]:
-    """``tier-ingest-4KiB`` / ``-1MiB`` per layout: ``rounds`` runs of each arm
-    (:data:`ARMS`, alternating; layouts in turn within a round), the medians. With
-    ``control``, a layout more: the main cores, the store under that directory (its
-    rows suffixed by the directory's file system type, e.g. ``[store on tmpfs]``)."""
+@dataclass(frozen=True)
+class Target:
+    """An S3 store the ingest rows upload to: the main test RGW, or a control one (e.g.
+    its OSD on a tmpfs). ``daemons``: its pids (pinned with the RGW's cores, their CPU
+    and writes reported); ``suffix`` names its rows; ``osd`` says where its OSD lives."""
+
+    s3: Any
+    url: str
+    daemons: tuple[int, ...]
+    suffix: str = ""
+    osd: str = ""
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One set of ingest rows: a layout (cores, where the store lives) and a target."""
+
+    lay: Layout
+    target: Target
+
+    @property
+    def suffix(self) -> str:
+        return self.lay.suffix + self.target.suffix
+
+
+def control_target(d: Path) -> tuple[Target, Any, str]:
+    """The control RGW whose ``tools/ceph-s3`` state directory is *d* (started by the
+    user: ``CDP_CEPH_S3_DIR=D CDP_CEPH_S3_OSD_BYTES=BYTES tools/ceph-s3 up``); its
+    target, a plain client and a fresh bucket (the caller deletes it). SystemExit when
+    it does not answer."""
+    info = ceph_s3.load_info(d)
+    if info is None or not ceph_s3.rgw_answers(str(info["endpoint"])):
+        raise SystemExit(f"tier_bench: --control-rgw {d}: no RGW answering there "
+                         f"(CDP_CEPH_S3_DIR={d} tools/ceph-s3 up)")
+    t = {k: str(info[k]) for k in ("endpoint", "access_key", "secret_key")}
+    c = plain_client(t)
+    bucket = f"cdp-tier-bench-{uuid.uuid4().hex[:8]}"
+    c.create_bucket(Bucket=bucket)
+    put_rate(c, bucket, 4 * MiB, 8)  # warm-up
+    kind = fs_type(d)
+    return (Target(cdp_client(t), f"s3://{bucket}/b", tuple(rgw_pids(d)), f" [OSD on {kind}]",
+                   f"; control RGW: its OSD on {kind} ({d})"), c, bucket)
+
+
+def empty_bucket(c: Any, bucket: str) -> None:
+    """Delete every object of *bucket*, then the bucket."""
+    keys_left = [o["Key"] for p in c.get_paginator("list_objects_v2").paginate(Bucket=bucket)
+                 for o in p.get("Contents", [])]
+    for i in range(0, len(keys_left), 1000):
+        c.delete_objects(Bucket=bucket, Delete={
+            "Objects": [{"Key": k} for k in keys_left[i:i + 1000]], "Quiet": True})
+    c.delete_bucket(Bucket=bucket)
+
+
+#: seconds each timed ingest run writes for (``--seconds``): long enough that the tier's
+#: batches (a GATHER of 2 s after a seal) run during it and one flush's hiccup is noise
+SECONDS = 4.0
+#: the most bytes one timed ingest run writes (its store is deleted after it)
+INGEST_CAP = 3 << 30
+
+
+def _ingest_rows(rig: Rig, tmp: Path, main: Target, rounds: int, seconds: float,
+                 arms: tuple[str, ...], control: Path | None = None,
+                 control_rgw: Target | None = None) -> list[dict[str, Any]]:
+    """``tier-ingest-4KiB`` / ``-1MiB`` per cell: ``rounds`` pairs of timed runs of
+    ``seconds`` each (arms off/on, alternating, the order swapped each round; cells in
+    turn within a round), the medians and each pair's ratio. With ``control``, a layout
+    more: the main cores, the store under that directory (rows suffixed by its file
+    system type, e.g. ``[store on tmpfs]``); with ``control_rgw``, the main layout
+    against that RGW too (``[OSD on tmpfs]``)."""
     layouts = [Layout(sp, tmp, rig.suffix(sp)) for sp in rig.splits]
+    cells = [Cell(lay, main) for lay in layouts]
     if control is not None:
-        layouts.append(control_layout(rig, control, BACKLOG + ingest_total + 64 * MiB))
+        cells.append(Cell(control_layout(rig, control, BACKLOG + CONTROL_CAP // 2), main))
+    if control_rgw is not None:
+        cells.append(Cell(layouts[0], control_rgw))
     rows = []
     try:
         for size, name in ((4096, "4KiB"), (MiB, "1MiB")):
-            rows += _ingest_size(rig, layouts, url, s3, ingest_total // (2 if size == 4096 else 1),
-                                 size, name, rounds)
+            rows += _ingest_size(rig, cells, size, name, rounds, seconds, arms)
     finally:
-        for lay in layouts[len(rig.splits):]:
-            shutil.rmtree(lay.base, ignore_errors=True)
+        for cell in cells:
+            if cell.lay.base != tmp:
+                shutil.rmtree(cell.lay.base, ignore_errors=True)
     return rows
 
 
-def _ingest_size(rig: Rig, layouts: list[Layout], url: str, s3: Any, total: int, size: int,
-                 name: str, rounds: int) -> list[dict[str, Any]]:
-    """The rows of one write size, one per layout."""
+def _range(xs: list[float], fmt: str = ".2f") -> str:
+    """``median (min-max)`` of *xs*."""
+    return (f"{statistics.median(xs):{fmt}} ({min(xs):{fmt}}-{max(xs):{fmt}})"
+            if xs else "-")
+
+
+def _ingest_size(rig: Rig, cells: list[Cell], size: int, name: str, rounds: int,
+                 seconds: float, arms: tuple[str, ...]) -> list[dict[str, Any]]:
+    """The rows of one write size, one per cell."""
     rows = []
-    runs: dict[tuple[int, str], list[Ingest]] = {(j, a): [] for j in range(len(layouts)) for a in ARMS}
-    sent: dict[int, list[int]] = {j: [] for j in range(len(layouts))}
+    runs: dict[tuple[int, str], list[Ingest]] = {(j, a): [] for j in range(len(cells)) for a in arms}
+    sent: dict[int, list[int]] = {j: [] for j in range(len(cells))}
     #: seconds the uploads gave way to ingest per run (``yielded_seconds``; 0 before it)
-    yielded: dict[int, list[float]] = {j: [] for j in range(len(layouts))}
+    yielded: dict[int, list[float]] = {j: [] for j in range(len(cells))}
     notes: dict[int, str] = {}
+    loads: list[float] = []
     for rnd in range(rounds):
-        for j, lay in enumerate(layouts):
-            for a in ARMS:
+        for j, cell in enumerate(cells):
+            lay, tg = cell.lay, cell.target
+            cap = CONTROL_CAP // 2 if lay.base != rig_base(cells) else INGEST_CAP
+            for a in (arms if rnd % 2 == 0 else tuple(reversed(arms))):
                 d = lay.base / f"in-{name}-{rnd}-{j}-{a}"
                 on = a != "off"
 
-                async def ingest(d: Path = d, on: bool = on, rnd: int = rnd,
-                                 sent: list[int] = sent[j],
+                async def ingest(d: Path = d, on: bool = on, rnd: int = rnd, tg: Target = tg,
+                                 cap: int = cap, sent: list[int] = sent[j],
                                  yielded: list[float] = yielded[j]) -> Ingest:
                     # a backlog of sealed segments first (not timed), so the tier
-                    # uploads during the whole timed run
-                    s = _settings(d, f"{url}-ingest-{d.name}", 8 * MiB)
+                    # uploads from the start of the timed run
+                    s = _settings(d, f"{tg.url}-ingest-{d.name}", 8 * MiB)
                     vol = Volume.create(d / "store" / "volumes" / "vol0", "vol0", SIZE, s)
                     for i in range(BACKLOG // MiB):
                         r = vol.write(SIZE - (i + 1) * MiB, os.urandom(MiB))
@@ -522,10 +614,10 @@ def _ingest_size(rig: Rig, layouts: list[Layout], url: str, s3: Any, total: int,
                     vol.journal.sync()
                     svc = None
                     if on:
-                        svc = TierService(vol, s.tier, s3=s3, autostart=False)
+                        svc = TierService(vol, s.tier, s3=tg.s3, autostart=False)
                         vol.attach(svc)
                         svc.start()
-                    got = await _ingest(vol, total, size, rnd)
+                    got = await _ingest(vol, cap, size, rnd, seconds, list(tg.daemons))
                     if svc is not None:
                         sent.append(svc.sent_bytes)
                         yielded.append(svc.status().get("yielded_seconds", 0.0))
@@ -535,14 +627,15 @@ def _ingest_size(rig: Rig, layouts: list[Layout], url: str, s3: Any, total: int,
                 os.sync()
                 _upload_threads_nice(a != "on-nice0")
                 try:
-                    with rig.pinned(lay.split) as notes[j]:
+                    with pinned(lay.split, list(tg.daemons)) as notes[j]:
                         runs[(j, a)].append(asyncio.run(ingest()))
                 finally:
                     _upload_threads_nice(True)
+                loads.append(os.getloadavg()[0])
                 shutil.rmtree(d, ignore_errors=True)
 
-    for j, lay in enumerate(layouts):
-        arm = {a: runs[(j, a)] for a in ARMS}
+    for j, cell in enumerate(cells):
+        arm = {a: runs[(j, a)] for a in arms}
 
         def med(a: str, what: str, arm: dict[str, list[Ingest]] = arm) -> float:
             return float(statistics.median(getattr(r, what) for r in arm[a]))
@@ -555,28 +648,46 @@ def _ingest_size(rig: Rig, layouts: list[Layout], url: str, s3: Any, total: int,
             def one(a: str) -> str:
                 got = [v for r in arm[a] if (v := getattr(r, what)) is not None]
                 return f"{statistics.median(got) / MiB:.0f}" if got else "?"
-            return "/".join(one(a) for a in ARMS)
+            return "/".join(one(a) for a in arms)
 
         def trio(what: str, med: Any = med) -> str:
-            return "/".join(f"{med(a, what):.2f}" for a in ARMS)
+            return "/".join(f"{med(a, what):.2f}" for a in arms)
 
+        pairs = [on.rate / off.rate for on, off in zip(arm["on"], arm["off"], strict=True)]
         sn = sent[j]
-        nice0 = med("on-nice0", "rate")
-        rows.append(_row(
-            f"tier-ingest-{name}{lay.suffix}", med("on", "rate"), med("off", "rate"), "MiB/s",
-            f"{total // MiB} MiB of {name} writes, volume level, {rounds} alternating "
-            f"rounds, medians; a {BACKLOG // MiB} MiB backlog first, the tier sent "
-            f"{min(sn) // MiB}-{max(sn) // MiB} MiB during each timed run (uploads gave way "
-            f"{min(yielded[j]):.2f}-{max(yielded[j]):.2f} s); peer: [tier] off; "
-            f"{notes[j]}{'; ' + lay.note if lay.note else ''}{rig.osd}. Upload threads at cdpd's own "
-            f"priority instead of nice +{UPLOAD_NICE}: {_nice0_note(nice0, med('off', 'rate'))}. "
-            f"Off/on/on-nice0: loop thread CPU s {trio('loop_cpu')}, process CPU s "
+        nice0 = (f" Upload threads at cdpd's own priority instead of nice +{UPLOAD_NICE}: "
+                 f"{_nice0_note(med('on-nice0', 'rate'), med('off', 'rate'))}."
+                 if "on-nice0" in arms else "")
+        row = _row(
+            f"tier-ingest-{name}{cell.suffix}", med("on", "rate"), med("off", "rate"), "MiB/s",
+            f"{name} writes for {seconds:g} s per run (MiB written per run: off "
+            f"{_range([r.rate * r.seconds for r in arm['off']], '.0f')}, on "
+            f"{_range([r.rate * r.seconds for r in arm['on']], '.0f')}), volume level, "
+            f"{rounds} alternating on/off pairs (order swapped each round); pair ratios on/off "
+            f"{_range(pairs, '.3f')}; MiB/s off {_range([r.rate for r in arm['off']], '.0f')}, "
+            f"on {_range([r.rate for r in arm['on']], '.0f')}; a {BACKLOG // MiB} MiB backlog "
+            f"first, the tier sent {min(sn) // MiB}-{max(sn) // MiB} MiB during each timed run "
+            f"(uploads gave way {min(yielded[j]):.2f}-{max(yielded[j]):.2f} s); peer: [tier] "
+            f"off; {notes[j]}{'; ' + cell.lay.note if cell.lay.note else ''}"
+            f"{cell.target.osd or rig.osd}.{nice0} "
+            f"{'/'.join(arms)}: loop thread CPU s {trio('loop_cpu')}, process CPU s "
             f"{trio('cpu')}, wall s {trio('seconds')}, of which awaiting the journal "
             f"{trio('waits')}, RGW daemons' CPU s "
-            f"{'/'.join(rgw_cpu(a) for a in ARMS)}, MiB written to storage by cdp "
-            f"{mib('wrote')} and by the RGW's daemons {mib('rgw_wrote')}; "
-            f"load {os.getloadavg()[0]:.1f}"))
+            f"{'/'.join(rgw_cpu(a) for a in arms)}, MiB written to storage by cdp "
+            f"{mib('wrote')} and by the RGW's daemons {mib('rgw_wrote')}; load during the "
+            f"runs {_range(loads, '.1f')}")
+        row.update(pair_ratios=[round(x, 3) for x in pairs],
+                   ratio_min=round(min(pairs), 3), ratio_max=round(max(pairs), 3),
+                   ratio_median_of_pairs=round(statistics.median(pairs), 3),
+                   sent_mib=[x // MiB for x in sn], yielded_s=yielded[j],
+                   load=[round(x, 2) for x in loads])
+        rows.append(row)
     return rows
+
+
+def rig_base(cells: list[Cell]) -> Path:
+    """The directory the main layout's stores live under."""
+    return cells[0].lay.base
 
 
 #: timed runs of each side of the recovery row (alternating, medians)
@@ -620,15 +731,21 @@ def _recover_row(rig: Rig, split: Split | None, tmp: Path, s3: Any, c: Any, buck
 
 def run(quick: bool = False, only: tuple[str, ...] = ROWS, split: bool | None = None,
         compare: bool = False, rounds: int = ROUNDS,
-        control: Path | None = None) -> list[dict[str, Any]]:
+        control: Path | None = None, seconds: float = SECONDS, nice0: bool = False,
+        control_rgw: Path | None = None) -> list[dict[str, Any]]:
     """The rows named in ``only`` (``recover`` needs ``upload``). ``split``: pin this
     process and the RGW's daemons to disjoint cores (:class:`Split`; None: when the
     machine has two or more); ``compare``: measure the upload and ingest rows under the
     other layout too (extra rows, alternating with the main ones); ``control``: the ingest
     rows once more with the store under that directory (e.g. a tmpfs: ``/dev/shm/x``),
-    alternating, to tell the journal disk's share from the tier's."""
+    alternating, to tell the journal disk's share from the tier's; ``control_rgw``: the
+    ingest rows once more against the RGW of that ``tools/ceph-s3`` state directory (its
+    OSD on a tmpfs: the OSD's writes off the journal's disk), alternating. ``seconds``:
+    each timed ingest run's length; ``nice0``: a third ingest arm, the upload threads at
+    cdpd's own priority."""
     up_total = (64 if quick else 256) * MiB
-    ingest_total = (64 if quick else 256) * MiB
+    if quick:
+        seconds = min(seconds, 1.0)
     rows: list[dict[str, Any]] = []
     tmp = Path(tempfile.mkdtemp(prefix="cdp-tier-bench-"))
     with rgw() as target:
@@ -680,17 +797,21 @@ def run(quick: bool = False, only: tuple[str, ...] = ROWS, split: bool | None = 
                                  "Goal: ratio <= 2"))
 
             if "ingest" in only:
-                rows += _ingest_rows(rig, tmp, url, s3, ingest_total, rounds, control)
+                ctl = None
+                if control_rgw is not None:
+                    ctl, cc, cbucket = control_target(control_rgw)
+                try:
+                    rows += _ingest_rows(rig, tmp, Target(s3, url, daemons), rounds, seconds,
+                                         ("off", "on", "on-nice0") if nice0 else ("off", "on"),
+                                         control, ctl)
+                finally:
+                    if ctl is not None:
+                        empty_bucket(cc, cbucket)
 
             if "recover" in only and "upload" in only:
                 rows.append(_recover_row(rig, main_split, tmp, s3, c, bucket, rec_url, keys, nbytes))
         finally:
-            keys_left = [o["Key"] for p in c.get_paginator("list_objects_v2").paginate(Bucket=bucket)
-                         for o in p.get("Contents", [])]
-            for i in range(0, len(keys_left), 1000):
-                c.delete_objects(Bucket=bucket, Delete={
-                    "Objects": [{"Key": k} for k in keys_left[i:i + 1000]], "Quiet": True})
-            c.delete_bucket(Bucket=bucket)
+            empty_bucket(c, bucket)
             shutil.rmtree(tmp, ignore_errors=True)
     return rows
 
@@ -705,13 +826,23 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--compare-split", action="store_true",
                     help="also measure the upload and ingest rows under the other layout "
                          "(split / shared), alternating with the main one")
-    ap.add_argument("--rounds", type=int, default=ROUNDS, help="timed ingest runs per arm")
+    ap.add_argument("--rounds", type=int, default=ROUNDS,
+                    help="timed ingest on/off pairs per row (the order swapped each round)")
+    ap.add_argument("--seconds", type=float, default=SECONDS,
+                    help=f"length of each timed ingest run (default {SECONDS:g})")
+    ap.add_argument("--nice0", action="store_true",
+                    help="a third ingest arm: the upload threads at cdpd's own priority")
+    ap.add_argument("--control-rgw", type=Path, metavar="DIR",
+                    help="the ingest rows once more against the RGW of this tools/ceph-s3 "
+                         "state directory (CDP_CEPH_S3_DIR=DIR tools/ceph-s3 up; its OSD on a "
+                         "tmpfs such as /dev/shm/NAME, capped by CDP_CEPH_S3_OSD_BYTES), "
+                         "alternating")
     ap.add_argument("--control-store", type=Path, metavar="DIR",
                     help="the ingest rows once more with the store under DIR (e.g. a tmpfs such "
                          f"as /dev/shm/NAME; at most {CONTROL_CAP >> 20} MiB per run), alternating")
     a = ap.parse_args(argv)
     for r in run(a.quick, tuple(a.only.split(",")), a.split_cores, a.compare_split, a.rounds,
-                 a.control_store):
+                 a.control_store, a.seconds, a.nice0, a.control_rgw):
         print(json.dumps(r))
     return 0
 
