@@ -69,7 +69,7 @@ def test_overlays_rebuild_b(tmp_path: Path, seed: int, bits: int) -> None:
             pieces = diff_pieces(vol, a, b)
             lay = qcow2.plan(vol, b, pieces, bits)
             out = tmp_path / f"d{i}.qcow2"
-            await _write_qcow2(vol, b, lay, str(out), f"a{i}.img", "raw", _noop)
+            await _write_qcow2(vol, b, lay, pieces, str(out), f"a{i}.img", "raw", _noop)
             assert out.stat().st_size == lay.file_size
             _qemu("check", str(out))
             _qemu("compare", str(out), str(tmp_path / f"b{i}.img"))
