@@ -368,9 +368,18 @@ class SegmentReader:
         allocation, no decode, no copy beyond the kernel's. Cost: one pread into
         ``out`` + one CRC pass; the record's tables read once (remembered)."""
         length = len(out)
-        if length <= 0 or poff < 0 or poff & (GRANULE_SIZE - 1):
+        if length <= 0 or poff < 0:
             return False
         lay = self._layouts.get(seq)
+        if lay is None:
+            seg = self._seg_for_or_none(seq)
+            if seg is None or seg.compacted or (seg is self._cur and loc >= self._file_size):
+                return False
+            span = self._record_span(seg, seq, loc)
+            if span is not None and span <= RECORD_HEADER_SIZE + CHUNK_SIZE:
+                return self._block_into(seg, seq, loc, span, poff, out)
+        if poff & (GRANULE_SIZE - 1):
+            return False
         if lay is None or lay[0] != loc:
             try:
                 lay, _whole = self._learn_layout(seq, loc)
@@ -401,6 +410,44 @@ class SegmentReader:
             return False
         self._layouts.move_to_end(seq)
         return True
+
+    def _seg_for_or_none(self, seq: int) -> SegmentState | None:
+        try:
+            return self._seg_for(seq)
+        except NotFound:
+            return None
+
+    def _block_into(self, seg: SegmentState, seq: int, loc: int, span: int, poff: int,
+                    out: memoryview) -> bool:
+        """:meth:`read_slice_into` of a one-block record stored raw that spans ``span``
+        bytes of its segment file: one preadv of header, the bytes before the slice,
+        the slice into ``out``, the bytes after; the record CRC checked over them in
+        order. False for anything else (lz4, another record there, damage)."""
+        length = len(out)
+        size = span - RECORD_HEADER_SIZE
+        if poff + length > size:
+            return False
+        head = bytearray(RECORD_HEADER_SIZE)
+        parts: list[bytearray | memoryview] = [head]
+        if poff:
+            parts.append(bytearray(poff))
+        parts.append(out)
+        if poff + length < size:
+            parts.append(bytearray(size - poff - length))
+        try:
+            n = self._fs.preadv(self._rfd(seg), parts, loc)
+        except NotLocal:
+            return False
+        if n != span:
+            return False
+        magic, crc, ver, kind, comp, _fl, slen, rseq, _ts, _off, plen = RECORD_HEADER.unpack_from(head)
+        if (magic != RECORD_MAGIC or rseq != seq or comp != _NONE_COMP or slen != size
+                or plen != size or (kind != _W and kind != _I) or ver not in RECORD_VERSIONS):
+            return False
+        c = _CRC(memoryview(head)[CRC_START:])
+        for p in parts[1:]:
+            c = _CRC(p, c)
+        return bool(c == crc)
 
     def _learn_layout(self, seq: int, loc: int) -> tuple[
             tuple[int, ChunkTable, SegmentState] | None, bytes | None]:

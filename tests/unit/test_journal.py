@@ -1106,9 +1106,11 @@ def test_read_slice_into_agrees_with_read_slice() -> None:
     for i, n in enumerate((4096, 5000, CH, 3 * CH + 4096 * 3 + 17, 1 << 20, (1 << 20) - 100,
                            40 * CH)):
         # chunk by chunk random (stored raw) or zeroes (lz4)
-        d = b"".join(rng.randbytes(CH) if rng.random() < 0.7 else bytes(CH)
+        d = b"".join(rng.randbytes(CH) if n <= CH or rng.random() < 0.7 else bytes(CH)
                      for _ in range(n // CH + 1))[:n]
         recs[j.append_write(i << 22, d)] = d
+    for i, d in enumerate((bytes(8000), b"ab" * 3000)):  # one-block records stored lz4
+        recs[j.append_write((i + 20) << 22, d)] = d
 
     def probe(j: Journal, must_serve: bool) -> int:
         served = 0
@@ -1137,13 +1139,23 @@ def test_read_slice_into_agrees_with_read_slice() -> None:
     probe(j, False)  # records still buffered: may decline, never wrong
     j.sync()
     probe(j, True)
+    (s1, l1), d1 = next((k, v) for k, v in recs.items() if len(v) == 5000)  # one-block, raw
+    out = memoryview(bytearray(5000))
+    assert j.read_slice_into(s1, l1, 0, out) and bytes(out) == d1
+    out = memoryview(bytearray(100))
+    assert j.read_slice_into(s1, l1, 4000, out) and bytes(out) == d1[4000:4100]
     j.append_write(0, b"tail")  # the damaged record is not the tail (recovery keeps it)
     j.close()
     (seq, loc), d = max(recs.items(), key=lambda kv: len(kv[1]))
     raw_chunks = [c for c in range(len(d) // CH) if d[c * CH : (c + 1) * CH] != bytes(CH)]
     c = raw_chunks[len(raw_chunks) // 2]
     fs.raw(seg_path(1))[_chunk_pos(fs, loc, c) + 3 * 4096 + 11] ^= 0x04
+    fs.raw(seg_path(1))[l1 + RECORD_HEADER_SIZE + 4500] ^= 0x10  # the one-block record
     j = mk(fs)
+    for poff, ln in ((0, 5000), (4000, 100), (0, 10)):
+        assert not j.read_slice_into(s1, l1, poff, memoryview(bytearray(ln)))
+        with pytest.raises(Corruption, match=f"seq {s1}"):
+            j.read_slice(s1, l1, poff, ln)
     for poff, ln in ((0, len(d) & -4096), (c * CH, CH), ((c - 1) * CH, 2 * CH),
                      (c * CH + 3 * 4096, 4096)):
         assert ln // 4096 >= 1
