@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import random
 import struct
 import subprocess
@@ -114,3 +115,36 @@ def test_refcount_table_grows(tmp_path: Path) -> None:
     lay = qcow2.Layout(n * 512, 9, list(range(n)), [True] * n)
     assert lay.refblocks * 256 >= lay.total_clusters
     assert lay.reftable_clusters * 64 >= lay.refblocks and lay.reftable_clusters >= 3
+
+
+def test_export_of_a_damaged_chunk_fails_with_the_chunk_named(tmp_path: Path) -> None:
+    """The export reads payloads into its buffers only when their CRCs match: a flipped
+    byte in a raw chunk fails the export with the journal's error (segment, seq,
+    chunk), no partial output is left, and the undamaged range still exports."""
+    from cdp.errors import Corruption
+    from cdp.ops import run_op
+    from cdp.store import Store
+    from tests.unit.test_on_error import MIB, _damaged_store
+
+    require_tool("qemu-img")
+    s, content, _hit = _damaged_store(tmp_path)
+    store = Store.open(s)
+    try:
+        args = {"volume": "v", "from": "origin", "to": "marker1"}
+        for output, fmt in ((str(tmp_path / "d.qcow2"), "qcow2"), (os.devnull, "qcow2"),
+                            (str(tmp_path / "d.cdpdiff"), "cdpdiff")):
+            with pytest.raises(Corruption, match=r"seq 2.*bad checksum in chunk \d"):
+                asyncio.run(run_op(store, "export_diff", {**args, "output": output, "format": fmt}))
+        assert not (tmp_path / "d.qcow2").exists() and not (tmp_path / "d.cdpdiff").exists()
+        # the range before the damaged write exports, and rebuilds what it holds
+        vol = store.volume("v")
+        pieces = [p for p in diff_pieces(vol, 0, vol.resolve_point("marker1")) if p.end <= MIB]
+        lay = qcow2.plan(vol, vol.resolve_point("marker1"), pieces, 16)
+        ok = tmp_path / "ok.qcow2"
+        asyncio.run(_write_qcow2(vol, vol.resolve_point("marker1"), lay, pieces, str(ok), None,
+                                 "raw", _noop))
+        raw = tmp_path / "ok.raw"
+        _qemu("convert", "-O", "raw", str(ok), str(raw))
+        assert raw.read_bytes()[:MIB] == content[:MIB]
+    finally:
+        store.close()
