@@ -95,17 +95,6 @@ class FileLayer:
         buf[: len(data)] = data
         return len(data)
 
-    def preadv(self, fd: int, bufs: Sequence[bytearray | memoryview], offset: int) -> int:
-        """Fill ``bufs`` in order from ``offset``; the bytes read (fewer at end of file).
-        This default scatters a :meth:`pread`; the OS layer is one ``preadv``."""
-        data = self.pread(fd, sum(len(b) for b in bufs), offset)
-        at = 0
-        for b in bufs:
-            piece = data[at : at + len(b)]
-            b[: len(piece)] = piece
-            at += len(piece)
-        return len(data)
-
     def write(self, fd: int, data: Buffer) -> None:
         """Append all of ``data`` or raise (a prefix may have reached the file)."""
         raise NotImplementedError
@@ -197,27 +186,6 @@ class OsFileLayer(FileLayer):
             if n == 0:
                 break
             done += n
-        return done
-
-    def preadv(self, fd: int, bufs: Sequence[bytearray | memoryview], offset: int) -> int:
-        n = os.preadv(fd, bufs, offset)
-        total = 0
-        for b in bufs:
-            total += len(b)
-        if n == total or n == 0:
-            return n
-        views = [memoryview(b) for b in bufs]
-        done = 0
-        while views:  # preadv may return short (signals); 0 at end of file
-            n = os.preadv(fd, views, offset + done)
-            if n == 0:
-                break
-            done += n
-            while views and n >= len(views[0]):
-                n -= len(views[0])
-                views.pop(0)
-            if views and n:
-                views[0] = views[0][n:]
         return done
 
     def pwrite(self, fd: int, data: Buffer, offset: int) -> None:

@@ -384,11 +384,6 @@ class TieredFS(FileLayer):
             return self.base.pread_into(fd, buf, offset)
         return super().pread_into(fd, buf, offset)
 
-    def preadv(self, fd: int, bufs: Sequence[bytearray | memoryview], offset: int) -> int:
-        if fd < _VFD_BASE:
-            return self.base.preadv(fd, bufs, offset)
-        return super().preadv(fd, bufs, offset)
-
     def close(self, fd: int) -> None:
         if fd < _VFD_BASE:
             self.base.close(fd)
