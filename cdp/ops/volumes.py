@@ -360,7 +360,9 @@ async def _image_data(vol: Volume, seq: int, on_error: str, damage: DamageMap,
     cap = len(buf)
     used = 0
     items: list[tuple[int, memoryview]] = []
-    last_end = -1  # volume offset where the last item ends (it may be extended)
+    run_at = -1  # volume offset of the run of adjacent data being filled (-1: none)
+    run_used = 0  # where it starts in the buffer
+    last_end = -1  # volume offset where that run ends
     pos = 0
     while pos < vol.size:
         stop = min(vol.size, pos + chunk)
@@ -369,12 +371,20 @@ async def _image_data(vol: Volume, seq: int, on_error: str, damage: DamageMap,
             if e.loc < 0:
                 continue
             at = e.start
-            while at < e.end:
+            end = e.end
+            while at < end:
                 if used == cap:
+                    items.append((run_at, buf[run_used:used]))
                     yield items, at
                     b ^= 1
-                    buf, used, items, last_end = bufs[b], 0, [], -1
-                n = min(e.end - at, cap - used)
+                    buf, used, items, run_at, last_end = bufs[b], 0, [], -1, -1
+                n = end - at
+                if n > cap - used:
+                    n = cap - used
+                if at != last_end:
+                    if run_at >= 0:
+                        items.append((run_at, buf[run_used:used]))
+                    run_at, run_used = at, used
                 view = buf[used : used + n]
                 if not read_into(e.seq, e.loc, e.poff + at - e.start, view):
                     try:
@@ -388,16 +398,12 @@ async def _image_data(vol: Volume, seq: int, on_error: str, damage: DamageMap,
                     for r in found.ranges:
                         damage.add(r["offset"], r["length"], r["source_offset"], r["reason"])
                     view[:] = data
-                if at == last_end:
-                    first, fv = items[-1]
-                    items[-1] = (first, buf[used - len(fv) : used + n])
-                else:
-                    items.append((at, view))
                 used += n
                 at += n
                 last_end = at
         pos = stop
-    if items:
+    if run_at >= 0:
+        items.append((run_at, buf[run_used:used]))
         yield items, vol.size
 
 
