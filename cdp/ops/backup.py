@@ -300,7 +300,9 @@ async def _write_qcow2(
     # two batch buffers, one filled while the writer thread writes the other (Pipe keeps
     # one call in flight): payloads are read into them, so no new memory is touched per
     # read (a fresh 1 MiB bytes per extent cost more in page faults than the read)
-    bufs = [_BUFFERS.pop() if _BUFFERS else memoryview(bytearray(BATCH_BYTES)) for _ in range(2)]
+    size = max(BATCH_BYTES, cs)  # a run holds at least one cluster
+    bufs = [_BUFFERS.pop() if _BUFFERS and len(_BUFFERS[-1]) >= size
+            else memoryview(bytearray(size)) for _ in range(2)]
     buf = bufs[0]
     try:
         if tmp is not None:
@@ -319,7 +321,7 @@ async def _write_qcow2(
             # out only when the output is a device that may hold old bytes). Runs are
             # gathered up to BATCH_BYTES per hand-off to the writer thread (one hand-off
             # per run cost ~0.6 ms each when random 1 MiB changes made 1 MiB runs).
-            if pending + n * cs > BATCH_BYTES and items:
+            if pending + n * cs > size and items:
                 await pipe.put(qcow2.write_at, fd, items)
                 progress(done, total, "export qcow2")
                 items, pending = [], 0

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -115,6 +116,13 @@ def test_image_of_random_histories_equals_the_volume(tmp_path: Path, monkeypatch
     from cdp.ops import volumes
 
     monkeypatch.setattr(volumes, "IMAGE_BATCH", batch)
+    slow = volumes._write_items
+
+    def write_late(*args: Any) -> None:
+        time.sleep(0.003)  # the loop fills the other buffer meanwhile: not this one
+        slow(*args)
+
+    monkeypatch.setattr(volumes, "_write_items", write_late)
     s = _settings(tmp_path)
     store = Store.open(s)
     rng = random.Random(batch)
