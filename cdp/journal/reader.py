@@ -358,8 +358,8 @@ class SegmentReader:
 
     def read_slice_into(self, seq: int, loc: int, poff: int, out: memoryview) -> bool:
         """Fill ``out`` with payload bytes ``[poff, poff + len(out))`` of record ``seq``
-        at ``loc`` when that is one read of stored raw granules (or of a raw one-block
-        record, copied from the read: :meth:`_block_into`): a version 3 record in
+        at ``loc`` when that is one read of stored raw granules (or of a one-block
+        record, read and checked as :meth:`read_slice` does, then copied): a version 3 record in
         its segment file (not compacted, not buffered), every chunk the slice touches
         stored raw, the slice granule-aligned (its end may be the payload's). The bytes
         are checked against their granule CRCs (:func:`granules_ok`) before True is
@@ -373,15 +373,17 @@ class SegmentReader:
             return False
         lay = self._layouts.get(seq)
         if lay is None:
+            # a one-block record (no table remembered): read_slice's own one-pread path
+            # (its size from the segment's offsets, else a 4 KiB guess), then one copy
             try:
-                seg = self._seg_for(seq)
-            except NotFound:
+                p = self._block_fast(seq, loc, None)
+            except NotLocal:
                 return False
-            if seg.compacted or (seg is self._cur and loc >= self._file_size):
-                return False
-            span = self._record_span(seg, seq, loc)
-            if span is not None and span <= RECORD_HEADER_SIZE + CHUNK_SIZE:
-                return self._block_into(seg, seq, loc, span, poff, out)
+            if p is not None:
+                if poff + length > len(p):
+                    return False
+                out[:] = memoryview(p)[poff : poff + length]
+                return True
         if poff & (GRANULE_SIZE - 1):
             return False
         if lay is None or lay[0] != loc:
@@ -413,34 +415,6 @@ class SegmentReader:
         if n != length or not granules_ok(out, gr, poff >> _GRANULE_SHIFT):
             return False
         self._layouts.move_to_end(seq)
-        return True
-
-    def _block_into(self, seg: SegmentState, seq: int, loc: int, span: int, poff: int,
-                    out: memoryview) -> bool:
-        """:meth:`read_slice_into` of a one-block record stored raw that spans ``span``
-        bytes of its segment file: one pread of header and payload, the record CRC
-        checked, the slice copied into ``out`` (a ``preadv`` straight into ``out`` cost
-        twice the pread in Python's iovec setup for a 4 KiB payload). False for anything
-        else (lz4, another record there, damage)."""
-        length = len(out)
-        size = span - RECORD_HEADER_SIZE
-        if poff + length > size:
-            return False
-        try:
-            blob = self._fs.pread(self._rfd(seg), span, loc)
-        except NotLocal:
-            return False
-        if len(blob) != span:
-            return False
-        magic, crc, ver, kind, comp, _fl, slen, rseq, _ts, _off, plen = RECORD_HEADER.unpack_from(blob)
-        if (magic != RECORD_MAGIC or rseq != seq or comp != _NONE_COMP or slen != size
-                or plen != size or (kind != _W and kind != _I) or ver not in RECORD_VERSIONS):
-            return False
-        mv = memoryview(blob)
-        if _CRC(mv[CRC_START:]) != crc:
-            return False
-        a = RECORD_HEADER_SIZE + poff
-        out[:] = mv[a : a + length]
         return True
 
     def _learn_layout(self, seq: int, loc: int) -> tuple[
