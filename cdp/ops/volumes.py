@@ -328,8 +328,8 @@ async def resume(store: Store, args: dict[str, Any], progress: Progress) -> Any:
 # ---------------------------------------------------------------------------- images
 
 
-#: bytes of one image batch (one hand-off to the writer thread)
-IMAGE_BATCH = 8 << 20
+#: bytes of one image batch (one hand-off to the writer thread; as QCOW2_BATCH)
+IMAGE_BATCH = 2 << 20
 
 
 async def _image_data(vol: Volume, seq: int, on_error: str, damage: DamageMap,

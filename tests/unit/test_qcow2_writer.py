@@ -68,7 +68,7 @@ def test_overlays_rebuild_b(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, see
 
         from cdp.ops import backup
 
-        monkeypatch.setattr(backup, "BATCH_BYTES", batch)
+        monkeypatch.setattr(backup, "QCOW2_BATCH", batch)
         slow = qcow2.write_at
 
         def write_late(fd: int, items: list[tuple[int, bytes | memoryview]]) -> None:
