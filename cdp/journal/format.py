@@ -7,6 +7,7 @@ change; retired values are never reused.
 
 from __future__ import annotations
 
+import functools
 import struct
 import sys
 from array import array
@@ -430,10 +431,62 @@ def first_bad_chunk(stored: memoryview, table: ChunkTable) -> int | None:
     return None
 
 
+#: fewest full granules :func:`granules_ok` checks by composition (fewer: one call each)
+SPAN_COMPOSE_MIN = 32
+
+
+def granules_ok(data: bytes | memoryview, granules: array[int], first: int) -> bool:
+    """True when ``data``, consecutive stored raw granules of a version 3 record starting
+    at granule slot ``first`` (``GRANULES * chunk + granule``; every granule full but
+    perhaps the last, the record's end), matches the granule CRCs ``granules[first:]``.
+
+    Same verdict as one ``crc32c`` per granule, up to a CRC collision (2^-32 per damaged
+    chunk), in fewer calls: a span of at least :data:`SPAN_COMPOSE_MIN` full granules is
+    cut at chunk boundaries and each piece's CRC is composed from its granule CRCs as in
+    :func:`first_bad_chunk` (numpy, the same tables) and compared with one ``crc32c`` of
+    the piece (a short last granule is checked on its own). Cost: one CRC pass over the
+    bytes, one call per chunk, ~20 µs of numpy; shorter spans one call per granule.
+    """
+    mv = data if isinstance(data, memoryview) else memoryview(data)
+    n = len(mv)
+    full = n >> 12
+    if full < SPAN_COMPOSE_MIN:
+        k = first
+        for g in range(0, n, GRANULE_SIZE):
+            if crc32c(mv[g : g + GRANULE_SIZE]) != granules[k]:
+                return False
+            k += 1
+        return True
+    stop = first + full
+    if n > full * GRANULE_SIZE and crc32c(mv[full * GRANULE_SIZE :]) != granules[stop]:
+        return False
+    shift, starts, bounds = _span_pieces(first & (GRANULES - 1), full)
+    by = np.frombuffer(granules, dtype=np.uint32)[first:stop].astype("<u4").view(np.uint8).reshape(full, 4)
+    t = _advance_tables()[shift, _LANES, by]
+    vals = t[:, 0] ^ t[:, 1] ^ t[:, 2] ^ t[:, 3]
+    want = np.bitwise_xor.reduceat(vals, starts)
+    return bool(want.tolist() == [crc32c(mv[a:b]) for a, b in bounds])
+
+
+@functools.lru_cache(maxsize=64)
+def _span_pieces(lead: int, full: int) -> tuple[npt.NDArray[np.intp], list[int], list[tuple[int, int]]]:
+    """For :func:`granules_ok`: a span of ``full`` granules whose first is granule
+    ``lead`` of its chunk, cut at chunk boundaries: per granule how many granules follow
+    it in its piece (a column), each piece's first granule, each piece's byte bounds."""
+    idx = np.arange(lead, lead + full)
+    shift = np.minimum((idx | (GRANULES - 1)) + 1, lead + full) - 1 - idx
+    cut = list(range(GRANULES - lead, full, GRANULES))
+    starts = [0, *cut]
+    ends = [*cut, full]
+    bounds = [(a * GRANULE_SIZE, b * GRANULE_SIZE) for a, b in zip(starts, ends, strict=True)]
+    return shift[:, None], starts, bounds
+
+
 _ADVANCE: npt.NDArray[np.uint32] | None = None
 #: for the granules of a full chunk: how many granules follow each one, and byte lanes
 _SHIFTS = (GRANULES - 1 - np.arange(GRANULES))[None, :, None]
 _BYTES = np.arange(4)[None, None, :]
+_LANES = np.arange(4)[None, :]
 
 
 def _advance_tables() -> npt.NDArray[np.uint32]:

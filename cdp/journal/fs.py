@@ -88,7 +88,7 @@ class FileLayer:
         """Up to ``size`` bytes at ``offset`` (fewer at end of file)."""
         raise NotImplementedError
 
-    def pread_into(self, fd: int, buf: bytearray, offset: int) -> int:
+    def pread_into(self, fd: int, buf: bytearray | memoryview, offset: int) -> int:
         """Fill ``buf`` from ``offset``; the bytes read (fewer at end of file). This
         default copies a :meth:`pread`; the OS layer reads into ``buf`` directly."""
         data = self.pread(fd, len(buf), offset)
@@ -178,7 +178,7 @@ class OsFileLayer(FileLayer):
     def pread(self, fd: int, size: int, offset: int) -> bytes:
         return os.pread(fd, size, offset)
 
-    def pread_into(self, fd: int, buf: bytearray, offset: int) -> int:
+    def pread_into(self, fd: int, buf: bytearray | memoryview, offset: int) -> int:
         mv = memoryview(buf)
         done = 0
         while done < len(mv):  # preadv may return short (signals); 0 at end of file

@@ -64,6 +64,7 @@ from cdp.journal.format import (
     covered_size,
     decode_chunk,
     decode_record,
+    granules_ok,
     header_problem,
     index_name,
     parse_chunk_table,
@@ -355,6 +356,67 @@ class SegmentReader:
                              f"seq {seq}'s payload")
         return memoryview(got)[o : o + length] if o or length != len(got) else got
 
+    def read_slice_into(self, seq: int, loc: int, poff: int, out: memoryview) -> bool:
+        """Fill ``out`` with payload bytes ``[poff, poff + len(out))`` of record ``seq``
+        at ``loc`` when that is one read of stored raw granules (or of a one-block
+        record, read and checked as :meth:`read_slice` does, then copied): a version 3 record in
+        its segment file (not compacted, not buffered), every chunk the slice touches
+        stored raw, the slice granule-aligned (its end may be the payload's). The bytes
+        are checked against their granule CRCs (:func:`granules_ok`) before True is
+        returned. False for anything else, damage included, with ``out`` in an
+        unspecified state: :meth:`read_slice` then reads the slice and raises what it
+        must. For one-pass readers (export, image) that reuse their buffers: no
+        allocation, no decode, no copy beyond the kernel's. Cost: one pread into
+        ``out`` + one CRC pass; the record's tables read once (remembered)."""
+        length = len(out)
+        if length <= 0 or poff < 0:
+            return False
+        lay = self._layouts.get(seq)
+        if lay is None:
+            # a one-block record (no table remembered): read_slice's own one-pread path
+            # (its size from the segment's offsets, else a 4 KiB guess), then one copy
+            try:
+                p = self._block_fast(seq, loc, None)
+            except NotLocal:
+                return False
+            if p is not None:
+                if poff + length > len(p):
+                    return False
+                out[:] = memoryview(p)[poff : poff + length]
+                return True
+        if poff & (GRANULE_SIZE - 1):
+            return False
+        if lay is None or lay[0] != loc:
+            try:
+                lay, _whole = self._learn_layout(seq, loc)
+            except (Corruption, NotLocal, NotFound, PointError):
+                return False
+            if lay is None:
+                return False
+        loc, table, seg = lay
+        gr = table.granules
+        end = poff + length
+        total = table.length
+        if (gr is None or seg.compacted or (seg is self._cur and loc >= self._file_size)
+                or end > total or (end & (GRANULE_SIZE - 1) and end != total)):
+            return False
+        i = poff >> _CHUNK_SHIFT
+        st = table.starts
+        comps = table.comps
+        for c in range(i, ((end - 1) >> _CHUNK_SHIFT) + 1):
+            raw = total - (c << _CHUNK_SHIFT)
+            if comps[c] != _NONE_COMP or st[c + 1] - st[c] != (raw if raw < CHUNK_SIZE else CHUNK_SIZE):
+                return False
+        pos = loc + RECORD_HEADER_SIZE + st[i] + poff - (i << _CHUNK_SHIFT)
+        try:
+            n = self._fs.pread_into(self._rfd(seg), out, pos)
+        except NotLocal:
+            return False
+        if n != length or not granules_ok(out, gr, poff >> _GRANULE_SHIFT):
+            return False
+        self._layouts.move_to_end(seq)
+        return True
+
     def _learn_layout(self, seq: int, loc: int) -> tuple[
             tuple[int, ChunkTable, SegmentState] | None, bytes | None]:
         """Read record ``seq``'s header and chunk table (remembered, as the general path
@@ -379,7 +441,8 @@ class SegmentReader:
         the slice comes back without a decode or a copy (the read itself when it is
         granule-aligned, else a view of it). None for anything else, a damaged granule
         included: the general path then reads again and raises what it must.
-        Cost: one pread + one CRC per granule; O(chunks) checks of the table."""
+        Cost: one pread + one CRC pass (:func:`granules_ok`: one call per chunk for a
+        long span, per granule for a short one); O(chunks) checks of the table."""
         loc, table, seg = lay
         gr = table.granules
         end = poff + length
@@ -403,16 +466,13 @@ class SegmentReader:
                               loc + RECORD_HEADER_SIZE + st[i] + a - (i << _CHUNK_SHIFT))
         if len(blob) != n:
             return None
-        mv = memoryview(blob)
-        k = a >> _GRANULE_SHIFT  # = GRANULES * chunk + granule in the chunk
-        for g in range(0, n, GRANULE_SIZE):
-            if _CRC(mv[g : g + GRANULE_SIZE]) != gr[k]:
-                return None
-            k += 1
+        # a = GRANULES * chunk + granule in the chunk, in bytes (raw chunks are contiguous)
+        if not granules_ok(blob, gr, a >> _GRANULE_SHIFT):
+            return None
         self._layouts.move_to_end(seq)
         if a == poff and n == length:
             return blob
-        return mv[poff - a : end - a]
+        return memoryview(blob)[poff - a : end - a]
 
     def _chunk_fast(self, seq: int, loc: int, i: int, cache: ChunkCache | None) -> bytes | None:
         """Chunk ``i`` of a chunked record whose checked table is remembered and which

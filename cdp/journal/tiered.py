@@ -379,7 +379,7 @@ class TieredFS(FileLayer):
         start = offset - recs[0][1]
         return blob[start : start + size]
 
-    def pread_into(self, fd: int, buf: bytearray, offset: int) -> int:
+    def pread_into(self, fd: int, buf: bytearray | memoryview, offset: int) -> int:
         if fd < _VFD_BASE:
             return self.base.pread_into(fd, buf, offset)
         return super().pread_into(fd, buf, offset)

@@ -15,6 +15,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from cdp.backup.pipe import Pipe
 from cdp.config import VolumeSpec
 from cdp.errors import NotFound, UsageError
 from cdp.journal import NotLocal, verify_journal
@@ -327,60 +328,88 @@ async def resume(store: Store, args: dict[str, Any], progress: Progress) -> Any:
 # ---------------------------------------------------------------------------- images
 
 
+#: bytes of one image batch (one hand-off to the writer thread; as QCOW2_BATCH)
+IMAGE_BATCH = 2 << 20
+
+
 async def _image_data(vol: Volume, seq: int, on_error: str, damage: DamageMap,
-                      chunk: int = 64 << 20,
-                      run_bytes: int = 1 << 20) -> AsyncIterator[tuple[int, bytes | None, int]]:
-    """(offset, data or None for zeros, length) over the volume at *seq*, in offset
-    order, adjacent data extents joined into pieces of up to *run_bytes* (one output
-    write each, not one per 4 KiB write of a fragmented history); with ``on_error ==
-    "zero"`` what fails its checksum zeroed and recorded in *damage* (volume offset =
-    image offset), and records that live only in the S3 tier fetched
-    (``journal.remote``) as the extents need them, with the records of the extents ahead
-    (up to half the read cache) in the same round of GETs. Cost: one map resolve per
-    *chunk*, then per extent only its journal read (:meth:`Volume.read_extent`); nothing
-    more when all is local."""
-    def attempt(e: Any) -> tuple[bytes | memoryview, DamageMap]:
+                      bufs: list[memoryview], chunk: int = 64 << 20,
+                      ) -> AsyncIterator[tuple[list[tuple[int, memoryview]], int]]:
+    """Batches ``([(offset, bytes)], end offset)`` of the volume's data at *seq*, in
+    offset order, each read into one of *bufs* (taken in turn: the consumer is done
+    with a buffer's batch before the batch after next; zero/hole extents are left out,
+    holes of the sparse output), adjacent data joined into one item (one output write,
+    not one per 4 KiB write of a fragmented history). With ``on_error == "zero"`` what
+    fails its checksum is zeroed and recorded in *damage* (volume offset = image
+    offset), and records that live only in the S3 tier are fetched (``journal.remote``)
+    as the extents need them, with the records of the extents ahead (up to half the
+    read cache) in the same round of GETs. Cost: one map resolve per *chunk*, then per
+    extent one read into the buffer (``Journal.read_slice_into``: a raw record is read
+    in place, its CRC checked; anything else through :meth:`Volume.read_extent` and
+    copied); nothing more when all is local."""
+    def attempt(e: Any, pos: int, n: int) -> tuple[bytes | memoryview, DamageMap]:
         found = DamageMap()  # this extent's damage, kept only once it is read
-        n = e.end - e.start
-        data = (vol.read_extent(e, e.start, n) if on_error == "stop"
-                else salvage_read(partial(_extent_bytes, vol, e), e.start, n, e.start, found))
+        data = (vol.read_extent(e, pos, n) if on_error == "stop"
+                else salvage_read(partial(_extent_bytes, vol, e), pos, n, pos, found))
         return data, found
 
     j = vol.journal
-    run: list[bytes | memoryview] = []
-    run_at = run_n = 0
+    read_into = j.read_slice_into
+    b = 0
+    buf = bufs[0]
+    cap = len(buf)
+    used = 0
+    items: list[tuple[int, memoryview]] = []
+    run_at = -1  # volume offset of the run of adjacent data being filled (-1: none)
+    run_used = 0  # where it starts in the buffer
+    last_end = -1  # volume offset where that run ends
     pos = 0
     while pos < vol.size:
         stop = min(vol.size, pos + chunk)
         exts = vol.extents(pos, stop, seq)
         for k, e in enumerate(exts):
-            n = e.end - e.start
             if e.loc < 0:
-                if run:
-                    yield run_at, b"".join(run), run_n
-                    run, run_n = [], 0
-                yield e.start, None, n
                 continue
-            try:
-                data, found = attempt(e)
-            except NotLocal:  # tiered history: fetch this and the next extents' records
-                def plan(missed: list[Range], k: int = k, exts: list[Any] = exts) -> list[Range]:
-                    locs = ((x.seq, x.loc) for x in exts[k:] if x.loc >= 0)
-                    return missed + missing_records(j, locs, prefetch_limit(j))
+            at = e.start
+            end = e.end
+            while at < end:
+                if used == cap:
+                    items.append((run_at, buf[run_used:used]))
+                    yield items, at
+                    b ^= 1
+                    buf, used, items, run_at, last_end = bufs[b], 0, [], -1, -1
+                n = end - at
+                if n > cap - used:
+                    n = cap - used
+                if at != last_end:
+                    if run_at >= 0:
+                        items.append((run_at, buf[run_used:used]))
+                    run_at, run_used = at, used
+                view = buf[used : used + n]
+                if not read_into(e.seq, e.loc, e.poff + at - e.start, view):
+                    try:
+                        data, found = attempt(e, at, n)
+                    except NotLocal:  # tiered history: fetch this and the next extents' records
+                        def plan(missed: list[Range], k: int = k, exts: list[Any] = exts) -> list[Range]:
+                            locs = ((x.seq, x.loc) for x in exts[k:] if x.loc >= 0)
+                            return missed + missing_records(j, locs, prefetch_limit(j))
 
-                data, found = await fetch_retry(j, partial(attempt, e), plan)
-            for r in found.ranges:
-                damage.add(r["offset"], r["length"], r["source_offset"], r["reason"])
-            if not run:
-                run_at = e.start
-            run.append(data)
-            run_n += n
-            if run_n >= run_bytes:
-                yield run_at, b"".join(run), run_n
-                run, run_n = [], 0
+                        data, found = await fetch_retry(j, partial(attempt, e, at, n), plan)
+                    for r in found.ranges:
+                        damage.add(r["offset"], r["length"], r["source_offset"], r["reason"])
+                    view[:] = data
+                used += n
+                at += n
+                last_end = at
         pos = stop
-    if run:
-        yield run_at, b"".join(run), run_n
+    if run_at >= 0:
+        items.append((run_at, buf[run_used:used]))
+        yield items, vol.size
+
+
+def _write_items(fd: int, items: list[tuple[int, memoryview]], path: Path) -> None:
+    for off, data in items:
+        write_at(fd, data, off, path)
 
 
 def _extent_bytes(vol: Volume, e: Any, offset: int, length: int) -> bytes:
@@ -405,23 +434,22 @@ async def image(store: Store, args: dict[str, Any], progress: Progress) -> Any:
         raise UsageError(f"{out}: not a regular file (image writes a sparse file; to copy a "
                          f"point onto a device, read the export {vol.name}@{point} with nbdcopy)")
     damage = DamageMap()
-    pieces = _image_data(vol, seq, on_error, damage)
+    # two batch buffers: the loop reads into one while a worker thread writes the other
+    bufs = [memoryview(bytearray(IMAGE_BATCH)) for _ in range(2)]
+    batches = _image_data(vol, seq, on_error, damage, bufs)
     fd, tmp = open_partial(out)
     data_bytes = 0
     t0 = time.perf_counter()
+    pipe = Pipe()
     try:
         set_size(fd, vol.size, out)
-        done_since_yield = 0
-        async for off, data, n in pieces:
-            if data is not None:
-                write_at(fd, data, off, out)
-                data_bytes += n
-                done_since_yield += n
-            if done_since_yield >= (32 << 20):
-                done_since_yield = 0
-                progress(off + n, vol.size, "image")
-                await asyncio.sleep(0)
+        async for items, end in batches:
+            await pipe.put(_write_items, fd, items, out)  # waits for the batch before
+            data_bytes += sum(len(v) for _o, v in items)
+            progress(end, vol.size, "image")
+        await pipe.drain()
     except BaseException:
+        await pipe.abort()
         discard_partial(fd, tmp)
         raise
     commit_partial(fd, tmp, out)

@@ -1089,3 +1089,86 @@ def test_sealed_index_arrays_are_bounded_by_bytes(monkeypatch: pytest.MonkeyPatc
         assert held() <= reader.INDEX_CACHE_BYTES or len(sealed) == 1
     assert j.seq_at_time(times[10]) == 11
     j.close()
+
+
+def test_read_slice_into_agrees_with_read_slice() -> None:
+    """The one-pass readers' buffer path (``read_slice_into``: stored raw granules read
+    into the caller's buffer, checked by composed CRCs) gives read_slice's bytes or
+    declines, over records of every form (raw and lz4 chunks, one-block, a short last
+    granule, buffered and synced); a damaged granule makes it decline for the slices
+    that touch it, and read_slice then raises the error it always raised."""
+    from cdp.journal.format import SPAN_COMPOSE_MIN
+
+    rng = random.Random(23)
+    fs = CrashSimFS()
+    j = mk(fs)
+    recs: dict[tuple[int, int], bytes] = {}
+    for i, n in enumerate((4096, 5000, CH, 3 * CH + 4096 * 3 + 17, 1 << 20, (1 << 20) - 100,
+                           40 * CH)):
+        # chunk by chunk random (stored raw) or zeroes (lz4)
+        d = b"".join(rng.randbytes(CH) if n <= CH or rng.random() < 0.7 else bytes(CH)
+                     for _ in range(n // CH + 1))[:n]
+        recs[j.append_write(i << 22, d)] = d
+    for i, d in enumerate((bytes(8000), b"ab" * 3000)):  # one-block records stored lz4
+        recs[j.append_write((i + 20) << 22, d)] = d
+
+    def probe(j: Journal, must_serve: bool) -> int:
+        served = 0
+        for (seq, loc), d in recs.items():
+            n = len(d)
+            spans = [(0, n), (0, min(n, 4096)), (CH, min(n, 4 * CH) - CH)]
+            for _ in range(30):
+                a = rng.randrange(0, n)
+                if rng.random() < 0.7:
+                    a &= -4096
+                b = rng.choice((n, min(n, a + rng.randrange(1, 70) * 4096), rng.randrange(a, n) + 1))
+                spans.append((a, b - a))
+            for poff, ln in spans:
+                if ln <= 0:
+                    continue
+                out = memoryview(bytearray(ln))
+                if j.read_slice_into(seq, loc, poff, out):
+                    assert_bytes_equal(bytes(out), d[poff : poff + ln])
+                    served += 1
+                else:
+                    assert_bytes_equal(j.read_slice(seq, loc, poff, ln), d[poff : poff + ln])
+        if must_serve:
+            assert served > 50
+        return served
+
+    probe(j, False)  # records still buffered: may decline, never wrong
+    j.sync()
+    probe(j, True)
+    (s1, l1), d1 = next((k, v) for k, v in recs.items() if len(v) == 5000)  # one-block, raw
+    out = memoryview(bytearray(5000))
+    assert j.read_slice_into(s1, l1, 0, out) and bytes(out) == d1
+    out = memoryview(bytearray(100))
+    assert j.read_slice_into(s1, l1, 4000, out) and bytes(out) == d1[4000:4100]
+    j.append_write(0, b"tail")  # the damaged record is not the tail (recovery keeps it)
+    j.close()
+    (seq, loc), d = max(recs.items(), key=lambda kv: len(kv[1]))
+    raw_chunks = [c for c in range(len(d) // CH) if d[c * CH : (c + 1) * CH] != bytes(CH)]
+    c = raw_chunks[len(raw_chunks) // 2]
+    fs.raw(seg_path(1))[_chunk_pos(fs, loc, c) + 3 * 4096 + 11] ^= 0x04
+    fs.raw(seg_path(1))[l1 + RECORD_HEADER_SIZE + 4500] ^= 0x10  # the one-block record
+    j = mk(fs)
+    for poff, ln in ((0, 5000), (4000, 100), (0, 10)):
+        assert not j.read_slice_into(s1, l1, poff, memoryview(bytearray(ln)))
+        with pytest.raises(Corruption, match=f"seq {s1}"):
+            j.read_slice(s1, l1, poff, ln)
+    for poff, ln in ((0, len(d) & -4096), (c * CH, CH), ((c - 1) * CH, 2 * CH),
+                     (c * CH + 3 * 4096, 4096)):
+        assert ln // 4096 >= 1
+        out = memoryview(bytearray(ln))
+        assert not j.read_slice_into(seq, loc, poff, out)
+        with pytest.raises(Corruption, match=f"chunk {c}"):
+            j.read_slice(seq, loc, poff, ln)
+    # a long span of raw chunks away from the damage: still served, checked by composition
+    ln = SPAN_COMPOSE_MIN * 4096
+    far = next(k * CH for k in range(len(d) // CH - ln // CH)
+               if abs(k - c) > ln // CH and d[k * CH : k * CH + ln].count(0) < ln // 2
+               and all(d[m * CH : (m + 1) * CH] != bytes(CH) for m in range(k, k + ln // CH)))
+    out = memoryview(bytearray(ln))
+    assert j.read_slice_into(seq, loc, far, out)
+    assert_bytes_equal(bytes(out), d[far : far + ln])
+    j.close()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import random
 import struct
 import subprocess
@@ -38,7 +39,9 @@ def _qemu(*args: str) -> str:
 async def _history(vol: Volume, rng: random.Random) -> list[tuple[int, bytes]]:
     model = bytearray(SIZE)
     pts: list[tuple[int, bytes]] = [(0, bytes(SIZE))]
-    for _ in range(5):
+    for i in range(5):
+        if i:  # the records so far reach the segment file (the buffer path reads them),
+            await vol.flush()  # the last round's stay in the journal's buffer
         for _ in range(rng.randrange(3, 15)):
             off = rng.randrange(0, SIZE // 512) * 512
             ln = min(SIZE - off, rng.randrange(1, 600) * 512)
@@ -53,9 +56,26 @@ async def _history(vol: Volume, rng: random.Random) -> list[tuple[int, bytes]]:
     return pts
 
 
-@pytest.mark.parametrize(("seed", "bits"), [(1, 9), (2, 12), (3, 16), (4, 21), (5, 16)])
-def test_overlays_rebuild_b(tmp_path: Path, seed: int, bits: int) -> None:
+@pytest.mark.parametrize(("seed", "bits", "batch"), [
+    (1, 9, 0), (2, 12, 0), (3, 16, 0), (4, 21, 0), (5, 16, 0),
+    (6, 12, 20 << 10), (7, 16, 200 << 10),  # runs across many small batch buffers
+])
+def test_overlays_rebuild_b(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, seed: int, bits: int,
+                            batch: int) -> None:
     require_tool("qemu-img")
+    if batch:
+        import time
+
+        from cdp.ops import backup
+
+        monkeypatch.setattr(backup, "QCOW2_BATCH", batch)
+        slow = qcow2.write_at
+
+        def write_late(fd: int, items: list[tuple[int, bytes | memoryview]]) -> None:
+            time.sleep(0.005)  # the loop fills the other buffer meanwhile: not this one
+            slow(fd, items)
+
+        monkeypatch.setattr(qcow2, "write_at", write_late)
 
     async def go() -> None:
         s = replace(Settings(), store=tmp_path / "store", maps=replace(MapSettings(), l0_max_writes=8))
@@ -69,7 +89,7 @@ def test_overlays_rebuild_b(tmp_path: Path, seed: int, bits: int) -> None:
             pieces = diff_pieces(vol, a, b)
             lay = qcow2.plan(vol, b, pieces, bits)
             out = tmp_path / f"d{i}.qcow2"
-            await _write_qcow2(vol, b, lay, str(out), f"a{i}.img", "raw", _noop)
+            await _write_qcow2(vol, b, lay, pieces, str(out), f"a{i}.img", "raw", _noop)
             assert out.stat().st_size == lay.file_size
             _qemu("check", str(out))
             _qemu("compare", str(out), str(tmp_path / f"b{i}.img"))
@@ -114,3 +134,36 @@ def test_refcount_table_grows(tmp_path: Path) -> None:
     lay = qcow2.Layout(n * 512, 9, list(range(n)), [True] * n)
     assert lay.refblocks * 256 >= lay.total_clusters
     assert lay.reftable_clusters * 64 >= lay.refblocks and lay.reftable_clusters >= 3
+
+
+def test_export_of_a_damaged_chunk_fails_with_the_chunk_named(tmp_path: Path) -> None:
+    """The export reads payloads into its buffers only when their CRCs match: a flipped
+    byte in a raw chunk fails the export with the journal's error (segment, seq,
+    chunk), no partial output is left, and the undamaged range still exports."""
+    from cdp.errors import Corruption
+    from cdp.ops import run_op
+    from cdp.store import Store
+    from tests.unit.test_on_error import MIB, _damaged_store
+
+    require_tool("qemu-img")
+    s, content, _hit = _damaged_store(tmp_path)
+    store = Store.open(s)
+    try:
+        args = {"volume": "v", "from": "origin", "to": "marker1"}
+        for output, fmt in ((str(tmp_path / "d.qcow2"), "qcow2"), (os.devnull, "qcow2"),
+                            (str(tmp_path / "d.cdpdiff"), "cdpdiff")):
+            with pytest.raises(Corruption, match=r"seq 2.*bad checksum in chunk \d"):
+                asyncio.run(run_op(store, "export_diff", {**args, "output": output, "format": fmt}))
+        assert not (tmp_path / "d.qcow2").exists() and not (tmp_path / "d.cdpdiff").exists()
+        # the range before the damaged write exports, and rebuilds what it holds
+        vol = store.volume("v")
+        pieces = [p for p in diff_pieces(vol, 0, vol.resolve_point("marker1")) if p.end <= MIB]
+        lay = qcow2.plan(vol, vol.resolve_point("marker1"), pieces, 16)
+        ok = tmp_path / "ok.qcow2"
+        asyncio.run(_write_qcow2(vol, vol.resolve_point("marker1"), lay, pieces, str(ok), None,
+                                 "raw", _noop))
+        raw = tmp_path / "ok.raw"
+        _qemu("convert", "-O", "raw", str(ok), str(raw))
+        assert raw.read_bytes()[:MIB] == content[:MIB]
+    finally:
+        store.close()
