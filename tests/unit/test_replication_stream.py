@@ -8,11 +8,13 @@ import asyncio
 import random
 from collections import deque
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-from cdp.replication import target
+from cdp.config import MapSettings
+from cdp.replication import source, target
 from cdp.replication.protocol import OpenRequest, TargetConnection
 from cdp.replication.source import ReplicationSource
 from cdp.replication.target import Listener, listen, load_role
@@ -199,3 +201,44 @@ def test_source_reconnects_after_the_target_resets_under_uvloop(tmp_path: Path) 
             dst.close()
 
     uvloop.run(main())
+
+
+def test_large_writes_ship_per_commit_bytes_without_waiting_for_the_gap(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under a steady run of writes the stream starts a commit of its own once
+    COMMIT_BYTES were appended beyond the last one, not only after COMMIT_GAP without a
+    commit: with the gap and the idle rule made an hour, records still become durable
+    and ship (issue #20: at 1 MiB writes the gap let ~70 MiB pile up per burst). Before,
+    nothing after the first commit shipped here (no seal, no flush commits meanwhile)."""
+    monkeypatch.setattr(source, "COMMIT_GAP", 3600.0)
+    monkeypatch.setattr(source, "COMMIT_IDLE", 3600.0)
+    monkeypatch.setattr(source, "COMMIT_BYTES", 256 << 10)
+
+    async def main() -> None:
+        s = replace(settings(tmp_path), maps=replace(
+            MapSettings(), l0_max_writes=1 << 20, seal_interval=3600.0))
+        src = Volume.create(tmp_path / "src", "vol0", SIZE, s)
+        dst = Volume.create(tmp_path / "dst", "vol0", SIZE, s)
+        server, port = await _target({"vol0": dst})
+        rep = ReplicationSource(src, "127.0.0.1", port, SECRET)
+        src.attach(rep)
+        try:
+            rep.start()
+            rng = random.Random(6)
+            for i in range(256):  # 1 MiB in 4 KiB writes, no flush: 4 x COMMIT_BYTES
+                w = src.write(4096 * i, rng.randbytes(4096))
+                if w is not None:
+                    await w
+                await asyncio.sleep(0)
+            # at least 3 of the 4 thresholds crossed have been committed and shipped
+            await rep.wait_acked(192, timeout=60)
+            assert src.journal.durable_seq >= 192
+            assert dst.read(0, 4096 * 192) == src.read(0, 4096 * 192)
+        finally:
+            rep.stop()
+            server.close()
+            await server.wait_closed()
+            src.close()
+            dst.close()
+
+    asyncio.run(main())
