@@ -396,3 +396,62 @@ def test_open_epochs_need_version_3() -> None:
         src, tgt, _se, _te = handshake()
         with pytest.raises(ProtocolError, match="malformed OPEN"):
             events(tgt, encode_frame(MsgType.OPEN, "v", "u", 1, 1, 1, 1, bad))
+
+
+def _by_frames(tgt: TargetConnection, data: bytes) -> list[object]:
+    """What the target's pump does once streaming: each whole frame, its body in a
+    buffer of its own (a bytearray, as the pump's), to ``receive_frame``."""
+    out: list[object] = []
+    pos = 0
+    while pos < len(data):
+        assert tgt.frames_ready()
+        n = tgt.frame_length(data[pos : pos + 4])
+        body = bytearray(data[pos + 4 : pos + 4 + n])
+        pos += 4 + n
+        ev = tgt.receive_frame(body)
+        if ev is not None:
+            out.append(ev)
+    return out
+
+
+def _either(f: object, *args: object) -> object:
+    try:
+        return f(*args)  # type: ignore[operator]
+    except ProtocolError as e:
+        return ("ProtocolError", str(e))
+
+
+def test_whole_frames_decode_as_the_byte_stream_does() -> None:
+    """``receive_frame`` (the target pump's path once authenticated) gives the events
+    ``receive_data`` gives for the same frames: RECORDS in every header size, and in
+    shapes msgpack accepts that the encoder never makes (a long uint for a small seq,
+    array16 for 2 records, bin32 for a short record); what the byte path refuses
+    (trailing bytes, a str for a record, a torn record, a gap) it refuses alike. The
+    records are views of the frame's buffer, not copies."""
+    big, small = rec(1, bytes(range(256)) * 300), rec(2, b"x")
+    frames = [encode_records_frame(1, [big, small]), encode_records_frame(1, []),
+              encode_frame(MsgType.HEARTBEAT, 9, 42)]
+    frames += [encode_records_frame(1, [rec(s) for s in range(1, 18)])]  # array16
+    odd = (b"\x93\x07\xcf" + (1).to_bytes(8, "big") + b"\xdc\x00\x02"
+           + b"\xc6" + len(big).to_bytes(4, "big") + big
+           + b"\xc6" + len(small).to_bytes(4, "big") + small)
+    frames.append(p._LEN.pack(len(odd)) + odd)
+    good = encode_records_frame(1, [big])
+    frames.append(p._LEN.pack(len(good) - 4 + 1) + good[4:] + b"\0")  # trailing byte
+    as_str = b"\x93\x07\x01\x91\xa3abc"
+    frames.append(p._LEN.pack(len(as_str)) + as_str)
+    torn = good[4:-10]
+    frames.append(p._LEN.pack(len(torn)) + torn)
+    frames.append(encode_records_frame(2, [rec(2)]))  # a gap
+    for i, frame in enumerate(frames):
+        _s1, by_bytes = opened()
+        _s2, by_frames = opened()
+        want = _either(events, by_bytes, frame)
+        got = _either(_by_frames, by_frames, frame)
+        assert got == want, i
+    _s, tgt = opened()
+    [ev] = _by_frames(tgt, encode_records_frame(1, [big, small]))
+    assert isinstance(ev, Records) and all(isinstance(r, memoryview) for r in ev.records)
+    assert [bytes(r) for r in ev.records] == [big, small]
+    with pytest.raises(ProtocolError, match="frame of"):
+        opened()[1].frame_length(p._LEN.pack(p.MAX_FRAME + 1))
