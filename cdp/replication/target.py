@@ -82,8 +82,10 @@ from cdp.volume import Volume
 log = logging.getLogger("cdp.replication")
 
 _CRC = struct.Struct("<I")
-#: bytes of a frame's length prefix (u32 LE)
-_LEN_SIZE = 4
+#: a frame's length prefix (u32 LE)
+_LEN = struct.Struct("<I")
+#: frames of at least this many bytes are read whole into the frame buffer
+LARGE_FRAME = 256 << 10
 #: RECORDS frames applied but not yet durable, at most (the pump then waits for the oldest)
 PIPELINE = 4
 #: record kinds applied with awaits between appends (flush, role file): never pipelined
@@ -435,18 +437,19 @@ KEEP_FRAME_BUFFER = 64 << 20
 
 
 class _FrameReader:
-    """Reads what the peer sends next (:meth:`read`): once the connection takes whole
-    frames (``frames_ready``: authenticated, nothing buffered), one frame's body into a
-    buffer it reuses frame after frame, which ``receive_frame`` decodes without copying
-    the records out of it; before that (the handshake), up to 1 MiB as it comes.
+    """Reads what the peer sends next (:meth:`read`): up to 1 MiB as it comes, except
+    that a frame of :data:`LARGE_FRAME` bytes or more, once the core has seen its
+    length (``large_frame``), is read whole into a buffer reused frame after frame,
+    which ``receive_frame`` decodes without copying large records out of it.
 
     Why: a 1 MiB record crossed user space four times on its way to ``append_stored``
     (the reader's buffer, the bytes ``read`` returned, the core's buffer, msgpack's copy
-    of each record), ~35 % of the target's CPU at 1 MiB records (issue #20); now the
-    reader's (small) buffer, the bytes ``read`` returns, and the frame buffer. The
-    frame buffer is reused, not fresh memory each frame (a page fault per 4 KiB on
-    this VM). The pump gives it back (:meth:`release`) once the frame's records are
-    appended (``_apply`` returns only then): nothing reads them after that.
+    of each record), ~35 % of the target's CPU at 1 MiB records (issue #20); now three
+    (the core's buffer is skipped, and msgpack's copy), and the frame buffer is reused,
+    not fresh memory each frame (a page fault per 4 KiB on this VM). Small frames (a
+    few small records: light writes) still go many to a read. The pump gives the
+    buffer back (:meth:`release`) once the frame's records are appended (``_apply``
+    returns only then): nothing reads them after that.
     """
 
     def __init__(self, reader: asyncio.StreamReader, conn: TargetConnection) -> None:
@@ -456,27 +459,23 @@ class _FrameReader:
         self._last: bytearray | None = None
 
     async def read(self) -> bytes | _Frame:
-        """The next bytes or frame; at the end of the stream what was left (``b""`` at a
-        frame boundary; a torn frame's bytes, which the core refuses at the end that
-        follows). Cost: the copies above, O(frame)."""
+        """The next bytes, or a large frame's body; at the end of the stream what was
+        left (``b""``; inside a large frame, its length and the bytes that came, which
+        the core refuses at the end that follows). Cost: the copies above, O(bytes)."""
         reader, conn = self.reader, self.conn
-        if not conn.frames_ready():
+        n = conn.large_frame(LARGE_FRAME)
+        if not n:
             return await reader.read(1 << 20)
-        try:
-            head = await reader.readexactly(_LEN_SIZE)
-        except asyncio.IncompleteReadError as e:
-            return e.partial
-        n = conn.frame_length(head)
         buf = self._spare
         if buf is None or len(buf) < n:
             buf = bytearray(n)
         self._spare = None
         mv = memoryview(buf)[:n]
-        pos = 0
+        pos = conn.take_frame_start(mv)
         while pos < n:
             chunk = await reader.read(n - pos)
             if not chunk:
-                return head + bytes(mv[:pos])
+                return _LEN.pack(n) + bytes(mv[:pos])
             mv[pos : pos + len(chunk)] = chunk
             pos += len(chunk)
         self._last = buf

@@ -399,14 +399,20 @@ def test_open_epochs_need_version_3() -> None:
 
 
 def _by_frames(tgt: TargetConnection, data: bytes) -> list[object]:
-    """What the target's pump does once streaming: each whole frame, its body in a
-    buffer of its own (a bytearray, as the pump's), to ``receive_frame``."""
+    """What the target's pump does with a large frame: the core sees its length and a
+    few bytes (``receive_data``), announces it (``large_frame``), hands over what it
+    buffered (``take_frame_start``); the rest read into the same buffer (a bytearray,
+    as the pump's) goes to ``receive_frame``."""
     out: list[object] = []
     pos = 0
     while pos < len(data):
-        assert tgt.frames_ready()
-        n = tgt.frame_length(data[pos : pos + 4])
-        body = bytearray(data[pos + 4 : pos + 4 + n])
+        (n,) = p._LEN.unpack_from(data, pos)
+        out += events(tgt, data[pos : pos + 4 + min(3, n - 1)])
+        assert tgt.large_frame(1) == n
+        body = bytearray(n)
+        k = tgt.take_frame_start(memoryview(body))
+        assert k == min(3, n - 1)
+        body[k:] = data[pos + 4 + k : pos + 4 + n]
         pos += 4 + n
         ev = tgt.receive_frame(body)
         if ev is not None:
@@ -453,5 +459,13 @@ def test_whole_frames_decode_as_the_byte_stream_does() -> None:
     [ev] = _by_frames(tgt, encode_records_frame(1, [big, small]))
     assert isinstance(ev, Records) and all(isinstance(r, memoryview) for r in ev.records)
     assert [bytes(r) for r in ev.records] == [big, small]
+    _s, tgt = opened()
+    tgt.receive_data(p._LEN.pack(p.MAX_FRAME + 1) + b"\x93")
+    assert tgt.large_frame(1) == 0  # refused as before, by next_event
     with pytest.raises(ProtocolError, match="frame of"):
-        opened()[1].frame_length(p._LEN.pack(p.MAX_FRAME + 1))
+        tgt.next_event()
+    _s, tgt = opened()
+    frame = encode_records_frame(1, [big])
+    assert events(tgt, frame[:-1]) == [] and tgt.large_frame(len(frame) - 4) == len(frame) - 4
+    assert tgt.large_frame(len(frame) - 3) == 0  # smaller than asked: bytes as usual
+    assert events(tgt, frame[-1:]) == [Records(1, [big])] and tgt.large_frame(1) == 0
