@@ -445,8 +445,9 @@ class _FrameReader:
     Why: a 1 MiB record crossed user space four times on its way to ``append_stored``
     (the reader's buffer, the bytes ``read`` returned, the core's buffer, msgpack's copy
     of each record), ~35 % of the target's CPU at 1 MiB records (issue #20); now three
-    (the core's buffer is skipped, and msgpack's copy), and the frame buffer is reused,
-    not fresh memory each frame (a page fault per 4 KiB on this VM). Small frames (a
+    (the reader's buffer, the bytes ``read`` returns, the frame buffer), and the frame
+    buffer is reused, where the core's buffer grew anew for each frame (fresh memory:
+    a page fault per 4 KiB on this VM). Small frames (a
     few small records: light writes) still go many to a read. The pump gives the
     buffer back (:meth:`release`) once the frame's records are appended (``_apply``
     returns only then): nothing reads them after that.
