@@ -460,9 +460,9 @@ class _FrameReader:
         self._last: bytearray | None = None
 
     async def read(self) -> bytes | _Frame:
-        """The next bytes, or a large frame's body; at the end of the stream what was
-        left (``b""``; inside a large frame, its length and the bytes that came, which
-        the core refuses at the end that follows). Cost: the copies above, O(bytes)."""
+        """The next bytes, or a large frame's body; ``b""`` at the end of the stream
+        (inside a large frame, what came of it is given back to the core first, which
+        then refuses the torn frame at that end). Cost: the copies above, O(bytes)."""
         reader, conn = self.reader, self.conn
         n = conn.large_frame(LARGE_FRAME)
         if not n:
@@ -475,8 +475,9 @@ class _FrameReader:
         pos = conn.take_frame_start(mv)
         while pos < n:
             chunk = await reader.read(n - pos)
-            if not chunk:
-                return _LEN.pack(n) + bytes(mv[:pos])
+            if not chunk:  # the end inside the frame: the core refuses it at the end
+                conn.receive_data(_LEN.pack(n) + bytes(mv[:pos]))
+                return b""
             mv[pos : pos + len(chunk)] = chunk
             pos += len(chunk)
         self._last = buf

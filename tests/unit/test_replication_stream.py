@@ -15,7 +15,14 @@ import pytest
 
 from cdp.config import MapSettings
 from cdp.replication import source, target
-from cdp.replication.protocol import OpenRequest, TargetConnection
+from cdp.replication.protocol import (
+    NEED_DATA,
+    Authenticated,
+    Opened,
+    OpenRequest,
+    SourceConnection,
+    TargetConnection,
+)
 from cdp.replication.source import ReplicationSource
 from cdp.replication.target import Listener, listen, load_role
 from cdp.volume import Volume
@@ -242,3 +249,55 @@ def test_large_writes_ship_per_commit_bytes_without_waiting_for_the_gap(
             dst.close()
 
     asyncio.run(main())
+
+
+def test_target_ends_a_stream_torn_inside_a_large_frame(tmp_path: Path) -> None:
+    """A source that goes away inside a large frame (kill -9, a cut link) while the
+    target reads that frame whole: the target refuses the torn frame and ends the
+    stream, nothing of the frame applied, the volume free for the next stream."""
+    async def body(src: Volume, dst: Volume) -> None:
+        w = src.write(0, random.Random(9).randbytes(1 << 20))
+        if w is not None:
+            await w
+        raw = src.journal.read_stored(1)
+        server, port = await _target({"vol0": dst})
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        conn = SourceConnection(SECRET, peer="t")
+
+        async def until(want: type) -> object:
+            while True:
+                ev = conn.next_event()
+                writer.write(conn.data_to_send())
+                if ev is NEED_DATA:
+                    await writer.drain()
+                    conn.receive_data(await reader.read(1 << 16))
+                    continue
+                if isinstance(ev, want):
+                    return ev
+
+        conn.start("torn")
+        writer.write(conn.data_to_send())
+        await until(Authenticated)
+        conn.open("vol0", src.uuid, src.size, 1, 1, 0, [[1, 1, 0]])
+        writer.write(conn.data_to_send())
+        await until(Opened)
+        conn.send_records(1, [raw])
+        frame = conn.data_to_send()
+        writer.write(frame[: len(frame) // 2])
+        await writer.drain()
+        writer.close()
+        for _ in range(3000):
+            if not server._streams:
+                break
+            await asyncio.sleep(0.01)
+        assert not server._streams and dst.journal.last_seq == 0
+        rep = ReplicationSource(src, "127.0.0.1", port, SECRET)  # the next stream is taken
+        src.attach(rep)
+        rep.start()
+        await rep.wait_acked(1)
+        _same(src, dst)
+        rep.stop()
+        server.close()
+        await server.wait_closed()
+
+    _run(tmp_path, body)
