@@ -16,7 +16,6 @@ import pytest
 from cdp.config import MapSettings
 from cdp.replication import source, target
 from cdp.replication.protocol import (
-    NEED_DATA,
     Authenticated,
     Opened,
     OpenRequest,
@@ -263,24 +262,13 @@ def test_target_ends_a_stream_torn_inside_a_large_frame(tmp_path: Path) -> None:
         server, port = await _target({"vol0": dst})
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         conn = SourceConnection(SECRET, peer="t")
-
-        async def until(want: type) -> object:
-            while True:
-                ev = conn.next_event()
-                writer.write(conn.data_to_send())
-                if ev is NEED_DATA:
-                    await writer.drain()
-                    conn.receive_data(await reader.read(1 << 16))
-                    continue
-                if isinstance(ev, want):
-                    return ev
-
+        hand = ReplicationSource(src, "127.0.0.1", port, SECRET)  # its handshake pump only
         conn.start("torn")
         writer.write(conn.data_to_send())
-        await until(Authenticated)
+        await hand._until(conn, reader, writer, Authenticated)
         conn.open("vol0", src.uuid, src.size, 1, 1, 0, [[1, 1, 0]])
         writer.write(conn.data_to_send())
-        await until(Opened)
+        await hand._until(conn, reader, writer, Opened)
         conn.send_records(1, [raw])
         frame = conn.data_to_send()
         writer.write(frame[: len(frame) // 2])
