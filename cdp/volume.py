@@ -1096,7 +1096,7 @@ class Volume:
             s.on_rewind(self, seq, target_seq)
         return seq
 
-    async def apply_stored(self, records: Sequence[bytes]) -> int:
+    async def apply_stored(self, records: Sequence[bytes | memoryview]) -> int:
         """Replica side of replication: append records shipped from the source verbatim
         (:meth:`Journal.append_stored`: same seqs, times, bytes) and apply each as replay
         at open does: maps fed, a MARKER listed with the source's id, label and time

@@ -222,7 +222,8 @@ def _check_at(
     return bad, True, slen, seq, ts, raw
 
 
-def check_record(data: bytes, chunks: bool = True) -> tuple[str | None, int, int, int]:
+def check_record(data: bytes | memoryview, chunks: bool = True
+                 ) -> tuple[str | None, int, int, int]:
     """Check one whole stored record (header + stored payload, nothing after it) held in
     memory, as recovery checks records on disk: every byte under its CRC (the record CRC,
     every chunk's or granule's), the header's structure, and for MARKER, REWIND and ERROR

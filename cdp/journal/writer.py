@@ -108,6 +108,7 @@ from cdp.journal.format import (
     CHUNK_SIZE,
     CHUNKED_VERSION,
     CRC_START,
+    DATA_KINDS,
     ERROR_PAYLOAD,
     GRANULE_SIZE,
     GRANULE_TABLE_SIZE,
@@ -540,11 +541,19 @@ class Journal(SegmentReader):
         Checks every byte as recovery would (Corruption, nothing appended), that its seq
         is ``last_seq + 1`` and its timestamp not older than the last record's
         (UsageError: the journal has no seq gaps and its times never decrease).
+        A record of 256 KiB or more given as a view (the target's records are views of
+        the frame they came in) is written from it, not copied first: the caller must
+        not change it before this returns (it is written by then).
         Cost: O(len(data)) CRC and one copy below 256 KiB (none above).
         """
         if self._failed is not None:
             raise self._failed
-        raw = bytes(data)
+        raw: bytes | memoryview
+        if type(data) is bytes or len(data) - RECORD_HEADER_SIZE < DIRECT_WRITE or \
+                data[9] not in DATA_KINDS:
+            raw = bytes(data)  # (bytes of bytes is the same object)
+        else:  # a large data record: check_record (CRCs only) and pwritev take views
+            raw = memoryview(data).cast("B")
         reason, seq, ts, nraw = check_record(raw)
         if reason is not None:
             raise Corruption(f"record to append (seq {seq}): {reason}")
@@ -558,7 +567,8 @@ class Journal(SegmentReader):
         w, pos = self._room(n)
         if n - RECORD_HEADER_SIZE >= DIRECT_WRITE:
             mv = memoryview(raw)
-            self._write_direct(w, pos + n, raw[:RECORD_HEADER_SIZE], [mv[RECORD_HEADER_SIZE:]])
+            self._write_direct(w, pos + n, bytes(mv[:RECORD_HEADER_SIZE]),
+                               [mv[RECORD_HEADER_SIZE:]])
         else:
             if not w:
                 self._arm_flush_timer()

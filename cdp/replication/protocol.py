@@ -253,10 +253,11 @@ class Opened:
 
 @dataclass(frozen=True)
 class Records:
-    """Target: stored records of seqs ``first_seq ..`` (framing checked, CRC not yet)."""
+    """Target: stored records of seqs ``first_seq ..`` (framing checked, CRC not yet);
+    from :meth:`_Connection.receive_frame`, views of the frame's bytes (not copies)."""
 
     first_seq: int
-    records: list[bytes]
+    records: Sequence[bytes | memoryview]
 
 
 @dataclass(frozen=True)
@@ -335,6 +336,60 @@ def _bin_header(n: int) -> bytes:
     if n < 1 << 8:
         return b"\xc4" + n.to_bytes(1, "big")
     return b"\xc5" + n.to_bytes(2, "big") if n < 1 << 16 else b"\xc6" + n.to_bytes(4, "big")
+
+
+#: records of at least this many bytes on average are decoded as views (one process,
+#: per record: 4 KiB 1.1 µs as views against 0.25 µs for msgpack's copy; 64 KiB 0.8
+#: against 2.5 µs; 1 MiB 1.3 against 29 µs)
+VIEW_MIN: Final = 32 << 10
+_BIN_LEN: Final = {0xC4: 1, 0xC5: 2, 0xC6: 4}
+_UINT_LEN: Final = {0xCC: 1, 0xCD: 2, 0xCE: 4, 0xCF: 8}
+
+
+def _decode_records(body: bytes | bytearray | memoryview) -> list[object] | None:
+    """The fields ``[first_seq, records]`` of a RECORDS frame body, the records as views
+    of ``body`` (no copy), when it is one in the shape :func:`encode_records_parts`
+    makes (fixarray 3, type 7, a msgpack uint, an array of ``bin``) and its records
+    average :data:`VIEW_MIN` bytes or more; else None (the caller then decodes with
+    msgpack, which accepts or refuses it as before). Where it answers, it answers what
+    msgpack would (values; bytes as views). O(records)."""
+    n = len(body)
+    if n < 4 or body[0] != 0x93 or body[1] != int(MsgType.RECORDS):
+        return None
+    b = body[2]
+    if b < 0x80:
+        first, p = b, 3
+    elif (w := _UINT_LEN.get(b)) is not None and n >= 3 + w:
+        first, p = int.from_bytes(body[3 : 3 + w], "big"), 3 + w
+    else:
+        return None
+    if p >= n:
+        return None
+    b = body[p]
+    if 0x90 <= b <= 0x9F:
+        count, p = b & 0x0F, p + 1
+    elif b == 0xDC and n >= p + 3:
+        count, p = int.from_bytes(body[p + 1 : p + 3], "big"), p + 3
+    elif b == 0xDD and n >= p + 5:
+        count, p = int.from_bytes(body[p + 1 : p + 5], "big"), p + 5
+    else:
+        return None
+    if n - p < count * VIEW_MIN:  # small records: msgpack's C copies them faster
+        return None
+    mv = memoryview(body)
+    recs: list[memoryview] = []
+    for _ in range(count):
+        if p >= n or (w := _BIN_LEN.get(body[p])) is None or n < p + 1 + w:
+            return None
+        ln = int.from_bytes(body[p + 1 : p + 1 + w], "big")
+        p += 1 + w
+        if n < p + ln:
+            return None
+        recs.append(mv[p : p + ln])
+        p += ln
+    if p != n:
+        return None
+    return [first, recs]
 
 
 def _check_secret(secret: bytes | None) -> bytes:
@@ -492,8 +547,63 @@ class _Connection:
             return Closed()
         return NEED_DATA
 
+    # -- input, a large frame at a time (the target's pump)
+
+    def large_frame(self, min_size: int) -> int:
+        """The body length of the frame at the head of the buffer when it is
+        ``min_size`` bytes or more and not all here yet, once the peer is authenticated:
+        the pump may then read it whole itself (:meth:`take_frame_start`, the rest,
+        :meth:`receive_frame`); else 0 (feed bytes to :meth:`receive_data` as usual:
+        small frames are parsed many to a read). O(1)."""
+        if not self._magic_seen or self.state not in _TRUSTED or self._eof or \
+                self._error is not None:
+            return 0
+        buf, pos = self._buf, self._pos
+        if len(buf) - pos < _LEN.size:
+            return 0
+        (n,) = _LEN.unpack_from(buf, pos)
+        if n < min_size or n > MAX_FRAME or len(buf) - pos - _LEN.size >= n:
+            return 0
+        return int(n)
+
+    def take_frame_start(self, into: memoryview) -> int:
+        """Move the buffered start of the body of the frame :meth:`large_frame`
+        announced into ``into``; how many bytes. The core's buffer is empty after."""
+        buf = self._buf
+        start = self._pos + _LEN.size
+        k = len(buf) - start
+        with memoryview(buf) as mv, mv[start:] as part:
+            into[:k] = part
+        buf.clear()
+        self._pos = 0
+        return k
+
+    def receive_frame(self, body: bytes | bytearray | memoryview) -> Event | None:
+        """Handle the whole body of the frame :meth:`large_frame` announced: the event
+        :meth:`next_event` would give for it, or None. A RECORDS frame's records are views of ``body``, not copies (msgpack's
+        copy of each record was ~16 % of the target's CPU at 1 MiB records, issue
+        #20): the caller keeps ``body`` unchanged until they are appended.
+        ProtocolError on bad bytes, as :meth:`next_event`. Cost: O(records) plus
+        msgpack for other messages."""
+        if self._error is not None:
+            raise self._error
+        try:
+            got = _decode_records(body) if self.state in _TRUSTED else None
+            if got is not None:
+                kind, fields = MsgType.RECORDS, got
+            else:
+                kind, fields = self._decode(body, self.version)
+            new = TRANSITIONS.get((self.state, Dir.IN, kind))
+            if new is None:
+                raise ProtocolError(f"replication: unexpected {kind.name} in state "
+                                    f"{self.state.name}")
+            return self._handle(kind, fields, new)
+        except ProtocolError as exc:
+            self._fail(exc)
+
     @staticmethod
-    def _decode(body: bytes | memoryview, version: int = 1) -> tuple[MsgType, list[object]]:
+    def _decode(body: bytes | bytearray | memoryview, version: int = 1
+                ) -> tuple[MsgType, list[object]]:
         try:
             msg = msgpack.unpackb(body, raw=False, use_list=True, strict_map_key=True)
         except Exception as exc:

@@ -266,3 +266,34 @@ def test_chunk_check_finds_the_first_damaged_chunk(n: int) -> None:
             want = next(i for i in range(table.count)
                         if not chunk_ok(mv[table.starts[i]:table.starts[i + 1]], table, i))
             assert first_bad_chunk(mv, table) == want
+
+
+def test_append_stored_takes_views_of_large_records(tmp_path: Path) -> None:
+    """The replica's records are views of the frame they came in: a large data record
+    given as a view (of a bytearray, as the target's reused frame buffer) is appended
+    byte for byte as from ``bytes``, checked the same (damage refused, nothing
+    appended), and the buffer may take other bytes once the call returned."""
+    src = _open(tmp_path / "a")
+    rng = random.Random(7)
+    for n in (300_000, 5, 1 << 20, 70_000):  # direct-write sizes, and small ones
+        src.append_write(0, rng.randbytes(n))
+    src.append_marker(1, "m")
+    raws = [src.read_stored(s) for s in range(1, src.last_seq + 1)]
+    dst = _open(tmp_path / "b")
+    buf = bytearray(max(map(len, raws)) + 7)
+    for i, raw in enumerate(raws):
+        if i == 2:  # damage in the view: refused as from bytes, nothing appended
+            bad = bytearray(raw)
+            bad[len(raw) // 2] ^= 1
+            buf[3 : 3 + len(raw)] = bad
+            with pytest.raises(Corruption):
+                dst.append_stored(memoryview(buf)[3 : 3 + len(raw)])
+            assert dst.last_seq == i
+        buf[3 : 3 + len(raw)] = raw
+        dst.append_stored(memoryview(buf)[3 : 3 + len(raw)])
+        buf[:] = bytes(len(buf))  # the caller reuses its buffer
+    for s, raw in enumerate(raws, 1):
+        assert dst.read_stored(s) == raw
+    dst.close()
+    src.close()
+    assert verify_journal(str(tmp_path / "b")).ok

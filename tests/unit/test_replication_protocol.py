@@ -396,3 +396,76 @@ def test_open_epochs_need_version_3() -> None:
         src, tgt, _se, _te = handshake()
         with pytest.raises(ProtocolError, match="malformed OPEN"):
             events(tgt, encode_frame(MsgType.OPEN, "v", "u", 1, 1, 1, 1, bad))
+
+
+def _by_frames(tgt: TargetConnection, data: bytes) -> list[object]:
+    """What the target's pump does with a large frame: the core sees its length and a
+    few bytes (``receive_data``), announces it (``large_frame``), hands over what it
+    buffered (``take_frame_start``); the rest read into the same buffer (a bytearray,
+    as the pump's) goes to ``receive_frame``."""
+    out: list[object] = []
+    pos = 0
+    while pos < len(data):
+        (n,) = p._LEN.unpack_from(data, pos)
+        out += events(tgt, data[pos : pos + 4 + min(3, n - 1)])
+        assert tgt.large_frame(1) == n
+        body = bytearray(n)
+        k = tgt.take_frame_start(memoryview(body))
+        assert k == min(3, n - 1)
+        body[k:] = data[pos + 4 + k : pos + 4 + n]
+        pos += 4 + n
+        ev = tgt.receive_frame(body)
+        if ev is not None:
+            out.append(ev)
+    return out
+
+
+def _either(f: object, *args: object) -> object:
+    try:
+        return f(*args)  # type: ignore[operator]
+    except ProtocolError as e:
+        return ("ProtocolError", str(e))
+
+
+def test_whole_frames_decode_as_the_byte_stream_does() -> None:
+    """``receive_frame`` (the target pump's path once authenticated) gives the events
+    ``receive_data`` gives for the same frames: RECORDS in every header size, and in
+    shapes msgpack accepts that the encoder never makes (a long uint for a small seq,
+    array16 for 2 records, bin32 for a short record); what the byte path refuses
+    (trailing bytes, a str for a record, a torn record, a gap) it refuses alike. The
+    records are views of the frame's buffer, not copies."""
+    big, small = rec(1, bytes(range(256)) * 300), rec(2, b"x")
+    frames = [encode_records_frame(1, [big, small]), encode_records_frame(1, []),
+              encode_frame(MsgType.HEARTBEAT, 9, 42)]
+    frames += [encode_records_frame(1, [rec(s) for s in range(1, 18)])]  # array16
+    odd = (b"\x93\x07\xcf" + (1).to_bytes(8, "big") + b"\xdc\x00\x02"
+           + b"\xc6" + len(big).to_bytes(4, "big") + big
+           + b"\xc6" + len(small).to_bytes(4, "big") + small)
+    frames.append(p._LEN.pack(len(odd)) + odd)
+    good = encode_records_frame(1, [big])
+    frames.append(p._LEN.pack(len(good) - 4 + 1) + good[4:] + b"\0")  # trailing byte
+    as_str = b"\x93\x07\x01\x91\xa3abc"
+    frames.append(p._LEN.pack(len(as_str)) + as_str)
+    torn = good[4:-10]
+    frames.append(p._LEN.pack(len(torn)) + torn)
+    frames.append(encode_records_frame(2, [rec(2)]))  # a gap
+    for i, frame in enumerate(frames):
+        _s1, by_bytes = opened()
+        _s2, by_frames = opened()
+        want = _either(events, by_bytes, frame)
+        got = _either(_by_frames, by_frames, frame)
+        assert got == want, i
+    _s, tgt = opened()
+    [ev] = _by_frames(tgt, encode_records_frame(1, [big, small]))
+    assert isinstance(ev, Records) and all(isinstance(r, memoryview) for r in ev.records)
+    assert [bytes(r) for r in ev.records] == [big, small]
+    _s, tgt = opened()
+    tgt.receive_data(p._LEN.pack(p.MAX_FRAME + 1) + b"\x93")
+    assert tgt.large_frame(1) == 0  # refused as before, by next_event
+    with pytest.raises(ProtocolError, match="frame of"):
+        tgt.next_event()
+    _s, tgt = opened()
+    frame = encode_records_frame(1, [big])
+    assert events(tgt, frame[:-1]) == [] and tgt.large_frame(len(frame) - 4) == len(frame) - 4
+    assert tgt.large_frame(len(frame) - 3) == 0  # smaller than asked: bytes as usual
+    assert events(tgt, frame[-1:]) == [Records(1, [big])] and tgt.large_frame(1) == 0

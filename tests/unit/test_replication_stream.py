@@ -8,12 +8,20 @@ import asyncio
 import random
 from collections import deque
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-from cdp.replication import target
-from cdp.replication.protocol import OpenRequest, TargetConnection
+from cdp.config import MapSettings
+from cdp.replication import source, target
+from cdp.replication.protocol import (
+    Authenticated,
+    Opened,
+    OpenRequest,
+    SourceConnection,
+    TargetConnection,
+)
 from cdp.replication.source import ReplicationSource
 from cdp.replication.target import Listener, listen, load_role
 from cdp.volume import Volume
@@ -199,3 +207,85 @@ def test_source_reconnects_after_the_target_resets_under_uvloop(tmp_path: Path) 
             dst.close()
 
     uvloop.run(main())
+
+
+def test_large_writes_ship_per_commit_bytes_without_waiting_for_the_gap(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under a steady run of writes the stream starts a commit of its own once
+    COMMIT_BYTES were appended beyond the last one, not only after COMMIT_GAP without a
+    commit: with the gap and the idle rule made an hour, records still become durable
+    and ship (issue #20: at 1 MiB writes the gap let ~70 MiB pile up per burst). Before,
+    nothing after the first commit shipped here (no seal, no flush commits meanwhile)."""
+    monkeypatch.setattr(source, "COMMIT_GAP", 3600.0)
+    monkeypatch.setattr(source, "COMMIT_IDLE", 3600.0)
+    monkeypatch.setattr(source, "COMMIT_BYTES", 256 << 10)
+
+    async def main() -> None:
+        s = replace(settings(tmp_path), maps=replace(
+            MapSettings(), l0_max_writes=1 << 20, seal_interval=3600.0))
+        src = Volume.create(tmp_path / "src", "vol0", SIZE, s)
+        dst = Volume.create(tmp_path / "dst", "vol0", SIZE, s)
+        server, port = await _target({"vol0": dst})
+        rep = ReplicationSource(src, "127.0.0.1", port, SECRET)
+        src.attach(rep)
+        try:
+            rep.start()
+            rng = random.Random(6)
+            for i in range(256):  # 1 MiB in 4 KiB writes, no flush: 4 x COMMIT_BYTES
+                w = src.write(4096 * i, rng.randbytes(4096))
+                if w is not None:
+                    await w
+                await asyncio.sleep(0)
+            # at least 3 of the 4 thresholds crossed have been committed and shipped
+            await rep.wait_acked(192, timeout=60)
+            assert src.journal.durable_seq >= 192
+            assert dst.read(0, 4096 * 192) == src.read(0, 4096 * 192)
+        finally:
+            rep.stop()
+            server.close()
+            await server.wait_closed()
+            src.close()
+            dst.close()
+
+    asyncio.run(main())
+
+
+def test_target_ends_a_stream_torn_inside_a_large_frame(tmp_path: Path) -> None:
+    """A source that goes away inside a large frame (kill -9, a cut link) while the
+    target reads that frame whole: the target refuses the torn frame and ends the
+    stream, nothing of the frame applied, the volume free for the next stream."""
+    async def body(src: Volume, dst: Volume) -> None:
+        w = src.write(0, random.Random(9).randbytes(1 << 20))
+        if w is not None:
+            await w
+        raw = src.journal.read_stored(1)
+        server, port = await _target({"vol0": dst})
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        conn = SourceConnection(SECRET, peer="t")
+        hand = ReplicationSource(src, "127.0.0.1", port, SECRET)  # its handshake pump only
+        conn.start("torn")
+        writer.write(conn.data_to_send())
+        await hand._until(conn, reader, writer, Authenticated)
+        conn.open("vol0", src.uuid, src.size, 1, 1, 0, [[1, 1, 0]])
+        writer.write(conn.data_to_send())
+        await hand._until(conn, reader, writer, Opened)
+        conn.send_records(1, [raw])
+        frame = conn.data_to_send()
+        writer.write(frame[: len(frame) // 2])
+        await writer.drain()
+        writer.close()
+        for _ in range(3000):
+            if not server._streams:
+                break
+            await asyncio.sleep(0.01)
+        assert not server._streams and dst.journal.last_seq == 0
+        rep = ReplicationSource(src, "127.0.0.1", port, SECRET)  # the next stream is taken
+        src.attach(rep)
+        rep.start()
+        await rep.wait_acked(1)
+        _same(src, dst)
+        rep.stop()
+        server.close()
+        await server.wait_closed()
+
+    _run(tmp_path, body)

@@ -85,6 +85,7 @@ from typing import Any
 from cdp.admin import AdminClient
 from cdp.config import SOCKET_NAME
 from cdp.targets.nbd.client import NbdClient
+from cdp.units import parse_size
 from tools.bench.nbd_bench import _row, fio, print_table
 from tools.bench.sysdeps import fs_type
 from tools.harness import Cdpd
@@ -99,6 +100,12 @@ TMPFS_RUN_CAP = 2 << 30
 TMPFS_SHARE = 0.4
 #: the ``--tmpfs`` rows are skipped when a run could write less than this
 TMPFS_MIN_RUN = 64 << 20
+#: bytes one fio run of the apply and on/off rows writes at most (``--cap``; None: no
+#: cap). Every byte written stays in both stores' history (no retention here): at
+#: 1 MiB a 5 s run writes ~3-4 GB into each, and a run with ``--pairs 2`` makes five
+#: such runs on one pair of stores; a capped run ends early (its rate is what it wrote
+#: in its time), so the apply ratio's tail (the last commit and ACK) weighs more.
+RUN_CAP: int | None = None
 
 
 def _free_port() -> int:
@@ -332,6 +339,13 @@ def _fio(uri: str, wl: str, secs: float, cap: int | None) -> dict[str, float]:
     return fio(uri, rw, bs, depth, 1, 0, SIZE, (f"--io_size={cap}", f"--runtime={secs}"))
 
 
+def _capped(cap: int | None) -> int | None:
+    """A run's cap: ``cap`` (a row's own), and ``--cap`` (:data:`RUN_CAP`), the smaller."""
+    if cap is None or RUN_CAP is None:
+        return RUN_CAP if cap is None else cap
+    return min(cap, RUN_CAP)
+
+
 def tmpfs_run_cap(free: int, pairs: int) -> int:
     """Bytes one fio run of the ``--tmpfs`` rows may write, with ``free`` bytes free on
     /dev/shm: a store pair runs one apply row and ``pairs`` on/off pairs (``1 + 2 *
@@ -353,7 +367,7 @@ def _apply_vs_ingest(pair: _Pair, wl: str, fio_secs: float, label: str = "",
     pid = pair.tgt.proc.pid
     c0 = _cpu_seconds(pid)
     t0 = time.monotonic()
-    res = _fio(pair.src.uri(), wl, fio_secs, cap)
+    res = _fio(pair.src.uri(), wl, fio_secs, _capped(cap))
     t1 = time.monotonic()
     t2 = _wait_caught_up(pair.src)
     cpu = _cpu_seconds(pid) - c0
@@ -424,7 +438,7 @@ def _on_vs_off(pair: _Pair, wl: str, fio_secs: float, pairs: int, label: str = "
                 pair.start()
                 _wait_caught_up(pair.src)
             c0 = _cpu_seconds(pid)
-            res = _fio(pair.src.uri(), wl, fio_secs, cap)
+            res = _fio(pair.src.uri(), wl, fio_secs, _capped(cap))
             if state == "on":
                 _wait_caught_up(pair.src)
             cpu[state].append((_cpu_seconds(pid) - c0) / max(1.0, res["ios"]) * 1e6)
@@ -576,8 +590,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--control-store", type=Path, metavar="DIR",
                     help="the apply rows once more with the target's store under DIR (e.g. "
                          "a tmpfs such as /dev/shm/NAME; capped), the source's on the disk")
+    ap.add_argument("--cap", metavar="SIZE",
+                    help="bytes each fio run of the apply and on/off rows writes at most "
+                         "(e.g. 900MiB: keeps the stores small; default: no cap)")
     ap.add_argument("--markdown", action="store_true", help="also print the rows as a markdown table")
     args = ap.parse_args(argv)
+    if args.cap:
+        global RUN_CAP
+        RUN_CAP = parse_size(args.cap, "--cap")
     want = frozenset(r.strip() for r in args.rows.split(",") if r.strip())
     if not want <= set(ROWS):
         ap.error(f"--rows: unknown {sorted(want - set(ROWS))}; choose from {','.join(ROWS)}")
