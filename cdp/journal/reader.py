@@ -401,13 +401,9 @@ class SegmentReader:
                 or end > total or (end & (GRANULE_SIZE - 1) and end != total)):
             return False
         i = poff >> _CHUNK_SHIFT
-        st = table.starts
-        comps = table.comps
-        for c in range(i, ((end - 1) >> _CHUNK_SHIFT) + 1):
-            raw = total - (c << _CHUNK_SHIFT)
-            if comps[c] != _NONE_COMP or st[c + 1] - st[c] != (raw if raw < CHUNK_SIZE else CHUNK_SIZE):
-                return False
-        pos = loc + RECORD_HEADER_SIZE + st[i] + poff - (i << _CHUNK_SHIFT)
+        if not _stored_raw(table, i, end):
+            return False
+        pos = loc + RECORD_HEADER_SIZE + table.starts[i] + poff - (i << _CHUNK_SHIFT)
         try:
             n = self._fs.pread_into(self._rfd(seg), out, pos)
         except NotLocal:
@@ -450,13 +446,10 @@ class SegmentReader:
                 or poff < 0 or length <= 0 or end > table.length):
             return None
         i = poff >> _CHUNK_SHIFT
+        if not _stored_raw(table, i, end):
+            return None
         st = table.starts
-        comps = table.comps
         total = table.length
-        for c in range(i, ((end - 1) >> _CHUNK_SHIFT) + 1):
-            raw = total - (c << _CHUNK_SHIFT)
-            if comps[c] != _NONE_COMP or st[c + 1] - st[c] != (raw if raw < CHUNK_SIZE else CHUNK_SIZE):
-                return None
         a = poff & _GRANULE_MASK
         b = ((end - 1) | (GRANULE_SIZE - 1)) + 1
         if b > total:
@@ -1040,4 +1033,18 @@ _CHUNKED = int(Compression.CHUNKED)
 _ELIDED = int(Compression.ELIDED)
 _DATA_KINDS = frozenset((int(RecordKind.WRITE), int(RecordKind.INIT)))
 _NONE_COMP = int(Compression.NONE)
+
+
+def _stored_raw(table: ChunkTable, first: int, end: int) -> bool:
+    """Whether every chunk from *first* to the one holding payload byte ``end - 1`` is
+    stored raw (no compression, stored length = its raw length), so those chunks lie
+    contiguous in the file. O(chunks)."""
+    st = table.starts
+    comps = table.comps
+    total = table.length
+    for c in range(first, ((end - 1) >> _CHUNK_SHIFT) + 1):
+        raw = total - (c << _CHUNK_SHIFT)
+        if comps[c] != _NONE_COMP or st[c + 1] - st[c] != (raw if raw < CHUNK_SIZE else CHUNK_SIZE):
+            return False
+    return True
 _LZ4_COMP = int(Compression.LZ4)

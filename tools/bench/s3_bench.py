@@ -46,6 +46,16 @@ from tools import ceph_s3
 MiB = 1 << 20
 
 
+def empty_bucket(c: Any, bucket: str) -> None:
+    """Delete every object of *bucket*, then the bucket."""
+    keys_left = [o["Key"] for p in c.get_paginator("list_objects_v2").paginate(Bucket=bucket)
+                 for o in p.get("Contents", [])]
+    for i in range(0, len(keys_left), 1000):
+        c.delete_objects(Bucket=bucket, Delete={
+            "Objects": [{"Key": k} for k in keys_left[i:i + 1000]], "Quiet": True})
+    c.delete_bucket(Bucket=bucket)
+
+
 @contextmanager
 def rgw() -> Iterator[dict[str, str]]:
     """endpoint, access_key, secret_key of a running RGW (started here if need be)."""
@@ -221,12 +231,7 @@ def run(quick: bool = False) -> list[dict[str, Any]]:
                                  f"{n_get} random 4 KiB GETs of a 64 MiB object, one stream, "
                                  "10 alternating rounds"))
         finally:
-            keys_left = [o["Key"] for p in c.get_paginator("list_objects_v2").paginate(Bucket=bucket)
-                         for o in p.get("Contents", [])]
-            for i in range(0, len(keys_left), 1000):
-                c.delete_objects(Bucket=bucket, Delete={
-                    "Objects": [{"Key": k} for k in keys_left[i:i + 1000]], "Quiet": True})
-            c.delete_bucket(Bucket=bucket)
+            empty_bucket(c, bucket)
     return rows
 
 

@@ -85,6 +85,7 @@ from tools import ceph_s3
 from tools.bench.s3_bench import (
     _row,
     cdp_client,
+    empty_bucket,
     multipart_rate,
     percentiles_ms,
     plain_client,
@@ -530,16 +531,6 @@ def control_target(d: Path) -> tuple[Target, Any, str]:
     kind = fs_type(d)
     return (Target(cdp_client(t), f"s3://{bucket}/b", tuple(rgw_pids(d)), f" [OSD on {kind}]",
                    f"; control RGW: its OSD on {kind} ({d})"), c, bucket)
-
-
-def empty_bucket(c: Any, bucket: str) -> None:
-    """Delete every object of *bucket*, then the bucket."""
-    keys_left = [o["Key"] for p in c.get_paginator("list_objects_v2").paginate(Bucket=bucket)
-                 for o in p.get("Contents", [])]
-    for i in range(0, len(keys_left), 1000):
-        c.delete_objects(Bucket=bucket, Delete={
-            "Objects": [{"Key": k} for k in keys_left[i:i + 1000]], "Quiet": True})
-    c.delete_bucket(Bucket=bucket)
 
 
 #: seconds each timed ingest run writes for (``--seconds``): long enough that the tier's
