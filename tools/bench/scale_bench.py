@@ -29,7 +29,12 @@ fio random-write run; ``replayed`` records fed to the maps at that open),
 ``read_live_p50_us`` / ``read_past_p50_us`` (fio 4 KiB random reads at queue depth 1
 over NBD, of the live volume and of ``vol0@scale-base``, the latter after
 ``past_region_ms``: the median first read of each 64 MiB region of the hot area at that
-point, which resolves the region once for the view cache), ``changed_s`` (in-process
+point, which resolves the region once for the view cache), ``read_past_warm_p50_us`` / ``read_live_warm_p50_us`` (the same reads again,
+right after: the point's segments then sit in the page cache as the live volume's recent
+ones did; ``past_cached_pct`` / ``past_cached_after_pct`` is the share of the segments
+holding the point's records that was in the page cache before the first and the second
+past pass, from ``fincore``: a long history no longer fits the page cache, so the first
+pass pays the disk), ``changed_s`` (in-process
 ``Volume.changed(0, head)`` over the whole history; ``changed_cli_s`` the same through
 ``cdpctl changed --from origin``), ``ingest_wps`` (in-process writes per second of the
 last stretch), ``ingest_rss_mib`` (RSS of the generating process, the store open with
@@ -227,6 +232,25 @@ def _first_touch_ms(uri: str, hot_start: int, hot: int) -> float:
     return statistics.median(lat)
 
 
+def _segments(store: Path) -> list[tuple[int, Path]]:
+    """vol0's journal segment files with their first seqs (the name), in seq order."""
+    segs = [(int(f.stem), f) for f in store.glob("volumes/vol0/journal/*.seg")]
+    return sorted(segs)
+
+
+def _cached_pct(files: list[Path]) -> float | None:
+    """Percent of the bytes of *files* in the page cache (``fincore``), None without it."""
+    if not files or shutil.which("fincore") is None:
+        return None
+    r = subprocess.run(["fincore", "--bytes", "--noheadings", "--raw", "--output", "RES,SIZE",
+                        *map(str, files)], capture_output=True, text=True)
+    res = size = 0
+    for line in r.stdout.splitlines():
+        a, b = line.split()
+        res, size = res + int(a), size + int(b)
+    return round(100 * res / size, 1) if size else None
+
+
 def _du_mib(path: Path) -> float:
     total = 0
     for root, _dirs, files in os.walk(path):
@@ -273,8 +297,18 @@ def measure(cdpd: Any, hot: int, runtime: float, verify: bool = True) -> dict[st
     row["rss_start_mib"] = round(_rss_mib(cdpd.proc.pid), 1)
     row["read_live_p50_us"] = round(_fio_read_p50_us(cdpd.uri(), hot_start, hot, runtime), 1)
     row["past_region_ms"] = round(_first_touch_ms(cdpd.uri("vol0@scale-base"), hot_start, hot), 1)
+    segs = _segments(cdpd.store)
+    past_segs = [f for first, f in segs if first <= hot // BLOCK + 1]  # the point's records
+    row["past_cached_pct"] = _cached_pct(past_segs)
     row["read_past_p50_us"] = round(
         _fio_read_p50_us(cdpd.uri("vol0@scale-base"), hot_start, hot, runtime), 1)
+    # the same reads again: the point's segments are now in the page cache as the live
+    # volume's recent ones were (the first pass pays the disk for a history that no
+    # longer fits the page cache; this one what cdp's own read path costs)
+    row["past_cached_after_pct"] = _cached_pct(past_segs)
+    row["read_past_warm_p50_us"] = round(
+        _fio_read_p50_us(cdpd.uri("vol0@scale-base"), hot_start, hot, runtime), 1)
+    row["read_live_warm_p50_us"] = round(_fio_read_p50_us(cdpd.uri(), hot_start, hot, runtime), 1)
     t0 = time.perf_counter()
     ch = cdpd.cdpctl_json("changed", "--from", "origin")
     row["changed_cli_s"] = round(time.perf_counter() - t0, 2)
@@ -406,6 +440,10 @@ def plot(rows: list[dict[str, Any]], path: str) -> bool:
     ax[1].set_ylabel("restart to NBD serving (s)")
     ax[2].plot(xs, [r["read_live_p50_us"] for r in rows], "o-", label="live")
     ax[2].plot(xs, [r["read_past_p50_us"] for r in rows], "s-", label="past point (scale-base)")
+    warm = [(x, r["read_past_warm_p50_us"]) for x, r in zip(xs, rows, strict=True)
+            if r.get("read_past_warm_p50_us") is not None]
+    if warm:
+        ax[2].plot(*zip(*warm, strict=True), "^--", label="past point, second pass")
     ax[2].set_ylabel("4 KiB random read p50, QD1 (us)")
     ax[3].plot(xs, [r["changed_s"] for r in rows], "o-", label="Volume.changed (in-process)")
     ax[3].plot(xs, [r["changed_cli_s"] for r in rows], "s-", label="cdpctl changed")
