@@ -34,7 +34,7 @@ def test_scale_bench_small_point(tmp_path: Path) -> None:
                 "nbd_clean_s", "nbd_kill9_s", "pieces_s", "read_past_warm_p50_us",
                 "read_live_warm_p50_us"):
         assert isinstance(row[key], (int, float)) and row[key] >= 0, (key, row)
-    for key in ("past_cached_pct", "past_cached_after_pct"):  # None without fincore
+    for key in ("past_cached_pct", "live_cached_pct", "warm_cached_pct"):  # None without fincore
         assert row[key] is None or 0 <= row[key] <= 100, (key, row)
     # the whole hot area was written, and changed over the whole history says so
     assert row["changed_bytes_gib"] == pytest.approx(row["hot_gib"], abs=0.01)

@@ -29,12 +29,12 @@ fio random-write run; ``replayed`` records fed to the maps at that open),
 ``read_live_p50_us`` / ``read_past_p50_us`` (fio 4 KiB random reads at queue depth 1
 over NBD, of the live volume and of ``vol0@scale-base``, the latter after
 ``past_region_ms``: the median first read of each 64 MiB region of the hot area at that
-point, which resolves the region once for the view cache), ``read_past_warm_p50_us`` / ``read_live_warm_p50_us`` (the same reads again,
-right after: the point's segments then sit in the page cache as the live volume's recent
-ones did; ``past_cached_pct`` / ``past_cached_after_pct`` is the share of the segments
-holding the point's records that was in the page cache before the first and the second
-past pass, from ``fincore``: a long history no longer fits the page cache, so the first
-pass pays the disk), ``changed_s`` (in-process
+point, which resolves the region once for the view cache), ``read_past_warm_p50_us`` / ``read_live_warm_p50_us`` (the same reads again
+after the journal segments holding the point's records and the live volume's were read
+once into the page cache: the first passes pay the disk for whatever of a long history
+the page cache no longer holds, the point's records being the oldest; ``past_cached_pct``
+/ ``live_cached_pct`` / ``warm_cached_pct``: the share of those segments in the page
+cache before the first passes and after the warming, from ``fincore``), ``changed_s`` (in-process
 ``Volume.changed(0, head)`` over the whole history; ``changed_cli_s`` the same through
 ``cdpctl changed --from origin``), ``ingest_wps`` (in-process writes per second of the
 last stretch), ``ingest_rss_mib`` (RSS of the generating process, the store open with
@@ -251,6 +251,15 @@ def _cached_pct(files: list[Path]) -> float | None:
     return round(100 * res / size, 1) if size else None
 
 
+def _warm(files: list[Path]) -> None:
+    """Read *files* once (into the page cache)."""
+    buf = bytearray(1 << 20)
+    for f in files:
+        with open(f, "rb", buffering=0) as fh:
+            while fh.readinto(buf):
+                pass
+
+
 def _du_mib(path: Path) -> float:
     total = 0
     for root, _dirs, files in os.walk(path):
@@ -298,14 +307,22 @@ def measure(cdpd: Any, hot: int, runtime: float, verify: bool = True) -> dict[st
     row["read_live_p50_us"] = round(_fio_read_p50_us(cdpd.uri(), hot_start, hot, runtime), 1)
     row["past_region_ms"] = round(_first_touch_ms(cdpd.uri("vol0@scale-base"), hot_start, hot), 1)
     segs = _segments(cdpd.store)
-    past_segs = [f for first, f in segs if first <= hot // BLOCK + 1]  # the point's records
+    blocks = hot // BLOCK
+    past_segs = [f for first, f in segs if first <= blocks + 1]  # the point's records
+    # the live volume's records: a block's newest write is older than 10 x blocks writes
+    # with probability e**-10, so these segments hold all but a few of them
+    last = segs[-1][0] if segs else 0
+    live_segs = [f for (first, f), (nxt, _) in zip(segs, [*segs[1:], (1 << 62, None)], strict=True)
+                 if nxt > last - 10 * blocks]
     row["past_cached_pct"] = _cached_pct(past_segs)
+    row["live_cached_pct"] = _cached_pct(live_segs)
     row["read_past_p50_us"] = round(
         _fio_read_p50_us(cdpd.uri("vol0@scale-base"), hot_start, hot, runtime), 1)
-    # the same reads again: the point's segments are now in the page cache as the live
-    # volume's recent ones were (the first pass pays the disk for a history that no
-    # longer fits the page cache; this one what cdp's own read path costs)
-    row["past_cached_after_pct"] = _cached_pct(past_segs)
+    # the same reads with both sides' segments read into the page cache first: the first
+    # passes pay the disk for whatever of a long history the page cache no longer holds
+    # (the point's records are the oldest); these, what cdp's own read path costs
+    _warm(past_segs + live_segs)
+    row["warm_cached_pct"] = _cached_pct(past_segs + live_segs)
     row["read_past_warm_p50_us"] = round(
         _fio_read_p50_us(cdpd.uri("vol0@scale-base"), hot_start, hot, runtime), 1)
     row["read_live_warm_p50_us"] = round(_fio_read_p50_us(cdpd.uri(), hot_start, hot, runtime), 1)
