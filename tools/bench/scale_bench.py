@@ -4,6 +4,7 @@ time, past-point reads and ``changed`` at 1M, 10M (and 100M) writes of history.
     python -m tools.bench.scale_bench [--writes N[,N...]] [--hot SIZE] [--out DIR] [--scratch DIR]
     python -m tools.bench.scale_bench --store DIR --writes N --build-only   (build, keep)
     python -m tools.bench.scale_bench --store DIR --writes N                (measure it)
+    python -m tools.bench.scale_bench --out DIR --plot-from A/scale.json B/scale.json  (one curve)
     python -m tools.bench scale            (opt-in suite: it is long)
 
 History is generated through the real write path: the store is opened in-process
@@ -446,29 +447,37 @@ def plot(rows: list[dict[str, Any]], path: str) -> bool:
     except ImportError:
         print("matplotlib not installed: skipping the plot", file=sys.stderr)
         return False
-    xs = [r["writes"] for r in rows]
     fig, ax = plt.subplots(1, 4, figsize=(18, 4))
-    ax[0].plot(xs, [r["rss_mib"] for r in rows], "o-", label="cdpd RSS, caches warm")
-    ax[0].plot(xs, [r["rss_start_mib"] for r in rows], "s--", label="cdpd RSS at start")
-    ax[0].plot(xs, [r["ingest_rss_mib"] for r in rows], "^-", label="RSS while ingesting")
+
+    def line(i: int, key: str, style: str, label: str) -> None:
+        """One series, skipping rows without *key* (older rows, a measured-only store)."""
+        pts = [(r["writes"], r[key]) for r in rows if r.get(key) is not None]
+        if pts:
+            ax[i].plot(*zip(*pts, strict=True), style, label=label)
+
+    line(0, "rss_mib", "o-", "cdpd RSS, caches warm")
+    line(0, "rss_start_mib", "s--", "cdpd RSS at start")
+    line(0, "ingest_rss_mib", "^-", "RSS while ingesting")
     ax[0].set_ylabel("MiB")
-    ax[1].plot(xs, [r["restart_clean_s"] for r in rows], "o-", label="after clean stop")
-    ax[1].plot(xs, [r["restart_kill9_s"] for r in rows], "s-", label="after kill -9")
+    line(1, "nbd_clean_s", "o-", "after clean stop")
+    line(1, "nbd_kill9_s", "s-", "after kill -9")
     ax[1].set_ylabel("restart to NBD serving (s)")
-    ax[2].plot(xs, [r["read_live_p50_us"] for r in rows], "o-", label="live")
-    ax[2].plot(xs, [r["read_past_p50_us"] for r in rows], "s-", label="past point (scale-base)")
-    warm = [(x, r["read_past_warm_p50_us"]) for x, r in zip(xs, rows, strict=True)
-            if r.get("read_past_warm_p50_us") is not None]
-    if warm:
-        ax[2].plot(*zip(*warm, strict=True), "^--", label="past point, second pass")
+    line(2, "read_live_p50_us", "o-", "live")
+    line(2, "read_past_p50_us", "s-", "past point (scale-base)")
+    line(2, "read_live_warm_p50_us", "o:", "live, segments cached")
+    line(2, "read_past_warm_p50_us", "s:", "past point, segments cached")
     ax[2].set_ylabel("4 KiB random read p50, QD1 (us)")
-    ax[3].plot(xs, [r["changed_s"] for r in rows], "o-", label="Volume.changed (in-process)")
-    ax[3].plot(xs, [r["changed_cli_s"] for r in rows], "s-", label="cdpctl changed")
+    line(3, "changed_s", "o-", "Volume.changed (in-process)")
+    line(3, "changed_cli_s", "s-", "cdpctl changed")
     ax[3].set_ylabel("changed over the whole history (s)")
+    for i, y, what in ((0, 512, "goal at 100M"), (1, 2, "goal, clean"), (1, 10, "goal, kill -9"),
+                       (3, 10, "goal")):
+        ax[i].axhline(y, color="r", ls="--", lw=0.8, label=what)
     for a in ax:
         a.set_xscale("log")
         a.set_xlabel("writes in history")
         a.grid(True, alpha=0.3)
+        a.set_ylim(bottom=0)
         a.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -494,7 +503,17 @@ def main(argv: list[str] | None = None) -> int:
                    help="keep the history in this directory and reuse it on later runs")
     p.add_argument("--build-only", action="store_true",
                    help="generate the history up to the checkpoints, measure nothing")
+    p.add_argument("--plot-from", nargs="+", metavar="JSON", default=None,
+                   help="measure nothing: plot the rows of these scale.json files (runs "
+                        "of different stores, e.g. 1M, 10M and 100M) into OUT/scale.png")
     a = p.parse_args(argv)
+    if a.plot_from:
+        rows = sorted((r for f in a.plot_from for r in json.loads(Path(f).read_text())),
+                      key=lambda r: r["writes"])
+        os.makedirs(a.out, exist_ok=True)
+        with open(os.path.join(a.out, "scale.json"), "w") as f:
+            json.dump(rows, f, indent=1)
+        return 0 if plot(rows, os.path.join(a.out, "scale.png")) else 1
     pts = [int(float(x)) for x in a.writes.split(",") if x] or None
     run(a.quick, a.out, pts, parse_size(a.hot), a.scratch, a.verify_upto, a.keep, a.store,
         a.build_only)
