@@ -34,6 +34,7 @@ def test_scale_bench_small_point(tmp_path: Path) -> None:
                 "nbd_clean_s", "nbd_kill9_s", "pieces_s", "read_past_warm_p50_us",
                 "read_live_warm_p50_us"):
         assert isinstance(row[key], (int, float)) and row[key] >= 0, (key, row)
+    assert row["disk_read_p50_us"] is None or row["disk_read_p50_us"] > 0
     for key in ("past_cached_pct", "live_cached_pct", "warm_cached_pct"):  # None without fincore
         assert row[key] is None or 0 <= row[key] <= 100, (key, row)
     # the whole hot area was written, and changed over the whole history says so

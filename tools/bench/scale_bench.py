@@ -35,7 +35,9 @@ after the journal segments holding the point's records and the live volume's wer
 once into the page cache: the first passes pay the disk for whatever of a long history
 the page cache no longer holds, the point's records being the oldest; ``past_cached_pct``
 / ``live_cached_pct`` / ``warm_cached_pct``: the share of those segments in the page
-cache before the first passes and after the warming, from ``fincore``), ``changed_s`` (in-process
+cache before the first passes and after the warming, from ``fincore``;
+``disk_read_p50_us``: fio 4 KiB random reads at queue depth 1 with O_DIRECT of the point's
+segments, what the disk costs a read the page cache cannot answer), ``changed_s`` (in-process
 ``Volume.changed(0, head)`` over the whole history; ``changed_cli_s`` the same through
 ``cdpctl changed --from origin``), ``ingest_wps`` (in-process writes per second of the
 last stretch), ``ingest_rss_mib`` (RSS of the generating process, the store open with
@@ -252,6 +254,21 @@ def _cached_pct(files: list[Path]) -> float | None:
     return round(100 * res / size, 1) if size else None
 
 
+def _disk_read_p50_us(files: list[Path], runtime: float) -> float | None:
+    """p50 (us) of 4 KiB random reads at queue depth 1 of *files* with O_DIRECT (fio,
+    read-only): what the disk costs a read the page cache cannot answer."""
+    if not files:
+        return None
+    args = ["fio", "--name=d", "--filename=" + ":".join(map(str, files)), "--rw=randread",
+            "--bs=4k", "--direct=1", "--iodepth=1", "--readonly", "--time_based",
+            f"--runtime={runtime}", "--output-format=json"]
+    r = subprocess.run(args, capture_output=True, text=True)
+    if r.returncode:
+        return None
+    j = json.loads(r.stdout[r.stdout.index("{"):])["jobs"][0]
+    return round(float(j["read"]["clat_ns"]["percentile"]["50.000000"]) / 1000, 1)
+
+
 def _warm(files: list[Path]) -> None:
     """Read *files* once (into the page cache)."""
     buf = bytearray(1 << 20)
@@ -319,6 +336,7 @@ def measure(cdpd: Any, hot: int, runtime: float, verify: bool = True) -> dict[st
     row["live_cached_pct"] = _cached_pct(live_segs)
     row["read_past_p50_us"] = round(
         _fio_read_p50_us(cdpd.uri("vol0@scale-base"), hot_start, hot, runtime), 1)
+    row["disk_read_p50_us"] = _disk_read_p50_us(past_segs, runtime)
     # the same reads with both sides' segments read into the page cache first: the first
     # passes pay the disk for whatever of a long history the page cache no longer holds
     # (the point's records are the oldest); these, what cdp's own read path costs
