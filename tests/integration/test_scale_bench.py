@@ -31,8 +31,12 @@ def test_scale_bench_small_point(tmp_path: Path) -> None:
     for key in ("rss_mib", "rss_start_mib", "restart_clean_s", "restart_kill9_s",
                 "open_clean_s", "open_kill9_s", "read_live_p50_us", "read_past_p50_us",
                 "past_region_ms", "changed_s", "changed_cli_s", "disk_mib", "segments",
-                "nbd_clean_s", "nbd_kill9_s", "pieces_s"):
+                "nbd_clean_s", "nbd_kill9_s", "pieces_s", "read_past_warm_p50_us",
+                "read_live_warm_p50_us"):
         assert isinstance(row[key], (int, float)) and row[key] >= 0, (key, row)
+    assert row["disk_read_p50_us"] is None or row["disk_read_p50_us"] > 0
+    for key in ("past_cached_pct", "live_cached_pct", "warm_cached_pct"):  # None without fincore
+        assert row[key] is None or 0 <= row[key] <= 100, (key, row)
     # the whole hot area was written, and changed over the whole history says so
     assert row["changed_bytes_gib"] == pytest.approx(row["hot_gib"], abs=0.01)
     assert row["changed_ranges"] == 1

@@ -4,6 +4,7 @@ time, past-point reads and ``changed`` at 1M, 10M (and 100M) writes of history.
     python -m tools.bench.scale_bench [--writes N[,N...]] [--hot SIZE] [--out DIR] [--scratch DIR]
     python -m tools.bench.scale_bench --store DIR --writes N --build-only   (build, keep)
     python -m tools.bench.scale_bench --store DIR --writes N                (measure it)
+    python -m tools.bench.scale_bench --out DIR --plot-from A/scale.json B/scale.json  (one curve)
     python -m tools.bench scale            (opt-in suite: it is long)
 
 History is generated through the real write path: the store is opened in-process
@@ -29,7 +30,14 @@ fio random-write run; ``replayed`` records fed to the maps at that open),
 ``read_live_p50_us`` / ``read_past_p50_us`` (fio 4 KiB random reads at queue depth 1
 over NBD, of the live volume and of ``vol0@scale-base``, the latter after
 ``past_region_ms``: the median first read of each 64 MiB region of the hot area at that
-point, which resolves the region once for the view cache), ``changed_s`` (in-process
+point, which resolves the region once for the view cache), ``read_past_warm_p50_us`` / ``read_live_warm_p50_us`` (the same reads again
+after the journal segments holding the point's records and the live volume's were read
+once into the page cache: the first passes pay the disk for whatever of a long history
+the page cache no longer holds, the point's records being the oldest; ``past_cached_pct``
+/ ``live_cached_pct`` / ``warm_cached_pct``: the share of those segments in the page
+cache before the first passes and after the warming, from ``fincore``;
+``disk_read_p50_us``: fio 4 KiB random reads at queue depth 1 with O_DIRECT of the point's
+segments, what the disk costs a read the page cache cannot answer), ``changed_s`` (in-process
 ``Volume.changed(0, head)`` over the whole history; ``changed_cli_s`` the same through
 ``cdpctl changed --from origin``), ``ingest_wps`` (in-process writes per second of the
 last stretch), ``ingest_rss_mib`` (RSS of the generating process, the store open with
@@ -227,6 +235,49 @@ def _first_touch_ms(uri: str, hot_start: int, hot: int) -> float:
     return statistics.median(lat)
 
 
+def _segments(store: Path) -> list[tuple[int, Path]]:
+    """vol0's journal segment files with their first seqs (the name), in seq order."""
+    segs = [(int(f.stem), f) for f in store.glob("volumes/vol0/journal/*.seg")]
+    return sorted(segs)
+
+
+def _cached_pct(files: list[Path]) -> float | None:
+    """Percent of the bytes of *files* in the page cache (``fincore``), None without it."""
+    if not files or shutil.which("fincore") is None:
+        return None
+    r = subprocess.run(["fincore", "--bytes", "--noheadings", "--raw", "--output", "RES,SIZE",
+                        *map(str, files)], capture_output=True, text=True)
+    res = size = 0
+    for line in r.stdout.splitlines():
+        a, b = line.split()
+        res, size = res + int(a), size + int(b)
+    return round(100 * res / size, 1) if size else None
+
+
+def _disk_read_p50_us(files: list[Path], runtime: float) -> float | None:
+    """p50 (us) of 4 KiB random reads at queue depth 1 of *files* with O_DIRECT (fio,
+    read-only): what the disk costs a read the page cache cannot answer."""
+    if not files:
+        return None
+    args = ["fio", "--name=d", "--filename=" + ":".join(map(str, files)), "--rw=randread",
+            "--bs=4k", "--direct=1", "--iodepth=1", "--readonly", "--time_based",
+            f"--runtime={runtime}", "--output-format=json"]
+    r = subprocess.run(args, capture_output=True, text=True)
+    if r.returncode:
+        return None
+    j = json.loads(r.stdout[r.stdout.index("{"):])["jobs"][0]
+    return round(float(j["read"]["clat_ns"]["percentile"]["50.000000"]) / 1000, 1)
+
+
+def _warm(files: list[Path]) -> None:
+    """Read *files* once (into the page cache)."""
+    buf = bytearray(1 << 20)
+    for f in files:
+        with open(f, "rb", buffering=0) as fh:
+            while fh.readinto(buf):
+                pass
+
+
 def _du_mib(path: Path) -> float:
     total = 0
     for root, _dirs, files in os.walk(path):
@@ -273,8 +324,27 @@ def measure(cdpd: Any, hot: int, runtime: float, verify: bool = True) -> dict[st
     row["rss_start_mib"] = round(_rss_mib(cdpd.proc.pid), 1)
     row["read_live_p50_us"] = round(_fio_read_p50_us(cdpd.uri(), hot_start, hot, runtime), 1)
     row["past_region_ms"] = round(_first_touch_ms(cdpd.uri("vol0@scale-base"), hot_start, hot), 1)
+    segs = _segments(cdpd.store)
+    blocks = hot // BLOCK
+    past_segs = [f for first, f in segs if first <= blocks + 1]  # the point's records
+    # the live volume's records: a block's newest write is older than 10 x blocks writes
+    # with probability e**-10, so these segments hold all but a few of them
+    last = segs[-1][0] if segs else 0
+    live_segs = [f for (first, f), (nxt, _) in zip(segs, [*segs[1:], (1 << 62, None)], strict=True)
+                 if nxt > last - 10 * blocks]
+    row["past_cached_pct"] = _cached_pct(past_segs)
+    row["live_cached_pct"] = _cached_pct(live_segs)
     row["read_past_p50_us"] = round(
         _fio_read_p50_us(cdpd.uri("vol0@scale-base"), hot_start, hot, runtime), 1)
+    row["disk_read_p50_us"] = _disk_read_p50_us(past_segs, runtime)
+    # the same reads with both sides' segments read into the page cache first: the first
+    # passes pay the disk for whatever of a long history the page cache no longer holds
+    # (the point's records are the oldest); these, what cdp's own read path costs
+    _warm(past_segs + live_segs)
+    row["warm_cached_pct"] = _cached_pct(past_segs + live_segs)
+    row["read_past_warm_p50_us"] = round(
+        _fio_read_p50_us(cdpd.uri("vol0@scale-base"), hot_start, hot, runtime), 1)
+    row["read_live_warm_p50_us"] = round(_fio_read_p50_us(cdpd.uri(), hot_start, hot, runtime), 1)
     t0 = time.perf_counter()
     ch = cdpd.cdpctl_json("changed", "--from", "origin")
     row["changed_cli_s"] = round(time.perf_counter() - t0, 2)
@@ -395,25 +465,37 @@ def plot(rows: list[dict[str, Any]], path: str) -> bool:
     except ImportError:
         print("matplotlib not installed: skipping the plot", file=sys.stderr)
         return False
-    xs = [r["writes"] for r in rows]
     fig, ax = plt.subplots(1, 4, figsize=(18, 4))
-    ax[0].plot(xs, [r["rss_mib"] for r in rows], "o-", label="cdpd RSS, caches warm")
-    ax[0].plot(xs, [r["rss_start_mib"] for r in rows], "s--", label="cdpd RSS at start")
-    ax[0].plot(xs, [r["ingest_rss_mib"] for r in rows], "^-", label="RSS while ingesting")
+
+    def line(i: int, key: str, style: str, label: str) -> None:
+        """One series, skipping rows without *key* (older rows, a measured-only store)."""
+        pts = [(r["writes"], r[key]) for r in rows if r.get(key) is not None]
+        if pts:
+            ax[i].plot(*zip(*pts, strict=True), style, label=label)
+
+    line(0, "rss_mib", "o-", "cdpd RSS, caches warm")
+    line(0, "rss_start_mib", "s--", "cdpd RSS at start")
+    line(0, "ingest_rss_mib", "^-", "RSS while ingesting")
     ax[0].set_ylabel("MiB")
-    ax[1].plot(xs, [r["restart_clean_s"] for r in rows], "o-", label="after clean stop")
-    ax[1].plot(xs, [r["restart_kill9_s"] for r in rows], "s-", label="after kill -9")
+    line(1, "nbd_clean_s", "o-", "after clean stop")
+    line(1, "nbd_kill9_s", "s-", "after kill -9")
     ax[1].set_ylabel("restart to NBD serving (s)")
-    ax[2].plot(xs, [r["read_live_p50_us"] for r in rows], "o-", label="live")
-    ax[2].plot(xs, [r["read_past_p50_us"] for r in rows], "s-", label="past point (scale-base)")
+    line(2, "read_live_p50_us", "o-", "live")
+    line(2, "read_past_p50_us", "s-", "past point (scale-base)")
+    line(2, "read_live_warm_p50_us", "o:", "live, segments cached")
+    line(2, "read_past_warm_p50_us", "s:", "past point, segments cached")
     ax[2].set_ylabel("4 KiB random read p50, QD1 (us)")
-    ax[3].plot(xs, [r["changed_s"] for r in rows], "o-", label="Volume.changed (in-process)")
-    ax[3].plot(xs, [r["changed_cli_s"] for r in rows], "s-", label="cdpctl changed")
+    line(3, "changed_s", "o-", "Volume.changed (in-process)")
+    line(3, "changed_cli_s", "s-", "cdpctl changed")
     ax[3].set_ylabel("changed over the whole history (s)")
+    for i, y, what in ((0, 512, "goal at 100M"), (1, 2, "goal, clean"), (1, 10, "goal, kill -9"),
+                       (3, 10, "goal")):
+        ax[i].axhline(y, color="r", ls="--", lw=0.8, label=what)
     for a in ax:
         a.set_xscale("log")
         a.set_xlabel("writes in history")
         a.grid(True, alpha=0.3)
+        a.set_ylim(bottom=0)
         a.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -439,7 +521,17 @@ def main(argv: list[str] | None = None) -> int:
                    help="keep the history in this directory and reuse it on later runs")
     p.add_argument("--build-only", action="store_true",
                    help="generate the history up to the checkpoints, measure nothing")
+    p.add_argument("--plot-from", nargs="+", metavar="JSON", default=None,
+                   help="measure nothing: plot the rows of these scale.json files (runs "
+                        "of different stores, e.g. 1M, 10M and 100M) into OUT/scale.png")
     a = p.parse_args(argv)
+    if a.plot_from:
+        rows = sorted((r for f in a.plot_from for r in json.loads(Path(f).read_text())),
+                      key=lambda r: r["writes"])
+        os.makedirs(a.out, exist_ok=True)
+        with open(os.path.join(a.out, "scale.json"), "w") as f:
+            json.dump(rows, f, indent=1)
+        return 0 if plot(rows, os.path.join(a.out, "scale.png")) else 1
     pts = [int(float(x)) for x in a.writes.split(",") if x] or None
     run(a.quick, a.out, pts, parse_size(a.hot), a.scratch, a.verify_upto, a.keep, a.store,
         a.build_only)
