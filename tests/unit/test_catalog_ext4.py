@@ -73,6 +73,19 @@ def base_image(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return mkfs(root / "base.img", 32 << 20, src)
 
 
+def _general_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make every full index take the general path, not the first-index one (its
+    reference in the equality tests)."""
+    full = ext4index.Ext4Indexer.full
+
+    async def general(self: ext4index.Ext4Indexer, old: dict[int, list[Entry]],
+                      reset: bool) -> AsyncIterator[None]:
+        async for _ in full(self, old or {0: []}, reset):  # not empty: not the first-index loop
+            yield None
+
+    monkeypatch.setattr(ext4index.Ext4Indexer, "full", general)
+
+
 def test_ranges_helpers() -> None:
     r = merge_ranges([(10, 20), (0, 5), (15, 30), (30, 31), (40, 50)])
     assert r == [(0, 5), (10, 31), (40, 50)]
@@ -255,14 +268,7 @@ def test_a_first_index_plans_as_the_general_path(base_image: Path, tmp_path: Pat
     size = img.stat().st_size
     fast = asyncio.run(compute(file_reader(img), size, None, None, None, 7)).plans[0]
 
-    full = ext4index.Ext4Indexer.full
-
-    async def general(self: ext4index.Ext4Indexer, old: dict[int, list[Entry]],
-                      reset: bool) -> AsyncIterator[None]:
-        async for _ in full(self, old or {0: []}, reset):  # not empty: not the first-index loop
-            yield None
-
-    monkeypatch.setattr(ext4index.Ext4Indexer, "full", general)
+    _general_path(monkeypatch)
     slow = asyncio.run(compute(file_reader(img), size, None, None, None, 7)).plans[0]
     assert len(fast.added) > 600
     assert [e.values() for e in fast.added] == [e.values() for e in slow.added]
@@ -317,14 +323,7 @@ def test_a_first_index_stores_the_general_paths_bytes(base_image: Path, tmp_path
         assert e.mtime == (-(1 << 31) + (2 << 32)) * 10**9 + 5
     fast_cat = Catalog(tmp_path / "fast.sqlite")
     asyncio.run(persist(fast_cat, fast, 1, 1, time_ns))
-    full = ext4index.Ext4Indexer.full
-
-    async def general(self: ext4index.Ext4Indexer, old: dict[int, list[Entry]],
-                      reset: bool) -> AsyncIterator[None]:
-        async for _ in full(self, old or {0: []}, reset):  # not empty: not the first-index loop
-            yield None
-
-    monkeypatch.setattr(ext4index.Ext4Indexer, "full", general)
+    _general_path(monkeypatch)
     slow = asyncio.run(compute(file_reader(img), size, None, None, None, 7))
     assert slow.plans[0].rows is None
     slow_cat = Catalog(tmp_path / "slow.sqlite")
@@ -369,14 +368,7 @@ def test_a_first_index_with_a_time_beyond_int64_plans_as_the_general_path(
     size = img.stat().st_size
     fast = asyncio.run(compute(file_reader(img), size, None, None, None, 7)).plans[0]
     assert fast.rows is not None and fast.rows.cols is None  # type: ignore[attr-defined]
-    full = ext4index.Ext4Indexer.full
-
-    async def general(self: ext4index.Ext4Indexer, old: dict[int, list[Entry]],
-                      reset: bool) -> AsyncIterator[None]:
-        async for _ in full(self, old or {0: []}, reset):
-            yield None
-
-    monkeypatch.setattr(ext4index.Ext4Indexer, "full", general)
+    _general_path(monkeypatch)
     slow = asyncio.run(compute(file_reader(img), size, None, None, None, 7)).plans[0]
     assert [e.values() for e in fast.added] == [e.values() for e in slow.added]
     assert max(e.ctime for e in fast.added) > (1 << 63)
