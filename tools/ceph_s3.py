@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import fcntl
 import json
 import os
@@ -186,6 +187,12 @@ def port_free(port: int) -> bool:
     return True
 
 
+def _free_percent(path: Path) -> float:
+    """Percent of *path*'s filesystem free for unprivileged use (what ceph-mon checks)."""
+    st = os.statvfs(path)
+    return 100.0 * st.f_bavail / st.f_blocks if st.f_blocks else 0.0
+
+
 def log(msg: str) -> None:
     print(f"ceph-s3: {msg}", file=sys.stderr, flush=True)
 
@@ -285,8 +292,11 @@ class Cluster:
             if self.pid(daemon) is None:
                 child = self.children.get(daemon)
                 status = child.poll() if child is not None else None
+                hint = ""
+                if status == errno.ENOSPC:
+                    hint = f" (no space: {self.state} has {_free_percent(self.state):.1f} % free)"
                 raise CephS3Error(
-                    f"{daemon} exited (status {status}) while waiting for {what}\n"
+                    f"{daemon} exited (status {status}) while waiting for {what}{hint}\n"
                     f"{self.log_tail(daemon)}"
                 )
             if probe():
@@ -347,6 +357,11 @@ osd objectstore = bluestore
 
 [mon]
 mon data = {s}/mon/$cluster-$id
+# the mon exits with ENOSPC (status 28) at start when its filesystem has less than
+# "avail crit" percent free (default 5: 12 GiB of a 250 GiB disk); a test cluster holds
+# little, so it only refuses below 1 %
+mon data avail crit = 1
+mon data avail warn = 2
 
 [osd]
 osd data = {s}/osd/$cluster-$id
