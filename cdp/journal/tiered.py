@@ -165,6 +165,7 @@ class TieredFS(FileLayer):
     def __init__(self, base: FileLayer, directory: str, dropped: dict[int, int],
                  cache_bytes: int = 0) -> None:
         self.base = base
+        self._base_pread = base.pread
         self.directory = directory
         self.dropped = dict(dropped)
         self.cache_bytes = cache_bytes
@@ -424,18 +425,28 @@ class TieredFS(FileLayer):
         if size > 0 and SEGMENT_HEADER_SIZE <= offset < end_f:
             # the common small read, inline: one record covers it (:meth:`records`'
             # first step), one pread of the slice from its cache file
-            offs = self._offsets(f)
+            offs = self._offs.get(f)
+            if offs is None:
+                offs = self._offsets(f)
+            else:
+                self._offs.move_to_end(f)
             i = bisect.bisect_right(offs, offset) - 1
             if i >= 0:
                 a = offs[i]
                 b = offs[i + 1] if i + 1 < len(offs) else end_f
                 if offset + size <= b or b == end_f:
-                    cfd = self._cache_fd((f, a))
-                    if cfd is None:
-                        self.misses += 1
-                        raise NotLocal([(f, a, b - a)])
+                    key = (f, a)
+                    cfd = self._fds.get(key)
+                    if cfd is not None:  # _cache_fd's hit, inline
+                        self._fds.move_to_end(key)
+                        self._cache.move_to_end(key)
+                    else:
+                        cfd = self._cache_fd(key)
+                        if cfd is None:
+                            self.misses += 1
+                            raise NotLocal([(f, a, b - a)])
                     self.hits += 1
-                    return self.base.pread(cfd, size, offset - a)
+                    return self._base_pread(cfd, size, offset - a)
         recs = self.records(f, offset, size) if size > 0 else []
         if not recs:
             return b""

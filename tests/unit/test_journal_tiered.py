@@ -313,11 +313,12 @@ def test_cached_descriptors_are_bounded_and_closed(tmp_path: Path,
 def test_pread_over_several_cached_records(tmp_path: Path) -> None:
     # a read spanning records: filled in place from each record's file, short at the
     # first record missing, NotLocal when the first one is
-    j, copy, (seq, loc, _data), fs = _dropped_one(tmp_path)
-    first = next(s for s in j.segments() if s.sealed).first_seq
+    j, copy, _rec, fs = _dropped_one(tmp_path)
+    seg = next(s for s in j.segments() if s.sealed)
+    first = seg.first_seq
     recs = fs.records(first, 32, len(copy))
     assert len(recs) >= 4
-    vfd = fs.open_read(str(tmp_path / next(s for s in j.segments() if s.sealed).name))
+    vfd = fs.open_read(str(tmp_path / seg.name))
     a0, a2 = recs[1][1], recs[3][1]
     with pytest.raises(NotLocal):
         fs.pread(vfd, a2 - a0, a0 + 3)
