@@ -33,7 +33,8 @@ Design notes
   file writes under a unique temporary name, then a rename: nothing of the journal's
   state is touched there); :meth:`TieredFS.cache_index` then lists them on the loop.
 - **Open descriptors, closed where a name changes.** The descriptors of the last
-  ``CACHE_FDS`` cached records read stay open (LRU), so a cached read is one pread of
+  ``CACHE_FDS`` cached records read stay open (LRU; at most ``CACHE_FDS_TOTAL`` in the
+  process, a quarter of the descriptor limit), so a cached read is one pread of
   the slice it needs, as a local one is (no open, no close, no join when one record
   covers it). A descriptor is closed wherever its name stops meaning that file: the
   record leaves the cache (:meth:`TieredFS._trim`), a fetch renames a new file over the
@@ -55,6 +56,7 @@ from __future__ import annotations
 import bisect
 import json
 import os
+import resource
 import threading
 from array import array
 from collections import OrderedDict
@@ -77,6 +79,25 @@ _VFD_BASE = 1 << 40
 _OFFS_CACHE = 16
 #: descriptors of cached records kept open per journal (LRU, see TieredFS._cache_fd)
 CACHE_FDS = 512
+
+
+def _fd_budget() -> int:
+    """Descriptors of cached records kept open by all journals of this process: a
+    quarter of the soft ``RLIMIT_NOFILE`` (sockets and segments need the rest), 16 to
+    4096."""
+    try:
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    except (OSError, ValueError):
+        soft = 1024
+    if soft == resource.RLIM_INFINITY:
+        soft = 1 << 16
+    return max(16, min(4096, soft // 4))
+
+
+#: see :func:`_fd_budget`
+CACHE_FDS_TOTAL = _fd_budget()
+#: descriptors kept by every TieredFS of this process (one cell: shared, loop threads)
+_KEPT = [0]
 
 #: attempts of one :func:`fetch_retry` (one fetch each) before it gives up
 FETCH_ATTEMPTS = 4096
@@ -360,17 +381,20 @@ class TieredFS(FileLayer):
     def _forget_fd(self, key: tuple[int, int]) -> None:
         fd = self._fds.pop(key, None)
         if fd is not None:
+            _KEPT[0] -= 1
             self.base.close(fd)
 
     def close_cached(self) -> None:
         """Close every descriptor kept open for cached records (the journal closes)."""
         while self._fds:
+            _KEPT[0] -= 1
             self.base.close(self._fds.popitem()[1])
 
     def _cache_fd(self, key: tuple[int, int]) -> int | None:
-        """An open descriptor of cached record ``key`` (kept, LRU of ``CACHE_FDS``), None
-        when it is not cached. Marks it recently used. Cost: two dict moves; an open
-        (and maybe a close) when its descriptor is not kept."""
+        """An open descriptor of cached record ``key`` (kept: LRU of ``CACHE_FDS`` per
+        journal, ``CACHE_FDS_TOTAL`` in the process), None when it is not cached. Marks
+        it recently used. Cost: two dict moves; an open (and maybe a close) when its
+        descriptor is not kept."""
         fds = self._fds
         fd = fds.get(key)
         if fd is not None:
@@ -382,7 +406,9 @@ class TieredFS(FileLayer):
         self._cache.move_to_end(key)
         fd = self.base.open_read(self._cpath(key[0], key[1]))
         fds[key] = fd
-        if len(fds) > CACHE_FDS:
+        _KEPT[0] += 1
+        while (len(fds) > CACHE_FDS or _KEPT[0] > CACHE_FDS_TOTAL) and len(fds) > 1:
+            _KEPT[0] -= 1
             self.base.close(fds.popitem(last=False)[1])
         return fd
 

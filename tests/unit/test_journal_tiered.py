@@ -288,7 +288,7 @@ def test_cached_descriptors_are_bounded_and_closed(tmp_path: Path,
     import cdp.journal.tiered as tiered
 
     monkeypatch.setattr(tiered, "CACHE_FDS", 3)
-    before = _open_fds()
+    before, kept = _open_fds(), tiered._KEPT[0]
     j, recs = _filled(tmp_path)
     segs = [s for s in j.segments() if s.sealed]
     copy = {s.first_seq: (tmp_path / s.name).read_bytes() for s in segs}
@@ -306,7 +306,7 @@ def test_cached_descriptors_are_bounded_and_closed(tmp_path: Path,
             assert len(fs._fds) <= 3
     assert len(fs._fds) == 3
     j.close()
-    assert not fs._fds
+    assert not fs._fds and tiered._KEPT[0] == kept
     assert _open_fds() == before
 
 
@@ -329,3 +329,31 @@ def test_pread_over_several_cached_records(tmp_path: Path) -> None:
     assert fs.pread_into(vfd, buf, a0 + 3) == len(buf) and bytes(buf) == copy[a0 + 3 : a2]
     fs.close(vfd)
     j.close()
+
+
+def test_cached_descriptors_share_a_process_budget(tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    import cdp.journal.tiered as tiered
+
+    kept = tiered._KEPT[0]
+    monkeypatch.setattr(tiered, "CACHE_FDS_TOTAL", kept + 4)
+    js = []
+    for k in range(2):
+        j, recs = _filled(tmp_path / str(k))
+        segs = [s for s in j.segments() if s.sealed]
+        copy = {s.first_seq: (tmp_path / str(k) / s.name).read_bytes() for s in segs}
+        for s in segs:
+            j.drop_segment(s.first_seq)
+        for seq, loc, data in recs[:10]:
+            try:
+                j.read_payload(seq, loc)
+            except NotLocal as exc:
+                _fetch_from(copy, j, exc)
+            assert j.read_payload(seq, loc) == data
+            assert tiered._KEPT[0] <= kept + 4 + 1
+        js.append(j)
+    held = [j._fs._fds for j in js if isinstance(j._fs, tiered.TieredFS)]
+    assert len(held) == 2 and tiered._KEPT[0] - kept == sum(len(f) for f in held)
+    for j in js:
+        j.close()
+    assert tiered._KEPT[0] == kept
