@@ -32,6 +32,16 @@ Design notes
   records are written by :func:`write_cache_files` in the fetcher's worker thread (plain
   file writes under a unique temporary name, then a rename: nothing of the journal's
   state is touched there); :meth:`TieredFS.cache_index` then lists them on the loop.
+- **Open descriptors, closed where a name changes.** The descriptors of the last
+  ``CACHE_FDS`` cached records read stay open (LRU; at most ``CACHE_FDS_TOTAL`` in the
+  process, a quarter of the descriptor limit), so a cached read is one pread of
+  the slice it needs, as a local one is (no open, no close, no join when one record
+  covers it). A descriptor is closed wherever its name stops meaning that file: the
+  record leaves the cache (:meth:`TieredFS._trim`), a fetch renames a new file over the
+  name (:meth:`TieredFS.cache_index`: a name may be given other bytes), the journal
+  closes (:meth:`TieredFS.close_cached`). A cached copy is trusted as the bytes fetched
+  for it: each record's CRC is checked on every read, as from a local segment; the
+  object's sha256 is checked by ``verify --tier``, not per ranged GET.
 - **Fetch then retry, planned.** A caller that may meet dropped history runs its
   synchronous read through :func:`fetch_retry`: on NotLocal it fetches (``Journal.remote``)
   and tries again. A ``plan`` widens the fetch from the one record the miss names to
@@ -46,6 +56,7 @@ from __future__ import annotations
 import bisect
 import json
 import os
+import resource
 import threading
 from array import array
 from collections import OrderedDict
@@ -66,6 +77,27 @@ CACHE_DIR = "cache"
 _VFD_BASE = 1 << 40
 #: dropped segments whose offsets stay in memory
 _OFFS_CACHE = 16
+#: descriptors of cached records kept open per journal (LRU, see TieredFS._cache_fd)
+CACHE_FDS = 512
+
+
+def _fd_budget() -> int:
+    """Descriptors of cached records kept open by all journals of this process: a
+    quarter of the soft ``RLIMIT_NOFILE`` (sockets and segments need the rest), 16 to
+    4096."""
+    try:
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    except (OSError, ValueError):
+        soft = 1024
+    if soft == resource.RLIM_INFINITY:
+        soft = 1 << 16
+    return max(16, min(4096, soft // 4))
+
+
+#: see :func:`_fd_budget`
+CACHE_FDS_TOTAL = _fd_budget()
+#: descriptors kept by every TieredFS of this process (one cell: shared, loop threads)
+_KEPT = [0]
 
 #: attempts of one :func:`fetch_retry` (one fetch each) before it gives up
 FETCH_ATTEMPTS = 4096
@@ -154,6 +186,7 @@ class TieredFS(FileLayer):
     def __init__(self, base: FileLayer, directory: str, dropped: dict[int, int],
                  cache_bytes: int = 0) -> None:
         self.base = base
+        self._base_pread = base.pread
         self.directory = directory
         self.dropped = dict(dropped)
         self.cache_bytes = cache_bytes
@@ -162,8 +195,12 @@ class TieredFS(FileLayer):
         self._next_vfd = _VFD_BASE
         self._offs: OrderedDict[int, array[int]] = OrderedDict()
         self._cdir = os.path.join(directory, CACHE_DIR)
+        self._cprefix = self._cdir + os.sep
         #: (first_seq, offset) -> length, least recently used first
         self._cache: OrderedDict[tuple[int, int], int] = OrderedDict()
+        #: (first_seq, offset) -> open descriptor of its cache file, least recently used
+        #: first; every key is also in ``_cache`` (see _cache_fd)
+        self._fds: OrderedDict[tuple[int, int], int] = OrderedDict()
         self.cached = 0
         self.hits = 0
         self.misses = 0
@@ -292,12 +329,15 @@ class TieredFS(FileLayer):
     # ---------------------------------------------------------------- the read cache
 
     def _cpath(self, first_seq: int, offset: int) -> str:
-        return os.path.join(self._cdir, f"{first_seq:020d}-{offset:020d}")
+        return f"{self._cprefix}{first_seq:020d}-{offset:020d}"
 
     def cache_index(self, written: Iterable[Range]) -> None:
         """List records whose cache files :func:`write_cache_files` wrote (the least
-        recently used leave beyond the bound). Event-loop thread; no file writes."""
+        recently used leave beyond the bound). A descriptor kept open for one of those
+        names is closed: the name is a new file now. Event-loop thread; no file writes."""
         for f, a, n in written:
+            if (f, a) in self._fds:
+                self._forget_fd((f, a))
             if f not in self.dropped or (f, a) in self._cache:
                 continue
             self._cache[(f, a)] = n
@@ -331,21 +371,66 @@ class TieredFS(FileLayer):
         while self.cached > self.cache_bytes and self._cache:
             (f, a), n = self._cache.popitem(last=False)
             self.cached -= n
+            if (f, a) in self._fds:
+                self._forget_fd((f, a))
             try:
                 self.base.unlink(self._cpath(f, a))
             except FileNotFoundError:
                 pass
 
-    def _cached(self, first_seq: int, offset: int) -> bytes | None:
-        n = self._cache.get((first_seq, offset))
-        if n is None:
-            return None
-        self._cache.move_to_end((first_seq, offset))
-        fd = self.base.open_read(self._cpath(first_seq, offset))
-        try:
-            return self.base.pread(fd, n, 0)
-        finally:
+    def _forget_fd(self, key: tuple[int, int]) -> None:
+        fd = self._fds.pop(key, None)
+        if fd is not None:
+            _KEPT[0] -= 1
             self.base.close(fd)
+
+    def close_cached(self) -> None:
+        """Close every descriptor kept open for cached records (the journal closes)."""
+        while self._fds:
+            _KEPT[0] -= 1
+            self.base.close(self._fds.popitem()[1])
+
+    def _cache_fd(self, key: tuple[int, int]) -> int | None:
+        """An open descriptor of cached record ``key`` (kept: LRU of ``CACHE_FDS`` per
+        journal, ``CACHE_FDS_TOTAL`` in the process), None when it is not cached. Marks
+        it recently used. Cost: two dict moves; an open (and maybe a close) when its
+        descriptor is not kept."""
+        fds = self._fds
+        fd = fds.get(key)
+        if fd is not None:
+            fds.move_to_end(key)
+            self._cache.move_to_end(key)
+            return fd
+        if key not in self._cache:
+            return None
+        self._cache.move_to_end(key)
+        fd = self.base.open_read(self._cpath(key[0], key[1]))
+        fds[key] = fd
+        _KEPT[0] += 1
+        while (len(fds) > CACHE_FDS or _KEPT[0] > CACHE_FDS_TOTAL) and len(fds) > 1:
+            _KEPT[0] -= 1
+            self.base.close(fds.popitem(last=False)[1])
+        return fd
+
+    def _read_cached(self, f: int, recs: list[Range], buf: memoryview, offset: int) -> int:
+        """Fill ``buf`` with bytes from ``offset`` of dropped segment ``f`` from its
+        cached records ``recs`` (:meth:`records` of that span), in place; stops at the
+        first record missing or short. Returns the bytes filled (0: the first missing:
+        the caller raises NotLocal)."""
+        pos = 0
+        size = len(buf)
+        for _f, a, n in recs:
+            fd = self._cache_fd((f, a))
+            if fd is None:
+                break
+            start = offset + pos - a
+            want = min(n - start, size - pos)
+            got = self.base.pread_into(fd, buf[pos : pos + want], start)
+            self.hits += 1
+            pos += got
+            if got < want or pos >= size:
+                break
+        return pos
 
     # ---------------------------------------------------------------- FileLayer
 
@@ -362,27 +447,57 @@ class TieredFS(FileLayer):
         if fd < _VFD_BASE:
             return self.base.pread(fd, size, offset)
         f = self._vfds[fd]
-        recs = self.records(f, offset, size)
+        end_f = self.dropped[f]
+        if size > 0 and SEGMENT_HEADER_SIZE <= offset < end_f:
+            # the common small read, inline: one record covers it (:meth:`records`'
+            # first step), one pread of the slice from its cache file
+            offs = self._offs.get(f)
+            if offs is None:
+                offs = self._offsets(f)
+            else:
+                self._offs.move_to_end(f)
+            i = bisect.bisect_right(offs, offset) - 1
+            if i >= 0:
+                a = offs[i]
+                b = offs[i + 1] if i + 1 < len(offs) else end_f
+                if offset + size <= b or b == end_f:
+                    key = (f, a)
+                    cfd = self._fds.get(key)
+                    if cfd is not None:  # _cache_fd's hit, inline
+                        self._fds.move_to_end(key)
+                        self._cache.move_to_end(key)
+                    else:
+                        cfd = self._cache_fd(key)
+                        if cfd is None:
+                            self.misses += 1
+                            raise NotLocal([(f, a, b - a)])
+                    self.hits += 1
+                    return self._base_pread(cfd, size, offset - a)
+        recs = self.records(f, offset, size) if size > 0 else []
         if not recs:
             return b""
-        parts: list[bytes] = []
-        for r in recs:
-            got = self._cached(r[0], r[1])
-            if got is None:
-                if not parts:  # the record the read starts in is missing
-                    self.misses += 1
-                    raise NotLocal([r])
-                break  # a short read: callers read again past what they got
-            parts.append(got)
-        self.hits += len(parts)
-        blob = b"".join(parts)
-        start = offset - recs[0][1]
-        return blob[start : start + size]
+        r = recs[0]
+        buf = bytearray(size)
+        n = self._read_cached(f, recs, memoryview(buf), offset)
+        if n == 0:  # the record the read starts in is missing
+            self.misses += 1
+            raise NotLocal([r])
+        del buf[n:]  # a short read: callers read again past what they got
+        return bytes(buf)
 
     def pread_into(self, fd: int, buf: bytearray | memoryview, offset: int) -> int:
         if fd < _VFD_BASE:
             return self.base.pread_into(fd, buf, offset)
-        return super().pread_into(fd, buf, offset)
+        f = self._vfds[fd]
+        mv = memoryview(buf)
+        recs = self.records(f, offset, len(mv)) if len(mv) else []
+        if not recs:
+            return 0
+        n = self._read_cached(f, recs, mv, offset)
+        if n == 0:
+            self.misses += 1
+            raise NotLocal([recs[0]])
+        return n
 
     def close(self, fd: int) -> None:
         if fd < _VFD_BASE:

@@ -1013,6 +1013,8 @@ class Journal(SegmentReader):
             self._sealing.clear()
             self._reap()
             self._close_reads()
+            if isinstance(fs, TieredFS):
+                fs.close_cached()
             while self._sync_fds:
                 fs.close(self._sync_fds.pop())
             fs.close(self._fd)

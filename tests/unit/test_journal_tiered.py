@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -217,3 +218,142 @@ def test_persist_never_writes_an_older_listing(tmp_path: Path) -> None:
     fs.persist(*old, [])  # a slower, older writer: ignored
     assert read_tiered(fs.base, str(tmp_path)) == new[1]
     j.close()
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def _dropped_one(tmp_path: Path) -> tuple[Journal, bytes, tuple[int, int, bytes], Any]:
+    """A journal whose first sealed segment is dropped; its bytes; its second record
+    (random, so a flipped byte fails its CRC); the TieredFS."""
+    from cdp.journal.tiered import TieredFS
+
+    j, recs = _filled(tmp_path)
+    s = next(s for s in j.segments() if s.sealed)
+    copy = (tmp_path / s.name).read_bytes()
+    j.drop_segment(s.first_seq)
+    fs = j._fs
+    assert isinstance(fs, TieredFS)
+    rec = recs[1]
+    return j, copy, rec, fs
+
+
+def _record_range(j: Journal, seq: int, loc: int) -> tuple[int, int, int]:
+    with pytest.raises(NotLocal) as ei:
+        j.read_payload(seq, loc)
+    return ei.value.ranges[0]
+
+
+def test_evicted_then_refetched_record_reads_the_new_file(tmp_path: Path) -> None:
+    # a descriptor kept for a cached record must not outlive its file: after the record
+    # leaves the cache and its name is given other bytes, a read sees those
+    j, copy, (seq, loc, data), fs = _dropped_one(tmp_path)
+    first, off, n = _record_range(j, seq, loc)
+    bad = bytearray(copy[off : off + n])
+    bad[-5] ^= 0xFF
+    j.cache_put(first, off, bytes(bad))
+    with pytest.raises(Corruption):  # read (and its descriptor kept) from the bad copy
+        j.read_payload(seq, loc)
+    assert (first, off) in fs._fds
+    j.set_cache_bytes(0)  # evicted: file unlinked, descriptor closed
+    assert not fs._fds and not (tmp_path / "cache").joinpath(f"{first:020d}-{off:020d}").exists()
+    j.set_cache_bytes(1 << 20)
+    j.cache_put(first, off, copy[off : off + n])  # fetched again: the good bytes
+    assert j.read_payload(seq, loc) == data
+    j.close()
+
+
+def test_a_name_rewritten_by_a_fetch_is_read_anew(tmp_path: Path) -> None:
+    # a fetch renames a new file over a cached record's name (write_cache_files, then
+    # cache_index on the loop): reads after that use the new file, not a kept descriptor
+    from cdp.journal.tiered import write_cache_files
+
+    j, copy, (seq, loc, data), fs = _dropped_one(tmp_path)
+    first, off, n = _record_range(j, seq, loc)
+    bad = bytearray(copy[off : off + n])
+    bad[-5] ^= 0xFF
+    fs.cache_index(write_cache_files(fs.base, str(tmp_path), [(first, off, n)], off, bytes(bad)))
+    with pytest.raises(Corruption):
+        j.read_payload(seq, loc)
+    assert (first, off) in fs._fds
+    fs.cache_index(write_cache_files(fs.base, str(tmp_path), [(first, off, n)], off,
+                                     copy[off : off + n]))
+    assert j.read_payload(seq, loc) == data
+    j.close()
+
+
+def test_cached_descriptors_are_bounded_and_closed(tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    import cdp.journal.tiered as tiered
+
+    monkeypatch.setattr(tiered, "CACHE_FDS", 3)
+    before, kept = _open_fds(), tiered._KEPT[0]
+    j, recs = _filled(tmp_path)
+    segs = [s for s in j.segments() if s.sealed]
+    copy = {s.first_seq: (tmp_path / s.name).read_bytes() for s in segs}
+    for s in segs:
+        j.drop_segment(s.first_seq)
+    fs = j._fs
+    assert isinstance(fs, tiered.TieredFS)
+    for _ in range(2):
+        for seq, loc, data in recs[:12]:
+            try:
+                j.read_payload(seq, loc)
+            except NotLocal as exc:
+                _fetch_from(copy, j, exc)
+            assert j.read_payload(seq, loc) == data
+            assert len(fs._fds) <= 3
+    assert len(fs._fds) == 3
+    j.close()
+    assert not fs._fds and tiered._KEPT[0] == kept
+    assert _open_fds() == before
+
+
+def test_pread_over_several_cached_records(tmp_path: Path) -> None:
+    # a read spanning records: filled in place from each record's file, short at the
+    # first record missing, NotLocal when the first one is
+    j, copy, _rec, fs = _dropped_one(tmp_path)
+    seg = next(s for s in j.segments() if s.sealed)
+    first = seg.first_seq
+    recs = fs.records(first, 32, len(copy))
+    assert len(recs) >= 4
+    vfd = fs.open_read(str(tmp_path / seg.name))
+    a0, a2 = recs[1][1], recs[3][1]
+    with pytest.raises(NotLocal):
+        fs.pread(vfd, a2 - a0, a0 + 3)
+    for _f, a, n in recs[1:3]:
+        j.cache_put(first, a, copy[a : a + n])
+    assert fs.pread(vfd, a2 - a0 + 100, a0 + 3) == copy[a0 + 3 : a2]  # short at recs[3]
+    buf = bytearray(a2 - a0 - 3)
+    assert fs.pread_into(vfd, buf, a0 + 3) == len(buf) and bytes(buf) == copy[a0 + 3 : a2]
+    fs.close(vfd)
+    j.close()
+
+
+def test_cached_descriptors_share_a_process_budget(tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    import cdp.journal.tiered as tiered
+
+    kept = tiered._KEPT[0]
+    monkeypatch.setattr(tiered, "CACHE_FDS_TOTAL", kept + 4)
+    js = []
+    for k in range(2):
+        j, recs = _filled(tmp_path / str(k))
+        segs = [s for s in j.segments() if s.sealed]
+        copy = {s.first_seq: (tmp_path / str(k) / s.name).read_bytes() for s in segs}
+        for s in segs:
+            j.drop_segment(s.first_seq)
+        for seq, loc, data in recs[:10]:
+            try:
+                j.read_payload(seq, loc)
+            except NotLocal as exc:
+                _fetch_from(copy, j, exc)
+            assert j.read_payload(seq, loc) == data
+            assert tiered._KEPT[0] <= kept + 4 + 1
+        js.append(j)
+    held = [j._fs._fds for j in js if isinstance(j._fs, tiered.TieredFS)]
+    assert len(held) == 2 and tiered._KEPT[0] - kept == sum(len(f) for f in held)
+    for j in js:
+        j.close()
+    assert tiered._KEPT[0] == kept
