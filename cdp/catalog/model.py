@@ -60,11 +60,6 @@ _WDT = ("", "u1", "<u2", "<u4")
 _U32 = 0xFFFFFFFF
 
 
-def width(v: int) -> int:
-    """The width code of a u32 field's value (format 8: 0 is left out)."""
-    return W_ABSENT if v == 0 else W_U8 if v <= 0xFF else W_U16 if v <= 0xFFFF else W_U32
-
-
 def _parts(key: int) -> list[tuple[str, str]]:
     """Layout *key* (``sig | sig2 << 8``) as ``(name, struct code)`` fields in stored
     order (an absent field is not among them)."""
@@ -91,14 +86,16 @@ _ORDER = ("seq", "attrs", "flags", "parent", "size", "alloc", "crtime", "mtime",
 _ZERO = (0,)
 
 
-class _Layouts(dict[int, tuple[int, Callable[[bytes], tuple[Any, ...]]]]):
+class _Layouts(dict[int, tuple[int, Callable[[bytes], tuple[Any, ...]],
+                               Callable[[tuple[Any, ...]], tuple[Any, ...]]]]):
     """Layout by key ``sig | sig2 << 8`` (the blob's first two bytes as they are; the
-    resident bit chooses nothing): ``(size, decode)``, *decode* giving ``(seq, attrs,
-    flags, parent, size, alloc, crtime, mtime, ctime, atime, backup_ns)`` of a blob
-    (backup_ns, when left out, repeats mtime: the reader replaces it). Built when first
-    used (8,192 possible, a few used)."""
+    resident bit chooses nothing): ``(size, unpack_from, get)``; ``get(unpack_from(blob)
+    + (0,))`` is ``(seq, attrs, flags, parent, size, alloc, crtime, mtime, ctime, atime,
+    backup_ns)`` (a field left out is the 0 appended; backup_ns, when left out, repeats
+    mtime: the reader replaces it). Built when first used (8,192 possible, a few used)."""
 
-    def __missing__(self, key: int) -> tuple[int, Callable[[bytes], tuple[Any, ...]]]:
+    def __missing__(self, key: int) -> tuple[int, Callable[[bytes], tuple[Any, ...]],
+                                             Callable[[tuple[Any, ...]], tuple[Any, ...]]]:
         fields = _parts(key & ~SIG_RESIDENT)
         s = struct.Struct("<" + "".join(c for _, c in fields))
         where = {name: i for i, (name, _) in enumerate(fields)}
@@ -107,18 +104,11 @@ class _Layouts(dict[int, tuple[int, Callable[[bytes], tuple[Any, ...]]]]):
         idx = [where.get(n, zero) for n in _ORDER[:6]]
         idx += [where.get(n, mt) for n in _ORDER[6:10]]
         idx.append(where.get("backup_ns", mt))
-        get, unpack = itemgetter(*idx), s.unpack_from
-        if zero in idx:
-            def decode(blob: bytes) -> tuple[Any, ...]:
-                return get(unpack(blob) + _ZERO)  # type: ignore[no-any-return]
-        else:
-            def decode(blob: bytes) -> tuple[Any, ...]:
-                return get(unpack(blob))  # type: ignore[no-any-return]
-        self[key] = out = (s.size, decode)
+        self[key] = out = (s.size, s.unpack_from, itemgetter(*idx))
         return out
 
 
-#: ``(size, decode)`` by the blob's first two bytes (``blob[0] | blob[1] << 8``)
+#: ``(size, unpack_from, get)`` by the blob's first two bytes (``blob[0] | blob[1] << 8``)
 LAYOUTS = _Layouts()
 
 
@@ -163,8 +153,11 @@ def pack_stat(seq: int, parent: int, size: int, alloc: int, crtime: int, mtime: 
         sig |= SIG_BACKUP
     if (seq | attrs | flags) >> 32 or seq < 0 or attrs < 0 or flags < 0:
         raise struct.error(f"seq, attrs, flags are u32: {seq}, {attrs}, {flags}")
-    sig2 = (width(seq) | width(attrs) << 2 | width(flags) << 4
-            | (0 if sig & SIG_PARENT64 else width(parent) << 6))
+    # each width code: W_ABSENT, W_U8, W_U16, W_U32 for 0, u8, u16, u32 (bools added)
+    sig2 = ((seq > 0) + (seq > 0xFF) + (seq > 0xFFFF)
+            | ((attrs > 0) + (attrs > 0xFF) + (attrs > 0xFFFF)) << 2
+            | ((flags > 0) + (flags > 0xFF) + (flags > 0xFFFF)) << 4
+            | (0 if sig & SIG_PARENT64 else ((parent > 0) + (parent > 0xFF) + (parent > 0xFFFF)) << 6))
     pack, pick = PACKERS[sig | sig2 << 8]
     blob = pack(*pick((sig | SIG_RESIDENT if resident else sig, sig2, seq, attrs, flags, parent,
                        size, alloc, mtime, backup_ns, crtime, ctime, atime)))
@@ -188,8 +181,9 @@ _I64_MAX = (1 << 63) - 1
 
 
 def _widths(col: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
-    """:func:`width` of each value of a u32 column, as uint16."""
-    return np.select([col == 0, col <= 0xFF, col <= 0xFFFF], [W_ABSENT, W_U8, W_U16], W_U32).astype(np.uint16)
+    """The width code (:data:`W_ABSENT` ... :data:`W_U32`) of each value of a u32 column,
+    as uint16."""
+    return (col > 0).astype(np.uint16) + (col > 0xFF) + (col > 0xFFFF)
 
 
 def pack_stats(seq: Iterable[int], parent: Iterable[int], size: Iterable[int],
@@ -335,12 +329,12 @@ def unpack_stat(blob: bytes, start_ns: int = 0) -> tuple[Any, ...]:
     """The fields of a ``stat`` BLOB (format 8) in :data:`STAT_FIELDS` order, backup_ns
     *start_ns* when the blob leaves it out. Raises Corruption when it does not hold its
     layout."""
-    sig = blob[0] if blob else 0
-    size, decode = LAYOUTS[int.from_bytes(blob[:2], "little")]
     try:
-        seq, attrs, flags, parent, sz, alloc, crt, mt, cht, at, bns = decode(blob)
+        sig = blob[0]
+        size, unpack, get = LAYOUTS[sig | blob[1] << 8]
+        seq, attrs, flags, parent, sz, alloc, crt, mt, cht, at, bns = get(unpack(blob) + _ZERO)
         streams = blob[size:].decode() if len(blob) > size else ""
-    except (struct.error, UnicodeDecodeError) as err:
+    except (struct.error, UnicodeDecodeError, IndexError) as err:
         raise Corruption(f"catalog: a stat blob of {len(blob)} bytes does not decode: {err}") from None
     return (seq, parent, sz, alloc, crt, mt, cht, at, attrs, 1 if sig & SIG_RESIDENT else 0,
             flags, streams, bns if sig & SIG_BACKUP else start_ns)
@@ -407,13 +401,13 @@ class Entry:
         """Set the :data:`STAT_FIELDS` from a ``stat`` BLOB (:func:`unpack_stat`;
         ``start`` set first: a blob without backup_ns takes ``times[start]``). Cost:
         ~0.8 us (three C calls; no field by field decoding)."""
-        sig = blob[0] if blob else 0
-        size, decode = LAYOUTS[int.from_bytes(blob[:2], "little")]
         try:
+            sig = blob[0]
+            size, unpack, get = LAYOUTS[sig | blob[1] << 8]
             (self.seq, self.attrs, self.flags, self.parent, self.size, self.alloc, self.crtime,
-             self.mtime, self.ctime, self.atime, self.backup_ns) = decode(blob)
+             self.mtime, self.ctime, self.atime, self.backup_ns) = get(unpack(blob) + _ZERO)
             self.streams = blob[size:].decode() if len(blob) > size else ""
-        except (struct.error, UnicodeDecodeError) as err:
+        except (struct.error, UnicodeDecodeError, IndexError) as err:
             raise Corruption(f"catalog: entry {self.id}: its stat blob of {len(blob)} bytes "
                              f"does not decode: {err}") from None
         self.resident = 1 if sig & SIG_RESIDENT else 0
@@ -449,19 +443,19 @@ class Entry:
         but ``dir`` (it is *directory*, not fetched), as :meth:`from_list_row`. Cost:
         one tuple unpack and one ``stat`` unpack a row, in one loop (no call per row)."""
         new = cls.__new__
-        layouts, from_bytes = LAYOUTS, int.from_bytes
+        layouts, zero = LAYOUTS, _ZERO
         out: list[Entry] = []
         append = out.append
         for row in rows:
             e = new(cls)
             e.id, e.part, e.name, e.start, e.end, e.ref, e.record, e.is_dir, blob = row
-            sig = blob[0] if blob else 0
-            size, decode = layouts[from_bytes(blob[:2], "little")]
             try:
+                sig = blob[0]
+                size, unpack, get = layouts[sig | blob[1] << 8]
                 (e.seq, e.attrs, e.flags, e.parent, e.size, e.alloc, e.crtime, e.mtime, e.ctime,
-                 e.atime, e.backup_ns) = decode(blob)
+                 e.atime, e.backup_ns) = get(unpack(blob) + zero)
                 e.streams = blob[size:].decode() if len(blob) > size else ""
-            except (struct.error, UnicodeDecodeError) as err:
+            except (struct.error, UnicodeDecodeError, IndexError) as err:
                 raise Corruption(f"catalog: entry {e.id}: its stat blob of {len(blob)} bytes "
                                  f"does not decode: {err}") from None
             e.resident = 1 if sig & SIG_RESIDENT else 0
