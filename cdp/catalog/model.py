@@ -151,7 +151,7 @@ def pack_stat(seq: int, parent: int, size: int, alloc: int, crtime: int, mtime: 
         sig |= SIG_ATIME
     if backup_ns != start_ns:
         sig |= SIG_BACKUP
-    if (seq | attrs | flags) >> 32 or seq < 0 or attrs < 0 or flags < 0:
+    if (seq | attrs | flags) >> 32:  # one of them negative (x >> 32 is -1) or above u32
         raise struct.error(f"seq, attrs, flags are u32: {seq}, {attrs}, {flags}")
     # each width code: W_ABSENT, W_U8, W_U16, W_U32 for 0, u8, u16, u32 (bools added)
     sig2 = ((seq > 0) + (seq > 0xFF) + (seq > 0xFFFF)
