@@ -56,7 +56,6 @@ SIG_LAYOUT = 0xBF
 #: says i64
 W_ABSENT, W_U8, W_U16, W_U32 = 0, 1, 2, 3
 _WFMT = ("", "B", "H", "I")
-_WDT = ("", "u1", "<u2", "<u4")
 _U32 = 0xFFFFFFFF
 
 
