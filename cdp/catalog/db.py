@@ -38,6 +38,16 @@ Design notes
 * Format 7: ``entries_record`` is on ``(record)`` alone: every query through it names a
   record and reads the row, which holds ``part`` (one byte less an index entry: ~1.1
   bytes per file version).
+* Format 8: ``stat`` has a second signature byte, ``sig2``: seq, attrs, flags and parent
+  each take the width their value needs (0: left out; u8, u16, u32), two bits each. Why:
+  at 10M file versions SQLite's varints grow with the catalog (row ids, record numbers
+  and name ids take a byte more than at 1M in the row and in each index), and an NTFS
+  row's seq (1 byte of 4 used), attrs (1-2 of 4), flags (often 0) and parent (a
+  directory's record, often under 65,536) held 16 bytes of which ~4 carry information:
+  11 bytes less a row in the scale-wide catalog (seq 1, attrs 0x20, flags 0, parent
+  ~2,000), 1 byte less an ext4 row (random generation, extent flag: both u32).
+  Formats 5 to 7 are packed again by the migration (one copy of the rows) or, read
+  offline, row by row as they are read.
 * Two connections: the background indexer writes a whole version in one transaction
   on ``writer`` (it may yield to the event loop between batches), queries read on
   ``reader`` and see only committed versions (WAL snapshot isolation). A version
@@ -97,7 +107,8 @@ from cdp.catalog.model import (
     StartTimes,
     pack_stat,
     restat,
-    stat5_to_6,
+    stat5_to_8,
+    stat7_to_8,
     unpack_stat,
 )
 from cdp.catalog.rules import DirInfo, NewRows, Plan
@@ -116,9 +127,11 @@ log = logging.getLogger("cdp.catalog")
 #: replaced by ``entries_deleted`` (only the rows closed without a newer version),
 #: ``entries_record`` without ``start`` (a record's rows come in id order: start order);
 #: 7: ``entries_record`` is ``(record)`` (every query that uses it names the record and
-#: reads the row, which holds ``part``: one byte less an index entry).
-#: Formats 1 to 6 are migrated in place when opened for writing (:func:`_migrate`).
-CATALOG_FORMAT = 7
+#: reads the row, which holds ``part``: one byte less an index entry); 8: ``stat`` has a
+#: second signature byte giving seq, attrs, flags and parent each the width its value
+#: needs (0 left out, u8, u16, u32: :func:`~cdp.catalog.model.pack_stat`).
+#: Formats 1 to 7 are migrated in place when opened for writing (:func:`_migrate`).
+CATALOG_FORMAT = 8
 CATALOG_FILE = "catalog.sqlite"
 
 SCHEMA = """
@@ -276,9 +289,10 @@ class Catalog:
         if ecols and "stat" not in ecols:
             self.reader.create_function("cdp_stat", len(STAT_FIELDS), pack_stat, deterministic=True)
             stat = _STAT_OLD
-        elif self._format == 5:  # backup_ns always there: format 6 with SIG_BACKUP set
-            self.reader.create_function("cdp_stat6", 1, stat5_to_6, deterministic=True)
-            stat = "cdp_stat6(stat)"
+        elif self._format in (5, 6, 7):  # format 8 packed as it reads (format 5: backup_ns always there)
+            conv = stat5_to_8 if self._format == 5 else stat7_to_8
+            self.reader.create_function("cdp_stat8", 1, conv, deterministic=True)
+            stat = "cdp_stat8(stat)"
         self._stat = stat
         #: the versions' times: the backup_ns of the rows whose ``stat`` leaves it out
         self._times = StartTimes(
@@ -736,32 +750,21 @@ def _old_format(w: sqlite3.Connection) -> int | None:
 
 
 def _migrate(w: sqlite3.Connection, path: Path, old: int) -> None:
-    """Upgrade a format 1 to 6 catalog to :data:`CATALOG_FORMAT` in one transaction
-    (format 6: ``entries_record`` rebuilt on ``(record)``, nothing else; O(rows log
-    rows) in C). Formats 1 to 5, before the schema script runs: the old rows' table
-    (formats 1-3: ``entries``, formats 4 and 5: ``file_entries``, its view dropped) loses
+    """Upgrade a format 1 to 7 catalog to :data:`CATALOG_FORMAT` in one transaction.
+    Before the schema script runs: the old rows' table
+    (formats 1-3: ``entries``, formats 4 to 7: ``file_entries``, its view dropped) loses
     its indexes and is renamed away, the current schema is created, formats 1-3 intern every distinct directory path and
     name (formats 4 and 5 have them), the rows are copied with their ids (``id`` kept:
     format 6 relies on ids growing with ``start``, as they were appended) and their stat
-    fields packed (:func:`pack_stat`; format 5: :func:`restat`; a Python function of the
-    statement, given the start version's time), the old table dropped; formats 1 and 2
+    fields packed (:func:`pack_stat`; format 5: :func:`restat`, given the start version's
+    time; formats 6 and 7: :func:`stat7_to_8`; a Python function of the statement), the
+    old table dropped (its pages are free pages of the file, reused by the versions that
+    follow); formats 1 and 2
     also gain ``versions.fs`` and give every file system of their versions its kind
     (NTFS, the only one they knew). Cost: O(rows), ~2 us a row (the packing), once."""
-    if old == 6:  # the rows stay as they are: one index rebuilt
-        w.execute("BEGIN IMMEDIATE")
-        try:
-            w.execute("DROP INDEX IF EXISTS entries_record")
-            w.execute("CREATE INDEX entries_record ON file_entries (record)")
-            w.execute("UPDATE meta SET value = ? WHERE key = 'format'", (str(CATALOG_FORMAT),))
-            w.execute("COMMIT")
-        except BaseException:
-            w.execute("ROLLBACK")
-            raise
-        log.info("%s: catalog format 6 migrated to %d (entries_record on the record alone)",
-                 path, CATALOG_FORMAT)
-        return
     w.create_function("cdp_stat", len(STAT_FIELDS) + 1, pack_stat, deterministic=True)
     w.create_function("cdp_restat", 2, restat, deterministic=True)
+    w.create_function("cdp_stat8", 1, stat7_to_8, deterministic=True)
     w.execute("BEGIN IMMEDIATE")
     try:
         for ix in _OLD_INDEXES:
@@ -777,7 +780,9 @@ def _migrate(w: sqlite3.Connection, path: Path, old: int) -> None:
             if stmt.strip():
                 w.execute(stmt)
         start_ns = "(SELECT v.time_ns FROM versions v WHERE v.version = o.start)"
-        if old >= 5:
+        if old >= 6:
+            stat = "cdp_stat8(o.stat)"
+        elif old == 5:
             stat = f"cdp_restat(o.stat, {start_ns})"
         else:
             stat = "cdp_stat(" + ", ".join(f'o."{c}"' for c in STAT_FIELDS) + f", {start_ns})"
@@ -807,7 +812,8 @@ def _migrate(w: sqlite3.Connection, path: Path, old: int) -> None:
     except BaseException:
         w.execute("ROLLBACK")
         raise
-    what = {5: "backup times left out of stat, indexes for diff replaced",
+    what = {7: "stat re-packed", 6: "stat re-packed, entries_record on the record alone",
+            5: "backup times left out of stat, indexes for diff replaced",
             4: "stat fields packed", 3: "paths and names stored once, stat fields packed"}.get(
         old, "file-system kind added, paths and names stored once, stat fields packed")
     log.info("%s: catalog format %d migrated to %d (%s)", path, old, CATALOG_FORMAT, what)

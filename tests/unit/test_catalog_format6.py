@@ -1,9 +1,9 @@
-"""Catalog formats 5 and 6: the packed ``stat`` BLOB (golden bytes, every layout round
-trip) and the in-place migration of a real format 4 and a real format 5 catalog, every
+"""Catalog formats 5 to 8: the packed ``stat`` BLOB (golden bytes, every layout round
+trip) and the in-place migration of a real format 4, 5, 6 and 7 catalog, every
 query compared with what the format 4 code answered on it
 (:mod:`tests.unit.catalog_format4_fixture`; the format 5 one, ``catalog_format5.sql``,
 holds the same markers, written by the format 5 code at e92a497, whose answers were
-those of format 4)."""
+those of format 4; formats 6 and 7 likewise, at 581d28a and 04eb791)."""
 
 from __future__ import annotations
 
@@ -29,7 +29,10 @@ from cdp.catalog.model import (
     pack_stats,
     restat,
     stat5_to_6,
+    stat5_to_8,
+    stat7_to_8,
     unpack_stat,
+    unpack_stat7,
 )
 from cdp.errors import Corruption
 from tests.unit.catalog_format4_fixture import (
@@ -44,13 +47,27 @@ from tests.unit.catalog_format4_fixture import (
 FORMAT5_SQL = Path(__file__).parent / "catalog_format5.sql"
 #: the same markers written by the format 6 code (581d28a); pinned: never regenerate it
 FORMAT6_SQL = Path(__file__).parent / "catalog_format6.sql"
+#: the same markers written by the format 7 code (04eb791); pinned: never regenerate it
+FORMAT7_SQL = Path(__file__).parent / "catalog_format7.sql"
 
 # ---------------------------------------------------------------------- golden bytes
 
 #: seq 3, parent 64, size 5, alloc 8, crtime 10**17, mtime 10**17 + 1 (ctime = atime =
-#: mtime: left out), attrs 0x20, resident, flags 0, no streams, backup_ns 1000: format 6
+#: mtime: left out), attrs 0x20, resident, flags 0, no streams, backup_ns 1000: format 8
 #: with backup_ns the start version's time (left out)
 GOLDEN_STAT = bytes.fromhex(
+    "48"                    # sig: SIG_CRTIME | SIG_RESIDENT; size, alloc u32
+    "45"                    # sig2: seq u8 (1), attrs u8 (1 << 2), flags absent, parent u8 (1 << 6)
+    "03"                    # seq
+    "20"                    # attrs
+    "40"                    # parent 64
+    "05000000"              # size 5
+    "08000000"              # alloc 8
+    "01008a5d78456301"      # mtime 10**17 + 1
+    "00008a5d78456301"      # crtime 10**17
+)
+#: the same fields in formats 6 and 7 (no sig2; seq, attrs, flags, parent u32)
+GOLDEN_STAT7 = bytes.fromhex(
     "48"                    # sig: SIG_CRTIME | SIG_RESIDENT; parent, size, alloc u32
     "03000000"              # seq
     "20000000"              # attrs
@@ -69,17 +86,32 @@ FIELDS = (3, 64, 5, 8, 10**17, 10**17 + 1, 10**17 + 1, 10**17 + 1, 0x20, 1, 0, "
 
 def test_golden_stat_blob() -> None:
     blob = pack_stat(*FIELDS, 1000)
-    assert blob == GOLDEN_STAT and len(blob) == 41
+    assert blob == GOLDEN_STAT and len(blob) == 29
     assert unpack_stat(blob, 1000) == FIELDS
     # backup_ns not the start version's time (or not known): stored, sig bit 0x80
     other = pack_stat(*FIELDS[:-1], 1000, 999)
-    assert other == pack_stat(*FIELDS) == bytes([0xC8]) + GOLDEN_STAT5[1:] and len(other) == 49
-    assert unpack_stat(other, 999) == FIELDS
+    assert other == pack_stat(*FIELDS) == (bytes([0xC8]) + GOLDEN_STAT[1:21]
+                                           + bytes.fromhex("e803000000000000") + GOLDEN_STAT[21:])
+    assert len(other) == 37 and unpack_stat(other, 999) == FIELDS
 
 
-def test_format_5_stat_blobs_read_as_format_6() -> None:
-    assert stat5_to_6(GOLDEN_STAT5) == pack_stat(*FIELDS)
-    assert unpack_stat(stat5_to_6(GOLDEN_STAT5)) == FIELDS
+def test_format_7_stat_blobs_packed_again_as_format_8() -> None:
+    """Formats 6 and 7 (the same bytes) read by :func:`unpack_stat7`, and re-packed (the
+    migration, or an offline read) into the same fields: 12 bytes less here."""
+    assert unpack_stat7(GOLDEN_STAT7, 1000) == FIELDS
+    assert stat7_to_8(GOLDEN_STAT7) == GOLDEN_STAT
+    with_backup = bytes([0xC8]) + GOLDEN_STAT5[1:]  # format 6/7 with backup_ns stored
+    assert unpack_stat7(with_backup) == FIELDS
+    assert stat7_to_8(with_backup) == pack_stat(*FIELDS)
+    for bad in (b"", GOLDEN_STAT7[:-1], GOLDEN_STAT7 + b"\xff"):
+        with pytest.raises(Corruption):
+            stat7_to_8(bad)
+
+
+def test_format_5_stat_blobs_read_as_format_8() -> None:
+    assert stat5_to_6(GOLDEN_STAT5) == bytes([0xC8]) + GOLDEN_STAT5[1:]
+    assert stat5_to_8(GOLDEN_STAT5) == pack_stat(*FIELDS)
+    assert unpack_stat(stat5_to_8(GOLDEN_STAT5)) == FIELDS
     assert restat(GOLDEN_STAT5, 1000) == GOLDEN_STAT
     assert restat(GOLDEN_STAT5, 7) == pack_stat(*FIELDS)
     assert restat(GOLDEN_STAT5, None) == pack_stat(*FIELDS)
@@ -99,8 +131,8 @@ def test_golden_stat_blob_every_optional_part() -> None:
     streams = '[{"name": "s", "size": 3}]'
     blob = pack_stat(0xFFFFFFFF, 1 << 40, -1, 1 << 32, 0, 7, 8, 9, 0xFFFFFFFF, 0, 0x8000,
                      streams, -5)
-    want = (bytes([0xBF])
-            + struct.pack("<III", 0xFFFFFFFF, 0xFFFFFFFF, 0x8000)
+    want = (bytes([0xBF, 0x2F])  # sig2: seq u32, attrs u32, flags u16, parent by sig (i64)
+            + struct.pack("<IIH", 0xFFFFFFFF, 0xFFFFFFFF, 0x8000)
             + struct.pack("<qqq", 1 << 40, -1, 1 << 32)
             + struct.pack("<qq", 7, -5)
             + struct.pack("<qqq", 0, 8, 9)
@@ -112,8 +144,8 @@ def test_golden_stat_blob_every_optional_part() -> None:
 
 def test_a_stat_blob_that_does_not_decode_is_corruption() -> None:
     times = StartTimes(lambda: [(1, 1000)])
-    for bad in (b"", GOLDEN_STAT[:-1], bytes([0x3F]) + GOLDEN_STAT[1:], GOLDEN_STAT + b"\xff",
-                GOLDEN_STAT5):
+    for bad in (b"", GOLDEN_STAT[:1], GOLDEN_STAT[:-1], bytes([0x3F]) + GOLDEN_STAT[1:],
+                GOLDEN_STAT[:1] + b"\xff" + GOLDEN_STAT[2:], GOLDEN_STAT + b"\xff", GOLDEN_STAT5):
         with pytest.raises(Corruption):
             unpack_stat(bad)
         with pytest.raises(Corruption):
@@ -157,11 +189,11 @@ def test_the_pinned_catalog_is_format_4() -> None:
     assert "CREATE VIEW entries AS SELECT" in text and "backup_ns INTEGER NOT NULL" in text
 
 
-@pytest.mark.parametrize("old", [4, 5, 6])
+@pytest.mark.parametrize("old", [4, 5, 6, 7])
 def test_an_old_format_read_offline_answers_as_format_4_did(tmp_path: Path, old: int) -> None:
     path = tmp_path / "catalog.sqlite"
-    _load(path, {4: FORMAT4_SQL, 5: FORMAT5_SQL, 6: FORMAT6_SQL}[old])
-    # cdpctl offline: not migrated; format 4 packed as it reads, format 5 read as format 6
+    _load(path, {4: FORMAT4_SQL, 5: FORMAT5_SQL, 6: FORMAT6_SQL, 7: FORMAT7_SQL}[old])
+    # cdpctl offline: not migrated; each stat packed in format 8 as it is read
     ro = Catalog(path, readonly=True)
     try:
         assert answers(ro, VERSIONS) == json.loads(FORMAT4_ANSWERS.read_text())
@@ -189,8 +221,8 @@ def test_format_4_migrated_answers_every_query_as_before(tmp_path: Path,
     want = json.loads(FORMAT4_ANSWERS.read_text())
     with caplog.at_level(logging.INFO, logger="cdp.catalog"):
         cat = Catalog(path)
-    assert "catalog format 4 migrated to 7 (stat fields packed)" in caplog.text
-    assert cat.reader.execute("SELECT value FROM meta WHERE key = 'format'").fetchone()[0] == "7"
+    assert "catalog format 4 migrated to 8 (stat fields packed)" in caplog.text
+    assert cat.reader.execute("SELECT value FROM meta WHERE key = 'format'").fetchone()[0] == "8"
     cols = [r[1] for r in cat.reader.execute("PRAGMA table_info(file_entries)")]
     assert cols == ["id", "part", "dir_id", "name_id", "start", "end", "ref", "record", "is_dir",
                     "stat", "location"]
@@ -209,41 +241,48 @@ def test_format_5_migrated_answers_every_query_as_before(tmp_path: Path,
                                                           caplog: pytest.LogCaptureFixture) -> None:
     path = tmp_path / "catalog.sqlite"
     _load(path, FORMAT5_SQL)
-    old = dict(sqlite3.connect(path).execute("SELECT id, length(stat) FROM file_entries"))
+    old = dict(sqlite3.connect(path).execute("SELECT id, stat FROM file_entries"))
     with caplog.at_level(logging.INFO, logger="cdp.catalog"):
         cat = Catalog(path)
-    assert "catalog format 5 migrated to 7 (backup times left out of stat" in caplog.text
-    assert cat.reader.execute("SELECT value FROM meta WHERE key = 'format'").fetchone()[0] == "7"
+    assert "catalog format 5 migrated to 8 (backup times left out of stat" in caplog.text
+    assert cat.reader.execute("SELECT value FROM meta WHERE key = 'format'").fetchone()[0] == "8"
     assert cat.reader.execute("PRAGMA integrity_check").fetchone() == ("ok",)
     ix = {r[0] for r in cat.reader.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
     assert "entries_start" not in ix and "entries_end" not in ix and "entries_deleted" in ix
-    # every row's backup_ns was its start version's time: 8 bytes less each
+    # every row's backup_ns was its start version's time: 8 bytes less each than in
+    # format 8 with backup_ns stored; and format 8's widths take 7 to 15 bytes off
     new = dict(cat.reader.execute("SELECT id, length(stat) FROM file_entries"))
-    assert new == {i: n - 8 for i, n in old.items()}
+    assert new == {i: len(stat5_to_8(b)) - 8 for i, b in old.items()}
+    assert all(7 <= len(b) - 8 - new[i] <= 15 for i, b in old.items())
     assert answers(cat, VERSIONS) == json.loads(FORMAT4_ANSWERS.read_text())
     _goes_on(cat, path)
 
 
-def test_format_6_migrated_answers_every_query_as_before(tmp_path: Path,
-                                                          caplog: pytest.LogCaptureFixture) -> None:
-    """Format 7 only rebuilds ``entries_record`` on ``(record)``: the rows keep their
-    bytes, every query (``changed_between`` of every pair included) answers as before,
-    and the catalog goes on."""
+@pytest.mark.parametrize("old", [6, 7])
+def test_format_6_and_7_migrated_answer_every_query_as_before(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture, old: int) -> None:
+    """Format 8 packs each row's ``stat`` again (:func:`stat7_to_8`): the same fields in
+    fewer bytes, the rest of each row (its id included) as it was, ``entries_record`` on
+    ``(record)`` (format 6: ``(part, record)``); every query (``changed_between`` of every
+    pair included) answers as before, and the catalog goes on."""
     path = tmp_path / "catalog.sqlite"
-    _load(path, FORMAT6_SQL)
-    text = FORMAT6_SQL.read_text()
-    assert "INSERT INTO \"meta\" VALUES('format','6');" in text
-    assert "CREATE INDEX entries_record ON file_entries (part, record)" in text
+    sql = {6: FORMAT6_SQL, 7: FORMAT7_SQL}[old]
+    _load(path, sql)
+    text = sql.read_text()
+    assert f"INSERT INTO \"meta\" VALUES('format','{old}');" in text
+    assert ("CREATE INDEX entries_record ON file_entries (part, record)" in text) == (old == 6)
     rows = "SELECT * FROM file_entries ORDER BY id"
-    old = sqlite3.connect(path).execute(rows).fetchall()
+    before = sqlite3.connect(path).execute(rows).fetchall()
     with caplog.at_level(logging.INFO, logger="cdp.catalog"):
         cat = Catalog(path)
-    assert "catalog format 6 migrated to 7 (entries_record on the record alone)" in caplog.text
-    assert cat.reader.execute("SELECT value FROM meta WHERE key = 'format'").fetchone()[0] == "7"
+    assert f"catalog format {old} migrated to 8 (stat re-packed" in caplog.text
+    assert cat.reader.execute("SELECT value FROM meta WHERE key = 'format'").fetchone()[0] == "8"
     assert cat.reader.execute("PRAGMA integrity_check").fetchone() == ("ok",)
     ix = dict(cat.reader.execute("SELECT name, sql FROM sqlite_master WHERE type = 'index'"))
     assert ix["entries_record"].endswith("ON file_entries (record)")
-    assert cat.reader.execute(rows).fetchall() == old
+    after = cat.reader.execute(rows).fetchall()
+    assert [(*r[:9], stat7_to_8(r[9]), r[10]) for r in before] == after
+    assert sum(len(r[9]) for r in after) < sum(len(r[9]) for r in before)
     assert answers(cat, VERSIONS) == json.loads(FORMAT4_ANSWERS.read_text())
     _goes_on(cat, path)
 
@@ -268,7 +307,7 @@ def _load(path: Path, sql: Path) -> None:
 
 
 def test_a_new_catalog_answers_as_format_4_did(tmp_path: Path) -> None:
-    """The same markers catalogued by the format 6 code from scratch: the same answers."""
+    """The same markers catalogued by the current code from scratch: the same answers."""
     cat = Catalog(tmp_path / "catalog.sqlite")
     for v in range(1, VERSIONS + 1):
         asyncio.run(index(cat, v))

@@ -202,7 +202,7 @@ def _objects(cat: Catalog) -> set[tuple[str, str]]:
 
 
 @pytest.mark.parametrize("old", [1, 3])
-def test_old_catalog_is_migrated_to_format_7(tmp_path: Path, caplog: pytest.LogCaptureFixture,
+def test_old_catalog_is_migrated_to_format_8(tmp_path: Path, caplog: pytest.LogCaptureFixture,
                                              old: int) -> None:
     path = tmp_path / "catalog.sqlite"
     db = sqlite3.connect(path)
@@ -217,9 +217,9 @@ def test_old_catalog_is_migrated_to_format_7(tmp_path: Path, caplog: pytest.LogC
     ro.close()
     with caplog.at_level(logging.INFO, logger="cdp.catalog"):
         cat = Catalog(path)
-    assert f"catalog format {old} migrated to 7" in caplog.text
-    assert CATALOG_FORMAT == 7
-    assert cat.reader.execute("SELECT value FROM meta WHERE key = 'format'").fetchone()[0] == "7"
+    assert f"catalog format {old} migrated to 8" in caplog.text
+    assert CATALOG_FORMAT == 8
+    assert cat.reader.execute("SELECT value FROM meta WHERE key = 'format'").fetchone()[0] == "8"
     assert _objects(cat) == FORMAT_6_OBJECTS
     assert cat.reader.execute("SELECT sql FROM sqlite_master WHERE name = 'entries_record'"
                               ).fetchone()[0].endswith("ON file_entries (record)")
@@ -241,11 +241,11 @@ def test_old_catalog_is_migrated_to_format_7(tmp_path: Path, caplog: pytest.LogC
     assert _objects(Catalog(path, readonly=True)) == FORMAT_6_OBJECTS
 
 
-def test_a_new_catalog_has_the_format_7_objects(tmp_path: Path) -> None:
-    """Format 7 has format 6's objects; ``entries_record`` is on the record alone."""
+def test_a_new_catalog_has_the_format_8_objects(tmp_path: Path) -> None:
+    """Format 8 has format 6's objects; ``entries_record`` is on the record alone (format 7)."""
     cat = Catalog(tmp_path / "catalog.sqlite")
     assert _objects(cat) == FORMAT_6_OBJECTS
-    assert cat.reader.execute("SELECT value FROM meta WHERE key = 'format'").fetchone()[0] == "7"
+    assert cat.reader.execute("SELECT value FROM meta WHERE key = 'format'").fetchone()[0] == "8"
     assert cat.reader.execute("SELECT sql FROM sqlite_master WHERE name = 'entries_record'"
                               ).fetchone()[0].endswith("ON file_entries (record)")
 
@@ -401,9 +401,9 @@ def test_format_2_catalog_gains_the_file_system_kind(tmp_path: Path, caplog: pyt
     ro.close()
     with caplog.at_level(logging.INFO, logger="cdp.catalog"):
         cat = Catalog(path)
-    assert "catalog format 2 migrated to 7" in caplog.text
-    assert CATALOG_FORMAT == 7
-    assert cat.reader.execute("SELECT value FROM meta WHERE key = 'format'").fetchone()[0] == "7"
+    assert "catalog format 2 migrated to 8" in caplog.text
+    assert CATALOG_FORMAT == 8
+    assert cat.reader.execute("SELECT value FROM meta WHERE key = 'format'").fetchone()[0] == "8"
     vs = cat.versions()
     assert [v.fs for v in vs] == ["ntfs", "ntfs,ntfs", ""]
     assert [[p["fs"] for p in v.parts] for v in vs] == [["ntfs"], ["ntfs", "ntfs"], []]
