@@ -16,11 +16,19 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 if TYPE_CHECKING:
     from cdp.tier.s3 import S3
     from tests.s3.fault_proxy import FaultProxy
     from tests.s3.rgw import Rgw
+
+
+# Hypothesis's per-example deadline (200 ms) is a timed assertion: on 2 shared cores a
+# correct example can take longer (one ext4 column-packing test failed so at load ~9). No
+# deadline, and no "too slow" health check, for every property test.
+settings.register_profile("cdp", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("cdp")
 
 
 def require_tool(*names: str) -> None:
