@@ -28,9 +28,12 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import sys
 import threading
 import time
 from bisect import bisect_left
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from typing import Any
 
@@ -306,9 +309,11 @@ class Retention(VolumeService):
     async def gc(self, progress: Progress | None = None, now_ns: int | None = None,
                  rate: float | None = None) -> dict[str, Any]:
         """Expire by policy, then compact; emergency rounds while over a cap in expire mode.
-        One gc at a time per volume (a second one waits for the first)."""
+        One gc at a time per volume (a second one waits for the first). While any gc
+        runs, the interpreter's switch interval is at most ``GC_SWITCH_INTERVAL``."""
         async with self._lock:
-            return await self._gc(progress, now_ns, rate)
+            with _fine_switching():
+                return await self._gc(progress, now_ns, rate)
 
     async def _gc(self, progress: Progress | None, now_ns: int | None,
                   rate: float | None) -> dict[str, Any]:
@@ -499,6 +504,29 @@ def _liveness(windows: list[Any], segs: list[Any], below: float) -> tuple[Any, A
             if sg.raw_bytes > 0 and live_raw[i] / sg.raw_bytes < below]
     order = np.argsort(q, kind="stable")
     return q[order], po[order], ln[order], todo
+
+
+#: the interpreter's switch interval while a gc runs (seconds; Python's default is
+#: 5 ms): how long the event loop may wait for the GIL while a gc worker thread runs
+#: Python (the map rewrite, compaction's steps) before the interpreter makes it yield
+GC_SWITCH_INTERVAL = 0.0005
+_fine: list[float] = []  # [interval to restore, gcs running] (loop thread only)
+
+
+@contextmanager
+def _fine_switching() -> Iterator[None]:
+    """Lower the switch interval to GC_SWITCH_INTERVAL while at least one gc runs."""
+    if not _fine:
+        _fine.extend((sys.getswitchinterval(), 0))
+        sys.setswitchinterval(min(_fine[0], GC_SWITCH_INTERVAL))
+    _fine[1] += 1
+    try:
+        yield
+    finally:
+        _fine[1] -= 1
+        if not _fine[1]:
+            sys.setswitchinterval(_fine[0])
+            _fine.clear()
 
 
 class IngestPace:
