@@ -155,7 +155,6 @@ _HDR = np.dtype({
     "offsets": [0, 4, 8, 9, 10, 11, 12, 16, 24, 32, 40],
     "itemsize": RECORD_HEADER_SIZE,
 })
-_AR48 = np.arange(RECORD_HEADER_SIZE, dtype=np.int64)
 _WRITE, _INIT = int(RecordKind.WRITE), int(RecordKind.INIT)
 _SLICE = 1 << 20  # segment bytes handled per step (a bounded stretch of Python)
 _SMALL = 512  # a record nobody references is read whole when at most this big
@@ -171,7 +170,8 @@ def tail_crcs(tails: np.ndarray) -> np.ndarray:
     ``crc32c(row)`` gives it, without a Python call per row. CRC is affine over GF(2):
     for a fixed length, crc(m) = crc(zeros) XOR the XOR over positions i of
     T[i][m[i]], T[i][b] = crc(b at i, zeros elsewhere) XOR crc(zeros). The table (40 x
-    256) is built once (10,240 calls, a few ms). Cost: 40 gathers per row."""
+    256) is built once (10,240 calls, a few ms). Cost: 40 table lookups per row, done
+    a column at a time (~0.1 µs a row)."""
     global _tail_table
     if _tail_table is None:
         zero = crc32c(bytes(_TAIL))
@@ -184,9 +184,11 @@ def tail_crcs(tails: np.ndarray) -> np.ndarray:
             buf[i] = 0
         _tail_table = (t, zero)
     t, zero = _tail_table
-    parts = t[np.arange(_TAIL), tails]
-    out: np.ndarray = np.bitwise_xor.reduce(parts, axis=1)  # type: ignore[call-overload]
-    return np.asarray(out ^ np.uint32(zero), np.uint32)
+    cols = tails.T
+    out = np.full(len(tails), zero, np.uint32)
+    for i in range(_TAIL):  # one gather of k table entries per byte position
+        out ^= t[i][cols[i]]
+    return out
 
 
 class _Compactor:
@@ -258,7 +260,11 @@ class _Compactor:
             if fs.pread_into(rfd, mv[lo:hi], base + lo) < hi - lo:
                 raise Corruption(f"{self.where(i0 + a)}: segment ends inside its records")
         rel = o - base
-        h = np.frombuffer(buf, np.uint8)[rel[:, None] + _AR48].view(_HDR).reshape(-1)
+        # each record's header: a row of a sliding 48-byte window over the read (one
+        # contiguous copy per record, no index array per byte)
+        win = np.lib.stride_tricks.sliding_window_view(np.frombuffer(buf, np.uint8),
+                                                       RECORD_HEADER_SIZE)
+        h = win[rel].view(_HDR).reshape(-1)
         sq = self.seqs[i0:i1]
         bad = (h["magic"] != RECORD_MAGIC) | (h["seq"] != sq.astype(np.uint64))
         if bad.any():
