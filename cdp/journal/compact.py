@@ -58,7 +58,6 @@ from cdp.journal.segment import encode_index
 
 _ELIDED = int(Compression.ELIDED)
 _CHUNKED = int(Compression.CHUNKED)
-_FLUSH = 4 << 20
 
 #: live payload ranges per seq: ``(poff, length)`` pairs; a data record whose seq is
 #: missing is dead (its payload is elided)
@@ -156,9 +155,9 @@ _HDR = np.dtype({
     "itemsize": RECORD_HEADER_SIZE,
 })
 _WRITE, _INIT = int(RecordKind.WRITE), int(RecordKind.INIT)
-_SLICE = 1 << 20  # segment bytes handled per step (a bounded stretch of Python)
+_SLICE = 4 << 20  # segment bytes handled per step (a bounded stretch of Python)
 _SMALL = 512  # a record nobody references is read whole when at most this big
-_GAP = 32 << 10  # holes up to this size between needed bytes are read through
+_GAP = 1 << 20  # holes up to this size between needed bytes are read through
 
 
 _TAIL = RECORD_HEADER_SIZE - CRC_START
@@ -216,6 +215,7 @@ class _Compactor:
         self.ts_a: array[int] = array("q")
         self.offs_a: array[int] = array("q")
         self.raw = self.rec_el = self.ch_el = self.by_el = 0
+        self.buf = bytearray()
 
     def where(self, i: int) -> str:
         seq = self.src.first_seq + i
@@ -252,8 +252,11 @@ class _Compactor:
         ne = self.need_end[i0:i1]
         rsz = self.rsz[i0:i1]
         base = int(o[0])
-        buf = bytearray(int(ne[-1]) - base)
-        mv = memoryview(buf)
+        span = int(ne[-1]) - base
+        if len(self.buf) < span:  # one read buffer, reused: its pieces are written
+            self.buf = bytearray(max(span, _SLICE + (1 << 20)))  # before the next step
+        buf = self.buf
+        mv = memoryview(buf)[:span]
         brk = (np.flatnonzero(o[1:] - ne[:-1] > _GAP) + 1).tolist()
         for a, b in zip([0, *brk], [*brk, len(o)], strict=True):
             lo, hi = int(o[a]) - base, int(ne[b - 1]) - base
@@ -262,7 +265,7 @@ class _Compactor:
         rel = o - base
         # each record's header: a row of a sliding 48-byte window over the read (one
         # contiguous copy per record, no index array per byte)
-        win = np.lib.stride_tricks.sliding_window_view(np.frombuffer(buf, np.uint8),
+        win = np.lib.stride_tricks.sliding_window_view(np.frombuffer(buf, np.uint8, span),
                                                        RECORD_HEADER_SIZE)
         h = win[rel].view(_HDR).reshape(-1)
         sq = self.seqs[i0:i1]
@@ -410,11 +413,11 @@ def build_compacted(
     ``rate`` limits the segment bytes passed over per second (0: unlimited; read or
     skipped, dead or live) so that ingest keeps its disk bandwidth; ``pacer`` (which
     then replaces ``rate`` and ``stop``) can change the budget as it goes. Pacing is
-    per step of about 1 MiB, so a small segment is paced as a whole. Setting ``stop``
+    per step of about 4 MiB, so a small segment is paced as a whole. Setting ``stop``
     ends a paced wait at once with Interrupted. Safe to run in a worker thread: it
     only reads the sealed (immutable) segment through its own descriptor and writes
-    new files, 1 MiB of segment per step (a bounded stretch of Python between
-    syscalls), with the written bytes' writeback started every 4 MiB.
+    new files, 4 MiB of segment per step (one pread, one writev; numpy and a CRC
+    call per copied record in between, so the GIL is released at least that often).
 
     What is read and checked: every record copied (referenced data, every non-data
     record, stubs already elided) is read whole and its record CRC checked (a chunked
@@ -422,7 +425,9 @@ def build_compacted(
     read past its 48-byte header, which is checked against the index (magic, seq,
     length, timestamp) and turned into a stub. Raises Corruption if a record is damaged
     or a live chunk is already gone (nothing is put in place then; temp files are
-    removed). Cost: about one pread per MiB of small records, one per big dead record.
+    removed). Cost: one sequential pread per 4 MiB step (holes of up to 1 MiB are read
+    through: a separate read costs a cold disk more than the bytes), one 48-byte pread
+    per dead record larger than that.
     """
     fs = src.fs
     name = segment_name(src.first_seq)
@@ -448,29 +453,19 @@ def build_compacted(
         job = _Compactor(src, live, rfd, name)
         job.check_index()
         head = pack_segment_header(src.first_seq, SEGMENT_COMPACTED)
-        pending: list[Buffer] = [head]
-        npend = len(head)
-        pos = 0  # bytes already written to the temp file
-        synced = 0  # bytes whose writeback was started
+        fs.write(wfd, head)
+        pos = len(head)  # bytes written to the temp file
         for i0, i1 in job.slices():
-            pieces, n = job.run(i0, i1, pos + npend)
-            pending += pieces
-            npend += n
-            if npend >= _FLUSH:
-                pace.check()  # also when unpaced or behind
-                fs.writev(wfd, pending)
-                pos += npend
-                pending, npend = [], 0
-                fs.start_writeback(wfd, synced, pos - synced)
-                synced = pos
-                if progress is not None:
-                    progress(int(job.offs[i1 - 1] + job.rsz[i1 - 1]), src.size)
+            pieces, n = job.run(i0, i1, pos)
+            pace.check()  # also when unpaced or behind
+            fs.writev(wfd, pieces)  # (the read buffer is reused by the next step)
+            pos += n
+            if progress is not None:
+                progress(int(job.offs[i1 - 1] + job.rsz[i1 - 1]), src.size)
             end = src.size if i1 == len(job.offs) else int(job.offs[i1])
             pace.step(end - (int(job.offs[i0]) if i0 else 0))
         if not src.count:
             pace.step(src.size)
-        fs.writev(wfd, pending)
-        pos += npend
         fs.fdatasync(wfd)
         new_size = pos
         ifd = fs.open_append(tmp_idx)
