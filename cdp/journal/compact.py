@@ -252,14 +252,16 @@ class _Compactor:
         ne = self.need_end[i0:i1]
         rsz = self.rsz[i0:i1]
         base = int(o[0])
-        span = int(ne[-1]) - base
+        end = int(o[-1] + rsz[-1])  # where the next step reads on: read up to it when
+        span = (end if end - int(ne[-1]) <= _GAP else int(ne[-1])) - base  # close (the
+        # kernel's readahead keeps up only with reads that follow each other)
         if len(self.buf) < span:  # one read buffer, reused: its pieces are written
             self.buf = bytearray(max(span, _SLICE + (1 << 20)))  # before the next step
         buf = self.buf
         mv = memoryview(buf)[:span]
         brk = (np.flatnonzero(o[1:] - ne[:-1] > _GAP) + 1).tolist()
         for a, b in zip([0, *brk], [*brk, len(o)], strict=True):
-            lo, hi = int(o[a]) - base, int(ne[b - 1]) - base
+            lo, hi = int(o[a]) - base, (int(ne[b - 1]) - base if b < len(o) else span)
             if fs.pread_into(rfd, mv[lo:hi], base + lo) < hi - lo:
                 raise Corruption(f"{self.where(i0 + a)}: segment ends inside its records")
         rel = o - base
