@@ -255,8 +255,9 @@ class _Compactor:
         end = int(o[-1] + rsz[-1])  # where the next step reads on: read up to it when
         span = (end if end - int(ne[-1]) <= _GAP else int(ne[-1])) - base  # close (the
         # kernel's readahead keeps up only with reads that follow each other)
-        if len(self.buf) < span:  # one read buffer, reused: its pieces are written
-            self.buf = bytearray(max(span, _SLICE + (1 << 20)))  # before the next step
+        if not span <= len(self.buf) <= 4 * _SLICE:  # one read buffer, reused (its
+            # pieces are written before the next step); not kept at a huge record's size
+            self.buf = bytearray(max(span, _SLICE + (1 << 20)))
         buf = self.buf
         mv = memoryview(buf)[:span]
         brk = (np.flatnonzero(o[1:] - ne[:-1] > _GAP) + 1).tolist()
