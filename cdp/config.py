@@ -191,8 +191,12 @@ class RetentionSettings:
     gc_interval: float = 600.0
     #: sealed segments whose live fraction is below this are compacted
     compact_below: float = 0.8
-    #: I/O budget of compaction: bytes read per second (0: unthrottled)
+    #: budget of compaction while the volume is busy: segment bytes per second (0:
+    #: unthrottled)
     compact_rate: int = 64 << 20
+    #: host write bytes/s above which the volume is busy; below, compaction runs
+    #: unthrottled (0: always at compact_rate)
+    compact_busy_writes: int = 16 << 20
 
 
 def _fraction(v: Any, key: str) -> float:
@@ -206,6 +210,7 @@ def _retention(raw: Any, name: str, base: RetentionSettings) -> RetentionSetting
         "tiers": parse_tiers, "max_store_bytes": _size(0),
         "on_full": _choice("expire", "refuse"), "gc_interval": _duration,
         "compact_below": _fraction, "compact_rate": _size(0),
+        "compact_busy_writes": _size(0),
     }
     return replace(base, **_table(raw, name, schema))
 

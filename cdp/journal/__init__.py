@@ -7,7 +7,7 @@ index), ``recovery`` (open), ``segment`` (scans, index sidecars), ``format``,
 ``compact``, ``verify``, ``fs``.
 """
 
-from cdp.journal.compact import PreparedCompaction, build_compacted
+from cdp.journal.compact import Pacer, PreparedCompaction, build_compacted
 from cdp.journal.format import Compression, Record, RecordKind
 from cdp.journal.fs import Clock, CrashSimFS, FileLayer, ManualClock, OsFileLayer
 from cdp.journal.recovery import RecoveryReport
@@ -27,6 +27,7 @@ __all__ = [
     "ManualClock",
     "NotLocal",
     "OsFileLayer",
+    "Pacer",
     "PreparedCompaction",
     "Problem",
     "Record",

@@ -1075,9 +1075,9 @@ class Journal(SegmentReader):
         seg = self._segs[i]
         if seg.state != SEALED:
             raise UsageError(f"segment {seg.name} is not sealed yet")
-        _ts, offs = self._load(seg)
+        ts, offs = self._load(seg)
         return CompactSource(self._dir, first_seq, seg.count, seg.size, array("q", offs),
-                             self._fs, tiered=self.is_dropped(first_seq))
+                             self._fs, tiered=self.is_dropped(first_seq), ts=array("q", ts))
 
     def compact_commit(self, prep: PreparedCompaction) -> bool:
         """Put a prepared compaction in place (see :mod:`cdp.journal.compact` for the

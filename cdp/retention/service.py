@@ -13,7 +13,8 @@ Design notes
   between retained points are merged and switched atomically through the manifest),
   then every sealed segment whose live fraction is below ``compact_below`` is compacted
   by the journal (live records and chunks copied forward, same seqs; see
-  ``cdp.journal.compact``) in a worker thread, throttled to ``compact_rate`` bytes/s.
+  ``cdp.journal.compact``) in a worker thread, at full speed while the volume's host
+  writes stay under ``compact_busy_writes`` bytes/s, else at ``compact_rate``.
 * **Store cap.** ``max_store_bytes`` (journal + maps of the volume). ``on_full =
   "refuse"``: host writes and zeroes (of either volume kind: the check is
   ``admit_write``) fail with StoreFull (ENOSPC) while over the cap.
@@ -27,9 +28,12 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import sys
 import threading
 import time
 from bisect import bisect_left
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from typing import Any
 
@@ -38,7 +42,7 @@ import numpy as np
 from cdp.config import RetentionSettings, parse_tiers
 from cdp.errors import CdpError, ConfigError, Corruption, PointError, StoreFull, UsageError
 from cdp.fsutil import write_file_atomic
-from cdp.journal import build_compacted
+from cdp.journal import Pacer, build_compacted
 from cdp.progress import Progress
 from cdp.retention.policy import NS, policy_points
 from cdp.units import format_time
@@ -305,9 +309,11 @@ class Retention(VolumeService):
     async def gc(self, progress: Progress | None = None, now_ns: int | None = None,
                  rate: float | None = None) -> dict[str, Any]:
         """Expire by policy, then compact; emergency rounds while over a cap in expire mode.
-        One gc at a time per volume (a second one waits for the first)."""
+        One gc at a time per volume (a second one waits for the first). While any gc
+        runs, the interpreter's switch interval is at most ``GC_SWITCH_INTERVAL``."""
         async with self._lock:
-            return await self._gc(progress, now_ns, rate)
+            with _fine_switching():
+                return await self._gc(progress, now_ns, rate)
 
     async def _gc(self, progress: Progress | None, now_ns: int | None,
                   rate: float | None) -> dict[str, Any]:
@@ -403,8 +409,12 @@ class Retention(VolumeService):
         total = sum(sg.bytes for sg in todo)
         done = 0
         compacted = 0
-        budget = s.compact_rate if rate is None else rate
         stop = threading.Event()  # set when this gc is cancelled (cdpd stopping)
+        if rate is None:  # the volume's budget, applied while its ingest is busy
+            pacer = Pacer(rate_fn=IngestPace(vol, s.compact_rate, s.compact_busy_writes),
+                          stop=stop)
+        else:  # cdpctl gc --rate: a fixed budget (0: unthrottled)
+            pacer = Pacer(rate, stop=stop)
         try:
             for sg in todo:
                 if vol.closed:
@@ -413,7 +423,7 @@ class Retention(VolumeService):
                 a = int(np.searchsorted(q, sg.first_seq, side="left"))
                 b = int(np.searchsorted(q, sg.last_seq, side="right"))
                 prep = await loop.run_in_executor(
-                    None, _compact, src, q[a:b], po[a:b], ln[a:b], budget, stop)
+                    None, _compact, src, q[a:b], po[a:b], ln[a:b], pacer)
                 if await j.compact_commit_async(prep):
                     compacted += 1
                 done += sg.bytes
@@ -454,6 +464,7 @@ class Retention(VolumeService):
             "gc_interval_s": s.gc_interval,
             "compact_below": s.compact_below,
             "compact_rate": s.compact_rate,
+            "compact_busy_writes": s.compact_busy_writes,
             "store_bytes": self.store_bytes(),
             "over_cap": self.over_cap,
             "warning": self.warning,
@@ -495,14 +506,61 @@ def _liveness(windows: list[Any], segs: list[Any], below: float) -> tuple[Any, A
     return q[order], po[order], ln[order], todo
 
 
-def _compact(src: Any, q: Any, po: Any, ln: Any, rate: float,
-             stop: threading.Event | None = None) -> Any:
+#: the interpreter's switch interval while a gc runs (seconds; Python's default is
+#: 5 ms): how long the event loop may wait for the GIL while a gc worker thread runs
+#: Python (the map rewrite, compaction's steps) before the interpreter makes it yield
+GC_SWITCH_INTERVAL = 0.0005
+_fine: list[float] = []  # [interval to restore, gcs running] (loop thread only)
+
+
+@contextmanager
+def _fine_switching() -> Iterator[None]:
+    """Lower the switch interval to GC_SWITCH_INTERVAL while at least one gc runs."""
+    if not _fine:
+        _fine.extend((sys.getswitchinterval(), 0))
+        sys.setswitchinterval(min(_fine[0], GC_SWITCH_INTERVAL))
+    _fine[1] += 1
+    try:
+        yield
+    finally:
+        _fine[1] -= 1
+        if not _fine[1]:
+            sys.setswitchinterval(_fine[0])
+            _fine.clear()
+
+
+class IngestPace:
+    """The compaction budget of one gc as the volume's ingest allows (a ``rate_fn`` of
+    :class:`~cdp.journal.compact.Pacer`): ``rate`` bytes/s while the volume's host
+    writes ran above ``busy`` bytes/s over the last quarter second or more, else 0
+    (unthrottled). ``busy`` 0: always ``rate``. Any thread (it reads one counter)."""
+
+    WINDOW = 0.25
+
+    def __init__(self, vol: Volume, rate: float, busy: int) -> None:
+        self.vol, self.rate, self.busy = vol, rate, busy
+        self._t = time.monotonic()
+        self._b = vol.bytes_written
+        self.is_busy = True  # until the first window says otherwise
+
+    def __call__(self) -> float:
+        if not self.busy or self.rate <= 0:
+            return self.rate
+        now = time.monotonic()
+        if now - self._t >= self.WINDOW:
+            b = self.vol.bytes_written
+            self.is_busy = (b - self._b) / (now - self._t) > self.busy
+            self._t, self._b = now, b
+        return self.rate if self.is_busy else 0.0
+
+
+def _compact(src: Any, q: Any, po: Any, ln: Any, pacer: Pacer) -> Any:
     """The live map of one segment from its fragments, then :func:`build_compacted`
     (any thread)."""
     sub: dict[int, list[tuple[int, int]]] = {}
     for qq, pp, nn in zip(q.tolist(), po.tolist(), ln.tolist(), strict=True):
         sub.setdefault(qq, []).append((pp, nn))
-    return build_compacted(src, sub, rate=rate, stop=stop)
+    return build_compacted(src, sub, pacer=pacer)
 
 
 def _time_of(vol: Volume, seq: int) -> str:

@@ -361,3 +361,150 @@ def test_reads_during_an_async_commit_see_old_then_new_file(tmp_path: os.PathLik
     assert next(x.compacted for x in j.segments())
     j.close()
     assert verify_journal(d).ok
+
+
+# ---------------------------------------------------------------- the fast path (#27)
+
+def _small_history(d: str, n: int = 300) -> tuple[Journal, dict[int, tuple[int, bytes]]]:
+    """4 KiB writes (runs of them live and dead), a 200 KiB write now and then (dead:
+    only its header is read), markers and a long ERROR (a big non-data record)."""
+    j = Journal.open(d, segment_bytes=1 << 20, clock=ManualClock(T0, tick=1))
+    rng = random.Random(8)
+    recs: dict[int, tuple[int, bytes]] = {}
+    for i in range(n):
+        data = rng.randbytes(200 << 10 if i % 50 == 7 else 4096)
+        seq, loc = j.append_write(i * 4096, data)
+        recs[seq] = (loc, data)
+        if i % 40 == 5:
+            j.append_marker(i, f"m{i}")
+        if i % 90 == 11:
+            j.append_error(5, 0, 4096, "primary write failed: " + "x" * 2000)
+    j.sync()
+    return j, recs
+
+
+def _runs_live(recs: dict[int, tuple[int, bytes]]) -> dict[int, list[tuple[int, int]]]:
+    """Live in runs of 5 of every 12 seqs (so copies and stubs alternate in runs)."""
+    return {s: [(0, len(d))] for s, (_l, d) in recs.items() if s % 12 < 5 and len(d) == 4096}
+
+
+def _record_at(d: str, first_seq: int, seq: int) -> int:
+    """File offset of record *seq* in segment *first_seq* (by a scan of the headers)."""
+    with open(os.path.join(d, f"{first_seq:020d}.seg"), "rb") as f:
+        data = f.read()
+    off = 32
+    while off < len(data):
+        slen = int.from_bytes(data[off + 12 : off + 16], "little")
+        if int.from_bytes(data[off + 16 : off + 24], "little") == seq:
+            return off
+        off += RECORD_HEADER_SIZE + slen
+    raise AssertionError(f"seq {seq} not in segment {first_seq}")
+
+
+def _flip(d: str, first_seq: int, at: int) -> None:
+    path = os.path.join(d, f"{first_seq:020d}.seg")
+    with open(path, "r+b") as f:
+        f.seek(at)
+        b = f.read(1)
+        f.seek(at)
+        f.write(bytes([b[0] ^ 0x40]))
+
+
+def test_fast_path_keeps_every_live_byte_and_every_record(tmp_path: os.PathLike[str]) -> None:
+    """Runs of copied records and stubs, big dead records read only as headers, a big
+    ERROR record copied whole: the compacted journal reads back and verifies."""
+    d = os.path.join(tmp_path, "j")
+    j, recs = _small_history(d)
+    live = _runs_live(recs)
+    times = {s: j.time_of_seq(s) for s in range(1, j.last_seq + 1)}
+    sealed = [s for s in j.segments() if s.sealed]
+    before = j.stats().file_bytes
+    assert sum(j.compact_segment(s.first_seq, live) is not None for s in sealed) == len(sealed)
+    assert j.stats().file_bytes < before * 0.5
+    _check(j, recs, live, times)
+    kinds = [(r.seq, r.kind) for r in j.scan()]
+    assert [s for s, _k in kinds] == list(range(1, j.last_seq + 1))
+    assert sum(1 for _s, k in kinds if k == 5) == 4  # every ERROR record kept
+    j.close()
+    rep = verify_journal(d)
+    assert rep.ok, rep.problems
+
+
+def test_fast_path_corrupt_live_record_in_a_run_is_a_clear_error(tmp_path: os.PathLike[str]) -> None:
+    """A flipped payload byte in a live record in the middle of a run of live records:
+    compaction names it (segment, seq), writes nothing in place, and every other live
+    record still reads back (nothing is lost, the damage is not hidden)."""
+    from cdp.errors import Corruption
+
+    d = os.path.join(tmp_path, "j")
+    j, recs = _small_history(d)
+    live = _runs_live(recs)
+    seg = next(s for s in j.segments() if s.sealed)
+    victim = next(s for s in range(seg.first_seq + 20, seg.last_seq) if s % 12 == 2 and s in live)
+    j.close()
+    _flip(d, seg.first_seq, _record_at(d, seg.first_seq, victim) + RECORD_HEADER_SIZE + 1000)
+    j = Journal.open(d, segment_bytes=1 << 20)
+    with pytest.raises(Corruption, match=f"seq {victim}: bad checksum"):
+        j.compact_segment(seg.first_seq, live)
+    assert not [n for n in os.listdir(d) if n.endswith(".tmp")]
+    assert not next(s for s in j.segments() if s.first_seq == seg.first_seq).compacted
+    for s, (loc, data) in recs.items():
+        if seg.first_seq <= s <= seg.last_seq and s != victim:
+            assert j.read_slice(s, loc, 0, len(data)) == data
+    with pytest.raises(Corruption):
+        j.read_slice(victim, recs[victim][0], 0, 4096)
+    j.close()
+
+
+def test_fast_path_dead_record_header_is_checked(tmp_path: os.PathLike[str]) -> None:
+    """A dead record's payload is not read, but its header is: a flipped timestamp
+    (which its stub would carry on under a fresh CRC) is a clear error."""
+    from cdp.errors import Corruption
+
+    d = os.path.join(tmp_path, "j")
+    j, recs = _small_history(d)
+    live = _runs_live(recs)
+    seg = next(s for s in j.segments() if s.sealed)
+    victim = next(s for s in range(seg.first_seq + 20, seg.last_seq) if s % 12 == 8 and s in recs)
+    j.close()
+    _flip(d, seg.first_seq, _record_at(d, seg.first_seq, victim) + 24)  # timestamp
+    j = Journal.open(d, segment_bytes=1 << 20)
+    with pytest.raises(Corruption, match=f"seq {victim}: damaged header"):
+        j.compact_segment(seg.first_seq, live)
+    assert not [n for n in os.listdir(d) if n.endswith(".tmp")]
+    j.close()
+
+
+def test_fast_path_corrupt_dead_payload_is_dropped_not_copied(tmp_path: os.PathLike[str]) -> None:
+    """A flipped byte in the payload of a record nobody references: compaction no
+    longer reads it (it used to fail the whole segment); the record becomes a stub,
+    every live byte reads back and the journal verifies clean."""
+    d = os.path.join(tmp_path, "j")
+    j, recs = _small_history(d)
+    live = _runs_live(recs)
+    times = {s: j.time_of_seq(s) for s in range(1, j.last_seq + 1)}
+    seg = next(s for s in j.segments() if s.sealed)
+    victim = next(s for s in range(seg.first_seq + 20, seg.last_seq) if s % 12 == 8 and s in recs)
+    j.close()
+    _flip(d, seg.first_seq, _record_at(d, seg.first_seq, victim) + RECORD_HEADER_SIZE + 5)
+    assert not verify_journal(d).ok
+    j = Journal.open(d, segment_bytes=1 << 20)
+    assert j.compact_segment(seg.first_seq, live) is not None
+    _check(j, {s: v for s, v in recs.items() if seg.first_seq <= s <= seg.last_seq}, live, times)
+    j.close()
+    rep = verify_journal(d)
+    assert rep.ok, rep.problems
+
+
+def test_tail_crcs_match_crc32c() -> None:
+    """The vectorised stub CRC (one table lookup per byte) equals crc32c per row."""
+    import numpy as np
+
+    from cdp.journal.compact import tail_crcs
+
+    rng = np.random.default_rng(9)
+    tails = rng.integers(0, 256, size=(500, 40), dtype=np.uint8)
+    tails[0] = 0
+    tails[1] = 255
+    got = tail_crcs(tails)
+    assert got.tolist() == [crc32c(bytes(r)) for r in tails]

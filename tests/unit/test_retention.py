@@ -282,3 +282,53 @@ def test_io_during_gc_is_neither_lost_nor_misread(tmp_path: Path, monkeypatch: p
         vol.close()
 
     asyncio.run(main())
+
+
+def test_ingest_pace_full_speed_while_idle_budget_while_busy(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Default pacing: compact_rate while the volume's host writes exceed
+    compact_busy_writes per second, unthrottled (0) below; busy 0 = always the rate."""
+    from types import SimpleNamespace
+    from typing import Any
+
+    import cdp.retention.service as svc
+
+    now = [100.0]
+    monkeypatch.setattr("cdp.retention.service.time.monotonic", lambda: now[0])
+    vol = SimpleNamespace(bytes_written=0)
+    v: Any = vol  # a volume as IngestPace reads it: its write counter
+    pace = svc.IngestPace(v, 64 << 20, 16 << 20)
+    assert pace() == 64 << 20  # busy until the first window says otherwise
+    now[0] += 0.5
+    vol.bytes_written += 1 << 20  # 2 MiB/s: light ingest
+    assert pace() == 0.0
+    now[0] += 0.1
+    vol.bytes_written += 100 << 20
+    assert pace() == 0.0  # the window is not over yet: the last verdict holds
+    now[0] += 0.2
+    assert pace() == 64 << 20  # ~101 MiB in 0.3 s: busy
+    assert svc.IngestPace(v, 64 << 20, 0)() == 64 << 20  # busy 0: always the budget
+    assert svc.IngestPace(v, 0, 16 << 20)() == 0  # rate 0: never throttled
+
+
+def test_pacer_follows_a_changing_budget(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The pacer sleeps bytes / rate while the budget is set, not at all while it is 0."""
+    import cdp.journal.compact as cmp
+
+    now = [10.0]
+    slept: list[float] = []
+    monkeypatch.setattr("cdp.journal.compact.time.monotonic", lambda: now[0])
+
+    def sleep(s: float) -> None:
+        slept.append(round(s, 6))
+        now[0] += s
+
+    monkeypatch.setattr("cdp.journal.compact.time.sleep", sleep)
+    rate = [1000.0]
+    p = cmp.Pacer(rate_fn=lambda: rate[0])
+    p.step(500)
+    p.step(500)
+    rate[0] = 0.0
+    p.step(10**9)
+    rate[0] = 1000.0
+    p.step(100)
+    assert slept == [0.5, 0.5, 0.1]

@@ -41,8 +41,13 @@ Parts (default: all three, in this order):
   against dd (goal >= 0.8), write p99 latency during gc against without (goal <= 2x),
   the longest write during gc (goal <= 100 ms). Latencies are per write (fio's
   ``write_lat_log``), windowed to the gc's run. ``--gc-rate`` runs the gc at another
-  compaction budget (``cdpctl gc --rate``; 0: unthrottled): at the default budget the
-  reclaim rate is the budget's (bytes read per second), not the disk's.
+  compaction budget (``cdpctl gc --rate``; 0: unthrottled); without it the volume's
+  default pacing applies (full speed while its host writes stay under
+  ``compact_busy_writes``, 16 MiB/s; the bench's 1,000 writes/s are 4 MB/s).
+  ``--write-size`` sets the history's write size (default 64 KiB; 4 KiB makes a history
+  of small records, where the per-record cost of compaction shows), ``--gc-region`` the
+  region it overwrites. A line per run on stderr puts reclaim/dd and the p99 during/
+  without side by side.
 
 Every cdpd runs the product's ``[maps]`` defaults (:func:`product_maps`; the test
 harness's config seals every 2 s) with 64 MiB segments.
@@ -464,11 +469,14 @@ def _fio_lat(uri: str, runtime: float, region: int, logdir: Path, tag: str,
 
 
 def run_gc(base: Path, history: int, quick: bool, plots: Path | None,
-           rate: int | None = None) -> list[dict[str, Any]]:
+           rate: int | None = None, write_size: int = 64 << 10,
+           region: int | None = None) -> list[dict[str, Any]]:
     """The gc rows (see the module notes); *rate*: ``cdpctl gc --rate`` in bytes/s (0:
-    unthrottled), None for the volume's ``compact_rate`` (64 MiB/s by default)."""
+    unthrottled), None for the volume's default pacing; *write_size*: the history's
+    write (and so record) size; *region*: the volume bytes the history overwrites."""
     dd = dd_bandwidth(base, 256 if quick else 2048)
-    region = 2 * GiB if not quick else 256 * MiB
+    if region is None:
+        region = 2 * GiB if not quick else 256 * MiB
     (base / "gc").mkdir()
     d = product_maps(Cdpd(base / "gc", size="4GiB", segment_bytes="64MiB", l0_max_writes=8192,
                           extra_config=GC_CFG))
@@ -477,7 +485,7 @@ def run_gc(base: Path, history: int, quick: bool, plots: Path | None,
     try:
         assert d.proc is not None
         t = time.perf_counter()
-        fio(d.uri(), "randwrite", "64k", 16, 1, 0, region,
+        fio(d.uri(), "randwrite", f"{write_size // 1024}k", 16, 1, 0, region,
             (f"--io_size={history}", "--buffer_compress_percentage=75", "--refill_buffers",
              "--buffer_compress_chunk=4k"))
         fill_s = time.perf_counter() - t
@@ -520,10 +528,16 @@ def run_gc(base: Path, history: int, quick: bool, plots: Path | None,
     # (0.3-1 s of imports), a large part of an unthrottled gc of a few GiB
     gc_run_s = float(r.get("seconds") or gc_s)
     reclaim = freed / gc_run_s / 1e6
-    how = ("compact_rate default" if rate is None else "unthrottled" if rate == 0
+    how = ("default pacing" if rate is None else "unthrottled" if rate == 0
            else f"--rate {rate / MiB:g} MiB/s")
-    label = f"{history / GiB:g} GiB written, {r['bytes_before'] / GiB:.2f} GiB stored, {how}"
+    label = (f"{history / GiB:g} GiB of {write_size // 1024} KiB writes, "
+             f"{r['bytes_before'] / GiB:.2f} GiB stored, {how}")
     p_gc, p_q = p99(window), p99(q)
+    print(f"gc {write_size // 1024} KiB records, {how}: reclaim {max(reclaim, 0.0):.0f} MB/s / dd "
+          f"{dd:.0f} MB/s = {max(reclaim, 0.0) / dd if dd else 0:.2f} (goal >= 0.8) | write p99 "
+          f"during {p_gc:.2f} ms / without {p_q:.2f} ms = {p_gc / p_q if p_q else 0:.2f}x "
+          f"(goal <= 2x) | longest {max(window, default=0.0):.1f} ms (goal <= 100) | "
+          f"gc {gc_run_s:.2f} s, {len(window)} writes during it", file=sys.stderr, flush=True)
     rows.append(_row(f"wide-gc-reclaim ({label})", max(reclaim, 0.0), dd, "dd conv=fdatasync", "MB/s",
                      max(reclaim, 0.0) / dd if dd else None, freed_mib=round(freed / MiB), gc_s=round(gc_run_s, 2),
                      cdpctl_s=round(gc_s, 2),
@@ -568,7 +582,8 @@ def _plot_gc(out: Path, quiet: list[tuple[float, float]], during: list[tuple[flo
 def run(quick: bool = False, out: Path | None = None, parts: list[str] | None = None,
         volumes: int | None = None, files: int | None = None, markers: int | None = None,
         history_gib: float | None = None, scratch: Path | None = None,
-        gc_rate: int | None = None) -> list[dict[str, Any]]:
+        gc_rate: int | None = None, write_size: int = 64 << 10,
+        gc_region: int | None = None) -> list[dict[str, Any]]:
     """The suite's rows (see the module notes); plots into *out* when given."""
     want = parts or list(PARTS)
     if ("volumes" in want or "gc" in want) and shutil.which("fio") is None:
@@ -587,7 +602,7 @@ def run(quick: bool = False, out: Path | None = None, parts: list[str] | None = 
         if "gc" in want:
             (base / "g").mkdir()
             h = history_gib if history_gib is not None else (0.25 if quick else 8.0)
-            rows += run_gc(base / "g", int(h * GiB), quick, out, gc_rate)
+            rows += run_gc(base / "g", int(h * GiB), quick, out, gc_rate, write_size, gc_region)
     finally:
         shutil.rmtree(base, ignore_errors=True)
     return rows
@@ -604,6 +619,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--history-gib", type=float)
     ap.add_argument("--gc-rate", help="the gc part's compaction budget, bytes/s (cdpctl gc "
                     "--rate; 0: unthrottled; default: the volume's compact_rate, 64 MiB/s)")
+    ap.add_argument("--write-size", default="64KiB", help="the gc part's history write "
+                    "size (each a journal record; 4KiB shows the per-record cost)")
+    ap.add_argument("--gc-region", help="the volume bytes the gc part's history overwrites "
+                    "(default 2GiB; quick 256MiB)")
     ap.add_argument("parts", nargs="*", metavar="PART", help=", ".join(PARTS))
     a = ap.parse_args(argv)
     bad = [p for p in a.parts if p not in PARTS]
@@ -614,8 +633,12 @@ def main(argv: list[str] | None = None) -> int:
     from cdp.units import parse_size
 
     rate = None if a.gc_rate is None else parse_size(a.gc_rate, "--gc-rate")
+    ws = parse_size(a.write_size, "--write-size")
+    if ws < 4096 or ws % 4096:
+        ap.error("--write-size: a multiple of 4 KiB")
+    region = None if a.gc_region is None else parse_size(a.gc_region, "--gc-region")
     rows = run(a.quick, a.out, a.parts or None, a.volumes, a.files, a.markers, a.history_gib, a.scratch,
-               rate)
+               rate, ws, region)
     for r in rows:
         print(json.dumps(r))
     return 0
