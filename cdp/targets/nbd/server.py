@@ -60,7 +60,12 @@ import asyncio
 import errno
 import functools
 import logging
+import os
+import queue
+import select
+import socket
 import ssl
+import threading
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, cast
 
@@ -96,6 +101,135 @@ _BYTES = (bytes, bytearray, memoryview)
 #: what a request costs a turn besides its length: about one reply header
 _REPLY_COST = 32
 
+#: how long the sender thread waits for a full socket before checking for an abort
+_SEND_POLL_MS = 500
+#: buffers per ``sendmsg`` (Linux's IOV_MAX is 1024)
+_IOV_MAX = 1024
+_CLOSE = None  # the queue's end marker
+
+
+class _Sender:
+    """One connection's reply sender: a thread that takes lists of reply buffers from a
+    queue and sends them with blocking-style ``sendmsg`` calls on a duplicate of the
+    socket (the GIL is released in the kernel's send, so the loop thread parses and
+    answers the next requests meanwhile). Replies leave in queue order, a list at a
+    time, so no reply's bytes interleave with another's.
+
+    The descriptor is a ``dup`` of the transport's: the socket stays non-blocking (the
+    loop reads from it; blocking mode would change the shared file description), a send
+    is tried first and the thread ``poll``s for room only when the socket is full (one
+    syscall per send in the common case). The duplicate also
+    keeps the connection open after the transport closes until every queued byte has
+    left, so closing costs the loop nothing. Bytes queued and not yet sent are
+    ``pending``; the owner stops processing above its bound (module notes)."""
+
+    def __init__(self, fd: int, loop: asyncio.AbstractEventLoop, low: int,
+                 wake: Callable[[], None], name: str) -> None:
+        self.sock = socket.socket(fileno=os.dup(fd))
+        self.sock.setblocking(False)  # it is already: the loop reads from it
+        self._poll = select.poll()
+        self._poll.register(self.sock, select.POLLOUT)
+        self.loop = loop
+        self.low = low
+        self.wake = wake
+        self.q: queue.SimpleQueue[list[Any] | None] = queue.SimpleQueue()
+        self.queued = 0  # written by the loop thread only
+        self.sent = 0  # written by the sender thread only
+        self.want_wake = False  # the loop stopped processing; wake it below ``low``
+        self.failed: OSError | None = None  # the send failed: the peer is gone
+        self.aborted = False
+        self._lock = threading.Lock()  # sock.shutdown vs. sock.close
+        self.thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self.thread.start()
+
+    @property
+    def pending(self) -> int:
+        """Bytes queued and not sent yet (or dropped after a failed send)."""
+        return self.queued - self.sent
+
+    def put(self, pieces: list[Any]) -> None:
+        """Queue one list of reply buffers (loop thread). The buffers must not change
+        afterwards (device results are immutable ``bytes`` or owned buffers)."""
+        self.queued += sum(map(len, pieces))
+        self.q.put(pieces)
+
+    def close(self) -> None:
+        """Send what is queued, then close the duplicate descriptor (loop thread)."""
+        self.q.put(_CLOSE)
+
+    def abort(self) -> None:
+        """Drop what is queued and end the thread at once (a shutdown wakes a send
+        waiting for room)."""
+        self.aborted = True
+        with self._lock:
+            if self.sock.fileno() >= 0:
+                try:
+                    self.sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+        self.q.put(_CLOSE)
+
+    def _run(self) -> None:
+        q = self.q
+        try:
+            while True:
+                item = q.get()
+                if item is None:
+                    return
+                bufs = item
+                done = False
+                while len(bufs) < _IOV_MAX:  # join what queued up meanwhile
+                    try:
+                        more = q.get_nowait()
+                    except queue.Empty:
+                        break
+                    if more is None:
+                        done = True
+                        break
+                    bufs.extend(more)
+                n = sum(map(len, bufs))
+                if self.failed is None and not self.aborted:
+                    try:
+                        self._send_all(bufs)
+                    except OSError as exc:
+                        self.failed = exc
+                self.sent += n
+                if self.want_wake and self.queued - self.sent <= self.low:
+                    self.want_wake = False
+                    self._call(self.wake)
+                if done:
+                    return
+        finally:
+            with self._lock:
+                self.sock.close()
+
+    def _send_all(self, bufs: list[Any]) -> None:
+        sock = self.sock
+        while bufs:
+            try:
+                n = sock.sendmsg(bufs[:_IOV_MAX])
+            except BlockingIOError:  # the socket is full: wait for room (GIL released)
+                if self.aborted:
+                    raise OSError(errno.ECONNABORTED, "sender aborted") from None
+                self._poll.poll(_SEND_POLL_MS)
+                continue
+            i = 0
+            while i < len(bufs):
+                size = len(bufs[i])
+                if n < size:
+                    break
+                n -= size
+                i += 1
+            bufs = bufs[i:]
+            if n:
+                bufs[0] = memoryview(bufs[0])[n:]
+
+    def _call(self, fn: Callable[[], None]) -> None:
+        try:
+            self.loop.call_soon_threadsafe(fn)
+        except RuntimeError:  # the loop is closed: nobody to wake
+            pass
+
 
 class _NbdProtocol(asyncio.BufferedProtocol):
     """One client connection."""
@@ -118,6 +252,7 @@ class _NbdProtocol(asyncio.BufferedProtocol):
         self.closing = False  # no more parsing: DISC, EOF, violation or drain
         self.draining = False
         self.lost = False
+        self.sender: _Sender | None = None  # replies leave from a thread of their own
 
     # --- asyncio callbacks -----------------------------------------------------
 
@@ -152,6 +287,12 @@ class _NbdProtocol(asyncio.BufferedProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
+        s = self.sender
+        if s is not None:
+            if exc is not None:
+                s.abort()  # the connection failed: nothing more will reach the peer
+            else:
+                s.close()  # we closed it: what is queued still leaves
         self.closing = True
         self.server._conns.discard(self)
         if self.inflight == 0:
@@ -165,6 +306,11 @@ class _NbdProtocol(asyncio.BufferedProtocol):
         self.write_paused = False
         if not self.lost and not self.upgrading:
             self._pump()
+
+    def _sender_drained(self) -> None:
+        """The sender's backlog fell to half of ``write_high`` (the sender's wake-up)."""
+        if self.write_paused:
+            self.resume_writing()
 
     # --- the pump ----------------------------------------------------------------
 
@@ -301,6 +447,25 @@ class _NbdProtocol(asyncio.BufferedProtocol):
         )
         if self.draining:
             self.closing = True
+        elif self.server.send_thread:
+            self._start_sender()
+
+    def _start_sender(self) -> None:
+        """Hand replies to a sender thread from now on (module notes): on a plain TCP
+        or Unix socket whose handshake bytes have all left (TLS keeps the transport's
+        own sending)."""
+        t = self.transport
+        self._flush()  # the handshake's last replies, through the transport
+        if t is None or self.lost or t.get_extra_info("ssl_object") is not None:
+            return
+        sock = t.get_extra_info("socket")
+        if sock is None or t.get_write_buffer_size():
+            return
+        server = self.server
+        self.sender = _Sender(sock.fileno(), asyncio.get_running_loop(), server.write_high // 2,
+                              self._sender_drained, f"nbd-send {self.peer}")
+        server._senders = [s for s in server._senders if s.thread.is_alive()]
+        server._senders.append(self.sender)
 
     def _closed(self, ev: Closed) -> None:
         self.closing = True
@@ -451,7 +616,19 @@ class _NbdProtocol(asyncio.BufferedProtocol):
 
     def _flush(self) -> None:
         if self.conn.has_output and self.transport is not None and not self.lost:
-            self.transport.writelines(self.conn.pieces_to_send())
+            s = self.sender
+            if s is None:
+                self.transport.writelines(self.conn.pieces_to_send())
+                return
+            s.put(self.conn.pieces_to_send())
+            if s.pending > self.server.write_high and not self.write_paused:
+                # stop processing until the sender is down to half (module notes); the
+                # sender may have drained already, so look again after asking
+                s.want_wake = True
+                if s.pending > s.low:
+                    self.write_paused = True
+                else:
+                    s.want_wake = False
 
     def _set_write_limits(self, t: asyncio.Transport) -> None:
         high = self.server.write_high
@@ -467,7 +644,7 @@ class _NbdProtocol(asyncio.BufferedProtocol):
         self.closing = True
         self._flush()
         if self.transport is not None:
-            self.transport.close()
+            self.transport.close()  # a sender still sends what is queued, then closes
 
     def _close_transport(self) -> None:
         if self.transport is not None and not self.transport.is_closing():
@@ -524,7 +701,7 @@ class NbdServer:
                  tls: str = "off", ssl_context: ssl.SSLContext | None = None, *,
                  read_high: int = 1 << 20, turn_bytes: int = 256 << 10,
                  clients: tuple[ClientRule, ...] = (),
-                 psk: Mapping[str, bytes] | None = None) -> None:
+                 psk: Mapping[str, bytes] | None = None, send_thread: bool = True) -> None:
         self.provider = provider
         #: client certificates are required (and named in every refusal)
         self.verify_peer = ssl_context is not None and ssl_context.verify_mode == ssl.CERT_REQUIRED
@@ -538,6 +715,9 @@ class NbdServer:
         self.write_high = write_high
         self.read_high = read_high
         self.turn_bytes = turn_bytes
+        #: replies leave from a thread per connection (module notes); False: the loop's
+        self.send_thread = send_thread
+        self._senders: list[_Sender] = []
         self._server: asyncio.Server | None = None
         self._conns: set[_NbdProtocol] = set()
         self._idle = asyncio.Event()
@@ -584,10 +764,24 @@ class NbdServer:
         return self.ssl_context
 
     async def wait_closed(self) -> None:
-        """Wait until the listener and every connection are closed."""
+        """Wait until the listener and every connection are closed and every reply
+        sender thread has sent what it held and ended."""
         if self._server is not None:
             await self._server.wait_closed()
         await self._idle.wait()
+        for s in self._senders:
+            if s.thread.is_alive():
+                await asyncio.to_thread(s.thread.join)
+        self._senders = [s for s in self._senders if s.thread.is_alive()]
+
+    def abort(self) -> None:
+        """End every connection now, queued replies dropped (after a drain that timed
+        out: a client that stopped reading holds its sender)."""
+        for c in list(self._conns):
+            if c.transport is not None:
+                c.transport.abort()
+        for s in self._senders:
+            s.abort()
 
 
 async def serve_nbd(
@@ -604,13 +798,15 @@ async def serve_nbd(
     tls_verify_peer: bool = False,
     clients: tuple[ClientRule, ...] = (),
     psk: Mapping[str, bytes] | None = None,
+    send_thread: bool = True,
 ) -> NbdServer:
     """Listen for NBD clients on ``host:port`` (0: any free port, see ``.port``).
     ``tls`` "on"/"require" with a PEM ``tls_cert`` and ``tls_key``: NBD_OPT_STARTTLS.
     ``tls_verify_peer``: a client certificate signed by ``tls_ca`` is required, and
     ``clients`` (if any) say which volumes each subject may use
     (:mod:`cdp.targets.nbd.access`). ``psk`` (user -> key) instead of a certificate:
-    clients prove a pre-shared key, and ``clients`` name PSK users."""
+    clients prove a pre-shared key, and ``clients`` name PSK users. ``send_thread``:
+    replies leave from a thread per connection (module notes; False: from the loop)."""
     ctx = None
     if tls != "off" and not psk:
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -621,7 +817,8 @@ async def serve_nbd(
                 raise ValueError('tls_verify_peer needs tls="require"')
             ctx.load_verify_locations(cafile=tls_ca)
             ctx.verify_mode = ssl.CERT_REQUIRED
-    server = NbdServer(provider, max_inflight, write_high, tls, ctx, clients=clients, psk=psk)
+    server = NbdServer(provider, max_inflight, write_high, tls, ctx, clients=clients, psk=psk,
+                       send_thread=send_thread)
     factory: Callable[[], _NbdProtocol] = server._factory
     loop = asyncio.get_running_loop()
     server._server = await loop.create_server(factory, host, port, reuse_address=True)
