@@ -49,6 +49,22 @@ Design notes
   Measured with :mod:`cdp.targets.testing.nbd_standoff` (1 KiB READs, 64 MiB read back,
   load average 9 on 2 cores): before, 6-8 gaps over 0.5 s (the longest 1.4-1.7 s) in
   7-10 s; after, none (the longest 0.19 s) in 6.1 s. ``nbdkit file``: 3.5 s, 0.05 s.
+- Reply sender thread (issue 23): once a plain TCP or Unix connection is past its
+  handshake (not under TLS), the replies of each turn go to a :class:`_Sender` (a
+  ``queue.SimpleQueue`` and one thread per connection) instead of
+  ``transport.writelines``. The thread sends them with ``sendmsg`` on a ``dup`` of the
+  socket, so the kernel's loopback TCP work (the receiver's side included) runs with the
+  GIL released on the other core while the loop parses and answers the next requests.
+  Lists leave whole and in queue order, so no reply's bytes interleave with another's
+  and replies keep the order the loop made them in. The queue counts as the write
+  buffer: *processing* stops while more than ``write_high`` (8 MiB) is queued and
+  restarts when the sender is down to half (one ``call_soon_threadsafe`` per pause), so
+  the memory bound below is unchanged; reading follows the backlog rule as before. A
+  closed transport does not end the connection until the sender has sent what it holds
+  (the duplicate descriptor keeps it open); a lost one (reset, error) drops it at once.
+  ``wait_closed()`` joins the threads; ``abort()`` ends connections and senders that a
+  client holds by reading nothing (cdpd calls it when the 30 s drain times out).
+  ``send_thread=False`` keeps every send on the loop.
 - ``close()`` drains: stop accepting, stop reading, answer requests that were received
   but not started with ESHUTDOWN (as the spec suggests), let running ones finish, then
   close each connection. ``wait_closed()`` returns when every connection is gone.
