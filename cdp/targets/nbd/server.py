@@ -189,27 +189,24 @@ class _Sender:
         q = self.q
         try:
             while True:
-                item = q.get()
-                if item is None:
+                bufs = q.get()
+                if bufs is None:
                     return
-                bufs = item
                 done = False
-                while len(bufs) < _IOV_MAX:  # join what queued up meanwhile
-                    try:
-                        more = q.get_nowait()
-                    except queue.Empty:
-                        break
+                while not q.empty() and len(bufs) < _IOV_MAX:  # join what queued meanwhile
+                    more = q.get_nowait()  # the only consumer: not empty means an item
                     if more is None:
                         done = True
                         break
                     bufs.extend(more)
-                n = sum(map(len, bufs))
                 if self.failed is None and not self.aborted:
                     try:
                         self._send_all(bufs)
+                        bufs = []
                     except OSError as exc:
                         self.failed = exc
-                self.sent += n
+                if bufs:  # dropped after a failure: count them gone all the same
+                    self.sent += sum(map(len, bufs))
                 if self.want_wake and self.queued - self.sent <= self.low:
                     self.want_wake = False
                     self._call(self.wake)
@@ -220,23 +217,29 @@ class _Sender:
                 self.sock.close()
 
     def _send_all(self, bufs: list[Any]) -> None:
+        """Send every buffer, counting ``sent`` as they go. On an error, the buffers
+        left in *bufs* are the unsent part (the caller counts them dropped)."""
         sock = self.sock
         while bufs:
             try:
-                n = sock.sendmsg(bufs[:_IOV_MAX])
+                n = sock.sendmsg(bufs if len(bufs) <= _IOV_MAX else bufs[:_IOV_MAX])
             except BlockingIOError:  # the socket is full: wait for room (GIL released)
                 if self.aborted:
                     raise OSError(errno.ECONNABORTED, "sender aborted") from None
                 self._poll.poll(_SEND_POLL_MS)
                 continue
+            self.sent += n
             i = 0
-            while i < len(bufs):
+            k = len(bufs)
+            while i < k:
                 size = len(bufs[i])
                 if n < size:
                     break
                 n -= size
                 i += 1
-            bufs = bufs[i:]
+            if i == k:
+                return
+            del bufs[:i]
             if n:
                 bufs[0] = memoryview(bufs[0])[n:]
 
