@@ -1,8 +1,7 @@
-"""Replies leave cdpd from a sender thread per connection (issue 23); these tests hold
-its flow control to what a user would notice: a client that stops reading replies
-costs cdpd a bounded amount of memory and nobody else's service, gets every reply right
-when it reads again, and one that disconnects with replies queued (or a cdpd stopped
-while a client reads nothing) frees what it held."""
+"""cdpd's reply flow control (issue 23) as a user would notice it: a client that stops
+reading replies costs cdpd a bounded amount of memory and nobody else's service, gets
+every reply right when it reads again, and one that disconnects with replies queued (or
+a cdpd stopped while a client reads nothing) frees what it held."""
 
 from __future__ import annotations
 

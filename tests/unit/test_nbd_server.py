@@ -7,6 +7,8 @@ import errno
 import struct
 from collections.abc import Awaitable
 
+import pytest
+
 from cdp.errors import StoreFull
 from cdp.targets.nbd.proto import GREETING, SIMPLE_REPLY, Cmd, CmdFlag, Magic, NbdErrno, Opt
 from cdp.targets.nbd.server import serve_nbd
@@ -137,11 +139,12 @@ async def test_enotsup_reaches_the_wire_only_for_a_fast_zero() -> None:
         await server.wait_closed()
 
 
-async def test_drain_finishes_inflight_requests() -> None:
+@pytest.mark.parametrize("send_thread", [False, True])
+async def test_drain_finishes_inflight_requests(send_thread: bool) -> None:
     p = MemoryProvider()
     dev = SlowDevice()
     p.exports["disk"] = dev
-    server = await serve_nbd(p, "127.0.0.1", 0)
+    server = await serve_nbd(p, "127.0.0.1", 0, send_thread=send_thread)
     r, w = await handshake(server.port)
     w.write(req(Cmd.READ, 0, 512, cookie=1))
     await w.drain()
@@ -158,11 +161,12 @@ async def test_drain_finishes_inflight_requests() -> None:
     w.close()
 
 
-async def test_backpressure_many_pipelined_requests() -> None:
+@pytest.mark.parametrize("send_thread", [False, True])
+async def test_backpressure_many_pipelined_requests(send_thread: bool) -> None:
     p = MemoryProvider()
     dev = SlowDevice()
     p.exports["disk"] = dev
-    server = await serve_nbd(p, "127.0.0.1", 0, max_inflight=4)
+    server = await serve_nbd(p, "127.0.0.1", 0, max_inflight=4, send_thread=send_thread)
     try:
         r, w = await handshake(server.port)
         n = 50
@@ -195,6 +199,32 @@ async def test_bad_magic_closes_only_that_connection() -> None:
         assert await reply(r2) == (0, 5)
         w1.close()
         w2.close()
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+@pytest.mark.parametrize("send_thread", [False, True])
+async def test_many_reads_arrive_whole_and_right(send_thread: bool) -> None:
+    """2,000 pipelined READs of distinct data, the replies read only after all were
+    sent (the socket fills, sends are partial): every reply whole and right."""
+    p = MemoryProvider()
+    dev = p.add("disk", SIZE)
+    data = bytes(range(256)) * (SIZE // 256)
+    assert dev.write(0, data, False) is None
+    server = await serve_nbd(p, "127.0.0.1", 0, send_thread=send_thread)
+    try:
+        r, w = await handshake(server.port)
+        n, size = 2000, 4096 + 7
+        w.write(b"".join(req(Cmd.READ, i * 509 % (SIZE - size), size, cookie=i) for i in range(n)))
+        await w.drain()
+        await asyncio.sleep(0.2)
+        for _ in range(n):
+            err, cookie = await reply(r)
+            assert err == 0
+            off = cookie * 509 % (SIZE - size)
+            assert await r.readexactly(size) == data[off : off + size]
+        w.close()
     finally:
         server.close()
         await server.wait_closed()

@@ -64,7 +64,12 @@ Design notes
   (the duplicate descriptor keeps it open); a lost one (reset, error) drops it at once.
   ``wait_closed()`` joins the threads; ``abort()`` ends connections and senders that a
   client holds by reading nothing (cdpd calls it when the 30 s drain times out).
-  ``send_thread=False`` keeps every send on the loop.
+  Off by default (``send_thread=True`` turns it on): measured at normal priority on 2
+  cores (nbd_bench quick, 3 pairs of 3 s, 2026-12-08) it lost to the loop's own
+  ``writelines``: 4 KiB random reads x1 0.62-0.77 of ``nbdkit file`` against 0.95-1.01,
+  x4 0.71-0.77 against 0.61-1.14, nbd-fragread-4k 0.66 against 0.94. The wake-up of
+  the sender and the GIL passed between the threads cost the loop about what the
+  send did (see docs/ARCHITECTURE.md).
 - ``close()`` drains: stop accepting, stop reading, answer requests that were received
   but not started with ESHUTDOWN (as the spec suggests), let running ones finish, then
   close each connection. ``wait_closed()`` returns when every connection is gone.
@@ -720,7 +725,7 @@ class NbdServer:
                  tls: str = "off", ssl_context: ssl.SSLContext | None = None, *,
                  read_high: int = 1 << 20, turn_bytes: int = 256 << 10,
                  clients: tuple[ClientRule, ...] = (),
-                 psk: Mapping[str, bytes] | None = None, send_thread: bool = True) -> None:
+                 psk: Mapping[str, bytes] | None = None, send_thread: bool = False) -> None:
         self.provider = provider
         #: client certificates are required (and named in every refusal)
         self.verify_peer = ssl_context is not None and ssl_context.verify_mode == ssl.CERT_REQUIRED
@@ -734,7 +739,7 @@ class NbdServer:
         self.write_high = write_high
         self.read_high = read_high
         self.turn_bytes = turn_bytes
-        #: replies leave from a thread per connection (module notes); False: the loop's
+        #: replies leave from a thread per connection (module notes; off by default)
         self.send_thread = send_thread
         self._senders: list[_Sender] = []
         self._server: asyncio.Server | None = None
@@ -817,7 +822,7 @@ async def serve_nbd(
     tls_verify_peer: bool = False,
     clients: tuple[ClientRule, ...] = (),
     psk: Mapping[str, bytes] | None = None,
-    send_thread: bool = True,
+    send_thread: bool = False,
 ) -> NbdServer:
     """Listen for NBD clients on ``host:port`` (0: any free port, see ``.port``).
     ``tls`` "on"/"require" with a PEM ``tls_cert`` and ``tls_key``: NBD_OPT_STARTTLS.
@@ -825,7 +830,7 @@ async def serve_nbd(
     ``clients`` (if any) say which volumes each subject may use
     (:mod:`cdp.targets.nbd.access`). ``psk`` (user -> key) instead of a certificate:
     clients prove a pre-shared key, and ``clients`` name PSK users. ``send_thread``:
-    replies leave from a thread per connection (module notes; False: from the loop)."""
+    replies leave from a thread per connection (module notes; off by default: slower)."""
     ctx = None
     if tls != "off" and not psk:
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
