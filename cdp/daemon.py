@@ -252,8 +252,12 @@ class Daemon:
         finally:
             if nbd is not None:
                 nbd.close()
-                with contextlib.suppress(Exception):
+                try:
                     await asyncio.wait_for(nbd.wait_closed(), 30)
+                except TimeoutError:  # a client that reads no replies holds its connection
+                    nbd.abort()
+                except Exception:
+                    pass
             if iscsi is not None:
                 iscsi.close()
                 with contextlib.suppress(Exception):

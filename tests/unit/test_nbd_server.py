@@ -198,3 +198,28 @@ async def test_bad_magic_closes_only_that_connection() -> None:
     finally:
         server.close()
         await server.wait_closed()
+
+
+async def test_many_reads_arrive_whole_and_right() -> None:
+    """2,000 pipelined READs of distinct data, the replies read only after all were
+    sent (the socket fills, sends are partial): every reply whole and right."""
+    p = MemoryProvider()
+    dev = p.add("disk", SIZE)
+    data = bytes(range(256)) * (SIZE // 256)
+    assert dev.write(0, data, False) is None
+    server = await serve_nbd(p, "127.0.0.1", 0)
+    try:
+        r, w = await handshake(server.port)
+        n, size = 2000, 4096 + 7
+        w.write(b"".join(req(Cmd.READ, i * 509 % (SIZE - size), size, cookie=i) for i in range(n)))
+        await w.drain()
+        await asyncio.sleep(0.2)
+        for _ in range(n):
+            err, cookie = await reply(r)
+            assert err == 0
+            off = cookie * 509 % (SIZE - size)
+            assert await r.readexactly(size) == data[off : off + size]
+        w.close()
+    finally:
+        server.close()
+        await server.wait_closed()

@@ -195,11 +195,13 @@ ALL = ["disk", "nbd-randwrite-4k", "nbd-seqwrite-1m", "nbd-randread-4k", "nbd-ra
 
 def run(quick: bool = False, workloads: list[str] | None = None, scratch: Path | None = None,
         runs: int | None = None, image_size: int | None = None,
-        image_writes: int | None = None, pipelined: int | None = None) -> list[dict[str, Any]]:
+        image_writes: int | None = None, pipelined: int | None = None,
+        read_seconds: float | None = None) -> list[dict[str, Any]]:
     """Every chosen workload (default: all) on one cdpd and one ``nbdkit file``; the
     read rows alternate *runs* pairs (default 3, quick 1). *image_size* (bytes) and
     *image_writes* scale the image row (default 1 GiB / 200k writes, quick 64 MiB / 5k);
-    *pipelined* is the bytes nbd-pipelined-1k reads back (default 1 GiB, quick 16 MiB)."""
+    *pipelined* is the bytes nbd-pipelined-1k reads back (default 1 GiB, quick 16 MiB);
+    *read_seconds* is each read run's length (default 10 s, quick 1 s)."""
     for tool in ("fio", "nbdkit", "dd", "qemu-img"):
         if shutil.which(tool) is None:
             raise SystemExit(f"nbd_bench: requires {tool} (make sysdeps)")
@@ -208,7 +210,7 @@ def run(quick: bool = False, workloads: list[str] | None = None, scratch: Path |
     if unknown:
         raise SystemExit(f"nbd_bench: unknown workload {sorted(unknown)[0]!r} (choose from {', '.join(ALL)})")
     runtime = 1.0 if quick else 20.0
-    read_s = 1.0 if quick else 10.0
+    read_s = read_seconds or (1.0 if quick else 10.0)
     runs = runs or (1 if quick else 3)
     size = 256 * MiB if quick else 2 * GiB
     frag = 64 * MiB if quick else GiB
@@ -399,11 +401,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--image-writes", type=int, metavar="N", help="its history (default 200000)")
     ap.add_argument("--pipelined-size", type=int, metavar="MiB",
                     help="bytes nbd-pipelined-1k reads back (default 1024)")
+    ap.add_argument("--read-seconds", type=float, metavar="S",
+                    help="length of each read run (default 10, quick 1)")
     ap.add_argument("workloads", nargs="*")
     a = ap.parse_args(argv)
     rows = run(a.quick, a.workloads or None, a.scratch, a.runs,
                a.image_size * MiB if a.image_size else None, a.image_writes,
-               a.pipelined_size * MiB if a.pipelined_size else None)
+               a.pipelined_size * MiB if a.pipelined_size else None, a.read_seconds)
     print_table(rows)
     return 0
 

@@ -49,6 +49,13 @@ Design notes
   Measured with :mod:`cdp.targets.testing.nbd_standoff` (1 KiB READs, 64 MiB read back,
   load average 9 on 2 cores): before, 6-8 gaps over 0.5 s (the longest 1.4-1.7 s) in
   7-10 s; after, none (the longest 0.19 s) in 6.1 s. ``nbdkit file``: 3.5 s, 0.05 s.
+- No reply sender thread (issue 23): replies of a turn leave through
+  ``transport.writelines`` on the loop. A sender thread per connection (a queue and
+  ``sendmsg`` on a ``dup`` of the socket) was built and measured slower at normal
+  priority on 2 cores (nbd_bench quick, 3 pairs of 3 s, 2026-12-08): 4 KiB random reads
+  x1 0.62-0.77 of ``nbdkit file`` against 0.95-1.01, x4 0.71-0.77 against 0.61-1.14,
+  nbd-fragread-4k 0.66 against 0.94. Waking the sender and passing the GIL between the
+  threads cost the loop about what the send did (docs/ARCHITECTURE.md).
 - ``close()`` drains: stop accepting, stop reading, answer requests that were received
   but not started with ESHUTDOWN (as the spec suggests), let running ones finish, then
   close each connection. ``wait_closed()`` returns when every connection is gone.
@@ -588,6 +595,13 @@ class NbdServer:
         if self._server is not None:
             await self._server.wait_closed()
         await self._idle.wait()
+
+    def abort(self) -> None:
+        """End every connection now, unsent replies dropped (after a drain that timed
+        out: a client that reads no replies holds its connection open)."""
+        for c in list(self._conns):
+            if c.transport is not None:
+                c.transport.abort()
 
 
 async def serve_nbd(
