@@ -144,6 +144,14 @@ class Cdpd:
         return self.log.read_text() if self.log.exists() else ""
 
 
+def rss_bytes(pid: int) -> int:
+    """Resident set size of running process ``pid`` (from /proc)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError(f"no VmRSS for pid {pid}")
+
+
 def _socket_inodes(pid: int) -> set[str]:
     inodes = set()
     fd_dir = f"/proc/{pid}/fd"

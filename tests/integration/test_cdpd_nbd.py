@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from cdp.targets.testing.nbd_wire import recv_exact
 from tests.conftest import require_tool
 from tests.helpers import assert_bytes_equal
 from tools.harness import Cdpd, run
@@ -258,27 +259,17 @@ def test_garbage_appended_after_a_clean_stop_is_cut_off_at_start(tmp_path: Path)
 def _nbd_handshake(port: int, name: bytes) -> socket.socket:
     """Minimal fixed-newstyle client: NBD_OPT_EXPORT_NAME, returns the socket in transmission."""
     s = socket.create_connection(("127.0.0.1", port), timeout=10)
-    hdr = _recv(s, 18)
+    hdr = recv_exact(s, 18)
     assert hdr[:8] == b"NBDMAGIC"
     s.sendall(struct.pack(">I", 1 | 2))  # fixed newstyle, no zeroes
     s.sendall(b"IHAVEOPT" + struct.pack(">II", 1, len(name)) + name)
-    _recv(s, 10)  # size + flags
+    recv_exact(s, 10)  # size + flags
     return s
-
-
-def _recv(s: socket.socket, n: int) -> bytes:
-    buf = b""
-    while len(buf) < n:
-        chunk = s.recv(n - len(buf))
-        if not chunk:
-            raise ConnectionError("closed")
-        buf += chunk
-    return buf
 
 
 def _request(s: socket.socket, cmd: int, offset: int, length: int, flags: int = 0, data: bytes = b"") -> int:
     s.sendall(struct.pack(">IHHQQI", 0x25609513, flags, cmd, 42, offset, length) + data)
-    magic, err, cookie = struct.unpack(">IIQ", _recv(s, 16))
+    magic, err, cookie = struct.unpack(">IIQ", recv_exact(s, 16))
     assert magic == 0x67446698 and cookie == 42
     return int(err)
 
@@ -288,7 +279,7 @@ def test_bad_input_gets_spec_errors_and_server_keeps_serving(cdpd: Cdpd) -> None
     EINVAL, EPERM, ENOSPC = 22, 1, 28
     # garbage handshake: that connection is dropped
     g = socket.create_connection(("127.0.0.1", cdpd.nbd_port), timeout=10)
-    _recv(g, 18)
+    recv_exact(g, 18)
     g.sendall(b"\xff" * 64)
     g.settimeout(10)
     try:
@@ -303,11 +294,11 @@ def test_bad_input_gets_spec_errors_and_server_keeps_serving(cdpd: Cdpd) -> None
     assert _request(s, 0, 0, 512, flags=0x8000) == EINVAL  # unknown flag
     assert _request(s, 99, 0, 512) == EINVAL  # unknown command: the connection goes on
     assert _request(s, 0, 0, 512) == 0
-    _recv(s, 512)
+    recv_exact(s, 512)
     # absurd length read: refused, connection still usable
     assert _request(s, 0, 0, 0x7FFFFFFF) == EINVAL
     assert _request(s, 0, 0, 512) == 0
-    _recv(s, 512)
+    recv_exact(s, 512)
     # bad request magic ends only this connection
     s.sendall(b"\x00" * 28)
     s.settimeout(10)

@@ -15,7 +15,7 @@ from pathlib import Path
 from cdp.targets.nbd.client import NbdClient
 from cdp.targets.nbd.proto import INFO_BLOCK_SIZE, Cmd, Info, NbdErrno, Opt, Rep
 from cdp.targets.testing.nbd_standoff import read_back
-from cdp.targets.testing.nbd_wire import FLAGS, go, opt, option_replies, req, simple
+from cdp.targets.testing.nbd_wire import FLAGS, go, opt, option_replies, recv_exact, req, simple
 from tests.conftest import require_tool
 from tools.harness import Cdpd, run
 
@@ -82,46 +82,35 @@ def _export_name_reply(port: int, name: str) -> bytes:
         return f.read()
 
 
-def _recv(s: socket.socket, n: int) -> bytes:
-    buf = bytearray(n)
-    view = memoryview(buf)
-    got = 0
-    while got < n:
-        k = s.recv_into(view[got:])
-        assert k, f"connection closed after {got} of {n} bytes"
-        got += k
-    return bytes(buf)
-
-
 def test_large_requests_with_the_old_handshake(cdpd: Cdpd) -> None:
     """A client of NBD_OPT_EXPORT_NAME never sees NBD_INFO_BLOCK_SIZE: 48 MiB reads and
     writes are served, 65 MiB ones answered EOVERFLOW, and the connection goes on."""
     mib = 1 << 20
     with socket.create_connection(("127.0.0.1", cdpd.nbd_port), timeout=60) as s:
-        _recv(s, 18)
+        recv_exact(s, 18)
         s.sendall(FLAGS + opt(Opt.EXPORT_NAME, b"vol0"))
-        size, _flags = struct.unpack(">QH", _recv(s, 10))
+        size, _flags = struct.unpack(">QH", recv_exact(s, 10))
         assert size == 256 * mib
         data = bytes(range(256)) * (48 * mib // 256)
         s.sendall(req(Cmd.WRITE, 4096, len(data), cookie=1))
         s.sendall(data)
-        assert simple(_recv(s, 16)) == (0, 1)
+        assert simple(recv_exact(s, 16)) == (0, 1)
         s.sendall(req(Cmd.READ, 4096, len(data), cookie=2))
-        assert simple(_recv(s, 16)) == (0, 2)
-        assert _recv(s, len(data)) == data
+        assert simple(recv_exact(s, 16)) == (0, 2)
+        assert recv_exact(s, len(data)) == data
         # 65 MiB: EOVERFLOW; the WRITE's payload is skipped, the connection goes on
         s.sendall(req(Cmd.READ, 0, 65 * mib, cookie=3))
-        assert simple(_recv(s, 16)) == (NbdErrno.EOVERFLOW, 3)
+        assert simple(recv_exact(s, 16)) == (NbdErrno.EOVERFLOW, 3)
         s.sendall(req(Cmd.WRITE, 0, 65 * mib, cookie=4))
-        assert simple(_recv(s, 16)) == (NbdErrno.EOVERFLOW, 4)
+        assert simple(recv_exact(s, 16)) == (NbdErrno.EOVERFLOW, 4)
         s.sendall(bytes(65 * mib))
         s.sendall(req(Cmd.READ, 0, 8192, cookie=5))
-        assert simple(_recv(s, 16)) == (0, 5)
-        assert _recv(s, 8192) == bytes(4096) + data[:4096]  # the skipped payload wrote nothing
+        assert simple(recv_exact(s, 16)) == (0, 5)
+        assert recv_exact(s, 8192) == bytes(4096) + data[:4096]  # the skipped payload wrote nothing
         s.sendall(req(Cmd.DISC, cookie=6))
     # the maximum is advertised to NBD_OPT_GO clients
     with socket.create_connection(("127.0.0.1", cdpd.nbd_port), timeout=60) as s:
-        _recv(s, 18)
+        recv_exact(s, 18)
         s.sendall(FLAGS + go("vol0", Info.BLOCK_SIZE, option=Opt.INFO) + opt(Opt.ABORT))
         s.shutdown(socket.SHUT_WR)
         out = b""

@@ -14,8 +14,8 @@ from pathlib import Path
 
 from cdp.targets.nbd.client import NbdClient
 from cdp.targets.nbd.proto import Cmd, Magic, Opt
-from cdp.targets.testing.nbd_wire import FLAGS, opt, req, simple
-from tools.harness import Cdpd
+from cdp.targets.testing.nbd_wire import FLAGS, opt, recv_exact, req, simple
+from tools.harness import Cdpd, rss_bytes
 
 MiB = 1 << 20
 READ = 64 << 10
@@ -28,24 +28,6 @@ SPAN = 32 * MiB
 #: ``write_high`` of queued replies plus a 256 KiB turn and the 1 MiB backlog; without
 #: it the whole 512 MiB would be queued
 GROWTH_LIMIT = 128 * MiB
-
-
-def _recv(s: socket.socket, n: int) -> bytes:
-    buf = bytearray(n)
-    view = memoryview(buf)
-    got = 0
-    while got < n:
-        k = s.recv_into(view[got:])
-        assert k, f"connection closed after {got} of {n} bytes"
-        got += k
-    return bytes(buf)
-
-
-def _rss(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise AssertionError("no VmRSS")
 
 
 def _cpu_ticks(pid: int) -> int:
@@ -100,9 +82,9 @@ def _stuck_client(cdpd: Cdpd) -> socket.socket:
     s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 << 10)
     s.settimeout(120)
     s.connect(("127.0.0.1", cdpd.nbd_port))
-    _recv(s, 18)
+    recv_exact(s, 18)
     s.sendall(FLAGS + opt(Opt.EXPORT_NAME, b"vol0"))
-    _recv(s, 10)  # size and flags (FLAGS asks for no zero padding)
+    recv_exact(s, 10)  # size and flags (FLAGS asks for no zero padding)
     s.sendall(b"".join(req(Cmd.READ, i * READ % SPAN, READ, cookie=i) for i in range(REQS)))
     return s
 
@@ -118,19 +100,19 @@ def test_client_that_stops_reading_replies(cdpd: Cdpd) -> None:
     assert cdpd.proc is not None
     pid = cdpd.proc.pid
     data = _fill(cdpd)
-    rss0 = _rss(pid)
+    rss0 = rss_bytes(pid)
     with _stuck_client(cdpd) as s:
         _settled(pid)
-        grown = _rss(pid) - rss0
+        grown = rss_bytes(pid) - rss0
         assert grown < GROWTH_LIMIT, f"cdpd grew by {grown / MiB:.0f} MiB"
         _served(cdpd, data)
         for _ in range(REQS):
-            magic, err, cookie = struct.unpack(">IIQ", _recv(s, 16))
+            magic, err, cookie = struct.unpack(">IIQ", recv_exact(s, 16))
             assert (magic, err) == (Magic.SIMPLE_REPLY, 0)
             off = cookie * READ % SPAN
-            assert _recv(s, READ) == data[off : off + READ], f"reply {cookie}"
+            assert recv_exact(s, READ) == data[off : off + READ], f"reply {cookie}"
         s.sendall(req(Cmd.FLUSH, cookie=REQS))
-        assert simple(_recv(s, 16)) == (0, REQS)
+        assert simple(recv_exact(s, 16)) == (0, REQS)
         s.sendall(req(Cmd.DISC))
     assert cdpd.stop() == 0
     assert "stopped cleanly: maps sealed, journal synced" in cdpd.log.read_text()
@@ -147,10 +129,10 @@ def test_disconnect_with_replies_queued(cdpd: Cdpd) -> None:
     _served(cdpd, data)
     _settled(pid)  # the last client's connection is closed
     socks0 = _sockets(pid)
-    rss0 = _rss(pid)
+    rss0 = rss_bytes(pid)
     s = _stuck_client(cdpd)
     _settled(pid)
-    grown = _rss(pid) - rss0
+    grown = rss_bytes(pid) - rss0
     assert grown < GROWTH_LIMIT, f"cdpd grew by {grown / MiB:.0f} MiB"
     assert _sockets(pid) > socks0
     s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))

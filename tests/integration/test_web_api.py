@@ -18,6 +18,7 @@ import pytest
 from cdp.web.api import PREFIX, ROUTES
 from cdp.web.openapi import OPENAPI
 from tests.integration.web_env import A1, A2, BIG, WebEnv, big_sha256, web_env
+from tools.harness import rss_bytes
 
 pytestmark = pytest.mark.slow
 
@@ -155,24 +156,17 @@ def test_restore_file_and_directory(env: WebEnv, tmp_path: Path) -> None:
         assert a is not None and a.read() == A1
 
 
-def _rss(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise AssertionError("no VmRSS")
-
-
 def test_large_file_restore_streams_in_bounded_memory(env: WebEnv, tmp_path: Path) -> None:
     c = env.cdpd
     assert c.proc is not None
     pid = c.proc.pid
-    before = _rss(pid)
+    before = rss_bytes(pid)
     peak = [before]
     done = threading.Event()
 
     def watch() -> None:
         while not done.is_set():
-            peak[0] = max(peak[0], _rss(pid))
+            peak[0] = max(peak[0], rss_bytes(pid))
             time.sleep(0.02)
 
     w = threading.Thread(target=watch)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import struct
 
 from cdp.targets.nbd.proto import (
@@ -73,3 +74,15 @@ def chunks(data: bytes) -> list[tuple[int, int, int, bytes]]:
         pos += n
     assert pos == len(data)
     return out
+
+
+def recv_exact(s: socket.socket, n: int) -> bytes:
+    """Exactly ``n`` bytes from blocking socket ``s``; AssertionError if it closes first."""
+    buf = bytearray(n)
+    view = memoryview(buf)
+    got = 0
+    while got < n:
+        k = s.recv_into(view[got:])
+        assert k, f"connection closed after {got} of {n} bytes"
+        got += k
+    return bytes(buf)
