@@ -46,6 +46,16 @@ replicating vol0 to the target over loopback.
   run (``--io_size``; a capped run ends early, its rate is what it wrote in its time);
   the target's store is removed afterwards.
 
+- **Fresh stores** (``--fresh``): every fio run of the apply and on/off rows (and of
+  the ``--control-store`` rows) on a store pair of its own, made for it and removed
+  after it, so that a run may write up to ``--cap`` (e.g. ``2500MiB``: each store
+  under 3 GB) and still no store holds more than that run: at 1 MiB the runs then
+  last seconds, not the 1.2-2 s that capped runs on one pair for the whole row did.
+  The apply rows make ``--pairs`` runs, the on/off rows ``--pairs`` alternated pairs
+  (off then on, then on then off, ...); each row is the median, and its range
+  (min-max of the runs' ratios) is printed as a ``# range`` line. A pair costs two
+  cdpd starts (seconds), outside the timed runs.
+
 - **The rig: split cores** (``--rig split``, the default with 2 or more cores): in
   production the target is another appliance at another site, but here both cdpd run
   on one machine, so without care the target takes cores from the source. Split, the
@@ -106,6 +116,12 @@ TMPFS_MIN_RUN = 64 << 20
 #: such runs on one pair of stores; a capped run ends early (its rate is what it wrote
 #: in its time), so the apply ratio's tail (the last commit and ACK) weighs more.
 RUN_CAP: int | None = None
+
+
+#: each fio run of the apply and on/off rows on a store pair of its own (``--fresh``)
+FRESH = False
+#: runs of each apply row with ``--fresh`` (``--pairs``)
+FRESH_RUNS = 2
 
 
 def _free_port() -> int:
@@ -393,7 +409,7 @@ def _control_rows(scratch: Path | None, control: Path, rig: Rig, fio_secs: float
     too little room."""
     control.mkdir(parents=True, exist_ok=True)
     st = os.statvfs(control)
-    cap = control_run_cap(st.f_bavail * st.f_frsize, len(sizes))
+    cap = control_run_cap(st.f_bavail * st.f_frsize, 1 if FRESH else len(sizes))
     kind = fs_type(control)
     print(f"# control rows: the target's store under {control} ({kind}); each fio run "
           f"writes at most {cap >> 20} MiB"
@@ -401,6 +417,11 @@ def _control_rows(scratch: Path | None, control: Path, rig: Rig, fio_secs: float
     if cap < TMPFS_MIN_RUN:
         return []
     rows: list[dict[str, Any]] = []
+    if FRESH:  # each run on its own pair: a run may fill the whole cap
+        for wl in sizes:
+            rows += _apply_fresh(scratch, rig, ship_window, wl, fio_secs, FRESH_RUNS,
+                                 f"control:t[{kind}] ", cap, control)
+        return rows
     with tempfile.TemporaryDirectory(dir=scratch) as tmp, \
             tempfile.TemporaryDirectory(dir=control, prefix="repl-bench-") as ctl:
         (Path(tmp) / "s").mkdir()
@@ -451,6 +472,87 @@ def _on_vs_off(pair: _Pair, wl: str, fio_secs: float, pairs: int, label: str = "
                  statistics.median(off), "replication off", unit, 0.85,
                  ratio=statistics.median(ratios)),
             _row(f"{label}repl-source-cpu-per-write-{wl}", c_on, c_off,
+                 "replication off (ratio off/on)", "us", None,
+                 ratio=c_off / c_on if c_on else 0.0)]
+
+
+@contextmanager
+def _fresh_pair(scratch: Path | None, rig: Rig, ship_window: str | None,
+                t_root: Path | None = None) -> Iterator[_Pair]:
+    """A new store pair (the source's under ``scratch``, the target's under ``t_root``,
+    default ``scratch``), replicating and caught up; removed afterwards."""
+    with tempfile.TemporaryDirectory(dir=scratch, prefix="repl-bench-") as tmp, \
+            tempfile.TemporaryDirectory(dir=t_root or scratch, prefix="repl-bench-") as ttmp:
+        (Path(tmp) / "s").mkdir()
+        (Path(ttmp) / "t").mkdir()
+        with _Pair(Path(tmp) / "s", Path(ttmp) / "t", rig, ship_window) as pair:
+            _wait_caught_up(pair.src)
+            yield pair
+
+
+def _median_rows(runs: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Rows of several runs (same rows each) as one: medians of value, peer and ratio;
+    the range of the ratios printed (``# range``)."""
+    out = []
+    for rows in zip(*runs, strict=True):
+        r = dict(rows[0])
+        for k in ("cdp", "peer", "ratio"):
+            r[k] = round(statistics.median(x[k] for x in rows), 3)
+        ratios = [x["ratio"] for x in rows]
+        if r["goal"] is not None:
+            r["verdict"] = "pass" if r["ratio"] >= r["goal"] else "short"
+        print(f"# range {r['workload']}: ratio median {r['ratio']:.3f} "
+              f"(min {min(ratios):.3f}, max {max(ratios):.3f}; runs "
+              + " ".join(f"{x:.3f}" for x in ratios) + ")", flush=True)
+        out.append(r)
+    return out
+
+
+def _apply_fresh(scratch: Path | None, rig: Rig, ship_window: str | None, wl: str,
+                 fio_secs: float, runs: int, label: str = "", cap: int | None = None,
+                 t_root: Path | None = None) -> list[dict[str, Any]]:
+    """The apply rows, each of ``runs`` runs on a fresh store pair (``--fresh``)."""
+    got = []
+    for _ in range(runs):
+        with _fresh_pair(scratch, rig, ship_window, t_root) as pair:
+            got.append(_apply_vs_ingest(pair, wl, fio_secs, label, _capped(cap)))
+    return _median_rows(got)
+
+
+def _on_off_fresh(scratch: Path | None, rig: Rig, ship_window: str | None, wl: str,
+                  fio_secs: float, pairs: int) -> list[dict[str, Any]]:
+    """:func:`_on_vs_off` with each arm on a fresh store pair (``--fresh``): replication
+    stopped right after the pair started (off; the target idles on its cores) or
+    running; ``pairs`` alternated pairs; the ratio is the median of the pairs'."""
+    unit = _WORKLOADS[wl][3]
+    runs: dict[str, list[float]] = {"on": [], "off": []}
+    cpu: dict[str, list[float]] = {"on": [], "off": []}
+    for i in range(pairs):
+        for state in (("off", "on") if i % 2 == 0 else ("on", "off")):
+            with _fresh_pair(scratch, rig, ship_window) as pair:
+                assert pair.src.proc is not None
+                pid = pair.src.proc.pid
+                if state == "off":
+                    pair.stop()
+                c0 = _cpu_seconds(pid)
+                res = _fio(pair.src.uri(), wl, fio_secs, _capped(None))
+                if state == "on":
+                    _wait_caught_up(pair.src)
+                cpu[state].append((_cpu_seconds(pid) - c0) / max(1.0, res["ios"]) * 1e6)
+                runs[state].append(res[unit])
+    ratios = [a / b for a, b in zip(runs["on"], runs["off"], strict=True)]
+    c_on, c_off = statistics.median(cpu["on"]), statistics.median(cpu["off"])
+    name = f"repl-ingest-on-vs-off-{wl}"
+    print(f"# range {name}: ratio median {statistics.median(ratios):.3f} (min "
+          f"{min(ratios):.3f}, max {max(ratios):.3f}; pairs "
+          + " ".join(f"{x:.3f}" for x in ratios) + "); on " + " ".join(
+              f"{x:.0f}" for x in runs["on"]) + ", off " + " ".join(
+              f"{x:.0f}" for x in runs["off"]) + f" {unit}; source CPU per write (us) on "
+          + " ".join(f"{x:.0f}" for x in cpu["on"]) + ", off "
+          + " ".join(f"{x:.0f}" for x in cpu["off"]), flush=True)
+    return [_row(name, statistics.median(runs["on"]), statistics.median(runs["off"]),
+                 "replication off", unit, 0.85, ratio=statistics.median(ratios)),
+            _row(f"repl-source-cpu-per-write-{wl}", c_on, c_off,
                  "replication off (ratio off/on)", "us", None,
                  ratio=c_off / c_on if c_on else 0.0)]
 
@@ -529,22 +631,30 @@ def _run(quick: bool, scratch: Path | None, tmpfs: bool, rig: Rig, want: frozens
             (base / d).mkdir()
         if "disk" in want:
             rows.append(_disk(base, 256 if quick else 1024))
-        with _Pair(base / "s", base / "t", rig, ship_window) as pair:
-            src = pair.src
-            _wait_caught_up(src)
-
-            if "rpo" in want:  # RPO at 2,000 4 KiB writes/s
-                rows += _rpo(pair, secs)
-            if "apply" in want:  # the target's durable apply rate vs the source's ingest
-                for wl in sizes:
-                    rows += _apply_vs_ingest(pair, wl, fio_secs)
-            if "onoff" in want:  # source ingest with replication on vs off, alternated
-                for wl in sizes:
-                    rows += _on_vs_off(pair, wl, fio_secs, pairs)
-            if "rate" in want:
-                rows.append(_rate_use(pair, link, 4.0 if quick else 10.0))
-            if "catchup" in want:
-                rows += _catch_up(pair, link, 10.0 if quick else 60.0)
+        # (with --fresh the apply and on/off runs make pairs of their own)
+        shared = not FRESH or bool(want & {"rpo", "rate", "catchup"})
+        with _Pair(base / "s", base / "t", rig, ship_window) if shared \
+                else contextlib.nullcontext() as pair:
+            if pair is not None:
+                _wait_caught_up(pair.src)
+                if "rpo" in want:  # RPO at 2,000 4 KiB writes/s
+                    rows += _rpo(pair, secs)
+                if "apply" in want and not FRESH:  # target's durable apply rate vs ingest
+                    for wl in sizes:
+                        rows += _apply_vs_ingest(pair, wl, fio_secs)
+                if "onoff" in want and not FRESH:  # ingest with replication on vs off
+                    for wl in sizes:
+                        rows += _on_vs_off(pair, wl, fio_secs, pairs)
+                if "rate" in want:
+                    rows.append(_rate_use(pair, link, 4.0 if quick else 10.0))
+                if "catchup" in want:
+                    rows += _catch_up(pair, link, 10.0 if quick else 60.0)
+    if FRESH:  # the same rows, each run on a store pair of its own
+        for wl in sizes:
+            if "apply" in want:
+                rows += _apply_fresh(scratch, rig, ship_window, wl, fio_secs, pairs)
+            if "onoff" in want:
+                rows += _on_off_fresh(scratch, rig, ship_window, wl, fio_secs, pairs)
     if tmpfs:  # control rows: how much of the 1 MiB rows is the disk
         st = os.statvfs("/dev/shm")
         cap = tmpfs_run_cap(st.f_bavail * st.f_frsize, pairs)
@@ -593,11 +703,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cap", metavar="SIZE",
                     help="bytes each fio run of the apply and on/off rows writes at most "
                          "(e.g. 900MiB: keeps the stores small; default: no cap)")
+    ap.add_argument("--fresh", action="store_true",
+                    help="each fio run of the apply, on/off and control rows on a store "
+                         "pair of its own (with --cap: runs of seconds at 1 MiB, each "
+                         "store under the cap)")
     ap.add_argument("--markdown", action="store_true", help="also print the rows as a markdown table")
     args = ap.parse_args(argv)
+    global RUN_CAP, FRESH, FRESH_RUNS
     if args.cap:
-        global RUN_CAP
         RUN_CAP = parse_size(args.cap, "--cap")
+    FRESH = args.fresh
+    if args.pairs:
+        FRESH_RUNS = args.pairs
     want = frozenset(r.strip() for r in args.rows.split(",") if r.strip())
     if not want <= set(ROWS):
         ap.error(f"--rows: unknown {sorted(want - set(ROWS))}; choose from {','.join(ROWS)}")
