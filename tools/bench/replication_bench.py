@@ -46,8 +46,8 @@ replicating vol0 to the target over loopback.
   run (``--io_size``; a capped run ends early, its rate is what it wrote in its time);
   the target's store is removed afterwards.
 
-- **Fresh stores** (``--fresh``): every fio run of the apply and on/off rows (and of
-  the ``--control-store`` rows) on a store pair of its own, made for it and removed
+- **Fresh stores** (``--fresh 1m``): every fio run of the apply and on/off rows (and
+  of the ``--control-store`` rows) of the named workloads on a store pair of its own, made for it and removed
   after it, so that a run may write up to ``--cap`` (e.g. ``2500MiB``: each store
   under 3 GB) and still no store holds more than that run: at 1 MiB the runs then
   last seconds, not the 1.2-2 s that capped runs on one pair for the whole row did.
@@ -118,8 +118,9 @@ TMPFS_MIN_RUN = 64 << 20
 RUN_CAP: int | None = None
 
 
-#: each fio run of the apply and on/off rows on a store pair of its own (``--fresh``)
-FRESH = False
+#: the workloads (``_WORKLOADS`` keys) whose apply, on/off and control runs are each
+#: on a store pair of their own (``--fresh``; the others share one pair per row group)
+FRESH: frozenset[str] = frozenset()
 #: runs of each apply row with ``--fresh`` (``--pairs``)
 FRESH_RUNS = 2
 
@@ -409,7 +410,8 @@ def _control_rows(scratch: Path | None, control: Path, rig: Rig, fio_secs: float
     too little room."""
     control.mkdir(parents=True, exist_ok=True)
     st = os.statvfs(control)
-    cap = control_run_cap(st.f_bavail * st.f_frsize, 1 if FRESH else len(sizes))
+    shared = tuple(w for w in sizes if w not in FRESH)
+    cap = control_run_cap(st.f_bavail * st.f_frsize, max(1, len(shared)))
     kind = fs_type(control)
     print(f"# control rows: the target's store under {control} ({kind}); each fio run "
           f"writes at most {cap >> 20} MiB"
@@ -417,10 +419,11 @@ def _control_rows(scratch: Path | None, control: Path, rig: Rig, fio_secs: float
     if cap < TMPFS_MIN_RUN:
         return []
     rows: list[dict[str, Any]] = []
-    if FRESH:  # each run on its own pair: a run may fill the whole cap
-        for wl in sizes:
+    for wl in sizes:  # each run on its own pair: a run may fill the whole cap
+        if wl in FRESH:
             rows += _apply_fresh(scratch, rig, ship_window, wl, fio_secs, FRESH_RUNS,
                                  f"control:t[{kind}] ", cap, control)
+    if not shared:
         return rows
     with tempfile.TemporaryDirectory(dir=scratch) as tmp, \
             tempfile.TemporaryDirectory(dir=control, prefix="repl-bench-") as ctl:
@@ -428,7 +431,7 @@ def _control_rows(scratch: Path | None, control: Path, rig: Rig, fio_secs: float
         (Path(ctl) / "t").mkdir()
         with _Pair(Path(tmp) / "s", Path(ctl) / "t", rig, ship_window) as pair:
             _wait_caught_up(pair.src)
-            for wl in sizes:
+            for wl in shared:
                 rows += _apply_vs_ingest(pair, wl, fio_secs, f"control:t[{kind}] ", cap)
     return rows
 
@@ -632,25 +635,27 @@ def _run(quick: bool, scratch: Path | None, tmpfs: bool, rig: Rig, want: frozens
         if "disk" in want:
             rows.append(_disk(base, 256 if quick else 1024))
         # (with --fresh the apply and on/off runs make pairs of their own)
-        shared = not FRESH or bool(want & {"rpo", "rate", "catchup"})
-        with _Pair(base / "s", base / "t", rig, ship_window) if shared \
+        shared = tuple(w for w in sizes if w not in FRESH)
+        use = bool(want & {"rpo", "rate", "catchup"}) or (
+            bool(shared) and bool(want & {"apply", "onoff"}))
+        with _Pair(base / "s", base / "t", rig, ship_window) if use \
                 else contextlib.nullcontext() as pair:
             if pair is not None:
                 _wait_caught_up(pair.src)
                 if "rpo" in want:  # RPO at 2,000 4 KiB writes/s
                     rows += _rpo(pair, secs)
-                if "apply" in want and not FRESH:  # target's durable apply rate vs ingest
-                    for wl in sizes:
+                if "apply" in want:  # the target's durable apply rate vs the ingest
+                    for wl in shared:
                         rows += _apply_vs_ingest(pair, wl, fio_secs)
-                if "onoff" in want and not FRESH:  # ingest with replication on vs off
-                    for wl in sizes:
+                if "onoff" in want:  # ingest with replication on vs off, alternated
+                    for wl in shared:
                         rows += _on_vs_off(pair, wl, fio_secs, pairs)
                 if "rate" in want:
                     rows.append(_rate_use(pair, link, 4.0 if quick else 10.0))
                 if "catchup" in want:
                     rows += _catch_up(pair, link, 10.0 if quick else 60.0)
-    if FRESH:  # the same rows, each run on a store pair of its own
-        for wl in sizes:
+    for wl in sizes:  # the --fresh workloads: each run on a store pair of its own
+        if wl in FRESH:
             if "apply" in want:
                 rows += _apply_fresh(scratch, rig, ship_window, wl, fio_secs, pairs)
             if "onoff" in want:
@@ -703,16 +708,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cap", metavar="SIZE",
                     help="bytes each fio run of the apply and on/off rows writes at most "
                          "(e.g. 900MiB: keeps the stores small; default: no cap)")
-    ap.add_argument("--fresh", action="store_true",
-                    help="each fio run of the apply, on/off and control rows on a store "
-                         "pair of its own (with --cap: runs of seconds at 1 MiB, each "
-                         "store under the cap)")
+    ap.add_argument("--fresh", metavar="SIZES", default="",
+                    help="workloads (e.g. 1m) whose apply, on/off and control runs are "
+                         "each on a store pair of their own (with --cap: runs of seconds "
+                         "at 1 MiB, each store under the cap)")
     ap.add_argument("--markdown", action="store_true", help="also print the rows as a markdown table")
     args = ap.parse_args(argv)
     global RUN_CAP, FRESH, FRESH_RUNS
     if args.cap:
         RUN_CAP = parse_size(args.cap, "--cap")
-    FRESH = args.fresh
+    FRESH = frozenset(w.strip() for w in args.fresh.split(",") if w.strip())
+    if FRESH - set(_WORKLOADS):
+        ap.error(f"--fresh: choose from {','.join(_WORKLOADS)}")
     if args.pairs:
         FRESH_RUNS = args.pairs
     want = frozenset(r.strip() for r in args.rows.split(",") if r.strip())
