@@ -75,6 +75,7 @@ from cdp.fsutil import write_file_atomic
 from cdp.journal import Journal, RecordKind
 from cdp.journal.format import CHUNK_SIZE, GRANULE_SIZE, RECORD_HEADER, REWIND_PAYLOAD
 from cdp.journal.tiered import NotLocal, fetch_retry, missing_records, prefetch_limit
+from cdp import memtrim
 from cdp.markers import Marker, load_markers, save_markers
 from cdp.points import PointKind, PointSpec, parse_point
 from cdp.units import format_time
@@ -477,6 +478,7 @@ class Volume:
         self._last_seal = time.monotonic()
         self._sealed()
         self.seal_seconds += time.perf_counter() - t0
+        memtrim.after_seal(self._last_seal)
 
     def _sealed(self) -> None:
         for s in self._services:
@@ -541,6 +543,8 @@ class Volume:
                     # shielded: a cancel (close) must not cancel the queued job itself
                     await asyncio.shield(asyncio.wrap_future(pending))
             self._last_seal = time.monotonic()
+            # the seal's temporaries and a replaced head are free now (cdp.memtrim)
+            memtrim.after_seal(self._last_seal)
         except asyncio.CancelledError:
             raise
         except Exception:
