@@ -233,6 +233,23 @@ def run_volumes(base: Path, n: int, quick: bool, plots: Path | None,
             single = fio(one.uri(), "randwrite", "4k", 32, 1, runtime, region)["iops"]
     finally:
         one.stop()
+    shape = None
+    if control:
+        # the same load shape (n connections at iodepth 4) on one volume: what n
+        # connections cost cdpd without n volumes
+        (base / "shape").mkdir()
+        sh = product_maps(Cdpd(base / "shape", size="1GiB", l0_max_writes=8192,
+                               segment_bytes="64MiB"))
+        sh.start()
+        try:
+            assert sh.proc is not None
+            time.sleep(1.0)
+            with _CpuMeter(sh.proc.pid) as ms:
+                sper = fio_per_volume(sh.nbd_port, n, runtime, region, 4, ["vol0"] * n)
+            shape = (sum(p["iops"] for p in sper), ms)
+        finally:
+            sh.stop()
+        shutil.rmtree(base / "shape", ignore_errors=True)
     (base / "many").mkdir()
     many = product_maps(Cdpd(base / "many", size="1GiB", l0_max_writes=8192, segment_bytes="64MiB",
                              extra_config=_volumes_config(n, "1GiB")))
@@ -255,6 +272,13 @@ def run_volumes(base: Path, n: int, quick: bool, plots: Path | None,
                      agg, single, "one volume, iodepth 32", "IOPS", agg / single if single else None,
                      cdpd_us_per_write_one=cpu1[0], cdpd_us_per_write_many=cpun[0],
                      fio_us_per_write_one=cpu1[1], fio_us_per_write_many=cpun[1]))
+    if shape is not None:
+        cps = shape[1].per_write_us(shape[0] * runtime)
+        rows.append(_row(f"wide-volumes-shape ({n} volumes / {n} connections to one volume, "
+                         "iodepth 4 each)", agg, shape[0], f"one volume, {n} connections", "IOPS",
+                         agg / shape[0] if shape[0] else None,
+                         cdpd_us_per_write_shape=cps[0], fio_us_per_write_shape=cps[1],
+                         shape_vs_one=round(shape[0] / single, 3) if single else None))
     if control:
         c = run_control(base, n, runtime, region)
         rows.append(_row(f"wide-volumes-control (nbdkit file, {n} exports x iodepth 4 / one, "
