@@ -69,13 +69,13 @@ from typing import Any, Self
 
 import numpy as np
 
+from cdp import memtrim
 from cdp.config import MapSettings, Settings
 from cdp.errors import CdpError, Corruption, NotFound, OutOfRange, PointError, UsageError
 from cdp.fsutil import write_file_atomic
 from cdp.journal import Journal, RecordKind
 from cdp.journal.format import CHUNK_SIZE, GRANULE_SIZE, RECORD_HEADER, REWIND_PAYLOAD
 from cdp.journal.tiered import NotLocal, fetch_retry, missing_records, prefetch_limit
-from cdp import memtrim
 from cdp.markers import Marker, load_markers, save_markers
 from cdp.points import PointKind, PointSpec, parse_point
 from cdp.units import format_time
