@@ -13,7 +13,16 @@ Parts (default: all three, in this order):
   (goal >= 0.9), fairness = the slowest volume's IOPS against the mean (goal >= 0.5;
   the p99 latencies of the slowest and fastest volume are named), and cdpd's RSS after
   the run against ``base + N x 24 MiB``, where base is the RSS of the one-volume daemon
-  just started.
+  just started. The aggregate row also gives the CPU per write (µs) of cdpd and of fio
+  in both runs (``/proc`` and the waited children's rusage). Two controls (report
+  only; ``--no-control`` skips them): ``wide-volumes-shape``, the same N connections at
+  iodepth 4 to *one* volume of a fresh cdpd (the aggregate against it is what N
+  volumes cost beyond N connections), and ``wide-volumes-control``, both loads against
+  ``nbdkit file dir=`` serving N sparse files (what the load's shape costs a C server
+  and the rig: its N/1 ratio and CPU per write). Measured: cdpd's CPU per write rises
+  from ~12 to ~21 µs from one connection to N = 64, by the same amount with 64
+  connections to one volume, and nbdkit's from ~11 to ~20 µs: the rise is per
+  connection (at most 4 requests per receive and per reply send), not per volume.
 * ``catalog``: F files (200k) x M markers (50), every file modified at every marker
   (size and mtime change), so the catalog holds F x M file versions. Generated through
   the catalog's own update path, in-process: each marker is what
