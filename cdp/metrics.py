@@ -6,6 +6,7 @@ import asyncio
 from collections.abc import Callable
 from typing import Any
 
+from cdp import memtrim
 from cdp.replication.source import STATES, sources_of
 from cdp.retention.service import retention_of
 from cdp.sentinel.service import sentinel_of
@@ -95,6 +96,10 @@ def render(store: Store, extra: Callable[[], dict[str, float]] | None = None) ->
         metric("cdp_replication_state", "gauge", "1 for the stream's current state.",
                [({"volume": v.name, "target": r["target"], "state": st}, float(r["state"] == st))
                 for v, r in rs for st in STATES])
+    metric("cdp_malloc_trims_total", "counter", "Allocator trims after seals (cdp.memtrim) since start.",
+           [({}, float(memtrim.calls))])
+    metric("cdp_malloc_trim_seconds_total", "counter", "Time the allocator trims took.",
+           [({}, memtrim.seconds)])
     if extra:
         for k, val in extra().items():
             metric(k, "gauge", k.replace("_", " ") + ".", [({}, val)])

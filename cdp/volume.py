@@ -69,6 +69,7 @@ from typing import Any, Self
 
 import numpy as np
 
+from cdp import memtrim
 from cdp.config import MapSettings, Settings
 from cdp.errors import CdpError, Corruption, NotFound, OutOfRange, PointError, UsageError
 from cdp.fsutil import write_file_atomic
@@ -477,6 +478,7 @@ class Volume:
         self._last_seal = time.monotonic()
         self._sealed()
         self.seal_seconds += time.perf_counter() - t0
+        memtrim.after_seal(self._last_seal)
 
     def _sealed(self) -> None:
         for s in self._services:
@@ -541,6 +543,8 @@ class Volume:
                     # shielded: a cancel (close) must not cancel the queued job itself
                     await asyncio.shield(asyncio.wrap_future(pending))
             self._last_seal = time.monotonic()
+            # the seal's temporaries and a replaced head are free now (cdp.memtrim)
+            memtrim.after_seal(self._last_seal)
         except asyncio.CancelledError:
             raise
         except Exception:

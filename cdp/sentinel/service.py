@@ -102,8 +102,32 @@ POLL = 0.5
 CHECK_CPU = 0.005
 #: CPU seconds of checks saved up for a burst
 CHECK_CPU_BURST = 0.02
+#: busy sentinels of one process that run at the full rates (2 batches a second,
+#: ``checks_per_second``, :data:`CHECK_CPU`); with more busy at once each gets a share
+#: (:func:`share`): together they cost what this many cost
+SHARED_FREE = 8
+#: a sentinel counts as busy this many seconds after a batch that had samples
+BUSY_FOR = 5.0
+#: id(sentinel) -> monotonic time of its last batch with samples
+_busy: dict[int, float] = {}
 _cpu_time = time.thread_time
 _time_ns = time.time_ns
+
+
+def share(now: float | None = None) -> float:
+    """The share of the full rates each busy sentinel of this process gets now:
+    ``min(1, SHARED_FREE / busy)``. With 64 volumes written at once, the per-volume
+    batches (~0.45 ms of CPU each, and 2-3 times that again in the write path around
+    them) and checks (up to :data:`CHECK_CPU` each) were ~10 % of cdpd's loop (py-spy,
+    issue 27): each now polls every ``POLL / share`` s and refills its check budgets at
+    ``share`` of their rates, so a lone attacked volume keeps the full rates and 64 busy
+    ones cost what 8 did. O(sentinels) (stale entries are dropped)."""
+    now = time.monotonic() if now is None else now
+    cut = now - BUSY_FOR
+    for k in [k for k, t in _busy.items() if t < cut]:
+        del _busy[k]
+    n = len(_busy)
+    return 1.0 if n <= SHARED_FREE else SHARED_FREE / n
 
 
 def attach_sentinel(vol: Volume) -> Sentinel:
@@ -236,6 +260,7 @@ class Sentinel(VolumeService):
 
     def close(self, vol: Volume) -> None:
         self._closed = True
+        _busy.pop(id(self), None)
         if self._task is not None:
             self._task.cancel()
             self._task = None
@@ -254,7 +279,7 @@ class Sentinel(VolumeService):
     async def _run(self) -> None:
         try:
             while not self._closed:
-                await asyncio.sleep(POLL)
+                await asyncio.sleep(POLL / share())
                 if self._pending:
                     await self.process()
                 elif self._to_check:
@@ -316,9 +341,11 @@ class Sentinel(VolumeService):
         # after the choice, a burst that fit in one batch was checked on the few tokens
         # left by the batch before it, too few to alert)
         now = time.monotonic()
+        _busy[id(self)] = now
+        f = share(now)  # of the process's busy sentinels' budgets (see share)
         cps = self.s.checks_per_second
-        self._tokens = min(float(cps), self._tokens + (now - self._refill) * cps)
-        self._cpu = min(CHECK_CPU_BURST, self._cpu + (now - self._refill) * CHECK_CPU)
+        self._tokens = min(float(cps), self._tokens + (now - self._refill) * cps * f)
+        self._cpu = min(CHECK_CPU_BURST, self._cpu + (now - self._refill) * CHECK_CPU * f)
         self._refill = now
         room = self._tokens
         if self._check_cost:  # and the CPU budget, less what the queued checks will take

@@ -60,3 +60,22 @@ def test_scale_bench_keeps_and_reuses_a_store(tmp_path: Path) -> None:
                                                                     "hot": 1 << 20}
     g = scale_bench.inproc(store / "cdp.toml")
     assert g["changed_ranges"] == 1 and g["pieces"] >= 1
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_rss_ingest_small(tmp_path: Path) -> None:
+    """``--rss-ingest``: one process ingests into a fresh store without a restart; a row
+    per stretch with its RSS and the allocator trims after seals (cdp.memtrim), the
+    store removed after. Memory is not asserted (the curve is the bench's)."""
+    from cdp import memtrim
+
+    rows = scale_bench.rss_ingest(tmp_path, 60_000, 64 << 20, 20_000)
+    assert [r["writes"] for r in rows] == [20_000, 40_000, 60_000]
+    assert all(r["rss_mib"] > 0 and r["disk_mib"] > 0 for r in rows)
+    if memtrim.available():
+        assert rows[-1]["trims"] >= 1
+    off = scale_bench.rss_ingest(tmp_path, 20_000, 64 << 20, 20_000, trim=False)
+    assert off[0]["trims"] == rows[-1]["trims"]  # none more with the trims off
+    assert memtrim.interval > 0  # restored
+    assert not list(tmp_path.glob("cdp-scale-rss-*")), "the stores are removed"

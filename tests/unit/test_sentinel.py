@@ -18,6 +18,7 @@ import pytest
 from cdp.config import JournalSettings, MapSettings, SentinelSettings, Settings, parse_config
 from cdp.errors import ConfigError, NotFound, UsageError
 from cdp.retention.service import attach_retention, retention_of
+from cdp.sentinel import service
 from cdp.sentinel.detector import Detector
 from cdp.sentinel.service import CHECK_CPU_BURST, Sentinel, attach_sentinel
 from cdp.sentinel.signals import (
@@ -403,3 +404,45 @@ def test_service_burst_after_a_quiet_spell_gets_the_checks_it_earned(tmp_path: P
         vol.close()
 
     asyncio.run(main())
+
+
+def test_busy_sentinels_of_one_process_share_the_full_rates(tmp_path: Path) -> None:
+    """Up to ``SHARED_FREE`` busy sentinels run at the full rates; with more (64 volumes
+    written at once, issue 27) each gets ``SHARED_FREE / busy`` of them: its budgets
+    refill that much slower, so together they cost what ``SHARED_FREE`` did. A sentinel
+    stops counting ``BUSY_FOR`` s after its last batch, and at close."""
+    saved = dict(service._busy)
+    service._busy.clear()
+    try:
+        now = time.monotonic()
+        assert service.share(now) == 1.0
+        for k in range(service.SHARED_FREE):
+            service._busy[-1 - k] = now
+        assert service.share(now) == 1.0
+        for k in range(service.SHARED_FREE, 64):
+            service._busy[-1 - k] = now
+        assert service.share(now) == service.SHARED_FREE / 64
+
+        async def main() -> None:
+            vol, sen = _open(tmp_path)
+            rng = random.Random(11)
+            cps = sen.s.checks_per_second
+            for i in range(40):  # high-entropy writes, all sampled (stride 1), one batch
+                await _w(vol, i * 4096, rng.randbytes(4096))
+            sen._tokens, sen._refill = 0.0, time.monotonic() - 1.0  # 1 s since the last batch
+            sen._check_cost, sen._cpu = 0.0, 0.0
+            await sen.process()
+            assert id(sen) in service._busy
+            # 1 s of the rate at a 65th share, not of the full rate (which would queue
+            # min(cps, 40) checks)
+            earned = cps * service.SHARED_FREE / 65
+            assert len(sen._to_check) <= earned + 1 < min(cps, 40)
+            vol.close()
+            assert id(sen) not in service._busy
+
+        asyncio.run(main())
+        # stale entries leave after BUSY_FOR
+        assert service.share(now + service.BUSY_FOR + 1) == 1.0
+    finally:
+        service._busy.clear()
+        service._busy.update(saved)

@@ -168,6 +168,101 @@ def generate(config: Path, first: int, last: int, hot: int) -> dict[str, float]:
     return {"ingest_wps": (last - first) / dt if dt else 0.0, "ingest_rss_mib": rss, **row}
 
 
+def rss_ingest(scratch: str | os.PathLike[str] | None, writes: int, hot: int, every: int,
+               trim: bool = True, max_disk: int = 2800 << 20) -> list[dict[str, Any]]:
+    """The memory of one process that keeps ingesting (``--rss-ingest``): a fresh store
+    (cdpd creates it), opened in-process with every service attached as cdpd opens it,
+    *writes* 4 KiB writes through ``Volume.write`` (the sequential fill of a *hot*
+    region, then random blocks of it, as :func:`generate`), without a restart. Every
+    *every* writes a row: RSS, the maps' cache and head bytes, the process's CPU
+    seconds, and the allocator trims (:mod:`cdp.memtrim`) so far. *trim* False turns
+    the trims off (``memtrim.interval = 0``) for the comparison. The run stops early
+    once the store passes *max_disk* bytes (about 380 bytes a write: journal and maps,
+    nothing expired); the store is deleted."""
+    from cdp import memtrim
+    from cdp.config import load_config
+    from cdp.store import Store
+    from tools.harness import Cdpd
+
+    base = Path(tempfile.mkdtemp(prefix="cdp-scale-rss-", dir=scratch or Path.cwd())).resolve()
+    rows: list[dict[str, Any]] = []
+    saved = memtrim.interval
+    if not trim:
+        memtrim.interval = 0.0
+    try:
+        cdpd = Cdpd(base)
+        cdpd.config.write_text(CONFIG.format(store=cdpd.store))
+        cdpd.start(timeout=120)  # creates the store and vol0, as a user would
+        cdpd.stop()
+        hot_start = (VOLUME // 2) & ~(BLOCK - 1)
+        store = Store.open(load_config(cdpd.config))
+        try:
+            vol = store.volume("vol0")
+
+            async def main() -> None:
+                t0 = time.perf_counter()
+                c0 = time.process_time()
+                done = 0
+                while done < writes:
+                    nxt = min(writes, done + every)
+                    await _ingest(vol, done, nxt, hot_start, hot // BLOCK)
+                    done = nxt
+                    st = vol.maps.stats()
+                    row = {"workload": f"scale-rss-ingest ({done:,} writes, trim "
+                                       f"{'on' if trim else 'off'})",
+                           "writes": done, "rss_mib": round(_rss_mib(os.getpid()), 1),
+                           "map_cache_mib": round(st["cache_bytes"] / 2**20, 1),
+                           "head_mib": round(st["head_bytes"] / 2**20, 1),
+                           "cpu_s": round(time.process_time() - c0, 1),
+                           "wall_s": round(time.perf_counter() - t0, 1),
+                           "trims": memtrim.calls, "trim_s": round(memtrim.seconds, 3),
+                           "disk_mib": round(_du_mib(base), 0)}
+                    row["cdp"], row["unit"] = row["rss_mib"], "MiB"
+                    rows.append(row)
+                    print("   " + ", ".join(f"{k}={v}" for k, v in row.items()), flush=True)
+                    if row["disk_mib"] * 2**20 > max_disk:
+                        print(f"   the store passed {max_disk >> 20} MiB: stopping", flush=True)
+                        break
+
+            asyncio.run(main())
+        finally:
+            store.close()
+    finally:
+        memtrim.interval = saved
+        shutil.rmtree(base, ignore_errors=True)
+    return rows
+
+
+def plot_rss(runs: list[list[dict[str, Any]]], path: str) -> bool:
+    """RSS and the maps' cache against writes, one line per ``--rss-ingest`` run;
+    False when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: skipping the plot", file=sys.stderr)
+        return False
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for rows in runs:
+        if not rows:
+            continue
+        tag = rows[0]["workload"].rsplit("trim ", 1)[-1].rstrip(")")
+        xs = [r["writes"] / 1e6 for r in rows]
+        ax.plot(xs, [r["rss_mib"] for r in rows], marker="o", label=f"RSS, malloc_trim {tag}")
+    ax.plot(xs, [r["map_cache_mib"] for r in runs[-1]], ls="--", label="maps' cache (accounted)")
+    ax.axhline(512, color="r", ls=":", label="goal 512 MiB")
+    ax.set_xlabel("writes without a restart (millions)")
+    ax.set_ylabel("MiB")
+    ax.set_title("one process ingesting 4 KiB random writes (4 GiB hot region)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return True
+
+
 def _inproc(store: Any) -> dict[str, float]:
     """In-process cost of ``Volume.changed`` and of the ``changed`` operation (what
     ``cdpctl changed --from origin`` runs in cdpd: pieces, totals, ranges) over the
@@ -524,7 +619,30 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--plot-from", nargs="+", metavar="JSON", default=None,
                    help="measure nothing: plot the rows of these scale.json files (runs "
                         "of different stores, e.g. 1M, 10M and 100M) into OUT/scale.png")
+    p.add_argument("--rss-ingest", default=None, metavar="N",
+                   help="measure only the memory of one process ingesting N writes without "
+                        "a restart into a fresh store (rows every --rss-every writes)")
+    p.add_argument("--rss-every", default="500000", help="--rss-ingest: writes between rows")
+    p.add_argument("--no-trim", action="store_true",
+                   help="--rss-ingest: no allocator trims after seals (cdp.memtrim), to compare")
+    p.add_argument("--max-disk", default="2800MiB",
+                   help="--rss-ingest: stop once the store passes this size (default 2800MiB)")
+    p.add_argument("--plot-rss", nargs="+", metavar="JSON", default=None,
+                   help="measure nothing: plot --rss-ingest runs into OUT/scale-rss-ingest.png")
     a = p.parse_args(argv)
+    if a.plot_rss:
+        os.makedirs(a.out, exist_ok=True)
+        runs = [json.loads(Path(f).read_text()) for f in a.plot_rss]
+        return 0 if plot_rss(runs, os.path.join(a.out, "scale-rss-ingest.png")) else 1
+    if a.rss_ingest:
+        rows = rss_ingest(a.scratch, int(float(a.rss_ingest)), parse_size(a.hot),
+                          int(float(a.rss_every)), not a.no_trim, parse_size(a.max_disk))
+        os.makedirs(a.out, exist_ok=True)
+        name = f"scale-rss-ingest-{'notrim' if a.no_trim else 'trim'}.json"
+        with open(os.path.join(a.out, name), "w") as f:
+            json.dump(rows, f, indent=1)
+        plot_rss([rows], os.path.join(a.out, "scale-rss-ingest.png"))
+        return 0
     if a.plot_from:
         rows = sorted((r for f in a.plot_from for r in json.loads(Path(f).read_text())),
                       key=lambda r: r["writes"])

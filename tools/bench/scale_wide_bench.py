@@ -13,7 +13,16 @@ Parts (default: all three, in this order):
   (goal >= 0.9), fairness = the slowest volume's IOPS against the mean (goal >= 0.5;
   the p99 latencies of the slowest and fastest volume are named), and cdpd's RSS after
   the run against ``base + N x 24 MiB``, where base is the RSS of the one-volume daemon
-  just started.
+  just started. The aggregate row also gives the CPU per write (µs) of cdpd and of fio
+  in both runs (``/proc`` and the waited children's rusage). Two controls (report
+  only; ``--no-control`` skips them): ``wide-volumes-shape``, the same N connections at
+  iodepth 4 to *one* volume of a fresh cdpd (the aggregate against it is what N
+  volumes cost beyond N connections), and ``wide-volumes-control``, both loads against
+  ``nbdkit file dir=`` serving N sparse files (what the load's shape costs a C server
+  and the rig: its N/1 ratio and CPU per write). Measured: cdpd's CPU per write rises
+  from ~12 to ~21 µs from one connection to N = 64, by the same amount with 64
+  connections to one volume, and nbdkit's from ~11 to ~20 µs: the rise is per
+  connection (at most 4 requests per receive and per reply send), not per volume.
 * ``catalog``: F files (200k) x M markers (50), every file modified at every marker
   (size and mtime change), so the catalog holds F x M file versions. Generated through
   the catalog's own update path, in-process: each marker is what
@@ -64,6 +73,7 @@ import asyncio
 import json
 import os
 import random
+import resource
 import shutil
 import signal
 import statistics
@@ -81,7 +91,7 @@ from cdp.catalog.indexer import Computed, View, gc_paused, persist
 from cdp.catalog.model import Entry
 from cdp.catalog.rules import Plan, Resolver, plan_steps
 from tools.bench.nbd_bench import dd_bandwidth, fio
-from tools.harness import Cdpd
+from tools.harness import Cdpd, listening_port
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -127,14 +137,49 @@ def product_maps(d: Cdpd) -> Cdpd:
     return d
 
 
-def fio_per_volume(port: int, n: int, runtime: float, region: int, iodepth: int) -> list[dict[str, float]]:
-    """One fio job per volume ``vol0..vol{n-1}`` (one NBD connection each), 4 KiB random
-    writes for *runtime* s; per job: write IOPS and clat p99 (ms)."""
+def cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) process *pid* has used so far."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _children_cpu_s() -> float:
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
+
+
+class _CpuMeter:
+    """CPU seconds of the server *pid* and of the waited children (fio) over a block:
+    ``server_us`` / ``client_us`` per write once ``writes`` is set."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.server = self.client = 0.0
+
+    def __enter__(self) -> _CpuMeter:
+        self._s0, self._c0 = cpu_s(self.pid), _children_cpu_s()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server = cpu_s(self.pid) - self._s0
+        self.client = _children_cpu_s() - self._c0
+
+    def per_write_us(self, writes: float) -> tuple[float, float]:
+        w = max(writes, 1.0)
+        return round(self.server / w * 1e6, 2), round(self.client / w * 1e6, 2)
+
+
+def fio_per_volume(port: int, n: int, runtime: float, region: int, iodepth: int,
+                   names: list[str] | None = None) -> list[dict[str, float]]:
+    """One fio job per volume ``vol0..vol{n-1}`` (or per export of *names*; one NBD
+    connection each), 4 KiB random writes for *runtime* s; per job: write IOPS and clat
+    p99 (ms)."""
     jobs = ["[global]", "ioengine=nbd", "rw=randwrite", "bs=4k", f"iodepth={iodepth}",
             f"size={region}", "time_based", f"runtime={runtime}", "randrepeat=0", "norandommap",
             "thread"]
-    for i in range(n):
-        jobs += [f"[v{i}]", f"uri=nbd://127.0.0.1:{port}/vol{i}"]
+    for i, name in enumerate(names or [f"vol{i}" for i in range(n)]):
+        jobs += [f"[v{i}]", f"uri=nbd://127.0.0.1:{port}/{name}"]
     with tempfile.NamedTemporaryFile("w", suffix=".fio", delete=False) as f:
         f.write("\n".join(jobs) + "\n")
         jobfile = f.name
@@ -152,7 +197,42 @@ def fio_per_volume(port: int, n: int, runtime: float, region: int, iodepth: int)
     return out
 
 
-def run_volumes(base: Path, n: int, quick: bool, plots: Path | None) -> list[dict[str, Any]]:
+def _nbdkit_dir(d: Path, n: int, size: int) -> subprocess.Popen[Any]:
+    """``nbdkit file dir=D`` serving *n* sparse files ``vol0..vol{n-1}`` of *size*
+    bytes, each an export of its name."""
+    for i in range(n):
+        with open(d / f"vol{i}", "wb") as f:
+            f.truncate(size)
+    return subprocess.Popen(["nbdkit", "-f", "--exit-with-parent", "-i", "127.0.0.1", "-p", "0",
+                             "file", f"dir={d}"], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+
+
+def run_control(base: Path, n: int, runtime: float, region: int) -> dict[str, Any]:
+    """The rig's own loss (the control): the same two loads against ``nbdkit file``
+    serving *n* sparse files as exports: one connection at iodepth 32, then *n* at
+    iodepth 4 at once. A C server that costs little CPU per write: its n/1 ratio is what
+    fio's *n* threads and *n* sockets cost the machine, not what cdpd does."""
+    (base / "kit").mkdir()
+    kit = _nbdkit_dir(base / "kit", n, GiB)
+    try:
+        port = listening_port(kit, "nbdkit")
+        with _CpuMeter(kit.pid) as m1:
+            one = fio(f"nbd://127.0.0.1:{port}/vol0", "randwrite", "4k", 32, 1, runtime, region)
+        with _CpuMeter(kit.pid) as mn:
+            per = fio_per_volume(port, n, runtime, region, 4)
+    finally:
+        kit.terminate()
+        kit.wait(10)
+        shutil.rmtree(base / "kit", ignore_errors=True)
+    agg = sum(p["iops"] for p in per)
+    return {"one": one["iops"], "agg": agg,
+            "cpu_one": m1.per_write_us(one["iops"] * runtime),
+            "cpu_many": mn.per_write_us(agg * runtime)}
+
+
+def run_volumes(base: Path, n: int, quick: bool, plots: Path | None,
+                control: bool = True) -> list[dict[str, Any]]:
     runtime = 3.0 if quick else 20.0
     region = 64 * MiB
     rows: list[dict[str, Any]] = []
@@ -163,9 +243,27 @@ def run_volumes(base: Path, n: int, quick: bool, plots: Path | None) -> list[dic
         assert one.proc is not None
         time.sleep(1.0)
         base_rss = rss_mib(one.proc.pid)
-        single = fio(one.uri(), "randwrite", "4k", 32, 1, runtime, region)["iops"]
+        with _CpuMeter(one.proc.pid) as m1:
+            single = fio(one.uri(), "randwrite", "4k", 32, 1, runtime, region)["iops"]
     finally:
         one.stop()
+    shape = None
+    if control:
+        # the same load shape (n connections at iodepth 4) on one volume: what n
+        # connections cost cdpd without n volumes
+        (base / "shape").mkdir()
+        sh = product_maps(Cdpd(base / "shape", size="1GiB", l0_max_writes=8192,
+                               segment_bytes="64MiB"))
+        sh.start()
+        try:
+            assert sh.proc is not None
+            time.sleep(1.0)
+            with _CpuMeter(sh.proc.pid) as ms:
+                sper = fio_per_volume(sh.nbd_port, n, runtime, region, 4, ["vol0"] * n)
+            shape = (sum(p["iops"] for p in sper), ms)
+        finally:
+            sh.stop()
+        shutil.rmtree(base / "shape", ignore_errors=True)
     (base / "many").mkdir()
     many = product_maps(Cdpd(base / "many", size="1GiB", l0_max_writes=8192, segment_bytes="64MiB",
                              extra_config=_volumes_config(n, "1GiB")))
@@ -174,7 +272,8 @@ def run_volumes(base: Path, n: int, quick: bool, plots: Path | None) -> list[dic
         assert many.proc is not None
         time.sleep(1.0)
         idle_rss = rss_mib(many.proc.pid)
-        per = fio_per_volume(many.nbd_port, n, runtime, region, 4)
+        with _CpuMeter(many.proc.pid) as mn:
+            per = fio_per_volume(many.nbd_port, n, runtime, region, 4)
         after_rss = rss_mib(many.proc.pid)
     finally:
         many.stop(timeout=300)
@@ -182,8 +281,26 @@ def run_volumes(base: Path, n: int, quick: bool, plots: Path | None) -> list[dic
     agg, mean = sum(iops), statistics.mean(iops)
     slow = min(range(n), key=lambda i: iops[i])
     fast = max(range(n), key=lambda i: iops[i])
+    cpu1, cpun = m1.per_write_us(single * runtime), mn.per_write_us(agg * runtime)
     rows.append(_row(f"wide-volumes-aggregate ({n} volumes x 4 KiB randwrite, iodepth 4 each)",
-                     agg, single, "one volume, iodepth 32", "IOPS", agg / single if single else None))
+                     agg, single, "one volume, iodepth 32", "IOPS", agg / single if single else None,
+                     cdpd_us_per_write_one=cpu1[0], cdpd_us_per_write_many=cpun[0],
+                     fio_us_per_write_one=cpu1[1], fio_us_per_write_many=cpun[1]))
+    if shape is not None:
+        cps = shape[1].per_write_us(shape[0] * runtime)
+        rows.append(_row(f"wide-volumes-shape ({n} volumes / {n} connections to one volume, "
+                         "iodepth 4 each)", agg, shape[0], f"one volume, {n} connections", "IOPS",
+                         agg / shape[0] if shape[0] else None,
+                         cdpd_us_per_write_shape=cps[0], fio_us_per_write_shape=cps[1],
+                         shape_vs_one=round(shape[0] / single, 3) if single else None))
+    if control:
+        c = run_control(base, n, runtime, region)
+        rows.append(_row(f"wide-volumes-control (nbdkit file, {n} exports x iodepth 4 / one, "
+                         "iodepth 32)", c["agg"], c["one"], "nbdkit one export, iodepth 32", "IOPS",
+                         c["agg"] / c["one"] if c["one"] else None,
+                         nbdkit_us_per_write_one=c["cpu_one"][0],
+                         nbdkit_us_per_write_many=c["cpu_many"][0],
+                         fio_us_per_write_one=c["cpu_one"][1], fio_us_per_write_many=c["cpu_many"][1]))
     rows.append(_row(f"wide-volumes-fairness ({n} volumes: slowest / mean)", iops[slow], mean,
                      "mean volume", "IOPS", iops[slow] / mean if mean else None,
                      p99_slowest_ms=round(per[slow]["p99_ms"], 2),
@@ -583,7 +700,7 @@ def run(quick: bool = False, out: Path | None = None, parts: list[str] | None = 
         volumes: int | None = None, files: int | None = None, markers: int | None = None,
         history_gib: float | None = None, scratch: Path | None = None,
         gc_rate: int | None = None, write_size: int = 64 << 10,
-        gc_region: int | None = None) -> list[dict[str, Any]]:
+        gc_region: int | None = None, control: bool = True) -> list[dict[str, Any]]:
     """The suite's rows (see the module notes); plots into *out* when given."""
     want = parts or list(PARTS)
     if ("volumes" in want or "gc" in want) and shutil.which("fio") is None:
@@ -593,7 +710,7 @@ def run(quick: bool = False, out: Path | None = None, parts: list[str] | None = 
     try:
         if "volumes" in want:
             (base / "v").mkdir()
-            rows += run_volumes(base / "v", volumes or (8 if quick else 64), quick, out)
+            rows += run_volumes(base / "v", volumes or (8 if quick else 64), quick, out, control)
         if "catalog" in want:
             (base / "c").mkdir()
             rows += run_catalog(base / "c", files or (2_000 if quick else 200_000),
@@ -623,6 +740,8 @@ def main(argv: list[str] | None = None) -> int:
                     "size (each a journal record; 4KiB shows the per-record cost)")
     ap.add_argument("--gc-region", help="the volume bytes the gc part's history overwrites "
                     "(default 2GiB; quick 256MiB)")
+    ap.add_argument("--no-control", action="store_true",
+                    help="volumes: skip the nbdkit control (the rig's own 1 -> N loss)")
     ap.add_argument("parts", nargs="*", metavar="PART", help=", ".join(PARTS))
     a = ap.parse_args(argv)
     bad = [p for p in a.parts if p not in PARTS]
@@ -638,7 +757,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--write-size: a multiple of 4 KiB")
     region = None if a.gc_region is None else parse_size(a.gc_region, "--gc-region")
     rows = run(a.quick, a.out, a.parts or None, a.volumes, a.files, a.markers, a.history_gib, a.scratch,
-               rate, ws, region)
+               rate, ws, region, not a.no_control)
     for r in rows:
         print(json.dumps(r))
     return 0
