@@ -55,8 +55,11 @@ class Cdpd:
         segment_bytes: str = "8MiB",
         l0_max_writes: int = 256,
         extra_config: str = "",
+        env: dict[str, str] | None = None,
     ) -> None:
         self.tmp = tmp
+        #: environment variables set for cdpd on top of this process's
+        self.env = env or {}
         self.store = tmp / "store"
         self.config = tmp / "cdp.toml"
         self.config.write_text(
@@ -82,6 +85,7 @@ class Cdpd:
                  "--nbd", "127.0.0.1:0", "--iscsi", "127.0.0.1:0", "--metrics", "127.0.0.1:0",
                  "--http", "127.0.0.1:0"],
                 stdout=logf, stderr=subprocess.STDOUT, cwd=self.tmp,
+                env={**os.environ, **self.env} if self.env else None,
             )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
